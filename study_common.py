@@ -1,0 +1,231 @@
+"""Small pieces of logic that several scripts of the study share.
+
+Each script (run_pretrain.py, build_pairs.py, run_cpt.py, run_eval.py, run_density.py,
+run_study.py) is meant to be read top to bottom on its own; what they must agree on lives
+here, once:
+
+* which Unicode script each language is written in, and the Latin-only filter of step 1;
+* how a document becomes token ids (the document-start token, shared by training and probing);
+* reading plain-text / JSON / JSONL documents with errors that name the file and line;
+* writing outputs atomically, so that a crash never leaves a file that looks complete;
+* model and dataset cards that record the setting a run used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import regex
+
+# --------------------------------------------------------------------------------------
+# Languages and scripts
+# --------------------------------------------------------------------------------------
+
+#: The Unicode script (as named by the Script / Script_Extensions property) of each language
+#: of the study. Any other language is accepted where a script is given explicitly.
+LANGUAGE_SCRIPTS = {
+    "en": "Latin",
+    "ko": "Hangul",
+    "zh": "Han",
+    "bo": "Tibetan",
+    "mn": "Mongolian",
+}
+
+
+def script_for_language(lang: str, script: str | None = None) -> str:
+    """The script name for ``lang``; ``script`` overrides it (needed for languages not listed)."""
+    if script:
+        try:
+            regex.compile(rf"\p{{scx={script}}}")
+        except regex.error as err:
+            raise ValueError(f"Unknown Unicode script {script!r} ({err}); use a name such as Cyrillic.") from err
+        return script
+    if lang not in LANGUAGE_SCRIPTS:
+        known = ", ".join(sorted(LANGUAGE_SCRIPTS))
+        raise ValueError(f"No script is known for language {lang!r} (known: {known}); pass --script NAME.")
+    return LANGUAGE_SCRIPTS[lang]
+
+
+# The Latin filter keeps a character when its Script_Extensions property contains Latin
+# (letters, accented letters, Latin ligatures) or is exactly Common (ASCII digits and
+# punctuation, spaces, general symbols). Script_Extensions rather than Script matters for
+# punctuation owned by one script family: U+3002 IDEOGRAPHIC FULL STOP and U+1802 MONGOLIAN
+# COMMA have Script=Common but Script_Extensions={Han, Hangul, ...} / {Mongolian, Phags-pa},
+# so they are removed. Combining marks (Script=Inherited) are kept only when attached to a
+# kept Latin letter (e + U+0301 stays, Hangul or Devanagari + mark goes). Digits of other
+# scripts (Tibetan ༣, Mongolian ᠓) carry their script and are removed.
+_LATIN_OR_COMMON = regex.compile(r"[\p{scx=Latin}\p{scx=Zyyy}]")
+_COMBINING_MARK = regex.compile(r"\p{M}")
+_LETTER = regex.compile(r"\p{L}")
+
+
+def filter_to_latin(text: str) -> tuple[str, int]:
+    """Remove every character not in the Latin script. Returns (kept text, characters removed)."""
+    kept: list[str] = []
+    removed = 0
+    previous_kept_is_latin_base = False
+    for char in text:
+        if _COMBINING_MARK.match(char):
+            keep = previous_kept_is_latin_base
+        else:
+            keep = bool(_LATIN_OR_COMMON.match(char))
+            previous_kept_is_latin_base = keep and bool(_LETTER.match(char))
+        if keep:
+            kept.append(char)
+        else:
+            removed += 1
+            if not _COMBINING_MARK.match(char):
+                previous_kept_is_latin_base = False
+    return "".join(kept), removed
+
+
+def has_non_latin_letter(text: str) -> bool:
+    """True when ``text`` holds a letter or digit that the Latin filter would remove."""
+    return any(
+        (_LETTER.match(c) or unicodedata.category(c) == "Nd") and not _LATIN_OR_COMMON.match(c) for c in text
+    )
+
+
+def script_letter_fraction(text: str, script: str) -> float:
+    """Fraction of the letters of ``text`` that belong to ``script`` (0.0 when it has no letters)."""
+    letters = _LETTER.findall(text)
+    if not letters:
+        return 0.0
+    in_script = regex.compile(rf"\p{{scx={script}}}")
+    return sum(1 for c in letters if in_script.match(c)) / len(letters)
+
+
+# --------------------------------------------------------------------------------------
+# Documents as token ids
+# --------------------------------------------------------------------------------------
+
+
+def document_start_id(tokenizer) -> int:
+    """The token that opens every document, in training and in probing alike.
+
+    Every training document is ``[start] + tokens`` and every probe sentence is scored after
+    the same ``[start]`` token, exactly as the paper's evaluation prepends the tokenizer's
+    end-of-text id. Between two packed documents the start token is also the EOS separator.
+    """
+    token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if token_id is None:
+        raise ValueError(
+            f"Tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has neither an EOS nor a BOS token; "
+            "the study opens every document with one. Set one, e.g. tokenizer.eos_token = '<|endoftext|>'."
+        )
+    return int(token_id)
+
+
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (the caller adds the start token)."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------
+# Reading documents
+# --------------------------------------------------------------------------------------
+
+
+def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterator[str]:
+    """Yield the documents of a .txt (one per non-empty line), .json (list) or .jsonl file.
+
+    Errors name the file and the line (or item) and say what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file. Check the path given on the command line.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line.") from err
+                yield _text_of(record, text_column, f"{path}:{line_number}")
+    elif suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        if isinstance(records, dict) and isinstance(records.get("data"), list):
+            records = records["data"]
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}}).")
+        for index, record in enumerate(records):
+            yield _text_of(record, text_column, f"{path} item {index}")
+    else:  # plain text: one document per non-empty line
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    yield line.rstrip("\n")
+
+
+def _text_of(record, text_column: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict) or text_column not in record:
+        columns = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where}: no {text_column!r} column (found: {columns}). Pass --text_column NAME.")
+    value = record[text_column]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: column {text_column!r} holds {type(value).__name__}, not text.")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Writing outputs
+# --------------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_card(output_dir: str | os.PathLike, title: str, summary: str, setting: dict, tags: list[str]) -> Path:
+    """Write a model or dataset card (README.md) that records the setting of a run.
+
+    ``setting`` is rendered as a table so that anyone who downloads a released checkpoint or
+    dataset can see how it was made (data, filter, tokenizer, bridges, steps, tokens, ...).
+    """
+    yaml_tags = "\n".join(f"- {tag}" for tag in tags)
+    rows = "\n".join(f"| {key} | {_card_value(value)} |" for key, value in setting.items())
+    text = (
+        f"---\ntags:\n{yaml_tags}\n---\n\n# {title}\n\n{summary}\n\n"
+        "Made with the cross-lingual culture transfer toolkit (arXiv 2506.01675).\n\n"
+        f"## Setting\n\n| key | value |\n|---|---|\n{rows}\n"
+    )
+    path = Path(output_dir) / "README.md"
+    write_text_atomic(path, text)
+    return path
+
+
+def _card_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value)
+    elif isinstance(value, dict):
+        value = json.dumps(value, ensure_ascii=False)
+    return str(value).replace("|", "\\|").replace("\n", " ")
