@@ -36,5 +36,62 @@ def run_script(args: list[str], cwd=REPO_ROOT, env_extra: dict | None = None, ti
     env.update(env_extra or {})
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
+
+
+# Text in every script of the study, so a tiny tokenizer covers what tests feed it.
+MULTI_SCRIPT_SAMPLE = [
+    "The Korean people celebrate Chuseok in autumn with songpyeon rice cakes.",
+    "한국 사람들은 가을에 추석을 지내며 송편을 먹는다.",
+    "汉族的传统节日包括春节和中秋节，人们吃月饼。",
+    "བོད་རིགས་ཀྱིས་ལོ་གསར་ལ་ཁ་ཟས་སྣ་ཚོགས་བཟོ་གི་ཡོད།",
+    "ᠮᠣᠩᠭᠣᠯ ᠬᠦᠮᠦᠨ ᠨᠠᠭᠠᠳᠤᠮ ᠤ ᠪᠠᠶᠠᠷ ᠢ ᠲᠡᠮᠳᠡᠭᠯᠡᠨ᠎ᠡ᠃",
+    'Café naïve façade 1234 — punctuation, digits; and "quotes"!',
+]
+
+
+def build_tiny_model(output_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Qwen2 model and a byte-level BPE tokenizer to ``output_dir``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(MULTI_SCRIPT_SAMPLE * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        use_cache=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    fast.save_pretrained(output_dir)
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 model + multi-script tokenizer on disk (shared by the whole test session)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
