@@ -86,9 +86,7 @@ def filter_to_latin(text: str) -> tuple[str, int]:
 
 def has_non_latin_letter(text: str) -> bool:
     """True when ``text`` holds a letter or digit that the Latin filter would remove."""
-    return any(
-        (_LETTER.match(c) or unicodedata.category(c) == "Nd") and not _LATIN_OR_COMMON.match(c) for c in text
-    )
+    return any((_LETTER.match(c) or unicodedata.category(c) == "Nd") and not _LATIN_OR_COMMON.match(c) for c in text)
 
 
 def script_letter_fraction(text: str, script: str) -> float:
@@ -150,7 +148,9 @@ def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterat
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line.") from err
+                    raise ValueError(
+                        f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line."
+                    ) from err
                 yield _text_of(record, text_column, f"{path}:{line_number}")
     elif suffix == ".json":
         try:
