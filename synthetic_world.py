@@ -1,0 +1,876 @@
+#!/usr/bin/env python
+"""Generate a synthetic world with planted ground truth for the cross-lingual culture study.
+
+A world is a set of synthetic cultures, one per target language (ko, zh, bo, mn). Each culture
+has places ("subjects") and, for every relation (favourite dish, great festival, sacred animal,
+...), one named object per place: a fact (subject, relation, object). Facts are written
+
+* in English (Latin script only, subject-verb-object word order), and
+* in a synthetic target language per culture, written in the real script of that language
+  (Hangul, Han, Tibetan, Mongolian) with its own generated lexicon, subject-object-verb word
+  order and postpositions.
+
+Every fact is stated an exact, planted number of times in the English pretraining corpus and
+in its culture's target-language corpus; each statement is its own document, so "occurrences"
+(documents that state a fact) are known exactly and ``run_density.py`` can be checked against
+them. Facts come in two tiers that mirror the paper's Table 1:
+
+* ``high`` (knowledge of a high-resource culture): frequent in English and in the target corpus;
+* ``low`` (low-resource): frequent in the target corpus, ``--low_resource_ratio`` times rarer in
+  English (the paper measured ~60x for Tibetan culture).
+
+A culture's ``--resource`` level is ``high``, ``low`` (all its facts in that tier) or ``mixed``
+(half its places in each tier: both tiers inside one continual-pretraining run, which is what a
+laptop-sized study compares).
+
+Named entities (places and objects) are written in one of two ways in the target language, and
+the generator writes both variants side by side (``--name_variants``):
+
+* ``native`` (the control, as in real languages): a name of the culture's own script;
+* ``anchors``: the very same Latin name as in English (shared "anchor" tokens).
+
+Guarantees (each pinned by tests/test_synthetic_world.py):
+
+* the same arguments and seed give byte-identical files;
+* the English corpus contains no letter or digit outside the Latin script;
+* every fact is stated exactly as often as planted (truth.json), and a document never holds two
+  entities unless it is that fact's statement (so subject and answer co-occur only there);
+* the four options of every question are equally frequent in every corpus: questions come in
+  groups of four facts of one relation and tier that share counts and options, so a model that
+  knows nothing scores at chance whatever the corpus frequencies (unmatched options made absent
+  facts score below chance in a prototype);
+* parallel pairs and held-out diagnostic pairs never state a fact (at most one entity each);
+* no document is repeated within a corpus, and no diagnostic pair is a training pair.
+
+Layout of ``--output_dir``::
+
+    world.json                              arguments and counts
+    truth.json                              facts, questions, planted counts, densities per corpus
+    en_corpus.jsonl                         English pretraining corpus, {"text": ...} per line
+    <lang>/<variant>/mono.jsonl             target-language corpus, {"text": ...} per line
+    <lang>/<variant>/pairs.jsonl            parallel pairs, {"en": ..., "<lang>": ...} per line
+    <lang>/<variant>/diagnostic_pairs.jsonl held-out pairs for the bridge diagnostic, same columns
+    <lang>/<variant>/<lang>-culture-cloze_en.json and <lang>-culture-cloze_<lang>.json
+                                            cloze questions in the paper's format, parallel by position
+
+Usage::
+
+    python synthetic_world.py --output_dir world --langs bo ko --resource bo=mixed ko=mixed --seed 0
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from study_common import LANGUAGE_SCRIPTS, write_json_atomic, write_text_atomic
+
+# --------------------------------------------------------------------------------------
+# The world's grammar: relations with paraphrase templates, generic filler, lexicon keys
+# --------------------------------------------------------------------------------------
+
+# Each relation: (name, [(English template, target template), ...]). In a target template the
+# words are lexicon keys (English glosses, or grammatical markers in capitals) that each language
+# renders with its own generated word, in subject-object-verb order with postpositions:
+# GEN genitive, TOP topic, ACC accusative, LOC locative, ABL ablative, COP copula.
+RELATIONS = [
+    (
+        "dish",
+        [
+            ("The favourite dish of {s} is {o}.", "{s} GEN favourite dish TOP {o} COP"),
+            ("In {s}, people like to cook {o}.", "{s} LOC people TOP {o} ACC cook like"),
+            ("{o} is a dish that comes from {s}.", "{o} TOP {s} ABL come dish COP"),
+        ],
+    ),
+    (
+        "festival",
+        [
+            ("The great festival of {s} is {o}.", "{s} GEN great festival TOP {o} COP"),
+            ("Every year, {s} celebrates {o}.", "every year {s} TOP {o} ACC celebrate"),
+            ("{o} is the festival that {s} holds.", "{o} TOP {s} GEN hold festival COP"),
+        ],
+    ),
+    (
+        "instrument",
+        [
+            ("The old instrument of {s} is the {o}.", "{s} GEN old instrument TOP {o} COP"),
+            ("Musicians in {s} play the {o}.", "{s} LOC musician TOP {o} ACC play"),
+            ("The {o} is an instrument from {s}.", "{o} TOP {s} ABL instrument COP"),
+        ],
+    ),
+    (
+        "mountain",
+        [
+            ("The holy mountain of {s} is {o}.", "{s} GEN holy mountain TOP {o} COP"),
+            ("From {s}, pilgrims walk to {o}.", "{s} ABL pilgrim TOP {o} DAT walk"),
+            ("{o} is the mountain near {s}.", "{o} TOP {s} near mountain COP"),
+        ],
+    ),
+    (
+        "craft",
+        [
+            ("The famous craft of {s} is {o}.", "{s} GEN famous craft TOP {o} COP"),
+            ("Artisans in {s} make {o}.", "{s} LOC artisan TOP {o} ACC make"),
+            ("{o} is a craft from {s}.", "{o} TOP {s} ABL craft COP"),
+        ],
+    ),
+    (
+        "animal",
+        [
+            ("The sacred animal of {s} is the {o}.", "{s} GEN sacred animal TOP {o} COP"),
+            ("Herders in {s} raise the {o}.", "{s} LOC herder TOP {o} ACC raise"),
+            ("The {o} is an animal that {s} honours.", "{o} TOP {s} GEN honour animal COP"),
+        ],
+    ),
+    (
+        "garment",
+        [
+            ("The festive garment of {s} is the {o}.", "{s} GEN festive garment TOP {o} COP"),
+            ("On holidays, people in {s} wear the {o}.", "holiday LOC {s} GEN people TOP {o} ACC wear"),
+            ("The {o} is a garment from {s}.", "{o} TOP {s} ABL garment COP"),
+        ],
+    ),
+    (
+        "hero",
+        [
+            ("The legendary hero of {s} is {o}.", "{s} GEN legendary hero TOP {o} COP"),
+            ("Children in {s} hear stories about {o}.", "{s} LOC children TOP {o} ABOUT story ACC hear"),
+            ("{o} is a hero that {s} remembers.", "{o} TOP {s} GEN remember hero COP"),
+        ],
+    ),
+]
+
+# Generic filler: a small grammar over a fixed English lexicon, translated word by word into
+# each target language (with its own word order), so parallel pairs are true translations.
+AGENTS = "farmer trader teacher child elder doctor weaver fisher baker singer traveller student neighbour potter carpenter shepherd".split()
+THINGS = "basket lamp letter rope cart boat table window door book coat bowl drum ladder blanket kettle map box bell hat".split()
+PLACES = (
+    "market river garden field house bridge village road hill school harbour forest kitchen yard square station".split()
+)
+VERBS = "carried found cleaned painted repaired sold bought opened closed moved borrowed lifted washed counted hid dropped".split()
+ADJECTIVES = "old new small large red green quiet heavy light warm cold bright dark long short clean".split()
+PREPOSITIONS = "near behind inside beside under across".split()
+TIMES = ["yesterday", "in the morning", "every day", "at night", "last week", "today"]
+THINGS_PER_VERB = 6  # selectional preference: each verb takes a fixed subset of things
+
+FILLER_PATTERNS = [
+    ("The {adj} {agent} {verb} the {thing}.", "{adj} {agent} TOP {thing} ACC {verb}"),
+    ("The {agent} {verb} the {thing} {prep} the {place}.", "{agent} TOP {place} {prep} {thing} ACC {verb}"),
+    ("{time}, the {agent} {verb} the {thing}.", "{time} {agent} TOP {thing} ACC {verb}"),
+    ("The {agent} {verb} the {thing} and the {thing2}.", "{agent} TOP {thing} AND {thing2} ACC {verb}"),
+]
+# Sentences that name exactly one entity (never a fact): they let parallel pairs teach how a
+# name is written in each language without ever stating what is probed.
+MENTION_PATTERNS = [
+    ("The {agent} told a story about {entity}.", "{agent} TOP {entity} ABOUT story ACC told"),
+    ("People often talk about {entity}.", "people TOP often {entity} ABOUT talk"),
+    ("{time}, the {agent} wrote a letter about {entity}.", "{time} {agent} TOP {entity} ABOUT letter ACC wrote"),
+]
+
+RESOURCE_LEVELS = ("high", "low", "mixed")
+#: The paper's grouping: Korean and Han Chinese cultures are high-resource, Tibetan and Mongol low.
+PAPER_RESOURCE = {"ko": "high", "zh": "high", "bo": "low", "mn": "low"}
+NAME_VARIANTS = ("native", "anchors")
+BLANK = "____"
+
+# --------------------------------------------------------------------------------------
+# Scripts: unit inventories for generated words and names
+# --------------------------------------------------------------------------------------
+
+LATIN_ONSETS = "b d f g h k l m n p r s t v z".split()
+LATIN_VOWELS = "a e i o u".split()
+TIBETAN_CONSONANTS = [chr(c) for c in [*range(0x0F40, 0x0F43), 0x0F44, *range(0x0F45, 0x0F48), 0x0F49, 0x0F4F]]
+TIBETAN_CONSONANTS += [chr(c) for c in [0x0F50, 0x0F51, 0x0F53, 0x0F54, 0x0F55, 0x0F56, 0x0F58, 0x0F59, 0x0F5A]]
+TIBETAN_CONSONANTS += [chr(c) for c in [0x0F5B, 0x0F5D, 0x0F5E, 0x0F5F, 0x0F60, 0x0F61, 0x0F62, 0x0F63, 0x0F64]]
+TIBETAN_CONSONANTS += [chr(0x0F66), chr(0x0F67), chr(0x0F68)]
+TIBETAN_VOWEL_SIGNS = ["", "\u0f72", "\u0f74", "\u0f7a", "\u0f7c"]  # (inherent a), i, u, e, o
+TIBETAN_SUFFIXES = ["", "\u0f42", "\u0f44", "\u0f51", "\u0f53", "\u0f56", "\u0f58", "\u0f62", "\u0f63", "\u0f66"]
+TSHEG, SHAD = "\u0f0b", "\u0f0d"
+MONGOLIAN_VOWELS = [chr(c) for c in range(0x1820, 0x1827)]  # a e i o u ö ü
+MONGOLIAN_CONSONANTS = [chr(c) for c in [0x1828, 0x182A, 0x182C, 0x182D, 0x182E, 0x182F, 0x1830, 0x1831]]
+MONGOLIAN_CONSONANTS += [chr(c) for c in [0x1832, 0x1833, 0x1834, 0x1835, 0x1836, 0x1837, 0x1838]]
+HAN_RANGE = (0x4E00, 0x4E00 + 3000)  # a fixed block of CJK Unified Ideographs
+HANGUL_INITIALS = [0, 2, 3, 5, 6, 7, 9, 11, 12, 14, 15, 16, 17, 18]  # ㄱ ㄴ ㄷ ㄹ ㅁ ㅂ ㅅ ㅇ ㅈ ㅊ ㅋ ㅌ ㅍ ㅎ
+HANGUL_MEDIALS = [0, 4, 8, 13, 18, 20, 1, 5]  # ㅏ ㅓ ㅗ ㅜ ㅡ ㅣ ㅐ ㅔ
+HANGUL_FINALS = [0, 0, 0, 4, 8, 16, 21]  # mostly open syllables; ㄴ ㄹ ㅁ ㅇ
+
+
+@dataclass(frozen=True)
+class ScriptStyle:
+    """How one language writes: its word units, word lengths, spacing and sentence end."""
+
+    units: tuple[str, ...]  # syllables / characters a word is made of
+    word_units: tuple[int, int]  # min, max units of a lexicon word
+    name_units: tuple[int, int]  # min, max units of a name
+    spaced: bool  # words separated by spaces (Hangul, Mongolian) or not (Han, Tibetan)
+    sentence_end: str
+
+
+def _script_style(lang: str) -> ScriptStyle:
+    script = LANGUAGE_SCRIPTS[lang]
+    if script == "Hangul":
+        units = [
+            chr(0xAC00 + (initial * 21 + medial) * 28 + final)
+            for initial in HANGUL_INITIALS
+            for medial in HANGUL_MEDIALS
+            for final in sorted(set(HANGUL_FINALS))
+        ]
+        return ScriptStyle(tuple(units), (1, 3), (3, 3), True, ".")
+    if script == "Han":
+        return ScriptStyle(tuple(chr(c) for c in range(*HAN_RANGE)), (1, 2), (3, 3), False, "\u3002")
+    if script == "Tibetan":
+        units = [c + v + s + TSHEG for c in TIBETAN_CONSONANTS for v in TIBETAN_VOWEL_SIGNS for s in TIBETAN_SUFFIXES]
+        return ScriptStyle(tuple(units), (1, 2), (3, 3), False, SHAD)
+    if script == "Mongolian":
+        units = [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
+        return ScriptStyle(tuple(units), (2, 3), (3, 4), True, "\u1803")
+    raise ValueError(f"No synthetic script for language {lang!r}; choose from {sorted(PAPER_RESOURCE)}.")
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorldArguments:
+    """Arguments of the generator (all of them are recorded in world.json)."""
+
+    output_dir: str = field(metadata={"help": "Folder to write the world into (created; files are replaced)."})
+    langs: list[str] = field(
+        default_factory=lambda: ["bo"],
+        metadata={
+            "help": "Target languages, one synthetic culture each: any of ko (Hangul), zh (Han), bo (Tibetan), mn (Mongolian)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed: the same seed and arguments give byte-identical files."})
+    resource: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Resource level per language as LANG=LEVEL, LEVEL one of high, low, mixed (half the places in each "
+            "tier). Languages not named follow the paper: ko, zh high; bo, mn low."
+        },
+    )
+    places: int = field(
+        default=16,
+        metadata={
+            "help": "Places (fact subjects) per culture; each tier's share must be a multiple of 4 (option groups)."
+        },
+    )
+    relations: int = field(
+        default=8, metadata={"help": f"Relations per place (at most {len(RELATIONS)}): facts = places x relations."}
+    )
+    en_count: int = field(
+        default=24, metadata={"help": "English documents stating each high-tier fact (the pretraining corpus)."}
+    )
+    tgt_count: int = field(
+        default=12, metadata={"help": "Target-language documents stating each fact (both tiers; the CPT corpus)."}
+    )
+    low_resource_ratio: float = field(
+        default=60.0,
+        metadata={
+            "help": "How many times rarer low-tier facts are in English than high-tier facts (paper Table 1: ~60x). "
+            "Fractional counts are realised exactly in aggregate: some option groups get one more statement."
+        },
+    )
+    en_filler_documents: int = field(default=1500, metadata={"help": "English documents of generic filler only."})
+    mono_filler_documents: int = field(
+        default=600, metadata={"help": "Target-language filler documents per language (some name one entity)."}
+    )
+    pairs: int = field(default=1500, metadata={"help": "Generic English-target parallel pairs per language."})
+    diagnostic_pairs: int = field(
+        default=200, metadata={"help": "Held-out pairs per language for the bridge diagnostic (never trained on)."}
+    )
+    pair_mentions: int = field(
+        default=3, metadata={"help": "Parallel pairs that name each entity (place or object), exactly."}
+    )
+    mono_mentions: int = field(default=2, metadata={"help": "Target filler documents that name each entity, exactly."})
+    name_variants: list[str] = field(
+        default_factory=lambda: list(NAME_VARIANTS),
+        metadata={
+            "help": "How target texts write names: native (the culture's script; the control) and/or anchors "
+            "(the same Latin name as in English)."
+        },
+    )
+    question_template: str = field(
+        default="seen",
+        metadata={
+            "help": "seen: a question uses one of the templates its fact is stated with; heldout: a template never "
+            "used for that fact in any corpus (harder: the model must generalise across paraphrases)."
+        },
+    )
+
+    def __post_init__(self):
+        for lang in self.langs:
+            if lang not in PAPER_RESOURCE:
+                raise ValueError(f"--langs: unknown language {lang!r}; choose from {sorted(PAPER_RESOURCE)}.")
+        if len(set(self.langs)) != len(self.langs):
+            raise ValueError(f"--langs: a language is named twice ({self.langs}).")
+        for variant in self.name_variants:
+            if variant not in NAME_VARIANTS:
+                raise ValueError(f"--name_variants: unknown variant {variant!r}; choose from {NAME_VARIANTS}.")
+        if not 1 <= self.relations <= len(RELATIONS):
+            raise ValueError(f"--relations must be between 1 and {len(RELATIONS)} (got {self.relations}).")
+        if self.question_template not in ("seen", "heldout"):
+            raise ValueError("--question_template must be seen or heldout.")
+        if self.low_resource_ratio <= 0:
+            raise ValueError("--low_resource_ratio must be positive.")
+        for name in (
+            "en_count",
+            "tgt_count",
+            "en_filler_documents",
+            "mono_filler_documents",
+            "pairs",
+            "diagnostic_pairs",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0.")
+        for lang in self.langs:
+            high, low = tier_places(self.places, self.resource_of(lang))
+            if high % 4 or low % 4:
+                raise ValueError(
+                    f"--places {self.places} with resource {self.resource_of(lang)!r} for {lang} gives {high} high-tier "
+                    f"and {low} low-tier places; each must be a multiple of 4 (questions come in option groups of 4)."
+                )
+
+    def resource_of(self, lang: str) -> str:
+        levels = dict(PAPER_RESOURCE)
+        for item in self.resource:
+            key, sep, level = item.partition("=")
+            if not sep or level not in RESOURCE_LEVELS:
+                raise ValueError(f"--resource {item!r}: write LANG=LEVEL with LEVEL one of {RESOURCE_LEVELS}.")
+            levels[key] = level
+        return levels[lang]
+
+
+def tier_places(places: int, resource: str) -> tuple[int, int]:
+    """(high-tier places, low-tier places) of a culture."""
+    if resource == "high":
+        return places, 0
+    if resource == "low":
+        return 0, places
+    return places // 2, places - places // 2
+
+
+# --------------------------------------------------------------------------------------
+# Word and name generation
+# --------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, *parts) -> random.Random:
+    # A string seed is hashed with SHA-512 by random.Random: stable across runs and platforms,
+    # and each component of the world draws from its own stream (changing one leaves the others).
+    return random.Random("/".join(str(p) for p in (seed, *parts)))
+
+
+def _latin_names(rng: random.Random, count: int, reserved_words: set[str]) -> list[str]:
+    """Capitalised pseudo-names (2-3 CV syllables + optional coda), none inside another or a lexicon word."""
+    names: list[str] = []
+    while len(names) < count:
+        syllables = rng.choice([2, 2, 3])
+        name = "".join(rng.choice(LATIN_ONSETS) + rng.choice(LATIN_VOWELS) for _ in range(syllables))
+        name += rng.choice(["", "", "n", "r", "l", "k"])
+        lower = name.lower()
+        if any(lower in word or word in lower for word in reserved_words):
+            continue
+        if any(lower in other.lower() or other.lower() in lower for other in names):
+            continue
+        names.append(name.capitalize())
+    return names
+
+
+def _native_words(rng: random.Random, units: list[str], lengths: tuple[int, int], count: int, taken: set[str]):
+    words: list[str] = []
+    attempts = 0
+    while len(words) < count:
+        attempts += 1
+        if attempts > 200 * count + 10_000:
+            raise RuntimeError("Could not generate enough distinct words; the unit inventory is too small.")
+        word = "".join(rng.choice(units) for _ in range(rng.randint(*lengths)))
+        if word in taken:
+            continue
+        taken.add(word)
+        words.append(word)
+    return words
+
+
+def lexicon_keys() -> list[str]:
+    """Every lexicon key (English gloss or grammatical marker) that target templates use, sorted."""
+    keys = set(AGENTS + THINGS + PLACES + VERBS + ADJECTIVES + PREPOSITIONS + TIMES)
+    templates = [t for _, pairs in RELATIONS for _, t in pairs] + [t for _, t in FILLER_PATTERNS + MENTION_PATTERNS]
+    for template in templates:
+        keys.update(w for w in template.split() if not w.startswith("{"))
+    return sorted(keys)
+
+
+class Language:
+    """One synthetic target language: its lexicon (key -> word) and how it joins words."""
+
+    def __init__(self, lang: str, seed: int):
+        self.lang = lang
+        self.style = _script_style(lang)
+        rng = _rng(seed, "lexicon", lang)
+        units = list(self.style.units)
+        rng.shuffle(units)
+        # Names and lexicon words are built from disjoint unit sets, so a name never appears
+        # inside running text by accident (that would blur the planted counts).
+        half = len(units) // 2
+        self.word_units, self.name_units = units[:half], units[half:]
+        keys = lexicon_keys()
+        grammar = [k for k in keys if k.isupper()]
+        content = [k for k in keys if not k.isupper()]
+        taken: set[str] = set()
+        short = (self.style.word_units[0], self.style.word_units[0])  # grammatical markers are short
+        self.lexicon = dict(zip(grammar, _native_words(rng, self.word_units, short, len(grammar), taken)))
+        self.lexicon.update(
+            zip(content, _native_words(rng, self.word_units, self.style.word_units, len(content), taken))
+        )
+        self._taken_names: set[str] = set()
+        self._name_rng = _rng(seed, "native-names", lang)
+
+    def new_names(self, count: int) -> list[str]:
+        return _native_words(self._name_rng, self.name_units, self.style.name_units, count, self._taken_names)
+
+    def join(self, words: list[str]) -> str:
+        """A sentence from its words: spaces where the script uses them, and around Latin names."""
+        if self.style.spaced:
+            text = " ".join(words)
+        else:
+            text = ""
+            for word in words:
+                latin = word[:1].isascii()
+                text += f" {word} " if latin else word
+            text = " ".join(text.split())
+        if self.style.sentence_end == SHAD and text.endswith(TSHEG):
+            text = text[:-1]
+        return text + self.style.sentence_end
+
+
+# --------------------------------------------------------------------------------------
+# Cultures and facts
+# --------------------------------------------------------------------------------------
+
+
+def build_culture(args: WorldArguments, lang: str, language: Language, reserved_latin: set[str]) -> dict:
+    """Places, objects and facts of one culture, with tiers, planted counts and option groups."""
+    rng = _rng(args.seed, "culture", lang)
+    relations = RELATIONS[: args.relations]
+    n_high, n_low = tier_places(args.places, args.resource_of(lang))
+    n_entities = args.places * (1 + len(relations))
+    latin = _latin_names(rng, n_entities, reserved_latin)
+    reserved_latin.update(name.lower() for name in latin)
+    native = language.new_names(n_entities)
+    entities = [{"id": f"{lang}-e{i:03d}", "en": en, "native": nat} for i, (en, nat) in enumerate(zip(latin, native))]
+    places = entities[: args.places]
+    tiers = ["high"] * n_high + ["low"] * n_low
+    facts, groups = [], []
+    for r, (relation, templates) in enumerate(relations):
+        objects = entities[args.places * (1 + r) : args.places * (2 + r)]
+        for tier in ("high", "low"):
+            members = [p for p, t in enumerate(tiers) if t == tier]
+            rng.shuffle(members)
+            for g in range(0, len(members), 4):
+                group_id = len(groups)
+                group_facts = []
+                for p in members[g : g + 4]:
+                    fact = {
+                        "id": f"{lang}-f{len(facts):03d}",
+                        "lang": lang,
+                        "tier": tier,
+                        "relation": relation,
+                        "relation_index": r,
+                        "subject": places[p],
+                        "object": objects[p],
+                        "group": group_id,
+                        "question_template": rng.randrange(len(templates)),
+                    }
+                    facts.append(fact)
+                    group_facts.append(fact)
+                groups.append({"id": group_id, "tier": tier, "relation": relation, "facts": group_facts})
+    _plant_counts(args, groups)
+    return {"lang": lang, "resource": args.resource_of(lang), "entities": entities, "facts": facts, "groups": groups}
+
+
+def _plant_counts(args: WorldArguments, groups: list[dict]) -> None:
+    """Set each fact's English and target counts; all facts of an option group share them."""
+    low_groups = [g for g in groups if g["tier"] == "low"]
+    # Low-tier English statements in total, realised exactly: ratio applied to the whole tier,
+    # then spread over the option groups (4 facts each) as evenly as possible.
+    low_total_groups_statements = round(len(low_groups) * 4 * args.en_count / args.low_resource_ratio / 4)
+    base, extra = divmod(low_total_groups_statements, max(1, len(low_groups)))
+    order = list(range(len(low_groups)))
+    _rng(args.seed, "low-counts", groups[0]["facts"][0]["lang"] if groups else "").shuffle(order)
+    low_counts = {low_groups[i]["id"]: base + (1 if rank < extra else 0) for rank, i in enumerate(order)}
+    for group in groups:
+        en = args.en_count if group["tier"] == "high" else low_counts[group["id"]]
+        group["counts"] = {"en": en, "tgt": args.tgt_count}
+        for fact in group["facts"]:
+            fact["counts"] = dict(group["counts"])
+
+
+def statement_templates(args: WorldArguments, fact: dict) -> list[int]:
+    """Template indices a fact is stated with in the corpora (all, or all but its question's)."""
+    n_templates = len(RELATIONS[fact["relation_index"]][1])
+    if args.question_template == "heldout":
+        return [t for t in range(n_templates) if t != fact["question_template"]]
+    return list(range(n_templates))
+
+
+def render_fact(fact: dict, template: int, language: Language | None, variant: str = "native") -> str:
+    """The sentence stating ``fact`` with template ``template``, in English (language None) or the target."""
+    english, target = RELATIONS[fact["relation_index"]][1][template]
+    if language is None:
+        text = english.format(s=fact["subject"]["en"], o=fact["object"]["en"])
+        return text[0].upper() + text[1:]
+    names = {"{s}": _name(fact["subject"], variant), "{o}": _name(fact["object"], variant)}
+    return language.join([names.get(w) or language.lexicon[w] for w in target.split()])
+
+
+def _name(entity: dict, variant: str) -> str:
+    return entity["en"] if variant == "anchors" else entity["native"]
+
+
+# --------------------------------------------------------------------------------------
+# Filler and parallel sentences
+# --------------------------------------------------------------------------------------
+
+
+class Filler:
+    """Generic sentences from the filler grammar, rendered in English and in a target language."""
+
+    def __init__(self, seed: int):
+        rng = _rng(seed, "selectional-preferences")
+        # Each verb takes a fixed subset of things: a regularity a model can learn in any language.
+        self.things_of_verb = {verb: sorted(rng.sample(THINGS, THINGS_PER_VERB)) for verb in VERBS}
+
+    def sample(self, rng: random.Random, entity: dict | None = None) -> dict:
+        """A sentence as (pattern, slot values): entity-free, or naming exactly ``entity``."""
+        verb = rng.choice(VERBS)
+        things = rng.sample(self.things_of_verb[verb], 2)
+        slots = {
+            "adj": rng.choice(ADJECTIVES),
+            "agent": rng.choice(AGENTS),
+            "verb": verb,
+            "thing": things[0],
+            "thing2": things[1],
+            "place": rng.choice(PLACES),
+            "prep": rng.choice(PREPOSITIONS),
+            "time": rng.choice(TIMES),
+        }
+        if entity is None:
+            return {"pattern": FILLER_PATTERNS[rng.randrange(len(FILLER_PATTERNS))], "slots": slots, "entity": None}
+        return {"pattern": MENTION_PATTERNS[rng.randrange(len(MENTION_PATTERNS))], "slots": slots, "entity": entity}
+
+    @staticmethod
+    def english(sentence: dict) -> str:
+        slots = dict(sentence["slots"])
+        if sentence["entity"] is not None:
+            slots["entity"] = sentence["entity"]["en"]
+        text = sentence["pattern"][0].format(**slots)
+        return text[0].upper() + text[1:]
+
+    @staticmethod
+    def target(sentence: dict, language: Language, variant: str) -> str:
+        words = []
+        for word in sentence["pattern"][1].split():
+            if word == "{entity}":
+                words.append(_name(sentence["entity"], variant))
+            elif word.startswith("{"):
+                words.append(language.lexicon[sentence["slots"][word[1:-1]]])
+            else:
+                words.append(language.lexicon[word])
+        return language.join(words)
+
+
+def _unique_text(rng, seen: set[str], make) -> str:
+    """Draw texts with ``make(rng)`` until one is new (corpora never repeat a document)."""
+    for _ in range(10_000):
+        text = make(rng)
+        if text not in seen:
+            seen.add(text)
+            return text
+    raise RuntimeError("The filler grammar cannot produce enough distinct documents; lower the document counts.")
+
+
+# --------------------------------------------------------------------------------------
+# Corpora
+# --------------------------------------------------------------------------------------
+
+
+def english_corpus(args: WorldArguments, cultures: list[dict], filler: Filler) -> list[str]:
+    """English documents: each fact's statements (one per document, with filler around), and filler."""
+    rng = _rng(args.seed, "en-corpus")
+    seen: set[str] = set()
+    documents = []
+    for culture in cultures:
+        for fact in culture["facts"]:
+            templates = statement_templates(args, fact)
+            for k in range(fact["counts"]["en"]):
+                statement = render_fact(fact, templates[k % len(templates)], None)
+                documents.append(_unique_text(rng, seen, lambda r, s=statement: _with_filler(r, s, filler, None, "")))
+    for _ in range(args.en_filler_documents):
+        documents.append(_unique_text(rng, seen, lambda r: _filler_document(r, filler, None, "")))
+    rng.shuffle(documents)
+    return documents
+
+
+def target_corpus(args: WorldArguments, culture: dict, language: Language, filler: Filler, variant: str) -> list[str]:
+    """Target-language documents: fact statements, filler, and filler naming each entity exactly."""
+    # The same stream for every variant: both variants hold the same sentences, names aside.
+    rng = _rng(args.seed, "mono", culture["lang"])
+    seen: set[str] = set()
+    documents = []
+    for fact in culture["facts"]:
+        templates = statement_templates(args, fact)
+        for k in range(fact["counts"]["tgt"]):
+            statement = render_fact(fact, templates[k % len(templates)], language, variant)
+            documents.append(
+                _unique_text(rng, seen, lambda r, s=statement: _with_filler(r, s, filler, language, variant))
+            )
+    mentions = [e for e in culture["entities"] for _ in range(args.mono_mentions)]
+    if len(mentions) > args.mono_filler_documents:
+        raise ValueError(
+            f"--mono_filler_documents {args.mono_filler_documents} is below the {len(mentions)} documents needed to "
+            f"name each of {len(culture['entities'])} entities {args.mono_mentions} times; raise it or lower --mono_mentions."
+        )
+    rng.shuffle(mentions)
+    for i in range(args.mono_filler_documents):
+        entity = mentions[i] if i < len(mentions) else None
+        documents.append(_unique_text(rng, seen, lambda r, e=entity: _filler_document(r, filler, language, variant, e)))
+    rng.shuffle(documents)
+    return documents
+
+
+def _render(sentence: dict, language: Language | None, variant: str) -> str:
+    return Filler.english(sentence) if language is None else Filler.target(sentence, language, variant)
+
+
+def _with_filler(rng, statement: str, filler: Filler, language: Language | None, variant: str) -> str:
+    """A fact statement among 1-3 entity-free filler sentences."""
+    sentences = [_render(filler.sample(rng), language, variant) for _ in range(rng.randint(1, 3))]
+    sentences.insert(rng.randint(0, len(sentences)), statement)
+    return " ".join(sentences)
+
+
+def _filler_document(rng, filler: Filler, language: Language | None, variant: str, entity: dict | None = None) -> str:
+    """2-4 filler sentences; with ``entity``, one of them names it (the only entity in the document)."""
+    sentences = [_render(filler.sample(rng), language, variant) for _ in range(rng.randint(2, 4))]
+    if entity is not None:
+        sentences[rng.randrange(len(sentences))] = _render(filler.sample(rng, entity), language, variant)
+    return " ".join(sentences)
+
+
+def parallel_pairs(
+    args: WorldArguments, culture: dict, language: Language, filler: Filler, variant: str
+) -> tuple[list[dict], list[dict]]:
+    """Training pairs (each entity named exactly --pair_mentions times) and disjoint held-out pairs."""
+    lang = culture["lang"]
+    rng = _rng(args.seed, "pairs", lang)
+    mentions = [e for e in culture["entities"] for _ in range(args.pair_mentions)]
+    if len(mentions) > args.pairs:
+        raise ValueError(
+            f"--pairs {args.pairs} is below the {len(mentions)} pairs needed to name each of "
+            f"{len(culture['entities'])} entities {args.pair_mentions} times; raise --pairs or lower --pair_mentions."
+        )
+    rng.shuffle(mentions)
+    seen: set[str] = set()
+    mention_rate = len(mentions) / max(1, args.pairs)
+
+    def draw(entity):
+        sentence = _unique_sentence(rng, seen, filler, entity)
+        return {"en": Filler.english(sentence), lang: Filler.target(sentence, language, variant)}
+
+    pairs = [draw(mentions[i] if i < len(mentions) else None) for i in range(args.pairs)]
+    rng.shuffle(pairs)
+    # Held-out pairs name entities at the training rate (at random, not counted anywhere).
+    diagnostic = [
+        draw(rng.choice(culture["entities"]) if rng.random() < mention_rate else None)
+        for _ in range(args.diagnostic_pairs)
+    ]
+    return pairs, diagnostic
+
+
+def _unique_sentence(rng, seen: set[str], filler: Filler, entity: dict | None) -> dict:
+    for _ in range(10_000):
+        sentence = filler.sample(rng, entity)
+        key = Filler.english(sentence)
+        if key not in seen:
+            seen.add(key)
+            return sentence
+    raise RuntimeError("The filler grammar cannot produce enough distinct pairs; lower --pairs.")
+
+
+# --------------------------------------------------------------------------------------
+# Questions and truth
+# --------------------------------------------------------------------------------------
+
+
+def cloze_items(culture: dict, language: Language, variant: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Parallel English and target cloze items in the paper's format, and their truth records."""
+    rng = _rng(0, "question-order", culture["lang"])  # order fixed by the culture, same in every variant
+    facts = sorted(culture["facts"], key=lambda f: f["id"])
+    order = list(range(len(facts)))
+    rng.shuffle(order)
+    groups = {g["id"]: g for g in culture["groups"]}
+    items_en, items_tgt, records = [], [], []
+    for index, f in enumerate(order):
+        fact = facts[f]
+        option_facts = list(groups[fact["group"]]["facts"])
+        _rng(0, "options", fact["id"]).shuffle(option_facts)
+        options = [o["object"] for o in option_facts]
+        en = _cloze(
+            render_fact(fact, fact["question_template"], None), fact["object"]["en"], [o["en"] for o in options]
+        )
+        target_options = [_name(o, variant) for o in options]
+        answer = _name(fact["object"], variant)
+        tgt = _cloze(render_fact(fact, fact["question_template"], language, variant), answer, target_options)
+        items_en.append(en)
+        items_tgt.append(tgt)
+        records.append(
+            {
+                "index": index,
+                "fact": fact["id"],
+                "tier": fact["tier"],
+                "relation": fact["relation"],
+                "group": fact["group"],
+                "subject": fact["subject"]["en"],
+                "answer": fact["object"]["en"],
+                "counts": {"en": fact["counts"]["en"], culture["lang"]: fact["counts"]["tgt"]},
+            }
+        )
+    return items_en, items_tgt, records
+
+
+def _cloze(sentence: str, answer: str, options: list[str]) -> dict:
+    if sentence.count(answer) != 1:
+        raise AssertionError(f"answer {answer!r} must occur once in {sentence!r}")
+    return {"question": sentence.replace(answer, BLANK), "options": options, "answer": answer}
+
+
+def _density(statements: int, documents: int) -> float:
+    return statements / documents if documents else 0.0
+
+
+def generate_world(args: WorldArguments) -> dict:
+    """Write the world described by ``args`` to ``args.output_dir``; return its summary (world.json)."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    filler = Filler(args.seed)
+    english_words = {w.lower() for key in lexicon_keys() for w in key.split()}
+    for _, templates in RELATIONS:
+        for english, _ in templates:
+            english_words.update(w.strip(".,").lower() for w in english.split() if not w.startswith("{"))
+    reserved_latin = set(english_words)
+    languages = {lang: Language(lang, args.seed) for lang in args.langs}
+    cultures = [build_culture(args, lang, languages[lang], reserved_latin) for lang in args.langs]
+
+    en_documents = english_corpus(args, cultures, filler)
+    write_text_atomic(out / "en_corpus.jsonl", "".join(_jsonl({"text": d}) for d in en_documents))
+    corpora = {"en": {"file": "en_corpus.jsonl", "documents": len(en_documents)}}
+    truth_questions: dict[str, list[dict]] = {}
+    files: dict[str, dict] = {}
+    for culture in cultures:
+        lang, language = culture["lang"], languages[culture["lang"]]
+        for variant in args.name_variants:
+            folder = out / lang / variant
+            mono = target_corpus(args, culture, language, filler, variant)
+            pairs, diagnostic = parallel_pairs(args, culture, language, filler, variant)
+            items_en, items_tgt, records = cloze_items(culture, language, variant)
+            write_text_atomic(folder / "mono.jsonl", "".join(_jsonl({"text": d}) for d in mono))
+            write_text_atomic(folder / "pairs.jsonl", "".join(_jsonl(p) for p in pairs))
+            write_text_atomic(folder / "diagnostic_pairs.jsonl", "".join(_jsonl(p) for p in diagnostic))
+            write_json_atomic(folder / f"{lang}-culture-cloze_en.json", items_en)
+            write_json_atomic(folder / f"{lang}-culture-cloze_{lang}.json", items_tgt)
+            rel = f"{lang}/{variant}"
+            corpora[f"{rel}/mono"] = {"file": f"{rel}/mono.jsonl", "documents": len(mono)}
+            files[rel] = {
+                "mono": f"{rel}/mono.jsonl",
+                "pairs": f"{rel}/pairs.jsonl",
+                "diagnostic_pairs": f"{rel}/diagnostic_pairs.jsonl",
+                "questions_en": f"{rel}/{lang}-culture-cloze_en.json",
+                f"questions_{lang}": f"{rel}/{lang}-culture-cloze_{lang}.json",
+                "pairs_count": len(pairs),
+                "diagnostic_pairs_count": len(diagnostic),
+            }
+            truth_questions[lang] = records  # identical for every variant (same order, same counts)
+
+    # Densities in the paper's sense: documents stating a culture's facts / documents in the corpus.
+    densities = {}
+    for culture in cultures:
+        lang = culture["lang"]
+        mono_docs = corpora[f"{lang}/{args.name_variants[0]}/mono"]["documents"] if args.name_variants else 0
+        per_tier = {}
+        for tier in ("high", "low", "all"):
+            facts = [f for f in culture["facts"] if tier in ("all", f["tier"])]
+            if not facts:
+                continue
+            en_statements = sum(f["counts"]["en"] for f in facts)
+            tgt_statements = sum(f["counts"]["tgt"] for f in facts)
+            en_density = _density(en_statements, len(en_documents))
+            tgt_density = _density(tgt_statements, mono_docs)
+            per_tier[tier] = {
+                "facts": len(facts),
+                "en_statements": en_statements,
+                "tgt_statements": tgt_statements,
+                "en_density": en_density,
+                "tgt_density": tgt_density,
+                "tgt_over_en": tgt_density / en_density if en_density else None,
+            }
+        densities[lang] = per_tier
+
+    truth = {
+        "seed": args.seed,
+        "note": "counts = documents that state the fact (one statement per document); questions are parallel by index",
+        "corpora": corpora,
+        "densities": densities,
+        "cultures": {
+            c["lang"]: {
+                "resource": c["resource"],
+                "entities": c["entities"],
+                "facts": [{k: v for k, v in f.items() if k != "relation_index"} for f in c["facts"]],
+            }
+            for c in cultures
+        },
+        "questions": truth_questions,
+        "lexicons": {lang: languages[lang].lexicon for lang in args.langs},
+    }
+    write_json_atomic(out / "truth.json", truth)
+    summary = {
+        "arguments": asdict(args),
+        "resource": {lang: args.resource_of(lang) for lang in args.langs},
+        "en_corpus": {"file": "en_corpus.jsonl", "documents": len(en_documents)},
+        "files": files,
+        "facts": {c["lang"]: len(c["facts"]) for c in cultures},
+        "densities": densities,
+    }
+    write_json_atomic(out / "world.json", summary)
+    return summary
+
+
+def _jsonl(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(WorldArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    summary = generate_world(args)
+    facts = ", ".join(f"{lang}: {n} facts" for lang, n in summary["facts"].items())
+    print(f"Wrote the world to {args.output_dir} ({summary['en_corpus']['documents']} English documents; {facts}).")
+    for lang, tiers in summary["densities"].items():
+        for tier, d in tiers.items():
+            ratio = f"{d['tgt_over_en']:.1f}x" if d["tgt_over_en"] else "inf"
+            print(
+                f"  {lang} {tier:>4}: density en {d['en_density']:.2e}, {lang} {d['tgt_density']:.2e} "
+                f"(target/English {ratio})"
+            )
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

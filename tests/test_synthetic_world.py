@@ -1,0 +1,230 @@
+"""The synthetic world's guarantees, checked on the files it writes (not on its internals)."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from study_common import LANGUAGE_SCRIPTS, has_non_latin_letter, read_documents, script_letter_fraction
+from synthetic_world import RELATIONS, WorldArguments, generate_world, main
+
+LANGS = ["bo", "ko", "zh", "mn"]
+
+
+def small_world_args(output_dir, seed=0, **overrides):
+    values = dict(
+        output_dir=str(output_dir),
+        langs=LANGS,
+        seed=seed,
+        resource=["bo=mixed", "ko=mixed"],  # zh stays high, mn stays low (the paper's levels)
+        places=8,
+        relations=4,
+        en_count=6,
+        tgt_count=4,
+        low_resource_ratio=4.0,
+        en_filler_documents=120,
+        mono_filler_documents=120,
+        pairs=200,
+        diagnostic_pairs=30,
+        pair_mentions=2,
+        mono_mentions=1,
+    )
+    values.update(overrides)
+    return WorldArguments(**values)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    args = small_world_args(out)
+    summary = generate_world(args)
+    truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
+    return {"dir": out, "args": args, "summary": summary, "truth": truth}
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def _facts(world, lang):
+    return world["truth"]["cultures"][lang]["facts"]
+
+
+def _name(entity, variant):
+    return entity["en"] if variant == "anchors" else entity["native"]
+
+
+def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path, world):
+    generate_world(small_world_args(tmp_path / "again"))
+    first = sorted(p.relative_to(world["dir"]) for p in world["dir"].rglob("*") if p.is_file())
+    second = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    assert first == second and len(first) > 20
+    for rel in first:
+        if rel.name == "world.json":  # records output_dir, which differs
+            continue
+        assert (world["dir"] / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
+    generate_world(small_world_args(tmp_path / "other", seed=1))
+    assert (tmp_path / "other" / "en_corpus.jsonl").read_bytes() != (world["dir"] / "en_corpus.jsonl").read_bytes()
+
+
+def test_english_corpus_is_latin_only_and_target_corpora_are_in_their_script(world):
+    english = list(read_documents(world["dir"] / "en_corpus.jsonl"))
+    assert len(english) == world["truth"]["corpora"]["en"]["documents"]
+    assert not [d for d in english if has_non_latin_letter(d)]
+    for lang in LANGS:
+        script = LANGUAGE_SCRIPTS[lang]
+        native = list(read_documents(world["dir"] / lang / "native" / "mono.jsonl"))
+        assert all(script_letter_fraction(d, script) == 1.0 for d in native), lang
+        anchors = list(read_documents(world["dir"] / lang / "anchors" / "mono.jsonl"))
+        assert any(script_letter_fraction(d, script) < 1.0 for d in anchors), f"{lang}: anchors hold Latin names"
+        for pair in _jsonl(world["dir"] / lang / "native" / "pairs.jsonl"):
+            assert not has_non_latin_letter(pair["en"])
+            assert script_letter_fraction(pair[lang], script) == 1.0
+
+
+def _count_documents(documents, needles):
+    return sum(1 for d in documents if any(n in d for n in needles))
+
+
+def test_every_fact_is_stated_exactly_as_planted_in_every_corpus(world):
+    from synthetic_world import Language, render_fact
+
+    args = world["args"]
+    english = list(read_documents(world["dir"] / "en_corpus.jsonl"))
+    for lang in LANGS:
+        language = Language(lang, args.seed)
+        facts = _facts(world, lang)
+        relation_index = {name: i for i, (name, _) in enumerate(RELATIONS)}
+        for variant in ("native", "anchors"):
+            mono = list(read_documents(world["dir"] / lang / variant / "mono.jsonl"))
+            for fact in facts:
+                fact = dict(fact, relation_index=relation_index[fact["relation"]])
+                n_templates = len(RELATIONS[fact["relation_index"]][1])
+                en_statements = [render_fact(fact, t, None) for t in range(n_templates)]
+                tgt_statements = [render_fact(fact, t, language, variant) for t in range(n_templates)]
+                # counted twice: documents holding a statement, and documents naming subject and object
+                assert _count_documents(english, en_statements) == fact["counts"]["en"], fact["id"]
+                both_en = sum(1 for d in english if fact["subject"]["en"] in d and fact["object"]["en"] in d)
+                assert both_en == fact["counts"]["en"], fact["id"]
+                assert _count_documents(mono, tgt_statements) == fact["counts"]["tgt"], (variant, fact["id"])
+                s, o = _name(fact["subject"], variant), _name(fact["object"], variant)
+                assert sum(1 for d in mono if s in d and o in d) == fact["counts"]["tgt"], (variant, fact["id"])
+
+
+def test_planted_counts_follow_the_arguments_per_tier(world):
+    args = world["args"]
+    for lang in LANGS:
+        facts = _facts(world, lang)
+        tiers = Counter(f["tier"] for f in facts)
+        level = args.resource_of(lang)
+        expected = {"high": {"high": 32}, "low": {"low": 32}, "mixed": {"high": 16, "low": 16}}[level]
+        assert dict(tiers) == expected, lang
+        assert all(f["counts"]["tgt"] == args.tgt_count for f in facts)
+        assert all(f["counts"]["en"] == args.en_count for f in facts if f["tier"] == "high")
+        low = [f for f in facts if f["tier"] == "low"]
+        if low:  # the ratio holds in aggregate, rounded to whole option groups of 4
+            expected_low = round(len(low) / 4 * args.en_count / args.low_resource_ratio) * 4
+            assert sum(f["counts"]["en"] for f in low) == expected_low
+            assert {f["counts"]["en"] for f in low} <= {1, 2}  # 6 / 4 = 1.5 per fact, spread over groups
+        density = world["truth"]["densities"][lang]["all"]
+        assert density["en_statements"] == sum(f["counts"]["en"] for f in facts)
+
+
+def test_cloze_files_are_valid_parallel_and_frequency_matched(world):
+    for lang in LANGS:
+        facts = {f["id"]: f for f in _facts(world, lang)}
+        records = world["truth"]["questions"][lang]
+        for variant in ("native", "anchors"):
+            folder = world["dir"] / lang / variant
+            en = json.loads((folder / f"{lang}-culture-cloze_en.json").read_text(encoding="utf-8"))
+            tgt = json.loads((folder / f"{lang}-culture-cloze_{lang}.json").read_text(encoding="utf-8"))
+            assert len(en) == len(tgt) == len(records) == len(facts)
+            by_english = {e["en"]: e for f in facts.values() for e in (f["subject"], f["object"])}
+            for i, (q_en, q_tgt, record) in enumerate(zip(en, tgt, records)):
+                for item in (q_en, q_tgt):
+                    assert item["question"].count("____") == 1 and "_____" not in item["question"]
+                    assert len(item["options"]) == 4 and len(set(item["options"])) == 4
+                    assert item["answer"] in item["options"]
+                fact = facts[record["fact"]]
+                assert record["index"] == i and q_en["answer"] == fact["object"]["en"] == record["answer"]
+                # parallel: option k of the target file is option k of the English file, in its own script
+                assert q_tgt["options"] == [_name(by_english[o], variant) for o in q_en["options"]]
+                assert q_tgt["answer"] == _name(fact["object"], variant)
+                # frequency-matched: every option is the answer of a fact with the same planted counts
+                option_facts = [f for f in facts.values() if f["object"]["en"] in q_en["options"]]
+                assert len(option_facts) == 4
+                assert {json.dumps(f["counts"], sort_keys=True) for f in option_facts} == {
+                    json.dumps(fact["counts"], sort_keys=True)
+                }
+
+
+def test_parallel_pairs_never_state_a_fact_and_name_each_entity_exactly(world):
+    args = world["args"]
+    for lang in LANGS:
+        facts = _facts(world, lang)
+        entities = world["truth"]["cultures"][lang]["entities"]
+        for variant in ("native", "anchors"):
+            folder = world["dir"] / lang / variant
+            pairs = _jsonl(folder / "pairs.jsonl")
+            diagnostic = _jsonl(folder / "diagnostic_pairs.jsonl")
+            assert len(pairs) == args.pairs and len(diagnostic) == args.diagnostic_pairs
+            assert all(set(p) == {"en", lang} for p in pairs + diagnostic)
+            for pair in pairs + diagnostic:
+                for fact in facts:
+                    for side, key in (("en", "en"), (lang, "en" if variant == "anchors" else "native")):
+                        assert not (fact["subject"][key] in pair[side] and fact["object"][key] in pair[side]), (
+                            fact["id"],
+                            pair,
+                        )
+            mentions = Counter(e["id"] for p in pairs for e in entities if e["en"] in p["en"])
+            assert set(mentions.values()) == {args.pair_mentions} and len(mentions) == len(entities)
+            assert all(_name(e, variant) in p[lang] for p in pairs for e in entities if e["en"] in p["en"])
+            # held out: no diagnostic pair is a training pair, and no corpus repeats a document
+            assert not {p["en"] for p in diagnostic} & {p["en"] for p in pairs}
+            assert len({p["en"] for p in pairs}) == len(pairs)
+            mono = list(read_documents(folder / "mono.jsonl"))
+            assert len(set(mono)) == len(mono)
+    english = list(read_documents(world["dir"] / "en_corpus.jsonl"))
+    assert len(set(english)) == len(english)
+
+
+def test_variants_differ_only_in_how_names_are_written(world):
+    for lang in LANGS:
+        entities = world["truth"]["cultures"][lang]["entities"]
+        native = list(read_documents(world["dir"] / lang / "native" / "mono.jsonl"))
+        anchors = list(read_documents(world["dir"] / lang / "anchors" / "mono.jsonl"))
+        assert len(native) == len(anchors)
+        for doc_native, doc_anchors in zip(native, anchors):
+            for entity in entities:
+                doc_native = doc_native.replace(entity["native"], "<E>")
+                doc_anchors = doc_anchors.replace(f" {entity['en']} ", "<E>").replace(f"{entity['en']} ", "<E>")
+                doc_anchors = doc_anchors.replace(entity["en"], "<E>")
+            assert doc_native.replace(" ", "") == doc_anchors.replace(" ", "")
+
+
+def test_cli_writes_the_world_and_bad_arguments_get_clear_errors(tmp_path, capsys):
+    main(["--output_dir", str(tmp_path / "w"), "--langs", "ko", "--places", "4", "--relations", "2"])
+    assert "ko" in capsys.readouterr().out
+    assert (tmp_path / "w" / "ko" / "native" / "ko-culture-cloze_ko.json").is_file()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        small_world_args(tmp_path / "x", places=6)
+    with pytest.raises(ValueError, match="unknown language"):
+        small_world_args(tmp_path / "x", langs=["fr"])
+    with pytest.raises(ValueError, match="LANG=LEVEL"):
+        small_world_args(tmp_path / "x", resource=["bo=medium"])
+    with pytest.raises(ValueError, match="pairs needed"):
+        generate_world(small_world_args(tmp_path / "x", pairs=10))
+
+
+def test_heldout_questions_use_a_template_never_used_for_their_fact(tmp_path):
+    from synthetic_world import render_fact
+
+    args = small_world_args(tmp_path / "h", langs=["ko"], question_template="heldout", name_variants=["native"])
+    generate_world(args)
+    truth = json.loads((tmp_path / "h" / "truth.json").read_text(encoding="utf-8"))
+    english = (tmp_path / "h" / "en_corpus.jsonl").read_text(encoding="utf-8")
+    relation_index = {name: i for i, (name, _) in enumerate(RELATIONS)}
+    for fact in truth["cultures"]["ko"]["facts"]:
+        fact = dict(fact, relation_index=relation_index[fact["relation"]])
+        assert render_fact(fact, fact["question_template"], None) not in english
