@@ -229,3 +229,26 @@ def _card_value(value) -> str:
     elif isinstance(value, dict):
         value = json.dumps(value, ensure_ascii=False)
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+# --------------------------------------------------------------------------------------
+# Distributed training on CPU (run_pretrain.py, run_cpt.py)
+# --------------------------------------------------------------------------------------
+
+
+def use_cpu_backend_without_gpu() -> bool:
+    """Make a multi-process launch on a machine without a GPU train over gloo on the CPU.
+
+    ``accelerate launch --config_file accelerate_configs/cpu.yaml`` starts its processes through
+    torch.distributed.run but does not pass ``use_cpu`` on; the Trainer then finds no GPU and
+    trains each process alone (world size 1) beside an idle process group. Setting
+    ACCELERATE_USE_CPU before the TrainingArguments are built makes it join the gloo group
+    (world size = number of processes). Call it first thing in main(). Returns True when set.
+    """
+    import torch
+
+    launched_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched_distributed and not torch.cuda.is_available() and "ACCELERATE_USE_CPU" not in os.environ:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return True
+    return False

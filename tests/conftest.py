@@ -56,19 +56,11 @@ MULTI_SCRIPT_SAMPLE = [
 def build_tiny_model(output_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:
     """Save a randomly initialised tiny Qwen2 model and a byte-level BPE tokenizer to ``output_dir``."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(MULTI_SCRIPT_SAMPLE * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    from run_pretrain import train_tokenizer  # the study's tokenizer recipe, in one place
+
+    fast = train_tokenizer(MULTI_SCRIPT_SAMPLE * 4, vocab_size, show_progress=False)
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(fast),

@@ -1,0 +1,914 @@
+#!/usr/bin/env python
+"""Step 1 of the study: transparent pretraining of a Qwen2.5-architecture model on Latin-only text.
+
+Every later result is read against this base model, so everything it was trained on is known
+and recorded. Top to bottom, the script:
+
+1. reads documents: ``--train_file`` (.txt one document per line, .json, .jsonl with
+   ``--text_column``) or a ``datasets`` dataset (``--dataset_name``, optionally ``--streaming``);
+2. filters them to the Latin script (``--script_filter latin``, the set of kept characters is
+   defined and documented in ``study_common.filter_to_latin``): ``--filter_mode chars`` removes
+   every other character (the paper's filter), ``documents`` drops every document holding a
+   letter or digit of another script. Documents left empty are dropped and counted;
+3. loads a tokenizer (``--tokenizer_name``) or trains a byte-level BPE with Qwen2's
+   pre-tokenization (``--train_tokenizer``, ``--vocab_size``, ``--tokenizer_files``);
+4. turns each document into ``[eos] + tokens`` (``study_common.document_start_id``) and packs
+   the documents into ``--block_size`` windows, as run_clm's ``group_texts`` does. With
+   ``--document_attention`` (default) the position ids restart at every document, which makes
+   transformers build a block-diagonal causal mask: no token attends to another document.
+   The run checks this on its own model before training and records the result;
+5. builds a randomly initialised model from ``--config_name`` (a file in ``configs/`` or a
+   Hub id) and ``--config_overrides``;
+6. trains it with the ``Trainer`` (every ``TrainingArguments`` flag works: checkpoints,
+   ``--resume_from_checkpoint``, ``--push_to_hub``, bf16, ...), under ``accelerate launch``
+   or plain ``python``;
+7. writes the model, the tokenizer, ``data_stats.json``, ``throughput.json`` and a model card
+   (README.md) recording data, filter, tokenizer, config, steps and tokens seen.
+
+Example (CPU, a few seconds)::
+
+    python run_pretrain.py --config_name configs/tiny.json --train_tokenizer --vocab_size 2000 \\
+        --tokenizer_files A.txt B.txt --train_file corpus.txt --block_size 128 --output_dir OUT \\
+        --max_steps 20 --save_steps 10 --per_device_train_batch_size 4 --logging_steps 1 --seed 0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from datasets import Dataset, Features, IterableDataset, Sequence, Value
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from study_common import (
+    document_start_id,
+    encode_documents,
+    filter_to_latin,
+    has_non_latin_letter,
+    read_documents,
+    use_cpu_backend_without_gpu,
+    write_card,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+REPO_DIR = Path(__file__).resolve().parent
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+class InputError(ValueError):
+    """A problem with what the user gave (file, column, config, sizes); the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    config_name: str = field(
+        default="configs/tiny.json",
+        metadata={
+            "help": "Model architecture: a config.json-style file (configs/tiny.json, configs/qwen2.5-0.5b.json) "
+            "or a Hub model id whose config is used (weights are NOT loaded: the model starts from random)."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated key=value pairs that override the config, e.g. "
+            "'num_hidden_layers=4,hidden_size=256,rope_theta=10000'. By default vocab_size is set to the "
+            "tokenizer's length; override it (>= that length) to keep a larger embedding, e.g. vocab_size=151936."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "A tokenizer to load (path or Hub id, e.g. Qwen/Qwen2.5-0.5B). Needs an EOS token."},
+    )
+    train_tokenizer: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a byte-level BPE tokenizer (see train_tokenizer) on --tokenizer_files instead of "
+            "loading one. It is saved with the model."
+        },
+    )
+    vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of the trained tokenizer."})
+    tokenizer_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Text files (.txt one document per line, .json, .jsonl) the tokenizer is trained on. They "
+            "should include the target languages of continual pretraining, so that the vocabulary covers "
+            "scripts the model meets only later. Defaults to --train_file (then it covers English only)."
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU)."},
+    )
+    document_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep attention inside each document of a packed window (position ids restart at every "
+            "document). --no_document_attention lets tokens attend across documents, as run_clm does."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training documents: .txt (one per line), .json (list of records) or .jsonl."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in json/jsonl/datasets."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A datasets dataset (Hub id or local folder), e.g. wikimedia/wikipedia."},
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Its configuration, e.g. 20231101.en for English Wikipedia."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Which split to train on."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the dataset: filter, tokenize and pack lazily while training (for Wikipedia-size "
+            "corpora). Needs --max_steps. data_stats.json then counts what the run read."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000, metadata={"help": "With --streaming: packed blocks are shuffled in a buffer of this size."}
+    )
+    script_filter: Literal["latin", "none"] = field(
+        default="latin",
+        metadata={"help": "latin: keep only the Latin script (see study_common.filter_to_latin); none: no filter."},
+    )
+    filter_mode: Literal["chars", "documents"] = field(
+        default="chars",
+        metadata={
+            "help": "chars (the paper's): remove every non-Latin character; documents: drop every document "
+            "that holds a non-Latin letter or digit."
+        },
+    )
+    block_size: int = field(
+        default=512,
+        metadata={"help": "Tokens per training window; at most the model's max_position_embeddings."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for filtering and tokenizing (datasets map num_proc)."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where datasets caches the read and tokenized data (default: HF cache)."}
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    files_or_texts: Iterable[str | os.PathLike],
+    vocab_size: int,
+    *,
+    text_column: str = "text",
+    show_progress: bool = True,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer; returns it ready for ``save_pretrained``/``AutoTokenizer``.
+
+    ``files_or_texts``: ``pathlib.Path`` objects name files read with ``study_common.read_documents``
+    (.txt one document per line, .json, .jsonl with ``text_column``); plain strings are texts.
+    Special tokens: ``<|endoftext|>`` (id 0, EOS and document start) and ``<|pad|>`` (id 1).
+    Every byte is in the base alphabet, so any text in any script encodes without unknowns;
+    ``vocab_size`` counts the 256 bytes and the two special tokens.
+
+    Normalizer (NFC), pre-tokenizer (Qwen2's split regex, then bytes) and decoder are taken
+    from transformers' own Qwen2Tokenizer, not chosen here: for any folder whose config.json
+    says model_type qwen2, transformers 5 ``AutoTokenizer`` loads ``Qwen2Tokenizer``, which keeps
+    the vocabulary and merges of tokenizer.json but rebuilds those three pieces. A different
+    pre-tokenizer (e.g. one that keeps combining marks with their letter, so that a Tibetan
+    syllable is not cut at its vowel sign) would tokenize differently once saved and reloaded.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    if vocab_size < 260:
+        raise InputError(
+            f"--vocab_size {vocab_size} is too small: 256 bytes and 2 special tokens need 258; use >= 260."
+        )
+    sources = list(files_or_texts)
+
+    def texts() -> Iterator[str]:
+        for source in sources:
+            if isinstance(source, os.PathLike):
+                yield from read_documents(source, text_column)
+            else:
+                yield source
+
+    pipeline = Qwen2Tokenizer().backend_tokenizer  # an empty Qwen2 tokenizer: only its pipeline is used
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = pipeline.normalizer
+    tokenizer.pre_tokenizer = pipeline.pre_tokenizer
+    tokenizer.decoder = pipeline.decoder
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False
+    )
+
+
+def load_or_train_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args, resume_dir):
+    """The run's tokenizer: from the checkpoint when resuming, else trained or loaded. Checks EOS."""
+    if resume_dir is not None and (Path(resume_dir) / "tokenizer_config.json").is_file():
+        logger.info("Resuming: the tokenizer is the one saved in %s", resume_dir)
+        tokenizer = AutoTokenizer.from_pretrained(resume_dir)
+        source = {"kind": "from checkpoint", "path": str(resume_dir)}
+    elif model_args.train_tokenizer:
+        files = model_args.tokenizer_files or ([data_args.train_file] if data_args.train_file else None)
+        if not files:
+            raise InputError("--train_tokenizer needs --tokenizer_files FILE [FILE ...] (text files to train on).")
+        if not model_args.tokenizer_files:
+            logger.warning("No --tokenizer_files: training the tokenizer on --train_file (English only).")
+        for file in files:
+            if not Path(file).is_file():
+                raise InputError(f"{file}: no such tokenizer file. Check the paths given to --tokenizer_files.")
+        saved_in = Path(training_args.output_dir)
+        # The main process trains and saves; the others load its files (identical ids everywhere).
+        with training_args.main_process_first(desc="train tokenizer", local=False):
+            if training_args.process_index == 0:
+                logger.info("Training a byte-level BPE tokenizer (vocab %d) on %s", model_args.vocab_size, files)
+                tokenizer = train_tokenizer(
+                    [Path(f) for f in files], model_args.vocab_size, text_column=data_args.text_column
+                )
+                tokenizer.save_pretrained(saved_in)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(saved_in)
+        source = {"kind": "trained byte-level BPE", "files": list(files), "vocab_size": model_args.vocab_size}
+    elif model_args.tokenizer_name:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+        except (OSError, ValueError) as err:
+            raise InputError(
+                f"--tokenizer_name {model_args.tokenizer_name!r} could not be loaded ({err.__class__.__name__}: "
+                f"{str(err)[:200]}). Give a folder with tokenizer files or a reachable Hub id, or --train_tokenizer."
+            ) from err
+        source = {"kind": "loaded", "name": model_args.tokenizer_name}
+    else:
+        raise InputError("No tokenizer: pass --tokenizer_name NAME, or --train_tokenizer with --tokenizer_files.")
+
+    where = source.get("path") or source.get("name") or "the trained tokenizer"
+    if tokenizer.eos_token_id is None:
+        raise InputError(
+            f"Tokenizer {where!r} has no EOS token; every document starts with it and it separates packed "
+            "documents. Set eos_token in its tokenizer_config.json (e.g. '<|endoftext|>'), or use --train_tokenizer."
+        )
+    if tokenizer.pad_token_id is None:
+        logger.info("Tokenizer has no pad token; using EOS as pad (windows are full, nothing is padded).")
+        tokenizer.pad_token = tokenizer.eos_token
+    source["length"] = len(tokenizer)
+    source["eos_token"] = tokenizer.eos_token
+    return tokenizer, source
+
+
+# --------------------------------------------------------------------------------------
+# Data: read, filter, tokenize, pack
+# --------------------------------------------------------------------------------------
+
+DROP_REASONS = ("empty_input", "empty_after_filter", "non_latin_letter")
+
+
+def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, script_filter: str, filter_mode: str):
+    """Batched map: filter each document, tokenize the kept ones as ``[start] + tokens``.
+
+    Returns one row per input document (so that everything dropped is counted): ``input_ids``
+    (empty when dropped), ``drop_reason`` ("" when kept, else one of DROP_REASONS) and the
+    character counts ``n_chars_in`` / ``n_chars_removed`` (by the character filter, kept
+    documents only) / ``n_chars_out``.
+    """
+    texts = batch[text_column]
+    reasons, chars_removed, kept_texts, kept_rows = [], [], [], []
+    for row, text in enumerate(texts):
+        text = text or ""
+        reason, removed = "", 0
+        if not text.strip():
+            reason = "empty_input"
+        elif script_filter == "latin" and filter_mode == "documents":
+            if has_non_latin_letter(text):
+                reason = "non_latin_letter"
+        elif script_filter == "latin":
+            text, removed = filter_to_latin(text)
+            if not text.strip():
+                reason, removed = "empty_after_filter", 0
+        reasons.append(reason)
+        chars_removed.append(removed)
+        if not reason:
+            kept_texts.append(text)
+            kept_rows.append(row)
+    input_ids = [[] for _ in texts]
+    chars_out = [0] * len(texts)
+    for row, text, ids in zip(kept_rows, kept_texts, encode_documents(tokenizer, kept_texts) if kept_texts else []):
+        input_ids[row] = [start_id, *ids]
+        chars_out[row] = len(text)
+    return {
+        "input_ids": input_ids,
+        "drop_reason": reasons,
+        "n_chars_in": [len(t or "") for t in texts],
+        "n_chars_removed": chars_removed,
+        "n_chars_out": chars_out,
+    }
+
+
+def pack_documents(batch, block_size: int):
+    """Batched map: concatenate tokenized documents and cut them into full ``block_size`` windows.
+
+    Like run_clm's ``group_texts``, the tail of each map batch that does not fill a window is
+    dropped (data_stats.json counts it). ``position_ids`` count from 0 at every document start
+    and at the start of every window (a document cut by a window boundary continues from 0,
+    so every window is self-contained and isolation needs no state across windows).
+    """
+    docs = batch["input_ids"]
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    n_blocks = int(lengths.sum()) // block_size
+    if n_blocks == 0:
+        return {"input_ids": [], "position_ids": []}
+    ids = np.fromiter((t for d in docs for t in d), dtype=np.int32, count=int(lengths.sum()))
+    starts = np.zeros(len(ids), dtype=bool)
+    starts[np.concatenate(([0], np.cumsum(lengths)[:-1]))[lengths > 0]] = True
+    ids = ids[: n_blocks * block_size].reshape(n_blocks, block_size)
+    starts = starts[: n_blocks * block_size].reshape(n_blocks, block_size)
+    starts[:, 0] = True
+    index = np.broadcast_to(np.arange(block_size), starts.shape)
+    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return {"input_ids": list(ids), "position_ids": list((index - last_start).astype(np.int32))}
+
+
+BLOCK_FEATURES = Features({"input_ids": Sequence(Value("int32")), "position_ids": Sequence(Value("int32"))})
+
+
+@dataclass
+class PackedBlockCollator:
+    """Batches packed windows for the model: ``input_ids``, ``labels`` and (with document
+    attention) ``position_ids``; no ``attention_mask``.
+
+    Labels equal the input ids except -100 at the first position of every document (position 0),
+    whose start token would otherwise be predicted from the previous document. With
+    ``document_attention`` the position ids are passed on: they restart at 0 at every document,
+    and without an attention mask (and without a KV cache: the config has use_cache=False)
+    transformers then builds a block-diagonal causal mask for sdpa, eager and flash attention.
+    Without it the model numbers positions 0..block_size-1 and attends across documents.
+    """
+
+    document_attention: bool = True
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor(np.asarray([e["input_ids"] for e in examples]), dtype=torch.long)
+        position_ids = torch.tensor(np.asarray([e["position_ids"] for e in examples]), dtype=torch.long)
+        labels = input_ids.masked_fill(position_ids == 0, -100)
+        batch = {"input_ids": input_ids, "labels": labels}
+        if self.document_attention:
+            batch["position_ids"] = position_ids
+        return batch
+
+
+def read_train_documents(data_args: DataArguments, streaming: bool):
+    """The raw documents as a datasets Dataset / IterableDataset with one column ``text``."""
+    if data_args.train_file:
+        path = Path(data_args.train_file)
+        if not path.is_file():
+            raise InputError(f"{path}: no such --train_file. Check the path.")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: the --train_file is empty. Give a file with at least one document.")
+        try:  # read the first record here, so that a bad file fails with its own message
+            next(iter(read_documents(path, data_args.text_column)), None)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        stat = path.stat()
+        gen_kwargs = {
+            "path": str(path.resolve()),
+            "text_column": data_args.text_column,
+            "stamp": (stat.st_size, stat.st_mtime_ns),  # a changed file is read again, not taken from cache
+        }
+        if streaming:
+            return IterableDataset.from_generator(_documents_of_file, gen_kwargs=gen_kwargs)
+        try:
+            return Dataset.from_generator(_documents_of_file, gen_kwargs=gen_kwargs, cache_dir=data_args.cache_dir)
+        except datasets.exceptions.DatasetGenerationError as err:
+            cause = err.__cause__ or err
+            raise InputError(str(cause)) from err
+    if data_args.dataset_name:
+        try:
+            raw = datasets.load_dataset(
+                data_args.dataset_name,
+                data_args.dataset_config_name,
+                split=data_args.dataset_split,
+                streaming=streaming,
+                cache_dir=data_args.cache_dir,
+            )
+        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+            raise InputError(
+                f"--dataset_name {data_args.dataset_name!r} (config {data_args.dataset_config_name!r}, split "
+                f"{data_args.dataset_split!r}) could not be loaded: {err}"
+            ) from err
+        column_names = list(raw.features) if raw.features is not None else None
+        if column_names is not None and data_args.text_column not in column_names:
+            raise InputError(
+                f"--dataset_name {data_args.dataset_name!r}: no {data_args.text_column!r} column "
+                f"(found: {', '.join(column_names)}). Pass --text_column NAME."
+            )
+        if column_names is not None and column_names != ["text"]:
+            keep = [c for c in column_names if c != data_args.text_column]
+            raw = raw.remove_columns(keep)
+        if data_args.text_column != "text":
+            raw = raw.rename_column(data_args.text_column, "text")
+        return raw
+    raise InputError("No training data: pass --train_file FILE or --dataset_name NAME.")
+
+
+def _documents_of_file(path: str, text_column: str, stamp) -> Iterator[dict]:
+    for text in read_documents(path, text_column):
+        yield {"text": text}
+
+
+def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArguments):
+    """Filter, tokenize and pack a map-style dataset. Returns (blocks, statistics)."""
+    tokenized = raw.map(
+        filter_and_tokenize,
+        batched=True,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "start_id": start_id,
+            "text_column": "text",
+            "script_filter": data_args.script_filter,
+            "filter_mode": data_args.filter_mode,
+        },
+        remove_columns=raw.column_names,
+        num_proc=data_args.preprocessing_num_workers,
+        desc=f"Filtering ({data_args.script_filter}, {data_args.filter_mode}) and tokenizing",
+    )
+    table = tokenized.data
+    reasons = table.column("drop_reason").to_pylist()
+    dropped = {reason: reasons.count(reason) for reason in DROP_REASONS}
+    lengths = np.asarray([len(ids) for ids in table.column("input_ids").to_pylist()], dtype=np.int64)
+    stats = {
+        "documents_in": len(reasons),
+        "documents_out": len(reasons) - sum(dropped.values()),
+        "documents_dropped": dropped,
+        "characters_in": int(np.sum(table.column("n_chars_in").to_numpy())),
+        "characters_removed_by_filter": int(np.sum(table.column("n_chars_removed").to_numpy())),
+        "characters_in_dropped_documents": 0,
+        "characters_out": int(np.sum(table.column("n_chars_out").to_numpy())),
+        "tokens": int(lengths.sum()),
+    }
+    stats["characters_in_dropped_documents"] = (
+        stats["characters_in"] - stats["characters_removed_by_filter"] - stats["characters_out"]
+    )
+    kept = tokenized.filter(
+        lambda reason: [r == "" for r in reason],
+        batched=True,
+        input_columns=["drop_reason"],
+        desc="Dropping filtered-out documents",
+    ).select_columns(["input_ids"])
+    blocks = kept.map(
+        pack_documents,
+        batched=True,
+        batch_size=2000,
+        fn_kwargs={"block_size": data_args.block_size},
+        remove_columns=["input_ids"],
+        features=BLOCK_FEATURES,
+        num_proc=data_args.preprocessing_num_workers,
+        desc=f"Packing into windows of {data_args.block_size}",
+    )
+    stats["blocks"] = len(blocks)
+    stats["tokens_in_blocks"] = len(blocks) * data_args.block_size
+    stats["tokens_dropped_at_batch_tails"] = stats["tokens"] - stats["tokens_in_blocks"]
+    return blocks, stats
+
+
+class StreamCounter:
+    """Counts what the streamed pipeline read (documents, drop reasons, characters, tokens).
+
+    It is updated inside the lazy map, in the process that reads the stream (the main process:
+    accelerate dispatches streamed batches from rank 0), so it includes the read-ahead of the
+    data loader: a few documents more than were trained on.
+    """
+
+    def __init__(self):
+        self.stats = {
+            "documents_in": 0,
+            "documents_out": 0,
+            "documents_dropped": dict.fromkeys(DROP_REASONS, 0),
+            "characters_in": 0,
+            "characters_removed_by_filter": 0,
+            "characters_out": 0,
+            "tokens": 0,
+        }
+
+    def __call__(self, batch, **kwargs):
+        out = filter_and_tokenize(batch, **kwargs)
+        s = self.stats
+        s["documents_in"] += len(out["drop_reason"])
+        for reason in out["drop_reason"]:
+            if reason:
+                s["documents_dropped"][reason] += 1
+            else:
+                s["documents_out"] += 1
+        s["characters_in"] += sum(out["n_chars_in"])
+        s["characters_removed_by_filter"] += sum(out["n_chars_removed"])
+        s["characters_out"] += sum(out["n_chars_out"])
+        s["tokens"] += sum(len(ids) for ids in out["input_ids"])
+        keep = [i for i, reason in enumerate(out["drop_reason"]) if not reason]
+        return {"input_ids": [out["input_ids"][i] for i in keep]}
+
+
+def prepare_streaming_dataset(raw: IterableDataset, tokenizer, start_id: int, data_args, seed: int):
+    counter = StreamCounter()
+    tokenized = raw.map(
+        counter,
+        batched=True,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "start_id": start_id,
+            "text_column": "text",
+            "script_filter": data_args.script_filter,
+            "filter_mode": data_args.filter_mode,
+        },
+        remove_columns=["text"],
+    )
+    blocks = tokenized.map(
+        pack_documents,
+        batched=True,
+        batch_size=2000,
+        fn_kwargs={"block_size": data_args.block_size},
+        remove_columns=["input_ids"],
+        features=BLOCK_FEATURES,
+    )
+    if data_args.shuffle_buffer_size > 1:
+        blocks = blocks.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    return blocks, counter
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """'a=1,b=0.5,c=true,d=null,e=silu' -> {'a': 1, 'b': 0.5, 'c': True, 'd': None, 'e': 'silu'}."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--config_overrides item {item!r} is not key=value. Write e.g. 'num_hidden_layers=4'.")
+        value = value.strip()
+        try:
+            parsed = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+        except json.JSONDecodeError:
+            parsed = value
+        overrides[key.strip()] = parsed
+    return overrides
+
+
+def build_config(model_args: ModelArguments, tokenizer, block_size: int):
+    """Load the architecture, apply the overrides, size the vocabulary, check the block size."""
+    name = model_args.config_name
+    looks_like_path = name.endswith(".json") or name.startswith((".", "/")) or os.path.exists(name)
+    available = ", ".join(sorted(str(p.relative_to(REPO_DIR)) for p in (REPO_DIR / "configs").glob("*.json")))
+    if looks_like_path and not os.path.exists(name):
+        raise InputError(f"--config_name {name}: no such config file. Available: {available}, or a Hub id.")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"--config_name {name!r}: not a config file and not a reachable Hub model id "
+            f"({err.__class__.__name__}). Use one of {available}, or a Hub id such as Qwen/Qwen2.5-0.5B."
+        ) from err
+    overrides = parse_config_overrides(model_args.config_overrides)
+    for key, value in overrides.items():
+        if key == "rope_theta" and isinstance(getattr(config, "rope_parameters", None), dict):
+            config.rope_parameters = {**config.rope_parameters, "rope_theta": float(value)}
+        elif hasattr(config, key):
+            setattr(config, key, value)
+        else:
+            raise InputError(f"--config_overrides: {key!r} is not a field of the {config.model_type} config ({name}).")
+    if "vocab_size" in overrides:
+        if config.vocab_size < len(tokenizer):
+            raise InputError(
+                f"--config_overrides vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
+                "tokens). Use at least the tokenizer's length, or leave vocab_size out."
+            )
+    else:
+        config.vocab_size = len(tokenizer)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and block_size > max_positions:
+        raise InputError(
+            f"--block_size {block_size} is above the model's max_position_embeddings ({max_positions}, from {name}). "
+            f"Use --block_size <= {max_positions}, or raise it with --config_overrides max_position_embeddings=N."
+        )
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.eos_token_id  # documents open with EOS; there is no separate BOS
+    config.pad_token_id = tokenizer.pad_token_id
+    config.use_cache = False  # with a KV cache the per-document mask is silently not built
+    return config, overrides
+
+
+@torch.no_grad()
+def check_document_attention(model, collator: PackedBlockCollator, start_id: int, vocab_size: int) -> float:
+    """Max |logit difference| of document B packed after document A vs. B alone.
+
+    Goes through the training collator and ``model(**batch)``, as the Trainer does. 0 (up to
+    float rounding) means no token of B sees A.
+    """
+    generator = torch.Generator().manual_seed(0)
+    doc_a = [start_id, *torch.randint(2, vocab_size, (9,), generator=generator).tolist()]
+    doc_b = [start_id, *torch.randint(2, vocab_size, (7,), generator=generator).tolist()]
+    packed = {"input_ids": doc_a + doc_b, "position_ids": list(range(len(doc_a))) + list(range(len(doc_b)))}
+    alone = {"input_ids": doc_b, "position_ids": list(range(len(doc_b)))}
+    was_training = model.training
+    model.eval()
+    logits = []
+    for example in (packed, alone):
+        batch = collator([example])
+        batch.pop("labels")
+        logits.append(model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits[0].float())
+    model.train(was_training)
+    return float((logits[0][len(doc_a) :] - logits[1]).abs().max())
+
+
+# --------------------------------------------------------------------------------------
+# Trainer pieces
+# --------------------------------------------------------------------------------------
+
+
+class ThroughputCallback(TrainerCallback):
+    """Records the wall time at the end of every optimizer step; writes throughput.json.
+
+    steady_tokens_per_second leaves out the first ``warmup_steps`` steps (compilation, caches).
+    On a GPU the step end is taken after the loss is logged, which synchronises the device
+    when --logging_steps is 1.
+    """
+
+    def __init__(self, tokens_per_step: int, warmup_steps: int = 5):
+        self.tokens_per_step = tokens_per_step
+        self.warmup_steps = warmup_steps
+        self.step_end_times: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step_end_times = [(state.global_step, time.perf_counter())]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_end_times.append((state.global_step, time.perf_counter()))
+
+    def summary(self) -> dict:
+        times = self.step_end_times
+        summary = {"tokens_per_step": self.tokens_per_step, "steps_timed": len(times) - 1, "warmup_steps": 0}
+        if len(times) < 2:
+            return summary
+        first = min(self.warmup_steps, len(times) - 2)
+        (step0, t0), (step1, t1) = times[first], times[-1]
+        summary.update(
+            warmup_steps=first,
+            step_seconds=[round(b[1] - a[1], 6) for a, b in zip(times, times[1:])],
+            steady_steps_per_second=(step1 - step0) / (t1 - t0),
+            steady_tokens_per_second=(step1 - step0) * self.tokens_per_step / (t1 - t0),
+        )
+        return summary
+
+
+class PretrainTrainer(Trainer):
+    """A Trainer whose model card (also the one pushed to the Hub) records the study's setting."""
+
+    card_setting: dict | None = None
+
+    def create_model_card(self, *args, **kwargs):
+        if not self.is_world_process_zero():
+            return
+        setting = dict(self.card_setting or {})
+        setting["optimizer steps"] = self.state.global_step
+        setting["tokens seen"] = self.state.global_step * setting.get("tokens per step", 0)
+        summary = (
+            "A Qwen2.5-architecture model pretrained from random initialisation on Latin-only text, as step 1 "
+            "of the study of cross-lingual transfer of cultural knowledge: its training data is fully known "
+            "and contains no character of the target languages."
+        )
+        write_card(
+            self.args.output_dir, "Transparent Latin-only pretraining", summary, setting, ["study-pretrain", "qwen2"]
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the pretraining; returns the data statistics (also in OUT/data_stats.json)."""
+    use_cpu_backend_without_gpu()
+    model_args, data_args, training_args = parse_arguments(argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:  # the main process reports at INFO unless --log_level says otherwise
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(
+        "Process %d of %d, device %s, bf16 %s", training_args.process_index, training_args.world_size,
+        training_args.device, training_args.bf16,
+    )  # fmt: skip
+
+    streaming = data_args.streaming
+    if streaming and training_args.max_steps <= 0:
+        raise InputError("--streaming needs --max_steps N: a stream has no length to derive the number of steps from.")
+    if data_args.block_size < 2:
+        raise InputError(f"--block_size {data_args.block_size} is too small; use e.g. 128 or 512.")
+
+    # Never train on top of an earlier run's checkpoints without saying so.
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
+        resume = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
+        if resume is None:
+            raise InputError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in {output_dir}."
+            )
+    if resume is not None and not Path(resume).is_dir():
+        raise InputError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+    if resume is None and output_dir.is_dir() and get_last_checkpoint(output_dir) is not None:
+        raise InputError(
+            f"{output_dir} already holds {get_last_checkpoint(output_dir)}. Pass --resume_from_checkpoint "
+            f"{get_last_checkpoint(output_dir)} to continue that run, or give a new --output_dir."
+        )
+
+    set_seed(training_args.seed)
+    tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, data_args, training_args, resume)
+    start_id = document_start_id(tokenizer)
+
+    # Data: the main process builds the cache first, the others read it (as run_clm does).
+    with training_args.main_process_first(desc="filter, tokenize and pack"):
+        raw = read_train_documents(data_args, streaming)
+        if streaming:
+            train_dataset, stream_counter = prepare_streaming_dataset(
+                raw, tokenizer, start_id, data_args, training_args.seed
+            )
+            data_stats = None
+        else:
+            train_dataset, data_stats = prepare_dataset(raw, tokenizer, start_id, data_args)
+            stream_counter = None
+    source = (
+        data_args.train_file or f"{data_args.dataset_name} ({data_args.dataset_config_name}, {data_args.dataset_split})"
+    )
+    if data_stats is not None:
+        if data_stats["documents_out"] == 0:
+            raise InputError(
+                f"{source}: every document was filtered away ({data_stats['documents_in']} read, dropped: "
+                f"{data_stats['documents_dropped']}). The Latin filter keeps only Latin-script text: check the file "
+                "and --text_column, or use --filter_mode chars / --script_filter none."
+            )
+        if data_stats["blocks"] == 0:
+            raise InputError(
+                f"{source}: {data_stats['tokens']} tokens after filtering, fewer than one window of --block_size "
+                f"{data_args.block_size}. Give more text or a smaller --block_size."
+            )
+
+    # Model: random initialisation from the architecture config.
+    config, overrides = build_config(model_args, tokenizer, data_args.block_size)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("Model %s: %.2fM parameters, vocab %d", config.model_type, n_params / 1e6, config.vocab_size)
+
+    collator = PackedBlockCollator(document_attention=model_args.document_attention)
+    isolation = {"enabled": model_args.document_attention, "attn_implementation": model_args.attn_implementation}
+    if model_args.document_attention:
+        if model_args.attn_implementation in ("sdpa", "eager") or model.device.type != "cpu":
+            diff = check_document_attention(model, collator, start_id, len(tokenizer))
+            isolation["max_logit_diff_packed_vs_alone"] = diff
+            if diff > 1e-4:
+                raise RuntimeError(
+                    f"Document attention is on, but with attn_implementation={model_args.attn_implementation} "
+                    f"document B packed after A gives other logits than B alone (max diff {diff:.3g}): attention "
+                    "crosses documents. Use --attn_implementation sdpa or eager."
+                )
+        else:
+            isolation["max_logit_diff_packed_vs_alone"] = None  # this kernel does not run on the CPU model
+
+    tokens_per_step = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+        * data_args.block_size
+    )
+    setting = {
+        "source": source,
+        "text_column": data_args.text_column,
+        "streaming": streaming,
+        "script_filter": data_args.script_filter,
+        "filter_mode": data_args.filter_mode,
+        "tokenizer": tokenizer_source,
+        "config_name": model_args.config_name,
+        "config_overrides": overrides,
+        "parameters": n_params,
+        "block_size": data_args.block_size,
+        "document_attention": isolation,
+        "world_size": training_args.world_size,
+        "tokens_per_step": tokens_per_step,
+        "seed": training_args.seed,
+    }
+    if training_args.process_index == 0 and data_stats is not None:
+        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
+        logger.info("Data: %s", json.dumps(data_stats))
+
+    throughput = ThroughputCallback(tokens_per_step)
+    trainer = PretrainTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[throughput],
+    )
+    trainer.card_setting = {
+        "data": source,
+        "script filter": f"{data_args.script_filter} ({data_args.filter_mode})",
+        "tokenizer": tokenizer_source,
+        "config": model_args.config_name,
+        "config overrides": overrides or "none",
+        "parameters": n_params,
+        "block size": data_args.block_size,
+        "document attention": model_args.document_attention,
+        "tokens per step": tokens_per_step,
+        "learning rate": training_args.learning_rate,
+        "seed": training_args.seed,
+    }
+    if data_stats is not None:
+        trainer.card_setting["documents (in / out)"] = f"{data_stats['documents_in']} / {data_stats['documents_out']}"
+        trainer.card_setting["characters removed by the filter"] = data_stats["characters_removed_by_filter"]
+
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # model + tokenizer into output_dir
+    metrics = dict(train_result.metrics)
+    metrics["train_tokens_seen"] = trainer.state.global_step * tokens_per_step
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    if training_args.process_index == 0:
+        write_json_atomic(output_dir / "throughput.json", throughput.summary())
+        if stream_counter is not None:
+            data_stats = {**stream_counter.stats, "counted": "documents read from the stream (with read-ahead)"}
+            write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"Pretraining: {trainer.state.global_step} steps")
+    else:
+        trainer.create_model_card()
+    return data_stats
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as err:
+        print(f"run_pretrain.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
