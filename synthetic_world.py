@@ -49,7 +49,7 @@ Layout of ``--output_dir``::
     en_corpus.jsonl                         English pretraining corpus, {"text": ...} per line
     <lang>/<variant>/mono.jsonl             target-language corpus, {"text": ...} per line
     <lang>/<variant>/pairs.jsonl            parallel pairs, {"en": ..., "<lang>": ...} per line
-    <lang>/<variant>/diagnostic_pairs.jsonl held-out pairs for the bridge diagnostic, same columns
+    <lang>/<variant>/diagnostic_pairs.jsonl held-out pairs for the bridge diagnostic, same columns + "tgt"
     <lang>/<variant>/<lang>-culture-cloze_en.json and <lang>-culture-cloze_<lang>.json
                                             cloze questions in the paper's format, parallel by position
 
@@ -218,9 +218,9 @@ def _script_style(lang: str) -> ScriptStyle:
             for medial in HANGUL_MEDIALS
             for final in sorted(set(HANGUL_FINALS))
         ]
-        return ScriptStyle(tuple(units), (1, 3), (3, 3), True, ".")
+        return ScriptStyle(tuple(units), (2, 3), (3, 3), True, ".")
     if script == "Han":
-        return ScriptStyle(tuple(chr(c) for c in range(*HAN_RANGE)), (1, 2), (3, 3), False, "\u3002")
+        return ScriptStyle(tuple(chr(c) for c in range(*HAN_RANGE)), (2, 3), (3, 3), False, "\u3002")
     if script == "Tibetan":
         units = [c + v + s + TSHEG for c in TIBETAN_CONSONANTS for v in TIBETAN_VOWEL_SIGNS for s in TIBETAN_SUFFIXES]
         return ScriptStyle(tuple(units), (1, 2), (3, 3), False, SHAD)
@@ -781,7 +781,10 @@ def generate_world(args: WorldArguments) -> dict:
             items_en, items_tgt, records = cloze_items(culture, language, variant)
             write_text_atomic(folder / "mono.jsonl", "".join(_jsonl({"text": d}) for d in mono))
             write_text_atomic(folder / "pairs.jsonl", "".join(_jsonl(p) for p in pairs))
-            write_text_atomic(folder / "diagnostic_pairs.jsonl", "".join(_jsonl(p) for p in diagnostic))
+            # Held-out pairs carry the target side twice: under the language code (as the training
+            # pairs, for build_pairs.py) and as "tgt" (the column run_eval.py's bridge diagnostic reads).
+            diagnostic_records = [{"en": p["en"], lang: p[lang], "tgt": p[lang]} for p in diagnostic]
+            write_text_atomic(folder / "diagnostic_pairs.jsonl", "".join(_jsonl(p) for p in diagnostic_records))
             write_json_atomic(folder / f"{lang}-culture-cloze_en.json", items_en)
             write_json_atomic(folder / f"{lang}-culture-cloze_{lang}.json", items_tgt)
             rel = f"{lang}/{variant}"

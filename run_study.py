@@ -1,0 +1,2051 @@
+#!/usr/bin/env python
+"""The whole study in one command: pretrain, build pairs, continual pretraining with and without
+bridges, bilingual probing, transfer analysis, density, and a report.
+
+Every step runs one of the study's own scripts as a subprocess, with the command line a user would
+type (``python run_pretrain.py ...`` or, with ``--accelerate_config``, ``accelerate launch ...``), so
+the study exercises exactly the code paths of a manual run. The commands are written to
+``OUTPUT_DIR/commands.sh`` and printed with ``--dry_run``.
+
+Presets (``--preset``):
+
+* ``cpu`` (default): a synthetic world (``synthetic_world.py``) with planted facts, a ~0.6M-parameter
+  Qwen2 model, one language (bo), both name variants (native script = the control; Latin "anchors"),
+  both CPT settings, 3 seeds. Made to finish in about 15 minutes on a 2-core laptop CPU.
+* ``micro``: the same pipeline, CI-sized (a couple of minutes); used by the end-to-end test.
+* ``gpu-small``: a larger world and model (minutes on one GPU), no network access.
+* ``paper``: the paper-scale plan (Hub datasets, configs/qwen2.5-0.5b.json, 1,500 CPT steps x 0.5M
+  tokens, ko zh bo mn x 2 settings, the paper's released questions) for a GPU cluster.
+
+Steps are skipped when finished: a step is done when its outputs exist and a done-marker
+(``OUTPUT_DIR/.done/<step>.json``, written after success, holding the command) matches the
+current command. After Ctrl-C, run the same command again: finished steps are skipped, an
+interrupted training step resumes from its last checkpoint, any other interrupted step restarts.
+
+Outputs (``OUTPUT_DIR``, default ``study_runs/<preset>``): ``report.md``, ``report.html``,
+``report.json`` (every number the report shows), ``figures/``, ``commands.sh``, ``timings.json``,
+``logs/<step>.log`` and the outputs of every step (world/, base/, data/, cpt/, density/, ...).
+
+Usage::
+
+    python run_study.py                          # CPU default
+    python run_study.py --preset micro           # CI-sized
+    python run_study.py --preset gpu-small       # one GPU, minutes
+    python run_study.py --preset paper --dry_run # print the paper-scale commands
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from study_common import write_json_atomic, write_text_atomic
+
+REPO_DIR = Path(__file__).resolve().parent
+SETTINGS = (("bridges", True), ("no_bridges", False))
+VARIANT_TITLES = {"native": "native-script names (control)", "anchors": "shared Latin names (anchors)"}
+
+# --------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preset:
+    """Everything a study run needs besides the output folder. Numbers are per step."""
+
+    name: str
+    description: str
+    langs: list[str]
+    seeds: list[int]
+    jobs: int  # steps run at the same time (each with cores // jobs threads on CPU)
+    budget_s: int  # what the preset is designed to take on its reference machine
+    reference_machine: str
+    variants: list[str] = field(default_factory=lambda: ["native", "anchors"])
+    world: dict = field(default_factory=dict)  # synthetic_world.py arguments
+    pretrain: dict = field(default_factory=dict)  # run_pretrain.py arguments
+    build: dict = field(default_factory=dict)  # build_pairs.py arguments
+    cpt: dict = field(default_factory=dict)  # run_cpt.py arguments
+    eval: dict = field(default_factory=dict)  # run_eval.py arguments
+    density: dict = field(default_factory=dict)  # run_density.py arguments
+    estimates_s: dict = field(default_factory=dict)  # expected seconds per step kind (reference machine)
+    accelerate_config: str | None = None
+    synthetic: bool = True
+
+
+def _synthetic_training(block: int, pretrain_steps: int, pretrain_batch: int, cpt_steps: int, cpt_batch: int, **kw):
+    """Trainer arguments shared by the synthetic presets (small windows, many small steps)."""
+    common = {"block_size": block, "logging_steps": 50, "report_to": "none", "save_total_limit": None}
+    pretrain = {
+        **common,
+        "max_steps": pretrain_steps,
+        "save_steps": pretrain_steps,
+        "per_device_train_batch_size": pretrain_batch,
+        "learning_rate": kw.get("pretrain_lr", 3e-3),
+        "warmup_steps": max(1, pretrain_steps // 20),
+        "lr_scheduler_type": "cosine",
+        "weight_decay": 0.01,
+    }
+    cpt = {
+        **common,
+        "max_steps": cpt_steps,
+        "save_steps": kw.get("save_steps", max(1, cpt_steps // 8)),
+        "per_device_train_batch_size": cpt_batch,
+        "learning_rate": kw.get("cpt_lr", 1e-3),
+        "warmup_steps": max(1, cpt_steps // 20),
+        "lr_scheduler_type": "constant_with_warmup",
+        "weight_decay": 0.01,
+    }
+    for d in (pretrain, cpt):
+        d.pop("save_total_limit")
+    return pretrain, cpt
+
+
+_MICRO_PRETRAIN, _MICRO_CPT = _synthetic_training(64, 150, 16, 120, 8, save_steps=40)
+_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 1000, 16, 1500, 8, save_steps=150)
+_GPU_PRETRAIN, _GPU_CPT = _synthetic_training(128, 3000, 64, 3000, 32, save_steps=300, pretrain_lr=1.5e-3, cpt_lr=5e-4)
+
+PRESETS: dict[str, Preset] = {
+    "micro": Preset(
+        name="micro",
+        description="CI-sized: the whole pipeline on a tiny world and model in a couple of minutes. Its numbers "
+        "mean nothing; it checks that every step and every report artefact works.",
+        langs=["bo"],
+        seeds=[0, 1],
+        jobs=2,
+        budget_s=180,
+        reference_machine="2-core CPU",
+        world=dict(
+            places=8,
+            relations=2,
+            resource=["bo=mixed"],
+            en_count=8,
+            tgt_count=6,
+            low_resource_ratio=8.0,
+            en_filler_documents=150,
+            mono_filler_documents=100,
+            pairs=200,
+            diagnostic_pairs=20,
+            pair_mentions=2,
+            mono_mentions=1,
+        ),
+        pretrain=dict(
+            config_name="configs/tiny.json",
+            config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2",
+            vocab_size=600,
+            **_MICRO_PRETRAIN,
+        ),
+        build=dict(replay_ratio=0.25),
+        cpt=dict(_MICRO_CPT),
+        eval=dict(batch_size=64),
+        density=dict(top_k=20),
+        estimates_s=dict(world=4, pretrain=25, build=10, cpt=15, eval=10, base_eval=8, transfer=12, density=10),
+    ),
+    "cpu": Preset(
+        name="cpu",
+        description="Laptop CPU: a synthetic world (one culture, Tibetan script), a ~0.6M-parameter Qwen2 model, "
+        "both name variants, both CPT settings, 3 seeds.",
+        langs=["bo"],
+        seeds=[0, 1, 2],
+        jobs=2,
+        budget_s=15 * 60,
+        reference_machine="2-core CPU (quiet)",
+        world=dict(
+            places=16,
+            relations=6,
+            resource=["bo=mixed"],
+            en_count=24,
+            tgt_count=10,
+            low_resource_ratio=60.0,
+            en_filler_documents=1500,
+            mono_filler_documents=600,
+            pairs=1500,
+            diagnostic_pairs=200,
+            pair_mentions=3,
+            mono_mentions=2,
+        ),
+        pretrain=dict(
+            config_name="configs/tiny.json",
+            config_overrides="intermediate_size=256",
+            vocab_size=2000,
+            **_CPU_PRETRAIN,
+        ),
+        build=dict(replay_ratio=0.25),
+        cpt=dict(_CPU_CPT),
+        eval=dict(batch_size=128),
+        density=dict(top_k=50),
+        estimates_s=dict(world=5, pretrain=90, build=12, cpt=60, eval=12, base_eval=10, transfer=15, density=15),
+    ),
+    "gpu-small": Preset(
+        name="gpu-small",
+        description="One GPU, minutes: a larger world (more places, filler, pairs), a ~10M-parameter model, "
+        "longer CPT; no network access. Sized for an H100/H200.",
+        langs=["bo"],
+        seeds=[0, 1, 2],
+        jobs=6,
+        budget_s=5 * 60,
+        reference_machine="one H100 GPU, 16 CPU cores",
+        world=dict(
+            places=32,
+            relations=8,
+            resource=["bo=mixed"],
+            en_count=32,
+            tgt_count=12,
+            low_resource_ratio=60.0,
+            en_filler_documents=8000,
+            mono_filler_documents=3000,
+            pairs=8000,
+            diagnostic_pairs=300,
+            pair_mentions=4,
+            mono_mentions=2,
+        ),
+        pretrain=dict(
+            config_name="configs/tiny.json",
+            config_overrides="hidden_size=256,intermediate_size=1024,num_hidden_layers=4,num_attention_heads=8,"
+            "num_key_value_heads=4",
+            vocab_size=4000,
+            bf16=True,
+            dataloader_num_workers=0,
+            **_GPU_PRETRAIN,
+        ),
+        build=dict(replay_ratio=0.25),
+        cpt=dict(bf16=True, **_GPU_CPT),
+        eval=dict(batch_size=256),
+        density=dict(top_k=50),
+        estimates_s=dict(world=10, pretrain=60, build=10, cpt=60, eval=10, base_eval=8, transfer=15, density=20),
+    ),
+    "paper": Preset(
+        name="paper",
+        description="The paper's scale on a GPU cluster: English Wikipedia pretraining of the Qwen2.5-0.5B "
+        "architecture, 1,500 CPT steps x 0.5M tokens per language and setting, ko zh bo mn, the paper's questions.",
+        langs=["ko", "zh", "bo", "mn"],
+        seeds=[0],
+        jobs=1,
+        budget_s=0,
+        reference_machine="8 x 80 GB GPUs per run",
+        variants=["real"],
+        synthetic=False,
+        accelerate_config="accelerate_configs/multi_gpu.yaml",
+        pretrain=dict(
+            config_name="configs/qwen2.5-0.5b.json",
+            tokenizer_name="Qwen/Qwen2.5-0.5B",
+            dataset_name="wikimedia/wikipedia",
+            dataset_config_name="20231101.en",
+            streaming=True,
+            script_filter="latin",
+            block_size=2048,
+            max_steps=20000,
+            save_steps=1000,
+            per_device_train_batch_size=16,
+            gradient_accumulation_steps=2,
+            learning_rate=3e-4,
+            warmup_steps=1000,
+            lr_scheduler_type="cosine",
+            weight_decay=0.1,
+            bf16=True,
+            logging_steps=10,
+            report_to="none",
+        ),
+        build=dict(block_size=2048, replay_ratio=0.1, streaming=True, num_proc=16),
+        cpt=dict(
+            block_size=2048,
+            max_steps=1500,
+            save_steps=100,
+            per_device_train_batch_size=16,
+            gradient_accumulation_steps=2,  # 16 x 2 x 8 GPUs x 2048 tokens = 0.5M tokens per step
+            learning_rate=1e-4,
+            warmup_steps=50,
+            lr_scheduler_type="cosine",
+            bf16=True,
+            logging_steps=10,
+            report_to="none",
+        ),
+        eval=dict(batch_size=64, dtype="bfloat16"),
+        density=dict(top_k=50),
+        estimates_s={},
+    ),
+}
+
+#: Paper-scale data sources per language (Hub datasets), used by --preset paper.
+PAPER_DATA = {
+    "ko": {"mono_dataset": "wikimedia/wikipedia", "mono_dataset_config": "20231101.ko"},
+    "zh": {"mono_dataset": "wikimedia/wikipedia", "mono_dataset_config": "20231101.zh"},
+    "bo": {"mono_dataset": "pkupie/mc2_corpus", "mono_dataset_config": "bo"},
+    "mn": {"mono_dataset": "pkupie/mc2_corpus", "mono_dataset_config": "mn"},
+}
+#: Parallel English-target pairs for the paper plan (Hub datasets with en and target columns).
+PAPER_PAIRS = {
+    lang: {"pairs_dataset": "Helsinki-NLP/opus-100", "pairs_dataset_config": f"en-{lang}"} for lang in PAPER_DATA
+}
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyArguments:
+    preset: str = field(
+        default="cpu",
+        metadata={"help": f"Which study to run: {', '.join(PRESETS)} (see the module docstring and README)."},
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where every step writes (default: study_runs/<preset>)."}
+    )
+    langs: list[str] | None = field(
+        default=None, metadata={"help": "Target languages (default: the preset's; synthetic presets: ko zh bo mn)."}
+    )
+    seeds: list[int] | None = field(
+        default=None, metadata={"help": "CPT seeds, one run per setting and seed (default: the preset's)."}
+    )
+    variants: list[str] | None = field(
+        default=None,
+        metadata={"help": "Synthetic presets: name variants to run, native (control) and/or anchors (default: both)."},
+    )
+    jobs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Steps run at the same time (default: the preset's). On CPU each gets cores/jobs threads; "
+            "small models train faster as parallel single-thread processes than as one multi-thread process."
+        },
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Launch training steps with `accelerate launch --config_file FILE` (e.g. "
+            "accelerate_configs/multi_gpu.yaml). Default: plain python for synthetic presets; the paper preset "
+            "uses accelerate_configs/multi_gpu.yaml."
+        },
+    )
+    questions_dir: str = field(
+        default=str(REPO_DIR.parent / "shared" / "data" / "paper-culture-cloze"),
+        metadata={"help": "Paper preset: folder holding the paper's <lang>-culture-cloze_<en|lang>.json files."},
+    )
+    python: str = field(
+        default="python",
+        metadata={
+            "help": "Python interpreter of the steps; 'python' runs them with the interpreter running this script."
+        },
+    )
+    dry_run: bool = field(default=False, metadata={"help": "Print the commands (and the time budget) without running."})
+    force: bool = field(default=False, metadata={"help": "Ignore done-markers: run every step again from scratch."})
+    report_only: bool = field(
+        default=False, metadata={"help": "Only (re)write the report from the outputs already in --output_dir."}
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The plan: steps and what they produce
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One command of the study."""
+
+    id: str  # unique and file-name safe: names its log and its done-marker
+    kind: str  # world, pretrain, build, cpt, eval, base_eval, transfer, density
+    title: str
+    command: list[str]
+    outputs: list[str]  # files that must exist after success
+    workdir: str | None = None  # the step's own output folder (removed before a fresh start)
+    deps: list[str] = field(default_factory=list)
+    trains: bool = False  # resumable from its checkpoints (run_pretrain.py, run_cpt.py)
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """One continual-pretraining run and where its outputs go."""
+
+    lang: str
+    variant: str
+    setting: str  # bridges | no_bridges
+    seed: int
+    dir: str
+    eval_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.lang}-{self.variant}-{self.setting}-s{self.seed}"
+
+
+@dataclass
+class Plan:
+    preset: Preset
+    out: str
+    steps: list[Step]
+    runs: list[Run]
+    groups: dict  # "<lang>/<variant>" -> paths of that group's data, questions, transfer and density outputs
+
+
+def _flags(arguments: dict) -> list[str]:
+    """Command-line flags of a dict: True -> --flag, lists -> several values, None/False -> omitted."""
+    flags = []
+    for key, value in arguments.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            flags.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            flags += [f"--{key}", *map(str, value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def _launcher(args: StudyArguments, preset: Preset, script: str, trains: bool) -> list[str]:
+    config = args.accelerate_config or preset.accelerate_config
+    if trains and config:
+        return ["accelerate", "launch", "--config_file", config, script]
+    return [args.python, script]
+
+
+def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
+    if not preset.synthetic:
+        return build_paper_plan(args, preset, out)
+    langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
+    variants = args.variants or preset.variants
+    python = args.python
+    world_dir, base_dir = out / "world", out / "base"
+    steps: list[Step] = []
+    runs: list[Run] = []
+    groups: dict[str, dict] = {}
+
+    world_args = dict(preset.world, output_dir=str(world_dir), langs=langs, seed=0, name_variants=variants)
+    resource = [r for r in world_args.pop("resource", []) if r.split("=")[0] in langs]
+    resource += [f"{lang}=mixed" for lang in langs if not any(r.startswith(f"{lang}=") for r in resource)]
+    world_args["resource"] = resource
+    steps.append(
+        Step(
+            id="world",
+            kind="world",
+            title="generate the synthetic world",
+            command=[python, "synthetic_world.py", *_flags(world_args)],
+            outputs=[str(world_dir / "truth.json"), str(world_dir / "en_corpus.jsonl")],
+            workdir=str(world_dir),
+        )
+    )
+
+    tokenizer_files = [str(world_dir / "en_corpus.jsonl")]
+    tokenizer_files += [str(world_dir / lang / v / "mono.jsonl") for lang in langs for v in variants]
+    pretrain_args = dict(
+        preset.pretrain,
+        train_tokenizer=True,
+        tokenizer_files=tokenizer_files,
+        train_file=str(world_dir / "en_corpus.jsonl"),
+        output_dir=str(base_dir),
+        seed=0,
+    )
+    steps.append(
+        Step(
+            id="pretrain",
+            kind="pretrain",
+            title="pretrain the base model on the English corpus",
+            command=[*_launcher(args, preset, "run_pretrain.py", True), *_flags(pretrain_args)],
+            outputs=[str(base_dir / "config.json"), str(base_dir / "data_stats.json")],
+            workdir=str(base_dir),
+            deps=["world"],
+            trains=True,
+        )
+    )
+
+    block_size = preset.cpt["block_size"]
+    for lang in langs:
+        for variant in variants:
+            key = f"{lang}/{variant}"
+            wdir = world_dir / lang / variant
+            data_dir = out / "data" / f"{lang}-{variant}"
+            questions = [str(wdir / f"{lang}-culture-cloze_en.json"), str(wdir / f"{lang}-culture-cloze_{lang}.json")]
+            group = {
+                "lang": lang,
+                "variant": variant,
+                "data": str(data_dir),
+                "questions": questions,
+                "diagnostic_pairs": str(wdir / "diagnostic_pairs.jsonl"),
+                "mono": str(wdir / "mono.jsonl"),
+                "base_eval": str(out / "base_eval" / f"{lang}-{variant}"),
+                "transfer": str(out / "transfer" / f"{lang}-{variant}"),
+                "density": str(out / "density" / f"{lang}-{variant}"),
+            }
+            groups[key] = group
+            build_args = dict(
+                preset.build,
+                lang=lang,
+                pairs_files=str(wdir / "pairs.jsonl"),
+                en_column="en",
+                tgt_column=lang,
+                mono_files=str(wdir / "mono.jsonl"),
+                replay_files=str(world_dir / "en_corpus.jsonl"),
+                tokenizer_name=str(base_dir),
+                block_size=block_size,
+                output_dir=str(data_dir),
+                seed=0,
+            )
+            steps.append(
+                Step(
+                    id=f"build-{lang}-{variant}",
+                    kind="build",
+                    title=f"build the CPT dataset ({lang}, {variant} names)",
+                    command=[python, "build_pairs.py", *_flags(build_args)],
+                    outputs=[str(data_dir / "build_stats.json")],
+                    workdir=str(data_dir),
+                    deps=["world", "pretrain"],
+                )
+            )
+            eval_common = dict(preset.eval, questions=questions)
+            steps.append(
+                Step(
+                    id=f"base-eval-{lang}-{variant}",
+                    kind="base_eval",
+                    title=f"probe the base model ({lang}, {variant} names)",
+                    command=[
+                        python,
+                        "run_eval.py",
+                        *_flags(dict(eval_common, model_name_or_path=str(base_dir), output_dir=group["base_eval"])),
+                    ],
+                    outputs=[str(Path(group["base_eval"]) / "accuracy.json")],
+                    workdir=group["base_eval"],
+                    deps=["world", "pretrain"],
+                )
+            )
+            group_runs = []
+            for seed in seeds:
+                for setting, bridges in SETTINGS:
+                    run_dir = out / "cpt" / f"{lang}-{variant}-{setting}-s{seed}"
+                    run = Run(lang, variant, setting, seed, str(run_dir), str(run_dir / "eval"))
+                    runs.append(run)
+                    group_runs.append(run)
+                    cpt_args = dict(
+                        preset.cpt,
+                        model_name_or_path=str(base_dir),
+                        dataset_path=str(data_dir),
+                        lang=lang,
+                        bridges=bridges,
+                        no_bridges=not bridges,
+                        output_dir=str(run_dir),
+                        run_name=run.name,
+                        seed=seed,
+                    )
+                    steps.append(
+                        Step(
+                            id=f"cpt-{run.name}",
+                            kind="cpt",
+                            title=f"continual pretraining {lang}, {variant} names, {setting.replace('_', ' ')}, seed {seed}",
+                            command=[*_launcher(args, preset, "run_cpt.py", True), *_flags(cpt_args)],
+                            outputs=[str(run_dir / "config.json"), str(run_dir / "packing_audit.json")],
+                            workdir=str(run_dir),
+                            deps=[f"build-{lang}-{variant}"],
+                            trains=True,
+                        )
+                    )
+                    steps.append(
+                        Step(
+                            id=f"eval-{run.name}",
+                            kind="eval",
+                            title=f"probe every checkpoint of {run.name} (+ bridge diagnostic)",
+                            command=[
+                                python,
+                                "run_eval.py",
+                                *_flags(
+                                    dict(
+                                        eval_common,
+                                        model_name_or_path=str(run_dir),
+                                        diagnostic_pairs=group["diagnostic_pairs"],
+                                        output_dir=run.eval_dir,
+                                    )
+                                ),
+                            ],
+                            outputs=[
+                                str(Path(run.eval_dir) / "accuracy.json"),
+                                str(Path(run.eval_dir) / "bridge_diagnostic.json"),
+                            ],
+                            workdir=run.eval_dir,
+                            deps=[f"cpt-{run.name}"],
+                        )
+                    )
+            with_dirs = [r.eval_dir for r in group_runs if r.setting == "bridges"]
+            without_dirs = [r.eval_dir for r in group_runs if r.setting == "no_bridges"]
+            steps.append(
+                Step(
+                    id=f"transfer-{lang}-{variant}",
+                    kind="transfer",
+                    title=f"transfer analysis ({lang}, {variant} names, {len(seeds)} seed pairs)",
+                    command=[
+                        python,
+                        "run_eval.py",
+                        "--with_bridges",
+                        *with_dirs,
+                        "--without_bridges",
+                        *without_dirs,
+                        "--output_dir",
+                        group["transfer"],
+                    ],
+                    outputs=[str(Path(group["transfer"]) / "transfer.json")],
+                    workdir=group["transfer"],
+                    deps=[f"eval-{r.name}" for r in group_runs],
+                )
+            )
+            # Density of the culture's knowledge in the English corpus and in the target corpus, with
+            # the instance-level analysis on the first seed's final checkpoints.
+            first_with = next(r for r in group_runs if r.setting == "bridges")
+            first_without = next(r for r in group_runs if r.setting == "no_bridges")
+            density_args = dict(
+                preset.density,
+                questions=questions,
+                corpus_files=[f"en={world_dir / 'en_corpus.jsonl'}", f"{lang}={wdir / 'mono.jsonl'}"],
+                output_dir=group["density"],
+                predictions_with=first_with.eval_dir,
+                predictions_without=first_without.eval_dir,
+                source_corpus=[f"{lang}=en", f"en={lang}"],
+            )
+            steps.append(
+                Step(
+                    id=f"density-{lang}-{variant}",
+                    kind="density",
+                    title=f"cultural density of {lang} knowledge in both corpora ({variant} names)",
+                    command=[python, "run_density.py", *_flags(density_args)],
+                    outputs=[str(Path(group["density"]) / "density.json")],
+                    workdir=group["density"],
+                    deps=["world", f"eval-{first_with.name}", f"eval-{first_without.name}"],
+                )
+            )
+    return Plan(preset, str(out), _in_run_order(steps), runs, groups)
+
+
+def _in_run_order(steps: list[Step]) -> list[Step]:
+    """Order steps so the critical path comes first: every CPT run before any probing or analysis."""
+    priority = {"world": 0, "pretrain": 1, "build": 2, "cpt": 3, "eval": 4, "base_eval": 5, "transfer": 6, "density": 7}
+    return sorted(steps, key=lambda s: priority[s.kind])
+
+
+def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
+    """The paper-scale study: Hub datasets, the 0.5B architecture, the paper's questions."""
+    langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
+    python = args.python
+    base_dir = out / "base"
+    questions_dir = Path(args.questions_dir)
+    steps: list[Step] = []
+    runs: list[Run] = []
+    groups: dict[str, dict] = {}
+    steps.append(
+        Step(
+            id="pretrain",
+            kind="pretrain",
+            title="pretrain Qwen2.5-0.5B (architecture) on Latin-only English Wikipedia",
+            command=[
+                *_launcher(args, preset, "run_pretrain.py", True),
+                *_flags(dict(preset.pretrain, output_dir=str(base_dir), seed=0)),
+            ],
+            outputs=[str(base_dir / "config.json")],
+            workdir=str(base_dir),
+            trains=True,
+        )
+    )
+    for lang in langs:
+        questions = [
+            str(questions_dir / f"{lang}-culture-cloze_en.json"),
+            str(questions_dir / f"{lang}-culture-cloze_{lang}.json"),
+        ]
+        data_dir = out / "data" / lang
+        key = f"{lang}/real"
+        group = {
+            "lang": lang,
+            "variant": "real",
+            "data": str(data_dir),
+            "questions": questions,
+            "base_eval": str(out / "base_eval" / lang),
+            "transfer": str(out / "transfer" / lang),
+            "density": str(out / "density" / lang),
+        }
+        groups[key] = group
+        build_args = dict(
+            preset.build,
+            lang=lang,
+            **PAPER_DATA[lang],
+            **PAPER_PAIRS[lang],
+            en_column="en",
+            tgt_column=lang,
+            replay_dataset="wikimedia/wikipedia",
+            replay_dataset_config="20231101.en",
+            eval_questions=questions,
+            tokenizer_name=str(base_dir),
+            output_dir=str(data_dir),
+            seed=0,
+        )
+        steps.append(
+            Step(
+                id=f"build-{lang}",
+                kind="build",
+                title=f"build the {lang} CPT dataset",
+                command=[python, "build_pairs.py", *_flags(build_args)],
+                outputs=[str(data_dir / "build_stats.json")],
+                workdir=str(data_dir),
+                deps=["pretrain"],
+            )
+        )
+        steps.append(
+            Step(
+                id=f"base-eval-{lang}",
+                kind="base_eval",
+                title=f"probe the base model on the {lang} questions",
+                command=[
+                    python,
+                    "run_eval.py",
+                    *_flags(
+                        dict(
+                            preset.eval,
+                            questions=questions,
+                            model_name_or_path=str(base_dir),
+                            output_dir=group["base_eval"],
+                        )
+                    ),
+                ],
+                outputs=[str(Path(group["base_eval"]) / "accuracy.json")],
+                workdir=group["base_eval"],
+                deps=["pretrain"],
+            )
+        )
+        group_runs = []
+        for seed in seeds:
+            for setting, bridges in SETTINGS:
+                run_dir = out / "cpt" / f"{lang}-{setting}-s{seed}"
+                run = Run(lang, "real", setting, seed, str(run_dir), str(run_dir / "eval"))
+                runs.append(run)
+                group_runs.append(run)
+                cpt_args = dict(
+                    preset.cpt,
+                    model_name_or_path=str(base_dir),
+                    dataset_path=str(data_dir),
+                    lang=lang,
+                    bridges=bridges,
+                    no_bridges=not bridges,
+                    output_dir=str(run_dir),
+                    run_name=f"{lang}-{setting}-s{seed}",
+                    seed=seed,
+                )
+                steps.append(
+                    Step(
+                        id=f"cpt-{lang}-{setting}-s{seed}",
+                        kind="cpt",
+                        title=f"continual pretraining {lang}, {setting.replace('_', ' ')}, seed {seed}",
+                        command=[*_launcher(args, preset, "run_cpt.py", True), *_flags(cpt_args)],
+                        outputs=[str(run_dir / "config.json"), str(run_dir / "packing_audit.json")],
+                        workdir=str(run_dir),
+                        deps=[f"build-{lang}"],
+                        trains=True,
+                    )
+                )
+                steps.append(
+                    Step(
+                        id=f"eval-{lang}-{setting}-s{seed}",
+                        kind="eval",
+                        title=f"probe every checkpoint of {lang} {setting} seed {seed}",
+                        command=[
+                            python,
+                            "run_eval.py",
+                            *_flags(
+                                dict(
+                                    preset.eval,
+                                    questions=questions,
+                                    model_name_or_path=str(run_dir),
+                                    output_dir=run.eval_dir,
+                                )
+                            ),
+                        ],
+                        outputs=[str(Path(run.eval_dir) / "accuracy.json")],
+                        workdir=run.eval_dir,
+                        deps=[f"cpt-{lang}-{setting}-s{seed}"],
+                    )
+                )
+        steps.append(
+            Step(
+                id=f"transfer-{lang}",
+                kind="transfer",
+                title=f"transfer analysis ({lang})",
+                command=[
+                    python,
+                    "run_eval.py",
+                    "--with_bridges",
+                    *[r.eval_dir for r in group_runs if r.setting == "bridges"],
+                    "--without_bridges",
+                    *[r.eval_dir for r in group_runs if r.setting == "no_bridges"],
+                    "--output_dir",
+                    group["transfer"],
+                ],
+                outputs=[str(Path(group["transfer"]) / "transfer.json")],
+                workdir=group["transfer"],
+                deps=[f"eval-{lang}-{s}-s{seed}" for seed in seeds for s, _ in SETTINGS],
+            )
+        )
+        first_with = next(r for r in group_runs if r.setting == "bridges")
+        first_without = next(r for r in group_runs if r.setting == "no_bridges")
+        for corpus_label, corpus in (
+            ("enwiki", {"corpus_dataset": "wikimedia/wikipedia", "corpus_dataset_config": "20231101.en"}),
+            (
+                lang,
+                {
+                    "corpus_dataset": PAPER_DATA[lang]["mono_dataset"],
+                    "corpus_dataset_config": PAPER_DATA[lang]["mono_dataset_config"],
+                },
+            ),
+        ):
+            density_dir = Path(group["density"]) / corpus_label
+            steps.append(
+                Step(
+                    id=f"density-{lang}-{corpus_label}",
+                    kind="density",
+                    title=f"cultural density of {lang} knowledge in {corpus_label}",
+                    command=[
+                        python,
+                        "run_density.py",
+                        *_flags(
+                            dict(
+                                preset.density,
+                                questions=questions,
+                                **corpus,
+                                corpus_streaming=True,
+                                corpus_label=corpus_label,
+                                output_dir=str(density_dir),
+                                predictions_with=first_with.eval_dir,
+                                predictions_without=first_without.eval_dir,
+                            )
+                        ),
+                    ],
+                    outputs=[str(density_dir / "density.json")],
+                    workdir=str(density_dir),
+                    deps=[
+                        f"eval-{first_with.lang}-bridges-s{first_with.seed}",
+                        f"eval-{first_without.lang}-no_bridges-s{first_without.seed}",
+                    ],
+                )
+            )
+    return Plan(preset, str(out), _in_run_order(steps), runs, groups)
+
+
+# --------------------------------------------------------------------------------------
+# Running the plan
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
+
+
+def _marker(out: Path, step: Step) -> Path:
+    return out / ".done" / f"{step.id}.json"
+
+
+def _is_done(out: Path, step: Step) -> bool:
+    marker = _marker(out, step)
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    return recorded.get("command") == step.command and all(Path(p).exists() for p in step.outputs)
+
+
+def _last_checkpoint(workdir: str | None) -> str | None:
+    if not workdir or not Path(workdir).is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in Path(workdir).iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    found = [(n, p) for n, p in found if (p / "trainer_state.json").is_file()]
+    return str(max(found)[1]) if found else None
+
+
+def _prepare(out: Path, step: Step) -> list[str]:
+    """Clean or resume a step that is about to run; return its command (with a resume flag if any)."""
+    started = out / ".started" / f"{step.id}.json"
+    same_command = started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("command") == step.command
+    command = list(step.command)
+    checkpoint = _last_checkpoint(step.workdir) if step.trains and same_command else None
+    if checkpoint:
+        command += ["--resume_from_checkpoint", checkpoint]
+    elif step.workdir and Path(step.workdir).exists():
+        shutil.rmtree(step.workdir)
+    write_json_atomic(started, {"command": step.command})
+    return command
+
+
+class StudyRunner:
+    """Runs the steps of a plan, ``jobs`` at a time, in dependency order, with a progress display."""
+
+    def __init__(self, plan: Plan, jobs: int, force: bool, budget_s: int):
+        self.plan, self.jobs, self.force, self.budget_s = plan, max(1, jobs), force, budget_s
+        self.out = Path(plan.out)
+        self.logs = self.out / "logs"
+        self.timings: dict[str, float] = {}
+
+    def _env(self) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_TELEMETRY="1")
+        if self.plan.preset.synthetic:
+            # Synthetic presets never touch the network or the Hub.
+            env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        return env
+
+    def run(self) -> dict[str, float]:
+        steps = self.plan.steps
+        n = len(steps)
+        start = time.time()
+        done: set[str] = set()
+        rerun: set[str] = set()
+        for step in steps:
+            stale_dep = any(d in rerun for d in step.deps)
+            if not self.force and not stale_dep and _is_done(self.out, step):
+                done.add(step.id)
+            else:
+                rerun.add(step.id)
+        previous = _read_timings(self.out)
+        self.timings = {k: v for k, v in previous.items() if k in done}
+        if done:
+            print(f"{len(done)}/{n} steps already done in {self.out} (skipped; --force reruns them).")
+        running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+        pending = [s for s in steps if s.id not in done]
+        finished_count = len(done)
+        env = self._env()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, initial=finished_count, unit="step", desc="study", dynamic_ncols=True)
+            while pending or running:
+                for step in list(pending):
+                    if len(running) >= self.jobs:
+                        break
+                    if all(d in done for d in step.deps):
+                        command = _prepare(self.out, step)
+                        if command[0] == "python":  # the same interpreter (and environment) as the study
+                            command = [sys.executable, *command[1:]]
+                        log = open(self.logs / f"{step.id}.log", "w", encoding="utf-8")  # noqa: SIM115
+                        log.write("$ " + shlex.join(command) + "\n\n")
+                        log.flush()
+                        process = subprocess.Popen(
+                            command,
+                            cwd=REPO_DIR,
+                            env={**env, **step.env},
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,  # Ctrl-C reaches the study, which then stops its children
+                        )
+                        running[step.id] = (process, time.time(), log)
+                        pending.remove(step)
+                        bar.write(f"[{finished_count + len(running):>2}/{n}] start  {step.title}")
+                for step_id, (process, started, log) in list(running.items()):
+                    if process.poll() is None:
+                        continue
+                    log.close()
+                    del running[step_id]
+                    step = next(s for s in steps if s.id == step_id)
+                    seconds = time.time() - started
+                    missing = [p for p in step.outputs if not Path(p).exists()]
+                    if process.returncode != 0 or missing:
+                        self._stop(running)
+                        tail = (self.logs / f"{step.id}.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+                        reason = (
+                            f"exit code {process.returncode}" if process.returncode else f"missing outputs {missing}"
+                        )
+                        bar.close()
+                        raise RuntimeError(
+                            f"Step {step.id} failed ({reason}) after {seconds:.0f} s. Its log: "
+                            f"{self.logs / (step.id + '.log')}\n--- last lines ---\n{tail}"
+                        )
+                    self.timings[step.id] = seconds
+                    write_json_atomic(
+                        _marker(self.out, step),
+                        {"command": step.command, "seconds": seconds, "finished": _now()},
+                    )
+                    done.add(step.id)
+                    finished_count += 1
+                    bar.update(1)
+                    elapsed = time.time() - start
+                    budget = f" of a {_fmt_time(self.budget_s)} budget" if self.budget_s else ""
+                    bar.write(
+                        f"[{finished_count:>2}/{n}] done   {step.title} in {seconds:.0f} s "
+                        f"(elapsed {_fmt_time(elapsed)}{budget})"
+                    )
+                if running:
+                    time.sleep(0.2)
+            bar.close()
+        except KeyboardInterrupt:
+            self._stop(running)
+            print(
+                "\nInterrupted. Finished steps are kept; run the same command again to resume "
+                "(training steps continue from their last checkpoint)."
+            )
+            raise
+        write_json_atomic(
+            self.out / "timings.json", {"steps": self.timings, "wall_s_this_invocation": time.time() - start}
+        )
+        return self.timings
+
+    @staticmethod
+    def _stop(running: dict) -> None:
+        for process, _, _log in running.values():
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for process, _, log in running.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+            log.close()
+        running.clear()
+
+
+def _read_timings(out: Path) -> dict[str, float]:
+    timings = {}
+    for marker in (out / ".done").glob("*.json") if (out / ".done").is_dir() else []:
+        try:
+            timings[marker.stem] = json.loads(marker.read_text(encoding="utf-8")).get("seconds", 0.0)
+        except json.JSONDecodeError:
+            continue
+    return timings
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def estimate_seconds(plan: Plan, jobs: int) -> float:
+    """Expected wall time on the preset's reference machine: the critical path, then parallel work / jobs."""
+    estimates = plan.preset.estimates_s
+    if not estimates:
+        return 0.0
+    serial = sum(estimates.get(s.kind, 0) for s in plan.steps if s.kind in ("world", "pretrain"))
+    parallel = sum(estimates.get(s.kind, 0) for s in plan.steps if s.kind not in ("world", "pretrain"))
+    return serial + parallel / max(1, jobs)
+
+
+def commands_script(plan: Plan, args: StudyArguments) -> str:
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# The commands of `python run_study.py --preset {plan.preset.name}`, in an order that respects their",
+        "# dependencies. run_study.py runs them (several at a time, skipping finished ones); this file lets",
+        "# anyone rerun or inspect any single step by hand. Run from the repository root.",
+        "set -euo pipefail",
+        "",
+    ]
+    for step in plan.steps:
+        lines += [f"# {step.title}", shlex.join(step.command), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# The report: every number comes from a file a step wrote; text is written from the numbers
+# --------------------------------------------------------------------------------------
+
+
+class ReportDoc:
+    """A report as blocks, rendered to Markdown and to standalone HTML (no extra dependency)."""
+
+    def __init__(self):
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def bullets(self, items: list[str]) -> None:
+        if items:
+            self.blocks.append(("ul", items))
+
+    def table(self, headers: list[str], rows: list[list]) -> None:
+        self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows]))
+
+    def img(self, path: str, caption: str) -> None:
+        self.blocks.append(("img", path, caption))
+
+    def markdown(self) -> str:
+        lines: list[str] = []
+        for block in self.blocks:
+            if block[0] == "h":
+                lines += ["#" * block[1] + " " + block[2], ""]
+            elif block[0] == "p":
+                lines += [block[1], ""]
+            elif block[0] == "ul":
+                lines += [f"- {item}" for item in block[1]] + [""]
+            elif block[0] == "table":
+                headers, rows = block[1], block[2]
+                lines.append("| " + " | ".join(headers) + " |")
+                lines.append("|" + "|".join("---" for _ in headers) + "|")
+                lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+                lines.append("")
+            elif block[0] == "img":
+                lines += [f"![{block[2]}]({block[1]})", "", f"*{block[2]}*", ""]
+        return "\n".join(lines)
+
+    def html(self, title: str) -> str:
+        parts = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>",
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+            "line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+            "img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}"
+            "figcaption{font-style:italic;font-size:0.9em}</style></head><body>",
+        ]
+        for block in self.blocks:
+            if block[0] == "h":
+                parts.append(f"<h{block[1]}>{_inline_html(block[2])}</h{block[1]}>")
+            elif block[0] == "p":
+                parts.append(f"<p>{_inline_html(block[1])}</p>")
+            elif block[0] == "ul":
+                parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block[1]) + "</ul>")
+            elif block[0] == "table":
+                head = "".join(f"<th>{_inline_html(h)}</th>" for h in block[1])
+                body = "".join(
+                    "<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in block[2]
+                )
+                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif block[0] == "img":
+                parts.append(
+                    f'<figure><img src="{html.escape(block[1])}" alt="{html.escape(block[2])}">'
+                    f"<figcaption>{_inline_html(block[2])}</figcaption></figure>"
+                )
+        parts.append("</body></html>")
+        return "\n".join(parts) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    """The few inline Markdown forms the report uses: `code`, **bold**, [text](link)."""
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+
+
+def _f(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _read_json(path) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _direction_words(direction: str, lang: str) -> str:
+    return (
+        f"English → {lang} ({lang} questions)"
+        if direction.startswith("en->")
+        else f"{lang} → English (English questions)"
+    )
+
+
+def _gap_sentence(what: str, gap: float, ci, n_seeds: int) -> str:
+    """A conclusion written from a gap and its interval, never stronger than the interval allows."""
+    over = "seeds and questions" if n_seeds > 1 else "questions only (one run pair: overstates certainty)"
+    if ci[0] > 0:
+        return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) excludes 0: evidence of a positive effect."
+    if ci[1] < 0:
+        return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) lies below 0: a negative effect."
+    return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) includes 0: no evidence of an effect at this scale."
+
+
+def _load_cubes(runs: list[Run], stems: list[str]) -> tuple[list[int], dict[str, dict[str, object]]]:
+    """Per run name and questions stem: a bool array (steps x questions) on the steps all runs share."""
+    import numpy as np
+
+    from run_eval import read_eval_output
+
+    per_run = {}
+    for run in runs:
+        _, by_stem = read_eval_output(Path(run.eval_dir))
+        per_run[run.name] = by_stem
+    common = sorted(set.intersection(*(set(per_run[r.name][stems[0]]) for r in runs)))
+    cubes = {r.name: {s: np.stack([per_run[r.name][s][t] for t in common]) for s in stems} for r in runs}
+    return common, cubes
+
+
+def _tier_indices(truth: dict, lang: str) -> dict[str, list[int]]:
+    tiers: dict[str, list[int]] = {}
+    for record in truth["questions"][lang]:
+        tiers.setdefault(record["tier"], []).append(record["index"])
+    return tiers
+
+
+def write_report(plan: Plan, wall_s: float) -> dict:
+    """Write report.md, report.html and report.json into the plan's output folder."""
+    out = Path(plan.out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    doc = ReportDoc()
+    record: dict = {"preset": plan.preset.name, "generated": _now(), "sections": {}}
+    preset = plan.preset
+    timings = _read_timings(out)
+    doc.h(1, f"Cross-lingual culture transfer study: preset `{preset.name}`")
+    doc.p(
+        f"Generated {record['generated']} by `python run_study.py --preset {preset.name}`. {preset.description} "
+        "Every number below is read from a file a step wrote (paths given per section; all of them are collected "
+        "in `report.json`), and every sentence of conclusion is written from those numbers."
+    )
+    _report_machine(doc, record, plan, timings, wall_s)
+    truth = _read_json(out / "world" / "truth.json") if preset.synthetic else None
+    if truth:
+        _report_world(doc, record, plan, truth)
+    _report_transfer(doc, record, plan, truth, figures)
+    if truth and {"native", "anchors"} <= {g["variant"] for g in plan.groups.values()}:
+        _report_anchors(doc, record, plan, truth, figures)
+    _report_diagnostic(doc, record, plan, figures)
+    _report_density(doc, record, plan, truth)
+    _report_packing(doc, record, plan)
+    _report_scale(doc, record, plan)
+    doc.h(2, "Reproduce")
+    doc.p(
+        "Every command of this study is in `commands.sh` (dependency order); each step's full output is in "
+        "`logs/<step>.log`. Rerunning `python run_study.py` with the same preset skips finished steps."
+    )
+    md, page = out / "report.md", out / "report.html"
+    write_text_atomic(md, doc.markdown())
+    write_text_atomic(page, doc.html(f"Study report ({preset.name})"))
+    write_json_atomic(out / "report.json", record)
+    return {"md": md, "html": page, "json": out / "report.json"}
+
+
+def _report_machine(doc: ReportDoc, record: dict, plan: Plan, timings: dict, wall_s: float) -> None:
+    import platform
+
+    steps_total = sum(timings.get(s.id, 0.0) for s in plan.steps)
+    device = "CPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - the report must not fail on a device query
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    record["machine"] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "load_at_report": load,
+        "wall_s_this_invocation": wall_s,
+        "step_seconds_total": steps_total,
+        "step_seconds": {s.id: timings.get(s.id) for s in plan.steps},
+    }
+    by_kind: dict[str, list[float]] = {}
+    for s in plan.steps:
+        if s.id in timings:
+            by_kind.setdefault(s.kind, []).append(timings[s.id])
+    rows = [[k, len(v), _f(sum(v), ".0f"), _f(max(v), ".0f")] for k, v in by_kind.items()]
+    doc.h(2, "Run")
+    doc.p(
+        f"Machine: {os.cpu_count()} CPU cores, device {device}, {platform.platform()}. This invocation took "
+        f"{_fmt_time(wall_s)} (wall); the steps took {_fmt_time(steps_total)} in all, {plan.preset.jobs if plan.preset.jobs else 1} "
+        f"at a time. Load average when the report was written: {_f(load, '.1f')}."
+    )
+    doc.table(["step kind", "steps", "seconds (sum)", "seconds (longest)"], rows)
+
+
+def _report_world(doc: ReportDoc, record: dict, plan: Plan, truth: dict) -> None:
+    out = Path(plan.out)
+    world = _read_json(out / "world" / "world.json") or {}
+    base_stats = _read_json(out / "base" / "data_stats.json") or {}
+    base_config = _read_json(out / "base" / "config.json") or {}
+    doc.h(2, "The synthetic world and the model")
+    args = world.get("arguments", {})
+    doc.p(
+        "A generated world with planted ground truth (`synthetic_world.py`): each target language has one synthetic "
+        "culture whose places have one fact per relation (favourite dish, great festival, ...). Facts of the "
+        "**high** tier are frequent in the English pretraining corpus and in the target corpus; facts of the **low** "
+        f"tier are frequent in the target corpus and {args.get('low_resource_ratio', '?')}x rarer in English (the "
+        "paper's Table 1 ratio for Tibetan culture is ~60x). Each question's four options are the answers of four "
+        "facts with identical planted counts, so a model that knows nothing scores 0.25 whatever the frequencies."
+    )
+    rows = []
+    for lang, tiers in truth["densities"].items():
+        for tier, d in tiers.items():
+            if tier == "all":
+                continue
+            rows.append(
+                [lang, tier, d["facts"], d["en_statements"], d["tgt_statements"], _f(d["en_density"], ".2e"),
+                 _f(d["tgt_density"], ".2e"), _f(d["tgt_over_en"], ".1f") if d["tgt_over_en"] else "∞"]
+            )  # fmt: skip
+    doc.table(
+        ["language", "tier", "facts", "English statements", "target statements", "English density",
+         "target density", "target / English"],
+        rows,
+    )  # fmt: skip
+    params = _parameter_count(out / "base")
+    record["sections"]["world"] = {
+        "densities": truth["densities"],
+        "base_params": params,
+        "base_data_stats": base_stats,
+    }
+    tokens = base_stats.get("tokens") or base_stats.get("tokens_out")
+    pre, cpt = plan.preset.pretrain, plan.preset.cpt
+    seeds = sorted({r.seed for r in plan.runs})
+    size = f"{params / 1e6:.2f}M parameters" if params else "size unknown"
+    corpus = f"{world.get('en_corpus', {}).get('documents', '?')} documents"
+    if isinstance(tokens, int):
+        corpus += f", {tokens:,} tokens"
+    doc.p(
+        f"Base model: Qwen2 architecture, hidden {base_config.get('hidden_size', '?')}, "
+        f"{base_config.get('num_hidden_layers', '?')} layers, vocabulary {base_config.get('vocab_size', '?')} ({size}), "
+        f"pretrained on the English corpus ({corpus}) for {pre.get('max_steps')} steps of "
+        f"{pre.get('per_device_train_batch_size')} x {pre.get('block_size')} tokens. Continual pretraining: "
+        f"{cpt.get('max_steps')} steps of {cpt.get('per_device_train_batch_size')} x {cpt.get('block_size')} tokens "
+        f"per run, a checkpoint every {cpt.get('save_steps')} steps, seeds {', '.join(map(str, seeds))}, English "
+        f"replay {plan.preset.build.get('replay_ratio', 0):.0%} of the CPT tokens (sampled from the pretraining corpus)."
+    )
+
+
+def _parameter_count(model_dir: Path) -> int | None:
+    """Parameters stored in a model's safetensors files (read from their headers; tied weights count once)."""
+    total, found = 0, False
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in meta["shape"]:
+                    count *= dim
+                total += count
+                found = True
+    return total if found else None
+
+
+def _copy_figure(source: Path, figures: Path, name: str) -> str | None:
+    if not source.is_file():
+        return None
+    shutil.copyfile(source, figures / name)
+    return f"figures/{name}"
+
+
+def _base_accuracy(group: dict) -> dict[str, float]:
+    accuracy = _read_json(Path(group["base_eval"]) / "accuracy.json")
+    if not accuracy or not accuracy.get("checkpoints"):
+        return {}
+    return {stem: v["accuracy"] for stem, v in accuracy["checkpoints"][-1]["accuracy"].items()}
+
+
+def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None, figures: Path) -> None:
+    from run_eval import analyse_direction
+
+    doc.h(2, "Transfer: with minus without bridges (the paper's measurement)")
+    doc.p(
+        "Both settings train on exactly the same documents; with bridges each parallel pair shares one context "
+        "window, without bridges its halves never do. The gap (accuracy with − without bridges) on target-language "
+        "questions measures English → target transfer, on English questions target → English transfer. Intervals "
+        "are 95% bootstrap intervals over questions and seed pairs (`run_eval.py` transfer analysis)."
+    )
+    section = record["sections"].setdefault("transfer", {})
+    for key, group in plan.groups.items():
+        lang, variant = group["lang"], group["variant"]
+        result = _read_json(Path(group["transfer"]) / "transfer.json")
+        title = f"{lang}, {VARIANT_TITLES.get(variant, variant)}" if plan.preset.synthetic else lang
+        doc.h(3, title)
+        if not result:
+            doc.p(f"No transfer analysis found at `{group['transfer']}/transfer.json` (the step did not run).")
+            continue
+        prefix = f"{lang}-{variant}"
+        for name in ("transfer_curves", "transfer_summary"):
+            rel = _copy_figure(Path(group["transfer"]) / f"{name}.png", figures, f"{prefix}-{name}.png")
+            if rel:
+                caption = (
+                    f"{title}: accuracy during CPT with (blue) and without (orange) bridges, Figure-3 style"
+                    if name == "transfer_curves"
+                    else f"{title}: mean gap over the curve per direction, Figure-1 style"
+                )
+                doc.img(rel, caption)
+        base = _base_accuracy(group)
+        rows, sentences, entries = [], [], []
+        for language in result["languages"]:
+            for d in language["directions"]:
+                per_seed = ", ".join(f"{s['mean_gap']:+.3f}" for s in d["per_seed"])
+                p_values = ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"])
+                rows.append(
+                    [
+                        _direction_words(d["direction"], language["lang"]),
+                        _f(base.get(d["questions"])),
+                        language["steps"][-1],
+                        _f(d["accuracy_with"][-1]),
+                        _f(d["accuracy_without"][-1]),
+                        f"{d['final_gap']:+.3f} {_ci(d['final_gap_ci'])}",
+                        f"{d['mean_gap']:+.3f} {_ci(d['mean_gap_ci'])}",
+                        per_seed,
+                        p_values,
+                        d["verdict"],
+                    ]
+                )
+                sentences.append(
+                    _gap_sentence(
+                        f"{_direction_words(d['direction'], language['lang'])}, mean gap over the curve",
+                        d["mean_gap"],
+                        d["mean_gap_ci"],
+                        d["n_seed_pairs"],
+                    )
+                )
+                spread = [s["mean_gap"] for s in d["per_seed"]]
+                entries.append(
+                    {
+                        "direction": d["direction"],
+                        "questions": d["questions"],
+                        "base_accuracy": base.get(d["questions"]),
+                        "final_step": language["steps"][-1],
+                        "accuracy_with_final": d["accuracy_with"][-1],
+                        "accuracy_without_final": d["accuracy_without"][-1],
+                        "final_gap": d["final_gap"],
+                        "final_gap_ci": d["final_gap_ci"],
+                        "mean_gap": d["mean_gap"],
+                        "mean_gap_ci": d["mean_gap_ci"],
+                        "per_seed_mean_gaps": spread,
+                        "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
+                        "verdict": d["verdict"],
+                    }
+                )
+                if len(spread) > 1:
+                    sentences[-1] += f" Per-seed mean gaps range from {min(spread):+.3f} to {max(spread):+.3f}."
+        doc.table(
+            ["direction", "base acc.", "final step", "acc. with", "acc. without", "final gap [95% CI]",
+             "mean gap over curve [95% CI]", "per-seed mean gaps", "McNemar p (final, per seed)", "verdict"],
+            rows,
+        )  # fmt: skip
+        doc.bullets(sentences)
+        group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
+        # Per tier: the same analysis (run_eval.analyse_direction) on the questions of each tier.
+        runs = [r for r in plan.runs if r.lang == lang and r.variant == variant]
+        if truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
+            stems = [Path(q).stem for q in group["questions"]]
+            steps, cubes = _load_cubes(runs, stems)
+            tiers = _tier_indices(truth, lang)
+            tier_rows, tier_entries = [], []
+            seeds = sorted({r.seed for r in runs})
+            for stem in stems:
+                question_lang = stem.rsplit("_", 1)[1]
+                direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
+                for tier, indices in sorted(tiers.items()):
+                    with_cube = _stack(cubes, runs, "bridges", seeds, stem, indices)
+                    without_cube = _stack(cubes, runs, "no_bridges", seeds, stem, indices)
+                    stats = analyse_direction(with_cube, without_cube, 1000, 0, 0.95)
+                    tier_rows.append(
+                        [_direction_words(direction, lang), tier, len(indices),
+                         _f(float(sum(stats["accuracy_with"]) / len(steps))),
+                         _f(float(sum(stats["accuracy_without"]) / len(steps))),
+                         f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
+                    )  # fmt: skip
+                    tier_entries.append(
+                        {"direction": direction, "tier": tier, "questions": len(indices),
+                         "mean_gap": stats["mean_gap"], "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"]}
+                    )  # fmt: skip
+            doc.p("The same gap per tier of facts (high: frequent in English and target; low: rare in English):")
+            doc.table(
+                [
+                    "direction",
+                    "tier",
+                    "questions",
+                    "mean acc. with",
+                    "mean acc. without",
+                    "mean gap [95% CI]",
+                    "verdict",
+                ],
+                tier_rows,
+            )
+            group_record["tiers"] = tier_entries
+        section[key] = group_record
+
+
+def _stack(cubes: dict, runs: list[Run], setting: str, seeds: list[int], stem: str, indices: list[int]):
+    """seeds x steps x questions (the given question indices) for one setting, seeds in order."""
+    import numpy as np
+
+    by_seed = {r.seed: r for r in runs if r.setting == setting}
+    return np.stack([cubes[by_seed[s].name][stem][:, indices] for s in seeds])
+
+
+def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figures: Path) -> None:
+    import numpy as np
+
+    from run_eval import analyse_direction, read_eval_output
+
+    doc.h(2, "Anchors vs control: shared entity names and the frequency asymmetry")
+    doc.p(
+        "The same study run twice on worlds that differ only in how the target language writes names: in its own "
+        "script (control: nothing is shared with English but what parallel pairs teach) or with the very same "
+        "Latin names as English (anchors). Difference = accuracy with anchors − accuracy in the control, mean over "
+        "the CPT curve, per tier of facts; 95% bootstrap intervals over questions and seed pairs "
+        "(`run_eval.analyse_direction`), pooled over both CPT settings and per setting."
+    )
+    section = record["sections"].setdefault("anchors", {})
+    for lang in sorted({g["lang"] for g in plan.groups.values()}):
+        native = [r for r in plan.runs if r.lang == lang and r.variant == "native"]
+        anchors = [r for r in plan.runs if r.lang == lang and r.variant == "anchors"]
+        if (
+            not native
+            or not anchors
+            or not all((Path(r.eval_dir) / "accuracy.json").is_file() for r in native + anchors)
+        ):
+            doc.p(f"{lang}: probing results of both variants are missing; nothing to compare.")
+            continue
+        stems = [f"{lang}-culture-cloze_{lang}", f"{lang}-culture-cloze_en"]
+        steps_n, cubes_n = _load_cubes(native, stems)
+        steps_a, cubes_a = _load_cubes(anchors, stems)
+        steps = sorted(set(steps_n) & set(steps_a))
+        pick_n = [steps_n.index(s) for s in steps]
+        pick_a = [steps_a.index(s) for s in steps]
+        tiers = _tier_indices(truth, lang)
+        seeds = sorted({r.seed for r in native} & {r.seed for r in anchors})
+        rows, entries, curves = [], [], {}
+        for stem in stems:
+            question_lang = stem.rsplit("_", 1)[1]
+            direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
+            for tier, indices in sorted(tiers.items()):
+                for setting in ("pooled", "bridges", "no_bridges"):
+                    settings = ["bridges", "no_bridges"] if setting == "pooled" else [setting]
+                    a = np.concatenate([_stack(cubes_a, anchors, s, seeds, stem, indices)[:, pick_a] for s in settings])
+                    n = np.concatenate([_stack(cubes_n, native, s, seeds, stem, indices)[:, pick_n] for s in settings])
+                    stats = analyse_direction(a, n, 1000, 0, 0.95)
+                    acc_a, acc_n = float(np.mean(stats["accuracy_with"])), float(np.mean(stats["accuracy_without"]))
+                    if setting == "pooled":
+                        curves[(question_lang, tier)] = (stats["accuracy_with"], stats["accuracy_without"])
+                    rows.append(
+                        [_direction_words(direction, lang), tier, setting.replace("_", " "), len(indices), a.shape[0],
+                         _f(acc_a), _f(acc_n), f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
+                    )  # fmt: skip
+                    entries.append(
+                        {"direction": direction, "tier": tier, "setting": setting, "questions": len(indices),
+                         "run_pairs": int(a.shape[0]), "accuracy_anchors": acc_a, "accuracy_control": acc_n,
+                         "difference": stats["mean_gap"], "difference_ci": stats["mean_gap_ci"],
+                         "final_difference": stats["final_gap"], "final_difference_ci": stats["final_gap_ci"],
+                         "verdict": stats["verdict"]}
+                    )  # fmt: skip
+        doc.h(3, f"{lang}: anchors − control")
+        rel = _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output)
+        if rel:
+            doc.img(rel, f"{lang}: accuracy during CPT with shared Latin names (anchors) and native-script names "
+                         "(control), mean over seeds and both settings; step 0 is the base model")  # fmt: skip
+        doc.table(
+            ["direction", "tier", "CPT setting", "questions", "run pairs", "mean acc. anchors", "mean acc. control",
+             "difference [95% CI]", "verdict"],
+            rows,
+        )  # fmt: skip
+        pooled = {(e["direction"], e["tier"]): e for e in entries if e["setting"] == "pooled"}
+        conclusions = _anchor_conclusions(lang, pooled)
+        asymmetry = next((c for c in conclusions if "asymmetry" in c), "")
+        doc.bullets(conclusions)
+        section[lang] = {"steps": steps, "comparisons": entries, "conclusions": conclusions, "asymmetry": asymmetry}
+
+
+def _anchor_conclusions(lang: str, pooled: dict) -> list[str]:
+    """Sentences about the asymmetry, each only as strong as its intervals."""
+    sentences = []
+    high, low = pooled.get((f"en->{lang}", "high")), pooled.get((f"en->{lang}", "low"))
+    for entry, what in ((high, "facts frequent in English"), (low, "facts rare in English")):
+        if entry:
+            sentences.append(
+                _gap_sentence(
+                    f"English → {lang} ({lang} questions), {what}: anchors − control",
+                    entry["difference"],
+                    entry["difference_ci"],
+                    entry["run_pairs"],
+                )
+            )
+    if high and low:
+        if high["difference_ci"][0] > 0 and high["difference_ci"][0] > low["difference_ci"][1]:
+            sentences.append(
+                f"Frequency asymmetry (English → {lang}): shared names carried facts frequent in English into {lang} "
+                f"({high['difference']:+.3f}) more than facts rare in English ({low['difference']:+.3f}); the "
+                "intervals do not overlap."
+            )
+        else:
+            sentences.append(
+                f"No evidence here of a frequency asymmetry English → {lang}: the high-tier interval "
+                f"{_ci(high['difference_ci'])} does not lie above 0 and above the low-tier interval {_ci(low['difference_ci'])}."
+            )
+    reverse = pooled.get((f"{lang}->en", "low"))
+    if reverse:
+        sentences.append(
+            _gap_sentence(
+                f"{lang} → English (English questions), facts rare in English and frequent in {lang}: anchors − control",
+                reverse["difference"],
+                reverse["difference_ci"],
+                reverse["run_pairs"],
+            )
+        )
+    return sentences
+
+
+def _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    base = {}
+    for variant in ("anchors", "native"):
+        group = plan.groups.get(f"{lang}/{variant}")
+        if group and (Path(group["base_eval"]) / "accuracy.json").is_file():
+            _, by_stem = read_eval_output(Path(group["base_eval"]))
+            base[variant] = {stem: next(iter(v.values())) for stem, v in by_stem.items() if v}
+    tiers = _tier_indices(truth, lang)
+    fig, axes = plt.subplots(2, len(tiers), figsize=(5 * len(tiers), 6.4), squeeze=False, sharey=True)
+    for r, question_lang in enumerate((lang, "en")):
+        stem = f"{lang}-culture-cloze_{question_lang}"
+        for c, tier in enumerate(sorted(tiers)):
+            ax = axes[r, c]
+            anchors_curve, control_curve = curves[(question_lang, tier)]
+            for variant, values, color in (("anchors", anchors_curve, "#2ca02c"), ("native", control_curve, "#7f7f7f")):
+                xs, ys = list(steps), list(values)
+                if variant in base and stem in base[variant]:
+                    xs, ys = [0, *xs], [float(np.mean(base[variant][stem][tiers[tier]])), *ys]
+                label = "anchors (shared Latin names)" if variant == "anchors" else "control (native-script names)"
+                ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
+            ax.axhline(0.25, color="black", linewidth=0.6, linestyle=":")
+            direction = f"English → {lang}" if question_lang == lang else f"{lang} → English"
+            tier_words = "frequent in English" if tier == "high" else "rare in English"
+            ax.set_title(f"{question_lang} questions ({direction}), {tier} tier: {tier_words}", fontsize=9)
+            ax.set_xlabel("CPT step")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            if c == 0:
+                ax.set_ylabel("cloze accuracy")
+    axes[0, 0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{lang}: shared names vs native names (dotted: chance)", fontsize=10)
+    fig.tight_layout()
+    name = f"{lang}-anchors_vs_control.png"
+    tmp = figures / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, figures / name)
+    plt.close(fig)
+    return f"figures/{name}"
+
+
+def _report_diagnostic(doc: ReportDoc, record: dict, plan: Plan, figures: Path) -> None:
+    doc.h(2, "Bridge diagnostic: does the model use the English side in context?")
+    doc.p(
+        "On held-out parallel pairs (never trained on), the mean token loss of the target side alone, after its own "
+        "English side, and after another pair's English side (`run_eval.py --diagnostic_pairs`), at the final "
+        "checkpoint, mean over seeds. If the model learned to read a bridge, the loss after its own English side "
+        "falls below the loss alone and the mismatched English side does not help."
+    )
+    section = record["sections"].setdefault("diagnostic", {})
+    rows, sentences = [], []
+    curves = {}
+    for key, group in plan.groups.items():
+        for setting, _ in SETTINGS:
+            runs = [
+                r
+                for r in plan.runs
+                if r.lang == group["lang"] and r.variant == group["variant"] and r.setting == setting
+            ]
+            results = [_read_json(Path(r.eval_dir) / "bridge_diagnostic.json") for r in runs]
+            results = [x for x in results if x and x.get("checkpoints")]
+            if not results:
+                continue
+            finals = [x["checkpoints"][-1] for x in results]
+            mean = {
+                k: sum(f[k] for f in finals) / len(finals)
+                for k in ("alone", "after_own_english", "after_mismatched_english")
+            }
+            own_gain = [f["after_own_english"] - f["alone"] for f in finals]
+            entry = {
+                "setting": setting,
+                "seeds": len(finals),
+                "final_step": finals[0]["step"],
+                **mean,
+                "own_minus_alone_per_seed": own_gain,
+                "mismatched_minus_alone": mean["after_mismatched_english"] - mean["alone"],
+            }
+            section.setdefault(key, []).append(entry)
+            curves[(key, setting)] = results
+            rows.append(
+                [key, setting.replace("_", " "), len(finals), finals[0]["step"], _f(mean["alone"]),
+                 _f(mean["after_own_english"]), _f(mean["after_mismatched_english"]),
+                 ", ".join(f"{g:+.3f}" for g in own_gain)]
+            )  # fmt: skip
+            if setting == "bridges":
+                uses = all(g < -0.05 for g in own_gain) and mean["after_mismatched_english"] > mean["after_own_english"]
+                verb = (
+                    "the model learned to use the English side in context"
+                    if uses
+                    else "no consistent sign that the model uses the English side in context"
+                )
+                sentences.append(
+                    f"{key}, with bridges: target loss {mean['alone']:.3f} alone, {mean['after_own_english']:.3f} after "
+                    f"its own English side (per seed {', '.join(f'{g:+.3f}' for g in own_gain)}), "
+                    f"{mean['after_mismatched_english']:.3f} after a mismatched one: {verb}."
+                )
+    if not rows:
+        doc.p("No bridge diagnostic outputs found.")
+        return
+    doc.table(
+        ["run group", "CPT setting", "seeds", "step", "loss alone", "after own English", "after mismatched English",
+         "own − alone (per seed)"],
+        rows,
+    )  # fmt: skip
+    doc.bullets(sentences)
+    rel = _plot_diagnostic(curves, figures)
+    if rel:
+        doc.img(rel, "Bridge diagnostic during CPT (mean over seeds): target-side loss in three contexts")
+
+
+def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = sorted({k for k, _ in curves})
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
+    for c, key in enumerate(keys):
+        ax = axes[0, c]
+        for setting, style in (("bridges", "-"), ("no_bridges", "--")):
+            results = curves.get((key, setting))
+            if not results:
+                continue
+            steps = [e["step"] for e in results[0]["checkpoints"]]
+            for measure, color in (
+                ("alone", "#7f7f7f"),
+                ("after_own_english", "#1f77b4"),
+                ("after_mismatched_english", "#d62728"),
+            ):
+                values = np.mean([[e[measure] for e in x["checkpoints"][: len(steps)]] for x in results], axis=0)
+                label = f"{measure.replace('_', ' ')} ({setting.replace('_', ' ')})"
+                ax.plot(steps, values, style, color=color, marker="o", markersize=2.5, label=label)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("CPT step")
+        ax.set_ylabel("target-side loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    name = "bridge_diagnostic.png"
+    tmp = figures / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, figures / name)
+    plt.close(fig)
+    return f"figures/{name}"
+
+
+def _report_density(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None) -> None:
+    doc.h(2, "Cultural density: measured vs planted")
+    doc.p(
+        "`run_density.py` retrieves the top-k BM25 documents of each question (filled with its answer) from a corpus "
+        "and counts those its lexical judge says state the fact; density = occurrences / documents (the paper's "
+        "Table 1)."
+        + (
+            " The synthetic world knows the true count of every fact in every corpus (`world/truth.json`)."
+            if truth
+            else ""
+        )
+    )
+    section = record["sections"].setdefault("density", {})
+    for key, group in plan.groups.items():
+        result = _read_json(Path(group["density"]) / "density.json")
+        lang = group["lang"]
+        if not result:
+            doc.p(f"{key}: no density output at `{group['density']}/density.json`.")
+            continue
+        doc.h(3, f"{key}")
+        measured: dict[tuple[str, str], dict[int, int]] = {}
+        for entry in result["questions"]:
+            measured.setdefault((entry["questions"], entry["corpus"]), {})[entry["index"]] = entry["occurrences"]
+        rows, entries = [], []
+        for row in result["table"]:
+            question_lang = row["questions"].rsplit("_", 1)[1]
+            planted_key = question_lang if truth else None
+            corpus_lang = row["corpus"]
+            comparable = truth and question_lang == corpus_lang
+            planted = [r["counts"][planted_key] for r in truth["questions"][lang]] if comparable else None
+            got = measured.get((row["questions"], row["corpus"]), {})
+            entry = {"questions": row["questions"], "corpus": row["corpus"], "documents": row["documents"],
+                     "occurrences": row["occurrences"], "density": row["density"]}  # fmt: skip
+            cells = [
+                row["questions"],
+                row["corpus"],
+                f"{row['documents']:,}",
+                row["occurrences"],
+                _f(row["density"], ".3e"),
+            ]
+            if planted is not None:
+                exact = sum(1 for i, c in enumerate(planted) if got.get(i) == min(c, result["setting"]["top_k"]))
+                error = sum(abs(got.get(i, 0) - c) for i, c in enumerate(planted)) / len(planted)
+                planted_total = sum(planted)
+                entry.update(planted_occurrences=planted_total, planted_density=planted_total / row["documents"],
+                             questions_exact=exact, questions=len(planted), mean_abs_error=error)  # fmt: skip
+                cells += [
+                    planted_total,
+                    _f(planted_total / row["documents"], ".3e"),
+                    f"{exact}/{len(planted)}",
+                    _f(error, ".2f"),
+                ]
+            else:
+                cells += ["–", "–", "–", "–"]
+            rows.append(cells)
+            entries.append(entry)
+        doc.table(
+            ["questions", "corpus", "documents", "measured occurrences", "measured density", "planted occurrences",
+             "planted density", "questions exact", "mean |error| per question"],
+            rows,
+        )  # fmt: skip
+        if truth:
+            tier_rows = []
+            tiers = _tier_indices(truth, lang)
+            for tier, indices in sorted(tiers.items()):
+                cells = [tier, len(indices)]
+                for question_lang in ("en", lang):
+                    stem = f"{lang}-culture-cloze_{question_lang}"
+                    got = measured.get((stem, question_lang), {})
+                    docs = next((r["documents"] for r in result["table"] if r["corpus"] == question_lang), None)
+                    planted = sum(truth["questions"][lang][i]["counts"][question_lang] for i in indices)
+                    found = sum(got.get(i, 0) for i in indices)
+                    cells += [f"{found} / {planted}", _f(found / docs, ".2e") if docs else "–"]
+                tier_rows.append(cells)
+            doc.p("Per tier (Table-1 style), measured / planted occurrences and measured density:")
+            doc.table(
+                [
+                    "tier",
+                    "questions",
+                    "English corpus: occ.",
+                    "English density",
+                    f"{lang} corpus: occ.",
+                    f"{lang} density",
+                ],
+                tier_rows,
+            )
+        analysis = result.get("instance_analysis")
+        if analysis and analysis.get("results"):
+            doc.p(
+                "Instance-level analysis (`run_density.py`, first seed, final checkpoint): mean occurrences in the "
+                "source corpus of items that transferred (right with bridges, wrong without) vs all items."
+            )
+            doc.table(
+                ["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all"],
+                [
+                    [r["questions"], r["source_corpus"], r["items"], r["transferred"],
+                     _f(r["mean_occurrences_transferred"], ".2f"), _f(r["mean_occurrences_all"], ".2f")]
+                    for r in analysis["results"]
+                ],
+            )  # fmt: skip
+        section[key] = {"density_json": str(Path(group["density"]) / "density.json"), "rows": entries,
+                        "instance_analysis": (analysis or {}).get("results")}  # fmt: skip
+
+
+def _audit_value(audit: dict, *names, default=None):
+    for name in names:
+        if name in audit:
+            return audit[name]
+    return default
+
+
+def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
+    doc.h(2, "Packing audits: the two settings differ only in co-location")
+    doc.p(
+        "Each CPT run writes `packing_audit.json` before training (`run_cpt.py`). With bridges every pair must be "
+        "co-located (100%), without bridges none (0%), and both settings of a seed must pack the same multiset of "
+        "documents (equal hashes)."
+    )
+    rows, entries = [], []
+    hashes: dict[tuple, dict[str, str]] = {}
+    for run in plan.runs:
+        audit = _read_json(Path(run.dir) / "packing_audit.json")
+        if not audit:
+            continue
+        total = _audit_value(audit, "pairs_total", "pairs")
+        colocated = _audit_value(audit, "pairs_colocated", "pairs_co_located")
+        split = _audit_value(audit, "pairs_split")
+        digest = _audit_value(audit, "document_multiset_sha256", "multiset_hash", "token_multiset_sha256", default="")
+        real = _audit_value(audit, "real_token_fraction")
+        windows = _audit_value(audit, "windows")
+        share = colocated / total if total else None
+        hashes.setdefault((run.lang, run.variant, run.seed), {})[run.setting] = digest
+        rows.append(
+            [run.name, total, colocated, split, _f(share, ".0%") if share is not None else "–", str(digest)[:12],
+             _f(real, ".3f"), windows]
+        )  # fmt: skip
+        entries.append({"run": run.name, "pairs_total": total, "pairs_colocated": colocated, "pairs_split": split,
+                        "colocated_fraction": share, "multiset_hash": digest, "real_token_fraction": real,
+                        "windows": windows})  # fmt: skip
+    if not rows:
+        doc.p("No packing audits found.")
+        return
+    doc.table(
+        ["run", "pairs", "co-located", "split", "co-located %", "multiset hash", "real-token fraction", "windows"], rows
+    )
+    colocation_ok = all(
+        (e["colocated_fraction"] == 1.0)
+        if "-bridges-" in e["run"] and "no_bridges" not in e["run"]
+        else (e["colocated_fraction"] == 0.0)
+        for e in entries
+    )
+    equal_hashes = all(len(set(v.values())) == 1 and len(v) == 2 for v in hashes.values())
+    doc.bullets(
+        [
+            "Co-location: " + ("every with-bridges run 100%, every without-bridges run 0%." if colocation_ok else
+                               "**NOT as required** (see the table): the comparison is not valid."),
+            "Same documents in both settings: " + ("equal multiset hashes for every seed pair." if equal_hashes else
+                                                   "**hashes differ or are missing** for some seed pair."),
+        ]
+    )  # fmt: skip
+    record["sections"]["packing"] = {"runs": entries, "colocation_ok": colocation_ok, "equal_hashes": equal_hashes}
+
+
+def _report_scale(doc: ReportDoc, record: dict, plan: Plan) -> None:
+    doc.h(2, "What this scale can and cannot show")
+    sections = record["sections"]
+    items = []
+    if plan.preset.synthetic:
+        verdicts = [d["verdict"] for g in sections.get("transfer", {}).values() for d in g.get("directions", [])]
+        if verdicts and all(v == "no evidence" for v in verdicts):
+            items.append(
+                "No with-minus-without gap excludes 0 here. This is not evidence against the paper: a model of this "
+                "size on a synthetic language is far below the scale where the paper measured transfer through "
+                "bridges; it only shows that at this scale bridges do not turn into measurable transfer."
+            )
+        elif verdicts:
+            shown = sorted({v for v in verdicts})
+            items.append(
+                f"Verdicts of the with-minus-without gaps here: {', '.join(shown)} (see the transfer tables for which "
+                "direction). A synthetic world and a small model make this a demonstration of the method, not a "
+                "replication of the paper's numbers."
+            )
+        diag = sections.get("diagnostic", {})
+        learned = [
+            e for entries in diag.values() for e in entries if e["setting"] == "bridges" and e["own_minus_alone_per_seed"]
+            and all(g < -0.05 for g in e["own_minus_alone_per_seed"])
+        ]  # fmt: skip
+        if learned:
+            items.append(
+                "What it can show: the bridge diagnostic shows the model reading the English side of a pair in "
+                "context, so whether knowledge then transfers is a separate question that accuracy gaps answer."
+            )
+        anchors = sections.get("anchors", {})
+        for entry in anchors.values():
+            items.append("What it can show with shared names: " + entry["asymmetry"])
+        packing = sections.get("packing")
+        if packing:
+            items.append(
+                "The guarantees of the comparison hold on this run: "
+                + ("co-location 100/0 and " if packing["colocation_ok"] else "co-location NOT 100/0 and ")
+                + ("equal document multisets." if packing["equal_hashes"] else "document multisets NOT equal.")
+            )
+        items.append(
+            "What it cannot show: how large the effects are in real languages and real models; with "
+            f"{len({r.seed for r in plan.runs})} seeds the intervals are wide, and facts are memorised at a step "
+            "that moves from seed to seed, which swings single-run gaps; use `--preset gpu-small` or `--preset paper` "
+            "for larger scales."
+        )
+    else:
+        items.append("Paper scale: read the tables above against the paper's Figure 3 and Table 1.")
+    doc.bullets(items)
+    record["sections"]["scale"] = items
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(StudyArguments, description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if args.preset not in PRESETS:
+        parser.error(f"--preset must be one of {', '.join(PRESETS)} (got {args.preset!r})")
+    preset = PRESETS[args.preset]
+    if args.variants and not preset.synthetic:
+        parser.error("--variants applies to the synthetic presets only")
+    for variant in args.variants or []:
+        if variant not in VARIANT_TITLES:
+            parser.error(f"--variants: unknown variant {variant!r} (native, anchors)")
+    seeds = args.seeds if args.seeds is not None else preset.seeds
+    if not seeds:
+        parser.error("--seeds: give at least one seed")
+    out = Path(args.output_dir or REPO_DIR / "study_runs" / preset.name).resolve()
+    # Steps run from the repository root; paths inside it are written relative to it (readable commands).
+    os.chdir(REPO_DIR)
+    if out.is_relative_to(REPO_DIR):
+        out = out.relative_to(REPO_DIR)
+    plan = build_plan(args, preset, out)
+    jobs = args.jobs or preset.jobs
+    estimate = estimate_seconds(plan, jobs)
+
+    print(f"Study preset {preset.name!r}: {preset.description}")
+    print(f"Output: {out}")
+    counts = {}
+    for step in plan.steps:
+        counts[step.kind] = counts.get(step.kind, 0) + 1
+    print(
+        "Steps: " + ", ".join(f"{k} x{v}" for k, v in counts.items()) + f" ({len(plan.steps)} in all), {jobs} at a time"
+    )
+    if preset.budget_s:
+        print(
+            f"Time budget: {_fmt_time(preset.budget_s)} on {preset.reference_machine}; estimated "
+            f"{_fmt_time(estimate)} for this plan."
+        )
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        cores = os.cpu_count() or 1
+        if load > 0.5 * cores:
+            print(f"Note: the machine is busy (load {load:.1f} on {cores} cores): expect it to take longer.")
+    if args.dry_run:
+        print()
+        try:
+            print(commands_script(plan, args))
+        except BrokenPipeError:  # e.g. piped into head
+            pass
+        return 0
+    write_text_atomic(out / "commands.sh", commands_script(plan, args))
+    write_json_atomic(out / "plan.json", _plan_record(plan, args))
+    started = time.time()
+    if not args.report_only:
+        try:
+            StudyRunner(plan, jobs, args.force, preset.budget_s).run()
+        except KeyboardInterrupt:
+            return 130
+        except RuntimeError as err:
+            print(f"\n{err}", file=sys.stderr)
+            return 1
+    paths = write_report(plan, time.time() - started)
+    print(f"Study finished in {_fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
+    return 0
+
+
+def _plan_record(plan: Plan, args: StudyArguments) -> dict:
+    return {
+        "preset": asdict(plan.preset),
+        "arguments": asdict(args),
+        "runs": [asdict(r) | {"name": r.name} for r in plan.runs],
+        "groups": plan.groups,
+        "steps": [asdict(s) for s in plan.steps],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
