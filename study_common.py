@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,29 +63,32 @@ _COMBINING_MARK = regex.compile(r"\p{M}")
 _LETTER = regex.compile(r"\p{L}")
 
 
+# The rule, character by character: a combining mark is kept iff the last non-mark character
+# before it is a kept letter; any other character is kept iff it is Latin or Common. As one
+# substitution (about 30x faster than a loop in Python, the same result on every code point;
+# tests/test_pretrain.py checks it against the loop): remove (a) every non-mark outside
+# Latin/Common together with the marks that follow it, and (b) every run of marks whose
+# preceding character is not a letter (a kept digit, symbol or space, or the start of the
+# text). The scan never starts inside a run of marks that follows a kept letter, because
+# the look-behind then sees that letter or a mark. Texts with nothing outside Latin/Common
+# and no mark (most English documents) are returned after one search.
+_REMOVED_BY_LATIN_FILTER = regex.compile(r"[^\p{scx=Latin}\p{scx=Zyyy}\p{M}]\p{M}*|(?<![\p{L}\p{M}])\p{M}+")
+_NOT_LATIN_OR_COMMON_OR_MARK = regex.compile(r"[^\p{scx=Latin}\p{scx=Zyyy}]|\p{M}")
+# A letter or decimal digit outside Latin/Common (same Unicode version as the filter above).
+_NON_LATIN_LETTER_OR_DIGIT = regex.compile(r"(?V1)[[\p{L}\p{Nd}]--[\p{scx=Latin}\p{scx=Zyyy}]]")
+
+
 def filter_to_latin(text: str) -> tuple[str, int]:
     """Remove every character not in the Latin script. Returns (kept text, characters removed)."""
-    kept: list[str] = []
-    removed = 0
-    previous_kept_is_latin_base = False
-    for char in text:
-        if _COMBINING_MARK.match(char):
-            keep = previous_kept_is_latin_base
-        else:
-            keep = bool(_LATIN_OR_COMMON.match(char))
-            previous_kept_is_latin_base = keep and bool(_LETTER.match(char))
-        if keep:
-            kept.append(char)
-        else:
-            removed += 1
-            if not _COMBINING_MARK.match(char):
-                previous_kept_is_latin_base = False
-    return "".join(kept), removed
+    if _NOT_LATIN_OR_COMMON_OR_MARK.search(text) is None:
+        return text, 0
+    kept = _REMOVED_BY_LATIN_FILTER.sub("", text)
+    return kept, len(text) - len(kept)
 
 
 def has_non_latin_letter(text: str) -> bool:
     """True when ``text`` holds a letter or digit that the Latin filter would remove."""
-    return any((_LETTER.match(c) or unicodedata.category(c) == "Nd") and not _LATIN_OR_COMMON.match(c) for c in text)
+    return _NON_LATIN_LETTER_OR_DIGIT.search(text) is not None
 
 
 def script_letter_fraction(text: str, script: str) -> float:
