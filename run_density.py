@@ -1,0 +1,1462 @@
+#!/usr/bin/env python
+"""Cultural density of a corpus and the instance-level analysis of the frequency hypothesis.
+
+The paper explains why cultural knowledge crosses languages mostly one way by how often that
+knowledge occurs in each language's corpus ("cultural density", its Table 1) and by an
+instance-level analysis (items that transferred occur more often in the source corpus). This
+script makes the same measurement on any corpus:
+
+1. Every question of every ``--questions`` file becomes a query: the cloze sentence with the
+   blank filled by the answer. BM25 (the ``bm25s`` library) retrieves its ``--top_k``
+   documents from each corpus. Tokens come from ``retrieval_tokens``, which cuts text into
+   runs of one script and tokenises each run the way that script needs (Latin words, Hangul
+   eojeol + syllable bigrams, Han character uni- and bigrams, Tibetan syllables, traditional
+   Mongolian words).
+2. A judge decides whether each retrieved document contains the question's knowledge: by
+   default the deterministic ``LexicalJudge`` (the answer occurs and enough of the question's
+   key terms occur near it); with ``--judge_model`` a causal LM compares the log-probabilities
+   of " Yes" and " No" after a prompt (``LanguageModelJudge``), as the paper did with a large LM.
+3. ``occurrences`` of a question = number of its top-k documents judged to contain it, so it is
+   capped at ``--top_k``. ``density`` = total occurrences / documents in the corpus.
+
+Outputs (``--output_dir OUT``):
+    OUT/density.json   "questions": one entry per (question, corpus) with "index",
+                       "occurrences", the retrieved document ids and a judgement per document;
+                       "corpus": {"documents", "occurrences", "density", ...} (the first
+                       corpus), "corpora": all of them, "table": one row per (corpus, question
+                       file), "instance_analysis" when predictions are given.
+    OUT/density.md     Table 1 of the paper for these corpora (and the instance-level table).
+    OUT/index/LABEL/   the BM25 index of each corpus, reused while its fingerprint matches.
+
+Indexes stay bounded in memory on corpora of millions of documents: documents are streamed,
+the index is built in shards of ``--shard_size`` documents with corpus-wide statistics (so a
+sharded search returns exactly what one big index would), only the byte offset of each
+document is kept, and the texts of the retrieved documents are read back by offset.
+
+Example::
+
+    python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl \\
+        --top_k 50 --output_dir density_out
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import unicodedata
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import regex
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from study_common import LANGUAGE_SCRIPTS, _text_of, read_documents, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger("run_density")
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DensityArguments:
+    questions: list[str] = field(
+        metadata={
+            "help": "Question files in the paper's cloze format (JSON list of {question, options, answer}; "
+            "the blank is a run of underscores). The file stem (e.g. bo-culture-cloze_en) names the question "
+            "set, as in run_eval.py's predictions.jsonl; a stem ending in _LANG sets the language."
+        }
+    )
+    output_dir: str = field(metadata={"help": "Where density.json, density.md and (by default) the indexes go."})
+    corpus_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Corpora as files: each entry is one corpus, written PATH or LABEL=PATH[,PATH...] "
+            "(several files make one corpus). .jsonl / .txt (one document per non-empty line) stream with "
+            "bounded memory; .json (a list) is read whole. The label defaults to the first file's stem."
+        },
+    )
+    corpus_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A corpus as a datasets dataset: a directory written by save_to_disk, or a Hub name "
+            "(e.g. wikimedia/wikipedia with --corpus_dataset_config 20231101.en --corpus_streaming)."
+        },
+    )
+    corpus_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --corpus_dataset."})
+    corpus_split: str = field(default="train", metadata={"help": "Split of --corpus_dataset."})
+    corpus_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream --corpus_dataset from the Hub instead of downloading it. A streamed corpus has no "
+            "random access: the texts of retrieved documents are collected in one more pass over it."
+        },
+    )
+    corpus_label: str | None = field(
+        default=None, metadata={"help": "Label of --corpus_dataset in the outputs (default: its name)."}
+    )
+    corpus_text_column: str = field(
+        default="text", metadata={"help": "Text column of .json/.jsonl corpus files and of --corpus_dataset."}
+    )
+    top_k: int = field(
+        default=50,
+        metadata={
+            "help": "Documents retrieved per question and corpus (the paper: 50). Occurrences of a question "
+            "are counted among these, so they can never exceed top_k."
+        },
+    )
+    index_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the BM25 indexes live (default OUTPUT_DIR/index); share it between runs."},
+    )
+    shard_size: int = field(
+        default=200_000,
+        metadata={"help": "Documents per index shard. Memory while indexing grows with the shard, not the corpus."},
+    )
+    fingerprint: str = field(
+        default="stat",
+        metadata={
+            "help": "How an index recognises its corpus: 'stat' (path, size and modification time of each "
+            "file; instant) or 'content' (SHA-256 of the files; reads them once more)."
+        },
+    )
+    bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1 (term-frequency saturation)."})
+    bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (document-length normalisation)."})
+    min_script_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "Measure a question file on a corpus only when at least this fraction of the corpus's "
+            "word units is in the questions' script (English questions on the English corpus, Tibetan on the "
+            "Tibetan one, both on a bilingual one). 0 measures every pair. Skipped pairs are reported."
+        },
+    )
+    judge_window: int = field(
+        default=0,
+        metadata={
+            "help": "Lexical judge: key terms count when they lie within this many units (words; Han and "
+            "Hangul characters; Tibetan syllables) before or after the answer. 0: the length of the question "
+            "itself, so a statement of the fact in any word order fits."
+        },
+    )
+    judge_min_key_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Lexical judge: fraction of the question's key terms that must occur near the answer."},
+    )
+    judge_min_key_terms: int = field(
+        default=1,
+        metadata={
+            "help": "Lexical judge: and at least this many of them (capped at the number of key terms the "
+            "question has)."
+        },
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Judge with this causal LM (path or Hub name) instead of the lexical judge: yes/no "
+            "log-probabilities after the prompt given in the README. The lexical verdicts are still recorded."
+        },
+    )
+    judge_batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass of --judge_model."})
+    judge_excerpt_chars: int = field(
+        default=2000,
+        metadata={"help": "Characters of each document shown to --judge_model, centred on the first answer match."},
+    )
+    judge_max_tokens: int = field(
+        default=1024,
+        metadata={"help": "Longest prompt given to --judge_model; the document excerpt is shortened to fit."},
+    )
+    judge_margin: float = field(
+        default=0.0,
+        metadata={"help": "--judge_model says yes when log P(' Yes') - log P(' No') exceeds this margin."},
+    )
+    judge_device: str = field(default="auto", metadata={"help": "Device of --judge_model: auto, cpu, cuda, ..."})
+    judge_dtype: str = field(
+        default="auto", metadata={"help": "torch dtype of --judge_model: auto, float32, bfloat16, float16."}
+    )
+    question_batch_size: int = field(
+        default=256,
+        metadata={"help": "Questions judged together; their retrieved documents are read from disk together."},
+    )
+    predictions_with: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instance-level analysis: run_eval.py output (a directory holding predictions.jsonl, or "
+            "the file) of the model trained WITH bridges."
+        },
+    )
+    predictions_without: str | None = field(
+        default=None, metadata={"help": "Instance-level analysis: the same for the model trained WITHOUT bridges."}
+    )
+    predictions_step: int | None = field(
+        default=None,
+        metadata={"help": "Checkpoint step of the predictions to use (default: the last step of each run)."},
+    )
+    source_corpus: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Instance-level analysis: the corpus the knowledge transfers FROM, as LABEL (for every "
+            "question language) or LANG=LABEL entries, e.g. 'bo=enwiki en=bo_corpus' (Tibetan questions "
+            "transfer from English Wikipedia, English questions from the Tibetan corpus). Occurrences come "
+            "from the same question file on that corpus, or else from its parallel file (same stem before "
+            "the final _LANG, items parallel by position)."
+        },
+    )
+    log_level: str = field(default="info", metadata={"help": "Logging level: debug, info, warning."})
+
+
+# --------------------------------------------------------------------------------------
+# Tokenisation by script
+# --------------------------------------------------------------------------------------
+
+#: Bump when retrieval_tokens or analyse_text change: it is part of every index fingerprint.
+TOKENIZER_VERSION = "density-tokens-1"
+
+# Run kinds. "other" is any letter run of a script the study does not name (e.g. Cyrillic):
+# treated like Latin words.
+_LATIN, _DIGIT, _HANGUL, _HAN, _TIBETAN, _MONGOLIAN, _OTHER = range(7)
+KIND_NAMES = ("latin", "digit", "hangul", "han", "tibetan", "mongolian", "other")
+_SCRIPT_OF_KIND = {_LATIN: "Latin", _HANGUL: "Hangul", _HAN: "Han", _TIBETAN: "Tibetan", _MONGOLIAN: "Mongolian"}
+_KIND_OF_SCRIPT = {script: kind for kind, script in _SCRIPT_OF_KIND.items()}
+
+# One pass over the text finds maximal runs of letters of one script, or of digits. Tibetan
+# tsheg (U+0F0B, U+0F0C) and shad (U+0F0D-U+0F12) are punctuation, so each Tibetan run is one
+# syllable; spaces (U+202F NARROW NO-BREAK SPACE becomes a space under NFKC) end Mongolian
+# words and Hangul eojeol. Han and Hangul runs are cut into characters later. The alternatives
+# are script-disjoint, so a run's first character tells which one matched. regex VERSION1 is
+# needed for the [..&&..] and [..--..] set operations.
+_RUNS = regex.compile(
+    r"\p{sc=Latin}[\p{sc=Latin}\p{M}]*"
+    r"|\p{Nd}+"
+    r"|[\p{sc=Hangul}&&[\p{L}\p{M}]]+"
+    r"|[\p{sc=Han}&&\p{L}]+"
+    r"|[\p{sc=Tibetan}&&[\p{L}\p{M}]]+"
+    r"|[\p{sc=Mongolian}&&[\p{L}\p{M}]]+"
+    r"|[[\p{L}\p{M}]--[\p{sc=Latin}\p{sc=Hangul}\p{sc=Han}\p{sc=Tibetan}\p{sc=Mongolian}]]+",
+    regex.VERSION1,
+)
+# ASCII text (most of an English corpus) takes a plain `re` path that gives the same runs.
+_ASCII_RUNS = re.compile(r"[a-z]+|[0-9]+")
+_KIND_TESTS = [(_DIGIT, regex.compile(r"\p{Nd}"))] + [
+    (kind, regex.compile(rf"\p{{sc={script}}}")) for kind, script in _SCRIPT_OF_KIND.items()
+]
+_CHAR_KIND: dict[str, int] = {}
+
+
+def _kind_of(char: str) -> int:
+    kind = _CHAR_KIND.get(char)
+    if kind is None:
+        kind = next((k for k, test in _KIND_TESTS if test.match(char)), _OTHER)
+        _CHAR_KIND[char] = kind
+    return kind
+
+
+# Format characters that change a glyph's shape, not the word: Mongolian free variation
+# selectors U+180B-U+180D and U+180F, the Mongolian vowel separator U+180E (a word with or
+# without it is the same word), zero-width (non-)joiners.
+_SHAPING_ONLY = dict.fromkeys(map(ord, "\u180b\u180c\u180d\u180e\u180f\u200c\u200d"))
+
+#: A small English stopword list: these words neither enter the BM25 index nor count as key
+#: terms. Negations (not, no, never) are deliberately kept.
+ENGLISH_STOPWORDS = frozenset(
+    """a an the of in on at to for from by with and or but nor is are was were be been being am it its this that
+    these those as which who whom whose what when where why how do does did has have had their they them there
+    he she his her him i you we our your my me us can will would shall should may might must also than then such
+    into about over after before very s so if""".split()
+)
+#: Function words that do not count as key terms of the lexical judge (they stay in the BM25
+#: index, where their low IDF already discounts them): Tibetan case particles and copulas,
+#: Mongolian case suffixes written as separate words (shaping characters removed).
+JUDGE_STOPWORDS = ENGLISH_STOPWORDS | frozenset(
+    "གི ཀྱི གྱི འི ཡི གིས ཀྱིས གྱིས འིས ཡིས ལ ར རུ སུ ཏུ དུ ན ནས ལས དང ནི ཡང ཡིན ཡོད རེད འདུག སོགས".split()
+    + "ᠤᠨ ᠦᠨ ᠶᠢᠨ ᠢᠨ ᠤ ᠦ ᠳᠤ ᠲᠤ ᠳᠦ ᠲᠦ ᠢ ᠶᠢ ᠪᠠ ᠡᠴᠡ ᠠᠴᠠ ᠢᠶᠠᠷ ᠪᠡᠷ ᠪᠠᠷ ᠲᠠᠢ ᠲᠡᠢ ᠪᠣᠯ ᠪᠠᠶᠢᠨᠠ".split()
+)
+
+
+def _ascii_digits(run: str) -> str:
+    # Tibetan ༥༠, Mongolian ᠕᠐ and full-width ５０ all mean 50.
+    return run if run.isascii() else "".join(str(unicodedata.digit(c)) for c in run)
+
+
+def _runs(text: str) -> list[tuple[int, str]]:
+    """(kind, run) for each maximal run of letters of one script, or of digits, in ``text``.
+
+    Text is NFKC-normalised, shaping-only characters are removed and letters are lower-cased
+    (which only changes cased scripts: Latin, Cyrillic, Greek...); digits become ASCII.
+    """
+    if text.isascii():
+        return [(_DIGIT if run[0] <= "9" else _LATIN, run) for run in _ASCII_RUNS.findall(text.lower())]
+    text = unicodedata.normalize("NFKC", text).translate(_SHAPING_ONLY).lower()
+    runs = []
+    for run in _RUNS.findall(text):
+        kind = _CHAR_KIND.get(run[0])
+        if kind is None:
+            kind = _kind_of(run[0])
+        runs.append((kind, _ascii_digits(run) if kind == _DIGIT else run))
+    return runs
+
+
+def retrieval_tokens(text: str) -> list[str]:
+    """BM25 tokens of ``text``, which may mix scripts (each run of one script is cut its own way).
+
+    * Latin (and scripts not listed below): lower-cased words, English stopwords removed.
+    * Digits of any script: one token of ASCII digits.
+    * Hangul: each eojeol (space-separated word, particles attached) and, for eojeol of three or
+      more syllables, its syllable bigrams, so that 추석을 and 추석에 share the token 추석.
+    * Han: every character and every character bigram of a run (no word segmenter is needed,
+      and bigrams carry most of the precision of words).
+    * Tibetan: syllables (the text between tsheg and shad marks).
+    * Traditional Mongolian: words split at spaces and U+202F, free variation selectors and the
+      vowel separator removed.
+    """
+    return _tokens_and_kind_units(text, [0] * len(KIND_NAMES))
+
+
+def _tokens_and_kind_units(text: str, kind_units: list[int]) -> list[str]:
+    """``retrieval_tokens``, also adding the units of each run kind to ``kind_units`` (the script shares)."""
+    if text.isascii():  # fast path, same result as the loop below
+        runs = _ASCII_RUNS.findall(text.lower())
+        digits = sum(1 for run in runs if run[0] <= "9")
+        kind_units[_DIGIT] += digits
+        kind_units[_LATIN] += len(runs) - digits
+        return [run for run in runs if run not in ENGLISH_STOPWORDS]
+    tokens: list[str] = []
+    for kind, run in _runs(text):
+        if kind == _HAN:
+            kind_units[kind] += len(run)
+            tokens.extend(run)
+            tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
+        elif kind == _HANGUL:
+            kind_units[kind] += len(run)
+            tokens.append(run)
+            if len(run) > 2:
+                tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
+        elif kind in (_LATIN, _OTHER):
+            kind_units[kind] += 1
+            if run not in ENGLISH_STOPWORDS:
+                tokens.append(run)
+        else:
+            kind_units[kind] += 1
+            tokens.append(run)
+    return tokens
+
+
+@dataclass
+class TextAnalysis:
+    """A text as the lexical judge sees it.
+
+    ``units`` is the text in reading order: words (Latin, other scripts, Mongolian), digit runs,
+    Tibetan syllables, single Han characters and single Hangul syllables (so that an answer
+    matches inside a Korean word that carries a particle). ``key_tokens[p]`` is the key-term
+    token that starts at unit p, or None: the word or syllable itself (not a judge stopword),
+    or for Han and Hangul the bigram of units p and p+1 of the same run (a run of one
+    character gives the character).
+    """
+
+    units: list[str]
+    key_tokens: list[str | None]
+
+
+def analyse_text(text: str) -> TextAnalysis:
+    units: list[str] = []
+    key_tokens: list[str | None] = []
+    for kind, run in _runs(text):
+        if kind in (_HAN, _HANGUL):
+            units.extend(run)
+            if len(run) == 1:
+                key_tokens.append(run)
+            else:
+                key_tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
+                key_tokens.append(None)
+        else:
+            units.append(run)
+            key_tokens.append(None if run in JUDGE_STOPWORDS else run)
+    return TextAnalysis(units, key_tokens)
+
+
+def dominant_script(texts: list[str]) -> str:
+    """The script (of the study's five) with the most letters in ``texts``; Latin when none."""
+    counts = Counter()
+    for text in texts:
+        for kind, run in _runs(text):
+            if kind in _SCRIPT_OF_KIND:
+                counts[_SCRIPT_OF_KIND[kind]] += len(run)
+    return counts.most_common(1)[0][0] if counts else "Latin"
+
+
+# --------------------------------------------------------------------------------------
+# Questions
+# --------------------------------------------------------------------------------------
+
+_BLANK = regex.compile(r"_+")
+
+
+@dataclass
+class Question:
+    index: int
+    question: str
+    answers: list[str]
+    has_blank: bool
+    filled: str  # the cloze sentence with every blank replaced by the (first) answer
+    query_tokens: list[str]
+    key_terms: frozenset[str]
+    answer_units: list[tuple[str, ...]]  # one unit sequence per accepted answer (empty ones dropped)
+    length_units: int  # units of the question without its blank: the default judge window
+
+
+@dataclass
+class QuestionSet:
+    path: Path
+    stem: str
+    lang: str
+    script: str
+    questions: list[Question]
+
+
+_TIBETAN_LETTER = regex.compile(r"[\p{sc=Tibetan}&&[\p{L}\p{M}]]", regex.VERSION1)
+
+
+def fill_blank(question: str, answer: str) -> str:
+    """``question`` with every blank replaced by ``answer``.
+
+    Where the blank touches a Tibetan syllable without a tsheg (the paper's files write
+    ``_____ཁྱབ་ཡོད``), a tsheg is added so that the answer's last syllable and the next one stay
+    two syllables, as a Tibetan text stating the fact would write them.
+    """
+
+    def replace(match: regex.Match) -> str:
+        before = question[match.start() - 1 : match.start()]
+        after = question[match.end() : match.end() + 1]
+        text = answer
+        if _TIBETAN_LETTER.match(answer[-1:] or " ") and _TIBETAN_LETTER.match(after or " "):
+            text += "\u0f0b"
+        if _TIBETAN_LETTER.match(answer[:1] or " ") and _TIBETAN_LETTER.match(before or " "):
+            text = "\u0f0b" + text
+        return text
+
+    return _BLANK.sub(replace, question)
+
+
+def prepare_question(index: int, question: str, answers: list[str]) -> Question:
+    """Query, key terms and answer units of one cloze item."""
+    has_blank = bool(_BLANK.search(question))
+    first = answers[0]
+    filled = fill_blank(question, first) if has_blank else f"{question} {first}"
+    query = retrieval_tokens(filled)
+    for other in answers[1:]:
+        query.extend(retrieval_tokens(other))
+    context = analyse_text(_BLANK.sub(" ", question))
+    answer_analyses = [analyse_text(answer) for answer in answers]
+    answer_keys = {token for analysis in answer_analyses for token in analysis.key_tokens if token}
+    # A key term that is part of the answer would be satisfied by the answer itself.
+    key_terms = frozenset(token for token in context.key_tokens if token and token not in answer_keys)
+    answer_units = [tuple(analysis.units) for analysis in answer_analyses if analysis.units]
+    return Question(
+        index=index,
+        question=question,
+        answers=answers,
+        has_blank=has_blank,
+        filled=filled,
+        query_tokens=query,
+        key_terms=key_terms,
+        answer_units=answer_units,
+        length_units=len(context.units),
+    )
+
+
+def load_questions(path: str | os.PathLike) -> QuestionSet:
+    """A question file in the paper's format: a JSON list (or .jsonl) of {question, options, answer}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such question file. Check --questions.")
+    records: list[tuple[str, object]] = []
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        records.append((f"{path}:{line_number}", json.loads(line)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}). Fix the line.") from err
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of {{question, options, answer}} items.")
+        records = [(f"{path} item {i}", record) for i, record in enumerate(data)]
+    if not records:
+        raise ValueError(f"{path}: no questions in the file.")
+    questions = []
+    for index, (where, record) in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise ValueError(f"{where}: expected an object with a 'question' string.")
+        answer = record.get("answer")
+        answers = [answer] if isinstance(answer, str) else answer
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where}: 'answer' must be a string or a list of strings (found {answer!r}).")
+        answers = [a for a in answers if a.strip()]
+        if not answers:
+            raise ValueError(f"{where}: the answer is empty.")
+        questions.append(prepare_question(index, record["question"], answers))
+    stem = path.stem
+    suffix = stem.rsplit("_", 1)[-1] if "_" in stem else ""
+    script = dominant_script([q.filled for q in questions])
+    lang = suffix if suffix in LANGUAGE_SCRIPTS else next((k for k, v in LANGUAGE_SCRIPTS.items() if v == script), "")
+    if suffix in LANGUAGE_SCRIPTS:
+        script = LANGUAGE_SCRIPTS[suffix]
+    return QuestionSet(path=path, stem=stem, lang=lang, script=script, questions=questions)
+
+
+# --------------------------------------------------------------------------------------
+# Corpora: streaming documents, and reading chosen ones back
+# --------------------------------------------------------------------------------------
+
+
+class FileCorpus:
+    """A corpus made of one or more .jsonl / .txt / .json files, read like study_common.read_documents.
+
+    Documents are numbered in file order. Each one's location is (file number, byte offset of
+    its line) for .jsonl and .txt, so a retrieved document is read back with one seek; .json
+    files (a JSON list) are loaded whole to read back (use .jsonl for big corpora).
+    """
+
+    def __init__(self, label: str, paths: list[Path], text_column: str):
+        self.label, self.paths, self.text_column = label, paths, text_column
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such corpus file. Check --corpus_files.")
+        self.random_access = all(p.suffix.lower() != ".json" for p in paths)
+
+    def describe(self) -> dict:
+        return {"kind": "files", "paths": [str(p) for p in self.paths], "text_column": self.text_column}
+
+    def fingerprint(self, mode: str) -> dict:
+        files = []
+        for path in self.paths:
+            stat = path.stat()
+            entry = {"path": str(path.resolve()), "size": stat.st_size}
+            if mode == "content":
+                digest = hashlib.sha256()
+                with path.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                entry["sha256"] = digest.hexdigest()
+            else:
+                entry["mtime_ns"] = stat.st_mtime_ns
+            files.append(entry)
+        return {"files": files, "text_column": self.text_column}
+
+    def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
+        """(text, file number, offset) of every document; offset = byte offset (or item of a .json list)."""
+        for file_number, path in enumerate(self.paths):
+            if path.stat().st_size == 0:
+                raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
+            suffix = path.suffix.lower()
+            if suffix == ".json":
+                for item, text in enumerate(read_documents(path, self.text_column)):
+                    yield text, file_number, item
+                continue
+            with path.open("rb") as handle:
+                offset = 0
+                for line_number, raw in enumerate(handle, start=1):
+                    line_offset, offset = offset, offset + len(raw)
+                    text = self._parse_line(raw, path, line_number, suffix)
+                    if text is not None:
+                        yield text, file_number, line_offset
+
+    def _parse_line(self, raw: bytes, path: Path, line_number: int, suffix: str) -> str | None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{line_number}: not UTF-8 ({err.reason}). Re-encode the file as UTF-8.") from err
+        if not line.strip():
+            return None  # blank lines are not documents, as in study_common.read_documents
+        if suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line.") from err
+            return _text_of(record, self.text_column, f"{path}:{line_number}")
+        return line.rstrip("\n").rstrip("\r")
+
+    def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
+        """Texts of the documents ``{doc_id: (file number, offset)}``."""
+        texts: dict[int, str] = {}
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for doc_id, (file_number, offset) in locations.items():
+            by_file.setdefault(file_number, []).append((offset, doc_id))
+        for file_number, wanted in by_file.items():
+            path = self.paths[file_number]
+            suffix = path.suffix.lower()
+            wanted.sort()
+            if suffix == ".json":
+                items = list(read_documents(path, self.text_column))
+                texts.update({doc_id: items[offset] for offset, doc_id in wanted})
+                continue
+            with path.open("rb") as handle:
+                for offset, doc_id in wanted:
+                    handle.seek(offset)
+                    texts[doc_id] = self._parse_line(handle.readline(), path, -1, suffix) or ""
+        return texts
+
+
+class DatasetCorpus:
+    """A corpus as a datasets dataset (save_to_disk directory or Hub name, optionally streamed).
+
+    A document's location is its row number. Rows whose text is missing or not a string are
+    skipped and counted. Without streaming, retrieved rows are read back by row number (Arrow
+    memory-maps the data); a streamed corpus is read once more to collect them.
+    """
+
+    def __init__(self, name: str, config: str | None, split: str, text_column: str, streaming: bool, label: str):
+        self.name, self.config, self.split, self.text_column = name, config, split, text_column
+        self.streaming, self.label = streaming, label
+        self.random_access = not streaming
+        self._dataset = None
+
+    def _load(self):
+        if self._dataset is None:
+            import datasets
+
+            if Path(self.name).is_dir():
+                dataset = datasets.load_from_disk(self.name)
+                if isinstance(dataset, datasets.DatasetDict):
+                    if self.split not in dataset:
+                        raise ValueError(
+                            f"{self.name}: no split {self.split!r} (has {list(dataset)}); set --corpus_split."
+                        )
+                    dataset = dataset[self.split]
+            else:
+                dataset = datasets.load_dataset(self.name, self.config, split=self.split, streaming=self.streaming)
+            columns = dataset.column_names
+            if columns is not None and self.text_column not in columns:
+                raise ValueError(
+                    f"{self.name}: no column {self.text_column!r} (found: {', '.join(columns)}). "
+                    "Pass --corpus_text_column NAME."
+                )
+            self._dataset = dataset
+        return self._dataset
+
+    def describe(self) -> dict:
+        return {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split}
+
+    def fingerprint(self, mode: str) -> dict:
+        entry = {"name": self.name, "config": self.config, "split": self.split, "text_column": self.text_column}
+        if not self.streaming:
+            entry["dataset_fingerprint"] = self._load()._fingerprint
+        return entry
+
+    def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
+        for row, record in enumerate(self._load()):
+            text = record.get(self.text_column)
+            if isinstance(text, str):
+                yield text, 0, row
+            else:
+                skipped[f"no text in column {self.text_column!r}"] += 1
+
+    def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
+        by_row = {offset: doc_id for doc_id, (_, offset) in locations.items()}
+        if self.streaming:
+            texts, last = {}, max(by_row)
+            for row, record in enumerate(self._load()):
+                if row in by_row:
+                    texts[by_row[row]] = record[self.text_column]
+                if row >= last:
+                    break
+            return texts
+        rows = sorted(by_row)
+        column = self._load().select(rows)[self.text_column]
+        return {by_row[row]: text for row, text in zip(rows, column)}
+
+
+def parse_corpus_files(entries: list[str], text_column: str) -> list[FileCorpus]:
+    corpora = []
+    for entry in entries:
+        label, sep, paths = entry.partition("=")
+        if not sep or "/" in label or os.sep in label or Path(entry).is_file():
+            label, paths = "", entry
+        path_list = [Path(p) for p in paths.split(",") if p]
+        corpora.append(FileCorpus(label or path_list[0].stem, path_list, text_column))
+    return corpora
+
+
+# --------------------------------------------------------------------------------------
+# The sharded BM25 index
+# --------------------------------------------------------------------------------------
+
+
+class ShardedBM25:
+    """A bm25s index split into shards of documents, with corpus-wide BM25 statistics.
+
+    bm25s indexes a corpus held in memory at once. To index millions of documents in bounded
+    memory, documents are streamed and tokenised once; each shard's (document, token, count)
+    triples go to disk, while only the vocabulary, the document frequencies, the document
+    lengths and each document's location stay in memory. Each shard's score matrix is then
+    built with the CORPUS-WIDE idf and average length, exactly as ``bm25s.BM25(method="lucene")``
+    builds it (a test pins the equality), and saved in bm25s's own format; queries score each
+    shard with bm25s (memory-mapped) and keep the best ``k``. Because every shard uses the same
+    statistics, a sharded search returns what a single index of the corpus would.
+
+    Ties are broken by document id, and documents that share no token with the query (score 0)
+    are never returned, so results are deterministic.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+        self.file_numbers = np.load(directory / "file_numbers.npy", mmap_mode="r")
+        self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
+        self.shard_starts = self.meta["shard_starts"]
+        self.num_docs = self.meta["documents"]
+
+    def _shard(self, number: int) -> bm25s.BM25:
+        return bm25s.BM25.load(self.directory / f"shard_{number:05d}", mmap=True, load_vocab=False)
+
+    def location(self, doc_id: int) -> tuple[int, int]:
+        return int(self.file_numbers[doc_id]), int(self.offsets[doc_id])
+
+    def search(
+        self, queries: list[list[str]], k: int, show_progress: bool = True
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-k (document ids, scores) per query, best first; fewer when fewer documents match."""
+        # A token repeated in the query counts each time, as in bm25s, rank_bm25 and Lucene.
+        query_ids = [np.array([self.vocab[t] for t in q if t in self.vocab], dtype=np.int32) for q in queries]
+        best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+        bar = tqdm(total=len(self.shard_starts) * len(queries), desc="BM25 search", disable=not show_progress)
+        for number, start in enumerate(self.shard_starts):
+            shard = self._shard(number)
+            for q, ids in enumerate(query_ids):
+                bar.update()
+                if ids.size == 0:
+                    continue
+                scores = shard.get_scores_from_ids(ids)
+                local_ids, local_scores = top_k_deterministic(scores, k)
+                merged_ids = np.concatenate([best[q][0], local_ids + start])
+                merged_scores = np.concatenate([best[q][1], local_scores])
+                order = np.lexsort((merged_ids, -merged_scores))[:k]
+                best[q] = (merged_ids[order], merged_scores[order])
+            del shard
+        bar.close()
+        return best
+
+
+def top_k_deterministic(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k highest positive scores, ties broken by the lower index."""
+    candidates = np.flatnonzero(scores > 0)
+    if candidates.size > k:
+        candidate_scores = scores[candidates]
+        kth = np.partition(candidate_scores, candidates.size - k)[candidates.size - k]
+        candidates = candidates[candidate_scores >= kth]  # keeps every tie at the boundary
+    candidate_scores = scores[candidates]
+    order = np.lexsort((candidates, -candidate_scores))[:k]
+    return candidates[order].astype(np.int64), candidate_scores[order].astype(np.float32)
+
+
+def lucene_bm25_scores(tf, doc_lengths, df, num_docs, avg_length, k1, b):
+    """BM25 as bm25s's method="lucene": idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf / (tf + k1 (1 - b + b |d| / avg))."""
+    idf = np.log1p((num_docs - df + 0.5) / (df + 0.5))
+    return idf * tf / (tf + k1 * (1 - b + b * doc_lengths / avg_length))
+
+
+def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict) -> None:
+    """Stream ``corpus`` once and write a ShardedBM25 index to ``directory`` (replaced atomically)."""
+    building = directory.parent / f".{directory.name}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    try:
+        vocab: dict[str, int] = {}
+        df = np.zeros(1 << 16, dtype=np.int64)
+        lengths, file_numbers, offsets = array("i"), array("i"), array("q")
+        shard_starts: list[int] = []
+        shard_tokens, shard_lengths = array("i"), array("i")
+        kind_units = [0] * len(KIND_NAMES)
+        skipped: Counter = Counter()
+        no_token_docs = 0
+
+        def flush_shard() -> None:
+            nonlocal df
+            number = len(shard_starts)
+            shard_starts.append(len(lengths) - len(shard_lengths))
+            tokens = np.frombuffer(shard_tokens, dtype=np.int32).astype(np.int64)
+            docs = np.repeat(np.arange(len(shard_lengths), dtype=np.int64), np.frombuffer(shard_lengths, np.int32))
+            pairs, tf = np.unique((docs << 32) | tokens, return_counts=True)
+            pair_tokens = (pairs & 0xFFFFFFFF).astype(np.int32)
+            if len(vocab) > df.size:
+                df = np.concatenate([df, np.zeros(max(len(vocab), 2 * df.size) - df.size, np.int64)])
+            df += np.bincount(pair_tokens, minlength=df.size)
+            np.save(building / f"pairs_{number:05d}.npy", np.stack([pairs >> 32, pair_tokens, tf]).astype(np.int32))
+            del shard_tokens[:], shard_lengths[:]
+
+        vocab_get = vocab.get
+        progress = tqdm(desc=f"Indexing {corpus.label}", unit="doc")
+        for text, file_number, offset in corpus.iter_documents(skipped):
+            tokens = _tokens_and_kind_units(text, kind_units)
+            ids = list(map(vocab_get, tokens))
+            if None in ids:  # new tokens (rare once the vocabulary has warmed up)
+                for position, token_id in enumerate(ids):
+                    if token_id is None:
+                        token = tokens[position]
+                        token_id = vocab_get(token)  # it may have been added earlier in this document
+                        ids[position] = vocab[token] = len(vocab) if token_id is None else token_id
+            shard_tokens.extend(ids)
+            shard_lengths.append(len(ids))
+            lengths.append(len(ids))
+            file_numbers.append(file_number)
+            offsets.append(offset)
+            no_token_docs += not ids
+            if len(shard_lengths) == shard_size:
+                flush_shard()
+            progress.update()
+        progress.close()
+        if len(shard_lengths):
+            flush_shard()
+        num_docs = len(lengths)
+        if num_docs == 0:
+            reasons = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "no records"
+            raise ValueError(
+                f"Corpus {corpus.label!r} has no documents ({reasons}). Check the corpus and its text column."
+            )
+
+        vocab_size = len(vocab) + 1  # + the empty token bm25s reserves for queries with no known token
+        df = (
+            df[:vocab_size] if df.size >= vocab_size else np.concatenate([df, np.zeros(vocab_size - df.size, np.int64)])
+        )
+        all_lengths = np.frombuffer(lengths, dtype=np.int32)
+        avg_length = float(all_lengths.mean()) if all_lengths.sum() else 1.0
+        for number, start in enumerate(tqdm(shard_starts, desc="Scoring shards", unit="shard")):
+            pairs_path = building / f"pairs_{number:05d}.npy"
+            docs, tokens, tf = np.load(pairs_path).astype(np.int64)
+            end = shard_starts[number + 1] if number + 1 < len(shard_starts) else num_docs
+            scores = lucene_bm25_scores(
+                tf.astype(np.float32), all_lengths[start + docs], df[tokens], num_docs, avg_length, k1, b
+            ).astype(np.float32)
+            # Compressed sparse columns (one column per token), rows sorted within a column: bm25s's layout.
+            order = np.lexsort((docs, tokens))
+            indptr = np.zeros(vocab_size + 1, dtype=np.int64)
+            np.cumsum(np.bincount(tokens, minlength=vocab_size), out=indptr[1:])
+            shard = bm25s.BM25(k1=k1, b=b, method="lucene")
+            shard.scores = {
+                "data": scores[order],
+                "indices": docs[order].astype(np.int32),
+                "indptr": indptr,
+                "num_docs": end - start,
+            }
+            shard.vocab_dict = {}  # the vocabulary is shared by all shards: vocab.json
+            shard.nonoccurrence_array = None
+            shard.save(building / f"shard_{number:05d}", show_progress=False)
+            pairs_path.unlink()
+
+        vocab[""] = len(vocab)
+        (building / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        np.save(building / "file_numbers.npy", np.frombuffer(file_numbers, dtype=np.int32))
+        np.save(building / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
+        total_units = sum(n for kind, n in enumerate(kind_units) if kind != _DIGIT) or 1
+        meta = {
+            "fingerprint": fingerprint,
+            "corpus": corpus.describe(),
+            "documents": num_docs,
+            "documents_without_tokens": no_token_docs,
+            "skipped": dict(skipped),
+            "vocabulary": len(vocab),
+            "average_tokens": avg_length,
+            "shard_starts": shard_starts,
+            "script_unit_fractions": {
+                _SCRIPT_OF_KIND[kind]: kind_units[kind] / total_units for kind in _SCRIPT_OF_KIND
+            },
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        write_json_atomic(building / "meta.json", meta)  # written last: an index without it is incomplete
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(building, directory)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+
+
+def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[ShardedBM25, bool]:
+    """The corpus's index, reused when its fingerprint matches, else (re)built. Returns (index, reused)."""
+    fingerprint = {
+        "corpus": corpus.fingerprint(args.fingerprint),
+        "tokenizer": TOKENIZER_VERSION,
+        "bm25": {"method": "lucene", "k1": args.bm25_k1, "b": args.bm25_b},
+        "shard_size": args.shard_size,
+    }
+    directory = index_root / corpus.label
+    meta_path = directory / "meta.json"
+    if meta_path.is_file():
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8")).get("fingerprint")
+        except json.JSONDecodeError:
+            old = None
+        if old == fingerprint:
+            logger.info("Reusing the index of corpus %r at %s (fingerprint matches).", corpus.label, directory)
+            return ShardedBM25(directory), True
+        changed = sorted(key for key in fingerprint if (old or {}).get(key) != fingerprint[key])
+        logger.info(
+            "Rebuilding the index of corpus %r at %s (changed: %s).", corpus.label, directory, ", ".join(changed)
+        )
+    else:
+        logger.info("Building the index of corpus %r at %s (no index there yet).", corpus.label, directory)
+    build_index(corpus, directory, args.shard_size, args.bm25_k1, args.bm25_b, fingerprint)
+    return ShardedBM25(directory), False
+
+
+# --------------------------------------------------------------------------------------
+# Judges
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Judgement:
+    contains: bool
+    answer_found: bool
+    key_terms_matched: int  # the most key terms found near any one answer match (-1: no answer match)
+
+
+@dataclass(frozen=True)
+class LexicalJudge:
+    """Does a document state a question's fact? Deterministic and lexical.
+
+    Yes iff some answer's units occur contiguously in the document (see ``analyse_text``: Han
+    and Hangul by character, so 4개 matches 4개의) and, within ``window`` units before or after
+    that occurrence, at least ``required_key_terms`` of the question's key terms occur (key
+    terms: words of the question minus stopwords and minus the answer; Han/Hangul character
+    bigrams; Tibetan syllables; Mongolian words). ``window`` 0 means the question's own length.
+
+    Failure modes (what it cannot see):
+    * paraphrase and synonyms: a fact stated in other words ("the harvest festival" for
+      "Chuseok") has no answer or key-term match, so occurrences are undercounted;
+    * inflection in Latin and Mongolian ("celebrates" vs "celebrated") and Tibetan particles
+      fused into a syllable miss a key term;
+    * answers that are common words or numbers ("4", "rice", "South") match everywhere; the
+      key-term condition then carries the whole decision;
+    * Han answers have no word boundaries: 泰山 also matches inside 泰山区;
+    * negation and contradiction: "Chuseok is NOT in spring" matches like the fact;
+    * a document about a neighbouring fact that shares the answer and most key terms counts;
+    * co-occurrence is checked inside a window, not a sentence, so a long list of facts can
+      combine an answer and key terms from different sentences.
+    """
+
+    window: int = 0
+    min_key_fraction: float = 0.5
+    min_key_terms: int = 1
+
+    def required_key_terms(self, question: Question) -> int:
+        n = len(question.key_terms)
+        return min(n, max(self.min_key_terms, math.ceil(self.min_key_fraction * n - 1e-9)))
+
+    def judge(self, question: Question, document: TextAnalysis) -> Judgement:
+        units, keys = document.units, document.key_tokens
+        window = self.window or question.length_units
+        required = self.required_key_terms(question)
+        best, found = -1, False
+        for answer in question.answer_units:
+            size = len(answer)
+            first = answer[0]
+            for start in (p for p, unit in enumerate(units) if unit == first):
+                if tuple(units[start : start + size]) != answer:
+                    continue
+                found = True
+                end = start + size
+                near = {
+                    keys[p]
+                    for p in range(max(0, start - window), min(len(units), end + window))
+                    if p < start or p >= end
+                }
+                matched = len(question.key_terms & near)
+                best = max(best, matched)
+                if matched >= required:
+                    return Judgement(True, True, matched)
+        return Judgement(False, found, best)
+
+
+JUDGE_PROMPT = (
+    "Document: {document}\n\n"
+    "Question: {question}\n"
+    "Proposed answer: {answer}\n"
+    'Does the document state that "{statement}"? Answer:'
+)
+JUDGE_YES, JUDGE_NO = " Yes", " No"
+
+
+def judge_prompt_parts(question: Question, excerpt: str) -> tuple[str, str, str]:
+    """The judge prompt as (text before the document, document excerpt, text after it)."""
+    head, tail = JUDGE_PROMPT.split("{document}")
+    statement = question.filled.strip()
+    tail = tail.format(question=question.question.strip(), answer=" / ".join(question.answers), statement=statement)
+    return head, excerpt, tail
+
+
+def document_excerpt(text: str, question: Question, max_chars: int) -> str:
+    """At most ``max_chars`` characters of ``text``, centred on the first occurrence of an answer."""
+    if len(text) <= max_chars:
+        return text
+    lowered = text.lower()
+    positions = [lowered.find(a.lower()) for a in question.answers]
+    positions = [p for p in positions if p >= 0]
+    centre = min(positions) if positions else 0
+    start = max(0, min(centre - max_chars // 2, len(text) - max_chars))
+    return text[start : start + max_chars]
+
+
+class LanguageModelJudge:
+    """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > margin.
+
+    Prompts follow JUDGE_PROMPT (also in the README). Each prompt is scored twice in one batch
+    (followed by " Yes" and by " No"; continuations may span several tokens: their log-probs are
+    summed). Sequences start with the model's document-start token (study_common), are padded on
+    the right with an attention mask, and the forward pass uses use_cache=False.
+    """
+
+    def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int,
+                 margin: float, device: str = "auto", dtype: str = "auto"):  # fmt: skip
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from study_common import document_start_id
+
+        self.torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype).to(device).eval()
+        self.device, self.batch_size, self.excerpt_chars, self.margin = device, batch_size, excerpt_chars, margin
+        self.start_id = document_start_id(self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.start_id
+        limit = getattr(self.model.config, "max_position_embeddings", None) or max_tokens
+        self.max_tokens = min(max_tokens, limit)
+        self.yes_ids = self._ids(JUDGE_YES)
+        self.no_ids = self._ids(JUDGE_NO)
+        if self.yes_ids == self.no_ids:
+            raise ValueError(f"{model_name_or_path}: ' Yes' and ' No' tokenize identically; this model cannot judge.")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, question: Question, document_text: str) -> list[int]:
+        """[start] + prompt ids; the document excerpt is cut (around its centre) to fit max_tokens."""
+        head, excerpt, tail = judge_prompt_parts(
+            question, document_excerpt(document_text, question, self.excerpt_chars)
+        )
+        head_ids, doc_ids, tail_ids = self._ids(head), self._ids(excerpt), self._ids(tail)
+        room = self.max_tokens - 1 - len(head_ids) - len(tail_ids) - max(len(self.yes_ids), len(self.no_ids))
+        if room < 0:
+            raise ValueError(
+                f"--judge_max_tokens {self.max_tokens} is too small for the prompt of question {question.index}."
+            )
+        if len(doc_ids) > room:
+            cut = (len(doc_ids) - room) // 2
+            doc_ids = doc_ids[cut : cut + room]
+        return [self.start_id] + head_ids + doc_ids + tail_ids
+
+    def margins(self, prompts: list[list[int]], show_progress: bool = False) -> np.ndarray:
+        """log P(" Yes") - log P(" No") after each prompt (given as ids from ``prompt_ids``)."""
+        torch = self.torch
+        out = np.zeros(len(prompts), dtype=np.float64)
+        for begin in tqdm(range(0, len(prompts), self.batch_size), desc="LM judge", disable=not show_progress):
+            chunk = prompts[begin : begin + self.batch_size]
+            sequences = [(p, c) for p in chunk for c in (self.yes_ids, self.no_ids)]
+            width = max(len(p) + len(c) for p, c in sequences)
+            input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(sequences), width), dtype=torch.long)
+            for row, (p, c) in enumerate(sequences):
+                input_ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+                attention[row, : len(p) + len(c)] = 1
+            with torch.no_grad():
+                logits = self.model(
+                    input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False
+                ).logits.float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            totals = []
+            for row, (p, c) in enumerate(sequences):
+                positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=log_probs.device)
+                targets = torch.tensor(c, device=log_probs.device)
+                totals.append(log_probs[row, positions, targets].sum().item())
+            for i in range(len(chunk)):
+                out[begin + i] = totals[2 * i] - totals[2 * i + 1]
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Instance-level analysis
+# --------------------------------------------------------------------------------------
+
+
+def find_predictions(path: str) -> Path:
+    """predictions.jsonl given as the file, or a run_eval output directory holding it (or one below it)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory (expected run_eval.py output).")
+    if (path / "predictions.jsonl").is_file():
+        return path / "predictions.jsonl"
+    found = sorted(path.rglob("predictions.jsonl"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"{path}: no predictions.jsonl in it or below it. Run run_eval.py first.")
+    raise ValueError(f"{path}: several predictions.jsonl below it ({', '.join(map(str, found))}); give the file.")
+
+
+def load_predictions(path: Path, step: int | None) -> tuple[dict[tuple[str, int], dict], dict[str, int]]:
+    """{(questions stem, index): row} at ``step`` (default: the file's last step), and the step per stem."""
+    rows_by_step: dict[str, dict[int, dict[int, dict]]] = {}
+    required = ("questions", "index", "step", "correct")
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}).") from err
+            missing = [key for key in required if not isinstance(row, dict) or key not in row]
+            if missing:
+                raise ValueError(
+                    f"{path}:{line_number}: missing {', '.join(missing)} (run_eval.py predictions format)."
+                )
+            rows_by_step.setdefault(row["questions"], {}).setdefault(int(row["step"]), {})[int(row["index"])] = row
+    if not rows_by_step:
+        raise ValueError(f"{path}: no predictions in the file.")
+    rows, steps = {}, {}
+    for stem, by_step in rows_by_step.items():
+        chosen = max(by_step) if step is None else step
+        if chosen not in by_step:
+            raise ValueError(f"{path}: no predictions at step {chosen} for {stem} (steps: {sorted(by_step)}).")
+        steps[stem] = chosen
+        rows.update({(stem, index): row for index, row in by_step[chosen].items()})
+    return rows, steps
+
+
+def parse_source_corpus(entries: list[str]) -> dict[str, str]:
+    """{lang or '*': corpus label} from LABEL or LANG=LABEL entries."""
+    mapping = {}
+    for entry in entries:
+        lang, sep, label = entry.partition("=")
+        mapping[lang if sep else "*"] = label if sep else entry
+    return mapping
+
+
+def _mean_at(counts: list[int], items: list[int]) -> float | None:
+    return float(np.mean([counts[i] for i in items])) if items else None
+
+
+def instance_analysis(
+    with_path: Path,
+    without_path: Path,
+    step: int | None,
+    sources: dict[str, str],
+    occurrences: dict[tuple[str, str], list[int]],
+) -> dict:
+    """Mean occurrences in the source corpus of items that transferred vs all items, per question file.
+
+    An item transferred when the model trained with bridges answers it right and the model trained
+    without bridges answers it wrong (at the chosen step). ``occurrences[(corpus, stem)]`` holds the
+    occurrences per item of each measured (corpus, question file).
+    """
+    with_rows, with_steps = load_predictions(with_path, step)
+    without_rows, without_steps = load_predictions(without_path, step)
+    results, skipped = [], []
+    for stem in sorted(set(with_steps) & set(without_steps)):
+        indices = sorted(i for s, i in with_rows if s == stem and (s, i) in without_rows)
+        lang = with_rows[(stem, indices[0])].get("lang", "") if indices else ""
+        source = sources.get(lang, sources.get("*"))
+        if source is None:
+            skipped.append({"questions": stem, "reason": f"no --source_corpus for language {lang!r}"})
+            continue
+        measured_stem = stem
+        if (source, stem) not in occurrences:
+            prefix = stem.rsplit("_", 1)[0]
+            parallel = [s for c, s in occurrences if c == source and s.rsplit("_", 1)[0] == prefix]
+            if len(parallel) != 1:
+                skipped.append(
+                    {"questions": stem, "reason": f"no (single) parallel question file measured on corpus {source!r}"}
+                )
+                continue
+            measured_stem = parallel[0]
+        counts = occurrences[(source, measured_stem)]
+        if indices and indices[-1] >= len(counts):
+            raise ValueError(
+                f"Predictions for {stem} reach item {indices[-1]} but {measured_stem} has {len(counts)} questions; "
+                "the files are not parallel."
+            )
+        transferred = [i for i in indices if with_rows[(stem, i)]["correct"] and not without_rows[(stem, i)]["correct"]]
+        results.append(
+            {
+                "questions": stem,
+                "lang": lang,
+                "source_corpus": source,
+                "occurrences_from": measured_stem,
+                "step_with": with_steps[stem],
+                "step_without": without_steps[stem],
+                "items": len(indices),
+                "transferred": len(transferred),
+                "transferred_indices": transferred,
+                "mean_occurrences_transferred": _mean_at(counts, transferred),
+                "mean_occurrences_all": _mean_at(counts, indices),
+                "mean_occurrences_not_transferred": _mean_at(counts, sorted(set(indices) - set(transferred))),
+            }
+        )
+    return {"with": str(with_path), "without": str(without_path), "results": results, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_report(table: list[dict], analysis: dict | None, skipped_pairs: list[dict], top_k: int, judge: str) -> str:
+    lines = [
+        "# Cultural density",
+        "",
+        f"Occurrences: top-{top_k} BM25 documents per question judged to contain its fact ({judge} judge), "
+        "so each question counts at most top-k. Density = occurrences / documents.",
+        "",
+        "| corpus | questions | documents | items | occurrences | density |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in table:
+        lines.append(
+            f"| {row['corpus']} | {row['questions']} | {row['documents']:,} | {row['items']} | "
+            f"{row['occurrences']:,} | {row['density']:.2e} |"
+        )
+    for pair in skipped_pairs:
+        lines.append(f"\nNot measured: {pair['questions']} on {pair['corpus']} ({pair['reason']}).")
+    if analysis:
+        lines += [
+            "",
+            "## Instance-level analysis",
+            "",
+            "Transferred = right with bridges and wrong without. Mean occurrences in the source corpus.",
+            "",
+            "| questions | source corpus | items | transferred | mean occ. transferred | mean occ. all | mean occ. others |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in analysis["results"]:
+            lines.append(
+                f"| {r['questions']} | {r['source_corpus']} ({r['occurrences_from']}) | {r['items']} | "
+                f"{r['transferred']} | {_fmt(r['mean_occurrences_transferred'], '.2f')} | "
+                f"{_fmt(r['mean_occurrences_all'], '.2f')} | {_fmt(r['mean_occurrences_not_transferred'], '.2f')} |"
+            )
+        for s in analysis["skipped"]:
+            lines.append(f"\nNot analysed: {s['questions']} ({s['reason']}).")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------
+
+
+def validate(args: DensityArguments) -> None:
+    if not args.corpus_files and not args.corpus_dataset:
+        raise ValueError("Give a corpus: --corpus_files PATH (or LABEL=PATH) and/or --corpus_dataset NAME.")
+    if args.top_k < 1 or args.shard_size < 1 or args.question_batch_size < 1 or args.judge_batch_size < 1:
+        raise ValueError("--top_k, --shard_size, --question_batch_size and --judge_batch_size must be positive.")
+    if args.fingerprint not in ("stat", "content"):
+        raise ValueError(f"--fingerprint must be 'stat' or 'content', not {args.fingerprint!r}.")
+    if not 0 <= args.judge_min_key_fraction <= 1:
+        raise ValueError("--judge_min_key_fraction must lie in [0, 1].")
+    if bool(args.predictions_with) != bool(args.predictions_without):
+        raise ValueError("Give both --predictions_with and --predictions_without (or neither).")
+    if args.predictions_with and not args.source_corpus:
+        raise ValueError("The instance-level analysis needs --source_corpus (LABEL or LANG=LABEL).")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(DensityArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.log_level.upper(), stream=sys.stderr
+    )
+    validate(args)
+    output_dir = Path(args.output_dir)
+    index_root = Path(args.index_dir) if args.index_dir else output_dir / "index"
+
+    question_sets = [load_questions(path) for path in args.questions]
+    stems = Counter(qs.stem for qs in question_sets)
+    if any(n > 1 for n in stems.values()):
+        raise ValueError(
+            f"Question files share a stem ({[s for s, n in stems.items() if n > 1]}); stems name question sets."
+        )
+    corpora = parse_corpus_files(args.corpus_files or [], args.corpus_text_column)
+    if args.corpus_dataset:
+        label = args.corpus_label or Path(args.corpus_dataset.rstrip("/")).name
+        corpora.append(
+            DatasetCorpus(
+                args.corpus_dataset,
+                args.corpus_dataset_config,
+                args.corpus_split,
+                args.corpus_text_column,
+                args.corpus_streaming,
+                label,
+            )  # fmt: skip
+        )
+    labels = Counter(c.label for c in corpora)
+    if any(n > 1 for n in labels.values()):
+        raise ValueError(f"Two corpora share a label ({[s for s, n in labels.items() if n > 1]}); use LABEL=PATH.")
+
+    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
+    lm_judge = None
+    if args.judge_model:
+        lm_judge = LanguageModelJudge(
+            args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens,
+            args.judge_margin, args.judge_device, args.judge_dtype,
+        )  # fmt: skip
+
+    question_entries, table, corpus_entries, skipped_pairs = [], [], [], []
+    occurrences_by_pair: dict[tuple[str, str], list[int]] = {}
+    for corpus in corpora:
+        index, reused = open_index(corpus, index_root, args)
+        meta = index.meta
+        corpus_entry = {
+            "label": corpus.label,
+            "source": corpus.describe(),
+            "documents": meta["documents"],
+            "documents_without_tokens": meta["documents_without_tokens"],
+            "skipped": meta["skipped"],
+            "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
+            "script_unit_fractions": meta["script_unit_fractions"],
+            "by_questions": [],
+        }
+        if meta["skipped"]:
+            logger.warning("Corpus %r: skipped records: %s", corpus.label, meta["skipped"])
+        for qs in question_sets:
+            share = meta["script_unit_fractions"].get(qs.script, 0.0)
+            if share < args.min_script_fraction:
+                reason = f"{share:.2%} of the corpus is in {qs.script} script (< --min_script_fraction {args.min_script_fraction})"
+                logger.info("Not measuring %s on %s: %s.", qs.stem, corpus.label, reason)
+                skipped_pairs.append({"questions": qs.stem, "corpus": corpus.label, "reason": reason})
+                continue
+            entries = measure(qs, corpus, index, args, lexical, lm_judge)
+            question_entries.extend(entries)
+            counts = [e["occurrences"] for e in entries]
+            occurrences_by_pair[(corpus.label, qs.stem)] = counts
+            row = {
+                "corpus": corpus.label,
+                "questions": qs.stem,
+                "lang": qs.lang,
+                "documents": meta["documents"],
+                "items": len(entries),
+                "occurrences": int(sum(counts)),
+                "density": sum(counts) / meta["documents"],
+                "mean_occurrences": float(np.mean(counts)),
+                "questions_with_occurrences": int(sum(1 for c in counts if c)),
+                "questions_without_blank": sum(1 for q in qs.questions if not q.has_blank),
+                "questions_without_key_terms": sum(1 for q in qs.questions if not q.key_terms),
+            }
+            table.append(row)
+            corpus_entry["by_questions"].append({k: v for k, v in row.items() if k not in ("corpus", "documents")})
+        corpus_entry["occurrences"] = int(sum(r["occurrences"] for r in corpus_entry["by_questions"]))
+        corpus_entry["density"] = corpus_entry["occurrences"] / meta["documents"]
+        corpus_entries.append(corpus_entry)
+
+    analysis = None
+    if args.predictions_with:
+        analysis = instance_analysis(
+            find_predictions(args.predictions_with),
+            find_predictions(args.predictions_without),
+            args.predictions_step,
+            parse_source_corpus(args.source_corpus),
+            occurrences_by_pair,
+        )
+        for s in analysis["skipped"]:
+            logger.warning("Instance-level analysis: %s not analysed (%s).", s["questions"], s["reason"])
+
+    judge_name = f"language-model ({args.judge_model})" if args.judge_model else "lexical"
+    setting = asdict(args)
+    setting.update({"tokenizer": TOKENIZER_VERSION, "judge": judge_name, "bm25_library": f"bm25s {bm25s.__version__}"})
+    report = {
+        "setting": setting,
+        "corpus": corpus_entries[0],
+        "corpora": corpus_entries,
+        "table": table,
+        "skipped_pairs": skipped_pairs,
+        "questions": question_entries,
+    }
+    if analysis is not None:
+        report["instance_analysis"] = analysis
+    output_dir.mkdir(parents=True, exist_ok=True)
+    markdown = markdown_report(table, analysis, skipped_pairs, args.top_k, judge_name)
+    write_text_atomic(output_dir / "density.md", markdown)
+    write_json_atomic(output_dir / "density.json", report)  # last: its presence means the run finished
+    logger.info("Wrote %s and %s\n%s", output_dir / "density.json", output_dir / "density.md", markdown)
+    return report
+
+
+def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
+    """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
+    results = index.search([q.query_tokens for q in qs.questions], args.top_k)
+    # Random-access corpora are read back one question batch at a time (bounded memory); the
+    # others (a .json list, a streamed dataset) in a single extra pass.
+    batch = args.question_batch_size if corpus.random_access else len(qs.questions)
+    entries = []
+    for begin in tqdm(range(0, len(qs.questions), batch), desc=f"Judging {qs.stem} on {corpus.label}"):
+        chunk = list(zip(qs.questions[begin : begin + batch], results[begin : begin + batch]))
+        wanted = {int(d) for _, (ids, _) in chunk for d in ids}
+        texts = corpus.fetch({d: index.location(d) for d in wanted}) if wanted else {}
+        analyses = {d: analyse_text(text) for d, text in texts.items()}
+        margins = None
+        if lm_judge is not None:
+            prompts = [lm_judge.prompt_ids(q, texts[int(d)]) for q, (ids, _) in chunk for d in ids]
+            margins = iter(lm_judge.margins(prompts).tolist())
+        for question, (ids, scores) in chunk:
+            verdicts = [lexical.judge(question, analyses[int(d)]) for d in ids]
+            entry = {
+                "questions": qs.stem,
+                "lang": qs.lang,
+                "corpus": corpus.label,
+                "index": question.index,
+                "occurrences": 0,
+                "answer": question.answers,
+                "retrieved": [int(d) for d in ids],
+                "bm25": [round(float(s), 4) for s in scores],
+                "answer_found": [v.answer_found for v in verdicts],
+                "key_terms_matched": [v.key_terms_matched for v in verdicts],
+                "key_terms": len(question.key_terms),
+                "required_key_terms": lexical.required_key_terms(question),
+                "lexical": [v.contains for v in verdicts],
+            }
+            if margins is not None:
+                raw = [next(margins) for _ in ids]
+                entry["lm_margin"] = [round(m, 4) for m in raw]
+                entry["contains"] = [m > args.judge_margin for m in raw]
+            else:
+                entry["contains"] = entry["lexical"]
+            entry["occurrences"] = int(sum(entry["contains"]))
+            entries.append(entry)
+    return entries
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        logging.getLogger("run_density").error("%s", err)
+        sys.exit(1)

@@ -1,0 +1,699 @@
+"""run_density.py: tokenisation by script, planted-count recovery, sharded index, reuse, analysis, bad input."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, run_script
+
+import run_density as rd
+from study_common import read_documents
+
+# --------------------------------------------------------------------------------------
+# A generated world: questions in five scripts, a corpus with each fact planted k times
+# --------------------------------------------------------------------------------------
+
+# (question, answer, wrong options) per language; the stem suffix sets the language.
+SYNTHETIC_QUESTIONS = {
+    "en": [
+        ("The Korean harvest festival Chuseok falls in ____ every year.", "autumn", ["spring", "winter"]),
+        ("Songpyeon rice cakes are steamed on a layer of ____ needles.", "pine", ["cedar", "bamboo"]),
+        ("The Mongolian Naadam festival features wrestling, archery and ____ racing.", "horse", ["camel", "boat"]),
+    ],
+    "ko": [
+        ("한국의 추석에는 가족이 모여 ___ 을 빚어 먹는다.", "송편", ["떡국", "김밥"]),
+        ("대한민국의 수도는 ___ 이며 한강이 흐른다.", "서울", ["부산", "대구"]),
+    ],
+    "zh": [
+        ("中秋节的时候，汉族人们赏月并且吃____。", "月饼", ["粽子", "汤圆"]),
+        ("端午节人们赛____来纪念屈原。", "龙舟", ["竹筏", "帆船"]),
+    ],
+    "bo": [
+        ("བོད་རིགས་ཀྱིས་ལོ་གསར་སྐབས་_____བཟོ་སྲོལ་ཡོད།", "ཁ་ཟས", ["ཆང་རག", "གོས་ཐུང"]),
+        ("པོ་ཏ་ལའི་ཕོ་བྲང་ནི་_____གྲོང་ཁྱེར་ན་ཡོད།", "ལྷ་ས", ["གཞིས་ཀ་རྩེ", "ཆབ་མདོ"]),
+    ],
+    "mn": [
+        # U+202F before the case suffix, U+180B (FVS1) and U+180E (MVS) as in real Mongolian text.
+        ("ᠮᠣᠩᠭᠣᠯ ᠬᠦᠮᠦᠨ ______ ᠤ ᠪᠠᠶᠠᠷ ᠢ ᠵᠢᠯ ᠪᠦᠷᠢ ᠲᠡᠮᠳᠡᠭᠯᠡᠨ᠎ᠡ ᠃", "ᠨᠠᠭᠠᠳᠤᠮ", ["ᠴᠠᠭᠠᠨ ᠰᠠᠷ᠎ᠠ", "ᠣᠪᠣᠭ᠎ᠠ"]),
+        (
+            "ᠥᠪᠥᠷ ᠮᠣᠩᠭᠣᠯ\u202fᠤᠨ ᠥᠪᠡᠷᠲᠡᠭᠡᠨ ᠵᠠᠰᠠᠬᠤ ᠣᠷᠣᠨ ᠤ ᠨᠡᠶᠢᠰᠯᠡᠯ ᠬᠣᠲᠠ ᠪᠣᠯ ______ ᠶ᠋ᠢᠨ ᠬᠣᠲᠠ ᠮᠥᠨ ᠃",
+            "ᠬᠥᠬᠡᠬᠣᠲᠠ",
+            ["ᠪᠣᠭᠣᠲᠣ", "ᠪᠠᠭᠤᠲᠤ"],
+        ),
+    ],
+}
+# Planted copies per question: zeros included (near misses must not count), max 5.
+PLANTED = {"en": [3, 0, 5], "ko": [2, 4], "zh": [1, 3], "bo": [4, 0], "mn": [3, 2]}
+
+_LETTERS = {
+    "en": "abcdefghijklmnopqrstuvwxyz",
+    "ko": "".join(chr(c) for c in range(0xAC00, 0xAC00 + 400, 7)),
+    "zh": "".join(chr(c) for c in range(0x4E00, 0x4E00 + 2000, 5)),
+    "bo": "ཀཁགངཅཆཇཉཏཐདནཔཕབམཙཚཛཝཞཟའཡརལཤསཧཨ",
+    "mn": "".join(chr(c) for c in range(0x1820, 0x1843)),
+}
+
+
+def _question_units(lang: str) -> set[str]:
+    units = set()
+    for question, answer, wrong in SYNTHETIC_QUESTIONS[lang]:
+        for text in [question, answer, *wrong]:
+            units.update(rd.analyse_text(text).units)
+    return units
+
+
+def filler_words(lang: str, rng: random.Random, n: int) -> list[str]:
+    """Random words of ``lang``'s script that share no unit with any question, answer or option."""
+    taken = _question_units(lang)
+    letters = _LETTERS[lang]
+    words: list[str] = []
+    while len(words) < n:
+        if lang in ("zh", "ko"):  # one unit per character: build 2-4 character words of free characters
+            word = "".join(rng.choice([c for c in letters if c not in taken]) for _ in range(rng.randint(2, 4)))
+        elif lang == "bo":
+            word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 3)))
+        else:
+            word = "".join(rng.choice(letters) for _ in range(rng.randint(4, 8)))
+        if not set(rd.analyse_text(word).units) & taken and rd.retrieval_tokens(word):
+            words.append(word)
+    return words
+
+
+def filler_sentence(lang: str, words: list[str], rng: random.Random, n: int) -> str:
+    chosen = [rng.choice(words) for _ in range(n)]
+    if lang == "zh":
+        return "".join(chosen) + "。"
+    if lang == "bo":
+        return "་".join(chosen) + "།"
+    return " ".join(chosen) + (" ᠃" if lang == "mn" else ".")
+
+
+def fill(question: str, answer: str) -> str:
+    return rd.fill_blank(question, answer)
+
+
+def mongolian_variant(text: str) -> str:
+    """The same Mongolian text written differently: U+202F as a space, shaping characters dropped."""
+    return text.replace("\u202f", " ").replace("\u180b", "").replace("\u180e", "")
+
+
+def write_world(directory: Path, langs=("en", "ko", "zh", "bo", "mn"), seed: int = 0, background: int = 60):
+    """Question files and one corpus (.jsonl) per language with known occurrences per question.
+
+    Per question: PLANTED[lang][i] documents state the fact (the filled sentence inside filler,
+    Mongolian copies in a variant spelling); near misses that must NOT count: the sentence with a
+    wrong option (key terms, no answer), the answer inside filler (answer, no key terms), the
+    answer with the key terms far outside the window; plus background filler documents.
+    Returns ({lang: question file}, {lang: corpus file}).
+    """
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    question_files, corpus_files = {}, {}
+    for lang in langs:
+        words = filler_words(lang, rng, 200)
+        docs = []
+        items = []
+        for i, (question, answer, wrong) in enumerate(SYNTHETIC_QUESTIONS[lang]):
+            items.append({"question": question, "options": [answer, *wrong], "answer": answer})
+            for copy in range(PLANTED[lang][i]):
+                sentence = fill(question, answer)
+                if lang == "mn" and copy % 2:
+                    sentence = mongolian_variant(sentence)
+                docs.append(
+                    " ".join([filler_sentence(lang, words, rng, 6), sentence, filler_sentence(lang, words, rng, 5)])
+                )
+            for option in wrong:
+                docs.append(" ".join([filler_sentence(lang, words, rng, 4), fill(question, option)]))
+            docs.append(" ".join([filler_sentence(lang, words, rng, 5), answer, filler_sentence(lang, words, rng, 5)]))
+            far = filler_sentence(lang, words, rng, 4 * len(rd.analyse_text(question).units) + 10)
+            docs.append(" ".join([answer, far, fill(question, wrong[0])]))
+        docs += [filler_sentence(lang, words, rng, rng.randint(5, 15)) for _ in range(background)]
+        rng.shuffle(docs)
+        question_files[lang] = directory / f"synthetic-cloze_{lang}.json"
+        question_files[lang].write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+        corpus_files[lang] = directory / f"corpus_{lang}.jsonl"
+        corpus_files[lang].write_text(
+            "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+        )
+    return question_files, corpus_files
+
+
+def run_main(tmp_path: Path, args: list[str]) -> dict:
+    return rd.main(args + ["--log_level", "warning"])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world"))
+
+
+# --------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------
+
+
+def test_latin_tokens_are_lowercased_words_without_stopwords():
+    assert rd.retrieval_tokens("The Korean people celebrate Chuseok in Autumn.") == [
+        "korean",
+        "people",
+        "celebrate",
+        "chuseok",
+        "autumn",
+    ]
+
+
+def test_hangul_tokens_are_eojeol_plus_syllable_bigrams_so_particles_still_match():
+    tokens = rd.retrieval_tokens("추석을 지낸다 봄")
+    assert tokens == ["추석을", "추석", "석을", "지낸다", "지낸", "낸다", "봄"]
+    assert "추석" in rd.retrieval_tokens("추석에") and "추석" in rd.retrieval_tokens("추석")
+
+
+def test_han_tokens_are_character_unigrams_and_bigrams_of_each_run():
+    assert rd.retrieval_tokens("中秋节，吃月饼") == ["中", "秋", "节", "中秋", "秋节", "吃", "月", "饼", "吃月", "月饼"]
+
+
+def test_tibetan_tokens_are_syllables_split_on_tsheg_and_shad():
+    assert rd.retrieval_tokens("བོད་རིགས་ཀྱིས།ལོ་གསར") == ["བོད", "རིགས", "ཀྱིས", "ལོ", "གསར"]
+
+
+def test_mongolian_words_split_on_nnbsp_and_ignore_variation_selectors_and_vowel_separator():
+    plain = rd.retrieval_tokens("ᠮᠣᠩᠭᠣᠯ ᠤᠨ ᠶᠢᠨ ᠪᠠᠶᠢᠨᠠ")
+    assert plain == ["ᠮᠣᠩᠭᠣᠯ", "ᠤᠨ", "ᠶᠢᠨ", "ᠪᠠᠶᠢᠨᠠ"]
+    assert rd.retrieval_tokens("ᠮᠣᠩᠭᠣᠯ\u202fᠤᠨ ᠶ\u180bᠢᠨ ᠪᠠᠶᠢᠨ\u180eᠠ") == plain
+
+
+def test_mixed_script_text_is_cut_into_runs_of_one_script_and_digits_are_unified():
+    assert rd.retrieval_tokens("汉族Chuseok한국어 ᠮᠣᠩᠭᠣᠯ 50 ༥༠ ᠕᠐ ５０") == [
+        "汉",
+        "族",
+        "汉族",
+        "chuseok",
+        "한국어",
+        "한국",
+        "국어",
+        "ᠮᠣᠩᠭᠣᠯ",
+        "50",
+        "50",
+        "50",
+        "50",
+    ]
+
+
+def test_ascii_fast_path_gives_the_same_tokens_as_the_unicode_path():
+    rng = random.Random(0)
+    alphabet = "abcXYZ019 .,;'-_()\t\n"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert rd.retrieval_tokens(text + " ü") == rd.retrieval_tokens(text) + ["ü"], text
+        assert rd.analyse_text(text + " ü").units == rd.analyse_text(text).units + ["ü"], text
+
+
+def test_question_query_is_the_filled_sentence_and_key_terms_exclude_stopwords_and_answer():
+    question = rd.prepare_question(0, "Chuseok falls in ____ every year.", ["autumn"])
+    assert question.filled == "Chuseok falls in autumn every year."
+    assert question.query_tokens == ["chuseok", "falls", "autumn", "every", "year"]
+    assert question.key_terms == {"chuseok", "falls", "every", "year"}
+    assert question.answer_units == [("autumn",)]
+    backslash = rd.prepare_question(1, "Path is ___ here", [r"C:\1"])
+    assert backslash.filled == r"Path is C:\1 here"
+
+
+def test_filling_a_tibetan_blank_keeps_syllables_apart():
+    assert rd.fill_blank("རང་རྒྱལ་གྱི་_____ཁྱབ་ཡོད།", "བོད་ལྗོངས") == "རང་རྒྱལ་གྱི་བོད་ལྗོངས་ཁྱབ་ཡོད།"
+    assert rd.fill_blank("ཡུལ_____ཁྱབ", "བོད") == "ཡུལ་བོད་ཁྱབ"
+    assert rd.fill_blank("a ___ b ___.", "x") == "a x b x."
+
+
+# --------------------------------------------------------------------------------------
+# Lexical judge
+# --------------------------------------------------------------------------------------
+
+
+def _judge(question_text, answer, document, **kwargs):
+    question = rd.prepare_question(0, question_text, [answer])
+    return rd.LexicalJudge(**kwargs).judge(question, rd.analyse_text(document))
+
+
+def test_lexical_judge_needs_the_answer_and_enough_key_terms_nearby():
+    q = "The Korean harvest festival Chuseok falls in ____ every year."
+    assert _judge(q, "autumn", "In Korea the harvest festival Chuseok falls in autumn.").contains
+    assert not _judge(q, "autumn", "The harvest festival Chuseok falls in spring every year.").contains
+    assert not _judge(q, "autumn", "Leaves turn red in autumn.").contains
+    far = "autumn " + "filler " * 60 + "Korean harvest festival Chuseok every year"
+    verdict = _judge(q, "autumn", far)
+    assert verdict.answer_found and not verdict.contains
+    assert _judge(q, "autumn", far, window=80).contains
+
+
+def test_lexical_judge_threshold_follows_fraction_and_minimum():
+    question = rd.prepare_question(0, "alpha beta gamma delta ____", ["omega"])
+    assert rd.LexicalJudge(min_key_fraction=0.5).required_key_terms(question) == 2
+    assert rd.LexicalJudge(min_key_fraction=0.0, min_key_terms=1).required_key_terms(question) == 1
+    assert rd.LexicalJudge(min_key_fraction=1.0).required_key_terms(question) == 4
+    assert rd.LexicalJudge(min_key_terms=9).required_key_terms(question) == 4
+    doc = rd.analyse_text("omega alpha")
+    assert not rd.LexicalJudge().judge(question, doc).contains
+    assert rd.LexicalJudge(min_key_fraction=0.25).judge(question, doc).contains
+
+
+def test_lexical_judge_matches_korean_answer_inside_a_word_with_particle():
+    assert _judge(
+        "한국의 추석에는 가족이 모여 ___ 을 빚어 먹는다.", "송편", "추석에 가족이 모여 송편을 빚어 먹었다."
+    ).contains
+
+
+# --------------------------------------------------------------------------------------
+# Planted counts are recovered exactly
+# --------------------------------------------------------------------------------------
+
+
+def test_planted_occurrences_are_recovered_exactly_in_five_scripts(world, tmp_path):
+    question_files, corpus_files = world
+    for lang in PLANTED:
+        report = run_main(
+            tmp_path,
+            ["--questions", str(question_files[lang]), "--corpus_files", str(corpus_files[lang]),
+             "--top_k", "20", "--output_dir", str(tmp_path / lang)],
+        )  # fmt: skip
+        got = [e["occurrences"] for e in sorted(report["questions"], key=lambda e: e["index"])]
+        assert got == PLANTED[lang], lang
+        documents = sum(1 for _ in read_documents(corpus_files[lang]))
+        assert report["corpus"]["documents"] == documents
+        assert report["corpus"]["occurrences"] == sum(PLANTED[lang])
+        assert report["corpus"]["density"] == pytest.approx(sum(PLANTED[lang]) / documents)
+        entry = report["questions"][0]
+        assert len(entry["retrieved"]) == len(entry["contains"]) == len(entry["bm25"]) <= 20
+        markdown = (tmp_path / lang / "density.md").read_text(encoding="utf-8")
+        assert f"| corpus_{lang} | synthetic-cloze_{lang} | {documents:,} |" in markdown
+        assert f"{sum(PLANTED[lang]) / documents:.2e}" in markdown
+
+
+def test_top_k_caps_occurrences(tmp_path):
+    questions = tmp_path / "cap_en.json"
+    questions.write_text(
+        json.dumps([{"question": "Chuseok falls in ____.", "options": ["autumn"], "answer": "autumn"}])
+    )
+    corpus = tmp_path / "cap.txt"
+    corpus.write_text("Chuseok falls in autumn.\n" * 6 + "unrelated words here\n" * 3, encoding="utf-8")
+    for top_k, expected in [(2, 2), (10, 6)]:
+        report = run_main(
+            tmp_path,
+            ["--questions", str(questions), "--corpus_files", str(corpus), "--top_k", str(top_k),
+             "--output_dir", str(tmp_path / "out")],
+        )  # fmt: skip
+        assert report["questions"][0]["occurrences"] == expected
+        assert report["questions"][0]["retrieved"] == list(range(expected))  # ties: lower document id first
+
+
+def test_several_corpora_and_question_files_pair_by_script(world, tmp_path):
+    question_files, corpus_files = world
+    report = run_main(
+        tmp_path,
+        ["--questions", str(question_files["en"]), str(question_files["bo"]),
+         "--corpus_files", f"english={corpus_files['en']}", f"tibetan={corpus_files['bo']}",
+         "--top_k", "20", "--output_dir", str(tmp_path / "out")],
+    )  # fmt: skip
+    pairs = {(row["corpus"], row["questions"]): row["occurrences"] for row in report["table"]}
+    assert pairs == {
+        ("english", "synthetic-cloze_en"): sum(PLANTED["en"]),
+        ("tibetan", "synthetic-cloze_bo"): sum(PLANTED["bo"]),
+    }
+    assert {(s["corpus"], s["questions"]) for s in report["skipped_pairs"]} == {
+        ("english", "synthetic-cloze_bo"),
+        ("tibetan", "synthetic-cloze_en"),
+    }
+    assert [c["label"] for c in report["corpora"]] == ["english", "tibetan"]
+    assert report["corpus"] == report["corpora"][0]
+
+
+def test_one_corpus_of_several_files_numbers_documents_across_files(world, tmp_path):
+    question_files, corpus_files = world
+    both = f"mixed={corpus_files['zh']},{corpus_files['ko']}"
+    report = run_main(
+        tmp_path,
+        ["--questions", str(question_files["zh"]), str(question_files["ko"]), "--corpus_files", both,
+         "--top_k", "20", "--output_dir", str(tmp_path / "out")],
+    )  # fmt: skip
+    by_set = {}
+    for e in report["questions"]:
+        by_set.setdefault(e["questions"], []).append(e["occurrences"])
+    assert by_set == {"synthetic-cloze_zh": PLANTED["zh"], "synthetic-cloze_ko": PLANTED["ko"]}
+    n_zh = sum(1 for _ in read_documents(corpus_files["zh"]))
+    ko_docs = [
+        d
+        for e in report["questions"]
+        if e["questions"] == "synthetic-cloze_ko"
+        for d, c in zip(e["retrieved"], e["contains"])
+        if c
+    ]
+    assert ko_docs and min(ko_docs) >= n_zh
+
+
+# --------------------------------------------------------------------------------------
+# The sharded index
+# --------------------------------------------------------------------------------------
+
+
+def _build(corpus_file: Path, directory: Path, shard_size: int) -> rd.ShardedBM25:
+    corpus = rd.FileCorpus("c", [corpus_file], "text")
+    rd.build_index(corpus, directory, shard_size, 1.5, 0.75, {"test": True})
+    return rd.ShardedBM25(directory)
+
+
+def test_shard_scores_equal_a_single_bm25s_index_of_the_corpus(world, tmp_path):
+    _, corpus_files = world
+    texts = list(read_documents(corpus_files["zh"]))
+    index = _build(corpus_files["zh"], tmp_path / "idx", shard_size=17)
+    assert len(index.shard_starts) == -(-len(texts) // 17)
+    reference = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+    reference.index([rd.retrieval_tokens(t) for t in texts], show_progress=False)
+    query = rd.retrieval_tokens("中秋节的时候，汉族人们赏月并且吃月饼。")  # repeats 节 and 月: counted twice
+    expected = reference.get_scores(query)
+    ours = np.concatenate(
+        [
+            index._shard(n).get_scores_from_ids(np.array([index.vocab[t] for t in query]))
+            for n in range(len(index.shard_starts))
+        ]
+    )
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    ((ids, scores),) = index.search([query], 10, show_progress=False)
+    expected_ids, expected_scores = reference.retrieve([query], k=10, show_progress=False)
+    np.testing.assert_allclose(scores, expected_scores[0], rtol=1e-5)
+    assert set(ids.tolist()) == set(expected_ids[0].tolist()) or np.unique(expected_scores[0]).size < 10
+
+
+def test_sharded_search_returns_what_one_shard_returns(world, tmp_path):
+    question_files, corpus_files = world
+    queries = [q.query_tokens for q in rd.load_questions(question_files["en"]).questions]
+    one = _build(corpus_files["en"], tmp_path / "one", shard_size=10_000).search(queries, 15, show_progress=False)
+    many = _build(corpus_files["en"], tmp_path / "many", shard_size=7).search(queries, 15, show_progress=False)
+    for (ids_a, scores_a), (ids_b, scores_b) in zip(one, many):
+        assert ids_a.tolist() == ids_b.tolist()
+        np.testing.assert_allclose(scores_a, scores_b, rtol=1e-6)
+        assert np.all(np.diff(scores_a) <= 0) and np.all(scores_a > 0)
+
+
+def test_top_k_breaks_ties_by_document_id_and_skips_zero_scores():
+    ids, scores = rd.top_k_deterministic(np.array([0.0, 2.0, 1.0, 2.0, 2.0, 0.0], dtype=np.float32), 2)
+    assert ids.tolist() == [1, 3] and scores.tolist() == [2.0, 2.0]
+    ids, _ = rd.top_k_deterministic(np.array([0.0, 1.0, 0.0], dtype=np.float32), 5)
+    assert ids.tolist() == [1]
+
+
+def test_index_is_reused_when_the_corpus_is_unchanged_and_rebuilt_when_it_changes(world, tmp_path, caplog):
+    question_files, corpus_files = world
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(corpus_files["en"].read_bytes())
+    args = ["--questions", str(question_files["en"]), "--corpus_files", str(corpus), "--top_k", "20",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    first = run_main(tmp_path, args)
+    assert first["corpus"]["index"]["reused"] is False
+    second = run_main(tmp_path, args)
+    assert second["corpus"]["index"]["reused"] is True
+    assert second["questions"] == first["questions"]
+    with corpus.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"text": "Chuseok falls in autumn every year, the harvest festival of Korea."}) + "\n")
+    third = run_main(tmp_path, args)
+    assert third["corpus"]["index"]["reused"] is False
+    assert third["corpus"]["documents"] == first["corpus"]["documents"] + 1
+    assert third["questions"][0]["occurrences"] == PLANTED["en"][0] + 1
+    changed_k1 = run_main(tmp_path, args + ["--bm25_k1", "1.2"])
+    assert changed_k1["corpus"]["index"]["reused"] is False
+
+
+def test_interrupted_build_leaves_no_index_that_looks_complete(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "one doc"}\n{"text": "two"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"c\.jsonl:3: not valid JSON"):
+        rd.build_index(rd.FileCorpus("c", [corpus], "text"), tmp_path / "index" / "c", 10, 1.5, 0.75, {})
+    assert not (tmp_path / "index" / "c").exists()
+    assert list((tmp_path / "index").iterdir()) == []
+
+
+def test_offset_reader_reads_the_same_documents_as_study_common(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes('{"text": "α one"}\n\n{"text": "two"}\r\n{"text": ""}\n'.encode())
+    txt = tmp_path / "b.txt"
+    txt.write_bytes("first line\r\n\n  \nsecond 한국\n".encode())
+    corpus = rd.FileCorpus("ab", [jsonl, txt], "text")
+    streamed = list(corpus.iter_documents(rd.Counter()))
+    assert [t for t, _, _ in streamed] == list(read_documents(jsonl)) + list(read_documents(txt))
+    locations = {i: (f, o) for i, (_, f, o) in enumerate(streamed)}
+    assert corpus.fetch(locations) == {i: t for i, (t, _, _) in enumerate(streamed)}
+
+
+def test_dataset_corpus_from_save_to_disk_counts_rows_without_text(tmp_path, world):
+    import datasets
+
+    question_files, corpus_files = world
+    texts = list(read_documents(corpus_files["bo"]))
+    rows = {"text": texts + [None], "doc_id": list(range(len(texts) + 1))}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    report = run_main(
+        tmp_path,
+        ["--questions", str(question_files["bo"]), "--corpus_dataset", str(tmp_path / "ds"), "--top_k", "20",
+         "--output_dir", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert [e["occurrences"] for e in report["questions"]] == PLANTED["bo"]
+    assert report["corpus"]["label"] == "ds"
+    assert report["corpus"]["documents"] == len(texts)
+    assert report["corpus"]["skipped"] == {"no text in column 'text'": 1}
+
+
+# --------------------------------------------------------------------------------------
+# Instance-level analysis
+# --------------------------------------------------------------------------------------
+
+
+def _predictions(path: Path, stem: str, lang: str, correct_by_step: dict[int, list[bool]]):
+    path.mkdir(parents=True, exist_ok=True)
+    with (path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        for step, correct in correct_by_step.items():
+            for index, ok in enumerate(correct):
+                row = {"questions": stem, "lang": lang, "index": index, "step": step, "checkpoint": f"checkpoint-{step}",
+                       "scores": [1.0, 2.0], "prediction": 0 if ok else 1, "answer": [0], "correct": ok}  # fmt: skip
+                handle.write(json.dumps(row) + "\n")
+
+
+def test_instance_analysis_compares_transferred_items_with_all_in_the_source_corpus(world, tmp_path):
+    question_files, corpus_files = world
+    # Parallel files: the Tibetan questions are measured on the English corpus through their English twins.
+    parallel_en = tmp_path / "culture_en.json"
+    parallel_bo = tmp_path / "culture_bo.json"
+    en_items = json.loads(question_files["en"].read_text(encoding="utf-8"))[:2]
+    parallel_en.write_text(json.dumps(en_items), encoding="utf-8")
+    parallel_bo.write_text(question_files["bo"].read_text(encoding="utf-8"), encoding="utf-8")
+    _predictions(tmp_path / "with", "culture_bo", "bo", {10: [False, False], 20: [True, True]})
+    _predictions(tmp_path / "without", "culture_bo", "bo", {10: [False, False], 20: [False, True]})
+    args = ["--questions", str(parallel_en), str(parallel_bo),
+            "--corpus_files", f"english={corpus_files['en']}", f"tibetan={corpus_files['bo']}",
+            "--top_k", "20", "--output_dir", str(tmp_path / "out"),
+            "--predictions_with", str(tmp_path / "with"), "--predictions_without", str(tmp_path / "without"),
+            "--source_corpus", "bo=english"]  # fmt: skip
+    report = run_main(tmp_path, args)
+    (result,) = report["instance_analysis"]["results"]
+    occurrences_en = PLANTED["en"][:2]  # [3, 0]
+    assert result["questions"] == "culture_bo" and result["occurrences_from"] == "culture_en"
+    assert result["step_with"] == result["step_without"] == 20
+    assert result["transferred_indices"] == [0]
+    assert result["mean_occurrences_transferred"] == occurrences_en[0]
+    assert result["mean_occurrences_all"] == pytest.approx(np.mean(occurrences_en))
+    assert result["mean_occurrences_not_transferred"] == occurrences_en[1]
+    markdown = (tmp_path / "out" / "density.md").read_text(encoding="utf-8")
+    assert "| culture_bo | english (culture_en) | 2 | 1 | 3.00 | 1.50 | 0.00 |" in markdown
+
+    at_10 = run_main(tmp_path, args + ["--predictions_step", "10"])
+    (result,) = at_10["instance_analysis"]["results"]
+    assert result["transferred"] == 0 and result["mean_occurrences_transferred"] is None
+
+
+def test_instance_analysis_reports_items_without_a_source_measurement(world, tmp_path):
+    question_files, corpus_files = world
+    _predictions(tmp_path / "with", "other-set_bo", "bo", {5: [True]})
+    _predictions(tmp_path / "without", "other-set_bo", "bo", {5: [False]})
+    report = run_main(
+        tmp_path,
+        ["--questions", str(question_files["en"]), "--corpus_files", f"english={corpus_files['en']}",
+         "--output_dir", str(tmp_path / "out"), "--predictions_with", str(tmp_path / "with" / "predictions.jsonl"),
+         "--predictions_without", str(tmp_path / "without"), "--source_corpus", "english"],
+    )  # fmt: skip
+    assert report["instance_analysis"]["results"] == []
+    assert report["instance_analysis"]["skipped"][0]["questions"] == "other-set_bo"
+
+
+# --------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_file_and_line(world, tmp_path):
+    question_files, corpus_files = world
+    q = str(question_files["en"])
+    out = ["--output_dir", str(tmp_path / "out")]
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        rd.main(["--questions", q, "--corpus_files", str(tmp_path / "missing.jsonl"), *out])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+        rd.main(["--questions", q, "--corpus_files", str(bad), *out])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="the file is empty"):
+        rd.main(["--questions", q, "--corpus_files", str(empty), *out])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no documents"):
+        rd.main(["--questions", q, "--corpus_files", str(blank), *out])
+    no_column = tmp_path / "nocol.jsonl"
+    no_column.write_text('{"body": "x"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"nocol\.jsonl:1: no 'text' column"):
+        rd.main(["--questions", q, "--corpus_files", str(no_column), *out])
+    bad_questions = tmp_path / "q_en.json"
+    bad_questions.write_text('[{"question": "a ___", "options": [], "answer": 3}]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"q_en\.json item 0: 'answer' must be"):
+        rd.main(["--questions", str(bad_questions), "--corpus_files", str(corpus_files["en"]), *out])
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"questions": "x", "index": 0, "step": 1, "correct": true}\n{oops\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: not valid JSON"):
+        rd.main(["--questions", q, "--corpus_files", str(corpus_files["en"]), *out,
+                 "--predictions_with", str(predictions), "--predictions_without", str(predictions),
+                 "--source_corpus", "x"])  # fmt: skip
+    assert not (tmp_path / "out" / "density.json").exists()
+
+
+def test_command_line_exits_with_a_clear_message_on_bad_input(tmp_path, world):
+    question_files, _ = world
+    with pytest.raises(AssertionError, match=r"nope\.jsonl: no such corpus file"):
+        run_script([sys.executable, str(REPO_ROOT / "run_density.py"), "--questions", str(question_files["en"]),
+                    "--corpus_files", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Language-model judge (mechanics on a tiny random model: it cannot judge, but it must run right)
+# --------------------------------------------------------------------------------------
+
+
+def test_judge_prompt_is_the_documented_template():
+    question = rd.prepare_question(0, "Chuseok falls in ____.", ["autumn"])
+    head, excerpt, tail = rd.judge_prompt_parts(question, "Chuseok is in autumn.")
+    assert head + excerpt + tail == (
+        "Document: Chuseok is in autumn.\n\nQuestion: Chuseok falls in ____.\nProposed answer: autumn\n"
+        'Does the document state that "Chuseok falls in autumn."? Answer:'
+    )
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert 'Does the document state that "{statement}"? Answer:' in readme
+
+
+def test_document_excerpt_is_centred_on_the_answer():
+    question = rd.prepare_question(0, "x ___", ["needle"])
+    text = "a" * 1000 + "needle" + "b" * 1000
+    excerpt = rd.document_excerpt(text, question, 100)
+    assert len(excerpt) == 100 and "needle" in excerpt
+
+
+def test_language_model_judge_gives_one_margin_per_prompt_independent_of_batching(tiny_model_dir):
+    question = rd.prepare_question(0, "Chuseok falls in ____.", ["autumn"])
+    docs = ["Chuseok is in autumn.", "Songpyeon are rice cakes eaten at Chuseok in the autumn season.", "x"]
+    batched = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=3, excerpt_chars=200, max_tokens=256, margin=0.0)
+    prompts = [batched.prompt_ids(question, d) for d in docs]
+    assert all(p[0] == batched.start_id for p in prompts)
+    margins = batched.margins(prompts)
+    assert margins.shape == (3,) and np.isfinite(margins).all()
+    single = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=1, excerpt_chars=200, max_tokens=256, margin=0.0)
+    np.testing.assert_allclose(single.margins(prompts), margins, atol=1e-4)
+    short = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=2, excerpt_chars=400, max_tokens=120, margin=0.0)
+    longest_answer = max(len(short.yes_ids), len(short.no_ids))
+    for doc in docs[:2]:
+        assert len(batched.prompt_ids(question, doc * 20)) + longest_answer > 120  # it had to be shortened
+        assert len(short.prompt_ids(question, doc * 20)) + longest_answer == 120
+
+
+def test_judge_model_end_to_end_records_booleans_for_every_retrieved_document(world, tiny_model_dir, tmp_path):
+    question_files, corpus_files = world
+    report = run_main(
+        tmp_path,
+        ["--questions", str(question_files["ko"]), "--corpus_files", str(corpus_files["ko"]), "--top_k", "4",
+         "--output_dir", str(tmp_path / "out"), "--judge_model", str(tiny_model_dir), "--judge_excerpt_chars", "120",
+         "--judge_max_tokens", "256", "--judge_batch_size", "4"],
+    )  # fmt: skip
+    for entry in report["questions"]:
+        assert len(entry["contains"]) == len(entry["lm_margin"]) == len(entry["retrieved"]) == 4
+        assert all(isinstance(c, bool) for c in entry["contains"])
+        assert entry["occurrences"] == sum(entry["contains"])
+        assert entry["contains"] == [m > 0 for m in entry["lm_margin"]] or all(
+            abs(m) < 1e-4 for m in entry["lm_margin"]
+        )
+    assert report["setting"]["judge"].startswith("language-model")
+
+
+# --------------------------------------------------------------------------------------
+# The paper's released questions
+# --------------------------------------------------------------------------------------
+
+
+def test_planted_paper_questions_are_recovered_in_every_language(paper_cloze_dir, tmp_path):
+    """Real questions of all eight files, each planted a known number of times among near misses."""
+    rng = random.Random(1)
+    for path in sorted(paper_cloze_dir.glob("*.json")):
+        items = json.loads(path.read_text(encoding="utf-8"))
+        chosen = _independent_items(items, 8)
+        lang = path.stem.rsplit("_", 1)[-1]
+        docs, planted = [], []
+        filler_pool = [fill(it["question"], it["options"][0]) for it in items[-40:]]
+        for k, item in enumerate(chosen):
+            answer = _answers(item)[0]
+            planted.append(k % 4)
+            for _ in range(k % 4):
+                docs.append(" ".join([rng.choice(filler_pool), fill(item["question"], answer)]))
+            for option in item["options"]:
+                if option not in _answers(item):
+                    docs.append(fill(item["question"], option))
+        docs += [" ".join(rng.sample(filler_pool, 3)) for _ in range(40)]
+        rng.shuffle(docs)
+        qfile = tmp_path / f"{path.stem}.json"
+        qfile.write_text(json.dumps(chosen, ensure_ascii=False), encoding="utf-8")
+        cfile = tmp_path / f"corpus_{lang}_{path.stem}.jsonl"
+        cfile.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+        report = run_main(
+            tmp_path,
+            ["--questions", str(qfile), "--corpus_files", str(cfile), "--top_k", "30",
+             "--output_dir", str(tmp_path / path.stem), "--min_script_fraction", "0"],
+        )  # fmt: skip
+        assert [e["occurrences"] for e in report["questions"]] == planted, path.name
+
+
+def _answers(item) -> list[str]:
+    return [item["answer"]] if isinstance(item["answer"], str) else item["answer"]
+
+
+def _independent_items(items: list[dict], n: int) -> list[dict]:
+    """Items with a blank whose answers' units appear in no other chosen item's text, nor in a
+    wrong option or in the filler (the last 40 items): then the exact count is known."""
+    filler_units = [rd.analyse_text(it["question"] + " " + " ".join(it["options"])).units for it in items[-40:]]
+    chosen: list[dict] = []
+    for item in items[:-40]:
+        answers = _answers(item)
+        if not rd._BLANK.search(item["question"]) or not all(a in item["options"] for a in answers):
+            continue
+        units = [tuple(rd.analyse_text(a).units) for a in answers]
+        others = [rd.analyse_text(c["question"] + " " + " ".join(c["options"])).units for c in chosen]
+        wrong = [rd.analyse_text(o).units for o in item["options"] if o not in answers]
+        own = rd.analyse_text(rd._BLANK.sub(" ", item["question"])).units
+        pools = others + wrong + filler_units + [own]
+        if any(u and _contains(pool, u) for u in units for pool in pools):
+            continue
+        if any(_contains(rd.analyse_text(c["question"] + " " + " ".join(c["options"])).units, tuple(rd.analyse_text(a).units))
+               for c in [item] for a in sum((_answers(x) for x in chosen), [])):  # fmt: skip
+            continue
+        chosen.append(item)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def _contains(units: list[str], needle: tuple[str, ...]) -> bool:
+    return any(tuple(units[i : i + len(needle)]) == needle for i in range(len(units) - len(needle) + 1))
