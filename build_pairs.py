@@ -1,0 +1,639 @@
+#!/usr/bin/env python
+"""Build the continual-pretraining dataset of one language: monolingual text, parallel pairs, replay.
+
+Step 2a of the study. ONE dataset per language is built here and BOTH continual-pretraining
+settings (with and without bridges, ``run_cpt.py``) read it, so they start from exactly the
+same documents. Every record is a document:
+
+    doc_id    stable id: ``<kind>-<position in its input stream, 9 digits>`` (e.g. ``pair-000000012``)
+    kind      "mono" (target-language text), "pair" (English-target parallel pair), "replay" (English text)
+    text      the document (mono, replay); null for pairs
+    pair_id   position of the pair in the pair input stream (pairs); null otherwise
+    en, tgt   the two sides of a pair; null otherwise
+    source    where the record came from (``file:line`` or ``dataset/split:row``)
+
+Cleaning drops, and counts by reason in ``build_stats.json`` (checks run in this order, the
+first failing one is the reason recorded):
+
+    empty                    a mono/replay document or either side of a pair is empty or whitespace
+    not_in_script            fewer than --min_script_fraction of the letters of a mono document or
+                             of a pair's target side are in the language's script (Unicode
+                             Script_Extensions, ``study_common.script_letter_fraction``; default
+                             0.5, so a Latin-only "Tibetan" side is dropped); for the English side
+                             of a pair and for replay text the script is Latin (catches swapped
+                             columns). A text without letters has fraction 0 and is dropped.
+    contains_eval_sentence   the text (or a pair side) contains the filled sentence of an
+                             evaluation question (--eval_questions): the paper's cloze format,
+                             every underscore run replaced by each answer. Matching is on NFKC,
+                             casefolded, whitespace-collapsed text, with the sentence's trailing
+                             punctuation removed.
+    over_block_size          (pairs) ``[start] + en + [start] + tgt`` is longer than --block_size
+                             tokens of --tokenizer_name: the pair cannot share one context window,
+                             so it leaves both settings. Long mono/replay documents are kept:
+                             run_cpt.py cuts them into window-sized segments, identically in both
+                             settings.
+    duplicate_pair           (pairs) the same (en, tgt), after stripping surrounding whitespace, as
+                             an earlier kept pair.
+    replay_beyond_ratio      (replay) not needed to reach --replay_ratio (see below).
+
+``--replay_ratio X`` sets the share of English replay in the final dataset's text tokens:
+replay documents are drawn in a seeded random order until replay tokens >= X / (1 - X) times
+the tokens of the kept mono + pair documents (text tokens, no start tokens).
+
+Paper-scale inputs (millions of pairs, GBs of text) stream: files are read line by line,
+Hub datasets with --streaming, records are written to Arrow files on disk as they come, and the
+checks run in --num_proc processes; memory holds only one hash per pair for deduplication.
+
+Example:
+    python build_pairs.py --lang bo --pairs_files pairs.jsonl --en_column en --tgt_column bo \\
+        --mono_files mono.txt --tokenizer_name BASE --block_size 2048 --output_dir data/cpt-bo
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import unicodedata
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import regex
+from transformers import AutoTokenizer, HfArgumentParser
+
+from study_common import (
+    read_documents,
+    script_for_language,
+    script_letter_fraction,
+    write_card,
+    write_json_atomic,
+)
+
+logger = logging.getLogger("build_pairs")
+
+KINDS = ("mono", "pair", "replay")
+#: Drop reasons that apply to each kind of record, in the order the checks run.
+DROP_REASONS = {
+    "mono": ("empty", "not_in_script", "contains_eval_sentence"),
+    "pair": ("empty", "not_in_script", "contains_eval_sentence", "over_block_size", "duplicate_pair"),
+    "replay": ("empty", "not_in_script", "contains_eval_sentence", "replay_beyond_ratio"),
+}
+RAW_FEATURES = datasets.Features(
+    {
+        "kind": datasets.Value("string"),
+        "index": datasets.Value("int64"),
+        "source": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "en": datasets.Value("string"),
+        "tgt": datasets.Value("string"),
+    }
+)
+OUTPUT_FEATURES = datasets.Features(
+    {
+        "doc_id": datasets.Value("string"),
+        "kind": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "pair_id": datasets.Value("int64"),
+        "en": datasets.Value("string"),
+        "tgt": datasets.Value("string"),
+        "source": datasets.Value("string"),
+    }
+)
+
+
+@dataclass
+class BuildArguments:
+    lang: str = field(
+        metadata={"help": "Target language code: ko, zh, bo, mn (scripts known); any other with --script."}
+    )
+    tokenizer_name: str = field(
+        metadata={"help": "Tokenizer (local dir or Hub id) of the base model; measures pairs against --block_size."}
+    )
+    output_dir: str = field(metadata={"help": "Where the dataset (save_to_disk), build_stats.json and card go."})
+    script: str | None = field(
+        default=None, metadata={"help": "Unicode script of the target language (e.g. Cyrillic); needed if not listed."}
+    )
+    mono_files: list[str] | None = field(
+        default=None, metadata={"help": "Target-language text files: .txt (one document per line), .json, .jsonl."}
+    )
+    mono_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of mono text."})
+    mono_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --mono_dataset."})
+    mono_split: str = field(default="train", metadata={"help": "Split of --mono_dataset."})
+    mono_text_column: str = field(default="text", metadata={"help": "Text column of mono .json/.jsonl or dataset."})
+    pairs_files: list[str] | None = field(
+        default=None, metadata={"help": "Parallel pair files: .jsonl, .json, .tsv or .csv (with a header row)."}
+    )
+    pairs_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of pairs."})
+    pairs_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --pairs_dataset."})
+    pairs_split: str = field(default="train", metadata={"help": "Split of --pairs_dataset."})
+    en_column: str = field(
+        default="en", metadata={"help": "English column of the pairs; dotted for nested fields (translation.en)."}
+    )
+    tgt_column: str | None = field(
+        default=None, metadata={"help": "Target column of the pairs (default: the --lang code; dotted allowed)."}
+    )
+    replay_files: list[str] | None = field(default=None, metadata={"help": "English replay text files (optional)."})
+    replay_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of replay text."})
+    replay_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --replay_dataset."})
+    replay_split: str = field(default="train", metadata={"help": "Split of --replay_dataset."})
+    replay_text_column: str = field(default="text", metadata={"help": "Text column of replay .json/.jsonl or dataset."})
+    replay_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Share of replay in the final text tokens, in [0, 1); required with replay inputs."},
+    )
+    block_size: int = field(default=2048, metadata={"help": "Context window (tokens) a pair must fit into."})
+    min_script_fraction: float = field(
+        default=0.5, metadata={"help": "Minimum fraction of a text's letters in its expected script."}
+    )
+    eval_questions: list[str] | None = field(
+        default=None,
+        metadata={"help": "Cloze question files (JSON list of {question, options, answer}) to guard against."},
+    )
+    min_eval_sentence_chars: int = field(
+        default=8,
+        metadata={"help": "Filled eval sentences shorter than this (normalized) are too generic to guard; counted."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the replay draw."})
+    streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them whole."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for the checks (tokenization, scripts)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the dataset, stats and card to the Hub."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repo id (needed to push)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
+
+
+# --------------------------------------------------------------------------------------
+# Reading inputs
+# --------------------------------------------------------------------------------------
+
+
+def _column(record, column: str, where: str, flag: str):
+    """``record[column]``, following dots into nested dicts (``translation.en``)."""
+    value = record
+    for key in column.split("."):
+        if not isinstance(value, dict) or key not in value:
+            found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{where}: no column {column!r} (found: {found}). Pass {flag} NAME.")
+        value = value[key]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: column {column!r} holds {type(value).__name__}, not text.")
+    return value
+
+
+def read_pair_file(path: str, en_column: str, tgt_column: str):
+    """Yield (en, tgt, "file:line") from a .jsonl, .json, .tsv or .csv pair file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file. Check --pairs_files.")
+    suffix = file.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        with file.open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{file}: the file is empty. Give a header row and at least one pair.")
+            for column, flag in ((en_column, "--en_column"), (tgt_column, "--tgt_column")):
+                if column not in header:
+                    raise ValueError(
+                        f"{file}:1: no column {column!r} in the header (found: {', '.join(header)}). Pass {flag} NAME."
+                    )
+            en_at, tgt_at = header.index(en_column), header.index(tgt_column)
+            for row in reader:
+                where = f"{file}:{reader.line_num}"
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{where}: {len(row)} fields where the header has {len(header)}. "
+                        "Quote fields that contain the delimiter."
+                    )
+                yield row[en_at], row[tgt_at], where
+    elif suffix == ".jsonl":
+        with file.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{file}:{line_number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
+                yield (
+                    _column(record, en_column, where, "--en_column"),
+                    _column(record, tgt_column, where, "--tgt_column"),
+                    where,
+                )
+    elif suffix == ".json":
+        try:
+            records = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        if not isinstance(records, list):
+            raise ValueError(f"{file}: expected a JSON list of pair records.")
+        for index, record in enumerate(records):
+            where = f"{file} item {index}"
+            yield (
+                _column(record, en_column, where, "--en_column"),
+                _column(record, tgt_column, where, "--tgt_column"),
+                where,
+            )
+    else:
+        raise ValueError(f"{file}: unknown pair file type {suffix!r}; use .jsonl, .json, .tsv or .csv.")
+
+
+def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool):
+    """A Hub dataset, a local data directory, or a save_to_disk directory."""
+    directory = Path(name)
+    if directory.is_dir() and ((directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(directory))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(name, config, split=split, streaming=streaming)
+
+
+def generate_raw_records(args: BuildArguments, tgt_column: str):
+    """Every input record, in input order: mono, then pairs, then replay. ``index`` counts per kind."""
+    counters = dict.fromkeys(KINDS, 0)
+
+    def record(kind, source, text=None, en=None, tgt=None):
+        item = {"kind": kind, "index": counters[kind], "source": source, "text": text, "en": en, "tgt": tgt}
+        counters[kind] += 1
+        return item
+
+    for kind, files, dataset, config, split, column in (
+        ("mono", args.mono_files, args.mono_dataset, args.mono_dataset_config, args.mono_split, args.mono_text_column),
+        ("pair", args.pairs_files, args.pairs_dataset, args.pairs_dataset_config, args.pairs_split, None),
+        (
+            "replay",
+            args.replay_files,
+            args.replay_dataset,
+            args.replay_dataset_config,
+            args.replay_split,
+            args.replay_text_column,
+        ),
+    ):
+        for path in files or []:
+            if kind == "pair":
+                for en, tgt, where in read_pair_file(path, args.en_column, tgt_column):
+                    yield record(kind, where, en=en, tgt=tgt)
+            else:
+                for line_number, text in enumerate(read_documents(path, column), start=1):
+                    # read_documents skips blank .txt lines; the count is the document number.
+                    yield record(kind, f"{path}#{line_number}", text=text)
+        if dataset:
+            rows = load_hub_dataset(dataset, config, split, args.streaming)
+            for row_number, row in enumerate(rows):
+                where = f"{dataset}/{split}:{row_number}"
+                if kind == "pair":
+                    yield record(
+                        kind,
+                        where,
+                        en=_column(row, args.en_column, where, "--en_column"),
+                        tgt=_column(row, tgt_column, where, "--tgt_column"),
+                    )
+                else:
+                    yield record(kind, where, text=_column(row, column, where, f"--{kind}_text_column"))
+
+
+# --------------------------------------------------------------------------------------
+# Contamination guard: filled sentences of cloze questions
+# --------------------------------------------------------------------------------------
+
+_UNDERSCORE_RUN = regex.compile(r"_+")
+
+
+def normalize_for_matching(text: str) -> str:
+    """NFKC, casefolded, whitespace runs collapsed to one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _strip_trailing_punctuation(text: str) -> str:
+    end = len(text)
+    while end and (unicodedata.category(text[end - 1])[0] in "PZ" or text[end - 1].isspace()):
+        end -= 1
+    return text[:end]
+
+
+def filled_sentences(path: str) -> list[str]:
+    """Every question of a cloze file with each underscore run replaced by each answer."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file. Check --eval_questions.")
+    try:
+        items = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}:{err.lineno}: not valid JSON ({err.msg}).") from err
+    if not isinstance(items, list):
+        raise ValueError(f"{file}: expected a JSON list of {{question, options, answer}} items.")
+    sentences = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or "answer" not in item:
+            raise ValueError(f"{file} item {index}: expected {{'question': str, 'answer': str | [str], ...}}.")
+        answers = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
+        for answer in answers:
+            sentences.append(_UNDERSCORE_RUN.sub(lambda _m, a=str(answer): a, item["question"]))
+    return sentences
+
+
+class FilledSentenceMatcher:
+    """Find whether a text contains any of many sentences, in time linear in the text.
+
+    Sentences are normalized (``normalize_for_matching``, trailing punctuation removed). A
+    polynomial hash of the first ``k`` characters of each sentence is compared, with numpy,
+    against the hash of every ``k``-character window of the text; only hash hits are checked
+    character by character.
+    """
+
+    _BASE = np.uint64(1_000_003)
+
+    def __init__(self, sentences: list[str], min_chars: int):
+        normalized = {_strip_trailing_punctuation(normalize_for_matching(s)) for s in sentences}
+        self.too_short = sorted(s for s in normalized if len(s) < min_chars)
+        self.sentences = sorted(s for s in normalized if len(s) >= min_chars)
+        self.k = min([16] + [len(s) for s in self.sentences])
+        self.by_hash: dict[int, list[str]] = {}
+        for sentence in self.sentences:
+            self.by_hash.setdefault(int(self._window_hashes(sentence[: self.k])[0]), []).append(sentence)
+        self.hashes = np.array(sorted(self.by_hash), dtype=np.uint64)
+
+    def _window_hashes(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        count = len(codes) - self.k + 1
+        hashes = np.zeros(max(count, 0), dtype=np.uint64)
+        for offset in range(self.k):  # wraps modulo 2**64, which is what a hash wants
+            hashes = hashes * self._BASE + codes[offset : offset + count]
+        return hashes
+
+    def first_match(self, text: str) -> str | None:
+        if not self.sentences:
+            return None
+        normalized = normalize_for_matching(text)
+        if len(normalized) < self.k:
+            return None
+        hashes = self._window_hashes(normalized)
+        for position in np.flatnonzero(np.isin(hashes, self.hashes)):
+            for sentence in self.by_hash[int(hashes[position])]:
+                if normalized.startswith(sentence, int(position)):
+                    return sentence
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Checks (stateless, run in --num_proc processes)
+# --------------------------------------------------------------------------------------
+
+
+def check_batch(batch, tokenizer, target_script, min_fraction, block_size, matcher):
+    """Per record: the first failing check (or ""), its text tokens, and a dedup key for pairs."""
+    n = len(batch["kind"])
+    reasons, n_tokens, dedup_keys = [""] * n, [0] * n, [""] * n
+    texts_to_encode: list[str] = []
+    owners: list[tuple[int, str]] = []
+    for i in range(n):
+        kind = batch["kind"][i]
+        if kind == "pair":
+            en, tgt = batch["en"][i] or "", batch["tgt"][i] or ""
+            sides = ((en, "Latin"), (tgt, target_script))
+        else:
+            sides = ((batch["text"][i] or "", target_script if kind == "mono" else "Latin"),)
+        if any(not text.strip() for text, _ in sides):
+            reasons[i] = "empty"
+        elif any(script_letter_fraction(text, script) < min_fraction for text, script in sides):
+            reasons[i] = "not_in_script"
+        elif matcher is not None and any(matcher.first_match(text) for text, _ in sides):
+            reasons[i] = "contains_eval_sentence"
+        else:
+            for text, _ in sides:
+                texts_to_encode.append(text)
+                owners.append((i, kind))
+            if kind == "pair":
+                dedup_keys[i] = hashlib.blake2b(
+                    json.dumps([en.strip(), tgt.strip()], ensure_ascii=False).encode(), digest_size=16
+                ).hexdigest()
+    if texts_to_encode:
+        encoded = tokenizer(texts_to_encode, add_special_tokens=False)["input_ids"]
+        for (i, _kind), ids in zip(owners, encoded):
+            n_tokens[i] += len(ids)
+    for i in range(n):
+        # A pair is [start] + en + [start] + tgt: two start tokens on top of its text tokens.
+        if not reasons[i] and batch["kind"][i] == "pair" and n_tokens[i] + 2 > block_size:
+            reasons[i] = "over_block_size"
+    return {"drop_reason": reasons, "text_tokens": n_tokens, "dedup_key": dedup_keys}
+
+
+def to_output_record(batch):
+    kinds = batch["kind"]
+    return {
+        "doc_id": [f"{kind}-{index:09d}" for kind, index in zip(kinds, batch["index"])],
+        "pair_id": [index if kind == "pair" else None for kind, index in zip(kinds, batch["index"])],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def validate(args: BuildArguments) -> None:
+    if not args.pairs_files and not args.pairs_dataset:
+        raise ValueError("Give parallel pairs: --pairs_files FILE ... or --pairs_dataset NAME.")
+    has_replay = bool(args.replay_files or args.replay_dataset)
+    if has_replay and args.replay_ratio is None:
+        raise ValueError("Replay inputs were given without --replay_ratio; set the replay share, e.g. 0.1.")
+    if args.replay_ratio is not None and not has_replay and args.replay_ratio > 0:
+        raise ValueError("--replay_ratio was given without --replay_files or --replay_dataset.")
+    if args.replay_ratio is not None and not 0 <= args.replay_ratio < 1:
+        raise ValueError(f"--replay_ratio must be in [0, 1), got {args.replay_ratio}.")
+    if not 0 <= args.min_script_fraction <= 1:
+        raise ValueError(f"--min_script_fraction must be in [0, 1], got {args.min_script_fraction}.")
+    if args.block_size < 4:
+        raise ValueError(f"--block_size must be at least 4 tokens, got {args.block_size}.")
+    if args.push_to_hub and not args.hub_dataset_id:
+        raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cpt-bo).")
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()) and not args.overwrite_output_dir:
+        raise ValueError(f"{output} exists and is not empty. Use another --output_dir or --overwrite_output_dir.")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = HfArgumentParser(BuildArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    validate(args)
+    target_script = script_for_language(args.lang, args.script)
+    tgt_column = args.tgt_column or args.lang
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+
+    matcher = None
+    if args.eval_questions:
+        sentences = [s for path in args.eval_questions for s in filled_sentences(path)]
+        matcher = FilledSentenceMatcher(sentences, args.min_eval_sentence_chars)
+        logger.info(
+            "Contamination guard: %d filled eval sentences (%d too short to guard).",
+            len(matcher.sentences),
+            len(matcher.too_short),
+        )
+
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        # 1. All inputs into Arrow files on disk, record by record (bounded memory).
+        raw = datasets.Dataset.from_generator(
+            generate_raw_records,
+            features=RAW_FEATURES,
+            cache_dir=str(staging / "cache"),
+            gen_kwargs={"args": args, "tgt_column": tgt_column},
+            fingerprint=uuid.uuid4().hex,
+        )
+        # 2. Stateless checks in parallel.
+        checked = raw.map(
+            check_batch,
+            batched=True,
+            batch_size=1000,
+            num_proc=args.num_proc,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "target_script": target_script,
+                "min_fraction": args.min_script_fraction,
+                "block_size": args.block_size,
+                "matcher": matcher,
+            },
+            desc="Checking documents and pairs",
+        )
+        kinds = np.array(checked["kind"])
+        reasons = np.array(checked["drop_reason"], dtype=object)
+        text_tokens = np.array(checked["text_tokens"], dtype=np.int64)
+
+        # 3. Exact duplicate pairs among the pairs still kept (first occurrence wins).
+        seen: set[str] = set()
+        for row, key in enumerate(checked["dedup_key"]):
+            if key and reasons[row] == "":
+                if key in seen:
+                    reasons[row] = "duplicate_pair"
+                else:
+                    seen.add(key)
+        del seen
+
+        # 4. Replay share, in text tokens, drawn in a seeded random order.
+        kept = reasons == ""
+        replay_stats = {}
+        if args.replay_ratio is not None:
+            base_tokens = int(text_tokens[kept & (kinds != "replay")].sum())
+            target = args.replay_ratio / (1 - args.replay_ratio) * base_tokens
+            candidates = np.flatnonzero(kept & (kinds == "replay"))
+            order = np.random.default_rng(args.seed).permutation(candidates)
+            cumulative = np.cumsum(text_tokens[order])
+            n_take = int(np.searchsorted(cumulative, target, side="left")) + 1 if target > 0 else 0
+            n_take = min(n_take, len(order))
+            reasons[order[n_take:]] = "replay_beyond_ratio"
+            replay_tokens = int(cumulative[n_take - 1]) if n_take else 0
+            achieved = replay_tokens / (replay_tokens + base_tokens) if replay_tokens + base_tokens else 0.0
+            replay_stats = {
+                "requested_ratio": args.replay_ratio,
+                "achieved_ratio": round(achieved, 6),
+                "replay_text_tokens": replay_tokens,
+            }
+            if achieved < args.replay_ratio - 0.01:
+                logger.warning(
+                    "Only %.3f replay share reached (asked %.3f): not enough replay text.", achieved, args.replay_ratio
+                )
+        kept = reasons == ""
+
+        # 5. The output dataset: kept records in input order, with stable ids.
+        final = checked.select(np.flatnonzero(kept)).map(to_output_record, batched=True, desc="Assigning document ids")
+        final = final.select_columns(list(OUTPUT_FEATURES)).cast(OUTPUT_FEATURES).flatten_indices()
+        if len(final) == 0:
+            raise ValueError("No document survived cleaning; see the drop counts logged above.")
+        dataset_dir = staging / "dataset"
+        final.save_to_disk(str(dataset_dir))
+
+        stats = {
+            "lang": args.lang,
+            "script": target_script,
+            "tokenizer": args.tokenizer_name,
+            "block_size": args.block_size,
+            "seed": args.seed,
+            "min_script_fraction": args.min_script_fraction,
+            "read": {kind: int((kinds == kind).sum()) for kind in KINDS},
+            "kept": {kind: int((kept & (kinds == kind)).sum()) for kind in KINDS},
+            "kept_text_tokens": {kind: int(text_tokens[kept & (kinds == kind)].sum()) for kind in KINDS},
+            "dropped": {
+                kind: {reason: int(((reasons == reason) & (kinds == kind)).sum()) for reason in DROP_REASONS[kind]}
+                for kind in KINDS
+            },
+            "replay": replay_stats,
+            "eval_questions": {
+                "files": args.eval_questions or [],
+                "sentences_guarded": len(matcher.sentences) if matcher else 0,
+                "sentences_too_short_to_guard": matcher.too_short if matcher else [],
+            },
+            "arguments": asdict(args),
+        }
+        write_json_atomic(dataset_dir / "build_stats.json", stats)
+        setting = {
+            "lang": args.lang,
+            "script": target_script,
+            "tokenizer": args.tokenizer_name,
+            "block_size": args.block_size,
+            "mono": args.mono_files or args.mono_dataset or "none",
+            "pairs": args.pairs_files or args.pairs_dataset,
+            "replay": args.replay_files or args.replay_dataset or "none",
+            "replay_ratio": replay_stats.get("achieved_ratio", 0.0),
+            "kept documents": stats["kept"],
+            "kept text tokens": stats["kept_text_tokens"],
+            "dropped": {k: {r: c for r, c in v.items() if c} for k, v in stats["dropped"].items()},
+            "eval questions guarded": args.eval_questions or "none",
+            "seed": args.seed,
+        }
+        write_card(
+            dataset_dir,
+            f"Continual-pretraining data: {args.lang}",
+            "One document per record (kind mono | pair | replay); both continual-pretraining settings "
+            "(with and without bridges) read this same dataset. Lengths were checked with the tokenizer below.",
+            setting,
+            ["cross-lingual-transfer", "continual-pretraining", f"lang-{args.lang}"],
+        )
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(dataset_dir, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    for kind in KINDS:
+        dropped = {r: c for r, c in stats["dropped"][kind].items() if c}
+        logger.info("%-6s read %d, kept %d, dropped %s", kind, stats["read"][kind], stats["kept"][kind], dropped or 0)
+    logger.info("Saved %s", output_dir)
+
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        pushed = datasets.load_from_disk(str(output_dir))
+        pushed.push_to_hub(args.hub_dataset_id, private=args.hub_private_repo)
+        api = HfApi()
+        for name in ("build_stats.json", "README.md"):
+            api.upload_file(
+                path_or_fileobj=str(output_dir / name),
+                path_in_repo=name,
+                repo_id=args.hub_dataset_id,
+                repo_type="dataset",
+            )
+        logger.info("Pushed to the Hub dataset %s", args.hub_dataset_id)
+    return output_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"build_pairs.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

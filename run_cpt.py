@@ -1,0 +1,1025 @@
+#!/usr/bin/env python
+"""Continual pretraining on one language, WITH or WITHOUT bridges (step 2b of the study).
+
+    accelerate launch run_cpt.py --model_name_or_path BASE --dataset_path DATA --lang bo --bridges \\
+        --block_size 2048 --output_dir runs/cpt-bo-bridges --max_steps 1500 --save_steps 100
+
+continues a base model (run_pretrain.py output, local or Hub) on the dataset of build_pairs.py
+(``--dataset_path`` save_to_disk dir, or ``--dataset_name`` Hub dataset pushed by build_pairs.py).
+``--bridges`` or ``--no_bridges`` must be given. The two settings train on exactly the same
+documents, the same tokens and the same number of windows and steps; they differ only in whether
+the two halves of each parallel pair share a context window (and so attend to each other). How
+that is guaranteed is documented in ``BridgePackingCollator`` below; the run proves it at start
+in ``packing_audit.json`` (and raises if it does not hold), and ``--dump_packing FILE`` writes
+every trained window for an independent check.
+
+Paper defaults: 1,500 steps of 0.5M tokens, i.e. ``--block_size 2048`` and 256 windows per step
+(``per_device_train_batch_size x processes x gradient_accumulation_steps = 256``, e.g. 8 x 8 x 4),
+``--max_steps 1500``.
+
+Outputs in --output_dir: checkpoint-N/ every --save_steps (a learning curve), the final model and
+tokenizer, packing_audit.json, the setting in config.json (``cpt_setting``), in trainer_state.json
+(``stateful_callbacks.CPTSettingCallback``) and in the run name (default ``cpt-bo-bridges-seed0``),
+and a model card (README.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import get_last_checkpoint
+
+from study_common import document_start_id, use_cpu_backend_without_gpu, write_card, write_json_atomic
+
+logger = logging.getLogger("run_cpt")
+
+# ======================================================================================
+# The bridge-aware packing collator. This section is self-contained (stdlib + torch): copy
+# PackingUnit and BridgePackingCollator into another project as they are.
+# ======================================================================================
+
+
+class PackingUnit(NamedTuple):
+    """One record of the CPT dataset, as the packer sees it.
+
+    key              hashable, unique within one pass over the data (e.g. the dataset row)
+    segment_lengths  token count of each of its segments (each segment is ``[start] + tokens``)
+    is_pair          True for a parallel pair: exactly two segments, first side and second side
+    """
+
+    key: object
+    segment_lengths: tuple[int, ...]
+    is_pair: bool
+
+
+class BridgePackingCollator:
+    """Pack documents into context windows, keeping or breaking parallel-pair co-location.
+
+    The "custom packing collator that keeps or breaks parallel-pair co-location in the context
+    window": it plans which documents share each window of ``block_size`` tokens, and collates
+    planned windows into model inputs with document-isolated attention.
+
+    **Vocabulary.**
+
+    - *segment*: token ids ``[start] + tokens`` (``start`` is the EOS id). A monolingual or replay
+      text longer than a window was cut, before packing and identically for both settings, into
+      segments of at most ``block_size`` tokens. A parallel pair has two segments:
+      ``first = [start] + first_side + separator`` and ``second = [start] + second_side``.
+    - *document*: a run of tokens that attends only to itself; its position ids start at 0.
+      With ``bridges=True`` a pair is ONE document, ``first + second``, positions continuing
+      through it, so the second half attends to the first. With ``bridges=False`` each half is its
+      own document. A text segment is a document in both settings.
+    - *window*: one training row: whole documents, then padding up to ``block_size``.
+
+    **Guarantees** (for the same units, seed and ``block_size``):
+
+    1. The multiset of segments, hence of tokens, is the same in both settings: the settings
+       differ only in how segments are grouped into documents and windows.
+    2. With bridges every pair is one document in one window (100% co-located); without bridges
+       the halves of a pair are never in the same window (0% co-located).
+    3. No window holds more than ``block_size`` tokens; no document is ever split across windows
+       (documents longer than a window cannot exist: pairs that do not fit one window must be
+       removed by the caller, in both settings).
+    4. Labels are ``-100`` at the first token of every *segment* (its start token would otherwise
+       be predicted across a document boundary, and masking it at the pair's inner boundary too
+       keeps the predicted tokens identical in both settings) and on padding; all other labels
+       equal the input ids.
+    5. Every unit of the packed stream appears exactly once per pass over the data.
+
+    **Packing algorithm** (``pack``). Units come in a seeded shuffled order (``shuffled``: the same
+    order in both settings; a unit's segments stay together). Their documents are placed online,
+    best fit over a bounded set of at most ``max_open_windows`` open windows: a document goes into
+    the open window with the least free space that still fits it (ties: the earliest opened),
+    skipping, without bridges, the window that holds the other half of its pair. When nothing
+    fits, a new window opens; if ``max_open_windows`` are open, the fullest one is closed first.
+    A window that is exactly full closes at once. The plan is a pure function of the units, the
+    order, ``block_size`` and ``max_open_windows``; memory is bounded by the open windows.
+
+    **Same documents under a step budget** (``plan``). A step consumes ``windows_per_step``
+    windows (per-device batch x processes x gradient accumulation). Cutting each setting's
+    window stream at the step budget would leave the two settings with different document sets
+    (bridged documents pack a little less densely). Instead ``plan`` runs both settings' packers
+    side by side over the shuffled stream (pass after pass, each pass reshuffled), recording after
+    every unit how many windows each would need, and takes the LONGEST unit prefix that both can
+    pack into ``T = steps x windows_per_step`` windows. Each setting's windows are then split
+    (a window with the most documents is halved, repeatedly) until both have exactly ``T``
+    windows. Both settings therefore see exactly the same documents, the same number of windows,
+    of real tokens and of steps; a prefix is feasible only when the settings have at least ``T``
+    documents to spread over ``T`` windows, and when it is not, the step count is reduced to the
+    largest feasible one (reported). With ``num_epochs`` instead of ``max_steps``, the prefix is
+    ``num_epochs`` passes and ``T`` is rounded up to whole steps. Because ``T`` is a whole number
+    of steps of whole batches, a Trainer's sampler shuffling the windows, and its sharding of them
+    over processes, consume each planned window exactly once in one epoch over the packed dataset.
+
+    **Collation** (``__call__``). Each feature is a window from ``window_features``:
+    ``input_ids``, ``position_ids`` (restarting at 0 at each document) and ``labels``. The batch
+    pads each window at the end to ``block_size`` with ``pad_token_id``, label ``-100`` and
+    position ids restarting at 0, and passes NO ``attention_mask``. With ``use_cache=False``,
+    transformers (>= 5) then builds a block-diagonal causal mask from the position ids (sdpa,
+    eager; flash-attention uses them as variable-length boundaries), so no token attends across
+    documents. The feature keys are model ``forward`` arguments, so Trainer's column removal
+    keeps them.
+
+    Example::
+
+        units = [PackingUnit(0, (5, 7), True), PackingUnit(1, (12,), False)]
+        plan = BridgePackingCollator.plan(units, block_size=16, windows_per_step=2, seed=0, max_steps=1)
+        collator = BridgePackingCollator(block_size=16, bridges=True, pad_token_id=0)
+        window = plan["windows"][True][0]            # documents of ((pass, key), part) segments
+        batch = collator([collator.window_features(window, tokens_of_segment)])
+    """
+
+    def __init__(self, block_size: int, bridges: bool, pad_token_id: int, max_open_windows: int = 64):
+        if block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {block_size}")
+        if max_open_windows < 1:
+            raise ValueError(f"max_open_windows must be at least 1, got {max_open_windows}")
+        self.block_size = block_size
+        self.bridges = bridges
+        self.pad_token_id = pad_token_id
+        self.max_open_windows = max_open_windows
+
+    # ---- units -> documents ------------------------------------------------------------
+
+    def documents(self, unit: PackingUnit) -> list[tuple[int, tuple, object]]:
+        """(length, segments, pair_key) of each document of ``unit``; a segment is ``(key, part)``."""
+        lengths = unit.segment_lengths
+        if unit.is_pair:
+            if len(lengths) != 2:
+                raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
+            if self.bridges:
+                return [(lengths[0] + lengths[1], ((unit.key, 0), (unit.key, 1)), None)]
+            return [(lengths[0], ((unit.key, 0),), unit.key), (lengths[1], ((unit.key, 1),), unit.key)]
+        return [(length, ((unit.key, part),), None) for part, length in enumerate(lengths)]
+
+    # ---- online best-fit packing ---------------------------------------------------------
+
+    class _BestFit:
+        """Best fit over at most ``max_open`` open windows (see the class docstring)."""
+
+        def __init__(self, block_size: int, max_open: int, keep_windows: bool):
+            self.block_size, self.max_open, self.keep_windows = block_size, max_open, keep_windows
+            self.closed: list[list[tuple]] = []
+            self.closed_count = 0
+            self._open: dict[int, list] = {}  # serial -> [free space, documents, pair keys]
+            self._by_space: list[tuple[int, int]] = []  # sorted (free space, serial)
+            self._next_serial = 0
+
+        @property
+        def window_count(self) -> int:
+            """Windows needed if the stream ended now (closed + open)."""
+            return self.closed_count + len(self._open)
+
+        def _close(self, serial: int) -> None:
+            documents = self._open.pop(serial)[1]
+            self.closed_count += 1
+            if self.keep_windows:
+                self.closed.append(documents)
+
+        def add(self, length: int, segments: tuple, pair_key) -> None:
+            if length > self.block_size:
+                raise ValueError(f"a document of {length} tokens cannot fit a window of {self.block_size}")
+            position = bisect.bisect_left(self._by_space, (length, -1))
+            while position < len(self._by_space):
+                serial = self._by_space[position][1]
+                window = self._open[serial]
+                if pair_key is None or pair_key not in window[2]:
+                    del self._by_space[position]
+                    break
+                position += 1
+            else:
+                if len(self._open) >= self.max_open:
+                    self._close(self._by_space.pop(0)[1])  # the fullest window (least free space)
+                serial = self._next_serial
+                self._next_serial += 1
+                window = self._open[serial] = [self.block_size, [], set()]
+            window[0] -= length
+            window[1].append(segments)
+            if pair_key is not None:
+                window[2].add(pair_key)
+            if window[0] == 0:
+                self._close(serial)
+            else:
+                bisect.insort(self._by_space, (window[0], serial))
+
+        def finish(self) -> list[list[tuple]]:
+            for serial in sorted(self._open):
+                self._close(serial)
+            return self.closed
+
+    def _packer(self, keep_windows: bool = True) -> BridgePackingCollator._BestFit:
+        return self._BestFit(self.block_size, self.max_open_windows, keep_windows)
+
+    def pack(self, units: Iterable[PackingUnit]) -> list[list[tuple]]:
+        """Windows for ``units`` in the given order: each a list of documents, each a tuple of segments."""
+        packer = self._packer()
+        for unit in units:
+            for length, segments, pair_key in self.documents(unit):
+                packer.add(length, segments, pair_key)
+        return packer.finish()
+
+    @staticmethod
+    def _pass_order(n_units: int, seed: int, data_pass: int) -> list[int]:
+        order = list(range(n_units))
+        random.Random(f"bridge-packing/{seed}/{data_pass}").shuffle(order)
+        return order
+
+    @classmethod
+    def shuffled(cls, units: Sequence[PackingUnit], seed: int, data_pass: int) -> list[PackingUnit]:
+        """Units in the seeded order of one pass, keys made ``(pass, key)`` (unique across passes)."""
+        return [
+            PackingUnit((data_pass, units[i].key), units[i].segment_lengths, units[i].is_pair)
+            for i in cls._pass_order(len(units), seed, data_pass)
+        ]
+
+    @classmethod
+    def _stream(cls, units: Sequence[PackingUnit], seed: int) -> Iterator[PackingUnit]:
+        """Pass after pass over ``units``, each in its own seeded order (as ``shuffled``), lazily."""
+        for data_pass in itertools.count():
+            for i in cls._pass_order(len(units), seed, data_pass):
+                yield PackingUnit((data_pass, units[i].key), units[i].segment_lengths, units[i].is_pair)
+
+    @staticmethod
+    def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0) -> list[list[tuple]]:
+        """Split windows (the one with the most documents first, halving it) until there are ``target``.
+
+        When every window holds a single document and more are needed, up to ``max_empty_windows``
+        empty windows (all padding) are appended.
+        """
+        if len(windows) > target:
+            raise ValueError(f"cannot split {len(windows)} windows down to {target}")
+        pieces = {(i, 0): list(window) for i, window in enumerate(windows)}
+        order = {i: [0] for i in range(len(windows))}
+        heap = [(-len(window), i, 0) for i, window in enumerate(windows) if len(window) > 1]
+        heapq.heapify(heap)
+        empty = 0
+        for _ in range(target - len(windows)):
+            if not heap:
+                if empty < max_empty_windows:
+                    empty += 1
+                    continue
+                raise ValueError(f"only {len(pieces)} documents: cannot fill {target} windows")
+            _, i, serial = heapq.heappop(heap)
+            documents = pieces[(i, serial)]
+            new_serial = len(order[i])
+            half = len(documents) // 2
+            pieces[(i, serial)], pieces[(i, new_serial)] = documents[:half], documents[half:]
+            order[i].insert(order[i].index(serial) + 1, new_serial)
+            for s in (serial, new_serial):
+                if len(pieces[(i, s)]) > 1:
+                    heapq.heappush(heap, (-len(pieces[(i, s)]), i, s))
+        return [pieces[(i, s)] for i in range(len(windows)) for s in order[i]] + [[] for _ in range(empty)]
+
+    @classmethod
+    def plan(
+        cls,
+        units: Sequence[PackingUnit],
+        *,
+        block_size: int,
+        windows_per_step: int,
+        seed: int,
+        max_steps: int | None = None,
+        num_epochs: float | None = None,
+        max_open_windows: int = 64,
+        max_empty_windows: int = 0,
+    ) -> dict:
+        """Both settings' windows over the same unit prefix, ``steps x windows_per_step`` each.
+
+        Returns a dict: ``steps``, ``windows_per_step``, ``units_seen`` (length of the prefix of the
+        pass-after-pass shuffled stream), ``passes`` (passes the prefix touches), ``seen`` (the
+        ``(pass, key)`` of each unit of the prefix), ``windows`` ({True: bridges windows, False:
+        no-bridges windows}), ``packer_windows`` (before splitting), ``requested_steps``.
+        """
+        if (max_steps is None) == (num_epochs is None):
+            raise ValueError("give exactly one of max_steps and num_epochs")
+        if not units:
+            raise ValueError("no units to pack")
+        if windows_per_step < 1:
+            raise ValueError(f"windows_per_step must be at least 1, got {windows_per_step}")
+        settings = {bridges: cls(block_size, bridges, 0, max_open_windows) for bridges in (True, False)}
+        counters = {bridges: collator._packer(keep_windows=False) for bridges, collator in settings.items()}
+        needed = [0]  # after P units: windows the hungrier setting needs
+        bridge_documents = [0]  # after P units: documents with bridges (never more than without)
+        limit = math.ceil(num_epochs * len(units)) if num_epochs is not None else None
+        budget = max_steps * windows_per_step if max_steps is not None else None
+
+        with_bridges, without_bridges = settings[True], settings[False]
+        count_with, count_without = counters[True], counters[False]
+        for unit in cls._stream(units, seed):
+            if limit is not None and len(needed) - 1 >= limit:
+                break
+            documents_with = with_bridges.documents(unit)
+            for length, segments, pair_key in documents_with:
+                count_with.add(length, segments, pair_key)
+            for length, segments, pair_key in without_bridges.documents(unit):
+                count_without.add(length, segments, pair_key)
+            needed.append(max(count_with.window_count, count_without.window_count))
+            bridge_documents.append(bridge_documents[-1] + len(documents_with))
+            if budget is not None and needed[-1] > budget:
+                break
+        if budget is None:
+            budget = math.ceil(needed[-1] / windows_per_step) * windows_per_step
+        target = budget
+        while True:
+            prefix = bisect.bisect_right(needed, target) - 1  # longest prefix both settings fit
+            if bridge_documents[prefix] + max_empty_windows >= target:
+                break
+            target = ((bridge_documents[prefix] + max_empty_windows) // windows_per_step) * windows_per_step
+            if target == 0:
+                raise ValueError(
+                    f"the data cannot fill even one step of {windows_per_step} windows in both settings "
+                    f"({bridge_documents[-1]} documents); lower the batch size or add data"
+                )
+        seen = list(itertools.islice(cls._stream(units, seed), prefix))
+        windows, packer_windows = {}, {}
+        for bridges, collator in settings.items():
+            packed = collator.pack(seen)
+            packer_windows[bridges] = len(packed)
+            windows[bridges] = cls.split_to(packed, target, max_empty_windows)
+        return {
+            "steps": target // windows_per_step,
+            "requested_steps": budget // windows_per_step,
+            "windows_per_step": windows_per_step,
+            "units_seen": prefix,
+            "passes": seen[-1].key[0] + 1,
+            "seen": [unit.key for unit in seen],
+            "windows": windows,
+            "packer_windows": packer_windows,
+        }
+
+    # ---- windows -> model inputs -------------------------------------------------------
+
+    def window_features(self, window: list[tuple], segment_tokens: Callable[[tuple], Sequence[int]]) -> dict:
+        """``input_ids``, ``position_ids``, ``labels`` (unpadded) of a planned window."""
+        input_ids: list[int] = []
+        position_ids: list[int] = []
+        labels: list[int] = []
+        for document in window:
+            position = 0
+            for segment in document:
+                tokens = [int(t) for t in segment_tokens(segment)]
+                input_ids += tokens
+                position_ids += range(position, position + len(tokens))
+                position += len(tokens)
+                labels += [-100] + tokens[1:]
+        if len(input_ids) > self.block_size:
+            raise ValueError(f"window of {len(input_ids)} tokens exceeds block_size {self.block_size}")
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
+        for feature in features:
+            length = len(feature["input_ids"])
+            padding = self.block_size - length
+            if padding < 0:
+                raise ValueError(f"window of {length} tokens exceeds block_size {self.block_size}")
+            batch["input_ids"].append(list(feature["input_ids"]) + [self.pad_token_id] * padding)
+            batch["position_ids"].append(list(feature["position_ids"]) + list(range(padding)))
+            batch["labels"].append(list(feature["labels"]) + [-100] * padding)
+        return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+
+
+# ======================================================================================
+# Arguments
+# ======================================================================================
+
+
+@dataclass
+class CPTArguments:
+    lang: str = field(metadata={"help": "Target language code of the dataset (ko, zh, bo, mn, ...)."})
+    model_name_or_path: str = field(metadata={"help": "Base model: a local directory or a Hub id."})
+    bridges: bool = field(
+        default=False, metadata={"help": "WITH bridges: each parallel pair is one document (halves co-located)."}
+    )
+    no_bridges: bool = field(
+        default=False, metadata={"help": "WITHOUT bridges: pair halves are separate documents, never co-located."}
+    )
+    dataset_path: str | None = field(default=None, metadata={"help": "build_pairs.py output (save_to_disk dir)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset pushed by build_pairs.py --push_to_hub (instead of a path)."}
+    )
+    dataset_revision: str | None = field(default=None, metadata={"help": "Revision of --dataset_name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read when the dataset has several."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    block_size: int = field(default=2048, metadata={"help": "Context window in tokens (paper: 2048)."})
+    pair_order: str = field(
+        default="en_first",
+        metadata={
+            "help": "Which side of a pair comes first: en_first (default), tgt_first, or random (a coin per pair "
+            "seeded by --data_seed/--seed and the pair id; the same in both settings)."
+        },
+    )
+    pair_separator: str = field(
+        default="",
+        metadata={"help": "Text appended to the first side of every pair, in both settings (default: none)."},
+    )
+    max_open_windows: int = field(default=64, metadata={"help": "Packer lookahead: windows kept open at once."})
+    dump_packing: str | None = field(
+        default=None, metadata={"help": "Write every planned window as JSON lines to this file (see README)."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+    dtype: str | None = field(default=None, metadata={"help": "Load weights in this dtype (default float32)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArguments]:
+    parser = HfArgumentParser((CPTArguments, TrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        cpt_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        cpt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if cpt_args.bridges == cpt_args.no_bridges:
+        raise ValueError(
+            "Give exactly one of --bridges (pairs co-located in one context window) and --no_bridges "
+            "(pair halves never in the same window); the setting is never implied."
+        )
+    if (cpt_args.dataset_path is None) == (cpt_args.dataset_name is None):
+        raise ValueError("Give exactly one of --dataset_path DIR (build_pairs.py output) and --dataset_name HUB_ID.")
+    if cpt_args.pair_order not in ("en_first", "tgt_first", "random"):
+        raise ValueError(f"--pair_order must be en_first, tgt_first or random, got {cpt_args.pair_order!r}.")
+    if cpt_args.block_size < 4:
+        raise ValueError(f"--block_size must be at least 4, got {cpt_args.block_size}.")
+    if training_args.auto_find_batch_size:
+        raise ValueError(
+            "--auto_find_batch_size changes the batch size during training, which would break the packing plan "
+            "(both settings must consume the same windows per step). Set --per_device_train_batch_size."
+        )
+    if training_args.ignore_data_skip:
+        raise ValueError("--ignore_data_skip would re-train windows already seen when resuming; remove it.")
+    return cpt_args, training_args
+
+
+# ======================================================================================
+# Data: tokenized units, token store, packed dataset
+# ======================================================================================
+
+REQUIRED_COLUMNS = ("doc_id", "kind", "text", "pair_id", "en", "tgt")
+TOKENIZED_FEATURES = datasets.Features(
+    {
+        "segments": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+        "first_side": datasets.Value("string"),
+        "drop_reason": datasets.Value("string"),
+    }
+)
+
+
+def load_cpt_dataset(cpt_args: CPTArguments) -> tuple[datasets.Dataset, Path | None]:
+    """The build_pairs.py dataset and the folder it came from (for its build_stats.json)."""
+    if cpt_args.dataset_name:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(cpt_args.dataset_name, repo_type="dataset", revision=cpt_args.dataset_revision))
+        loaded = datasets.load_dataset(str(folder))
+    else:
+        folder = Path(cpt_args.dataset_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such dataset directory. Build it with build_pairs.py.")
+        loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, datasets.DatasetDict):
+        if cpt_args.dataset_split not in loaded:
+            raise ValueError(f"{folder}: no split {cpt_args.dataset_split!r} (found {list(loaded)}).")
+        loaded = loaded[cpt_args.dataset_split]
+    missing = [c for c in REQUIRED_COLUMNS if c not in loaded.column_names]
+    if missing:
+        raise ValueError(
+            f"{folder}: not a build_pairs.py dataset (missing columns {missing}; found {loaded.column_names})."
+        )
+    return loaded, folder
+
+
+def pair_first_side(pair_id: int, order: str, seed: int) -> str:
+    """ "en" or "tgt": which side of pair ``pair_id`` comes first (a seeded coin for ``random``)."""
+    if order == "en_first":
+        return "en"
+    if order == "tgt_first":
+        return "tgt"
+    return "en" if hashlib.sha256(f"pair-order/{seed}/{pair_id}".encode()).digest()[0] % 2 == 0 else "tgt"
+
+
+def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator_ids, seed):
+    """Segments of every unit (identical for both settings), or the reason it is dropped."""
+    n = len(batch["kind"])
+    texts, owners = [], []
+    for i in range(n):
+        kind = batch["kind"][i]
+        if kind == "pair":
+            texts += [batch["en"][i] or "", batch["tgt"][i] or ""]
+            owners += [(i, "en"), (i, "tgt")]
+        elif kind in ("mono", "replay"):
+            texts.append(batch["text"][i] or "")
+            owners.append((i, "text"))
+        else:
+            raise ValueError(f"document {batch['doc_id'][i]}: unknown kind {kind!r} (expected mono, pair, replay).")
+    encoded: dict[tuple[int, str], list[int]] = dict(
+        zip(owners, tokenizer(texts, add_special_tokens=False)["input_ids"])
+    )
+    segments, first_sides, reasons = [], [], []
+    piece = block_size - 1  # every segment is [start] + at most block_size - 1 tokens
+    for i in range(n):
+        first_side, reason, unit_segments = "", "", []
+        if batch["kind"][i] == "pair":
+            en, tgt = encoded[(i, "en")], encoded[(i, "tgt")]
+            first_side = pair_first_side(batch["pair_id"][i], pair_order, seed)
+            first, second = (en, tgt) if first_side == "en" else (tgt, en)
+            unit_segments = [[start_id] + first + separator_ids, [start_id] + second]
+            if not en or not tgt:
+                reason, unit_segments = "empty_after_tokenization", []
+            elif len(unit_segments[0]) + len(unit_segments[1]) > block_size:
+                reason, unit_segments = "pair_over_block_size", []
+        else:
+            ids = encoded[(i, "text")]
+            if not ids:
+                reason = "empty_after_tokenization"
+            unit_segments = [[start_id] + ids[at : at + piece] for at in range(0, len(ids), piece)]
+        segments.append(unit_segments)
+        first_sides.append(first_side)
+        reasons.append(reason)
+    return {"segments": segments, "first_side": first_sides, "drop_reason": reasons}
+
+
+class SegmentStore:
+    """Token ids of segment ``part`` of dataset row ``row``, read zero-copy from the Arrow files."""
+
+    def __init__(self, tokenized: datasets.Dataset):
+        if tokenized._indices is not None:
+            tokenized = tokenized.flatten_indices()
+        self._chunks = []
+        starts = [0]
+        for chunk in tokenized.data.table.column("segments").chunks:
+            outer = chunk.offsets.to_numpy()
+            inner = chunk.values
+            self._chunks.append((outer, inner.offsets.to_numpy(), inner.values.to_numpy(zero_copy_only=False)))
+            starts.append(starts[-1] + len(chunk))
+        self._starts = np.array(starts)
+
+    def segment_lengths(self) -> list[tuple[int, ...]]:
+        """Token count of every segment, per row."""
+        lengths = []
+        for outer, inner_offsets, _ in self._chunks:
+            sizes = np.diff(inner_offsets)
+            lengths += [tuple(sizes[outer[r] : outer[r + 1]].tolist()) for r in range(len(outer) - 1)]
+        return lengths
+
+    def tokens(self, row: int, part: int) -> np.ndarray:
+        chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
+        outer, inner_offsets, values = self._chunks[chunk]
+        segment = int(outer[row - self._starts[chunk]]) + part
+        return values[inner_offsets[segment] : inner_offsets[segment + 1]]
+
+    def segment_tokens(self, segment: tuple) -> np.ndarray:
+        """For ``BridgePackingCollator.window_features``: a segment is ``((pass, row), part)``."""
+        (_, row), part = segment
+        return self.tokens(row, part)
+
+
+class PackedWindows(torch.utils.data.Dataset):
+    """The planned windows of one setting, materialized lazily as model inputs."""
+
+    def __init__(self, windows: list[list[tuple]], store: SegmentStore, collator: BridgePackingCollator):
+        self.windows, self.store, self.collator = windows, store, collator
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.collator.window_features(self.windows[index], self.store.segment_tokens)
+
+
+# ======================================================================================
+# Audit
+# ======================================================================================
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator, pair_rows: set, doc_ids, vocab_size):
+    """Measure one setting's planned windows from the features the model will receive."""
+    segment_digests: list[bytes] = []
+    token_counts = np.zeros(vocab_size, dtype=np.int64)
+    target_counts = np.zeros(vocab_size, dtype=np.int64)
+    pending_tokens, pending_targets = [], []
+    pair_place: dict[tuple, list] = {}  # (pass, row) -> [(window, document, first position) per part]
+    seen = Counter()
+    real = documents = segments = max_window = 0
+    for w, window in enumerate(windows):
+        features = collator.window_features(window, store.segment_tokens)
+        input_ids = np.asarray(features["input_ids"], dtype=np.int64)
+        labels = np.asarray(features["labels"], dtype=np.int64)
+        positions = features["position_ids"]
+        offset = 0
+        for d, document in enumerate(window):
+            documents += 1
+            for key, part in document:
+                tokens = store.segment_tokens((key, part))
+                segment_digests.append(hashlib.blake2b(tokens.astype("<i4").tobytes(), digest_size=16).digest())
+                segments += 1
+                if part == 0:
+                    seen[key[1]] += 1
+                if key[1] in pair_rows:
+                    pair_place.setdefault(key, [None, None])[part] = (w, d, positions[offset])
+                offset += len(tokens)
+        real += len(input_ids)
+        max_window = max(max_window, len(input_ids))
+        pending_tokens.append(input_ids)
+        pending_targets.append(labels[labels != -100])
+        if len(pending_tokens) >= 1024 or w == len(windows) - 1:
+            token_counts += np.bincount(np.concatenate(pending_tokens), minlength=vocab_size)[:vocab_size]
+            target_counts += np.bincount(np.concatenate(pending_targets), minlength=vocab_size)[:vocab_size]
+            pending_tokens, pending_targets = [], []
+    co_located = sum(1 for first, second in pair_place.values() if first[0] == second[0])
+    attending = sum(1 for first, second in pair_place.values() if first[:2] == second[:2] and second[2] != 0)
+    total_pairs = len(pair_place)
+    seen_text = "\n".join(f"{doc_ids[row]}\t{count}" for row, count in sorted(seen.items()))
+    return {
+        "windows": len(windows),
+        "documents": documents,
+        "segments": segments,
+        "real_tokens": real,
+        "target_tokens": int(target_counts.sum()),
+        "real_token_fraction": round(real / (len(windows) * collator.block_size), 6),
+        "max_window_tokens": max_window,
+        "pairs": {
+            "total": total_pairs,
+            "co_located": co_located,
+            "split": total_pairs - co_located,
+            "co_located_percent": round(100.0 * co_located / total_pairs, 4) if total_pairs else None,
+            "split_percent": round(100.0 * (total_pairs - co_located) / total_pairs, 4) if total_pairs else None,
+            "attending_each_other": attending,
+        },
+        "hashes": {
+            "segments_multiset_sha256": _sha256(b"".join(sorted(segment_digests))),
+            "tokens_multiset_sha256": _sha256(token_counts.tobytes()),
+            "targets_multiset_sha256": _sha256(target_counts.tobytes()),
+            "documents_seen_sha256": _sha256(seen_text.encode()),
+        },
+    }
+
+
+def write_dump(path: Path, windows, store: SegmentStore, collator: BridgePackingCollator, segment_names) -> None:
+    """Every planned window, padded as the model sees it, with a per-token segment id (see README)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for w, window in enumerate(windows):
+            batch = collator([collator.window_features(window, store.segment_tokens)])
+            doc_ids: list[str | None] = []
+            for document in window:
+                for key, part in document:
+                    doc_ids += [segment_names(key, part)] * len(store.segment_tokens((key, part)))
+            doc_ids += [None] * (collator.block_size - len(doc_ids))
+            record = {"window": w, **{k: v[0].tolist() for k, v in batch.items()}, "doc_ids": doc_ids}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+# ======================================================================================
+# The setting, recorded in trainer_state.json
+# ======================================================================================
+
+
+class CPTSettingCallback(TrainerCallback, ExportableState):
+    """Stores the CPT setting in trainer_state.json (``stateful_callbacks``)."""
+
+    def __init__(self, cpt_setting: dict | None = None):
+        self.cpt_setting = cpt_setting or {}
+
+    def state(self) -> dict:
+        return {"args": {"cpt_setting": self.cpt_setting}, "attributes": {}}
+
+
+def check_resume_setting(checkpoint: str, cpt_setting: dict) -> None:
+    """Refuse to resume a checkpoint made in another setting or with another packing plan."""
+    config_file = Path(checkpoint) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no config.json; is it a checkpoint of run_cpt.py?")
+    stored = json.loads(config_file.read_text()).get("cpt_setting")
+    if stored != cpt_setting:
+        differ = sorted(k for k in set(stored or {}) | set(cpt_setting) if (stored or {}).get(k) != cpt_setting.get(k))
+        raise ValueError(
+            f"{checkpoint} was trained with another setting or packing plan (differs in {differ}); "
+            "resume with the same arguments, world size and data, or use a new --output_dir."
+        )
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+
+def main(argv: list[str] | None = None) -> dict:
+    use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
+    cpt_args, training_args = parse_args(argv)
+    bridges = cpt_args.bridges
+    setting_name = "bridges" if bridges else "no-bridges"
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
+    if training_args.run_name is None:
+        training_args.run_name = f"cpt-{cpt_args.lang}-{setting_name}-seed{training_args.seed}"
+    shuffle_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    output_dir = Path(training_args.output_dir)
+
+    # ---- model, tokenizer ------------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(cpt_args.tokenizer_name or cpt_args.model_name_or_path)
+    start_id = document_start_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
+    model = AutoModelForCausalLM.from_pretrained(
+        cpt_args.model_name_or_path, dtype=cpt_args.dtype, attn_implementation=cpt_args.attn_implementation
+    )
+    # Document isolation comes from restarting position ids with NO attention mask; a KV cache
+    # would silently turn it off (see STACK-FACTS.md).
+    model.config.use_cache = False
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and cpt_args.block_size > max_positions:
+        raise ValueError(f"--block_size {cpt_args.block_size} exceeds the model's {max_positions} positions.")
+    vocab_size = max(len(tokenizer), model.config.vocab_size)
+
+    # ---- data: units -> segments -------------------------------------------------------
+    raw, dataset_folder = load_cpt_dataset(cpt_args)
+    separator_ids = (
+        tokenizer(cpt_args.pair_separator, add_special_tokens=False)["input_ids"] if cpt_args.pair_separator else []
+    )
+    with training_args.main_process_first(desc="tokenizing the CPT dataset"):
+        tokenized = raw.map(
+            tokenize_units,
+            batched=True,
+            num_proc=cpt_args.preprocessing_num_workers,
+            remove_columns=[c for c in raw.column_names if c not in ("doc_id", "kind", "pair_id")],
+            features=datasets.Features(
+                {**{c: raw.features[c] for c in ("doc_id", "kind", "pair_id")}, **TOKENIZED_FEATURES}
+            ),
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "start_id": start_id,
+                "block_size": cpt_args.block_size,
+                "pair_order": cpt_args.pair_order,
+                "separator_ids": separator_ids,
+                "seed": shuffle_seed,
+            },
+            desc="Tokenizing units into segments",
+        )
+    kinds = tokenized["kind"]
+    reasons = tokenized["drop_reason"]
+    doc_ids = tokenized["doc_id"]
+    first_sides = tokenized["first_side"]
+    store = SegmentStore(tokenized)
+    segment_lengths = store.segment_lengths()
+    units = [
+        PackingUnit(row, tuple(lengths), kind == "pair")
+        for row, (kind, reason, lengths) in enumerate(zip(kinds, reasons, segment_lengths))
+        if not reason
+    ]
+    if not units:
+        raise ValueError(f"{dataset_folder}: no unit left after tokenization; see the dataset's build_stats.json.")
+    pair_rows = {unit.key for unit in units if unit.is_pair}
+
+    # ---- the plan: both settings over the same documents ---------------------------------
+    windows_per_step = (
+        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    )
+    plan = BridgePackingCollator.plan(
+        units,
+        block_size=cpt_args.block_size,
+        windows_per_step=windows_per_step,
+        seed=shuffle_seed,
+        max_steps=training_args.max_steps if training_args.max_steps > 0 else None,
+        num_epochs=None if training_args.max_steps > 0 else training_args.num_train_epochs,
+        max_open_windows=cpt_args.max_open_windows,
+    )
+    collators = {
+        b: BridgePackingCollator(cpt_args.block_size, b, pad_id, cpt_args.max_open_windows) for b in (True, False)
+    }
+    collator = collators[bridges]
+    audits = {
+        b: audit_windows(plan["windows"][b], store, collators[b], pair_rows, doc_ids, vocab_size) for b in (True, False)
+    }
+    mine, other = audits[bridges], audits[not bridges]
+    equal = {
+        "segments_multiset": mine["hashes"]["segments_multiset_sha256"] == other["hashes"]["segments_multiset_sha256"],
+        "tokens_multiset": mine["hashes"]["tokens_multiset_sha256"] == other["hashes"]["tokens_multiset_sha256"],
+        "targets_multiset": mine["hashes"]["targets_multiset_sha256"] == other["hashes"]["targets_multiset_sha256"],
+        "documents_seen": mine["hashes"]["documents_seen_sha256"] == other["hashes"]["documents_seen_sha256"],
+        "windows": mine["windows"] == other["windows"],
+        "real_tokens": mine["real_tokens"] == other["real_tokens"],
+    }
+    kind_of_row = dict(enumerate(kinds))
+    seen_by_kind = Counter(kind_of_row[key[1]] for key in plan["seen"])
+    dropped = Counter(f"{kind}:{reason}" for kind, reason in zip(kinds, reasons) if reason)
+    cpt_setting = {
+        "lang": cpt_args.lang,
+        "bridges": bridges,
+        "block_size": cpt_args.block_size,
+        "pair_order": cpt_args.pair_order,
+        "pair_separator": cpt_args.pair_separator,
+        "seed": shuffle_seed,
+        "dataset": cpt_args.dataset_name or str(Path(cpt_args.dataset_path).resolve()),
+        "steps": plan["steps"],
+        "windows_per_step": windows_per_step,
+        "documents_seen_sha256": mine["hashes"]["documents_seen_sha256"],
+    }
+    build_stats_file = dataset_folder / "build_stats.json" if dataset_folder else None
+    audit = {
+        "setting": setting_name,
+        "cpt_setting": cpt_setting,
+        "world_size": training_args.world_size,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "windows_per_step": windows_per_step,
+        "dataset": {
+            "units": len(kinds),
+            "units_by_kind": dict(Counter(kinds)),
+            "units_dropped": {"count": sum(dropped.values()), "by_reason": dict(sorted(dropped.items()))},
+            "units_packed": len(units),
+            "text_units_cut_into_segments": sum(1 for u in units if not u.is_pair and len(u.segment_lengths) > 1),
+            "build_stats_dropped": (
+                json.loads(build_stats_file.read_text()).get("dropped")
+                if build_stats_file and build_stats_file.is_file()
+                else None
+            ),
+        },
+        "plan": {
+            "requested_steps": plan["requested_steps"],
+            "steps": plan["steps"],
+            "steps_trimmed": plan["requested_steps"] - plan["steps"],
+            "windows": len(plan["windows"][bridges]),
+            "units_seen": plan["units_seen"],
+            "data_passes_touched": plan["passes"],
+            "data_epochs": round(plan["units_seen"] / len(units), 6),
+            "documents_seen_by_kind": dict(seen_by_kind),
+            "packer_windows": plan["packer_windows"][bridges],
+            "packer_real_token_fraction": round(
+                mine["real_tokens"] / (plan["packer_windows"][bridges] * cpt_args.block_size), 6
+            ),
+            "windows_split_to_equalize": len(plan["windows"][bridges]) - plan["packer_windows"][bridges],
+            "max_open_windows": cpt_args.max_open_windows,
+        },
+        **{k: v for k, v in mine.items()},
+        "other_setting": {
+            "setting": "no-bridges" if bridges else "bridges",
+            **{k: v for k, v in other.items()},
+            "packer_windows": plan["packer_windows"][not bridges],
+        },
+        "equal_across_settings": equal,
+    }
+    expected_co_located = 100.0 if bridges else 0.0
+    problems = []
+    if mine["pairs"]["total"] and mine["pairs"]["co_located_percent"] != expected_co_located:
+        problems.append(f"{mine['pairs']['co_located_percent']}% of pairs co-located, expected {expected_co_located}%")
+    if bridges and mine["pairs"]["attending_each_other"] != mine["pairs"]["total"]:
+        problems.append("some bridged pairs are not one attention document")
+    if other["pairs"]["total"] and other["pairs"]["co_located_percent"] != 100.0 - expected_co_located:
+        problems.append("the other setting's plan breaks its co-location guarantee")
+    problems += [f"{name} differs between the settings" for name, same in equal.items() if not same]
+    if mine["max_window_tokens"] > cpt_args.block_size:
+        problems.append("a window exceeds --block_size")
+    audit["guarantees_hold"] = not problems
+    if training_args.should_save:
+        write_json_atomic(output_dir / "packing_audit.json", audit)
+    if problems:
+        raise RuntimeError(
+            "Packing audit failed: " + "; ".join(problems) + f". See {output_dir / 'packing_audit.json'}."
+        )
+    logger.info(
+        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, "
+        "real tokens %.4f, multisets equal across settings: %s",
+        setting_name,
+        plan["steps"],
+        windows_per_step,
+        plan["units_seen"],
+        audit["plan"]["data_epochs"],
+        mine["pairs"]["co_located_percent"],
+        mine["real_token_fraction"],
+        all(equal.values()),
+    )
+    if plan["steps"] < plan["requested_steps"]:
+        logger.warning(
+            "Trained steps trimmed from %d to %d so that both settings see the same documents.",
+            plan["requested_steps"],
+            plan["steps"],
+        )
+
+    if cpt_args.dump_packing and training_args.should_save:
+
+        def segment_names(key, part):
+            data_pass, row = key
+            if kind_of_row[row] == "pair":
+                name = first_sides[row] if part == 0 else ("tgt" if first_sides[row] == "en" else "en")
+            else:
+                name = str(part)
+            return f"{data_pass}:{doc_ids[row]}/{name}"
+
+        write_dump(Path(cpt_args.dump_packing), plan["windows"][bridges], store, collator, segment_names)
+        logger.info("Wrote %d packed windows to %s", len(plan["windows"][bridges]), cpt_args.dump_packing)
+
+    # ---- training ------------------------------------------------------------------------
+    model.config.cpt_setting = cpt_setting
+    training_args.max_steps = plan["steps"]  # one pass over the planned windows (see the collator)
+    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
+        # A checkpoint is skipped while the previous upload runs unless this is set; the learning
+        # curve needs every one.
+        training_args.hub_always_push = True
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and output_dir.is_dir():
+        checkpoint = get_last_checkpoint(str(output_dir))
+        if checkpoint:
+            logger.info("Checkpoint detected, resuming training at %s.", checkpoint)
+    if checkpoint:
+        check_resume_setting(checkpoint, cpt_setting)
+    card_setting = {
+        **cpt_setting,
+        "base model": cpt_args.model_name_or_path,
+        "run name": training_args.run_name,
+        "tokens per step": windows_per_step * cpt_args.block_size,
+        "pairs co-located": f"{mine['pairs']['co_located_percent']}%",
+        "real-token fraction": mine["real_token_fraction"],
+        "world size": training_args.world_size,
+    }
+    card_title = f"CPT {cpt_args.lang}, {setting_name}, seed {shuffle_seed}"
+    card_summary = (
+        f"Continual pretraining of {cpt_args.model_name_or_path} on {cpt_args.lang} "
+        f"{'WITH bridges (each parallel pair in one context window)' if bridges else 'WITHOUT bridges (pair halves never share a context window)'}. "
+        "packing_audit.json proves the setting."
+    )
+    if training_args.should_save:
+        write_card(output_dir, card_title, card_summary, card_setting, ["cross-lingual-transfer", "cpt", setting_name])
+
+    set_seed(training_args.seed)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=PackedWindows(plan["windows"][bridges], store, collator),
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[CPTSettingCallback(cpt_setting)],
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    metrics["train_windows"] = len(plan["windows"][bridges])
+    metrics["train_real_tokens"] = mine["real_tokens"]
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"End of training: {training_args.run_name}")
+    if training_args.should_save:
+        write_card(
+            output_dir,
+            card_title,
+            card_summary,
+            {**card_setting, "steps trained": trainer.state.global_step},
+            ["cross-lingual-transfer", "cpt", setting_name],
+        )
+        if training_args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            HfApi().upload_file(
+                path_or_fileobj=str(output_dir / "README.md"),
+                path_in_repo="README.md",
+                repo_id=trainer.hub_model_id,
+                token=training_args.hub_token,
+            )
+    return audit
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"run_cpt.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,360 @@
+"""The bridge-aware packing collator: its guarantees as property tests over many seeded random cases,
+the collated tensors, document-isolated attention in a real model, and copyability."""
+
+import ast
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from run_cpt import BridgePackingCollator, PackingUnit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# An independent checker of a plan: it reads the windows as plain data and knows nothing of
+# how the packer chose them.
+# --------------------------------------------------------------------------------------
+
+
+def random_units(rng: random.Random, block_size: int) -> list[PackingUnit]:
+    units = []
+    for row in range(rng.randint(1, 50)):
+        scale = rng.choice([0.05, 0.2, 0.5, 1.0])  # mostly small documents, some near a window
+        if rng.random() < 0.5:
+            first = rng.randint(2, max(2, min(block_size - 2, int(block_size * scale))))
+            second = rng.randint(2, max(2, min(block_size - first, int(block_size * scale))))
+            units.append(PackingUnit(row, (first, second), True))
+        else:
+            n_segments = rng.choice([1, 1, 1, 2, 3])
+            lengths = tuple(rng.randint(2, max(2, int(block_size * scale))) for _ in range(n_segments))
+            units.append(PackingUnit(row, lengths, False))
+    return units
+
+
+def check_windows(windows, units_by_key, block_size, bridges, expected_segments: Counter):
+    """Every guarantee that can be read off one setting's windows."""
+    placed = Counter()
+    for window in windows:
+        length = 0
+        pair_halves_here = Counter()
+        for document in window:
+            rows = {segment[0] for segment in document}
+            assert len(rows) == 1, "a document mixes units"
+            unit = units_by_key[next(iter(rows))[1]]
+            parts = [part for _, part in document]
+            if unit.is_pair and bridges:
+                assert parts == [0, 1], "with bridges a pair is one document: first then second"
+            else:
+                assert len(parts) == 1, "a segment is a document of its own"
+            for segment in document:
+                length += unit.segment_lengths[segment[1]]
+                placed[segment] += 1
+                if unit.is_pair:
+                    pair_halves_here[segment[0]] += 1
+        assert length <= block_size, "window over block size"
+        if bridges:
+            assert all(count == 2 for count in pair_halves_here.values())
+        else:
+            assert all(count == 1 for count in pair_halves_here.values()), "pair halves share a window"
+    assert placed == expected_segments, "segments missing, duplicated or invented"
+
+
+def expected_segments(keys, units_by_key) -> Counter:
+    return Counter((key, part) for key in keys for part in range(len(units_by_key[key[1]].segment_lengths)))
+
+
+# --------------------------------------------------------------------------------------
+# Property tests
+# --------------------------------------------------------------------------------------
+
+
+def cases(chunk: int, per_chunk: int = 15):
+    """Seeded random cases, run in chunks (a failure names its case number)."""
+    return range(chunk * per_chunk, (chunk + 1) * per_chunk)
+
+
+@pytest.mark.parametrize("chunk", range(20))
+def test_pack_keeps_every_guarantee_for_one_pass_of_random_documents(chunk):
+    for case in cases(chunk):
+        try:
+            check_pack_case(case)
+        except AssertionError as error:
+            raise AssertionError(f"case {case}: {error}") from error
+
+
+def check_pack_case(case):
+    rng = random.Random(case)
+    block_size = rng.choice([4, 8, 16, 33, 64, 128, 300])
+    units = random_units(rng, block_size)
+    units_by_key = {u.key: u for u in units}
+    stream = BridgePackingCollator.shuffled(units, seed=rng.randint(0, 10**6), data_pass=0)
+    max_open = rng.choice([1, 2, 4, 64])
+    packed = {b: BridgePackingCollator(block_size, b, 0, max_open).pack(stream) for b in (True, False)}
+    for bridges, windows in packed.items():
+        # Every document exactly once per pass, none split, none over a window, co-location 100/0.
+        check_windows(
+            windows, units_by_key, block_size, bridges, expected_segments([u.key for u in stream], units_by_key)
+        )
+        assert all(windows), "no empty window from the packer"
+    # Same multiset of segments in both settings (the windows differ only in grouping).
+    flatten = lambda ws: Counter(s for w in ws for d in w for s in d)  # noqa: E731
+    assert flatten(packed[True]) == flatten(packed[False])
+
+
+@pytest.mark.parametrize("chunk", range(20))
+def test_plan_gives_both_settings_the_same_documents_in_the_same_number_of_windows(chunk):
+    for case in cases(chunk):
+        try:
+            check_plan_case(case)
+        except AssertionError as error:
+            raise AssertionError(f"case {case}: {error}") from error
+
+
+def check_plan_case(case):
+    rng = random.Random(10_000 + case)
+    block_size = rng.choice([8, 16, 33, 64, 128])
+    units = random_units(rng, block_size)
+    units_by_key = {u.key: u for u in units}
+    per_step = rng.randint(1, 6)
+    max_empty = rng.choice([0, per_step - 1])
+    budget = {"max_steps": rng.randint(1, 12)} if rng.random() < 0.7 else {"num_epochs": rng.choice([0.5, 1, 2.5])}
+    max_open = rng.choice([1, 3, 64])
+    try:
+        plan = BridgePackingCollator.plan(
+            units,
+            block_size=block_size,
+            windows_per_step=per_step,
+            seed=case,
+            max_open_windows=max_open,
+            max_empty_windows=max_empty,
+            **budget,
+        )
+    except ValueError as error:  # only when not even one step can be filled in both settings
+        assert "cannot fill even one step" in str(error)
+        return
+    target = plan["steps"] * per_step
+    assert 1 <= plan["steps"] <= plan["requested_steps"]
+    for bridges in (True, False):
+        windows = plan["windows"][bridges]
+        assert len(windows) == target, "both settings get exactly steps x windows_per_step windows"
+        assert sum(1 for w in windows if not w) <= max_empty
+        check_windows(windows, units_by_key, block_size, bridges, expected_segments(plan["seen"], units_by_key))
+    # The prefix is whole passes over the data, each a permutation of all units, then part of one.
+    passes = Counter(key[0] for key in plan["seen"])
+    assert list(passes) == list(range(plan["passes"]))
+    for data_pass, count in passes.items():
+        keys = [key[1] for key in plan["seen"] if key[0] == data_pass]
+        assert len(set(keys)) == len(keys), "a unit twice in one pass"
+        if data_pass < plan["passes"] - 1:
+            assert count == len(units), "an earlier pass is incomplete"
+    if "num_epochs" in budget:
+        assert plan["units_seen"] <= budget["num_epochs"] * len(units) + 1
+    elif plan["steps"] == plan["requested_steps"]:
+        # Longest prefix: one more unit would need more windows than the budget in some setting.
+        last_pass = plan["passes"] - 1
+        position = passes[last_pass]
+        following = BridgePackingCollator.shuffled(units, case, last_pass) + BridgePackingCollator.shuffled(
+            units, case, last_pass + 1
+        )
+        longer = [units_by_key[key[1]]._replace(key=key) for key in plan["seen"]] + [following[position]]
+        needs = [len(BridgePackingCollator(block_size, b, 0, max_open).pack(longer)) for b in (True, False)]
+        assert max(needs) > target
+
+
+def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so():
+    # Pairs-only data where each bridged pair fills a window: without bridges the halves cannot
+    # double up with their partners, so no-bridges needs one window more than bridges has documents.
+    units = [PackingUnit(row, (5, 5), True) for row in range(10)]
+    plan = BridgePackingCollator.plan(units, block_size=10, windows_per_step=1, seed=0, max_steps=4)
+    assert plan["requested_steps"] == 4
+    assert plan["steps"] < 4 or all(plan["windows"][True])
+    with_slack = BridgePackingCollator.plan(
+        units, block_size=10, windows_per_step=2, seed=0, max_steps=4, max_empty_windows=1
+    )
+    assert with_slack["steps"] == 4
+    assert sum(1 for w in with_slack["windows"][True] if not w) <= 1
+
+
+def test_plan_is_a_pure_function_of_units_seed_and_sizes():
+    rng = random.Random(5)
+    units = random_units(rng, 64)
+    first = BridgePackingCollator.plan(units, block_size=64, windows_per_step=3, seed=7, max_steps=5)
+    again = BridgePackingCollator.plan(list(units), block_size=64, windows_per_step=3, seed=7, max_steps=5)
+    other_seed = BridgePackingCollator.plan(units, block_size=64, windows_per_step=3, seed=8, max_steps=5)
+    assert first == again
+    assert first["seen"] != other_seed["seen"]
+
+
+def test_split_to_halves_the_fullest_windows_and_keeps_documents_whole():
+    windows = [[("a",), ("b",), ("c",), ("d",)], [("e",)]]
+    split = BridgePackingCollator.split_to(windows, 4)
+    assert split == [[("a",)], [("b",)], [("c",), ("d",)], [("e",)]] or split == [
+        [("a",), ("b",)],
+        [("c",)],
+        [("d",)],
+        [("e",)],
+    ]
+    assert BridgePackingCollator.split_to(windows, 6, max_empty_windows=1)[-1] == []
+    with pytest.raises(ValueError, match="cannot fill"):
+        BridgePackingCollator.split_to(windows, 7, max_empty_windows=1)
+
+
+def test_real_token_fraction_meets_the_goals_at_block_2048_on_a_realistic_length_mix():
+    from bench.bench_packing import realistic_units
+
+    units = realistic_units(random.Random(0), n_pairs=6000, n_mono=600, block_size=2048)
+    stream = BridgePackingCollator.shuffled(units, seed=0, data_pass=0)
+    real = sum(sum(u.segment_lengths) for u in units)
+    fraction = {b: real / (2048 * len(BridgePackingCollator(2048, b, 0).pack(stream))) for b in (True, False)}
+    assert fraction[False] >= 0.99
+    assert fraction[True] >= 0.98
+
+
+# --------------------------------------------------------------------------------------
+# Collation
+# --------------------------------------------------------------------------------------
+
+
+def tokens_of(segment):
+    (data_pass, row), part = segment
+    rng = random.Random(f"{row}/{part}")
+    return [0] + [rng.randint(3, 99) for _ in range(LENGTHS[row][part] - 1)]
+
+
+LENGTHS = {0: (4, 3), 1: (5,), 2: (2, 6)}
+UNITS = [PackingUnit(0, LENGTHS[0], True), PackingUnit(1, LENGTHS[1], False), PackingUnit(2, LENGTHS[2], True)]
+
+
+def test_collated_window_restarts_positions_per_document_and_masks_segment_starts():
+    collator = BridgePackingCollator(block_size=12, bridges=True, pad_token_id=1)
+    window = [(((0, 0), 0), ((0, 0), 1)), (((0, 1), 0),)]  # bridged pair (4 + 3), then a text (5)
+    feature = collator.window_features(window, tokens_of)
+    batch = collator([feature, collator.window_features([(((0, 1), 0),)], tokens_of)])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (2, 12)
+    assert "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
+    pair = tokens_of(((0, 0), 0)) + tokens_of(((0, 0), 1))
+    assert batch["input_ids"][0, :7].tolist() == pair
+    labels = batch["labels"][0].tolist()
+    assert labels[0] == -100 and labels[4] == -100 and labels[7] == -100  # every segment start
+    assert labels[1:4] == pair[1:4] and labels[5:7] == pair[5:7]
+    # second row: 5 tokens then 7 padding tokens with their own restarting positions, no targets
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
+    assert batch["input_ids"][1, 5:].tolist() == [1] * 7
+    assert batch["labels"][1, 5:].tolist() == [-100] * 7
+
+
+def test_collator_refuses_a_window_over_block_size():
+    collator = BridgePackingCollator(block_size=6, bridges=False, pad_token_id=1)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        collator.window_features([(((0, 1), 0),), (((0, 0), 0),)], tokens_of)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        collator([{"input_ids": [1] * 7, "position_ids": list(range(7)), "labels": [1] * 7}])
+
+
+def test_targets_are_the_same_tokens_in_both_settings():
+    plan = BridgePackingCollator.plan(UNITS, block_size=12, windows_per_step=2, seed=0, num_epochs=1)
+    targets = {}
+    for bridges in (True, False):
+        collator = BridgePackingCollator(12, bridges, 1)
+        batch = collator([collator.window_features(w, tokens_of) for w in plan["windows"][bridges]])
+        labels = batch["labels"][batch["labels"] != -100]
+        targets[bridges] = (Counter(labels.tolist()), Counter(batch["input_ids"][batch["labels"] != -100].tolist()))
+    assert targets[True] == targets[False]
+
+
+# --------------------------------------------------------------------------------------
+# Attention: a packed document sees only itself (and, with bridges, a pair sees both halves)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_model_dir, attn_implementation):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn_implementation).eval()
+    vocab = model.config.vocab_size
+    lengths = {0: (9, 7), 1: (11,), 2: (6, 10), 3: (5,)}
+    units = [PackingUnit(row, lengths[row], row in (0, 2)) for row in lengths]
+
+    def tokens(segment):
+        (_, row), part = segment
+        rng = random.Random(f"tok/{row}/{part}")
+        return [0] + [rng.randrange(2, vocab) for _ in range(lengths[row][part] - 1)]
+
+    def logits(input_ids, position_ids=None):
+        with torch.no_grad():
+            return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    plan = BridgePackingCollator.plan(units, block_size=64, windows_per_step=2, seed=0, num_epochs=1)
+    for bridges in (True, False):
+        collator = BridgePackingCollator(64, bridges, pad_token_id=1)
+        windows = plan["windows"][bridges]
+        assert any(len(window) >= 2 for window in windows)  # neighbours a leak would come from
+        batch = collator([collator.window_features(window, tokens) for window in windows])
+        packed_rows = logits(batch["input_ids"], batch["position_ids"])  # all windows in one batch
+        bridged_pairs = 0
+        for row, window in enumerate(windows):
+            offset = 0
+            for document in window:
+                ids = [t for segment in document for t in tokens(segment)]
+                alone = logits(torch.tensor([ids]))[0]
+                torch.testing.assert_close(packed_rows[row, offset : offset + len(ids)], alone, atol=1e-5, rtol=1e-4)
+                if len(document) == 2:  # a bridged pair: its second half attends to the first
+                    bridged_pairs += 1
+                    second = tokens(document[1])
+                    second_alone = logits(torch.tensor([second]))[0]
+                    packed_second = packed_rows[row, offset + len(ids) - len(second) : offset + len(ids)]
+                    assert (packed_second - second_alone).abs().max() > 1e-3
+                offset += len(ids)
+        # With bridges both pairs were one document each; without, every half was a document alone.
+        assert bridged_pairs == (2 if bridges else 0)
+
+
+# --------------------------------------------------------------------------------------
+# Copyable: the collator section needs only the standard library and torch
+# --------------------------------------------------------------------------------------
+
+
+def collator_section() -> str:
+    source = (REPO_ROOT / "run_cpt.py").read_text()
+    start = source.index("class PackingUnit(NamedTuple):")
+    end = source.index("# ======", source.index("class BridgePackingCollator"))
+    return source[start:end]
+
+
+@pytest.mark.slow
+def test_collator_section_runs_with_only_the_standard_library_and_torch(tmp_path):
+    section = collator_section()
+    imported = {node.id for node in ast.walk(ast.parse(section)) if isinstance(node, ast.Name)} & {
+        "np",
+        "numpy",
+        "datasets",
+        "transformers",
+        "study_common",
+    }
+    assert not imported
+    program = tmp_path / "copied.py"
+    program.write_text(
+        "import sys\n"
+        "for blocked in ('numpy', 'datasets', 'transformers', 'study_common'):\n"
+        "    sys.modules[blocked] = None  # importing them now fails\n"
+        "import bisect, heapq, itertools, math, random\n"
+        "from collections.abc import Callable, Iterable, Iterator, Sequence\n"
+        "from typing import NamedTuple\n"
+        "import torch\n\n" + section + "\n"
+        "units = [PackingUnit(0, (3, 2), True), PackingUnit(1, (4,), False)]\n"
+        "plan = BridgePackingCollator.plan(units, block_size=8, windows_per_step=1, seed=0, num_epochs=1)\n"
+        "collator = BridgePackingCollator(8, True, 0)\n"
+        "tokens = lambda segment: [0] + [5] * (units[segment[0][1]].segment_lengths[segment[1]] - 1)\n"
+        "print(collator([collator.window_features(w, tokens) for w in plan['windows'][True]])['input_ids'].shape)\n"
+    )
+    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([" in result.stdout
