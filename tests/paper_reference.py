@@ -1,0 +1,56 @@
+"""The paper's cloze probe written straight from its description: one filled sentence per forward pass.
+
+This is the oracle that run_eval.py's batched scoring is checked against (tests/test_eval.py) and timed
+against (bench/bench_eval.py). It deliberately does nothing clever: no batching, no padding, no sharing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from study_common import document_start_id
+
+
+def _filled(question: str, option: str) -> str:
+    # As the authors' script does: every run of underscores becomes a mask, the mask becomes the option.
+    return re.sub(r"_+", "<mask>", question).replace("<mask>", option)
+
+
+@torch.inference_mode()
+def reference_scores(
+    model, tokenizer, question: str, options: list[str], scoring: str = "mean_token_loss"
+) -> list[float]:
+    """One score per option (lower is better), each from its own forward pass of ``[start] + sentence``."""
+    scores = []
+    device = next(model.parameters()).device
+    for option in options:
+        sentence = _filled(question, option)
+        encoded = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=scoring == "option_logprob")
+        input_ids = torch.tensor([[document_start_id(tokenizer)] + encoded["input_ids"]], device=device)
+        logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+        targets = input_ids[0, 1:]
+        if scoring == "mean_token_loss":
+            scores.append(float(torch.nn.CrossEntropyLoss(reduction="mean")(logits, targets)))
+            continue
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].double()
+        if scoring == "byte_normalized":
+            scores.append(float(-token_logprobs.sum() / len(sentence.encode("utf-8"))))
+        elif scoring == "option_logprob":
+            # Character spans of the option where each blank was; a token counts when it overlaps one.
+            spans, shift = [], 0
+            for match in re.finditer(r"_+", question):
+                begin = match.start() + shift
+                spans.append((begin, begin + len(option)))
+                shift += len(option) - (match.end() - match.start())
+            keep = [any(a < end and begin < b for begin, end in spans) for a, b in encoded["offset_mapping"]]
+            scores.append(float(-token_logprobs[torch.tensor(keep, dtype=torch.bool)].sum()))
+        else:
+            raise ValueError(scoring)
+    return scores
+
+
+def reference_prediction(scores: list[float]) -> int:
+    """Stable sort by score, as the authors' script ranks options: the first of the lowest wins."""
+    return sorted(range(len(scores)), key=lambda k: scores[k])[0]

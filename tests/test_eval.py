@@ -1,0 +1,459 @@
+"""run_eval.py probing: question loading and validation, the paper's scoring, batching, checkpoints, outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cloze_samples import SAMPLE_QUESTIONS, SAMPLE_SCRIPTS, write_sample_questions
+from conftest import run_script
+from eval_helpers import make_run_dir
+from paper_reference import reference_prediction, reference_scores
+from transformers import AutoTokenizer
+
+import run_eval
+from study_common import script_letter_fraction
+
+PREDICTION_KEYS = {"questions", "lang", "index", "step", "checkpoint", "scores", "prediction", "answer", "correct"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and do not thrash when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = run_eval.load_model(tiny_model_dir, "float32", torch.device("cpu"), "sdpa")
+    return model, tokenizer
+
+
+@pytest.fixture
+def sample_dir(tmp_path):
+    write_sample_questions(tmp_path / "questions")
+    return tmp_path / "questions"
+
+
+def write_questions(path: Path, items) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------- questions
+
+
+def test_fill_blanks_replaces_every_underscore_run_and_returns_the_filled_spans():
+    filled, spans = run_eval.fill_blanks("A __ b ____ c", "xyz")
+    assert filled == "A xyz b xyz c"
+    assert [filled[s:e] for s, e in spans] == ["xyz", "xyz"]
+    # A backslash or group reference in an option is text, not a regex replacement pattern.
+    assert run_eval.fill_blanks("x ___ y", r"\1 \n")[0] == r"x \1 \n y"
+    assert run_eval.fill_blanks("no blank here", "opt") == ("no blank here", [])
+
+
+def test_paper_files_quirks_are_counted_as_the_data_readme_lists_them(paper_cloze_dir):
+    sets = {qs.stem: qs for qs in run_eval.load_question_sets([str(paper_cloze_dir)])}
+    assert len(sets) == 8
+    assert {stem: len(qs.items) for stem, qs in sets.items() if stem.endswith("_en")} == {
+        "bo-culture-cloze_en": 268,
+        "ko-culture-cloze_en": 598,
+        "mn-culture-cloze_en": 276,
+        "zh-culture-cloze_en": 328,
+    }
+    assert sets["ko-culture-cloze_ko"].quirks["no_blank"] == [353]
+    assert sets["mn-culture-cloze_en"].quirks["no_blank"] == [32, 88, 98, 99, 153, 174, 191, 223]
+    assert sets["mn-culture-cloze_mn"].quirks["no_blank"] == [17, 23]
+    assert sets["ko-culture-cloze_en"].quirks["several_blanks"] == [486]
+    assert sets["mn-culture-cloze_en"].quirks["answer_not_in_options"] == [69]
+    assert sets["mn-culture-cloze_en"].items[69]["answer"] == []
+    assert sets["ko-culture-cloze_en"].quirks["duplicate_options"] == [146, 161, 296]
+    # Language from the file-name suffix: the _en file of the Korean culture is English.
+    assert sets["ko-culture-cloze_en"].lang == "en" and sets["ko-culture-cloze_ko"].lang == "ko"
+    assert sets["ko-culture-cloze_en"].base == sets["ko-culture-cloze_ko"].base == "ko-culture-cloze"
+
+
+def test_strict_turns_every_quirk_into_an_error_naming_file_and_item(tmp_path):
+    path = write_questions(
+        tmp_path / "q_en.json",
+        [
+            {"question": "A ___ b", "options": ["x", "y"], "answer": "x"},
+            {"question": "no blank", "options": ["x", "y"], "answer": "x"},
+            {"question": "A ___ b", "options": ["x", "y"], "answer": "z"},
+        ],
+    )
+    sets = run_eval.load_question_sets([str(path)])
+    assert sets[0].quirks == {"no_blank": [1], "answer_not_in_options": [2]}
+    with pytest.raises(ValueError) as err:
+        run_eval.load_question_sets([str(path)], strict=True)
+    assert f"{path} item 1: has no blank" in str(err.value)
+    assert f"{path} item 2: has an answer that is not among its options" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"question": "A ___", "answer": "x"}, "needs 'question', 'options' and 'answer'"),
+        ({"question": "", "options": ["x", "y"], "answer": "x"}, "'question' must be a non-empty string"),
+        ({"question": "A ___", "options": "x y", "answer": "x"}, "'options' must be a non-empty list"),
+        ({"question": "A ___", "options": ["x", ""], "answer": "x"}, "'options' must be a non-empty list"),
+        ({"question": "A ___", "options": ["x", "y"], "answer": 3}, "'answer' must be a string"),
+    ],
+)
+def test_malformed_items_are_errors_naming_file_and_item(tmp_path, item, message):
+    path = write_questions(tmp_path / "q_en.json", [{"question": "ok ___", "options": ["a", "b"], "answer": "a"}, item])
+    with pytest.raises(ValueError, match=re.escape(f"{path} item 1: ") + ".*" + re.escape(message)):
+        run_eval.load_question_sets([str(path)])
+
+
+def test_parallel_files_of_different_length_are_an_error(tmp_path):
+    item = {"question": "A ___", "options": ["x", "y"], "answer": "x"}
+    write_questions(tmp_path / "q" / "culture_en.json", [item, item])
+    write_questions(tmp_path / "q" / "culture_ko.json", [item])
+    with pytest.raises(
+        ValueError, match=r"lengths differ: .*culture_en.json \(2 items\), .*culture_ko.json \(1 items\)"
+    ):
+        run_eval.load_question_sets([str(tmp_path / "q")])
+
+
+def test_question_language_needs_a_suffix_or_an_override(tmp_path):
+    path = write_questions(tmp_path / "myquestions.json", [{"question": "A ___", "options": ["x", "y"], "answer": "x"}])
+    with pytest.raises(ValueError, match="--question_langs myquestions=LANG"):
+        run_eval.load_question_sets([str(path)])
+    assert run_eval.load_question_sets([str(path)], ["myquestions=bo"])[0].lang == "bo"
+    assert run_eval.load_question_sets([str(path)], ["mn"])[0].lang == "mn"
+
+
+def test_questions_load_from_a_saved_dataset_and_a_hub_style_dataset_repository(tmp_path, sample_dir):
+    from datasets import Dataset, DatasetDict
+
+    def as_lists(items):  # an Arrow column holds one type: every answer as a list
+        return [{**it, "answer": it["answer"] if isinstance(it["answer"], list) else [it["answer"]]} for it in items]
+
+    splits = {f"sample_{lang}": Dataset.from_list(as_lists(SAMPLE_QUESTIONS[lang][:4])) for lang in ("en", "ko")}
+    DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    saved = run_eval.load_question_sets([str(tmp_path / "saved")])
+    assert [(qs.stem, qs.lang, len(qs.items)) for qs in saved] == [("sample_en", "en", 4), ("sample_ko", "ko", 4)]
+    # A dataset repository as on the Hub (data files + README configs) goes through datasets.load_dataset,
+    # the same code path as a Hub id; only the download is not exercised here (no network).
+    repo = tmp_path / "hub_repo"
+    (repo / "data").mkdir(parents=True)
+    for lang in ("en", "zh"):
+        (repo / "data" / f"{lang}.json").write_text(json.dumps(as_lists(SAMPLE_QUESTIONS[lang]), ensure_ascii=False))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: culture_en\n    path: data/en.json\n  - split: culture_zh\n    path: data/zh.json\n---\n"
+    )
+    hub = run_eval.load_question_sets([str(repo)])
+    assert [(qs.stem, qs.lang, len(qs.items)) for qs in hub] == [("culture_en", "en", 6), ("culture_zh", "zh", 6)]
+    # List-valued answers survive the round trip through a dataset.
+    assert hub[0].items[3]["answer"] == [0, 2]
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def test_samples_cover_every_script_of_the_study():
+    for lang, script in SAMPLE_SCRIPTS.items():
+        text = " ".join(item["question"] + " ".join(item["options"]) for item in SAMPLE_QUESTIONS[lang])
+        assert script_letter_fraction(text, script) > 0.8, lang
+
+
+@pytest.mark.parametrize("scoring", run_eval.SCORINGS)
+def test_batched_scores_equal_the_paper_loop_in_every_script_any_batch_size_or_padding_side(tiny, sample_dir, scoring):
+    model, tokenizer = tiny
+    sets = run_eval.load_question_sets([str(sample_dir)])
+    assert {qs.lang for qs in sets} == set(SAMPLE_SCRIPTS)
+    reference = [
+        [reference_scores(model, tokenizer, it["question"], it["options"], scoring) for it in qs.items] for qs in sets
+    ]
+    for batch_size, padding_side in [(1, "right"), (3, "left"), (5, "right"), (64, "left"), (64, "right")]:
+        batched = run_eval.score_question_sets(model, tokenizer, sets, scoring, batch_size, padding_side)
+        for qs, ref_set, got_set in zip(sets, reference, batched):
+            for index, (ref, got) in enumerate(zip(ref_set, got_set)):
+                np.testing.assert_allclose(
+                    got, ref, atol=1e-5, rtol=0, err_msg=f"{qs.stem} #{index} {batch_size} {padding_side}"
+                )
+                assert np.argsort(got, kind="stable").tolist() == np.argsort(ref, kind="stable").tolist()
+                assert run_eval.predict(got) == reference_prediction(ref)
+
+
+def test_option_logprob_counts_only_tokens_overlapping_the_option(tiny):
+    model, tokenizer = tiny
+    plan = run_eval.plan_scoring(
+        tokenizer,
+        [
+            run_eval.QuestionSet(
+                "s_en",
+                "en",
+                "x",
+                [{"question": "ab ___ cd", "options": ["xy", "zz"], "answers": ["xy"], "answer": [0]}],
+                {},
+            )
+        ],
+        "option_logprob",
+    )
+    sequence_index, mask, _ = plan.options[0][0][0]
+    sentence_ids = plan.sequences[sequence_index][1:]
+    pieces = [tokenizer.decode([t]) for t, keep in zip(sentence_ids, mask) if keep]
+    assert "".join(pieces).strip() == "xy"
+
+
+def test_identical_sentences_tie_exactly_and_the_first_option_wins(tiny, tmp_path):
+    model, tokenizer = tiny
+    path = write_questions(
+        tmp_path / "t_en.json",
+        [
+            {
+                "question": "There is no blank in this question.",
+                "options": ["Seoul", "Busan", "Daegu"],
+                "answer": "Busan",
+            },
+            {"question": "The ___ is here.", "options": ["river", "lake", "river", "sea"], "answer": "river"},
+        ],
+    )
+    sets = run_eval.load_question_sets([str(path)])
+    for batch_size in (1, 2, 64):
+        no_blank, duplicates = run_eval.score_question_sets(
+            model, tokenizer, sets, "mean_token_loss", batch_size, "right"
+        )[0]
+        assert no_blank[0] == no_blank[1] == no_blank[2] and run_eval.predict(no_blank) == 0
+        assert duplicates[0] == duplicates[2]
+        assert run_eval.predict(duplicates) != 2  # the later copy never wins
+    assert sets[0].items[1]["answer"] == [0, 2]
+
+
+def test_predict_takes_the_lowest_score_and_the_first_of_ties():
+    assert run_eval.predict([2.0, 1.0, 1.0, 3.0]) == 1
+    assert run_eval.predict([1.0, 1.0]) == 0
+    assert run_eval.predict([5.0, 4.0, 3.0]) == 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_scores_stay_close_to_float32(tiny_model_dir, sample_dir, dtype):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sets = run_eval.load_question_sets([str(sample_dir / "sample-culture_en.json")])
+    full = run_eval.load_model(tiny_model_dir, "float32", torch.device("cpu"), "sdpa")
+    half = run_eval.load_model(tiny_model_dir, dtype, torch.device("cpu"), "sdpa")
+    assert next(half.parameters()).dtype == run_eval.DTYPES[dtype]
+    a = np.array(run_eval.score_question_sets(full, tokenizer, sets, "mean_token_loss", 8, "right")[0])
+    b = np.array(run_eval.score_question_sets(half, tokenizer, sets, "mean_token_loss", 8, "right")[0])
+    assert np.isfinite(b).all()
+    assert np.abs(a - b).max() < 0.1
+
+
+# ---------------------------------------------------------------------------- checkpoints and outputs
+
+
+def test_run_directory_gives_checkpoints_in_step_order_and_skips_a_duplicate_final_model(tmp_path, tiny_model_dir):
+    run = make_run_dir(tiny_model_dir, tmp_path / "run", checkpoint_steps=(10, 2), final_step=10)
+    (run / "checkpoint-5").mkdir()  # an incomplete checkpoint folder: reported, not probed
+    checkpoints, skipped = run_eval.find_checkpoints(str(run))
+    assert [c.step for c in checkpoints] == [2, 10]
+    assert checkpoints[1].path == str((run / "checkpoint-10").resolve())
+    reasons = sorted(s["reason"] for s in skipped)
+    assert reasons == ["final model duplicates checkpoint-10", "no config.json (not a loadable model)"]
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    assert [c.step for c in run_eval.find_checkpoints(str(run))[0]] == [2, 10, 12]
+    (run / "trainer_state.json").unlink()
+    steps, skipped = run_eval.find_checkpoints(str(run))
+    assert [c.step for c in steps] == [2, 10] and "its step is unknown" in skipped[-1]["reason"]
+    # A plain model directory is one checkpoint at step 0.
+    assert [(c.step, c.path) for c in run_eval.find_checkpoints(str(tiny_model_dir))[0]] == [
+        (0, str(tiny_model_dir.resolve()))
+    ]
+
+
+def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
+    tmp_path, tiny_model_dir, sample_dir, caplog
+):
+    caplog.set_level(logging.INFO, logger="run_eval")
+    setting = {"lang": "ko", "bridges": True, "seed": 0}
+    run = make_run_dir(tiny_model_dir, tmp_path / "run", checkpoint_steps=(1, 2), final_step=3, cpt_setting=setting)
+    out = tmp_path / "out"
+    questions = [str(sample_dir / "sample-culture_en.json"), str(sample_dir / "sample-culture_ko.json")]
+    argv = ["--model_name_or_path", str(run), "--questions", *questions, "--output_dir", str(out), "--batch_size", "7"]
+    run_eval.main(argv)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 12 and all(set(row) == PREDICTION_KEYS for row in rows)
+    assert [row["step"] for row in rows[::12]] == [1, 2, 3]
+    assert rows[0]["checkpoint"] == str((run / "checkpoint-1").resolve()) and rows[-1]["checkpoint"] == str(
+        run.resolve()
+    )
+    assert {row["lang"] for row in rows} == {"en", "ko"}
+    assert all(row["correct"] == (row["prediction"] in row["answer"]) for row in rows)
+    assert all(row["prediction"] == run_eval.predict(row["scores"]) for row in rows)
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert [entry["step"] for entry in accuracy["checkpoints"]] == [1, 2, 3]
+    assert set(accuracy["checkpoints"][0]) == {"step", "path", "accuracy"}
+    entry = accuracy["checkpoints"][0]["accuracy"]["sample-culture_ko"]
+    assert entry == {
+        "lang": "ko",
+        "correct": sum(r["correct"] for r in rows if r["step"] == 1 and r["questions"] == "sample-culture_ko"),
+        "total": 6,
+        "accuracy": entry["correct"] / 6,
+    }
+    assert accuracy["cpt_setting"] == setting and accuracy["scoring"] == "mean_token_loss"
+    csv_lines = (out / "accuracy.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,path,questions,lang,correct,total,accuracy" and len(csv_lines) == 1 + 3 * 2
+    before = (out / "predictions.jsonl").read_text()
+
+    # Second run: everything is reused, nothing is recomputed, outputs are unchanged.
+    caplog.clear()
+    run_eval.main(argv)
+    assert "0 checkpoint(s) to score, 3 reused" in caplog.text
+    assert (out / "predictions.jsonl").read_text() == before
+    # A new checkpoint appears: only it is scored.
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-4")
+    caplog.clear()
+    run_eval.main(argv)
+    assert "1 checkpoint(s) to score, 3 reused" in caplog.text
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4 * 12
+    # Scores of a copied checkpoint are those of the original.
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    by_step = {s: [r["scores"] for r in rows if r["step"] == s] for s in (2, 4)}
+    np.testing.assert_allclose(by_step[4], by_step[2], atol=1e-6)
+    # Other scoring in the same directory: refused rather than mixed.
+    with pytest.raises(ValueError, match="different scoring"):
+        run_eval.main([*argv, "--scoring", "byte_normalized"])
+
+
+@pytest.mark.slow
+def test_command_line_probes_hub_repo_checkpoints_from_an_offline_cache(tmp_path, tiny_model_dir, sample_dir):
+    cache = tmp_path / "hub_cache"
+    snapshot = cache / "models--org--tiny-run" / "snapshots" / ("a" * 40)
+    make_run_dir(tiny_model_dir, snapshot, checkpoint_steps=(4, 8), final_step=8)
+    (cache / "models--org--tiny-run" / "refs").mkdir()
+    (cache / "models--org--tiny-run" / "refs" / "main").write_text("a" * 40)
+    out = tmp_path / "out"
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    question_file = str(sample_dir / "sample-culture_zh.json")
+    run_script(
+        [
+            sys.executable,
+            "run_eval.py",
+            "--model_name_or_path",
+            "org/tiny-run",
+            "--questions",
+            question_file,
+            "--output_dir",
+            str(out),
+        ],
+        env_extra=env,
+    )
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert [(e["step"], e["path"]) for e in accuracy["checkpoints"]] == [
+        (4, "org/tiny-run/checkpoint-4"),
+        (8, "org/tiny-run/checkpoint-8"),
+    ]
+    assert accuracy["skipped_checkpoints"][0]["reason"] == "final model duplicates checkpoint-8"
+
+
+# ---------------------------------------------------------------------------- bridge diagnostic
+
+
+def test_bridge_diagnostic_equals_a_direct_computation(tmp_path, tiny_model_dir, tiny):
+    model, tokenizer = tiny
+    pairs = [
+        (SAMPLE_QUESTIONS["en"][i]["question"], SAMPLE_QUESTIONS[lang][i]["question"])
+        for i, lang in enumerate(["ko", "zh", "bo", "mn", "ko"])
+    ]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"en": en, "tgt": tgt}, ensure_ascii=False) + "\n" for en, tgt in pairs))
+    out = tmp_path / "out"
+    run_eval.main(
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--diagnostic_pairs",
+            str(pairs_file),
+            "--output_dir",
+            str(out),
+            "--batch_size",
+            "2",
+        ]
+    )
+    result = json.loads((out / "bridge_diagnostic.json").read_text())
+    (entry,) = result["checkpoints"]
+    assert {"step", "alone", "after_own_english", "after_mismatched_english", "pairs"} <= set(entry)
+    assert entry["step"] == 0 and entry["pairs"] == 5
+
+    start = tokenizer.eos_token_id
+    totals = {"alone": 0.0, "after_own_english": 0.0, "after_mismatched_english": 0.0}
+    count = 0
+    with torch.inference_mode():
+        for i, (_, tgt) in enumerate(pairs):
+            tgt_ids = tokenizer(tgt, add_special_tokens=False)["input_ids"]
+            contexts = {
+                "alone": [start],
+                "after_own_english": [start] + tokenizer(pairs[i][0], add_special_tokens=False)["input_ids"] + [start],
+                "after_mismatched_english": [start]
+                + tokenizer(pairs[(i + 1) % 5][0], add_special_tokens=False)["input_ids"]
+                + [start],
+            }
+            for key, context in contexts.items():
+                ids = torch.tensor([context + tgt_ids])
+                logits = model(input_ids=ids, use_cache=False).logits[0].float()
+                losses = torch.nn.functional.cross_entropy(
+                    logits[len(context) - 1 : -1], ids[0, len(context) :], reduction="sum"
+                )
+                totals[key] += float(losses)
+            count += len(tgt_ids)
+    for key, total in totals.items():
+        assert entry[key] == pytest.approx(total / count, abs=1e-5), key
+
+
+def test_bridge_diagnostic_needs_two_pairs_with_both_sides(tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"en": "a", "tgt": "b"}) + "\n")
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        run_eval.read_pairs(str(one))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"en": "a", "tgt": "b"}) + "\n" + json.dumps({"en": "a"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:2: no 'tgt' column")):
+        run_eval.read_pairs(str(bad))
+
+
+# ---------------------------------------------------------------------------- the paper's files, end to end
+
+
+def _parity_items(question_set) -> list[int]:
+    """Every quirky item, the 4 longest, and every 12th: all kinds of item of a file, within a test budget."""
+    quirky = {i for indices in question_set.quirks.values() for i in indices}
+    longest = sorted(range(len(question_set.items)), key=lambda i: -len(question_set.items[i]["question"]))[:4]
+    return sorted(quirky | set(longest) | set(range(0, len(question_set.items), 12)))
+
+
+@pytest.mark.slow
+def test_paper_files_scores_and_rankings_equal_the_paper_loop(paper_cloze_dir, tiny):
+    model, tokenizer = tiny
+    sets = run_eval.load_question_sets([str(paper_cloze_dir)])
+    assert len(sets) == 8
+    # Score the chosen items of all 8 files together, batched and padded as run_eval does.
+    chosen = [_parity_items(qs) for qs in sets]
+    subsets = [
+        run_eval.QuestionSet(qs.stem, qs.lang, qs.source, [qs.items[i] for i in indices], qs.quirks)
+        for qs, indices in zip(sets, chosen)
+    ]
+    batched = run_eval.score_question_sets(model, tokenizer, subsets, "mean_token_loss", 64, "right")
+    checked = 0
+    for qs, scores in zip(subsets, batched):
+        for item, got in zip(qs.items, scores):
+            ref = reference_scores(model, tokenizer, item["question"], item["options"])
+            np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{qs.stem}: {item['question']}")
+            assert np.argsort(got, kind="stable").tolist() == np.argsort(ref, kind="stable").tolist()
+            assert run_eval.predict(got) == reference_prediction(ref)
+            checked += 1
+    assert checked > 8 * 20
