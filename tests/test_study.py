@@ -1,0 +1,236 @@
+"""run_study.py: the plans of every preset, the resumable runner, and the end-to-end micro study."""
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_script
+
+import run_study
+from run_study import PRESETS, Plan, Preset, Step, StudyArguments, StudyRunner, build_plan
+
+
+def _plan(preset_name: str, out: Path, **overrides) -> Plan:
+    args = StudyArguments(preset=preset_name, output_dir=str(out), **overrides)
+    return build_plan(args, PRESETS[preset_name], out)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_dry_run_prints_every_command_of_every_preset_and_runs_nothing(preset, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert run_study.main(["--preset", preset, "--dry_run", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = _plan(preset, out)
+    assert len(plan.steps) > 10
+    for step in plan.steps:
+        assert shlex.join(step.command) in printed, step.id
+    assert not out.exists(), "a dry run must not write anything"
+    scripts = {c for step in plan.steps for c in step.command if c.endswith(".py")}
+    assert {"run_pretrain.py", "build_pairs.py", "run_cpt.py", "run_eval.py", "run_density.py"} <= scripts
+    if PRESETS[preset].budget_s:
+        assert "Time budget" in printed
+
+
+def test_every_seed_trains_both_settings_on_one_dataset(tmp_path):
+    plan = _plan("cpu", tmp_path)
+    cpt = [s for s in plan.steps if s.kind == "cpt"]
+    preset = PRESETS["cpu"]
+    assert len(cpt) == len(preset.langs) * len(preset.variants) * len(preset.seeds) * 2
+    assert len(preset.seeds) >= 3, "honest intervals across seeds need at least 3 seeds"
+    by_key = {}
+    for step in cpt:
+        flags = step.command
+        setting = "--bridges" if "--bridges" in flags else "--no_bridges"
+        assert ("--bridges" in flags) != ("--no_bridges" in flags)
+        without_setting = [c for c in flags if c not in ("--bridges", "--no_bridges")]
+        without_setting = [c for c in without_setting if "bridges-s" not in c]  # output dir and run name
+        by_key.setdefault(json.dumps(without_setting), set()).add(setting)
+    # the two settings of a seed differ in nothing but the setting flag and the run's name
+    assert all(settings == {"--bridges", "--no_bridges"} for settings in by_key.values())
+    assert len(by_key) == len(cpt) // 2
+
+
+def test_paper_plan_uses_the_paper_scale_and_questions(tmp_path):
+    plan = _plan("paper", tmp_path, questions_dir="/data/paper-culture-cloze")
+    commands = [shlex.join(s.command) for s in plan.steps]
+    pretrain = next(c for c, s in zip(commands, plan.steps) if s.kind == "pretrain")
+    assert pretrain.startswith("accelerate launch --config_file accelerate_configs/multi_gpu.yaml run_pretrain.py")
+    assert "--config_name configs/qwen2.5-0.5b.json" in pretrain and "20231101.en" in pretrain
+    cpt = [c for c, s in zip(commands, plan.steps) if s.kind == "cpt"]
+    assert len(cpt) == 8 and all("--max_steps 1500" in c and "--block_size 2048" in c for c in cpt)
+    for lang in ("ko", "zh", "bo", "mn"):
+        assert any(f"/data/paper-culture-cloze/{lang}-culture-cloze_{lang}.json" in c for c in commands)
+
+
+def test_synthetic_presets_run_offline_and_plain_python_by_default(tmp_path):
+    for name in ("micro", "cpu", "gpu-small"):
+        plan = _plan(name, tmp_path)
+        runner = StudyRunner(plan, jobs=2, force=False, budget_s=0)
+        env = runner._env()
+        assert env["HF_HUB_OFFLINE"] == "1" and env["HF_DATASETS_OFFLINE"] == "1"
+        assert all(s.command[0] == "python" for s in plan.steps)
+    launched = _plan("micro", tmp_path, accelerate_config="accelerate_configs/cpu.yaml")
+    trains = [s for s in launched.steps if s.trains]
+    assert trains and all(
+        s.command[:4] == ["accelerate", "launch", "--config_file", "accelerate_configs/cpu.yaml"] for s in trains
+    )
+
+
+def _toy_plan(out: Path, commands: dict[str, str]) -> Plan:
+    """Steps that each append a line to a file (a counter of how often they ran) and write their output."""
+    preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=2, budget_s=0, reference_machine="-")
+    steps = []
+    previous = None
+    for name, text in commands.items():
+        target = out / f"{name}.txt"
+        code = f"import pathlib; p = pathlib.Path({str(target)!r}); p.write_text({text!r}); "
+        code += f"open({str(out / 'ran.log')!r}, 'a').write({name!r} + '\\n')"
+        steps.append(
+            Step(
+                id=name,
+                kind="world",
+                title=f"toy step {name}",
+                command=[sys.executable, "-c", code],
+                outputs=[str(target)],
+                deps=[previous] if previous else [],
+            )
+        )
+        previous = name
+    return Plan(preset, str(out), steps, [], {})
+
+
+def test_runner_skips_finished_steps_and_reruns_a_changed_step_and_what_depends_on_it(tmp_path):
+    plan = _toy_plan(tmp_path, {"a": "1", "b": "2", "c": "3"})
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split() == ["a", "b", "c"]
+    assert all((tmp_path / ".done" / f"{s}.json").is_file() for s in "abc")
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split() == ["a", "b", "c"], "finished steps must be skipped"
+    changed = _toy_plan(tmp_path, {"a": "1", "b": "changed", "c": "3"})
+    StudyRunner(changed, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split() == ["a", "b", "c", "b", "c"]
+    (tmp_path / "c.txt").unlink()  # an output gone: the step is not done
+    StudyRunner(changed, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split()[-1] == "c"
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings["steps"]) == {"a", "b", "c"}
+
+
+def test_a_failing_step_stops_the_study_and_names_its_log(tmp_path):
+    plan = _toy_plan(tmp_path, {"a": "1", "b": "2"})
+    plan.steps[0].command = [sys.executable, "-c", "import sys; print('something broke'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"Step a failed \(exit code 3\).*logs/a.log(.|\n)*something broke"):
+        StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    assert not (tmp_path / ".done" / "a.json").exists() and not (tmp_path / "b.txt").exists()
+
+
+def test_an_interrupted_training_step_resumes_from_its_last_checkpoint(tmp_path):
+    step = Step(
+        id="cpt-x",
+        kind="cpt",
+        title="x",
+        command=["python", "run_cpt.py"],
+        outputs=[],
+        workdir=str(tmp_path / "run"),
+        trains=True,
+    )
+    for n in (5, 10):
+        (tmp_path / "run" / f"checkpoint-{n}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "checkpoint-15").mkdir()  # no trainer_state: an unfinished save, not resumable
+    run_study._prepare(tmp_path, step)  # first start: nothing to resume, the folder is cleaned
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    command = run_study._prepare(tmp_path, step)  # same command started before: resume
+    assert command[-2:] == ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-10")]
+    step.command = ["python", "run_cpt.py", "--max_steps", "7"]  # another command: start afresh
+    assert run_study._prepare(tmp_path, step) == step.command and not (tmp_path / "run").exists()
+
+
+def test_report_renders_markdown_and_html_from_the_same_blocks():
+    doc = run_study.ReportDoc()
+    doc.h(2, "Title")
+    doc.p("A **bold** `code` [link](x.html) & <tag>")
+    doc.table(["a", "b|c"], [[1, "x|y"]])
+    doc.img("figures/f.png", "caption")
+    markdown, page = doc.markdown(), doc.html("t")
+    assert "## Title" in markdown and "| 1 | x\\|y |" in markdown and "![caption](figures/f.png)" in markdown
+    assert "<strong>bold</strong>" in page and "<code>code</code>" in page and '<a href="x.html">link</a>' in page
+    assert "&lt;tag&gt;" in page and '<img src="figures/f.png"' in page
+
+
+def _formatted(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+@pytest.mark.slow
+def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path):
+    out = tmp_path / "micro"
+    proc = run_script([sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)], timeout=900)
+    assert "Report:" in proc.stdout
+    report_md = (out / "report.md").read_text(encoding="utf-8")
+    report_html = (out / "report.html").read_text(encoding="utf-8")
+    record = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report_html.startswith("<!DOCTYPE html>")
+    # every figure the report shows exists and is a PNG
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_md)
+    assert len(images) >= 6
+    for image in images:
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+        assert f'src="{image}"' in report_html
+    sections = record["sections"]
+    assert {"world", "transfer", "anchors", "diagnostic", "density", "packing", "scale"} <= set(sections)
+    # transfer numbers: report.json = transfer.json, and the report prints them
+    for key, group in sections["transfer"].items():
+        transfer = json.loads(Path(group["transfer_json"]).read_text(encoding="utf-8"))
+        directions = {d["direction"]: d for lang in transfer["languages"] for d in lang["directions"]}
+        assert len(group["directions"]) == 2, key
+        for entry in group["directions"]:
+            source = directions[entry["direction"]]
+            assert entry["mean_gap"] == source["mean_gap"] and entry["mean_gap_ci"] == source["mean_gap_ci"]
+            assert entry["verdict"] == source["verdict"]
+            shown = f"{_formatted(source['mean_gap'])} [{_formatted(source['mean_gap_ci'][0])}, {_formatted(source['mean_gap_ci'][1])}]"
+            assert shown in report_md, shown
+            # the conclusion follows the interval
+            if source["mean_gap_ci"][0] <= 0 <= source["mean_gap_ci"][1]:
+                assert "includes 0: no evidence" in report_md
+    # density numbers: report.json = density.json, planted counts = truth.json
+    truth = json.loads((out / "world" / "truth.json").read_text(encoding="utf-8"))
+    for key, group in sections["density"].items():
+        density = json.loads(Path(group["density_json"]).read_text(encoding="utf-8"))
+        table = {(r["questions"], r["corpus"]): r for r in density["table"]}
+        for row in group["rows"]:
+            assert row["occurrences"] == table[(row["questions"], row["corpus"])]["occurrences"]
+            if "planted_occurrences" in row:
+                lang = key.split("/")[0]
+                question_lang = row["questions"].rsplit("_", 1)[1]
+                assert row["planted_occurrences"] == sum(q["counts"][question_lang] for q in truth["questions"][lang])
+                assert f"| {row['occurrences']} |" in report_md
+    # packing audits: one per run, guarantees as required
+    packing = sections["packing"]
+    assert len(packing["runs"]) == 8 and packing["colocation_ok"] and packing["equal_hashes"]
+    for run in packing["runs"]:
+        audit = json.loads((out / "cpt" / run["run"] / "packing_audit.json").read_text(encoding="utf-8"))
+        assert run["pairs_co_located"] == audit["pairs"]["co_located"]
+        assert audit["hashes"]["tokens_multiset_sha256"][:12] in report_md
+    # anchors vs control: both tiers, both directions, pooled and per setting
+    comparisons = sections["anchors"]["mn"]["comparisons"]
+    assert {(c["direction"], c["tier"], c["setting"]) for c in comparisons} >= {
+        ("en->mn", "high", "pooled"),
+        ("en->mn", "low", "pooled"),
+        ("mn->en", "low", "pooled"),
+        ("mn->en", "high", "bridges"),
+    }
+    for c in comparisons:
+        assert (
+            f"{_formatted(c['difference'])} [{_formatted(c['difference_ci'][0])}, {_formatted(c['difference_ci'][1])}]"
+            in report_md
+        )
+    assert sections["diagnostic"] and all(len(v) == 2 for v in sections["diagnostic"].values())
+    # a second invocation finds every step done and only rewrites the report
+    again = run_script([sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)], timeout=300)
+    assert "already done" in again.stdout and "start " not in again.stdout
