@@ -227,6 +227,8 @@ class QuestionSet:
             "source": self.source,
             "parallel_group": self.base,
             "items": len(self.items),
+            # Expected accuracy of guessing uniformly among the options (the floor of the curves).
+            "chance_accuracy": sum(len(it["answer"]) / len(it["options"]) for it in self.items) / len(self.items),
             "sha256": self.fingerprint,
             "quirks": self.quirks,
         }
@@ -1057,11 +1059,12 @@ def _resolve_run(
 
 
 def _questions_for_language(question_sets: list[QuestionSet], lang: str | None) -> list[QuestionSet]:
-    """The parallel groups that contain ``lang`` (a ko run needs the ko and matching en files only)."""
+    """The question sets a run of language ``lang`` is probed on: its language's sets and their parallel
+    English sets (a ko run needs ko-culture-cloze_ko and _en, not the Tibetan files). All when unknown."""
     if not lang:
         return question_sets
     bases = {qs.base for qs in question_sets if qs.lang == lang}
-    relevant = [qs for qs in question_sets if qs.base in bases]
+    relevant = [qs for qs in question_sets if qs.base in bases and qs.lang in (lang, "en")]
     return relevant or question_sets
 
 
@@ -1229,6 +1232,7 @@ def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> di
                         "questions": stem,
                         "question_lang": question_lang,
                         "parallel_group": base,
+                        "chance_accuracy": reference[stem].get("chance_accuracy"),
                         **stats,
                     }
                 )
@@ -1323,82 +1327,89 @@ def transfer_markdown(result: dict) -> str:
 WITH_COLOR, WITHOUT_COLOR = "#1f77b4", "#ff7f0e"
 
 
+def _direction_of(language: dict, direction: str, base: str) -> dict | None:
+    found = [d for d in language["directions"] if d["direction"] == direction and d["parallel_group"] == base]
+    return found[0] if found else None
+
+
 def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
     """Figure-3-style curves (row per language; target-language | English questions) and a Figure-1-style summary."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     languages = result["languages"]
     pct = round(result["confidence"] * 100)
     rows = [
         (lang, base) for lang in languages for base in dict.fromkeys(d["parallel_group"] for d in lang["directions"])
     ]
-    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.1 * len(rows) + 0.6), squeeze=False, sharey=True)
+    several_seeds = max(d["n_seed_pairs"] for lang in languages for d in lang["directions"]) > 1
+    band = "seeds and questions" if several_seeds else "questions (one run per setting)"
+
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.9 * len(rows) + 1.0), squeeze=False, sharey=True)
     for r, (language, base) in enumerate(rows):
-        lang = language["lang"]
-        steps = language["steps"]
+        lang, steps = language["lang"], language["steps"]
         for c, direction in enumerate((f"en->{lang}", f"{lang}->en")):
             ax = axes[r, c]
-            found = [d for d in language["directions"] if d["direction"] == direction and d["parallel_group"] == base]
-            title = f"{lang}: {'target-language' if c == 0 else 'English'} questions ({direction.replace('->', '→')})"
-            ax.set_title(title, fontsize=10)
-            if not found:
+            d = _direction_of(language, direction, base)
+            kind = "target-language" if c == 0 else "English"
+            arrow = direction.replace("->", " → ")
+            if d is None:
+                ax.set_title(f"{lang}: {kind} questions ({arrow})", fontsize=10)
                 ax.text(0.5, 0.5, "no questions", ha="center", va="center", transform=ax.transAxes)
                 continue
-            d = found[0]
-            for key, color, label in (
-                ("with", WITH_COLOR, "with bridges"),
-                ("without", WITHOUT_COLOR, "without bridges"),
-            ):
-                values = np.array(d[f"accuracy_{key}"])
+            ax.set_title(
+                f"{lang}: {kind} questions ({arrow})\nmean gap {d['mean_gap']:+.3f} "
+                f"[{d['mean_gap_ci'][0]:+.3f}, {d['mean_gap_ci'][1]:+.3f}]: {d['verdict']}",
+                fontsize=9.5,
+            )
+            for key, color in (("with", WITH_COLOR), ("without", WITHOUT_COLOR)):
                 ci = np.array(d[f"accuracy_{key}_ci"])
-                ax.fill_between(steps, ci[:, 0], ci[:, 1], color=color, alpha=0.18, linewidth=0)
+                ax.fill_between(steps, ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
                 if d["n_seed_pairs"] > 1:
                     for s in d["per_seed"]:
-                        ax.plot(steps, s[f"accuracy_{key}"], color=color, alpha=0.35, linewidth=0.8)
-                ax.plot(steps, values, color=color, marker="o", markersize=3, linewidth=1.8, label=label)
-            ax.text(
-                0.02,
-                0.96,
-                f"mean gap {d['mean_gap']:+.3f} [{d['mean_gap_ci'][0]:+.3f}, {d['mean_gap_ci'][1]:+.3f}]\n{d['verdict']}",
-                transform=ax.transAxes,
-                va="top",
-                fontsize=8,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
-            )
-            ax.set_xlabel("CPT step")
+                        ax.plot(steps, s[f"accuracy_{key}"], color=color, alpha=0.4, linewidth=0.7)
+                ax.plot(steps, d[f"accuracy_{key}"], color=color, marker="o", markersize=3.5, linewidth=2)
+            if d.get("chance_accuracy") is not None:
+                ax.axhline(d["chance_accuracy"], color="grey", linestyle="--", linewidth=0.8)
+            ax.set_ylim(-0.02, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+            ax.grid(alpha=0.3)
+            if r == len(rows) - 1:
+                ax.set_xlabel("CPT step")
             if c == 0:
                 ax.set_ylabel("cloze accuracy")
-            ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    seeds = max(d["n_seed_pairs"] for lang in languages for d in lang["directions"])
-    band = "over seeds and questions" if seeds > 1 else "over questions"
-    fig.legend(handles, labels, loc="upper center", ncol=2, frameon=False)
-    fig.suptitle(
-        f"Accuracy during CPT (bands: {pct}% bootstrap CI {band}; thin lines: single seeds)",
-        y=0.995 - 0.5 / fig.get_figheight(),
-        fontsize=9,
-    )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
+    handles = [
+        Line2D([], [], color=WITH_COLOR, marker="o", linewidth=2, label="with bridges"),
+        Line2D([], [], color=WITHOUT_COLOR, marker="o", linewidth=2, label="without bridges"),
+        Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="chance"),
+    ]
+    if several_seeds:
+        handles.append(Line2D([], [], color="black", alpha=0.4, linewidth=0.7, label="single seeds"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    fig.suptitle(f"Cloze accuracy during CPT (mean over seeds; bands: {pct}% bootstrap CI over {band})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
     curves = output_dir / "transfer_curves.png"
     _save_figure(fig, curves)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2.5), 4.4))
     labels = []
+    styles = {
+        "en->": ("#2ca02c", "o", -0.12, "English → target (target-language questions)"),
+        "->en": ("#9467bd", "s", 0.12, "target → English (English questions)"),
+    }
     for r, (language, base) in enumerate(rows):
         lang = language["lang"]
-        labels.append(lang if sum(1 for x in rows if x[0] is language) == 1 else f"{lang} ({base})")
-        for offset, direction, color, marker in (
-            (-0.12, f"en->{lang}", "#2ca02c", "o"),
-            (0.12, f"{lang}->en", "#9467bd", "s"),
-        ):
-            found = [d for d in language["directions"] if d["direction"] == direction and d["parallel_group"] == base]
-            if not found:
+        labels.append(lang if sum(1 for x in rows if x[0] is language) == 1 else f"{lang}\n({base})")
+        for direction, key in ((f"en->{lang}", "en->"), (f"{lang}->en", "->en")):
+            d = _direction_of(language, direction, base)
+            if d is None:
                 continue
-            d = found[0]
+            color, marker, offset, _ = styles[key]
             lo, hi = d["mean_gap_ci"]
             ax.errorbar(
                 r + offset,
@@ -1408,27 +1419,26 @@ def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
                 color=color,
                 capsize=4,
                 markersize=7,
-                label="English → target (target-language questions)"
-                if direction.startswith("en->")
-                else "target → English (English questions)",
             )
             if d["n_seed_pairs"] > 1:
-                ax.scatter(
-                    [r + offset] * d["n_seed_pairs"],
-                    [s["mean_gap"] for s in d["per_seed"]],
-                    color=color,
-                    s=10,
-                    alpha=0.5,
-                    zorder=3,
-                )
+                seeds = [s["mean_gap"] for s in d["per_seed"]]
+                ax.scatter([r + offset + 0.05] * len(seeds), seeds, color=color, s=12, alpha=0.5, zorder=3)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), labels)
     ax.set_xlim(-0.6, len(rows) - 0.4)
-    ax.set_ylabel("accuracy gap, with − without bridges\n(mean over CPT steps)")
-    ax.set_title(f"Transfer per language and direction ({pct}% CI {band})", fontsize=10)
-    handles, names = ax.get_legend_handles_labels()
-    unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    ax.set_ylabel("accuracy gap: with − without bridges\n(mean over CPT steps)")
+    ax.set_title(f"Transfer per language and direction\n({pct}% bootstrap CI over {band})", fontsize=10)
+    handles = [
+        Line2D([], [], color=color, marker=marker, linestyle="none", markersize=7, label=label)
+        for color, marker, _, label in styles.values()
+    ]
+    if several_seeds:
+        handles.append(
+            Line2D(
+                [], [], color="grey", marker="o", alpha=0.5, linestyle="none", markersize=4, label="single seed pairs"
+            )
+        )
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     summary = output_dir / "transfer_summary.png"

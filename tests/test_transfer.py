@@ -1,0 +1,287 @@
+"""run_eval.py transfer analysis: gap statistics, seeds, alignment, outputs and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cloze_samples import write_sample_questions
+from eval_helpers import make_run_dir
+
+import run_eval
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_eval_output(
+    directory: Path, correct: dict[str, np.ndarray], steps: list[int], cpt_setting: dict | None
+) -> Path:
+    """An eval output directory in run_eval's format whose per-item correctness is given (steps x items)."""
+    questions, checkpoints, lines = {}, [], []
+    for stem, matrix in correct.items():
+        lang = stem.rsplit("_", 1)[1]
+        questions[stem] = {
+            "lang": lang,
+            "source": stem,
+            "parallel_group": stem.rsplit("_", 1)[0],
+            "items": matrix.shape[1],
+            "sha256": f"sha-{stem}",
+            "quirks": {},
+        }
+    for t, step in enumerate(steps):
+        path = str(directory / f"checkpoint-{step}")
+        accuracy = {}
+        for stem, matrix in correct.items():
+            for index, ok in enumerate(matrix[t]):
+                row = {
+                    "questions": stem,
+                    "lang": questions[stem]["lang"],
+                    "index": index,
+                    "step": step,
+                    "checkpoint": path,
+                    "scores": [0.0, 1.0],
+                    "prediction": 0 if ok else 1,
+                    "answer": [0],
+                    "correct": bool(ok),
+                }
+                lines.append(json.dumps(row))
+            accuracy[stem] = {
+                "lang": questions[stem]["lang"],
+                "correct": int(matrix[t].sum()),
+                "total": matrix.shape[1],
+                "accuracy": float(matrix[t].mean()),
+            }
+        checkpoints.append({"step": step, "path": path, "accuracy": accuracy})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    header = {
+        "model_name_or_path": str(directory),
+        "cpt_setting": cpt_setting,
+        "scoring": "mean_token_loss",
+        "dtype": "float32",
+        "questions": questions,
+    }
+    (directory / "accuracy.json").write_text(json.dumps({"checkpoints": checkpoints, **header}))
+    return directory
+
+
+def analyse(tmp_path, with_sets, without_sets, steps=(10, 20, 30), n_bootstrap=500, seeds=None, lang="ko", **kwargs):
+    """Write one eval output per run, each a dict stem -> correctness, and run the transfer analysis on them."""
+    runs = []
+    for bridges, sets in ((True, with_sets), (False, without_sets)):
+        for k, correct in enumerate(sets):
+            seed = seeds[k] if seeds else None
+            setting = {"lang": lang, "bridges": bridges, "seed": seed}
+            name = f"{lang}-{'with' if bridges else 'without'}-{k}"
+            run_steps = kwargs.get("run_steps", {}).get(name, list(steps))
+            eval_dir = write_eval_output(tmp_path / name, correct, run_steps, setting)
+            runs.append(
+                run_eval._resolve_run(
+                    str(eval_dir), bridges, run_eval.EvalArguments(), run_eval.TransferArguments(), []
+                )
+            )
+    transfer = run_eval.TransferArguments(n_bootstrap=n_bootstrap, bootstrap_seed=kwargs.get("bootstrap_seed", 0))
+    return run_eval.transfer_analysis(runs, transfer)
+
+
+def both(rng, n_steps, n_items, p=0.5):
+    return {"c_ko": rng.random((n_steps, n_items)) < p, "c_en": rng.random((n_steps, n_items)) < p}
+
+
+def test_identical_settings_give_a_zero_gap_and_no_evidence(tmp_path):
+    data = both(np.random.default_rng(0), 3, 80)
+    result = analyse(tmp_path, [data], [data])
+    (language,) = result["languages"]
+    assert [d["direction"] for d in language["directions"]] == ["en->ko", "ko->en"]
+    for d in language["directions"]:
+        assert d["gap"] == [0.0, 0.0, 0.0] and d["gap_ci"] == [[0.0, 0.0]] * 3
+        assert d["mean_gap"] == 0.0 and d["mean_gap_ci"] == [0.0, 0.0]
+        assert d["verdict"] == "no evidence"
+        assert d["mcnemar_final"] == [{"only_with_correct": 0, "only_without_correct": 0, "p_value": 1.0}]
+        assert d["accuracy_with"] == d["accuracy_without"]
+
+
+def test_always_right_against_always_wrong_gives_a_gap_of_one_and_its_sign(tmp_path):
+    right = {"c_ko": np.ones((3, 50), bool), "c_en": np.zeros((3, 50), bool)}
+    wrong = {"c_ko": np.zeros((3, 50), bool), "c_en": np.ones((3, 50), bool)}
+    en_to_ko, ko_to_en = analyse(tmp_path, [right], [wrong])["languages"][0]["directions"]
+    assert en_to_ko["gap"] == [1.0] * 3 and en_to_ko["mean_gap_ci"] == [1.0, 1.0] and en_to_ko["verdict"] == "transfer"
+    assert (
+        ko_to_en["gap"] == [-1.0] * 3 and ko_to_en["mean_gap_ci"] == [-1.0, -1.0] and ko_to_en["verdict"] == "reverse"
+    )
+    assert en_to_ko["mcnemar_final"][0]["p_value"] == pytest.approx(2 * 0.5**50)
+
+
+def test_mcnemar_at_the_final_step_is_the_exact_binomial_test_on_discordant_items(tmp_path):
+    # Final step: 7 items right only with bridges, 2 right only without, 11 concordant.
+    with_final = np.array([1] * 7 + [0] * 2 + [1] * 5 + [0] * 6, bool)
+    without_final = np.array([0] * 7 + [1] * 2 + [1] * 5 + [0] * 6, bool)
+    earlier = np.zeros((1, 20), bool)
+    with_run = {"c_ko": np.vstack([earlier, with_final]), "c_en": np.vstack([earlier, with_final])}
+    without_run = {"c_ko": np.vstack([earlier, without_final]), "c_en": np.vstack([earlier, without_final])}
+    d = analyse(tmp_path, [with_run], [without_run], steps=(1, 2))["languages"][0]["directions"][0]
+    hand = 2 * sum(math.comb(9, k) for k in range(3)) / 2**9  # two-sided: 2 * P(X <= 2), X ~ Bin(9, 1/2)
+    assert hand == pytest.approx(92 / 512)
+    assert d["mcnemar_final"] == [{"only_with_correct": 7, "only_without_correct": 2, "p_value": pytest.approx(hand)}]
+    assert d["final_gap"] == pytest.approx(5 / 20)
+
+
+def test_several_seeds_report_per_seed_gaps_and_intervals_that_cover_seed_variation(tmp_path):
+    n = 200
+    zeros = np.zeros((2, n), bool)
+
+    def right_on_first(k):
+        m = np.zeros((2, n), bool)
+        m[:, :k] = True
+        return m
+
+    # Seeds 0, 1, 2 give gaps 0.0, 0.3, 0.6; runs are listed out of seed order to check pairing by seed.
+    with_sets = [{"c_ko": right_on_first(k), "c_en": zeros} for k in (120, 0, 60)]
+    without_sets = [{"c_ko": zeros, "c_en": zeros} for _ in range(3)]
+    d = analyse(tmp_path, with_sets, without_sets, steps=(5, 6), seeds=[2, 0, 1], n_bootstrap=2000)["languages"][0][
+        "directions"
+    ][0]
+    assert d["n_seed_pairs"] == 3 and d["ci_covers"] == "questions and seeds"
+    assert [s["seeds"] for s in d["per_seed"]] == [[0, 0], [1, 1], [2, 2]]
+    assert [s["mean_gap"] for s in d["per_seed"]] == pytest.approx([0.0, 0.3, 0.6])
+    assert d["mean_gap"] == pytest.approx(0.3)
+    low, high = d["mean_gap_ci"]
+    widest_single = max(hi - lo for lo, hi in (s["mean_gap_ci_questions_only"] for s in d["per_seed"]))
+    assert low < 0.3 < high
+    assert high - low > 2.5 * widest_single  # seed-to-seed variation dominates the interval
+
+
+def test_steps_missing_from_a_run_are_left_out_and_no_common_step_is_an_error(tmp_path):
+    data = both(np.random.default_rng(1), 3, 30)
+    result = analyse(tmp_path / "a", [data], [data], run_steps={"ko-without-0": [10, 20, 40]})
+    language = result["languages"][0]
+    assert language["steps"] == [10, 20]
+    assert language["steps_left_out"] == {"ko-with-0": [30], "ko-without-0": [40]}
+    with pytest.raises(
+        ValueError, match=r"share no checkpoint step \(ko-with-0: \[10, 20, 30\]; ko-without-0: \[40, 50, 60\]\)"
+    ):
+        analyse(tmp_path / "b", [data], [data], run_steps={"ko-without-0": [40, 50, 60]})
+
+
+def test_bootstrap_is_reproducible_from_its_seed(tmp_path):
+    rng = np.random.default_rng(2)
+    a, b = both(rng, 3, 60), both(rng, 3, 60)
+    first = analyse(tmp_path / "1", [a], [b])
+    assert analyse(tmp_path / "2", [a], [b])["languages"][0]["directions"] == first["languages"][0]["directions"]
+    other = analyse(tmp_path / "3", [a], [b], bootstrap_seed=1)
+    assert (
+        other["languages"][0]["directions"][0]["mean_gap_ci"] != first["languages"][0]["directions"][0]["mean_gap_ci"]
+    )
+
+
+def test_a_run_given_under_the_wrong_setting_is_an_error(tmp_path):
+    data = both(np.random.default_rng(3), 2, 10)
+    eval_dir = write_eval_output(tmp_path / "r", data, [1, 2], {"lang": "ko", "bridges": True, "seed": 0})
+    with pytest.raises(ValueError, match="given as --without_bridges but its cpt_setting says bridges=True"):
+        run_eval._resolve_run(str(eval_dir), False, run_eval.EvalArguments(), run_eval.TransferArguments(), [])
+
+
+def test_unequal_seed_counts_are_an_error_naming_the_runs(tmp_path):
+    data = both(np.random.default_rng(4), 2, 10)
+    with pytest.raises(
+        ValueError, match=r"2 run\(s\) with bridges \(ko-with-0, ko-with-1\) but 1 without \(ko-without-0\)"
+    ):
+        analyse(tmp_path, [data, data], [data], steps=(1, 2))
+
+
+@pytest.mark.slow
+def test_transfer_analysis_of_real_tiny_runs_in_two_languages(tmp_path, tiny_model_dir):
+    """Eight real runs (ko and zh, with and without bridges, two seeds), probed and compared in one command."""
+    questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
+    runs, seed_value = [], 0
+    for lang in ("ko", "zh"):
+        for bridges in (True, False):
+            for seed in (0, 1):
+                setting = {"lang": lang, "bridges": bridges, "seed": seed}
+                name = f"{lang}-{'with' if bridges else 'without'}-s{seed}"
+                seed_value += 1  # every run draws different random weights
+                runs.append(make_run_dir(tiny_model_dir, tmp_path / name, (2, 4), 6, setting, seed=seed_value))
+    out = tmp_path / "transfer"
+    run_eval.main(
+        [
+            "--runs",
+            *map(str, runs),
+            "--questions",
+            *map(str, questions),
+            "--output_dir",
+            str(out),
+            "--n_bootstrap",
+            "300",
+        ]
+    )
+
+    # Every run was probed in its own eval folder, on its language's questions and the English ones only.
+    ko_eval = json.loads((tmp_path / "ko-with-s0" / "eval" / "accuracy.json").read_text())
+    assert sorted(ko_eval["questions"]) == ["sample-culture_en", "sample-culture_ko"]
+    assert ko_eval["cpt_setting"] == {"lang": "ko", "bridges": True, "seed": 0}
+
+    result = json.loads((out / "transfer.json").read_text())
+    assert [language["lang"] for language in result["languages"]] == ["ko", "zh"]
+    for language in result["languages"]:
+        assert language["steps"] == [2, 4, 6]
+        assert [d["direction"] for d in language["directions"]] == [
+            f"en->{language['lang']}",
+            f"{language['lang']}->en",
+        ]
+        for d in language["directions"]:
+            assert d["n_seed_pairs"] == 2 and len(d["per_seed"]) == 2
+            assert len(d["gap"]) == len(d["gap_ci"]) == 3
+            assert d["gap_ci"][-1][0] <= d["final_gap"] <= d["gap_ci"][-1][1]
+            assert d["verdict"] in {"transfer", "reverse", "no evidence"}
+    # The McNemar p-value of the first seed pair at the final step, by hand from predictions.jsonl.
+    from scipy.stats import binomtest
+
+    def final_correct(run_name: str, stem: str) -> np.ndarray:
+        rows = [
+            json.loads(line) for line in (tmp_path / run_name / "eval" / "predictions.jsonl").read_text().splitlines()
+        ]
+        return np.array(
+            [r["correct"] for r in sorted(rows, key=lambda r: r["index"]) if r["step"] == 6 and r["questions"] == stem]
+        )
+
+    w, o = final_correct("ko-with-s0", "sample-culture_ko"), final_correct("ko-without-s0", "sample-culture_ko")
+    b, c = int(np.sum(w & ~o)), int(np.sum(~w & o))
+    expected = binomtest(b, b + c).pvalue if b + c else 1.0
+    assert result["languages"][0]["directions"][0]["mcnemar_final"][0]["p_value"] == pytest.approx(expected)
+    assert result["languages"][0]["directions"][0]["per_seed"][0]["final_gap"] == pytest.approx((w.sum() - o.sum()) / 6)
+
+    markdown = (out / "transfer.md").read_text()
+    assert "| ko | en->ko |" in markdown and "| zh | zh->en |" in markdown and "overstates significance" in markdown
+    for png in ("transfer_curves.png", "transfer_summary.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+    # The same analysis from the eval output folders alone (no probing), by explicit setting flags.
+    again = tmp_path / "again"
+    ko = {b: [str(tmp_path / f"ko-{b}-s{s}" / "eval") for s in (0, 1)] for b in ("with", "without")}
+    run_eval.main(
+        [
+            "--with_bridges",
+            *ko["with"],
+            "--without_bridges",
+            *ko["without"],
+            "--output_dir",
+            str(again),
+            "--n_bootstrap",
+            "300",
+        ]
+    )
+    assert json.loads((again / "transfer.json").read_text())["languages"][0] == result["languages"][0] | {
+        "with_bridges": ko["with"],
+        "without_bridges": ko["without"],
+    }
