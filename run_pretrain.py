@@ -46,6 +46,7 @@ from typing import Literal
 
 import datasets
 import numpy as np
+import regex
 import torch
 import transformers
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
@@ -304,7 +305,10 @@ def load_or_train_tokenizer(model_args: ModelArguments, data_args: DataArguments
 # Data: read, filter, tokenize, pack
 # --------------------------------------------------------------------------------------
 
+#: Why a document is dropped: it is blank; the character filter left no letter or digit in it
+#: (only spaces or punctuation); or (--filter_mode documents) it holds a non-Latin letter or digit.
 DROP_REASONS = ("empty_input", "empty_after_filter", "non_latin_letter")
+_LETTER_OR_NUMBER = regex.compile(r"[\p{L}\p{N}]")
 
 
 def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, script_filter: str, filter_mode: str):
@@ -327,7 +331,7 @@ def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, scrip
                 reason = "non_latin_letter"
         elif script_filter == "latin":
             text, removed = filter_to_latin(text)
-            if not text.strip():
+            if not _LETTER_OR_NUMBER.search(text):  # only spaces or punctuation are left
                 reason, removed = "empty_after_filter", 0
         reasons.append(reason)
         chars_removed.append(removed)
@@ -670,11 +674,11 @@ def check_document_attention(model, collator: PackedBlockCollator, start_id: int
 
 
 class ThroughputCallback(TrainerCallback):
-    """Records the wall time at the end of every optimizer step; writes throughput.json.
+    """Records the wall time at the end of every optimizer step; main() writes throughput.json.
 
-    steady_tokens_per_second leaves out the first ``warmup_steps`` steps (compilation, caches).
-    On a GPU the step end is taken after the loss is logged, which synchronises the device
-    when --logging_steps is 1.
+    steady_tokens_per_second leaves out the first ``warmup_steps`` steps (allocator, kernels
+    chosen, caches). On a GPU each step end waits for the device (one synchronisation per
+    step, which logging the loss does anyway), so the times are those of the GPU work.
     """
 
     def __init__(self, tokens_per_step: int, warmup_steps: int = 5):
@@ -686,6 +690,8 @@ class ThroughputCallback(TrainerCallback):
         self.step_end_times = [(state.global_step, time.perf_counter())]
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         self.step_end_times.append((state.global_step, time.perf_counter()))
 
     def summary(self) -> dict:
@@ -701,6 +707,9 @@ class ThroughputCallback(TrainerCallback):
             steady_steps_per_second=(step1 - step0) / (t1 - t0),
             steady_tokens_per_second=(step1 - step0) * self.tokens_per_step / (t1 - t0),
         )
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            summary["device"] = torch.cuda.get_device_name()
+            summary["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return summary
 
 
@@ -785,6 +794,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, data_args, training_args, resume)
     start_id = document_start_id(tokenizer)
+    config, overrides = build_config(model_args, tokenizer, data_args.block_size)  # fails fast, before the data
 
     # Data: the main process builds the cache first, the others read it (as run_clm does).
     with training_args.main_process_first(desc="filter, tokenize and pack"):
@@ -814,7 +824,6 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     # Model: random initialisation from the architecture config.
-    config, overrides = build_config(model_args, tokenizer, data_args.block_size)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("Model %s: %.2fM parameters, vocab %d", config.model_type, n_params / 1e6, config.vocab_size)
