@@ -55,6 +55,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -443,6 +444,42 @@ def to_output_record(batch):
 # --------------------------------------------------------------------------------------
 
 
+def push_dataset(output_dir: Path, repo_id: str, private: bool, shard_bytes: float = 500e6) -> None:
+    """Upload the dataset as parquet shards (``data/train-*``), build_stats.json and the card, in one commit.
+
+    Data files of an earlier push that this one does not overwrite are deleted in the same commit,
+    so the repository never mixes two builds.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    dataset = datasets.load_from_disk(str(output_dir))
+    n_shards = max(1, math.ceil(dataset.data.nbytes / shard_bytes))
+    with tempfile.TemporaryDirectory() as folder:
+        operations = []
+        for index in range(n_shards):
+            path_in_repo = f"data/train-{index:05d}-of-{n_shards:05d}.parquet"
+            local = Path(folder) / path_in_repo
+            local.parent.mkdir(parents=True, exist_ok=True)
+            dataset.shard(n_shards, index, contiguous=True).to_parquet(str(local))
+            operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
+        for name in ("build_stats.json", "README.md"):
+            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(output_dir / name)))
+        try:
+            existing = api.list_repo_files(repo_id, repo_type="dataset")
+        except HfHubHTTPError:  # a new repository has nothing to replace
+            existing = []
+        added = {op.path_in_repo for op in operations}
+        operations += [
+            CommitOperationDelete(path_in_repo=path)
+            for path in existing
+            if path.startswith("data/") and path not in added
+        ]
+        api.create_commit(repo_id, operations, repo_type="dataset", commit_message="build_pairs.py dataset")
+
+
 def validate(args: BuildArguments) -> None:
     if not args.pairs_files and not args.pairs_dataset:
         raise ValueError("Give parallel pairs: --pairs_files FILE ... or --pairs_dataset NAME.")
@@ -488,13 +525,20 @@ def main(argv: list[str] | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         # 1. All inputs into Arrow files on disk, record by record (bounded memory).
-        raw = datasets.Dataset.from_generator(
-            generate_raw_records,
-            features=RAW_FEATURES,
-            cache_dir=str(staging / "cache"),
-            gen_kwargs={"args": args, "tgt_column": tgt_column},
-            fingerprint=uuid.uuid4().hex,
-        )
+        try:
+            raw = datasets.Dataset.from_generator(
+                generate_raw_records,
+                features=RAW_FEATURES,
+                cache_dir=str(staging / "cache"),
+                gen_kwargs={"args": args, "tgt_column": tgt_column},
+                fingerprint=uuid.uuid4().hex,
+            )
+        except datasets.exceptions.DatasetGenerationError as error:
+            # Surface our own input errors (file:line and what to do) rather than the wrapper.
+            cause = error.__cause__ or error.__context__
+            if isinstance(cause, (ValueError, FileNotFoundError)):
+                raise cause from None
+            raise
         # 2. Stateless checks in parallel.
         checked = raw.map(
             check_batch,
@@ -615,18 +659,7 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("Saved %s", output_dir)
 
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        pushed = datasets.load_from_disk(str(output_dir))
-        pushed.push_to_hub(args.hub_dataset_id, private=args.hub_private_repo)
-        api = HfApi()
-        for name in ("build_stats.json", "README.md"):
-            api.upload_file(
-                path_or_fileobj=str(output_dir / name),
-                path_in_repo=name,
-                repo_id=args.hub_dataset_id,
-                repo_type="dataset",
-            )
+        push_dataset(output_dir, args.hub_dataset_id, args.hub_private_repo)
         logger.info("Pushed to the Hub dataset %s", args.hub_dataset_id)
     return output_dir
 

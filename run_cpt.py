@@ -132,11 +132,14 @@ class BridgePackingCollator:
     pack into ``T = steps x windows_per_step`` windows. Each setting's windows are then split
     (a window with the most documents is halved, repeatedly) until both have exactly ``T``
     windows. Both settings therefore see exactly the same documents, the same number of windows,
-    of real tokens and of steps; a prefix is feasible only when the settings have at least ``T``
-    documents to spread over ``T`` windows, and when it is not, the step count is reduced to the
-    largest feasible one (reported). With ``num_epochs`` instead of ``max_steps``, the prefix is
-    ``num_epochs`` passes and ``T`` is rounded up to whole steps. Because ``T`` is a whole number
-    of steps of whole batches, a Trainer's sampler shuffling the windows, and its sharding of them
+    of real tokens and of steps. A prefix is feasible only when there are at least ``T`` documents to
+    spread over ``T`` windows, or ``T - max_empty_windows`` with the rest all-padding windows (the
+    caller keeps ``max_empty_windows`` below what one process reads per step, so no process ever
+    has a step without a target token); when it is not, the step count is reduced to the largest
+    feasible one (reported as ``steps`` < ``requested_steps``). With ``num_epochs`` instead of
+    ``max_steps`` the prefix is ``ceil(num_epochs x units)`` units and ``T`` is rounded up to
+    whole steps. Because ``T`` is a whole number of steps of whole batches, a Trainer's sampler
+    shuffling the windows, and its sharding of them
     over processes, consume each planned window exactly once in one epoch over the packed dataset.
 
     **Collation** (``__call__``). Each feature is a window from ``window_features``:
@@ -565,6 +568,39 @@ def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator
     return {"segments": segments, "first_side": first_sides, "drop_reason": reasons}
 
 
+def tokenize_dataset(raw: datasets.Dataset, tokenizer, cpt_args: CPTArguments, seed: int) -> datasets.Dataset:
+    """One row per unit: ``doc_id``, ``kind``, ``pair_id``, ``segments``, ``first_side``, ``drop_reason``."""
+    separator_ids = (
+        tokenizer(cpt_args.pair_separator, add_special_tokens=False)["input_ids"] if cpt_args.pair_separator else []
+    )
+    kept = ("doc_id", "kind", "pair_id")
+    return raw.map(
+        tokenize_units,
+        batched=True,
+        num_proc=cpt_args.preprocessing_num_workers,
+        remove_columns=[c for c in raw.column_names if c not in kept],
+        features=datasets.Features({**{c: raw.features[c] for c in kept}, **TOKENIZED_FEATURES}),
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "start_id": document_start_id(tokenizer),
+            "block_size": cpt_args.block_size,
+            "pair_order": cpt_args.pair_order,
+            "separator_ids": separator_ids,
+            "seed": seed,
+        },
+        desc="Tokenizing units into segments",
+    )
+
+
+def packing_units(kinds: list[str], reasons: list[str], store: SegmentStore) -> list[PackingUnit]:
+    """The units the packer sees: every row not dropped, keyed by its row, with its segment lengths."""
+    return [
+        PackingUnit(row, lengths, kind == "pair")
+        for row, (kind, reason, lengths) in enumerate(zip(kinds, reasons, store.segment_lengths()))
+        if not reason
+    ]
+
+
 class SegmentStore:
     """Token ids of segment ``part`` of dataset row ``row``, read zero-copy from the Arrow files."""
 
@@ -605,12 +641,48 @@ class PackedWindows(torch.utils.data.Dataset):
 
     def __init__(self, windows: list[list[tuple]], store: SegmentStore, collator: BridgePackingCollator):
         self.windows, self.store, self.collator = windows, store, collator
+        self.fetched: Counter = Counter()  # window index -> times read (in this process)
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict:
+        self.fetched[index] += 1
         return self.collator.window_features(self.windows[index], self.store.segment_tokens)
+
+
+class WindowCountCallback(TrainerCallback):
+    """Count window reads from the start of the training loop (a length-grouped sampler reads all first)."""
+
+    def __init__(self, dataset: PackedWindows):
+        self.dataset = dataset
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.dataset.fetched.clear()
+
+
+def check_windows_trained(dataset: PackedWindows, training_args, start_step: int, steps: int, per_step: int) -> dict:
+    """Did the Trainer's sampler, over all processes, read each planned window exactly once?"""
+    if training_args.dataloader_num_workers > 0:
+        return {"measured": False, "reason": "windows are read in dataloader worker processes"}
+    counts = Counter(dataset.fetched)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, dict(counts))
+        counts = sum((Counter(c) for c in gathered), Counter())
+    expected = (steps - start_step) * per_step
+    result = {
+        "measured": True,
+        "resumed_at_step": start_step,
+        "windows_read": sum(counts.values()),
+        "distinct_windows_read": len(counts),
+        "expected_windows": expected,
+        "max_reads_of_one_window": max(counts.values(), default=0),
+    }
+    result["each_planned_window_once"] = (
+        result["windows_read"] == expected == result["distinct_windows_read"] and result["max_reads_of_one_window"] <= 1
+    )
+    return result
 
 
 # ======================================================================================
@@ -668,6 +740,7 @@ def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator,
         "target_tokens": int(target_counts.sum()),
         "real_token_fraction": round(real / (len(windows) * collator.block_size), 6),
         "max_window_tokens": max_window,
+        "empty_windows": sum(1 for window in windows if not window),
         "pairs": {
             "total": total_pairs,
             "co_located": co_located,
@@ -771,47 +844,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- data: units -> segments -------------------------------------------------------
     raw, dataset_folder = load_cpt_dataset(cpt_args)
-    separator_ids = (
-        tokenizer(cpt_args.pair_separator, add_special_tokens=False)["input_ids"] if cpt_args.pair_separator else []
-    )
     with training_args.main_process_first(desc="tokenizing the CPT dataset"):
-        tokenized = raw.map(
-            tokenize_units,
-            batched=True,
-            num_proc=cpt_args.preprocessing_num_workers,
-            remove_columns=[c for c in raw.column_names if c not in ("doc_id", "kind", "pair_id")],
-            features=datasets.Features(
-                {**{c: raw.features[c] for c in ("doc_id", "kind", "pair_id")}, **TOKENIZED_FEATURES}
-            ),
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "start_id": start_id,
-                "block_size": cpt_args.block_size,
-                "pair_order": cpt_args.pair_order,
-                "separator_ids": separator_ids,
-                "seed": shuffle_seed,
-            },
-            desc="Tokenizing units into segments",
-        )
+        tokenized = tokenize_dataset(raw, tokenizer, cpt_args, shuffle_seed)
     kinds = tokenized["kind"]
     reasons = tokenized["drop_reason"]
     doc_ids = tokenized["doc_id"]
     first_sides = tokenized["first_side"]
     store = SegmentStore(tokenized)
-    segment_lengths = store.segment_lengths()
-    units = [
-        PackingUnit(row, tuple(lengths), kind == "pair")
-        for row, (kind, reason, lengths) in enumerate(zip(kinds, reasons, segment_lengths))
-        if not reason
-    ]
+    units = packing_units(kinds, reasons, store)
     if not units:
         raise ValueError(f"{dataset_folder}: no unit left after tokenization; see the dataset's build_stats.json.")
     pair_rows = {unit.key for unit in units if unit.is_pair}
 
     # ---- the plan: both settings over the same documents ---------------------------------
-    windows_per_step = (
-        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
-    )
+    windows_per_device_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    windows_per_step = windows_per_device_step * training_args.world_size
     plan = BridgePackingCollator.plan(
         units,
         block_size=cpt_args.block_size,
@@ -820,6 +867,9 @@ def main(argv: list[str] | None = None) -> dict:
         max_steps=training_args.max_steps if training_args.max_steps > 0 else None,
         num_epochs=None if training_args.max_steps > 0 else training_args.num_train_epochs,
         max_open_windows=cpt_args.max_open_windows,
+        # An all-padding window is allowed only where the data has fewer documents than windows,
+        # and never as many as one process reads per step (a step without targets would be NaN).
+        max_empty_windows=windows_per_device_step - 1,
     )
     collators = {
         b: BridgePackingCollator(cpt_args.block_size, b, pad_id, cpt_args.max_open_windows) for b in (True, False)
@@ -979,15 +1029,24 @@ def main(argv: list[str] | None = None) -> dict:
         write_card(output_dir, card_title, card_summary, card_setting, ["cross-lingual-transfer", "cpt", setting_name])
 
     set_seed(training_args.seed)
+    train_dataset = PackedWindows(plan["windows"][bridges], store, collator)
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=PackedWindows(plan["windows"][bridges], store, collator),
+        train_dataset=train_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[CPTSettingCallback(cpt_setting)],
+        callbacks=[CPTSettingCallback(cpt_setting), WindowCountCallback(train_dataset)],
     )
+    start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    audit["windows_trained"] = check_windows_trained(
+        train_dataset, training_args, start_step, plan["steps"], windows_per_step
+    )
+    if training_args.should_save:
+        write_json_atomic(output_dir / "packing_audit.json", audit)
+    if audit["windows_trained"].get("each_planned_window_once") is False:
+        raise RuntimeError(f"The Trainer did not read each planned window exactly once: {audit['windows_trained']}")
     trainer.save_model()
     metrics = dict(result.metrics)
     metrics["train_windows"] = len(plan["windows"][bridges])

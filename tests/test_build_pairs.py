@@ -1,0 +1,202 @@
+"""build_pairs.py: one CPT dataset per language, every drop counted by reason, clear input errors."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import run_script
+from datasets import load_from_disk
+
+import build_pairs
+
+BO = ["བོད་རིགས་ཀྱིས་ཇ་མར་འཐུང་།", "བོད་རིགས་གྲྭ་བཙུན་ཤ་ཟ།", "ལྷ་སའི་ལོ་གསར་ལ་རྩམ་པ་ཟ།", "ཡུལ་ལུང་མཐོ་པོ་ཡོད།"]
+EN = ["Tibetans drink butter tea.", "Monks eat tsampa.", "Lhasa celebrates the new year.", "The valleys are high."]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def build(tmp_path: Path, tokenizer_dir: Path, *extra: str, pairs=None, mono=None, name="data") -> Path:
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", pairs or [{"en": e, "bo": b} for e, b in zip(EN, BO)])
+    mono_file = tmp_path / "mono.txt"
+    mono_file.write_text("\n".join(mono or BO) + "\n", encoding="utf-8")
+    output = tmp_path / name
+    build_pairs.main([
+        "--lang", "bo", "--pairs_files", str(pairs_file), "--en_column", "en", "--tgt_column", "bo",
+        "--mono_files", str(mono_file), "--tokenizer_name", str(tokenizer_dir), "--block_size", "128",
+        "--output_dir", str(output), *extra,
+    ])  # fmt: skip
+    return output
+
+
+def stats(output: Path) -> dict:
+    return json.loads((output / "build_stats.json").read_text())
+
+
+def test_builds_document_records_with_stable_ids_stats_and_a_card(tmp_path, tiny_model_dir):
+    output = build(tmp_path, tiny_model_dir)
+    dataset = load_from_disk(str(output))
+    assert dataset.column_names == ["doc_id", "kind", "text", "pair_id", "en", "tgt", "source"]
+    pairs = [r for r in dataset if r["kind"] == "pair"]
+    mono = [r for r in dataset if r["kind"] == "mono"]
+    assert [p["doc_id"] for p in pairs] == [f"pair-{i:09d}" for i in range(4)]
+    assert [(p["pair_id"], p["en"], p["tgt"], p["text"]) for p in pairs] == [(i, EN[i], BO[i], None) for i in range(4)]
+    assert [m["text"] for m in mono] == BO and all(m["pair_id"] is None for m in mono)
+    assert pairs[2]["source"].endswith("pairs.jsonl:3")
+    assert stats(output)["kept"] == {"mono": 4, "pair": 4, "replay": 0}
+    card = (output / "README.md").read_text()
+    assert str(tiny_model_dir) in card and "| block_size | 128 |" in card and "| lang | bo |" in card
+
+
+def test_every_drop_is_counted_by_its_reason(tmp_path, tiny_model_dir):
+    cloze = tmp_path / "questions.json"
+    cloze.write_text(json.dumps([{"question": "Monks ___ tsampa.", "options": ["eat", "sell"], "answer": "eat"}]))
+    long_side = "ཇ་" * 200  # far over a 128-token window
+    pairs = [
+        {"en": EN[0], "bo": BO[0]},
+        {"en": EN[0], "bo": BO[0]},  # exact duplicate
+        {"en": f"  {EN[0]} ", "bo": BO[0]},  # duplicate once whitespace is stripped
+        {"en": "   ", "bo": BO[1]},  # empty side
+        {"en": EN[2], "bo": "Lhasa new year (Latin only)"},  # target side not Tibetan
+        {"en": BO[3], "bo": BO[3]},  # English side not Latin (swapped columns)
+        {"en": "MONKS  eat tsampa every day.", "bo": BO[1]},  # holds the filled eval sentence
+        {"en": EN[3], "bo": long_side},  # cannot share one window
+    ]
+    mono = [BO[0], "Only Latin letters here", "ལྷ་ས།"]
+    output = build(tmp_path, tiny_model_dir, "--eval_questions", str(cloze), pairs=pairs, mono=mono)
+    dropped = stats(output)["dropped"]
+    assert dropped["pair"] == {
+        "empty": 1, "not_in_script": 2, "contains_eval_sentence": 1, "over_block_size": 1, "duplicate_pair": 2,
+    }  # fmt: skip
+    assert dropped["mono"] == {"empty": 0, "not_in_script": 1, "contains_eval_sentence": 0}
+    assert stats(output)["kept"]["pair"] == 1 and stats(output)["read"]["pair"] == 8
+    assert stats(output)["eval_questions"]["sentences_guarded"] == 1
+
+
+def test_paper_questions_guard_filled_sentences_in_any_case_and_spacing(tmp_path, tiny_model_dir, paper_cloze_dir):
+    items = json.loads((paper_cloze_dir / "bo-culture-cloze_en.json").read_text())
+    item = next(i for i in items if isinstance(i["answer"], str) and "_" in i["question"])
+    filled = re.sub(r"_+", item["answer"], item["question"]).rstrip(".")
+    contaminated = "Some context first. " + "  ".join(filled.upper().split()) + "! And more."
+    pairs = [{"en": contaminated, "bo": BO[0]}, {"en": EN[1], "bo": BO[1]}]
+    output = build(
+        tmp_path, tiny_model_dir, "--eval_questions", str(paper_cloze_dir / "bo-culture-cloze_en.json"),
+        str(paper_cloze_dir / "bo-culture-cloze_bo.json"), pairs=pairs,
+    )  # fmt: skip
+    assert stats(output)["dropped"]["pair"]["contains_eval_sentence"] == 1
+    assert stats(output)["eval_questions"]["sentences_guarded"] >= 2 * len(items)
+
+
+def test_filled_sentence_matcher_finds_only_whole_sentences():
+    matcher = build_pairs.FilledSentenceMatcher(["The winter is cold.", "汉语属于汉藏语系。", "a"], min_chars=8)
+    assert matcher.too_short == ["a"]
+    assert matcher.first_match("we said THE   winter is cold!") == "the winter is cold"
+    assert matcher.first_match("前言：汉语属于汉藏语系，等等") == "汉语属于汉藏语系"
+    assert matcher.first_match("The winter is warm.") is None
+    assert matcher.first_match("a" * 50) is None
+
+
+def test_replay_is_drawn_to_the_requested_token_share(tmp_path, tiny_model_dir):
+    replay = tmp_path / "replay.txt"
+    replay.write_text("\n".join(f"English replay document number {i} about tea and valleys." for i in range(200)))
+    output = build(tmp_path, tiny_model_dir, "--replay_files", str(replay), "--replay_ratio", "0.25")
+    result = stats(output)
+    assert abs(result["replay"]["achieved_ratio"] - 0.25) < 0.02
+    assert result["kept"]["replay"] + result["dropped"]["replay"]["replay_beyond_ratio"] == 200
+    kept_tokens = result["kept_text_tokens"]
+    assert kept_tokens["replay"] == result["replay"]["replay_text_tokens"]
+    again = build(tmp_path, tiny_model_dir, "--replay_files", str(replay), "--replay_ratio", "0.25", name="again")
+    assert load_from_disk(str(again))["doc_id"] == load_from_disk(str(output))["doc_id"]  # seeded
+
+
+def test_tsv_csv_and_hub_style_datasets_with_nested_columns(tmp_path, tiny_model_dir):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("id\tenglish\ttibetan\n1\t" + EN[0] + "\t" + BO[0] + "\n", encoding="utf-8")
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text('english,tibetan\n"Tea, with butter.",' + BO[1] + "\n", encoding="utf-8")
+    folder = tmp_path / "hub_style"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"translation": {"en": EN[2], "bo": BO[2]}}])
+    common = ["--lang", "bo", "--tokenizer_name", str(tiny_model_dir), "--block_size", "128"]
+    build_pairs.main([*common, "--pairs_files", str(tsv), str(csv_file), "--en_column", "english",
+                      "--tgt_column", "tibetan", "--output_dir", str(tmp_path / "files")])  # fmt: skip
+    build_pairs.main([*common, "--pairs_dataset", str(folder), "--en_column", "translation.en",
+                      "--tgt_column", "translation.bo", "--output_dir", str(tmp_path / "hub")])  # fmt: skip
+    assert load_from_disk(str(tmp_path / "files"))["en"] == [EN[0], "Tea, with butter."]
+    assert load_from_disk(str(tmp_path / "hub"))["tgt"] == [BO[2]]
+
+
+def test_other_languages_need_a_script(tmp_path, tiny_model_dir):
+    pairs_file = write_jsonl(tmp_path / "ru.jsonl", [{"en": "Tea is hot.", "ru": "Чай горячий."}])
+    common = ["--lang", "ru", "--pairs_files", str(pairs_file), "--tokenizer_name", str(tiny_model_dir)]
+    with pytest.raises(ValueError, match="No script is known for language 'ru'.*--script"):
+        build_pairs.main([*common, "--output_dir", str(tmp_path / "none")])
+    build_pairs.main([*common, "--script", "Cyrillic", "--output_dir", str(tmp_path / "ru")])
+    assert stats(tmp_path / "ru")["kept"]["pair"] == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "columns", "message"),
+    [
+        ('{"en": "a", "bo": "b"}\n{"en": "broken\n', ".jsonl", ("en", "bo"), r"pairs\.jsonl:2: not valid JSON"),
+        ('{"en": "a", "tibetan": "b"}\n', ".jsonl", ("en", "bo"), r"pairs\.jsonl:1: no column 'bo'.*--tgt_column"),
+        ("en\tbo\nTea\tཇ\textra\n", ".tsv", ("en", "bo"), r"pairs\.tsv:2: 3 fields where the header has 2"),
+        ("english,bo\nTea,ཇ\n", ".csv", ("en", "bo"), r"pairs\.csv:1: no column 'en' in the header.*--en_column"),
+        ("en,bo\n", ".parquet", ("en", "bo"), r"unknown pair file type '\.parquet'"),
+    ],
+)
+def test_bad_pair_files_are_named_with_their_line(tmp_path, tiny_model_dir, content, suffix, columns, message):
+    pairs_file = tmp_path / f"pairs{suffix}"
+    pairs_file.write_text(content, encoding="utf-8")
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs_file), "--en_column", columns[0],
+                          "--tgt_column", columns[1], "--tokenizer_name", str(tiny_model_dir),
+                          "--output_dir", str(output)])  # fmt: skip
+    assert not output.exists()  # nothing half-written
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_argument_errors_say_what_to_do(tmp_path, tiny_model_dir):
+    common = ["--lang", "bo", "--tokenizer_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="Give parallel pairs"):
+        build_pairs.main(common)
+    pairs_file = write_jsonl(tmp_path / "p.jsonl", [{"en": EN[0], "bo": BO[0]}])
+    with pytest.raises(ValueError, match="without --replay_ratio"):
+        build_pairs.main([*common, "--pairs_files", str(pairs_file), "--tgt_column", "bo", "--replay_files", "x.txt"])
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not empty.*--overwrite_output_dir"):
+        build_pairs.main([*common, "--pairs_files", str(pairs_file), "--tgt_column", "bo"])
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_parquet_stats_and_card(tmp_path, tiny_model_dir, local_hub):
+    # A separate process: huggingface_hub reads HF_ENDPOINT when it is first imported.
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"en": e, "bo": b} for e, b in zip(EN, BO)])
+    output = tmp_path / "data"
+    run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs_file), "--tgt_column", "bo",
+                "--tokenizer_name", str(tiny_model_dir), "--block_size", "128", "--output_dir", str(output),
+                "--push_to_hub", "--hub_dataset_id", "tester/cpt-bo"])  # fmt: skip
+    files = local_hub.files("tester/cpt-bo", "datasets")
+    assert files == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
+    pushed = local_hub.root / "datasets" / "tester" / "cpt-bo"
+    assert (pushed / "README.md").read_text() == (output / "README.md").read_text()
+    from datasets import load_dataset
+
+    round_trip = load_dataset("parquet", data_files=str(pushed / "data" / "*.parquet"), split="train")
+    assert round_trip["doc_id"] == load_from_disk(str(output))["doc_id"]
+
+
+@pytest.mark.slow
+def test_command_line_reports_errors_without_a_traceback(tmp_path, tiny_model_dir):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text("{oops\n")
+    with pytest.raises(AssertionError) as failure:
+        run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(bad), "--tgt_column", "bo",
+                    "--tokenizer_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert "build_pairs.py: error:" in str(failure.value) and "pairs.jsonl:1: not valid JSON" in str(failure.value)
+    assert "Traceback" not in str(failure.value)
