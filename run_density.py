@@ -8,14 +8,16 @@ script makes the same measurement on any corpus:
 
 1. Every question of every ``--questions`` file becomes a query: the cloze sentence with the
    blank filled by the answer. BM25 (the ``bm25s`` library) retrieves its ``--top_k``
-   documents from each corpus. Tokens come from ``retrieval_tokens``, which cuts text into
-   runs of one script and tokenises each run the way that script needs (Latin words, Hangul
-   eojeol + syllable bigrams, Han character uni- and bigrams, Tibetan syllables, traditional
-   Mongolian words).
+   documents from each corpus, among the documents that hold every token of the answer.
+   Tokens come from ``retrieval_tokens``, which cuts text into runs of one script and
+   tokenises each run the way that script needs (Latin words, Hangul eojeol + syllables +
+   syllable bigrams, Han character uni- and bigrams, Tibetan syllables, traditional Mongolian
+   words).
 2. A judge decides whether each retrieved document contains the question's knowledge: by
-   default the deterministic ``LexicalJudge`` (the answer occurs and enough of the question's
-   key terms occur near it); with ``--judge_model`` a causal LM compares the log-probabilities
-   of " Yes" and " No" after a prompt (``LanguageModelJudge``), as the paper did with a large LM.
+   default the deterministic ``LexicalJudge`` (the answer occurs and key terms carrying enough
+   of the question's idf weight occur near it); with ``--judge_model`` a causal LM compares the
+   log-probabilities of " Yes" and " No" after a prompt (``LanguageModelJudge``), as the paper
+   did with a large LM.
 3. ``occurrences`` of a question = number of its top-k documents judged to contain it, so it is
    capped at ``--top_k``. ``density`` = total occurrences / documents in the corpus.
 
@@ -44,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -126,7 +127,10 @@ class DensityArguments:
     )
     shard_size: int = field(
         default=200_000,
-        metadata={"help": "Documents per index shard. Memory while indexing grows with the shard, not the corpus."},
+        metadata={
+            "help": "Documents per index shard (a shard also closes at 16.7M tokens): memory while indexing grows "
+            "with the shard, not with the corpus."
+        },
     )
     fingerprint: str = field(
         default="stat",
@@ -145,6 +149,15 @@ class DensityArguments:
             "Tibetan one, both on a bilingual one). 0 measures every pair. Skipped pairs are reported."
         },
     )
+    require_answer: bool = field(
+        default=True,
+        metadata={
+            "help": "Rank only documents that hold every token of an answer (of one of the accepted answers): "
+            "a document without them can never be judged to state the fact lexically, so they would only "
+            "take top-k places. Set --require_answer false to let --judge_model see documents that "
+            "paraphrase the answer."
+        },
+    )
     judge_window: int = field(
         default=0,
         metadata={
@@ -154,8 +167,18 @@ class DensityArguments:
         },
     )
     judge_min_key_fraction: float = field(
-        default=0.5,
-        metadata={"help": "Lexical judge: fraction of the question's key terms that must occur near the answer."},
+        default=0.25,
+        metadata={
+            "help": "Lexical judge: share of the question's key-term weight (see --judge_weighting) that the key "
+            "terms found near the answer must carry."
+        },
+    )
+    judge_weighting: str = field(
+        default="idf",
+        metadata={
+            "help": "Lexical judge: weight of a key term, 'idf' (its BM25 idf in the corpus: rare terms such as "
+            "names count most) or 'uniform' (each key term counts 1, so the share is a fraction of terms)."
+        },
     )
     judge_min_key_terms: int = field(
         default=1,
@@ -224,7 +247,7 @@ class DensityArguments:
 # --------------------------------------------------------------------------------------
 
 #: Bump when retrieval_tokens or analyse_text change: it is part of every index fingerprint.
-TOKENIZER_VERSION = "density-tokens-1"
+TOKENIZER_VERSION = "density-tokens-2"
 
 # Run kinds. "other" is any letter run of a script the study does not name (e.g. Cyrillic):
 # treated like Latin words.
@@ -315,8 +338,9 @@ def retrieval_tokens(text: str) -> list[str]:
 
     * Latin (and scripts not listed below): lower-cased words, English stopwords removed.
     * Digits of any script: one token of ASCII digits.
-    * Hangul: each eojeol (space-separated word, particles attached) and, for eojeol of three or
-      more syllables, its syllable bigrams, so that 추석을 and 추석에 share the token 추석.
+    * Hangul: each eojeol (space-separated word, particles attached), its syllables, and for
+      eojeol of three or more syllables its syllable bigrams, so that 추석을 and 추석에 share the
+      token 추석, and the answer 4개 finds 4개의 (every syllable of an answer is a token).
     * Han: every character and every character bigram of a run (no word segmenter is needed,
       and bigrams carry most of the precision of words).
     * Tibetan: syllables (the text between tsheg and shad marks).
@@ -343,6 +367,8 @@ def _tokens_and_kind_units(text: str, kind_units: list[int]) -> list[str]:
         elif kind == _HANGUL:
             kind_units[kind] += len(run)
             tokens.append(run)
+            if len(run) > 1:
+                tokens.extend(run)
             if len(run) > 2:
                 tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
         elif kind in (_LATIN, _OTHER):
@@ -361,30 +387,36 @@ class TextAnalysis:
 
     ``units`` is the text in reading order: words (Latin, other scripts, Mongolian), digit runs,
     Tibetan syllables, single Han characters and single Hangul syllables (so that an answer
-    matches inside a Korean word that carries a particle). ``key_tokens[p]`` is the key-term
-    token that starts at unit p, or None: the word or syllable itself (not a judge stopword),
-    or for Han and Hangul the bigram of units p and p+1 of the same run (a run of one
-    character gives the character).
+    matches inside a Korean word that carries a particle). ``key_tokens[p]`` holds the key-term
+    tokens that start at unit p: the word or syllable itself (unless a judge stopword); for Han
+    the character and the bigram of units p and p+1 of the same run (the bigrams of unsegmented
+    text include many that straddle two words, so the characters are kept too: frequent ones
+    weigh almost nothing under idf weighting); for Hangul the bigram (a run of one syllable
+    gives the syllable; eojeol are short, so bigrams carry the stem without the particle).
     """
 
     units: list[str]
-    key_tokens: list[str | None]
+    key_tokens: list[tuple[str, ...]]
 
 
 def analyse_text(text: str) -> TextAnalysis:
     units: list[str] = []
-    key_tokens: list[str | None] = []
+    key_tokens: list[tuple[str, ...]] = []
     for kind, run in _runs(text):
-        if kind in (_HAN, _HANGUL):
+        if kind == _HAN:
+            units.extend(run)
+            key_tokens.extend((run[i], run[i : i + 2]) for i in range(len(run) - 1))
+            key_tokens.append((run[-1],))
+        elif kind == _HANGUL:
             units.extend(run)
             if len(run) == 1:
-                key_tokens.append(run)
+                key_tokens.append((run,))
             else:
-                key_tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
-                key_tokens.append(None)
+                key_tokens.extend((run[i : i + 2],) for i in range(len(run) - 1))
+                key_tokens.append(())
         else:
             units.append(run)
-            key_tokens.append(None if run in JUDGE_STOPWORDS else run)
+            key_tokens.append(() if run in JUDGE_STOPWORDS else (run,))
     return TextAnalysis(units, key_tokens)
 
 
@@ -415,6 +447,7 @@ class Question:
     query_tokens: list[str]
     key_terms: frozenset[str]
     answer_units: list[tuple[str, ...]]  # one unit sequence per accepted answer (empty ones dropped)
+    answer_tokens: list[list[str]]  # per answer, the index tokens any document containing it must hold
     length_units: int  # units of the question without its blank: the default judge window
 
 
@@ -461,10 +494,13 @@ def prepare_question(index: int, question: str, answers: list[str]) -> Question:
         query.extend(retrieval_tokens(other))
     context = analyse_text(_BLANK.sub(" ", question))
     answer_analyses = [analyse_text(answer) for answer in answers]
-    answer_keys = {token for analysis in answer_analyses for token in analysis.key_tokens if token}
+    answer_keys = {token for analysis in answer_analyses for tokens in analysis.key_tokens for token in tokens}
     # A key term that is part of the answer would be satisfied by the answer itself.
-    key_terms = frozenset(token for token in context.key_tokens if token and token not in answer_keys)
+    key_terms = frozenset(token for tokens in context.key_tokens for token in tokens if token not in answer_keys)
     answer_units = [tuple(analysis.units) for analysis in answer_analyses if analysis.units]
+    # Every unit of an answer is an index token (Latin and other words, digit runs, Han and Hangul
+    # characters, Tibetan syllables, Mongolian words), except English stopwords, which are not indexed.
+    answer_tokens = [sorted(set(units) - ENGLISH_STOPWORDS) for units in answer_units]
     return Question(
         index=index,
         question=question,
@@ -474,6 +510,7 @@ def prepare_question(index: int, question: str, answers: list[str]) -> Question:
         query_tokens=query,
         key_terms=key_terms,
         answer_units=answer_units,
+        answer_tokens=answer_tokens,
         length_units=len(context.units),
     )
 
@@ -578,23 +615,23 @@ class FileCorpus:
                 offset = 0
                 for line_number, raw in enumerate(handle, start=1):
                     line_offset, offset = offset, offset + len(raw)
-                    text = self._parse_line(raw, path, line_number, suffix)
+                    text = self._parse_line(raw, f"{path}:{line_number}", suffix)
                     if text is not None:
                         yield text, file_number, line_offset
 
-    def _parse_line(self, raw: bytes, path: Path, line_number: int, suffix: str) -> str | None:
+    def _parse_line(self, raw: bytes, where: str, suffix: str) -> str | None:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{line_number}: not UTF-8 ({err.reason}). Re-encode the file as UTF-8.") from err
+            raise ValueError(f"{where}: not UTF-8 ({err.reason}). Re-encode the file as UTF-8.") from err
         if not line.strip():
             return None  # blank lines are not documents, as in study_common.read_documents
         if suffix == ".jsonl":
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-            return _text_of(record, self.text_column, f"{path}:{line_number}")
+                raise ValueError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
+            return _text_of(record, self.text_column, where)
         return line.rstrip("\n").rstrip("\r")
 
     def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
@@ -614,7 +651,8 @@ class FileCorpus:
             with path.open("rb") as handle:
                 for offset, doc_id in wanted:
                     handle.seek(offset)
-                    texts[doc_id] = self._parse_line(handle.readline(), path, -1, suffix) or ""
+                    where = f"{path} (byte {offset}; changed since it was indexed?)"
+                    texts[doc_id] = self._parse_line(handle.readline(), where, suffix) or ""
         return texts
 
 
@@ -715,8 +753,10 @@ class ShardedBM25:
     shard with bm25s (memory-mapped) and keep the best ``k``. Because every shard uses the same
     statistics, a sharded search returns what a single index of the corpus would.
 
-    Ties are broken by document id, and documents that share no token with the query (score 0)
-    are never returned, so results are deterministic.
+    A search may also require tokens: then only documents holding every required token of at
+    least one group (one group per accepted answer) are ranked, found by intersecting the
+    shards' posting lists. Ties are broken by document id, and documents that share no token
+    with the query (score 0) are never returned, so results are deterministic.
     """
 
     def __init__(self, directory: Path):
@@ -727,6 +767,13 @@ class ShardedBM25:
         self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
         self.shard_starts = self.meta["shard_starts"]
         self.num_docs = self.meta["documents"]
+        self.document_frequencies = np.load(directory / "document_frequencies.npy", mmap_mode="r")
+
+    def idf(self, token: str) -> float:
+        """The BM25 idf of ``token`` in this corpus (a token the corpus lacks gets the highest idf)."""
+        token_id = self.vocab.get(token)
+        df = 0 if token_id is None else int(self.document_frequencies[token_id])
+        return float(np.log1p((self.num_docs - df + 0.5) / (df + 0.5)))
 
     def _shard(self, number: int) -> bm25s.BM25:
         return bm25s.BM25.load(self.directory / f"shard_{number:05d}", mmap=True, load_vocab=False)
@@ -735,11 +782,22 @@ class ShardedBM25:
         return int(self.file_numbers[doc_id]), int(self.offsets[doc_id])
 
     def search(
-        self, queries: list[list[str]], k: int, show_progress: bool = True
+        self,
+        queries: list[list[str]],
+        k: int,
+        required: list[list[list[str]]] | None = None,
+        show_progress: bool = True,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Top-k (document ids, scores) per query, best first; fewer when fewer documents match."""
+        """Top-k (document ids, scores) per query, best first; fewer when fewer documents match.
+
+        ``required[q]``, when given, lists token groups: only documents that hold every token of
+        at least one group are ranked (an empty group, or no groups, requires nothing).
+        """
         # A token repeated in the query counts each time, as in bm25s, rank_bm25 and Lucene.
         query_ids = [np.array([self.vocab[t] for t in q if t in self.vocab], dtype=np.int32) for q in queries]
+        groups = [None] * len(queries)
+        if required is not None:
+            groups = [self._token_id_groups(r) for r in required]
         best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
         bar = tqdm(total=len(self.shard_starts) * len(queries), desc="BM25 search", disable=not show_progress)
         for number, start in enumerate(self.shard_starts):
@@ -749,7 +807,12 @@ class ShardedBM25:
                 if ids.size == 0:
                     continue
                 scores = shard.get_scores_from_ids(ids)
-                local_ids, local_scores = top_k_deterministic(scores, k)
+                if groups[q] is None:
+                    local_ids, local_scores = top_k_deterministic(scores, k)
+                else:
+                    allowed = _documents_with_any_group(shard.scores, groups[q])
+                    positions, local_scores = top_k_deterministic(scores[allowed], k)
+                    local_ids = allowed[positions]
                 merged_ids = np.concatenate([best[q][0], local_ids + start])
                 merged_scores = np.concatenate([best[q][1], local_scores])
                 order = np.lexsort((merged_ids, -merged_scores))[:k]
@@ -757,6 +820,30 @@ class ShardedBM25:
             del shard
         bar.close()
         return best
+
+    def _token_id_groups(self, groups: list[list[str]]) -> list[list[int]] | None:
+        """Token ids of each required group; None when some group requires nothing (no filter).
+
+        A group with a token the corpus lacks can match no document: it becomes [-1].
+        """
+        if not groups or any(not group for group in groups):
+            return None
+        return [[self.vocab.get(token, -1) for token in group] for group in groups]
+
+
+def _documents_with_any_group(matrix: dict, groups: list[list[int]]) -> np.ndarray:
+    """Sorted ids of the documents of a bm25s score matrix holding all tokens of some group."""
+    indptr, indices = matrix["indptr"], matrix["indices"]
+    found = np.empty(0, dtype=np.int64)
+    for group in groups:
+        if -1 in group:
+            continue
+        postings = sorted((np.asarray(indices[indptr[t] : indptr[t + 1]]) for t in group), key=len)
+        documents = postings[0]
+        for posting in postings[1:]:
+            documents = np.intersect1d(documents, posting, assume_unique=True)
+        found = np.union1d(found, documents)
+    return found.astype(np.int64)
 
 
 def top_k_deterministic(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -775,6 +862,11 @@ def lucene_bm25_scores(tf, doc_lengths, df, num_docs, avg_length, k1, b):
     """BM25 as bm25s's method="lucene": idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf / (tf + k1 (1 - b + b |d| / avg))."""
     idf = np.log1p((num_docs - df + 0.5) / (df + 0.5))
     return idf * tf / (tf + k1 * (1 - b + b * doc_lengths / avg_length))
+
+
+#: A shard also closes once it holds this many tokens, so that the memory used to build one
+#: (~50 bytes per token at its peak) stays bounded whatever the length of the documents.
+SHARD_MAX_TOKENS = 1 << 24
 
 
 def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict) -> None:
@@ -823,7 +915,7 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
             file_numbers.append(file_number)
             offsets.append(offset)
             no_token_docs += not ids
-            if len(shard_lengths) == shard_size:
+            if len(shard_lengths) == shard_size or len(shard_tokens) >= SHARD_MAX_TOKENS:
                 flush_shard()
             progress.update()
         progress.close()
@@ -869,6 +961,7 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
         (building / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         np.save(building / "file_numbers.npy", np.frombuffer(file_numbers, dtype=np.int32))
         np.save(building / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
+        np.save(building / "document_frequencies.npy", df)
         total_units = sum(n for kind, n in enumerate(kind_units) if kind != _DIGIT) or 1
         meta = {
             "fingerprint": fingerprint,
@@ -900,6 +993,7 @@ def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[Sharde
         "tokenizer": TOKENIZER_VERSION,
         "bm25": {"method": "lucene", "k1": args.bm25_k1, "b": args.bm25_b},
         "shard_size": args.shard_size,
+        "shard_max_tokens": SHARD_MAX_TOKENS,
     }
     directory = index_root / corpus.label
     meta_path = directory / "meta.json"
@@ -930,7 +1024,8 @@ def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[Sharde
 class Judgement:
     contains: bool
     answer_found: bool
-    key_terms_matched: int  # the most key terms found near any one answer match (-1: no answer match)
+    key_terms_matched: int  # key terms near the best answer match (-1: no answer match)
+    key_weight_matched: float  # their share of the question's key-term weight (-1.0: no answer match)
 
 
 @dataclass(frozen=True)
@@ -939,37 +1034,42 @@ class LexicalJudge:
 
     Yes iff some answer's units occur contiguously in the document (see ``analyse_text``: Han
     and Hangul by character, so 4개 matches 4개의) and, within ``window`` units before or after
-    that occurrence, at least ``required_key_terms`` of the question's key terms occur (key
-    terms: words of the question minus stopwords and minus the answer; Han/Hangul character
-    bigrams; Tibetan syllables; Mongolian words). ``window`` 0 means the question's own length.
+    that occurrence, the question's key terms found carry at least ``min_key_fraction`` of the
+    question's key-term weight, and number at least ``min_key_terms`` (capped at the number of
+    key terms). Key terms: words of the question minus stopwords and minus the answer's own
+    terms; Han characters and bigrams; Hangul bigrams; Tibetan syllables and Mongolian words
+    minus case particles (``JUDGE_STOPWORDS``). A term's weight is
+    its BM25 idf in the corpus (``weights``; 1 each when not given), so a matched subject name
+    counts for more than a matched common word and a paraphrase that keeps the subject and the
+    answer but rewords the relation still counts. ``window`` 0 means the question's own length.
+    A question without key terms is judged on the answer alone.
 
     Failure modes (what it cannot see):
-    * paraphrase and synonyms: a fact stated in other words ("the harvest festival" for
-      "Chuseok") has no answer or key-term match, so occurrences are undercounted;
+    * paraphrase and synonyms: a fact stated without the answer string ("the harvest festival"
+      for "Chuseok") or with few of the question's terms is not counted (undercount);
     * inflection in Latin and Mongolian ("celebrates" vs "celebrated") and Tibetan particles
       fused into a syllable miss a key term;
     * answers that are common words or numbers ("4", "rice", "South") match everywhere; the
       key-term condition then carries the whole decision;
     * Han answers have no word boundaries: 泰山 also matches inside 泰山区;
     * negation and contradiction: "Chuseok is NOT in spring" matches like the fact;
-    * a document about a neighbouring fact that shares the answer and most key terms counts;
+    * a document about a neighbouring fact that shares the answer and the rare key terms (the
+      same subject, another relation) counts (overcount);
     * co-occurrence is checked inside a window, not a sentence, so a long list of facts can
       combine an answer and key terms from different sentences.
     """
 
     window: int = 0
-    min_key_fraction: float = 0.5
+    min_key_fraction: float = 0.25
     min_key_terms: int = 1
 
-    def required_key_terms(self, question: Question) -> int:
-        n = len(question.key_terms)
-        return min(n, max(self.min_key_terms, math.ceil(self.min_key_fraction * n - 1e-9)))
-
-    def judge(self, question: Question, document: TextAnalysis) -> Judgement:
+    def judge(self, question: Question, document: TextAnalysis, weights: dict[str, float] | None = None) -> Judgement:
         units, keys = document.units, document.key_tokens
         window = self.window or question.length_units
-        required = self.required_key_terms(question)
-        best, found = -1, False
+        weight = (lambda term: weights[term]) if weights is not None else (lambda term: 1.0)  # noqa: E731
+        total = sum(weight(term) for term in question.key_terms)
+        needed_terms = min(len(question.key_terms), self.min_key_terms)
+        best_terms, best_share, found = -1, -1.0, False
         for answer in question.answer_units:
             size = len(answer)
             first = answer[0]
@@ -979,15 +1079,18 @@ class LexicalJudge:
                 found = True
                 end = start + size
                 near = {
-                    keys[p]
+                    token
                     for p in range(max(0, start - window), min(len(units), end + window))
                     if p < start or p >= end
+                    for token in keys[p]
                 }
-                matched = len(question.key_terms & near)
-                best = max(best, matched)
-                if matched >= required:
-                    return Judgement(True, True, matched)
-        return Judgement(False, found, best)
+                matched = question.key_terms & near
+                share = sum(weight(term) for term in matched) / total if total else 1.0
+                if share > best_share or (share == best_share and len(matched) > best_terms):
+                    best_terms, best_share = len(matched), share
+                if len(matched) >= needed_terms and share >= self.min_key_fraction - 1e-9:
+                    return Judgement(True, True, len(matched), share)
+        return Judgement(False, found, best_terms, best_share)
 
 
 JUDGE_PROMPT = (
@@ -1024,8 +1127,8 @@ class LanguageModelJudge:
 
     Prompts follow JUDGE_PROMPT (also in the README). Each prompt is scored twice in one batch
     (followed by " Yes" and by " No"; continuations may span several tokens: their log-probs are
-    summed). Sequences start with the model's document-start token (study_common), are padded on
-    the right with an attention mask, and the forward pass uses use_cache=False.
+    summed). Sequences start with the model's document-start token (study_common), are padded
+    with an attention mask, and the forward pass uses use_cache=False.
     """
 
     def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int,
@@ -1072,27 +1175,43 @@ class LanguageModelJudge:
         return [self.start_id] + head_ids + doc_ids + tail_ids
 
     def margins(self, prompts: list[list[int]], show_progress: bool = False) -> np.ndarray:
-        """log P(" Yes") - log P(" No") after each prompt (given as ids from ``prompt_ids``)."""
+        """log P(" Yes") - log P(" No") after each prompt (given as ids from ``prompt_ids``).
+
+        Rows are padded on the LEFT (attention mask 0, position ids restarting at the first real
+        token), so every continuation ends at the last position and only the logits of the last
+        few positions are computed (``logits_to_keep``), not one vocabulary-wide row per token.
+        """
         torch = self.torch
+        keep = max(len(self.yes_ids), len(self.no_ids)) + 1
         out = np.zeros(len(prompts), dtype=np.float64)
         for begin in tqdm(range(0, len(prompts), self.batch_size), desc="LM judge", disable=not show_progress):
             chunk = prompts[begin : begin + self.batch_size]
-            sequences = [(p, c) for p in chunk for c in (self.yes_ids, self.no_ids)]
-            width = max(len(p) + len(c) for p, c in sequences)
+            sequences = [(p + c, len(c)) for p in chunk for c in (self.yes_ids, self.no_ids)]
+            width = max(len(ids) for ids, _ in sequences)
             input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(sequences), width), dtype=torch.long)
-            for row, (p, c) in enumerate(sequences):
-                input_ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-                attention[row, : len(p) + len(c)] = 1
+            for row, (ids, _) in enumerate(sequences):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention[row, width - len(ids) :] = 1
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():
-                logits = self.model(
-                    input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False
-                ).logits.float()
+                logits = (
+                    self.model(
+                        input_ids=input_ids.to(self.device),
+                        attention_mask=attention.to(self.device),
+                        position_ids=position_ids.to(self.device),
+                        use_cache=False,
+                        logits_to_keep=keep,
+                    )
+                    .logits[:, -keep:]
+                    .float()
+                )
             log_probs = torch.log_softmax(logits, dim=-1)
             totals = []
-            for row, (p, c) in enumerate(sequences):
-                positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=log_probs.device)
-                targets = torch.tensor(c, device=log_probs.device)
+            for row, (ids, size) in enumerate(sequences):
+                # Kept position j predicts the token at kept position j + 1; the continuation fills the last `size`.
+                positions = torch.arange(keep - size - 1, keep - 1, device=log_probs.device)
+                targets = torch.tensor(ids[-size:], device=log_probs.device)
                 totals.append(log_probs[row, positions, targets].sum().item())
             for i in range(len(chunk)):
                 out[begin + i] = totals[2 * i] - totals[2 * i + 1]
@@ -1282,6 +1401,8 @@ def validate(args: DensityArguments) -> None:
         raise ValueError("--top_k, --shard_size, --question_batch_size and --judge_batch_size must be positive.")
     if args.fingerprint not in ("stat", "content"):
         raise ValueError(f"--fingerprint must be 'stat' or 'content', not {args.fingerprint!r}.")
+    if args.judge_weighting not in ("idf", "uniform"):
+        raise ValueError(f"--judge_weighting must be 'idf' or 'uniform', not {args.judge_weighting!r}.")
     if not 0 <= args.judge_min_key_fraction <= 1:
         raise ValueError("--judge_min_key_fraction must lie in [0, 1].")
     if bool(args.predictions_with) != bool(args.predictions_without):
@@ -1412,7 +1533,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
     """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
-    results = index.search([q.query_tokens for q in qs.questions], args.top_k)
+    required = [q.answer_tokens for q in qs.questions] if args.require_answer else None
+    results = index.search([q.query_tokens for q in qs.questions], args.top_k, required)
     # Random-access corpora are read back one question batch at a time (bounded memory); the
     # others (a .json list, a streamed dataset) in a single extra pass.
     batch = args.question_batch_size if corpus.random_access else len(qs.questions)
@@ -1427,7 +1549,10 @@ def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments,
             prompts = [lm_judge.prompt_ids(q, texts[int(d)]) for q, (ids, _) in chunk for d in ids]
             margins = iter(lm_judge.margins(prompts).tolist())
         for question, (ids, scores) in chunk:
-            verdicts = [lexical.judge(question, analyses[int(d)]) for d in ids]
+            weights = None
+            if args.judge_weighting == "idf":
+                weights = {term: index.idf(term) for term in question.key_terms}
+            verdicts = [lexical.judge(question, analyses[int(d)], weights) for d in ids]
             entry = {
                 "questions": qs.stem,
                 "lang": qs.lang,
@@ -1439,8 +1564,8 @@ def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments,
                 "bm25": [round(float(s), 4) for s in scores],
                 "answer_found": [v.answer_found for v in verdicts],
                 "key_terms_matched": [v.key_terms_matched for v in verdicts],
-                "key_terms": len(question.key_terms),
-                "required_key_terms": lexical.required_key_terms(question),
+                "key_weight_matched": [round(v.key_weight_matched, 4) for v in verdicts],
+                "key_terms": sorted(question.key_terms),
                 "lexical": [v.contains for v in verdicts],
             }
             if margins is not None:

@@ -168,7 +168,7 @@ def test_latin_tokens_are_lowercased_words_without_stopwords():
 
 def test_hangul_tokens_are_eojeol_plus_syllable_bigrams_so_particles_still_match():
     tokens = rd.retrieval_tokens("추석을 지낸다 봄")
-    assert tokens == ["추석을", "추석", "석을", "지낸다", "지낸", "낸다", "봄"]
+    assert tokens == ["추석을", "추", "석", "을", "추석", "석을", "지낸다", "지", "낸", "다", "지낸", "낸다", "봄"]
     assert "추석" in rd.retrieval_tokens("추석에") and "추석" in rd.retrieval_tokens("추석")
 
 
@@ -193,6 +193,9 @@ def test_mixed_script_text_is_cut_into_runs_of_one_script_and_digits_are_unified
         "汉族",
         "chuseok",
         "한국어",
+        "한",
+        "국",
+        "어",
         "한국",
         "국어",
         "ᠮᠣᠩᠭᠣᠯ",
@@ -243,21 +246,34 @@ def test_lexical_judge_needs_the_answer_and_enough_key_terms_nearby():
     assert _judge(q, "autumn", "In Korea the harvest festival Chuseok falls in autumn.").contains
     assert not _judge(q, "autumn", "The harvest festival Chuseok falls in spring every year.").contains
     assert not _judge(q, "autumn", "Leaves turn red in autumn.").contains
+    assert _judge(q, "autumn", "In autumn the moon is bright.", min_key_fraction=0.0, min_key_terms=0).contains
     far = "autumn " + "filler " * 60 + "Korean harvest festival Chuseok every year"
     verdict = _judge(q, "autumn", far)
-    assert verdict.answer_found and not verdict.contains
+    assert verdict.answer_found and not verdict.contains and verdict.key_terms_matched == 0
     assert _judge(q, "autumn", far, window=80).contains
 
 
-def test_lexical_judge_threshold_follows_fraction_and_minimum():
+def test_lexical_judge_threshold_is_a_share_of_key_term_weight():
     question = rd.prepare_question(0, "alpha beta gamma delta ____", ["omega"])
-    assert rd.LexicalJudge(min_key_fraction=0.5).required_key_terms(question) == 2
-    assert rd.LexicalJudge(min_key_fraction=0.0, min_key_terms=1).required_key_terms(question) == 1
-    assert rd.LexicalJudge(min_key_fraction=1.0).required_key_terms(question) == 4
-    assert rd.LexicalJudge(min_key_terms=9).required_key_terms(question) == 4
     doc = rd.analyse_text("omega alpha")
-    assert not rd.LexicalJudge().judge(question, doc).contains
-    assert rd.LexicalJudge(min_key_fraction=0.25).judge(question, doc).contains
+    uniform = rd.LexicalJudge(min_key_fraction=0.25).judge(question, doc)
+    assert uniform.contains and uniform.key_terms_matched == 1 and uniform.key_weight_matched == 0.25
+    assert not rd.LexicalJudge(min_key_fraction=0.3).judge(question, doc).contains
+    rare_alpha = {"alpha": 7.0, "beta": 1.0, "gamma": 1.0, "delta": 1.0}
+    weighted = rd.LexicalJudge(min_key_fraction=0.5).judge(question, doc, rare_alpha)
+    assert weighted.contains and weighted.key_weight_matched == pytest.approx(0.7)
+    common_alpha = {"alpha": 0.1, "beta": 3.0, "gamma": 3.0, "delta": 3.0}
+    assert not rd.LexicalJudge(min_key_fraction=0.25).judge(question, doc, common_alpha).contains
+    assert not rd.LexicalJudge(min_key_fraction=0.0, min_key_terms=2).judge(question, doc).contains
+    assert rd.LexicalJudge(min_key_fraction=0.0, min_key_terms=1).judge(question, doc).contains
+    no_keys = rd.prepare_question(1, "the ____ of it", ["omega"])
+    assert not no_keys.key_terms and rd.LexicalJudge().judge(no_keys, doc).contains
+
+
+def test_han_key_terms_are_characters_and_bigrams():
+    question = rd.prepare_question(0, "端午节人们赛____来纪念屈原。", ["龙舟"])
+    assert {"端", "端午", "午节", "屈原", "原"} <= question.key_terms
+    assert "龙" not in question.key_terms and "赛" in question.key_terms
 
 
 def test_lexical_judge_matches_korean_answer_inside_a_word_with_particle():
@@ -307,6 +323,24 @@ def test_top_k_caps_occurrences(tmp_path):
         )  # fmt: skip
         assert report["questions"][0]["occurrences"] == expected
         assert report["questions"][0]["retrieved"] == list(range(expected))  # ties: lower document id first
+
+
+def test_retrieval_ranks_only_documents_holding_an_answer(tmp_path):
+    questions = tmp_path / "req_en.json"
+    item = {
+        "question": "Every year Chuseok falls in ____.",
+        "options": ["autumn", "fall"],
+        "answer": ["autumn", "fall"],
+    }
+    questions.write_text(json.dumps([item]), encoding="utf-8")
+    corpus = tmp_path / "req.txt"
+    lines = ["Every year Chuseok falls in spring."] * 4 + ["Chuseok comes in autumn.", "Chuseok is in the fall.", "x y"]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    base = ["--questions", str(questions), "--corpus_files", str(corpus), "--top_k", "3"]
+    constrained = run_main(tmp_path, base + ["--output_dir", str(tmp_path / "a")])
+    assert sorted(constrained["questions"][0]["retrieved"]) == [4, 5]
+    free = run_main(tmp_path, base + ["--output_dir", str(tmp_path / "b"), "--require_answer", "false"])
+    assert set(free["questions"][0]["retrieved"]) & {0, 1, 2, 3}  # answer-less documents take top-k places
 
 
 def test_several_corpora_and_question_files_pair_by_script(world, tmp_path):
@@ -596,6 +630,8 @@ def test_document_excerpt_is_centred_on_the_answer():
 
 
 def test_language_model_judge_gives_one_margin_per_prompt_independent_of_batching(tiny_model_dir):
+    import torch
+
     question = rd.prepare_question(0, "Chuseok falls in ____.", ["autumn"])
     docs = ["Chuseok is in autumn.", "Songpyeon are rice cakes eaten at Chuseok in the autumn season.", "x"]
     batched = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=3, excerpt_chars=200, max_tokens=256, margin=0.0)
@@ -605,6 +641,14 @@ def test_language_model_judge_gives_one_margin_per_prompt_independent_of_batchin
     assert margins.shape == (3,) and np.isfinite(margins).all()
     single = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=1, excerpt_chars=200, max_tokens=256, margin=0.0)
     np.testing.assert_allclose(single.margins(prompts), margins, atol=1e-4)
+
+    def log_prob(prompt, continuation):  # one unpadded forward pass, every position's logits
+        ids = torch.tensor([prompt + continuation])
+        logits = batched.model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
+        return sum(logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(continuation))
+
+    reference = [log_prob(p, batched.yes_ids) - log_prob(p, batched.no_ids) for p in prompts]
+    np.testing.assert_allclose(margins, reference, atol=1e-4)
     short = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=2, excerpt_chars=400, max_tokens=120, margin=0.0)
     longest_answer = max(len(short.yes_ids), len(short.no_ids))
     for doc in docs[:2]:
