@@ -865,10 +865,6 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_step": tokens_per_step,
         "seed": training_args.seed,
     }
-    if training_args.process_index == 0 and data_stats is not None:
-        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
-        logger.info("Data: %s", json.dumps(data_stats))
-
     throughput = ThroughputCallback(tokens_per_step)
     trainer = PretrainTrainer(
         model=model,
@@ -878,6 +874,19 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         callbacks=[throughput],
     )
+    # What the launch really gave: accelerate enables FSDP only on GPU-type process groups and
+    # silently trains plain data-parallel otherwise (e.g. fsdp.yaml on a CPU machine).
+    setting["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    if fsdp_requested and not trainer.is_fsdp_enabled:
+        logger.warning(
+            "FSDP was requested but accelerate did not enable it here (%s, no GPU): every process holds the "
+            "whole model. On CPU use accelerate_configs/cpu.yaml.", setting["distributed_type"],
+        )  # fmt: skip
+    if training_args.process_index == 0 and data_stats is not None:
+        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
+        logger.info("Data: %s", json.dumps(data_stats))
+
     trainer.card_setting = {
         "data": source,
         "script filter": f"{data_args.script_filter} ({data_args.filter_mode})",
@@ -888,6 +897,7 @@ def main(argv: list[str] | None = None) -> dict:
         "block size": data_args.block_size,
         "document attention": model_args.document_attention,
         "tokens per step": tokens_per_step,
+        "launch": f"{setting['distributed_type']}, {training_args.world_size} process(es)",
         "learning rate": training_args.learning_rate,
         "seed": training_args.seed,
     }

@@ -32,7 +32,7 @@ LAUNCH=(--mixed_precision bf16)
 CORPUS_MB=6
 if [[ "${GPU_CHECK_TINY:-0}" == "1" ]]; then
   STEPS=${GPU_CHECK_STEPS:-8}; BATCH=2; ACCUM=1; BLOCK=128; CONFIG=configs/tiny.json; OVERRIDES=vocab_size=4096
-  PRECISION=(); LAUNCH=(--mixed_precision no); CORPUS_MB=1
+  PRECISION=(); LAUNCH=(--mixed_precision no); CORPUS_MB=0.5
 fi
 
 WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_fsdp_check.XXXXXX)}
@@ -107,11 +107,12 @@ summary = {
     "flops_per_token": flops_per_token,
     "achieved_tflops": round(tokens_per_second * flops_per_token / 1e12, 2),
     "peak_tflops": peak / 1e12,
-    "mfu": round(tokens_per_second * flops_per_token / peak, 4),
+    "mfu": tokens_per_second * flops_per_token / peak,
     "max_memory_allocated_gib": round(throughput.get("max_memory_allocated_gib", 0.0), 2),
     "final_loss": [e["loss"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e][-1],
     "document_attention_check": stats["document_attention"],
     "world_size": stats["world_size"],
+    "distributed_type": stats["distributed_type"],  # FSDP on the GPU; accelerate ignores FSDP on CPU
 }
 (report / "gpu_fsdp_check_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print("== summary")

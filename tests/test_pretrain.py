@@ -401,7 +401,7 @@ def test_contract_command_leaves_a_loadable_model_tokenizer_stats_and_checkpoint
     )
     assert stats["tokens_in_blocks"] == stats["blocks"] * 128 <= stats["tokens"]
     assert stats["document_attention"]["max_logit_diff_packed_vs_alone"] < 1e-4
-    assert stats["world_size"] == 1 and len(losses(contract_run)) == 20
+    assert stats["world_size"] == 1 and stats["distributed_type"] == "NO" and len(losses(contract_run)) == 20
     card = (contract_run / "README.md").read_text()
     assert "| optimizer steps | 20 |" in card and f"| tokens seen | {20 * 4 * 128} |" in card
     assert "latin (chars)" in card and "configs/tiny.json" in card
@@ -431,7 +431,8 @@ def test_cpu_accelerate_config_trains_with_two_processes(corpus_dir, tmp_path):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml"]
     run_script(accelerate + command, env_extra={"HF_DATASETS_CACHE": str(tmp_path)})
     stats = json.loads((output_dir / "data_stats.json").read_text())
-    assert stats["world_size"] == 2 and stats["tokens_per_step"] == 4 * 2 * 128
+    assert stats["world_size"] == 2 and stats["distributed_type"] == "MULTI_CPU"
+    assert stats["tokens_per_step"] == 4 * 2 * 128
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     # each of the 2 processes reads half of the windows, 4 per step: an epoch takes half the steps
@@ -531,3 +532,21 @@ def test_command_line_errors_are_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "run_pretrain.py: error: " in proc.stderr and "Traceback" not in proc.stderr
     assert "missing.txt: no such tokenizer file" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_fsdp_check_script_runs_end_to_end_in_its_cpu_rehearsal(tmp_path):
+    # The lead runs bench/gpu_fsdp_check.sh once on a GPU; its CPU rehearsal (tiny model, fp32)
+    # goes through the same corpus generation, launch with fsdp.yaml, and MFU report.
+    run_script(
+        ["bash", "bench/gpu_fsdp_check.sh"],
+        env_extra={"GPU_CHECK_TINY": "1", "GPU_CHECK_STEPS": "7", "OUT": str(tmp_path / "report"),
+                   "GPU_CHECK_WORK": str(tmp_path / "work")},
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "report" / "gpu_fsdp_check_summary.json").read_text())
+    assert summary["steady_tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
+    assert summary["flops_per_token"] == 6 * summary["parameters"] + 12 * 2 * 128 * 128
+    assert summary["document_attention_check"]["max_logit_diff_packed_vs_alone"] < 1e-4
+    assert summary["distributed_type"] == "NO"  # accelerate ignores FSDP without a GPU
+    assert "RESULT tokens/s" in (tmp_path / "report" / "gpu_fsdp_check.log").read_text()
+    assert not (tmp_path / "work" / "run").exists()  # the model folder is removed
