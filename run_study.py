@@ -37,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import os
 import re
@@ -277,16 +278,43 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-#: Paper-scale data sources per language (Hub datasets), used by --preset paper.
+#: Paper-scale data per language: build_pairs.py flags for the target corpus and the parallel pairs,
+#: and the corpus run_density.py measures. Wikipedia for ko/zh, MC^2 (pkupie/mc2_corpus, gated: accept
+#: its terms on the Hub first) for bo/mn, OPUS-100 pairs for ko/zh. No public Hub dataset pairs English
+#: with Tibetan or with Mongolian in the traditional script (OPUS-100's mn is Cyrillic, which
+#: build_pairs.py would drop as not_in_script), so bo/mn pairs are read from files the user provides.
+#: Override any of it with --paper_data FILE.json ({"bo": {"pairs_files": [...]}, ...}).
 PAPER_DATA = {
-    "ko": {"mono_dataset": "wikimedia/wikipedia", "mono_dataset_config": "20231101.ko"},
-    "zh": {"mono_dataset": "wikimedia/wikipedia", "mono_dataset_config": "20231101.zh"},
-    "bo": {"mono_dataset": "pkupie/mc2_corpus", "mono_dataset_config": "bo"},
-    "mn": {"mono_dataset": "pkupie/mc2_corpus", "mono_dataset_config": "mn"},
-}
-#: Parallel English-target pairs for the paper plan (Hub datasets with en and target columns).
-PAPER_PAIRS = {
-    lang: {"pairs_dataset": "Helsinki-NLP/opus-100", "pairs_dataset_config": f"en-{lang}"} for lang in PAPER_DATA
+    "ko": {
+        "mono_dataset": "wikimedia/wikipedia",
+        "mono_dataset_config": "20231101.ko",
+        "pairs_dataset": "Helsinki-NLP/opus-100",
+        "pairs_dataset_config": "en-ko",
+        "en_column": "translation.en",
+        "tgt_column": "translation.ko",
+    },
+    "zh": {
+        "mono_dataset": "wikimedia/wikipedia",
+        "mono_dataset_config": "20231101.zh",
+        "pairs_dataset": "Helsinki-NLP/opus-100",
+        "pairs_dataset_config": "en-zh",
+        "en_column": "translation.en",
+        "tgt_column": "translation.zh",
+    },
+    "bo": {
+        "mono_dataset": "pkupie/mc2_corpus",
+        "mono_dataset_config": "bo",
+        "pairs_files": ["data/pairs/en-bo.jsonl"],
+        "en_column": "en",
+        "tgt_column": "bo",
+    },
+    "mn": {
+        "mono_dataset": "pkupie/mc2_corpus",
+        "mono_dataset_config": "mn",
+        "pairs_files": ["data/pairs/en-mn.jsonl"],
+        "en_column": "en",
+        "tgt_column": "mn",
+    },
 }
 
 
@@ -332,6 +360,13 @@ class StudyArguments:
     questions_dir: str = field(
         default=str(REPO_DIR.parent / "shared" / "data" / "paper-culture-cloze"),
         metadata={"help": "Paper preset: folder holding the paper's <lang>-culture-cloze_<en|lang>.json files."},
+    )
+    paper_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Paper preset: a JSON file overriding the per-language build_pairs.py data flags, e.g. "
+            '{"bo": {"pairs_files": ["my/en-bo.jsonl"], "en_column": "en", "tgt_column": "bo"}} (see PAPER_DATA).'
+        },
     )
     python: str = field(
         default="python",
@@ -633,6 +668,14 @@ def _in_run_order(steps: list[Step]) -> list[Step]:
 
 def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
     """The paper-scale study: Hub datasets, the 0.5B architecture, the paper's questions."""
+    paper_data = {lang: dict(flags) for lang, flags in PAPER_DATA.items()}
+    if args.paper_data:
+        overrides = json.loads(Path(args.paper_data).read_text(encoding="utf-8"))
+        for lang, flags in overrides.items():
+            paper_data.setdefault(lang, {}).update(flags)
+    unknown = [lang for lang in (args.langs or preset.langs) if lang not in paper_data]
+    if unknown:
+        raise ValueError(f"No paper-scale data for {unknown}: give it with --paper_data FILE.json.")
     langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
     python = args.python
     base_dir = out / "base"
@@ -674,10 +717,7 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
         build_args = dict(
             preset.build,
             lang=lang,
-            **PAPER_DATA[lang],
-            **PAPER_PAIRS[lang],
-            en_column="en",
-            tgt_column=lang,
+            **paper_data[lang],
             replay_dataset="wikimedia/wikipedia",
             replay_dataset_config="20231101.en",
             eval_questions=questions,
@@ -797,8 +837,8 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
             (
                 lang,
                 {
-                    "corpus_dataset": PAPER_DATA[lang]["mono_dataset"],
-                    "corpus_dataset_config": PAPER_DATA[lang]["mono_dataset_config"],
+                    "corpus_dataset": paper_data[lang]["mono_dataset"],
+                    "corpus_dataset_config": paper_data[lang]["mono_dataset_config"],
                 },
             ),
         ):
@@ -925,10 +965,12 @@ class StudyRunner:
         finished_count = len(done)
         env = self._env()
         self.logs.mkdir(parents=True, exist_ok=True)
+        load_samples: list[float] = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
+        last_sample = time.time()
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n, initial=finished_count, unit="step", desc="study", dynamic_ncols=True)
+            bar = tqdm(total=n, initial=finished_count, unit="step", desc="study", dynamic_ncols=True, disable=None)
             while pending or running:
                 for step in list(pending):
                     if len(running) >= self.jobs:
@@ -986,6 +1028,9 @@ class StudyRunner:
                     )
                 if running:
                     time.sleep(0.2)
+                    if time.time() - last_sample > 10 and hasattr(os, "getloadavg"):
+                        load_samples.append(os.getloadavg()[0])
+                        last_sample = time.time()
             bar.close()
         except KeyboardInterrupt:
             self._stop(running)
@@ -995,7 +1040,15 @@ class StudyRunner:
             )
             raise
         write_json_atomic(
-            self.out / "timings.json", {"steps": self.timings, "wall_s_this_invocation": time.time() - start}
+            self.out / "timings.json",
+            {
+                "steps": self.timings,
+                "wall_s_this_invocation": time.time() - start,
+                "jobs": self.jobs,
+                "cpu_count": os.cpu_count(),
+                # 1-minute load average sampled every 10 s while steps ran (includes the study's own jobs)
+                "load_average_samples": load_samples,
+            },
         )
         return self.timings
 
@@ -1244,13 +1297,16 @@ def _report_machine(doc: ReportDoc, record: dict, plan: Plan, timings: dict, wal
             device = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001 - the report must not fail on a device query
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    run = _read_json(Path(plan.out) / "timings.json") or {}
+    samples = run.get("load_average_samples") or []
+    load = {"mean": sum(samples) / len(samples), "min": min(samples), "max": max(samples)} if samples else None
     record["machine"] = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "device": device,
-        "load_at_report": load,
-        "wall_s_this_invocation": wall_s,
+        "steps_wall_s": run.get("wall_s_this_invocation"),
+        "jobs": run.get("jobs"),
+        "load_average": load,
         "step_seconds_total": steps_total,
         "step_seconds": {s.id: timings.get(s.id) for s in plan.steps},
     }
@@ -1260,11 +1316,19 @@ def _report_machine(doc: ReportDoc, record: dict, plan: Plan, timings: dict, wal
             by_kind.setdefault(s.kind, []).append(timings[s.id])
     rows = [[k, len(v), _f(sum(v), ".0f"), _f(max(v), ".0f")] for k, v in by_kind.items()]
     doc.h(2, "Run")
-    doc.p(
-        f"Machine: {os.cpu_count()} CPU cores, device {device}, {platform.platform()}. This invocation took "
-        f"{_fmt_time(wall_s)} (wall); the steps took {_fmt_time(steps_total)} in all, {plan.preset.jobs if plan.preset.jobs else 1} "
-        f"at a time. Load average when the report was written: {_f(load, '.1f')}."
-    )
+    text = f"Machine: {os.cpu_count()} CPU cores, device {device}, {platform.platform()}. "
+    if run.get("wall_s_this_invocation") is not None:
+        text += (
+            f"The last invocation that ran steps took {_fmt_time(run['wall_s_this_invocation'])} (wall), "
+            f"{run.get('jobs')} steps at a time; the steps took {_fmt_time(steps_total)} in all. "
+        )
+    if load:
+        text += (
+            f"1-minute load average while it ran: mean {load['mean']:.1f} (min {load['min']:.1f}, max "
+            f"{load['max']:.1f}), the study's own {run.get('jobs')} jobs included: above {run.get('jobs')} means "
+            "other work shared the machine and the times above are longer than on a quiet one."
+        )
+    doc.p(text)
     doc.table(["step kind", "steps", "seconds (sum)", "seconds (longest)"], rows)
 
 
@@ -2015,6 +2079,14 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. piped into head
             pass
         return 0
+    missing = [p for p in _local_inputs(plan) if not Path(p).exists()]
+    if missing and not args.report_only:
+        print(
+            "These inputs of the plan are missing: " + ", ".join(missing) + ". The paper's questions come from "
+            "--questions_dir; parallel pairs without a public Hub dataset come from --paper_data (see the README).",
+            file=sys.stderr,
+        )
+        return 2
     write_text_atomic(out / "commands.sh", commands_script(plan, args))
     write_json_atomic(out / "plan.json", _plan_record(plan, args))
     started = time.time()
@@ -2029,6 +2101,18 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(plan, time.time() - started)
     print(f"Study finished in {_fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
     return 0
+
+
+def _local_inputs(plan: Plan) -> list[str]:
+    """Files the plan reads that no step writes (question files, local pair files of the paper preset)."""
+    if plan.preset.synthetic:
+        return []
+    inputs = [q for group in plan.groups.values() for q in group["questions"]]
+    for step in plan.steps:
+        if step.kind == "build" and "--pairs_files" in step.command:
+            start = step.command.index("--pairs_files") + 1
+            inputs += list(itertools.takewhile(lambda c: not c.startswith("--"), step.command[start:]))
+    return sorted(set(inputs))
 
 
 def _plan_record(plan: Plan, args: StudyArguments) -> dict:
