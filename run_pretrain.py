@@ -208,15 +208,15 @@ def train_tokenizer(
     Every byte is in the base alphabet, so any text in any script encodes without unknowns;
     ``vocab_size`` counts the 256 bytes and the two special tokens.
 
-    Normalizer (NFC), pre-tokenizer (Qwen2's split regex, then bytes) and decoder are taken
-    from transformers' own Qwen2Tokenizer, not chosen here: for any folder whose config.json
+    Normalizer (NFC), pre-tokenizer (Qwen2's split regex, then bytes) and decoder are those of
+    transformers' own Qwen2Tokenizer, not chosen here: for any folder whose config.json
     says model_type qwen2, transformers 5 ``AutoTokenizer`` loads ``Qwen2Tokenizer``, which keeps
     the vocabulary and merges of tokenizer.json but rebuilds those three pieces. A different
     pre-tokenizer (e.g. one that keeps combining marks with their letter, so that a Tibetan
     syllable is not cut at its vowel sign) would tokenize differently once saved and reloaded.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     if vocab_size < 260:
         raise InputError(
@@ -231,11 +231,15 @@ def train_tokenizer(
             else:
                 yield source
 
-    pipeline = Qwen2Tokenizer().backend_tokenizer  # an empty Qwen2 tokenizer: only its pipeline is used
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = pipeline.normalizer
-    tokenizer.pre_tokenizer = pipeline.pre_tokenizer
-    tokenizer.decoder = pipeline.decoder
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN, PAD_TOKEN],
