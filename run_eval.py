@@ -72,6 +72,7 @@ BLANK = re.compile(r"_+")
 QUESTION_FILE_LANG = re.compile(r"^(?P<base>.+)_(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)?)$")
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 SCORINGS = ("mean_token_loss", "option_logprob", "byte_normalized")
+ROOT_TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -311,6 +312,14 @@ def _dataset_question_sets(dataset, name: str, source: str) -> list[tuple[str, s
 def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, str, list]]:
     """(stem, source description, records) for a file, a folder, a saved dataset or a Hub dataset id."""
     path = Path(source)
+    if path.is_file() and path.suffix == ".jsonl":
+        records = []
+        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}).") from err
+        return [(path.stem, str(path), records)]
     if path.is_file():
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
@@ -503,7 +512,8 @@ def _hub_checkpoints(repo_id: str, revision: str | None) -> tuple[list[Checkpoin
             step,
             f"{repo_id}/{name}" if name else repo_id,
             hub_repo=repo_id,
-            hub_patterns=[f"{name}/*"] if name else root_files,
+            # The run's own tokenizer files come along, for checkpoints saved without one.
+            hub_patterns=([f"{name}/*"] if name else root_files) + list(ROOT_TOKENIZER_PATTERNS),
         )
         for step, name in found
     ], skipped
@@ -526,6 +536,12 @@ def read_cpt_setting(model_name_or_path: str, checkpoints: list[Checkpoint]) -> 
     candidates = [Path(model_name_or_path) / "config.json"] + [
         c.local_dir / "config.json" for c in checkpoints if c.local_dir is not None
     ]
+    hub = [c for c in checkpoints if c.hub_repo and c.local_dir is None]
+    if hub and not any(c.is_file() for c in candidates):
+        from huggingface_hub import hf_hub_download
+
+        name = hub[-1].path[len(hub[-1].hub_repo) + 1 :]
+        candidates.append(Path(hf_hub_download(hub[-1].hub_repo, f"{name}/config.json" if name else "config.json")))
     for config in candidates:
         if config.is_file():
             setting = json.loads(config.read_text()).get("cpt_setting")
@@ -569,6 +585,7 @@ def token_logprobs(
     batch_size: int = 64,
     pad_id: int = 0,
     padding_side: str = "right",
+    reuse: dict[int, tuple[int, int]] | None = None,
     head_rows: int = 2048,
     desc: str | None = None,
 ) -> list[np.ndarray]:
@@ -577,7 +594,13 @@ def token_logprobs(
     Sequences are sorted by length (less padding), padded on ``padding_side`` with an attention mask and
     position ids that count real tokens only, so every number is the same as for the sequence alone,
     whatever the batch size or padding side. ``use_cache=False``: no cache is built (see STACK-FACTS).
+
+    ``reuse[i] = (donor, n)``: the first n values of sequence i equal the donor's (the two sequences share
+    their first n + 1 tokens, e.g. the question text before the blank), so they are copied from the donor
+    instead of computed: the vocabulary projection, the costliest part of a small model, runs only on
+    positions no other sequence has already scored. A donor never reuses from another sequence.
     """
+    reuse = reuse or {}
     device = next(model.parameters()).device
     split = _body_and_head(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -588,15 +611,18 @@ def token_logprobs(
         width = max(len(sequences[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        first_scored = torch.zeros(len(rows), dtype=torch.long)
         for r, i in enumerate(rows):
             ids = sequences[i]
-            where = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
-            input_ids[r, where] = torch.tensor(ids)
-            attention_mask[r, where] = 1
+            offset = 0 if padding_side == "right" else width - len(ids)
+            input_ids[r, offset : offset + len(ids)] = torch.tensor(ids)
+            attention_mask[r, offset : offset + len(ids)] = 1
+            first_scored[r] = offset + reuse.get(i, (None, 0))[1]
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # Position j predicts token j+1; both must be real tokens.
+        # Position j predicts token j+1; both must be real tokens, and not already scored in a donor.
         predicting = (attention_mask[:, :-1] & attention_mask[:, 1:]).bool()
+        predicting &= torch.arange(width - 1, device=device)[None, :] >= first_scored.to(device)[:, None]
         targets = input_ids[:, 1:][predicting]
         if split is not None:
             body, head = split
@@ -618,6 +644,8 @@ def token_logprobs(
         per_row = torch.split(logprobs.double().cpu(), predicting.sum(1).tolist())
         for i, values in zip(rows, per_row):
             results[i] = values.numpy()
+    for i, (donor, shared) in reuse.items():
+        results[i] = np.concatenate([results[donor][:shared], results[i]])
     return results
 
 
@@ -642,6 +670,8 @@ class ScoringPlan:
     sequences: list[list[int]]
     # per question set, per item, per option: (sequence index, scored target mask or None, bytes)
     options: list[list[list[tuple[int, np.ndarray | None, int]]]]
+    # sequence -> (donor sequence, leading log-probs shared with it): see token_logprobs
+    reuse: dict[int, tuple[int, int]]
 
 
 def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> ScoringPlan:
@@ -679,7 +709,27 @@ def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> S
                 k += 1
             set_plan.append(item_plan)
         options.append(set_plan)
-    return ScoringPlan(sequences, options)
+    return ScoringPlan(sequences, options, _shared_prefix_reuse(sequences, options))
+
+
+def _shared_prefix_reuse(sequences: list[list[int]], options) -> dict[int, tuple[int, int]]:
+    """The options of an item share the question text before the blank: every option's sequence reuses the
+    log-probs of that common token prefix from the item's first option (its donor, computed in full)."""
+    donors = {item[0][0] for set_plan in options for item in set_plan}
+    reuse = {}
+    for set_plan in options:
+        for item in set_plan:
+            donor = item[0][0]
+            for seq, _, _ in item[1:]:
+                if seq in donors or seq in reuse:
+                    continue
+                a, b = sequences[donor], sequences[seq]
+                common = 0
+                while common < min(len(a), len(b)) and a[common] == b[common]:
+                    common += 1
+                if common > 1:  # targets 1 .. common-1 are predicted from identical contexts
+                    reuse[seq] = (donor, common - 1)
+    return reuse
 
 
 def option_score(logprobs: np.ndarray, mask: np.ndarray | None, n_bytes: int, scoring: str) -> float:
@@ -707,7 +757,7 @@ def score_question_sets(
     if limit and longest > limit:
         raise ValueError(f"A filled question is {longest} tokens long; the model takes at most {limit}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
-    logprobs = token_logprobs(model, plan.sequences, batch_size, pad_id, padding_side, desc=desc)
+    logprobs = token_logprobs(model, plan.sequences, batch_size, pad_id, padding_side, plan.reuse, desc=desc)
     return [
         [[option_score(logprobs[seq], mask, n_bytes, scoring) for seq, mask, n_bytes in item] for item in set_plan]
         for set_plan in plan.options
@@ -787,6 +837,7 @@ def evaluate_model(
         "questions_sha256": hashlib.sha256(
             json.dumps(sorted((qs.stem, qs.fingerprint) for qs in question_sets)).encode()
         ).hexdigest(),
+        "quirk_counts": {qs.stem: {reason: len(ix) for reason, ix in qs.quirks.items()} for qs in question_sets},
         "skipped_checkpoints": skipped,
     }
     for entry in skipped:
@@ -1247,6 +1298,7 @@ def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> di
                 "run_names": [[p[0].name, p[1].name] for p in pairs],
                 "steps_left_out": dropped,
                 "directions": directions,
+                "bridge_diagnostic": _final_diagnostics(group),
             }
         )
     return {
@@ -1255,6 +1307,18 @@ def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> di
         "confidence": transfer.confidence,
         "languages": languages,
     }
+
+
+def _final_diagnostics(runs: list[RunResults]) -> list[dict]:
+    """The bridge diagnostic of each run's last checkpoint, where the run has one (bridge_diagnostic.json)."""
+    found = []
+    for run in runs:
+        path = run.eval_dir / "bridge_diagnostic.json"
+        if path.is_file():
+            entries = json.loads(path.read_text(encoding="utf-8"))["checkpoints"]
+            if entries:
+                found.append({"run": run.name, "bridges": run.bridges, "seed": run.seed, **entries[-1]})
+    return found
 
 
 def _fmt_ci(value: float, ci) -> str:
@@ -1312,6 +1376,23 @@ def transfer_markdown(result: dict) -> str:
                     f"| {step} | {d['accuracy_with'][k]:.3f} | {d['accuracy_without'][k]:.3f} | {_fmt_ci(d['gap'][k], d['gap_ci'][k])} |"
                 )
             lines.append("")
+    diagnostics = [(language["lang"], d) for language in result["languages"] for d in language["bridge_diagnostic"]]
+    if diagnostics:
+        lines += [
+            "## Bridge diagnostic (last checkpoint of each run)",
+            "",
+            "Mean token loss of held-out target sentences alone, after their own English translation, and after "
+            "another pair's English sentence. A model that uses the bridge has own < mismatched.",
+            "",
+            "| language | run | bridges | step | alone | after own English | after mismatched English | pairs |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for lang, d in diagnostics:
+            lines.append(
+                f"| {lang} | {d['run']} | {'with' if d['bridges'] else 'without'} | {d['step']} | {d['alone']:.3f} | "
+                f"{d['after_own_english']:.3f} | {d['after_mismatched_english']:.3f} | {d['pairs']} |"
+            )
+        lines.append("")
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}
     if skipped:
         lines += ["Steps left out because not every run has them: " + json.dumps(skipped), ""]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -36,7 +37,9 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = run_eval.load_model(tiny_model_dir, "float32", torch.device("cpu"), "sdpa")
+    # RUN_EVAL_TEST_DEVICE=cuda runs the parity tests on a GPU (bench/gpu_eval_check.sh).
+    device = torch.device(os.environ.get("RUN_EVAL_TEST_DEVICE", "cpu"))
+    model = run_eval.load_model(tiny_model_dir, "float32", device, "sdpa")
     return model, tokenizer
 
 
@@ -209,6 +212,26 @@ def test_option_logprob_counts_only_tokens_overlapping_the_option(tiny):
     sentence_ids = plan.sequences[sequence_index][1:]
     pieces = [tokenizer.decode([t]) for t, keep in zip(sentence_ids, mask) if keep]
     assert "".join(pieces).strip() == "xy"
+
+
+def test_options_reuse_the_shared_question_prefix_of_their_item(tiny, sample_dir):
+    _, tokenizer = tiny
+    sets = run_eval.load_question_sets([str(sample_dir)])
+    plan = run_eval.plan_scoring(tokenizer, sets, "mean_token_loss")
+    english = [qs.lang for qs in sets].index("en")
+    item = plan.options[english][0]  # "The Korean people celebrate ___ in autumn."
+    donor = item[0][0]
+    prefix = len(
+        [run_eval.document_start_id(tokenizer)]
+        + tokenizer("The Korean people celebrate", add_special_tokens=False)["input_ids"]
+    )
+    for seq, _, _ in item[1:]:
+        reused_from, shared = plan.reuse[seq]
+        assert reused_from == donor and shared >= prefix - 1
+        assert plan.sequences[seq][: shared + 1] == plan.sequences[donor][: shared + 1]
+    assert donor not in plan.reuse  # donors are computed in full
+    # Items whose blank opens the question share only the start token: nothing to reuse.
+    assert all(seq not in plan.reuse for seq, _, _ in plan.options[english][1][1:])
 
 
 def test_identical_sentences_tie_exactly_and_the_first_option_wins(tiny, tmp_path):

@@ -211,19 +211,16 @@ def test_transfer_analysis_of_real_tiny_runs_in_two_languages(tmp_path, tiny_mod
                 name = f"{lang}-{'with' if bridges else 'without'}-s{seed}"
                 seed_value += 1  # every run draws different random weights
                 runs.append(make_run_dir(tiny_model_dir, tmp_path / name, (2, 4), 6, setting, seed=seed_value))
-    out = tmp_path / "transfer"
-    run_eval.main(
-        [
-            "--runs",
-            *map(str, runs),
-            "--questions",
-            *map(str, questions),
-            "--output_dir",
-            str(out),
-            "--n_bootstrap",
-            "300",
-        ]
+    pairs = tmp_path / "heldout_pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"en": f"The year {k} was good.", "tgt": f"{k}년은 좋았다."}, ensure_ascii=False) + "\n"
+            for k in range(4)
+        )
     )
+    out = tmp_path / "transfer"
+    args = ["--runs", *map(str, runs), "--questions", *map(str, questions), "--output_dir", str(out)]
+    run_eval.main([*args, "--n_bootstrap", "300", "--diagnostic_pairs", str(pairs)])
 
     # Every run was probed in its own eval folder, on its language's questions and the English ones only.
     ko_eval = json.loads((tmp_path / "ko-with-s0" / "eval" / "accuracy.json").read_text())
@@ -260,8 +257,14 @@ def test_transfer_analysis_of_real_tiny_runs_in_two_languages(tmp_path, tiny_mod
     assert result["languages"][0]["directions"][0]["mcnemar_final"][0]["p_value"] == pytest.approx(expected)
     assert result["languages"][0]["directions"][0]["per_seed"][0]["final_gap"] == pytest.approx((w.sum() - o.sum()) / 6)
 
+    # The bridge diagnostic of every run, per checkpoint in its eval folder, the last one in transfer.json.
+    diagnostic = json.loads((tmp_path / "zh-without-s1" / "eval" / "bridge_diagnostic.json").read_text())
+    assert [e["step"] for e in diagnostic["checkpoints"]] == [2, 4, 6]
+    assert len(result["languages"][1]["bridge_diagnostic"]) == 4
+    assert {d["step"] for language in result["languages"] for d in language["bridge_diagnostic"]} == {6}
     markdown = (out / "transfer.md").read_text()
     assert "| ko | en->ko |" in markdown and "| zh | zh->en |" in markdown and "overstates significance" in markdown
+    assert "## Bridge diagnostic" in markdown
     for png in ("transfer_curves.png", "transfer_summary.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

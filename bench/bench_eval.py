@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Benchmark: run_eval.py's batched cloze scoring vs the paper's unbatched loop, same model, same questions.
+
+* baseline: ``tests/paper_reference.reference_scores``: the paper's probe written straight from its
+  description, one filled sentence per forward pass, no padding (what the authors' script does);
+* run_eval: ``run_eval.score_question_sets``: all options of many questions per forward, sorted by
+  length, right-padded with an attention mask, the vocabulary projection on real positions only.
+
+Model: configs/tiny.json (Qwen2, hidden 128, 2 layers) with random weights and a byte-level BPE tokenizer
+trained on the questions (--vocab_size). Questions: the paper's 8 released files when
+../shared/data/paper-culture-cloze exists, else generated ones in all five scripts. The script asserts
+that both give the same prediction for every item (float32; in 16-bit weights it reports near-ties that
+flip) and prints items/s of each and the ratio.
+
+    python bench/bench_eval.py                          # all released questions (a few minutes on 2 cores)
+    python bench/bench_eval.py --max_items 400          # quicker look
+    python bench/bench_eval.py --device cuda --dtype bfloat16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from paper_reference import reference_prediction, reference_scores  # noqa: E402
+
+import run_eval  # noqa: E402
+
+PAPER_CLOZE_DIR = REPO_ROOT.parent / "shared" / "data" / "paper-culture-cloze"
+
+
+def generated_question_files(directory: Path, n_items: int, seed: int = 0) -> list[Path]:
+    """Parallel question files in the five scripts, from a small vocabulary of each (when ../shared is absent)."""
+    from cloze_samples import SAMPLE_QUESTIONS
+
+    rng = random.Random(seed)
+    paths = []
+    for lang, samples in SAMPLE_QUESTIONS.items():
+        words = sorted(
+            {w for it in samples for w in (it["question"].replace("_", " ") + " " + " ".join(it["options"])).split()}
+        )
+        items = []
+        for _ in range(n_items):
+            before, after = rng.sample(words, rng.randint(3, 12)), rng.sample(words, rng.randint(0, 6))
+            options = [" ".join(rng.sample(words, rng.randint(1, 3))) for _ in range(4)]
+            items.append(
+                {"question": " ".join(before) + " ___ " + " ".join(after), "options": options, "answer": options[0]}
+            )
+        path = directory / f"generated-culture_{lang}.json"
+        path.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def build_model(question_sets, vocab_size: int, output_dir: Path, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    texts = [it["question"] for qs in question_sets for it in qs.items] + [
+        o for qs in question_sets for it in qs.items for o in it["options"]
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "tiny.json")
+    config.vocab_size = len(fast)
+    config.eos_token_id = config.bos_token_id = fast.eos_token_id
+    config.pad_token_id = fast.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(output_dir)
+    fast.save_pretrained(output_dir)
+    return output_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max_items", type=int, default=None, help="Use the first N items of each file.")
+    parser.add_argument("--vocab_size", type=int, default=8000, help="Tokenizer vocabulary (configs/tiny.json: 8000).")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(run_eval.DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if PAPER_CLOZE_DIR.is_dir():
+            sources, origin = [str(PAPER_CLOZE_DIR)], "the paper's 8 released files"
+        else:
+            sources = [str(p) for p in generated_question_files(Path(tmp), 300)]
+            origin = "generated questions (../shared absent)"
+        question_sets = run_eval.load_question_sets(sources)
+        if args.max_items:
+            question_sets = [
+                run_eval.QuestionSet(qs.stem, qs.lang, qs.source, qs.items[: args.max_items], qs.quirks)
+                for qs in question_sets
+            ]
+        model_dir = build_model(question_sets, args.vocab_size, Path(tmp) / "model")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        device = run_eval.resolve_device(args.device)
+        model = run_eval.load_model(model_dir, args.dtype, device, "sdpa")
+        n_items = sum(len(qs.items) for qs in question_sets)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"questions: {origin}, {n_items} items x 4 options; model: configs/tiny.json, {n_params / 1e6:.2f}M parameters, "
+            f"vocab {len(tokenizer)}, {args.dtype} on {device}, {torch.get_num_threads()} threads"
+        )
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        # Warm up both paths (first calls allocate and pick kernels).
+        first = question_sets[0].items[0]
+        reference_scores(model, tokenizer, first["question"], first["options"])
+        run_eval.score_question_sets(model, tokenizer, [question_sets[0]], "mean_token_loss", args.batch_size, "right")
+
+        sync()
+        start = time.perf_counter()
+        reference = [
+            [reference_scores(model, tokenizer, it["question"], it["options"]) for it in qs.items]
+            for qs in question_sets
+        ]
+        sync()
+        reference_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        batched = run_eval.score_question_sets(
+            model, tokenizer, question_sets, "mean_token_loss", args.batch_size, "right"
+        )
+        sync()
+        batched_seconds = time.perf_counter() - start
+
+        mismatches, max_diff = [], 0.0
+        for qs, ref_set, got_set in zip(question_sets, reference, batched):
+            for index, (ref, got) in enumerate(zip(ref_set, got_set)):
+                max_diff = max(max_diff, float(np.max(np.abs(np.array(ref) - np.array(got)))))
+                if reference_prediction(ref) != run_eval.predict(got):
+                    mismatches.append(f"{qs.stem} #{index}")
+        print(
+            f"predictions identical on {n_items - len(mismatches)}/{n_items} items; max |score difference| {max_diff:.2e}"
+        )
+        print(
+            f"paper loop (1 sentence per forward): {n_items / reference_seconds:8.1f} items/s ({reference_seconds:.1f} s)"
+        )
+        print(
+            f"run_eval batched (batch {args.batch_size}):      {n_items / batched_seconds:8.1f} items/s ({batched_seconds:.1f} s)"
+        )
+        print(f"ratio: {reference_seconds / batched_seconds:.1f}x")
+        if args.dtype == "float32":
+            assert not mismatches, f"predictions differ on {mismatches[:20]}"
+        elif mismatches:
+            # In 16-bit weights, padding and batch shape move scores by ~1e-3: near-ties may flip.
+            print(f"{args.dtype}: predictions differ on {len(mismatches)} near-tied items: {mismatches[:10]}")
+
+
+if __name__ == "__main__":
+    main()
