@@ -95,8 +95,9 @@ class DensityArguments:
     corpus_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "A corpus as a datasets dataset: a directory written by save_to_disk, or a Hub name "
-            "(e.g. wikimedia/wikipedia with --corpus_dataset_config 20231101.en --corpus_streaming)."
+            "help": "A corpus as a datasets dataset: a directory written by save_to_disk, a Hub name (e.g. "
+            "wikimedia/wikipedia with --corpus_dataset_config 20231101.en --corpus_streaming), or a local "
+            "folder of data files (.jsonl, .parquet, ...) that load_dataset reads."
         },
     )
     corpus_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --corpus_dataset."})
@@ -236,7 +237,8 @@ class DensityArguments:
             "question language) or LANG=LABEL entries, e.g. 'bo=enwiki en=bo_corpus' (Tibetan questions "
             "transfer from English Wikipedia, English questions from the Tibetan corpus). Occurrences come "
             "from the same question file on that corpus, or else from its parallel file (same stem before "
-            "the final _LANG, items parallel by position)."
+            "the final _LANG, items parallel by position). Default: the corpus on which the question file's "
+            "parallel file in the other language was measured (it must be unique)."
         },
     )
     log_level: str = field(default="info", metadata={"help": "Logging level: debug, info, warning."})
@@ -674,7 +676,8 @@ class DatasetCorpus:
         if self._dataset is None:
             import datasets
 
-            if Path(self.name).is_dir():
+            saved = ("state.json", "dataset_dict.json")  # what save_to_disk writes
+            if Path(self.name).is_dir() and any((Path(self.name) / marker).is_file() for marker in saved):
                 dataset = datasets.load_from_disk(self.name)
                 if isinstance(dataset, datasets.DatasetDict):
                     if self.split not in dataset:
@@ -1294,7 +1297,10 @@ def instance_analysis(
 
     An item transferred when the model trained with bridges answers it right and the model trained
     without bridges answers it wrong (at the chosen step). ``occurrences[(corpus, stem)]`` holds the
-    occurrences per item of each measured (corpus, question file).
+    occurrences per item of each measured (corpus, question file). ``sources`` maps a question
+    language (or "*") to its source corpus; when empty, the source of a question file is the corpus
+    its parallel file in another language was measured on (Tibetan questions: their English twins
+    on the English corpus), which must be unique.
     """
     with_rows, with_steps = load_predictions(with_path, step)
     without_rows, without_steps = load_predictions(without_path, step)
@@ -1302,20 +1308,28 @@ def instance_analysis(
     for stem in sorted(set(with_steps) & set(without_steps)):
         indices = sorted(i for s, i in with_rows if s == stem and (s, i) in without_rows)
         lang = with_rows[(stem, indices[0])].get("lang", "") if indices else ""
-        source = sources.get(lang, sources.get("*"))
-        if source is None:
-            skipped.append({"questions": stem, "reason": f"no --source_corpus for language {lang!r}"})
-            continue
-        measured_stem = stem
-        if (source, stem) not in occurrences:
-            prefix = stem.rsplit("_", 1)[0]
-            parallel = [s for c, s in occurrences if c == source and s.rsplit("_", 1)[0] == prefix]
-            if len(parallel) != 1:
-                skipped.append(
-                    {"questions": stem, "reason": f"no (single) parallel question file measured on corpus {source!r}"}
-                )
+        prefix = stem.rsplit("_", 1)[0]
+        if sources:
+            source = sources.get(lang, sources.get("*"))
+            if source is None:
+                skipped.append({"questions": stem, "reason": f"no --source_corpus for language {lang!r}"})
                 continue
-            measured_stem = parallel[0]
+            measured_stem = stem
+            if (source, stem) not in occurrences:
+                parallel = [s for c, s in occurrences if c == source and s.rsplit("_", 1)[0] == prefix]
+                if len(parallel) != 1:
+                    reason = f"no (single) parallel question file measured on corpus {source!r}"
+                    skipped.append({"questions": stem, "reason": reason})
+                    continue
+                measured_stem = parallel[0]
+        else:
+            twins = [(c, s) for c, s in occurrences if s != stem and s.rsplit("_", 1)[0] == prefix]
+            if len(twins) != 1:
+                found = ", ".join(f"{s} on {c}" for c, s in twins) or "none"
+                reason = f"the source corpus is ambiguous: parallel files measured: {found}; give --source_corpus"
+                skipped.append({"questions": stem, "reason": reason})
+                continue
+            source, measured_stem = twins[0]
         counts = occurrences[(source, measured_stem)]
         if indices and indices[-1] >= len(counts):
             raise ValueError(
@@ -1407,8 +1421,6 @@ def validate(args: DensityArguments) -> None:
         raise ValueError("--judge_min_key_fraction must lie in [0, 1].")
     if bool(args.predictions_with) != bool(args.predictions_without):
         raise ValueError("Give both --predictions_with and --predictions_without (or neither).")
-    if args.predictions_with and not args.source_corpus:
-        raise ValueError("The instance-level analysis needs --source_corpus (LABEL or LANG=LABEL).")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1504,7 +1516,7 @@ def main(argv: list[str] | None = None) -> dict:
             find_predictions(args.predictions_with),
             find_predictions(args.predictions_without),
             args.predictions_step,
-            parse_source_corpus(args.source_corpus),
+            parse_source_corpus(args.source_corpus or []),
             occurrences_by_pair,
         )
         for s in analysis["skipped"]:

@@ -498,6 +498,21 @@ def test_dataset_corpus_from_save_to_disk_counts_rows_without_text(tmp_path, wor
     assert report["corpus"]["skipped"] == {"no text in column 'text'": 1}
 
 
+def test_streamed_dataset_corpus_reads_retrieved_documents_in_one_more_pass(tmp_path, world):
+    question_files, corpus_files = world
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(corpus_files["mn"].read_bytes())
+    report = run_main(
+        tmp_path,
+        ["--questions", str(question_files["mn"]), "--corpus_dataset", str(folder), "--corpus_streaming",
+         "--corpus_label", "streamed", "--top_k", "20", "--output_dir", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert [e["occurrences"] for e in report["questions"]] == PLANTED["mn"]
+    assert report["corpus"]["label"] == "streamed"
+    assert report["corpus"]["source"]["kind"] == "dataset"
+
+
 # --------------------------------------------------------------------------------------
 # Instance-level analysis
 # --------------------------------------------------------------------------------------
@@ -540,6 +555,9 @@ def test_instance_analysis_compares_transferred_items_with_all_in_the_source_cor
     markdown = (tmp_path / "out" / "density.md").read_text(encoding="utf-8")
     assert "| culture_bo | english (culture_en) | 2 | 1 | 3.00 | 1.50 | 0.00 |" in markdown
 
+    automatic = run_main(tmp_path, [a for a in args if a not in ("--source_corpus", "bo=english")])
+    assert automatic["instance_analysis"]["results"] == report["instance_analysis"]["results"]
+
     at_10 = run_main(tmp_path, args + ["--predictions_step", "10"])
     (result,) = at_10["instance_analysis"]["results"]
     assert result["transferred"] == 0 and result["mean_occurrences_transferred"] is None
@@ -557,6 +575,13 @@ def test_instance_analysis_reports_items_without_a_source_measurement(world, tmp
     )  # fmt: skip
     assert report["instance_analysis"]["results"] == []
     assert report["instance_analysis"]["skipped"][0]["questions"] == "other-set_bo"
+    automatic = run_main(
+        tmp_path,
+        ["--questions", str(question_files["en"]), "--corpus_files", f"english={corpus_files['en']}",
+         "--output_dir", str(tmp_path / "out2"), "--predictions_with", str(tmp_path / "with"),
+         "--predictions_without", str(tmp_path / "without")],
+    )  # fmt: skip
+    assert "ambiguous" in automatic["instance_analysis"]["skipped"][0]["reason"]
 
 
 # --------------------------------------------------------------------------------------
@@ -594,8 +619,7 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     predictions.write_text('{"questions": "x", "index": 0, "step": 1, "correct": true}\n{oops\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"p\.jsonl:2: not valid JSON"):
         rd.main(["--questions", q, "--corpus_files", str(corpus_files["en"]), *out,
-                 "--predictions_with", str(predictions), "--predictions_without", str(predictions),
-                 "--source_corpus", "x"])  # fmt: skip
+                 "--predictions_with", str(predictions), "--predictions_without", str(predictions)])  # fmt: skip
     assert not (tmp_path / "out" / "density.json").exists()
 
 
