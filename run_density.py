@@ -248,7 +248,7 @@ class DensityArguments:
 # Tokenisation by script
 # --------------------------------------------------------------------------------------
 
-#: Bump when retrieval_tokens or analyse_text change: it is part of every index fingerprint.
+#: Bump when retrieval_tokens changes: it is part of every index fingerprint.
 TOKENIZER_VERSION = "density-tokens-2"
 
 # Run kinds. "other" is any letter run of a script the study does not name (e.g. Cyrillic):
