@@ -758,6 +758,20 @@ def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator,
     }
 
 
+def segment_namer(kinds: list[str], doc_ids: list[str], first_sides: list[str]) -> Callable[[tuple, int], str]:
+    """Names of segments in the dump: ``<pass>:<doc_id>/<side>``, side ``en``/``tgt`` or the text piece."""
+
+    def name(key: tuple, part: int) -> str:
+        data_pass, row = key
+        if kinds[row] == "pair":
+            side = first_sides[row] if part == 0 else ("tgt" if first_sides[row] == "en" else "en")
+        else:
+            side = str(part)
+        return f"{data_pass}:{doc_ids[row]}/{side}"
+
+    return name
+
+
 def write_dump(path: Path, windows, store: SegmentStore, collator: BridgePackingCollator, segment_names) -> None:
     """Every planned window, padded as the model sees it, with a per-token segment id (see README)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -791,13 +805,17 @@ class CPTSettingCallback(TrainerCallback, ExportableState):
 
 
 def check_resume_setting(checkpoint: str, cpt_setting: dict) -> None:
-    """Refuse to resume a checkpoint made in another setting or with another packing plan."""
+    """Refuse to resume a checkpoint made in another setting or with another packing plan.
+
+    Every key of ``cpt_setting`` must match except ``dataset``, the data's location (a folder or a
+    Hub id): the same data moved elsewhere is recognised by ``documents_seen_sha256``.
+    """
     config_file = Path(checkpoint) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: no config.json; is it a checkpoint of run_cpt.py?")
-    stored = json.loads(config_file.read_text()).get("cpt_setting")
-    if stored != cpt_setting:
-        differ = sorted(k for k in set(stored or {}) | set(cpt_setting) if (stored or {}).get(k) != cpt_setting.get(k))
+    stored = json.loads(config_file.read_text()).get("cpt_setting") or {}
+    differ = sorted(k for k in set(stored) | set(cpt_setting) if k != "dataset" and stored.get(k) != cpt_setting.get(k))
+    if differ:
         raise ValueError(
             f"{checkpoint} was trained with another setting or packing plan (differs in {differ}); "
             "resume with the same arguments, world size and data, or use a new --output_dir."
@@ -984,15 +1002,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     if cpt_args.dump_packing and training_args.should_save:
-
-        def segment_names(key, part):
-            data_pass, row = key
-            if kind_of_row[row] == "pair":
-                name = first_sides[row] if part == 0 else ("tgt" if first_sides[row] == "en" else "en")
-            else:
-                name = str(part)
-            return f"{data_pass}:{doc_ids[row]}/{name}"
-
+        segment_names = segment_namer(kinds, doc_ids, first_sides)
         write_dump(Path(cpt_args.dump_packing), plan["windows"][bridges], store, collator, segment_names)
         logger.info("Wrote %d packed windows to %s", len(plan["windows"][bridges]), cpt_args.dump_packing)
 

@@ -191,12 +191,16 @@ def test_push_to_hub_uploads_parquet_stats_and_card(tmp_path, tiny_model_dir, lo
     assert round_trip["doc_id"] == load_from_disk(str(output))["doc_id"]
 
 
-@pytest.mark.slow
-def test_command_line_reports_errors_without_a_traceback(tmp_path, tiny_model_dir):
+def test_command_line_reports_errors_without_a_traceback(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import runpy
+
     bad = tmp_path / "pairs.jsonl"
     bad.write_text("{oops\n")
-    with pytest.raises(AssertionError) as failure:
-        run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(bad), "--tgt_column", "bo",
-                    "--tokenizer_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    assert "build_pairs.py: error:" in str(failure.value) and "pairs.jsonl:1: not valid JSON" in str(failure.value)
-    assert "Traceback" not in str(failure.value)
+    monkeypatch.setattr("sys.argv", ["build_pairs.py", "--lang", "bo", "--pairs_files", str(bad), "--tgt_column", "bo",
+                                     "--tokenizer_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(Path(build_pairs.__file__)), run_name="__main__")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "build_pairs.py: error:" in error and "pairs.jsonl:1: not valid JSON" in error
+    assert "Traceback" not in error

@@ -1,0 +1,450 @@
+"""run_cpt.py end to end: the command contract, an independent check of --dump_packing, Hub in and
+out, exact resume, two CPU processes, and the errors a user can make."""
+
+import json
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_script
+from datasets import load_from_disk
+from transformers import AutoTokenizer
+
+import build_pairs
+import run_cpt
+
+# One thread per process: on a shared 2-core machine two torch threads per process collapse under
+# contention (STACK-FACTS.md), and the tests measure behaviour, not speed.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+EN_WORDS = "the people of tibet drink butter tea and eat tsampa in high valleys near lhasa at new year".split()
+BO_SYLLABLES = "བོད་ རིགས་ ཀྱིས་ ཇ་ མར་ འཐུང་ རྩམ་ པ་ ཟ་ ལོ་ གསར་ ལྷ་ ས་ ཡུལ་ ལུང་".split()
+
+
+def write_cpt_inputs(folder: Path, n_pairs: int = 60, n_mono: int = 30, seed: int = 0) -> tuple[Path, Path]:
+    """Pairs of varied lengths (a few too long for a 128-token window) and mono texts (some longer)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs, mono = folder / "pairs.jsonl", folder / "mono.txt"
+    with pairs.open("w", encoding="utf-8") as handle:
+        for _ in range(n_pairs):
+            en = " ".join(rng.choice(EN_WORDS) for _ in range(rng.randint(3, 15))).capitalize() + "."
+            bo = "".join(rng.choice(BO_SYLLABLES) for _ in range(rng.randint(3, 15))) + "།"
+            handle.write(json.dumps({"en": en, "bo": bo}, ensure_ascii=False) + "\n")
+    mono.write_text(
+        "".join("".join(rng.choice(BO_SYLLABLES) for _ in range(rng.choice([5, 20, 60, 150]))) + "།\n"
+                for _ in range(n_mono)),
+        encoding="utf-8",
+    )  # fmt: skip
+    return pairs, mono
+
+
+@pytest.fixture(scope="module")
+def cpt_data(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("cpt_data")
+    pairs, mono = write_cpt_inputs(folder)
+    output = folder / "data"
+    build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs), "--tgt_column", "bo", "--mono_files", str(mono),
+                      "--tokenizer_name", str(tiny_model_dir), "--block_size", "128", "--output_dir", str(output)])  # fmt: skip
+    return output
+
+
+# --------------------------------------------------------------------------------------
+# An independent checker of --dump_packing: it re-tokenizes the dataset itself and reads only
+# the dump, so it shares no code with the packer.
+# --------------------------------------------------------------------------------------
+
+
+def check_dump(dump: Path, data_dir: Path, tokenizer_dir: Path, block_size: int, bridges: bool,
+               first_side: str = "en", separator: str = "") -> dict:  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    start = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
+    records = {r["doc_id"]: r for r in load_from_disk(str(data_dir))}
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def expected(doc_id, part):
+        record = records[doc_id]
+        if record["kind"] == "pair":
+            return [start] + encode(record[part]) + (separator_ids if part == first_side else [])
+        ids, piece = encode(record["text"]), block_size - 1
+        return [start] + ids[int(part) * piece : (int(part) + 1) * piece]
+
+    occurrences, pair_windows, segments = Counter(), {}, Counter()
+    lines = dump.read_text(encoding="utf-8").splitlines()
+    for w, line in enumerate(lines):
+        window = json.loads(line)
+        ids, positions, labels, owners = (window[k] for k in ("input_ids", "position_ids", "labels", "doc_ids"))
+        assert len(ids) == len(positions) == len(labels) == len(owners) == block_size, "window size"
+        real = sum(owner is not None for owner in owners)
+        assert all(owner is None for owner in owners[real:]), "padding only at the end"
+        assert ids[real:] == [pad] * (block_size - real) and labels[real:] == [-100] * (block_size - real)
+        assert positions[real:] == list(range(block_size - real)), "padding positions restart at 0"
+        runs = []  # [segment id, start, end]
+        for i in range(real):
+            if i and owners[i] == owners[i - 1]:
+                runs[-1][2] = i + 1
+            else:
+                runs.append([owners[i], i, i + 1])
+        for r, (segment, a, b) in enumerate(runs):
+            occurrences[segment] += 1
+            data_pass, name = segment.split(":", 1)
+            doc_id, part = name.rsplit("/", 1)
+            assert ids[a:b] == expected(doc_id, part), f"tokens of {segment}"
+            segments[(doc_id, part, tuple(ids[a:b]))] += 1
+            assert labels[a] == -100 and labels[a + 1 : b] == ids[a + 1 : b], f"labels of {segment}"
+            is_pair = records[doc_id]["kind"] == "pair"
+            if is_pair:
+                pair_windows.setdefault((data_pass, doc_id), {})[part] = w
+            if bridges and is_pair and part != first_side:
+                previous = runs[r - 1] if r else None
+                assert previous and previous[0] == f"{data_pass}:{doc_id}/{first_side}", "bridged pair split"
+                assert positions[a:b] == list(range(positions[a - 1] + 1, positions[a - 1] + 1 + b - a)), (
+                    "the second half of a bridged pair must continue its document's positions"
+                )
+            else:
+                assert positions[a:b] == list(range(b - a)), f"{segment} must start its own document"
+    assert all(count == 1 for count in occurrences.values()), "a segment appears twice in one pass"
+    for halves in pair_windows.values():
+        assert set(halves) == {"en", "tgt"}, "a pair lost a half"
+    co_located = sum(1 for halves in pair_windows.values() if halves["en"] == halves["tgt"])
+    return {"windows": len(lines), "pairs": len(pair_windows), "co_located": co_located, "segments": segments}
+
+
+def plan_and_dump(data_dir, tokenizer_dir, folder, block_size=128, per_step=4, max_steps=6):
+    """Plan and dump both settings in this process, through run_cpt's own functions."""
+    args = run_cpt.CPTArguments(lang="bo", model_name_or_path=str(tokenizer_dir), bridges=True,
+                                dataset_path=str(data_dir), block_size=block_size)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    raw, _ = run_cpt.load_cpt_dataset(args)
+    tokenized = run_cpt.tokenize_dataset(raw, tokenizer, args, seed=0)
+    store = run_cpt.SegmentStore(tokenized)
+    units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
+    plan = run_cpt.BridgePackingCollator.plan(units, block_size=block_size, windows_per_step=per_step, seed=0,
+                                              max_steps=max_steps)  # fmt: skip
+    names = run_cpt.segment_namer(tokenized["kind"], tokenized["doc_id"], tokenized["first_side"])
+    dumps = {}
+    for bridges in (True, False):
+        collator = run_cpt.BridgePackingCollator(block_size, bridges, tokenizer.pad_token_id)
+        dumps[bridges] = Path(folder) / f"{'bridges' if bridges else 'no-bridges'}.jsonl"
+        run_cpt.write_dump(dumps[bridges], plan["windows"][bridges], store, collator, names)
+    return plan, dumps, store
+
+
+# --------------------------------------------------------------------------------------
+# Fast tests
+# --------------------------------------------------------------------------------------
+
+
+def test_independent_check_of_both_dumps_agrees_and_catches_broken_guarantees(cpt_data, tiny_model_dir, tmp_path):
+    plan, dumps, _ = plan_and_dump(cpt_data, tiny_model_dir, tmp_path)
+    results = {b: check_dump(dumps[b], cpt_data, tiny_model_dir, 128, b) for b in (True, False)}
+    assert results[True]["pairs"] == results[False]["pairs"] > 0
+    assert results[True]["co_located"] == results[True]["pairs"] and results[False]["co_located"] == 0
+    assert results[True]["segments"] == results[False]["segments"]  # the same segments, token for token
+    assert results[True]["windows"] == results[False]["windows"] == plan["steps"] * 4
+
+    # Broken guarantees are caught: a position that does not restart a document, a bridged dump
+    # read as a no-bridges one, a changed token.
+    lines = [json.loads(line) for line in dumps[False].read_text().splitlines()]
+    broken = dumps[False].with_name("broken.jsonl")
+    lines[0]["position_ids"][1] += 1  # a position that no longer restarts a document correctly
+    broken.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(AssertionError):
+        check_dump(broken, cpt_data, tiny_model_dir, 128, False)
+    # A bridges dump read as no-bridges fails (its second halves continue the first's positions).
+    with pytest.raises(AssertionError):
+        check_dump(dumps[True], cpt_data, tiny_model_dir, 128, False)
+    # A token changed anywhere is caught.
+    lines = [json.loads(line) for line in dumps[True].read_text().splitlines()]
+    lines[-1]["input_ids"][3] = (lines[-1]["input_ids"][3] + 1) % 50
+    broken.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(AssertionError):
+        check_dump(broken, cpt_data, tiny_model_dir, 128, True)
+
+
+def test_pair_order_and_separator_are_the_same_in_both_settings(cpt_data, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    raw, _ = run_cpt.load_cpt_dataset(
+        run_cpt.CPTArguments(lang="bo", model_name_or_path="x", dataset_path=str(cpt_data))
+    )
+    pair = next(r for r in raw if r["kind"] == "pair")
+    batch = {k: [pair[k]] for k in raw.column_names}
+    start = tokenizer.eos_token_id
+    en, bo, sep = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (pair["en"], pair["tgt"], " = "))
+    tgt_first = run_cpt.tokenize_units(batch, tokenizer, start, 128, "tgt_first", sep, seed=0)
+    assert tgt_first["segments"][0] == [[start] + bo + sep, [start] + en] and tgt_first["first_side"] == ["tgt"]
+    sides = Counter(run_cpt.pair_first_side(i, "random", seed=3) for i in range(200))
+    assert 70 < sides["en"] < 130
+    assert [run_cpt.pair_first_side(i, "random", 3) for i in range(20)] == [
+        run_cpt.pair_first_side(i, "random", 3) for i in range(20)
+    ]
+
+
+def test_bridges_or_no_bridges_must_be_given_explicitly(cpt_data, tmp_path):
+    base = ["--model_name_or_path", "unused", "--dataset_path", str(cpt_data), "--lang", "bo", "--output_dir",
+            str(tmp_path / "run")]  # fmt: skip
+    for flags in ([], ["--bridges", "--no_bridges"]):
+        with pytest.raises(ValueError, match="exactly one of --bridges .* and --no_bridges"):
+            run_cpt.main(base + flags)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dataset_name", "org/data"], "exactly one of --dataset_path"),
+        (["--pair_order", "sideways"], "--pair_order must be en_first, tgt_first or random"),
+        (["--auto_find_batch_size"], "--auto_find_batch_size changes the batch size"),
+        (["--ignore_data_skip"], "--ignore_data_skip would re-train windows"),
+    ],
+)
+def test_argument_errors_say_what_to_do(cpt_data, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        run_cpt.main(["--model_name_or_path", "unused", "--dataset_path", str(cpt_data), "--lang", "bo", "--bridges",
+                      "--output_dir", str(tmp_path / "run"), *extra])  # fmt: skip
+
+
+def test_dataset_errors_name_the_folder(tmp_path, tiny_model_dir):
+    args = run_cpt.CPTArguments(lang="bo", model_name_or_path="x", dataset_path=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="missing: no such dataset directory.*build_pairs.py"):
+        run_cpt.load_cpt_dataset(args)
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "plain"))
+    args.dataset_path = str(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a build_pairs.py dataset .*missing columns"):
+        run_cpt.load_cpt_dataset(args)
+
+
+def test_resume_refuses_a_checkpoint_of_another_setting(tmp_path):
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    setting = {"lang": "bo", "bridges": True, "steps": 10, "dataset": "/data/cpt-bo", "documents_seen_sha256": "ab"}
+    (checkpoint / "config.json").write_text(json.dumps({"cpt_setting": setting}))
+    run_cpt.check_resume_setting(str(checkpoint), setting)
+    run_cpt.check_resume_setting(str(checkpoint), {**setting, "dataset": "org/cpt-bo"})  # same data, moved
+    with pytest.raises(ValueError, match="differs in \\['documents_seen_sha256'\\]"):
+        run_cpt.check_resume_setting(str(checkpoint), {**setting, "documents_seen_sha256": "cd"})
+    with pytest.raises(ValueError, match=r"another setting or packing plan \(differs in \['bridges'\]\)"):
+        run_cpt.check_resume_setting(str(checkpoint), {**setting, "bridges": False})
+
+
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_packed_windows_survive_the_trainers_column_removal(cpt_data, tiny_model_dir, tmp_path, remove_unused_columns):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    plan, _, store = plan_and_dump(cpt_data, tiny_model_dir, tmp_path)
+    collator = run_cpt.BridgePackingCollator(128, True, 1)
+    dataset = run_cpt.PackedWindows(plan["windows"][True], store, collator)
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "t"),
+            per_device_train_batch_size=4,
+            report_to="none",
+            remove_unused_columns=remove_unused_columns,
+            use_cpu=True,
+        ),  # fmt: skip
+        train_dataset=dataset,
+        data_collator=collator,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch) == ["input_ids", "labels", "position_ids"]
+    assert batch["input_ids"].shape == (4, 128)
+    assert (batch["labels"] != -100).any()
+
+
+# --------------------------------------------------------------------------------------
+# Slow: real commands
+# --------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def assert_audits_agree(audits: dict) -> None:
+    """The two settings' own audits: 100/0, each equal to what the other computed of it."""
+    assert audits[True]["pairs"]["co_located_percent"] == 100.0
+    assert audits[False]["pairs"]["co_located_percent"] == 0.0
+    assert audits[True]["pairs"]["attending_each_other"] == audits[True]["pairs"]["total"] > 0
+    for b in (True, False):
+        assert audits[b]["guarantees_hold"] and all(audits[b]["equal_across_settings"].values())
+        assert audits[b]["hashes"] == audits[not b]["other_setting"]["hashes"]
+        assert audits[b]["windows_trained"]["each_planned_window_once"] is True
+    for key in ("segments_multiset_sha256", "tokens_multiset_sha256", "targets_multiset_sha256",
+                "documents_seen_sha256"):  # fmt: skip
+        assert audits[True]["hashes"][key] == audits[False]["hashes"][key]
+    assert audits[True]["real_tokens"] == audits[False]["real_tokens"]
+    assert audits[True]["plan"]["units_seen"] == audits[False]["plan"]["units_seen"]
+
+
+@pytest.mark.slow
+def test_command_contract_on_a_run_pretrain_base(tmp_path):
+    corpus = tmp_path / "english.txt"
+    corpus.write_text("\n".join(f"Document {i}: " + " ".join(random.Random(i).choices(EN_WORDS, k=30))
+                                for i in range(200)))  # fmt: skip
+    base = tmp_path / "BASE"
+    run_script(["python", "run_pretrain.py", "--config_name", "configs/tiny.json", "--train_tokenizer",
+                "--vocab_size", "400", "--tokenizer_files", str(corpus), "--train_file", str(corpus),
+                "--block_size", "128", "--output_dir", str(base), "--max_steps", "1",
+                "--per_device_train_batch_size", "2", "--report_to", "none"], env_extra=ONE_THREAD)  # fmt: skip
+    pairs, mono = write_cpt_inputs(tmp_path / "inputs")
+    data = tmp_path / "DATA"
+    # The command contract of the issue, verbatim apart from paths.
+    run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs), "--en_column", "en",
+                "--tgt_column", "bo", "--mono_files", str(mono), "--tokenizer_name", str(base), "--block_size", "128",
+                "--output_dir", str(data)], env_extra=ONE_THREAD)  # fmt: skip
+    audits, dumps = {}, {}
+    for bridges in (True, False):
+        run = tmp_path / ("RUN-bridges" if bridges else "RUN-no-bridges")
+        run_script(["python", "run_cpt.py", "--model_name_or_path", str(base), "--dataset_path", str(data),
+                    "--lang", "bo", "--bridges" if bridges else "--no_bridges", "--block_size", "128",
+                    "--output_dir", str(run), "--max_steps", "10", "--save_steps", "5",
+                    "--per_device_train_batch_size", "4", "--dump_packing", str(run / "windows.jsonl")], env_extra=ONE_THREAD)  # fmt: skip
+        audits[bridges] = read_json(run / "packing_audit.json")
+        dumps[bridges] = check_dump(run / "windows.jsonl", data, base, 128, bridges)
+        assert (run / "checkpoint-5").is_dir() and (run / "checkpoint-10").is_dir()
+        setting = read_json(run / "config.json")["cpt_setting"]
+        assert setting["bridges"] is bridges and setting["lang"] == "bo" and setting["block_size"] == 128
+        assert read_json(run / "checkpoint-5" / "config.json")["cpt_setting"] == setting
+        state = read_json(run / "trainer_state.json")
+        assert state["global_step"] == 10
+        assert state["stateful_callbacks"]["CPTSettingCallback"]["args"]["cpt_setting"] == setting
+        name = f"cpt-bo-{'bridges' if bridges else 'no-bridges'}-seed42"
+        assert torch.load(run / "training_args.bin", weights_only=False).run_name == name
+        card = (run / "README.md").read_text()
+        assert f"| bridges | {bridges} |" in card and "| steps trained | 10 |" in card
+    assert_audits_agree(audits)
+    assert audits[True]["world_size"] == 1 and audits[True]["plan"]["steps"] == 10
+    assert dumps[True]["segments"] == dumps[False]["segments"]
+    assert dumps[True]["windows"] == dumps[False]["windows"] == 40
+    assert dumps[True]["co_located"] == dumps[True]["pairs"] == audits[True]["pairs"]["total"]
+    assert dumps[False]["co_located"] == 0
+
+
+@pytest.fixture(scope="module")
+def hub_runs(tmp_path_factory, tiny_model_dir):
+    """A dataset and a run (every checkpoint) pushed to the stand-in Hub; then that run resumed from
+    its middle checkpoint with the base model and the dataset read from a hand-made offline Hub cache."""
+    from hub_server import LocalHub
+
+    folder = tmp_path_factory.mktemp("hub_runs")
+    common = ["--lang", "bo", "--bridges", "--block_size", "128", "--max_steps", "4", "--save_steps", "2",
+              "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--report_to", "none"]  # fmt: skip
+    with LocalHub(folder / "hub") as hub:
+        online = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_local_test_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        pairs, mono = write_cpt_inputs(folder / "inputs")
+        run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs), "--tgt_column", "bo",
+                    "--mono_files", str(mono), "--tokenizer_name", str(tiny_model_dir), "--block_size", "128",
+                    "--output_dir", str(folder / "data"), "--push_to_hub", "--hub_dataset_id", "tester/cpt-bo"],
+                   env_extra={**online, **ONE_THREAD})  # fmt: skip
+        straight = folder / "cpt-bo-bridges"
+        run_script(["python", "run_cpt.py", "--model_name_or_path", str(tiny_model_dir), "--dataset_path",
+                    str(folder / "data"), "--output_dir", str(straight), *common, "--push_to_hub",
+                    "--hub_strategy", "all_checkpoints"], env_extra={**online, **ONE_THREAD})  # fmt: skip
+        pushed_files = hub.files("tester/cpt-bo-bridges")
+        pushed_root = hub.root / "models" / "tester" / "cpt-bo-bridges"
+        # A hand-made Hub cache of the pushed dataset and of the base model, read offline below.
+        cache = folder / "hub_cache"
+        for repo, source in (("datasets--tester--cpt-bo", hub.root / "datasets" / "tester" / "cpt-bo"),
+                             ("models--tester--tiny-base", tiny_model_dir)):  # fmt: skip
+            shutil.copytree(source, cache / repo / "snapshots" / ("a" * 40))
+            (cache / repo / "refs").mkdir()
+            (cache / repo / "refs" / "main").write_text("a" * 40)
+    offline = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(folder / "ds_cache")}
+    resumed = folder / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    run_script(["python", "run_cpt.py", "--model_name_or_path", "tester/tiny-base", "--dataset_name", "tester/cpt-bo",
+                "--output_dir", str(resumed), *common], env_extra={**offline, **ONE_THREAD})  # fmt: skip
+    return {"straight": straight, "resumed": resumed, "pushed_files": pushed_files, "pushed_root": pushed_root}
+
+
+@pytest.mark.slow
+def test_push_to_hub_publishes_every_checkpoint_with_the_setting(hub_runs):
+    files = hub_runs["pushed_files"]
+    for step in (2, 4):
+        assert f"checkpoint-{step}/model.safetensors" in files
+        assert f"checkpoint-{step}/trainer_state.json" in files
+    assert {"config.json", "model.safetensors", "packing_audit.json", "README.md"} <= set(files)
+    root = hub_runs["pushed_root"]
+    assert read_json(root / "config.json")["cpt_setting"]["bridges"] is True
+    assert read_json(root / "checkpoint-2" / "config.json")["cpt_setting"]["bridges"] is True
+    assert "| steps trained | 4 |" in (root / "README.md").read_text()  # our card, not the Trainer's
+
+
+@pytest.mark.slow
+def test_dataset_and_model_from_an_offline_hub_cache_give_the_same_plan(hub_runs):
+    local = read_json(hub_runs["straight"] / "packing_audit.json")
+    cached = read_json(hub_runs["resumed"] / "packing_audit.json")
+    assert cached["cpt_setting"]["dataset"] == "tester/cpt-bo"
+    assert cached["hashes"] == local["hashes"] and cached["plan"] == local["plan"]
+
+
+@pytest.mark.slow
+def test_resume_from_the_middle_gives_the_same_losses_as_a_straight_run(hub_runs):
+    def losses(run):
+        return {e["step"]: e["loss"] for e in read_json(run / "trainer_state.json")["log_history"] if "loss" in e}
+
+    straight, resumed = losses(hub_runs["straight"]), losses(hub_runs["resumed"])
+    assert sorted(straight) == [1, 2, 3, 4]
+    assert {step: resumed[step] for step in (3, 4)} == {step: straight[step] for step in (3, 4)}
+    audit = read_json(hub_runs["resumed"] / "packing_audit.json")["windows_trained"]
+    assert audit["resumed_at_step"] == 2 and audit["windows_read"] == audit["expected_windows"] == 8
+    assert audit["each_planned_window_once"] is True
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_both_settings_on_the_same_plan(tmp_path, tiny_model_dir, cpt_data):
+    config = REPO_ROOT / "accelerate_configs" / "cpu.yaml"
+    audits = {}
+    for bridges in (True, False):
+        run = tmp_path / ("bridges" if bridges else "no-bridges")
+        run_script(["accelerate", "launch", "--config_file", str(config), "run_cpt.py", "--model_name_or_path",
+                    str(tiny_model_dir), "--dataset_path", str(cpt_data), "--lang", "bo",
+                    "--bridges" if bridges else "--no_bridges", "--block_size", "128", "--output_dir", str(run),
+                    "--max_steps", "3", "--per_device_train_batch_size", "2", "--save_steps", "3",
+                    "--dump_packing", str(run / "windows.jsonl"), "--report_to", "none"],
+                   env_extra=ONE_THREAD)  # fmt: skip
+        audits[bridges] = read_json(run / "packing_audit.json")
+        assert audits[bridges]["world_size"] == 2 and audits[bridges]["windows_per_step"] == 4
+        # Both processes together read every planned window exactly once.
+        assert audits[bridges]["windows_trained"]["windows_read"] == 12
+        result = check_dump(run / "windows.jsonl", cpt_data, tiny_model_dir, 128, bridges)
+        assert result["co_located"] == (result["pairs"] if bridges else 0)
+        assert read_json(run / "trainer_state.json")["global_step"] == 3
+    assert_audits_agree(audits)
+
+
+def test_readme_documents_the_cpt_interface():
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("<!-- section:cpt -->") : readme.index("<!-- /section:cpt -->")]
+    for needle in (
+        "--bridges",
+        "--no_bridges",
+        "--dump_packing",
+        "packing_audit.json",
+        "1,500 steps",
+        "build_pairs.py",
+    ):
+        assert needle in section
+
+
+def test_command_line_error_names_the_missing_setting(cpt_data, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["run_cpt.py", "--model_name_or_path", "unused", "--dataset_path", str(cpt_data),
+                                     "--lang", "bo", "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "run_cpt.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "run_cpt.py: error: Give exactly one of --bridges" in error and "Traceback" not in error
