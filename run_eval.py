@@ -960,15 +960,19 @@ def read_pairs(path: str, max_pairs: int | None = None) -> list[tuple[str, str]]
     return pairs
 
 
-def bridge_diagnostic_losses(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64) -> dict:
+def bridge_diagnostic_losses(
+    model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64, separator: str = ""
+) -> dict:
     """Mean token loss of the target sides (token-weighted over all pairs) in three contexts.
 
-    alone: ``[start] + tgt``; after_own_english: ``[start] + en_i + [start] + tgt_i`` (the way run_cpt.py
-    lays out a bridged pair, positions continuing), loss over the tgt tokens only; after_mismatched_english:
-    the same with en_{(i+1) mod n}, a derangement. The same tgt tokens are scored in all three.
+    alone: ``[start] + tgt``; after_own_english: ``[start] + en_i + separator + [start] + tgt_i`` (the way
+    run_cpt.py lays out a bridged pair with the English side first, positions continuing), loss over the tgt
+    tokens only; after_mismatched_english: the same with en_{(i+1) mod n}, a derangement. The same tgt tokens
+    are scored in all three.
     """
     start = document_start_id(tokenizer)
-    en_ids = tokenizer([en for en, _ in pairs], add_special_tokens=False)["input_ids"]
+    separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
+    en_ids = [ids + separator_ids for ids in tokenizer([en for en, _ in pairs], add_special_tokens=False)["input_ids"]]
     tgt_ids = tokenizer([tgt for _, tgt in pairs], add_special_tokens=False)["input_ids"]
     n = len(pairs)
     sequences = [[start] + t for t in tgt_ids]
@@ -988,9 +992,12 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
     output_dir = Path(output_dir)
     pairs = read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs)
     checkpoints, _ = find_checkpoints(model_name_or_path, args.revision)
+    # A run's pairs may carry a separator after their first side (run_cpt.py --pair_separator): use it too.
+    separator = (read_cpt_setting(model_name_or_path, checkpoints) or {}).get("pair_separator") or ""
     header = {
         "pairs_file": str(Path(args.diagnostic_pairs).resolve()),
         "pairs_sha256": hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest(),
+        "pair_separator": separator,
         "dtype": args.dtype,
     }
     path = output_dir / "bridge_diagnostic.json"
@@ -1006,7 +1013,7 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
         directory = _materialise(checkpoint, args.revision)
         tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
         model = load_model(directory, args.dtype, device, args.attn_implementation)
-        losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size)
+        losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size, separator)
         done[(checkpoint.step, checkpoint.path)] = {
             "step": checkpoint.step,
             "path": checkpoint.path,
@@ -1105,7 +1112,8 @@ def _resolve_run(
                 f"{path}: no cpt_setting lang and the questions hold languages {targets}; cannot tell its language."
             )
         lang = targets[0]
-    name = setting.get("run_name") or (source.name if source.name != transfer.eval_dir_name else source.parent.name)
+    # Name a run after the model it probed (the run folder or Hub repo), else after the folder given.
+    name = setting.get("run_name") or Path(accuracy.get("model_name_or_path") or source).name
     return RunResults(name, eval_dir, bridges, lang, setting.get("seed"), steps, accuracy["questions"], correct)
 
 
@@ -1466,8 +1474,9 @@ def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
     handles = [
         Line2D([], [], color=WITH_COLOR, marker="o", linewidth=2, label="with bridges"),
         Line2D([], [], color=WITHOUT_COLOR, marker="o", linewidth=2, label="without bridges"),
-        Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="chance"),
     ]
+    if any(d.get("chance_accuracy") is not None for lang in languages for d in lang["directions"]):
+        handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="chance"))
     if several_seeds:
         handles.append(Line2D([], [], color="black", alpha=0.4, linewidth=0.7, label="single seeds"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)

@@ -413,29 +413,40 @@ def test_bridge_diagnostic_equals_a_direct_computation(tmp_path, tiny_model_dir,
     assert {"step", "alone", "after_own_english", "after_mismatched_english", "pairs"} <= set(entry)
     assert entry["step"] == 0 and entry["pairs"] == 5
 
-    start = tokenizer.eos_token_id
+    for separator, expected in (
+        ("", entry),
+        (" ||", run_eval.bridge_diagnostic_losses(model, tokenizer, pairs, 3, " ||")),
+    ):
+        direct = _direct_bridge_losses(model, tokenizer, pairs, separator)
+        for key, value in direct.items():
+            assert expected[key] == pytest.approx(value, abs=1e-5), (separator, key)
+
+
+def _direct_bridge_losses(model, tokenizer, pairs, separator: str) -> dict:
+    """One forward per context, straight from the definition: loss summed over the tgt tokens of all pairs."""
+    start, n = tokenizer.eos_token_id, len(pairs)
+    sep = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     totals = {"alone": 0.0, "after_own_english": 0.0, "after_mismatched_english": 0.0}
     count = 0
     with torch.inference_mode():
         for i, (_, tgt) in enumerate(pairs):
             tgt_ids = tokenizer(tgt, add_special_tokens=False)["input_ids"]
+            own = tokenizer(pairs[i][0], add_special_tokens=False)["input_ids"]
+            other = tokenizer(pairs[(i + 1) % n][0], add_special_tokens=False)["input_ids"]
             contexts = {
                 "alone": [start],
-                "after_own_english": [start] + tokenizer(pairs[i][0], add_special_tokens=False)["input_ids"] + [start],
-                "after_mismatched_english": [start]
-                + tokenizer(pairs[(i + 1) % 5][0], add_special_tokens=False)["input_ids"]
-                + [start],
+                "after_own_english": [start] + own + sep + [start],
+                "after_mismatched_english": [start] + other + sep + [start],
             }
             for key, context in contexts.items():
                 ids = torch.tensor([context + tgt_ids])
                 logits = model(input_ids=ids, use_cache=False).logits[0].float()
-                losses = torch.nn.functional.cross_entropy(
+                loss = torch.nn.functional.cross_entropy(
                     logits[len(context) - 1 : -1], ids[0, len(context) :], reduction="sum"
                 )
-                totals[key] += float(losses)
+                totals[key] += float(loss)
             count += len(tgt_ids)
-    for key, total in totals.items():
-        assert entry[key] == pytest.approx(total / count, abs=1e-5), key
+    return {key: total / count for key, total in totals.items()}
 
 
 def test_bridge_diagnostic_needs_two_pairs_with_both_sides(tmp_path):
