@@ -387,7 +387,11 @@ def load_question_sets(
         for index in indices
     ]
     if strict and problems:
-        raise ValueError("--strict: the questions have quirks:\n  " + "\n  ".join(problems))
+        raise ValueError(
+            "--strict: the questions have quirks:\n  "
+            + "\n  ".join(problems)
+            + "\nFix these items, or run without --strict to count them and score them as the authors' script does."
+        )
     for qs in sets:
         summary = ", ".join(f"{reason} {indices}" for reason, indices in qs.quirks.items()) or "none"
         logger.info(
