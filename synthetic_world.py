@@ -66,7 +66,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from study_common import LANGUAGE_SCRIPTS, write_json_atomic, write_text_atomic
+from study_common import LANGUAGE_SCRIPTS, script_letter_fraction, write_json_atomic, write_text_atomic
 
 # --------------------------------------------------------------------------------------
 # The world's grammar: relations with paraphrase templates, generic filler, lexicon keys
@@ -274,6 +274,13 @@ class WorldArguments:
         metadata={
             "help": "How many times rarer low-tier facts are in English than high-tier facts (paper Table 1: ~60x). "
             "Fractional counts are realised exactly in aggregate: some option groups get one more statement."
+        },
+    )
+    statement_filler: int = field(
+        default=2,
+        metadata={
+            "help": "Filler sentences around each fact statement in its document: 0 to N, drawn uniformly (fewer "
+            "make facts a larger share of the tokens, so a small model learns them in fewer steps)."
         },
     )
     en_filler_documents: int = field(default=1500, metadata={"help": "English documents of generic filler only."})
@@ -610,7 +617,11 @@ def english_corpus(args: WorldArguments, cultures: list[dict], filler: Filler) -
             templates = statement_templates(args, fact)
             for k in range(fact["counts"]["en"]):
                 statement = render_fact(fact, templates[k % len(templates)], None)
-                documents.append(_unique_text(rng, seen, lambda r, s=statement: _with_filler(r, s, filler, None, "")))
+                documents.append(
+                    _unique_text(
+                        rng, seen, lambda r, s=statement: _with_filler(r, s, filler, None, "", args.statement_filler)
+                    )
+                )
     for _ in range(args.en_filler_documents):
         documents.append(_unique_text(rng, seen, lambda r: _filler_document(r, filler, None, "")))
     rng.shuffle(documents)
@@ -626,9 +637,21 @@ def target_corpus(args: WorldArguments, culture: dict, language: Language, fille
     for fact in culture["facts"]:
         templates = statement_templates(args, fact)
         for k in range(fact["counts"]["tgt"]):
-            statement = render_fact(fact, templates[k % len(templates)], language, variant)
+            template = templates[k % len(templates)]
+            statement = render_fact(fact, template, language, variant)
+            # A document keeps most of its letters in the target script even with Latin names (build_pairs.py
+            # drops documents under 0.5 by default): a statement that alone would fall below 0.6 gets at least
+            # one filler sentence, decided on its anchors form so that both variants draw the same filler.
+            anchors_form = render_fact(fact, template, language, "anchors")
+            least = 1 if script_letter_fraction(anchors_form, LANGUAGE_SCRIPTS[culture["lang"]]) < 0.6 else 0
             documents.append(
-                _unique_text(rng, seen, lambda r, s=statement: _with_filler(r, s, filler, language, variant))
+                _unique_text(
+                    rng,
+                    seen,
+                    lambda r, s=statement, n=least: _with_filler(
+                        r, s, filler, language, variant, args.statement_filler, n
+                    ),
+                )
             )
     mentions = [e for e in culture["entities"] for _ in range(args.mono_mentions)]
     if len(mentions) > args.mono_filler_documents:
@@ -648,9 +671,12 @@ def _render(sentence: dict, language: Language | None, variant: str) -> str:
     return Filler.english(sentence) if language is None else Filler.target(sentence, language, variant)
 
 
-def _with_filler(rng, statement: str, filler: Filler, language: Language | None, variant: str) -> str:
-    """A fact statement among 1-3 entity-free filler sentences."""
-    sentences = [_render(filler.sample(rng), language, variant) for _ in range(rng.randint(1, 3))]
+def _with_filler(
+    rng, statement: str, filler: Filler, language: Language | None, variant: str, most: int, least: int = 0
+) -> str:
+    """A fact statement among ``least`` to ``most`` entity-free filler sentences."""
+    count = rng.randint(least, max(least, most))
+    sentences = [_render(filler.sample(rng), language, variant) for _ in range(count)]
     sentences.insert(rng.randint(0, len(sentences)), statement)
     return " ".join(sentences)
 
