@@ -392,7 +392,8 @@ class PackedBlockCollator:
     whose start token would otherwise be predicted from the previous document. With
     ``document_attention`` the position ids are passed on: they restart at 0 at every document,
     and without an attention mask (and without a KV cache: the config has use_cache=False)
-    transformers then builds a block-diagonal causal mask for sdpa, eager and flash attention.
+    transformers then builds a block-diagonal causal mask (sdpa and eager, checked by the tests;
+    flash_attention_2 reads the same position ids as variable-length sequences).
     Without it the model numbers positions 0..block_size-1 and attends across documents.
     """
 

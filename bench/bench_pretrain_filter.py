@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """What the Latin script filter costs in run_pretrain's data pipeline.
 
-Generates a mixed-script corpus (default ~100 MB of UTF-8: English-like documents with accented
-Latin, 30% of them with Korean/Chinese/Tibetan/Mongolian spans, 5% entirely in those scripts),
+Generates a mixed-script corpus (default ~100 MB of UTF-8: English-like documents, with accented
+Latin, typographic punctuation and a Zipf-distributed vocabulary of real and generated words,
+30% of them with Korean/Chinese/Tibetan/Mongolian spans, 5% entirely in those scripts),
 trains the study tokenizer on a sample, then runs run_pretrain.filter_and_tokenize (the very
 function of the pipeline) over the corpus twice, chunk by chunk in alternating order:
 ``--script_filter none`` (tokenize alone, the baseline) and ``latin``/``chars`` (filter + tokenize).
@@ -39,14 +40,21 @@ FOREIGN = [
 ]
 
 
-def generate_chunk(rng: random.Random, megabytes: float) -> list[str]:
+def make_lexicon(rng: random.Random, size: int = 30000) -> tuple[list[str], list[float]]:
+    """English-like words (real ones first, then syllable compounds) with Zipf-like weights."""
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "ch", "st", "er", "an", "ing"]
+    words = ENGLISH + ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(size)]
+    return words, [1 / (rank + 10) for rank in range(len(words))]
+
+
+def generate_chunk(rng: random.Random, megabytes: float, lexicon) -> list[str]:
     """Documents totalling about ``megabytes`` of UTF-8."""
     documents, size = [], 0
     while size < megabytes * 1e6:
         if rng.random() < 0.05:
             text = " ".join(rng.choice(FOREIGN) for _ in range(rng.randint(2, 20)))
         else:
-            words = [rng.choice(ENGLISH) for _ in range(rng.randint(30, 400))]
+            words = rng.choices(*lexicon, k=rng.randint(30, 400))
             if rng.random() < 0.3:
                 for _ in range(rng.randint(1, 3)):
                     words.insert(rng.randrange(len(words)), f"({rng.choice(FOREIGN)[: rng.randint(3, 12)]})")
@@ -72,11 +80,12 @@ def main():
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
-    tokenizer = train_tokenizer(generate_chunk(rng, 2), args.vocab_size, show_progress=False)
+    lexicon = make_lexicon(rng)
+    tokenizer = train_tokenizer(generate_chunk(rng, 2, lexicon), args.vocab_size, show_progress=False)
     times = {"none": 0.0, "latin": 0.0, "filter_alone": 0.0}
     total_bytes, chunk = 0, 0
     while total_bytes < args.size_mb * 1e6:
-        documents = generate_chunk(rng, min(args.chunk_mb, args.size_mb - total_bytes / 1e6))
+        documents = generate_chunk(rng, min(args.chunk_mb, args.size_mb - total_bytes / 1e6), lexicon)
         total_bytes += sum(len(d.encode("utf-8")) for d in documents)
         order = ["none", "latin"] if chunk % 2 == 0 else ["latin", "none"]  # alternate against drift
         for script_filter in order:
