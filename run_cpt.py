@@ -62,8 +62,13 @@ from study_common import document_start_id, use_cpu_backend_without_gpu, write_c
 logger = logging.getLogger("run_cpt")
 
 # ======================================================================================
-# The bridge-aware packing collator. This section is self-contained (stdlib + torch): copy
-# PackingUnit and BridgePackingCollator into another project as they are.
+# The bridge-aware packing collator. This section is self-contained: copy PackingUnit and
+# BridgePackingCollator into another project as they are, with these imports:
+#   from __future__ import annotations
+#   import bisect, heapq, itertools, math, random
+#   from collections.abc import Callable, Iterable, Iterator, Sequence
+#   from typing import NamedTuple
+#   import torch
 # ======================================================================================
 
 

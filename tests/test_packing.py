@@ -322,33 +322,32 @@ def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_mod
 # --------------------------------------------------------------------------------------
 
 
-def collator_section() -> str:
+def collator_section() -> tuple[str, str]:
+    """The copyable section of run_cpt.py and the imports its header comment lists."""
     source = (REPO_ROOT / "run_cpt.py").read_text()
+    header = source[source.index("with these imports:") : source.index("class PackingUnit(NamedTuple):")]
+    imports = "\n".join(line[4:] for line in header.splitlines() if line.startswith("#   "))
     start = source.index("class PackingUnit(NamedTuple):")
     end = source.index("# ======", source.index("class BridgePackingCollator"))
-    return source[start:end]
+    return imports, source[start:end]
 
 
 @pytest.mark.slow
 def test_collator_section_runs_with_only_the_standard_library_and_torch(tmp_path):
-    section = collator_section()
-    imported = {node.id for node in ast.walk(ast.parse(section)) if isinstance(node, ast.Name)} & {
-        "np",
-        "numpy",
-        "datasets",
-        "transformers",
-        "study_common",
-    }
-    assert not imported
+    imports, section = collator_section()
+    assert "import torch" in imports and "numpy" not in imports
+    names = {node.id for node in ast.walk(ast.parse(section)) if isinstance(node, ast.Name)}
+    assert not names & {"np", "numpy", "datasets", "transformers", "study_common"}
     program = tmp_path / "copied.py"
     program.write_text(
+        imports.split("\n", 1)[0] + "\n"  # from __future__ must come first
         "import sys\n"
         "for blocked in ('numpy', 'datasets', 'transformers', 'study_common'):\n"
         "    sys.modules[blocked] = None  # importing them now fails\n"
-        "import bisect, heapq, itertools, math, random\n"
-        "from collections.abc import Callable, Iterable, Iterator, Sequence\n"
-        "from typing import NamedTuple\n"
-        "import torch\n\n" + section + "\n"
+        + imports.split("\n", 1)[1]
+        + "\n\n"
+        + section
+        + "\n"
         "units = [PackingUnit(0, (3, 2), True), PackingUnit(1, (4,), False)]\n"
         "plan = BridgePackingCollator.plan(units, block_size=8, windows_per_step=1, seed=0, num_epochs=1)\n"
         "collator = BridgePackingCollator(8, True, 0)\n"
