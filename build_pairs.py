@@ -594,7 +594,14 @@ def main(argv: list[str] | None = None) -> Path:
         kept = reasons == ""
 
         # 5. The output dataset: kept records in input order, with stable ids.
-        final = checked.select(np.flatnonzero(kept)).map(to_output_record, batched=True, desc="Assigning document ids")
+        # Typed up front: a batch of mono documents alone has only None pair ids, which Arrow
+        # cannot type (the first batches of a large build are often all mono).
+        record_features = datasets.Features(
+            {**checked.features, "doc_id": OUTPUT_FEATURES["doc_id"], "pair_id": OUTPUT_FEATURES["pair_id"]}
+        )
+        final = checked.select(np.flatnonzero(kept)).map(
+            to_output_record, batched=True, features=record_features, desc="Assigning document ids"
+        )
         final = final.select_columns(list(OUTPUT_FEATURES)).cast(OUTPUT_FEATURES).flatten_indices()
         if len(final) == 0:
             raise ValueError("No document survived cleaning; see the drop counts logged above.")

@@ -730,8 +730,8 @@ def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator,
         pending_tokens.append(input_ids)
         pending_targets.append(labels[labels != -100])
         if len(pending_tokens) >= 1024 or w == len(windows) - 1:
-            token_counts += np.bincount(np.concatenate(pending_tokens), minlength=vocab_size)[:vocab_size]
-            target_counts += np.bincount(np.concatenate(pending_targets), minlength=vocab_size)[:vocab_size]
+            token_counts += np.bincount(np.concatenate(pending_tokens), minlength=vocab_size)
+            target_counts += np.bincount(np.concatenate(pending_targets), minlength=vocab_size)
             pending_tokens, pending_targets = [], []
     co_located = sum(1 for first, second in pair_place.values() if first[0] == second[0])
     attending = sum(1 for first, second in pair_place.values() if first[:2] == second[:2] and second[2] != 0)
@@ -925,6 +925,20 @@ def main(argv: list[str] | None = None) -> dict:
         "windows_per_step": windows_per_step,
         "documents_seen_sha256": mine["hashes"]["documents_seen_sha256"],
     }
+    # Resume only a checkpoint of this very setting and plan (checked before anything is written).
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and checkpoint.lower() in ("true", "last"):
+        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no "
+                                    f"checkpoint-N in {output_dir}.")  # fmt: skip
+    if checkpoint is None and output_dir.is_dir():
+        checkpoint = get_last_checkpoint(str(output_dir))
+        if checkpoint:
+            logger.info("Checkpoint detected, resuming training at %s.", checkpoint)
+    if checkpoint:
+        check_resume_setting(checkpoint, cpt_setting)
+
     build_stats_file = dataset_folder / "build_stats.json" if dataset_folder else None
     audit = {
         "setting": setting_name,
@@ -1018,13 +1032,6 @@ def main(argv: list[str] | None = None) -> dict:
         # A checkpoint is skipped while the previous upload runs unless this is set; the learning
         # curve needs every one.
         training_args.hub_always_push = True
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and output_dir.is_dir():
-        checkpoint = get_last_checkpoint(str(output_dir))
-        if checkpoint:
-            logger.info("Checkpoint detected, resuming training at %s.", checkpoint)
-    if checkpoint:
-        check_resume_setting(checkpoint, cpt_setting)
     card_setting = {
         **cpt_setting,
         "base model": cpt_args.model_name_or_path,

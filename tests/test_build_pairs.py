@@ -204,3 +204,12 @@ def test_command_line_reports_errors_without_a_traceback(tmp_path, tiny_model_di
     error = capsys.readouterr().err
     assert "build_pairs.py: error:" in error and "pairs.jsonl:1: not valid JSON" in error
     assert "Traceback" not in error
+
+
+def test_a_first_batch_of_only_mono_documents_still_types_pair_ids(tmp_path, tiny_model_dir):
+    # More mono documents than one map batch (1000) come before the first pair: that batch's pair
+    # ids are all null, which must not fix the column's type.
+    output = build(tmp_path, tiny_model_dir, mono=[BO[i % 4] for i in range(1001)])
+    dataset = load_from_disk(str(output))
+    assert dataset.features["pair_id"].dtype == "int64"
+    assert [r["pair_id"] for r in dataset if r["kind"] == "pair"] == [0, 1, 2, 3]
