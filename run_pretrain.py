@@ -629,6 +629,11 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
             setattr(config, key, value)
         else:
             raise InputError(f"--config_overrides: {key!r} is not a field of the {config.model_type} config ({name}).")
+    if overrides and hasattr(config, "layer_types"):
+        # layer_types is derived from num_hidden_layers at construction: rebuild the config so an
+        # overridden depth gets one entry per layer (a stale list fails with an IndexError).
+        fields = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+        config = type(config)(**fields)
     if "vocab_size" in overrides:
         if config.vocab_size < len(tokenizer):
             raise InputError(
@@ -920,8 +925,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     if training_args.process_index == 0:
         write_json_atomic(output_dir / "throughput.json", throughput.summary())
-        if stream_counter is not None:
+        if stream_counter is not None and training_args.dataloader_num_workers > 0:
+            # the lazy map then runs in the loader's worker processes, whose counts are not sent back
+            data_stats = {"counted": "not available: --dataloader_num_workers > 0 reads the stream in workers"}
+            logger.warning("Streaming with --dataloader_num_workers > 0: data_stats.json has no document counts.")
+        elif stream_counter is not None:
             data_stats = {**stream_counter.stats, "counted": "documents read from the stream (with read-ahead)"}
+        if stream_counter is not None:
             write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"Pretraining: {trainer.state.global_step} steps")
