@@ -794,6 +794,39 @@ def write_dump(path: Path, windows, store: SegmentStore, collator: BridgePacking
     os.replace(temporary, path)
 
 
+def check_document_isolation(model, windows, store: SegmentStore, collator: BridgePackingCollator) -> dict:
+    """Logits of every document of a real collated window against the same document run alone.
+
+    Takes the planned window with the most documents; any attention across documents shows up as
+    a difference. Returns the largest difference and whether it is within float tolerance.
+    """
+    kernel = model.config._attn_implementation
+    if kernel not in ("sdpa", "eager") and model.device.type == "cpu":
+        return {"checked": False, "reason": f"{kernel} does not run on the CPU model before training"}
+    window = max(windows, key=len)
+    if len(window) < 2:
+        return {"checked": False, "reason": "no planned window holds two documents"}
+    batch = collator([collator.window_features(window, store.segment_tokens)])
+    input_ids = batch["input_ids"].to(model.device)
+    spans, offset = [], 0  # document boundaries from the plan, not from the position ids under test
+    for document in window:
+        length = sum(len(store.segment_tokens(segment)) for segment in document)
+        spans.append((offset, offset + length))
+        offset += length
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, position_ids=batch["position_ids"].to(model.device), use_cache=False)
+        largest = 0.0
+        for a, b in spans:
+            alone = model(input_ids=input_ids[:, a:b], use_cache=False).logits[0]
+            largest = max(largest, float((packed.logits[0, a:b] - alone).abs().max()))
+    model.train(was_training)
+    tolerance = 1e-4 if model.dtype == torch.float32 else 5e-2
+    return {"checked": True, "attn_implementation": kernel, "documents": len(spans),
+            "max_logit_diff_packed_vs_alone": largest, "tolerance": tolerance, "holds": largest <= tolerance}  # fmt: skip
+
+
 # ======================================================================================
 # The setting, recorded in trainer_state.json
 # ======================================================================================
@@ -983,8 +1016,15 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "equal_across_settings": equal,
     }
+    audit["document_isolation"] = check_document_isolation(model, plan["windows"][bridges], store, collator)
     expected_co_located = 100.0 if bridges else 0.0
     problems = []
+    if audit["document_isolation"].get("holds") is False:
+        problems.append(
+            f"attention crosses documents with attn_implementation={cpt_args.attn_implementation} "
+            f"(max logit difference {audit['document_isolation']['max_logit_diff_packed_vs_alone']:.3g}); "
+            "use sdpa or eager"
+        )
     if mine["pairs"]["total"] and mine["pairs"]["co_located_percent"] != expected_co_located:
         problems.append(f"{mine['pairs']['co_located_percent']}% of pairs co-located, expected {expected_co_located}%")
     if bridges and mine["pairs"]["attending_each_other"] != mine["pairs"]["total"]:

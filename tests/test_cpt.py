@@ -236,6 +236,26 @@ def test_resume_refuses_a_checkpoint_of_another_setting(tmp_path):
         run_cpt.check_resume_setting(str(checkpoint), {**setting, "bridges": False})
 
 
+def test_the_run_checks_document_isolation_on_its_own_model_and_window(cpt_data, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plan, _, store = plan_and_dump(cpt_data, tiny_model_dir, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    collator = run_cpt.BridgePackingCollator(128, True, 1)
+    result = run_cpt.check_document_isolation(model, plan["windows"][True], store, collator)
+    assert result["checked"] and result["holds"] and result["documents"] >= 2
+
+    class LeakyCollator(run_cpt.BridgePackingCollator):  # positions that never restart: one long sequence
+        def __call__(self, features):
+            batch = super().__call__(features)
+            batch["position_ids"] = torch.arange(self.block_size).expand_as(batch["input_ids"]).clone()
+            batch["position_ids"][:, 0] = 0
+            return batch
+
+    leaky = run_cpt.check_document_isolation(model, plan["windows"][True], store, LeakyCollator(128, True, 1))
+    assert leaky["checked"] and not leaky["holds"]
+
+
 @pytest.mark.parametrize("remove_unused_columns", [True, False])
 def test_packed_windows_survive_the_trainers_column_removal(cpt_data, tiny_model_dir, tmp_path, remove_unused_columns):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -324,6 +344,7 @@ def test_command_contract_on_a_run_pretrain_base(tmp_path):
         assert f"| bridges | {bridges} |" in card and "| steps trained | 10 |" in card
     assert_audits_agree(audits)
     assert audits[True]["world_size"] == 1 and audits[True]["plan"]["steps"] == 10
+    assert audits[True]["document_isolation"]["holds"] and audits[False]["document_isolation"]["holds"]
     assert dumps[True]["segments"] == dumps[False]["segments"]
     assert dumps[True]["windows"] == dumps[False]["windows"] == 40
     assert dumps[True]["co_located"] == dumps[True]["pairs"] == audits[True]["pairs"]["total"]
