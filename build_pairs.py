@@ -67,6 +67,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import regex
 from transformers import AutoTokenizer, HfArgumentParser
 
@@ -393,12 +395,24 @@ class FilledSentenceMatcher:
 # --------------------------------------------------------------------------------------
 
 
+#: Drop reasons as small integer codes (0: kept), so that per-record bookkeeping of a paper-scale
+#: build is a few bytes per record in numpy, never Python objects.
+REASON_CODES = {reason: code for code, reason in enumerate(("", *dict.fromkeys(sum(DROP_REASONS.values(), ()))))}
+CHECK_FEATURES = {
+    "drop_code": datasets.Value("int8"),
+    "text_tokens": datasets.Value("int64"),
+    "dedup_hi": datasets.Value("int64"),
+    "dedup_lo": datasets.Value("int64"),
+}
+
+
 def check_batch(batch, tokenizer, target_script, min_fraction, block_size, matcher):
-    """Per record: the first failing check (or ""), its text tokens, and a dedup key for pairs."""
+    """Per record: the code of the first failing check (0 if none), its text tokens, and for a kept
+    pair a 126-bit hash of its stripped sides (two int64) for deduplication."""
     n = len(batch["kind"])
-    reasons, n_tokens, dedup_keys = [""] * n, [0] * n, [""] * n
+    reasons, n_tokens, hashes = [""] * n, [0] * n, [(0, 0)] * n
     texts_to_encode: list[str] = []
-    owners: list[tuple[int, str]] = []
+    owners: list[int] = []
     for i in range(n):
         kind = batch["kind"][i]
         if kind == "pair":
@@ -415,20 +429,27 @@ def check_batch(batch, tokenizer, target_script, min_fraction, block_size, match
         else:
             for text, _ in sides:
                 texts_to_encode.append(text)
-                owners.append((i, kind))
+                owners.append(i)
             if kind == "pair":
-                dedup_keys[i] = hashlib.blake2b(
+                digest = hashlib.blake2b(
                     json.dumps([en.strip(), tgt.strip()], ensure_ascii=False).encode(), digest_size=16
-                ).hexdigest()
+                ).digest()
+                top = (1 << 63) - 1  # two non-negative int64: a 126-bit key
+                hashes[i] = (int.from_bytes(digest[:8], "little") & top, int.from_bytes(digest[8:], "little") & top)
     if texts_to_encode:
         encoded = tokenizer(texts_to_encode, add_special_tokens=False)["input_ids"]
-        for (i, _kind), ids in zip(owners, encoded):
+        for i, ids in zip(owners, encoded):
             n_tokens[i] += len(ids)
     for i in range(n):
         # A pair is [start] + en + [start] + tgt: two start tokens on top of its text tokens.
         if not reasons[i] and batch["kind"][i] == "pair" and n_tokens[i] + 2 > block_size:
             reasons[i] = "over_block_size"
-    return {"drop_reason": reasons, "text_tokens": n_tokens, "dedup_key": dedup_keys}
+    return {
+        "drop_code": [REASON_CODES[r] for r in reasons],
+        "text_tokens": n_tokens,
+        "dedup_hi": [h[0] for h in hashes],
+        "dedup_lo": [h[1] for h in hashes],
+    }
 
 
 def to_output_record(batch):
@@ -552,34 +573,37 @@ def main(argv: list[str] | None = None) -> Path:
                 "block_size": args.block_size,
                 "matcher": matcher,
             },
+            features=datasets.Features({**raw.features, **CHECK_FEATURES}),
             desc="Checking documents and pairs",
         )
-        kinds = np.array(checked["kind"])
-        reasons = np.array(checked["drop_reason"], dtype=object)
-        text_tokens = np.array(checked["text_tokens"], dtype=np.int64)
+        table = checked.data
+        kind_codes = pc.index_in(table.column("kind"), value_set=pa.array(KINDS)).to_numpy(zero_copy_only=False)
+        codes = table.column("drop_code").to_numpy().astype(np.int8)
+        text_tokens = table.column("text_tokens").to_numpy()
+        pair, replay = KINDS.index("pair"), KINDS.index("replay")
 
         # 3. Exact duplicate pairs among the pairs still kept (first occurrence wins).
-        seen: set[str] = set()
-        for row, key in enumerate(checked["dedup_key"]):
-            if key and reasons[row] == "":
-                if key in seen:
-                    reasons[row] = "duplicate_pair"
-                else:
-                    seen.add(key)
-        del seen
+        candidates = np.flatnonzero((kind_codes == pair) & (codes == 0))
+        keys = np.stack(
+            [table.column("dedup_hi").to_numpy()[candidates], table.column("dedup_lo").to_numpy()[candidates]], axis=1
+        )
+        _, first_occurrences = np.unique(keys, axis=0, return_index=True)
+        duplicates = np.setdiff1d(np.arange(len(candidates)), first_occurrences)
+        codes[candidates[duplicates]] = REASON_CODES["duplicate_pair"]
+        del keys
 
         # 4. Replay share, in text tokens, drawn in a seeded random order.
-        kept = reasons == ""
+        kept = codes == 0
         replay_stats = {}
         if args.replay_ratio is not None:
-            base_tokens = int(text_tokens[kept & (kinds != "replay")].sum())
+            base_tokens = int(text_tokens[kept & (kind_codes != replay)].sum())
             target = args.replay_ratio / (1 - args.replay_ratio) * base_tokens
-            candidates = np.flatnonzero(kept & (kinds == "replay"))
+            candidates = np.flatnonzero(kept & (kind_codes == replay))
             order = np.random.default_rng(args.seed).permutation(candidates)
             cumulative = np.cumsum(text_tokens[order])
             n_take = int(np.searchsorted(cumulative, target, side="left")) + 1 if target > 0 else 0
             n_take = min(n_take, len(order))
-            reasons[order[n_take:]] = "replay_beyond_ratio"
+            codes[order[n_take:]] = REASON_CODES["replay_beyond_ratio"]
             replay_tokens = int(cumulative[n_take - 1]) if n_take else 0
             achieved = replay_tokens / (replay_tokens + base_tokens) if replay_tokens + base_tokens else 0.0
             replay_stats = {
@@ -591,7 +615,7 @@ def main(argv: list[str] | None = None) -> Path:
                 logger.warning(
                     "Only %.3f replay share reached (asked %.3f): not enough replay text.", achieved, args.replay_ratio
                 )
-        kept = reasons == ""
+        kept = codes == 0
 
         # 5. The output dataset: kept records in input order, with stable ids.
         # Typed up front: a batch of mono documents alone has only None pair ids, which Arrow
@@ -615,12 +639,17 @@ def main(argv: list[str] | None = None) -> Path:
             "block_size": args.block_size,
             "seed": args.seed,
             "min_script_fraction": args.min_script_fraction,
-            "read": {kind: int((kinds == kind).sum()) for kind in KINDS},
-            "kept": {kind: int((kept & (kinds == kind)).sum()) for kind in KINDS},
-            "kept_text_tokens": {kind: int(text_tokens[kept & (kinds == kind)].sum()) for kind in KINDS},
+            "read": {kind: int((kind_codes == k).sum()) for k, kind in enumerate(KINDS)},
+            "kept": {kind: int((kept & (kind_codes == k)).sum()) for k, kind in enumerate(KINDS)},
+            "kept_text_tokens": {
+                kind: int(text_tokens[kept & (kind_codes == k)].sum()) for k, kind in enumerate(KINDS)
+            },
             "dropped": {
-                kind: {reason: int(((reasons == reason) & (kinds == kind)).sum()) for reason in DROP_REASONS[kind]}
-                for kind in KINDS
+                kind: {
+                    reason: int(((codes == REASON_CODES[reason]) & (kind_codes == k)).sum())
+                    for reason in DROP_REASONS[kind]
+                }
+                for k, kind in enumerate(KINDS)
             },
             "replay": replay_stats,
             "eval_questions": {

@@ -74,6 +74,10 @@ def test_every_drop_is_counted_by_its_reason(tmp_path, tiny_model_dir):
     assert dropped["mono"] == {"empty": 0, "not_in_script": 1, "contains_eval_sentence": 0}
     assert stats(output)["kept"]["pair"] == 1 and stats(output)["read"]["pair"] == 8
     assert stats(output)["eval_questions"]["sentences_guarded"] == 1
+    parallel = build(tmp_path, tiny_model_dir, "--eval_questions", str(cloze), "--num_proc", "2", pairs=pairs,
+                     mono=mono, name="parallel")  # fmt: skip
+    assert stats(parallel)["dropped"] == stats(output)["dropped"]
+    assert load_from_disk(str(parallel))["doc_id"] == load_from_disk(str(output))["doc_id"]
 
 
 def test_paper_questions_guard_filled_sentences_in_any_case_and_spacing(tmp_path, tiny_model_dir, paper_cloze_dir):
