@@ -480,6 +480,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
             "--auto_find_batch_size changes the batch size during training, which would break the packing plan "
             "(both settings must consume the same windows per step). Set --per_device_train_batch_size."
         )
+    if training_args.use_cache:
+        raise ValueError(
+            "--use_cache makes training forwards build a KV cache, which turns off the document-isolated attention "
+            "that packed windows rely on (documents would attend to each other); remove it."
+        )
     if training_args.ignore_data_skip:
         raise ValueError("--ignore_data_skip would re-train windows already seen when resuming; remove it.")
     return cpt_args, training_args

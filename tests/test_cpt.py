@@ -203,6 +203,7 @@ def test_bridges_or_no_bridges_must_be_given_explicitly(cpt_data, tmp_path):
         (["--pair_order", "sideways"], "--pair_order must be en_first, tgt_first or random"),
         (["--auto_find_batch_size"], "--auto_find_batch_size changes the batch size"),
         (["--ignore_data_skip"], "--ignore_data_skip would re-train windows"),
+        (["--use_cache", "true"], "--use_cache makes training forwards build a KV cache"),
     ],
 )
 def test_argument_errors_say_what_to_do(cpt_data, tmp_path, extra, message):
