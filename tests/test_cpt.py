@@ -312,12 +312,13 @@ def test_command_contract_on_a_run_pretrain_base(tmp_path):
     corpus = tmp_path / "english.txt"
     corpus.write_text("\n".join(f"Document {i}: " + " ".join(random.Random(i).choices(EN_WORDS, k=30))
                                 for i in range(200)))  # fmt: skip
+    pairs, mono = write_cpt_inputs(tmp_path / "inputs")
     base = tmp_path / "BASE"
+    # The tokenizer learns the target script too (run_pretrain.py's advice); the model sees English only.
     run_script(["python", "run_pretrain.py", "--config_name", "configs/tiny.json", "--train_tokenizer",
-                "--vocab_size", "400", "--tokenizer_files", str(corpus), "--train_file", str(corpus),
+                "--vocab_size", "400", "--tokenizer_files", str(corpus), str(mono), "--train_file", str(corpus),
                 "--block_size", "128", "--output_dir", str(base), "--max_steps", "1",
                 "--per_device_train_batch_size", "2", "--report_to", "none"], env_extra=ONE_THREAD)  # fmt: skip
-    pairs, mono = write_cpt_inputs(tmp_path / "inputs")
     data = tmp_path / "DATA"
     # The command contract of the issue, verbatim apart from paths.
     run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs), "--en_column", "en",
