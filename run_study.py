@@ -74,6 +74,8 @@ class Preset:
     budget_s: int  # what the preset is designed to take on its reference machine
     reference_machine: str
     variants: list[str] = field(default_factory=lambda: ["native", "anchors"])
+    # CPT settings of the anchors variant (the anchors-vs-control comparison needs only one of them)
+    anchor_settings: list[str] = field(default_factory=lambda: ["bridges", "no_bridges"])
     world: dict = field(default_factory=dict)  # synthetic_world.py arguments
     pretrain: dict = field(default_factory=dict)  # run_pretrain.py arguments
     build: dict = field(default_factory=dict)  # build_pairs.py arguments
@@ -114,8 +116,8 @@ def _synthetic_training(block: int, pretrain_steps: int, pretrain_batch: int, cp
 
 
 _MICRO_PRETRAIN, _MICRO_CPT = _synthetic_training(64, 100, 16, 60, 8, save_steps=20)
-_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 1000, 16, 1500, 8, save_steps=150)
-_GPU_PRETRAIN, _GPU_CPT = _synthetic_training(128, 3000, 64, 3000, 32, save_steps=300, pretrain_lr=1.5e-3, cpt_lr=5e-4)
+_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 1000, 16, 800, 8, save_steps=100)
+_GPU_PRETRAIN, _GPU_CPT = _synthetic_training(128, 2000, 32, 1500, 16, save_steps=150, pretrain_lr=1.5e-3, cpt_lr=7e-4)
 
 PRESETS: dict[str, Preset] = {
     "micro": Preset(
@@ -134,13 +136,15 @@ PRESETS: dict[str, Preset] = {
             en_count=8,
             tgt_count=6,
             low_resource_ratio=8.0,
-            en_filler_documents=150,
-            mono_filler_documents=100,
-            pairs=200,
+            statement_filler=1,
+            en_filler_documents=60,
+            mono_filler_documents=60,
+            pairs=150,
             diagnostic_pairs=20,
             pair_mentions=2,
             mono_mentions=1,
         ),
+        anchor_settings=["no_bridges"],
         pretrain=dict(
             config_name="configs/tiny.json",
             config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2",
@@ -155,8 +159,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="Laptop CPU: a synthetic world (one culture, traditional Mongolian script), a ~0.6M-parameter Qwen2 model, "
-        "both name variants, both CPT settings, 3 seeds.",
+        description="Laptop CPU: a synthetic world (one culture, traditional Mongolian script), a ~0.5M-parameter Qwen2 "
+        "model; native-script names with and without bridges, shared Latin names (anchors) without bridges; 3 seeds.",
         langs=["mn"],
         seeds=[0, 1, 2],
         jobs=2,
@@ -169,13 +173,15 @@ PRESETS: dict[str, Preset] = {
             en_count=24,
             tgt_count=10,
             low_resource_ratio=60.0,
-            en_filler_documents=1500,
-            mono_filler_documents=600,
+            statement_filler=1,
+            en_filler_documents=300,
+            mono_filler_documents=350,
             pairs=1500,
             diagnostic_pairs=200,
             pair_mentions=3,
             mono_mentions=2,
         ),
+        anchor_settings=["no_bridges"],
         pretrain=dict(
             config_name="configs/tiny.json",
             config_overrides="intermediate_size=256",
@@ -190,8 +196,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "gpu-small": Preset(
         name="gpu-small",
-        description="One GPU, minutes: a larger world (more places, filler, pairs), a ~10M-parameter model, "
-        "longer CPT; no network access. Sized for an H100/H200.",
+        description="One GPU, minutes: a larger world (256 facts, 4x the pairs), a ~4.5M-parameter model with "
+        "windows of 128 tokens, 6M CPT tokens per run; both name variants in both settings, 3 seeds; no network access.",
         langs=["mn"],
         seeds=[0, 1, 2],
         jobs=6,
@@ -204,9 +210,10 @@ PRESETS: dict[str, Preset] = {
             en_count=32,
             tgt_count=12,
             low_resource_ratio=60.0,
-            en_filler_documents=8000,
-            mono_filler_documents=3000,
-            pairs=8000,
+            statement_filler=1,
+            en_filler_documents=2000,
+            mono_filler_documents=1500,
+            pairs=6000,
             diagnostic_pairs=300,
             pair_mentions=4,
             mono_mentions=2,
@@ -217,7 +224,6 @@ PRESETS: dict[str, Preset] = {
             "num_key_value_heads=4",
             vocab_size=4000,
             bf16=True,
-            dataloader_num_workers=0,
             **_GPU_PRETRAIN,
         ),
         build=dict(replay_ratio=0.25),
@@ -342,6 +348,13 @@ class StudyArguments:
         default=None,
         metadata={"help": "Synthetic presets: name variants to run, native (control) and/or anchors (default: both)."},
     )
+    anchor_settings: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Synthetic presets: CPT settings run for the anchors variant, bridges and/or no_bridges "
+            "(default: the preset's; the cpu preset runs no_bridges only, to fit its time budget)."
+        },
+    )
     jobs: int | None = field(
         default=None,
         metadata={
@@ -453,6 +466,7 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
         return build_paper_plan(args, preset, out)
     langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
     variants = args.variants or preset.variants
+    anchor_settings = args.anchor_settings or preset.anchor_settings
     python = args.python
     world_dir, base_dir = out / "world", out / "base"
     steps: list[Step] = []
@@ -557,8 +571,12 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                 )
             )
             group_runs = []
+            settings = [
+                (name, bridges) for name, bridges in SETTINGS if variant != "anchors" or name in anchor_settings
+            ]
+            group["settings"] = [name for name, _ in settings]
             for seed in seeds:
-                for setting, bridges in SETTINGS:
+                for setting, bridges in settings:
                     run_dir = out / "cpt" / f"{lang}-{variant}-{setting}-s{seed}"
                     run = Run(lang, variant, setting, seed, str(run_dir), str(run_dir / "eval"))
                     runs.append(run)
@@ -611,6 +629,8 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                             deps=[f"cpt-{run.name}"],
                         )
                     )
+            if len(settings) < 2:
+                continue  # one setting only (anchors variant of the cpu preset): no with-minus-without analysis
             with_dirs = [r.eval_dir for r in group_runs if r.setting == "bridges"]
             without_dirs = [r.eval_dir for r in group_runs if r.setting == "no_bridges"]
             steps.append(
@@ -1431,6 +1451,12 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
         lang, variant = group["lang"], group["variant"]
         result = _read_json(Path(group["transfer"]) / "transfer.json")
         title = f"{lang}, {VARIANT_TITLES.get(variant, variant)}" if plan.preset.synthetic else lang
+        if len(group.get("settings", ["bridges", "no_bridges"])) < 2:
+            doc.p(
+                f"{title}: trained only {' and '.join(s.replace('_', ' ') for s in group['settings'])} (it serves "
+                "the anchors-vs-control comparison below), so there is no with-minus-without analysis for it."
+            )
+            continue
         doc.h(3, title)
         if not result:
             doc.p(f"No transfer analysis found at `{group['transfer']}/transfer.json` (the step did not run).")
@@ -1583,12 +1609,17 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
         tiers = _tier_indices(truth, lang)
         seeds = sorted({r.seed for r in native} & {r.seed for r in anchors})
         rows, entries, curves = [], [], {}
+        shared = [
+            name
+            for name, _ in SETTINGS
+            if any(r.setting == name for r in native) and any(r.setting == name for r in anchors)
+        ]
         for stem in stems:
             question_lang = stem.rsplit("_", 1)[1]
             direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
             for tier, indices in sorted(tiers.items()):
-                for setting in ("pooled", "bridges", "no_bridges"):
-                    settings = ["bridges", "no_bridges"] if setting == "pooled" else [setting]
+                for setting in ["pooled"] + (shared if len(shared) > 1 else []):
+                    settings = shared if setting == "pooled" else [setting]
                     a = np.concatenate([_stack(cubes_a, anchors, s, seeds, stem, indices)[:, pick_a] for s in settings])
                     n = np.concatenate([_stack(cubes_n, native, s, seeds, stem, indices)[:, pick_n] for s in settings])
                     stats = analyse_direction(a, n, 1000, 0, 0.95)
@@ -1833,6 +1864,8 @@ def _report_density(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None
     for key, group in plan.groups.items():
         result = _read_json(Path(group["density"]) / "density.json")
         lang = group["lang"]
+        if not result and len(group.get("settings", ["bridges", "no_bridges"])) < 2:
+            continue  # no density step for a group that serves only the anchors comparison
         if not result:
             doc.p(f"{key}: no density output at `{group['density']}/density.json`.")
             continue
@@ -1959,8 +1992,9 @@ def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
         rows,
     )  # fmt: skip
     colocation_ok = all(e["co_located_percent"] == (100.0 if e["setting"] == "bridges" else 0.0) for e in entries)
-    equal_hashes = all(
-        len(v) == 2 and len(set(v.values())) == 1 and None not in next(iter(v.values())) for v in hashes.values()
+    pairs_of_runs = [v for v in hashes.values() if len(v) == 2]
+    equal_hashes = bool(pairs_of_runs) and all(
+        len(set(v.values())) == 1 and None not in next(iter(v.values())) for v in pairs_of_runs
     )
     doc.bullets(
         [
@@ -2040,6 +2074,9 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if args.variants and not preset.synthetic:
         parser.error("--variants applies to the synthetic presets only")
+    for setting in args.anchor_settings or []:
+        if setting not in dict(SETTINGS):
+            parser.error(f"--anchor_settings: unknown setting {setting!r} (bridges, no_bridges)")
     for variant in args.variants or []:
         if variant not in VARIANT_TITLES:
             parser.error(f"--variants: unknown variant {variant!r} (native, anchors)")
