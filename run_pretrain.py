@@ -916,6 +916,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.card_setting["characters removed by the filter"] = data_stats["characters_removed_by_filter"]
 
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if training_args.process_index == 0:  # before saving, so that a failed save still leaves the timings
+        write_json_atomic(output_dir / "throughput.json", throughput.summary())
     trainer.save_model()  # model + tokenizer into output_dir
     metrics = dict(train_result.metrics)
     metrics["train_tokens_seen"] = trainer.state.global_step * tokens_per_step
@@ -924,7 +926,6 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_state()
 
     if training_args.process_index == 0:
-        write_json_atomic(output_dir / "throughput.json", throughput.summary())
         if stream_counter is not None and training_args.dataloader_num_workers > 0:
             # the lazy map then runs in the loader's worker processes, whose counts are not sent back
             data_stats = {"counted": "not available: --dataloader_num_workers > 0 reads the stream in workers"}

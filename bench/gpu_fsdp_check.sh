@@ -43,7 +43,7 @@ trap 'rm -rf "$WORK/run"' EXIT
 exec > >(tee "$LOG") 2>&1
 
 echo "== gpu_fsdp_check: config $CONFIG ($OVERRIDES), block $BLOCK, batch $BATCH x accum $ACCUM, $STEPS steps"
-python - <<'PY' || true
+[[ "${GPU_CHECK_TINY:-0}" == "1" ]] || python - <<'PY' || true  # versions, for the GPU log
 import torch, transformers, accelerate
 print("torch", torch.__version__, "transformers", transformers.__version__, "accelerate", accelerate.__version__)
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)")
@@ -71,6 +71,7 @@ print(f"corpus: {size / 1e6:.1f} MB in {path}")
 PY
 
 START=$(date +%s)
+STATUS=0
 accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 "${LAUNCH[@]}" \
   run_pretrain.py \
   --config_name "$CONFIG" --config_overrides "$OVERRIDES" \
@@ -79,16 +80,18 @@ accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 "
   --output_dir "$WORK/run" --cache_dir "$WORK/cache" \
   --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" \
   --learning_rate 3e-4 --warmup_steps 5 --logging_steps 1 --save_strategy no --report_to none \
-  --dataloader_num_workers 2 --seed 0 "${PRECISION[@]}"
-echo "== training command finished in $(( $(date +%s) - START )) s"
+  --dataloader_num_workers 2 --seed 0 "${PRECISION[@]}" || STATUS=$?
+echo "== training command finished in $(( $(date +%s) - START )) s with exit status $STATUS"
 
-cp "$WORK/run/throughput.json" "$WORK/run/data_stats.json" "$WORK/run/trainer_state.json" "$REPORT/"
-python - "$WORK/run" "$REPORT" <<'PY'
+# The timings are written right after training, so they are reported even if saving failed.
+cp "$WORK/run/throughput.json" "$WORK/run/data_stats.json" "$REPORT/"
+cp "$WORK/run/trainer_state.json" "$REPORT/" 2>/dev/null || echo "(no trainer_state.json: the run stopped before the end)"
+python - "$WORK/run" "$REPORT" "$CONFIG" <<'PY'
 import json, os, sys
 from pathlib import Path
 run, report = Path(sys.argv[1]), Path(sys.argv[2])
 throughput = json.loads((run / "throughput.json").read_text())
-config = json.loads((run / "config.json").read_text())
+config = json.loads(Path(sys.argv[3]).read_text())  # the architecture file: layers and hidden size
 stats = json.loads((run / "data_stats.json").read_text())
 layers, hidden = config["num_hidden_layers"], config["hidden_size"]
 seq = stats["block_size"]
@@ -99,7 +102,7 @@ peak = float(os.environ.get("GPU_CHECK_PEAK_TFLOPS", "989")) * 1e12
 summary = {
     "device": throughput.get("device", "cpu"),
     "parameters": params,
-    "vocab_size": config["vocab_size"],
+    "vocab_size": stats["config_overrides"].get("vocab_size", config["vocab_size"]),
     "sequence_length": seq,
     "tokens_per_step": throughput["tokens_per_step"],
     "steps_timed": throughput["steps_timed"] - throughput["warmup_steps"],
@@ -109,7 +112,10 @@ summary = {
     "peak_tflops": peak / 1e12,
     "mfu": tokens_per_second * flops_per_token / peak,
     "max_memory_allocated_gib": round(throughput.get("max_memory_allocated_gib", 0.0), 2),
-    "final_loss": [e["loss"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e][-1],
+    "final_loss": (
+        [e["loss"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e][-1]
+        if (run / "trainer_state.json").is_file() else None
+    ),
     "document_attention_check": stats["document_attention"],
     "world_size": stats["world_size"],
     "distributed_type": stats["distributed_type"],  # FSDP on the GPU; accelerate ignores FSDP on CPU
@@ -119,3 +125,4 @@ print("== summary")
 print(json.dumps(summary, indent=2))
 print(f"RESULT tokens/s {tokens_per_second:,.0f}  MFU {100 * summary['mfu']:.1f}%  on {summary['device']}")
 PY
+exit "$STATUS"
