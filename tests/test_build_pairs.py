@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_script
 from datasets import load_from_disk
 
 import build_pairs
@@ -175,24 +174,6 @@ def test_argument_errors_say_what_to_do(tmp_path, tiny_model_dir):
     (tmp_path / "o" / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="exists and is not empty.*--overwrite_output_dir"):
         build_pairs.main([*common, "--pairs_files", str(pairs_file), "--tgt_column", "bo"])
-
-
-@pytest.mark.slow
-def test_push_to_hub_uploads_parquet_stats_and_card(tmp_path, tiny_model_dir, local_hub):
-    # A separate process: huggingface_hub reads HF_ENDPOINT when it is first imported.
-    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"en": e, "bo": b} for e, b in zip(EN, BO)])
-    output = tmp_path / "data"
-    run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs_file), "--tgt_column", "bo",
-                "--tokenizer_name", str(tiny_model_dir), "--block_size", "128", "--output_dir", str(output),
-                "--push_to_hub", "--hub_dataset_id", "tester/cpt-bo"])  # fmt: skip
-    files = local_hub.files("tester/cpt-bo", "datasets")
-    assert files == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
-    pushed = local_hub.root / "datasets" / "tester" / "cpt-bo"
-    assert (pushed / "README.md").read_text() == (output / "README.md").read_text()
-    from datasets import load_dataset
-
-    round_trip = load_dataset("parquet", data_files=str(pushed / "data" / "*.parquet"), split="train")
-    assert round_trip["doc_id"] == load_from_disk(str(output))["doc_id"]
 
 
 def test_command_line_reports_errors_without_a_traceback(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -373,6 +373,7 @@ def hub_runs(tmp_path_factory, tiny_model_dir):
         run_script(["python", "run_cpt.py", "--model_name_or_path", str(tiny_model_dir), "--dataset_path",
                     str(folder / "data"), "--output_dir", str(straight), *common, "--push_to_hub",
                     "--hub_strategy", "all_checkpoints"], env_extra={**online, **ONE_THREAD})  # fmt: skip
+        pushed_dataset_files = hub.files("tester/cpt-bo", "datasets")
         pushed_files = hub.files("tester/cpt-bo-bridges")
         pushed_root = hub.root / "models" / "tester" / "cpt-bo-bridges"
         # A hand-made Hub cache of the pushed dataset and of the base model, read offline below.
@@ -388,7 +389,19 @@ def hub_runs(tmp_path_factory, tiny_model_dir):
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     run_script(["python", "run_cpt.py", "--model_name_or_path", "tester/tiny-base", "--dataset_name", "tester/cpt-bo",
                 "--output_dir", str(resumed), *common], env_extra={**offline, **ONE_THREAD})  # fmt: skip
-    return {"straight": straight, "resumed": resumed, "pushed_files": pushed_files, "pushed_root": pushed_root}
+    return {"straight": straight, "resumed": resumed, "pushed_files": pushed_files, "pushed_root": pushed_root,
+            "data": folder / "data", "pushed_dataset_files": pushed_dataset_files, "cache": cache}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_build_pairs_push_uploads_parquet_shards_stats_and_card(hub_runs):
+    from datasets import load_dataset
+
+    assert hub_runs["pushed_dataset_files"] == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
+    pushed = hub_runs["cache"] / "datasets--tester--cpt-bo" / "snapshots" / ("a" * 40)
+    assert (pushed / "README.md").read_text() == (hub_runs["data"] / "README.md").read_text()
+    round_trip = load_dataset("parquet", data_files=str(pushed / "data" / "*.parquet"), split="train")
+    assert round_trip["doc_id"] == load_from_disk(str(hub_runs["data"]))["doc_id"]
 
 
 @pytest.mark.slow
