@@ -827,7 +827,8 @@ def check_document_isolation(model, windows, store: SegmentStore, collator: Brid
             alone = model(input_ids=input_ids[:, a:b], use_cache=False).logits[0]
             largest = max(largest, float((packed.logits[0, a:b] - alone).abs().max()))
     model.train(was_training)
-    tolerance = 1e-4 if model.dtype == torch.float32 else 5e-2
+    # Leaking attention moves logits by ~0.1-2; kernels differ by rounding only (TF32 on GPUs, half precision).
+    tolerance = (1e-4 if model.device.type == "cpu" else 1e-2) if model.dtype == torch.float32 else 1e-1
     return {"checked": True, "attn_implementation": kernel, "documents": len(spans),
             "max_logit_diff_packed_vs_alone": largest, "tolerance": tolerance, "holds": largest <= tolerance}  # fmt: skip
 
@@ -1021,6 +1022,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "equal_across_settings": equal,
     }
+    if training_args.device.type == "cuda" and not training_args.fsdp and not training_args.deepspeed:
+        model.to(training_args.device)  # check the kernel that will train (the Trainer would move it anyway)
     audit["document_isolation"] = check_document_isolation(model, plan["windows"][bridges], store, collator)
     expected_co_located = 100.0 if bridges else 0.0
     problems = []
