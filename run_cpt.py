@@ -19,7 +19,7 @@ Paper defaults: 1,500 steps of 0.5M tokens, i.e. ``--block_size 2048`` and 256 w
 
 Outputs in --output_dir: checkpoint-N/ every --save_steps (a learning curve), the final model and
 tokenizer, packing_audit.json, the setting in config.json (``cpt_setting``), in trainer_state.json
-(``stateful_callbacks.CPTSettingCallback``) and in the run name (default ``cpt-bo-bridges-seed0``),
+(``stateful_callbacks.CPTSettingCallback``) and in the run name (default ``cpt-<lang>-<bridges|no-bridges>-seed<seed>``),
 and a model card (README.md).
 """
 
@@ -126,7 +126,7 @@ class BridgePackingCollator:
     skipping, without bridges, the window that holds the other half of its pair. When nothing
     fits, a new window opens; if ``max_open_windows`` are open, the fullest one is closed first.
     A window that is exactly full closes at once. The plan is a pure function of the units, the
-    order, ``block_size`` and ``max_open_windows``; memory is bounded by the open windows.
+    order, ``block_size`` and ``max_open_windows``; its lookahead (and working memory) is the open windows.
 
     **Same documents under a step budget** (``plan``). A step consumes ``windows_per_step``
     windows (per-device batch x processes x gradient accumulation). Cutting each setting's
