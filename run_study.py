@@ -1587,7 +1587,8 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
         "script (control: nothing is shared with English but what parallel pairs teach) or with the very same "
         "Latin names as English (anchors). Difference = accuracy with anchors − accuracy in the control, mean over "
         "the CPT curve, per tier of facts; 95% bootstrap intervals over questions and seed pairs "
-        "(`run_eval.analyse_direction`), pooled over both CPT settings and per setting."
+        "(`run_eval.analyse_direction`); where both variants ran both CPT settings, pooled over them and per "
+        "setting, else in the one setting both ran."
     )
     section = record["sections"].setdefault("anchors", {})
     for lang in sorted({g["lang"] for g in plan.groups.values()}):
@@ -1618,13 +1619,14 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
             question_lang = stem.rsplit("_", 1)[1]
             direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
             for tier, indices in sorted(tiers.items()):
-                for setting in ["pooled"] + (shared if len(shared) > 1 else []):
+                primary = "pooled" if len(shared) > 1 else shared[0]
+                for setting in [primary] + (shared if len(shared) > 1 else []):
                     settings = shared if setting == "pooled" else [setting]
                     a = np.concatenate([_stack(cubes_a, anchors, s, seeds, stem, indices)[:, pick_a] for s in settings])
                     n = np.concatenate([_stack(cubes_n, native, s, seeds, stem, indices)[:, pick_n] for s in settings])
                     stats = analyse_direction(a, n, 1000, 0, 0.95)
                     acc_a, acc_n = float(np.mean(stats["accuracy_with"])), float(np.mean(stats["accuracy_without"]))
-                    if setting == "pooled":
+                    if setting == primary:
                         curves[(question_lang, tier)] = (stats["accuracy_with"], stats["accuracy_without"])
                     rows.append(
                         [_direction_words(direction, lang), tier, setting.replace("_", " "), len(indices), a.shape[0],
@@ -1640,14 +1642,16 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
         doc.h(3, f"{lang}: anchors − control")
         rel = _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output)
         if rel:
+            which = " and ".join(x.replace("_", " ") for x in shared)
             doc.img(rel, f"{lang}: accuracy during CPT with shared Latin names (anchors) and native-script names "
-                         "(control), mean over seeds and both settings; step 0 is the base model")  # fmt: skip
+                         f"(control), mean over seeds ({which}); step 0 is the base model")  # fmt: skip
         doc.table(
             ["direction", "tier", "CPT setting", "questions", "run pairs", "mean acc. anchors", "mean acc. control",
              "difference [95% CI]", "verdict"],
             rows,
         )  # fmt: skip
-        pooled = {(e["direction"], e["tier"]): e for e in entries if e["setting"] == "pooled"}
+        primary = "pooled" if len(shared) > 1 else shared[0]
+        pooled = {(e["direction"], e["tier"]): e for e in entries if e["setting"] == primary}
         conclusions = _anchor_conclusions(lang, pooled)
         asymmetry = next((c for c in conclusions if "asymmetry" in c), "")
         doc.bullets(conclusions)
