@@ -1002,10 +1002,16 @@ class StudyRunner:
                         log = open(self.logs / f"{step.id}.log", "w", encoding="utf-8")  # noqa: SIM115
                         log.write("$ " + shlex.join(command) + "\n\n")
                         log.flush()
+                        step_env = {**env, **step.env}
+                        ready = [p for p in pending if p is not step and all(d in done for d in p.deps)]
+                        if not running and not ready:
+                            # Nothing else can run meanwhile (e.g. pretraining): give this step every core.
+                            cores = str(os.cpu_count() or 1)
+                            step_env.update(OMP_NUM_THREADS=cores, MKL_NUM_THREADS=cores)
                         process = subprocess.Popen(
                             command,
                             cwd=REPO_DIR,
-                            env={**env, **step.env},
+                            env=step_env,
                             stdout=log,
                             stderr=subprocess.STDOUT,
                             start_new_session=True,  # Ctrl-C reaches the study, which then stops its children

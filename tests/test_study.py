@@ -238,3 +238,26 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path
     # a second invocation finds every step done and only rewrites the report
     again = run_script([sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)], timeout=300)
     assert "already done" in again.stdout and "start " not in again.stdout
+
+
+def test_a_step_that_runs_alone_gets_every_core_and_parallel_steps_share_them(tmp_path):
+    import os
+
+    def step(name, deps):
+        code = f"import os, pathlib; pathlib.Path({str(tmp_path / name)!r}).write_text(os.environ['OMP_NUM_THREADS'])"
+        return Step(
+            id=name,
+            kind="world",
+            title=name,
+            command=[sys.executable, "-c", code],
+            outputs=[str(tmp_path / name)],
+            deps=deps,
+        )
+
+    preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=2, budget_s=0, reference_machine="-")
+    # "first" runs alone; "left" and "right" can run together once it is done
+    plan = Plan(preset, str(tmp_path), [step("first", []), step("left", ["first"]), step("right", ["first"])], [], {})
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    cores = os.cpu_count() or 1
+    assert (tmp_path / "first").read_text() == str(cores)
+    assert (tmp_path / "left").read_text() == (tmp_path / "right").read_text() == str(max(1, cores // 2))
