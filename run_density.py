@@ -64,7 +64,14 @@ import regex
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from study_common import LANGUAGE_SCRIPTS, _text_of, read_documents, write_json_atomic, write_text_atomic
+from study_common import (
+    LANGUAGE_SCRIPTS,
+    _text_of,
+    read_documents,
+    read_json_records,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger("run_density")
 
@@ -522,25 +529,7 @@ def load_questions(path: str | os.PathLike) -> QuestionSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such question file. Check --questions.")
-    records: list[tuple[str, object]] = []
-    if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append((f"{path}:{line_number}", json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}). Fix the line.") from err
-    else:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of {{question, options, answer}} items.")
-        records = [(f"{path} item {i}", record) for i, record in enumerate(data)]
+    records = list(read_json_records(path))
     if not records:
         raise ValueError(f"{path}: no questions in the file.")
     questions = []

@@ -64,7 +64,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from study_common import document_start_id, read_documents, write_json_atomic, write_text_atomic
+from study_common import document_start_id, read_documents, read_json_records, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("run_eval")
 
@@ -312,20 +312,8 @@ def _dataset_question_sets(dataset, name: str, source: str) -> list[tuple[str, s
 def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, str, list]]:
     """(stem, source description, records) for a file, a folder, a saved dataset or a Hub dataset id."""
     path = Path(source)
-    if path.is_file() and path.suffix == ".jsonl":
-        records = []
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                records += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}).") from err
-        return [(path.stem, str(path), records)]
     if path.is_file():
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
-        return [(path.stem, str(path), records)]
+        return [(path.stem, str(path), [record for _, record in read_json_records(path)])]
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             from datasets import load_from_disk

@@ -131,18 +131,13 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
 # --------------------------------------------------------------------------------------
 
 
-def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterator[str]:
-    """Yield the documents of a .txt (one per non-empty line), .json (list) or .jsonl file.
+def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """Yield ``(where, record)`` for each record of a .jsonl file or a .json list (or ``{"data": [...]}``).
 
-    Errors name the file and the line (or item) and say what to do.
+    ``where`` names the file and the line (.jsonl) or item (.json), for error messages.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file. Check the path given on the command line.")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         with path.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -153,18 +148,33 @@ def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterat
                     raise ValueError(
                         f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line."
                     ) from err
-                yield _text_of(record, text_column, f"{path}:{line_number}")
-    elif suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
-        if isinstance(records, dict) and isinstance(records.get("data"), list):
-            records = records["data"]
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}}).")
-        for index, record in enumerate(records):
-            yield _text_of(record, text_column, f"{path} item {index}")
+                yield f"{path}:{line_number}", record
+        return
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+    if isinstance(records, dict) and isinstance(records.get("data"), list):
+        records = records["data"]
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}}).")
+    for index, record in enumerate(records):
+        yield f"{path} item {index}", record
+
+
+def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterator[str]:
+    """Yield the documents of a .txt (one per non-empty line), .json (list) or .jsonl file.
+
+    Errors name the file and the line (or item) and say what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file. Check the path given on the command line.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
+    if path.suffix.lower() in (".json", ".jsonl"):
+        for where, record in read_json_records(path):
+            yield _text_of(record, text_column, where)
     else:  # plain text: one document per non-empty line
         with path.open(encoding="utf-8") as handle:
             for line in handle:
