@@ -1825,7 +1825,7 @@ def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    keys = sorted({k for k, _ in curves})
+    keys = sorted({k for k, _ in curves}, key=lambda k: (k.split("/")[1] != "native", k))  # the control first
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
@@ -1842,14 +1842,21 @@ def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
                 ("after_mismatched_english", "#d62728"),
             ):
                 values = np.mean([[e[measure] for e in x["checkpoints"][: len(steps)]] for x in results], axis=0)
-                label = f"{measure.replace('_', ' ')} ({setting.replace('_', ' ')})"
-                ax.plot(steps, values, style, color=color, marker="o", markersize=2.5, label=label)
+                ax.plot(steps, values, style, color=color, marker="o", markersize=2.5)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("CPT step")
         ax.set_ylabel("target-side loss (nats/token)")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=color, label=label)
+        for color, label in (("#7f7f7f", "alone"), ("#1f77b4", "after its own English side"),
+                             ("#d62728", "after a mismatched English side"))
+    ] + [Line2D([], [], color="black", linestyle=style, label=label)
+         for style, label in (("-", "trained with bridges"), ("--", "trained without bridges"))]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     name = "bridge_diagnostic.png"
     tmp = figures / f".{name}.tmp.png"
     fig.savefig(tmp, dpi=110)
@@ -1905,7 +1912,7 @@ def _report_density(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None
                 error = sum(abs(got.get(i, 0) - c) for i, c in enumerate(planted)) / len(planted)
                 planted_total = sum(planted)
                 entry.update(planted_occurrences=planted_total, planted_density=planted_total / row["documents"],
-                             questions_exact=exact, questions=len(planted), mean_abs_error=error)  # fmt: skip
+                             questions_exact=exact, questions_planted=len(planted), mean_abs_error=error)  # fmt: skip
                 cells += [
                     planted_total,
                     _f(planted_total / row["documents"], ".3e"),
