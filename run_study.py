@@ -116,7 +116,7 @@ def _synthetic_training(block: int, pretrain_steps: int, pretrain_batch: int, cp
 
 
 _MICRO_PRETRAIN, _MICRO_CPT = _synthetic_training(64, 100, 16, 60, 8, save_steps=20)
-_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 1000, 16, 800, 8, save_steps=100)
+_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 700, 16, 800, 8, save_steps=100)
 _GPU_PRETRAIN, _GPU_CPT = _synthetic_training(128, 2000, 32, 1500, 16, save_steps=150, pretrain_lr=1.5e-3, cpt_lr=7e-4)
 
 PRESETS: dict[str, Preset] = {
@@ -1004,8 +1004,10 @@ class StudyRunner:
                         log.flush()
                         step_env = {**env, **step.env}
                         ready = [p for p in pending if p is not step and all(d in done for d in p.deps)]
-                        if not running and not ready:
-                            # Nothing else can run meanwhile (e.g. pretraining): give this step every core.
+                        if not running and not ready and _machine_is_quiet():
+                            # Nothing else can run meanwhile (e.g. pretraining) and nothing else loads the
+                            # machine: give this step every core. On a shared machine more threads than free
+                            # cores make torch slower, not faster, so it keeps its share.
                             cores = str(os.cpu_count() or 1)
                             step_env.update(OMP_NUM_THREADS=cores, MKL_NUM_THREADS=cores)
                         process = subprocess.Popen(
@@ -1093,6 +1095,11 @@ class StudyRunner:
                 os.killpg(process.pid, signal.SIGKILL)
             log.close()
         running.clear()
+
+
+def _machine_is_quiet() -> bool:
+    """Less than one core's worth of other work (1-minute load average) on the machine."""
+    return not hasattr(os, "getloadavg") or os.getloadavg()[0] < 1.0
 
 
 def _read_timings(out: Path) -> dict[str, float]:

@@ -240,7 +240,7 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path
     assert "already done" in again.stdout and "start " not in again.stdout
 
 
-def test_a_step_that_runs_alone_gets_every_core_and_parallel_steps_share_them(tmp_path):
+def test_a_step_that_runs_alone_on_a_quiet_machine_gets_every_core_and_parallel_steps_share_them(tmp_path, monkeypatch):
     import os
 
     def step(name, deps):
@@ -257,7 +257,11 @@ def test_a_step_that_runs_alone_gets_every_core_and_parallel_steps_share_them(tm
     preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=2, budget_s=0, reference_machine="-")
     # "first" runs alone; "left" and "right" can run together once it is done
     plan = Plan(preset, str(tmp_path), [step("first", []), step("left", ["first"]), step("right", ["first"])], [], {})
+    monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: True)
     StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
     cores = os.cpu_count() or 1
     assert (tmp_path / "first").read_text() == str(cores)
     assert (tmp_path / "left").read_text() == (tmp_path / "right").read_text() == str(max(1, cores // 2))
+    monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: False)  # shared machine: keep the share
+    StudyRunner(plan, jobs=2, force=True, budget_s=0).run()
+    assert (tmp_path / "first").read_text() == str(max(1, cores // 2))
