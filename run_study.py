@@ -116,7 +116,7 @@ def _synthetic_training(block: int, pretrain_steps: int, pretrain_batch: int, cp
 
 
 _MICRO_PRETRAIN, _MICRO_CPT = _synthetic_training(64, 100, 16, 60, 8, save_steps=20)
-_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 700, 16, 800, 8, save_steps=100)
+_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 1000, 16, 800, 8, save_steps=100)
 # gpu-small: tiny models are bound by per-step overhead on a GPU, so larger batches cost almost nothing and
 # parallel processes (one per CPU core pair) add throughput. Measured on one H200 with the first sizing
 # (2000 x 32 pretraining, 1500 x 16 CPT, 6 jobs): pretraining 92 s, CPT ~170 s per run 6 at a time (~9.5 min in
@@ -196,7 +196,8 @@ PRESETS: dict[str, Preset] = {
         cpt=dict(_CPU_CPT),
         eval=dict(batch_size=128),
         density=dict(top_k=50),
-        estimates_s=dict(world=5, pretrain=90, build=12, cpt=60, eval=12, base_eval=10, transfer=15, density=15),
+        # measured 2026-11-26 on the 2-core machine at load ~1.7 (10:16 in all)
+        estimates_s=dict(world=3, pretrain=137, build=10, cpt=80, eval=20, base_eval=11, transfer=10, density=4),
     ),
     "gpu-small": Preset(
         name="gpu-small",
