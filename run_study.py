@@ -159,7 +159,7 @@ PRESETS: dict[str, Preset] = {
         cpt=dict(_MICRO_CPT),
         eval=dict(batch_size=64),
         density=dict(top_k=20),
-        estimates_s=dict(world=4, pretrain=25, build=10, cpt=15, eval=10, base_eval=8, transfer=12, density=10),
+        estimates_s=dict(world=2, pretrain=17, build=8, cpt=15, eval=11, base_eval=11, transfer=10, density=3),
     ),
     "cpu": Preset(
         name="cpu",
@@ -987,6 +987,7 @@ class StudyRunner:
             print(f"{len(done)}/{n} steps already done in {self.out} (skipped; --force reruns them).")
         running: dict[str, tuple[subprocess.Popen, float, object]] = {}
         pending = [s for s in steps if s.id not in done]
+        ran_any = bool(pending)
         finished_count = len(done)
         env = self._env()
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -1072,6 +1073,8 @@ class StudyRunner:
                 "(training steps continue from their last checkpoint)."
             )
             raise
+        if not ran_any:  # everything was already done: keep the record of the run that did the work
+            return self.timings
         write_json_atomic(
             self.out / "timings.json",
             {
@@ -2156,6 +2159,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(out / "commands.sh", commands_script(plan, args))
     write_json_atomic(out / "plan.json", _plan_record(plan, args))
     started = time.time()
+    # A scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C: running steps are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     if not args.report_only:
         try:
             StudyRunner(plan, jobs, args.force, preset.budget_s).run()
@@ -2167,6 +2172,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(plan, time.time() - started)
     print(f"Study finished in {_fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
     return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _local_inputs(plan: Plan) -> list[str]:

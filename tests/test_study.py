@@ -265,3 +265,37 @@ def test_a_step_that_runs_alone_on_a_quiet_machine_gets_every_core_and_parallel_
     monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: False)  # shared machine: keep the share
     StudyRunner(plan, jobs=2, force=True, budget_s=0).run()
     assert (tmp_path / "first").read_text() == str(max(1, cores // 2))
+
+
+def test_sigterm_stops_the_study_and_its_running_step_and_keeps_finished_steps(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO_ROOT
+
+    out = tmp_path / "study"
+    proc = subprocess.Popen(
+        [sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "logs" / "pretrain.log").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (out / "logs" / "pretrain.log").exists(), "pretraining never started"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Interrupted" in output
+    # no step of this study is left running
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = (Path("/proc") / pid / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        assert str(out) not in cmdline, cmdline
+    assert (out / ".done" / "world.json").is_file() and not (out / ".done" / "pretrain.json").exists()
