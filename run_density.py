@@ -1236,20 +1236,11 @@ def load_predictions(path: Path, step: int | None) -> tuple[dict[tuple[str, int]
     """{(questions stem, index): row} at ``step`` (default: the file's last step), and the step per stem."""
     rows_by_step: dict[str, dict[int, dict[int, dict]]] = {}
     required = ("questions", "index", "step", "correct")
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}).") from err
-            missing = [key for key in required if not isinstance(row, dict) or key not in row]
-            if missing:
-                raise ValueError(
-                    f"{path}:{line_number}: missing {', '.join(missing)} (run_eval.py predictions format)."
-                )
-            rows_by_step.setdefault(row["questions"], {}).setdefault(int(row["step"]), {})[int(row["index"])] = row
+    for where, row in read_json_records(path):
+        missing = [key for key in required if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)} (run_eval.py predictions format).")
+        rows_by_step.setdefault(row["questions"], {}).setdefault(int(row["step"]), {})[int(row["index"])] = row
     if not rows_by_step:
         raise ValueError(f"{path}: no predictions in the file.")
     rows, steps = {}, {}
