@@ -124,7 +124,11 @@ class EvalArguments:
         },
     )
     batch_size: int = field(
-        default=64, metadata={"help": "Filled sentences per forward pass (options of many questions together)."}
+        default=64,
+        metadata={
+            "help": "Filled sentences per forward pass: the options of several questions, each question's options "
+            "run as one prefix tree (the question text before the blank computed once)."
+        },
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
@@ -570,75 +574,162 @@ def _body_and_head(model):
     return body, head
 
 
+@dataclass
+class PrefixTree:
+    """Token sequences with a common first token, merged into one prefix tree (a trie) run as one batch row.
+
+    Node k holds one token and its parent is the node of the token before it, so a prefix shared by several
+    sequences (the question text before the blank, shared by all options) is one chain of nodes. In the
+    forward pass node k sits at position ``depths[k]`` and attends to itself and its ancestors only (a
+    tree-shaped causal mask): its hidden state is the one it has in each of its sequences run alone. The
+    next-token distribution of a node is computed once, however many sequences continue from it.
+    """
+
+    tokens: list[int]
+    parents: list[int]  # -1 for the root (node 0)
+    depths: list[int]
+
+    def visible(self) -> np.ndarray:
+        """[n, n] bool: row k marks the nodes node k attends to (its ancestors and itself)."""
+        visible = np.zeros((len(self.tokens), len(self.tokens)), dtype=bool)
+        for k, parent in enumerate(self.parents):
+            if parent >= 0:
+                visible[k] = visible[parent]
+            visible[k, k] = True
+        return visible
+
+
+def build_prefix_trees(
+    sequences: list[list[int]], groups: list[list[int]] | None = None
+) -> tuple[list[PrefixTree], list[tuple[int, np.ndarray]]]:
+    """One prefix tree per group of sequence indices (per first token within a group; default: one tree per
+    sequence), and for every sequence its ``(tree, nodes)``: the node of each of its tokens."""
+    groups = groups if groups is not None else [[i] for i in range(len(sequences))]
+    trees: list[PrefixTree] = []
+    located: list[tuple[int, np.ndarray] | None] = [None] * len(sequences)
+    for group in groups:
+        roots: dict[int, tuple[int, list[dict[int, int]]]] = {}  # first token -> (tree index, children per node)
+        for i in group:
+            ids = sequences[i]
+            if located[i] is not None:
+                raise ValueError(f"Sequence {i} is in two groups.")
+            if not ids:
+                raise ValueError(f"Sequence {i} is empty: every sequence needs at least its start token.")
+            if ids[0] not in roots:
+                roots[ids[0]] = (len(trees), [{}])
+                trees.append(PrefixTree([ids[0]], [-1], [0]))
+            t, children = roots[ids[0]]
+            tree, node, nodes = trees[t], 0, [0]
+            for token in ids[1:]:
+                child = children[node].get(token)
+                if child is None:
+                    child = children[node][token] = len(tree.tokens)
+                    tree.tokens.append(token)
+                    tree.parents.append(node)
+                    tree.depths.append(tree.depths[node] + 1)
+                    children.append({})
+                node = child
+                nodes.append(node)
+            located[i] = (t, np.array(nodes))
+    missing = [i for i, where in enumerate(located) if where is None]
+    if missing:
+        raise ValueError(f"Sequences {missing[:10]} belong to no group.")
+    return trees, located
+
+
 @torch.inference_mode()
 def token_logprobs(
     model,
     sequences: list[list[int]],
+    groups: list[list[int]] | None = None,
     batch_size: int = 64,
     pad_id: int = 0,
     padding_side: str = "right",
-    reuse: dict[int, tuple[int, int]] | None = None,
-    head_rows: int = 2048,
+    head_chunk_elements: int | None = None,
     desc: str | None = None,
 ) -> list[np.ndarray]:
     """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1.
 
-    Sequences are sorted by length (less padding), padded on ``padding_side`` with an attention mask and
-    position ids that count real tokens only, so every number is the same as for the sequence alone,
-    whatever the batch size or padding side. ``use_cache=False``: no cache is built (see STACK-FACTS).
-
-    ``reuse[i] = (donor, n)``: the first n values of sequence i equal the donor's (the two sequences share
-    their first n + 1 tokens, e.g. the question text before the blank), so they are copied from the donor
-    instead of computed: the vocabulary projection, the costliest part of a small model, runs only on
-    positions no other sequence has already scored. A donor never reuses from another sequence.
+    The sequences of a group (the options of one question) run as one prefix tree (``PrefixTree``): their
+    shared prefix is computed once, and the vocabulary projection (the costliest part of a small model) runs
+    once per tree node that has a next token, on real nodes only. Trees are sorted by size and batched until
+    ``batch_size`` sequences, padded on ``padding_side``; each padding position attends only to itself. The
+    numbers are those of each sequence run alone, whatever the grouping, batch size or padding side.
+    ``use_cache=False``: no cache is built (see STACK-FACTS).
     """
-    reuse = reuse or {}
+    trees, located = build_prefix_trees(sequences, groups)
+    sequences_in = np.bincount([t for t, _ in located], minlength=len(trees))
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     split = _body_and_head(model)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    results: list[np.ndarray | None] = [None] * len(sequences)
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc=desc or "scoring", leave=False, disable=desc is None):
-        rows = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        first_scored = torch.zeros(len(rows), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids = sequences[i]
-            offset = 0 if padding_side == "right" else width - len(ids)
-            input_ids[r, offset : offset + len(ids)] = torch.tensor(ids)
-            attention_mask[r, offset : offset + len(ids)] = 1
-            first_scored[r] = offset + reuse.get(i, (None, 0))[1]
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # Position j predicts token j+1; both must be real tokens, and not already scored in a donor.
-        predicting = (attention_mask[:, :-1] & attention_mask[:, 1:]).bool()
-        predicting &= torch.arange(width - 1, device=device)[None, :] >= first_scored.to(device)[:, None]
-        targets = input_ids[:, 1:][predicting]
+    order = sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens))
+    batches, current, held = [], [], 0
+    for t in order:
+        current.append(t)
+        held += sequences_in[t]
+        if held >= batch_size:
+            batches.append(current)
+            current, held = [], 0
+    if current:
+        batches.append(current)
+    # log p(node's token | its ancestors) of every node of every tree, flat (a root predicts nothing: 0).
+    first_node = np.cumsum([0] + [len(tree.tokens) for tree in trees])
+    node_logprobs = np.zeros(first_node[-1])
+    for batch in tqdm(batches, desc=desc or "scoring", leave=False, disable=desc is None):
+        width = max(len(trees[t].tokens) for t in batch)
+        input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+        position_ids = np.zeros((len(batch), width), dtype=np.int64)
+        visible = np.zeros((len(batch), width, width), dtype=bool)
+        visible[:, np.arange(width), np.arange(width)] = True  # padding attends to itself (no empty softmax row)
+        # Every non-root node is an edge: predicted from its parent's position (flat index in the batch).
+        edge_parent, edge_token, edge_node = [], [], []
+        for row, t in enumerate(batch):
+            tree, n = trees[t], len(trees[t].tokens)
+            offset = 0 if padding_side == "right" else width - n
+            input_ids[row, offset : offset + n] = tree.tokens
+            position_ids[row, offset : offset + n] = tree.depths
+            visible[row, offset : offset + n, offset : offset + n] = tree.visible()
+            edge_parent += [row * width + offset + p for p in tree.parents[1:]]
+            edge_token += tree.tokens[1:]
+            edge_node += range(first_node[t] + 1, first_node[t] + n)
+        if not edge_parent:
+            continue
+        mask = torch.zeros(visible.shape, dtype=dtype)[:, None].masked_fill_(
+            ~torch.from_numpy(visible)[:, None], torch.finfo(dtype).min
+        )
+        inputs = {
+            "input_ids": torch.from_numpy(input_ids).to(device),
+            "position_ids": torch.from_numpy(position_ids).to(device),
+            "attention_mask": mask.to(device),
+            "use_cache": False,
+        }
+        # The positions that predict something, once each (a parent of several children is projected once).
+        predicting, first_edge, edge_row = np.unique(np.array(edge_parent), return_index=True, return_inverse=True)
         if split is not None:
-            body, head = split
-            hidden = body(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state[:, :-1][predicting]
-            pieces = [
-                -torch.nn.functional.cross_entropy(
-                    head(hidden[k : k + head_rows]).float(), targets[k : k + head_rows], reduction="none"
-                )
-                for k in range(0, hidden.shape[0], head_rows)
-            ]
-            logprobs = torch.cat(pieces) if pieces else hidden.new_zeros(0)
-        else:
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).logits[:, :-1][predicting]
-            logprobs = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        per_row = torch.split(logprobs.double().cpu(), predicting.sum(1).tolist())
-        for i, values in zip(rows, per_row):
-            results[i] = values.numpy()
-    for i, (donor, shared) in reuse.items():
-        results[i] = np.concatenate([results[donor][:shared], results[i]])
-    return results
+            body, project = split
+            states = body(**inputs).last_hidden_state
+        else:  # logits post-processed by the model: take them whole
+            states, project = model(**inputs).logits, (lambda x: x)
+        states = states.reshape(-1, states.shape[-1])[torch.from_numpy(predicting).to(device)]
+        edge_token = torch.tensor(edge_token, device=device)
+        row_token = edge_token[torch.from_numpy(first_edge).to(device)]  # a next token of each predicting row
+        edge_row_t = torch.from_numpy(edge_row).to(device)
+        logprobs = torch.empty(len(edge_row), dtype=torch.float32, device=device)
+        # Logits in chunks: ~16 MB on a CPU (they stay in cache for the loss), ~256 MB on a GPU.
+        elements = head_chunk_elements or (1 << 22 if device.type == "cpu" else 1 << 26)
+        rows_per_chunk = max(1, elements // model.config.get_text_config().vocab_size)
+        for start in range(0, len(predicting), rows_per_chunk):
+            logits = project(states[start : start + rows_per_chunk]).float()
+            # log-sum-exp over the vocabulary as cross-entropy + target logit: torch's fused cross-entropy
+            # kernel is ~1.5x faster than torch.logsumexp on CPU, and it is what the paper's loss computes.
+            targets = row_token[start : start + rows_per_chunk]
+            normaliser = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            normaliser += logits.gather(1, targets[:, None])[:, 0]
+            edges = ((edge_row_t >= start) & (edge_row_t < start + rows_per_chunk)).nonzero()[:, 0]
+            local = edge_row_t[edges] - start
+            logprobs[edges] = logits[local, edge_token[edges]] - normaliser[local]
+        node_logprobs[edge_node] = logprobs.double().cpu().numpy()
+    return [node_logprobs[first_node[t] + nodes[1:]] for t, nodes in located]
 
 
 def fill_blanks(question: str, option: str) -> tuple[str, list[tuple[int, int]]]:
@@ -662,8 +753,8 @@ class ScoringPlan:
     sequences: list[list[int]]
     # per question set, per item, per option: (sequence index, scored target mask or None, bytes)
     options: list[list[list[tuple[int, np.ndarray | None, int]]]]
-    # sequence -> (donor sequence, leading log-probs shared with it): see token_logprobs
-    reuse: dict[int, tuple[int, int]]
+    # per question item, the sequences first seen in it: they run as one prefix tree (see token_logprobs)
+    groups: list[list[int]]
 
 
 def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> ScoringPlan:
@@ -683,16 +774,17 @@ def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> S
     else:
         encoded = tokenizer(texts, add_special_tokens=False)
         offsets = None
-    sequences, index_of, options, k = [], {}, [], 0
+    sequences, index_of, options, groups, k = [], {}, [], [], 0
     for qs in filled:
         set_plan = []
         for item in qs:
-            item_plan = []
+            item_plan, group = [], []
             for text, spans in item:
                 ids = tuple([start] + encoded["input_ids"][k])
                 if ids not in index_of:
                     index_of[ids] = len(sequences)
                     sequences.append(list(ids))
+                    group.append(index_of[ids])
                 mask = None
                 if offsets is not None:
                     # Target j (token j+1 of the sequence) is token j of the sentence.
@@ -700,28 +792,10 @@ def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> S
                 item_plan.append((index_of[ids], mask, len(text.encode("utf-8"))))
                 k += 1
             set_plan.append(item_plan)
+            if group:
+                groups.append(group)
         options.append(set_plan)
-    return ScoringPlan(sequences, options, _shared_prefix_reuse(sequences, options))
-
-
-def _shared_prefix_reuse(sequences: list[list[int]], options) -> dict[int, tuple[int, int]]:
-    """The options of an item share the question text before the blank: every option's sequence reuses the
-    log-probs of that common token prefix from the item's first option (its donor, computed in full)."""
-    donors = {item[0][0] for set_plan in options for item in set_plan}
-    reuse = {}
-    for set_plan in options:
-        for item in set_plan:
-            donor = item[0][0]
-            for seq, _, _ in item[1:]:
-                if seq in donors or seq in reuse:
-                    continue
-                a, b = sequences[donor], sequences[seq]
-                common = 0
-                while common < min(len(a), len(b)) and a[common] == b[common]:
-                    common += 1
-                if common > 1:  # targets 1 .. common-1 are predicted from identical contexts
-                    reuse[seq] = (donor, common - 1)
-    return reuse
+    return ScoringPlan(sequences, options, groups)
 
 
 def option_score(logprobs: np.ndarray, mask: np.ndarray | None, n_bytes: int, scoring: str) -> float:
@@ -749,7 +823,7 @@ def score_question_sets(
     if limit and longest > limit:
         raise ValueError(f"A filled question is {longest} tokens long; the model takes at most {limit}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
-    logprobs = token_logprobs(model, plan.sequences, batch_size, pad_id, padding_side, plan.reuse, desc=desc)
+    logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, pad_id, padding_side, desc=desc)
     return [
         [[option_score(logprobs[seq], mask, n_bytes, scoring) for seq, mask, n_bytes in item] for item in set_plan]
         for set_plan in plan.options
@@ -971,7 +1045,9 @@ def bridge_diagnostic_losses(
     sequences += [[start] + en_ids[i] + [start] + tgt_ids[i] for i in range(n)]
     sequences += [[start] + en_ids[(i + 1) % n] + [start] + tgt_ids[i] for i in range(n)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    logprobs = token_logprobs(model, sequences, batch_size, pad_id)
+    # tgt_i alone is its own tree; en_i + tgt_i and en_i + tgt_(i-1) share en_i: one tree.
+    groups = [[i] for i in range(n)] + [[n + i, 2 * n + (i - 1) % n] for i in range(n)]
+    logprobs = token_logprobs(model, sequences, groups, batch_size, pad_id)
     tokens = sum(len(t) for t in tgt_ids)
 
     def mean_loss(block: int) -> float:

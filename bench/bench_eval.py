@@ -3,8 +3,13 @@
 
 * baseline: ``tests/paper_reference.reference_scores``: the paper's probe written straight from its
   description, one filled sentence per forward pass, no padding (what the authors' script does);
-* run_eval: ``run_eval.score_question_sets``: all options of many questions per forward, sorted by
-  length, right-padded with an attention mask, the vocabulary projection on real positions only.
+* run_eval: ``run_eval.score_question_sets``: the options of each question as one prefix tree (the question
+  text before the blank computed once, a tree-shaped causal mask), many questions per forward, the
+  vocabulary projection once per tree node that predicts a token.
+
+It also prints the work each path does (token positions through the transformer and through the vocabulary
+projection): on a CPU both paths are bound by that arithmetic, so the work ratio is what batching and
+sharing can give beyond removing per-forward overhead.
 
 Model: configs/tiny.json (Qwen2, hidden 128, 2 layers) with random weights and a byte-level BPE tokenizer
 trained on the questions (--vocab_size). Questions: the paper's 8 released files when
@@ -172,6 +177,21 @@ def main() -> None:
             f"run_eval batched (batch {args.batch_size}):      {n_items / batched_seconds:8.1f} items/s ({batched_seconds:.1f} s)"
         )
         print(f"ratio: {reference_seconds / batched_seconds:.1f}x")
+        loop_positions = sum(
+            len(tokenizer(run_eval.fill_blanks(it["question"], option)[0], add_special_tokens=False)["input_ids"]) + 1
+            for qs in question_sets
+            for it in qs.items
+            for option in it["options"]
+        )
+        plan = run_eval.plan_scoring(tokenizer, question_sets, "mean_token_loss")
+        trees, _ = run_eval.build_prefix_trees(plan.sequences, plan.groups)
+        nodes = sum(len(tree.tokens) for tree in trees)
+        projected = sum(len(set(tree.parents[1:])) for tree in trees)
+        print(
+            f"work: transformer positions {loop_positions} (loop) vs {nodes} (run_eval, "
+            f"{loop_positions / nodes:.2f}x fewer); vocabulary projections {loop_positions} vs {projected} "
+            f"({loop_positions / projected:.2f}x fewer)"
+        )
         if args.dtype == "float32":
             assert not mismatches, f"predictions differ on {mismatches[:20]}"
         elif mismatches:

@@ -214,24 +214,55 @@ def test_option_logprob_counts_only_tokens_overlapping_the_option(tiny):
     assert "".join(pieces).strip() == "xy"
 
 
-def test_options_reuse_the_shared_question_prefix_of_their_item(tiny, sample_dir):
+def test_options_of_an_item_run_as_one_prefix_tree_with_the_question_text_once(tiny, sample_dir):
     _, tokenizer = tiny
     sets = run_eval.load_question_sets([str(sample_dir)])
     plan = run_eval.plan_scoring(tokenizer, sets, "mean_token_loss")
+    trees, located = run_eval.build_prefix_trees(plan.sequences, plan.groups)
     english = [qs.lang for qs in sets].index("en")
     item = plan.options[english][0]  # "The Korean people celebrate ___ in autumn."
-    donor = item[0][0]
     prefix = len(
         [run_eval.document_start_id(tokenizer)]
         + tokenizer("The Korean people celebrate", add_special_tokens=False)["input_ids"]
     )
-    for seq, _, _ in item[1:]:
-        reused_from, shared = plan.reuse[seq]
-        assert reused_from == donor and shared >= prefix - 1
-        assert plan.sequences[seq][: shared + 1] == plan.sequences[donor][: shared + 1]
-    assert donor not in plan.reuse  # donors are computed in full
-    # Items whose blank opens the question share only the start token: nothing to reuse.
-    assert all(seq not in plan.reuse for seq, _, _ in plan.options[english][1][1:])
+    (tree_index,) = {located[seq][0] for seq, _, _ in item}
+    paths = [located[seq][1] for seq, _, _ in item]
+    for path, (seq, _, _) in zip(paths, item):
+        assert [trees[tree_index].tokens[node] for node in path] == plan.sequences[seq]
+        assert path[:prefix].tolist() == paths[0][:prefix].tolist()  # the question text: the same nodes
+    assert len(trees[tree_index].tokens) == len(set(np.concatenate(paths).tolist()))
+    assert len(trees[tree_index].tokens) < sum(len(plan.sequences[seq]) for seq, _, _ in item)
+    # An item whose blank opens the question shares only the start token.
+    opening = [located[seq] for seq, _, _ in plan.options[english][1]]
+    assert len({t for t, _ in opening}) == 1 and len({path[1] for _, path in opening}) == len(opening)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_tree_masks_give_each_sequence_its_log_probs_alone(tiny_model_dir, attn_implementation):
+    model = run_eval.load_model(tiny_model_dir, "float32", torch.device("cpu"), attn_implementation)
+    rng = np.random.default_rng(0)
+    stem = rng.integers(5, 200, size=12).tolist()
+    sequences = [[1] + stem[:n] + rng.integers(5, 200, size=m).tolist() for n, m in [(12, 3), (12, 0), (4, 6), (0, 5)]]
+    sequences += [[1] + stem, [1], [2] + stem[:3]]  # a duplicate of the second, a start token alone, another root
+    with torch.inference_mode():  # each sequence alone, straight through the model
+        alone = [
+            torch.log_softmax(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1], -1)
+            .gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+            .numpy()
+            for ids in sequences
+        ]
+    for groups, padding_side in [
+        (None, "right"),
+        ([list(range(len(sequences)))], "left"),
+        ([[0, 1, 2], [3, 4, 5, 6]], "right"),
+    ]:
+        together = run_eval.token_logprobs(model, sequences, groups, batch_size=3, padding_side=padding_side)
+        for ids, expected, got in zip(sequences, alone, together):
+            assert got.shape == (len(ids) - 1,)
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    trees, _ = run_eval.build_prefix_trees(sequences, [list(range(len(sequences)))])
+    assert [tree.tokens[0] for tree in trees] == [1, 2]  # one tree per first token
+    assert len(trees[0].tokens) == 1 + 12 + 3 + 6 + 5
 
 
 def test_identical_sentences_tie_exactly_and_the_first_option_wins(tiny, tmp_path):
