@@ -580,23 +580,16 @@ class PrefixTree:
 
     Node k holds one token and its parent is the node of the token before it, so a prefix shared by several
     sequences (the question text before the blank, shared by all options) is one chain of nodes. In the
-    forward pass node k sits at position ``depths[k]`` and attends to itself and its ancestors only (a
-    tree-shaped causal mask): its hidden state is the one it has in each of its sequences run alone. The
-    next-token distribution of a node is computed once, however many sequences continue from it.
+    forward pass node k sits at position ``depths[k]`` and attends to the nodes ``visible[k]`` marks: itself
+    and its ancestors (a tree-shaped causal mask). So its hidden state is the one it has in each of its
+    sequences run alone, and the next-token distribution of a node is computed once, however many sequences
+    continue from it. A parent always comes before its children.
     """
 
     tokens: list[int]
     parents: list[int]  # -1 for the root (node 0)
     depths: list[int]
-
-    def visible(self) -> np.ndarray:
-        """[n, n] bool: row k marks the nodes node k attends to (its ancestors and itself)."""
-        visible = np.zeros((len(self.tokens), len(self.tokens)), dtype=bool)
-        for k, parent in enumerate(self.parents):
-            if parent >= 0:
-                visible[k] = visible[parent]
-            visible[k, k] = True
-        return visible
+    visible: np.ndarray  # [n, n] bool
 
 
 def build_prefix_trees(
@@ -607,30 +600,44 @@ def build_prefix_trees(
     groups = groups if groups is not None else [[i] for i in range(len(sequences))]
     trees: list[PrefixTree] = []
     located: list[tuple[int, np.ndarray] | None] = [None] * len(sequences)
+    causal = np.tri(max(map(len, sequences), default=0), dtype=bool)
     for group in groups:
-        roots: dict[int, tuple[int, list[dict[int, int]]]] = {}  # first token -> (tree index, children per node)
+        by_first: dict[int, list[int]] = {}
         for i in group:
-            ids = sequences[i]
-            if located[i] is not None:
+            if located[i] is not None or i in by_first.get(sequences[i][0] if sequences[i] else None, ()):
                 raise ValueError(f"Sequence {i} is in two groups.")
-            if not ids:
+            if not sequences[i]:
                 raise ValueError(f"Sequence {i} is empty: every sequence needs at least its start token.")
-            if ids[0] not in roots:
-                roots[ids[0]] = (len(trees), [{}])
-                trees.append(PrefixTree([ids[0]], [-1], [0]))
-            t, children = roots[ids[0]]
-            tree, node, nodes = trees[t], 0, [0]
-            for token in ids[1:]:
-                child = children[node].get(token)
-                if child is None:
-                    child = children[node][token] = len(tree.tokens)
-                    tree.tokens.append(token)
-                    tree.parents.append(node)
-                    tree.depths.append(tree.depths[node] + 1)
-                    children.append({})
-                node = child
-                nodes.append(node)
-            located[i] = (t, np.array(nodes))
+            by_first.setdefault(sequences[i][0], []).append(i)
+        for members in by_first.values():
+            # In lexicographic order, the longest prefix a sequence shares with any earlier one is the one it
+            # shares with its predecessor: only the tokens after it are new nodes.
+            members.sort(key=lambda i: sequences[i])
+            tokens, parents, depths, chains = [], [], [], []
+            previous: list[int] = []
+            previous_nodes: list[int] = []
+            for i in members:
+                ids = sequences[i]
+                shared, limit = 0, min(len(ids), len(previous))
+                while shared < limit and ids[shared] == previous[shared]:
+                    shared += 1
+                first_new = len(tokens)
+                nodes = previous_nodes[:shared] + list(range(first_new, first_new + len(ids) - shared))
+                if shared < len(ids):
+                    tokens += ids[shared:]
+                    depths += range(shared, len(ids))
+                    parents += [nodes[shared - 1] if shared else -1] + nodes[shared:-1]
+                located[i] = (len(trees), np.array(nodes))
+                chains.append((first_new, len(ids) - shared, nodes[shared - 1] if shared else -1))
+                previous, previous_nodes = ids, nodes
+            visible = np.zeros((len(tokens), len(tokens)), dtype=bool)
+            for first_new, length, parent in chains:
+                # A chain of new nodes sees what its parent sees, and itself causally (a lower triangle).
+                chain = slice(first_new, first_new + length)
+                if parent >= 0:
+                    visible[chain] = visible[parent]
+                visible[chain, chain] = causal[:length, :length]
+            trees.append(PrefixTree(tokens, parents, depths, visible))
     missing = [i for i, where in enumerate(located) if where is None]
     if missing:
         raise ValueError(f"Sequences {missing[:10]} belong to no group.")
@@ -688,7 +695,7 @@ def token_logprobs(
             offset = 0 if padding_side == "right" else width - n
             input_ids[row, offset : offset + n] = tree.tokens
             position_ids[row, offset : offset + n] = tree.depths
-            visible[row, offset : offset + n, offset : offset + n] = tree.visible()
+            visible[row, offset : offset + n, offset : offset + n] = tree.visible
             edge_parent += [row * width + offset + p for p in tree.parents[1:]]
             edge_token += tree.tokens[1:]
             edge_node += range(first_node[t] + 1, first_node[t] + n)
