@@ -665,23 +665,16 @@ def token_logprobs(
     ``use_cache=False``: no cache is built (see STACK-FACTS).
     """
     trees, located = build_prefix_trees(sequences, groups)
-    sequences_in = np.bincount([t for t, _ in located], minlength=len(trees))
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     split = _body_and_head(model)
-    order = sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens))
-    batches, current, held = [], [], 0
-    for t in order:
-        current.append(t)
-        held += sequences_in[t]
-        if held >= batch_size:
-            batches.append(current)
-            current, held = [], 0
-    if current:
-        batches.append(current)
+    # Logits in chunks of ~16 MB on a CPU (they stay in cache for the loss), ~256 MB on a GPU.
+    chunk_elements = head_chunk_elements or (1 << 22 if device.type == "cpu" else 1 << 26)
+    rows_per_chunk = max(1, chunk_elements // model.config.get_text_config().vocab_size)
     # log p(node's token | its ancestors) of every node of every tree, flat (a root predicts nothing: 0).
     first_node = np.cumsum([0] + [len(tree.tokens) for tree in trees])
     node_logprobs = np.zeros(first_node[-1])
+    batches = _tree_batches(trees, np.bincount([t for t, _ in located], minlength=len(trees)), batch_size)
     for batch in tqdm(batches, desc=desc or "scoring", leave=False, disable=desc is None):
         width = max(len(trees[t].tokens) for t in batch)
         input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
@@ -710,33 +703,58 @@ def token_logprobs(
             "attention_mask": mask.to(device),
             "use_cache": False,
         }
-        # The positions that predict something, once each (a parent of several children is projected once).
-        predicting, first_edge, edge_row = np.unique(np.array(edge_parent), return_index=True, return_inverse=True)
         if split is not None:
             body, project = split
             states = body(**inputs).last_hidden_state
         else:  # logits post-processed by the model: take them whole
             states, project = model(**inputs).logits, (lambda x: x)
+        # The positions that predict something, once each (a parent of several children is projected once).
+        predicting, first_edge, edge_row = np.unique(np.array(edge_parent), return_index=True, return_inverse=True)
         states = states.reshape(-1, states.shape[-1])[torch.from_numpy(predicting).to(device)]
-        edge_token = torch.tensor(edge_token, device=device)
-        row_token = edge_token[torch.from_numpy(first_edge).to(device)]  # a next token of each predicting row
-        edge_row_t = torch.from_numpy(edge_row).to(device)
-        logprobs = torch.empty(len(edge_row), dtype=torch.float32, device=device)
-        # Logits in chunks: ~16 MB on a CPU (they stay in cache for the loss), ~256 MB on a GPU.
-        elements = head_chunk_elements or (1 << 22 if device.type == "cpu" else 1 << 26)
-        rows_per_chunk = max(1, elements // model.config.get_text_config().vocab_size)
-        for start in range(0, len(predicting), rows_per_chunk):
-            logits = project(states[start : start + rows_per_chunk]).float()
-            # log-sum-exp over the vocabulary as cross-entropy + target logit: torch's fused cross-entropy
-            # kernel is ~1.5x faster than torch.logsumexp on CPU, and it is what the paper's loss computes.
-            targets = row_token[start : start + rows_per_chunk]
-            normaliser = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-            normaliser += logits.gather(1, targets[:, None])[:, 0]
-            edges = ((edge_row_t >= start) & (edge_row_t < start + rows_per_chunk)).nonzero()[:, 0]
-            local = edge_row_t[edges] - start
-            logprobs[edges] = logits[local, edge_token[edges]] - normaliser[local]
+        logprobs = _edge_logprobs(
+            project,
+            states,
+            torch.from_numpy(edge_row).to(device),
+            torch.tensor(edge_token, device=device),
+            torch.from_numpy(first_edge).to(device),
+            rows_per_chunk,
+        )
         node_logprobs[edge_node] = logprobs.double().cpu().numpy()
     return [node_logprobs[first_node[t] + nodes[1:]] for t, nodes in located]
+
+
+def _tree_batches(trees: list[PrefixTree], sequences_in: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Trees, largest first (little padding), in batches that hold at least ``batch_size`` sequences."""
+    batches, current, held = [], [], 0
+    for t in sorted(range(len(trees)), key=lambda t: -len(trees[t].tokens)):
+        current.append(t)
+        held += sequences_in[t]
+        if held >= batch_size:
+            batches.append(current)
+            current, held = [], 0
+    return batches + [current] if current else batches
+
+
+def _edge_logprobs(project, states, edge_row, edge_token, first_edge, rows_per_chunk: int) -> torch.Tensor:
+    """log p(edge_token[e] | state edge_row[e]) for every edge, float32.
+
+    ``states`` are the hidden states of the predicting positions; ``project`` gives their logits, in chunks
+    of ``rows_per_chunk`` rows.
+    ``first_edge[r]`` is an edge of state r: its token serves as cross-entropy target, because log-sum-exp
+    over the vocabulary = cross-entropy + target logit, and torch's fused cross-entropy kernel is ~1.5x faster
+    than torch.logsumexp on CPU (it is also what the paper's loss computes).
+    """
+    logprobs = torch.empty(len(edge_row), dtype=torch.float32, device=states.device)
+    row_token = edge_token[first_edge]
+    for start in range(0, states.shape[0], rows_per_chunk):
+        logits = project(states[start : start + rows_per_chunk]).float()
+        targets = row_token[start : start + rows_per_chunk]
+        normaliser = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        normaliser += logits.gather(1, targets[:, None])[:, 0]
+        edges = ((edge_row >= start) & (edge_row < start + rows_per_chunk)).nonzero()[:, 0]
+        local = edge_row[edges] - start
+        logprobs[edges] = logits[local, edge_token[edges]] - normaliser[local]
+    return logprobs
 
 
 def fill_blanks(question: str, option: str) -> tuple[str, list[tuple[int, int]]]:
