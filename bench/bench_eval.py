@@ -99,6 +99,21 @@ def build_model(question_sets, vocab_size: int, output_dir: Path, seed: int = 0)
     return output_dir
 
 
+@torch.inference_mode()
+def matmul_rate(model, device, sync, rows: int = 512, seconds: float = 2.0) -> float:
+    """Multiply-accumulates per second of the model's vocabulary projection on ``rows`` hidden states."""
+    head = model.get_output_embeddings()
+    hidden = torch.randn(rows, head.in_features, device=device, dtype=head.weight.dtype)
+    head(hidden)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        head(hidden)
+        calls += 1
+    sync()
+    return calls * rows * head.in_features * head.out_features / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max_items", type=int, default=None, help="Use the first N items of each file.")
@@ -191,6 +206,22 @@ def main() -> None:
             f"work: transformer positions {loop_positions} (loop) vs {nodes} (run_eval, "
             f"{loop_positions / nodes:.2f}x fewer); vocabulary projections {loop_positions} vs {projected} "
             f"({loop_positions / projected:.2f}x fewer)"
+        )
+        # Multiply-accumulates of the weight matrices (attention scores are small at these lengths).
+        c = model.config
+        kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+        per_position = c.num_hidden_layers * c.hidden_size * (2 * c.hidden_size + 2 * kv + 3 * c.intermediate_size)
+        per_projection = c.hidden_size * c.vocab_size
+        loop_macs = loop_positions * (per_position + per_projection)
+        run_eval_macs = nodes * per_position + projected * per_projection
+        print(
+            f"arithmetic: loop {loop_macs / 1e9:.0f} GMAC at {loop_macs / reference_seconds / 1e9:.1f} GMAC/s, "
+            f"run_eval {run_eval_macs / 1e9:.0f} GMAC at {run_eval_macs / batched_seconds / 1e9:.1f} GMAC/s"
+        )
+        peak = matmul_rate(model, device, sync)
+        print(
+            f"ceiling: this machine multiplies the projection's matrices at {peak / 1e9:.1f} GMAC/s; run_eval's "
+            f"arithmetic alone at that rate, with no other cost, would be {reference_seconds * peak / run_eval_macs:.1f}x"
         )
         if args.dtype == "float32":
             assert not mismatches, f"predictions differ on {mismatches[:20]}"
