@@ -140,7 +140,9 @@ class EvalArguments:
     )
     padding_side: Literal["right", "left"] = field(
         default="right",
-        metadata={"help": "Where padding goes in a batch. Scores do not depend on it (position ids follow the mask)."},
+        metadata={
+            "help": "Where padding goes in a batch row. Scores do not depend on it (explicit positions and mask)."
+        },
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
