@@ -607,7 +607,7 @@ def build_prefix_trees(
         by_first: dict[int, list[int]] = {}
         for i in group:
             if located[i] is not None or i in by_first.get(sequences[i][0] if sequences[i] else None, ()):
-                raise ValueError(f"Sequence {i} is in two groups.")
+                raise ValueError(f"Sequence {i} is listed twice in the groups.")
             if not sequences[i]:
                 raise ValueError(f"Sequence {i} is empty: every sequence needs at least its start token.")
             by_first.setdefault(sequences[i][0], []).append(i)
