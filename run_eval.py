@@ -604,9 +604,11 @@ def build_prefix_trees(
     located: list[tuple[int, np.ndarray] | None] = [None] * len(sequences)
     causal = np.tri(max(map(len, sequences), default=0), dtype=bool)
     for group in groups:
+        if len(set(group)) < len(group):
+            raise ValueError(f"A group lists a sequence twice: {group}.")
         by_first: dict[int, list[int]] = {}
         for i in group:
-            if located[i] is not None or i in by_first.get(sequences[i][0] if sequences[i] else None, ()):
+            if located[i] is not None:
                 raise ValueError(f"Sequence {i} is listed twice in the groups.")
             if not sequences[i]:
                 raise ValueError(f"Sequence {i} is empty: every sequence needs at least its start token.")
@@ -623,14 +625,14 @@ def build_prefix_trees(
                 shared, limit = 0, min(len(ids), len(previous))
                 while shared < limit and ids[shared] == previous[shared]:
                     shared += 1
-                first_new = len(tokens)
+                first_new, parent = len(tokens), previous_nodes[shared - 1] if shared else -1
                 nodes = previous_nodes[:shared] + list(range(first_new, first_new + len(ids) - shared))
                 if shared < len(ids):
                     tokens += ids[shared:]
                     depths += range(shared, len(ids))
-                    parents += [nodes[shared - 1] if shared else -1] + nodes[shared:-1]
+                    parents += [parent] + nodes[shared:-1]
                 located[i] = (len(trees), np.array(nodes))
-                chains.append((first_new, len(ids) - shared, nodes[shared - 1] if shared else -1))
+                chains.append((first_new, len(ids) - shared, parent))
                 previous, previous_nodes = ids, nodes
             visible = np.zeros((len(tokens), len(tokens)), dtype=bool)
             for first_new, length, parent in chains:

@@ -192,13 +192,11 @@ def main() -> None:
             f"run_eval batched (batch {args.batch_size}):      {n_items / batched_seconds:8.1f} items/s ({batched_seconds:.1f} s)"
         )
         print(f"ratio: {reference_seconds / batched_seconds:.1f}x")
-        loop_positions = sum(
-            len(tokenizer(run_eval.fill_blanks(it["question"], option)[0], add_special_tokens=False)["input_ids"]) + 1
-            for qs in question_sets
-            for it in qs.items
-            for option in it["options"]
-        )
         plan = run_eval.plan_scoring(tokenizer, question_sets, "mean_token_loss")
+        # The loop runs [start] + filled sentence for every option, duplicates included.
+        loop_positions = sum(
+            len(plan.sequences[seq]) for set_plan in plan.options for item in set_plan for seq, _, _ in item
+        )
         trees, _ = run_eval.build_prefix_trees(plan.sequences, plan.groups)
         nodes = sum(len(tree.tokens) for tree in trees)
         projected = sum(len(set(tree.parents[1:])) for tree in trees)
