@@ -23,6 +23,18 @@ def local_hub(tmp_path, monkeypatch):
         yield hub
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and do not thrash when other processes share the cores.
+    Modules of tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def paper_cloze_dir():
     if not PAPER_CLOZE_DIR.is_dir():

@@ -25,13 +25,7 @@ from study_common import script_letter_fraction
 PREDICTION_KEYS = {"questions", "lang", "index", "step", "checkpoint", "scores", "prediction", "answer", "correct"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not thrash when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

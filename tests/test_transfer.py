@@ -8,19 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from cloze_samples import write_sample_questions
 from eval_helpers import make_run_dir
 
 import run_eval
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_eval_output(
