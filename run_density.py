@@ -1489,6 +1489,13 @@ def main(argv: list[str] | None = None) -> dict:
         corpus_entry["occurrences"] = int(sum(r["occurrences"] for r in corpus_entry["by_questions"]))
         corpus_entry["density"] = corpus_entry["occurrences"] / meta["documents"]
         corpus_entries.append(corpus_entry)
+    if not table:
+        # Nothing was measured: a report with density 0.0 and an empty table would read as a finding.
+        listed = "; ".join(f"{s['questions']} on {s['corpus']}: {s['reason']}" for s in skipped_pairs)
+        raise ValueError(
+            f"every question/corpus pair was skipped, nothing was measured ({listed}). Give a corpus in the "
+            "questions' script, or lower --min_script_fraction (0 measures every pair)."
+        )
 
     analysis = None
     if args.predictions_with:
@@ -1575,5 +1582,5 @@ if __name__ == "__main__":
     try:
         main()
     except (FileNotFoundError, ValueError) as err:
-        logging.getLogger("run_density").error("%s", err)
-        sys.exit(1)
+        print(f"run_density.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -2,6 +2,7 @@
 
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -628,6 +629,28 @@ def test_command_line_exits_with_a_clear_message_on_bad_input(tmp_path, world):
     with pytest.raises(AssertionError, match=r"nope\.jsonl: no such corpus file"):
         run_script([sys.executable, str(REPO_ROOT / "run_density.py"), "--questions", str(question_files["en"]),
                     "--corpus_files", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+
+
+def test_a_run_whose_every_pair_is_skipped_by_script_exits_2_naming_them_and_writes_no_report(world, tmp_path):
+    question_files, corpus_files = world
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_density.py"), "--questions", str(question_files["en"]),
+         str(question_files["ko"]), "--corpus_files", f"tibetan={corpus_files['bo']}", "--output_dir", str(out),
+         "--log_level", "warning"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("run_density.py: error:")]
+    assert "every question/corpus pair was skipped" in error
+    assert "synthetic-cloze_en on tibetan: 0.00% of the corpus is in Latin script (< --min_script_fraction" in error
+    assert "synthetic-cloze_ko on tibetan: 0.00% of the corpus is in Hangul script" in error
+    assert not (out / "density.json").exists() and not (out / "density.md").exists()
+    # One measured pair is enough: the other is reported as skipped, and the run succeeds.
+    report = run_main(tmp_path, ["--questions", str(question_files["en"]), str(question_files["bo"]),
+                                 "--corpus_files", f"tibetan={corpus_files['bo']}", "--output_dir", str(out)])  # fmt: skip
+    assert [(r["questions"], r["corpus"]) for r in report["table"]] == [("synthetic-cloze_bo", "tibetan")]
+    assert [(s["questions"], s["corpus"]) for s in report["skipped_pairs"]] == [("synthetic-cloze_en", "tibetan")]
 
 
 # --------------------------------------------------------------------------------------
