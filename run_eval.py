@@ -1174,7 +1174,7 @@ def _resolve_run(
         eval_dir = source / transfer.eval_dir_name
         if question_sets:
             setting = read_cpt_setting(str(source), find_checkpoints(str(source))[0])
-            relevant = _questions_for_language(question_sets, (setting or {}).get("lang"))
+            relevant = _questions_for_language(question_sets, (setting or {}).get("lang"), str(source))
             evaluate_model(args, relevant, str(source), eval_dir)
             if args.diagnostic_pairs:
                 run_bridge_diagnostic(args, str(source), eval_dir)
@@ -1214,14 +1214,31 @@ def _resolve_run(
     return RunResults(name, eval_dir, bridges, lang, setting.get("seed"), steps, accuracy["questions"], correct)
 
 
-def _questions_for_language(question_sets: list[QuestionSet], lang: str | None) -> list[QuestionSet]:
+def _questions_for_language(question_sets: list[QuestionSet], lang: str | None, run: str) -> list[QuestionSet]:
     """The question sets a run of language ``lang`` is probed on: its language's sets and their parallel
-    English sets (a ko run needs ko-culture-cloze_ko and _en, not the Tibetan files). All when unknown."""
+    English sets (a ko run needs ko-culture-cloze_ko and _en, not the Tibetan files).
+
+    Probing a run on questions of other languages measures nothing about it, so no match is an error, and so
+    is an unknown language when the questions hold several target languages (which one would be a guess)."""
+    available = sorted({qs.lang for qs in question_sets})
+    targets = sorted({qs.lang for qs in question_sets if qs.lang != "en"})
     if not lang:
+        if len(targets) > 1:
+            raise ValueError(
+                f"{run}: its config.json records no cpt_setting lang, and the questions hold several target "
+                f"languages ({', '.join(targets)}): cannot tell which to probe it on. Pass only the --questions of "
+                "its language (and their English parallels), or probe it with --model_name_or_path."
+            )
         return question_sets
     bases = {qs.base for qs in question_sets if qs.lang == lang}
     relevant = [qs for qs in question_sets if qs.base in bases and qs.lang in (lang, "en")]
-    return relevant or question_sets
+    if not relevant:
+        raise ValueError(
+            f"{run}: its cpt_setting lang is {lang!r}, but no question set is in {lang!r} (question languages: "
+            f"{', '.join(available)}; sets: {', '.join(qs.stem for qs in question_sets)}). Pass --questions in "
+            f"{lang!r} (files named '<name>_{lang}', or --question_langs STEM={lang}) with their English parallels."
+        )
+    return relevant
 
 
 def _pair_seeds(
@@ -1705,4 +1722,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"run_eval.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

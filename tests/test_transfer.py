@@ -281,3 +281,22 @@ def test_transfer_analysis_of_real_tiny_runs_in_two_languages(tmp_path, tiny_mod
         "with_bridges": ko["with"],
         "without_bridges": ko["without"],
     }
+
+
+def test_a_run_whose_language_has_no_questions_is_refused_naming_run_lang_and_languages(tmp_path, tiny_model_dir):
+    questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko"))
+    setting = {"lang": "mn", "bridges": True, "seed": 0}
+    run = make_run_dir(tiny_model_dir, tmp_path / "mn-run", (), 1, setting)
+    with pytest.raises(ValueError) as err:
+        run_eval.main(["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")])
+    message = str(err.value)
+    assert str(run) in message and "lang is 'mn'" in message and "question languages: en, ko" in message
+    assert not (run / "eval").exists()  # nothing probed
+
+
+def test_a_run_of_unknown_language_is_refused_when_questions_hold_several_target_languages(tmp_path, tiny_model_dir):
+    questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
+    run = make_run_dir(tiny_model_dir, tmp_path / "run", (), 1, {"bridges": True, "seed": 0})
+    with pytest.raises(ValueError, match=r"records no cpt_setting lang.*several target languages \(ko, zh\)"):
+        run_eval.main(["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")])
+    assert not (run / "eval").exists()
