@@ -1145,23 +1145,49 @@ class RunResults:
 
 
 def read_eval_output(eval_dir: Path) -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
-    """accuracy.json, and per questions stem a dict step -> per-item correctness."""
+    """accuracy.json, and per questions stem a dict step -> per-item correctness.
+
+    Every item of every question set must appear exactly once per checkpoint of accuracy.json: a missing
+    line would otherwise count as a wrong answer and a repeated one could hide a stale result, so either is
+    an error naming the file, the questions, the step and the items."""
     accuracy = json.loads((eval_dir / "accuracy.json").read_text(encoding="utf-8"))
     sizes = {stem: q["items"] for stem, q in accuracy["questions"].items()}
-    correct = {stem: {} for stem in sizes}
     paths = {e["step"]: e["path"] for e in accuracy["checkpoints"]}
-    with (eval_dir / "predictions.jsonl").open(encoding="utf-8") as handle:
+    predictions = eval_dir / "predictions.jsonl"
+    correct = {stem: {step: np.zeros(size, bool) for step in paths} for stem, size in sizes.items()}
+    seen = {stem: {step: np.zeros(size, np.int64) for step in paths} for stem, size in sizes.items()}
+    with predictions.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             row = json.loads(line)
             if paths.get(row["step"]) != row["checkpoint"] or row["questions"] not in sizes:
                 continue
-            per_step = correct[row["questions"]].setdefault(row["step"], np.zeros(sizes[row["questions"]], bool))
-            if row["index"] >= len(per_step):
-                raise ValueError(f"{eval_dir / 'predictions.jsonl'}:{line_number}: item index beyond the question set.")
-            per_step[row["index"]] = row["correct"]
+            index = row["index"]
+            if not 0 <= index < sizes[row["questions"]]:
+                raise ValueError(f"{predictions}:{line_number}: item index {index} beyond the question set.")
+            seen[row["questions"]][row["step"]][index] += 1
+            correct[row["questions"]][row["step"]][index] = row["correct"]
+    problems = []
+    for stem, per_step in seen.items():
+        for step, counts in per_step.items():
+            missing, repeated = np.flatnonzero(counts == 0).tolist(), np.flatnonzero(counts > 1).tolist()
+            if missing:
+                problems.append(f"{stem} step {step}: {len(missing)} item(s) missing: {_index_list(missing)}")
+            if repeated:
+                problems.append(f"{stem} step {step}: {len(repeated)} item(s) listed twice: {_index_list(repeated)}")
+    if problems:
+        raise ValueError(
+            f"{predictions} does not hold every item exactly once for each checkpoint of accuracy.json:\n  "
+            + "\n  ".join(problems)
+            + "\nRe-run the probing into this folder with --overwrite_output_dir."
+        )
     return accuracy, correct
+
+
+def _index_list(indices: list[int], limit: int = 20) -> str:
+    shown = ", ".join(map(str, indices[:limit]))
+    return shown + (f", ... ({len(indices) - limit} more)" if len(indices) > limit else "")
 
 
 def _resolve_run(
@@ -1196,10 +1222,7 @@ def _resolve_run(
         raise ValueError(f"{path} was given as {flag} but its cpt_setting says bridges={recorded}.")
     steps = sorted({e["step"] for e in accuracy["checkpoints"]})
     correct = {}
-    for stem, per_step in by_stem.items():
-        missing = [s for s in steps if s not in per_step]
-        if missing:
-            raise ValueError(f"{eval_dir}: predictions.jsonl lacks {stem} at steps {missing}; re-run the probing.")
+    for stem, per_step in by_stem.items():  # read_eval_output checked that every step holds every item
         correct[stem] = np.stack([per_step[s] for s in steps]) if steps else np.zeros((0, 0), bool)
     lang = setting.get("lang")
     if lang is None:

@@ -300,3 +300,24 @@ def test_a_run_of_unknown_language_is_refused_when_questions_hold_several_target
     with pytest.raises(ValueError, match=r"records no cpt_setting lang.*several target languages \(ko, zh\)"):
         run_eval.main(["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")])
     assert not (run / "eval").exists()
+
+
+def test_items_missing_or_repeated_in_predictions_are_an_error_naming_file_questions_step_and_items(tmp_path):
+    data = {"c_ko": np.ones((2, 10), bool), "c_en": np.ones((2, 10), bool)}
+    eval_dir = write_eval_output(tmp_path / "r", data, [1, 2], {"lang": "ko", "bridges": True, "seed": 0})
+    predictions = eval_dir / "predictions.jsonl"
+    lines = predictions.read_text().splitlines()
+    # Drop items 3 and 7 of c_ko at step 2 (lines 20.. hold step 2; c_ko comes first).
+    kept = [line for k, line in enumerate(lines) if k not in (23, 27)]
+    predictions.write_text("\n".join(kept) + "\n")
+    with pytest.raises(ValueError) as err:
+        run_eval.read_eval_output(eval_dir)
+    message = str(err.value)
+    assert str(predictions) in message and "c_ko step 2: 2 item(s) missing: 3, 7" in message
+    assert "--overwrite_output_dir" in message and "c_en" not in message
+    predictions.write_text("\n".join(lines + [lines[4]]) + "\n")
+    with pytest.raises(ValueError, match=r"c_ko step 1: 1 item\(s\) listed twice: 4"):
+        run_eval.read_eval_output(eval_dir)
+    predictions.write_text("\n".join(lines) + "\n")
+    _, correct = run_eval.read_eval_output(eval_dir)
+    assert correct["c_ko"][2].all() and correct["c_en"][1].all()
