@@ -15,9 +15,10 @@ Step 3 of the study. Three jobs, one script:
    Finished checkpoints are reused when the output directory already holds them for the same questions,
    scoring and dtype, so re-running after new checkpoints appear (or after a crash) scores only what is new.
 
-2. **Bridge diagnostic** (``--diagnostic_pairs``): per checkpoint, the mean token loss of the target side
-   of held-out parallel pairs (a) alone, (b) after its own English side, (c) after another pair's English
-   side -> ``bridge_diagnostic.json``.
+2. **Bridge diagnostic** (``--diagnostic_pairs``): per checkpoint, the mean token loss of the second side
+   of held-out parallel pairs, laid out in the run's ``pair_order`` (en_first: the target side after the
+   English side), (a) alone, (b) after its own first side, (c) after another pair's first side ->
+   ``bridge_diagnostic.json``.
 
 3. **Transfer analysis** (``--with_bridges A.. --without_bridges B..`` or ``--runs R..``): accuracy curves
    of both CPT settings, the gap per step with a paired bootstrap CI, the mean gap over the curve, an exact
@@ -164,9 +165,10 @@ class EvalArguments:
         default=None,
         metadata={
             "help": "Held-out parallel pairs (.jsonl/.json with 'en' and 'tgt' columns, or a save_to_disk dataset "
-            "whose kind=='pair' rows are used): writes bridge_diagnostic.json with, per checkpoint, the target "
-            "side's mean token loss alone ([start]+tgt), after its own English side ([start]+en+[start]+tgt, loss "
-            "over the tgt tokens only) and after another pair's English side (pair i gets pair i+1's English)."
+            "whose kind=='pair' rows are used): writes bridge_diagnostic.json with, per checkpoint, the mean token "
+            "loss of each pair's second side in the run's pair_order (en_first: the target side) alone "
+            "([start]+second), after its own first side ([start]+first+[start]+second, loss over the second side's "
+            "tokens only) and after another pair's first side (pair i gets pair i+1's side in that language)."
         },
     )
     diagnostic_max_pairs: int | None = field(
@@ -1055,48 +1057,110 @@ def read_pairs(path: str, max_pairs: int | None = None) -> list[tuple[str, str]]
     return pairs
 
 
-def bridge_diagnostic_losses(
-    model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64, separator: str = ""
-) -> dict:
-    """Mean token loss of the target sides (token-weighted over all pairs) in three contexts.
+PAIR_ORDERS = ("en_first", "tgt_first", "random")
 
-    alone: ``[start] + tgt``; after_own_english: ``[start] + en_i + separator + [start] + tgt_i`` (the way
-    run_cpt.py lays out a bridged pair with the English side first, positions continuing), loss over the tgt
-    tokens only; after_mismatched_english: the same with en_{(i+1) mod n}, a derangement. The same tgt tokens
-    are scored in all three.
+
+def pair_first_side(pair_id: int, order: str, seed: int) -> str:
+    """ "en" or "tgt": which side of a pair comes first. The definition is run_cpt.pair_first_side's (a seeded
+    coin per pair for ``random``); it is repeated here so that probing does not import the training script,
+    and tests/test_eval.py checks that the two agree."""
+    if order == "en_first":
+        return "en"
+    if order == "tgt_first":
+        return "tgt"
+    if order != "random":
+        raise ValueError(f"pair_order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}.")
+    return "en" if hashlib.sha256(f"pair-order/{seed}/{pair_id}".encode()).digest()[0] % 2 == 0 else "tgt"
+
+
+def bridge_diagnostic_losses(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 64,
+    separator: str = "",
+    pair_order: str = "en_first",
+    seed: int = 0,
+) -> dict:
+    """Mean token loss of the second side of each pair (token-weighted over all pairs) in three contexts.
+
+    Pair i is laid out as run_cpt.py lays out a bridged pair with ``pair_order``: its first side
+    (``pair_first_side(i, pair_order, seed)``; held-out pairs have no pair id, their index serves) is the
+    context, the other side is scored. alone: ``[start] + scored``; after_own_context: ``[start] + first_i +
+    separator + [start] + scored_i`` (positions continuing), loss over the scored tokens only;
+    after_mismatched_context: the same with pair (i+1) mod n's side in the language of first_i (a derangement).
+    The same scored tokens are counted in all three. With en_first (English context, target scored) the two
+    context entries are also written under their historical names after_own_english / after_mismatched_english.
     """
     start = document_start_id(tokenizer)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
-    en_ids = [ids + separator_ids for ids in tokenizer([en for en, _ in pairs], add_special_tokens=False)["input_ids"]]
-    tgt_ids = tokenizer([tgt for _, tgt in pairs], add_special_tokens=False)["input_ids"]
     n = len(pairs)
-    sequences = [[start] + t for t in tgt_ids]
-    sequences += [[start] + en_ids[i] + [start] + tgt_ids[i] for i in range(n)]
-    sequences += [[start] + en_ids[(i + 1) % n] + [start] + tgt_ids[i] for i in range(n)]
+    side_ids = {
+        side: tokenizer([pair[k] for pair in pairs], add_special_tokens=False)["input_ids"]
+        for k, side in enumerate(("en", "tgt"))
+    }
+    first = [pair_first_side(i, pair_order, seed) for i in range(n)]
+    second = ["tgt" if side == "en" else "en" for side in first]
+    scored = [side_ids[second[i]][i] for i in range(n)]
+    own = [side_ids[first[i]][i] + separator_ids for i in range(n)]
+    mismatched = [side_ids[first[i]][(i + 1) % n] + separator_ids for i in range(n)]
+    sequences = [[start] + scored[i] for i in range(n)]
+    sequences += [[start] + own[i] + [start] + scored[i] for i in range(n)]
+    sequences += [[start] + mismatched[i] + [start] + scored[i] for i in range(n)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    # tgt_i alone is its own tree; en_i + tgt_i and en_i + tgt_(i-1) share en_i: one tree.
-    groups = [[i] for i in range(n)] + [[n + i, 2 * n + (i - 1) % n] for i in range(n)]
+    # Each scored side alone is its own tree; pair i's own context is pair i-1's mismatched context when both
+    # put the same language first: one tree.
+    groups = [[i] for i in range(n)]
+    for i in range(n):
+        previous = (i - 1) % n
+        if first[previous] == first[i]:
+            groups.append([n + i, 2 * n + previous])
+        else:
+            groups += [[n + i], [2 * n + previous]]
     logprobs = token_logprobs(model, sequences, groups, batch_size, pad_id)
-    tokens = sum(len(t) for t in tgt_ids)
+    tokens = sum(len(ids) for ids in scored)
 
     def mean_loss(block: int) -> float:
-        return float(-sum(logprobs[block * n + i][-len(tgt_ids[i]) :].sum() for i in range(n)) / tokens)
+        return float(-sum(logprobs[block * n + i][-len(scored[i]) :].sum() for i in range(n)) / tokens)
 
-    return {"alone": mean_loss(0), "after_own_english": mean_loss(1), "after_mismatched_english": mean_loss(2)}
+    losses = {"alone": mean_loss(0), "after_own_context": mean_loss(1), "after_mismatched_context": mean_loss(2)}
+    if all(side == "en" for side in first):
+        losses["after_own_english"] = losses["after_own_context"]
+        losses["after_mismatched_english"] = losses["after_mismatched_context"]
+    losses["context_sides"] = {side: first.count(side) for side in ("en", "tgt")}
+    losses["scored_sides"] = {side: second.count(side) for side in ("en", "tgt")}
+    return losses
 
 
 def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_dir: str | os.PathLike) -> dict:
     output_dir = Path(output_dir)
     pairs = read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs)
     checkpoints, _ = find_checkpoints(model_name_or_path, args.revision)
-    # A run's pairs may carry a separator after their first side (run_cpt.py --pair_separator): use it too.
-    separator = (read_cpt_setting(model_name_or_path, checkpoints) or {}).get("pair_separator") or ""
+    # The pairs are laid out as the run laid out its own: its separator after the first side
+    # (run_cpt.py --pair_separator) and its --pair_order (en_first when the model records none, run_cpt's default).
+    setting = read_cpt_setting(model_name_or_path, checkpoints) or {}
+    separator = setting.get("pair_separator") or ""
+    pair_order = setting.get("pair_order") or "en_first"
+    seed = int(setting.get("seed") or 0)
+    sides = [pair_first_side(i, pair_order, seed) for i in range(len(pairs))]
     header = {
         "pairs_file": str(Path(args.diagnostic_pairs).resolve()),
         "pairs_sha256": hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest(),
         "pair_separator": separator,
+        "pair_order": pair_order,
+        "pair_order_seed": seed,
+        # The side of each pair that is context (first) and the side that is scored (second), as the run saw them.
+        "context_side": sides[0] if len(set(sides)) == 1 else "per pair (seeded coin)",
+        "scored_side": ({"en": "tgt", "tgt": "en"}[sides[0]]) if len(set(sides)) == 1 else "per pair (seeded coin)",
         "dtype": args.dtype,
     }
+    logger.info(
+        "bridge diagnostic: pair_order %s (seed %d): context side %s, scored side %s",
+        pair_order,
+        seed,
+        header["context_side"],
+        header["scored_side"],
+    )
     path = output_dir / "bridge_diagnostic.json"
     done = {}
     if path.is_file() and not args.overwrite_output_dir:
@@ -1110,7 +1174,7 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
         directory = _materialise(checkpoint, args.revision)
         tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
         model = load_model(directory, args.dtype, device, args.attn_implementation)
-        losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size, separator)
+        losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size, separator, pair_order, seed)
         done[(checkpoint.step, checkpoint.path)] = {
             "step": checkpoint.step,
             "path": checkpoint.path,
@@ -1526,16 +1590,17 @@ def transfer_markdown(result: dict) -> str:
         lines += [
             "## Bridge diagnostic (last checkpoint of each run)",
             "",
-            "Mean token loss of held-out target sentences alone, after their own English translation, and after "
-            "another pair's English sentence. A model that uses the bridge has own < mismatched.",
+            "Mean token loss of the second side of held-out pairs (in the run's --pair_order: with en_first the "
+            "target side after English) alone, after its own pair's first side, and after another pair's first "
+            "side. A model that uses the bridge has own < mismatched.",
             "",
-            "| language | run | bridges | step | alone | after own English | after mismatched English | pairs |",
+            "| language | run | bridges | step | alone | after own first side | after mismatched first side | pairs |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for lang, d in diagnostics:
             lines.append(
                 f"| {lang} | {d['run']} | {'with' if d['bridges'] else 'without'} | {d['step']} | {d['alone']:.3f} | "
-                f"{d['after_own_english']:.3f} | {d['after_mismatched_english']:.3f} | {d['pairs']} |"
+                f"{d['after_own_context']:.3f} | {d['after_mismatched_context']:.3f} | {d['pairs']} |"
             )
         lines.append("")
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}

@@ -437,6 +437,9 @@ def test_bridge_diagnostic_equals_a_direct_computation(tmp_path, tiny_model_dir,
     (entry,) = result["checkpoints"]
     assert {"step", "alone", "after_own_english", "after_mismatched_english", "pairs"} <= set(entry)
     assert entry["step"] == 0 and entry["pairs"] == 5
+    # A model without a cpt_setting: run_cpt's default order, English first, the target side scored.
+    assert (result["pair_order"], result["context_side"], result["scored_side"]) == ("en_first", "en", "tgt")
+    assert entry["after_own_english"] == entry["after_own_context"]
 
     for separator, expected in (
         ("", entry),
@@ -447,21 +450,23 @@ def test_bridge_diagnostic_equals_a_direct_computation(tmp_path, tiny_model_dir,
             assert expected[key] == pytest.approx(value, abs=1e-5), (separator, key)
 
 
-def _direct_bridge_losses(model, tokenizer, pairs, separator: str) -> dict:
-    """One forward per context, straight from the definition: loss summed over the tgt tokens of all pairs."""
+def _direct_bridge_losses(model, tokenizer, pairs, separator: str, first_sides=None) -> dict:
+    """One forward per context, straight from the definition: loss summed over the second side's tokens of all
+    pairs; pair i's first side is ``first_sides[i]`` ("en" or "tgt"; English first by default)."""
     start, n = tokenizer.eos_token_id, len(pairs)
     sep = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
-    totals = {"alone": 0.0, "after_own_english": 0.0, "after_mismatched_english": 0.0}
+    totals = {"alone": 0.0, "after_own_context": 0.0, "after_mismatched_context": 0.0}
     count = 0
     with torch.inference_mode():
-        for i, (_, tgt) in enumerate(pairs):
-            tgt_ids = tokenizer(tgt, add_special_tokens=False)["input_ids"]
-            own = tokenizer(pairs[i][0], add_special_tokens=False)["input_ids"]
-            other = tokenizer(pairs[(i + 1) % n][0], add_special_tokens=False)["input_ids"]
+        for i in range(n):
+            context_side = 0 if (first_sides or ["en"] * n)[i] == "en" else 1
+            tgt_ids = tokenizer(pairs[i][1 - context_side], add_special_tokens=False)["input_ids"]
+            own = tokenizer(pairs[i][context_side], add_special_tokens=False)["input_ids"]
+            other = tokenizer(pairs[(i + 1) % n][context_side], add_special_tokens=False)["input_ids"]
             contexts = {
                 "alone": [start],
-                "after_own_english": [start] + own + sep + [start],
-                "after_mismatched_english": [start] + other + sep + [start],
+                "after_own_context": [start] + own + sep + [start],
+                "after_mismatched_context": [start] + other + sep + [start],
             }
             for key, context in contexts.items():
                 ids = torch.tensor([context + tgt_ids])
@@ -516,3 +521,47 @@ def test_paper_files_scores_and_rankings_equal_the_paper_loop(paper_cloze_dir, t
             assert run_eval.predict(got) == reference_prediction(ref)
             checked += 1
     assert checked > 8 * 20
+
+
+def test_pair_first_side_of_the_diagnostic_is_run_cpt_s_coin():
+    import run_cpt
+
+    for order in ("en_first", "tgt_first", "random"):
+        for seed in (0, 7):
+            sides = [run_eval.pair_first_side(i, order, seed) for i in range(100)]
+            assert sides == [run_cpt.pair_first_side(i, order, seed) for i in range(100)], (order, seed)
+    assert 30 < [run_eval.pair_first_side(i, "random", 0) for i in range(100)].count("en") < 70
+
+
+@pytest.mark.parametrize(("pair_order", "seed"), [("tgt_first", 0), ("random", 3)])
+def test_bridge_diagnostic_follows_the_pair_order_of_the_run_and_records_it(
+    tmp_path, tiny_model_dir, tiny, pair_order, seed
+):
+    model, tokenizer = tiny
+    pairs = [
+        (SAMPLE_QUESTIONS["en"][i]["question"], SAMPLE_QUESTIONS[lang][i]["question"])
+        for i, lang in enumerate(["ko", "zh", "bo", "mn", "ko", "zh"])
+    ]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"en": en, "tgt": tgt}, ensure_ascii=False) + "\n" for en, tgt in pairs))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["cpt_setting"] = {"lang": "ko", "bridges": True, "seed": seed, "pair_order": pair_order}
+    (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    run_eval.main(["--model_name_or_path", str(run), "--diagnostic_pairs", str(pairs_file), "--output_dir", str(out)])
+    result = json.loads((out / "bridge_diagnostic.json").read_text())
+    first_sides = [run_eval.pair_first_side(i, pair_order, seed) for i in range(len(pairs))]
+    if pair_order == "tgt_first":
+        assert (result["context_side"], result["scored_side"]) == ("tgt", "en")
+    else:
+        assert set(first_sides) == {"en", "tgt"}  # this seed mixes both orders
+        assert result["scored_side"] == "per pair (seeded coin)"
+    assert (result["pair_order"], result["pair_order_seed"]) == (pair_order, seed)
+    (entry,) = result["checkpoints"]
+    assert entry["context_sides"] == {side: first_sides.count(side) for side in ("en", "tgt")}
+    assert "after_own_english" not in entry  # the context is not (only) English
+    direct = _direct_bridge_losses(model, tokenizer, pairs, "", first_sides)
+    for key, value in direct.items():
+        assert entry[key] == pytest.approx(value, abs=1e-5), key
