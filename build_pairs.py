@@ -64,6 +64,7 @@ import unicodedata
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -93,6 +94,7 @@ RAW_FEATURES = datasets.Features(
     {
         "kind": datasets.Value("string"),
         "index": datasets.Value("int64"),
+        "input": datasets.Value("int32"),  # position of the record's input in ``input_sources``
         "source": datasets.Value("string"),
         "text": datasets.Value("string"),
         "en": datasets.Value("string"),
@@ -163,6 +165,10 @@ class BuildArguments:
     min_eval_sentence_chars: int = field(
         default=8,
         metadata={"help": "Filled eval sentences shorter than this (normalized) are too generic to guard; counted."},
+    )
+    min_pairs: int = field(
+        default=1,
+        metadata={"help": "Fewest kept pairs a dataset may have; fewer is an error (too few to mean anything)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the replay draw."})
     streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them whole."})
@@ -263,48 +269,64 @@ def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool)
     return datasets.load_dataset(name, config, split=split, streaming=streaming)
 
 
+class InputSource(NamedTuple):
+    """One input the user gave: a file or a dataset, of one kind."""
+
+    kind: str  # mono, pair, replay
+    name: str  # the path or the dataset name
+    is_file: bool
+
+
+#: The argument prefix of each kind's inputs (``--pairs_files``, ``--mono_dataset``, ...).
+ARGUMENT_PREFIX = {"mono": "mono", "pair": "pairs", "replay": "replay"}
+
+
+def input_sources(args: BuildArguments) -> list[InputSource]:
+    """Every input, in reading order: mono, then pairs, then replay; files before the dataset."""
+    sources = []
+    for kind in KINDS:
+        prefix = ARGUMENT_PREFIX[kind]
+        sources += [InputSource(kind, path, True) for path in getattr(args, f"{prefix}_files") or []]
+        if getattr(args, f"{prefix}_dataset"):
+            sources.append(InputSource(kind, getattr(args, f"{prefix}_dataset"), False))
+    return sources
+
+
 def generate_raw_records(args: BuildArguments, tgt_column: str):
-    """Every input record, in input order: mono, then pairs, then replay. ``index`` counts per kind."""
+    """Every input record, in input order (``input_sources``). ``index`` counts per kind."""
     counters = dict.fromkeys(KINDS, 0)
 
-    def record(kind, source, text=None, en=None, tgt=None):
-        item = {"kind": kind, "index": counters[kind], "source": source, "text": text, "en": en, "tgt": tgt}
+    def record(kind, number, source, text=None, en=None, tgt=None):
+        item = {"kind": kind, "index": counters[kind], "input": number, "source": source, "text": text, "en": en,
+                "tgt": tgt}  # fmt: skip
         counters[kind] += 1
         return item
 
-    for kind, files, dataset, config, split, column in (
-        ("mono", args.mono_files, args.mono_dataset, args.mono_dataset_config, args.mono_split, args.mono_text_column),
-        ("pair", args.pairs_files, args.pairs_dataset, args.pairs_dataset_config, args.pairs_split, None),
-        (
-            "replay",
-            args.replay_files,
-            args.replay_dataset,
-            args.replay_dataset_config,
-            args.replay_split,
-            args.replay_text_column,
-        ),
-    ):
-        for path in files or []:
-            if kind == "pair":
-                for en, tgt, where in read_pair_file(path, args.en_column, tgt_column):
-                    yield record(kind, where, en=en, tgt=tgt)
-            else:
-                for line_number, text in enumerate(read_documents(path, column), start=1):
-                    # read_documents skips blank .txt lines; the count is the document number.
-                    yield record(kind, f"{path}#{line_number}", text=text)
-        if dataset:
-            rows = load_hub_dataset(dataset, config, split, args.streaming)
+    for number, (kind, name, is_file) in enumerate(input_sources(args)):
+        prefix = ARGUMENT_PREFIX[kind]
+        if is_file and kind == "pair":
+            for en, tgt, where in read_pair_file(name, args.en_column, tgt_column):
+                yield record(kind, number, where, en=en, tgt=tgt)
+        elif is_file:
+            for line_number, text in enumerate(read_documents(name, getattr(args, f"{kind}_text_column")), start=1):
+                # read_documents skips blank .txt lines; the count is the document number.
+                yield record(kind, number, f"{name}#{line_number}", text=text)
+        else:
+            split = getattr(args, f"{prefix}_split")
+            rows = load_hub_dataset(name, getattr(args, f"{prefix}_dataset_config"), split, args.streaming)
             for row_number, row in enumerate(rows):
-                where = f"{dataset}/{split}:{row_number}"
+                where = f"{name}/{split}:{row_number}"
                 if kind == "pair":
                     yield record(
                         kind,
+                        number,
                         where,
                         en=_column(row, args.en_column, where, "--en_column"),
                         tgt=_column(row, tgt_column, where, "--tgt_column"),
                     )
                 else:
-                    yield record(kind, where, text=_column(row, column, where, f"--{kind}_text_column"))
+                    column = getattr(args, f"{kind}_text_column")
+                    yield record(kind, number, where, text=_column(row, column, where, f"--{kind}_text_column"))
 
 
 # --------------------------------------------------------------------------------------
@@ -465,6 +487,82 @@ def to_output_record(batch):
 # --------------------------------------------------------------------------------------
 
 
+def count_per_input(input_numbers: np.ndarray, codes: np.ndarray, sources: list[InputSource]) -> list[dict]:
+    """Read, kept and dropped-by-reason counts of every input the user gave (files and datasets)."""
+    n_codes = len(REASON_CODES)
+    table = np.bincount(input_numbers.astype(np.int64) * n_codes + codes, minlength=len(sources) * n_codes)
+    table = table.reshape(len(sources), n_codes)
+    return [
+        {
+            "kind": kind,
+            "input": name,
+            "read": int(table[number].sum()),
+            "kept": int(table[number, 0]),
+            "dropped": {reason: int(table[number, REASON_CODES[reason]]) for reason in DROP_REASONS[kind]},
+        }
+        for number, (kind, name, _) in enumerate(sources)
+    ]
+
+
+def _drop_counts(counts: dict) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items() if n) or "none"
+
+
+def per_input_summary(per_input: list[dict], kind: str) -> str:
+    return "; ".join(
+        f"{c['input']}: read {c['read']}, kept {c['kept']}, dropped {_drop_counts(c)}"
+        for c in per_input
+        if c["kind"] == kind
+    )
+
+
+def _why_nothing_was_kept(counts: dict, args: BuildArguments, target_script: str) -> str:
+    """What the largest drop reason of an input usually means, and what to check."""
+    if counts["read"] == 0:
+        return "the input holds no records (an empty file, a [] JSON list, a header without rows, an empty split)"
+    reason = max(counts["dropped"], key=counts["dropped"].get)
+    kind, fraction = counts["kind"], args.min_script_fraction
+    if reason == "empty":
+        columns = "--en_column/--tgt_column" if kind == "pair" else f"--{kind}_text_column"
+        return f"the texts are empty or null: check {columns}"
+    if reason == "not_in_script" and kind == "pair":
+        return (
+            f"under {fraction:.0%} of the letters of the target side are in the {target_script} script (or of the "
+            f"English side in Latin): check that --tgt_column names the {args.lang} column and --en_column the "
+            f"English one, and that the target text is in the {target_script} script (e.g. Mongolian in Cyrillic "
+            "is not the traditional script)"
+        )
+    if reason == "not_in_script" and kind == "replay":
+        return f"under {fraction:.0%} of the letters are Latin: replay must be English text"
+    if reason == "not_in_script":
+        return f"under {fraction:.0%} of the letters are in the {target_script} script: is this {args.lang} text?"
+    if reason == "contains_eval_sentence":
+        return "every record contains a filled sentence of --eval_questions"
+    if reason == "over_block_size":
+        return f"no pair fits --block_size {args.block_size} tokens"
+    return f"every record was dropped as {reason}"
+
+
+def refuse_inputs_that_keep_nothing(per_input: list[dict], args: BuildArguments, target_script: str, output_dir):
+    """An input the user gave that keeps nothing makes a dataset that silently lacks it: refuse.
+
+    Replay documents passed over by the seeded draw (``replay_beyond_ratio``) passed cleaning: one
+    replay file of several may lose all of them to the draw.
+    """
+    failures = [
+        f"the {c['kind'] if c['kind'] != 'pair' else 'pairs'} input {c['input']} kept nothing: "
+        + (
+            f"read 0 records ({_why_nothing_was_kept(c, args, target_script)})"
+            if c["read"] == 0
+            else f"read {c['read']}, kept 0, dropped {_drop_counts(c)} ({_why_nothing_was_kept(c, args, target_script)})"
+        )
+        for c in per_input
+        if c["kept"] + c["dropped"].get("replay_beyond_ratio", 0) == 0
+    ]
+    if failures:
+        raise ValueError("; ".join(failures) + f". Fix or leave out the input; nothing was written to {output_dir}.")
+
+
 def push_dataset(output_dir: Path, repo_id: str, private: bool, shard_bytes: float = 500e6) -> None:
     """Upload the dataset as parquet shards (``data/train-*``), build_stats.json and the card, in one commit.
 
@@ -511,6 +609,11 @@ def validate(args: BuildArguments) -> None:
         raise ValueError("--replay_ratio was given without --replay_files or --replay_dataset.")
     if args.replay_ratio is not None and not 0 <= args.replay_ratio < 1:
         raise ValueError(f"--replay_ratio must be in [0, 1), got {args.replay_ratio}.")
+    if has_replay and args.replay_ratio == 0:
+        raise ValueError("--replay_ratio 0 takes none of the replay inputs; leave them out or set a share, e.g. 0.1.")
+    if args.min_pairs < 1:
+        raise ValueError(f"--min_pairs must be at least 1 (a CPT dataset without pairs measures nothing), "
+                         f"got {args.min_pairs}.")  # fmt: skip
     if not 0 <= args.min_script_fraction <= 1:
         raise ValueError(f"--min_script_fraction must be in [0, 1], got {args.min_script_fraction}.")
     if args.block_size < 4:
@@ -560,7 +663,14 @@ def main(argv: list[str] | None = None) -> Path:
             if isinstance(cause, (ValueError, FileNotFoundError)):
                 raise cause from None
             raise
+        except ValueError:
+            # datasets refuses a generator that yields nothing; every input being empty is reported
+            # below, input by input, like any other input that keeps nothing.
+            if next(generate_raw_records(args, tgt_column), None) is not None:
+                raise
+            raw = datasets.Dataset.from_dict({name: [] for name in RAW_FEATURES}, features=RAW_FEATURES)
         # 2. Stateless checks in parallel.
+        checked_features = datasets.Features({**raw.features, **CHECK_FEATURES})
         checked = raw.map(
             check_batch,
             batched=True,
@@ -573,9 +683,11 @@ def main(argv: list[str] | None = None) -> Path:
                 "block_size": args.block_size,
                 "matcher": matcher,
             },
-            features=datasets.Features({**raw.features, **CHECK_FEATURES}),
+            features=checked_features,
             desc="Checking documents and pairs",
         )
+        if not len(raw):  # map adds no columns to an empty dataset; step 5 reports the empty inputs
+            checked = datasets.Dataset.from_dict({name: [] for name in checked_features}, features=checked_features)
         table = checked.data
         kind_codes = pc.index_in(table.column("kind"), value_set=pa.array(KINDS)).to_numpy(zero_copy_only=False)
         codes = table.column("drop_code").to_numpy().astype(np.int8)
@@ -617,7 +729,19 @@ def main(argv: list[str] | None = None) -> Path:
                 )
         kept = codes == 0
 
-        # 5. The output dataset: kept records in input order, with stable ids.
+        # 5. Every input the user gave must keep something, and the pairs must be enough.
+        sources = input_sources(args)
+        per_input = count_per_input(table.column("input").to_numpy(), codes, sources)
+        refuse_inputs_that_keep_nothing(per_input, args, target_script, output_dir)
+        kept_pairs = int((kept & (kind_codes == pair)).sum())
+        if kept_pairs < args.min_pairs:
+            raise ValueError(
+                f"kept {kept_pairs} pairs, fewer than --min_pairs {args.min_pairs}: too few to mean anything "
+                f"(pairs read and dropped per input: {per_input_summary(per_input, 'pair')}). Add parallel pairs "
+                f"or lower --min_pairs; nothing was written to {output_dir}."
+            )
+
+        # 6. The output dataset: kept records in input order, with stable ids.
         # Typed up front: a batch of mono documents alone has only None pair ids, which Arrow
         # cannot type (the first batches of a large build are often all mono).
         record_features = datasets.Features(
@@ -627,8 +751,6 @@ def main(argv: list[str] | None = None) -> Path:
             to_output_record, batched=True, features=record_features, desc="Assigning document ids"
         )
         final = final.select_columns(list(OUTPUT_FEATURES)).cast(OUTPUT_FEATURES).flatten_indices()
-        if len(final) == 0:
-            raise ValueError("No document survived cleaning; see the drop counts logged above.")
         dataset_dir = staging / "dataset"
         final.save_to_disk(str(dataset_dir))
 
@@ -651,6 +773,7 @@ def main(argv: list[str] | None = None) -> Path:
                 }
                 for k, kind in enumerate(KINDS)
             },
+            "inputs": per_input,
             "replay": replay_stats,
             "eval_questions": {
                 "files": args.eval_questions or [],

@@ -198,3 +198,81 @@ def test_a_first_batch_of_only_mono_documents_still_types_pair_ids(tmp_path, tin
     dataset = load_from_disk(str(output))
     assert dataset.features["pair_id"].dtype == "int64"
     assert [r["pair_id"] for r in dataset if r["kind"] == "pair"] == [0, 1, 2, 3]
+
+
+MN_TRADITIONAL = "ᠮᠣᠩᠭᠣᠯ ᠬᠦᠮᠦᠨ ᠨᠠᠭᠠᠳᠤᠮ ᠤ ᠪᠠᠶᠠᠷ ᠢ ᠲᠡᠮᠳᠡᠭᠯᠡᠨ᠎ᠡ᠃"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "lang", "tgt_column", "message"),
+    [
+        ("pairs.jsonl", "".join(json.dumps({"en": e, "bo": t}) + "\n" for e, t in zip(EN, [None, "", " ", None])),
+         "bo", "bo", r"pairs input \S*pairs\.jsonl kept nothing: read 4, kept 0, dropped empty 4"),
+        ("pairs.jsonl", "".join(json.dumps({"en": e, "bo": b, "note": "a Latin note"}, ensure_ascii=False) + "\n"
+                                for e, b in zip(EN, BO)),
+         "bo", "note", r"pairs\.jsonl kept nothing: read 4, kept 0, dropped not_in_script 4 .*--tgt_column"),
+        ("pairs.jsonl", json.dumps({"en": "Tea is hot.", "mn": "Цай халуун байна."}, ensure_ascii=False) + "\n",
+         "mn", "mn", r"pairs\.jsonl kept nothing: read 1, kept 0, dropped not_in_script 1 .*Mongolian script"),
+        ("pairs.jsonl", "", "bo", "bo", r"pairs\.jsonl kept nothing: read 0 records"),
+        ("pairs.json", "[]", "bo", "bo", r"pairs\.json kept nothing: read 0 records"),
+        ("pairs.tsv", "en\tbo\n", "bo", "bo", r"pairs\.tsv kept nothing: read 0 records"),
+    ],
+)  # fmt: skip
+def test_a_pair_input_that_keeps_nothing_is_an_error_naming_it_and_its_drops(
+    tmp_path, tiny_model_dir, name, content, lang, tgt_column, message
+):
+    pairs_file = tmp_path / name
+    pairs_file.write_text(content, encoding="utf-8")
+    mono_file = tmp_path / "mono.txt"  # valid mono text: without the check, a 0-pair dataset would be built
+    mono_file.write_text("\n".join(BO if lang == "bo" else [MN_TRADITIONAL]) + "\n", encoding="utf-8")
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        build_pairs.main(["--lang", lang, "--pairs_files", str(pairs_file), "--en_column", "en",
+                          "--tgt_column", tgt_column, "--mono_files", str(mono_file),
+                          "--tokenizer_name", str(tiny_model_dir), "--block_size", "128",
+                          "--output_dir", str(output)])  # fmt: skip
+    assert not output.exists()  # nothing that looks like a dataset
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_mono_or_replay_inputs_that_keep_nothing_are_errors_too(tmp_path, tiny_model_dir):
+    latin_mono = tmp_path / "latin_mono.txt"
+    latin_mono.write_text("Only Latin letters here\nAnd here too\n", encoding="utf-8")
+    good_mono = tmp_path / "good_mono.txt"
+    good_mono.write_text("\n".join(BO) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"mono input \S*latin_mono\.txt kept nothing: read 2, kept 0, "
+                                         r"dropped not_in_script 2"):  # fmt: skip
+        build(tmp_path, tiny_model_dir, "--mono_files", str(good_mono), str(latin_mono))
+    tibetan_replay = tmp_path / "replay.txt"
+    tibetan_replay.write_text("\n".join(BO) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"replay input \S*replay\.txt kept nothing: read 4, kept 0, "
+                                         r"dropped not_in_script 4 .*English"):  # fmt: skip
+        build(tmp_path, tiny_model_dir, "--replay_files", str(tibetan_replay), "--replay_ratio", "0.2")
+    assert not (tmp_path / "data").exists()
+
+
+def test_min_pairs_refuses_a_dataset_with_too_few_pairs_to_mean_anything(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"kept 4 pairs, fewer than --min_pairs 5"):
+        build(tmp_path, tiny_model_dir, "--min_pairs", "5")
+    assert not (tmp_path / "data").exists()
+    output = build(tmp_path, tiny_model_dir, "--min_pairs", "4")
+    assert stats(output)["kept"]["pair"] == 4
+    inputs = stats(output)["inputs"]
+    assert [(i["kind"], Path(i["input"]).name, i["read"], i["kept"]) for i in inputs] == [
+        ("mono", "mono.txt", 4, 4), ("pair", "pairs.jsonl", 4, 4)
+    ]  # fmt: skip
+
+
+def test_an_input_that_keeps_nothing_exits_2_on_the_command_line(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("")
+    proc = subprocess.run([sys.executable, "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs_file),
+                           "--tokenizer_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "out")],
+                          cwd=Path(build_pairs.__file__).parent, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2
+    assert "build_pairs.py: error: the pairs input" in proc.stderr and "kept nothing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
