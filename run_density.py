@@ -67,6 +67,7 @@ from transformers import HfArgumentParser
 from study_common import (
     LANGUAGE_SCRIPTS,
     _text_of,
+    check_document_suffix,
     read_documents,
     read_json_records,
     write_json_atomic,
@@ -74,6 +75,9 @@ from study_common import (
 )
 
 logger = logging.getLogger("run_density")
+
+#: Corpus file types with one document per line: read back by byte offset.
+_LINE_FILES = (".txt", ".jsonl")
 
 
 # --------------------------------------------------------------------------------------
@@ -96,7 +100,8 @@ class DensityArguments:
         metadata={
             "help": "Corpora as files: each entry is one corpus, written PATH or LABEL=PATH[,PATH...] "
             "(several files make one corpus). .jsonl / .txt (one document per non-empty line) stream with "
-            "bounded memory; .json (a list) is read whole. The label defaults to the first file's stem."
+            "bounded memory; .json (a list) and .csv / .tsv (a header row naming --corpus_text_column) are "
+            "read whole. The label defaults to the first file's stem."
         },
     )
     corpus_dataset: str | None = field(
@@ -559,11 +564,12 @@ def load_questions(path: str | os.PathLike) -> QuestionSet:
 
 
 class FileCorpus:
-    """A corpus made of one or more .jsonl / .txt / .json files, read like study_common.read_documents.
+    """A corpus made of one or more .jsonl / .txt / .json / .csv / .tsv files, read like study_common.read_documents.
 
     Documents are numbered in file order. Each one's location is (file number, byte offset of
-    its line) for .jsonl and .txt, so a retrieved document is read back with one seek; .json
-    files (a JSON list) are loaded whole to read back (use .jsonl for big corpora).
+    its line) for .jsonl and .txt, so a retrieved document is read back with one seek; .json,
+    .csv and .tsv files (a record may span lines) are read whole again to read back (use .jsonl
+    for big corpora).
     """
 
     def __init__(self, label: str, paths: list[Path], text_column: str):
@@ -571,7 +577,8 @@ class FileCorpus:
         for path in paths:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such corpus file. Check --corpus_files.")
-        self.random_access = all(p.suffix.lower() != ".json" for p in paths)
+            check_document_suffix(path)
+        self.random_access = all(p.suffix.lower() in _LINE_FILES for p in paths)
 
     def describe(self) -> dict:
         return {"kind": "files", "paths": [str(p) for p in self.paths], "text_column": self.text_column}
@@ -598,8 +605,8 @@ class FileCorpus:
             if path.stat().st_size == 0:
                 raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
             suffix = path.suffix.lower()
-            if suffix == ".json":
-                for item, text in enumerate(read_documents(path, self.text_column)):
+            if suffix not in _LINE_FILES:
+                for item, text in enumerate(self._read_whole(path)):
                     yield text, file_number, item
                 continue
             with path.open("rb") as handle:
@@ -622,8 +629,11 @@ class FileCorpus:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-            return _text_of(record, self.text_column, where)
+            return _text_of(record, self.text_column, where, "--corpus_text_column")
         return line.rstrip("\n").rstrip("\r")
+
+    def _read_whole(self, path: Path) -> Iterator[str]:
+        return read_documents(path, self.text_column, column_flag="--corpus_text_column")
 
     def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
         """Texts of the documents ``{doc_id: (file number, offset)}``."""
@@ -635,8 +645,8 @@ class FileCorpus:
             path = self.paths[file_number]
             suffix = path.suffix.lower()
             wanted.sort()
-            if suffix == ".json":
-                items = list(read_documents(path, self.text_column))
+            if suffix not in _LINE_FILES:
+                items = list(self._read_whole(path))
                 texts.update({doc_id: items[offset] for offset, doc_id in wanted})
                 continue
             with path.open("rb") as handle:

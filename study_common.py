@@ -6,13 +6,14 @@ here, once:
 
 * which Unicode script each language is written in, and the Latin-only filter of step 1;
 * how a document becomes token ids (the document-start token, shared by training and probing);
-* reading plain-text / JSON / JSONL documents with errors that name the file and line;
+* reading plain-text / JSON / JSONL / CSV / TSV documents with errors that name the file and line;
 * writing outputs atomically, so that a crash never leaves a file that looks complete;
 * model and dataset cards that record the setting a run used.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -162,19 +163,48 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
         yield f"{path} item {index}", record
 
 
-def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterator[str]:
-    """Yield the documents of a .txt (one per non-empty line), .json (list) or .jsonl file.
+#: File types read as documents, and how (the error for any other suffix lists them).
+DOCUMENT_FILE_TYPES = {
+    ".txt": "one document per non-empty line",
+    ".json": "a list of records (or {'data': [...]})",
+    ".jsonl": "one record per line",
+    ".csv": "comma-separated, with a header row",
+    ".tsv": "tab-separated, with a header row",
+}
 
+
+def check_document_suffix(path: str | os.PathLike) -> str:
+    """The lower-cased suffix of ``path``; a ValueError listing the accepted ones when it is not one of them."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in DOCUMENT_FILE_TYPES:
+        accepted = "; ".join(f"{s} ({how})" for s, how in DOCUMENT_FILE_TYPES.items())
+        raise ValueError(
+            f"{path}: unknown file type {suffix or '(no suffix)'!r}; accepted: {accepted}. Rename or convert the file."
+        )
+    return suffix
+
+
+def read_documents(
+    path: str | os.PathLike, text_column: str = "text", *, column_flag: str = "--text_column"
+) -> Iterator[str]:
+    """Yield the documents of a .txt (one per non-empty line), .json (list), .jsonl, .csv or .tsv file.
+
+    ``text_column`` names the column of .json/.jsonl records and of the .csv/.tsv header row;
+    ``column_flag`` is the caller's command-line flag for it, named when the column is missing.
+    Any other suffix is refused (a guess would read a header or a second column as text).
     Errors name the file and the line (or item) and say what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file. Check the path given on the command line.")
+    suffix = check_document_suffix(path)
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
-    if path.suffix.lower() in (".json", ".jsonl"):
+    if suffix in (".json", ".jsonl"):
         for where, record in read_json_records(path):
-            yield _text_of(record, text_column, where)
+            yield _text_of(record, text_column, where, column_flag)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_delimited_column(path, text_column, "\t" if suffix == ".tsv" else ",", column_flag)
     else:  # plain text: one document per non-empty line
         with path.open(encoding="utf-8") as handle:
             for line in handle:
@@ -182,12 +212,41 @@ def read_documents(path: str | os.PathLike, text_column: str = "text") -> Iterat
                     yield line.rstrip("\n")
 
 
-def _text_of(record, text_column: str, where: str) -> str:
+def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag: str) -> Iterator[str]:
+    """The ``column`` field of every row of a .csv/.tsv file with a header row (blank rows skipped)."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        # strict: an unclosed quote is an error, not the rest of the file swallowed into one document.
+        reader = csv.reader(handle, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"{path}:1: no header row. The first line must name the columns.")
+            if column not in header:
+                raise ValueError(
+                    f"{path}:1: no column {column!r} in the header (found: {', '.join(header)}). "
+                    f"Pass {column_flag} NAME."
+                )
+            at = header.index(column)
+            for row in reader:
+                if not row or not any(field.strip() for field in row):
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}. "
+                        "Quote fields that contain the delimiter."
+                    )
+                yield row[at]
+        except csv.Error as err:
+            kind = path.suffix.lower()[1:].upper()
+            raise ValueError(f"{path}:{reader.line_num}: not valid {kind} ({err}). Fix the quoting.") from err
+
+
+def _text_of(record, text_column: str, where: str, column_flag: str = "--text_column") -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict) or text_column not in record:
         columns = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: no {text_column!r} column (found: {columns}). Pass --text_column NAME.")
+        raise ValueError(f"{where}: no {text_column!r} column (found: {columns}). Pass {column_flag} NAME.")
     value = record[text_column]
     if not isinstance(value, str):
         raise ValueError(f"{where}: column {text_column!r} holds {type(value).__name__}, not text.")
