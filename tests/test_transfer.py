@@ -193,17 +193,21 @@ def test_unequal_seed_counts_are_an_error_naming_the_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_transfer_analysis_of_real_tiny_runs_in_two_languages(tmp_path, tiny_model_dir):
-    """Eight real runs (ko and zh, with and without bridges, two seeds), probed and compared in one command."""
+def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_known_ko_verdict(
+    tmp_path, tiny_model_dir
+):
+    """Eight run folders (ko and zh, with and without bridges, two seeds) of tiny models with random weights (no
+    training), probed and compared in one command. The ko runs of a seed share their weights in both settings,
+    so every ko gap is exactly 0 and the verdict is known: no evidence; the zh runs all differ."""
     questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
-    runs, seed_value = [], 0
+    runs = []
     for lang in ("ko", "zh"):
         for bridges in (True, False):
             for seed in (0, 1):
                 setting = {"lang": lang, "bridges": bridges, "seed": seed}
                 name = f"{lang}-{'with' if bridges else 'without'}-s{seed}"
-                seed_value += 1  # every run draws different random weights
-                runs.append(make_run_dir(tiny_model_dir, tmp_path / name, (2, 4), 6, setting, seed=seed_value))
+                weights = 1 + seed if lang == "ko" else 10 + 2 * seed + bridges
+                runs.append(make_run_dir(tiny_model_dir, tmp_path / name, (2, 4), 6, setting, seed=weights))
     pairs = tmp_path / "heldout_pairs.jsonl"
     pairs.write_text(
         "".join(
@@ -232,23 +236,37 @@ def test_transfer_analysis_of_real_tiny_runs_in_two_languages(tmp_path, tiny_mod
             assert d["n_seed_pairs"] == 2 and len(d["per_seed"]) == 2
             assert len(d["gap"]) == len(d["gap_ci"]) == 3
             assert d["gap_ci"][-1][0] <= d["final_gap"] <= d["gap_ci"][-1][1]
-            assert d["verdict"] in {"transfer", "reverse", "no evidence"}
-    # The McNemar p-value of the first seed pair at the final step, by hand from predictions.jsonl.
-    from scipy.stats import binomtest
+    for d in result["languages"][0]["directions"]:  # ko: the same weights in both settings
+        assert d["gap"] == [0.0] * 3 and d["mean_gap_ci"] == [0.0, 0.0] and d["verdict"] == "no evidence"
+        assert [m["p_value"] for m in d["mcnemar_final"]] == [1.0, 1.0]
 
-    def final_correct(run_name: str, stem: str) -> np.ndarray:
+    def correct(run_name: str, stem: str, step: int) -> np.ndarray:
         rows = [
             json.loads(line) for line in (tmp_path / run_name / "eval" / "predictions.jsonl").read_text().splitlines()
         ]
-        return np.array(
-            [r["correct"] for r in sorted(rows, key=lambda r: r["index"]) if r["step"] == 6 and r["questions"] == stem]
-        )
+        chosen = sorted((r for r in rows if r["step"] == step and r["questions"] == stem), key=lambda r: r["index"])
+        assert [r["index"] for r in chosen] == list(range(6))
+        return np.array([r["correct"] for r in chosen])
 
-    w, o = final_correct("ko-with-s0", "sample-culture_ko"), final_correct("ko-without-s0", "sample-culture_ko")
+    # zh, by hand from predictions.jsonl: the McNemar p-value of the first seed pair at the final step, the
+    # mean gap over steps and seeds, and the verdict the rule gives for the interval reported.
+    from scipy.stats import binomtest
+
+    en_to_zh = result["languages"][1]["directions"][0]
+    w, o = correct("zh-with-s0", "sample-culture_zh", 6), correct("zh-without-s0", "sample-culture_zh", 6)
     b, c = int(np.sum(w & ~o)), int(np.sum(~w & o))
     expected = binomtest(b, b + c).pvalue if b + c else 1.0
-    assert result["languages"][0]["directions"][0]["mcnemar_final"][0]["p_value"] == pytest.approx(expected)
-    assert result["languages"][0]["directions"][0]["per_seed"][0]["final_gap"] == pytest.approx((w.sum() - o.sum()) / 6)
+    assert en_to_zh["mcnemar_final"][0]["p_value"] == pytest.approx(expected)
+    assert en_to_zh["per_seed"][0]["final_gap"] == pytest.approx((w.sum() - o.sum()) / 6)
+    gaps = [
+        correct(f"zh-with-s{seed}", "sample-culture_zh", step).mean()
+        - correct(f"zh-without-s{seed}", "sample-culture_zh", step).mean()
+        for seed in (0, 1)
+        for step in (2, 4, 6)
+    ]
+    assert en_to_zh["mean_gap"] == pytest.approx(np.mean(gaps))
+    low, high = en_to_zh["mean_gap_ci"]
+    assert en_to_zh["verdict"] == ("transfer" if low > 0 else "reverse" if high < 0 else "no evidence")
 
     # The bridge diagnostic of every run, per checkpoint in its eval folder, the last one in transfer.json.
     diagnostic = json.loads((tmp_path / "zh-without-s1" / "eval" / "bridge_diagnostic.json").read_text())
