@@ -17,10 +17,12 @@ Presets (``--preset``):
 * ``paper``: the paper-scale plan (Hub datasets, configs/qwen2.5-0.5b.json, 1,500 CPT steps x 0.5M
   tokens, ko zh bo mn x 2 settings, the paper's released questions) for a GPU cluster.
 
-Steps are skipped when finished: a step is done when its outputs exist and a done-marker
-(``OUTPUT_DIR/.done/<step>.json``, written after success, holding the command) matches the
-current command. After Ctrl-C, run the same command again: finished steps are skipped, an
-interrupted training step resumes from its last checkpoint, any other interrupted step restarts.
+Steps are skipped when finished: a step is done when its outputs exist and its done-marker
+(``OUTPUT_DIR/.done/<step>.json``, written after success) holds the current command and the
+finished runs of its upstream steps it was run on. After Ctrl-C, run the same command again:
+finished steps are skipped, an interrupted training step resumes from its last checkpoint when it
+was started with the same command on the same upstream runs, any other step starts afresh (its
+earlier outputs removed), as does every step under ``--force``.
 
 Outputs (``OUTPUT_DIR``, default ``study_runs/<preset>``): ``report.md``, ``report.html``,
 ``report.json`` (every number the report shows), ``figures/``, ``commands.sh``, ``timings.json``,
@@ -47,6 +49,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -393,7 +396,13 @@ class StudyArguments:
         },
     )
     dry_run: bool = field(default=False, metadata={"help": "Print the commands (and the time budget) without running."})
-    force: bool = field(default=False, metadata={"help": "Ignore done-markers: run every step again from scratch."})
+    force: bool = field(
+        default=False,
+        metadata={
+            "help": "Forget every finished step of the plan and run each again from scratch: a step's earlier "
+            "outputs are removed when it starts, and no training step resumes from an earlier checkpoint."
+        },
+    )
     report_only: bool = field(
         default=False, metadata={"help": "Only (re)write the report from the outputs already in --output_dir."}
     )
@@ -918,15 +927,52 @@ def _marker(out: Path, step: Step) -> Path:
     return out / ".done" / f"{step.id}.json"
 
 
-def _is_done(out: Path, step: Step) -> bool:
-    marker = _marker(out, step)
-    if not marker.is_file():
-        return False
+def _started_record(out: Path, step: Step) -> Path:
+    return out / ".started" / f"{step.id}.json"
+
+
+def _read_record(path: Path) -> dict | None:
+    """A JSON record the runner wrote, or None when it is absent or unreadable."""
     try:
-        recorded = json.loads(marker.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return False
-    return recorded.get("command") == step.command and all(Path(p).exists() for p in step.outputs)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _finished_run(out: Path, step_id: str) -> dict | None:
+    """What identifies the finished run of a step: its done-marker's run id, finish stamp and command.
+
+    A step records this for each of its dependencies when it starts and when it finishes, so a new run
+    upstream (another run id) is seen downstream even when the downstream command is unchanged."""
+    marker = _read_record(out / ".done" / f"{step_id}.json")
+    return None if marker is None else {key: marker.get(key) for key in ("run_id", "finished", "command")}
+
+
+def _upstream(out: Path, step: Step) -> dict:
+    return {dep: _finished_run(out, dep) for dep in step.deps}
+
+
+def _upstream_changed(recorded: dict | None, current: dict) -> list[str]:
+    """Dependencies whose finished run is not the one recorded (all of them when nothing was recorded)."""
+    recorded = recorded or {}
+    return [dep for dep, run in current.items() if recorded.get(dep) != run]
+
+
+def _why_not_done(out: Path, step: Step) -> str | None:
+    """None when the step is done: its done-marker holds the current command and the finished runs of its
+    upstream steps, and its outputs exist. Otherwise why it must run."""
+    marker = _read_record(_marker(out, step))
+    if marker is None:
+        if _marker(out, step).exists():
+            return "its done-marker is unreadable"
+        return "it did not finish" if _started_record(out, step).exists() else "not run yet"
+    if marker.get("command") != step.command:
+        return "its command changed"
+    changed = _upstream_changed(marker.get("upstream"), _upstream(out, step))
+    if changed:
+        return f"upstream step {', '.join(changed)} finished a new run since {step.id} ran"
+    missing = [p for p in step.outputs if not Path(p).exists()]
+    return f"outputs missing: {', '.join(missing)}" if missing else None
 
 
 def _last_checkpoint(workdir: str | None) -> str | None:
@@ -937,18 +983,41 @@ def _last_checkpoint(workdir: str | None) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def _prepare(out: Path, step: Step) -> list[str]:
-    """Clean or resume a step that is about to run; return its command (with a resume flag if any)."""
-    started = out / ".started" / f"{step.id}.json"
-    same_command = started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("command") == step.command
+def _prepare(out: Path, step: Step, reason: str) -> tuple[list[str], str | None]:
+    """Resume or clean a step that is about to start (``reason``: why it runs). Returns its command, with a
+    resume flag if any, and a note for the logs.
+
+    A training step resumes from its last checkpoint only when its earlier start ran the same command on the
+    same finished runs of its upstream steps (an interruption). Anything else starts afresh, its earlier outputs
+    removed, so no run continues from checkpoints trained on other inputs."""
+    started = _read_record(_started_record(out, step))
+    upstream = _upstream(out, step)
+    if started is None:
+        mismatch = None
+    elif started.get("command") != step.command:
+        mismatch = "its earlier start ran another command"
+    elif changed := _upstream_changed(started.get("upstream"), upstream):
+        mismatch = f"upstream step {', '.join(changed)} finished a new run since its earlier start"
+    else:
+        mismatch = ""
     command = list(step.command)
-    checkpoint = _last_checkpoint(step.workdir) if step.trains and same_command else None
+    checkpoint = _last_checkpoint(step.workdir) if step.trains and mismatch == "" else None
+    note = None
     if checkpoint:
         command += ["--resume_from_checkpoint", checkpoint]
+        note = (
+            f"{step.id}: resumes from {checkpoint} (its earlier start ran the same command on the same upstream runs)"
+        )
     elif step.workdir and Path(step.workdir).exists():
         shutil.rmtree(step.workdir)
-    write_json_atomic(started, {"command": step.command})
-    return command
+        # an interrupted step that does not resume says why (its planned reason does not)
+        interrupted = reason == "it did not finish" or reason.startswith("outputs missing")
+        why = f"{reason}; {mismatch}" if mismatch and interrupted else reason
+        note = f"{step.id}: starts afresh ({why}); removed its earlier outputs {step.workdir}"
+    # From here on the step's outputs are not those of a finished run.
+    _marker(out, step).unlink(missing_ok=True)
+    write_json_atomic(_started_record(out, step), {"command": step.command, "upstream": upstream, "started": _now()})
+    return command, note
 
 
 class StudyRunner:
@@ -969,18 +1038,34 @@ class StudyRunner:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         return env
 
+    def _plan_reruns(self) -> dict[str, str]:
+        """Why each step that must run runs; the others are done. ``--force`` first forgets every finished and
+        started step of the plan on disk, so that an interrupted forced run, rerun without --force, still reruns
+        every step it had not reached and resumes none from a checkpoint trained before --force."""
+        reasons: dict[str, str] = {}
+        if self.force:
+            for step in self.plan.steps:
+                _marker(self.out, step).unlink(missing_ok=True)
+                _started_record(self.out, step).unlink(missing_ok=True)
+            return {step.id: "--force" for step in self.plan.steps}
+        root_cause: dict[str, str] = {}  # step -> the upstream step whose own change makes it rerun
+        for step in self.plan.steps:  # dependencies come first (_in_run_order)
+            stale = next((d for d in step.deps if d in reasons), None)
+            if stale is not None:
+                root = root_cause[step.id] = root_cause.get(stale, stale)
+                reasons[step.id] = f"upstream step {root} reruns: {reasons[root]}"
+            elif (why := _why_not_done(self.out, step)) is not None:
+                reasons[step.id] = why
+                if why != "not run yet":
+                    print(f"{step.id} reruns: {why}.")
+        return reasons
+
     def run(self) -> dict[str, float]:
         steps = self.plan.steps
         n = len(steps)
         start = time.time()
-        done: set[str] = set()
-        rerun: set[str] = set()
-        for step in steps:
-            stale_dep = any(d in rerun for d in step.deps)
-            if not self.force and not stale_dep and _is_done(self.out, step):
-                done.add(step.id)
-            else:
-                rerun.add(step.id)
+        reasons = self._plan_reruns()
+        done = {s.id for s in steps if s.id not in reasons}
         previous = _read_timings(self.out)
         self.timings = {k: v for k, v in previous.items() if k in done}
         if done:
@@ -1002,10 +1087,13 @@ class StudyRunner:
                     if len(running) >= self.jobs:
                         break
                     if all(d in done for d in step.deps):
-                        command = _prepare(self.out, step)
+                        command, note = _prepare(self.out, step, reasons[step.id])
                         if command[0] == "python":  # the same interpreter (and environment) as the study
                             command = [sys.executable, *command[1:]]
                         log = open(self.logs / f"{step.id}.log", "w", encoding="utf-8")  # noqa: SIM115
+                        if note:
+                            bar.write(f"        {note}")
+                            log.write(f"run_study.py: {note}\n")
                         log.write("$ " + shlex.join(command) + "\n\n")
                         log.flush()
                         step_env = {**env, **step.env}
@@ -1049,7 +1137,14 @@ class StudyRunner:
                     self.timings[step.id] = seconds
                     write_json_atomic(
                         _marker(self.out, step),
-                        {"command": step.command, "seconds": seconds, "finished": _now()},
+                        {
+                            "command": step.command,
+                            # the finished upstream runs it started on (see _prepare), and its own run's identity
+                            "upstream": (_read_record(_started_record(self.out, step)) or {}).get("upstream"),
+                            "run_id": uuid.uuid4().hex,
+                            "seconds": seconds,
+                            "finished": _now(),
+                        },
                     )
                     done.add(step.id)
                     finished_count += 1

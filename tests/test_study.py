@@ -143,14 +143,17 @@ def test_an_interrupted_training_step_resumes_from_its_last_checkpoint(tmp_path)
         (tmp_path / "run" / f"checkpoint-{n}").mkdir(parents=True)
         (tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     (tmp_path / "run" / "checkpoint-15").mkdir()  # no trainer_state: an unfinished save, not resumable
-    run_study._prepare(tmp_path, step)  # first start: nothing to resume, the folder is cleaned
+    run_study._prepare(tmp_path, step, "not run yet")  # first start: nothing to resume, the folder is cleaned
     assert not (tmp_path / "run").exists()
     (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint-10" / "trainer_state.json").write_text("{}")
-    command = run_study._prepare(tmp_path, step)  # same command started before: resume
+    command, note = run_study._prepare(tmp_path, step, "it did not finish")  # same command started before: resume
     assert command[-2:] == ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-10")]
+    assert note.startswith(f"cpt-x: resumes from {tmp_path / 'run' / 'checkpoint-10'}")
     step.command = ["python", "run_cpt.py", "--max_steps", "7"]  # another command: start afresh
-    assert run_study._prepare(tmp_path, step) == step.command and not (tmp_path / "run").exists()
+    command, note = run_study._prepare(tmp_path, step, "its command changed")
+    assert command == step.command and not (tmp_path / "run").exists()
+    assert note == f"cpt-x: starts afresh (its command changed); removed its earlier outputs {tmp_path / 'run'}"
 
 
 def test_report_renders_markdown_and_html_from_the_same_blocks():
