@@ -13,13 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @pytest.fixture
 def local_hub(tmp_path, monkeypatch):
-    """A stand-in Hub on 127.0.0.1; HF_ENDPOINT and a token point huggingface_hub at it."""
+    """A stand-in Hub on 127.0.0.1; HF_ENDPOINT and a token point huggingface_hub at it (for subprocesses).
+
+    The stand-in stores large and binary files through the LFS protocol, not Xet, so Xet is off."""
     from hub_server import LocalHub
 
     with LocalHub(tmp_path / "hub") as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
         yield hub
 
 
