@@ -4,8 +4,8 @@
 Every later result is read against this base model, so everything it was trained on is known
 and recorded. Top to bottom, the script:
 
-1. reads documents: ``--train_file`` (.txt one document per line, .json, .jsonl with
-   ``--text_column``) or a ``datasets`` dataset (``--dataset_name``, optionally ``--streaming``);
+1. reads documents: ``--train_file`` (.txt one document per line, .json, .jsonl, or .csv/.tsv
+   with a header row, naming ``--text_column``) or a ``datasets`` dataset (``--dataset_name``, optionally ``--streaming``);
 2. filters them to the Latin script (``--script_filter latin``, the set of kept characters is
    defined and documented in ``study_common.filter_to_latin``): ``--filter_mode chars`` removes
    every other character (the paper's filter), ``documents`` drops every document holding a
@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -64,6 +65,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from study_common import (
+    check_document_suffix,
     document_start_id,
     encode_documents,
     filter_to_latin,
@@ -122,7 +124,7 @@ class ModelArguments:
     tokenizer_files: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Text files (.txt one document per line, .json, .jsonl) the tokenizer is trained on. They "
+            "help": "Text files (.txt one document per line, .json, .jsonl, .csv/.tsv) the tokenizer is trained on. They "
             "should include the target languages of continual pretraining, so that the vocabulary covers "
             "scripts the model meets only later. Defaults to --train_file (then it covers English only)."
         },
@@ -144,9 +146,11 @@ class ModelArguments:
 class DataArguments:
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Training documents: .txt (one per line), .json (list of records) or .jsonl."},
+        metadata={"help": "Training documents: .txt (one per line), .json (list of records), .jsonl, .csv or .tsv."},
     )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in json/jsonl/datasets."})
+    text_column: str = field(
+        default="text", metadata={"help": "Column holding the text in json/jsonl/csv/tsv files and datasets."}
+    )
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "A datasets dataset (Hub id or local folder), e.g. wikimedia/wikipedia."},
@@ -203,7 +207,7 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer; returns it ready for ``save_pretrained``/``AutoTokenizer``.
 
     ``files_or_texts``: ``pathlib.Path`` objects name files read with ``study_common.read_documents``
-    (.txt one document per line, .json, .jsonl with ``text_column``); plain strings are texts.
+    (.txt one document per line, .json, .jsonl, .csv/.tsv with ``text_column``); plain strings are texts.
     Special tokens: ``<|endoftext|>`` (id 0, EOS and document start) and ``<|pad|>`` (id 1).
     Every byte is in the base alphabet, so any text in any script encodes without unknowns;
     ``vocab_size`` counts the 256 bytes and the two special tokens.
@@ -267,17 +271,33 @@ def load_or_train_tokenizer(model_args: ModelArguments, data_args: DataArguments
         for file in files:
             if not Path(file).is_file():
                 raise InputError(f"{file}: no such tokenizer file. Check the paths given to --tokenizer_files.")
-        saved_in = Path(training_args.output_dir)
+            try:
+                check_document_suffix(file)
+            except ValueError as err:
+                raise InputError(f"--tokenizer_files: {err}") from err
         # The main process trains and saves; the others load its files (identical ids everywhere).
+        # The files go to a staging folder beside --output_dir, removed once every process has
+        # loaded them: nothing is written into --output_dir before the data and config are checked
+        # (checkpoints and the final model carry the tokenizer).
+        output_dir = Path(training_args.output_dir)
+        staging = output_dir.parent / f".{output_dir.name}.tokenizer-tmp"
         with training_args.main_process_first(desc="train tokenizer", local=False):
             if training_args.process_index == 0:
                 logger.info("Training a byte-level BPE tokenizer (vocab %d) on %s", model_args.vocab_size, files)
-                tokenizer = train_tokenizer(
-                    [Path(f) for f in files], model_args.vocab_size, text_column=data_args.text_column
-                )
-                tokenizer.save_pretrained(saved_in)
+                try:
+                    tokenizer = train_tokenizer(
+                        [Path(f) for f in files], model_args.vocab_size, text_column=data_args.text_column
+                    )
+                except ValueError as err:  # a bad record in a tokenizer file, named by read_documents
+                    raise InputError(str(err)) from err
+                shutil.rmtree(staging, ignore_errors=True)  # left by a run killed here
+                tokenizer.save_pretrained(staging)
             else:
-                tokenizer = AutoTokenizer.from_pretrained(saved_in)
+                tokenizer = AutoTokenizer.from_pretrained(staging)
+        if training_args.world_size > 1:  # main_process_first lets the main process go on before the others load
+            torch.distributed.barrier()
+        if training_args.process_index == 0:
+            shutil.rmtree(staging)
         source = {"kind": "trained byte-level BPE", "files": list(files), "vocab_size": model_args.vocab_size}
     elif model_args.tokenizer_name:
         try:
@@ -409,18 +429,26 @@ class PackedBlockCollator:
         return batch
 
 
+def check_train_file(data_args: DataArguments) -> None:
+    """Fail fast on a --train_file that is missing, empty, of an unknown type or bad at its first record."""
+    if not data_args.train_file:
+        return
+    path = Path(data_args.train_file)
+    if not path.is_file():
+        raise InputError(f"{path}: no such --train_file. Check the path.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the --train_file is empty. Give a file with at least one document.")
+    try:  # read the first record here, so that a bad file fails with its own message
+        next(iter(read_documents(path, data_args.text_column)), None)
+    except ValueError as err:
+        raise InputError(str(err)) from err
+
+
 def read_train_documents(data_args: DataArguments, streaming: bool):
     """The raw documents as a datasets Dataset / IterableDataset with one column ``text``."""
     if data_args.train_file:
+        check_train_file(data_args)
         path = Path(data_args.train_file)
-        if not path.is_file():
-            raise InputError(f"{path}: no such --train_file. Check the path.")
-        if path.stat().st_size == 0:
-            raise InputError(f"{path}: the --train_file is empty. Give a file with at least one document.")
-        try:  # read the first record here, so that a bad file fails with its own message
-            next(iter(read_documents(path, data_args.text_column)), None)
-        except ValueError as err:
-            raise InputError(str(err)) from err
         stat = path.stat()
         gen_kwargs = {
             "path": str(path.resolve()),
@@ -801,6 +829,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{get_last_checkpoint(output_dir)} to continue that run, or give a new --output_dir."
         )
 
+    check_train_file(data_args)  # before a tokenizer is trained on other files
     set_seed(training_args.seed)
     tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, data_args, training_args, resume)
     start_id = document_start_id(tokenizer)

@@ -166,10 +166,10 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
 #: File types read as documents, and how (the error for any other suffix lists them).
 DOCUMENT_FILE_TYPES = {
     ".txt": "one document per non-empty line",
-    ".json": "a list of records (or {'data': [...]})",
+    ".json": "a list of records",
     ".jsonl": "one record per line",
-    ".csv": "comma-separated, with a header row",
-    ".tsv": "tab-separated, with a header row",
+    ".csv": "with a header row",
+    ".tsv": "with a header row",
 }
 
 

@@ -332,6 +332,65 @@ def test_corpus_with_every_document_filtered_away_is_refused(tmp_path, tiny_mode
     assert not (tmp_path / "out" / "data_stats.json").exists()
 
 
+@pytest.mark.parametrize(
+    "name, content, extra, message",
+    [
+        (
+            "korean.txt",
+            "한국 사람들은 가을에 추석을 지낸다.\n송편을 먹는다.\n",
+            [],
+            r"korean\.txt: every document was filtered",
+        ),
+        ("broken.jsonl", '{"text": "fine"}\n{"text": "fine"}\n{"text": oops\n', [], r"broken\.jsonl:3: not valid JSON"),
+        ("data.md", "A river.\n", [], r"data\.md: unknown file type '\.md'; accepted: \.txt"),
+        (
+            "english.txt",
+            "The river runs past the old mill.\n" * 5,
+            ["--block_size", "4096"],
+            r"--block_size 4096 is above",
+        ),
+    ],
+)
+def test_train_tokenizer_with_bad_data_or_config_leaves_nothing_in_output_dir(
+    tmp_path, in_repo, name, content, extra, message
+):
+    tokenizer_file = tmp_path / "tokenizer.txt"
+    tokenizer_file.write_text("\n".join(MULTI_SCRIPT_SAMPLE * 3) + "\n", encoding="utf-8")
+    train_file = tmp_path / name
+    train_file.write_text(content, encoding="utf-8")
+    args = main_args(tmp_path, train_file, "unused")
+    args[args.index("--tokenizer_name") : args.index("--tokenizer_name") + 2] = [
+        "--train_tokenizer", "--vocab_size", "300", "--tokenizer_files", str(tokenizer_file),
+    ]  # fmt: skip
+    with pytest.raises(InputError, match=message):
+        run_pretrain.main(args + extra)
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    left = {p.name for p in tmp_path.iterdir()} - {"cache", "out"}
+    assert left == {"tokenizer.txt", name}  # and no tokenizer staging folder beside it
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("tok.jsonl", '{"text": "fine"}\n{oops\n', r"tok\.jsonl:2: not valid JSON"),
+        ("tok.md", "A river.\n", r"--tokenizer_files: .*tok\.md: unknown file type '\.md'; accepted: \.txt"),
+    ],
+)
+def test_a_bad_tokenizer_file_is_an_input_error_and_leaves_nothing(
+    tmp_path, english_file, in_repo, name, content, message
+):
+    tokenizer_file = tmp_path / name
+    tokenizer_file.write_text(content, encoding="utf-8")
+    args = main_args(tmp_path, english_file, "unused")
+    args[args.index("--tokenizer_name") : args.index("--tokenizer_name") + 2] = [
+        "--train_tokenizer", "--vocab_size", "300", "--tokenizer_files", str(tokenizer_file),
+    ]  # fmt: skip
+    with pytest.raises(InputError, match=message):
+        run_pretrain.main(args)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tokenizer-tmp").exists()
+
+
 def test_existing_checkpoints_are_not_overwritten_silently(tmp_path, tiny_model_dir, english_file, in_repo):
     (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
     with pytest.raises(InputError, match=r"already holds .*checkpoint-5\. Pass --resume_from_checkpoint"):
@@ -531,7 +590,9 @@ def test_command_line_errors_are_one_clear_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "run_pretrain.py: error: " in proc.stderr and "Traceback" not in proc.stderr
-    assert "missing.txt: no such tokenizer file" in proc.stderr
+    # the training data is checked first, before a tokenizer is trained on it
+    assert "missing.txt: no such --train_file. Check the path." in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
