@@ -17,7 +17,7 @@ import build_pairs
 import run_cpt
 
 # One thread per process: on a shared 2-core machine two torch threads per process collapse under
-# contention (STACK-FACTS.md), and the tests measure behaviour, not speed.
+# contention, and the tests measure behaviour, not speed.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 EN_WORDS = "the people of tibet drink butter tea and eat tsampa in high valleys near lhasa at new year".split()
@@ -363,7 +363,9 @@ def hub_runs(tmp_path_factory, tiny_model_dir):
     common = ["--lang", "bo", "--bridges", "--block_size", "128", "--max_steps", "4", "--save_steps", "2",
               "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--report_to", "none"]  # fmt: skip
     with LocalHub(folder / "hub") as hub:
-        online = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_local_test_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        # The stand-in stores binary files through LFS, not Xet.
+        online = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_local_test_token", "HF_HUB_DISABLE_TELEMETRY": "1",
+                  "HF_HUB_DISABLE_XET": "1"}  # fmt: skip
         pairs, mono = write_cpt_inputs(folder / "inputs")
         run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs), "--tgt_column", "bo",
                     "--mono_files", str(mono), "--tokenizer_name", str(tiny_model_dir), "--block_size", "128",

@@ -1,0 +1,153 @@
+"""run_cpt.py refuses runs that would measure nothing or reuse stale training: a dataset without
+pairs, a guarantee that could not be checked, a checkpoint of another base model or other data, a
+--lang that is not the dataset's."""
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+from transformers import AutoTokenizer
+
+import build_pairs
+import run_cpt
+
+BO_SYLLABLES = "བོད་ རིགས་ ཀྱིས་ ཇ་ མར་ འཐུང་ རྩམ་ པ་ ཟ་ ལོ་ གསར་ ལྷ་ ས་ ཡུལ་ ལུང་".split()
+
+
+def small_dataset(folder: Path, tokenizer_dir: Path, n_pairs: int = 12, n_mono: int = 12) -> Path:
+    pairs, mono = folder / "pairs.jsonl", folder / "mono.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs.write_text("".join(json.dumps({"en": f"Tea number {i} is hot.", "bo": BO_SYLLABLES[i % 15] * (1 + i % 4)},
+                                        ensure_ascii=False) + "\n" for i in range(n_pairs)), encoding="utf-8")  # fmt: skip
+    mono.write_text("".join("".join(BO_SYLLABLES[(i + j) % 15] for j in range(6)) + "\n" for i in range(n_mono)),
+                    encoding="utf-8")  # fmt: skip
+    build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs), "--tgt_column", "bo", "--mono_files", str(mono),
+                      "--tokenizer_name", str(tokenizer_dir), "--block_size", "64",
+                      "--output_dir", str(folder / "data")])  # fmt: skip
+    return folder / "data"
+
+
+def cpt_command(model_dir, data_dir, output_dir, *extra, setting="--bridges") -> list[str]:
+    return ["--model_name_or_path", str(model_dir), "--dataset_path", str(data_dir), setting, "--block_size", "64",
+            "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2",
+            "--save_steps", "1", "--report_to", "none", "--use_cpu", "--seed", "0", *extra]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# 1. No run that measures nothing
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["--bridges", "--no_bridges"])
+def test_either_setting_refuses_a_dataset_without_pairs_naming_it_and_its_counts(tmp_path, tiny_model_dir, setting):
+    data = small_dataset(tmp_path / "inputs", tiny_model_dir)
+    no_pairs = tmp_path / "no_pairs"  # what build_pairs.py made before it refused inputs that keep nothing
+    load_from_disk(str(data)).filter(lambda r: r["kind"] != "pair").save_to_disk(str(no_pairs))
+    stats = json.loads((data / "build_stats.json").read_text())
+    stats["kept"]["pair"], stats["dropped"]["pair"]["not_in_script"] = 0, 12
+    (no_pairs / "build_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=rf"{no_pairs}: no parallel pair to train on .*build_stats\.json: pair read "
+                                         r"12, kept 0, dropped \{'not_in_script': 12\}"):  # fmt: skip
+        run_cpt.main(cpt_command(tiny_model_dir, no_pairs, tmp_path / "run", "--lang", "bo", setting=setting))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_that_sees_no_pair_refuses_to_train_and_its_audit_does_not_hold(tmp_path, tiny_model_dir):
+    # Mono texts that each fill most of a 32-token window, and one pair: one window of one step
+    # holds the first shuffled unit only, a mono text (seed 0), so no pair is in the plan.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = ""
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 20:
+        text += BO_SYLLABLES[len(text) % 15]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "mono.txt").write_text((text + "\n") * 20, encoding="utf-8")
+    (folder / "pairs.jsonl").write_text(json.dumps({"en": "Tea.", "bo": "ཇ།"}, ensure_ascii=False) + "\n")
+    build_pairs.main(["--lang", "bo", "--pairs_files", str(folder / "pairs.jsonl"), "--tgt_column", "bo",
+                      "--mono_files", str(folder / "mono.txt"), "--tokenizer_name", str(tiny_model_dir),
+                      "--block_size", "32", "--output_dir", str(tmp_path / "data")])  # fmt: skip
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"could not be checked: co-location: no pair is in the planned windows"):
+        run_cpt.main(["--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tmp_path / "data"),
+                      "--lang", "bo", "--bridges", "--block_size", "32", "--output_dir", str(run), "--max_steps", "1",
+                      "--per_device_train_batch_size", "1", "--report_to", "none", "--use_cpu", "--seed", "0"])  # fmt: skip
+    audit = json.loads((run / "packing_audit.json").read_text())
+    assert audit["pairs"]["total"] == 0 and audit["guarantees_hold"] is False
+    assert any(item.startswith("co-location") for item in audit["unchecked"])
+    assert not (run / "config.json").exists()  # nothing that looks like a trained run
+
+
+def audits_of_a_real_plan(data_dir, tokenizer_dir):
+    args = run_cpt.CPTArguments(lang="bo", model_name_or_path=str(tokenizer_dir), bridges=True,
+                                dataset_path=str(data_dir),
+                                block_size=64)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    raw, _ = run_cpt.load_cpt_dataset(args)
+    tokenized = run_cpt.tokenize_dataset(raw, tokenizer, args, seed=0)
+    store = run_cpt.SegmentStore(tokenized)
+    units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
+    plan = run_cpt.BridgePackingCollator.plan(units, block_size=64, windows_per_step=2, seed=0, max_steps=2)
+    pair_rows = {u.key for u in units if u.is_pair}
+    audits = {
+        b: run_cpt.audit_windows(
+            plan["windows"][b],
+            store,
+            run_cpt.BridgePackingCollator(64, b, 0),
+            pair_rows,
+            tokenized["doc_id"],
+            len(tokenizer),
+        )  # fmt: skip
+        for b in (True, False)
+    }
+    return plan, store, audits
+
+
+def test_an_unchecked_isolation_means_the_guarantees_do_not_hold_and_needs_an_explicit_flag(tmp_path, tiny_model_dir):
+    _, _, audits = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
+    equal = {"tokens_multiset": True}
+    checked = {"checked": True, "holds": True, "max_logit_diff_packed_vs_alone": 0.0}
+    unchecked = {"checked": False, "reason": "flash_attention_2 does not run on the CPU model before training"}
+    verdict = run_cpt.judge_guarantees(audits[True], audits[False], equal, checked, True, 64)
+    assert verdict == ([], [])
+    broken, not_checked = run_cpt.judge_guarantees(audits[True], audits[False], equal, unchecked, True, 64)
+    assert broken == [] and not_checked == [f"document isolation: {unchecked['reason']}"]
+    with pytest.raises(ValueError, match=r"could not be checked: document isolation: .*--allow_unchecked_isolation"):
+        run_cpt.refuse_unchecked_guarantees(not_checked, allow_unchecked_isolation=False)
+    run_cpt.refuse_unchecked_guarantees(not_checked, allow_unchecked_isolation=True)  # the user's explicit choice
+    # No pair in either setting's plan: co-location cannot be checked, and no flag allows that.
+    no_pairs = {b: {**audits[b], "pairs": {**audits[b]["pairs"], "total": 0, "co_located": 0,
+                                           "co_located_percent": None, "attending_each_other": 0}} for b in audits}  # fmt: skip
+    _, not_checked = run_cpt.judge_guarantees(no_pairs[True], no_pairs[False], equal, checked, True, 64)
+    assert [item.split(":")[0] for item in not_checked] == ["co-location", "co-location"]
+    with pytest.raises(ValueError, match="co-location"):
+        run_cpt.refuse_unchecked_guarantees(not_checked, allow_unchecked_isolation=True)
+
+
+def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_window_holds_two(tmp_path,
+                                                                                              tiny_model_dir):  # fmt: skip
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    plan, store, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
+    one_per_window = [[document] for window in plan["windows"][True] for document in window]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    collator = run_cpt.BridgePackingCollator(64, True, 1)
+    result = run_cpt.check_document_isolation(model, one_per_window, store, collator)
+    assert result["checked"] and result["holds"] and result["documents"] >= 2
+    assert result["window"] == "built from the plan's shortest documents"
+
+    class LeakyCollator(run_cpt.BridgePackingCollator):  # positions that never restart: documents attend
+        def __call__(self, features):
+            batch = super().__call__(features)
+            batch["position_ids"] = torch.arange(self.block_size).expand_as(batch["input_ids"]).clone()
+            return batch
+
+    leaky = run_cpt.check_document_isolation(model, one_per_window, store, LeakyCollator(64, True, 1))
+    assert leaky["checked"] and not leaky["holds"]
+
+
+def test_dataloader_workers_are_refused_because_window_reads_could_not_be_counted(tmp_path):
+    with pytest.raises(ValueError, match="--dataloader_num_workers .* each planned window is read exactly once"):
+        run_cpt.parse_args(["--model_name_or_path", "x", "--dataset_path", str(tmp_path), "--lang", "bo", "--bridges",
+                            "--output_dir", str(tmp_path / "run"), "--dataloader_num_workers", "2"])  # fmt: skip
