@@ -1579,7 +1579,7 @@ def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments,
             }
             if margins is not None:
                 raw = [next(margins) for _ in ids]
-                entry["lm_margin"] = [round(m, 4) for m in raw]
+                entry["lm_margin"] = raw  # unrounded: contains is exactly lm_margin > --judge_margin
                 entry["contains"] = [m > args.judge_margin for m in raw]
             else:
                 entry["contains"] = entry["lexical"]

@@ -115,26 +115,61 @@ def test_every_fact_is_stated_exactly_as_planted_in_every_corpus(world):
                 assert sum(1 for d in mono if s in d and o in d) == fact["counts"]["tgt"], (variant, fact["id"])
 
 
-def test_planted_counts_follow_the_arguments_per_tier(world):
+@pytest.fixture(scope="module")
+def counted(world):
+    """Per fact, the documents of each written corpus that name both its subject and its object.
+
+    Counted on the files alone (a document names two entities only when it states their fact),
+    independently of the counts truth.json records: {fact id: {"en": n, "native": n, "anchors": n}}.
+    """
+    english = list(read_documents(world["dir"] / "en_corpus.jsonl"))
+    counts = {}
+    for lang in LANGS:
+        monos = {v: list(read_documents(world["dir"] / lang / v / "mono.jsonl")) for v in ("native", "anchors")}
+        for fact in _facts(world, lang):
+            subject, obj = fact["subject"], fact["object"]
+            entry = {"en": sum(1 for d in english if subject["en"] in d and obj["en"] in d)}
+            for variant, mono in monos.items():
+                s, o = _name(subject, variant), _name(obj, variant)
+                entry[variant] = sum(1 for d in mono if s in d and o in d)
+            counts[fact["id"]] = entry
+    return counts
+
+
+def test_planted_counts_follow_the_arguments_per_tier(world, counted):
     args = world["args"]
+    en_documents = sum(1 for _ in read_documents(world["dir"] / "en_corpus.jsonl"))
     for lang in LANGS:
         facts = _facts(world, lang)
         tiers = Counter(f["tier"] for f in facts)
         level = args.resource_of(lang)
         expected = {"high": {"high": 32}, "low": {"low": 32}, "mixed": {"high": 16, "low": 16}}[level]
         assert dict(tiers) == expected, lang
-        assert all(f["counts"]["tgt"] == args.tgt_count for f in facts)
-        assert all(f["counts"]["en"] == args.en_count for f in facts if f["tier"] == "high")
+        # the corpora as written, against the arguments
+        assert all(counted[f["id"]]["native"] == counted[f["id"]]["anchors"] == args.tgt_count for f in facts)
+        assert all(counted[f["id"]]["en"] == args.en_count for f in facts if f["tier"] == "high")
         low = [f for f in facts if f["tier"] == "low"]
         if low:  # the ratio holds in aggregate, rounded to whole option groups of 4
             expected_low = round(len(low) / 4 * args.en_count / args.low_resource_ratio) * 4
-            assert sum(f["counts"]["en"] for f in low) == expected_low
-            assert {f["counts"]["en"] for f in low} <= {1, 2}  # 6 / 4 = 1.5 per fact, spread over groups
-        density = world["truth"]["densities"][lang]["all"]
-        assert density["en_statements"] == sum(f["counts"]["en"] for f in facts)
+            assert sum(counted[f["id"]]["en"] for f in low) == expected_low
+            assert {counted[f["id"]]["en"] for f in low} <= {1, 2}  # 6 / 4 = 1.5 per fact, spread over groups
+        # truth.json records what the files hold
+        assert all(f["counts"] == {"en": counted[f["id"]]["en"], "tgt": counted[f["id"]]["native"]} for f in facts)
+        mono_documents = sum(1 for _ in read_documents(world["dir"] / lang / "native" / "mono.jsonl"))
+        for tier, density in world["truth"]["densities"][lang].items():
+            in_tier = [f for f in facts if tier in ("all", f["tier"])]
+            en_statements = sum(counted[f["id"]]["en"] for f in in_tier)
+            tgt_statements = sum(counted[f["id"]]["native"] for f in in_tier)
+            assert (density["facts"], density["en_statements"], density["tgt_statements"]) == (
+                len(in_tier),
+                en_statements,
+                tgt_statements,
+            ), (lang, tier)
+            assert density["en_density"] == pytest.approx(en_statements / en_documents)
+            assert density["tgt_density"] == pytest.approx(tgt_statements / mono_documents)
 
 
-def test_cloze_files_are_valid_parallel_and_frequency_matched(world):
+def test_cloze_files_are_valid_parallel_and_frequency_matched(world, counted):
     for lang in LANGS:
         facts = {f["id"]: f for f in _facts(world, lang)}
         records = world["truth"]["questions"][lang]
@@ -154,12 +189,14 @@ def test_cloze_files_are_valid_parallel_and_frequency_matched(world):
                 # parallel: option k of the target file is option k of the English file, in its own script
                 assert q_tgt["options"] == [_name(by_english[o], variant) for o in q_en["options"]]
                 assert q_tgt["answer"] == _name(fact["object"], variant)
-                # frequency-matched: every option is the answer of a fact with the same planted counts
+                # frequency-matched: every option is the answer of a fact stated as often in every written corpus
                 option_facts = [f for f in facts.values() if f["object"]["en"] in q_en["options"]]
                 assert len(option_facts) == 4
-                assert {json.dumps(f["counts"], sort_keys=True) for f in option_facts} == {
-                    json.dumps(fact["counts"], sort_keys=True)
+                assert {json.dumps(counted[f["id"]], sort_keys=True) for f in option_facts} == {
+                    json.dumps(counted[fact["id"]], sort_keys=True)
                 }
+                # and the question file's record says the same
+                assert record["counts"] == {"en": counted[fact["id"]]["en"], lang: counted[fact["id"]][variant]}
 
 
 def test_parallel_pairs_never_state_a_fact_and_name_each_entity_exactly(world):
