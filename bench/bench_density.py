@@ -11,11 +11,15 @@ queries (12 words drawn from a random document, like a filled cloze sentence), f
   (the whole pipeline, tokenisation included), against tokenisation + rank_bm25.
 
 Sizes in --sizes run all three; --large_sizes run the bm25s paths only (rank_bm25 would take
-too long). --rss_documents then runs run_density.py end to end (index, search, judge) on a
-generated corpus of that many documents in a child process and reports its peak RSS.
+too long). Each --rss_runs entry DOCUMENTS[:SHARD_SIZE] then runs run_density.py end to end
+(index, search, judge) on a generated corpus of that many documents, with that --shard_size, in
+a child process and reports its peak RSS.
 
-    python bench/bench_density.py                                  # defaults below
-    python bench/bench_density.py --sizes 5000 --large_sizes --rss_documents 0   # quick look
+The defaults are the rows of the two tables in README.md (section "Frequency hypothesis"), and
+the summary prints them in the README's columns:
+
+    python bench/bench_density.py                                  # the README tables
+    python bench/bench_density.py --sizes 3000 --large_sizes --rss_runs       # quick look
 """
 
 from __future__ import annotations
@@ -103,7 +107,15 @@ def overlap(a, b, k=10) -> float:
     return float(np.mean([len(set(list(x)[:k]) & set(list(y)[:k])) / max(1, min(k, len(x))) for x, y in zip(a, b)]))
 
 
-def peak_rss_of_run_density(work: Path, n: int, words, cumulative, args) -> dict:
+def parse_rss_runs(args) -> list[tuple[int, int]]:
+    runs = []
+    for entry in args.rss_runs or []:
+        documents, _, shard = entry.partition(":")
+        runs.append((int(documents), int(shard) if shard else args.shard_size))
+    return runs
+
+
+def peak_rss_of_run_density(work: Path, n: int, shard_size: int, words, cumulative, args) -> dict:
     """Run run_density.py on an n-document corpus in a child process; its peak RSS (MiB) and time."""
     corpus_file = work / f"rss_{n}.jsonl"
     with corpus_file.open("w", encoding="utf-8") as handle:
@@ -124,7 +136,7 @@ def peak_rss_of_run_density(work: Path, n: int, words, cumulative, args) -> dict
     questions_file.write_text(json.dumps(questions), encoding="utf-8")
     command = [sys.executable, str(REPO_ROOT / "run_density.py"), "--questions", str(questions_file),
                "--corpus_files", str(corpus_file), "--top_k", str(args.top_k), "--output_dir", str(work / f"rss_out_{n}"),
-               "--shard_size", str(args.shard_size), "--log_level", "warning"]  # fmt: skip
+               "--shard_size", str(shard_size), "--log_level", "warning"]  # fmt: skip
     start = time.perf_counter()
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, TQDM_DISABLE="1")
@@ -139,6 +151,7 @@ def peak_rss_of_run_density(work: Path, n: int, words, cumulative, args) -> dict
     corpus_file.unlink()
     return {
         "documents": report["corpus"]["documents"],
+        "shard_size": shard_size,
         "shards": report["corpus"]["index"]["shards"],
         "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
         "seconds": seconds,
@@ -147,14 +160,15 @@ def peak_rss_of_run_density(work: Path, n: int, words, cumulative, args) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 30_000], help="sizes run with rank_bm25 too")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[3_000, 10_000], help="sizes run with rank_bm25 too")
     parser.add_argument("--large_sizes", type=int, nargs="*", default=[100_000, 300_000], help="bm25s-only sizes")
-    parser.add_argument("--queries", type=int, default=300, help="queries per size")
+    parser.add_argument("--queries", type=int, default=500, help="queries per size")
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--mean_words", type=int, default=40, help="mean words per document")
     parser.add_argument("--shard_size", type=int, default=200_000, help="run_density.py --shard_size")
-    parser.add_argument("--rss_documents", type=int, nargs="*", default=[250_000, 1_000_000],
-                        help="corpus sizes for the peak-RSS runs of run_density.py (none to skip)")  # fmt: skip
+    parser.add_argument("--rss_runs", nargs="*", default=["250000:200000", "1000000:200000", "250000:50000"],
+                        help="peak-RSS runs of run_density.py as DOCUMENTS[:SHARD_SIZE] (SHARD_SIZE defaults to "
+                             "--shard_size; none to skip)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -185,7 +199,7 @@ def main() -> None:
                 del tokens
             rows.append(row)
             print_row(row)
-        rss = [peak_rss_of_run_density(work, n, words, cumulative, args) for n in args.rss_documents or []]
+        rss = [peak_rss_of_run_density(work, n, shard, words, cumulative, args) for n, shard in parse_rss_runs(args)]
     print_summary(rows, rss, args)
 
 
@@ -194,37 +208,38 @@ def print_row(row: dict) -> None:
 
 
 def print_summary(rows: list[dict], rss: list[dict], args) -> None:
-    print(f"\nIndex + {args.queries} queries (top-{args.top_k}), seconds; documents of ~{args.mean_words} words")
-    print("| documents | tokenise | rank_bm25 index+query | bm25s index+query | ratio rank_bm25/bm25s "
-          "| run_density (stream+tokenise+index+query) | ratio (tokenise+rank_bm25)/run_density | docs/s run_density |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    """The README's two tables, in its columns (seconds; each ratio from one run)."""
+    q = args.queries
+    print(f"\nIndex + {q} queries (top-{args.top_k}); documents of ~{args.mean_words} words")
+    print(f"| documents (~{args.mean_words} words) | rank_bm25: index + {q} queries | bm25s: index + {q} queries "
+          f"| rank_bm25 / bm25s | `run_density.py` index: read + tokenise + index + {q} queries |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|")
     for row in rows:
         bm25s_total = row["bm25s_index_s"] + row["bm25s_query_s"]
         sharded_total = row["sharded_index_s"] + row["sharded_query_s"]
         if "rank_index_s" in row:
             rank_total = row["rank_index_s"] + row["rank_query_s"]
-            rank_cell = f"{rank_total:.1f} ({row['rank_index_s']:.1f} + {row['rank_query_s']:.1f})"
-            ratio = f"{rank_total / bm25s_total:.1f}x"
-            pipeline_ratio = f"{(row['tokenise_s'] + rank_total) / sharded_total:.1f}x"
+            rank_cell = f"{rank_total:.1f} s ({row['rank_index_s']:.1f} + {row['rank_query_s']:.1f})"
+            ratio = f"**{rank_total / bm25s_total:.0f}×**"
         else:
-            rank_cell = ratio = pipeline_ratio = "–"
+            rank_cell = ratio = "–"
         print(
-            f"| {row['documents']:,} | {row['tokenise_s']:.1f} | {rank_cell} | "
-            f"{bm25s_total:.2f} ({row['bm25s_index_s']:.2f} + {row['bm25s_query_s']:.2f}) | {ratio} | "
-            f"{sharded_total:.1f} ({row['sharded_index_s']:.1f} + {row['sharded_query_s']:.1f}) | {pipeline_ratio} | "
-            f"{row['documents'] / sharded_total:,.0f} |"
+            f"| {row['documents']:,} | {rank_cell} | "
+            f"{bm25s_total:.2f} s ({row['bm25s_index_s']:.2f} + {row['bm25s_query_s']:.2f}) | {ratio} | "
+            f"{sharded_total:.1f} s |"
         )
     for row in rows:
         agree = {k: round(v, 3) for k, v in row.items() if k.startswith("overlap")}
         print(f"top-10 agreement at {row['documents']:,} documents: {agree}")
     if rss:
-        print(
-            f"\nrun_density.py end to end ({args.queries} questions, top-{args.top_k}, --shard_size {args.shard_size}):"
-        )
-        print("| documents | shards | peak RSS (MiB) | seconds |")
-        print("|---:|---:|---:|---:|")
+        print(f"\nrun_density.py end to end ({q} questions, top-{args.top_k}), peak RSS of the child process:")
+        print("| documents | `--shard_size` | shards | peak RSS | wall time |")
+        print("|---:|---:|---:|---:|---:|")
         for r in rss:
-            print(f"| {r['documents']:,} | {r['shards']} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} |")
+            print(
+                f"| {r['documents']:,} | {r['shard_size']:,} | {r['shards']} | {r['peak_rss_mib']:.0f} MiB | "
+                f"{r['seconds']:.0f} s |"
+            )
 
 
 if __name__ == "__main__":
