@@ -512,6 +512,7 @@ TOKENIZED_FEATURES = datasets.Features(
         "segments": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
         "first_side": datasets.Value("string"),
         "drop_reason": datasets.Value("string"),
+        "content_digest": datasets.Value("string"),
     }
 )
 
@@ -567,6 +568,17 @@ def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator
         zip(owners, tokenizer(texts, add_special_tokens=False)["input_ids"])
     )
     segments, first_sides, reasons = [], [], []
+    # What the record says, not where it sits: resuming recognises the same data by it, and other
+    # text of the same shape (same ids, kinds and lengths) by its difference.
+    digests = [
+        hashlib.blake2b(
+            json.dumps(
+                [batch["kind"][i], batch["text"][i], batch["en"][i], batch["tgt"][i]], ensure_ascii=False
+            ).encode(),
+            digest_size=16,
+        ).hexdigest()
+        for i in range(n)
+    ]
     piece = block_size - 1  # every segment is [start] + at most block_size - 1 tokens
     for i in range(n):
         first_side, reason, unit_segments = "", "", []
@@ -587,11 +599,12 @@ def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator
         segments.append(unit_segments)
         first_sides.append(first_side)
         reasons.append(reason)
-    return {"segments": segments, "first_side": first_sides, "drop_reason": reasons}
+    return {"segments": segments, "first_side": first_sides, "drop_reason": reasons, "content_digest": digests}
 
 
 def tokenize_dataset(raw: datasets.Dataset, tokenizer, cpt_args: CPTArguments, seed: int) -> datasets.Dataset:
-    """One row per unit: ``doc_id``, ``kind``, ``pair_id``, ``segments``, ``first_side``, ``drop_reason``."""
+    """One row per unit: ``doc_id``, ``kind``, ``pair_id``, ``segments``, ``first_side``, ``drop_reason``,
+    ``content_digest`` (of the record's kind and text)."""
     separator_ids = (
         tokenizer(cpt_args.pair_separator, add_special_tokens=False)["input_ids"] if cpt_args.pair_separator else []
     )
@@ -716,8 +729,47 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator, pair_rows: set, doc_ids, vocab_size):
-    """Measure one setting's planned windows from the features the model will receive."""
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def base_model_identity(model_name_or_path: str) -> dict:
+    """The base model by content: SHA-256 of every weights file and of its config.
+
+    The whole content of each file, streamed (about 2 s per GB, once per run): a safetensors
+    header holds dtypes, shapes and offsets but no values, so a base retrained with the same
+    architecture would have the same header. The config is hashed as sorted JSON without
+    ``transformers_version`` (re-saving the same model with another version is the same model).
+    """
+    folder = Path(model_name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model_name_or_path, allow_patterns=[*WEIGHT_FILES, "config.json"]))
+    weights = sorted({path for pattern in WEIGHT_FILES for path in folder.glob(pattern)})
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}) to identify the base model.")
+    digests = []
+    for path in weights:
+        with path.open("rb") as handle:
+            digests.append(f"{path.name}\t{hashlib.file_digest(handle, 'sha256').hexdigest()}\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("transformers_version", None)
+    return {
+        "base_model_weights_sha256": _sha256("".join(digests).encode()),
+        "base_model_config_sha256": _sha256(json.dumps(config, sort_keys=True).encode()),
+    }
+
+
+def document_keys(tokenized: datasets.Dataset) -> list[str]:
+    """``<doc_id>\t<content digest>`` of every row: a document by its id and by what it says."""
+    return [f"{doc_id}\t{digest}" for doc_id, digest in zip(tokenized["doc_id"], tokenized["content_digest"])]
+
+
+def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator, pair_rows: set, doc_keys, vocab_size):
+    """Measure one setting's planned windows from the features the model will receive.
+
+    ``doc_keys`` (``document_keys``) names each row in ``documents_seen_sha256``, so that hash
+    identifies the documents seen by content and count."""
     segment_digests: list[bytes] = []
     token_counts = np.zeros(vocab_size, dtype=np.int64)
     target_counts = np.zeros(vocab_size, dtype=np.int64)
@@ -753,7 +805,7 @@ def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator,
     co_located = sum(1 for first, second in pair_place.values() if first[0] == second[0])
     attending = sum(1 for first, second in pair_place.values() if first[:2] == second[:2] and second[2] != 0)
     total_pairs = len(pair_place)
-    seen_text = "\n".join(f"{doc_ids[row]}\t{count}" for row, count in sorted(seen.items()))
+    seen_text = "\n".join(f"{doc_keys[row]}\t{count}" for row, count in sorted(seen.items()))
     return {
         "windows": len(windows),
         "documents": documents,
@@ -920,21 +972,45 @@ class CPTSettingCallback(TrainerCallback, ExportableState):
         return {"args": {"cpt_setting": self.cpt_setting}, "attributes": {}}
 
 
-def check_resume_setting(checkpoint: str, cpt_setting: dict) -> None:
-    """Refuse to resume a checkpoint made in another setting or with another packing plan.
+#: cpt_setting keys that say where things are, not what they are: the same data or base model
+#: moved elsewhere is recognised by its content hashes.
+LOCATION_KEYS = ("dataset", "base_model")
+#: How a difference in a content hash is named when a checkpoint is refused.
+CONTENT_KEYS = {
+    "base_model_weights_sha256": "base model weights differ",
+    "base_model_config_sha256": "base model config differs",
+    "dataset_sha256": "dataset content differs",
+    "documents_seen_sha256": "documents seen differ",
+}
 
-    Every key of ``cpt_setting`` must match except ``dataset``, the data's location (a folder or a
-    Hub id): the same data moved elsewhere is recognised by ``documents_seen_sha256``.
+
+def check_resume_setting(checkpoint: str, cpt_setting: dict) -> None:
+    """Refuse to resume a checkpoint made in another setting, from another base model, on other data
+    or with another packing plan, naming each difference.
+
+    Every key of ``cpt_setting`` must match except ``LOCATION_KEYS``. The base model is identified by
+    the content of its weights and config (``base_model_identity``), the data by the content of
+    every record (``dataset_sha256``) and of the documents seen (``documents_seen_sha256``).
     """
     config_file = Path(checkpoint) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: no config.json; is it a checkpoint of run_cpt.py?")
     stored = json.loads(config_file.read_text()).get("cpt_setting") or {}
-    differ = sorted(k for k in set(stored) | set(cpt_setting) if k != "dataset" and stored.get(k) != cpt_setting.get(k))
+    differ = sorted(
+        k for k in set(stored) | set(cpt_setting) if k not in LOCATION_KEYS and stored.get(k) != cpt_setting.get(k)
+    )
     if differ:
+
+        def described(key: str) -> str:
+            old, new = stored.get(key), cpt_setting.get(key)
+            if key in CONTENT_KEYS and isinstance(old, str) and isinstance(new, str):
+                return f"{CONTENT_KEYS[key]} (sha256 {old[:12]}.. in the checkpoint vs {new[:12]}.. now)"
+            return f"{key} differs ({old!r} in the checkpoint vs {new!r} now)"
+
         raise ValueError(
-            f"{checkpoint} was trained with another setting or packing plan (differs in {differ}); "
-            "resume with the same arguments, world size and data, or use a new --output_dir."
+            f"{checkpoint} does not match this run: {'; '.join(described(k) for k in differ)} (differs in {differ}). "
+            "It was trained with another setting, base model, data or packing plan: resume with the same base "
+            "model, data, arguments and world size, or use a new --output_dir."
         )
 
 
@@ -983,6 +1059,7 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = tokenized["kind"]
     reasons = tokenized["drop_reason"]
     doc_ids = tokenized["doc_id"]
+    doc_keys = document_keys(tokenized)
     first_sides = tokenized["first_side"]
     store = SegmentStore(tokenized)
     units = packing_units(kinds, reasons, store)
@@ -1028,7 +1105,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     collator = collators[bridges]
     audits = {
-        b: audit_windows(plan["windows"][b], store, collators[b], pair_rows, doc_ids, vocab_size) for b in (True, False)
+        b: audit_windows(plan["windows"][b], store, collators[b], pair_rows, doc_keys, vocab_size)
+        for b in (True, False)
     }
     mine, other = audits[bridges], audits[not bridges]
     equal = {
@@ -1050,6 +1128,9 @@ def main(argv: list[str] | None = None) -> dict:
         "pair_separator": cpt_args.pair_separator,
         "seed": shuffle_seed,
         "dataset": cpt_args.dataset_name or str(Path(cpt_args.dataset_path).resolve()),
+        "dataset_sha256": _sha256("\n".join(doc_keys).encode()),
+        "base_model": cpt_args.model_name_or_path,
+        **base_model_identity(cpt_args.model_name_or_path),
         "steps": plan["steps"],
         "windows_per_step": windows_per_step,
         "documents_seen_sha256": mine["hashes"]["documents_seen_sha256"],
@@ -1154,7 +1235,6 @@ def main(argv: list[str] | None = None) -> dict:
         training_args.hub_always_push = True
     card_setting = {
         **cpt_setting,
-        "base model": cpt_args.model_name_or_path,
         "run name": training_args.run_name,
         "tokens per step": windows_per_step * cpt_args.block_size,
         "pairs co-located": f"{mine['pairs']['co_located_percent']}%",

@@ -227,14 +227,19 @@ def test_dataset_errors_name_the_folder(tmp_path, tiny_model_dir):
 def test_resume_refuses_a_checkpoint_of_another_setting(tmp_path):
     checkpoint = tmp_path / "checkpoint-5"
     checkpoint.mkdir()
-    setting = {"lang": "bo", "bridges": True, "steps": 10, "dataset": "/data/cpt-bo", "documents_seen_sha256": "ab"}
+    setting = {"lang": "bo", "bridges": True, "steps": 10, "dataset": "/data/cpt-bo", "base_model": "/base",
+               "dataset_sha256": "ab" * 32, "documents_seen_sha256": "ab" * 32}  # fmt: skip
     (checkpoint / "config.json").write_text(json.dumps({"cpt_setting": setting}))
     run_cpt.check_resume_setting(str(checkpoint), setting)
-    run_cpt.check_resume_setting(str(checkpoint), {**setting, "dataset": "org/cpt-bo"})  # same data, moved
-    with pytest.raises(ValueError, match="differs in \\['documents_seen_sha256'\\]"):
-        run_cpt.check_resume_setting(str(checkpoint), {**setting, "documents_seen_sha256": "cd"})
-    with pytest.raises(ValueError, match=r"another setting or packing plan \(differs in \['bridges'\]\)"):
+    run_cpt.check_resume_setting(str(checkpoint), {**setting, "dataset": "org/cpt-bo", "base_model": "org/base"})  # moved
+    with pytest.raises(ValueError, match=r"documents seen differ \(sha256 abababababab\.\. in the checkpoint vs "
+                                         r"cdcdcdcdcdcd\.\. now\)"):  # fmt: skip
+        run_cpt.check_resume_setting(str(checkpoint), {**setting, "documents_seen_sha256": "cd" * 32})
+    with pytest.raises(ValueError, match=r"does not match this run: bridges differs \(True in the checkpoint vs False"):
         run_cpt.check_resume_setting(str(checkpoint), {**setting, "bridges": False})
+    # A checkpoint made before the base model was identified is refused, not assumed to match.
+    with pytest.raises(ValueError, match=r"base_model_weights_sha256 differs \(None in the checkpoint"):
+        run_cpt.check_resume_setting(str(checkpoint), {**setting, "base_model_weights_sha256": "ef" * 32})
 
 
 def test_the_run_checks_document_isolation_on_its_own_model_and_window(cpt_data, tiny_model_dir, tmp_path):

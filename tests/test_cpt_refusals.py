@@ -80,8 +80,7 @@ def test_a_plan_that_sees_no_pair_refuses_to_train_and_its_audit_does_not_hold(t
 
 def audits_of_a_real_plan(data_dir, tokenizer_dir):
     args = run_cpt.CPTArguments(lang="bo", model_name_or_path=str(tokenizer_dir), bridges=True,
-                                dataset_path=str(data_dir),
-                                block_size=64)  # fmt: skip
+                                dataset_path=str(data_dir), block_size=64)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     raw, _ = run_cpt.load_cpt_dataset(args)
     tokenized = run_cpt.tokenize_dataset(raw, tokenizer, args, seed=0)
@@ -151,3 +150,79 @@ def test_dataloader_workers_are_refused_because_window_reads_could_not_be_counte
     with pytest.raises(ValueError, match="--dataloader_num_workers .* each planned window is read exactly once"):
         run_cpt.parse_args(["--model_name_or_path", "x", "--dataset_path", str(tmp_path), "--lang", "bo", "--bridges",
                             "--output_dir", str(tmp_path / "run"), "--dataloader_num_workers", "2"])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# 2. Resume only what this run would train: the same base model, the same data by content
+# --------------------------------------------------------------------------------------
+
+
+def test_base_model_identity_hashes_weights_and_config_by_content(tmp_path, tiny_model_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    identity = run_cpt.base_model_identity(str(tiny_model_dir))
+    assert run_cpt.base_model_identity(str(copy)) == identity  # the same model elsewhere
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
+    changed = run_cpt.base_model_identity(str(copy))
+    assert changed["base_model_weights_sha256"] == identity["base_model_weights_sha256"]
+    assert changed["base_model_config_sha256"] != identity["base_model_config_sha256"]
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: a safetensors header (dtypes, shapes, offsets) would not see it
+    weights.write_bytes(bytes(data))
+    assert run_cpt.base_model_identity(str(copy))["base_model_weights_sha256"] != identity["base_model_weights_sha256"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_another_base_model_or_other_data_and_resumes_the_same(tmp_path,
+                                                                                              tiny_model_dir):  # fmt: skip
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    data = small_dataset(tmp_path / "inputs", tiny_model_dir)
+    first = tmp_path / "first"
+    run_cpt.main(cpt_command(tiny_model_dir, data, first, "--lang", "bo"))
+    setting = json.loads((first / "config.json").read_text())["cpt_setting"]
+    assert setting["base_model_weights_sha256"] == run_cpt.base_model_identity(str(tiny_model_dir))[
+        "base_model_weights_sha256"]  # fmt: skip
+    assert len(setting["dataset_sha256"]) == 64
+
+    def resume(base, data_dir, name):
+        run = tmp_path / name
+        shutil.copytree(first / "checkpoint-1", run / "checkpoint-1")
+        run_cpt.main(cpt_command(base, data_dir, run, "--lang", "bo"))
+        return run
+
+    # The base model retrained upstream: same config and tokenizer, other weights.
+    retrained = tmp_path / "retrained"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(retrained)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(retrained)
+    with pytest.raises(ValueError, match=r"checkpoint-1 does not match this run: base model weights differ "
+                                         r"\(sha256 [0-9a-f]{12}\.\. in the checkpoint vs [0-9a-f]{12}\.\. now\)"):  # fmt: skip
+        resume(retrained, data, "other-base")
+    # The dataset rebuilt with other text of the same shape: same records, kinds, ids and token counts.
+    pairs = (tmp_path / "inputs" / "pairs.jsonl").read_text(encoding="utf-8")
+    other_inputs = tmp_path / "other_inputs"
+    other_inputs.mkdir()
+    (other_inputs / "pairs.jsonl").write_text(pairs.replace("Tea number 0 is", "Tea number 9 is"), encoding="utf-8")
+    shutil.copy(tmp_path / "inputs" / "mono.txt", other_inputs / "mono.txt")
+    build_pairs.main(["--lang", "bo", "--pairs_files", str(other_inputs / "pairs.jsonl"), "--tgt_column", "bo",
+                      "--mono_files", str(other_inputs / "mono.txt"), "--tokenizer_name", str(tiny_model_dir),
+                      "--block_size", "64", "--output_dir", str(other_inputs / "data")])  # fmt: skip
+    with pytest.raises(ValueError, match=r"does not match this run: dataset content differs \(sha256 [0-9a-f]{12}"):
+        resume(tiny_model_dir, other_inputs / "data", "other-data")
+    # The same base and the same data (moved elsewhere): resumes, at the checkpoint's step.
+    moved = tmp_path / "moved_data"
+    shutil.copytree(data, moved)
+    run = resume(tiny_model_dir, moved, "same")
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
+    audit = json.loads((run / "packing_audit.json").read_text())
+    assert audit["windows_trained"]["resumed_at_step"] == 1 and audit["windows_trained"]["each_planned_window_once"]
