@@ -16,7 +16,7 @@ medians are compared (the best runs too). ``--threads`` (default 1) fixes torch'
 on a machine shared with other jobs one thread per run gives far steadier timings than two.
 Goal: run_pretrain / baseline >= 0.95.
 
-    python bench/bench_pretrain_train.py                        # ~5 minutes on 2 cores
+    python bench/bench_pretrain_train.py                        # the README's row; ~12 minutes on 2 cores
     python bench/bench_pretrain_train.py --steps 15 --rounds 2  # quick
 """
 
@@ -98,7 +98,7 @@ def baseline_steps_per_second(args, work: Path, blocks_dir: Path, vocab_size: in
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="Optimizer steps per timed run (default 30).")
-    parser.add_argument("--rounds", type=int, default=3, help="Runs of each variant, in rotated order (default 3).")
+    parser.add_argument("--rounds", type=int, default=7, help="Runs of each variant, in rotated order (default 7).")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every run (default 1).")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=512)
