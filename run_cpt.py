@@ -422,8 +422,14 @@ class BridgePackingCollator:
 
 @dataclass
 class CPTArguments:
-    lang: str = field(metadata={"help": "Target language code of the dataset (ko, zh, bo, mn, ...)."})
     model_name_or_path: str = field(metadata={"help": "Base model: a local directory or a Hub id."})
+    lang: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target language of the dataset (ko, zh, bo, mn, ...); default: the `lang` of its "
+            "build_stats.json. Given, it must equal that."
+        },
+    )
     bridges: bool = field(
         default=False, metadata={"help": "WITH bridges: each parallel pair is one document (halves co-located)."}
     )
@@ -539,6 +545,22 @@ def load_cpt_dataset(cpt_args: CPTArguments) -> tuple[datasets.Dataset, Path | N
             f"{folder}: not a build_pairs.py dataset (missing columns {missing}; found {loaded.column_names})."
         )
     return loaded, folder
+
+
+def dataset_language(lang: str | None, build_stats: dict | None, build_stats_file: Path) -> str:
+    """The run's language: the dataset's (build_stats.json ``lang``); a --lang given must equal it."""
+    recorded = (build_stats or {}).get("lang")
+    if lang is None and recorded is None:
+        raise ValueError(
+            f"{build_stats_file}: no such file or no 'lang' in it, and no --lang: the run's language is unknown. "
+            "Pass --lang, or train on a dataset built by build_pairs.py."
+        )
+    if lang is not None and recorded is not None and lang != recorded:
+        raise ValueError(
+            f"--lang {lang} but the dataset is {recorded!r} ({build_stats_file}): the run would be grouped and "
+            f"probed as {lang}. Drop --lang (it defaults to the dataset's) or point --dataset_path at the {lang} data."
+        )
+    return lang if lang is not None else recorded
 
 
 def pair_first_side(pair_id: int, order: str, seed: int) -> str:
@@ -1032,6 +1054,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
+    # ---- the dataset and its language ---------------------------------------------------
+    raw, dataset_folder = load_cpt_dataset(cpt_args)
+    build_stats_file = dataset_folder / "build_stats.json"
+    build_stats = json.loads(build_stats_file.read_text()) if build_stats_file.is_file() else None
+    cpt_args.lang = dataset_language(cpt_args.lang, build_stats, build_stats_file)
     if training_args.run_name is None:
         training_args.run_name = f"cpt-{cpt_args.lang}-{setting_name}-seed{training_args.seed}"
     shuffle_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
@@ -1053,7 +1080,6 @@ def main(argv: list[str] | None = None) -> dict:
     vocab_size = max(len(tokenizer), model.config.vocab_size)
 
     # ---- data: units -> segments -------------------------------------------------------
-    raw, dataset_folder = load_cpt_dataset(cpt_args)
     with training_args.main_process_first(desc="tokenizing the CPT dataset"):
         tokenized = tokenize_dataset(raw, tokenizer, cpt_args, shuffle_seed)
     kinds = tokenized["kind"]
@@ -1066,8 +1092,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not units:
         raise ValueError(f"{dataset_folder}: no unit left after tokenization; see the dataset's build_stats.json.")
     pair_rows = {unit.key for unit in units if unit.is_pair}
-    build_stats_file = dataset_folder / "build_stats.json" if dataset_folder else None
-    build_stats = json.loads(build_stats_file.read_text()) if build_stats_file and build_stats_file.is_file() else None
     if not pair_rows:
         # Without pairs the two settings train on identical windows: their difference would measure nothing.
         pair_records = sum(1 for kind in kinds if kind == "pair")

@@ -365,7 +365,8 @@ def hub_runs(tmp_path_factory, tiny_model_dir):
     from hub_server import LocalHub
 
     folder = tmp_path_factory.mktemp("hub_runs")
-    common = ["--lang", "bo", "--bridges", "--block_size", "128", "--max_steps", "4", "--save_steps", "2",
+    # No --lang: the run takes the dataset's, from its (pushed) build_stats.json.
+    common = ["--bridges", "--block_size", "128", "--max_steps", "4", "--save_steps", "2",
               "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--report_to", "none"]  # fmt: skip
     with LocalHub(folder / "hub") as hub:
         # The stand-in stores binary files through LFS, not Xet.
@@ -429,6 +430,7 @@ def test_dataset_and_model_from_an_offline_hub_cache_give_the_same_plan(hub_runs
     local = read_json(hub_runs["straight"] / "packing_audit.json")
     cached = read_json(hub_runs["resumed"] / "packing_audit.json")
     assert cached["cpt_setting"]["dataset"] == "tester/cpt-bo"
+    assert cached["cpt_setting"]["lang"] == local["cpt_setting"]["lang"] == "bo"  # from the pushed build_stats.json
     assert cached["hashes"] == local["hashes"] and cached["plan"] == local["plan"]
 
 

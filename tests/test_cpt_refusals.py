@@ -226,3 +226,28 @@ def test_resume_refuses_a_checkpoint_of_another_base_model_or_other_data_and_res
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
     audit = json.loads((run / "packing_audit.json").read_text())
     assert audit["windows_trained"]["resumed_at_step"] == 1 and audit["windows_trained"]["each_planned_window_once"]
+
+
+# --------------------------------------------------------------------------------------
+# 3. --lang is the dataset's
+# --------------------------------------------------------------------------------------
+
+
+def test_lang_defaults_to_the_datasets_and_a_mismatch_or_no_language_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    import torch
+
+    data = small_dataset(tmp_path / "inputs", tiny_model_dir)
+    with pytest.raises(ValueError, match=r"--lang ko but the dataset is 'bo' \(\S*build_stats\.json\)"):
+        run_cpt.main(cpt_command(tiny_model_dir, data, tmp_path / "ko", "--lang", "ko"))
+    assert not (tmp_path / "ko").exists()
+    no_stats = tmp_path / "no_stats"
+    shutil.copytree(data, no_stats)
+    (no_stats / "build_stats.json").unlink()
+    with pytest.raises(ValueError, match=r"no_stats/build_stats\.json: no such file or no 'lang' in it, and no --lang"):
+        run_cpt.main(cpt_command(tiny_model_dir, no_stats, tmp_path / "unknown"))
+    run = tmp_path / "default"
+    run_cpt.main(cpt_command(tiny_model_dir, data, run, "--max_steps", "1"))
+    assert json.loads((run / "config.json").read_text())["cpt_setting"]["lang"] == "bo"
+    assert torch.load(run / "training_args.bin", weights_only=False).run_name == "cpt-bo-bridges-seed0"
