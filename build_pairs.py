@@ -588,7 +588,16 @@ def push_dataset(output_dir: Path, repo_id: str, private: bool, shard_bytes: flo
             operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(output_dir / name)))
         try:
             existing = api.list_repo_files(repo_id, repo_type="dataset")
-        except HfHubHTTPError:  # a new repository has nothing to replace
+        except HfHubHTTPError as error:
+            # Only "not found" means a new repository with nothing to replace. Any other failure (auth,
+            # server) must stop the push: committing without the deletions would mix two builds' shards.
+            # (The status, not the class: huggingface_hub raises RepositoryNotFoundError for a 401 too.)
+            if error.response is None or error.response.status_code != 404:
+                raise RuntimeError(
+                    f"could not list the files of the Hub dataset {repo_id} to replace an earlier push's data "
+                    f"files ({error}); nothing was pushed. The dataset in {output_dir} is complete: push it again "
+                    "once the listing works."
+                ) from error
             existing = []
         added = {op.path_in_repo for op in operations}
         operations += [
