@@ -133,7 +133,17 @@ class EvalArguments:
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
-        metadata={"help": "Model weights dtype (the paper used bfloat16 on GPUs). Losses are computed in float32."},
+        metadata={"help": "Model weights dtype (the paper used bfloat16 on GPUs). See --loss_dtype for the losses."},
+    )
+    loss_dtype: Literal["float32", "model"] = field(
+        default="float32",
+        metadata={
+            "help": "float32 (default): logits upcast to float32 before the loss, batched prefix trees (scores within "
+            "1e-5 of the paper's loop computed in float32). model: the paper's computation on current transformers: "
+            "one filled sentence per forward, no padding, no prefix sharing, CrossEntropyLoss(reduction='mean') on "
+            "the logits in the dtype the model returns them (bfloat16 weights: a bfloat16 loss, with its rounding "
+            "and its ties); bit-identical to the paper's loop, and as slow. mean_token_loss scoring only."
+        },
     )
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when present, else cpu), 'cpu', 'cuda:0'..."})
     attn_implementation: Literal["sdpa", "eager"] = field(
@@ -201,6 +211,15 @@ class TransferArguments:
     )
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for every confidence interval."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap (results are reproducible)."})
+    tie_policy: Literal["first", "fractional"] = field(
+        default="first",
+        metadata={
+            "help": "Credit of an item whose best score is tied: first (the paper's rule: the first tied option is "
+            "the prediction, right or wrong) or fractional (the expected credit of breaking the tie uniformly at "
+            "random: 1/k per answer among the k tied options). The report shows both when they differ; the McNemar "
+            "test always uses first-wins correctness (it needs right/wrong items)."
+        },
+    )
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
 
 
@@ -240,7 +259,24 @@ class QuestionSet:
             "chance_accuracy": sum(len(it["answer"]) / len(it["options"]) for it in self.items) / len(self.items),
             "sha256": self.fingerprint,
             "quirks": self.quirks,
+            "position_bias": position_bias(self.items),
         }
+
+
+def position_bias(items: list[dict]) -> dict:
+    """Where the answer sits among the options. An item counts at its first answer option (duplicate options
+    and list answers can have several); items whose answer is not among the options count under "none".
+    always_first_accuracy is the accuracy of always predicting option 0, the option every exact tie goes to
+    under the paper's rule."""
+    counts = defaultdict(int)
+    for item in items:
+        counts[str(min(item["answer"])) if item["answer"] else "none"] += 1
+    keys = sorted((k for k in counts if k != "none"), key=int) + (["none"] if "none" in counts else [])
+    return {
+        "answer_position_counts": {k: counts[k] for k in keys},
+        "answer_position_share": {k: counts[k] / len(items) for k in keys},
+        "always_first_accuracy": sum(0 in item["answer"] for item in items) / len(items),
+    }
 
 
 QUIRK_TEXT = {
@@ -829,6 +865,25 @@ def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> S
     return ScoringPlan(sequences, options, groups)
 
 
+@torch.inference_mode()
+def paper_loop_losses(model, sequences: list[list[int]], desc: str | None = None) -> list[float]:
+    """The paper's loss of every sequence, computed as the released loop computes it on current transformers:
+    one sequence per forward pass (no batch, no padding, no prefix sharing) and
+    ``CrossEntropyLoss(reduction="mean")`` on the logits in the dtype the model returns them (Qwen2 no longer
+    upcasts them to float32), so bfloat16 weights give the bfloat16 loss the paper's numbers come from.
+
+    With 16-bit weights any other shape of computation (batches, padding, a prefix tree) rounds differently, so
+    this path is kept apart from token_logprobs: its results are bit-identical to the one-sentence loop."""
+    device = next(model.parameters()).device
+    loss = torch.nn.CrossEntropyLoss(reduction="mean")
+    losses = []
+    for ids in tqdm(sequences, desc=desc or "scoring", leave=False, disable=desc is None):
+        input_ids = torch.tensor([ids], device=device)
+        logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
+        losses.append(float(loss(logits, input_ids[0, 1:])))
+    return losses
+
+
 def option_score(logprobs: np.ndarray, mask: np.ndarray | None, n_bytes: int, scoring: str) -> float:
     if scoring == "mean_token_loss":
         return float(-logprobs.mean())
@@ -844,15 +899,46 @@ def predict(scores: list[float]) -> int:
     return min(range(len(scores)), key=lambda k: (scores[k], k))
 
 
+def tie_credit(scores: list[float], answer: list[int]) -> tuple[int, float]:
+    """(k, credit): the number of options sharing the best (lowest) score exactly, and the expected credit of
+    breaking that tie uniformly at random (answers among the k tied options / k). k == 1 means no tie, and
+    then the credit is the first-wins correctness. Scores of an item do not depend on option order, so this
+    is exact."""
+    best = min(scores)
+    tied = [k for k, score in enumerate(scores) if score == best]
+    return len(tied), sum(k in answer for k in tied) / len(tied)
+
+
 def score_question_sets(
-    model, tokenizer, question_sets: list[QuestionSet], scoring: str, batch_size: int, padding_side: str, desc=None
+    model,
+    tokenizer,
+    question_sets: list[QuestionSet],
+    scoring: str,
+    batch_size: int,
+    padding_side: str,
+    desc=None,
+    loss_dtype: str = "float32",
 ) -> list[list[list[float]]]:
-    """Per question set, per item, the score of every option (lower is better)."""
+    """Per question set, per item, the score of every option (lower is better).
+
+    loss_dtype "float32": batched prefix trees, float32 losses. "model": the paper's loop (paper_loop_losses);
+    identical sentences (no blank, duplicate options) still run once, which changes nothing: the loop gives
+    them the same number."""
+    if loss_dtype not in ("float32", "model"):
+        raise ValueError(f"--loss_dtype must be float32 or model, got {loss_dtype!r}.")
+    if loss_dtype == "model" and scoring != "mean_token_loss":
+        raise ValueError(
+            f"--loss_dtype model reproduces the paper's loss (--scoring mean_token_loss); got --scoring {scoring}. "
+            "Use --loss_dtype float32 with the other scorings."
+        )
     plan = plan_scoring(tokenizer, question_sets, scoring)
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max((len(s) for s in plan.sequences), default=0)
     if limit and longest > limit:
         raise ValueError(f"A filled question is {longest} tokens long; the model takes at most {limit}.")
+    if loss_dtype == "model":
+        losses = paper_loop_losses(model, plan.sequences, desc=desc)
+        return [[[losses[seq] for seq, _, _ in item] for item in set_plan] for set_plan in plan.options]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
     logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, pad_id, padding_side, desc=desc)
     return [
@@ -877,13 +963,59 @@ def load_model(directory: Path, dtype: str, device: torch.device, attn_implement
 def _accuracy_csv(checkpoints: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["step", "path", "questions", "lang", "correct", "total", "accuracy"])
+    writer.writerow(ACCURACY_CSV_COLUMNS)
     for entry in checkpoints:
         for stem, acc in entry["accuracy"].items():
-            writer.writerow(
-                [entry["step"], entry["path"], stem, acc["lang"], acc["correct"], acc["total"], acc["accuracy"]]
-            )
+            writer.writerow([entry["step"], entry["path"], stem] + [acc[key] for key in ACCURACY_CSV_COLUMNS[3:]])
     return buffer.getvalue()
+
+
+ACCURACY_CSV_COLUMNS = (
+    "step",
+    "path",
+    "questions",
+    "lang",
+    "correct",
+    "total",
+    "accuracy",
+    "ties",
+    "tie_rate",
+    "correct_fractional",
+    "accuracy_fractional",
+    "ties_advantage",
+)
+#: Ties above this share of a file's items at a checkpoint are warned about: the first-wins rule then moves
+#: the accuracy toward the share of answers at option 0 (position_bias.always_first_accuracy).
+TIE_WARNING_RATE = 0.05
+#: Header fields absent from outputs of earlier versions, and the value those versions used.
+HEADER_DEFAULTS = {"loss_dtype": "float32"}
+
+
+def item_accounting(qs: QuestionSet, set_scores: list[list[float]]) -> tuple[list[dict], dict]:
+    """Per item: prediction (first-wins), correctness, tied options and fractional credit; and the set's totals."""
+    rows, correct, fractional, ties = [], 0, 0.0, 0
+    for item, scores in zip(qs.items, set_scores):
+        prediction = predict(scores)
+        tied, credit = tie_credit(scores, item["answer"])
+        is_correct = prediction in item["answer"]
+        correct += is_correct
+        fractional += credit
+        ties += tied > 1
+        rows.append({"prediction": prediction, "correct": is_correct, "tied_best": tied, "credit_fractional": credit})
+    total = len(qs.items)
+    accuracy = {
+        "lang": qs.lang,
+        "correct": correct,
+        "total": total,
+        "accuracy": correct / total,
+        "ties": ties,
+        "tie_rate": ties / total,
+        "correct_fractional": fractional,
+        "accuracy_fractional": fractional / total,
+        # What the first-wins rule gains over random tie-breaking: the part of the accuracy that ties give.
+        "ties_advantage": (correct - fractional) / total,
+    }
+    return rows, accuracy
 
 
 def _previous_results(output_dir: Path, header: dict, overwrite: bool) -> tuple[list[dict], dict]:
@@ -894,8 +1026,8 @@ def _previous_results(output_dir: Path, header: dict, overwrite: bool) -> tuple[
     previous = json.loads(accuracy_path.read_text(encoding="utf-8"))
     differences = [
         key
-        for key in ("model_name_or_path", "scoring", "dtype", "questions_sha256")
-        if previous.get(key) != header[key]
+        for key in ("model_name_or_path", "scoring", "dtype", "loss_dtype", "questions_sha256")
+        if previous.get(key, HEADER_DEFAULTS.get(key)) != header[key]
     ]
     if differences:
         raise ValueError(
@@ -911,7 +1043,13 @@ def _previous_results(output_dir: Path, header: dict, overwrite: bool) -> tuple[
                     row = json.loads(line)
                     lines[(row["step"], row["checkpoint"])].append(line.rstrip("\n"))
     expected = sum(q["items"] for q in header["questions"].values())
-    entries = [e for e in previous["checkpoints"] if len(lines.get((e["step"], e["path"]), [])) == expected]
+    # Entries of an earlier version without the tie accounting are scored again.
+    entries = [
+        e
+        for e in previous["checkpoints"]
+        if len(lines.get((e["step"], e["path"]), [])) == expected
+        and all("accuracy_fractional" in acc for acc in e["accuracy"].values())
+    ]
     return entries, {(e["step"], e["path"]): lines[(e["step"], e["path"])] for e in entries}
 
 
@@ -930,6 +1068,7 @@ def evaluate_model(
         "cpt_setting": read_cpt_setting(model_name_or_path, checkpoints),
         "scoring": args.scoring,
         "dtype": args.dtype,
+        "loss_dtype": args.loss_dtype,
         "questions": {qs.stem: qs.describe() for qs in question_sets},
         "questions_sha256": hashlib.sha256(
             json.dumps(sorted((qs.stem, qs.fingerprint) for qs in question_sets)).encode()
@@ -939,6 +1078,15 @@ def evaluate_model(
     }
     for entry in skipped:
         logger.warning("skipped %s: %s", entry["path"], entry["reason"])
+    for stem, described in header["questions"].items():
+        bias = described["position_bias"]
+        logger.info(
+            "position bias of %s: answer position shares %s; always option 0: accuracy %.3f (chance %.3f)",
+            stem,
+            ", ".join(f"{k}: {v:.2f}" for k, v in bias["answer_position_share"].items()),
+            bias["always_first_accuracy"],
+            described["chance_accuracy"],
+        )
     reused_entries, lines = _previous_results(output_dir, header, args.overwrite_output_dir)
     done = {(e["step"], e["path"]): e for e in reused_entries}
     current = {(c.step, c.path) for c in checkpoints}
@@ -974,15 +1122,13 @@ def evaluate_model(
             args.batch_size,
             args.padding_side,
             desc=f"step {checkpoint.step}",
+            loss_dtype=args.loss_dtype,
         )
         del model
         rows, accuracy = [], {}
         for qs, set_scores in zip(question_sets, all_scores):
-            correct = 0
-            for index, (item, scores) in enumerate(zip(qs.items, set_scores)):
-                prediction = predict(scores)
-                is_correct = prediction in item["answer"]
-                correct += is_correct
+            items, accuracy[qs.stem] = item_accounting(qs, set_scores)
+            for index, (item, scores, accounted) in enumerate(zip(qs.items, set_scores, items)):
                 row = {
                     "questions": qs.stem,
                     "lang": qs.lang,
@@ -990,21 +1136,34 @@ def evaluate_model(
                     "step": checkpoint.step,
                     "checkpoint": checkpoint.path,
                     "scores": scores,
-                    "prediction": prediction,
+                    "prediction": accounted["prediction"],
                     "answer": item["answer"],
-                    "correct": is_correct,
+                    "correct": accounted["correct"],
+                    "tied_best": accounted["tied_best"],
+                    "credit_fractional": accounted["credit_fractional"],
                 }
                 rows.append(json.dumps(row, ensure_ascii=False))
-            accuracy[qs.stem] = {
-                "lang": qs.lang,
-                "correct": correct,
-                "total": len(qs.items),
-                "accuracy": correct / len(qs.items),
-            }
+            acc = accuracy[qs.stem]
+            if acc["tie_rate"] > TIE_WARNING_RATE:
+                logger.warning(
+                    "step %d, %s: %d of %d items (%.1f%%) tie for the best score; accuracy %.3f under the paper's "
+                    "first-wins rule, %.3f with ties broken at random (always option 0 would score %.3f)",
+                    checkpoint.step,
+                    qs.stem,
+                    acc["ties"],
+                    acc["total"],
+                    100 * acc["tie_rate"],
+                    acc["accuracy"],
+                    acc["accuracy_fractional"],
+                    header["questions"][qs.stem]["position_bias"]["always_first_accuracy"],
+                )
         key = (checkpoint.step, checkpoint.path)
         lines[key] = rows
         done[key] = {"step": checkpoint.step, "path": checkpoint.path, "accuracy": accuracy}
-        summary = ", ".join(f"{stem} {acc['accuracy']:.3f}" for stem, acc in accuracy.items())
+        summary = ", ".join(
+            f"{stem} {acc['accuracy']:.3f} (fractional {acc['accuracy_fractional']:.3f}, ties {acc['ties']})"
+            for stem, acc in accuracy.items()
+        )
         logger.info("step %d (%s): %s", checkpoint.step, checkpoint.path, summary)
         result = write_outputs()
     return result
@@ -1205,11 +1364,17 @@ class RunResults:
     seed: int | None
     steps: list[int]
     questions: dict  # stem -> describe() of the question set
-    correct: dict[str, np.ndarray]  # stem -> bool array (steps x items)
+    correct: dict[str, np.ndarray]  # stem -> bool array (steps x items), first-wins correctness
+    fractional: dict[str, np.ndarray]  # stem -> float array (steps x items), random tie-breaking credit
 
 
-def read_eval_output(eval_dir: Path) -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
-    """accuracy.json, and per questions stem a dict step -> per-item correctness.
+TIE_POLICIES = ("first", "fractional")
+
+
+def read_eval_output(eval_dir: Path, tie_policy: str = "first") -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
+    """accuracy.json, and per questions stem a dict step -> per-item credit: first-wins correctness (bool, the
+    paper's rule) with ``tie_policy="first"``, the expected credit of random tie-breaking (float) with
+    ``"fractional"``.
 
     Every item of every question set must appear exactly once per checkpoint of accuracy.json: a missing
     line would otherwise count as a wrong answer and a repeated one could hide a stale result, so either is
@@ -1218,7 +1383,10 @@ def read_eval_output(eval_dir: Path) -> tuple[dict, dict[str, dict[int, np.ndarr
     sizes = {stem: q["items"] for stem, q in accuracy["questions"].items()}
     paths = {e["step"]: e["path"] for e in accuracy["checkpoints"]}
     predictions = eval_dir / "predictions.jsonl"
-    correct = {stem: {step: np.zeros(size, bool) for step in paths} for stem, size in sizes.items()}
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy must be one of {', '.join(TIE_POLICIES)}, got {tie_policy!r}.")
+    kind = bool if tie_policy == "first" else np.float64
+    correct = {stem: {step: np.zeros(size, kind) for step in paths} for stem, size in sizes.items()}
     seen = {stem: {step: np.zeros(size, np.int64) for step in paths} for stem, size in sizes.items()}
     with predictions.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -1231,7 +1399,13 @@ def read_eval_output(eval_dir: Path) -> tuple[dict, dict[str, dict[int, np.ndarr
             if not 0 <= index < sizes[row["questions"]]:
                 raise ValueError(f"{predictions}:{line_number}: item index {index} beyond the question set.")
             seen[row["questions"]][row["step"]][index] += 1
-            correct[row["questions"]][row["step"]][index] = row["correct"]
+            if tie_policy == "first":
+                credit = row["correct"]
+            elif "credit_fractional" in row:
+                credit = row["credit_fractional"]
+            else:  # written before the tie accounting: the same number, from the scores
+                credit = tie_credit(row["scores"], row["answer"])[1]
+            correct[row["questions"]][row["step"]][index] = credit
     problems = []
     for stem, per_step in seen.items():
         for step, counts in per_step.items():
@@ -1275,6 +1449,7 @@ def _resolve_run(
     else:
         raise FileNotFoundError(f"{path}: neither an eval output directory (accuracy.json) nor a run directory.")
     accuracy, by_stem = read_eval_output(eval_dir)
+    _, fractional_by_stem = read_eval_output(eval_dir, tie_policy="fractional")
     setting = accuracy.get("cpt_setting") or {}
     recorded = setting.get("bridges")
     if bridges is None:
@@ -1285,9 +1460,14 @@ def _resolve_run(
         flag = "--with_bridges" if bridges else "--without_bridges"
         raise ValueError(f"{path} was given as {flag} but its cpt_setting says bridges={recorded}.")
     steps = sorted({e["step"] for e in accuracy["checkpoints"]})
-    correct = {}
-    for stem, per_step in by_stem.items():  # read_eval_output checked that every step holds every item
-        correct[stem] = np.stack([per_step[s] for s in steps]) if steps else np.zeros((0, 0), bool)
+
+    def cube(per_stem: dict, kind) -> dict[str, np.ndarray]:  # read_eval_output checked every step's items
+        return {
+            stem: np.stack([per_step[s] for s in steps]) if steps else np.zeros((0, 0), kind)
+            for stem, per_step in per_stem.items()
+        }
+
+    correct, fractional = cube(by_stem, bool), cube(fractional_by_stem, np.float64)
     lang = setting.get("lang")
     if lang is None:
         targets = sorted({q["lang"] for q in accuracy["questions"].values() if q["lang"] != "en"})
@@ -1298,7 +1478,9 @@ def _resolve_run(
         lang = targets[0]
     # Name a run after the model it probed (the run folder or Hub repo), else after the folder given.
     name = setting.get("run_name") or Path(accuracy.get("model_name_or_path") or source).name
-    return RunResults(name, eval_dir, bridges, lang, setting.get("seed"), steps, accuracy["questions"], correct)
+    return RunResults(
+        name, eval_dir, bridges, lang, setting.get("seed"), steps, accuracy["questions"], correct, fractional
+    )
 
 
 def _questions_for_language(question_sets: list[QuestionSet], lang: str | None, run: str) -> list[QuestionSet]:
@@ -1370,15 +1552,27 @@ def verdict(ci: tuple[float, float]) -> str:
 
 
 def analyse_direction(
-    with_correct: np.ndarray, without_correct: np.ndarray, n_bootstrap: int, seed: int, confidence: float
+    with_correct: np.ndarray,
+    without_correct: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+    confidence: float,
+    mcnemar_with: np.ndarray | None = None,
+    mcnemar_without: np.ndarray | None = None,
 ) -> dict:
-    """Gap statistics of one direction. Inputs are bool arrays (seeds x steps x questions), seed pairs aligned.
+    """Gap statistics of one direction. Inputs are per-item credits (seeds x steps x questions), seed pairs
+    aligned: bool correctness, or fractional credit (floats in [0, 1]); the McNemar test needs right/wrong
+    items, so with fractional credit the bool correctness it runs on is given as ``mcnemar_with/_without``.
 
     Bootstrap: each resample draws the questions with replacement (the same draw for every run, as the
     comparison is paired) and, when there are several seed pairs, the seed pairs with replacement too
     (hierarchical), so the intervals cover both question sampling and seed-to-seed variation.
     """
     n_seeds, n_steps, n_questions = with_correct.shape
+    if mcnemar_with is None or mcnemar_without is None:
+        if with_correct.dtype != bool or without_correct.dtype != bool:
+            raise ValueError("The McNemar test needs bool correctness: pass mcnemar_with/mcnemar_without.")
+        mcnemar_with, mcnemar_without = with_correct, without_correct
     rng = np.random.default_rng(seed)
     question_weights = rng.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=n_bootstrap)
     if n_seeds > 1:
@@ -1415,7 +1609,7 @@ def analyse_direction(
         "mean_gap_ci": mean_gap_ci.tolist(),
         "final_gap": float(gap[-1]),
         "final_gap_ci": gap_ci[:, -1].tolist(),
-        "mcnemar_final": [mcnemar_exact(with_correct[s, -1], without_correct[s, -1]) for s in range(n_seeds)],
+        "mcnemar_final": [mcnemar_exact(mcnemar_with[s, -1], mcnemar_without[s, -1]) for s in range(n_seeds)],
         "per_seed": [
             {
                 "gap": per_seed_gaps[s].tolist(),
@@ -1433,8 +1627,17 @@ def analyse_direction(
     return result
 
 
+def _policy_summary(stats: dict) -> dict:
+    keys = ("accuracy_with", "accuracy_without", "gap", "mean_gap", "mean_gap_ci", "final_gap", "verdict")
+    return {key: stats[key] for key in keys}
+
+
 def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> dict:
-    """Group runs by language, align steps and seeds, and analyse both directions of each language."""
+    """Group runs by language, align steps and seeds, and analyse both directions of each language under both
+    tie policies; the direction's main numbers are those of ``transfer.tie_policy``."""
+    tie_policy = transfer.tie_policy
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"--tie_policy must be one of {', '.join(TIE_POLICIES)}, got {tie_policy!r}.")
     by_lang = defaultdict(lambda: {True: [], False: []})
     for run in runs:
         by_lang[run.lang][run.bridges].append(run)
@@ -1473,16 +1676,32 @@ def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> di
                     continue
                 stem = stems[question_lang]
 
-                def correctness(side: int, stem: str = stem, pairs: list = pairs, common: list = common) -> np.ndarray:
+                def credit(
+                    side: int, policy: str, stem: str = stem, pairs: list = pairs, common: list = common
+                ) -> np.ndarray:
                     """seeds x common steps x questions, for the with (0) or without (1) side of each seed pair."""
                     return np.stack(
-                        [pair[side].correct[stem][[pair[side].steps.index(s) for s in common]] for pair in pairs]
+                        [
+                            (pair[side].correct if policy == "first" else pair[side].fractional)[stem][
+                                [pair[side].steps.index(s) for s in common]
+                            ]
+                            for pair in pairs
+                        ]
                     )
 
-                cube = {True: correctness(0), False: correctness(1)}
-                stats = analyse_direction(
-                    cube[True], cube[False], transfer.n_bootstrap, transfer.bootstrap_seed, transfer.confidence
-                )
+                first_wins = (credit(0, "first"), credit(1, "first"))
+                by_policy = {
+                    policy: analyse_direction(
+                        credit(0, policy),
+                        credit(1, policy),
+                        transfer.n_bootstrap,
+                        transfer.bootstrap_seed,
+                        transfer.confidence,
+                        *first_wins,
+                    )
+                    for policy in TIE_POLICIES
+                }
+                stats = by_policy[tie_policy]
                 for k, entry in enumerate(stats["per_seed"]):
                     entry["with_run"], entry["without_run"] = pairs[k][0].name, pairs[k][1].name
                     entry["seeds"] = [pairs[k][0].seed, pairs[k][1].seed]
@@ -1493,7 +1712,15 @@ def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> di
                         "question_lang": question_lang,
                         "parallel_group": base,
                         "chance_accuracy": reference[stem].get("chance_accuracy"),
+                        "always_first_accuracy": (reference[stem].get("position_bias") or {}).get(
+                            "always_first_accuracy"
+                        ),
                         **stats,
+                        "tie_policy": tie_policy,
+                        "mcnemar_on": "first-wins correctness (the paper's rule), whatever the tie policy",
+                        "tie_policies": {policy: _policy_summary(st) for policy, st in by_policy.items()},
+                        "tie_policies_differ": _policy_summary(by_policy["first"])
+                        != _policy_summary(by_policy["fractional"]),
                     }
                 )
         if not directions:
@@ -1514,6 +1741,7 @@ def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> di
         "n_bootstrap": transfer.n_bootstrap,
         "bootstrap_seed": transfer.bootstrap_seed,
         "confidence": transfer.confidence,
+        "tie_policy": tie_policy,
         "languages": languages,
     }
 
@@ -1534,6 +1762,12 @@ def _fmt_ci(value: float, ci) -> str:
     return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+TIE_POLICY_TEXT = {
+    "first": "first (an exact tie for the best score goes to the first tied option, the paper's rule).",
+    "fractional": "fractional (an exact tie among k options gives 1/k per answer among them: random tie-breaking).",
+}
+
+
 def transfer_markdown(result: dict) -> str:
     pct = round(result["confidence"] * 100)
     lines = [
@@ -1544,6 +1778,9 @@ def transfer_markdown(result: dict) -> str:
         "pairs where a setting has several seeds. Verdict from the interval of the mean gap over the curve: "
         "'transfer' (> 0), 'reverse' (< 0), 'no evidence' (covers 0). en->X = X questions (English knowledge "
         "reaching X); X->en = English questions.",
+        "",
+        f"Tie policy: {TIE_POLICY_TEXT[result.get('tie_policy', 'first')]} The McNemar test always counts "
+        "first-wins correctness (it needs right/wrong items).",
         "",
         "| language | direction | questions | seeds | final step | acc. with | acc. without | final gap [CI] | "
         "mean gap over curve [CI] | McNemar p (final) | verdict |",
@@ -1557,6 +1794,24 @@ def transfer_markdown(result: dict) -> str:
                 f"{d['accuracy_with'][-1]:.3f} | {d['accuracy_without'][-1]:.3f} | {_fmt_ci(d['final_gap'], d['final_gap_ci'])} | "
                 f"{_fmt_ci(d['mean_gap'], d['mean_gap_ci'])} | {p_values} | {d['verdict']} |"
             )
+    differ = [(lang, d) for lang in result["languages"] for d in lang["directions"] if d.get("tie_policies_differ")]
+    if differ:
+        lines += [
+            "",
+            "## Both tie rules",
+            "",
+            "Items whose best score is tied exactly: 'first' credits the first tied option (the paper's rule, "
+            "which favours answers placed first), 'fractional' gives each of the k tied options 1/k.",
+            "",
+            "| language | direction | tie rule | acc. with (final) | acc. without (final) | mean gap [CI] | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for language, d in differ:
+            for policy, p in d["tie_policies"].items():
+                lines.append(
+                    f"| {language['lang']} | {d['direction']} | {policy} | {p['accuracy_with'][-1]:.3f} | "
+                    f"{p['accuracy_without'][-1]:.3f} | {_fmt_ci(p['mean_gap'], p['mean_gap_ci'])} | {p['verdict']} |"
+                )
     lines += [
         "",
         "## Per seed pair",
@@ -1791,6 +2046,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("nothing to do: pass --model_name_or_path, or runs to compare")
     if not transfer_mode and not args.questions and not args.diagnostic_pairs:
         parser.error("pass --questions (and/or --diagnostic_pairs)")
+    if args.loss_dtype == "model" and args.scoring != "mean_token_loss":
+        parser.error("--loss_dtype model reproduces the paper's loss: it needs --scoring mean_token_loss")
     if args.batch_size < 1 or transfer.n_bootstrap < 1 or not 0 < transfer.confidence < 1:
         parser.error("--batch_size and --n_bootstrap must be >= 1, --confidence in (0, 1)")
     question_sets = (

@@ -2,6 +2,12 @@
 
 This is the oracle that run_eval.py's batched scoring is checked against (tests/test_eval.py) and timed
 against (bench/bench_eval.py). It deliberately does nothing clever: no batching, no padding, no sharing.
+
+For the record, the released loop (src/main.py of luciusssss/cross-lingual-culture) also differs from this
+oracle, and from run_eval's defaults, in ways the project keeps as they are: it prepends the hard-coded id
+151643 (Qwen's <|endoftext|>) where this oracle prepends the tokenizer's own end-of-text id; it tokenizes
+with the default add_special_tokens=True (a no-op for Qwen2 tokenizers, which add nothing); and it keys
+scores by option text, so duplicate options collapse into one entry and the first copy wins.
 """
 
 from __future__ import annotations
@@ -20,16 +26,28 @@ def _filled(question: str, option: str) -> str:
 
 @torch.inference_mode()
 def reference_scores(
-    model, tokenizer, question: str, options: list[str], scoring: str = "mean_token_loss"
+    model,
+    tokenizer,
+    question: str,
+    options: list[str],
+    scoring: str = "mean_token_loss",
+    loss_dtype: str = "float32",
 ) -> list[float]:
-    """One score per option (lower is better), each from its own forward pass of ``[start] + sentence``."""
+    """One score per option (lower is better), each from its own forward pass of ``[start] + sentence``.
+
+    ``loss_dtype="float32"`` upcasts the logits before the loss; ``"model"`` keeps them in the dtype the model
+    returns, as the released loop does on current transformers (bfloat16 weights: a bfloat16 loss)."""
+    if loss_dtype not in ("float32", "model"):
+        raise ValueError(loss_dtype)
     scores = []
     device = next(model.parameters()).device
     for option in options:
         sentence = _filled(question, option)
         encoded = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=scoring == "option_logprob")
         input_ids = torch.tensor([[document_start_id(tokenizer)] + encoded["input_ids"]], device=device)
-        logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+        logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
+        if loss_dtype == "float32":
+            logits = logits.float()
         targets = input_ids[0, 1:]
         if scoring == "mean_token_loss":
             scores.append(float(torch.nn.CrossEntropyLoss(reduction="mean")(logits, targets)))

@@ -22,7 +22,19 @@ from transformers import AutoTokenizer
 import run_eval
 from study_common import script_letter_fraction
 
-PREDICTION_KEYS = {"questions", "lang", "index", "step", "checkpoint", "scores", "prediction", "answer", "correct"}
+PREDICTION_KEYS = {
+    "questions",
+    "lang",
+    "index",
+    "step",
+    "checkpoint",
+    "scores",
+    "prediction",
+    "answer",
+    "correct",
+    "tied_best",
+    "credit_fractional",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -347,15 +359,27 @@ def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
     assert [entry["step"] for entry in accuracy["checkpoints"]] == [1, 2, 3]
     assert set(accuracy["checkpoints"][0]) == {"step", "path", "accuracy"}
     entry = accuracy["checkpoints"][0]["accuracy"]["sample-culture_ko"]
+    ko_rows = [r for r in rows if r["step"] == 1 and r["questions"] == "sample-culture_ko"]
+    fractional = sum(r["credit_fractional"] for r in ko_rows)
     assert entry == {
         "lang": "ko",
-        "correct": sum(r["correct"] for r in rows if r["step"] == 1 and r["questions"] == "sample-culture_ko"),
+        "correct": sum(r["correct"] for r in ko_rows),
         "total": 6,
         "accuracy": entry["correct"] / 6,
+        "ties": sum(r["tied_best"] > 1 for r in ko_rows),
+        "tie_rate": entry["ties"] / 6,
+        "correct_fractional": fractional,
+        "accuracy_fractional": fractional / 6,
+        "ties_advantage": (entry["correct"] - fractional) / 6,
     }
     assert accuracy["cpt_setting"] == setting and accuracy["scoring"] == "mean_token_loss"
+    assert accuracy["loss_dtype"] == "float32"
     csv_lines = (out / "accuracy.csv").read_text().splitlines()
-    assert csv_lines[0] == "step,path,questions,lang,correct,total,accuracy" and len(csv_lines) == 1 + 3 * 2
+    assert csv_lines[0] == (
+        "step,path,questions,lang,correct,total,accuracy,ties,tie_rate,correct_fractional,accuracy_fractional,"
+        "ties_advantage"
+    )
+    assert len(csv_lines) == 1 + 3 * 2
     before = (out / "predictions.jsonl").read_text()
 
     # Second run: everything is reused, nothing is recomputed, outputs are unchanged.
@@ -376,6 +400,8 @@ def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
     # Other scoring in the same directory: refused rather than mixed.
     with pytest.raises(ValueError, match="different scoring"):
         run_eval.main([*argv, "--scoring", "byte_normalized"])
+    with pytest.raises(ValueError, match="different loss_dtype"):
+        run_eval.main([*argv, "--loss_dtype", "model"])
 
 
 @pytest.mark.slow
@@ -493,75 +519,137 @@ def test_bridge_diagnostic_needs_two_pairs_with_both_sides(tmp_path):
 # ---------------------------------------------------------------------------- the paper's files, end to end
 
 
-def _parity_items(question_set) -> list[int]:
-    """Every quirky item, the 4 longest, and every 12th: all kinds of item of a file, within a test budget."""
-    quirky = {i for indices in question_set.quirks.values() for i in indices}
-    longest = sorted(range(len(question_set.items)), key=lambda i: -len(question_set.items[i]["question"]))[:4]
-    return sorted(quirky | set(longest) | set(range(0, len(question_set.items), 12)))
+def _assert_same_ranking_up_to_float32_rounding(got: list[float], ref: list[float], where: str) -> None:
+    """Every two options the loop's scores order by more than 1e-5 are ordered alike, and so the prediction is
+    the loop's unless its two best are that close. (The loop's float32 mean can round two different sentences'
+    losses to the same number, an exact tie that float32 log-probs averaged in float64 do not have: mn_en #201
+    of the released files, options 2 and 3, with the tiny model.)"""
+    for j in range(len(ref)):
+        for k in range(len(ref)):
+            if ref[j] < ref[k] - 1e-5:
+                assert got[j] < got[k], (where, j, k, got, ref)
+    best_two = sorted(ref)[:2]
+    if len(best_two) < 2 or best_two[1] - best_two[0] > 1e-5:
+        assert run_eval.predict(got) == reference_prediction(ref), (where, got, ref)
 
 
 @pytest.mark.slow
-def test_paper_files_scores_and_rankings_equal_the_paper_loop(paper_cloze_dir, tiny):
-    model, tokenizer = tiny
+@pytest.mark.parametrize(("dtype", "loss_dtype"), [("float32", "float32"), ("bfloat16", "model")])
+def test_every_released_item_scores_as_in_the_paper_loop(paper_cloze_dir, tiny_model_dir, dtype, loss_dtype):
+    """All 2,940 items of the 8 released files. float32: batched prefix trees within 1e-5 of the loop, same
+    rankings up to float32 rounding. bfloat16 with --loss_dtype model: the paper's bfloat16 loss, bit-identical to the loop, ties and
+    all."""
+    device = torch.device(os.environ.get("RUN_EVAL_TEST_DEVICE", "cpu"))
+    model = run_eval.load_model(tiny_model_dir, dtype, device, "sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sets = run_eval.load_question_sets([str(paper_cloze_dir)])
-    assert len(sets) == 8
-    # Score the chosen items of all 8 files together, batched and padded as run_eval does.
-    chosen = [_parity_items(qs) for qs in sets]
-    subsets = [
-        run_eval.QuestionSet(qs.stem, qs.lang, qs.source, [qs.items[i] for i in indices], qs.quirks)
-        for qs, indices in zip(sets, chosen)
-    ]
-    batched = run_eval.score_question_sets(model, tokenizer, subsets, "mean_token_loss", 64, "right")
-    checked = 0
-    for qs, scores in zip(subsets, batched):
-        for item, got in zip(qs.items, scores):
-            ref = reference_scores(model, tokenizer, item["question"], item["options"])
-            np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{qs.stem}: {item['question']}")
-            assert np.argsort(got, kind="stable").tolist() == np.argsort(ref, kind="stable").tolist()
-            assert run_eval.predict(got) == reference_prediction(ref)
-            checked += 1
-    assert checked > 8 * 20
+    assert len(sets) == 8 and sum(len(qs.items) for qs in sets) == 2940
+    scored = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 64, "right", loss_dtype=loss_dtype)
+    ties_beyond_quirks = 0
+    for qs, scores in zip(sets, scored):
+        quirky = {i for indices in qs.quirks.values() for i in indices}
+        for index, (item, got) in enumerate(zip(qs.items, scores)):
+            ref = reference_scores(model, tokenizer, item["question"], item["options"], loss_dtype=loss_dtype)
+            if loss_dtype == "model":
+                assert got == ref, f"{qs.stem} #{index}"
+                assert run_eval.predict(got) == reference_prediction(ref)
+            else:
+                np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{qs.stem} #{index}")
+                _assert_same_ranking_up_to_float32_rounding(got, ref, f"{qs.stem} #{index}")
+            ties_beyond_quirks += index not in quirky and run_eval.tie_credit(got, item["answer"])[0] > 1
+    if loss_dtype == "model":
+        assert ties_beyond_quirks > 100  # a bfloat16 loss ties often (resolution 2^-6 near a loss of 3)
 
 
-def test_pair_first_side_of_the_diagnostic_is_run_cpt_s_coin():
-    import run_cpt
+def test_loss_dtype_model_in_bfloat16_is_bit_identical_to_the_paper_loop_in_every_script(tiny_model_dir, sample_dir):
+    model = run_eval.load_model(tiny_model_dir, "bfloat16", torch.device("cpu"), "sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sets = run_eval.load_question_sets([str(sample_dir)])
+    scored = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 8, "right", loss_dtype="model")
+    batched = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 8, "right")
+    differs = 0
+    for qs, scores, batched_scores in zip(sets, scored, batched):
+        for item, got, other in zip(qs.items, scores, batched_scores):
+            ref = reference_scores(model, tokenizer, item["question"], item["options"], loss_dtype="model")
+            assert got == ref
+            # Scores are bfloat16 numbers, as the paper's loss is on current transformers.
+            assert all(float(torch.tensor(x, dtype=torch.bfloat16)) == x for x in got)
+            differs += got != other
+    assert differs > 0  # the float32 loss of the batched path is another number
 
-    for order in ("en_first", "tgt_first", "random"):
-        for seed in (0, 7):
-            sides = [run_eval.pair_first_side(i, order, seed) for i in range(100)]
-            assert sides == [run_cpt.pair_first_side(i, order, seed) for i in range(100)], (order, seed)
-    assert 30 < [run_eval.pair_first_side(i, "random", 0) for i in range(100)].count("en") < 70
+
+def test_loss_dtype_model_needs_the_paper_scoring(tmp_path, tiny_model_dir, sample_dir, capsys):
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--questions", str(sample_dir), "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval.main([*argv, "--loss_dtype", "model", "--scoring", "option_logprob"])
+    assert exit_info.value.code == 2
+    assert (
+        "--loss_dtype model reproduces the paper's loss: it needs --scoring mean_token_loss" in capsys.readouterr().err
+    )
 
 
-@pytest.mark.parametrize(("pair_order", "seed"), [("tgt_first", 0), ("random", 3)])
-def test_bridge_diagnostic_follows_the_pair_order_of_the_run_and_records_it(
-    tmp_path, tiny_model_dir, tiny, pair_order, seed
+# ---------------------------------------------------------------------------- ties and position bias
+
+
+def test_tie_credit_counts_exact_ties_for_the_best_and_gives_one_over_k():
+    assert run_eval.tie_credit([1.0, 1.0, 2.0], [1]) == (2, 0.5)
+    assert run_eval.tie_credit([3.0, 1.0, 1.0, 1.0], [0]) == (3, 0.0)
+    assert run_eval.tie_credit([2.0, 1.0, 1.0, 1.0], [1, 3]) == (3, pytest.approx(2 / 3))
+    assert run_eval.tie_credit([2.0, 1.0, 1.5], [1]) == (1, 1.0)
+    assert run_eval.tie_credit([2.0, 1.0, 1.0 + 1e-12], [2]) == (1, 0.0)  # near is not equal
+    assert run_eval.tie_credit([1.0, 1.0], []) == (2, 0.0)  # answer not among the options
+
+
+def test_probing_records_ties_fractional_credit_and_position_bias_and_warns_on_many_ties(
+    tmp_path, tiny_model_dir, caplog
 ):
-    model, tokenizer = tiny
-    pairs = [
-        (SAMPLE_QUESTIONS["en"][i]["question"], SAMPLE_QUESTIONS[lang][i]["question"])
-        for i, lang in enumerate(["ko", "zh", "bo", "mn", "ko", "zh"])
-    ]
-    pairs_file = tmp_path / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps({"en": en, "tgt": tgt}, ensure_ascii=False) + "\n" for en, tgt in pairs))
-    run = tmp_path / "run"
-    shutil.copytree(tiny_model_dir, run)
-    config = json.loads((run / "config.json").read_text())
-    config["cpt_setting"] = {"lang": "ko", "bridges": True, "seed": seed, "pair_order": pair_order}
-    (run / "config.json").write_text(json.dumps(config))
+    caplog.set_level(logging.INFO, logger="run_eval")
+    path = write_questions(
+        tmp_path / "q" / "t_en.json",
+        [
+            # No blank: all three options give the same sentence, a 3-way tie; the answer is not first.
+            {
+                "question": "There is no blank in this question.",
+                "options": ["Seoul", "Busan", "Daegu"],
+                "answer": "Busan",
+            },
+            # Duplicate options: the two copies of the answer tie whenever they are best.
+            {"question": "The ___ is here.", "options": ["river", "lake", "river", "sea"], "answer": "river"},
+            {"question": "A ___ b.", "options": ["x", "yy"], "answer": "yy"},
+            {"question": "The ___ is big.", "options": ["sky", "sea"], "answer": "nothing"},
+        ],
+    )
     out = tmp_path / "out"
-    run_eval.main(["--model_name_or_path", str(run), "--diagnostic_pairs", str(pairs_file), "--output_dir", str(out)])
-    result = json.loads((out / "bridge_diagnostic.json").read_text())
-    first_sides = [run_eval.pair_first_side(i, pair_order, seed) for i in range(len(pairs))]
-    if pair_order == "tgt_first":
-        assert (result["context_side"], result["scored_side"]) == ("tgt", "en")
-    else:
-        assert set(first_sides) == {"en", "tgt"}  # this seed mixes both orders
-        assert result["scored_side"] == "per pair (seeded coin)"
-    assert (result["pair_order"], result["pair_order_seed"]) == (pair_order, seed)
-    (entry,) = result["checkpoints"]
-    assert entry["context_sides"] == {side: first_sides.count(side) for side in ("en", "tgt")}
-    assert "after_own_english" not in entry  # the context is not (only) English
-    direct = _direct_bridge_losses(model, tokenizer, pairs, "", first_sides)
-    for key, value in direct.items():
-        assert entry[key] == pytest.approx(value, abs=1e-5), key
+    run_eval.main(["--model_name_or_path", str(tiny_model_dir), "--questions", str(path), "--output_dir", str(out)])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    no_blank, duplicates, plain, absent = rows
+    assert (no_blank["tied_best"], no_blank["prediction"], no_blank["correct"]) == (3, 0, False)
+    assert no_blank["credit_fractional"] == pytest.approx(1 / 3)
+    assert duplicates["scores"][0] == duplicates["scores"][2]
+    river_best = duplicates["scores"][0] == min(duplicates["scores"])
+    assert duplicates["tied_best"] == (2 if river_best else 1)
+    assert duplicates["credit_fractional"] == float(duplicates["correct"]) == float(river_best)
+    assert plain["tied_best"] == 1 and plain["credit_fractional"] == float(plain["correct"])
+    assert absent["answer"] == [] and absent["credit_fractional"] == 0.0 and absent["correct"] is False
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    entry = accuracy["checkpoints"][0]["accuracy"]["t_en"]
+    credits = [r["credit_fractional"] for r in rows]
+    assert entry["ties"] == 1 + river_best and entry["tie_rate"] == entry["ties"] / 4
+    assert entry["accuracy_fractional"] == pytest.approx(sum(credits) / 4)
+    assert entry["ties_advantage"] == pytest.approx(entry["accuracy"] - sum(credits) / 4)
+    assert accuracy["questions"]["t_en"]["position_bias"] == {
+        "answer_position_counts": {"0": 1, "1": 2, "none": 1},
+        "answer_position_share": {"0": 0.25, "1": 0.5, "none": 0.25},
+        "always_first_accuracy": 0.25,
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"t_en: {entry['ties']} of 4 items" in w and "tie for the best score" in w for w in warnings)
+    assert "position bias of t_en: answer position shares 0: 0.25, 1: 0.50, none: 0.25" in caplog.text
+
+
+def test_position_bias_of_the_released_files_puts_answers_first_far_more_often_than_chance(paper_cloze_dir):
+    sets = {qs.stem: qs for qs in run_eval.load_question_sets([str(paper_cloze_dir)])}
+    first = {stem: run_eval.position_bias(qs.items)["always_first_accuracy"] for stem, qs in sets.items()}
+    for culture, share in (("zh", 0.89), ("mn", 0.62), ("bo", 0.56), ("ko", 0.38)):
+        for lang in ("en", culture):
+            assert first[f"{culture}-culture-cloze_{lang}"] == pytest.approx(share, abs=0.01), (culture, lang)

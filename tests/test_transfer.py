@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_eval_output(
-    directory: Path, correct: dict[str, np.ndarray], steps: list[int], cpt_setting: dict | None
+    directory: Path,
+    correct: dict[str, np.ndarray],
+    steps: list[int],
+    cpt_setting: dict | None,
+    tied: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """An eval output directory in run_eval's format whose per-item correctness is given (steps x items)."""
+    """An eval output directory in run_eval's format whose per-item correctness is given (steps x items).
+    Items marked in ``tied`` (steps x items) tie exactly between the answer (option 0) and option 1: the
+    first-wins rule gets them right, random tie-breaking half right."""
     questions, checkpoints, lines = {}, [], []
     for stem, matrix in correct.items():
         lang = stem.rsplit("_", 1)[1]
@@ -35,24 +42,28 @@ def write_eval_output(
         path = str(directory / f"checkpoint-{step}")
         accuracy = {}
         for stem, matrix in correct.items():
-            for index, ok in enumerate(matrix[t]):
+            ties = tied[stem][t] if tied and stem in tied else np.zeros(matrix.shape[1], bool)
+            for index, (ok, tie) in enumerate(zip(matrix[t], ties)):
+                scores = [0.0, 0.0] if tie else [0.0, 1.0] if ok else [1.0, 0.0]
                 row = {
                     "questions": stem,
                     "lang": questions[stem]["lang"],
                     "index": index,
                     "step": step,
                     "checkpoint": path,
-                    "scores": [0.0, 1.0],
-                    "prediction": 0 if ok else 1,
+                    "scores": scores,
+                    "prediction": run_eval.predict(scores),
                     "answer": [0],
-                    "correct": bool(ok),
+                    "correct": bool(ok or tie),
+                    "tied_best": 2 if tie else 1,
+                    "credit_fractional": 0.5 if tie else float(ok),
                 }
                 lines.append(json.dumps(row))
             accuracy[stem] = {
                 "lang": questions[stem]["lang"],
-                "correct": int(matrix[t].sum()),
+                "correct": int((matrix[t] | ties).sum()),
                 "total": matrix.shape[1],
-                "accuracy": float(matrix[t].mean()),
+                "accuracy": float((matrix[t] | ties).mean()),
             }
         checkpoints.append({"step": step, "path": path, "accuracy": accuracy})
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,13 +88,18 @@ def analyse(tmp_path, with_sets, without_sets, steps=(10, 20, 30), n_bootstrap=5
             setting = {"lang": lang, "bridges": bridges, "seed": seed}
             name = f"{lang}-{'with' if bridges else 'without'}-{k}"
             run_steps = kwargs.get("run_steps", {}).get(name, list(steps))
-            eval_dir = write_eval_output(tmp_path / name, correct, run_steps, setting)
+            tied = kwargs.get("tied", {}).get(name)
+            eval_dir = write_eval_output(tmp_path / name, correct, run_steps, setting, tied)
             runs.append(
                 run_eval._resolve_run(
                     str(eval_dir), bridges, run_eval.EvalArguments(), run_eval.TransferArguments(), []
                 )
             )
-    transfer = run_eval.TransferArguments(n_bootstrap=n_bootstrap, bootstrap_seed=kwargs.get("bootstrap_seed", 0))
+    transfer = run_eval.TransferArguments(
+        n_bootstrap=n_bootstrap,
+        bootstrap_seed=kwargs.get("bootstrap_seed", 0),
+        tie_policy=kwargs.get("tie_policy", "first"),
+    )
     return run_eval.transfer_analysis(runs, transfer)
 
 
@@ -339,3 +355,55 @@ def test_items_missing_or_repeated_in_predictions_are_an_error_naming_file_quest
     predictions.write_text("\n".join(lines) + "\n")
     _, correct = run_eval.read_eval_output(eval_dir)
     assert correct["c_ko"][2].all() and correct["c_en"][1].all()
+
+
+def test_tie_policy_fractional_credits_ties_one_over_k_and_the_report_shows_both_rules(tmp_path):
+    # With bridges every item ties between the answer and another option; without, half the items are right.
+    n = 40
+    half = np.zeros((3, n), bool)
+    half[:, : n // 2] = True
+    with_run = {"c_ko": np.zeros((3, n), bool), "c_en": half}
+    without_run = {"c_ko": half, "c_en": half}
+    ties = {"ko-with-0": {"c_ko": np.ones((3, n), bool)}}
+    first = analyse(tmp_path / "first", [with_run], [without_run], tied=ties)
+    fractional = analyse(tmp_path / "fractional", [with_run], [without_run], tied=ties, tie_policy="fractional")
+    d_first, d_frac = first["languages"][0]["directions"][0], fractional["languages"][0]["directions"][0]
+    assert (d_first["tie_policy"], d_frac["tie_policy"]) == ("first", "fractional")
+    # First wins: 1.0 against 0.5, a gap of +0.5 everywhere; random tie-breaking: 0.5 against 0.5, no gap.
+    assert d_first["accuracy_with"] == [1.0] * 3 and d_first["gap"] == [0.5] * 3 and d_first["verdict"] == "transfer"
+    assert d_frac["accuracy_with"] == [0.5] * 3 and d_frac["gap"] == [0.0] * 3 and d_frac["verdict"] == "no evidence"
+    assert d_first["mean_gap_ci"][0] > 0 and d_frac["mean_gap_ci"][0] < 0 < d_frac["mean_gap_ci"][1]
+    # Both analyses report both rules; the McNemar test counts first-wins correctness in both.
+    assert d_first["tie_policies"] == d_frac["tie_policies"] and d_first["tie_policies_differ"]
+    assert d_frac["tie_policies"]["first"]["verdict"] == "transfer"
+    assert (
+        d_frac["mcnemar_final"]
+        == d_first["mcnemar_final"]
+        == [{"only_with_correct": n // 2, "only_without_correct": 0, "p_value": pytest.approx(2 * 0.5 ** (n // 2))}]
+    )
+    markdown = run_eval.transfer_markdown(fractional)
+    assert "Tie policy: fractional" in markdown and "## Both tie rules" in markdown
+    ci = r"\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]"
+    assert re.search(r"\| ko \| en->ko \| first \| 1\.000 \| 0\.500 \| \+0\.500 " + ci + r" \| transfer \|", markdown)
+    assert re.search(
+        r"\| ko \| en->ko \| fractional \| 0\.500 \| 0\.500 \| \+0\.000 " + ci + r" \| no evidence", markdown
+    )
+    # English questions have no ties: one rule, not repeated.
+    assert not first["languages"][0]["directions"][1]["tie_policies_differ"]
+    assert "ko->en |" not in markdown.split("## Both tie rules")[1].split("## Per seed pair")[0]
+
+
+def test_read_eval_output_gives_fractional_credit_from_scores_of_outputs_without_tie_fields(tmp_path):
+    data = {"c_ko": np.array([[True, False, False]])}
+    eval_dir = write_eval_output(tmp_path / "r", data, [1], None, tied={"c_ko": np.array([[False, True, False]])})
+    predictions = eval_dir / "predictions.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    predictions.write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k not in ("tied_best", "credit_fractional")}) + "\n" for r in rows
+        )
+    )
+    _, first = run_eval.read_eval_output(eval_dir)
+    _, fractional = run_eval.read_eval_output(eval_dir, tie_policy="fractional")
+    assert first["c_ko"][1].tolist() == [True, True, False]
+    assert fractional["c_ko"][1].tolist() == [1.0, 0.5, 0.0]
