@@ -469,20 +469,6 @@ def test_two_cpu_processes_train_both_settings_on_the_same_plan(tmp_path, tiny_m
     assert_audits_agree(audits)
 
 
-def test_readme_documents_the_cpt_interface():
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme[readme.index("<!-- section:cpt -->") : readme.index("<!-- /section:cpt -->")]
-    for needle in (
-        "--bridges",
-        "--no_bridges",
-        "--dump_packing",
-        "packing_audit.json",
-        "1,500 steps",
-        "build_pairs.py",
-    ):
-        assert needle in section
-
-
 def test_command_line_error_names_the_missing_setting(cpt_data, tmp_path, monkeypatch, capsys):
     import runpy
 

@@ -167,18 +167,65 @@ def check_plan_case(case):
         assert max(needs) > target
 
 
-def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so():
-    # Pairs-only data where each bridged pair fills a window: without bridges the halves cannot
-    # double up with their partners, so no-bridges needs one window more than bridges has documents.
+def texts_of_exactly(tokenizer, words: list[str], n_tokens: int, count: int) -> list[str]:
+    """``count`` distinct texts of two words that are exactly ``n_tokens`` tokens long."""
+    found = []
+    for first in words:
+        for second in words:
+            text = f"{first} {second}" if first.isascii() else first + second
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n_tokens and text not in found:
+                found.append(text)
+                if len(found) == count:
+                    return found
+    raise AssertionError(f"fewer than {count} texts of {n_tokens} tokens")
+
+
+def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so(tiny_model_dir, tmp_path, caplog):
+    import json
+    import logging
+
+    from transformers import AutoTokenizer
+
+    import build_pairs
+    import run_cpt
+
+    # Pairs of two 5-token segments in 10-token windows: with bridges each pair fills a window, without
+    # bridges the halves of a pair may not share one. Three steps of one window cannot hold the same
+    # documents in both settings (three pairs need four windows without bridges); two and four can.
     units = [PackingUnit(row, (5, 5), True) for row in range(10)]
-    plan = BridgePackingCollator.plan(units, block_size=10, windows_per_step=1, seed=0, max_steps=4)
-    assert plan["requested_steps"] == 4
-    assert plan["steps"] < 4 or all(plan["windows"][True])
+    trimmed = BridgePackingCollator.plan(units, block_size=10, windows_per_step=1, seed=0, max_steps=3)
+    assert (trimmed["requested_steps"], trimmed["steps"], trimmed["units_seen"]) == (3, 2, 2)
+    assert all(len(trimmed["windows"][b]) == 2 for b in (True, False))
+    filled = BridgePackingCollator.plan(units, block_size=10, windows_per_step=1, seed=0, max_steps=4)
+    assert (filled["requested_steps"], filled["steps"]) == (4, 4)  # the data can fill them: no trim
     with_slack = BridgePackingCollator.plan(
-        units, block_size=10, windows_per_step=2, seed=0, max_steps=4, max_empty_windows=1
+        units, block_size=10, windows_per_step=2, seed=0, max_steps=3, max_empty_windows=1
     )
-    assert with_slack["steps"] == 4
-    assert sum(1 for w in with_slack["windows"][True] if not w) <= 1
+    assert with_slack["steps"] == 3  # one all-padding window per step is allowed to fill the gap
+
+    # The same shape through run_cpt.py (segments of 1 + 6 and 1 + 8 tokens in 16-token windows): the
+    # audit reports the trim, the run warns, and trains 2 steps.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    english = texts_of_exactly(tokenizer, "tea is hot the people drink butter eat tsampa in valleys".split(), 6, 10)
+    syllables = "བོད་ རིགས་ ཀྱིས་ ཇ་ མར་ འཐུང་ རྩམ་ པ་ ཟ་ ལོ་ གསར་ ལྷ་ ས་ ཡུལ་ ལུང་".split()
+    tibetan = texts_of_exactly(tokenizer, syllables, 8, 10)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"en": e, "bo": b}, ensure_ascii=False) + "\n" for e, b in zip(english, tibetan))
+    )
+    build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs), "--tokenizer_name", str(tiny_model_dir),
+                      "--block_size", "16", "--output_dir", str(tmp_path / "data")])  # fmt: skip
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="run_cpt"):
+        run_cpt.main(["--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tmp_path / "data"),
+                      "--bridges", "--block_size", "16", "--output_dir", str(run), "--max_steps", "3",
+                      "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none",
+                      "--use_cpu"])  # fmt: skip
+    audit = json.loads((run / "packing_audit.json").read_text())
+    assert (audit["plan"]["requested_steps"], audit["plan"]["steps"], audit["plan"]["steps_trimmed"]) == (3, 2, 1)
+    assert audit["cpt_setting"]["steps"] == 2 and audit["guarantees_hold"] is True
+    assert "Trained steps trimmed from 3 to 2 so that both settings see the same documents." in caplog.text
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def test_plan_is_a_pure_function_of_units_seed_and_sizes():
