@@ -231,7 +231,8 @@ def test_resume_refuses_a_checkpoint_of_another_setting(tmp_path):
                "dataset_sha256": "ab" * 32, "documents_seen_sha256": "ab" * 32}  # fmt: skip
     (checkpoint / "config.json").write_text(json.dumps({"cpt_setting": setting}))
     run_cpt.check_resume_setting(str(checkpoint), setting)
-    run_cpt.check_resume_setting(str(checkpoint), {**setting, "dataset": "org/cpt-bo", "base_model": "org/base"})  # moved
+    moved = {**setting, "dataset": "org/cpt-bo", "base_model": "org/base"}  # the same data and base elsewhere
+    run_cpt.check_resume_setting(str(checkpoint), moved)
     with pytest.raises(ValueError, match=r"documents seen differ \(sha256 abababababab\.\. in the checkpoint vs "
                                          r"cdcdcdcdcdcd\.\. now\)"):  # fmt: skip
         run_cpt.check_resume_setting(str(checkpoint), {**setting, "documents_seen_sha256": "cd" * 32})
