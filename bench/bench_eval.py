@@ -13,9 +13,18 @@ sharing can give beyond removing per-forward overhead.
 
 Model: configs/tiny.json (Qwen2, hidden 128, 2 layers) with random weights and a byte-level BPE tokenizer
 trained on the questions (--vocab_size). Questions: the paper's 8 released files when
-../shared/data/paper-culture-cloze exists, else generated ones in all five scripts. The script asserts
-that both give the same prediction for every item (float32; in 16-bit weights it reports near-ties that
-flip) and prints items/s of each and the ratio.
+../shared/data/paper-culture-cloze exists, else generated ones in all five scripts.
+
+For each --loss_dtypes entry it times the paper loop computed that way and run_eval with that
+--loss_dtype, and prints items/s of each and the ratio:
+
+* float32 (run_eval's default): batched prefix trees against the loop with float32 logits. Asserted: the
+  same prediction for every item in float32 weights; in 16-bit weights it counts the items whose scores or
+  predictions differ (batching and prefix sharing round differently);
+* model: run_eval's paper loop (one sentence per forward, the loss in the logits' dtype) against the loop
+  with the same loss. Asserted: bit-identical scores; it counts the items with an exact tie for the best.
+
+``--min_ratio R`` exits non-zero when the float32 path is less than R times the loop's items/s.
 
     python bench/bench_eval.py                          # all released questions (a few minutes on 2 cores)
     python bench/bench_eval.py --max_items 400          # quicker look
@@ -122,6 +131,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(run_eval.DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument(
+        "--loss_dtypes", nargs="+", default=["float32", "model"], choices=["float32", "model"], help="Paths to time."
+    )
+    parser.add_argument("--min_ratio", type=float, default=None, help="Fail when the float32 ratio is below this.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,38 +173,60 @@ def main() -> None:
         reference_scores(model, tokenizer, first["question"], first["options"])
         run_eval.score_question_sets(model, tokenizer, [question_sets[0]], "mean_token_loss", args.batch_size, "right")
 
-        sync()
-        start = time.perf_counter()
-        reference = [
-            [reference_scores(model, tokenizer, it["question"], it["options"]) for it in qs.items]
-            for qs in question_sets
-        ]
-        sync()
-        reference_seconds = time.perf_counter() - start
+        ratios = {}
+        for loss_dtype in args.loss_dtypes:
+            sync()
+            start = time.perf_counter()
+            reference = [
+                [
+                    reference_scores(model, tokenizer, it["question"], it["options"], loss_dtype=loss_dtype)
+                    for it in qs.items
+                ]
+                for qs in question_sets
+            ]
+            sync()
+            reference_seconds = time.perf_counter() - start
 
-        start = time.perf_counter()
-        batched = run_eval.score_question_sets(
-            model, tokenizer, question_sets, "mean_token_loss", args.batch_size, "right"
-        )
-        sync()
-        batched_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            scored = run_eval.score_question_sets(
+                model, tokenizer, question_sets, "mean_token_loss", args.batch_size, "right", loss_dtype=loss_dtype
+            )
+            sync()
+            seconds = time.perf_counter() - start
 
-        mismatches, max_diff = [], 0.0
-        for qs, ref_set, got_set in zip(question_sets, reference, batched):
-            for index, (ref, got) in enumerate(zip(ref_set, got_set)):
-                max_diff = max(max_diff, float(np.max(np.abs(np.array(ref) - np.array(got)))))
-                if reference_prediction(ref) != run_eval.predict(got):
-                    mismatches.append(f"{qs.stem} #{index}")
-        print(
-            f"predictions identical on {n_items - len(mismatches)}/{n_items} items; max |score difference| {max_diff:.2e}"
-        )
-        print(
-            f"paper loop (1 sentence per forward): {n_items / reference_seconds:8.1f} items/s ({reference_seconds:.1f} s)"
-        )
-        print(
-            f"run_eval batched (batch {args.batch_size}):      {n_items / batched_seconds:8.1f} items/s ({batched_seconds:.1f} s)"
-        )
-        print(f"ratio: {reference_seconds / batched_seconds:.1f}x")
+            mismatches, differing, ties, max_diff = [], 0, 0, 0.0
+            for qs, ref_set, got_set in zip(question_sets, reference, scored):
+                for index, (ref, got, item) in enumerate(zip(ref_set, got_set, qs.items)):
+                    max_diff = max(max_diff, float(np.max(np.abs(np.array(ref) - np.array(got)))))
+                    differing += ref != got
+                    ties += run_eval.tie_credit(got, item["answer"])[0] > 1
+                    if reference_prediction(ref) != run_eval.predict(got):
+                        mismatches.append(f"{qs.stem} #{index}")
+            path = "batched prefix trees" if loss_dtype == "float32" else "paper loop, loss in the logits' dtype"
+            print(
+                f"--loss_dtype {loss_dtype} ({path}): predictions identical on {n_items - len(mismatches)}/{n_items} "
+                f"items, scores bit-identical on {n_items - differing}/{n_items}, max |score difference| "
+                f"{max_diff:.2e}; {ties} items tie for the best score"
+            )
+            print(
+                f"  paper loop (1 sentence per forward): {n_items / reference_seconds:8.1f} items/s "
+                f"({reference_seconds:.1f} s)"
+            )
+            print(f"  run_eval (batch {args.batch_size}):  {n_items / seconds:8.1f} items/s ({seconds:.1f} s)")
+            ratios[loss_dtype] = reference_seconds / seconds
+            print(f"  ratio: {ratios[loss_dtype]:.1f}x")
+            if loss_dtype == "model":
+                assert not differing, f"--loss_dtype model differs from the paper loop on {differing} items"
+            elif args.dtype == "float32":
+                assert not mismatches, f"predictions differ on {mismatches[:20]}"
+            elif mismatches:
+                # In 16-bit weights, padding and batch shape move scores by ~1e-3: near-ties may flip.
+                print(f"  {args.dtype}: predictions differ on {len(mismatches)} near-tied items: {mismatches[:10]}")
+            if loss_dtype == "float32":
+                reference_seconds_float32, batched_seconds = reference_seconds, seconds
+        if "float32" not in ratios:
+            return
+        reference_seconds = reference_seconds_float32
         plan = run_eval.plan_scoring(tokenizer, question_sets, "mean_token_loss")
         # The loop runs [start] + filled sentence for every option, duplicates included.
         loop_positions = sum(
@@ -221,11 +256,10 @@ def main() -> None:
             f"ceiling: this machine multiplies the projection's matrices at {peak / 1e9:.1f} GMAC/s; run_eval's "
             f"arithmetic alone at that rate, with no other cost, would be {reference_seconds * peak / run_eval_macs:.1f}x"
         )
-        if args.dtype == "float32":
-            assert not mismatches, f"predictions differ on {mismatches[:20]}"
-        elif mismatches:
-            # In 16-bit weights, padding and batch shape move scores by ~1e-3: near-ties may flip.
-            print(f"{args.dtype}: predictions differ on {len(mismatches)} near-tied items: {mismatches[:10]}")
+        if args.min_ratio is not None and ratios["float32"] < args.min_ratio:
+            sys.exit(
+                f"bench_eval.py: error: float32 ratio {ratios['float32']:.1f}x is below --min_ratio {args.min_ratio}"
+            )
 
 
 if __name__ == "__main__":

@@ -562,7 +562,8 @@ def test_every_released_item_scores_as_in_the_paper_loop(paper_cloze_dir, tiny_m
 
 
 def test_loss_dtype_model_in_bfloat16_is_bit_identical_to_the_paper_loop_in_every_script(tiny_model_dir, sample_dir):
-    model = run_eval.load_model(tiny_model_dir, "bfloat16", torch.device("cpu"), "sdpa")
+    device = torch.device(os.environ.get("RUN_EVAL_TEST_DEVICE", "cpu"))
+    model = run_eval.load_model(tiny_model_dir, "bfloat16", device, "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sets = run_eval.load_question_sets([str(sample_dir)])
     scored = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 8, "right", loss_dtype="model")
