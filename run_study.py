@@ -965,7 +965,7 @@ def _why_not_done(out: Path, step: Step) -> str | None:
     if marker is None:
         if _marker(out, step).exists():
             return "its done-marker is unreadable"
-        return "it did not finish" if _started_record(out, step).exists() else "not run yet"
+        return "it did not finish" if _started_record(out, step).exists() else "no record of an earlier run"
     if marker.get("command") != step.command:
         return "its command changed"
     changed = _upstream_changed(marker.get("upstream"), _upstream(out, step))
@@ -1020,6 +1020,182 @@ def _prepare(out: Path, step: Step, reason: str) -> tuple[list[str], str | None]
     return command, note
 
 
+class StudyBusyError(RuntimeError):
+    """The study does not start: another process works on the same outputs."""
+
+
+def _pid_file(out: Path, step_id: str) -> Path:
+    """The lock of a running step: the pid of its supervisor, which leads the step's process group."""
+    return out / ".running" / f"{step_id}.pid"
+
+
+def _process_group_alive(pgid) -> bool:
+    if not isinstance(pgid, int) or pgid <= 0:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user: alive
+        return True
+    return True
+
+
+def _claim_step(out: Path, step: Step) -> str | None:
+    """Refuse to start a step whose earlier process still runs; take over the pid file of a dead one (returns a
+    note saying so). The runner writes the new pid file once the step's process exists."""
+    path = _pid_file(out, step.id)
+    record = _read_record(path)
+    if record is None:
+        return None
+    if _process_group_alive(record.get("pid")):
+        raise StudyBusyError(
+            f"step {step.id} still runs as pid {record['pid']} (pid file {path}, started {record.get('started')} by "
+            f"run_study.py pid {record.get('study_pid')}); wait for it to end or stop it (kill -- -{record['pid']})."
+        )
+    path.unlink()
+    return f"{step.id}: took over the stale pid file {path} (pid {record.get('pid')} no longer runs)"
+
+
+def _lock_output_dir(out: Path):
+    """Hold an exclusive lock on the output folder for as long as this process lives (the kernel drops it when
+    the process dies, kill -9 included), or refuse, naming the pid of the run_study.py that holds it. Steps do not
+    inherit it (Popen closes other file descriptors); their own lock is their pid file."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".study.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StudyBusyError(
+            f"another run_study.py (pid {holder}) is running on {out} (it holds {path}); wait for it to end or "
+            f"stop it (kill {holder}), then run this command again."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+# --------------------------------------------------------------------------------------
+# The step supervisor: no process of a step outlives the study
+# --------------------------------------------------------------------------------------
+
+#: How every step is started: ``python -c _SUPERVISOR <study pid> <command...>`` (see supervise_step).
+_SUPERVISOR = (
+    f"import sys; sys.path.insert(0, {str(REPO_DIR)!r}); import run_study; sys.exit(run_study.supervise_step())"
+)
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+_STOP_GRACE_S = 10.0
+
+
+def supervise_step(argv: list[str] | None = None) -> int:
+    """Run one step's command (argv: the study's pid, then the command) so that none of its processes outlives
+    the study, and return its exit status.
+
+    The runner starts this process in a session of its own and records its pid as the step's lock. It asks the
+    kernel for SIGTERM when the study dies (Linux parent-death signal; elsewhere it notices within a poll), and
+    becomes the reaper of the step's orphaned descendants. On SIGTERM or the study's death it stops every
+    descendant of the step, also those in sessions of their own (``accelerate launch`` starts its workers through
+    torch.distributed, each in a new session, out of reach of a process-group signal), SIGTERM first and SIGKILL
+    after a grace period. The command itself gets SIGTERM if this process is killed outright."""
+    argv = sys.argv[1:] if argv is None else argv
+    study_pid, command = int(argv[0]), argv[1:]
+    stop_signals: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    if os.getppid() != study_pid:  # the study died before its death could be signalled
+        return 128 + signal.SIGTERM
+    child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    while child.poll() is None and not stop_signals and os.getppid() == study_pid:
+        time.sleep(0.2)
+    if child.returncode is None:
+        _stop_descendants()
+        return 128 + (stop_signals[0] if stop_signals else signal.SIGTERM)
+    leftovers = _stop_descendants()
+    if leftovers:
+        print(f"run_study.py: {leftovers} processes of the step still ran after its command ended; stopped them.")
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode
+
+
+def _prctl(option: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+
+
+def _die_with_parent() -> None:
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _process_table() -> dict[int, int]:
+    """Parent pid of every live (not zombie) process."""
+    table = {}
+    if Path("/proc/self/stat").is_file():
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # ended meanwhile
+            if fields[0] not in ("Z", "X"):
+                table[int(entry)] = int(fields[1])
+        return table
+    listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        pid, ppid, state = line.split()[:3]
+        if not state.startswith("Z"):
+            table[int(pid)] = int(ppid)
+    return table
+
+
+def _descendants(root: int, table: dict[int, int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _stop_descendants(grace_s: float = _STOP_GRACE_S) -> int:
+    """SIGTERM every descendant of this process, SIGKILL those still alive after ``grace_s``; return their count."""
+    me, targets = os.getpid(), set()
+    deadline = time.time() + grace_s
+    while time.time() < deadline + 5:  # past that, only unkillable (uninterruptible) processes remain
+        while True:  # reap ended children (orphans of the step are ours, as their subreaper)
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        table = _process_table()
+        alive = {p for p in targets if p in table} | _descendants(me, table)
+        if not alive:
+            break
+        late = time.time() > deadline
+        for pid in alive if late else alive - targets:
+            try:
+                os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        targets |= alive
+        time.sleep(0.1)
+    return len(targets)
+
+
 class StudyRunner:
     """Runs the steps of a plan, ``jobs`` at a time, in dependency order, with a progress display."""
 
@@ -1056,7 +1232,7 @@ class StudyRunner:
                 reasons[step.id] = f"upstream step {root} reruns: {reasons[root]}"
             elif (why := _why_not_done(self.out, step)) is not None:
                 reasons[step.id] = why
-                if why != "not run yet":
+                if why != "no record of an earlier run":
                     print(f"{step.id} reruns: {why}.")
         return reasons
 
@@ -1064,6 +1240,7 @@ class StudyRunner:
         steps = self.plan.steps
         n = len(steps)
         start = time.time()
+        self._refuse_steps_still_running()
         reasons = self._plan_reruns()
         done = {s.id for s in steps if s.id not in reasons}
         previous = _read_timings(self.out)
@@ -1087,6 +1264,9 @@ class StudyRunner:
                     if len(running) >= self.jobs:
                         break
                     if all(d in done for d in step.deps):
+                        takeover = _claim_step(self.out, step)
+                        if takeover:
+                            bar.write(f"        {takeover}")
                         command, note = _prepare(self.out, step, reasons[step.id])
                         if command[0] == "python":  # the same interpreter (and environment) as the study
                             command = [sys.executable, *command[1:]]
@@ -1104,13 +1284,19 @@ class StudyRunner:
                             # cores make torch slower, not faster, so it keeps its share.
                             cores = str(os.cpu_count() or 1)
                             step_env.update(OMP_NUM_THREADS=cores, MKL_NUM_THREADS=cores)
+                        # Through the step supervisor (supervise_step), in a session of its own: Ctrl-C reaches
+                        # the study, which then stops its steps, and no process of a step outlives the study.
                         process = subprocess.Popen(
-                            command,
+                            [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *command],
                             cwd=REPO_DIR,
                             env=step_env,
                             stdout=log,
                             stderr=subprocess.STDOUT,
-                            start_new_session=True,  # Ctrl-C reaches the study, which then stops its children
+                            start_new_session=True,
+                        )
+                        write_json_atomic(
+                            _pid_file(self.out, step.id),
+                            {"pid": process.pid, "study_pid": os.getpid(), "started": _now(), "command": command},
                         )
                         running[step.id] = (process, time.time(), log)
                         pending.remove(step)
@@ -1121,6 +1307,7 @@ class StudyRunner:
                     log.close()
                     del running[step_id]
                     step = next(s for s in steps if s.id == step_id)
+                    _pid_file(self.out, step.id).unlink(missing_ok=True)
                     seconds = time.time() - started
                     missing = [p for p in step.outputs if not Path(p).exists()]
                     if process.returncode != 0 or missing:
@@ -1168,6 +1355,9 @@ class StudyRunner:
                 "(training steps continue from their last checkpoint)."
             )
             raise
+        except BaseException:  # a failed step, a refusal, a bug: no step keeps running without the study
+            self._stop(running)
+            raise
         if not ran_any:  # everything was already done: keep the record of the run that did the work
             return self.timings
         write_json_atomic(
@@ -1183,20 +1373,38 @@ class StudyRunner:
         )
         return self.timings
 
-    @staticmethod
-    def _stop(running: dict) -> None:
+    def _refuse_steps_still_running(self) -> None:
+        """Refuse before anything starts when a process of some step of the plan still runs (one started by
+        another runner, or left from before parent-death signals): two processes never write one step folder."""
+        busy = []
+        for step in self.plan.steps:
+            record = _read_record(_pid_file(self.out, step.id))
+            if record and _process_group_alive(record.get("pid")):
+                busy.append(
+                    f"{step.id} (pid {record['pid']}, started {record.get('started')} by run_study.py pid "
+                    f"{record.get('study_pid')})"
+                )
+        if busy:
+            raise StudyBusyError(
+                f"steps of this study still run in {self.out}: {'; '.join(busy)}. A step whose process is alive "
+                "is not started again; wait for it to end or stop it (kill -- -PID), then run this command again."
+            )
+
+    def _stop(self, running: dict) -> None:
         for process, _, _log in running.values():
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        for process, _, log in running.values():
+        for step_id, (process, _, log) in running.items():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             log.close()
+            _pid_file(self.out, step_id).unlink(missing_ok=True)
         running.clear()
 
 
@@ -2251,22 +2459,33 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    write_text_atomic(out / "commands.sh", commands_script(plan, args))
-    write_json_atomic(out / "plan.json", _plan_record(plan, args))
-    started = time.time()
-    # A scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C: running steps are stopped, not orphaned.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    if not args.report_only:
-        try:
-            StudyRunner(plan, jobs, args.force, preset.budget_s).run()
-        except KeyboardInterrupt:
-            return 130
-        except RuntimeError as err:
-            print(f"\n{err}", file=sys.stderr)
-            return 1
-    paths = write_report(plan, time.time() - started)
-    print(f"Study finished in {_fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
-    return 0
+    try:
+        lock = _lock_output_dir(out)  # held until this process ends
+    except StudyBusyError as err:
+        print(f"run_study.py: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        write_text_atomic(out / "commands.sh", commands_script(plan, args))
+        write_json_atomic(out / "plan.json", _plan_record(plan, args))
+        started = time.time()
+        # A scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C: running steps are stopped, not orphaned.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        if not args.report_only:
+            try:
+                StudyRunner(plan, jobs, args.force, preset.budget_s).run()
+            except KeyboardInterrupt:
+                return 130
+            except StudyBusyError as err:
+                print(f"run_study.py: error: {err}", file=sys.stderr)
+                return 2
+            except RuntimeError as err:
+                print(f"\n{err}", file=sys.stderr)
+                return 1
+        paths = write_report(plan, time.time() - started)
+        print(f"Study finished in {_fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
+        return 0
+    finally:
+        os.close(lock)  # the kernel drops the lock with it
 
 
 def _raise_keyboard_interrupt(signum, frame):
