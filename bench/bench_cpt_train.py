@@ -2,7 +2,9 @@
 """Training speed of run_cpt.py against a plain Trainer on pre-chunked blocks of the same tokens.
 
 Three arms train the same tiny Qwen2 model (configs/tiny.json, vocabulary of a tokenizer trained
-here) for the same number of steps, batch and block size, in separate processes, alternating:
+here) for the same number of steps, batch and block size, in separate processes, in an order that
+rotates every round (round 1: plain, plain_doc, run_cpt; round 2: plain_doc, run_cpt, plain; ...),
+so that no arm always runs first or last on a machine whose load drifts; each round prints its order:
 
 - run_cpt:   ``python run_cpt.py ... --bridges`` (planned windows, position ids restarting per
   document, document-isolated attention, labels masked at segment starts);
@@ -43,6 +45,16 @@ sys.path.insert(0, str(REPO_ROOT))
 
 EN = "the people of the high valleys drink butter tea and eat tsampa at the new year festival".split()
 BO = "བོད་ རིགས་ ཀྱིས་ ཇ་ མར་ འཐུང་ རྩམ་ པ་ ཟ་ ལོ་ གསར་ ལྷ་ ས་ ཡུལ་ ལུང་".split()
+
+
+ARMS = ("plain", "plain_doc", "run_cpt")
+
+
+def round_order(round_number: int) -> tuple[str, ...]:
+    """The arms of one round, rotated by the round number: over len(ARMS) rounds each arm runs once
+    in every position."""
+    shift = round_number % len(ARMS)
+    return ARMS[shift:] + ARMS[:shift]
 
 
 def make_inputs(folder: Path, n_pairs: int, n_mono: int) -> tuple[Path, Path]:
@@ -168,8 +180,10 @@ def main() -> None:
                           "--output_dir", str(data)])  # fmt: skip
         speeds = {"run_cpt": [], "plain": [], "plain_doc": []}
         startup = []
-        for _ in range(args.repeats):
-            for arm in ("plain", "plain_doc", "run_cpt"):
+        for round_number in range(args.repeats):
+            order = round_order(round_number)
+            print(f"round {round_number + 1} of {args.repeats}, order: {', '.join(order)}", flush=True)
+            for arm in order:
                 steps_per_second, outside_loop = run_arm(arm, base, data, folder, args)
                 speeds[arm].append(steps_per_second)
                 if arm == "run_cpt":
