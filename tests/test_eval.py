@@ -402,6 +402,19 @@ def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
         run_eval.main([*argv, "--scoring", "byte_normalized"])
     with pytest.raises(ValueError, match="different loss_dtype"):
         run_eval.main([*argv, "--loss_dtype", "model"])
+    # A checkpoint scored by an earlier version (no tie accounting, no loss_dtype) is scored again.
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    del accuracy["loss_dtype"]
+    for acc in accuracy["checkpoints"][0]["accuracy"].values():
+        del acc["accuracy_fractional"]
+    (out / "accuracy.json").write_text(json.dumps(accuracy))
+    caplog.clear()
+    run_eval.main(argv)
+    assert "1 checkpoint(s) to score, 3 reused" in caplog.text
+    assert (
+        "accuracy_fractional"
+        in json.loads((out / "accuracy.json").read_text())["checkpoints"][0]["accuracy"]["sample-culture_en"]
+    )
 
 
 @pytest.mark.slow
