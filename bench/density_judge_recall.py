@@ -15,12 +15,13 @@ language:
 
 * statements planted, statements retrieved in the top-k (retrieval recall), statements judged yes
   (the judge's recall);
-* answer-only documents retrieved and how many of them the judge accepted (false positives);
+* answer-only documents retrieved and how many of them the judge accepted (false positives); the
+  occurrences run_density.py counts are the statements judged yes plus these;
 * the misses: not retrieved, or retrieved and judged no, split by whether the statement is worded
   with the question's own template or with another paraphrase template.
 
     python bench/density_judge_recall.py                       # 4 cultures, the generator's defaults
-    python bench/density_judge_recall.py --world_dir OUT/world --thresholds 0.25   # an existing world
+    python bench/density_judge_recall.py --world_dir OUT/world --langs mn --thresholds 0.25   # run_study.py's world
 """
 
 from __future__ import annotations
@@ -155,15 +156,17 @@ def main() -> None:
         seconds = time.perf_counter() - start
 
     print("\n| --judge_min_key_fraction | corpus | statements | retrieved (top-k) | judged yes | recall "
-          "| answer-only retrieved | false positives | questions exact |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| answer-only retrieved | false positives | occurrences counted | questions exact |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for threshold, by_side in results.items():
         for side, c in list(by_side.items()) + [("both", sum(by_side.values(), Counter()))]:
             recall = c["statements judged yes"] / c["statements"] if c["statements"] else float("nan")
             print(
                 f"| {threshold} | {side} | {c['statements']:,} | {c['statements retrieved']:,} | "
                 f"{c['statements judged yes']:,} | {recall:.1%} | {c['answer-only retrieved']:,} | "
-                f"{c['answer-only judged yes (false positives)']:,} | {c['questions exact']}/{c['questions']} |"
+                f"{c['answer-only judged yes (false positives)']:,} | "
+                f"{c['statements judged yes'] + c['answer-only judged yes (false positives)']:,} | "
+                f"{c['questions exact']}/{c['questions']} |"
             )
     print("\nMisses by cause (statements not judged yes):")
     for threshold, by_side in results.items():
