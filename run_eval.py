@@ -6,11 +6,14 @@ Step 3 of the study. Three jobs, one script:
 1. **Probing** (``--model_name_or_path``): score the paper's cloze questions on a model, on every
    checkpoint of a run directory, or on every checkpoint of a Hub repo, and write
 
-   * ``predictions.jsonl``: one line per question item and checkpoint,
-     ``{"questions", "lang", "index", "step", "checkpoint", "scores", "prediction", "answer", "correct"}``;
+   * ``predictions.jsonl``: one line per question item and checkpoint, ``{"questions", "lang", "index",
+     "step", "checkpoint", "scores", "prediction", "answer", "correct", "tied_best", "credit_fractional"}``
+     (``correct``: the paper's first-wins rule; ``tied_best``: options sharing the best score;
+     ``credit_fractional``: the expected credit of breaking that tie uniformly at random);
    * ``accuracy.json``: ``{"checkpoints": [{"step", "path", "accuracy": {<questions>: {"lang", "correct",
-     "total", "accuracy"}}}], ...}`` plus what was probed (question files, their quirks, the scoring, the
-     run's ``cpt_setting``), and ``accuracy.csv`` with the same numbers.
+     "total", "accuracy", "ties", "tie_rate", "correct_fractional", "accuracy_fractional",
+     "ties_advantage"}}}], ...}`` plus what was probed (question files, their quirks and ``position_bias``,
+     the scoring, dtype and loss_dtype, the run's ``cpt_setting``), and ``accuracy.csv`` with the same numbers.
 
    Finished checkpoints are reused when the output directory already holds them for the same questions,
    scoring and dtype, so re-running after new checkpoints appear (or after a crash) scores only what is new.
@@ -37,6 +40,10 @@ Scoring (``--scoring``; every score is a loss: the LOWEST score wins, ties keep 
 * ``byte_normalized``: minus the summed log-probability of all tokens after the prepended one, divided by
   the number of UTF-8 bytes of the filled sentence (a length normalisation that does not depend on the
   tokenizer).
+
+``--loss_dtype float32`` (default) computes the losses in float32 on batched prefix trees; ``--loss_dtype
+model`` runs the paper's own loop (one sentence per forward, the loss in the logits' dtype: bfloat16 with
+bfloat16 weights), bit-identical to it, ties included.
 
 Quirks of the released question files (no blank, several blanks, duplicate options, an answer that is not
 among the options) are counted and scored exactly as the authors' script scores them (no blank: all options
