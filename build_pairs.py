@@ -199,6 +199,28 @@ def _column(record, column: str, where: str, flag: str):
     return value
 
 
+def _csv_pairs(file: Path, reader, en_column: str, tgt_column: str):
+    """(en, tgt, "file:line") of the rows of a .csv/.tsv pair file read by ``reader``, after its header row."""
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{file}: the file is empty. Give a header row and at least one pair.")
+    for column, flag in ((en_column, "--en_column"), (tgt_column, "--tgt_column")):
+        if column not in header:
+            raise ValueError(
+                f"{file}:1: no column {column!r} in the header (found: {', '.join(header)}). Pass {flag} NAME."
+            )
+    en_at, tgt_at = header.index(en_column), header.index(tgt_column)
+    for row in reader:
+        where = f"{file}:{reader.line_num}"
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ValueError(
+                f"{where}: {len(row)} fields where the header has {len(header)}. Quote fields that contain the delimiter."
+            )
+        yield row[en_at], row[tgt_at], where
+
+
 def read_pair_file(path: str, en_column: str, tgt_column: str):
     """Yield (en, tgt, "file:line") from a .jsonl, .json, .tsv or .csv pair file."""
     file = Path(path)
@@ -207,26 +229,12 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
     suffix = file.suffix.lower()
     if suffix in (".tsv", ".csv"):
         with file.open(encoding="utf-8", newline="") as handle:
-            reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{file}: the file is empty. Give a header row and at least one pair.")
-            for column, flag in ((en_column, "--en_column"), (tgt_column, "--tgt_column")):
-                if column not in header:
-                    raise ValueError(
-                        f"{file}:1: no column {column!r} in the header (found: {', '.join(header)}). Pass {flag} NAME."
-                    )
-            en_at, tgt_at = header.index(en_column), header.index(tgt_column)
-            for row in reader:
-                where = f"{file}:{reader.line_num}"
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise ValueError(
-                        f"{where}: {len(row)} fields where the header has {len(header)}. "
-                        "Quote fields that contain the delimiter."
-                    )
-                yield row[en_at], row[tgt_at], where
+            # strict: an unclosed quote is an error, not a field that swallows the rest of the file
+            reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+            try:
+                yield from _csv_pairs(file, reader, en_column, tgt_column)
+            except csv.Error as err:
+                raise ValueError(f"{file}:{reader.line_num}: not valid {suffix[1:]} ({err}). Fix the quoting.") from err
     elif suffix == ".jsonl":
         with file.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
@@ -308,7 +316,9 @@ def generate_raw_records(args: BuildArguments, tgt_column: str):
             for en, tgt, where in read_pair_file(name, args.en_column, tgt_column):
                 yield record(kind, number, where, en=en, tgt=tgt)
         elif is_file:
-            for line_number, text in enumerate(read_documents(name, getattr(args, f"{kind}_text_column")), start=1):
+            for line_number, text in enumerate(
+                read_documents(name, getattr(args, f"{kind}_text_column"), column_flag=f"--{kind}_text_column"), start=1
+            ):
                 # read_documents skips blank .txt lines; the count is the document number.
                 yield record(kind, number, f"{name}#{line_number}", text=text)
         else:

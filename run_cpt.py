@@ -772,8 +772,11 @@ def base_model_identity(model_name_or_path: str) -> dict:
         raise FileNotFoundError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}) to identify the base model.")
     digests = []
     for path in weights:
+        digest = hashlib.sha256()
         with path.open("rb") as handle:
-            digests.append(f"{path.name}\t{hashlib.file_digest(handle, 'sha256').hexdigest()}\n")
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+        digests.append(f"{path.name}\t{digest.hexdigest()}\n")
     config = json.loads((folder / "config.json").read_text())
     config.pop("transformers_version", None)
     return {

@@ -149,6 +149,8 @@ def test_other_languages_need_a_script(tmp_path, tiny_model_dir):
         ("en\tbo\nTea\tཇ\textra\n", ".tsv", ("en", "bo"), r"pairs\.tsv:2: 3 fields where the header has 2"),
         ("english,bo\nTea,ཇ\n", ".csv", ("en", "bo"), r"pairs\.csv:1: no column 'en' in the header.*--en_column"),
         ("en,bo\n", ".parquet", ("en", "bo"), r"unknown pair file type '\.parquet'"),
+        # an unclosed quote would otherwise swallow every later row into one field
+        ('en,bo\nTea,"ཇ\nMilk,ཇ\n', ".csv", ("en", "bo"), r"pairs\.csv:\d+: not valid csv .*Fix the quoting"),
     ],
 )
 def test_bad_pair_files_are_named_with_their_line(tmp_path, tiny_model_dir, content, suffix, columns, message):
@@ -161,6 +163,15 @@ def test_bad_pair_files_are_named_with_their_line(tmp_path, tiny_model_dir, cont
                           "--output_dir", str(output)])  # fmt: skip
     assert not output.exists()  # nothing half-written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_a_text_file_without_its_column_names_the_kinds_own_flag(tmp_path, tiny_model_dir):
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"en": e, "bo": b} for e, b in zip(EN, BO)])
+    mono_file = write_jsonl(tmp_path / "mono.jsonl", [{"body": text} for text in BO])
+    with pytest.raises(ValueError, match=r"mono\.jsonl:1: no 'text' column.*--mono_text_column"):
+        build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs_file), "--mono_files", str(mono_file),
+                          "--tokenizer_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_argument_errors_say_what_to_do(tmp_path, tiny_model_dir):
