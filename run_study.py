@@ -968,6 +968,8 @@ def _why_not_done(out: Path, step: Step) -> str | None:
         return "it did not finish" if _started_record(out, step).exists() else "no record of an earlier run"
     if marker.get("command") != step.command:
         return "its command changed"
+    if step.deps and "upstream" not in marker:
+        return "its done-marker does not say which upstream runs it used (an older run_study.py wrote it)"
     changed = _upstream_changed(marker.get("upstream"), _upstream(out, step))
     if changed:
         return f"upstream step {', '.join(changed)} finished a new run since {step.id} ran"

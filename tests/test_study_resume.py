@@ -162,3 +162,14 @@ def test_force_retrains_a_real_pretraining_step_instead_of_resuming_its_final_ch
         state = json.loads((base / f"checkpoint-{n}" / "trainer_state.json").read_text())
         assert state["global_step"] == n
         assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, n + 1))
+
+
+def test_a_done_marker_that_does_not_record_its_upstream_runs_is_not_trusted_and_the_output_says_why(tmp_path, capsys):
+    plan = _toy_plan(tmp_path, {"a": "1", "b": "2"}, {"b": ["a"]})
+    _run(plan)
+    marker = tmp_path / ".done" / "b.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "upstream"}))
+    capsys.readouterr()
+    _run(plan)
+    assert _starts(tmp_path)[2:] == [("b", None)]
+    assert "b reruns: its done-marker does not say which upstream runs it used" in capsys.readouterr().out
