@@ -923,8 +923,8 @@ def _fmt_time(seconds: float) -> str:
     )
 
 
-def _marker(out: Path, step: Step) -> Path:
-    return out / ".done" / f"{step.id}.json"
+def _marker(out: Path, step_id: str) -> Path:
+    return out / ".done" / f"{step_id}.json"
 
 
 def _started_record(out: Path, step: Step) -> Path:
@@ -944,7 +944,7 @@ def _finished_run(out: Path, step_id: str) -> dict | None:
 
     A step records this for each of its dependencies when it starts and when it finishes, so a new run
     upstream (another run id) is seen downstream even when the downstream command is unchanged."""
-    marker = _read_record(out / ".done" / f"{step_id}.json")
+    marker = _read_record(_marker(out, step_id))
     return None if marker is None else {key: marker.get(key) for key in ("run_id", "finished", "command")}
 
 
@@ -961,9 +961,9 @@ def _upstream_changed(recorded: dict | None, current: dict) -> list[str]:
 def _why_not_done(out: Path, step: Step) -> str | None:
     """None when the step is done: its done-marker holds the current command and the finished runs of its
     upstream steps, and its outputs exist. Otherwise why it must run."""
-    marker = _read_record(_marker(out, step))
+    marker = _read_record(_marker(out, step.id))
     if marker is None:
-        if _marker(out, step).exists():
+        if _marker(out, step.id).exists():
             return "its done-marker is unreadable"
         return "it did not finish" if _started_record(out, step).exists() else "no record of an earlier run"
     if marker.get("command") != step.command:
@@ -1017,7 +1017,7 @@ def _prepare(out: Path, step: Step, reason: str) -> tuple[list[str], str | None]
         why = f"{reason}; {mismatch}" if mismatch and interrupted else reason
         note = f"{step.id}: starts afresh ({why}); removed its earlier outputs {step.workdir}"
     # From here on the step's outputs are not those of a finished run.
-    _marker(out, step).unlink(missing_ok=True)
+    _marker(out, step.id).unlink(missing_ok=True)
     write_json_atomic(_started_record(out, step), {"command": step.command, "upstream": upstream, "started": _now()})
     return command, note
 
@@ -1223,7 +1223,7 @@ class StudyRunner:
         reasons: dict[str, str] = {}
         if self.force:
             for step in self.plan.steps:
-                _marker(self.out, step).unlink(missing_ok=True)
+                _marker(self.out, step.id).unlink(missing_ok=True)
                 _started_record(self.out, step).unlink(missing_ok=True)
             return {step.id: "--force" for step in self.plan.steps}
         root_cause: dict[str, str] = {}  # step -> the upstream step whose own change makes it rerun
@@ -1325,7 +1325,7 @@ class StudyRunner:
                         )
                     self.timings[step.id] = seconds
                     write_json_atomic(
-                        _marker(self.out, step),
+                        _marker(self.out, step.id),
                         {
                             "command": step.command,
                             # the finished upstream runs it started on (see _prepare), and its own run's identity
