@@ -1032,15 +1032,9 @@ def _pid_file(out: Path, step_id: str) -> Path:
 
 
 def _process_group_alive(pgid) -> bool:
-    if not isinstance(pgid, int) or pgid <= 0:
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user: alive
-        return True
-    return True
+    """Whether a live process of the group remains. Zombies do not count: a supervisor orphaned by kill -9 of
+    the study stays one until init reaps it (in some containers, never), and it writes nothing."""
+    return isinstance(pgid, int) and any(group == pgid for _, group in _process_table().values())
 
 
 def _claim_step(out: Path, step: Step) -> str | None:
@@ -1137,31 +1131,31 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _process_table() -> dict[int, int]:
-    """Parent pid of every live (not zombie) process."""
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Parent pid and process group of every live (not zombie) process."""
     table = {}
     if Path("/proc/self/stat").is_file():
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            try:
+            try:  # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
                 fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue  # ended meanwhile
             if fields[0] not in ("Z", "X"):
-                table[int(entry)] = int(fields[1])
+                table[int(entry)] = (int(fields[1]), int(fields[2]))
         return table
-    listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,stat="], capture_output=True, text=True).stdout
     for line in listing.splitlines():
-        pid, ppid, state = line.split()[:3]
+        pid, ppid, pgid, state = line.split()[:4]
         if not state.startswith("Z"):
-            table[int(pid)] = int(ppid)
+            table[int(pid)] = (int(ppid), int(pgid))
     return table
 
 
-def _descendants(root: int, table: dict[int, int]) -> set[int]:
+def _descendants(root: int, table: dict[int, tuple[int, int]]) -> set[int]:
     children: dict[int, list[int]] = {}
-    for pid, ppid in table.items():
+    for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found, todo = set(), [root]
     while todo:

@@ -92,6 +92,26 @@ def test_the_pid_file_of_a_step_whose_process_is_gone_is_taken_over_and_the_log_
     assert not pid_file.exists(), "a finished step holds no lock"
 
 
+def test_the_pid_file_of_a_step_whose_supervisor_is_a_zombie_is_taken_over(tmp_path, capsys):
+    # After kill -9 of the study its step supervisors end as zombies until init reaps them (in some containers
+    # never); a zombie writes nothing and must not lock the step.
+    zombie = subprocess.Popen(["true"], start_new_session=True)
+    try:
+        _wait_until(
+            lambda: (Path("/proc") / str(zombie.pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+            30,
+            "it is a zombie",
+        )
+        (tmp_path / ".running").mkdir()
+        (tmp_path / ".running" / "a.pid").write_text(json.dumps({"pid": zombie.pid, "study_pid": 1, "started": "t"}))
+        plan = Plan(TOY, str(tmp_path), [_writer_step(tmp_path, "a")], [], {})
+        StudyRunner(plan, jobs=1, force=False, budget_s=0).run()
+    finally:
+        zombie.wait()
+    assert (tmp_path / "ran.log").read_text() == "ran"
+    assert f"(pid {zombie.pid} no longer runs)" in capsys.readouterr().out
+
+
 def test_processes_a_step_leaves_behind_in_their_own_session_are_stopped_when_it_ends(tmp_path):
     code = (
         "import subprocess, sys; "
