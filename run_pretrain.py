@@ -16,7 +16,9 @@ and recorded. Top to bottom, the script:
    the documents into ``--block_size`` windows, as run_clm's ``group_texts`` does. With
    ``--document_attention`` (default) the position ids restart at every document, which makes
    transformers build a block-diagonal causal mask: no token attends to another document.
-   The run checks this on its own model before training and records the result;
+   Flash kernels get the windows as one flattened row with explicit sequence boundaries
+   (``study_common.packed_batch``). The run checks isolation on its own model, training
+   device, kernel and batch layout before training, records the result and stops if it leaks;
 5. builds a randomly initialised model from ``--config_name`` (a file in ``configs/`` or a
    Hub id) and ``--config_overrides``;
 6. trains it with the ``Trainer`` (every ``TrainingArguments`` flag works: checkpoints,
@@ -41,12 +43,14 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import datasets
 import numpy as np
+import pyarrow.compute
 import regex
 import torch
 import transformers
@@ -69,9 +73,13 @@ from study_common import (
     document_start_id,
     encode_documents,
     filter_to_latin,
+    guard_flash_attention_inputs,
     has_non_latin_letter,
+    is_flash_attention,
+    packed_batch,
     read_documents,
     use_cpu_backend_without_gpu,
+    uses_flattened_layout,
     write_card,
     write_json_atomic,
 )
@@ -131,7 +139,19 @@ class ModelArguments:
     )
     attn_implementation: str = field(
         default="sdpa",
-        metadata={"help": "Attention kernel: sdpa (default), eager, or flash_attention_2 (GPU)."},
+        metadata={
+            "help": "Attention kernel: sdpa (default), eager; on a GPU also flex_attention, flash_attention_2, "
+            "flash_attention_3 or a hub kernel (kernels-community/flash-attn). Flash kernels get the windows of "
+            "a micro-batch as one flattened row with sequence boundaries (study_common.packed_batch)."
+        },
+    )
+    batch_layout: Literal["auto", "flattened"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: B windows as B rows for sdpa/eager/flex_attention, one flattened row of B*L tokens with "
+            "cu_seq_lens/max_length for flash and other kernels; flattened: one row for every kernel (tests, "
+            "benchmarks: with sdpa/eager the mask of one row is (B*L)^2)."
+        },
     )
     document_attention: bool = field(
         default=True,
@@ -405,28 +425,38 @@ BLOCK_FEATURES = Features({"input_ids": Sequence(Value("int32")), "position_ids"
 
 @dataclass
 class PackedBlockCollator:
-    """Batches packed windows for the model: ``input_ids``, ``labels`` and (with document
-    attention) ``position_ids``; no ``attention_mask``.
+    """Batches packed windows for the model; never an ``attention_mask``.
 
     Labels equal the input ids except -100 at the first position of every document (position 0),
     whose start token would otherwise be predicted from the previous document. With
-    ``document_attention`` the position ids are passed on: they restart at 0 at every document,
-    and without an attention mask (and without a KV cache: the config has use_cache=False)
-    transformers then builds a block-diagonal causal mask (sdpa and eager, checked by the tests;
-    flash_attention_2 reads the same position ids as variable-length sequences).
-    Without it the model numbers positions 0..block_size-1 and attends across documents.
+    ``document_attention`` the position ids restart at 0 at every document and the batch has the
+    layout ``study_common.packed_batch`` gives ``attn_implementation``: B rows for sdpa, eager and
+    flex_attention (transformers builds a block-diagonal causal mask from the position ids, without
+    an attention mask and without a KV cache: the config has use_cache=False), one flattened row
+    with ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash kernels (``flatten``: True for every
+    kernel, None by kernel). It runs after the Trainer removes unused dataset columns, so these
+    keys reach ``model(**batch)``. Without document attention there are no position ids: the model
+    numbers positions 0..block_size-1 and attends across documents (run_clm's behaviour).
     """
 
     document_attention: bool = True
+    attn_implementation: str = "sdpa"
+    flatten: bool | None = None
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict:
         input_ids = torch.tensor(np.asarray([e["input_ids"] for e in examples]), dtype=torch.long)
         position_ids = torch.tensor(np.asarray([e["position_ids"] for e in examples]), dtype=torch.long)
         labels = input_ids.masked_fill(position_ids == 0, -100)
-        batch = {"input_ids": input_ids, "labels": labels}
-        if self.document_attention:
-            batch["position_ids"] = position_ids
-        return batch
+        if not self.document_attention:
+            return {"input_ids": input_ids, "labels": labels}
+        return packed_batch(input_ids, position_ids, labels, self.attn_implementation, flatten=self.flatten)
+
+    @property
+    def layout(self) -> str:
+        if not self.document_attention:
+            return "rows, no position ids"
+        flattened = self.flatten if self.flatten is not None else uses_flattened_layout(self.attn_implementation)
+        return "flattened" if flattened else "padded"
 
 
 def check_train_file(data_args: DataArguments) -> None:
@@ -683,27 +713,94 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
     return config, overrides
 
 
-@torch.no_grad()
-def check_document_attention(model, collator: PackedBlockCollator, start_id: int, vocab_size: int) -> float:
-    """Max |logit difference| of document B packed after document A vs. B alone.
+#: Documents of the isolation check, by window: two windows of 16 tokens, [A B] and [C D E], so
+#: that a kernel leaking inside a row or across the rows of a micro-batch (B > 1) shows it.
+CHECK_WINDOWS = ((9, 7), (5, 6, 5))
+#: Largest logit difference that counts as rounding, not as attention across documents.
+ISOLATION_TOLERANCE = 1e-4
 
-    Goes through the training collator and ``model(**batch)``, as the Trainer does. 0 (up to
-    float rounding) means no token of B sees A.
+
+@torch.no_grad()
+def check_document_attention(
+    model, collator: PackedBlockCollator, start_id: int, vocab_size: int, *, autocast_dtype=None
+) -> dict:
+    """Does attention stay inside each document, with this model's device, kernel and batch layout?
+
+    Packs random documents into the two windows of ``CHECK_WINDOWS`` (each opening with the start
+    token), batches them with the training ``collator`` and calls ``model(**batch)`` as the
+    Trainer does, on the model's device, under autocast to ``autocast_dtype`` when given (the
+    run's bf16/fp16). Returns, besides the layout and device:
+
+    * ``max_logit_diff_packed_vs_alone``: each document in the batch vs. the same document alone
+      (one window of one document through the same collator); exact in float32, but in 16-bit
+      the other matrix shapes round differently;
+    * ``max_logit_diff_other_documents_changed``: each document vs. itself in a batch whose other
+      documents hold other tokens. Same shapes, same kernels: any difference is information that
+      crossed from another document, at any precision.
     """
     generator = torch.Generator().manual_seed(0)
-    doc_a = [start_id, *torch.randint(2, vocab_size, (9,), generator=generator).tolist()]
-    doc_b = [start_id, *torch.randint(2, vocab_size, (7,), generator=generator).tolist()]
-    packed = {"input_ids": doc_a + doc_b, "position_ids": list(range(len(doc_a))) + list(range(len(doc_b)))}
-    alone = {"input_ids": doc_b, "position_ids": list(range(len(doc_b)))}
+
+    def draw(length: int) -> list[int]:
+        return [start_id, *torch.randint(2, vocab_size, (length - 1,), generator=generator).tolist()]
+
+    docs = [[draw(length) for length in window] for window in CHECK_WINDOWS]
+    spans, offset = [], 0  # (window, document, first token, end) in the batch's flat token order
+    for w, window in enumerate(docs):
+        for d, doc in enumerate(window):
+            spans.append((w, d, offset, offset + len(doc)))
+            offset += len(doc)
+
+    def example(window: list[list[int]]) -> dict:
+        return {"input_ids": sum(window, []), "position_ids": [p for doc in window for p in range(len(doc))]}
+
+    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    def flat_logits(windows: list[list[list[int]]]) -> torch.Tensor:
+        batch = collator([example(window) for window in windows])
+        batch.pop("labels")
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast:
+            logits = model(**batch, use_cache=False).logits
+        return logits.float().reshape(-1, logits.shape[-1])  # rows one after another, as the flat spans
+
     was_training = model.training
     model.eval()
-    logits = []
-    for example in (packed, alone):
-        batch = collator([example])
-        batch.pop("labels")
-        logits.append(model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).logits[0].float())
-    model.train(was_training)
-    return float((logits[0][len(doc_a) :] - logits[1]).abs().max())
+    try:
+        packed = flat_logits(docs)
+        alone_diff = other_diff = 0.0
+        for w, d, start, end in spans:
+            alone = flat_logits([[docs[w][d]]])
+            alone_diff = max(alone_diff, float((packed[start:end] - alone).abs().max()))
+            changed = [
+                [doc if (i, j) == (w, d) else draw(len(doc)) for j, doc in enumerate(window)]
+                for i, window in enumerate(docs)
+            ]
+            other_diff = max(other_diff, float((packed[start:end] - flat_logits(changed)[start:end]).abs().max()))
+    finally:
+        model.train(was_training)
+    return {
+        "device": str(model.device),
+        "layout": collator.layout,
+        "windows_in_batch": len(CHECK_WINDOWS),
+        "compute_dtype": str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "max_logit_diff_packed_vs_alone": alone_diff,
+        "max_logit_diff_other_documents_changed": other_diff,
+    }
+
+
+def isolation_failure(result: dict) -> str | None:
+    """Why ``check_document_attention``'s result shows attention across documents, or None."""
+    if result["max_logit_diff_other_documents_changed"] > ISOLATION_TOLERANCE:
+        return (
+            f"a document's logits change by {result['max_logit_diff_other_documents_changed']:.3g} when the other "
+            "documents of its micro-batch change"
+        )
+    if result["compute_dtype"] == "float32" and result["max_logit_diff_packed_vs_alone"] > ISOLATION_TOLERANCE:
+        return (
+            f"a document packed with others gives other logits than alone (max diff "
+            f"{result['max_logit_diff_packed_vs_alone']:.3g})"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -777,6 +874,31 @@ class PretrainTrainer(Trainer):
 # --------------------------------------------------------------------------------------
 
 
+def check_attention_implementation_trains_on(attn_implementation: str, device: torch.device) -> None:
+    """Refuse, before anything is written, a kernel that cannot train on a CPU: flex_attention has no
+    backward on CPU (torch 2.13) and flash kernels need a GPU."""
+    if device.type == "cpu" and (attn_implementation == "flex_attention" or is_flash_attention(attn_implementation)):
+        why = "has no backward on CPU" if attn_implementation == "flex_attention" else "needs a GPU"
+        raise InputError(
+            f"--attn_implementation {attn_implementation} does not train on the CPU (the training device here): it "
+            f"{why}. Use --attn_implementation sdpa (the default) or eager, or run on a GPU."
+        )
+
+
+def autocast_dtype(training_args: TrainingArguments):
+    """The dtype the Trainer computes in under mixed precision (None: float32)."""
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+
+
+def attended_keys_per_token(blocks: Dataset, block_size: int, document_attention: bool) -> float:
+    """Mean number of keys a token attends to under causal attention, which its attention FLOPs scale
+    with: its position in its document + 1 with document attention, (block_size + 1) / 2 without."""
+    if not document_attention or len(blocks) == 0:
+        return (block_size + 1) / 2
+    positions = pyarrow.compute.list_flatten(blocks.data.column("position_ids"))
+    return (pyarrow.compute.sum(positions).as_py() + len(positions)) / len(positions)
+
+
 def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
@@ -811,6 +933,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise InputError("--streaming needs --max_steps N: a stream has no length to derive the number of steps from.")
     if data_args.block_size < 2:
         raise InputError(f"--block_size {data_args.block_size} is too small; use e.g. 128 or 512.")
+    check_attention_implementation_trains_on(model_args.attn_implementation, training_args.device)
+    collator = PackedBlockCollator(
+        document_attention=model_args.document_attention,
+        attn_implementation=model_args.attn_implementation,
+        flatten=True if model_args.batch_layout == "flattened" else None,
+    )
+    if streaming and collator.layout == "flattened" and training_args.accelerator_config.dispatch_batches is None:
+        # accelerate dispatches a stream's batches from rank 0 by slicing every tensor along its first
+        # dimension, which would cut the one flattened row and its cu_seq_lens; each process reads the
+        # stream itself instead (and keeps its share of the windows).
+        training_args.accelerator_config.dispatch_batches = False
 
     # Never train on top of an earlier run's checkpoints without saying so.
     output_dir = Path(training_args.output_dir)
@@ -863,24 +996,40 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     # Model: random initialisation from the architecture config.
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+    device = training_args.device
+    attn = model_args.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    except (ImportError, ValueError) as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise InputError(f"--attn_implementation {attn} cannot run on {device}: {err}") from err
+    guard_flash_attention_inputs(model)  # no batch of several rows without sequence boundaries reaches flash
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("Model %s: %.2fM parameters, vocab %d", config.model_type, n_params / 1e6, config.vocab_size)
 
-    collator = PackedBlockCollator(document_attention=model_args.document_attention)
-    isolation = {"enabled": model_args.document_attention, "attn_implementation": model_args.attn_implementation}
+    # Document isolation, checked where and how the run trains: the training device (the model
+    # goes there now rather than in the Trainer), the run's kernel, precision and batch layout.
+    isolation = {"enabled": model_args.document_attention, "attn_implementation": attn, "layout": collator.layout}
     if model_args.document_attention:
-        if model_args.attn_implementation in ("sdpa", "eager") or model.device.type != "cpu":
-            diff = check_document_attention(model, collator, start_id, len(tokenizer))
-            isolation["max_logit_diff_packed_vs_alone"] = diff
-            if diff > 1e-4:
-                raise RuntimeError(
-                    f"Document attention is on, but with attn_implementation={model_args.attn_implementation} "
-                    f"document B packed after A gives other logits than B alone (max diff {diff:.3g}): attention "
-                    "crosses documents. Use --attn_implementation sdpa or eager."
+        model.to(device)
+        try:
+            isolation.update(
+                check_document_attention(
+                    model, collator, start_id, len(tokenizer), autocast_dtype=autocast_dtype(training_args)
                 )
-        else:
-            isolation["max_logit_diff_packed_vs_alone"] = None  # this kernel does not run on the CPU model
+            )
+        except Exception as err:  # any failure of the kernel itself: name it and the device
+            raise InputError(
+                f"--attn_implementation {attn} cannot run on {device} ({err.__class__.__name__}: {str(err)[:300]}). "
+                "Use --attn_implementation sdpa, or install the kernel for this device."
+            ) from err
+        failure = isolation_failure(isolation)
+        if failure is not None:
+            raise InputError(
+                f"Document attention is on, but with --attn_implementation {attn} ({collator.layout} layout) on "
+                f"{device} {failure}: attention crosses documents. Nothing was trained; use --attn_implementation "
+                "sdpa or eager."
+            )
+        logger.info("Document isolation checked: %s", json.dumps(isolation))
 
     tokens_per_step = (
         training_args.per_device_train_batch_size
@@ -922,6 +1071,10 @@ def main(argv: list[str] | None = None) -> dict:
             "FSDP was requested but accelerate did not enable it here (%s, no GPU): every process holds the "
             "whole model. On CPU use accelerate_configs/cpu.yaml.", setting["distributed_type"],
         )  # fmt: skip
+    if data_stats is not None:
+        data_stats["attended_keys_per_token"] = attended_keys_per_token(
+            train_dataset, data_args.block_size, model_args.document_attention
+        )
     if training_args.process_index == 0 and data_stats is not None:
         write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
         logger.info("Data: %s", json.dumps(data_stats))

@@ -8,7 +8,9 @@ here, once:
 * how a document becomes token ids (the document-start token, shared by training and probing);
 * reading plain-text / JSON / JSONL / CSV / TSV documents with errors that name the file and line;
 * writing outputs atomically, so that a crash never leaves a file that looks complete;
-* model and dataset cards that record the setting a run used.
+* model and dataset cards that record the setting a run used;
+* the batch layout of packed windows for each attention implementation (``packed_batch``), and the
+  guard that keeps a flash kernel from ever seeing several rows without sequence boundaries.
 """
 
 from __future__ import annotations
@@ -323,3 +325,104 @@ def use_cpu_backend_without_gpu() -> bool:
         os.environ["ACCELERATE_USE_CPU"] = "true"
         return True
     return False
+
+
+# --------------------------------------------------------------------------------------
+# Packed windows as a batch, per attention implementation (run_pretrain.py, run_cpt.py)
+# --------------------------------------------------------------------------------------
+
+#: Attention implementations that build the per-document causal mask from position ids that
+#: restart at 0, for a batch of ANY number of rows, when there is no attention_mask and no KV cache
+#: (transformers 5.24 masking_utils: ``_preprocess_mask_arguments`` -> ``find_packed_sequence_indices``).
+DOCUMENT_MASK_FROM_POSITION_IDS = frozenset({"sdpa", "eager", "flex_attention"})
+
+#: The sequence-boundary kwargs that flash kernels read (transformers 5.24: ``FlashAttentionKwargs``;
+#: ``_flash_attention_forward`` takes the varlen path when all four are given, and
+#: ``prepare_fa_kwargs_from_position_ids`` computes the same four from position ids). Qwen2 passes
+#: them from ``Qwen2ForCausalLM.forward(**kwargs)`` through the model and every decoder layer to
+#: ``Qwen2Attention.forward(**kwargs)`` and on to the attention function.
+SEQUENCE_BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def is_flash_attention(attn_implementation: str) -> bool:
+    """True for flash kernels (flash_attention_2/3/4, hub kernels such as kernels-community/flash-attn),
+    by the rule transformers itself uses (``utils.generic.is_flash_attention_requested``: "flash" in the name)."""
+    return "flash" in attn_implementation
+
+
+def uses_flattened_layout(attn_implementation: str) -> bool:
+    """Whether packed windows go to the model as one flattened row with sequence boundaries.
+
+    Flash kernels infer document boundaries from position ids only for a batch of ONE row
+    (``modeling_flash_attention_utils._is_packed_sequence`` is False for batch_size != 1): with B
+    rows and no mask they attend across documents. They, and any implementation not known to build
+    the mask from position ids, get the flattened layout, which isolates documents for every kernel.
+    sdpa/eager/flex_attention keep B rows: on one flattened row their dense mask would be (B*L)^2.
+    """
+    return attn_implementation not in DOCUMENT_MASK_FROM_POSITION_IDS
+
+
+def packed_batch(input_ids, position_ids, labels, attn_implementation: str, *, flatten: bool | None = None) -> dict:
+    """The model's batch for B packed windows, each isolating its documents.
+
+    ``input_ids``, ``position_ids``, ``labels``: B x L tensors whose position ids restart at 0 at
+    every document and at every window start; no attention_mask is ever passed (it would turn the
+    per-document mask off). Layouts (``flatten`` None: by ``uses_flattened_layout``):
+
+    * padded: the three B x L tensors as they are (sdpa, eager, flex_attention);
+    * flattened: the same tokens as one row of B*L (1 x B*L tensors, the windows one after another;
+      a window starts with position 0, so it also starts a sequence), plus ``cu_seq_lens_q/k`` (int32
+      offsets of every sequence start and the total, as ``DataCollatorWithFlattening`` makes them)
+      and ``max_length_q/k`` (the longest sequence, a Python int so that no kernel syncs to read it).
+
+    Labels are the caller's (e.g. -100 at every document start): in one row, the token that ends a
+    window then "predicts" the next window's first token, which is -100, so the loss sees exactly
+    the targets of the padded layout. The result passes ``check_flash_batch``.
+    """
+    if flatten is None:
+        flatten = uses_flattened_layout(attn_implementation)
+    if not flatten:
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+    else:
+        import torch
+
+        flat_positions = position_ids.reshape(1, -1)
+        starts = (flat_positions[0] == 0).nonzero().flatten()
+        cu_seq_lens = torch.cat([starts, torch.tensor([flat_positions.shape[1]])]).to(torch.int32)
+        max_length = int(cu_seq_lens.diff().max())
+        batch = {
+            "input_ids": input_ids.reshape(1, -1),
+            "position_ids": flat_positions,
+            "labels": labels.reshape(1, -1),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+        }
+    check_flash_batch(batch, attn_implementation)
+    return batch
+
+
+def check_flash_batch(batch: dict, attn_implementation: str) -> None:
+    """The guard: a ValueError when a batch of B > 1 rows without sequence boundaries would reach a
+    flash kernel, which would then attend across the documents of each row. Shapes only: no device sync."""
+    tokens = batch.get("input_ids") if batch.get("input_ids") is not None else batch.get("inputs_embeds")
+    rows = 0 if tokens is None else tokens.shape[0]
+    missing = [key for key in SEQUENCE_BOUNDARY_KEYS if batch.get(key) is None]
+    if is_flash_attention(attn_implementation) and rows > 1 and missing:
+        raise ValueError(
+            f"A batch of {rows} rows without {', '.join(missing)} would reach the flash kernel "
+            f"{attn_implementation!r}, which infers document boundaries from position ids only for one row: "
+            "it would attend across documents. Build the batch with study_common.packed_batch."
+        )
+
+
+def guard_flash_attention_inputs(model) -> None:
+    """Run ``check_flash_batch`` on every call of ``model`` (a forward pre-hook), so that no batch,
+    from whatever collator, reaches its flash kernel with several rows and no sequence boundaries."""
+
+    def guard(module, args, kwargs):
+        inputs = {"input_ids": args[0], **kwargs} if args else kwargs  # model(input_ids, ...) or model(**batch)
+        check_flash_batch(inputs, module.config._attn_implementation)
+
+    model.register_forward_pre_hook(guard, with_kwargs=True)
