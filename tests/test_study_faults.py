@@ -128,7 +128,6 @@ def test_processes_a_step_leaves_behind_in_their_own_session_are_stopped_when_it
     )
 
 
-@pytest.mark.slow
 def test_after_kill_9_of_the_study_no_process_of_its_steps_remains_also_accelerate_workers_in_their_own_sessions(
     tmp_path,
 ):
