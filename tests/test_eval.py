@@ -667,3 +667,47 @@ def test_position_bias_of_the_released_files_puts_answers_first_far_more_often_t
     for culture, share in (("zh", 0.89), ("mn", 0.62), ("bo", 0.56), ("ko", 0.38)):
         for lang in ("en", culture):
             assert first[f"{culture}-culture-cloze_{lang}"] == pytest.approx(share, abs=0.01), (culture, lang)
+
+
+def test_pair_first_side_of_the_diagnostic_is_run_cpt_s_coin():
+    import run_cpt
+
+    for order in ("en_first", "tgt_first", "random"):
+        for seed in (0, 7):
+            sides = [run_eval.pair_first_side(i, order, seed) for i in range(100)]
+            assert sides == [run_cpt.pair_first_side(i, order, seed) for i in range(100)], (order, seed)
+    assert 30 < [run_eval.pair_first_side(i, "random", 0) for i in range(100)].count("en") < 70
+
+
+@pytest.mark.parametrize(("pair_order", "seed"), [("tgt_first", 0), ("random", 3)])
+def test_bridge_diagnostic_follows_the_pair_order_of_the_run_and_records_it(
+    tmp_path, tiny_model_dir, tiny, pair_order, seed
+):
+    model, tokenizer = tiny
+    pairs = [
+        (SAMPLE_QUESTIONS["en"][i]["question"], SAMPLE_QUESTIONS[lang][i]["question"])
+        for i, lang in enumerate(["ko", "zh", "bo", "mn", "ko", "zh"])
+    ]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"en": en, "tgt": tgt}, ensure_ascii=False) + "\n" for en, tgt in pairs))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["cpt_setting"] = {"lang": "ko", "bridges": True, "seed": seed, "pair_order": pair_order}
+    (run / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    run_eval.main(["--model_name_or_path", str(run), "--diagnostic_pairs", str(pairs_file), "--output_dir", str(out)])
+    result = json.loads((out / "bridge_diagnostic.json").read_text())
+    first_sides = [run_eval.pair_first_side(i, pair_order, seed) for i in range(len(pairs))]
+    if pair_order == "tgt_first":
+        assert (result["context_side"], result["scored_side"]) == ("tgt", "en")
+    else:
+        assert set(first_sides) == {"en", "tgt"}  # this seed mixes both orders
+        assert result["scored_side"] == "per pair (seeded coin)"
+    assert (result["pair_order"], result["pair_order_seed"]) == (pair_order, seed)
+    (entry,) = result["checkpoints"]
+    assert entry["context_sides"] == {side: first_sides.count(side) for side in ("en", "tgt")}
+    assert "after_own_english" not in entry  # the context is not (only) English
+    direct = _direct_bridge_losses(model, tokenizer, pairs, "", first_sides)
+    for key, value in direct.items():
+        assert entry[key] == pytest.approx(value, abs=1e-5), key
