@@ -57,6 +57,14 @@ from pathlib import Path
 from study_common import write_json_atomic, write_text_atomic
 
 REPO_DIR = Path(__file__).resolve().parent
+#: The paper's questions come from its public release; the default folder is in the repository's own (git-ignored)
+#: working area, relative to the repository root, where the steps run.
+PAPER_QUESTIONS_REPO = "https://github.com/luciusssss/cross-lingual-culture"
+PAPER_QUESTIONS_DIR = "data/paper-questions"
+PAPER_QUESTIONS_FETCH = (
+    f"git clone --depth 1 {PAPER_QUESTIONS_REPO} /tmp/clc && mkdir -p {PAPER_QUESTIONS_DIR} && "
+    f"cp /tmp/clc/data/*-culture-cloze_*.json {PAPER_QUESTIONS_DIR}/"
+)
 SETTINGS = (("bridges", True), ("no_bridges", False))
 VARIANT_TITLES = {"native": "native-script names (control)", "anchors": "shared Latin names (anchors)"}
 
@@ -294,10 +302,20 @@ PRESETS: dict[str, Preset] = {
 
 #: Paper-scale data per language: build_pairs.py flags for the target corpus and the parallel pairs,
 #: and the corpus run_density.py measures. Wikipedia for ko/zh, MC^2 (pkupie/mc2_corpus, gated: accept
-#: its terms on the Hub first) for bo/mn, OPUS-100 pairs for ko/zh. No public Hub dataset pairs English
-#: with Tibetan or with Mongolian in the traditional script (OPUS-100's mn is Cyrillic, which
-#: build_pairs.py would drop as not_in_script), so bo/mn pairs are read from files the user provides.
-#: Override any of it with --paper_data FILE.json ({"bo": {"pairs_files": [...]}, ...}).
+#: its terms on the Hub first and log in, or set HF_TOKEN) for bo/mn, OPUS-100 pairs for ko/zh. No public
+#: Hub dataset pairs English with Tibetan or with Mongolian in the traditional script (OPUS-100's mn is
+#: Cyrillic, which build_pairs.py would drop as not_in_script), so bo/mn pairs are read from files the
+#: user provides. Override any of it with --paper_data FILE.json ({"bo": {"pairs_files": [...]}, ...}).
+#:
+#: MC^2 has no per-language configs: its card lists one JSON-lines file per language,
+#: bo-crawl-only-release-20231127.jsonl and mn-crawl-only-release-20231127.jsonl (one document per line,
+#: in its `text` field). The language is chosen by reading that file alone
+#: (load_dataset("pkupie/mc2_corpus", data_files=FILE)); build_pairs.py and run_density.py take a dataset
+#: name and config only, so the bo/mn entries name the dataset without a config: build_pairs.py then reads
+#: every language's file and drops the other scripts as not_in_script (counted in build_stats.json), and
+#: run_density.py indexes every language's documents. To read the language's file alone, download it and
+#: give it through --paper_data: {"bo": {"mono_files": ["mc2/bo-crawl-only-release-20231127.jsonl"],
+#: "mono_dataset": null}} (build_pairs.py and run_density.py then read that file).
 PAPER_DATA = {
     "ko": {
         "mono_dataset": "wikimedia/wikipedia",
@@ -317,14 +335,12 @@ PAPER_DATA = {
     },
     "bo": {
         "mono_dataset": "pkupie/mc2_corpus",
-        "mono_dataset_config": "bo",
         "pairs_files": ["data/pairs/en-bo.jsonl"],
         "en_column": "en",
         "tgt_column": "bo",
     },
     "mn": {
         "mono_dataset": "pkupie/mc2_corpus",
-        "mono_dataset_config": "mn",
         "pairs_files": ["data/pairs/en-mn.jsonl"],
         "en_column": "en",
         "tgt_column": "mn",
@@ -379,8 +395,12 @@ class StudyArguments:
         },
     )
     questions_dir: str = field(
-        default=str(REPO_DIR.parent / "shared" / "data" / "paper-culture-cloze"),
-        metadata={"help": "Paper preset: folder holding the paper's <lang>-culture-cloze_<en|lang>.json files."},
+        default=PAPER_QUESTIONS_DIR,
+        metadata={
+            "help": "Paper preset: folder holding the paper's <lang>-culture-cloze_<en|lang>.json files, from its "
+            f"public release ({PAPER_QUESTIONS_REPO}, folder data/, Apache-2.0). Default: {PAPER_QUESTIONS_DIR} "
+            f"(git-ignored); fill it with: {PAPER_QUESTIONS_FETCH}"
+        },
     )
     paper_data: str | None = field(
         default=None,
@@ -866,15 +886,20 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
         )
         first_with = next(r for r in group_runs if r.setting == "bridges")
         first_without = next(r for r in group_runs if r.setting == "no_bridges")
+        mono = paper_data[lang]
+        if mono.get("mono_files"):  # the target corpus as files (e.g. one language's file of MC^2)
+            target_corpus = {
+                "corpus_files": [f"{lang}={path}" for path in mono["mono_files"]],
+                "corpus_streaming": None,
+            }
+        else:
+            target_corpus = {
+                "corpus_dataset": mono.get("mono_dataset"),
+                "corpus_dataset_config": mono.get("mono_dataset_config"),
+            }
         for corpus_label, corpus in (
             ("enwiki", {"corpus_dataset": "wikimedia/wikipedia", "corpus_dataset_config": "20231101.en"}),
-            (
-                lang,
-                {
-                    "corpus_dataset": paper_data[lang]["mono_dataset"],
-                    "corpus_dataset_config": paper_data[lang]["mono_dataset_config"],
-                },
-            ),
+            (lang, target_corpus),
         ):
             density_dir = Path(group["density"]) / corpus_label
             steps.append(
@@ -889,8 +914,7 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                             dict(
                                 preset.density,
                                 questions=questions,
-                                **corpus,
-                                corpus_streaming=True,
+                                **{"corpus_streaming": True, **corpus},
                                 corpus_label=corpus_label,
                                 output_dir=str(density_dir),
                                 predictions_with=first_with.eval_dir,
@@ -2441,19 +2465,18 @@ def main(argv: list[str] | None = None) -> int:
         if load > 0.5 * cores:
             print(f"Note: the machine is busy (load {load:.1f} on {cores} cores): expect it to take longer.")
     if args.dry_run:
+        problem = _missing_inputs_message(plan, args)
+        if problem:
+            print(f"Note: before a real run, {problem}.")
         print()
         try:
             print(commands_script(plan, args))
         except BrokenPipeError:  # e.g. piped into head
             pass
         return 0
-    missing = [p for p in _local_inputs(plan) if not Path(p).exists()]
-    if missing and not args.report_only:
-        print(
-            "These inputs of the plan are missing: " + ", ".join(missing) + ". The paper's questions come from "
-            "--questions_dir; parallel pairs without a public Hub dataset come from --paper_data (see the README).",
-            file=sys.stderr,
-        )
+    problem = None if args.report_only else _missing_inputs_message(plan, args)
+    if problem:
+        print(f"run_study.py: error: {problem}", file=sys.stderr)
         return 2
     try:
         lock = _lock_output_dir(out)  # held until this process ends
@@ -2488,16 +2511,46 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _local_inputs(plan: Plan) -> list[str]:
-    """Files the plan reads that no step writes (question files, local pair files of the paper preset)."""
+def _local_inputs(plan: Plan) -> tuple[list[str], list[str]]:
+    """Files the plan reads that no step writes: (question files, local corpus and pair files of the paper
+    preset)."""
     if plan.preset.synthetic:
-        return []
-    inputs = [q for group in plan.groups.values() for q in group["questions"]]
+        return [], []
+    questions = sorted({q for group in plan.groups.values() for q in group["questions"]})
+    files = []
     for step in plan.steps:
-        if step.kind == "build" and "--pairs_files" in step.command:
-            start = step.command.index("--pairs_files") + 1
-            inputs += list(itertools.takewhile(lambda c: not c.startswith("--"), step.command[start:]))
-    return sorted(set(inputs))
+        for flag in ("--pairs_files", "--mono_files"):
+            if step.kind == "build" and flag in step.command:
+                start = step.command.index(flag) + 1
+                files += list(itertools.takewhile(lambda c: not c.startswith("--"), step.command[start:]))
+    return questions, sorted(set(files))
+
+
+def _missing_inputs_message(plan: Plan, args: StudyArguments) -> str | None:
+    """What is missing of the plan's own inputs and exactly how to get it, or None."""
+    questions, files = _local_inputs(plan)
+    problems = []
+    missing_questions = [q for q in questions if not Path(q).is_file()]
+    if missing_questions:
+        where = args.questions_dir
+        fetch = (
+            PAPER_QUESTIONS_FETCH
+            if Path(where).resolve() == (REPO_DIR / PAPER_QUESTIONS_DIR).resolve()
+            else PAPER_QUESTIONS_FETCH.replace(PAPER_QUESTIONS_DIR, shlex.quote(where))
+        )
+        problems.append(
+            f"the paper's questions are missing from {where} ({', '.join(Path(q).name for q in missing_questions)}). "
+            f"They come from the paper's public release ({PAPER_QUESTIONS_REPO}, Apache-2.0); get them with:\n"
+            f"  {fetch}\nor pass --questions_dir DIR (a folder holding <lang>-culture-cloze_en.json and "
+            "<lang>-culture-cloze_<lang>.json)"
+        )
+    missing_files = [f for f in files if not Path(f).exists()]
+    if missing_files:
+        problems.append(
+            f"these corpus/pair files of the plan are missing: {', '.join(missing_files)}; no public Hub dataset "
+            "has them: give your own files with --paper_data FILE.json (see PAPER_DATA in run_study.py)"
+        )
+    return ";\n".join(problems) or None
 
 
 def _plan_record(plan: Plan, args: StudyArguments) -> dict:
