@@ -348,6 +348,14 @@ PAPER_DATA = {
 }
 
 
+#: Training throughput per GPU behind the GPU-hours estimate of --dry_run, unless --tokens_per_second_per_gpu
+#: gives another (README, "Paper scale" of step 1).
+MEASURED_TOKENS_PER_SECOND_PER_GPU = 47_800
+MEASURED_THROUGHPUT_SOURCE = (
+    "bench/gpu_fsdp_check.sh on one NVIDIA H200 (Qwen2.5-0.5B shapes, 2048-token windows, bf16, FSDP, sdpa with "
+    "per-document masks; 2026-11-26)"
+)
+
 # --------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------
@@ -415,7 +423,20 @@ class StudyArguments:
             "help": "Python interpreter of the steps; 'python' runs them with the interpreter running this script."
         },
     )
-    dry_run: bool = field(default=False, metadata={"help": "Print the commands (and the time budget) without running."})
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Print the commands, the time budget and the training cost (tokens, GPU-hours) without running."
+        },
+    )
+    tokens_per_second_per_gpu: float | None = field(
+        default=None,
+        metadata={
+            "help": "Training throughput per GPU for the GPU-hours estimate of --dry_run (default: "
+            f"{MEASURED_TOKENS_PER_SECOND_PER_GPU:,} tokens/s, measured by {MEASURED_THROUGHPUT_SOURCE}). Measure your "
+            "own cluster's with bench/gpu_fsdp_check.sh."
+        },
+    )
     force: bool = field(
         default=False,
         metadata={
@@ -1457,6 +1478,100 @@ def estimate_seconds(plan: Plan, jobs: int) -> float:
     return serial + parallel / max(1, jobs)
 
 
+def _flag_value(command: list[str], flag: str, default=None):
+    """The value that follows ``flag`` in a command, or ``default``."""
+    return command[command.index(flag) + 1] if flag in command else default
+
+
+def _num_processes(command: list[str]) -> int | None:
+    """Processes (GPUs) a training command runs on: ``accelerate launch``'s --num_processes, else the
+    num_processes of its --config_file; 1 for plain python; None when the config file cannot be read."""
+    if command[:2] != ["accelerate", "launch"]:
+        return 1
+    script = next(i for i, c in enumerate(command) if c.endswith(".py"))
+    launcher = command[:script]
+    if "--num_processes" in launcher:
+        return int(_flag_value(launcher, "--num_processes"))
+    config = _flag_value(launcher, "--config_file")
+    if config is None or not Path(config).is_file():
+        return None
+    import yaml
+
+    return int((yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("num_processes", 1))
+
+
+def training_cost(plan: Plan, tokens_per_second_per_gpu: float | None) -> list[dict]:
+    """Per training step: the windows and tokens its flags train on (steps x windows per step x block size,
+    windows per step = per-device batch x gradient accumulation x processes) and, given a throughput, the
+    GPU-hours and wall hours that takes."""
+    rows = []
+    for step in plan.steps:
+        if not step.trains:
+            continue
+        command = step.command
+        steps = int(_flag_value(command, "--max_steps"))
+        batch = int(_flag_value(command, "--per_device_train_batch_size", 8))  # TrainingArguments' default
+        accumulation = int(_flag_value(command, "--gradient_accumulation_steps", 1))
+        block = int(_flag_value(command, "--block_size"))
+        processes = _num_processes(command)
+        per_step = None if processes is None else batch * accumulation * processes
+        tokens = None if per_step is None else steps * per_step * block
+        gpu_hours = tokens / tokens_per_second_per_gpu / 3600 if tokens and tokens_per_second_per_gpu else None
+        rows.append(
+            {"step": step.id, "processes": processes, "steps": steps, "batch": batch, "accumulation": accumulation,
+             "windows_per_step": per_step, "block_size": block, "windows": None if per_step is None else steps * per_step,
+             "tokens": tokens, "gpu_hours": gpu_hours, "wall_hours": gpu_hours / processes if gpu_hours else None}
+        )  # fmt: skip
+    return rows
+
+
+def cost_table(plan: Plan, args: StudyArguments) -> str:
+    """The training cost of the plan as printed by --dry_run: tokens and windows exact from the flags; GPU-hours an
+    estimate from a throughput figure (the paper preset, or any preset given --tokens_per_second_per_gpu)."""
+    throughput = args.tokens_per_second_per_gpu
+    source = "given with --tokens_per_second_per_gpu"
+    if throughput is None and not plan.preset.synthetic:
+        throughput, source = MEASURED_TOKENS_PER_SECOND_PER_GPU, f"measured by {MEASURED_THROUGHPUT_SOURCE}"
+    rows = training_cost(plan, throughput)
+
+    def number(value, spec=",") -> str:
+        return "?" if value is None else format(value, spec)
+
+    lines = ["Training cost per step (tokens = steps x windows per step x block size; windows per step = per-device "
+             "batch x gradient accumulation x processes, from the accelerate config):"]  # fmt: skip
+    header = f"  {'step':<28} {'GPUs':>4} {'steps':>7} {'windows/step':>20} {'block':>5} {'windows':>11} {'tokens':>15}"
+    if throughput:
+        header += f" {'GPU-hours':>9} {'wall hours':>10}"
+    lines.append(header)
+    for r in rows:
+        shape = f"{r['windows_per_step']} ({r['batch']}x{r['accumulation']}x{r['processes']})"
+        line = (
+            f"  {r['step']:<28} {number(r['processes']):>4} {r['steps']:>7,} {shape if r['processes'] else '?':>20} "
+            f"{r['block_size']:>5} {number(r['windows']):>11} {number(r['tokens']):>15}"
+        )
+        if throughput:
+            line += f" {number(r['gpu_hours'], '.2f'):>9} {number(r['wall_hours'], '.2f'):>10}"
+        lines.append(line)
+    tokens = [r["tokens"] for r in rows]
+    if rows and None not in tokens:
+        total = f"  {'all training steps':<28} {'':>4} {'':>7} {'':>20} {'':>5} {sum(r['windows'] for r in rows):>11,} "
+        total += f"{sum(tokens):>15,}"
+        if throughput:
+            total += f" {sum(r['gpu_hours'] for r in rows):>9.2f}"
+        lines.append(total)
+    if None in tokens:
+        lines.append("  ?: the accelerate config file was not found, so the number of processes is unknown.")
+    if throughput:
+        lines.append(
+            f"  GPU-hours are an ESTIMATE at {throughput:,.0f} tokens/s per GPU ({source}), assuming throughput "
+            "scales linearly with GPUs; wall hours = GPU-hours / GPUs of the step. Not counted: data building, "
+            "probing, density, checkpoint saving, start-up. A CPT run may train fewer steps when its data cannot "
+            "fill them (see its packing_audit.json). Measure your own cluster with bench/gpu_fsdp_check.sh and pass "
+            "--tokens_per_second_per_gpu N."
+        )
+    return "\n".join(lines)
+
+
 def commands_script(plan: Plan, args: StudyArguments) -> str:
     lines = [
         "#!/usr/bin/env bash",
@@ -2468,6 +2583,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = _missing_inputs_message(plan, args)
         if problem:
             print(f"Note: before a real run, {problem}.")
+        print()
+        print(cost_table(plan, args))
         print()
         try:
             print(commands_script(plan, args))

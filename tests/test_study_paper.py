@@ -69,3 +69,40 @@ def test_paper_plan_reads_mc2_without_invented_language_configs(tmp_path):
     assert "bo=mc2/bo-crawl-only-release-20231127.jsonl" in density.command
     assert "--corpus_dataset" not in density.command and "--corpus_streaming" not in density.command
     assert "mc2/bo-crawl-only-release-20231127.jsonl" in run_study._local_inputs(plan)[1]
+
+
+def _cost_line(printed: str, step_id: str) -> list[str]:
+    return next(line.split() for line in printed.splitlines() if line.split()[:1] == [step_id])
+
+
+def test_paper_dry_run_prints_tokens_windows_and_an_estimate_of_gpu_hours_per_step(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert run_study.main(["--preset", "paper", "--dry_run", "--output_dir", out]) == 0
+    printed = capsys.readouterr().out
+    # CPT: 1,500 steps x (16 per device x 2 accumulation x 8 processes of multi_gpu.yaml) x 2048 tokens
+    cpt = _cost_line(printed, "cpt-ko-bridges-s0")
+    assert cpt[1:3] == ["8", "1,500"] and cpt[3:5] == ["256", "(16x2x8)"] and cpt[5] == "2048"
+    assert cpt[6:8] == ["384,000", f"{1500 * 256 * 2048:,}"]
+    assert cpt[8:10] == [f"{1500 * 256 * 2048 / 47_800 / 3600:.2f}", f"{1500 * 256 * 2048 / 47_800 / 3600 / 8:.2f}"]
+    pretrain = _cost_line(printed, "pretrain")
+    assert pretrain[7] == f"{20000 * 256 * 2048:,}"
+    assert "ESTIMATE at 47,800 tokens/s per GPU (measured by bench/gpu_fsdp_check.sh on one NVIDIA H200" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_cost_follows_the_throughput_flag_and_the_processes_of_the_accelerate_config(tmp_path, capsys):
+    config = tmp_path / "four_gpus.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
+    argv = ["--preset", "paper", "--dry_run", "--output_dir", str(tmp_path / "out"), "--langs", "bo"]
+    assert run_study.main([*argv, "--accelerate_config", str(config), "--tokens_per_second_per_gpu", "10000"]) == 0
+    printed = capsys.readouterr().out
+    cpt = _cost_line(printed, "cpt-bo-no_bridges-s0")
+    tokens = 1500 * 16 * 2 * 4 * 2048
+    assert cpt[1] == "4" and cpt[3:5] == ["128", "(16x2x4)"] and cpt[7] == f"{tokens:,}"
+    assert cpt[8:10] == [f"{tokens / 10_000 / 3600:.2f}", f"{tokens / 10_000 / 3600 / 4:.2f}"]
+    assert "given with --tokens_per_second_per_gpu" in printed
+    # a synthetic preset prints tokens and windows, and GPU-hours only from a throughput it is given
+    assert run_study.main(["--preset", "micro", "--dry_run", "--output_dir", str(tmp_path / "m")]) == 0
+    micro = capsys.readouterr().out
+    assert _cost_line(micro, "pretrain")[1:8] == ["1", "100", "16", "(16x1x1)", "64", "1,600", f"{100 * 16 * 64:,}"]
+    assert "GPU-hours" not in micro
