@@ -1745,6 +1745,7 @@ def write_report(plan: Plan, wall_s: float) -> dict:
     truth = _read_json(out / "world" / "truth.json") if preset.synthetic else None
     if truth:
         _report_world(doc, record, plan, truth)
+    _report_questions(doc, record, plan)
     _report_transfer(doc, record, plan, truth, figures)
     if truth and {"native", "anchors"} <= {g["variant"] for g in plan.groups.values()}:
         _report_anchors(doc, record, plan, truth, figures)
@@ -1895,6 +1896,109 @@ def _base_accuracy(group: dict) -> dict[str, float]:
     return {stem: v["accuracy"] for stem, v in accuracy["checkpoints"][-1]["accuracy"].items()}
 
 
+#: Ties above this share of a file's items are flagged (run_eval.py warns at the same rate).
+TIE_FLAG_RATE = 0.05
+TIE_RULES_TEXT = (
+    "Two tie rules: **first** (the paper's: an exact tie for the best score goes to the first tied option, right or "
+    "wrong) and **fractional** (the tie broken uniformly at random: 1/k credit for a k-way tie that includes the "
+    "answer)."
+)
+
+
+def _final_accuracy(eval_dir: str) -> tuple[dict, dict] | None:
+    """(accuracy.json, its last checkpoint's per-file accuracy) of a probing output, or None."""
+    accuracy = _read_json(Path(eval_dir) / "accuracy.json")
+    if not accuracy or not accuracy.get("checkpoints"):
+        return None
+    return accuracy, accuracy["checkpoints"][-1]
+
+
+def _report_questions(doc: ReportDoc, record: dict, plan: Plan) -> None:
+    """Per question file: where the answers sit, what always answering option 0 scores, and per model the tie rate
+    and the accuracy under both tie rules at the final checkpoint (run_eval.py's accuracy.json)."""
+    doc.h(2, "Questions: answer positions, ties and the two tie rules")
+    doc.p(
+        "Each option is scored by its loss and the lowest wins. "
+        + TIE_RULES_TEXT
+        + " Where the answers sit matters for the first rule: every exact tie goes to option 0, so a file whose "
+        "answer is often option 0 rewards ties. Numbers from `accuracy.json` of each probing step (`run_eval.py`), "
+        "at the final checkpoint; CPT settings are the mean over seeds."
+    )
+    section = record["sections"].setdefault("questions", {})
+    for key, group in plan.groups.items():
+        models = [("base model", "base", [group["base_eval"]])]
+        for setting in group.get("settings", [name for name, _ in SETTINGS]):
+            runs = [
+                r
+                for r in plan.runs
+                if r.lang == group["lang"] and r.variant == group["variant"] and r.setting == setting
+            ]
+            models.append((f"CPT {setting.replace('_', ' ')}", setting, [r.eval_dir for r in runs]))
+        finals = {name: [f for f in map(_final_accuracy, dirs) if f] for _, name, dirs in models}
+        described = next((a["questions"] for found in finals.values() for a, _ in found), None)
+        if not described:
+            doc.p(f"{key}: no probing output found.")
+            continue
+        doc.h(3, key if plan.preset.synthetic else group["lang"])
+        stems = [Path(q).stem for q in group["questions"] if Path(q).stem in described]
+        file_rows, files = [], {}
+        for stem in stems:
+            info = described[stem]
+            bias = info.get("position_bias") or {}
+            shares = bias.get("answer_position_share", {})
+            files[stem] = {"items": info.get("items"), "chance_accuracy": info.get("chance_accuracy"), **bias}
+            file_rows.append(
+                [stem, info.get("items"), ", ".join(f"{k}: {v:.2f}" for k, v in shares.items()),
+                 _f(bias.get("always_first_accuracy")), _f(info.get("chance_accuracy"))]
+            )  # fmt: skip
+        doc.table(
+            ["questions", "items", "share of answers at option position", "always option 0: acc.", "chance acc."],
+            file_rows,
+        )
+        rows, entries, flagged = [], [], []
+        for label, name, _ in models:
+            found = finals[name]
+            for stem in stems:
+                per_seed = [entry["accuracy"][stem] for _, entry in found if stem in entry["accuracy"]]
+                if not per_seed or any("accuracy_fractional" not in a for a in per_seed):
+                    continue  # probed by a version without tie accounting
+
+                def mean(field_name: str, per_seed: list = per_seed) -> float:
+                    return sum(a[field_name] for a in per_seed) / len(per_seed)
+
+                steps = sorted({entry["step"] for _, entry in found})
+                entry = {
+                    "model": name, "questions": stem, "seeds": len(per_seed), "final_steps": steps,
+                    "ties": [a["ties"] for a in per_seed], "tie_rate": mean("tie_rate"),
+                    "accuracy_first": mean("accuracy"), "accuracy_fractional": mean("accuracy_fractional"),
+                    "ties_advantage": mean("ties_advantage"),
+                }  # fmt: skip
+                entries.append(entry)
+                rows.append(
+                    [label, stem, len(per_seed), ", ".join(map(str, steps)), _f(entry["tie_rate"]),
+                     _f(entry["accuracy_first"]), _f(entry["accuracy_fractional"]), f"{entry['ties_advantage']:+.3f}"]
+                )  # fmt: skip
+                if entry["tie_rate"] > TIE_FLAG_RATE:
+                    flagged.append(
+                        f"{label}, {stem}: {entry['tie_rate']:.1%} of items tie for the best score (above "
+                        f"{TIE_FLAG_RATE:.0%}): accuracy {entry['accuracy_first']:.3f} under the first rule, "
+                        f"{entry['accuracy_fractional']:.3f} with ties broken at random; always option 0 scores "
+                        f"{_f(files[stem].get('always_first_accuracy'))}."
+                    )
+        if rows:
+            doc.table(
+                ["model", "questions", "seeds", "final step", "tie rate", "acc. (first rule)",
+                 "acc. (fractional rule)", "first − fractional"],
+                rows,
+            )  # fmt: skip
+        doc.bullets(
+            flagged or [f"Ties stay at or below {TIE_FLAG_RATE:.0%} of the items for every model and file here."]
+            if rows
+            else []
+        )
+        section[key] = {"files": files, "final": entries, "tie_flags": flagged}
+
+
 def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None, figures: Path) -> None:
     from run_eval import analyse_direction
 
@@ -1903,7 +2007,9 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
         "Both settings train on exactly the same documents; with bridges each parallel pair shares one context "
         "window, without bridges its halves never do. The gap (accuracy with − without bridges) on target-language "
         "questions measures English → target transfer, on English questions target → English transfer. Intervals "
-        "are 95% bootstrap intervals over questions and seed pairs (`run_eval.py` transfer analysis)."
+        "are 95% bootstrap intervals over questions and seed pairs (`run_eval.py` transfer analysis). "
+        + TIE_RULES_TEXT
+        + " Each table says which rule it uses; the base accuracies and the per-tier tables use the first rule."
     )
     section = record["sections"].setdefault("transfer", {})
     for key, group in plan.groups.items():
@@ -1974,6 +2080,10 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
                         "per_seed_mean_gaps": spread,
                         "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
                         "verdict": d["verdict"],
+                        "tie_policy": result.get("tie_policy", "first"),
+                        # both tie rules, as run_eval.py's transfer analysis computed them (absent: older outputs)
+                        "tie_policies": d.get("tie_policies"),
+                        "tie_policies_differ": d.get("tie_policies_differ"),
                     }
                 )
                 if len(spread) > 1:
@@ -1984,6 +2094,7 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
             rows,
         )  # fmt: skip
         doc.bullets(sentences)
+        _report_tie_rules(doc, entries, lang, result.get("tie_policy", "first"))
         group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
         # Per tier: the same analysis (run_eval.analyse_direction) on the questions of each tier.
         runs = [r for r in plan.runs if r.lang == lang and r.variant == variant]
@@ -2025,6 +2136,42 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
             )
             group_record["tiers"] = tier_entries
         section[key] = group_record
+
+
+def _report_tie_rules(doc: ReportDoc, entries: list[dict], lang: str, tie_policy: str) -> None:
+    """Which tie rule the transfer table uses, and the analysis under both rules where they differ."""
+    known = [e for e in entries if e.get("tie_policies")]
+    if not known:
+        doc.p(
+            f"Tie rule of the table above: **{tie_policy}**. This transfer analysis records no second tie rule (it was "
+            "written by an earlier run_eval.py); rerun its step for both."
+        )
+        return
+    differ = [e for e in known if e["tie_policies_differ"]]
+    whose = " (the paper's)" if tie_policy == "first" else " (the paper's is first)"
+    if not differ:
+        doc.p(
+            f"Tie rule of the table above: **{tie_policy}**{whose}. The two tie rules give the same "
+            "curves, gaps and verdicts here: no exact tie for the best score changes a number of this analysis."
+        )
+        return
+    doc.p(
+        f"Tie rule of the table above: **{tie_policy}**{whose}. Ties change this analysis; under both "
+        "rules (the McNemar test always counts first-rule correctness):"
+    )
+    rows = []
+    for e in differ:
+        for policy, p in e["tie_policies"].items():
+            rows.append(
+                [_direction_words(e["direction"], lang), policy, _f(p["accuracy_with"][-1]),
+                 _f(p["accuracy_without"][-1]), f"{p['final_gap']:+.3f}", f"{p['mean_gap']:+.3f} {_ci(p['mean_gap_ci'])}",
+                 p["verdict"]]
+            )  # fmt: skip
+    doc.table(
+        ["direction", "tie rule", "acc. with (final)", "acc. without (final)", "final gap", "mean gap [95% CI]",
+         "verdict"],
+        rows,
+    )  # fmt: skip
 
 
 def _stack(cubes: dict, runs: list[Run], setting: str, seeds: list[int], stem: str, indices: list[int]):
@@ -2444,21 +2591,22 @@ def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
         rows.append(
             [run.name, pairs.get("total"), pairs.get("co_located"), pairs.get("split"), _f(share, ".0f"),
              str(digest[0])[:12], str(digest[1])[:12], _f(audit.get("real_token_fraction"), ".3f"),
-             audit.get("windows"), audit.get("guarantees_hold")]
+             audit.get("windows"), audit.get("guarantees_hold"), "; ".join(audit.get("unchecked") or []) or "none"]
         )  # fmt: skip
         entries.append(
             {"run": run.name, "setting": run.setting, "pairs_total": pairs.get("total"),
              "pairs_co_located": pairs.get("co_located"), "pairs_split": pairs.get("split"),
              "co_located_percent": share, "tokens_multiset_sha256": digest[0], "documents_seen_sha256": digest[1],
              "real_token_fraction": audit.get("real_token_fraction"), "windows": audit.get("windows"),
-             "guarantees_hold": audit.get("guarantees_hold")}
+             "guarantees_hold": audit.get("guarantees_hold"), "unchecked": audit.get("unchecked") or [],
+             "allow_unchecked_isolation": audit.get("allow_unchecked_isolation")}
         )  # fmt: skip
     if not rows:
         doc.p("No packing audits found.")
         return
     doc.table(
         ["run", "pairs", "co-located", "split", "co-located %", "token multiset hash", "documents-seen hash",
-         "real-token fraction", "windows", "audit: guarantees hold"],
+         "real-token fraction", "windows", "audit: guarantees hold", "unchecked guarantees"],
         rows,
     )  # fmt: skip
     colocation_ok = all(e["co_located_percent"] == (100.0 if e["setting"] == "bridges" else 0.0) for e in entries)
@@ -2466,6 +2614,8 @@ def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
     equal_hashes = bool(pairs_of_runs) and all(
         len(set(v.values())) == 1 and None not in next(iter(v.values())) for v in pairs_of_runs
     )
+    unchecked = [e for e in entries if e["unchecked"]]
+    guarantees_hold = all(e["guarantees_hold"] is True for e in entries)
     doc.bullets(
         [
             "Co-location: " + ("every with-bridges run 100%, every without-bridges run 0%." if colocation_ok else
@@ -2473,9 +2623,18 @@ def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
             "Same tokens and documents in both settings: " + (
                 "equal hashes for every seed pair of actual runs." if equal_hashes
                 else "**hashes differ or are missing** for some seed pair."),
+            "Every run's audit: " + ("all guarantees checked and holding." if guarantees_hold else
+                                     "**guarantees not all shown to hold** (`guarantees_hold` false or absent)."),
+        ]
+        + [
+            f"**{e['run']}: unchecked**, so not shown to hold: {'; '.join(e['unchecked'])}"
+            + (" (trained anyway under --allow_unchecked_isolation)." if e["allow_unchecked_isolation"] else ".")
+            for e in unchecked
         ]
     )  # fmt: skip
-    record["sections"]["packing"] = {"runs": entries, "colocation_ok": colocation_ok, "equal_hashes": equal_hashes}
+    record["sections"]["packing"] = {"runs": entries, "colocation_ok": colocation_ok, "equal_hashes": equal_hashes,
+                                     "guarantees_hold": guarantees_hold,
+                                     "unchecked": {e["run"]: e["unchecked"] for e in unchecked}}  # fmt: skip
 
 
 def _report_scale(doc: ReportDoc, record: dict, plan: Plan) -> None:
@@ -2513,9 +2672,14 @@ def _report_scale(doc: ReportDoc, record: dict, plan: Plan) -> None:
         packing = sections.get("packing")
         if packing:
             items.append(
-                "The guarantees of the comparison hold on this run: "
+                "The guarantees of the comparison on this run: "
                 + ("co-location 100/0 and " if packing["colocation_ok"] else "co-location NOT 100/0 and ")
-                + ("equal document multisets." if packing["equal_hashes"] else "document multisets NOT equal.")
+                + ("equal document multisets" if packing["equal_hashes"] else "document multisets NOT equal")
+                + (
+                    "; every audit checked all its guarantees."
+                    if packing["guarantees_hold"]
+                    else f"; NOT every guarantee was checked (unchecked in {', '.join(packing['unchecked']) or '?'})."
+                )
             )
         items.append(
             "What it cannot show: how large the effects are in real languages and real models; with "

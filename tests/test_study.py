@@ -220,13 +220,53 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path
                 question_lang = row["questions"].rsplit("_", 1)[1]
                 assert row["planted_occurrences"] == sum(q["counts"][question_lang] for q in truth["questions"][lang])
                 assert f"| {row['occurrences']} |" in report_md
-    # packing audits: one per run, guarantees as required
+    # packing audits: one per run, guarantees as required, and what an audit could not check
     packing = sections["packing"]
     assert len(packing["runs"]) == 6 and packing["colocation_ok"] and packing["equal_hashes"]
+    audits = {}
     for run in packing["runs"]:
-        audit = json.loads((out / "cpt" / run["run"] / "packing_audit.json").read_text(encoding="utf-8"))
+        audit = audits[run["run"]] = json.loads((out / "cpt" / run["run"] / "packing_audit.json").read_text("utf-8"))
         assert run["pairs_co_located"] == audit["pairs"]["co_located"]
         assert audit["hashes"]["tokens_multiset_sha256"][:12] in report_md
+        assert run["guarantees_hold"] == audit["guarantees_hold"] and run["unchecked"] == audit["unchecked"]
+    assert packing["guarantees_hold"] == all(a["guarantees_hold"] for a in audits.values())
+    assert packing["unchecked"] == {name: a["unchecked"] for name, a in audits.items() if a["unchecked"]}
+    # per question file: answer positions and "always option 0" (run_eval.py's position_bias), and per model the
+    # tie rate and both tie rules at the final checkpoint, mean over seeds (accuracy.json)
+    assert set(sections["questions"]) == {"mn/native", "mn/anchors"}
+    for key, shown in sections["questions"].items():
+        variant = key.split("/")[1]
+        base = json.loads((out / "base_eval" / f"mn-{variant}" / "accuracy.json").read_text(encoding="utf-8"))
+        assert set(shown["files"]) == {"mn-culture-cloze_en", "mn-culture-cloze_mn"}
+        for stem, described in shown["files"].items():
+            bias = base["questions"][stem]["position_bias"]
+            assert described["answer_position_share"] == bias["answer_position_share"]
+            assert described["always_first_accuracy"] == bias["always_first_accuracy"]
+            shares = ", ".join(f"{k}: {v:.2f}" for k, v in bias["answer_position_share"].items())
+            assert f"| {stem} | {base['questions'][stem]['items']} | {shares} | " in report_md
+        settings = ["bridges", "no_bridges"] if variant == "native" else ["no_bridges"]
+        assert {(e["model"], e["questions"]) for e in shown["final"]} == {
+            (model, stem) for model in ["base", *settings] for stem in shown["files"]
+        }
+        for entry in shown["final"]:
+            if entry["model"] == "base":
+                dirs = [out / "base_eval" / f"mn-{variant}"]
+            else:
+                dirs = [out / "cpt" / f"mn-{variant}-{entry['model']}-s{seed}" / "eval" for seed in (0, 1)]
+            finals = [json.loads((d / "accuracy.json").read_text())["checkpoints"][-1]["accuracy"] for d in dirs]
+            finals = [f[entry["questions"]] for f in finals]
+            assert entry["seeds"] == len(dirs)
+            for shown_key, source_key in (("tie_rate", "tie_rate"), ("accuracy_first", "accuracy"),
+                                          ("accuracy_fractional", "accuracy_fractional")):  # fmt: skip
+                assert entry[shown_key] == pytest.approx(sum(f[source_key] for f in finals) / len(finals))
+    # the transfer table names its tie rule; both rules are shown where they differ
+    for group in sections["transfer"].values():
+        for entry in group["directions"]:
+            assert entry["tie_policy"] == "first" and set(entry["tie_policies"]) == {"first", "fractional"}
+            if entry["tie_policies_differ"]:
+                fractional = entry["tie_policies"]["fractional"]
+                assert f"| fractional | {fractional['accuracy_with'][-1]:.3f} | " in report_md
+    assert "Tie rule of the table above: **first** (the paper's)." in report_md
     # anchors vs control: both tiers, both directions, pooled and per setting
     comparisons = sections["anchors"]["mn"]["comparisons"]
     assert {(c["direction"], c["tier"], c["setting"]) for c in comparisons} == {
