@@ -74,6 +74,8 @@ import regex
 from transformers import AutoTokenizer, HfArgumentParser
 
 from study_common import (
+    DEFAULT_BASE_MODEL_DIR,
+    default_cpt_data_dir,
     read_documents,
     script_for_language,
     script_letter_fraction,
@@ -120,9 +122,19 @@ class BuildArguments:
         metadata={"help": "Target language code: ko, zh, bo, mn (scripts known); any other with --script."}
     )
     tokenizer_name: str = field(
-        metadata={"help": "Tokenizer (local dir or Hub id) of the base model; measures pairs against --block_size."}
+        default=str(DEFAULT_BASE_MODEL_DIR),
+        metadata={
+            "help": "Tokenizer (local dir or Hub id) of the base model; measures pairs against --block_size. "
+            "Default: runs/pretrain, where run_pretrain.py saves the base model."
+        },
     )
-    output_dir: str = field(metadata={"help": "Where the dataset (save_to_disk), build_stats.json and card go."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the dataset (save_to_disk), build_stats.json and card go. Default: runs/data-<lang>, "
+            "where run_cpt.py looks for it."
+        },
+    )
     script: str | None = field(
         default=None, metadata={"help": "Unicode script of the target language (e.g. Cyrillic); needed if not listed."}
     )
@@ -648,6 +660,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser = HfArgumentParser(BuildArguments)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.output_dir is None:  # where run_cpt.py --lang LANG looks for it
+        args.output_dir = str(default_cpt_data_dir(args.lang))
+    if args.tokenizer_name == str(DEFAULT_BASE_MODEL_DIR) and not DEFAULT_BASE_MODEL_DIR.is_dir():
+        raise FileNotFoundError(
+            f"{DEFAULT_BASE_MODEL_DIR}: no base model here (the default --tokenizer_name). Run run_pretrain.py first "
+            "(it saves there by default) or pass --tokenizer_name DIR_OR_HUB_ID."
+        )
     validate(args)
     target_script = script_for_language(args.lang, args.script)
     tgt_column = args.tgt_column or args.lang

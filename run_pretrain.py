@@ -69,6 +69,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from study_common import (
+    DEFAULT_BASE_MODEL_DIR,
     check_document_suffix,
     document_start_id,
     encode_documents,
@@ -76,6 +77,7 @@ from study_common import (
     guard_flash_attention_inputs,
     has_non_latin_letter,
     is_flash_attention,
+    output_dir_given,
     packed_batch,
     read_documents,
     use_cpu_backend_without_gpu,
@@ -903,8 +905,12 @@ def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if not output_dir_given(argv):  # where build_pairs.py and run_cpt.py look for the base model by default
+        training_args.output_dir = str(DEFAULT_BASE_MODEL_DIR)
+    return model_args, data_args, training_args
 
 
 def main(argv: list[str] | None = None) -> dict:

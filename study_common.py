@@ -10,7 +10,8 @@ here, once:
 * writing outputs atomically, so that a crash never leaves a file that looks complete;
 * model and dataset cards that record the setting a run used;
 * the batch layout of packed windows for each attention implementation (``packed_batch``), and the
-  guard that keeps a flash kernel from ever seeing several rows without sequence boundaries.
+  guard that keeps a flash kernel from ever seeing several rows without sequence boundaries;
+* the default locations where each step writes and the next one reads (``runs/...``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -426,3 +428,39 @@ def guard_flash_attention_inputs(model) -> None:
         check_flash_batch(inputs, module.config._attn_implementation)
 
     model.register_forward_pre_hook(guard, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------------------
+# Default locations: each step writes where the next one reads
+# --------------------------------------------------------------------------------------
+# So the design card's sequence works as typed, from one working directory:
+#   python run_pretrain.py --train_file EN ...         -> runs/pretrain
+#   python build_pairs.py --lang bo --pairs_files ...   -> runs/data-bo (tokenizer from runs/pretrain)
+#   accelerate launch run_cpt.py --lang bo --bridges    -> runs/cpt-bo-bridges-seed42 (base runs/pretrain,
+#                                                          data runs/data-bo); --no_bridges beside it
+# Every path is relative to the directory the command runs in; an explicit flag always wins.
+
+RUNS_DIR = Path("runs")
+DEFAULT_BASE_MODEL_DIR = RUNS_DIR / "pretrain"
+
+
+def default_cpt_data_dir(lang: str) -> Path:
+    """Where build_pairs.py writes, and run_cpt.py reads, the CPT dataset of ``lang``."""
+    return RUNS_DIR / f"data-{lang}"
+
+
+def default_cpt_run_name(lang: str, bridges: bool, seed: int) -> str:
+    """The name of a CPT run: its run name, its default output folder under ``runs/`` and its card title."""
+    return f"cpt-{lang}-{'bridges' if bridges else 'no-bridges'}-seed{seed}"
+
+
+def output_dir_given(argv: list[str] | None) -> bool:
+    """Whether the command line (or its single JSON arguments file) sets ``output_dir``.
+
+    TrainingArguments turns a missing --output_dir into 'trainer_output', where two runs would collide;
+    the scripts put their outputs in their default location instead, and this tells the two apart.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 1 and args[0].endswith(".json"):
+        return "output_dir" in json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    return any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in args)

@@ -332,3 +332,19 @@ def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_tha
         assert "could not list the files of the Hub dataset tester/cpt-bo" in proc.stderr
         assert str(status) in proc.stderr and "nothing was pushed" in proc.stderr
         assert files == sorted(stale)
+
+
+def test_default_locations_read_the_base_model_of_run_pretrain_and_write_where_run_cpt_looks(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"en": e, "bo": b} for e, b in zip(EN, BO)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"runs/pretrain: no base model here .*Run run_pretrain\.py first"):
+        build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs_file)])
+    assert not (tmp_path / "runs" / "data-bo").exists()
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "pretrain")
+    output = build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs_file)])
+    assert output == (tmp_path / "runs" / "data-bo").resolve()
+    assert stats(output)["kept"]["pair"] == 4 and stats(output)["tokenizer"] == "runs/pretrain"

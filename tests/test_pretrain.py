@@ -731,3 +731,14 @@ def test_gpu_fsdp_check_script_runs_end_to_end_in_its_cpu_rehearsal(tmp_path):
     assert summary["distributed_type"] == "NO"  # accelerate ignores FSDP without a GPU
     assert "RESULT tokens/s" in (tmp_path / "report" / "gpu_fsdp_check.log").read_text()
     assert not (tmp_path / "work" / "run").exists()  # the model folder is removed
+
+
+def test_without_output_dir_the_base_model_goes_where_the_next_steps_look_for_it(tmp_path, monkeypatch):
+    import run_pretrain
+    from study_common import DEFAULT_BASE_MODEL_DIR
+
+    monkeypatch.chdir(tmp_path)
+    given = run_pretrain.parse_arguments(["--train_file", "corpus.txt"])[2]
+    assert given.output_dir == str(DEFAULT_BASE_MODEL_DIR) == "runs/pretrain"
+    explicit = run_pretrain.parse_arguments(["--train_file", "corpus.txt", "--output_dir", "elsewhere"])[2]
+    assert explicit.output_dir == "elsewhere"
