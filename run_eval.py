@@ -1213,7 +1213,9 @@ def read_pairs(path: str, max_pairs: int | None = None) -> list[tuple[str, str]]
             raise ValueError(f"{source}: no {sorted(missing)} column(s) (found {dataset.column_names}).")
         pairs = list(zip(dataset["en"], dataset["tgt"]))
     else:
-        pairs = list(zip(read_documents(source, "en"), read_documents(source, "tgt")))
+        # the columns are fixed (no flag names them): a missing one is asked for by name
+        en_sides = read_documents(source, "en", column_flag=None)
+        pairs = list(zip(en_sides, read_documents(source, "tgt", column_flag=None)))
     pairs = pairs[:max_pairs] if max_pairs else pairs
     if len(pairs) < 2:
         raise ValueError(f"{path}: the bridge diagnostic needs at least 2 pairs (found {len(pairs)}).")

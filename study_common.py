@@ -189,12 +189,13 @@ def check_document_suffix(path: str | os.PathLike) -> str:
 
 
 def read_documents(
-    path: str | os.PathLike, text_column: str = "text", *, column_flag: str = "--text_column"
+    path: str | os.PathLike, text_column: str = "text", *, column_flag: str | None = "--text_column"
 ) -> Iterator[str]:
     """Yield the documents of a .txt (one per non-empty line), .json (list), .jsonl, .csv or .tsv file.
 
     ``text_column`` names the column of .json/.jsonl records and of the .csv/.tsv header row;
-    ``column_flag`` is the caller's command-line flag for it, named when the column is missing.
+    ``column_flag`` is the caller's command-line flag for it, named when the column is missing (None: the
+    caller has no such flag and the message asks for the column by its fixed name).
     Any other suffix is refused (a guess would read a header or a second column as text).
     Errors name the file and the line (or item) and say what to do.
     """
@@ -216,7 +217,11 @@ def read_documents(
                     yield line.rstrip("\n")
 
 
-def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag: str) -> Iterator[str]:
+def _column_hint(column: str, column_flag: str | None) -> str:
+    return f"Pass {column_flag} NAME." if column_flag else f"The file needs a column named {column!r}."
+
+
+def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag: str | None) -> Iterator[str]:
     """The ``column`` field of every row of a .csv/.tsv file with a header row (blank rows skipped)."""
     with path.open(encoding="utf-8", newline="") as handle:
         # strict: an unclosed quote is an error, not the rest of the file swallowed into one document.
@@ -228,7 +233,7 @@ def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag:
             if column not in header:
                 raise ValueError(
                     f"{path}:1: no column {column!r} in the header (found: {', '.join(header)}). "
-                    f"Pass {column_flag} NAME."
+                    + _column_hint(column, column_flag)
                 )
             at = header.index(column)
             for row in reader:
@@ -245,12 +250,14 @@ def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag:
             raise ValueError(f"{path}:{reader.line_num}: not valid {kind} ({err}). Fix the quoting.") from err
 
 
-def _text_of(record, text_column: str, where: str, column_flag: str = "--text_column") -> str:
+def _text_of(record, text_column: str, where: str, column_flag: str | None = "--text_column") -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict) or text_column not in record:
         columns = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: no {text_column!r} column (found: {columns}). Pass {column_flag} NAME.")
+        raise ValueError(
+            f"{where}: no {text_column!r} column (found: {columns}). {_column_hint(text_column, column_flag)}"
+        )
     value = record[text_column]
     if not isinstance(value, str):
         raise ValueError(f"{where}: column {text_column!r} holds {type(value).__name__}, not text.")

@@ -90,3 +90,12 @@ def test_density_corpus_reads_csv_and_tsv_like_read_documents_and_refuses_other_
     other.write_text("x\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"c\.md: unknown file type '\.md'; accepted: \.txt"):
         rd.FileCorpus("c", [other], "text")
+
+
+def test_a_reader_without_a_column_flag_asks_for_the_column_by_name(tmp_path):
+    from run_eval import read_pairs
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("en\ttibetan\nTea\tཇ\nMilk\tའོ་མ\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pairs\.tsv:1: no column 'tgt' .*The file needs a column named 'tgt'\.$"):
+        read_pairs(str(pairs))
