@@ -711,7 +711,7 @@ def token_logprobs(
     once per tree node that has a next token, on real nodes only. Trees are sorted by size and batched until
     ``batch_size`` sequences, padded on ``padding_side``; each padding position attends only to itself. The
     numbers are those of each sequence run alone, whatever the grouping, batch size or padding side.
-    ``use_cache=False``: no cache is built (see STACK-FACTS).
+    ``use_cache=False``: every forward is a whole batch, so no KV cache is built.
     """
     trees, located = build_prefix_trees(sequences, groups)
     device = next(model.parameters()).device
