@@ -144,6 +144,13 @@ class BuildArguments:
     mono_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of mono text."})
     mono_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --mono_dataset."})
     mono_split: str = field(default="train", metadata={"help": "Split of --mono_dataset."})
+    mono_data_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Files of --mono_dataset to read (e.g. one language's file of a corpus that keeps one "
+            "file per language, as MC^2 does); default: the dataset's own configuration."
+        },
+    )
     mono_text_column: str = field(default="text", metadata={"help": "Text column of mono .json/.jsonl or dataset."})
     pairs_files: list[str] | None = field(
         default=None, metadata={"help": "Parallel pair files: .jsonl, .json, .tsv or .csv (with a header row)."}
@@ -151,6 +158,13 @@ class BuildArguments:
     pairs_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of pairs."})
     pairs_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --pairs_dataset."})
     pairs_split: str = field(default="train", metadata={"help": "Split of --pairs_dataset."})
+    pairs_data_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Files of --pairs_dataset to read (e.g. one language's file of a corpus that keeps one "
+            "file per language, as MC^2 does); default: the dataset's own configuration."
+        },
+    )
     en_column: str = field(
         default="en", metadata={"help": "English column of the pairs; dotted for nested fields (translation.en)."}
     )
@@ -161,6 +175,13 @@ class BuildArguments:
     replay_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of replay text."})
     replay_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --replay_dataset."})
     replay_split: str = field(default="train", metadata={"help": "Split of --replay_dataset."})
+    replay_data_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Files of --replay_dataset to read (e.g. one language's file of a corpus that keeps one "
+            "file per language, as MC^2 does); default: the dataset's own configuration."
+        },
+    )
     replay_text_column: str = field(default="text", metadata={"help": "Text column of replay .json/.jsonl or dataset."})
     replay_ratio: float | None = field(
         default=None,
@@ -280,13 +301,13 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
         raise ValueError(f"{file}: unknown pair file type {suffix!r}; use .jsonl, .json, .tsv or .csv.")
 
 
-def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool):
-    """A Hub dataset, a local data directory, or a save_to_disk directory."""
+def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool, data_files: list[str] | None = None):
+    """A Hub dataset (or some of its files), a local data directory, or a save_to_disk directory."""
     directory = Path(name)
     if directory.is_dir() and ((directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(directory))
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    return datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
 
 
 class InputSource(NamedTuple):
@@ -335,7 +356,13 @@ def generate_raw_records(args: BuildArguments, tgt_column: str):
                 yield record(kind, number, f"{name}#{line_number}", text=text)
         else:
             split = getattr(args, f"{prefix}_split")
-            rows = load_hub_dataset(name, getattr(args, f"{prefix}_dataset_config"), split, args.streaming)
+            rows = load_hub_dataset(
+                name,
+                getattr(args, f"{prefix}_dataset_config"),
+                split,
+                args.streaming,
+                getattr(args, f"{prefix}_data_files"),
+            )
             for row_number, row in enumerate(rows):
                 where = f"{name}/{split}:{row_number}"
                 if kind == "pair":
@@ -631,6 +658,12 @@ def push_dataset(output_dir: Path, repo_id: str, private: bool, shard_bytes: flo
 
 
 def validate(args: BuildArguments) -> None:
+    for prefix in ("mono", "pairs", "replay"):
+        if getattr(args, f"{prefix}_data_files") and not getattr(args, f"{prefix}_dataset"):
+            raise ValueError(
+                f"--{prefix}_data_files names files of a dataset, but no --{prefix}_dataset was given; "
+                f"give the dataset, or pass local files with --{prefix}_files."
+            )
     if not args.pairs_files and not args.pairs_dataset:
         raise ValueError("Give parallel pairs: --pairs_files FILE ... or --pairs_dataset NAME.")
     has_replay = bool(args.replay_files or args.replay_dataset)

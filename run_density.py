@@ -114,6 +114,10 @@ class DensityArguments:
     )
     corpus_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --corpus_dataset."})
     corpus_split: str = field(default="train", metadata={"help": "Split of --corpus_dataset."})
+    corpus_data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Files of --corpus_dataset to read (e.g. one language's file of MC^2); default: all."},
+    )
     corpus_streaming: bool = field(
         default=False,
         metadata={
@@ -665,8 +669,18 @@ class DatasetCorpus:
     memory-maps the data); a streamed corpus is read once more to collect them.
     """
 
-    def __init__(self, name: str, config: str | None, split: str, text_column: str, streaming: bool, label: str):
+    def __init__(
+        self,
+        name: str,
+        config: str | None,
+        split: str,
+        text_column: str,
+        streaming: bool,
+        label: str,
+        data_files: list[str] | None = None,
+    ):
         self.name, self.config, self.split, self.text_column = name, config, split, text_column
+        self.data_files = data_files
         self.streaming, self.label = streaming, label
         self.random_access = not streaming
         self._dataset = None
@@ -685,7 +699,9 @@ class DatasetCorpus:
                         )
                     dataset = dataset[self.split]
             else:
-                dataset = datasets.load_dataset(self.name, self.config, split=self.split, streaming=self.streaming)
+                dataset = datasets.load_dataset(
+                    self.name, self.config, split=self.split, streaming=self.streaming, data_files=self.data_files
+                )
             columns = dataset.column_names
             if columns is not None and self.text_column not in columns:
                 raise ValueError(
@@ -696,10 +712,13 @@ class DatasetCorpus:
         return self._dataset
 
     def describe(self) -> dict:
-        return {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split}
+        return {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split,
+                "data_files": self.data_files}  # fmt: skip
 
     def fingerprint(self, mode: str) -> dict:
         entry = {"name": self.name, "config": self.config, "split": self.split, "text_column": self.text_column}
+        if self.data_files:
+            entry["data_files"] = list(self.data_files)
         if not self.streaming:
             entry["dataset_fingerprint"] = self._load()._fingerprint
         return entry
@@ -1439,6 +1458,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.corpus_text_column,
                 args.corpus_streaming,
                 label,
+                args.corpus_data_files,
             )  # fmt: skip
         )
     labels = Counter(c.label for c in corpora)

@@ -309,13 +309,10 @@ PRESETS: dict[str, Preset] = {
 #:
 #: MC^2 has no per-language configs: its card lists one JSON-lines file per language,
 #: bo-crawl-only-release-20231127.jsonl and mn-crawl-only-release-20231127.jsonl (one document per line,
-#: in its `text` field). The language is chosen by reading that file alone
-#: (load_dataset("pkupie/mc2_corpus", data_files=FILE)); build_pairs.py and run_density.py take a dataset
-#: name and config only, so the bo/mn entries name the dataset without a config: build_pairs.py then reads
-#: every language's file and drops the other scripts as not_in_script (counted in build_stats.json), and
-#: run_density.py indexes every language's documents. To read the language's file alone, download it and
-#: give it through --paper_data: {"bo": {"mono_files": ["mc2/bo-crawl-only-release-20231127.jsonl"],
-#: "mono_dataset": null}} (build_pairs.py and run_density.py then read that file).
+#: in its `text` field). The language is chosen by reading that file alone, as its card shows
+#: (load_dataset("pkupie/mc2_corpus", data_files=FILE)): build_pairs.py --mono_data_files and
+#: run_density.py --corpus_data_files. Reading the whole dataset would index every language's documents
+#: and make the density of one language's knowledge a share of all four corpora.
 PAPER_DATA = {
     "ko": {
         "mono_dataset": "wikimedia/wikipedia",
@@ -335,12 +332,14 @@ PAPER_DATA = {
     },
     "bo": {
         "mono_dataset": "pkupie/mc2_corpus",
+        "mono_data_files": ["bo-crawl-only-release-20231127.jsonl"],
         "pairs_files": ["data/pairs/en-bo.jsonl"],
         "en_column": "en",
         "tgt_column": "bo",
     },
     "mn": {
         "mono_dataset": "pkupie/mc2_corpus",
+        "mono_data_files": ["mn-crawl-only-release-20231127.jsonl"],
         "pairs_files": ["data/pairs/en-mn.jsonl"],
         "en_column": "en",
         "tgt_column": "mn",
@@ -748,6 +747,8 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
         overrides = json.loads(Path(args.paper_data).read_text(encoding="utf-8"))
         for lang, flags in overrides.items():
             paper_data.setdefault(lang, {}).update(flags)
+            if not paper_data[lang].get("mono_dataset"):  # the target corpus given as files instead
+                paper_data[lang].pop("mono_data_files", None)
     unknown = [lang for lang in (args.langs or preset.langs) if lang not in paper_data]
     if unknown:
         raise ValueError(f"No paper-scale data for {unknown}: give it with --paper_data FILE.json.")
@@ -917,6 +918,7 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
             target_corpus = {
                 "corpus_dataset": mono.get("mono_dataset"),
                 "corpus_dataset_config": mono.get("mono_dataset_config"),
+                "corpus_data_files": mono.get("mono_data_files"),
             }
         for corpus_label, corpus in (
             ("enwiki", {"corpus_dataset": "wikimedia/wikipedia", "corpus_dataset_config": "20231101.en"}),

@@ -8,6 +8,7 @@ huggingface_hub, datasets and transformers clients in online mode.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -178,3 +179,39 @@ def test_deleted_files_leave_the_repository_in_the_same_commit(online_hub, tmp_p
     )
     assert online_hub.files("org/data", "datasets") == ["data/train-00000-of-00001.parquet"]
     assert ("delete", "data/train-00001-of-00002.parquet", None) in online_hub.commits[-1]["operations"]
+
+
+def test_one_languages_file_of_a_gated_corpus_is_all_build_pairs_and_run_density_read(
+    online_hub, tiny_model_dir, tmp_path
+):
+    import build_pairs
+    import run_density
+
+    mongolian = ["ᠮᠣᠩᠭᠣᠯ ᠬᠦᠮᠦᠨ ᠨᠠᠭᠠᠳᠤᠮ", "ᠮᠣᠩᠭᠣᠯ ᠤ ᠪᠠᠶᠠᠷ", "ᠬᠦᠮᠦᠨ ᠢ ᠲᠡᠮᠳᠡᠭᠯᠡᠨ"]
+    tibetan = ["བོད་རིགས་ཀྱིས་ཇ་མར་འཐུང་།", "ལྷ་སའི་ལོ་གསར།"]
+    online_hub.add_files(
+        "pkupie/mc2_corpus_two",
+        {
+            "mn-crawl-only-release-20231127.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in mongolian),
+            "bo-crawl-only-release-20231127.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in tibetan),
+        },
+        repo_type="datasets",
+    )
+    online_hub.gate("pkupie/mc2_corpus_two")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"en": "The Mongols herd horses.", "mn": mongolian[0]}) + "\n", encoding="utf-8")
+    output = build_pairs.main([
+        "--lang", "mn", "--pairs_files", str(pairs), "--mono_dataset", "pkupie/mc2_corpus_two",
+        "--mono_data_files", "mn-crawl-only-release-20231127.jsonl", "--streaming",
+        "--tokenizer_name", str(tiny_model_dir), "--block_size", "128", "--output_dir", str(tmp_path / "data"),
+    ])  # fmt: skip
+    stats = json.loads((output / "build_stats.json").read_text())
+    assert stats["read"]["mono"] == stats["kept"]["mono"] == len(mongolian)  # no Tibetan document was read
+
+    corpus = run_density.DatasetCorpus(
+        "pkupie/mc2_corpus_two", None, "train", "text", True, "mn", ["mn-crawl-only-release-20231127.jsonl"]
+    )
+    from collections import Counter
+
+    documents = [text for text, _, _ in corpus.iter_documents(Counter())]
+    assert documents == mongolian

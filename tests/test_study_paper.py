@@ -57,6 +57,11 @@ def test_paper_plan_reads_mc2_without_invented_language_configs(tmp_path):
     assert {s.id for s in mc2_steps} == {"build-bo", "build-mn", "density-bo-bo", "density-mn-mn"}
     for step in mc2_steps:
         assert "--mono_dataset_config" not in step.command and "--corpus_dataset_config" not in step.command
+        # each reads its language's own file of MC^2, never the other languages' documents
+        lang = step.id.split("-")[1]
+        files_flag = "--mono_data_files" if step.kind == "build" else "--corpus_data_files"
+        at = step.command.index(files_flag)
+        assert step.command[at + 1] == f"{lang}-crawl-only-release-20231127.jsonl"
     # a language's own MC^2 file given as files reaches build_pairs.py and run_density.py
     override = tmp_path / "paper_data.json"
     override.write_text('{"bo": {"mono_files": ["mc2/bo-crawl-only-release-20231127.jsonl"], "mono_dataset": null}}')
@@ -66,6 +71,7 @@ def test_paper_plan_reads_mc2_without_invented_language_configs(tmp_path):
     build = next(s for s in plan.steps if s.kind == "build")
     density = next(s for s in plan.steps if s.id == "density-bo-bo")
     assert "--mono_files" in build.command and "--mono_dataset" not in build.command
+    assert "--mono_data_files" not in build.command
     assert "bo=mc2/bo-crawl-only-release-20231127.jsonl" in density.command
     assert "--corpus_dataset" not in density.command and "--corpus_streaming" not in density.command
     assert "mc2/bo-crawl-only-release-20231127.jsonl" in run_study._local_inputs(plan)[1]
