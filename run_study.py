@@ -2373,38 +2373,40 @@ def _report_diagnostic(doc: ReportDoc, record: dict, plan: Plan, figures: Path) 
             results = [x for x in results if x and x.get("checkpoints")]
             if not results:
                 continue
-            finals = [x["checkpoints"][-1] for x in results]
+            finals = [_diagnostic_losses(x["checkpoints"][-1]) for x in results]
+            # the side a pair shows first (English unless the runs used --pair_order tgt_first/random)
+            context = {"en": "English side"}.get(results[0].get("context_side", "en"), "other side")
             mean = {
                 k: sum(f[k] for f in finals) / len(finals)
-                for k in ("alone", "after_own_english", "after_mismatched_english")
+                for k in ("alone", "after_own_context", "after_mismatched_context")
             }
-            own_gain = [f["after_own_english"] - f["alone"] for f in finals]
+            own_gain = [f["after_own_context"] - f["alone"] for f in finals]
             entry = {
                 "setting": setting,
                 "seeds": len(finals),
                 "final_step": finals[0]["step"],
                 **mean,
                 "own_minus_alone_per_seed": own_gain,
-                "mismatched_minus_alone": mean["after_mismatched_english"] - mean["alone"],
+                "mismatched_minus_alone": mean["after_mismatched_context"] - mean["alone"],
             }
             section.setdefault(key, []).append(entry)
             curves[(key, setting)] = results
             rows.append(
                 [key, setting.replace("_", " "), len(finals), finals[0]["step"], _f(mean["alone"]),
-                 _f(mean["after_own_english"]), _f(mean["after_mismatched_english"]),
+                 _f(mean["after_own_context"]), _f(mean["after_mismatched_context"]),
                  ", ".join(f"{g:+.3f}" for g in own_gain)]
             )  # fmt: skip
             if setting == "bridges":
-                uses = all(g < -0.05 for g in own_gain) and mean["after_mismatched_english"] > mean["after_own_english"]
+                uses = all(g < -0.05 for g in own_gain) and mean["after_mismatched_context"] > mean["after_own_context"]
                 verb = (
-                    "the model learned to use the English side in context"
+                    f"the model learned to use the {context} in context"
                     if uses
-                    else "no consistent sign that the model uses the English side in context"
+                    else f"no consistent sign that the model uses the {context} in context"
                 )
                 sentences.append(
-                    f"{key}, with bridges: target loss {mean['alone']:.3f} alone, {mean['after_own_english']:.3f} after "
-                    f"its own English side (per seed {', '.join(f'{g:+.3f}' for g in own_gain)}), "
-                    f"{mean['after_mismatched_english']:.3f} after a mismatched one: {verb}."
+                    f"{key}, with bridges: target loss {mean['alone']:.3f} alone, {mean['after_own_context']:.3f} after "
+                    f"its own {context} (per seed {', '.join(f'{g:+.3f}' for g in own_gain)}), "
+                    f"{mean['after_mismatched_context']:.3f} after a mismatched one: {verb}."
                 )
     if not rows:
         doc.p("No bridge diagnostic outputs found.")
@@ -2418,6 +2420,16 @@ def _report_diagnostic(doc: ReportDoc, record: dict, plan: Plan, figures: Path) 
     rel = _plot_diagnostic(curves, figures)
     if rel:
         doc.img(rel, "Bridge diagnostic during CPT (mean over seeds): target-side loss in three contexts")
+
+
+def _diagnostic_losses(entry: dict) -> dict:
+    """The three losses of a bridge_diagnostic.json checkpoint (outputs made before the pair order was followed
+    name the context English)."""
+    return {
+        "alone": entry["alone"],
+        "after_own_context": entry.get("after_own_context", entry.get("after_own_english")),
+        "after_mismatched_context": entry.get("after_mismatched_context", entry.get("after_mismatched_english")),
+    }
 
 
 def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
@@ -2440,10 +2452,12 @@ def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
             steps = [e["step"] for e in results[0]["checkpoints"]]
             for measure, color in (
                 ("alone", "#7f7f7f"),
-                ("after_own_english", "#1f77b4"),
-                ("after_mismatched_english", "#d62728"),
+                ("after_own_context", "#1f77b4"),
+                ("after_mismatched_context", "#d62728"),
             ):
-                values = np.mean([[e[measure] for e in x["checkpoints"][: len(steps)]] for x in results], axis=0)
+                values = np.mean(
+                    [[_diagnostic_losses(e)[measure] for e in x["checkpoints"][: len(steps)]] for x in results], axis=0
+                )
                 ax.plot(steps, values, style, color=color, marker="o", markersize=2.5)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("CPT step")
