@@ -37,6 +37,7 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -57,7 +58,16 @@ from transformers import (
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
-from study_common import document_start_id, use_cpu_backend_without_gpu, write_card, write_json_atomic
+from study_common import (
+    document_start_id,
+    guard_flash_attention_inputs,
+    is_flash_attention,
+    packed_batch,
+    use_cpu_backend_without_gpu,
+    uses_flattened_layout,
+    write_card,
+    write_json_atomic,
+)
 
 logger = logging.getLogger("run_cpt")
 
@@ -69,6 +79,7 @@ logger = logging.getLogger("run_cpt")
 #   from collections.abc import Callable, Iterable, Iterator, Sequence
 #   from typing import NamedTuple
 #   import torch
+#   from study_common import packed_batch
 # ======================================================================================
 
 
@@ -152,9 +163,12 @@ class BridgePackingCollator:
     pads each window at the end to ``block_size`` with ``pad_token_id``, label ``-100`` and
     position ids restarting at 0, and passes NO ``attention_mask``. With ``use_cache=False``,
     transformers (>= 5) then builds a block-diagonal causal mask from the position ids (sdpa,
-    eager; flash-attention uses them as variable-length boundaries), so no token attends across
-    documents. The feature keys are model ``forward`` arguments, so Trainer's column removal
-    keeps them.
+    eager, flex_attention: B rows of ``block_size``). Flash kernels infer boundaries from position
+    ids only for a batch of one row, so for them (``attn_implementation``) the B windows go as one
+    flattened row of B x ``block_size`` tokens with ``cu_seq_lens_q/k`` and ``max_length_q/k``
+    (``study_common.packed_batch``): the same tokens, positions and labels in either layout, and
+    no token attends across documents. The feature keys are model ``forward`` arguments, so
+    Trainer's column removal keeps them.
 
     Example::
 
@@ -165,7 +179,14 @@ class BridgePackingCollator:
         batch = collator([collator.window_features(window, tokens_of_segment)])
     """
 
-    def __init__(self, block_size: int, bridges: bool, pad_token_id: int, max_open_windows: int = 64):
+    def __init__(
+        self,
+        block_size: int,
+        bridges: bool,
+        pad_token_id: int,
+        max_open_windows: int = 64,
+        attn_implementation: str = "sdpa",
+    ):
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
         if max_open_windows < 1:
@@ -174,6 +195,7 @@ class BridgePackingCollator:
         self.bridges = bridges
         self.pad_token_id = pad_token_id
         self.max_open_windows = max_open_windows
+        self.attn_implementation = attn_implementation
 
     # ---- units -> documents ------------------------------------------------------------
 
@@ -402,7 +424,8 @@ class BridgePackingCollator:
             raise ValueError(f"window of {len(input_ids)} tokens exceeds block_size {self.block_size}")
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def padded_rows(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``position_ids``, ``labels`` as B x ``block_size`` tensors, one row per window."""
         batch: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
         for feature in features:
             length = len(feature["input_ids"])
@@ -413,6 +436,13 @@ class BridgePackingCollator:
             batch["position_ids"].append(list(feature["position_ids"]) + list(range(padding)))
             batch["labels"].append(list(feature["labels"]) + [-100] * padding)
         return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+
+    def __call__(self, features: list[dict]) -> dict:
+        # The layout of ``attn_implementation`` (study_common.packed_batch): B padded rows for sdpa/eager/flex,
+        # one flattened row with sequence boundaries for flash kernels. The padding starts at position 0
+        # with label -100, so it is its own sequence and the loss targets are the same in both layouts.
+        rows = self.padded_rows(features)
+        return packed_batch(rows["input_ids"], rows["position_ids"], rows["labels"], self.attn_implementation)
 
 
 # ======================================================================================
@@ -459,12 +489,11 @@ class CPTArguments:
     dump_packing: str | None = field(
         default=None, metadata={"help": "Write every planned window as JSON lines to this file (see README)."}
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
-    allow_unchecked_isolation: bool = field(
-        default=False,
+    attn_implementation: str = field(
+        default="sdpa",
         metadata={
-            "help": "Train even when document isolation could not be checked before training (e.g. a kernel that "
-            "does not run on the CPU model); recorded in packing_audit.json, whose guarantees_hold stays false."
+            "help": "sdpa (default), eager, flex_attention (GPU) or a flash kernel (GPU: flash_attention_2, ...; "
+            "its batches go as one flattened row with sequence boundaries). Isolation is checked before training."
         },
     )
     dtype: str | None = field(default=None, metadata={"help": "Load weights in this dtype (default float32)."})
@@ -877,7 +906,7 @@ def write_dump(path: Path, windows, store: SegmentStore, collator: BridgePacking
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
     with temporary.open("w", encoding="utf-8") as handle:
         for w, window in enumerate(windows):
-            batch = collator([collator.window_features(window, store.segment_tokens)])
+            batch = collator.padded_rows([collator.window_features(window, store.segment_tokens)])
             doc_ids: list[str | None] = []
             for document in window:
                 for key, part in document:
@@ -888,51 +917,138 @@ def write_dump(path: Path, windows, store: SegmentStore, collator: BridgePacking
     os.replace(temporary, path)
 
 
-def check_document_isolation(model, windows, store: SegmentStore, collator: BridgePackingCollator) -> dict:
-    """Logits of every document of a real collated window against the same document run alone.
+#: Largest logit difference that is rounding. A document's logits when the OTHER documents of its
+#: batch change are computed with the same shapes and kernels, so they are exact unless attention
+#: crosses documents, at any precision.
+ISOLATION_TOLERANCE = 1e-4
 
-    Takes the planned window with the most documents; any attention across documents shows up as
-    a difference. Returns the largest difference and whether it is within float tolerance.
+
+def isolation_windows(windows, store: SegmentStore, block_size: int) -> tuple[list[list[tuple]], str]:
+    """Two windows of the plan to check isolation on, and where they come from.
+
+    The planned windows with the most documents; when none holds two, the first is built from the
+    plan's shortest documents, packed as the collator packs any window. Two windows, because the
+    batch layout (B rows, or one flattened row for flash kernels) is part of what is checked: in a
+    flattened row even two windows of one document each are two documents side by side.
     """
-    kernel = model.config._attn_implementation
-    if kernel not in ("sdpa", "eager") and model.device.type == "cpu":
-        return {"checked": False, "reason": f"{kernel} does not run on the CPU model before training"}
-    window, origin = max(windows, key=len), "the planned window with the most documents"
-    if len(window) < 2:
-        # The kernel is still checked: on the plan's shortest documents, packed as the collator packs any window.
-        window, used = [], 0
+    ranked = sorted((w for w in windows if w), key=len, reverse=True)
+    first, origin = ranked[0], "the planned windows with the most documents"
+    if len(first) < 2:
+        built, used = [], 0
         for length, document in sorted(
             (sum(len(store.segment_tokens(segment)) for segment in document), document)
             for planned in windows
             for document in planned
         ):
-            if used + length > collator.block_size:
+            if used + length > block_size:
                 break
-            window.append(document)
+            built.append(document)
             used += length
-        origin = "built from the plan's shortest documents"
-        if len(window) < 2:  # then no window can ever hold two documents: nothing to attend across
-            return {"checked": True, "window": "none: no two documents fit one window", "documents": 1, "holds": True}
-    batch = collator([collator.window_features(window, store.segment_tokens)])
-    input_ids = batch["input_ids"].to(model.device)
-    spans, offset = [], 0  # document boundaries from the plan, not from the position ids under test
-    for document in window:
-        length = sum(len(store.segment_tokens(segment)) for segment in document)
-        spans.append((offset, offset + length))
-        offset += length
+        if len(built) >= 2:
+            first, origin = built, "a window built from the plan's shortest documents, and a planned window"
+    second = ranked[1] if len(ranked) > 1 else ranked[0]  # a plan of one window: that window twice
+    return [first, second], origin
+
+
+def check_document_isolation(
+    model, windows, store: SegmentStore, collator: BridgePackingCollator, *, autocast_dtype=None
+) -> dict:
+    """Does attention stay inside each document, with this model's device, kernel and batch layout?
+
+    Collates two windows of the plan (``isolation_windows``) with the training ``collator`` (its
+    layout for the model's kernel) and calls the model as the Trainer does, on the model's device,
+    under autocast to ``autocast_dtype`` when given (the run's bf16/fp16). Document boundaries come
+    from the plan, not from the position ids under test. For every document:
+
+    * ``max_logit_diff_packed_vs_alone``: the document in the batch vs. the same document alone
+      (one window of one document through the same collator); exact in float32 on a CPU, while 16-bit
+      and GPU kernels round other matrix shapes differently;
+    * ``max_logit_diff_other_documents_changed``: the document vs. itself in a batch whose other
+      documents hold other tokens (same lengths and positions). Same shapes, same kernels: any
+      difference is information that crossed from another document, at any precision.
+    """
+    kernel = model.config._attn_implementation
+    checked, origin = isolation_windows(windows, store, collator.block_size)
+    spans, offset = [], 0  # (window, document, first token, end) in the flat token order of the batch
+    for w, window in enumerate(checked):
+        offset = w * collator.block_size
+        for d, document in enumerate(window):
+            length = sum(len(store.segment_tokens(segment)) for segment in document)
+            spans.append((w, d, offset, offset + length))
+            offset += length
+    generator = torch.Generator().manual_seed(0)
+    vocab_size = model.config.vocab_size
+
+    def other_tokens(segment) -> np.ndarray:  # the same length and start token, other tokens after it
+        tokens = np.array(store.segment_tokens(segment))
+        tokens[1:] = torch.randint(2, vocab_size, (len(tokens) - 1,), generator=generator).numpy()
+        return tokens
+
+    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    def flat_logits(windows_tokens: list[list[list[np.ndarray]]], layout: list[list[tuple]]) -> torch.Tensor:
+        features = []
+        for window, tokens in zip(layout, windows_tokens):
+            lookup = {
+                segment: t for document, doc_tokens in zip(window, tokens) for segment, t in zip(document, doc_tokens)
+            }
+            features.append(collator.window_features(window, lookup.__getitem__))
+        batch = collator(features)
+        batch.pop("labels")
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast:
+            logits = model(**batch, use_cache=False).logits
+        return logits.float().reshape(-1, logits.shape[-1])  # rows one after another, as the flat spans
+
+    original = [[[store.segment_tokens(segment) for segment in document] for document in window] for window in checked]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        packed = model(input_ids=input_ids, position_ids=batch["position_ids"].to(model.device), use_cache=False)
-        largest = 0.0
-        for a, b in spans:
-            alone = model(input_ids=input_ids[:, a:b], use_cache=False).logits[0]
-            largest = max(largest, float((packed.logits[0, a:b] - alone).abs().max()))
-    model.train(was_training)
-    # Leaking attention moves logits by ~0.1-2; kernels differ by rounding only (TF32 on GPUs, half precision).
-    tolerance = (1e-4 if model.device.type == "cpu" else 1e-2) if model.dtype == torch.float32 else 1e-1
-    return {"checked": True, "attn_implementation": kernel, "window": origin, "documents": len(spans),
-            "max_logit_diff_packed_vs_alone": largest, "tolerance": tolerance, "holds": largest <= tolerance}  # fmt: skip
+    try:
+        with torch.no_grad():
+            packed = flat_logits(original, checked)
+            alone_diff = other_diff = 0.0
+            for w, d, start, end in spans:
+                alone = flat_logits([[original[w][d]]], [[checked[w][d]]])[: end - start]
+                alone_diff = max(alone_diff, float((packed[start:end] - alone).abs().max()))
+                changed = [
+                    [
+                        doc_tokens if (i, j) == (w, d) else [other_tokens(segment) for segment in checked[i][j]]
+                        for j, doc_tokens in enumerate(window)
+                    ]
+                    for i, window in enumerate(original)
+                ]
+                other_diff = max(
+                    other_diff, float((packed[start:end] - flat_logits(changed, checked)[start:end]).abs().max())
+                )
+    finally:
+        model.train(was_training)
+    compute_dtype = str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", "")
+    # Packed vs. alone is judged only where it is exact (float32 on a CPU); elsewhere other shapes round
+    # differently, and a leak shows in the other-documents-changed comparison, which is exact everywhere.
+    alone_judged = compute_dtype == "float32" and model.device.type == "cpu"
+    holds = other_diff <= ISOLATION_TOLERANCE and (not alone_judged or alone_diff <= ISOLATION_TOLERANCE)
+    layout = "flattened" if uses_flattened_layout(collator.attn_implementation) else "padded"
+    return {"checked": True, "attn_implementation": kernel, "layout": layout,
+            "device": str(model.device), "compute_dtype": compute_dtype, "windows_in_batch": len(checked),
+            "window": origin, "documents": len(spans), "max_logit_diff_packed_vs_alone": alone_diff,
+            "packed_vs_alone_judged": alone_judged, "max_logit_diff_other_documents_changed": other_diff,
+            "tolerance": ISOLATION_TOLERANCE, "holds": holds}  # fmt: skip
+
+
+def check_attention_implementation_trains_on(attn_implementation: str, device: torch.device) -> None:
+    """Refuse, before anything is read or written, a kernel that cannot train on a CPU: flex_attention
+    has no backward on CPU (torch 2.13) and flash kernels need a GPU."""
+    if device.type == "cpu" and (attn_implementation == "flex_attention" or is_flash_attention(attn_implementation)):
+        why = "has no backward on CPU" if attn_implementation == "flex_attention" else "needs a GPU"
+        raise ValueError(
+            f"--attn_implementation {attn_implementation} does not train on the CPU (the training device here): it "
+            f"{why}. Use --attn_implementation sdpa (the default) or eager, or run on a GPU. Nothing was written."
+        )
+
+
+def autocast_dtype(training_args: TrainingArguments):
+    """The dtype the Trainer computes in under mixed precision (None: float32)."""
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
 
 
 def judge_guarantees(mine: dict, other: dict, equal: dict, isolation: dict, bridges: bool, block_size: int):
@@ -943,12 +1059,12 @@ def judge_guarantees(mine: dict, other: dict, equal: dict, isolation: dict, brid
     """
     expected = 100.0 if bridges else 0.0
     broken, unchecked = [], []
-    if isolation.get("checked") is False:
-        unchecked.append(f"document isolation: {isolation['reason']}")
-    elif isolation.get("holds") is False:
+    if not isolation["holds"]:
         broken.append(
             f"attention crosses documents with attn_implementation={isolation['attn_implementation']} "
-            f"(max logit difference {isolation['max_logit_diff_packed_vs_alone']:.3g}); use sdpa or eager"
+            f"({isolation['layout']} layout, {isolation['compute_dtype']} on {isolation['device']}): max logit "
+            f"difference {isolation['max_logit_diff_other_documents_changed']:.3g} when the other documents of the "
+            f"batch change, {isolation['max_logit_diff_packed_vs_alone']:.3g} packed vs. alone; use sdpa or eager"
         )
     for name, audit, wanted in (("this setting", mine, expected), ("the other setting", other, 100.0 - expected)):
         if not audit["pairs"]["total"]:
@@ -966,19 +1082,12 @@ def judge_guarantees(mine: dict, other: dict, equal: dict, isolation: dict, brid
     return broken, unchecked
 
 
-def refuse_unchecked_guarantees(unchecked: list[str], allow_unchecked_isolation: bool) -> None:
-    """Refuse to train on a guarantee that could not be checked; only isolation may be waived, explicitly."""
-    refused = [item for item in unchecked if not (allow_unchecked_isolation and item.startswith("document isolation"))]
-    if refused:
-        waiver = (
-            " (for document isolation alone, --allow_unchecked_isolation trains anyway and records it)"
-            if any(item.startswith("document isolation") for item in refused)
-            else ""
-        )
+def refuse_unchecked_guarantees(unchecked: list[str]) -> None:
+    """Refuse to train on a guarantee that could not be checked."""
+    if unchecked:
         raise ValueError(
-            "Refusing to train: a guarantee of the setting could not be checked: "
-            + "; ".join(refused)
-            + f"{waiver}. Nothing was trained."
+            "Refusing to train: a guarantee of the setting could not be checked: " + "; ".join(unchecked) + ". "
+            "Nothing was trained."
         )
 
 
@@ -1047,6 +1156,7 @@ def check_resume_setting(checkpoint: str, cpt_setting: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
     cpt_args, training_args = parse_args(argv)
+    check_attention_implementation_trains_on(cpt_args.attn_implementation, training_args.device)
     bridges = cpt_args.bridges
     setting_name = "bridges" if bridges else "no-bridges"
 
@@ -1071,9 +1181,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cpt_args.tokenizer_name or cpt_args.model_name_or_path)
     start_id = document_start_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
-    model = AutoModelForCausalLM.from_pretrained(
-        cpt_args.model_name_or_path, dtype=cpt_args.dtype, attn_implementation=cpt_args.attn_implementation
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cpt_args.model_name_or_path, dtype=cpt_args.dtype, attn_implementation=cpt_args.attn_implementation
+        )
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise ValueError(f"--attn_implementation {cpt_args.attn_implementation}: {err}") from err
+    guard_flash_attention_inputs(model)  # no batch of several rows without sequence boundaries reaches flash
     # Document isolation comes from restarting position ids with NO attention mask; a KV cache
     # would silently turn it off.
     model.config.use_cache = False
@@ -1128,7 +1242,10 @@ def main(argv: list[str] | None = None) -> dict:
         max_empty_windows=windows_per_device_step - 1,
     )
     collators = {
-        b: BridgePackingCollator(cpt_args.block_size, b, pad_id, cpt_args.max_open_windows) for b in (True, False)
+        b: BridgePackingCollator(
+            cpt_args.block_size, b, pad_id, cpt_args.max_open_windows, cpt_args.attn_implementation
+        )
+        for b in (True, False)
     }
     collator = collators[bridges]
     audits = {
@@ -1215,20 +1332,28 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "equal_across_settings": equal,
     }
-    if training_args.device.type == "cuda" and not training_args.fsdp and not training_args.deepspeed:
-        model.to(training_args.device)  # check the kernel that will train (the Trainer would move it anyway)
-    audit["document_isolation"] = check_document_isolation(model, plan["windows"][bridges], store, collator)
+    # Document isolation, checked where and how the run trains: the training device (the model goes
+    # there now rather than in the Trainer; under FSDP the unsharded model, before wrapping), the run's
+    # kernel, precision and batch layout. A kernel that cannot run there stops the run here.
+    model.to(training_args.device)
+    try:
+        audit["document_isolation"] = check_document_isolation(
+            model, plan["windows"][bridges], store, collator, autocast_dtype=autocast_dtype(training_args)
+        )
+    except Exception as err:  # any failure of the kernel itself: name it and the device
+        raise ValueError(
+            f"--attn_implementation {cpt_args.attn_implementation} cannot run on {training_args.device} "
+            f"({err.__class__.__name__}: {str(err)[:300]}). Use --attn_implementation sdpa, or install the kernel "
+            "for this device. Nothing was trained."
+        ) from err
     broken, unchecked = judge_guarantees(mine, other, equal, audit["document_isolation"], bridges, cpt_args.block_size)
     audit["unchecked"] = unchecked
-    audit["allow_unchecked_isolation"] = cpt_args.allow_unchecked_isolation
     audit["guarantees_hold"] = not broken and not unchecked  # never true of a guarantee that was not checked
     if training_args.should_save:
         write_json_atomic(output_dir / "packing_audit.json", audit)
     if broken:
         raise RuntimeError("Packing audit failed: " + "; ".join(broken) + f". See {output_dir / 'packing_audit.json'}.")
-    refuse_unchecked_guarantees(unchecked, cpt_args.allow_unchecked_isolation)
-    if unchecked:
-        logger.warning("Training with unchecked guarantees (--allow_unchecked_isolation): %s", "; ".join(unchecked))
+    refuse_unchecked_guarantees(unchecked)
     logger.info(
         "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, "
         "real tokens %.4f, multisets equal across settings: %s",

@@ -102,25 +102,25 @@ def audits_of_a_real_plan(data_dir, tokenizer_dir):
     return plan, store, audits
 
 
-def test_an_unchecked_isolation_means_the_guarantees_do_not_hold_and_needs_an_explicit_flag(tmp_path, tiny_model_dir):
+def test_a_leaking_isolation_check_breaks_the_guarantees_and_an_unchecked_co_location_is_refused(tmp_path,
+                                                                                                   tiny_model_dir):  # fmt: skip
     _, _, audits = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
     equal = {"tokens_multiset": True}
-    checked = {"checked": True, "holds": True, "max_logit_diff_packed_vs_alone": 0.0}
-    unchecked = {"checked": False, "reason": "flash_attention_2 does not run on the CPU model before training"}
-    verdict = run_cpt.judge_guarantees(audits[True], audits[False], equal, checked, True, 64)
-    assert verdict == ([], [])
-    broken, not_checked = run_cpt.judge_guarantees(audits[True], audits[False], equal, unchecked, True, 64)
-    assert broken == [] and not_checked == [f"document isolation: {unchecked['reason']}"]
-    with pytest.raises(ValueError, match=r"could not be checked: document isolation: .*--allow_unchecked_isolation"):
-        run_cpt.refuse_unchecked_guarantees(not_checked, allow_unchecked_isolation=False)
-    run_cpt.refuse_unchecked_guarantees(not_checked, allow_unchecked_isolation=True)  # the user's explicit choice
-    # No pair in either setting's plan: co-location cannot be checked, and no flag allows that.
+    holds = {"holds": True, "attn_implementation": "sdpa", "layout": "padded", "compute_dtype": "float32",
+             "device": "cpu", "max_logit_diff_packed_vs_alone": 0.0, "max_logit_diff_other_documents_changed": 0.0}  # fmt: skip
+    assert run_cpt.judge_guarantees(audits[True], audits[False], equal, holds, True, 64) == ([], [])
+    leaks = {**holds, "holds": False, "attn_implementation": "flash_attention_2", "layout": "flattened",
+             "max_logit_diff_other_documents_changed": 0.5}  # fmt: skip
+    broken, _ = run_cpt.judge_guarantees(audits[True], audits[False], equal, leaks, True, 64)
+    assert broken and "attention crosses documents with attn_implementation=flash_attention_2" in broken[0]
+    # No pair in either setting's plan: co-location cannot be checked, and training is refused.
     no_pairs = {b: {**audits[b], "pairs": {**audits[b]["pairs"], "total": 0, "co_located": 0,
                                            "co_located_percent": None, "attending_each_other": 0}} for b in audits}  # fmt: skip
-    _, not_checked = run_cpt.judge_guarantees(no_pairs[True], no_pairs[False], equal, checked, True, 64)
+    _, not_checked = run_cpt.judge_guarantees(no_pairs[True], no_pairs[False], equal, holds, True, 64)
     assert [item.split(":")[0] for item in not_checked] == ["co-location", "co-location"]
-    with pytest.raises(ValueError, match="co-location"):
-        run_cpt.refuse_unchecked_guarantees(not_checked, allow_unchecked_isolation=True)
+    with pytest.raises(ValueError, match="could not be checked: co-location.*Nothing was trained"):
+        run_cpt.refuse_unchecked_guarantees(not_checked)
+    run_cpt.refuse_unchecked_guarantees([])
 
 
 def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_window_holds_two(tmp_path,
@@ -133,8 +133,8 @@ def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_wi
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     collator = run_cpt.BridgePackingCollator(64, True, 1)
     result = run_cpt.check_document_isolation(model, one_per_window, store, collator)
-    assert result["checked"] and result["holds"] and result["documents"] >= 2
-    assert result["window"] == "built from the plan's shortest documents"
+    assert result["checked"] and result["holds"] and result["documents"] >= 3 and result["windows_in_batch"] == 2
+    assert result["window"] == "a window built from the plan's shortest documents, and a planned window"
 
     class LeakyCollator(run_cpt.BridgePackingCollator):  # positions that never restart: documents attend
         def __call__(self, features):
