@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Continual pretraining on one language, WITH or WITHOUT bridges (step 2b of the study).
 
+    accelerate launch run_cpt.py --lang bo --bridges
     accelerate launch run_cpt.py --model_name_or_path BASE --dataset_path DATA --lang bo --bridges \\
         --block_size 2048 --output_dir runs/cpt-bo-bridges --max_steps 1500 --save_steps 100
 
-continues a base model (run_pretrain.py output, local or Hub) on the dataset of build_pairs.py
-(``--dataset_path`` save_to_disk dir, or ``--dataset_name`` Hub dataset pushed by build_pairs.py).
+continues a base model (run_pretrain.py output, local or Hub; default ``runs/pretrain``, where
+run_pretrain.py saves by default) on the dataset of build_pairs.py (``--dataset_path`` save_to_disk
+dir, default ``runs/data-<lang>`` where ``build_pairs.py --lang <lang>`` writes by default, or
+``--dataset_name`` Hub dataset pushed by build_pairs.py). ``--output_dir`` defaults to
+``runs/cpt-<lang>-<bridges|no-bridges>-seed<seed>``, so the two settings never share a folder.
 ``--bridges`` or ``--no_bridges`` must be given. The two settings train on exactly the same
 documents, the same tokens and the same number of windows and steps; they differ only in whether
 the two halves of each parallel pair share a context window (and so attend to each other). How
@@ -59,9 +63,14 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from study_common import (
+    DEFAULT_BASE_MODEL_DIR,
+    RUNS_DIR,
+    default_cpt_data_dir,
+    default_cpt_run_name,
     document_start_id,
     guard_flash_attention_inputs,
     is_flash_attention,
+    output_dir_given,
     packed_batch,
     use_cpu_backend_without_gpu,
     uses_flattened_layout,
@@ -452,7 +461,12 @@ class BridgePackingCollator:
 
 @dataclass
 class CPTArguments:
-    model_name_or_path: str = field(metadata={"help": "Base model: a local directory or a Hub id."})
+    model_name_or_path: str = field(
+        default=str(DEFAULT_BASE_MODEL_DIR),
+        metadata={
+            "help": f"Base model: a local directory or a Hub id (default: {DEFAULT_BASE_MODEL_DIR}, run_pretrain.py's output)."
+        },
+    )
     lang: str | None = field(
         default=None,
         metadata={
@@ -466,7 +480,13 @@ class CPTArguments:
     no_bridges: bool = field(
         default=False, metadata={"help": "WITHOUT bridges: pair halves are separate documents, never co-located."}
     )
-    dataset_path: str | None = field(default=None, metadata={"help": "build_pairs.py output (save_to_disk dir)."})
+    dataset_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "build_pairs.py output (save_to_disk dir); default with --lang and no --dataset_name: "
+            "runs/data-<lang>, build_pairs.py's default output."
+        },
+    )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset pushed by build_pairs.py --push_to_hub (instead of a path)."}
     )
@@ -511,8 +531,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
             "Give exactly one of --bridges (pairs co-located in one context window) and --no_bridges "
             "(pair halves never in the same window); the setting is never implied."
         )
-    if (cpt_args.dataset_path is None) == (cpt_args.dataset_name is None):
-        raise ValueError("Give exactly one of --dataset_path DIR (build_pairs.py output) and --dataset_name HUB_ID.")
+    if cpt_args.dataset_path is not None and cpt_args.dataset_name is not None:
+        raise ValueError("Give only one of --dataset_path DIR (build_pairs.py output) and --dataset_name HUB_ID.")
+    if cpt_args.dataset_path is None and cpt_args.dataset_name is None:
+        if cpt_args.lang is None:
+            raise ValueError(
+                "No dataset: give --lang LANG to read build_pairs.py's default output runs/data-LANG, "
+                "or --dataset_path DIR, or --dataset_name HUB_ID."
+            )
+        default_data = default_cpt_data_dir(cpt_args.lang)
+        if not default_data.is_dir():
+            raise FileNotFoundError(
+                f"{default_data}: no CPT dataset here (the default --dataset_path for --lang {cpt_args.lang}). "
+                f"Run build_pairs.py --lang {cpt_args.lang} first or pass --dataset_path."
+            )
+        cpt_args.dataset_path = str(default_data)
+    if cpt_args.model_name_or_path == str(DEFAULT_BASE_MODEL_DIR) and not DEFAULT_BASE_MODEL_DIR.is_dir():
+        raise FileNotFoundError(
+            f"{DEFAULT_BASE_MODEL_DIR}: no base model here (the default --model_name_or_path). Run run_pretrain.py "
+            "first or pass --model_name_or_path."
+        )
     if cpt_args.pair_order not in ("en_first", "tgt_first", "random"):
         raise ValueError(f"--pair_order must be en_first, tgt_first or random, got {cpt_args.pair_order!r}.")
     if cpt_args.block_size < 4:
@@ -1172,8 +1210,11 @@ def main(argv: list[str] | None = None) -> dict:
     build_stats_file = dataset_folder / "build_stats.json"
     build_stats = json.loads(build_stats_file.read_text()) if build_stats_file.is_file() else None
     cpt_args.lang = dataset_language(cpt_args.lang, build_stats, build_stats_file)
+    run_name = default_cpt_run_name(cpt_args.lang, bridges, training_args.seed)
     if training_args.run_name is None:
-        training_args.run_name = f"cpt-{cpt_args.lang}-{setting_name}-seed{training_args.seed}"
+        training_args.run_name = run_name
+    if not output_dir_given(argv):  # not transformers' trainer_output/, where the two settings would collide
+        training_args.output_dir = str(RUNS_DIR / run_name)
     shuffle_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     output_dir = Path(training_args.output_dir)
 

@@ -199,7 +199,7 @@ def test_bridges_or_no_bridges_must_be_given_explicitly(cpt_data, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--dataset_name", "org/data"], "exactly one of --dataset_path"),
+        (["--dataset_name", "org/data"], "only one of --dataset_path"),
         (["--pair_order", "sideways"], "--pair_order must be en_first, tgt_first or random"),
         (["--auto_find_batch_size"], "--auto_find_batch_size changes the batch size"),
         (["--ignore_data_skip"], "--ignore_data_skip would re-train windows"),
