@@ -2614,8 +2614,7 @@ def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
              "pairs_co_located": pairs.get("co_located"), "pairs_split": pairs.get("split"),
              "co_located_percent": share, "tokens_multiset_sha256": digest[0], "documents_seen_sha256": digest[1],
              "real_token_fraction": audit.get("real_token_fraction"), "windows": audit.get("windows"),
-             "guarantees_hold": audit.get("guarantees_hold"), "unchecked": audit.get("unchecked") or [],
-             "allow_unchecked_isolation": audit.get("allow_unchecked_isolation")}
+             "guarantees_hold": audit.get("guarantees_hold"), "unchecked": audit.get("unchecked") or []}
         )  # fmt: skip
     if not rows:
         doc.p("No packing audits found.")
@@ -2643,8 +2642,7 @@ def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
                                      "**guarantees not all shown to hold** (`guarantees_hold` false or absent)."),
         ]
         + [
-            f"**{e['run']}: unchecked**, so not shown to hold: {'; '.join(e['unchecked'])}"
-            + (" (trained anyway under --allow_unchecked_isolation)." if e["allow_unchecked_isolation"] else ".")
+            f"**{e['run']}: unchecked**, so not shown to hold: {'; '.join(e['unchecked'])}."
             for e in unchecked
         ]
     )  # fmt: skip

@@ -55,7 +55,7 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
         (Path(run.dir) / "config.json").write_text(json.dumps(config))
         _probe(Path(run.dir), group["questions"], run.eval_dir)
         audit = {"pairs": {"total": 10, "co_located": 10 if run.setting == "bridges" else 0},
-                 "guarantees_hold": run.setting == "bridges", "allow_unchecked_isolation": run.setting != "bridges",
+                 "guarantees_hold": run.setting == "bridges",
                  "unchecked": [] if run.setting == "bridges" else ["document isolation: flex attention on CPU"]}  # fmt: skip
         (Path(run.dir) / "packing_audit.json").write_text(json.dumps(audit))
     with_dirs = [r.eval_dir for r in plan.runs if r.setting == "bridges"]
