@@ -71,7 +71,6 @@ from study_common import (
     guard_flash_attention_inputs,
     is_flash_attention,
     output_dir_given,
-    packed_batch,
     use_cpu_backend_without_gpu,
     uses_flattened_layout,
     write_card,
@@ -88,7 +87,7 @@ logger = logging.getLogger("run_cpt")
 #   from collections.abc import Callable, Iterable, Iterator, Sequence
 #   from typing import NamedTuple
 #   import torch
-#   from study_common import packed_batch
+# and, for kernels other than sdpa/eager (flash: one flattened row), study_common.py beside it.
 # ======================================================================================
 
 
@@ -451,6 +450,16 @@ class BridgePackingCollator:
         # one flattened row with sequence boundaries for flash kernels. The padding starts at position 0
         # with label -100, so it is its own sequence and the loss targets are the same in both layouts.
         rows = self.padded_rows(features)
+        try:
+            from study_common import packed_batch
+        except ImportError:
+            # Copied without study_common: only the padded layout, which isolates documents for the
+            # kernels that build the mask from position ids.
+            if self.attn_implementation not in ("sdpa", "eager"):
+                raise ImportError(
+                    f"attn_implementation={self.attn_implementation!r} needs study_common.packed_batch (its layout)."
+                ) from None
+            return rows
         return packed_batch(rows["input_ids"], rows["position_ids"], rows["labels"], self.attn_implementation)
 
 

@@ -2426,7 +2426,7 @@ def _diagnostic_losses(entry: dict) -> dict:
     """The three losses of a bridge_diagnostic.json checkpoint (outputs made before the pair order was followed
     name the context English)."""
     return {
-        "alone": entry["alone"],
+        **entry,
         "after_own_context": entry.get("after_own_context", entry.get("after_own_english")),
         "after_mismatched_context": entry.get("after_mismatched_context", entry.get("after_mismatched_english")),
     }
