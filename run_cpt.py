@@ -65,11 +65,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     RUNS_DIR,
+    autocast_dtype,
+    check_attention_implementation_trains_on,
     default_cpt_data_dir,
     default_cpt_run_name,
     document_start_id,
     guard_flash_attention_inputs,
-    is_flash_attention,
     output_dir_given,
     use_cpu_backend_without_gpu,
     uses_flattened_layout,
@@ -1080,22 +1081,6 @@ def check_document_isolation(
             "window": origin, "documents": len(spans), "max_logit_diff_packed_vs_alone": alone_diff,
             "packed_vs_alone_judged": alone_judged, "max_logit_diff_other_documents_changed": other_diff,
             "tolerance": ISOLATION_TOLERANCE, "holds": holds}  # fmt: skip
-
-
-def check_attention_implementation_trains_on(attn_implementation: str, device: torch.device) -> None:
-    """Refuse, before anything is read or written, a kernel that cannot train on a CPU: flex_attention
-    has no backward on CPU (torch 2.13) and flash kernels need a GPU."""
-    if device.type == "cpu" and (attn_implementation == "flex_attention" or is_flash_attention(attn_implementation)):
-        why = "has no backward on CPU" if attn_implementation == "flex_attention" else "needs a GPU"
-        raise ValueError(
-            f"--attn_implementation {attn_implementation} does not train on the CPU (the training device here): it "
-            f"{why}. Use --attn_implementation sdpa (the default) or eager, or run on a GPU. Nothing was written."
-        )
-
-
-def autocast_dtype(training_args: TrainingArguments):
-    """The dtype the Trainer computes in under mixed precision (None: float32)."""
-    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
 
 
 def judge_guarantees(mine: dict, other: dict, equal: dict, isolation: dict, bridges: bool, block_size: int):

@@ -70,13 +70,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
+    autocast_dtype,
+    check_attention_implementation_trains_on,
     check_document_suffix,
     document_start_id,
     encode_documents,
     filter_to_latin,
     guard_flash_attention_inputs,
     has_non_latin_letter,
-    is_flash_attention,
     output_dir_given,
     packed_batch,
     read_documents,
@@ -876,22 +877,6 @@ class PretrainTrainer(Trainer):
 # --------------------------------------------------------------------------------------
 
 
-def check_attention_implementation_trains_on(attn_implementation: str, device: torch.device) -> None:
-    """Refuse, before anything is written, a kernel that cannot train on a CPU: flex_attention has no
-    backward on CPU (torch 2.13) and flash kernels need a GPU."""
-    if device.type == "cpu" and (attn_implementation == "flex_attention" or is_flash_attention(attn_implementation)):
-        why = "has no backward on CPU" if attn_implementation == "flex_attention" else "needs a GPU"
-        raise InputError(
-            f"--attn_implementation {attn_implementation} does not train on the CPU (the training device here): it "
-            f"{why}. Use --attn_implementation sdpa (the default) or eager, or run on a GPU."
-        )
-
-
-def autocast_dtype(training_args: TrainingArguments):
-    """The dtype the Trainer computes in under mixed precision (None: float32)."""
-    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
-
-
 def attended_keys_per_token(blocks: Dataset, block_size: int, document_attention: bool) -> float:
     """Mean number of keys a token attends to under causal attention, which its attention FLOPs scale
     with: its position in its document + 1 with document attention, (block_size + 1) / 2 without."""
@@ -939,7 +924,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise InputError("--streaming needs --max_steps N: a stream has no length to derive the number of steps from.")
     if data_args.block_size < 2:
         raise InputError(f"--block_size {data_args.block_size} is too small; use e.g. 128 or 512.")
-    check_attention_implementation_trains_on(model_args.attn_implementation, training_args.device)
+    try:
+        check_attention_implementation_trains_on(model_args.attn_implementation, training_args.device)
+    except ValueError as err:
+        raise InputError(str(err)) from err
     collator = PackedBlockCollator(
         document_attention=model_args.document_attention,
         attn_implementation=model_args.attn_implementation,

@@ -412,6 +412,24 @@ def packed_batch(input_ids, position_ids, labels, attn_implementation: str, *, f
     return batch
 
 
+def check_attention_implementation_trains_on(attn_implementation: str, device) -> None:
+    """Refuse, before anything is read or written, a kernel that cannot train on a CPU: flex_attention
+    has no backward on CPU (torch 2.13) and flash kernels need a GPU (run_pretrain.py, run_cpt.py)."""
+    if device.type == "cpu" and (attn_implementation == "flex_attention" or is_flash_attention(attn_implementation)):
+        why = "has no backward on CPU" if attn_implementation == "flex_attention" else "needs a GPU"
+        raise ValueError(
+            f"--attn_implementation {attn_implementation} does not train on the CPU (the training device here): it "
+            f"{why}. Use --attn_implementation sdpa (the default) or eager, or run on a GPU. Nothing was written."
+        )
+
+
+def autocast_dtype(training_args):
+    """The dtype the Trainer computes in under mixed precision (None: float32), for the isolation checks."""
+    import torch
+
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+
+
 def check_flash_batch(batch: dict, attn_implementation: str) -> None:
     """The guard: a ValueError when a batch of B > 1 rows without sequence boundaries would reach a
     flash kernel, which would then attend across the documents of each row. Shapes only: no device sync."""

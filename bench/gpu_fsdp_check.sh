@@ -49,26 +49,8 @@ print("torch", torch.__version__, "transformers", transformers.__version__, "acc
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)")
 PY
 
-# A generated English-like corpus: words of random Latin syllables with a Zipf-like frequency.
-python - "$WORK/corpus.txt" "$CORPUS_MB" <<'PY'
-import random, sys
-path, megabytes = sys.argv[1], float(sys.argv[2])
-rng = random.Random(0)
-syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "ch", "st", "er", "an"]
-words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
-weights = [1 / (rank + 10) for rank in range(len(words))]
-size = 0
-with open(path, "w", encoding="utf-8") as handle:
-    while size < megabytes * 1e6:
-        sentences = []
-        for _ in range(rng.randint(3, 30)):
-            sentence = " ".join(rng.choices(words, weights, k=rng.randint(4, 25)))
-            sentences.append(sentence.capitalize() + rng.choice([".", ".", ".", "?", "!"]))
-        line = " ".join(sentences) + "\n"
-        handle.write(line)
-        size += len(line)
-print(f"corpus: {size / 1e6:.1f} MB in {path}")
-PY
+# A generated English-like corpus (no download needed on the device).
+python bench/english_like_corpus.py "$WORK/corpus.txt" "$CORPUS_MB"
 
 START=$(date +%s)
 STATUS=0

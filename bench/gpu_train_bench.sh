@@ -88,24 +88,8 @@ HAVE_HUB_FLASH=$(HF_HUB_OFFLINE=1 have "from kernels import get_kernel; get_kern
 if [[ "$TINY" == "1" ]]; then HAVE_FLASH=0; HAVE_LIGER=0; HAVE_HUB_FLASH=0; fi  # CPU: sdpa only
 echo "== available: flash_attn $HAVE_FLASH, liger_kernel $HAVE_LIGER, hub flash kernel (offline) $HAVE_HUB_FLASH"
 
-# A generated English-like corpus (as bench/gpu_fsdp_check.sh) and one tokenizer for every configuration.
-python - "$WORK/corpus.txt" "$CORPUS_MB" <<'PY'
-import random, sys
-path, megabytes = sys.argv[1], float(sys.argv[2])
-rng = random.Random(0)
-syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "ch", "st", "er", "an"]
-words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
-weights = [1 / (rank + 10) for rank in range(len(words))]
-size = 0
-with open(path, "w", encoding="utf-8") as handle:
-    while size < megabytes * 1e6:
-        sentences = [" ".join(rng.choices(words, weights, k=rng.randint(4, 25))).capitalize() + "."
-                     for _ in range(rng.randint(3, 30))]
-        line = " ".join(sentences) + "\n"
-        handle.write(line)
-        size += len(line)
-print(f"corpus: {size / 1e6:.1f} MB")
-PY
+# A generated English-like corpus (no download needed on the device) and one tokenizer for every configuration.
+python bench/english_like_corpus.py "$WORK/corpus.txt" "$CORPUS_MB"
 python - "$WORK/corpus.txt" "$WORK/tokenizer" <<'PY' || exit 1
 import sys
 from pathlib import Path
