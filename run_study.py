@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -355,6 +355,86 @@ MEASURED_THROUGHPUT_SOURCE = (
     "per-document masks; 2026-11-26)"
 )
 
+#: --smoke: the budget flags cut per step kind; every other flag of every command stays as the full run has it
+#: (same scripts, data sources, columns, tokenizer, launch config). A few training steps with a checkpoint
+#: between them (so every checkpoint-reading step reads more than one), short windows, a tiny model of the same
+#: architecture family, small batches and buffers. tests/test_study_smoke.py compares the two plans flag by flag.
+SMOKE_BUDGETS: dict[str, dict] = {
+    "pretrain": dict(
+        config_name="configs/tiny.json",
+        config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2",
+        block_size=128,
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        warmup_steps=1,
+        logging_steps=1,
+        shuffle_buffer_size=16,
+    ),
+    "build": dict(block_size=128, num_proc=2),
+    "cpt": dict(
+        block_size=128,
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        warmup_steps=1,
+        logging_steps=1,
+    ),
+    "eval": dict(batch_size=16),
+    "density": dict(top_k=5),
+}
+#: Without a GPU a smoke run also trains and probes in float32 (bfloat16 on a CPU only slows it down).
+SMOKE_CPU_PRECISION: dict[str, dict] = {
+    "pretrain": dict(bf16=False),
+    "cpt": dict(bf16=False),
+    "eval": dict(dtype="float32"),
+}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def smoke_preset(preset: Preset, on_gpu: bool) -> tuple[Preset, list[str]]:
+    """The preset with only its budgets cut (``--smoke``), and one line per cut flag saying what was cut.
+
+    Without a GPU the training steps run without bf16 and, unless --accelerate_config says otherwise, as
+    plain python."""
+    cuts: list[str] = []
+    changed = {}
+    for kind in ("pretrain", "build", "cpt", "eval", "density"):
+        full = getattr(preset, kind)
+        budget = dict(SMOKE_BUDGETS[kind], **({} if on_gpu else SMOKE_CPU_PRECISION.get(kind, {})))
+        # Only flags the full run passes are cut (a flag it leaves at its default stays there), except the
+        # shuffle buffer of a streamed pretraining, which would otherwise read 10,000 windows before step 1.
+        budget = {
+            key: value
+            for key, value in budget.items()
+            if key in full or (key == "shuffle_buffer_size" and full.get("streaming"))
+        }
+        cut = dict(full)
+        for key, value in budget.items():
+            if full.get(key) != value:
+                cuts.append(f"{kind}: --{key} {full.get(key, '(default)')} -> {value}")
+            cut[key] = value
+        changed[kind] = cut
+    if not on_gpu and preset.accelerate_config:
+        cuts.append(f"training steps: accelerate launch --config_file {preset.accelerate_config} -> python (no GPU)")
+    smoke = replace(
+        preset,
+        description=f"SMOKE RUN of the {preset.name} plan (every step, budgets cut: its numbers mean nothing). "
+        + preset.description,
+        budget_s=0,
+        accelerate_config=preset.accelerate_config if on_gpu else None,
+        **changed,
+    )
+    return smoke, cuts
+
+
 # --------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------
@@ -434,6 +514,15 @@ class StudyArguments:
             "help": "Training throughput per GPU for the GPU-hours estimate of --dry_run (default: "
             f"{MEASURED_TOKENS_PER_SECOND_PER_GPU:,} tokens/s, measured by {MEASURED_THROUGHPUT_SOURCE}). Measure your "
             "own cluster's with bench/gpu_fsdp_check.sh."
+        },
+    )
+    smoke: bool = field(
+        default=False,
+        metadata={
+            "help": "Run every step of the preset's plan exactly as the full run would (same scripts, data sources, "
+            "columns, tokenizer, flags) with only the budgets cut (see SMOKE_BUDGETS: a tiny model, a few steps, "
+            "short windows): what to run first on a cluster to prove data access, columns, launch config and "
+            "outputs. Outputs go to study_runs/<preset>-smoke by default and never count as the full run's."
         },
     )
     force: bool = field(
@@ -1577,7 +1666,8 @@ def cost_table(plan: Plan, args: StudyArguments) -> str:
 def commands_script(plan: Plan, args: StudyArguments) -> str:
     lines = [
         "#!/usr/bin/env bash",
-        f"# The commands of `python run_study.py --preset {plan.preset.name}`, in an order that respects their",
+        f"# The commands of `python run_study.py --preset {plan.preset.name}{' --smoke' if args.smoke else ''}`, in an "
+        "order that respects their",
         "# dependencies. run_study.py runs them (several at a time, skipping finished ones); this file lets",
         "# anyone rerun or inspect any single step by hand. Run from the repository root.",
         "set -euo pipefail",
@@ -2731,7 +2821,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds if args.seeds is not None else preset.seeds
     if not seeds:
         parser.error("--seeds: give at least one seed")
-    out = Path(args.output_dir or REPO_DIR / "study_runs" / preset.name).resolve()
+    smoke_cuts: list[str] = []
+    if args.smoke:
+        preset, smoke_cuts = smoke_preset(preset, on_gpu=_cuda_available())
+    out = Path(args.output_dir or REPO_DIR / "study_runs" / (preset.name + ("-smoke" if args.smoke else ""))).resolve()
     # Steps run from the repository root; paths inside it are written relative to it (readable commands).
     os.chdir(REPO_DIR)
     if out.is_relative_to(REPO_DIR):
@@ -2742,6 +2835,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Study preset {preset.name!r}: {preset.description}")
     print(f"Output: {out}")
+    if args.smoke:
+        print("Smoke run: every step of the plan, only these budgets cut:\n  " + "\n  ".join(smoke_cuts))
     counts = {}
     for step in plan.steps:
         counts[step.kind] = counts.get(step.kind, 0) + 1
