@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import run_study
@@ -105,3 +107,168 @@ def test_smoke_outputs_go_to_their_own_folder_and_the_printed_plan_names_the_cut
     assert "--output_dir study_runs/micro-smoke/base" in printed
     assert "--output_dir study_runs/micro/" not in printed, "nothing of a smoke run lands in the full run's folder"
     assert "`python run_study.py --preset micro --smoke`" in printed
+
+
+# --------------------------------------------------------------------------------------
+# The paper plan's smoke run against the Hub stand-in (online, no offline cache)
+# --------------------------------------------------------------------------------------
+
+KOREAN_WORDS = ["가을", "추석", "송편", "사람", "나라", "바다", "산", "강", "마을", "음식", "노래", "시장"]
+TIBETAN_SYLLABLES = ["བོད", "རིགས", "ཀྱིས", "ལོ", "གསར", "ཁ", "ཟས", "སྣ", "ཚོགས", "བཟོ", "ཡོད", "ལྷ"]
+ENGLISH_WORDS = ["valley", "river", "market", "barley", "festival", "song", "village", "mountain", "wool", "harvest"]
+
+
+def _texts(words: list[str], count: int, length: int, joiner: str, end: str) -> list[str]:
+    """``count`` distinct texts of ``length`` words each (permutations, so no two are equal)."""
+    import itertools
+
+    return [joiner.join(p) + end for p in itertools.islice(itertools.permutations(words, length), count)]
+
+
+def _parquet(columns: dict) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    return buffer.getvalue()
+
+
+def _wikipedia(lang: str, texts: list[str]) -> bytes:
+    n = len(texts)
+    return _parquet(
+        {
+            "id": [str(i) for i in range(n)],
+            "url": [f"https://{lang}.wikipedia.org/wiki?curid={i}" for i in range(n)],
+            "title": [f"{lang} {i}" for i in range(n)],
+            "text": texts,
+        }
+    )
+
+
+def _serve_paper_sources(hub, tmp_path) -> None:
+    """Stand-ins of the paper's Hub sources in their real layouts: Wikipedia's parquet configs with the card's
+    YAML, OPUS-100's `translation` dicts, MC²'s gated one-file-per-language JSON lines, Qwen's tokenizer."""
+    import json
+
+    from conftest import MULTI_SCRIPT_SAMPLE
+
+    from run_pretrain import train_tokenizer
+
+    english = [
+        " ".join(_texts(ENGLISH_WORDS, 6, 6, " ", ".")[j % 6] for j in range(i % 5 + 4)).capitalize()
+        + f" The {ENGLISH_WORDS[i % 10]} of this place is known for its {ENGLISH_WORDS[(i * 3) % 10]}."
+        for i in range(80)
+    ]
+    korean = [" ".join(_texts(KOREAN_WORDS, 200, 5, " ", ".")[i : i + 3]) for i in range(0, 120, 3)]
+    tibetan = _texts(TIBETAN_SYLLABLES, 60, 6, "་", "།")
+    card = "---\nconfigs:\n" + "".join(
+        f"- config_name: 20231101.{lang}\n  data_files:\n  - split: train\n    path: 20231101.{lang}/train-*\n"
+        for lang in ("en", "ko")
+    )
+    hub.add_files(
+        "wikimedia/wikipedia",
+        {
+            "README.md": card + "---\n# Wikipedia (stand-in)\n",
+            "20231101.en/train-00000-of-00001.parquet": _wikipedia("en", english),
+            "20231101.ko/train-00000-of-00001.parquet": _wikipedia("ko", korean),
+        },
+        repo_type="datasets",
+    )
+    ko_pairs = _texts(KOREAN_WORDS, 40, 4, " ", ".")
+    opus_card = "---\nconfigs:\n- config_name: en-ko\n  data_files:\n" + "".join(
+        f"  - split: {split}\n    path: en-ko/{split}-*\n" for split in ("test", "train", "validation")
+    )
+    translations = [{"en": f"Pair {i}: the autumn festival.", "ko": k} for i, k in enumerate(ko_pairs)]
+    hub.add_files(
+        "Helsinki-NLP/opus-100",
+        {
+            "README.md": opus_card + "---\n# OPUS-100 (stand-in)\n",
+            "en-ko/train-00000-of-00001.parquet": _parquet({"translation": translations[:30]}),
+            "en-ko/validation-00000-of-00001.parquet": _parquet({"translation": translations[30:35]}),
+            "en-ko/test-00000-of-00001.parquet": _parquet({"translation": translations[35:]}),
+        },
+        repo_type="datasets",
+    )
+    hub.add_files(
+        "pkupie/mc2_corpus",
+        {
+            "bo-crawl-only-release-20231127.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in tibetan[:30]),
+            "mn-crawl-only-release-20231127.jsonl": json.dumps({"text": "ᠮᠣᠩᠭᠣᠯ ᠬᠦᠮᠦᠨ"}) + "\n",
+        },
+        repo_type="datasets",
+    )
+    hub.gate("pkupie/mc2_corpus")
+    tokenizer = train_tokenizer(
+        MULTI_SCRIPT_SAMPLE * 4 + english[:10] + korean[:10] + tibetan[:10], 600, show_progress=False
+    )
+    tokenizer_dir = tmp_path / "qwen-tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    hub.add_files("Qwen/Qwen2.5-0.5B", {p.name: p for p in tokenizer_dir.iterdir()})
+
+
+@pytest.mark.slow
+def test_paper_plan_smoke_run_reads_every_source_from_the_hub_and_finishes_every_step(
+    local_hub, paper_cloze_dir, tmp_path, monkeypatch
+):
+    import json
+
+    from conftest import REPO_ROOT, run_script
+
+    _serve_paper_sources(local_hub, tmp_path)
+    questions = tmp_path / "questions"  # a few of the paper's questions per file
+    questions.mkdir()
+    for lang in ("ko", "bo"):
+        for side in ("en", lang):
+            name = f"{lang}-culture-cloze_{side}.json"
+            items = json.loads((paper_cloze_dir / name).read_text(encoding="utf-8"))[:12]
+            (questions / name).write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    bo_pairs = tmp_path / "en-bo.jsonl"
+    bo_pairs.write_text(
+        "".join(
+            json.dumps({"en": f"Pair {i}: butter tea in Lhasa.", "bo": t}, ensure_ascii=False) + "\n"
+            for i, t in enumerate(_texts(TIBETAN_SYLLABLES, 90, 5, "་", "།")[60:])
+        ),
+        encoding="utf-8",
+    )
+    paper_data = tmp_path / "paper_data.json"
+    paper_data.write_text(json.dumps({"bo": {"pairs_files": [str(bo_pairs)]}}), encoding="utf-8")
+    out = tmp_path / "study"
+    proc = run_script(
+        [
+            sys.executable, "run_study.py", "--preset", "paper", "--smoke", "--langs", "ko", "bo",
+            "--questions_dir", str(questions), "--paper_data", str(paper_data), "--output_dir", str(out),
+            "--python", sys.executable,
+        ],
+        cwd=REPO_ROOT,
+        env_extra={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+                   "TRANSFORMERS_OFFLINE": "0"},
+        timeout=900,
+    )  # fmt: skip
+    assert "Smoke run: every step of the plan" in proc.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    done = {p.stem for p in (out / ".done").glob("*.json")}
+    assert done == {s["id"] for s in plan["steps"]}, f"steps not finished: {set(s['id'] for s in plan['steps']) - done}"
+    pretrain_stats = json.loads((out / "base" / "data_stats.json").read_text())
+    assert pretrain_stats["source"] == "wikimedia/wikipedia (20231101.en, train)" and pretrain_stats["streaming"]
+    assert pretrain_stats["tokenizer"] == {"kind": "loaded", "name": "Qwen/Qwen2.5-0.5B", "length": 600,
+                                           "eos_token": "<|endoftext|>"}  # fmt: skip
+    for lang in ("ko", "bo"):
+        stats = json.loads((out / "data" / lang / "build_stats.json").read_text())
+        assert stats["read"]["pair"] == stats["kept"]["pair"] == 30, "OPUS-100's train split / the bo pairs file"
+        assert stats["read"]["mono"] == stats["kept"]["mono"] == {"ko": 40, "bo": 30}[lang], "Wikipedia ko / MC² bo"
+        assert stats["read"]["replay"] == 80, "the English replay streamed from the Wikipedia stand-in"
+        for setting in ("bridges", "no_bridges"):
+            audit = json.loads((out / "cpt" / f"{lang}-{setting}-s0" / "packing_audit.json").read_text())
+            assert audit["pairs"]["co_located_percent"] == (100.0 if setting == "bridges" else 0.0)
+        assert (out / "transfer" / lang / "transfer.json").is_file()
+        analysed = set()
+        for corpus in ("enwiki", lang):
+            density = json.loads((out / "density" / lang / corpus / "density.json").read_text())
+            analysed |= {(r["questions"], r["source_corpus"]) for r in density["instance_analysis"]["results"]}
+        # each direction of transfer is analysed on the corpus it transfers from
+        assert analysed == {(f"{lang}-culture-cloze_{lang}", "enwiki"), (f"{lang}-culture-cloze_en", lang)}
+    assert (out / "report.md").is_file()
+    assert local_hub.unhandled == [], f"the clients made calls the stand-in does not serve: {local_hub.unhandled}"
