@@ -516,6 +516,14 @@ class StudyArguments:
             "own cluster's with bench/gpu_fsdp_check.sh."
         },
     )
+    hub_org: str | None = field(
+        default=None,
+        metadata={
+            "help": "Paper preset: push the base model, each CPT dataset and every checkpoint of every run to the "
+            "Hub under this organisation or user: ORG/<study>-base, ORG/<study>-data-<lang>, ORG/<study>-cpt-<run> "
+            "(<study> is the preset's name, with -smoke for --smoke), checkpoints as checkpoint-N folders."
+        },
+    )
     smoke: bool = field(
         default=False,
         metadata={
@@ -845,6 +853,23 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
     python = args.python
     base_dir = out / "base"
     questions_dir = Path(args.questions_dir)
+    study = preset.name + ("-smoke" if args.smoke else "")  # a smoke run's pushes never land on the real run's
+
+    def push(kind: str, name: str) -> dict:
+        """--hub_org: the push flags of a step (training steps push every checkpoint as it is saved)."""
+        if not args.hub_org:
+            return {}
+        if kind == "data":
+            return {"push_to_hub": True, "hub_dataset_id": f"{args.hub_org}/{study}-{name}"}
+        # hub_always_push: the Trainer otherwise skips a checkpoint's push while the previous one uploads, and
+        # the learning curve needs every checkpoint (run_pretrain.py dropped its last one without it).
+        return {
+            "push_to_hub": True,
+            "hub_model_id": f"{args.hub_org}/{study}-{name}",
+            "hub_strategy": "all_checkpoints",
+            "hub_always_push": True,
+        }
+
     steps: list[Step] = []
     runs: list[Run] = []
     groups: dict[str, dict] = {}
@@ -855,7 +880,7 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
             title="pretrain Qwen2.5-0.5B (architecture) on Latin-only English Wikipedia",
             command=[
                 *_launcher(args, preset, "run_pretrain.py", True),
-                *_flags(dict(preset.pretrain, output_dir=str(base_dir), seed=0)),
+                *_flags(dict(preset.pretrain, output_dir=str(base_dir), seed=0, **push("model", "base"))),
             ],
             outputs=[str(base_dir / "config.json")],
             workdir=str(base_dir),
@@ -889,6 +914,7 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
             tokenizer_name=str(base_dir),
             output_dir=str(data_dir),
             seed=0,
+            **push("data", f"data-{lang}"),
         )
         steps.append(
             Step(
@@ -940,6 +966,7 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                     output_dir=str(run_dir),
                     run_name=f"{lang}-{setting}-s{seed}",
                     seed=seed,
+                    **push("model", f"cpt-{lang}-{setting}-s{seed}"),
                 )
                 steps.append(
                     Step(
@@ -2810,6 +2837,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset not in PRESETS:
         parser.error(f"--preset must be one of {', '.join(PRESETS)} (got {args.preset!r})")
     preset = PRESETS[args.preset]
+    if args.hub_org and preset.synthetic:
+        parser.error("--hub_org applies to the paper preset only (synthetic presets never touch the Hub)")
     if args.variants and not preset.synthetic:
         parser.error("--variants applies to the synthetic presets only")
     for setting in args.anchor_settings or []:

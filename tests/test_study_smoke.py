@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -32,7 +33,7 @@ def _plans(preset_name: str, tmp_path, on_gpu: bool, **arguments):
     args = StudyArguments(preset=preset_name, **arguments)
     full = build_plan(args, PRESETS[preset_name], tmp_path / "full")
     smoke, cuts = smoke_preset(PRESETS[preset_name], on_gpu=on_gpu)
-    return full, build_plan(args, smoke, tmp_path / "smoke"), cuts
+    return full, build_plan(replace(args, smoke=True), smoke, tmp_path / "smoke"), cuts
 
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])
@@ -94,6 +95,28 @@ def test_paper_smoke_plan_reads_the_same_hub_datasets_and_columns_as_the_full_pl
     assert pretrain["--dataset_name"] == ["wikimedia/wikipedia"] and "--streaming" in pretrain
     assert pretrain["--config_name"] == ["configs/tiny.json"] and pretrain["--block_size"] == ["128"]
     assert "--bf16" not in pretrain, "no bf16 without a GPU"
+
+
+def test_smoke_pushes_go_to_their_own_hub_repositories(tmp_path):
+    full, smoke, _ = _plans("paper", tmp_path, on_gpu=False, hub_org="org", langs=["bo"])
+    ids = {
+        plan_name: sorted(
+            value
+            for step in plan.steps
+            for flag, values in _split(step.command)[2].items()
+            if flag in ("--hub_model_id", "--hub_dataset_id")
+            for value in values
+        )
+        for plan_name, plan in (("full", full), ("smoke", smoke))
+    }
+    assert ids["full"] == ["org/paper-base", "org/paper-cpt-bo-bridges-s0", "org/paper-cpt-bo-no_bridges-s0",
+                           "org/paper-data-bo"]  # fmt: skip
+    assert ids["smoke"] == [name.replace("org/paper-", "org/paper-smoke-") for name in ids["full"]]
+    for step in smoke.steps:
+        flags = _split(step.command)[2]
+        if step.trains:
+            assert flags["--hub_strategy"] == ["all_checkpoints"] and "--push_to_hub" in flags, step.id
+            assert "--hub_always_push" in flags, "no checkpoint push is skipped while another uploads"
 
 
 def test_smoke_outputs_go_to_their_own_folder_and_the_printed_plan_names_the_cuts(tmp_path, capsys, monkeypatch):
@@ -210,7 +233,7 @@ def _serve_paper_sources(hub, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_paper_plan_smoke_run_reads_every_source_from_the_hub_and_finishes_every_step(
+def test_paper_plan_smoke_run_reads_every_source_from_the_hub_finishes_every_step_and_pushes_what_probes_the_same(
     local_hub, paper_cloze_dir, tmp_path, monkeypatch
 ):
     import json
@@ -240,7 +263,7 @@ def test_paper_plan_smoke_run_reads_every_source_from_the_hub_and_finishes_every
         [
             sys.executable, "run_study.py", "--preset", "paper", "--smoke", "--langs", "ko", "bo",
             "--questions_dir", str(questions), "--paper_data", str(paper_data), "--output_dir", str(out),
-            "--python", sys.executable,
+            "--python", sys.executable, "--hub_org", "smoke-org",
         ],
         cwd=REPO_ROOT,
         env_extra={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
@@ -271,4 +294,34 @@ def test_paper_plan_smoke_run_reads_every_source_from_the_hub_and_finishes_every
         # each direction of transfer is analysed on the corpus it transfers from
         assert analysed == {(f"{lang}-culture-cloze_{lang}", "enwiki"), (f"{lang}-culture-cloze_en", lang)}
     assert (out / "report.md").is_file()
+
+    # Pushed: each CPT dataset with its card, the base model and every checkpoint of every run.
+    for lang in ("ko", "bo"):
+        files = local_hub.files(f"smoke-org/paper-smoke-data-{lang}", "datasets")
+        assert "README.md" in files and any(f.endswith(".parquet") for f in files), files
+    for name in ("base", "cpt-ko-bridges-s0", "cpt-ko-no_bridges-s0", "cpt-bo-bridges-s0", "cpt-bo-no_bridges-s0"):
+        files = local_hub.files(f"smoke-org/paper-smoke-{name}")
+        for folder in ("", "checkpoint-2/", "checkpoint-4/"):
+            assert {f"{folder}config.json", f"{folder}model.safetensors"} <= set(files), (name, folder, files)
+        assert "README.md" in files
+    # A fresh probe of the pushed checkpoints, pulled from the Hub into an empty cache, scores as the local one.
+    pulled = tmp_path / "pulled-eval"
+    run_script(
+        [
+            sys.executable, "run_eval.py", "--model_name_or_path", "smoke-org/paper-smoke-cpt-ko-bridges-s0",
+            "--questions", str(questions / "ko-culture-cloze_en.json"), str(questions / "ko-culture-cloze_ko.json"),
+            "--batch_size", "16", "--dtype", "float32", "--output_dir", str(pulled),
+        ],
+        cwd=REPO_ROOT,
+        env_extra={"HF_HOME": str(tmp_path / "hf_home_fresh"), "HF_HUB_OFFLINE": "0"},
+    )  # fmt: skip
+    local = json.loads((out / "cpt" / "ko-bridges-s0" / "eval" / "accuracy.json").read_text())
+    remote = json.loads((pulled / "accuracy.json").read_text())
+    assert [c["path"] for c in remote["checkpoints"]] == [
+        f"smoke-org/paper-smoke-cpt-ko-bridges-s0/checkpoint-{step}" for step in (2, 4)
+    ]
+    assert [(c["step"], c["accuracy"]) for c in remote["checkpoints"]] == [
+        (c["step"], c["accuracy"]) for c in local["checkpoints"]
+    ]
+    assert remote["cpt_setting"] == local["cpt_setting"], "the pushed checkpoints carry their CPT setting"
     assert local_hub.unhandled == [], f"the clients made calls the stand-in does not serve: {local_hub.unhandled}"
