@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -203,6 +204,13 @@ class BuildArguments:
         default=1,
         metadata={"help": "Fewest kept pairs a dataset may have; fewer is an error (too few to mean anything)."},
     )
+    max_records_per_input: int | None = field(
+        default=None,
+        metadata={
+            "help": "Read at most N records of each input file or dataset (a smoke run's budget: the first N, in "
+            "input order). build_stats.json records the cap and which inputs reached it. Default: every record."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the replay draw."})
     streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them whole."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for the checks (tokenization, scripts)."})
@@ -343,14 +351,21 @@ def generate_raw_records(args: BuildArguments, tgt_column: str):
         counters[kind] += 1
         return item
 
+    def capped(items):
+        """The first --max_records_per_input items of one input (all of them without a cap)."""
+        return items if args.max_records_per_input is None else itertools.islice(items, args.max_records_per_input)
+
     for number, (kind, name, is_file) in enumerate(input_sources(args)):
         prefix = ARGUMENT_PREFIX[kind]
         if is_file and kind == "pair":
-            for en, tgt, where in read_pair_file(name, args.en_column, tgt_column):
+            for en, tgt, where in capped(read_pair_file(name, args.en_column, tgt_column)):
                 yield record(kind, number, where, en=en, tgt=tgt)
         elif is_file:
-            for line_number, text in enumerate(
-                read_documents(name, getattr(args, f"{kind}_text_column"), column_flag=f"--{kind}_text_column"), start=1
+            for line_number, text in capped(
+                enumerate(
+                    read_documents(name, getattr(args, f"{kind}_text_column"), column_flag=f"--{kind}_text_column"),
+                    start=1,
+                )
             ):
                 # read_documents skips blank .txt lines; the count is the document number.
                 yield record(kind, number, f"{name}#{line_number}", text=text)
@@ -363,7 +378,7 @@ def generate_raw_records(args: BuildArguments, tgt_column: str):
                 args.streaming,
                 getattr(args, f"{prefix}_data_files"),
             )
-            for row_number, row in enumerate(rows):
+            for row_number, row in capped(enumerate(rows)):
                 where = f"{name}/{split}:{row_number}"
                 if kind == "pair":
                     yield record(
@@ -536,8 +551,11 @@ def to_output_record(batch):
 # --------------------------------------------------------------------------------------
 
 
-def count_per_input(input_numbers: np.ndarray, codes: np.ndarray, sources: list[InputSource]) -> list[dict]:
-    """Read, kept and dropped-by-reason counts of every input the user gave (files and datasets)."""
+def count_per_input(
+    input_numbers: np.ndarray, codes: np.ndarray, sources: list[InputSource], cap: int | None = None
+) -> list[dict]:
+    """Read, kept and dropped-by-reason counts of every input the user gave (files and datasets), and whether
+    reading stopped at --max_records_per_input (``cap``)."""
     n_codes = len(REASON_CODES)
     table = np.bincount(input_numbers.astype(np.int64) * n_codes + codes, minlength=len(sources) * n_codes)
     table = table.reshape(len(sources), n_codes)
@@ -548,6 +566,7 @@ def count_per_input(input_numbers: np.ndarray, codes: np.ndarray, sources: list[
             "read": int(table[number].sum()),
             "kept": int(table[number, 0]),
             "dropped": {reason: int(table[number, REASON_CODES[reason]]) for reason in DROP_REASONS[kind]},
+            "reached_max_records": cap is not None and int(table[number].sum()) >= cap,
         }
         for number, (kind, name, _) in enumerate(sources)
     ]
@@ -658,6 +677,8 @@ def push_dataset(output_dir: Path, repo_id: str, private: bool, shard_bytes: flo
 
 
 def validate(args: BuildArguments) -> None:
+    if args.max_records_per_input is not None and args.max_records_per_input < 1:
+        raise ValueError(f"--max_records_per_input must be at least 1, got {args.max_records_per_input}.")
     for prefix in ("mono", "pairs", "replay"):
         if getattr(args, f"{prefix}_data_files") and not getattr(args, f"{prefix}_dataset"):
             raise ValueError(
@@ -802,7 +823,11 @@ def main(argv: list[str] | None = None) -> Path:
 
         # 5. Every input the user gave must keep something, and the pairs must be enough.
         sources = input_sources(args)
-        per_input = count_per_input(table.column("input").to_numpy(), codes, sources)
+        per_input = count_per_input(table.column("input").to_numpy(), codes, sources, args.max_records_per_input)
+        for entry in per_input:
+            if entry["reached_max_records"]:
+                logger.warning("%s: read only its first %d records (--max_records_per_input).", entry["input"],
+                               args.max_records_per_input)  # fmt: skip
         refuse_inputs_that_keep_nothing(per_input, args, target_script, output_dir)
         kept_pairs = int((kept & (kind_codes == pair)).sum())
         if kept_pairs < args.min_pairs:
@@ -845,6 +870,7 @@ def main(argv: list[str] | None = None) -> Path:
                 for k, kind in enumerate(KINDS)
             },
             "inputs": per_input,
+            "max_records_per_input": args.max_records_per_input,
             "replay": replay_stats,
             "eval_questions": {
                 "files": args.eval_questions or [],

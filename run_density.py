@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -114,6 +115,13 @@ class DensityArguments:
     )
     corpus_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --corpus_dataset."})
     corpus_split: str = field(default="train", metadata={"help": "Split of --corpus_dataset."})
+    max_documents: int | None = field(
+        default=None,
+        metadata={
+            "help": "Index only the first N documents of each corpus (a smoke run's budget; the density is then a "
+            "share of those N, recorded in density.json and in the index fingerprint). Default: every document."
+        },
+    )
     corpus_data_files: list[str] | None = field(
         default=None,
         metadata={"help": "Files of --corpus_dataset to read (e.g. one language's file of MC^2); default: all."},
@@ -890,7 +898,9 @@ def lucene_bm25_scores(tf, doc_lengths, df, num_docs, avg_length, k1, b):
 SHARD_MAX_TOKENS = 1 << 24
 
 
-def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict) -> None:
+def build_index(
+    corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict, max_documents: int | None = None
+) -> None:
     """Stream ``corpus`` once and write a ShardedBM25 index to ``directory`` (replaced atomically)."""
     building = directory.parent / f".{directory.name}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
@@ -921,7 +931,10 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
 
         vocab_get = vocab.get
         progress = tqdm(desc=f"Indexing {corpus.label}", unit="doc")
-        for text, file_number, offset in corpus.iter_documents(skipped):
+        documents = corpus.iter_documents(skipped)
+        if max_documents is not None:  # the first N documents only (a smoke run's budget)
+            documents = itertools.islice(documents, max_documents)
+        for text, file_number, offset in documents:
             tokens = _tokens_and_kind_units(text, kind_units)
             ids = list(map(vocab_get, tokens))
             if None in ids:  # new tokens (rare once the vocabulary has warmed up)
@@ -1015,6 +1028,7 @@ def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[Sharde
         "bm25": {"method": "lucene", "k1": args.bm25_k1, "b": args.bm25_b},
         "shard_size": args.shard_size,
         "shard_max_tokens": SHARD_MAX_TOKENS,
+        "max_documents": args.max_documents,
     }
     directory = index_root / corpus.label
     meta_path = directory / "meta.json"
@@ -1032,7 +1046,11 @@ def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[Sharde
         )
     else:
         logger.info("Building the index of corpus %r at %s (no index there yet).", corpus.label, directory)
-    build_index(corpus, directory, args.shard_size, args.bm25_k1, args.bm25_b, fingerprint)
+    if args.max_documents is not None:
+        logger.warning(
+            "Corpus %r: indexing only its first %d documents (--max_documents).", corpus.label, args.max_documents
+        )
+    build_index(corpus, directory, args.shard_size, args.bm25_k1, args.bm25_b, fingerprint, args.max_documents)
     return ShardedBM25(directory), False
 
 
@@ -1430,6 +1448,8 @@ def validate(args: DensityArguments) -> None:
         raise ValueError("--judge_min_key_fraction must lie in [0, 1].")
     if bool(args.predictions_with) != bool(args.predictions_without):
         raise ValueError("Give both --predictions_with and --predictions_without (or neither).")
+    if args.max_documents is not None and args.max_documents < 1:
+        raise ValueError(f"--max_documents must be at least 1, got {args.max_documents}.")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1047,6 +1047,10 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_step": tokens_per_step,
         "seed": training_args.seed,
     }
+    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
+        # A checkpoint is skipped while the previous upload runs unless this is set (the smoke run's push
+        # lost the last checkpoint this way); a learning curve needs every one.
+        training_args.hub_always_push = True
     throughput = ThroughputCallback(tokens_per_step)
     trainer = PretrainTrainer(
         model=model,

@@ -372,7 +372,7 @@ SMOKE_BUDGETS: dict[str, dict] = {
         logging_steps=1,
         shuffle_buffer_size=16,
     ),
-    "build": dict(block_size=128, num_proc=2),
+    "build": dict(block_size=128, num_proc=2, max_records_per_input=200),
     "cpt": dict(
         block_size=128,
         max_steps=4,
@@ -383,8 +383,11 @@ SMOKE_BUDGETS: dict[str, dict] = {
         logging_steps=1,
     ),
     "eval": dict(batch_size=16),
-    "density": dict(top_k=5),
+    "density": dict(top_k=5, max_documents=2000),
 }
+#: Flags that exist to cut a budget: a smoke run adds them although the full run leaves them out (reading a few
+#: records of each input, indexing a few documents of each corpus, instead of whole Wikipedia dumps).
+SMOKE_ONLY_FLAGS = {"max_records_per_input", "max_documents"}
 #: Without a GPU a smoke run also trains and probes in float32 (bfloat16 on a CPU only slows it down).
 SMOKE_CPU_PRECISION: dict[str, dict] = {
     "pretrain": dict(bf16=False),
@@ -410,11 +413,12 @@ def smoke_preset(preset: Preset, on_gpu: bool) -> tuple[Preset, list[str]]:
         full = getattr(preset, kind)
         budget = dict(SMOKE_BUDGETS[kind], **({} if on_gpu else SMOKE_CPU_PRECISION.get(kind, {})))
         # Only flags the full run passes are cut (a flag it leaves at its default stays there), except the
-        # shuffle buffer of a streamed pretraining, which would otherwise read 10,000 windows before step 1.
+        # budget-only flags and the shuffle buffer of a streamed pretraining, which would otherwise read
+        # 10,000 windows before step 1.
         budget = {
             key: value
             for key, value in budget.items()
-            if key in full or (key == "shuffle_buffer_size" and full.get("streaming"))
+            if key in full or key in SMOKE_ONLY_FLAGS or (key == "shuffle_buffer_size" and full.get("streaming"))
         }
         cut = dict(full)
         for key, value in budget.items():

@@ -348,3 +348,13 @@ def test_default_locations_read_the_base_model_of_run_pretrain_and_write_where_r
     output = build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs_file)])
     assert output == (tmp_path / "runs" / "data-bo").resolve()
     assert stats(output)["kept"]["pair"] == 4 and stats(output)["tokenizer"] == "runs/pretrain"
+
+
+def test_max_records_per_input_reads_the_first_n_of_each_input_and_records_which_reached_it(tmp_path, tiny_model_dir):
+    output = build(tmp_path, tiny_model_dir, "--max_records_per_input", "3", mono=BO[:2])
+    recorded = stats(output)
+    assert recorded["max_records_per_input"] == 3
+    by_kind = {entry["kind"]: entry for entry in recorded["inputs"]}
+    assert (by_kind["pair"]["read"], by_kind["pair"]["reached_max_records"]) == (3, True)
+    assert (by_kind["mono"]["read"], by_kind["mono"]["reached_max_records"]) == (2, False)
+    assert [r["en"] for r in load_from_disk(str(output)) if r["kind"] == "pair"] == EN[:3]  # the first three, in order

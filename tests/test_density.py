@@ -824,3 +824,20 @@ def test_judge_recall_script_counts_every_planted_statement_of_a_world(tmp_path)
     entities_named_alone = len(facts)  # one filler document per object entity (--mono_mentions 1)
     assert rows["target"][6] == str(entities_named_alone) and rows["English"][6] == "0"
     assert "not retrieved 0" in proc.stdout
+
+
+def test_max_documents_indexes_only_the_first_n_documents_and_the_density_is_a_share_of_them(tmp_path):
+    questions = tmp_path / "firstn_en.json"
+    questions.write_text(
+        json.dumps([{"question": "Chuseok falls in ____.", "options": ["autumn"], "answer": "autumn"}])
+    )
+    corpus = tmp_path / "firstn.txt"
+    corpus.write_text("unrelated words here\n" * 3 + "Chuseok falls in autumn.\n" * 6, encoding="utf-8")
+    arguments = ["--questions", str(questions), "--corpus_files", str(corpus), "--output_dir", str(tmp_path / "out")]
+    report = run_main(tmp_path, [*arguments, "--max_documents", "5"])
+    assert report["corpus"]["documents"] == 5 and report["questions"][0]["occurrences"] == 2
+    assert report["setting"]["max_documents"] == 5
+    # another budget is another index: the full corpus is indexed again, not read from the capped one
+    report = run_main(tmp_path, arguments)
+    assert report["corpus"]["documents"] == 9 and report["questions"][0]["occurrences"] == 6
+    assert report["corpus"]["index"]["reused"] is False

@@ -682,18 +682,22 @@ def test_push_to_hub_uploads_the_model_and_a_card_with_the_setting(corpus_dir, t
             str(output_dir),
             "--max_steps",
             "2",
-            "--save_strategy",
-            "no",
+            "--save_steps",
+            "1",
             "--per_device_train_batch_size",
             "2",
             "--push_to_hub",
             "--hub_model_id",
             "study/latin-base",
+            "--hub_strategy",
+            "all_checkpoints",
         ],  # fmt: skip
         env_extra={"HF_DATASETS_CACHE": str(tmp_path)},
     )
     files = local_hub.files("study/latin-base", "models")
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    # every checkpoint of the learning curve, the last one too (the Trainer skips a push while one uploads)
+    assert {"checkpoint-1/model.safetensors", "checkpoint-2/model.safetensors"} <= set(files)
     card = (local_hub.root / "models" / "study/latin-base" / "README.md").read_text()
     assert "| optimizer steps | 2 |" in card and f"| data | {corpus_dir / 'corpus.txt'} |" in card
     assert "| script filter | latin (chars) |" in card

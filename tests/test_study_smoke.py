@@ -54,9 +54,17 @@ def test_smoke_plan_has_the_full_plans_steps_scripts_and_data_and_differs_only_i
             assert not on_gpu and full_step.trains and full_launcher[:2] == ["accelerate", "launch"], full_step.id
             assert smoke_launcher == ["python"]
         added = set(smoke_flags) - set(full_flags)
-        assert added <= {"--shuffle_buffer_size"}, f"{full_step.id}: smoke adds {added}"
-        if added:
+        budget_only = {f"--{flag}" for flag in run_study.SMOKE_ONLY_FLAGS}
+        assert added <= {"--shuffle_buffer_size"} | budget_only, f"{full_step.id}: smoke adds {added}"
+        if "--shuffle_buffer_size" in added:
             assert "--streaming" in full_flags, "only a streamed pretraining gets a smaller shuffle buffer"
+        # every input of a build and every corpus of a density step is read only in part
+        if full_step.kind == "build":
+            assert smoke_flags["--max_records_per_input"] == [
+                str(run_study.SMOKE_BUDGETS["build"]["max_records_per_input"])
+            ]
+        if full_step.kind == "density":
+            assert smoke_flags["--max_documents"] == [str(run_study.SMOKE_BUDGETS["density"]["max_documents"])]
         for flag, full_values in full_flags.items():
             smoke_values = smoke_flags.get(flag)
             if flag not in BUDGET_FLAGS:
