@@ -97,8 +97,9 @@ class EvalArguments:
             "help": "What to probe: a model directory (evaluated as one checkpoint; its step is trainer_state.json's "
             "global_step, else 0), a run directory (every checkpoint-N inside in step order, then the final model "
             "with its step from the run's trainer_state.json; a final model at the step of a checkpoint is skipped "
-            "as a duplicate), or a Hub model repo id (its checkpoint-N folders and root model, downloaded one at a "
-            "time; offline, the folders of the cached snapshot)."
+            "as a duplicate), or a Hub model repo id (its checkpoint-N folders and root model, and without --revision "
+            "every branch holding a model, e.g. step-1000, recorded as org/name@branch; downloaded one at a time; "
+            "offline, the folders of the cached snapshot)."
         },
     )
     questions: list[str] | None = field(
@@ -466,6 +467,14 @@ class Checkpoint:
     local_dir: Path | None = None  # None until downloaded (Hub)
     hub_repo: str | None = None
     hub_patterns: list[str] | None = None
+    hub_revision: str | None = None  # a checkpoint published as a branch of the repo (path 'org/name@branch')
+
+    @property
+    def hub_folder(self) -> str:
+        """The checkpoint's folder inside its Hub revision ('' for a root model)."""
+        if self.hub_revision is not None:
+            return ""
+        return self.path[len(self.hub_repo) + 1 :]
 
 
 def _global_step(trainer_state: Path) -> int | None:
@@ -548,9 +557,7 @@ def _hub_checkpoints(repo_id: str, revision: str | None) -> tuple[list[Checkpoin
         state = snapshot_download(repo_id, revision=revision, allow_patterns=["trainer_state.json"])
         root_step = _global_step(Path(state) / "trainer_state.json")
     found, skipped = _checkpoints_in_listing(names, "config.json" in root_files, root_step, repo_id)
-    if not found:
-        raise FileNotFoundError(f"Hub repo {repo_id}: no config.json and no checkpoint-N/config.json.")
-    return [
+    checkpoints = [
         Checkpoint(
             step,
             f"{repo_id}/{name}" if name else repo_id,
@@ -559,7 +566,46 @@ def _hub_checkpoints(repo_id: str, revision: str | None) -> tuple[list[Checkpoin
             hub_patterns=([f"{name}/*"] if name else root_files) + list(ROOT_TOKENIZER_PATTERNS),
         )
         for step, name in found
-    ], skipped
+    ]
+    if revision is None:  # a learning curve may also be published as one branch per checkpoint
+        branch_checkpoints, branch_skipped = _hub_branch_checkpoints(repo_id, {c.step for c in checkpoints})
+        checkpoints = sorted(checkpoints + branch_checkpoints, key=lambda c: c.step)
+        skipped += branch_skipped
+    if not checkpoints:
+        raise FileNotFoundError(f"Hub repo {repo_id}: no config.json and no checkpoint-N/config.json.")
+    return checkpoints, skipped
+
+
+BRANCH_STEP = re.compile(r"^(?:step|checkpoint)[-_]?(\d+)$")
+
+
+def _hub_branch_checkpoints(repo_id: str, steps_found: set[int]) -> tuple[list[Checkpoint], list[dict]]:
+    """Checkpoints published as branches (e.g. ``step-1000``): a branch whose root holds a model. Its step is
+    its trainer_state.json global_step, else the number in its name (``step-N``, ``checkpoint-N``)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()
+    checkpoints, skipped = [], []
+    for branch in sorted(ref.name for ref in api.list_repo_refs(repo_id).branches if ref.name != "main"):
+        files = api.list_repo_files(repo_id, revision=branch)
+        where = f"{repo_id}@{branch}"
+        if "config.json" not in files:
+            continue  # a branch without a model at its root is not a checkpoint
+        step = None
+        if "trainer_state.json" in files:
+            state = snapshot_download(repo_id, revision=branch, allow_patterns=["trainer_state.json"])
+            step = _global_step(Path(state) / "trainer_state.json")
+        if step is None and (match := BRANCH_STEP.match(branch)):
+            step = int(match.group(1))
+        if step is None:
+            skipped.append({"path": where, "reason": "branch without trainer_state.json or a step in its name"})
+        elif step in steps_found:
+            skipped.append({"path": where, "reason": f"duplicates the checkpoint of step {step}"})
+        else:
+            steps_found.add(step)
+            root_files = [f for f in files if "/" not in f]
+            checkpoints.append(Checkpoint(step, where, hub_repo=repo_id, hub_patterns=root_files, hub_revision=branch))
+    return checkpoints, skipped
 
 
 def _materialise(checkpoint: Checkpoint, revision: str | None) -> Path:
@@ -567,9 +613,13 @@ def _materialise(checkpoint: Checkpoint, revision: str | None) -> Path:
         from huggingface_hub import snapshot_download
 
         snapshot = Path(
-            snapshot_download(checkpoint.hub_repo, revision=revision, allow_patterns=checkpoint.hub_patterns)
+            snapshot_download(
+                checkpoint.hub_repo,
+                revision=checkpoint.hub_revision or revision,
+                allow_patterns=checkpoint.hub_patterns,
+            )
         )
-        name = checkpoint.path[len(checkpoint.hub_repo) + 1 :]
+        name = checkpoint.hub_folder
         checkpoint.local_dir = snapshot / name if name else snapshot
     return checkpoint.local_dir
 
@@ -583,8 +633,14 @@ def read_cpt_setting(model_name_or_path: str, checkpoints: list[Checkpoint]) -> 
     if hub and not any(c.is_file() for c in candidates):
         from huggingface_hub import hf_hub_download
 
-        name = hub[-1].path[len(hub[-1].hub_repo) + 1 :]
-        candidates.append(Path(hf_hub_download(hub[-1].hub_repo, f"{name}/config.json" if name else "config.json")))
+        name = hub[-1].hub_folder
+        candidates.append(
+            Path(
+                hf_hub_download(
+                    hub[-1].hub_repo, f"{name}/config.json" if name else "config.json", revision=hub[-1].hub_revision
+                )
+            )
+        )
     for config in candidates:
         if config.is_file():
             setting = json.loads(config.read_text()).get("cpt_setting")

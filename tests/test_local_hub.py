@@ -215,3 +215,42 @@ def test_one_languages_file_of_a_gated_corpus_is_all_build_pairs_and_run_density
 
     documents = [text for text, _, _ in corpus.iter_documents(Counter())]
     assert documents == mongolian
+
+
+def test_run_eval_probes_a_learning_curve_published_as_folders_and_as_branches(online_hub, tmp_path):
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    import run_eval
+
+    questions = tmp_path / "curve_en.json"
+    questions.write_text(
+        json.dumps([{"question": "Tea is ____.", "options": ["hot", "cold"], "answer": "hot"}] * 3), encoding="utf-8"
+    )
+    models = {}
+    for step in (10, 20, 30):
+        models[step] = build_tiny_model(tmp_path / f"step{step}", seed=step)
+        (models[step] / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    api = HfApi()
+    api.create_repo("org/curve-branches", exist_ok=True)
+    api.upload_folder(repo_id="org/curve-branches", folder_path=str(models[10]), path_in_repo="checkpoint-10")
+    api.upload_folder(repo_id="org/curve-branches", folder_path=str(models[30]))  # the final model, step 30
+    api.create_branch("org/curve-branches", branch="step-20")
+    api.upload_folder(repo_id="org/curve-branches", folder_path=str(models[20]), revision="step-20")
+    shutil.rmtree(tmp_path / "step20")  # nothing local: the branch must be read from the Hub
+
+    output = tmp_path / "eval"
+    run_eval.main(
+        ["--model_name_or_path", "org/curve-branches", "--questions", str(questions), "--output_dir", str(output)]
+    )
+    accuracy = json.loads((output / "accuracy.json").read_text())
+    assert [(e["step"], e["path"]) for e in accuracy["checkpoints"]] == [
+        (10, "org/curve-branches/checkpoint-10"),
+        (20, "org/curve-branches@step-20"),
+        (30, "org/curve-branches"),
+    ]
+    # each checkpoint was scored with its own weights: the branch's scores are those of the step-20 model
+    rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
+    scores = {row["step"]: row["scores"] for row in rows if row["index"] == 0}
+    assert scores[10] != scores[20] != scores[30]
