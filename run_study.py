@@ -359,29 +359,25 @@ MEASURED_THROUGHPUT_SOURCE = (
 #: (same scripts, data sources, columns, tokenizer, launch config). A few training steps with a checkpoint
 #: between them (so every checkpoint-reading step reads more than one), short windows, a tiny model of the same
 #: architecture family, small batches and buffers. tests/test_study_smoke.py compares the two plans flag by flag.
+#: The training budget of a smoke run, the same for pretraining and CPT.
+_SMOKE_TRAINING = dict(
+    block_size=128,
+    max_steps=4,
+    save_steps=2,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=1,
+    warmup_steps=1,
+    logging_steps=1,
+)
 SMOKE_BUDGETS: dict[str, dict] = {
     "pretrain": dict(
         config_name="configs/tiny.json",
         config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2",
-        block_size=128,
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        warmup_steps=1,
-        logging_steps=1,
+        **_SMOKE_TRAINING,
         shuffle_buffer_size=16,
     ),
     "build": dict(block_size=128, num_proc=2, max_records_per_input=200),
-    "cpt": dict(
-        block_size=128,
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        warmup_steps=1,
-        logging_steps=1,
-    ),
+    "cpt": dict(_SMOKE_TRAINING),
     "eval": dict(batch_size=16),
     "density": dict(top_k=5, max_documents=2000),
 }
