@@ -11,17 +11,22 @@ here, once:
 * model and dataset cards that record the setting a run used;
 * the batch layout of packed windows for each attention implementation (``packed_batch``), and the
   guard that keeps a flash kernel from ever seeing several rows without sequence boundaries;
-* the default locations where each step writes and the next one reads (``runs/...``).
+* the default locations where each step writes and the next one reads (``runs/...``);
+* the layout of a parallel pair in a context window (``pair_first_side``, ``pair_segments``);
+* the conventions every script follows: one log format (``setup_logging``) and one way a bad input
+  ends a run (``InputError`` -> ``script.py: error: ...``, exit status 2: ``exit_on_input_error``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import regex
@@ -489,3 +494,79 @@ def output_dir_given(argv: list[str] | None) -> bool:
     if len(args) == 1 and args[0].endswith(".json"):
         return "output_dir" in json.loads(Path(args[0]).read_text(encoding="utf-8"))
     return any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in args)
+
+
+# --------------------------------------------------------------------------------------
+# A parallel pair in a context window (build_pairs.py, run_cpt.py, run_eval.py)
+# --------------------------------------------------------------------------------------
+
+PAIR_ORDERS = ("en_first", "tgt_first", "random")
+
+
+def pair_first_side(pair_id: int, order: str, seed: int) -> str:
+    """ "en" or "tgt": which side of pair ``pair_id`` comes first (a seeded coin per pair for ``random``)."""
+    if order == "en_first":
+        return "en"
+    if order == "tgt_first":
+        return "tgt"
+    if order != "random":
+        raise ValueError(f"pair_order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}.")
+    return "en" if hashlib.sha256(f"pair-order/{seed}/{pair_id}".encode()).digest()[0] % 2 == 0 else "tgt"
+
+
+def pair_segments(first: list[int], second: list[int], start_id: int, separator_ids: list[int]) -> list[list[int]]:
+    """The two segments of a parallel pair: ``[start] + first + separator`` and ``[start] + second``.
+
+    With bridges the two are one document (adjacent in one window, positions continuing); without
+    bridges they are two documents. Either way these are the tokens, so both settings train on the
+    same multiset."""
+    return [[start_id, *first, *separator_ids], [start_id, *second]]
+
+
+def pair_token_count(first_tokens: int, second_tokens: int, separator_tokens: int = 0) -> int:
+    """Tokens of ``pair_segments``: the text tokens, the separator and one start token per side."""
+    return first_tokens + separator_tokens + second_tokens + 2
+
+
+# --------------------------------------------------------------------------------------
+# Conventions of every script: logging and bad input
+# --------------------------------------------------------------------------------------
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(training_args=None, level: str | int = logging.INFO) -> None:
+    """One log format for every script, on stdout.
+
+    With ``training_args`` (a TrainingArguments) the levels follow the Trainer's per-process rule, as in
+    transformers' examples: the main process logs at INFO (or --log_level), the others at WARNING (or
+    --log_level_replica); transformers' and datasets' loggers follow."""
+    if training_args is not None:
+        level = training_args.get_process_log_level()
+        if training_args.should_log and level > logging.INFO and training_args.log_level == "passive":
+            level = logging.INFO
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout, level=level, force=True)
+    if training_args is not None:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.set_verbosity(level)
+        datasets.utils.logging.set_verbosity(level)
+
+
+class InputError(ValueError):
+    """What the user gave is wrong (a file, line, item, column, flag or size); the message names it and
+    says what to do. Scripts may also raise ValueError or FileNotFoundError for the same purpose."""
+
+
+def exit_on_input_error(main: Callable[[], object]) -> None:
+    """Run a script's ``main()`` from ``__main__``: a bad input (``InputError``, ``ValueError``,
+    ``FileNotFoundError``) is printed as ``<script>: error: <message>`` and exits with status 2, as
+    argparse does for a bad flag, instead of a traceback. An int that ``main`` returns is the exit status."""
+    prog = Path(sys.argv[0]).name
+    try:
+        result = main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
