@@ -67,10 +67,10 @@ from transformers import HfArgumentParser
 
 from study_common import (
     LANGUAGE_SCRIPTS,
-    _text_of,
     check_document_suffix,
     read_documents,
     read_json_records,
+    text_of,
     write_json_atomic,
     write_text_atomic,
 )
@@ -641,7 +641,7 @@ class FileCorpus:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-            return _text_of(record, self.text_column, where, "--corpus_text_column")
+            return text_of(record, self.text_column, where, "--corpus_text_column")
         return line.rstrip("\n").rstrip("\r")
 
     def _read_whole(self, path: Path) -> Iterator[str]:

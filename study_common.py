@@ -212,7 +212,7 @@ def read_documents(
         raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
     if suffix in (".json", ".jsonl"):
         for where, record in read_json_records(path):
-            yield _text_of(record, text_column, where, column_flag)
+            yield text_of(record, text_column, where, column_flag)
     elif suffix in (".csv", ".tsv"):
         yield from _read_delimited_column(path, text_column, "\t" if suffix == ".tsv" else ",", column_flag)
     else:  # plain text: one document per non-empty line
@@ -255,7 +255,7 @@ def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag:
             raise ValueError(f"{path}:{reader.line_num}: not valid {kind} ({err}). Fix the quoting.") from err
 
 
-def _text_of(record, text_column: str, where: str, column_flag: str | None = "--text_column") -> str:
+def text_of(record, text_column: str, where: str, column_flag: str | None = "--text_column") -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict) or text_column not in record:
