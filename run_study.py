@@ -38,7 +38,6 @@ Usage::
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
 import os
@@ -51,10 +50,10 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from study_common import write_json_atomic, write_text_atomic
+from study_report import SETTINGS, VARIANT_TITLES, fmt_time, read_step_seconds, utc_now, write_report
 
 REPO_DIR = Path(__file__).resolve().parent
 #: The paper's questions come from its public release; the default folder is in the repository's own (git-ignored)
@@ -65,8 +64,6 @@ PAPER_QUESTIONS_FETCH = (
     f"git clone --depth 1 {PAPER_QUESTIONS_REPO} /tmp/clc && mkdir -p {PAPER_QUESTIONS_DIR} && "
     f"cp /tmp/clc/data/*-culture-cloze_*.json {PAPER_QUESTIONS_DIR}/"
 )
-SETTINGS = (("bridges", True), ("no_bridges", False))
-VARIANT_TITLES = {"native": "native-script names (control)", "anchors": "shared Latin names (anchors)"}
 
 # --------------------------------------------------------------------------------------
 # Presets
@@ -722,12 +719,11 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                 )
             )
             group_runs = []
-            settings = [
-                (name, bridges) for name, bridges in SETTINGS if variant != "anchors" or name in anchor_settings
-            ]
-            group["settings"] = [name for name, _ in settings]
+            settings = [name for name in SETTINGS if variant != "anchors" or name in anchor_settings]
+            group["settings"] = settings
             for seed in seeds:
-                for setting, bridges in settings:
+                for setting in settings:
+                    bridges = setting == "bridges"
                     run_dir = out / "cpt" / f"{lang}-{variant}-{setting}-s{seed}"
                     run = Run(lang, variant, setting, seed, str(run_dir), str(run_dir / "eval"))
                     runs.append(run)
@@ -951,7 +947,8 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
         )
         group_runs = []
         for seed in seeds:
-            for setting, bridges in SETTINGS:
+            for setting in SETTINGS:
+                bridges = setting == "bridges"
                 run_dir = out / "cpt" / f"{lang}-{setting}-s{seed}"
                 run = Run(lang, "real", setting, seed, str(run_dir), str(run_dir / "eval"))
                 runs.append(run)
@@ -1019,7 +1016,7 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                 ],
                 outputs=[str(Path(group["transfer"]) / "transfer.json")],
                 workdir=group["transfer"],
-                deps=[f"eval-{lang}-{s}-s{seed}" for seed in seeds for s, _ in SETTINGS],
+                deps=[f"eval-{lang}-{s}-s{seed}" for seed in seeds for s in SETTINGS],
             )
         )
         first_with = next(r for r in group_runs if r.setting == "bridges")
@@ -1075,15 +1072,6 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
 # --------------------------------------------------------------------------------------
 # Running the plan
 # --------------------------------------------------------------------------------------
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else f"{seconds // 60}:{seconds % 60:02d}"
-    )
 
 
 def _marker(out: Path, step_id: str) -> Path:
@@ -1181,7 +1169,7 @@ def _prepare(out: Path, step: Step, reason: str) -> tuple[list[str], str | None]
         note = f"{step.id}: starts afresh ({why}); removed its earlier outputs {step.workdir}"
     # From here on the step's outputs are not those of a finished run.
     _marker(out, step.id).unlink(missing_ok=True)
-    write_json_atomic(_started_record(out, step), {"command": step.command, "upstream": upstream, "started": _now()})
+    write_json_atomic(_started_record(out, step), {"command": step.command, "upstream": upstream, "started": utc_now()})
     return command, note
 
 
@@ -1402,7 +1390,7 @@ class StudyRunner:
         self._refuse_steps_still_running()
         reasons = self._plan_reruns()
         done = {s.id for s in steps if s.id not in reasons}
-        previous = _read_timings(self.out)
+        previous = read_step_seconds(self.out)
         self.timings = {k: v for k, v in previous.items() if k in done}
         if done:
             print(f"{len(done)}/{n} steps already done in {self.out} (skipped; --force reruns them).")
@@ -1455,7 +1443,7 @@ class StudyRunner:
                         )
                         write_json_atomic(
                             _pid_file(self.out, step.id),
-                            {"pid": process.pid, "study_pid": os.getpid(), "started": _now(), "command": command},
+                            {"pid": process.pid, "study_pid": os.getpid(), "started": utc_now(), "command": command},
                         )
                         running[step.id] = (process, time.time(), log)
                         pending.remove(step)
@@ -1489,17 +1477,17 @@ class StudyRunner:
                             "upstream": (_read_record(_started_record(self.out, step)) or {}).get("upstream"),
                             "run_id": uuid.uuid4().hex,
                             "seconds": seconds,
-                            "finished": _now(),
+                            "finished": utc_now(),
                         },
                     )
                     done.add(step.id)
                     finished_count += 1
                     bar.update(1)
                     elapsed = time.time() - start
-                    budget = f" of a {_fmt_time(self.budget_s)} budget" if self.budget_s else ""
+                    budget = f" of a {fmt_time(self.budget_s)} budget" if self.budget_s else ""
                     bar.write(
                         f"[{finished_count:>2}/{n}] done   {step.title} in {seconds:.0f} s "
-                        f"(elapsed {_fmt_time(elapsed)}{budget})"
+                        f"(elapsed {fmt_time(elapsed)}{budget})"
                     )
                 if running:
                     time.sleep(0.2)
@@ -1570,20 +1558,6 @@ class StudyRunner:
 def _machine_is_quiet() -> bool:
     """Less than one core's worth of other work (1-minute load average) on the machine."""
     return not hasattr(os, "getloadavg") or os.getloadavg()[0] < 1.0
-
-
-def _read_timings(out: Path) -> dict[str, float]:
-    timings = {}
-    for marker in (out / ".done").glob("*.json") if (out / ".done").is_dir() else []:
-        try:
-            timings[marker.stem] = json.loads(marker.read_text(encoding="utf-8")).get("seconds", 0.0)
-        except json.JSONDecodeError:
-            continue
-    return timings
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def estimate_seconds(plan: Plan, jobs: int) -> float:
@@ -1706,1125 +1680,6 @@ def commands_script(plan: Plan, args: StudyArguments) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# The report: every number comes from a file a step wrote; text is written from the numbers
-# --------------------------------------------------------------------------------------
-
-
-class ReportDoc:
-    """A report as blocks, rendered to Markdown and to standalone HTML (no extra dependency)."""
-
-    def __init__(self):
-        self.blocks: list[tuple] = []
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def bullets(self, items: list[str]) -> None:
-        if items:
-            self.blocks.append(("ul", items))
-
-    def table(self, headers: list[str], rows: list[list]) -> None:
-        self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows]))
-
-    def img(self, path: str, caption: str) -> None:
-        self.blocks.append(("img", path, caption))
-
-    def markdown(self) -> str:
-        lines: list[str] = []
-        for block in self.blocks:
-            if block[0] == "h":
-                lines += ["#" * block[1] + " " + block[2], ""]
-            elif block[0] == "p":
-                lines += [block[1], ""]
-            elif block[0] == "ul":
-                lines += [f"- {item}" for item in block[1]] + [""]
-            elif block[0] == "table":
-                headers, rows = block[1], block[2]
-                lines.append("| " + " | ".join(headers) + " |")
-                lines.append("|" + "|".join("---" for _ in headers) + "|")
-                lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-                lines.append("")
-            elif block[0] == "img":
-                lines += [f"![{block[2]}]({block[1]})", "", f"*{block[2]}*", ""]
-        return "\n".join(lines)
-
-    def html(self, title: str) -> str:
-        parts = [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{html.escape(title)}</title>",
-            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-            "line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
-            "img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}"
-            "figcaption{font-style:italic;font-size:0.9em}</style></head><body>",
-        ]
-        for block in self.blocks:
-            if block[0] == "h":
-                parts.append(f"<h{block[1]}>{_inline_html(block[2])}</h{block[1]}>")
-            elif block[0] == "p":
-                parts.append(f"<p>{_inline_html(block[1])}</p>")
-            elif block[0] == "ul":
-                parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block[1]) + "</ul>")
-            elif block[0] == "table":
-                head = "".join(f"<th>{_inline_html(h)}</th>" for h in block[1])
-                body = "".join(
-                    "<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in block[2]
-                )
-                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            elif block[0] == "img":
-                parts.append(
-                    f'<figure><img src="{html.escape(block[1])}" alt="{html.escape(block[2])}">'
-                    f"<figcaption>{_inline_html(block[2])}</figcaption></figure>"
-                )
-        parts.append("</body></html>")
-        return "\n".join(parts) + "\n"
-
-
-def _inline_html(text: str) -> str:
-    """The few inline Markdown forms the report uses: `code`, **bold**, [text](link)."""
-    text = html.escape(text, quote=False)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
-
-
-def _f(value: float | None, spec: str = ".3f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _ci(ci) -> str:
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
-def _read_json(path) -> dict | None:
-    path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _direction_words(direction: str, lang: str) -> str:
-    return (
-        f"English → {lang} ({lang} questions)"
-        if direction.startswith("en->")
-        else f"{lang} → English (English questions)"
-    )
-
-
-def _gap_sentence(what: str, gap: float, ci, n_seeds: int) -> str:
-    """A conclusion written from a gap and its interval, never stronger than the interval allows."""
-    over = "seeds and questions" if n_seeds > 1 else "questions only (one run pair: overstates certainty)"
-    if ci[0] > 0:
-        return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) excludes 0: evidence of a positive effect."
-    if ci[1] < 0:
-        return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) lies below 0: a negative effect."
-    return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) includes 0: no evidence of an effect at this scale."
-
-
-def _load_cubes(runs: list[Run], stems: list[str]) -> tuple[list[int], dict[str, dict[str, object]]]:
-    """Per run name and questions stem: a bool array (steps x questions) on the steps all runs share."""
-    import numpy as np
-
-    from run_eval import read_eval_output
-
-    per_run = {}
-    for run in runs:
-        _, by_stem = read_eval_output(Path(run.eval_dir))
-        per_run[run.name] = by_stem
-    common = sorted(set.intersection(*(set(per_run[r.name][stems[0]]) for r in runs)))
-    cubes = {r.name: {s: np.stack([per_run[r.name][s][t] for t in common]) for s in stems} for r in runs}
-    return common, cubes
-
-
-def _tier_indices(truth: dict, lang: str) -> dict[str, list[int]]:
-    tiers: dict[str, list[int]] = {}
-    for record in truth["questions"][lang]:
-        tiers.setdefault(record["tier"], []).append(record["index"])
-    return tiers
-
-
-def write_report(plan: Plan, wall_s: float) -> dict:
-    """Write report.md, report.html and report.json into the plan's output folder."""
-    out = Path(plan.out)
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    doc = ReportDoc()
-    record: dict = {"preset": plan.preset.name, "generated": _now(), "sections": {}}
-    preset = plan.preset
-    timings = _read_timings(out)
-    doc.h(1, f"Cross-lingual culture transfer study: preset `{preset.name}`")
-    doc.p(
-        f"Generated {record['generated']} by `python run_study.py --preset {preset.name}`. {preset.description} "
-        "Every number below is read from a file a step wrote (paths given per section; all of them are collected "
-        "in `report.json`), and every sentence of conclusion is written from those numbers."
-    )
-    _report_machine(doc, record, plan, timings, wall_s)
-    truth = _read_json(out / "world" / "truth.json") if preset.synthetic else None
-    if truth:
-        _report_world(doc, record, plan, truth)
-    _report_questions(doc, record, plan)
-    _report_transfer(doc, record, plan, truth, figures)
-    if truth and {"native", "anchors"} <= {g["variant"] for g in plan.groups.values()}:
-        _report_anchors(doc, record, plan, truth, figures)
-    _report_diagnostic(doc, record, plan, figures)
-    _report_density(doc, record, plan, truth)
-    _report_packing(doc, record, plan)
-    _report_scale(doc, record, plan)
-    doc.h(2, "Reproduce")
-    doc.p(
-        "Every command of this study is in `commands.sh` (dependency order); each step's full output is in "
-        "`logs/<step>.log`. Rerunning `python run_study.py` with the same preset skips finished steps."
-    )
-    md, page = out / "report.md", out / "report.html"
-    write_text_atomic(md, doc.markdown())
-    write_text_atomic(page, doc.html(f"Study report ({preset.name})"))
-    write_json_atomic(out / "report.json", record)
-    return {"md": md, "html": page, "json": out / "report.json"}
-
-
-def _report_machine(doc: ReportDoc, record: dict, plan: Plan, timings: dict, wall_s: float) -> None:
-    import platform
-
-    steps_total = sum(timings.get(s.id, 0.0) for s in plan.steps)
-    device = "CPU"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            device = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - the report must not fail on a device query
-        pass
-    run = _read_json(Path(plan.out) / "timings.json") or {}
-    samples = run.get("load_average_samples") or []
-    load = {"mean": sum(samples) / len(samples), "min": min(samples), "max": max(samples)} if samples else None
-    record["machine"] = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "steps_wall_s": run.get("wall_s_this_invocation"),
-        "jobs": run.get("jobs"),
-        "load_average": load,
-        "step_seconds_total": steps_total,
-        "step_seconds": {s.id: timings.get(s.id) for s in plan.steps},
-    }
-    by_kind: dict[str, list[float]] = {}
-    for s in plan.steps:
-        if s.id in timings:
-            by_kind.setdefault(s.kind, []).append(timings[s.id])
-    rows = [[k, len(v), _f(sum(v), ".0f"), _f(max(v), ".0f")] for k, v in by_kind.items()]
-    doc.h(2, "Run")
-    text = f"Machine: {os.cpu_count()} CPU cores, device {device}, {platform.platform()}. "
-    if run.get("wall_s_this_invocation") is not None:
-        text += (
-            f"The last invocation that ran steps took {_fmt_time(run['wall_s_this_invocation'])} (wall), "
-            f"{run.get('jobs')} steps at a time; the steps took {_fmt_time(steps_total)} in all. "
-        )
-    if load:
-        text += (
-            f"1-minute load average while it ran: mean {load['mean']:.1f} (min {load['min']:.1f}, max "
-            f"{load['max']:.1f}), the study's own {run.get('jobs')} jobs included: above {run.get('jobs')} means "
-            "other work shared the machine and the times above are longer than on a quiet one."
-        )
-    doc.p(text)
-    doc.table(["step kind", "steps", "seconds (sum)", "seconds (longest)"], rows)
-
-
-def _report_world(doc: ReportDoc, record: dict, plan: Plan, truth: dict) -> None:
-    out = Path(plan.out)
-    world = _read_json(out / "world" / "world.json") or {}
-    base_stats = _read_json(out / "base" / "data_stats.json") or {}
-    base_config = _read_json(out / "base" / "config.json") or {}
-    doc.h(2, "The synthetic world and the model")
-    args = world.get("arguments", {})
-    doc.p(
-        "A generated world with planted ground truth (`synthetic_world.py`): each target language has one synthetic "
-        "culture whose places have one fact per relation (favourite dish, great festival, ...). Facts of the "
-        "**high** tier are frequent in the English pretraining corpus and in the target corpus; facts of the **low** "
-        f"tier are frequent in the target corpus and {args.get('low_resource_ratio', '?')}x rarer in English (the "
-        "paper's Table 1 ratio for Tibetan culture is ~60x). Each question's four options are the answers of four "
-        "facts with identical planted counts, so a model that knows nothing scores 0.25 whatever the frequencies."
-    )
-    rows = []
-    for lang, tiers in truth["densities"].items():
-        for tier, d in tiers.items():
-            if tier == "all":
-                continue
-            rows.append(
-                [lang, tier, d["facts"], d["en_statements"], d["tgt_statements"], _f(d["en_density"], ".2e"),
-                 _f(d["tgt_density"], ".2e"), _f(d["tgt_over_en"], ".1f") if d["tgt_over_en"] else "∞"]
-            )  # fmt: skip
-    doc.table(
-        ["language", "tier", "facts", "English statements", "target statements", "English density",
-         "target density", "target / English"],
-        rows,
-    )  # fmt: skip
-    params = _parameter_count(out / "base")
-    record["sections"]["world"] = {
-        "densities": truth["densities"],
-        "base_params": params,
-        "base_data_stats": base_stats,
-    }
-    tokens = base_stats.get("tokens") or base_stats.get("tokens_out")
-    pre, cpt = plan.preset.pretrain, plan.preset.cpt
-    seeds = sorted({r.seed for r in plan.runs})
-    size = f"{params / 1e6:.2f}M parameters" if params else "size unknown"
-    corpus = f"{world.get('en_corpus', {}).get('documents', '?')} documents"
-    if isinstance(tokens, int):
-        corpus += f", {tokens:,} tokens"
-    doc.p(
-        f"Base model: Qwen2 architecture, hidden {base_config.get('hidden_size', '?')}, "
-        f"{base_config.get('num_hidden_layers', '?')} layers, vocabulary {base_config.get('vocab_size', '?')} ({size}), "
-        f"pretrained on the English corpus ({corpus}) for {pre.get('max_steps')} steps of "
-        f"{pre.get('per_device_train_batch_size')} x {pre.get('block_size')} tokens. Continual pretraining: "
-        f"{cpt.get('max_steps')} steps of {cpt.get('per_device_train_batch_size')} x {cpt.get('block_size')} tokens "
-        f"per run, a checkpoint every {cpt.get('save_steps')} steps, seeds {', '.join(map(str, seeds))}, English "
-        f"replay {plan.preset.build.get('replay_ratio', 0):.0%} of the CPT tokens (sampled from the pretraining corpus)."
-    )
-
-
-def _parameter_count(model_dir: Path) -> int | None:
-    """Parameters stored in a model's safetensors files (read from their headers; tied weights count once)."""
-    total, found = 0, False
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in meta["shape"]:
-                    count *= dim
-                total += count
-                found = True
-    return total if found else None
-
-
-def _copy_figure(source: Path, figures: Path, name: str) -> str | None:
-    if not source.is_file():
-        return None
-    shutil.copyfile(source, figures / name)
-    return f"figures/{name}"
-
-
-def _base_accuracy(group: dict) -> dict[str, float]:
-    accuracy = _read_json(Path(group["base_eval"]) / "accuracy.json")
-    if not accuracy or not accuracy.get("checkpoints"):
-        return {}
-    return {stem: v["accuracy"] for stem, v in accuracy["checkpoints"][-1]["accuracy"].items()}
-
-
-#: Ties above this share of a file's items are flagged (run_eval.py warns at the same rate).
-TIE_FLAG_RATE = 0.05
-TIE_RULES_TEXT = (
-    "Two tie rules: **first** (the paper's: an exact tie for the best score goes to the first tied option, right or "
-    "wrong) and **fractional** (the tie broken uniformly at random: 1/k credit for a k-way tie that includes the "
-    "answer)."
-)
-
-
-def _final_accuracy(eval_dir: str) -> tuple[dict, dict] | None:
-    """(accuracy.json, its last checkpoint's per-file accuracy) of a probing output, or None."""
-    accuracy = _read_json(Path(eval_dir) / "accuracy.json")
-    if not accuracy or not accuracy.get("checkpoints"):
-        return None
-    return accuracy, accuracy["checkpoints"][-1]
-
-
-def _report_questions(doc: ReportDoc, record: dict, plan: Plan) -> None:
-    """Per question file: where the answers sit, what always answering option 0 scores, and per model the tie rate
-    and the accuracy under both tie rules at the final checkpoint (run_eval.py's accuracy.json)."""
-    doc.h(2, "Questions: answer positions, ties and the two tie rules")
-    doc.p(
-        "Each option is scored by its loss and the lowest wins. "
-        + TIE_RULES_TEXT
-        + " Where the answers sit matters for the first rule: every exact tie goes to option 0, so a file whose "
-        "answer is often option 0 rewards ties. Numbers from `accuracy.json` of each probing step (`run_eval.py`), "
-        "at the final checkpoint; CPT settings are the mean over seeds."
-    )
-    section = record["sections"].setdefault("questions", {})
-    for key, group in plan.groups.items():
-        models = [("base model", "base", [group["base_eval"]])]
-        for setting in group.get("settings", [name for name, _ in SETTINGS]):
-            runs = [
-                r
-                for r in plan.runs
-                if r.lang == group["lang"] and r.variant == group["variant"] and r.setting == setting
-            ]
-            models.append((f"CPT {setting.replace('_', ' ')}", setting, [r.eval_dir for r in runs]))
-        finals = {name: [f for f in map(_final_accuracy, dirs) if f] for _, name, dirs in models}
-        described = next((a["questions"] for found in finals.values() for a, _ in found), None)
-        if not described:
-            doc.p(f"{key}: no probing output found.")
-            continue
-        doc.h(3, key if plan.preset.synthetic else group["lang"])
-        stems = [Path(q).stem for q in group["questions"] if Path(q).stem in described]
-        file_rows, files = [], {}
-        for stem in stems:
-            info = described[stem]
-            bias = info.get("position_bias") or {}
-            shares = bias.get("answer_position_share", {})
-            files[stem] = {"items": info.get("items"), "chance_accuracy": info.get("chance_accuracy"), **bias}
-            file_rows.append(
-                [stem, info.get("items"), ", ".join(f"{k}: {v:.2f}" for k, v in shares.items()),
-                 _f(bias.get("always_first_accuracy")), _f(info.get("chance_accuracy"))]
-            )  # fmt: skip
-        doc.table(
-            ["questions", "items", "share of answers at option position", "always option 0: acc.", "chance acc."],
-            file_rows,
-        )
-        rows, entries, flagged = [], [], []
-        for label, name, _ in models:
-            found = finals[name]
-            for stem in stems:
-                per_seed = [entry["accuracy"][stem] for _, entry in found if stem in entry["accuracy"]]
-                if not per_seed or any("accuracy_fractional" not in a for a in per_seed):
-                    continue  # probed by a version without tie accounting
-
-                def mean(field_name: str, per_seed: list = per_seed) -> float:
-                    return sum(a[field_name] for a in per_seed) / len(per_seed)
-
-                steps = sorted({entry["step"] for _, entry in found})
-                entry = {
-                    "model": name, "questions": stem, "seeds": len(per_seed), "final_steps": steps,
-                    "ties": [a["ties"] for a in per_seed], "tie_rate": mean("tie_rate"),
-                    "accuracy_first": mean("accuracy"), "accuracy_fractional": mean("accuracy_fractional"),
-                    "ties_advantage": mean("ties_advantage"),
-                }  # fmt: skip
-                entries.append(entry)
-                rows.append(
-                    [label, stem, len(per_seed), ", ".join(map(str, steps)), _f(entry["tie_rate"]),
-                     _f(entry["accuracy_first"]), _f(entry["accuracy_fractional"]), f"{entry['ties_advantage']:+.3f}"]
-                )  # fmt: skip
-                if entry["tie_rate"] > TIE_FLAG_RATE:
-                    flagged.append(
-                        f"{label}, {stem}: {entry['tie_rate']:.1%} of items tie for the best score (above "
-                        f"{TIE_FLAG_RATE:.0%}): accuracy {entry['accuracy_first']:.3f} under the first rule, "
-                        f"{entry['accuracy_fractional']:.3f} with ties broken at random; always option 0 scores "
-                        f"{_f(files[stem].get('always_first_accuracy'))}."
-                    )
-        if rows:
-            doc.table(
-                ["model", "questions", "seeds", "final step", "tie rate", "acc. (first rule)",
-                 "acc. (fractional rule)", "first − fractional"],
-                rows,
-            )  # fmt: skip
-        doc.bullets(
-            flagged or [f"Ties stay at or below {TIE_FLAG_RATE:.0%} of the items for every model and file here."]
-            if rows
-            else []
-        )
-        section[key] = {"files": files, "final": entries, "tie_flags": flagged}
-
-
-def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None, figures: Path) -> None:
-    from run_eval import analyse_direction
-
-    doc.h(2, "Transfer: with minus without bridges (the paper's measurement)")
-    doc.p(
-        "Both settings train on exactly the same documents; with bridges each parallel pair shares one context "
-        "window, without bridges its halves never do. The gap (accuracy with − without bridges) on target-language "
-        "questions measures English → target transfer, on English questions target → English transfer. Intervals "
-        "are 95% bootstrap intervals over questions and seed pairs (`run_eval.py` transfer analysis). "
-        + TIE_RULES_TEXT
-        + " Each table says which rule it uses; the base accuracies and the per-tier tables use the first rule."
-    )
-    section = record["sections"].setdefault("transfer", {})
-    for key, group in plan.groups.items():
-        lang, variant = group["lang"], group["variant"]
-        result = _read_json(Path(group["transfer"]) / "transfer.json")
-        title = f"{lang}, {VARIANT_TITLES.get(variant, variant)}" if plan.preset.synthetic else lang
-        if len(group.get("settings", ["bridges", "no_bridges"])) < 2:
-            doc.p(
-                f"{title}: trained only {' and '.join(s.replace('_', ' ') for s in group['settings'])} (it serves "
-                "the anchors-vs-control comparison below), so there is no with-minus-without analysis for it."
-            )
-            continue
-        doc.h(3, title)
-        if not result:
-            doc.p(f"No transfer analysis found at `{group['transfer']}/transfer.json` (the step did not run).")
-            continue
-        prefix = f"{lang}-{variant}"
-        for name in ("transfer_curves", "transfer_summary"):
-            rel = _copy_figure(Path(group["transfer"]) / f"{name}.png", figures, f"{prefix}-{name}.png")
-            if rel:
-                caption = (
-                    f"{title}: accuracy during CPT with (blue) and without (orange) bridges, Figure-3 style"
-                    if name == "transfer_curves"
-                    else f"{title}: mean gap over the curve per direction, Figure-1 style"
-                )
-                doc.img(rel, caption)
-        base = _base_accuracy(group)
-        rows, sentences, entries = [], [], []
-        for language in result["languages"]:
-            for d in language["directions"]:
-                per_seed = ", ".join(f"{s['mean_gap']:+.3f}" for s in d["per_seed"])
-                p_values = ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"])
-                rows.append(
-                    [
-                        _direction_words(d["direction"], language["lang"]),
-                        _f(base.get(d["questions"])),
-                        language["steps"][-1],
-                        _f(d["accuracy_with"][-1]),
-                        _f(d["accuracy_without"][-1]),
-                        f"{d['final_gap']:+.3f} {_ci(d['final_gap_ci'])}",
-                        f"{d['mean_gap']:+.3f} {_ci(d['mean_gap_ci'])}",
-                        per_seed,
-                        p_values,
-                        d["verdict"],
-                    ]
-                )
-                sentences.append(
-                    _gap_sentence(
-                        f"{_direction_words(d['direction'], language['lang'])}, mean gap over the curve",
-                        d["mean_gap"],
-                        d["mean_gap_ci"],
-                        d["n_seed_pairs"],
-                    )
-                )
-                spread = [s["mean_gap"] for s in d["per_seed"]]
-                entries.append(
-                    {
-                        "direction": d["direction"],
-                        "questions": d["questions"],
-                        "base_accuracy": base.get(d["questions"]),
-                        "final_step": language["steps"][-1],
-                        "accuracy_with_final": d["accuracy_with"][-1],
-                        "accuracy_without_final": d["accuracy_without"][-1],
-                        "final_gap": d["final_gap"],
-                        "final_gap_ci": d["final_gap_ci"],
-                        "mean_gap": d["mean_gap"],
-                        "mean_gap_ci": d["mean_gap_ci"],
-                        "per_seed_mean_gaps": spread,
-                        "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
-                        "verdict": d["verdict"],
-                        "tie_policy": result.get("tie_policy", "first"),
-                        # both tie rules, as run_eval.py's transfer analysis computed them (absent: older outputs)
-                        "tie_policies": d.get("tie_policies"),
-                        "tie_policies_differ": d.get("tie_policies_differ"),
-                    }
-                )
-                if len(spread) > 1:
-                    sentences[-1] += f" Per-seed mean gaps range from {min(spread):+.3f} to {max(spread):+.3f}."
-        doc.table(
-            ["direction", "base acc.", "final step", "acc. with", "acc. without", "final gap [95% CI]",
-             "mean gap over curve [95% CI]", "per-seed mean gaps", "McNemar p (final, per seed)", "verdict"],
-            rows,
-        )  # fmt: skip
-        doc.bullets(sentences)
-        _report_tie_rules(doc, entries, lang, result.get("tie_policy", "first"))
-        group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
-        # Per tier: the same analysis (run_eval.analyse_direction) on the questions of each tier.
-        runs = [r for r in plan.runs if r.lang == lang and r.variant == variant]
-        if truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
-            stems = [Path(q).stem for q in reversed(group["questions"])]  # target-language questions first
-            steps, cubes = _load_cubes(runs, stems)
-            tiers = _tier_indices(truth, lang)
-            tier_rows, tier_entries = [], []
-            seeds = sorted({r.seed for r in runs})
-            for stem in stems:
-                question_lang = stem.rsplit("_", 1)[1]
-                direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
-                for tier, indices in sorted(tiers.items()):
-                    with_cube = _stack(cubes, runs, "bridges", seeds, stem, indices)
-                    without_cube = _stack(cubes, runs, "no_bridges", seeds, stem, indices)
-                    stats = analyse_direction(with_cube, without_cube, 1000, 0, 0.95)
-                    tier_rows.append(
-                        [_direction_words(direction, lang), tier, len(indices),
-                         _f(float(sum(stats["accuracy_with"]) / len(steps))),
-                         _f(float(sum(stats["accuracy_without"]) / len(steps))),
-                         f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
-                    )  # fmt: skip
-                    tier_entries.append(
-                        {"direction": direction, "tier": tier, "questions": len(indices),
-                         "mean_gap": stats["mean_gap"], "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"]}
-                    )  # fmt: skip
-            doc.p("The same gap per tier of facts (high: frequent in English and target; low: rare in English):")
-            doc.table(
-                [
-                    "direction",
-                    "tier",
-                    "questions",
-                    "mean acc. with",
-                    "mean acc. without",
-                    "mean gap [95% CI]",
-                    "verdict",
-                ],
-                tier_rows,
-            )
-            group_record["tiers"] = tier_entries
-        section[key] = group_record
-
-
-def _report_tie_rules(doc: ReportDoc, entries: list[dict], lang: str, tie_policy: str) -> None:
-    """Which tie rule the transfer table uses, and the analysis under both rules where they differ."""
-    known = [e for e in entries if e.get("tie_policies")]
-    if not known:
-        doc.p(
-            f"Tie rule of the table above: **{tie_policy}**. This transfer analysis records no second tie rule (it was "
-            "written by an earlier run_eval.py); rerun its step for both."
-        )
-        return
-    differ = [e for e in known if e["tie_policies_differ"]]
-    whose = " (the paper's)" if tie_policy == "first" else " (the paper's is first)"
-    if not differ:
-        doc.p(
-            f"Tie rule of the table above: **{tie_policy}**{whose}. The two tie rules give the same "
-            "curves, gaps and verdicts here: no exact tie for the best score changes a number of this analysis."
-        )
-        return
-    doc.p(
-        f"Tie rule of the table above: **{tie_policy}**{whose}. Ties change this analysis; under both "
-        "rules (the McNemar test always counts first-rule correctness):"
-    )
-    rows = []
-    for e in differ:
-        for policy, p in e["tie_policies"].items():
-            rows.append(
-                [_direction_words(e["direction"], lang), policy, _f(p["accuracy_with"][-1]),
-                 _f(p["accuracy_without"][-1]), f"{p['final_gap']:+.3f}", f"{p['mean_gap']:+.3f} {_ci(p['mean_gap_ci'])}",
-                 p["verdict"]]
-            )  # fmt: skip
-    doc.table(
-        ["direction", "tie rule", "acc. with (final)", "acc. without (final)", "final gap", "mean gap [95% CI]",
-         "verdict"],
-        rows,
-    )  # fmt: skip
-
-
-def _stack(cubes: dict, runs: list[Run], setting: str, seeds: list[int], stem: str, indices: list[int]):
-    """seeds x steps x questions (the given question indices) for one setting, seeds in order."""
-    import numpy as np
-
-    by_seed = {r.seed: r for r in runs if r.setting == setting}
-    return np.stack([cubes[by_seed[s].name][stem][:, indices] for s in seeds])
-
-
-def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figures: Path) -> None:
-    import numpy as np
-
-    from run_eval import analyse_direction, read_eval_output
-
-    doc.h(2, "Anchors vs control: shared entity names and the frequency asymmetry")
-    doc.p(
-        "The same study run twice on worlds that differ only in how the target language writes names: in its own "
-        "script (control: nothing is shared with English but what parallel pairs teach) or with the very same "
-        "Latin names as English (anchors). Difference = accuracy with anchors − accuracy in the control, mean over "
-        "the CPT curve, per tier of facts; 95% bootstrap intervals over questions and seed pairs "
-        "(`run_eval.analyse_direction`); where both variants ran both CPT settings, pooled over them and per "
-        "setting, else in the one setting both ran."
-    )
-    section = record["sections"].setdefault("anchors", {})
-    for lang in sorted({g["lang"] for g in plan.groups.values()}):
-        native = [r for r in plan.runs if r.lang == lang and r.variant == "native"]
-        anchors = [r for r in plan.runs if r.lang == lang and r.variant == "anchors"]
-        if (
-            not native
-            or not anchors
-            or not all((Path(r.eval_dir) / "accuracy.json").is_file() for r in native + anchors)
-        ):
-            doc.p(f"{lang}: probing results of both variants are missing; nothing to compare.")
-            continue
-        stems = [f"{lang}-culture-cloze_{lang}", f"{lang}-culture-cloze_en"]
-        steps_n, cubes_n = _load_cubes(native, stems)
-        steps_a, cubes_a = _load_cubes(anchors, stems)
-        steps = sorted(set(steps_n) & set(steps_a))
-        pick_n = [steps_n.index(s) for s in steps]
-        pick_a = [steps_a.index(s) for s in steps]
-        tiers = _tier_indices(truth, lang)
-        seeds = sorted({r.seed for r in native} & {r.seed for r in anchors})
-        rows, entries, curves = [], [], {}
-        shared = [
-            name
-            for name, _ in SETTINGS
-            if any(r.setting == name for r in native) and any(r.setting == name for r in anchors)
-        ]
-        for stem in stems:
-            question_lang = stem.rsplit("_", 1)[1]
-            direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
-            for tier, indices in sorted(tiers.items()):
-                primary = "pooled" if len(shared) > 1 else shared[0]
-                for setting in [primary] + (shared if len(shared) > 1 else []):
-                    settings = shared if setting == "pooled" else [setting]
-                    a = np.concatenate([_stack(cubes_a, anchors, s, seeds, stem, indices)[:, pick_a] for s in settings])
-                    n = np.concatenate([_stack(cubes_n, native, s, seeds, stem, indices)[:, pick_n] for s in settings])
-                    stats = analyse_direction(a, n, 1000, 0, 0.95)
-                    acc_a, acc_n = float(np.mean(stats["accuracy_with"])), float(np.mean(stats["accuracy_without"]))
-                    if setting == primary:
-                        curves[(question_lang, tier)] = (stats["accuracy_with"], stats["accuracy_without"])
-                    rows.append(
-                        [_direction_words(direction, lang), tier, setting.replace("_", " "), len(indices), a.shape[0],
-                         _f(acc_a), _f(acc_n), f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
-                    )  # fmt: skip
-                    entries.append(
-                        {"direction": direction, "tier": tier, "setting": setting, "questions": len(indices),
-                         "run_pairs": int(a.shape[0]), "accuracy_anchors": acc_a, "accuracy_control": acc_n,
-                         "difference": stats["mean_gap"], "difference_ci": stats["mean_gap_ci"],
-                         "final_difference": stats["final_gap"], "final_difference_ci": stats["final_gap_ci"],
-                         "verdict": stats["verdict"]}
-                    )  # fmt: skip
-        doc.h(3, f"{lang}: anchors − control")
-        rel = _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output)
-        if rel:
-            which = " and ".join(x.replace("_", " ") for x in shared)
-            doc.img(rel, f"{lang}: accuracy during CPT with shared Latin names (anchors) and native-script names "
-                         f"(control), mean over seeds ({which}); step 0 is the base model")  # fmt: skip
-        doc.table(
-            ["direction", "tier", "CPT setting", "questions", "run pairs", "mean acc. anchors", "mean acc. control",
-             "difference [95% CI]", "verdict"],
-            rows,
-        )  # fmt: skip
-        primary = "pooled" if len(shared) > 1 else shared[0]
-        pooled = {(e["direction"], e["tier"]): e for e in entries if e["setting"] == primary}
-        conclusions = _anchor_conclusions(lang, pooled)
-        asymmetry = next((c for c in conclusions if "asymmetry" in c), "")
-        doc.bullets(conclusions)
-        section[lang] = {"steps": steps, "comparisons": entries, "conclusions": conclusions, "asymmetry": asymmetry}
-
-
-def _anchor_conclusions(lang: str, pooled: dict) -> list[str]:
-    """Sentences about the asymmetry, each only as strong as its intervals."""
-    sentences = []
-    high, low = pooled.get((f"en->{lang}", "high")), pooled.get((f"en->{lang}", "low"))
-    for entry, what in ((high, "facts frequent in English"), (low, "facts rare in English")):
-        if entry:
-            sentences.append(
-                _gap_sentence(
-                    f"English → {lang} ({lang} questions), {what}: anchors − control",
-                    entry["difference"],
-                    entry["difference_ci"],
-                    entry["run_pairs"],
-                )
-            )
-    if high and low:
-        if high["difference_ci"][0] > 0 and high["difference_ci"][0] > low["difference_ci"][1]:
-            sentences.append(
-                f"Frequency asymmetry (English → {lang}): shared names carried facts frequent in English into {lang} "
-                f"({high['difference']:+.3f}) more than facts rare in English ({low['difference']:+.3f}); the "
-                "intervals do not overlap."
-            )
-        else:
-            sentences.append(
-                f"No evidence here of a frequency asymmetry English → {lang}: the high-tier interval "
-                f"{_ci(high['difference_ci'])} does not lie above 0 and above the low-tier interval {_ci(low['difference_ci'])}."
-            )
-    reverse = pooled.get((f"{lang}->en", "low"))
-    if reverse:
-        sentences.append(
-            _gap_sentence(
-                f"{lang} → English (English questions), facts rare in English and frequent in {lang}: anchors − control",
-                reverse["difference"],
-                reverse["difference_ci"],
-                reverse["run_pairs"],
-            )
-        )
-    return sentences
-
-
-def _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    base = {}
-    for variant in ("anchors", "native"):
-        group = plan.groups.get(f"{lang}/{variant}")
-        if group and (Path(group["base_eval"]) / "accuracy.json").is_file():
-            _, by_stem = read_eval_output(Path(group["base_eval"]))
-            base[variant] = {stem: next(iter(v.values())) for stem, v in by_stem.items() if v}
-    tiers = _tier_indices(truth, lang)
-    fig, axes = plt.subplots(2, len(tiers), figsize=(5 * len(tiers), 6.4), squeeze=False, sharey=True)
-    for r, question_lang in enumerate((lang, "en")):
-        stem = f"{lang}-culture-cloze_{question_lang}"
-        for c, tier in enumerate(sorted(tiers)):
-            ax = axes[r, c]
-            anchors_curve, control_curve = curves[(question_lang, tier)]
-            for variant, values, color in (("anchors", anchors_curve, "#2ca02c"), ("native", control_curve, "#7f7f7f")):
-                xs, ys = list(steps), list(values)
-                if variant in base and stem in base[variant]:
-                    xs, ys = [0, *xs], [float(np.mean(base[variant][stem][tiers[tier]])), *ys]
-                label = "anchors (shared Latin names)" if variant == "anchors" else "control (native-script names)"
-                ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
-            ax.axhline(0.25, color="black", linewidth=0.6, linestyle=":")
-            direction = f"English → {lang}" if question_lang == lang else f"{lang} → English"
-            tier_words = "frequent in English" if tier == "high" else "rare in English"
-            ax.set_title(f"{question_lang} questions ({direction}), {tier} tier: {tier_words}", fontsize=9)
-            ax.set_xlabel("CPT step")
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-            if c == 0:
-                ax.set_ylabel("cloze accuracy")
-    axes[0, 0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{lang}: shared names vs native names (dotted: chance)", fontsize=10)
-    fig.tight_layout()
-    name = f"{lang}-anchors_vs_control.png"
-    tmp = figures / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, figures / name)
-    plt.close(fig)
-    return f"figures/{name}"
-
-
-def _report_diagnostic(doc: ReportDoc, record: dict, plan: Plan, figures: Path) -> None:
-    doc.h(2, "Bridge diagnostic: does the model use the English side in context?")
-    doc.p(
-        "On held-out parallel pairs (never trained on), the mean token loss of the target side alone, after its own "
-        "English side, and after another pair's English side (`run_eval.py --diagnostic_pairs`), at the final "
-        "checkpoint, mean over seeds. If the model learned to read a bridge, the loss after its own English side "
-        "falls below the loss alone and the mismatched English side does not help."
-    )
-    section = record["sections"].setdefault("diagnostic", {})
-    rows, sentences = [], []
-    curves = {}
-    for key, group in plan.groups.items():
-        for setting, _ in SETTINGS:
-            runs = [
-                r
-                for r in plan.runs
-                if r.lang == group["lang"] and r.variant == group["variant"] and r.setting == setting
-            ]
-            results = [_read_json(Path(r.eval_dir) / "bridge_diagnostic.json") for r in runs]
-            results = [x for x in results if x and x.get("checkpoints")]
-            if not results:
-                continue
-            finals = [_diagnostic_losses(x["checkpoints"][-1]) for x in results]
-            # the side a pair shows first (English unless the runs used --pair_order tgt_first/random)
-            context = {"en": "English side"}.get(results[0].get("context_side", "en"), "other side")
-            mean = {
-                k: sum(f[k] for f in finals) / len(finals)
-                for k in ("alone", "after_own_context", "after_mismatched_context")
-            }
-            own_gain = [f["after_own_context"] - f["alone"] for f in finals]
-            entry = {
-                "setting": setting,
-                "seeds": len(finals),
-                "final_step": finals[0]["step"],
-                **mean,
-                "own_minus_alone_per_seed": own_gain,
-                "mismatched_minus_alone": mean["after_mismatched_context"] - mean["alone"],
-            }
-            section.setdefault(key, []).append(entry)
-            curves[(key, setting)] = results
-            rows.append(
-                [key, setting.replace("_", " "), len(finals), finals[0]["step"], _f(mean["alone"]),
-                 _f(mean["after_own_context"]), _f(mean["after_mismatched_context"]),
-                 ", ".join(f"{g:+.3f}" for g in own_gain)]
-            )  # fmt: skip
-            if setting == "bridges":
-                uses = all(g < -0.05 for g in own_gain) and mean["after_mismatched_context"] > mean["after_own_context"]
-                verb = (
-                    f"the model learned to use the {context} in context"
-                    if uses
-                    else f"no consistent sign that the model uses the {context} in context"
-                )
-                sentences.append(
-                    f"{key}, with bridges: target loss {mean['alone']:.3f} alone, {mean['after_own_context']:.3f} after "
-                    f"its own {context} (per seed {', '.join(f'{g:+.3f}' for g in own_gain)}), "
-                    f"{mean['after_mismatched_context']:.3f} after a mismatched one: {verb}."
-                )
-    if not rows:
-        doc.p("No bridge diagnostic outputs found.")
-        return
-    doc.table(
-        ["run group", "CPT setting", "seeds", "step", "loss alone", "after own English", "after mismatched English",
-         "own − alone (per seed)"],
-        rows,
-    )  # fmt: skip
-    doc.bullets(sentences)
-    rel = _plot_diagnostic(curves, figures)
-    if rel:
-        doc.img(rel, "Bridge diagnostic during CPT (mean over seeds): target-side loss in three contexts")
-
-
-def _diagnostic_losses(entry: dict) -> dict:
-    """The three losses of a bridge_diagnostic.json checkpoint (outputs made before the pair order was followed
-    name the context English)."""
-    return {
-        **entry,
-        "after_own_context": entry.get("after_own_context", entry.get("after_own_english")),
-        "after_mismatched_context": entry.get("after_mismatched_context", entry.get("after_mismatched_english")),
-    }
-
-
-def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    keys = sorted({k for k, _ in curves}, key=lambda k: (k.split("/")[1] != "native", k))  # the control first
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
-    for c, key in enumerate(keys):
-        ax = axes[0, c]
-        for setting, style in (("bridges", "-"), ("no_bridges", "--")):
-            results = curves.get((key, setting))
-            if not results:
-                continue
-            steps = [e["step"] for e in results[0]["checkpoints"]]
-            for measure, color in (
-                ("alone", "#7f7f7f"),
-                ("after_own_context", "#1f77b4"),
-                ("after_mismatched_context", "#d62728"),
-            ):
-                values = np.mean(
-                    [[_diagnostic_losses(e)[measure] for e in x["checkpoints"][: len(steps)]] for x in results], axis=0
-                )
-                ax.plot(steps, values, style, color=color, marker="o", markersize=2.5)
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("CPT step")
-        ax.set_ylabel("target-side loss (nats/token)")
-        ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
-
-    handles = [
-        Line2D([], [], color=color, label=label)
-        for color, label in (("#7f7f7f", "alone"), ("#1f77b4", "after its own English side"),
-                             ("#d62728", "after a mismatched English side"))
-    ] + [Line2D([], [], color="black", linestyle=style, label=label)
-         for style, label in (("-", "trained with bridges"), ("--", "trained without bridges"))]  # fmt: skip
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    name = "bridge_diagnostic.png"
-    tmp = figures / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, figures / name)
-    plt.close(fig)
-    return f"figures/{name}"
-
-
-def _report_density(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None) -> None:
-    doc.h(2, "Cultural density: measured vs planted")
-    doc.p(
-        "`run_density.py` retrieves the top-k BM25 documents of each question (filled with its answer) from a corpus "
-        "and counts those its lexical judge says state the fact; density = occurrences / documents (the paper's "
-        "Table 1)."
-        + (
-            " The synthetic world knows the true count of every fact in every corpus (`world/truth.json`)."
-            if truth
-            else ""
-        )
-    )
-    section = record["sections"].setdefault("density", {})
-    for key, group in plan.groups.items():
-        result = _read_json(Path(group["density"]) / "density.json")
-        lang = group["lang"]
-        if not result and len(group.get("settings", ["bridges", "no_bridges"])) < 2:
-            continue  # no density step for a group that serves only the anchors comparison
-        if not result:
-            doc.p(f"{key}: no density output at `{group['density']}/density.json`.")
-            continue
-        doc.h(3, f"{key}")
-        measured: dict[tuple[str, str], dict[int, int]] = {}
-        for entry in result["questions"]:
-            measured.setdefault((entry["questions"], entry["corpus"]), {})[entry["index"]] = entry["occurrences"]
-        rows, entries = [], []
-        for row in result["table"]:
-            question_lang = row["questions"].rsplit("_", 1)[1]
-            planted_key = question_lang if truth else None
-            corpus_lang = row["corpus"]
-            comparable = truth and question_lang == corpus_lang
-            planted = [r["counts"][planted_key] for r in truth["questions"][lang]] if comparable else None
-            got = measured.get((row["questions"], row["corpus"]), {})
-            entry = {"questions": row["questions"], "corpus": row["corpus"], "documents": row["documents"],
-                     "occurrences": row["occurrences"], "density": row["density"]}  # fmt: skip
-            cells = [
-                row["questions"],
-                row["corpus"],
-                f"{row['documents']:,}",
-                row["occurrences"],
-                _f(row["density"], ".3e"),
-            ]
-            if planted is not None:
-                exact = sum(1 for i, c in enumerate(planted) if got.get(i) == min(c, result["setting"]["top_k"]))
-                error = sum(abs(got.get(i, 0) - c) for i, c in enumerate(planted)) / len(planted)
-                planted_total = sum(planted)
-                entry.update(planted_occurrences=planted_total, planted_density=planted_total / row["documents"],
-                             questions_exact=exact, questions_planted=len(planted), mean_abs_error=error)  # fmt: skip
-                cells += [
-                    planted_total,
-                    _f(planted_total / row["documents"], ".3e"),
-                    f"{exact}/{len(planted)}",
-                    _f(error, ".2f"),
-                ]
-            else:
-                cells += ["–", "–", "–", "–"]
-            rows.append(cells)
-            entries.append(entry)
-        doc.table(
-            ["questions", "corpus", "documents", "measured occurrences", "measured density", "planted occurrences",
-             "planted density", "questions exact", "mean |error| per question"],
-            rows,
-        )  # fmt: skip
-        if truth:
-            tier_rows = []
-            tiers = _tier_indices(truth, lang)
-            for tier, indices in sorted(tiers.items()):
-                cells = [tier, len(indices)]
-                for question_lang in ("en", lang):
-                    stem = f"{lang}-culture-cloze_{question_lang}"
-                    got = measured.get((stem, question_lang), {})
-                    docs = next((r["documents"] for r in result["table"] if r["corpus"] == question_lang), None)
-                    planted = sum(truth["questions"][lang][i]["counts"][question_lang] for i in indices)
-                    found = sum(got.get(i, 0) for i in indices)
-                    cells += [f"{found} / {planted}", _f(found / docs, ".2e") if docs else "–"]
-                tier_rows.append(cells)
-            doc.p("Per tier (Table-1 style), measured / planted occurrences and measured density:")
-            doc.table(
-                [
-                    "tier",
-                    "questions",
-                    "English corpus: occ.",
-                    "English density",
-                    f"{lang} corpus: occ.",
-                    f"{lang} density",
-                ],
-                tier_rows,
-            )
-        analysis = result.get("instance_analysis")
-        if analysis and analysis.get("results"):
-            doc.p(
-                "Instance-level analysis (`run_density.py`, first seed, final checkpoint): mean occurrences in the "
-                "source corpus of items that transferred (right with bridges, wrong without) vs all items."
-            )
-            doc.table(
-                ["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all"],
-                [
-                    [r["questions"], r["source_corpus"], r["items"], r["transferred"],
-                     _f(r["mean_occurrences_transferred"], ".2f"), _f(r["mean_occurrences_all"], ".2f")]
-                    for r in analysis["results"]
-                ],
-            )  # fmt: skip
-        section[key] = {"density_json": str(Path(group["density"]) / "density.json"), "rows": entries,
-                        "instance_analysis": (analysis or {}).get("results")}  # fmt: skip
-
-
-def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
-    doc.h(2, "Packing audits: the two settings differ only in co-location")
-    doc.p(
-        "Each CPT run writes `packing_audit.json` before training (`run_cpt.py`). With bridges every pair must be "
-        "co-located (100%), without bridges none (0%), and both settings of a seed must pack the same multiset of "
-        "tokens and see the same documents (equal hashes across the two actual runs)."
-    )
-    rows, entries = [], []
-    hashes: dict[tuple, dict[str, tuple]] = {}
-    for run in plan.runs:
-        audit = _read_json(Path(run.dir) / "packing_audit.json")
-        if not audit:
-            continue
-        pairs, digests = audit.get("pairs", {}), audit.get("hashes", {})
-        digest = (digests.get("tokens_multiset_sha256"), digests.get("documents_seen_sha256"))
-        hashes.setdefault((run.lang, run.variant, run.seed), {})[run.setting] = digest
-        share = pairs.get("co_located_percent")
-        rows.append(
-            [run.name, pairs.get("total"), pairs.get("co_located"), pairs.get("split"), _f(share, ".0f"),
-             str(digest[0])[:12], str(digest[1])[:12], _f(audit.get("real_token_fraction"), ".3f"),
-             audit.get("windows"), audit.get("guarantees_hold"), "; ".join(audit.get("unchecked") or []) or "none"]
-        )  # fmt: skip
-        entries.append(
-            {"run": run.name, "setting": run.setting, "pairs_total": pairs.get("total"),
-             "pairs_co_located": pairs.get("co_located"), "pairs_split": pairs.get("split"),
-             "co_located_percent": share, "tokens_multiset_sha256": digest[0], "documents_seen_sha256": digest[1],
-             "real_token_fraction": audit.get("real_token_fraction"), "windows": audit.get("windows"),
-             "guarantees_hold": audit.get("guarantees_hold"), "unchecked": audit.get("unchecked") or []}
-        )  # fmt: skip
-    if not rows:
-        doc.p("No packing audits found.")
-        return
-    doc.table(
-        ["run", "pairs", "co-located", "split", "co-located %", "token multiset hash", "documents-seen hash",
-         "real-token fraction", "windows", "audit: guarantees hold", "unchecked guarantees"],
-        rows,
-    )  # fmt: skip
-    colocation_ok = all(e["co_located_percent"] == (100.0 if e["setting"] == "bridges" else 0.0) for e in entries)
-    pairs_of_runs = [v for v in hashes.values() if len(v) == 2]
-    equal_hashes = bool(pairs_of_runs) and all(
-        len(set(v.values())) == 1 and None not in next(iter(v.values())) for v in pairs_of_runs
-    )
-    unchecked = [e for e in entries if e["unchecked"]]
-    guarantees_hold = all(e["guarantees_hold"] is True for e in entries)
-    doc.bullets(
-        [
-            "Co-location: " + ("every with-bridges run 100%, every without-bridges run 0%." if colocation_ok else
-                               "**NOT as required** (see the table): the comparison is not valid."),
-            "Same tokens and documents in both settings: " + (
-                "equal hashes for every seed pair of actual runs." if equal_hashes
-                else "**hashes differ or are missing** for some seed pair."),
-            "Every run's audit: " + ("all guarantees checked and holding." if guarantees_hold else
-                                     "**guarantees not all shown to hold** (`guarantees_hold` false or absent)."),
-        ]
-        + [
-            f"**{e['run']}: unchecked**, so not shown to hold: {'; '.join(e['unchecked'])}."
-            for e in unchecked
-        ]
-    )  # fmt: skip
-    record["sections"]["packing"] = {"runs": entries, "colocation_ok": colocation_ok, "equal_hashes": equal_hashes,
-                                     "guarantees_hold": guarantees_hold,
-                                     "unchecked": {e["run"]: e["unchecked"] for e in unchecked}}  # fmt: skip
-
-
-def _report_scale(doc: ReportDoc, record: dict, plan: Plan) -> None:
-    doc.h(2, "What this scale can and cannot show")
-    sections = record["sections"]
-    items = []
-    if plan.preset.synthetic:
-        verdicts = [d["verdict"] for g in sections.get("transfer", {}).values() for d in g.get("directions", [])]
-        if verdicts and all(v == "no evidence" for v in verdicts):
-            items.append(
-                "No with-minus-without gap excludes 0 here. This is not evidence against the paper: a model of this "
-                "size on a synthetic language is far below the scale where the paper measured transfer through "
-                "bridges; it only shows that at this scale bridges do not turn into measurable transfer."
-            )
-        elif verdicts:
-            shown = sorted({v for v in verdicts})
-            items.append(
-                f"Verdicts of the with-minus-without gaps here: {', '.join(shown)} (see the transfer tables for which "
-                "direction). A synthetic world and a small model make this a demonstration of the method, not a "
-                "replication of the paper's numbers."
-            )
-        diag = sections.get("diagnostic", {})
-        learned = [
-            e for entries in diag.values() for e in entries if e["setting"] == "bridges" and e["own_minus_alone_per_seed"]
-            and all(g < -0.05 for g in e["own_minus_alone_per_seed"])
-        ]  # fmt: skip
-        if learned:
-            items.append(
-                "What it can show: the bridge diagnostic shows the model reading the English side of a pair in "
-                "context, so whether knowledge then transfers is a separate question that accuracy gaps answer."
-            )
-        anchors = sections.get("anchors", {})
-        for entry in anchors.values():
-            items.append("What it can show with shared names: " + entry["asymmetry"])
-        packing = sections.get("packing")
-        if packing:
-            items.append(
-                "The guarantees of the comparison on this run: "
-                + ("co-location 100/0 and " if packing["colocation_ok"] else "co-location NOT 100/0 and ")
-                + ("equal document multisets" if packing["equal_hashes"] else "document multisets NOT equal")
-                + (
-                    "; every audit checked all its guarantees."
-                    if packing["guarantees_hold"]
-                    else f"; NOT every guarantee was checked (unchecked in {', '.join(packing['unchecked']) or '?'})."
-                )
-            )
-        items.append(
-            "What it cannot show: how large the effects are in real languages and real models; with "
-            f"{len({r.seed for r in plan.runs})} seeds the intervals are wide, and facts are memorised at a step "
-            "that moves from seed to seed, which swings single-run gaps; use `--preset gpu-small` or `--preset paper` "
-            "for larger scales."
-        )
-    else:
-        items.append("Paper scale: read the tables above against the paper's Figure 3 and Table 1.")
-    doc.bullets(items)
-    record["sections"]["scale"] = items
-
-
-# --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
 
@@ -2842,7 +1697,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants and not preset.synthetic:
         parser.error("--variants applies to the synthetic presets only")
     for setting in args.anchor_settings or []:
-        if setting not in dict(SETTINGS):
+        if setting not in SETTINGS:
             parser.error(f"--anchor_settings: unknown setting {setting!r} (bridges, no_bridges)")
     for variant in args.variants or []:
         if variant not in VARIANT_TITLES:
@@ -2874,8 +1729,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if preset.budget_s:
         print(
-            f"Time budget: {_fmt_time(preset.budget_s)} on {preset.reference_machine}; estimated "
-            f"{_fmt_time(estimate)} for this plan."
+            f"Time budget: {fmt_time(preset.budget_s)} on {preset.reference_machine}; estimated "
+            f"{fmt_time(estimate)} for this plan."
         )
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         cores = os.cpu_count() or 1
@@ -2919,8 +1774,8 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 print(f"\n{err}", file=sys.stderr)
                 return 1
-        paths = write_report(plan, time.time() - started)
-        print(f"Study finished in {_fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
+        paths = write_report(plan)
+        print(f"Study finished in {fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
         return 0
     finally:
         os.close(lock)  # the kernel drops the lock with it
@@ -2975,6 +1830,7 @@ def _missing_inputs_message(plan: Plan, args: StudyArguments) -> str | None:
 def _plan_record(plan: Plan, args: StudyArguments) -> dict:
     return {
         "preset": asdict(plan.preset),
+        "out": plan.out,
         "arguments": asdict(args),
         "runs": [asdict(r) | {"name": r.name} for r in plan.runs],
         "groups": plan.groups,

@@ -10,6 +10,7 @@ import pytest
 from conftest import run_script
 
 import run_study
+import study_report
 from run_study import PRESETS, Plan, Preset, Step, StudyArguments, StudyRunner, build_plan
 
 
@@ -157,7 +158,7 @@ def test_an_interrupted_training_step_resumes_from_its_last_checkpoint(tmp_path)
 
 
 def test_report_renders_markdown_and_html_from_the_same_blocks():
-    doc = run_study.ReportDoc()
+    doc = study_report.ReportDoc()
     doc.h(2, "Title")
     doc.p("A **bold** `code` [link](x.html) & <tag>")
     doc.table(["a", "b|c"], [[1, "x|y"]])

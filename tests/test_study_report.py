@@ -2,6 +2,7 @@
 unchecked guarantees."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 import run_eval
 import run_study
+import study_report
 from run_study import PRESETS, StudyArguments, build_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -62,7 +64,7 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
     without_dirs = [r.eval_dir for r in plan.runs if r.setting == "no_bridges"]
     run_eval.main(["--with_bridges", *with_dirs, "--without_bridges", *without_dirs, "--output_dir", group["transfer"]])
 
-    run_study.write_report(plan, 0.0)
+    study_report.write_report(plan)
     report_md = (out / "report.md").read_text(encoding="utf-8")
     record = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert (out / "report.html").read_text(encoding="utf-8").count("tie rule") >= 1
@@ -88,7 +90,7 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
         assert entry["accuracy_first"] == source["accuracy"]
         assert entry["accuracy_fractional"] == source["accuracy_fractional"]
         assert entry["accuracy_first"] - entry["accuracy_fractional"] == pytest.approx(source["ties_advantage"])
-        assert f"| {run_study._f(entry['tie_rate'])} | {run_study._f(entry['accuracy_first'])} | " in report_md
+        assert f"| {study_report._f(entry['tie_rate'])} | {study_report._f(entry['accuracy_first'])} | " in report_md
     assert questions["tie_flags"] and "of items tie for the best score (above 5%)" in report_md
 
     # the transfer table says its tie rule, and the analysis is shown under both rules where they differ
@@ -118,3 +120,18 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
         in report_md
     )
     assert "| document isolation: flex attention on CPU |" in report_md
+
+    # on its own (python study_report.py STUDY_DIR): the same report from the plan record the study wrote
+    (out / "plan.json").write_text(json.dumps(run_study._plan_record(plan, args)))
+    for name in ("report.md", "report.html", "report.json"):
+        (out / name).unlink()
+    assert study_report.main([str(out)]) == 0
+    again = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert again["sections"] == record["sections"]
+    generated = re.compile(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+    assert generated.sub("", (out / "report.md").read_text(encoding="utf-8")) == generated.sub("", report_md)
+
+
+def test_report_alone_refuses_a_folder_without_the_plan_record_of_a_study(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not the output folder of a run_study.py run"):
+        study_report.main([str(tmp_path)])
