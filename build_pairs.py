@@ -1,4 +1,8 @@
 #!/usr/bin/env python
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["transformers>=5.0", "datasets>=4.0", "pyarrow>=15", "numpy>=2.0", "regex", "huggingface-hub>=1.0"]
+# ///
 """Build the continual-pretraining dataset of one language: monolingual text, parallel pairs, replay.
 
 Step 2a of the study. ONE dataset per language is built here and BOTH continual-pretraining
@@ -28,7 +32,8 @@ first failing one is the reason recorded):
                              casefolded, whitespace-collapsed text, with the sentence's trailing
                              punctuation removed.
     over_block_size          (pairs) ``[start] + en + [start] + tgt`` is longer than --block_size
-                             tokens of --tokenizer_name: the pair cannot share one context window,
+                             tokens of --tokenizer_name (``study_common.pair_token_count``, the
+                             layout run_cpt.py trains on): the pair cannot share one context window,
                              so it leaves both settings. Long mono/replay documents are kept:
                              run_cpt.py cuts them into window-sized segments, identically in both
                              settings.
@@ -47,6 +52,8 @@ checks run in --num_proc processes; memory holds only one hash per pair for dedu
 Example:
     python build_pairs.py --lang bo --pairs_files pairs.jsonl --en_column en --tgt_column bo \\
         --mono_files mono.txt --tokenizer_name BASE --block_size 2048 --output_dir data/cpt-bo
+
+Needs study_common.py beside it (huggingface-hub only for --push_to_hub).
 """
 
 from __future__ import annotations
@@ -59,7 +66,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import unicodedata
 import uuid
@@ -77,9 +83,13 @@ from transformers import AutoTokenizer, HfArgumentParser
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     default_cpt_data_dir,
+    exit_on_input_error,
+    pair_token_count,
     read_documents,
+    read_json_records,
     script_for_language,
     script_letter_fraction,
+    setup_logging,
     write_card,
     write_json_atomic,
 )
@@ -276,35 +286,10 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
                 yield from _csv_pairs(file, reader, en_column, tgt_column)
             except csv.Error as err:
                 raise ValueError(f"{file}:{reader.line_num}: not valid {suffix[1:]} ({err}). Fix the quoting.") from err
-    elif suffix == ".jsonl":
-        with file.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-                yield (
-                    _column(record, en_column, where, "--en_column"),
-                    _column(record, tgt_column, where, "--tgt_column"),
-                    where,
-                )
-    elif suffix == ".json":
-        try:
-            records = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file}:{err.lineno}: not valid JSON ({err.msg}).") from err
-        if not isinstance(records, list):
-            raise ValueError(f"{file}: expected a JSON list of pair records.")
-        for index, record in enumerate(records):
-            where = f"{file} item {index}"
-            yield (
-                _column(record, en_column, where, "--en_column"),
-                _column(record, tgt_column, where, "--tgt_column"),
-                where,
-            )
+    elif suffix in (".jsonl", ".json"):
+        for where, record in read_json_records(file):
+            en = _column(record, en_column, where, "--en_column")
+            yield en, _column(record, tgt_column, where, "--tgt_column"), where
     else:
         raise ValueError(f"{file}: unknown pair file type {suffix!r}; use .jsonl, .json, .tsv or .csv.")
 
@@ -496,7 +481,8 @@ def check_batch(batch, tokenizer, target_script, min_fraction, block_size, match
     """Per record: the code of the first failing check (0 if none), its text tokens, and for a kept
     pair a 126-bit hash of its stripped sides (two int64) for deduplication."""
     n = len(batch["kind"])
-    reasons, n_tokens, hashes = [""] * n, [0] * n, [(0, 0)] * n
+    reasons, hashes = [""] * n, [(0, 0)] * n
+    side_tokens: list[list[int]] = [[] for _ in range(n)]  # text tokens of each side (en, tgt) or document
     texts_to_encode: list[str] = []
     owners: list[int] = []
     for i in range(n):
@@ -525,14 +511,14 @@ def check_batch(batch, tokenizer, target_script, min_fraction, block_size, match
     if texts_to_encode:
         encoded = tokenizer(texts_to_encode, add_special_tokens=False)["input_ids"]
         for i, ids in zip(owners, encoded):
-            n_tokens[i] += len(ids)
+            side_tokens[i].append(len(ids))
     for i in range(n):
-        # A pair is [start] + en + [start] + tgt: two start tokens on top of its text tokens.
-        if not reasons[i] and batch["kind"][i] == "pair" and n_tokens[i] + 2 > block_size:
+        # A pair must fit one window laid out as run_cpt.py lays it out (study_common.pair_segments).
+        if not reasons[i] and batch["kind"][i] == "pair" and pair_token_count(*side_tokens[i]) > block_size:
             reasons[i] = "over_block_size"
     return {
         "drop_code": [REASON_CODES[r] for r in reasons],
-        "text_tokens": n_tokens,
+        "text_tokens": [sum(sides) for sides in side_tokens],
         "dedup_hi": [h[0] for h in hashes],
         "dedup_lo": [h[1] for h in hashes],
     }
@@ -710,199 +696,244 @@ def validate(args: BuildArguments) -> None:
         raise ValueError(f"{output} exists and is not empty. Use another --output_dir or --overwrite_output_dir.")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = HfArgumentParser(BuildArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.output_dir is None:  # where run_cpt.py --lang LANG looks for it
+def resolve_default_locations(args: BuildArguments) -> None:
+    """The default --output_dir (where run_cpt.py --lang LANG looks) and a clear refusal when the default
+    --tokenizer_name (run_pretrain.py's output) is not there yet."""
+    if args.output_dir is None:
         args.output_dir = str(default_cpt_data_dir(args.lang))
     if args.tokenizer_name == str(DEFAULT_BASE_MODEL_DIR) and not DEFAULT_BASE_MODEL_DIR.is_dir():
         raise FileNotFoundError(
             f"{DEFAULT_BASE_MODEL_DIR}: no base model here (the default --tokenizer_name). Run run_pretrain.py first "
             "(it saves there by default) or pass --tokenizer_name DIR_OR_HUB_ID."
         )
+
+
+def contamination_guard(args: BuildArguments) -> FilledSentenceMatcher | None:
+    """The matcher of every filled sentence of --eval_questions (None without them)."""
+    if not args.eval_questions:
+        return None
+    sentences = [s for path in args.eval_questions for s in filled_sentences(path)]
+    matcher = FilledSentenceMatcher(sentences, args.min_eval_sentence_chars)
+    logger.info(
+        "Contamination guard: %d filled eval sentences (%d too short to guard).",
+        len(matcher.sentences),
+        len(matcher.too_short),
+    )
+    return matcher
+
+
+def read_raw_records(args: BuildArguments, tgt_column: str, cache_dir: Path) -> datasets.Dataset:
+    """Every input record (``generate_raw_records``) written to Arrow files on disk as it comes."""
+    try:
+        return datasets.Dataset.from_generator(
+            generate_raw_records,
+            features=RAW_FEATURES,
+            cache_dir=str(cache_dir),
+            gen_kwargs={"args": args, "tgt_column": tgt_column},
+            fingerprint=uuid.uuid4().hex,
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        # Surface our own input errors (file:line and what to do) rather than the wrapper.
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
+    except ValueError:
+        # datasets refuses a generator that yields nothing; every input being empty is reported
+        # later, input by input, like any other input that keeps nothing.
+        if next(generate_raw_records(args, tgt_column), None) is not None:
+            raise
+        return datasets.Dataset.from_dict({name: [] for name in RAW_FEATURES}, features=RAW_FEATURES)
+
+
+def check_records(raw: datasets.Dataset, args: BuildArguments, tokenizer, target_script: str, matcher):
+    """``check_batch`` over every record, in --num_proc processes."""
+    checked_features = datasets.Features({**raw.features, **CHECK_FEATURES})
+    if not len(raw):  # map adds no columns to an empty dataset
+        return datasets.Dataset.from_dict({name: [] for name in checked_features}, features=checked_features)
+    return raw.map(
+        check_batch,
+        batched=True,
+        batch_size=1000,
+        num_proc=args.num_proc,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "target_script": target_script,
+            "min_fraction": args.min_script_fraction,
+            "block_size": args.block_size,
+            "matcher": matcher,
+        },
+        features=checked_features,
+        desc="Checking documents and pairs",
+    )
+
+
+def mark_duplicate_pairs(table: pa.Table, kind_codes: np.ndarray, codes: np.ndarray) -> None:
+    """Drop (in ``codes``) every kept pair whose stripped sides equal an earlier kept pair's."""
+    candidates = np.flatnonzero((kind_codes == KINDS.index("pair")) & (codes == 0))
+    keys = np.stack(
+        [table.column("dedup_hi").to_numpy()[candidates], table.column("dedup_lo").to_numpy()[candidates]], axis=1
+    )
+    _, first_occurrences = np.unique(keys, axis=0, return_index=True)
+    duplicates = np.setdiff1d(np.arange(len(candidates)), first_occurrences)
+    codes[candidates[duplicates]] = REASON_CODES["duplicate_pair"]
+
+
+def draw_replay(args: BuildArguments, kind_codes: np.ndarray, codes: np.ndarray, text_tokens: np.ndarray) -> dict:
+    """Keep replay documents, in a seeded random order, until their share of the text tokens reaches
+    --replay_ratio; the rest are dropped (in ``codes``) as replay_beyond_ratio. Returns the replay stats."""
+    if args.replay_ratio is None:
+        return {}
+    kept, replay = codes == 0, KINDS.index("replay")
+    base_tokens = int(text_tokens[kept & (kind_codes != replay)].sum())
+    target = args.replay_ratio / (1 - args.replay_ratio) * base_tokens
+    candidates = np.flatnonzero(kept & (kind_codes == replay))
+    order = np.random.default_rng(args.seed).permutation(candidates)
+    cumulative = np.cumsum(text_tokens[order])
+    n_take = int(np.searchsorted(cumulative, target, side="left")) + 1 if target > 0 else 0
+    n_take = min(n_take, len(order))
+    codes[order[n_take:]] = REASON_CODES["replay_beyond_ratio"]
+    replay_tokens = int(cumulative[n_take - 1]) if n_take else 0
+    achieved = replay_tokens / (replay_tokens + base_tokens) if replay_tokens + base_tokens else 0.0
+    if achieved < args.replay_ratio - 0.01:
+        logger.warning(
+            "Only %.3f replay share reached (asked %.3f): not enough replay text.", achieved, args.replay_ratio
+        )
+    return {
+        "requested_ratio": args.replay_ratio,
+        "achieved_ratio": round(achieved, 6),
+        "replay_text_tokens": replay_tokens,
+    }
+
+
+def refuse_what_keeps_too_little(args, table, kind_codes, codes, target_script: str, output_dir: Path) -> list[dict]:
+    """Every input the user gave must keep something, and the kept pairs must reach --min_pairs.
+    Returns the per-input counts (build_stats.json "inputs")."""
+    per_input = count_per_input(
+        table.column("input").to_numpy(), codes, input_sources(args), args.max_records_per_input
+    )
+    for entry in per_input:
+        if entry["reached_max_records"]:
+            logger.warning("%s: read only its first %d records (--max_records_per_input).", entry["input"],
+                           args.max_records_per_input)  # fmt: skip
+    refuse_inputs_that_keep_nothing(per_input, args, target_script, output_dir)
+    kept_pairs = int(((codes == 0) & (kind_codes == KINDS.index("pair"))).sum())
+    if kept_pairs < args.min_pairs:
+        raise ValueError(
+            f"kept {kept_pairs} pairs, fewer than --min_pairs {args.min_pairs}: too few to mean anything "
+            f"(pairs read and dropped per input: {per_input_summary(per_input, 'pair')}). Add parallel pairs "
+            f"or lower --min_pairs; nothing was written to {output_dir}."
+        )
+    return per_input
+
+
+def save_kept_records(checked: datasets.Dataset, kept: np.ndarray, dataset_dir: Path) -> None:
+    """The output dataset: the kept records in input order, with stable ids (``to_output_record``)."""
+    # Typed up front: a batch of mono documents alone has only None pair ids, which Arrow
+    # cannot type (the first batches of a large build are often all mono).
+    record_features = datasets.Features(
+        {**checked.features, "doc_id": OUTPUT_FEATURES["doc_id"], "pair_id": OUTPUT_FEATURES["pair_id"]}
+    )
+    final = checked.select(np.flatnonzero(kept)).map(
+        to_output_record, batched=True, features=record_features, desc="Assigning document ids"
+    )
+    final = final.select_columns(list(OUTPUT_FEATURES)).cast(OUTPUT_FEATURES).flatten_indices()
+    final.save_to_disk(str(dataset_dir))
+
+
+def build_stats(args, target_script, kind_codes, codes, text_tokens, per_input, replay_stats, matcher) -> dict:
+    """build_stats.json: what was read, kept and dropped (by kind, reason and input), and the setting."""
+    kept = codes == 0
+    return {
+        "lang": args.lang,
+        "script": target_script,
+        "tokenizer": args.tokenizer_name,
+        "block_size": args.block_size,
+        "seed": args.seed,
+        "min_script_fraction": args.min_script_fraction,
+        "read": {kind: int((kind_codes == k).sum()) for k, kind in enumerate(KINDS)},
+        "kept": {kind: int((kept & (kind_codes == k)).sum()) for k, kind in enumerate(KINDS)},
+        "kept_text_tokens": {kind: int(text_tokens[kept & (kind_codes == k)].sum()) for k, kind in enumerate(KINDS)},
+        "dropped": {
+            kind: {
+                reason: int(((codes == REASON_CODES[reason]) & (kind_codes == k)).sum())
+                for reason in DROP_REASONS[kind]
+            }
+            for k, kind in enumerate(KINDS)
+        },
+        "inputs": per_input,
+        "max_records_per_input": args.max_records_per_input,
+        "replay": replay_stats,
+        "eval_questions": {
+            "files": args.eval_questions or [],
+            "sentences_guarded": len(matcher.sentences) if matcher else 0,
+            "sentences_too_short_to_guard": matcher.too_short if matcher else [],
+        },
+        "arguments": asdict(args),
+    }
+
+
+def write_dataset_card(dataset_dir: Path, args: BuildArguments, stats: dict) -> None:
+    setting = {
+        "lang": args.lang,
+        "script": stats["script"],
+        "tokenizer": args.tokenizer_name,
+        "block_size": args.block_size,
+        "mono": args.mono_files or args.mono_dataset or "none",
+        "pairs": args.pairs_files or args.pairs_dataset,
+        "replay": args.replay_files or args.replay_dataset or "none",
+        "replay_ratio": stats["replay"].get("achieved_ratio", 0.0),
+        "kept documents": stats["kept"],
+        "kept text tokens": stats["kept_text_tokens"],
+        "dropped": {k: {r: c for r, c in v.items() if c} for k, v in stats["dropped"].items()},
+        "eval questions guarded": args.eval_questions or "none",
+        "seed": args.seed,
+    }
+    write_card(
+        dataset_dir,
+        f"Continual-pretraining data: {args.lang}",
+        "One document per record (kind mono | pair | replay); both continual-pretraining settings "
+        "(with and without bridges) read this same dataset. Lengths were checked with the tokenizer below.",
+        setting,
+        ["cross-lingual-transfer", "continual-pretraining", f"lang-{args.lang}"],
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=argv)
+    setup_logging()
+    resolve_default_locations(args)
     validate(args)
     target_script = script_for_language(args.lang, args.script)
     tgt_column = args.tgt_column or args.lang
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+    matcher = contamination_guard(args)
 
-    matcher = None
-    if args.eval_questions:
-        sentences = [s for path in args.eval_questions for s in filled_sentences(path)]
-        matcher = FilledSentenceMatcher(sentences, args.min_eval_sentence_chars)
-        logger.info(
-            "Contamination guard: %d filled eval sentences (%d too short to guard).",
-            len(matcher.sentences),
-            len(matcher.too_short),
-        )
-
+    # Everything is built in a staging folder beside --output_dir, which is replaced only at the end.
     output_dir = Path(args.output_dir).resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         # 1. All inputs into Arrow files on disk, record by record (bounded memory).
-        try:
-            raw = datasets.Dataset.from_generator(
-                generate_raw_records,
-                features=RAW_FEATURES,
-                cache_dir=str(staging / "cache"),
-                gen_kwargs={"args": args, "tgt_column": tgt_column},
-                fingerprint=uuid.uuid4().hex,
-            )
-        except datasets.exceptions.DatasetGenerationError as error:
-            # Surface our own input errors (file:line and what to do) rather than the wrapper.
-            cause = error.__cause__ or error.__context__
-            if isinstance(cause, (ValueError, FileNotFoundError)):
-                raise cause from None
-            raise
-        except ValueError:
-            # datasets refuses a generator that yields nothing; every input being empty is reported
-            # below, input by input, like any other input that keeps nothing.
-            if next(generate_raw_records(args, tgt_column), None) is not None:
-                raise
-            raw = datasets.Dataset.from_dict({name: [] for name in RAW_FEATURES}, features=RAW_FEATURES)
-        # 2. Stateless checks in parallel.
-        checked_features = datasets.Features({**raw.features, **CHECK_FEATURES})
-        checked = raw.map(
-            check_batch,
-            batched=True,
-            batch_size=1000,
-            num_proc=args.num_proc,
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "target_script": target_script,
-                "min_fraction": args.min_script_fraction,
-                "block_size": args.block_size,
-                "matcher": matcher,
-            },
-            features=checked_features,
-            desc="Checking documents and pairs",
-        )
-        if not len(raw):  # map adds no columns to an empty dataset; step 5 reports the empty inputs
-            checked = datasets.Dataset.from_dict({name: [] for name in checked_features}, features=checked_features)
+        raw = read_raw_records(args, tgt_column, staging / "cache")
+        # 2. Stateless checks in parallel: per record a drop code (0: kept), its text tokens, a pair's hash.
+        checked = check_records(raw, args, tokenizer, target_script, matcher)
         table = checked.data
         kind_codes = pc.index_in(table.column("kind"), value_set=pa.array(KINDS)).to_numpy(zero_copy_only=False)
         codes = table.column("drop_code").to_numpy().astype(np.int8)
         text_tokens = table.column("text_tokens").to_numpy()
-        pair, replay = KINDS.index("pair"), KINDS.index("replay")
-
         # 3. Exact duplicate pairs among the pairs still kept (first occurrence wins).
-        candidates = np.flatnonzero((kind_codes == pair) & (codes == 0))
-        keys = np.stack(
-            [table.column("dedup_hi").to_numpy()[candidates], table.column("dedup_lo").to_numpy()[candidates]], axis=1
-        )
-        _, first_occurrences = np.unique(keys, axis=0, return_index=True)
-        duplicates = np.setdiff1d(np.arange(len(candidates)), first_occurrences)
-        codes[candidates[duplicates]] = REASON_CODES["duplicate_pair"]
-        del keys
-
+        mark_duplicate_pairs(table, kind_codes, codes)
         # 4. Replay share, in text tokens, drawn in a seeded random order.
-        kept = codes == 0
-        replay_stats = {}
-        if args.replay_ratio is not None:
-            base_tokens = int(text_tokens[kept & (kind_codes != replay)].sum())
-            target = args.replay_ratio / (1 - args.replay_ratio) * base_tokens
-            candidates = np.flatnonzero(kept & (kind_codes == replay))
-            order = np.random.default_rng(args.seed).permutation(candidates)
-            cumulative = np.cumsum(text_tokens[order])
-            n_take = int(np.searchsorted(cumulative, target, side="left")) + 1 if target > 0 else 0
-            n_take = min(n_take, len(order))
-            codes[order[n_take:]] = REASON_CODES["replay_beyond_ratio"]
-            replay_tokens = int(cumulative[n_take - 1]) if n_take else 0
-            achieved = replay_tokens / (replay_tokens + base_tokens) if replay_tokens + base_tokens else 0.0
-            replay_stats = {
-                "requested_ratio": args.replay_ratio,
-                "achieved_ratio": round(achieved, 6),
-                "replay_text_tokens": replay_tokens,
-            }
-            if achieved < args.replay_ratio - 0.01:
-                logger.warning(
-                    "Only %.3f replay share reached (asked %.3f): not enough replay text.", achieved, args.replay_ratio
-                )
-        kept = codes == 0
-
+        replay_stats = draw_replay(args, kind_codes, codes, text_tokens)
         # 5. Every input the user gave must keep something, and the pairs must be enough.
-        sources = input_sources(args)
-        per_input = count_per_input(table.column("input").to_numpy(), codes, sources, args.max_records_per_input)
-        for entry in per_input:
-            if entry["reached_max_records"]:
-                logger.warning("%s: read only its first %d records (--max_records_per_input).", entry["input"],
-                               args.max_records_per_input)  # fmt: skip
-        refuse_inputs_that_keep_nothing(per_input, args, target_script, output_dir)
-        kept_pairs = int((kept & (kind_codes == pair)).sum())
-        if kept_pairs < args.min_pairs:
-            raise ValueError(
-                f"kept {kept_pairs} pairs, fewer than --min_pairs {args.min_pairs}: too few to mean anything "
-                f"(pairs read and dropped per input: {per_input_summary(per_input, 'pair')}). Add parallel pairs "
-                f"or lower --min_pairs; nothing was written to {output_dir}."
-            )
-
-        # 6. The output dataset: kept records in input order, with stable ids.
-        # Typed up front: a batch of mono documents alone has only None pair ids, which Arrow
-        # cannot type (the first batches of a large build are often all mono).
-        record_features = datasets.Features(
-            {**checked.features, "doc_id": OUTPUT_FEATURES["doc_id"], "pair_id": OUTPUT_FEATURES["pair_id"]}
-        )
-        final = checked.select(np.flatnonzero(kept)).map(
-            to_output_record, batched=True, features=record_features, desc="Assigning document ids"
-        )
-        final = final.select_columns(list(OUTPUT_FEATURES)).cast(OUTPUT_FEATURES).flatten_indices()
+        per_input = refuse_what_keeps_too_little(args, table, kind_codes, codes, target_script, output_dir)
+        # 6. The output dataset, its build_stats.json and its card, then moved into place.
         dataset_dir = staging / "dataset"
-        final.save_to_disk(str(dataset_dir))
-
-        stats = {
-            "lang": args.lang,
-            "script": target_script,
-            "tokenizer": args.tokenizer_name,
-            "block_size": args.block_size,
-            "seed": args.seed,
-            "min_script_fraction": args.min_script_fraction,
-            "read": {kind: int((kind_codes == k).sum()) for k, kind in enumerate(KINDS)},
-            "kept": {kind: int((kept & (kind_codes == k)).sum()) for k, kind in enumerate(KINDS)},
-            "kept_text_tokens": {
-                kind: int(text_tokens[kept & (kind_codes == k)].sum()) for k, kind in enumerate(KINDS)
-            },
-            "dropped": {
-                kind: {
-                    reason: int(((codes == REASON_CODES[reason]) & (kind_codes == k)).sum())
-                    for reason in DROP_REASONS[kind]
-                }
-                for k, kind in enumerate(KINDS)
-            },
-            "inputs": per_input,
-            "max_records_per_input": args.max_records_per_input,
-            "replay": replay_stats,
-            "eval_questions": {
-                "files": args.eval_questions or [],
-                "sentences_guarded": len(matcher.sentences) if matcher else 0,
-                "sentences_too_short_to_guard": matcher.too_short if matcher else [],
-            },
-            "arguments": asdict(args),
-        }
+        save_kept_records(checked, codes == 0, dataset_dir)
+        stats = build_stats(args, target_script, kind_codes, codes, text_tokens, per_input, replay_stats, matcher)
         write_json_atomic(dataset_dir / "build_stats.json", stats)
-        setting = {
-            "lang": args.lang,
-            "script": target_script,
-            "tokenizer": args.tokenizer_name,
-            "block_size": args.block_size,
-            "mono": args.mono_files or args.mono_dataset or "none",
-            "pairs": args.pairs_files or args.pairs_dataset,
-            "replay": args.replay_files or args.replay_dataset or "none",
-            "replay_ratio": replay_stats.get("achieved_ratio", 0.0),
-            "kept documents": stats["kept"],
-            "kept text tokens": stats["kept_text_tokens"],
-            "dropped": {k: {r: c for r, c in v.items() if c} for k, v in stats["dropped"].items()},
-            "eval questions guarded": args.eval_questions or "none",
-            "seed": args.seed,
-        }
-        write_card(
-            dataset_dir,
-            f"Continual-pretraining data: {args.lang}",
-            "One document per record (kind mono | pair | replay); both continual-pretraining settings "
-            "(with and without bridges) read this same dataset. Lengths were checked with the tokenizer below.",
-            setting,
-            ["cross-lingual-transfer", "continual-pretraining", f"lang-{args.lang}"],
-        )
+        write_dataset_card(dataset_dir, args, stats)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(dataset_dir, output_dir)
@@ -914,6 +945,7 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("%-6s read %d, kept %d, dropped %s", kind, stats["read"][kind], stats["kept"][kind], dropped or 0)
     logger.info("Saved %s", output_dir)
 
+    # 7. The Hub copy (optional): parquet shards, build_stats.json and the card in one commit.
     if args.push_to_hub:
         push_dataset(output_dir, args.hub_dataset_id, args.hub_private_repo)
         logger.info("Pushed to the Hub dataset %s", args.hub_dataset_id)
@@ -921,8 +953,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"build_pairs.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_input_error(main)

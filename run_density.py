@@ -1,4 +1,8 @@
 #!/usr/bin/env python
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["bm25s>=0.2", "numpy>=2.0", "regex", "tqdm", "transformers>=5.0", "datasets>=4.0", "torch==2.13.0"]
+# ///
 """Cultural density of a corpus and the instance-level analysis of the frequency hypothesis.
 
 The paper explains why cultural knowledge crosses languages mostly one way by how often that
@@ -39,6 +43,8 @@ Example::
 
     python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl \\
         --top_k 50 --output_dir density_out
+
+Needs study_common.py beside it (datasets only for --corpus_dataset, torch only for --judge_model).
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 import unicodedata
 from array import array
@@ -68,8 +73,10 @@ from transformers import HfArgumentParser
 from study_common import (
     LANGUAGE_SCRIPTS,
     check_document_suffix,
+    exit_on_input_error,
     read_documents,
     read_json_records,
+    setup_logging,
     text_of,
     write_json_atomic,
     write_text_atomic,
@@ -280,7 +287,6 @@ TOKENIZER_VERSION = "density-tokens-2"
 _LATIN, _DIGIT, _HANGUL, _HAN, _TIBETAN, _MONGOLIAN, _OTHER = range(7)
 KIND_NAMES = ("latin", "digit", "hangul", "han", "tibetan", "mongolian", "other")
 _SCRIPT_OF_KIND = {_LATIN: "Latin", _HANGUL: "Hangul", _HAN: "Han", _TIBETAN: "Tibetan", _MONGOLIAN: "Mongolian"}
-_KIND_OF_SCRIPT = {script: kind for kind, script in _SCRIPT_OF_KIND.items()}
 
 # One pass over the text finds maximal runs of letters of one script, or of digits. Tibetan
 # tsheg (U+0F0B, U+0F0C) and shad (U+0F0D-U+0F12) are punctuation, so each Tibetan run is one
@@ -1452,132 +1458,100 @@ def validate(args: DensityArguments) -> None:
         raise ValueError(f"--max_documents must be at least 1, got {args.max_documents}.")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(DensityArguments).parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.log_level.upper(), stream=sys.stderr
-    )
-    validate(args)
-    output_dir = Path(args.output_dir)
-    index_root = Path(args.index_dir) if args.index_dir else output_dir / "index"
+def _repeated(names: list[str]) -> list[str]:
+    return [name for name, n in Counter(names).items() if n > 1]
 
-    question_sets = [load_questions(path) for path in args.questions]
-    stems = Counter(qs.stem for qs in question_sets)
-    if any(n > 1 for n in stems.values()):
-        raise ValueError(
-            f"Question files share a stem ({[s for s, n in stems.items() if n > 1]}); stems name question sets."
-        )
+
+def read_question_sets(paths: list[str]) -> list[QuestionSet]:
+    """Every --questions file, prepared; their stems name them in every output, so they must differ."""
+    question_sets = [load_questions(path) for path in paths]
+    if repeated := _repeated([qs.stem for qs in question_sets]):
+        raise ValueError(f"Question files share a stem ({repeated}); stems name question sets.")
+    return question_sets
+
+
+def read_corpora(args: DensityArguments) -> list:
+    """The --corpus_files corpora, then --corpus_dataset; their labels name them, so they must differ."""
     corpora = parse_corpus_files(args.corpus_files or [], args.corpus_text_column)
     if args.corpus_dataset:
         label = args.corpus_label or Path(args.corpus_dataset.rstrip("/")).name
         corpora.append(
-            DatasetCorpus(
-                args.corpus_dataset,
-                args.corpus_dataset_config,
-                args.corpus_split,
-                args.corpus_text_column,
-                args.corpus_streaming,
-                label,
-                args.corpus_data_files,
-            )  # fmt: skip
-        )
-    labels = Counter(c.label for c in corpora)
-    if any(n > 1 for n in labels.values()):
-        raise ValueError(f"Two corpora share a label ({[s for s, n in labels.items() if n > 1]}); use LABEL=PATH.")
-
-    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
-    lm_judge = None
-    if args.judge_model:
-        lm_judge = LanguageModelJudge(
-            args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens,
-            args.judge_margin, args.judge_device, args.judge_dtype,
+            DatasetCorpus(args.corpus_dataset, args.corpus_dataset_config, args.corpus_split, args.corpus_text_column,
+                          args.corpus_streaming, label, args.corpus_data_files)
         )  # fmt: skip
+    if repeated := _repeated([c.label for c in corpora]):
+        raise ValueError(f"Two corpora share a label ({repeated}); use LABEL=PATH.")
+    return corpora
 
-    question_entries, table, corpus_entries, skipped_pairs = [], [], [], []
-    occurrences_by_pair: dict[tuple[str, str], list[int]] = {}
-    for corpus in corpora:
-        index, reused = open_index(corpus, index_root, args)
-        meta = index.meta
-        corpus_entry = {
-            "label": corpus.label,
-            "source": corpus.describe(),
-            "documents": meta["documents"],
-            "documents_without_tokens": meta["documents_without_tokens"],
-            "skipped": meta["skipped"],
-            "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
-            "script_unit_fractions": meta["script_unit_fractions"],
-            "by_questions": [],
-        }
-        if meta["skipped"]:
-            logger.warning("Corpus %r: skipped records: %s", corpus.label, meta["skipped"])
-        for qs in question_sets:
-            share = meta["script_unit_fractions"].get(qs.script, 0.0)
-            if share < args.min_script_fraction:
-                reason = f"{share:.2%} of the corpus is in {qs.script} script (< --min_script_fraction {args.min_script_fraction})"
-                logger.info("Not measuring %s on %s: %s.", qs.stem, corpus.label, reason)
-                skipped_pairs.append({"questions": qs.stem, "corpus": corpus.label, "reason": reason})
-                continue
-            entries = measure(qs, corpus, index, args, lexical, lm_judge)
-            question_entries.extend(entries)
-            counts = [e["occurrences"] for e in entries]
-            occurrences_by_pair[(corpus.label, qs.stem)] = counts
-            row = {
-                "corpus": corpus.label,
-                "questions": qs.stem,
-                "lang": qs.lang,
-                "documents": meta["documents"],
-                "items": len(entries),
-                "occurrences": int(sum(counts)),
-                "density": sum(counts) / meta["documents"],
-                "mean_occurrences": float(np.mean(counts)),
-                "questions_with_occurrences": int(sum(1 for c in counts if c)),
-                "questions_without_blank": sum(1 for q in qs.questions if not q.has_blank),
-                "questions_without_key_terms": sum(1 for q in qs.questions if not q.key_terms),
-            }
-            table.append(row)
-            corpus_entry["by_questions"].append({k: v for k, v in row.items() if k not in ("corpus", "documents")})
-        corpus_entry["occurrences"] = int(sum(r["occurrences"] for r in corpus_entry["by_questions"]))
-        corpus_entry["density"] = corpus_entry["occurrences"] / meta["documents"]
-        corpus_entries.append(corpus_entry)
-    if not table:
-        # Nothing was measured: a report with density 0.0 and an empty table would read as a finding.
-        listed = "; ".join(f"{s['questions']} on {s['corpus']}: {s['reason']}" for s in skipped_pairs)
-        raise ValueError(
-            f"every question/corpus pair was skipped, nothing was measured ({listed}). Give a corpus in the "
-            "questions' script, or lower --min_script_fraction (0 measures every pair)."
-        )
 
-    analysis = None
-    if args.predictions_with:
-        analysis = instance_analysis(
-            find_predictions(args.predictions_with),
-            find_predictions(args.predictions_without),
-            args.predictions_step,
-            parse_source_corpus(args.source_corpus or []),
-            occurrences_by_pair,
-        )
-        for s in analysis["skipped"]:
-            logger.warning("Instance-level analysis: %s not analysed (%s).", s["questions"], s["reason"])
+def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudge | None]:
+    """The lexical judge (always: its verdicts are recorded) and, with --judge_model, the LM judge that decides."""
+    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
+    if not args.judge_model:
+        return lexical, None
+    return lexical, LanguageModelJudge(
+        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens,
+        args.judge_margin, args.judge_device, args.judge_dtype,
+    )  # fmt: skip
 
-    judge_name = f"language-model ({args.judge_model})" if args.judge_model else "lexical"
-    setting = asdict(args)
-    setting.update({"tokenizer": TOKENIZER_VERSION, "judge": judge_name, "bm25_library": f"bm25s {bm25s.__version__}"})
-    report = {
-        "setting": setting,
-        "corpus": corpus_entries[0],
-        "corpora": corpus_entries,
-        "table": table,
-        "skipped_pairs": skipped_pairs,
-        "questions": question_entries,
+
+@dataclass
+class Measurements:
+    """What density.json reports, filled corpus by corpus (``measure_corpus``)."""
+
+    corpora: list[dict] = field(default_factory=list)  # one entry per corpus
+    table: list[dict] = field(default_factory=list)  # one row per measured (corpus, question set)
+    questions: list[dict] = field(default_factory=list)  # one entry per measured (question, corpus)
+    skipped_pairs: list[dict] = field(default_factory=list)  # (question set, corpus) not in one script
+    occurrences: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (label, stem): per item
+
+
+def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArguments, judges, found: Measurements):
+    """Open (or build) the index of ``corpus`` and measure on it every question set written in its script."""
+    index, reused = open_index(corpus, index_root, args)
+    meta = index.meta
+    corpus_entry = {
+        "label": corpus.label,
+        "source": corpus.describe(),
+        "documents": meta["documents"],
+        "documents_without_tokens": meta["documents_without_tokens"],
+        "skipped": meta["skipped"],
+        "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
+        "script_unit_fractions": meta["script_unit_fractions"],
+        "by_questions": [],
     }
-    if analysis is not None:
-        report["instance_analysis"] = analysis
-    output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = markdown_report(table, analysis, skipped_pairs, args.top_k, judge_name)
-    write_text_atomic(output_dir / "density.md", markdown)
-    write_json_atomic(output_dir / "density.json", report)  # last: its presence means the run finished
-    logger.info("Wrote %s and %s\n%s", output_dir / "density.json", output_dir / "density.md", markdown)
-    return report
+    if meta["skipped"]:
+        logger.warning("Corpus %r: skipped records: %s", corpus.label, meta["skipped"])
+    for qs in question_sets:
+        # English questions on a Tibetan corpus would measure nothing but the lack of a script.
+        share = meta["script_unit_fractions"].get(qs.script, 0.0)
+        if share < args.min_script_fraction:
+            reason = f"{share:.2%} of the corpus is in {qs.script} script (< --min_script_fraction {args.min_script_fraction})"
+            logger.info("Not measuring %s on %s: %s.", qs.stem, corpus.label, reason)
+            found.skipped_pairs.append({"questions": qs.stem, "corpus": corpus.label, "reason": reason})
+            continue
+        entries = measure(qs, corpus, index, args, *judges)
+        found.questions.extend(entries)
+        counts = [e["occurrences"] for e in entries]
+        found.occurrences[(corpus.label, qs.stem)] = counts
+        row = {
+            "corpus": corpus.label,
+            "questions": qs.stem,
+            "lang": qs.lang,
+            "documents": meta["documents"],
+            "items": len(entries),
+            "occurrences": int(sum(counts)),
+            "density": sum(counts) / meta["documents"],
+            "mean_occurrences": float(np.mean(counts)),
+            "questions_with_occurrences": int(sum(1 for c in counts if c)),
+            "questions_without_blank": sum(1 for q in qs.questions if not q.has_blank),
+            "questions_without_key_terms": sum(1 for q in qs.questions if not q.key_terms),
+        }
+        found.table.append(row)
+        corpus_entry["by_questions"].append({k: v for k, v in row.items() if k not in ("corpus", "documents")})
+    corpus_entry["occurrences"] = int(sum(r["occurrences"] for r in corpus_entry["by_questions"]))
+    corpus_entry["density"] = corpus_entry["occurrences"] / meta["documents"]
+    found.corpora.append(corpus_entry)
 
 
 def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
@@ -1628,9 +1602,80 @@ def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments,
     return entries
 
 
+def refuse_if_nothing_measured(found: Measurements) -> None:
+    """A report with density 0.0 and an empty table would read as a finding: an error instead."""
+    if not found.table:
+        listed = "; ".join(f"{s['questions']} on {s['corpus']}: {s['reason']}" for s in found.skipped_pairs)
+        raise ValueError(
+            f"every question/corpus pair was skipped, nothing was measured ({listed}). Give a corpus in the "
+            "questions' script, or lower --min_script_fraction (0 measures every pair)."
+        )
+
+
+def analyse_instances(args: DensityArguments, found: Measurements) -> dict | None:
+    """The instance-level analysis of --predictions_with/--predictions_without (None without them)."""
+    if not args.predictions_with:
+        return None
+    analysis = instance_analysis(
+        find_predictions(args.predictions_with),
+        find_predictions(args.predictions_without),
+        args.predictions_step,
+        parse_source_corpus(args.source_corpus or []),
+        found.occurrences,
+    )
+    for s in analysis["skipped"]:
+        logger.warning("Instance-level analysis: %s not analysed (%s).", s["questions"], s["reason"])
+    return analysis
+
+
+def write_report(args: DensityArguments, found: Measurements, analysis: dict | None) -> dict:
+    """density.md, then density.json (last: its presence means the run finished); returns the report."""
+    judge_name = f"language-model ({args.judge_model})" if args.judge_model else "lexical"
+    setting = asdict(args)
+    setting.update({"tokenizer": TOKENIZER_VERSION, "judge": judge_name, "bm25_library": f"bm25s {bm25s.__version__}"})
+    report = {
+        "setting": setting,
+        "corpus": found.corpora[0],
+        "corpora": found.corpora,
+        "table": found.table,
+        "skipped_pairs": found.skipped_pairs,
+        "questions": found.questions,
+    }
+    if analysis is not None:
+        report["instance_analysis"] = analysis
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    markdown = markdown_report(found.table, analysis, found.skipped_pairs, args.top_k, judge_name)
+    write_text_atomic(output_dir / "density.md", markdown)
+    write_json_atomic(output_dir / "density.json", report)
+    logger.info("Wrote %s and %s\n%s", output_dir / "density.json", output_dir / "density.md", markdown)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(DensityArguments).parse_args_into_dataclasses(args=argv)
+    setup_logging(level=args.log_level.upper())
+    validate(args)
+
+    # 1. Inputs: the question sets (each question prepared: query, key terms, answer units) and the corpora.
+    question_sets = read_question_sets(args.questions)
+    corpora = read_corpora(args)
+    judges = make_judges(args)
+
+    # 2. Each corpus: its BM25 index (reused while its fingerprint matches), then every question set in
+    #    its script: top-k retrieval, a verdict per retrieved document, occurrences per question.
+    index_root = Path(args.index_dir) if args.index_dir else Path(args.output_dir) / "index"
+    found = Measurements()
+    for corpus in corpora:
+        measure_corpus(corpus, question_sets, index_root, args, judges, found)
+    refuse_if_nothing_measured(found)
+
+    # 3. The instance-level analysis: do transferred items occur more often in the source corpus?
+    analysis = analyse_instances(args, found)
+
+    # 4. The report: density.md (Table 1 of the paper) and density.json.
+    return write_report(args, found, analysis)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:
-        print(f"run_density.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_input_error(main)

@@ -1,4 +1,8 @@
 #!/usr/bin/env python
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["transformers>=5.0", "regex"]
+# ///
 """Generate a synthetic world with planted ground truth for the cross-lingual culture study.
 
 A world is a set of synthetic cultures, one per target language (ko, zh, bo, mn). Each culture
@@ -56,17 +60,28 @@ Layout of ``--output_dir``::
 Usage::
 
     python synthetic_world.py --output_dir world --langs bo ko --resource bo=mixed ko=mixed --seed 0
+
+Needs study_common.py beside it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from study_common import LANGUAGE_SCRIPTS, script_letter_fraction, write_json_atomic, write_text_atomic
+from study_common import (
+    LANGUAGE_SCRIPTS,
+    exit_on_input_error,
+    script_letter_fraction,
+    setup_logging,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+logger = logging.getLogger("synthetic_world")
 
 # --------------------------------------------------------------------------------------
 # The world's grammar: relations with paraphrase templates, generic filler, lexicon keys
@@ -611,19 +626,13 @@ def english_corpus(args: WorldArguments, cultures: list[dict], filler: Filler) -
     """English documents: each fact's statements (one per document, with filler around), and filler."""
     rng = _rng(args.seed, "en-corpus")
     seen: set[str] = set()
-    documents = []
+    statements = []
     for culture in cultures:
         for fact in culture["facts"]:
             templates = statement_templates(args, fact)
-            for k in range(fact["counts"]["en"]):
-                statement = render_fact(fact, templates[k % len(templates)], None)
-                documents.append(
-                    _unique_text(
-                        rng, seen, lambda r, s=statement: _with_filler(r, s, filler, None, "", args.statement_filler)
-                    )
-                )
-    for _ in range(args.en_filler_documents):
-        documents.append(_unique_text(rng, seen, lambda r: _filler_document(r, filler, None, "")))
+            statements += [render_fact(fact, templates[k % len(templates)], None) for k in range(fact["counts"]["en"])]
+    documents = _statement_documents(rng, seen, statements, [0] * len(statements), filler, None, "", args)
+    documents += _filler_documents(rng, seen, [None] * args.en_filler_documents, filler, None, "")
     rng.shuffle(documents)
     return documents
 
@@ -633,26 +642,20 @@ def target_corpus(args: WorldArguments, culture: dict, language: Language, fille
     # The same stream for every variant: both variants hold the same sentences, names aside.
     rng = _rng(args.seed, "mono", culture["lang"])
     seen: set[str] = set()
-    documents = []
+    statements, least_filler = [], []
     for fact in culture["facts"]:
         templates = statement_templates(args, fact)
         for k in range(fact["counts"]["tgt"]):
             template = templates[k % len(templates)]
-            statement = render_fact(fact, template, language, variant)
+            statements.append(render_fact(fact, template, language, variant))
             # A document keeps most of its letters in the target script even with Latin names (build_pairs.py
             # drops documents under 0.5 by default): a statement that alone would fall below 0.6 gets at least
             # one filler sentence, decided on its anchors form so that both variants draw the same filler.
             anchors_form = render_fact(fact, template, language, "anchors")
-            least = 1 if script_letter_fraction(anchors_form, LANGUAGE_SCRIPTS[culture["lang"]]) < 0.6 else 0
-            documents.append(
-                _unique_text(
-                    rng,
-                    seen,
-                    lambda r, s=statement, n=least: _with_filler(
-                        r, s, filler, language, variant, args.statement_filler, n
-                    ),
-                )
+            least_filler.append(
+                1 if script_letter_fraction(anchors_form, LANGUAGE_SCRIPTS[culture["lang"]]) < 0.6 else 0
             )
+    documents = _statement_documents(rng, seen, statements, least_filler, filler, language, variant, args)
     mentions = [e for e in culture["entities"] for _ in range(args.mono_mentions)]
     if len(mentions) > args.mono_filler_documents:
         raise ValueError(
@@ -660,11 +663,25 @@ def target_corpus(args: WorldArguments, culture: dict, language: Language, fille
             f"name each of {len(culture['entities'])} entities {args.mono_mentions} times; raise it or lower --mono_mentions."
         )
     rng.shuffle(mentions)
-    for i in range(args.mono_filler_documents):
-        entity = mentions[i] if i < len(mentions) else None
-        documents.append(_unique_text(rng, seen, lambda r, e=entity: _filler_document(r, filler, language, variant, e)))
+    mentions += [None] * (args.mono_filler_documents - len(mentions))
+    documents += _filler_documents(rng, seen, mentions, filler, language, variant)
     rng.shuffle(documents)
     return documents
+
+
+def _statement_documents(rng, seen, statements, least_filler, filler, language, variant, args) -> list[str]:
+    """One new document per statement: the statement among ``least`` to --statement_filler filler sentences."""
+    return [
+        _unique_text(
+            rng, seen, lambda r, s=s, n=n: _with_filler(r, s, filler, language, variant, args.statement_filler, n)
+        )
+        for s, n in zip(statements, least_filler)
+    ]
+
+
+def _filler_documents(rng, seen, entities: list[dict | None], filler, language, variant) -> list[str]:
+    """One new filler document per entry of ``entities``: naming that entity, or none (None)."""
+    return [_unique_text(rng, seen, lambda r, e=e: _filler_document(r, filler, language, variant, e)) for e in entities]
 
 
 def _render(sentence: dict, language: Language | None, variant: str) -> str:
@@ -785,71 +802,32 @@ def generate_world(args: WorldArguments) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     filler = Filler(args.seed)
-    english_words = {w.lower() for key in lexicon_keys() for w in key.split()}
+    # 1. The cultures: entities, facts and planted counts; Latin names never collide with an English word.
+    reserved_latin = {w.lower() for key in lexicon_keys() for w in key.split()}
     for _, templates in RELATIONS:
         for english, _ in templates:
-            english_words.update(w.strip(".,").lower() for w in english.split() if not w.startswith("{"))
-    reserved_latin = set(english_words)
+            reserved_latin.update(w.strip(".,").lower() for w in english.split() if not w.startswith("{"))
     languages = {lang: Language(lang, args.seed) for lang in args.langs}
     cultures = [build_culture(args, lang, languages[lang], reserved_latin) for lang in args.langs]
 
+    # 2. The English pretraining corpus (every culture's facts).
     en_documents = english_corpus(args, cultures, filler)
     write_text_atomic(out / "en_corpus.jsonl", "".join(_jsonl({"text": d}) for d in en_documents))
     corpora = {"en": {"file": "en_corpus.jsonl", "documents": len(en_documents)}}
+
+    # 3. Per culture and name variant: its corpus, pairs, held-out pairs and the two question files.
     truth_questions: dict[str, list[dict]] = {}
     files: dict[str, dict] = {}
     for culture in cultures:
-        lang, language = culture["lang"], languages[culture["lang"]]
         for variant in args.name_variants:
-            folder = out / lang / variant
-            mono = target_corpus(args, culture, language, filler, variant)
-            pairs, diagnostic = parallel_pairs(args, culture, language, filler, variant)
-            items_en, items_tgt, records = cloze_items(culture, language, variant)
-            write_text_atomic(folder / "mono.jsonl", "".join(_jsonl({"text": d}) for d in mono))
-            write_text_atomic(folder / "pairs.jsonl", "".join(_jsonl(p) for p in pairs))
-            # Held-out pairs carry the target side twice: under the language code (as the training
-            # pairs, for build_pairs.py) and as "tgt" (the column run_eval.py's bridge diagnostic reads).
-            diagnostic_records = [{"en": p["en"], lang: p[lang], "tgt": p[lang]} for p in diagnostic]
-            write_text_atomic(folder / "diagnostic_pairs.jsonl", "".join(_jsonl(p) for p in diagnostic_records))
-            write_json_atomic(folder / f"{lang}-culture-cloze_en.json", items_en)
-            write_json_atomic(folder / f"{lang}-culture-cloze_{lang}.json", items_tgt)
-            rel = f"{lang}/{variant}"
-            corpora[f"{rel}/mono"] = {"file": f"{rel}/mono.jsonl", "documents": len(mono)}
-            files[rel] = {
-                "mono": f"{rel}/mono.jsonl",
-                "pairs": f"{rel}/pairs.jsonl",
-                "diagnostic_pairs": f"{rel}/diagnostic_pairs.jsonl",
-                "questions_en": f"{rel}/{lang}-culture-cloze_en.json",
-                f"questions_{lang}": f"{rel}/{lang}-culture-cloze_{lang}.json",
-                "pairs_count": len(pairs),
-                "diagnostic_pairs_count": len(diagnostic),
-            }
-            truth_questions[lang] = records  # identical for every variant (same order, same counts)
+            rel = f"{culture['lang']}/{variant}"
+            files[rel], corpora[f"{rel}/mono"], records = write_culture_files(
+                args, out, culture, languages[culture["lang"]], filler, variant
+            )
+            truth_questions[culture["lang"]] = records  # identical for every variant (same order, same counts)
 
-    # Densities in the paper's sense: documents stating a culture's facts / documents in the corpus.
-    densities = {}
-    for culture in cultures:
-        lang = culture["lang"]
-        mono_docs = corpora[f"{lang}/{args.name_variants[0]}/mono"]["documents"] if args.name_variants else 0
-        per_tier = {}
-        for tier in ("high", "low", "all"):
-            facts = [f for f in culture["facts"] if tier in ("all", f["tier"])]
-            if not facts:
-                continue
-            en_statements = sum(f["counts"]["en"] for f in facts)
-            tgt_statements = sum(f["counts"]["tgt"] for f in facts)
-            en_density = _density(en_statements, len(en_documents))
-            tgt_density = _density(tgt_statements, mono_docs)
-            per_tier[tier] = {
-                "facts": len(facts),
-                "en_statements": en_statements,
-                "tgt_statements": tgt_statements,
-                "en_density": en_density,
-                "tgt_density": tgt_density,
-                "tgt_over_en": tgt_density / en_density if en_density else None,
-            }
-        densities[lang] = per_tier
-
+    # 4. truth.json (what every file plants) and world.json (arguments and counts).
+    densities = {c["lang"]: planted_densities(args, c, len(en_documents), corpora) for c in cultures}
     truth = {
         "seed": args.seed,
         "note": "counts = documents that state the fact (one statement per document); questions are parallel by index",
@@ -879,6 +857,57 @@ def generate_world(args: WorldArguments) -> dict:
     return summary
 
 
+def write_culture_files(args, out: Path, culture: dict, language: Language, filler: Filler, variant: str):
+    """The files of one culture in one name variant. Returns (their world.json "files" entry, the corpus's
+    truth.json "corpora" entry, the truth records of its questions)."""
+    lang = culture["lang"]
+    rel = f"{lang}/{variant}"
+    names = {
+        "mono": f"{rel}/mono.jsonl",
+        "pairs": f"{rel}/pairs.jsonl",
+        "diagnostic_pairs": f"{rel}/diagnostic_pairs.jsonl",
+        "questions_en": f"{rel}/{lang}-culture-cloze_en.json",
+        f"questions_{lang}": f"{rel}/{lang}-culture-cloze_{lang}.json",
+    }
+    mono = target_corpus(args, culture, language, filler, variant)
+    pairs, diagnostic = parallel_pairs(args, culture, language, filler, variant)
+    items_en, items_tgt, records = cloze_items(culture, language, variant)
+    write_text_atomic(out / names["mono"], "".join(_jsonl({"text": d}) for d in mono))
+    write_text_atomic(out / names["pairs"], "".join(_jsonl(p) for p in pairs))
+    # Held-out pairs carry the target side twice: under the language code (as the training
+    # pairs, for build_pairs.py) and as "tgt" (the column run_eval.py's bridge diagnostic reads).
+    diagnostic_records = [{"en": p["en"], lang: p[lang], "tgt": p[lang]} for p in diagnostic]
+    write_text_atomic(out / names["diagnostic_pairs"], "".join(_jsonl(p) for p in diagnostic_records))
+    write_json_atomic(out / names["questions_en"], items_en)
+    write_json_atomic(out / names[f"questions_{lang}"], items_tgt)
+    entry = {**names, "pairs_count": len(pairs), "diagnostic_pairs_count": len(diagnostic)}
+    return entry, {"file": names["mono"], "documents": len(mono)}, records
+
+
+def planted_densities(args: WorldArguments, culture: dict, en_documents: int, corpora: dict) -> dict:
+    """Densities in the paper's sense, per tier: documents stating the culture's facts / documents in the corpus."""
+    lang = culture["lang"]
+    mono_docs = corpora[f"{lang}/{args.name_variants[0]}/mono"]["documents"] if args.name_variants else 0
+    per_tier = {}
+    for tier in ("high", "low", "all"):
+        facts = [f for f in culture["facts"] if tier in ("all", f["tier"])]
+        if not facts:
+            continue
+        en_statements = sum(f["counts"]["en"] for f in facts)
+        tgt_statements = sum(f["counts"]["tgt"] for f in facts)
+        en_density = _density(en_statements, en_documents)
+        tgt_density = _density(tgt_statements, mono_docs)
+        per_tier[tier] = {
+            "facts": len(facts),
+            "en_statements": en_statements,
+            "tgt_statements": tgt_statements,
+            "en_density": en_density,
+            "tgt_density": tgt_density,
+            "tgt_over_en": tgt_density / en_density if en_density else None,
+        }
+    return per_tier
+
+
 def _jsonl(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
@@ -888,18 +917,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = HfArgumentParser(WorldArguments, description=__doc__.split("\n\n")[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging()
     summary = generate_world(args)
     facts = ", ".join(f"{lang}: {n} facts" for lang, n in summary["facts"].items())
-    print(f"Wrote the world to {args.output_dir} ({summary['en_corpus']['documents']} English documents; {facts}).")
+    lines = [f"Wrote the world to {args.output_dir} ({summary['en_corpus']['documents']} English documents; {facts})."]
     for lang, tiers in summary["densities"].items():
         for tier, d in tiers.items():
             ratio = f"{d['tgt_over_en']:.1f}x" if d["tgt_over_en"] else "inf"
-            print(
+            lines.append(
                 f"  {lang} {tier:>4}: density en {d['en_density']:.2e}, {lang} {d['tgt_density']:.2e} "
                 f"(target/English {ratio})"
             )
+    logger.info("\n".join(lines))
     return summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_input_error(main)
