@@ -72,12 +72,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from study_common import document_start_id, read_documents, read_json_records, write_json_atomic, write_text_atomic
+from cloze import TIE_POLICIES, QuestionSet, fill_blanks, load_question_sets, read_predictions, tie_credit
+from study_common import document_start_id, read_documents, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("run_eval")
 
-BLANK = re.compile(r"_+")
-QUESTION_FILE_LANG = re.compile(r"^(?P<base>.+)_(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)?)$")
+# Transitional (removed once run_study and its report import cloze.read_predictions): the old name.
+read_eval_output = read_predictions
+
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 SCORINGS = ("mean_token_loss", "option_logprob", "byte_normalized")
 ROOT_TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -229,230 +231,6 @@ class TransferArguments:
         },
     )
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
-
-
-# --------------------------------------------------------------------------------------
-# Questions
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class QuestionSet:
-    """One question file (or dataset split), validated. Item i keeps index i of the source."""
-
-    stem: str  # e.g. bo-culture-cloze_bo
-    lang: str
-    source: str
-    items: list[dict]  # {"question", "options", "answers" (texts), "answer" (option indices)}
-    quirks: dict[str, list[int]]  # reason -> item indices
-
-    @property
-    def base(self) -> str:
-        """Name shared by parallel files: the stem without its language suffix."""
-        match = QUESTION_FILE_LANG.match(self.stem)
-        return match.group("base") if match and match.group("lang") == self.lang else self.stem
-
-    @property
-    def fingerprint(self) -> str:
-        payload = [self.lang] + [[it["question"], it["options"], it["answers"]] for it in self.items]
-        return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-
-    def describe(self) -> dict:
-        return {
-            "lang": self.lang,
-            "source": self.source,
-            "parallel_group": self.base,
-            "items": len(self.items),
-            # Expected accuracy of guessing uniformly among the options (the floor of the curves).
-            "chance_accuracy": sum(len(it["answer"]) / len(it["options"]) for it in self.items) / len(self.items),
-            "sha256": self.fingerprint,
-            "quirks": self.quirks,
-            "position_bias": position_bias(self.items),
-        }
-
-
-def position_bias(items: list[dict]) -> dict:
-    """Where the answer sits among the options. An item counts at its first answer option (duplicate options
-    and list answers can have several); items whose answer is not among the options count under "none".
-    always_first_accuracy is the accuracy of always predicting option 0, the option every exact tie goes to
-    under the paper's rule."""
-    counts = defaultdict(int)
-    for item in items:
-        counts[str(min(item["answer"])) if item["answer"] else "none"] += 1
-    keys = sorted((k for k in counts if k != "none"), key=int) + (["none"] if "none" in counts else [])
-    return {
-        "answer_position_counts": {k: counts[k] for k in keys},
-        "answer_position_share": {k: counts[k] / len(items) for k in keys},
-        "always_first_accuracy": sum(0 in item["answer"] for item in items) / len(items),
-    }
-
-
-QUIRK_TEXT = {
-    "no_blank": "has no blank (no run of underscores): every option gives the same sentence, the first option wins",
-    "several_blanks": "has several blanks: each is filled with the option",
-    "duplicate_options": "lists the same option twice: the copies tie, the first copy wins",
-    "fewer_than_two_distinct_options": "has fewer than 2 distinct options: it cannot discriminate",
-    "answer_not_in_options": "has an answer that is not among its options: the item is always scored wrong",
-}
-
-
-def validate_items(records, stem: str, where: str) -> tuple[list[dict], dict[str, list[int]]]:
-    """Check every record; return normalised items and the quirks found (reason -> indices).
-
-    Structural problems (not a list, missing fields, wrong types, empty texts) are errors; the
-    paper files' known quirks are counted instead and decided later (--strict).
-    """
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{where}: expected a non-empty JSON list of {{question, options, answer}} items.")
-    items, quirks = [], defaultdict(list)
-    for index, record in enumerate(records):
-        at = f"{where} item {index}"
-        if not isinstance(record, dict) or not {"question", "options", "answer"} <= set(record):
-            found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{at}: needs 'question', 'options' and 'answer' (found: {found}).")
-        question, options, answer = record["question"], record["options"], record["answer"]
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{at}: 'question' must be a non-empty string.")
-        if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
-            raise ValueError(f"{at}: 'options' must be a non-empty list of non-empty strings.")
-        answers = answer if isinstance(answer, list) else [answer]
-        if not answers or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"{at}: 'answer' must be a string or a non-empty list of strings.")
-        blanks = len(BLANK.findall(question))
-        if blanks == 0:
-            quirks["no_blank"].append(index)
-        elif blanks > 1:
-            quirks["several_blanks"].append(index)
-        if len(set(options)) < 2:
-            quirks["fewer_than_two_distinct_options"].append(index)
-        elif len(set(options)) < len(options):
-            quirks["duplicate_options"].append(index)
-        if not all(a in options for a in answers):
-            quirks["answer_not_in_options"].append(index)
-        items.append(
-            {
-                "question": question,
-                "options": list(options),
-                "answers": list(answers),
-                # Every option equal to an answer counts (duplicate options: either copy is right).
-                "answer": [k for k, option in enumerate(options) if option in answers],
-            }
-        )
-    return items, dict(quirks)
-
-
-def _lang_from_stem(stem: str) -> str | None:
-    match = QUESTION_FILE_LANG.match(stem)
-    return match.group("lang").lower() if match else None
-
-
-def _dataset_question_sets(dataset, name: str, source: str) -> list[tuple[str, str, list]]:
-    """(stem, source, records) per split of a datasets Dataset or DatasetDict."""
-    from datasets import DatasetDict
-
-    splits = dataset.items() if isinstance(dataset, DatasetDict) else [(None, dataset)]
-    out = []
-    for split, ds in splits:
-        missing = {"question", "options", "answer"} - set(ds.column_names)
-        if missing:
-            raise ValueError(f"{source} split {split}: missing columns {sorted(missing)} (found {ds.column_names}).")
-        stem = split if split and (len(splits) > 1 or _lang_from_stem(split)) else name
-        out.append((stem, f"{source}:{split}" if split else source, ds.to_list()))
-    return out
-
-
-def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, str, list]]:
-    """(stem, source description, records) for a file, a folder, a saved dataset or a Hub dataset id."""
-    path = Path(source)
-    if path.is_file():
-        return [(path.stem, str(path), [record for _, record in read_json_records(path)])]
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            from datasets import load_from_disk
-
-            return _dataset_question_sets(load_from_disk(str(path)), path.name, str(path))
-        files = sorted(path.glob("*.json"))
-        if files:
-            return [entry for f in files for entry in _raw_question_sources(str(f), revision)]
-        # A dataset repository laid out as on the Hub (data files + README configs): same path as a Hub id.
-        return _hub_question_sets(str(path), revision)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
-        return _hub_question_sets(source, revision)
-    raise FileNotFoundError(f"{source}: not a file, a folder or a Hub dataset id ('org/name' or 'org/name:split').")
-
-
-def _hub_question_sets(dataset_id: str, revision: str | None) -> list[tuple[str, str, list]]:
-    from datasets import load_dataset
-
-    name, _, split = dataset_id.partition(":")
-    dataset = load_dataset(name, split=split or None, revision=revision)
-    return _dataset_question_sets(dataset, Path(name).name, name)
-
-
-def load_question_sets(
-    sources: list[str], question_langs: list[str] | None = None, strict: bool = False, revision: str | None = None
-) -> list[QuestionSet]:
-    """Load, validate and language-tag every question source; check parallel files; apply --strict."""
-    raw = [entry for source in sources for entry in _raw_question_sources(source, revision)]
-    overrides, positional = {}, []
-    for entry in question_langs or []:
-        if "=" in entry:
-            stem, lang = entry.split("=", 1)
-            overrides[stem] = lang
-        else:
-            positional.append(entry)
-    if positional and len(positional) != len(raw):
-        raise ValueError(
-            f"--question_langs gives {len(positional)} languages for {len(raw)} question sets "
-            f"({', '.join(s for s, _, _ in raw)}); give one per set or use STEM=LANG entries."
-        )
-    sets, seen = [], set()
-    for position, (stem, where, records) in enumerate(raw):
-        if stem in seen:
-            raise ValueError(f"{where}: a question set named {stem!r} was already loaded; names must be unique.")
-        seen.add(stem)
-        lang = overrides.get(stem) or (positional[position] if positional else None) or _lang_from_stem(stem)
-        if not lang:
-            raise ValueError(
-                f"{where}: cannot tell the question language from the name {stem!r} (expected '<name>_<lang>', "
-                f"e.g. ko-culture-cloze_en). Pass --question_langs {stem}=LANG."
-            )
-        items, quirks = validate_items(records, stem, where)
-        sets.append(QuestionSet(stem=stem, lang=lang, source=where, items=items, quirks=quirks))
-    _check_parallel(sets)
-    problems = [
-        f"{qs.source} item {index}: {QUIRK_TEXT[reason]}"
-        for qs in sets
-        for reason, indices in qs.quirks.items()
-        for index in indices
-    ]
-    if strict and problems:
-        raise ValueError(
-            "--strict: the questions have quirks:\n  "
-            + "\n  ".join(problems)
-            + "\nFix these items, or run without --strict to count them and score them as the authors' script does."
-        )
-    for qs in sets:
-        summary = ", ".join(f"{reason} {indices}" for reason, indices in qs.quirks.items()) or "none"
-        logger.info(
-            "questions %s (%s, %d items, from %s): quirks: %s", qs.stem, qs.lang, len(qs.items), qs.source, summary
-        )
-    return sets
-
-
-def _check_parallel(sets: list[QuestionSet]) -> None:
-    """Parallel files (same base, different language) must have the same number of items."""
-    by_base = defaultdict(list)
-    for qs in sets:
-        by_base[qs.base].append(qs)
-    for group in by_base.values():
-        sizes = {len(qs.items) for qs in group}
-        if len(sizes) > 1:
-            listing = ", ".join(f"{qs.source} ({len(qs.items)} items)" for qs in group)
-            raise ValueError(
-                f"Parallel question files must match item by item, but their lengths differ: {listing}. "
-                "Fix the files or give them different base names."
-            )
 
 
 # --------------------------------------------------------------------------------------
@@ -862,20 +640,6 @@ def _edge_logprobs(project, states, edge_row, edge_token, first_edge, rows_per_c
     return logprobs
 
 
-def fill_blanks(question: str, option: str) -> tuple[str, list[tuple[int, int]]]:
-    """The question with every run of underscores replaced by ``option``, and the filled character spans."""
-    pieces, spans, cursor, length = [], [], 0, 0
-    for match in BLANK.finditer(question):
-        before = question[cursor : match.start()]
-        pieces += [before, option]
-        length += len(before)
-        spans.append((length, length + len(option)))
-        length += len(option)
-        cursor = match.end()
-    pieces.append(question[cursor:])
-    return "".join(pieces), spans
-
-
 @dataclass
 class ScoringPlan:
     """The distinct token sequences to run, and how each option's score is read from their log-probs."""
@@ -960,16 +724,6 @@ def option_score(logprobs: np.ndarray, mask: np.ndarray | None, n_bytes: int, sc
 def predict(scores: list[float]) -> int:
     """Index of the lowest score; ties keep option order (a stable sort, as in the paper)."""
     return min(range(len(scores)), key=lambda k: (scores[k], k))
-
-
-def tie_credit(scores: list[float], answer: list[int]) -> tuple[int, float]:
-    """(k, credit): the number of options sharing the best (lowest) score exactly, and the expected credit of
-    breaking that tie uniformly at random (answers among the k tied options / k). k == 1 means no tie, and
-    then the credit is the first-wins correctness. Scores of an item do not depend on option order, so this
-    is exact."""
-    best = min(scores)
-    tied = [k for k, score in enumerate(scores) if score == best]
-    return len(tied), sum(k in answer for k in tied) / len(tied)
 
 
 def score_question_sets(
@@ -1433,66 +1187,6 @@ class RunResults:
     fractional: dict[str, np.ndarray]  # stem -> float array (steps x items), random tie-breaking credit
 
 
-TIE_POLICIES = ("first", "fractional")
-
-
-def read_eval_output(eval_dir: Path, tie_policy: str = "first") -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
-    """accuracy.json, and per questions stem a dict step -> per-item credit: first-wins correctness (bool, the
-    paper's rule) with ``tie_policy="first"``, the expected credit of random tie-breaking (float) with
-    ``"fractional"``.
-
-    Every item of every question set must appear exactly once per checkpoint of accuracy.json: a missing
-    line would otherwise count as a wrong answer and a repeated one could hide a stale result, so either is
-    an error naming the file, the questions, the step and the items."""
-    accuracy = json.loads((eval_dir / "accuracy.json").read_text(encoding="utf-8"))
-    sizes = {stem: q["items"] for stem, q in accuracy["questions"].items()}
-    paths = {e["step"]: e["path"] for e in accuracy["checkpoints"]}
-    predictions = eval_dir / "predictions.jsonl"
-    if tie_policy not in TIE_POLICIES:
-        raise ValueError(f"tie_policy must be one of {', '.join(TIE_POLICIES)}, got {tie_policy!r}.")
-    kind = bool if tie_policy == "first" else np.float64
-    correct = {stem: {step: np.zeros(size, kind) for step in paths} for stem, size in sizes.items()}
-    seen = {stem: {step: np.zeros(size, np.int64) for step in paths} for stem, size in sizes.items()}
-    with predictions.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if paths.get(row["step"]) != row["checkpoint"] or row["questions"] not in sizes:
-                continue
-            index = row["index"]
-            if not 0 <= index < sizes[row["questions"]]:
-                raise ValueError(f"{predictions}:{line_number}: item index {index} beyond the question set.")
-            seen[row["questions"]][row["step"]][index] += 1
-            if tie_policy == "first":
-                credit = row["correct"]
-            elif "credit_fractional" in row:
-                credit = row["credit_fractional"]
-            else:  # written before the tie accounting: the same number, from the scores
-                credit = tie_credit(row["scores"], row["answer"])[1]
-            correct[row["questions"]][row["step"]][index] = credit
-    problems = []
-    for stem, per_step in seen.items():
-        for step, counts in per_step.items():
-            missing, repeated = np.flatnonzero(counts == 0).tolist(), np.flatnonzero(counts > 1).tolist()
-            if missing:
-                problems.append(f"{stem} step {step}: {len(missing)} item(s) missing: {_index_list(missing)}")
-            if repeated:
-                problems.append(f"{stem} step {step}: {len(repeated)} item(s) listed twice: {_index_list(repeated)}")
-    if problems:
-        raise ValueError(
-            f"{predictions} does not hold every item exactly once for each checkpoint of accuracy.json:\n  "
-            + "\n  ".join(problems)
-            + "\nRe-run the probing into this folder with --overwrite_output_dir."
-        )
-    return accuracy, correct
-
-
-def _index_list(indices: list[int], limit: int = 20) -> str:
-    shown = ", ".join(map(str, indices[:limit]))
-    return shown + (f", ... ({len(indices) - limit} more)" if len(indices) > limit else "")
-
-
 def _resolve_run(
     path: str, bridges: bool | None, args: EvalArguments, transfer: TransferArguments, question_sets
 ) -> RunResults:
@@ -1513,8 +1207,8 @@ def _resolve_run(
             )
     else:
         raise FileNotFoundError(f"{path}: neither an eval output directory (accuracy.json) nor a run directory.")
-    accuracy, by_stem = read_eval_output(eval_dir)
-    _, fractional_by_stem = read_eval_output(eval_dir, tie_policy="fractional")
+    accuracy, by_stem = read_predictions(eval_dir)
+    _, fractional_by_stem = read_predictions(eval_dir, tie_policy="fractional")
     setting = accuracy.get("cpt_setting") or {}
     recorded = setting.get("bridges")
     if bridges is None:

@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from paper_reference import reference_prediction, reference_scores  # noqa: E402
 
+import cloze  # noqa: E402
 import run_eval  # noqa: E402
 
 PAPER_CLOZE_DIR = REPO_ROOT.parent / "shared" / "data" / "paper-culture-cloze"
@@ -145,10 +146,10 @@ def main() -> None:
         else:
             sources = [str(p) for p in generated_question_files(Path(tmp), 300)]
             origin = "generated questions (../shared absent)"
-        question_sets = run_eval.load_question_sets(sources)
+        question_sets = cloze.load_question_sets(sources)
         if args.max_items:
             question_sets = [
-                run_eval.QuestionSet(qs.stem, qs.lang, qs.source, qs.items[: args.max_items], qs.quirks)
+                cloze.QuestionSet(qs.stem, qs.lang, qs.source, qs.items[: args.max_items], qs.quirks)
                 for qs in question_sets
             ]
         model_dir = build_model(question_sets, args.vocab_size, Path(tmp) / "model")
@@ -199,7 +200,7 @@ def main() -> None:
                 for index, (ref, got, item) in enumerate(zip(ref_set, got_set, qs.items)):
                     max_diff = max(max_diff, float(np.max(np.abs(np.array(ref) - np.array(got)))))
                     differing += ref != got
-                    ties += run_eval.tie_credit(got, item["answer"])[0] > 1
+                    ties += cloze.tie_credit(got, item["answer"])[0] > 1
                     if reference_prediction(ref) != run_eval.predict(got):
                         mismatches.append(f"{qs.stem} #{index}")
             path = "batched prefix trees" if loss_dtype == "float32" else "paper loop, loss in the logits' dtype"

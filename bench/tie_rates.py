@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+import cloze  # noqa: E402
 import run_eval  # noqa: E402
 
 PAPER_CLOZE_DIR = REPO_ROOT.parent / "shared" / "data" / "paper-culture-cloze"
@@ -54,7 +55,7 @@ def main() -> None:
             parser.error(f"--precisions entry {entry!r}: expected DTYPE:LOSS_DTYPE, e.g. bfloat16:model")
         precisions.append((dtype, loss_dtype))
 
-    question_sets = run_eval.load_question_sets(args.questions)
+    question_sets = cloze.load_question_sets(args.questions)
     device = run_eval.resolve_device(args.device)
     print(
         "| model | dtype | loss dtype | questions | items | tie rate | accuracy (first wins) | "
@@ -70,7 +71,7 @@ def main() -> None:
             )
             for qs, set_scores in zip(question_sets, scores):
                 _, acc = run_eval.item_accounting(qs, set_scores)
-                always_first = run_eval.position_bias(qs.items)["always_first_accuracy"]
+                always_first = cloze.position_bias(qs.items)["always_first_accuracy"]
                 print(
                     f"| {model_dir} | {dtype} | {loss_dtype} | {qs.stem} | {acc['total']} | {acc['tie_rate']:.3f} | "
                     f"{acc['accuracy']:.3f} | {acc['accuracy_fractional']:.3f} | {acc['ties_advantage']:+.3f} | "

@@ -8,17 +8,17 @@ import os
 import re
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cloze_samples import SAMPLE_QUESTIONS, SAMPLE_SCRIPTS, write_sample_questions
 from conftest import run_script
-from eval_helpers import make_run_dir
+from eval_helpers import make_run_dir, write_questions
 from paper_reference import reference_prediction, reference_scores
 from transformers import AutoTokenizer
 
+import cloze
 import run_eval
 from study_common import script_letter_fraction
 
@@ -55,122 +55,6 @@ def sample_dir(tmp_path):
     return tmp_path / "questions"
 
 
-def write_questions(path: Path, items) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-# ---------------------------------------------------------------------------- questions
-
-
-def test_fill_blanks_replaces_every_underscore_run_and_returns_the_filled_spans():
-    filled, spans = run_eval.fill_blanks("A __ b ____ c", "xyz")
-    assert filled == "A xyz b xyz c"
-    assert [filled[s:e] for s, e in spans] == ["xyz", "xyz"]
-    # A backslash or group reference in an option is text, not a regex replacement pattern.
-    assert run_eval.fill_blanks("x ___ y", r"\1 \n")[0] == r"x \1 \n y"
-    assert run_eval.fill_blanks("no blank here", "opt") == ("no blank here", [])
-
-
-def test_paper_files_quirks_are_counted_as_the_data_readme_lists_them(paper_cloze_dir):
-    sets = {qs.stem: qs for qs in run_eval.load_question_sets([str(paper_cloze_dir)])}
-    assert len(sets) == 8
-    assert {stem: len(qs.items) for stem, qs in sets.items() if stem.endswith("_en")} == {
-        "bo-culture-cloze_en": 268,
-        "ko-culture-cloze_en": 598,
-        "mn-culture-cloze_en": 276,
-        "zh-culture-cloze_en": 328,
-    }
-    assert sets["ko-culture-cloze_ko"].quirks["no_blank"] == [353]
-    assert sets["mn-culture-cloze_en"].quirks["no_blank"] == [32, 88, 98, 99, 153, 174, 191, 223]
-    assert sets["mn-culture-cloze_mn"].quirks["no_blank"] == [17, 23]
-    assert sets["ko-culture-cloze_en"].quirks["several_blanks"] == [486]
-    assert sets["mn-culture-cloze_en"].quirks["answer_not_in_options"] == [69]
-    assert sets["mn-culture-cloze_en"].items[69]["answer"] == []
-    assert sets["ko-culture-cloze_en"].quirks["duplicate_options"] == [146, 161, 296]
-    # Language from the file-name suffix: the _en file of the Korean culture is English.
-    assert sets["ko-culture-cloze_en"].lang == "en" and sets["ko-culture-cloze_ko"].lang == "ko"
-    assert sets["ko-culture-cloze_en"].base == sets["ko-culture-cloze_ko"].base == "ko-culture-cloze"
-
-
-def test_strict_turns_every_quirk_into_an_error_naming_file_and_item(tmp_path):
-    path = write_questions(
-        tmp_path / "q_en.json",
-        [
-            {"question": "A ___ b", "options": ["x", "y"], "answer": "x"},
-            {"question": "no blank", "options": ["x", "y"], "answer": "x"},
-            {"question": "A ___ b", "options": ["x", "y"], "answer": "z"},
-        ],
-    )
-    sets = run_eval.load_question_sets([str(path)])
-    assert sets[0].quirks == {"no_blank": [1], "answer_not_in_options": [2]}
-    with pytest.raises(ValueError) as err:
-        run_eval.load_question_sets([str(path)], strict=True)
-    assert f"{path} item 1: has no blank" in str(err.value)
-    assert f"{path} item 2: has an answer that is not among its options" in str(err.value)
-
-
-@pytest.mark.parametrize(
-    ("item", "message"),
-    [
-        ({"question": "A ___", "answer": "x"}, "needs 'question', 'options' and 'answer'"),
-        ({"question": "", "options": ["x", "y"], "answer": "x"}, "'question' must be a non-empty string"),
-        ({"question": "A ___", "options": "x y", "answer": "x"}, "'options' must be a non-empty list"),
-        ({"question": "A ___", "options": ["x", ""], "answer": "x"}, "'options' must be a non-empty list"),
-        ({"question": "A ___", "options": ["x", "y"], "answer": 3}, "'answer' must be a string"),
-    ],
-)
-def test_malformed_items_are_errors_naming_file_and_item(tmp_path, item, message):
-    path = write_questions(tmp_path / "q_en.json", [{"question": "ok ___", "options": ["a", "b"], "answer": "a"}, item])
-    with pytest.raises(ValueError, match=re.escape(f"{path} item 1: ") + ".*" + re.escape(message)):
-        run_eval.load_question_sets([str(path)])
-
-
-def test_parallel_files_of_different_length_are_an_error(tmp_path):
-    item = {"question": "A ___", "options": ["x", "y"], "answer": "x"}
-    write_questions(tmp_path / "q" / "culture_en.json", [item, item])
-    write_questions(tmp_path / "q" / "culture_ko.json", [item])
-    with pytest.raises(
-        ValueError, match=r"lengths differ: .*culture_en.json \(2 items\), .*culture_ko.json \(1 items\)"
-    ):
-        run_eval.load_question_sets([str(tmp_path / "q")])
-
-
-def test_question_language_needs_a_suffix_or_an_override(tmp_path):
-    path = write_questions(tmp_path / "myquestions.json", [{"question": "A ___", "options": ["x", "y"], "answer": "x"}])
-    with pytest.raises(ValueError, match="--question_langs myquestions=LANG"):
-        run_eval.load_question_sets([str(path)])
-    assert run_eval.load_question_sets([str(path)], ["myquestions=bo"])[0].lang == "bo"
-    assert run_eval.load_question_sets([str(path)], ["mn"])[0].lang == "mn"
-
-
-def test_questions_load_from_a_saved_dataset_and_a_hub_style_dataset_repository(tmp_path, sample_dir):
-    from datasets import Dataset, DatasetDict
-
-    def as_lists(items):  # an Arrow column holds one type: every answer as a list
-        return [{**it, "answer": it["answer"] if isinstance(it["answer"], list) else [it["answer"]]} for it in items]
-
-    splits = {f"sample_{lang}": Dataset.from_list(as_lists(SAMPLE_QUESTIONS[lang][:4])) for lang in ("en", "ko")}
-    DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
-    saved = run_eval.load_question_sets([str(tmp_path / "saved")])
-    assert [(qs.stem, qs.lang, len(qs.items)) for qs in saved] == [("sample_en", "en", 4), ("sample_ko", "ko", 4)]
-    # A dataset repository as on the Hub (data files + README configs) goes through datasets.load_dataset,
-    # the same code path as a Hub id; only the download is not exercised here (no network).
-    repo = tmp_path / "hub_repo"
-    (repo / "data").mkdir(parents=True)
-    for lang in ("en", "zh"):
-        (repo / "data" / f"{lang}.json").write_text(json.dumps(as_lists(SAMPLE_QUESTIONS[lang]), ensure_ascii=False))
-    (repo / "README.md").write_text(
-        "---\nconfigs:\n- config_name: default\n  data_files:\n"
-        "  - split: culture_en\n    path: data/en.json\n  - split: culture_zh\n    path: data/zh.json\n---\n"
-    )
-    hub = run_eval.load_question_sets([str(repo)])
-    assert [(qs.stem, qs.lang, len(qs.items)) for qs in hub] == [("culture_en", "en", 6), ("culture_zh", "zh", 6)]
-    # List-valued answers survive the round trip through a dataset.
-    assert hub[0].items[3]["answer"] == [0, 2]
-
-
 # ---------------------------------------------------------------------------- scoring
 
 
@@ -183,7 +67,7 @@ def test_samples_cover_every_script_of_the_study():
 @pytest.mark.parametrize("scoring", run_eval.SCORINGS)
 def test_batched_scores_equal_the_paper_loop_in_every_script_any_batch_size_or_padding_side(tiny, sample_dir, scoring):
     model, tokenizer = tiny
-    sets = run_eval.load_question_sets([str(sample_dir)])
+    sets = cloze.load_question_sets([str(sample_dir)])
     assert {qs.lang for qs in sets} == set(SAMPLE_SCRIPTS)
     reference = [
         [reference_scores(model, tokenizer, it["question"], it["options"], scoring) for it in qs.items] for qs in sets
@@ -204,7 +88,7 @@ def test_option_logprob_counts_only_tokens_overlapping_the_option(tiny):
     plan = run_eval.plan_scoring(
         tokenizer,
         [
-            run_eval.QuestionSet(
+            cloze.QuestionSet(
                 "s_en",
                 "en",
                 "x",
@@ -222,7 +106,7 @@ def test_option_logprob_counts_only_tokens_overlapping_the_option(tiny):
 
 def test_options_of_an_item_run_as_one_prefix_tree_with_the_question_text_once(tiny, sample_dir):
     _, tokenizer = tiny
-    sets = run_eval.load_question_sets([str(sample_dir)])
+    sets = cloze.load_question_sets([str(sample_dir)])
     plan = run_eval.plan_scoring(tokenizer, sets, "mean_token_loss")
     trees, located = run_eval.build_prefix_trees(plan.sequences, plan.groups)
     english = [qs.lang for qs in sets].index("en")
@@ -284,7 +168,7 @@ def test_identical_sentences_tie_exactly_and_the_first_option_wins(tiny, tmp_pat
             {"question": "The ___ is here.", "options": ["river", "lake", "river", "sea"], "answer": "river"},
         ],
     )
-    sets = run_eval.load_question_sets([str(path)])
+    sets = cloze.load_question_sets([str(path)])
     for batch_size in (1, 2, 64):
         no_blank, duplicates = run_eval.score_question_sets(
             model, tokenizer, sets, "mean_token_loss", batch_size, "right"
@@ -304,7 +188,7 @@ def test_predict_takes_the_lowest_score_and_the_first_of_ties():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_scores_stay_close_to_float32(tiny_model_dir, sample_dir, dtype):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    sets = run_eval.load_question_sets([str(sample_dir / "sample-culture_en.json")])
+    sets = cloze.load_question_sets([str(sample_dir / "sample-culture_en.json")])
     full = run_eval.load_model(tiny_model_dir, "float32", torch.device("cpu"), "sdpa")
     half = run_eval.load_model(tiny_model_dir, dtype, torch.device("cpu"), "sdpa")
     assert next(half.parameters()).dtype == run_eval.DTYPES[dtype]
@@ -555,7 +439,7 @@ def test_every_released_item_scores_as_in_the_paper_loop(paper_cloze_dir, tiny_m
     device = torch.device(os.environ.get("RUN_EVAL_TEST_DEVICE", "cpu"))
     model = run_eval.load_model(tiny_model_dir, dtype, device, "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    sets = run_eval.load_question_sets([str(paper_cloze_dir)])
+    sets = cloze.load_question_sets([str(paper_cloze_dir)])
     assert len(sets) == 8 and sum(len(qs.items) for qs in sets) == 2940
     scored = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 64, "right", loss_dtype=loss_dtype)
     ties_beyond_quirks = 0
@@ -569,7 +453,7 @@ def test_every_released_item_scores_as_in_the_paper_loop(paper_cloze_dir, tiny_m
             else:
                 np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{qs.stem} #{index}")
                 _assert_same_ranking_up_to_float32_rounding(got, ref, f"{qs.stem} #{index}")
-            ties_beyond_quirks += index not in quirky and run_eval.tie_credit(got, item["answer"])[0] > 1
+            ties_beyond_quirks += index not in quirky and cloze.tie_credit(got, item["answer"])[0] > 1
     if loss_dtype == "model":
         assert ties_beyond_quirks > 100  # a bfloat16 loss ties often (resolution 2^-6 near a loss of 3)
 
@@ -578,7 +462,7 @@ def test_loss_dtype_model_in_bfloat16_is_bit_identical_to_the_paper_loop_in_ever
     device = torch.device(os.environ.get("RUN_EVAL_TEST_DEVICE", "cpu"))
     model = run_eval.load_model(tiny_model_dir, "bfloat16", device, "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    sets = run_eval.load_question_sets([str(sample_dir)])
+    sets = cloze.load_question_sets([str(sample_dir)])
     scored = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 8, "right", loss_dtype="model")
     batched = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 8, "right")
     differs = 0
@@ -603,15 +487,6 @@ def test_loss_dtype_model_needs_the_paper_scoring(tmp_path, tiny_model_dir, samp
 
 
 # ---------------------------------------------------------------------------- ties and position bias
-
-
-def test_tie_credit_counts_exact_ties_for_the_best_and_gives_one_over_k():
-    assert run_eval.tie_credit([1.0, 1.0, 2.0], [1]) == (2, 0.5)
-    assert run_eval.tie_credit([3.0, 1.0, 1.0, 1.0], [0]) == (3, 0.0)
-    assert run_eval.tie_credit([2.0, 1.0, 1.0, 1.0], [1, 3]) == (3, pytest.approx(2 / 3))
-    assert run_eval.tie_credit([2.0, 1.0, 1.5], [1]) == (1, 1.0)
-    assert run_eval.tie_credit([2.0, 1.0, 1.0 + 1e-12], [2]) == (1, 0.0)  # near is not equal
-    assert run_eval.tie_credit([1.0, 1.0], []) == (2, 0.0)  # answer not among the options
 
 
 def test_probing_records_ties_fractional_credit_and_position_bias_and_warns_on_many_ties(
@@ -659,14 +534,6 @@ def test_probing_records_ties_fractional_credit_and_position_bias_and_warns_on_m
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"t_en: {entry['ties']} of 4 items" in w and "tie for the best score" in w for w in warnings)
     assert "position bias of t_en: answer position shares 0: 0.25, 1: 0.50, none: 0.25" in caplog.text
-
-
-def test_position_bias_of_the_released_files_puts_answers_first_far_more_often_than_chance(paper_cloze_dir):
-    sets = {qs.stem: qs for qs in run_eval.load_question_sets([str(paper_cloze_dir)])}
-    first = {stem: run_eval.position_bias(qs.items)["always_first_accuracy"] for stem, qs in sets.items()}
-    for culture, share in (("zh", 0.89), ("mn", 0.62), ("bo", 0.56), ("ko", 0.38)):
-        for lang in ("en", culture):
-            assert first[f"{culture}-culture-cloze_{lang}"] == pytest.approx(share, abs=0.01), (culture, lang)
 
 
 def test_pair_first_side_of_the_diagnostic_is_run_cpt_s_coin():

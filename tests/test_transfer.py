@@ -5,78 +5,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 from cloze_samples import write_sample_questions
-from eval_helpers import make_run_dir
+from eval_helpers import make_run_dir, write_eval_output
 
 import run_eval
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def write_eval_output(
-    directory: Path,
-    correct: dict[str, np.ndarray],
-    steps: list[int],
-    cpt_setting: dict | None,
-    tied: dict[str, np.ndarray] | None = None,
-) -> Path:
-    """An eval output directory in run_eval's format whose per-item correctness is given (steps x items).
-    Items marked in ``tied`` (steps x items) tie exactly between the answer (option 0) and option 1: the
-    first-wins rule gets them right, random tie-breaking half right."""
-    questions, checkpoints, lines = {}, [], []
-    for stem, matrix in correct.items():
-        lang = stem.rsplit("_", 1)[1]
-        questions[stem] = {
-            "lang": lang,
-            "source": stem,
-            "parallel_group": stem.rsplit("_", 1)[0],
-            "items": matrix.shape[1],
-            "sha256": f"sha-{stem}",
-            "quirks": {},
-        }
-    for t, step in enumerate(steps):
-        path = str(directory / f"checkpoint-{step}")
-        accuracy = {}
-        for stem, matrix in correct.items():
-            ties = tied[stem][t] if tied and stem in tied else np.zeros(matrix.shape[1], bool)
-            for index, (ok, tie) in enumerate(zip(matrix[t], ties)):
-                scores = [0.0, 0.0] if tie else [0.0, 1.0] if ok else [1.0, 0.0]
-                row = {
-                    "questions": stem,
-                    "lang": questions[stem]["lang"],
-                    "index": index,
-                    "step": step,
-                    "checkpoint": path,
-                    "scores": scores,
-                    "prediction": run_eval.predict(scores),
-                    "answer": [0],
-                    "correct": bool(ok or tie),
-                    "tied_best": 2 if tie else 1,
-                    "credit_fractional": 0.5 if tie else float(ok),
-                }
-                lines.append(json.dumps(row))
-            accuracy[stem] = {
-                "lang": questions[stem]["lang"],
-                "correct": int((matrix[t] | ties).sum()),
-                "total": matrix.shape[1],
-                "accuracy": float((matrix[t] | ties).mean()),
-            }
-        checkpoints.append({"step": step, "path": path, "accuracy": accuracy})
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "predictions.jsonl").write_text("\n".join(lines) + "\n")
-    header = {
-        "model_name_or_path": str(directory),
-        "cpt_setting": cpt_setting,
-        "scoring": "mean_token_loss",
-        "dtype": "float32",
-        "questions": questions,
-    }
-    (directory / "accuracy.json").write_text(json.dumps({"checkpoints": checkpoints, **header}))
-    return directory
 
 
 def analyse(tmp_path, with_sets, without_sets, steps=(10, 20, 30), n_bootstrap=500, seeds=None, lang="ko", **kwargs):
@@ -336,27 +273,6 @@ def test_a_run_of_unknown_language_is_refused_when_questions_hold_several_target
     assert not (run / "eval").exists()
 
 
-def test_items_missing_or_repeated_in_predictions_are_an_error_naming_file_questions_step_and_items(tmp_path):
-    data = {"c_ko": np.ones((2, 10), bool), "c_en": np.ones((2, 10), bool)}
-    eval_dir = write_eval_output(tmp_path / "r", data, [1, 2], {"lang": "ko", "bridges": True, "seed": 0})
-    predictions = eval_dir / "predictions.jsonl"
-    lines = predictions.read_text().splitlines()
-    # Drop items 3 and 7 of c_ko at step 2 (lines 20.. hold step 2; c_ko comes first).
-    kept = [line for k, line in enumerate(lines) if k not in (23, 27)]
-    predictions.write_text("\n".join(kept) + "\n")
-    with pytest.raises(ValueError) as err:
-        run_eval.read_eval_output(eval_dir)
-    message = str(err.value)
-    assert str(predictions) in message and "c_ko step 2: 2 item(s) missing: 3, 7" in message
-    assert "--overwrite_output_dir" in message and "c_en" not in message
-    predictions.write_text("\n".join(lines + [lines[4]]) + "\n")
-    with pytest.raises(ValueError, match=r"c_ko step 1: 1 item\(s\) listed twice: 4"):
-        run_eval.read_eval_output(eval_dir)
-    predictions.write_text("\n".join(lines) + "\n")
-    _, correct = run_eval.read_eval_output(eval_dir)
-    assert correct["c_ko"][2].all() and correct["c_en"][1].all()
-
-
 def test_tie_policy_fractional_credits_ties_one_over_k_and_the_report_shows_both_rules(tmp_path):
     # With bridges every item ties between the answer and another option; without, half the items are right.
     n = 40
@@ -391,19 +307,3 @@ def test_tie_policy_fractional_credits_ties_one_over_k_and_the_report_shows_both
     # English questions have no ties: one rule, not repeated.
     assert not first["languages"][0]["directions"][1]["tie_policies_differ"]
     assert "ko->en |" not in markdown.split("## Both tie rules")[1].split("## Per seed pair")[0]
-
-
-def test_read_eval_output_gives_fractional_credit_from_scores_of_outputs_without_tie_fields(tmp_path):
-    data = {"c_ko": np.array([[True, False, False]])}
-    eval_dir = write_eval_output(tmp_path / "r", data, [1], None, tied={"c_ko": np.array([[False, True, False]])})
-    predictions = eval_dir / "predictions.jsonl"
-    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
-    predictions.write_text(
-        "".join(
-            json.dumps({k: v for k, v in r.items() if k not in ("tied_best", "credit_fractional")}) + "\n" for r in rows
-        )
-    )
-    _, first = run_eval.read_eval_output(eval_dir)
-    _, fractional = run_eval.read_eval_output(eval_dir, tie_policy="fractional")
-    assert first["c_ko"][1].tolist() == [True, True, False]
-    assert fractional["c_ko"][1].tolist() == [1.0, 0.5, 0.0]

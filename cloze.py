@@ -1,0 +1,429 @@
+"""The cloze questions of the study and the predictions made on them: one module every script reads them with.
+
+Questions (the paper's format: a JSON list of ``{"question", "options", "answer"}``; the blank is a run of
+underscores, the answer a string or a list of strings):
+
+* ``load_question_sets`` reads files, folders, saved datasets and Hub datasets, validates every item
+  (``validate_items``), tags each set with its language (``question_lang_from_stem``: the file stem's
+  ``_<lang>`` suffix, ``ko-culture-cloze_en`` is English) and checks that parallel files match item by
+  item. The study's files are named by ``question_stem`` / ``question_file_name``.
+* ``fill_blanks`` puts an option (or answer) into the blanks: plain replacement is the paper's scoring;
+  ``tibetan_tsheg=True`` writes the filled Tibetan sentence as a text stating the fact would (density,
+  the contamination guard).
+
+Predictions (run_eval.py's ``predictions.jsonl`` + ``accuracy.json``): ``read_predictions`` is the one
+reader; ``tie_credit`` is how an item whose best score is tied is credited under each ``TIE_POLICIES``.
+
+Needs study_common.py beside it (numpy; datasets only for saved or Hub datasets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from study_common import read_json_records
+
+logger = logging.getLogger("cloze")
+
+BLANK = re.compile(r"_+")
+QUESTION_FILE_LANG = re.compile(r"^(?P<base>.+)_(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)?)$")
+TSHEG = "\u0f0b"
+TIE_POLICIES = ("first", "fractional")
+
+
+# --------------------------------------------------------------------------------------
+# Names of question files
+# --------------------------------------------------------------------------------------
+
+
+def question_stem(lang: str, question_lang: str) -> str:
+    """The study's name of the questions about ``lang``'s culture asked in ``question_lang``."""
+    return f"{lang}-culture-cloze_{question_lang}"
+
+
+def question_file_name(lang: str, question_lang: str) -> str:
+    return question_stem(lang, question_lang) + ".json"
+
+
+def question_lang_from_stem(stem: str) -> str | None:
+    """The question language a name ends with (``_en``, ``_bo``, ``_zh-Hans`` -> lowercase), else None."""
+    match = QUESTION_FILE_LANG.match(stem)
+    return match.group("lang").lower() if match else None
+
+
+# --------------------------------------------------------------------------------------
+# Question sets
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuestionSet:
+    """One question file (or dataset split), validated. Item i keeps index i of the source."""
+
+    stem: str  # e.g. bo-culture-cloze_bo
+    lang: str  # "" only when read with require_options=False from a name without a language
+    source: str
+    items: list[dict]  # {"question", "options", "answers" (texts), "answer" (option indices)}
+    quirks: dict[str, list[int]]  # reason -> item indices
+
+    @property
+    def base(self) -> str:
+        """Name shared by parallel files: the stem without its language suffix."""
+        match = QUESTION_FILE_LANG.match(self.stem)
+        return match.group("base") if match and match.group("lang") == self.lang else self.stem
+
+    @property
+    def fingerprint(self) -> str:
+        payload = [self.lang] + [[it["question"], it["options"], it["answers"]] for it in self.items]
+        return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "lang": self.lang,
+            "source": self.source,
+            "parallel_group": self.base,
+            "items": len(self.items),
+            # Expected accuracy of guessing uniformly among the options (the floor of the curves).
+            "chance_accuracy": sum(len(it["answer"]) / len(it["options"]) for it in self.items) / len(self.items),
+            "sha256": self.fingerprint,
+            "quirks": self.quirks,
+            "position_bias": position_bias(self.items),
+        }
+
+
+def position_bias(items: list[dict]) -> dict:
+    """Where the answer sits among the options. An item counts at its first answer option (duplicate options
+    and list answers can have several); items whose answer is not among the options count under "none".
+    always_first_accuracy is the accuracy of always predicting option 0, the option every exact tie goes to
+    under the paper's rule."""
+    counts = defaultdict(int)
+    for item in items:
+        counts[str(min(item["answer"])) if item["answer"] else "none"] += 1
+    keys = sorted((k for k in counts if k != "none"), key=int) + (["none"] if "none" in counts else [])
+    return {
+        "answer_position_counts": {k: counts[k] for k in keys},
+        "answer_position_share": {k: counts[k] / len(items) for k in keys},
+        "always_first_accuracy": sum(0 in item["answer"] for item in items) / len(items),
+    }
+
+
+QUIRK_TEXT = {
+    "no_blank": "has no blank (no run of underscores): every option gives the same sentence, the first option wins",
+    "several_blanks": "has several blanks: each is filled with the option",
+    "duplicate_options": "lists the same option twice: the copies tie, the first copy wins",
+    "fewer_than_two_distinct_options": "has fewer than 2 distinct options: it cannot discriminate",
+    "answer_not_in_options": "has an answer that is not among its options: the item is always scored wrong",
+}
+
+
+def validate_items(
+    records, stem: str, where: str, require_options: bool = True
+) -> tuple[list[dict], dict[str, list[int]]]:
+    """Check every record; return normalised items and the quirks found (reason -> indices).
+
+    Structural problems (not a list, missing fields, wrong types, empty texts) are errors; the
+    paper files' known quirks are counted instead and decided later (--strict).
+
+    ``require_options=False`` is the reading of questions used as facts (run_density): a record needs a
+    ``question`` string and an ``answer`` string or list of strings; blank answer strings are dropped (an
+    item with none left is an error); ``options`` are kept when they are a list of strings, else empty.
+    """
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{where}: expected a non-empty JSON list of {{question, options, answer}} items.")
+    items, quirks = [], defaultdict(list)
+    for index, record in enumerate(records):
+        at = f"{where} item {index}"
+        if require_options:
+            question, options, answers = _checked_scoring_item(record, at)
+        else:
+            question, options, answers = _checked_fact_item(record, at)
+        blanks = len(BLANK.findall(question))
+        if blanks == 0:
+            quirks["no_blank"].append(index)
+        elif blanks > 1:
+            quirks["several_blanks"].append(index)
+        if options and len(set(options)) < 2:
+            quirks["fewer_than_two_distinct_options"].append(index)
+        elif len(set(options)) < len(options):
+            quirks["duplicate_options"].append(index)
+        if options and not all(a in options for a in answers):
+            quirks["answer_not_in_options"].append(index)
+        items.append(
+            {
+                "question": question,
+                "options": list(options),
+                "answers": list(answers),
+                # Every option equal to an answer counts (duplicate options: either copy is right).
+                "answer": [k for k, option in enumerate(options) if option in answers],
+            }
+        )
+    return items, dict(quirks)
+
+
+def _checked_scoring_item(record, at: str) -> tuple[str, list[str], list[str]]:
+    """An item to score: a non-empty question, non-empty options, an answer string or list of strings."""
+    if not isinstance(record, dict) or not {"question", "options", "answer"} <= set(record):
+        found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{at}: needs 'question', 'options' and 'answer' (found: {found}).")
+    question, options, answer = record["question"], record["options"], record["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{at}: 'question' must be a non-empty string.")
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+        raise ValueError(f"{at}: 'options' must be a non-empty list of non-empty strings.")
+    answers = answer if isinstance(answer, list) else [answer]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{at}: 'answer' must be a string or a non-empty list of strings.")
+    return question, options, answers
+
+
+def _checked_fact_item(record, at: str) -> tuple[str, list[str], list[str]]:
+    """An item read as a fact (question filled by its answer): options optional, blank answers dropped."""
+    if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+        raise ValueError(f"{at}: expected an object with a 'question' string.")
+    answer = record.get("answer")
+    answers = [answer] if isinstance(answer, str) else answer
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{at}: 'answer' must be a string or a list of strings (found {answer!r}).")
+    answers = [a for a in answers if a.strip()]
+    if not answers:
+        raise ValueError(f"{at}: the answer is empty.")
+    options = record.get("options")
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        options = []  # only the answers are used
+    return record["question"], options, answers
+
+
+def _dataset_question_sets(dataset, name: str, source: str) -> list[tuple[str, str, list]]:
+    """(stem, source, records) per split of a datasets Dataset or DatasetDict."""
+    from datasets import DatasetDict
+
+    splits = dataset.items() if isinstance(dataset, DatasetDict) else [(None, dataset)]
+    out = []
+    for split, ds in splits:
+        missing = {"question", "options", "answer"} - set(ds.column_names)
+        if missing:
+            raise ValueError(f"{source} split {split}: missing columns {sorted(missing)} (found {ds.column_names}).")
+        stem = split if split and (len(splits) > 1 or question_lang_from_stem(split)) else name
+        out.append((stem, f"{source}:{split}" if split else source, ds.to_list()))
+    return out
+
+
+def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, str, list]]:
+    """(stem, source description, records) for a file, a folder, a saved dataset or a Hub dataset id."""
+    path = Path(source)
+    if path.is_file():
+        return [(path.stem, str(path), [record for _, record in read_json_records(path)])]
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            from datasets import load_from_disk
+
+            return _dataset_question_sets(load_from_disk(str(path)), path.name, str(path))
+        files = sorted(path.glob("*.json"))
+        if files:
+            return [entry for f in files for entry in _raw_question_sources(str(f), revision)]
+        # A dataset repository laid out as on the Hub (data files + README configs): same path as a Hub id.
+        return _hub_question_sets(str(path), revision)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
+        return _hub_question_sets(source, revision)
+    raise FileNotFoundError(f"{source}: not a file, a folder or a Hub dataset id ('org/name' or 'org/name:split').")
+
+
+def _hub_question_sets(dataset_id: str, revision: str | None) -> list[tuple[str, str, list]]:
+    from datasets import load_dataset
+
+    name, _, split = dataset_id.partition(":")
+    dataset = load_dataset(name, split=split or None, revision=revision)
+    return _dataset_question_sets(dataset, Path(name).name, name)
+
+
+def load_question_sets(
+    sources: list[str],
+    question_langs: list[str] | None = None,
+    strict: bool = False,
+    revision: str | None = None,
+    require_options: bool = True,
+) -> list[QuestionSet]:
+    """Load, validate and language-tag every question source; check parallel files; apply --strict.
+
+    ``require_options=False`` reads the questions as facts, as run_density does: items as in
+    ``validate_items``; a set whose name has no language gets lang "" (the caller infers it); names need
+    not be unique and files sharing a base need not be parallel."""
+    raw = [entry for source in sources for entry in _raw_question_sources(source, revision)]
+    overrides, positional = {}, []
+    for entry in question_langs or []:
+        if "=" in entry:
+            stem, lang = entry.split("=", 1)
+            overrides[stem] = lang
+        else:
+            positional.append(entry)
+    if positional and len(positional) != len(raw):
+        raise ValueError(
+            f"--question_langs gives {len(positional)} languages for {len(raw)} question sets "
+            f"({', '.join(s for s, _, _ in raw)}); give one per set or use STEM=LANG entries."
+        )
+    sets, seen = [], set()
+    for position, (stem, where, records) in enumerate(raw):
+        if require_options and stem in seen:
+            raise ValueError(f"{where}: a question set named {stem!r} was already loaded; names must be unique.")
+        seen.add(stem)
+        lang = overrides.get(stem) or (positional[position] if positional else None) or question_lang_from_stem(stem)
+        if not lang and require_options:
+            raise ValueError(
+                f"{where}: cannot tell the question language from the name {stem!r} (expected '<name>_<lang>', "
+                f"e.g. ko-culture-cloze_en). Pass --question_langs {stem}=LANG."
+            )
+        items, quirks = validate_items(records, stem, where, require_options)
+        sets.append(QuestionSet(stem=stem, lang=lang or "", source=where, items=items, quirks=quirks))
+    if require_options:
+        _check_parallel(sets)
+    problems = [
+        f"{qs.source} item {index}: {QUIRK_TEXT[reason]}"
+        for qs in sets
+        for reason, indices in qs.quirks.items()
+        for index in indices
+    ]
+    if strict and problems:
+        raise ValueError(
+            "--strict: the questions have quirks:\n  "
+            + "\n  ".join(problems)
+            + "\nFix these items, or run without --strict to count them and score them as the authors' script does."
+        )
+    for qs in sets:
+        summary = ", ".join(f"{reason} {indices}" for reason, indices in qs.quirks.items()) or "none"
+        logger.info(
+            "questions %s (%s, %d items, from %s): quirks: %s", qs.stem, qs.lang, len(qs.items), qs.source, summary
+        )
+    return sets
+
+
+def _check_parallel(sets: list[QuestionSet]) -> None:
+    """Parallel files (same base, different language) must have the same number of items."""
+    by_base = defaultdict(list)
+    for qs in sets:
+        by_base[qs.base].append(qs)
+    for group in by_base.values():
+        sizes = {len(qs.items) for qs in group}
+        if len(sizes) > 1:
+            listing = ", ".join(f"{qs.source} ({len(qs.items)} items)" for qs in group)
+            raise ValueError(
+                f"Parallel question files must match item by item, but their lengths differ: {listing}. "
+                "Fix the files or give them different base names."
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Filling the blanks
+# --------------------------------------------------------------------------------------
+
+
+def _is_tibetan_letter(text: str) -> bool:
+    """A Tibetan letter or mark (not a tsheg, digit or punctuation); False for ""."""
+    return bool(text) and "\u0f00" <= text <= "\u0fff" and unicodedata.category(text)[0] in "LM"
+
+
+def fill_blanks(question: str, option: str, *, tibetan_tsheg: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The question with every run of underscores replaced by ``option``, and the option's character spans.
+
+    The default is the paper's scoring: plain replacement. With ``tibetan_tsheg``, where the blank touches
+    a Tibetan syllable without a tsheg (the paper's files write ``_____ཁྱབ་ཡོད``), a tsheg is added so that
+    the option's last syllable and the next one stay two syllables, as a Tibetan text stating the fact
+    would write them (the spans still cover the option only)."""
+    pieces, spans, cursor, length = [], [], 0, 0
+    for match in BLANK.finditer(question):
+        before = question[cursor : match.start()]
+        lead = trail = ""
+        if tibetan_tsheg:
+            if _is_tibetan_letter(option[:1]) and _is_tibetan_letter(question[match.start() - 1 : match.start()]):
+                lead = TSHEG
+            if _is_tibetan_letter(option[-1:]) and _is_tibetan_letter(question[match.end() : match.end() + 1]):
+                trail = TSHEG
+        pieces += [before, lead, option, trail]
+        length += len(before) + len(lead)
+        spans.append((length, length + len(option)))
+        length += len(option) + len(trail)
+        cursor = match.end()
+    pieces.append(question[cursor:])
+    return "".join(pieces), spans
+
+
+# --------------------------------------------------------------------------------------
+# Predictions: the one reader of predictions.jsonl, and the credit of tied items
+# --------------------------------------------------------------------------------------
+
+
+def tie_credit(scores: list[float], answer: list[int]) -> tuple[int, float]:
+    """(k, credit): the number of options sharing the best (lowest) score exactly, and the expected credit of
+    breaking that tie uniformly at random (answers among the k tied options / k). k == 1 means no tie, and
+    then the credit is the first-wins correctness. Scores of an item do not depend on option order, so this
+    is exact."""
+    best = min(scores)
+    tied = [k for k, score in enumerate(scores) if score == best]
+    return len(tied), sum(k in answer for k in tied) / len(tied)
+
+
+def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
+    """accuracy.json of a run_eval.py output folder, and per questions stem a dict step -> per-item credit:
+    first-wins correctness (bool, the paper's rule) with ``tie_policy="first"``, the expected credit of
+    random tie-breaking (float) with ``"fractional"``.
+
+    Only the lines of the checkpoints that accuracy.json lists count (a line of a checkpoint scored before
+    --overwrite_output_dir is stale). Every item of every question set must appear exactly once per
+    checkpoint: a missing line would otherwise count as a wrong answer and a repeated one could hide a
+    stale result, so either is an error naming the file, the questions, the step and the items."""
+    eval_dir = Path(eval_dir)
+    accuracy = json.loads((eval_dir / "accuracy.json").read_text(encoding="utf-8"))
+    sizes = {stem: q["items"] for stem, q in accuracy["questions"].items()}
+    paths = {e["step"]: e["path"] for e in accuracy["checkpoints"]}
+    predictions = eval_dir / "predictions.jsonl"
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy must be one of {', '.join(TIE_POLICIES)}, got {tie_policy!r}.")
+    kind = bool if tie_policy == "first" else np.float64
+    correct = {stem: {step: np.zeros(size, kind) for step in paths} for stem, size in sizes.items()}
+    seen = {stem: {step: np.zeros(size, np.int64) for step in paths} for stem, size in sizes.items()}
+    with predictions.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if paths.get(row["step"]) != row["checkpoint"] or row["questions"] not in sizes:
+                continue
+            index = row["index"]
+            if not 0 <= index < sizes[row["questions"]]:
+                raise ValueError(f"{predictions}:{line_number}: item index {index} beyond the question set.")
+            seen[row["questions"]][row["step"]][index] += 1
+            if tie_policy == "first":
+                credit = row["correct"]
+            elif "credit_fractional" in row:
+                credit = row["credit_fractional"]
+            else:  # written before the tie accounting: the same number, from the scores
+                credit = tie_credit(row["scores"], row["answer"])[1]
+            correct[row["questions"]][row["step"]][index] = credit
+    problems = []
+    for stem, per_step in seen.items():
+        for step, counts in per_step.items():
+            missing, repeated = np.flatnonzero(counts == 0).tolist(), np.flatnonzero(counts > 1).tolist()
+            if missing:
+                problems.append(f"{stem} step {step}: {len(missing)} item(s) missing: {_index_list(missing)}")
+            if repeated:
+                problems.append(f"{stem} step {step}: {len(repeated)} item(s) listed twice: {_index_list(repeated)}")
+    if problems:
+        raise ValueError(
+            f"{predictions} does not hold every item exactly once for each checkpoint of accuracy.json:\n  "
+            + "\n  ".join(problems)
+            + "\nRe-run the probing into this folder with --overwrite_output_dir."
+        )
+    return accuracy, correct
+
+
+def _index_list(indices: list[int], limit: int = 20) -> str:
+    shown = ", ".join(map(str, indices[:limit]))
+    return shown + (f", ... ({len(indices) - limit} more)" if len(indices) > limit else "")
