@@ -43,7 +43,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,7 +52,6 @@ import numpy as np
 import pyarrow.compute
 import regex
 import torch
-import transformers
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
 from transformers import (
     AutoConfig,
@@ -66,24 +64,31 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
+    InputError,
+    ModelCard,
+    ModelCardMixin,
     autocast_dtype,
+    batch_layout,
     check_attention_implementation_trains_on,
+    check_document_isolation,
     check_document_suffix,
+    document_resume_flag,
     document_start_id,
     encode_documents,
+    exit_on_input_error,
     filter_to_latin,
     guard_flash_attention_inputs,
     has_non_latin_letter,
+    isolation_failure,
     output_dir_given,
     packed_batch,
     read_documents,
+    resume_checkpoint,
+    setup_logging,
     use_cpu_backend_without_gpu,
-    uses_flattened_layout,
-    write_card,
     write_json_atomic,
 )
 
@@ -92,10 +97,6 @@ logger = logging.getLogger(__name__)
 REPO_DIR = Path(__file__).resolve().parent
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-
-
-class InputError(ValueError):
-    """A problem with what the user gave (file, column, config, sizes); the message says what to do."""
 
 
 # --------------------------------------------------------------------------------------
@@ -458,8 +459,7 @@ class PackedBlockCollator:
     def layout(self) -> str:
         if not self.document_attention:
             return "rows, no position ids"
-        flattened = self.flatten if self.flatten is not None else uses_flattened_layout(self.attn_implementation)
-        return "flattened" if flattened else "padded"
+        return batch_layout(self.attn_implementation, self.flatten)
 
 
 def check_train_file(data_args: DataArguments) -> None:
@@ -719,91 +719,38 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
 #: Documents of the isolation check, by window: two windows of 16 tokens, [A B] and [C D E], so
 #: that a kernel leaking inside a row or across the rows of a micro-batch (B > 1) shows it.
 CHECK_WINDOWS = ((9, 7), (5, 6, 5))
-#: Largest logit difference that counts as rounding, not as attention across documents.
-ISOLATION_TOLERANCE = 1e-4
 
 
-@torch.no_grad()
-def check_document_attention(
-    model, collator: PackedBlockCollator, start_id: int, vocab_size: int, *, autocast_dtype=None
-) -> dict:
-    """Does attention stay inside each document, with this model's device, kernel and batch layout?
-
-    Packs random documents into the two windows of ``CHECK_WINDOWS`` (each opening with the start
-    token), batches them with the training ``collator`` and calls ``model(**batch)`` as the
-    Trainer does, on the model's device, under autocast to ``autocast_dtype`` when given (the
-    run's bf16/fp16). Returns, besides the layout and device:
-
-    * ``max_logit_diff_packed_vs_alone``: each document in the batch vs. the same document alone
-      (one window of one document through the same collator); exact in float32, but in 16-bit
-      the other matrix shapes round differently;
-    * ``max_logit_diff_other_documents_changed``: each document vs. itself in a batch whose other
-      documents hold other tokens. Same shapes, same kernels: any difference is information that
-      crossed from another document, at any precision.
-    """
+def isolation_check_windows(start_id: int, vocab_size: int) -> list[list[list[list[int]]]]:
+    """Random documents in the windows of ``CHECK_WINDOWS``, each ``[start] + tokens``, as
+    ``study_common.check_document_isolation`` takes them (a document of one segment)."""
     generator = torch.Generator().manual_seed(0)
-
-    def draw(length: int) -> list[int]:
-        return [start_id, *torch.randint(2, vocab_size, (length - 1,), generator=generator).tolist()]
-
-    docs = [[draw(length) for length in window] for window in CHECK_WINDOWS]
-    spans, offset = [], 0  # (window, document, first token, end) in the batch's flat token order
-    for w, window in enumerate(docs):
-        for d, doc in enumerate(window):
-            spans.append((w, d, offset, offset + len(doc)))
-            offset += len(doc)
-
-    def example(window: list[list[int]]) -> dict:
-        return {"input_ids": sum(window, []), "position_ids": [p for doc in window for p in range(len(doc))]}
-
-    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-
-    def flat_logits(windows: list[list[list[int]]]) -> torch.Tensor:
-        batch = collator([example(window) for window in windows])
-        batch.pop("labels")
-        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with autocast:
-            logits = model(**batch, use_cache=False).logits
-        return logits.float().reshape(-1, logits.shape[-1])  # rows one after another, as the flat spans
-
-    was_training = model.training
-    model.eval()
-    try:
-        packed = flat_logits(docs)
-        alone_diff = other_diff = 0.0
-        for w, d, start, end in spans:
-            alone = flat_logits([[docs[w][d]]])
-            alone_diff = max(alone_diff, float((packed[start:end] - alone).abs().max()))
-            changed = [
-                [doc if (i, j) == (w, d) else draw(len(doc)) for j, doc in enumerate(window)]
-                for i, window in enumerate(docs)
-            ]
-            other_diff = max(other_diff, float((packed[start:end] - flat_logits(changed)[start:end]).abs().max()))
-    finally:
-        model.train(was_training)
-    return {
-        "device": str(model.device),
-        "layout": collator.layout,
-        "windows_in_batch": len(CHECK_WINDOWS),
-        "compute_dtype": str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", ""),
-        "max_logit_diff_packed_vs_alone": alone_diff,
-        "max_logit_diff_other_documents_changed": other_diff,
-    }
+    return [
+        [[[start_id, *torch.randint(2, vocab_size, (length - 1,), generator=generator).tolist()]] for length in window]
+        for window in CHECK_WINDOWS
+    ]
 
 
-def isolation_failure(result: dict) -> str | None:
-    """Why ``check_document_attention``'s result shows attention across documents, or None."""
-    if result["max_logit_diff_other_documents_changed"] > ISOLATION_TOLERANCE:
-        return (
-            f"a document's logits change by {result['max_logit_diff_other_documents_changed']:.3g} when the other "
-            "documents of its micro-batch change"
+def check_isolation(model, collator: PackedBlockCollator, start_id: int, training_args) -> dict:
+    """Document isolation, checked where and how the run trains: on the training device (the model goes
+    there now rather than in the Trainer), with the run's kernel, precision and batch layout. A leak
+    stops the run before anything is written."""
+    attn = model.config._attn_implementation
+    isolation = {"enabled": collator.document_attention, "attn_implementation": attn, "layout": collator.layout}
+    if not collator.document_attention:
+        return isolation
+    model.to(training_args.device)
+    windows = isolation_check_windows(start_id, model.config.vocab_size)
+    isolation.update(check_document_isolation(model, collator, windows, autocast_dtype=autocast_dtype(training_args)))
+    failure = isolation_failure(isolation)
+    if failure is not None:
+        raise InputError(
+            f"Document attention is on, but with --attn_implementation {attn} ({collator.layout} layout) on "
+            f"{training_args.device} {failure}: attention crosses documents. Nothing was trained; use "
+            "--attn_implementation sdpa or eager."
         )
-    if result["compute_dtype"] == "float32" and result["max_logit_diff_packed_vs_alone"] > ISOLATION_TOLERANCE:
-        return (
-            f"a document packed with others gives other logits than alone (max diff "
-            f"{result['max_logit_diff_packed_vs_alone']:.3g})"
-        )
-    return None
+    logger.info("Document isolation checked: %s", json.dumps(isolation))
+    return isolation
 
 
 # --------------------------------------------------------------------------------------
@@ -851,25 +798,15 @@ class ThroughputCallback(TrainerCallback):
         return summary
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(ModelCardMixin, Trainer):
     """A Trainer whose model card (also the one pushed to the Hub) records the study's setting."""
 
-    card_setting: dict | None = None
 
-    def create_model_card(self, *args, **kwargs):
-        if not self.is_world_process_zero():
-            return
-        setting = dict(self.card_setting or {})
-        setting["optimizer steps"] = self.state.global_step
-        setting["tokens seen"] = self.state.global_step * setting.get("tokens per step", 0)
-        summary = (
-            "A Qwen2.5-architecture model pretrained from random initialisation on Latin-only text, as step 1 "
-            "of the study of cross-lingual transfer of cultural knowledge: its training data is fully known "
-            "and contains no character of the target languages."
-        )
-        write_card(
-            self.args.output_dir, "Transparent Latin-only pretraining", summary, setting, ["study-pretrain", "qwen2"]
-        )
+CARD_SUMMARY = (
+    "A Qwen2.5-architecture model pretrained from random initialisation on Latin-only text, as step 1 "
+    "of the study of cross-lingual transfer of cultural knowledge: its training data is fully known "
+    "and contains no character of the target languages."
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -887,7 +824,9 @@ def attended_keys_per_token(blocks: Dataset, block_size: int, document_attention
 
 
 def parse_arguments(argv: list[str] | None = None):
+    """The three argument dataclasses, refused before anything is read or written when they cannot train."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    document_resume_flag(parser)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
@@ -895,136 +834,137 @@ def parse_arguments(argv: list[str] | None = None):
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not output_dir_given(argv):  # where build_pairs.py and run_cpt.py look for the base model by default
         training_args.output_dir = str(DEFAULT_BASE_MODEL_DIR)
-    return model_args, data_args, training_args
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Run the pretraining; returns the data statistics (also in OUT/data_stats.json)."""
-    use_cpu_backend_without_gpu()
-    model_args, data_args, training_args = parse_arguments(argv)
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:  # the main process reports at INFO unless --log_level says otherwise
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.info(
-        "Process %d of %d, device %s, bf16 %s", training_args.process_index, training_args.world_size,
-        training_args.device, training_args.bf16,
-    )  # fmt: skip
-
-    streaming = data_args.streaming
-    if streaming and training_args.max_steps <= 0:
+    if data_args.streaming and training_args.max_steps <= 0:
         raise InputError("--streaming needs --max_steps N: a stream has no length to derive the number of steps from.")
     if data_args.block_size < 2:
         raise InputError(f"--block_size {data_args.block_size} is too small; use e.g. 128 or 512.")
-    try:
-        check_attention_implementation_trains_on(model_args.attn_implementation, training_args.device)
-    except ValueError as err:
-        raise InputError(str(err)) from err
+    check_attention_implementation_trains_on(model_args.attn_implementation, training_args.device)
+    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
+        # A checkpoint is skipped while the previous upload runs unless this is set (the smoke run's push
+        # lost the last checkpoint this way); a learning curve needs every one.
+        training_args.hub_always_push = True
+    return model_args, data_args, training_args
+
+
+def make_collator(model_args: ModelArguments, data_args: DataArguments, training_args) -> PackedBlockCollator:
     collator = PackedBlockCollator(
         document_attention=model_args.document_attention,
         attn_implementation=model_args.attn_implementation,
         flatten=True if model_args.batch_layout == "flattened" else None,
     )
-    if streaming and collator.layout == "flattened" and training_args.accelerator_config.dispatch_batches is None:
+    if (
+        data_args.streaming
+        and collator.layout == "flattened"
+        and training_args.accelerator_config.dispatch_batches is None
+    ):
         # accelerate dispatches a stream's batches from rank 0 by slicing every tensor along its first
         # dimension, which would cut the one flattened row and its cu_seq_lens; each process reads the
         # stream itself instead (and keeps its share of the windows).
         training_args.accelerator_config.dispatch_batches = False
+    return collator
 
-    # Never train on top of an earlier run's checkpoints without saying so.
-    output_dir = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
-        if resume is None:
-            raise InputError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in {output_dir}."
-            )
-    if resume is not None and not Path(resume).is_dir():
-        raise InputError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
-    if resume is None and output_dir.is_dir() and get_last_checkpoint(output_dir) is not None:
+
+def prepare_data(data_args: DataArguments, training_args, tokenizer, start_id: int):
+    """(windows, data_stats, stream_counter): the main process builds the cache first, the others read it
+    (as run_clm does). A map-style corpus gets its statistics now and is refused when nothing is left;
+    a stream is counted while it trains (``stream_counter``)."""
+    with training_args.main_process_first(desc="filter, tokenize and pack"):
+        raw = read_train_documents(data_args, data_args.streaming)
+        if data_args.streaming:
+            blocks, counter = prepare_streaming_dataset(raw, tokenizer, start_id, data_args, training_args.seed)
+            return blocks, None, counter
+        blocks, stats = prepare_dataset(raw, tokenizer, start_id, data_args)
+    if stats["documents_out"] == 0:
         raise InputError(
-            f"{output_dir} already holds {get_last_checkpoint(output_dir)}. Pass --resume_from_checkpoint "
-            f"{get_last_checkpoint(output_dir)} to continue that run, or give a new --output_dir."
+            f"{data_source(data_args)}: every document was filtered away ({stats['documents_in']} read, dropped: "
+            f"{stats['documents_dropped']}). The Latin filter keeps only Latin-script text: check the file "
+            "and --text_column, or use --filter_mode chars / --script_filter none."
         )
+    if stats["blocks"] == 0:
+        raise InputError(
+            f"{data_source(data_args)}: {stats['tokens']} tokens after filtering, fewer than one window of "
+            f"--block_size {data_args.block_size}. Give more text or a smaller --block_size."
+        )
+    return blocks, stats, None
 
+
+def data_source(data_args: DataArguments) -> str:
+    return (
+        data_args.train_file or f"{data_args.dataset_name} ({data_args.dataset_config_name}, {data_args.dataset_split})"
+    )
+
+
+def build_model(config, attn_implementation: str, device):
+    """A randomly initialised model of ``config``, with the flash guard on it."""
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    except (ImportError, ValueError) as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise InputError(f"--attn_implementation {attn_implementation} cannot run on {device}: {err}") from err
+    guard_flash_attention_inputs(model)  # no batch of several rows without sequence boundaries reaches flash
+    logger.info(
+        "Model %s: %.2fM parameters, vocab %d", config.model_type, model.num_parameters() / 1e6, config.vocab_size
+    )
+    return model
+
+
+def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCard:
+    """The model card: the setting of the run, and the steps and tokens seen when it is written."""
+    rows = {
+        "data": setting["source"],
+        "script filter": f"{setting['script_filter']} ({setting['filter_mode']})",
+        "tokenizer": setting["tokenizer"],
+        "config": setting["config_name"],
+        "config overrides": setting["config_overrides"] or "none",
+        "parameters": setting["parameters"],
+        "block size": setting["block_size"],
+        "document attention": setting["document_attention"]["enabled"],
+        "tokens per step": setting["tokens_per_step"],
+        "launch": f"{setting['distributed_type']}, {setting['world_size']} process(es)",
+        "learning rate": training_args.learning_rate,
+        "seed": setting["seed"],
+    }
+    if data_stats is not None:
+        rows["documents (in / out)"] = f"{data_stats['documents_in']} / {data_stats['documents_out']}"
+        rows["characters removed by the filter"] = data_stats["characters_removed_by_filter"]
+    tokens_per_step = setting["tokens_per_step"]
+    return ModelCard(
+        "Transparent Latin-only pretraining",
+        CARD_SUMMARY,
+        rows,
+        ["study-pretrain", "qwen2"],
+        progress=lambda steps: {"optimizer steps": steps, "tokens seen": steps * tokens_per_step},
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the pretraining; returns the data statistics (also in OUT/data_stats.json)."""
+    # 1. Arguments, and every refusal that needs no data: nothing is read or written before them.
+    use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
+    model_args, data_args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
+    logger.info(
+        "Process %d of %d, device %s, bf16 %s", training_args.process_index, training_args.world_size,
+        training_args.device, training_args.bf16,
+    )  # fmt: skip
+    collator = make_collator(model_args, data_args, training_args)
+    output_dir = Path(training_args.output_dir)
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, output_dir)  # never an earlier run's, silently
     check_train_file(data_args)  # before a tokenizer is trained on other files
+
+    # 2. Tokenizer and architecture, checked before the data is read.
     set_seed(training_args.seed)
     tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, data_args, training_args, resume)
     start_id = document_start_id(tokenizer)
-    config, overrides = build_config(model_args, tokenizer, data_args.block_size)  # fails fast, before the data
+    config, overrides = build_config(model_args, tokenizer, data_args.block_size)
 
-    # Data: the main process builds the cache first, the others read it (as run_clm does).
-    with training_args.main_process_first(desc="filter, tokenize and pack"):
-        raw = read_train_documents(data_args, streaming)
-        if streaming:
-            train_dataset, stream_counter = prepare_streaming_dataset(
-                raw, tokenizer, start_id, data_args, training_args.seed
-            )
-            data_stats = None
-        else:
-            train_dataset, data_stats = prepare_dataset(raw, tokenizer, start_id, data_args)
-            stream_counter = None
-    source = (
-        data_args.train_file or f"{data_args.dataset_name} ({data_args.dataset_config_name}, {data_args.dataset_split})"
-    )
-    if data_stats is not None:
-        if data_stats["documents_out"] == 0:
-            raise InputError(
-                f"{source}: every document was filtered away ({data_stats['documents_in']} read, dropped: "
-                f"{data_stats['documents_dropped']}). The Latin filter keeps only Latin-script text: check the file "
-                "and --text_column, or use --filter_mode chars / --script_filter none."
-            )
-        if data_stats["blocks"] == 0:
-            raise InputError(
-                f"{source}: {data_stats['tokens']} tokens after filtering, fewer than one window of --block_size "
-                f"{data_args.block_size}. Give more text or a smaller --block_size."
-            )
+    # 3. Data: read, filter to the Latin script, tokenize, pack into windows.
+    train_dataset, data_stats, stream_counter = prepare_data(data_args, training_args, tokenizer, start_id)
 
-    # Model: random initialisation from the architecture config.
-    device = training_args.device
-    attn = model_args.attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    except (ImportError, ValueError) as err:  # e.g. flash_attention_2 without the flash-attn package
-        raise InputError(f"--attn_implementation {attn} cannot run on {device}: {err}") from err
-    guard_flash_attention_inputs(model)  # no batch of several rows without sequence boundaries reaches flash
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("Model %s: %.2fM parameters, vocab %d", config.model_type, n_params / 1e6, config.vocab_size)
+    # 4. The model, from random initialisation; document isolation checked on it before training.
+    model = build_model(config, model_args.attn_implementation, training_args.device)
+    isolation = check_isolation(model, collator, start_id, training_args)
 
-    # Document isolation, checked where and how the run trains: the training device (the model
-    # goes there now rather than in the Trainer), the run's kernel, precision and batch layout.
-    isolation = {"enabled": model_args.document_attention, "attn_implementation": attn, "layout": collator.layout}
-    if model_args.document_attention:
-        model.to(device)
-        try:
-            isolation.update(
-                check_document_attention(
-                    model, collator, start_id, len(tokenizer), autocast_dtype=autocast_dtype(training_args)
-                )
-            )
-        except Exception as err:  # any failure of the kernel itself: name it and the device
-            raise InputError(
-                f"--attn_implementation {attn} cannot run on {device} ({err.__class__.__name__}: {str(err)[:300]}). "
-                "Use --attn_implementation sdpa, or install the kernel for this device."
-            ) from err
-        failure = isolation_failure(isolation)
-        if failure is not None:
-            raise InputError(
-                f"Document attention is on, but with --attn_implementation {attn} ({collator.layout} layout) on "
-                f"{device} {failure}: attention crosses documents. Nothing was trained; use --attn_implementation "
-                "sdpa or eager."
-            )
-        logger.info("Document isolation checked: %s", json.dumps(isolation))
-
+    # 5. The setting, recorded in data_stats.json and in the model card.
     tokens_per_step = (
         training_args.per_device_train_batch_size
         * training_args.gradient_accumulation_steps
@@ -1032,25 +972,21 @@ def main(argv: list[str] | None = None) -> dict:
         * data_args.block_size
     )
     setting = {
-        "source": source,
+        "source": data_source(data_args),
         "text_column": data_args.text_column,
-        "streaming": streaming,
+        "streaming": data_args.streaming,
         "script_filter": data_args.script_filter,
         "filter_mode": data_args.filter_mode,
         "tokenizer": tokenizer_source,
         "config_name": model_args.config_name,
         "config_overrides": overrides,
-        "parameters": n_params,
+        "parameters": model.num_parameters(),
         "block_size": data_args.block_size,
         "document_attention": isolation,
         "world_size": training_args.world_size,
         "tokens_per_step": tokens_per_step,
         "seed": training_args.seed,
     }
-    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
-        # A checkpoint is skipped while the previous upload runs unless this is set (the smoke run's push
-        # lost the last checkpoint this way); a learning curve needs every one.
-        training_args.hub_always_push = True
     throughput = ThroughputCallback(tokens_per_step)
     trainer = PretrainTrainer(
         model=model,
@@ -1073,28 +1009,13 @@ def main(argv: list[str] | None = None) -> dict:
         data_stats["attended_keys_per_token"] = attended_keys_per_token(
             train_dataset, data_args.block_size, model_args.document_attention
         )
-    if training_args.process_index == 0 and data_stats is not None:
-        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
-        logger.info("Data: %s", json.dumps(data_stats))
+        if training_args.process_index == 0:
+            write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
+            logger.info("Data: %s", json.dumps(data_stats))
+    trainer.model_card = model_card(setting, data_stats, training_args)
+    trainer.create_model_card()
 
-    trainer.card_setting = {
-        "data": source,
-        "script filter": f"{data_args.script_filter} ({data_args.filter_mode})",
-        "tokenizer": tokenizer_source,
-        "config": model_args.config_name,
-        "config overrides": overrides or "none",
-        "parameters": n_params,
-        "block size": data_args.block_size,
-        "document attention": model_args.document_attention,
-        "tokens per step": tokens_per_step,
-        "launch": f"{setting['distributed_type']}, {training_args.world_size} process(es)",
-        "learning rate": training_args.learning_rate,
-        "seed": training_args.seed,
-    }
-    if data_stats is not None:
-        trainer.card_setting["documents (in / out)"] = f"{data_stats['documents_in']} / {data_stats['documents_out']}"
-        trainer.card_setting["characters removed by the filter"] = data_stats["characters_removed_by_filter"]
-
+    # 6. Train; then the model, the timings, the metrics and the card (pushed with the model).
     train_result = trainer.train(resume_from_checkpoint=resume)
     if training_args.process_index == 0:  # before saving, so that a failed save still leaves the timings
         write_json_atomic(output_dir / "throughput.json", throughput.summary())
@@ -1104,16 +1025,14 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-
-    if training_args.process_index == 0:
-        if stream_counter is not None and training_args.dataloader_num_workers > 0:
+    if training_args.process_index == 0 and stream_counter is not None:
+        if training_args.dataloader_num_workers > 0:
             # the lazy map then runs in the loader's worker processes, whose counts are not sent back
             data_stats = {"counted": "not available: --dataloader_num_workers > 0 reads the stream in workers"}
             logger.warning("Streaming with --dataloader_num_workers > 0: data_stats.json has no document counts.")
-        elif stream_counter is not None:
+        else:
             data_stats = {**stream_counter.stats, "counted": "documents read from the stream (with read-ahead)"}
-        if stream_counter is not None:
-            write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
+        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"Pretraining: {trainer.state.global_step} steps")
     else:
@@ -1122,8 +1041,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as err:
-        print(f"run_pretrain.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_input_error(main)

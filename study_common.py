@@ -27,6 +27,8 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import regex
@@ -310,6 +312,33 @@ def write_card(output_dir: str | os.PathLike, title: str, summary: str, setting:
     return path
 
 
+@dataclass
+class ModelCard:
+    """A run's model card: ``write_card``'s title, summary, setting and tags, and ``progress``, the rows
+    that depend on the optimizer steps done when it is written (e.g. tokens seen)."""
+
+    title: str
+    summary: str
+    setting: dict
+    tags: list[str]
+    progress: Callable[[int], dict] | None = None
+
+
+class ModelCardMixin:
+    """Mix into a Trainer (``class T(ModelCardMixin, Trainer)``) and set ``model_card``: the card that
+    ``create_model_card`` writes into --output_dir is then the study's, on the main process. Trainer's
+    ``push_to_hub`` writes it just before it uploads the folder, so the card on the Hub is the same."""
+
+    model_card: ModelCard | None = None
+
+    def create_model_card(self, *args, **kwargs):
+        card = self.model_card
+        if card is None or not self.is_world_process_zero():
+            return
+        progress = card.progress(self.state.global_step) if card.progress else {}
+        write_card(self.args.output_dir, card.title, card.summary, {**card.setting, **progress}, card.tags)
+
+
 def _card_value(value) -> str:
     if isinstance(value, (list, tuple)):
         value = ", ".join(str(v) for v in value)
@@ -422,7 +451,7 @@ def check_attention_implementation_trains_on(attn_implementation: str, device) -
     has no backward on CPU (torch 2.13) and flash kernels need a GPU (run_pretrain.py, run_cpt.py)."""
     if device.type == "cpu" and (attn_implementation == "flex_attention" or is_flash_attention(attn_implementation)):
         why = "has no backward on CPU" if attn_implementation == "flex_attention" else "needs a GPU"
-        raise ValueError(
+        raise InputError(
             f"--attn_implementation {attn_implementation} does not train on the CPU (the training device here): it "
             f"{why}. Use --attn_implementation sdpa (the default) or eager, or run on a GPU. Nothing was written."
         )
@@ -461,6 +490,135 @@ def guard_flash_attention_inputs(model) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Document isolation, checked on the run's own model before training (run_pretrain.py, run_cpt.py)
+# --------------------------------------------------------------------------------------
+
+#: Largest logit difference that counts as rounding, not as attention across documents.
+ISOLATION_TOLERANCE = 1e-4
+
+
+def batch_layout(attn_implementation: str, flatten: bool | None = None) -> str:
+    """The name of the layout ``packed_batch`` gives: "flattened" (one row) or "padded" (B rows)."""
+    return "flattened" if (uses_flattened_layout(attn_implementation) if flatten is None else flatten) else "padded"
+
+
+def check_document_isolation(model, collator: Callable[[list[dict]], dict], windows, *, autocast_dtype=None) -> dict:
+    """Does attention stay inside each document, with this model's device, kernel and batch layout?
+
+    ``windows``: the B >= 2 windows batched together (a kernel may leak inside a row or across the rows
+    of a micro-batch), each a list of documents, each a list of segments (token ids, the first one the
+    start token). ``collator``: the run's training collator; it gets each window as ``input_ids``,
+    ``position_ids`` (restarting at every document) and ``labels`` and gives the batch of the run's
+    layout, which goes to ``model(**batch)`` as the Trainer gives it, on the model's device, under
+    autocast to ``autocast_dtype`` when given (the run's bf16/fp16). Document boundaries come from
+    ``windows``, not from the position ids under test. For every document:
+
+    * ``max_logit_diff_packed_vs_alone``: the document in the batch vs. the same document alone (one
+      window of one document through the same collator); exact in float32, while in 16-bit the other
+      matrix shapes round differently, so it is judged in float32 only;
+    * ``max_logit_diff_other_documents_changed``: the document vs. itself in a batch whose other
+      documents hold other tokens (same lengths, same start tokens). Same shapes, same kernels: any
+      difference is information that crossed from another document, at any precision.
+
+    ``holds``: neither difference (where judged) is above ``ISOLATION_TOLERANCE``; ``isolation_failure``
+    says why not. A kernel that fails to run raises an InputError naming it and the device.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    vocab_size = model.config.vocab_size
+
+    def features(window) -> dict:
+        input_ids, position_ids, labels = [], [], []
+        for document in window:
+            start = len(input_ids)
+            for segment in document:
+                tokens = [int(t) for t in segment]
+                position_ids += range(len(input_ids) - start, len(input_ids) - start + len(tokens))
+                input_ids += tokens
+                labels += [-100, *tokens[1:]]
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+    def other_tokens(segment) -> list[int]:  # the same length and start token, other tokens after it
+        return [int(segment[0]), *torch.randint(2, vocab_size, (len(segment) - 1,), generator=generator).tolist()]
+
+    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    layout = {}
+
+    def flat_logits(batch_windows) -> torch.Tensor:
+        """Logits of every row of the batch, one row after another (B x L or 1 x B*L alike)."""
+        batch = collator([features(window) for window in batch_windows])
+        layout["name"] = "flattened" if batch.get("cu_seq_lens_q") is not None else "padded"
+        batch.pop("labels")
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast:
+            logits = model(**batch, use_cache=False).logits
+        return logits.float().reshape(-1, logits.shape[-1])
+
+    kernel = model.config._attn_implementation
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = flat_logits(windows)
+            row_length = packed.shape[0] // len(windows)
+            spans = []  # (window, document, first token, end) in the flat token order of the batch
+            for w, window in enumerate(windows):
+                offset = w * row_length
+                for d, document in enumerate(window):
+                    length = sum(len(segment) for segment in document)
+                    spans.append((w, d, offset, offset + length))
+                    offset += length
+            alone_diff = other_diff = 0.0
+            for w, d, start, end in spans:
+                alone = flat_logits([[windows[w][d]]])[: end - start]
+                alone_diff = max(alone_diff, float((packed[start:end] - alone).abs().max()))
+                changed = [
+                    [doc if (i, j) == (w, d) else [other_tokens(s) for s in doc] for j, doc in enumerate(window)]
+                    for i, window in enumerate(windows)
+                ]
+                other_diff = max(other_diff, float((packed[start:end] - flat_logits(changed)[start:end]).abs().max()))
+    except Exception as err:  # the first forward on the training device: any failure is the kernel's
+        raise InputError(
+            f"--attn_implementation {kernel} cannot run on {model.device} ({err.__class__.__name__}: "
+            f"{str(err)[:300]}). Use --attn_implementation sdpa, or install the kernel for this device. "
+            "Nothing was trained."
+        ) from err
+    finally:
+        model.train(was_training)
+    result = {
+        "checked": True,
+        "attn_implementation": kernel,
+        "layout": layout["name"],
+        "device": str(model.device),
+        "compute_dtype": str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "windows_in_batch": len(windows),
+        "documents": len(spans),
+        "max_logit_diff_packed_vs_alone": alone_diff,
+        "max_logit_diff_other_documents_changed": other_diff,
+        "tolerance": ISOLATION_TOLERANCE,
+    }
+    result["packed_vs_alone_judged"] = result["compute_dtype"] == "float32"
+    result["holds"] = isolation_failure(result) is None
+    return result
+
+
+def isolation_failure(result: dict) -> str | None:
+    """Why a ``check_document_isolation`` result shows attention across documents, or None."""
+    if result["max_logit_diff_other_documents_changed"] > ISOLATION_TOLERANCE:
+        return (
+            f"a document's logits change by {result['max_logit_diff_other_documents_changed']:.3g} when the other "
+            "documents of its micro-batch change"
+        )
+    if result["compute_dtype"] == "float32" and result["max_logit_diff_packed_vs_alone"] > ISOLATION_TOLERANCE:
+        return (
+            f"a document packed with others gives other logits than alone (max diff "
+            f"{result['max_logit_diff_packed_vs_alone']:.3g})"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------
 # Default locations: each step writes where the next one reads
 # --------------------------------------------------------------------------------------
 # So the design card's sequence works as typed, from one working directory:
@@ -494,6 +652,51 @@ def output_dir_given(argv: list[str] | None) -> bool:
     if len(args) == 1 and args[0].endswith(".json"):
         return "output_dir" in json.loads(Path(args[0]).read_text(encoding="utf-8"))
     return any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in args)
+
+
+# --------------------------------------------------------------------------------------
+# Resuming a training run (run_pretrain.py, run_cpt.py)
+# --------------------------------------------------------------------------------------
+
+#: --resume_from_checkpoint values that mean "the last checkpoint-N in --output_dir".
+RESUME_LAST = ("true", "latest", "last")
+RESUME_HELP = (
+    "Continue a run from a checkpoint: a checkpoint-N folder, or latest (also: true, last) for the last "
+    "checkpoint-N in --output_dir. Without it an --output_dir that already holds a checkpoint is refused: "
+    "a run never continues on an earlier run's checkpoints without saying so."
+)
+
+
+def document_resume_flag(parser) -> None:
+    """Put ``RESUME_HELP`` on the --resume_from_checkpoint of an HfArgumentParser (--help shows it)."""
+    for action in parser._actions:
+        if action.dest == "resume_from_checkpoint":
+            action.help = RESUME_HELP
+
+
+def resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint a training run resumes from (None: it starts afresh), by ``RESUME_HELP``'s rule.
+
+    InputError for a folder that does not exist, for ``latest`` without a checkpoint, and for an
+    ``output_dir`` that holds a checkpoint when no --resume_from_checkpoint is given."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume_from_checkpoint is None:
+        if last is not None:
+            raise InputError(
+                f"{output_dir} already holds {last}. Pass --resume_from_checkpoint {last} to continue that run, "
+                "or give a new --output_dir."
+            )
+        return None
+    if str(resume_from_checkpoint).lower() in RESUME_LAST:
+        if last is None:
+            raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint-N in {output_dir}.")
+        return last
+    if not Path(resume_from_checkpoint).is_dir():
+        raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder.")
+    return str(resume_from_checkpoint)
 
 
 # --------------------------------------------------------------------------------------
@@ -545,7 +748,16 @@ def setup_logging(training_args=None, level: str | int = logging.INFO) -> None:
         level = training_args.get_process_log_level()
         if training_args.should_log and level > logging.INFO and training_args.log_level == "passive":
             level = logging.INFO
-    logging.basicConfig(format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout, level=level, force=True)
+    # One stdout handler of our own, replaced on a second call (a test calling main twice); handlers
+    # that others put on the root logger (pytest's caplog) stay.
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "study_log", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.study_log = True
+    root.addHandler(handler)
+    root.setLevel(level)
     if training_args is not None:
         import datasets
         import transformers

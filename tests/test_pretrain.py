@@ -26,7 +26,14 @@ from run_pretrain import (
     parse_config_overrides,
     train_tokenizer,
 )
-from study_common import document_start_id, encode_documents, filter_to_latin, has_non_latin_letter
+from study_common import (
+    check_document_isolation,
+    document_start_id,
+    encode_documents,
+    filter_to_latin,
+    has_non_latin_letter,
+    isolation_failure,
+)
 
 # --------------------------------------------------------------------------------------
 # The Latin filter: the fast implementation against the rule written as a loop
@@ -216,13 +223,15 @@ AttentionInterface.register("varlen_reference", varlen_reference)
 def test_the_run_checks_document_isolation_on_its_own_model_and_batch_layout(tiny_model_dir, flatten):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    result = run_pretrain.check_document_attention(model, PackedBlockCollator(flatten=flatten), 0, len(tokenizer))
+    windows = run_pretrain.isolation_check_windows(0, len(tokenizer))
+    result = check_document_isolation(model, PackedBlockCollator(flatten=flatten), windows)
     assert result["layout"] == ("flattened" if flatten else "padded") and result["windows_in_batch"] >= 2
     assert result["device"] == "cpu" and result["compute_dtype"] == "float32"
     assert result["max_logit_diff_packed_vs_alone"] < 1e-5 and result["max_logit_diff_other_documents_changed"] < 1e-6
-    assert run_pretrain.isolation_failure(result) is None
-    leaky = run_pretrain.check_document_attention(model, PackedBlockCollator(document_attention=False), 0, 300)
-    assert leaky["max_logit_diff_other_documents_changed"] > 1e-3 and run_pretrain.isolation_failure(leaky)
+    assert isolation_failure(result) is None and result["holds"]
+    windows = run_pretrain.isolation_check_windows(0, 300)
+    leaky = check_document_isolation(model, PackedBlockCollator(document_attention=False), windows)
+    assert leaky["max_logit_diff_other_documents_changed"] > 1e-3 and isolation_failure(leaky)
 
 
 def test_in_16_bit_the_isolation_check_tells_rounding_from_attention_across_documents(tiny_model_dir):
@@ -230,16 +239,18 @@ def test_in_16_bit_the_isolation_check_tells_rounding_from_attention_across_docu
     # that is no leak. The same batch with the other documents changed is exact, unless attention leaks.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    bf16 = run_pretrain.check_document_attention(
-        model, PackedBlockCollator(), 0, len(tokenizer), autocast_dtype=torch.bfloat16
-    )
+    windows = run_pretrain.isolation_check_windows(0, len(tokenizer))
+    bf16 = check_document_isolation(model, PackedBlockCollator(), windows, autocast_dtype=torch.bfloat16)
     assert bf16["compute_dtype"] == "bfloat16" and bf16["max_logit_diff_packed_vs_alone"] > 1e-4
-    assert bf16["max_logit_diff_other_documents_changed"] == 0 and run_pretrain.isolation_failure(bf16) is None
+    assert bf16["max_logit_diff_other_documents_changed"] == 0 and isolation_failure(bf16) is None
     model.config._attn_implementation = "causal_across_documents"
-    leaky = run_pretrain.check_document_attention(
-        model, PackedBlockCollator(attn_implementation="causal_across_documents"), 0, 300, autocast_dtype=torch.bfloat16
+    leaky = check_document_isolation(
+        model,
+        PackedBlockCollator(attn_implementation="causal_across_documents"),
+        run_pretrain.isolation_check_windows(0, 300),
+        autocast_dtype=torch.bfloat16,
     )
-    assert "when the other documents of its micro-batch change" in run_pretrain.isolation_failure(leaky)
+    assert "when the other documents of its micro-batch change" in isolation_failure(leaky)
 
 
 # --------------------------------------------------------------------------------------
