@@ -52,6 +52,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from cloze import question_file_name
 from study_common import write_json_atomic, write_text_atomic
 from study_report import SETTINGS, VARIANT_TITLES, fmt_time, read_step_seconds, utc_now, write_report
 
@@ -603,228 +604,286 @@ def _flags(arguments: dict) -> list[str]:
 
 
 def _launcher(args: StudyArguments, preset: Preset, script: str, trains: bool) -> list[str]:
+    """How a step's script starts: training steps under ``accelerate launch`` when the study has a config."""
     config = args.accelerate_config or preset.accelerate_config
     if trains and config:
         return ["accelerate", "launch", "--config_file", config, script]
     return [args.python, script]
 
 
+def _question_files(folder: Path, lang: str) -> list[str]:
+    """A language's two question files in ``folder``: the English questions, then the target language's."""
+    return [str(folder / question_file_name(lang, question_lang)) for question_lang in ("en", lang)]
+
+
+class _PlanBuilder:
+    """The steps, runs and groups of a plan as they are added. Each step factory adds one step and returns its id:
+    what later steps name as a dependency. The two plan builders (synthetic, paper) differ only in their data."""
+
+    def __init__(self, args: StudyArguments, preset: Preset, out: Path):
+        self.args, self.preset, self.out = args, preset, out
+        self.steps: list[Step] = []
+        self.runs: list[Run] = []
+        self.groups: dict[str, dict] = {}
+
+    def plan(self) -> Plan:
+        return Plan(self.preset, str(self.out), _in_run_order(self.steps), self.runs, self.groups)
+
+    def step(self, script: str, arguments: dict, outputs: list[str], **fields) -> str:
+        """Add a step running ``script`` with ``arguments`` as its flags; its workdir is their --output_dir and
+        ``outputs`` are file names in it."""
+        workdir = Path(arguments["output_dir"])
+        launcher = _launcher(self.args, self.preset, script, fields.get("trains", False))
+        self.steps.append(
+            Step(
+                command=[*launcher, *_flags(arguments)],
+                outputs=[str(workdir / name) for name in outputs],
+                workdir=str(workdir),
+                **fields,
+            )
+        )
+        return fields["id"]
+
+    def push(self, kind: str, name: str) -> dict:
+        """--hub_org (paper preset): the push flags of a step (training steps push every checkpoint as it is saved)."""
+        if not self.args.hub_org or self.preset.synthetic:
+            return {}
+        study = self.preset.name + ("-smoke" if self.args.smoke else "")  # a smoke run never pushes over the real run
+        if kind == "data":
+            return {"push_to_hub": True, "hub_dataset_id": f"{self.args.hub_org}/{study}-{name}"}
+        # hub_always_push: the Trainer otherwise skips a checkpoint's push while the previous one uploads, and
+        # the learning curve needs every checkpoint (run_pretrain.py dropped its last one without it).
+        return {
+            "push_to_hub": True,
+            "hub_model_id": f"{self.args.hub_org}/{study}-{name}",
+            "hub_strategy": "all_checkpoints",
+            "hub_always_push": True,
+        }
+
+    def group(self, lang: str, variant: str, name: str, questions: list[str], settings: list[str], **paths) -> dict:
+        """A run group: one language (and name variant), its questions, CPT settings and output folders."""
+        group = {"lang": lang, "variant": variant, "data": str(self.out / "data" / name), "questions": questions}
+        group.update(paths)
+        for kind in ("base_eval", "transfer", "density"):
+            group[kind] = str(self.out / kind / name)
+        group["settings"] = settings
+        self.groups[f"{lang}/{variant}"] = group
+        return group
+
+    def base_eval(self, group: dict, name: str, base_dir: Path, what: str, deps: list[str]) -> str:
+        arguments = dict(
+            self.preset.eval,
+            questions=group["questions"],
+            model_name_or_path=str(base_dir),
+            output_dir=group["base_eval"],
+        )
+        return self.step(
+            "run_eval.py",
+            arguments,
+            ["accuracy.json"],
+            id=f"base-eval-{name}",
+            kind="base_eval",
+            title=f"probe the base model ({what})",
+            deps=deps,
+        )
+
+    def cpt_runs(
+        self, group: dict, name: str, seeds: list[int], base_dir: Path, build_id: str, what: str
+    ) -> list[tuple[Run, str]]:
+        """Per seed and setting of a group: its CPT step and the probing of every checkpoint (with the bridge
+        diagnostic when the group has diagnostic pairs). Returns each run with the id of its probing step."""
+        lang, variant = group["lang"], group["variant"]
+        probed = []
+        for seed in seeds:
+            for setting in group["settings"]:
+                run_name = f"{name}-{setting}-s{seed}"
+                run_dir = self.out / "cpt" / run_name
+                run = Run(lang, variant, setting, seed, str(run_dir), str(run_dir / "eval"))
+                self.runs.append(run)
+                cpt_args = dict(
+                    self.preset.cpt,
+                    model_name_or_path=str(base_dir),
+                    dataset_path=group["data"],
+                    lang=lang,
+                    bridges=setting == "bridges",
+                    no_bridges=setting == "no_bridges",
+                    output_dir=str(run_dir),
+                    run_name=run_name,
+                    seed=seed,
+                    **self.push("model", f"cpt-{run_name}"),
+                )
+                cpt_id = self.step(
+                    "run_cpt.py",
+                    cpt_args,
+                    ["config.json", "packing_audit.json"],
+                    id=f"cpt-{run_name}",
+                    kind="cpt",
+                    title=f"continual pretraining {what}, {setting.replace('_', ' ')}, seed {seed}",
+                    deps=[build_id],
+                    trains=True,
+                )
+                diagnostic = group.get("diagnostic_pairs")
+                eval_args = dict(
+                    self.preset.eval,
+                    questions=group["questions"],
+                    model_name_or_path=str(run_dir),
+                    diagnostic_pairs=diagnostic,
+                    output_dir=run.eval_dir,
+                )
+                eval_id = self.step(
+                    "run_eval.py",
+                    eval_args,
+                    ["accuracy.json", "bridge_diagnostic.json"] if diagnostic else ["accuracy.json"],
+                    id=f"eval-{run_name}",
+                    kind="eval",
+                    title=f"probe every checkpoint of {run_name}" + (" (+ bridge diagnostic)" if diagnostic else ""),
+                    deps=[cpt_id],
+                )
+                probed.append((run, eval_id))
+        return probed
+
+    def transfer(self, group: dict, name: str, probed: list[tuple[Run, str]], what: str) -> str:
+        """The with-minus-without analysis of a group's runs (every seed pair)."""
+        runs = [run for run, _ in probed]
+        arguments = {
+            "with_bridges": [r.eval_dir for r in runs if r.setting == "bridges"],
+            "without_bridges": [r.eval_dir for r in runs if r.setting == "no_bridges"],
+            "output_dir": group["transfer"],
+        }
+        return self.step(
+            "run_eval.py",
+            arguments,
+            ["transfer.json"],
+            id=f"transfer-{name}",
+            kind="transfer",
+            title=f"transfer analysis ({what}, {len(runs) // 2} seed pair{'s' if len(runs) > 2 else ''})",
+            deps=[eval_id for _, eval_id in probed],
+        )
+
+    def density(
+        self, step_id: str, title: str, arguments: dict, probed: list[tuple[Run, str]], deps: list[str], then=None
+    ) -> str:
+        """The density of a group's culture in a corpus (``arguments``, then the first seed's final predictions of
+        both settings for the instance-level analysis, then ``then``)."""
+        first = {setting: next(p for p in probed if p[0].setting == setting) for setting in SETTINGS}
+        arguments = dict(
+            arguments,
+            predictions_with=first["bridges"][0].eval_dir,
+            predictions_without=first["no_bridges"][0].eval_dir,
+            **(then or {}),
+        )
+        return self.step(
+            "run_density.py",
+            arguments,
+            ["density.json"],
+            id=step_id,
+            kind="density",
+            title=title,
+            deps=[*deps, first["bridges"][1], first["no_bridges"][1]],
+        )
+
+
 def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
+    """The plan of a synthetic preset (the paper preset's: build_paper_plan): world, pretraining, then per language
+    and name variant the CPT dataset, the base model's probing, each run's CPT and probing, the transfer analysis
+    and the density (the last two only for a group trained in both settings)."""
     if not preset.synthetic:
         return build_paper_plan(args, preset, out)
     langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
     variants = args.variants or preset.variants
     anchor_settings = args.anchor_settings or preset.anchor_settings
-    python = args.python
+    plan = _PlanBuilder(args, preset, out)
     world_dir, base_dir = out / "world", out / "base"
-    steps: list[Step] = []
-    runs: list[Run] = []
-    groups: dict[str, dict] = {}
+    en_corpus = str(world_dir / "en_corpus.jsonl")
 
     world_args = dict(preset.world, output_dir=str(world_dir), langs=langs, seed=0, name_variants=variants)
     resource = [r for r in world_args.pop("resource", []) if r.split("=")[0] in langs]
     resource += [f"{lang}=mixed" for lang in langs if not any(r.startswith(f"{lang}=") for r in resource)]
     world_args["resource"] = resource
-    steps.append(
-        Step(
-            id="world",
-            kind="world",
-            title="generate the synthetic world",
-            command=[python, "synthetic_world.py", *_flags(world_args)],
-            outputs=[str(world_dir / "truth.json"), str(world_dir / "en_corpus.jsonl")],
-            workdir=str(world_dir),
-        )
+    world = plan.step(
+        "synthetic_world.py",
+        world_args,
+        ["truth.json", "en_corpus.jsonl"],
+        id="world",
+        kind="world",
+        title="generate the synthetic world",
     )
-
-    tokenizer_files = [str(world_dir / "en_corpus.jsonl")]
-    tokenizer_files += [str(world_dir / lang / v / "mono.jsonl") for lang in langs for v in variants]
     pretrain_args = dict(
         preset.pretrain,
         train_tokenizer=True,
-        tokenizer_files=tokenizer_files,
-        train_file=str(world_dir / "en_corpus.jsonl"),
+        tokenizer_files=[en_corpus, *(str(world_dir / lang / v / "mono.jsonl") for lang in langs for v in variants)],
+        train_file=en_corpus,
         output_dir=str(base_dir),
         seed=0,
     )
-    steps.append(
-        Step(
-            id="pretrain",
-            kind="pretrain",
-            title="pretrain the base model on the English corpus",
-            command=[*_launcher(args, preset, "run_pretrain.py", True), *_flags(pretrain_args)],
-            outputs=[str(base_dir / "config.json"), str(base_dir / "data_stats.json")],
-            workdir=str(base_dir),
-            deps=["world"],
-            trains=True,
-        )
+    pretrain = plan.step(
+        "run_pretrain.py",
+        pretrain_args,
+        ["config.json", "data_stats.json"],
+        id="pretrain",
+        kind="pretrain",
+        title="pretrain the base model on the English corpus",
+        deps=[world],
+        trains=True,
     )
 
-    block_size = preset.cpt["block_size"]
     for lang in langs:
         for variant in variants:
-            key = f"{lang}/{variant}"
-            wdir = world_dir / lang / variant
-            data_dir = out / "data" / f"{lang}-{variant}"
-            questions = [str(wdir / f"{lang}-culture-cloze_en.json"), str(wdir / f"{lang}-culture-cloze_{lang}.json")]
-            group = {
-                "lang": lang,
-                "variant": variant,
-                "data": str(data_dir),
-                "questions": questions,
-                "diagnostic_pairs": str(wdir / "diagnostic_pairs.jsonl"),
-                "mono": str(wdir / "mono.jsonl"),
-                "base_eval": str(out / "base_eval" / f"{lang}-{variant}"),
-                "transfer": str(out / "transfer" / f"{lang}-{variant}"),
-                "density": str(out / "density" / f"{lang}-{variant}"),
-            }
-            groups[key] = group
+            name, what, wdir = f"{lang}-{variant}", f"{lang}, {variant} names", world_dir / lang / variant
+            # the anchors variant of the cpu preset trains one setting only (it serves the anchors comparison)
+            settings = [s for s in SETTINGS if variant != "anchors" or s in anchor_settings]
+            group = plan.group(
+                lang,
+                variant,
+                name,
+                _question_files(wdir, lang),
+                settings,
+                diagnostic_pairs=str(wdir / "diagnostic_pairs.jsonl"),
+                mono=str(wdir / "mono.jsonl"),
+            )
             build_args = dict(
                 preset.build,
                 lang=lang,
                 pairs_files=str(wdir / "pairs.jsonl"),
                 en_column="en",
                 tgt_column=lang,
-                mono_files=str(wdir / "mono.jsonl"),
-                replay_files=str(world_dir / "en_corpus.jsonl"),
+                mono_files=group["mono"],
+                replay_files=en_corpus,
                 tokenizer_name=str(base_dir),
-                block_size=block_size,
-                output_dir=str(data_dir),
+                block_size=preset.cpt["block_size"],
+                output_dir=group["data"],
                 seed=0,
             )
-            steps.append(
-                Step(
-                    id=f"build-{lang}-{variant}",
-                    kind="build",
-                    title=f"build the CPT dataset ({lang}, {variant} names)",
-                    command=[python, "build_pairs.py", *_flags(build_args)],
-                    outputs=[str(data_dir / "build_stats.json")],
-                    workdir=str(data_dir),
-                    deps=["world", "pretrain"],
-                )
+            build = plan.step(
+                "build_pairs.py",
+                build_args,
+                ["build_stats.json"],
+                id=f"build-{name}",
+                kind="build",
+                title=f"build the CPT dataset ({what})",
+                deps=[world, pretrain],
             )
-            eval_common = dict(preset.eval, questions=questions)
-            steps.append(
-                Step(
-                    id=f"base-eval-{lang}-{variant}",
-                    kind="base_eval",
-                    title=f"probe the base model ({lang}, {variant} names)",
-                    command=[
-                        python,
-                        "run_eval.py",
-                        *_flags(dict(eval_common, model_name_or_path=str(base_dir), output_dir=group["base_eval"])),
-                    ],
-                    outputs=[str(Path(group["base_eval"]) / "accuracy.json")],
-                    workdir=group["base_eval"],
-                    deps=["world", "pretrain"],
-                )
-            )
-            group_runs = []
-            settings = [name for name in SETTINGS if variant != "anchors" or name in anchor_settings]
-            group["settings"] = settings
-            for seed in seeds:
-                for setting in settings:
-                    bridges = setting == "bridges"
-                    run_dir = out / "cpt" / f"{lang}-{variant}-{setting}-s{seed}"
-                    run = Run(lang, variant, setting, seed, str(run_dir), str(run_dir / "eval"))
-                    runs.append(run)
-                    group_runs.append(run)
-                    cpt_args = dict(
-                        preset.cpt,
-                        model_name_or_path=str(base_dir),
-                        dataset_path=str(data_dir),
-                        lang=lang,
-                        bridges=bridges,
-                        no_bridges=not bridges,
-                        output_dir=str(run_dir),
-                        run_name=run.name,
-                        seed=seed,
-                    )
-                    steps.append(
-                        Step(
-                            id=f"cpt-{run.name}",
-                            kind="cpt",
-                            title=f"continual pretraining {lang}, {variant} names, {setting.replace('_', ' ')}, seed {seed}",
-                            command=[*_launcher(args, preset, "run_cpt.py", True), *_flags(cpt_args)],
-                            outputs=[str(run_dir / "config.json"), str(run_dir / "packing_audit.json")],
-                            workdir=str(run_dir),
-                            deps=[f"build-{lang}-{variant}"],
-                            trains=True,
-                        )
-                    )
-                    steps.append(
-                        Step(
-                            id=f"eval-{run.name}",
-                            kind="eval",
-                            title=f"probe every checkpoint of {run.name} (+ bridge diagnostic)",
-                            command=[
-                                python,
-                                "run_eval.py",
-                                *_flags(
-                                    dict(
-                                        eval_common,
-                                        model_name_or_path=str(run_dir),
-                                        diagnostic_pairs=group["diagnostic_pairs"],
-                                        output_dir=run.eval_dir,
-                                    )
-                                ),
-                            ],
-                            outputs=[
-                                str(Path(run.eval_dir) / "accuracy.json"),
-                                str(Path(run.eval_dir) / "bridge_diagnostic.json"),
-                            ],
-                            workdir=run.eval_dir,
-                            deps=[f"cpt-{run.name}"],
-                        )
-                    )
+            plan.base_eval(group, name, base_dir, what, deps=[world, pretrain])
+            probed = plan.cpt_runs(group, name, seeds, base_dir, build, what)
             if len(settings) < 2:
-                continue  # one setting only (anchors variant of the cpu preset): no with-minus-without analysis
-            with_dirs = [r.eval_dir for r in group_runs if r.setting == "bridges"]
-            without_dirs = [r.eval_dir for r in group_runs if r.setting == "no_bridges"]
-            steps.append(
-                Step(
-                    id=f"transfer-{lang}-{variant}",
-                    kind="transfer",
-                    title=f"transfer analysis ({lang}, {variant} names, {len(seeds)} seed pairs)",
-                    command=[
-                        python,
-                        "run_eval.py",
-                        "--with_bridges",
-                        *with_dirs,
-                        "--without_bridges",
-                        *without_dirs,
-                        "--output_dir",
-                        group["transfer"],
-                    ],
-                    outputs=[str(Path(group["transfer"]) / "transfer.json")],
-                    workdir=group["transfer"],
-                    deps=[f"eval-{r.name}" for r in group_runs],
-                )
-            )
-            # Density of the culture's knowledge in the English corpus and in the target corpus, with
-            # the instance-level analysis on the first seed's final checkpoints.
-            first_with = next(r for r in group_runs if r.setting == "bridges")
-            first_without = next(r for r in group_runs if r.setting == "no_bridges")
+                continue  # no with-minus-without analysis for a group trained in one setting
+            plan.transfer(group, name, probed, what)
+            # The culture's knowledge in the English corpus and in the target corpus.
             density_args = dict(
                 preset.density,
-                questions=questions,
-                corpus_files=[f"en={world_dir / 'en_corpus.jsonl'}", f"{lang}={wdir / 'mono.jsonl'}"],
+                questions=group["questions"],
+                corpus_files=[f"en={en_corpus}", f"{lang}={group['mono']}"],
                 output_dir=group["density"],
-                predictions_with=first_with.eval_dir,
-                predictions_without=first_without.eval_dir,
-                source_corpus=[f"{lang}=en", f"en={lang}"],
             )
-            steps.append(
-                Step(
-                    id=f"density-{lang}-{variant}",
-                    kind="density",
-                    title=f"cultural density of {lang} knowledge in both corpora ({variant} names)",
-                    command=[python, "run_density.py", *_flags(density_args)],
-                    outputs=[str(Path(group["density"]) / "density.json")],
-                    workdir=group["density"],
-                    deps=["world", f"eval-{first_with.name}", f"eval-{first_without.name}"],
-                )
+            plan.density(
+                f"density-{name}",
+                f"cultural density of {lang} knowledge in both corpora ({variant} names)",
+                density_args,
+                probed,
+                deps=[world],
+                then={"source_corpus": [f"{lang}=en", f"en={lang}"]},
             )
-    return Plan(preset, str(out), _in_run_order(steps), runs, groups)
+    return plan.plan()
 
 
 def _in_run_order(steps: list[Step]) -> list[Step]:
@@ -834,7 +893,9 @@ def _in_run_order(steps: list[Step]) -> list[Step]:
 
 
 def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
-    """The paper-scale study: Hub datasets, the 0.5B architecture, the paper's questions."""
+    """The paper-scale study: Hub datasets, the 0.5B architecture, the paper's questions; per language the CPT
+    dataset, the base model's probing, each run's CPT and probing, the transfer analysis, and the density in
+    English Wikipedia and in the language's own corpus."""
     paper_data = {lang: dict(flags) for lang, flags in PAPER_DATA.items()}
     if args.paper_data:
         overrides = json.loads(Path(args.paper_data).read_text(encoding="utf-8"))
@@ -846,181 +907,44 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
     if unknown:
         raise ValueError(f"No paper-scale data for {unknown}: give it with --paper_data FILE.json.")
     langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
-    python = args.python
+    plan = _PlanBuilder(args, preset, out)
     base_dir = out / "base"
-    questions_dir = Path(args.questions_dir)
-    study = preset.name + ("-smoke" if args.smoke else "")  # a smoke run's pushes never land on the real run's
 
-    def push(kind: str, name: str) -> dict:
-        """--hub_org: the push flags of a step (training steps push every checkpoint as it is saved)."""
-        if not args.hub_org:
-            return {}
-        if kind == "data":
-            return {"push_to_hub": True, "hub_dataset_id": f"{args.hub_org}/{study}-{name}"}
-        # hub_always_push: the Trainer otherwise skips a checkpoint's push while the previous one uploads, and
-        # the learning curve needs every checkpoint (run_pretrain.py dropped its last one without it).
-        return {
-            "push_to_hub": True,
-            "hub_model_id": f"{args.hub_org}/{study}-{name}",
-            "hub_strategy": "all_checkpoints",
-            "hub_always_push": True,
-        }
-
-    steps: list[Step] = []
-    runs: list[Run] = []
-    groups: dict[str, dict] = {}
-    steps.append(
-        Step(
-            id="pretrain",
-            kind="pretrain",
-            title="pretrain Qwen2.5-0.5B (architecture) on Latin-only English Wikipedia",
-            command=[
-                *_launcher(args, preset, "run_pretrain.py", True),
-                *_flags(dict(preset.pretrain, output_dir=str(base_dir), seed=0, **push("model", "base"))),
-            ],
-            outputs=[str(base_dir / "config.json")],
-            workdir=str(base_dir),
-            trains=True,
-        )
+    pretrain = plan.step(
+        "run_pretrain.py",
+        dict(preset.pretrain, output_dir=str(base_dir), seed=0, **plan.push("model", "base")),
+        ["config.json"],
+        id="pretrain",
+        kind="pretrain",
+        title="pretrain Qwen2.5-0.5B (architecture) on Latin-only English Wikipedia",
+        trains=True,
     )
     for lang in langs:
-        questions = [
-            str(questions_dir / f"{lang}-culture-cloze_en.json"),
-            str(questions_dir / f"{lang}-culture-cloze_{lang}.json"),
-        ]
-        data_dir = out / "data" / lang
-        key = f"{lang}/real"
-        group = {
-            "lang": lang,
-            "variant": "real",
-            "data": str(data_dir),
-            "questions": questions,
-            "base_eval": str(out / "base_eval" / lang),
-            "transfer": str(out / "transfer" / lang),
-            "density": str(out / "density" / lang),
-        }
-        groups[key] = group
+        group = plan.group(lang, "real", lang, _question_files(Path(args.questions_dir), lang), list(SETTINGS))
         build_args = dict(
             preset.build,
             lang=lang,
             **paper_data[lang],
             replay_dataset="wikimedia/wikipedia",
             replay_dataset_config="20231101.en",
-            eval_questions=questions,
+            eval_questions=group["questions"],
             tokenizer_name=str(base_dir),
-            output_dir=str(data_dir),
+            output_dir=group["data"],
             seed=0,
-            **push("data", f"data-{lang}"),
+            **plan.push("data", f"data-{lang}"),
         )
-        steps.append(
-            Step(
-                id=f"build-{lang}",
-                kind="build",
-                title=f"build the {lang} CPT dataset",
-                command=[python, "build_pairs.py", *_flags(build_args)],
-                outputs=[str(data_dir / "build_stats.json")],
-                workdir=str(data_dir),
-                deps=["pretrain"],
-            )
+        build = plan.step(
+            "build_pairs.py",
+            build_args,
+            ["build_stats.json"],
+            id=f"build-{lang}",
+            kind="build",
+            title=f"build the CPT dataset ({lang})",
+            deps=[pretrain],
         )
-        steps.append(
-            Step(
-                id=f"base-eval-{lang}",
-                kind="base_eval",
-                title=f"probe the base model on the {lang} questions",
-                command=[
-                    python,
-                    "run_eval.py",
-                    *_flags(
-                        dict(
-                            preset.eval,
-                            questions=questions,
-                            model_name_or_path=str(base_dir),
-                            output_dir=group["base_eval"],
-                        )
-                    ),
-                ],
-                outputs=[str(Path(group["base_eval"]) / "accuracy.json")],
-                workdir=group["base_eval"],
-                deps=["pretrain"],
-            )
-        )
-        group_runs = []
-        for seed in seeds:
-            for setting in SETTINGS:
-                bridges = setting == "bridges"
-                run_dir = out / "cpt" / f"{lang}-{setting}-s{seed}"
-                run = Run(lang, "real", setting, seed, str(run_dir), str(run_dir / "eval"))
-                runs.append(run)
-                group_runs.append(run)
-                cpt_args = dict(
-                    preset.cpt,
-                    model_name_or_path=str(base_dir),
-                    dataset_path=str(data_dir),
-                    lang=lang,
-                    bridges=bridges,
-                    no_bridges=not bridges,
-                    output_dir=str(run_dir),
-                    run_name=f"{lang}-{setting}-s{seed}",
-                    seed=seed,
-                    **push("model", f"cpt-{lang}-{setting}-s{seed}"),
-                )
-                steps.append(
-                    Step(
-                        id=f"cpt-{lang}-{setting}-s{seed}",
-                        kind="cpt",
-                        title=f"continual pretraining {lang}, {setting.replace('_', ' ')}, seed {seed}",
-                        command=[*_launcher(args, preset, "run_cpt.py", True), *_flags(cpt_args)],
-                        outputs=[str(run_dir / "config.json"), str(run_dir / "packing_audit.json")],
-                        workdir=str(run_dir),
-                        deps=[f"build-{lang}"],
-                        trains=True,
-                    )
-                )
-                steps.append(
-                    Step(
-                        id=f"eval-{lang}-{setting}-s{seed}",
-                        kind="eval",
-                        title=f"probe every checkpoint of {lang} {setting} seed {seed}",
-                        command=[
-                            python,
-                            "run_eval.py",
-                            *_flags(
-                                dict(
-                                    preset.eval,
-                                    questions=questions,
-                                    model_name_or_path=str(run_dir),
-                                    output_dir=run.eval_dir,
-                                )
-                            ),
-                        ],
-                        outputs=[str(Path(run.eval_dir) / "accuracy.json")],
-                        workdir=run.eval_dir,
-                        deps=[f"cpt-{lang}-{setting}-s{seed}"],
-                    )
-                )
-        steps.append(
-            Step(
-                id=f"transfer-{lang}",
-                kind="transfer",
-                title=f"transfer analysis ({lang})",
-                command=[
-                    python,
-                    "run_eval.py",
-                    "--with_bridges",
-                    *[r.eval_dir for r in group_runs if r.setting == "bridges"],
-                    "--without_bridges",
-                    *[r.eval_dir for r in group_runs if r.setting == "no_bridges"],
-                    "--output_dir",
-                    group["transfer"],
-                ],
-                outputs=[str(Path(group["transfer"]) / "transfer.json")],
-                workdir=group["transfer"],
-                deps=[f"eval-{lang}-{s}-s{seed}" for seed in seeds for s in SETTINGS],
-            )
-        )
-        first_with = next(r for r in group_runs if r.setting == "bridges")
-        first_without = next(r for r in group_runs if r.setting == "no_bridges")
+        plan.base_eval(group, lang, base_dir, lang, deps=[pretrain])
+        probed = plan.cpt_runs(group, lang, seeds, base_dir, build, lang)
+        plan.transfer(group, lang, probed, lang)
         mono = paper_data[lang]
         if mono.get("mono_files"):  # the target corpus as files (e.g. one language's file of MC^2)
             target_corpus = {
@@ -1037,36 +961,21 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
             ("enwiki", {"corpus_dataset": "wikimedia/wikipedia", "corpus_dataset_config": "20231101.en"}),
             (lang, target_corpus),
         ):
-            density_dir = Path(group["density"]) / corpus_label
-            steps.append(
-                Step(
-                    id=f"density-{lang}-{corpus_label}",
-                    kind="density",
-                    title=f"cultural density of {lang} knowledge in {corpus_label}",
-                    command=[
-                        python,
-                        "run_density.py",
-                        *_flags(
-                            dict(
-                                preset.density,
-                                questions=questions,
-                                **{"corpus_streaming": True, **corpus},
-                                corpus_label=corpus_label,
-                                output_dir=str(density_dir),
-                                predictions_with=first_with.eval_dir,
-                                predictions_without=first_without.eval_dir,
-                            )
-                        ),
-                    ],
-                    outputs=[str(density_dir / "density.json")],
-                    workdir=str(density_dir),
-                    deps=[
-                        f"eval-{first_with.lang}-bridges-s{first_with.seed}",
-                        f"eval-{first_without.lang}-no_bridges-s{first_without.seed}",
-                    ],
-                )
+            density_args = dict(
+                preset.density,
+                questions=group["questions"],
+                **{"corpus_streaming": True, **corpus},
+                corpus_label=corpus_label,
+                output_dir=str(Path(group["density"]) / corpus_label),
             )
-    return Plan(preset, str(out), _in_run_order(steps), runs, groups)
+            plan.density(
+                f"density-{lang}-{corpus_label}",
+                f"cultural density of {lang} knowledge in {corpus_label}",
+                density_args,
+                probed,
+                deps=[],
+            )
+    return plan.plan()
 
 
 # --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from cloze import question_lang_from_stem, question_stem, read_predictions
 from study_common import exit_on_input_error, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # the report reads any object with these fields (run_study's, or one read back from plan.json)
@@ -171,6 +172,12 @@ def _direction_words(direction: str, lang: str) -> str:
     )
 
 
+def _direction(stem: str, lang: str) -> str:
+    """The transfer direction a question file measures: target-language questions English -> target, English
+    questions target -> English."""
+    return f"en->{lang}" if question_lang_from_stem(stem) == lang else f"{lang}->en"
+
+
 def _gap_sentence(what: str, gap: float, ci, n_seeds: int) -> str:
     """A conclusion written from a gap and its interval, never stronger than the interval allows."""
     over = "seeds and questions" if n_seeds > 1 else "questions only (one run pair: overstates certainty)"
@@ -185,11 +192,9 @@ def _load_cubes(runs: list[Run], stems: list[str]) -> tuple[list[int], dict[str,
     """Per run name and questions stem: a bool array (steps x questions) on the steps all runs share."""
     import numpy as np
 
-    from run_eval import read_eval_output
-
     per_run = {}
     for run in runs:
-        _, by_stem = read_eval_output(Path(run.eval_dir))
+        _, by_stem = read_predictions(run.eval_dir)
         per_run[run.name] = by_stem
     common = sorted(set.intersection(*(set(per_run[r.name][stems[0]]) for r in runs)))
     cubes = {r.name: {s: np.stack([per_run[r.name][s][t] for t in common]) for s in stems} for r in runs}
@@ -582,8 +587,7 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
             tier_rows, tier_entries = [], []
             seeds = sorted({r.seed for r in runs})
             for stem in stems:
-                question_lang = stem.rsplit("_", 1)[1]
-                direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
+                direction = _direction(stem, lang)
                 for tier, indices in sorted(tiers.items()):
                     with_cube = _stack(cubes, runs, "bridges", seeds, stem, indices)
                     without_cube = _stack(cubes, runs, "no_bridges", seeds, stem, indices)
@@ -662,7 +666,7 @@ def _stack(cubes: dict, runs: list[Run], setting: str, seeds: list[int], stem: s
 def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figures: Path) -> None:
     import numpy as np
 
-    from run_eval import analyse_direction, read_eval_output
+    from run_eval import analyse_direction
 
     doc.h(2, "Anchors vs control: shared entity names and the frequency asymmetry")
     doc.p(
@@ -684,7 +688,7 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
         ):
             doc.p(f"{lang}: probing results of both variants are missing; nothing to compare.")
             continue
-        stems = [f"{lang}-culture-cloze_{lang}", f"{lang}-culture-cloze_en"]
+        stems = [question_stem(lang, lang), question_stem(lang, "en")]
         steps_n, cubes_n = _load_cubes(native, stems)
         steps_a, cubes_a = _load_cubes(anchors, stems)
         steps = sorted(set(steps_n) & set(steps_a))
@@ -699,8 +703,7 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
             if any(r.setting == name for r in native) and any(r.setting == name for r in anchors)
         ]
         for stem in stems:
-            question_lang = stem.rsplit("_", 1)[1]
-            direction = f"en->{lang}" if question_lang == lang else f"{lang}->en"
+            question_lang, direction = question_lang_from_stem(stem), _direction(stem, lang)
             for tier, indices in sorted(tiers.items()):
                 primary = "pooled" if len(shared) > 1 else shared[0]
                 for setting in [primary] + (shared if len(shared) > 1 else []):
@@ -723,7 +726,7 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
                          "verdict": stats["verdict"]}
                     )  # fmt: skip
         doc.h(3, f"{lang}: anchors − control")
-        rel = _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output)
+        rel = _plot_anchors(lang, steps, curves, plan, truth, figures)
         if rel:
             which = " and ".join(x.replace("_", " ") for x in shared)
             doc.img(rel, f"{lang}: accuracy during CPT with shared Latin names (anchors) and native-script names "
@@ -780,7 +783,7 @@ def _anchor_conclusions(lang: str, pooled: dict) -> list[str]:
     return sentences
 
 
-def _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output) -> str | None:
+def _plot_anchors(lang, steps, curves, plan, truth, figures) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -791,12 +794,12 @@ def _plot_anchors(lang, steps, curves, plan, truth, figures, read_eval_output) -
     for variant in ("anchors", "native"):
         group = plan.groups.get(f"{lang}/{variant}")
         if group and (Path(group["base_eval"]) / "accuracy.json").is_file():
-            _, by_stem = read_eval_output(Path(group["base_eval"]))
+            _, by_stem = read_predictions(group["base_eval"])
             base[variant] = {stem: next(iter(v.values())) for stem, v in by_stem.items() if v}
     tiers = _tier_indices(truth, lang)
     fig, axes = plt.subplots(2, len(tiers), figsize=(5 * len(tiers), 6.4), squeeze=False, sharey=True)
     for r, question_lang in enumerate((lang, "en")):
-        stem = f"{lang}-culture-cloze_{question_lang}"
+        stem = question_stem(lang, question_lang)
         for c, tier in enumerate(sorted(tiers)):
             ax = axes[r, c]
             anchors_curve, control_curve = curves[(question_lang, tier)]
@@ -983,7 +986,7 @@ def _report_density(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None
             measured.setdefault((entry["questions"], entry["corpus"]), {})[entry["index"]] = entry["occurrences"]
         rows, entries = [], []
         for row in result["table"]:
-            question_lang = row["questions"].rsplit("_", 1)[1]
+            question_lang = question_lang_from_stem(row["questions"])
             planted_key = question_lang if truth else None
             corpus_lang = row["corpus"]
             comparable = truth and question_lang == corpus_lang
@@ -1025,7 +1028,7 @@ def _report_density(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None
             for tier, indices in sorted(tiers.items()):
                 cells = [tier, len(indices)]
                 for question_lang in ("en", lang):
-                    stem = f"{lang}-culture-cloze_{question_lang}"
+                    stem = question_stem(lang, question_lang)
                     got = measured.get((stem, question_lang), {})
                     docs = next((r["documents"] for r in result["table"] if r["corpus"] == question_lang), None)
                     planted = sum(truth["questions"][lang][i]["counts"][question_lang] for i in indices)
