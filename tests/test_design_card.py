@@ -4,7 +4,7 @@
     python build_pairs.py --lang bo ...           -> runs/data-bo (tokenizer from runs/pretrain)
     accelerate launch run_cpt.py --lang bo --bridges      -> runs/cpt-bo-bridges-seed42
     accelerate launch run_cpt.py --lang bo --no_bridges   -> runs/cpt-bo-no-bridges-seed42
-    python run_eval.py --with_bridges runs/cpt-bo-bridges-seed42 --without_bridges runs/cpt-bo-no-bridges-seed42 ...
+    python run_transfer.py --with_bridges runs/cpt-bo-bridges-seed42 --without_bridges runs/cpt-bo-no-bridges-seed42 ...
 
 The commands run in a folder holding a copy of the repository's scripts and configs (the user is in
 the repository root; the copy keeps runs/ out of the checkout)."""
@@ -94,6 +94,6 @@ def test_the_design_card_commands_run_verbatim_with_the_default_locations(tmp_pa
     assert audits["cpt-bo-bridges-seed42"]["hashes"] == audits["cpt-bo-no-bridges-seed42"]["hashes"]
     assert not (repo / "trainer_output").exists()
 
-    run_script(["python", "run_eval.py", "--with_bridges", "runs/cpt-bo-bridges-seed42", "--without_bridges",
+    run_script(["python", "run_transfer.py", "--with_bridges", "runs/cpt-bo-bridges-seed42", "--without_bridges",
                 "runs/cpt-bo-no-bridges-seed42", "--questions", *map(str, questions)], cwd=repo, env_extra=ONE_THREAD)  # fmt: skip
     assert sorted(p.name for p in (repo / "eval_output").iterdir() if p.name.startswith("transfer"))

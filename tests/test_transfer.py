@@ -1,4 +1,4 @@
-"""run_eval.py transfer analysis: gap statistics, seeds, alignment, outputs and plots."""
+"""run_transfer.py: gap statistics, seeds, alignment, outputs and plots; runs probed first with run_eval.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from cloze_samples import write_sample_questions
 from eval_helpers import make_run_dir, write_eval_output
 
 import run_eval
+import run_transfer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,16 +29,16 @@ def analyse(tmp_path, with_sets, without_sets, steps=(10, 20, 30), n_bootstrap=5
             tied = kwargs.get("tied", {}).get(name)
             eval_dir = write_eval_output(tmp_path / name, correct, run_steps, setting, tied)
             runs.append(
-                run_eval._resolve_run(
-                    str(eval_dir), bridges, run_eval.EvalArguments(), run_eval.TransferArguments(), []
+                run_transfer._resolve_run(
+                    str(eval_dir), bridges, run_eval.EvalArguments(), run_transfer.TransferArguments(), []
                 )
             )
-    transfer = run_eval.TransferArguments(
+    transfer = run_transfer.TransferArguments(
         n_bootstrap=n_bootstrap,
         bootstrap_seed=kwargs.get("bootstrap_seed", 0),
         tie_policy=kwargs.get("tie_policy", "first"),
     )
-    return run_eval.transfer_analysis(runs, transfer)
+    return run_transfer.transfer_analysis(runs, transfer)
 
 
 def both(rng, n_steps, n_items, p=0.5):
@@ -134,7 +135,7 @@ def test_a_run_given_under_the_wrong_setting_is_an_error(tmp_path):
     data = both(np.random.default_rng(3), 2, 10)
     eval_dir = write_eval_output(tmp_path / "r", data, [1, 2], {"lang": "ko", "bridges": True, "seed": 0})
     with pytest.raises(ValueError, match="given as --without_bridges but its cpt_setting says bridges=True"):
-        run_eval._resolve_run(str(eval_dir), False, run_eval.EvalArguments(), run_eval.TransferArguments(), [])
+        run_transfer._resolve_run(str(eval_dir), False, run_eval.EvalArguments(), run_transfer.TransferArguments(), [])
 
 
 def test_unequal_seed_counts_are_an_error_naming_the_runs(tmp_path):
@@ -170,7 +171,7 @@ def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_k
     )
     out = tmp_path / "transfer"
     args = ["--runs", *map(str, runs), "--questions", *map(str, questions), "--output_dir", str(out)]
-    run_eval.main([*args, "--n_bootstrap", "300", "--diagnostic_pairs", str(pairs)])
+    run_transfer.main([*args, "--n_bootstrap", "300", "--diagnostic_pairs", str(pairs)])
 
     # Every run was probed in its own eval folder, on its language's questions and the English ones only.
     ko_eval = json.loads((tmp_path / "ko-with-s0" / "eval" / "accuracy.json").read_text())
@@ -236,7 +237,7 @@ def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_k
     # The same analysis from the eval output folders alone (no probing), by explicit setting flags.
     again = tmp_path / "again"
     ko = {b: [str(tmp_path / f"ko-{b}-s{s}" / "eval") for s in (0, 1)] for b in ("with", "without")}
-    run_eval.main(
+    run_transfer.main(
         [
             "--with_bridges",
             *ko["with"],
@@ -259,7 +260,9 @@ def test_a_run_whose_language_has_no_questions_is_refused_naming_run_lang_and_la
     setting = {"lang": "mn", "bridges": True, "seed": 0}
     run = make_run_dir(tiny_model_dir, tmp_path / "mn-run", (), 1, setting)
     with pytest.raises(ValueError) as err:
-        run_eval.main(["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")])
+        run_transfer.main(
+            ["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")]
+        )
     message = str(err.value)
     assert str(run) in message and "lang is 'mn'" in message and "question languages: en, ko" in message
     assert not (run / "eval").exists()  # nothing probed
@@ -269,7 +272,9 @@ def test_a_run_of_unknown_language_is_refused_when_questions_hold_several_target
     questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
     run = make_run_dir(tiny_model_dir, tmp_path / "run", (), 1, {"bridges": True, "seed": 0})
     with pytest.raises(ValueError, match=r"records no cpt_setting lang.*several target languages \(ko, zh\)"):
-        run_eval.main(["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")])
+        run_transfer.main(
+            ["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")]
+        )
     assert not (run / "eval").exists()
 
 
@@ -297,7 +302,7 @@ def test_tie_policy_fractional_credits_ties_one_over_k_and_the_report_shows_both
         == d_first["mcnemar_final"]
         == [{"only_with_correct": n // 2, "only_without_correct": 0, "p_value": pytest.approx(2 * 0.5 ** (n // 2))}]
     )
-    markdown = run_eval.transfer_markdown(fractional)
+    markdown = run_transfer.transfer_markdown(fractional)
     assert "Tie policy: fractional" in markdown and "## Both tie rules" in markdown
     ci = r"\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]"
     assert re.search(r"\| ko \| en->ko \| first \| 1\.000 \| 0\.500 \| \+0\.500 " + ci + r" \| transfer \|", markdown)
