@@ -28,9 +28,11 @@ first failing one is the reason recorded):
                              columns). A text without letters has fraction 0 and is dropped.
     contains_eval_sentence   the text (or a pair side) contains the filled sentence of an
                              evaluation question (--eval_questions): the paper's cloze format,
-                             every underscore run replaced by each answer. Matching is on NFKC,
-                             casefolded, whitespace-collapsed text, with the sentence's trailing
-                             punctuation removed.
+                             every underscore run replaced by each answer, written both plainly
+                             and with the Tibetan tsheg rule run_density.py counts with
+                             (``cloze.fill_blanks``). Matching is on NFKC, casefolded,
+                             whitespace-collapsed text, with the sentence's trailing punctuation
+                             removed.
     over_block_size          (pairs) ``[start] + en + [start] + tgt`` is longer than --block_size
                              tokens of --tokenizer_name (``study_common.pair_token_count``, the
                              layout run_cpt.py trains on): the pair cannot share one context window,
@@ -53,7 +55,7 @@ Example:
     python build_pairs.py --lang bo --pairs_files pairs.jsonl --en_column en --tgt_column bo \\
         --mono_files mono.txt --tokenizer_name BASE --block_size 2048 --output_dir data/cpt-bo
 
-Needs study_common.py beside it (huggingface-hub only for --push_to_hub).
+Needs study_common.py and cloze.py beside it (huggingface-hub only for --push_to_hub).
 """
 
 from __future__ import annotations
@@ -77,9 +79,9 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import regex
 from transformers import AutoTokenizer, HfArgumentParser
 
+from cloze import fill_blanks, load_question_sets
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     default_cpt_data_dir,
@@ -204,7 +206,10 @@ class BuildArguments:
     )
     eval_questions: list[str] | None = field(
         default=None,
-        metadata={"help": "Cloze question files (JSON list of {question, options, answer}) to guard against."},
+        metadata={
+            "help": "Cloze questions (JSON list of {question, options, answer}; files, folders, saved or Hub "
+            "datasets: cloze.load_question_sets) whose filled sentences the data must not contain."
+        },
     )
     min_eval_sentence_chars: int = field(
         default=8,
@@ -382,8 +387,6 @@ def generate_raw_records(args: BuildArguments, tgt_column: str):
 # Contamination guard: filled sentences of cloze questions
 # --------------------------------------------------------------------------------------
 
-_UNDERSCORE_RUN = regex.compile(r"_+")
-
 
 def normalize_for_matching(text: str) -> str:
     """NFKC, casefolded, whitespace runs collapsed to one space."""
@@ -397,24 +400,16 @@ def _strip_trailing_punctuation(text: str) -> str:
     return text[:end]
 
 
-def filled_sentences(path: str) -> list[str]:
-    """Every question of a cloze file with each underscore run replaced by each answer."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file. Check --eval_questions.")
-    try:
-        items = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}:{err.lineno}: not valid JSON ({err.msg}).") from err
-    if not isinstance(items, list):
-        raise ValueError(f"{file}: expected a JSON list of {{question, options, answer}} items.")
+def filled_sentences(source: str) -> list[str]:
+    """Every question of a cloze source (``cloze.load_question_sets``) filled with each of its answers, in
+    both spellings: as the paper scores it, and as a Tibetan text stating the fact writes it (with a tsheg
+    where the blank meets a syllable, as run_density.py counts it). Either spelling in a text is caught."""
     sentences = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or "answer" not in item:
-            raise ValueError(f"{file} item {index}: expected {{'question': str, 'answer': str | [str], ...}}.")
-        answers = item["answer"] if isinstance(item["answer"], list) else [item["answer"]]
-        for answer in answers:
-            sentences.append(_UNDERSCORE_RUN.sub(lambda _m, a=str(answer): a, item["question"]))
+    for question_set in load_question_sets([source], require_options=False):
+        for item in question_set.items:
+            for answer in item["answers"]:
+                sentences.append(fill_blanks(item["question"], answer)[0])
+                sentences.append(fill_blanks(item["question"], answer, tibetan_tsheg=True)[0])
     return sentences
 
 

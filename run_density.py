@@ -44,7 +44,7 @@ Example::
     python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl \\
         --top_k 50 --output_dir density_out
 
-Needs study_common.py beside it (datasets only for --corpus_dataset, torch only for --judge_model).
+Needs study_common.py and cloze.py beside it (datasets only for --corpus_dataset, torch only for --judge_model).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ import regex
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, question_lang_from_stem, read_predictions
 from study_common import (
     LANGUAGE_SCRIPTS,
     check_document_suffix,
@@ -97,9 +98,10 @@ _LINE_FILES = (".txt", ".jsonl")
 class DensityArguments:
     questions: list[str] = field(
         metadata={
-            "help": "Question files in the paper's cloze format (JSON list of {question, options, answer}; "
-            "the blank is a run of underscores). The file stem (e.g. bo-culture-cloze_en) names the question "
-            "set, as in run_eval.py's predictions.jsonl; a stem ending in _LANG sets the language."
+            "help": "Questions in the paper's cloze format (JSON list of {question, options, answer}; the blank is "
+            "a run of underscores; options are not needed here): files, folders of them, saved or Hub datasets, "
+            "read by cloze.load_question_sets. The file stem (e.g. bo-culture-cloze_en) names the question set, "
+            "as in run_eval.py's predictions.jsonl; a stem ending in _LANG sets the language."
         }
     )
     output_dir: str = field(metadata={"help": "Where density.json, density.md and (by default) the indexes go."})
@@ -250,8 +252,8 @@ class DensityArguments:
     predictions_with: str | None = field(
         default=None,
         metadata={
-            "help": "Instance-level analysis: run_eval.py output (a directory holding predictions.jsonl, or "
-            "the file) of the model trained WITH bridges."
+            "help": "Instance-level analysis: run_eval.py output of the model trained WITH bridges (its folder, "
+            "or its predictions.jsonl; the accuracy.json beside it says which checkpoints count)."
         },
     )
     predictions_without: str | None = field(
@@ -463,10 +465,8 @@ def dominant_script(texts: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Questions
+# Questions: read and filled by cloze.py, prepared here for retrieval and judging
 # --------------------------------------------------------------------------------------
-
-_BLANK = regex.compile(r"_+")
 
 
 @dataclass
@@ -484,47 +484,25 @@ class Question:
 
 
 @dataclass
-class QuestionSet:
-    path: Path
+class QuestionFacts:
+    """One question set read as facts: its stem names it in every output, its script picks the corpora."""
+
     stem: str
     lang: str
     script: str
     questions: list[Question]
 
 
-_TIBETAN_LETTER = regex.compile(r"[\p{sc=Tibetan}&&[\p{L}\p{M}]]", regex.VERSION1)
-
-
-def fill_blank(question: str, answer: str) -> str:
-    """``question`` with every blank replaced by ``answer``.
-
-    Where the blank touches a Tibetan syllable without a tsheg (the paper's files write
-    ``_____ཁྱབ་ཡོད``), a tsheg is added so that the answer's last syllable and the next one stay
-    two syllables, as a Tibetan text stating the fact would write them.
-    """
-
-    def replace(match: regex.Match) -> str:
-        before = question[match.start() - 1 : match.start()]
-        after = question[match.end() : match.end() + 1]
-        text = answer
-        if _TIBETAN_LETTER.match(answer[-1:] or " ") and _TIBETAN_LETTER.match(after or " "):
-            text += "\u0f0b"
-        if _TIBETAN_LETTER.match(answer[:1] or " ") and _TIBETAN_LETTER.match(before or " "):
-            text = "\u0f0b" + text
-        return text
-
-    return _BLANK.sub(replace, question)
-
-
 def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     """Query, key terms and answer units of one cloze item."""
-    has_blank = bool(_BLANK.search(question))
+    has_blank = bool(BLANK.search(question))
     first = answers[0]
-    filled = fill_blank(question, first) if has_blank else f"{question} {first}"
+    # Filled as a text stating the fact writes it: a Tibetan answer stays its own syllables.
+    filled = fill_blanks(question, first, tibetan_tsheg=True)[0] if has_blank else f"{question} {first}"
     query = retrieval_tokens(filled)
     for other in answers[1:]:
         query.extend(retrieval_tokens(other))
-    context = analyse_text(_BLANK.sub(" ", question))
+    context = analyse_text(BLANK.sub(" ", question))
     answer_analyses = [analyse_text(answer) for answer in answers]
     answer_keys = {token for analysis in answer_analyses for tokens in analysis.key_tokens for token in tokens}
     # A key term that is part of the answer would be satisfied by the answer itself.
@@ -547,33 +525,19 @@ def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     )
 
 
-def load_questions(path: str | os.PathLike) -> QuestionSet:
-    """A question file in the paper's format: a JSON list (or .jsonl) of {question, options, answer}."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such question file. Check --questions.")
-    records = list(read_json_records(path))
-    if not records:
-        raise ValueError(f"{path}: no questions in the file.")
-    questions = []
-    for index, (where, record) in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-            raise ValueError(f"{where}: expected an object with a 'question' string.")
-        answer = record.get("answer")
-        answers = [answer] if isinstance(answer, str) else answer
-        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"{where}: 'answer' must be a string or a list of strings (found {answer!r}).")
-        answers = [a for a in answers if a.strip()]
-        if not answers:
-            raise ValueError(f"{where}: the answer is empty.")
-        questions.append(prepare_question(index, record["question"], answers))
-    stem = path.stem
-    suffix = stem.rsplit("_", 1)[-1] if "_" in stem else ""
-    script = dominant_script([q.filled for q in questions])
-    lang = suffix if suffix in LANGUAGE_SCRIPTS else next((k for k, v in LANGUAGE_SCRIPTS.items() if v == script), "")
-    if suffix in LANGUAGE_SCRIPTS:
-        script = LANGUAGE_SCRIPTS[suffix]
-    return QuestionSet(path=path, stem=stem, lang=lang, script=script, questions=questions)
+def question_facts(question_set: QuestionSet) -> QuestionFacts:
+    """A set loaded by ``cloze.load_question_sets(..., require_options=False)``, prepared item by item.
+
+    Its language is the one its name ends with (``_bo``) when the study knows that language's script;
+    otherwise the script most of its filled sentences are written in decides, and the language is the
+    study's language of that script ("" when none)."""
+    questions = [prepare_question(i, item["question"], item["answers"]) for i, item in enumerate(question_set.items)]
+    if question_set.lang in LANGUAGE_SCRIPTS:
+        lang, script = question_set.lang, LANGUAGE_SCRIPTS[question_set.lang]
+    else:
+        script = dominant_script([q.filled for q in questions])
+        lang = next((k for k, v in LANGUAGE_SCRIPTS.items() if v == script), "")
+    return QuestionFacts(stem=question_set.stem, lang=lang, script=script, questions=questions)
 
 
 # --------------------------------------------------------------------------------------
@@ -1269,41 +1233,52 @@ class LanguageModelJudge:
 
 
 def find_predictions(path: str) -> Path:
-    """predictions.jsonl given as the file, or a run_eval output directory holding it (or one below it)."""
+    """The predictions.jsonl of a run_eval.py output: given as the file, or the folder holding it (or the one
+    folder below it that does). The accuracy.json beside it must be there: it lists the checkpoints that count."""
     path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory (expected run_eval.py output).")
-    if (path / "predictions.jsonl").is_file():
-        return path / "predictions.jsonl"
-    found = sorted(path.rglob("predictions.jsonl"))
-    if len(found) == 1:
-        return found[0]
+    found = [path] if path.is_file() else [path / "predictions.jsonl"]
+    if not found[0].is_file():
+        found = sorted(path.rglob("predictions.jsonl"))
     if not found:
         raise FileNotFoundError(f"{path}: no predictions.jsonl in it or below it. Run run_eval.py first.")
-    raise ValueError(f"{path}: several predictions.jsonl below it ({', '.join(map(str, found))}); give the file.")
+    if len(found) > 1:
+        raise ValueError(f"{path}: several predictions.jsonl below it ({', '.join(map(str, found))}); give the file.")
+    if found[0].name != "predictions.jsonl" or not (found[0].parent / "accuracy.json").is_file():
+        raise FileNotFoundError(
+            f"{found[0]}: expected run_eval.py's predictions.jsonl with its accuracy.json beside it (the "
+            "checkpoints that count). Give run_eval.py's output folder."
+        )
+    return found[0]
 
 
-def load_predictions(path: Path, step: int | None) -> tuple[dict[tuple[str, int], dict], dict[str, int]]:
-    """{(questions stem, index): row} at ``step`` (default: the file's last step), and the step per stem."""
-    rows_by_step: dict[str, dict[int, dict[int, dict]]] = {}
-    required = ("questions", "index", "step", "correct")
-    for where, row in read_json_records(path):
-        missing = [key for key in required if not isinstance(row, dict) or key not in row]
-        if missing:
-            raise ValueError(f"{where}: missing {', '.join(missing)} (run_eval.py predictions format).")
-        rows_by_step.setdefault(row["questions"], {}).setdefault(int(row["step"]), {})[int(row["index"])] = row
-    if not rows_by_step:
+def predictions_at(path: Path, step: int | None) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
+    """Per questions stem: the first-wins correctness of each item at ``step`` (default: the run's last
+    checkpoint), the step, and the question language; read by ``cloze.read_predictions``."""
+    try:
+        accuracy, correct = read_predictions(path.parent)
+    except json.JSONDecodeError:
+        for _ in read_json_records(path):  # names the file and the line that is not JSON
+            pass
+        raise
+    except KeyError as err:
+        raise ValueError(f"{path}: a line lacks {err} (run_eval.py predictions format).") from err
+    if not any(correct.values()):
         raise ValueError(f"{path}: no predictions in the file.")
-    rows, steps = {}, {}
-    for stem, by_step in rows_by_step.items():
+    items, steps = {}, {}
+    for stem, by_step in correct.items():
         chosen = max(by_step) if step is None else step
         if chosen not in by_step:
             raise ValueError(f"{path}: no predictions at step {chosen} for {stem} (steps: {sorted(by_step)}).")
-        steps[stem] = chosen
-        rows.update({(stem, index): row for index, row in by_step[chosen].items()})
-    return rows, steps
+        items[stem], steps[stem] = by_step[chosen], chosen
+    return items, steps, {stem: q["lang"] for stem, q in accuracy["questions"].items()}
+
+
+def parallel_base(stem: str) -> str:
+    """What parallel question files share: the stem without its final ``_<lang>`` (cloze's rule)."""
+    lang = question_lang_from_stem(stem)
+    return stem[: -len(lang) - 1] if lang else stem
 
 
 def parse_source_corpus(entries: list[str]) -> dict[str, str]:
@@ -1335,13 +1310,13 @@ def instance_analysis(
     its parallel file in another language was measured on (Tibetan questions: their English twins
     on the English corpus), which must be unique.
     """
-    with_rows, with_steps = load_predictions(with_path, step)
-    without_rows, without_steps = load_predictions(without_path, step)
+    with_correct, with_steps, langs = predictions_at(with_path, step)
+    without_correct, without_steps, _ = predictions_at(without_path, step)
     results, skipped = [], []
     for stem in sorted(set(with_steps) & set(without_steps)):
-        indices = sorted(i for s, i in with_rows if s == stem and (s, i) in without_rows)
-        lang = with_rows[(stem, indices[0])].get("lang", "") if indices else ""
-        prefix = stem.rsplit("_", 1)[0]
+        indices = list(range(min(len(with_correct[stem]), len(without_correct[stem]))))
+        lang = langs.get(stem, "")
+        prefix = parallel_base(stem)
         if sources:
             source = sources.get(lang, sources.get("*"))
             if source is None:
@@ -1349,14 +1324,14 @@ def instance_analysis(
                 continue
             measured_stem = stem
             if (source, stem) not in occurrences:
-                parallel = [s for c, s in occurrences if c == source and s.rsplit("_", 1)[0] == prefix]
+                parallel = [s for c, s in occurrences if c == source and parallel_base(s) == prefix]
                 if len(parallel) != 1:
                     reason = f"no (single) parallel question file measured on corpus {source!r}"
                     skipped.append({"questions": stem, "reason": reason})
                     continue
                 measured_stem = parallel[0]
         else:
-            twins = [(c, s) for c, s in occurrences if s != stem and s.rsplit("_", 1)[0] == prefix]
+            twins = [(c, s) for c, s in occurrences if s != stem and parallel_base(s) == prefix]
             if len(twins) != 1:
                 found = ", ".join(f"{s} on {c}" for c, s in twins) or "none"
                 reason = f"the source corpus is ambiguous: parallel files measured: {found}; give --source_corpus"
@@ -1369,7 +1344,7 @@ def instance_analysis(
                 f"Predictions for {stem} reach item {indices[-1]} but {measured_stem} has {len(counts)} questions; "
                 "the files are not parallel."
             )
-        transferred = [i for i in indices if with_rows[(stem, i)]["correct"] and not without_rows[(stem, i)]["correct"]]
+        transferred = [i for i in indices if with_correct[stem][i] and not without_correct[stem][i]]
         results.append(
             {
                 "questions": stem,
@@ -1462,9 +1437,9 @@ def _repeated(names: list[str]) -> list[str]:
     return [name for name, n in Counter(names).items() if n > 1]
 
 
-def read_question_sets(paths: list[str]) -> list[QuestionSet]:
-    """Every --questions file, prepared; their stems name them in every output, so they must differ."""
-    question_sets = [load_questions(path) for path in paths]
+def read_question_sets(sources: list[str]) -> list[QuestionFacts]:
+    """Every --questions source, prepared; their stems name them in every output, so they must differ."""
+    question_sets = [question_facts(qs) for qs in load_question_sets(sources, require_options=False)]
     if repeated := _repeated([qs.stem for qs in question_sets]):
         raise ValueError(f"Question files share a stem ({repeated}); stems name question sets.")
     return question_sets
@@ -1554,7 +1529,7 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
     found.corpora.append(corpus_entry)
 
 
-def measure(qs: QuestionSet, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
+def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
     """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
     required = [q.answer_tokens for q in qs.questions] if args.require_answer else None
     results = index.search([q.query_tokens for q in qs.questions], args.top_k, required)

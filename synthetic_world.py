@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["transformers>=5.0", "regex"]
+# dependencies = ["transformers>=5.0", "numpy>=2.0", "regex"]
 # ///
 """Generate a synthetic world with planted ground truth for the cross-lingual culture study.
 
@@ -61,7 +61,7 @@ Usage::
 
     python synthetic_world.py --output_dir world --langs bo ko --resource bo=mixed ko=mixed --seed 0
 
-Needs study_common.py beside it.
+Needs study_common.py and cloze.py beside it.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cloze import question_file_name
 from study_common import (
     LANGUAGE_SCRIPTS,
     exit_on_input_error,
@@ -656,13 +657,7 @@ def target_corpus(args: WorldArguments, culture: dict, language: Language, fille
                 1 if script_letter_fraction(anchors_form, LANGUAGE_SCRIPTS[culture["lang"]]) < 0.6 else 0
             )
     documents = _statement_documents(rng, seen, statements, least_filler, filler, language, variant, args)
-    mentions = [e for e in culture["entities"] for _ in range(args.mono_mentions)]
-    if len(mentions) > args.mono_filler_documents:
-        raise ValueError(
-            f"--mono_filler_documents {args.mono_filler_documents} is below the {len(mentions)} documents needed to "
-            f"name each of {len(culture['entities'])} entities {args.mono_mentions} times; raise it or lower --mono_mentions."
-        )
-    rng.shuffle(mentions)
+    mentions = _shuffled_mentions(rng, culture, args, "mono_mentions", "mono_filler_documents", "documents")
     mentions += [None] * (args.mono_filler_documents - len(mentions))
     documents += _filler_documents(rng, seen, mentions, filler, language, variant)
     rng.shuffle(documents)
@@ -682,6 +677,18 @@ def _statement_documents(rng, seen, statements, least_filler, filler, language, 
 def _filler_documents(rng, seen, entities: list[dict | None], filler, language, variant) -> list[str]:
     """One new filler document per entry of ``entities``: naming that entity, or none (None)."""
     return [_unique_text(rng, seen, lambda r, e=e: _filler_document(r, filler, language, variant, e)) for e in entities]
+
+
+def _shuffled_mentions(rng, culture: dict, args: WorldArguments, times: str, budget: str, what: str) -> list[dict]:
+    """Each entity of ``culture`` --``times`` times, in a random order, refused when over --``budget`` ``what``."""
+    mentions = [e for e in culture["entities"] for _ in range(getattr(args, times))]
+    if len(mentions) > getattr(args, budget):
+        raise ValueError(
+            f"--{budget} {getattr(args, budget)} is below the {len(mentions)} {what} needed to name each of "
+            f"{len(culture['entities'])} entities {getattr(args, times)} times; raise --{budget} or lower --{times}."
+        )
+    rng.shuffle(mentions)
+    return mentions
 
 
 def _render(sentence: dict, language: Language | None, variant: str) -> str:
@@ -712,13 +719,7 @@ def parallel_pairs(
     """Training pairs (each entity named exactly --pair_mentions times) and disjoint held-out pairs."""
     lang = culture["lang"]
     rng = _rng(args.seed, "pairs", lang)
-    mentions = [e for e in culture["entities"] for _ in range(args.pair_mentions)]
-    if len(mentions) > args.pairs:
-        raise ValueError(
-            f"--pairs {args.pairs} is below the {len(mentions)} pairs needed to name each of "
-            f"{len(culture['entities'])} entities {args.pair_mentions} times; raise --pairs or lower --pair_mentions."
-        )
-    rng.shuffle(mentions)
+    mentions = _shuffled_mentions(rng, culture, args, "pair_mentions", "pairs", "pairs")
     seen: set[str] = set()
     mention_rate = len(mentions) / max(1, args.pairs)
 
@@ -866,8 +867,8 @@ def write_culture_files(args, out: Path, culture: dict, language: Language, fill
         "mono": f"{rel}/mono.jsonl",
         "pairs": f"{rel}/pairs.jsonl",
         "diagnostic_pairs": f"{rel}/diagnostic_pairs.jsonl",
-        "questions_en": f"{rel}/{lang}-culture-cloze_en.json",
-        f"questions_{lang}": f"{rel}/{lang}-culture-cloze_{lang}.json",
+        "questions_en": f"{rel}/{question_file_name(lang, 'en')}",
+        f"questions_{lang}": f"{rel}/{question_file_name(lang, lang)}",
     }
     mono = target_corpus(args, culture, language, filler, variant)
     pairs, diagnostic = parallel_pairs(args, culture, language, filler, variant)

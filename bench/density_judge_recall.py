@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import run_density as rd  # noqa: E402
+from cloze import question_file_name, question_stem  # noqa: E402
 from study_common import read_documents  # noqa: E402
 from synthetic_world import RELATIONS, Language, WorldArguments, generate_world, render_fact  # noqa: E402
 
@@ -65,7 +66,7 @@ def measure(args, world: Path, truth: dict, index_dir: Path, out: Path, threshol
     questions, corpora = [], [f"en={world / 'en_corpus.jsonl'}"]
     for lang in args.langs:
         folder = world / lang / args.variant
-        questions += [str(folder / f"{lang}-culture-cloze_en.json"), str(folder / f"{lang}-culture-cloze_{lang}.json")]
+        questions += [str(folder / question_file_name(lang, "en")), str(folder / question_file_name(lang, lang))]
         corpora.append(f"{lang}={folder / 'mono.jsonl'}")
     return rd.main(
         ["--questions", *questions, "--corpus_files", *corpora, "--top_k", str(args.top_k),
@@ -90,7 +91,7 @@ def tally(report: dict, args, world: Path, truth: dict) -> dict[str, Counter]:
     measured = {(e["questions"], e["corpus"], e["index"]): e for e in report["questions"]}
     for lang in args.langs:
         for question_lang in ("en", lang):
-            stem = f"{lang}-culture-cloze_{question_lang}"
+            stem = question_stem(lang, question_lang)
             side = "English" if question_lang == "en" else "target"
             key = "en" if question_lang == "en" or args.variant == "anchors" else "native"
             language = None if question_lang == "en" else languages[lang]

@@ -102,6 +102,18 @@ def test_filled_sentence_matcher_finds_only_whole_sentences():
     assert matcher.first_match("a" * 50) is None
 
 
+def test_the_guard_catches_a_tibetan_sentence_written_with_a_tsheg_at_the_blank(tmp_path):
+    """run_density counts the filled sentence with a tsheg where the blank meets a syllable: the guard catches
+    that spelling as well as the plain one, and still not a sentence with another option."""
+    questions = tmp_path / "bo-culture-cloze_bo.json"
+    item = {"question": "བོད་ཀྱི་རྒྱལ་ས་ནི་_____ཡིན་ནོ།", "options": ["ལྷ་ས", "ཆབ་མདོ"], "answer": "ལྷ་ས"}
+    questions.write_text(json.dumps([item], ensure_ascii=False), encoding="utf-8")
+    matcher = build_pairs.FilledSentenceMatcher(build_pairs.filled_sentences(str(questions)), min_chars=8)
+    assert matcher.first_match("ལོ་རྒྱུས་ལྟར། བོད་ཀྱི་རྒྱལ་ས་ནི་ལྷ་ས་ཡིན་ནོ། དེ་ནས།")  # tsheg at the blank's end
+    assert matcher.first_match("བོད་ཀྱི་རྒྱལ་ས་ནི་ལྷ་སཡིན་ནོ།")  # the plain filling, as before
+    assert matcher.first_match("བོད་ཀྱི་རྒྱལ་ས་ནི་ཆབ་མདོ་ཡིན་ནོ།") is None
+
+
 def test_replay_is_drawn_to_the_requested_token_share(tmp_path, tiny_model_dir):
     replay = tmp_path / "replay.txt"
     replay.write_text("\n".join(f"English replay document number {i} about tea and valleys." for i in range(200)))

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO_ROOT, run_script
 
 import run_density as rd
+from cloze import BLANK, fill_blanks
 from study_common import read_documents
 
 # --------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def filler_sentence(lang: str, words: list[str], rng: random.Random, n: int) -> 
 
 
 def fill(question: str, answer: str) -> str:
-    return rd.fill_blank(question, answer)
+    return fill_blanks(question, answer, tibetan_tsheg=True)[0]  # as run_density fills a question
 
 
 def mongolian_variant(text: str) -> str:
@@ -227,9 +228,12 @@ def test_question_query_is_the_filled_sentence_and_key_terms_exclude_stopwords_a
 
 
 def test_filling_a_tibetan_blank_keeps_syllables_apart():
-    assert rd.fill_blank("རང་རྒྱལ་གྱི་_____ཁྱབ་ཡོད།", "བོད་ལྗོངས") == "རང་རྒྱལ་གྱི་བོད་ལྗོངས་ཁྱབ་ཡོད།"
-    assert rd.fill_blank("ཡུལ_____ཁྱབ", "བོད") == "ཡུལ་བོད་ཁྱབ"
-    assert rd.fill_blank("a ___ b ___.", "x") == "a x b x."
+    def fill_blank(question, answer):  # what run_density searches for and shows its LM judge
+        return rd.prepare_question(0, question, [answer]).filled
+
+    assert fill_blank("རང་རྒྱལ་གྱི་_____ཁྱབ་ཡོད།", "བོད་ལྗོངས") == "རང་རྒྱལ་གྱི་བོད་ལྗོངས་ཁྱབ་ཡོད།"
+    assert fill_blank("ཡུལ_____ཁྱབ", "བོད") == "ཡུལ་བོད་ཁྱབ"
+    assert fill_blank("a ___ b ___.", "x") == "a x b x."
 
 
 # --------------------------------------------------------------------------------------
@@ -426,7 +430,7 @@ def test_shard_scores_equal_a_single_bm25s_index_of_the_corpus(world, tmp_path):
 
 def test_sharded_search_returns_what_one_shard_returns(world, tmp_path):
     question_files, corpus_files = world
-    queries = [q.query_tokens for q in rd.load_questions(question_files["en"]).questions]
+    queries = [q.query_tokens for q in rd.read_question_sets([str(question_files["en"])])[0].questions]
     one = _build(corpus_files["en"], tmp_path / "one", shard_size=10_000).search(queries, 15, show_progress=False)
     many = _build(corpus_files["en"], tmp_path / "many", shard_size=7).search(queries, 15, show_progress=False)
     for (ids_a, scores_a), (ids_b, scores_b) in zip(one, many):
@@ -523,7 +527,11 @@ def test_streamed_dataset_corpus_reads_retrieved_documents_in_one_more_pass(tmp_
 
 
 def _predictions(path: Path, stem: str, lang: str, correct_by_step: dict[int, list[bool]]):
+    """A run_eval.py output folder: predictions.jsonl and the accuracy.json that lists its checkpoints."""
     path.mkdir(parents=True, exist_ok=True)
+    accuracy = {"checkpoints": [{"step": step, "path": f"checkpoint-{step}"} for step in correct_by_step],
+                "questions": {stem: {"lang": lang, "items": len(next(iter(correct_by_step.values())))}}}  # fmt: skip
+    (path / "accuracy.json").write_text(json.dumps(accuracy), encoding="utf-8")
     with (path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for step, correct in correct_by_step.items():
             for index, ok in enumerate(correct):
@@ -619,9 +627,10 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     bad_questions.write_text('[{"question": "a ___", "options": [], "answer": 3}]', encoding="utf-8")
     with pytest.raises(ValueError, match=r"q_en\.json item 0: 'answer' must be"):
         rd.main(["--questions", str(bad_questions), "--corpus_files", str(corpus_files["en"]), *out])
-    predictions = tmp_path / "p.jsonl"
-    predictions.write_text('{"questions": "x", "index": 0, "step": 1, "correct": true}\n{oops\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"p\.jsonl:2: not valid JSON"):
+    _predictions(tmp_path / "run", "x", "en", {1: [True]})
+    predictions = tmp_path / "run" / "predictions.jsonl"
+    predictions.write_text(predictions.read_text(encoding="utf-8") + "{oops\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"predictions\.jsonl:2: not valid JSON"):
         rd.main(["--questions", q, "--corpus_files", str(corpus_files["en"]), *out,
                  "--predictions_with", str(predictions), "--predictions_without", str(predictions)])  # fmt: skip
     assert not (tmp_path / "out" / "density.json").exists()
@@ -777,12 +786,12 @@ def _independent_items(items: list[dict], n: int) -> list[dict]:
     chosen: list[dict] = []
     for item in items[:-40]:
         answers = _answers(item)
-        if not rd._BLANK.search(item["question"]) or not all(a in item["options"] for a in answers):
+        if not BLANK.search(item["question"]) or not all(a in item["options"] for a in answers):
             continue
         units = [tuple(rd.analyse_text(a).units) for a in answers]
         others = [rd.analyse_text(c["question"] + " " + " ".join(c["options"])).units for c in chosen]
         wrong = [rd.analyse_text(o).units for o in item["options"] if o not in answers]
-        own = rd.analyse_text(rd._BLANK.sub(" ", item["question"])).units
+        own = rd.analyse_text(BLANK.sub(" ", item["question"])).units
         pools = others + wrong + filler_units + [own]
         if any(u and _contains(pool, u) for u in units for pool in pools):
             continue
