@@ -77,6 +77,8 @@ from cloze import QuestionSet, fill_blanks, load_question_sets, tie_credit
 from study_common import (
     document_start_id,
     exit_on_input_error,
+    pair_first_side,
+    pair_segments,
     read_documents,
     setup_logging,
     write_json_atomic,
@@ -846,7 +848,61 @@ def evaluate_model(
 ) -> dict:
     """Probe every checkpoint of ``model_name_or_path``; write and return accuracy.json's content."""
     output_dir = Path(output_dir)
+    # 1. The checkpoints, and what is probed on them (the header of accuracy.json).
     checkpoints, skipped = find_checkpoints(model_name_or_path, args.revision)
+    header = _probing_header(args, question_sets, model_name_or_path, checkpoints, skipped)
+    # 2. Checkpoints already scored in output_dir with this header are reused.
+    reused_entries, lines = _previous_results(output_dir, header, args.overwrite_output_dir)
+    done = {(e["step"], e["path"]): e for e in reused_entries}
+    current = {(c.step, c.path) for c in checkpoints}
+    kept_only = [key for key in done if key not in current]
+    if kept_only:
+        logger.info("keeping %d earlier checkpoint result(s) no longer present: %s", len(kept_only), kept_only)
+    todo = [c for c in checkpoints if (c.step, c.path) not in done]
+    logger.info(
+        "%s: %d checkpoint(s) to score, %d reused from %s", model_name_or_path, len(todo), len(done), output_dir
+    )
+
+    def write_outputs() -> dict:
+        entries = sorted(done.values(), key=lambda e: (e["step"], e["path"]))
+        text = "".join(line + "\n" for e in entries for line in lines[(e["step"], e["path"])])
+        write_text_atomic(output_dir / "predictions.jsonl", text)
+        result = {"checkpoints": entries, **header}
+        write_json_atomic(output_dir / "accuracy.json", result)
+        write_text_atomic(output_dir / "accuracy.csv", _accuracy_csv(entries))
+        return result
+
+    # 3. Each remaining checkpoint scored, one model in memory at a time; the outputs are rewritten after
+    #    each, so a crash loses at most the checkpoint being scored.
+    result = write_outputs()
+    device, tokenizer_cache = resolve_device(args.device), {}
+    for checkpoint in tqdm(todo, desc="checkpoints", disable=not todo):
+        directory = _materialise(checkpoint, args.revision)
+        tokenizer = _tokenizer_for(args, directory, checkpoints, tokenizer_cache)
+        model = load_model(directory, args.dtype, device, args.attn_implementation)
+        all_scores = score_question_sets(
+            model,
+            tokenizer,
+            question_sets,
+            args.scoring,
+            args.batch_size,
+            args.padding_side,
+            desc=f"step {checkpoint.step}",
+            loss_dtype=args.loss_dtype,
+        )
+        del model
+        key = (checkpoint.step, checkpoint.path)
+        lines[key], accuracy = _checkpoint_results(checkpoint, question_sets, all_scores, header)
+        done[key] = {"step": checkpoint.step, "path": checkpoint.path, "accuracy": accuracy}
+        result = write_outputs()
+    return result
+
+
+def _probing_header(
+    args: EvalArguments, question_sets: list[QuestionSet], model_name_or_path: str, checkpoints, skipped
+) -> dict:
+    """What is probed: the model, its CPT setting, the scoring and precision, the questions (with their quirks
+    and position bias, logged). Results are reused only under the same header."""
     identity = str(Path(model_name_or_path).resolve()) if Path(model_name_or_path).is_dir() else model_name_or_path
     header = {
         "model_name_or_path": identity,
@@ -872,86 +928,51 @@ def evaluate_model(
             bias["always_first_accuracy"],
             described["chance_accuracy"],
         )
-    reused_entries, lines = _previous_results(output_dir, header, args.overwrite_output_dir)
-    done = {(e["step"], e["path"]): e for e in reused_entries}
-    current = {(c.step, c.path) for c in checkpoints}
-    kept_only = [key for key in done if key not in current]
-    if kept_only:
-        logger.info("keeping %d earlier checkpoint result(s) no longer present: %s", len(kept_only), kept_only)
-    todo = [c for c in checkpoints if (c.step, c.path) not in done]
-    logger.info(
-        "%s: %d checkpoint(s) to score, %d reused from %s", model_name_or_path, len(todo), len(done), output_dir
+    return header
+
+
+def _checkpoint_results(
+    checkpoint: Checkpoint, question_sets: list[QuestionSet], all_scores, header: dict
+) -> tuple[list[str], dict]:
+    """The predictions.jsonl lines of one scored checkpoint and its accuracy entry (warning on many ties)."""
+    rows, accuracy = [], {}
+    for qs, set_scores in zip(question_sets, all_scores):
+        items, accuracy[qs.stem] = item_accounting(qs, set_scores)
+        for index, (item, scores, accounted) in enumerate(zip(qs.items, set_scores, items)):
+            row = {
+                "questions": qs.stem,
+                "lang": qs.lang,
+                "index": index,
+                "step": checkpoint.step,
+                "checkpoint": checkpoint.path,
+                "scores": scores,
+                "prediction": accounted["prediction"],
+                "answer": item["answer"],
+                "correct": accounted["correct"],
+                "tied_best": accounted["tied_best"],
+                "credit_fractional": accounted["credit_fractional"],
+            }
+            rows.append(json.dumps(row, ensure_ascii=False))
+        acc = accuracy[qs.stem]
+        if acc["tie_rate"] > TIE_WARNING_RATE:
+            logger.warning(
+                "step %d, %s: %d of %d items (%.1f%%) tie for the best score; accuracy %.3f under the paper's "
+                "first-wins rule, %.3f with ties broken at random (always option 0 would score %.3f)",
+                checkpoint.step,
+                qs.stem,
+                acc["ties"],
+                acc["total"],
+                100 * acc["tie_rate"],
+                acc["accuracy"],
+                acc["accuracy_fractional"],
+                header["questions"][qs.stem]["position_bias"]["always_first_accuracy"],
+            )
+    summary = ", ".join(
+        f"{stem} {acc['accuracy']:.3f} (fractional {acc['accuracy_fractional']:.3f}, ties {acc['ties']})"
+        for stem, acc in accuracy.items()
     )
-    device = resolve_device(args.device)
-    tokenizer_cache: dict[str, object] = {}
-
-    def write_outputs() -> dict:
-        entries = sorted(done.values(), key=lambda e: (e["step"], e["path"]))
-        text = "".join(line + "\n" for e in entries for line in lines[(e["step"], e["path"])])
-        write_text_atomic(output_dir / "predictions.jsonl", text)
-        result = {"checkpoints": entries, **header}
-        write_json_atomic(output_dir / "accuracy.json", result)
-        write_text_atomic(output_dir / "accuracy.csv", _accuracy_csv(entries))
-        return result
-
-    result = write_outputs()
-    for checkpoint in tqdm(todo, desc="checkpoints", disable=not todo):
-        directory = _materialise(checkpoint, args.revision)
-        tokenizer = _tokenizer_for(args, directory, checkpoints, tokenizer_cache)
-        model = load_model(directory, args.dtype, device, args.attn_implementation)
-        all_scores = score_question_sets(
-            model,
-            tokenizer,
-            question_sets,
-            args.scoring,
-            args.batch_size,
-            args.padding_side,
-            desc=f"step {checkpoint.step}",
-            loss_dtype=args.loss_dtype,
-        )
-        del model
-        rows, accuracy = [], {}
-        for qs, set_scores in zip(question_sets, all_scores):
-            items, accuracy[qs.stem] = item_accounting(qs, set_scores)
-            for index, (item, scores, accounted) in enumerate(zip(qs.items, set_scores, items)):
-                row = {
-                    "questions": qs.stem,
-                    "lang": qs.lang,
-                    "index": index,
-                    "step": checkpoint.step,
-                    "checkpoint": checkpoint.path,
-                    "scores": scores,
-                    "prediction": accounted["prediction"],
-                    "answer": item["answer"],
-                    "correct": accounted["correct"],
-                    "tied_best": accounted["tied_best"],
-                    "credit_fractional": accounted["credit_fractional"],
-                }
-                rows.append(json.dumps(row, ensure_ascii=False))
-            acc = accuracy[qs.stem]
-            if acc["tie_rate"] > TIE_WARNING_RATE:
-                logger.warning(
-                    "step %d, %s: %d of %d items (%.1f%%) tie for the best score; accuracy %.3f under the paper's "
-                    "first-wins rule, %.3f with ties broken at random (always option 0 would score %.3f)",
-                    checkpoint.step,
-                    qs.stem,
-                    acc["ties"],
-                    acc["total"],
-                    100 * acc["tie_rate"],
-                    acc["accuracy"],
-                    acc["accuracy_fractional"],
-                    header["questions"][qs.stem]["position_bias"]["always_first_accuracy"],
-                )
-        key = (checkpoint.step, checkpoint.path)
-        lines[key] = rows
-        done[key] = {"step": checkpoint.step, "path": checkpoint.path, "accuracy": accuracy}
-        summary = ", ".join(
-            f"{stem} {acc['accuracy']:.3f} (fractional {acc['accuracy_fractional']:.3f}, ties {acc['ties']})"
-            for stem, acc in accuracy.items()
-        )
-        logger.info("step %d (%s): %s", checkpoint.step, checkpoint.path, summary)
-        result = write_outputs()
-    return result
+    logger.info("step %d (%s): %s", checkpoint.step, checkpoint.path, summary)
+    return rows, accuracy
 
 
 def _tokenizer_for(args: EvalArguments, directory: Path, checkpoints: list[Checkpoint], cache: dict):
@@ -1003,22 +1024,6 @@ def read_pairs(path: str, max_pairs: int | None = None) -> list[tuple[str, str]]
     return pairs
 
 
-PAIR_ORDERS = ("en_first", "tgt_first", "random")
-
-
-def pair_first_side(pair_id: int, order: str, seed: int) -> str:
-    """ "en" or "tgt": which side of a pair comes first. The definition is run_cpt.pair_first_side's (a seeded
-    coin per pair for ``random``); it is repeated here so that probing does not import the training script,
-    and tests/test_eval.py checks that the two agree."""
-    if order == "en_first":
-        return "en"
-    if order == "tgt_first":
-        return "tgt"
-    if order != "random":
-        raise ValueError(f"pair_order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}.")
-    return "en" if hashlib.sha256(f"pair-order/{seed}/{pair_id}".encode()).digest()[0] % 2 == 0 else "tgt"
-
-
 def bridge_diagnostic_losses(
     model,
     tokenizer,
@@ -1030,11 +1035,12 @@ def bridge_diagnostic_losses(
 ) -> dict:
     """Mean token loss of the second side of each pair (token-weighted over all pairs) in three contexts.
 
-    Pair i is laid out as run_cpt.py lays out a bridged pair with ``pair_order``: its first side
-    (``pair_first_side(i, pair_order, seed)``; held-out pairs have no pair id, their index serves) is the
-    context, the other side is scored. alone: ``[start] + scored``; after_own_context: ``[start] + first_i +
-    separator + [start] + scored_i`` (positions continuing), loss over the scored tokens only;
-    after_mismatched_context: the same with pair (i+1) mod n's side in the language of first_i (a derangement).
+    Pair i is laid out as run_cpt.py lays out a bridged pair: study_common's ``pair_first_side(i, pair_order,
+    seed)`` (held-out pairs have no pair id, their index serves) picks the first side, the context; the other
+    side is scored. alone: ``[start] + scored``; after_own_context: ``pair_segments(first_i, scored_i)`` joined,
+    ``[start] + first_i + separator + [start] + scored_i`` (positions continuing), loss over the scored tokens
+    only; after_mismatched_context: the same with pair (i+1) mod n's side in the language of first_i (a
+    derangement).
     The same scored tokens are counted in all three. With en_first (English context, target scored) the two
     context entries are also written under their historical names after_own_english / after_mismatched_english.
     """
@@ -1048,11 +1054,14 @@ def bridge_diagnostic_losses(
     first = [pair_first_side(i, pair_order, seed) for i in range(n)]
     second = ["tgt" if side == "en" else "en" for side in first]
     scored = [side_ids[second[i]][i] for i in range(n)]
-    own = [side_ids[first[i]][i] + separator_ids for i in range(n)]
-    mismatched = [side_ids[first[i]][(i + 1) % n] + separator_ids for i in range(n)]
+
+    def bridged(context: list[int], scored_ids: list[int]) -> list[int]:
+        """One bridged pair, as run_cpt.py packs it: its two segments adjacent, positions continuing."""
+        return [token for segment in pair_segments(context, scored_ids, start, separator_ids) for token in segment]
+
     sequences = [[start] + scored[i] for i in range(n)]
-    sequences += [[start] + own[i] + [start] + scored[i] for i in range(n)]
-    sequences += [[start] + mismatched[i] + [start] + scored[i] for i in range(n)]
+    sequences += [bridged(side_ids[first[i]][i], scored[i]) for i in range(n)]
+    sequences += [bridged(side_ids[first[i]][(i + 1) % n], scored[i]) for i in range(n)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     # Each scored side alone is its own tree; pair i's own context is pair i-1's mismatched context when both
     # put the same language first: one tree.
