@@ -1,4 +1,8 @@
 #!/usr/bin/env python
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch==2.13.0", "transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "regex", "tqdm", "pyyaml"]
+# ///
 """The whole study in one command: pretrain, build pairs, continual pretraining with and without
 bridges, bilingual probing, transfer analysis, density, and a report.
 
@@ -9,11 +13,14 @@ the study exercises exactly the code paths of a manual run. The commands are wri
 
 Presets (``--preset``):
 
-* ``cpu`` (default): a synthetic world (``synthetic_world.py``) with planted facts, a ~0.6M-parameter
-  Qwen2 model, one language (bo), both name variants (native script = the control; Latin "anchors"),
-  both CPT settings, 3 seeds. Made to finish in about 15 minutes on a 2-core laptop CPU.
-* ``micro``: the same pipeline, CI-sized (a couple of minutes); used by the end-to-end test.
-* ``gpu-small``: a larger world and model (minutes on one GPU), no network access.
+* ``cpu`` (default): a synthetic world (``synthetic_world.py``) with planted facts, a ~0.5M-parameter
+  Qwen2 model, one language (mn, traditional Mongolian script); native-script names (the control) with
+  and without bridges, shared Latin names ("anchors") without bridges only; 3 seeds. Made to finish in
+  about 15 minutes on a 2-core laptop CPU.
+* ``micro``: the same plan on a tiny world and model, 2 seeds, CI-sized (a couple of minutes); used by
+  the end-to-end test.
+* ``gpu-small``: a larger world and a ~4.5M-parameter model, both name variants in both settings,
+  3 seeds (minutes on one GPU), no network access.
 * ``paper``: the paper-scale plan (Hub datasets, configs/qwen2.5-0.5b.json, 1,500 CPT steps x 0.5M
   tokens, ko zh bo mn x 2 settings, the paper's released questions) for a GPU cluster.
 
@@ -28,12 +35,16 @@ Outputs (``OUTPUT_DIR``, default ``study_runs/<preset>``): ``report.md``, ``repo
 ``report.json`` (every number the report shows), ``figures/``, ``commands.sh``, ``timings.json``,
 ``logs/<step>.log`` and the outputs of every step (world/, base/, data/, cpt/, density/, ...).
 
+The report (``study_report.py``) is written after the last step; ``--report_only`` rewrites it alone.
+
 Usage::
 
     python run_study.py                          # CPU default
     python run_study.py --preset micro           # CI-sized
     python run_study.py --preset gpu-small       # one GPU, minutes
     python run_study.py --preset paper --dry_run # print the paper-scale commands
+
+Needs study_report.py, cloze.py and study_common.py beside it, and the scripts of the steps it runs.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cloze import question_file_name
-from study_common import write_json_atomic, write_text_atomic
+from study_common import exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
 from study_report import SETTINGS, VARIANT_TITLES, fmt_time, read_step_seconds, utc_now, write_report
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -751,7 +762,7 @@ class _PlanBuilder:
             "output_dir": group["transfer"],
         }
         return self.step(
-            "run_eval.py",
+            "run_transfer.py",
             arguments,
             ["transfer.json"],
             id=f"transfer-{name}",
@@ -1593,7 +1604,8 @@ def commands_script(plan: Plan, args: StudyArguments) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Preset, list[str]]:
+    """The study's arguments, its preset (budgets cut under --smoke) and the lines saying what --smoke cut."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(StudyArguments, description=__doc__.split("\n\n")[0])
@@ -1611,52 +1623,33 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants or []:
         if variant not in VARIANT_TITLES:
             parser.error(f"--variants: unknown variant {variant!r} (native, anchors)")
-    seeds = args.seeds if args.seeds is not None else preset.seeds
-    if not seeds:
+    if not (args.seeds if args.seeds is not None else preset.seeds):
         parser.error("--seeds: give at least one seed")
     smoke_cuts: list[str] = []
     if args.smoke:
         preset, smoke_cuts = smoke_preset(preset, on_gpu=_cuda_available())
+    return args, preset, smoke_cuts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study; returns the exit status (2: bad input or a busy output folder, 1: a step failed, 130:
+    interrupted)."""
+    # 1. Arguments and preset.
+    setup_logging()
+    args, preset, smoke_cuts = parse_arguments(argv)
+    # 2. The plan. Steps run from the repository root; paths inside it are written relative to it (readable commands).
     out = Path(args.output_dir or REPO_DIR / "study_runs" / (preset.name + ("-smoke" if args.smoke else ""))).resolve()
-    # Steps run from the repository root; paths inside it are written relative to it (readable commands).
     os.chdir(REPO_DIR)
     if out.is_relative_to(REPO_DIR):
         out = out.relative_to(REPO_DIR)
     plan = build_plan(args, preset, out)
     jobs = args.jobs or preset.jobs
-    estimate = estimate_seconds(plan, jobs)
-
-    print(f"Study preset {preset.name!r}: {preset.description}")
-    print(f"Output: {out}")
-    if args.smoke:
-        print("Smoke run: every step of the plan, only these budgets cut:\n  " + "\n  ".join(smoke_cuts))
-    counts = {}
-    for step in plan.steps:
-        counts[step.kind] = counts.get(step.kind, 0) + 1
-    print(
-        "Steps: " + ", ".join(f"{k} x{v}" for k, v in counts.items()) + f" ({len(plan.steps)} in all), {jobs} at a time"
-    )
-    if preset.budget_s:
-        print(
-            f"Time budget: {fmt_time(preset.budget_s)} on {preset.reference_machine}; estimated "
-            f"{fmt_time(estimate)} for this plan."
-        )
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        cores = os.cpu_count() or 1
-        if load > 0.5 * cores:
-            print(f"Note: the machine is busy (load {load:.1f} on {cores} cores): expect it to take longer.")
+    # 3. What runs, and how long it should take; --dry_run stops here with the cost and the commands.
+    _print_overview(plan, args, jobs, smoke_cuts)
     if args.dry_run:
-        problem = _missing_inputs_message(plan, args)
-        if problem:
-            print(f"Note: before a real run, {problem}.")
-        print()
-        print(cost_table(plan, args))
-        print()
-        try:
-            print(commands_script(plan, args))
-        except BrokenPipeError:  # e.g. piped into head
-            pass
+        _print_dry_run(plan, args)
         return 0
+    # 4. Refuse to start without the plan's own inputs, or beside another study on the same outputs.
     problem = None if args.report_only else _missing_inputs_message(plan, args)
     if problem:
         print(f"run_study.py: error: {problem}", file=sys.stderr)
@@ -1667,10 +1660,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_study.py: error: {err}", file=sys.stderr)
         return 2
     try:
+        # 5. The commands and the plan on disk (the report reads the plan back from plan.json on its own).
         write_text_atomic(out / "commands.sh", commands_script(plan, args))
         write_json_atomic(out / "plan.json", _plan_record(plan, args))
         started = time.time()
-        # A scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C: running steps are stopped, not orphaned.
+        # 6. Every step not done yet. A scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C: running
+        # steps are stopped, not orphaned.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         if not args.report_only:
             try:
@@ -1683,11 +1678,50 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 print(f"\n{err}", file=sys.stderr)
                 return 1
+        # 7. The report, from the files the steps wrote.
         paths = write_report(plan)
         print(f"Study finished in {fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
         return 0
     finally:
         os.close(lock)  # the kernel drops the lock with it
+
+
+def _print_overview(plan: Plan, args: StudyArguments, jobs: int, smoke_cuts: list[str]) -> None:
+    """The preset, the output folder, the steps by kind and, for a preset with a time budget, the estimate."""
+    preset = plan.preset
+    print(f"Study preset {preset.name!r}: {preset.description}")
+    print(f"Output: {plan.out}")
+    if args.smoke:
+        print("Smoke run: every step of the plan, only these budgets cut:\n  " + "\n  ".join(smoke_cuts))
+    counts = {}
+    for step in plan.steps:
+        counts[step.kind] = counts.get(step.kind, 0) + 1
+    print(
+        "Steps: " + ", ".join(f"{k} x{v}" for k, v in counts.items()) + f" ({len(plan.steps)} in all), {jobs} at a time"
+    )
+    if preset.budget_s:
+        print(
+            f"Time budget: {fmt_time(preset.budget_s)} on {preset.reference_machine}; estimated "
+            f"{fmt_time(estimate_seconds(plan, jobs))} for this plan."
+        )
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        cores = os.cpu_count() or 1
+        if load > 0.5 * cores:
+            print(f"Note: the machine is busy (load {load:.1f} on {cores} cores): expect it to take longer.")
+
+
+def _print_dry_run(plan: Plan, args: StudyArguments) -> None:
+    """--dry_run: what a real run would miss, the training cost, and the commands."""
+    problem = _missing_inputs_message(plan, args)
+    if problem:
+        print(f"Note: before a real run, {problem}.")
+    print()
+    print(cost_table(plan, args))
+    print()
+    try:
+        print(commands_script(plan, args))
+    except BrokenPipeError:  # e.g. piped into head
+        pass
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -1748,4 +1782,4 @@ def _plan_record(plan: Plan, args: StudyArguments) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_input_error(main)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["numpy>=2.0", "matplotlib>=3.8"]
+# dependencies = ["transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "regex", "tqdm"]
 # ///
 """The report of a study: report.md, report.html and report.json from the files its steps wrote.
 
@@ -16,7 +16,7 @@ also rewrites it from a finished study folder on its own, reading the plan recor
 
     python study_report.py study_runs/cpu
 
-Needs study_common.py and run_eval.py beside it (the transfer statistics and the predictions reader).
+Needs cloze.py, study_common.py and run_transfer.py (its statistics and figure saver) beside it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from cloze import question_lang_from_stem, question_stem, read_predictions
 from study_common import exit_on_input_error, write_json_atomic, write_text_atomic
@@ -190,8 +192,6 @@ def _gap_sentence(what: str, gap: float, ci, n_seeds: int) -> str:
 
 def _load_cubes(runs: list[Run], stems: list[str]) -> tuple[list[int], dict[str, dict[str, object]]]:
     """Per run name and questions stem: a bool array (steps x questions) on the steps all runs share."""
-    import numpy as np
-
     per_run = {}
     for run in runs:
         _, by_stem = read_predictions(run.eval_dir)
@@ -482,14 +482,14 @@ def _report_questions(doc: ReportDoc, record: dict, plan: Plan) -> None:
 
 
 def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None, figures: Path) -> None:
-    from run_eval import analyse_direction
+    from run_transfer import analyse_direction
 
     doc.h(2, "Transfer: with minus without bridges (the paper's measurement)")
     doc.p(
         "Both settings train on exactly the same documents; with bridges each parallel pair shares one context "
         "window, without bridges its halves never do. The gap (accuracy with − without bridges) on target-language "
         "questions measures English → target transfer, on English questions target → English transfer. Intervals "
-        "are 95% bootstrap intervals over questions and seed pairs (`run_eval.py` transfer analysis). "
+        "are 95% bootstrap intervals over questions and seed pairs (`run_transfer.py`). "
         + TIE_RULES_TEXT
         + " Each table says which rule it uses; the base accuracies and the per-tier tables use the first rule."
     )
@@ -563,7 +563,7 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
                         "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
                         "verdict": d["verdict"],
                         "tie_policy": result.get("tie_policy", "first"),
-                        # both tie rules, as run_eval.py's transfer analysis computed them (absent: older outputs)
+                        # both tie rules, as run_transfer.py computed them (absent: outputs of older versions)
                         "tie_policies": d.get("tie_policies"),
                         "tie_policies_differ": d.get("tie_policies_differ"),
                     }
@@ -578,7 +578,7 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
         doc.bullets(sentences)
         _report_tie_rules(doc, entries, lang, result.get("tie_policy", "first"))
         group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
-        # Per tier: the same analysis (run_eval.analyse_direction) on the questions of each tier.
+        # Per tier: the same analysis (run_transfer.analyse_direction) on the questions of each tier.
         runs = [r for r in plan.runs if r.lang == lang and r.variant == variant]
         if truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
             stems = [Path(q).stem for q in reversed(group["questions"])]  # target-language questions first
@@ -625,7 +625,7 @@ def _report_tie_rules(doc: ReportDoc, entries: list[dict], lang: str, tie_policy
     if not known:
         doc.p(
             f"Tie rule of the table above: **{tie_policy}**. This transfer analysis records no second tie rule (it was "
-            "written by an earlier run_eval.py); rerun its step for both."
+            "written by an earlier version of the transfer analysis); rerun its step for both."
         )
         return
     differ = [e for e in known if e["tie_policies_differ"]]
@@ -657,16 +657,12 @@ def _report_tie_rules(doc: ReportDoc, entries: list[dict], lang: str, tie_policy
 
 def _stack(cubes: dict, runs: list[Run], setting: str, seeds: list[int], stem: str, indices: list[int]):
     """seeds x steps x questions (the given question indices) for one setting, seeds in order."""
-    import numpy as np
-
     by_seed = {r.seed: r for r in runs if r.setting == setting}
     return np.stack([cubes[by_seed[s].name][stem][:, indices] for s in seeds])
 
 
 def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figures: Path) -> None:
-    import numpy as np
-
-    from run_eval import analyse_direction
+    from run_transfer import analyse_direction
 
     doc.h(2, "Anchors vs control: shared entity names and the frequency asymmetry")
     doc.p(
@@ -674,7 +670,7 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
         "script (control: nothing is shared with English but what parallel pairs teach) or with the very same "
         "Latin names as English (anchors). Difference = accuracy with anchors − accuracy in the control, mean over "
         "the CPT curve, per tier of facts; 95% bootstrap intervals over questions and seed pairs "
-        "(`run_eval.analyse_direction`); where both variants ran both CPT settings, pooled over them and per "
+        "(`run_transfer.analyse_direction`); where both variants ran both CPT settings, pooled over them and per "
         "setting, else in the one setting both ran."
     )
     section = record["sections"].setdefault("anchors", {})
@@ -788,7 +784,8 @@ def _plot_anchors(lang, steps, curves, plan, truth, figures) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    from run_transfer import save_figure
 
     base = {}
     for variant in ("anchors", "native"):
@@ -822,9 +819,7 @@ def _plot_anchors(lang, steps, curves, plan, truth, figures) -> str | None:
     fig.suptitle(f"{lang}: shared names vs native names (dotted: chance)", fontsize=10)
     fig.tight_layout()
     name = f"{lang}-anchors_vs_control.png"
-    tmp = figures / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, figures / name)
+    save_figure(fig, figures / name, dpi=110)
     plt.close(fig)
     return f"figures/{name}"
 
@@ -915,7 +910,8 @@ def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    from run_transfer import save_figure
 
     keys = sorted({k for k, _ in curves}, key=lambda k: (k.split("/")[1] != "native", k))  # the control first
     if not keys:
@@ -952,9 +948,7 @@ def _plot_diagnostic(curves: dict, figures: Path) -> str | None:
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     name = "bridge_diagnostic.png"
-    tmp = figures / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, figures / name)
+    save_figure(fig, figures / name, dpi=110)
     plt.close(fig)
     return f"figures/{name}"
 

@@ -30,7 +30,14 @@ def test_dry_run_prints_every_command_of_every_preset_and_runs_nothing(preset, t
         assert shlex.join(step.command) in printed, step.id
     assert not out.exists(), "a dry run must not write anything"
     scripts = {c for step in plan.steps for c in step.command if c.endswith(".py")}
-    assert {"run_pretrain.py", "build_pairs.py", "run_cpt.py", "run_eval.py", "run_density.py"} <= scripts
+    assert {
+        "run_pretrain.py",
+        "build_pairs.py",
+        "run_cpt.py",
+        "run_eval.py",
+        "run_transfer.py",
+        "run_density.py",
+    } <= scripts
     if PRESETS[preset].budget_s:
         assert "Time budget" in printed
 

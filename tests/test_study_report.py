@@ -10,6 +10,7 @@ import pytest
 
 import run_eval
 import run_study
+import run_transfer
 import study_report
 from run_study import PRESETS, StudyArguments, build_plan
 
@@ -48,7 +49,7 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
     args = StudyArguments(preset="paper", langs=["bo"], questions_dir=str(questions_dir), output_dir=str(out))
     plan = build_plan(args, PRESETS["paper"], out)
     group = plan.groups["bo/real"]
-    # the plan's own probing and transfer outputs, written by run_eval.py on a real (tiny) model
+    # the plan's own probing and transfer outputs, written by run_eval.py and run_transfer.py on a real (tiny) model
     _probe(tiny_model_dir, group["questions"], group["base_eval"])
     for run in plan.runs:
         shutil.copytree(tiny_model_dir, run.dir)
@@ -62,7 +63,9 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
         (Path(run.dir) / "packing_audit.json").write_text(json.dumps(audit))
     with_dirs = [r.eval_dir for r in plan.runs if r.setting == "bridges"]
     without_dirs = [r.eval_dir for r in plan.runs if r.setting == "no_bridges"]
-    run_eval.main(["--with_bridges", *with_dirs, "--without_bridges", *without_dirs, "--output_dir", group["transfer"]])
+    run_transfer.main(
+        ["--with_bridges", *with_dirs, "--without_bridges", *without_dirs, "--output_dir", group["transfer"]]
+    )
 
     study_report.write_report(plan)
     report_md = (out / "report.md").read_text(encoding="utf-8")
