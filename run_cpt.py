@@ -1,5 +1,11 @@
 #!/usr/bin/env python
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch==2.13.0", "transformers>=5.0", "accelerate>=1.10", "datasets>=4.0", "numpy>=2.0", "huggingface-hub>=1.0"]
+# ///
 """Continual pretraining on one language, WITH or WITHOUT bridges (step 2b of the study).
+
+Needs study_common.py beside it (the packing and collation section below needs only torch).
 
     accelerate launch run_cpt.py --lang bo --bridges
     accelerate launch run_cpt.py --model_name_or_path BASE --dataset_path DATA --lang bo --bridges \\
@@ -13,18 +19,22 @@ dir, default ``runs/data-<lang>`` where ``build_pairs.py --lang <lang>`` writes 
 ``--bridges`` or ``--no_bridges`` must be given. The two settings train on exactly the same
 documents, the same tokens and the same number of windows and steps; they differ only in whether
 the two halves of each parallel pair share a context window (and so attend to each other). How
-that is guaranteed is documented in ``BridgePackingCollator`` below; the run proves it at start
-in ``packing_audit.json`` (and raises if it does not hold), and ``--dump_packing FILE`` writes
-every trained window for an independent check.
+that is guaranteed is documented in ``plan_packing`` and ``BridgePackingCollator`` below; the run
+proves it at start in ``packing_audit.json`` (and raises if it does not hold), and
+``--dump_packing FILE`` writes every trained window for an independent check.
 
 Paper defaults: 1,500 steps of 0.5M tokens, i.e. ``--block_size 2048`` and 256 windows per step
 (``per_device_train_batch_size x processes x gradient_accumulation_steps = 256``, e.g. 8 x 8 x 4),
 ``--max_steps 1500``.
 
+Resuming: ``--resume_from_checkpoint PATH`` or ``latest`` (study_common.RESUME_HELP), only from a
+checkpoint of the same setting, base model, data and plan (``check_resume_setting``); an
+``--output_dir`` that already holds a checkpoint is refused without it.
+
 Outputs in --output_dir: checkpoint-N/ every --save_steps (a learning curve), the final model and
 tokenizer, packing_audit.json, the setting in config.json (``cpt_setting``), in trainer_state.json
 (``stateful_callbacks.CPTSettingCallback``) and in the run name (default ``cpt-<lang>-<bridges|no-bridges>-seed<seed>``),
-and a model card (README.md).
+and a model card (README.md, also the one pushed with --push_to_hub).
 """
 
 from __future__ import annotations
@@ -41,7 +51,6 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -49,7 +58,6 @@ from typing import NamedTuple
 import datasets
 import numpy as np
 import torch
-import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -60,36 +68,48 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
 
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
+    PAIR_ORDERS,
     RUNS_DIR,
+    ModelCard,
+    ModelCardMixin,
     autocast_dtype,
     check_attention_implementation_trains_on,
+    check_document_isolation,
     default_cpt_data_dir,
     default_cpt_run_name,
+    document_resume_flag,
     document_start_id,
+    exit_on_input_error,
     guard_flash_attention_inputs,
+    isolation_failure,
     output_dir_given,
+    pair_first_side,
+    pair_segments,
+    resume_checkpoint,
+    setup_logging,
     use_cpu_backend_without_gpu,
-    uses_flattened_layout,
-    write_card,
     write_json_atomic,
 )
 
 logger = logging.getLogger("run_cpt")
 
 # ======================================================================================
-# The bridge-aware packing collator. This section is self-contained: copy PackingUnit and
-# BridgePackingCollator into another project as they are, with these imports:
+# Bridge-aware packing: planning (pure Python) and collation (torch). This section is
+# self-contained: copy it, from PackingUnit to the end of BridgePackingCollator, into another
+# project as it is, with these imports:
 #   from __future__ import annotations
 #   import bisect, heapq, itertools, math, random
 #   from collections.abc import Callable, Iterable, Iterator, Sequence
+#   from dataclasses import dataclass
 #   from typing import NamedTuple
 #   import torch
 # and, for kernels other than sdpa/eager (flash: one flattened row), study_common.py beside it.
 # ======================================================================================
+
+# ---- Planning: which documents share each window (pure Python) --------------------------
 
 
 class PackingUnit(NamedTuple):
@@ -105,316 +125,366 @@ class PackingUnit(NamedTuple):
     is_pair: bool
 
 
+def unit_documents(unit: PackingUnit, bridges: bool) -> list[tuple[int, tuple, object]]:
+    """(length, segments, pair_key) of each document of ``unit`` in one setting; a segment is ``(key, part)``.
+
+    ``pair_key`` is set on the two halves of a pair without bridges: they may not share a window."""
+    lengths = unit.segment_lengths
+    if unit.is_pair:
+        if len(lengths) != 2:
+            raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
+        if bridges:
+            return [(lengths[0] + lengths[1], ((unit.key, 0), (unit.key, 1)), None)]
+        return [
+            (lengths[0], ((unit.key, 0),), unit.key),
+            (lengths[1], ((unit.key, 1),), unit.key),
+        ]
+    return [(length, ((unit.key, part),), None) for part, length in enumerate(lengths)]
+
+
+class _BestFit:
+    """Online best fit over at most ``max_open`` open windows.
+
+    A document goes into the open window with the least free space that still fits it (ties: the
+    earliest opened), skipping the window that holds the other half of its pair (``pair_key``).
+    When nothing fits, a new window opens; if ``max_open`` are open, the fullest one is closed
+    first. A window that is exactly full closes at once. The result is a pure function of the
+    documents, their order, ``block_size`` and ``max_open``; its lookahead (and working memory) is
+    the open windows. ``keep_windows=False`` only counts them (what ``plan_packing`` needs per unit).
+    """
+
+    def __init__(self, block_size: int, max_open: int, keep_windows: bool = True):
+        if block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {block_size}")
+        if max_open < 1:
+            raise ValueError(f"max_open_windows must be at least 1, got {max_open}")
+        self.block_size, self.max_open, self.keep_windows = (
+            block_size,
+            max_open,
+            keep_windows,
+        )
+        self.closed: list[list[tuple]] = []
+        self.closed_count = 0
+        self._open: dict[int, _OpenWindow] = {}  # by serial: the order windows were opened in
+        self._by_space: list[tuple[int, int]] = []  # sorted (free space, serial)
+        self._next_serial = 0
+
+    @property
+    def window_count(self) -> int:
+        """Windows needed if the stream ended now (closed + open)."""
+        return self.closed_count + len(self._open)
+
+    def _close(self, serial: int) -> None:
+        documents = self._open.pop(serial).documents
+        self.closed_count += 1
+        if self.keep_windows:
+            self.closed.append(documents)
+
+    def add(self, length: int, segments: tuple, pair_key) -> None:
+        if length > self.block_size:
+            raise ValueError(f"a document of {length} tokens cannot fit a window of {self.block_size}")
+        position = bisect.bisect_left(self._by_space, (length, -1))
+        while position < len(self._by_space):
+            serial = self._by_space[position][1]
+            window = self._open[serial]
+            if pair_key is None or pair_key not in window.pair_keys:
+                del self._by_space[position]
+                break
+            position += 1
+        else:
+            if len(self._open) >= self.max_open:
+                self._close(self._by_space.pop(0)[1])  # the fullest window (least free space)
+            serial = self._next_serial
+            self._next_serial += 1
+            window = self._open[serial] = _OpenWindow(self.block_size, [], set())
+        window.free -= length
+        window.documents.append(segments)
+        if pair_key is not None:
+            window.pair_keys.add(pair_key)
+        if window.free == 0:
+            self._close(serial)
+        else:
+            bisect.insort(self._by_space, (window.free, serial))
+
+    def finish(self) -> list[list[tuple]]:
+        for serial in sorted(self._open):
+            self._close(serial)
+        return self.closed
+
+
+@dataclass
+class _OpenWindow:
+    free: int  # tokens still free
+    documents: list[tuple]  # each a tuple of segments
+    pair_keys: set  # pairs with a half here (without bridges the other half may not join)
+
+
+def pack(
+    units: Iterable[PackingUnit],
+    block_size: int,
+    bridges: bool,
+    max_open_windows: int = 64,
+) -> list[list[tuple]]:
+    """One setting's windows for ``units`` in the given order (``_BestFit``): each a list of documents."""
+    packer = _BestFit(block_size, max_open_windows)
+    for unit in units:
+        for length, segments, pair_key in unit_documents(unit, bridges):
+            packer.add(length, segments, pair_key)
+    return packer.finish()
+
+
+def _pass_order(n_units: int, seed: int, data_pass: int) -> list[int]:
+    order = list(range(n_units))
+    random.Random(f"bridge-packing/{seed}/{data_pass}").shuffle(order)
+    return order
+
+
+def shuffled(units: Sequence[PackingUnit], seed: int, data_pass: int) -> list[PackingUnit]:
+    """Units in the seeded order of one pass (the same in both settings), keys made ``(pass, key)``."""
+    return [units[i]._replace(key=(data_pass, units[i].key)) for i in _pass_order(len(units), seed, data_pass)]
+
+
+def _stream(units: Sequence[PackingUnit], seed: int) -> Iterator[PackingUnit]:
+    """Pass after pass over ``units``, each in its own seeded order (as ``shuffled``), lazily."""
+    for data_pass in itertools.count():
+        yield from shuffled(units, seed, data_pass)
+
+
+def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0) -> list[list[tuple]]:
+    """Split windows (the one with the most documents first, halving it) until there are ``target``.
+
+    When every window holds a single document and more are needed, up to ``max_empty_windows``
+    empty windows (all padding) are appended.
+    """
+    if len(windows) > target:
+        raise ValueError(f"cannot split {len(windows)} windows down to {target}")
+    pieces = {(i, 0): list(window) for i, window in enumerate(windows)}
+    order = {i: [0] for i in range(len(windows))}
+    heap = [(-len(window), i, 0) for i, window in enumerate(windows) if len(window) > 1]
+    heapq.heapify(heap)
+    empty = 0
+    for _ in range(target - len(windows)):
+        if not heap:
+            if empty < max_empty_windows:
+                empty += 1
+                continue
+            raise ValueError(f"only {len(pieces)} documents: cannot fill {target} windows")
+        _, i, serial = heapq.heappop(heap)
+        documents = pieces[(i, serial)]
+        new_serial = len(order[i])
+        half = len(documents) // 2
+        pieces[(i, serial)], pieces[(i, new_serial)] = (
+            documents[:half],
+            documents[half:],
+        )
+        order[i].insert(order[i].index(serial) + 1, new_serial)
+        for s in (serial, new_serial):
+            if len(pieces[(i, s)]) > 1:
+                heapq.heappush(heap, (-len(pieces[(i, s)]), i, s))
+    return [pieces[(i, s)] for i in range(len(windows)) for s in order[i]] + [[] for _ in range(empty)]
+
+
+@dataclass
+class SettingPlan:
+    """One setting's planned windows, exactly ``steps x windows_per_step`` of them, and how many the
+    packer made before ``split_to`` equalized the two settings."""
+
+    windows: list[list[tuple]]
+    packer_windows: int
+
+
+@dataclass
+class PackingPlan:
+    """Both settings' windows over the same unit prefix (``plan_packing``).
+
+    ``units_seen``: length of the prefix of the pass-after-pass shuffled stream; ``passes``: passes it
+    touches; ``seen``: the ``(pass, key)`` of each of its units; ``requested_steps``: the step budget
+    asked for, ``steps`` <= it: the one both settings fill."""
+
+    steps: int
+    requested_steps: int
+    windows_per_step: int
+    units_seen: int
+    passes: int
+    seen: list[tuple]
+    bridges: SettingPlan
+    no_bridges: SettingPlan
+
+    def setting(self, bridges: bool) -> SettingPlan:
+        return self.bridges if bridges else self.no_bridges
+
+
+def plan_packing(
+    units: Sequence[PackingUnit],
+    *,
+    block_size: int,
+    windows_per_step: int,
+    seed: int,
+    max_steps: int | None = None,
+    num_epochs: float | None = None,
+    max_open_windows: int = 64,
+    max_empty_windows: int = 0,
+) -> PackingPlan:
+    """Both settings over the same documents, ``T = steps x windows_per_step`` windows each.
+
+    A step consumes ``windows_per_step`` windows (per-device batch x processes x gradient
+    accumulation). Cutting each setting's window stream at the step budget would leave the two
+    settings with different document sets (bridged documents pack a little less densely). Instead
+    both settings' packers run side by side over the shuffled stream (pass after pass, each pass
+    reshuffled), recording after every unit how many windows each would need, and the plan takes
+    the LONGEST unit prefix that both can pack into ``T`` windows. Each setting's windows are then
+    split (``split_to``) until both have exactly ``T``. Both settings therefore see exactly the same
+    documents, the same number of windows, of real tokens and of steps.
+
+    A prefix is feasible only when there are at least ``T`` documents to spread over ``T`` windows,
+    or ``T - max_empty_windows`` with the rest all-padding windows (the caller keeps
+    ``max_empty_windows`` below what one process reads per step, so no process ever has a step
+    without a target token); when it is not, the step count is reduced to the largest feasible one
+    (``steps`` < ``requested_steps``). With ``num_epochs`` instead of ``max_steps`` the prefix is
+    ``ceil(num_epochs x units)`` units and ``T`` is rounded up to whole steps. Because ``T`` is a
+    whole number of steps of whole batches, a Trainer's sampler shuffling the windows, and its
+    sharding of them over processes, consume each planned window exactly once in one epoch.
+    """
+    if (max_steps is None) == (num_epochs is None):
+        raise ValueError("give exactly one of max_steps and num_epochs")
+    if not units:
+        raise ValueError("no units to pack")
+    if windows_per_step < 1:
+        raise ValueError(f"windows_per_step must be at least 1, got {windows_per_step}")
+    counters = {bridges: _BestFit(block_size, max_open_windows, keep_windows=False) for bridges in (True, False)}
+    needed = [0]  # after P units: windows the hungrier setting needs
+    bridge_documents = [0]  # after P units: documents with bridges (never more than without)
+    limit = math.ceil(num_epochs * len(units)) if num_epochs is not None else None
+    budget = max_steps * windows_per_step if max_steps is not None else None
+    for unit in _stream(units, seed):
+        if limit is not None and len(needed) - 1 >= limit:
+            break
+        for bridges, counter in counters.items():
+            documents = unit_documents(unit, bridges)
+            for length, segments, pair_key in documents:
+                counter.add(length, segments, pair_key)
+            if bridges:
+                bridge_documents.append(bridge_documents[-1] + len(documents))
+        needed.append(max(counter.window_count for counter in counters.values()))
+        if budget is not None and needed[-1] > budget:
+            break
+    if budget is None:
+        budget = math.ceil(needed[-1] / windows_per_step) * windows_per_step
+    target = budget
+    while True:
+        prefix = bisect.bisect_right(needed, target) - 1  # longest prefix both settings fit
+        if bridge_documents[prefix] + max_empty_windows >= target:
+            break
+        target = ((bridge_documents[prefix] + max_empty_windows) // windows_per_step) * windows_per_step
+        if target == 0:
+            raise ValueError(
+                f"the data cannot fill even one step of {windows_per_step} windows in both settings "
+                f"({bridge_documents[-1]} documents); lower the batch size or add data"
+            )
+    seen = list(itertools.islice(_stream(units, seed), prefix))
+    settings = {}
+    for bridges in (True, False):
+        packed = pack(seen, block_size, bridges, max_open_windows)
+        settings[bridges] = SettingPlan(split_to(packed, target, max_empty_windows), len(packed))
+    return PackingPlan(
+        steps=target // windows_per_step,
+        requested_steps=budget // windows_per_step,
+        windows_per_step=windows_per_step,
+        units_seen=prefix,
+        passes=seen[-1].key[0] + 1,
+        seen=[unit.key for unit in seen],
+        bridges=settings[True],
+        no_bridges=settings[False],
+    )
+
+
+# ---- Collation: planned windows -> model inputs (torch) ---------------------------------
+
+
 class BridgePackingCollator:
-    """Pack documents into context windows, keeping or breaking parallel-pair co-location.
+    """Collates planned windows into model inputs with document-isolated attention.
 
-    The "custom packing collator that keeps or breaks parallel-pair co-location in the context
-    window": it plans which documents share each window of ``block_size`` tokens, and collates
-    planned windows into model inputs with document-isolated attention.
+    The collation half of the "custom packing collator that keeps or breaks parallel-pair
+    co-location in the context window"; ``plan_packing`` is the planning half.
 
-    **Vocabulary.**
+    **Vocabulary** (of the planning and of the collator).
 
     - *segment*: token ids ``[start] + tokens`` (``start`` is the EOS id). A monolingual or replay
       text longer than a window was cut, before packing and identically for both settings, into
-      segments of at most ``block_size`` tokens. A parallel pair has two segments:
-      ``first = [start] + first_side + separator`` and ``second = [start] + second_side``.
+      segments of at most ``block_size`` tokens. A parallel pair has two segments
+      (``study_common.pair_segments``): ``first = [start] + first_side + separator`` and
+      ``second = [start] + second_side``.
     - *document*: a run of tokens that attends only to itself; its position ids start at 0.
-      With ``bridges=True`` a pair is ONE document, ``first + second``, positions continuing
-      through it, so the second half attends to the first. With ``bridges=False`` each half is its
-      own document. A text segment is a document in both settings.
-    - *window*: one training row: whole documents, then padding up to ``block_size``.
+      With bridges a pair is ONE document, ``first + second``, positions continuing through it,
+      so the second half attends to the first. Without bridges each half is its own document. A
+      text segment is a document in both settings.
+    - *window*: one training row: whole documents, then padding up to ``block_size``. A planned
+      window is a list of documents, each a tuple of segments ``((pass, key), part)``.
 
-    **Guarantees** (for the same units, seed and ``block_size``):
+    **Guarantees** of the packing (for the same units, seed and ``block_size``):
 
     1. The multiset of segments, hence of tokens, is the same in both settings: the settings
-       differ only in how segments are grouped into documents and windows.
+       differ only in how segments are grouped into documents and windows (``unit_documents``).
     2. With bridges every pair is one document in one window (100% co-located); without bridges
-       the halves of a pair are never in the same window (0% co-located).
+       the halves of a pair are never in the same window (0% co-located) (``_BestFit``).
     3. No window holds more than ``block_size`` tokens; no document is ever split across windows
        (documents longer than a window cannot exist: pairs that do not fit one window must be
        removed by the caller, in both settings).
     4. Labels are ``-100`` at the first token of every *segment* (its start token would otherwise
        be predicted across a document boundary, and masking it at the pair's inner boundary too
        keeps the predicted tokens identical in both settings) and on padding; all other labels
-       equal the input ids.
-    5. Every unit of the packed stream appears exactly once per pass over the data.
+       equal the input ids (``window_features``, ``padded_rows``).
+    5. Every unit of the packed stream appears exactly once per pass over the data; both settings
+       see the same units in the same number of windows and steps (``plan_packing``).
 
-    **Packing algorithm** (``pack``). Units come in a seeded shuffled order (``shuffled``: the same
-    order in both settings; a unit's segments stay together). Their documents are placed online,
-    best fit over a bounded set of at most ``max_open_windows`` open windows: a document goes into
-    the open window with the least free space that still fits it (ties: the earliest opened),
-    skipping, without bridges, the window that holds the other half of its pair. When nothing
-    fits, a new window opens; if ``max_open_windows`` are open, the fullest one is closed first.
-    A window that is exactly full closes at once. The plan is a pure function of the units, the
-    order, ``block_size`` and ``max_open_windows``; its lookahead (and working memory) is the open windows.
+    **Collation** (``__call__``). Each feature is a window from ``window_features``: ``input_ids``,
+    ``position_ids`` (restarting at 0 at each document) and ``labels``. The batch pads each window at
+    the end to ``block_size`` with ``pad_token_id``, label ``-100`` and position ids restarting at 0
+    (the padding is a sequence of its own), and passes NO ``attention_mask``. With
+    ``use_cache=False``, transformers (>= 5) then builds a block-diagonal causal mask from the
+    position ids (sdpa, eager, flex_attention: B rows of ``block_size``). Flash kernels infer
+    boundaries from position ids only for a batch of one row, so for them (``attn_implementation``)
+    the B windows go as one flattened row of B x ``block_size`` tokens with ``cu_seq_lens_q/k`` and
+    ``max_length_q/k`` (``study_common.packed_batch``): the same tokens, positions and labels in either
+    layout, and no token attends across documents. The feature keys are model ``forward`` arguments,
+    so Trainer's column removal keeps them.
 
-    **Same documents under a step budget** (``plan``). A step consumes ``windows_per_step``
-    windows (per-device batch x processes x gradient accumulation). Cutting each setting's
-    window stream at the step budget would leave the two settings with different document sets
-    (bridged documents pack a little less densely). Instead ``plan`` runs both settings' packers
-    side by side over the shuffled stream (pass after pass, each pass reshuffled), recording after
-    every unit how many windows each would need, and takes the LONGEST unit prefix that both can
-    pack into ``T = steps x windows_per_step`` windows. Each setting's windows are then split
-    (a window with the most documents is halved, repeatedly) until both have exactly ``T``
-    windows. Both settings therefore see exactly the same documents, the same number of windows,
-    of real tokens and of steps. A prefix is feasible only when there are at least ``T`` documents to
-    spread over ``T`` windows, or ``T - max_empty_windows`` with the rest all-padding windows (the
-    caller keeps ``max_empty_windows`` below what one process reads per step, so no process ever
-    has a step without a target token); when it is not, the step count is reduced to the largest
-    feasible one (reported as ``steps`` < ``requested_steps``). With ``num_epochs`` instead of
-    ``max_steps`` the prefix is ``ceil(num_epochs x units)`` units and ``T`` is rounded up to
-    whole steps. Because ``T`` is a whole number of steps of whole batches, a Trainer's sampler
-    shuffling the windows, and its sharding of them
-    over processes, consume each planned window exactly once in one epoch over the packed dataset.
+    **Worked example.** ``block_size=12``, start token ``S``, padding ``P``; a pair whose first side is
+    ``e1 e2 e3`` and second side ``t1 t2`` (segments ``S e1 e2 e3`` and ``S t1 t2``), and a text
+    ``x1 x2 x3 x4`` (segment ``S x1 x2 x3 x4``). With bridges the pair is one document, and a window
+    holding it and the text reads::
 
-    **Collation** (``__call__``). Each feature is a window from ``window_features``:
-    ``input_ids``, ``position_ids`` (restarting at 0 at each document) and ``labels``. The batch
-    pads each window at the end to ``block_size`` with ``pad_token_id``, label ``-100`` and
-    position ids restarting at 0, and passes NO ``attention_mask``. With ``use_cache=False``,
-    transformers (>= 5) then builds a block-diagonal causal mask from the position ids (sdpa,
-    eager, flex_attention: B rows of ``block_size``). Flash kernels infer boundaries from position
-    ids only for a batch of one row, so for them (``attn_implementation``) the B windows go as one
-    flattened row of B x ``block_size`` tokens with ``cu_seq_lens_q/k`` and ``max_length_q/k``
-    (``study_common.packed_batch``): the same tokens, positions and labels in either layout, and
-    no token attends across documents. The feature keys are model ``forward`` arguments, so
-    Trainer's column removal keeps them.
+        input_ids     S    e1 e2 e3 S    t1 t2 | S    x1 x2 x3 x4
+        position_ids  0    1  2  3  4    5  6  | 0    1  2  3  4
+        labels        -100 e1 e2 e3 -100 t1 t2 | -100 x1 x2 x3 x4
 
-    Example::
+    ``t1`` attends to ``S e1 e2 e3 S``: the bridge. Without bridges the halves are two documents in two
+    windows, and the window with the first half and the text reads::
+
+        input_ids     S    e1 e2 e3 | S    x1 x2 x3 x4 | P    P    P
+        position_ids  0    1  2  3  | 0    1  2  3  4  | 0    1    2
+        labels        -100 e1 e2 e3 | -100 x1 x2 x3 x4 | -100 -100 -100
+
+    while ``S t1 t2`` (positions ``0 1 2``, labels ``-100 t1 t2``) opens another window. The targets
+    (``e1 e2 e3 t1 t2 x1 x2 x3 x4``) are the same in both settings. In the flattened layout the B rows
+    follow one another in one row, and ``cu_seq_lens_q`` marks every position 0: ``[0, 7, 12, ...]``
+    for the first example.
+
+    Use::
 
         units = [PackingUnit(0, (5, 7), True), PackingUnit(1, (12,), False)]
-        plan = BridgePackingCollator.plan(units, block_size=16, windows_per_step=2, seed=0, max_steps=1)
-        collator = BridgePackingCollator(block_size=16, bridges=True, pad_token_id=0)
-        window = plan["windows"][True][0]            # documents of ((pass, key), part) segments
+        plan = plan_packing(units, block_size=16, windows_per_step=2, seed=0, max_steps=1)
+        collator = BridgePackingCollator(block_size=16, pad_token_id=0)
+        window = plan.bridges.windows[0]  # documents of ((pass, key), part) segments
         batch = collator([collator.window_features(window, tokens_of_segment)])
     """
 
-    def __init__(
-        self,
-        block_size: int,
-        bridges: bool,
-        pad_token_id: int,
-        max_open_windows: int = 64,
-        attn_implementation: str = "sdpa",
-    ):
+    def __init__(self, block_size: int, pad_token_id: int, attn_implementation: str = "sdpa"):
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
-        if max_open_windows < 1:
-            raise ValueError(f"max_open_windows must be at least 1, got {max_open_windows}")
         self.block_size = block_size
-        self.bridges = bridges
         self.pad_token_id = pad_token_id
-        self.max_open_windows = max_open_windows
         self.attn_implementation = attn_implementation
-
-    # ---- units -> documents ------------------------------------------------------------
-
-    def documents(self, unit: PackingUnit) -> list[tuple[int, tuple, object]]:
-        """(length, segments, pair_key) of each document of ``unit``; a segment is ``(key, part)``."""
-        lengths = unit.segment_lengths
-        if unit.is_pair:
-            if len(lengths) != 2:
-                raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
-            if self.bridges:
-                return [(lengths[0] + lengths[1], ((unit.key, 0), (unit.key, 1)), None)]
-            return [(lengths[0], ((unit.key, 0),), unit.key), (lengths[1], ((unit.key, 1),), unit.key)]
-        return [(length, ((unit.key, part),), None) for part, length in enumerate(lengths)]
-
-    # ---- online best-fit packing ---------------------------------------------------------
-
-    class _BestFit:
-        """Best fit over at most ``max_open`` open windows (see the class docstring)."""
-
-        def __init__(self, block_size: int, max_open: int, keep_windows: bool):
-            self.block_size, self.max_open, self.keep_windows = block_size, max_open, keep_windows
-            self.closed: list[list[tuple]] = []
-            self.closed_count = 0
-            self._open: dict[int, list] = {}  # serial -> [free space, documents, pair keys]
-            self._by_space: list[tuple[int, int]] = []  # sorted (free space, serial)
-            self._next_serial = 0
-
-        @property
-        def window_count(self) -> int:
-            """Windows needed if the stream ended now (closed + open)."""
-            return self.closed_count + len(self._open)
-
-        def _close(self, serial: int) -> None:
-            documents = self._open.pop(serial)[1]
-            self.closed_count += 1
-            if self.keep_windows:
-                self.closed.append(documents)
-
-        def add(self, length: int, segments: tuple, pair_key) -> None:
-            if length > self.block_size:
-                raise ValueError(f"a document of {length} tokens cannot fit a window of {self.block_size}")
-            position = bisect.bisect_left(self._by_space, (length, -1))
-            while position < len(self._by_space):
-                serial = self._by_space[position][1]
-                window = self._open[serial]
-                if pair_key is None or pair_key not in window[2]:
-                    del self._by_space[position]
-                    break
-                position += 1
-            else:
-                if len(self._open) >= self.max_open:
-                    self._close(self._by_space.pop(0)[1])  # the fullest window (least free space)
-                serial = self._next_serial
-                self._next_serial += 1
-                window = self._open[serial] = [self.block_size, [], set()]
-            window[0] -= length
-            window[1].append(segments)
-            if pair_key is not None:
-                window[2].add(pair_key)
-            if window[0] == 0:
-                self._close(serial)
-            else:
-                bisect.insort(self._by_space, (window[0], serial))
-
-        def finish(self) -> list[list[tuple]]:
-            for serial in sorted(self._open):
-                self._close(serial)
-            return self.closed
-
-    def _packer(self, keep_windows: bool = True) -> BridgePackingCollator._BestFit:
-        return self._BestFit(self.block_size, self.max_open_windows, keep_windows)
-
-    def pack(self, units: Iterable[PackingUnit]) -> list[list[tuple]]:
-        """Windows for ``units`` in the given order: each a list of documents, each a tuple of segments."""
-        packer = self._packer()
-        for unit in units:
-            for length, segments, pair_key in self.documents(unit):
-                packer.add(length, segments, pair_key)
-        return packer.finish()
-
-    @staticmethod
-    def _pass_order(n_units: int, seed: int, data_pass: int) -> list[int]:
-        order = list(range(n_units))
-        random.Random(f"bridge-packing/{seed}/{data_pass}").shuffle(order)
-        return order
-
-    @classmethod
-    def shuffled(cls, units: Sequence[PackingUnit], seed: int, data_pass: int) -> list[PackingUnit]:
-        """Units in the seeded order of one pass, keys made ``(pass, key)`` (unique across passes)."""
-        return [
-            PackingUnit((data_pass, units[i].key), units[i].segment_lengths, units[i].is_pair)
-            for i in cls._pass_order(len(units), seed, data_pass)
-        ]
-
-    @classmethod
-    def _stream(cls, units: Sequence[PackingUnit], seed: int) -> Iterator[PackingUnit]:
-        """Pass after pass over ``units``, each in its own seeded order (as ``shuffled``), lazily."""
-        for data_pass in itertools.count():
-            for i in cls._pass_order(len(units), seed, data_pass):
-                yield PackingUnit((data_pass, units[i].key), units[i].segment_lengths, units[i].is_pair)
-
-    @staticmethod
-    def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0) -> list[list[tuple]]:
-        """Split windows (the one with the most documents first, halving it) until there are ``target``.
-
-        When every window holds a single document and more are needed, up to ``max_empty_windows``
-        empty windows (all padding) are appended.
-        """
-        if len(windows) > target:
-            raise ValueError(f"cannot split {len(windows)} windows down to {target}")
-        pieces = {(i, 0): list(window) for i, window in enumerate(windows)}
-        order = {i: [0] for i in range(len(windows))}
-        heap = [(-len(window), i, 0) for i, window in enumerate(windows) if len(window) > 1]
-        heapq.heapify(heap)
-        empty = 0
-        for _ in range(target - len(windows)):
-            if not heap:
-                if empty < max_empty_windows:
-                    empty += 1
-                    continue
-                raise ValueError(f"only {len(pieces)} documents: cannot fill {target} windows")
-            _, i, serial = heapq.heappop(heap)
-            documents = pieces[(i, serial)]
-            new_serial = len(order[i])
-            half = len(documents) // 2
-            pieces[(i, serial)], pieces[(i, new_serial)] = documents[:half], documents[half:]
-            order[i].insert(order[i].index(serial) + 1, new_serial)
-            for s in (serial, new_serial):
-                if len(pieces[(i, s)]) > 1:
-                    heapq.heappush(heap, (-len(pieces[(i, s)]), i, s))
-        return [pieces[(i, s)] for i in range(len(windows)) for s in order[i]] + [[] for _ in range(empty)]
-
-    @classmethod
-    def plan(
-        cls,
-        units: Sequence[PackingUnit],
-        *,
-        block_size: int,
-        windows_per_step: int,
-        seed: int,
-        max_steps: int | None = None,
-        num_epochs: float | None = None,
-        max_open_windows: int = 64,
-        max_empty_windows: int = 0,
-    ) -> dict:
-        """Both settings' windows over the same unit prefix, ``steps x windows_per_step`` each.
-
-        Returns a dict: ``steps``, ``windows_per_step``, ``units_seen`` (length of the prefix of the
-        pass-after-pass shuffled stream), ``passes`` (passes the prefix touches), ``seen`` (the
-        ``(pass, key)`` of each unit of the prefix), ``windows`` ({True: bridges windows, False:
-        no-bridges windows}), ``packer_windows`` (before splitting), ``requested_steps``.
-        """
-        if (max_steps is None) == (num_epochs is None):
-            raise ValueError("give exactly one of max_steps and num_epochs")
-        if not units:
-            raise ValueError("no units to pack")
-        if windows_per_step < 1:
-            raise ValueError(f"windows_per_step must be at least 1, got {windows_per_step}")
-        settings = {bridges: cls(block_size, bridges, 0, max_open_windows) for bridges in (True, False)}
-        counters = {bridges: collator._packer(keep_windows=False) for bridges, collator in settings.items()}
-        needed = [0]  # after P units: windows the hungrier setting needs
-        bridge_documents = [0]  # after P units: documents with bridges (never more than without)
-        limit = math.ceil(num_epochs * len(units)) if num_epochs is not None else None
-        budget = max_steps * windows_per_step if max_steps is not None else None
-
-        with_bridges, without_bridges = settings[True], settings[False]
-        count_with, count_without = counters[True], counters[False]
-        for unit in cls._stream(units, seed):
-            if limit is not None and len(needed) - 1 >= limit:
-                break
-            documents_with = with_bridges.documents(unit)
-            for length, segments, pair_key in documents_with:
-                count_with.add(length, segments, pair_key)
-            for length, segments, pair_key in without_bridges.documents(unit):
-                count_without.add(length, segments, pair_key)
-            needed.append(max(count_with.window_count, count_without.window_count))
-            bridge_documents.append(bridge_documents[-1] + len(documents_with))
-            if budget is not None and needed[-1] > budget:
-                break
-        if budget is None:
-            budget = math.ceil(needed[-1] / windows_per_step) * windows_per_step
-        target = budget
-        while True:
-            prefix = bisect.bisect_right(needed, target) - 1  # longest prefix both settings fit
-            if bridge_documents[prefix] + max_empty_windows >= target:
-                break
-            target = ((bridge_documents[prefix] + max_empty_windows) // windows_per_step) * windows_per_step
-            if target == 0:
-                raise ValueError(
-                    f"the data cannot fill even one step of {windows_per_step} windows in both settings "
-                    f"({bridge_documents[-1]} documents); lower the batch size or add data"
-                )
-        seen = list(itertools.islice(cls._stream(units, seed), prefix))
-        windows, packer_windows = {}, {}
-        for bridges, collator in settings.items():
-            packed = collator.pack(seen)
-            packer_windows[bridges] = len(packed)
-            windows[bridges] = cls.split_to(packed, target, max_empty_windows)
-        return {
-            "steps": target // windows_per_step,
-            "requested_steps": budget // windows_per_step,
-            "windows_per_step": windows_per_step,
-            "units_seen": prefix,
-            "passes": seen[-1].key[0] + 1,
-            "seen": [unit.key for unit in seen],
-            "windows": windows,
-            "packer_windows": packer_windows,
-        }
-
-    # ---- windows -> model inputs -------------------------------------------------------
 
     def window_features(self, window: list[tuple], segment_tokens: Callable[[tuple], Sequence[int]]) -> dict:
         """``input_ids``, ``position_ids``, ``labels`` (unpadded) of a planned window."""
@@ -435,7 +505,11 @@ class BridgePackingCollator:
 
     def padded_rows(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``position_ids``, ``labels`` as B x ``block_size`` tensors, one row per window."""
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
+        batch: dict[str, list[list[int]]] = {
+            "input_ids": [],
+            "position_ids": [],
+            "labels": [],
+        }
         for feature in features:
             length = len(feature["input_ids"])
             padding = self.block_size - length
@@ -447,9 +521,6 @@ class BridgePackingCollator:
         return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
 
     def __call__(self, features: list[dict]) -> dict:
-        # The layout of ``attn_implementation`` (study_common.packed_batch): B padded rows for sdpa/eager/flex,
-        # one flattened row with sequence boundaries for flash kernels. The padding starts at position 0
-        # with label -100, so it is its own sequence and the loss targets are the same in both layouts.
         rows = self.padded_rows(features)
         try:
             from study_common import packed_batch
@@ -461,7 +532,12 @@ class BridgePackingCollator:
                     f"attn_implementation={self.attn_implementation!r} needs study_common.packed_batch (its layout)."
                 ) from None
             return rows
-        return packed_batch(rows["input_ids"], rows["position_ids"], rows["labels"], self.attn_implementation)
+        return packed_batch(
+            rows["input_ids"],
+            rows["position_ids"],
+            rows["labels"],
+            self.attn_implementation,
+        )
 
 
 # ======================================================================================
@@ -485,10 +561,12 @@ class CPTArguments:
         },
     )
     bridges: bool = field(
-        default=False, metadata={"help": "WITH bridges: each parallel pair is one document (halves co-located)."}
+        default=False,
+        metadata={"help": "WITH bridges: each parallel pair is one document (halves co-located)."},
     )
     no_bridges: bool = field(
-        default=False, metadata={"help": "WITHOUT bridges: pair halves are separate documents, never co-located."}
+        default=False,
+        metadata={"help": "WITHOUT bridges: pair halves are separate documents, never co-located."},
     )
     dataset_path: str | None = field(
         default=None,
@@ -498,10 +576,14 @@ class CPTArguments:
         },
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset pushed by build_pairs.py --push_to_hub (instead of a path)."}
+        default=None,
+        metadata={"help": "Hub dataset pushed by build_pairs.py --push_to_hub (instead of a path)."},
     )
     dataset_revision: str | None = field(default=None, metadata={"help": "Revision of --dataset_name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to read when the dataset has several."})
+    dataset_split: str = field(
+        default="train",
+        metadata={"help": "Split to read when the dataset has several."},
+    )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     block_size: int = field(default=2048, metadata={"help": "Context window in tokens (paper: 2048)."})
     pair_order: str = field(
@@ -517,7 +599,8 @@ class CPTArguments:
     )
     max_open_windows: int = field(default=64, metadata={"help": "Packer lookahead: windows kept open at once."})
     dump_packing: str | None = field(
-        default=None, metadata={"help": "Write every planned window as JSON lines to this file (see README)."}
+        default=None,
+        metadata={"help": "Write every planned window as JSON lines to this file (see README)."},
     )
     attn_implementation: str = field(
         default="sdpa",
@@ -532,6 +615,7 @@ class CPTArguments:
 
 def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArguments]:
     parser = HfArgumentParser((CPTArguments, TrainingArguments))
+    document_resume_flag(parser)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         cpt_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
@@ -561,7 +645,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
             f"{DEFAULT_BASE_MODEL_DIR}: no base model here (the default --model_name_or_path). Run run_pretrain.py "
             "first or pass --model_name_or_path."
         )
-    if cpt_args.pair_order not in ("en_first", "tgt_first", "random"):
+    if cpt_args.pair_order not in PAIR_ORDERS:
         raise ValueError(f"--pair_order must be en_first, tgt_first or random, got {cpt_args.pair_order!r}.")
     if cpt_args.block_size < 4:
         raise ValueError(f"--block_size must be at least 4, got {cpt_args.block_size}.")
@@ -582,6 +666,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
             "--dataloader_num_workers > 0 reads windows in worker processes, where the run cannot count that each "
             "planned window is read exactly once; remove it (a window is a slice of memory-mapped Arrow data)."
         )
+    check_attention_implementation_trains_on(cpt_args.attn_implementation, training_args.device)
+    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
+        # A checkpoint is skipped while the previous upload runs unless this is set; the learning
+        # curve needs every one.
+        training_args.hub_always_push = True
     return cpt_args, training_args
 
 
@@ -605,7 +694,13 @@ def load_cpt_dataset(cpt_args: CPTArguments) -> tuple[datasets.Dataset, Path | N
     if cpt_args.dataset_name:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(cpt_args.dataset_name, repo_type="dataset", revision=cpt_args.dataset_revision))
+        folder = Path(
+            snapshot_download(
+                cpt_args.dataset_name,
+                repo_type="dataset",
+                revision=cpt_args.dataset_revision,
+            )
+        )
         loaded = datasets.load_dataset(str(folder))
     else:
         folder = Path(cpt_args.dataset_path)
@@ -640,15 +735,6 @@ def dataset_language(lang: str | None, build_stats: dict | None, build_stats_fil
     return lang if lang is not None else recorded
 
 
-def pair_first_side(pair_id: int, order: str, seed: int) -> str:
-    """ "en" or "tgt": which side of pair ``pair_id`` comes first (a seeded coin for ``random``)."""
-    if order == "en_first":
-        return "en"
-    if order == "tgt_first":
-        return "tgt"
-    return "en" if hashlib.sha256(f"pair-order/{seed}/{pair_id}".encode()).digest()[0] % 2 == 0 else "tgt"
-
-
 def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator_ids, seed):
     """Segments of every unit (identical for both settings), or the reason it is dropped."""
     n = len(batch["kind"])
@@ -672,7 +758,8 @@ def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator
     digests = [
         hashlib.blake2b(
             json.dumps(
-                [batch["kind"][i], batch["text"][i], batch["en"][i], batch["tgt"][i]], ensure_ascii=False
+                [batch["kind"][i], batch["text"][i], batch["en"][i], batch["tgt"][i]],
+                ensure_ascii=False,
             ).encode(),
             digest_size=16,
         ).hexdigest()
@@ -685,7 +772,7 @@ def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator
             en, tgt = encoded[(i, "en")], encoded[(i, "tgt")]
             first_side = pair_first_side(batch["pair_id"][i], pair_order, seed)
             first, second = (en, tgt) if first_side == "en" else (tgt, en)
-            unit_segments = [[start_id] + first + separator_ids, [start_id] + second]
+            unit_segments = pair_segments(first, second, start_id, separator_ids)
             if not en or not tgt:
                 reason, unit_segments = "empty_after_tokenization", []
             elif len(unit_segments[0]) + len(unit_segments[1]) > block_size:
@@ -698,7 +785,12 @@ def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator
         segments.append(unit_segments)
         first_sides.append(first_side)
         reasons.append(reason)
-    return {"segments": segments, "first_side": first_sides, "drop_reason": reasons, "content_digest": digests}
+    return {
+        "segments": segments,
+        "first_side": first_sides,
+        "drop_reason": reasons,
+        "content_digest": digests,
+    }
 
 
 def tokenize_dataset(raw: datasets.Dataset, tokenizer, cpt_args: CPTArguments, seed: int) -> datasets.Dataset:
@@ -746,7 +838,13 @@ class SegmentStore:
         for chunk in tokenized.data.table.column("segments").chunks:
             outer = chunk.offsets.to_numpy()
             inner = chunk.values
-            self._chunks.append((outer, inner.offsets.to_numpy(), inner.values.to_numpy(zero_copy_only=False)))
+            self._chunks.append(
+                (
+                    outer,
+                    inner.offsets.to_numpy(),
+                    inner.values.to_numpy(zero_copy_only=False),
+                )
+            )
             starts.append(starts[-1] + len(chunk))
         self._starts = np.array(starts)
 
@@ -773,7 +871,12 @@ class SegmentStore:
 class PackedWindows(torch.utils.data.Dataset):
     """The planned windows of one setting, materialized lazily as model inputs."""
 
-    def __init__(self, windows: list[list[tuple]], store: SegmentStore, collator: BridgePackingCollator):
+    def __init__(
+        self,
+        windows: list[list[tuple]],
+        store: SegmentStore,
+        collator: BridgePackingCollator,
+    ):
         self.windows, self.store, self.collator = windows, store, collator
         self.fetched: Counter = Counter()  # window index -> times read (in this process)
 
@@ -867,7 +970,14 @@ def document_keys(tokenized: datasets.Dataset) -> list[str]:
     return [f"{doc_id}\t{digest}" for doc_id, digest in zip(tokenized["doc_id"], tokenized["content_digest"])]
 
 
-def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator, pair_rows: set, doc_keys, vocab_size):
+def audit_windows(
+    windows,
+    store: SegmentStore,
+    collator: BridgePackingCollator,
+    pair_rows: set,
+    doc_keys,
+    vocab_size,
+):
     """Measure one setting's planned windows from the features the model will receive.
 
     ``doc_keys`` (``document_keys``) names each row in ``documents_seen_sha256``, so that hash
@@ -894,7 +1004,11 @@ def audit_windows(windows, store: SegmentStore, collator: BridgePackingCollator,
                 if part == 0:
                     seen[key[1]] += 1
                 if key[1] in pair_rows:
-                    pair_place.setdefault(key, [None, None])[part] = (w, d, positions[offset])
+                    pair_place.setdefault(key, [None, None])[part] = (
+                        w,
+                        d,
+                        positions[offset],
+                    )
                 offset += len(tokens)
         real += len(input_ids)
         max_window = max(max_window, len(input_ids))
@@ -948,7 +1062,13 @@ def segment_namer(kinds: list[str], doc_ids: list[str], first_sides: list[str]) 
     return name
 
 
-def write_dump(path: Path, windows, store: SegmentStore, collator: BridgePackingCollator, segment_names) -> None:
+def write_dump(
+    path: Path,
+    windows,
+    store: SegmentStore,
+    collator: BridgePackingCollator,
+    segment_names,
+) -> None:
     """Every planned window, padded as the model sees it, with a per-token segment id (see README)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -960,15 +1080,13 @@ def write_dump(path: Path, windows, store: SegmentStore, collator: BridgePacking
                 for key, part in document:
                     doc_ids += [segment_names(key, part)] * len(store.segment_tokens((key, part)))
             doc_ids += [None] * (collator.block_size - len(doc_ids))
-            record = {"window": w, **{k: v[0].tolist() for k, v in batch.items()}, "doc_ids": doc_ids}
+            record = {
+                "window": w,
+                **{k: v[0].tolist() for k, v in batch.items()},
+                "doc_ids": doc_ids,
+            }
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(temporary, path)
-
-
-#: Largest logit difference that is rounding. A document's logits when the OTHER documents of its
-#: batch change are computed with the same shapes and kernels, so they are exact unless attention
-#: crosses documents, at any precision.
-ISOLATION_TOLERANCE = 1e-4
 
 
 def isolation_windows(windows, store: SegmentStore, block_size: int) -> tuple[list[list[tuple]], str]:
@@ -993,97 +1111,40 @@ def isolation_windows(windows, store: SegmentStore, block_size: int) -> tuple[li
             built.append(document)
             used += length
         if len(built) >= 2:
-            first, origin = built, "a window built from the plan's shortest documents, and a planned window"
+            first, origin = (
+                built,
+                "a window built from the plan's shortest documents, and a planned window",
+            )
     second = ranked[1] if len(ranked) > 1 else ranked[0]  # a plan of one window: that window twice
     return [first, second], origin
 
 
-def check_document_isolation(
-    model, windows, store: SegmentStore, collator: BridgePackingCollator, *, autocast_dtype=None
-) -> dict:
-    """Does attention stay inside each document, with this model's device, kernel and batch layout?
-
-    Collates two windows of the plan (``isolation_windows``) with the training ``collator`` (its
-    layout for the model's kernel) and calls the model as the Trainer does, on the model's device,
-    under autocast to ``autocast_dtype`` when given (the run's bf16/fp16). Document boundaries come
-    from the plan, not from the position ids under test. For every document:
-
-    * ``max_logit_diff_packed_vs_alone``: the document in the batch vs. the same document alone
-      (one window of one document through the same collator); exact in float32 on a CPU, while 16-bit
-      and GPU kernels round other matrix shapes differently;
-    * ``max_logit_diff_other_documents_changed``: the document vs. itself in a batch whose other
-      documents hold other tokens (same lengths and positions). Same shapes, same kernels: any
-      difference is information that crossed from another document, at any precision.
-    """
-    kernel = model.config._attn_implementation
+def check_plan_isolation(
+    model,
+    windows,
+    store: SegmentStore,
+    collator: BridgePackingCollator,
+    *,
+    autocast_dtype=None,
+):
+    """``study_common.check_document_isolation`` on two windows of the plan (``isolation_windows``),
+    batched by the training ``collator``; ``window`` in the result says which."""
     checked, origin = isolation_windows(windows, store, collator.block_size)
-    spans, offset = [], 0  # (window, document, first token, end) in the flat token order of the batch
-    for w, window in enumerate(checked):
-        offset = w * collator.block_size
-        for d, document in enumerate(window):
-            length = sum(len(store.segment_tokens(segment)) for segment in document)
-            spans.append((w, d, offset, offset + length))
-            offset += length
-    generator = torch.Generator().manual_seed(0)
-    vocab_size = model.config.vocab_size
-
-    def other_tokens(segment) -> np.ndarray:  # the same length and start token, other tokens after it
-        tokens = np.array(store.segment_tokens(segment))
-        tokens[1:] = torch.randint(2, vocab_size, (len(tokens) - 1,), generator=generator).numpy()
-        return tokens
-
-    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-
-    def flat_logits(windows_tokens: list[list[list[np.ndarray]]], layout: list[list[tuple]]) -> torch.Tensor:
-        features = []
-        for window, tokens in zip(layout, windows_tokens):
-            lookup = {
-                segment: t for document, doc_tokens in zip(window, tokens) for segment, t in zip(document, doc_tokens)
-            }
-            features.append(collator.window_features(window, lookup.__getitem__))
-        batch = collator(features)
-        batch.pop("labels")
-        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with autocast:
-            logits = model(**batch, use_cache=False).logits
-        return logits.float().reshape(-1, logits.shape[-1])  # rows one after another, as the flat spans
-
-    original = [[[store.segment_tokens(segment) for segment in document] for document in window] for window in checked]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            packed = flat_logits(original, checked)
-            alone_diff = other_diff = 0.0
-            for w, d, start, end in spans:
-                alone = flat_logits([[original[w][d]]], [[checked[w][d]]])[: end - start]
-                alone_diff = max(alone_diff, float((packed[start:end] - alone).abs().max()))
-                changed = [
-                    [
-                        doc_tokens if (i, j) == (w, d) else [other_tokens(segment) for segment in checked[i][j]]
-                        for j, doc_tokens in enumerate(window)
-                    ]
-                    for i, window in enumerate(original)
-                ]
-                other_diff = max(
-                    other_diff, float((packed[start:end] - flat_logits(changed, checked)[start:end]).abs().max())
-                )
-    finally:
-        model.train(was_training)
-    compute_dtype = str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", "")
-    # Packed vs. alone is judged only where it is exact (float32 on a CPU); elsewhere other shapes round
-    # differently, and a leak shows in the other-documents-changed comparison, which is exact everywhere.
-    alone_judged = compute_dtype == "float32" and model.device.type == "cpu"
-    holds = other_diff <= ISOLATION_TOLERANCE and (not alone_judged or alone_diff <= ISOLATION_TOLERANCE)
-    layout = "flattened" if uses_flattened_layout(collator.attn_implementation) else "padded"
-    return {"checked": True, "attn_implementation": kernel, "layout": layout,
-            "device": str(model.device), "compute_dtype": compute_dtype, "windows_in_batch": len(checked),
-            "window": origin, "documents": len(spans), "max_logit_diff_packed_vs_alone": alone_diff,
-            "packed_vs_alone_judged": alone_judged, "max_logit_diff_other_documents_changed": other_diff,
-            "tolerance": ISOLATION_TOLERANCE, "holds": holds}  # fmt: skip
+    tokens = [[[store.segment_tokens(segment) for segment in document] for document in window] for window in checked]
+    return {
+        **check_document_isolation(model, collator, tokens, autocast_dtype=autocast_dtype),
+        "window": origin,
+    }
 
 
-def judge_guarantees(mine: dict, other: dict, equal: dict, isolation: dict, bridges: bool, block_size: int):
+def judge_guarantees(
+    mine: dict,
+    other: dict,
+    equal: dict,
+    isolation: dict,
+    bridges: bool,
+    block_size: int,
+):
     """(broken, unchecked): the guarantees this run's plan or model breaks, and those it could not check.
 
     A guarantee that could not be checked is never counted as holding: ``guarantees_hold`` in the
@@ -1094,11 +1155,13 @@ def judge_guarantees(mine: dict, other: dict, equal: dict, isolation: dict, brid
     if not isolation["holds"]:
         broken.append(
             f"attention crosses documents with attn_implementation={isolation['attn_implementation']} "
-            f"({isolation['layout']} layout, {isolation['compute_dtype']} on {isolation['device']}): max logit "
-            f"difference {isolation['max_logit_diff_other_documents_changed']:.3g} when the other documents of the "
-            f"batch change, {isolation['max_logit_diff_packed_vs_alone']:.3g} packed vs. alone; use sdpa or eager"
+            f"({isolation['layout']} layout, {isolation['compute_dtype']} on {isolation['device']}): "
+            f"{isolation_failure(isolation) or 'the isolation check did not hold'}; use sdpa or eager"
         )
-    for name, audit, wanted in (("this setting", mine, expected), ("the other setting", other, 100.0 - expected)):
+    for name, audit, wanted in (
+        ("this setting", mine, expected),
+        ("the other setting", other, 100.0 - expected),
+    ):
         if not audit["pairs"]["total"]:
             unchecked.append(
                 f"co-location: no pair is in the planned windows of {name} ({audit['windows']} windows, "
@@ -1181,44 +1244,18 @@ def check_resume_setting(checkpoint: str, cpt_setting: dict) -> None:
 
 
 # ======================================================================================
-# Main
+# The run: base model, refusals, audit, model card
 # ======================================================================================
 
 
-def main(argv: list[str] | None = None) -> dict:
-    use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
-    cpt_args, training_args = parse_args(argv)
-    check_attention_implementation_trains_on(cpt_args.attn_implementation, training_args.device)
-    bridges = cpt_args.bridges
-    setting_name = "bridges" if bridges else "no-bridges"
-
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.StreamHandler(sys.stdout)],
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-    )
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
-    # ---- the dataset and its language ---------------------------------------------------
-    raw, dataset_folder = load_cpt_dataset(cpt_args)
-    build_stats_file = dataset_folder / "build_stats.json"
-    build_stats = json.loads(build_stats_file.read_text()) if build_stats_file.is_file() else None
-    cpt_args.lang = dataset_language(cpt_args.lang, build_stats, build_stats_file)
-    run_name = default_cpt_run_name(cpt_args.lang, bridges, training_args.seed)
-    if training_args.run_name is None:
-        training_args.run_name = run_name
-    if not output_dir_given(argv):  # not transformers' trainer_output/, where the two settings would collide
-        training_args.output_dir = str(RUNS_DIR / run_name)
-    shuffle_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    output_dir = Path(training_args.output_dir)
-
-    # ---- model, tokenizer ------------------------------------------------------------
+def load_base_model(cpt_args: CPTArguments):
+    """(model, tokenizer) of the base, with the flash guard on the model and no KV cache."""
     tokenizer = AutoTokenizer.from_pretrained(cpt_args.tokenizer_name or cpt_args.model_name_or_path)
-    start_id = document_start_id(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cpt_args.model_name_or_path, dtype=cpt_args.dtype, attn_implementation=cpt_args.attn_implementation
+            cpt_args.model_name_or_path,
+            dtype=cpt_args.dtype,
+            attn_implementation=cpt_args.attn_implementation,
         )
     except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
         raise ValueError(f"--attn_implementation {cpt_args.attn_implementation}: {err}") from err
@@ -1229,107 +1266,82 @@ def main(argv: list[str] | None = None) -> dict:
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and cpt_args.block_size > max_positions:
         raise ValueError(f"--block_size {cpt_args.block_size} exceeds the model's {max_positions} positions.")
-    vocab_size = max(len(tokenizer), model.config.vocab_size)
+    return model, tokenizer
 
-    # ---- data: units -> segments -------------------------------------------------------
-    with training_args.main_process_first(desc="tokenizing the CPT dataset"):
-        tokenized = tokenize_dataset(raw, tokenizer, cpt_args, shuffle_seed)
-    kinds = tokenized["kind"]
-    reasons = tokenized["drop_reason"]
-    doc_ids = tokenized["doc_id"]
-    doc_keys = document_keys(tokenized)
-    first_sides = tokenized["first_side"]
-    store = SegmentStore(tokenized)
-    units = packing_units(kinds, reasons, store)
+
+def refuse_data_without_pairs(units, kinds, reasons, build_stats: dict | None, dataset_folder: Path) -> None:
+    """Without pairs the two settings train on identical windows: their difference would measure nothing."""
     if not units:
         raise ValueError(f"{dataset_folder}: no unit left after tokenization; see the dataset's build_stats.json.")
-    pair_rows = {unit.key for unit in units if unit.is_pair}
-    if not pair_rows:
-        # Without pairs the two settings train on identical windows: their difference would measure nothing.
-        pair_records = sum(1 for kind in kinds if kind == "pair")
-        dropped_here = Counter(reason for kind, reason in zip(kinds, reasons) if kind == "pair" and reason)
-        counts = (
-            f"build_stats.json: pair read {build_stats['read']['pair']}, kept {build_stats['kept']['pair']}, "
-            f"dropped { {r: n for r, n in build_stats['dropped']['pair'].items() if n} }"
-            if build_stats
-            else "no build_stats.json"
-        )
-        raise ValueError(
-            f"{dataset_folder}: no parallel pair to train on ({pair_records} pair records"
-            + (f", all dropped here: {dict(dropped_here)}" if dropped_here else "")
-            + f"; {counts}). With no pairs both settings train on the same windows and their comparison measures "
-            "nothing; rebuild the dataset with build_pairs.py from parallel pairs."
-        )
-
-    # ---- the plan: both settings over the same documents ---------------------------------
-    windows_per_device_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    windows_per_step = windows_per_device_step * training_args.world_size
-    plan = BridgePackingCollator.plan(
-        units,
-        block_size=cpt_args.block_size,
-        windows_per_step=windows_per_step,
-        seed=shuffle_seed,
-        max_steps=training_args.max_steps if training_args.max_steps > 0 else None,
-        num_epochs=None if training_args.max_steps > 0 else training_args.num_train_epochs,
-        max_open_windows=cpt_args.max_open_windows,
-        # An all-padding window is allowed only where the data has fewer documents than windows,
-        # and never as many as one process reads per step (a step without targets would be NaN).
-        max_empty_windows=windows_per_device_step - 1,
+    if any(unit.is_pair for unit in units):
+        return
+    pair_records = sum(1 for kind in kinds if kind == "pair")
+    dropped_here = Counter(reason for kind, reason in zip(kinds, reasons) if kind == "pair" and reason)
+    counts = (
+        f"build_stats.json: pair read {build_stats['read']['pair']}, kept {build_stats['kept']['pair']}, "
+        f"dropped { {r: n for r, n in build_stats['dropped']['pair'].items() if n} }"
+        if build_stats
+        else "no build_stats.json"
     )
-    collators = {
-        b: BridgePackingCollator(
-            cpt_args.block_size, b, pad_id, cpt_args.max_open_windows, cpt_args.attn_implementation
-        )
-        for b in (True, False)
-    }
-    collator = collators[bridges]
-    audits = {
-        b: audit_windows(plan["windows"][b], store, collators[b], pair_rows, doc_keys, vocab_size)
-        for b in (True, False)
-    }
-    mine, other = audits[bridges], audits[not bridges]
+    raise ValueError(
+        f"{dataset_folder}: no parallel pair to train on ({pair_records} pair records"
+        + (f", all dropped here: {dict(dropped_here)}" if dropped_here else "")
+        + f"; {counts}). With no pairs both settings train on the same windows and their comparison measures "
+        "nothing; rebuild the dataset with build_pairs.py from parallel pairs."
+    )
+
+
+def build_audit(
+    plan: PackingPlan,
+    store,
+    collator,
+    tokenized,
+    units,
+    build_stats,
+    cpt_args,
+    training_args,
+    seed: int,
+    vocab_size,
+) -> dict:
+    """packing_audit.json before training: both settings' planned windows measured from the features
+    the model will receive (``audit_windows``), compared, and the run's ``cpt_setting`` (what a
+    checkpoint must match to be resumed)."""
+    bridges = cpt_args.bridges
+    kinds, reasons = tokenized["kind"], tokenized["drop_reason"]
+    doc_keys = document_keys(tokenized)
+    pair_rows = {unit.key for unit in units if unit.is_pair}
+    mine, other = (
+        audit_windows(plan.setting(b).windows, store, collator, pair_rows, doc_keys, vocab_size)
+        for b in (bridges, not bridges)
+    )
     equal = {
-        "segments_multiset": mine["hashes"]["segments_multiset_sha256"] == other["hashes"]["segments_multiset_sha256"],
-        "tokens_multiset": mine["hashes"]["tokens_multiset_sha256"] == other["hashes"]["tokens_multiset_sha256"],
-        "targets_multiset": mine["hashes"]["targets_multiset_sha256"] == other["hashes"]["targets_multiset_sha256"],
-        "documents_seen": mine["hashes"]["documents_seen_sha256"] == other["hashes"]["documents_seen_sha256"],
-        "windows": mine["windows"] == other["windows"],
-        "real_tokens": mine["real_tokens"] == other["real_tokens"],
-    }
-    kind_of_row = dict(enumerate(kinds))
-    seen_by_kind = Counter(kind_of_row[key[1]] for key in plan["seen"])
-    dropped = Counter(f"{kind}:{reason}" for kind, reason in zip(kinds, reasons) if reason)
+        f"{name.removesuffix('_sha256')}": mine["hashes"][name] == other["hashes"][name]
+        for name in ("segments_multiset_sha256", "tokens_multiset_sha256", "targets_multiset_sha256",
+                     "documents_seen_sha256")
+    }  # fmt: skip
+    equal["windows"] = mine["windows"] == other["windows"]
+    equal["real_tokens"] = mine["real_tokens"] == other["real_tokens"]
+    windows_per_step = plan.windows_per_step
     cpt_setting = {
         "lang": cpt_args.lang,
         "bridges": bridges,
         "block_size": cpt_args.block_size,
         "pair_order": cpt_args.pair_order,
         "pair_separator": cpt_args.pair_separator,
-        "seed": shuffle_seed,
+        "seed": seed,
         "dataset": cpt_args.dataset_name or str(Path(cpt_args.dataset_path).resolve()),
         "dataset_sha256": _sha256("\n".join(doc_keys).encode()),
         "base_model": cpt_args.model_name_or_path,
         **base_model_identity(cpt_args.model_name_or_path),
-        "steps": plan["steps"],
+        "steps": plan.steps,
         "windows_per_step": windows_per_step,
         "documents_seen_sha256": mine["hashes"]["documents_seen_sha256"],
     }
-    # Resume only a checkpoint of this very setting and plan (checked before anything is written).
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is not None and checkpoint.lower() in ("true", "last"):
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no "
-                                    f"checkpoint-N in {output_dir}.")  # fmt: skip
-    if checkpoint is None and output_dir.is_dir():
-        checkpoint = get_last_checkpoint(str(output_dir))
-        if checkpoint:
-            logger.info("Checkpoint detected, resuming training at %s.", checkpoint)
-    if checkpoint:
-        check_resume_setting(checkpoint, cpt_setting)
-
-    audit = {
-        "setting": setting_name,
+    kind_of_row = dict(enumerate(kinds))
+    dropped = Counter(f"{kind}:{reason}" for kind, reason in zip(kinds, reasons) if reason)
+    planned = plan.setting(bridges)
+    return {
+        "setting": "bridges" if bridges else "no-bridges",
         "cpt_setting": cpt_setting,
         "world_size": training_args.world_size,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
@@ -1338,50 +1350,151 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": {
             "units": len(kinds),
             "units_by_kind": dict(Counter(kinds)),
-            "units_dropped": {"count": sum(dropped.values()), "by_reason": dict(sorted(dropped.items()))},
+            "units_dropped": {
+                "count": sum(dropped.values()),
+                "by_reason": dict(sorted(dropped.items())),
+            },
             "units_packed": len(units),
             "text_units_cut_into_segments": sum(1 for u in units if not u.is_pair and len(u.segment_lengths) > 1),
             "build_stats_dropped": build_stats.get("dropped") if build_stats else None,
         },
         "plan": {
-            "requested_steps": plan["requested_steps"],
-            "steps": plan["steps"],
-            "steps_trimmed": plan["requested_steps"] - plan["steps"],
-            "windows": len(plan["windows"][bridges]),
-            "units_seen": plan["units_seen"],
-            "data_passes_touched": plan["passes"],
-            "data_epochs": round(plan["units_seen"] / len(units), 6),
-            "documents_seen_by_kind": dict(seen_by_kind),
-            "packer_windows": plan["packer_windows"][bridges],
+            "requested_steps": plan.requested_steps,
+            "steps": plan.steps,
+            "steps_trimmed": plan.requested_steps - plan.steps,
+            "windows": len(planned.windows),
+            "units_seen": plan.units_seen,
+            "data_passes_touched": plan.passes,
+            "data_epochs": round(plan.units_seen / len(units), 6),
+            "documents_seen_by_kind": dict(Counter(kind_of_row[key[1]] for key in plan.seen)),
+            "packer_windows": planned.packer_windows,
             "packer_real_token_fraction": round(
-                mine["real_tokens"] / (plan["packer_windows"][bridges] * cpt_args.block_size), 6
+                mine["real_tokens"] / (planned.packer_windows * cpt_args.block_size), 6
             ),
-            "windows_split_to_equalize": len(plan["windows"][bridges]) - plan["packer_windows"][bridges],
+            "windows_split_to_equalize": len(planned.windows) - planned.packer_windows,
             "max_open_windows": cpt_args.max_open_windows,
         },
-        **{k: v for k, v in mine.items()},
+        **mine,
         "other_setting": {
             "setting": "no-bridges" if bridges else "bridges",
-            **{k: v for k, v in other.items()},
-            "packer_windows": plan["packer_windows"][not bridges],
+            **other,
+            "packer_windows": plan.setting(not bridges).packer_windows,
         },
         "equal_across_settings": equal,
     }
-    # Document isolation, checked where and how the run trains: the training device (the model goes
+
+
+class CPTTrainer(ModelCardMixin, Trainer):
+    """A Trainer whose model card (also the one pushed to the Hub) records the CPT setting."""
+
+
+def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
+    """The model card: the run's cpt_setting and packing, and the steps trained when it is written."""
+    setting = audit["cpt_setting"]
+    bridges = setting["bridges"]
+    rows = {
+        **setting,
+        "run name": training_args.run_name,
+        "tokens per step": audit["windows_per_step"] * cpt_args.block_size,
+        "pairs co-located": f"{audit['pairs']['co_located_percent']}%",
+        "real-token fraction": audit["real_token_fraction"],
+        "world size": training_args.world_size,
+    }
+    how = (
+        "WITH bridges (each parallel pair in one context window)"
+        if bridges
+        else "WITHOUT bridges (pair halves never share a context window)"
+    )
+    return ModelCard(
+        title=f"CPT {setting['lang']}, {audit['setting']}, seed {setting['seed']}",
+        summary=f"Continual pretraining of {cpt_args.model_name_or_path} on {setting['lang']} {how}. "
+        "packing_audit.json proves the setting.",
+        setting=rows,
+        tags=["cross-lingual-transfer", "cpt", audit["setting"]],
+        progress=lambda steps: {"steps trained": steps},
+    )
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Continue the base model in one setting; returns the packing audit (also OUT/packing_audit.json)."""
+    # 1. Arguments, and the refusals that need no data: nothing is read or written before them.
+    use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
+    cpt_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+
+    # 2. The dataset and its language, which name the run and its folder; the checkpoint it resumes from.
+    raw, dataset_folder = load_cpt_dataset(cpt_args)
+    build_stats_file = dataset_folder / "build_stats.json"
+    build_stats = json.loads(build_stats_file.read_text()) if build_stats_file.is_file() else None
+    cpt_args.lang = dataset_language(cpt_args.lang, build_stats, build_stats_file)
+    run_name = default_cpt_run_name(cpt_args.lang, cpt_args.bridges, training_args.seed)
+    if training_args.run_name is None:
+        training_args.run_name = run_name
+    if not output_dir_given(argv):  # not transformers' trainer_output/, where the two settings would collide
+        training_args.output_dir = str(RUNS_DIR / run_name)
+    output_dir = Path(training_args.output_dir)
+    checkpoint = resume_checkpoint(training_args.resume_from_checkpoint, output_dir)  # never one silently
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+    # 3. The base model and its tokenizer.
+    model, tokenizer = load_base_model(cpt_args)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
+    collator = BridgePackingCollator(cpt_args.block_size, pad_id, cpt_args.attn_implementation)
+
+    # 4. Data: every unit tokenized into segments, identically for both settings.
+    with training_args.main_process_first(desc="tokenizing the CPT dataset"):
+        tokenized = tokenize_dataset(raw, tokenizer, cpt_args, seed)
+    store = SegmentStore(tokenized)
+    units = packing_units(tokenized["kind"], tokenized["drop_reason"], store)
+    refuse_data_without_pairs(units, tokenized["kind"], tokenized["drop_reason"], build_stats, dataset_folder)
+
+    # 5. The plan: both settings over the same documents, audited; a checkpoint must be of this very plan.
+    windows_per_device_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    plan = plan_packing(
+        units,
+        block_size=cpt_args.block_size,
+        windows_per_step=windows_per_device_step * training_args.world_size,
+        seed=seed,
+        max_steps=training_args.max_steps if training_args.max_steps > 0 else None,
+        num_epochs=None if training_args.max_steps > 0 else training_args.num_train_epochs,
+        max_open_windows=cpt_args.max_open_windows,
+        # An all-padding window is allowed only where the data has fewer documents than windows,
+        # and never as many as one process reads per step (a step without targets would be NaN).
+        max_empty_windows=windows_per_device_step - 1,
+    )
+    windows = plan.setting(cpt_args.bridges).windows
+    vocab_size = max(len(tokenizer), model.config.vocab_size)
+    audit = build_audit(
+        plan,
+        store,
+        collator,
+        tokenized,
+        units,
+        build_stats,
+        cpt_args,
+        training_args,
+        seed,
+        vocab_size,
+    )
+    if checkpoint:
+        check_resume_setting(checkpoint, audit["cpt_setting"])
+
+    # 6. Document isolation, checked where and how the run trains: the training device (the model goes
     # there now rather than in the Trainer; under FSDP the unsharded model, before wrapping), the run's
-    # kernel, precision and batch layout. A kernel that cannot run there stops the run here.
+    # kernel, precision and batch layout. Then every guarantee judged; training only if all hold.
     model.to(training_args.device)
-    try:
-        audit["document_isolation"] = check_document_isolation(
-            model, plan["windows"][bridges], store, collator, autocast_dtype=autocast_dtype(training_args)
-        )
-    except Exception as err:  # any failure of the kernel itself: name it and the device
-        raise ValueError(
-            f"--attn_implementation {cpt_args.attn_implementation} cannot run on {training_args.device} "
-            f"({err.__class__.__name__}: {str(err)[:300]}). Use --attn_implementation sdpa, or install the kernel "
-            "for this device. Nothing was trained."
-        ) from err
-    broken, unchecked = judge_guarantees(mine, other, equal, audit["document_isolation"], bridges, cpt_args.block_size)
+    audit["document_isolation"] = check_plan_isolation(
+        model, windows, store, collator, autocast_dtype=autocast_dtype(training_args)
+    )
+    broken, unchecked = judge_guarantees(
+        audit, audit["other_setting"], audit["equal_across_settings"], audit["document_isolation"],
+        cpt_args.bridges, cpt_args.block_size,
+    )  # fmt: skip
     audit["unchecked"] = unchecked
     audit["guarantees_hold"] = not broken and not unchecked  # never true of a guarantee that was not checked
     if training_args.should_save:
@@ -1391,103 +1504,66 @@ def main(argv: list[str] | None = None) -> dict:
     refuse_unchecked_guarantees(unchecked)
     logger.info(
         "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, "
-        "real tokens %.4f, multisets equal across settings: %s",
-        setting_name,
-        plan["steps"],
-        windows_per_step,
-        plan["units_seen"],
-        audit["plan"]["data_epochs"],
-        mine["pairs"]["co_located_percent"],
-        mine["real_token_fraction"],
-        all(equal.values()),
-    )
-    if plan["steps"] < plan["requested_steps"]:
+        "real tokens %.4f, multisets equal across settings: %s", audit["setting"], plan.steps, plan.windows_per_step,
+        plan.units_seen, audit["plan"]["data_epochs"], audit["pairs"]["co_located_percent"],
+        audit["real_token_fraction"], all(audit["equal_across_settings"].values()),
+    )  # fmt: skip
+    if plan.steps < plan.requested_steps:
         logger.warning(
             "Trained steps trimmed from %d to %d so that both settings see the same documents.",
-            plan["requested_steps"],
-            plan["steps"],
+            plan.requested_steps,
+            plan.steps,
         )
 
+    # 7. Every planned window, for an independent check (--dump_packing).
     if cpt_args.dump_packing and training_args.should_save:
-        segment_names = segment_namer(kinds, doc_ids, first_sides)
-        write_dump(Path(cpt_args.dump_packing), plan["windows"][bridges], store, collator, segment_names)
-        logger.info("Wrote %d packed windows to %s", len(plan["windows"][bridges]), cpt_args.dump_packing)
+        names = segment_namer(tokenized["kind"], tokenized["doc_id"], tokenized["first_side"])
+        write_dump(Path(cpt_args.dump_packing), windows, store, collator, names)
+        logger.info("Wrote %d packed windows to %s", len(windows), cpt_args.dump_packing)
 
-    # ---- training ------------------------------------------------------------------------
-    model.config.cpt_setting = cpt_setting
-    training_args.max_steps = plan["steps"]  # one pass over the planned windows (see the collator)
-    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
-        # A checkpoint is skipped while the previous upload runs unless this is set; the learning
-        # curve needs every one.
-        training_args.hub_always_push = True
-    card_setting = {
-        **cpt_setting,
-        "run name": training_args.run_name,
-        "tokens per step": windows_per_step * cpt_args.block_size,
-        "pairs co-located": f"{mine['pairs']['co_located_percent']}%",
-        "real-token fraction": mine["real_token_fraction"],
-        "world size": training_args.world_size,
-    }
-    card_title = f"CPT {cpt_args.lang}, {setting_name}, seed {shuffle_seed}"
-    card_summary = (
-        f"Continual pretraining of {cpt_args.model_name_or_path} on {cpt_args.lang} "
-        f"{'WITH bridges (each parallel pair in one context window)' if bridges else 'WITHOUT bridges (pair halves never share a context window)'}. "
-        "packing_audit.json proves the setting."
-    )
-    if training_args.should_save:
-        write_card(output_dir, card_title, card_summary, card_setting, ["cross-lingual-transfer", "cpt", setting_name])
-
+    # 8. Train: one pass over the planned windows, each read exactly once (counted); then the model,
+    # the metrics and the card (pushed with the model).
+    model.config.cpt_setting = audit["cpt_setting"]
+    training_args.max_steps = plan.steps
     set_seed(training_args.seed)
-    train_dataset = PackedWindows(plan["windows"][bridges], store, collator)
-    trainer = Trainer(
+    train_dataset = PackedWindows(windows, store, collator)
+    trainer = CPTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[CPTSettingCallback(cpt_setting), WindowCountCallback(train_dataset)],
+        callbacks=[
+            CPTSettingCallback(audit["cpt_setting"]),
+            WindowCountCallback(train_dataset),
+        ],
     )
+    trainer.model_card = model_card(audit, cpt_args, training_args)
+    trainer.create_model_card()
     start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
     result = trainer.train(resume_from_checkpoint=checkpoint)
     audit["windows_trained"] = check_windows_trained(
-        train_dataset, training_args, start_step, plan["steps"], windows_per_step
+        train_dataset, training_args, start_step, plan.steps, plan.windows_per_step
     )
     if training_args.should_save:
         write_json_atomic(output_dir / "packing_audit.json", audit)
     if audit["windows_trained"].get("each_planned_window_once") is False:
         raise RuntimeError(f"The Trainer did not read each planned window exactly once: {audit['windows_trained']}")
     trainer.save_model()
-    metrics = dict(result.metrics)
-    metrics["train_windows"] = len(plan["windows"][bridges])
-    metrics["train_real_tokens"] = mine["real_tokens"]
+    metrics = {
+        **result.metrics,
+        "train_windows": len(windows),
+        "train_real_tokens": audit["real_tokens"],
+    }
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"End of training: {training_args.run_name}")
-    if training_args.should_save:
-        write_card(
-            output_dir,
-            card_title,
-            card_summary,
-            {**card_setting, "steps trained": trainer.state.global_step},
-            ["cross-lingual-transfer", "cpt", setting_name],
-        )
-        if training_args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            HfApi().upload_file(
-                path_or_fileobj=str(output_dir / "README.md"),
-                path_in_repo="README.md",
-                repo_id=trainer.hub_model_id,
-                token=training_args.hub_token,
-            )
+    else:
+        trainer.create_model_card()
     return audit
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"run_cpt.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_input_error(main)

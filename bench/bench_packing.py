@@ -10,7 +10,7 @@ articles, lengths below), it measures, for both settings:
     fit; the simplest packer that never splits a document), and
   * first-fit decreasing (offline, all documents sorted by length: a near-optimal fill that a
     streaming packer cannot do, shown as the ceiling);
-- the full two-setting plan (``BridgePackingCollator.plan``) at paper scale per step: a budget of
+- the full two-setting plan (``plan_packing``) at paper scale per step: a budget of
   ``--steps`` steps of 256 windows of 2048 tokens (0.5M tokens per step).
 
 Length mix (tokens of the study's byte-level BPE; Tibetan takes ~3x the tokens of English text
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_cpt import BridgePackingCollator, PackingUnit  # noqa: E402
+from run_cpt import PackingUnit, pack, plan_packing, shuffled, unit_documents  # noqa: E402
 
 
 def realistic_units(rng: random.Random, n_pairs: int, n_mono: int, block_size: int = 2048) -> list[PackingUnit]:
@@ -48,11 +48,6 @@ def realistic_units(rng: random.Random, n_pairs: int, n_mono: int, block_size: i
         lengths = tuple(1 + min(piece, tokens - at) for at in range(0, tokens, piece))
         units.append(PackingUnit(len(units), lengths, False))
     return units
-
-
-def documents(units, bridges, block_size):
-    collator = BridgePackingCollator(block_size, bridges, 0)
-    return [d for u in units for d in collator.documents(u)]
 
 
 def next_fit(lengths, block_size):
@@ -97,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     units = realistic_units(random.Random(args.seed), args.pairs, args.mono, args.block_size)
-    stream = BridgePackingCollator.shuffled(units, args.seed, 0)
+    stream = shuffled(units, args.seed, 0)
     real = sum(sum(u.segment_lengths) for u in units)
     print(
         f"{len(units)} units ({args.pairs} pairs asked, {args.mono} articles), {real:,} tokens, block {args.block_size}"
@@ -107,9 +102,8 @@ def main() -> None:
         f"{'time vs next-fit':>16}"
     )
     for bridges in (False, True):
-        collator = BridgePackingCollator(args.block_size, bridges, 0)
-        windows, seconds = timed(collator.pack, stream)
-        lengths = [length for length, _, _ in documents(stream, bridges, args.block_size)]
+        windows, seconds = timed(pack, stream, args.block_size, bridges)
+        lengths = [length for unit in stream for length, _, _ in unit_documents(unit, bridges)]
         nf_windows, nf_seconds = timed(next_fit, lengths, args.block_size)
         ffd_windows = first_fit_decreasing(lengths, args.block_size)
         fill = real / (len(windows) * args.block_size)
@@ -123,19 +117,19 @@ def main() -> None:
 
     per_step = 256
     _, seconds = timed(
-        lambda: BridgePackingCollator.plan(
+        lambda: plan_packing(
             units, block_size=args.block_size, windows_per_step=per_step, seed=args.seed, max_steps=args.steps
         )
     )
-    plan = BridgePackingCollator.plan(
+    plan = plan_packing(
         units, block_size=args.block_size, windows_per_step=per_step, seed=args.seed, max_steps=args.steps
     )
-    planned_real = sum(sum(units[k[1]].segment_lengths) for k in plan["seen"])
+    planned_real = sum(sum(units[k[1]].segment_lengths) for k in plan.seen)
     print(
-        f"plan, both settings, {plan['steps']} steps x {per_step} windows: {seconds:.2f} s "
-        f"({seconds / plan['steps'] * 1500:.0f} s extrapolated to the paper's 1,500 steps); "
-        f"real-token fraction after equalizing {planned_real / (plan['steps'] * per_step * args.block_size):.4%}; "
-        f"packer windows bridges {plan['packer_windows'][True]}, no bridges {plan['packer_windows'][False]}"
+        f"plan, both settings, {plan.steps} steps x {per_step} windows: {seconds:.2f} s "
+        f"({seconds / plan.steps * 1500:.0f} s extrapolated to the paper's 1,500 steps); "
+        f"real-token fraction after equalizing {planned_real / (plan.steps * per_step * args.block_size):.4%}; "
+        f"packer windows bridges {plan.bridges.packer_windows}, no bridges {plan.no_bridges.packer_windows}"
     )
 
 

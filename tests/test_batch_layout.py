@@ -178,15 +178,15 @@ def cpt_plan(tmp_path_factory, tiny_model_dir):
     )
     store = run_cpt.SegmentStore(tokenized)
     units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
-    plan = run_cpt.BridgePackingCollator.plan(units, block_size=64, windows_per_step=2, seed=0, max_steps=2)
+    plan = run_cpt.plan_packing(units, block_size=64, windows_per_step=2, seed=0, max_steps=2)
     return {"plan": plan, "store": store, "units": units, "tokenized": tokenized, "data": data}
 
 
 def cpt_features(cpt_plan, bridges=True, n_windows=3):
     import run_cpt
 
-    collator = run_cpt.BridgePackingCollator(64, bridges, 1)
-    windows = cpt_plan["plan"]["windows"][bridges][:n_windows]
+    collator = run_cpt.BridgePackingCollator(64, 1)
+    windows = cpt_plan["plan"].setting(bridges).windows[:n_windows]
     return [collator.window_features(window, cpt_plan["store"].segment_tokens) for window in windows]
 
 
@@ -198,8 +198,8 @@ def test_the_cpt_collator_gives_flash_kernels_one_row_with_the_windows_of_the_pa
     import run_cpt
 
     features = cpt_features(cpt_plan, bridges)
-    padded = run_cpt.BridgePackingCollator(64, bridges, 1, attn_implementation="sdpa")(features)
-    flat = run_cpt.BridgePackingCollator(64, bridges, 1, attn_implementation=attn_implementation)(features)
+    padded = run_cpt.BridgePackingCollator(64, 1, attn_implementation="sdpa")(features)
+    flat = run_cpt.BridgePackingCollator(64, 1, attn_implementation=attn_implementation)(features)
     assert set(padded) == {"input_ids", "position_ids", "labels"} and padded["input_ids"].shape == (3, 64)
     assert flat["input_ids"].shape == flat["position_ids"].shape == flat["labels"].shape == (1, 3 * 64)
     assert "attention_mask" not in flat and all(flat[key] is not None for key in SEQUENCE_BOUNDARY_KEYS)
@@ -224,7 +224,7 @@ def test_the_cpt_collator_keeps_one_padded_row_per_window_for_kernels_that_mask_
 ):
     import run_cpt
 
-    batch = run_cpt.BridgePackingCollator(64, True, 1, attn_implementation=attn_implementation)(cpt_features(cpt_plan))
+    batch = run_cpt.BridgePackingCollator(64, 1, attn_implementation=attn_implementation)(cpt_features(cpt_plan))
     assert set(batch) == {"input_ids", "position_ids", "labels"} and batch["input_ids"].shape == (3, 64)
 
 
@@ -242,9 +242,9 @@ def test_the_cpt_audit_is_computed_from_window_features_and_matches_what_every_l
     for bridges in (True, False):
         audits = {
             kernel: run_cpt.audit_windows(
-                plan["windows"][bridges],
+                plan.setting(bridges).windows,
                 store,
-                run_cpt.BridgePackingCollator(64, bridges, 1, attn_implementation=kernel),
+                run_cpt.BridgePackingCollator(64, 1, attn_implementation=kernel),
                 pair_rows,
                 doc_keys,
                 vocab,
@@ -252,14 +252,14 @@ def test_the_cpt_audit_is_computed_from_window_features_and_matches_what_every_l
             for kernel in ("sdpa", "flash_attention_2")
         }
         assert audits["sdpa"] == audits["flash_attention_2"]
-        collator = run_cpt.BridgePackingCollator(64, bridges, 1, attn_implementation="flash_attention_2")
-        batch = collator([collator.window_features(w, store.segment_tokens) for w in plan["windows"][bridges]])
+        collator = run_cpt.BridgePackingCollator(64, 1, attn_implementation="flash_attention_2")
+        batch = collator([collator.window_features(w, store.segment_tokens) for w in plan.setting(bridges).windows])
         real = torch.cat(
             [
                 batch["input_ids"][0][
                     w * 64 : w * 64 + len(collator.window_features(window, store.segment_tokens)["input_ids"])
                 ]
-                for w, window in enumerate(plan["windows"][bridges])
+                for w, window in enumerate(plan.setting(bridges).windows)
             ]
         )
         targets = batch["labels"][0][batch["labels"][0] != -100]
@@ -277,7 +277,7 @@ def test_one_flattened_cpt_row_gives_each_document_the_logits_of_the_padded_layo
     features = cpt_features(cpt_plan)
     logits = {}
     for name, kernel in (("padded", "sdpa"), ("flattened", "flash_attention_2")):
-        batch = run_cpt.BridgePackingCollator(64, True, 1, attn_implementation=kernel)(features)
+        batch = run_cpt.BridgePackingCollator(64, 1, attn_implementation=kernel)(features)
         batch.pop("labels")
         with torch.no_grad():
             out = model(**batch, use_cache=False).logits
@@ -287,7 +287,7 @@ def test_one_flattened_cpt_row_gives_each_document_the_logits_of_the_padded_layo
     # per document: the last document of the first window, alone, gives the same logits
     positions = features[0]["position_ids"]
     start = max(i for i, p in enumerate(positions) if p == 0)
-    alone = run_cpt.BridgePackingCollator(64, True, 1)([{key: feature[start:] for key, feature in features[0].items()}])
+    alone = run_cpt.BridgePackingCollator(64, 1)([{key: feature[start:] for key, feature in features[0].items()}])
     with torch.no_grad():
         alone_logits = model(input_ids=alone["input_ids"], position_ids=alone["position_ids"]).logits[0]
     end = len(positions)
@@ -309,8 +309,8 @@ def test_the_cpt_isolation_check_runs_two_windows_in_the_kernels_layout_and_refu
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.config._attn_implementation = kernel
-    collator = run_cpt.BridgePackingCollator(64, True, 1, attn_implementation=kernel)
-    result = run_cpt.check_document_isolation(model, cpt_plan["plan"]["windows"][True], cpt_plan["store"], collator)
+    collator = run_cpt.BridgePackingCollator(64, 1, attn_implementation=kernel)
+    result = run_cpt.check_plan_isolation(model, cpt_plan["plan"].bridges.windows, cpt_plan["store"], collator)
     assert result["windows_in_batch"] == 2 and result["documents"] >= 3
     assert result["layout"] == ("padded" if kernel in ("sdpa", "eager") else "flattened")
     assert result["holds"] is holds
@@ -333,11 +333,11 @@ def test_the_cpt_isolation_check_sees_a_leak_across_windows_of_one_document_each
 
     import run_cpt
 
-    one_per_window = [[document] for window in cpt_plan["plan"]["windows"][False] for document in window]
+    one_per_window = [[document] for window in cpt_plan["plan"].no_bridges.windows for document in window]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.config._attn_implementation = "causal_across_documents"
-    collator = run_cpt.BridgePackingCollator(64, False, 1, attn_implementation="causal_across_documents")
-    result = run_cpt.check_document_isolation(model, one_per_window, cpt_plan["store"], collator)
+    collator = run_cpt.BridgePackingCollator(64, 1, attn_implementation="causal_across_documents")
+    result = run_cpt.check_plan_isolation(model, one_per_window, cpt_plan["store"], collator)
     assert result["windows_in_batch"] == 2 and result["holds"] is False
 
 

@@ -126,14 +126,14 @@ def plan_and_dump(data_dir, tokenizer_dir, folder, block_size=128, per_step=4, m
     tokenized = run_cpt.tokenize_dataset(raw, tokenizer, args, seed=0)
     store = run_cpt.SegmentStore(tokenized)
     units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
-    plan = run_cpt.BridgePackingCollator.plan(units, block_size=block_size, windows_per_step=per_step, seed=0,
+    plan = run_cpt.plan_packing(units, block_size=block_size, windows_per_step=per_step, seed=0,
                                               max_steps=max_steps)  # fmt: skip
     names = run_cpt.segment_namer(tokenized["kind"], tokenized["doc_id"], tokenized["first_side"])
     dumps = {}
     for bridges in (True, False):
-        collator = run_cpt.BridgePackingCollator(block_size, bridges, tokenizer.pad_token_id)
+        collator = run_cpt.BridgePackingCollator(block_size, tokenizer.pad_token_id)
         dumps[bridges] = Path(folder) / f"{'bridges' if bridges else 'no-bridges'}.jsonl"
-        run_cpt.write_dump(dumps[bridges], plan["windows"][bridges], store, collator, names)
+        run_cpt.write_dump(dumps[bridges], plan.setting(bridges).windows, store, collator, names)
     return plan, dumps, store
 
 
@@ -148,7 +148,7 @@ def test_independent_check_of_both_dumps_agrees_and_catches_broken_guarantees(cp
     assert results[True]["pairs"] == results[False]["pairs"] > 0
     assert results[True]["co_located"] == results[True]["pairs"] and results[False]["co_located"] == 0
     assert results[True]["segments"] == results[False]["segments"]  # the same segments, token for token
-    assert results[True]["windows"] == results[False]["windows"] == plan["steps"] * 4
+    assert results[True]["windows"] == results[False]["windows"] == plan.steps * 4
 
     # Broken guarantees are caught: a position that does not restart a document, a bridged dump
     # read as a no-bridges one, a changed token.
@@ -248,8 +248,8 @@ def test_the_run_checks_document_isolation_on_its_own_model_and_window(cpt_data,
 
     plan, _, store = plan_and_dump(cpt_data, tiny_model_dir, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    collator = run_cpt.BridgePackingCollator(128, True, 1)
-    result = run_cpt.check_document_isolation(model, plan["windows"][True], store, collator)
+    collator = run_cpt.BridgePackingCollator(128, 1)
+    result = run_cpt.check_plan_isolation(model, plan.bridges.windows, store, collator)
     assert result["checked"] and result["holds"] and result["documents"] >= 2
 
     class LeakyCollator(run_cpt.BridgePackingCollator):  # positions that never restart: one long sequence
@@ -259,7 +259,7 @@ def test_the_run_checks_document_isolation_on_its_own_model_and_window(cpt_data,
             batch["position_ids"][:, 0] = 0
             return batch
 
-    leaky = run_cpt.check_document_isolation(model, plan["windows"][True], store, LeakyCollator(128, True, 1))
+    leaky = run_cpt.check_plan_isolation(model, plan.bridges.windows, store, LeakyCollator(128, 1))
     assert leaky["checked"] and not leaky["holds"]
 
 
@@ -268,8 +268,8 @@ def test_packed_windows_survive_the_trainers_column_removal(cpt_data, tiny_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     plan, _, store = plan_and_dump(cpt_data, tiny_model_dir, tmp_path)
-    collator = run_cpt.BridgePackingCollator(128, True, 1)
-    dataset = run_cpt.PackedWindows(plan["windows"][True], store, collator)
+    collator = run_cpt.BridgePackingCollator(128, 1)
+    dataset = run_cpt.PackedWindows(plan.bridges.windows, store, collator)
     trainer = Trainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=TrainingArguments(
@@ -397,7 +397,8 @@ def hub_runs(tmp_path_factory, tiny_model_dir):
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     run_script(["python", "run_cpt.py", "--model_name_or_path", "tester/tiny-base", "--dataset_name", "tester/cpt-bo",
-                "--output_dir", str(resumed), *common], env_extra={**offline, **ONE_THREAD})  # fmt: skip
+                "--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-2"), *common],
+               env_extra={**offline, **ONE_THREAD})  # fmt: skip
     return {"straight": straight, "resumed": resumed, "pushed_files": pushed_files, "pushed_root": pushed_root,
             "data": folder / "data", "pushed_dataset_files": pushed_dataset_files, "cache": cache}  # fmt: skip
 

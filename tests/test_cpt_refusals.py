@@ -86,13 +86,13 @@ def audits_of_a_real_plan(data_dir, tokenizer_dir):
     tokenized = run_cpt.tokenize_dataset(raw, tokenizer, args, seed=0)
     store = run_cpt.SegmentStore(tokenized)
     units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
-    plan = run_cpt.BridgePackingCollator.plan(units, block_size=64, windows_per_step=2, seed=0, max_steps=2)
+    plan = run_cpt.plan_packing(units, block_size=64, windows_per_step=2, seed=0, max_steps=2)
     pair_rows = {u.key for u in units if u.is_pair}
     audits = {
         b: run_cpt.audit_windows(
-            plan["windows"][b],
+            plan.setting(b).windows,
             store,
-            run_cpt.BridgePackingCollator(64, b, 0),
+            run_cpt.BridgePackingCollator(64, 0),
             pair_rows,
             tokenized["doc_id"],
             len(tokenizer),
@@ -129,10 +129,10 @@ def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_wi
     from transformers import AutoModelForCausalLM
 
     plan, store, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
-    one_per_window = [[document] for window in plan["windows"][True] for document in window]
+    one_per_window = [[document] for window in plan.bridges.windows for document in window]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    collator = run_cpt.BridgePackingCollator(64, True, 1)
-    result = run_cpt.check_document_isolation(model, one_per_window, store, collator)
+    collator = run_cpt.BridgePackingCollator(64, 1)
+    result = run_cpt.check_plan_isolation(model, one_per_window, store, collator)
     assert result["checked"] and result["holds"] and result["documents"] >= 3 and result["windows_in_batch"] == 2
     assert result["window"] == "a window built from the plan's shortest documents, and a planned window"
 
@@ -142,7 +142,7 @@ def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_wi
             batch["position_ids"] = torch.arange(self.block_size).expand_as(batch["input_ids"]).clone()
             return batch
 
-    leaky = run_cpt.check_document_isolation(model, one_per_window, store, LeakyCollator(64, True, 1))
+    leaky = run_cpt.check_plan_isolation(model, one_per_window, store, LeakyCollator(64, 1))
     assert leaky["checked"] and not leaky["holds"]
 
 
@@ -195,7 +195,7 @@ def test_resume_refuses_a_checkpoint_of_another_base_model_or_other_data_and_res
     def resume(base, data_dir, name):
         run = tmp_path / name
         shutil.copytree(first / "checkpoint-1", run / "checkpoint-1")
-        run_cpt.main(cpt_command(base, data_dir, run, "--lang", "bo"))
+        run_cpt.main(cpt_command(base, data_dir, run, "--lang", "bo", "--resume_from_checkpoint", "latest"))
         return run
 
     # The base model retrained upstream: same config and tokenizer, other weights.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from run_cpt import BridgePackingCollator, PackingUnit
+from run_cpt import BridgePackingCollator, PackingUnit, pack, plan_packing, shuffled, split_to
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +93,9 @@ def check_pack_case(case):
     block_size = rng.choice([4, 8, 16, 33, 64, 128, 300])
     units = random_units(rng, block_size)
     units_by_key = {u.key: u for u in units}
-    stream = BridgePackingCollator.shuffled(units, seed=rng.randint(0, 10**6), data_pass=0)
+    stream = shuffled(units, seed=rng.randint(0, 10**6), data_pass=0)
     max_open = rng.choice([1, 2, 4, 64])
-    packed = {b: BridgePackingCollator(block_size, b, 0, max_open).pack(stream) for b in (True, False)}
+    packed = {b: pack(stream, block_size, b, max_open) for b in (True, False)}
     for bridges, windows in packed.items():
         # Every document exactly once per pass, none split, none over a window, co-location 100/0.
         check_windows(
@@ -126,7 +126,7 @@ def check_plan_case(case):
     budget = {"max_steps": rng.randint(1, 12)} if rng.random() < 0.7 else {"num_epochs": rng.choice([0.5, 1, 2.5])}
     max_open = rng.choice([1, 3, 64])
     try:
-        plan = BridgePackingCollator.plan(
+        plan = plan_packing(
             units,
             block_size=block_size,
             windows_per_step=per_step,
@@ -138,32 +138,30 @@ def check_plan_case(case):
     except ValueError as error:  # only when not even one step can be filled in both settings
         assert "cannot fill even one step" in str(error)
         return
-    target = plan["steps"] * per_step
-    assert 1 <= plan["steps"] <= plan["requested_steps"]
+    target = plan.steps * per_step
+    assert 1 <= plan.steps <= plan.requested_steps
     for bridges in (True, False):
-        windows = plan["windows"][bridges]
+        windows = plan.setting(bridges).windows
         assert len(windows) == target, "both settings get exactly steps x windows_per_step windows"
         assert sum(1 for w in windows if not w) <= max_empty
-        check_windows(windows, units_by_key, block_size, bridges, expected_segments(plan["seen"], units_by_key))
+        check_windows(windows, units_by_key, block_size, bridges, expected_segments(plan.seen, units_by_key))
     # The prefix is whole passes over the data, each a permutation of all units, then part of one.
-    passes = Counter(key[0] for key in plan["seen"])
-    assert list(passes) == list(range(plan["passes"]))
+    passes = Counter(key[0] for key in plan.seen)
+    assert list(passes) == list(range(plan.passes))
     for data_pass, count in passes.items():
-        keys = [key[1] for key in plan["seen"] if key[0] == data_pass]
+        keys = [key[1] for key in plan.seen if key[0] == data_pass]
         assert len(set(keys)) == len(keys), "a unit twice in one pass"
-        if data_pass < plan["passes"] - 1:
+        if data_pass < plan.passes - 1:
             assert count == len(units), "an earlier pass is incomplete"
     if "num_epochs" in budget:
-        assert plan["units_seen"] <= budget["num_epochs"] * len(units) + 1
-    elif plan["steps"] == plan["requested_steps"]:
+        assert plan.units_seen <= budget["num_epochs"] * len(units) + 1
+    elif plan.steps == plan.requested_steps:
         # Longest prefix: one more unit would need more windows than the budget in some setting.
-        last_pass = plan["passes"] - 1
+        last_pass = plan.passes - 1
         position = passes[last_pass]
-        following = BridgePackingCollator.shuffled(units, case, last_pass) + BridgePackingCollator.shuffled(
-            units, case, last_pass + 1
-        )
-        longer = [units_by_key[key[1]]._replace(key=key) for key in plan["seen"]] + [following[position]]
-        needs = [len(BridgePackingCollator(block_size, b, 0, max_open).pack(longer)) for b in (True, False)]
+        following = shuffled(units, case, last_pass) + shuffled(units, case, last_pass + 1)
+        longer = [units_by_key[key[1]]._replace(key=key) for key in plan.seen] + [following[position]]
+        needs = [len(pack(longer, block_size, b, max_open)) for b in (True, False)]
         assert max(needs) > target
 
 
@@ -193,15 +191,13 @@ def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so(tiny_m
     # bridges the halves of a pair may not share one. Three steps of one window cannot hold the same
     # documents in both settings (three pairs need four windows without bridges); two and four can.
     units = [PackingUnit(row, (5, 5), True) for row in range(10)]
-    trimmed = BridgePackingCollator.plan(units, block_size=10, windows_per_step=1, seed=0, max_steps=3)
-    assert (trimmed["requested_steps"], trimmed["steps"], trimmed["units_seen"]) == (3, 2, 2)
-    assert all(len(trimmed["windows"][b]) == 2 for b in (True, False))
-    filled = BridgePackingCollator.plan(units, block_size=10, windows_per_step=1, seed=0, max_steps=4)
-    assert (filled["requested_steps"], filled["steps"]) == (4, 4)  # the data can fill them: no trim
-    with_slack = BridgePackingCollator.plan(
-        units, block_size=10, windows_per_step=2, seed=0, max_steps=3, max_empty_windows=1
-    )
-    assert with_slack["steps"] == 3  # one all-padding window per step is allowed to fill the gap
+    trimmed = plan_packing(units, block_size=10, windows_per_step=1, seed=0, max_steps=3)
+    assert (trimmed.requested_steps, trimmed.steps, trimmed.units_seen) == (3, 2, 2)
+    assert all(len(trimmed.setting(b).windows) == 2 for b in (True, False))
+    filled = plan_packing(units, block_size=10, windows_per_step=1, seed=0, max_steps=4)
+    assert (filled.requested_steps, filled.steps) == (4, 4)  # the data can fill them: no trim
+    with_slack = plan_packing(units, block_size=10, windows_per_step=2, seed=0, max_steps=3, max_empty_windows=1)
+    assert with_slack.steps == 3  # one all-padding window per step is allowed to fill the gap
 
     # The same shape through run_cpt.py (segments of 1 + 6 and 1 + 8 tokens in 16-token windows): the
     # audit reports the trim, the run warns, and trains 2 steps.
@@ -231,34 +227,34 @@ def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so(tiny_m
 def test_plan_is_a_pure_function_of_units_seed_and_sizes():
     rng = random.Random(5)
     units = random_units(rng, 64)
-    first = BridgePackingCollator.plan(units, block_size=64, windows_per_step=3, seed=7, max_steps=5)
-    again = BridgePackingCollator.plan(list(units), block_size=64, windows_per_step=3, seed=7, max_steps=5)
-    other_seed = BridgePackingCollator.plan(units, block_size=64, windows_per_step=3, seed=8, max_steps=5)
+    first = plan_packing(units, block_size=64, windows_per_step=3, seed=7, max_steps=5)
+    again = plan_packing(list(units), block_size=64, windows_per_step=3, seed=7, max_steps=5)
+    other_seed = plan_packing(units, block_size=64, windows_per_step=3, seed=8, max_steps=5)
     assert first == again
-    assert first["seen"] != other_seed["seen"]
+    assert first.seen != other_seed.seen
 
 
 def test_split_to_halves_the_fullest_windows_and_keeps_documents_whole():
     windows = [[("a",), ("b",), ("c",), ("d",)], [("e",)]]
-    split = BridgePackingCollator.split_to(windows, 4)
+    split = split_to(windows, 4)
     assert split == [[("a",)], [("b",)], [("c",), ("d",)], [("e",)]] or split == [
         [("a",), ("b",)],
         [("c",)],
         [("d",)],
         [("e",)],
     ]
-    assert BridgePackingCollator.split_to(windows, 6, max_empty_windows=1)[-1] == []
+    assert split_to(windows, 6, max_empty_windows=1)[-1] == []
     with pytest.raises(ValueError, match="cannot fill"):
-        BridgePackingCollator.split_to(windows, 7, max_empty_windows=1)
+        split_to(windows, 7, max_empty_windows=1)
 
 
 def test_real_token_fraction_meets_the_goals_at_block_2048_on_a_realistic_length_mix():
     from bench.bench_packing import realistic_units
 
     units = realistic_units(random.Random(0), n_pairs=6000, n_mono=600, block_size=2048)
-    stream = BridgePackingCollator.shuffled(units, seed=0, data_pass=0)
+    stream = shuffled(units, seed=0, data_pass=0)
     real = sum(sum(u.segment_lengths) for u in units)
-    fraction = {b: real / (2048 * len(BridgePackingCollator(2048, b, 0).pack(stream))) for b in (True, False)}
+    fraction = {b: real / (2048 * len(pack(stream, 2048, b))) for b in (True, False)}
     assert fraction[False] >= 0.99
     assert fraction[True] >= 0.98
 
@@ -279,7 +275,7 @@ UNITS = [PackingUnit(0, LENGTHS[0], True), PackingUnit(1, LENGTHS[1], False), Pa
 
 
 def test_collated_window_restarts_positions_per_document_and_masks_segment_starts():
-    collator = BridgePackingCollator(block_size=12, bridges=True, pad_token_id=1)
+    collator = BridgePackingCollator(block_size=12, pad_token_id=1)
     window = [(((0, 0), 0), ((0, 0), 1)), (((0, 1), 0),)]  # bridged pair (4 + 3), then a text (5)
     feature = collator.window_features(window, tokens_of)
     batch = collator([feature, collator.window_features([(((0, 1), 0),)], tokens_of)])
@@ -298,7 +294,7 @@ def test_collated_window_restarts_positions_per_document_and_masks_segment_start
 
 
 def test_collator_refuses_a_window_over_block_size():
-    collator = BridgePackingCollator(block_size=6, bridges=False, pad_token_id=1)
+    collator = BridgePackingCollator(block_size=6, pad_token_id=1)
     with pytest.raises(ValueError, match="exceeds block_size"):
         collator.window_features([(((0, 1), 0),), (((0, 0), 0),)], tokens_of)
     with pytest.raises(ValueError, match="exceeds block_size"):
@@ -306,11 +302,11 @@ def test_collator_refuses_a_window_over_block_size():
 
 
 def test_targets_are_the_same_tokens_in_both_settings():
-    plan = BridgePackingCollator.plan(UNITS, block_size=12, windows_per_step=2, seed=0, num_epochs=1)
+    plan = plan_packing(UNITS, block_size=12, windows_per_step=2, seed=0, num_epochs=1)
     targets = {}
     for bridges in (True, False):
-        collator = BridgePackingCollator(12, bridges, 1)
-        batch = collator([collator.window_features(w, tokens_of) for w in plan["windows"][bridges]])
+        collator = BridgePackingCollator(12, 1)
+        batch = collator([collator.window_features(w, tokens_of) for w in plan.setting(bridges).windows])
         labels = batch["labels"][batch["labels"] != -100]
         targets[bridges] = (Counter(labels.tolist()), Counter(batch["input_ids"][batch["labels"] != -100].tolist()))
     assert targets[True] == targets[False]
@@ -339,10 +335,10 @@ def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_mod
         with torch.no_grad():
             return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
-    plan = BridgePackingCollator.plan(units, block_size=64, windows_per_step=2, seed=0, num_epochs=1)
+    plan = plan_packing(units, block_size=64, windows_per_step=2, seed=0, num_epochs=1)
     for bridges in (True, False):
-        collator = BridgePackingCollator(64, bridges, pad_token_id=1)
-        windows = plan["windows"][bridges]
+        collator = BridgePackingCollator(64, pad_token_id=1)
+        windows = plan.setting(bridges).windows
         assert any(len(window) >= 2 for window in windows)  # neighbours a leak would come from
         batch = collator([collator.window_features(window, tokens) for window in windows])
         packed_rows = logits(batch["input_ids"], batch["position_ids"])  # all windows in one batch
@@ -396,10 +392,10 @@ def test_collator_section_runs_with_only_the_standard_library_and_torch(tmp_path
         + section
         + "\n"
         "units = [PackingUnit(0, (3, 2), True), PackingUnit(1, (4,), False)]\n"
-        "plan = BridgePackingCollator.plan(units, block_size=8, windows_per_step=1, seed=0, num_epochs=1)\n"
-        "collator = BridgePackingCollator(8, True, 0)\n"
+        "plan = plan_packing(units, block_size=8, windows_per_step=1, seed=0, num_epochs=1)\n"
+        "collator = BridgePackingCollator(8, 0)\n"
         "tokens = lambda segment: [0] + [5] * (units[segment[0][1]].segment_lengths[segment[1]] - 1)\n"
-        "print(collator([collator.window_features(w, tokens) for w in plan['windows'][True]])['input_ids'].shape)\n"
+        "print(collator([collator.window_features(w, tokens) for w in plan.bridges.windows])['input_ids'].shape)\n"
     )
     result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
