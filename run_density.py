@@ -868,6 +868,107 @@ def lucene_bm25_scores(tf, doc_lengths, df, num_docs, avg_length, k1, b):
 SHARD_MAX_TOKENS = 1 << 24
 
 
+@dataclass
+class _Postings:
+    """What the streaming pass over a corpus keeps in memory; each shard's (document, token, count)
+    triples went to ``pairs_NNNNN.npy`` files beside it."""
+
+    vocab: dict[str, int] = field(default_factory=dict)
+    document_frequencies: np.ndarray = field(default_factory=lambda: np.zeros(1 << 16, dtype=np.int64))
+    lengths: array = field(default_factory=lambda: array("i"))  # tokens per document
+    file_numbers: array = field(default_factory=lambda: array("i"))  # the document's location: file ...
+    offsets: array = field(default_factory=lambda: array("q"))  # ... and byte offset (or item / row)
+    shard_starts: list[int] = field(default_factory=list)
+    kind_units: list[int] = field(default_factory=lambda: [0] * len(KIND_NAMES))
+    skipped: Counter = field(default_factory=Counter)
+    documents_without_tokens: int = 0
+
+
+def _stream_postings(corpus, building: Path, shard_size: int, max_documents: int | None) -> _Postings:
+    """Tokenise every document once, numbering tokens as they come; a shard closes at ``shard_size``
+    documents or SHARD_MAX_TOKENS tokens and leaves its triples on disk."""
+    found = _Postings()
+    # Local names in the loop below: it runs once per document of a corpus of millions.
+    vocab, lengths, file_numbers, offsets, kind_units = (
+        found.vocab, found.lengths, found.file_numbers, found.offsets, found.kind_units
+    )  # fmt: skip
+    shard_tokens, shard_lengths = array("i"), array("i")
+    no_token_docs = 0
+
+    def flush_shard() -> None:
+        number = len(found.shard_starts)
+        found.shard_starts.append(len(lengths) - len(shard_lengths))
+        tokens = np.frombuffer(shard_tokens, dtype=np.int32).astype(np.int64)
+        docs = np.repeat(np.arange(len(shard_lengths), dtype=np.int64), np.frombuffer(shard_lengths, np.int32))
+        pairs, tf = np.unique((docs << 32) | tokens, return_counts=True)
+        pair_tokens = (pairs & 0xFFFFFFFF).astype(np.int32)
+        df = found.document_frequencies
+        if len(vocab) > df.size:
+            df = np.concatenate([df, np.zeros(max(len(vocab), 2 * df.size) - df.size, np.int64)])
+        found.document_frequencies = df + np.bincount(pair_tokens, minlength=df.size)
+        np.save(building / f"pairs_{number:05d}.npy", np.stack([pairs >> 32, pair_tokens, tf]).astype(np.int32))
+        del shard_tokens[:], shard_lengths[:]
+
+    vocab_get = vocab.get
+    progress = tqdm(desc=f"Indexing {corpus.label}", unit="doc")
+    documents = corpus.iter_documents(found.skipped)
+    if max_documents is not None:  # the first N documents only (a smoke run's budget)
+        documents = itertools.islice(documents, max_documents)
+    for text, file_number, offset in documents:
+        tokens = _tokens_and_kind_units(text, kind_units)
+        ids = list(map(vocab_get, tokens))
+        if None in ids:  # new tokens (rare once the vocabulary has warmed up)
+            for position, token_id in enumerate(ids):
+                if token_id is None:
+                    token = tokens[position]
+                    token_id = vocab_get(token)  # it may have been added earlier in this document
+                    ids[position] = vocab[token] = len(vocab) if token_id is None else token_id
+        shard_tokens.extend(ids)
+        shard_lengths.append(len(ids))
+        lengths.append(len(ids))
+        file_numbers.append(file_number)
+        offsets.append(offset)
+        no_token_docs += not ids
+        if len(shard_lengths) == shard_size or len(shard_tokens) >= SHARD_MAX_TOKENS:
+            flush_shard()
+        progress.update()
+    progress.close()
+    if len(shard_lengths):
+        flush_shard()
+    found.documents_without_tokens = no_token_docs
+    return found
+
+
+def _write_shard_scores(building: Path, found: _Postings, df: np.ndarray, avg_length: float, k1: float, b: float):
+    """Each shard's BM25 score matrix from its triples, with the corpus-wide ``df`` and ``avg_length``, saved
+    in bm25s's own format (the triples file is then removed)."""
+    num_docs, vocab_size = len(found.lengths), df.size
+    all_lengths = np.frombuffer(found.lengths, dtype=np.int32)
+    starts = found.shard_starts
+    for number, start in enumerate(tqdm(starts, desc="Scoring shards", unit="shard")):
+        pairs_path = building / f"pairs_{number:05d}.npy"
+        docs, tokens, tf = np.load(pairs_path).astype(np.int64)
+        end = starts[number + 1] if number + 1 < len(starts) else num_docs
+        scores = lucene_bm25_scores(
+            tf.astype(np.float32), all_lengths[start + docs], df[tokens], num_docs, avg_length, k1, b
+        ).astype(np.float32)
+        # Compressed sparse columns (one column per token), rows sorted within a column: bm25s's layout.
+        order = np.lexsort((docs, tokens))
+        indptr = np.zeros(vocab_size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(tokens, minlength=vocab_size), out=indptr[1:])
+        shard = bm25s.BM25(k1=k1, b=b, method="lucene")
+        shard.scores = {
+            "data": scores[order],
+            "indices": docs[order].astype(np.int32),
+            "indptr": indptr,
+            "num_docs": end - start,
+        }
+        shard.vocab_dict = {}  # the vocabulary is shared by all shards: vocab.json
+        shard.nonoccurrence_array = None
+        shard.save(building / f"shard_{number:05d}", show_progress=False)
+        pairs_path.unlink()
+
+
 def build_index(
     corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict, max_documents: int | None = None
 ) -> None:
@@ -876,106 +977,39 @@ def build_index(
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     try:
-        vocab: dict[str, int] = {}
-        df = np.zeros(1 << 16, dtype=np.int64)
-        lengths, file_numbers, offsets = array("i"), array("i"), array("q")
-        shard_starts: list[int] = []
-        shard_tokens, shard_lengths = array("i"), array("i")
-        kind_units = [0] * len(KIND_NAMES)
-        skipped: Counter = Counter()
-        no_token_docs = 0
-
-        def flush_shard() -> None:
-            nonlocal df
-            number = len(shard_starts)
-            shard_starts.append(len(lengths) - len(shard_lengths))
-            tokens = np.frombuffer(shard_tokens, dtype=np.int32).astype(np.int64)
-            docs = np.repeat(np.arange(len(shard_lengths), dtype=np.int64), np.frombuffer(shard_lengths, np.int32))
-            pairs, tf = np.unique((docs << 32) | tokens, return_counts=True)
-            pair_tokens = (pairs & 0xFFFFFFFF).astype(np.int32)
-            if len(vocab) > df.size:
-                df = np.concatenate([df, np.zeros(max(len(vocab), 2 * df.size) - df.size, np.int64)])
-            df += np.bincount(pair_tokens, minlength=df.size)
-            np.save(building / f"pairs_{number:05d}.npy", np.stack([pairs >> 32, pair_tokens, tf]).astype(np.int32))
-            del shard_tokens[:], shard_lengths[:]
-
-        vocab_get = vocab.get
-        progress = tqdm(desc=f"Indexing {corpus.label}", unit="doc")
-        documents = corpus.iter_documents(skipped)
-        if max_documents is not None:  # the first N documents only (a smoke run's budget)
-            documents = itertools.islice(documents, max_documents)
-        for text, file_number, offset in documents:
-            tokens = _tokens_and_kind_units(text, kind_units)
-            ids = list(map(vocab_get, tokens))
-            if None in ids:  # new tokens (rare once the vocabulary has warmed up)
-                for position, token_id in enumerate(ids):
-                    if token_id is None:
-                        token = tokens[position]
-                        token_id = vocab_get(token)  # it may have been added earlier in this document
-                        ids[position] = vocab[token] = len(vocab) if token_id is None else token_id
-            shard_tokens.extend(ids)
-            shard_lengths.append(len(ids))
-            lengths.append(len(ids))
-            file_numbers.append(file_number)
-            offsets.append(offset)
-            no_token_docs += not ids
-            if len(shard_lengths) == shard_size or len(shard_tokens) >= SHARD_MAX_TOKENS:
-                flush_shard()
-            progress.update()
-        progress.close()
-        if len(shard_lengths):
-            flush_shard()
-        num_docs = len(lengths)
+        found = _stream_postings(corpus, building, shard_size, max_documents)
+        num_docs = len(found.lengths)
         if num_docs == 0:
-            reasons = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "no records"
+            reasons = ", ".join(f"{n} {why}" for why, n in found.skipped.items()) or "no records"
             raise ValueError(
                 f"Corpus {corpus.label!r} has no documents ({reasons}). Check the corpus and its text column."
             )
-
-        vocab_size = len(vocab) + 1  # + the empty token bm25s reserves for queries with no known token
+        vocab_size = len(found.vocab) + 1  # + the empty token bm25s reserves for queries with no known token
+        df = found.document_frequencies
         df = (
             df[:vocab_size] if df.size >= vocab_size else np.concatenate([df, np.zeros(vocab_size - df.size, np.int64)])
         )
-        all_lengths = np.frombuffer(lengths, dtype=np.int32)
+        all_lengths = np.frombuffer(found.lengths, dtype=np.int32)
         avg_length = float(all_lengths.mean()) if all_lengths.sum() else 1.0
-        for number, start in enumerate(tqdm(shard_starts, desc="Scoring shards", unit="shard")):
-            pairs_path = building / f"pairs_{number:05d}.npy"
-            docs, tokens, tf = np.load(pairs_path).astype(np.int64)
-            end = shard_starts[number + 1] if number + 1 < len(shard_starts) else num_docs
-            scores = lucene_bm25_scores(
-                tf.astype(np.float32), all_lengths[start + docs], df[tokens], num_docs, avg_length, k1, b
-            ).astype(np.float32)
-            # Compressed sparse columns (one column per token), rows sorted within a column: bm25s's layout.
-            order = np.lexsort((docs, tokens))
-            indptr = np.zeros(vocab_size + 1, dtype=np.int64)
-            np.cumsum(np.bincount(tokens, minlength=vocab_size), out=indptr[1:])
-            shard = bm25s.BM25(k1=k1, b=b, method="lucene")
-            shard.scores = {
-                "data": scores[order],
-                "indices": docs[order].astype(np.int32),
-                "indptr": indptr,
-                "num_docs": end - start,
-            }
-            shard.vocab_dict = {}  # the vocabulary is shared by all shards: vocab.json
-            shard.nonoccurrence_array = None
-            shard.save(building / f"shard_{number:05d}", show_progress=False)
-            pairs_path.unlink()
+        _write_shard_scores(building, found, df, avg_length, k1, b)
 
+        vocab = found.vocab
         vocab[""] = len(vocab)
         (building / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        np.save(building / "file_numbers.npy", np.frombuffer(file_numbers, dtype=np.int32))
-        np.save(building / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
+        np.save(building / "file_numbers.npy", np.frombuffer(found.file_numbers, dtype=np.int32))
+        np.save(building / "offsets.npy", np.frombuffer(found.offsets, dtype=np.int64))
         np.save(building / "document_frequencies.npy", df)
+        kind_units = found.kind_units
         total_units = sum(n for kind, n in enumerate(kind_units) if kind != _DIGIT) or 1
         meta = {
             "fingerprint": fingerprint,
             "corpus": corpus.describe(),
             "documents": num_docs,
-            "documents_without_tokens": no_token_docs,
-            "skipped": dict(skipped),
+            "documents_without_tokens": found.documents_without_tokens,
+            "skipped": dict(found.skipped),
             "vocabulary": len(vocab),
             "average_tokens": avg_length,
-            "shard_starts": shard_starts,
+            "shard_starts": found.shard_starts,
             "script_unit_fractions": {
                 _SCRIPT_OF_KIND[kind]: kind_units[kind] / total_units for kind in _SCRIPT_OF_KIND
             },
@@ -1259,11 +1293,11 @@ def predictions_at(path: Path, step: int | None) -> tuple[dict[str, np.ndarray],
     try:
         accuracy, correct = read_predictions(path.parent)
     except json.JSONDecodeError:
-        for _ in read_json_records(path):  # names the file and the line that is not JSON
+        for _ in read_json_records(path):  # raises naming the file and the line that is not JSON
             pass
-        raise
+        raise  # the line is fine: accuracy.json is not JSON
     except KeyError as err:
-        raise ValueError(f"{path}: a line lacks {err} (run_eval.py predictions format).") from err
+        raise ValueError(f"{path} or its accuracy.json: a record lacks {err} (run_eval.py's format).") from err
     if not any(correct.values()):
         raise ValueError(f"{path}: no predictions in the file.")
     items, steps = {}, {}
