@@ -224,6 +224,11 @@ def _pair_seeds(
     return list(zip(with_runs, without_runs))  # in the order given
 
 
+# --------------------------------------------------------------------------------------
+# The statistics: paired bootstrap, exact McNemar, verdict
+# --------------------------------------------------------------------------------------
+
+
 def _percentile_ci(samples: np.ndarray, confidence: float) -> np.ndarray:
     """Percentile interval along axis 0: shape (2, ...)."""
     alpha = (1 - confidence) / 2
@@ -333,114 +338,121 @@ def _policy_summary(stats: dict) -> dict:
 def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> dict:
     """Group runs by language, align steps and seeds, and analyse both directions of each language under both
     tie policies; the direction's main numbers are those of ``transfer.tie_policy``."""
-    tie_policy = transfer.tie_policy
-    if tie_policy not in TIE_POLICIES:
-        raise ValueError(f"--tie_policy must be one of {', '.join(TIE_POLICIES)}, got {tie_policy!r}.")
+    if transfer.tie_policy not in TIE_POLICIES:
+        raise ValueError(f"--tie_policy must be one of {', '.join(TIE_POLICIES)}, got {transfer.tie_policy!r}.")
     by_lang = defaultdict(lambda: {True: [], False: []})
     for run in runs:
         by_lang[run.lang][run.bridges].append(run)
-    languages = []
-    for lang in sorted(by_lang):
-        with_runs, without_runs = by_lang[lang][True], by_lang[lang][False]
-        if not with_runs or not without_runs:
-            have = ", ".join(r.name for r in with_runs + without_runs)
-            raise ValueError(
-                f"{lang}: runs of both settings are needed (have only {'with' if with_runs else 'without'}: {have})."
-            )
-        pairs = _pair_seeds(with_runs, without_runs, lang)
-        group = [r for pair in pairs for r in pair]
-        common = sorted(set.intersection(*(set(r.steps) for r in group)))
-        if not common:
-            listing = "; ".join(f"{r.name}: {r.steps}" for r in group)
-            raise ValueError(f"{lang}: the runs share no checkpoint step ({listing}); they cannot be compared.")
-        dropped = {r.name: sorted(set(r.steps) - set(common)) for r in group if set(r.steps) != set(common)}
-        if dropped:
-            logger.warning("%s: steps not present in every run are left out: %s", lang, dropped)
-        reference = group[0].questions
-        for run in group[1:]:
-            for stem, meta in reference.items():
-                if stem in run.questions and run.questions[stem]["sha256"] != meta["sha256"]:
-                    raise ValueError(
-                        f"{lang}: {group[0].name} and {run.name} were probed on different {stem} questions."
-                    )
-        shared = [stem for stem in reference if all(stem in r.questions for r in group)]
-        groups = defaultdict(dict)
-        for stem in shared:
-            groups[reference[stem]["parallel_group"]][reference[stem]["lang"]] = stem
-        directions = []
-        for base, stems in sorted(groups.items()):
-            for question_lang, direction in ((lang, f"en->{lang}"), ("en", f"{lang}->en")):
-                if question_lang not in stems or lang not in stems:
-                    continue
-                stem = stems[question_lang]
-
-                def credit(
-                    side: int, policy: str, stem: str = stem, pairs: list = pairs, common: list = common
-                ) -> np.ndarray:
-                    """seeds x common steps x questions, for the with (0) or without (1) side of each seed pair."""
-                    return np.stack(
-                        [
-                            (pair[side].correct if policy == "first" else pair[side].fractional)[stem][
-                                [pair[side].steps.index(s) for s in common]
-                            ]
-                            for pair in pairs
-                        ]
-                    )
-
-                first_wins = (credit(0, "first"), credit(1, "first"))
-                by_policy = {
-                    policy: analyse_direction(
-                        credit(0, policy),
-                        credit(1, policy),
-                        transfer.n_bootstrap,
-                        transfer.bootstrap_seed,
-                        transfer.confidence,
-                        *first_wins,
-                    )
-                    for policy in TIE_POLICIES
-                }
-                stats = by_policy[tie_policy]
-                for k, entry in enumerate(stats["per_seed"]):
-                    entry["with_run"], entry["without_run"] = pairs[k][0].name, pairs[k][1].name
-                    entry["seeds"] = [pairs[k][0].seed, pairs[k][1].seed]
-                directions.append(
-                    {
-                        "direction": direction,
-                        "questions": stem,
-                        "question_lang": question_lang,
-                        "parallel_group": base,
-                        "chance_accuracy": reference[stem].get("chance_accuracy"),
-                        "always_first_accuracy": (reference[stem].get("position_bias") or {}).get(
-                            "always_first_accuracy"
-                        ),
-                        **stats,
-                        "tie_policy": tie_policy,
-                        "mcnemar_on": "first-wins correctness (the paper's rule), whatever the tie policy",
-                        "tie_policies": {policy: _policy_summary(st) for policy, st in by_policy.items()},
-                        "tie_policies_differ": _policy_summary(by_policy["first"])
-                        != _policy_summary(by_policy["fractional"]),
-                    }
-                )
-        if not directions:
-            raise ValueError(f"{lang}: no question set in {lang} with a parallel English set among {shared}.")
-        languages.append(
-            {
-                "lang": lang,
-                "steps": common,
-                "with_bridges": [str(p[0].eval_dir) for p in pairs],
-                "without_bridges": [str(p[1].eval_dir) for p in pairs],
-                "run_names": [[p[0].name, p[1].name] for p in pairs],
-                "steps_left_out": dropped,
-                "directions": directions,
-                "bridge_diagnostic": _final_diagnostics(group),
-            }
-        )
     return {
         "n_bootstrap": transfer.n_bootstrap,
         "bootstrap_seed": transfer.bootstrap_seed,
         "confidence": transfer.confidence,
-        "tie_policy": tie_policy,
-        "languages": languages,
+        "tie_policy": transfer.tie_policy,
+        "languages": [
+            _analyse_language(lang, by_lang[lang][True], by_lang[lang][False], transfer) for lang in sorted(by_lang)
+        ],
+    }
+
+
+def _analyse_language(
+    lang: str, with_runs: list[RunResults], without_runs: list[RunResults], transfer: TransferArguments
+) -> dict:
+    """One language: its seed pairs aligned on the steps they share, probed on the same questions, and each
+    direction (en->lang: lang questions, lang->en: English questions) of each parallel group analysed."""
+    if not with_runs or not without_runs:
+        have = ", ".join(r.name for r in with_runs + without_runs)
+        raise ValueError(
+            f"{lang}: runs of both settings are needed (have only {'with' if with_runs else 'without'}: {have})."
+        )
+    pairs = _pair_seeds(with_runs, without_runs, lang)
+    group = [r for pair in pairs for r in pair]
+    common = sorted(set.intersection(*(set(r.steps) for r in group)))
+    if not common:
+        listing = "; ".join(f"{r.name}: {r.steps}" for r in group)
+        raise ValueError(f"{lang}: the runs share no checkpoint step ({listing}); they cannot be compared.")
+    dropped = {r.name: sorted(set(r.steps) - set(common)) for r in group if set(r.steps) != set(common)}
+    if dropped:
+        logger.warning("%s: steps not present in every run are left out: %s", lang, dropped)
+    reference = group[0].questions
+    for run in group[1:]:
+        for stem, meta in reference.items():
+            if stem in run.questions and run.questions[stem]["sha256"] != meta["sha256"]:
+                raise ValueError(f"{lang}: {group[0].name} and {run.name} were probed on different {stem} questions.")
+    shared = [stem for stem in reference if all(stem in r.questions for r in group)]
+    groups = defaultdict(dict)
+    for stem in shared:
+        groups[reference[stem]["parallel_group"]][reference[stem]["lang"]] = stem
+    directions = [
+        _analyse_questions(direction, stems[question_lang], question_lang, base, reference, pairs, common, transfer)
+        for base, stems in sorted(groups.items())
+        for question_lang, direction in ((lang, f"en->{lang}"), ("en", f"{lang}->en"))
+        if question_lang in stems and lang in stems
+    ]
+    if not directions:
+        raise ValueError(f"{lang}: no question set in {lang} with a parallel English set among {shared}.")
+    return {
+        "lang": lang,
+        "steps": common,
+        "with_bridges": [str(p[0].eval_dir) for p in pairs],
+        "without_bridges": [str(p[1].eval_dir) for p in pairs],
+        "run_names": [[p[0].name, p[1].name] for p in pairs],
+        "steps_left_out": dropped,
+        "directions": directions,
+        "bridge_diagnostic": _final_diagnostics(group),
+    }
+
+
+def _analyse_questions(
+    direction: str,
+    stem: str,
+    question_lang: str,
+    base: str,
+    reference: dict,
+    pairs: list[tuple[RunResults, RunResults]],
+    common: list[int],
+    transfer: TransferArguments,
+) -> dict:
+    """One direction: the gap statistics of question set ``stem`` under both tie policies."""
+
+    def credit(side: int, policy: str) -> np.ndarray:
+        """seeds x common steps x questions, for the with (0) or without (1) side of each seed pair."""
+        return np.stack(
+            [
+                (pair[side].correct if policy == "first" else pair[side].fractional)[stem][
+                    [pair[side].steps.index(s) for s in common]
+                ]
+                for pair in pairs
+            ]
+        )
+
+    first_wins = (credit(0, "first"), credit(1, "first"))
+    by_policy = {
+        policy: analyse_direction(
+            credit(0, policy),
+            credit(1, policy),
+            transfer.n_bootstrap,
+            transfer.bootstrap_seed,
+            transfer.confidence,
+            *first_wins,
+        )
+        for policy in TIE_POLICIES
+    }
+    stats = by_policy[transfer.tie_policy]
+    for k, entry in enumerate(stats["per_seed"]):
+        entry["with_run"], entry["without_run"] = pairs[k][0].name, pairs[k][1].name
+        entry["seeds"] = [pairs[k][0].seed, pairs[k][1].seed]
+    return {
+        "direction": direction,
+        "questions": stem,
+        "question_lang": question_lang,
+        "parallel_group": base,
+        "chance_accuracy": reference[stem].get("chance_accuracy"),
+        "always_first_accuracy": (reference[stem].get("position_bias") or {}).get("always_first_accuracy"),
+        **stats,
+        "tie_policy": transfer.tie_policy,
+        "mcnemar_on": "first-wins correctness (the paper's rule), whatever the tie policy",
+        "tie_policies": {policy: _policy_summary(st) for policy, st in by_policy.items()},
+        "tie_policies_differ": _policy_summary(by_policy["first"]) != _policy_summary(by_policy["fractional"]),
     }
 
 
@@ -454,6 +466,11 @@ def _final_diagnostics(runs: list[RunResults]) -> list[dict]:
             if entries:
                 found.append({"run": run.name, "bridges": run.bridges, "seed": run.seed, **entries[-1]})
     return found
+
+
+# --------------------------------------------------------------------------------------
+# Outputs: transfer.md and the figures
+# --------------------------------------------------------------------------------------
 
 
 def _fmt_ci(value: float, ci) -> str:
@@ -582,8 +599,6 @@ def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     languages = result["languages"]
     pct = round(result["confidence"] * 100)
@@ -592,6 +607,20 @@ def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
     ]
     several_seeds = max(d["n_seed_pairs"] for lang in languages for d in lang["directions"]) > 1
     band = "seeds and questions" if several_seeds else "questions (one run per setting)"
+    paths = []
+    for name, figure in (("transfer_curves.png", _curves_figure), ("transfer_summary.png", _summary_figure)):
+        fig = figure(plt, rows, several_seeds, pct, band)
+        save_figure(fig, output_dir / name)
+        plt.close(fig)
+        paths.append(output_dir / name)
+    return paths
+
+
+def _curves_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct: int, band: str):
+    """Accuracy with and without bridges per step, with bootstrap bands: one row per language (and question
+    group), target-language questions left, English questions right."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.9 * len(rows) + 1.0), squeeze=False, sharey=True)
     for r, (language, base) in enumerate(rows):
@@ -630,16 +659,19 @@ def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
         Line2D([], [], color=WITH_COLOR, marker="o", linewidth=2, label="with bridges"),
         Line2D([], [], color=WITHOUT_COLOR, marker="o", linewidth=2, label="without bridges"),
     ]
-    if any(d.get("chance_accuracy") is not None for lang in languages for d in lang["directions"]):
+    if any(d.get("chance_accuracy") is not None for lang, _ in rows for d in lang["directions"]):
         handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="chance"))
     if several_seeds:
         handles.append(Line2D([], [], color="black", alpha=0.4, linewidth=0.7, label="single seeds"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
     fig.suptitle(f"Cloze accuracy during CPT (mean over seeds; bands: {pct}% bootstrap CI over {band})", fontsize=10)
     fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
-    curves = output_dir / "transfer_curves.png"
-    save_figure(fig, curves)
-    plt.close(fig)
+    return fig
+
+
+def _summary_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct: int, band: str):
+    """The mean gap over the curve with its interval, per language and direction (and seed pair)."""
+    from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2.5), 4.4))
     labels = []
@@ -686,10 +718,7 @@ def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
     ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    summary = output_dir / "transfer_summary.png"
-    save_figure(fig, summary)
-    plt.close(fig)
-    return [curves, summary]
+    return fig
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:
