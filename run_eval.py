@@ -5,7 +5,7 @@
 # ///
 """Bilingual cloze probing of every checkpoint of a run, and the bridge diagnostic.
 
-Step 3a of the study (run_transfer.py, step 4, compares the runs probed here). Two jobs:
+Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). Two jobs:
 
 1. **Probing** (``--model_name_or_path`` + ``--questions``): score the paper's cloze questions on a model, on
    every checkpoint of a run directory, or on every checkpoint of a Hub repo, and write

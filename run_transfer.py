@@ -5,7 +5,7 @@
 # ///
 """The with-minus-without transfer analysis of CPT runs: does training with bridges carry knowledge across?
 
-Step 4 of the study. Input: the probing output (run_eval.py's ``accuracy.json`` + ``predictions.jsonl``) of
+Step 3b of the study. Input: the probing output (run_eval.py's ``accuracy.json`` + ``predictions.jsonl``) of
 runs trained with and without bridges, given as ``--with_bridges A.. --without_bridges B..`` (several =
 several seeds) or as ``--runs R..`` grouped by the ``cpt_setting`` {lang, bridges, seed} each run records.
 A run directory without probing output is probed first into ``RUN/<--eval_dir_name>`` when ``--questions``
