@@ -665,7 +665,7 @@ def target_corpus(args: WorldArguments, culture: dict, language: Language, fille
 
 
 def _statement_documents(rng, seen, statements, least_filler, filler, language, variant, args) -> list[str]:
-    """One new document per statement: the statement among ``least`` to --statement_filler filler sentences."""
+    """One new document per statement: statement i among least_filler[i] to --statement_filler filler sentences."""
     return [
         _unique_text(
             rng, seen, lambda r, s=s, n=n: _with_filler(r, s, filler, language, variant, args.statement_filler, n)
