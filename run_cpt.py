@@ -83,6 +83,7 @@ from study_common import (
     document_resume_flag,
     document_start_id,
     exit_on_input_error,
+    finish_training,
     guard_flash_attention_inputs,
     isolation_failure,
     output_dir_given,
@@ -1177,6 +1178,36 @@ def judge_guarantees(
     return broken, unchecked
 
 
+def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, audit_file: Path | None) -> None:
+    """Judge every guarantee of the audit (``judge_guarantees``), record the verdict in it, write it to
+    ``audit_file`` (None: not this process) and refuse to train unless every guarantee holds."""
+    broken, unchecked = judge_guarantees(
+        audit, audit["other_setting"], audit["equal_across_settings"], audit["document_isolation"],
+        cpt_args.bridges, cpt_args.block_size,
+    )  # fmt: skip
+    audit["unchecked"] = unchecked
+    audit["guarantees_hold"] = not broken and not unchecked  # never true of a guarantee that was not checked
+    if audit_file is not None:
+        write_json_atomic(audit_file, audit)
+    if broken:
+        raise RuntimeError(
+            "Packing audit failed: " + "; ".join(broken) + f". See {audit_file or 'packing_audit.json'}."
+        )
+    refuse_unchecked_guarantees(unchecked)
+    logger.info(
+        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, "
+        "real tokens %.4f, multisets equal across settings: %s", audit["setting"], plan.steps, plan.windows_per_step,
+        plan.units_seen, audit["plan"]["data_epochs"], audit["pairs"]["co_located_percent"],
+        audit["real_token_fraction"], all(audit["equal_across_settings"].values()),
+    )  # fmt: skip
+    if plan.steps < plan.requested_steps:
+        logger.warning(
+            "Trained steps trimmed from %d to %d so that both settings see the same documents.",
+            plan.requested_steps,
+            plan.steps,
+        )
+
+
 def refuse_unchecked_guarantees(unchecked: list[str]) -> None:
     """Refuse to train on a guarantee that could not be checked."""
     if unchecked:
@@ -1469,18 +1500,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     windows = plan.setting(cpt_args.bridges).windows
     vocab_size = max(len(tokenizer), model.config.vocab_size)
-    audit = build_audit(
-        plan,
-        store,
-        collator,
-        tokenized,
-        units,
-        build_stats,
-        cpt_args,
-        training_args,
-        seed,
-        vocab_size,
-    )
+    audit = build_audit(plan, store, collator, tokenized, units, build_stats, cpt_args, training_args, seed, vocab_size)
     if checkpoint:
         check_resume_setting(checkpoint, audit["cpt_setting"])
 
@@ -1491,29 +1511,7 @@ def main(argv: list[str] | None = None) -> dict:
     audit["document_isolation"] = check_plan_isolation(
         model, windows, store, collator, autocast_dtype=autocast_dtype(training_args)
     )
-    broken, unchecked = judge_guarantees(
-        audit, audit["other_setting"], audit["equal_across_settings"], audit["document_isolation"],
-        cpt_args.bridges, cpt_args.block_size,
-    )  # fmt: skip
-    audit["unchecked"] = unchecked
-    audit["guarantees_hold"] = not broken and not unchecked  # never true of a guarantee that was not checked
-    if training_args.should_save:
-        write_json_atomic(output_dir / "packing_audit.json", audit)
-    if broken:
-        raise RuntimeError("Packing audit failed: " + "; ".join(broken) + f". See {output_dir / 'packing_audit.json'}.")
-    refuse_unchecked_guarantees(unchecked)
-    logger.info(
-        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, "
-        "real tokens %.4f, multisets equal across settings: %s", audit["setting"], plan.steps, plan.windows_per_step,
-        plan.units_seen, audit["plan"]["data_epochs"], audit["pairs"]["co_located_percent"],
-        audit["real_token_fraction"], all(audit["equal_across_settings"].values()),
-    )  # fmt: skip
-    if plan.steps < plan.requested_steps:
-        logger.warning(
-            "Trained steps trimmed from %d to %d so that both settings see the same documents.",
-            plan.requested_steps,
-            plan.steps,
-        )
+    enforce_guarantees(audit, plan, cpt_args, output_dir / "packing_audit.json" if training_args.should_save else None)
 
     # 7. Every planned window, for an independent check (--dump_packing).
     if cpt_args.dump_packing and training_args.should_save:
@@ -1533,10 +1531,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[
-            CPTSettingCallback(audit["cpt_setting"]),
-            WindowCountCallback(train_dataset),
-        ],
+        callbacks=[CPTSettingCallback(audit["cpt_setting"]), WindowCountCallback(train_dataset)],
     )
     trainer.model_card = model_card(audit, cpt_args, training_args)
     trainer.create_model_card()
@@ -1550,18 +1545,8 @@ def main(argv: list[str] | None = None) -> dict:
     if audit["windows_trained"].get("each_planned_window_once") is False:
         raise RuntimeError(f"The Trainer did not read each planned window exactly once: {audit['windows_trained']}")
     trainer.save_model()
-    metrics = {
-        **result.metrics,
-        "train_windows": len(windows),
-        "train_real_tokens": audit["real_tokens"],
-    }
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"End of training: {training_args.run_name}")
-    else:
-        trainer.create_model_card()
+    metrics = {**result.metrics, "train_windows": len(windows), "train_real_tokens": audit["real_tokens"]}
+    finish_training(trainer, metrics, commit_message=f"End of training: {training_args.run_name}")
     return audit
 
 

@@ -80,6 +80,7 @@ from study_common import (
     encode_documents,
     exit_on_input_error,
     filter_to_latin,
+    finish_training,
     guard_flash_attention_inputs,
     has_non_latin_letter,
     isolation_failure,
@@ -529,18 +530,35 @@ def _documents_of_file(path: str, text_column: str, stamp) -> Iterator[dict]:
         yield {"text": text}
 
 
+def _filter_kwargs(tokenizer, start_id: int, data_args: DataArguments) -> dict:
+    """``filter_and_tokenize``'s arguments, the same for a map-style dataset and a stream."""
+    return {
+        "tokenizer": tokenizer,
+        "start_id": start_id,
+        "text_column": "text",
+        "script_filter": data_args.script_filter,
+        "filter_mode": data_args.filter_mode,
+    }
+
+
+def _pack_kwargs(data_args: DataArguments) -> dict:
+    """The ``map`` that packs tokenized documents into windows, for a map-style dataset and a stream."""
+    return {
+        "function": pack_documents,
+        "batched": True,
+        "batch_size": 2000,
+        "fn_kwargs": {"block_size": data_args.block_size},
+        "remove_columns": ["input_ids"],
+        "features": BLOCK_FEATURES,
+    }
+
+
 def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArguments):
     """Filter, tokenize and pack a map-style dataset. Returns (blocks, statistics)."""
     tokenized = raw.map(
         filter_and_tokenize,
         batched=True,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "start_id": start_id,
-            "text_column": "text",
-            "script_filter": data_args.script_filter,
-            "filter_mode": data_args.filter_mode,
-        },
+        fn_kwargs=_filter_kwargs(tokenizer, start_id, data_args),
         remove_columns=raw.column_names,
         num_proc=data_args.preprocessing_num_workers,
         desc=f"Filtering ({data_args.script_filter}, {data_args.filter_mode}) and tokenizing",
@@ -569,12 +587,7 @@ def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArgum
         desc="Dropping filtered-out documents",
     ).select_columns(["input_ids"])
     blocks = kept.map(
-        pack_documents,
-        batched=True,
-        batch_size=2000,
-        fn_kwargs={"block_size": data_args.block_size},
-        remove_columns=["input_ids"],
-        features=BLOCK_FEATURES,
+        **_pack_kwargs(data_args),
         num_proc=data_args.preprocessing_num_workers,
         desc=f"Packing into windows of {data_args.block_size}",
     )
@@ -621,27 +634,15 @@ class StreamCounter:
 
 
 def prepare_streaming_dataset(raw: IterableDataset, tokenizer, start_id: int, data_args, seed: int):
+    """Filter, tokenize and pack a stream lazily, counted while it is read. Returns (blocks, counter)."""
     counter = StreamCounter()
     tokenized = raw.map(
         counter,
         batched=True,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "start_id": start_id,
-            "text_column": "text",
-            "script_filter": data_args.script_filter,
-            "filter_mode": data_args.filter_mode,
-        },
+        fn_kwargs=_filter_kwargs(tokenizer, start_id, data_args),
         remove_columns=["text"],
     )
-    blocks = tokenized.map(
-        pack_documents,
-        batched=True,
-        batch_size=2000,
-        fn_kwargs={"block_size": data_args.block_size},
-        remove_columns=["input_ids"],
-        features=BLOCK_FEATURES,
-    )
+    blocks = tokenized.map(**_pack_kwargs(data_args))
     if data_args.shuffle_buffer_size > 1:
         blocks = blocks.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
     return blocks, counter
@@ -1020,11 +1021,6 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.process_index == 0:  # before saving, so that a failed save still leaves the timings
         write_json_atomic(output_dir / "throughput.json", throughput.summary())
     trainer.save_model()  # model + tokenizer into output_dir
-    metrics = dict(train_result.metrics)
-    metrics["train_tokens_seen"] = trainer.state.global_step * tokens_per_step
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
     if training_args.process_index == 0 and stream_counter is not None:
         if training_args.dataloader_num_workers > 0:
             # the lazy map then runs in the loader's worker processes, whose counts are not sent back
@@ -1033,10 +1029,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             data_stats = {**stream_counter.stats, "counted": "documents read from the stream (with read-ahead)"}
         write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"Pretraining: {trainer.state.global_step} steps")
-    else:
-        trainer.create_model_card()
+    metrics = {**train_result.metrics, "train_tokens_seen": trainer.state.global_step * tokens_per_step}
+    finish_training(trainer, metrics, commit_message=f"Pretraining: {trainer.state.global_step} steps")
     return data_stats
 
 

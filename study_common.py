@@ -339,6 +339,18 @@ class ModelCardMixin:
         write_card(self.args.output_dir, card.title, card.summary, {**card.setting, **progress}, card.tags)
 
 
+def finish_training(trainer, metrics: dict, commit_message: str) -> None:
+    """The end of a training run (run_pretrain.py, run_cpt.py): the metrics and the trainer state saved,
+    then the model card written; under --push_to_hub the folder is pushed with it."""
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message=commit_message)
+    else:
+        trainer.create_model_card()
+
+
 def _card_value(value) -> str:
     if isinstance(value, (list, tuple)):
         value = ", ".join(str(v) for v in value)
