@@ -1,5 +1,11 @@
 #!/usr/bin/env python
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch==2.13.0", "transformers>=5.0", "accelerate>=1.10", "datasets>=4.0", "pyarrow>=15", "tokenizers>=0.22", "numpy>=2.0", "regex"]
+# ///
 """Step 1 of the study: transparent pretraining of a Qwen2.5-architecture model on Latin-only text.
+
+Needs study_common.py beside it.
 
 Every later result is read against this base model, so everything it was trained on is known
 and recorded. Top to bottom, the script:
@@ -22,8 +28,9 @@ and recorded. Top to bottom, the script:
 5. builds a randomly initialised model from ``--config_name`` (a file in ``configs/`` or a
    Hub id) and ``--config_overrides``;
 6. trains it with the ``Trainer`` (every ``TrainingArguments`` flag works: checkpoints,
-   ``--resume_from_checkpoint``, ``--push_to_hub``, bf16, ...), under ``accelerate launch``
-   or plain ``python``;
+   ``--push_to_hub``, bf16, ...), under ``accelerate launch`` or plain ``python``. Resuming:
+   ``--resume_from_checkpoint PATH`` or ``latest`` (``study_common.RESUME_HELP``); an
+   ``--output_dir`` that already holds a checkpoint is refused without it;
 7. writes the model, the tokenizer, ``data_stats.json``, ``throughput.json`` and a model card
    (README.md) recording data, filter, tokenizer, config, steps and tokens seen.
 

@@ -11,6 +11,10 @@ here, once:
 * model and dataset cards that record the setting a run used;
 * the batch layout of packed windows for each attention implementation (``packed_batch``), and the
   guard that keeps a flash kernel from ever seeing several rows without sequence boundaries;
+* the document-isolation check that run_pretrain.py and run_cpt.py run on their own model, kernel,
+  device and layout before training (``check_document_isolation``);
+* one resume convention for the training scripts (``resume_checkpoint``, ``RESUME_HELP``) and one way
+  to write, and push, their model cards (``ModelCard``, ``ModelCardMixin``, ``finish_training``);
 * the default locations where each step writes and the next one reads (``runs/...``);
 * the layout of a parallel pair in a context window (``pair_first_side``, ``pair_segments``);
 * the conventions every script follows: one log format (``setup_logging``) and one way a bad input

@@ -243,6 +243,15 @@ def test_resume_refuses_a_checkpoint_of_another_setting(tmp_path):
         run_cpt.check_resume_setting(str(checkpoint), {**setting, "base_model_weights_sha256": "ef" * 32})
 
 
+def test_an_output_dir_holding_a_checkpoint_needs_resume_from_checkpoint(cpt_data, tmp_path):
+    # The convention of run_pretrain.py too (study_common.resume_checkpoint): never a silent resume.
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"already holds .*checkpoint-3\. Pass --resume_from_checkpoint"):
+        run_cpt.main(["--model_name_or_path", "unused", "--dataset_path", str(cpt_data), "--lang", "bo", "--bridges",
+                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-3"]
+
+
 def test_the_run_checks_document_isolation_on_its_own_model_and_window(cpt_data, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

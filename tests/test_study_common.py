@@ -1,4 +1,5 @@
-"""study_common.read_documents: every accepted file type read as documents, every other one refused."""
+"""study_common.read_documents: every accepted file type read as documents, every other one refused; the
+resume convention of the training scripts."""
 
 import json
 import re
@@ -99,3 +100,21 @@ def test_a_reader_without_a_column_flag_asks_for_the_column_by_name(tmp_path):
     pairs.write_text("en\ttibetan\nTea\tཇ\nMilk\tའོ་མ\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"pairs\.tsv:1: no column 'tgt' .*The file needs a column named 'tgt'\.$"):
         read_pairs(str(pairs))
+
+
+def test_one_resume_convention_for_both_training_scripts(tmp_path):
+    from study_common import InputError, resume_checkpoint
+
+    run = tmp_path / "run"
+    assert resume_checkpoint(None, run) is None  # a new folder starts afresh
+    with pytest.raises(InputError, match=r"latest: no checkpoint-N in"):
+        resume_checkpoint("latest", run)
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-10").mkdir()
+    with pytest.raises(InputError, match=r"already holds .*checkpoint-10\. Pass --resume_from_checkpoint"):
+        resume_checkpoint(None, run)  # never an earlier run's checkpoints without saying so
+    for value in ("latest", "true", "last", "True"):
+        assert resume_checkpoint(value, run) == str(run / "checkpoint-10")
+    assert resume_checkpoint(str(run / "checkpoint-2"), run) == str(run / "checkpoint-2")
+    with pytest.raises(InputError, match=r"checkpoint-7: no such checkpoint folder"):
+        resume_checkpoint(str(run / "checkpoint-7"), run)
