@@ -1304,6 +1304,8 @@ class StudyRunner:
         return reasons
 
     def run(self) -> dict[str, float]:
+        """Run every step that is not done, each once its dependencies are; returns the seconds of each step (done
+        earlier or now) and writes timings.json. A failed step stops the others and raises RuntimeError."""
         steps = self.plan.steps
         n = len(steps)
         start = time.time()
@@ -1331,41 +1333,12 @@ class StudyRunner:
                     if len(running) >= self.jobs:
                         break
                     if all(d in done for d in step.deps):
-                        takeover = _claim_step(self.out, step)
-                        if takeover:
-                            bar.write(f"        {takeover}")
-                        command, note = _prepare(self.out, step, reasons[step.id])
-                        if command[0] == "python":  # the same interpreter (and environment) as the study
-                            command = [sys.executable, *command[1:]]
-                        log = open(self.logs / f"{step.id}.log", "w", encoding="utf-8")  # noqa: SIM115
-                        if note:
-                            bar.write(f"        {note}")
-                            log.write(f"run_study.py: {note}\n")
-                        log.write("$ " + shlex.join(command) + "\n\n")
-                        log.flush()
-                        step_env = {**env, **step.env}
                         ready = [p for p in pending if p is not step and all(d in done for d in p.deps)]
-                        if not running and not ready and _machine_is_quiet():
-                            # Nothing else can run meanwhile (e.g. pretraining) and nothing else loads the
-                            # machine: give this step every core. On a shared machine more threads than free
-                            # cores make torch slower, not faster, so it keeps its share.
-                            cores = str(os.cpu_count() or 1)
-                            step_env.update(OMP_NUM_THREADS=cores, MKL_NUM_THREADS=cores)
-                        # Through the step supervisor (supervise_step), in a session of its own: Ctrl-C reaches
-                        # the study, which then stops its steps, and no process of a step outlives the study.
-                        process = subprocess.Popen(
-                            [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *command],
-                            cwd=REPO_DIR,
-                            env=step_env,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                        )
-                        write_json_atomic(
-                            _pid_file(self.out, step.id),
-                            {"pid": process.pid, "study_pid": os.getpid(), "started": utc_now(), "command": command},
-                        )
-                        running[step.id] = (process, time.time(), log)
+                        # Nothing else can run meanwhile (e.g. pretraining) and nothing else loads the machine:
+                        # give this step every core. On a shared machine more threads than free cores make torch
+                        # slower, not faster, so it keeps its share.
+                        every_core = not running and not ready and _machine_is_quiet()
+                        running[step.id] = self._start(step, reasons[step.id], env, bar, every_core)
                         pending.remove(step)
                         bar.write(f"[{finished_count + len(running):>2}/{n}] start  {step.title}")
                 for step_id, (process, started, log) in list(running.items()):
@@ -1374,32 +1347,7 @@ class StudyRunner:
                     log.close()
                     del running[step_id]
                     step = next(s for s in steps if s.id == step_id)
-                    _pid_file(self.out, step.id).unlink(missing_ok=True)
-                    seconds = time.time() - started
-                    missing = [p for p in step.outputs if not Path(p).exists()]
-                    if process.returncode != 0 or missing:
-                        self._stop(running)
-                        tail = (self.logs / f"{step.id}.log").read_text(encoding="utf-8", errors="replace")[-3000:]
-                        reason = (
-                            f"exit code {process.returncode}" if process.returncode else f"missing outputs {missing}"
-                        )
-                        bar.close()
-                        raise RuntimeError(
-                            f"Step {step.id} failed ({reason}) after {seconds:.0f} s. Its log: "
-                            f"{self.logs / (step.id + '.log')}\n--- last lines ---\n{tail}"
-                        )
-                    self.timings[step.id] = seconds
-                    write_json_atomic(
-                        _marker(self.out, step.id),
-                        {
-                            "command": step.command,
-                            # the finished upstream runs it started on (see _prepare), and its own run's identity
-                            "upstream": (_read_record(_started_record(self.out, step)) or {}).get("upstream"),
-                            "run_id": uuid.uuid4().hex,
-                            "seconds": seconds,
-                            "finished": utc_now(),
-                        },
-                    )
+                    seconds = self._finish(step, process, started, running, bar)
                     done.add(step.id)
                     finished_count += 1
                     bar.update(1)
@@ -1439,6 +1387,69 @@ class StudyRunner:
             },
         )
         return self.timings
+
+    def _start(self, step: Step, reason: str, env: dict, bar, every_core: bool) -> tuple:
+        """Start a step (``reason``: why it runs) through the step supervisor; returns (process, start time, log)."""
+        takeover = _claim_step(self.out, step)
+        if takeover:
+            bar.write(f"        {takeover}")
+        command, note = _prepare(self.out, step, reason)
+        if command[0] == "python":  # the same interpreter (and environment) as the study
+            command = [sys.executable, *command[1:]]
+        log = open(self.logs / f"{step.id}.log", "w", encoding="utf-8")  # noqa: SIM115
+        if note:
+            bar.write(f"        {note}")
+            log.write(f"run_study.py: {note}\n")
+        log.write("$ " + shlex.join(command) + "\n\n")
+        log.flush()
+        step_env = {**env, **step.env}
+        if every_core:
+            cores = str(os.cpu_count() or 1)
+            step_env.update(OMP_NUM_THREADS=cores, MKL_NUM_THREADS=cores)
+        # Through the step supervisor (supervise_step), in a session of its own: Ctrl-C reaches the study, which
+        # then stops its steps, and no process of a step outlives the study.
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *command],
+            cwd=REPO_DIR,
+            env=step_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        write_json_atomic(
+            _pid_file(self.out, step.id),
+            {"pid": process.pid, "study_pid": os.getpid(), "started": utc_now(), "command": command},
+        )
+        return process, time.time(), log
+
+    def _finish(self, step: Step, process: subprocess.Popen, started: float, running: dict, bar) -> float:
+        """Record a step whose process ended: its done-marker when it succeeded and wrote its outputs; otherwise
+        stop the other running steps and raise with the end of its log. Returns the seconds it took."""
+        _pid_file(self.out, step.id).unlink(missing_ok=True)
+        seconds = time.time() - started
+        missing = [p for p in step.outputs if not Path(p).exists()]
+        if process.returncode != 0 or missing:
+            self._stop(running)
+            tail = (self.logs / f"{step.id}.log").read_text(encoding="utf-8", errors="replace")[-3000:]
+            reason = f"exit code {process.returncode}" if process.returncode else f"missing outputs {missing}"
+            bar.close()
+            raise RuntimeError(
+                f"Step {step.id} failed ({reason}) after {seconds:.0f} s. Its log: "
+                f"{self.logs / (step.id + '.log')}\n--- last lines ---\n{tail}"
+            )
+        self.timings[step.id] = seconds
+        write_json_atomic(
+            _marker(self.out, step.id),
+            {
+                "command": step.command,
+                # the finished upstream runs it started on (see _prepare), and its own run's identity
+                "upstream": (_read_record(_started_record(self.out, step)) or {}).get("upstream"),
+                "run_id": uuid.uuid4().hex,
+                "seconds": seconds,
+                "finished": utc_now(),
+            },
+        )
+        return seconds
 
     def _refuse_steps_still_running(self) -> None:
         """Refuse before anything starts when a process of some step of the plan still runs (one started by

@@ -482,8 +482,8 @@ def _report_questions(doc: ReportDoc, record: dict, plan: Plan) -> None:
 
 
 def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None, figures: Path) -> None:
-    from run_transfer import analyse_direction
-
+    """Per run group trained in both settings: run_transfer.py's figures, its with-minus-without gap per direction
+    under its tie rule (and both rules where they differ) and, in a synthetic world, the gap per tier of facts."""
     doc.h(2, "Transfer: with minus without bridges (the paper's measurement)")
     doc.p(
         "Both settings train on exactly the same documents; with bridges each parallel pair shares one context "
@@ -518,58 +518,7 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
                     else f"{title}: mean gap over the curve per direction, Figure-1 style"
                 )
                 doc.img(rel, caption)
-        base = _base_accuracy(group)
-        rows, sentences, entries = [], [], []
-        for language in result["languages"]:
-            for d in language["directions"]:
-                per_seed = ", ".join(f"{s['mean_gap']:+.3f}" for s in d["per_seed"])
-                p_values = ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"])
-                rows.append(
-                    [
-                        _direction_words(d["direction"], language["lang"]),
-                        _f(base.get(d["questions"])),
-                        language["steps"][-1],
-                        _f(d["accuracy_with"][-1]),
-                        _f(d["accuracy_without"][-1]),
-                        f"{d['final_gap']:+.3f} {_ci(d['final_gap_ci'])}",
-                        f"{d['mean_gap']:+.3f} {_ci(d['mean_gap_ci'])}",
-                        per_seed,
-                        p_values,
-                        d["verdict"],
-                    ]
-                )
-                sentences.append(
-                    _gap_sentence(
-                        f"{_direction_words(d['direction'], language['lang'])}, mean gap over the curve",
-                        d["mean_gap"],
-                        d["mean_gap_ci"],
-                        d["n_seed_pairs"],
-                    )
-                )
-                spread = [s["mean_gap"] for s in d["per_seed"]]
-                entries.append(
-                    {
-                        "direction": d["direction"],
-                        "questions": d["questions"],
-                        "base_accuracy": base.get(d["questions"]),
-                        "final_step": language["steps"][-1],
-                        "accuracy_with_final": d["accuracy_with"][-1],
-                        "accuracy_without_final": d["accuracy_without"][-1],
-                        "final_gap": d["final_gap"],
-                        "final_gap_ci": d["final_gap_ci"],
-                        "mean_gap": d["mean_gap"],
-                        "mean_gap_ci": d["mean_gap_ci"],
-                        "per_seed_mean_gaps": spread,
-                        "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
-                        "verdict": d["verdict"],
-                        "tie_policy": result.get("tie_policy", "first"),
-                        # both tie rules, as run_transfer.py computed them (absent: outputs of older versions)
-                        "tie_policies": d.get("tie_policies"),
-                        "tie_policies_differ": d.get("tie_policies_differ"),
-                    }
-                )
-                if len(spread) > 1:
-                    sentences[-1] += f" Per-seed mean gaps range from {min(spread):+.3f} to {max(spread):+.3f}."
+        rows, sentences, entries = _transfer_directions(result, _base_accuracy(group))
         doc.table(
             ["direction", "base acc.", "final step", "acc. with", "acc. without", "final gap [95% CI]",
              "mean gap over curve [95% CI]", "per-seed mean gaps", "McNemar p (final, per seed)", "verdict"],
@@ -578,45 +527,108 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
         doc.bullets(sentences)
         _report_tie_rules(doc, entries, lang, result.get("tie_policy", "first"))
         group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
-        # Per tier: the same analysis (run_transfer.analyse_direction) on the questions of each tier.
         runs = [r for r in plan.runs if r.lang == lang and r.variant == variant]
         if truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
-            stems = [Path(q).stem for q in reversed(group["questions"])]  # target-language questions first
-            steps, cubes = _load_cubes(runs, stems)
-            tiers = _tier_indices(truth, lang)
-            tier_rows, tier_entries = [], []
-            seeds = sorted({r.seed for r in runs})
-            for stem in stems:
-                direction = _direction(stem, lang)
-                for tier, indices in sorted(tiers.items()):
-                    with_cube = _stack(cubes, runs, "bridges", seeds, stem, indices)
-                    without_cube = _stack(cubes, runs, "no_bridges", seeds, stem, indices)
-                    stats = analyse_direction(with_cube, without_cube, 1000, 0, 0.95)
-                    tier_rows.append(
-                        [_direction_words(direction, lang), tier, len(indices),
-                         _f(float(sum(stats["accuracy_with"]) / len(steps))),
-                         _f(float(sum(stats["accuracy_without"]) / len(steps))),
-                         f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
-                    )  # fmt: skip
-                    tier_entries.append(
-                        {"direction": direction, "tier": tier, "questions": len(indices),
-                         "mean_gap": stats["mean_gap"], "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"]}
-                    )  # fmt: skip
-            doc.p("The same gap per tier of facts (high: frequent in English and target; low: rare in English):")
-            doc.table(
-                [
-                    "direction",
-                    "tier",
-                    "questions",
-                    "mean acc. with",
-                    "mean acc. without",
-                    "mean gap [95% CI]",
-                    "verdict",
-                ],
-                tier_rows,
-            )
-            group_record["tiers"] = tier_entries
+            group_record["tiers"] = _report_transfer_tiers(doc, runs, group, truth)
         section[key] = group_record
+
+
+def _transfer_directions(result: dict, base: dict[str, float]) -> tuple[list[list], list[str], list[dict]]:
+    """Per direction of a transfer.json: its table row, its sentence of conclusion and its report.json entry."""
+    rows, sentences, entries = [], [], []
+    for language in result["languages"]:
+        for d in language["directions"]:
+            per_seed = ", ".join(f"{s['mean_gap']:+.3f}" for s in d["per_seed"])
+            p_values = ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"])
+            rows.append(
+                [
+                    _direction_words(d["direction"], language["lang"]),
+                    _f(base.get(d["questions"])),
+                    language["steps"][-1],
+                    _f(d["accuracy_with"][-1]),
+                    _f(d["accuracy_without"][-1]),
+                    f"{d['final_gap']:+.3f} {_ci(d['final_gap_ci'])}",
+                    f"{d['mean_gap']:+.3f} {_ci(d['mean_gap_ci'])}",
+                    per_seed,
+                    p_values,
+                    d["verdict"],
+                ]
+            )
+            sentences.append(
+                _gap_sentence(
+                    f"{_direction_words(d['direction'], language['lang'])}, mean gap over the curve",
+                    d["mean_gap"],
+                    d["mean_gap_ci"],
+                    d["n_seed_pairs"],
+                )
+            )
+            spread = [s["mean_gap"] for s in d["per_seed"]]
+            entries.append(
+                {
+                    "direction": d["direction"],
+                    "questions": d["questions"],
+                    "base_accuracy": base.get(d["questions"]),
+                    "final_step": language["steps"][-1],
+                    "accuracy_with_final": d["accuracy_with"][-1],
+                    "accuracy_without_final": d["accuracy_without"][-1],
+                    "final_gap": d["final_gap"],
+                    "final_gap_ci": d["final_gap_ci"],
+                    "mean_gap": d["mean_gap"],
+                    "mean_gap_ci": d["mean_gap_ci"],
+                    "per_seed_mean_gaps": spread,
+                    "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
+                    "verdict": d["verdict"],
+                    "tie_policy": result.get("tie_policy", "first"),
+                    # both tie rules, as run_transfer.py computed them (absent: outputs of older versions)
+                    "tie_policies": d.get("tie_policies"),
+                    "tie_policies_differ": d.get("tie_policies_differ"),
+                }
+            )
+            if len(spread) > 1:
+                sentences[-1] += f" Per-seed mean gaps range from {min(spread):+.3f} to {max(spread):+.3f}."
+    return rows, sentences, entries
+
+
+def _report_transfer_tiers(doc: ReportDoc, runs: list[Run], group: dict, truth: dict) -> list[dict]:
+    """The same gap per tier of facts (run_transfer.analyse_direction on the questions of each tier)."""
+    from run_transfer import analyse_direction
+
+    lang = group["lang"]
+    stems = [Path(q).stem for q in reversed(group["questions"])]  # target-language questions first
+    steps, cubes = _load_cubes(runs, stems)
+    tiers = _tier_indices(truth, lang)
+    tier_rows, tier_entries = [], []
+    seeds = sorted({r.seed for r in runs})
+    for stem in stems:
+        direction = _direction(stem, lang)
+        for tier, indices in sorted(tiers.items()):
+            with_cube = _stack(cubes, runs, "bridges", seeds, stem, indices)
+            without_cube = _stack(cubes, runs, "no_bridges", seeds, stem, indices)
+            stats = analyse_direction(with_cube, without_cube, 1000, 0, 0.95)
+            tier_rows.append(
+                [_direction_words(direction, lang), tier, len(indices),
+                 _f(float(sum(stats["accuracy_with"]) / len(steps))),
+                 _f(float(sum(stats["accuracy_without"]) / len(steps))),
+                 f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
+            )  # fmt: skip
+            tier_entries.append(
+                {"direction": direction, "tier": tier, "questions": len(indices),
+                 "mean_gap": stats["mean_gap"], "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"]}
+            )  # fmt: skip
+    doc.p("The same gap per tier of facts (high: frequent in English and target; low: rare in English):")
+    doc.table(
+        [
+            "direction",
+            "tier",
+            "questions",
+            "mean acc. with",
+            "mean acc. without",
+            "mean gap [95% CI]",
+            "verdict",
+        ],
+        tier_rows,
+    )
+    return tier_entries
 
 
 def _report_tie_rules(doc: ReportDoc, entries: list[dict], lang: str, tie_policy: str) -> None:

@@ -45,6 +45,24 @@ def paper_cloze_dir():
     return PAPER_CLOZE_DIR
 
 
+def toy_plan(out: Path, steps: list):
+    """A plan of hand-made steps under a toy preset (the runner reads only a plan's steps and output folder)."""
+    from run_study import Plan, Preset
+
+    preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=1, budget_s=0, reference_machine="-")
+    return Plan(preset, str(out), steps, [], {})
+
+
+def python_step(name: str, code: str, outputs: list[str], **fields):
+    """A step of a toy plan that runs ``python -c code``, named and titled ``name`` (kind world unless given)."""
+    from run_study import Step
+
+    return Step(
+        **{"id": name, "kind": "world", "title": name, "command": [sys.executable, "-c", code], "outputs": outputs}
+        | fields
+    )
+
+
 def run_script(args: list[str], cwd=REPO_ROOT, env_extra: dict | None = None, timeout: int = 900):
     """Run a command as a user would; raise with its output when it fails."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="0")

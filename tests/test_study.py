@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import python_step, run_script, toy_plan
 
 import run_study
 import study_report
-from run_study import PRESETS, Plan, Preset, Step, StudyArguments, StudyRunner, build_plan
+from run_study import PRESETS, Plan, Step, StudyArguments, StudyRunner, build_plan
 
 
 def _plan(preset_name: str, out: Path, **overrides) -> Plan:
@@ -91,25 +91,15 @@ def test_synthetic_presets_run_offline_and_plain_python_by_default(tmp_path):
 
 def _toy_plan(out: Path, commands: dict[str, str]) -> Plan:
     """Steps that each append a line to a file (a counter of how often they ran) and write their output."""
-    preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=2, budget_s=0, reference_machine="-")
     steps = []
     previous = None
     for name, text in commands.items():
         target = out / f"{name}.txt"
         code = f"import pathlib; p = pathlib.Path({str(target)!r}); p.write_text({text!r}); "
         code += f"open({str(out / 'ran.log')!r}, 'a').write({name!r} + '\\n')"
-        steps.append(
-            Step(
-                id=name,
-                kind="world",
-                title=f"toy step {name}",
-                command=[sys.executable, "-c", code],
-                outputs=[str(target)],
-                deps=[previous] if previous else [],
-            )
-        )
+        steps.append(python_step(name, code, [str(target)], deps=[previous] if previous else []))
         previous = name
-    return Plan(preset, str(out), steps, [], {})
+    return toy_plan(out, steps)
 
 
 def test_runner_skips_finished_steps_and_reruns_a_changed_step_and_what_depends_on_it(tmp_path):
@@ -296,18 +286,10 @@ def test_a_step_that_runs_alone_on_a_quiet_machine_gets_every_core_and_parallel_
 
     def step(name, deps):
         code = f"import os, pathlib; pathlib.Path({str(tmp_path / name)!r}).write_text(os.environ['OMP_NUM_THREADS'])"
-        return Step(
-            id=name,
-            kind="world",
-            title=name,
-            command=[sys.executable, "-c", code],
-            outputs=[str(tmp_path / name)],
-            deps=deps,
-        )
+        return python_step(name, code, [str(tmp_path / name)], deps=deps)
 
-    preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=2, budget_s=0, reference_machine="-")
     # "first" runs alone; "left" and "right" can run together once it is done
-    plan = Plan(preset, str(tmp_path), [step("first", []), step("left", ["first"]), step("right", ["first"])], [], {})
+    plan = toy_plan(tmp_path, [step("first", []), step("left", ["first"]), step("right", ["first"])])
     monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: True)
     StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
     cores = os.cpu_count() or 1

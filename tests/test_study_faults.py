@@ -11,26 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, python_step, run_script, toy_plan
 
 import run_study
-from run_study import Plan, Preset, Step, StudyArguments, StudyBusyError, StudyRunner
-
-TOY = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=2, budget_s=0, reference_machine="-")
+from run_study import Step, StudyArguments, StudyBusyError, StudyRunner
 
 
 def _writer_step(out: Path, name: str) -> Step:
     code = (
         f"import pathlib; pathlib.Path({str(out / name)!r}).mkdir(); open({str(out / 'ran.log')!r}, 'a').write('ran')"
     )
-    return Step(
-        id=name,
-        kind="world",
-        title=name,
-        command=[sys.executable, "-c", code],
-        outputs=[str(out / name)],
-        workdir=str(out / name),
-    )
+    return python_step(name, code, [str(out / name)], workdir=str(out / name))
 
 
 def _alive(pid: int) -> bool:
@@ -70,7 +61,7 @@ def test_a_step_whose_process_still_runs_is_not_started_again_and_the_refusal_na
     try:
         (tmp_path / ".running").mkdir()
         (tmp_path / ".running" / "a.pid").write_text(json.dumps({"pid": live.pid, "study_pid": 1, "started": "t"}))
-        plan = Plan(TOY, str(tmp_path), [_writer_step(tmp_path, "a")], [], {})
+        plan = toy_plan(tmp_path, [_writer_step(tmp_path, "a")])
         with pytest.raises(StudyBusyError, match=rf"still run in .*: a \(pid {live.pid}, started t by run_study.py"):
             StudyRunner(plan, jobs=1, force=True, budget_s=0).run()
     finally:
@@ -86,7 +77,7 @@ def test_the_pid_file_of_a_step_whose_process_is_gone_is_taken_over_and_the_log_
     (tmp_path / ".running").mkdir()
     pid_file = tmp_path / ".running" / "a.pid"
     pid_file.write_text(json.dumps({"pid": gone.pid, "study_pid": 1, "started": "t"}))
-    StudyRunner(Plan(TOY, str(tmp_path), [_writer_step(tmp_path, "a")], [], {}), jobs=1, force=False, budget_s=0).run()
+    StudyRunner(toy_plan(tmp_path, [_writer_step(tmp_path, "a")]), jobs=1, force=False, budget_s=0).run()
     assert (tmp_path / "ran.log").read_text() == "ran"
     assert f"a: took over the stale pid file {pid_file} (pid {gone.pid} no longer runs)" in capsys.readouterr().out
     assert not pid_file.exists(), "a finished step holds no lock"
@@ -104,7 +95,7 @@ def test_the_pid_file_of_a_step_whose_supervisor_is_a_zombie_is_taken_over(tmp_p
         )
         (tmp_path / ".running").mkdir()
         (tmp_path / ".running" / "a.pid").write_text(json.dumps({"pid": zombie.pid, "study_pid": 1, "started": "t"}))
-        plan = Plan(TOY, str(tmp_path), [_writer_step(tmp_path, "a")], [], {})
+        plan = toy_plan(tmp_path, [_writer_step(tmp_path, "a")])
         StudyRunner(plan, jobs=1, force=False, budget_s=0).run()
     finally:
         zombie.wait()
@@ -118,8 +109,7 @@ def test_processes_a_step_leaves_behind_in_their_own_session_are_stopped_when_it
         "p = subprocess.Popen(['sleep', '300'], start_new_session=True); "
         f"open({str(tmp_path / 'left.pid')!r}, 'w').write(str(p.pid))"
     )
-    step = Step(id="a", kind="world", title="a", command=[sys.executable, "-c", code], outputs=[])
-    StudyRunner(Plan(TOY, str(tmp_path), [step], [], {}), jobs=1, force=False, budget_s=0).run()
+    StudyRunner(toy_plan(tmp_path, [python_step("a", code, [])]), jobs=1, force=False, budget_s=0).run()
     left = int((tmp_path / "left.pid").read_text())
     assert not _alive(left)
     assert (
@@ -141,9 +131,9 @@ def test_after_kill_9_of_the_study_no_process_of_its_steps_remains_also_accelera
     escaping = f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(sleeper)!r}, {str(pids)!r}], start_new_session=True); time.sleep(300)"  # fmt: skip
     steps = [
         Step(id="launch", kind="world", title="launch", command=[*accelerate, str(sleeper), str(pids)], outputs=[]),
-        Step(id="escape", kind="world", title="escape", command=[sys.executable, "-c", escaping], outputs=[]),
+        python_step("escape", escaping, []),
     ]
-    (tmp_path / "plan.pickle").write_bytes(pickle.dumps(Plan(TOY, str(tmp_path / "study"), steps, [], {})))
+    (tmp_path / "plan.pickle").write_bytes(pickle.dumps(toy_plan(tmp_path / "study", steps)))
     driver = (
         f"import pickle, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import run_study; "
         f"plan = pickle.loads(open({str(tmp_path / 'plan.pickle')!r}, 'rb').read()); "

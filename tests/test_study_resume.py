@@ -5,15 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import python_step, toy_plan
 
-from run_study import Plan, Preset, Step, StudyRunner
+from run_study import Plan, Step, StudyRunner
 
 
 def _toy_plan(out: Path, texts: dict[str, str], deps: dict[str, list[str]], trains: set[str] = frozenset()) -> Plan:
     """Steps that write ``<out>/<name>/out.txt`` and log each start (with the checkpoint it resumed from, if any)
     to ``<out>/ran.jsonl``. A training step also saves ``checkpoint-1``; a step fails once, after saving, while
     ``<out>/<name>.fail_once`` exists (an interrupted run)."""
-    preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=1, budget_s=0, reference_machine="-")
     steps = []
     for name, text in texts.items():
         workdir = out / name
@@ -30,18 +30,16 @@ def _toy_plan(out: Path, texts: dict[str, str], deps: dict[str, list[str]], trai
             code += "(w / 'checkpoint-1').mkdir(exist_ok=True); (w / 'checkpoint-1' / 'trainer_state.json').write_text('{}')\n"
         code += f"if fail.exists(): fail.unlink(); sys.exit(1)\n(w / 'out.txt').write_text({text!r})\n"
         steps.append(
-            Step(
-                id=name,
-                kind="world",
-                title=f"toy step {name}",
-                command=[sys.executable, "-c", code],
-                outputs=[str(workdir / "out.txt")],
+            python_step(
+                name,
+                code,
+                [str(workdir / "out.txt")],
                 workdir=str(workdir),
                 deps=deps.get(name, []),
                 trains=name in trains,
             )
         )
-    return Plan(preset, str(out), steps, [], {})
+    return toy_plan(out, steps)
 
 
 def _starts(out: Path) -> list[tuple[str, str | None]]:
@@ -141,7 +139,6 @@ def test_force_retrains_a_real_pretraining_step_instead_of_resuming_its_final_ch
         "--block_size", "32", "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4",
         "--logging_steps", "1", "--report_to", "none", "--seed", "0", "--output_dir", str(base),
     ]  # fmt: skip
-    preset = Preset(name="toy", description="toy", langs=[], seeds=[], jobs=1, budget_s=0, reference_machine="-")
     step = Step(
         id="pretrain",
         kind="pretrain",
@@ -151,7 +148,7 @@ def test_force_retrains_a_real_pretraining_step_instead_of_resuming_its_final_ch
         workdir=str(base),
         trains=True,
     )
-    plan = Plan(preset, str(tmp_path / "study"), [step], [], {})
+    plan = toy_plan(tmp_path / "study", [step])
     StudyRunner(plan, jobs=1, force=False, budget_s=0).run()
     (base / "checkpoint-4" / "before-force.txt").write_text("saved by the first run")
     StudyRunner(plan, jobs=1, force=True, budget_s=0).run()
