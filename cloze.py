@@ -370,6 +370,10 @@ def tie_credit(scores: list[float], answer: list[int]) -> tuple[int, float]:
     return len(tied), sum(k in answer for k in tied) / len(tied)
 
 
+#: The fields of a predictions.jsonl line that its reader needs (run_eval.py writes more).
+PREDICTION_FIELDS = ("questions", "index", "step", "checkpoint", "correct", "scores", "answer")
+
+
 def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
     """accuracy.json of a run_eval.py output folder, and per questions stem a dict step -> per-item credit:
     first-wins correctness (bool, the paper's rule) with ``tie_policy="first"``, the expected credit of
@@ -389,24 +393,23 @@ def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[d
     kind = bool if tie_policy == "first" else np.float64
     correct = {stem: {step: np.zeros(size, kind) for step in paths} for stem, size in sizes.items()}
     seen = {stem: {step: np.zeros(size, np.int64) for step in paths} for stem, size in sizes.items()}
-    with predictions.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if paths.get(row["step"]) != row["checkpoint"] or row["questions"] not in sizes:
-                continue
-            index = row["index"]
-            if not 0 <= index < sizes[row["questions"]]:
-                raise ValueError(f"{predictions}:{line_number}: item index {index} beyond the question set.")
-            seen[row["questions"]][row["step"]][index] += 1
-            if tie_policy == "first":
-                credit = row["correct"]
-            elif "credit_fractional" in row:
-                credit = row["credit_fractional"]
-            else:  # written before the tie accounting: the same number, from the scores
-                credit = tie_credit(row["scores"], row["answer"])[1]
-            correct[row["questions"]][row["step"]][index] = credit
+    for where, row in read_json_records(predictions):  # a line that is not JSON is named by file and line
+        missing_fields = [k for k in PREDICTION_FIELDS if not isinstance(row, dict) or k not in row]
+        if missing_fields:
+            raise ValueError(f"{where}: a predictions line needs {missing_fields} (the format run_eval.py writes).")
+        if paths.get(row["step"]) != row["checkpoint"] or row["questions"] not in sizes:
+            continue
+        index = row["index"]
+        if not 0 <= index < sizes[row["questions"]]:
+            raise ValueError(f"{where}: item index {index} beyond the question set.")
+        seen[row["questions"]][row["step"]][index] += 1
+        if tie_policy == "first":
+            credit = row["correct"]
+        elif "credit_fractional" in row:
+            credit = row["credit_fractional"]
+        else:  # written before the tie accounting: the same number, from the scores
+            credit = tie_credit(row["scores"], row["answer"])[1]
+        correct[row["questions"]][row["step"]][index] = credit
     problems = []
     for stem, per_step in seen.items():
         for step, counts in per_step.items():

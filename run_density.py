@@ -76,7 +76,6 @@ from study_common import (
     check_document_suffix,
     exit_on_input_error,
     read_documents,
-    read_json_records,
     setup_logging,
     text_of,
     write_json_atomic,
@@ -1290,14 +1289,7 @@ def find_predictions(path: str) -> Path:
 def predictions_at(path: Path, step: int | None) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
     """Per questions stem: the first-wins correctness of each item at ``step`` (default: the run's last
     checkpoint), the step, and the question language; read by ``cloze.read_predictions``."""
-    try:
-        accuracy, correct = read_predictions(path.parent)
-    except json.JSONDecodeError:
-        for _ in read_json_records(path):  # raises naming the file and the line that is not JSON
-            pass
-        raise  # the line is fine: accuracy.json is not JSON
-    except KeyError as err:
-        raise ValueError(f"{path} or its accuracy.json: a record lacks {err} (run_eval.py's format).") from err
+    accuracy, correct = read_predictions(path.parent)
     if not any(correct.values()):
         raise ValueError(f"{path}: no predictions in the file.")
     items, steps = {}, {}
