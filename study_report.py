@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # the report reads any object with these fields (run_study's,
     from run_study import Plan, Run
 
 REPO_DIR = Path(__file__).resolve().parent
+# What the report and run_study.py both name (run_study imports them from here, so that this module needs no
+# part of it): the settings and name variants, the time format and stamp, and the steps' recorded seconds.
 #: The two CPT settings of every run pair, in the order the report shows them.
 SETTINGS = ("bridges", "no_bridges")
 VARIANT_TITLES = {"native": "native-script names (control)", "anchors": "shared Latin names (anchors)"}
