@@ -86,6 +86,7 @@ from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     default_cpt_data_dir,
     exit_on_input_error,
+    is_saved_dataset,
     pair_token_count,
     read_documents,
     read_json_records,
@@ -301,9 +302,8 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
 
 def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool, data_files: list[str] | None = None):
     """A Hub dataset (or some of its files), a local data directory, or a save_to_disk directory."""
-    directory = Path(name)
-    if directory.is_dir() and ((directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(directory))
+    if is_saved_dataset(name):
+        loaded = datasets.load_from_disk(name)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     return datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
 

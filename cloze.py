@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study_common import read_json_records
+from study_common import is_saved_dataset, read_json_records
 
 logger = logging.getLogger("cloze")
 
@@ -60,6 +60,16 @@ def question_lang_from_stem(stem: str) -> str | None:
     return match.group("lang").lower() if match else None
 
 
+def parallel_base(stem: str, lang: str | None = None) -> str:
+    """What parallel question files share: the name without its ``_<lang>`` suffix (``ko-culture-cloze``
+    for ``ko-culture-cloze_en`` and ``_ko``). With ``lang``, only that suffix is cut (a set whose language
+    was given by --question_langs keeps a name that merely looks like one)."""
+    found = question_lang_from_stem(stem)
+    if found is None or (lang is not None and found != lang.lower()):
+        return stem
+    return QUESTION_FILE_LANG.match(stem).group("base")
+
+
 # --------------------------------------------------------------------------------------
 # Question sets
 # --------------------------------------------------------------------------------------
@@ -78,8 +88,7 @@ class QuestionSet:
     @property
     def base(self) -> str:
         """Name shared by parallel files: the stem without its language suffix."""
-        match = QUESTION_FILE_LANG.match(self.stem)
-        return match.group("base") if match and match.group("lang") == self.lang else self.stem
+        return parallel_base(self.stem, self.lang)
 
     @property
     def fingerprint(self) -> str:
@@ -223,7 +232,7 @@ def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, 
     if path.is_file():
         return [(path.stem, str(path), [record for _, record in read_json_records(path)])]
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if is_saved_dataset(path):
             from datasets import load_from_disk
 
             return _dataset_question_sets(load_from_disk(str(path)), path.name, str(path))

@@ -5,7 +5,7 @@
 # ///
 """Continual pretraining on one language, WITH or WITHOUT bridges (step 2b of the study).
 
-Needs study_common.py beside it (the packing and collation section below needs only torch).
+Needs study_common.py and train_common.py beside it (the packing and collation section below needs only torch).
 
     accelerate launch run_cpt.py --lang bo --bridges
     accelerate launch run_cpt.py --model_name_or_path BASE --dataset_path DATA --lang bo --bridges \\
@@ -27,7 +27,7 @@ Paper defaults: 1,500 steps of 0.5M tokens, i.e. ``--block_size 2048`` and 256 w
 (``per_device_train_batch_size x processes x gradient_accumulation_steps = 256``, e.g. 8 x 8 x 4),
 ``--max_steps 1500``.
 
-Resuming: ``--resume_from_checkpoint PATH`` or ``latest`` (study_common.RESUME_HELP), only from a
+Resuming: ``--resume_from_checkpoint PATH`` or ``latest`` (train_common.RESUME_HELP), only from a
 checkpoint of the same setting, base model, data and plan (``check_resume_setting``); an
 ``--output_dir`` that already holds a checkpoint is refused without it.
 
@@ -73,26 +73,28 @@ from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     PAIR_ORDERS,
     RUNS_DIR,
+    default_cpt_data_dir,
+    default_cpt_run_name,
+    document_start_id,
+    exit_on_input_error,
+    output_dir_given,
+    pair_first_side,
+    pair_segments,
+    setup_logging,
+    write_json_atomic,
+)
+from train_common import (
     ModelCard,
     ModelCardMixin,
     autocast_dtype,
     check_attention_implementation_trains_on,
     check_document_isolation,
-    default_cpt_data_dir,
-    default_cpt_run_name,
     document_resume_flag,
-    document_start_id,
-    exit_on_input_error,
     finish_training,
     guard_flash_attention_inputs,
     isolation_failure,
-    output_dir_given,
-    pair_first_side,
-    pair_segments,
     resume_checkpoint,
-    setup_logging,
     use_cpu_backend_without_gpu,
-    write_json_atomic,
 )
 
 logger = logging.getLogger("run_cpt")
@@ -107,7 +109,7 @@ logger = logging.getLogger("run_cpt")
 #   from dataclasses import dataclass
 #   from typing import NamedTuple
 #   import torch
-# and, for kernels other than sdpa/eager (flash: one flattened row), study_common.py beside it.
+# and, for kernels other than sdpa/eager (flash: one flattened row), train_common.py beside it.
 # ======================================================================================
 
 # ---- Planning: which documents share each window (pure Python) --------------------------
@@ -446,7 +448,7 @@ class BridgePackingCollator:
     position ids (sdpa, eager, flex_attention: B rows of ``block_size``). Flash kernels infer
     boundaries from position ids only for a batch of one row, so for them (``attn_implementation``)
     the B windows go as one flattened row of B x ``block_size`` tokens with ``cu_seq_lens_q/k`` and
-    ``max_length_q/k`` (``study_common.packed_batch``): the same tokens, positions and labels in either
+    ``max_length_q/k`` (``train_common.packed_batch``): the same tokens, positions and labels in either
     layout, and no token attends across documents. The feature keys are model ``forward`` arguments,
     so Trainer's column removal keeps them.
 
@@ -524,13 +526,13 @@ class BridgePackingCollator:
     def __call__(self, features: list[dict]) -> dict:
         rows = self.padded_rows(features)
         try:
-            from study_common import packed_batch
+            from train_common import packed_batch
         except ImportError:
-            # Copied without study_common: only the padded layout, which isolates documents for the
+            # Copied without train_common.py: only the padded layout, which isolates documents for the
             # kernels that build the mask from position ids.
             if self.attn_implementation not in ("sdpa", "eager"):
                 raise ImportError(
-                    f"attn_implementation={self.attn_implementation!r} needs study_common.packed_batch (its layout)."
+                    f"attn_implementation={self.attn_implementation!r} needs train_common.packed_batch (its layout)."
                 ) from None
             return rows
         return packed_batch(
@@ -1128,7 +1130,7 @@ def check_plan_isolation(
     *,
     autocast_dtype=None,
 ):
-    """``study_common.check_document_isolation`` on two windows of the plan (``isolation_windows``),
+    """``train_common.check_document_isolation`` on two windows of the plan (``isolation_windows``),
     batched by the training ``collator``; ``window`` in the result says which."""
     checked, origin = isolation_windows(windows, store, collator.block_size)
     tokens = [[[store.segment_tokens(segment) for segment in document] for document in window] for window in checked]

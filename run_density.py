@@ -70,11 +70,19 @@ import regex
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, question_lang_from_stem, read_predictions
+from cloze import (
+    BLANK,
+    QuestionSet,
+    fill_blanks,
+    load_question_sets,
+    parallel_base,
+    read_predictions,
+)
 from study_common import (
     LANGUAGE_SCRIPTS,
     check_document_suffix,
     exit_on_input_error,
+    is_saved_dataset,
     read_documents,
     setup_logging,
     text_of,
@@ -666,8 +674,7 @@ class DatasetCorpus:
         if self._dataset is None:
             import datasets
 
-            saved = ("state.json", "dataset_dict.json")  # what save_to_disk writes
-            if Path(self.name).is_dir() and any((Path(self.name) / marker).is_file() for marker in saved):
+            if is_saved_dataset(self.name):
                 dataset = datasets.load_from_disk(self.name)
                 if isinstance(dataset, datasets.DatasetDict):
                     if self.split not in dataset:
@@ -1299,12 +1306,6 @@ def predictions_at(path: Path, step: int | None) -> tuple[dict[str, np.ndarray],
             raise ValueError(f"{path}: no predictions at step {chosen} for {stem} (steps: {sorted(by_step)}).")
         items[stem], steps[stem] = by_step[chosen], chosen
     return items, steps, {stem: q["lang"] for stem, q in accuracy["questions"].items()}
-
-
-def parallel_base(stem: str) -> str:
-    """What parallel question files share: the stem without its final ``_<lang>`` (cloze's rule)."""
-    lang = question_lang_from_stem(stem)
-    return stem[: -len(lang) - 1] if lang else stem
 
 
 def parse_source_corpus(entries: list[str]) -> dict[str, str]:

@@ -5,7 +5,7 @@
 # ///
 """Step 1 of the study: transparent pretraining of a Qwen2.5-architecture model on Latin-only text.
 
-Needs study_common.py beside it.
+Needs study_common.py and train_common.py beside it.
 
 Every later result is read against this base model, so everything it was trained on is known
 and recorded. Top to bottom, the script:
@@ -23,13 +23,13 @@ and recorded. Top to bottom, the script:
    ``--document_attention`` (default) the position ids restart at every document, which makes
    transformers build a block-diagonal causal mask: no token attends to another document.
    Flash kernels get the windows as one flattened row with explicit sequence boundaries
-   (``study_common.packed_batch``). The run checks isolation on its own model, training
+   (``train_common.packed_batch``). The run checks isolation on its own model, training
    device, kernel and batch layout before training, records the result and stops if it leaks;
 5. builds a randomly initialised model from ``--config_name`` (a file in ``configs/`` or a
    Hub id) and ``--config_overrides``;
 6. trains it with the ``Trainer`` (every ``TrainingArguments`` flag works: checkpoints,
    ``--push_to_hub``, bf16, ...), under ``accelerate launch`` or plain ``python``. Resuming:
-   ``--resume_from_checkpoint PATH`` or ``latest`` (``study_common.RESUME_HELP``); an
+   ``--resume_from_checkpoint PATH`` or ``latest`` (``train_common.RESUME_HELP``); an
    ``--output_dir`` that already holds a checkpoint is refused without it;
 7. writes the model, the tokenizer, ``data_stats.json``, ``throughput.json`` and a model card
    (README.md) recording data, filter, tokenizer, config, steps and tokens seen.
@@ -75,29 +75,31 @@ from transformers import (
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     InputError,
+    check_document_suffix,
+    document_start_id,
+    encode_documents,
+    exit_on_input_error,
+    filter_to_latin,
+    has_non_latin_letter,
+    output_dir_given,
+    read_documents,
+    setup_logging,
+    write_json_atomic,
+)
+from train_common import (
     ModelCard,
     ModelCardMixin,
     autocast_dtype,
     batch_layout,
     check_attention_implementation_trains_on,
     check_document_isolation,
-    check_document_suffix,
     document_resume_flag,
-    document_start_id,
-    encode_documents,
-    exit_on_input_error,
-    filter_to_latin,
     finish_training,
     guard_flash_attention_inputs,
-    has_non_latin_letter,
     isolation_failure,
-    output_dir_given,
     packed_batch,
-    read_documents,
     resume_checkpoint,
-    setup_logging,
     use_cpu_backend_without_gpu,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,7 @@ class ModelArguments:
         metadata={
             "help": "Attention kernel: sdpa (default), eager; on a GPU also flex_attention, flash_attention_2, "
             "flash_attention_3 or a hub kernel (kernels-community/flash-attn). Flash kernels get the windows of "
-            "a micro-batch as one flattened row with sequence boundaries (study_common.packed_batch)."
+            "a micro-batch as one flattened row with sequence boundaries (train_common.packed_batch)."
         },
     )
     batch_layout: Literal["auto", "flattened"] = field(
@@ -442,7 +444,7 @@ class PackedBlockCollator:
     Labels equal the input ids except -100 at the first position of every document (position 0),
     whose start token would otherwise be predicted from the previous document. With
     ``document_attention`` the position ids restart at 0 at every document and the batch has the
-    layout ``study_common.packed_batch`` gives ``attn_implementation``: B rows for sdpa, eager and
+    layout ``train_common.packed_batch`` gives ``attn_implementation``: B rows for sdpa, eager and
     flex_attention (transformers builds a block-diagonal causal mask from the position ids, without
     an attention mask and without a KV cache: the config has use_cache=False), one flattened row
     with ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash kernels (``flatten``: True for every
@@ -731,7 +733,7 @@ CHECK_WINDOWS = ((9, 7), (5, 6, 5))
 
 def isolation_check_windows(start_id: int, vocab_size: int) -> list[list[list[list[int]]]]:
     """Random documents in the windows of ``CHECK_WINDOWS``, each ``[start] + tokens``, as
-    ``study_common.check_document_isolation`` takes them (a document of one segment)."""
+    ``train_common.check_document_isolation`` takes them (a document of one segment)."""
     generator = torch.Generator().manual_seed(0)
     return [
         [[[start_id, *torch.randint(2, vocab_size, (length - 1,), generator=generator).tolist()]] for length in window]

@@ -120,7 +120,7 @@ else
   [[ $HAVE_LIGER == 1 ]] && add sdpa-b8-liger plain sdpa 8 "--use_liger_kernel"
   [[ $HAVE_HUB_FLASH == 1 ]] && add hubfa-b8 plain kernels-community/flash-attn 8
   # run_cpt.py: add its configurations here (same shapes, same launch) once its BridgePackingCollator
-  # builds batches with study_common.packed_batch; its goal is tokens/s within 3% of run_pretrain's.
+  # builds batches with train_common.packed_batch; its goal is tokens/s within 3% of run_pretrain's.
 fi
 
 for entry in "${CONFIGS[@]}"; do

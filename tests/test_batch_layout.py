@@ -1,4 +1,4 @@
-"""study_common.packed_batch and its guard: which layout each attention implementation gets, that no
+"""train_common.packed_batch and its guard: which layout each attention implementation gets, that no
 batch of several rows without sequence boundaries reaches a flash kernel, and that the flattened and
 the padded layout carry the same tokens, labels and documents (and give the same logits with sdpa)."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-import study_common
+import train_common
 from run_pretrain import PackedBlockCollator, pack_documents
-from study_common import SEQUENCE_BOUNDARY_KEYS, check_flash_batch, guard_flash_attention_inputs
+from train_common import SEQUENCE_BOUNDARY_KEYS, check_flash_batch, guard_flash_attention_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,7 +81,7 @@ def test_the_collator_gives_flash_and_unknown_kernels_one_row_with_sequence_boun
     assert "attention_mask" not in batch and all(batch[key] is not None for key in SEQUENCE_BOUNDARY_KEYS)
     check_flash_batch(batch, attn_implementation)
     # Asked for B rows anyway, the collator refuses rather than hand a flash kernel a leaking batch.
-    if study_common.is_flash_attention(attn_implementation) and n_windows > 1:
+    if train_common.is_flash_attention(attn_implementation) and n_windows > 1:
         with pytest.raises(ValueError, match="would reach the flash kernel"):
             PackedBlockCollator(attn_implementation=attn_implementation, flatten=False)(windows()[:n_windows])
 

@@ -244,7 +244,7 @@ def test_resume_refuses_a_checkpoint_of_another_setting(tmp_path):
 
 
 def test_an_output_dir_holding_a_checkpoint_needs_resume_from_checkpoint(cpt_data, tmp_path):
-    # The convention of run_pretrain.py too (study_common.resume_checkpoint): never a silent resume.
+    # The convention of run_pretrain.py too (train_common.resume_checkpoint): never a silent resume.
     (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"already holds .*checkpoint-3\. Pass --resume_from_checkpoint"):
         run_cpt.main(["--model_name_or_path", "unused", "--dataset_path", str(cpt_data), "--lang", "bo", "--bridges",

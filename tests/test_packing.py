@@ -380,12 +380,12 @@ def test_collator_section_runs_with_only_the_standard_library_and_torch(tmp_path
     imports, section = collator_section()
     assert "import torch" in imports and "numpy" not in imports
     names = {node.id for node in ast.walk(ast.parse(section)) if isinstance(node, ast.Name)}
-    assert not names & {"np", "numpy", "datasets", "transformers", "study_common"}
+    assert not names & {"np", "numpy", "datasets", "transformers", "study_common", "train_common"}
     program = tmp_path / "copied.py"
     program.write_text(
         imports.split("\n", 1)[0] + "\n"  # from __future__ must come first
         "import sys\n"
-        "for blocked in ('numpy', 'datasets', 'transformers', 'study_common'):\n"
+        "for blocked in ('numpy', 'datasets', 'transformers', 'study_common', 'train_common'):\n"
         "    sys.modules[blocked] = None  # importing them now fails\n"
         + imports.split("\n", 1)[1]
         + "\n\n"

@@ -26,14 +26,8 @@ from run_pretrain import (
     parse_config_overrides,
     train_tokenizer,
 )
-from study_common import (
-    check_document_isolation,
-    document_start_id,
-    encode_documents,
-    filter_to_latin,
-    has_non_latin_letter,
-    isolation_failure,
-)
+from study_common import document_start_id, encode_documents, filter_to_latin, has_non_latin_letter
+from train_common import check_document_isolation, isolation_failure
 
 # --------------------------------------------------------------------------------------
 # The Latin filter: the fast implementation against the rule written as a loop

@@ -103,7 +103,8 @@ def test_a_reader_without_a_column_flag_asks_for_the_column_by_name(tmp_path):
 
 
 def test_one_resume_convention_for_both_training_scripts(tmp_path):
-    from study_common import InputError, resume_checkpoint
+    from study_common import InputError
+    from train_common import resume_checkpoint
 
     run = tmp_path / "run"
     assert resume_checkpoint(None, run) is None  # a new folder starts afresh
