@@ -17,15 +17,23 @@ has places ("subjects") and, for every relation (favourite dish, great festival,
 Every fact is stated an exact, planted number of times in the English pretraining corpus and
 in its culture's target-language corpus; each statement is its own document, so "occurrences"
 (documents that state a fact) are known exactly and ``run_density.py`` can be checked against
-them. Facts come in two tiers that mirror the paper's Table 1:
+them. Facts come in four tiers (``TIERS``); the first two mirror the paper's Table 1:
 
 * ``high`` (knowledge of a high-resource culture): frequent in English and in the target corpus;
 * ``low`` (low-resource): frequent in the target corpus, ``--low_resource_ratio`` times rarer in
-  English (the paper measured ~60x for Tibetan culture).
+  English (the paper measured ~60x for Tibetan culture);
+* ``absent``: stated in the target corpus (``--tgt_count``) and never in English;
+* ``en_only`` (the mirror of absent): stated in English (``--en_count``) and never in the target corpus.
 
-A culture's ``--resource`` level is ``high``, ``low`` (all its facts in that tier) or ``mixed``
-(half its places in each tier: both tiers inside one continual-pretraining run, which is what a
-laptop-sized study compares).
+A culture's ``--places`` are split by its ``--resource`` level: ``high``, ``low`` (all of them in that
+tier) or ``mixed`` (half in each tier: both tiers inside one continual-pretraining run, which is what
+a laptop-sized study compares). ``--absent_places`` and ``--en_only_places`` add places of the other two
+tiers (default 0: none, and the world is byte for byte the one without these flags). A contrast between
+two tiers stated equally often in one corpus (high and absent in the target corpus; high and en_only in
+English) separates knowledge carried from the other corpus from skill in the language. Only the fact is
+missing from one corpus: the names of absent and en_only places and objects are as learnable as any
+other, since parallel pairs (``--pair_mentions``) and target filler (``--mono_mentions``) name every
+entity of every tier exactly as often (English documents name an entity only to state a fact).
 
 Named entities (places and objects) are written in one of two ways in the target language, and
 the generator writes both variants side by side (``--name_variants``):
@@ -44,7 +52,9 @@ Guarantees (each pinned by tests/test_synthetic_world.py):
   knows nothing scores at chance whatever the corpus frequencies (unmatched options made absent
   facts score below chance in a prototype);
 * parallel pairs and held-out diagnostic pairs never state a fact (at most one entity each);
-* no document is repeated within a corpus, and no diagnostic pair is a training pair.
+* no document is repeated within a corpus, and no diagnostic pair is a training pair;
+* name-alignment frames (``name_alignment.json``) are held out: no frame sentence, in either language,
+  occurs in any corpus, pairs or diagnostic pairs file.
 
 Layout of ``--output_dir``::
 
@@ -56,6 +66,10 @@ Layout of ``--output_dir``::
     <lang>/<variant>/diagnostic_pairs.jsonl held-out pairs for the bridge diagnostic, same columns + "tgt"
     <lang>/<variant>/<lang>-culture-cloze_en.json and <lang>-culture-cloze_<lang>.json
                                             cloze questions in the paper's format, parallel by position
+    <lang>/<variant>/item_tiers.json        each question's tier and planted counts, by question index
+    <lang>/<variant>/name_alignment.json    held-out bilingual frames, one per entity and direction: given a
+                                            sentence naming an entity, pick its name in the parallel sentence
+                                            among 4 entities of its kind (a check that names are aligned)
 
 Usage::
 
@@ -72,9 +86,10 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cloze import question_file_name
+from cloze import parallel_base, question_file_name, question_stem
 from study_common import (
     LANGUAGE_SCRIPTS,
+    InputError,
     exit_on_input_error,
     script_letter_fraction,
     setup_logging,
@@ -187,6 +202,13 @@ MENTION_PATTERNS = [
 ]
 
 RESOURCE_LEVELS = ("high", "low", "mixed")
+#: The tiers of facts and what each means (item_tiers.json carries these meanings with each question's tier).
+TIERS = {
+    "high": "stated often in English (--en_count) and in the target corpus (--tgt_count)",
+    "low": "stated in the target corpus (--tgt_count) and --low_resource_ratio times rarer in English",
+    "absent": "stated in the target corpus (--tgt_count) and never in English",
+    "en_only": "stated in English (--en_count) and never in the target corpus",
+}
 #: The paper's grouping: Korean and Han Chinese cultures are high-resource, Tibetan and Mongol low.
 PAPER_RESOURCE = {"ko": "high", "zh": "high", "bo": "low", "mn": "low"}
 NAME_VARIANTS = ("native", "anchors")
@@ -273,7 +295,22 @@ class WorldArguments:
     places: int = field(
         default=16,
         metadata={
-            "help": "Places (fact subjects) per culture; each tier's share must be a multiple of 4 (option groups)."
+            "help": "Places (fact subjects) per culture, split into the high and low tiers by --resource; each "
+            "tier's share must be a multiple of 4 (option groups)."
+        },
+    )
+    absent_places: int = field(
+        default=0,
+        metadata={
+            "help": "Further places per culture of the absent tier: their facts are stated in the target corpus "
+            "(--tgt_count) and never in English. A multiple of 4 (option groups); 0: no absent tier."
+        },
+    )
+    en_only_places: int = field(
+        default=0,
+        metadata={
+            "help": "Further places per culture of the en_only tier: their facts are stated in English (--en_count) "
+            "and never in the target corpus. A multiple of 4 (option groups); 0: no en_only tier."
         },
     )
     relations: int = field(
@@ -351,6 +388,13 @@ class WorldArguments:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0.")
+        for name in ("absent_places", "en_only_places"):
+            value = getattr(self, name)
+            if value < 0 or value % 4:
+                raise InputError(
+                    f"--{name} {value}: give a multiple of 4 (0 for none); the tier's questions come in option "
+                    "groups of 4 facts that share counts and options."
+                )
         for lang in self.langs:
             high, low = tier_places(self.places, self.resource_of(lang))
             if high % 4 or low % 4:
@@ -370,7 +414,7 @@ class WorldArguments:
 
 
 def tier_places(places: int, resource: str) -> tuple[int, int]:
-    """(high-tier places, low-tier places) of a culture."""
+    """(high-tier places, low-tier places) of a culture's --places."""
     if resource == "high":
         return places, 0
     if resource == "low":
@@ -482,17 +526,18 @@ def build_culture(args: WorldArguments, lang: str, language: Language, reserved_
     rng = _rng(args.seed, "culture", lang)
     relations = RELATIONS[: args.relations]
     n_high, n_low = tier_places(args.places, args.resource_of(lang))
-    n_entities = args.places * (1 + len(relations))
+    n_places = args.places + args.absent_places + args.en_only_places
+    n_entities = n_places * (1 + len(relations))
     latin = _latin_names(rng, n_entities, reserved_latin)
     reserved_latin.update(name.lower() for name in latin)
     native = language.new_names(n_entities)
     entities = [{"id": f"{lang}-e{i:03d}", "en": en, "native": nat} for i, (en, nat) in enumerate(zip(latin, native))]
-    places = entities[: args.places]
-    tiers = ["high"] * n_high + ["low"] * n_low
+    places = entities[:n_places]
+    tiers = ["high"] * n_high + ["low"] * n_low + ["absent"] * args.absent_places + ["en_only"] * args.en_only_places
     facts, groups = [], []
     for r, (relation, templates) in enumerate(relations):
-        objects = entities[args.places * (1 + r) : args.places * (2 + r)]
-        for tier in ("high", "low"):
+        objects = entities[n_places * (1 + r) : n_places * (2 + r)]
+        for tier in TIERS:  # an empty tier draws nothing from rng, so worlds without absent/en_only are unchanged
             members = [p for p, t in enumerate(tiers) if t == tier]
             rng.shuffle(members)
             for g in range(0, len(members), 4):
@@ -528,8 +573,9 @@ def _plant_counts(args: WorldArguments, groups: list[dict]) -> None:
     _rng(args.seed, "low-counts", groups[0]["facts"][0]["lang"] if groups else "").shuffle(order)
     low_counts = {low_groups[i]["id"]: base + (1 if rank < extra else 0) for rank, i in enumerate(order)}
     for group in groups:
-        en = args.en_count if group["tier"] == "high" else low_counts[group["id"]]
-        group["counts"] = {"en": en, "tgt": args.tgt_count}
+        en = {"high": args.en_count, "en_only": args.en_count, "absent": 0}.get(group["tier"])
+        tgt = 0 if group["tier"] == "en_only" else args.tgt_count
+        group["counts"] = {"en": low_counts[group["id"]] if en is None else en, "tgt": tgt}
         for fact in group["facts"]:
             fact["counts"] = dict(group["counts"])
 
@@ -737,6 +783,73 @@ def parallel_pairs(
     return pairs, diagnostic
 
 
+def name_alignment(
+    args: WorldArguments, culture: dict, language: Language, filler: Filler, variant: str, held_out_from: str
+) -> dict:
+    """name_alignment.json: per entity and direction, a bilingual frame never written in any file.
+
+    An item gives a sentence naming the entity in one language (the context) and its parallel sentence in
+    the other with the name blanked (the frame); the options are the entity's name and those of 3 others
+    of its kind (places with places, objects with objects of the same relation) and tier, the nearest in
+    planted frequency (identical where 3 such exist: an object's option-group mates always do), so a
+    model that only knows name frequencies scores near chance. Sentences come from the filler grammar,
+    as parallel pairs do, and are refused when either side occurs in ``held_out_from`` (the text of every
+    corpus, pairs and diagnostic pairs file: a frame is never trained on, nor a diagnostic).
+    """
+    lang = culture["lang"]
+    rng = _rng(args.seed, "name-alignment", lang)
+    kind, tier, frequency = {}, {}, {}
+    for fact in culture["facts"]:
+        for entity_kind, entity in (("place", fact["subject"]), (fact["relation"], fact["object"])):
+            kind[entity["id"]], tier[entity["id"]] = entity_kind, fact["tier"]
+            en, tgt = frequency.get(entity["id"], (0, 0))
+            frequency[entity["id"]] = (en + fact["counts"]["en"], tgt + fact["counts"]["tgt"])
+    names = {"en": lambda e: e["en"], "target": lambda e: _name(e, variant)}
+    directions = ((f"en->{lang}", "en", "target"), (f"{lang}->en", "target", "en"))
+    seen: set[str] = set()
+    items = []
+    for entity in culture["entities"]:
+        group = (kind[entity["id"]], tier[entity["id"]])
+        peers = [e for e in culture["entities"] if e is not entity and (kind[e["id"]], tier[e["id"]]) == group]
+        en, tgt = frequency[entity["id"]]
+        distance = {e["id"]: abs(frequency[e["id"]][0] - en) + abs(frequency[e["id"]][1] - tgt) for e in peers}
+        ties = {e["id"]: rng.random() for e in peers}
+        peers.sort(key=lambda e: (distance[e["id"]], ties[e["id"]]))
+        for direction, context_side, frame_side in directions:
+            sentence = _held_out_sentence(rng, seen, filler, entity, language, variant, held_out_from)
+            rendered = {"en": Filler.english(sentence), "target": Filler.target(sentence, language, variant)}
+            options = [entity, *peers[:3]]
+            rng.shuffle(options)
+            name = names[frame_side]
+            cloze = _cloze(rendered[frame_side], name(entity), [name(o) for o in options])
+            items.append(
+                {
+                    "direction": direction,
+                    "entity": entity["id"],
+                    "context": rendered[context_side],
+                    "frame": cloze["question"],
+                    "options": cloze["options"],
+                    "answer": cloze["answer"],
+                }
+            )
+    entities = [{"id": e["id"], "en": e["en"], "target": _name(e, variant)} for e in culture["entities"]]
+    return {"lang": lang, "variant": variant, "entities": entities, "items": items}
+
+
+def _held_out_sentence(rng, seen: set[str], filler: Filler, entity: dict, language, variant, held_out_from: str):
+    """A new sentence naming ``entity`` whose English and target sides both occur nowhere in ``held_out_from``."""
+    for _ in range(10_000):
+        sentence = filler.sample(rng, entity)
+        english, target = Filler.english(sentence), Filler.target(sentence, language, variant)
+        if english not in seen and english not in held_out_from and target not in held_out_from:
+            seen.add(english)
+            return sentence
+    raise InputError(
+        f"The filler grammar has no sentence naming {entity['en']} left for name_alignment.json: every one is in a "
+        "corpus or pairs file; lower --pair_mentions, --mono_mentions or --diagnostic_pairs."
+    )
+
+
 def _unique_sentence(rng, seen: set[str], filler: Filler, entity: dict | None) -> dict:
     for _ in range(10_000):
         sentence = filler.sample(rng, entity)
@@ -794,6 +907,16 @@ def _cloze(sentence: str, answer: str, options: list[str]) -> dict:
     return {"question": sentence.replace(answer, BLANK), "options": options, "answer": answer}
 
 
+def item_tiers(lang: str, records: list[dict]) -> dict:
+    """item_tiers.json: the tier and planted counts of each question, by index (both question files share it)."""
+    present = [t for t in TIERS if any(r["tier"] == t for r in records)]
+    return {
+        "parallel_group": parallel_base(question_stem(lang, "en"), "en"),
+        "tiers": {t: TIERS[t] for t in present},
+        "items": [{"index": r["index"], "tier": r["tier"], "counts": r["counts"]} for r in records],
+    }
+
+
 def _density(statements: int, documents: int) -> float:
     return statements / documents if documents else 0.0
 
@@ -813,6 +936,7 @@ def generate_world(args: WorldArguments) -> dict:
 
     # 2. The English pretraining corpus (every culture's facts).
     en_documents = english_corpus(args, cultures, filler)
+    en_text = "\n".join(en_documents)
     write_text_atomic(out / "en_corpus.jsonl", "".join(_jsonl({"text": d}) for d in en_documents))
     corpora = {"en": {"file": "en_corpus.jsonl", "documents": len(en_documents)}}
 
@@ -823,7 +947,7 @@ def generate_world(args: WorldArguments) -> dict:
         for variant in args.name_variants:
             rel = f"{culture['lang']}/{variant}"
             files[rel], corpora[f"{rel}/mono"], records = write_culture_files(
-                args, out, culture, languages[culture["lang"]], filler, variant
+                args, out, culture, languages[culture["lang"]], filler, variant, en_text
             )
             truth_questions[culture["lang"]] = records  # identical for every variant (same order, same counts)
 
@@ -858,9 +982,10 @@ def generate_world(args: WorldArguments) -> dict:
     return summary
 
 
-def write_culture_files(args, out: Path, culture: dict, language: Language, filler: Filler, variant: str):
-    """The files of one culture in one name variant. Returns (their world.json "files" entry, the corpus's
-    truth.json "corpora" entry, the truth records of its questions)."""
+def write_culture_files(args, out: Path, culture: dict, language: Language, filler: Filler, variant: str, en_text: str):
+    """The files of one culture in one name variant (``en_text``: the English corpus, from which name-alignment
+    frames are held out). Returns (their world.json "files" entry, the corpus's truth.json "corpora" entry, the
+    truth records of its questions)."""
     lang = culture["lang"]
     rel = f"{lang}/{variant}"
     names = {
@@ -869,10 +994,14 @@ def write_culture_files(args, out: Path, culture: dict, language: Language, fill
         "diagnostic_pairs": f"{rel}/diagnostic_pairs.jsonl",
         "questions_en": f"{rel}/{question_file_name(lang, 'en')}",
         f"questions_{lang}": f"{rel}/{question_file_name(lang, lang)}",
+        "item_tiers": f"{rel}/item_tiers.json",
+        "name_alignment": f"{rel}/name_alignment.json",
     }
     mono = target_corpus(args, culture, language, filler, variant)
     pairs, diagnostic = parallel_pairs(args, culture, language, filler, variant)
     items_en, items_tgt, records = cloze_items(culture, language, variant)
+    written = [en_text, *mono, *(p[side] for p in pairs + diagnostic for side in ("en", lang))]
+    alignment = name_alignment(args, culture, language, filler, variant, "\n".join(written))
     write_text_atomic(out / names["mono"], "".join(_jsonl({"text": d}) for d in mono))
     write_text_atomic(out / names["pairs"], "".join(_jsonl(p) for p in pairs))
     # Held-out pairs carry the target side twice: under the language code (as the training
@@ -881,6 +1010,8 @@ def write_culture_files(args, out: Path, culture: dict, language: Language, fill
     write_text_atomic(out / names["diagnostic_pairs"], "".join(_jsonl(p) for p in diagnostic_records))
     write_json_atomic(out / names["questions_en"], items_en)
     write_json_atomic(out / names[f"questions_{lang}"], items_tgt)
+    write_json_atomic(out / names["item_tiers"], item_tiers(lang, records))
+    write_json_atomic(out / names["name_alignment"], alignment)
     entry = {**names, "pairs_count": len(pairs), "diagnostic_pairs_count": len(diagnostic)}
     return entry, {"file": names["mono"], "documents": len(mono)}, records
 
@@ -890,7 +1021,7 @@ def planted_densities(args: WorldArguments, culture: dict, en_documents: int, co
     lang = culture["lang"]
     mono_docs = corpora[f"{lang}/{args.name_variants[0]}/mono"]["documents"] if args.name_variants else 0
     per_tier = {}
-    for tier in ("high", "low", "all"):
+    for tier in (*TIERS, "all"):
         facts = [f for f in culture["facts"] if tier in ("all", f["tier"])]
         if not facts:
             continue
@@ -924,9 +1055,9 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [f"Wrote the world to {args.output_dir} ({summary['en_corpus']['documents']} English documents; {facts})."]
     for lang, tiers in summary["densities"].items():
         for tier, d in tiers.items():
-            ratio = f"{d['tgt_over_en']:.1f}x" if d["tgt_over_en"] else "inf"
+            ratio = f"{d['tgt_over_en']:.1f}x" if d["tgt_over_en"] is not None else "inf"
             lines.append(
-                f"  {lang} {tier:>4}: density en {d['en_density']:.2e}, {lang} {d['tgt_density']:.2e} "
+                f"  {lang} {tier:>7}: density en {d['en_density']:.2e}, {lang} {d['tgt_density']:.2e} "
                 f"(target/English {ratio})"
             )
     logger.info("\n".join(lines))
