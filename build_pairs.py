@@ -60,7 +60,6 @@ Needs study_common.py and cloze.py beside it (huggingface-hub only for --push_to
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import json
@@ -88,6 +87,7 @@ from study_common import (
     exit_on_input_error,
     is_saved_dataset,
     pair_token_count,
+    read_delimited,
     read_documents,
     read_json_records,
     script_for_language,
@@ -256,28 +256,6 @@ def _column(record, column: str, where: str, flag: str):
     return value
 
 
-def _csv_pairs(file: Path, reader, en_column: str, tgt_column: str):
-    """(en, tgt, "file:line") of the rows of a .csv/.tsv pair file read by ``reader``, after its header row."""
-    header = next(reader, None)
-    if header is None:
-        raise ValueError(f"{file}: the file is empty. Give a header row and at least one pair.")
-    for column, flag in ((en_column, "--en_column"), (tgt_column, "--tgt_column")):
-        if column not in header:
-            raise ValueError(
-                f"{file}:1: no column {column!r} in the header (found: {', '.join(header)}). Pass {flag} NAME."
-            )
-    en_at, tgt_at = header.index(en_column), header.index(tgt_column)
-    for row in reader:
-        where = f"{file}:{reader.line_num}"
-        if not row:
-            continue
-        if len(row) != len(header):
-            raise ValueError(
-                f"{where}: {len(row)} fields where the header has {len(header)}. Quote fields that contain the delimiter."
-            )
-        yield row[en_at], row[tgt_at], where
-
-
 def read_pair_file(path: str, en_column: str, tgt_column: str):
     """Yield (en, tgt, "file:line") from a .jsonl, .json, .tsv or .csv pair file."""
     file = Path(path)
@@ -285,13 +263,10 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
         raise FileNotFoundError(f"{file}: no such file. Check --pairs_files.")
     suffix = file.suffix.lower()
     if suffix in (".tsv", ".csv"):
-        with file.open(encoding="utf-8", newline="") as handle:
-            # strict: an unclosed quote is an error, not a field that swallows the rest of the file
-            reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
-            try:
-                yield from _csv_pairs(file, reader, en_column, tgt_column)
-            except csv.Error as err:
-                raise ValueError(f"{file}:{reader.line_num}: not valid {suffix[1:]} ({err}). Fix the quoting.") from err
+        if file.stat().st_size == 0:
+            raise ValueError(f"{file}: the file is empty. Give a header row and at least one pair.")
+        for where, (en, tgt) in read_delimited(file, [(en_column, "--en_column"), (tgt_column, "--tgt_column")]):
+            yield en, tgt, where
     elif suffix in (".jsonl", ".json"):
         for where, record in read_json_records(file):
             en = _column(record, en_column, where, "--en_column")

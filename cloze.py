@@ -24,13 +24,13 @@ import json
 import logging
 import re
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from study_common import is_saved_dataset, read_json_records
+from study_common import InputError, is_saved_dataset, named_utf8_errors, read_json_records
 
 logger = logging.getLogger("cloze")
 
@@ -132,6 +132,10 @@ QUIRK_TEXT = {
     "fewer_than_two_distinct_options": "has fewer than 2 distinct options: it cannot discriminate",
     "answer_not_in_options": "has an answer that is not among its options: the item is always scored wrong",
 }
+#: Quirks that leave nothing to score (a tie of every option, or no right option); a file where they hit most
+#: items is refused. Read as facts (no scoring) only an answer outside the given options counts.
+UNSCORABLE = {True: ("no_blank", "fewer_than_two_distinct_options", "answer_not_in_options"),
+              False: ("answer_not_in_options",)}  # fmt: skip
 
 
 def validate_items(
@@ -175,7 +179,28 @@ def validate_items(
                 "answer": [k for k, option in enumerate(options) if option in answers],
             }
         )
+    _refuse_mostly_unscorable(items, quirks, where, require_options)
     return items, dict(quirks)
+
+
+def _refuse_mostly_unscorable(items: list[dict], quirks: dict, where: str, require_options: bool) -> None:
+    """A file where most items cannot be scored is not the paper's format (e.g. MMLU-style letter answers):
+    read anyway it gives accuracy 0 or chance in every setting, and a gap of 0 that reads as a finding."""
+    reasons = [r for r in UNSCORABLE[require_options] if quirks.get(r)]
+    unscorable = {i for r in reasons for i in quirks[r]}
+    if 2 * len(unscorable) <= len(items):
+        return
+    outside = quirks.get("answer_not_in_options", [])
+    letters = [i for i in outside if all(re.fullmatch(r"[A-Za-z0-9]", a.strip()) for a in items[i]["answers"])]
+    hint = "The answers look like option letters or numbers (e.g. 'B'): give each answer as its option's text. "
+    first = min(unscorable)
+    raise InputError(
+        f"{where}: {len(unscorable)} of {len(items)} items cannot be scored ("
+        + ", ".join(f"{r}: {len(quirks[r])}" for r in reasons)
+        + f"; e.g. item {first} {QUIRK_TEXT[next(r for r in reasons if first in quirks[r])]}). "
+        + (hint if 2 * len(letters) > len(outside) else "")
+        + "Fix the file: each item needs a blank (a run of underscores) and its answer among its options."
+    )
 
 
 def _checked_scoring_item(record, at: str) -> tuple[str, list[str], list[str]]:
@@ -236,7 +261,7 @@ def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, 
             from datasets import load_from_disk
 
             return _dataset_question_sets(load_from_disk(str(path)), path.name, str(path))
-        files = sorted(path.glob("*.json"))
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".json", ".jsonl") and f.is_file())
         if files:
             return [entry for f in files for entry in _raw_question_sources(str(f), revision)]
         # A dataset repository laid out as on the Hub (data files + README configs): same path as a Hub id.
@@ -291,6 +316,7 @@ def load_question_sets(
                 f"e.g. ko-culture-cloze_en). Pass --question_langs {stem}=LANG."
             )
         items, quirks = validate_items(records, stem, where, require_options)
+        _refuse_mixed_scripts(items, where, lang)
         sets.append(QuestionSet(stem=stem, lang=lang or "", source=where, items=items, quirks=quirks))
     if require_options:
         _check_parallel(sets)
@@ -312,6 +338,30 @@ def load_question_sets(
             "questions %s (%s, %d items, from %s): quirks: %s", qs.stem, qs.lang, len(qs.items), qs.source, summary
         )
     return sets
+
+
+def _letter_scripts(text: str) -> Counter:
+    """The letters of ``text`` by script: the first word of each letter's Unicode name (LATIN, TIBETAN, CJK)."""
+    return Counter(unicodedata.name(c, "?").split()[0] for c in text if c.isalpha())
+
+
+def _refuse_mixed_scripts(items: list[dict], where: str, lang: str | None) -> None:
+    """One set is one language: refuse a set where more than 5% of the items hold no letter of the script
+    most items are written in (English and Tibetan items read as one set, e.g. one split of several files,
+    would be scored and reported under one language)."""
+    scripts = [_letter_scripts(it["question"] + " ".join(it["answers"])) for it in items]
+    dominant = Counter(s.most_common(1)[0][0] for s in scripts if s)
+    if not dominant:
+        return
+    main = dominant.most_common(1)[0][0]
+    foreign = [i for i, s in enumerate(scripts) if s and main not in s]
+    if foreign and len(foreign) > 0.05 * len(items):
+        others = ", ".join(sorted({scripts[i].most_common(1)[0][0] for i in foreign}))
+        raise InputError(
+            f"{where}: {len(foreign)} of {len(items)} items hold no {main} letter (written in {others}; items "
+            f"{_index_list(foreign)}), so this set mixes languages{f' under the one language {lang!r}' if lang else ''}. "
+            "Give each language's questions as a file (or split) of its own, named <name>_<lang>."
+        )
 
 
 def _check_parallel(sets: list[QuestionSet]) -> None:
@@ -393,7 +443,8 @@ def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[d
     checkpoint: a missing line would otherwise count as a wrong answer and a repeated one could hide a
     stale result, so either is an error naming the file, the questions, the step and the items."""
     eval_dir = Path(eval_dir)
-    accuracy = json.loads((eval_dir / "accuracy.json").read_text(encoding="utf-8"))
+    with named_utf8_errors(eval_dir / "accuracy.json"):
+        accuracy = json.loads((eval_dir / "accuracy.json").read_text(encoding="utf-8"))
     sizes = {stem: q["items"] for stem, q in accuracy["questions"].items()}
     paths = {e["step"]: e["path"] for e in accuracy["checkpoints"]}
     predictions = eval_dir / "predictions.jsonl"

@@ -83,6 +83,7 @@ from study_common import (
     check_document_suffix,
     exit_on_input_error,
     is_saved_dataset,
+    not_utf8,
     read_documents,
     setup_logging,
     text_of,
@@ -608,9 +609,9 @@ class FileCorpus:
 
     def _parse_line(self, raw: bytes, where: str, suffix: str) -> str | None:
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig")  # a byte-order mark is not text (only the first line has one)
         except UnicodeDecodeError as err:
-            raise ValueError(f"{where}: not UTF-8 ({err.reason}). Re-encode the file as UTF-8.") from err
+            raise not_utf8(where, err) from err
         if not line.strip():
             return None  # blank lines are not documents, as in study_common.read_documents
         if suffix == ".jsonl":

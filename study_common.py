@@ -6,7 +6,8 @@ here, once:
 
 * which Unicode script each language is written in, and the Latin-only filter of step 1;
 * how a document becomes token ids (the document-start token, shared by training and probing);
-* reading plain-text / JSON / JSONL / CSV / TSV documents with errors that name the file and line;
+* reading plain-text / JSON / JSONL / CSV / TSV documents with errors that name the file and line (text
+  that is not UTF-8 too: ``named_utf8_errors``);
 * writing outputs atomically, so that a crash never leaves a file that looks complete;
 * model and dataset cards that record the setting a run used (``write_card``);
 * the default locations where each step writes and the next one reads (``runs/...``);
@@ -20,6 +21,7 @@ model card) is in train_common.py. This module needs no torch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -148,21 +150,23 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     ``where`` names the file and the line (.jsonl) or item (.json), for error messages.
     """
     path = Path(path)
-    if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line."
-                    ) from err
-                yield f"{path}:{line_number}", record
-        return
+    with named_utf8_errors(path):
+        if path.suffix.lower() == ".jsonl":
+            with path.open(encoding="utf-8-sig") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(
+                            f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line."
+                        ) from err
+                    yield f"{path}:{line_number}", record
+            return
+        text = path.read_text(encoding="utf-8-sig")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
     if isinstance(records, dict) and isinstance(records.get("data"), list):
@@ -171,6 +175,30 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
         raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}}).")
     for index, record in enumerate(records):
         yield f"{path} item {index}", record
+
+
+def not_utf8(where: str, err: UnicodeDecodeError) -> InputError:
+    """The one message for text that is not UTF-8: ``FILE:LINE: not UTF-8 (...). Re-encode it as UTF-8.``"""
+    byte = err.object[err.start : err.start + 1].hex()
+    return InputError(f"{where}: not UTF-8 (byte 0x{byte}: {err.reason}). Re-encode it as UTF-8.")
+
+
+@contextlib.contextmanager
+def named_utf8_errors(path: str | os.PathLike):
+    """Turn a UnicodeDecodeError while reading ``path`` as text into ``not_utf8`` at its first bad line.
+
+    The decoder works on chunks, so its error knows no line; the line is found again by decoding the file
+    line by line (a newline byte never occurs inside a UTF-8 sequence, so a line decodes alone or not)."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        with open(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as line_error:
+                    raise not_utf8(f"{path}:{line_number}", line_error) from err
+        raise not_utf8(str(path), err) from err
 
 
 #: File types read as documents, and how (the error for any other suffix lists them).
@@ -215,9 +243,10 @@ def read_documents(
         for where, record in read_json_records(path):
             yield text_of(record, text_column, where, column_flag)
     elif suffix in (".csv", ".tsv"):
-        yield from _read_delimited_column(path, text_column, "\t" if suffix == ".tsv" else ",", column_flag)
+        for _, (text,) in read_delimited(path, [(text_column, column_flag)]):
+            yield text
     else:  # plain text: one document per non-empty line
-        with path.open(encoding="utf-8") as handle:
+        with named_utf8_errors(path), path.open(encoding="utf-8-sig") as handle:
             for line in handle:
                 if line.strip():
                     yield line.rstrip("\n")
@@ -227,21 +256,26 @@ def _column_hint(column: str, column_flag: str | None) -> str:
     return f"Pass {column_flag} NAME." if column_flag else f"The file needs a column named {column!r}."
 
 
-def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag: str | None) -> Iterator[str]:
-    """The ``column`` field of every row of a .csv/.tsv file with a header row (blank rows skipped)."""
-    with path.open(encoding="utf-8", newline="") as handle:
+def read_delimited(path: str | os.PathLike, columns: list[tuple[str, str | None]]) -> Iterator[tuple[str, list[str]]]:
+    """``("FILE:LINE", [values of columns])`` for every row of a .csv/.tsv file with a header row (blank rows
+    skipped). ``columns``: (column, the caller's flag for it or None). A byte-order mark before the header
+    is not part of the first column's name."""
+    path = Path(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with named_utf8_errors(path), path.open(encoding="utf-8-sig", newline="") as handle:
         # strict: an unclosed quote is an error, not the rest of the file swallowed into one document.
         reader = csv.reader(handle, delimiter=delimiter, strict=True)
         try:
             header = next(reader, None)
             if not header:
                 raise ValueError(f"{path}:1: no header row. The first line must name the columns.")
-            if column not in header:
-                raise ValueError(
-                    f"{path}:1: no column {column!r} in the header (found: {', '.join(header)}). "
-                    + _column_hint(column, column_flag)
-                )
-            at = header.index(column)
+            for column, flag in columns:
+                if column not in header:
+                    raise ValueError(
+                        f"{path}:1: no column {column!r} in the header (found: {', '.join(header)}). "
+                        + _column_hint(column, flag)
+                    )
+            at = [header.index(column) for column, _ in columns]
             for row in reader:
                 if not row or not any(field.strip() for field in row):
                     continue
@@ -250,7 +284,7 @@ def _read_delimited_column(path: Path, column: str, delimiter: str, column_flag:
                         f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}. "
                         "Quote fields that contain the delimiter."
                     )
-                yield row[at]
+                yield f"{path}:{reader.line_num}", [row[i] for i in at]
         except csv.Error as err:
             kind = path.suffix.lower()[1:].upper()
             raise ValueError(f"{path}:{reader.line_num}: not valid {kind} ({err}). Fix the quoting.") from err

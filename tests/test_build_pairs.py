@@ -153,6 +153,9 @@ def test_other_languages_need_a_script(tmp_path, tiny_model_dir):
     assert stats(tmp_path / "ru")["kept"]["pair"] == 1
 
 
+NOT_UTF8_LINE_2 = r"pairs\.(jsonl|tsv):2: not UTF-8 \(byte 0xe9: .*\)\. Re-encode it as UTF-8\."
+
+
 @pytest.mark.parametrize(
     ("content", "suffix", "columns", "message"),
     [
@@ -162,12 +165,14 @@ def test_other_languages_need_a_script(tmp_path, tiny_model_dir):
         ("english,bo\nTea,ཇ\n", ".csv", ("en", "bo"), r"pairs\.csv:1: no column 'en' in the header.*--en_column"),
         ("en,bo\n", ".parquet", ("en", "bo"), r"unknown pair file type '\.parquet'"),
         # an unclosed quote would otherwise swallow every later row into one field
-        ('en,bo\nTea,"ཇ\nMilk,ཇ\n', ".csv", ("en", "bo"), r"pairs\.csv:\d+: not valid csv .*Fix the quoting"),
+        ('en,bo\nTea,"ཇ\nMilk,ཇ\n', ".csv", ("en", "bo"), r"pairs\.csv:\d+: not valid CSV .*Fix the quoting"),
+        (b'{"en": "a", "bo": "b"}\n{"en": "caf\xe9", "bo": "b"}\n', ".jsonl", ("en", "bo"), NOT_UTF8_LINE_2),
+        (b"en\tbo\ncaf\xe9\tb\n", ".tsv", ("en", "bo"), NOT_UTF8_LINE_2),
     ],
 )
 def test_bad_pair_files_are_named_with_their_line(tmp_path, tiny_model_dir, content, suffix, columns, message):
     pairs_file = tmp_path / f"pairs{suffix}"
-    pairs_file.write_text(content, encoding="utf-8")
+    pairs_file.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     output = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
         build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs_file), "--en_column", columns[0],

@@ -11,6 +11,7 @@ from cloze_samples import SAMPLE_QUESTIONS
 from eval_helpers import write_eval_output, write_questions
 
 import cloze
+from study_common import InputError
 
 
 def test_fill_blanks_replaces_every_underscore_run_and_returns_the_filled_spans():
@@ -50,6 +51,7 @@ def test_strict_turns_every_quirk_into_an_error_naming_file_and_item(tmp_path):
             {"question": "A ___ b", "options": ["x", "y"], "answer": "x"},
             {"question": "no blank", "options": ["x", "y"], "answer": "x"},
             {"question": "A ___ b", "options": ["x", "y"], "answer": "z"},
+            *[{"question": "C ___ d", "options": ["x", "y"], "answer": "y"}] * 2,  # quirks are a minority
         ],
     )
     sets = cloze.load_question_sets([str(path)])
@@ -234,3 +236,47 @@ def test_malformed_facts_are_errors_naming_file_and_item(tmp_path, item, message
     path = write_questions(tmp_path / "q_en.json", [{"question": "ok ___", "answer": "a"}, item])
     with pytest.raises(ValueError, match=re.escape(f"{path} item 1: {message}")):
         cloze.load_question_sets([str(path)], require_options=False)
+
+
+def test_a_file_whose_answers_are_option_letters_is_refused_but_a_minority_of_quirks_is_not(tmp_path):
+    mmlu = [{"question": f"Q{i} ___.", "options": ["red", "green", "blue"], "answer": "B"} for i in range(4)]
+    path = write_questions(tmp_path / "letters_en.json", mmlu)
+    with pytest.raises(InputError, match=r"letters_en\.json: 4 of 4 items cannot be scored .*option letters"):
+        cloze.load_question_sets([str(path)])
+    with pytest.raises(InputError, match="cannot be scored"):  # read as facts, "B" is no fact either
+        cloze.load_question_sets([str(path)], require_options=False)
+    fine = [{**item, "answer": "green"} for item in mmlu[:2]]
+    half = write_questions(tmp_path / "half_en.json", fine + mmlu[2:])  # 2 of 4: flagged, not refused
+    assert cloze.load_question_sets([str(half)])[0].quirks == {"answer_not_in_options": [2, 3]}
+
+
+def test_a_folder_reads_jsonl_question_files_like_json_and_keeps_each_language_apart(tmp_path):
+    def jsonl(path, items):
+        path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
+
+    folder = tmp_path / "q"
+    write_questions(folder / "culture_en.json", SAMPLE_QUESTIONS["en"])
+    jsonl(folder / "culture_bo.jsonl", SAMPLE_QUESTIONS["bo"])
+    loaded = cloze.load_question_sets([str(folder)])
+    assert [(qs.stem, qs.lang, len(qs.items)) for qs in loaded] == [("culture_bo", "bo", 6), ("culture_en", "en", 6)]
+    (folder / "culture_en.json").unlink()
+    jsonl(folder / "culture_en.jsonl", SAMPLE_QUESTIONS["en"])  # only .jsonl files: still one set per file
+    facts = cloze.load_question_sets([str(folder)], require_options=False)
+    assert [(qs.stem, qs.lang, len(qs.items)) for qs in facts] == [("culture_bo", "bo", 6), ("culture_en", "en", 6)]
+
+
+def test_a_set_that_mixes_languages_is_refused_even_under_an_explicit_language(tmp_path):
+    mixed = write_questions(tmp_path / "mixed.json", SAMPLE_QUESTIONS["en"] + SAMPLE_QUESTIONS["bo"])
+    with pytest.raises(InputError, match=r"mixed\.json: 6 of 12 items hold no .* letter.*mixes languages"):
+        cloze.load_question_sets([str(mixed)], ["mixed=bo"])
+    with pytest.raises(InputError, match="mixes languages"):
+        cloze.load_question_sets([str(mixed)], require_options=False)
+    for lang in SAMPLE_QUESTIONS:  # every sample language, itself, is one set
+        assert cloze.load_question_sets([str(write_questions(tmp_path / f"s_{lang}.json", SAMPLE_QUESTIONS[lang]))])
+
+
+def test_a_question_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "q_en.json"
+    path.write_bytes(b'[{"question": "A ___",\n "options": ["x", "y"],\n "answer": "caf\xe9"}]\n')
+    with pytest.raises(InputError, match=r"q_en\.json:3: not UTF-8 \(byte 0xe9: .*Re-encode it as UTF-8"):
+        cloze.load_question_sets([str(path)])

@@ -367,6 +367,16 @@ def test_missing_text_column_names_the_file_line_and_the_option(tmp_path, tiny_m
         run_pretrain.main(main_args(tmp_path, data, tiny_model_dir))
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_training_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path, tiny_model_dir, in_repo, streaming):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"The river runs past the old mill.\n" * 2 + b"A caf\xe9 by the river.\n")
+    extra = ["--streaming", "--max_steps", "2"] if streaming else []
+    with pytest.raises(InputError, match=r"latin1\.txt:3: not UTF-8 \(byte 0xe9: .*Re-encode it as UTF-8"):
+        run_pretrain.main(main_args(tmp_path, latin1, tiny_model_dir, *extra))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 def test_unknown_config_name_lists_the_available_configs(tmp_path, tiny_model_dir, english_file, in_repo):
     with pytest.raises(InputError, match=r"configs/nope\.json: no such config file\. Available: .*configs/tiny\.json"):
         run_pretrain.main(main_args(tmp_path, english_file, tiny_model_dir, "--config_name", "configs/nope.json"))

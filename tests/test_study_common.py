@@ -7,7 +7,7 @@ import re
 import pytest
 
 import run_density as rd
-from study_common import DOCUMENT_FILE_TYPES, read_documents
+from study_common import DOCUMENT_FILE_TYPES, InputError, read_delimited, read_documents
 
 
 def test_csv_documents_come_from_the_named_column_without_the_header_even_across_lines(tmp_path):
@@ -100,6 +100,39 @@ def test_a_reader_without_a_column_flag_asks_for_the_column_by_name(tmp_path):
     pairs.write_text("en\ttibetan\nTea\tཇ\nMilk\tའོ་མ\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"pairs\.tsv:1: no column 'tgt' .*The file needs a column named 'tgt'\.$"):
         read_pairs(str(pairs))
+
+
+# The bad byte is on line 3 of each file; every reader names that line.
+NOT_UTF8 = {
+    ".txt": b"one\ntwo\ncaf\xe9\n",
+    ".jsonl": b'{"text": "one"}\n{"text": "two"}\n{"text": "caf\xe9"}\n',
+    ".json": b'[{"text": "one"},\n{"text": "two"},\n{"text": "caf\xe9"}]\n',
+    ".csv": b"text\none\ncaf\xe9\n",
+    ".tsv": b"text\none\ncaf\xe9\n",
+}
+
+
+@pytest.mark.parametrize("suffix", sorted(NOT_UTF8))
+def test_text_that_is_not_utf8_is_named_by_file_and_line_in_every_reader(tmp_path, suffix):
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(NOT_UTF8[suffix])
+    message = re.escape(f"{path}:3: not UTF-8 (byte 0xe9: invalid continuation byte). Re-encode it as UTF-8.")
+    with pytest.raises(InputError, match=message):
+        list(read_documents(path))
+    with pytest.raises(InputError, match=message):  # run_density's own streaming reader says the same
+        list(rd.FileCorpus("c", [path], "text").iter_documents(rd.Counter()))
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".txt"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column_or_document(tmp_path, suffix):
+    path = tmp_path / f"pairs{suffix}"
+    content = {".tsv": "en\ttgt\nTea\tཇ\n", ".csv": "en,tgt\nTea,ཇ\n", ".jsonl": '{"en": "Tea"}\n', ".txt": "Tea\n"}
+    path.write_text(content[suffix], encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert list(read_documents(path, "en")) == ["Tea"]
+    assert [t for t, _, _ in rd.FileCorpus("c", [path], "en").iter_documents(rd.Counter())] == ["Tea"]
+    if suffix in (".tsv", ".csv"):
+        assert list(read_delimited(path, [("en", None), ("tgt", None)])) == [(f"{path}:2", ["Tea", "ཇ"])]
 
 
 def test_one_resume_convention_for_both_training_scripts(tmp_path):
