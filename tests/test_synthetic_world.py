@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from study_common import LANGUAGE_SCRIPTS, has_non_latin_letter, read_documents, script_letter_fraction
-from synthetic_world import RELATIONS, WorldArguments, generate_world, main
+from synthetic_world import RELATIONS, Language, WorldArguments, generate_world, main, render_fact
 
 LANGS = ["bo", "ko", "zh", "mn"]
 
@@ -269,3 +269,227 @@ def test_heldout_questions_use_a_template_never_used_for_their_fact(tmp_path):
     for fact in truth["cultures"]["ko"]["facts"]:
         fact = dict(fact, relation_index=relation_index[fact["relation"]])
         assert render_fact(fact, fact["question_template"], None) not in english
+
+
+# --------------------------------------------------------------------------------------
+# Tiers absent and en_only, item_tiers.json, name_alignment.json
+# --------------------------------------------------------------------------------------
+
+TIERED_LANGS = ["ko", "bo"]  # a spaced script and an unspaced one
+
+#: Digest of every file of small_world_args' world that existed before the absent and en_only tiers (all
+#: but world.json, which records output_dir and the arguments, item_tiers.json and name_alignment.json).
+#: Worlds without --absent_places/--en_only_places must stay byte for byte what they were: a change here
+#: changes every study's data. Update it only for a change to the world that is meant.
+SMALL_WORLD_DIGEST = "512b21df0b493e35763b60788500a7e604a6ab710c4c87c41c0428ce1b57f9fa"
+
+
+@pytest.fixture(scope="module")
+def tiered_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiered")
+    args = small_world_args(
+        out, langs=TIERED_LANGS, resource=["ko=mixed", "bo=mixed"], relations=3, absent_places=4, en_only_places=4
+    )
+    generate_world(args)
+    truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
+    return {"dir": out, "args": args, "truth": truth, "langs": TIERED_LANGS}
+
+
+def _digest(folder, skip=("world.json", "item_tiers.json", "name_alignment.json")):
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name not in skip:
+            digest.update(str(path.relative_to(folder)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _entity_kinds(facts):
+    """{entity id: (kind, tier)}: places are of kind "place", objects of their relation's name."""
+    kinds = {}
+    for fact in facts:
+        kinds[fact["subject"]["id"]] = ("place", fact["tier"])
+        kinds[fact["object"]["id"]] = (fact["relation"], fact["tier"])
+    return kinds
+
+
+def test_worlds_without_absent_or_en_only_places_are_byte_identical_to_before(world):
+    assert world["args"].absent_places == world["args"].en_only_places == 0
+    assert _digest(world["dir"]) == SMALL_WORLD_DIGEST
+    assert {f["tier"] for lang in LANGS for f in _facts(world, lang)} == {"high", "low"}
+
+
+def test_absent_facts_are_never_in_english_and_en_only_facts_never_in_the_target_corpus(tiered_world):
+    args, out = tiered_world["args"], tiered_world["dir"]
+    english = list(read_documents(out / "en_corpus.jsonl"))
+    assert not [d for d in english if has_non_latin_letter(d)]
+    planted = {"high": (args.en_count, args.tgt_count), "absent": (0, args.tgt_count), "en_only": (args.en_count, 0)}
+    relation_index = {name: i for i, (name, _) in enumerate(RELATIONS)}
+    for lang in TIERED_LANGS:
+        language = Language(lang, args.seed)
+        facts = _facts(tiered_world, lang)
+        assert Counter(f["tier"] for f in facts) == {"high": 12, "low": 12, "absent": 12, "en_only": 12}
+        for variant in ("native", "anchors"):
+            mono = list(read_documents(out / lang / variant / "mono.jsonl"))
+            for fact in facts:
+                s, o = fact["subject"], fact["object"]
+                en = sum(1 for d in english if s["en"] in d and o["en"] in d)
+                tgt = sum(1 for d in mono if _name(s, variant) in d and _name(o, variant) in d)
+                assert fact["counts"] == {"en": en, "tgt": tgt}, (lang, variant, fact["id"])
+                # and the documents that name both are exactly those that state the fact
+                indexed = dict(fact, relation_index=relation_index[fact["relation"]])
+                templates = range(len(RELATIONS[indexed["relation_index"]][1]))
+                assert _count_documents(english, [render_fact(indexed, t, None) for t in templates]) == en
+                assert _count_documents(mono, [render_fact(indexed, t, language, variant) for t in templates]) == tgt
+                if fact["tier"] in planted:
+                    assert (en, tgt) == planted[fact["tier"]], (lang, variant, fact["id"])
+                if fact["tier"] == "absent":  # English never names them at all: no statement, no filler
+                    assert not [d for d in english if s["en"] in d or o["en"] in d], fact["id"]
+        densities = tiered_world["truth"]["densities"][lang]
+        assert (densities["absent"]["en_statements"], densities["absent"]["tgt_statements"]) == (0, 12 * args.tgt_count)
+        assert (densities["en_only"]["en_statements"], densities["en_only"]["tgt_statements"]) == (
+            12 * args.en_count,
+            0,
+        )
+        assert densities["en_only"]["tgt_over_en"] == 0.0 and densities["absent"]["tgt_over_en"] is None
+
+
+def test_every_entity_of_every_tier_is_named_equally_often_in_pairs_and_target_filler(tiered_world):
+    args, out = tiered_world["args"], tiered_world["dir"]
+    for lang in TIERED_LANGS:
+        facts = _facts(tiered_world, lang)
+        entities = tiered_world["truth"]["cultures"][lang]["entities"]
+        kinds = _entity_kinds(facts)
+        assert {tier for _, tier in kinds.values()} == {"high", "low", "absent", "en_only"}
+        for variant in ("native", "anchors"):
+            pairs = _jsonl(out / lang / variant / "pairs.jsonl")
+            mono = list(read_documents(out / lang / variant / "mono.jsonl"))
+            assert all(sum(e["en"] in p["en"] for e in entities) <= 1 for p in pairs)  # no pair states a fact
+            for entity in entities:
+                in_pairs = sum(1 for p in pairs if entity["en"] in p["en"])
+                assert in_pairs == args.pair_mentions, (variant, entity["id"], kinds[entity["id"]])
+                stating = sum(
+                    f["counts"]["tgt"] for f in facts if entity["id"] in (f["subject"]["id"], f["object"]["id"])
+                )
+                naming = sum(1 for d in mono if _name(entity, variant) in d)
+                assert naming - stating == args.mono_mentions, (variant, entity["id"], kinds[entity["id"]])
+
+
+def test_item_tiers_agree_with_truth_and_the_question_files(tiered_world, world):
+    for w in (tiered_world, world):
+        for lang in w.get("langs", LANGS):
+            facts = {f["id"]: f for f in _facts(w, lang)}
+            by_object = {f["object"]["en"]: f for f in facts.values()}
+            records = w["truth"]["questions"][lang]
+            for variant in ("native", "anchors"):
+                folder = w["dir"] / lang / variant
+                tiers = json.loads((folder / "item_tiers.json").read_text(encoding="utf-8"))
+                en = json.loads((folder / f"{lang}-culture-cloze_en.json").read_text(encoding="utf-8"))
+                tgt = json.loads((folder / f"{lang}-culture-cloze_{lang}.json").read_text(encoding="utf-8"))
+                assert tiers["parallel_group"] == f"{lang}-culture-cloze"
+                assert set(tiers["tiers"]) == {f["tier"] for f in facts.values()}
+                assert all(isinstance(meaning, str) and meaning for meaning in tiers["tiers"].values())
+                assert [item["index"] for item in tiers["items"]] == list(range(len(en))) == list(range(len(tgt)))
+                for item, record, q_en in zip(tiers["items"], records, en):
+                    fact = by_object[q_en["answer"]]
+                    assert fact["id"] == record["fact"]
+                    assert item["tier"] == fact["tier"] == record["tier"]
+                    assert item["counts"] == {"en": fact["counts"]["en"], lang: fact["counts"]["tgt"]}
+                    # the options are answers of facts of the same tier with the same counts
+                    assert {(by_object[o]["tier"], json.dumps(by_object[o]["counts"])) for o in q_en["options"]} == {
+                        (fact["tier"], json.dumps(fact["counts"]))
+                    }
+
+
+def _all_written_text(out):
+    """Every sentence-bearing text of a world: corpora, pairs and diagnostic pairs of every language and variant."""
+    texts = list(read_documents(out / "en_corpus.jsonl"))
+    for path in sorted(out.rglob("*.jsonl")):
+        for record in _jsonl(path):
+            texts += [v for v in record.values() if isinstance(v, str)]
+    return "\n".join(texts)
+
+
+def _filled(frame, answer):
+    assert frame.count("____") == 1 and "_____" not in frame, frame
+    return frame.replace("____", answer)
+
+
+def _alignments(*worlds):
+    """(world, lang, variant, name_alignment.json) for every language and variant of ``worlds``."""
+    for w in worlds:
+        for lang in w.get("langs", LANGS):
+            for variant in ("native", "anchors"):
+                path = w["dir"] / lang / variant / "name_alignment.json"
+                yield w, lang, variant, json.loads(path.read_text(encoding="utf-8"))
+
+
+def _planted_frequency(facts):
+    """{entity id: (English, target) planted statements naming it}."""
+    frequency = {}
+    for fact in facts:
+        for e in (fact["subject"]["id"], fact["object"]["id"]):
+            en, tgt = frequency.get(e, (0, 0))
+            frequency[e] = (en + fact["counts"]["en"], tgt + fact["counts"]["tgt"])
+    return frequency
+
+
+def _name_in(entity, language, variant):
+    return entity["en"] if language == "en" else _name(entity, variant)
+
+
+def test_name_alignment_frames_never_occur_in_any_corpus_or_pairs_file(tiered_world, world):
+    written = {id(w): _all_written_text(w["dir"]) for w in (tiered_world, world)}
+    for w, _, _, alignment in _alignments(tiered_world, world):
+        for item in alignment["items"]:
+            assert item["context"] not in written[id(w)], item
+            assert _filled(item["frame"], item["answer"]) not in written[id(w)], item
+
+
+def test_name_alignment_has_one_item_per_entity_and_direction_with_options_of_its_kind(tiered_world, world):
+    for w, lang, variant, alignment in _alignments(tiered_world, world):
+        facts = _facts(w, lang)
+        entities = {e["id"]: e for e in w["truth"]["cultures"][lang]["entities"]}
+        kinds, frequency = _entity_kinds(facts), _planted_frequency(facts)
+        assert (alignment["lang"], alignment["variant"]) == (lang, variant)
+        assert alignment["entities"] == [
+            {"id": e["id"], "en": e["en"], "target": _name(e, variant)} for e in entities.values()
+        ]
+        assert Counter((i["entity"], i["direction"]) for i in alignment["items"]) == {
+            (e, d): 1 for e in entities for d in (f"en->{lang}", f"{lang}->en")
+        }
+        for item in alignment["items"]:
+            entity = entities[item["entity"]]
+            frame_lang = "en" if item["direction"] == f"{lang}->en" else lang
+            context_lang = lang if frame_lang == "en" else "en"
+            assert item["context"].count(_name_in(entity, context_lang, variant)) == 1 and "____" not in item["context"]
+            assert item["answer"] == _name_in(entity, frame_lang, variant)
+            assert _filled(item["frame"], item["answer"]).count(item["answer"]) == 1
+            assert len(set(item["options"])) == 4 and item["answer"] in item["options"]
+            by_name = {_name_in(e, frame_lang, variant): e["id"] for e in entities.values()}
+            options = [by_name[o] for o in item["options"]]  # KeyError: an option that is no entity's name
+            assert {kinds[o] for o in options} == {kinds[entity["id"]]}, item  # same kind and tier
+            if kinds[entity["id"]][1] != "low":  # low-tier English counts vary between option groups
+                assert {frequency[o] for o in options} == {frequency[entity["id"]]}, item
+            # distractors are the peers nearest in planted frequency
+            target = frequency[entity["id"]]
+            distance = {e: abs(frequency[e][0] - target[0]) + abs(frequency[e][1] - target[1]) for e in entities}
+            peers = [e for e in entities if kinds[e] == kinds[entity["id"]] and e not in options]
+            assert max(distance[o] for o in options) <= min((distance[e] for e in peers), default=999), item
+            # the context names its entity only, and the frame no entity but by its blank
+            others = [e for e in entities.values() if e is not entity]
+            assert not [e for e in others if _name_in(e, context_lang, variant) in item["context"]], item
+            assert not [e for e in others if _name_in(e, frame_lang, variant) in item["frame"]], item
+
+
+def test_absent_or_en_only_place_counts_that_are_not_multiples_of_4_are_refused_naming_the_flag(tmp_path):
+    from study_common import InputError
+
+    with pytest.raises(InputError, match="--absent_places 6: give a multiple of 4"):
+        small_world_args(tmp_path / "x", absent_places=6)
+    with pytest.raises(InputError, match="--en_only_places -4: give a multiple of 4"):
+        small_world_args(tmp_path / "x", en_only_places=-4)
+    with pytest.raises(InputError, match="--en_only_places 2"):
+        main(["--output_dir", str(tmp_path / "w"), "--langs", "ko", "--places", "4", "--en_only_places", "2"])
+    assert not (tmp_path / "w").exists()
