@@ -6,8 +6,9 @@
 """The with-minus-without transfer analysis of CPT runs: does training with bridges carry knowledge across?
 
 Step 3b of the study. Input: the probing output (run_eval.py's ``accuracy.json`` + ``predictions.jsonl``) of
-runs trained with and without bridges, given as ``--with_bridges A.. --without_bridges B..`` (several =
-several seeds) or as ``--runs R..`` grouped by the ``cpt_setting`` {lang, bridges, seed} each run records.
+runs trained with and without bridges (and, optionally, with mismatched bridges), given as ``--with_bridges
+A.. --without_bridges B.. [--mismatched_bridges M..]`` (several = several seeds) or as ``--runs R..`` grouped by
+the ``cpt_setting`` {lang, setting, seed} each run records.
 A run directory without probing output is probed first into ``RUN/<--eval_dir_name>`` when ``--questions``
 is given: every flag this script does not know is one of run_eval.py's probing flags (``--questions``,
 ``--scoring``, ``--dtype``, ``--diagnostic_pairs``, ...) and is passed on to it.
@@ -21,7 +22,14 @@ checkpoint steps they share and paired by seed:
   ``no evidence`` (covers 0);
 * an exact McNemar test per seed pair at the final checkpoint (on first-wins correctness);
 * both tie rules (``--tie_policy`` picks the main numbers; cloze.tie_credit), and the last bridge
-  diagnostic of each run where it has one.
+  diagnostic of each run where it has one;
+* with ``--item_tiers``: the gap per tier of facts and its decomposition (``KNOWLEDGE_CONTRASTS``): knowledge
+  carried from the source corpus (a difference-in-differences) and bridges' help with the language (skill);
+* with ``--mismatched_bridges``: bridges minus mismatched bridges and mismatched bridges minus none.
+
+Runs are compared only when they can be: every run is used once, one run per setting and seed, and the runs
+share base model, dataset, steps, packing and probing (``SHARED_BY_ALL_RUNS``, ``SHARED_BY_A_SEED``), unless
+``--allow_differences`` names a field (recorded in the outputs).
 
 Outputs in ``--output_dir``: ``transfer.json``, ``transfer.md``, ``transfer_curves.png`` (Figure 3 style)
 and ``transfer_summary.png`` (Figure 1 style).
@@ -32,8 +40,10 @@ Needs cloze.py and study_common.py beside it (and run_eval.py, with torch, to pr
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,14 +55,34 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from cloze import TIE_POLICIES, QuestionSet, load_question_sets, read_predictions
-from study_common import exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
+from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("run_transfer")
 
 
 # --------------------------------------------------------------------------------------
-# Arguments
+# Arguments, and what makes runs comparable
 # --------------------------------------------------------------------------------------
+
+#: The CPT settings, as cpt_setting["setting"] records them, and the flag that gives runs of each.
+SETTING_FLAGS = {
+    "bridges": "--with_bridges",
+    "no_bridges": "--without_bridges",
+    "mismatched_bridges": "--mismatched_bridges",
+}
+SETTING_WORDS = {"bridges": "with bridges", "no_bridges": "without", "mismatched_bridges": "mismatched"}
+#: What every run of a language must share, else a gap measures that difference too: the cpt_setting of
+#: run_cpt.py (base model and data by content, training length, packing), then the probing of run_eval.py.
+PROBING_FIELDS = ("scoring", "dtype", "loss_dtype")  # from accuracy.json's header, the others from cpt_setting
+SHARED_BY_ALL_RUNS = ("base_model_weights_sha256", "base_model_config_sha256", "dataset_sha256", "steps",
+                      "windows_per_step", "block_size", "pair_order", "pair_separator", *PROBING_FIELDS)  # fmt: skip
+#: What the runs of one seed must share besides (runs of different seeds see different documents).
+SHARED_BY_A_SEED = ("documents_seen_sha256",)
+
+
+def min_bootstrap(confidence: float) -> int:
+    """The fewest resamples that put 5 in each tail of a percentile interval (200 for 95%)."""
+    return math.ceil(round(10 / (1 - confidence), 6))
 
 
 @dataclass
@@ -67,12 +97,36 @@ class TransferArguments:
     without_bridges: list[str] | None = field(
         default=None, metadata={"help": "Runs trained WITHOUT bridges, as for --with_bridges."}
     )
+    mismatched_bridges: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Optional third setting: runs of run_cpt.py --mismatched_bridges (a pair's halves share a window "
+            "with another pair's), as for --with_bridges, one per seed. Adds bridges-minus-mismatched and "
+            "mismatched-minus-none to each direction."
+        },
+    )
     runs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Alternative to --with_bridges/--without_bridges: any number of runs (or their eval outputs), "
-            "grouped by the cpt_setting {lang, bridges, seed} recorded in each run's config.json (copied into "
-            "accuracy.json). One result row per language."
+            "help": "Alternative to the setting flags: any number of runs (or their eval outputs), grouped by the "
+            "cpt_setting {lang, setting, seed} recorded in each run's config.json (copied into accuracy.json). "
+            "One result row per language."
+        },
+    )
+    item_tiers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "item_tiers.json files of synthetic_world.py (one per parallel question group: the tier of each "
+            "question index). Adds the gap per tier and the knowledge-transfer difference-in-differences."
+        },
+    )
+    allow_differences: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Compare runs that differ in these recorded fields anyway (a deliberate comparison, recorded in "
+            "transfer.json and transfer.md); otherwise such runs are refused. Fields: "
+            + ", ".join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)
+            + "."
         },
     )
     output_dir: str = field(
@@ -82,7 +136,13 @@ class TransferArguments:
     eval_dir_name: str = field(
         default="eval", metadata={"help": "Sub-folder of a run directory where its probing output is written."}
     )
-    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for every confidence interval."})
+    n_bootstrap: int = field(
+        default=1000,
+        metadata={
+            "help": "Bootstrap resamples for every confidence interval: at least 10 / (1 - confidence), i.e. 5 "
+            "resamples in each tail (200 for 95%)."
+        },
+    )
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap (results are reproducible)."})
     tie_policy: Literal["first", "fractional"] = field(
         default="first",
@@ -107,28 +167,29 @@ class RunResults:
 
     name: str
     eval_dir: Path
-    bridges: bool
+    setting: str  # a key of SETTING_FLAGS
     lang: str | None
     seed: int | None
     steps: list[int]
     questions: dict  # stem -> describe() of the question set
     correct: dict[str, np.ndarray]  # stem -> bool array (steps x items), first-wins correctness
     fractional: dict[str, np.ndarray]  # stem -> float array (steps x items), random tie-breaking credit
+    recorded: dict  # field of SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED -> its value (None: not recorded)
 
 
 def _resolve_run(
-    path: str, bridges: bool | None, args, transfer: TransferArguments, question_sets: list[QuestionSet]
+    path: str, setting: str | None, args, transfer: TransferArguments, question_sets: list[QuestionSet]
 ) -> RunResults:
     """The results of one run given as an eval output folder or a run directory (probed first into
-    RUN/<eval_dir_name> with run_eval's ``args`` when there are ``question_sets``); ``bridges`` is the setting
-    it was given under (None: --runs, read from its cpt_setting), checked against the one it records."""
+    RUN/<eval_dir_name> with run_eval's ``args`` when there are ``question_sets``); ``setting`` is the one it
+    was given under (None: --runs, read from its cpt_setting), checked against the one it records."""
     source = Path(path)
     if (source / "accuracy.json").is_file():
         eval_dir = source
     elif source.is_dir():
         eval_dir = source / transfer.eval_dir_name
         if question_sets:
-            _probe(source, eval_dir, args, question_sets)
+            _probe(source, eval_dir, args, question_sets, transfer.eval_dir_name)
         elif not (eval_dir / "accuracy.json").is_file():
             raise FileNotFoundError(
                 f"{source}: no accuracy.json here or in {eval_dir}; pass --questions to probe the run."
@@ -137,15 +198,20 @@ def _resolve_run(
         raise FileNotFoundError(f"{path}: neither an eval output directory (accuracy.json) nor a run directory.")
     accuracy, by_stem = read_predictions(eval_dir)
     _, fractional_by_stem = read_predictions(eval_dir, tie_policy="fractional")
-    setting = accuracy.get("cpt_setting") or {}
-    recorded = setting.get("bridges")
-    if bridges is None:
+    cpt_setting = accuracy.get("cpt_setting") or {}
+    recorded = _recorded_setting(cpt_setting, path)
+    if setting is None:
         if recorded is None:
-            raise ValueError(f"{path}: its cpt_setting records no 'bridges'; use --with_bridges/--without_bridges.")
-        bridges = bool(recorded)
-    elif recorded is not None and bool(recorded) != bridges:
-        flag = "--with_bridges" if bridges else "--without_bridges"
-        raise ValueError(f"{path} was given as {flag} but its cpt_setting says bridges={recorded}.")
+            raise InputError(
+                f"{path}: its cpt_setting records no 'bridges'; give it under --with_bridges, --without_bridges "
+                "or --mismatched_bridges."
+            )
+        setting = recorded
+    elif (recorded is not None or setting == "mismatched_bridges") and recorded != setting:
+        raise InputError(
+            f"{path} was given as {SETTING_FLAGS[setting]} but its cpt_setting says bridges="
+            f"{cpt_setting.get('bridges')}, setting {recorded!r}: give it under the flag of its setting."
+        )
     steps = sorted({e["step"] for e in accuracy["checkpoints"]})
 
     def cube(per_stem: dict, kind) -> dict[str, np.ndarray]:  # read_predictions checked every step's items
@@ -155,7 +221,7 @@ def _resolve_run(
         }
 
     correct, fractional = cube(by_stem, bool), cube(fractional_by_stem, np.float64)
-    lang = setting.get("lang")
+    lang = cpt_setting.get("lang")
     if lang is None:
         targets = sorted({q["lang"] for q in accuracy["questions"].values() if q["lang"] != "en"})
         if len(targets) != 1:
@@ -164,21 +230,58 @@ def _resolve_run(
             )
         lang = targets[0]
     # Name a run after the model it probed (the run folder or Hub repo), else after the folder given.
-    name = setting.get("run_name") or Path(accuracy.get("model_name_or_path") or source).name
-    return RunResults(
-        name, eval_dir, bridges, lang, setting.get("seed"), steps, accuracy["questions"], correct, fractional
-    )
+    name = cpt_setting.get("run_name") or Path(accuracy.get("model_name_or_path") or source).name
+    fields = {f: (accuracy if f in PROBING_FIELDS else cpt_setting).get(f) for f in SHARED_BY_ALL_RUNS}
+    fields.update({f: cpt_setting.get(f) for f in SHARED_BY_A_SEED})
+    return RunResults(name, eval_dir, setting, lang, cpt_setting.get("seed"), steps, accuracy["questions"],
+                      correct, fractional, fields)  # fmt: skip
 
 
-def _probe(run_dir: Path, eval_dir: Path, args, question_sets: list[QuestionSet]) -> None:
+def _recorded_setting(cpt_setting: dict, path: str) -> str | None:
+    """The setting a run records: cpt_setting["setting"] (run_cpt.py), else its "bridges" bool; None: neither."""
+    if "setting" not in cpt_setting:
+        return None if "bridges" not in cpt_setting else "bridges" if cpt_setting["bridges"] else "no_bridges"
+    setting = cpt_setting["setting"]
+    if setting not in SETTING_FLAGS or bool(cpt_setting.get("bridges")) != (setting == "bridges"):
+        raise InputError(
+            f"{path}: its cpt_setting records setting {setting!r} with bridges={cpt_setting.get('bridges')}; "
+            f"expected one of {', '.join(SETTING_FLAGS)}, bridges true only for 'bridges'."
+        )
+    return setting
+
+
+def _probe(run_dir: Path, eval_dir: Path, args, question_sets: list[QuestionSet], eval_dir_name: str) -> None:
     """Probe a run with run_eval.py (imported here: only probing needs torch) on its language's questions."""
     import run_eval
 
     setting = run_eval.read_cpt_setting(str(run_dir), run_eval.find_checkpoints(str(run_dir))[0])
     relevant = _questions_for_language(question_sets, (setting or {}).get("lang"), str(run_dir))
+    _refuse_other_probing(run_dir, eval_dir, args, relevant, eval_dir_name, run_eval.HEADER_DEFAULTS)
     run_eval.evaluate_model(args, relevant, str(run_dir), eval_dir)
     if args.diagnostic_pairs:
         run_eval.run_bridge_diagnostic(args, str(run_dir), eval_dir)
+
+
+def _refuse_other_probing(
+    run_dir: Path, eval_dir: Path, args, question_sets: list[QuestionSet], eval_dir_name: str, defaults: dict
+) -> None:
+    """Refuse, before probing, a RUN/<eval_dir_name> that holds results of another model, scoring, precision
+    or questions (run_eval.py would refuse too, but naming its own --output_dir, which here is the transfer's)."""
+    path = eval_dir / "accuracy.json"
+    if args.overwrite_output_dir or not path.is_file():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    wanted = {"model_name_or_path": str(run_dir.resolve()), **{key: getattr(args, key) for key in PROBING_FIELDS}}
+    wanted.update({f"questions {qs.stem}": qs.fingerprint for qs in question_sets})
+    held = {key: previous.get(key, defaults.get(key)) for key in ("model_name_or_path", *PROBING_FIELDS)}
+    held.update({f"questions {stem}": q.get("sha256") for stem, q in previous.get("questions", {}).items()})
+    differ = [key for key in {**wanted, **held} if held.get(key) != wanted.get(key)]
+    if differ:
+        raise InputError(
+            f"{eval_dir} already holds probing results made with another "
+            + ", ".join(f"{key} ({held.get(key)!r}, now {wanted[key]!r})" for key in differ)
+            + f". Pass another --eval_dir_name (now {eval_dir_name!r}) or --overwrite_output_dir to replace them."
+        )
 
 
 def _questions_for_language(question_sets: list[QuestionSet], lang: str | None, run: str) -> list[QuestionSet]:
@@ -208,20 +311,70 @@ def _questions_for_language(question_sets: list[QuestionSet], lang: str | None, 
     return relevant
 
 
-def _pair_seeds(
-    with_runs: list[RunResults], without_runs: list[RunResults], lang: str
-) -> list[tuple[RunResults, RunResults]]:
-    if len(with_runs) != len(without_runs):
-        raise ValueError(
-            f"{lang}: {len(with_runs)} run(s) with bridges ({', '.join(r.name for r in with_runs)}) but "
-            f"{len(without_runs)} without ({', '.join(r.name for r in without_runs)}); give one per seed in each setting."
+def _pair_seeds(by_setting: dict[str, list[RunResults]], lang: str) -> list[tuple[RunResults, ...]]:
+    """One group per seed holding one run of each setting (in the order of ``by_setting``), every run used
+    exactly once: two runs of one setting with the same seed, a seed missing from a setting, or several runs
+    per setting that record no seed (any pairing would be a guess) are refused, naming the runs."""
+    settings, runs = list(by_setting), [r for group in by_setting.values() for r in group]
+    for setting, group in by_setting.items():
+        seeds = [r.seed for r in group if r.seed is not None]
+        for seed in sorted({s for s in seeds if seeds.count(s) > 1}):
+            names = ", ".join(r.name for r in group if r.seed == seed)
+            raise InputError(
+                f"{lang}: {SETTING_FLAGS[setting]} runs {names} all record seed {seed}; give one run per seed in "
+                "each setting (a run's seed is its cpt_setting seed)."
+            )
+    if any(r.seed is None for r in runs):  # pairing by seed is impossible: only one run per setting is unambiguous
+        if any(len(group) != 1 for group in by_setting.values()):
+            counts = [f"{len(g)} {SETTING_WORDS[s]} ({', '.join(r.name for r in g)})" for s, g in by_setting.items()]
+            raise InputError(
+                f"{lang}: {counts[0].replace(' ', ' run(s) ', 1)} but {', '.join(counts[1:])}, and "
+                f"{', '.join(r.name for r in runs if r.seed is None)} record no seed: give one run per setting, or "
+                "runs whose cpt_setting records their seed (one per seed in each setting)."
+            )
+        return [tuple(group[0] for group in by_setting.values())]
+    seeds = sorted({r.seed for r in runs})
+    unpaired = [
+        f"seed {seed}: {', '.join(r.name for r in runs if r.seed == seed)} has no "
+        + " and no ".join(f"{SETTING_FLAGS[s]} run" for s in settings if all(r.seed != seed for r in by_setting[s]))
+        for seed in seeds
+        if any(all(r.seed != seed for r in by_setting[s]) for s in settings)
+    ]
+    if unpaired:
+        raise InputError(
+            f"{lang}: runs without a partner of the same seed ({'; '.join(unpaired)}); give every seed in every setting."
         )
-    seeds_with = [r.seed for r in with_runs]
-    seeds_without = [r.seed for r in without_runs]
-    if None not in seeds_with and None not in seeds_without and sorted(seeds_with) == sorted(seeds_without):
-        by_seed = {r.seed: r for r in without_runs}
-        return [(r, by_seed[r.seed]) for r in sorted(with_runs, key=lambda r: r.seed)]
-    return list(zip(with_runs, without_runs))  # in the order given
+    return [tuple(next(r for r in by_setting[s] if r.seed == seed) for s in settings) for seed in seeds]
+
+
+def check_comparable(lang: str, groups: list[tuple[RunResults, ...]], allowed: list[str]) -> dict:
+    """Refuse runs that differ in a field of ``SHARED_BY_ALL_RUNS`` (or, within a seed, ``SHARED_BY_A_SEED``),
+    naming the field, two runs and their values, unless ``allowed`` names it; the record of what was checked."""
+    runs = [r for group in groups for r in group]
+    record = {"checked": [], "not_recorded": [], "allowed_differences": {}}
+    for key in SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED:
+        if all(r.recorded[key] is None for r in runs):
+            record["not_recorded"].append(key)  # nothing to compare: said so in the outputs
+            continue
+        for scope in [runs] if key in SHARED_BY_ALL_RUNS else groups:
+            other = next((r for r in scope if r.recorded[key] != scope[0].recorded[key]), None)
+            if other is None:
+                continue
+            if key not in allowed:
+                within = (
+                    "" if key in SHARED_BY_ALL_RUNS else f" (seed {scope[0].seed}: the runs of a seed must share it)"
+                )
+                raise InputError(
+                    f"{lang}: {scope[0].name} and {other.name} differ in {key}{within}: {scope[0].recorded[key]!r} "
+                    f"vs {other.recorded[key]!r}; a gap between them would measure that difference too. Compare runs "
+                    f"made alike, or pass --allow_differences {key} to compare them deliberately (recorded in the "
+                    "outputs)."
+                )
+            record["allowed_differences"][key] = {r.name: r.recorded[key] for r in runs}
+            break
+        else:
+            record["checked"].append(key)
+    return record
 
 
 # --------------------------------------------------------------------------------------
@@ -246,12 +399,27 @@ def mcnemar_exact(with_correct: np.ndarray, without_correct: np.ndarray) -> dict
     return {"only_with_correct": only_with, "only_without_correct": only_without, "p_value": float(p_value)}
 
 
-def verdict(ci: tuple[float, float]) -> str:
+def verdict(ci: tuple[float, float], estimate: float) -> str:
+    """From the interval: 'transfer' (> 0), 'reverse' (< 0), 'no evidence' (covers 0); 'undetermined' when the
+    estimate lies outside its own interval (too few resamples to place it), which no verdict may rest on."""
+    if not ci[0] - 1e-9 <= estimate <= ci[1] + 1e-9:
+        return "undetermined"
     if ci[0] > 0:
         return "transfer"
     if ci[1] < 0:
         return "reverse"
     return "no evidence"
+
+
+def _draws(rng: np.random.Generator, n: int, n_bootstrap: int) -> np.ndarray:
+    """(bootstrap x n) multinomial counts: how often each of n units is drawn in each resample."""
+    return rng.multinomial(n, np.full(n, 1 / n), size=n_bootstrap)
+
+
+def _resampled(values: np.ndarray, question_weights: np.ndarray, seed_weights: np.ndarray) -> np.ndarray:
+    """(bootstrap x steps) mean over resampled seeds and questions; values: seeds x steps x questions."""
+    per_seed = np.einsum("bq,stq->bst", question_weights, values) / values.shape[2]
+    return np.einsum("bs,bst->bt", seed_weights, per_seed) / values.shape[0]
 
 
 def analyse_direction(
@@ -277,22 +445,13 @@ def analyse_direction(
             raise ValueError("The McNemar test needs bool correctness: pass mcnemar_with/mcnemar_without.")
         mcnemar_with, mcnemar_without = with_correct, without_correct
     rng = np.random.default_rng(seed)
-    question_weights = rng.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=n_bootstrap)
-    if n_seeds > 1:
-        seed_weights = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_bootstrap)
-    else:
-        seed_weights = np.ones((n_bootstrap, 1), dtype=np.int64)
+    question_weights = _draws(rng, n_questions, n_bootstrap)
+    seed_weights = _draws(rng, n_seeds, n_bootstrap)  # all ones with one seed pair
     w = with_correct.astype(np.float64)
     o = without_correct.astype(np.float64)
-
-    def resampled(values: np.ndarray) -> np.ndarray:
-        """(bootstrap x steps) mean over resampled seeds and questions; values: seeds x steps x questions."""
-        per_seed = np.einsum("bq,stq->bst", question_weights, values) / n_questions
-        return np.einsum("bs,bst->bt", seed_weights, per_seed) / n_seeds
-
     acc_with, acc_without = w.mean(axis=(0, 2)), o.mean(axis=(0, 2))
     gap = acc_with - acc_without
-    boot_with, boot_without = resampled(w), resampled(o)
+    boot_with, boot_without = (_resampled(v, question_weights, seed_weights) for v in (w, o))
     boot_gap = boot_with - boot_without
     gap_ci = _percentile_ci(boot_gap, confidence)
     mean_gap_ci = _percentile_ci(boot_gap.mean(axis=1), confidence)
@@ -326,8 +485,29 @@ def analyse_direction(
         ],
         "ci_covers": "questions and seeds" if n_seeds > 1 else "questions only (one run pair)",
     }
-    result["verdict"] = verdict(tuple(result["mean_gap_ci"]))
+    result["verdict"] = verdict(tuple(result["mean_gap_ci"]), result["mean_gap"])
     return result
+
+
+def knowledge_transfer(
+    often_gap: np.ndarray, never_gap: np.ndarray, n_bootstrap: int, seed: int, confidence: float
+) -> dict:
+    """The difference-in-differences of a knowledge contrast: the with-minus-without gap on the facts the source
+    corpus states often minus the gap on those it never states (inputs: per-item gaps, seeds x steps x items of
+    each tier, seed pairs aligned). Bootstrap: the seed pairs drawn once per resample for both tiers, the
+    questions drawn within each tier (stratified), so the interval covers seeds and questions."""
+    rng = np.random.default_rng(seed)
+    seed_weights = _draws(rng, often_gap.shape[0], n_bootstrap)
+    boot = [_resampled(g, _draws(rng, g.shape[2], n_bootstrap), seed_weights) for g in (often_gap, never_gap)]
+    did, boot_did = often_gap.mean(axis=(0, 2)) - never_gap.mean(axis=(0, 2)), boot[0] - boot[1]
+    mean_ci = _percentile_ci(boot_did.mean(axis=1), confidence)
+    return {
+        "mean_did": float(did.mean()),
+        "mean_did_ci": mean_ci.tolist(),
+        "final_did": float(did[-1]),
+        "final_did_ci": _percentile_ci(boot_did[:, -1], confidence).tolist(),
+        "verdict": verdict(tuple(mean_ci), float(did.mean())),
+    }
 
 
 def _policy_summary(stats: dict) -> dict:
@@ -335,36 +515,95 @@ def _policy_summary(stats: dict) -> dict:
     return {key: stats[key] for key in keys}
 
 
-def transfer_analysis(runs: list[RunResults], transfer: TransferArguments) -> dict:
-    """Group runs by language, align steps and seeds, and analyse both directions of each language under both
-    tie policies; the direction's main numbers are those of ``transfer.tie_policy``."""
+def check_transfer_arguments(transfer: TransferArguments) -> None:
+    """Refuse settings of the analysis that would give meaningless intervals or an unknown rule."""
     if transfer.tie_policy not in TIE_POLICIES:
-        raise ValueError(f"--tie_policy must be one of {', '.join(TIE_POLICIES)}, got {transfer.tie_policy!r}.")
-    by_lang = defaultdict(lambda: {True: [], False: []})
+        raise InputError(f"--tie_policy must be one of {', '.join(TIE_POLICIES)}, got {transfer.tie_policy!r}.")
+    if not 0 < transfer.confidence < 1:
+        raise InputError(f"--confidence must be in (0, 1), got {transfer.confidence}.")
+    floor = min_bootstrap(transfer.confidence)
+    if transfer.n_bootstrap < floor:
+        raise InputError(
+            f"--n_bootstrap {transfer.n_bootstrap}: a {transfer.confidence:.0%} percentile interval needs at least "
+            f"{floor} resamples (5 in each tail); pass --n_bootstrap {floor} or more."
+        )
+    unknown = sorted(set(transfer.allow_differences or ()) - set(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED))
+    if unknown:
+        raise InputError(
+            f"--allow_differences {' '.join(unknown)}: not a compared field ({', '.join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)})."
+        )
+
+
+def read_item_tiers(paths: list[str]) -> dict[str, dict]:
+    """parallel group -> {"path", "n_items", "tiers": {tier: item indices}} from synthetic_world.py's
+    item_tiers.json files (one record per question index, each index exactly once)."""
+    found = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            group, items, declared = data["parallel_group"], data["items"], data["tiers"]
+            indices = [item["index"] for item in items]
+            tiers = [item["tier"] for item in items]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(
+                f"--item_tiers {path}: not an item_tiers.json of synthetic_world.py ({type(err).__name__}: {err}); "
+                'it needs {"parallel_group", "tiers", "items": [{"index", "tier"}, ...]}.'
+            ) from err
+        if sorted(indices) != list(range(len(items))):
+            raise InputError(f"--item_tiers {path}: the item indices are not 0..{len(items) - 1}, each once.")
+        unknown = sorted(set(tiers) - set(declared))
+        if unknown or group in found:
+            problem = f"tiers {unknown} not among its 'tiers'" if unknown else f"a second file for {group!r}"
+            raise InputError(f"--item_tiers {path}: {problem}.")
+        by_tier = defaultdict(list)
+        for index, tier in zip(indices, tiers):
+            by_tier[tier].append(index)
+        tier_items = {tier: np.array(sorted(ix)) for tier, ix in by_tier.items()}
+        found[group] = {"path": path, "n_items": len(items), "tiers": tier_items}
+    return found
+
+
+def transfer_analysis(runs: list[RunResults], transfer: TransferArguments, item_tiers: dict | None = None) -> dict:
+    """Group runs by language and setting, pair them by seed, check they are comparable, align their steps,
+    and analyse both directions of each language under both tie policies; the direction's main numbers are
+    those of ``transfer.tie_policy``. ``item_tiers``: read_item_tiers' result (every file must be used)."""
+    check_transfer_arguments(transfer)
+    given = defaultdict(list)
     for run in runs:
-        by_lang[run.lang][run.bridges].append(run)
+        given[run.eval_dir.resolve()].append(SETTING_FLAGS[run.setting])
+    for eval_dir, flags in given.items():
+        if len(flags) > 1:
+            raise InputError(f"{eval_dir} is given {len(flags)} times ({', '.join(flags)}): each run counts once.")
+    by_lang = defaultdict(lambda: {setting: [] for setting in SETTING_FLAGS})
+    for run in runs:
+        by_lang[run.lang][run.setting].append(run)
+    languages = [_analyse_language(lang, by_lang[lang], transfer, item_tiers or {}) for lang in sorted(by_lang)]
+    used = {d["parallel_group"] for language in languages for d in language["directions"]}
+    unused = [tiers["path"] for group, tiers in (item_tiers or {}).items() if group not in used]
+    if unused:
+        raise InputError(
+            f"--item_tiers {', '.join(unused)}: no analysed question group is theirs ({', '.join(sorted(used))})."
+        )
     return {
         "n_bootstrap": transfer.n_bootstrap,
         "bootstrap_seed": transfer.bootstrap_seed,
         "confidence": transfer.confidence,
         "tie_policy": transfer.tie_policy,
-        "languages": [
-            _analyse_language(lang, by_lang[lang][True], by_lang[lang][False], transfer) for lang in sorted(by_lang)
-        ],
+        "allow_differences": sorted(transfer.allow_differences or []),
+        "languages": languages,
     }
 
 
-def _analyse_language(
-    lang: str, with_runs: list[RunResults], without_runs: list[RunResults], transfer: TransferArguments
-) -> dict:
-    """One language: its seed pairs aligned on the steps they share, probed on the same questions, and each
-    direction (en->lang: lang questions, lang->en: English questions) of each parallel group analysed."""
-    if not with_runs or not without_runs:
-        have = ", ".join(r.name for r in with_runs + without_runs)
-        raise ValueError(
-            f"{lang}: runs of both settings are needed (have only {'with' if with_runs else 'without'}: {have})."
-        )
-    pairs = _pair_seeds(with_runs, without_runs, lang)
+def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, item_tiers: dict) -> dict:
+    """One language: its seed groups (bridges, no_bridges[, mismatched_bridges]) checked comparable, aligned
+    on the steps they share, probed on the same questions, and each direction (en->lang: lang questions,
+    lang->en: English questions) of each parallel group analysed."""
+    if not by_setting["bridges"] or not by_setting["no_bridges"]:
+        have = ", ".join(r.name for group in by_setting.values() for r in group)
+        missing = "with" if not by_setting["bridges"] else "without"
+        raise InputError(f"{lang}: runs both with and without bridges are needed (none {missing}; have: {have}).")
+    pairs = _pair_seeds({s: runs for s, runs in by_setting.items() if runs}, lang)
+    comparability = check_comparable(lang, pairs, transfer.allow_differences or [])
     group = [r for pair in pairs for r in pair]
     common = sorted(set.intersection(*(set(r.steps) for r in group)))
     if not common:
@@ -383,23 +622,45 @@ def _analyse_language(
     for stem in shared:
         groups[reference[stem]["parallel_group"]][reference[stem]["lang"]] = stem
     directions = [
-        _analyse_questions(direction, stems[question_lang], question_lang, base, reference, pairs, common, transfer)
+        _analyse_questions(
+            direction,
+            stems[question_lang],
+            question_lang,
+            base,
+            reference,
+            pairs,
+            common,
+            transfer,
+            item_tiers.get(base),
+        )  # fmt: skip
         for base, stems in sorted(groups.items())
         for question_lang, direction in ((lang, f"en->{lang}"), ("en", f"{lang}->en"))
         if question_lang in stems and lang in stems
     ]
     if not directions:
         raise ValueError(f"{lang}: no question set in {lang} with a parallel English set among {shared}.")
+    mismatched = [str(p[2].eval_dir) for p in pairs] if len(pairs[0]) == 3 else []
     return {
         "lang": lang,
         "steps": common,
         "with_bridges": [str(p[0].eval_dir) for p in pairs],
         "without_bridges": [str(p[1].eval_dir) for p in pairs],
-        "run_names": [[p[0].name, p[1].name] for p in pairs],
+        **({"mismatched_bridges": mismatched} if mismatched else {}),
+        "run_names": [[r.name for r in p] for p in pairs],
+        "comparability": comparability,
         "steps_left_out": dropped,
         "directions": directions,
         "bridge_diagnostic": _final_diagnostics(group),
     }
+
+
+#: The knowledge contrast of each direction (C2): the tier of facts its source corpus states often and the tier
+#: it never states; both are stated equally often in the destination corpus, so bridges' help with learning the
+#: destination language (a skill) cancels in the gap difference, and what remains is knowledge carried across.
+KNOWLEDGE_CONTRASTS = {
+    "en->X": {"often_tier": "high", "never_tier": "absent", "source": "English", "destination": "target-language"},
+    "X->en": {"often_tier": "high", "never_tier": "en_only", "source": "target-language", "destination": "English"},
+}
 
 
 def _analyse_questions(
@@ -408,52 +669,91 @@ def _analyse_questions(
     question_lang: str,
     base: str,
     reference: dict,
-    pairs: list[tuple[RunResults, RunResults]],
+    pairs: list[tuple[RunResults, ...]],
     common: list[int],
     transfer: TransferArguments,
+    tiers: dict | None,
 ) -> dict:
-    """One direction: the gap statistics of question set ``stem`` under both tie policies."""
+    """One direction: the gap statistics of question set ``stem`` under both tie policies; with ``tiers`` (of
+    read_item_tiers) the gap per tier and the knowledge contrast; with mismatched runs their two comparisons."""
 
-    def credit(side: int, policy: str) -> np.ndarray:
-        """seeds x common steps x questions, for the with (0) or without (1) side of each seed pair."""
+    def credit(side: int, policy: str, items=slice(None)) -> np.ndarray:
+        """seeds x common steps x items, for side 0 (bridges), 1 (no bridges) or 2 (mismatched) of each group."""
         return np.stack(
             [
                 (pair[side].correct if policy == "first" else pair[side].fractional)[stem][
                     [pair[side].steps.index(s) for s in common]
-                ]
+                ][:, items]
                 for pair in pairs
             ]
         )
 
-    first_wins = (credit(0, "first"), credit(1, "first"))
-    by_policy = {
-        policy: analyse_direction(
-            credit(0, policy),
-            credit(1, policy),
+    def compare(a: int, b: int, policy: str = transfer.tie_policy, items=slice(None)) -> dict:
+        """Side a minus side b (analyse_direction; McNemar on first-wins correctness), runs named per seed."""
+        stats = analyse_direction(
+            credit(a, policy, items),
+            credit(b, policy, items),
             transfer.n_bootstrap,
             transfer.bootstrap_seed,
             transfer.confidence,
-            *first_wins,
+            credit(a, "first", items),
+            credit(b, "first", items),
         )
-        for policy in TIE_POLICIES
-    }
-    stats = by_policy[transfer.tie_policy]
-    for k, entry in enumerate(stats["per_seed"]):
-        entry["with_run"], entry["without_run"] = pairs[k][0].name, pairs[k][1].name
-        entry["seeds"] = [pairs[k][0].seed, pairs[k][1].seed]
-    return {
+        for k, entry in enumerate(stats["per_seed"]):
+            entry["with_run"], entry["without_run"] = pairs[k][a].name, pairs[k][b].name
+            entry["seeds"] = [pairs[k][a].seed, pairs[k][b].seed]
+        return stats
+
+    by_policy = {policy: compare(0, 1, policy) for policy in TIE_POLICIES}
+    entry = {
         "direction": direction,
         "questions": stem,
         "question_lang": question_lang,
         "parallel_group": base,
         "chance_accuracy": reference[stem].get("chance_accuracy"),
         "always_first_accuracy": (reference[stem].get("position_bias") or {}).get("always_first_accuracy"),
-        **stats,
+        **by_policy[transfer.tie_policy],
         "tie_policy": transfer.tie_policy,
         "mcnemar_on": "first-wins correctness (the paper's rule), whatever the tie policy",
         "tie_policies": {policy: _policy_summary(st) for policy, st in by_policy.items()},
         "tie_policies_differ": _policy_summary(by_policy["first"]) != _policy_summary(by_policy["fractional"]),
     }
+    if len(pairs[0]) == 3:
+        entry["bridges_minus_mismatched"], entry["mismatched_minus_none"] = compare(0, 2), compare(2, 1)
+    if tiers is not None:
+        if tiers["n_items"] != reference[stem]["items"]:
+            raise InputError(
+                f"--item_tiers {tiers['path']}: {tiers['n_items']} items, but {stem} has {reference[stem]['items']}."
+            )
+        entry["tiers"] = {tier: compare(0, 1, items=ix) for tier, ix in sorted(tiers["tiers"].items())}
+        contrast = KNOWLEDGE_CONTRASTS["en->X" if direction.startswith("en->") else "X->en"]
+        often, never = contrast["often_tier"], contrast["never_tier"]
+        if often in tiers["tiers"] and never in tiers["tiers"]:
+            gap = credit(0, transfer.tie_policy) - credit(1, transfer.tie_policy)
+            did = knowledge_transfer(
+                gap[..., tiers["tiers"][often]],
+                gap[..., tiers["tiers"][never]],
+                transfer.n_bootstrap,
+                transfer.bootstrap_seed,
+                transfer.confidence,
+            )
+            skill = entry["tiers"][never]
+            entry["knowledge_transfer"] = {
+                "often_tier": often,
+                "never_tier": never,
+                **did,
+                "skill_mean_gap": skill["mean_gap"],
+                "skill_mean_gap_ci": skill["mean_gap_ci"],
+                "skill_verdict": skill["verdict"],
+                "meaning": (
+                    f"mean_did is knowledge carried from the {contrast['source']} corpus: the gap (with minus "
+                    f"without bridges) on facts it states often ({often}) minus the gap on facts it never states "
+                    f"({never}), both stated equally often in the {contrast['destination']} corpus, so bridges' help "
+                    f"with learning the {contrast['destination']} language cancels; that help (a skill, not "
+                    f"knowledge) is the gap on the {never} facts, skill_mean_gap."
+                ),
+            }
+    return entry
 
 
 def _final_diagnostics(runs: list[RunResults]) -> list[dict]:
@@ -464,7 +764,10 @@ def _final_diagnostics(runs: list[RunResults]) -> list[dict]:
         if path.is_file():
             entries = json.loads(path.read_text(encoding="utf-8"))["checkpoints"]
             if entries:
-                found.append({"run": run.name, "bridges": run.bridges, "seed": run.seed, **entries[-1]})
+                found.append(
+                    {"run": run.name, "setting": run.setting, "bridges": run.setting == "bridges", "seed": run.seed}
+                    | entries[-1]
+                )
     return found
 
 
@@ -491,7 +794,7 @@ def transfer_markdown(result: dict) -> str:
         f"Gap = accuracy with bridges minus without. Intervals: {pct}% percentile bootstrap "
         f"({result['n_bootstrap']} resamples, seed {result['bootstrap_seed']}) over questions, and over seed "
         "pairs where a setting has several seeds. Verdict from the interval of the mean gap over the curve: "
-        "'transfer' (> 0), 'reverse' (< 0), 'no evidence' (covers 0). en->X = X questions (English knowledge "
+        "'transfer' (> 0), 'reverse' (< 0), 'no evidence' (covers 0), 'undetermined' (the estimate outside its interval). en->X = X questions (English knowledge "
         "reaching X); X->en = English questions.",
         "",
         f"Tie policy: {TIE_POLICY_TEXT[result.get('tie_policy', 'first')]} The McNemar test always counts "
@@ -509,6 +812,7 @@ def transfer_markdown(result: dict) -> str:
                 f"{d['accuracy_with'][-1]:.3f} | {d['accuracy_without'][-1]:.3f} | {_fmt_ci(d['final_gap'], d['final_gap_ci'])} | "
                 f"{_fmt_ci(d['mean_gap'], d['mean_gap_ci'])} | {p_values} | {d['verdict']} |"
             )
+    lines += _comparability_markdown(result) + _tiers_markdown(result) + _mismatched_markdown(result)
     differ = [(lang, d) for lang in result["languages"] for d in lang["directions"] if d.get("tie_policies_differ")]
     if differ:
         lines += [
@@ -564,12 +868,12 @@ def transfer_markdown(result: dict) -> str:
             "target side after English) alone, after its own pair's first side, and after another pair's first "
             "side. A model that uses the bridge has own < mismatched.",
             "",
-            "| language | run | bridges | step | alone | after own first side | after mismatched first side | pairs |",
+            "| language | run | setting | step | alone | after own first side | after mismatched first side | pairs |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for lang, d in diagnostics:
             lines.append(
-                f"| {lang} | {d['run']} | {'with' if d['bridges'] else 'without'} | {d['step']} | {d['alone']:.3f} | "
+                f"| {lang} | {d['run']} | {SETTING_WORDS[d['setting']]} | {d['step']} | {d['alone']:.3f} | "
                 f"{d['after_own_context']:.3f} | {d['after_mismatched_context']:.3f} | {d['pairs']} |"
             )
         lines.append("")
@@ -585,6 +889,79 @@ def transfer_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _comparability_markdown(result: dict) -> list[str]:
+    lines = [""]
+    for language in result["languages"]:
+        c = language["comparability"]
+        lines.append(
+            f"Comparable runs ({language['lang']}): they share {', '.join(c['checked']) or 'nothing recorded'}"
+            + (f"; not recorded, so not checked: {', '.join(c['not_recorded'])}" if c["not_recorded"] else "")
+            + "."
+        )
+        for key, values in c["allowed_differences"].items():
+            shown = ", ".join(f"{run}: {value}" for run, value in values.items())
+            lines.append(f"**They differ in {key}, compared deliberately (--allow_differences)**: {shown}.")
+    return lines
+
+
+def _tiers_markdown(result: dict) -> list[str]:
+    rows = [(lang["lang"], d) for lang in result["languages"] for d in lang["directions"] if "tiers" in d]
+    if not rows:
+        return []
+    names = sorted({tier for _, d in rows for tier in d["tiers"]})
+    lines = [
+        "",
+        "## Knowledge or skill: the gap per tier of facts",
+        "",
+        "Mean gap over the curve per tier. Knowledge transfer = gap on facts the source corpus states often minus "
+        "gap on facts it never states (both stated equally often in the destination corpus, so bridges' help with "
+        "the language cancels); the gap on never-stated facts is that help (skill). "
+        + "; ".join(f"{key}: {c['often_tier']} - {c['never_tier']}" for key, c in KNOWLEDGE_CONTRASTS.items())
+        + ".",
+        "",
+        f"| language | direction | {' | '.join(f'gap {t} [CI]' for t in names)} | knowledge (DiD, mean) [CI] | "
+        "DiD final [CI] | verdict | skill (gap never-stated) [CI] |",
+        "|---|---|" + "---|" * (len(names) + 4),
+    ]
+    for lang, d in rows:
+        tiers = [
+            _fmt_ci(d["tiers"][t]["mean_gap"], d["tiers"][t]["mean_gap_ci"]) if t in d["tiers"] else "-" for t in names
+        ]
+        k = d.get("knowledge_transfer")
+        tail = (
+            [_fmt_ci(k["mean_did"], k["mean_did_ci"]), _fmt_ci(k["final_did"], k["final_did_ci"]), k["verdict"],
+             _fmt_ci(k["skill_mean_gap"], k["skill_mean_gap_ci"])]
+            if k else ["not computable (a tier of the contrast has no items)"] + ["-"] * 3
+        )  # fmt: skip
+        lines.append(f"| {lang} | {d['direction']} | " + " | ".join(tiers + tail) + " |")
+    return lines
+
+
+def _mismatched_markdown(result: dict) -> list[str]:
+    rows = [
+        (lang["lang"], d) for lang in result["languages"] for d in lang["directions"] if "mismatched_minus_none" in d
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Mismatched bridges",
+        "",
+        "Mismatched bridges put a pair's halves in one window with another pair's: the same bilingual co-occurrence "
+        "without the translation. Bridges minus mismatched is what the translation itself adds.",
+        "",
+        "| language | direction | bridges - mismatched: mean gap [CI] | verdict | mismatched - none: mean gap [CI] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lang, d in rows:
+        a, b = d["bridges_minus_mismatched"], d["mismatched_minus_none"]
+        lines.append(
+            f"| {lang} | {d['direction']} | {_fmt_ci(a['mean_gap'], a['mean_gap_ci'])} | {a['verdict']} | "
+            f"{_fmt_ci(b['mean_gap'], b['mean_gap_ci'])} | {b['verdict']} |"
+        )
+    return lines
+
+
 WITH_COLOR, WITHOUT_COLOR = "#1f77b4", "#ff7f0e"
 
 
@@ -593,8 +970,9 @@ def _direction_of(language: dict, direction: str, base: str) -> dict | None:
     return found[0] if found else None
 
 
-def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
-    """Figure-3-style curves (row per language; target-language | English questions) and a Figure-1-style summary."""
+def plot_transfer(result: dict) -> dict[str, bytes]:
+    """Figure-3-style curves (row per language; target-language | English questions) and a Figure-1-style summary,
+    as PNG bytes by file name (rendered before any output is written, so a plotting failure leaves none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -607,13 +985,14 @@ def plot_transfer(result: dict, output_dir: Path) -> list[Path]:
     ]
     several_seeds = max(d["n_seed_pairs"] for lang in languages for d in lang["directions"]) > 1
     band = "seeds and questions" if several_seeds else "questions (one run per setting)"
-    paths = []
+    pngs = {}
     for name, figure in (("transfer_curves.png", _curves_figure), ("transfer_summary.png", _summary_figure)):
         fig = figure(plt, rows, several_seeds, pct, band)
-        save_figure(fig, output_dir / name)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
         plt.close(fig)
-        paths.append(output_dir / name)
-    return paths
+        pngs[name] = buffer.getvalue()
+    return pngs
 
 
 def _curves_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct: int, band: str):
@@ -691,7 +1070,7 @@ def _summary_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct:
             ax.errorbar(
                 r + offset,
                 d["mean_gap"],
-                yerr=[[d["mean_gap"] - lo], [hi - d["mean_gap"]]],
+                yerr=[[max(0.0, d["mean_gap"] - lo)], [max(0.0, hi - d["mean_gap"])]],  # 'undetermined' verdicts
                 fmt=marker,
                 color=color,
                 capsize=4,
@@ -729,6 +1108,12 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
     os.replace(tmp, path)
 
 
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
@@ -745,10 +1130,11 @@ def parse_arguments(argv: list[str] | None):
     transfer, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if bool(transfer.with_bridges) != bool(transfer.without_bridges):
         parser.error("--with_bridges and --without_bridges go together")
+    if transfer.mismatched_bridges and not transfer.with_bridges:
+        parser.error("--mismatched_bridges goes with --with_bridges and --without_bridges (or give all as --runs)")
     if not (transfer.with_bridges or transfer.runs):
         parser.error("nothing to compare: pass --with_bridges A.. --without_bridges B.., or --runs R..")
-    if transfer.n_bootstrap < 1 or not 0 < transfer.confidence < 1:
-        parser.error("--n_bootstrap must be >= 1, --confidence in (0, 1)")
+    check_transfer_arguments(transfer)  # before any run is probed
     if not rest:
         return transfer, None
     import run_eval
@@ -770,19 +1156,24 @@ def main(argv: list[str] | None = None) -> dict:
     question_sets = []
     if probing is not None and probing.questions:
         question_sets = load_question_sets(probing.questions, probing.question_langs, probing.strict, probing.revision)
+    item_tiers = read_item_tiers(transfer.item_tiers or [])
     # 3. Each run's per-item results, probed first where needed.
-    inputs = [(p, True) for p in transfer.with_bridges or []] + [(p, False) for p in transfer.without_bridges or []]
+    inputs = [(p, setting) for setting in SETTING_FLAGS for p in getattr(transfer, SETTING_FLAGS[setting][2:]) or []]
     inputs += [(p, None) for p in transfer.runs or []]
     runs = [
-        _resolve_run(path, bridges, probing, transfer, question_sets) for path, bridges in tqdm(inputs, desc="runs")
+        _resolve_run(path, setting, probing, transfer, question_sets) for path, setting in tqdm(inputs, desc="runs")
     ]
-    # 4. The statistics, per language and direction.
-    result = transfer_analysis(runs, transfer)
-    # 5. transfer.json, transfer.md and the two figures.
+    # 4. The statistics, per language and direction, and everything written from them: nothing is written
+    #    until all of it has been made (a failure leaves no output that looks complete).
+    result = transfer_analysis(runs, transfer, item_tiers)
+    markdown, pngs = transfer_markdown(result), plot_transfer(result)
+    # 5. The figures, transfer.md and, last, transfer.json.
     output_dir = Path(transfer.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in pngs.items():
+        _write_bytes_atomic(output_dir / name, data)
+    write_text_atomic(output_dir / "transfer.md", markdown)
     write_json_atomic(output_dir / "transfer.json", result)
-    write_text_atomic(output_dir / "transfer.md", transfer_markdown(result))
-    plot_transfer(result, output_dir)
     for language in result["languages"]:
         for d in language["directions"]:
             logger.info(

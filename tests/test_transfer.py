@@ -28,9 +28,10 @@ def analyse(tmp_path, with_sets, without_sets, steps=(10, 20, 30), n_bootstrap=5
             run_steps = kwargs.get("run_steps", {}).get(name, list(steps))
             tied = kwargs.get("tied", {}).get(name)
             eval_dir = write_eval_output(tmp_path / name, correct, run_steps, setting, tied)
+            setting_flag = "bridges" if bridges else "no_bridges"
             runs.append(
                 run_transfer._resolve_run(
-                    str(eval_dir), bridges, run_eval.EvalArguments(), run_transfer.TransferArguments(), []
+                    str(eval_dir), setting_flag, run_eval.EvalArguments(), run_transfer.TransferArguments(), []
                 )
             )
     transfer = run_transfer.TransferArguments(
@@ -135,7 +136,9 @@ def test_a_run_given_under_the_wrong_setting_is_an_error(tmp_path):
     data = both(np.random.default_rng(3), 2, 10)
     eval_dir = write_eval_output(tmp_path / "r", data, [1, 2], {"lang": "ko", "bridges": True, "seed": 0})
     with pytest.raises(ValueError, match="given as --without_bridges but its cpt_setting says bridges=True"):
-        run_transfer._resolve_run(str(eval_dir), False, run_eval.EvalArguments(), run_transfer.TransferArguments(), [])
+        run_transfer._resolve_run(
+            str(eval_dir), "no_bridges", run_eval.EvalArguments(), run_transfer.TransferArguments(), []
+        )
 
 
 def test_unequal_seed_counts_are_an_error_naming_the_runs(tmp_path):
