@@ -317,10 +317,14 @@ class WorldArguments:
         default=8, metadata={"help": f"Relations per place (at most {len(RELATIONS)}): facts = places x relations."}
     )
     en_count: int = field(
-        default=24, metadata={"help": "English documents stating each high-tier fact (the pretraining corpus)."}
+        default=24,
+        metadata={
+            "help": "English documents stating each fact of the high and en_only tiers (the pretraining corpus)."
+        },
     )
     tgt_count: int = field(
-        default=12, metadata={"help": "Target-language documents stating each fact (both tiers; the CPT corpus)."}
+        default=12,
+        metadata={"help": "Target-language documents stating each fact of every tier but en_only (the CPT corpus)."},
     )
     low_resource_ratio: float = field(
         default=60.0,
