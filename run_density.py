@@ -30,7 +30,9 @@ Outputs (``--output_dir OUT``):
                        "occurrences", the retrieved document ids and a judgement per document;
                        "corpus": {"documents", "occurrences", "density", ...} (the first
                        corpus), "corpora": all of them, "table": one row per (corpus, question
-                       file), "instance_analysis" when predictions are given.
+                       file), "instance_analysis" when predictions are given (per question file: the
+                       items that transferred, and "gap_vs_log_occurrences": the slope of the per-item
+                       gap on log(1 + source-corpus occurrences) with a bootstrap interval).
     OUT/density.md     Table 1 of the paper for these corpora (and the instance-level table).
     OUT/index/LABEL/   the BM25 index of each corpus, reused while its fingerprint matches.
 
@@ -80,6 +82,7 @@ from cloze import (
 )
 from study_common import (
     LANGUAGE_SCRIPTS,
+    InputError,
     check_document_suffix,
     exit_on_input_error,
     is_saved_dataset,
@@ -1294,10 +1297,19 @@ def find_predictions(path: str) -> Path:
     return found[0]
 
 
-def predictions_at(path: Path, step: int | None) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
+def predictions_at(
+    path: Path, step: int | None, setting: str
+) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
     """Per questions stem: the first-wins correctness of each item at ``step`` (default: the run's last
-    checkpoint), the step, and the question language; read by ``cloze.read_predictions``."""
+    checkpoint), the step, and the question language; read by ``cloze.read_predictions``. ``setting`` is the
+    CPT setting the run was given as ("bridges" or "no_bridges"); the run's recorded cpt_setting must agree
+    (as run_transfer.py checks), so that swapped flags do not turn the analysis upside down."""
     accuracy, correct = read_predictions(path.parent)
+    recorded = accuracy.get("cpt_setting") or {}
+    was = recorded.get("setting") or {True: "bridges", False: "no_bridges"}.get(recorded.get("bridges"))
+    if was is not None and was != setting:
+        flag = "--predictions_with" if setting == "bridges" else "--predictions_without"
+        raise InputError(f"{path} was given as {flag} but its cpt_setting says {was}. Swap or fix the flags.")
     if not any(correct.values()):
         raise ValueError(f"{path}: no predictions in the file.")
     items, steps = {}, {}
@@ -1316,6 +1328,32 @@ def parse_source_corpus(entries: list[str]) -> dict[str, str]:
         lang, sep, label = entry.partition("=")
         mapping[lang if sep else "*"] = label if sep else entry
     return mapping
+
+
+#: Resamples and seed of the bootstrap interval of ``gap_slope``.
+SLOPE_BOOTSTRAP, SLOPE_SEED = 2000, 0
+
+
+def gap_slope(gap: np.ndarray, occurrences: np.ndarray) -> dict:
+    """Least-squares slope of the per-item gap (with bridges right minus without: +1, 0, -1) on
+    log(1 + occurrences in the source corpus), with a 95% percentile bootstrap interval over items: the
+    frequency hypothesis measured on real data (does the gap grow with how often the source states a fact?)."""
+    x, gap = np.log1p(np.asarray(occurrences, float)), np.asarray(gap, float)
+    entry = {"slope": None, "slope_ci": None, "n_items": len(gap), "n_bootstrap": SLOPE_BOOTSTRAP,
+             "seed": SLOPE_SEED, "meaning": "change of the per-item gap (with minus without bridges) per unit of "
+             "log(1 + source-corpus occurrences); > 0: facts the source states more often gain more from bridges"}  # fmt: skip
+    if len(gap) < 3 or np.ptp(x) == 0:
+        return {**entry, "reason": "fewer than 3 items or every item has the same occurrences: no slope"}
+
+    def slopes(xs: np.ndarray, gs: np.ndarray) -> np.ndarray:  # one least-squares slope per row
+        dx = xs - xs.mean(-1, keepdims=True)
+        var = (dx * dx).sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(var > 0, (dx * (gs - gs.mean(-1, keepdims=True))).sum(-1) / var, np.nan)
+
+    rows = np.random.default_rng(SLOPE_SEED).integers(0, len(gap), size=(SLOPE_BOOTSTRAP, len(gap)))
+    low, high = np.nanpercentile(slopes(x[rows], gap[rows]), [2.5, 97.5])  # resamples of one x value drop out
+    return {**entry, "slope": float(slopes(x, gap)), "slope_ci": [float(low), float(high)]}
 
 
 def _mean_at(counts: list[int], items: list[int]) -> float | None:
@@ -1338,8 +1376,8 @@ def instance_analysis(
     its parallel file in another language was measured on (Tibetan questions: their English twins
     on the English corpus), which must be unique.
     """
-    with_correct, with_steps, langs = predictions_at(with_path, step)
-    without_correct, without_steps, _ = predictions_at(without_path, step)
+    with_correct, with_steps, langs = predictions_at(with_path, step, "bridges")
+    without_correct, without_steps, _ = predictions_at(without_path, step, "no_bridges")
     results, skipped = [], []
     for stem in sorted(set(with_steps) & set(without_steps)):
         indices = list(range(min(len(with_correct[stem]), len(without_correct[stem]))))
@@ -1387,6 +1425,10 @@ def instance_analysis(
                 "mean_occurrences_transferred": _mean_at(counts, transferred),
                 "mean_occurrences_all": _mean_at(counts, indices),
                 "mean_occurrences_not_transferred": _mean_at(counts, sorted(set(indices) - set(transferred))),
+                "gap_vs_log_occurrences": gap_slope(
+                    with_correct[stem][indices].astype(float) - without_correct[stem][indices],
+                    np.asarray(counts)[indices],
+                ),
             }
         )
     return {"with": str(with_path), "without": str(without_path), "results": results, "skipped": skipped}
@@ -1425,14 +1467,25 @@ def markdown_report(table: list[dict], analysis: dict | None, skipped_pairs: lis
             "",
             "Transferred = right with bridges and wrong without. Mean occurrences in the source corpus.",
             "",
-            "| questions | source corpus | items | transferred | mean occ. transferred | mean occ. all | mean occ. others |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "Gap slope: least-squares slope of the per-item gap (right with bridges minus right without) on "
+            "log(1 + occurrences), with a 95% bootstrap interval over items.",
+            "",
+            "| questions | source corpus | items | transferred | mean occ. transferred | mean occ. all | mean occ. others "
+            "| gap slope [95% CI] |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in analysis["results"]:
+            fit = r["gap_vs_log_occurrences"]
+            slope = (
+                f"{fit['slope']:+.3f} [{fit['slope_ci'][0]:+.3f}, {fit['slope_ci'][1]:+.3f}]"
+                if fit["slope_ci"]
+                else "–"
+            )
             lines.append(
                 f"| {r['questions']} | {r['source_corpus']} ({r['occurrences_from']}) | {r['items']} | "
                 f"{r['transferred']} | {_fmt(r['mean_occurrences_transferred'], '.2f')} | "
-                f"{_fmt(r['mean_occurrences_all'], '.2f')} | {_fmt(r['mean_occurrences_not_transferred'], '.2f')} |"
+                f"{_fmt(r['mean_occurrences_all'], '.2f')} | {_fmt(r['mean_occurrences_not_transferred'], '.2f')} "
+                f"| {slope} |"
             )
         for s in analysis["skipped"]:
             lines.append(f"\nNot analysed: {s['questions']} ({s['reason']}).")
@@ -1484,6 +1537,10 @@ def read_corpora(args: DensityArguments) -> list:
         )  # fmt: skip
     if repeated := _repeated([c.label for c in corpora]):
         raise ValueError(f"Two corpora share a label ({repeated}); use LABEL=PATH.")
+    if repeated := _repeated([str(path.resolve()) for c in corpora if isinstance(c, FileCorpus) for path in c.paths]):
+        raise InputError(
+            f"--corpus_files names a file more than once ({', '.join(repeated)}); its documents would count twice."
+        )
     return corpora
 
 

@@ -392,7 +392,8 @@ def output_dir_given(argv: list[str] | None) -> bool:
     """
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 1 and args[0].endswith(".json"):
-        return "output_dir" in json.loads(Path(args[0]).read_text(encoding="utf-8"))
+        with named_utf8_errors(args[0]):
+            return "output_dir" in json.loads(Path(args[0]).read_text(encoding="utf-8"))
     return any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in args)
 
 

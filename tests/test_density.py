@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, run_script
 
 import run_density as rd
 from cloze import BLANK, fill_blanks
-from study_common import read_documents
+from study_common import InputError, read_documents
 
 # --------------------------------------------------------------------------------------
 # A generated world: questions in five scripts, a corpus with each fact planted k times
@@ -526,11 +526,12 @@ def test_streamed_dataset_corpus_reads_retrieved_documents_in_one_more_pass(tmp_
 # --------------------------------------------------------------------------------------
 
 
-def _predictions(path: Path, stem: str, lang: str, correct_by_step: dict[int, list[bool]]):
+def _predictions(path: Path, stem: str, lang: str, correct_by_step: dict[int, list[bool]], cpt_setting=None):
     """A run_eval.py output folder: predictions.jsonl and the accuracy.json that lists its checkpoints."""
     path.mkdir(parents=True, exist_ok=True)
     accuracy = {"checkpoints": [{"step": step, "path": f"checkpoint-{step}"} for step in correct_by_step],
-                "questions": {stem: {"lang": lang, "items": len(next(iter(correct_by_step.values())))}}}  # fmt: skip
+                "questions": {stem: {"lang": lang, "items": len(next(iter(correct_by_step.values())))}},
+                "cpt_setting": cpt_setting}  # fmt: skip
     (path / "accuracy.json").write_text(json.dumps(accuracy), encoding="utf-8")
     with (path / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for step, correct in correct_by_step.items():
@@ -594,6 +595,55 @@ def test_instance_analysis_reports_items_without_a_source_measurement(world, tmp
          "--predictions_without", str(tmp_path / "without")],
     )  # fmt: skip
     assert "ambiguous" in automatic["instance_analysis"]["skipped"][0]["reason"]
+
+
+def _planted_gaps(tmp_path, gained_at_0: int, gained_at_3: int, n: int = 40):
+    """2n items: n stated 0 times in the source corpus, n stated 3 times; of each, the first ``gained_*`` are
+    right with bridges and wrong without (gap +1), the rest wrong in both (gap 0). The least-squares slope of
+    the gap on log(1 + occurrences) is then exactly (gained_at_3 - gained_at_0) / n / log(4)."""
+    gained = [i < gained_at_0 for i in range(n)] + [i < gained_at_3 for i in range(n)]
+    _predictions(tmp_path / "with", "set_bo", "bo", {7: gained}, {"bridges": True})
+    _predictions(tmp_path / "without", "set_bo", "bo", {7: [False] * 2 * n}, {"bridges": False})
+    occurrences = {("english", "set_en"): [0] * n + [3] * n}
+    (result,) = rd.instance_analysis(tmp_path / "with" / "predictions.jsonl", tmp_path / "without" /
+                                     "predictions.jsonl", None, {}, occurrences)["results"]  # fmt: skip
+    return result
+
+
+def test_the_gap_slope_on_log_occurrences_recovers_a_planted_slope_with_a_bootstrap_interval(tmp_path):
+    result = _planted_gaps(tmp_path / "planted", gained_at_0=10, gained_at_3=30)
+    fit = result["gap_vs_log_occurrences"]
+    assert fit["slope"] == pytest.approx(0.5 / np.log(4)) and fit["n_items"] == 80 and fit["n_bootstrap"] >= 1000
+    low, high = fit["slope_ci"]
+    assert 0 < low < fit["slope"] < high < 2 * fit["slope"]  # an effect: the interval excludes 0
+    null = _planted_gaps(tmp_path / "null", gained_at_0=10, gained_at_3=10)["gap_vs_log_occurrences"]
+    assert null["slope"] == pytest.approx(0) and null["slope_ci"][0] < 0 < null["slope_ci"][1]  # a null, reported
+    assert rd.gap_slope(np.ones(5), np.full(5, 2))["slope"] is None  # one occurrence count: no slope to fit
+    markdown = rd.markdown_report([], {"results": [result], "skipped": []}, [], 50, "lexical")
+    assert f"| {fit['slope']:+.3f} [{low:+.3f}, {high:+.3f}] |" in markdown
+
+
+def test_predictions_given_under_the_wrong_setting_flag_are_refused(tmp_path):
+    _planted_gaps(tmp_path, 1, 2, n=4)
+    with_run, without_run = tmp_path / "with" / "predictions.jsonl", tmp_path / "without" / "predictions.jsonl"
+    occurrences = {("english", "set_en"): [0, 1, 2, 3] * 2}
+    with pytest.raises(InputError, match=r"was given as --predictions_with but its cpt_setting says no_bridges"):
+        rd.instance_analysis(without_run, with_run, None, {}, occurrences)
+    _predictions(tmp_path / "mismatched", "set_bo", "bo", {7: [False] * 8}, {"bridges": False,
+                 "setting": "mismatched_bridges"})  # fmt: skip
+    with pytest.raises(InputError, match=r"--predictions_without but its cpt_setting says mismatched_bridges"):
+        rd.instance_analysis(with_run, tmp_path / "mismatched" / "predictions.jsonl", None, {}, occurrences)
+
+
+def test_a_corpus_file_given_twice_is_refused_rather_than_counted_twice(world, tmp_path):
+    question_files, corpus_files = world
+    corpus = corpus_files["en"]
+    same = corpus.parent / "." / corpus.name  # another spelling of the same file
+    for entries in ([f"english={corpus},{same}"], [f"a={corpus}", f"b={same}"]):
+        with pytest.raises(InputError, match="names a file more than once"):
+            rd.main(["--questions", str(question_files["en"]), "--corpus_files", *entries,
+                     "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------
