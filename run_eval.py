@@ -21,12 +21,29 @@ Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). 
      the scoring, dtype and loss_dtype, the run's ``cpt_setting``), and ``accuracy.csv`` with the same numbers.
 
    Finished checkpoints are reused when the output directory already holds them for the same questions,
-   scoring and dtype, so re-running after new checkpoints appear (or after a crash) scores only what is new.
+   scoring and dtype AND the same weights: every checkpoint entry records ``weights_sha256`` (``weights_sha256``:
+   the hash of its weight files, streamed once per checkpoint, or the Hub's LFS hashes), and a checkpoint whose
+   weights changed (a run retrained in place) is probed again; the results of checkpoints no longer present are
+   then dropped too. Re-running after new checkpoints appear (or after a crash) scores only what is new. The same
+   rule holds for bridge_diagnostic.json and manipulation_checks.json.
 
 2. **Bridge diagnostic** (``--diagnostic_pairs``): per checkpoint, the mean token loss of the second side
    of held-out parallel pairs, laid out as run_cpt.py lays out a bridge (study_common.pair_first_side and
    pair_segments: the run's ``pair_order``; en_first: the target side after the English side), (a) alone,
    (b) after its own first side, (c) after another pair's first side -> ``bridge_diagnostic.json``.
+
+3. **Manipulation checks** -> ``manipulation_checks.json``, ``{"checkpoints": [{"step", "path", "weights_sha256",
+   "name_alignment", "embedding_match", "tier_accuracy"}], ...}`` (probe the base model with the same flags: it
+   is the "before"):
+
+   * ``--name_alignment`` (a world's name_alignment.json): name alignment outside the bridge. Per direction, a
+     4-way choice of an entity's name in one language given a held-out sentence naming it in the other, laid
+     out as a bridged pair (``[start] + context + pair_separator + [start] + filled frame``), scored by the mean
+     token loss of the frame's tokens (lowest wins, ties to the first option); and ``embedding_match``: whether
+     each name's mean input embedding has its own translation as cosine nearest neighbour (``embedding_match``).
+   * ``--item_tiers`` (a world's item_tiers.json): cloze accuracy per question file and fact tier at each
+     checkpoint (first-wins, from predictions.jsonl). English retention: the English questions on high/en_only
+     facts, before vs after CPT; target learning: the target questions on absent facts (never stated in English).
 
 Scoring (``--scoring``; every score is a loss: the LOWEST score wins, ties keep option order):
 
@@ -73,8 +90,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from cloze import QuestionSet, fill_blanks, load_question_sets, tie_credit
+from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, read_predictions, tie_credit
 from study_common import (
+    InputError,
     document_start_id,
     exit_on_input_error,
     pair_first_side,
@@ -201,6 +219,22 @@ class EvalArguments:
     diagnostic_max_pairs: int | None = field(
         default=None, metadata={"help": "Use only the first N diagnostic pairs (all by default)."}
     )
+    name_alignment: str | None = field(
+        default=None,
+        metadata={
+            "help": "A world's name_alignment.json: writes manipulation_checks.json with, per checkpoint, the 4-way "
+            "choice of each entity's name given a held-out sentence naming it in the other language (laid out as a "
+            "bridged pair, the run's pair_separator between) per direction, and the nearest-neighbour match of its "
+            "names' mean input embeddings (chance 1/entities)."
+        },
+    )
+    item_tiers: str | None = field(
+        default=None,
+        metadata={
+            "help": "A world's item_tiers.json (needs --questions): manipulation_checks.json gets, per checkpoint, "
+            "the accuracy of each question file on each tier of facts (high, low, absent, en_only)."
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -216,6 +250,7 @@ class Checkpoint:
     hub_repo: str | None = None
     hub_patterns: list[str] | None = None
     hub_revision: str | None = None  # a checkpoint published as a branch of the repo (path 'org/name@branch')
+    weights_sha256: str | None = None  # computed once, by checkpoint_weights_sha256
 
     @property
     def hub_folder(self) -> str:
@@ -370,6 +405,78 @@ def _materialise(checkpoint: Checkpoint, revision: str | None) -> Path:
         name = checkpoint.hub_folder
         checkpoint.local_dir = snapshot / name if name else snapshot
     return checkpoint.local_dir
+
+
+#: Weight files, as run_cpt.base_model_identity hashes a base model.
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def checkpoint_weights_sha256(checkpoint: Checkpoint, revision: str | None) -> str:
+    """SHA-256 of ``"<file name>\t<sha256 of its content>\n"`` over the checkpoint's weight files in name order:
+    run_cpt.base_model_identity's recipe, so a base model's hash here is the ``base_model_weights_sha256`` its CPT
+    runs record. Local files are streamed once per checkpoint; on the Hub the files' LFS hashes are the same
+    numbers, read without downloading (a weight file stored outside LFS is downloaded and hashed)."""
+    if checkpoint.weights_sha256 is None:
+        digests = _hub_weight_digests(checkpoint, revision) if checkpoint.local_dir is None else None
+        if digests is None:
+            folder = _materialise(checkpoint, revision)
+            digests = {path.name: _file_sha256(path) for pattern in WEIGHT_FILES for path in folder.glob(pattern)}
+        if not digests:
+            raise FileNotFoundError(f"{checkpoint.path}: no weight file ({', '.join(WEIGHT_FILES)}).")
+        listing = "".join(f"{name}\t{digest}\n" for name, digest in sorted(digests.items()))
+        checkpoint.weights_sha256 = hashlib.sha256(listing.encode()).hexdigest()
+    return checkpoint.weights_sha256
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hub_weight_digests(checkpoint: Checkpoint, revision: str | None) -> dict[str, str] | None:
+    """The LFS sha256 of each weight file of a Hub checkpoint, or None when one is not stored in LFS."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi
+
+    folder = checkpoint.hub_folder
+    entries = HfApi().list_repo_tree(
+        checkpoint.hub_repo, path_in_repo=folder or None, revision=checkpoint.hub_revision or revision
+    )
+    digests = {}
+    for entry in entries:
+        name = entry.path.rsplit("/", 1)[-1]
+        if any(fnmatch(name, pattern) for pattern in WEIGHT_FILES) and hasattr(entry, "lfs"):
+            if entry.lfs is None:
+                return None
+            digests[name] = entry.lfs.sha256
+    return digests
+
+
+def _reusable(previous: list[dict], checkpoints: list[Checkpoint], revision: str | None, same_run: bool, where):
+    """The entries of an earlier output still valid: those of a present checkpoint whose weights are the ones
+    they were computed on, and those of checkpoints no longer present (rotated away by save_total_limit) unless
+    the output describes another training (``same_run`` False: another cpt_setting; or a present checkpoint's
+    weights changed: the run was retrained in place), whose numbers cannot be checked any more."""
+    current = {(c.step, c.path): c for c in checkpoints}
+    valid, changed = [], []
+    for entry in previous:
+        checkpoint = current.get((entry["step"], entry["path"]))
+        if checkpoint is None or entry.get("weights_sha256") == checkpoint_weights_sha256(checkpoint, revision):
+            valid.append(entry)
+        else:
+            changed.append(entry["path"])
+    if changed:
+        logger.warning("%s: the weights of %s changed since they were probed: probing them again", where, changed)
+    if changed or not same_run:
+        gone = [e["path"] for e in valid if (e["step"], e["path"]) not in current]
+        if gone:
+            logger.warning("%s: dropping the results of %s, from another training of the run", where, gone)
+        valid = [e for e in valid if (e["step"], e["path"]) in current]
+    return valid
 
 
 def read_cpt_setting(model_name_or_path: str, checkpoints: list[Checkpoint]) -> dict | None:
@@ -805,10 +912,12 @@ def item_accounting(qs: QuestionSet, set_scores: list[list[float]]) -> tuple[lis
     return rows, accuracy
 
 
-def _previous_results(output_dir: Path, header: dict, overwrite: bool) -> tuple[list[dict], dict]:
-    """Checkpoint entries and prediction lines already in ``output_dir`` that can be reused."""
+def _previous_results(
+    output_dir: Path, header: dict, args: EvalArguments, checkpoints: list[Checkpoint]
+) -> tuple[list[dict], dict]:
+    """Checkpoint entries and prediction lines already in ``output_dir`` that can be reused (``_reusable``)."""
     accuracy_path, predictions_path = output_dir / "accuracy.json", output_dir / "predictions.jsonl"
-    if overwrite or not accuracy_path.is_file():
+    if args.overwrite_output_dir or not accuracy_path.is_file():
         return [], {}
     previous = json.loads(accuracy_path.read_text(encoding="utf-8"))
     differences = [
@@ -837,6 +946,8 @@ def _previous_results(output_dir: Path, header: dict, overwrite: bool) -> tuple[
         if len(lines.get((e["step"], e["path"]), [])) == expected
         and all("accuracy_fractional" in acc for acc in e["accuracy"].values())
     ]
+    same_run = previous.get("cpt_setting") == header["cpt_setting"]
+    entries = _reusable(entries, checkpoints, args.revision, same_run, accuracy_path)
     return entries, {(e["step"], e["path"]): lines[(e["step"], e["path"])] for e in entries}
 
 
@@ -845,14 +956,16 @@ def evaluate_model(
     question_sets: list[QuestionSet],
     model_name_or_path: str,
     output_dir: str | os.PathLike,
+    found: tuple[list[Checkpoint], list[dict]] | None = None,
 ) -> dict:
-    """Probe every checkpoint of ``model_name_or_path``; write and return accuracy.json's content."""
+    """Probe every checkpoint of ``model_name_or_path`` (``found``: find_checkpoints' answer, if already asked);
+    write and return accuracy.json's content."""
     output_dir = Path(output_dir)
     # 1. The checkpoints, and what is probed on them (the header of accuracy.json).
-    checkpoints, skipped = find_checkpoints(model_name_or_path, args.revision)
+    checkpoints, skipped = found or find_checkpoints(model_name_or_path, args.revision)
     header = _probing_header(args, question_sets, model_name_or_path, checkpoints, skipped)
-    # 2. Checkpoints already scored in output_dir with this header are reused.
-    reused_entries, lines = _previous_results(output_dir, header, args.overwrite_output_dir)
+    # 2. Checkpoints already scored in output_dir with this header and these weights are reused.
+    reused_entries, lines = _previous_results(output_dir, header, args, checkpoints)
     done = {(e["step"], e["path"]): e for e in reused_entries}
     current = {(c.step, c.path) for c in checkpoints}
     kept_only = [key for key in done if key not in current]
@@ -873,8 +986,9 @@ def evaluate_model(
         return result
 
     # 3. Each remaining checkpoint scored, one model in memory at a time; the outputs are rewritten after
-    #    each, so a crash loses at most the checkpoint being scored.
-    result = write_outputs()
+    #    each (not before the first: a refusal leaves nothing), so a crash loses at most the one being scored.
+    _check_tokenizers(args, todo, checkpoints)
+    result = None if todo else write_outputs()
     device, tokenizer_cache = resolve_device(args.device), {}
     for checkpoint in tqdm(todo, desc="checkpoints", disable=not todo):
         directory = _materialise(checkpoint, args.revision)
@@ -893,7 +1007,8 @@ def evaluate_model(
         del model
         key = (checkpoint.step, checkpoint.path)
         lines[key], accuracy = _checkpoint_results(checkpoint, question_sets, all_scores, header)
-        done[key] = {"step": checkpoint.step, "path": checkpoint.path, "accuracy": accuracy}
+        weights = checkpoint_weights_sha256(checkpoint, args.revision)
+        done[key] = {"step": checkpoint.step, "path": checkpoint.path, "weights_sha256": weights, "accuracy": accuracy}
         result = write_outputs()
     return result
 
@@ -975,19 +1090,29 @@ def _checkpoint_results(
     return rows, accuracy
 
 
-def _tokenizer_for(args: EvalArguments, directory: Path, checkpoints: list[Checkpoint], cache: dict):
+def _tokenizer_source(args: EvalArguments, directory: Path, checkpoints: list[Checkpoint]) -> str:
     if args.tokenizer_name_or_path:
-        source = args.tokenizer_name_or_path
-    elif _has_tokenizer(directory):
-        source = str(directory)
-    else:
-        # Checkpoints without tokenizer files use the run's (its root, i.e. the final model's folder).
-        candidates = [directory.parent] + [c.local_dir for c in checkpoints if c.local_dir is not None]
-        source = next((str(c) for c in candidates if _has_tokenizer(c)), None)
-        if source is None:
-            raise FileNotFoundError(
-                f"{directory}: no tokenizer files here or in the run; pass --tokenizer_name_or_path."
-            )
+        return args.tokenizer_name_or_path
+    if _has_tokenizer(directory):
+        return str(directory)
+    # Checkpoints without tokenizer files use the run's (its root, i.e. the final model's folder).
+    candidates = [directory.parent] + [c.local_dir for c in checkpoints if c.local_dir is not None]
+    source = next((str(c) for c in candidates if _has_tokenizer(c)), None)
+    if source is None:
+        raise FileNotFoundError(f"{directory}: no tokenizer files here or in the run; pass --tokenizer_name_or_path.")
+    return source
+
+
+def _check_tokenizers(args: EvalArguments, todo: list[Checkpoint], checkpoints: list[Checkpoint]) -> None:
+    """Refuse before anything is written when a local checkpoint to probe has no tokenizer (a Hub checkpoint's
+    files are known once downloaded)."""
+    for checkpoint in todo:
+        if checkpoint.local_dir is not None:
+            _tokenizer_source(args, checkpoint.local_dir, checkpoints)
+
+
+def _tokenizer_for(args: EvalArguments, directory: Path, checkpoints: list[Checkpoint], cache: dict):
+    source = _tokenizer_source(args, directory, checkpoints)
     if source not in cache:
         cache[source] = AutoTokenizer.from_pretrained(source)
     return cache[source]
@@ -1024,6 +1149,11 @@ def read_pairs(path: str, max_pairs: int | None = None) -> list[tuple[str, str]]
     return pairs
 
 
+def bridged_pair(first: list[int], second: list[int], start: int, separator_ids: list[int]) -> list[int]:
+    """One bridged pair, as run_cpt.py packs it: its two segments (pair_segments) adjacent, positions continuing."""
+    return [token for segment in pair_segments(first, second, start, separator_ids) for token in segment]
+
+
 def bridge_diagnostic_losses(
     model,
     tokenizer,
@@ -1056,8 +1186,7 @@ def bridge_diagnostic_losses(
     scored = [side_ids[second[i]][i] for i in range(n)]
 
     def bridged(context: list[int], scored_ids: list[int]) -> list[int]:
-        """One bridged pair, as run_cpt.py packs it: its two segments adjacent, positions continuing."""
-        return [token for segment in pair_segments(context, scored_ids, start, separator_ids) for token in segment]
+        return bridged_pair(context, scored_ids, start, separator_ids)
 
     sequences = [[start] + scored[i] for i in range(n)]
     sequences += [bridged(side_ids[first[i]][i], scored[i]) for i in range(n)]
@@ -1087,10 +1216,12 @@ def bridge_diagnostic_losses(
     return losses
 
 
-def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_dir: str | os.PathLike) -> dict:
+def run_bridge_diagnostic(
+    args: EvalArguments, model_name_or_path: str, output_dir: str | os.PathLike, found=None
+) -> dict:
     output_dir = Path(output_dir)
     pairs = read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs)
-    checkpoints, _ = find_checkpoints(model_name_or_path, args.revision)
+    checkpoints, _ = found or find_checkpoints(model_name_or_path, args.revision)
     # The pairs are laid out as the run laid out its own: its separator after the first side
     # (run_cpt.py --pair_separator) and its --pair_order (en_first when the model records none, run_cpt's default).
     setting = read_cpt_setting(model_name_or_path, checkpoints) or {}
@@ -1108,6 +1239,7 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
         "context_side": sides[0] if len(set(sides)) == 1 else "per pair (seeded coin)",
         "scored_side": ({"en": "tgt", "tgt": "en"}[sides[0]]) if len(set(sides)) == 1 else "per pair (seeded coin)",
         "dtype": args.dtype,
+        "cpt_setting": setting or None,
     }
     logger.info(
         "bridge diagnostic: pair_order %s (seed %d): context side %s, scored side %s",
@@ -1121,11 +1253,12 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
     if path.is_file() and not args.overwrite_output_dir:
         previous = json.loads(path.read_text(encoding="utf-8"))
         if all(previous.get(k) == v for k, v in header.items()):
-            done = {(e["step"], e["path"]): e for e in previous["checkpoints"]}
+            reusable = _reusable(previous["checkpoints"], checkpoints, args.revision, True, path)
+            done = {(e["step"], e["path"]): e for e in reusable}
     device, cache = resolve_device(args.device), {}
-    for checkpoint in tqdm(checkpoints, desc="bridge diagnostic"):
-        if (checkpoint.step, checkpoint.path) in done:
-            continue
+    todo = [c for c in checkpoints if (c.step, c.path) not in done]
+    _check_tokenizers(args, todo, checkpoints)
+    for checkpoint in tqdm(todo, desc="bridge diagnostic", disable=not todo):
         directory = _materialise(checkpoint, args.revision)
         tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
         model = load_model(directory, args.dtype, device, args.attn_implementation)
@@ -1133,6 +1266,7 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
         done[(checkpoint.step, checkpoint.path)] = {
             "step": checkpoint.step,
             "path": checkpoint.path,
+            "weights_sha256": checkpoint_weights_sha256(checkpoint, args.revision),
             **losses,
             "pairs": len(pairs),
         }
@@ -1142,6 +1276,213 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
     result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
     write_json_atomic(path, result)
     return result
+
+
+# --------------------------------------------------------------------------------------
+# Manipulation checks: name alignment outside the bridge, retention and learning per fact tier
+# --------------------------------------------------------------------------------------
+
+
+def _read_json_file(path: str, flag: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{flag} {path}: cannot read it as JSON ({err}).") from err
+
+
+def read_name_alignment(path: str) -> dict:
+    """A world's name_alignment.json, checked (errors name the file and the item), with ``forms``: each entity's
+    names as written mid-sentence, per side ("en", "target"): with a leading space when that language's frames
+    put a space before the blank (a byte-level BPE folds it into the name's first token), else bare."""
+    data = _read_json_file(path, "--name_alignment")
+    if not isinstance(data, dict) or not {"lang", "entities", "items"} <= set(data):
+        raise InputError(f"{path}: needs 'lang', 'entities' and 'items' (synthetic_world.py's name_alignment.json).")
+    entities = {}
+    for k, entity in enumerate(data["entities"]):
+        if not isinstance(entity, dict) or not all(isinstance(entity.get(f), str) for f in ("id", "en", "target")):
+            raise InputError(f"{path} entity {k}: needs string 'id', 'en' and 'target'.")
+        if entity["id"] in entities or not entity["en"].strip() or not entity["target"].strip():
+            raise InputError(f"{path} entity {k}: id {entity['id']!r} repeated, or an empty name.")
+        entities[entity["id"]] = entity
+    side_of = {f"en->{data['lang']}": "target", f"{data['lang']}->en": "en"}  # the side the options name
+    spaced = {"en": False, "target": False}
+    for k, item in enumerate(data["items"]):
+        at = f"{path} item {k}"
+        if not isinstance(item, dict) or not all(
+            isinstance(item.get(f), str) and item[f].strip() for f in ("direction", "entity", "context", "frame")
+        ):
+            raise InputError(f"{at}: needs non-empty 'direction', 'entity', 'context' and 'frame' strings.")
+        at += f" (entity {item['entity']!r}, {item['direction']})"
+        if item["direction"] not in side_of or item["entity"] not in entities:
+            raise InputError(f"{at}: the direction is not one of {list(side_of)}, or the entity is not listed.")
+        blanks = list(BLANK.finditer(item["frame"]))
+        options = item.get("options")
+        if len(blanks) != 1:
+            raise InputError(f"{at}: the frame needs exactly one blank (____); it has {len(blanks)}.")
+        if not isinstance(options, list) or len(options) < 2 or len(set(options)) < len(options):
+            raise InputError(f"{at}: 'options' must list at least 2 distinct names.")
+        if item.get("answer") not in options:
+            raise InputError(f"{at}: the answer {item.get('answer')!r} is not among its options {options}.")
+        if item["answer"] != entities[item["entity"]][side_of[item["direction"]]]:
+            raise InputError(f"{at}: the answer {item['answer']!r} is not the entity's name on that side.")
+        spaced[side_of[item["direction"]]] |= item["frame"][: blanks[0].start()][-1:].isspace()
+    forms = {side: [" " * spaced[side] + e[side] for e in entities.values()] for side in ("en", "target")}
+    return {**data, "entity_ids": list(entities), "forms": forms, "spaced": spaced}
+
+
+def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = "", batch_size: int = 64) -> dict:
+    """Per direction, the accuracy of choosing an entity's name given a held-out sentence naming it in the
+    other language: item options are scored like bridged pairs, ``bridged_pair(context, filled frame)``
+    (``[start] + context + separator + [start] + frame``), by the mean token loss of the frame's tokens; the
+    lowest wins, ties go to the first option (the cloze's rule). chance: mean of 1/options (0.25 for 4)."""
+    start = document_start_id(tokenizer)
+    separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
+    items = alignment["items"]
+    contexts = tokenizer([item["context"] for item in items], add_special_tokens=False)["input_ids"]
+    filled = [fill_blanks(item["frame"], option)[0] for item in items for option in item["options"]]
+    frames = iter(tokenizer(filled, add_special_tokens=False)["input_ids"])
+    sequences, scored, groups = [], [], []
+    for item, context in zip(items, contexts):
+        groups.append(list(range(len(sequences), len(sequences) + len(item["options"]))))  # one prefix tree
+        for frame in (next(frames) for _ in item["options"]):
+            sequences.append(bridged_pair(context, frame, start, separator_ids))
+            scored.append(len(frame))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    logprobs = token_logprobs(model, sequences, groups, batch_size, pad_id)
+    hits, chance = defaultdict(list), defaultdict(list)
+    for item, group in zip(items, groups):
+        scores = [float(-logprobs[s][-scored[s] :].mean()) for s in group]
+        hits[item["direction"]].append(item["options"][predict(scores)] == item["answer"])
+        chance[item["direction"]].append(1 / len(item["options"]))
+    return {
+        d: {"accuracy": float(np.mean(h)), "n": len(h), "chance": float(np.mean(chance[d]))} for d, h in hits.items()
+    }
+
+
+def embedding_match(model, tokenizer, alignment: dict) -> dict:
+    """Whether each entity's names are nearest neighbours in the input embeddings. A name's vector is the mean
+    input embedding of its tokens (``alignment["forms"]``: as written mid-sentence). ``en-><lang>``: given the
+    English name of entity i, the target name with the highest cosine similarity among all entities' target
+    names is entity i's; ``<lang>->en``: given the target name, among all English names. Ties go to the first
+    entity; chance 1/entities."""
+    table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+
+    def unit_vectors(names: list[str]) -> np.ndarray:
+        vectors = np.stack([table[ids].mean(0) for ids in tokenizer(names, add_special_tokens=False)["input_ids"]])
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+    similarity = unit_vectors(alignment["forms"]["en"]) @ unit_vectors(alignment["forms"]["target"]).T
+    n, lang = len(similarity), alignment["lang"]
+    own = np.arange(n)
+    hits = {f"en->{lang}": similarity.argmax(1) == own, f"{lang}->en": similarity.argmax(0) == own}
+    return {d: {"accuracy": float(h.mean()), "n": n, "chance": 1 / n} for d, h in hits.items()}
+
+
+def read_item_tiers(path: str, question_sets: list[QuestionSet]) -> dict:
+    """A world's item_tiers.json, checked against the question files of its parallel group: ``tier_of[i]`` is the
+    tier of item i of each of them."""
+    data = _read_json_file(path, "--item_tiers")
+    if not isinstance(data, dict) or not isinstance(data.get("tiers"), dict) or not isinstance(data.get("items"), list):
+        raise InputError(f"{path}: needs 'parallel_group', 'tiers' and 'items' (synthetic_world.py's item_tiers.json).")
+    stems = [qs.stem for qs in question_sets if qs.base == data.get("parallel_group")]
+    if not stems:
+        loaded = sorted({qs.base for qs in question_sets})
+        raise InputError(f"{path}: parallel_group {data.get('parallel_group')!r} is none of the questions' {loaded}.")
+    n = len(question_sets[[qs.stem for qs in question_sets].index(stems[0])].items)
+    tier_of = [None] * n
+    for k, record in enumerate(data["items"]):
+        index, tier = (record.get("index"), record.get("tier")) if isinstance(record, dict) else (None, None)
+        if not isinstance(index, int) or not 0 <= index < n or tier_of[index] is not None:
+            raise InputError(f"{path} item {k}: index {index!r} is not a new item index of the questions (0..{n - 1}).")
+        if tier not in data["tiers"]:
+            raise InputError(f"{path} item {k}: tier {tier!r} is not one of the file's tiers {list(data['tiers'])}.")
+        tier_of[index] = tier
+    if None in tier_of:
+        raise InputError(f"{path}: no tier for question items {[i for i, t in enumerate(tier_of) if t is None][:10]}.")
+    counts = {tier: tier_of.count(tier) for tier in data["tiers"] if tier in tier_of}
+    describe = {"file": str(Path(path).resolve()), "parallel_group": data["parallel_group"], "items_per_tier": counts}
+    return {"describe": {**describe, "meaning": data["tiers"]}, "stems": stems, "tier_of": np.array(tier_of)}
+
+
+def run_manipulation_checks(
+    args: EvalArguments, model_name_or_path: str, output_dir, found, alignment: dict | None, tiers: dict | None
+) -> dict:
+    """manipulation_checks.json: per checkpoint, name_alignment and embedding_match (with --name_alignment; reused
+    as accuracy.json's entries are, by weights) and tier_accuracy (with --item_tiers; from predictions.jsonl)."""
+    output_dir, (checkpoints, _) = Path(output_dir), found
+    setting = read_cpt_setting(model_name_or_path, checkpoints)
+    separator = (setting or {}).get("pair_separator") or ""
+    described = None
+    if alignment:
+        layout = "[start] + context + pair_separator + [start] + filled frame; mean token loss of the frame's tokens"
+        described = {
+            "file": str(Path(args.name_alignment).resolve()),
+            "sha256": hashlib.sha256(json.dumps(alignment["items"], ensure_ascii=False).encode()).hexdigest(),
+            **{key: alignment.get(key) for key in ("lang", "variant")},
+            "entities": len(alignment["entity_ids"]),
+            "layout": layout,
+            "name_leading_space": alignment["spaced"],
+        }
+    header = {
+        "model_name_or_path": str(Path(model_name_or_path).resolve())
+        if Path(model_name_or_path).is_dir()
+        else model_name_or_path,
+        "cpt_setting": setting,
+        "dtype": args.dtype,
+        "pair_separator": separator,
+        "name_alignment": described,
+        "item_tiers": tiers["describe"] if tiers else None,
+    }
+    path, done = output_dir / "manipulation_checks.json", {}
+    accuracy, correct = read_predictions(output_dir) if tiers else (None, {})
+    if not alignment:  # the tiers only: the checkpoints accuracy.json lists
+        done = {
+            (e["step"], e["path"]): {k: e[k] for k in ("step", "path", "weights_sha256")}
+            for e in accuracy["checkpoints"]
+        }
+    elif path.is_file() and not args.overwrite_output_dir:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if all(
+            previous.get(k) == header[k]
+            for k in ("model_name_or_path", "cpt_setting", "dtype", "pair_separator", "name_alignment")
+        ):
+            done = {
+                (e["step"], e["path"]): e
+                for e in _reusable(previous["checkpoints"], checkpoints, args.revision, True, path)
+            }
+
+    def write_outputs() -> dict:
+        entries = sorted(done.values(), key=lambda e: (e["step"], e["path"]))
+        for entry in entries:
+            if tiers and all(entry["step"] in correct[stem] for stem in tiers["stems"]):
+                entry["tier_accuracy"] = {
+                    stem: {
+                        t: float(correct[stem][entry["step"]][tiers["tier_of"] == t].mean())
+                        for t in tiers["describe"]["items_per_tier"]
+                    }
+                    for stem in tiers["stems"]
+                }
+        result = {"checkpoints": entries, **header}
+        write_json_atomic(path, result)
+        return result
+
+    todo = [c for c in checkpoints if (c.step, c.path) not in done] if alignment else []
+    _check_tokenizers(args, todo, checkpoints)
+    device, cache = resolve_device(args.device), {}
+    for checkpoint in tqdm(todo, desc="manipulation checks", disable=not todo):
+        directory = _materialise(checkpoint, args.revision)
+        tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
+        model = load_model(directory, args.dtype, device, args.attn_implementation)
+        done[(checkpoint.step, checkpoint.path)] = entry = {
+            "step": checkpoint.step,
+            "path": checkpoint.path,
+            "weights_sha256": checkpoint_weights_sha256(checkpoint, args.revision),
+            "name_alignment": name_alignment_accuracy(model, tokenizer, alignment, separator, args.batch_size),
+            "embedding_match": embedding_match(model, tokenizer, alignment),
+        }
+        logger.info("manipulation checks step %d: %s", checkpoint.step, {k: entry[k] for k in list(entry)[3:]})
+        write_outputs()
+    return write_outputs()
 
 
 # --------------------------------------------------------------------------------------
@@ -1160,8 +1501,10 @@ def parse_arguments(argv: list[str] | None, require_model: bool = True) -> EvalA
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if require_model and not args.model_name_or_path:
         parser.error("nothing to do: pass --model_name_or_path (to compare runs: run_transfer.py)")
-    if require_model and not args.questions and not args.diagnostic_pairs:
-        parser.error("pass --questions (and/or --diagnostic_pairs)")
+    if require_model and not args.questions and not args.diagnostic_pairs and not args.name_alignment:
+        parser.error("pass --questions (and/or --diagnostic_pairs, --name_alignment)")
+    if args.item_tiers and not args.questions:
+        parser.error("--item_tiers gives the tiers of --questions items: pass the questions too")
     if args.loss_dtype == "model" and args.scoring != "mean_token_loss":
         parser.error("--loss_dtype model reproduces the paper's loss: it needs --scoring mean_token_loss")
     if args.batch_size < 1:
@@ -1173,20 +1516,28 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Arguments and logging.
     args = parse_arguments(argv)
     setup_logging()
-    # 2. The questions, validated (--strict: their quirks are errors).
+    # 2. The inputs, validated before anything is written: the questions (--strict: their quirks are errors), the
+    #    name alignment items and the fact tiers; the checkpoints, each with a tokenizer.
     question_sets = (
         load_question_sets(args.questions, args.question_langs, args.strict, args.revision) if args.questions else []
     )
+    alignment = read_name_alignment(args.name_alignment) if args.name_alignment else None
+    tiers = read_item_tiers(args.item_tiers, question_sets) if args.item_tiers else None
+    found = find_checkpoints(args.model_name_or_path, args.revision)
+    _check_tokenizers(args, found[0], found[0])
     # 3. Probing: every checkpoint scored on every question set (finished checkpoints reused).
     if question_sets:
-        result = evaluate_model(args, question_sets, args.model_name_or_path, args.output_dir)
+        result = evaluate_model(args, question_sets, args.model_name_or_path, args.output_dir, found)
         quirks = {qs.stem: {k: len(v) for k, v in qs.quirks.items()} for qs in question_sets if qs.quirks}
         logger.info(
             "%d checkpoint(s) in %s; quirks counted: %s", len(result["checkpoints"]), args.output_dir, quirks or "none"
         )
     # 4. The bridge diagnostic on held-out pairs.
     if args.diagnostic_pairs:
-        run_bridge_diagnostic(args, args.model_name_or_path, args.output_dir)
+        run_bridge_diagnostic(args, args.model_name_or_path, args.output_dir, found)
+    # 5. The manipulation checks.
+    if alignment or tiers:
+        run_manipulation_checks(args, args.model_name_or_path, args.output_dir, found, alignment, tiers)
 
 
 if __name__ == "__main__":

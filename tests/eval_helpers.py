@@ -4,6 +4,7 @@ run directories of real tiny models (no training: random weights)."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -116,3 +117,48 @@ def write_eval_output(
     }
     (directory / "accuracy.json").write_text(json.dumps({"checkpoints": checkpoints, **header}))
     return directory
+
+
+def write_name_alignment(path: Path, n_entities: int = 48, lang: str = "ko", seed: int = 0) -> Path:
+    """A name_alignment.json as synthetic_world.py writes it (HELPERS.md C3): Latin English names, Hangul target
+    names, one held-out item per entity and direction with 3 distractors of other entities. The answer is always
+    option 0, so a scorer that ties every option (first-wins) would score 1.0, not chance."""
+    rng = random.Random(seed)
+    latin = ["ba", "do", "ki", "lu", "me", "na", "po", "ri", "sa", "tu", "ve", "zo"]
+    hangul = ["가", "나", "다", "라", "마", "바", "사", "아", "자", "하", "고", "노", "도", "로"]
+    en_names, tgt_names = set(), set()
+    while len(en_names) < n_entities:
+        en_names.add("".join(rng.choice(latin) for _ in range(3)).capitalize())
+    while len(tgt_names) < n_entities:
+        tgt_names.add("".join(rng.choice(hangul) for _ in range(3)))
+    entities = [
+        {"id": f"place-{i}", "en": en, "target": tgt}
+        for i, (en, tgt) in enumerate(zip(sorted(en_names), sorted(tgt_names)))
+    ]
+    items = []
+    for i, entity in enumerate(entities):
+        others = rng.sample([e for k, e in enumerate(entities) if k != i], 3)
+        en_sentence, tgt_sentence = "People walk to the old market of {} at dawn.", "사람들은 새벽에 {} 시장에 간다."
+        for direction, context, frame, side in (
+            (f"en->{lang}", en_sentence.format(entity["en"]), tgt_sentence.format("____"), "target"),
+            (f"{lang}->en", tgt_sentence.format(entity["target"]), en_sentence.format("____"), "en"),
+        ):
+            options = [entity[side]] + [e[side] for e in others]
+            items.append(
+                {"direction": direction, "entity": entity["id"], "context": context, "frame": frame,
+                 "options": options, "answer": entity[side]}
+            )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"lang": lang, "variant": "native", "entities": entities, "items": items}, ensure_ascii=False),
+        encoding="utf-8",
+    )
+    return path
+
+
+def write_item_tiers(path: Path, parallel_group: str, tiers: list[str]) -> Path:
+    """An item_tiers.json as synthetic_world.py writes it (HELPERS.md C1): item i of the group is in tiers[i]."""
+    meaning = {"high": "often in both", "low": "rarer in English", "absent": "never in English", "en_only": "en only"}
+    items = [{"index": i, "tier": tier, "counts": {"en": 1, "x": 1}} for i, tier in enumerate(tiers)]
+    path.write_text(json.dumps({"parallel_group": parallel_group, "tiers": meaning, "items": items}))
+    return path

@@ -8,14 +8,16 @@ import os
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cloze_samples import SAMPLE_QUESTIONS, SAMPLE_SCRIPTS, write_sample_questions
 from conftest import run_script
-from eval_helpers import make_run_dir, write_questions
+from eval_helpers import make_run_dir, write_name_alignment, write_questions
 from paper_reference import reference_prediction, reference_scores
+from test_local_hub import online_hub  # noqa: F401 (the stand-in Hub, online, for the clients in this process)
 from transformers import AutoTokenizer
 
 import cloze
@@ -241,7 +243,7 @@ def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
     assert all(row["prediction"] == run_eval.predict(row["scores"]) for row in rows)
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert [entry["step"] for entry in accuracy["checkpoints"]] == [1, 2, 3]
-    assert set(accuracy["checkpoints"][0]) == {"step", "path", "accuracy"}
+    assert set(accuracy["checkpoints"][0]) == {"step", "path", "weights_sha256", "accuracy"}
     entry = accuracy["checkpoints"][0]["accuracy"]["sample-culture_ko"]
     ko_rows = [r for r in rows if r["step"] == 1 and r["questions"] == "sample-culture_ko"]
     fractional = sum(r["credit_fractional"] for r in ko_rows)
@@ -299,6 +301,88 @@ def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
         "accuracy_fractional"
         in json.loads((out / "accuracy.json").read_text())["checkpoints"][0]["accuracy"]["sample-culture_en"]
     )
+
+
+def test_a_run_retrained_in_place_is_probed_again_and_its_earlier_checkpoints_dropped(
+    tmp_path, tiny_model_dir, sample_dir, caplog
+):
+    caplog.set_level(logging.INFO, logger="run_eval")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"en": f"Tea {i} is hot.", "tgt": f"차 {i} 뜨겁다."}) + "\n" for i in range(3)))
+    alignment = write_name_alignment(tmp_path / "name_alignment.json", n_entities=8)
+    run, out, fresh = tmp_path / "run", tmp_path / "out", tmp_path / "fresh"
+    argv = ["--model_name_or_path", str(run), "--questions", str(sample_dir / "sample-culture_en.json"),
+            "--diagnostic_pairs", str(pairs), "--name_alignment", str(alignment), "--output_dir", str(out)]  # fmt: skip
+    outputs = ("predictions.jsonl", "bridge_diagnostic.json", "manipulation_checks.json")
+    make_run_dir(tiny_model_dir, run, checkpoint_steps=(1, 2), final_step=3, cpt_setting={"lang": "ko", "seed": 0})
+    run_eval.main(argv)
+    first = {name: (out / name).read_text() for name in outputs}
+    # Deleted and retrained (another seed; checkpoints at other steps but checkpoint-2's path): all probed again.
+    shutil.rmtree(run)
+    make_run_dir(tiny_model_dir, run, (2, 4), 5, cpt_setting={"lang": "ko", "seed": 1}, seed=1)
+    caplog.clear()
+    run_eval.main(argv)
+    assert "3 checkpoint(s) to score, 0 reused" in caplog.text
+    assert "changed since they were probed" in caplog.text and "from another training of the run" in caplog.text
+    # ... exactly as probing the new run into an empty folder: nothing of the old model is left.
+    run_eval.main([*argv[:-1], str(fresh)])
+    for name in outputs:
+        assert (out / name).read_text() == (fresh / name).read_text() != first[name], name
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert accuracy["cpt_setting"]["seed"] == 1 and [e["step"] for e in accuracy["checkpoints"]] == [2, 4, 5]
+    checkpoints, _ = run_eval.find_checkpoints(str(run))
+    hashes = [run_eval.checkpoint_weights_sha256(c, None) for c in checkpoints]
+    assert [e["weights_sha256"] for e in accuracy["checkpoints"]] == hashes and len(set(hashes)) == 3
+    caplog.clear()
+    run_eval.main(argv)  # unchanged weights: everything reused
+    assert "0 checkpoint(s) to score, 3 reused" in caplog.text and "changed" not in caplog.text
+
+
+@pytest.mark.usefixtures("online_hub")
+def test_hub_checkpoints_are_reused_by_their_lfs_hashes_without_downloading_the_weights(
+    tmp_path, tiny_model_dir, sample_dir, caplog
+):
+    from huggingface_hub import HfApi, constants
+
+    caplog.set_level(logging.INFO, logger="run_eval")
+    HfApi().create_repo("org/reused-run", exist_ok=True)
+    HfApi().upload_folder(repo_id="org/reused-run", folder_path=str(tiny_model_dir))
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", "org/reused-run", "--questions", str(sample_dir / "sample-culture_en.json")]
+    run_eval.main([*argv, "--output_dir", str(out)])
+    (entry,) = json.loads((out / "accuracy.json").read_text())["checkpoints"]
+    assert entry["weights_sha256"] == run_eval.checkpoint_weights_sha256(
+        run_eval.find_checkpoints(str(tiny_model_dir))[0][0], None
+    )
+    shutil.rmtree(constants.HF_HUB_CACHE)
+    caplog.clear()
+    run_eval.main([*argv, "--output_dir", str(out)])
+    assert "0 checkpoint(s) to score, 1 reused" in caplog.text
+    assert not list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors"))
+
+
+def test_the_weights_hash_of_a_model_is_the_one_its_cpt_runs_record_for_their_base(tiny_model_dir):
+    import run_cpt
+
+    (checkpoint,), _ = run_eval.find_checkpoints(str(tiny_model_dir))
+    identity = run_cpt.base_model_identity(str(tiny_model_dir))
+    assert run_eval.checkpoint_weights_sha256(checkpoint, None) == identity["base_model_weights_sha256"]
+
+
+def test_a_model_without_a_tokenizer_is_refused_before_anything_is_written(
+    tmp_path, tiny_model_dir, sample_dir, capsys
+):
+    model = tmp_path / "bare" / "model"
+    model.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, model / name)
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(model), "--questions", str(sample_dir), "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval.exit_on_input_error(lambda: run_eval.main(argv))
+    assert exit_info.value.code == 2
+    assert f"{model}: no tokenizer files here or in the run; pass --tokenizer_name_or_path" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.slow
