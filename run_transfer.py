@@ -100,8 +100,8 @@ class TransferArguments:
     mismatched_bridges: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Optional third setting: runs of run_cpt.py --mismatched_bridges (a pair's halves share a window "
-            "with another pair's), as for --with_bridges, one per seed. Adds bridges-minus-mismatched and "
+            "help": "Optional third setting: runs of run_cpt.py --mismatched_bridges (one pair's first half joined "
+            "with another pair's second half), as for --with_bridges, one per seed. Adds bridges-minus-mismatched and "
             "mismatched-minus-none to each direction."
         },
     )
@@ -658,8 +658,8 @@ def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, 
 #: it never states; both are stated equally often in the destination corpus, so bridges' help with learning the
 #: destination language (a skill) cancels in the gap difference, and what remains is knowledge carried across.
 KNOWLEDGE_CONTRASTS = {
-    "en->X": {"often_tier": "high", "never_tier": "absent", "source": "English", "destination": "target-language"},
-    "X->en": {"often_tier": "high", "never_tier": "en_only", "source": "target-language", "destination": "English"},
+    "en->X": {"often_tier": "high", "never_tier": "absent", "source": "en", "destination": "X"},
+    "X->en": {"often_tier": "high", "never_tier": "en_only", "source": "X", "destination": "en"},
 }
 
 
@@ -726,10 +726,11 @@ def _analyse_questions(
                 f"--item_tiers {tiers['path']}: {tiers['n_items']} items, but {stem} has {reference[stem]['items']}."
             )
         entry["tiers"] = {tier: compare(0, 1, items=ix) for tier, ix in sorted(tiers["tiers"].items())}
-        contrast = KNOWLEDGE_CONTRASTS["en->X" if direction.startswith("en->") else "X->en"]
+        key = "en->X" if question_lang != "en" else "X->en"
+        contrast = KNOWLEDGE_CONTRASTS[key]
         often, never = contrast["often_tier"], contrast["never_tier"]
         if often in tiers["tiers"] and never in tiers["tiers"]:
-            gap = credit(0, transfer.tie_policy) - credit(1, transfer.tie_policy)
+            gap = credit(0, transfer.tie_policy).astype(np.float64) - credit(1, transfer.tie_policy)
             did = knowledge_transfer(
                 gap[..., tiers["tiers"][often]],
                 gap[..., tiers["tiers"][never]],
@@ -737,7 +738,11 @@ def _analyse_questions(
                 transfer.bootstrap_seed,
                 transfer.confidence,
             )
-            skill = entry["tiers"][never]
+            skill, names = (
+                entry["tiers"][never],
+                {"en": "English", "X": direction.split("->")[0 if key == "X->en" else 1]},
+            )
+            source, destination = names[contrast["source"]], names[contrast["destination"]]
             entry["knowledge_transfer"] = {
                 "often_tier": often,
                 "never_tier": never,
@@ -746,11 +751,10 @@ def _analyse_questions(
                 "skill_mean_gap_ci": skill["mean_gap_ci"],
                 "skill_verdict": skill["verdict"],
                 "meaning": (
-                    f"mean_did is knowledge carried from the {contrast['source']} corpus: the gap (with minus "
-                    f"without bridges) on facts it states often ({often}) minus the gap on facts it never states "
-                    f"({never}), both stated equally often in the {contrast['destination']} corpus, so bridges' help "
-                    f"with learning the {contrast['destination']} language cancels; that help (a skill, not "
-                    f"knowledge) is the gap on the {never} facts, skill_mean_gap."
+                    f"mean_did is knowledge carried from the {source} corpus: the gap (with minus without bridges) "
+                    f"on facts it states often ({often}) minus the gap on facts it never states ({never}); both are "
+                    f"stated equally often in the {destination} corpus, so bridges' help with learning {destination} "
+                    f"cancels. That help, a skill and not knowledge, is the gap on the {never} facts (skill_mean_gap)."
                 ),
             }
     return entry
@@ -947,8 +951,9 @@ def _mismatched_markdown(result: dict) -> list[str]:
         "",
         "## Mismatched bridges",
         "",
-        "Mismatched bridges put a pair's halves in one window with another pair's: the same bilingual co-occurrence "
-        "without the translation. Bridges minus mismatched is what the translation itself adds.",
+        "Mismatched bridges join one pair's first half with another pair's second half: bilingual co-occurrence "
+        "without the translation. Bridges minus mismatched is what the translation adds; mismatched minus none what "
+        "co-occurrence alone adds.",
         "",
         "| language | direction | bridges - mismatched: mean gap [CI] | verdict | mismatched - none: mean gap [CI] | verdict |",
         "|---|---|---|---|---|---|",
