@@ -23,13 +23,12 @@ checkpoint steps they share and paired by seed:
 * an exact McNemar test per seed pair at the final checkpoint (on first-wins correctness);
 * both tie rules (``--tie_policy`` picks the main numbers; cloze.tie_credit), and the last bridge
   diagnostic of each run where it has one;
-* with ``--item_tiers``: the gap per tier of facts and its decomposition (``KNOWLEDGE_CONTRASTS``): knowledge
-  carried from the source corpus (a difference-in-differences) and bridges' help with the language (skill);
-* with ``--mismatched_bridges``: bridges minus mismatched bridges and mismatched bridges minus none.
+* with ``--item_tiers``: the gap per tier of facts, split (``KNOWLEDGE_CONTRASTS``) into knowledge carried from
+  the source corpus (a difference-in-differences) and bridges' help with the language (skill); with
+  ``--mismatched_bridges``: bridges minus mismatched bridges, and mismatched bridges minus none.
 
-Runs are compared only when they can be: every run is used once, one run per setting and seed, and the runs
-share base model, dataset, steps, packing and probing (``SHARED_BY_ALL_RUNS``, ``SHARED_BY_A_SEED``), unless
-``--allow_differences`` names a field (recorded in the outputs).
+Each run is used once, one per setting and seed, and runs that differ in what they must share
+(``SHARED_BY_ALL_RUNS``, ``SHARED_BY_A_SEED``) are refused unless ``--allow_differences`` names the field.
 
 Outputs in ``--output_dir``: ``transfer.json``, ``transfer.md``, ``transfer_curves.png`` (Figure 3 style)
 and ``transfer_summary.png`` (Figure 1 style).
@@ -140,7 +139,7 @@ class TransferArguments:
         default=1000,
         metadata={
             "help": "Bootstrap resamples for every confidence interval: at least 10 / (1 - confidence), i.e. 5 "
-            "resamples in each tail (200 for 95%)."
+            "resamples in each tail (200 for 95%%)."
         },
     )
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap (results are reproducible)."})
@@ -239,14 +238,9 @@ def _resolve_run(
 
 def _recorded_setting(cpt_setting: dict, path: str) -> str | None:
     """The setting a run records: cpt_setting["setting"] (run_cpt.py), else its "bridges" bool; None: neither."""
-    if "setting" not in cpt_setting:
-        return None if "bridges" not in cpt_setting else "bridges" if cpt_setting["bridges"] else "no_bridges"
-    setting = cpt_setting["setting"]
-    if setting not in SETTING_FLAGS or bool(cpt_setting.get("bridges")) != (setting == "bridges"):
-        raise InputError(
-            f"{path}: its cpt_setting records setting {setting!r} with bridges={cpt_setting.get('bridges')}; "
-            f"expected one of {', '.join(SETTING_FLAGS)}, bridges true only for 'bridges'."
-        )
+    setting = cpt_setting.get("setting") or {True: "bridges", False: "no_bridges"}.get(cpt_setting.get("bridges"))
+    if setting is not None and (setting not in SETTING_FLAGS or cpt_setting.get("bridges") != (setting == "bridges")):
+        raise InputError(f"{path}: its cpt_setting records setting {setting!r}, bridges={cpt_setting.get('bridges')}.")
     return setting
 
 
@@ -527,11 +521,9 @@ def check_transfer_arguments(transfer: TransferArguments) -> None:
             f"--n_bootstrap {transfer.n_bootstrap}: a {transfer.confidence:.0%} percentile interval needs at least "
             f"{floor} resamples (5 in each tail); pass --n_bootstrap {floor} or more."
         )
-    unknown = sorted(set(transfer.allow_differences or ()) - set(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED))
-    if unknown:
-        raise InputError(
-            f"--allow_differences {' '.join(unknown)}: not a compared field ({', '.join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)})."
-        )
+    fields = SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED
+    for unknown in sorted(set(transfer.allow_differences or ()) - set(fields)):
+        raise InputError(f"--allow_differences {unknown}: not a compared field ({', '.join(fields)}).")
 
 
 def read_item_tiers(paths: list[str]) -> dict[str, dict]:
@@ -658,8 +650,8 @@ def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, 
 #: it never states; both are stated equally often in the destination corpus, so bridges' help with learning the
 #: destination language (a skill) cancels in the gap difference, and what remains is knowledge carried across.
 KNOWLEDGE_CONTRASTS = {
-    "en->X": {"often_tier": "high", "never_tier": "absent", "source": "en", "destination": "X"},
-    "X->en": {"often_tier": "high", "never_tier": "en_only", "source": "X", "destination": "en"},
+    "en->X": {"often_tier": "high", "never_tier": "absent"},  # X questions; source corpus English
+    "X->en": {"often_tier": "high", "never_tier": "en_only"},  # English questions; source corpus X
 }
 
 
@@ -688,17 +680,12 @@ def _analyse_questions(
             ]
         )
 
+    bootstrap = (transfer.n_bootstrap, transfer.bootstrap_seed, transfer.confidence)
+
     def compare(a: int, b: int, policy: str = transfer.tie_policy, items=slice(None)) -> dict:
         """Side a minus side b (analyse_direction; McNemar on first-wins correctness), runs named per seed."""
-        stats = analyse_direction(
-            credit(a, policy, items),
-            credit(b, policy, items),
-            transfer.n_bootstrap,
-            transfer.bootstrap_seed,
-            transfer.confidence,
-            credit(a, "first", items),
-            credit(b, "first", items),
-        )
+        mcnemar = (credit(a, "first", items), credit(b, "first", items))
+        stats = analyse_direction(credit(a, policy, items), credit(b, policy, items), *bootstrap, *mcnemar)
         for k, entry in enumerate(stats["per_seed"]):
             entry["with_run"], entry["without_run"] = pairs[k][a].name, pairs[k][b].name
             entry["seeds"] = [pairs[k][a].seed, pairs[k][b].seed]
@@ -726,23 +713,14 @@ def _analyse_questions(
                 f"--item_tiers {tiers['path']}: {tiers['n_items']} items, but {stem} has {reference[stem]['items']}."
             )
         entry["tiers"] = {tier: compare(0, 1, items=ix) for tier, ix in sorted(tiers["tiers"].items())}
-        key = "en->X" if question_lang != "en" else "X->en"
-        contrast = KNOWLEDGE_CONTRASTS[key]
+        target = next(side for side in direction.split("->") if side != "en")
+        source, destination = ("English", target) if question_lang != "en" else (target, "English")
+        contrast = KNOWLEDGE_CONTRASTS["en->X" if question_lang != "en" else "X->en"]
         often, never = contrast["often_tier"], contrast["never_tier"]
         if often in tiers["tiers"] and never in tiers["tiers"]:
             gap = credit(0, transfer.tie_policy).astype(np.float64) - credit(1, transfer.tie_policy)
-            did = knowledge_transfer(
-                gap[..., tiers["tiers"][often]],
-                gap[..., tiers["tiers"][never]],
-                transfer.n_bootstrap,
-                transfer.bootstrap_seed,
-                transfer.confidence,
-            )
-            skill, names = (
-                entry["tiers"][never],
-                {"en": "English", "X": direction.split("->")[0 if key == "X->en" else 1]},
-            )
-            source, destination = names[contrast["source"]], names[contrast["destination"]]
+            did = knowledge_transfer(gap[..., tiers["tiers"][often]], gap[..., tiers["tiers"][never]], *bootstrap)
+            skill = entry["tiers"][never]
             entry["knowledge_transfer"] = {
                 "often_tier": often,
                 "never_tier": never,
@@ -908,8 +886,12 @@ def _comparability_markdown(result: dict) -> list[str]:
     return lines
 
 
+def _rows_with(result: dict, key: str) -> list[tuple[str, dict]]:
+    return [(lang["lang"], d) for lang in result["languages"] for d in lang["directions"] if key in d]
+
+
 def _tiers_markdown(result: dict) -> list[str]:
-    rows = [(lang["lang"], d) for lang in result["languages"] for d in lang["directions"] if "tiers" in d]
+    rows = _rows_with(result, "tiers")
     if not rows:
         return []
     names = sorted({tier for _, d in rows for tier in d["tiers"]})
@@ -942,9 +924,7 @@ def _tiers_markdown(result: dict) -> list[str]:
 
 
 def _mismatched_markdown(result: dict) -> list[str]:
-    rows = [
-        (lang["lang"], d) for lang in result["languages"] for d in lang["directions"] if "mismatched_minus_none" in d
-    ]
+    rows = _rows_with(result, "mismatched_minus_none")
     if not rows:
         return []
     lines = [

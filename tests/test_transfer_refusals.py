@@ -220,3 +220,12 @@ def test_a_stale_probing_folder_is_refused_naming_eval_dir_name(tmp_path, tiny_m
     message = str(err.value)
     assert "scoring ('mean_token_loss', now 'option_logprob')" in message
     assert "--eval_dir_name (now 'probe')" in message and "--output_dir" not in message
+
+
+def test_help_explains_every_new_flag(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        run_transfer.main(["--help"])
+    assert exit_status.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--mismatched_bridges", "--item_tiers", "--allow_differences", "200 for 95%"):
+        assert flag in shown
