@@ -21,29 +21,19 @@ Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). 
      the scoring, dtype and loss_dtype, the run's ``cpt_setting``), and ``accuracy.csv`` with the same numbers.
 
    Finished checkpoints are reused when the output directory already holds them for the same questions,
-   scoring and dtype AND the same weights: every checkpoint entry records ``weights_sha256`` (``weights_sha256``:
-   the hash of its weight files, streamed once per checkpoint, or the Hub's LFS hashes), and a checkpoint whose
-   weights changed (a run retrained in place) is probed again; the results of checkpoints no longer present are
-   then dropped too. Re-running after new checkpoints appear (or after a crash) scores only what is new. The same
-   rule holds for bridge_diagnostic.json and manipulation_checks.json.
+   scoring and dtype, and for the same weights (each entry's ``weights_sha256``): a checkpoint retrained in place is
+   probed again and the results of checkpoints no longer present dropped. Re-running after new checkpoints appear
+   (or a crash) scores only what is new. bridge_diagnostic.json and manipulation_checks.json follow the same rule.
 
 2. **Bridge diagnostic** (``--diagnostic_pairs``): per checkpoint, the mean token loss of the second side
    of held-out parallel pairs, laid out as run_cpt.py lays out a bridge (study_common.pair_first_side and
    pair_segments: the run's ``pair_order``; en_first: the target side after the English side), (a) alone,
    (b) after its own first side, (c) after another pair's first side -> ``bridge_diagnostic.json``.
 
-3. **Manipulation checks** -> ``manipulation_checks.json``, ``{"checkpoints": [{"step", "path", "weights_sha256",
-   "name_alignment", "embedding_match", "tier_accuracy"}], ...}`` (probe the base model with the same flags: it
-   is the "before"):
-
-   * ``--name_alignment`` (a world's name_alignment.json): name alignment outside the bridge. Per direction, a
-     4-way choice of an entity's name in one language given a held-out sentence naming it in the other, laid
-     out as a bridged pair (``[start] + context + pair_separator + [start] + filled frame``), scored by the mean
-     token loss of the frame's tokens (lowest wins, ties to the first option); and ``embedding_match``: whether
-     each name's mean input embedding has its own translation as cosine nearest neighbour (``embedding_match``).
-   * ``--item_tiers`` (a world's item_tiers.json): cloze accuracy per question file and fact tier at each
-     checkpoint (first-wins, from predictions.jsonl). English retention: the English questions on high/en_only
-     facts, before vs after CPT; target learning: the target questions on absent facts (never stated in English).
+3. **Manipulation checks** -> ``manipulation_checks.json`` (probe the base model with the same flags: the
+   "before"). ``--name_alignment``: name alignment outside the bridge (``name_alignment_accuracy``,
+   ``embedding_match``). ``--item_tiers``: cloze accuracy per question file and fact tier (English retention: the
+   English questions on high/en_only facts before vs after CPT; target learning: target questions on absent ones).
 
 Scoring (``--scoring``; every score is a loss: the LOWEST score wins, ties keep option order):
 
@@ -222,10 +212,9 @@ class EvalArguments:
     name_alignment: str | None = field(
         default=None,
         metadata={
-            "help": "A world's name_alignment.json: writes manipulation_checks.json with, per checkpoint, the 4-way "
-            "choice of each entity's name given a held-out sentence naming it in the other language (laid out as a "
-            "bridged pair, the run's pair_separator between) per direction, and the nearest-neighbour match of its "
-            "names' mean input embeddings (chance 1/entities)."
+            "help": "A world's name_alignment.json: manipulation_checks.json gets, per checkpoint and direction, the "
+            "4-way choice of each entity's name after a held-out sentence naming it in the other language (laid out "
+            "as a bridged pair) and the nearest-neighbour match of its names' mean input embeddings."
         },
     )
     item_tiers: str | None = field(
@@ -412,28 +401,25 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 def checkpoint_weights_sha256(checkpoint: Checkpoint, revision: str | None) -> str:
-    """SHA-256 of ``"<file name>\t<sha256 of its content>\n"`` over the checkpoint's weight files in name order:
-    run_cpt.base_model_identity's recipe, so a base model's hash here is the ``base_model_weights_sha256`` its CPT
-    runs record. Local files are streamed once per checkpoint; on the Hub the files' LFS hashes are the same
-    numbers, read without downloading (a weight file stored outside LFS is downloaded and hashed)."""
+    """SHA-256 of ``"<file name>\t<sha256 of its content>\n"`` over the weight files in name order (a base model's
+    is the ``base_model_weights_sha256`` its CPT runs record), once per checkpoint: local files streamed, on the
+    Hub the files' LFS hashes, the same numbers without a download (a file outside LFS is downloaded)."""
     if checkpoint.weights_sha256 is None:
         digests = _hub_weight_digests(checkpoint, revision) if checkpoint.local_dir is None else None
         if digests is None:
             folder = _materialise(checkpoint, revision)
-            digests = {path.name: _file_sha256(path) for pattern in WEIGHT_FILES for path in folder.glob(pattern)}
+            digests = {}
+            for path in (path for pattern in WEIGHT_FILES for path in folder.glob(pattern)):
+                digest = hashlib.sha256()
+                with path.open("rb") as handle:  # streamed (python 3.10 has no hashlib.file_digest)
+                    while chunk := handle.read(1 << 24):
+                        digest.update(chunk)
+                digests[path.name] = digest.hexdigest()
         if not digests:
             raise FileNotFoundError(f"{checkpoint.path}: no weight file ({', '.join(WEIGHT_FILES)}).")
         listing = "".join(f"{name}\t{digest}\n" for name, digest in sorted(digests.items()))
         checkpoint.weights_sha256 = hashlib.sha256(listing.encode()).hexdigest()
     return checkpoint.weights_sha256
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hub_weight_digests(checkpoint: Checkpoint, revision: str | None) -> dict[str, str] | None:
@@ -442,41 +428,28 @@ def _hub_weight_digests(checkpoint: Checkpoint, revision: str | None) -> dict[st
 
     from huggingface_hub import HfApi
 
-    folder = checkpoint.hub_folder
-    entries = HfApi().list_repo_tree(
-        checkpoint.hub_repo, path_in_repo=folder or None, revision=checkpoint.hub_revision or revision
-    )
-    digests = {}
-    for entry in entries:
-        name = entry.path.rsplit("/", 1)[-1]
-        if any(fnmatch(name, pattern) for pattern in WEIGHT_FILES) and hasattr(entry, "lfs"):
-            if entry.lfs is None:
-                return None
-            digests[name] = entry.lfs.sha256
-    return digests
+    where = {"path_in_repo": checkpoint.hub_folder or None, "revision": checkpoint.hub_revision or revision}
+    files = {e.path.rsplit("/", 1)[-1]: e.lfs for e in HfApi().list_repo_tree(checkpoint.hub_repo, **where)
+             if hasattr(e, "lfs")}  # fmt: skip
+    weights = {name: lfs for name, lfs in files.items() if any(fnmatch(name, p) for p in WEIGHT_FILES)}
+    return None if None in weights.values() else {name: lfs.sha256 for name, lfs in weights.items()}
 
 
 def _reusable(previous: list[dict], checkpoints: list[Checkpoint], revision: str | None, same_run: bool, where):
-    """The entries of an earlier output still valid: those of a present checkpoint whose weights are the ones
-    they were computed on, and those of checkpoints no longer present (rotated away by save_total_limit) unless
-    the output describes another training (``same_run`` False: another cpt_setting; or a present checkpoint's
-    weights changed: the run was retrained in place), whose numbers cannot be checked any more."""
+    """The entries of an earlier output still valid: a present checkpoint's when its weights are unchanged; a gone
+    checkpoint's (rotated away by save_total_limit) unless the output is of another training of the run (not
+    ``same_run``: another cpt_setting; or some weights changed: the run was retrained in place)."""
     current = {(c.step, c.path): c for c in checkpoints}
-    valid, changed = [], []
-    for entry in previous:
-        checkpoint = current.get((entry["step"], entry["path"]))
-        if checkpoint is None or entry.get("weights_sha256") == checkpoint_weights_sha256(checkpoint, revision):
-            valid.append(entry)
-        else:
-            changed.append(entry["path"])
-    if changed:
-        logger.warning("%s: the weights of %s changed since they were probed: probing them again", where, changed)
-    if changed or not same_run:
-        gone = [e["path"] for e in valid if (e["step"], e["path"]) not in current]
-        if gone:
-            logger.warning("%s: dropping the results of %s, from another training of the run", where, gone)
-        valid = [e for e in valid if (e["step"], e["path"]) in current]
-    return valid
+    here = [e for e in previous if (e["step"], e["path"]) in current]
+    changed = [
+        e for e in here if e.get("weights_sha256") != checkpoint_weights_sha256(current[e["step"], e["path"]], revision)
+    ]
+    gone = [e for e in previous if (e["step"], e["path"]) not in current] if changed or not same_run else []
+    for entries, what in ((changed, "weights changed since they were probed: probed again"),
+                          (gone, "gone, from another training of the run: their results dropped")):  # fmt: skip
+        if entries:
+            logger.warning("%s: %s: %s", where, [e["path"] for e in entries], what)
+    return [e for e in previous if e not in changed and e not in gone]
 
 
 def read_cpt_setting(model_name_or_path: str, checkpoints: list[Checkpoint]) -> dict | None:
@@ -912,9 +885,7 @@ def item_accounting(qs: QuestionSet, set_scores: list[list[float]]) -> tuple[lis
     return rows, accuracy
 
 
-def _previous_results(
-    output_dir: Path, header: dict, args: EvalArguments, checkpoints: list[Checkpoint]
-) -> tuple[list[dict], dict]:
+def _previous_results(output_dir: Path, header: dict, args: EvalArguments, checkpoints: list) -> tuple[list, dict]:
     """Checkpoint entries and prediction lines already in ``output_dir`` that can be reused (``_reusable``)."""
     accuracy_path, predictions_path = output_dir / "accuracy.json", output_dir / "predictions.jsonl"
     if args.overwrite_output_dir or not accuracy_path.is_file():
@@ -958,8 +929,8 @@ def evaluate_model(
     output_dir: str | os.PathLike,
     found: tuple[list[Checkpoint], list[dict]] | None = None,
 ) -> dict:
-    """Probe every checkpoint of ``model_name_or_path`` (``found``: find_checkpoints' answer, if already asked);
-    write and return accuracy.json's content."""
+    """Probe every checkpoint of ``model_name_or_path`` (``found``: find_checkpoints' answer); write and return
+    accuracy.json's content."""
     output_dir = Path(output_dir)
     # 1. The checkpoints, and what is probed on them (the header of accuracy.json).
     checkpoints, skipped = found or find_checkpoints(model_name_or_path, args.revision)
@@ -987,7 +958,6 @@ def evaluate_model(
 
     # 3. Each remaining checkpoint scored, one model in memory at a time; the outputs are rewritten after
     #    each (not before the first: a refusal leaves nothing), so a crash loses at most the one being scored.
-    _check_tokenizers(args, todo, checkpoints)
     result = None if todo else write_outputs()
     device, tokenizer_cache = resolve_device(args.device), {}
     for checkpoint in tqdm(todo, desc="checkpoints", disable=not todo):
@@ -1103,14 +1073,6 @@ def _tokenizer_source(args: EvalArguments, directory: Path, checkpoints: list[Ch
     return source
 
 
-def _check_tokenizers(args: EvalArguments, todo: list[Checkpoint], checkpoints: list[Checkpoint]) -> None:
-    """Refuse before anything is written when a local checkpoint to probe has no tokenizer (a Hub checkpoint's
-    files are known once downloaded)."""
-    for checkpoint in todo:
-        if checkpoint.local_dir is not None:
-            _tokenizer_source(args, checkpoint.local_dir, checkpoints)
-
-
 def _tokenizer_for(args: EvalArguments, directory: Path, checkpoints: list[Checkpoint], cache: dict):
     source = _tokenizer_source(args, directory, checkpoints)
     if source not in cache:
@@ -1185,12 +1147,9 @@ def bridge_diagnostic_losses(
     second = ["tgt" if side == "en" else "en" for side in first]
     scored = [side_ids[second[i]][i] for i in range(n)]
 
-    def bridged(context: list[int], scored_ids: list[int]) -> list[int]:
-        return bridged_pair(context, scored_ids, start, separator_ids)
-
     sequences = [[start] + scored[i] for i in range(n)]
-    sequences += [bridged(side_ids[first[i]][i], scored[i]) for i in range(n)]
-    sequences += [bridged(side_ids[first[i]][(i + 1) % n], scored[i]) for i in range(n)]
+    sequences += [bridged_pair(side_ids[first[i]][i], scored[i], start, separator_ids) for i in range(n)]
+    sequences += [bridged_pair(side_ids[first[i]][(i + 1) % n], scored[i], start, separator_ids) for i in range(n)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     # Each scored side alone is its own tree; pair i's own context is pair i-1's mismatched context when both
     # put the same language first: one tree.
@@ -1216,9 +1175,7 @@ def bridge_diagnostic_losses(
     return losses
 
 
-def run_bridge_diagnostic(
-    args: EvalArguments, model_name_or_path: str, output_dir: str | os.PathLike, found=None
-) -> dict:
+def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_dir, found=None) -> dict:
     output_dir = Path(output_dir)
     pairs = read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs)
     checkpoints, _ = found or find_checkpoints(model_name_or_path, args.revision)
@@ -1257,7 +1214,6 @@ def run_bridge_diagnostic(
             done = {(e["step"], e["path"]): e for e in reusable}
     device, cache = resolve_device(args.device), {}
     todo = [c for c in checkpoints if (c.step, c.path) not in done]
-    _check_tokenizers(args, todo, checkpoints)
     for checkpoint in tqdm(todo, desc="bridge diagnostic", disable=not todo):
         directory = _materialise(checkpoint, args.revision)
         tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
@@ -1273,8 +1229,9 @@ def run_bridge_diagnostic(
         logger.info("bridge diagnostic step %d: %s", checkpoint.step, losses)
         result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
         write_json_atomic(path, result)
-    result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
-    write_json_atomic(path, result)
+    if not todo:
+        result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
+        write_json_atomic(path, result)
     return result
 
 
@@ -1291,32 +1248,30 @@ def _read_json_file(path: str, flag: str):
 
 
 def read_name_alignment(path: str) -> dict:
-    """A world's name_alignment.json, checked (errors name the file and the item), with ``forms``: each entity's
-    names as written mid-sentence, per side ("en", "target"): with a leading space when that language's frames
-    put a space before the blank (a byte-level BPE folds it into the name's first token), else bare."""
+    """A world's name_alignment.json, checked (errors name the file and the item), plus ``forms``: each entity's
+    names as written mid-sentence, per side ("en", "target"): with a leading space when that language's frames put
+    a space before the blank (a byte-level BPE folds it into the name's first token), else bare."""
     data = _read_json_file(path, "--name_alignment")
     if not isinstance(data, dict) or not {"lang", "entities", "items"} <= set(data):
         raise InputError(f"{path}: needs 'lang', 'entities' and 'items' (synthetic_world.py's name_alignment.json).")
-    entities = {}
-    for k, entity in enumerate(data["entities"]):
-        if not isinstance(entity, dict) or not all(isinstance(entity.get(f), str) for f in ("id", "en", "target")):
-            raise InputError(f"{path} entity {k}: needs string 'id', 'en' and 'target'.")
-        if entity["id"] in entities or not entity["en"].strip() or not entity["target"].strip():
-            raise InputError(f"{path} entity {k}: id {entity['id']!r} repeated, or an empty name.")
-        entities[entity["id"]] = entity
+    entities = {e.get("id"): e for e in data["entities"] if isinstance(e, dict)}
+    if len(entities) < len(data["entities"]) or not all(
+        isinstance(e.get(f), str) and e[f].strip() for e in entities.values() for f in ("id", "en", "target")
+    ):
+        raise InputError(f"{path}: every entity needs its own 'id' and non-empty 'en' and 'target' names.")
     side_of = {f"en->{data['lang']}": "target", f"{data['lang']}->en": "en"}  # the side the options name
     spaced = {"en": False, "target": False}
     for k, item in enumerate(data["items"]):
-        at = f"{path} item {k}"
-        if not isinstance(item, dict) or not all(
-            isinstance(item.get(f), str) and item[f].strip() for f in ("direction", "entity", "context", "frame")
-        ):
-            raise InputError(f"{at}: needs non-empty 'direction', 'entity', 'context' and 'frame' strings.")
-        at += f" (entity {item['entity']!r}, {item['direction']})"
-        if item["direction"] not in side_of or item["entity"] not in entities:
-            raise InputError(f"{at}: the direction is not one of {list(side_of)}, or the entity is not listed.")
-        blanks = list(BLANK.finditer(item["frame"]))
+        item = item if isinstance(item, dict) else {}
+        at = f"{path} item {k} (entity {item.get('entity')!r}, {item.get('direction')})"
+        blanks = list(BLANK.finditer(str(item.get("frame", ""))))
         options = item.get("options")
+        if (
+            item.get("direction") not in side_of
+            or item.get("entity") not in entities
+            or not isinstance(item.get("context"), str)
+        ):
+            raise InputError(f"{at}: needs a direction among {list(side_of)}, a listed entity and a context.")
         if len(blanks) != 1:
             raise InputError(f"{at}: the frame needs exactly one blank (____); it has {len(blanks)}.")
         if not isinstance(options, list) or len(options) < 2 or len(set(options)) < len(options):
@@ -1326,32 +1281,31 @@ def read_name_alignment(path: str) -> dict:
         if item["answer"] != entities[item["entity"]][side_of[item["direction"]]]:
             raise InputError(f"{at}: the answer {item['answer']!r} is not the entity's name on that side.")
         spaced[side_of[item["direction"]]] |= item["frame"][: blanks[0].start()][-1:].isspace()
-    forms = {side: [" " * spaced[side] + e[side] for e in entities.values()] for side in ("en", "target")}
-    return {**data, "entity_ids": list(entities), "forms": forms, "spaced": spaced}
+    forms = {side: [" " * spaced[side] + e[side] for e in entities.values()] for side in spaced}
+    return {**data, "forms": forms, "spaced": spaced}
 
 
 def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = "", batch_size: int = 64) -> dict:
-    """Per direction, the accuracy of choosing an entity's name given a held-out sentence naming it in the
-    other language: item options are scored like bridged pairs, ``bridged_pair(context, filled frame)``
-    (``[start] + context + separator + [start] + frame``), by the mean token loss of the frame's tokens; the
-    lowest wins, ties go to the first option (the cloze's rule). chance: mean of 1/options (0.25 for 4)."""
+    """Per direction, the accuracy of choosing an entity's name given a held-out sentence naming it in the other
+    language: each option is scored as a bridged pair, ``bridged_pair(context, filled frame)`` (``[start] +
+    context + separator + [start] + frame``), by the mean token loss of the frame's tokens; the lowest wins, ties
+    go to the first option (the cloze's rule). chance: the mean of 1/options (0.25 for 4)."""
     start = document_start_id(tokenizer)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     items = alignment["items"]
     contexts = tokenizer([item["context"] for item in items], add_special_tokens=False)["input_ids"]
     filled = [fill_blanks(item["frame"], option)[0] for item in items for option in item["options"]]
     frames = iter(tokenizer(filled, add_special_tokens=False)["input_ids"])
-    sequences, scored, groups = [], [], []
+    sequences, groups = [], []
     for item, context in zip(items, contexts):
         groups.append(list(range(len(sequences), len(sequences) + len(item["options"]))))  # one prefix tree
-        for frame in (next(frames) for _ in item["options"]):
-            sequences.append(bridged_pair(context, frame, start, separator_ids))
-            scored.append(len(frame))
+        sequences += [(bridged_pair(context, frame, start, separator_ids), len(frame)) for frame in
+                      (next(frames) for _ in item["options"])]  # fmt: skip
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    logprobs = token_logprobs(model, sequences, groups, batch_size, pad_id)
+    logprobs = token_logprobs(model, [ids for ids, _ in sequences], groups, batch_size, pad_id)
     hits, chance = defaultdict(list), defaultdict(list)
     for item, group in zip(items, groups):
-        scores = [float(-logprobs[s][-scored[s] :].mean()) for s in group]
+        scores = [float(-logprobs[s][-sequences[s][1] :].mean()) for s in group]
         hits[item["direction"]].append(item["options"][predict(scores)] == item["answer"])
         chance[item["direction"]].append(1 / len(item["options"]))
     return {
@@ -1360,11 +1314,10 @@ def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = 
 
 
 def embedding_match(model, tokenizer, alignment: dict) -> dict:
-    """Whether each entity's names are nearest neighbours in the input embeddings. A name's vector is the mean
-    input embedding of its tokens (``alignment["forms"]``: as written mid-sentence). ``en-><lang>``: given the
-    English name of entity i, the target name with the highest cosine similarity among all entities' target
-    names is entity i's; ``<lang>->en``: given the target name, among all English names. Ties go to the first
-    entity; chance 1/entities."""
+    """Whether each entity's two names are nearest neighbours in the input embeddings. A name's vector: the mean
+    input embedding of its tokens (``alignment["forms"]``, as written mid-sentence). ``en-><lang>``: given entity
+    i's English name, the target name of highest cosine similarity among all entities' is entity i's;
+    ``<lang>->en``: given its target name, among all English names. Ties go to the first entity; chance 1/n."""
     table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
     def unit_vectors(names: list[str]) -> np.ndarray:
@@ -1372,117 +1325,80 @@ def embedding_match(model, tokenizer, alignment: dict) -> dict:
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     similarity = unit_vectors(alignment["forms"]["en"]) @ unit_vectors(alignment["forms"]["target"]).T
-    n, lang = len(similarity), alignment["lang"]
-    own = np.arange(n)
+    n, lang, own = len(similarity), alignment["lang"], np.arange(len(similarity))
     hits = {f"en->{lang}": similarity.argmax(1) == own, f"{lang}->en": similarity.argmax(0) == own}
     return {d: {"accuracy": float(h.mean()), "n": n, "chance": 1 / n} for d, h in hits.items()}
 
 
 def read_item_tiers(path: str, question_sets: list[QuestionSet]) -> dict:
-    """A world's item_tiers.json, checked against the question files of its parallel group: ``tier_of[i]`` is the
-    tier of item i of each of them."""
+    """A world's item_tiers.json, checked against the question files of its parallel group (``stems``):
+    ``tier_of[i]`` is the tier of item i of each."""
     data = _read_json_file(path, "--item_tiers")
     if not isinstance(data, dict) or not isinstance(data.get("tiers"), dict) or not isinstance(data.get("items"), list):
         raise InputError(f"{path}: needs 'parallel_group', 'tiers' and 'items' (synthetic_world.py's item_tiers.json).")
-    stems = [qs.stem for qs in question_sets if qs.base == data.get("parallel_group")]
-    if not stems:
+    sets = [qs for qs in question_sets if qs.base == data.get("parallel_group")]
+    if not sets:
         loaded = sorted({qs.base for qs in question_sets})
         raise InputError(f"{path}: parallel_group {data.get('parallel_group')!r} is none of the questions' {loaded}.")
-    n = len(question_sets[[qs.stem for qs in question_sets].index(stems[0])].items)
-    tier_of = [None] * n
+    tier_of = [None] * len(sets[0].items)
     for k, record in enumerate(data["items"]):
         index, tier = (record.get("index"), record.get("tier")) if isinstance(record, dict) else (None, None)
-        if not isinstance(index, int) or not 0 <= index < n or tier_of[index] is not None:
-            raise InputError(f"{path} item {k}: index {index!r} is not a new item index of the questions (0..{n - 1}).")
-        if tier not in data["tiers"]:
-            raise InputError(f"{path} item {k}: tier {tier!r} is not one of the file's tiers {list(data['tiers'])}.")
+        if not isinstance(index, int) or not 0 <= index < len(tier_of) or tier_of[index] or tier not in data["tiers"]:
+            raise InputError(f"{path} item {k}: index {index!r} is not a new question index or tier {tier!r} unknown.")
         tier_of[index] = tier
     if None in tier_of:
         raise InputError(f"{path}: no tier for question items {[i for i, t in enumerate(tier_of) if t is None][:10]}.")
     counts = {tier: tier_of.count(tier) for tier in data["tiers"] if tier in tier_of}
     describe = {"file": str(Path(path).resolve()), "parallel_group": data["parallel_group"], "items_per_tier": counts}
-    return {"describe": {**describe, "meaning": data["tiers"]}, "stems": stems, "tier_of": np.array(tier_of)}
+    return {"describe": describe | {"meaning": data["tiers"]}, "stems": [qs.stem for qs in sets], "tier_of": tier_of}
 
 
-def run_manipulation_checks(
-    args: EvalArguments, model_name_or_path: str, output_dir, found, alignment: dict | None, tiers: dict | None
-) -> dict:
+def run_manipulation_checks(args: EvalArguments, model_name_or_path: str, output_dir, found, alignment, tiers) -> dict:
     """manipulation_checks.json: per checkpoint, name_alignment and embedding_match (with --name_alignment; reused
-    as accuracy.json's entries are, by weights) and tier_accuracy (with --item_tiers; from predictions.jsonl)."""
+    as accuracy.json's entries are, by weights) and tier_accuracy (with --item_tiers, from predictions.jsonl)."""
     output_dir, (checkpoints, _) = Path(output_dir), found
     setting = read_cpt_setting(model_name_or_path, checkpoints)
     separator = (setting or {}).get("pair_separator") or ""
-    described = None
-    if alignment:
-        layout = "[start] + context + pair_separator + [start] + filled frame; mean token loss of the frame's tokens"
-        described = {
+    identity = str(Path(model_name_or_path).resolve()) if Path(model_name_or_path).is_dir() else model_name_or_path
+    header = {
+        "model_name_or_path": identity, "cpt_setting": setting, "dtype": args.dtype, "pair_separator": separator,
+        "name_alignment": alignment and {
             "file": str(Path(args.name_alignment).resolve()),
             "sha256": hashlib.sha256(json.dumps(alignment["items"], ensure_ascii=False).encode()).hexdigest(),
-            **{key: alignment.get(key) for key in ("lang", "variant")},
-            "entities": len(alignment["entity_ids"]),
-            "layout": layout,
+            "lang": alignment["lang"], "variant": alignment.get("variant"), "entities": len(alignment["entities"]),
+            "layout": "[start] + context + pair_separator + [start] + filled frame; mean loss of the frame's tokens",
             "name_leading_space": alignment["spaced"],
-        }
-    header = {
-        "model_name_or_path": str(Path(model_name_or_path).resolve())
-        if Path(model_name_or_path).is_dir()
-        else model_name_or_path,
-        "cpt_setting": setting,
-        "dtype": args.dtype,
-        "pair_separator": separator,
-        "name_alignment": described,
-        "item_tiers": tiers["describe"] if tiers else None,
-    }
+        },
+        "item_tiers": tiers and tiers["describe"],
+    }  # fmt: skip
     path, done = output_dir / "manipulation_checks.json", {}
-    accuracy, correct = read_predictions(output_dir) if tiers else (None, {})
-    if not alignment:  # the tiers only: the checkpoints accuracy.json lists
-        done = {
-            (e["step"], e["path"]): {k: e[k] for k in ("step", "path", "weights_sha256")}
-            for e in accuracy["checkpoints"]
-        }
-    elif path.is_file() and not args.overwrite_output_dir:
+    if alignment and path.is_file() and not args.overwrite_output_dir:
         previous = json.loads(path.read_text(encoding="utf-8"))
-        if all(
-            previous.get(k) == header[k]
-            for k in ("model_name_or_path", "cpt_setting", "dtype", "pair_separator", "name_alignment")
-        ):
-            done = {
-                (e["step"], e["path"]): e
-                for e in _reusable(previous["checkpoints"], checkpoints, args.revision, True, path)
-            }
-
-    def write_outputs() -> dict:
-        entries = sorted(done.values(), key=lambda e: (e["step"], e["path"]))
-        for entry in entries:
-            if tiers and all(entry["step"] in correct[stem] for stem in tiers["stems"]):
-                entry["tier_accuracy"] = {
-                    stem: {
-                        t: float(correct[stem][entry["step"]][tiers["tier_of"] == t].mean())
-                        for t in tiers["describe"]["items_per_tier"]
-                    }
-                    for stem in tiers["stems"]
-                }
-        result = {"checkpoints": entries, **header}
-        write_json_atomic(path, result)
-        return result
-
-    todo = [c for c in checkpoints if (c.step, c.path) not in done] if alignment else []
-    _check_tokenizers(args, todo, checkpoints)
+        if all(previous.get(k) == v for k, v in header.items() if k != "item_tiers"):
+            reusable = _reusable(previous["checkpoints"], checkpoints, args.revision, True, path)
+            done = {(e["step"], e["path"]): e for e in reusable}
+    correct = read_predictions(output_dir)[1] if tiers else {}
     device, cache = resolve_device(args.device), {}
-    for checkpoint in tqdm(todo, desc="manipulation checks", disable=not todo):
-        directory = _materialise(checkpoint, args.revision)
-        tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
-        model = load_model(directory, args.dtype, device, args.attn_implementation)
-        done[(checkpoint.step, checkpoint.path)] = entry = {
-            "step": checkpoint.step,
-            "path": checkpoint.path,
-            "weights_sha256": checkpoint_weights_sha256(checkpoint, args.revision),
-            "name_alignment": name_alignment_accuracy(model, tokenizer, alignment, separator, args.batch_size),
-            "embedding_match": embedding_match(model, tokenizer, alignment),
-        }
-        logger.info("manipulation checks step %d: %s", checkpoint.step, {k: entry[k] for k in list(entry)[3:]})
-        write_outputs()
-    return write_outputs()
+    for checkpoint in tqdm(checkpoints, desc="manipulation checks"):
+        key, previous = (checkpoint.step, checkpoint.path), done.get((checkpoint.step, checkpoint.path), {})
+        entry = {"step": key[0], "path": key[1], "weights_sha256": checkpoint_weights_sha256(checkpoint, args.revision)}
+        entry |= {k: previous[k] for k in ("name_alignment", "embedding_match") if k in previous}
+        if alignment and "name_alignment" not in entry:
+            directory = _materialise(checkpoint, args.revision)
+            tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
+            model = load_model(directory, args.dtype, device, args.attn_implementation)
+            entry["name_alignment"] = name_alignment_accuracy(model, tokenizer, alignment, separator, args.batch_size)
+            entry["embedding_match"] = embedding_match(model, tokenizer, alignment)
+            logger.info("manipulation checks step %d: %s", key[0], {k: entry[k] for k in list(entry)[3:]})
+        done[key] = entry
+        if tiers and all(key[0] in correct[stem] for stem in tiers["stems"]):
+            tier_of, names = np.array(tiers["tier_of"]), tiers["describe"]["items_per_tier"]
+            entry["tier_accuracy"] = {
+                stem: {t: float(correct[stem][key[0]][tier_of == t].mean()) for t in names} for stem in tiers["stems"]
+            }
+        result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
+        write_json_atomic(path, result)
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -1524,7 +1440,8 @@ def main(argv: list[str] | None = None) -> None:
     alignment = read_name_alignment(args.name_alignment) if args.name_alignment else None
     tiers = read_item_tiers(args.item_tiers, question_sets) if args.item_tiers else None
     found = find_checkpoints(args.model_name_or_path, args.revision)
-    _check_tokenizers(args, found[0], found[0])
+    for checkpoint in (c for c in found[0] if c.local_dir is not None):  # the Hub's are known once downloaded
+        _tokenizer_source(args, checkpoint.local_dir, found[0])
     # 3. Probing: every checkpoint scored on every question set (finished checkpoints reused).
     if question_sets:
         result = evaluate_model(args, question_sets, args.model_name_or_path, args.output_dir, found)

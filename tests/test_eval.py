@@ -303,8 +303,9 @@ def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
     )
 
 
+@pytest.mark.parametrize("new_seed", [0, 1])  # the same cpt_setting (another learning rate, say) or another seed
 def test_a_run_retrained_in_place_is_probed_again_and_its_earlier_checkpoints_dropped(
-    tmp_path, tiny_model_dir, sample_dir, caplog
+    tmp_path, tiny_model_dir, sample_dir, caplog, new_seed
 ):
     caplog.set_level(logging.INFO, logger="run_eval")
     pairs = tmp_path / "pairs.jsonl"
@@ -317,9 +318,9 @@ def test_a_run_retrained_in_place_is_probed_again_and_its_earlier_checkpoints_dr
     make_run_dir(tiny_model_dir, run, checkpoint_steps=(1, 2), final_step=3, cpt_setting={"lang": "ko", "seed": 0})
     run_eval.main(argv)
     first = {name: (out / name).read_text() for name in outputs}
-    # Deleted and retrained (another seed; checkpoints at other steps but checkpoint-2's path): all probed again.
+    # Deleted and retrained (other weights; checkpoints at other steps but checkpoint-2's path): all probed again.
     shutil.rmtree(run)
-    make_run_dir(tiny_model_dir, run, (2, 4), 5, cpt_setting={"lang": "ko", "seed": 1}, seed=1)
+    make_run_dir(tiny_model_dir, run, (2, 4), 5, cpt_setting={"lang": "ko", "seed": new_seed}, seed=1)
     caplog.clear()
     run_eval.main(argv)
     assert "3 checkpoint(s) to score, 0 reused" in caplog.text
@@ -329,7 +330,7 @@ def test_a_run_retrained_in_place_is_probed_again_and_its_earlier_checkpoints_dr
     for name in outputs:
         assert (out / name).read_text() == (fresh / name).read_text() != first[name], name
     accuracy = json.loads((out / "accuracy.json").read_text())
-    assert accuracy["cpt_setting"]["seed"] == 1 and [e["step"] for e in accuracy["checkpoints"]] == [2, 4, 5]
+    assert accuracy["cpt_setting"]["seed"] == new_seed and [e["step"] for e in accuracy["checkpoints"]] == [2, 4, 5]
     checkpoints, _ = run_eval.find_checkpoints(str(run))
     hashes = [run_eval.checkpoint_weights_sha256(c, None) for c in checkpoints]
     assert [e["weights_sha256"] for e in accuracy["checkpoints"]] == hashes and len(set(hashes)) == 3

@@ -149,7 +149,10 @@ def _edited(path, edit):
             lambda d: d["items"][2].update(frame="no blank"),
             "item 2 (entity 'place-1', en->ko): the frame needs exactly",
         ),
-        (lambda d: d["items"][0].update(direction="en->zh"), "item 0 (entity 'place-0', en->zh): the direction"),
+        (
+            lambda d: d["items"][0].update(direction="en->zh"),
+            "item 0 (entity 'place-0', en->zh): needs a direction among",
+        ),
     ],
 )
 def test_a_name_alignment_item_that_cannot_be_scored_is_refused_naming_it(tmp_path, edit, message):
