@@ -73,6 +73,7 @@ from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     PAIR_ORDERS,
     RUNS_DIR,
+    InputError,
     default_cpt_data_dir,
     default_cpt_run_name,
     document_start_id,
@@ -115,41 +116,127 @@ logger = logging.getLogger("run_cpt")
 # ---- Planning: which documents share each window (pure Python) --------------------------
 
 
+#: The CPT settings, as ``cpt_setting["setting"]`` records them. Each lays a parallel pair out its own way
+#: (``SettingDocuments``); the other documents are the same in all three.
+SETTINGS = ("bridges", "no_bridges", "mismatched_bridges")
+
+
 class PackingUnit(NamedTuple):
     """One record of the CPT dataset, as the packer sees it.
 
     key              hashable, unique within one pass over the data (e.g. the dataset row)
     segment_lengths  token count of each of its segments (each segment is ``[start] + tokens``)
     is_pair          True for a parallel pair: exactly two segments, first side and second side
+    group            pairs are given mismatched partners only within their group: run_cpt.py puts the
+                     pair's first side here, so that the first segment of one pair and the second of another
+                     are an English and a target half, laid out as a bridged pair's
     """
 
     key: object
     segment_lengths: tuple[int, ...]
     is_pair: bool
+    group: object = None
 
 
-def unit_documents(unit: PackingUnit, bridges: bool) -> list[tuple[int, tuple, object]]:
-    """(length, segments, pair_key) of each document of ``unit`` in one setting; a segment is ``(key, part)``.
+def unit_documents(unit: PackingUnit, bridges: bool) -> list[tuple[int, tuple, tuple]]:
+    """(length, segments, pair_keys) of each document of ``unit`` with or without bridges; a segment is
+    ``(key, part)``.
 
-    ``pair_key`` is set on the two halves of a pair without bridges: they may not share a window."""
+    ``pair_keys`` names the pairs with a half in the document: no other half of them may share its window."""
     lengths = unit.segment_lengths
     if unit.is_pair:
         if len(lengths) != 2:
             raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
         if bridges:
-            return [(lengths[0] + lengths[1], ((unit.key, 0), (unit.key, 1)), None)]
+            return [(lengths[0] + lengths[1], ((unit.key, 0), (unit.key, 1)), ())]
         return [
-            (lengths[0], ((unit.key, 0),), unit.key),
-            (lengths[1], ((unit.key, 1),), unit.key),
+            (lengths[0], ((unit.key, 0),), (unit.key,)),
+            (lengths[1], ((unit.key, 1),), (unit.key,)),
         ]
-    return [(length, ((unit.key, part),), None) for part, length in enumerate(lengths)]
+    return [(length, ((unit.key, part),), ()) for part, length in enumerate(lengths)]
+
+
+def mismatched_partners(cycle: list[PackingUnit]) -> list[PackingUnit]:
+    """The derangement of mismatched bridges: each pair of a cycle gives its first half to the next pair's
+    second half, cyclically (a cycle holds 2 or 3 distinct pairs, so no pair is its own partner)."""
+    return cycle[1:] + cycle[:1]
+
+
+class SettingDocuments:
+    """The documents of one setting, unit after unit of the stream (``unit_documents``).
+
+    ``mismatched_bridges``: pairs wait, per pass and ``group``, until two have come (three at the end of a
+    pass over an odd number), then each pair's first segment and its partner's second segment
+    (``mismatched_partners``) form one document, exactly as a bridged pair's two segments do. Its
+    ``pair_keys`` are both pairs: neither pair's other half may share the window. ``waiting`` is true
+    while a pair waits for its partner: a stream may not end there. ``group_sizes``: pairs per group in
+    one pass. ``partners``: each pair's key -> the key of the pair whose second segment it was given.
+    """
+
+    def __init__(self, setting: str, group_sizes: Counter):
+        if setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+        self.setting, self.group_sizes = setting, group_sizes
+        self._waiting: dict[object, list[PackingUnit]] = {}
+        self._taken: Counter = Counter()  # (pass, group) -> pairs come
+        self.partners: dict = {}
+
+    @property
+    def waiting(self) -> bool:
+        return any(self._waiting.values())
+
+    def __call__(self, unit: PackingUnit) -> list[tuple[int, tuple, tuple]]:
+        if self.setting != "mismatched_bridges" or not unit.is_pair:
+            return unit_documents(unit, self.setting != "no_bridges")
+        waiting = self._waiting.setdefault(unit.group, [])
+        waiting.append(unit)
+        self._taken[unit.key[0], unit.group] += 1
+        left = self.group_sizes[unit.group] - self._taken[unit.key[0], unit.group]
+        if len(waiting) < 2 or (len(waiting) == 2 and left == 1):
+            return []
+        self._waiting[unit.group] = []
+        documents = []
+        for pair, partner in zip(waiting, mismatched_partners(waiting)):
+            self.partners[pair.key] = partner.key
+            length = pair.segment_lengths[0] + partner.segment_lengths[1]
+            documents.append((length, ((pair.key, 0), (partner.key, 1)), (pair.key, partner.key)))
+        return documents
+
+
+def pair_group_sizes(units: Iterable[PackingUnit]) -> Counter:
+    """Pairs per ``group`` in ``units`` (one pass)."""
+    return Counter(unit.group for unit in units if unit.is_pair)
+
+
+def mismatched_unavailable(units: Sequence[PackingUnit], block_size: int) -> str | None:
+    """Why ``units`` cannot be planned with mismatched bridges (None: they can).
+
+    Every group needs two pairs, and any first segment of a group must fit one window with any second."""
+    longest: dict[object, list[int]] = {}  # group -> [pairs, longest first segment, longest second segment]
+    for unit in units:
+        if unit.is_pair:
+            entry = longest.setdefault(unit.group, [0, 0, 0])
+            entry[0] += 1
+            entry[1], entry[2] = max(entry[1], unit.segment_lengths[0]), max(entry[2], unit.segment_lengths[1])
+    if not longest:
+        return "no parallel pair"
+    for group, (count, first, second) in longest.items():
+        which = "pairs" if group is None else f"pairs with {group} first"
+        if count < 2:
+            return f"only one of the {which}: it has no other pair to be mismatched with"
+        if first + second > block_size:
+            return (
+                f"the longest first half ({first} tokens) and the longest second half ({second}) of the {which} "
+                f"would not fit one window of {block_size} tokens together"
+            )
+    return None
 
 
 class _BestFit:
     """Online best fit over at most ``max_open`` open windows.
 
     A document goes into the open window with the least free space that still fits it (ties: the
-    earliest opened), skipping the window that holds the other half of its pair (``pair_key``).
+    earliest opened), skipping any window that holds another half of its pairs (``pair_keys``).
     When nothing fits, a new window opens; if ``max_open`` are open, the fullest one is closed
     first. A window that is exactly full closes at once. The result is a pure function of the
     documents, their order, ``block_size`` and ``max_open``; its lookahead (and working memory) is
@@ -183,14 +270,14 @@ class _BestFit:
         if self.keep_windows:
             self.closed.append(documents)
 
-    def add(self, length: int, segments: tuple, pair_key) -> None:
+    def add(self, length: int, segments: tuple, pair_keys: tuple) -> None:
         if length > self.block_size:
             raise ValueError(f"a document of {length} tokens cannot fit a window of {self.block_size}")
         position = bisect.bisect_left(self._by_space, (length, -1))
         while position < len(self._by_space):
             serial = self._by_space[position][1]
             window = self._open[serial]
-            if pair_key is None or pair_key not in window.pair_keys:
+            if window.pair_keys.isdisjoint(pair_keys):
                 del self._by_space[position]
                 break
             position += 1
@@ -202,8 +289,7 @@ class _BestFit:
             window = self._open[serial] = _OpenWindow(self.block_size, [], set())
         window.free -= length
         window.documents.append(segments)
-        if pair_key is not None:
-            window.pair_keys.add(pair_key)
+        window.pair_keys.update(pair_keys)
         if window.free == 0:
             self._close(serial)
         else:
@@ -219,20 +305,27 @@ class _BestFit:
 class _OpenWindow:
     free: int  # tokens still free
     documents: list[tuple]  # each a tuple of segments
-    pair_keys: set  # pairs with a half here (without bridges the other half may not join)
+    pair_keys: set  # pairs with a half here (no other half of them may join)
 
 
 def pack(
-    units: Iterable[PackingUnit],
+    units: Sequence[PackingUnit],
     block_size: int,
-    bridges: bool,
+    setting: str,
     max_open_windows: int = 64,
+    group_sizes: Counter | None = None,
 ) -> list[list[tuple]]:
-    """One setting's windows for ``units`` in the given order (``_BestFit``): each a list of documents."""
+    """One setting's windows for ``units`` in the given order (``_BestFit``): each a list of documents.
+
+    Keys are ``(pass, key)`` (``shuffled``); ``group_sizes``: pairs per group in one pass (default: those
+    of ``units``, one pass)."""
+    documents = SettingDocuments(setting, group_sizes if group_sizes is not None else pair_group_sizes(units))
     packer = _BestFit(block_size, max_open_windows)
     for unit in units:
-        for length, segments, pair_key in unit_documents(unit, bridges):
-            packer.add(length, segments, pair_key)
+        for length, segments, pair_keys in documents(unit):
+            packer.add(length, segments, pair_keys)
+    if documents.waiting:
+        raise ValueError("the units end while a pair waits for its mismatched partner")
     return packer.finish()
 
 
@@ -243,7 +336,7 @@ def _pass_order(n_units: int, seed: int, data_pass: int) -> list[int]:
 
 
 def shuffled(units: Sequence[PackingUnit], seed: int, data_pass: int) -> list[PackingUnit]:
-    """Units in the seeded order of one pass (the same in both settings), keys made ``(pass, key)``."""
+    """Units in the seeded order of one pass (the same in every setting), keys made ``(pass, key)``."""
     return [units[i]._replace(key=(data_pass, units[i].key)) for i in _pass_order(len(units), seed, data_pass)]
 
 
@@ -289,20 +382,22 @@ def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0
 
 @dataclass
 class SettingPlan:
-    """One setting's planned windows, exactly ``steps x windows_per_step`` of them, and how many the
-    packer made before ``split_to`` equalized the two settings."""
+    """One setting's planned windows, exactly ``steps x windows_per_step`` of them, how many the packer
+    made before ``split_to`` equalized the settings, and (mismatched bridges) each pair's planned partner."""
 
     windows: list[list[tuple]]
     packer_windows: int
+    partners: dict | None = None
 
 
 @dataclass
 class PackingPlan:
-    """Both settings' windows over the same unit prefix (``plan_packing``).
+    """The settings' windows over the same unit prefix (``plan_packing``).
 
     ``units_seen``: length of the prefix of the pass-after-pass shuffled stream; ``passes``: passes it
     touches; ``seen``: the ``(pass, key)`` of each of its units; ``requested_steps``: the step budget
-    asked for, ``steps`` <= it: the one both settings fill."""
+    asked for, ``steps`` <= it: the one every setting fills. ``mismatched_bridges`` is None when the
+    data cannot have it (``mismatched_unavailable`` says why); the other two are then planned alone."""
 
     steps: int
     requested_steps: int
@@ -312,9 +407,18 @@ class PackingPlan:
     seen: list[tuple]
     bridges: SettingPlan
     no_bridges: SettingPlan
+    mismatched_bridges: SettingPlan | None = None
+    mismatched_unavailable: str | None = None
 
-    def setting(self, bridges: bool) -> SettingPlan:
-        return self.bridges if bridges else self.no_bridges
+    def setting(self, name: str) -> SettingPlan:
+        if name not in SETTINGS or getattr(self, name) is None:
+            raise ValueError(f"{name!r} is not a planned setting ({', '.join(self.settings)})")
+        return getattr(self, name)
+
+    @property
+    def settings(self) -> dict[str, SettingPlan]:
+        """The planned settings by name."""
+        return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
 
 
 def plan_packing(
@@ -328,23 +432,26 @@ def plan_packing(
     max_open_windows: int = 64,
     max_empty_windows: int = 0,
 ) -> PackingPlan:
-    """Both settings over the same documents, ``T = steps x windows_per_step`` windows each.
+    """Every setting over the same documents, ``T = steps x windows_per_step`` windows each.
 
     A step consumes ``windows_per_step`` windows (per-device batch x processes x gradient
-    accumulation). Cutting each setting's window stream at the step budget would leave the two
-    settings with different document sets (bridged documents pack a little less densely). Instead
-    both settings' packers run side by side over the shuffled stream (pass after pass, each pass
+    accumulation). Cutting each setting's window stream at the step budget would leave the settings
+    with different document sets (bridged documents pack a little less densely). Instead the
+    settings' packers run side by side over the shuffled stream (pass after pass, each pass
     reshuffled), recording after every unit how many windows each would need, and the plan takes
-    the LONGEST unit prefix that both can pack into ``T`` windows. Each setting's windows are then
-    split (``split_to``) until both have exactly ``T``. Both settings therefore see exactly the same
-    documents, the same number of windows, of real tokens and of steps.
+    the LONGEST unit prefix that all can pack into ``T`` windows and where no pair waits for its
+    mismatched partner (``SettingDocuments``). Each setting's windows are then split (``split_to``)
+    until all have exactly ``T``. The settings therefore see exactly the same documents (segments),
+    the same number of windows, of real tokens and of steps. Mismatched bridges are planned with the
+    other two whenever the data allows them (``mismatched_unavailable``), whichever setting runs, so
+    that all three runs of a seed have the same plan.
 
     A prefix is feasible only when there are at least ``T`` documents to spread over ``T`` windows,
     or ``T - max_empty_windows`` with the rest all-padding windows (the caller keeps
     ``max_empty_windows`` below what one process reads per step, so no process ever has a step
     without a target token); when it is not, the step count is reduced to the largest feasible one
-    (``steps`` < ``requested_steps``). With ``num_epochs`` instead of ``max_steps`` the prefix is
-    ``ceil(num_epochs x units)`` units and ``T`` is rounded up to whole steps. Because ``T`` is a
+    (``steps`` < ``requested_steps``). With ``num_epochs`` instead of ``max_steps`` the prefix is at
+    most ``ceil(num_epochs x units)`` units and ``T`` is rounded up to whole steps. Because ``T`` is a
     whole number of steps of whole batches, a Trainer's sampler shuffling the windows, and its
     sharding of them over processes, consume each planned window exactly once in one epoch.
     """
@@ -354,41 +461,52 @@ def plan_packing(
         raise ValueError("no units to pack")
     if windows_per_step < 1:
         raise ValueError(f"windows_per_step must be at least 1, got {windows_per_step}")
-    counters = {bridges: _BestFit(block_size, max_open_windows, keep_windows=False) for bridges in (True, False)}
-    needed = [0]  # after P units: windows the hungrier setting needs
+    unavailable = mismatched_unavailable(units, block_size)
+    names = [name for name in SETTINGS if name != "mismatched_bridges" or unavailable is None]
+    group_sizes = pair_group_sizes(units)
+    documents = {name: SettingDocuments(name, group_sizes) for name in names}
+    counters = {name: _BestFit(block_size, max_open_windows, keep_windows=False) for name in names}
+    needed = [0]  # after P units: windows the hungriest setting needs
     bridge_documents = [0]  # after P units: documents with bridges (never more than without)
+    whole = [True]  # after P units: no pair waits for its mismatched partner
     limit = math.ceil(num_epochs * len(units)) if num_epochs is not None else None
     budget = max_steps * windows_per_step if max_steps is not None else None
     for unit in _stream(units, seed):
         if limit is not None and len(needed) - 1 >= limit:
             break
-        for bridges, counter in counters.items():
-            documents = unit_documents(unit, bridges)
-            for length, segments, pair_key in documents:
-                counter.add(length, segments, pair_key)
-            if bridges:
-                bridge_documents.append(bridge_documents[-1] + len(documents))
+        for name, counter in counters.items():
+            for length, segments, pair_keys in documents[name](unit):
+                counter.add(length, segments, pair_keys)
+        bridge_documents.append(bridge_documents[-1] + (1 if unit.is_pair else len(unit.segment_lengths)))
         needed.append(max(counter.window_count for counter in counters.values()))
+        whole.append(not any(d.waiting for d in documents.values()))
         if budget is not None and needed[-1] > budget:
             break
     if budget is None:
         budget = math.ceil(needed[-1] / windows_per_step) * windows_per_step
     target = budget
     while True:
-        prefix = bisect.bisect_right(needed, target) - 1  # longest prefix both settings fit
+        prefix = bisect.bisect_right(needed, target) - 1  # longest prefix all settings fit
+        while not whole[prefix]:
+            prefix -= 1
         if bridge_documents[prefix] + max_empty_windows >= target:
             break
         target = ((bridge_documents[prefix] + max_empty_windows) // windows_per_step) * windows_per_step
         if target == 0:
             raise ValueError(
-                f"the data cannot fill even one step of {windows_per_step} windows in both settings "
+                f"the data cannot fill even one step of {windows_per_step} windows in every setting "
                 f"({bridge_documents[-1]} documents); lower the batch size or add data"
             )
     seen = list(itertools.islice(_stream(units, seed), prefix))
     settings = {}
-    for bridges in (True, False):
-        packed = pack(seen, block_size, bridges, max_open_windows)
-        settings[bridges] = SettingPlan(split_to(packed, target, max_empty_windows), len(packed))
+    for name in names:
+        packed = pack(seen, block_size, name, max_open_windows, group_sizes)
+        settings[name] = SettingPlan(split_to(packed, target, max_empty_windows), len(packed))
+    if unavailable is None:
+        planned = SettingDocuments("mismatched_bridges", group_sizes)
+        for unit in seen:
+            planned(unit)
+        settings["mismatched_bridges"].partners = planned.partners
     return PackingPlan(
         steps=target // windows_per_step,
         requested_steps=budget // windows_per_step,
@@ -396,8 +514,8 @@ def plan_packing(
         units_seen=prefix,
         passes=seen[-1].key[0] + 1,
         seen=[unit.key for unit in seen],
-        bridges=settings[True],
-        no_bridges=settings[False],
+        mismatched_unavailable=unavailable,
+        **settings,
     )
 
 
@@ -413,31 +531,33 @@ class BridgePackingCollator:
     **Vocabulary** (of the planning and of the collator).
 
     - *segment*: token ids ``[start] + tokens`` (``start`` is the EOS id). A monolingual or replay
-      text longer than a window was cut, before packing and identically for both settings, into
+      text longer than a window was cut, before packing and identically for every setting, into
       segments of at most ``block_size`` tokens. A parallel pair has two segments
       (``study_common.pair_segments``): ``first = [start] + first_side + separator`` and
       ``second = [start] + second_side``.
     - *document*: a run of tokens that attends only to itself; its position ids start at 0.
       With bridges a pair is ONE document, ``first + second``, positions continuing through it,
       so the second half attends to the first. Without bridges each half is its own document. A
-      text segment is a document in both settings.
+      text segment is a document in every setting.
     - *window*: one training row: whole documents, then padding up to ``block_size``. A planned
       window is a list of documents, each a tuple of segments ``((pass, key), part)``.
 
     **Guarantees** of the packing (for the same units, seed and ``block_size``):
 
-    1. The multiset of segments, hence of tokens, is the same in both settings: the settings
-       differ only in how segments are grouped into documents and windows (``unit_documents``).
+    1. The multiset of segments, hence of tokens, is the same in every setting: the settings
+       differ only in how segments are grouped into documents and windows (``SettingDocuments``).
     2. With bridges every pair is one document in one window (100% co-located); without bridges
-       the halves of a pair are never in the same window (0% co-located) (``_BestFit``).
+       the halves of a pair are never in the same window (0% co-located) (``_BestFit``); with
+       mismatched bridges neither, but each first half is one document with the second half of its
+       planned partner, another pair (``mismatched_partners``), laid out as a bridged pair.
     3. No window holds more than ``block_size`` tokens; no document is ever split across windows
        (documents longer than a window cannot exist: pairs that do not fit one window must be
-       removed by the caller, in both settings).
+       removed by the caller, in every setting).
     4. Labels are ``-100`` at the first token of every *segment* (its start token would otherwise
        be predicted across a document boundary, and masking it at the pair's inner boundary too
-       keeps the predicted tokens identical in both settings) and on padding; all other labels
+       keeps the predicted tokens identical in every setting) and on padding; all other labels
        equal the input ids (``window_features``, ``padded_rows``).
-    5. Every unit of the packed stream appears exactly once per pass over the data; both settings
+    5. Every unit of the packed stream appears exactly once per pass over the data; all settings
        see the same units in the same number of windows and steps (``plan_packing``).
 
     **Collation** (``__call__``). Each feature is a window from ``window_features``: ``input_ids``,
@@ -571,6 +691,13 @@ class CPTArguments:
         default=False,
         metadata={"help": "WITHOUT bridges: pair halves are separate documents, never co-located."},
     )
+    mismatched_bridges: bool = field(
+        default=False,
+        metadata={
+            "help": "MISMATCHED bridges (control): each pair's first half is one document with the second half of "
+            "another pair (a fixed derangement per seed); no pair's halves are co-located."
+        },
+    )
     dataset_path: str | None = field(
         default=None,
         metadata={
@@ -593,12 +720,12 @@ class CPTArguments:
         default="en_first",
         metadata={
             "help": "Which side of a pair comes first: en_first (default), tgt_first, or random (a coin per pair "
-            "seeded by --data_seed/--seed and the pair id; the same in both settings)."
+            "seeded by --data_seed/--seed and the pair id; the same in every setting)."
         },
     )
     pair_separator: str = field(
         default="",
-        metadata={"help": "Text appended to the first side of every pair, in both settings (default: none)."},
+        metadata={"help": "Text appended to the first side of every pair, in every setting (default: none)."},
     )
     max_open_windows: int = field(default=64, metadata={"help": "Packer lookahead: windows kept open at once."})
     dump_packing: str | None = field(
@@ -615,6 +742,11 @@ class CPTArguments:
     dtype: str | None = field(default=None, metadata={"help": "Load weights in this dtype (default float32)."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
+    @property
+    def setting(self) -> str:
+        """The one setting flag given (``SETTINGS``)."""
+        return next(name for name in SETTINGS if getattr(self, name))
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArguments]:
     parser = HfArgumentParser((CPTArguments, TrainingArguments))
@@ -623,10 +755,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
         cpt_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
         cpt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if cpt_args.bridges == cpt_args.no_bridges:
+    if sum(getattr(cpt_args, name) for name in SETTINGS) != 1:
         raise ValueError(
-            "Give exactly one of --bridges (pairs co-located in one context window) and --no_bridges "
-            "(pair halves never in the same window); the setting is never implied."
+            "Give exactly one of --bridges (pairs co-located in one context window), --no_bridges (pair halves "
+            "never in the same window) and --mismatched_bridges (each first half in one window with another "
+            "pair's second half); the setting is never implied."
         )
     if cpt_args.dataset_path is not None and cpt_args.dataset_name is not None:
         raise ValueError("Give only one of --dataset_path DIR (build_pairs.py output) and --dataset_name HUB_ID.")
@@ -655,7 +788,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
     if training_args.auto_find_batch_size:
         raise ValueError(
             "--auto_find_batch_size changes the batch size during training, which would break the packing plan "
-            "(both settings must consume the same windows per step). Set --per_device_train_batch_size."
+            "(every setting must consume the same windows per step). Set --per_device_train_batch_size."
         )
     if training_args.use_cache:
         raise ValueError(
@@ -739,7 +872,7 @@ def dataset_language(lang: str | None, build_stats: dict | None, build_stats_fil
 
 
 def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator_ids, seed):
-    """Segments of every unit (identical for both settings), or the reason it is dropped."""
+    """Segments of every unit (identical for every setting), or the reason it is dropped."""
     n = len(batch["kind"])
     texts, owners = [], []
     for i in range(n):
@@ -821,13 +954,38 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer, cpt_args: CPTArguments, s
     )
 
 
-def packing_units(kinds: list[str], reasons: list[str], store: SegmentStore) -> list[PackingUnit]:
-    """The units the packer sees: every row not dropped, keyed by its row, with its segment lengths."""
+def packing_units(tokenized: datasets.Dataset, store: SegmentStore) -> list[PackingUnit]:
+    """The units the packer sees: every row not dropped, keyed by its row, with its segment lengths; a
+    pair's group is its first side (mismatched partners are then an English and a target half)."""
+    rows = zip(tokenized["kind"], tokenized["drop_reason"], tokenized["first_side"], store.segment_lengths())
     return [
-        PackingUnit(row, lengths, kind == "pair")
-        for row, (kind, reason, lengths) in enumerate(zip(kinds, reasons, store.segment_lengths()))
+        PackingUnit(row, lengths, kind == "pair", first_side or None)
+        for row, (kind, reason, first_side, lengths) in enumerate(rows)
         if not reason
     ]
+
+
+def dropped_units_note(kinds: list[str], reasons: list[str], block_size: int) -> str | None:
+    """What tokenization dropped (identically in every setting), why, and what to do; None: nothing.
+
+    Logged as a warning and stated in the model card: a dataset built for a larger window loses here
+    every pair that no longer fits, which only the audit's counts would otherwise show."""
+    dropped = Counter((kind, reason) for kind, reason in zip(kinds, reasons) if reason)
+    if not dropped:
+        return None
+    records = Counter(kinds)
+    why = {"pair_over_block_size": f"longer than --block_size {block_size}", "empty_after_tokenization": "empty"}
+    counts = "; ".join(
+        f"{n} of {records[kind]} {kind} records ({why.get(reason, reason)}: {reason})"
+        for (kind, reason), n in sorted(dropped.items())
+    )
+    advice = (
+        f"To train on them raise --block_size; for data that matches this window, rebuild it at this block size "
+        f"(build_pairs.py --block_size {block_size}, which records the drop in build_stats.json)"
+        if any(reason == "pair_over_block_size" for _, reason in dropped)
+        else "Check the dataset's text and the tokenizer"
+    )
+    return f"Dropped before packing, in every setting alike: {counts}. {advice}."
 
 
 class SegmentStore:
@@ -980,11 +1138,16 @@ def audit_windows(
     pair_rows: set,
     doc_keys,
     vocab_size,
+    partners: dict | None = None,
+    first_sides: list[str] | None = None,
 ):
     """Measure one setting's planned windows from the features the model will receive.
 
     ``doc_keys`` (``document_keys``) names each row in ``documents_seen_sha256``, so that hash
-    identifies the documents seen by content and count."""
+    identifies the documents seen by content and count. With ``partners`` (mismatched bridges: pair ->
+    pair whose second half it was given) and the rows' ``first_sides``, ``mismatched_pairs`` says
+    whether each planned partner shares the pair's document and whether the pairing is a derangement
+    of English and target halves."""
     segment_digests: list[bytes] = []
     token_counts = np.zeros(vocab_size, dtype=np.int64)
     target_counts = np.zeros(vocab_size, dtype=np.int64)
@@ -1025,6 +1188,21 @@ def audit_windows(
     attending = sum(1 for first, second in pair_place.values() if first[:2] == second[:2] and second[2] != 0)
     total_pairs = len(pair_place)
     seen_text = "\n".join(f"{doc_keys[row]}\t{count}" for row, count in sorted(seen.items()))
+    mismatched = {}
+    if partners is not None:
+        places = [(pair_place.get(a, [None])[0], pair_place.get(b, [None, None])[1]) for a, b in partners.items()]
+        together = sum(1 for first, second in places if first and second and first[0] == second[0])
+        mismatched["mismatched_pairs"] = {
+            "planned": len(partners),
+            "co_located": together,
+            "co_located_percent": round(100.0 * together / len(partners), 4) if partners else None,
+            "attending_each_other": sum(
+                1 for first, second in places if first and second and first[:2] == second[:2] and second[2] != 0
+            ),
+            "with_own_partner": sum(1 for a, b in partners.items() if a[1] == b[1]),
+            "same_language": sum(1 for a, b in partners.items() if first_sides[a[1]] != first_sides[b[1]]),
+            "each_half_once": sorted(partners) == sorted(partners.values()) == sorted(pair_place),
+        }
     return {
         "windows": len(windows),
         "documents": documents,
@@ -1042,6 +1220,7 @@ def audit_windows(
             "split_percent": round(100.0 * (total_pairs - co_located) / total_pairs, 4) if total_pairs else None,
             "attending_each_other": attending,
         },
+        **mismatched,
         "hashes": {
             "segments_multiset_sha256": _sha256(b"".join(sorted(segment_digests))),
             "tokens_multiset_sha256": _sha256(token_counts.tobytes()),
@@ -1140,20 +1319,23 @@ def check_plan_isolation(
     }
 
 
+#: Share of true pairs (both halves of one pair) in one window, per setting.
+EXPECTED_CO_LOCATED = {"bridges": 100.0, "no_bridges": 0.0, "mismatched_bridges": 0.0}
+
+
 def judge_guarantees(
     mine: dict,
-    other: dict,
+    others: dict,
     equal: dict,
     isolation: dict,
-    bridges: bool,
+    setting: str,
     block_size: int,
 ):
     """(broken, unchecked): the guarantees this run's plan or model breaks, and those it could not check.
 
-    A guarantee that could not be checked is never counted as holding: ``guarantees_hold`` in the
-    audit is true only when both lists are empty.
+    ``others``: the other planned settings' audits by name. A guarantee that could not be checked is
+    never counted as holding: ``guarantees_hold`` in the audit is true only when both lists are empty.
     """
-    expected = 100.0 if bridges else 0.0
     broken, unchecked = [], []
     if not isolation["holds"]:
         broken.append(
@@ -1161,18 +1343,29 @@ def judge_guarantees(
             f"({isolation['layout']} layout, {isolation['compute_dtype']} on {isolation['device']}): "
             f"{isolation_failure(isolation) or 'the isolation check did not hold'}; use sdpa or eager"
         )
-    for name, audit, wanted in (
-        ("this setting", mine, expected),
-        ("the other setting", other, 100.0 - expected),
-    ):
-        if not audit["pairs"]["total"]:
+    for name, audit in {setting: mine, **others}.items():
+        where = f"{name} (this run)" if name == setting else name
+        pairs, mismatched = audit["pairs"], audit.get("mismatched_pairs")
+        if not pairs["total"]:
             unchecked.append(
-                f"co-location: no pair is in the planned windows of {name} ({audit['windows']} windows, "
+                f"co-location: no pair is in the planned windows of {where} ({audit['windows']} windows, "
                 f"{audit['documents']} documents); raise --max_steps or add pairs to the dataset"
             )
-        elif audit["pairs"]["co_located_percent"] != wanted:
-            broken.append(f"{audit['pairs']['co_located_percent']}% of pairs co-located in {name}, expected {wanted}%")
-    if bridges and mine["pairs"]["total"] and mine["pairs"]["attending_each_other"] != mine["pairs"]["total"]:
+            continue
+        if pairs["co_located_percent"] != EXPECTED_CO_LOCATED[name]:
+            broken.append(
+                f"{pairs['co_located_percent']}% of pairs co-located in {where}, expected {EXPECTED_CO_LOCATED[name]}%"
+            )
+        if name == "mismatched_bridges" and (
+            mismatched is None
+            or not mismatched["attending_each_other"] == mismatched["planned"] == pairs["total"]
+            or mismatched["with_own_partner"]
+            or mismatched["same_language"]
+            or not mismatched["each_half_once"]
+        ):
+            broken.append(f"the planned mismatched partners are not each one document of another pair's "
+                          f"English and target halves in {where}: {mismatched}")  # fmt: skip
+    if setting == "bridges" and mine["pairs"]["attending_each_other"] != mine["pairs"]["total"]:
         broken.append("some bridged pairs are not one attention document")
     broken += [f"{name} differs between the settings" for name, same in equal.items() if not same]
     if mine["max_window_tokens"] > block_size:
@@ -1184,8 +1377,8 @@ def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, a
     """Judge every guarantee of the audit (``judge_guarantees``), record the verdict in it, write it to
     ``audit_file`` (None: not this process) and refuse to train unless every guarantee holds."""
     broken, unchecked = judge_guarantees(
-        audit, audit["other_setting"], audit["equal_across_settings"], audit["document_isolation"],
-        cpt_args.bridges, cpt_args.block_size,
+        audit, audit["other_settings"], audit["equal_across_settings"], audit["document_isolation"],
+        cpt_args.setting, cpt_args.block_size,
     )  # fmt: skip
     audit["unchecked"] = unchecked
     audit["guarantees_hold"] = not broken and not unchecked  # never true of a guarantee that was not checked
@@ -1197,14 +1390,21 @@ def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, a
         )
     refuse_unchecked_guarantees(unchecked)
     logger.info(
-        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, "
-        "real tokens %.4f, multisets equal across settings: %s", audit["setting"], plan.steps, plan.windows_per_step,
-        plan.units_seen, audit["plan"]["data_epochs"], audit["pairs"]["co_located_percent"],
-        audit["real_token_fraction"], all(audit["equal_across_settings"].values()),
+        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%%s, "
+        "real tokens %.4f, multisets equal across settings %s: %s", audit["setting"], plan.steps,
+        plan.windows_per_step, plan.units_seen, audit["plan"]["data_epochs"], audit["pairs"]["co_located_percent"],
+        f", planned mismatched partners {audit['mismatched_pairs']['co_located_percent']}%"
+        if "mismatched_pairs" in audit else "", audit["real_token_fraction"], ", ".join(plan.settings),
+        all(audit["equal_across_settings"].values()),
     )  # fmt: skip
+    if plan.mismatched_unavailable:
+        logger.warning(
+            "Planned without the mismatched-bridges control (it cannot run on this data: %s): a "
+            "--mismatched_bridges run would be refused.", plan.mismatched_unavailable,
+        )  # fmt: skip
     if plan.steps < plan.requested_steps:
         logger.warning(
-            "Trained steps trimmed from %d to %d so that both settings see the same documents.",
+            "Trained steps trimmed from %d to %d so that the settings see the same documents.",
             plan.requested_steps,
             plan.steps,
         )
@@ -1319,7 +1519,7 @@ def refuse_data_without_pairs(units, kinds, reasons, build_stats: dict | None, d
     raise ValueError(
         f"{dataset_folder}: no parallel pair to train on ({pair_records} pair records"
         + (f", all dropped here: {dict(dropped_here)}" if dropped_here else "")
-        + f"; {counts}). With no pairs both settings train on the same windows and their comparison measures "
+        + f"; {counts}). With no pairs the settings train on the same windows and their comparison measures "
         "nothing; rebuild the dataset with build_pairs.py from parallel pairs."
     )
 
@@ -1336,28 +1536,31 @@ def build_audit(
     seed: int,
     vocab_size,
 ) -> dict:
-    """packing_audit.json before training: both settings' planned windows measured from the features
-    the model will receive (``audit_windows``), compared, and the run's ``cpt_setting`` (what a
-    checkpoint must match to be resumed)."""
-    bridges = cpt_args.bridges
+    """packing_audit.json before training: every planned setting's windows measured from the features
+    the model will receive (``audit_windows``), compared with this run's, and the run's ``cpt_setting``
+    (what a checkpoint must match to be resumed)."""
+    setting = cpt_args.setting
     kinds, reasons = tokenized["kind"], tokenized["drop_reason"]
     doc_keys = document_keys(tokenized)
     pair_rows = {unit.key for unit in units if unit.is_pair}
-    mine, other = (
-        audit_windows(plan.setting(b).windows, store, collator, pair_rows, doc_keys, vocab_size)
-        for b in (bridges, not bridges)
-    )
+    audits = {
+        name: audit_windows(planned.windows, store, collator, pair_rows, doc_keys, vocab_size, planned.partners,
+                            tokenized["first_side"])
+        for name, planned in plan.settings.items()
+    }  # fmt: skip
+    mine = audits.pop(setting)
     equal = {
-        f"{name.removesuffix('_sha256')}": mine["hashes"][name] == other["hashes"][name]
+        name.removesuffix("_sha256"): all(other["hashes"][name] == mine["hashes"][name] for other in audits.values())
         for name in ("segments_multiset_sha256", "tokens_multiset_sha256", "targets_multiset_sha256",
                      "documents_seen_sha256")
     }  # fmt: skip
-    equal["windows"] = mine["windows"] == other["windows"]
-    equal["real_tokens"] = mine["real_tokens"] == other["real_tokens"]
+    for name in ("windows", "real_tokens"):
+        equal[name] = all(other[name] == mine[name] for other in audits.values())
     windows_per_step = plan.windows_per_step
     cpt_setting = {
         "lang": cpt_args.lang,
-        "bridges": bridges,
+        "setting": setting,
+        "bridges": setting == "bridges",
         "block_size": cpt_args.block_size,
         "pair_order": cpt_args.pair_order,
         "pair_separator": cpt_args.pair_separator,
@@ -1372,9 +1575,9 @@ def build_audit(
     }
     kind_of_row = dict(enumerate(kinds))
     dropped = Counter(f"{kind}:{reason}" for kind, reason in zip(kinds, reasons) if reason)
-    planned = plan.setting(bridges)
+    planned = plan.setting(setting)
     return {
-        "setting": "bridges" if bridges else "no-bridges",
+        "setting": setting,
         "cpt_setting": cpt_setting,
         "world_size": training_args.world_size,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
@@ -1386,6 +1589,7 @@ def build_audit(
             "units_dropped": {
                 "count": sum(dropped.values()),
                 "by_reason": dict(sorted(dropped.items())),
+                "note": dropped_units_note(kinds, reasons, cpt_args.block_size),
             },
             "units_packed": len(units),
             "text_units_cut_into_segments": sum(1 for u in units if not u.is_pair and len(u.segment_lengths) > 1),
@@ -1406,12 +1610,12 @@ def build_audit(
             ),
             "windows_split_to_equalize": len(planned.windows) - planned.packer_windows,
             "max_open_windows": cpt_args.max_open_windows,
+            "settings": list(plan.settings),
+            "mismatched_bridges_unavailable": plan.mismatched_unavailable,
         },
         **mine,
-        "other_setting": {
-            "setting": "no-bridges" if bridges else "bridges",
-            **other,
-            "packer_windows": plan.setting(not bridges).packer_windows,
+        "other_settings": {
+            name: {**other, "packer_windows": plan.setting(name).packer_windows} for name, other in audits.items()
         },
         "equal_across_settings": equal,
     }
@@ -1421,27 +1625,33 @@ class CPTTrainer(ModelCardMixin, Trainer):
     """A Trainer whose model card (also the one pushed to the Hub) records the CPT setting."""
 
 
+#: How each setting lays a parallel pair out, in the model card.
+SETTING_DESCRIPTIONS = {
+    "bridges": "WITH bridges (each parallel pair in one context window)",
+    "no_bridges": "WITHOUT bridges (pair halves never share a context window)",
+    "mismatched_bridges": "with MISMATCHED bridges (each pair's first half in one document with another pair's "
+    "second half; no pair's halves share a context window)",
+}
+
+
 def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
     """The model card: the run's cpt_setting and packing, and the steps trained when it is written."""
     setting = audit["cpt_setting"]
-    bridges = setting["bridges"]
     rows = {
         **setting,
         "run name": training_args.run_name,
         "tokens per step": audit["windows_per_step"] * cpt_args.block_size,
         "pairs co-located": f"{audit['pairs']['co_located_percent']}%",
+        **({"planned mismatched partners co-located": f"{audit['mismatched_pairs']['co_located_percent']}%"}
+           if "mismatched_pairs" in audit else {}),
         "real-token fraction": audit["real_token_fraction"],
+        "units dropped before packing": audit["dataset"]["units_dropped"]["note"] or "none",
         "world size": training_args.world_size,
-    }
-    how = (
-        "WITH bridges (each parallel pair in one context window)"
-        if bridges
-        else "WITHOUT bridges (pair halves never share a context window)"
-    )
+    }  # fmt: skip
     return ModelCard(
         title=f"CPT {setting['lang']}, {audit['setting']}, seed {setting['seed']}",
-        summary=f"Continual pretraining of {cpt_args.model_name_or_path} on {setting['lang']} {how}. "
-        "packing_audit.json proves the setting.",
+        summary=f"Continual pretraining of {cpt_args.model_name_or_path} on {setting['lang']} "
+        f"{SETTING_DESCRIPTIONS[audit['setting']]}. packing_audit.json proves the setting.",
         setting=rows,
         tags=["cross-lingual-transfer", "cpt", audit["setting"]],
         progress=lambda steps: {"steps trained": steps},
@@ -1451,6 +1661,13 @@ def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
 # ======================================================================================
 # Main
 # ======================================================================================
+
+
+def cpt_run_name(lang: str, setting: str, seed: int) -> str:
+    """The run's name and default folder: ``study_common.default_cpt_run_name`` for the paper's two settings."""
+    if setting == "mismatched_bridges":
+        return f"cpt-{lang}-mismatched-bridges-seed{seed}"
+    return default_cpt_run_name(lang, setting == "bridges", seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1465,10 +1682,10 @@ def main(argv: list[str] | None = None) -> dict:
     build_stats_file = dataset_folder / "build_stats.json"
     build_stats = json.loads(build_stats_file.read_text()) if build_stats_file.is_file() else None
     cpt_args.lang = dataset_language(cpt_args.lang, build_stats, build_stats_file)
-    run_name = default_cpt_run_name(cpt_args.lang, cpt_args.bridges, training_args.seed)
+    run_name = cpt_run_name(cpt_args.lang, cpt_args.setting, training_args.seed)
     if training_args.run_name is None:
         training_args.run_name = run_name
-    if not output_dir_given(argv):  # not transformers' trainer_output/, where the two settings would collide
+    if not output_dir_given(argv):  # not transformers' trainer_output/, where the settings would collide
         training_args.output_dir = str(RUNS_DIR / run_name)
     output_dir = Path(training_args.output_dir)
     checkpoint = resume_checkpoint(training_args.resume_from_checkpoint, output_dir)  # never one silently
@@ -1479,14 +1696,24 @@ def main(argv: list[str] | None = None) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
     collator = BridgePackingCollator(cpt_args.block_size, pad_id, cpt_args.attn_implementation)
 
-    # 4. Data: every unit tokenized into segments, identically for both settings.
+    # 4. Data: every unit tokenized into segments, identically for every setting.
     with training_args.main_process_first(desc="tokenizing the CPT dataset"):
         tokenized = tokenize_dataset(raw, tokenizer, cpt_args, seed)
     store = SegmentStore(tokenized)
-    units = packing_units(tokenized["kind"], tokenized["drop_reason"], store)
+    units = packing_units(tokenized, store)
+    dropped = dropped_units_note(tokenized["kind"], tokenized["drop_reason"], cpt_args.block_size)
+    if dropped:
+        logger.warning(dropped)
     refuse_data_without_pairs(units, tokenized["kind"], tokenized["drop_reason"], build_stats, dataset_folder)
+    if cpt_args.mismatched_bridges and (why := mismatched_unavailable(units, cpt_args.block_size)):
+        raise InputError(
+            f"--mismatched_bridges cannot run on {dataset_folder}: {why}. It needs two pairs of each pair order "
+            f"and every first half to fit one window with any second half: add pairs, rebuild the data with "
+            f"pairs of at most half the window (build_pairs.py --block_size {cpt_args.block_size // 2}), or "
+            "raise --block_size."
+        )
 
-    # 5. The plan: both settings over the same documents, audited; a checkpoint must be of this very plan.
+    # 5. The plan: every setting over the same documents, audited; a checkpoint must be of this very plan.
     windows_per_device_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     plan = plan_packing(
         units,
@@ -1500,7 +1727,7 @@ def main(argv: list[str] | None = None) -> dict:
         # and never as many as one process reads per step (a step without targets would be NaN).
         max_empty_windows=windows_per_device_step - 1,
     )
-    windows = plan.setting(cpt_args.bridges).windows
+    windows = plan.setting(cpt_args.setting).windows
     vocab_size = max(len(tokenizer), model.config.vocab_size)
     audit = build_audit(plan, store, collator, tokenized, units, build_stats, cpt_args, training_args, seed, vocab_size)
     if checkpoint:

@@ -165,7 +165,7 @@ def test_the_trainer_hands_the_sequence_boundaries_to_the_model(tiny_model_dir, 
 
 @pytest.fixture(scope="module")
 def cpt_plan(tmp_path_factory, tiny_model_dir):
-    """A real plan of both settings (windows of 64 tokens, 2 per step, 2 steps) and its token store."""
+    """A real plan of the three settings (windows of 64 tokens, 2 per step, 2 steps) and its token store."""
     from test_cpt_refusals import small_dataset
 
     import run_cpt
@@ -177,27 +177,27 @@ def cpt_plan(tmp_path_factory, tiny_model_dir):
         run_cpt.load_cpt_dataset(args)[0], AutoTokenizer.from_pretrained(tiny_model_dir), args, seed=0
     )
     store = run_cpt.SegmentStore(tokenized)
-    units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
+    units = run_cpt.packing_units(tokenized, store)
     plan = run_cpt.plan_packing(units, block_size=64, windows_per_step=2, seed=0, max_steps=2)
     return {"plan": plan, "store": store, "units": units, "tokenized": tokenized, "data": data}
 
 
-def cpt_features(cpt_plan, bridges=True, n_windows=3):
+def cpt_features(cpt_plan, setting="bridges", n_windows=3):
     import run_cpt
 
     collator = run_cpt.BridgePackingCollator(64, 1)
-    windows = cpt_plan["plan"].setting(bridges).windows[:n_windows]
+    windows = cpt_plan["plan"].setting(setting).windows[:n_windows]
     return [collator.window_features(window, cpt_plan["store"].segment_tokens) for window in windows]
 
 
-@pytest.mark.parametrize("bridges", [True, False])
+@pytest.mark.parametrize("setting", ["bridges", "no_bridges", "mismatched_bridges"])
 @pytest.mark.parametrize("attn_implementation", [*FLASH_IMPLEMENTATIONS, "some-org/unknown-kernel"])
 def test_the_cpt_collator_gives_flash_kernels_one_row_with_the_windows_of_the_padded_rows(
-    cpt_plan, attn_implementation, bridges
+    cpt_plan, attn_implementation, setting
 ):
     import run_cpt
 
-    features = cpt_features(cpt_plan, bridges)
+    features = cpt_features(cpt_plan, setting)
     padded = run_cpt.BridgePackingCollator(64, 1, attn_implementation="sdpa")(features)
     flat = run_cpt.BridgePackingCollator(64, 1, attn_implementation=attn_implementation)(features)
     assert set(padded) == {"input_ids", "position_ids", "labels"} and padded["input_ids"].shape == (3, 64)
@@ -239,10 +239,11 @@ def test_the_cpt_audit_is_computed_from_window_features_and_matches_what_every_l
     plan, store = cpt_plan["plan"], cpt_plan["store"]
     pair_rows = {u.key for u in cpt_plan["units"] if u.is_pair}
     doc_keys = run_cpt.document_keys(cpt_plan["tokenized"])
-    for bridges in (True, False):
+    assert list(plan.settings) == ["bridges", "no_bridges", "mismatched_bridges"]
+    for planned in plan.settings.values():
         audits = {
             kernel: run_cpt.audit_windows(
-                plan.setting(bridges).windows,
+                planned.windows,
                 store,
                 run_cpt.BridgePackingCollator(64, 1, attn_implementation=kernel),
                 pair_rows,
@@ -253,13 +254,13 @@ def test_the_cpt_audit_is_computed_from_window_features_and_matches_what_every_l
         }
         assert audits["sdpa"] == audits["flash_attention_2"]
         collator = run_cpt.BridgePackingCollator(64, 1, attn_implementation="flash_attention_2")
-        batch = collator([collator.window_features(w, store.segment_tokens) for w in plan.setting(bridges).windows])
+        batch = collator([collator.window_features(w, store.segment_tokens) for w in planned.windows])
         real = torch.cat(
             [
                 batch["input_ids"][0][
                     w * 64 : w * 64 + len(collator.window_features(window, store.segment_tokens)["input_ids"])
                 ]
-                for w, window in enumerate(plan.setting(bridges).windows)
+                for w, window in enumerate(planned.windows)
             ]
         )
         targets = batch["labels"][0][batch["labels"][0] != -100]
@@ -322,7 +323,7 @@ def test_the_cpt_isolation_check_runs_two_windows_in_the_kernels_layout_and_refu
         assert result["max_logit_diff_other_documents_changed"] > 1e-3
         broken, _ = run_cpt.judge_guarantees(
             {"pairs": {"total": 1, "co_located_percent": 100.0, "attending_each_other": 1}, "max_window_tokens": 64},
-            {"pairs": {"total": 1, "co_located_percent": 0.0}}, {}, result, True, 64,
+            {"no_bridges": {"pairs": {"total": 1, "co_located_percent": 0.0}}}, {}, result, "bridges", 64,
         )  # fmt: skip
         assert "attention crosses documents with attn_implementation=causal_across_documents" in broken[0]
 

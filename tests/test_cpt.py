@@ -58,7 +58,7 @@ def cpt_data(tmp_path_factory, tiny_model_dir) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def check_dump(dump: Path, data_dir: Path, tokenizer_dir: Path, block_size: int, bridges: bool,
+def check_dump(dump: Path, data_dir: Path, tokenizer_dir: Path, block_size: int, setting: str,
                first_side: str = "en", separator: str = "") -> dict:  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     start = tokenizer.eos_token_id
@@ -76,7 +76,7 @@ def check_dump(dump: Path, data_dir: Path, tokenizer_dir: Path, block_size: int,
         ids, piece = encode(record["text"]), block_size - 1
         return [start] + ids[int(part) * piece : (int(part) + 1) * piece]
 
-    occurrences, pair_windows, segments = Counter(), {}, Counter()
+    occurrences, pair_windows, segments, partners = Counter(), {}, Counter(), Counter()
     lines = dump.read_text(encoding="utf-8").splitlines()
     for w, line in enumerate(lines):
         window = json.loads(line)
@@ -102,11 +102,17 @@ def check_dump(dump: Path, data_dir: Path, tokenizer_dir: Path, block_size: int,
             is_pair = records[doc_id]["kind"] == "pair"
             if is_pair:
                 pair_windows.setdefault((data_pass, doc_id), {})[part] = w
-            if bridges and is_pair and part != first_side:
-                previous = runs[r - 1] if r else None
-                assert previous and previous[0] == f"{data_pass}:{doc_id}/{first_side}", "bridged pair split"
+            if setting != "no_bridges" and is_pair and part != first_side:
+                previous = runs[r - 1][0] if r else ""
+                partner = previous.rsplit("/", 1)[0]
+                assert previous.endswith(f"/{first_side}") and records[partner.split(":", 1)[1]]["kind"] == "pair"
+                if setting == "bridges":
+                    assert partner == f"{data_pass}:{doc_id}", "bridged pair split"
+                else:  # mismatched: the first half of another pair of the same pass
+                    assert partner != f"{data_pass}:{doc_id}" and partner.split(":")[0] == data_pass, "own partner"
+                    partners[partner] += 1
                 assert positions[a:b] == list(range(positions[a - 1] + 1, positions[a - 1] + 1 + b - a)), (
-                    "the second half of a bridged pair must continue its document's positions"
+                    "the second half of a pair document must continue its document's positions"
                 )
             else:
                 assert positions[a:b] == list(range(b - a)), f"{segment} must start its own document"
@@ -114,26 +120,28 @@ def check_dump(dump: Path, data_dir: Path, tokenizer_dir: Path, block_size: int,
     for halves in pair_windows.values():
         assert set(halves) == {"en", "tgt"}, "a pair lost a half"
     co_located = sum(1 for halves in pair_windows.values() if halves["en"] == halves["tgt"])
-    return {"windows": len(lines), "pairs": len(pair_windows), "co_located": co_located, "segments": segments}
+    assert all(count == 1 for count in partners.values()), "a first half with two second halves"
+    return {"windows": len(lines), "pairs": len(pair_windows), "co_located": co_located, "segments": segments,
+            "mismatched_documents": len(partners)}  # fmt: skip
 
 
 def plan_and_dump(data_dir, tokenizer_dir, folder, block_size=128, per_step=4, max_steps=6):
-    """Plan and dump both settings in this process, through run_cpt's own functions."""
+    """Plan and dump every planned setting in this process, through run_cpt's own functions."""
     args = run_cpt.CPTArguments(lang="bo", model_name_or_path=str(tokenizer_dir), bridges=True,
                                 dataset_path=str(data_dir), block_size=block_size)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     raw, _ = run_cpt.load_cpt_dataset(args)
     tokenized = run_cpt.tokenize_dataset(raw, tokenizer, args, seed=0)
     store = run_cpt.SegmentStore(tokenized)
-    units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
+    units = run_cpt.packing_units(tokenized, store)
     plan = run_cpt.plan_packing(units, block_size=block_size, windows_per_step=per_step, seed=0,
                                               max_steps=max_steps)  # fmt: skip
     names = run_cpt.segment_namer(tokenized["kind"], tokenized["doc_id"], tokenized["first_side"])
     dumps = {}
-    for bridges in (True, False):
+    for setting, planned in plan.settings.items():
         collator = run_cpt.BridgePackingCollator(block_size, tokenizer.pad_token_id)
-        dumps[bridges] = Path(folder) / f"{'bridges' if bridges else 'no-bridges'}.jsonl"
-        run_cpt.write_dump(dumps[bridges], plan.setting(bridges).windows, store, collator, names)
+        dumps[setting] = Path(folder) / f"{setting}.jsonl"
+        run_cpt.write_dump(dumps[setting], planned.windows, store, collator, names)
     return plan, dumps, store
 
 
@@ -142,31 +150,36 @@ def plan_and_dump(data_dir, tokenizer_dir, folder, block_size=128, per_step=4, m
 # --------------------------------------------------------------------------------------
 
 
-def test_independent_check_of_both_dumps_agrees_and_catches_broken_guarantees(cpt_data, tiny_model_dir, tmp_path):
-    plan, dumps, _ = plan_and_dump(cpt_data, tiny_model_dir, tmp_path)
-    results = {b: check_dump(dumps[b], cpt_data, tiny_model_dir, 128, b) for b in (True, False)}
-    assert results[True]["pairs"] == results[False]["pairs"] > 0
-    assert results[True]["co_located"] == results[True]["pairs"] and results[False]["co_located"] == 0
-    assert results[True]["segments"] == results[False]["segments"]  # the same segments, token for token
-    assert results[True]["windows"] == results[False]["windows"] == plan.steps * 4
+def test_independent_check_of_every_dump_agrees_and_catches_broken_guarantees(cpt_data, tiny_model_dir, tmp_path):
+    plan, dumps, _ = plan_and_dump(cpt_data, tiny_model_dir, tmp_path, block_size=160)
+    results = {setting: check_dump(dumps[setting], cpt_data, tiny_model_dir, 160, setting) for setting in dumps}
+    assert list(results) == ["bridges", "no_bridges", "mismatched_bridges"]
+    bridges, no_bridges, mismatched = results.values()
+    assert bridges["pairs"] == no_bridges["pairs"] == mismatched["pairs"] > 0
+    assert bridges["co_located"] == bridges["pairs"] and no_bridges["co_located"] == mismatched["co_located"] == 0
+    assert mismatched["mismatched_documents"] == mismatched["pairs"]  # each first half with another's second half
+    assert bridges["segments"] == no_bridges["segments"] == mismatched["segments"]  # the same segments, token for token
+    assert bridges["windows"] == no_bridges["windows"] == mismatched["windows"] == plan.steps * 4
 
     # Broken guarantees are caught: a position that does not restart a document, a bridged dump
-    # read as a no-bridges one, a changed token.
-    lines = [json.loads(line) for line in dumps[False].read_text().splitlines()]
-    broken = dumps[False].with_name("broken.jsonl")
+    # read as a no-bridges or a mismatched one and the other way round, a changed token.
+    lines = [json.loads(line) for line in dumps["no_bridges"].read_text().splitlines()]
+    broken = dumps["no_bridges"].with_name("broken.jsonl")
     lines[0]["position_ids"][1] += 1  # a position that no longer restarts a document correctly
     broken.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(AssertionError):
-        check_dump(broken, cpt_data, tiny_model_dir, 128, False)
+        check_dump(broken, cpt_data, tiny_model_dir, 160, "no_bridges")
     # A bridges dump read as no-bridges fails (its second halves continue the first's positions).
-    with pytest.raises(AssertionError):
-        check_dump(dumps[True], cpt_data, tiny_model_dir, 128, False)
+    for dump, read_as in (("bridges", "no_bridges"), ("bridges", "mismatched_bridges"),
+                          ("mismatched_bridges", "bridges"), ("mismatched_bridges", "no_bridges")):  # fmt: skip
+        with pytest.raises(AssertionError):
+            check_dump(dumps[dump], cpt_data, tiny_model_dir, 160, read_as)
     # A token changed anywhere is caught.
-    lines = [json.loads(line) for line in dumps[True].read_text().splitlines()]
+    lines = [json.loads(line) for line in dumps["bridges"].read_text().splitlines()]
     lines[-1]["input_ids"][3] = (lines[-1]["input_ids"][3] + 1) % 50
     broken.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(AssertionError):
-        check_dump(broken, cpt_data, tiny_model_dir, 128, True)
+        check_dump(broken, cpt_data, tiny_model_dir, 160, "bridges")
 
 
 def test_pair_order_and_separator_are_the_same_in_both_settings(cpt_data, tiny_model_dir):
@@ -187,11 +200,12 @@ def test_pair_order_and_separator_are_the_same_in_both_settings(cpt_data, tiny_m
     ]
 
 
-def test_bridges_or_no_bridges_must_be_given_explicitly(cpt_data, tmp_path):
+def test_exactly_one_of_the_three_settings_must_be_given_explicitly(cpt_data, tmp_path):
     base = ["--model_name_or_path", "unused", "--dataset_path", str(cpt_data), "--lang", "bo", "--output_dir",
             str(tmp_path / "run")]  # fmt: skip
-    for flags in ([], ["--bridges", "--no_bridges"]):
-        with pytest.raises(ValueError, match="exactly one of --bridges .* and --no_bridges"):
+    for flags in ([], ["--bridges", "--no_bridges"], ["--bridges", "--mismatched_bridges"],
+                  ["--no_bridges", "--mismatched_bridges"], ["--bridges", "--no_bridges", "--mismatched_bridges"]):  # fmt: skip
+        with pytest.raises(ValueError, match="exactly one of --bridges .*, --no_bridges .* and --mismatched_bridges"):
             run_cpt.main(base + flags)
     assert not (tmp_path / "run").exists()
 
@@ -297,6 +311,39 @@ def test_packed_windows_survive_the_trainers_column_removal(cpt_data, tiny_model
     assert (batch["labels"] != -100).any()
 
 
+def test_a_mismatched_bridges_run_trains_the_same_documents_with_every_partner_wrong(tiny_model_dir, tmp_path):
+    from test_cpt_refusals import cpt_command, small_dataset
+
+    data = small_dataset(tmp_path / "inputs", tiny_model_dir)
+    run = tmp_path / "run"
+    run_cpt.main(cpt_command(tiny_model_dir, data, run, "--lang", "bo", "--dump_packing", str(run / "windows.jsonl"),
+                             "--save_strategy", "no", setting="--mismatched_bridges"))  # fmt: skip
+    audit = read_json(run / "packing_audit.json")
+    assert audit["setting"] == "mismatched_bridges" and audit["guarantees_hold"] is True
+    assert all(audit["equal_across_settings"].values()) and audit["plan"]["settings"] == list(run_cpt.SETTINGS)
+    pairs = audit["pairs"]["total"]
+    assert pairs > 0 and audit["pairs"]["co_located_percent"] == 0.0  # no pair meets its own partner
+    assert audit["mismatched_pairs"] == {"planned": pairs, "co_located": pairs, "co_located_percent": 100.0,
+                                         "attending_each_other": pairs, "with_own_partner": 0, "same_language": 0,
+                                         "each_half_once": True}  # fmt: skip
+    others = audit["other_settings"]
+    assert (others["bridges"]["pairs"]["co_located_percent"], others["no_bridges"]["pairs"]["co_located_percent"]) == (
+        100.0, 0.0)  # fmt: skip
+    assert others["bridges"]["hashes"] == others["no_bridges"]["hashes"] == audit["hashes"]
+    assert others["bridges"]["windows"] == audit["windows"] and others["bridges"]["real_tokens"] == audit["real_tokens"]
+    setting = read_json(run / "config.json")["cpt_setting"]
+    assert setting == audit["cpt_setting"] and (setting["setting"], setting["bridges"]) == ("mismatched_bridges", False)
+    dumped = check_dump(run / "windows.jsonl", data, tiny_model_dir, 64, "mismatched_bridges")
+    assert dumped["co_located"] == 0 and dumped["mismatched_documents"] == dumped["pairs"] == pairs
+    assert torch.load(run / "training_args.bin", weights_only=False).run_name == "cpt-bo-mismatched-bridges-seed0"
+    card = (run / "README.md").read_text()
+    assert "with MISMATCHED bridges" in card and "| setting | mismatched_bridges |" in card
+    assert "| planned mismatched partners co-located | 100.0% |" in card
+    # The checkpoint of a mismatched run is not resumed as a bridged one.
+    with pytest.raises(ValueError, match=r"setting differs \('mismatched_bridges' in the checkpoint vs 'bridges'"):
+        run_cpt.check_resume_setting(str(run), {**setting, "setting": "bridges"})
+
+
 # --------------------------------------------------------------------------------------
 # Slow: real commands
 # --------------------------------------------------------------------------------------
@@ -307,19 +354,22 @@ def read_json(path: Path) -> dict:
 
 
 def assert_audits_agree(audits: dict) -> None:
-    """The two settings' own audits: 100/0, each equal to what the other computed of it."""
-    assert audits[True]["pairs"]["co_located_percent"] == 100.0
-    assert audits[False]["pairs"]["co_located_percent"] == 0.0
-    assert audits[True]["pairs"]["attending_each_other"] == audits[True]["pairs"]["total"] > 0
-    for b in (True, False):
-        assert audits[b]["guarantees_hold"] and all(audits[b]["equal_across_settings"].values())
-        assert audits[b]["hashes"] == audits[not b]["other_setting"]["hashes"]
-        assert audits[b]["windows_trained"]["each_planned_window_once"] is True
+    """The settings' own audits: 100/0/0, each equal to what the others computed of it."""
+    assert audits["bridges"]["pairs"]["co_located_percent"] == 100.0
+    assert audits["no_bridges"]["pairs"]["co_located_percent"] == 0.0
+    assert audits["bridges"]["pairs"]["attending_each_other"] == audits["bridges"]["pairs"]["total"] > 0
+    for setting, audit in audits.items():
+        assert audit["setting"] == audit["cpt_setting"]["setting"] == setting
+        assert audit["guarantees_hold"] and all(audit["equal_across_settings"].values())
+        assert audit["windows_trained"]["each_planned_window_once"] is True
+        for other in audits:
+            if other != setting:
+                assert audit["hashes"] == audits[other]["other_settings"][setting]["hashes"]
+                assert audit["real_tokens"] == audits[other]["real_tokens"]
+                assert audit["plan"]["units_seen"] == audits[other]["plan"]["units_seen"]
     for key in ("segments_multiset_sha256", "tokens_multiset_sha256", "targets_multiset_sha256",
                 "documents_seen_sha256"):  # fmt: skip
-        assert audits[True]["hashes"][key] == audits[False]["hashes"][key]
-    assert audits[True]["real_tokens"] == audits[False]["real_tokens"]
-    assert audits[True]["plan"]["units_seen"] == audits[False]["plan"]["units_seen"]
+        assert len({audit["hashes"][key] for audit in audits.values()}) == 1
 
 
 @pytest.mark.slow
@@ -340,17 +390,19 @@ def test_command_contract_on_a_run_pretrain_base(tmp_path):
                 "--tgt_column", "bo", "--mono_files", str(mono), "--tokenizer_name", str(base), "--block_size", "128",
                 "--output_dir", str(data)], env_extra=ONE_THREAD)  # fmt: skip
     audits, dumps = {}, {}
-    for bridges in (True, False):
-        run = tmp_path / ("RUN-bridges" if bridges else "RUN-no-bridges")
+    for name in ("bridges", "no_bridges"):
+        bridges = name == "bridges"
+        run = tmp_path / f"RUN-{name}"
         run_script(["python", "run_cpt.py", "--model_name_or_path", str(base), "--dataset_path", str(data),
-                    "--lang", "bo", "--bridges" if bridges else "--no_bridges", "--block_size", "128",
+                    "--lang", "bo", f"--{name}", "--block_size", "128",
                     "--output_dir", str(run), "--max_steps", "10", "--save_steps", "5",
                     "--per_device_train_batch_size", "4", "--dump_packing", str(run / "windows.jsonl")], env_extra=ONE_THREAD)  # fmt: skip
-        audits[bridges] = read_json(run / "packing_audit.json")
-        dumps[bridges] = check_dump(run / "windows.jsonl", data, base, 128, bridges)
+        audits[name] = read_json(run / "packing_audit.json")
+        dumps[name] = check_dump(run / "windows.jsonl", data, base, 128, name)
         assert (run / "checkpoint-5").is_dir() and (run / "checkpoint-10").is_dir()
         setting = read_json(run / "config.json")["cpt_setting"]
-        assert setting["bridges"] is bridges and setting["lang"] == "bo" and setting["block_size"] == 128
+        assert setting["bridges"] is bridges and setting["setting"] == name
+        assert setting["lang"] == "bo" and setting["block_size"] == 128
         assert read_json(run / "checkpoint-5" / "config.json")["cpt_setting"] == setting
         state = read_json(run / "trainer_state.json")
         assert state["global_step"] == 10
@@ -360,12 +412,12 @@ def test_command_contract_on_a_run_pretrain_base(tmp_path):
         card = (run / "README.md").read_text()
         assert f"| bridges | {bridges} |" in card and "| steps trained | 10 |" in card
     assert_audits_agree(audits)
-    assert audits[True]["world_size"] == 1 and audits[True]["plan"]["steps"] == 10
-    assert audits[True]["document_isolation"]["holds"] and audits[False]["document_isolation"]["holds"]
-    assert dumps[True]["segments"] == dumps[False]["segments"]
-    assert dumps[True]["windows"] == dumps[False]["windows"] == 40
-    assert dumps[True]["co_located"] == dumps[True]["pairs"] == audits[True]["pairs"]["total"]
-    assert dumps[False]["co_located"] == 0
+    assert audits["bridges"]["world_size"] == 1 and audits["bridges"]["plan"]["steps"] == 10
+    assert all(audit["document_isolation"]["holds"] for audit in audits.values())
+    assert dumps["bridges"]["segments"] == dumps["no_bridges"]["segments"]
+    assert dumps["bridges"]["windows"] == dumps["no_bridges"]["windows"] == 40
+    assert dumps["bridges"]["co_located"] == dumps["bridges"]["pairs"] == audits["bridges"]["pairs"]["total"]
+    assert dumps["no_bridges"]["co_located"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -462,20 +514,20 @@ def test_resume_from_the_middle_gives_the_same_losses_as_a_straight_run(hub_runs
 def test_two_cpu_processes_train_both_settings_on_the_same_plan(tmp_path, tiny_model_dir, cpt_data):
     config = REPO_ROOT / "accelerate_configs" / "cpu.yaml"
     audits = {}
-    for bridges in (True, False):
-        run = tmp_path / ("bridges" if bridges else "no-bridges")
+    for setting in ("bridges", "no_bridges"):
+        run = tmp_path / setting
         run_script(["accelerate", "launch", "--config_file", str(config), "run_cpt.py", "--model_name_or_path",
                     str(tiny_model_dir), "--dataset_path", str(cpt_data), "--lang", "bo",
-                    "--bridges" if bridges else "--no_bridges", "--block_size", "128", "--output_dir", str(run),
+                    f"--{setting}", "--block_size", "128", "--output_dir", str(run),
                     "--max_steps", "3", "--per_device_train_batch_size", "2", "--save_steps", "3",
                     "--dump_packing", str(run / "windows.jsonl"), "--report_to", "none"],
                    env_extra=ONE_THREAD)  # fmt: skip
-        audits[bridges] = read_json(run / "packing_audit.json")
-        assert audits[bridges]["world_size"] == 2 and audits[bridges]["windows_per_step"] == 4
+        audits[setting] = read_json(run / "packing_audit.json")
+        assert audits[setting]["world_size"] == 2 and audits[setting]["windows_per_step"] == 4
         # Both processes together read every planned window exactly once.
-        assert audits[bridges]["windows_trained"]["windows_read"] == 12
-        result = check_dump(run / "windows.jsonl", cpt_data, tiny_model_dir, 128, bridges)
-        assert result["co_located"] == (result["pairs"] if bridges else 0)
+        assert audits[setting]["windows_trained"]["windows_read"] == 12
+        result = check_dump(run / "windows.jsonl", cpt_data, tiny_model_dir, 128, setting)
+        assert result["co_located"] == (result["pairs"] if setting == "bridges" else 0)
         assert read_json(run / "trainer_state.json")["global_step"] == 3
     assert_audits_agree(audits)
 

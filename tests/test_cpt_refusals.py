@@ -53,6 +53,27 @@ def test_either_setting_refuses_a_dataset_without_pairs_naming_it_and_its_counts
     assert not (tmp_path / "run").exists()
 
 
+def test_pairs_dropped_for_a_smaller_block_size_are_logged_with_what_to_do_and_stated_in_the_card(tmp_path,
+                                                                                                  tiny_model_dir,
+                                                                                                  caplog):  # fmt: skip
+    import logging
+
+    data = small_dataset(tmp_path / "inputs", tiny_model_dir)  # built for windows of 64 tokens
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="run_cpt"):
+        audit = run_cpt.main(cpt_command(tiny_model_dir, data, run, "--lang", "bo", "--block_size", "30",
+                                         "--max_steps", "4", "--save_strategy", "no"))  # fmt: skip
+    dropped = audit["dataset"]["units_dropped"]["by_reason"]["pair:pair_over_block_size"]
+    assert 0 < dropped < 12 and audit["dataset"]["units_dropped"]["count"] == dropped
+    note = (f"Dropped before packing, in every setting alike: {dropped} of 12 pair records (longer than --block_size "
+            "30: pair_over_block_size). To train on them raise --block_size; for data that matches this window, "
+            "rebuild it at this block size (build_pairs.py --block_size 30, which records the drop in "
+            "build_stats.json).")  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0] == note
+    assert audit["dataset"]["units_dropped"]["note"] == note
+    assert f"| units dropped before packing | {note} |" in (run / "README.md").read_text()
+
+
 def test_a_plan_that_sees_no_pair_refuses_to_train_and_its_audit_does_not_hold(tmp_path, tiny_model_dir):
     # Mono texts that each fill most of a 32-token window, and one pair: one window of one step
     # holds the first shuffled unit only, a mono text (seed 0), so no pair is in the plan.
@@ -85,42 +106,105 @@ def audits_of_a_real_plan(data_dir, tokenizer_dir):
     raw, _ = run_cpt.load_cpt_dataset(args)
     tokenized = run_cpt.tokenize_dataset(raw, tokenizer, args, seed=0)
     store = run_cpt.SegmentStore(tokenized)
-    units = run_cpt.packing_units(tokenized["kind"], tokenized["drop_reason"], store)
+    units = run_cpt.packing_units(tokenized, store)
     plan = run_cpt.plan_packing(units, block_size=64, windows_per_step=2, seed=0, max_steps=2)
     pair_rows = {u.key for u in units if u.is_pair}
-    audits = {
-        b: run_cpt.audit_windows(
-            plan.setting(b).windows,
-            store,
-            run_cpt.BridgePackingCollator(64, 0),
-            pair_rows,
-            tokenized["doc_id"],
-            len(tokenizer),
-        )  # fmt: skip
-        for b in (True, False)
-    }
-    return plan, store, audits
+
+    def audit(planned):
+        return run_cpt.audit_windows(planned.windows, store, run_cpt.BridgePackingCollator(64, 0), pair_rows,
+                                     tokenized["doc_id"], len(tokenizer), planned.partners, tokenized["first_side"])  # fmt: skip
+
+    return plan, store, {name: audit(planned) for name, planned in plan.settings.items()}, audit
+
+
+def judged(audits, setting, equal=None, isolation=None):
+    """judge_guarantees of ``setting``'s run, the other settings' audits beside it."""
+    isolation = isolation or {"holds": True}
+    others = {name: audit for name, audit in audits.items() if name != setting}
+    return run_cpt.judge_guarantees(audits[setting], others, equal or {}, isolation, setting, 64)
 
 
 def test_a_leaking_isolation_check_breaks_the_guarantees_and_an_unchecked_co_location_is_refused(tmp_path,
                                                                                                    tiny_model_dir):  # fmt: skip
-    _, _, audits = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
+    _, _, audits, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
     equal = {"tokens_multiset": True}
     holds = {"holds": True, "attn_implementation": "sdpa", "layout": "padded", "compute_dtype": "float32",
              "device": "cpu", "max_logit_diff_packed_vs_alone": 0.0, "max_logit_diff_other_documents_changed": 0.0}  # fmt: skip
-    assert run_cpt.judge_guarantees(audits[True], audits[False], equal, holds, True, 64) == ([], [])
+    assert list(audits) == list(run_cpt.SETTINGS)
+    assert all(judged(audits, setting, equal, holds) == ([], []) for setting in audits)
     leaks = {**holds, "holds": False, "attn_implementation": "flash_attention_2", "layout": "flattened",
              "max_logit_diff_other_documents_changed": 0.5}  # fmt: skip
-    broken, _ = run_cpt.judge_guarantees(audits[True], audits[False], equal, leaks, True, 64)
+    broken, _ = judged(audits, "bridges", equal, leaks)
     assert broken and "attention crosses documents with attn_implementation=flash_attention_2" in broken[0]
-    # No pair in either setting's plan: co-location cannot be checked, and training is refused.
+    # No pair in any setting's plan: co-location cannot be checked, and training is refused.
     no_pairs = {b: {**audits[b], "pairs": {**audits[b]["pairs"], "total": 0, "co_located": 0,
                                            "co_located_percent": None, "attending_each_other": 0}} for b in audits}  # fmt: skip
-    _, not_checked = run_cpt.judge_guarantees(no_pairs[True], no_pairs[False], equal, holds, True, 64)
-    assert [item.split(":")[0] for item in not_checked] == ["co-location", "co-location"]
+    _, not_checked = judged(no_pairs, "bridges", equal, holds)
+    assert [item.split(":")[0] for item in not_checked] == ["co-location"] * 3
     with pytest.raises(ValueError, match="could not be checked: co-location.*Nothing was trained"):
         run_cpt.refuse_unchecked_guarantees(not_checked)
     run_cpt.refuse_unchecked_guarantees([])
+
+
+def test_mismatched_bridges_are_refused_when_the_derangement_or_the_packing_breaks(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):  # fmt: skip
+    data = small_dataset(tmp_path, tiny_model_dir)
+    plan, _, audits, audit = audits_of_a_real_plan(data, tiny_model_dir)
+    mismatched = audits["mismatched_bridges"]
+    assert mismatched["pairs"]["co_located_percent"] == 0.0 and mismatched["pairs"]["total"] > 0
+    assert mismatched["mismatched_pairs"] == {
+        "planned": mismatched["pairs"]["total"], "co_located": mismatched["pairs"]["total"], "co_located_percent": 100.0,
+        "attending_each_other": mismatched["pairs"]["total"], "with_own_partner": 0, "same_language": 0,
+        "each_half_once": True}  # fmt: skip
+    # The packing breaks: a mismatched pair cut into two documents of its window no longer attends to itself.
+    windows = [list(window) for window in plan.mismatched_bridges.windows]
+    w, d = next((w, d) for w, window in enumerate(windows) for d, document in enumerate(window) if len(document) == 2)
+    windows[w][d : d + 1] = [(windows[w][d][0],), (windows[w][d][1],)]
+    cut = audit(run_cpt.SettingPlan(windows, 0, plan.mismatched_bridges.partners))
+    broken, _ = judged({**audits, "mismatched_bridges": cut}, "mismatched_bridges")
+    assert broken == [f"the planned mismatched partners are not each one document of another pair's English and "
+                      f"target halves in mismatched_bridges (this run): {cut['mismatched_pairs']}"]  # fmt: skip
+    assert cut["mismatched_pairs"]["attending_each_other"] == mismatched["pairs"]["total"] - 1
+    # The derangement breaks (each pair its own partner): the control is a bridged run, and it is refused,
+    # here and in a run, before anything is trained.
+    monkeypatch.setattr(run_cpt, "mismatched_partners", lambda cycle: cycle)
+    _, _, broken_audits, _ = audits_of_a_real_plan(data, tiny_model_dir)
+    broken, _ = judged(broken_audits, "bridges")
+    assert broken[0] == "100.0% of pairs co-located in mismatched_bridges, expected 0.0%"
+    assert "with_own_partner': " + str(mismatched["pairs"]["total"]) in broken[1]
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"Packing audit failed: 100.0% of pairs co-located in mismatched_bridges "
+                                           r"\(this run\), expected 0.0%"):  # fmt: skip
+        run_cpt.main(cpt_command(tiny_model_dir, data, run, "--lang", "bo", setting="--mismatched_bridges"))
+    assert json.loads((run / "packing_audit.json").read_text())["guarantees_hold"] is False
+    assert not (run / "config.json").exists()
+
+
+def test_mismatched_bridges_refuse_data_without_two_pairs_of_each_order_or_with_halves_too_long(tmp_path,
+                                                                                                 tiny_model_dir):  # fmt: skip
+    units = [run_cpt.PackingUnit(0, (4, 4), True, "en"), run_cpt.PackingUnit(1, (9,), False)]
+    plan = run_cpt.plan_packing(units, block_size=16, windows_per_step=1, seed=0, max_steps=2)
+    assert list(plan.settings) == ["bridges", "no_bridges"] and plan.mismatched_bridges is None
+    assert (
+        plan.mismatched_unavailable == "only one of the pairs with en first: it has no other pair to be mismatched with"
+    )
+    two_orders = [*units, run_cpt.PackingUnit(2, (4, 4), True, "en"), run_cpt.PackingUnit(3, (4, 4), True, "tgt")]
+    assert run_cpt.mismatched_unavailable(two_orders, 16).startswith("only one of the pairs with tgt first")
+    long_halves = [run_cpt.PackingUnit(0, (9, 3), True), run_cpt.PackingUnit(1, (3, 9), True)]
+    assert run_cpt.mismatched_unavailable(long_halves, 16) == (
+        "the longest first half (9 tokens) and the longest second half (9) of the pairs would not fit one window "
+        "of 16 tokens together")  # fmt: skip
+    assert run_cpt.mismatched_unavailable(long_halves, 18) is None
+    data = small_dataset(tmp_path / "inputs", tiny_model_dir)
+    one_pair = tmp_path / "one_pair"
+    dataset = load_from_disk(str(data))
+    first_pair = dataset["kind"].index("pair")
+    dataset.filter(lambda r, i: r["kind"] != "pair" or i == first_pair, with_indices=True).save_to_disk(str(one_pair))
+    with pytest.raises(ValueError, match=rf"--mismatched_bridges cannot run on {one_pair}: only one of the pairs "
+                                         r"with en first: .* add pairs"):  # fmt: skip
+        run_cpt.main(cpt_command(tiny_model_dir, one_pair, tmp_path / "run", "--lang", "bo",
+                                 setting="--mismatched_bridges"))  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_window_holds_two(tmp_path,
@@ -128,7 +212,7 @@ def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_wi
     import torch
     from transformers import AutoModelForCausalLM
 
-    plan, store, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
+    plan, store, _, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
     one_per_window = [[document] for window in plan.bridges.windows for document in window]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     collator = run_cpt.BridgePackingCollator(64, 1)

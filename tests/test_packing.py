@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from run_cpt import BridgePackingCollator, PackingUnit, pack, plan_packing, shuffled, split_to
+from run_cpt import (
+    SETTINGS,
+    BridgePackingCollator,
+    PackingUnit,
+    mismatched_unavailable,
+    pack,
+    pair_group_sizes,
+    plan_packing,
+    shuffled,
+    split_to,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,12 +34,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def random_units(rng: random.Random, block_size: int) -> list[PackingUnit]:
     units = []
+    groups = rng.choice([[None], ["en", "tgt"]])  # one pair order, or a coin per pair
+    half = rng.random() < 0.5  # pairs of at most half a window: any two can be mismatched partners
     for row in range(rng.randint(1, 50)):
         scale = rng.choice([0.05, 0.2, 0.5, 1.0])  # mostly small documents, some near a window
         if rng.random() < 0.5:
-            first = rng.randint(2, max(2, min(block_size - 2, int(block_size * scale))))
-            second = rng.randint(2, max(2, min(block_size - first, int(block_size * scale))))
-            units.append(PackingUnit(row, (first, second), True))
+            pair_size = block_size // 2 if half else block_size
+            first = rng.randint(2, max(2, min(pair_size - 2, int(block_size * scale))))
+            second = rng.randint(2, max(2, min(pair_size - first, int(block_size * scale))))
+            units.append(PackingUnit(row, (first, second), True, rng.choice(groups)))
         else:
             n_segments = rng.choice([1, 1, 1, 2, 3])
             lengths = tuple(rng.randint(2, max(2, int(block_size * scale))) for _ in range(n_segments))
@@ -37,28 +50,34 @@ def random_units(rng: random.Random, block_size: int) -> list[PackingUnit]:
     return units
 
 
-def check_windows(windows, units_by_key, block_size, bridges, expected_segments: Counter):
-    """Every guarantee that can be read off one setting's windows."""
+def check_windows(windows, units_by_key, block_size, setting, expected_segments: Counter, partners=None):
+    """Every guarantee that can be read off one setting's windows (and, mismatched, the planned partners)."""
     placed = Counter()
     for window in windows:
         length = 0
         pair_halves_here = Counter()
         for document in window:
-            rows = {segment[0] for segment in document}
-            assert len(rows) == 1, "a document mixes units"
-            unit = units_by_key[next(iter(rows))[1]]
+            keys = [segment[0] for segment in document]
+            unit = units_by_key[keys[0][1]]
             parts = [part for _, part in document]
-            if unit.is_pair and bridges:
-                assert parts == [0, 1], "with bridges a pair is one document: first then second"
+            if unit.is_pair and setting != "no_bridges":
+                assert parts == [0, 1], "a pair document is a first half then a second half"
+                if setting == "bridges":
+                    assert keys[0] == keys[1], "with bridges a pair is one document"
+                else:
+                    partner = units_by_key[keys[1][1]]
+                    assert partner.is_pair and keys[0][1] != keys[1][1], "a mismatched pair with its own partner"
+                    assert keys[0][0] == keys[1][0] and unit.group == partner.group, "partner of another pass or group"
+                    assert partners is None or partners[keys[0]] == keys[1], "not the planned partner"
             else:
-                assert len(parts) == 1, "a segment is a document of its own"
-            for segment in document:
-                length += unit.segment_lengths[segment[1]]
-                placed[segment] += 1
+                assert len(parts) == 1 and len(keys) == 1, "a segment is a document of its own"
+            for key, part in document:
+                length += units_by_key[key[1]].segment_lengths[part]
+                placed[key, part] += 1
                 if unit.is_pair:
-                    pair_halves_here[segment[0]] += 1
+                    pair_halves_here[key] += 1
         assert length <= block_size, "window over block size"
-        if bridges:
+        if setting == "bridges":
             assert all(count == 2 for count in pair_halves_here.values())
         else:
             assert all(count == 1 for count in pair_halves_here.values()), "pair halves share a window"
@@ -95,16 +114,17 @@ def check_pack_case(case):
     units_by_key = {u.key: u for u in units}
     stream = shuffled(units, seed=rng.randint(0, 10**6), data_pass=0)
     max_open = rng.choice([1, 2, 4, 64])
-    packed = {b: pack(stream, block_size, b, max_open) for b in (True, False)}
-    for bridges, windows in packed.items():
-        # Every document exactly once per pass, none split, none over a window, co-location 100/0.
+    settings = SETTINGS if mismatched_unavailable(units, block_size) is None else SETTINGS[:2]
+    packed = {name: pack(stream, block_size, name, max_open) for name in settings}
+    for setting, windows in packed.items():
+        # Every document exactly once per pass, none split, none over a window, co-location 100/0/0.
         check_windows(
-            windows, units_by_key, block_size, bridges, expected_segments([u.key for u in stream], units_by_key)
+            windows, units_by_key, block_size, setting, expected_segments([u.key for u in stream], units_by_key)
         )
         assert all(windows), "no empty window from the packer"
-    # Same multiset of segments in both settings (the windows differ only in grouping).
+    # Same multiset of segments in every setting (the windows differ only in grouping).
     flatten = lambda ws: Counter(s for w in ws for d in w for s in d)  # noqa: E731
-    assert flatten(packed[True]) == flatten(packed[False])
+    assert all(flatten(windows) == flatten(packed["bridges"]) for windows in packed.values())
 
 
 @pytest.mark.parametrize("chunk", range(20))
@@ -140,11 +160,18 @@ def check_plan_case(case):
         return
     target = plan.steps * per_step
     assert 1 <= plan.steps <= plan.requested_steps
-    for bridges in (True, False):
-        windows = plan.setting(bridges).windows
-        assert len(windows) == target, "both settings get exactly steps x windows_per_step windows"
+    assert ("mismatched_bridges" in plan.settings) == (mismatched_unavailable(units, block_size) is None)
+    for setting, planned in plan.settings.items():
+        windows = planned.windows
+        assert len(windows) == target, "every setting gets exactly steps x windows_per_step windows"
         assert sum(1 for w in windows if not w) <= max_empty
-        check_windows(windows, units_by_key, block_size, bridges, expected_segments(plan.seen, units_by_key))
+        check_windows(windows, units_by_key, block_size, setting, expected_segments(plan.seen, units_by_key),
+                      planned.partners)  # fmt: skip
+    if plan.mismatched_bridges:  # every pair of the plan gives its first half once and gets a second half once
+        pairs_seen = sorted(key for key in plan.seen if units_by_key[key[1]].is_pair)
+        assert (
+            sorted(plan.mismatched_bridges.partners) == sorted(plan.mismatched_bridges.partners.values()) == pairs_seen
+        )
     # The prefix is whole passes over the data, each a permutation of all units, then part of one.
     passes = Counter(key[0] for key in plan.seen)
     assert list(passes) == list(range(plan.passes))
@@ -160,9 +187,18 @@ def check_plan_case(case):
         last_pass = plan.passes - 1
         position = passes[last_pass]
         following = shuffled(units, case, last_pass) + shuffled(units, case, last_pass + 1)
-        longer = [units_by_key[key[1]]._replace(key=key) for key in plan.seen] + [following[position]]
-        needs = [len(pack(longer, block_size, b, max_open)) for b in (True, False)]
-        assert max(needs) > target
+        longer = [units_by_key[key[1]]._replace(key=key) for key in plan.seen]
+        for unit in following[position:]:  # the next prefix where no pair waits for a mismatched partner
+            longer.append(unit)
+            try:
+                needs = [
+                    len(pack(longer, block_size, name, max_open, pair_group_sizes(units))) for name in plan.settings
+                ]
+            except ValueError as error:
+                assert "waits for its mismatched partner" in str(error)
+                continue
+            assert max(needs) > target
+            break
 
 
 def texts_of_exactly(tokenizer, words: list[str], n_tokens: int, count: int) -> list[str]:
@@ -193,7 +229,7 @@ def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so(tiny_m
     units = [PackingUnit(row, (5, 5), True) for row in range(10)]
     trimmed = plan_packing(units, block_size=10, windows_per_step=1, seed=0, max_steps=3)
     assert (trimmed.requested_steps, trimmed.steps, trimmed.units_seen) == (3, 2, 2)
-    assert all(len(trimmed.setting(b).windows) == 2 for b in (True, False))
+    assert all(len(planned.windows) == 2 for planned in trimmed.settings.values()) and len(trimmed.settings) == 3
     filled = plan_packing(units, block_size=10, windows_per_step=1, seed=0, max_steps=4)
     assert (filled.requested_steps, filled.steps) == (4, 4)  # the data can fill them: no trim
     with_slack = plan_packing(units, block_size=10, windows_per_step=2, seed=0, max_steps=3, max_empty_windows=1)
@@ -220,7 +256,7 @@ def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so(tiny_m
     audit = json.loads((run / "packing_audit.json").read_text())
     assert (audit["plan"]["requested_steps"], audit["plan"]["steps"], audit["plan"]["steps_trimmed"]) == (3, 2, 1)
     assert audit["cpt_setting"]["steps"] == 2 and audit["guarantees_hold"] is True
-    assert "Trained steps trimmed from 3 to 2 so that both settings see the same documents." in caplog.text
+    assert "Trained steps trimmed from 3 to 2 so that the settings see the same documents." in caplog.text
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
 
 
@@ -232,6 +268,47 @@ def test_plan_is_a_pure_function_of_units_seed_and_sizes():
     other_seed = plan_packing(units, block_size=64, windows_per_step=3, seed=8, max_steps=5)
     assert first == again
     assert first.seen != other_seed.seen
+
+
+def test_mismatched_bridges_give_each_first_half_the_second_half_of_another_pair_fixed_per_seed():
+    rng = random.Random(3)
+    units = [PackingUnit(row, (rng.randint(2, 12), rng.randint(2, 12)), True, "en" if row % 3 else "tgt")
+             for row in range(11)] + [PackingUnit(11 + row, (rng.randint(2, 30),), False) for row in range(6)]  # fmt: skip
+    units_by_key = {u.key: u for u in units}
+    plan = plan_packing(units, block_size=32, windows_per_step=2, seed=7, num_epochs=2)
+    assert list(plan.settings) == list(SETTINGS) and plan.passes == 2
+    # The same segments in every setting, the same number of windows; each pair document is a first half with
+    # the second half of its planned partner: another pair, of the same pass and pair order (check_windows).
+    for setting, planned in plan.settings.items():
+        check_windows(planned.windows, units_by_key, 32, setting, expected_segments(plan.seen, units_by_key),
+                      planned.partners)  # fmt: skip
+    partners = plan.mismatched_bridges.partners
+    pairs_seen = [key for key in plan.seen if units_by_key[key[1]].is_pair]
+    assert sorted(partners) == sorted(partners.values()) == sorted(pairs_seen) and len(pairs_seen) == 22
+    assert all(a[1] != b[1] and a[0] == b[0] and units_by_key[a[1]].group == units_by_key[b[1]].group
+               for a, b in partners.items())  # fmt: skip
+    # One pass's partners are not another's, and the derangement is a function of the seed.
+    assert {a[1]: b[1] for a, b in partners.items() if a[0] == 0} != {a[1]: b[1] for a, b in partners.items() if a[0]}
+    assert plan_packing(units, block_size=32, windows_per_step=2, seed=7, num_epochs=2) == plan
+    other = plan_packing(units, block_size=32, windows_per_step=2, seed=8, num_epochs=2).mismatched_bridges.partners
+    assert other != partners
+
+
+def test_a_plan_never_ends_while_a_pair_waits_for_its_mismatched_partner():
+    # Five pairs of 5 + 5 tokens, two windows of 20: three pairs fit with bridges and without, but the third
+    # pair's mismatched partner would be the fourth, so the plan stops after two (which swap second halves).
+    units = [PackingUnit(row, (5, 5), True) for row in range(5)]
+    plan = plan_packing(units, block_size=20, windows_per_step=1, seed=0, max_steps=2)
+    assert (plan.steps, plan.units_seen) == (2, 2)
+    stream = shuffled(units, seed=0, data_pass=0)
+    assert all(len(pack(stream[:3], 20, setting)) == 2 for setting in ("bridges", "no_bridges"))
+    with pytest.raises(ValueError, match="waits for its mismatched partner"):
+        pack(stream[:3], 20, "mismatched_bridges", group_sizes=pair_group_sizes(units))
+    first, second = (unit.key for unit in stream[:2])
+    assert plan.mismatched_bridges.partners == {first: second, second: first}
+    # An odd number of pairs: the last three of a pass form one cycle, so every pair of the pass has a partner.
+    odd = plan_packing(units, block_size=20, windows_per_step=1, seed=0, num_epochs=1)
+    assert odd.units_seen == 5 and sorted(odd.mismatched_bridges.partners.values()) == sorted(odd.seen)
 
 
 def test_split_to_halves_the_fullest_windows_and_keeps_documents_whole():
@@ -254,9 +331,9 @@ def test_real_token_fraction_meets_the_goals_at_block_2048_on_a_realistic_length
     units = realistic_units(random.Random(0), n_pairs=6000, n_mono=600, block_size=2048)
     stream = shuffled(units, seed=0, data_pass=0)
     real = sum(sum(u.segment_lengths) for u in units)
-    fraction = {b: real / (2048 * len(pack(stream, 2048, b))) for b in (True, False)}
-    assert fraction[False] >= 0.99
-    assert fraction[True] >= 0.98
+    fraction = {name: real / (2048 * len(pack(stream, 2048, name))) for name in SETTINGS}
+    assert fraction["no_bridges"] >= 0.99
+    assert fraction["bridges"] >= 0.98 and fraction["mismatched_bridges"] >= 0.98
 
 
 # --------------------------------------------------------------------------------------
@@ -304,12 +381,12 @@ def test_collator_refuses_a_window_over_block_size():
 def test_targets_are_the_same_tokens_in_both_settings():
     plan = plan_packing(UNITS, block_size=12, windows_per_step=2, seed=0, num_epochs=1)
     targets = {}
-    for bridges in (True, False):
+    for setting, planned in plan.settings.items():
         collator = BridgePackingCollator(12, 1)
-        batch = collator([collator.window_features(w, tokens_of) for w in plan.setting(bridges).windows])
+        batch = collator([collator.window_features(w, tokens_of) for w in planned.windows])
         labels = batch["labels"][batch["labels"] != -100]
-        targets[bridges] = (Counter(labels.tolist()), Counter(batch["input_ids"][batch["labels"] != -100].tolist()))
-    assert targets[True] == targets[False]
+        targets[setting] = (Counter(labels.tolist()), Counter(batch["input_ids"][batch["labels"] != -100].tolist()))
+    assert len(targets) == 3 and targets["bridges"] == targets["no_bridges"] == targets["mismatched_bridges"]
 
 
 # --------------------------------------------------------------------------------------
@@ -336,9 +413,9 @@ def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_mod
             return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
     plan = plan_packing(units, block_size=64, windows_per_step=2, seed=0, num_epochs=1)
-    for bridges in (True, False):
+    for setting in SETTINGS:
         collator = BridgePackingCollator(64, pad_token_id=1)
-        windows = plan.setting(bridges).windows
+        windows = plan.setting(setting).windows
         assert any(len(window) >= 2 for window in windows)  # neighbours a leak would come from
         batch = collator([collator.window_features(window, tokens) for window in windows])
         packed_rows = logits(batch["input_ids"], batch["position_ids"])  # all windows in one batch
@@ -349,15 +426,15 @@ def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_mod
                 ids = [t for segment in document for t in tokens(segment)]
                 alone = logits(torch.tensor([ids]))[0]
                 torch.testing.assert_close(packed_rows[row, offset : offset + len(ids)], alone, atol=1e-5, rtol=1e-4)
-                if len(document) == 2:  # a bridged pair: its second half attends to the first
+                if len(document) == 2:  # a (bridged or mismatched) pair: its second half attends to the first
                     bridged_pairs += 1
                     second = tokens(document[1])
                     second_alone = logits(torch.tensor([second]))[0]
                     packed_second = packed_rows[row, offset + len(ids) - len(second) : offset + len(ids)]
                     assert (packed_second - second_alone).abs().max() > 1e-3
                 offset += len(ids)
-        # With bridges both pairs were one document each; without, every half was a document alone.
-        assert bridged_pairs == (2 if bridges else 0)
+        # With (mismatched) bridges both pairs were one document each; without, every half was a document alone.
+        assert bridged_pairs == (0 if setting == "no_bridges" else 2)
 
 
 # --------------------------------------------------------------------------------------
