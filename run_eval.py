@@ -3,9 +3,9 @@
 # requires-python = ">=3.10"
 # dependencies = ["torch==2.13.0", "transformers>=5.0", "datasets>=4.0", "huggingface-hub>=1.0", "numpy>=2.0", "tqdm"]
 # ///
-"""Bilingual cloze probing of every checkpoint of a run, and the bridge diagnostic.
+"""Bilingual cloze probing of every checkpoint of a run, the bridge diagnostic and the manipulation checks.
 
-Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). Two jobs:
+Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). Three jobs:
 
 1. **Probing** (``--model_name_or_path`` + ``--questions``): score the paper's cloze questions on a model, on
    every checkpoint of a run directory, or on every checkpoint of a Hub repo, and write
@@ -15,8 +15,8 @@ Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). 
      (``correct``: the paper's first-wins rule; ``tied_best``: options sharing the best score;
      ``credit_fractional``: the expected credit of breaking that tie uniformly at random), read back by
      ``cloze.read_predictions``;
-   * ``accuracy.json``: ``{"checkpoints": [{"step", "path", "accuracy": {<questions>: {"lang", "correct",
-     "total", "accuracy", "ties", "tie_rate", "correct_fractional", "accuracy_fractional",
+   * ``accuracy.json``: ``{"checkpoints": [{"step", "path", "weights_sha256", "accuracy": {<questions>: {"lang",
+     "correct", "total", "accuracy", "ties", "tie_rate", "correct_fractional", "accuracy_fractional",
      "ties_advantage"}}}], ...}`` plus what was probed (question files, their quirks and ``position_bias``,
      the scoring, dtype and loss_dtype, the run's ``cpt_setting``), and ``accuracy.csv`` with the same numbers.
 
