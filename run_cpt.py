@@ -3,7 +3,7 @@
 # requires-python = ">=3.10"
 # dependencies = ["torch==2.13.0", "transformers>=5.0", "accelerate>=1.10", "datasets>=4.0", "numpy>=2.0", "huggingface-hub>=1.0"]
 # ///
-"""Continual pretraining on one language, WITH or WITHOUT bridges (step 2b of the study).
+"""Continual pretraining on one language, WITH, WITHOUT or with MISMATCHED bridges (step 2b of the study).
 
 Needs study_common.py and train_common.py beside it (the packing and collation section below needs only torch).
 
@@ -15,10 +15,11 @@ continues a base model (run_pretrain.py output, local or Hub; default ``runs/pre
 run_pretrain.py saves by default) on the dataset of build_pairs.py (``--dataset_path`` save_to_disk
 dir, default ``runs/data-<lang>`` where ``build_pairs.py --lang <lang>`` writes by default, or
 ``--dataset_name`` Hub dataset pushed by build_pairs.py). ``--output_dir`` defaults to
-``runs/cpt-<lang>-<bridges|no-bridges>-seed<seed>``, so the two settings never share a folder.
-``--bridges`` or ``--no_bridges`` must be given. The two settings train on exactly the same
-documents, the same tokens and the same number of windows and steps; they differ only in whether
-the two halves of each parallel pair share a context window (and so attend to each other). How
+``runs/cpt-<lang>-<setting>-seed<seed>``, so the settings never share a folder. Exactly one of
+``--bridges``, ``--no_bridges`` and ``--mismatched_bridges`` must be given. The settings train on
+exactly the same documents, the same tokens and the same number of windows and steps; they differ
+only in whether the two halves of each parallel pair share a context window (and so attend to each
+other), or (mismatched, the control) each first half shares one with another pair's second half. How
 that is guaranteed is documented in ``plan_packing`` and ``BridgePackingCollator`` below; the run
 proves it at start in ``packing_audit.json`` (and raises if it does not hold), and
 ``--dump_packing FILE`` writes every trained window for an independent check.
@@ -33,7 +34,7 @@ checkpoint of the same setting, base model, data and plan (``check_resume_settin
 
 Outputs in --output_dir: checkpoint-N/ every --save_steps (a learning curve), the final model and
 tokenizer, packing_audit.json, the setting in config.json (``cpt_setting``), in trainer_state.json
-(``stateful_callbacks.CPTSettingCallback``) and in the run name (default ``cpt-<lang>-<bridges|no-bridges>-seed<seed>``),
+(``stateful_callbacks.CPTSettingCallback``) and in the run name (default ``cpt-<lang>-<setting>-seed<seed>``),
 and a model card (README.md, also the one pushed with --push_to_hub).
 """
 
@@ -165,12 +166,11 @@ def mismatched_partners(cycle: list[PackingUnit]) -> list[PackingUnit]:
 class SettingDocuments:
     """The documents of one setting, unit after unit of the stream (``unit_documents``).
 
-    ``mismatched_bridges``: pairs wait, per pass and ``group``, until two have come (three at the end of a
-    pass over an odd number), then each pair's first segment and its partner's second segment
-    (``mismatched_partners``) form one document, exactly as a bridged pair's two segments do. Its
-    ``pair_keys`` are both pairs: neither pair's other half may share the window. ``waiting`` is true
-    while a pair waits for its partner: a stream may not end there. ``group_sizes``: pairs per group in
-    one pass. ``partners``: each pair's key -> the key of the pair whose second segment it was given.
+    ``mismatched_bridges``: pairs wait, per pass and ``group`` (``group_sizes``: pairs per group in one
+    pass), until two have come (three at the end of a pass over an odd number); then each pair's first
+    segment and its partner's second segment (``mismatched_partners``) form one document, laid out as a
+    bridged pair's, with both pairs in its ``pair_keys``. ``waiting``: a pair waits for its partner (a
+    stream may not end there). ``partners``: pair key -> the key of the pair whose second segment it got.
     """
 
     def __init__(self, setting: str, group_sizes: Counter):
@@ -212,17 +212,13 @@ def mismatched_unavailable(units: Sequence[PackingUnit], block_size: int) -> str
     """Why ``units`` cannot be planned with mismatched bridges (None: they can).
 
     Every group needs two pairs, and any first segment of a group must fit one window with any second."""
-    longest: dict[object, list[int]] = {}  # group -> [pairs, longest first segment, longest second segment]
-    for unit in units:
-        if unit.is_pair:
-            entry = longest.setdefault(unit.group, [0, 0, 0])
-            entry[0] += 1
-            entry[1], entry[2] = max(entry[1], unit.segment_lengths[0]), max(entry[2], unit.segment_lengths[1])
-    if not longest:
+    if not any(unit.is_pair for unit in units):
         return "no parallel pair"
-    for group, (count, first, second) in longest.items():
+    for group in pair_group_sizes(units):
+        lengths = [unit.segment_lengths for unit in units if unit.is_pair and unit.group == group]
+        first, second = (max(length[part] for length in lengths) for part in (0, 1))
         which = "pairs" if group is None else f"pairs with {group} first"
-        if count < 2:
+        if len(lengths) < 2:
             return f"only one of the {which}: it has no other pair to be mismatched with"
         if first + second > block_size:
             return (
@@ -411,9 +407,7 @@ class PackingPlan:
     mismatched_unavailable: str | None = None
 
     def setting(self, name: str) -> SettingPlan:
-        if name not in SETTINGS or getattr(self, name) is None:
-            raise ValueError(f"{name!r} is not a planned setting ({', '.join(self.settings)})")
-        return getattr(self, name)
+        return self.settings[name]
 
     @property
     def settings(self) -> dict[str, SettingPlan]:
@@ -1390,12 +1384,10 @@ def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, a
         )
     refuse_unchecked_guarantees(unchecked)
     logger.info(
-        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%%s, "
+        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, "
         "real tokens %.4f, multisets equal across settings %s: %s", audit["setting"], plan.steps,
         plan.windows_per_step, plan.units_seen, audit["plan"]["data_epochs"], audit["pairs"]["co_located_percent"],
-        f", planned mismatched partners {audit['mismatched_pairs']['co_located_percent']}%"
-        if "mismatched_pairs" in audit else "", audit["real_token_fraction"], ", ".join(plan.settings),
-        all(audit["equal_across_settings"].values()),
+        audit["real_token_fraction"], ", ".join(plan.settings), all(audit["equal_across_settings"].values()),
     )  # fmt: skip
     if plan.mismatched_unavailable:
         logger.warning(
