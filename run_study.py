@@ -11,7 +11,10 @@ type (``python run_pretrain.py ...`` or, with ``--accelerate_config``, ``acceler
 the study exercises exactly the code paths of a manual run. The commands are written to
 ``OUTPUT_DIR/commands.sh`` and printed with ``--dry_run``.
 
-Presets (``--preset``):
+A study is a file (``--preset NAME`` reads ``configs/studies/NAME.yaml``, ``--preset PATH`` any such file):
+top-level keys say what runs (langs, seeds, variants, settings, jobs, budget_s, ...), and one section per step
+script (world, pretrain, build, cpt, eval, transfer, density; data for real corpora) holds that script's flags.
+The studies of the repository:
 
 * ``cpu`` (default): a synthetic world (``synthetic_world.py``) with planted facts, a ~0.5M-parameter
   Qwen2 model, one language (mn, traditional Mongolian script); native-script names (the control) with
@@ -24,6 +27,14 @@ Presets (``--preset``):
 * ``paper``: the paper-scale plan (Hub datasets, configs/qwen2.5-0.5b.json, 1,500 CPT steps x 0.5M
   tokens, ko zh bo mn x 2 settings, the paper's released questions) for a GPU cluster.
 
+``--set KEY=VALUE`` changes any value without editing a file (``--set world.pair_mentions=30 --set
+cpt.max_steps=2400 --set seeds=[0,1]``; VALUE is YAML); an unknown key or a wrongly typed value is refused,
+naming the valid keys (a section's keys are its script's flags). ``--sweep KEY=V1,V2,...`` (repeatable) runs one
+study per cell of the grid of the values, in ``OUTPUT_DIR/<cell>/``, as one plan: a step whose command is the same
+in several cells (the world and the pretraining of cells that differ only in CPT) runs once, in
+``OUTPUT_DIR/shared/``. ``sweep_report.md`` shows the gaps against each swept value. The effective configuration
+is recorded in ``plan.json`` and shown at the top of every report.
+
 Steps are skipped when finished: a step is done when its outputs exist and its done-marker
 (``OUTPUT_DIR/.done/<step>.json``, written after success) holds the current command and the
 finished runs of its upstream steps it was run on. After Ctrl-C, run the same command again:
@@ -32,10 +43,13 @@ was started with the same command on the same upstream runs, any other step star
 earlier outputs removed), as does every step under ``--force``.
 
 Outputs (``OUTPUT_DIR``, default ``study_runs/<preset>``): ``report.md``, ``report.html``,
-``report.json`` (every number the report shows), ``figures/``, ``commands.sh``, ``timings.json``,
-``logs/<step>.log`` and the outputs of every step (world/, base/, data/, cpt/, density/, ...).
+``report.json`` (every number the report shows), ``figures/``, ``commands.sh``, ``plan.json`` (the plan and
+its configuration), ``timings.json``, ``logs/<step>.log`` and the outputs of every step (world/, base/, data/,
+cpt/, density/, ...).
 
-The report (``study_report.py``) is written after the last step; ``--report_only`` rewrites it alone.
+The report (``study_report.py``) is written after the last step. ``--report_only`` rewrites it alone, from the
+plan recorded in ``plan.json`` (flags that contradict the record are refused), and names every step that did
+not finish.
 
 Usage::
 
@@ -43,12 +57,21 @@ Usage::
     python run_study.py --preset micro           # CI-sized
     python run_study.py --preset gpu-small       # one GPU, minutes
     python run_study.py --preset paper --dry_run # print the paper-scale commands
+    python run_study.py --set world.pair_mentions=30 --seeds 0 1 2 3 4
+    python run_study.py --preset micro --sweep cpt.max_steps=30,60,120
 
 Needs study_report.py, cloze.py and study_common.py beside it, and the scripts of the steps it runs.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import difflib
+import enum
+import functools
+import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -59,15 +82,35 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import typing
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import yaml
+
 from cloze import question_file_name
-from study_common import exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
-from study_report import SETTINGS, VARIANT_TITLES, fmt_time, read_step_seconds, utc_now, write_report
+from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
+from study_report import (
+    SETTINGS,
+    VARIANT_TITLES,
+    configuration_text,
+    done_marker,
+    fmt_time,
+    read_plan,
+    read_record,
+    read_step_seconds,
+    started_record,
+    upstream_changed,
+    upstream_runs,
+    utc_now,
+    why_not_done,
+    write_reports,
+)
 
 REPO_DIR = Path(__file__).resolve().parent
+STUDIES_DIR = REPO_DIR / "configs" / "studies"
 #: The paper's questions come from its public release; the default folder is in the repository's own (git-ignored)
 #: working area, relative to the repository root, where the steps run.
 PAPER_QUESTIONS_REPO = "https://github.com/luciusssss/cross-lingual-culture"
@@ -76,283 +119,300 @@ PAPER_QUESTIONS_FETCH = (
     f"git clone --depth 1 {PAPER_QUESTIONS_REPO} /tmp/clc && mkdir -p {PAPER_QUESTIONS_DIR} && "
     f"cp /tmp/clc/data/*-culture-cloze_*.json {PAPER_QUESTIONS_DIR}/"
 )
+#: Every CPT setting of run_cpt.py: a study trains the pair (SETTINGS) and, if its settings say so, the placebo
+#: (a pair's halves share a window with another pair's halves).
+CPT_SETTINGS = (*SETTINGS, "mismatched_bridges")
 
 # --------------------------------------------------------------------------------------
-# Presets
+# Studies: configuration files
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
 class Preset:
-    """Everything a study run needs besides the output folder. Numbers are per step."""
+    """A study's configuration as its file (configs/studies/<name>.yaml) gives it: what runs, and the flags of each
+    step script, one section per script. Numbers are per step."""
 
-    name: str
+    name: str  # the file's name
     description: str
     langs: list[str]
     seeds: list[int]
     jobs: int  # steps run at the same time (each with cores // jobs threads on CPU)
-    budget_s: int  # what the preset is designed to take on its reference machine
+    budget_s: int  # what the study is designed to take on its reference machine (0: no budget)
     reference_machine: str
     variants: list[str] = field(default_factory=lambda: ["native", "anchors"])
+    # CPT settings of every variant but anchors: the pair, and mismatched_bridges if given
+    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
     # CPT settings of the anchors variant (the anchors-vs-control comparison needs only one of them)
-    anchor_settings: list[str] = field(default_factory=lambda: ["bridges", "no_bridges"])
-    world: dict = field(default_factory=dict)  # synthetic_world.py arguments
-    pretrain: dict = field(default_factory=dict)  # run_pretrain.py arguments
-    build: dict = field(default_factory=dict)  # build_pairs.py arguments
-    cpt: dict = field(default_factory=dict)  # run_cpt.py arguments
-    eval: dict = field(default_factory=dict)  # run_eval.py arguments
-    density: dict = field(default_factory=dict)  # run_density.py arguments
+    anchor_settings: list[str] = field(default_factory=lambda: list(SETTINGS))
+    world: dict = field(default_factory=dict)  # synthetic_world.py flags
+    pretrain: dict = field(default_factory=dict)  # run_pretrain.py flags
+    build: dict = field(default_factory=dict)  # build_pairs.py flags
+    cpt: dict = field(default_factory=dict)  # run_cpt.py flags
+    eval: dict = field(default_factory=dict)  # run_eval.py flags
+    transfer: dict = field(default_factory=dict)  # run_transfer.py flags
+    density: dict = field(default_factory=dict)  # run_density.py flags
+    data: dict = field(default_factory=dict)  # real corpora: per language, build_pairs.py flags of its corpus and pairs
     estimates_s: dict = field(default_factory=dict)  # expected seconds per step kind (reference machine)
     accelerate_config: str | None = None
     synthetic: bool = True
 
 
-def _synthetic_training(block: int, pretrain_steps: int, pretrain_batch: int, cpt_steps: int, cpt_batch: int, **kw):
-    """Trainer arguments shared by the synthetic presets (small windows, many small steps)."""
-    common = {"block_size": block, "logging_steps": 50, "report_to": "none", "save_total_limit": None}
-    pretrain = {
-        **common,
-        "max_steps": pretrain_steps,
-        "save_steps": pretrain_steps,
-        "per_device_train_batch_size": pretrain_batch,
-        "learning_rate": kw.get("pretrain_lr", 3e-3),
-        "warmup_steps": max(1, pretrain_steps // 20),
-        "lr_scheduler_type": "cosine",
-        "weight_decay": 0.01,
-    }
-    cpt = {
-        **common,
-        "max_steps": cpt_steps,
-        "save_steps": kw.get("save_steps", max(1, cpt_steps // 8)),
-        "per_device_train_batch_size": cpt_batch,
-        "learning_rate": kw.get("cpt_lr", 1e-3),
-        "warmup_steps": max(1, cpt_steps // 20),
-        "lr_scheduler_type": "constant_with_warmup",
-        "weight_decay": 0.01,
-    }
-    for d in (pretrain, cpt):
-        d.pop("save_total_limit")
-    return pretrain, cpt
-
-
-_MICRO_PRETRAIN, _MICRO_CPT = _synthetic_training(64, 100, 16, 60, 8, save_steps=20)
-_CPU_PRETRAIN, _CPU_CPT = _synthetic_training(64, 1000, 16, 800, 8, save_steps=100)
-# gpu-small: tiny models are bound by per-step overhead on a GPU, so larger batches cost almost nothing and
-# parallel processes (one per CPU core pair) add throughput. Measured on one H200 with the first sizing
-# (2000 x 32 pretraining, 1500 x 16 CPT, 6 jobs): pretraining 92 s, CPT ~170 s per run 6 at a time (~9.5 min in
-# all); this sizing halves the CPT steps (twice the batch) and runs all 12 CPT runs at once.
-_GPU_PRETRAIN, _GPU_CPT = _synthetic_training(128, 1500, 64, 800, 32, save_steps=80, pretrain_lr=1.5e-3, cpt_lr=7e-4)
-
-PRESETS: dict[str, Preset] = {
-    "micro": Preset(
-        name="micro",
-        description="CI-sized: the whole pipeline on a tiny world and model in a couple of minutes. Its numbers "
-        "mean nothing; it checks that every step and every report artefact works.",
-        langs=["mn"],
-        seeds=[0, 1],
-        jobs=2,
-        budget_s=180,
-        reference_machine="2-core CPU",
-        world=dict(
-            places=8,
-            relations=2,
-            resource=["mn=mixed"],
-            en_count=8,
-            tgt_count=6,
-            low_resource_ratio=8.0,
-            statement_filler=1,
-            en_filler_documents=60,
-            mono_filler_documents=60,
-            pairs=150,
-            diagnostic_pairs=20,
-            pair_mentions=2,
-            mono_mentions=1,
-        ),
-        anchor_settings=["no_bridges"],
-        pretrain=dict(
-            config_name="configs/tiny.json",
-            config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2",
-            vocab_size=600,
-            **_MICRO_PRETRAIN,
-        ),
-        build=dict(replay_ratio=0.25),
-        cpt=dict(_MICRO_CPT),
-        eval=dict(batch_size=64),
-        density=dict(top_k=20),
-        estimates_s=dict(world=2, pretrain=17, build=8, cpt=15, eval=11, base_eval=11, transfer=10, density=3),
-    ),
-    "cpu": Preset(
-        name="cpu",
-        description="Laptop CPU: a synthetic world (one culture, traditional Mongolian script), a ~0.5M-parameter Qwen2 "
-        "model; native-script names with and without bridges, shared Latin names (anchors) without bridges; 3 seeds.",
-        langs=["mn"],
-        seeds=[0, 1, 2],
-        jobs=2,
-        budget_s=15 * 60,
-        reference_machine="2-core CPU (quiet)",
-        world=dict(
-            places=16,
-            relations=6,
-            resource=["mn=mixed"],
-            en_count=24,
-            tgt_count=10,
-            low_resource_ratio=60.0,
-            statement_filler=1,
-            en_filler_documents=300,
-            mono_filler_documents=350,
-            pairs=1500,
-            diagnostic_pairs=200,
-            pair_mentions=3,
-            mono_mentions=2,
-        ),
-        anchor_settings=["no_bridges"],
-        pretrain=dict(
-            config_name="configs/tiny.json",
-            config_overrides="intermediate_size=256",
-            vocab_size=2000,
-            **_CPU_PRETRAIN,
-        ),
-        build=dict(replay_ratio=0.25),
-        cpt=dict(_CPU_CPT),
-        eval=dict(batch_size=128),
-        density=dict(top_k=50),
-        # measured 2026-11-26 on the 2-core machine at load ~1.7 (10:16 in all)
-        estimates_s=dict(world=3, pretrain=137, build=10, cpt=80, eval=20, base_eval=11, transfer=10, density=4),
-    ),
-    "gpu-small": Preset(
-        name="gpu-small",
-        description="One GPU, minutes: a larger world (256 facts, 4x the pairs), a ~4.5M-parameter model with "
-        "windows of 128 tokens, 3.3M CPT tokens per run; both name variants in both settings, 3 seeds; no network access.",
-        langs=["mn"],
-        seeds=[0, 1, 2],
-        jobs=12,
-        budget_s=5 * 60,
-        reference_machine="one H100 GPU, 16 CPU cores",
-        world=dict(
-            places=32,
-            relations=8,
-            resource=["mn=mixed"],
-            en_count=32,
-            tgt_count=12,
-            low_resource_ratio=60.0,
-            statement_filler=1,
-            en_filler_documents=2000,
-            mono_filler_documents=1500,
-            pairs=6000,
-            diagnostic_pairs=300,
-            pair_mentions=4,
-            mono_mentions=2,
-        ),
-        pretrain=dict(
-            config_name="configs/tiny.json",
-            config_overrides="hidden_size=256,intermediate_size=1024,num_hidden_layers=4,num_attention_heads=8,"
-            "num_key_value_heads=4",
-            vocab_size=4000,
-            bf16=True,
-            **_GPU_PRETRAIN,
-        ),
-        build=dict(replay_ratio=0.25),
-        cpt=dict(bf16=True, **_GPU_CPT),
-        eval=dict(batch_size=256),
-        density=dict(top_k=50),
-        estimates_s=dict(world=10, pretrain=75, build=15, cpt=130, eval=15, base_eval=10, transfer=15, density=20),
-    ),
-    "paper": Preset(
-        name="paper",
-        description="The paper's scale on a GPU cluster: English Wikipedia pretraining of the Qwen2.5-0.5B "
-        "architecture, 1,500 CPT steps x 0.5M tokens per language and setting, ko zh bo mn, the paper's questions.",
-        langs=["ko", "zh", "bo", "mn"],
-        seeds=[0],
-        jobs=1,
-        budget_s=0,
-        reference_machine="8 x 80 GB GPUs per run",
-        variants=["real"],
-        synthetic=False,
-        accelerate_config="accelerate_configs/multi_gpu.yaml",
-        pretrain=dict(
-            config_name="configs/qwen2.5-0.5b.json",
-            tokenizer_name="Qwen/Qwen2.5-0.5B",
-            dataset_name="wikimedia/wikipedia",
-            dataset_config_name="20231101.en",
-            streaming=True,
-            script_filter="latin",
-            block_size=2048,
-            max_steps=20000,
-            save_steps=1000,
-            per_device_train_batch_size=16,
-            gradient_accumulation_steps=2,
-            learning_rate=3e-4,
-            warmup_steps=1000,
-            lr_scheduler_type="cosine",
-            weight_decay=0.1,
-            bf16=True,
-            logging_steps=10,
-            report_to="none",
-        ),
-        build=dict(block_size=2048, replay_ratio=0.1, streaming=True, num_proc=16),
-        cpt=dict(
-            block_size=2048,
-            max_steps=1500,
-            save_steps=100,
-            per_device_train_batch_size=16,
-            gradient_accumulation_steps=2,  # 16 x 2 x 8 GPUs x 2048 tokens = 0.5M tokens per step
-            learning_rate=1e-4,
-            warmup_steps=50,
-            lr_scheduler_type="cosine",
-            bf16=True,
-            logging_steps=10,
-            report_to="none",
-        ),
-        eval=dict(batch_size=64, dtype="bfloat16"),
-        density=dict(top_k=50),
-        estimates_s={},
-    ),
+#: The sections of a study file: the script whose flags each holds, and the argument dataclasses that define them.
+SECTIONS = {
+    "world": ("synthetic_world", ("WorldArguments",)),
+    "pretrain": ("run_pretrain", ("ModelArguments", "DataArguments", "TrainingArguments")),
+    "build": ("build_pairs", ("BuildArguments",)),
+    "cpt": ("run_cpt", ("CPTArguments", "TrainingArguments")),
+    "eval": ("run_eval", ("EvalArguments",)),
+    "transfer": ("run_transfer", ("TransferArguments",)),
+    "density": ("run_density", ("DensityArguments",)),
+    "data": ("build_pairs", ("BuildArguments",)),  # data.<lang>.<flag>
 }
+_HUB = {"push_to_hub", "hub_model_id", "hub_strategy", "hub_always_push", "hub_dataset_id", "resume_from_checkpoint"}
+_DATA = {"mono_files", "mono_dataset", "mono_dataset_config", "mono_data_files", "pairs_files", "pairs_dataset",
+         "pairs_dataset_config", "en_column", "tgt_column"}  # fmt: skip
+_BUILD = {"lang", "output_dir", "seed", "tokenizer_name", "block_size", "replay_files", "replay_dataset",
+          "replay_dataset_config", "eval_questions", *_HUB}  # fmt: skip
+#: Flags the plan gives each script itself (paths, languages, runs, seeds; --hub_org's pushes): not configurable.
+PLAN_SETS = {
+    "world": {"output_dir", "langs", "seed", "name_variants"},
+    "pretrain": {"output_dir", "seed", "train_tokenizer", "tokenizer_files", "train_file", *_HUB},
+    "build": _BUILD | _DATA,
+    "cpt": {"model_name_or_path", "dataset_path", "lang", *CPT_SETTINGS, "output_dir", "run_name", "seed", *_HUB},
+    "eval": {"questions", "model_name_or_path", "diagnostic_pairs", "name_alignment", "item_tiers", "output_dir"},
+    "transfer": {"with_bridges", "without_bridges", "mismatched_bridges", "runs", "item_tiers", "questions",
+                 "output_dir"},
+    "density": {"questions", "corpus_files", "corpus_dataset", "corpus_dataset_config", "corpus_data_files",
+                "corpus_streaming", "corpus_label", "source_corpus", "predictions_with", "predictions_without",
+                "output_dir"},
+    "data": _BUILD,
+}  # fmt: skip
+#: Top-level keys a sweep may not vary: they change how a study runs or is described, not what it measures.
+NOT_SWEPT = ("jobs", "budget_s", "estimates_s", "description", "reference_machine")
+#: Flags of this script that set the configuration key of their name (--seeds 0 1 is --set seeds=[0,1]).
+CONFIG_FLAGS = ("langs", "seeds", "variants", "anchor_settings", "jobs", "accelerate_config")
 
-#: Paper-scale data per language: build_pairs.py flags for the target corpus and the parallel pairs,
-#: and the corpus run_density.py measures. Wikipedia for ko/zh, MC^2 (pkupie/mc2_corpus, gated: accept
-#: its terms on the Hub first and log in, or set HF_TOKEN) for bo/mn, OPUS-100 pairs for ko/zh. No public
-#: Hub dataset pairs English with Tibetan or with Mongolian in the traditional script (OPUS-100's mn is
-#: Cyrillic, which build_pairs.py would drop as not_in_script), so bo/mn pairs are read from files the
-#: user provides. Override any of it with --paper_data FILE.json ({"bo": {"pairs_files": [...]}, ...}).
-#:
-#: MC^2 has no per-language configs: its card lists one JSON-lines file per language,
-#: bo-crawl-only-release-20231127.jsonl and mn-crawl-only-release-20231127.jsonl (one document per line,
-#: in its `text` field). The language is chosen by reading that file alone, as its card shows
-#: (load_dataset("pkupie/mc2_corpus", data_files=FILE)): build_pairs.py --mono_data_files and
-#: run_density.py --corpus_data_files. Reading the whole dataset would index every language's documents
-#: and make the density of one language's knowledge a share of all four corpora.
-PAPER_DATA = {
-    "ko": {
-        "mono_dataset": "wikimedia/wikipedia",
-        "mono_dataset_config": "20231101.ko",
-        "pairs_dataset": "Helsinki-NLP/opus-100",
-        "pairs_dataset_config": "en-ko",
-        "en_column": "translation.en",
-        "tgt_column": "translation.ko",
-    },
-    "zh": {
-        "mono_dataset": "wikimedia/wikipedia",
-        "mono_dataset_config": "20231101.zh",
-        "pairs_dataset": "Helsinki-NLP/opus-100",
-        "pairs_dataset_config": "en-zh",
-        "en_column": "translation.en",
-        "tgt_column": "translation.zh",
-    },
-    "bo": {
-        "mono_dataset": "pkupie/mc2_corpus",
-        "mono_data_files": ["bo-crawl-only-release-20231127.jsonl"],
-        "pairs_files": ["data/pairs/en-bo.jsonl"],
-        "en_column": "en",
-        "tgt_column": "bo",
-    },
-    "mn": {
-        "mono_dataset": "pkupie/mc2_corpus",
-        "mono_data_files": ["mn-crawl-only-release-20231127.jsonl"],
-        "pairs_files": ["data/pairs/en-mn.jsonl"],
-        "en_column": "en",
-        "tgt_column": "mn",
-    },
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as a user writes it: 1e-4 is a float (plain PyYAML, after YAML 1.1, reads it as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.inf|\.nan)$", re.IGNORECASE),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader
+
+
+@functools.cache
+def script_flags(section: str) -> dict[str, tuple[object, object]]:
+    """The flags of a section's script, from its argument dataclasses: name -> (type, default). Imports the script
+    (once): its dataclasses are what its command line accepts."""
+    module_name, classes = SECTIONS[section]
+    module = importlib.import_module(module_name)
+    flags = {}
+    for name in classes:
+        hints = typing.get_type_hints(getattr(module, name))
+        for f in dataclasses.fields(getattr(module, name)):
+            if f.init and not f.name.startswith("_"):
+                flags[f.name] = (hints[f.name], f.default)
+    return flags
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` is of type ``hint`` as a command line takes it (a list flag also takes one value)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is list or hint is list:
+        return all(_fits(v, args[0] if args else typing.Any) for v in (value if isinstance(value, list) else [value]))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in {member.value for member in hint}
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return hint is typing.Any or (isinstance(hint, type) and isinstance(value, hint))
+
+
+def _type_words(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args)
+    if origin is typing.Literal or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        return "one of " + ", ".join(str(getattr(v, "value", v)) for v in (args or hint))
+    if origin is list:
+        return f"a list of {_type_words(args[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _close(word: str, valid) -> str:
+    matches = difflib.get_close_matches(word, list(valid), n=5, cutoff=0.6)
+    return f" Did you mean {', '.join(matches)}?" if matches else ""
+
+
+_STUDY_HINTS = {k: v for k, v in typing.get_type_hints(Preset).items() if k != "name"}
+
+
+def checked_value(key: str, value, where: str, flags: bool = True):
+    """``value`` for the configuration key ``key`` (``seeds``, ``cpt.max_steps``, ``data.bo.pairs_files``, or a whole
+    section) as the plan uses it, after checking it: a top-level key's type, a section key against the flags of the
+    section's script and their types (``flags=False``: the structure only, without importing the scripts). null in
+    a section leaves the flag at the script's default. Raises InputError naming the valid keys."""
+    path = key.split(".")
+    top = path[0]
+    if top not in _STUDY_HINTS:
+        raise InputError(
+            f"{where}: unknown key {top!r}.{_close(top, _STUDY_HINTS)} A study's keys: {', '.join(_STUDY_HINTS)} "
+            f"(sections: {', '.join(SECTIONS)})."
+        )
+    if top not in SECTIONS:
+        hint = _STUDY_HINTS[top]
+        if len(path) > 1:
+            raise InputError(f"{where}: {top} has no keys of its own ({key!r}); give {top}=VALUE.")
+        value = [value] if typing.get_origin(hint) is list and not isinstance(value, list) else value
+        if not _fits(value, hint):
+            raise InputError(f"{where}: {top} must be {_type_words(hint)}, not {value!r}.")
+        return value
+    depth = 3 if top == "data" else 2
+    if len(path) < depth:  # a whole section, or one language's data
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: {key} must be a mapping of {'languages' if key == 'data' else 'flags'}.")
+        return {k: checked_value(f"{key}.{k}", v, where, flags) for k, v in value.items()}
+    script, flag = f"{SECTIONS[top][0]}.py", path[-1]
+    if len(path) > depth:
+        raise InputError(
+            f"{where}: {key!r} is too deep: {top}'s keys are {'data.LANG.FLAG' if depth == 3 else 'FLAG'}."
+        )
+    if flag in PLAN_SETS[top]:
+        hint = " (a language's corpus and pairs go in data.LANG)" if top == "build" and flag in _DATA else ""
+        raise InputError(f"{where}: {key}: the plan sets {script} --{flag} itself, from the study's structure{hint}.")
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
+        raise InputError(f"{where}: {key} must be a value or a list of values (a command-line flag), not {value!r}.")
+    if not flags or value is None:
+        return value
+    known = script_flags(top)
+    if flag not in known:
+        valid = sorted(set(known) - PLAN_SETS[top])
+        raise InputError(
+            f"{where}: unknown key {key!r}: {script} has no flag --{flag}.{_close(flag, valid)} The keys of {top} are "
+            f"{script}'s flags (less those the plan sets): {', '.join(valid)}."
+        )
+    hint, default = known[flag]
+    if value is False and default is True:
+        raise InputError(f"{where}: {key}: {script} --{flag} is on by default and the plan passes only true flags.")
+    if not _fits(value, hint):
+        raise InputError(f"{where}: {key} must be {_type_words(hint)} ({script} --{flag}), not {value!r}.")
+    return value
+
+
+def parse_assignment(text: str, flag: str) -> tuple[str, object]:
+    """KEY=VALUE of --set (VALUE in YAML) -> (KEY, value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"{flag} {text!r}: give KEY=VALUE (e.g. cpt.max_steps=2400, seeds=[0,1]).")
+    try:
+        return key.strip(), _yaml(value)
+    except yaml.YAMLError as err:
+        raise InputError(f"{flag} {text!r}: the value is not YAML ({err}).") from None
+
+
+def _assign(config: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
+def study_file(preset: str) -> Path:
+    """--preset: the name of a study of configs/studies/ (NAME.yaml or NAME.json) or the path of any study file."""
+    if preset.endswith((".yaml", ".yml", ".json")) or os.sep in preset:
+        if not Path(preset).is_file():
+            raise InputError(f"--preset {preset}: no such study file.")
+        return Path(preset)
+    for suffix in (".yaml", ".json"):
+        if (STUDIES_DIR / f"{preset}{suffix}").is_file():
+            return (STUDIES_DIR / f"{preset}{suffix}").relative_to(REPO_DIR)
+    names = sorted(p.stem for p in STUDIES_DIR.glob("*.*"))
+    raise InputError(
+        f"--preset {preset!r}: no study of that name in configs/studies/.{_close(preset, names)} Studies: "
+        f"{', '.join(names)}; or give the path of a study file (YAML or JSON)."
+    )
+
+
+def read_study(path: Path, sets=(), cell: dict | None = None, flags: bool = True) -> Preset:
+    """A study file (``path``, resolved against the repository root when relative) with its ``--set`` changes and a
+    sweep cell's values applied, each key and value checked (see checked_value)."""
+    text = (path if path.is_absolute() or path.is_file() else REPO_DIR / path).read_text(encoding="utf-8")
+    try:
+        raw = _yaml(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not a YAML or JSON file ({err}).") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a study file is a mapping of keys (see configs/studies/cpu.yaml).")
+    config = {key: checked_value(str(key), value, str(path), flags) for key, value in raw.items()}
+    for text in sets:
+        key, value = parse_assignment(text, "--set")
+        _assign(config, key, checked_value(key, value, f"--set {text}", flags))
+    for key, value in (cell or {}).items():
+        _assign(config, key, value)
+    missing = [k for k, f in _REQUIRED.items() if k not in config]
+    if missing:
+        raise InputError(f"{path}: missing keys {', '.join(missing)} (every study gives them; see cpu.yaml).")
+    return Preset(name=path.stem, **config)
+
+
+_REQUIRED = {f.name: f for f in dataclasses.fields(Preset) if f.name != "name" and f.default is dataclasses.MISSING}
+_REQUIRED = {k: f for k, f in _REQUIRED.items() if f.default_factory is dataclasses.MISSING}
+
+
+def check_study(preset: Preset, where: str) -> None:
+    """What a plan needs of a configuration besides the types of its keys."""
+    problems = []
+    for key in ("langs", "seeds", "variants", "settings"):
+        values = getattr(preset, key)
+        if not values or len(set(map(str, values))) < len(values):
+            problems.append(f"{key} must name at least one, each once (got {values})")
+    problems += [f"settings: unknown setting {s!r} ({', '.join(CPT_SETTINGS)})" for s in preset.settings
+                 if s not in CPT_SETTINGS]  # fmt: skip
+    if not set(SETTINGS) <= set(preset.settings):
+        problems.append(
+            f"settings must hold bridges and no_bridges (their gap is the measurement), not {preset.settings}"
+        )
+    problems += [f"anchor_settings: unknown setting {s!r} (bridges, no_bridges)" for s in preset.anchor_settings
+                 if s not in SETTINGS]  # fmt: skip
+    if preset.synthetic:
+        problems += [f"variants: unknown variant {v!r} (native, anchors)" for v in preset.variants
+                     if v not in VARIANT_TITLES]  # fmt: skip
+        problems += ["data applies to real corpora (synthetic: false)"] if preset.data else []
+    elif preset.world:
+        problems.append("world applies to synthetic studies (synthetic: true)")
+    for section in ("pretrain", "cpt"):
+        problems += [
+            f"{section}.{key} is required" for key in ("block_size", "max_steps") if key not in getattr(preset, section)
+        ]
+    if problems:
+        raise InputError(f"{where}: " + "; ".join(problems) + ".")
+
+
+def with_flags(preset: Preset, args: StudyArguments) -> Preset:
+    """The configuration with the flags that set its keys (CONFIG_FLAGS) applied."""
+    return replace(preset, **{key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None})
+
+
+#: The studies of configs/studies/, by name, as their files give them (their sections' keys are checked against
+#: the scripts' flags when a study is configured: configure()).
+PRESETS: dict[str, Preset] = {
+    path.stem: read_study(path.relative_to(REPO_DIR), flags=False) for path in sorted(STUDIES_DIR.glob("*.yaml"))
 }
 
 
@@ -385,7 +445,7 @@ SMOKE_BUDGETS: dict[str, dict] = {
         **_SMOKE_TRAINING,
         shuffle_buffer_size=16,
     ),
-    "build": dict(block_size=128, num_proc=2, max_records_per_input=200),
+    "build": dict(num_proc=2, max_records_per_input=200),  # its windows are the CPT budget's
     "cpt": dict(_SMOKE_TRAINING),
     "eval": dict(batch_size=16),
     "density": dict(top_k=5, max_documents=2000),
@@ -453,32 +513,56 @@ def smoke_preset(preset: Preset, on_gpu: bool) -> tuple[Preset, list[str]]:
 class StudyArguments:
     preset: str = field(
         default="cpu",
-        metadata={"help": f"Which study to run: {', '.join(PRESETS)} (see the module docstring and README)."},
+        metadata={
+            "help": f"Which study to run: a study of configs/studies/ ({', '.join(PRESETS)}; see the module "
+            "docstring and README) or the path of a study file (YAML or JSON, in the format of those)."
+        },
+    )
+    set: list[str] | None = field(
+        default=None,
+        metadata={
+            "action": "append",
+            "help": "Change a value of the study's configuration: KEY=VALUE, KEY a top-level key (seeds, langs, "
+            "settings, ...) or SECTION.FLAG (world.pair_mentions, cpt.max_steps, eval.batch_size, data.LANG.FLAG; a "
+            "section's keys are its script's flags), VALUE in YAML (30, 1e-4, true, [0,1]; null: the script's "
+            "default). Repeatable. Unknown keys and wrongly typed values are refused.",
+        },
+    )
+    sweep: list[str] | None = field(
+        default=None,
+        metadata={
+            "action": "append",
+            "help": "KEY=V1,V2,...: run one study per value (KEY as for --set; the values a YAML list without its "
+            "brackets). Repeatable: the cells are the grid of all values. Each cell runs in OUTPUT_DIR/<cell>; a step "
+            "whose command is the same in several cells (the world and the pretraining when only CPT differs) runs "
+            "once, in OUTPUT_DIR/shared. Writes sweep_report.md/.html/.json beside the cells' reports.",
+        },
     )
     output_dir: str | None = field(
-        default=None, metadata={"help": "Where every step writes (default: study_runs/<preset>)."}
+        default=None,
+        metadata={"help": "Where every step writes (default: study_runs/<preset>, study_runs/<preset>-sweep)."},
     )
     langs: list[str] | None = field(
-        default=None, metadata={"help": "Target languages (default: the preset's; synthetic presets: ko zh bo mn)."}
+        default=None, metadata={"help": "Target languages (default: the study's); the same as --set langs=[...]."}
     )
     seeds: list[int] | None = field(
-        default=None, metadata={"help": "CPT seeds, one run per setting and seed (default: the preset's)."}
+        default=None, metadata={"help": "CPT seeds, one run per setting and seed (default: the study's)."}
     )
     variants: list[str] | None = field(
         default=None,
-        metadata={"help": "Synthetic presets: name variants to run, native (control) and/or anchors (default: both)."},
+        metadata={"help": "Synthetic studies: name variants to run, native (control) and/or anchors (default: both)."},
     )
     anchor_settings: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Synthetic presets: CPT settings run for the anchors variant, bridges and/or no_bridges "
-            "(default: the preset's; the cpu preset runs no_bridges only, to fit its time budget)."
+            "help": "Synthetic studies: CPT settings run for the anchors variant, bridges and/or no_bridges "
+            "(default: the study's; the cpu study runs no_bridges only, to fit its time budget)."
         },
     )
     jobs: int | None = field(
         default=None,
         metadata={
-            "help": "Steps run at the same time (default: the preset's). On CPU each gets cores/jobs threads; "
+            "help": "Steps run at the same time (default: the study's). On CPU each gets cores/jobs threads; "
             "small models train faster as parallel single-thread processes than as one multi-thread process."
         },
     )
@@ -486,14 +570,14 @@ class StudyArguments:
         default=None,
         metadata={
             "help": "Launch training steps with `accelerate launch --config_file FILE` (e.g. "
-            "accelerate_configs/multi_gpu.yaml). Default: plain python for synthetic presets; the paper preset "
-            "uses accelerate_configs/multi_gpu.yaml."
+            "accelerate_configs/multi_gpu.yaml). Default: the study's (plain python for the synthetic ones; the "
+            "paper study uses accelerate_configs/multi_gpu.yaml)."
         },
     )
     questions_dir: str = field(
         default=PAPER_QUESTIONS_DIR,
         metadata={
-            "help": "Paper preset: folder holding the paper's <lang>-culture-cloze_<en|lang>.json files, from its "
+            "help": "Paper study: folder holding the paper's <lang>-culture-cloze_<en|lang>.json files, from its "
             f"public release ({PAPER_QUESTIONS_REPO}, folder data/, Apache-2.0). Default: {PAPER_QUESTIONS_DIR} "
             f"(git-ignored); fill it with: {PAPER_QUESTIONS_FETCH}"
         },
@@ -501,8 +585,8 @@ class StudyArguments:
     paper_data: str | None = field(
         default=None,
         metadata={
-            "help": "Paper preset: a JSON file overriding the per-language build_pairs.py data flags, e.g. "
-            '{"bo": {"pairs_files": ["my/en-bo.jsonl"], "en_column": "en", "tgt_column": "bo"}} (see PAPER_DATA).'
+            "help": "Paper study: a JSON file overriding the per-language build_pairs.py data flags of its data "
+            'section, e.g. {"bo": {"pairs_files": ["my/en-bo.jsonl"], "en_column": "en", "tgt_column": "bo"}}.'
         },
     )
     python: str = field(
@@ -514,7 +598,8 @@ class StudyArguments:
     dry_run: bool = field(
         default=False,
         metadata={
-            "help": "Print the commands, the time budget and the training cost (tokens, GPU-hours) without running."
+            "help": "Print the commands, the time budget and the training cost (tokens, GPU-hours) without running "
+            "(with --sweep: the cells and the steps they share)."
         },
     )
     tokens_per_second_per_gpu: float | None = field(
@@ -528,15 +613,15 @@ class StudyArguments:
     hub_org: str | None = field(
         default=None,
         metadata={
-            "help": "Paper preset: push the base model, each CPT dataset and every checkpoint of every run to the "
+            "help": "Paper study: push the base model, each CPT dataset and every checkpoint of every run to the "
             "Hub under this organisation or user: ORG/<study>-base, ORG/<study>-data-<lang>, ORG/<study>-cpt-<run> "
-            "(<study> is the preset's name, with -smoke for --smoke), checkpoints as checkpoint-N folders."
+            "(<study> is the study's name, with -smoke for --smoke), checkpoints as checkpoint-N folders."
         },
     )
     smoke: bool = field(
         default=False,
         metadata={
-            "help": "Run every step of the preset's plan exactly as the full run would (same scripts, data sources, "
+            "help": "Run every step of the study's plan exactly as the full run would (same scripts, data sources, "
             "columns, tokenizer, flags) with only the budgets cut (see SMOKE_BUDGETS: a tiny model, a few steps, "
             "short windows): what to run first on a cluster to prove data access, columns, launch config and "
             "outputs. Outputs go to study_runs/<preset>-smoke by default and never count as the full run's."
@@ -550,8 +635,17 @@ class StudyArguments:
         },
     )
     report_only: bool = field(
-        default=False, metadata={"help": "Only (re)write the report from the outputs already in --output_dir."}
+        default=False,
+        metadata={
+            "help": "Only (re)write the report of the study in --output_dir, from the plan it recorded (plan.json, "
+            "left as it is); flags that contradict that record are refused. Steps that did not finish are named."
+        },
     )
+
+
+#: Flags that shape a plan: --report_only refuses those that contradict the recorded one.
+PLAN_FLAGS = ("preset", "set", "sweep", "langs", "seeds", "variants", "anchor_settings", "accelerate_config",
+              "questions_dir", "paper_data", "python", "smoke", "hub_org")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -563,7 +657,7 @@ class StudyArguments:
 class Step:
     """One command of the study."""
 
-    id: str  # unique and file-name safe: names its log and its done-marker
+    id: str  # unique and file-name safe (a sweep's: <cell>/<id> or shared/<folder>): names its log and done-marker
     kind: str  # world, pretrain, build, cpt, eval, base_eval, transfer, density
     title: str
     command: list[str]
@@ -580,7 +674,7 @@ class Run:
 
     lang: str
     variant: str
-    setting: str  # bridges | no_bridges
+    setting: str  # one of CPT_SETTINGS
     seed: int
     dir: str
     eval_dir: str
@@ -592,11 +686,15 @@ class Run:
 
 @dataclass
 class Plan:
-    preset: Preset
+    preset: Preset  # the effective configuration
     out: str
     steps: list[Step]
     runs: list[Run]
     groups: dict  # "<lang>/<variant>" -> paths of that group's data, questions, transfer and density outputs
+    dirs: dict = field(default_factory=dict)  # the world's and the base model's folders
+    config: dict = field(default_factory=dict)  # how it was configured (file, --set, flags; a sweep cell's values)
+    state_dir: str | None = None  # where the runner's records are (.done/, timings.json): out, or the sweep's
+    cells: dict = field(default_factory=dict)  # a sweep: each cell's own view of the plan (a Plan), by name
 
 
 def _flags(arguments: dict) -> list[str]:
@@ -614,14 +712,6 @@ def _flags(arguments: dict) -> list[str]:
     return flags
 
 
-def _launcher(args: StudyArguments, preset: Preset, script: str, trains: bool) -> list[str]:
-    """How a step's script starts: training steps under ``accelerate launch`` when the study has a config."""
-    config = args.accelerate_config or preset.accelerate_config
-    if trains and config:
-        return ["accelerate", "launch", "--config_file", config, script]
-    return [args.python, script]
-
-
 def _question_files(folder: Path, lang: str) -> list[str]:
     """A language's two question files in ``folder``: the English questions, then the target language's."""
     return [str(folder / question_file_name(lang, question_lang)) for question_lang in ("en", lang)]
@@ -629,22 +719,48 @@ def _question_files(folder: Path, lang: str) -> list[str]:
 
 class _PlanBuilder:
     """The steps, runs and groups of a plan as they are added. Each step factory adds one step and returns its id:
-    what later steps name as a dependency. The two plan builders (synthetic, paper) differ only in their data."""
+    what later steps name as a dependency. The two plan builders (synthetic, paper) differ only in their data.
 
-    def __init__(self, args: StudyArguments, preset: Preset, out: Path):
-        self.args, self.preset, self.out = args, preset, out
+    In a sweep (``cell``: its name; ``out``: its folder) a step that cells may share writes to a folder of the
+    sweep's ``shared/`` named by its command (place), and has the id ``shared/<folder>``; the cell's other steps have
+    ids ``<cell>/<id>``."""
+
+    def __init__(self, args: StudyArguments, preset: Preset, out: Path, cell: str | None = None):
+        self.args, self.preset, self.out, self.cell = args, preset, out, cell
+        self.shared = out.parent / "shared"
         self.steps: list[Step] = []
         self.runs: list[Run] = []
         self.groups: dict[str, dict] = {}
+        self.dirs: dict[str, str] = {}
 
     def plan(self) -> Plan:
-        return Plan(self.preset, str(self.out), _in_run_order(self.steps), self.runs, self.groups)
+        return Plan(self.preset, str(self.out), _in_run_order(self.steps), self.runs, self.groups, self.dirs)
+
+    def launcher(self, script: str, trains: bool) -> list[str]:
+        """How a step's script starts: training steps under ``accelerate launch`` when the study has a config."""
+        if trains and self.preset.accelerate_config:
+            return ["accelerate", "launch", "--config_file", self.preset.accelerate_config, script]
+        return [self.args.python, script]
+
+    def place(self, name: str, script: str, arguments: dict, default: Path, trains: bool = False) -> Path:
+        """The folder of a step that cells of a sweep may share, set as the ``output_dir`` of its ``arguments``:
+        ``default`` in a study; in a sweep ``shared/<name>-<digest of the rest of its command>``, so that cells
+        whose step would run the same command share the step and its outputs."""
+        folder = default
+        if self.cell is not None:
+            rest = {key: value for key, value in arguments.items() if key != "output_dir"}
+            command = json.dumps([*self.launcher(script, trains), *_flags(rest)])
+            folder = self.shared / f"{name}-{hashlib.sha256(command.encode()).hexdigest()[:10]}"
+        arguments["output_dir"] = str(folder)
+        return folder
 
     def step(self, script: str, arguments: dict, outputs: list[str], **fields) -> str:
         """Add a step running ``script`` with ``arguments`` as its flags; its workdir is their --output_dir and
         ``outputs`` are file names in it."""
         workdir = Path(arguments["output_dir"])
-        launcher = _launcher(self.args, self.preset, script, fields.get("trains", False))
+        if self.cell is not None:
+            fields["id"] = f"shared/{workdir.name}" if workdir.parent == self.shared else f"{self.cell}/{fields['id']}"
+        launcher = self.launcher(script, fields.get("trains", False))
         self.steps.append(
             Step(
                 command=[*launcher, *_flags(arguments)],
@@ -674,7 +790,7 @@ class _PlanBuilder:
     def group(self, lang: str, variant: str, name: str, questions: list[str], settings: list[str], **paths) -> dict:
         """A run group: one language (and name variant), its questions, CPT settings and output folders."""
         group = {"lang": lang, "variant": variant, "data": str(self.out / "data" / name), "questions": questions}
-        group.update(paths)
+        group.update({key: value for key, value in paths.items() if value is not None})
         for kind in ("base_eval", "transfer", "density"):
             group[kind] = str(self.out / kind / name)
         group["settings"] = settings
@@ -686,12 +802,14 @@ class _PlanBuilder:
             self.preset.eval,
             questions=group["questions"],
             model_name_or_path=str(base_dir),
-            output_dir=group["base_eval"],
+            **_checks(group),
+            output_dir=None,
         )
+        group["base_eval"] = str(self.place(f"base-eval-{name}", "run_eval.py", arguments, Path(group["base_eval"])))
         return self.step(
             "run_eval.py",
             arguments,
-            ["accuracy.json"],
+            _eval_outputs(group, diagnostic=False),
             id=f"base-eval-{name}",
             kind="base_eval",
             title=f"probe the base model ({what})",
@@ -716,8 +834,7 @@ class _PlanBuilder:
                     model_name_or_path=str(base_dir),
                     dataset_path=group["data"],
                     lang=lang,
-                    bridges=setting == "bridges",
-                    no_bridges=setting == "no_bridges",
+                    **{flag: setting == flag for flag in CPT_SETTINGS},  # exactly one; False flags are left out
                     output_dir=str(run_dir),
                     run_name=run_name,
                     seed=seed,
@@ -739,12 +856,13 @@ class _PlanBuilder:
                     questions=group["questions"],
                     model_name_or_path=str(run_dir),
                     diagnostic_pairs=diagnostic,
+                    **_checks(group),
                     output_dir=run.eval_dir,
                 )
                 eval_id = self.step(
                     "run_eval.py",
                     eval_args,
-                    ["accuracy.json", "bridge_diagnostic.json"] if diagnostic else ["accuracy.json"],
+                    _eval_outputs(group, diagnostic=bool(diagnostic)),
                     id=f"eval-{run_name}",
                     kind="eval",
                     title=f"probe every checkpoint of {run_name}" + (" (+ bridge diagnostic)" if diagnostic else ""),
@@ -754,20 +872,25 @@ class _PlanBuilder:
         return probed
 
     def transfer(self, group: dict, name: str, probed: list[tuple[Run, str]], what: str) -> str:
-        """The with-minus-without analysis of a group's runs (every seed pair)."""
-        runs = [run for run, _ in probed]
-        arguments = {
-            "with_bridges": [r.eval_dir for r in runs if r.setting == "bridges"],
-            "without_bridges": [r.eval_dir for r in runs if r.setting == "no_bridges"],
-            "output_dir": group["transfer"],
-        }
+        """The with-minus-without analysis of a group's runs (every seed pair; mismatched bridges as a third
+        setting, and the gap per tier of facts, when the study has them)."""
+        eval_dirs = {s: [r.eval_dir for r, _ in probed if r.setting == s] for s in CPT_SETTINGS}
+        arguments = dict(
+            self.preset.transfer,
+            with_bridges=eval_dirs["bridges"],
+            without_bridges=eval_dirs["no_bridges"],
+            mismatched_bridges=eval_dirs["mismatched_bridges"] or None,
+            item_tiers=[group["item_tiers"]] if "item_tiers" in group else None,
+            output_dir=group["transfer"],
+        )
+        pairs = len(eval_dirs["bridges"])
         return self.step(
             "run_transfer.py",
             arguments,
             ["transfer.json"],
             id=f"transfer-{name}",
             kind="transfer",
-            title=f"transfer analysis ({what}, {len(runs) // 2} seed pair{'s' if len(runs) > 2 else ''})",
+            title=f"transfer analysis ({what}, {pairs} seed pair{'s' if pairs > 1 else ''})",
             deps=[eval_id for _, eval_id in probed],
         )
 
@@ -794,23 +917,36 @@ class _PlanBuilder:
         )
 
 
-def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
-    """The plan of a synthetic preset (the paper preset's: build_paper_plan): world, pretraining, then per language
-    and name variant the CPT dataset, the base model's probing, each run's CPT and probing, the transfer analysis
-    and the density (the last two only for a group trained in both settings)."""
-    if not preset.synthetic:
-        return build_paper_plan(args, preset, out)
-    langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
-    variants = args.variants or preset.variants
-    anchor_settings = args.anchor_settings or preset.anchor_settings
-    plan = _PlanBuilder(args, preset, out)
-    world_dir, base_dir = out / "world", out / "base"
-    en_corpus = str(world_dir / "en_corpus.jsonl")
+def _checks(group: dict) -> dict:
+    """run_eval.py's manipulation-check flags of a group whose world has the tiers that need them (else none)."""
+    return {"name_alignment": group.get("name_alignment"), "item_tiers": group.get("item_tiers")}
 
-    world_args = dict(preset.world, output_dir=str(world_dir), langs=langs, seed=0, name_variants=variants)
+
+def _eval_outputs(group: dict, diagnostic: bool) -> list[str]:
+    outputs = ["accuracy.json", *(["bridge_diagnostic.json"] if diagnostic else [])]
+    return outputs + (["manipulation_checks.json"] if "item_tiers" in group else [])
+
+
+def build_plan(args: StudyArguments, preset: Preset, out: Path, cell: str | None = None) -> Plan:
+    """The plan of a synthetic study (the paper's: build_paper_plan), with the flags that set configuration keys
+    applied: world, pretraining, then per language and name variant the CPT dataset, the base model's probing, each
+    run's CPT and probing, the transfer analysis and the density (the last two only for a group trained in both
+    settings). ``cell``: the name of a sweep's cell, whose folder ``out`` is (see _PlanBuilder)."""
+    preset = with_flags(preset, args)
+    if not preset.synthetic:
+        return build_paper_plan(args, preset, out, cell)
+    langs, seeds, variants = preset.langs, preset.seeds, preset.variants
+    plan = _PlanBuilder(args, preset, out, cell)
+    # A world with the absent or en_only tier (C1) has what the knowledge/skill decomposition and the manipulation
+    # checks read: each question's tier, and held-out name-alignment frames.
+    tiers = any(preset.world.get(key, 0) > 0 for key in ("absent_places", "en_only_places"))
+
+    world_args = dict(preset.world, output_dir=None, langs=langs, seed=0, name_variants=variants)
     resource = [r for r in world_args.pop("resource", []) if r.split("=")[0] in langs]
     resource += [f"{lang}=mixed" for lang in langs if not any(r.startswith(f"{lang}=") for r in resource)]
     world_args["resource"] = resource
+    world_dir = plan.place("world", "synthetic_world.py", world_args, out / "world")
+    en_corpus = str(world_dir / "en_corpus.jsonl")
     world = plan.step(
         "synthetic_world.py",
         world_args,
@@ -824,9 +960,11 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
         train_tokenizer=True,
         tokenizer_files=[en_corpus, *(str(world_dir / lang / v / "mono.jsonl") for lang in langs for v in variants)],
         train_file=en_corpus,
-        output_dir=str(base_dir),
+        output_dir=None,
         seed=0,
     )
+    base_dir = plan.place("base", "run_pretrain.py", pretrain_args, out / "base", trains=True)
+    plan.dirs.update(world=str(world_dir), base=str(base_dir))
     pretrain = plan.step(
         "run_pretrain.py",
         pretrain_args,
@@ -841,8 +979,9 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
     for lang in langs:
         for variant in variants:
             name, what, wdir = f"{lang}-{variant}", f"{lang}, {variant} names", world_dir / lang / variant
-            # the anchors variant of the cpu preset trains one setting only (it serves the anchors comparison)
-            settings = [s for s in SETTINGS if variant != "anchors" or s in anchor_settings]
+            # the anchors variant of the cpu study trains one setting only (it serves the anchors comparison)
+            settings = list(preset.anchor_settings if variant == "anchors" else preset.settings)
+            settings = [s for s in CPT_SETTINGS if s in settings]
             group = plan.group(
                 lang,
                 variant,
@@ -851,6 +990,8 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                 settings,
                 diagnostic_pairs=str(wdir / "diagnostic_pairs.jsonl"),
                 mono=str(wdir / "mono.jsonl"),
+                item_tiers=str(wdir / "item_tiers.json") if tiers else None,
+                name_alignment=str(wdir / "name_alignment.json") if tiers else None,
             )
             build_args = dict(
                 preset.build,
@@ -862,9 +1003,10 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
                 replay_files=en_corpus,
                 tokenizer_name=str(base_dir),
                 block_size=preset.cpt["block_size"],
-                output_dir=group["data"],
+                output_dir=None,
                 seed=0,
             )
+            group["data"] = str(plan.place(f"data-{name}", "build_pairs.py", build_args, Path(group["data"])))
             build = plan.step(
                 "build_pairs.py",
                 build_args,
@@ -876,7 +1018,7 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
             )
             plan.base_eval(group, name, base_dir, what, deps=[world, pretrain])
             probed = plan.cpt_runs(group, name, seeds, base_dir, build, what)
-            if len(settings) < 2:
+            if not set(SETTINGS) <= set(settings):
                 continue  # no with-minus-without analysis for a group trained in one setting
             plan.transfer(group, name, probed, what)
             # The culture's knowledge in the English corpus and in the target corpus.
@@ -903,27 +1045,30 @@ def _in_run_order(steps: list[Step]) -> list[Step]:
     return sorted(steps, key=lambda s: priority[s.kind])
 
 
-def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
+def build_paper_plan(args: StudyArguments, preset: Preset, out: Path, cell: str | None = None) -> Plan:
     """The paper-scale study: Hub datasets, the 0.5B architecture, the paper's questions; per language the CPT
     dataset, the base model's probing, each run's CPT and probing, the transfer analysis, and the density in
     English Wikipedia and in the language's own corpus."""
-    paper_data = {lang: dict(flags) for lang, flags in PAPER_DATA.items()}
+    paper_data = {lang: dict(flags) for lang, flags in preset.data.items()}
     if args.paper_data:
-        overrides = json.loads(Path(args.paper_data).read_text(encoding="utf-8"))
+        overrides = checked_value(
+            "data", json.loads(Path(args.paper_data).read_text(encoding="utf-8")), args.paper_data
+        )
         for lang, flags in overrides.items():
             paper_data.setdefault(lang, {}).update(flags)
             if not paper_data[lang].get("mono_dataset"):  # the target corpus given as files instead
                 paper_data[lang].pop("mono_data_files", None)
-    unknown = [lang for lang in (args.langs or preset.langs) if lang not in paper_data]
+    unknown = [lang for lang in preset.langs if lang not in paper_data]
     if unknown:
-        raise ValueError(f"No paper-scale data for {unknown}: give it with --paper_data FILE.json.")
-    langs, seeds = args.langs or preset.langs, args.seeds if args.seeds is not None else preset.seeds
-    plan = _PlanBuilder(args, preset, out)
-    base_dir = out / "base"
-
+        raise InputError(f"No data for {unknown} in the study's data section: give it with --paper_data FILE.json.")
+    langs, seeds = preset.langs, preset.seeds
+    plan = _PlanBuilder(args, preset, out, cell)
+    pretrain_args = dict(preset.pretrain, output_dir=None, seed=0, **plan.push("model", "base"))
+    base_dir = plan.place("base", "run_pretrain.py", pretrain_args, out / "base", trains=True)
+    plan.dirs["base"] = str(base_dir)
     pretrain = plan.step(
         "run_pretrain.py",
-        dict(preset.pretrain, output_dir=str(base_dir), seed=0, **plan.push("model", "base")),
+        pretrain_args,
         ["config.json"],
         id="pretrain",
         kind="pretrain",
@@ -931,19 +1076,22 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
         trains=True,
     )
     for lang in langs:
-        group = plan.group(lang, "real", lang, _question_files(Path(args.questions_dir), lang), list(SETTINGS))
+        settings = [s for s in CPT_SETTINGS if s in preset.settings]
+        group = plan.group(lang, "real", lang, _question_files(Path(args.questions_dir), lang), settings)
         build_args = dict(
-            preset.build,
+            {"block_size": preset.cpt["block_size"]},  # the CPT windows
+            **preset.build,
             lang=lang,
             **paper_data[lang],
             replay_dataset="wikimedia/wikipedia",
             replay_dataset_config="20231101.en",
             eval_questions=group["questions"],
             tokenizer_name=str(base_dir),
-            output_dir=group["data"],
+            output_dir=None,
             seed=0,
             **plan.push("data", f"data-{lang}"),
         )
+        group["data"] = str(plan.place(f"data-{lang}", "build_pairs.py", build_args, Path(group["data"])))
         build = plan.step(
             "build_pairs.py",
             build_args,
@@ -990,62 +1138,67 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path) -> Plan:
 
 
 # --------------------------------------------------------------------------------------
-# Running the plan
+# Sweeps: one plan for the cells of a grid
 # --------------------------------------------------------------------------------------
 
 
-def _marker(out: Path, step_id: str) -> Path:
-    return out / ".done" / f"{step_id}.json"
+def sweep_factors(sweeps: list[str], sets: list[str]) -> dict[str, list]:
+    """--sweep KEY=V1,V2,... -> {KEY: [values]} in the order given, each value checked as --set checks it."""
+    factors: dict[str, list] = {}
+    for text in sweeps:
+        key, sep, values = text.partition("=")
+        try:
+            parsed = _yaml(f"[{values}]") if sep else None
+        except yaml.YAMLError:
+            parsed = None
+        if not key or not parsed:
+            raise InputError(f"--sweep {text!r}: give KEY=V1,V2,... (e.g. cpt.max_steps=400,800).")
+        if key in factors or key.split(".")[0] in NOT_SWEPT:
+            why = "swept twice" if key in factors else "it changes how the study runs, not what it measures"
+            raise InputError(f"--sweep {text!r}: {key} cannot be swept ({why}).")
+        if any(s.partition("=")[0].strip() == key for s in sets):
+            raise InputError(f"--sweep {text!r}: {key} is also given by --set; give it one way.")
+        factors[key] = [checked_value(key, value, f"--sweep {text}") for value in parsed]
+    return factors
 
 
-def _started_record(out: Path, step: Step) -> Path:
-    return out / ".started" / f"{step.id}.json"
+def _value_text(value) -> str:
+    if isinstance(value, list):
+        return "+".join(map(_value_text, value))
+    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
 
 
-def _read_record(path: Path) -> dict | None:
-    """A JSON record the runner wrote, or None when it is absent or unreadable."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def cell_name(values: dict) -> str:
+    """A cell's folder name: its values, readable and file-name safe (world.pair_mentions=30,cpt.max_steps=2400)."""
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{key}={_value_text(v)}" for key, v in values.items()))
 
 
-def _finished_run(out: Path, step_id: str) -> dict | None:
-    """What identifies the finished run of a step: its done-marker's run id, finish stamp and command.
+def build_sweep(args: StudyArguments, out: Path, factors: dict[str, list]) -> Plan:
+    """One plan for every cell of the grid of ``factors``: each cell is the study with its values set, planned in
+    ``out/<cell>`` (plan.cells holds its own view, for its report); the plan runs the union of the cells' steps,
+    a step shared by several cells (same command, see _PlanBuilder.place) once."""
+    base, _ = configure(args)
+    cells: dict[str, Plan] = {}
+    steps: dict[str, Step] = {}
+    for values in itertools.product(*factors.values()):
+        values = dict(zip(factors, values))
+        name = cell_name(values)
+        if name in cells:
+            raise InputError(f"--sweep: two cells would share the folder {name!r}; give values that differ in it.")
+        preset, _ = configure(args, values)
+        cells[name] = build_plan(args, preset, out / name, cell=name)
+        cells[name].state_dir = str(out)
+        for step in cells[name].steps:
+            if steps.setdefault(step.id, step).command != step.command:  # a shared id names its command
+                raise RuntimeError(f"two cells plan step {step.id} with different commands")
+    runs = [run for cell in cells.values() for run in cell.runs]
+    groups = {f"{name}/{key}": group for name, cell in cells.items() for key, group in cell.groups.items()}
+    return Plan(with_flags(base, args), str(out), _in_run_order(list(steps.values())), runs, groups, cells=cells)
 
-    A step records this for each of its dependencies when it starts and when it finishes, so a new run
-    upstream (another run id) is seen downstream even when the downstream command is unchanged."""
-    marker = _read_record(_marker(out, step_id))
-    return None if marker is None else {key: marker.get(key) for key in ("run_id", "finished", "command")}
 
-
-def _upstream(out: Path, step: Step) -> dict:
-    return {dep: _finished_run(out, dep) for dep in step.deps}
-
-
-def _upstream_changed(recorded: dict | None, current: dict) -> list[str]:
-    """Dependencies whose finished run is not the one recorded (all of them when nothing was recorded)."""
-    recorded = recorded or {}
-    return [dep for dep, run in current.items() if recorded.get(dep) != run]
-
-
-def _why_not_done(out: Path, step: Step) -> str | None:
-    """None when the step is done: its done-marker holds the current command and the finished runs of its
-    upstream steps, and its outputs exist. Otherwise why it must run."""
-    marker = _read_record(_marker(out, step.id))
-    if marker is None:
-        if _marker(out, step.id).exists():
-            return "its done-marker is unreadable"
-        return "it did not finish" if _started_record(out, step).exists() else "no record of an earlier run"
-    if marker.get("command") != step.command:
-        return "its command changed"
-    if step.deps and "upstream" not in marker:
-        return "its done-marker does not say which upstream runs it used (an older run_study.py wrote it)"
-    changed = _upstream_changed(marker.get("upstream"), _upstream(out, step))
-    if changed:
-        return f"upstream step {', '.join(changed)} finished a new run since {step.id} ran"
-    missing = [p for p in step.outputs if not Path(p).exists()]
-    return f"outputs missing: {', '.join(missing)}" if missing else None
+# --------------------------------------------------------------------------------------
+# Running the plan
+# --------------------------------------------------------------------------------------
 
 
 def _last_checkpoint(workdir: str | None) -> str | None:
@@ -1063,13 +1216,13 @@ def _prepare(out: Path, step: Step, reason: str) -> tuple[list[str], str | None]
     A training step resumes from its last checkpoint only when its earlier start ran the same command on the
     same finished runs of its upstream steps (an interruption). Anything else starts afresh, its earlier outputs
     removed, so no run continues from checkpoints trained on other inputs."""
-    started = _read_record(_started_record(out, step))
-    upstream = _upstream(out, step)
+    started = read_record(started_record(out, step))
+    upstream = upstream_runs(out, step)
     if started is None:
         mismatch = None
     elif started.get("command") != step.command:
         mismatch = "its earlier start ran another command"
-    elif changed := _upstream_changed(started.get("upstream"), upstream):
+    elif changed := upstream_changed(started.get("upstream"), upstream):
         mismatch = f"upstream step {', '.join(changed)} finished a new run since its earlier start"
     else:
         mismatch = ""
@@ -1088,8 +1241,8 @@ def _prepare(out: Path, step: Step, reason: str) -> tuple[list[str], str | None]
         why = f"{reason}; {mismatch}" if mismatch and interrupted else reason
         note = f"{step.id}: starts afresh ({why}); removed its earlier outputs {step.workdir}"
     # From here on the step's outputs are not those of a finished run.
-    _marker(out, step.id).unlink(missing_ok=True)
-    write_json_atomic(_started_record(out, step), {"command": step.command, "upstream": upstream, "started": utc_now()})
+    done_marker(out, step.id).unlink(missing_ok=True)
+    write_json_atomic(started_record(out, step), {"command": step.command, "upstream": upstream, "started": utc_now()})
     return command, note
 
 
@@ -1112,7 +1265,7 @@ def _claim_step(out: Path, step: Step) -> str | None:
     """Refuse to start a step whose earlier process still runs; take over the pid file of a dead one (returns a
     note saying so). The runner writes the new pid file once the step's process exists."""
     path = _pid_file(out, step.id)
-    record = _read_record(path)
+    record = read_record(path)
     if record is None:
         return None
     if _process_group_alive(record.get("pid")):
@@ -1288,8 +1441,8 @@ class StudyRunner:
         reasons: dict[str, str] = {}
         if self.force:
             for step in self.plan.steps:
-                _marker(self.out, step.id).unlink(missing_ok=True)
-                _started_record(self.out, step).unlink(missing_ok=True)
+                done_marker(self.out, step.id).unlink(missing_ok=True)
+                started_record(self.out, step).unlink(missing_ok=True)
             return {step.id: "--force" for step in self.plan.steps}
         root_cause: dict[str, str] = {}  # step -> the upstream step whose own change makes it rerun
         for step in self.plan.steps:  # dependencies come first (_in_run_order)
@@ -1297,7 +1450,7 @@ class StudyRunner:
             if stale is not None:
                 root = root_cause[step.id] = root_cause.get(stale, stale)
                 reasons[step.id] = f"upstream step {root} reruns: {reasons[root]}"
-            elif (why := _why_not_done(self.out, step)) is not None:
+            elif (why := why_not_done(self.out, step)) is not None:
                 reasons[step.id] = why
                 if why != "no record of an earlier run":
                     print(f"{step.id} reruns: {why}.")
@@ -1439,11 +1592,11 @@ class StudyRunner:
             )
         self.timings[step.id] = seconds
         write_json_atomic(
-            _marker(self.out, step.id),
+            done_marker(self.out, step.id),
             {
                 "command": step.command,
                 # the finished upstream runs it started on (see _prepare), and its own run's identity
-                "upstream": (_read_record(_started_record(self.out, step)) or {}).get("upstream"),
+                "upstream": (read_record(started_record(self.out, step)) or {}).get("upstream"),
                 "run_id": uuid.uuid4().hex,
                 "seconds": seconds,
                 "finished": utc_now(),
@@ -1456,7 +1609,7 @@ class StudyRunner:
         another runner, or left from before parent-death signals): two processes never write one step folder."""
         busy = []
         for step in self.plan.steps:
-            record = _read_record(_pid_file(self.out, step.id))
+            record = read_record(_pid_file(self.out, step.id))
             if record and _process_group_alive(record.get("pid")):
                 busy.append(
                     f"{step.id} (pid {record['pid']}, started {record.get('started')} by run_study.py pid "
@@ -1615,53 +1768,90 @@ def commands_script(plan: Plan, args: StudyArguments) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Preset, list[str]]:
-    """The study's arguments, its preset (budgets cut under --smoke) and the lines saying what --smoke cut."""
+def _parser():
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(StudyArguments, description=__doc__.split("\n\n")[0])
+    return HfArgumentParser(StudyArguments, description=__doc__.split("\n\n")[0])
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Preset, list[str]]:
+    """The study's arguments, its configuration (see configure) and the lines saying what --smoke cut."""
+    parser = _parser()
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if args.preset not in PRESETS:
-        parser.error(f"--preset must be one of {', '.join(PRESETS)} (got {args.preset!r})")
-    preset = PRESETS[args.preset]
+    for name in ("set", "sweep"):  # repeated flags, each with one or more values
+        setattr(args, name, [text for given in getattr(args, name) or [] for text in given] or None)
+    preset, smoke_cuts = configure(args)
     if args.hub_org and preset.synthetic:
-        parser.error("--hub_org applies to the paper preset only (synthetic presets never touch the Hub)")
+        parser.error("--hub_org applies to the paper study only (synthetic studies never touch the Hub)")
+    if args.hub_org and args.sweep:
+        parser.error("--hub_org does not go with --sweep (every cell would push to the same repositories)")
     if args.variants and not preset.synthetic:
-        parser.error("--variants applies to the synthetic presets only")
-    for setting in args.anchor_settings or []:
-        if setting not in SETTINGS:
-            parser.error(f"--anchor_settings: unknown setting {setting!r} (bridges, no_bridges)")
-    for variant in args.variants or []:
-        if variant not in VARIANT_TITLES:
-            parser.error(f"--variants: unknown variant {variant!r} (native, anchors)")
-    if not (args.seeds if args.seeds is not None else preset.seeds):
-        parser.error("--seeds: give at least one seed")
-    smoke_cuts: list[str] = []
-    if args.smoke:
-        preset, smoke_cuts = smoke_preset(preset, on_gpu=_cuda_available())
+        parser.error("--variants applies to the synthetic studies only")
     return args, preset, smoke_cuts
+
+
+def configure(args: StudyArguments, cell: dict | None = None) -> tuple[Preset, list[str]]:
+    """A study's configuration: its file (--preset), then --set, then a sweep cell's values, every key checked
+    against its script's flags, and the whole checked with the flags that set keys applied; under --smoke, its
+    budgets cut (with the lines saying what was cut)."""
+    path = study_file(args.preset)
+    preset = read_study(path, args.set or [], cell)
+    given = [f"--set {text}" for text in args.set or []] + [f"{k}={v}" for k, v in (cell or {}).items()]
+    check_study(with_flags(preset, args), f"{path}" + (f" with {', '.join(given)}" if given else ""))
+    if not args.smoke:
+        return preset, []
+    return smoke_preset(preset, on_gpu=_cuda_available())
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The flags given on the command line (not left at their defaults)."""
+    parser = _parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def configuration(args: StudyArguments, argv: list[str] | None, factors: dict | None) -> dict:
+    """How the study was configured, for plan.json and the reports: its file, --set, --sweep and the other flags
+    that shape the plan, as given, and all arguments."""
+    given = given_flags(argv)
+    return {
+        "preset": Path(args.preset).stem,
+        "file": str(study_file(args.preset)),
+        "set": args.set or [],
+        "sweep": factors,
+        "flags": {k: getattr(args, k) for k in PLAN_FLAGS if k in given and k not in ("preset", "set", "sweep")},
+        "arguments": asdict(args),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the study; returns the exit status (2: bad input or a busy output folder, 1: a step failed, 130:
     interrupted)."""
-    # 1. Arguments and preset.
+    # 1. Arguments and the study's configuration.
     setup_logging()
     args, preset, smoke_cuts = parse_arguments(argv)
-    # 2. The plan. Steps run from the repository root; paths inside it are written relative to it (readable commands).
-    out = Path(args.output_dir or REPO_DIR / "study_runs" / (preset.name + ("-smoke" if args.smoke else ""))).resolve()
+    factors = sweep_factors(args.sweep, args.set or []) if args.sweep else None
+    # 2. The output folder. Steps run from the repository root; paths inside it are written relative to it.
+    name = preset.name + ("-sweep" if factors else "") + ("-smoke" if args.smoke else "")
+    out = Path(args.output_dir or REPO_DIR / "study_runs" / name).resolve()
     os.chdir(REPO_DIR)
     if out.is_relative_to(REPO_DIR):
         out = out.relative_to(REPO_DIR)
-    plan = build_plan(args, preset, out)
-    jobs = args.jobs or preset.jobs
-    # 3. What runs, and how long it should take; --dry_run stops here with the cost and the commands.
-    _print_overview(plan, args, jobs, smoke_cuts)
+    if args.report_only:  # the report of the study recorded there, and nothing else
+        return report_only(args, argv, out)
+    # 3. The plan: a study, or the cells of a sweep as one plan.
+    plan = build_sweep(args, out, factors) if factors else build_plan(args, preset, out)
+    plan.config = configuration(args, argv, factors)
+    for cell in plan.cells.values():
+        cell.config = {**plan.config, **cell.config}
+    # 4. What runs, and how long it should take; --dry_run stops here with the cost and the commands.
+    _print_overview(plan, args, smoke_cuts)
     if args.dry_run:
         _print_dry_run(plan, args)
         return 0
-    # 4. Refuse to start without the plan's own inputs, or beside another study on the same outputs.
-    problem = None if args.report_only else _missing_inputs_message(plan, args)
+    # 5. Refuse to start without the plan's own inputs, or beside another study on the same outputs.
+    problem = _missing_inputs_message(plan, args)
     if problem:
         print(f"run_study.py: error: {problem}", file=sys.stderr)
         return 2
@@ -1671,36 +1861,111 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_study.py: error: {err}", file=sys.stderr)
         return 2
     try:
-        # 5. The commands and the plan on disk (the report reads the plan back from plan.json on its own).
+        # 6. The commands and the plan on disk (the report reads the plan back from plan.json on its own).
         write_text_atomic(out / "commands.sh", commands_script(plan, args))
-        write_json_atomic(out / "plan.json", _plan_record(plan, args))
+        for record_plan in [plan, *plan.cells.values()]:
+            write_json_atomic(Path(record_plan.out) / "plan.json", plan_record(record_plan))
         started = time.time()
-        # 6. Every step not done yet. A scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C: running
+        # 7. Every step not done yet. A scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C: running
         # steps are stopped, not orphaned.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        if not args.report_only:
-            try:
-                StudyRunner(plan, jobs, args.force, preset.budget_s).run()
-            except KeyboardInterrupt:
-                return 130
-            except StudyBusyError as err:
-                print(f"run_study.py: error: {err}", file=sys.stderr)
-                return 2
-            except RuntimeError as err:
-                print(f"\n{err}", file=sys.stderr)
-                return 1
-        # 7. The report, from the files the steps wrote.
-        paths = write_report(plan)
-        print(f"Study finished in {fmt_time(time.time() - started)}. Report: {paths['md']} and {paths['html']}")
+        try:
+            StudyRunner(plan, plan.preset.jobs, args.force, 0 if factors else plan.preset.budget_s).run()
+        except KeyboardInterrupt:
+            return 130
+        except StudyBusyError as err:
+            print(f"run_study.py: error: {err}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:
+            print(f"\n{err}", file=sys.stderr)
+            return 1
+        # 8. The reports, from the files the steps wrote.
+        _print_report_paths(write_reports(plan), f"Study finished in {fmt_time(time.time() - started)}.")
         return 0
     finally:
         os.close(lock)  # the kernel drops the lock with it
 
 
-def _print_overview(plan: Plan, args: StudyArguments, jobs: int, smoke_cuts: list[str]) -> None:
-    """The preset, the output folder, the steps by kind and, for a preset with a time budget, the estimate."""
-    preset = plan.preset
+def report_only(args: StudyArguments, argv: list[str] | None, out: Path) -> int:
+    """--report_only: the report of the study recorded in ``out/plan.json`` (plan.json and commands.sh stay as the
+    study wrote them), after refusing the flags that contradict the record."""
+    recorded = read_plan(out)
+    conflicts = _conflicts(args, given_flags(argv), recorded)
+    if conflicts:
+        raise InputError(
+            f"--report_only writes the report of the study recorded in {out}/plan.json and changes nothing of it, but "
+            f"this command contradicts that record: {'; '.join(conflicts)}. Drop those flags (the recorded plan is "
+            "reported), or run without --report_only the study they describe, in another --output_dir."
+        )
+    _print_report_paths(write_reports(recorded), "Report rewritten.")
+    return 0
+
+
+def _conflicts(args: StudyArguments, given: set[str], recorded) -> list[str]:
+    """The flags given that contradict the plan recorded by the study (each: what it gives, what the study ran)."""
+    ran, values = recorded.config["arguments"], recorded.preset
+    found = []
+    for flag in (f for f in PLAN_FLAGS if f in given):
+        if flag == "set":
+            for text in args.set:
+                key, value = parse_assignment(text, "--set")
+                value, then = checked_value(key, value, f"--set {text}"), vars(values)
+                for part in key.split("."):
+                    then = then.get(part) if isinstance(then, dict) else None
+                if value != then:
+                    found.append(f"--set {text} (the study ran with {key}={json.dumps(then)})")
+            continue
+        if flag == "preset":
+            now, then = str(study_file(args.preset)), recorded.config["file"]
+        elif flag == "sweep":
+            now, then = sweep_factors(args.sweep, args.set or []), recorded.config["sweep"]
+        elif flag in CONFIG_FLAGS:
+            now, then = getattr(args, flag), getattr(values, flag)
+        else:
+            now, then = getattr(args, flag), ran.get(flag)
+        if now != then:
+            found.append(f"--{flag} {json.dumps(now)} (the study ran with {json.dumps(then)})")
+    return found
+
+
+def _print_report_paths(written: dict, done: str) -> None:
+    """Where the report is, and whether the study finished: a report of an unfinished study says so first."""
+    unfinished = written["unfinished"]
+    if unfinished:
+        print(
+            f"The study is NOT finished: {len(unfinished)} of {written['steps']} steps have no finished run "
+            f"({', '.join(list(unfinished)[:5])}{', ...' if len(unfinished) > 5 else ''}); the report says which "
+            "and shows only what the finished ones wrote. Run the study's command again to finish it."
+        )
+    else:
+        print(done)
+    print(f"Report: {written['md']} and {written['html']}")
+
+
+def plan_record(plan: Plan) -> dict:
+    """plan.json: the plan, its configuration (how it was configured and every effective value) and, for a sweep,
+    each cell's own record."""
+    record = {
+        "configuration": plan.config,
+        "preset": asdict(plan.preset),
+        "out": plan.out,
+        "state_dir": plan.state_dir,
+        "dirs": plan.dirs,
+        "runs": [asdict(r) | {"name": r.name} for r in plan.runs],
+        "groups": plan.groups,
+        "steps": [asdict(s) for s in plan.steps],
+    }
+    if plan.cells:
+        record["cells"] = {name: plan_record(cell) for name, cell in plan.cells.items()}
+    return record
+
+
+def _print_overview(plan: Plan, args: StudyArguments, smoke_cuts: list[str]) -> None:
+    """The study, its configuration, the output folder, the steps by kind (and, for a sweep, its cells and the steps
+    they share) and, for a study with a time budget, the estimate."""
+    preset, jobs = plan.preset, plan.preset.jobs
     print(f"Study preset {preset.name!r}: {preset.description}")
+    print(f"Configuration: {configuration_text(plan.config)}")
     print(f"Output: {plan.out}")
     if args.smoke:
         print("Smoke run: every step of the plan, only these budgets cut:\n  " + "\n  ".join(smoke_cuts))
@@ -1710,7 +1975,13 @@ def _print_overview(plan: Plan, args: StudyArguments, jobs: int, smoke_cuts: lis
     print(
         "Steps: " + ", ".join(f"{k} x{v}" for k, v in counts.items()) + f" ({len(plan.steps)} in all), {jobs} at a time"
     )
-    if preset.budget_s:
+    if plan.cells:
+        planned = sum(len(cell.steps) for cell in plan.cells.values())
+        print(f"Sweep: {len(plan.cells)} cells, {planned} steps planned, {len(plan.steps)} to run (shared once):")
+        for name, cell in plan.cells.items():
+            shared = sum(s.id.startswith("shared/") for s in cell.steps)
+            print(f"  {name}: {len(cell.steps)} steps ({shared} shared)")
+    if preset.budget_s and not plan.cells:
         print(
             f"Time budget: {fmt_time(preset.budget_s)} on {preset.reference_machine}; estimated "
             f"{fmt_time(estimate_seconds(plan, jobs))} for this plan."
@@ -1779,17 +2050,6 @@ def _missing_inputs_message(plan: Plan, args: StudyArguments) -> str | None:
             "has them: give your own files with --paper_data FILE.json (see PAPER_DATA in run_study.py)"
         )
     return ";\n".join(problems) or None
-
-
-def _plan_record(plan: Plan, args: StudyArguments) -> dict:
-    return {
-        "preset": asdict(plan.preset),
-        "out": plan.out,
-        "arguments": asdict(args),
-        "runs": [asdict(r) | {"name": r.name} for r in plan.runs],
-        "groups": plan.groups,
-        "steps": [asdict(s) for s in plan.steps],
-    }
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Needs cloze.py, study_common.py and run_transfer.py (its statistics and figure s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import os
@@ -63,14 +64,96 @@ def utc_now() -> str:
 
 
 def read_step_seconds(out: Path) -> dict[str, float]:
-    """Seconds each finished step took, from its done-marker (``OUTPUT_DIR/.done/<step>.json``)."""
+    """Seconds each finished step took, from its done-marker (``OUTPUT_DIR/.done/<step>.json``; a sweep's step ids
+    have a folder: ``<cell>/<step>``, ``shared/<folder>``)."""
     timings = {}
-    for marker in (out / ".done").glob("*.json") if (out / ".done").is_dir() else []:
+    for marker in (out / ".done").rglob("*.json") if (out / ".done").is_dir() else []:
         try:
-            timings[marker.stem] = json.loads(marker.read_text(encoding="utf-8")).get("seconds", 0.0)
+            step_id = marker.relative_to(out / ".done").with_suffix("").as_posix()
+            timings[step_id] = json.loads(marker.read_text(encoding="utf-8")).get("seconds", 0.0)
         except json.JSONDecodeError:
             continue
     return timings
+
+
+# The runner's records of a step, which say whether it finished: run_study.py runs by them, the report states them.
+
+
+def done_marker(out: Path, step_id: str) -> Path:
+    return out / ".done" / f"{step_id}.json"
+
+
+def started_record(out: Path, step) -> Path:
+    return out / ".started" / f"{step.id}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    """A JSON record the runner wrote, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def finished_run(out: Path, step_id: str) -> dict | None:
+    """What identifies the finished run of a step: its done-marker's run id, finish stamp and command.
+
+    A step records this for each of its dependencies when it starts and when it finishes, so a new run
+    upstream (another run id) is seen downstream even when the downstream command is unchanged."""
+    marker = read_record(done_marker(out, step_id))
+    return None if marker is None else {key: marker.get(key) for key in ("run_id", "finished", "command")}
+
+
+def upstream_runs(out: Path, step) -> dict:
+    return {dep: finished_run(out, dep) for dep in step.deps}
+
+
+def upstream_changed(recorded: dict | None, current: dict) -> list[str]:
+    """Dependencies whose finished run is not the one recorded (all of them when nothing was recorded)."""
+    recorded = recorded or {}
+    return [dep for dep, run in current.items() if recorded.get(dep) != run]
+
+
+def why_not_done(out: Path, step) -> str | None:
+    """None when the step is done: its done-marker holds the current command and the finished runs of its
+    upstream steps, and its outputs exist. Otherwise why it must run."""
+    marker = read_record(done_marker(out, step.id))
+    if marker is None:
+        if done_marker(out, step.id).exists():
+            return "its done-marker is unreadable"
+        return "it did not finish" if started_record(out, step).exists() else "no record of an earlier run"
+    if marker.get("command") != step.command:
+        return "its command changed"
+    if step.deps and "upstream" not in marker:
+        return "its done-marker does not say which upstream runs it used (an older run_study.py wrote it)"
+    changed = upstream_changed(marker.get("upstream"), upstream_runs(out, step))
+    if changed:
+        return f"upstream step {', '.join(changed)} finished a new run since {step.id} ran"
+    missing = [p for p in step.outputs if not Path(p).exists()]
+    return f"outputs missing: {', '.join(missing)}" if missing else None
+
+
+def unfinished_steps(plan: Plan) -> dict[str, str]:
+    """The steps of a plan without a finished run, each with why (see why_not_done)."""
+    state = Path(plan.state_dir or plan.out)
+    return {step.id: why for step in plan.steps if (why := why_not_done(state, step)) is not None}
+
+
+def configuration_text(config: dict) -> str:
+    """How a study was configured, in one line: its file, --set, the flags that shape its plan, a sweep's values."""
+    if not config:
+        return "(not recorded)"
+    parts = [f"preset {config['preset']} ({config['file']})", *(f"--set {text}" for text in config["set"])]
+    for flag, value in config["flags"].items():
+        parts.append(
+            f"--{flag}"
+            + ("" if value is True else " " + " ".join(map(str, value if isinstance(value, list) else [value])))
+        )
+    if config.get("sweep"):
+        parts += [f"--sweep {key}={','.join(map(json.dumps, values))}" for key, values in config["sweep"].items()]
+    if "cell" in config:
+        parts.append("this cell: " + ", ".join(f"{key}={json.dumps(value)}" for key, value in config["cell"].items()))
+    return ", ".join(parts)
 
 
 class ReportDoc:
@@ -211,22 +294,35 @@ def _tier_indices(truth: dict, lang: str) -> dict[str, list[int]]:
 
 
 def write_report(plan: Plan) -> dict:
-    """Write report.md, report.html and report.json into the plan's output folder."""
+    """Write report.md, report.html and report.json into the plan's output folder. Returns their paths, the number
+    of steps and the steps that did not finish (id -> why): a report of an unfinished study says so first."""
     out = Path(plan.out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     doc = ReportDoc()
-    record: dict = {"preset": plan.preset.name, "generated": utc_now(), "sections": {}}
     preset = plan.preset
-    timings = read_step_seconds(out)
+    unfinished = unfinished_steps(plan)
+    record: dict = {
+        "preset": preset.name,
+        "generated": utc_now(),
+        "configuration": {**plan.config, "values": _values(preset)},
+        "status": _status(plan, unfinished),
+        "sections": {},
+    }
+    timings = read_step_seconds(Path(plan.state_dir or out))
     doc.h(1, f"Cross-lingual culture transfer study: preset `{preset.name}`")
+    _unfinished_banner(doc, plan, unfinished)
     doc.p(
-        f"Generated {record['generated']} by `python run_study.py --preset {preset.name}`. {preset.description} "
-        "Every number below is read from a file a step wrote (paths given per section; all of them are collected "
-        "in `report.json`), and every sentence of conclusion is written from those numbers."
+        f"Configuration: {configuration_text(plan.config)}. Every effective value is in `plan.json` and `report.json`."
+    )
+    doc.p(
+        f"Generated {record['generated']}. {preset.description} Every number below is read from a file a step wrote "
+        "(paths given per section; all of them are collected in `report.json`), and every sentence of conclusion is "
+        "written from those numbers."
     )
     _report_machine(doc, record, plan, timings)
-    truth = _read_json(out / "world" / "truth.json") if preset.synthetic else None
+    world = plan.dirs.get("world")
+    truth = _read_json(Path(world) / "truth.json") if preset.synthetic and world else None
     if truth:
         _report_world(doc, record, plan, truth)
     _report_questions(doc, record, plan)
@@ -240,13 +336,47 @@ def write_report(plan: Plan) -> dict:
     doc.h(2, "Reproduce")
     doc.p(
         "Every command of this study is in `commands.sh` (dependency order); each step's full output is in "
-        "`logs/<step>.log`. Rerunning `python run_study.py` with the same preset skips finished steps."
+        "`logs/<step>.log`. Rerunning `python run_study.py` with the same configuration skips finished steps."
     )
     md, page = out / "report.md", out / "report.html"
     write_text_atomic(md, doc.markdown())
     write_text_atomic(page, doc.html(f"Study report ({preset.name})"))
     write_json_atomic(out / "report.json", record)
-    return {"md": md, "html": page, "json": out / "report.json"}
+    return {"md": md, "html": page, "json": out / "report.json", "steps": len(plan.steps), "unfinished": unfinished}
+
+
+def write_reports(plan: Plan) -> dict:
+    """The report of a study; of a sweep, each cell's report, then the sweep's (write_sweep_report)."""
+    if not plan.cells:
+        return write_report(plan)
+    for cell in plan.cells.values():
+        write_report(cell)
+    return write_sweep_report(plan)
+
+
+def _values(preset) -> dict:
+    """Every value of a configuration (a run_study.Preset, or its record read back from plan.json)."""
+    return dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else dict(vars(preset))
+
+
+def _status(plan: Plan, unfinished: dict[str, str]) -> dict:
+    return {
+        "complete": not unfinished,
+        "steps": len(plan.steps),
+        "finished": len(plan.steps) - len(unfinished),
+        "unfinished": [{"step": step_id, "why": why} for step_id, why in unfinished.items()],
+    }
+
+
+def _unfinished_banner(doc: ReportDoc, plan: Plan, unfinished: dict[str, str]) -> None:
+    if unfinished:
+        doc.p(
+            f"**UNFINISHED: {len(unfinished)} of {len(plan.steps)} steps of this study have no finished run.** What "
+            "follows shows only what the finished steps wrote: a section or number that is missing is missing because "
+            "its step did not finish, and no conclusion covers it. Run the study's command again to finish it. The "
+            "steps that did not finish:"
+        )
+        doc.bullets([f"`{step_id}`: {why}" for step_id, why in unfinished.items()])
 
 
 def _report_machine(doc: ReportDoc, record: dict, plan: Plan, timings: dict) -> None:
@@ -261,7 +391,7 @@ def _report_machine(doc: ReportDoc, record: dict, plan: Plan, timings: dict) -> 
             device = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001 - the report must not fail on a device query
         pass
-    run = _read_json(Path(plan.out) / "timings.json") or {}
+    run = _read_json(Path(plan.state_dir or plan.out) / "timings.json") or {}
     samples = run.get("load_average_samples") or []
     load = {"mean": sum(samples) / len(samples), "min": min(samples), "max": max(samples)} if samples else None
     record["machine"] = {
@@ -297,10 +427,10 @@ def _report_machine(doc: ReportDoc, record: dict, plan: Plan, timings: dict) -> 
 
 
 def _report_world(doc: ReportDoc, record: dict, plan: Plan, truth: dict) -> None:
-    out = Path(plan.out)
-    world = _read_json(out / "world" / "world.json") or {}
-    base_stats = _read_json(out / "base" / "data_stats.json") or {}
-    base_config = _read_json(out / "base" / "config.json") or {}
+    base = Path(plan.dirs["base"])
+    world = _read_json(Path(plan.dirs["world"]) / "world.json") or {}
+    base_stats = _read_json(base / "data_stats.json") or {}
+    base_config = _read_json(base / "config.json") or {}
     doc.h(2, "The synthetic world and the model")
     args = world.get("arguments", {})
     doc.p(
@@ -325,7 +455,7 @@ def _report_world(doc: ReportDoc, record: dict, plan: Plan, truth: dict) -> None
          "target density", "target / English"],
         rows,
     )  # fmt: skip
-    params = _parameter_count(out / "base")
+    params = _parameter_count(base)
     record["sections"]["world"] = {
         "densities": truth["densities"],
         "base_params": params,
@@ -1111,7 +1241,7 @@ def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
         rows,
     )  # fmt: skip
     colocation_ok = all(e["co_located_percent"] == (100.0 if e["setting"] == "bridges" else 0.0) for e in entries)
-    pairs_of_runs = [v for v in hashes.values() if len(v) == 2]
+    pairs_of_runs = [v for v in hashes.values() if len(v) >= 2]  # the settings of a seed
     equal_hashes = bool(pairs_of_runs) and all(
         len(set(v.values())) == 1 and None not in next(iter(v.values())) for v in pairs_of_runs
     )
@@ -1194,14 +1324,181 @@ def _report_scale(doc: ReportDoc, record: dict, plan: Plan) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# A sweep: the cells side by side
+# --------------------------------------------------------------------------------------
+
+
+def write_sweep_report(plan: Plan) -> dict:
+    """sweep_report.md/.html/.json and figures/dose_response.png of a sweep, from its cells' outputs and reports
+    (written first): per cell its values, status and wall time; per cell, run group and direction the mean gap
+    with its CI on all questions, per tier of facts, and the knowledge contrast and bridges minus mismatched
+    bridges where transfer.json has them; the manipulation checks per cell; and the gaps against each swept
+    factor. Returns what write_report returns."""
+    out = Path(plan.out)
+    factors, timings, unfinished = plan.config["sweep"], read_step_seconds(out), unfinished_steps(plan)
+    doc, figures = ReportDoc(), out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    record = {"generated": utc_now(), "configuration": plan.config, "factors": factors,
+              "status": _status(plan, unfinished), "cells": {}}  # fmt: skip
+    doc.h(1, f"Sweep of the `{plan.preset.name}` study over {', '.join(factors)}")
+    _unfinished_banner(doc, plan, unfinished)
+    doc.p(
+        f"Configuration: {configuration_text(plan.config)}. Generated {record['generated']}. {len(plan.cells)} cells, "
+        "one study each, in `<cell>/` with its own report; a step whose command is the same in several cells ran "
+        "once (`shared/`). Gaps are with minus without bridges, mean over the CPT curve, with 95% bootstrap "
+        "intervals over questions and seed pairs (`run_transfer.py`)."
+    )
+    shared = {s.id for s in plan.steps if s.id.startswith("shared/")}
+    rows, gaps, checks = [], [], []
+    for name, cell in plan.cells.items():
+        own = [timings.get(s.id) for s in cell.steps if s.id not in shared]
+        used = [timings.get(s.id) for s in cell.steps if s.id in shared]
+        cell_unfinished = [s.id for s in cell.steps if s.id in unfinished]
+        entry = {"values": cell.config["cell"], "report": str(Path(cell.out) / "report.md"),
+                 "own_steps_s": sum(t or 0 for t in own), "shared_steps_s": sum(t or 0 for t in used),
+                 "shared_steps": [s.id for s in cell.steps if s.id in shared], "unfinished": cell_unfinished,
+                 "gaps": _cell_gaps(cell), "checks": _cell_checks(cell)}  # fmt: skip
+        record["cells"][name] = entry
+        rows.append([f"[{name}]({name}/report.md)", *(_value_text(v) for v in entry["values"].values()),
+                     fmt_time(entry["own_steps_s"]), fmt_time(entry["shared_steps_s"]),
+                     "finished" if not cell_unfinished else f"**{len(cell_unfinished)} steps unfinished**"])  # fmt: skip
+        gaps += [[name, *g.values()] for g in entry["gaps"]]
+        checks += [[name, *c.values()] for c in entry["checks"]]
+    record["sweep_steps_s"] = sum(timings.get(s.id) or 0 for s in plan.steps)
+    doc.h(2, "Cells")
+    doc.table(["cell", *factors, "own steps (s of steps)", "shared steps used", "status"], rows)
+    doc.p(
+        f"Wall time per cell is the sum of its steps' seconds. Shared steps ({len(shared)}: "
+        f"{', '.join(sorted(shared)) or 'none'}) ran once for every cell that uses them and are counted once in the "
+        f"sweep's {fmt_time(record['sweep_steps_s'])} of steps, not in a cell's own time."
+    )
+    doc.h(2, "Gaps per cell")
+    doc.table(["cell", "group", "direction", "measure", "mean gap [95% CI]", "verdict", "from"], [
+        [r[0], r[1], r[2], r[3], f"{r[4]:+.3f} {_ci(r[5])}", r[6], r[7]] for r in gaps])  # fmt: skip
+    figure = _plot_dose_response(record, factors, figures)
+    if figure:
+        doc.img(figure, "Mean gap [95% CI] per direction and measure against each swept factor (other factors as "
+                        "separate lines)")  # fmt: skip
+    doc.h(2, "Manipulation checks per cell")
+    doc.p(
+        "Per cell and run group: the share of parallel pairs co-located in one window per setting (must be 100% with "
+        "bridges, 0% otherwise), whether every packing audit holds its guarantees, and, where probing measured it "
+        "(`manipulation_checks.json`), name-alignment accuracy at the final checkpoint (chance 0.25)."
+    )
+    doc.table(["cell", "group", "setting", "runs", "co-located %", "audits hold", "name alignment (final)"], checks)
+    md, page, data = out / "sweep_report.md", out / "sweep_report.html", out / "sweep_report.json"
+    write_text_atomic(md, doc.markdown())
+    write_text_atomic(page, doc.html(f"Sweep report ({plan.preset.name})"))
+    write_json_atomic(data, record)
+    return {"md": md, "html": page, "json": data, "steps": len(plan.steps), "unfinished": unfinished}
+
+
+def _value_text(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _cell_gaps(cell: Plan) -> list[dict]:
+    """A cell's gaps per run group and direction: all questions, per tier, the knowledge contrast and bridges minus
+    mismatched bridges (from transfer.json; per tier from the cell's report when transfer.json has no tiers)."""
+    report = (_read_json(Path(cell.out) / "report.json") or {}).get("sections", {}).get("transfer", {})
+    found = []
+    for key, group in cell.groups.items():
+        result = _read_json(Path(group["transfer"]) / "transfer.json")
+        for d in (d for language in (result or {}).get("languages", []) for d in language["directions"]):
+            measures = [("all questions", d, "transfer.json")]
+            tiers = d.get("tiers") or {
+                t["tier"]: t for t in report.get(key, {}).get("tiers", []) if t["direction"] == d["direction"]
+            }
+            source = "transfer.json" if d.get("tiers") else "report (per-tier analysis)"
+            measures += [(f"tier {tier}", stats, source) for tier, stats in tiers.items()]
+            if d.get("bridges_minus_mismatched"):
+                measures.append(("bridges − mismatched", d["bridges_minus_mismatched"], "transfer.json"))
+            k = d.get("knowledge_transfer")
+            if k:
+                k = {"mean_gap": k["mean_did"], "mean_gap_ci": k["mean_did_ci"], "verdict": k["verdict"]}
+                measures.append((f"knowledge ({d['knowledge_transfer']['often_tier']} − "
+                                 f"{d['knowledge_transfer']['never_tier']})", k, "transfer.json"))  # fmt: skip
+            found += [{"group": key, "direction": d["direction"], "measure": measure, "mean_gap": stats["mean_gap"],
+                       "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"], "from": source}
+                      for measure, stats, source in measures]  # fmt: skip
+    return found
+
+
+def _cell_checks(cell: Plan) -> list[dict]:
+    """Per run group and setting of a cell: co-location and audit guarantees (packing_audit.json) and the final
+    name-alignment accuracy per direction (manipulation_checks.json, where probing wrote it)."""
+    found = []
+    for key, group in cell.groups.items():
+        for setting in group["settings"]:
+            runs = [r for r in cell.runs if f"{r.lang}/{r.variant}" == key and r.setting == setting]
+            audits = [a for a in (_read_json(Path(r.dir) / "packing_audit.json") for r in runs) if a]
+            shares = [a["pairs"]["co_located_percent"] for a in audits]
+            alignment: dict[str, list[float]] = {}
+            for r in runs:
+                final = ((_read_json(Path(r.eval_dir) / "manipulation_checks.json") or {}).get("checkpoints") or [{}])[
+                    -1
+                ]
+                for direction, entry in (final.get("name_alignment") or {}).items():
+                    alignment.setdefault(direction, []).append(entry["accuracy"])
+            found.append({"group": key, "setting": setting, "runs": f"{len(audits)}/{len(runs)} audited",
+                          "co_located_percent": _f(float(np.mean(shares)), ".1f") if shares else "-",
+                          "audits_hold": all(a.get("guarantees_hold") is True for a in audits) if audits else "-",
+                          "name_alignment": "; ".join(f"{d} {np.mean(v):.3f}" for d, v in alignment.items()) or "-"})  # fmt: skip
+    return found
+
+
+def _plot_dose_response(record: dict, factors: dict, figures: Path) -> str | None:
+    """Per direction (rows) and swept factor (columns): the mean gap with its CI per value of the factor, one line
+    per run group, measure and combination of the other factors' values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from run_transfer import save_figure
+
+    points = [(cell["values"], g) for cell in record["cells"].values() for g in cell["gaps"]]
+    directions = sorted({g["direction"] for _, g in points})
+    if not directions:
+        return None
+    fig, axes = plt.subplots(len(directions), len(factors), figsize=(5.5 * len(factors), 3.6 * len(directions)),
+                             squeeze=False)  # fmt: skip
+    for col, factor in enumerate(factors):
+        ticks = [_value_text(v) for v in factors[factor]]
+        for row, direction in enumerate(directions):
+            ax, lines = axes[row, col], {}
+            for values, g in points:
+                if g["direction"] == direction:
+                    others = ", ".join(f"{k}={_value_text(v)}" for k, v in values.items() if k != factor)
+                    label = f"{g['group']} {g['measure']}" + (f" ({others})" if others else "")
+                    lines.setdefault(label, []).append((ticks.index(_value_text(values[factor])), g))
+            for label, line in lines.items():
+                line.sort(key=lambda p: p[0])
+                x = [p[0] for p in line]
+                y = np.array([p[1]["mean_gap"] for p in line])
+                ci = np.array([p[1]["mean_gap_ci"] for p in line])
+                ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=label)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xticks(range(len(ticks)), ticks)
+            ax.set_xlabel(factor)
+            ax.set_ylabel(f"{direction}: mean gap")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, figures / "dose_response.png", dpi=110)
+    plt.close(fig)
+    return "figures/dose_response.png"
+
+
+# --------------------------------------------------------------------------------------
 # On its own: the report of a finished study folder
 # --------------------------------------------------------------------------------------
 
 
 def read_plan(out: Path) -> SimpleNamespace:
-    """The plan of the study in ``out``, read back from the ``plan.json`` run_study.py wrote there: the fields the
-    report reads (preset, out, steps, runs, groups), its paths as the study ran them (relative to the repository
-    root, where the steps run)."""
+    """The plan of the study (or sweep) in ``out``, read back from the ``plan.json`` run_study.py wrote there: the
+    fields the report reads (preset, out, steps, runs, groups, dirs, config, state_dir, cells), its paths as the study
+    ran them (relative to the repository root, where the steps run)."""
     path = out / "plan.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {out} is not the output folder of a run_study.py run")
@@ -1209,12 +1506,22 @@ def read_plan(out: Path) -> SimpleNamespace:
     recorded_out = record.get("out", str(out))
     if (REPO_DIR / recorded_out).resolve() != (REPO_DIR / out).resolve():
         raise ValueError(f"{path} is the plan of a study in {recorded_out}, and its paths point there, not to {out}")
+    if "configuration" not in record:
+        raise ValueError(f"{path} was written by an older run_study.py: run the study's command again to record it")
+    return _plan_from_record(record)
+
+
+def _plan_from_record(record: dict) -> SimpleNamespace:
     return SimpleNamespace(
         preset=SimpleNamespace(**record["preset"]),
-        out=recorded_out,
+        out=record["out"],
         steps=[SimpleNamespace(**step) for step in record["steps"]],
         runs=[SimpleNamespace(**run) for run in record["runs"]],
         groups=record["groups"],
+        dirs=record["dirs"],
+        config=record["configuration"],
+        state_dir=record["state_dir"],
+        cells={name: _plan_from_record(cell) for name, cell in record.get("cells", {}).items()},
     )
 
 
@@ -1226,8 +1533,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.study_dir).resolve()
     os.chdir(REPO_DIR)
     plan = read_plan(out.relative_to(REPO_DIR) if out.is_relative_to(REPO_DIR) else out)
-    # 2. The report, from the files the steps wrote.
-    paths = write_report(plan)
+    # 2. The report (a sweep's: each cell's and the sweep's), from the files the steps wrote.
+    paths = write_reports(plan)
+    if paths["unfinished"]:
+        print(f"The study is NOT finished: {len(paths['unfinished'])} of {paths['steps']} steps did not finish.")
     print(f"Report: {paths['md']} and {paths['html']}")
     return 0
 

@@ -125,7 +125,7 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
     assert "| document isolation: flex attention on CPU |" in report_md
 
     # on its own (python study_report.py STUDY_DIR): the same report from the plan record the study wrote
-    (out / "plan.json").write_text(json.dumps(run_study._plan_record(plan, args)))
+    (out / "plan.json").write_text(json.dumps(run_study.plan_record(plan)))
     for name in ("report.md", "report.html", "report.json"):
         (out / name).unlink()
     assert study_report.main([str(out)]) == 0
