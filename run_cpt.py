@@ -74,15 +74,18 @@ from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     PAIR_ORDERS,
     RUNS_DIR,
+    WEIGHT_FILES,
     InputError,
     default_cpt_data_dir,
     default_cpt_run_name,
     document_start_id,
     exit_on_input_error,
+    local_weight_digests,
     output_dir_given,
     pair_first_side,
     pair_segments,
     setup_logging,
+    weights_sha256,
     write_json_atomic,
 )
 from train_common import (
@@ -1086,9 +1089,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
-
-
 def base_model_identity(model_name_or_path: str) -> dict:
     """The base model by content: SHA-256 of every weights file and of its config.
 
@@ -1102,20 +1102,13 @@ def base_model_identity(model_name_or_path: str) -> dict:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(model_name_or_path, allow_patterns=[*WEIGHT_FILES, "config.json"]))
-    weights = sorted({path for pattern in WEIGHT_FILES for path in folder.glob(pattern)})
-    if not weights:
+    digests = local_weight_digests(folder)
+    if not digests:
         raise FileNotFoundError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}) to identify the base model.")
-    digests = []
-    for path in weights:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-        digests.append(f"{path.name}\t{digest.hexdigest()}\n")
     config = json.loads((folder / "config.json").read_text())
     config.pop("transformers_version", None)
     return {
-        "base_model_weights_sha256": _sha256("".join(digests).encode()),
+        "base_model_weights_sha256": weights_sha256(digests),
         "base_model_config_sha256": _sha256(json.dumps(config, sort_keys=True).encode()),
     }
 
@@ -1655,13 +1648,6 @@ def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
 # ======================================================================================
 
 
-def cpt_run_name(lang: str, setting: str, seed: int) -> str:
-    """The run's name and default folder: ``study_common.default_cpt_run_name`` for the paper's two settings."""
-    if setting == "mismatched_bridges":
-        return f"cpt-{lang}-mismatched-bridges-seed{seed}"
-    return default_cpt_run_name(lang, setting == "bridges", seed)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Continue the base model in one setting; returns the packing audit (also OUT/packing_audit.json)."""
     # 1. Arguments, and the refusals that need no data: nothing is read or written before them.
@@ -1674,7 +1660,7 @@ def main(argv: list[str] | None = None) -> dict:
     build_stats_file = dataset_folder / "build_stats.json"
     build_stats = json.loads(build_stats_file.read_text()) if build_stats_file.is_file() else None
     cpt_args.lang = dataset_language(cpt_args.lang, build_stats, build_stats_file)
-    run_name = cpt_run_name(cpt_args.lang, cpt_args.setting, training_args.seed)
+    run_name = default_cpt_run_name(cpt_args.lang, cpt_args.setting, training_args.seed)
     if training_args.run_name is None:
         training_args.run_name = run_name
     if not output_dir_given(argv):  # not transformers' trainer_output/, where the settings would collide

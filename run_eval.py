@@ -82,13 +82,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, read_predictions, tie_credit
 from study_common import (
+    WEIGHT_FILES,
     InputError,
     document_start_id,
     exit_on_input_error,
+    local_weight_digests,
     pair_first_side,
     pair_segments,
     read_documents,
     setup_logging,
+    weights_sha256,
     write_json_atomic,
     write_text_atomic,
 )
@@ -397,7 +400,6 @@ def _materialise(checkpoint: Checkpoint, revision: str | None) -> Path:
 
 
 #: Weight files, as run_cpt.base_model_identity hashes a base model.
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 def checkpoint_weights_sha256(checkpoint: Checkpoint, revision: str | None) -> str:
@@ -407,18 +409,10 @@ def checkpoint_weights_sha256(checkpoint: Checkpoint, revision: str | None) -> s
     if checkpoint.weights_sha256 is None:
         digests = _hub_weight_digests(checkpoint, revision) if checkpoint.local_dir is None else None
         if digests is None:
-            folder = _materialise(checkpoint, revision)
-            digests = {}
-            for path in (path for pattern in WEIGHT_FILES for path in folder.glob(pattern)):
-                digest = hashlib.sha256()
-                with path.open("rb") as handle:  # streamed (python 3.10 has no hashlib.file_digest)
-                    while chunk := handle.read(1 << 24):
-                        digest.update(chunk)
-                digests[path.name] = digest.hexdigest()
+            digests = local_weight_digests(_materialise(checkpoint, revision))
         if not digests:
             raise FileNotFoundError(f"{checkpoint.path}: no weight file ({', '.join(WEIGHT_FILES)}).")
-        listing = "".join(f"{name}\t{digest}\n" for name, digest in sorted(digests.items()))
-        checkpoint.weights_sha256 = hashlib.sha256(listing.encode()).hexdigest()
+        checkpoint.weights_sha256 = weights_sha256(digests)
     return checkpoint.weights_sha256
 
 

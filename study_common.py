@@ -379,9 +379,37 @@ def default_cpt_data_dir(lang: str) -> Path:
     return RUNS_DIR / f"data-{lang}"
 
 
-def default_cpt_run_name(lang: str, bridges: bool, seed: int) -> str:
-    """The name of a CPT run: its run name, its default output folder under ``runs/`` and its card title."""
-    return f"cpt-{lang}-{'bridges' if bridges else 'no-bridges'}-seed{seed}"
+def default_cpt_run_name(lang: str, setting: str, seed: int) -> str:
+    """The name of a CPT run (``setting``: bridges, no_bridges or mismatched_bridges): its run name, its default
+    output folder under ``runs/`` and its card title."""
+    return f"cpt-{lang}-{setting.replace('_', '-')}-seed{seed}"
+
+
+#: The files that hold a model's weights; a model is identified by their content (``weights_sha256``).
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's whole content, streamed (python 3.10 has no hashlib.file_digest)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(file_digests: dict[str, str]) -> str:
+    """A model's identity from its weight files' digests (file name -> sha256): the SHA-256 of
+    ``"<name>\t<sha256>\n"`` in name order. run_cpt records it for a base model (``base_model_weights_sha256``),
+    run_eval for each checkpoint it probes, so a base model probed and continued is the same number in both."""
+    return hashlib.sha256(
+        "".join(f"{name}\t{file_digests[name]}\n" for name in sorted(file_digests)).encode()
+    ).hexdigest()
+
+
+def local_weight_digests(folder: Path) -> dict[str, str]:
+    """File name -> sha256 of every weight file in ``folder``."""
+    return {path.name: file_sha256(path) for pattern in WEIGHT_FILES for path in Path(folder).glob(pattern)}
 
 
 def output_dir_given(argv: list[str] | None) -> bool:
