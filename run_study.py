@@ -226,7 +226,7 @@ def script_flags(section: str) -> dict[str, tuple[object, object]]:
 
 def _fits(value, hint) -> bool:
     """Whether ``value`` is of type ``hint`` as a command line takes it (a list flag also takes one value)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    origin, args = typing.get_origin(hint), _choices_over_str(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in args)
     if origin is typing.Literal:
@@ -244,8 +244,16 @@ def _fits(value, hint) -> bool:
     return hint is typing.Any or (isinstance(hint, type) and isinstance(value, hint))
 
 
+def _choices_over_str(hint) -> tuple:
+    """The types of a hint; of ``Choices | str`` the choices alone, as HfArgumentParser reads it."""
+    args = typing.get_args(hint)
+    if any(typing.get_origin(a) is typing.Literal or (isinstance(a, type) and issubclass(a, enum.Enum)) for a in args):
+        return tuple(a for a in args if a is not str)
+    return args
+
+
 def _type_words(hint) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    origin, args = typing.get_origin(hint), _choices_over_str(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_words(a) for a in args)
     if origin is typing.Literal or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
@@ -1187,7 +1195,7 @@ def build_sweep(args: StudyArguments, out: Path, factors: dict[str, list]) -> Pl
             raise InputError(f"--sweep: two cells would share the folder {name!r}; give values that differ in it.")
         preset, _ = configure(args, values)
         cells[name] = build_plan(args, preset, out / name, cell=name)
-        cells[name].state_dir = str(out)
+        cells[name].state_dir, cells[name].config = str(out), {"cell": values}
         for step in cells[name].steps:
             if steps.setdefault(step.id, step).command != step.command:  # a shared id names its command
                 raise RuntimeError(f"two cells plan step {step.id} with different commands")
@@ -1549,6 +1557,7 @@ class StudyRunner:
         command, note = _prepare(self.out, step, reason)
         if command[0] == "python":  # the same interpreter (and environment) as the study
             command = [sys.executable, *command[1:]]
+        (self.logs / step.id).parent.mkdir(parents=True, exist_ok=True)  # a sweep's ids have a folder
         log = open(self.logs / f"{step.id}.log", "w", encoding="utf-8")  # noqa: SIM115
         if note:
             bar.write(f"        {note}")

@@ -311,10 +311,10 @@ def write_report(plan: Plan) -> dict:
     }
     timings = read_step_seconds(Path(plan.state_dir or out))
     doc.h(1, f"Cross-lingual culture transfer study: preset `{preset.name}`")
-    _unfinished_banner(doc, plan, unfinished)
     doc.p(
         f"Configuration: {configuration_text(plan.config)}. Every effective value is in `plan.json` and `report.json`."
     )
+    _unfinished_banner(doc, plan, unfinished)
     doc.p(
         f"Generated {record['generated']}. {preset.description} Every number below is read from a file a step wrote "
         "(paths given per section; all of them are collected in `report.json`), and every sentence of conclusion is "
@@ -1341,13 +1341,13 @@ def write_sweep_report(plan: Plan) -> dict:
     record = {"generated": utc_now(), "configuration": plan.config, "factors": factors,
               "status": _status(plan, unfinished), "cells": {}}  # fmt: skip
     doc.h(1, f"Sweep of the `{plan.preset.name}` study over {', '.join(factors)}")
-    _unfinished_banner(doc, plan, unfinished)
     doc.p(
         f"Configuration: {configuration_text(plan.config)}. Generated {record['generated']}. {len(plan.cells)} cells, "
         "one study each, in `<cell>/` with its own report; a step whose command is the same in several cells ran "
         "once (`shared/`). Gaps are with minus without bridges, mean over the CPT curve, with 95% bootstrap "
         "intervals over questions and seed pairs (`run_transfer.py`)."
     )
+    _unfinished_banner(doc, plan, unfinished)
     shared = {s.id for s in plan.steps if s.id.startswith("shared/")}
     rows, gaps, checks = [], [], []
     for name, cell in plan.cells.items():

@@ -4,6 +4,7 @@ import json
 import re
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import python_step, run_script, toy_plan
 import run_study
 import study_report
 from run_study import PRESETS, Plan, Step, StudyArguments, StudyRunner, build_plan
+from study_common import InputError
 
 
 def _plan(preset_name: str, out: Path, **overrides) -> Plan:
@@ -332,3 +334,74 @@ def test_sigterm_stops_the_study_and_its_running_step_and_keeps_finished_steps(t
             continue
         assert str(out) not in cmdline, cmdline
     assert (out / ".done" / "world.json").is_file() and not (out / ".done" / "pretrain.json").exists()
+
+
+def _recorded_micro_study(out: Path, monkeypatch, kinds: tuple[str, ...] = ()) -> None:
+    """A micro study in ``out`` as run_study.py records it, having run only its steps of ``kinds``."""
+    real_run = StudyRunner.run
+
+    def run_some(self):
+        self.plan = replace(self.plan, steps=[s for s in self.plan.steps if s.kind in kinds])
+        return real_run(self)
+
+    monkeypatch.setattr(StudyRunner, "run", run_some)
+    assert run_study.main(["--preset", "micro", "--output_dir", str(out)]) == 0
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--preset", "cpu"], "--preset"),
+        (["--seeds", "0"], "--seeds [0] (the study ran with [0, 1])"),
+        (["--set", "cpt.max_steps=30"], "--set cpt.max_steps=30 (the study ran with cpt.max_steps=60)"),
+        (["--sweep", "cpt.max_steps=30,60"], "--sweep"),
+    ],
+)
+def test_report_only_refuses_flags_that_contradict_the_recorded_plan_and_leaves_it_as_it_was(
+    flags, named, tmp_path, monkeypatch
+):
+    out = tmp_path / "micro"
+    _recorded_micro_study(out, monkeypatch)
+    before = {name: (out / name).read_bytes() for name in ("plan.json", "commands.sh", "report.md")}
+    with pytest.raises(InputError, match="contradicts that record") as refused:
+        run_study.main(["--report_only", "--output_dir", str(out), *flags])
+    assert named in str(refused.value)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    # flags that agree with the record are no contradiction
+    assert run_study.main(["--report_only", "--output_dir", str(out), "--preset", "micro", "--seeds", "0", "1"]) == 0
+
+
+def test_report_only_reports_the_recorded_study_not_the_one_the_default_flags_describe(tmp_path, monkeypatch):
+    out = tmp_path / "micro"
+    _recorded_micro_study(out, monkeypatch)
+    plan_json, commands = (out / "plan.json").read_bytes(), (out / "commands.sh").read_bytes()
+    (out / "report.md").unlink()
+    assert run_study.main(["--report_only", "--output_dir", str(out)]) == 0  # no --preset: the default is cpu
+    assert (out / "plan.json").read_bytes() == plan_json and (out / "commands.sh").read_bytes() == commands
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Cross-lingual culture transfer study: preset `micro`")
+    assert "Configuration: preset micro (configs/studies/micro.yaml)" in report
+
+
+def test_the_report_of_a_half_finished_study_names_the_steps_that_did_not_finish(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "micro"
+    _recorded_micro_study(out, monkeypatch, kinds=("world",))
+    capsys.readouterr()
+    assert run_study.main(["--report_only", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Study finished" not in printed and "Report rewritten." not in printed
+    plan = study_report.read_plan(out)
+    assert (
+        f"The study is NOT finished: {len(plan.steps) - 1} of {len(plan.steps)} steps have no finished run" in printed
+    )
+    status = json.loads((out / "report.json").read_text())["status"]
+    assert status["complete"] is False and status["finished"] == 1
+    assert [u["step"] for u in status["unfinished"]] == [s.id for s in plan.steps if s.kind != "world"]
+    assert {u["why"] for u in status["unfinished"]} == {"no record of an earlier run"}
+    report = (out / "report.md").read_text()
+    assert (
+        f"**UNFINISHED: {len(plan.steps) - 1} of {len(plan.steps)} steps of this study have no finished run.**"
+        in report
+    )
+    assert "- `pretrain`: no record of an earlier run" in report and "- `world`" not in report
