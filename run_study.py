@@ -14,18 +14,9 @@ the study exercises exactly the code paths of a manual run. The commands are wri
 A study is a file (``--preset NAME`` reads ``configs/studies/NAME.yaml``, ``--preset PATH`` any such file):
 top-level keys say what runs (langs, seeds, variants, settings, jobs, budget_s, ...), and one section per step
 script (world, pretrain, build, cpt, eval, transfer, density; data for real corpora) holds that script's flags.
-The studies of the repository:
-
-* ``cpu`` (default): a synthetic world (``synthetic_world.py``) with planted facts, a ~0.5M-parameter
-  Qwen2 model, one language (mn, traditional Mongolian script); native-script names (the control) with
-  and without bridges, shared Latin names ("anchors") without bridges only; 3 seeds. Made to finish in
-  about 15 minutes on a 2-core laptop CPU.
-* ``micro``: the same plan on a tiny world and model, 2 seeds, CI-sized (a couple of minutes); used by
-  the end-to-end test.
-* ``gpu-small``: a larger world and a ~4.5M-parameter model, both name variants in both settings,
-  3 seeds (minutes on one GPU), no network access.
-* ``paper``: the paper-scale plan (Hub datasets, configs/qwen2.5-0.5b.json, 1,500 CPT steps x 0.5M
-  tokens, ko zh bo mn x 2 settings, the paper's released questions) for a GPU cluster.
+The repository's studies, each file saying what it runs: ``cpu`` (the default: a synthetic world, a ~0.5M-parameter
+Qwen2 model, about 15 minutes on a 2-core laptop CPU), ``micro`` (CI-sized: the end-to-end test), ``gpu-small``
+(minutes on one GPU) and ``paper`` (the paper's scale, Hub datasets and the paper's questions, a GPU cluster).
 
 ``--set KEY=VALUE`` changes any value without editing a file (``--set world.pair_mentions=30 --set
 cpt.max_steps=2400 --set seeds=[0,1]``; VALUE is YAML); an unknown key or a wrongly typed value is refused,
@@ -306,7 +297,7 @@ def checked_value(key: str, value, where: str, flags: bool = True):
         raise InputError(f"{where}: {key}: the plan sets {script} --{flag} itself, from the study's structure{hint}.")
     if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
         raise InputError(f"{where}: {key} must be a value or a list of values (a command-line flag), not {value!r}.")
-    if not flags or value is None:
+    if not flags:
         return value
     known = script_flags(top)
     if flag not in known:
@@ -316,6 +307,8 @@ def checked_value(key: str, value, where: str, flags: bool = True):
             f"{script}'s flags (less those the plan sets): {', '.join(valid)}."
         )
     hint, default = known[flag]
+    if value is None:  # the flag left at the script's default
+        return None
     if value is False and default is True:
         raise InputError(f"{where}: {key}: {script} --{flag} is on by default and the plan passes only true flags.")
     if not _fits(value, hint):
@@ -342,11 +335,13 @@ def _assign(config: dict, key: str, value) -> None:
 
 
 def study_file(preset: str) -> Path:
-    """--preset: the name of a study of configs/studies/ (NAME.yaml or NAME.json) or the path of any study file."""
+    """--preset: the name of a study of configs/studies/ (NAME.yaml or NAME.json) or the path of any study file; the
+    file's path, relative to the repository root inside it (steps run there), else absolute."""
     if preset.endswith((".yaml", ".yml", ".json")) or os.sep in preset:
-        if not Path(preset).is_file():
+        path = Path(preset).resolve()
+        if not path.is_file():
             raise InputError(f"--preset {preset}: no such study file.")
-        return Path(preset)
+        return path.relative_to(REPO_DIR) if path.is_relative_to(REPO_DIR) else path
     for suffix in (".yaml", ".json"):
         if (STUDIES_DIR / f"{preset}{suffix}").is_file():
             return (STUDIES_DIR / f"{preset}{suffix}").relative_to(REPO_DIR)
@@ -373,14 +368,13 @@ def read_study(path: Path, sets=(), cell: dict | None = None, flags: bool = True
         _assign(config, key, checked_value(key, value, f"--set {text}", flags))
     for key, value in (cell or {}).items():
         _assign(config, key, value)
-    missing = [k for k, f in _REQUIRED.items() if k not in config]
+    missing = [key for key in _REQUIRED if key not in config]
     if missing:
         raise InputError(f"{path}: missing keys {', '.join(missing)} (every study gives them; see cpu.yaml).")
     return Preset(name=path.stem, **config)
 
 
-_REQUIRED = {f.name: f for f in dataclasses.fields(Preset) if f.name != "name" and f.default is dataclasses.MISSING}
-_REQUIRED = {k: f for k, f in _REQUIRED.items() if f.default_factory is dataclasses.MISSING}
+_REQUIRED = [f.name for f in dataclasses.fields(Preset)[1:] if dataclasses.MISSING is f.default is f.default_factory]
 
 
 def check_study(preset: Preset, where: str) -> None:
@@ -1724,14 +1718,17 @@ def cost_table(plan: Plan, args: StudyArguments) -> str:
 
     lines = ["Training cost per step (tokens = steps x windows per step x block size; windows per step = per-device "
              "batch x gradient accumulation x processes, from the accelerate config):"]  # fmt: skip
-    header = f"  {'step':<28} {'GPUs':>4} {'steps':>7} {'windows/step':>20} {'block':>5} {'windows':>11} {'tokens':>15}"
+    width = max([28, *(len(r["step"]) for r in rows)])  # a sweep's step ids are longer
+    header = (
+        f"  {'step':<{width}} {'GPUs':>4} {'steps':>7} {'windows/step':>20} {'block':>5} {'windows':>11} {'tokens':>15}"
+    )
     if throughput:
         header += f" {'GPU-hours':>9} {'wall hours':>10}"
     lines.append(header)
     for r in rows:
         shape = f"{r['windows_per_step']} ({r['batch']}x{r['accumulation']}x{r['processes']})"
         line = (
-            f"  {r['step']:<28} {number(r['processes']):>4} {r['steps']:>7,} {shape if r['processes'] else '?':>20} "
+            f"  {r['step']:<{width}} {number(r['processes']):>4} {r['steps']:>7,} {shape if r['processes'] else '?':>20} "
             f"{r['block_size']:>5} {number(r['windows']):>11} {number(r['tokens']):>15}"
         )
         if throughput:
@@ -1739,7 +1736,7 @@ def cost_table(plan: Plan, args: StudyArguments) -> str:
         lines.append(line)
     tokens = [r["tokens"] for r in rows]
     if rows and None not in tokens:
-        total = f"  {'all training steps':<28} {'':>4} {'':>7} {'':>20} {'':>5} {sum(r['windows'] for r in rows):>11,} "
+        total = f"  {'all training steps':<{width}} {'':>4} {'':>7} {'':>20} {'':>5} {sum(r['windows'] for r in rows):>11,} "
         total += f"{sum(tokens):>15,}"
         if throughput:
             total += f" {sum(r['gpu_hours'] for r in rows):>9.2f}"
@@ -1764,6 +1761,7 @@ def commands_script(plan: Plan, args: StudyArguments) -> str:
         "order that respects their",
         "# dependencies. run_study.py runs them (several at a time, skipping finished ones); this file lets",
         "# anyone rerun or inspect any single step by hand. Run from the repository root.",
+        f"# Configuration: {configuration_text(plan.config)}",
         "set -euo pipefail",
         "",
     ]
@@ -1787,6 +1785,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Pres
     """The study's arguments, its configuration (see configure) and the lines saying what --smoke cut."""
     parser = _parser()
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args.preset = str(study_file(args.preset))  # a path that holds after the move to the repository root
     for name in ("set", "sweep"):  # repeated flags, each with one or more values
         setattr(args, name, [text for given in getattr(args, name) or [] for text in given] or None)
     preset, smoke_cuts = configure(args)
@@ -1916,7 +1915,7 @@ def _conflicts(args: StudyArguments, given: set[str], recorded) -> list[str]:
     found = []
     for flag in (f for f in PLAN_FLAGS if f in given):
         if flag == "set":
-            for text in args.set:
+            for text in (t for t in args.set if t not in recorded.config["set"]):  # given alike: no contradiction
                 key, value = parse_assignment(text, "--set")
                 value, then = checked_value(key, value, f"--set {text}"), vars(values)
                 for part in key.split("."):
@@ -2056,7 +2055,7 @@ def _missing_inputs_message(plan: Plan, args: StudyArguments) -> str | None:
     if missing_files:
         problems.append(
             f"these corpus/pair files of the plan are missing: {', '.join(missing_files)}; no public Hub dataset "
-            "has them: give your own files with --paper_data FILE.json (see PAPER_DATA in run_study.py)"
+            "has them: give your own files with --paper_data FILE.json (see the data section of configs/studies/paper.yaml)"
         )
     return ";\n".join(problems) or None
 

@@ -1366,7 +1366,7 @@ def write_sweep_report(plan: Plan) -> dict:
         checks += [[name, *c.values()] for c in entry["checks"]]
     record["sweep_steps_s"] = sum(timings.get(s.id) or 0 for s in plan.steps)
     doc.h(2, "Cells")
-    doc.table(["cell", *factors, "own steps (s of steps)", "shared steps used", "status"], rows)
+    doc.table(["cell", *factors, "its own steps took", "shared steps it used took", "status"], rows)
     doc.p(
         f"Wall time per cell is the sum of its steps' seconds. Shared steps ({len(shared)}: "
         f"{', '.join(sorted(shared)) or 'none'}) ran once for every cell that uses them and are counted once in the "
@@ -1472,9 +1472,9 @@ def _plot_dose_response(record: dict, factors: dict, figures: Path) -> str | Non
                     others = ", ".join(f"{k}={_value_text(v)}" for k, v in values.items() if k != factor)
                     label = f"{g['group']} {g['measure']}" + (f" ({others})" if others else "")
                     lines.setdefault(label, []).append((ticks.index(_value_text(values[factor])), g))
-            for label, line in lines.items():
+            for i, (label, line) in enumerate(lines.items()):
                 line.sort(key=lambda p: p[0])
-                x = [p[0] for p in line]
+                x = [p[0] + 0.05 * (i - (len(lines) - 1) / 2) for p in line]  # side by side, not on top
                 y = np.array([p[1]["mean_gap"] for p in line])
                 ci = np.array([p[1]["mean_gap_ci"] for p in line])
                 ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=label)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO_ROOT, run_script
 
 import run_study
@@ -136,13 +137,19 @@ def test_values_are_read_as_yaml_and_reach_the_commands(tmp_path, capsys):
     assert "Configuration: preset micro (configs/studies/micro.yaml), --set cpt.learning_rate=1e-4" in printed
 
 
-def test_a_study_file_given_by_path_is_read_like_a_preset_and_checked_alike(tmp_path, capsys):
+def test_a_study_file_given_by_path_is_read_like_a_preset_and_checked_alike(tmp_path, capsys, monkeypatch):
     text = (REPO_ROOT / "configs" / "studies" / "micro.yaml").read_text()
     study = tmp_path / "mine.yaml"
     study.write_text(text.replace("seeds: [0, 1]", "seeds: [5]"))
     assert run_study.main(["--preset", str(study), "--dry_run"]) == 0
     printed = capsys.readouterr().out
     assert "Output: study_runs/mine" in printed and "-bridges-s5" in printed and "-bridges-s0" not in printed
+    as_json = tmp_path / "mine.json"  # JSON is YAML too
+    as_json.write_text(json.dumps(yaml.safe_load(text.replace("seeds: [0, 1]", "seeds: [6]"))))
+    monkeypatch.chdir(tmp_path)  # a relative path, from where the user is
+    assert run_study.main(["--preset", "mine.json", "--dry_run", "--sweep", "cpt.max_steps=20,40"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Configuration: preset mine ({as_json}), --sweep" in printed and "-bridges-s6" in printed
     study.write_text(text.replace("  pair_mentions: 2", "  pair_mention: 2"))
     with pytest.raises(InputError, match=rf"{study}: unknown key 'world.pair_mention'.*Did you mean pair_mentions"):
         run_study.main(["--preset", str(study), "--dry_run"])
@@ -235,8 +242,11 @@ def test_a_micro_sweep_end_to_end_shares_one_world_and_pretraining_and_writes_th
     assert "Study finished" in proc.stdout and (out / "sweep_report.md").is_file()
     record = json.loads((out / "sweep_report.json").read_text())
     assert record["status"]["complete"] and set(record["cells"]) == {"cpt.max_steps=20", "cpt.max_steps=40"}
-    assert len(list((out / "logs" / "shared").glob("world-*.log"))) == 1
-    assert len(list((out / "logs" / "shared").glob("base-*.log"))) == 1
+    steps = json.loads((out / "plan.json").read_text())["steps"]
+    for kind in ("world", "pretrain"):  # one of each, run once, for both cells
+        (step,) = [s for s in steps if s["kind"] == kind]
+        assert (out / "logs" / f"{step['id']}.log").is_file()
+        assert all(step["id"] in {s.id for s in cell.steps} for cell in study_report.read_plan(out).cells.values())
     for name, cell in record["cells"].items():
         assert (out / name / "report.md").is_file()
         transfer = json.loads((out / name / "transfer" / "mn-native" / "transfer.json").read_text())
