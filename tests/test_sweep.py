@@ -1,6 +1,7 @@
 """run_study.py's studies as data: the study files, --set (checked against each step script's flags), --sweep (one
 plan whose cells share the steps they agree on), and the effective configuration in plan.json and the reports."""
 
+import hashlib
 import json
 import shlex
 import sys
@@ -261,3 +262,17 @@ def test_a_micro_sweep_end_to_end_shares_one_world_and_pretraining_and_writes_th
     again = run_script([*command, "--report_only"], timeout=300)
     assert "Report rewritten." in again.stdout
     assert study_report.main([str(out / "cpt.max_steps=20")]) == 0
+
+
+#: Digests of each study's steps (id, command, outputs, dependencies) as the presets planned them in code, before
+#: they became files. A finished study stays done only while its commands do not change: a change of a study's
+#: plan that is meant must update its digest here, knowing every finished run of that study reruns.
+PLANNED_IN_CODE = {"cpu": "9ace942dd4000593", "micro": "b90c8d0cf8664bf1", "gpu-small": "3e949b97ffd887a8",
+                   "paper": "5a9d623ee04d4d75"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PLANNED_IN_CODE))
+def test_every_study_file_plans_exactly_the_steps_its_preset_planned_in_code(name):
+    plan = build_plan(StudyArguments(preset=name), PRESETS[name], Path("study_runs") / name)
+    rows = [[s.id, s.command, s.outputs, s.deps] for s in plan.steps]
+    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == PLANNED_IN_CODE[name]
