@@ -941,7 +941,7 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path, cell: str | None
     plan = _PlanBuilder(args, preset, out, cell)
     # A world with the absent or en_only tier (C1) has what the knowledge/skill decomposition and the manipulation
     # checks read: each question's tier, and held-out name-alignment frames.
-    tiers = any(preset.world.get(key, 0) > 0 for key in ("absent_places", "en_only_places"))
+    tiers = any((preset.world.get(key) or 0) > 0 for key in ("absent_places", "en_only_places"))
 
     world_args = dict(preset.world, output_dir=None, langs=langs, seed=0, name_variants=variants)
     resource = [r for r in world_args.pop("resource", []) if r.split("=")[0] in langs]

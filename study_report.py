@@ -1359,7 +1359,7 @@ def write_sweep_report(plan: Plan) -> dict:
                  "shared_steps": [s.id for s in cell.steps if s.id in shared], "unfinished": cell_unfinished,
                  "gaps": _cell_gaps(cell), "checks": _cell_checks(cell)}  # fmt: skip
         record["cells"][name] = entry
-        rows.append([f"[{name}]({name}/report.md)", *(_value_text(v) for v in entry["values"].values()),
+        rows.append([f"[{name}]({name}/report.md)", *(_shown_value(v) for v in entry["values"].values()),
                      fmt_time(entry["own_steps_s"]), fmt_time(entry["shared_steps_s"]),
                      "finished" if not cell_unfinished else f"**{len(cell_unfinished)} steps unfinished**"])  # fmt: skip
         gaps += [[name, *g.values()] for g in entry["gaps"]]
@@ -1393,7 +1393,7 @@ def write_sweep_report(plan: Plan) -> dict:
     return {"md": md, "html": page, "json": data, "steps": len(plan.steps), "unfinished": unfinished}
 
 
-def _value_text(value) -> str:
+def _shown_value(value) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
@@ -1464,20 +1464,21 @@ def _plot_dose_response(record: dict, factors: dict, figures: Path) -> str | Non
     fig, axes = plt.subplots(len(directions), len(factors), figsize=(5.5 * len(factors), 3.6 * len(directions)),
                              squeeze=False)  # fmt: skip
     for col, factor in enumerate(factors):
-        ticks = [_value_text(v) for v in factors[factor]]
+        ticks = [_shown_value(v) for v in factors[factor]]
         for row, direction in enumerate(directions):
             ax, lines = axes[row, col], {}
             for values, g in points:
                 if g["direction"] == direction:
-                    others = ", ".join(f"{k}={_value_text(v)}" for k, v in values.items() if k != factor)
+                    others = ", ".join(f"{k}={_shown_value(v)}" for k, v in values.items() if k != factor)
                     label = f"{g['group']} {g['measure']}" + (f" ({others})" if others else "")
-                    lines.setdefault(label, []).append((ticks.index(_value_text(values[factor])), g))
+                    lines.setdefault(label, []).append((ticks.index(_shown_value(values[factor])), g))
             for i, (label, line) in enumerate(lines.items()):
                 line.sort(key=lambda p: p[0])
                 x = [p[0] + 0.05 * (i - (len(lines) - 1) / 2) for p in line]  # side by side, not on top
                 y = np.array([p[1]["mean_gap"] for p in line])
                 ci = np.array([p[1]["mean_gap_ci"] for p in line])
-                ax.errorbar(x, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=3, label=label)
+                (drawn,) = ax.plot(x, y, marker="o", label=label)
+                ax.vlines(x, ci[:, 0], ci[:, 1], color=drawn.get_color())  # the interval as computed, whatever y
             ax.axhline(0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(ticks)), ticks)
             ax.set_xlabel(factor)

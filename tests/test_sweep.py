@@ -276,3 +276,52 @@ def test_every_study_file_plans_exactly_the_steps_its_preset_planned_in_code(nam
     plan = build_plan(StudyArguments(preset=name), PRESETS[name], Path("study_runs") / name)
     rows = [[s.id, s.command, s.outputs, s.deps] for s in plan.steps]
     assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == PLANNED_IN_CODE[name]
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def test_the_sweep_report_shows_each_cells_gaps_knowledge_contrast_and_manipulation_checks(tmp_path):
+    args = StudyArguments(preset="micro", sweep=["cpt.max_steps=20,40"], variants=["native"])
+    factors = sweep_factors(args.sweep, [])
+    plan = build_sweep(args, tmp_path / "sweep", factors)
+    plan.config = run_study.configuration(args, ["--variants", "native", "--sweep", "cpt.max_steps=20,40"], factors)
+    for n, cell in enumerate(plan.cells.values()):
+        cell.config = {**plan.config, **cell.config}
+        gap = {"mean_gap": 0.1 * n, "mean_gap_ci": [0.1 * n - 0.05, 0.1 * n + 0.05], "verdict": "v"}
+        direction = {
+            "direction": "en->mn", **gap,
+            "tiers": {"high": {**gap, "mean_gap": 0.2 + n}, "absent": {**gap, "mean_gap": 0.05}},
+            "knowledge_transfer": {"often_tier": "high", "never_tier": "absent", "mean_did": 0.15 + n,
+                                   "mean_did_ci": [0.1, 0.2 + n], "verdict": "knowledge"},
+            "bridges_minus_mismatched": {**gap, "mean_gap": 0.07},
+        }  # fmt: skip
+        _write(
+            Path(cell.groups["mn/native"]["transfer"]) / "transfer.json", {"languages": [{"directions": [direction]}]}
+        )
+        for run in cell.runs:
+            audit = {
+                "pairs": {"co_located_percent": 100.0 if run.setting == "bridges" else 0.0},
+                "guarantees_hold": True,
+            }
+            _write(Path(run.dir) / "packing_audit.json", audit)
+            checks = {"name_alignment": {"en->mn": {"accuracy": 0.5 + 0.25 * run.seed, "n": 8, "chance": 0.25}}}
+            _write(Path(run.eval_dir) / "manipulation_checks.json", {"checkpoints": [{"step": 1}, checks]})
+    written = study_report.write_sweep_report(plan)  # (the cells' own reports need real transfer.json)
+    assert written["md"] == tmp_path / "sweep" / "sweep_report.md" and len(written["unfinished"]) == len(plan.steps)
+    report = written["md"].read_text()
+    record = json.loads(written["json"].read_text())
+    assert "**UNFINISHED:" in report and record["status"]["complete"] is False
+    gaps = {(name, g["measure"]): g for name, cell in record["cells"].items() for g in cell["gaps"]}
+    assert gaps[("cpt.max_steps=40", "knowledge (high − absent)")]["mean_gap"] == 1.15
+    assert gaps[("cpt.max_steps=40", "knowledge (high − absent)")]["mean_gap_ci"] == [0.1, 1.2]
+    assert gaps[("cpt.max_steps=20", "tier high")]["mean_gap"] == 0.2
+    assert gaps[("cpt.max_steps=20", "bridges − mismatched")]["mean_gap"] == 0.07
+    assert "| cpt.max_steps=40 | mn/native | en->mn | knowledge (high − absent) | +1.150 [+0.100, +1.200] |" in report
+    checks = {(name, c["setting"]): c for name, cell in record["cells"].items() for c in cell["checks"]}
+    assert checks[("cpt.max_steps=20", "bridges")]["co_located_percent"] == "100.0"
+    assert checks[("cpt.max_steps=20", "no_bridges")]["co_located_percent"] == "0.0"
+    assert checks[("cpt.max_steps=20", "bridges")]["name_alignment"] == "en->mn 0.625"  # seeds 0 and 1: 0.5, 0.75
+    assert (tmp_path / "sweep" / "figures" / "dose_response.png").read_bytes()[:4] == b"\x89PNG"
