@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -1348,7 +1349,8 @@ def write_sweep_report(plan: Plan) -> dict:
         "intervals over questions and seed pairs (`run_transfer.py`)."
     )
     _unfinished_banner(doc, plan, unfinished)
-    shared = {s.id for s in plan.steps if s.id.startswith("shared/")}
+    users = Counter(s.id for cell in plan.cells.values() for s in cell.steps)
+    shared = {step_id for step_id, n in users.items() if n > 1}  # run once for several cells
     rows, gaps, checks = [], [], []
     for name, cell in plan.cells.items():
         own = [timings.get(s.id) for s in cell.steps if s.id not in shared]
@@ -1368,9 +1370,9 @@ def write_sweep_report(plan: Plan) -> dict:
     doc.h(2, "Cells")
     doc.table(["cell", *factors, "its own steps took", "shared steps it used took", "status"], rows)
     doc.p(
-        f"Wall time per cell is the sum of its steps' seconds. Shared steps ({len(shared)}: "
-        f"{', '.join(sorted(shared)) or 'none'}) ran once for every cell that uses them and are counted once in the "
-        f"sweep's {fmt_time(record['sweep_steps_s'])} of steps, not in a cell's own time."
+        f"A cell's time is the sum of its steps' seconds. Steps shared by several cells ({len(shared)}: "
+        f"{', '.join(sorted(shared)) or 'none'}) ran once for all of them: they are counted once in the sweep's "
+        f"{fmt_time(record['sweep_steps_s'])} of steps, and not in any cell's own time."
     )
     doc.h(2, "Gaps per cell")
     doc.table(["cell", "group", "direction", "measure", "mean gap [95% CI]", "verdict", "from"], [
