@@ -325,3 +325,19 @@ def test_the_sweep_report_shows_each_cells_gaps_knowledge_contrast_and_manipulat
     assert checks[("cpt.max_steps=20", "no_bridges")]["co_located_percent"] == "0.0"
     assert checks[("cpt.max_steps=20", "bridges")]["name_alignment"] == "en->mn 0.625"  # seeds 0 and 1: 0.5, 0.75
     assert (tmp_path / "sweep" / "figures" / "dose_response.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_flag_a_plan_passes_is_a_flag_of_its_script(tmp_path):
+    section = {"base_eval": "eval"}  # the others are named like their step kind
+    decomposed = replace(
+        PRESETS["micro"],
+        settings=["bridges", "no_bridges", "mismatched_bridges"],
+        world={**PRESETS["micro"].world, "absent_places": 4, "en_only_places": 4},
+    )
+    plans = [build_plan(StudyArguments(preset=name), PRESETS[name], tmp_path) for name in PLANNED_IN_CODE]
+    plans.append(build_plan(StudyArguments(preset="micro"), decomposed, tmp_path))
+    for step in (s for plan in plans for s in plan.steps):
+        known = run_study.script_flags(section.get(step.kind, step.kind))
+        unknown = [c for c in step.command if c.startswith("--") and c[2:] not in known]
+        launcher = {"--config_file"} if step.command[0] == "accelerate" else set()
+        assert set(unknown) <= launcher, (step.id, unknown)
