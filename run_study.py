@@ -13,10 +13,12 @@ the study exercises exactly the code paths of a manual run. The commands are wri
 
 A study is a file (``--preset NAME`` reads ``configs/studies/NAME.yaml``, ``--preset PATH`` any such file):
 top-level keys say what runs (langs, seeds, variants, settings, jobs, budget_s, ...), and one section per step
-script (world, pretrain, build, cpt, eval, transfer, density; data for real corpora) holds that script's flags.
-The repository's studies, each file saying what it runs: ``cpu`` (the default: a synthetic world, a ~0.5M-parameter
-Qwen2 model, about 15 minutes on a 2-core laptop CPU), ``micro`` (CI-sized: the end-to-end test), ``gpu-small``
-(minutes on one GPU) and ``paper`` (the paper's scale, Hub datasets and the paper's questions, a GPU cluster).
+script (world, pretrain, build, cpt, eval, transfer, density; data for real corpora) holds that script's flags
+(the format, and how each key is checked: study_config.py). The repository's studies, each file saying what it
+runs: ``cpu`` (the default: a synthetic world, a ~0.5M-parameter Qwen2 model, about 15 minutes on a 2-core laptop
+CPU), ``micro`` (CI-sized: the end-to-end test), ``gpu-small`` (minutes on one GPU), ``dose-response`` (the
+pre-registered dose-response study's base, docs/dose-response-preregistration.md) and ``paper`` (the paper's scale,
+Hub datasets and the paper's questions, a GPU cluster).
 
 ``--set KEY=VALUE`` changes any value without editing a file (``--set world.pair_mentions=30 --set
 cpt.max_steps=2400 --set seeds=[0,1]``; VALUE is YAML); an unknown key or a wrongly typed value is refused,
@@ -51,18 +53,14 @@ Usage::
     python run_study.py --set world.pair_mentions=30 --seeds 0 1 2 3 4
     python run_study.py --preset micro --sweep cpt.max_steps=30,60,120
 
-Needs study_report.py, cloze.py and study_common.py beside it, and the scripts of the steps it runs.
+Needs study_config.py, study_report.py, cloze.py and study_common.py beside it, and the scripts of the
+steps it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
-import enum
-import functools
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -73,19 +71,30 @@ import signal
 import subprocess
 import sys
 import time
-import types
-import typing
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import yaml
 
 from cloze import question_file_name
 from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
+from study_config import (
+    CONFIG_FLAGS,
+    CPT_SETTINGS,
+    PRESETS,
+    REPO_DIR,
+    Preset,
+    check_study,
+    checked_value,
+    parse_assignment,
+    read_study,
+    smoke_preset,
+    study_file,
+    sweep_cells,
+    sweep_factors,
+    with_flags,
+)
 from study_report import (
     SETTINGS,
-    VARIANT_TITLES,
     configuration_text,
     done_marker,
     fmt_time,
@@ -100,8 +109,6 @@ from study_report import (
     write_reports,
 )
 
-REPO_DIR = Path(__file__).resolve().parent
-STUDIES_DIR = REPO_DIR / "configs" / "studies"
 #: The paper's questions come from its public release; the default folder is in the repository's own (git-ignored)
 #: working area, relative to the repository root, where the steps run.
 PAPER_QUESTIONS_REPO = "https://github.com/luciusssss/cross-lingual-culture"
@@ -110,313 +117,6 @@ PAPER_QUESTIONS_FETCH = (
     f"git clone --depth 1 {PAPER_QUESTIONS_REPO} /tmp/clc && mkdir -p {PAPER_QUESTIONS_DIR} && "
     f"cp /tmp/clc/data/*-culture-cloze_*.json {PAPER_QUESTIONS_DIR}/"
 )
-#: Every CPT setting of run_cpt.py: a study trains the pair (SETTINGS) and, if its settings say so, the placebo
-#: (a pair's halves share a window with another pair's halves).
-CPT_SETTINGS = (*SETTINGS, "mismatched_bridges")
-
-# --------------------------------------------------------------------------------------
-# Studies: configuration files
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Preset:
-    """A study's configuration as its file (configs/studies/<name>.yaml) gives it: what runs, and the flags of each
-    step script, one section per script. Numbers are per step."""
-
-    name: str  # the file's name
-    description: str
-    langs: list[str]
-    seeds: list[int]
-    jobs: int  # steps run at the same time (each with cores // jobs threads on CPU)
-    budget_s: int  # what the study is designed to take on its reference machine (0: no budget)
-    reference_machine: str
-    variants: list[str] = field(default_factory=lambda: ["native", "anchors"])
-    # CPT settings of every variant but anchors: the pair, and mismatched_bridges if given
-    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
-    # CPT settings of the anchors variant (the anchors-vs-control comparison needs only one of them)
-    anchor_settings: list[str] = field(default_factory=lambda: list(SETTINGS))
-    world: dict = field(default_factory=dict)  # synthetic_world.py flags
-    pretrain: dict = field(default_factory=dict)  # run_pretrain.py flags
-    build: dict = field(default_factory=dict)  # build_pairs.py flags
-    cpt: dict = field(default_factory=dict)  # run_cpt.py flags
-    eval: dict = field(default_factory=dict)  # run_eval.py flags
-    transfer: dict = field(default_factory=dict)  # run_transfer.py flags
-    density: dict = field(default_factory=dict)  # run_density.py flags
-    data: dict = field(default_factory=dict)  # real corpora: per language, build_pairs.py flags of its corpus and pairs
-    estimates_s: dict = field(default_factory=dict)  # expected seconds per step kind (reference machine)
-    accelerate_config: str | None = None
-    synthetic: bool = True
-
-
-#: The sections of a study file: the script whose flags each holds, and the argument dataclasses that define them.
-SECTIONS = {
-    "world": ("synthetic_world", ("WorldArguments",)),
-    "pretrain": ("run_pretrain", ("ModelArguments", "DataArguments", "TrainingArguments")),
-    "build": ("build_pairs", ("BuildArguments",)),
-    "cpt": ("run_cpt", ("CPTArguments", "TrainingArguments")),
-    "eval": ("run_eval", ("EvalArguments",)),
-    "transfer": ("run_transfer", ("TransferArguments",)),
-    "density": ("run_density", ("DensityArguments",)),
-    "data": ("build_pairs", ("BuildArguments",)),  # data.<lang>.<flag>
-}
-_HUB = {"push_to_hub", "hub_model_id", "hub_strategy", "hub_always_push", "hub_dataset_id", "resume_from_checkpoint"}
-_DATA = {"mono_files", "mono_dataset", "mono_dataset_config", "mono_data_files", "pairs_files", "pairs_dataset",
-         "pairs_dataset_config", "en_column", "tgt_column"}  # fmt: skip
-_BUILD = {"lang", "output_dir", "seed", "tokenizer_name", "block_size", "replay_files", "replay_dataset",
-          "replay_dataset_config", "eval_questions", *_HUB}  # fmt: skip
-#: Flags the plan gives each script itself (paths, languages, runs, seeds; --hub_org's pushes): not configurable.
-PLAN_SETS = {
-    "world": {"output_dir", "langs", "seed", "name_variants"},
-    "pretrain": {"output_dir", "seed", "train_tokenizer", "tokenizer_files", "train_file", *_HUB},
-    "build": _BUILD | _DATA,
-    "cpt": {"model_name_or_path", "dataset_path", "lang", *CPT_SETTINGS, "output_dir", "run_name", "seed", *_HUB},
-    "eval": {"questions", "model_name_or_path", "diagnostic_pairs", "name_alignment", "item_tiers", "output_dir"},
-    "transfer": {"with_bridges", "without_bridges", "mismatched_bridges", "runs", "item_tiers", "questions",
-                 "output_dir"},
-    "density": {"questions", "corpus_files", "corpus_dataset", "corpus_dataset_config", "corpus_data_files",
-                "corpus_streaming", "corpus_label", "source_corpus", "predictions_with", "predictions_without",
-                "output_dir"},
-    "data": _BUILD,
-}  # fmt: skip
-#: Top-level keys a sweep may not vary: they change how a study runs or is described, not what it measures.
-NOT_SWEPT = ("jobs", "budget_s", "estimates_s", "description", "reference_machine")
-#: Flags of this script that set the configuration key of their name (--seeds 0 1 is --set seeds=[0,1]).
-CONFIG_FLAGS = ("langs", "seeds", "variants", "anchor_settings", "jobs", "accelerate_config")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """YAML as a user writes it: 1e-4 is a float (plain PyYAML, after YAML 1.1, reads it as a string)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\.inf|\.nan)$", re.IGNORECASE),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader
-
-
-@functools.cache
-def script_flags(section: str) -> dict[str, tuple[object, object]]:
-    """The flags of a section's script, from its argument dataclasses: name -> (type, default). Imports the script
-    (once): its dataclasses are what its command line accepts."""
-    module_name, classes = SECTIONS[section]
-    module = importlib.import_module(module_name)
-    flags = {}
-    for name in classes:
-        hints = typing.get_type_hints(getattr(module, name))
-        for f in dataclasses.fields(getattr(module, name)):
-            if f.init and not f.name.startswith("_"):
-                flags[f.name] = (hints[f.name], f.default)
-    return flags
-
-
-def _fits(value, hint) -> bool:
-    """Whether ``value`` is of type ``hint`` as a command line takes it (a list flag also takes one value)."""
-    origin, args = typing.get_origin(hint), _choices_over_str(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if origin is list or hint is list:
-        return all(_fits(v, args[0] if args else typing.Any) for v in (value if isinstance(value, list) else [value]))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return value in {member.value for member in hint}
-    if hint in (int, float) and isinstance(value, bool):
-        return False
-    if hint is float:
-        return isinstance(value, (int, float))
-    return hint is typing.Any or (isinstance(hint, type) and isinstance(value, hint))
-
-
-def _choices_over_str(hint) -> tuple:
-    """The types of a hint; of ``Choices | str`` the choices alone, as HfArgumentParser reads it."""
-    args = typing.get_args(hint)
-    if any(typing.get_origin(a) is typing.Literal or (isinstance(a, type) and issubclass(a, enum.Enum)) for a in args):
-        return tuple(a for a in args if a is not str)
-    return args
-
-
-def _type_words(hint) -> str:
-    origin, args = typing.get_origin(hint), _choices_over_str(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_words(a) for a in args)
-    if origin is typing.Literal or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
-        return "one of " + ", ".join(str(getattr(v, "value", v)) for v in (args or hint))
-    if origin is list:
-        return f"a list of {_type_words(args[0])}"
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def _close(word: str, valid) -> str:
-    matches = difflib.get_close_matches(word, list(valid), n=5, cutoff=0.6)
-    return f" Did you mean {', '.join(matches)}?" if matches else ""
-
-
-_STUDY_HINTS = {k: v for k, v in typing.get_type_hints(Preset).items() if k != "name"}
-
-
-def checked_value(key: str, value, where: str, flags: bool = True):
-    """``value`` for the configuration key ``key`` (``seeds``, ``cpt.max_steps``, ``data.bo.pairs_files``, or a whole
-    section) as the plan uses it, after checking it: a top-level key's type, a section key against the flags of the
-    section's script and their types (``flags=False``: the structure only, without importing the scripts). null in
-    a section leaves the flag at the script's default. Raises InputError naming the valid keys."""
-    path = key.split(".")
-    top = path[0]
-    if top not in _STUDY_HINTS:
-        raise InputError(
-            f"{where}: unknown key {top!r}.{_close(top, _STUDY_HINTS)} A study's keys: {', '.join(_STUDY_HINTS)} "
-            f"(sections: {', '.join(SECTIONS)})."
-        )
-    if top not in SECTIONS:
-        hint = _STUDY_HINTS[top]
-        if len(path) > 1:
-            raise InputError(f"{where}: {top} has no keys of its own ({key!r}); give {top}=VALUE.")
-        value = [value] if typing.get_origin(hint) is list and not isinstance(value, list) else value
-        if not _fits(value, hint):
-            raise InputError(f"{where}: {top} must be {_type_words(hint)}, not {value!r}.")
-        return value
-    depth = 3 if top == "data" else 2
-    if len(path) < depth:  # a whole section, or one language's data
-        if not isinstance(value, dict):
-            raise InputError(f"{where}: {key} must be a mapping of {'languages' if key == 'data' else 'flags'}.")
-        return {k: checked_value(f"{key}.{k}", v, where, flags) for k, v in value.items()}
-    script, flag = f"{SECTIONS[top][0]}.py", path[-1]
-    if len(path) > depth:
-        raise InputError(
-            f"{where}: {key!r} is too deep: {top}'s keys are {'data.LANG.FLAG' if depth == 3 else 'FLAG'}."
-        )
-    if flag in PLAN_SETS[top]:
-        hint = " (a language's corpus and pairs go in data.LANG)" if top == "build" and flag in _DATA else ""
-        raise InputError(f"{where}: {key}: the plan sets {script} --{flag} itself, from the study's structure{hint}.")
-    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value)):
-        raise InputError(f"{where}: {key} must be a value or a list of values (a command-line flag), not {value!r}.")
-    if not flags:
-        return value
-    known = script_flags(top)
-    if flag not in known:
-        valid = sorted(set(known) - PLAN_SETS[top])
-        raise InputError(
-            f"{where}: unknown key {key!r}: {script} has no flag --{flag}.{_close(flag, valid)} The keys of {top} are "
-            f"{script}'s flags (less those the plan sets): {', '.join(valid)}."
-        )
-    hint, default = known[flag]
-    if value is None:  # the flag left at the script's default
-        return None
-    if value is False and default is True:
-        raise InputError(f"{where}: {key}: {script} --{flag} is on by default and the plan passes only true flags.")
-    if not _fits(value, hint):
-        raise InputError(f"{where}: {key} must be {_type_words(hint)} ({script} --{flag}), not {value!r}.")
-    return value
-
-
-def parse_assignment(text: str, flag: str) -> tuple[str, object]:
-    """KEY=VALUE of --set (VALUE in YAML) -> (KEY, value)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise InputError(f"{flag} {text!r}: give KEY=VALUE (e.g. cpt.max_steps=2400, seeds=[0,1]).")
-    try:
-        return key.strip(), _yaml(value)
-    except yaml.YAMLError as err:
-        raise InputError(f"{flag} {text!r}: the value is not YAML ({err}).") from None
-
-
-def _assign(config: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        config = config.setdefault(part, {})
-    config[last] = value
-
-
-def study_file(preset: str) -> Path:
-    """--preset: the name of a study of configs/studies/ (NAME.yaml or NAME.json) or the path of any study file; the
-    file's path, relative to the repository root inside it (steps run there), else absolute."""
-    if preset.endswith((".yaml", ".yml", ".json")) or os.sep in preset:
-        path = Path(preset).resolve()
-        if not path.is_file():
-            raise InputError(f"--preset {preset}: no such study file.")
-        return path.relative_to(REPO_DIR) if path.is_relative_to(REPO_DIR) else path
-    for suffix in (".yaml", ".json"):
-        if (STUDIES_DIR / f"{preset}{suffix}").is_file():
-            return (STUDIES_DIR / f"{preset}{suffix}").relative_to(REPO_DIR)
-    names = sorted(p.stem for p in STUDIES_DIR.glob("*.*"))
-    raise InputError(
-        f"--preset {preset!r}: no study of that name in configs/studies/.{_close(preset, names)} Studies: "
-        f"{', '.join(names)}; or give the path of a study file (YAML or JSON)."
-    )
-
-
-def read_study(path: Path, sets=(), cell: dict | None = None, flags: bool = True) -> Preset:
-    """A study file (``path``, resolved against the repository root when relative) with its ``--set`` changes and a
-    sweep cell's values applied, each key and value checked (see checked_value)."""
-    text = (path if path.is_absolute() or path.is_file() else REPO_DIR / path).read_text(encoding="utf-8")
-    try:
-        raw = _yaml(text)
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not a YAML or JSON file ({err}).") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: a study file is a mapping of keys (see configs/studies/cpu.yaml).")
-    config = {key: checked_value(str(key), value, str(path), flags) for key, value in raw.items()}
-    for text in sets:
-        key, value = parse_assignment(text, "--set")
-        _assign(config, key, checked_value(key, value, f"--set {text}", flags))
-    for key, value in (cell or {}).items():
-        _assign(config, key, value)
-    missing = [key for key in _REQUIRED if key not in config]
-    if missing:
-        raise InputError(f"{path}: missing keys {', '.join(missing)} (every study gives them; see cpu.yaml).")
-    return Preset(name=path.stem, **config)
-
-
-_REQUIRED = [f.name for f in dataclasses.fields(Preset)[1:] if dataclasses.MISSING is f.default is f.default_factory]
-
-
-def check_study(preset: Preset, where: str) -> None:
-    """What a plan needs of a configuration besides the types of its keys."""
-    problems = []
-    for key in ("langs", "seeds", "variants", "settings"):
-        values = getattr(preset, key)
-        if not values or len(set(map(str, values))) < len(values):
-            problems.append(f"{key} must name at least one, each once (got {values})")
-    problems += [f"settings: unknown setting {s!r} ({', '.join(CPT_SETTINGS)})" for s in preset.settings
-                 if s not in CPT_SETTINGS]  # fmt: skip
-    if not set(SETTINGS) <= set(preset.settings):
-        problems.append(
-            f"settings must hold bridges and no_bridges (their gap is the measurement), not {preset.settings}"
-        )
-    problems += [f"anchor_settings: unknown setting {s!r} (bridges, no_bridges)" for s in preset.anchor_settings
-                 if s not in SETTINGS]  # fmt: skip
-    if preset.synthetic:
-        problems += [f"variants: unknown variant {v!r} (native, anchors)" for v in preset.variants
-                     if v not in VARIANT_TITLES]  # fmt: skip
-        problems += ["data applies to real corpora (synthetic: false)"] if preset.data else []
-    elif preset.world:
-        problems.append("world applies to synthetic studies (synthetic: true)")
-    for section in ("pretrain", "cpt"):
-        problems += [
-            f"{section}.{key} is required" for key in ("block_size", "max_steps") if key not in getattr(preset, section)
-        ]
-    if problems:
-        raise InputError(f"{where}: " + "; ".join(problems) + ".")
-
-
-def with_flags(preset: Preset, args: StudyArguments) -> Preset:
-    """The configuration with the flags that set its keys (CONFIG_FLAGS) applied."""
-    return replace(preset, **{key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None})
-
-
-#: The studies of configs/studies/, by name, as their files give them (their sections' keys are checked against
-#: the scripts' flags when a study is configured: configure()).
-PRESETS: dict[str, Preset] = {
-    path.stem: read_study(path.relative_to(REPO_DIR), flags=False) for path in sorted(STUDIES_DIR.glob("*.yaml"))
-}
-
 
 #: Training throughput per GPU behind the GPU-hours estimate of --dry_run, unless --tokens_per_second_per_gpu
 #: gives another (README, "Paper scale" of step 1).
@@ -426,84 +126,11 @@ MEASURED_THROUGHPUT_SOURCE = (
     "per-document masks; 2026-11-26)"
 )
 
-#: --smoke: the budget flags cut per step kind; every other flag of every command stays as the full run has it
-#: (same scripts, data sources, columns, tokenizer, launch config). A few training steps with a checkpoint
-#: between them (so every checkpoint-reading step reads more than one), short windows, a tiny model of the same
-#: architecture family, small batches and buffers. tests/test_study_smoke.py compares the two plans flag by flag.
-#: The training budget of a smoke run, the same for pretraining and CPT.
-_SMOKE_TRAINING = dict(
-    block_size=128,
-    max_steps=4,
-    save_steps=2,
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=1,
-    warmup_steps=1,
-    logging_steps=1,
-)
-SMOKE_BUDGETS: dict[str, dict] = {
-    "pretrain": dict(
-        config_name="configs/tiny.json",
-        config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2",
-        **_SMOKE_TRAINING,
-        shuffle_buffer_size=16,
-    ),
-    "build": dict(num_proc=2, max_records_per_input=200),  # its windows are the CPT budget's
-    "cpt": dict(_SMOKE_TRAINING),
-    "eval": dict(batch_size=16),
-    "density": dict(top_k=5, max_documents=2000),
-}
-#: Flags that exist to cut a budget: a smoke run adds them although the full run leaves them out (reading a few
-#: records of each input, indexing a few documents of each corpus, instead of whole Wikipedia dumps).
-SMOKE_ONLY_FLAGS = {"max_records_per_input", "max_documents"}
-#: Without a GPU a smoke run also trains and probes in float32 (bfloat16 on a CPU only slows it down).
-SMOKE_CPU_PRECISION: dict[str, dict] = {
-    "pretrain": dict(bf16=False),
-    "cpt": dict(bf16=False),
-    "eval": dict(dtype="float32"),
-}
-
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def smoke_preset(preset: Preset, on_gpu: bool) -> tuple[Preset, list[str]]:
-    """The preset with only its budgets cut (``--smoke``), and one line per cut flag saying what was cut.
-
-    Without a GPU the training steps run without bf16 and, unless --accelerate_config says otherwise, as
-    plain python."""
-    cuts: list[str] = []
-    changed = {}
-    for kind in ("pretrain", "build", "cpt", "eval", "density"):
-        full = getattr(preset, kind)
-        budget = dict(SMOKE_BUDGETS[kind], **({} if on_gpu else SMOKE_CPU_PRECISION.get(kind, {})))
-        # Only flags the full run passes are cut (a flag it leaves at its default stays there), except the
-        # budget-only flags and the shuffle buffer of a streamed pretraining, which would otherwise read
-        # 10,000 windows before step 1.
-        budget = {
-            key: value
-            for key, value in budget.items()
-            if key in full or key in SMOKE_ONLY_FLAGS or (key == "shuffle_buffer_size" and full.get("streaming"))
-        }
-        cut = dict(full)
-        for key, value in budget.items():
-            if full.get(key) != value:
-                cuts.append(f"{kind}: --{key} {full.get(key, '(default)')} -> {value}")
-            cut[key] = value
-        changed[kind] = cut
-    if not on_gpu and preset.accelerate_config:
-        cuts.append(f"training steps: accelerate launch --config_file {preset.accelerate_config} -> python (no GPU)")
-    smoke = replace(
-        preset,
-        description=f"SMOKE RUN of the {preset.name} plan (every step, budgets cut: its numbers mean nothing). "
-        + preset.description,
-        budget_s=0,
-        accelerate_config=preset.accelerate_config if on_gpu else None,
-        **changed,
-    )
-    return smoke, cuts
 
 
 # --------------------------------------------------------------------------------------
@@ -1144,37 +771,6 @@ def build_paper_plan(args: StudyArguments, preset: Preset, out: Path, cell: str 
 # --------------------------------------------------------------------------------------
 
 
-def sweep_factors(sweeps: list[str], sets: list[str]) -> dict[str, list]:
-    """--sweep KEY=V1,V2,... -> {KEY: [values]} in the order given, each value checked as --set checks it."""
-    factors: dict[str, list] = {}
-    for text in sweeps:
-        key, sep, values = text.partition("=")
-        try:
-            parsed = _yaml(f"[{values}]") if sep else None
-        except yaml.YAMLError:
-            parsed = None
-        if not key or not parsed:
-            raise InputError(f"--sweep {text!r}: give KEY=V1,V2,... (e.g. cpt.max_steps=400,800).")
-        if key in factors or key.split(".")[0] in NOT_SWEPT:
-            why = "swept twice" if key in factors else "it changes how the study runs, not what it measures"
-            raise InputError(f"--sweep {text!r}: {key} cannot be swept ({why}).")
-        if any(s.partition("=")[0].strip() == key for s in sets):
-            raise InputError(f"--sweep {text!r}: {key} is also given by --set; give it one way.")
-        factors[key] = [checked_value(key, value, f"--sweep {text}") for value in parsed]
-    return factors
-
-
-def _value_text(value) -> str:
-    if isinstance(value, list):
-        return "+".join(map(_value_text, value))
-    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
-
-
-def cell_name(values: dict) -> str:
-    """A cell's folder name: its values, readable and file-name safe (world.pair_mentions=30,cpt.max_steps=2400)."""
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{key}={_value_text(v)}" for key, v in values.items()))
-
-
 def build_sweep(args: StudyArguments, out: Path, factors: dict[str, list]) -> Plan:
     """One plan for every cell of the grid of ``factors``: each cell is the study with its values set, planned in
     ``out/<cell>`` (plan.cells holds its own view, for its report); the plan runs the union of the cells' steps,
@@ -1182,11 +778,7 @@ def build_sweep(args: StudyArguments, out: Path, factors: dict[str, list]) -> Pl
     base, _ = configure(args)
     cells: dict[str, Plan] = {}
     steps: dict[str, Step] = {}
-    for values in itertools.product(*factors.values()):
-        values = dict(zip(factors, values))
-        name = cell_name(values)
-        if name in cells:
-            raise InputError(f"--sweep: two cells would share the folder {name!r}; give values that differ in it.")
+    for name, values in sweep_cells(factors).items():
         preset, _ = configure(args, values)
         cells[name] = build_plan(args, preset, out / name, cell=name)
         cells[name].state_dir, cells[name].config = str(out), {"cell": values}
@@ -1972,7 +1564,7 @@ def _print_overview(plan: Plan, args: StudyArguments, smoke_cuts: list[str]) -> 
     """The study, its configuration, the output folder, the steps by kind (and, for a sweep, its cells and the steps
     they share) and, for a study with a time budget, the estimate."""
     preset, jobs = plan.preset, plan.preset.jobs
-    print(f"Study preset {preset.name!r}: {preset.description}")
+    print(_study_line(plan))
     print(f"Configuration: {configuration_text(plan.config)}")
     print(f"Output: {plan.out}")
     if args.smoke:
@@ -1998,6 +1590,20 @@ def _print_overview(plan: Plan, args: StudyArguments, smoke_cuts: list[str]) -> 
         cores = os.cpu_count() or 1
         if load > 0.5 * cores:
             print(f"Note: the machine is busy (load {load:.1f} on {cores} cores): expect it to take longer.")
+
+
+def _study_line(plan: Plan) -> str:
+    """The first line printed: the study and its file's description, naming what changed the file's values (--set,
+    the flags that set keys: --seeds, ...; a sweep's values), which the description does not know of."""
+    config, preset = plan.config, plan.preset
+    changes = [f"--set {text}" for text in config["set"]]
+    for flag in (f for f in CONFIG_FLAGS if f in config["flags"]):
+        value = config["flags"][flag]
+        changes.append(f"--{flag} " + " ".join(map(str, value if isinstance(value, list) else [value])))
+    changes += [f"--sweep {key}={','.join(map(json.dumps, values))}" for key, values in (config["sweep"] or {}).items()]
+    if not changes:
+        return f"Study preset {preset.name!r}: {preset.description}"
+    return f"Study {preset.name!r} with {', '.join(changes)}: {preset.description}"
 
 
 def _print_dry_run(plan: Plan, args: StudyArguments) -> None:

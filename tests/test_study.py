@@ -12,8 +12,9 @@ from conftest import python_step, run_script, toy_plan
 
 import run_study
 import study_report
-from run_study import PRESETS, Plan, Step, StudyArguments, StudyRunner, build_plan
+from run_study import Plan, Step, StudyArguments, StudyRunner, build_plan
 from study_common import InputError
+from study_config import PRESETS
 
 
 def _plan(preset_name: str, out: Path, **overrides) -> Plan:

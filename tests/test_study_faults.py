@@ -15,6 +15,7 @@ from conftest import REPO_ROOT, python_step, run_script, toy_plan
 
 import run_study
 from run_study import Step, StudyArguments, StudyBusyError, StudyRunner
+from study_config import PRESETS
 
 
 def _writer_step(out: Path, name: str) -> Step:
@@ -194,7 +195,7 @@ def test_kill_9_of_the_study_and_its_cpt_step_then_the_same_command_gives_the_we
         "--seeds", "0", "--jobs", "1", "--output_dir", str(out),
     ]  # fmt: skip
     plan = run_study.build_plan(
-        StudyArguments(preset="micro", output_dir=str(out), **restricted), run_study.PRESETS["micro"], out
+        StudyArguments(preset="micro", output_dir=str(out), **restricted), PRESETS["micro"], out
     )
     cpt = next(s for s in plan.steps if s.kind == "cpt")
     run_dir = Path(cpt.workdir)

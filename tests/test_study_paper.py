@@ -7,7 +7,8 @@ import pytest
 from conftest import REPO_ROOT
 
 import run_study
-from run_study import PRESETS, StudyArguments, build_plan
+from run_study import StudyArguments, build_plan
+from study_config import PRESETS
 
 
 def test_paper_questions_default_to_a_git_ignored_folder_of_the_repository(tmp_path):

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 import run_study
-from run_study import PRESETS, SMOKE_BUDGETS, SMOKE_CPU_PRECISION, StudyArguments, build_plan, smoke_preset
+from run_study import StudyArguments, build_plan
+from study_config import PRESETS, SMOKE_BUDGETS, SMOKE_CPU_PRECISION, SMOKE_ONLY_FLAGS, smoke_preset
 
 #: The only flags a smoke command may change (values, never presence, except the streamed shuffle buffer).
 BUDGET_FLAGS = {f"--{key}" for budgets in (SMOKE_BUDGETS, SMOKE_CPU_PRECISION) for b in budgets.values() for key in b}
@@ -54,17 +55,15 @@ def test_smoke_plan_has_the_full_plans_steps_scripts_and_data_and_differs_only_i
             assert not on_gpu and full_step.trains and full_launcher[:2] == ["accelerate", "launch"], full_step.id
             assert smoke_launcher == ["python"]
         added = set(smoke_flags) - set(full_flags)
-        budget_only = {f"--{flag}" for flag in run_study.SMOKE_ONLY_FLAGS}
+        budget_only = {f"--{flag}" for flag in SMOKE_ONLY_FLAGS}
         assert added <= {"--shuffle_buffer_size"} | budget_only, f"{full_step.id}: smoke adds {added}"
         if "--shuffle_buffer_size" in added:
             assert "--streaming" in full_flags, "only a streamed pretraining gets a smaller shuffle buffer"
         # every input of a build and every corpus of a density step is read only in part
         if full_step.kind == "build":
-            assert smoke_flags["--max_records_per_input"] == [
-                str(run_study.SMOKE_BUDGETS["build"]["max_records_per_input"])
-            ]
+            assert smoke_flags["--max_records_per_input"] == [str(SMOKE_BUDGETS["build"]["max_records_per_input"])]
         if full_step.kind == "density":
-            assert smoke_flags["--max_documents"] == [str(run_study.SMOKE_BUDGETS["density"]["max_documents"])]
+            assert smoke_flags["--max_documents"] == [str(SMOKE_BUDGETS["density"]["max_documents"])]
         for flag, full_values in full_flags.items():
             smoke_values = smoke_flags.get(flag)
             if flag not in BUDGET_FLAGS:

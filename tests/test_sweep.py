@@ -14,8 +14,9 @@ from conftest import REPO_ROOT, run_script
 
 import run_study
 import study_report
-from run_study import PRESETS, StudyArguments, StudyRunner, build_plan, build_sweep, sweep_factors
+from run_study import StudyArguments, StudyRunner, build_plan, build_sweep
 from study_common import InputError
+from study_config import PRESETS, script_flags, sweep_factors
 
 
 def _sweep(tmp_path: Path, *sweeps: str, preset: str = "micro", **arguments):
@@ -337,7 +338,7 @@ def test_every_flag_a_plan_passes_is_a_flag_of_its_script(tmp_path):
     plans = [build_plan(StudyArguments(preset=name), PRESETS[name], tmp_path) for name in PLANNED_IN_CODE]
     plans.append(build_plan(StudyArguments(preset="micro"), decomposed, tmp_path))
     for step in (s for plan in plans for s in plan.steps):
-        known = run_study.script_flags(section.get(step.kind, step.kind))
+        known = script_flags(section.get(step.kind, step.kind))
         unknown = [c for c in step.command if c.startswith("--") and c[2:] not in known]
         launcher = {"--config_file"} if step.command[0] == "accelerate" else set()
         assert set(unknown) <= launcher, (step.id, unknown)
