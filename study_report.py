@@ -8,8 +8,9 @@
 Every number comes from a file a step wrote (paths given per section, all collected in report.json), and
 every sentence of conclusion is written from those numbers, never stronger than their intervals allow.
 Sections: the run (machine, step times), the synthetic world and model, questions (answer positions, ties,
-both tie rules), transfer (with minus without bridges, per tier), anchors vs control, the bridge
-diagnostic, cultural density (measured vs planted), packing audits, and what the scale can show.
+both tie rules), transfer (with minus without bridges; per tier, knowledge or skill, mismatched bridges), the
+manipulation checks, anchors vs control, the bridge diagnostic, cultural density (measured vs planted, the gap
+against occurrences), packing audits, and what the scale can show.
 
 ``run_study.py`` writes the report after its last step (and alone with ``--report_only``); this module
 also rewrites it from a finished study folder on its own, reading the plan record run_study wrote there::
@@ -267,8 +268,16 @@ def _direction(stem: str, lang: str) -> str:
 
 
 def _gap_sentence(what: str, gap: float, ci, n_seeds: int) -> str:
-    """A conclusion written from a gap and its interval, never stronger than the interval allows."""
+    """A conclusion written from a gap and its interval, never stronger than the interval allows (none when the
+    gap lies outside its own interval: run_transfer.verdict's 'undetermined')."""
+    from run_transfer import verdict
+
     over = "seeds and questions" if n_seeds > 1 else "questions only (one run pair: overstates certainty)"
+    if verdict(tuple(ci), gap) == "undetermined":
+        return (
+            f"{what}: {gap:+.3f} lies outside its own 95% CI {_ci(ci)} (over {over}): undetermined (too few bootstrap "
+            "resamples to place it), no conclusion."
+        )
     if ci[0] > 0:
         return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) excludes 0: evidence of a positive effect."
     if ci[1] < 0:
@@ -328,6 +337,7 @@ def write_report(plan: Plan) -> dict:
         _report_world(doc, record, plan, truth)
     _report_questions(doc, record, plan)
     _report_transfer(doc, record, plan, truth, figures)
+    _report_manipulation_checks(doc, record, plan)
     if truth and {"native", "anchors"} <= {g["variant"] for g in plan.groups.values()}:
         _report_anchors(doc, record, plan, truth, figures)
     _report_diagnostic(doc, record, plan, figures)
@@ -439,8 +449,10 @@ def _report_world(doc: ReportDoc, record: dict, plan: Plan, truth: dict) -> None
         "culture whose places have one fact per relation (favourite dish, great festival, ...). Facts of the "
         "**high** tier are frequent in the English pretraining corpus and in the target corpus; facts of the **low** "
         f"tier are frequent in the target corpus and {args.get('low_resource_ratio', '?')}x rarer in English (the "
-        "paper's Table 1 ratio for Tibetan culture is ~60x). Each question's four options are the answers of four "
-        "facts with identical planted counts, so a model that knows nothing scores 0.25 whatever the frequencies."
+        "paper's Table 1 ratio for Tibetan culture is ~60x)."
+        + _absent_and_en_only_text(truth)
+        + " Each question's four options are the answers of four facts with identical planted counts, so a model "
+        "that knows nothing scores 0.25 whatever the frequencies."
     )
     rows = []
     for lang, tiers in truth["densities"].items():
@@ -449,7 +461,7 @@ def _report_world(doc: ReportDoc, record: dict, plan: Plan, truth: dict) -> None
                 continue
             rows.append(
                 [lang, tier, d["facts"], d["en_statements"], d["tgt_statements"], _f(d["en_density"], ".2e"),
-                 _f(d["tgt_density"], ".2e"), _f(d["tgt_over_en"], ".1f") if d["tgt_over_en"] else "∞"]
+                 _f(d["tgt_density"], ".2e"), "∞" if d["tgt_over_en"] is None else _f(d["tgt_over_en"], ".1f")]
             )  # fmt: skip
     doc.table(
         ["language", "tier", "facts", "English statements", "target statements", "English density",
@@ -478,6 +490,25 @@ def _report_world(doc: ReportDoc, record: dict, plan: Plan, truth: dict) -> None
         f"per run, a checkpoint every {cpt.get('save_steps')} steps, seeds {', '.join(map(str, seeds))}, English "
         f"replay {plan.preset.build.get('replay_ratio', 0):.0%} of the CPT tokens (sampled from the pretraining corpus)."
     )
+
+
+def _absent_and_en_only_text(truth: dict) -> str:
+    """The tiers that leave a fact out of one corpus, as sentences, where the world has them."""
+    present = {tier for tiers in truth["densities"].values() for tier in tiers}
+    words = {
+        "absent": "Facts of the **absent** tier are stated in the target corpus as often as high facts and never in "
+        "English.",
+        "en_only": "Facts of the **en_only** tier are stated in English as often as high facts and never in the "
+        "target corpus (the mirror of absent).",
+    }
+    text = "".join(" " + words[tier] for tier in words if tier in present)
+    if text:
+        text += (
+            " Their entities are named in pairs and target filler like every other (only the fact is missing from "
+            "one corpus), so high vs absent (target questions) and high vs en_only (English questions) separate "
+            "knowledge carried across from bridges' help with the language (see the transfer section)."
+        )
+    return text
 
 
 def _parameter_count(model_dir: Path) -> int | None:
@@ -624,7 +655,7 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
         "questions measures English → target transfer, on English questions target → English transfer. Intervals "
         "are 95% bootstrap intervals over questions and seed pairs (`run_transfer.py`). "
         + TIE_RULES_TEXT
-        + " Each table says which rule it uses; the base accuracies and the per-tier tables use the first rule."
+        + " Each table says which rule it uses; the base accuracies use the first rule."
     )
     section = record["sections"].setdefault("transfer", {})
     for key, group in plan.groups.items():
@@ -658,11 +689,22 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
             rows,
         )  # fmt: skip
         doc.bullets(sentences)
+        _note_undetermined(doc, [e["verdict"] for e in entries])
         _report_tie_rules(doc, entries, lang, result.get("tie_policy", "first"))
         group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
+        directions = [(language["lang"], d) for language in result["languages"] for d in language["directions"]]
+        tiers, source = (
+            {(lang_, d["direction"]): d["tiers"] for lang_, d in directions if d.get("tiers")},
+            "transfer.json",
+        )
         runs = [r for r in plan.runs if r.lang == lang and r.variant == variant]
-        if truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
-            group_record["tiers"] = _report_transfer_tiers(doc, runs, group, truth)
+        if not tiers and truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
+            tiers, source = _computed_tiers(runs, group, truth), "report (per-tier analysis)"
+        if tiers:
+            rule = result.get("tie_policy", "first") if source == "transfer.json" else "first"
+            group_record.update(_report_knowledge(doc, directions, tiers, source, rule))
+        if any(d.get("mismatched_minus_none") for _, d in directions):
+            group_record["mismatched"] = _report_mismatched(doc, directions)
         section[key] = group_record
 
 
@@ -684,7 +726,7 @@ def _transfer_directions(result: dict, base: dict[str, float]) -> tuple[list[lis
                     f"{d['mean_gap']:+.3f} {_ci(d['mean_gap_ci'])}",
                     per_seed,
                     p_values,
-                    d["verdict"],
+                    _verdict_cell(d["verdict"]),
                 ]
             )
             sentences.append(
@@ -722,46 +764,234 @@ def _transfer_directions(result: dict, base: dict[str, float]) -> tuple[list[lis
     return rows, sentences, entries
 
 
-def _report_transfer_tiers(doc: ReportDoc, runs: list[Run], group: dict, truth: dict) -> list[dict]:
-    """The same gap per tier of facts (run_transfer.analyse_direction on the questions of each tier)."""
+def _computed_tiers(runs: list[Run], group: dict, truth: dict) -> dict[tuple[str, str], dict[str, dict]]:
+    """The gap per tier of facts where transfer.json has none (its analysis was not given the item tiers): per
+    (language, direction), run_transfer.analyse_direction on the questions of each tier of truth.json."""
     from run_transfer import analyse_direction
 
     lang = group["lang"]
     stems = [Path(q).stem for q in reversed(group["questions"])]  # target-language questions first
-    steps, cubes = _load_cubes(runs, stems)
-    tiers = _tier_indices(truth, lang)
-    tier_rows, tier_entries = [], []
+    _, cubes = _load_cubes(runs, stems)
     seeds = sorted({r.seed for r in runs})
+    found = {}
     for stem in stems:
-        direction = _direction(stem, lang)
-        for tier, indices in sorted(tiers.items()):
-            with_cube = _stack(cubes, runs, "bridges", seeds, stem, indices)
-            without_cube = _stack(cubes, runs, "no_bridges", seeds, stem, indices)
-            stats = analyse_direction(with_cube, without_cube, 1000, 0, 0.95)
-            tier_rows.append(
-                [_direction_words(direction, lang), tier, len(indices),
-                 _f(float(sum(stats["accuracy_with"]) / len(steps))),
-                 _f(float(sum(stats["accuracy_without"]) / len(steps))),
-                 f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
-            )  # fmt: skip
-            tier_entries.append(
-                {"direction": direction, "tier": tier, "questions": len(indices),
-                 "mean_gap": stats["mean_gap"], "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"]}
-            )  # fmt: skip
-    doc.p("The same gap per tier of facts (high: frequent in English and target; low: rare in English):")
-    doc.table(
-        [
-            "direction",
-            "tier",
-            "questions",
-            "mean acc. with",
-            "mean acc. without",
-            "mean gap [95% CI]",
-            "verdict",
-        ],
-        tier_rows,
+        found[(lang, _direction(stem, lang))] = {
+            tier: analyse_direction(
+                _stack(cubes, runs, "bridges", seeds, stem, indices),
+                _stack(cubes, runs, "no_bridges", seeds, stem, indices),
+                1000,
+                0,
+                0.95,
+            )
+            for tier, indices in sorted(_tier_indices(truth, lang).items())
+        }
+    return found
+
+
+#: The tiers of facts (synthetic_world.TIERS) in the order tables show them, in a figure title's few words.
+TIER_SHORT = {
+    "high": "frequent in English",
+    "low": "rare in English",
+    "absent": "never in English",
+    "en_only": "never in the target corpus",
+}
+TIER_ORDER = tuple(TIER_SHORT)
+
+
+def _tier_rank(tier: str) -> tuple[int, str]:
+    return (TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER), tier)
+
+
+def _verdict_cell(verdict: str) -> str:
+    """A verdict as tables show it: 'undetermined' in bold (UNDETERMINED_TEXT says why under the table)."""
+    return f"**{verdict}**" if verdict == "undetermined" else verdict
+
+
+UNDETERMINED_TEXT = (
+    "**undetermined**: the estimate lies outside its own 95% interval (too few bootstrap resamples to place it), so "
+    "no conclusion rests on it; rerun the analysis with a larger `--n_bootstrap`."
+)
+
+
+def _note_undetermined(doc: ReportDoc, verdicts: list[str]) -> None:
+    if "undetermined" in verdicts:
+        doc.p(UNDETERMINED_TEXT)
+
+
+def _source_and_destination(direction: str, lang: str) -> tuple[str, str]:
+    """The corpus a direction's knowledge comes from and the language it is asked in."""
+    return ("English", lang) if direction.startswith("en->") else (lang, "English")
+
+
+def _report_knowledge(
+    doc: ReportDoc, directions: list[tuple[str, dict]], tiers: dict, source: str, tie_rule: str
+) -> dict:
+    """Per direction, the "Knowledge or skill?" table: the gap per tier of facts and, where transfer.json has it
+    (run_transfer.KNOWLEDGE_CONTRASTS), knowledge transfer (the difference-in-differences) and skill (the gap on
+    the tier the source never states), each with its interval and verdict, and a sentence from those numbers."""
+    knowledge_found = any(d.get("knowledge_transfer") for _, d in directions)
+    doc.h(4, "Knowledge or skill? The gap per tier of facts" if knowledge_found else "The gap per tier of facts")
+    doc.p(
+        "The same gap (with − without bridges, mean over the CPT curve) on the questions of each tier of facts "
+        f"(from {'`transfer.json`' if source == 'transfer.json' else 'the probing outputs, per tier of truth.json'}; "
+        f"tie rule **{tie_rule}**)."
+        + (
+            " A direction's **knowledge transfer** is the gap on facts its source corpus states often minus the gap "
+            "on facts the source never states (a difference-in-differences): both tiers are stated equally often in "
+            "the destination corpus, so what bridges do for learning the destination language cancels and what "
+            "remains is knowledge carried from the source. That help with the language, a **skill**, is the gap "
+            "on the never-stated tier. Intervals: 95% bootstrap over questions (within each tier) and seed pairs."
+            if knowledge_found
+            else ""
+        )
     )
-    return tier_entries
+    entries, knowledge, sentences, verdicts = [], [], [], []
+    for lang, d in directions:
+        by_tier = tiers.get((lang, d["direction"]))
+        if not by_tier:
+            continue
+        k = d.get("knowledge_transfer")
+        role = (
+            {k["often_tier"]: " (the source states it often)", k["never_tier"]: " (the source never states it: skill)"}
+            if k
+            else {}
+        )
+        rows = []
+        for tier, stats in sorted(by_tier.items(), key=lambda item: _tier_rank(item[0])):
+            rows.append(
+                [f"tier {tier}{role.get(tier, '')}", stats["n_questions"], _f(float(np.mean(stats["accuracy_with"]))),
+                 _f(float(np.mean(stats["accuracy_without"]))), f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}",
+                 f"{stats['final_gap']:+.3f} {_ci(stats['final_gap_ci'])}", _verdict_cell(stats["verdict"])]
+            )  # fmt: skip
+            entries.append(
+                {"direction": d["direction"], "tier": tier, "questions": stats["n_questions"],
+                 "mean_gap": stats["mean_gap"], "mean_gap_ci": stats["mean_gap_ci"], "final_gap": stats["final_gap"],
+                 "final_gap_ci": stats["final_gap_ci"], "verdict": stats["verdict"], "from": source}
+            )  # fmt: skip
+            verdicts.append(stats["verdict"])
+        if k:
+            rows.append(
+                [f"**knowledge**: gap {k['often_tier']} − gap {k['never_tier']}", "–", "–", "–",
+                 f"{k['mean_did']:+.3f} {_ci(k['mean_did_ci'])}", f"{k['final_did']:+.3f} {_ci(k['final_did_ci'])}",
+                 _verdict_cell(k["verdict"])]
+            )  # fmt: skip
+            sentence = _knowledge_sentence(d["direction"], lang, k)
+            sentences.append(sentence)
+            verdicts += [k["verdict"], k["skill_verdict"]]
+            knowledge.append({"direction": d["direction"], **{f: k[f] for f in KNOWLEDGE_FIELDS}, "sentence": sentence})
+        doc.p(f"**{_direction_words(d['direction'], lang)}**:")
+        doc.table(
+            ["measure", "questions", "mean acc. with", "mean acc. without", "mean gap [95% CI]", "final gap [95% CI]",
+             "verdict"],
+            rows,
+        )  # fmt: skip
+    doc.bullets(sentences)
+    _note_undetermined(doc, verdicts)
+    return {"tiers": entries, "knowledge": knowledge}
+
+
+#: What the report keeps of a direction's knowledge_transfer (run_transfer.py's fields).
+KNOWLEDGE_FIELDS = ("often_tier", "never_tier", "mean_did", "mean_did_ci", "final_did", "final_did_ci", "verdict",
+                    "skill_mean_gap", "skill_mean_gap_ci", "skill_verdict", "meaning")  # fmt: skip
+
+
+def _knowledge_sentence(direction: str, lang: str, k: dict) -> str:
+    """Knowledge or skill, in one sentence from the difference-in-differences and the never-stated tier's gap, never
+    stronger than their intervals."""
+    source, destination = _source_and_destination(direction, lang)
+    head = _direction_words(direction, lang)
+    did = f"{k['mean_did']:+.3f} {_ci(k['mean_did_ci'])}"
+    skill = (
+        f"{k['skill_mean_gap']:+.3f} {_ci(k['skill_mean_gap_ci'])} on facts {source} never states ({k['never_tier']})"
+    )
+    difference = f"difference-in-differences ({k['often_tier']} − {k['never_tier']}) {did}"
+    verdicts = (k["verdict"], k["skill_verdict"])
+    if "undetermined" in verdicts:
+        which = " and ".join(w for w, v in zip(("the difference", "the skill gap"), verdicts) if v == "undetermined")
+        return (
+            f"{head}: undetermined: {which} lies outside its own interval (too few bootstrap resamples), so neither "
+            f"knowledge nor skill is read from it: {difference}; gap {skill}."
+        )
+    if k["verdict"] == "transfer":
+        beside = {
+            "transfer": f"bridges also helped learning {destination} (skill): {skill}",
+            "no evidence": f"no evidence of a skill part: {skill}",
+            "reverse": f"bridges slowed learning {destination} on the rest: {skill}",
+        }[k["skill_verdict"]]
+        return (
+            f"{head}: knowledge crossed from {source}: the gap on facts {source} states often exceeds the gap on "
+            f"facts it never states, {difference} excludes 0; {beside}."
+        )
+    if k["verdict"] == "reverse":
+        return (
+            f"{head}: no knowledge crossing: the gap is smaller on facts {source} states often than on facts it never "
+            f"states, {difference} lies below 0; gap {skill}."
+        )
+    if k["skill_verdict"] == "transfer":
+        return (
+            f"{head}: the gap is skill, not knowledge: {skill}, {difference} includes 0 (no evidence of knowledge "
+            f"from {source}; the interval allows up to {k['mean_did_ci'][1]:+.3f})."
+        )
+    if k["skill_verdict"] == "reverse":
+        return (
+            f"{head}: bridges slowed learning {destination}: {skill}; no evidence of knowledge from {source}: "
+            f"{difference} includes 0."
+        )
+    return f"{head}: neither knowledge nor skill shown: {difference} and gap {skill} both include 0."
+
+
+def _report_mismatched(doc: ReportDoc, directions: list[tuple[str, dict]]) -> list[dict]:
+    """Bridges − mismatched bridges (does the right partner matter?) and mismatched bridges − none (does mere
+    bilingual co-location help?) per direction, from transfer.json, with a sentence from the numbers."""
+    doc.h(4, "Mismatched bridges")
+    doc.p(
+        "Mismatched bridges put each pair's first half in one window with *another* pair's second half: the same "
+        "documents, tokens and amount of bilingual co-location as bridges, only the partners are wrong. Bridges − "
+        "mismatched is what the right partner (the translation) adds; mismatched − none is what bilingual "
+        "co-location alone adds. Mean over the CPT curve, 95% bootstrap intervals over questions and seed pairs."
+    )
+    rows, entries, sentences, verdicts = [], [], [], []
+    for lang, d in directions:
+        above, below = d.get("bridges_minus_mismatched"), d.get("mismatched_minus_none")
+        if not above or not below:
+            continue
+        sentence = _mismatched_sentence(d["direction"], lang, above, below)
+        rows.append(
+            [_direction_words(d["direction"], lang), f"{above['mean_gap']:+.3f} {_ci(above['mean_gap_ci'])}",
+             _verdict_cell(above["verdict"]), f"{below['mean_gap']:+.3f} {_ci(below['mean_gap_ci'])}",
+             _verdict_cell(below["verdict"])]
+        )  # fmt: skip
+        sentences.append(sentence)
+        verdicts += [above["verdict"], below["verdict"]]
+        entries.append(
+            {"direction": d["direction"], "sentence": sentence,
+             **{name: {f: stats[f] for f in ("mean_gap", "mean_gap_ci", "final_gap", "final_gap_ci", "verdict")}
+                for name, stats in (("bridges_minus_mismatched", above), ("mismatched_minus_none", below))}}
+        )  # fmt: skip
+    doc.table(["direction", "bridges − mismatched [95% CI]", "verdict", "mismatched − none [95% CI]", "verdict"], rows)
+    doc.bullets(sentences)
+    _note_undetermined(doc, verdicts)
+    return entries
+
+
+def _mismatched_sentence(direction: str, lang: str, above: dict, below: dict) -> str:
+    a = f"bridges − mismatched {above['mean_gap']:+.3f} {_ci(above['mean_gap_ci'])}"
+    b = f"mismatched − none {below['mean_gap']:+.3f} {_ci(below['mean_gap_ci'])}"
+    partner = {
+        "transfer": f"the right partner matters ({a} excludes 0)",
+        "no evidence": f"no evidence that the right partner matters ({a} includes 0)",
+        "reverse": f"mismatched bridges beat true ones ({a} lies below 0): the translation did not help",
+        "undetermined": f"whether the right partner matters is undetermined ({a}: the estimate lies outside its "
+        "interval)",
+    }[above["verdict"]]
+    colocation = {
+        "transfer": f"mere bilingual co-location helps ({b} excludes 0)",
+        "no evidence": f"no evidence that bilingual co-location without the translation helps ({b} includes 0)",
+        "reverse": f"bilingual co-location without the translation hurts ({b} lies below 0)",
+        "undetermined": f"whether co-location alone helps is undetermined ({b}: the estimate lies outside its "
+        "interval)",
+    }[below["verdict"]]
+    return f"{_direction_words(direction, lang)}: {partner}; {colocation}."
 
 
 def _report_tie_rules(doc: ReportDoc, entries: list[dict], lang: str, tie_policy: str) -> None:
@@ -791,19 +1021,214 @@ def _report_tie_rules(doc: ReportDoc, entries: list[dict], lang: str, tie_policy
             rows.append(
                 [_direction_words(e["direction"], lang), policy, _f(p["accuracy_with"][-1]),
                  _f(p["accuracy_without"][-1]), f"{p['final_gap']:+.3f}", f"{p['mean_gap']:+.3f} {_ci(p['mean_gap_ci'])}",
-                 p["verdict"]]
+                 _verdict_cell(p["verdict"])]
             )  # fmt: skip
     doc.table(
         ["direction", "tie rule", "acc. with (final)", "acc. without (final)", "final gap", "mean gap [95% CI]",
          "verdict"],
         rows,
     )  # fmt: skip
+    _note_undetermined(doc, [p["verdict"] for e in differ for p in e["tie_policies"].values()])
 
 
 def _stack(cubes: dict, runs: list[Run], setting: str, seeds: list[int], stem: str, indices: list[int]):
     """seeds x steps x questions (the given question indices) for one setting, seeds in order."""
     by_seed = {r.seed: r for r in runs if r.setting == setting}
     return np.stack([cubes[by_seed[s].name][stem][:, indices] for s in seeds])
+
+
+#: Confidence of the manipulation checks' intervals (exact binomial over the items of a check).
+CHECK_CONFIDENCE = 0.95
+#: The manipulation checks (run_eval.py's manipulation_checks.json), in the order the report shows them.
+CHECKS = ("name alignment", "embedding match", "English retention", "target learning")
+
+
+def _binomial_ci(accuracy: float, n: int) -> list[float]:
+    """Exact (Clopper-Pearson) interval of an accuracy over n items; a mean over seeds is taken as one proportion of
+    the same n items (seeds probe the same items, so they do not add items)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(round(accuracy * n), n).proportion_ci(CHECK_CONFIDENCE, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def _final_checks(eval_dir: str, lang: str) -> tuple[int, dict] | None:
+    """(step, {(check, what): (accuracy, items, chance)}) at the last checkpoint of a probing output's
+    manipulation_checks.json (the final checkpoint of a run; the base model for base_eval), or None. The items per
+    tier come from its item_tiers record, a question file's chance accuracy from the accuracy.json beside it."""
+    data = _read_json(Path(eval_dir) / "manipulation_checks.json")
+    if not data or not data.get("checkpoints"):
+        return None
+    final = data["checkpoints"][-1]
+    items = (data.get("item_tiers") or {}).get("items_per_tier") or {}
+    questions = (_read_json(Path(eval_dir) / "accuracy.json") or {}).get("questions") or {}
+    values = {}
+    for check, name in (("name alignment", "name_alignment"), ("embedding match", "embedding_match")):
+        for direction, entry in (final.get(name) or {}).items():
+            values[(check, direction)] = (entry["accuracy"], entry["n"], entry["chance"])
+    wanted = {"en": ("English retention", ("high", "en_only")), lang: ("target learning", ("absent",))}
+    for stem, by_tier in (final.get("tier_accuracy") or {}).items():
+        check, tiers = wanted.get(question_lang_from_stem(stem), (None, ()))
+        for tier in (t for t in tiers if t in by_tier and items.get(t)):
+            chance = (questions.get(stem) or {}).get("chance_accuracy")
+            values[(check, f"{stem}, {tier} facts")] = (by_tier[tier], items[tier], chance)
+    return final["step"], values
+
+
+def _relation_to_chance(ci: list[float], chance: float | None) -> str:
+    if chance is None:
+        return "–"
+    return "at chance" if ci[0] <= chance <= ci[1] else "above chance" if ci[0] > chance else "below chance"
+
+
+def _report_manipulation_checks(doc: ReportDoc, record: dict, plan: Plan) -> None:
+    """Per run group, from manipulation_checks.json of the base model's probing and of each run's: the four checks
+    (name alignment, embedding match, English retention, target learning) at the base model and at the final
+    checkpoint per CPT setting (mean over seeds, exact binomial interval), whether each is at chance, and what that
+    means for reading the gap."""
+    section, found = {}, False
+    for key, group in plan.groups.items():
+        lang = group["lang"]
+        models = [("base model", "base", [group["base_eval"]])] + [
+            (f"CPT {setting.replace('_', ' ')} (final)", setting,
+             [r.eval_dir for r in plan.runs if f"{r.lang}/{r.variant}" == key and r.setting == setting])
+            for setting in group.get("settings", SETTINGS)
+        ]  # fmt: skip
+        finals = {name: [f for f in (_final_checks(d, lang) for d in dirs) if f] for _, name, dirs in models}
+        if not any(finals.values()):
+            continue
+        if not found:
+            doc.h(2, "Manipulation checks: what the gap can be read as")
+            doc.p(
+                "From `manipulation_checks.json` of each probing step (`run_eval.py --name_alignment --item_tiers`), "
+                "at the base model and at the final checkpoint of each CPT setting (mean over seeds): **name "
+                "alignment** (a 4-way choice of an entity's name in one language after a held-out sentence naming "
+                "it in the other, laid out as a bridged pair), **embedding match** (an entity's two names nearest "
+                "neighbours in the input embeddings; chance 1/entities), **English retention** (English questions "
+                "on facts English states: high and en_only) and **target learning** (target questions on facts only "
+                f"the target corpus states: absent). Intervals: exact binomial {CHECK_CONFIDENCE:.0%} over the items "
+                "of a check (they cover item sampling, not seed-to-seed variation: per-seed values are shown). A "
+                "check is **at chance** when its interval covers chance."
+            )
+            found = True
+        doc.h(3, key if plan.preset.synthetic else lang)
+        rows, entries, results = [], [], {}
+        labels = {name: label for label, name, _ in models}
+        for name, found_here in finals.items():
+            for check_what in dict.fromkeys(cw for _, values in found_here for cw in values):
+                per_seed = [values[check_what] for _, values in found_here if check_what in values]
+                accuracy, n, chance = float(np.mean([v[0] for v in per_seed])), per_seed[0][1], per_seed[0][2]
+                ci = _binomial_ci(accuracy, n)
+                entry = {"check": check_what[0], "what": check_what[1], "model": name, "seeds": len(per_seed),
+                         "steps": sorted({step for step, values in found_here if check_what in values}),
+                         "accuracy": accuracy, "per_seed": [v[0] for v in per_seed], "n": n, "chance": chance,
+                         "ci": ci, "relation": _relation_to_chance(ci, chance)}  # fmt: skip
+                entries.append(entry)
+                results.setdefault(check_what, {})[name] = entry
+        for check_what in sorted(results, key=lambda cw: CHECKS.index(cw[0])):  # stable: as the files order them
+            for name, e in results[check_what].items():
+                rows.append(
+                    [e["check"], e["what"], labels[name], e["seeds"], ", ".join(map(str, e["steps"])),
+                     f"{e['accuracy']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]", e["n"],
+                     ", ".join(f"{a:.3f}" for a in e["per_seed"]), _f(e["chance"]),
+                     f"**{e['relation']}**" if e["relation"] == "at chance" else e["relation"]]
+                )  # fmt: skip
+        doc.table(
+            ["check", "direction / questions", "model", "seeds", "step", f"accuracy [{CHECK_CONFIDENCE:.0%} CI]",
+             "items", "per seed", "chance", "vs chance"],
+            rows,
+        )  # fmt: skip
+        sentences = [
+            sentence
+            for check_what in sorted(results, key=lambda cw: CHECKS.index(cw[0]))
+            if (sentence := _check_sentence(*check_what, results[check_what], labels, lang))
+        ]
+        doc.bullets(sentences)
+        files = [str(Path(d) / "manipulation_checks.json") for _, _, dirs in models for d in dirs]
+        section[key] = {"files": [f for f in files if Path(f).is_file()], "confidence": CHECK_CONFIDENCE,
+                        "checks": entries, "sentences": sentences}  # fmt: skip
+    if section:
+        record["sections"]["manipulation_checks"] = section
+
+
+#: What a name check at chance after CPT means, and what it means for the gap when it is at chance with bridges.
+ALIGNMENT_AT_CHANCE = {
+    "name alignment": (
+        "names are not aligned outside the bridge",
+        "a with-minus-without gap cannot be knowledge crossing through aligned names.",
+    ),
+    "embedding match": (
+        "an entity's two names are not nearest neighbours in the input embeddings",
+        "whatever links the names does not live in the embedding table (name alignment probes the whole model).",
+    ),
+}
+
+
+def _check_sentence(check: str, what: str, results: dict, labels: dict, lang: str) -> str | None:
+    """What one check says in plain words, from its intervals: whether it is at chance, and what that means for
+    reading the gap. None without a chance level or without a CPT run to judge."""
+    base, cpt = results.get("base"), [name for name in results if name != "base"]
+    chance = next(iter(results.values()))["chance"]
+    if chance is None or not cpt:
+        return None
+
+    def shown(names: list[str]) -> str:
+        return (
+            "; ".join(
+                f"{labels[n]} {results[n]['accuracy']:.3f} [{results[n]['ci'][0]:.3f}, {results[n]['ci'][1]:.3f}] "
+                f"{results[n]['relation']}"
+                for n in names
+            )
+            + f" (chance {chance:.3f})"
+        )
+
+    at = [name for name in cpt if results[name]["relation"] == "at chance"]
+    head = f"{check.capitalize()} ({what})"
+    if check in ALIGNMENT_AT_CHANCE:
+        meaning, with_bridges = ALIGNMENT_AT_CHANCE[check]
+        if not at:
+            return f"{head} after CPT: {shown(cpt)}."
+        aligned = results.get("bridges", {}).get("relation") == "above chance"
+        return (
+            f"**{head} is at chance** after CPT: {shown(at)}: {meaning}"
+            + (f"; with bridges too, so {with_bridges}" if "bridges" in at else ".")
+            + (
+                f" With bridges it is above chance ({shown(['bridges'])}): bridges aligned the names."
+                if aligned
+                else ""
+            )
+        )
+    if check == "English retention" and base and base["relation"] == "at chance":
+        return (
+            f"**{head}: the base model is at chance**: {shown(['base'])}: it does not know these English facts, so "
+            "there is no English knowledge to carry, and a gap on them cannot be knowledge from English."
+        )
+    if check == "target learning" and base and base["relation"] == "above chance":
+        return (
+            f"**{head}: the base model is above chance** on facts it never saw: {shown(['base'])}: the questions "
+            "give their answers away (check their options)."
+        )
+    before = f"base model {base['accuracy']:.3f}; " if base else ""
+    if at:
+        what_it_means = (
+            "CPT erased these English facts: a gap at the end of CPT cannot rest on English knowledge the model still "
+            "holds."
+            if check == "English retention"
+            else f"CPT did not teach the facts only the {lang} corpus states: at this scale the model did not learn "
+            f"{lang} facts, so the gap on them (the skill measure) compares models that know none of them."
+        )
+        return f"**{head} is at chance** after CPT: {before}{shown(at)}: {what_it_means}"
+    if any(results[name]["relation"] != "above chance" for name in cpt):
+        return f"{head} after CPT: {before}{shown(cpt)}."
+    if check == "English retention":
+        lower = [name for name in cpt if base and results[name]["ci"][1] < base["accuracy"]]
+        if lower:
+            return (
+                f"{head}: lower after CPT than in the base model: {before}{shown(lower)}: part of the English knowledge "
+                "was forgotten, none of it down to chance."
+            )
+        return f"{head}: kept: {before}{shown(cpt)}."
+    return f"{head}: CPT taught the facts only the {lang} corpus states: {before}{shown(cpt)}."
 
 
 def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figures: Path) -> None:
@@ -857,7 +1282,8 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
                         curves[(question_lang, tier)] = (stats["accuracy_with"], stats["accuracy_without"])
                     rows.append(
                         [_direction_words(direction, lang), tier, setting.replace("_", " "), len(indices), a.shape[0],
-                         _f(acc_a), _f(acc_n), f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}", stats["verdict"]]
+                         _f(acc_a), _f(acc_n), f"{stats['mean_gap']:+.3f} {_ci(stats['mean_gap_ci'])}",
+                         _verdict_cell(stats["verdict"])]
                     )  # fmt: skip
                     entries.append(
                         {"direction": direction, "tier": tier, "setting": setting, "questions": len(indices),
@@ -877,6 +1303,7 @@ def _report_anchors(doc: ReportDoc, record: dict, plan: Plan, truth: dict, figur
              "difference [95% CI]", "verdict"],
             rows,
         )  # fmt: skip
+        _note_undetermined(doc, [e["verdict"] for e in entries])
         primary = "pooled" if len(shared) > 1 else shared[0]
         pooled = {(e["direction"], e["tier"]): e for e in entries if e["setting"] == primary}
         conclusions = _anchor_conclusions(lang, pooled)
@@ -953,8 +1380,9 @@ def _plot_anchors(lang, steps, curves, plan, truth, figures) -> str | None:
                 ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
             ax.axhline(0.25, color="black", linewidth=0.6, linestyle=":")
             direction = f"English → {lang}" if question_lang == lang else f"{lang} → English"
-            tier_words = "frequent in English" if tier == "high" else "rare in English"
-            ax.set_title(f"{question_lang} questions ({direction}), {tier} tier: {tier_words}", fontsize=9)
+            ax.set_title(
+                f"{question_lang} questions ({direction}), {tier} tier: {TIER_SHORT.get(tier, tier)}", fontsize=9
+            )
             ax.set_xlabel("CPT step")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
@@ -1187,21 +1615,58 @@ def _report_density(doc: ReportDoc, record: dict, plan: Plan, truth: dict | None
                 tier_rows,
             )
         analysis = result.get("instance_analysis")
+        slopes = []
         if analysis and analysis.get("results"):
             doc.p(
                 "Instance-level analysis (`run_density.py`, first seed, final checkpoint): mean occurrences in the "
-                "source corpus of items that transferred (right with bridges, wrong without) vs all items."
+                "source corpus of items that transferred (right with bridges, wrong without) vs all items, and the "
+                "least-squares slope of the per-item gap (right with bridges − right without: +1, 0, −1) on log(1 + "
+                "source-corpus occurrences), with a 95% bootstrap interval over items (`gap_vs_log_occurrences`): the "
+                "knowledge-or-skill question on measured density, where a world has no tiers."
             )
-            doc.table(
-                ["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all"],
-                [
+            rows = []
+            for r in analysis["results"]:
+                fit = r["gap_vs_log_occurrences"]
+                slopes.append(_slope_entry(r))
+                rows.append(
                     [r["questions"], r["source_corpus"], r["items"], r["transferred"],
-                     _f(r["mean_occurrences_transferred"], ".2f"), _f(r["mean_occurrences_all"], ".2f")]
-                    for r in analysis["results"]
-                ],
+                     _f(r["mean_occurrences_transferred"], ".2f"), _f(r["mean_occurrences_all"], ".2f"),
+                     f"{fit['slope']:+.3f} {_ci(fit['slope_ci'])}" if fit["slope"] is not None else "–",
+                     fit["n_items"], _verdict_cell(slopes[-1]["verdict"]) if slopes[-1]["verdict"] else "–"]
+                )  # fmt: skip
+            doc.table(
+                ["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all",
+                 "gap slope on log(1 + occ.) [95% CI]", "items in fit", "interval vs 0"],
+                rows,
             )  # fmt: skip
+            doc.bullets([e["sentence"] for e in slopes])
+            _note_undetermined(doc, [e["verdict"] for e in slopes])
         section[key] = {"density_json": str(Path(group["density"]) / "density.json"), "rows": entries,
-                        "instance_analysis": (analysis or {}).get("results")}  # fmt: skip
+                        "instance_analysis": (analysis or {}).get("results"), "gap_slopes": slopes}  # fmt: skip
+
+
+def _slope_entry(result: dict) -> dict:
+    """The gap-vs-occurrences slope of one analysed question file (density.json's gap_vs_log_occurrences) with its
+    verdict (run_transfer.verdict's rule on its interval) and a sentence from the numbers."""
+    from run_transfer import verdict
+
+    fit, where = result["gap_vs_log_occurrences"], f"{result['questions']} (source corpus {result['source_corpus']})"
+    entry = {"questions": result["questions"], "source_corpus": result["source_corpus"], "slope": fit["slope"],
+             "slope_ci": fit["slope_ci"], "n_items": fit["n_items"], "meaning": fit["meaning"], "verdict": None}  # fmt: skip
+    if fit["slope"] is None:
+        return {**entry, "sentence": f"{where}: no slope: {fit.get('reason', 'not computed')}."}
+    entry["verdict"], reading = {
+        "transfer": ("above 0", "facts the source corpus states more often gained more from bridges"),
+        "reverse": ("below 0", "facts the source corpus states more often gained less from bridges"),
+        "no evidence": ("includes 0", "no evidence that the gap grows with how often the source states a fact"),
+        "undetermined": ("undetermined", "the slope lies outside its own interval (too few resamples): no conclusion"),
+    }[verdict(tuple(fit["slope_ci"]), fit["slope"])]
+    sentence = (
+        f"{where}: slope {fit['slope']:+.3f} {_ci(fit['slope_ci'])} over {fit['n_items']} items, interval "
+        f"{entry['verdict']}: {reading}. "
+        f"The slope is the {fit['meaning']}."
+    )
+    return {**entry, "sentence": sentence}
 
 
 def _report_packing(doc: ReportDoc, record: dict, plan: Plan) -> None:
@@ -1274,6 +1739,11 @@ def _report_scale(doc: ReportDoc, record: dict, plan: Plan) -> None:
     items = []
     if plan.preset.synthetic:
         verdicts = [d["verdict"] for g in sections.get("transfer", {}).values() for d in g.get("directions", [])]
+        if "undetermined" in verdicts:
+            items.append(
+                "Some with-minus-without verdicts are undetermined (the estimate outside its own interval): rerun the "
+                "transfer analysis with a larger `--n_bootstrap` before reading them."
+            )
         if verdicts and all(v == "no evidence" for v in verdicts):
             items.append(
                 "No with-minus-without gap excludes 0 here. This is not evidence against the paper: a model of this "
