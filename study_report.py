@@ -1210,13 +1210,23 @@ def _check_sentence(check: str, what: str, results: dict, labels: dict, lang: st
         )
     before = f"base model {base['accuracy']:.3f}; " if base else ""
     if at:
-        what_it_means = (
-            "CPT erased these English facts: a gap at the end of CPT cannot rest on English knowledge the model still "
-            "holds."
-            if check == "English retention"
-            else f"CPT did not teach the facts only the {lang} corpus states: at this scale the model did not learn "
-            f"{lang} facts, so the gap on them (the skill measure) compares models that know none of them."
-        )
+        learned = [name for name in cpt if results[name]["relation"] == "above chance"]
+        if check == "English retention":
+            what_it_means = (
+                "CPT erased these English facts there: a gap at the end of CPT cannot rest on English knowledge those "
+                "runs still hold."
+            )
+        elif learned:
+            what_it_means = (
+                f"CPT did not teach these runs the facts only the {lang} corpus states, and taught them to "
+                f"{shown(learned)}: the gap on them (the skill measure) compares a model that learned {lang} facts "
+                "with one that did not."
+            )
+        else:
+            what_it_means = (
+                f"CPT did not teach the facts only the {lang} corpus states: at this scale the model did not learn "
+                f"{lang} facts, so the gap on them (the skill measure) compares models that know none of them."
+            )
         return f"**{head} is at chance** after CPT: {before}{shown(at)}: {what_it_means}"
     if any(results[name]["relation"] != "above chance" for name in cpt):
         return f"{head} after CPT: {before}{shown(cpt)}."

@@ -77,7 +77,8 @@ def _checks(step: int, alignment: dict, tiers: dict) -> dict:
 
 #: Name alignment per setting and seed: with bridges above chance English -> mn (0.875, 0.9375) and at chance
 #: mn -> English; at chance in the base model and without (true) bridges. English retention: the base model knows
-#: the English facts; with bridges the en_only ones are back at chance. Target learning: absent facts at chance.
+#: the English facts; with bridges the en_only ones are back at chance. Target learning: CPT with bridges taught
+#: the absent facts, the other settings did not.
 ALIGNMENT = {
     "base": [{f"en->{LANG}": 0.25, f"{LANG}->en": 0.25}],
     "bridges": [{f"en->{LANG}": 0.875, f"{LANG}->en": 0.25}, {f"en->{LANG}": 0.9375, f"{LANG}->en": 0.28125}],
@@ -85,6 +86,7 @@ ALIGNMENT = {
     "mismatched_bridges": [{f"en->{LANG}": 0.28125, f"{LANG}->en": 0.25}] * 2,
 }
 RETENTION = {"base": 1.0, "bridges": 0.25, "no_bridges": 1.0, "mismatched_bridges": 1.0}  # English, en_only facts
+TARGET = {"base": 0.25, "bridges": 1.0, "no_bridges": 0.25, "mismatched_bridges": 0.25}  # target, absent facts
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -101,9 +103,9 @@ def _add_chance(eval_dir: Path) -> None:
     (eval_dir / "accuracy.json").write_text(json.dumps(accuracy))
 
 
-def _tiers(english_en_only: float) -> dict:
-    return {"en": {"high": 1.0, "low": 0.5, "absent": 0.25, "en_only": english_en_only},
-            LANG: {"high": 0.25, "low": 0.25, "absent": 0.25, "en_only": 0.25}}  # fmt: skip
+def _tiers(model: str) -> dict:
+    return {"en": {"high": 1.0, "low": 0.5, "absent": 0.25, "en_only": RETENTION[model]},
+            LANG: {"high": 0.25, "low": 0.25, "absent": TARGET[model], "en_only": 0.25}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +122,12 @@ def study(tmp_path_factory) -> Path:
         correct = {STEMS[q]: _right_on_first(tier_of, PLANTED[run.setting][q]) for q in STEMS}
         eval_dir = write_run(Path(run.eval_dir), run.setting, run.seed, correct, lang=LANG)
         _add_chance(eval_dir)
-        checks = _checks(30, ALIGNMENT[run.setting][run.seed], _tiers(RETENTION[run.setting]))
+        checks = _checks(30, ALIGNMENT[run.setting][run.seed], _tiers(run.setting))
         _write_json(eval_dir / "manipulation_checks.json", checks)
     base = write_eval_output(Path(group["base_eval"]), {s: np.zeros((1, len(tier_of)), bool) for s in STEMS.values()},
                              [100], None)  # fmt: skip
     _add_chance(base)
-    _write_json(base / "manipulation_checks.json", _checks(100, ALIGNMENT["base"][0], _tiers(RETENTION["base"])))
+    _write_json(base / "manipulation_checks.json", _checks(100, ALIGNMENT["base"][0], _tiers("base")))
     run_transfer.main([*steps["transfer"].command[2:], "--n_bootstrap", "1000"])
     run_density.main(steps["density"].command[2:])
     return out
@@ -258,12 +260,34 @@ def test_manipulation_checks_at_chance_are_said_plainly_with_what_they_mean_for_
     (en_only,) = [s for s in sentences if f"({STEMS['en']}, en_only facts)" in s]
     assert en_only.startswith("**English retention") and "CPT bridges (final) 0.250" in en_only
     assert "CPT erased these English facts" in en_only and "CPT no bridges" not in en_only
-    # target learning: absent facts at chance after CPT in every setting
+    # target learning: CPT with bridges taught the absent facts, the other settings left them at chance
     (target,) = [s for s in sentences if s.startswith("**Target learning")]
-    assert f"CPT did not teach the facts only the {LANG} corpus states" in target
-    assert all(setting in target for setting in ("CPT bridges", "CPT no bridges", "CPT mismatched bridges"))
+    assert "CPT no bridges (final) 0.250" in target and "CPT mismatched bridges (final) 0.250" in target
+    assert f"did not teach these runs the facts only the {LANG} corpus states, and taught them to CPT bridges " \
+           "(final) 1.000" in target  # fmt: skip
+    assert target.endswith(f"compares a model that learned {LANG} facts with one that did not.")
     for sentence in sentences:
         assert sentence in report
+
+
+def _nothing_learned(plan) -> None:
+    """The runs with bridges left at chance on the absent facts too."""
+    for run in (r for r in plan.runs if r.setting == "bridges"):
+        path = Path(run.eval_dir) / "manipulation_checks.json"
+        checks = json.loads(path.read_text())
+        checks["checkpoints"][-1]["tier_accuracy"][STEMS[LANG]]["absent"] = 0.25
+        path.write_text(json.dumps(checks))
+
+
+def test_target_learning_at_chance_in_every_setting_says_the_gap_compares_models_that_know_none(study, tmp_path):
+    _, record, _ = _report(study, tmp_path, _nothing_learned)
+    sentences = record["sections"]["manipulation_checks"][KEY]["sentences"]
+    (target,) = [s for s in sentences if s.startswith("**Target learning")]
+    assert all(setting in target for setting in ("CPT bridges", "CPT no bridges", "CPT mismatched bridges"))
+    assert target.endswith(
+        f"CPT did not teach the facts only the {LANG} corpus states: at this scale the model did not learn {LANG} "
+        "facts, so the gap on them (the skill measure) compares models that know none of them."
+    )
 
 
 def test_density_shows_the_gap_against_log_occurrences_per_analysed_question_file(study, tmp_path):
