@@ -693,15 +693,13 @@ def _report_transfer(doc: ReportDoc, record: dict, plan: Plan, truth: dict | Non
         _report_tie_rules(doc, entries, lang, result.get("tie_policy", "first"))
         group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
         directions = [(language["lang"], d) for language in result["languages"] for d in language["directions"]]
-        tiers, source = (
-            {(lang_, d["direction"]): d["tiers"] for lang_, d in directions if d.get("tiers")},
-            "transfer.json",
-        )
+        # The gap per tier: transfer.json's (its analysis was given the item tiers), else computed here from truth.json
+        tiers = {(language, d["direction"]): d["tiers"] for language, d in directions if d.get("tiers")}
+        source, rule = "transfer.json", result.get("tie_policy", "first")
         runs = [r for r in plan.runs if r.lang == lang and r.variant == variant]
         if not tiers and truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
-            tiers, source = _computed_tiers(runs, group, truth), "report (per-tier analysis)"
+            tiers, source, rule = _computed_tiers(runs, group, truth), "report (per-tier analysis)", "first"
         if tiers:
-            rule = result.get("tie_policy", "first") if source == "transfer.json" else "first"
             group_record.update(_report_knowledge(doc, directions, tiers, source, rule))
         if any(d.get("mismatched_minus_none") for _, d in directions):
             group_record["mismatched"] = _report_mismatched(doc, directions)
