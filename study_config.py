@@ -298,10 +298,13 @@ def _assign(config: dict, key: str, value) -> None:
 
 
 def study_file(preset: str) -> Path:
-    """--preset: the name of a study of configs/studies/ (NAME.yaml or NAME.json) or the path of any study file; the
-    file's path, relative to the repository root inside it (steps run there), else absolute."""
+    """--preset: the name of a study of configs/studies/ (NAME.yaml or NAME.json) or the path of any study file (a
+    relative one from where the user is, else from the repository root, where this returns it); the file's path,
+    relative to the repository root inside it (steps run there), else absolute."""
     if preset.endswith((".yaml", ".yml", ".json")) or os.sep in preset:
         path = Path(preset).resolve()
+        if not path.is_file() and not Path(preset).is_absolute():
+            path = (REPO_DIR / preset).resolve()
         if not path.is_file():
             raise InputError(f"--preset {preset}: no such study file.")
         return path.relative_to(REPO_DIR) if path.is_relative_to(REPO_DIR) else path

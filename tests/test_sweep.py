@@ -272,11 +272,65 @@ PLANNED_IN_CODE = {"cpu": "9ace942dd4000593", "micro": "b90c8d0cf8664bf1", "gpu-
                    "paper": "5a9d623ee04d4d75"}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(PLANNED_IN_CODE))
-def test_every_study_file_plans_exactly_the_steps_its_preset_planned_in_code(name):
+#: Digests of the steps of the pre-registered studies (docs/dose-response-preregistration.md), as registered: a change
+#: of such a plan is a change of the design, recorded in its pre-registration's "Changes after the start" first.
+PREREGISTERED = {"dose-response": "c2140a4cd5321c60"}
+
+
+def _plan_digest(name: str) -> str:
     plan = build_plan(StudyArguments(preset=name), PRESETS[name], Path("study_runs") / name)
     rows = [[s.id, s.command, s.outputs, s.deps] for s in plan.steps]
-    assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == PLANNED_IN_CODE[name]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", list(PLANNED_IN_CODE))
+def test_every_study_file_plans_exactly_the_steps_its_preset_planned_in_code(name):
+    assert _plan_digest(name) == PLANNED_IN_CODE[name]
+
+
+@pytest.mark.parametrize("name", list(PREREGISTERED))
+def test_a_preregistered_study_plans_exactly_the_steps_it_was_registered_with(name):
+    assert _plan_digest(name) == PREREGISTERED[name]
+
+
+def test_the_dose_response_study_is_the_cpu_study_with_only_the_preregistered_changes(tmp_path):
+    cpu, dose = PRESETS["cpu"], PRESETS["dose-response"]
+    for section in ("pretrain", "build", "cpt", "eval", "transfer", "density"):
+        assert getattr(dose, section) == getattr(cpu, section), f"{section}: the cpu study's model and budgets"
+    world = dose.world
+    changed = {key for key in cpu.world.keys() | world.keys() if cpu.world.get(key) != world.get(key)}
+    assert changed == {"relations", "absent_places", "en_only_places", "mono_filler_documents", "pairs"}
+    # 16 high/low places and 8 absent and 8 en_only ones, 8 relations each: 256 facts, 64 per tier
+    assert world["relations"] * (world["places"] + world["absent_places"] + world["en_only_places"]) == 256
+    assert world["relations"] * world["absent_places"] == world["relations"] * world["en_only_places"] == 64
+    assert (dose.langs, dose.variants, dose.seeds) == (["mn"], ["native"], [0, 1, 2])
+    plan = build_plan(StudyArguments(preset="dose-response"), dose, tmp_path)
+    settings = ("--bridges", "--no_bridges", "--mismatched_bridges")
+    cpt = [[flag for flag in settings if flag in s.command] for s in plan.steps if s.kind == "cpt"]
+    assert sorted(cpt) == sorted([[flag] for flag in settings] * 3), "each setting once per seed"
+    (transfer,) = [s for s in plan.steps if s.kind == "transfer"]
+    at = transfer.command.index("--mismatched_bridges")
+    assert transfer.command[at + 1 : at + 4] == [r.eval_dir for r in plan.runs if r.setting == "mismatched_bridges"]
+    assert _flag(transfer, "--item_tiers").endswith("mn/native/item_tiers.json")
+
+
+def test_the_first_line_names_what_changed_the_values_of_the_study_file(tmp_path, capsys):
+    argv = ["--preset", "micro", "--dry_run", "--output_dir", str(tmp_path / "out")]
+    description = PRESETS["micro"].description
+    assert run_study.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"Study preset 'micro': {description}"
+    assert run_study.main([*argv, "--set", "cpt.max_steps=30", "--seeds", "0"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"Study 'micro' with --set cpt.max_steps=30, --seeds 0: {description}"
+    assert run_study.main([*argv, "--sweep", "cpt.max_steps=20,40"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"Study 'micro' with --sweep cpt.max_steps=20,40: {description}"
+
+
+def test_a_named_study_and_a_path_inside_the_repository_are_found_from_any_folder(tmp_path, monkeypatch, capsys):
+    for preset in ("micro", "configs/studies/micro.yaml"):
+        monkeypatch.chdir(tmp_path)  # (the study moves to the repository root)
+        assert run_study.main(["--preset", preset, "--dry_run", "--output_dir", str(tmp_path / "out")]) == 0
+        assert "Configuration: preset micro (configs/studies/micro.yaml)" in capsys.readouterr().out
 
 
 def _write(path: Path, record: dict) -> None:
@@ -335,7 +389,7 @@ def test_every_flag_a_plan_passes_is_a_flag_of_its_script(tmp_path):
         settings=["bridges", "no_bridges", "mismatched_bridges"],
         world={**PRESETS["micro"].world, "absent_places": 4, "en_only_places": 4},
     )
-    plans = [build_plan(StudyArguments(preset=name), PRESETS[name], tmp_path) for name in PLANNED_IN_CODE]
+    plans = [build_plan(StudyArguments(preset=name), PRESETS[name], tmp_path) for name in PRESETS]
     plans.append(build_plan(StudyArguments(preset="micro"), decomposed, tmp_path))
     for step in (s for plan in plans for s in plan.steps):
         known = script_flags(section.get(step.kind, step.kind))
