@@ -251,9 +251,9 @@ class StudyArguments:
         default=False,
         metadata={
             "help": "Run every step of the study's plan exactly as the full run would (same scripts, data sources, "
-            "columns, tokenizer, flags) with only the budgets cut (see SMOKE_BUDGETS: a tiny model, a few steps, "
-            "short windows): what to run first on a cluster to prove data access, columns, launch config and "
-            "outputs. Outputs go to study_runs/<preset>-smoke by default and never count as the full run's."
+            "columns, tokenizer, flags) with only the budgets cut (see study_config.SMOKE_BUDGETS: a tiny model, a "
+            "few steps, short windows): what to run first on a cluster to prove data access, columns, launch config "
+            "and outputs. Outputs go to study_runs/<preset>-smoke by default and never count as the full run's."
         },
     )
     force: bool = field(
@@ -1439,7 +1439,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_relative_to(REPO_DIR):
         out = out.relative_to(REPO_DIR)
     if args.report_only:  # the report of the study recorded there, and nothing else
-        return report_only(args, argv, out)
+        return report_only(args, argv, out, factors)
     # 3. The plan: a study, or the cells of a sweep as one plan.
     plan = build_sweep(args, out, factors) if factors else build_plan(args, preset, out)
     plan.config = configuration(args, argv, factors)
@@ -1486,11 +1486,11 @@ def main(argv: list[str] | None = None) -> int:
         os.close(lock)  # the kernel drops the lock with it
 
 
-def report_only(args: StudyArguments, argv: list[str] | None, out: Path) -> int:
+def report_only(args: StudyArguments, argv: list[str] | None, out: Path, factors: dict | None) -> int:
     """--report_only: the report of the study recorded in ``out/plan.json`` (plan.json and commands.sh stay as the
     study wrote them), after refusing the flags that contradict the record."""
     recorded = read_plan(out)
-    conflicts = _conflicts(args, given_flags(argv), recorded)
+    conflicts = _conflicts(args, given_flags(argv), recorded, factors)
     if conflicts:
         raise InputError(
             f"--report_only writes the report of the study recorded in {out}/plan.json and changes nothing of it, but "
@@ -1501,8 +1501,9 @@ def report_only(args: StudyArguments, argv: list[str] | None, out: Path) -> int:
     return 0
 
 
-def _conflicts(args: StudyArguments, given: set[str], recorded) -> list[str]:
-    """The flags given that contradict the plan recorded by the study (each: what it gives, what the study ran)."""
+def _conflicts(args: StudyArguments, given: set[str], recorded, factors: dict | None) -> list[str]:
+    """The flags given that contradict the plan recorded by the study (each: what it gives, what the study ran);
+    ``args`` as parse_arguments gives them, ``factors`` their --sweep's."""
     ran, values = recorded.config["arguments"], recorded.preset
     found = []
     for flag in (f for f in PLAN_FLAGS if f in given):
@@ -1516,9 +1517,9 @@ def _conflicts(args: StudyArguments, given: set[str], recorded) -> list[str]:
                     found.append(f"--set {text} (the study ran with {key}={json.dumps(then)})")
             continue
         if flag == "preset":
-            now, then = str(study_file(args.preset)), recorded.config["file"]
+            now, then = args.preset, recorded.config["file"]
         elif flag == "sweep":
-            now, then = sweep_factors(args.sweep, args.set or []), recorded.config["sweep"]
+            now, then = factors, recorded.config["sweep"]
         elif flag in CONFIG_FLAGS:
             now, then = getattr(args, flag), getattr(values, flag)
         else:

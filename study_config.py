@@ -21,11 +21,11 @@ naming the type the flag takes). Worked example, on the CI-sized study (configs/
     python run_study.py --preset micro --set cpt.max_steps=120
         # micro.yaml with run_cpt.py --max_steps 120 in every CPT command. VALUE is YAML (120, 1e-4, true, [0,1]);
         # --set cpt.max_stps=120 is refused: "unknown key 'cpt.max_stps': run_cpt.py has no flag --max_stps. Did
-        # you mean max_steps? ..."
+        # you mean max_steps, save_steps, eval_steps, warmup_steps? The keys of cpt are run_cpt.py's flags ..."
     python run_study.py --preset micro --sweep world.pair_mentions=2,3
-        # two cells, world.pair_mentions=2 and world.pair_mentions=3: each is micro.yaml with that value set (each
-        # value checked as --set checks it), planned in OUTPUT_DIR/<cell>/; --sweep is repeatable and its cells are
-        # the grid of all the values.
+        # two cells, world.pair_mentions=2 and world.pair_mentions=3 (their folders in OUTPUT_DIR): each is
+        # micro.yaml with that value set, each value checked as --set checks it. --sweep is repeatable: the cells
+        # are the grid of all the values. run_study.py plans them as one plan, a step the cells agree on once.
 
 ``--smoke`` keeps a study's plan and cuts its budgets only (smoke_preset).
 
