@@ -366,7 +366,7 @@ def write_reports(plan: Plan) -> dict:
 
 
 def _values(preset) -> dict:
-    """Every value of a configuration (a run_study.Preset, or its record read back from plan.json)."""
+    """Every value of a configuration (a study_config.Preset, or its record read back from plan.json)."""
     return dataclasses.asdict(preset) if dataclasses.is_dataclass(preset) else dict(vars(preset))
 
 
