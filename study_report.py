@@ -1863,9 +1863,13 @@ def write_sweep_report(plan: Plan) -> dict:
     doc.p(
         "Per cell and run group: the share of parallel pairs co-located in one window per setting (must be 100% with "
         "bridges, 0% otherwise), whether every packing audit holds its guarantees, and, where probing measured it "
-        "(`manipulation_checks.json`), name-alignment accuracy at the final checkpoint (chance 0.25)."
+        "(`manipulation_checks.json`), the manipulation checks at the final checkpoint, mean over seeds: name "
+        "alignment (chance 0.25), embedding match (chance 1/entities), English retention, target learning (chance "
+        "0.25; each cell's report has their intervals)."
     )
-    doc.table(["cell", "group", "setting", "runs", "co-located %", "audits hold", "name alignment (final)"], checks)
+    doc.table(
+        ["cell", "group", "setting", "runs", "co-located %", "audits hold", "manipulation checks (final)"], checks
+    )
     md, page, data = out / "sweep_report.md", out / "sweep_report.html", out / "sweep_report.json"
     write_text_atomic(md, doc.markdown())
     write_text_atomic(page, doc.html(f"Sweep report ({plan.preset.name})"))
@@ -1906,24 +1910,24 @@ def _cell_gaps(cell: Plan) -> list[dict]:
 
 def _cell_checks(cell: Plan) -> list[dict]:
     """Per run group and setting of a cell: co-location and audit guarantees (packing_audit.json) and the final
-    name-alignment accuracy per direction (manipulation_checks.json, where probing wrote it)."""
+    manipulation checks at the final checkpoint, mean over its runs (manipulation_checks.json, where probing wrote
+    it; ``_final_checks``)."""
     found = []
     for key, group in cell.groups.items():
         for setting in group["settings"]:
             runs = [r for r in cell.runs if f"{r.lang}/{r.variant}" == key and r.setting == setting]
             audits = [a for a in (_read_json(Path(r.dir) / "packing_audit.json") for r in runs) if a]
             shares = [a["pairs"]["co_located_percent"] for a in audits]
-            alignment: dict[str, list[float]] = {}
+            checks: dict[tuple[str, str], list[float]] = {}
             for r in runs:
-                final = ((_read_json(Path(r.eval_dir) / "manipulation_checks.json") or {}).get("checkpoints") or [{}])[
-                    -1
-                ]
-                for direction, entry in (final.get("name_alignment") or {}).items():
-                    alignment.setdefault(direction, []).append(entry["accuracy"])
+                final = _final_checks(r.eval_dir, r.lang)
+                for (check, what), (accuracy, _, _) in (final[1] if final else {}).items():
+                    checks.setdefault((check, what), []).append(accuracy)
             found.append({"group": key, "setting": setting, "runs": f"{len(audits)}/{len(runs)} audited",
                           "co_located_percent": _f(float(np.mean(shares)), ".1f") if shares else "-",
                           "audits_hold": all(a.get("guarantees_hold") is True for a in audits) if audits else "-",
-                          "name_alignment": "; ".join(f"{d} {np.mean(v):.3f}" for d, v in alignment.items()) or "-"})  # fmt: skip
+                          "manipulation_checks": "; ".join(f"{check} {what} {np.mean(v):.3f}"
+                                                          for (check, what), v in checks.items()) or "-"})  # fmt: skip
     return found
 
 

@@ -362,8 +362,15 @@ def test_the_sweep_report_shows_each_cells_gaps_knowledge_contrast_and_manipulat
                 "guarantees_hold": True,
             }
             _write(Path(run.dir) / "packing_audit.json", audit)
-            checks = {"name_alignment": {"en->mn": {"accuracy": 0.5 + 0.25 * run.seed, "n": 8, "chance": 0.25}}}
-            _write(Path(run.eval_dir) / "manipulation_checks.json", {"checkpoints": [{"step": 1}, checks]})
+            checks = {
+                "step": 2,
+                "name_alignment": {"en->mn": {"accuracy": 0.5 + 0.25 * run.seed, "n": 8, "chance": 0.25}},
+                "tier_accuracy": {"mn-culture-cloze_mn": {"absent": 0.25 * run.seed}},
+            }
+            _write(
+                Path(run.eval_dir) / "manipulation_checks.json",
+                {"checkpoints": [{"step": 1}, checks], "item_tiers": {"items_per_tier": {"absent": 4}}},
+            )
     written = study_report.write_sweep_report(plan)  # (the cells' own reports need real transfer.json)
     assert written["md"] == tmp_path / "sweep" / "sweep_report.md" and len(written["unfinished"]) == len(plan.steps)
     report = written["md"].read_text()
@@ -378,7 +385,9 @@ def test_the_sweep_report_shows_each_cells_gaps_knowledge_contrast_and_manipulat
     checks = {(name, c["setting"]): c for name, cell in record["cells"].items() for c in cell["checks"]}
     assert checks[("cpt.max_steps=20", "bridges")]["co_located_percent"] == "100.0"
     assert checks[("cpt.max_steps=20", "no_bridges")]["co_located_percent"] == "0.0"
-    assert checks[("cpt.max_steps=20", "bridges")]["name_alignment"] == "en->mn 0.625"  # seeds 0 and 1: 0.5, 0.75
+    assert checks[("cpt.max_steps=20", "bridges")]["manipulation_checks"] == (
+        "name alignment en->mn 0.625; target learning mn-culture-cloze_mn, absent facts 0.125"
+    )  # the final checkpoint's, mean of seeds 0 and 1
     assert (tmp_path / "sweep" / "figures" / "dose_response.png").read_bytes()[:4] == b"\x89PNG"
 
 
