@@ -406,3 +406,51 @@ def test_the_report_of_a_half_finished_study_names_the_steps_that_did_not_finish
         in report
     )
     assert "- `pretrain`: no record of an earlier run" in report and "- `world`" not in report
+
+
+@pytest.mark.slow
+def test_a_decomposed_micro_study_reports_knowledge_skill_mismatched_bridges_and_manipulation_checks(tmp_path):
+    """The five parts of the decomposition end to end on the micro study: tiers absent and en_only, the
+    mismatched-bridges setting, the knowledge/skill split, bridges - mismatched and the manipulation checks."""
+    out = tmp_path / "micro-decomposed"
+    decomposed = ["--set", "world.absent_places=4", "world.en_only_places=4",
+                  "settings=[bridges,no_bridges,mismatched_bridges]", "variants=[native]"]  # fmt: skip
+    run_script(
+        [sys.executable, "run_study.py", "--preset", "micro", *decomposed, "--output_dir", str(out)], timeout=900
+    )
+    report_md = (out / "report.md").read_text(encoding="utf-8")
+    sections = json.loads((out / "report.json").read_text(encoding="utf-8"))["sections"]
+    # three settings per seed, trained on the same documents; the control's partners are all wrong
+    for seed in (0, 1):
+        audits = {
+            setting: json.loads((out / "cpt" / f"mn-native-{setting}-s{seed}" / "packing_audit.json").read_text())
+            for setting in ("bridges", "no_bridges", "mismatched_bridges")
+        }
+        assert len({a["hashes"]["documents_seen_sha256"] for a in audits.values()}) == 1
+        assert len({a["hashes"]["tokens_multiset_sha256"] for a in audits.values()}) == 1
+        assert [a["pairs"]["co_located_percent"] for a in audits.values()] == [100.0, 0.0, 0.0]
+        mismatched = audits["mismatched_bridges"]["mismatched_pairs"]
+        assert mismatched["co_located_percent"] == 100.0 and mismatched["with_own_partner"] == 0
+    # the transfer analysis: every tier, the knowledge contrast of each direction, bridges - mismatched
+    transfer = json.loads((out / "transfer" / "mn-native" / "transfer.json").read_text(encoding="utf-8"))
+    directions = {d["direction"]: d for lang in transfer["languages"] for d in lang["directions"]}
+    assert set(directions) == {"en->mn", "mn->en"}
+    assert directions["en->mn"]["knowledge_transfer"]["never_tier"] == "absent"
+    assert directions["mn->en"]["knowledge_transfer"]["never_tier"] == "en_only"
+    for d in directions.values():
+        assert set(d["tiers"]) == {"high", "low", "absent", "en_only"}
+        assert {"bridges_minus_mismatched", "mismatched_minus_none"} <= set(d)
+        k = d["knowledge_transfer"]
+        assert k["mean_did"] == pytest.approx(d["tiers"]["high"]["mean_gap"] - d["tiers"][k["never_tier"]]["mean_gap"])
+    # the manipulation checks: before (base model) and at every checkpoint of every run
+    for eval_dir in [out / "base_eval" / "mn-native", *(out / "cpt").glob("mn-native-*/eval")]:
+        checks = json.loads((eval_dir / "manipulation_checks.json").read_text(encoding="utf-8"))["checkpoints"]
+        steps = [c["step"] for c in json.loads((eval_dir / "accuracy.json").read_text())["checkpoints"]]
+        assert [c["step"] for c in checks] == steps
+        for entry in checks:
+            assert set(entry["name_alignment"]) == set(entry["embedding_match"]) == {"en->mn", "mn->en"}
+            assert set(entry["tier_accuracy"]["mn-culture-cloze_mn"]) == {"high", "low", "absent", "en_only"}
+    # the report shows each part
+    for heading in ("Knowledge or skill?", "#### Mismatched bridges", "## Manipulation checks"):
+        assert heading in report_md, heading
+    assert set(sections["manipulation_checks"]) == {"mn/native"}
