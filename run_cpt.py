@@ -110,6 +110,7 @@ logger = logging.getLogger("run_cpt")
 # project as it is, with these imports:
 #   from __future__ import annotations
 #   import bisect, heapq, itertools, math, random
+#   from collections import Counter
 #   from collections.abc import Callable, Iterable, Iterator, Sequence
 #   from dataclasses import dataclass
 #   from typing import NamedTuple
@@ -118,11 +119,6 @@ logger = logging.getLogger("run_cpt")
 # ======================================================================================
 
 # ---- Planning: which documents share each window (pure Python) --------------------------
-
-
-#: The CPT settings, as ``cpt_setting["setting"]`` records them. Each lays a parallel pair out its own way
-#: (``SettingDocuments``); the other documents are the same in all three.
-SETTINGS = ("bridges", "no_bridges", "mismatched_bridges")
 
 
 class PackingUnit(NamedTuple):
@@ -140,6 +136,11 @@ class PackingUnit(NamedTuple):
     segment_lengths: tuple[int, ...]
     is_pair: bool
     group: object = None
+
+
+#: The CPT settings, as ``cpt_setting["setting"]`` records them. Each lays a parallel pair out its own way
+#: (``SettingDocuments``); the other documents are the same in all three.
+SETTINGS = ("bridges", "no_bridges", "mismatched_bridges")
 
 
 def unit_documents(unit: PackingUnit, bridges: bool) -> list[tuple[int, tuple, tuple]]:
