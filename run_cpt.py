@@ -728,7 +728,7 @@ class CPTArguments:
     max_open_windows: int = field(default=64, metadata={"help": "Packer lookahead: windows kept open at once."})
     dump_packing: str | None = field(
         default=None,
-        metadata={"help": "Write every planned window as JSON lines to this file (see README)."},
+        metadata={"help": "Write every planned window as JSON lines to this file (see docs/cpt.md)."},
     )
     attn_implementation: str = field(
         default="sdpa",
@@ -1239,7 +1239,7 @@ def write_dump(
     collator: BridgePackingCollator,
     segment_names,
 ) -> None:
-    """Every planned window, padded as the model sees it, with a per-token segment id (see README)."""
+    """Every planned window, padded as the model sees it, with a per-token segment id (see docs/cpt.md)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
     with temporary.open("w", encoding="utf-8") as handle:

@@ -236,7 +236,7 @@ class DensityArguments:
         default=None,
         metadata={
             "help": "Judge with this causal LM (path or Hub name) instead of the lexical judge: yes/no "
-            "log-probabilities after the prompt given in the README. The lexical verdicts are still recorded."
+            "log-probabilities after the prompt given in docs/density.md. The lexical verdicts are still recorded."
         },
     )
     judge_batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass of --judge_model."})
@@ -1178,7 +1178,7 @@ def document_excerpt(text: str, question: Question, max_chars: int) -> str:
 class LanguageModelJudge:
     """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > margin.
 
-    Prompts follow JUDGE_PROMPT (also in the README). Each prompt is scored twice in one batch
+    Prompts follow JUDGE_PROMPT (also in docs/density.md). Each prompt is scored twice in one batch
     (followed by " Yes" and by " No"; continuations may span several tokens: their log-probs are
     summed). Sequences start with the model's document-start token (study_common), are padded
     with an attention mask, and the forward pass uses use_cache=False.

@@ -119,7 +119,7 @@ PAPER_QUESTIONS_FETCH = (
 )
 
 #: Training throughput per GPU behind the GPU-hours estimate of --dry_run, unless --tokens_per_second_per_gpu
-#: gives another (README, "Paper scale" of step 1).
+#: gives another (docs/benchmarks.md and docs/paper-scale.md).
 MEASURED_TOKENS_PER_SECOND_PER_GPU = 47_800
 MEASURED_THROUGHPUT_SOURCE = (
     "bench/gpu_fsdp_check.sh on one NVIDIA H200 (Qwen2.5-0.5B shapes, 2048-token windows, bf16, FSDP, sdpa with "

@@ -15,10 +15,10 @@ too long). Each --rss_runs entry DOCUMENTS[:SHARD_SIZE] then runs run_density.py
 (index, search, judge) on a generated corpus of that many documents, with that --shard_size, in
 a child process and reports its peak RSS.
 
-The defaults are the rows of the two tables in README.md (section "Frequency hypothesis"), and
-the summary prints them in the README's columns:
+The defaults are the rows of the two tables in docs/benchmarks.md (section "Density retrieval"), and
+the summary prints them in those tables' columns:
 
-    python bench/bench_density.py                                  # the README tables
+    python bench/bench_density.py                                  # the tables of docs/benchmarks.md
     python bench/bench_density.py --sizes 3000 --large_sizes --rss_runs       # quick look
 """
 
@@ -208,7 +208,7 @@ def print_row(row: dict) -> None:
 
 
 def print_summary(rows: list[dict], rss: list[dict], args) -> None:
-    """The README's two tables, in its columns (seconds; each ratio from one run)."""
+    """The two tables of docs/benchmarks.md, in their columns (seconds; each ratio from one run)."""
     q = args.queries
     print(f"\nIndex + {q} queries (top-{args.top_k}); documents of ~{args.mean_words} words")
     print(f"| documents (~{args.mean_words} words) | rank_bm25: index + {q} queries | bm25s: index + {q} queries "

@@ -16,7 +16,7 @@ medians are compared (the best runs too). ``--threads`` (default 1) fixes torch'
 on a machine shared with other jobs one thread per run gives far steadier timings than two.
 Goal: run_pretrain / baseline >= 0.95.
 
-    python bench/bench_pretrain_train.py                        # the README's row; ~12 minutes on 2 cores
+    python bench/bench_pretrain_train.py                        # the row of docs/benchmarks.md; ~12 minutes on 2 cores
     python bench/bench_pretrain_train.py --steps 15 --rounds 2  # quick
 """
 

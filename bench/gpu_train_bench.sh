@@ -107,7 +107,7 @@ if [[ "$TINY" == "1" ]]; then
   add sdpa-b2-flattened plain sdpa 2 "--batch_layout flattened"
   add flex-b2 plain flex_attention 2           # refused on CPU: the failure is reported, the sweep goes on
 else
-  add sdpa-b4-fsdp fsdp sdpa 4                 # the README's measured row (FSDP, one process)
+  add sdpa-b4-fsdp fsdp sdpa 4                 # the measured row of docs/benchmarks.md (FSDP, one process)
   add sdpa-b4 plain sdpa 4
   add sdpa-b8 plain sdpa 8
   [[ $HAVE_FLASH == 1 ]] && add fa2-b8 plain flash_attention_2 8

@@ -727,8 +727,8 @@ def test_judge_prompt_is_the_documented_template():
         "Document: Chuseok is in autumn.\n\nQuestion: Chuseok falls in ____.\nProposed answer: autumn\n"
         'Does the document state that "Chuseok falls in autumn."? Answer:'
     )
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    assert 'Does the document state that "{statement}"? Answer:' in readme
+    documented = (REPO_ROOT / "docs" / "density.md").read_text(encoding="utf-8")
+    assert 'Does the document state that "{statement}"? Answer:' in documented
 
 
 def test_document_excerpt_is_centred_on_the_answer():
@@ -859,7 +859,7 @@ def _contains(units: list[str], needle: tuple[str, ...]) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# The README's judge figures come from bench/density_judge_recall.py
+# The judge figures of docs/density.md come from bench/density_judge_recall.py
 # --------------------------------------------------------------------------------------
 
 
