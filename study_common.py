@@ -1,23 +1,7 @@
-"""Small pieces of logic that several scripts of the study share.
-
-Each script (run_pretrain.py, build_pairs.py, run_cpt.py, run_eval.py, run_density.py,
-run_study.py) is meant to be read top to bottom on its own; what they must agree on lives
-here, once:
-
-* which Unicode script each language is written in, and the Latin-only filter of step 1;
-* how a document becomes token ids (the document-start token, shared by training and probing);
-* reading plain-text / JSON / JSONL / CSV / TSV documents with errors that name the file and line (text
-  that is not UTF-8 too: ``named_utf8_errors``);
-* writing outputs atomically, so that a crash never leaves a file that looks complete;
-* model and dataset cards that record the setting a run used (``write_card``);
-* the default locations where each step writes and the next one reads (``runs/...``);
-* the layout of a parallel pair in a context window (``pair_first_side``, ``pair_segments``);
-* the conventions every script follows: one log format (``setup_logging``) and one way a bad input
-  ends a run (``InputError`` -> ``script.py: error: ...``, exit status 2: ``exit_on_input_error``).
-
-What only the two training scripts share (batch layouts, the isolation check, resume, the Trainer's
-model card) is in train_common.py. This module needs no torch.
-"""
+"""What the scripts of the study must agree on, once (docs/training.md): the scripts of each language and
+the Latin filter of step 1, the document-start token, reading document files with errors that name the file and
+line, atomic writes and cards, the default locations, the layout of a parallel pair, logging and ``InputError``.
+What only the two training scripts share is in train_common.py. This module needs no torch."""
 
 from __future__ import annotations
 
@@ -34,19 +18,8 @@ from pathlib import Path
 
 import regex
 
-# --------------------------------------------------------------------------------------
-# Languages and scripts
-# --------------------------------------------------------------------------------------
-
-#: The Unicode script (as named by the Script / Script_Extensions property) of each language
-#: of the study. Any other language is accepted where a script is given explicitly.
-LANGUAGE_SCRIPTS = {
-    "en": "Latin",
-    "ko": "Hangul",
-    "zh": "Han",
-    "bo": "Tibetan",
-    "mn": "Mongolian",
-}
+LANGUAGE_SCRIPTS = {"en": "Latin", "ko": "Hangul", "zh": "Han", "bo": "Tibetan", "mn": "Mongolian"}
+"""The Unicode script (Script / Script_Extensions name) of each language of the study."""
 
 
 def script_for_language(lang: str, script: str | None = None) -> str:
@@ -55,39 +28,24 @@ def script_for_language(lang: str, script: str | None = None) -> str:
         try:
             regex.compile(rf"\p{{scx={script}}}")
         except regex.error as err:
-            raise ValueError(f"Unknown Unicode script {script!r} ({err}); use a name such as Cyrillic.") from err
+            raise InputError(f"Unknown Unicode script {script!r} ({err}); use a name such as Cyrillic.") from err
         return script
     if lang not in LANGUAGE_SCRIPTS:
         known = ", ".join(sorted(LANGUAGE_SCRIPTS))
-        raise ValueError(f"No script is known for language {lang!r} (known: {known}); pass --script NAME.")
+        raise InputError(f"No script is known for language {lang!r} (known: {known}); pass --script NAME.")
     return LANGUAGE_SCRIPTS[lang]
 
 
-# The Latin filter keeps a character when its Script_Extensions property contains Latin
-# (letters, accented letters, Latin ligatures) or is exactly Common (ASCII digits and
-# punctuation, spaces, general symbols). Script_Extensions rather than Script matters for
-# punctuation owned by one script family: U+3002 IDEOGRAPHIC FULL STOP and U+1802 MONGOLIAN
-# COMMA have Script=Common but Script_Extensions={Han, Hangul, ...} / {Mongolian, Phags-pa},
-# so they are removed. Combining marks (Script=Inherited) are kept only when attached to a
-# kept Latin letter (e + U+0301 stays, Hangul or Devanagari + mark goes). Digits of other
-# scripts (Tibetan ༣, Mongolian ᠓) carry their script and are removed.
-_LATIN_OR_COMMON = regex.compile(r"[\p{scx=Latin}\p{scx=Zyyy}]")
-_COMBINING_MARK = regex.compile(r"\p{M}")
+# The Latin filter keeps a character when its Script_Extensions contains Latin or is exactly Common (ASCII
+# digits, punctuation, spaces): U+3002 IDEOGRAPHIC FULL STOP and U+1802 MONGOLIAN COMMA are Script=Common but
+# Script_Extensions={Han, ...} / {Mongolian, ...}, so they go. A combining mark is kept iff the last non-mark
+# character before it is a kept letter (e + U+0301 stays, Hangul + mark goes). As one substitution (about 30x
+# faster than the loop; tests/test_run_pretrain.py checks it against the loop on every code point): remove
+# (a) every non-mark outside Latin/Common with the marks that follow it and (b) every run of marks whose
+# preceding character is not a letter. Most English texts are returned after one search.
 _LETTER = regex.compile(r"\p{L}")
-
-
-# The rule, character by character: a combining mark is kept iff the last non-mark character
-# before it is a kept letter; any other character is kept iff it is Latin or Common. As one
-# substitution (about 30x faster than a loop in Python, the same result on every code point;
-# tests/test_pretrain.py checks it against the loop): remove (a) every non-mark outside
-# Latin/Common together with the marks that follow it, and (b) every run of marks whose
-# preceding character is not a letter (a kept digit, symbol or space, or the start of the
-# text). The scan never starts inside a run of marks that follows a kept letter, because
-# the look-behind then sees that letter or a mark. Texts with nothing outside Latin/Common
-# and no mark (most English documents) are returned after one search.
 _REMOVED_BY_LATIN_FILTER = regex.compile(r"[^\p{scx=Latin}\p{scx=Zyyy}\p{M}]\p{M}*|(?<![\p{L}\p{M}])\p{M}+")
 _NOT_LATIN_OR_COMMON_OR_MARK = regex.compile(r"[^\p{scx=Latin}\p{scx=Zyyy}]|\p{M}")
-# A letter or decimal digit outside Latin/Common (same Unicode version as the filter above).
 _NON_LATIN_LETTER_OR_DIGIT = regex.compile(r"(?V1)[[\p{L}\p{Nd}]--[\p{scx=Latin}\p{scx=Zyyy}]]")
 
 
@@ -113,21 +71,12 @@ def script_letter_fraction(text: str, script: str) -> float:
     return sum(1 for c in letters if in_script.match(c)) / len(letters)
 
 
-# --------------------------------------------------------------------------------------
-# Documents as token ids
-# --------------------------------------------------------------------------------------
-
-
 def document_start_id(tokenizer) -> int:
-    """The token that opens every document, in training and in probing alike.
-
-    Every training document is ``[start] + tokens`` and every probe sentence is scored after
-    the same ``[start]`` token, exactly as the paper's evaluation prepends the tokenizer's
-    end-of-text id. Between two packed documents the start token is also the EOS separator.
-    """
+    """The token that opens every training document and every probe sentence (the paper's evaluation prepends
+    the end-of-text id); between two packed documents it is also the separator."""
     token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if token_id is None:
-        raise ValueError(
+        raise InputError(
             f"Tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has neither an EOS nor a BOS token; "
             "the study opens every document with one. Set one, e.g. tokenizer.eos_token = '<|endoftext|>'."
         )
@@ -139,16 +88,11 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-# --------------------------------------------------------------------------------------
-# Reading documents
-# --------------------------------------------------------------------------------------
+# Reading documents: errors name the file and the line (or item) and say what to do
 
 
 def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
-    """Yield ``(where, record)`` for each record of a .jsonl file or a .json list (or ``{"data": [...]}``).
-
-    ``where`` names the file and the line (.jsonl) or item (.json), for error messages.
-    """
+    """``(where, record)`` for each record of a .jsonl file or a .json list (or ``{"data": [...]}``)."""
     path = Path(path)
     with named_utf8_errors(path):
         if path.suffix.lower() == ".jsonl":
@@ -159,7 +103,7 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise ValueError(
+                        raise InputError(
                             f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line."
                         ) from err
                     yield f"{path}:{line_number}", record
@@ -168,11 +112,11 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
     if isinstance(records, dict) and isinstance(records.get("data"), list):
         records = records["data"]
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}}).")
+        raise InputError(f"{path}: expected a JSON list of records (or {{'data': [...]}}).")
     for index, record in enumerate(records):
         yield f"{path} item {index}", record
 
@@ -185,10 +129,8 @@ def not_utf8(where: str, err: UnicodeDecodeError) -> InputError:
 
 @contextlib.contextmanager
 def named_utf8_errors(path: str | os.PathLike):
-    """Turn a UnicodeDecodeError while reading ``path`` as text into ``not_utf8`` at its first bad line.
-
-    The decoder works on chunks, so its error knows no line; the line is found again by decoding the file
-    line by line (a newline byte never occurs inside a UTF-8 sequence, so a line decodes alone or not)."""
+    """Turn a UnicodeDecodeError while reading ``path`` into ``not_utf8`` at its first bad line (found by
+    decoding line by line: a newline byte never occurs inside a UTF-8 sequence)."""
     try:
         yield
     except UnicodeDecodeError as err:
@@ -201,7 +143,6 @@ def named_utf8_errors(path: str | os.PathLike):
         raise not_utf8(str(path), err) from err
 
 
-#: File types read as documents, and how (the error for any other suffix lists them).
 DOCUMENT_FILE_TYPES = {
     ".txt": "one document per non-empty line",
     ".json": "a list of records",
@@ -212,11 +153,11 @@ DOCUMENT_FILE_TYPES = {
 
 
 def check_document_suffix(path: str | os.PathLike) -> str:
-    """The lower-cased suffix of ``path``; a ValueError listing the accepted ones when it is not one of them."""
+    """The lower-cased suffix of ``path``; an InputError listing the accepted ones when it is not one of them."""
     suffix = Path(path).suffix.lower()
     if suffix not in DOCUMENT_FILE_TYPES:
         accepted = "; ".join(f"{s} ({how})" for s, how in DOCUMENT_FILE_TYPES.items())
-        raise ValueError(
+        raise InputError(
             f"{path}: unknown file type {suffix or '(no suffix)'!r}; accepted: {accepted}. Rename or convert the file."
         )
     return suffix
@@ -225,27 +166,22 @@ def check_document_suffix(path: str | os.PathLike) -> str:
 def read_documents(
     path: str | os.PathLike, text_column: str = "text", *, column_flag: str | None = "--text_column"
 ) -> Iterator[str]:
-    """Yield the documents of a .txt (one per non-empty line), .json (list), .jsonl, .csv or .tsv file.
-
-    ``text_column`` names the column of .json/.jsonl records and of the .csv/.tsv header row;
-    ``column_flag`` is the caller's command-line flag for it, named when the column is missing (None: the
-    caller has no such flag and the message asks for the column by its fixed name).
-    Any other suffix is refused (a guess would read a header or a second column as text).
-    Errors name the file and the line (or item) and say what to do.
-    """
+    """The documents of a ``DOCUMENT_FILE_TYPES`` file. ``text_column`` names the column of records and of the
+    header row; ``column_flag`` is the caller's flag for it, named when it is missing (None: ask for the column
+    by name). Any other suffix is refused (a guess would read a header or a second column as text)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file. Check the path given on the command line.")
+        raise InputError(f"{path}: no such file. Check the path given on the command line.")
     suffix = check_document_suffix(path)
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
+        raise InputError(f"{path}: the file is empty. Give a file with at least one document.")
     if suffix in (".json", ".jsonl"):
         for where, record in read_json_records(path):
             yield text_of(record, text_column, where, column_flag)
     elif suffix in (".csv", ".tsv"):
         for _, (text,) in read_delimited(path, [(text_column, column_flag)]):
             yield text
-    else:  # plain text: one document per non-empty line
+    else:
         with named_utf8_errors(path), path.open(encoding="utf-8-sig") as handle:
             for line in handle:
                 if line.strip():
@@ -257,9 +193,8 @@ def _column_hint(column: str, column_flag: str | None) -> str:
 
 
 def read_delimited(path: str | os.PathLike, columns: list[tuple[str, str | None]]) -> Iterator[tuple[str, list[str]]]:
-    """``("FILE:LINE", [values of columns])`` for every row of a .csv/.tsv file with a header row (blank rows
-    skipped). ``columns``: (column, the caller's flag for it or None). A byte-order mark before the header
-    is not part of the first column's name."""
+    """``("FILE:LINE", [values of columns])`` for every non-blank row of a .csv/.tsv file with a header row.
+    ``columns``: (column, the caller's flag for it or None)."""
     path = Path(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with named_utf8_errors(path), path.open(encoding="utf-8-sig", newline="") as handle:
@@ -268,10 +203,10 @@ def read_delimited(path: str | os.PathLike, columns: list[tuple[str, str | None]
         try:
             header = next(reader, None)
             if not header:
-                raise ValueError(f"{path}:1: no header row. The first line must name the columns.")
+                raise InputError(f"{path}:1: no header row. The first line must name the columns.")
             for column, flag in columns:
                 if column not in header:
-                    raise ValueError(
+                    raise InputError(
                         f"{path}:1: no column {column!r} in the header (found: {', '.join(header)}). "
                         + _column_hint(column, flag)
                     )
@@ -280,14 +215,14 @@ def read_delimited(path: str | os.PathLike, columns: list[tuple[str, str | None]
                 if not row or not any(field.strip() for field in row):
                     continue
                 if len(row) != len(header):
-                    raise ValueError(
+                    raise InputError(
                         f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}. "
                         "Quote fields that contain the delimiter."
                     )
                 yield f"{path}:{reader.line_num}", [row[i] for i in at]
         except csv.Error as err:
             kind = path.suffix.lower()[1:].upper()
-            raise ValueError(f"{path}:{reader.line_num}: not valid {kind} ({err}). Fix the quoting.") from err
+            raise InputError(f"{path}:{reader.line_num}: not valid {kind} ({err}). Fix the quoting.") from err
 
 
 def text_of(record, text_column: str, where: str, column_flag: str | None = "--text_column") -> str:
@@ -295,29 +230,26 @@ def text_of(record, text_column: str, where: str, column_flag: str | None = "--t
         return record
     if not isinstance(record, dict) or text_column not in record:
         columns = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(
+        raise InputError(
             f"{where}: no {text_column!r} column (found: {columns}). {_column_hint(text_column, column_flag)}"
         )
     value = record[text_column]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: column {text_column!r} holds {type(value).__name__}, not text.")
+        raise InputError(f"{where}: column {text_column!r} holds {type(value).__name__}, not text.")
     return value
 
 
 def is_saved_dataset(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk`` (read it with ``load_from_disk``;
-    any other folder or name goes to ``load_dataset``)."""
+    """Whether ``path`` is a ``save_to_disk`` folder (for ``load_from_disk``; anything else is ``load_dataset``'s)."""
     path = Path(path)
     return path.is_dir() and any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
 
 
-# --------------------------------------------------------------------------------------
-# Writing outputs
-# --------------------------------------------------------------------------------------
+# Writing outputs: all or nothing
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: all or nothing."""
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -334,21 +266,22 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_card(output_dir: str | os.PathLike, title: str, summary: str, setting: dict, tags: list[str]) -> Path:
-    """Write a model or dataset card (README.md) that records the setting of a run.
+def write_card(
+    output_dir: str | os.PathLike, title: str, summary: str, setting: dict, tags: list[str], *, dataset: bool = False
+) -> Path:
+    """Write the model (or ``dataset``) card README.md of a run: its tags as Hub metadata, and ``setting`` as a
+    table, so that whoever downloads a released checkpoint or dataset sees how it was made."""
+    from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
-    ``setting`` is rendered as a table so that anyone who downloads a released checkpoint or
-    dataset can see how it was made (data, filter, tokenizer, bridges, steps, tokens, ...).
-    """
-    yaml_tags = "\n".join(f"- {tag}" for tag in tags)
+    card_class, data_class = (DatasetCard, DatasetCardData) if dataset else (ModelCard, ModelCardData)
     rows = "\n".join(f"| {key} | {_card_value(value)} |" for key, value in setting.items())
-    text = (
-        f"---\ntags:\n{yaml_tags}\n---\n\n# {title}\n\n{summary}\n\n"
+    card = card_class(
+        f"---\n{data_class(tags=tags).to_yaml()}\n---\n\n# {title}\n\n{summary}\n\n"
         "Made with the cross-lingual culture transfer toolkit (arXiv 2506.01675).\n\n"
         f"## Setting\n\n| key | value |\n|---|---|\n{rows}\n"
     )
     path = Path(output_dir) / "README.md"
-    write_text_atomic(path, text)
+    write_text_atomic(path, str(card))
     return path
 
 
@@ -360,15 +293,8 @@ def _card_value(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-# --------------------------------------------------------------------------------------
-# Default locations: each step writes where the next one reads
-# --------------------------------------------------------------------------------------
-# So the design card's sequence works as typed, from one working directory:
-#   python run_pretrain.py --train_file EN ...         -> runs/pretrain
-#   python build_pairs.py --lang bo --pairs_files ...   -> runs/data-bo (tokenizer from runs/pretrain)
-#   accelerate launch run_cpt.py --lang bo --bridges    -> runs/cpt-bo-bridges-seed42 (base runs/pretrain,
-#                                                          data runs/data-bo); --no_bridges beside it
-# Every path is relative to the directory the command runs in; an explicit flag always wins.
+# Default locations: each step writes where the next one reads (relative to the working directory;
+# runs/pretrain -> build_pairs.py -> runs/data-<lang> -> run_cpt.py -> runs/cpt-<lang>-<setting>-seed<seed>)
 
 RUNS_DIR = Path("runs")
 DEFAULT_BASE_MODEL_DIR = RUNS_DIR / "pretrain"
@@ -399,9 +325,8 @@ def file_sha256(path: Path) -> str:
 
 
 def weights_sha256(file_digests: dict[str, str]) -> str:
-    """A model's identity from its weight files' digests (file name -> sha256): the SHA-256 of
-    ``"<name>\t<sha256>\n"`` in name order. run_cpt records it for a base model (``base_model_weights_sha256``),
-    run_eval for each checkpoint it probes, so a base model probed and continued is the same number in both."""
+    """A model's identity from its weight files' digests (name -> sha256): the SHA-256 of ``"<name>\t<sha256>\n"``
+    in name order, the same number for a base model in run_cpt's record and in run_eval's."""
     return hashlib.sha256(
         "".join(f"{name}\t{file_digests[name]}\n" for name in sorted(file_digests)).encode()
     ).hexdigest()
@@ -413,11 +338,8 @@ def local_weight_digests(folder: Path) -> dict[str, str]:
 
 
 def output_dir_given(argv: list[str] | None) -> bool:
-    """Whether the command line (or its single JSON arguments file) sets ``output_dir``.
-
-    TrainingArguments turns a missing --output_dir into 'trainer_output', where two runs would collide;
-    the scripts put their outputs in their default location instead, and this tells the two apart.
-    """
+    """Whether the command line (or its single JSON arguments file) sets ``output_dir`` (TrainingArguments
+    would turn a missing one into 'trainer_output', where two runs collide)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 1 and args[0].endswith(".json"):
         with named_utf8_errors(args[0]):
@@ -425,9 +347,7 @@ def output_dir_given(argv: list[str] | None) -> bool:
     return any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in args)
 
 
-# --------------------------------------------------------------------------------------
 # A parallel pair in a context window (build_pairs.py, run_cpt.py, run_eval.py)
-# --------------------------------------------------------------------------------------
 
 PAIR_ORDERS = ("en_first", "tgt_first", "random")
 
@@ -439,16 +359,13 @@ def pair_first_side(pair_id: int, order: str, seed: int) -> str:
     if order == "tgt_first":
         return "tgt"
     if order != "random":
-        raise ValueError(f"pair_order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}.")
+        raise InputError(f"pair_order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}.")
     return "en" if hashlib.sha256(f"pair-order/{seed}/{pair_id}".encode()).digest()[0] % 2 == 0 else "tgt"
 
 
 def pair_segments(first: list[int], second: list[int], start_id: int, separator_ids: list[int]) -> list[list[int]]:
-    """The two segments of a parallel pair: ``[start] + first + separator`` and ``[start] + second``.
-
-    With bridges the two are one document (adjacent in one window, positions continuing); without
-    bridges they are two documents. Either way these are the tokens, so both settings train on the
-    same multiset."""
+    """The two segments of a parallel pair, ``[start] + first + separator`` and ``[start] + second``: one document
+    with bridges, two without; the same tokens either way."""
     return [[start_id, *first, *separator_ids], [start_id, *second]]
 
 
@@ -457,19 +374,13 @@ def pair_token_count(first_tokens: int, second_tokens: int, separator_tokens: in
     return first_tokens + separator_tokens + second_tokens + 2
 
 
-# --------------------------------------------------------------------------------------
 # Conventions of every script: logging and bad input
-# --------------------------------------------------------------------------------------
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(training_args=None, level: str | int = logging.INFO) -> None:
-    """One log format for every script, on stdout.
-
-    With ``training_args`` (a TrainingArguments) the levels follow the Trainer's per-process rule, as in
-    transformers' examples: the main process logs at INFO (or --log_level), the others at WARNING (or
-    --log_level_replica); transformers' and datasets' loggers follow."""
+    """One log format for every script, on stdout. With ``training_args`` the levels follow the Trainer's
+    per-process rule (main process INFO or --log_level, the others --log_level_replica), as transformers'
+    examples do, for transformers' and datasets' loggers too."""
     if training_args is not None:
         level = training_args.get_process_log_level()
         if training_args.should_log and level > logging.INFO and training_args.log_level == "passive":
@@ -480,7 +391,7 @@ def setup_logging(training_args=None, level: str | int = logging.INFO) -> None:
     for handler in [h for h in root.handlers if getattr(h, "study_log", False)]:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler.study_log = True
     root.addHandler(handler)
     root.setLevel(level)
