@@ -3,50 +3,30 @@
 # requires-python = ">=3.10"
 # dependencies = ["bm25s>=0.2", "numpy>=2.0", "regex", "tqdm", "transformers>=5.0", "datasets>=4.0", "torch==2.13.0"]
 # ///
-"""Cultural density of a corpus and the instance-level analysis of the frequency hypothesis.
+"""Cultural density of a corpus and the instance-level analysis of the frequency hypothesis (docs/density.md).
 
-The paper explains why cultural knowledge crosses languages mostly one way by how often that
-knowledge occurs in each language's corpus ("cultural density", its Table 1) and by an
-instance-level analysis (items that transferred occur more often in the source corpus). This
-script makes the same measurement on any corpus:
-
-1. Every question of every ``--questions`` file becomes a query: the cloze sentence with the
-   blank filled by the answer. BM25 (the ``bm25s`` library) retrieves its ``--top_k``
-   documents from each corpus, among the documents that hold every token of the answer.
-   Tokens come from ``retrieval_tokens``, which cuts text into runs of one script and
-   tokenises each run the way that script needs (Latin words, Hangul eojeol + syllables +
-   syllable bigrams, Han character uni- and bigrams, Tibetan syllables, traditional Mongolian
-   words).
-2. A judge decides whether each retrieved document contains the question's knowledge: by
-   default the deterministic ``LexicalJudge`` (the answer occurs and key terms carrying enough
-   of the question's idf weight occur near it); with ``--judge_model`` a causal LM compares the
-   log-probabilities of " Yes" and " No" after a prompt (``LanguageModelJudge``), as the paper
-   did with a large LM.
-3. ``occurrences`` of a question = number of its top-k documents judged to contain it, so it is
-   capped at ``--top_k``. ``density`` = total occurrences / documents in the corpus.
+1. Each question of each ``--questions`` file becomes a query: its cloze sentence with the blank filled by the
+   answer. BM25 (``bm25s``) retrieves its ``--top_k`` documents from each corpus, among the documents that hold
+   every token of an answer. ``retrieval_tokens`` cuts text into runs of one script and tokenises each run the way
+   its script needs.
+2. A judge decides whether each retrieved document states the question's fact: the deterministic
+   ``LexicalJudge`` by default; with ``--judge_model`` a causal LM's log-probabilities of " Yes" and " No" after a
+   prompt (``LanguageModelJudge``), as the paper did with a large LM.
+3. ``occurrences`` of a question = its top-k documents judged to state it (so at most ``--top_k``);
+   ``density`` = total occurrences / documents in the corpus.
 
 Outputs (``--output_dir OUT``):
-    OUT/density.json   "questions": one entry per (question, corpus) with "index",
-                       "occurrences", the retrieved document ids and a judgement per document;
-                       "corpus": {"documents", "occurrences", "density", ...} (the first
-                       corpus), "corpora": all of them, "table": one row per (corpus, question
-                       file), "instance_analysis" when predictions are given (per question file: the
-                       items that transferred, and "gap_vs_log_occurrences": the slope of the per-item
-                       gap on log(1 + source-corpus occurrences) with a bootstrap interval).
+    OUT/density.json   "questions": one entry per (question, corpus) with its occurrences, the retrieved document
+                       ids and a verdict per document; "corpora" (and "corpus", the first); "table": one row per
+                       (corpus, question file); with predictions, "instance_analysis": per question file the items
+                       that transferred and "gap_vs_log_occurrences" (the slope of the per-item gap on
+                       log(1 + source-corpus occurrences) with a bootstrap interval).
     OUT/density.md     Table 1 of the paper for these corpora (and the instance-level table).
-    OUT/index/LABEL/   the BM25 index of each corpus, reused while its fingerprint matches.
+    OUT/index/LABEL/   the BM25 index of each corpus, reused while its fingerprint matches. It is built in shards
+                       of ``--shard_size`` documents with corpus-wide statistics (memory bounded by the shard, the
+                       results those of one index of the whole corpus); retrieved texts are read back by offset.
 
-Indexes stay bounded in memory on corpora of millions of documents: documents are streamed,
-the index is built in shards of ``--shard_size`` documents with corpus-wide statistics (so a
-sharded search returns exactly what one big index would), only the byte offset of each
-document is kept, and the texts of the retrieved documents are read back by offset.
-
-Example::
-
-    python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl \\
-        --top_k 50 --output_dir density_out
-
-Needs study_common.py and cloze.py beside it (datasets only for --corpus_dataset, torch only for --judge_model).
+    python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl --output_dir out
 """
 
 from __future__ import annotations
@@ -58,32 +38,27 @@ import logging
 import os
 import re
 import shutil
-import time
 import unicodedata
 from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import bm25s
 import numpy as np
 import regex
+import scipy.sparse
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from cloze import (
-    BLANK,
-    QuestionSet,
-    fill_blanks,
-    load_question_sets,
-    parallel_base,
-    read_predictions,
-)
+from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, parallel_base, read_predictions
 from study_common import (
     LANGUAGE_SCRIPTS,
     InputError,
     check_document_suffix,
+    document_start_id,
     exit_on_input_error,
     is_saved_dataset,
     not_utf8,
@@ -100,71 +75,50 @@ logger = logging.getLogger("run_density")
 _LINE_FILES = (".txt", ".jsonl")
 
 
-# --------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------
-
-
 @dataclass
 class DensityArguments:
     questions: list[str] = field(
         metadata={
-            "help": "Questions in the paper's cloze format (JSON list of {question, options, answer}; the blank is "
-            "a run of underscores; options are not needed here): files, folders of them, saved or Hub datasets, "
-            "read by cloze.load_question_sets. The file stem (e.g. bo-culture-cloze_en) names the question set, "
-            "as in run_eval.py's predictions.jsonl; a stem ending in _LANG sets the language."
+            "help": "Cloze questions ({question, answer}; options are not needed) read by cloze.load_question_sets: "
+            "files, folders, saved or Hub datasets. The file stem names the set; a stem ending in _LANG sets the "
+            "language."
         }
     )
     output_dir: str = field(metadata={"help": "Where density.json, density.md and (by default) the indexes go."})
     corpus_files: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Corpora as files: each entry is one corpus, written PATH or LABEL=PATH[,PATH...] "
-            "(several files make one corpus). .jsonl / .txt (one document per non-empty line) stream with "
-            "bounded memory; .json (a list) and .csv / .tsv (a header row naming --corpus_text_column) are "
-            "read whole. The label defaults to the first file's stem."
+            "help": "Corpora as files, one entry per corpus: PATH or LABEL=PATH[,PATH...]. .jsonl/.txt (one document "
+            "per non-empty line) stream; .json (a list) and .csv/.tsv are read whole. Label: the first file's stem."
         },
     )
     corpus_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "A corpus as a datasets dataset: a directory written by save_to_disk, a Hub name (e.g. "
-            "wikimedia/wikipedia with --corpus_dataset_config 20231101.en --corpus_streaming), or a local "
-            "folder of data files (.jsonl, .parquet, ...) that load_dataset reads."
+            "help": "A corpus as a datasets dataset: a save_to_disk folder, a Hub name, or a folder of data files."
         },
     )
     corpus_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --corpus_dataset."})
     corpus_split: str = field(default="train", metadata={"help": "Split of --corpus_dataset."})
     max_documents: int | None = field(
         default=None,
-        metadata={
-            "help": "Index only the first N documents of each corpus (a smoke run's budget; the density is then a "
-            "share of those N, recorded in density.json and in the index fingerprint). Default: every document."
-        },
+        metadata={"help": "Index only the first N documents of each corpus (a smoke run's budget). Default: all."},
     )
     corpus_data_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Files of --corpus_dataset to read (e.g. one language's file of MC^2); default: all."},
+        default=None, metadata={"help": "Files of --corpus_dataset to read (e.g. one language's file of MC^2)."}
     )
     corpus_streaming: bool = field(
         default=False,
-        metadata={
-            "help": "Stream --corpus_dataset from the Hub instead of downloading it. A streamed corpus has no "
-            "random access: the texts of retrieved documents are collected in one more pass over it."
-        },
+        metadata={"help": "Stream --corpus_dataset (no random access: retrieved texts take one more pass)."},
     )
     corpus_label: str | None = field(
         default=None, metadata={"help": "Label of --corpus_dataset in the outputs (default: its name)."}
     )
     corpus_text_column: str = field(
-        default="text", metadata={"help": "Text column of .json/.jsonl corpus files and of --corpus_dataset."}
+        default="text", metadata={"help": "Text column of .json/.jsonl/.csv/.tsv corpus files and of --corpus_dataset."}
     )
     top_k: int = field(
-        default=50,
-        metadata={
-            "help": "Documents retrieved per question and corpus (the paper: 50). Occurrences of a question "
-            "are counted among these, so they can never exceed top_k."
-        },
+        default=50, metadata={"help": "Documents retrieved per question and corpus (the paper: 50); caps occurrences."}
     )
     index_dir: str | None = field(
         default=None,
@@ -172,16 +126,12 @@ class DensityArguments:
     )
     shard_size: int = field(
         default=200_000,
-        metadata={
-            "help": "Documents per index shard (a shard also closes at 16.7M tokens): memory while indexing grows "
-            "with the shard, not with the corpus."
-        },
+        metadata={"help": "Documents per index shard (a shard also closes at 16.7M tokens): bounds indexing memory."},
     )
-    fingerprint: str = field(
+    fingerprint: Literal["stat", "content"] = field(
         default="stat",
         metadata={
-            "help": "How an index recognises its corpus: 'stat' (path, size and modification time of each "
-            "file; instant) or 'content' (SHA-256 of the files; reads them once more)."
+            "help": "How an index recognises its corpus files: 'stat' (path, size, mtime) or 'content' (SHA-256)."
         },
     )
     bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1 (term-frequency saturation)."})
@@ -189,103 +139,82 @@ class DensityArguments:
     min_script_fraction: float = field(
         default=0.01,
         metadata={
-            "help": "Measure a question file on a corpus only when at least this fraction of the corpus's "
-            "word units is in the questions' script (English questions on the English corpus, Tibetan on the "
-            "Tibetan one, both on a bilingual one). 0 measures every pair. Skipped pairs are reported."
+            "help": "Measure a question file on a corpus only when at least this fraction of the corpus's word units "
+            "is in the questions' script (0: every pair). Skipped pairs are reported."
         },
     )
     require_answer: bool = field(
         default=True,
         metadata={
-            "help": "Rank only documents that hold every token of an answer (of one of the accepted answers): "
-            "a document without them can never be judged to state the fact lexically, so they would only "
-            "take top-k places. Set --require_answer false to let --judge_model see documents that "
-            "paraphrase the answer."
+            "help": "Rank only documents holding every token of an accepted answer. false lets --judge_model see "
+            "documents that paraphrase the answer."
         },
     )
     judge_window: int = field(
         default=0,
         metadata={
-            "help": "Lexical judge: key terms count when they lie within this many units (words; Han and "
-            "Hangul characters; Tibetan syllables) before or after the answer. 0: the length of the question "
-            "itself, so a statement of the fact in any word order fits."
+            "help": "Lexical judge: key terms count within this many units of the answer (0: the question's length)."
         },
     )
     judge_min_key_fraction: float = field(
         default=0.25,
-        metadata={
-            "help": "Lexical judge: share of the question's key-term weight (see --judge_weighting) that the key "
-            "terms found near the answer must carry."
-        },
+        metadata={"help": "Lexical judge: share of the question's key-term weight found near the answer, in [0, 1]."},
     )
-    judge_weighting: str = field(
-        default="idf",
-        metadata={
-            "help": "Lexical judge: weight of a key term, 'idf' (its BM25 idf in the corpus: rare terms such as "
-            "names count most) or 'uniform' (each key term counts 1, so the share is a fraction of terms)."
-        },
+    judge_weighting: Literal["idf", "uniform"] = field(
+        default="idf", metadata={"help": "Lexical judge: key-term weight, its BM25 idf in the corpus or 1 each."}
     )
     judge_min_key_terms: int = field(
-        default=1,
-        metadata={
-            "help": "Lexical judge: and at least this many of them (capped at the number of key terms the "
-            "question has)."
-        },
+        default=1, metadata={"help": "Lexical judge: and at least this many key terms (capped at the question's)."}
     )
     judge_model: str | None = field(
         default=None,
-        metadata={
-            "help": "Judge with this causal LM (path or Hub name) instead of the lexical judge: yes/no "
-            "log-probabilities after the prompt given in docs/density.md. The lexical verdicts are still recorded."
-        },
+        metadata={"help": "Judge with this causal LM (path or Hub name); the lexical verdicts are still recorded."},
     )
     judge_batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass of --judge_model."})
     judge_excerpt_chars: int = field(
-        default=2000,
-        metadata={"help": "Characters of each document shown to --judge_model, centred on the first answer match."},
+        default=2000, metadata={"help": "Characters of a document shown to --judge_model, centred on the answer."}
     )
     judge_max_tokens: int = field(
-        default=1024,
-        metadata={"help": "Longest prompt given to --judge_model; the document excerpt is shortened to fit."},
+        default=1024, metadata={"help": "Longest --judge_model prompt; the excerpt is shortened to fit."}
     )
     judge_margin: float = field(
-        default=0.0,
-        metadata={"help": "--judge_model says yes when log P(' Yes') - log P(' No') exceeds this margin."},
+        default=0.0, metadata={"help": "--judge_model says yes when log P(' Yes') - log P(' No') exceeds this."}
     )
     judge_device: str = field(default="auto", metadata={"help": "Device of --judge_model: auto, cpu, cuda, ..."})
-    judge_dtype: str = field(
-        default="auto", metadata={"help": "torch dtype of --judge_model: auto, float32, bfloat16, float16."}
-    )
+    judge_dtype: str = field(default="auto", metadata={"help": "dtype of --judge_model: auto, float32, bfloat16, ..."})
     question_batch_size: int = field(
-        default=256,
-        metadata={"help": "Questions judged together; their retrieved documents are read from disk together."},
+        default=256, metadata={"help": "Questions judged together (their documents are read from disk together)."}
     )
     predictions_with: str | None = field(
         default=None,
-        metadata={
-            "help": "Instance-level analysis: run_eval.py output of the model trained WITH bridges (its folder, "
-            "or its predictions.jsonl; the accuracy.json beside it says which checkpoints count)."
-        },
+        metadata={"help": "Instance-level analysis: run_eval.py output (folder or predictions.jsonl) WITH bridges."},
     )
     predictions_without: str | None = field(
         default=None, metadata={"help": "Instance-level analysis: the same for the model trained WITHOUT bridges."}
     )
     predictions_step: int | None = field(
-        default=None,
-        metadata={"help": "Checkpoint step of the predictions to use (default: the last step of each run)."},
+        default=None, metadata={"help": "Checkpoint step of the predictions (default: each run's last)."}
     )
     source_corpus: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Instance-level analysis: the corpus the knowledge transfers FROM, as LABEL (for every "
-            "question language) or LANG=LABEL entries, e.g. 'bo=enwiki en=bo_corpus' (Tibetan questions "
-            "transfer from English Wikipedia, English questions from the Tibetan corpus). Occurrences come "
-            "from the same question file on that corpus, or else from its parallel file (same stem before "
-            "the final _LANG, items parallel by position). Default: the corpus on which the question file's "
-            "parallel file in the other language was measured (it must be unique)."
+            "help": "Instance-level analysis: the corpus knowledge transfers FROM, as LABEL or LANG=LABEL entries "
+            "(e.g. 'bo=enwiki en=bo'). Default: the corpus the question file's parallel file was measured on."
         },
     )
     log_level: str = field(default="info", metadata={"help": "Logging level: debug, info, warning."})
+
+    def __post_init__(self):
+        if not self.corpus_files and not self.corpus_dataset:
+            raise InputError("Give a corpus: --corpus_files PATH (or LABEL=PATH) and/or --corpus_dataset NAME.")
+        if min(self.top_k, self.shard_size, self.question_batch_size, self.judge_batch_size) < 1:
+            raise InputError("--top_k, --shard_size, --question_batch_size and --judge_batch_size must be positive.")
+        if not 0 <= self.judge_min_key_fraction <= 1:
+            raise InputError("--judge_min_key_fraction must lie in [0, 1].")
+        if bool(self.predictions_with) != bool(self.predictions_without):
+            raise InputError("Give both --predictions_with and --predictions_without (or neither).")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise InputError(f"--max_documents must be at least 1, got {self.max_documents}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -295,150 +224,98 @@ class DensityArguments:
 #: Bump when retrieval_tokens changes: it is part of every index fingerprint.
 TOKENIZER_VERSION = "density-tokens-2"
 
-# Run kinds. "other" is any letter run of a script the study does not name (e.g. Cyrillic):
-# treated like Latin words.
-_LATIN, _DIGIT, _HANGUL, _HAN, _TIBETAN, _MONGOLIAN, _OTHER = range(7)
-KIND_NAMES = ("latin", "digit", "hangul", "han", "tibetan", "mongolian", "other")
-_SCRIPT_OF_KIND = {_LATIN: "Latin", _HANGUL: "Hangul", _HAN: "Han", _TIBETAN: "Tibetan", _MONGOLIAN: "Mongolian"}
-
-# One pass over the text finds maximal runs of letters of one script, or of digits. Tibetan
-# tsheg (U+0F0B, U+0F0C) and shad (U+0F0D-U+0F12) are punctuation, so each Tibetan run is one
-# syllable; spaces (U+202F NARROW NO-BREAK SPACE becomes a space under NFKC) end Mongolian
-# words and Hangul eojeol. Han and Hangul runs are cut into characters later. The alternatives
-# are script-disjoint, so a run's first character tells which one matched. regex VERSION1 is
-# needed for the [..&&..] and [..--..] set operations.
+# Maximal runs of letters of one script, or of digits, named by kind; "other" is any letter run of a script the
+# study does not name (e.g. Cyrillic), tokenised like Latin. Tibetan tsheg and shad are punctuation, so a Tibetan
+# run is one syllable; spaces (U+202F becomes one under NFKC) end Mongolian words and Hangul eojeol. regex VERSION1
+# gives the [..&&..] and [..--..] set operations.
 _RUNS = regex.compile(
-    r"\p{sc=Latin}[\p{sc=Latin}\p{M}]*"
-    r"|\p{Nd}+"
-    r"|[\p{sc=Hangul}&&[\p{L}\p{M}]]+"
-    r"|[\p{sc=Han}&&\p{L}]+"
-    r"|[\p{sc=Tibetan}&&[\p{L}\p{M}]]+"
-    r"|[\p{sc=Mongolian}&&[\p{L}\p{M}]]+"
-    r"|[[\p{L}\p{M}]--[\p{sc=Latin}\p{sc=Hangul}\p{sc=Han}\p{sc=Tibetan}\p{sc=Mongolian}]]+",
+    r"(?P<latin>\p{sc=Latin}[\p{sc=Latin}\p{M}]*)"
+    r"|(?P<digit>\p{Nd}+)"
+    r"|(?P<hangul>[\p{sc=Hangul}&&[\p{L}\p{M}]]+)"
+    r"|(?P<han>[\p{sc=Han}&&\p{L}]+)"
+    r"|(?P<tibetan>[\p{sc=Tibetan}&&[\p{L}\p{M}]]+)"
+    r"|(?P<mongolian>[\p{sc=Mongolian}&&[\p{L}\p{M}]]+)"
+    r"|(?P<other>[[\p{L}\p{M}]--[\p{sc=Latin}\p{sc=Hangul}\p{sc=Han}\p{sc=Tibetan}\p{sc=Mongolian}]]+)",
     regex.VERSION1,
 )
 # ASCII text (most of an English corpus) takes a plain `re` path that gives the same runs.
 _ASCII_RUNS = re.compile(r"[a-z]+|[0-9]+")
-_KIND_TESTS = [(_DIGIT, regex.compile(r"\p{Nd}"))] + [
-    (kind, regex.compile(rf"\p{{sc={script}}}")) for kind, script in _SCRIPT_OF_KIND.items()
-]
-_CHAR_KIND: dict[str, int] = {}
+SCRIPT_OF_KIND = {"latin": "Latin", "hangul": "Hangul", "han": "Han", "tibetan": "Tibetan", "mongolian": "Mongolian"}
 
-
-def _kind_of(char: str) -> int:
-    kind = _CHAR_KIND.get(char)
-    if kind is None:
-        kind = next((k for k, test in _KIND_TESTS if test.match(char)), _OTHER)
-        _CHAR_KIND[char] = kind
-    return kind
-
-
-# Format characters that change a glyph's shape, not the word: Mongolian free variation
-# selectors U+180B-U+180D and U+180F, the Mongolian vowel separator U+180E (a word with or
-# without it is the same word), zero-width (non-)joiners.
+# Format characters that change a glyph's shape, not the word: Mongolian free variation selectors and vowel
+# separator (U+180B-U+180F), zero-width (non-)joiners.
 _SHAPING_ONLY = dict.fromkeys(map(ord, "\u180b\u180c\u180d\u180e\u180f\u200c\u200d"))
 
-#: A small English stopword list: these words neither enter the BM25 index nor count as key
-#: terms. Negations (not, no, never) are deliberately kept.
+#: English stopwords: neither indexed nor key terms. Negations (not, no, never) are kept.
 ENGLISH_STOPWORDS = frozenset(
     """a an the of in on at to for from by with and or but nor is are was were be been being am it its this that
     these those as which who whom whose what when where why how do does did has have had their they them there
     he she his her him i you we our your my me us can will would shall should may might must also than then such
     into about over after before very s so if""".split()
 )
-#: Function words that do not count as key terms of the lexical judge (they stay in the BM25
-#: index, where their low IDF already discounts them): Tibetan case particles and copulas,
-#: Mongolian case suffixes written as separate words (shaping characters removed).
+#: Not key terms of the lexical judge (still indexed, where their low idf discounts them): Tibetan case particles
+#: and copulas, Mongolian case suffixes written as separate words (shaping characters removed).
 JUDGE_STOPWORDS = ENGLISH_STOPWORDS | frozenset(
     "གི ཀྱི གྱི འི ཡི གིས ཀྱིས གྱིས འིས ཡིས ལ ར རུ སུ ཏུ དུ ན ནས ལས དང ནི ཡང ཡིན ཡོད རེད འདུག སོགས".split()
     + "ᠤᠨ ᠦᠨ ᠶᠢᠨ ᠢᠨ ᠤ ᠦ ᠳᠤ ᠲᠤ ᠳᠦ ᠲᠦ ᠢ ᠶᠢ ᠪᠠ ᠡᠴᠡ ᠠᠴᠠ ᠢᠶᠠᠷ ᠪᠡᠷ ᠪᠠᠷ ᠲᠠᠢ ᠲᠡᠢ ᠪᠣᠯ ᠪᠠᠶᠢᠨᠠ".split()
 )
 
 
-def _ascii_digits(run: str) -> str:
-    # Tibetan ༥༠, Mongolian ᠕᠐ and full-width ５０ all mean 50.
-    return run if run.isascii() else "".join(str(unicodedata.digit(c)) for c in run)
-
-
-def _runs(text: str) -> list[tuple[int, str]]:
-    """(kind, run) for each maximal run of letters of one script, or of digits, in ``text``.
-
-    Text is NFKC-normalised, shaping-only characters are removed and letters are lower-cased
-    (which only changes cased scripts: Latin, Cyrillic, Greek...); digits become ASCII.
-    """
+def _runs(text: str) -> list[tuple[str, str]]:
+    """(kind, run) per run of ``text``, NFKC-normalised, shaping characters removed, lower-cased, digits as ASCII
+    (Tibetan ༥༠, Mongolian ᠕᠐ and full-width ５０ are all 50)."""
     if text.isascii():
-        return [(_DIGIT if run[0] <= "9" else _LATIN, run) for run in _ASCII_RUNS.findall(text.lower())]
+        return [("digit" if run[0] <= "9" else "latin", run) for run in _ASCII_RUNS.findall(text.lower())]
     text = unicodedata.normalize("NFKC", text).translate(_SHAPING_ONLY).lower()
     runs = []
-    for run in _RUNS.findall(text):
-        kind = _CHAR_KIND.get(run[0])
-        if kind is None:
-            kind = _kind_of(run[0])
-        runs.append((kind, _ascii_digits(run) if kind == _DIGIT else run))
+    for match in _RUNS.finditer(text):
+        run = match[0]
+        if match.lastgroup == "digit" and not run.isascii():
+            run = "".join(str(unicodedata.digit(c)) for c in run)
+        runs.append((match.lastgroup, run))
     return runs
 
 
-def retrieval_tokens(text: str) -> list[str]:
-    """BM25 tokens of ``text``, which may mix scripts (each run of one script is cut its own way).
+def retrieval_tokens(text: str, kind_units: Counter | None = None) -> list[str]:
+    """BM25 tokens of ``text``, which may mix scripts; adds the word units of each run kind to ``kind_units``.
 
-    * Latin (and scripts not listed below): lower-cased words, English stopwords removed.
-    * Digits of any script: one token of ASCII digits.
-    * Hangul: each eojeol (space-separated word, particles attached), its syllables, and for
-      eojeol of three or more syllables its syllable bigrams, so that 추석을 and 추석에 share the
-      token 추석, and the answer 4개 finds 4개의 (every syllable of an answer is a token).
-    * Han: every character and every character bigram of a run (no word segmenter is needed,
-      and bigrams carry most of the precision of words).
-    * Tibetan: syllables (the text between tsheg and shad marks).
-    * Traditional Mongolian: words split at spaces and U+202F, free variation selectors and the
-      vowel separator removed.
+    * Latin (and unnamed scripts): lower-cased words, English stopwords removed; digits of any script: ASCII.
+    * Hangul: each eojeol, its syllables, and for eojeol of three or more syllables its syllable bigrams (추석을 and
+      추석에 share 추석; every syllable of an answer is a token, so 4개 finds 4개의).
+    * Han: every character and character bigram of a run (no word segmenter needed).
+    * Tibetan: syllables. Traditional Mongolian: words, shaping characters removed.
     """
-    return _tokens_and_kind_units(text, [0] * len(KIND_NAMES))
-
-
-def _tokens_and_kind_units(text: str, kind_units: list[int]) -> list[str]:
-    """``retrieval_tokens``, also adding the units of each run kind to ``kind_units`` (the script shares)."""
-    if text.isascii():  # fast path, same result as the loop below
+    if text.isascii():  # the result of the loop below, faster
         runs = _ASCII_RUNS.findall(text.lower())
-        digits = sum(1 for run in runs if run[0] <= "9")
-        kind_units[_DIGIT] += digits
-        kind_units[_LATIN] += len(runs) - digits
+        if kind_units is not None:
+            digits = sum(run[0] <= "9" for run in runs)
+            kind_units["digit"] += digits
+            kind_units["latin"] += len(runs) - digits
         return [run for run in runs if run not in ENGLISH_STOPWORDS]
     tokens: list[str] = []
     for kind, run in _runs(text):
-        if kind == _HAN:
-            kind_units[kind] += len(run)
-            tokens.extend(run)
-            tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
-        elif kind == _HANGUL:
-            kind_units[kind] += len(run)
+        if kind_units is not None:
+            kind_units[kind] += len(run) if kind in ("han", "hangul") else 1
+        if kind == "han":
+            tokens += [*run, *(run[i : i + 2] for i in range(len(run) - 1))]
+        elif kind == "hangul":
             tokens.append(run)
             if len(run) > 1:
                 tokens.extend(run)
             if len(run) > 2:
                 tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
-        elif kind in (_LATIN, _OTHER):
-            kind_units[kind] += 1
-            if run not in ENGLISH_STOPWORDS:
-                tokens.append(run)
-        else:
-            kind_units[kind] += 1
+        elif kind not in ("latin", "other") or run not in ENGLISH_STOPWORDS:
             tokens.append(run)
     return tokens
 
 
 @dataclass
 class TextAnalysis:
-    """A text as the lexical judge sees it.
-
-    ``units`` is the text in reading order: words (Latin, other scripts, Mongolian), digit runs,
-    Tibetan syllables, single Han characters and single Hangul syllables (so that an answer
-    matches inside a Korean word that carries a particle). ``key_tokens[p]`` holds the key-term
-    tokens that start at unit p: the word or syllable itself (unless a judge stopword); for Han
-    the character and the bigram of units p and p+1 of the same run (the bigrams of unsegmented
-    text include many that straddle two words, so the characters are kept too: frequent ones
-    weigh almost nothing under idf weighting); for Hangul the bigram (a run of one syllable
-    gives the syllable; eojeol are short, so bigrams carry the stem without the particle).
-    """
+    """A text as the lexical judge sees it: ``units`` in reading order (words, digit runs, Tibetan syllables, single
+    Han and Hangul characters, so an answer matches inside a Korean word with a particle); ``key_tokens[p]`` the
+    key-term tokens starting at unit p: the word itself unless a judge stopword; for Han the character and the
+    bigram of units p, p+1 (bigrams of unsegmented text straddle words, so characters are kept too); for Hangul the
+    bigram (the syllable of a one-syllable run)."""
 
     units: list[str]
     key_tokens: list[tuple[str, ...]]
@@ -448,17 +325,15 @@ def analyse_text(text: str) -> TextAnalysis:
     units: list[str] = []
     key_tokens: list[tuple[str, ...]] = []
     for kind, run in _runs(text):
-        if kind == _HAN:
+        if kind == "han":
             units.extend(run)
-            key_tokens.extend((run[i], run[i : i + 2]) for i in range(len(run) - 1))
-            key_tokens.append((run[-1],))
-        elif kind == _HANGUL:
+            key_tokens += [(run[i], run[i : i + 2]) for i in range(len(run) - 1)] + [(run[-1],)]
+        elif kind == "hangul":
             units.extend(run)
             if len(run) == 1:
                 key_tokens.append((run,))
             else:
-                key_tokens.extend((run[i : i + 2],) for i in range(len(run) - 1))
-                key_tokens.append(())
+                key_tokens += [(run[i : i + 2],) for i in range(len(run) - 1)] + [()]
         else:
             units.append(run)
             key_tokens.append(() if run in JUDGE_STOPWORDS else (run,))
@@ -470,8 +345,8 @@ def dominant_script(texts: list[str]) -> str:
     counts = Counter()
     for text in texts:
         for kind, run in _runs(text):
-            if kind in _SCRIPT_OF_KIND:
-                counts[_SCRIPT_OF_KIND[kind]] += len(run)
+            if kind in SCRIPT_OF_KIND:
+                counts[SCRIPT_OF_KIND[kind]] += len(run)
     return counts.most_common(1)[0][0] if counts else "Latin"
 
 
@@ -507,9 +382,8 @@ class QuestionFacts:
 def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     """Query, key terms and answer units of one cloze item."""
     has_blank = bool(BLANK.search(question))
-    first = answers[0]
     # Filled as a text stating the fact writes it: a Tibetan answer stays its own syllables.
-    filled = fill_blanks(question, first, tibetan_tsheg=True)[0] if has_blank else f"{question} {first}"
+    filled = fill_blanks(question, answers[0], tibetan_tsheg=True)[0] if has_blank else f"{question} {answers[0]}"
     query = retrieval_tokens(filled)
     for other in answers[1:]:
         query.extend(retrieval_tokens(other))
@@ -519,29 +393,15 @@ def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     # A key term that is part of the answer would be satisfied by the answer itself.
     key_terms = frozenset(token for tokens in context.key_tokens for token in tokens if token not in answer_keys)
     answer_units = [tuple(analysis.units) for analysis in answer_analyses if analysis.units]
-    # Every unit of an answer is an index token (Latin and other words, digit runs, Han and Hangul
-    # characters, Tibetan syllables, Mongolian words), except English stopwords, which are not indexed.
+    # Every unit of an answer is an index token, except English stopwords, which are not indexed.
     answer_tokens = [sorted(set(units) - ENGLISH_STOPWORDS) for units in answer_units]
-    return Question(
-        index=index,
-        question=question,
-        answers=answers,
-        has_blank=has_blank,
-        filled=filled,
-        query_tokens=query,
-        key_terms=key_terms,
-        answer_units=answer_units,
-        answer_tokens=answer_tokens,
-        length_units=len(context.units),
-    )
+    return Question(index, question, answers, has_blank, filled, query, key_terms, answer_units, answer_tokens,
+                    length_units=len(context.units))  # fmt: skip
 
 
 def question_facts(question_set: QuestionSet) -> QuestionFacts:
-    """A set loaded by ``cloze.load_question_sets(..., require_options=False)``, prepared item by item.
-
-    Its language is the one its name ends with (``_bo``) when the study knows that language's script;
-    otherwise the script most of its filled sentences are written in decides, and the language is the
-    study's language of that script ("" when none)."""
+    """A set read with ``require_options=False``, prepared item by item. Its language is its name's (``_bo``) when
+    the study knows that language's script; else the script of most of its filled sentences decides."""
     questions = [prepare_question(i, item["question"], item["answers"]) for i, item in enumerate(question_set.items)]
     if question_set.lang in LANGUAGE_SCRIPTS:
         lang, script = question_set.lang, LANGUAGE_SCRIPTS[question_set.lang]
@@ -551,26 +411,34 @@ def question_facts(question_set: QuestionSet) -> QuestionFacts:
     return QuestionFacts(stem=question_set.stem, lang=lang, script=script, questions=questions)
 
 
+def read_question_sets(sources: list[str]) -> list[QuestionFacts]:
+    """Every --questions source, prepared; their stems name them in every output, so they must differ."""
+    question_sets = [question_facts(qs) for qs in load_question_sets(sources, require_options=False)]
+    if repeated := _repeated([qs.stem for qs in question_sets]):
+        raise InputError(f"Question files share a stem ({repeated}); stems name question sets.")
+    return question_sets
+
+
+def _repeated(names: list[str]) -> list[str]:
+    return [name for name, n in Counter(names).items() if n > 1]
+
+
 # --------------------------------------------------------------------------------------
 # Corpora: streaming documents, and reading chosen ones back
 # --------------------------------------------------------------------------------------
 
 
 class FileCorpus:
-    """A corpus made of one or more .jsonl / .txt / .json / .csv / .tsv files, read like study_common.read_documents.
-
-    Documents are numbered in file order. Each one's location is (file number, byte offset of
-    its line) for .jsonl and .txt, so a retrieved document is read back with one seek; .json,
-    .csv and .tsv files (a record may span lines) are read whole again to read back (use .jsonl
-    for big corpora).
-    """
+    """Corpus files read as study_common.read_documents reads them, documents numbered in file order. A document's
+    location is (file number, byte offset of its line) in .jsonl/.txt files, read back with one seek, or (file
+    number, item) in .json/.csv/.tsv files, read whole again to read back (use .jsonl for big corpora)."""
 
     def __init__(self, label: str, paths: list[Path], text_column: str):
-        self.label, self.paths, self.text_column = label, paths, text_column
         for path in paths:
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such corpus file. Check --corpus_files.")
+                raise InputError(f"{path}: no such corpus file. Check --corpus_files.")
             check_document_suffix(path)
+        self.label, self.paths, self.text_column = label, paths, text_column
         self.random_access = all(p.suffix.lower() in _LINE_FILES for p in paths)
 
     def describe(self) -> dict:
@@ -579,36 +447,36 @@ class FileCorpus:
     def fingerprint(self, mode: str) -> dict:
         files = []
         for path in self.paths:
-            stat = path.stat()
-            entry = {"path": str(path.resolve()), "size": stat.st_size}
+            entry = {"path": str(path.resolve()), "size": path.stat().st_size}
             if mode == "content":
                 digest = hashlib.sha256()
                 with path.open("rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
+                    for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
                         digest.update(block)
                 entry["sha256"] = digest.hexdigest()
             else:
-                entry["mtime_ns"] = stat.st_mtime_ns
+                entry["mtime_ns"] = path.stat().st_mtime_ns
             files.append(entry)
         return {"files": files, "text_column": self.text_column}
 
+    def _whole(self, path: Path) -> Iterator[str]:
+        return read_documents(path, self.text_column, column_flag="--corpus_text_column")
+
     def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
-        """(text, file number, offset) of every document; offset = byte offset (or item of a .json list)."""
+        """(text, file number, offset) of every document."""
         for file_number, path in enumerate(self.paths):
             if path.stat().st_size == 0:
-                raise ValueError(f"{path}: the file is empty. Give a file with at least one document.")
-            suffix = path.suffix.lower()
-            if suffix not in _LINE_FILES:
-                for item, text in enumerate(self._read_whole(path)):
-                    yield text, file_number, item
+                raise InputError(f"{path}: the file is empty. Give a file with at least one document.")
+            if path.suffix.lower() not in _LINE_FILES:
+                yield from ((text, file_number, item) for item, text in enumerate(self._whole(path)))
                 continue
             with path.open("rb") as handle:
                 offset = 0
                 for line_number, raw in enumerate(handle, start=1):
-                    line_offset, offset = offset, offset + len(raw)
-                    text = self._parse_line(raw, f"{path}:{line_number}", suffix)
+                    text = self._parse_line(raw, f"{path}:{line_number}", path.suffix.lower())
                     if text is not None:
-                        yield text, file_number, line_offset
+                        yield text, file_number, offset
+                    offset += len(raw)
 
     def _parse_line(self, raw: bytes, where: str, suffix: str) -> str | None:
         try:
@@ -617,87 +485,65 @@ class FileCorpus:
             raise not_utf8(where, err) from err
         if not line.strip():
             return None  # blank lines are not documents, as in study_common.read_documents
-        if suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-            return text_of(record, self.text_column, where, "--corpus_text_column")
-        return line.rstrip("\n").rstrip("\r")
-
-    def _read_whole(self, path: Path) -> Iterator[str]:
-        return read_documents(path, self.text_column, column_flag="--corpus_text_column")
+        if suffix == ".txt":
+            return line.rstrip("\n").rstrip("\r")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
+        return text_of(record, self.text_column, where, "--corpus_text_column")
 
     def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
         """Texts of the documents ``{doc_id: (file number, offset)}``."""
         texts: dict[int, str] = {}
-        by_file: dict[int, list[tuple[int, int]]] = {}
-        for doc_id, (file_number, offset) in locations.items():
-            by_file.setdefault(file_number, []).append((offset, doc_id))
-        for file_number, wanted in by_file.items():
-            path = self.paths[file_number]
-            suffix = path.suffix.lower()
-            wanted.sort()
-            if suffix not in _LINE_FILES:
-                items = list(self._read_whole(path))
+        for file_number, path in enumerate(self.paths):
+            wanted = sorted((offset, doc_id) for doc_id, (f, offset) in locations.items() if f == file_number)
+            if wanted and path.suffix.lower() not in _LINE_FILES:
+                items = list(self._whole(path))
                 texts.update({doc_id: items[offset] for offset, doc_id in wanted})
-                continue
-            with path.open("rb") as handle:
-                for offset, doc_id in wanted:
-                    handle.seek(offset)
-                    where = f"{path} (byte {offset}; changed since it was indexed?)"
-                    texts[doc_id] = self._parse_line(handle.readline(), where, suffix) or ""
+            elif wanted:
+                with path.open("rb") as handle:
+                    for offset, doc_id in wanted:
+                        handle.seek(offset)
+                        where = f"{path} (byte {offset}; changed since it was indexed?)"
+                        texts[doc_id] = self._parse_line(handle.readline(), where, path.suffix.lower()) or ""
         return texts
 
 
 class DatasetCorpus:
-    """A corpus as a datasets dataset (save_to_disk directory or Hub name, optionally streamed).
+    """A datasets corpus (save_to_disk folder, Hub name or data-file folder, optionally streamed). A document's
+    location is its row; rows without a string text are skipped and counted. Retrieved rows are read back by row
+    number (Arrow memory-maps the data), or in one more pass when streamed."""
 
-    A document's location is its row number. Rows whose text is missing or not a string are
-    skipped and counted. Without streaming, retrieved rows are read back by row number (Arrow
-    memory-maps the data); a streamed corpus is read once more to collect them.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        config: str | None,
-        split: str,
-        text_column: str,
-        streaming: bool,
-        label: str,
-        data_files: list[str] | None = None,
-    ):
+    def __init__(self, name: str, config: str | None, split: str, text_column: str, streaming: bool, label: str,
+                 data_files: list[str] | None = None):  # fmt: skip
         self.name, self.config, self.split, self.text_column = name, config, split, text_column
-        self.data_files = data_files
-        self.streaming, self.label = streaming, label
+        self.streaming, self.label, self.data_files = streaming, label, data_files
         self.random_access = not streaming
         self._dataset = None
 
     def _load(self):
-        if self._dataset is None:
-            import datasets
+        import datasets
 
-            if is_saved_dataset(self.name):
-                dataset = datasets.load_from_disk(self.name)
-                if isinstance(dataset, datasets.DatasetDict):
-                    if self.split not in dataset:
-                        raise ValueError(
-                            f"{self.name}: no split {self.split!r} (has {list(dataset)}); set --corpus_split."
-                        )
-                    dataset = dataset[self.split]
-            else:
-                dataset = datasets.load_dataset(
-                    self.name, self.config, split=self.split, streaming=self.streaming, data_files=self.data_files
-                )
-            columns = dataset.column_names
-            if columns is not None and self.text_column not in columns:
-                raise ValueError(
-                    f"{self.name}: no column {self.text_column!r} (found: {', '.join(columns)}). "
-                    "Pass --corpus_text_column NAME."
-                )
-            self._dataset = dataset
-        return self._dataset
+        if self._dataset is not None:
+            return self._dataset
+        if is_saved_dataset(self.name):
+            dataset = datasets.load_from_disk(self.name)
+            if isinstance(dataset, datasets.DatasetDict):
+                if self.split not in dataset:
+                    raise InputError(f"{self.name}: no split {self.split!r} (has {list(dataset)}); set --corpus_split.")
+                dataset = dataset[self.split]
+        else:
+            dataset = datasets.load_dataset(
+                self.name, self.config, split=self.split, streaming=self.streaming, data_files=self.data_files
+            )
+        if dataset.column_names is not None and self.text_column not in dataset.column_names:
+            found = ", ".join(dataset.column_names)
+            raise InputError(
+                f"{self.name}: no column {self.text_column!r} (found: {found}). Pass --corpus_text_column."
+            )
+        self._dataset = dataset
+        return dataset
 
     def describe(self) -> dict:
         return {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split,
@@ -713,35 +559,44 @@ class DatasetCorpus:
 
     def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
         for row, record in enumerate(self._load()):
-            text = record.get(self.text_column)
-            if isinstance(text, str):
+            if isinstance(text := record.get(self.text_column), str):
                 yield text, 0, row
             else:
                 skipped[f"no text in column {self.text_column!r}"] += 1
 
     def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
         by_row = {offset: doc_id for doc_id, (_, offset) in locations.items()}
-        if self.streaming:
-            texts, last = {}, max(by_row)
-            for row, record in enumerate(self._load()):
-                if row in by_row:
-                    texts[by_row[row]] = record[self.text_column]
-                if row >= last:
-                    break
-            return texts
-        rows = sorted(by_row)
-        column = self._load().select(rows)[self.text_column]
-        return {by_row[row]: text for row, text in zip(rows, column)}
+        if not self.streaming:
+            rows = sorted(by_row)
+            return {by_row[row]: text for row, text in zip(rows, self._load().select(rows)[self.text_column])}
+        texts = {}
+        for row, record in enumerate(itertools.islice(self._load(), max(by_row) + 1)):
+            if row in by_row:
+                texts[by_row[row]] = record[self.text_column]
+        return texts
 
 
-def parse_corpus_files(entries: list[str], text_column: str) -> list[FileCorpus]:
+def read_corpora(args: DensityArguments) -> list:
+    """The --corpus_files corpora, then --corpus_dataset; their labels name them, so they must differ."""
     corpora = []
-    for entry in entries:
+    for entry in args.corpus_files or []:
         label, sep, paths = entry.partition("=")
         if not sep or "/" in label or os.sep in label or Path(entry).is_file():
             label, paths = "", entry
         path_list = [Path(p) for p in paths.split(",") if p]
-        corpora.append(FileCorpus(label or path_list[0].stem, path_list, text_column))
+        corpora.append(FileCorpus(label or path_list[0].stem, path_list, args.corpus_text_column))
+    if args.corpus_dataset:
+        label = args.corpus_label or Path(args.corpus_dataset.rstrip("/")).name
+        corpora.append(
+            DatasetCorpus(args.corpus_dataset, args.corpus_dataset_config, args.corpus_split, args.corpus_text_column,
+                          args.corpus_streaming, label, args.corpus_data_files)
+        )  # fmt: skip
+    if repeated := _repeated([c.label for c in corpora]):
+        raise InputError(f"Two corpora share a label ({repeated}); use LABEL=PATH.")
+    if repeated := _repeated([str(path.resolve()) for c in corpora if isinstance(c, FileCorpus) for path in c.paths]):
+        raise InputError(
+            f"--corpus_files names a file more than once ({', '.join(repeated)}); its documents would count twice."
+        )
     return corpora
 
 
@@ -751,22 +606,11 @@ def parse_corpus_files(entries: list[str], text_column: str) -> list[FileCorpus]
 
 
 class ShardedBM25:
-    """A bm25s index split into shards of documents, with corpus-wide BM25 statistics.
-
-    bm25s indexes a corpus held in memory at once. To index millions of documents in bounded
-    memory, documents are streamed and tokenised once; each shard's (document, token, count)
-    triples go to disk, while only the vocabulary, the document frequencies, the document
-    lengths and each document's location stay in memory. Each shard's score matrix is then
-    built with the CORPUS-WIDE idf and average length, exactly as ``bm25s.BM25(method="lucene")``
-    builds it (a test pins the equality), and saved in bm25s's own format; queries score each
-    shard with bm25s (memory-mapped) and keep the best ``k``. Because every shard uses the same
-    statistics, a sharded search returns what a single index of the corpus would.
-
-    A search may also require tokens: then only documents holding every required token of at
-    least one group (one group per accepted answer) are ranked, found by intersecting the
-    shards' posting lists. Ties are broken by document id, and documents that share no token
-    with the query (score 0) are never returned, so results are deterministic.
-    """
+    """A bm25s index split into shards of documents that share corpus-wide BM25 statistics, so a search returns
+    what one index of the whole corpus would. Each shard's score matrix is bm25s's own (memory-mapped at query
+    time); the vocabulary, document frequencies and document locations are shared. A search may require tokens:
+    then only documents holding every token of some group (one group per accepted answer) are ranked. Ties go to
+    the lower document id and documents scoring 0 are never returned, so results are deterministic."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -774,9 +618,9 @@ class ShardedBM25:
         self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
         self.file_numbers = np.load(directory / "file_numbers.npy", mmap_mode="r")
         self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
+        self.document_frequencies = np.load(directory / "document_frequencies.npy", mmap_mode="r")
         self.shard_starts = self.meta["shard_starts"]
         self.num_docs = self.meta["documents"]
-        self.document_frequencies = np.load(directory / "document_frequencies.npy", mmap_mode="r")
 
     def idf(self, token: str) -> float:
         """The BM25 idf of ``token`` in this corpus (a token the corpus lacks gets the highest idf)."""
@@ -790,23 +634,13 @@ class ShardedBM25:
     def location(self, doc_id: int) -> tuple[int, int]:
         return int(self.file_numbers[doc_id]), int(self.offsets[doc_id])
 
-    def search(
-        self,
-        queries: list[list[str]],
-        k: int,
-        required: list[list[list[str]]] | None = None,
-        show_progress: bool = True,
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Top-k (document ids, scores) per query, best first; fewer when fewer documents match.
-
-        ``required[q]``, when given, lists token groups: only documents that hold every token of
-        at least one group are ranked (an empty group, or no groups, requires nothing).
-        """
+    def search(self, queries: list[list[str]], k: int, required: list[list[list[str]]] | None = None,
+               show_progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+        """Top-k (document ids, scores) per query, best first. ``required[q]`` lists token groups: only documents
+        holding every token of some group are ranked (an empty group, or none, requires nothing)."""
         # A token repeated in the query counts each time, as in bm25s, rank_bm25 and Lucene.
         query_ids = [np.array([self.vocab[t] for t in q if t in self.vocab], dtype=np.int32) for q in queries]
-        groups = [None] * len(queries)
-        if required is not None:
-            groups = [self._token_id_groups(r) for r in required]
+        groups = [self._token_id_groups(r) for r in required] if required is not None else [None] * len(queries)
         best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
         bar = tqdm(total=len(self.shard_starts) * len(queries), desc="BM25 search", disable=not show_progress)
         for number, start in enumerate(self.shard_starts):
@@ -826,15 +660,11 @@ class ShardedBM25:
                 merged_scores = np.concatenate([best[q][1], local_scores])
                 order = np.lexsort((merged_ids, -merged_scores))[:k]
                 best[q] = (merged_ids[order], merged_scores[order])
-            del shard
         bar.close()
         return best
 
     def _token_id_groups(self, groups: list[list[str]]) -> list[list[int]] | None:
-        """Token ids of each required group; None when some group requires nothing (no filter).
-
-        A group with a token the corpus lacks can match no document: it becomes [-1].
-        """
+        """Token ids of each group, -1 for a token the corpus lacks; None when some group requires nothing."""
         if not groups or any(not group for group in groups):
             return None
         return [[self.vocab.get(token, -1) for token in group] for group in groups]
@@ -858,176 +688,121 @@ def _documents_with_any_group(matrix: dict, groups: list[list[int]]) -> np.ndarr
 def top_k_deterministic(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the k highest positive scores, ties broken by the lower index."""
     candidates = np.flatnonzero(scores > 0)
-    if candidates.size > k:
-        candidate_scores = scores[candidates]
-        kth = np.partition(candidate_scores, candidates.size - k)[candidates.size - k]
-        candidates = candidates[candidate_scores >= kth]  # keeps every tie at the boundary
-    candidate_scores = scores[candidates]
-    order = np.lexsort((candidates, -candidate_scores))[:k]
-    return candidates[order].astype(np.int64), candidate_scores[order].astype(np.float32)
+    if candidates.size > k:  # sort only the candidates at or above the k-th score (every tie at the boundary)
+        kth = np.partition(scores[candidates], candidates.size - k)[candidates.size - k]
+        candidates = candidates[scores[candidates] >= kth]
+    order = np.lexsort((candidates, -scores[candidates]))[:k]
+    return candidates[order].astype(np.int64), scores[candidates[order]].astype(np.float32)
 
 
-def lucene_bm25_scores(tf, doc_lengths, df, num_docs, avg_length, k1, b):
-    """BM25 as bm25s's method="lucene": idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf / (tf + k1 (1 - b + b |d| / avg))."""
-    idf = np.log1p((num_docs - df + 0.5) / (df + 0.5))
-    return idf * tf / (tf + k1 * (1 - b + b * doc_lengths / avg_length))
-
-
-#: A shard also closes once it holds this many tokens, so that the memory used to build one
-#: (~50 bytes per token at its peak) stays bounded whatever the length of the documents.
+#: A shard also closes once it holds this many tokens, so that the memory used to build one (~50 bytes per token
+#: at its peak) stays bounded whatever the length of the documents.
 SHARD_MAX_TOKENS = 1 << 24
 
 
 @dataclass
 class _Postings:
-    """What the streaming pass over a corpus keeps in memory; each shard's (document, token, count)
-    triples went to ``pairs_NNNNN.npy`` files beside it."""
+    """What the streaming pass keeps in memory; each shard's term-frequency matrix went to disk."""
 
     vocab: dict[str, int] = field(default_factory=dict)
-    document_frequencies: np.ndarray = field(default_factory=lambda: np.zeros(1 << 16, dtype=np.int64))
+    document_frequencies: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     lengths: array = field(default_factory=lambda: array("i"))  # tokens per document
-    file_numbers: array = field(default_factory=lambda: array("i"))  # the document's location: file ...
-    offsets: array = field(default_factory=lambda: array("q"))  # ... and byte offset (or item / row)
+    file_numbers: array = field(default_factory=lambda: array("i"))  # a document's location: file ...
+    offsets: array = field(default_factory=lambda: array("q"))  # ... and byte offset (or item, or row)
     shard_starts: list[int] = field(default_factory=list)
-    kind_units: list[int] = field(default_factory=lambda: [0] * len(KIND_NAMES))
+    kind_units: Counter = field(default_factory=Counter)  # word units per run kind: the script shares
     skipped: Counter = field(default_factory=Counter)
-    documents_without_tokens: int = 0
 
 
 def _stream_postings(corpus, building: Path, shard_size: int, max_documents: int | None) -> _Postings:
-    """Tokenise every document once, numbering tokens as they come; a shard closes at ``shard_size``
-    documents or SHARD_MAX_TOKENS tokens and leaves its triples on disk."""
+    """Tokenise every document once, numbering tokens as they come; a shard closes at ``shard_size`` documents or
+    SHARD_MAX_TOKENS tokens and leaves its term frequencies in ``building``."""
     found = _Postings()
-    # Local names in the loop below: it runs once per document of a corpus of millions.
-    vocab, lengths, file_numbers, offsets, kind_units = (
-        found.vocab, found.lengths, found.file_numbers, found.offsets, found.kind_units
-    )  # fmt: skip
+    vocab = found.vocab
     shard_tokens, shard_lengths = array("i"), array("i")
-    no_token_docs = 0
-
-    def flush_shard() -> None:
-        number = len(found.shard_starts)
-        found.shard_starts.append(len(lengths) - len(shard_lengths))
-        tokens = np.frombuffer(shard_tokens, dtype=np.int32).astype(np.int64)
-        docs = np.repeat(np.arange(len(shard_lengths), dtype=np.int64), np.frombuffer(shard_lengths, np.int32))
-        pairs, tf = np.unique((docs << 32) | tokens, return_counts=True)
-        pair_tokens = (pairs & 0xFFFFFFFF).astype(np.int32)
-        df = found.document_frequencies
-        if len(vocab) > df.size:
-            df = np.concatenate([df, np.zeros(max(len(vocab), 2 * df.size) - df.size, np.int64)])
-        found.document_frequencies = df + np.bincount(pair_tokens, minlength=df.size)
-        np.save(building / f"pairs_{number:05d}.npy", np.stack([pairs >> 32, pair_tokens, tf]).astype(np.int32))
-        del shard_tokens[:], shard_lengths[:]
-
-    vocab_get = vocab.get
-    progress = tqdm(desc=f"Indexing {corpus.label}", unit="doc")
-    documents = corpus.iter_documents(found.skipped)
-    if max_documents is not None:  # the first N documents only (a smoke run's budget)
-        documents = itertools.islice(documents, max_documents)
-    for text, file_number, offset in documents:
-        tokens = _tokens_and_kind_units(text, kind_units)
-        ids = list(map(vocab_get, tokens))
-        if None in ids:  # new tokens (rare once the vocabulary has warmed up)
-            for position, token_id in enumerate(ids):
-                if token_id is None:
-                    token = tokens[position]
-                    token_id = vocab_get(token)  # it may have been added earlier in this document
-                    ids[position] = vocab[token] = len(vocab) if token_id is None else token_id
+    documents = itertools.islice(corpus.iter_documents(found.skipped), max_documents)  # None: every document
+    for text, file_number, offset in tqdm(documents, desc=f"Indexing {corpus.label}", unit="doc"):
+        ids = [vocab.setdefault(token, len(vocab)) for token in retrieval_tokens(text, found.kind_units)]
         shard_tokens.extend(ids)
         shard_lengths.append(len(ids))
-        lengths.append(len(ids))
-        file_numbers.append(file_number)
-        offsets.append(offset)
-        no_token_docs += not ids
+        found.lengths.append(len(ids))
+        found.file_numbers.append(file_number)
+        found.offsets.append(offset)
         if len(shard_lengths) == shard_size or len(shard_tokens) >= SHARD_MAX_TOKENS:
-            flush_shard()
-        progress.update()
-    progress.close()
-    if len(shard_lengths):
-        flush_shard()
-    found.documents_without_tokens = no_token_docs
+            _save_term_frequencies(building, found, shard_tokens, shard_lengths)
+    if shard_lengths:
+        _save_term_frequencies(building, found, shard_tokens, shard_lengths)
     return found
 
 
+def _save_term_frequencies(building: Path, found: _Postings, shard_tokens: array, shard_lengths: array) -> None:
+    """Save the shard's document x token counts (a sparse matrix), add its document frequencies, and empty it."""
+    number = len(found.shard_starts)
+    found.shard_starts.append(len(found.lengths) - len(shard_lengths))
+    docs = np.repeat(np.arange(len(shard_lengths)), np.array(shard_lengths))
+    tokens = np.array(shard_tokens)  # a copy: the buffer is emptied below
+    # Compressed sparse columns, one per token: a repeated (document, token) entry is summed into its count.
+    shape = (len(shard_lengths), len(found.vocab))
+    tf = scipy.sparse.csc_array((np.ones(len(tokens), np.float32), (docs, tokens)), shape)
+    df = found.document_frequencies
+    found.document_frequencies = np.pad(df, (0, shape[1] - df.size)) + np.diff(tf.indptr)
+    scipy.sparse.save_npz(building / f"tf_{number:05d}.npz", tf)
+    del shard_tokens[:], shard_lengths[:]
+
+
+def lucene_bm25_scores(tf, doc_lengths, df, num_docs, avg_length, k1, b):
+    """BM25 as bm25s's method="lucene": ln(1 + (N - df + 0.5) / (df + 0.5)) tf / (tf + k1 (1 - b + b |d| / avg))."""
+    idf = np.log1p((num_docs - df + 0.5) / (df + 0.5))
+    return idf * tf / (tf + k1 * (1 - b + b * doc_lengths / avg_length))
+
+
 def _write_shard_scores(building: Path, found: _Postings, df: np.ndarray, avg_length: float, k1: float, b: float):
-    """Each shard's BM25 score matrix from its triples, with the corpus-wide ``df`` and ``avg_length``, saved
-    in bm25s's own format (the triples file is then removed)."""
-    num_docs, vocab_size = len(found.lengths), df.size
-    all_lengths = np.frombuffer(found.lengths, dtype=np.int32)
-    starts = found.shard_starts
-    for number, start in enumerate(tqdm(starts, desc="Scoring shards", unit="shard")):
-        pairs_path = building / f"pairs_{number:05d}.npy"
-        docs, tokens, tf = np.load(pairs_path).astype(np.int64)
-        end = starts[number + 1] if number + 1 < len(starts) else num_docs
-        scores = lucene_bm25_scores(
-            tf.astype(np.float32), all_lengths[start + docs], df[tokens], num_docs, avg_length, k1, b
-        ).astype(np.float32)
-        # Compressed sparse columns (one column per token), rows sorted within a column: bm25s's layout.
-        order = np.lexsort((docs, tokens))
-        indptr = np.zeros(vocab_size + 1, dtype=np.int64)
-        np.cumsum(np.bincount(tokens, minlength=vocab_size), out=indptr[1:])
+    """Each shard's BM25 score matrix from its term frequencies with the corpus-wide ``df`` and ``avg_length``, saved
+    in bm25s's own format (compressed sparse columns, one per token)."""
+    num_docs, lengths = len(found.lengths), np.frombuffer(found.lengths, dtype=np.int32)
+    for number, start in enumerate(tqdm(found.shard_starts, desc="Scoring shards", unit="shard")):
+        tf_path = building / f"tf_{number:05d}.npz"
+        tf = scipy.sparse.load_npz(tf_path)
+        tf.resize((tf.shape[0], df.size))  # tokens first seen in later shards
+        token_of_entry = np.repeat(np.arange(df.size), np.diff(tf.indptr))
+        doc_lengths = lengths[start + tf.indices]
+        scores = lucene_bm25_scores(tf.data, doc_lengths, df[token_of_entry], num_docs, avg_length, k1, b)
         shard = bm25s.BM25(k1=k1, b=b, method="lucene")
-        shard.scores = {
-            "data": scores[order],
-            "indices": docs[order].astype(np.int32),
-            "indptr": indptr,
-            "num_docs": end - start,
-        }
-        shard.vocab_dict = {}  # the vocabulary is shared by all shards: vocab.json
-        shard.nonoccurrence_array = None
+        shard.scores = {"data": scores.astype(np.float32), "indices": tf.indices.astype(np.int32),
+                        "indptr": tf.indptr.astype(np.int64), "num_docs": tf.shape[0]}  # fmt: skip
+        shard.vocab_dict, shard.nonoccurrence_array = {}, None  # the vocabulary is shared by all shards: vocab.json
         shard.save(building / f"shard_{number:05d}", show_progress=False)
-        pairs_path.unlink()
+        tf_path.unlink()
 
 
-def build_index(
-    corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict, max_documents: int | None = None
-) -> None:
-    """Stream ``corpus`` once and write a ShardedBM25 index to ``directory`` (replaced atomically)."""
+def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict,
+                max_documents: int | None = None) -> None:  # fmt: skip
+    """Stream ``corpus`` once and write a ShardedBM25 index to ``directory`` (replaced atomically: meta.json last)."""
     building = directory.parent / f".{directory.name}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     try:
         found = _stream_postings(corpus, building, shard_size, max_documents)
-        num_docs = len(found.lengths)
-        if num_docs == 0:
+        if not found.lengths:
             reasons = ", ".join(f"{n} {why}" for why, n in found.skipped.items()) or "no records"
-            raise ValueError(
-                f"Corpus {corpus.label!r} has no documents ({reasons}). Check the corpus and its text column."
-            )
-        vocab_size = len(found.vocab) + 1  # + the empty token bm25s reserves for queries with no known token
-        df = found.document_frequencies
-        df = (
-            df[:vocab_size] if df.size >= vocab_size else np.concatenate([df, np.zeros(vocab_size - df.size, np.int64)])
-        )
-        all_lengths = np.frombuffer(found.lengths, dtype=np.int32)
-        avg_length = float(all_lengths.mean()) if all_lengths.sum() else 1.0
-        _write_shard_scores(building, found, df, avg_length, k1, b)
-
+            raise InputError(f"Corpus {corpus.label!r} has no documents ({reasons}). Check it and its text column.")
         vocab = found.vocab
-        vocab[""] = len(vocab)
+        vocab[""] = len(vocab)  # the empty token bm25s reserves for queries with no known token
+        df = np.pad(found.document_frequencies, (0, 1))
+        lengths = np.frombuffer(found.lengths, dtype=np.int32)
+        avg_length = float(lengths.mean()) if lengths.sum() else 1.0
+        _write_shard_scores(building, found, df, avg_length, k1, b)
         (building / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         np.save(building / "file_numbers.npy", np.frombuffer(found.file_numbers, dtype=np.int32))
         np.save(building / "offsets.npy", np.frombuffer(found.offsets, dtype=np.int64))
         np.save(building / "document_frequencies.npy", df)
-        kind_units = found.kind_units
-        total_units = sum(n for kind, n in enumerate(kind_units) if kind != _DIGIT) or 1
-        meta = {
-            "fingerprint": fingerprint,
-            "corpus": corpus.describe(),
-            "documents": num_docs,
-            "documents_without_tokens": found.documents_without_tokens,
-            "skipped": dict(found.skipped),
-            "vocabulary": len(vocab),
-            "average_tokens": avg_length,
-            "shard_starts": found.shard_starts,
-            "script_unit_fractions": {
-                _SCRIPT_OF_KIND[kind]: kind_units[kind] / total_units for kind in _SCRIPT_OF_KIND
-            },
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        units = sum(n for kind, n in found.kind_units.items() if kind != "digit") or 1
+        meta = {"fingerprint": fingerprint, "corpus": corpus.describe(), "documents": len(lengths),
+                "documents_without_tokens": int((lengths == 0).sum()), "skipped": dict(found.skipped),
+                "vocabulary": len(vocab), "average_tokens": avg_length, "shard_starts": found.shard_starts,
+                "script_unit_fractions": {s: found.kind_units[kind] / units for kind, s in SCRIPT_OF_KIND.items()}}  # fmt: skip
         write_json_atomic(building / "meta.json", meta)  # written last: an index without it is incomplete
-        if directory.exists():
-            shutil.rmtree(directory)
+        shutil.rmtree(directory, ignore_errors=True)
         os.replace(building, directory)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
@@ -1036,34 +811,21 @@ def build_index(
 
 def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[ShardedBM25, bool]:
     """The corpus's index, reused when its fingerprint matches, else (re)built. Returns (index, reused)."""
-    fingerprint = {
-        "corpus": corpus.fingerprint(args.fingerprint),
-        "tokenizer": TOKENIZER_VERSION,
-        "bm25": {"method": "lucene", "k1": args.bm25_k1, "b": args.bm25_b},
-        "shard_size": args.shard_size,
-        "shard_max_tokens": SHARD_MAX_TOKENS,
-        "max_documents": args.max_documents,
-    }
+    fingerprint = {"corpus": corpus.fingerprint(args.fingerprint), "tokenizer": TOKENIZER_VERSION,
+                   "bm25": {"method": "lucene", "k1": args.bm25_k1, "b": args.bm25_b}, "shard_size": args.shard_size,
+                   "shard_max_tokens": SHARD_MAX_TOKENS, "max_documents": args.max_documents}  # fmt: skip
     directory = index_root / corpus.label
-    meta_path = directory / "meta.json"
-    if meta_path.is_file():
-        try:
-            old = json.loads(meta_path.read_text(encoding="utf-8")).get("fingerprint")
-        except json.JSONDecodeError:
-            old = None
-        if old == fingerprint:
-            logger.info("Reusing the index of corpus %r at %s (fingerprint matches).", corpus.label, directory)
-            return ShardedBM25(directory), True
-        changed = sorted(key for key in fingerprint if (old or {}).get(key) != fingerprint[key])
-        logger.info(
-            "Rebuilding the index of corpus %r at %s (changed: %s).", corpus.label, directory, ", ".join(changed)
-        )
-    else:
-        logger.info("Building the index of corpus %r at %s (no index there yet).", corpus.label, directory)
+    try:
+        old = json.loads((directory / "meta.json").read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        old = None  # no index there yet, or an incomplete one
+    if old == fingerprint:
+        logger.info("Reusing the index of corpus %r at %s (fingerprint matches).", corpus.label, directory)
+        return ShardedBM25(directory), True
+    changed = ", ".join(key for key in fingerprint if (old or {}).get(key) != fingerprint[key])
+    logger.info("Building the index of corpus %r at %s (changed: %s).", corpus.label, directory, changed)
     if args.max_documents is not None:
-        logger.warning(
-            "Corpus %r: indexing only its first %d documents (--max_documents).", corpus.label, args.max_documents
-        )
+        logger.warning("Corpus %r: indexing only its first %d documents.", corpus.label, args.max_documents)
     build_index(corpus, directory, args.shard_size, args.bm25_k1, args.bm25_b, fingerprint, args.max_documents)
     return ShardedBM25(directory), False
 
@@ -1085,31 +847,18 @@ class Judgement:
 class LexicalJudge:
     """Does a document state a question's fact? Deterministic and lexical.
 
-    Yes iff some answer's units occur contiguously in the document (see ``analyse_text``: Han
-    and Hangul by character, so 4개 matches 4개의) and, within ``window`` units before or after
-    that occurrence, the question's key terms found carry at least ``min_key_fraction`` of the
-    question's key-term weight, and number at least ``min_key_terms`` (capped at the number of
-    key terms). Key terms: words of the question minus stopwords and minus the answer's own
-    terms; Han characters and bigrams; Hangul bigrams; Tibetan syllables and Mongolian words
-    minus case particles (``JUDGE_STOPWORDS``). A term's weight is
-    its BM25 idf in the corpus (``weights``; 1 each when not given), so a matched subject name
-    counts for more than a matched common word and a paraphrase that keeps the subject and the
-    answer but rewords the relation still counts. ``window`` 0 means the question's own length.
-    A question without key terms is judged on the answer alone.
+    Yes iff some answer's units occur contiguously in the document and, within ``window`` units of that occurrence
+    (0: the question's length), the question's key terms found carry at least ``min_key_fraction`` of its key-term
+    weight and number at least ``min_key_terms`` (capped at the number of key terms). Key terms: the question's
+    ``analyse_text`` key tokens minus judge stopwords and the answer's own; a term weighs its BM25 idf in the corpus
+    (``weights``; 1 each when not given), so a matched subject name counts more than a common word. A question
+    without key terms is judged on the answer alone.
 
-    Failure modes (what it cannot see):
-    * paraphrase and synonyms: a fact stated without the answer string ("the harvest festival"
-      for "Chuseok") or with few of the question's terms is not counted (undercount);
-    * inflection in Latin and Mongolian ("celebrates" vs "celebrated") and Tibetan particles
-      fused into a syllable miss a key term;
-    * answers that are common words or numbers ("4", "rice", "South") match everywhere; the
-      key-term condition then carries the whole decision;
-    * Han answers have no word boundaries: 泰山 also matches inside 泰山区;
-    * negation and contradiction: "Chuseok is NOT in spring" matches like the fact;
-    * a document about a neighbouring fact that shares the answer and the rare key terms (the
-      same subject, another relation) counts (overcount);
-    * co-occurrence is checked inside a window, not a sentence, so a long list of facts can
-      combine an answer and key terms from different sentences.
+    It cannot see: paraphrases without the answer string or with few of the question's terms (undercount);
+    inflection (Latin, Mongolian) and particles fused into a Tibetan syllable; negation ("NOT in spring" matches);
+    Han answers inside longer words (泰山 in 泰山区); answers that are common words or numbers, where the key terms
+    decide alone; a neighbouring fact sharing the answer and rare key terms, or an answer and key terms from
+    different sentences of one window (overcount).
     """
 
     window: int = 0
@@ -1119,27 +868,21 @@ class LexicalJudge:
     def judge(self, question: Question, document: TextAnalysis, weights: dict[str, float] | None = None) -> Judgement:
         units, keys = document.units, document.key_tokens
         window = self.window or question.length_units
-        weight = (lambda term: weights[term]) if weights is not None else (lambda term: 1.0)  # noqa: E731
+        weight = weights.__getitem__ if weights is not None else (lambda term: 1.0)
         total = sum(weight(term) for term in question.key_terms)
         needed_terms = min(len(question.key_terms), self.min_key_terms)
         best_terms, best_share, found = -1, -1.0, False
         for answer in question.answer_units:
-            size = len(answer)
-            first = answer[0]
-            for start in (p for p, unit in enumerate(units) if unit == first):
-                if tuple(units[start : start + size]) != answer:
+            for start in (p for p, unit in enumerate(units) if unit == answer[0]):
+                end = start + len(answer)
+                if tuple(units[start:end]) != answer:
                     continue
                 found = True
-                end = start + size
-                near = {
-                    token
-                    for p in range(max(0, start - window), min(len(units), end + window))
-                    if p < start or p >= end
-                    for token in keys[p]
-                }
+                around = range(max(0, start - window), min(len(units), end + window))
+                near = {token for p in around if not start <= p < end for token in keys[p]}
                 matched = question.key_terms & near
                 share = sum(weight(term) for term in matched) / total if total else 1.0
-                if share > best_share or (share == best_share and len(matched) > best_terms):
+                if (share, len(matched)) > (best_share, best_terms):
                     best_terms, best_share = len(matched), share
                 if len(matched) >= needed_terms and share >= self.min_key_fraction - 1e-9:
                     return Judgement(True, True, len(matched), share)
@@ -1158,117 +901,76 @@ JUDGE_YES, JUDGE_NO = " Yes", " No"
 def judge_prompt_parts(question: Question, excerpt: str) -> tuple[str, str, str]:
     """The judge prompt as (text before the document, document excerpt, text after it)."""
     head, tail = JUDGE_PROMPT.split("{document}")
-    statement = question.filled.strip()
-    tail = tail.format(question=question.question.strip(), answer=" / ".join(question.answers), statement=statement)
-    return head, excerpt, tail
+    answer = " / ".join(question.answers)
+    return (
+        head,
+        excerpt,
+        tail.format(question=question.question.strip(), answer=answer, statement=question.filled.strip()),
+    )
 
 
 def document_excerpt(text: str, question: Question, max_chars: int) -> str:
     """At most ``max_chars`` characters of ``text``, centred on the first occurrence of an answer."""
     if len(text) <= max_chars:
         return text
-    lowered = text.lower()
-    positions = [lowered.find(a.lower()) for a in question.answers]
-    positions = [p for p in positions if p >= 0]
-    centre = min(positions) if positions else 0
-    start = max(0, min(centre - max_chars // 2, len(text) - max_chars))
+    positions = [p for p in (text.lower().find(a.lower()) for a in question.answers) if p >= 0]
+    start = max(0, min(min(positions, default=0) - max_chars // 2, len(text) - max_chars))
     return text[start : start + max_chars]
 
 
 class LanguageModelJudge:
-    """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > margin.
-
-    Prompts follow JUDGE_PROMPT (also in docs/density.md). Each prompt is scored twice in one batch
-    (followed by " Yes" and by " No"; continuations may span several tokens: their log-probs are
-    summed). Sequences start with the model's document-start token (study_common), are padded
-    with an attention mask, and the forward pass uses use_cache=False.
-    """
+    """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > margin (JUDGE_PROMPT,
+    docs/density.md). The continuations may span several tokens (their log-probs are summed); each prompt starts
+    with the model's document-start token."""
 
     def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int,
                  margin: float, device: str = "auto", dtype: str = "auto"):  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from study_common import document_start_id
-
-        self.torch = torch
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype).to(device).eval()
-        self.device, self.batch_size, self.excerpt_chars, self.margin = device, batch_size, excerpt_chars, margin
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                model_name_or_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
+            )
+            .to(self.device)
+            .eval()
+        )
+        self.batch_size, self.excerpt_chars, self.margin = batch_size, excerpt_chars, margin
         self.start_id = document_start_id(self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.start_id
-        limit = getattr(self.model.config, "max_position_embeddings", None) or max_tokens
-        self.max_tokens = min(max_tokens, limit)
-        self.yes_ids = self._ids(JUDGE_YES)
-        self.no_ids = self._ids(JUDGE_NO)
+        self.pad_id = self.start_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+        self.max_tokens = min(max_tokens, getattr(self.model.config, "max_position_embeddings", None) or max_tokens)
+        self.yes_ids, self.no_ids = self._ids(JUDGE_YES), self._ids(JUDGE_NO)
         if self.yes_ids == self.no_ids:
-            raise ValueError(f"{model_name_or_path}: ' Yes' and ' No' tokenize identically; this model cannot judge.")
+            raise InputError(f"{model_name_or_path}: ' Yes' and ' No' tokenize identically; this model cannot judge.")
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, question: Question, document_text: str) -> list[int]:
         """[start] + prompt ids; the document excerpt is cut (around its centre) to fit max_tokens."""
-        head, excerpt, tail = judge_prompt_parts(
-            question, document_excerpt(document_text, question, self.excerpt_chars)
-        )
-        head_ids, doc_ids, tail_ids = self._ids(head), self._ids(excerpt), self._ids(tail)
-        room = self.max_tokens - 1 - len(head_ids) - len(tail_ids) - max(len(self.yes_ids), len(self.no_ids))
+        excerpt = document_excerpt(document_text, question, self.excerpt_chars)
+        head, doc, tail = (self._ids(part) for part in judge_prompt_parts(question, excerpt))
+        room = self.max_tokens - 1 - len(head) - len(tail) - max(len(self.yes_ids), len(self.no_ids))
         if room < 0:
-            raise ValueError(
+            raise InputError(
                 f"--judge_max_tokens {self.max_tokens} is too small for the prompt of question {question.index}."
             )
-        if len(doc_ids) > room:
-            cut = (len(doc_ids) - room) // 2
-            doc_ids = doc_ids[cut : cut + room]
-        return [self.start_id] + head_ids + doc_ids + tail_ids
+        cut = max(0, len(doc) - room) // 2
+        return [self.start_id] + head + doc[cut : cut + room] + tail
 
     def margins(self, prompts: list[list[int]], show_progress: bool = False) -> np.ndarray:
-        """log P(" Yes") - log P(" No") after each prompt (given as ids from ``prompt_ids``).
+        """log P(" Yes") - log P(" No") after each prompt (ids from ``prompt_ids``), by run_eval.token_logprobs, which
+        scores cloze options: a prompt and its two continuations run as one prefix tree, each as if run alone."""
+        from run_eval import token_logprobs
 
-        Rows are padded on the LEFT (attention mask 0, position ids restarting at the first real
-        token), so every continuation ends at the last position and only the logits of the last
-        few positions are computed (``logits_to_keep``), not one vocabulary-wide row per token.
-        """
-        torch = self.torch
-        keep = max(len(self.yes_ids), len(self.no_ids)) + 1
-        out = np.zeros(len(prompts), dtype=np.float64)
-        for begin in tqdm(range(0, len(prompts), self.batch_size), desc="LM judge", disable=not show_progress):
-            chunk = prompts[begin : begin + self.batch_size]
-            sequences = [(p + c, len(c)) for p in chunk for c in (self.yes_ids, self.no_ids)]
-            width = max(len(ids) for ids, _ in sequences)
-            input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(sequences), width), dtype=torch.long)
-            for row, (ids, _) in enumerate(sequences):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
-            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                logits = (
-                    self.model(
-                        input_ids=input_ids.to(self.device),
-                        attention_mask=attention.to(self.device),
-                        position_ids=position_ids.to(self.device),
-                        use_cache=False,
-                        logits_to_keep=keep,
-                    )
-                    .logits[:, -keep:]
-                    .float()
-                )
-            log_probs = torch.log_softmax(logits, dim=-1)
-            totals = []
-            for row, (ids, size) in enumerate(sequences):
-                # Kept position j predicts the token at kept position j + 1; the continuation fills the last `size`.
-                positions = torch.arange(keep - size - 1, keep - 1, device=log_probs.device)
-                targets = torch.tensor(ids[-size:], device=log_probs.device)
-                totals.append(log_probs[row, positions, targets].sum().item())
-            for i in range(len(chunk)):
-                out[begin + i] = totals[2 * i] - totals[2 * i + 1]
-        return out
+        sequences = [prompt + ids for prompt in prompts for ids in (self.yes_ids, self.no_ids)]
+        logprobs = token_logprobs(self.model, sequences, [[i, i + 1] for i in range(0, len(sequences), 2)],
+                                  batch_size=2 * self.batch_size, pad_id=self.pad_id,
+                                  desc="LM judge" if show_progress else None)  # fmt: skip
+        yes = [lp[-len(self.yes_ids) :].sum() for lp in logprobs[0::2]]
+        return np.array(yes) - np.array([lp[-len(self.no_ids) :].sum() for lp in logprobs[1::2]])
 
 
 # --------------------------------------------------------------------------------------
@@ -1277,33 +979,30 @@ class LanguageModelJudge:
 
 
 def find_predictions(path: str) -> Path:
-    """The predictions.jsonl of a run_eval.py output: given as the file, or the folder holding it (or the one
-    folder below it that does). The accuracy.json beside it must be there: it lists the checkpoints that count."""
+    """The predictions.jsonl of a run_eval.py output: the file, or the folder holding it (or the one folder below it
+    that does), with the accuracy.json beside it that lists the checkpoints that count."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory (expected run_eval.py output).")
+        raise InputError(f"{path}: no such file or directory (expected run_eval.py output).")
     found = [path] if path.is_file() else [path / "predictions.jsonl"]
     if not found[0].is_file():
         found = sorted(path.rglob("predictions.jsonl"))
     if not found:
-        raise FileNotFoundError(f"{path}: no predictions.jsonl in it or below it. Run run_eval.py first.")
+        raise InputError(f"{path}: no predictions.jsonl in it or below it. Run run_eval.py first.")
     if len(found) > 1:
-        raise ValueError(f"{path}: several predictions.jsonl below it ({', '.join(map(str, found))}); give the file.")
+        raise InputError(f"{path}: several predictions.jsonl below it ({', '.join(map(str, found))}); give the file.")
     if found[0].name != "predictions.jsonl" or not (found[0].parent / "accuracy.json").is_file():
-        raise FileNotFoundError(
-            f"{found[0]}: expected run_eval.py's predictions.jsonl with its accuracy.json beside it (the "
-            "checkpoints that count). Give run_eval.py's output folder."
+        raise InputError(
+            f"{found[0]}: expected run_eval.py's predictions.jsonl with its accuracy.json beside it (the checkpoints "
+            "that count). Give run_eval.py's output folder."
         )
     return found[0]
 
 
-def predictions_at(
-    path: Path, step: int | None, setting: str
-) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
-    """Per questions stem: the first-wins correctness of each item at ``step`` (default: the run's last
-    checkpoint), the step, and the question language; read by ``cloze.read_predictions``. ``setting`` is the
-    CPT setting the run was given as ("bridges" or "no_bridges"); the run's recorded cpt_setting must agree
-    (as run_transfer.py checks), so that swapped flags do not turn the analysis upside down."""
+def predictions_at(path: Path, step: int | None, setting: str) -> tuple[dict, dict[str, int], dict[str, str]]:
+    """Per questions stem: the first-wins correctness of each item at ``step`` (default: the run's last checkpoint),
+    the step, and the question language. The run's recorded cpt_setting must be ``setting`` ("bridges" or
+    "no_bridges"), as run_transfer.py checks, so that swapped flags do not turn the analysis upside down."""
     accuracy, correct = read_predictions(path.parent)
     recorded = accuracy.get("cpt_setting") or {}
     was = recorded.get("setting") or {True: "bridges", False: "no_bridges"}.get(recorded.get("bridges"))
@@ -1311,23 +1010,14 @@ def predictions_at(
         flag = "--predictions_with" if setting == "bridges" else "--predictions_without"
         raise InputError(f"{path} was given as {flag} but its cpt_setting says {was}. Swap or fix the flags.")
     if not any(correct.values()):
-        raise ValueError(f"{path}: no predictions in the file.")
+        raise InputError(f"{path}: no predictions in the file.")
     items, steps = {}, {}
     for stem, by_step in correct.items():
-        chosen = max(by_step) if step is None else step
-        if chosen not in by_step:
-            raise ValueError(f"{path}: no predictions at step {chosen} for {stem} (steps: {sorted(by_step)}).")
-        items[stem], steps[stem] = by_step[chosen], chosen
+        steps[stem] = max(by_step) if step is None else step
+        if steps[stem] not in by_step:
+            raise InputError(f"{path}: no predictions at step {step} for {stem} (steps: {sorted(by_step)}).")
+        items[stem] = by_step[steps[stem]]
     return items, steps, {stem: q["lang"] for stem, q in accuracy["questions"].items()}
-
-
-def parse_source_corpus(entries: list[str]) -> dict[str, str]:
-    """{lang or '*': corpus label} from LABEL or LANG=LABEL entries."""
-    mapping = {}
-    for entry in entries:
-        lang, sep, label = entry.partition("=")
-        mapping[lang if sep else "*"] = label if sep else entry
-    return mapping
 
 
 #: Resamples and seed of the bootstrap interval of ``gap_slope``.
@@ -1335,9 +1025,10 @@ SLOPE_BOOTSTRAP, SLOPE_SEED = 2000, 0
 
 
 def gap_slope(gap: np.ndarray, occurrences: np.ndarray) -> dict:
-    """Least-squares slope of the per-item gap (with bridges right minus without: +1, 0, -1) on
-    log(1 + occurrences in the source corpus), with a 95% percentile bootstrap interval over items: the
-    frequency hypothesis measured on real data (does the gap grow with how often the source states a fact?)."""
+    """Least-squares slope of the per-item gap (with bridges right minus without: +1, 0, -1) on log(1 + occurrences
+    in the source corpus), with a 95% percentile bootstrap interval over items. Resamples whose items all have the
+    same occurrences have no slope and drop out (scipy.stats.bootstrap would return no interval at all, as it does
+    when most items never occur in the source)."""
     x, gap = np.log1p(np.asarray(occurrences, float)), np.asarray(gap, float)
     entry = {"slope": None, "slope_ci": None, "n_items": len(gap), "n_bootstrap": SLOPE_BOOTSTRAP,
              "seed": SLOPE_SEED, "meaning": "change of the per-item gap (with minus without bridges) per unit of "
@@ -1352,82 +1043,78 @@ def gap_slope(gap: np.ndarray, occurrences: np.ndarray) -> dict:
             return np.where(var > 0, (dx * (gs - gs.mean(-1, keepdims=True))).sum(-1) / var, np.nan)
 
     rows = np.random.default_rng(SLOPE_SEED).integers(0, len(gap), size=(SLOPE_BOOTSTRAP, len(gap)))
-    low, high = np.nanpercentile(slopes(x[rows], gap[rows]), [2.5, 97.5])  # resamples of one x value drop out
+    low, high = np.nanpercentile(slopes(x[rows], gap[rows]), [2.5, 97.5])
     return {**entry, "slope": float(slopes(x, gap)), "slope_ci": [float(low), float(high)]}
+
+
+def _source_of(stem: str, lang: str, sources: dict[str, str], occurrences: dict) -> tuple[str, str] | str:
+    """(source corpus, measured question file) of a predictions stem, or the reason there is none: the --source_corpus
+    of its language (the same file measured there, else its single parallel file), or else the one corpus its
+    parallel file in another language was measured on."""
+    prefix = parallel_base(stem)
+    if not sources:
+        twins = [(c, s) for c, s in occurrences if s != stem and parallel_base(s) == prefix]
+        if len(twins) == 1:
+            return twins[0]
+        found = ", ".join(f"{s} on {c}" for c, s in twins) or "none"
+        return f"the source corpus is ambiguous: parallel files measured: {found}; give --source_corpus"
+    source = sources.get(lang, sources.get("*"))
+    if source is None:
+        return f"no --source_corpus for language {lang!r}"
+    if (source, stem) in occurrences:
+        return source, stem
+    parallel = [s for c, s in occurrences if c == source and parallel_base(s) == prefix]
+    return (
+        (source, parallel[0])
+        if len(parallel) == 1
+        else f"no (single) parallel question file measured on corpus {source!r}"
+    )
 
 
 def _mean_at(counts: list[int], items: list[int]) -> float | None:
     return float(np.mean([counts[i] for i in items])) if items else None
 
 
-def instance_analysis(
-    with_path: Path,
-    without_path: Path,
-    step: int | None,
-    sources: dict[str, str],
-    occurrences: dict[tuple[str, str], list[int]],
-) -> dict:
-    """Mean occurrences in the source corpus of items that transferred vs all items, per question file.
-
-    An item transferred when the model trained with bridges answers it right and the model trained
-    without bridges answers it wrong (at the chosen step). ``occurrences[(corpus, stem)]`` holds the
-    occurrences per item of each measured (corpus, question file). ``sources`` maps a question
-    language (or "*") to its source corpus; when empty, the source of a question file is the corpus
-    its parallel file in another language was measured on (Tibetan questions: their English twins
-    on the English corpus), which must be unique.
-    """
+def instance_analysis(with_path: Path, without_path: Path, step: int | None, sources: dict[str, str],
+                      occurrences: dict[tuple[str, str], list[int]]) -> dict:  # fmt: skip
+    """Per question file, the mean source-corpus occurrences of the items that transferred (right with bridges,
+    wrong without, at the chosen step) vs all items, and the gap slope. ``occurrences[(corpus, stem)]`` holds the
+    occurrences per item of each measured pair; ``sources`` maps a question language (or "*") to its source."""
     with_correct, with_steps, langs = predictions_at(with_path, step, "bridges")
     without_correct, without_steps, _ = predictions_at(without_path, step, "no_bridges")
     results, skipped = [], []
     for stem in sorted(set(with_steps) & set(without_steps)):
-        indices = list(range(min(len(with_correct[stem]), len(without_correct[stem]))))
         lang = langs.get(stem, "")
-        prefix = parallel_base(stem)
-        if sources:
-            source = sources.get(lang, sources.get("*"))
-            if source is None:
-                skipped.append({"questions": stem, "reason": f"no --source_corpus for language {lang!r}"})
-                continue
-            measured_stem = stem
-            if (source, stem) not in occurrences:
-                parallel = [s for c, s in occurrences if c == source and parallel_base(s) == prefix]
-                if len(parallel) != 1:
-                    reason = f"no (single) parallel question file measured on corpus {source!r}"
-                    skipped.append({"questions": stem, "reason": reason})
-                    continue
-                measured_stem = parallel[0]
-        else:
-            twins = [(c, s) for c, s in occurrences if s != stem and parallel_base(s) == prefix]
-            if len(twins) != 1:
-                found = ", ".join(f"{s} on {c}" for c, s in twins) or "none"
-                reason = f"the source corpus is ambiguous: parallel files measured: {found}; give --source_corpus"
-                skipped.append({"questions": stem, "reason": reason})
-                continue
-            source, measured_stem = twins[0]
-        counts = occurrences[(source, measured_stem)]
-        if indices and indices[-1] >= len(counts):
-            raise ValueError(
-                f"Predictions for {stem} reach item {indices[-1]} but {measured_stem} has {len(counts)} questions; "
-                "the files are not parallel."
+        source = _source_of(stem, lang, sources, occurrences)
+        if isinstance(source, str):
+            skipped.append({"questions": stem, "reason": source})
+            continue
+        counts = occurrences[source]
+        items = min(len(with_correct[stem]), len(without_correct[stem]))
+        if items > len(counts):
+            raise InputError(
+                f"Predictions for {stem} reach item {items - 1} but {source[1]} has {len(counts)} questions; the "
+                "files are not parallel."
             )
-        transferred = [i for i in indices if with_correct[stem][i] and not without_correct[stem][i]]
+        right_with, right_without = with_correct[stem][:items], without_correct[stem][:items]
+        transferred = np.flatnonzero(right_with & ~right_without).tolist()
+        others = np.flatnonzero(~(right_with & ~right_without)).tolist()
         results.append(
             {
                 "questions": stem,
                 "lang": lang,
-                "source_corpus": source,
-                "occurrences_from": measured_stem,
+                "source_corpus": source[0],
+                "occurrences_from": source[1],
                 "step_with": with_steps[stem],
                 "step_without": without_steps[stem],
-                "items": len(indices),
+                "items": items,
                 "transferred": len(transferred),
                 "transferred_indices": transferred,
                 "mean_occurrences_transferred": _mean_at(counts, transferred),
-                "mean_occurrences_all": _mean_at(counts, indices),
-                "mean_occurrences_not_transferred": _mean_at(counts, sorted(set(indices) - set(transferred))),
+                "mean_occurrences_all": _mean_at(counts, list(range(items))),
+                "mean_occurrences_not_transferred": _mean_at(counts, others),
                 "gap_vs_log_occurrences": gap_slope(
-                    with_correct[stem][indices].astype(float) - without_correct[stem][indices],
-                    np.asarray(counts)[indices],
+                    right_with.astype(float) - right_without, np.asarray(counts)[:items]
                 ),
             }
         )
@@ -1435,124 +1122,8 @@ def instance_analysis(
 
 
 # --------------------------------------------------------------------------------------
-# Report
+# Measuring, reporting, main
 # --------------------------------------------------------------------------------------
-
-
-def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def markdown_report(table: list[dict], analysis: dict | None, skipped_pairs: list[dict], top_k: int, judge: str) -> str:
-    lines = [
-        "# Cultural density",
-        "",
-        f"Occurrences: top-{top_k} BM25 documents per question judged to contain its fact ({judge} judge), "
-        "so each question counts at most top-k. Density = occurrences / documents.",
-        "",
-        "| corpus | questions | documents | items | occurrences | density |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for row in table:
-        lines.append(
-            f"| {row['corpus']} | {row['questions']} | {row['documents']:,} | {row['items']} | "
-            f"{row['occurrences']:,} | {row['density']:.2e} |"
-        )
-    for pair in skipped_pairs:
-        lines.append(f"\nNot measured: {pair['questions']} on {pair['corpus']} ({pair['reason']}).")
-    if analysis:
-        lines += [
-            "",
-            "## Instance-level analysis",
-            "",
-            "Transferred = right with bridges and wrong without. Mean occurrences in the source corpus.",
-            "",
-            "Gap slope: least-squares slope of the per-item gap (right with bridges minus right without) on "
-            "log(1 + occurrences), with a 95% bootstrap interval over items.",
-            "",
-            "| questions | source corpus | items | transferred | mean occ. transferred | mean occ. all | mean occ. others "
-            "| gap slope [95% CI] |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in analysis["results"]:
-            fit = r["gap_vs_log_occurrences"]
-            slope = (
-                f"{fit['slope']:+.3f} [{fit['slope_ci'][0]:+.3f}, {fit['slope_ci'][1]:+.3f}]"
-                if fit["slope_ci"]
-                else "–"
-            )
-            lines.append(
-                f"| {r['questions']} | {r['source_corpus']} ({r['occurrences_from']}) | {r['items']} | "
-                f"{r['transferred']} | {_fmt(r['mean_occurrences_transferred'], '.2f')} | "
-                f"{_fmt(r['mean_occurrences_all'], '.2f')} | {_fmt(r['mean_occurrences_not_transferred'], '.2f')} "
-                f"| {slope} |"
-            )
-        for s in analysis["skipped"]:
-            lines.append(f"\nNot analysed: {s['questions']} ({s['reason']}).")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------
-
-
-def validate(args: DensityArguments) -> None:
-    if not args.corpus_files and not args.corpus_dataset:
-        raise ValueError("Give a corpus: --corpus_files PATH (or LABEL=PATH) and/or --corpus_dataset NAME.")
-    if args.top_k < 1 or args.shard_size < 1 or args.question_batch_size < 1 or args.judge_batch_size < 1:
-        raise ValueError("--top_k, --shard_size, --question_batch_size and --judge_batch_size must be positive.")
-    if args.fingerprint not in ("stat", "content"):
-        raise ValueError(f"--fingerprint must be 'stat' or 'content', not {args.fingerprint!r}.")
-    if args.judge_weighting not in ("idf", "uniform"):
-        raise ValueError(f"--judge_weighting must be 'idf' or 'uniform', not {args.judge_weighting!r}.")
-    if not 0 <= args.judge_min_key_fraction <= 1:
-        raise ValueError("--judge_min_key_fraction must lie in [0, 1].")
-    if bool(args.predictions_with) != bool(args.predictions_without):
-        raise ValueError("Give both --predictions_with and --predictions_without (or neither).")
-    if args.max_documents is not None and args.max_documents < 1:
-        raise ValueError(f"--max_documents must be at least 1, got {args.max_documents}.")
-
-
-def _repeated(names: list[str]) -> list[str]:
-    return [name for name, n in Counter(names).items() if n > 1]
-
-
-def read_question_sets(sources: list[str]) -> list[QuestionFacts]:
-    """Every --questions source, prepared; their stems name them in every output, so they must differ."""
-    question_sets = [question_facts(qs) for qs in load_question_sets(sources, require_options=False)]
-    if repeated := _repeated([qs.stem for qs in question_sets]):
-        raise ValueError(f"Question files share a stem ({repeated}); stems name question sets.")
-    return question_sets
-
-
-def read_corpora(args: DensityArguments) -> list:
-    """The --corpus_files corpora, then --corpus_dataset; their labels name them, so they must differ."""
-    corpora = parse_corpus_files(args.corpus_files or [], args.corpus_text_column)
-    if args.corpus_dataset:
-        label = args.corpus_label or Path(args.corpus_dataset.rstrip("/")).name
-        corpora.append(
-            DatasetCorpus(args.corpus_dataset, args.corpus_dataset_config, args.corpus_split, args.corpus_text_column,
-                          args.corpus_streaming, label, args.corpus_data_files)
-        )  # fmt: skip
-    if repeated := _repeated([c.label for c in corpora]):
-        raise ValueError(f"Two corpora share a label ({repeated}); use LABEL=PATH.")
-    if repeated := _repeated([str(path.resolve()) for c in corpora if isinstance(c, FileCorpus) for path in c.paths]):
-        raise InputError(
-            f"--corpus_files names a file more than once ({', '.join(repeated)}); its documents would count twice."
-        )
-    return corpora
-
-
-def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudge | None]:
-    """The lexical judge (always: its verdicts are recorded) and, with --judge_model, the LM judge that decides."""
-    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
-    if not args.judge_model:
-        return lexical, None
-    return lexical, LanguageModelJudge(
-        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens,
-        args.judge_margin, args.judge_device, args.judge_dtype,
-    )  # fmt: skip
 
 
 @dataclass
@@ -1570,18 +1141,9 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
     """Open (or build) the index of ``corpus`` and measure on it every question set written in its script."""
     index, reused = open_index(corpus, index_root, args)
     meta = index.meta
-    corpus_entry = {
-        "label": corpus.label,
-        "source": corpus.describe(),
-        "documents": meta["documents"],
-        "documents_without_tokens": meta["documents_without_tokens"],
-        "skipped": meta["skipped"],
-        "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
-        "script_unit_fractions": meta["script_unit_fractions"],
-        "by_questions": [],
-    }
     if meta["skipped"]:
         logger.warning("Corpus %r: skipped records: %s", corpus.label, meta["skipped"])
+    by_questions = []
     for qs in question_sets:
         # English questions on a Tibetan corpus would measure nothing but the lack of a script.
         share = meta["script_unit_fractions"].get(qs.script, 0.0)
@@ -1592,34 +1154,35 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
             continue
         entries = measure(qs, corpus, index, args, *judges)
         found.questions.extend(entries)
-        counts = [e["occurrences"] for e in entries]
-        found.occurrences[(corpus.label, qs.stem)] = counts
+        counts = found.occurrences[(corpus.label, qs.stem)] = [e["occurrences"] for e in entries]
         row = {
-            "corpus": corpus.label,
             "questions": qs.stem,
             "lang": qs.lang,
-            "documents": meta["documents"],
             "items": len(entries),
             "occurrences": int(sum(counts)),
             "density": sum(counts) / meta["documents"],
             "mean_occurrences": float(np.mean(counts)),
-            "questions_with_occurrences": int(sum(1 for c in counts if c)),
-            "questions_without_blank": sum(1 for q in qs.questions if not q.has_blank),
-            "questions_without_key_terms": sum(1 for q in qs.questions if not q.key_terms),
+            "questions_with_occurrences": int(np.count_nonzero(counts)),
+            "questions_without_blank": sum(not q.has_blank for q in qs.questions),
+            "questions_without_key_terms": sum(not q.key_terms for q in qs.questions),
         }
-        found.table.append(row)
-        corpus_entry["by_questions"].append({k: v for k, v in row.items() if k not in ("corpus", "documents")})
-    corpus_entry["occurrences"] = int(sum(r["occurrences"] for r in corpus_entry["by_questions"]))
-    corpus_entry["density"] = corpus_entry["occurrences"] / meta["documents"]
-    found.corpora.append(corpus_entry)
+        by_questions.append(row)
+        found.table.append({"corpus": corpus.label, **row, "documents": meta["documents"]})
+    occurrences = sum(r["occurrences"] for r in by_questions)
+    found.corpora.append({
+        "label": corpus.label, "source": corpus.describe(), "documents": meta["documents"],
+        "documents_without_tokens": meta["documents_without_tokens"], "skipped": meta["skipped"],
+        "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
+        "script_unit_fractions": meta["script_unit_fractions"], "by_questions": by_questions,
+        "occurrences": occurrences, "density": occurrences / meta["documents"],
+    })  # fmt: skip
 
 
 def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
     """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
     required = [q.answer_tokens for q in qs.questions] if args.require_answer else None
     results = index.search([q.query_tokens for q in qs.questions], args.top_k, required)
-    # Random-access corpora are read back one question batch at a time (bounded memory); the
-    # others (a .json list, a streamed dataset) in a single extra pass.
+    # Random-access corpora are read back one question batch at a time (bounded memory), the others in one pass.
     batch = args.question_batch_size if corpus.random_access else len(qs.questions)
     entries = []
     for begin in tqdm(range(0, len(qs.questions), batch), desc=f"Judging {qs.stem} on {corpus.label}"):
@@ -1627,21 +1190,17 @@ def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArgument
         wanted = {int(d) for _, (ids, _) in chunk for d in ids}
         texts = corpus.fetch({d: index.location(d) for d in wanted}) if wanted else {}
         analyses = {d: analyse_text(text) for d, text in texts.items()}
-        margins = None
         if lm_judge is not None:
             prompts = [lm_judge.prompt_ids(q, texts[int(d)]) for q, (ids, _) in chunk for d in ids]
             margins = iter(lm_judge.margins(prompts).tolist())
         for question, (ids, scores) in chunk:
-            weights = None
-            if args.judge_weighting == "idf":
-                weights = {term: index.idf(term) for term in question.key_terms}
+            weights = {term: index.idf(term) for term in question.key_terms} if args.judge_weighting == "idf" else None
             verdicts = [lexical.judge(question, analyses[int(d)], weights) for d in ids]
             entry = {
                 "questions": qs.stem,
                 "lang": qs.lang,
                 "corpus": corpus.label,
                 "index": question.index,
-                "occurrences": 0,
                 "answer": question.answers,
                 "retrieved": [int(d) for d in ids],
                 "bm25": [round(float(s), 4) for s in scores],
@@ -1651,38 +1210,84 @@ def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArgument
                 "key_terms": sorted(question.key_terms),
                 "lexical": [v.contains for v in verdicts],
             }
-            if margins is not None:
-                raw = [next(margins) for _ in ids]
-                entry["lm_margin"] = raw  # unrounded: contains is exactly lm_margin > --judge_margin
-                entry["contains"] = [m > args.judge_margin for m in raw]
-            else:
-                entry["contains"] = entry["lexical"]
-            entry["occurrences"] = int(sum(entry["contains"]))
-            entries.append(entry)
+            if lm_judge is not None:
+                entry["lm_margin"] = [next(margins) for _ in ids]  # unrounded: contains is exactly > --judge_margin
+            entry["contains"] = [m > args.judge_margin for m in entry["lm_margin"]] if lm_judge else entry["lexical"]
+            entries.append({**entry, "occurrences": int(sum(entry["contains"]))})
     return entries
 
 
-def refuse_if_nothing_measured(found: Measurements) -> None:
-    """A report with density 0.0 and an empty table would read as a finding: an error instead."""
-    if not found.table:
-        listed = "; ".join(f"{s['questions']} on {s['corpus']}: {s['reason']}" for s in found.skipped_pairs)
-        raise ValueError(
-            f"every question/corpus pair was skipped, nothing was measured ({listed}). Give a corpus in the "
-            "questions' script, or lower --min_script_fraction (0 measures every pair)."
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_report(table: list[dict], analysis: dict | None, skipped_pairs: list[dict], top_k: int, judge: str) -> str:
+    lines = [
+        "# Cultural density",
+        "",
+        f"Occurrences: top-{top_k} BM25 documents per question judged to contain its fact ({judge} judge), "
+        "so each question counts at most top-k. Density = occurrences / documents.",
+        "",
+        "| corpus | questions | documents | items | occurrences | density |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['corpus']} | {r['questions']} | {r['documents']:,} | {r['items']} | {r['occurrences']:,} | "
+        f"{r['density']:.2e} |"
+        for r in table
+    ]
+    lines += [f"\nNot measured: {p['questions']} on {p['corpus']} ({p['reason']})." for p in skipped_pairs]
+    if not analysis:
+        return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "## Instance-level analysis",
+        "",
+        "Transferred = right with bridges and wrong without. Mean occurrences in the source corpus.",
+        "",
+        "Gap slope: least-squares slope of the per-item gap (right with bridges minus right without) on "
+        "log(1 + occurrences), with a 95% bootstrap interval over items.",
+        "",
+        "| questions | source corpus | items | transferred | mean occ. transferred | mean occ. all | mean occ. others "
+        "| gap slope [95% CI] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in analysis["results"]:
+        fit = r["gap_vs_log_occurrences"]
+        slope = (
+            f"{fit['slope']:+.3f} [{fit['slope_ci'][0]:+.3f}, {fit['slope_ci'][1]:+.3f}]" if fit["slope_ci"] else "–"
         )
+        lines.append(
+            f"| {r['questions']} | {r['source_corpus']} ({r['occurrences_from']}) | {r['items']} | "
+            f"{r['transferred']} | {_fmt(r['mean_occurrences_transferred'], '.2f')} | "
+            f"{_fmt(r['mean_occurrences_all'], '.2f')} | {_fmt(r['mean_occurrences_not_transferred'], '.2f')} "
+            f"| {slope} |"
+        )
+    lines += [f"\nNot analysed: {s['questions']} ({s['reason']})." for s in analysis["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudge | None]:
+    """The lexical judge (always: its verdicts are recorded) and, with --judge_model, the LM judge that decides."""
+    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
+    if not args.judge_model:
+        return lexical, None
+    return lexical, LanguageModelJudge(
+        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens,
+        args.judge_margin, args.judge_device, args.judge_dtype,
+    )  # fmt: skip
 
 
 def analyse_instances(args: DensityArguments, found: Measurements) -> dict | None:
     """The instance-level analysis of --predictions_with/--predictions_without (None without them)."""
     if not args.predictions_with:
         return None
-    analysis = instance_analysis(
-        find_predictions(args.predictions_with),
-        find_predictions(args.predictions_without),
-        args.predictions_step,
-        parse_source_corpus(args.source_corpus or []),
-        found.occurrences,
-    )
+    sources = {}
+    for entry in args.source_corpus or []:
+        lang, sep, label = entry.partition("=")
+        sources[lang if sep else "*"] = label if sep else entry
+    analysis = instance_analysis(find_predictions(args.predictions_with), find_predictions(args.predictions_without),
+                                 args.predictions_step, sources, found.occurrences)  # fmt: skip
     for s in analysis["skipped"]:
         logger.warning("Instance-level analysis: %s not analysed (%s).", s["questions"], s["reason"])
     return analysis
@@ -1690,22 +1295,19 @@ def analyse_instances(args: DensityArguments, found: Measurements) -> dict | Non
 
 def write_report(args: DensityArguments, found: Measurements, analysis: dict | None) -> dict:
     """density.md, then density.json (last: its presence means the run finished); returns the report."""
-    judge_name = f"language-model ({args.judge_model})" if args.judge_model else "lexical"
-    setting = asdict(args)
-    setting.update({"tokenizer": TOKENIZER_VERSION, "judge": judge_name, "bm25_library": f"bm25s {bm25s.__version__}"})
-    report = {
-        "setting": setting,
-        "corpus": found.corpora[0],
-        "corpora": found.corpora,
-        "table": found.table,
-        "skipped_pairs": found.skipped_pairs,
-        "questions": found.questions,
+    judge = f"language-model ({args.judge_model})" if args.judge_model else "lexical"
+    setting = {
+        **asdict(args),
+        "tokenizer": TOKENIZER_VERSION,
+        "judge": judge,
+        "bm25_library": f"bm25s {bm25s.__version__}",
     }
+    report = {"setting": setting, "corpus": found.corpora[0], "corpora": found.corpora, "table": found.table,
+              "skipped_pairs": found.skipped_pairs, "questions": found.questions}  # fmt: skip
     if analysis is not None:
         report["instance_analysis"] = analysis
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = markdown_report(found.table, analysis, found.skipped_pairs, args.top_k, judge_name)
+    markdown = markdown_report(found.table, analysis, found.skipped_pairs, args.top_k, judge)
     write_text_atomic(output_dir / "density.md", markdown)
     write_json_atomic(output_dir / "density.json", report)
     logger.info("Wrote %s and %s\n%s", output_dir / "density.json", output_dir / "density.md", markdown)
@@ -1715,20 +1317,24 @@ def write_report(args: DensityArguments, found: Measurements, analysis: dict | N
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(DensityArguments).parse_args_into_dataclasses(args=argv)
     setup_logging(level=args.log_level.upper())
-    validate(args)
 
     # 1. Inputs: the question sets (each question prepared: query, key terms, answer units) and the corpora.
     question_sets = read_question_sets(args.questions)
     corpora = read_corpora(args)
     judges = make_judges(args)
 
-    # 2. Each corpus: its BM25 index (reused while its fingerprint matches), then every question set in
-    #    its script: top-k retrieval, a verdict per retrieved document, occurrences per question.
+    # 2. Each corpus: its BM25 index (reused while its fingerprint matches), then every question set in its script:
+    #    top-k retrieval, a verdict per retrieved document, occurrences per question.
     index_root = Path(args.index_dir) if args.index_dir else Path(args.output_dir) / "index"
     found = Measurements()
     for corpus in corpora:
         measure_corpus(corpus, question_sets, index_root, args, judges, found)
-    refuse_if_nothing_measured(found)
+    if not found.table:  # a report with density 0 and an empty table would read as a finding
+        listed = "; ".join(f"{s['questions']} on {s['corpus']}: {s['reason']}" for s in found.skipped_pairs)
+        raise InputError(
+            f"every question/corpus pair was skipped, nothing was measured ({listed}). Give a corpus in the "
+            "questions' script, or lower --min_script_fraction (0 measures every pair)."
+        )
 
     # 3. The instance-level analysis: do transferred items occur more often in the source corpus?
     analysis = analyse_instances(args, found)

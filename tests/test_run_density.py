@@ -470,7 +470,7 @@ def test_index_is_reused_when_the_corpus_is_unchanged_and_rebuilt_when_it_change
 def test_interrupted_build_leaves_no_index_that_looks_complete(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "one doc"}\n{"text": "two"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"c\.jsonl:3: not valid JSON"):
+    with pytest.raises(InputError, match=r"c\.jsonl:3: not valid JSON"):
         rd.build_index(rd.FileCorpus("c", [corpus], "text"), tmp_path / "index" / "c", 10, 1.5, 0.75, {})
     assert not (tmp_path / "index" / "c").exists()
     assert list((tmp_path / "index").iterdir()) == []
@@ -655,19 +655,19 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     question_files, corpus_files = world
     q = str(question_files["en"])
     out = ["--output_dir", str(tmp_path / "out")]
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(InputError, match="missing.jsonl"):
         rd.main(["--questions", q, "--corpus_files", str(tmp_path / "missing.jsonl"), *out])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+    with pytest.raises(InputError, match=r"bad\.jsonl:3: not valid JSON"):
         rd.main(["--questions", q, "--corpus_files", str(bad), *out])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
-    with pytest.raises(ValueError, match="the file is empty"):
+    with pytest.raises(InputError, match="the file is empty"):
         rd.main(["--questions", q, "--corpus_files", str(empty), *out])
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="has no documents"):
+    with pytest.raises(InputError, match="has no documents"):
         rd.main(["--questions", q, "--corpus_files", str(blank), *out])
     no_column = tmp_path / "nocol.jsonl"
     no_column.write_text('{"body": "x"}\n', encoding="utf-8")
