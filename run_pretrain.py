@@ -1,44 +1,30 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch==2.13.0", "transformers>=5.0", "accelerate>=1.10", "datasets>=4.0", "pyarrow>=15", "tokenizers>=0.22", "numpy>=2.0", "regex"]
+# dependencies = ["torch==2.13.0", "transformers>=5.0", "accelerate>=1.10", "datasets>=4.0", "pyarrow>=15", "tokenizers>=0.22", "numpy>=2.0", "regex", "huggingface-hub>=1.0"]
 # ///
 """Step 1 of the study: transparent pretraining of a Qwen2.5-architecture model on Latin-only text.
 
-Needs study_common.py and train_common.py beside it.
+Every later result is read against this base model, so everything it was trained on is known and recorded
+(docs/pretraining.md; batches, isolation check, resume and launches: docs/training.md). Top to bottom:
 
-Every later result is read against this base model, so everything it was trained on is known
-and recorded. Top to bottom, the script:
-
-1. reads documents: ``--train_file`` (.txt one document per line, .json, .jsonl, or .csv/.tsv
-   with a header row, naming ``--text_column``) or a ``datasets`` dataset (``--dataset_name``, optionally ``--streaming``);
-2. filters them to the Latin script (``--script_filter latin``, the set of kept characters is
-   defined and documented in ``study_common.filter_to_latin``): ``--filter_mode chars`` removes
-   every other character (the paper's filter), ``documents`` drops every document holding a
-   letter or digit of another script. Documents left empty are dropped and counted;
-3. loads a tokenizer (``--tokenizer_name``) or trains a byte-level BPE with Qwen2's
-   pre-tokenization (``--train_tokenizer``, ``--vocab_size``, ``--tokenizer_files``);
-4. turns each document into ``[eos] + tokens`` (``study_common.document_start_id``) and packs
-   the documents into ``--block_size`` windows, as run_clm's ``group_texts`` does. With
-   ``--document_attention`` (default) the position ids restart at every document, which makes
-   transformers build a block-diagonal causal mask: no token attends to another document.
-   Flash kernels get the windows as one flattened row with explicit sequence boundaries
-   (``train_common.packed_batch``). The run checks isolation on its own model, training
-   device, kernel and batch layout before training, records the result and stops if it leaks;
-5. builds a randomly initialised model from ``--config_name`` (a file in ``configs/`` or a
-   Hub id) and ``--config_overrides``;
-6. trains it with the ``Trainer`` (every ``TrainingArguments`` flag works: checkpoints,
-   ``--push_to_hub``, bf16, ...), under ``accelerate launch`` or plain ``python``. Resuming:
-   ``--resume_from_checkpoint PATH`` or ``latest`` (``train_common.RESUME_HELP``); an
-   ``--output_dir`` that already holds a checkpoint is refused without it;
-7. writes the model, the tokenizer, ``data_stats.json``, ``throughput.json`` and a model card
-   (README.md) recording data, filter, tokenizer, config, steps and tokens seen.
+1. reads documents (``--train_file`` .txt/.json/.jsonl/.csv/.tsv, or ``--dataset_name``, optionally streamed);
+2. filters them to the Latin script (``--script_filter``, ``--filter_mode``), counting every drop;
+3. loads a tokenizer (``--tokenizer_name``) or trains a byte-level BPE (``--train_tokenizer``);
+4. packs ``[eos] + tokens`` documents into ``--block_size`` windows whose position ids restart at every document
+   (``--document_attention``: no token attends to another document), checked on the run's own model, device,
+   kernel and batch layout before training;
+5. builds a randomly initialised model from ``--config_name`` and ``--config_overrides``;
+6. trains it with the ``Trainer`` (every ``TrainingArguments`` flag works), under ``accelerate launch`` or ``python``;
+7. writes the model, the tokenizer, ``data_stats.json`` and a model card recording the setting.
 
 Example (CPU, a few seconds)::
 
     python run_pretrain.py --config_name configs/tiny.json --train_tokenizer --vocab_size 2000 \\
         --tokenizer_files A.txt B.txt --train_file corpus.txt --block_size 128 --output_dir OUT \\
         --max_steps 20 --save_steps 10 --per_device_train_batch_size 4 --logging_steps 1 --seed 0
+
+Needs study_common.py and train_common.py beside it.
 """
 
 from __future__ import annotations
@@ -46,9 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +40,10 @@ from typing import Literal
 
 import datasets
 import numpy as np
-import pyarrow.compute
 import regex
 import torch
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
+from datasets.fingerprint import Hasher
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -67,7 +51,6 @@ from transformers import (
     HfArgumentParser,
     PreTrainedTokenizerFast,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -109,11 +92,6 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-# --------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------
-
-
 @dataclass
 class ModelArguments:
     config_name: str = field(
@@ -126,9 +104,10 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated key=value pairs that override the config, e.g. "
-            "'num_hidden_layers=4,hidden_size=256,rope_theta=10000'. By default vocab_size is set to the "
-            "tokenizer's length; override it (>= that length) to keep a larger embedding, e.g. vocab_size=151936."
+            "help": "Comma-separated key=value pairs that override fields of the config, each typed as the field "
+            "it replaces (PretrainedConfig.update_from_string), e.g. 'num_hidden_layers=4,hidden_size=256'. By "
+            "default vocab_size is set to the tokenizer's length; override it (>= that length) to keep a larger "
+            "embedding, e.g. vocab_size=151936."
         },
     )
     tokenizer_name: str | None = field(
@@ -226,33 +205,14 @@ class DataArguments:
     )
 
 
-# --------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------
-
-
 def train_tokenizer(
-    files_or_texts: Iterable[str | os.PathLike],
-    vocab_size: int,
-    *,
-    text_column: str = "text",
-    show_progress: bool = True,
+    files_or_texts: Iterable[str | os.PathLike], vocab_size: int, *, text_column: str = "text", show_progress=True
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer; returns it ready for ``save_pretrained``/``AutoTokenizer``.
-
-    ``files_or_texts``: ``pathlib.Path`` objects name files read with ``study_common.read_documents``
-    (.txt one document per line, .json, .jsonl, .csv/.tsv with ``text_column``); plain strings are texts.
-    Special tokens: ``<|endoftext|>`` (id 0, EOS and document start) and ``<|pad|>`` (id 1).
-    Every byte is in the base alphabet, so any text in any script encodes without unknowns;
-    ``vocab_size`` counts the 256 bytes and the two special tokens.
-
-    Normalizer (NFC), pre-tokenizer (Qwen2's split regex, then bytes) and decoder are those of
-    transformers' own Qwen2Tokenizer, not chosen here: for any folder whose config.json
-    says model_type qwen2, transformers 5 ``AutoTokenizer`` loads ``Qwen2Tokenizer``, which keeps
-    the vocabulary and merges of tokenizer.json but rebuilds those three pieces. A different
-    pre-tokenizer (e.g. one that keeps combining marks with their letter, so that a Tibetan
-    syllable is not cut at its vowel sign) would tokenize differently once saved and reloaded.
-    """
+    """Train a byte-level BPE tokenizer: ``pathlib.Path`` items are files read with ``read_documents``, strings are
+    texts. ``<|endoftext|>`` (id 0) is EOS and document start, ``<|pad|>`` id 1; every byte is in the base
+    alphabet, so any script encodes without unknowns. Normalizer, pre-tokenizer and decoder are transformers'
+    Qwen2Tokenizer's: ``AutoTokenizer`` rebuilds those three for a qwen2 model, so any other choice would tokenize
+    differently once saved and reloaded."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -285,54 +245,49 @@ def train_tokenizer(
         show_progress=show_progress,
     )
     tokenizer.train_from_iterator(texts(), trainer=trainer)
+    return _study_tokenizer(tokenizer)
+
+
+def _study_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False
     )
 
 
-def load_or_train_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args, resume_dir):
-    """The run's tokenizer: from the checkpoint when resuming, else trained or loaded. Checks EOS."""
+def train_tokenizer_on_main_process(model_args: ModelArguments, data_args: DataArguments, training_args):
+    """The tokenizer trained by the main process; the others receive it (identical ids everywhere, and nothing
+    is written before the data and the config are checked: the model and its checkpoints carry it)."""
+    from tokenizers import Tokenizer
+
+    files = model_args.tokenizer_files or ([data_args.train_file] if data_args.train_file else None)
+    if not files:
+        raise InputError("--train_tokenizer needs --tokenizer_files FILE [FILE ...] (text files to train on).")
+    if not model_args.tokenizer_files:
+        logger.warning("No --tokenizer_files: training the tokenizer on --train_file (English only).")
+    for file in files:
+        if not Path(file).is_file():
+            raise InputError(f"{file}: no such tokenizer file. Check the paths given to --tokenizer_files.")
+        try:
+            check_document_suffix(file)
+        except InputError as err:
+            raise InputError(f"--tokenizer_files: {err}") from err
+    trained = [None]
+    if training_args.process_index == 0:
+        logger.info("Training a byte-level BPE tokenizer (vocab %d) on %s", model_args.vocab_size, files)
+        tokenizer = train_tokenizer([Path(f) for f in files], model_args.vocab_size, text_column=data_args.text_column)
+        trained = [tokenizer.backend_tokenizer.to_str()]
+    if training_args.world_size > 1:
+        torch.distributed.broadcast_object_list(trained, src=0)
+    source = {"kind": "trained byte-level BPE", "files": list(files), "vocab_size": model_args.vocab_size}
+    return _study_tokenizer(Tokenizer.from_str(trained[0])), source
+
+
+def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args, resume_dir):
+    """The run's tokenizer and where it came from: the checkpoint's when resuming, else trained or loaded."""
     if resume_dir is not None and (Path(resume_dir) / "tokenizer_config.json").is_file():
-        logger.info("Resuming: the tokenizer is the one saved in %s", resume_dir)
-        tokenizer = AutoTokenizer.from_pretrained(resume_dir)
-        source = {"kind": "from checkpoint", "path": str(resume_dir)}
+        tokenizer, source = AutoTokenizer.from_pretrained(resume_dir), {"kind": "from checkpoint", "path": resume_dir}
     elif model_args.train_tokenizer:
-        files = model_args.tokenizer_files or ([data_args.train_file] if data_args.train_file else None)
-        if not files:
-            raise InputError("--train_tokenizer needs --tokenizer_files FILE [FILE ...] (text files to train on).")
-        if not model_args.tokenizer_files:
-            logger.warning("No --tokenizer_files: training the tokenizer on --train_file (English only).")
-        for file in files:
-            if not Path(file).is_file():
-                raise InputError(f"{file}: no such tokenizer file. Check the paths given to --tokenizer_files.")
-            try:
-                check_document_suffix(file)
-            except ValueError as err:
-                raise InputError(f"--tokenizer_files: {err}") from err
-        # The main process trains and saves; the others load its files (identical ids everywhere).
-        # The files go to a staging folder beside --output_dir, removed once every process has
-        # loaded them: nothing is written into --output_dir before the data and config are checked
-        # (checkpoints and the final model carry the tokenizer).
-        output_dir = Path(training_args.output_dir)
-        staging = output_dir.parent / f".{output_dir.name}.tokenizer-tmp"
-        with training_args.main_process_first(desc="train tokenizer", local=False):
-            if training_args.process_index == 0:
-                logger.info("Training a byte-level BPE tokenizer (vocab %d) on %s", model_args.vocab_size, files)
-                try:
-                    tokenizer = train_tokenizer(
-                        [Path(f) for f in files], model_args.vocab_size, text_column=data_args.text_column
-                    )
-                except ValueError as err:  # a bad record in a tokenizer file, named by read_documents
-                    raise InputError(str(err)) from err
-                shutil.rmtree(staging, ignore_errors=True)  # left by a run killed here
-                tokenizer.save_pretrained(staging)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(staging)
-        if training_args.world_size > 1:  # main_process_first lets the main process go on before the others load
-            torch.distributed.barrier()
-        if training_args.process_index == 0:
-            shutil.rmtree(staging)
-        source = {"kind": "trained byte-level BPE", "files": list(files), "vocab_size": model_args.vocab_size}
+        tokenizer, source = train_tokenizer_on_main_process(model_args, data_args, training_args)
     elif model_args.tokenizer_name:
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
@@ -344,9 +299,8 @@ def load_or_train_tokenizer(model_args: ModelArguments, data_args: DataArguments
         source = {"kind": "loaded", "name": model_args.tokenizer_name}
     else:
         raise InputError("No tokenizer: pass --tokenizer_name NAME, or --train_tokenizer with --tokenizer_files.")
-
-    where = source.get("path") or source.get("name") or "the trained tokenizer"
     if tokenizer.eos_token_id is None:
+        where = source.get("path") or source.get("name") or "the trained tokenizer"
         raise InputError(
             f"Tokenizer {where!r} has no EOS token; every document starts with it and it separates packed "
             "documents. Set eos_token in its tokenizer_config.json (e.g. '<|endoftext|>'), or use --train_tokenizer."
@@ -354,29 +308,23 @@ def load_or_train_tokenizer(model_args: ModelArguments, data_args: DataArguments
     if tokenizer.pad_token_id is None:
         logger.info("Tokenizer has no pad token; using EOS as pad (windows are full, nothing is padded).")
         tokenizer.pad_token = tokenizer.eos_token
-    source["length"] = len(tokenizer)
-    source["eos_token"] = tokenizer.eos_token
-    return tokenizer, source
+    return tokenizer, {**source, "length": len(tokenizer), "eos_token": tokenizer.eos_token}
 
 
 # --------------------------------------------------------------------------------------
 # Data: read, filter, tokenize, pack
 # --------------------------------------------------------------------------------------
 
-#: Why a document is dropped: it is blank; the character filter left no letter or digit in it
-#: (only spaces or punctuation); or (--filter_mode documents) it holds a non-Latin letter or digit.
+#: Why a document is dropped: blank; no letter or digit left by the character filter; (--filter_mode documents)
+#: a non-Latin letter or digit in it.
 DROP_REASONS = ("empty_input", "empty_after_filter", "non_latin_letter")
 _LETTER_OR_NUMBER = regex.compile(r"[\p{L}\p{N}]")
 
 
 def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, script_filter: str, filter_mode: str):
-    """Batched map: filter each document, tokenize the kept ones as ``[start] + tokens``.
-
-    Returns one row per input document (so that everything dropped is counted): ``input_ids``
-    (empty when dropped), ``drop_reason`` ("" when kept, else one of DROP_REASONS) and the
-    character counts ``n_chars_in`` / ``n_chars_removed`` (by the character filter, kept
-    documents only) / ``n_chars_out``.
-    """
+    """Batched map: filter each document and tokenize the kept ones as ``[start] + tokens``. One row per input
+    document, so that every drop is counted: ``input_ids`` (empty when dropped), ``drop_reason`` ("" or one of
+    DROP_REASONS), ``n_chars_in``, ``n_chars_removed`` (by the character filter) and ``n_chars_out``."""
     texts = batch[text_column]
     reasons, chars_removed, kept_texts, kept_rows = [], [], [], []
     for row, text in enumerate(texts):
@@ -411,13 +359,9 @@ def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, scrip
 
 
 def pack_documents(batch, block_size: int):
-    """Batched map: concatenate tokenized documents and cut them into full ``block_size`` windows.
-
-    Like run_clm's ``group_texts``, the tail of each map batch that does not fill a window is
-    dropped (data_stats.json counts it). ``position_ids`` count from 0 at every document start
-    and at the start of every window (a document cut by a window boundary continues from 0,
-    so every window is self-contained and isolation needs no state across windows).
-    """
+    """Batched map: concatenate tokenized documents and cut them into full ``block_size`` windows, dropping the
+    tail of the batch as run_clm's ``group_texts`` does. ``position_ids`` restart at 0 at every document and
+    every window, so that each window is self-contained."""
     docs = batch["input_ids"]
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     n_blocks = int(lengths.sum()) // block_size
@@ -439,19 +383,11 @@ BLOCK_FEATURES = Features({"input_ids": Sequence(Value("int32")), "position_ids"
 
 @dataclass
 class PackedBlockCollator:
-    """Batches packed windows for the model; never an ``attention_mask``.
-
-    Labels equal the input ids except -100 at the first position of every document (position 0),
-    whose start token would otherwise be predicted from the previous document. With
-    ``document_attention`` the position ids restart at 0 at every document and the batch has the
-    layout ``train_common.packed_batch`` gives ``attn_implementation``: B rows for sdpa, eager and
-    flex_attention (transformers builds a block-diagonal causal mask from the position ids, without
-    an attention mask and without a KV cache: the config has use_cache=False), one flattened row
-    with ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash kernels (``flatten``: True for every
-    kernel, None by kernel). It runs after the Trainer removes unused dataset columns, so these
-    keys reach ``model(**batch)``. Without document attention there are no position ids: the model
-    numbers positions 0..block_size-1 and attends across documents (run_clm's behaviour).
-    """
+    """Batches packed windows (never an ``attention_mask``; docs/training.md). Labels are the input ids except
+    -100 at every document start, which would otherwise be predicted from the previous document. With
+    ``document_attention`` the batch has the layout ``train_common.packed_batch`` gives ``attn_implementation``
+    (``flatten``: True for every kernel, None by kernel); without it there are no position ids and the model
+    attends across documents, as run_clm does."""
 
     document_attention: bool = True
     attn_implementation: str = "sdpa"
@@ -481,60 +417,54 @@ def check_train_file(data_args: DataArguments) -> None:
         raise InputError(f"{path}: no such --train_file. Check the path.")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the --train_file is empty. Give a file with at least one document.")
-    try:  # read the first record here, so that a bad file fails with its own message
-        next(iter(read_documents(path, data_args.text_column)), None)
-    except ValueError as err:
-        raise InputError(str(err)) from err
+    next(iter(read_documents(path, data_args.text_column)), None)  # a bad first record fails with its own message
 
 
 def read_train_documents(data_args: DataArguments, streaming: bool):
-    """The raw documents as a datasets Dataset / IterableDataset with one column ``text``."""
+    """The raw documents as a datasets Dataset / IterableDataset with one column ``text``.
+
+    A file is read by ``study_common.read_documents`` rather than ``load_dataset("json"/"csv"/"text")``, whose
+    readers do not name the line of bad JSON, accept CSV rows with missing fields, count blank lines as
+    documents and keep a byte-order mark in the first document."""
     if data_args.train_file:
         check_train_file(data_args)
-        path = Path(data_args.train_file)
-        stat = path.stat()
-        gen_kwargs = {
-            "path": str(path.resolve()),
-            "text_column": data_args.text_column,
-            "stamp": (stat.st_size, stat.st_mtime_ns),  # a changed file is read again, not taken from cache
-        }
+        path = Path(data_args.train_file).resolve()
+        gen_kwargs = {"path": str(path), "text_column": data_args.text_column}
         if streaming:
             return IterableDataset.from_generator(_documents_of_file, gen_kwargs=gen_kwargs)
+        stat = path.stat()  # a changed file is read again, not taken from the cache
+        fingerprint = Hasher.hash([str(path), stat.st_size, stat.st_mtime_ns, data_args.text_column])
         try:
-            return Dataset.from_generator(_documents_of_file, gen_kwargs=gen_kwargs, cache_dir=data_args.cache_dir)
+            return Dataset.from_generator(
+                _documents_of_file, gen_kwargs=gen_kwargs, cache_dir=data_args.cache_dir, fingerprint=fingerprint
+            )
         except datasets.exceptions.DatasetGenerationError as err:
-            cause = err.__cause__ or err
-            raise InputError(str(cause)) from err
-    if data_args.dataset_name:
-        try:
-            raw = datasets.load_dataset(
-                data_args.dataset_name,
-                data_args.dataset_config_name,
-                split=data_args.dataset_split,
-                streaming=streaming,
-                cache_dir=data_args.cache_dir,
-            )
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-            raise InputError(
-                f"--dataset_name {data_args.dataset_name!r} (config {data_args.dataset_config_name!r}, split "
-                f"{data_args.dataset_split!r}) could not be loaded: {err}"
-            ) from err
-        column_names = list(raw.features) if raw.features is not None else None
-        if column_names is not None and data_args.text_column not in column_names:
-            raise InputError(
-                f"--dataset_name {data_args.dataset_name!r}: no {data_args.text_column!r} column "
-                f"(found: {', '.join(column_names)}). Pass --text_column NAME."
-            )
-        if column_names is not None and column_names != ["text"]:
-            keep = [c for c in column_names if c != data_args.text_column]
-            raw = raw.remove_columns(keep)
-        if data_args.text_column != "text":
-            raw = raw.rename_column(data_args.text_column, "text")
-        return raw
-    raise InputError("No training data: pass --train_file FILE or --dataset_name NAME.")
+            raise (err.__cause__ if isinstance(err.__cause__, InputError) else err) from None
+    if not data_args.dataset_name:
+        raise InputError("No training data: pass --train_file FILE or --dataset_name NAME.")
+    try:
+        raw = datasets.load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            split=data_args.dataset_split,
+            streaming=streaming,
+            cache_dir=data_args.cache_dir,
+        )
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise InputError(
+            f"--dataset_name {data_args.dataset_name!r} (config {data_args.dataset_config_name!r}, split "
+            f"{data_args.dataset_split!r}) could not be loaded: {err}"
+        ) from err
+    if raw.features is not None and data_args.text_column not in raw.features:
+        raise InputError(
+            f"--dataset_name {data_args.dataset_name!r}: no {data_args.text_column!r} column "
+            f"(found: {', '.join(raw.features)}). Pass --text_column NAME."
+        )
+    raw = raw.select_columns([data_args.text_column])
+    return raw.rename_column(data_args.text_column, "text") if data_args.text_column != "text" else raw
 
 
-def _documents_of_file(path: str, text_column: str, stamp) -> Iterator[dict]:
+def _documents_of_file(path: str, text_column: str) -> Iterator[dict]:
     for text in read_documents(path, text_column):
         yield {"text": text}
 
@@ -562,6 +492,27 @@ def _pack_kwargs(data_args: DataArguments) -> dict:
     }
 
 
+def empty_counts() -> dict:
+    counts = dict.fromkeys(("documents_in", "documents_out", "characters_in", "characters_removed_by_filter"), 0)
+    return {**counts, "documents_dropped": dict.fromkeys(DROP_REASONS, 0), "characters_out": 0, "tokens": 0}
+
+
+def count_documents(stats: dict, out: dict) -> None:
+    """Add what a batch of ``filter_and_tokenize`` output read, dropped and kept to ``stats``."""
+    reasons = out["drop_reason"]
+    stats["documents_in"] += len(reasons)
+    stats["documents_out"] += reasons.count("")
+    for reason in DROP_REASONS:
+        stats["documents_dropped"][reason] += reasons.count(reason)
+    for key, column in (("characters_in", "n_chars_in"), ("characters_removed_by_filter", "n_chars_removed")):
+        stats[key] += sum(out[column])
+    stats["characters_out"] += sum(out["n_chars_out"])
+    stats["tokens"] += sum(len(ids) for ids in out["input_ids"])
+    stats["characters_in_dropped_documents"] = (
+        stats["characters_in"] - stats["characters_removed_by_filter"] - stats["characters_out"]
+    )
+
+
 def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArguments):
     """Filter, tokenize and pack a map-style dataset. Returns (blocks, statistics)."""
     tokenized = raw.map(
@@ -572,23 +523,9 @@ def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArgum
         num_proc=data_args.preprocessing_num_workers,
         desc=f"Filtering ({data_args.script_filter}, {data_args.filter_mode}) and tokenizing",
     )
-    table = tokenized.data
-    reasons = table.column("drop_reason").to_pylist()
-    dropped = {reason: reasons.count(reason) for reason in DROP_REASONS}
-    lengths = np.asarray([len(ids) for ids in table.column("input_ids").to_pylist()], dtype=np.int64)
-    stats = {
-        "documents_in": len(reasons),
-        "documents_out": len(reasons) - sum(dropped.values()),
-        "documents_dropped": dropped,
-        "characters_in": int(np.sum(table.column("n_chars_in").to_numpy())),
-        "characters_removed_by_filter": int(np.sum(table.column("n_chars_removed").to_numpy())),
-        "characters_in_dropped_documents": 0,
-        "characters_out": int(np.sum(table.column("n_chars_out").to_numpy())),
-        "tokens": int(lengths.sum()),
-    }
-    stats["characters_in_dropped_documents"] = (
-        stats["characters_in"] - stats["characters_removed_by_filter"] - stats["characters_out"]
-    )
+    stats = empty_counts()
+    for batch in tokenized.iter(batch_size=10_000):
+        count_documents(stats, batch)
     kept = tokenized.filter(
         lambda reason: [r == "" for r in reason],
         batched=True,
@@ -607,49 +544,23 @@ def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArgum
 
 
 class StreamCounter:
-    """Counts what the streamed pipeline read (documents, drop reasons, characters, tokens).
-
-    It is updated inside the lazy map, in the process that reads the stream (the main process:
-    accelerate dispatches streamed batches from rank 0), so it includes the read-ahead of the
-    data loader: a few documents more than were trained on.
-    """
+    """Counts what the streamed pipeline read, inside the lazy map of the process that reads the stream
+    (read-ahead of the data loader included: a few documents more than were trained on)."""
 
     def __init__(self):
-        self.stats = {
-            "documents_in": 0,
-            "documents_out": 0,
-            "documents_dropped": dict.fromkeys(DROP_REASONS, 0),
-            "characters_in": 0,
-            "characters_removed_by_filter": 0,
-            "characters_out": 0,
-            "tokens": 0,
-        }
+        self.stats = empty_counts()
 
     def __call__(self, batch, **kwargs):
         out = filter_and_tokenize(batch, **kwargs)
-        s = self.stats
-        s["documents_in"] += len(out["drop_reason"])
-        for reason in out["drop_reason"]:
-            if reason:
-                s["documents_dropped"][reason] += 1
-            else:
-                s["documents_out"] += 1
-        s["characters_in"] += sum(out["n_chars_in"])
-        s["characters_removed_by_filter"] += sum(out["n_chars_removed"])
-        s["characters_out"] += sum(out["n_chars_out"])
-        s["tokens"] += sum(len(ids) for ids in out["input_ids"])
-        keep = [i for i, reason in enumerate(out["drop_reason"]) if not reason]
-        return {"input_ids": [out["input_ids"][i] for i in keep]}
+        count_documents(self.stats, out)
+        return {"input_ids": [ids for ids, reason in zip(out["input_ids"], out["drop_reason"]) if not reason]}
 
 
 def prepare_streaming_dataset(raw: IterableDataset, tokenizer, start_id: int, data_args, seed: int):
     """Filter, tokenize and pack a stream lazily, counted while it is read. Returns (blocks, counter)."""
     counter = StreamCounter()
     tokenized = raw.map(
-        counter,
-        batched=True,
-        fn_kwargs=_filter_kwargs(tokenizer, start_id, data_args),
-        remove_columns=["text"],
+        counter, batched=True, fn_kwargs=_filter_kwargs(tokenizer, start_id, data_args), remove_columns=["text"]
     )
     blocks = tokenized.map(**_pack_kwargs(data_args))
     if data_args.shuffle_buffer_size > 1:
@@ -660,22 +571,6 @@ def prepare_streaming_dataset(raw: IterableDataset, tokenizer, start_id: int, da
 # --------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------
-
-
-def parse_config_overrides(text: str | None) -> dict:
-    """'a=1,b=0.5,c=true,d=null,e=silu' -> {'a': 1, 'b': 0.5, 'c': True, 'd': None, 'e': 'silu'}."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--config_overrides item {item!r} is not key=value. Write e.g. 'num_hidden_layers=4'.")
-        value = value.strip()
-        try:
-            parsed = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            parsed = value
-        overrides[key.strip()] = parsed
-    return overrides
 
 
 def build_config(model_args: ModelArguments, tokenizer, block_size: int):
@@ -692,20 +587,18 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
             f"--config_name {name!r}: not a config file and not a reachable Hub model id "
             f"({err.__class__.__name__}). Use one of {available}, or a Hub id such as Qwen/Qwen2.5-0.5B."
         ) from err
-    overrides = parse_config_overrides(model_args.config_overrides)
-    for key, value in overrides.items():
-        if key == "rope_theta" and isinstance(getattr(config, "rope_parameters", None), dict):
-            config.rope_parameters = {**config.rope_parameters, "rope_theta": float(value)}
-        elif hasattr(config, key):
-            setattr(config, key, value)
-        else:
-            raise InputError(f"--config_overrides: {key!r} is not a field of the {config.model_type} config ({name}).")
-    if overrides and hasattr(config, "layer_types"):
-        # layer_types is derived from num_hidden_layers at construction: rebuild the config so an
-        # overridden depth gets one entry per layer (a stale list fails with an IndexError).
-        fields = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
-        config = type(config)(**fields)
-    if "vocab_size" in overrides:
+    overrides = ",".join(item.strip() for item in (model_args.config_overrides or "").split(",") if item.strip())
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as err:
+            raise InputError(
+                f"--config_overrides {overrides!r}: {err} (the {config.model_type} config of {name}). Write "
+                "key=value pairs of its int, float, bool or string fields, e.g. 'num_hidden_layers=4'."
+            ) from err
+        # Fields derived at construction (layer_types from num_hidden_layers) follow the overridden ones.
+        config = type(config)(**{k: v for k, v in config.to_dict().items() if k != "layer_types"})
+    if "vocab_size" in {item.partition("=")[0] for item in overrides.split(",")}:
         if config.vocab_size < len(tokenizer):
             raise InputError(
                 f"--config_overrides vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
@@ -723,7 +616,7 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
     config.bos_token_id = tokenizer.eos_token_id  # documents open with EOS; there is no separate BOS
     config.pad_token_id = tokenizer.pad_token_id
     config.use_cache = False  # with a KV cache the per-document mask is silently not built
-    return config, overrides
+    return config, overrides or None
 
 
 #: Documents of the isolation check, by window: two windows of 16 tokens, [A B] and [C D E], so
@@ -742,9 +635,8 @@ def isolation_check_windows(start_id: int, vocab_size: int) -> list[list[list[li
 
 
 def check_isolation(model, collator: PackedBlockCollator, start_id: int, training_args) -> dict:
-    """Document isolation, checked where and how the run trains: on the training device (the model goes
-    there now rather than in the Trainer), with the run's kernel, precision and batch layout. A leak
-    stops the run before anything is written."""
+    """Document isolation, checked where and how the run trains (training device, kernel, precision, batch
+    layout); a leak stops the run before anything is written."""
     attn = model.config._attn_implementation
     isolation = {"enabled": collator.document_attention, "attn_implementation": attn, "layout": collator.layout}
     if not collator.document_attention:
@@ -763,74 +655,57 @@ def check_isolation(model, collator: PackedBlockCollator, start_id: int, trainin
     return isolation
 
 
-# --------------------------------------------------------------------------------------
-# Trainer pieces
-# --------------------------------------------------------------------------------------
-
-
-class ThroughputCallback(TrainerCallback):
-    """Records the wall time at the end of every optimizer step; main() writes throughput.json.
-
-    steady_tokens_per_second leaves out the first ``warmup_steps`` steps (allocator, kernels
-    chosen, caches). On a GPU each step end waits for the device (one synchronisation per
-    step, which logging the loss does anyway), so the times are those of the GPU work.
-    """
-
-    def __init__(self, tokens_per_step: int, warmup_steps: int = 5):
-        self.tokens_per_step = tokens_per_step
-        self.warmup_steps = warmup_steps
-        self.step_end_times: list[tuple[int, float]] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.step_end_times = [(state.global_step, time.perf_counter())]
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        self.step_end_times.append((state.global_step, time.perf_counter()))
-
-    def summary(self) -> dict:
-        times = self.step_end_times
-        summary = {"tokens_per_step": self.tokens_per_step, "steps_timed": len(times) - 1, "warmup_steps": 0}
-        if len(times) < 2:
-            return summary
-        first = min(self.warmup_steps, len(times) - 2)
-        (step0, t0), (step1, t1) = times[first], times[-1]
-        summary.update(
-            warmup_steps=first,
-            step_seconds=[round(b[1] - a[1], 6) for a, b in zip(times, times[1:])],
-            steady_steps_per_second=(step1 - step0) / (t1 - t0),
-            steady_tokens_per_second=(step1 - step0) * self.tokens_per_step / (t1 - t0),
-        )
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            summary["device"] = torch.cuda.get_device_name()
-            summary["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return summary
+def build_model(config, attn_implementation: str, device):
+    """A randomly initialised model of ``config``, with the flash guard on it."""
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    except (ImportError, ValueError) as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise InputError(f"--attn_implementation {attn_implementation} cannot run on {device}: {err}") from err
+    guard_flash_attention_inputs(model)  # no batch of several rows without sequence boundaries reaches flash
+    logger.info(
+        "Model %s: %.2fM parameters, vocab %d", config.model_type, model.num_parameters() / 1e6, config.vocab_size
+    )
+    return model
 
 
 class PretrainTrainer(ModelCardMixin, Trainer):
     """A Trainer whose model card (also the one pushed to the Hub) records the study's setting."""
 
 
-CARD_SUMMARY = (
-    "A Qwen2.5-architecture model pretrained from random initialisation on Latin-only text, as step 1 "
-    "of the study of cross-lingual transfer of cultural knowledge: its training data is fully known "
-    "and contains no character of the target languages."
-)
+def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCard:
+    """The model card: the setting of the run, and the steps and tokens seen when it is written."""
+    rows = {
+        "data": setting["source"],
+        "script filter": f"{setting['script_filter']} ({setting['filter_mode']})",
+        "tokenizer": setting["tokenizer"],
+        "config": setting["config_name"],
+        "config overrides": setting["config_overrides"] or "none",
+        "parameters": setting["parameters"],
+        "block size": setting["block_size"],
+        "document attention": setting["document_attention"]["enabled"],
+        "tokens per step": setting["tokens_per_step"],
+        "launch": f"{setting['distributed_type']}, {setting['world_size']} process(es)",
+        "learning rate": training_args.learning_rate,
+        "seed": setting["seed"],
+    }
+    if data_stats is not None:
+        rows["documents (in / out)"] = f"{data_stats['documents_in']} / {data_stats['documents_out']}"
+        rows["characters removed by the filter"] = data_stats["characters_removed_by_filter"]
+    tokens_per_step = setting["tokens_per_step"]
+    return ModelCard(
+        "Transparent Latin-only pretraining",
+        "A Qwen2.5-architecture model pretrained from random initialisation on Latin-only text, as step 1 of the "
+        "study of cross-lingual transfer of cultural knowledge: its training data is fully known and contains no "
+        "character of the target languages.",
+        rows,
+        ["study-pretrain", "qwen2"],
+        progress=lambda steps: {"optimizer steps": steps, "tokens seen": steps * tokens_per_step},
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
-
-
-def attended_keys_per_token(blocks: Dataset, block_size: int, document_attention: bool) -> float:
-    """Mean number of keys a token attends to under causal attention, which its attention FLOPs scale
-    with: its position in its document + 1 with document attention, (block_size + 1) / 2 without."""
-    if not document_attention or len(blocks) == 0:
-        return (block_size + 1) / 2
-    positions = pyarrow.compute.list_flatten(blocks.data.column("position_ids"))
-    return (pyarrow.compute.sum(positions).as_py() + len(positions)) / len(positions)
 
 
 def parse_arguments(argv: list[str] | None = None):
@@ -904,50 +779,53 @@ def data_source(data_args: DataArguments) -> str:
     )
 
 
-def build_model(config, attn_implementation: str, device):
-    """A randomly initialised model of ``config``, with the flash guard on it."""
-    try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    except (ImportError, ValueError) as err:  # e.g. flash_attention_2 without the flash-attn package
-        raise InputError(f"--attn_implementation {attn_implementation} cannot run on {device}: {err}") from err
-    guard_flash_attention_inputs(model)  # no batch of several rows without sequence boundaries reaches flash
-    logger.info(
-        "Model %s: %.2fM parameters, vocab %d", config.model_type, model.num_parameters() / 1e6, config.vocab_size
-    )
-    return model
-
-
-def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCard:
-    """The model card: the setting of the run, and the steps and tokens seen when it is written."""
-    rows = {
-        "data": setting["source"],
-        "script filter": f"{setting['script_filter']} ({setting['filter_mode']})",
-        "tokenizer": setting["tokenizer"],
-        "config": setting["config_name"],
-        "config overrides": setting["config_overrides"] or "none",
-        "parameters": setting["parameters"],
-        "block size": setting["block_size"],
-        "document attention": setting["document_attention"]["enabled"],
-        "tokens per step": setting["tokens_per_step"],
-        "launch": f"{setting['distributed_type']}, {setting['world_size']} process(es)",
-        "learning rate": training_args.learning_rate,
-        "seed": setting["seed"],
+def run_setting(model_args, data_args, training_args, tokenizer_source, overrides, model, isolation) -> dict:
+    """What the run is (data_stats.json and the model card); tokens per step count every process."""
+    return {
+        "source": data_source(data_args),
+        "text_column": data_args.text_column,
+        "streaming": data_args.streaming,
+        "script_filter": data_args.script_filter,
+        "filter_mode": data_args.filter_mode,
+        "tokenizer": tokenizer_source,
+        "config_name": model_args.config_name,
+        "config_overrides": overrides,
+        "parameters": model.num_parameters(),
+        "block_size": data_args.block_size,
+        "document_attention": isolation,
+        "world_size": training_args.world_size,
+        "tokens_per_step": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+        * data_args.block_size,
+        "seed": training_args.seed,
     }
-    if data_stats is not None:
-        rows["documents (in / out)"] = f"{data_stats['documents_in']} / {data_stats['documents_out']}"
-        rows["characters removed by the filter"] = data_stats["characters_removed_by_filter"]
-    tokens_per_step = setting["tokens_per_step"]
-    return ModelCard(
-        "Transparent Latin-only pretraining",
-        CARD_SUMMARY,
-        rows,
-        ["study-pretrain", "qwen2"],
-        progress=lambda steps: {"optimizer steps": steps, "tokens seen": steps * tokens_per_step},
-    )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the pretraining; returns the data statistics (also in OUT/data_stats.json)."""
+def distributed_type(trainer: Trainer) -> str:
+    """What the launch really gave: accelerate enables FSDP only on GPU process groups and silently trains
+    plain data-parallel otherwise (e.g. fsdp.yaml on a CPU machine), which is said."""
+    launched = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(trainer.args.fsdp)
+    if fsdp_requested and not trainer.is_fsdp_enabled:
+        logger.warning(
+            "FSDP was requested but accelerate did not enable it here (%s, no GPU): every process holds the "
+            "whole model. On CPU use accelerate_configs/cpu.yaml.", launched,
+        )  # fmt: skip
+    return launched
+
+
+def streamed_data_stats(stream_counter: StreamCounter, training_args) -> dict:
+    if training_args.dataloader_num_workers > 0:
+        # the lazy map then runs in the loader's worker processes, whose counts are not sent back
+        logger.warning("Streaming with --dataloader_num_workers > 0: data_stats.json has no document counts.")
+        return {"counted": "not available: --dataloader_num_workers > 0 reads the stream in workers"}
+    return {**stream_counter.stats, "counted": "documents read from the stream (with read-ahead)"}
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Run the pretraining; returns the data statistics (also in OUT/data_stats.json). ``callbacks`` go to the
+    Trainer (bench/bench_pretrain_train.py times the steps with one)."""
     # 1. Arguments, and every refusal that needs no data: nothing is read or written before them.
     use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
     model_args, data_args, training_args = parse_arguments(argv)
@@ -963,7 +841,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. Tokenizer and architecture, checked before the data is read.
     set_seed(training_args.seed)
-    tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, data_args, training_args, resume)
+    tokenizer, tokenizer_source = load_tokenizer(model_args, data_args, training_args, resume)
     start_id = document_start_id(tokenizer)
     config, overrides = build_config(model_args, tokenizer, data_args.block_size)
 
@@ -975,70 +853,29 @@ def main(argv: list[str] | None = None) -> dict:
     isolation = check_isolation(model, collator, start_id, training_args)
 
     # 5. The setting, recorded in data_stats.json and in the model card.
-    tokens_per_step = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-        * data_args.block_size
-    )
-    setting = {
-        "source": data_source(data_args),
-        "text_column": data_args.text_column,
-        "streaming": data_args.streaming,
-        "script_filter": data_args.script_filter,
-        "filter_mode": data_args.filter_mode,
-        "tokenizer": tokenizer_source,
-        "config_name": model_args.config_name,
-        "config_overrides": overrides,
-        "parameters": model.num_parameters(),
-        "block_size": data_args.block_size,
-        "document_attention": isolation,
-        "world_size": training_args.world_size,
-        "tokens_per_step": tokens_per_step,
-        "seed": training_args.seed,
-    }
-    throughput = ThroughputCallback(tokens_per_step)
+    setting = run_setting(model_args, data_args, training_args, tokenizer_source, overrides, model, isolation)
     trainer = PretrainTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[throughput],
+        callbacks=callbacks,
     )
-    # What the launch really gave: accelerate enables FSDP only on GPU-type process groups and
-    # silently trains plain data-parallel otherwise (e.g. fsdp.yaml on a CPU machine).
-    setting["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
-    if fsdp_requested and not trainer.is_fsdp_enabled:
-        logger.warning(
-            "FSDP was requested but accelerate did not enable it here (%s, no GPU): every process holds the "
-            "whole model. On CPU use accelerate_configs/cpu.yaml.", setting["distributed_type"],
-        )  # fmt: skip
-    if data_stats is not None:
-        data_stats["attended_keys_per_token"] = attended_keys_per_token(
-            train_dataset, data_args.block_size, model_args.document_attention
-        )
-        if training_args.process_index == 0:
-            write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
-            logger.info("Data: %s", json.dumps(data_stats))
+    setting["distributed_type"] = distributed_type(trainer)
+    if data_stats is not None and training_args.process_index == 0:
+        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
+        logger.info("Data: %s", json.dumps(data_stats))
     trainer.model_card = model_card(setting, data_stats, training_args)
     trainer.create_model_card()
 
-    # 6. Train; then the model, the timings, the metrics and the card (pushed with the model).
+    # 6. Train; then the model, the metrics and the card (pushed with the model).
     train_result = trainer.train(resume_from_checkpoint=resume)
-    if training_args.process_index == 0:  # before saving, so that a failed save still leaves the timings
-        write_json_atomic(output_dir / "throughput.json", throughput.summary())
     trainer.save_model()  # model + tokenizer into output_dir
     if training_args.process_index == 0 and stream_counter is not None:
-        if training_args.dataloader_num_workers > 0:
-            # the lazy map then runs in the loader's worker processes, whose counts are not sent back
-            data_stats = {"counted": "not available: --dataloader_num_workers > 0 reads the stream in workers"}
-            logger.warning("Streaming with --dataloader_num_workers > 0: data_stats.json has no document counts.")
-        else:
-            data_stats = {**stream_counter.stats, "counted": "documents read from the stream (with read-ahead)"}
+        data_stats = streamed_data_stats(stream_counter, training_args)
         write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
-    metrics = {**train_result.metrics, "train_tokens_seen": trainer.state.global_step * tokens_per_step}
+    metrics = {**train_result.metrics, "train_tokens_seen": trainer.state.global_step * setting["tokens_per_step"]}
     finish_training(trainer, metrics, commit_message=f"Pretraining: {trainer.state.global_step} steps")
     return data_stats
 

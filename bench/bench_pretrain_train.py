@@ -18,22 +18,36 @@ Goal: run_pretrain / baseline >= 0.95.
 
     python bench/bench_pretrain_train.py                        # the row of docs/benchmarks.md; ~12 minutes on 2 cores
     python bench/bench_pretrain_train.py --steps 15 --rounds 2  # quick
+
+``--timed_run FLAGS...`` runs run_pretrain.py with FLAGS and the same timing callback, and writes
+OUT/throughput.json (per-step times, steady tokens/s, peak GPU memory, attended keys per token for the MFU):
+bench/gpu_train_bench.sh launches it under accelerate in place of run_pretrain.py.
 """
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import pyarrow.compute  # noqa: E402
 import torch  # noqa: E402
-from datasets import load_from_disk  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator  # noqa: E402
+from datasets import Dataset, load_from_disk  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 
 import run_pretrain  # noqa: E402
 
@@ -41,6 +55,69 @@ WORDS = (
     "the of and to in is was for on that with as by at from his her their city river king war people music "
     "school language culture festival food family history village harvest autumn winter bridge mountain"
 ).split()
+
+
+class ThroughputCallback(TrainerCallback):
+    """Records the wall time at the end of every optimizer step. The steady rate leaves out the first
+    ``warmup_steps`` steps (allocator, kernel choice, caches); on a GPU each step end waits for the device,
+    so the times are those of the GPU work."""
+
+    def __init__(self, warmup_steps: int = 5):
+        self.warmup_steps = warmup_steps
+        self.step_end_times: list[tuple[int, float]] = []
+        self.attended_keys_per_token = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.step_end_times = [(state.global_step, time.perf_counter())]
+        dataset = getattr(train_dataloader, "dataset", None)
+        if isinstance(dataset, Dataset) and "position_ids" in dataset.column_names:
+            self.attended_keys_per_token = attended_keys_per_token(dataset)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.step_end_times.append((state.global_step, time.perf_counter()))
+
+    def summary(self, tokens_per_step: int) -> dict:
+        times = self.step_end_times
+        summary = {"tokens_per_step": tokens_per_step, "steps_timed": len(times) - 1, "warmup_steps": 0}
+        summary["attended_keys_per_token"] = self.attended_keys_per_token
+        if len(times) < 2:
+            return summary
+        first = min(self.warmup_steps, len(times) - 2)
+        (step0, t0), (step1, t1) = times[first], times[-1]
+        summary.update(
+            warmup_steps=first,
+            step_seconds=[round(b[1] - a[1], 6) for a, b in zip(times, times[1:])],
+            steady_steps_per_second=(step1 - step0) / (t1 - t0),
+            steady_tokens_per_second=(step1 - step0) * tokens_per_step / (t1 - t0),
+        )
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            summary["device"] = torch.cuda.get_device_name()
+            summary["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return summary
+
+
+def attended_keys_per_token(blocks: Dataset) -> float:
+    """Mean number of keys a token attends to under causal attention inside its document (its position + 1),
+    which its attention FLOPs scale with; (block_size + 1) / 2 when the windows have no position ids."""
+    positions = pyarrow.compute.list_flatten(blocks.data.column("position_ids"))
+    return (pyarrow.compute.sum(positions).as_py() + len(positions)) / max(1, len(positions))
+
+
+def timed_run(argv: list[str]) -> dict:
+    """run_pretrain.main(argv) with the timing callback; the main process writes OUT/throughput.json."""
+    timer = ThroughputCallback()
+    run_pretrain.main(argv, callbacks=[timer])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    output_dir = Path(run_pretrain.parse_arguments(argv)[2].output_dir)
+    setting = json.loads((output_dir / "data_stats.json").read_text())
+    summary = timer.summary(setting["tokens_per_step"])
+    if summary["attended_keys_per_token"] is None:  # no document attention: one causal window
+        summary["attended_keys_per_token"] = (setting["block_size"] + 1) / 2
+    run_pretrain.write_json_atomic(output_dir / "throughput.json", summary)
+    return summary
 
 
 def common_arguments(args, output_dir: Path) -> list[str]:
@@ -53,7 +130,7 @@ def common_arguments(args, output_dir: Path) -> list[str]:
 
 def run_pretrain_steps_per_second(args, work: Path, name: str, extra: list[str]) -> float:
     output_dir = work / name
-    run_pretrain.main(
+    return timed_run(
         [
             "--config_name",
             str(REPO / "configs/tiny.json"),
@@ -68,8 +145,7 @@ def run_pretrain_steps_per_second(args, work: Path, name: str, extra: list[str])
             *common_arguments(args, output_dir),
             *extra,
         ]  # fmt: skip
-    )
-    return json.loads((output_dir / "throughput.json").read_text())["steady_steps_per_second"]
+    )["steady_steps_per_second"]
 
 
 def baseline_steps_per_second(args, work: Path, blocks_dir: Path, vocab_size: int) -> float:
@@ -82,8 +158,7 @@ def baseline_steps_per_second(args, work: Path, blocks_dir: Path, vocab_size: in
     config = AutoConfig.from_pretrained(REPO / "configs/tiny.json", vocab_size=vocab_size, use_cache=False)
     run_pretrain.set_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    tokens_per_step = args.batch_size * args.block_size
-    timer = run_pretrain.ThroughputCallback(tokens_per_step)
+    timer = ThroughputCallback()
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -92,7 +167,7 @@ def baseline_steps_per_second(args, work: Path, blocks_dir: Path, vocab_size: in
         callbacks=[timer],
     )
     trainer.train()
-    return timer.summary()["steady_steps_per_second"]
+    return timer.summary(args.batch_size * args.block_size)["steady_steps_per_second"]
 
 
 def main():
@@ -102,7 +177,12 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every run (default 1).")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=512)
+    parser.add_argument(
+        "--timed_run", nargs=argparse.REMAINDER, help="Run run_pretrain.py with the flags that follow, timed."
+    )
     args = parser.parse_args()
+    if args.timed_run is not None:
+        run_pretrain.exit_on_input_error(lambda: timed_run(args.timed_run))
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_train.") as tmp:

@@ -16,8 +16,8 @@
 # would end after BENCH_BUDGET_S seconds (460, counted from the start, corpus and tokenizer included) is
 # reported as skipped, so the sweep ends within 8 minutes.
 #
-# Printed per configuration: tokens/s (run_pretrain's throughput.json, steady state after 5 warm-up
-# steps), MFU, peak GPU memory, and the document-isolation check the run made on its own kernel and
+# Printed per configuration: tokens/s (throughput.json of bench/bench_pretrain_train.py --timed_run, which
+# runs run_pretrain.py with a timing callback; steady state after 5 warm-up steps), MFU, peak GPU memory, and the document-isolation check the run made on its own kernel and
 # layout before training (data_stats.json: max logit change of a document when the other documents of
 # its micro-batch change; packed vs alone).
 #
@@ -30,7 +30,7 @@
 #     FLOPs each per key (d_attn = heads x head_dim = 896 here; GQA shares keys, not these FLOPs), so
 #     4 d_attn k forward, 12 d_attn k with backward, k = the number of keys the token attends to.
 #     Causal attention inside documents: a token at position p of its document attends to p + 1 keys,
-#     so k = mean(p + 1) over the trained tokens (run_pretrain records it as attended_keys_per_token),
+#     so k = mean(p + 1) over the trained tokens (throughput.json's attended_keys_per_token),
 #     i.e. per window 12 n_layers d_attn sum_docs len (len + 1) / 2 = 6 n_layers d_attn sum_docs len^2
 #     (+ linear term). PaLM's 12 n_layers d T counts every window as one full T x T attention: 2T/(T+1)
 #     times the causal single-document count and far more than the per-document count; the dense sdpa
@@ -139,7 +139,7 @@ for entry in "${CONFIGS[@]}"; do
   START=$(date +%s)
   # shellcheck disable=SC2086  # EXTRA holds several flags
   timeout --signal=TERM --kill-after=15 "$LIMIT" accelerate launch "${YAML[@]}" --mixed_precision "$MIXED" \
-    run_pretrain.py --config_name "$CONFIG" --config_overrides "$OVERRIDES" --tokenizer_name "$WORK/tokenizer" \
+    bench/bench_pretrain_train.py --timed_run --config_name "$CONFIG" --config_overrides "$OVERRIDES" --tokenizer_name "$WORK/tokenizer" \
     --train_file "$WORK/corpus.txt" --cache_dir "$WORK/cache" --block_size "$BLOCK" --output_dir "$RUN" \
     --attn_implementation "$ATTN" --per_device_train_batch_size "$BATCH" --max_steps "$STEPS" \
     --learning_rate 3e-4 --warmup_steps 5 --logging_steps 5 --save_strategy no --report_to none \
@@ -160,7 +160,7 @@ if stats_path.is_file():
 if throughput_path.is_file():
     throughput, config = json.loads(throughput_path.read_text()), json.loads(Path(config_path).read_text())
     d_attn = config["num_attention_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    keys = stats["attended_keys_per_token"]
+    keys = throughput["attended_keys_per_token"]
     flops_per_token = 6 * stats["parameters"] + 12 * config["num_hidden_layers"] * d_attn * keys
     tokens_per_second = throughput.get("steady_tokens_per_second", 0.0)
     peak = float(os.environ.get("BENCH_PEAK_TFLOPS", "989")) * 1e12
@@ -178,7 +178,7 @@ if throughput_path.is_file():
 else:
     reason = "time limit" if int(status) in (124, 137) else "error"
     lines = [line for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
-    own = [line for line in lines if "run_pretrain.py: error:" in line]  # the script's one-line refusal
+    own = [line for line in lines if ".py: error: " in line]  # the script's one-line refusal
     raised = [line for line in lines if "Error" in line.split(":")[0] and "CalledProcessError" not in line]
     row.update(status=f"failed ({reason})", last_line=(own or raised or lines or [""])[-1][-300:])
 print(json.dumps(row))
