@@ -1,36 +1,17 @@
 """A study is a file: read it, check it against the step scripts' flags, override it with --set, expand a --sweep
-into cells.
+into cells, cut its budgets for --smoke.
 
-A study file (``configs/studies/NAME.yaml``; JSON is YAML too) holds two kinds of keys:
+A study file (``configs/studies/NAME.yaml``; JSON is YAML too) holds what runs at the top level (the fields of
+Preset) and one section per step script holding that script's flags by name (SECTIONS; ``data.LANG`` for a real
+corpus). A flag the plan gives a script itself (paths, languages, seeds, the CPT setting: PLAN_SETS) is refused;
+null leaves a flag at its script's default. Every key is checked where it is read, from the file or the command line
+(checked_value)::
 
-- what runs, at the top level: ``description``, ``reference_machine``, ``budget_s`` (what the study is designed to
-  take on that machine; 0: no budget), ``estimates_s`` (expected seconds per step kind there), ``jobs`` (steps at the
-  same time), ``langs``, ``seeds`` (CPT seeds), ``variants`` (synthetic name variants: native, anchors),
-  ``settings`` (CPT settings: bridges and no_bridges, and mismatched_bridges if given), ``anchor_settings`` (those
-  of the anchors variant), ``synthetic`` and ``accelerate_config``;
-- one section per step script, holding that script's flags by name: ``world`` (synthetic_world.py), ``pretrain``
-  (run_pretrain.py), ``build`` (build_pairs.py), ``cpt`` (run_cpt.py), ``eval`` (run_eval.py), ``transfer``
-  (run_transfer.py), ``density`` (run_density.py), and for real corpora ``data.LANG`` (build_pairs.py's corpus and
-  pair flags of one language). A flag the plan gives a script itself (paths, languages, seeds, the CPT setting:
-  PLAN_SETS) is refused; null leaves a flag at its script's default.
-
-Every key is checked where it is read, from the file or from the command line: a top-level key's type, a section's
-key against the argument dataclasses of its script (a typo is refused naming the close valid flags, a wrong type
-naming the type the flag takes). Worked example, on the CI-sized study (configs/studies/micro.yaml)::
-
-    python run_study.py --preset micro --set cpt.max_steps=120
-        # micro.yaml with run_cpt.py --max_steps 120 in every CPT command. VALUE is YAML (120, 1e-4, true, [0,1]);
-        # --set cpt.max_stps=120 is refused: "unknown key 'cpt.max_stps': run_cpt.py has no flag --max_stps. Did
-        # you mean max_steps, save_steps, eval_steps, warmup_steps? The keys of cpt are run_cpt.py's flags ..."
-    python run_study.py --preset micro --sweep world.pair_mentions=2,3
-        # two cells, world.pair_mentions=2 and world.pair_mentions=3 (their folders in OUTPUT_DIR): each is
-        # micro.yaml with that value set, each value checked as --set checks it. --sweep is repeatable: the cells
-        # are the grid of all the values. run_study.py plans them as one plan, a step the cells agree on once.
-
-``--smoke`` keeps a study's plan and cuts its budgets only (smoke_preset).
-
-Needs study_common.py and study_report.py (the CPT settings and name variants) beside it, and the step scripts,
-whose flags it reads by importing each once.
+    python run_study.py --preset micro --set cpt.max_steps=120            # VALUE is YAML: 120, 1e-4, true, [0,1]
+    python run_study.py --preset micro --set cpt.max_stps=120
+        # run_study.py: error: --set cpt.max_stps=120: unknown key 'cpt.max_stps': run_cpt.py has no flag
+        # --max_stps. Did you mean max_steps, save_steps, eval_steps, warmup_steps? The keys of cpt are ...
+    python run_study.py --preset micro --sweep world.pair_mentions=2,3    # two cells; repeatable: the grid
 """
 
 from __future__ import annotations
@@ -48,23 +29,23 @@ import types
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from study_common import InputError
-from study_report import SETTINGS, VARIANT_TITLES
 
 REPO_DIR = Path(__file__).resolve().parent
 STUDIES_DIR = REPO_DIR / "configs" / "studies"
-#: Every CPT setting of run_cpt.py: a study trains the pair (SETTINGS) and, if its settings say so, the placebo
-#: (a pair's halves share a window with another pair's halves).
+#: The two CPT settings of every run pair; a study may add the mismatched-bridges control (docs/decomposition.md).
+SETTINGS = ("bridges", "no_bridges")
 CPT_SETTINGS = (*SETTINGS, "mismatched_bridges")
+VARIANT_TITLES = {"native": "native-script names (control)", "anchors": "shared Latin names (anchors)"}
 
 
 @dataclass
 class Preset:
-    """A study's configuration as its file (configs/studies/<name>.yaml) gives it: what runs, and the flags of each
-    step script, one section per script. Numbers are per step."""
+    """A study's configuration: what runs, and the flags of each step script, one section per script."""
 
     name: str  # the file's name
     description: str
@@ -73,11 +54,12 @@ class Preset:
     jobs: int  # steps run at the same time (each with cores // jobs threads on CPU)
     budget_s: int  # what the study is designed to take on its reference machine (0: no budget)
     reference_machine: str
-    variants: list[str] = field(default_factory=lambda: ["native", "anchors"])
-    # CPT settings of every variant but anchors: the pair, and mismatched_bridges if given
-    settings: list[str] = field(default_factory=lambda: list(SETTINGS))
-    # CPT settings of the anchors variant (the anchors-vs-control comparison needs only one of them)
-    anchor_settings: list[str] = field(default_factory=lambda: list(SETTINGS))
+    variants: list[Literal["native", "anchors", "real"]] = field(default_factory=lambda: ["native", "anchors"])
+    # CPT settings of every variant but anchors, and of the anchors variant
+    settings: list[Literal["bridges", "no_bridges", "mismatched_bridges"]] = field(
+        default_factory=lambda: list(SETTINGS)
+    )
+    anchor_settings: list[Literal["bridges", "no_bridges"]] = field(default_factory=lambda: list(SETTINGS))
     world: dict = field(default_factory=dict)  # synthetic_world.py flags
     pretrain: dict = field(default_factory=dict)  # run_pretrain.py flags
     build: dict = field(default_factory=dict)  # build_pairs.py flags
@@ -85,7 +67,7 @@ class Preset:
     eval: dict = field(default_factory=dict)  # run_eval.py flags
     transfer: dict = field(default_factory=dict)  # run_transfer.py flags
     density: dict = field(default_factory=dict)  # run_density.py flags
-    data: dict = field(default_factory=dict)  # real corpora: per language, build_pairs.py flags of its corpus and pairs
+    data: dict = field(default_factory=dict)  # real corpora: per language, build_pairs.py's corpus and pair flags
     estimates_s: dict = field(default_factory=dict)  # expected seconds per step kind (reference machine)
     accelerate_config: str | None = None
     synthetic: bool = True
@@ -125,14 +107,8 @@ PLAN_SETS = {
 NOT_SWEPT = ("jobs", "budget_s", "estimates_s", "description", "reference_machine")
 #: Flags of run_study.py that set the configuration key of their name (--seeds 0 1 is --set seeds=[0,1]).
 CONFIG_FLAGS = ("langs", "seeds", "variants", "anchor_settings", "jobs", "accelerate_config")
-#: The keys of a study file, with their types (name is the file's own).
 _STUDY_HINTS = {k: v for k, v in typing.get_type_hints(Preset).items() if k != "name"}
 _REQUIRED = [f.name for f in dataclasses.fields(Preset)[1:] if dataclasses.MISSING is f.default is f.default_factory]
-
-
-# --------------------------------------------------------------------------------------
-# Values: YAML as a user writes it, checked against the types of the scripts' flags
-# --------------------------------------------------------------------------------------
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -152,8 +128,7 @@ def _yaml(text: str):
 
 @functools.cache
 def script_flags(section: str) -> dict[str, tuple[object, object]]:
-    """The flags of a section's script, from its argument dataclasses: name -> (type, default). Imports the script
-    (once): its dataclasses are what its command line accepts."""
+    """The flags of a section's script, from its argument dataclasses: name -> (type, default)."""
     module_name, classes = SECTIONS[section]
     module = importlib.import_module(module_name)
     flags = {}
@@ -210,10 +185,9 @@ def _close(word: str, valid) -> str:
 
 
 def checked_value(key: str, value, where: str, flags: bool = True):
-    """``value`` for the configuration key ``key`` (``seeds``, ``cpt.max_steps``, ``data.bo.pairs_files``, or a whole
-    section) as the plan uses it, after checking it: a top-level key's type, a section key against the flags of the
-    section's script and their types (``flags=False``: the structure only, without importing the scripts). null in
-    a section leaves the flag at the script's default. Raises InputError naming the valid keys."""
+    """``value`` of the key ``key`` (``seeds``, ``cpt.max_steps``, ``data.bo.pairs_files`` or a whole section), checked:
+    a top-level key's type, a section key against its script's flags and their types (``flags=False``: the structure
+    only, without importing the scripts)."""
     path = key.split(".")
     top = path[0]
     if top not in _STUDY_HINTS:
@@ -236,7 +210,7 @@ def checked_value(key: str, value, where: str, flags: bool = True):
 
 
 def _checked_top_value(key: str, value, where: str):
-    """A top-level key's value (a single value where a list is expected is a list of one)."""
+    """A top-level key's value (one value where a list is expected is a list of one)."""
     top, _, below = key.partition(".")
     if below:
         raise InputError(f"{where}: {top} has no keys of its own ({key!r}); give {top}=VALUE.")
@@ -248,7 +222,6 @@ def _checked_top_value(key: str, value, where: str):
 
 
 def _checked_flag(section: str, key: str, value, where: str, flags: bool):
-    """The value of one flag of a section's script (``flags=False``: without looking the flag up in the script)."""
     script, flag = f"{SECTIONS[section][0]}.py", key.rsplit(".", 1)[1]
     if flag in PLAN_SETS[section]:
         hint = " (a language's corpus and pairs go in data.LANG)" if section == "build" and flag in _DATA else ""
@@ -274,13 +247,7 @@ def _checked_flag(section: str, key: str, value, where: str, flags: bool):
     return value
 
 
-# --------------------------------------------------------------------------------------
-# A study: its file, --set, the flags that set its keys, and what a plan needs of it
-# --------------------------------------------------------------------------------------
-
-
 def parse_assignment(text: str, flag: str) -> tuple[str, object]:
-    """KEY=VALUE of --set (VALUE in YAML) -> (KEY, value)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise InputError(f"{flag} {text!r}: give KEY=VALUE (e.g. cpt.max_steps=2400, seeds=[0,1]).")
@@ -298,9 +265,8 @@ def _assign(config: dict, key: str, value) -> None:
 
 
 def study_file(preset: str) -> Path:
-    """--preset: the name of a study of configs/studies/ (NAME.yaml or NAME.json) or the path of any study file (a
-    relative one from where the user is, else from the repository root, where this returns it); the file's path,
-    relative to the repository root inside it (steps run there), else absolute."""
+    """--preset: a study of configs/studies/ by name, or a study file's path (from where the user is, else from the
+    repository root); relative to the repository root (where steps run) when inside it."""
     if preset.endswith((".yaml", ".yml", ".json")) or os.sep in preset:
         path = Path(preset).resolve()
         if not path.is_file() and not Path(preset).is_absolute():
@@ -319,7 +285,6 @@ def study_file(preset: str) -> Path:
 
 
 def _file_keys(path: Path) -> dict:
-    """A study file's mapping of keys (``path`` resolved against the repository root when relative)."""
     text = (path if path.is_absolute() or path.is_file() else REPO_DIR / path).read_text(encoding="utf-8")
     try:
         raw = _yaml(text)
@@ -331,8 +296,7 @@ def _file_keys(path: Path) -> dict:
 
 
 def read_study(path: Path, sets=(), cell: dict | None = None, flags: bool = True) -> Preset:
-    """A study file with its ``--set`` changes and a sweep cell's values (checked by sweep_factors) applied, each key
-    and value checked (see checked_value)."""
+    """A study file with its ``--set`` changes and a sweep cell's values (checked by sweep_factors) applied."""
     config = {key: checked_value(str(key), value, str(path), flags) for key, value in _file_keys(path).items()}
     for text in sets:
         key, value = parse_assignment(text, "--set")
@@ -346,8 +310,9 @@ def read_study(path: Path, sets=(), cell: dict | None = None, flags: bool = True
 
 
 def with_flags(preset: Preset, args) -> Preset:
-    """The configuration with run_study.py's flags that set its keys (CONFIG_FLAGS, those given) applied."""
-    return replace(preset, **{key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None})
+    """The configuration with run_study.py's flags that set its keys (CONFIG_FLAGS) applied."""
+    given = {key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None}
+    return replace(preset, **{key: checked_value(key, value, f"--{key}") for key, value in given.items()})
 
 
 def check_study(preset: Preset, where: str) -> None:
@@ -357,20 +322,12 @@ def check_study(preset: Preset, where: str) -> None:
         values = getattr(preset, key)
         if not values or len(set(map(str, values))) < len(values):
             problems.append(f"{key} must name at least one, each once (got {values})")
-    problems += [f"settings: unknown setting {s!r} ({', '.join(CPT_SETTINGS)})" for s in preset.settings
-                 if s not in CPT_SETTINGS]  # fmt: skip
     if not set(SETTINGS) <= set(preset.settings):
         problems.append(
             f"settings must hold bridges and no_bridges (their gap is the measurement), not {preset.settings}"
         )
-    problems += [f"anchor_settings: unknown setting {s!r} (bridges, no_bridges)" for s in preset.anchor_settings
-                 if s not in SETTINGS]  # fmt: skip
-    if preset.synthetic:
-        problems += [f"variants: unknown variant {v!r} (native, anchors)" for v in preset.variants
-                     if v not in VARIANT_TITLES]  # fmt: skip
-        problems += ["data applies to real corpora (synthetic: false)"] if preset.data else []
-    elif preset.world:
-        problems.append("world applies to synthetic studies (synthetic: true)")
+    if preset.data if preset.synthetic else preset.world:
+        problems.append("data applies to real corpora (synthetic: false), world to synthetic ones")
     for section in ("pretrain", "cpt"):
         problems += [
             f"{section}.{key} is required" for key in ("block_size", "max_steps") if key not in getattr(preset, section)
@@ -379,20 +336,14 @@ def check_study(preset: Preset, where: str) -> None:
         raise InputError(f"{where}: " + "; ".join(problems) + ".")
 
 
-#: The studies of configs/studies/, by name, as their files give them (their sections' keys are checked against
-#: the scripts' flags when a study is configured: run_study.configure).
+#: The studies of configs/studies/ as their files give them (run_study.configure checks them against the flags).
 PRESETS: dict[str, Preset] = {
     path.stem: read_study(path.relative_to(REPO_DIR), flags=False) for path in sorted(STUDIES_DIR.glob("*.yaml"))
 }
 
 
-# --------------------------------------------------------------------------------------
-# --sweep: the cells of a grid of values
-# --------------------------------------------------------------------------------------
-
-
 def sweep_factors(sweeps: list[str], sets: list[str]) -> dict[str, list]:
-    """--sweep KEY=V1,V2,... -> {KEY: [values]} in the order given, each value checked as --set checks it."""
+    """--sweep KEY=V1,V2,... -> {KEY: [values]}, each value checked as --set checks it."""
     factors: dict[str, list] = {}
     for text in sweeps:
         key, sep, values = text.partition("=")
@@ -418,12 +369,12 @@ def _value_text(value) -> str:
 
 
 def cell_name(values: dict) -> str:
-    """A cell's folder name: its values, readable and file-name safe (world.pair_mentions=30,cpt.max_steps=2400)."""
+    """A cell's folder name, readable and file-name safe: world.pair_mentions=30,cpt.max_steps=2400."""
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{key}={_value_text(v)}" for key, v in values.items()))
 
 
 def sweep_cells(factors: dict[str, list]) -> dict[str, dict]:
-    """The cells of the grid of ``factors``, by folder name (cell_name): each cell's value of every swept key."""
+    """The cells of the grid of ``factors`` by folder name: each cell's value of every swept key."""
     cells: dict[str, dict] = {}
     for values in itertools.product(*factors.values()):
         values = dict(zip(factors, values))
@@ -434,15 +385,8 @@ def sweep_cells(factors: dict[str, list]) -> dict[str, dict]:
     return cells
 
 
-# --------------------------------------------------------------------------------------
-# --smoke: the same plan with its budgets cut
-# --------------------------------------------------------------------------------------
-
-#: --smoke: the budget flags cut per step kind; every other flag of every command stays as the full run has it
-#: (same scripts, data sources, columns, tokenizer, launch config). A few training steps with a checkpoint
-#: between them (so every checkpoint-reading step reads more than one), short windows, a tiny model of the same
-#: architecture family, small batches and buffers. tests/test_study_smoke.py compares the two plans flag by flag.
-#: The training budget of a smoke run, the same for pretraining and CPT.
+#: --smoke: the budget flags cut per step kind; every other flag stays as the full run has it. A checkpoint before
+#: the last step, so that every checkpoint-reading step reads more than one.
 _SMOKE_TRAINING = dict(
     block_size=128,
     max_steps=4,
@@ -464,8 +408,7 @@ SMOKE_BUDGETS: dict[str, dict] = {
     "eval": dict(batch_size=16),
     "density": dict(top_k=5, max_documents=2000),
 }
-#: Flags that exist to cut a budget: a smoke run adds them although the full run leaves them out (reading a few
-#: records of each input, indexing a few documents of each corpus, instead of whole Wikipedia dumps).
+#: Flags that exist to cut a budget: a smoke run adds them although the full run leaves them out.
 SMOKE_ONLY_FLAGS = {"max_records_per_input", "max_documents"}
 #: Without a GPU a smoke run also trains and probes in float32 (bfloat16 on a CPU only slows it down).
 SMOKE_CPU_PRECISION: dict[str, dict] = {
@@ -476,18 +419,15 @@ SMOKE_CPU_PRECISION: dict[str, dict] = {
 
 
 def smoke_preset(preset: Preset, on_gpu: bool) -> tuple[Preset, list[str]]:
-    """The preset with only its budgets cut (``--smoke``), and one line per cut flag saying what was cut.
-
-    Without a GPU the training steps run without bf16 and, unless --accelerate_config says otherwise, as
-    plain python."""
+    """The preset with only its budgets cut (``--smoke``), and one line per cut flag. Without a GPU the training
+    steps run without bf16, as plain python."""
     cuts: list[str] = []
     changed = {}
     for kind, budget in SMOKE_BUDGETS.items():
         full = getattr(preset, kind)
         budget = dict(budget, **({} if on_gpu else SMOKE_CPU_PRECISION.get(kind, {})))
-        # Only flags the full run passes are cut (a flag it leaves at its default stays there), except the
-        # budget-only flags and the shuffle buffer of a streamed pretraining, which would otherwise read
-        # 10,000 windows before step 1.
+        # Only flags the full run passes are cut, and the budget-only flags and the shuffle buffer of a streamed
+        # pretraining (it would read 10,000 windows before step 1) added.
         budget = {
             key: value
             for key, value in budget.items()

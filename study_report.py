@@ -39,6 +39,7 @@ import numpy as np
 
 from cloze import question_lang_from_stem, question_stem, read_predictions
 from study_common import exit_on_input_error, write_json_atomic, write_text_atomic
+from study_config import SETTINGS, VARIANT_TITLES
 
 if TYPE_CHECKING:  # the report reads any object with these fields (run_study's, or one read back from plan.json)
     from run_study import Plan, Run
@@ -46,9 +47,6 @@ if TYPE_CHECKING:  # the report reads any object with these fields (run_study's,
 REPO_DIR = Path(__file__).resolve().parent
 # What the report and run_study.py both name (run_study imports them from here, so that this module needs no
 # part of it): the settings and name variants, the time format and stamp, and the steps' recorded seconds.
-#: The two CPT settings of every run pair, in the order the report shows them.
-SETTINGS = ("bridges", "no_bridges")
-VARIANT_TITLES = {"native": "native-script names (control)", "anchors": "shared Latin names (anchors)"}
 
 
 def fmt_time(seconds: float) -> str:

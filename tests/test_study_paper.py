@@ -75,7 +75,7 @@ def test_paper_plan_reads_mc2_without_invented_language_configs(tmp_path):
     assert "--mono_data_files" not in build.command
     assert "bo=mc2/bo-crawl-only-release-20231127.jsonl" in density.command
     assert "--corpus_dataset" not in density.command and "--corpus_streaming" not in density.command
-    assert "mc2/bo-crawl-only-release-20231127.jsonl" in run_study._local_inputs(plan)[1]
+    assert "mc2/bo-crawl-only-release-20231127.jsonl" in run_study._local_files(plan)
 
 
 def _cost_line(printed: str, step_id: str) -> list[str]:
