@@ -78,11 +78,7 @@ _LINE_FILES = (".txt", ".jsonl")
 @dataclass
 class DensityArguments:
     questions: list[str] = field(
-        metadata={
-            "help": "Cloze questions ({question, answer}; options are not needed) read by cloze.load_question_sets: "
-            "files, folders, saved or Hub datasets. The file stem names the set; a stem ending in _LANG sets the "
-            "language."
-        }
+        metadata={"help": "Cloze question files, folders or datasets; a stem ending in _LANG sets the language."}
     )
     output_dir: str = field(metadata={"help": "Where density.json, density.md and (by default) the indexes go."})
     corpus_files: list[str] | None = field(
@@ -93,10 +89,7 @@ class DensityArguments:
         },
     )
     corpus_dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "A corpus as a datasets dataset: a save_to_disk folder, a Hub name, or a folder of data files."
-        },
+        default=None, metadata={"help": "A corpus as a dataset: a save_to_disk folder, a Hub name or a data folder."}
     )
     corpus_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --corpus_dataset."})
     corpus_split: str = field(default="train", metadata={"help": "Split of --corpus_dataset."})
@@ -130,31 +123,20 @@ class DensityArguments:
     )
     fingerprint: Literal["stat", "content"] = field(
         default="stat",
-        metadata={
-            "help": "How an index recognises its corpus files: 'stat' (path, size, mtime) or 'content' (SHA-256)."
-        },
+        metadata={"help": "How an index knows its files: 'stat' (path, size, mtime) or 'content' (SHA-256)."},
     )
     bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1 (term-frequency saturation)."})
     bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (document-length normalisation)."})
     min_script_fraction: float = field(
         default=0.01,
-        metadata={
-            "help": "Measure a question file on a corpus only when at least this fraction of the corpus's word units "
-            "is in the questions' script (0: every pair). Skipped pairs are reported."
-        },
+        metadata={"help": "Measure a question file on a corpus only when this share of the corpus is in its script."},
     )
     require_answer: bool = field(
         default=True,
-        metadata={
-            "help": "Rank only documents holding every token of an accepted answer. false lets --judge_model see "
-            "documents that paraphrase the answer."
-        },
+        metadata={"help": "Rank only documents holding every token of an answer (false: paraphrases too)."},
     )
     judge_window: int = field(
-        default=0,
-        metadata={
-            "help": "Lexical judge: key terms count within this many units of the answer (0: the question's length)."
-        },
+        default=0, metadata={"help": "Lexical judge: key terms count within this many units of the answer (0: auto)."}
     )
     judge_min_key_fraction: float = field(
         default=0.25,
@@ -1004,8 +986,7 @@ def predictions_at(path: Path, step: int | None, setting: str) -> tuple[dict, di
     the step, and the question language. The run's recorded cpt_setting must be ``setting`` ("bridges" or
     "no_bridges"), as run_transfer.py checks, so that swapped flags do not turn the analysis upside down."""
     accuracy, correct = read_predictions(path.parent)
-    recorded = accuracy.get("cpt_setting") or {}
-    was = recorded.get("setting") or {True: "bridges", False: "no_bridges"}.get(recorded.get("bridges"))
+    was = (accuracy.get("cpt_setting") or {}).get("setting")
     if was is not None and was != setting:
         flag = "--predictions_with" if setting == "bridges" else "--predictions_without"
         raise InputError(f"{path} was given as {flag} but its cpt_setting says {was}. Swap or fix the flags.")

@@ -602,8 +602,8 @@ def _planted_gaps(tmp_path, gained_at_0: int, gained_at_3: int, n: int = 40):
     right with bridges and wrong without (gap +1), the rest wrong in both (gap 0). The least-squares slope of
     the gap on log(1 + occurrences) is then exactly (gained_at_3 - gained_at_0) / n / log(4)."""
     gained = [i < gained_at_0 for i in range(n)] + [i < gained_at_3 for i in range(n)]
-    _predictions(tmp_path / "with", "set_bo", "bo", {7: gained}, {"bridges": True})
-    _predictions(tmp_path / "without", "set_bo", "bo", {7: [False] * 2 * n}, {"bridges": False})
+    _predictions(tmp_path / "with", "set_bo", "bo", {7: gained}, {"setting": "bridges"})
+    _predictions(tmp_path / "without", "set_bo", "bo", {7: [False] * 2 * n}, {"setting": "no_bridges"})
     occurrences = {("english", "set_en"): [0] * n + [3] * n}
     (result,) = rd.instance_analysis(tmp_path / "with" / "predictions.jsonl", tmp_path / "without" /
                                      "predictions.jsonl", None, {}, occurrences)["results"]  # fmt: skip
@@ -629,8 +629,7 @@ def test_predictions_given_under_the_wrong_setting_flag_are_refused(tmp_path):
     occurrences = {("english", "set_en"): [0, 1, 2, 3] * 2}
     with pytest.raises(InputError, match=r"was given as --predictions_with but its cpt_setting says no_bridges"):
         rd.instance_analysis(without_run, with_run, None, {}, occurrences)
-    _predictions(tmp_path / "mismatched", "set_bo", "bo", {7: [False] * 8}, {"bridges": False,
-                 "setting": "mismatched_bridges"})  # fmt: skip
+    _predictions(tmp_path / "mismatched", "set_bo", "bo", {7: [False] * 8}, {"setting": "mismatched_bridges"})
     with pytest.raises(InputError, match=r"--predictions_without but its cpt_setting says mismatched_bridges"):
         rd.instance_analysis(with_run, tmp_path / "mismatched" / "predictions.jsonl", None, {}, occurrences)
 
