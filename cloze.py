@@ -379,6 +379,26 @@ def _check_parallel(sets: list[QuestionSet]) -> None:
             )
 
 
+def read_item_tiers(path: str) -> dict:
+    """synthetic_world.py's item_tiers.json, checked: ``tier_of[i]`` is the tier of question item i of the files of
+    ``parallel_group`` (every index once, every tier among the declared ``meaning``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        tier_of = {item["index"]: item["tier"] for item in data["items"]}
+        group, meaning, n = data["parallel_group"], dict(data["tiers"]), len(data["items"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(
+            f"--item_tiers {path}: not an item_tiers.json of synthetic_world.py ({type(err).__name__}: {err}); "
+            'it needs {"parallel_group", "tiers", "items": [{"index", "tier"}, ...]}.'
+        ) from err
+    if len(tier_of) != n or set(tier_of) != set(range(n)):
+        raise InputError(f"--item_tiers {path}: the item indices are not 0..{n - 1}, each once.")
+    unknown = sorted(set(tier_of.values()) - set(meaning))
+    if unknown:
+        raise InputError(f"--item_tiers {path}: tiers {unknown} not among its 'tiers'.")
+    return {"path": path, "parallel_group": group, "meaning": meaning, "tier_of": [tier_of[i] for i in range(n)]}
+
+
 # --------------------------------------------------------------------------------------
 # Filling the blanks
 # --------------------------------------------------------------------------------------

@@ -1,74 +1,46 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch==2.13.0", "transformers>=5.0", "datasets>=4.0", "huggingface-hub>=1.0", "numpy>=2.0", "tqdm"]
+# dependencies = ["torch==2.13.0", "transformers>=5.0", "datasets>=4.0", "numpy>=2.0", "tqdm"]
 # ///
 """Bilingual cloze probing of every checkpoint of a run, the bridge diagnostic and the manipulation checks.
 
-Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). Three jobs:
+Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). What the outputs mean and where
+the scoring differs from the authors' script: docs/probing.md; the checks: docs/decomposition.md; what is
+refused: docs/refusals.md.
 
-1. **Probing** (``--model_name_or_path`` + ``--questions``): score the paper's cloze questions on a model, on
-   every checkpoint of a run directory, or on every checkpoint of a Hub repo, and write
-
-   * ``predictions.jsonl``: one line per question item and checkpoint, ``{"questions", "lang", "index",
-     "step", "checkpoint", "scores", "prediction", "answer", "correct", "tied_best", "credit_fractional"}``
-     (``correct``: the paper's first-wins rule; ``tied_best``: options sharing the best score;
-     ``credit_fractional``: the expected credit of breaking that tie uniformly at random), read back by
-     ``cloze.read_predictions``;
-   * ``accuracy.json``: ``{"checkpoints": [{"step", "path", "weights_sha256", "accuracy": {<questions>: {"lang",
-     "correct", "total", "accuracy", "ties", "tie_rate", "correct_fractional", "accuracy_fractional",
-     "ties_advantage"}}}], ...}`` plus what was probed (question files, their quirks and ``position_bias``,
-     the scoring, dtype and loss_dtype, the run's ``cpt_setting``), and ``accuracy.csv`` with the same numbers.
-
-   Finished checkpoints are reused when the output directory already holds them for the same questions,
-   scoring and dtype, and for the same weights (each entry's ``weights_sha256``): a checkpoint retrained in place is
-   probed again and the results of checkpoints no longer present dropped. Re-running after new checkpoints appear
-   (or a crash) scores only what is new. bridge_diagnostic.json and manipulation_checks.json follow the same rule.
-
-2. **Bridge diagnostic** (``--diagnostic_pairs``): per checkpoint, the mean token loss of the second side
-   of held-out parallel pairs, laid out as run_cpt.py lays out a bridge (study_common.pair_first_side and
-   pair_segments: the run's ``pair_order``; en_first: the target side after the English side), (a) alone,
-   (b) after its own first side, (c) after another pair's first side -> ``bridge_diagnostic.json``.
-
-3. **Manipulation checks** -> ``manipulation_checks.json`` (probe the base model with the same flags: the
-   "before"). ``--name_alignment``: name alignment outside the bridge (``name_alignment_accuracy``,
-   ``embedding_match``). ``--item_tiers``: cloze accuracy per question file and fact tier (English retention: the
-   English questions on high/en_only facts before vs after CPT; target learning: target questions on absent ones).
+1. **Probing** (``--questions``): every question item on every checkpoint -> ``predictions.jsonl`` (one line per
+   item and checkpoint: ``questions, lang, index, step, checkpoint, scores, prediction, answer, correct,
+   tied_best, credit_fractional``; read back by ``cloze.read_predictions``), ``accuracy.json`` (per checkpoint
+   ``step, path, weights_sha256`` and per question file ``correct, total, accuracy, ties, tie_rate,
+   correct_fractional, accuracy_fractional, ties_advantage``; plus what was probed).
+2. **Bridge diagnostic** (``--diagnostic_pairs``) -> ``bridge_diagnostic.json``: per checkpoint, the mean token
+   loss of the second side of held-out pairs laid out as run_cpt.py lays out a bridge (the run's
+   ``pair_order`` and ``pair_separator``), alone, after its own first side and after another pair's.
+3. **Manipulation checks** (``--name_alignment``, ``--item_tiers``) -> ``manipulation_checks.json``.
 
 Scoring (``--scoring``; every score is a loss: the LOWEST score wins, ties keep option order):
 
 * ``mean_token_loss`` (default, the paper's): every run of underscores in the question is replaced by the
-  option; the filled sentence is tokenized without special tokens and the document-start token
-  (``study_common.document_start_id``: the tokenizer's end-of-text id) is prepended; the score is the mean
-  token cross-entropy over every token after the prepended one.
-* ``option_logprob``: minus the summed log-probability of the option's tokens only (the tokens of the
-  filled sentence whose character span overlaps a filled-in blank), each conditioned on everything before
-  it; the tokens of the question around the blank are not counted.
-* ``byte_normalized``: minus the summed log-probability of all tokens after the prepended one, divided by
-  the number of UTF-8 bytes of the filled sentence (a length normalisation that does not depend on the
-  tokenizer).
+  option; the filled sentence is tokenized without special tokens after the document-start token
+  (``study_common.document_start_id``); the score is the mean token cross-entropy after that token.
+* ``option_logprob``: minus the summed log-probability of the tokens whose character span overlaps a filled-in
+  blank, each conditioned on everything before it.
+* ``byte_normalized``: minus the summed log-probability of the filled sentence divided by its UTF-8 bytes.
 
-``--loss_dtype float32`` (default) computes the losses in float32 on batched prefix trees; ``--loss_dtype
-model`` runs the paper's own loop (one sentence per forward, the loss in the logits' dtype: bfloat16 with
-bfloat16 weights), bit-identical to it, ties included.
+``--loss_dtype model`` runs the paper's own loop instead of batched prefix trees (bit-identical to it).
 
-Quirks of the released question files (no blank, several blanks, duplicate options, an answer that is not
-among the options: cloze.QUIRK_TEXT) are counted and scored exactly as the authors' script scores them (no blank: all options
-tie, the first is predicted; several blanks: all are filled; answer absent: always wrong); ``--strict`` turns
-them into errors that name the file and the item.
-
-Needs cloze.py and study_common.py beside it.
+Every checkpoint entry records the checkpoint's ``weights_sha256``: results already in ``--output_dir`` are reused
+for the same weights, probed again when the weights changed, and those of checkpoints no longer present dropped
+when the run was trained again.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import logging
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -80,7 +52,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, read_predictions, tie_credit
+from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, position_bias, read_predictions, tie_credit
+from cloze import read_item_tiers as read_tier_file
 from study_common import (
     WEIGHT_FILES,
     InputError,
@@ -100,13 +73,13 @@ logger = logging.getLogger("run_eval")
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 SCORINGS = ("mean_token_loss", "option_logprob", "byte_normalized")
-ROOT_TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# --------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+#: What accuracy.json's results depend on: another value in an output folder is refused, not mixed.
+PROBING_IDENTITY = ("model_name_or_path", "scoring", "dtype", "loss_dtype", "questions_sha256")
+OUTPUT_DIR_REMEDY = "Use another --output_dir or pass --overwrite_output_dir to replace them."
+#: Ties above this share of a file's items at a checkpoint are warned about (the first-wins rule then moves the
+#: accuracy toward position_bias.always_first_accuracy).
+TIE_WARNING_RATE = 0.05
 
 
 @dataclass
@@ -114,50 +87,34 @@ class EvalArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "What to probe: a model directory (evaluated as one checkpoint; its step is trainer_state.json's "
-            "global_step, else 0), a run directory (every checkpoint-N inside in step order, then the final model "
-            "with its step from the run's trainer_state.json; a final model at the step of a checkpoint is skipped "
-            "as a duplicate), or a Hub model repo id (its checkpoint-N folders and root model, and without --revision "
-            "every branch holding a model, e.g. step-1000, recorded as org/name@branch; downloaded one at a time; "
-            "offline, the folders of the cached snapshot)."
+            "help": "A model folder (one checkpoint, at its trainer_state.json global_step, else 0) or a run folder "
+            "(every checkpoint-N inside, then the final model in the folder itself at its trainer_state.json step). "
+            "Every checkpoint carries its own tokenizer."
         },
     )
     questions: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Question sources, several allowed: a JSON file (a list of {question, options, answer}), a folder "
-            "(every *.json inside, sorted; or a dataset saved with save_to_disk, one question set per split), or a "
-            "Hub dataset id 'org/name' or 'org/name:split' (one question set per split). The question language is "
-            "the file stem's suffix '_<lang>' (ko-culture-cloze_en.json is English); files 'X_en' and 'X_<lang>' "
-            "are parallel (matched by position; a length mismatch is an error)."
+            "help": "Question sources (cloze.load_question_sets): JSON files of {question, options, answer}, folders "
+            "of them, save_to_disk datasets or Hub dataset ids ('org/name[:split]'). The language is the name's "
+            "'_<lang>' suffix; 'X_en' and 'X_<lang>' are parallel item by item."
         },
     )
     question_langs: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Override question languages: entries 'STEM=LANG' (e.g. my-questions=ko), or plain languages, "
-            "one per question set in the order they are loaded."
-        },
+        metadata={"help": "Question languages: 'STEM=LANG' entries, or one language per question set in load order."},
     )
     output_dir: str = field(
         default="eval_output",
-        metadata={"help": "Where predictions.jsonl, accuracy.json/csv and bridge_diagnostic.json go."},
+        metadata={"help": "Where predictions.jsonl, accuracy.json and the other outputs go."},
     )
     scoring: Literal["mean_token_loss", "option_logprob", "byte_normalized"] = field(
         default="mean_token_loss",
-        metadata={
-            "help": "mean_token_loss (the paper's): mean cross-entropy of every token of the filled sentence after "
-            "the prepended start token. option_logprob: minus the summed log-prob of the tokens that overlap the "
-            "filled-in option. byte_normalized: minus the summed log-prob of the sentence divided by its UTF-8 "
-            "bytes. Lowest score wins; ties keep option order."
-        },
+        metadata={"help": "How an option is scored (the module docstring defines each); the lowest score wins."},
     )
     batch_size: int = field(
         default=64,
-        metadata={
-            "help": "Filled sentences per forward pass: the options of several questions, each question's options "
-            "run as one prefix tree (the question text before the blank computed once)."
-        },
+        metadata={"help": "Filled sentences per forward pass (each question's options run as one prefix tree)."},
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
@@ -166,11 +123,10 @@ class EvalArguments:
     loss_dtype: Literal["float32", "model"] = field(
         default="float32",
         metadata={
-            "help": "float32 (default): logits upcast to float32 before the loss, batched prefix trees (scores within "
-            "1e-5 of the paper's loop computed in float32). model: the paper's computation on current transformers: "
-            "one filled sentence per forward, no padding, no prefix sharing, CrossEntropyLoss(reduction='mean') on "
-            "the logits in the dtype the model returns them (bfloat16 weights: a bfloat16 loss, with its rounding "
-            "and its ties); bit-identical to the paper's loop, and as slow. mean_token_loss scoring only."
+            "help": "float32: logits upcast to float32, batched prefix trees (within 1e-5 of the paper's loop in "
+            "float32). model: the paper's loop on current transformers, one sentence per forward and the loss in "
+            "the logits' dtype (bfloat16 weights: a bfloat16 loss and its ties); bit-identical to it, as slow. "
+            "mean_token_loss scoring only."
         },
     )
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when present, else cpu), 'cpu', 'cuda:0'..."})
@@ -178,22 +134,15 @@ class EvalArguments:
         default="sdpa", metadata={"help": "Attention implementation the model is loaded with."}
     )
     padding_side: Literal["right", "left"] = field(
-        default="right",
-        metadata={
-            "help": "Where padding goes in a batch row. Scores do not depend on it (explicit positions and mask)."
-        },
+        default="right", metadata={"help": "Where padding goes in a batch row (scores do not depend on it)."}
     )
     tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer to use (default: the one saved with each checkpoint, else the run's)."},
+        default=None, metadata={"help": "Tokenizer for every checkpoint (default: each checkpoint's own)."}
     )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of a Hub model or dataset."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of a Hub dataset of --questions."})
     strict: bool = field(
         default=False,
-        metadata={
-            "help": "Turn question quirks (no blank, several blanks, duplicate options, fewer than 2 distinct "
-            "options, an answer not among the options) into errors naming the file and item."
-        },
+        metadata={"help": "Turn question quirks (cloze.QUIRK_TEXT) into errors naming the file and item."},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -202,11 +151,8 @@ class EvalArguments:
     diagnostic_pairs: str | None = field(
         default=None,
         metadata={
-            "help": "Held-out parallel pairs (.jsonl/.json with 'en' and 'tgt' columns, or a save_to_disk dataset "
-            "whose kind=='pair' rows are used): writes bridge_diagnostic.json with, per checkpoint, the mean token "
-            "loss of each pair's second side in the run's pair_order (en_first: the target side) alone "
-            "([start]+second), after its own first side ([start]+first+[start]+second, loss over the second side's "
-            "tokens only) and after another pair's first side (pair i gets pair i+1's side in that language)."
+            "help": "Held-out parallel pairs (.jsonl/.json/.tsv with 'en' and 'tgt' columns, or a build_pairs.py "
+            "dataset folder, its kind=='pair' rows): writes bridge_diagnostic.json."
         },
     )
     diagnostic_max_pairs: int | None = field(
@@ -216,40 +162,46 @@ class EvalArguments:
         default=None,
         metadata={
             "help": "A world's name_alignment.json: manipulation_checks.json gets, per checkpoint and direction, the "
-            "4-way choice of each entity's name after a held-out sentence naming it in the other language (laid out "
-            "as a bridged pair) and the nearest-neighbour match of its names' mean input embeddings."
+            "choice of each entity's name after a held-out sentence naming it in the other language, and the "
+            "nearest-neighbour match of its names' input embeddings."
         },
     )
     item_tiers: str | None = field(
         default=None,
         metadata={
             "help": "A world's item_tiers.json (needs --questions): manipulation_checks.json gets, per checkpoint, "
-            "the accuracy of each question file on each tier of facts (high, low, absent, en_only)."
+            "the accuracy of each question file on each tier of facts."
         },
     )
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints of a model, a run directory or a Hub repo
+# The checkpoints of a model folder or a run folder
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
 class Checkpoint:
     step: int
-    path: str  # as recorded in the outputs: an absolute local path, or 'org/name/checkpoint-N' on the Hub
-    local_dir: Path | None = None  # None until downloaded (Hub)
-    hub_repo: str | None = None
-    hub_patterns: list[str] | None = None
-    hub_revision: str | None = None  # a checkpoint published as a branch of the repo (path 'org/name@branch')
-    weights_sha256: str | None = None  # computed once, by checkpoint_weights_sha256
+    path: Path
+    weights_sha256: str
+    tokenizer: str  # where its tokenizer is loaded from
 
     @property
-    def hub_folder(self) -> str:
-        """The checkpoint's folder inside its Hub revision ('' for a root model)."""
-        if self.hub_revision is not None:
-            return ""
-        return self.path[len(self.hub_repo) + 1 :]
+    def key(self) -> tuple[int, str]:
+        return self.step, str(self.path)
+
+    def entry(self) -> dict:
+        """The fields that start this checkpoint's entry in every output."""
+        return {"step": self.step, "path": str(self.path), "weights_sha256": self.weights_sha256}
+
+
+@dataclass
+class Run:
+    root: Path  # the model or run folder, absolute
+    checkpoints: list[Checkpoint]  # in step order
+    skipped: list[dict]  # {"path", "reason"}
+    cpt_setting: dict | None  # what run_cpt.py records in config.json
 
 
 def _global_step(trainer_state: Path) -> int | None:
@@ -258,226 +210,53 @@ def _global_step(trainer_state: Path) -> int | None:
     try:
         return int(json.loads(trainer_state.read_text())["global_step"])
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{trainer_state}: cannot read 'global_step' ({err}).") from err
+        raise InputError(f"{trainer_state}: cannot read 'global_step' ({err}).") from err
 
 
-def _checkpoints_in_listing(
-    names: set[str], root_has_model: bool, root_step: int | None, where: str
-) -> tuple[list[tuple[int, str]], list[dict]]:
-    """(step, folder or '' for the root model) in step order, and what was skipped with the reason."""
-    found, skipped = [], []
-    for name in sorted(names):
-        match = CHECKPOINT_DIR.match(name)
-        if match:
-            found.append((int(match.group(1)), name))
-    steps = {step for step, _ in found}
-    if root_has_model:
-        if root_step is None and not found:
-            found.append((0, ""))  # a plain model: the start of whatever comes next
-        elif root_step is None:
-            skipped.append({"path": where, "reason": "final model without trainer_state.json: its step is unknown"})
-        elif root_step in steps:
-            skipped.append({"path": where, "reason": f"final model duplicates checkpoint-{root_step}"})
+def find_checkpoints(model_name_or_path: str, tokenizer_name_or_path: str | None = None) -> Run:
+    """Every checkpoint of a model folder or a run folder, each with its weights' hash and its tokenizer (a
+    checkpoint without one is refused here, before anything is written)."""
+    root = Path(model_name_or_path).resolve()
+    if not root.is_dir():
+        raise InputError(f"{model_name_or_path}: not a folder (give a model folder or a run folder).")
+    found, skipped = {}, []
+    for child in sorted(c for c in root.iterdir() if c.is_dir() and CHECKPOINT_DIR.match(c.name)):
+        if (child / "config.json").is_file():
+            found[int(CHECKPOINT_DIR.match(child.name).group(1))] = child
         else:
-            found.append((root_step, ""))
-    return sorted(found), skipped
-
-
-def find_checkpoints(model_name_or_path: str, revision: str | None = None) -> tuple[list[Checkpoint], list[dict]]:
-    """Every checkpoint to probe, in step order, and the skipped ones (with reasons)."""
-    path = Path(model_name_or_path)
-    if path.is_dir():
-        return _local_checkpoints(path.resolve())
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model_name_or_path):
-        raise FileNotFoundError(f"{model_name_or_path}: not a directory and not a Hub repo id ('org/name').")
-    return _hub_checkpoints(model_name_or_path, revision)
-
-
-def _local_checkpoints(root: Path) -> tuple[list[Checkpoint], list[dict]]:
-    names, skipped = set(), []
-    for child in root.iterdir():
-        if child.is_dir() and CHECKPOINT_DIR.match(child.name):
-            if (child / "config.json").is_file():
-                names.add(child.name)
-            else:
-                skipped.append({"path": str(child), "reason": "no config.json (not a loadable model)"})
-    found, more = _checkpoints_in_listing(
-        names, (root / "config.json").is_file(), _global_step(root / "trainer_state.json"), str(root)
-    )
+            skipped.append({"path": str(child), "reason": "no config.json (not a loadable model)"})
+    if (root / "config.json").is_file():
+        step = _global_step(root / "trainer_state.json")
+        if step is None and found:
+            skipped.append({"path": str(root), "reason": "final model without trainer_state.json: its step is unknown"})
+        elif step in found:
+            skipped.append({"path": str(root), "reason": f"final model duplicates checkpoint-{step}"})
+        else:
+            found[step or 0] = root  # a plain model is step 0: the start of whatever comes next
     if not found:
-        raise FileNotFoundError(f"{root}: no model (config.json) and no checkpoint-N folder with a model inside.")
-    checkpoints = [
-        Checkpoint(step, str(root / name) if name else str(root), root / name if name else root) for step, name in found
-    ]
-    return checkpoints, skipped + more
+        raise InputError(f"{root}: no model (config.json) and no checkpoint-N folder with a model inside.")
+    checkpoints = [Checkpoint(s, p, _weights_sha256(p), _tokenizer_source(p, tokenizer_name_or_path))
+                   for s, p in sorted(found.items())]  # fmt: skip
+    configs = [json.loads((c.path / "config.json").read_text()) for c in reversed(checkpoints)]
+    setting = next((config["cpt_setting"] for config in configs if config.get("cpt_setting")), None)
+    return Run(root, checkpoints, skipped, setting)
 
 
-def _hub_checkpoints(repo_id: str, revision: str | None) -> tuple[list[Checkpoint], list[dict]]:
-    from huggingface_hub import HfApi, constants, snapshot_download
-
-    if constants.HF_HUB_OFFLINE:
-        # Offline: the folders of the cached snapshot are what can be probed.
-        snapshot = snapshot_download(repo_id, revision=revision, local_files_only=True)
-        checkpoints, skipped = _local_checkpoints(Path(snapshot))
-        for ckpt in checkpoints:
-            relative = ckpt.local_dir.relative_to(Path(snapshot)).as_posix()
-            ckpt.path = f"{repo_id}/{relative}" if relative != "." else repo_id
-        return checkpoints, skipped
-    files = HfApi().list_repo_files(repo_id, revision=revision)
-    top = {f.split("/", 1)[0] for f in files if "/" in f}
-    names = {name for name in top if f"{name}/config.json" in files}
-    root_files = [f for f in files if "/" not in f]
-    root_step = None
-    if "trainer_state.json" in root_files:
-        state = snapshot_download(repo_id, revision=revision, allow_patterns=["trainer_state.json"])
-        root_step = _global_step(Path(state) / "trainer_state.json")
-    found, skipped = _checkpoints_in_listing(names, "config.json" in root_files, root_step, repo_id)
-    checkpoints = [
-        Checkpoint(
-            step,
-            f"{repo_id}/{name}" if name else repo_id,
-            hub_repo=repo_id,
-            # The run's own tokenizer files come along, for checkpoints saved without one.
-            hub_patterns=([f"{name}/*"] if name else root_files) + list(ROOT_TOKENIZER_PATTERNS),
-        )
-        for step, name in found
-    ]
-    if revision is None:  # a learning curve may also be published as one branch per checkpoint
-        branch_checkpoints, branch_skipped = _hub_branch_checkpoints(repo_id, {c.step for c in checkpoints})
-        checkpoints = sorted(checkpoints + branch_checkpoints, key=lambda c: c.step)
-        skipped += branch_skipped
-    if not checkpoints:
-        raise FileNotFoundError(f"Hub repo {repo_id}: no config.json and no checkpoint-N/config.json.")
-    return checkpoints, skipped
+def _weights_sha256(folder: Path) -> str:
+    """study_common.weights_sha256 of the folder's weight files: a base model's equals the
+    ``base_model_weights_sha256`` its CPT runs record."""
+    digests = local_weight_digests(folder)
+    if not digests:
+        raise InputError(f"{folder}: no weight file ({', '.join(WEIGHT_FILES)}).")
+    return weights_sha256(digests)
 
 
-BRANCH_STEP = re.compile(r"^(?:step|checkpoint)[-_]?(\d+)$")
-
-
-def _hub_branch_checkpoints(repo_id: str, steps_found: set[int]) -> tuple[list[Checkpoint], list[dict]]:
-    """Checkpoints published as branches (e.g. ``step-1000``): a branch whose root holds a model. Its step is
-    its trainer_state.json global_step, else the number in its name (``step-N``, ``checkpoint-N``)."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    api = HfApi()
-    checkpoints, skipped = [], []
-    for branch in sorted(ref.name for ref in api.list_repo_refs(repo_id).branches if ref.name != "main"):
-        files = api.list_repo_files(repo_id, revision=branch)
-        where = f"{repo_id}@{branch}"
-        if "config.json" not in files:
-            continue  # a branch without a model at its root is not a checkpoint
-        step = None
-        if "trainer_state.json" in files:
-            state = snapshot_download(repo_id, revision=branch, allow_patterns=["trainer_state.json"])
-            step = _global_step(Path(state) / "trainer_state.json")
-        if step is None and (match := BRANCH_STEP.match(branch)):
-            step = int(match.group(1))
-        if step is None:
-            skipped.append({"path": where, "reason": "branch without trainer_state.json or a step in its name"})
-        elif step in steps_found:
-            skipped.append({"path": where, "reason": f"duplicates the checkpoint of step {step}"})
-        else:
-            steps_found.add(step)
-            root_files = [f for f in files if "/" not in f]
-            checkpoints.append(Checkpoint(step, where, hub_repo=repo_id, hub_patterns=root_files, hub_revision=branch))
-    return checkpoints, skipped
-
-
-def _materialise(checkpoint: Checkpoint, revision: str | None) -> Path:
-    if checkpoint.local_dir is None:
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(
-            snapshot_download(
-                checkpoint.hub_repo,
-                revision=checkpoint.hub_revision or revision,
-                allow_patterns=checkpoint.hub_patterns,
-            )
-        )
-        name = checkpoint.hub_folder
-        checkpoint.local_dir = snapshot / name if name else snapshot
-    return checkpoint.local_dir
-
-
-#: Weight files, as run_cpt.base_model_identity hashes a base model.
-
-
-def checkpoint_weights_sha256(checkpoint: Checkpoint, revision: str | None) -> str:
-    """SHA-256 of ``"<file name>\t<sha256 of its content>\n"`` over the weight files in name order (a base model's
-    is the ``base_model_weights_sha256`` its CPT runs record), once per checkpoint: local files streamed, on the
-    Hub the files' LFS hashes, the same numbers without a download (a file outside LFS is downloaded)."""
-    if checkpoint.weights_sha256 is None:
-        digests = _hub_weight_digests(checkpoint, revision) if checkpoint.local_dir is None else None
-        if digests is None:
-            digests = local_weight_digests(_materialise(checkpoint, revision))
-        if not digests:
-            raise FileNotFoundError(f"{checkpoint.path}: no weight file ({', '.join(WEIGHT_FILES)}).")
-        checkpoint.weights_sha256 = weights_sha256(digests)
-    return checkpoint.weights_sha256
-
-
-def _hub_weight_digests(checkpoint: Checkpoint, revision: str | None) -> dict[str, str] | None:
-    """The LFS sha256 of each weight file of a Hub checkpoint, or None when one is not stored in LFS."""
-    from fnmatch import fnmatch
-
-    from huggingface_hub import HfApi
-
-    where = {"path_in_repo": checkpoint.hub_folder or None, "revision": checkpoint.hub_revision or revision}
-    files = {e.path.rsplit("/", 1)[-1]: e.lfs for e in HfApi().list_repo_tree(checkpoint.hub_repo, **where)
-             if hasattr(e, "lfs")}  # fmt: skip
-    weights = {name: lfs for name, lfs in files.items() if any(fnmatch(name, p) for p in WEIGHT_FILES)}
-    return None if None in weights.values() else {name: lfs.sha256 for name, lfs in weights.items()}
-
-
-def _reusable(previous: list[dict], checkpoints: list[Checkpoint], revision: str | None, same_run: bool, where):
-    """The entries of an earlier output still valid: a present checkpoint's when its weights are unchanged; a gone
-    checkpoint's (rotated away by save_total_limit) unless the output is of another training of the run (not
-    ``same_run``: another cpt_setting; or some weights changed: the run was retrained in place)."""
-    current = {(c.step, c.path): c for c in checkpoints}
-    here = [e for e in previous if (e["step"], e["path"]) in current]
-    changed = [
-        e for e in here if e.get("weights_sha256") != checkpoint_weights_sha256(current[e["step"], e["path"]], revision)
-    ]
-    gone = [e for e in previous if (e["step"], e["path"]) not in current] if changed or not same_run else []
-    for entries, what in ((changed, "weights changed since they were probed: probed again"),
-                          (gone, "gone, from another training of the run: their results dropped")):  # fmt: skip
-        if entries:
-            logger.warning("%s: %s: %s", where, [e["path"] for e in entries], what)
-    return [e for e in previous if e not in changed and e not in gone]
-
-
-def read_cpt_setting(model_name_or_path: str, checkpoints: list[Checkpoint]) -> dict | None:
-    """The 'cpt_setting' that run_cpt.py records in config.json (root first, else the first checkpoint)."""
-    candidates = [Path(model_name_or_path) / "config.json"] + [
-        c.local_dir / "config.json" for c in checkpoints if c.local_dir is not None
-    ]
-    hub = [c for c in checkpoints if c.hub_repo and c.local_dir is None]
-    if hub and not any(c.is_file() for c in candidates):
-        from huggingface_hub import hf_hub_download
-
-        name = hub[-1].hub_folder
-        candidates.append(
-            Path(
-                hf_hub_download(
-                    hub[-1].hub_repo, f"{name}/config.json" if name else "config.json", revision=hub[-1].hub_revision
-                )
-            )
-        )
-    for config in candidates:
-        if config.is_file():
-            setting = json.loads(config.read_text()).get("cpt_setting")
-            if setting is not None:
-                return setting
-    return None
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
-# --------------------------------------------------------------------------------------
-# Scoring: token log-probabilities of many sequences, batched
-# --------------------------------------------------------------------------------------
+def _tokenizer_source(folder: Path, tokenizer_name_or_path: str | None) -> str:
+    if tokenizer_name_or_path:
+        return tokenizer_name_or_path
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer_name_or_path.")
+    return str(folder)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -486,29 +265,71 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_model(directory: Path, dtype: str, device: torch.device, attn_implementation: str):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation)
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def each_model(args: EvalArguments, checkpoints: list[Checkpoint], desc: str):
+    """(checkpoint, model, tokenizer) of each checkpoint in turn, one model in memory at a time."""
+    device = resolve_device(args.device)
+    for checkpoint in tqdm(checkpoints, desc=desc, disable=not checkpoints):
+        model = load_model(checkpoint.path, args.dtype, device, args.attn_implementation)
+        yield checkpoint, model, AutoTokenizer.from_pretrained(checkpoint.tokenizer)
+
+
+def reusable_entries(path: Path, header: dict, run: Run, args: EvalArguments, same: tuple[str, ...]) -> dict:
+    """The checkpoint entries of an earlier ``path`` that still hold, by (step, path): none unless it was made
+    with the same ``same`` fields of ``header``; a present checkpoint's when its weights are unchanged; a gone
+    checkpoint's (rotated away by save_total_limit) unless the run was trained again (another cpt_setting, or
+    changed weights)."""
+    if args.overwrite_output_dir or not path.is_file():
+        return {}
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if any(previous.get(key) != header[key] for key in same):
+        return {}
+    current = {c.key: c for c in run.checkpoints}
+    entries = {(e["step"], e["path"]): e for e in previous["checkpoints"]}
+    changed = [k for k, e in entries.items() if k in current and e.get("weights_sha256") != current[k].weights_sha256]
+    retrained = changed or previous.get("cpt_setting") != run.cpt_setting
+    gone = [k for k in entries if k not in current] if retrained else []
+    for keys, what in ((changed, "weights changed since they were probed: probed again"),
+                       (gone, "gone, from another training of the run: their results dropped")):  # fmt: skip
+        if keys:
+            logger.warning("%s: %s: %s", path, [k[1] for k in keys], what)
+    return {k: e for k, e in entries.items() if k not in changed and k not in gone}
+
+
+def write_entries(path: Path, done: dict, header: dict) -> dict:
+    result = {"checkpoints": [done[key] for key in sorted(done)], **header}
+    write_json_atomic(path, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Scoring: token log-probabilities of many sequences, batched as prefix trees
+# --------------------------------------------------------------------------------------
+
+
 def _body_and_head(model):
-    """Split a causal LM into its transformer body and output head, so that the head (the costly vocabulary
-    projection) runs only on real (non-padding) positions. Models that post-process logits keep the plain path."""
-    head = model.get_output_embeddings()
-    body = getattr(model, "model", None)
+    """The transformer body and the output head, so that the head (the costly vocabulary projection) runs on real
+    positions only; None for models that post-process their logits (they keep the plain path)."""
+    head, body = model.get_output_embeddings(), getattr(model, "model", None)
     post_processed = any(
         getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
     )
-    if head is None or body is None or post_processed:
-        return None
-    return body, head
+    return None if head is None or body is None or post_processed else (body, head)
 
 
 @dataclass
 class PrefixTree:
-    """Token sequences with a common first token, merged into one prefix tree (a trie) run as one batch row.
+    """Token sequences with a common first token merged into one trie, run as one batch row.
 
-    Node k holds one token and its parent is the node of the token before it, so a prefix shared by several
-    sequences (the question text before the blank, shared by all options) is one chain of nodes. In the
-    forward pass node k sits at position ``depths[k]`` and attends to the nodes ``visible[k]`` marks: itself
-    and its ancestors (a tree-shaped causal mask). So its hidden state is the one it has in each of its
-    sequences run alone, and the next-token distribution of a node is computed once, however many sequences
-    continue from it. A parent always comes before its children.
+    Node k holds one token; its parent is the node of the token before it, so a prefix shared by several
+    sequences (the question before the blank) is one chain of nodes. Node k sits at position ``depths[k]`` and
+    attends to ``visible[k]``: itself and its ancestors, so its hidden state is the one it has in each of its
+    sequences run alone. A parent always comes before its children.
     """
 
     tokens: list[int]
@@ -520,33 +341,25 @@ class PrefixTree:
 def build_prefix_trees(
     sequences: list[list[int]], groups: list[list[int]] | None = None
 ) -> tuple[list[PrefixTree], list[tuple[int, np.ndarray]]]:
-    """One prefix tree per group of sequence indices (per first token within a group; default: one tree per
-    sequence), and for every sequence its ``(tree, nodes)``: the node of each of its tokens."""
+    """One prefix tree per group of sequence indices and first token (default: one per sequence), and for every
+    sequence its ``(tree, nodes)``: the node of each of its tokens."""
     groups = groups if groups is not None else [[i] for i in range(len(sequences))]
-    trees: list[PrefixTree] = []
-    located: list[tuple[int, np.ndarray] | None] = [None] * len(sequences)
+    trees, located = [], [None] * len(sequences)
     causal = np.tri(max(map(len, sequences), default=0), dtype=bool)
     for group in groups:
-        if len(set(group)) < len(group):
-            raise ValueError(f"A group lists a sequence twice: {group}.")
-        by_first: dict[int, list[int]] = {}
+        by_first = defaultdict(list)
         for i in group:
-            if located[i] is not None:
-                raise ValueError(f"Sequence {i} is listed twice in the groups.")
-            if not sequences[i]:
-                raise ValueError(f"Sequence {i} is empty: every sequence needs at least its start token.")
-            by_first.setdefault(sequences[i][0], []).append(i)
+            assert located[i] is None and sequences[i], f"sequence {i}: listed twice, or empty"
+            located[i] = ()
+            by_first[sequences[i][0]].append(i)
         for members in by_first.values():
             # In lexicographic order, the longest prefix a sequence shares with any earlier one is the one it
             # shares with its predecessor: only the tokens after it are new nodes.
             members.sort(key=lambda i: sequences[i])
-            tokens, parents, depths, chains = [], [], [], []
-            previous: list[int] = []
-            previous_nodes: list[int] = []
+            tokens, parents, depths, chains, previous, previous_nodes = [], [], [], [], [], []
             for i in members:
-                ids = sequences[i]
-                shared, limit = 0, min(len(ids), len(previous))
-                while shared < limit and ids[shared] == previous[shared]:
+                ids, shared = sequences[i], 0
+                while shared < min(len(ids), len(previous)) and ids[shared] == previous[shared]:
                     shared += 1
                 first_new, parent = len(tokens), previous_nodes[shared - 1] if shared else -1
                 nodes = previous_nodes[:shared] + list(range(first_new, first_new + len(ids) - shared))
@@ -565,89 +378,8 @@ def build_prefix_trees(
                     visible[chain] = visible[parent]
                 visible[chain, chain] = causal[:length, :length]
             trees.append(PrefixTree(tokens, parents, depths, visible))
-    missing = [i for i, where in enumerate(located) if where is None]
-    if missing:
-        raise ValueError(f"Sequences {missing[:10]} belong to no group.")
+    assert all(where is not None for where in located), "every sequence belongs to a group"
     return trees, located
-
-
-@torch.inference_mode()
-def token_logprobs(
-    model,
-    sequences: list[list[int]],
-    groups: list[list[int]] | None = None,
-    batch_size: int = 64,
-    pad_id: int = 0,
-    padding_side: str = "right",
-    head_chunk_elements: int | None = None,
-    desc: str | None = None,
-) -> list[np.ndarray]:
-    """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1.
-
-    The sequences of a group (the options of one question) run as one prefix tree (``PrefixTree``): their
-    shared prefix is computed once, and the vocabulary projection (the costliest part of a small model) runs
-    once per tree node that has a next token, on real nodes only. Trees are sorted by size and batched until
-    ``batch_size`` sequences, padded on ``padding_side``; each padding position attends only to itself. The
-    numbers are those of each sequence run alone, whatever the grouping, batch size or padding side.
-    ``use_cache=False``: every forward is a whole batch, so no KV cache is built.
-    """
-    trees, located = build_prefix_trees(sequences, groups)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    split = _body_and_head(model)
-    # Logits in chunks of ~16 MB on a CPU (they stay in cache for the loss), ~256 MB on a GPU.
-    chunk_elements = head_chunk_elements or (1 << 22 if device.type == "cpu" else 1 << 26)
-    rows_per_chunk = max(1, chunk_elements // model.config.get_text_config().vocab_size)
-    # log p(node's token | its ancestors) of every node of every tree, flat (a root predicts nothing: 0).
-    first_node = np.cumsum([0] + [len(tree.tokens) for tree in trees])
-    node_logprobs = np.zeros(first_node[-1])
-    batches = _tree_batches(trees, np.bincount([t for t, _ in located], minlength=len(trees)), batch_size)
-    for batch in tqdm(batches, desc=desc or "scoring", leave=False, disable=desc is None):
-        width = max(len(trees[t].tokens) for t in batch)
-        input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
-        position_ids = np.zeros((len(batch), width), dtype=np.int64)
-        visible = np.zeros((len(batch), width, width), dtype=bool)
-        visible[:, np.arange(width), np.arange(width)] = True  # padding attends to itself (no empty softmax row)
-        # Every non-root node is an edge: predicted from its parent's position (flat index in the batch).
-        edge_parent, edge_token, edge_node = [], [], []
-        for row, t in enumerate(batch):
-            tree, n = trees[t], len(trees[t].tokens)
-            offset = 0 if padding_side == "right" else width - n
-            input_ids[row, offset : offset + n] = tree.tokens
-            position_ids[row, offset : offset + n] = tree.depths
-            visible[row, offset : offset + n, offset : offset + n] = tree.visible
-            edge_parent += [row * width + offset + p for p in tree.parents[1:]]
-            edge_token += tree.tokens[1:]
-            edge_node += range(first_node[t] + 1, first_node[t] + n)
-        if not edge_parent:
-            continue
-        mask = torch.zeros(visible.shape, dtype=dtype)[:, None].masked_fill_(
-            ~torch.from_numpy(visible)[:, None], torch.finfo(dtype).min
-        )
-        inputs = {
-            "input_ids": torch.from_numpy(input_ids).to(device),
-            "position_ids": torch.from_numpy(position_ids).to(device),
-            "attention_mask": mask.to(device),
-            "use_cache": False,
-        }
-        if split is not None:
-            body, project = split
-            states = body(**inputs).last_hidden_state
-        else:  # logits post-processed by the model: take them whole
-            states, project = model(**inputs).logits, (lambda x: x)
-        # The positions that predict something, once each (a parent of several children is projected once).
-        predicting, first_edge, edge_row = np.unique(np.array(edge_parent), return_index=True, return_inverse=True)
-        states = states.reshape(-1, states.shape[-1])[torch.from_numpy(predicting).to(device)]
-        logprobs = _edge_logprobs(
-            project,
-            states,
-            torch.from_numpy(edge_row).to(device),
-            torch.tensor(edge_token, device=device),
-            torch.from_numpy(first_edge).to(device),
-            rows_per_chunk,
-        )
-        node_logprobs[edge_node] = logprobs.double().cpu().numpy()
-    return [node_logprobs[first_node[t] + nodes[1:]] for t, nodes in located]
 
 
 def _tree_batches(trees: list[PrefixTree], sequences_in: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -662,15 +394,78 @@ def _tree_batches(trees: list[PrefixTree], sequences_in: np.ndarray, batch_size:
     return batches + [current] if current else batches
 
 
-def _edge_logprobs(project, states, edge_row, edge_token, first_edge, rows_per_chunk: int) -> torch.Tensor:
-    """log p(edge_token[e] | state edge_row[e]) for every edge, float32.
+def _batch_arrays(trees: list[PrefixTree], batch: list[int], first_node: np.ndarray, pad_id: int, padding_side: str):
+    """Input ids, positions and tree masks of a batch of trees (padding attends to itself only), and its edges:
+    every non-root node, predicted from its parent's position (a flat index into the batch)."""
+    width = max(len(trees[t].tokens) for t in batch)
+    input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    position_ids = np.zeros((len(batch), width), dtype=np.int64)
+    visible = np.zeros((len(batch), width, width), dtype=bool)
+    visible[:, np.arange(width), np.arange(width)] = True  # no empty softmax row
+    edge_parent, edge_token, edge_node = [], [], []
+    for row, t in enumerate(batch):
+        tree, n = trees[t], len(trees[t].tokens)
+        offset = 0 if padding_side == "right" else width - n
+        input_ids[row, offset : offset + n] = tree.tokens
+        position_ids[row, offset : offset + n] = tree.depths
+        visible[row, offset : offset + n, offset : offset + n] = tree.visible
+        edge_parent += [row * width + offset + p for p in tree.parents[1:]]
+        edge_token += tree.tokens[1:]
+        edge_node += range(first_node[t] + 1, first_node[t] + n)
+    return input_ids, position_ids, visible, (np.array(edge_parent, dtype=np.int64), edge_token, edge_node)
 
-    ``states`` are the hidden states of the predicting positions; ``project`` gives their logits, in chunks
-    of ``rows_per_chunk`` rows.
-    ``first_edge[r]`` is an edge of state r: its token serves as cross-entropy target, because log-sum-exp
-    over the vocabulary = cross-entropy + target logit, and torch's fused cross-entropy kernel is ~1.5x faster
-    than torch.logsumexp on CPU (it is also what the paper's loss computes).
-    """
+
+@torch.inference_mode()
+def token_logprobs(
+    model,
+    sequences: list[list[int]],
+    groups: list[list[int]] | None = None,
+    batch_size: int = 64,
+    pad_id: int = 0,
+    padding_side: str = "right",
+    head_chunk_elements: int | None = None,
+    desc: str | None = None,
+) -> list[np.ndarray]:
+    """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1: the numbers of
+    each sequence run alone, whatever the grouping, batch size or padding side. The sequences of a group (the
+    options of one question) run as one PrefixTree; the vocabulary projection runs once per node that predicts."""
+    trees, located = build_prefix_trees(sequences, groups)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    split = _body_and_head(model)
+    # Logits in chunks of ~16 MB on a CPU (they stay in cache for the loss), ~256 MB on a GPU.
+    chunk_elements = head_chunk_elements or (1 << 22 if device.type == "cpu" else 1 << 26)
+    rows_per_chunk = max(1, chunk_elements // model.config.get_text_config().vocab_size)
+    first_node = np.cumsum([0] + [len(tree.tokens) for tree in trees])
+    node_logprobs = np.zeros(first_node[-1])  # of every node of every tree, flat (a root predicts nothing: 0)
+    batches = _tree_batches(trees, np.bincount([t for t, _ in located], minlength=len(trees)), batch_size)
+    for batch in tqdm(batches, desc=desc or "scoring", leave=False, disable=desc is None):
+        input_ids, position_ids, visible, (edge_parent, edge_token, edge_node) = _batch_arrays(
+            trees, batch, first_node, pad_id, padding_side
+        )
+        if not len(edge_parent):
+            continue
+        mask = torch.zeros(visible.shape, dtype=dtype)[:, None].masked_fill_(
+            ~torch.from_numpy(visible)[:, None], torch.finfo(dtype).min
+        )
+        inputs = {"input_ids": torch.from_numpy(input_ids).to(device), "use_cache": False,
+                  "position_ids": torch.from_numpy(position_ids).to(device), "attention_mask": mask.to(device)}  # fmt: skip
+        if split is not None:
+            states, project = split[0](**inputs).last_hidden_state, split[1]
+        else:  # logits post-processed by the model: take them whole
+            states, project = model(**inputs).logits, (lambda x: x)
+        # The positions that predict something, once each (a parent of several children is projected once).
+        predicting, first_edge, edge_row = np.unique(edge_parent, return_index=True, return_inverse=True)
+        states = states.reshape(-1, states.shape[-1])[torch.from_numpy(predicting).to(device)]
+        edges = [torch.from_numpy(edge_row).to(device), torch.tensor(edge_token, device=device)]
+        logprobs = _edge_logprobs(project, states, *edges, torch.from_numpy(first_edge).to(device), rows_per_chunk)
+        node_logprobs[edge_node] = logprobs.double().cpu().numpy()
+    return [node_logprobs[first_node[t] + nodes[1:]] for t, nodes in located]
+
+
+def _edge_logprobs(project, states, edge_row, edge_token, first_edge, rows_per_chunk: int) -> torch.Tensor:
+    """log p(edge_token[e] | states[edge_row[e]]) for every edge, float32, the logits ``project``ed in chunks.
+    log-sum-exp = cross-entropy + target logit, with an edge of each row (``first_edge``) as target: torch's fused
+    cross-entropy is ~1.5x faster than torch.logsumexp on CPU (and it is what the paper's loss computes)."""
     logprobs = torch.empty(len(edge_row), dtype=torch.float32, device=states.device)
     row_token = edge_token[first_edge]
     for start in range(0, states.shape[0], rows_per_chunk):
@@ -699,22 +494,15 @@ def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> S
     """Tokenize every filled sentence once. Identical sentences (no blank, duplicate options) share one
     sequence, so their scores are bit-identical and ties resolve to the first option as in the paper."""
     start = document_start_id(tokenizer)
-    filled = [
-        [[fill_blanks(item["question"], option) for option in item["options"]] for item in qs.items]
-        for qs in question_sets
-    ]
+    filled = [[[fill_blanks(it["question"], o) for o in it["options"]] for it in qs.items] for qs in question_sets]
     texts = [text for qs in filled for item in qs for text, _ in item]
-    if scoring == "option_logprob":
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("--scoring option_logprob needs a fast tokenizer (character offsets of tokens).")
-        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
-    else:
-        encoded = tokenizer(texts, add_special_tokens=False)
-        offsets = None
+    offsets = scoring == "option_logprob"
+    if offsets and not getattr(tokenizer, "is_fast", False):
+        raise InputError("--scoring option_logprob needs a fast tokenizer (character offsets of tokens).")
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
     sequences, index_of, options, groups, k = [], {}, [], [], 0
     for qs in filled:
-        set_plan = []
+        options.append([])
         for item in qs:
             item_plan, group = [], []
             for text, spans in item:
@@ -723,28 +511,23 @@ def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> S
                     index_of[ids] = len(sequences)
                     sequences.append(list(ids))
                     group.append(index_of[ids])
-                mask = None
-                if offsets is not None:
-                    # Target j (token j+1 of the sequence) is token j of the sentence.
-                    mask = np.array([any(a < e and s < b for s, e in spans) for a, b in offsets[k]], dtype=bool)
+                mask = None  # target j (token j+1 of the sequence) is token j of the sentence
+                if offsets:
+                    overlaps = [any(a < e and s < b for s, e in spans) for a, b in encoded["offset_mapping"][k]]
+                    mask = np.array(overlaps, dtype=bool)
                 item_plan.append((index_of[ids], mask, len(text.encode("utf-8"))))
                 k += 1
-            set_plan.append(item_plan)
+            options[-1].append(item_plan)
             if group:
                 groups.append(group)
-        options.append(set_plan)
     return ScoringPlan(sequences, options, groups)
 
 
 @torch.inference_mode()
 def paper_loop_losses(model, sequences: list[list[int]], desc: str | None = None) -> list[float]:
-    """The paper's loss of every sequence, computed as the released loop computes it on current transformers:
-    one sequence per forward pass (no batch, no padding, no prefix sharing) and
-    ``CrossEntropyLoss(reduction="mean")`` on the logits in the dtype the model returns them (Qwen2 no longer
-    upcasts them to float32), so bfloat16 weights give the bfloat16 loss the paper's numbers come from.
-
-    With 16-bit weights any other shape of computation (batches, padding, a prefix tree) rounds differently, so
-    this path is kept apart from token_logprobs: its results are bit-identical to the one-sentence loop."""
+    """The paper's loss of every sequence as its loop computes it on current transformers: one sequence per
+    forward, ``CrossEntropyLoss(reduction="mean")`` on the logits in the dtype the model returns them. With 16-bit
+    weights any other shape of computation rounds differently, so this path is kept apart from token_logprobs."""
     device = next(model.parameters()).device
     loss = torch.nn.CrossEntropyLoss(reduction="mean")
     losses = []
@@ -760,9 +543,7 @@ def option_score(logprobs: np.ndarray, mask: np.ndarray | None, n_bytes: int, sc
         return float(-logprobs.mean())
     if scoring == "option_logprob":
         return float(-logprobs[mask].sum())
-    if scoring == "byte_normalized":
-        return float(-logprobs.sum() / n_bytes)
-    raise ValueError(f"Unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}.")
+    return float(-logprobs.sum() / n_bytes)
 
 
 def predict(scores: list[float]) -> int:
@@ -780,23 +561,14 @@ def score_question_sets(
     desc=None,
     loss_dtype: str = "float32",
 ) -> list[list[list[float]]]:
-    """Per question set, per item, the score of every option (lower is better).
-
-    loss_dtype "float32": batched prefix trees, float32 losses. "model": the paper's loop (paper_loop_losses);
-    identical sentences (no blank, duplicate options) still run once, which changes nothing: the loop gives
-    them the same number."""
-    if loss_dtype not in ("float32", "model"):
-        raise ValueError(f"--loss_dtype must be float32 or model, got {loss_dtype!r}.")
-    if loss_dtype == "model" and scoring != "mean_token_loss":
-        raise ValueError(
-            f"--loss_dtype model reproduces the paper's loss (--scoring mean_token_loss); got --scoring {scoring}. "
-            "Use --loss_dtype float32 with the other scorings."
-        )
+    """Per question set, per item, the score of every option (lower is better). loss_dtype "model": the paper's
+    loop (paper_loop_losses, mean_token_loss: parse_arguments refuses another scoring); identical sentences still
+    run once, which changes nothing (the loop gives them the same number)."""
     plan = plan_scoring(tokenizer, question_sets, scoring)
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max((len(s) for s in plan.sequences), default=0)
     if limit and longest > limit:
-        raise ValueError(f"A filled question is {longest} tokens long; the model takes at most {limit}.")
+        raise InputError(f"A filled question is {longest} tokens long; the model takes at most {limit}.")
     if loss_dtype == "model":
         losses = paper_loop_losses(model, plan.sequences, desc=desc)
         return [[[losses[seq] for seq, _, _ in item] for item in set_plan] for set_plan in plan.options]
@@ -808,274 +580,130 @@ def score_question_sets(
     ]
 
 
-def load_model(directory: Path, dtype: str, device: torch.device, attn_implementation: str):
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=DTYPES[dtype], attn_implementation=attn_implementation
-    )
-    model.config.use_cache = False
-    return model.to(device).eval()
-
-
 # --------------------------------------------------------------------------------------
 # Probing every checkpoint, with reuse of what an output directory already holds
 # --------------------------------------------------------------------------------------
 
-
-def _accuracy_csv(checkpoints: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(ACCURACY_CSV_COLUMNS)
-    for entry in checkpoints:
-        for stem, acc in entry["accuracy"].items():
-            writer.writerow([entry["step"], entry["path"], stem] + [acc[key] for key in ACCURACY_CSV_COLUMNS[3:]])
-    return buffer.getvalue()
-
-
-ACCURACY_CSV_COLUMNS = (
-    "step",
-    "path",
-    "questions",
-    "lang",
-    "correct",
-    "total",
-    "accuracy",
-    "ties",
-    "tie_rate",
-    "correct_fractional",
-    "accuracy_fractional",
-    "ties_advantage",
-)
-#: Ties above this share of a file's items at a checkpoint are warned about: the first-wins rule then moves
-#: the accuracy toward the share of answers at option 0 (position_bias.always_first_accuracy).
-TIE_WARNING_RATE = 0.05
-#: Header fields absent from outputs of earlier versions, and the value those versions used.
-HEADER_DEFAULTS = {"loss_dtype": "float32"}
+ACCURACY_FIELDS = ("lang", "correct", "total", "accuracy", "ties", "tie_rate", "correct_fractional",
+                   "accuracy_fractional", "ties_advantage")  # fmt: skip
 
 
 def item_accounting(qs: QuestionSet, set_scores: list[list[float]]) -> tuple[list[dict], dict]:
     """Per item: prediction (first-wins), correctness, tied options and fractional credit; and the set's totals."""
-    rows, correct, fractional, ties = [], 0, 0.0, 0
+    rows = []
     for item, scores in zip(qs.items, set_scores):
-        prediction = predict(scores)
         tied, credit = tie_credit(scores, item["answer"])
-        is_correct = prediction in item["answer"]
-        correct += is_correct
-        fractional += credit
-        ties += tied > 1
-        rows.append({"prediction": prediction, "correct": is_correct, "tied_best": tied, "credit_fractional": credit})
-    total = len(qs.items)
-    accuracy = {
-        "lang": qs.lang,
-        "correct": correct,
-        "total": total,
-        "accuracy": correct / total,
-        "ties": ties,
-        "tie_rate": ties / total,
-        "correct_fractional": fractional,
-        "accuracy_fractional": fractional / total,
-        # What the first-wins rule gains over random tie-breaking: the part of the accuracy that ties give.
-        "ties_advantage": (correct - fractional) / total,
-    }
-    return rows, accuracy
+        prediction = predict(scores)
+        correct = prediction in item["answer"]
+        rows.append({"prediction": prediction, "correct": correct, "tied_best": tied, "credit_fractional": credit})
+    total, correct = len(rows), sum(r["correct"] for r in rows)
+    fractional, ties = sum(r["credit_fractional"] for r in rows), sum(r["tied_best"] > 1 for r in rows)
+    # ties_advantage: what the first-wins rule gains over random tie-breaking, the part of the accuracy ties give
+    counts = (qs.lang, correct, total, correct / total, ties, ties / total, fractional, fractional / total,
+              (correct - fractional) / total)  # fmt: skip
+    return rows, dict(zip(ACCURACY_FIELDS, counts))
 
 
-def _previous_results(output_dir: Path, header: dict, args: EvalArguments, checkpoints: list) -> tuple[list, dict]:
-    """Checkpoint entries and prediction lines already in ``output_dir`` that can be reused (``_reusable``)."""
-    accuracy_path, predictions_path = output_dir / "accuracy.json", output_dir / "predictions.jsonl"
-    if args.overwrite_output_dir or not accuracy_path.is_file():
-        return [], {}
-    previous = json.loads(accuracy_path.read_text(encoding="utf-8"))
-    differences = [
-        key
-        for key in ("model_name_or_path", "scoring", "dtype", "loss_dtype", "questions_sha256")
-        if previous.get(key, HEADER_DEFAULTS.get(key)) != header[key]
-    ]
-    if differences:
-        raise ValueError(
-            f"{output_dir} already holds results made with a different {', '.join(differences)} "
-            f"({', '.join(f'{k}={previous.get(k)!r}' for k in differences)}). Use another --output_dir or pass "
-            "--overwrite_output_dir to replace them."
-        )
-    lines = defaultdict(list)
-    if predictions_path.is_file():
-        with predictions_path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    row = json.loads(line)
-                    lines[(row["step"], row["checkpoint"])].append(line.rstrip("\n"))
-    expected = sum(q["items"] for q in header["questions"].values())
-    # Entries of an earlier version without the tie accounting are scored again.
-    entries = [
-        e
-        for e in previous["checkpoints"]
-        if len(lines.get((e["step"], e["path"]), [])) == expected
-        and all("accuracy_fractional" in acc for acc in e["accuracy"].values())
-    ]
-    same_run = previous.get("cpt_setting") == header["cpt_setting"]
-    entries = _reusable(entries, checkpoints, args.revision, same_run, accuracy_path)
-    return entries, {(e["step"], e["path"]): lines[(e["step"], e["path"])] for e in entries}
-
-
-def evaluate_model(
-    args: EvalArguments,
-    question_sets: list[QuestionSet],
-    model_name_or_path: str,
-    output_dir: str | os.PathLike,
-    found: tuple[list[Checkpoint], list[dict]] | None = None,
-) -> dict:
-    """Probe every checkpoint of ``model_name_or_path`` (``found``: find_checkpoints' answer); write and return
-    accuracy.json's content."""
-    output_dir = Path(output_dir)
-    # 1. The checkpoints, and what is probed on them (the header of accuracy.json).
-    checkpoints, skipped = found or find_checkpoints(model_name_or_path, args.revision)
-    header = _probing_header(args, question_sets, model_name_or_path, checkpoints, skipped)
-    # 2. Checkpoints already scored in output_dir with this header and these weights are reused.
-    reused_entries, lines = _previous_results(output_dir, header, args, checkpoints)
-    done = {(e["step"], e["path"]): e for e in reused_entries}
-    current = {(c.step, c.path) for c in checkpoints}
-    kept_only = [key for key in done if key not in current]
-    if kept_only:
-        logger.info("keeping %d earlier checkpoint result(s) no longer present: %s", len(kept_only), kept_only)
-    todo = [c for c in checkpoints if (c.step, c.path) not in done]
-    logger.info(
-        "%s: %d checkpoint(s) to score, %d reused from %s", model_name_or_path, len(todo), len(done), output_dir
-    )
-
-    def write_outputs() -> dict:
-        entries = sorted(done.values(), key=lambda e: (e["step"], e["path"]))
-        text = "".join(line + "\n" for e in entries for line in lines[(e["step"], e["path"])])
-        write_text_atomic(output_dir / "predictions.jsonl", text)
-        result = {"checkpoints": entries, **header}
-        write_json_atomic(output_dir / "accuracy.json", result)
-        write_text_atomic(output_dir / "accuracy.csv", _accuracy_csv(entries))
-        return result
-
-    # 3. Each remaining checkpoint scored, one model in memory at a time; the outputs are rewritten after
-    #    each (not before the first: a refusal leaves nothing), so a crash loses at most the one being scored.
-    result = None if todo else write_outputs()
-    device, tokenizer_cache = resolve_device(args.device), {}
-    for checkpoint in tqdm(todo, desc="checkpoints", disable=not todo):
-        directory = _materialise(checkpoint, args.revision)
-        tokenizer = _tokenizer_for(args, directory, checkpoints, tokenizer_cache)
-        model = load_model(directory, args.dtype, device, args.attn_implementation)
-        all_scores = score_question_sets(
-            model,
-            tokenizer,
-            question_sets,
-            args.scoring,
-            args.batch_size,
-            args.padding_side,
-            desc=f"step {checkpoint.step}",
-            loss_dtype=args.loss_dtype,
-        )
-        del model
-        key = (checkpoint.step, checkpoint.path)
-        lines[key], accuracy = _checkpoint_results(checkpoint, question_sets, all_scores, header)
-        weights = checkpoint_weights_sha256(checkpoint, args.revision)
-        done[key] = {"step": checkpoint.step, "path": checkpoint.path, "weights_sha256": weights, "accuracy": accuracy}
-        result = write_outputs()
-    return result
-
-
-def _probing_header(
-    args: EvalArguments, question_sets: list[QuestionSet], model_name_or_path: str, checkpoints, skipped
-) -> dict:
-    """What is probed: the model, its CPT setting, the scoring and precision, the questions (with their quirks
-    and position bias, logged). Results are reused only under the same header."""
-    identity = str(Path(model_name_or_path).resolve()) if Path(model_name_or_path).is_dir() else model_name_or_path
-    header = {
-        "model_name_or_path": identity,
-        "cpt_setting": read_cpt_setting(model_name_or_path, checkpoints),
+def probing_header(args: EvalArguments, question_sets: list[QuestionSet], run: Run) -> dict:
+    """What is probed (accuracy.json's header): results are reused only under the same PROBING_IDENTITY."""
+    for entry in run.skipped:
+        logger.warning("skipped %s: %s", entry["path"], entry["reason"])
+    questions = {qs.stem: qs.describe() for qs in question_sets}
+    for stem, described in questions.items():
+        shares = ", ".join(f"{k}: {v:.2f}" for k, v in described["position_bias"]["answer_position_share"].items())
+        logger.info("position bias of %s: answer position shares %s; always option 0: accuracy %.3f (chance %.3f)",
+                    stem, shares, described["position_bias"]["always_first_accuracy"], described["chance_accuracy"])  # fmt: skip
+    fingerprints = sorted((qs.stem, qs.fingerprint) for qs in question_sets)
+    return {
+        "model_name_or_path": str(run.root),
+        "cpt_setting": run.cpt_setting,
         "scoring": args.scoring,
         "dtype": args.dtype,
         "loss_dtype": args.loss_dtype,
-        "questions": {qs.stem: qs.describe() for qs in question_sets},
-        "questions_sha256": hashlib.sha256(
-            json.dumps(sorted((qs.stem, qs.fingerprint) for qs in question_sets)).encode()
-        ).hexdigest(),
-        "quirk_counts": {qs.stem: {reason: len(ix) for reason, ix in qs.quirks.items()} for qs in question_sets},
-        "skipped_checkpoints": skipped,
+        "questions": questions,
+        "questions_sha256": hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest(),
+        "skipped_checkpoints": run.skipped,
     }
-    for entry in skipped:
-        logger.warning("skipped %s: %s", entry["path"], entry["reason"])
-    for stem, described in header["questions"].items():
-        bias = described["position_bias"]
-        logger.info(
-            "position bias of %s: answer position shares %s; always option 0: accuracy %.3f (chance %.3f)",
-            stem,
-            ", ".join(f"{k}: {v:.2f}" for k, v in bias["answer_position_share"].items()),
-            bias["always_first_accuracy"],
-            described["chance_accuracy"],
+
+
+def refuse_other_probing(output_dir: Path, header: dict, overwrite: bool, remedy: str = OUTPUT_DIR_REMEDY) -> None:
+    """Refuse an output folder whose accuracy.json was made with another PROBING_IDENTITY (its results would be
+    mixed with these); ``remedy`` says what to do (run_transfer.py names its own flag)."""
+    path = output_dir / "accuracy.json"
+    if overwrite or not path.is_file():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    differ = [key for key in PROBING_IDENTITY if previous.get(key) != header[key]]
+    if differ:
+        raise InputError(
+            f"{output_dir} already holds results made with a different "
+            + ", ".join(f"{key} ({previous.get(key)!r}, now {header[key]!r})" for key in differ)
+            + f". {remedy}"
         )
-    return header
 
 
-def _checkpoint_results(
-    checkpoint: Checkpoint, question_sets: list[QuestionSet], all_scores, header: dict
-) -> tuple[list[str], dict]:
+def _prediction_lines(path: Path) -> dict[tuple[int, str], list[str]]:
+    lines = defaultdict(list)
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        if line.strip():
+            row = json.loads(line)
+            lines[(row["step"], row["checkpoint"])].append(line)
+    return lines
+
+
+def evaluate_model(
+    args: EvalArguments, question_sets: list[QuestionSet], run: Run, output_dir, remedy: str = OUTPUT_DIR_REMEDY
+) -> dict:
+    """Probe every checkpoint of ``run`` not already scored in ``output_dir``; write and return accuracy.json's
+    content. The outputs are rewritten after each checkpoint (not before the first: a refusal leaves nothing), so
+    a crash loses at most the one being scored."""
+    output_dir = Path(output_dir)
+    header = probing_header(args, question_sets, run)
+    refuse_other_probing(output_dir, header, args.overwrite_output_dir, remedy)
+    lines = _prediction_lines(output_dir / "predictions.jsonl")
+    items = sum(len(qs.items) for qs in question_sets)
+    earlier = reusable_entries(output_dir / "accuracy.json", header, run, args, ())
+    done = {key: entry for key, entry in earlier.items() if len(lines[key]) == items}
+    todo = [c for c in run.checkpoints if c.key not in done]
+    logger.info("%s: %d checkpoint(s) to score, %d reused from %s", run.root, len(todo), len(done), output_dir)
+
+    def write_outputs() -> dict:
+        text = "".join(line + "\n" for key in sorted(done) for line in lines[key])
+        write_text_atomic(output_dir / "predictions.jsonl", text)
+        return write_entries(output_dir / "accuracy.json", done, header)
+
+    for checkpoint, model, tokenizer in each_model(args, todo, "checkpoints"):
+        scores = score_question_sets(model, tokenizer, question_sets, args.scoring, args.batch_size,
+                                     args.padding_side, f"step {checkpoint.step}", args.loss_dtype)  # fmt: skip
+        lines[checkpoint.key], accuracy = _checkpoint_results(checkpoint, question_sets, scores)
+        done[checkpoint.key] = checkpoint.entry() | {"accuracy": accuracy}
+        write_outputs()
+    return write_outputs()
+
+
+def _checkpoint_results(checkpoint: Checkpoint, question_sets: list[QuestionSet], all_scores) -> tuple[list, dict]:
     """The predictions.jsonl lines of one scored checkpoint and its accuracy entry (warning on many ties)."""
     rows, accuracy = [], {}
     for qs, set_scores in zip(question_sets, all_scores):
-        items, accuracy[qs.stem] = item_accounting(qs, set_scores)
-        for index, (item, scores, accounted) in enumerate(zip(qs.items, set_scores, items)):
-            row = {
-                "questions": qs.stem,
-                "lang": qs.lang,
-                "index": index,
-                "step": checkpoint.step,
-                "checkpoint": checkpoint.path,
-                "scores": scores,
-                "prediction": accounted["prediction"],
-                "answer": item["answer"],
-                "correct": accounted["correct"],
-                "tied_best": accounted["tied_best"],
-                "credit_fractional": accounted["credit_fractional"],
-            }
+        accounted, accuracy[qs.stem] = item_accounting(qs, set_scores)
+        for index, (item, scores, counted) in enumerate(zip(qs.items, set_scores, accounted)):
+            row = {"questions": qs.stem, "lang": qs.lang, "index": index, "step": checkpoint.step,
+                   "checkpoint": str(checkpoint.path), "scores": scores, "answer": item["answer"], **counted}  # fmt: skip
             rows.append(json.dumps(row, ensure_ascii=False))
         acc = accuracy[qs.stem]
         if acc["tie_rate"] > TIE_WARNING_RATE:
             logger.warning(
                 "step %d, %s: %d of %d items (%.1f%%) tie for the best score; accuracy %.3f under the paper's "
                 "first-wins rule, %.3f with ties broken at random (always option 0 would score %.3f)",
-                checkpoint.step,
-                qs.stem,
-                acc["ties"],
-                acc["total"],
-                100 * acc["tie_rate"],
-                acc["accuracy"],
-                acc["accuracy_fractional"],
-                header["questions"][qs.stem]["position_bias"]["always_first_accuracy"],
-            )
-    summary = ", ".join(
-        f"{stem} {acc['accuracy']:.3f} (fractional {acc['accuracy_fractional']:.3f}, ties {acc['ties']})"
-        for stem, acc in accuracy.items()
-    )
-    logger.info("step %d (%s): %s", checkpoint.step, checkpoint.path, summary)
+                checkpoint.step, qs.stem, acc["ties"], acc["total"], 100 * acc["tie_rate"], acc["accuracy"],
+                acc["accuracy_fractional"], position_bias(qs.items)["always_first_accuracy"],
+            )  # fmt: skip
+    logger.info("step %d: %s", checkpoint.step, {stem: round(acc["accuracy"], 3) for stem, acc in accuracy.items()})
     return rows, accuracy
 
 
-def _tokenizer_source(args: EvalArguments, directory: Path, checkpoints: list[Checkpoint]) -> str:
-    if args.tokenizer_name_or_path:
-        return args.tokenizer_name_or_path
-    if _has_tokenizer(directory):
-        return str(directory)
-    # Checkpoints without tokenizer files use the run's (its root, i.e. the final model's folder).
-    candidates = [directory.parent] + [c.local_dir for c in checkpoints if c.local_dir is not None]
-    source = next((str(c) for c in candidates if _has_tokenizer(c)), None)
-    if source is None:
-        raise FileNotFoundError(f"{directory}: no tokenizer files here or in the run; pass --tokenizer_name_or_path.")
-    return source
-
-
-def _tokenizer_for(args: EvalArguments, directory: Path, checkpoints: list[Checkpoint], cache: dict):
-    source = _tokenizer_source(args, directory, checkpoints)
-    if source not in cache:
-        cache[source] = AutoTokenizer.from_pretrained(source)
-    return cache[source]
-
-
 # --------------------------------------------------------------------------------------
-# Bridge diagnostic: does the English side of a pair help predict the target side?
+# Bridge diagnostic: does the first side of a pair help predict the second?
 # --------------------------------------------------------------------------------------
 
 
@@ -1090,18 +718,18 @@ def read_pairs(path: str, max_pairs: int | None = None) -> list[tuple[str, str]]
             dataset = dataset.filter(lambda kind: kind == "pair", input_columns="kind")
         missing = {"en", "tgt"} - set(dataset.column_names)
         if missing:
-            raise ValueError(f"{source}: no {sorted(missing)} column(s) (found {dataset.column_names}).")
+            raise InputError(f"{source}: no {sorted(missing)} column(s) (found {dataset.column_names}).")
         pairs = list(zip(dataset["en"], dataset["tgt"]))
-    else:
-        # the columns are fixed (no flag names them): a missing one is asked for by name
-        en_sides = read_documents(source, "en", column_flag=None)
-        pairs = list(zip(en_sides, read_documents(source, "tgt", column_flag=None)))
+    else:  # the columns are fixed (no flag names them): a missing one is asked for by name
+        pairs = list(
+            zip(read_documents(source, "en", column_flag=None), read_documents(source, "tgt", column_flag=None))
+        )
     pairs = pairs[:max_pairs] if max_pairs else pairs
     if len(pairs) < 2:
-        raise ValueError(f"{path}: the bridge diagnostic needs at least 2 pairs (found {len(pairs)}).")
+        raise InputError(f"{path}: the bridge diagnostic needs at least 2 pairs (found {len(pairs)}).")
     empty = [i for i, (en, tgt) in enumerate(pairs) if not en.strip() or not tgt.strip()]
     if empty:
-        raise ValueError(f"{path}: pairs {empty[:10]} have an empty 'en' or 'tgt' side.")
+        raise InputError(f"{path}: pairs {empty[:10]} have an empty 'en' or 'tgt' side.")
     return pairs
 
 
@@ -1121,112 +749,70 @@ def bridge_diagnostic_losses(
 ) -> dict:
     """Mean token loss of the second side of each pair (token-weighted over all pairs) in three contexts.
 
-    Pair i is laid out as run_cpt.py lays out a bridged pair: study_common's ``pair_first_side(i, pair_order,
-    seed)`` (held-out pairs have no pair id, their index serves) picks the first side, the context; the other
-    side is scored. alone: ``[start] + scored``; after_own_context: ``pair_segments(first_i, scored_i)`` joined,
-    ``[start] + first_i + separator + [start] + scored_i`` (positions continuing), loss over the scored tokens
-    only; after_mismatched_context: the same with pair (i+1) mod n's side in the language of first_i (a
-    derangement).
-    The same scored tokens are counted in all three. With en_first (English context, target scored) the two
-    context entries are also written under their historical names after_own_english / after_mismatched_english.
-    """
+    Pair i's first side is ``pair_first_side(i, pair_order, seed)`` (its index serves as pair id); the other side
+    is scored: alone (``[start] + scored``), after its own first side (``bridged_pair(first_i, scored_i)``, the
+    loss over the scored tokens only) and after pair (i+1) mod n's side in the language of first_i."""
     start = document_start_id(tokenizer)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     n = len(pairs)
-    side_ids = {
-        side: tokenizer([pair[k] for pair in pairs], add_special_tokens=False)["input_ids"]
-        for k, side in enumerate(("en", "tgt"))
-    }
+    side_ids = {side: tokenizer([p[k] for p in pairs], add_special_tokens=False)["input_ids"]
+                for k, side in enumerate(("en", "tgt"))}  # fmt: skip
     first = [pair_first_side(i, pair_order, seed) for i in range(n)]
     second = ["tgt" if side == "en" else "en" for side in first]
     scored = [side_ids[second[i]][i] for i in range(n)]
-
     sequences = [[start] + scored[i] for i in range(n)]
     sequences += [bridged_pair(side_ids[first[i]][i], scored[i], start, separator_ids) for i in range(n)]
     sequences += [bridged_pair(side_ids[first[i]][(i + 1) % n], scored[i], start, separator_ids) for i in range(n)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     # Each scored side alone is its own tree; pair i's own context is pair i-1's mismatched context when both
     # put the same language first: one tree.
     groups = [[i] for i in range(n)]
     for i in range(n):
-        previous = (i - 1) % n
-        if first[previous] == first[i]:
-            groups.append([n + i, 2 * n + previous])
-        else:
-            groups += [[n + i], [2 * n + previous]]
+        own, other = n + i, 2 * n + (i - 1) % n
+        groups += [[own, other]] if first[(i - 1) % n] == first[i] else [[own], [other]]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     logprobs = token_logprobs(model, sequences, groups, batch_size, pad_id)
     tokens = sum(len(ids) for ids in scored)
 
     def mean_loss(block: int) -> float:
         return float(-sum(logprobs[block * n + i][-len(scored[i]) :].sum() for i in range(n)) / tokens)
 
-    losses = {"alone": mean_loss(0), "after_own_context": mean_loss(1), "after_mismatched_context": mean_loss(2)}
-    if all(side == "en" for side in first):
-        losses["after_own_english"] = losses["after_own_context"]
-        losses["after_mismatched_english"] = losses["after_mismatched_context"]
-    losses["context_sides"] = {side: first.count(side) for side in ("en", "tgt")}
-    losses["scored_sides"] = {side: second.count(side) for side in ("en", "tgt")}
-    return losses
+    return {
+        "alone": mean_loss(0),
+        "after_own_context": mean_loss(1),
+        "after_mismatched_context": mean_loss(2),
+        "context_sides": {side: first.count(side) for side in ("en", "tgt")},
+        "scored_sides": {side: second.count(side) for side in ("en", "tgt")},
+    }
 
 
-def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_dir, found=None) -> dict:
-    output_dir = Path(output_dir)
-    pairs = read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs)
-    checkpoints, _ = found or find_checkpoints(model_name_or_path, args.revision)
-    # The pairs are laid out as the run laid out its own: its separator after the first side
-    # (run_cpt.py --pair_separator) and its --pair_order (en_first when the model records none, run_cpt's default).
-    setting = read_cpt_setting(model_name_or_path, checkpoints) or {}
-    separator = setting.get("pair_separator") or ""
-    pair_order = setting.get("pair_order") or "en_first"
+def run_bridge_diagnostic(args: EvalArguments, run: Run, output_dir, pairs: list[tuple[str, str]]) -> dict:
+    """bridge_diagnostic.json: the pairs laid out as the run laid out its own (its --pair_separator after the
+    first side, its --pair_order: en_first when the model records none, run_cpt's default)."""
+    setting = run.cpt_setting or {}
+    separator, pair_order = setting.get("pair_separator") or "", setting.get("pair_order") or "en_first"
     seed = int(setting.get("seed") or 0)
-    sides = [pair_first_side(i, pair_order, seed) for i in range(len(pairs))]
+    sides = {pair_first_side(i, pair_order, seed) for i in range(len(pairs))}
+    (context,) = sides if len(sides) == 1 else {"per pair (seeded coin)"}
     header = {
         "pairs_file": str(Path(args.diagnostic_pairs).resolve()),
         "pairs_sha256": hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest(),
         "pair_separator": separator,
         "pair_order": pair_order,
         "pair_order_seed": seed,
-        # The side of each pair that is context (first) and the side that is scored (second), as the run saw them.
-        "context_side": sides[0] if len(set(sides)) == 1 else "per pair (seeded coin)",
-        "scored_side": ({"en": "tgt", "tgt": "en"}[sides[0]]) if len(set(sides)) == 1 else "per pair (seeded coin)",
+        "context_side": context,  # the side of each pair that comes first, as the run saw them
+        "scored_side": {"en": "tgt", "tgt": "en"}.get(context, context),
         "dtype": args.dtype,
-        "cpt_setting": setting or None,
+        "cpt_setting": run.cpt_setting,
     }
-    logger.info(
-        "bridge diagnostic: pair_order %s (seed %d): context side %s, scored side %s",
-        pair_order,
-        seed,
-        header["context_side"],
-        header["scored_side"],
-    )
-    path = output_dir / "bridge_diagnostic.json"
-    done = {}
-    if path.is_file() and not args.overwrite_output_dir:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if all(previous.get(k) == v for k, v in header.items()):
-            reusable = _reusable(previous["checkpoints"], checkpoints, args.revision, True, path)
-            done = {(e["step"], e["path"]): e for e in reusable}
-    device, cache = resolve_device(args.device), {}
-    todo = [c for c in checkpoints if (c.step, c.path) not in done]
-    for checkpoint in tqdm(todo, desc="bridge diagnostic", disable=not todo):
-        directory = _materialise(checkpoint, args.revision)
-        tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
-        model = load_model(directory, args.dtype, device, args.attn_implementation)
+    logger.info("bridge diagnostic: pair_order %s (seed %d): context side %s", pair_order, seed, context)
+    path = Path(output_dir) / "bridge_diagnostic.json"
+    done = reusable_entries(path, header, run, args, tuple(k for k in header if k != "cpt_setting"))
+    for checkpoint, model, tokenizer in each_model(args, [c for c in run.checkpoints if c.key not in done], path.name):
         losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size, separator, pair_order, seed)
-        done[(checkpoint.step, checkpoint.path)] = {
-            "step": checkpoint.step,
-            "path": checkpoint.path,
-            "weights_sha256": checkpoint_weights_sha256(checkpoint, args.revision),
-            **losses,
-            "pairs": len(pairs),
-        }
+        done[checkpoint.key] = checkpoint.entry() | losses | {"pairs": len(pairs)}
         logger.info("bridge diagnostic step %d: %s", checkpoint.step, losses)
-        result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
-        write_json_atomic(path, result)
-    if not todo:
-        result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
-        write_json_atomic(path, result)
-    return result
+        write_entries(path, done, header)
+    return write_entries(path, done, header)
 
 
 # --------------------------------------------------------------------------------------
@@ -1234,18 +820,14 @@ def run_bridge_diagnostic(args: EvalArguments, model_name_or_path: str, output_d
 # --------------------------------------------------------------------------------------
 
 
-def _read_json_file(path: str, flag: str):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{flag} {path}: cannot read it as JSON ({err}).") from err
-
-
 def read_name_alignment(path: str) -> dict:
     """A world's name_alignment.json, checked (errors name the file and the item), plus ``forms``: each entity's
     names as written mid-sentence, per side ("en", "target"): with a leading space when that language's frames put
     a space before the blank (a byte-level BPE folds it into the name's first token), else bare."""
-    data = _read_json_file(path, "--name_alignment")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"--name_alignment {path}: cannot read it as JSON ({err}).") from err
     if not isinstance(data, dict) or not {"lang", "entities", "items"} <= set(data):
         raise InputError(f"{path}: needs 'lang', 'entities' and 'items' (synthetic_world.py's name_alignment.json).")
     entities = {e.get("id"): e for e in data["entities"] if isinstance(e, dict)}
@@ -1258,8 +840,7 @@ def read_name_alignment(path: str) -> dict:
     for k, item in enumerate(data["items"]):
         item = item if isinstance(item, dict) else {}
         at = f"{path} item {k} (entity {item.get('entity')!r}, {item.get('direction')})"
-        blanks = list(BLANK.finditer(str(item.get("frame", ""))))
-        options = item.get("options")
+        blanks, options = list(BLANK.finditer(str(item.get("frame", "")))), item.get("options")
         if (
             item.get("direction") not in side_of
             or item.get("entity") not in entities
@@ -1281,9 +862,9 @@ def read_name_alignment(path: str) -> dict:
 
 def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = "", batch_size: int = 64) -> dict:
     """Per direction, the accuracy of choosing an entity's name given a held-out sentence naming it in the other
-    language: each option is scored as a bridged pair, ``bridged_pair(context, filled frame)`` (``[start] +
-    context + separator + [start] + frame``), by the mean token loss of the frame's tokens; the lowest wins, ties
-    go to the first option (the cloze's rule). chance: the mean of 1/options (0.25 for 4)."""
+    language: each option scored as a bridged pair, ``[start] + context + separator + [start] + filled frame``, by
+    the mean token loss of the frame's tokens; the lowest wins, ties go to the first option. chance: mean of
+    1/options."""
     start = document_start_id(tokenizer)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     items = alignment["items"]
@@ -1308,10 +889,9 @@ def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = 
 
 
 def embedding_match(model, tokenizer, alignment: dict) -> dict:
-    """Whether each entity's two names are nearest neighbours in the input embeddings. A name's vector: the mean
-    input embedding of its tokens (``alignment["forms"]``, as written mid-sentence). ``en-><lang>``: given entity
-    i's English name, the target name of highest cosine similarity among all entities' is entity i's;
-    ``<lang>->en``: given its target name, among all English names. Ties go to the first entity; chance 1/n."""
+    """Whether each entity's two names are nearest neighbours (cosine) in the input embeddings, a name's vector
+    being the mean input embedding of its tokens (``alignment["forms"]``). ``en-><lang>``: given entity i's English
+    name, the closest target name is entity i's; ``<lang>->en`` the reverse. Ties go to the first; chance 1/n."""
     table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
     def unit_vectors(names: list[str]) -> np.ndarray:
@@ -1325,37 +905,27 @@ def embedding_match(model, tokenizer, alignment: dict) -> dict:
 
 
 def read_item_tiers(path: str, question_sets: list[QuestionSet]) -> dict:
-    """A world's item_tiers.json, checked against the question files of its parallel group (``stems``):
-    ``tier_of[i]`` is the tier of item i of each."""
-    data = _read_json_file(path, "--item_tiers")
-    if not isinstance(data, dict) or not isinstance(data.get("tiers"), dict) or not isinstance(data.get("items"), list):
-        raise InputError(f"{path}: needs 'parallel_group', 'tiers' and 'items' (synthetic_world.py's item_tiers.json).")
-    sets = [qs for qs in question_sets if qs.base == data.get("parallel_group")]
+    """A world's item_tiers.json (cloze.read_item_tiers), checked against the question files of its parallel
+    group (``stems``): ``tier_of[i]`` is the tier of item i of each."""
+    tiers = read_tier_file(path)
+    sets = [qs for qs in question_sets if qs.base == tiers["parallel_group"]]
     if not sets:
         loaded = sorted({qs.base for qs in question_sets})
-        raise InputError(f"{path}: parallel_group {data.get('parallel_group')!r} is none of the questions' {loaded}.")
-    tier_of = [None] * len(sets[0].items)
-    for k, record in enumerate(data["items"]):
-        index, tier = (record.get("index"), record.get("tier")) if isinstance(record, dict) else (None, None)
-        if not isinstance(index, int) or not 0 <= index < len(tier_of) or tier_of[index] or tier not in data["tiers"]:
-            raise InputError(f"{path} item {k}: index {index!r} is not a new question index or tier {tier!r} unknown.")
-        tier_of[index] = tier
-    if None in tier_of:
-        raise InputError(f"{path}: no tier for question items {[i for i, t in enumerate(tier_of) if t is None][:10]}.")
-    counts = {tier: tier_of.count(tier) for tier in data["tiers"] if tier in tier_of}
-    describe = {"file": str(Path(path).resolve()), "parallel_group": data["parallel_group"], "items_per_tier": counts}
-    return {"describe": describe | {"meaning": data["tiers"]}, "stems": [qs.stem for qs in sets], "tier_of": tier_of}
+        raise InputError(f"{path}: parallel_group {tiers['parallel_group']!r} is none of the questions' {loaded}.")
+    if len(tiers["tier_of"]) != len(sets[0].items):
+        raise InputError(f"{path}: {len(tiers['tier_of'])} items, but {sets[0].stem} has {len(sets[0].items)}.")
+    counts = {tier: tiers["tier_of"].count(tier) for tier in tiers["meaning"] if tier in tiers["tier_of"]}
+    describe = {"file": str(Path(path).resolve()), "parallel_group": tiers["parallel_group"], "items_per_tier": counts}
+    return {"describe": describe | {"meaning": tiers["meaning"]}, "stems": [qs.stem for qs in sets], **tiers}
 
 
-def run_manipulation_checks(args: EvalArguments, model_name_or_path: str, output_dir, found, alignment, tiers) -> dict:
+def run_manipulation_checks(args: EvalArguments, run: Run, output_dir, alignment, tiers) -> dict:
     """manipulation_checks.json: per checkpoint, name_alignment and embedding_match (with --name_alignment; reused
     as accuracy.json's entries are, by weights) and tier_accuracy (with --item_tiers, from predictions.jsonl)."""
-    output_dir, (checkpoints, _) = Path(output_dir), found
-    setting = read_cpt_setting(model_name_or_path, checkpoints)
-    separator = (setting or {}).get("pair_separator") or ""
-    identity = str(Path(model_name_or_path).resolve()) if Path(model_name_or_path).is_dir() else model_name_or_path
+    separator = (run.cpt_setting or {}).get("pair_separator") or ""
     header = {
-        "model_name_or_path": identity, "cpt_setting": setting, "dtype": args.dtype, "pair_separator": separator,
+        "model_name_or_path": str(run.root), "cpt_setting": run.cpt_setting, "dtype": args.dtype,
+        "pair_separator": separator,
         "name_alignment": alignment and {
             "file": str(Path(args.name_alignment).resolve()),
             "sha256": hashlib.sha256(json.dumps(alignment["items"], ensure_ascii=False).encode()).hexdigest(),
@@ -1365,34 +935,26 @@ def run_manipulation_checks(args: EvalArguments, model_name_or_path: str, output
         },
         "item_tiers": tiers and tiers["describe"],
     }  # fmt: skip
-    path, done = output_dir / "manipulation_checks.json", {}
-    if alignment and path.is_file() and not args.overwrite_output_dir:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if all(previous.get(k) == v for k, v in header.items() if k != "item_tiers"):
-            reusable = _reusable(previous["checkpoints"], checkpoints, args.revision, True, path)
-            done = {(e["step"], e["path"]): e for e in reusable}
+    path = Path(output_dir) / "manipulation_checks.json"
+    same = tuple(k for k in header if k not in ("cpt_setting", "item_tiers"))
+    earlier = reusable_entries(path, header, run, args, same) if alignment else {}
+    checks = ("name_alignment", "embedding_match")
+    done = earlier | {c.key: c.entry() | {k: earlier[c.key][k] for k in checks if k in earlier.get(c.key, {})}
+                      for c in run.checkpoints}  # fmt: skip
     correct = read_predictions(output_dir)[1] if tiers else {}
-    device, cache = resolve_device(args.device), {}
-    for checkpoint in tqdm(checkpoints, desc="manipulation checks"):
-        key, previous = (checkpoint.step, checkpoint.path), done.get((checkpoint.step, checkpoint.path), {})
-        entry = {"step": key[0], "path": key[1], "weights_sha256": checkpoint_weights_sha256(checkpoint, args.revision)}
-        entry |= {k: previous[k] for k in ("name_alignment", "embedding_match") if k in previous}
-        if alignment and "name_alignment" not in entry:
-            directory = _materialise(checkpoint, args.revision)
-            tokenizer = _tokenizer_for(args, directory, checkpoints, cache)
-            model = load_model(directory, args.dtype, device, args.attn_implementation)
-            entry["name_alignment"] = name_alignment_accuracy(model, tokenizer, alignment, separator, args.batch_size)
-            entry["embedding_match"] = embedding_match(model, tokenizer, alignment)
-            logger.info("manipulation checks step %d: %s", key[0], {k: entry[k] for k in list(entry)[3:]})
-        done[key] = entry
-        if tiers and all(key[0] in correct[stem] for stem in tiers["stems"]):
-            tier_of, names = np.array(tiers["tier_of"]), tiers["describe"]["items_per_tier"]
-            entry["tier_accuracy"] = {
-                stem: {t: float(correct[stem][key[0]][tier_of == t].mean()) for t in names} for stem in tiers["stems"]
-            }
-        result = {"checkpoints": sorted(done.values(), key=lambda e: (e["step"], e["path"])), **header}
-        write_json_atomic(path, result)
-    return result
+    for (step, _), entry in done.items():
+        if tiers and all(step in correct[stem] for stem in tiers["stems"]):
+            tier_of = np.array(tiers["tier_of"])
+            entry["tier_accuracy"] = {stem: {t: float(correct[stem][step][tier_of == t].mean())
+                                             for t in tiers["describe"]["items_per_tier"]} for stem in tiers["stems"]}  # fmt: skip
+    todo = [c for c in run.checkpoints if alignment and "name_alignment" not in done[c.key]]
+    for checkpoint, model, tokenizer in each_model(args, todo, path.name):
+        entry = done[checkpoint.key]
+        entry["name_alignment"] = name_alignment_accuracy(model, tokenizer, alignment, separator, args.batch_size)
+        entry["embedding_match"] = embedding_match(model, tokenizer, alignment)
+        logger.info("manipulation checks step %d: %s", checkpoint.step, entry["name_alignment"])
+        write_entries(path, done, header)
+    return write_entries(path, done, header)
 
 
 # --------------------------------------------------------------------------------------
@@ -1401,7 +963,7 @@ def run_manipulation_checks(args: EvalArguments, model_name_or_path: str, output
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each option, and the module docstring (scorings, outputs) kept as written."""
+    """Defaults after each option, and the module docstring kept as written."""
 
 
 def parse_arguments(argv: list[str] | None, require_model: bool = True) -> EvalArguments:
@@ -1427,28 +989,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     setup_logging()
     # 2. The inputs, validated before anything is written: the questions (--strict: their quirks are errors), the
-    #    name alignment items and the fact tiers; the checkpoints, each with a tokenizer.
+    #    diagnostic pairs, the name alignment items, the fact tiers; the checkpoints, each with its tokenizer.
     question_sets = (
         load_question_sets(args.questions, args.question_langs, args.strict, args.revision) if args.questions else []
     )
+    pairs = read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs) if args.diagnostic_pairs else None
     alignment = read_name_alignment(args.name_alignment) if args.name_alignment else None
     tiers = read_item_tiers(args.item_tiers, question_sets) if args.item_tiers else None
-    found = find_checkpoints(args.model_name_or_path, args.revision)
-    for checkpoint in (c for c in found[0] if c.local_dir is not None):  # the Hub's are known once downloaded
-        _tokenizer_source(args, checkpoint.local_dir, found[0])
+    run = find_checkpoints(args.model_name_or_path, args.tokenizer_name_or_path)
     # 3. Probing: every checkpoint scored on every question set (finished checkpoints reused).
     if question_sets:
-        result = evaluate_model(args, question_sets, args.model_name_or_path, args.output_dir, found)
-        quirks = {qs.stem: {k: len(v) for k, v in qs.quirks.items()} for qs in question_sets if qs.quirks}
-        logger.info(
-            "%d checkpoint(s) in %s; quirks counted: %s", len(result["checkpoints"]), args.output_dir, quirks or "none"
-        )
+        result = evaluate_model(args, question_sets, run, args.output_dir)
+        logger.info("%d checkpoint(s) in %s", len(result["checkpoints"]), args.output_dir)
     # 4. The bridge diagnostic on held-out pairs.
-    if args.diagnostic_pairs:
-        run_bridge_diagnostic(args, args.model_name_or_path, args.output_dir, found)
+    if pairs:
+        run_bridge_diagnostic(args, run, args.output_dir, pairs)
     # 5. The manipulation checks.
     if alignment or tiers:
-        run_manipulation_checks(args, args.model_name_or_path, args.output_dir, found, alignment, tiers)
+        run_manipulation_checks(args, run, args.output_dir, alignment, tiers)
 
 
 if __name__ == "__main__":

@@ -113,10 +113,45 @@ def write_eval_output(
         "cpt_setting": cpt_setting,
         "scoring": "mean_token_loss",
         "dtype": "float32",
+        "loss_dtype": "float32",
         "questions": questions,
     }
     (directory / "accuracy.json").write_text(json.dumps({"checkpoints": checkpoints, **header}))
     return directory
+
+
+#: What a run_cpt.py run records besides lang, setting and seed (the runs of a study share all of it).
+RECORDED = {
+    "base_model_weights_sha256": "w" * 64,
+    "base_model_config_sha256": "c" * 64,
+    "dataset_sha256": "d" * 64,
+    "steps": 30,
+    "windows_per_step": 4,
+    "block_size": 64,
+    "pair_order": "en_first",
+    "pair_separator": "",
+}
+
+
+def write_run(directory, setting="bridges", seed=0, correct=None, lang="ko", checkpoints=(10, 20, 30), **changes):
+    """An eval output folder of a run_cpt.py run (recording every compared field) probed by run_eval.py;
+    ``changes`` replaces recorded fields (cpt_setting or probing header)."""
+    rng = np.random.default_rng(seed)
+    correct = correct or {
+        f"c_{lang}": rng.random((len(checkpoints), 20)) < 0.5,
+        "c_en": rng.random((len(checkpoints), 20)) < 0.5,
+    }
+    cpt_setting = {"lang": lang, "setting": setting, "bridges": setting == "bridges", "seed": seed, **RECORDED}
+    cpt_setting["documents_seen_sha256"] = f"documents-of-seed-{seed}"
+    header = {}
+    for key, value in changes.items():
+        (header if key in ("scoring", "dtype", "loss_dtype") else cpt_setting)[key] = (
+            value  # run_transfer.PROBING_FIELDS
+        )
+    eval_dir = write_eval_output(directory, correct, list(checkpoints), cpt_setting)
+    accuracy = json.loads((eval_dir / "accuracy.json").read_text())
+    (eval_dir / "accuracy.json").write_text(json.dumps(accuracy | header))
+    return eval_dir
 
 
 def write_name_alignment(path: Path, n_entities: int = 48, lang: str = "ko", seed: int = 0) -> Path:
