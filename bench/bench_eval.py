@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=8000, help="Tokenizer vocabulary (configs/tiny.json: 8000).")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(run_eval.DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument(
         "--loss_dtypes", nargs="+", default=["float32", "model"], choices=["float32", "model"], help="Paths to time."
