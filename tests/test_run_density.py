@@ -144,7 +144,7 @@ def write_world(directory: Path, langs=("en", "ko", "zh", "bo", "mn"), seed: int
     return question_files, corpus_files
 
 
-def run_main(tmp_path: Path, args: list[str]) -> dict:
+def run_main(args: list[str]) -> dict:
     return rd.main(args + ["--log_level", "warning"])
 
 
@@ -296,7 +296,6 @@ def test_planted_occurrences_are_recovered_exactly_in_five_scripts(world, tmp_pa
     question_files, corpus_files = world
     for lang in PLANTED:
         report = run_main(
-            tmp_path,
             ["--questions", str(question_files[lang]), "--corpus_files", str(corpus_files[lang]),
              "--top_k", "20", "--output_dir", str(tmp_path / lang)],
         )  # fmt: skip
@@ -322,7 +321,6 @@ def test_top_k_caps_occurrences(tmp_path):
     corpus.write_text("Chuseok falls in autumn.\n" * 6 + "unrelated words here\n" * 3, encoding="utf-8")
     for top_k, expected in [(2, 2), (10, 6)]:
         report = run_main(
-            tmp_path,
             ["--questions", str(questions), "--corpus_files", str(corpus), "--top_k", str(top_k),
              "--output_dir", str(tmp_path / "out")],
         )  # fmt: skip
@@ -342,16 +340,15 @@ def test_retrieval_ranks_only_documents_holding_an_answer(tmp_path):
     lines = ["Every year Chuseok falls in spring."] * 4 + ["Chuseok comes in autumn.", "Chuseok is in the fall.", "x y"]
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     base = ["--questions", str(questions), "--corpus_files", str(corpus), "--top_k", "3"]
-    constrained = run_main(tmp_path, base + ["--output_dir", str(tmp_path / "a")])
+    constrained = run_main(base + ["--output_dir", str(tmp_path / "a")])
     assert sorted(constrained["questions"][0]["retrieved"]) == [4, 5]
-    free = run_main(tmp_path, base + ["--output_dir", str(tmp_path / "b"), "--require_answer", "false"])
+    free = run_main(base + ["--output_dir", str(tmp_path / "b"), "--require_answer", "false"])
     assert set(free["questions"][0]["retrieved"]) & {0, 1, 2, 3}  # answer-less documents take top-k places
 
 
 def test_several_corpora_and_question_files_pair_by_script(world, tmp_path):
     question_files, corpus_files = world
     report = run_main(
-        tmp_path,
         ["--questions", str(question_files["en"]), str(question_files["bo"]),
          "--corpus_files", f"english={corpus_files['en']}", f"tibetan={corpus_files['bo']}",
          "--top_k", "20", "--output_dir", str(tmp_path / "out")],
@@ -373,7 +370,6 @@ def test_one_corpus_of_several_files_numbers_documents_across_files(world, tmp_p
     question_files, corpus_files = world
     both = f"mixed={corpus_files['zh']},{corpus_files['ko']}"
     report = run_main(
-        tmp_path,
         ["--questions", str(question_files["zh"]), str(question_files["ko"]), "--corpus_files", both,
          "--top_k", "20", "--output_dir", str(tmp_path / "out")],
     )  # fmt: skip
@@ -452,18 +448,18 @@ def test_index_is_reused_when_the_corpus_is_unchanged_and_rebuilt_when_it_change
     corpus.write_bytes(corpus_files["en"].read_bytes())
     args = ["--questions", str(question_files["en"]), "--corpus_files", str(corpus), "--top_k", "20",
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    first = run_main(tmp_path, args)
+    first = run_main(args)
     assert first["corpus"]["index"]["reused"] is False
-    second = run_main(tmp_path, args)
+    second = run_main(args)
     assert second["corpus"]["index"]["reused"] is True
     assert second["questions"] == first["questions"]
     with corpus.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({"text": "Chuseok falls in autumn every year, the harvest festival of Korea."}) + "\n")
-    third = run_main(tmp_path, args)
+    third = run_main(args)
     assert third["corpus"]["index"]["reused"] is False
     assert third["corpus"]["documents"] == first["corpus"]["documents"] + 1
     assert third["questions"][0]["occurrences"] == PLANTED["en"][0] + 1
-    changed_k1 = run_main(tmp_path, args + ["--bm25_k1", "1.2"])
+    changed_k1 = run_main(args + ["--bm25_k1", "1.2"])
     assert changed_k1["corpus"]["index"]["reused"] is False
 
 
@@ -496,7 +492,6 @@ def test_dataset_corpus_from_save_to_disk_counts_rows_without_text(tmp_path, wor
     rows = {"text": texts + [None], "doc_id": list(range(len(texts) + 1))}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
     report = run_main(
-        tmp_path,
         ["--questions", str(question_files["bo"]), "--corpus_dataset", str(tmp_path / "ds"), "--top_k", "20",
          "--output_dir", str(tmp_path / "out")],
     )  # fmt: skip
@@ -512,7 +507,6 @@ def test_streamed_dataset_corpus_reads_retrieved_documents_in_one_more_pass(tmp_
     folder.mkdir()
     (folder / "train.jsonl").write_bytes(corpus_files["mn"].read_bytes())
     report = run_main(
-        tmp_path,
         ["--questions", str(question_files["mn"]), "--corpus_dataset", str(folder), "--corpus_streaming",
          "--corpus_label", "streamed", "--top_k", "20", "--output_dir", str(tmp_path / "out")],
     )  # fmt: skip
@@ -556,7 +550,7 @@ def test_instance_analysis_compares_transferred_items_with_all_in_the_source_cor
             "--top_k", "20", "--output_dir", str(tmp_path / "out"),
             "--predictions_with", str(tmp_path / "with"), "--predictions_without", str(tmp_path / "without"),
             "--source_corpus", "bo=english"]  # fmt: skip
-    report = run_main(tmp_path, args)
+    report = run_main(args)
     (result,) = report["instance_analysis"]["results"]
     occurrences_en = PLANTED["en"][:2]  # [3, 0]
     assert result["questions"] == "culture_bo" and result["occurrences_from"] == "culture_en"
@@ -568,10 +562,10 @@ def test_instance_analysis_compares_transferred_items_with_all_in_the_source_cor
     markdown = (tmp_path / "out" / "density.md").read_text(encoding="utf-8")
     assert "| culture_bo | english (culture_en) | 2 | 1 | 3.00 | 1.50 | 0.00 |" in markdown
 
-    automatic = run_main(tmp_path, [a for a in args if a not in ("--source_corpus", "bo=english")])
+    automatic = run_main([a for a in args if a not in ("--source_corpus", "bo=english")])
     assert automatic["instance_analysis"]["results"] == report["instance_analysis"]["results"]
 
-    at_10 = run_main(tmp_path, args + ["--predictions_step", "10"])
+    at_10 = run_main(args + ["--predictions_step", "10"])
     (result,) = at_10["instance_analysis"]["results"]
     assert result["transferred"] == 0 and result["mean_occurrences_transferred"] is None
 
@@ -580,16 +574,13 @@ def test_instance_analysis_reports_items_without_a_source_measurement(world, tmp
     question_files, corpus_files = world
     _predictions(tmp_path / "with", "other-set_bo", "bo", {5: [True]})
     _predictions(tmp_path / "without", "other-set_bo", "bo", {5: [False]})
-    report = run_main(
-        tmp_path,
-        ["--questions", str(question_files["en"]), "--corpus_files", f"english={corpus_files['en']}",
+    report = run_main(["--questions", str(question_files["en"]), "--corpus_files", f"english={corpus_files['en']}",
          "--output_dir", str(tmp_path / "out"), "--predictions_with", str(tmp_path / "with" / "predictions.jsonl"),
          "--predictions_without", str(tmp_path / "without"), "--source_corpus", "english"],
     )  # fmt: skip
     assert report["instance_analysis"]["results"] == []
     assert report["instance_analysis"]["skipped"][0]["questions"] == "other-set_bo"
     automatic = run_main(
-        tmp_path,
         ["--questions", str(question_files["en"]), "--corpus_files", f"english={corpus_files['en']}",
          "--output_dir", str(tmp_path / "out2"), "--predictions_with", str(tmp_path / "with"),
          "--predictions_without", str(tmp_path / "without")],
@@ -660,6 +651,10 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"bad\.jsonl:3: not valid JSON"):
         rd.main(["--questions", q, "--corpus_files", str(bad), *out])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"one\ncaf\xe9\n")
+    with pytest.raises(InputError, match=r"latin1\.txt:2: not UTF-8 \(byte 0xe9"):
+        rd.main(["--questions", q, "--corpus_files", str(latin1), *out])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     with pytest.raises(InputError, match="the file is empty"):
@@ -685,13 +680,6 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     assert not (tmp_path / "out" / "density.json").exists()
 
 
-def test_command_line_exits_with_a_clear_message_on_bad_input(tmp_path, world):
-    question_files, _ = world
-    with pytest.raises(AssertionError, match=r"nope\.jsonl: no such corpus file"):
-        run_script([sys.executable, str(REPO_ROOT / "run_density.py"), "--questions", str(question_files["en"]),
-                    "--corpus_files", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "out")])  # fmt: skip
-
-
 def test_a_run_whose_every_pair_is_skipped_by_script_exits_2_naming_them_and_writes_no_report(world, tmp_path):
     question_files, corpus_files = world
     out = tmp_path / "out"
@@ -708,7 +696,8 @@ def test_a_run_whose_every_pair_is_skipped_by_script_exits_2_naming_them_and_wri
     assert "synthetic-cloze_ko on tibetan: 0.00% of the corpus is in Hangul script" in error
     assert not (out / "density.json").exists() and not (out / "density.md").exists()
     # One measured pair is enough: the other is reported as skipped, and the run succeeds.
-    report = run_main(tmp_path, ["--questions", str(question_files["en"]), str(question_files["bo"]),
+    report = run_main(
+            ["--questions", str(question_files["en"]), str(question_files["bo"]),
                                  "--corpus_files", f"tibetan={corpus_files['bo']}", "--output_dir", str(out)])  # fmt: skip
     assert [(r["questions"], r["corpus"]) for r in report["table"]] == [("synthetic-cloze_bo", "tibetan")]
     assert [(s["questions"], s["corpus"]) for s in report["skipped_pairs"]] == [("synthetic-cloze_en", "tibetan")]
@@ -769,7 +758,7 @@ def test_judge_model_end_to_end_records_booleans_for_every_retrieved_document(wo
     args = ["--questions", str(question_files["ko"]), "--corpus_files", str(corpus_files["ko"]), "--top_k", "4",
             "--judge_model", str(tiny_model_dir), "--judge_excerpt_chars", "120", "--judge_max_tokens", "256",
             "--judge_batch_size", "4"]  # fmt: skip
-    report = run_main(tmp_path, args + ["--output_dir", str(tmp_path / "out")])
+    report = run_main(args + ["--output_dir", str(tmp_path / "out")])
     margins = []
     for entry in report["questions"]:
         assert len(entry["contains"]) == len(entry["lm_margin"]) == len(entry["retrieved"]) == 4
@@ -781,7 +770,7 @@ def test_judge_model_end_to_end_records_booleans_for_every_retrieved_document(wo
     # --judge_margin is the threshold: at the median margin, the documents above it (and only they) count.
     threshold = float(np.median(margins))
     assert min(margins) < threshold < max(margins)  # the random model's margins differ from document to document
-    moved = run_main(tmp_path, args + ["--output_dir", str(tmp_path / "out2"), "--judge_margin", repr(threshold)])
+    moved = run_main(args + ["--output_dir", str(tmp_path / "out2"), "--judge_margin", repr(threshold)])
     for before, entry in zip(report["questions"], moved["questions"]):
         assert entry["lm_margin"] == before["lm_margin"]
         assert entry["contains"] == [m > threshold for m in before["lm_margin"]]
@@ -816,9 +805,7 @@ def test_planted_paper_questions_are_recovered_in_every_language(paper_cloze_dir
         qfile.write_text(json.dumps(chosen, ensure_ascii=False), encoding="utf-8")
         cfile = tmp_path / f"corpus_{lang}_{path.stem}.jsonl"
         cfile.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-        report = run_main(
-            tmp_path,
-            ["--questions", str(qfile), "--corpus_files", str(cfile), "--top_k", "30",
+        report = run_main(["--questions", str(qfile), "--corpus_files", str(cfile), "--top_k", "30",
              "--output_dir", str(tmp_path / path.stem), "--min_script_fraction", "0"],
         )  # fmt: skip
         assert [e["occurrences"] for e in report["questions"]] == planted, path.name
@@ -892,10 +879,10 @@ def test_max_documents_indexes_only_the_first_n_documents_and_the_density_is_a_s
     corpus = tmp_path / "firstn.txt"
     corpus.write_text("unrelated words here\n" * 3 + "Chuseok falls in autumn.\n" * 6, encoding="utf-8")
     arguments = ["--questions", str(questions), "--corpus_files", str(corpus), "--output_dir", str(tmp_path / "out")]
-    report = run_main(tmp_path, [*arguments, "--max_documents", "5"])
+    report = run_main([*arguments, "--max_documents", "5"])
     assert report["corpus"]["documents"] == 5 and report["questions"][0]["occurrences"] == 2
     assert report["setting"]["max_documents"] == 5
     # another budget is another index: the full corpus is indexed again, not read from the capped one
-    report = run_main(tmp_path, arguments)
+    report = run_main(arguments)
     assert report["corpus"]["documents"] == 9 and report["questions"][0]["occurrences"] == 6
     assert report["corpus"]["index"]["reused"] is False
