@@ -1,20 +1,10 @@
 """The cloze questions of the study and the predictions made on them: one module every script reads them with.
 
-Questions (the paper's format: a JSON list of ``{"question", "options", "answer"}``; the blank is a run of
-underscores, the answer a string or a list of strings):
-
-* ``load_question_sets`` reads files, folders, saved datasets and Hub datasets, validates every item
-  (``validate_items``), tags each set with its language (``question_lang_from_stem``: the file stem's
-  ``_<lang>`` suffix, ``ko-culture-cloze_en`` is English) and checks that parallel files match item by
-  item. The study's files are named by ``question_stem`` / ``question_file_name``.
-* ``fill_blanks`` puts an option (or answer) into the blanks: plain replacement is the paper's scoring;
-  ``tibetan_tsheg=True`` writes the filled Tibetan sentence as a text stating the fact would (density,
-  the contamination guard).
-
-Predictions (run_eval.py's ``predictions.jsonl`` + ``accuracy.json``): ``read_predictions`` is the one
-reader; ``tie_credit`` is how an item whose best score is tied is credited under each ``TIE_POLICIES``.
-
-Needs study_common.py beside it (numpy; datasets only for saved or Hub datasets).
+Questions are the paper's format, a JSON list of ``{"question", "options", "answer"}`` (the blank a run of
+underscores, the answer a string or a list of strings): ``load_question_sets`` reads and validates them and tags
+each set with its language (the name's ``_<lang>`` suffix); ``fill_blanks`` fills the blanks. Predictions are
+run_eval.py's ``predictions.jsonl`` + ``accuracy.json``: ``read_predictions`` is their one reader, ``tie_credit``
+how a tied item is credited. docs/probing.md describes the format and the released files' quirks.
 """
 
 from __future__ import annotations
@@ -151,7 +141,7 @@ def validate_items(
     item with none left is an error); ``options`` are kept when they are a list of strings, else empty.
     """
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{where}: expected a non-empty JSON list of {{question, options, answer}} items.")
+        raise InputError(f"{where}: expected a non-empty JSON list of {{question, options, answer}} items.")
     items, quirks = [], defaultdict(list)
     for index, record in enumerate(records):
         at = f"{where} item {index}"
@@ -207,29 +197,29 @@ def _checked_scoring_item(record, at: str) -> tuple[str, list[str], list[str]]:
     """An item to score: a non-empty question, non-empty options, an answer string or list of strings."""
     if not isinstance(record, dict) or not {"question", "options", "answer"} <= set(record):
         found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{at}: needs 'question', 'options' and 'answer' (found: {found}).")
+        raise InputError(f"{at}: needs 'question', 'options' and 'answer' (found: {found}).")
     question, options, answer = record["question"], record["options"], record["answer"]
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{at}: 'question' must be a non-empty string.")
+        raise InputError(f"{at}: 'question' must be a non-empty string.")
     if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
-        raise ValueError(f"{at}: 'options' must be a non-empty list of non-empty strings.")
+        raise InputError(f"{at}: 'options' must be a non-empty list of non-empty strings.")
     answers = answer if isinstance(answer, list) else [answer]
     if not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{at}: 'answer' must be a string or a non-empty list of strings.")
+        raise InputError(f"{at}: 'answer' must be a string or a non-empty list of strings.")
     return question, options, answers
 
 
 def _checked_fact_item(record, at: str) -> tuple[str, list[str], list[str]]:
     """An item read as a fact (question filled by its answer): options optional, blank answers dropped."""
     if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-        raise ValueError(f"{at}: expected an object with a 'question' string.")
+        raise InputError(f"{at}: expected an object with a 'question' string.")
     answer = record.get("answer")
     answers = [answer] if isinstance(answer, str) else answer
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{at}: 'answer' must be a string or a list of strings (found {answer!r}).")
+        raise InputError(f"{at}: 'answer' must be a string or a list of strings (found {answer!r}).")
     answers = [a for a in answers if a.strip()]
     if not answers:
-        raise ValueError(f"{at}: the answer is empty.")
+        raise InputError(f"{at}: the answer is empty.")
     options = record.get("options")
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         options = []  # only the answers are used
@@ -245,7 +235,7 @@ def _dataset_question_sets(dataset, name: str, source: str) -> list[tuple[str, s
     for split, ds in splits:
         missing = {"question", "options", "answer"} - set(ds.column_names)
         if missing:
-            raise ValueError(f"{source} split {split}: missing columns {sorted(missing)} (found {ds.column_names}).")
+            raise InputError(f"{source} split {split}: missing columns {sorted(missing)} (found {ds.column_names}).")
         stem = split if split and (len(splits) > 1 or question_lang_from_stem(split)) else name
         out.append((stem, f"{source}:{split}" if split else source, ds.to_list()))
     return out
@@ -268,7 +258,7 @@ def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, 
         return _hub_question_sets(str(path), revision)
     if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
         return _hub_question_sets(source, revision)
-    raise FileNotFoundError(f"{source}: not a file, a folder or a Hub dataset id ('org/name' or 'org/name:split').")
+    raise InputError(f"{source}: not a file, a folder or a Hub dataset id ('org/name' or 'org/name:split').")
 
 
 def _hub_question_sets(dataset_id: str, revision: str | None) -> list[tuple[str, str, list]]:
@@ -288,56 +278,50 @@ def load_question_sets(
 ) -> list[QuestionSet]:
     """Load, validate and language-tag every question source; check parallel files; apply --strict.
 
-    ``require_options=False`` reads the questions as facts, as run_density does: items as in
-    ``validate_items``; a set whose name has no language gets lang "" (the caller infers it); names need
-    not be unique and files sharing a base need not be parallel."""
+    ``require_options=False`` reads the questions as facts, as run_density does (``validate_items``); a set
+    whose name has no language gets lang "" (the caller infers it); names need not be unique and files sharing
+    a base need not be parallel."""
     raw = [entry for source in sources for entry in _raw_question_sources(source, revision)]
-    overrides, positional = {}, []
-    for entry in question_langs or []:
-        if "=" in entry:
-            stem, lang = entry.split("=", 1)
-            overrides[stem] = lang
-        else:
-            positional.append(entry)
-    if positional and len(positional) != len(raw):
-        raise ValueError(
-            f"--question_langs gives {len(positional)} languages for {len(raw)} question sets "
-            f"({', '.join(s for s, _, _ in raw)}); give one per set or use STEM=LANG entries."
-        )
     sets, seen = [], set()
-    for position, (stem, where, records) in enumerate(raw):
+    for (stem, where, records), lang in zip(raw, _languages(raw, question_langs)):
         if require_options and stem in seen:
-            raise ValueError(f"{where}: a question set named {stem!r} was already loaded; names must be unique.")
+            raise InputError(f"{where}: a question set named {stem!r} was already loaded; names must be unique.")
         seen.add(stem)
-        lang = overrides.get(stem) or (positional[position] if positional else None) or question_lang_from_stem(stem)
         if not lang and require_options:
-            raise ValueError(
+            raise InputError(
                 f"{where}: cannot tell the question language from the name {stem!r} (expected '<name>_<lang>', "
                 f"e.g. ko-culture-cloze_en). Pass --question_langs {stem}=LANG."
             )
         items, quirks = validate_items(records, stem, where, require_options)
         _refuse_mixed_scripts(items, where, lang)
         sets.append(QuestionSet(stem=stem, lang=lang or "", source=where, items=items, quirks=quirks))
+        summary = ", ".join(f"{reason} {indices}" for reason, indices in quirks.items()) or "none"
+        logger.info("questions %s (%s, %d items, from %s): quirks: %s", stem, lang, len(items), where, summary)
     if require_options:
         _check_parallel(sets)
     problems = [
-        f"{qs.source} item {index}: {QUIRK_TEXT[reason]}"
-        for qs in sets
-        for reason, indices in qs.quirks.items()
-        for index in indices
+        f"{qs.source} item {i}: {QUIRK_TEXT[reason]}" for qs in sets for reason, ix in qs.quirks.items() for i in ix
     ]
     if strict and problems:
-        raise ValueError(
+        raise InputError(
             "--strict: the questions have quirks:\n  "
             + "\n  ".join(problems)
             + "\nFix these items, or run without --strict to count them and score them as the authors' script does."
         )
-    for qs in sets:
-        summary = ", ".join(f"{reason} {indices}" for reason, indices in qs.quirks.items()) or "none"
-        logger.info(
-            "questions %s (%s, %d items, from %s): quirks: %s", qs.stem, qs.lang, len(qs.items), qs.source, summary
-        )
     return sets
+
+
+def _languages(raw: list[tuple[str, str, list]], question_langs: list[str] | None) -> list[str | None]:
+    """The language of each loaded set: --question_langs (STEM=LANG, or one per set in load order), else its name's."""
+    overrides = dict(entry.split("=", 1) for entry in question_langs or [] if "=" in entry)
+    positional = [entry for entry in question_langs or [] if "=" not in entry]
+    if positional and len(positional) != len(raw):
+        raise InputError(
+            f"--question_langs gives {len(positional)} languages for {len(raw)} question sets "
+            f"({', '.join(s for s, _, _ in raw)}); give one per set or use STEM=LANG entries."
+        )
+    return [overrides.get(stem) or (positional[k] if positional else None) or question_lang_from_stem(stem)
+            for k, (stem, _, _) in enumerate(raw)]  # fmt: skip
 
 
 def _letter_scripts(text: str) -> Counter:
@@ -373,7 +357,7 @@ def _check_parallel(sets: list[QuestionSet]) -> None:
         sizes = {len(qs.items) for qs in group}
         if len(sizes) > 1:
             listing = ", ".join(f"{qs.source} ({len(qs.items)} items)" for qs in group)
-            raise ValueError(
+            raise InputError(
                 f"Parallel question files must match item by item, but their lengths differ: {listing}. "
                 "Fix the files or give them different base names."
             )
@@ -450,7 +434,7 @@ def tie_credit(scores: list[float], answer: list[int]) -> tuple[int, float]:
 
 
 #: The fields of a predictions.jsonl line that its reader needs (run_eval.py writes more).
-PREDICTION_FIELDS = ("questions", "index", "step", "checkpoint", "correct", "scores", "answer")
+PREDICTION_FIELDS = ("questions", "index", "step", "checkpoint", "correct", "credit_fractional")
 
 
 def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
@@ -476,20 +460,14 @@ def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[d
     for where, row in read_json_records(predictions):  # a line that is not JSON is named by file and line
         missing_fields = [k for k in PREDICTION_FIELDS if not isinstance(row, dict) or k not in row]
         if missing_fields:
-            raise ValueError(f"{where}: a predictions line needs {missing_fields} (the format run_eval.py writes).")
+            raise InputError(f"{where}: a predictions line needs {missing_fields} (the format run_eval.py writes).")
         if paths.get(row["step"]) != row["checkpoint"] or row["questions"] not in sizes:
             continue
         index = row["index"]
         if not 0 <= index < sizes[row["questions"]]:
-            raise ValueError(f"{where}: item index {index} beyond the question set.")
+            raise InputError(f"{where}: item index {index} beyond the question set.")
         seen[row["questions"]][row["step"]][index] += 1
-        if tie_policy == "first":
-            credit = row["correct"]
-        elif "credit_fractional" in row:
-            credit = row["credit_fractional"]
-        else:  # written before the tie accounting: the same number, from the scores
-            credit = tie_credit(row["scores"], row["answer"])[1]
-        correct[row["questions"]][row["step"]][index] = credit
+        correct[row["questions"]][row["step"]][index] = row["correct" if tie_policy == "first" else "credit_fractional"]
     problems = []
     for stem, per_step in seen.items():
         for step, counts in per_step.items():
@@ -499,7 +477,7 @@ def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[d
             if repeated:
                 problems.append(f"{stem} step {step}: {len(repeated)} item(s) listed twice: {_index_list(repeated)}")
     if problems:
-        raise ValueError(
+        raise InputError(
             f"{predictions} does not hold every item exactly once for each checkpoint of accuracy.json:\n  "
             + "\n  ".join(problems)
             + "\nRe-run the probing into this folder with --overwrite_output_dir."

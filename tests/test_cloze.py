@@ -160,16 +160,9 @@ def test_items_missing_or_repeated_in_predictions_are_an_error_naming_file_quest
     assert correct["c_ko"][2].all() and correct["c_en"][1].all()
 
 
-def test_read_predictions_gives_fractional_credit_from_scores_of_outputs_without_tie_fields(tmp_path):
+def test_read_predictions_credits_a_tied_item_first_wins_or_one_over_k(tmp_path):
     data = {"c_ko": np.array([[True, False, False]])}
     eval_dir = write_eval_output(tmp_path / "r", data, [1], None, tied={"c_ko": np.array([[False, True, False]])})
-    predictions = eval_dir / "predictions.jsonl"
-    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
-    predictions.write_text(
-        "".join(
-            json.dumps({k: v for k, v in r.items() if k not in ("tied_best", "credit_fractional")}) + "\n" for r in rows
-        )
-    )
     _, first = cloze.read_predictions(eval_dir)
     _, fractional = cloze.read_predictions(eval_dir, tie_policy="fractional")
     assert first["c_ko"][1].tolist() == [True, True, False]
