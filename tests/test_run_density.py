@@ -531,7 +531,8 @@ def _predictions(path: Path, stem: str, lang: str, correct_by_step: dict[int, li
         for step, correct in correct_by_step.items():
             for index, ok in enumerate(correct):
                 row = {"questions": stem, "lang": lang, "index": index, "step": step, "checkpoint": f"checkpoint-{step}",
-                       "scores": [1.0, 2.0], "prediction": 0 if ok else 1, "answer": [0], "correct": ok}  # fmt: skip
+                       "scores": [1.0, 2.0], "prediction": 0 if ok else 1, "answer": [0], "correct": ok,
+                       "credit_fractional": float(ok)}  # fmt: skip
                 handle.write(json.dumps(row) + "\n")
 
 
