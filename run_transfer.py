@@ -898,7 +898,7 @@ def plot_transfer(result: dict) -> dict[str, bytes]:
     band = "seeds and questions" if several_seeds else "questions (one run per setting)"
     pngs = {}
     for name, figure in (("transfer_curves.png", _curves_figure), ("transfer_summary.png", _summary_figure)):
-        fig = figure(plt, rows, several_seeds, pct, band)
+        fig = figure(plt, rows, pct, band)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=120)
         plt.close(fig)
@@ -906,10 +906,9 @@ def plot_transfer(result: dict) -> dict[str, bytes]:
     return pngs
 
 
-def _curves_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct: int, band: str):
+def _curves_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
     """Accuracy with and without bridges per step, with bootstrap bands: one row per language (and question
     group), target-language questions left, English questions right."""
-    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.9 * len(rows) + 1.0), squeeze=False, sharey=True)
@@ -932,12 +931,11 @@ def _curves_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct: 
             for key, color in (("with", WITH_COLOR), ("without", WITHOUT_COLOR)):
                 ci = np.array(d[f"accuracy_{key}_ci"])
                 ax.fill_between(steps, ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
-                if d["n_seed_pairs"] > 1:
-                    for s in d["per_seed"]:
-                        ax.plot(steps, s[f"accuracy_{key}"], color=color, alpha=0.4, linewidth=0.7)
-                ax.plot(steps, d[f"accuracy_{key}"], color=color, marker="o", markersize=3.5, linewidth=2)
+                for s in d["per_seed"] if d["n_seed_pairs"] > 1 else []:
+                    ax.plot(steps, s[f"accuracy_{key}"], color=color, alpha=0.4, linewidth=0.7, label="single seeds")
+                ax.plot(steps, d[f"accuracy_{key}"], color=color, marker="o", markersize=3.5, label=f"{key} bridges")
             if d.get("chance_accuracy") is not None:
-                ax.axhline(d["chance_accuracy"], color="grey", linestyle="--", linewidth=0.8)
+                ax.axhline(d["chance_accuracy"], color="grey", linestyle="--", linewidth=0.8, label="chance")
             ax.set_ylim(-0.02, 1.02)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
             ax.grid(alpha=0.3)
@@ -945,24 +943,15 @@ def _curves_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct: 
                 ax.set_xlabel("CPT step")
             if c == 0:
                 ax.set_ylabel("cloze accuracy")
-    handles = [
-        Line2D([], [], color=WITH_COLOR, marker="o", linewidth=2, label="with bridges"),
-        Line2D([], [], color=WITHOUT_COLOR, marker="o", linewidth=2, label="without bridges"),
-    ]
-    if any(d.get("chance_accuracy") is not None for lang, _ in rows for d in lang["directions"]):
-        handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=0.8, label="chance"))
-    if several_seeds:
-        handles.append(Line2D([], [], color="black", alpha=0.4, linewidth=0.7, label="single seeds"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), frameon=False, fontsize=9)
     fig.suptitle(f"Cloze accuracy during CPT (mean over seeds; bands: {pct}% bootstrap CI over {band})", fontsize=10)
     fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
     return fig
 
 
-def _summary_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct: int, band: str):
+def _summary_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
     """The mean gap over the curve with its interval, per language and direction (and seed pair)."""
-    from matplotlib.lines import Line2D
-
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2.5), 4.4))
     labels = []
     styles = {
@@ -976,36 +965,20 @@ def _summary_figure(plt, rows: list[tuple[dict, str]], several_seeds: bool, pct:
             d = _direction_of(language, direction, base)
             if d is None:
                 continue
-            color, marker, offset, _ = styles[key]
+            color, marker, offset, label = styles[key]
             lo, hi = d["mean_gap_ci"]
-            ax.errorbar(
-                r + offset,
-                d["mean_gap"],
-                yerr=[[max(0.0, d["mean_gap"] - lo)], [max(0.0, hi - d["mean_gap"])]],  # 'undetermined' verdicts
-                fmt=marker,
-                color=color,
-                capsize=4,
-                markersize=7,
-            )
+            error = [[max(0.0, d["mean_gap"] - lo)], [max(0.0, hi - d["mean_gap"])]]  # 'undetermined' verdicts
+            ax.errorbar(r + offset, d["mean_gap"], error, fmt=marker, color=color, capsize=4, ms=7, label=label)
             if d["n_seed_pairs"] > 1:
                 seeds = [s["mean_gap"] for s in d["per_seed"]]
-                ax.scatter([r + offset + 0.05] * len(seeds), seeds, color=color, s=12, alpha=0.5, zorder=3)
+                ax.scatter([r + offset + 0.05] * len(seeds), seeds, color=color, s=12, alpha=0.5, label="single seeds")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), labels)
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("accuracy gap: with − without bridges\n(mean over CPT steps)")
     ax.set_title(f"Transfer per language and direction\n({pct}% bootstrap CI over {band})", fontsize=10)
-    handles = [
-        Line2D([], [], color=color, marker=marker, linestyle="none", markersize=7, label=label)
-        for color, marker, _, label in styles.values()
-    ]
-    if several_seeds:
-        handles.append(
-            Line2D(
-                [], [], color="grey", marker="o", alpha=0.5, linestyle="none", markersize=4, label="single seed pairs"
-            )
-        )
-    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
+    legend = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    ax.legend(legend.values(), legend.keys(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
