@@ -5,57 +5,41 @@
 # ///
 """Build the continual-pretraining dataset of one language: monolingual text, parallel pairs, replay.
 
-Step 2a of the study. ONE dataset per language is built here and BOTH continual-pretraining
-settings (with and without bridges, ``run_cpt.py``) read it, so they start from exactly the
-same documents. Every record is a document:
+Step 2a of the study (docs/cpt.md). ONE dataset per language is built and BOTH continual-pretraining settings
+(with and without bridges, ``run_cpt.py``) read it, so they start from the same documents. Every record is a
+document:
 
-    doc_id    stable id: ``<kind>-<position in its input stream, 9 digits>`` (e.g. ``pair-000000012``)
+    doc_id    stable id ``<kind>-<position in its input stream, 9 digits>`` (e.g. ``pair-000000012``)
     kind      "mono" (target-language text), "pair" (English-target parallel pair), "replay" (English text)
     text      the document (mono, replay); null for pairs
     pair_id   position of the pair in the pair input stream (pairs); null otherwise
     en, tgt   the two sides of a pair; null otherwise
-    source    where the record came from (``file:line`` or ``dataset/split:row``)
+    source    where the record came from (``file#document``, ``file:line`` or ``dataset/split:row``)
 
-Cleaning drops, and counts by reason in ``build_stats.json`` (checks run in this order, the
-first failing one is the reason recorded):
+Cleaning drops, and counts in ``build_stats.json``, by the first failing check, in this order:
 
-    empty                    a mono/replay document or either side of a pair is empty or whitespace
-    not_in_script            fewer than --min_script_fraction of the letters of a mono document or
-                             of a pair's target side are in the language's script (Unicode
-                             Script_Extensions, ``study_common.script_letter_fraction``; default
-                             0.5, so a Latin-only "Tibetan" side is dropped); for the English side
-                             of a pair and for replay text the script is Latin (catches swapped
-                             columns). A text without letters has fraction 0 and is dropped.
-    contains_eval_sentence   the text (or a pair side) contains the filled sentence of an
-                             evaluation question (--eval_questions): the paper's cloze format,
-                             every underscore run replaced by each answer, written both plainly
-                             and with the Tibetan tsheg rule run_density.py counts with
-                             (``cloze.fill_blanks``). Matching is on NFKC, casefolded,
-                             whitespace-collapsed text, with the sentence's trailing punctuation
-                             removed.
-    over_block_size          (pairs) ``[start] + en + [start] + tgt`` is longer than --block_size
-                             tokens of --tokenizer_name (``study_common.pair_token_count``, the
-                             layout run_cpt.py trains on): the pair cannot share one context window,
-                             so it leaves both settings. Long mono/replay documents are kept:
-                             run_cpt.py cuts them into window-sized segments, identically in both
-                             settings.
-    duplicate_pair           (pairs) the same (en, tgt), after stripping surrounding whitespace, as
-                             an earlier kept pair.
-    replay_beyond_ratio      (replay) not needed to reach --replay_ratio (see below).
+    empty                    a text (or either side of a pair) is empty or whitespace
+    not_in_script            under --min_script_fraction of its letters are in the expected script (the
+                             language's for mono text and a pair's target side, Latin for replay and a pair's
+                             English side; ``study_common.script_letter_fraction``); no letters: fraction 0
+    contains_eval_sentence   it contains a filled sentence of --eval_questions (every answer in the blank, plainly
+                             and with the Tibetan tsheg rule, ``cloze.fill_blanks``), compared on NFKC, casefolded,
+                             whitespace-collapsed text without the sentence's trailing punctuation
+    over_block_size          (pairs) ``[start] + en + [start] + tgt`` is longer than --block_size tokens of
+                             --tokenizer_name (``study_common.pair_token_count``): it leaves both settings. Long
+                             mono/replay documents stay: run_cpt.py cuts them identically in both settings
+    duplicate_pair           (pairs) the same stripped (en, tgt) as an earlier kept pair
+    replay_beyond_ratio      (replay) not needed to reach --replay_ratio: replay documents are drawn in a seeded
+                             order until replay tokens >= X / (1 - X) x the text tokens of the kept mono and pairs
 
-``--replay_ratio X`` sets the share of English replay in the final dataset's text tokens:
-replay documents are drawn in a seeded random order until replay tokens >= X / (1 - X) times
-the tokens of the kept mono + pair documents (text tokens, no start tokens).
-
-Paper-scale inputs (millions of pairs, GBs of text) stream: files are read line by line,
-Hub datasets with --streaming, records are written to Arrow files on disk as they come, and the
-checks run in --num_proc processes; memory holds only one hash per pair for deduplication.
+Inputs stream (files line by line, Hub datasets with --streaming) into Arrow files on disk, the checks run in
+--num_proc processes, and memory holds one hash per pair.
 
 Example:
     python build_pairs.py --lang bo --pairs_files pairs.jsonl --en_column en --tgt_column bo \\
         --mono_files mono.txt --tokenizer_name BASE --block_size 2048 --output_dir data/cpt-bo
 
-Needs study_common.py and cloze.py beside it (huggingface-hub only for --push_to_hub).
+Needs study_common.py and cloze.py beside it.
 """
 
 from __future__ import annotations
@@ -64,7 +48,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -83,6 +66,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from cloze import fill_blanks, load_question_sets
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
+    InputError,
     default_cpt_data_dir,
     exit_on_input_error,
     is_saved_dataset,
@@ -130,6 +114,9 @@ OUTPUT_FEATURES = datasets.Features(
 )
 
 
+DATA_FILES_HELP = " (e.g. one language's file of a corpus kept per language, as MC^2 does); default: all of them."
+
+
 @dataclass
 class BuildArguments:
     lang: str = field(
@@ -160,10 +147,7 @@ class BuildArguments:
     mono_split: str = field(default="train", metadata={"help": "Split of --mono_dataset."})
     mono_data_files: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Files of --mono_dataset to read (e.g. one language's file of a corpus that keeps one "
-            "file per language, as MC^2 does); default: the dataset's own configuration."
-        },
+        metadata={"help": f"Files of --mono_dataset to read{DATA_FILES_HELP}"},
     )
     mono_text_column: str = field(default="text", metadata={"help": "Text column of mono .json/.jsonl or dataset."})
     pairs_files: list[str] | None = field(
@@ -174,10 +158,7 @@ class BuildArguments:
     pairs_split: str = field(default="train", metadata={"help": "Split of --pairs_dataset."})
     pairs_data_files: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Files of --pairs_dataset to read (e.g. one language's file of a corpus that keeps one "
-            "file per language, as MC^2 does); default: the dataset's own configuration."
-        },
+        metadata={"help": f"Files of --pairs_dataset to read{DATA_FILES_HELP}"},
     )
     en_column: str = field(
         default="en", metadata={"help": "English column of the pairs; dotted for nested fields (translation.en)."}
@@ -191,10 +172,7 @@ class BuildArguments:
     replay_split: str = field(default="train", metadata={"help": "Split of --replay_dataset."})
     replay_data_files: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Files of --replay_dataset to read (e.g. one language's file of a corpus that keeps one "
-            "file per language, as MC^2 does); default: the dataset's own configuration."
-        },
+        metadata={"help": f"Files of --replay_dataset to read{DATA_FILES_HELP}"},
     )
     replay_text_column: str = field(default="text", metadata={"help": "Text column of replay .json/.jsonl or dataset."})
     replay_ratio: float | None = field(
@@ -247,12 +225,12 @@ def _column(record, column: str, where: str, flag: str):
     for key in column.split("."):
         if not isinstance(value, dict) or key not in value:
             found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{where}: no column {column!r} (found: {found}). Pass {flag} NAME.")
+            raise InputError(f"{where}: no column {column!r} (found: {found}). Pass {flag} NAME.")
         value = value[key]
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"{where}: column {column!r} holds {type(value).__name__}, not text.")
+        raise InputError(f"{where}: column {column!r} holds {type(value).__name__}, not text.")
     return value
 
 
@@ -260,11 +238,11 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
     """Yield (en, tgt, "file:line") from a .jsonl, .json, .tsv or .csv pair file."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file. Check --pairs_files.")
+        raise InputError(f"{file}: no such file. Check --pairs_files.")
     suffix = file.suffix.lower()
     if suffix in (".tsv", ".csv"):
         if file.stat().st_size == 0:
-            raise ValueError(f"{file}: the file is empty. Give a header row and at least one pair.")
+            raise InputError(f"{file}: the file is empty. Give a header row and at least one pair.")
         for where, (en, tgt) in read_delimited(file, [(en_column, "--en_column"), (tgt_column, "--tgt_column")]):
             yield en, tgt, where
     elif suffix in (".jsonl", ".json"):
@@ -272,7 +250,7 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
             en = _column(record, en_column, where, "--en_column")
             yield en, _column(record, tgt_column, where, "--tgt_column"), where
     else:
-        raise ValueError(f"{file}: unknown pair file type {suffix!r}; use .jsonl, .json, .tsv or .csv.")
+        raise InputError(f"{file}: unknown pair file type {suffix!r}; use .jsonl, .json, .tsv or .csv.")
 
 
 def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool, data_files: list[str] | None = None):
@@ -280,7 +258,10 @@ def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool,
     if is_saved_dataset(name):
         loaded = datasets.load_from_disk(name)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
+    except (FileNotFoundError, ValueError) as err:  # DatasetNotFoundError is a FileNotFoundError
+        raise InputError(f"dataset {name!r} (config {config!r}, split {split!r}) could not be loaded: {err}") from err
 
 
 class InputSource(NamedTuple):
@@ -584,86 +565,69 @@ def refuse_inputs_that_keep_nothing(per_input: list[dict], args: BuildArguments,
         if c["kept"] + c["dropped"].get("replay_beyond_ratio", 0) == 0
     ]
     if failures:
-        raise ValueError("; ".join(failures) + f". Fix or leave out the input; nothing was written to {output_dir}.")
+        raise InputError("; ".join(failures) + f". Fix or leave out the input; nothing was written to {output_dir}.")
 
 
-def push_dataset(output_dir: Path, repo_id: str, private: bool, shard_bytes: float = 500e6) -> None:
-    """Upload the dataset as parquet shards (``data/train-*``), build_stats.json and the card, in one commit.
-
-    Data files of an earlier push that this one does not overwrite are deleted in the same commit,
-    so the repository never mixes two builds.
-    """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+def push_dataset(output_dir: Path, repo_id: str, private: bool) -> None:
+    """``Dataset.push_to_hub`` (parquet shards ``data/train-*``; an earlier push's shards deleted in the same
+    commit), then build_stats.json and the card, with the Hub metadata push_to_hub wrote, in a second commit."""
+    from huggingface_hub import DatasetCard, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    dataset = datasets.load_from_disk(str(output_dir))
-    n_shards = max(1, math.ceil(dataset.data.nbytes / shard_bytes))
+    try:
+        # push_to_hub reads a listing it cannot get as an empty repository and would leave an earlier build's
+        # shards beside the new ones; a repository it cannot list (other than "not found") stops the push here.
+        api.list_repo_files(repo_id, repo_type="dataset")
+    except HfHubHTTPError as error:
+        if error.response is None or error.response.status_code != 404:
+            raise RuntimeError(
+                f"could not list the files of the Hub dataset {repo_id} to replace an earlier push's data "
+                f"files ({error}); nothing was pushed. The dataset in {output_dir} is complete: push it again "
+                "once the listing works."
+            ) from error
+    datasets.load_from_disk(str(output_dir)).push_to_hub(repo_id, private=private, commit_message="build_pairs.py")
+    card = DatasetCard((output_dir / "README.md").read_text(encoding="utf-8"))
+    for key, value in DatasetCard.load(repo_id, repo_type="dataset").data.to_dict().items():
+        card.data[key] = value  # the configs and dataset_info push_to_hub wrote
     with tempfile.TemporaryDirectory() as folder:
-        operations = []
-        for index in range(n_shards):
-            path_in_repo = f"data/train-{index:05d}-of-{n_shards:05d}.parquet"
-            local = Path(folder) / path_in_repo
-            local.parent.mkdir(parents=True, exist_ok=True)
-            dataset.shard(n_shards, index, contiguous=True).to_parquet(str(local))
-            operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local)))
-        for name in ("build_stats.json", "README.md"):
-            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(output_dir / name)))
-        try:
-            existing = api.list_repo_files(repo_id, repo_type="dataset")
-        except HfHubHTTPError as error:
-            # Only "not found" means a new repository with nothing to replace. Any other failure (auth,
-            # server) must stop the push: committing without the deletions would mix two builds' shards.
-            # (The status, not the class: huggingface_hub raises RepositoryNotFoundError for a 401 too.)
-            if error.response is None or error.response.status_code != 404:
-                raise RuntimeError(
-                    f"could not list the files of the Hub dataset {repo_id} to replace an earlier push's data "
-                    f"files ({error}); nothing was pushed. The dataset in {output_dir} is complete: push it again "
-                    "once the listing works."
-                ) from error
-            existing = []
-        added = {op.path_in_repo for op in operations}
-        operations += [
-            CommitOperationDelete(path_in_repo=path)
-            for path in existing
-            if path.startswith("data/") and path not in added
-        ]
-        api.create_commit(repo_id, operations, repo_type="dataset", commit_message="build_pairs.py dataset")
+        (Path(folder) / "README.md").write_text(str(card), encoding="utf-8")
+        shutil.copy(output_dir / "build_stats.json", folder)
+        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset", commit_message="build_pairs.py")
 
 
 def validate(args: BuildArguments) -> None:
     if args.max_records_per_input is not None and args.max_records_per_input < 1:
-        raise ValueError(f"--max_records_per_input must be at least 1, got {args.max_records_per_input}.")
+        raise InputError(f"--max_records_per_input must be at least 1, got {args.max_records_per_input}.")
     for prefix in ("mono", "pairs", "replay"):
         if getattr(args, f"{prefix}_data_files") and not getattr(args, f"{prefix}_dataset"):
-            raise ValueError(
+            raise InputError(
                 f"--{prefix}_data_files names files of a dataset, but no --{prefix}_dataset was given; "
                 f"give the dataset, or pass local files with --{prefix}_files."
             )
     if not args.pairs_files and not args.pairs_dataset:
-        raise ValueError("Give parallel pairs: --pairs_files FILE ... or --pairs_dataset NAME.")
+        raise InputError("Give parallel pairs: --pairs_files FILE ... or --pairs_dataset NAME.")
     has_replay = bool(args.replay_files or args.replay_dataset)
     if has_replay and args.replay_ratio is None:
-        raise ValueError("Replay inputs were given without --replay_ratio; set the replay share, e.g. 0.1.")
+        raise InputError("Replay inputs were given without --replay_ratio; set the replay share, e.g. 0.1.")
     if args.replay_ratio is not None and not has_replay and args.replay_ratio > 0:
-        raise ValueError("--replay_ratio was given without --replay_files or --replay_dataset.")
+        raise InputError("--replay_ratio was given without --replay_files or --replay_dataset.")
     if args.replay_ratio is not None and not 0 <= args.replay_ratio < 1:
-        raise ValueError(f"--replay_ratio must be in [0, 1), got {args.replay_ratio}.")
+        raise InputError(f"--replay_ratio must be in [0, 1), got {args.replay_ratio}.")
     if has_replay and args.replay_ratio == 0:
-        raise ValueError("--replay_ratio 0 takes none of the replay inputs; leave them out or set a share, e.g. 0.1.")
+        raise InputError("--replay_ratio 0 takes none of the replay inputs; leave them out or set a share, e.g. 0.1.")
     if args.min_pairs < 1:
-        raise ValueError(f"--min_pairs must be at least 1 (a CPT dataset without pairs measures nothing), "
+        raise InputError(f"--min_pairs must be at least 1 (a CPT dataset without pairs measures nothing), "
                          f"got {args.min_pairs}.")  # fmt: skip
     if not 0 <= args.min_script_fraction <= 1:
-        raise ValueError(f"--min_script_fraction must be in [0, 1], got {args.min_script_fraction}.")
+        raise InputError(f"--min_script_fraction must be in [0, 1], got {args.min_script_fraction}.")
     if args.block_size < 4:
-        raise ValueError(f"--block_size must be at least 4 tokens, got {args.block_size}.")
+        raise InputError(f"--block_size must be at least 4 tokens, got {args.block_size}.")
     if args.push_to_hub and not args.hub_dataset_id:
-        raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cpt-bo).")
+        raise InputError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cpt-bo).")
     output = Path(args.output_dir)
     if output.exists() and any(output.iterdir()) and not args.overwrite_output_dir:
-        raise ValueError(f"{output} exists and is not empty. Use another --output_dir or --overwrite_output_dir.")
+        raise InputError(f"{output} exists and is not empty. Use another --output_dir or --overwrite_output_dir.")
 
 
 def resolve_default_locations(args: BuildArguments) -> None:
@@ -672,7 +636,7 @@ def resolve_default_locations(args: BuildArguments) -> None:
     if args.output_dir is None:
         args.output_dir = str(default_cpt_data_dir(args.lang))
     if args.tokenizer_name == str(DEFAULT_BASE_MODEL_DIR) and not DEFAULT_BASE_MODEL_DIR.is_dir():
-        raise FileNotFoundError(
+        raise InputError(
             f"{DEFAULT_BASE_MODEL_DIR}: no base model here (the default --tokenizer_name). Run run_pretrain.py first "
             "(it saves there by default) or pass --tokenizer_name DIR_OR_HUB_ID."
         )
@@ -705,7 +669,7 @@ def read_raw_records(args: BuildArguments, tgt_column: str, cache_dir: Path) -> 
     except datasets.exceptions.DatasetGenerationError as error:
         # Surface our own input errors (file:line and what to do) rather than the wrapper.
         cause = error.__cause__ or error.__context__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
+        if isinstance(cause, InputError):
             raise cause from None
         raise
     except ValueError:
@@ -789,7 +753,7 @@ def refuse_what_keeps_too_little(args, table, kind_codes, codes, target_script: 
     refuse_inputs_that_keep_nothing(per_input, args, target_script, output_dir)
     kept_pairs = int(((codes == 0) & (kind_codes == KINDS.index("pair"))).sum())
     if kept_pairs < args.min_pairs:
-        raise ValueError(
+        raise InputError(
             f"kept {kept_pairs} pairs, fewer than --min_pairs {args.min_pairs}: too few to mean anything "
             f"(pairs read and dropped per input: {per_input_summary(per_input, 'pair')}). Add parallel pairs "
             f"or lower --min_pairs; nothing was written to {output_dir}."
@@ -866,6 +830,7 @@ def write_dataset_card(dataset_dir: Path, args: BuildArguments, stats: dict) -> 
         "(with and without bridges) read this same dataset. Lengths were checked with the tokenizer below.",
         setting,
         ["cross-lingual-transfer", "continual-pretraining", f"lang-{args.lang}"],
+        dataset=True,
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 from datasets import load_from_disk
 
 import build_pairs
+from study_common import InputError
 
 BO = ["བོད་རིགས་ཀྱིས་ཇ་མར་འཐུང་།", "བོད་རིགས་གྲྭ་བཙུན་ཤ་ཟ།", "ལྷ་སའི་ལོ་གསར་ལ་རྩམ་པ་ཟ།", "ཡུལ་ལུང་མཐོ་པོ་ཡོད།"]
 EN = ["Tibetans drink butter tea.", "Monks eat tsampa.", "Lhasa celebrates the new year.", "The valleys are high."]
@@ -341,9 +342,13 @@ def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_tha
                                str(tmp_path / "out"), "--push_to_hub", "--hub_dataset_id", "tester/cpt-bo"],
                               cwd=Path(build_pairs.__file__).parent, env=env, capture_output=True, text=True)  # fmt: skip
         files = hub.files("tester/cpt-bo", "datasets")
+        card = hub.root / "datasets" / "tester/cpt-bo" / "README.md"
+        card = card.read_text(encoding="utf-8") if card.is_file() else ""
     if status is None:  # the listing works: the earlier build's shards are deleted in the same commit
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert files == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
+        # the card records the setting and keeps the metadata push_to_hub wrote for the data files
+        assert "| lang | bo |" in card and "path: data/train-*" in card and "dataset_info:" in card
     else:  # nothing pushed, so the repository never mixes two builds; the error says why
         assert proc.returncode != 0
         assert "could not list the files of the Hub dataset tester/cpt-bo" in proc.stderr
@@ -356,7 +361,7 @@ def test_default_locations_read_the_base_model_of_run_pretrain_and_write_where_r
 ):
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"en": e, "bo": b} for e, b in zip(EN, BO)])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"runs/pretrain: no base model here .*Run run_pretrain\.py first"):
+    with pytest.raises(InputError, match=r"runs/pretrain: no base model here .*Run run_pretrain\.py first"):
         build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs_file)])
     assert not (tmp_path / "runs" / "data-bo").exists()
     import shutil
