@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -48,10 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    hints = typing.get_type_hints(run_eval.EvalArguments)  # the choices run_eval.py accepts
     precisions = []
     for entry in args.precisions:
         dtype, _, loss_dtype = entry.partition(":")
-        if dtype not in run_eval.DTYPES or loss_dtype not in ("float32", "model"):
+        if dtype not in typing.get_args(hints["dtype"]) or loss_dtype not in typing.get_args(hints["loss_dtype"]):
             parser.error(f"--precisions entry {entry!r}: expected DTYPE:LOSS_DTYPE, e.g. bfloat16:model")
         precisions.append((dtype, loss_dtype))
 
