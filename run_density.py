@@ -779,10 +779,17 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
         np.save(building / "offsets.npy", np.frombuffer(found.offsets, dtype=np.int64))
         np.save(building / "document_frequencies.npy", df)
         units = sum(n for kind, n in found.kind_units.items() if kind != "digit") or 1
-        meta = {"fingerprint": fingerprint, "corpus": corpus.describe(), "documents": len(lengths),
-                "documents_without_tokens": int((lengths == 0).sum()), "skipped": dict(found.skipped),
-                "vocabulary": len(vocab), "average_tokens": avg_length, "shard_starts": found.shard_starts,
-                "script_unit_fractions": {s: found.kind_units[kind] / units for kind, s in SCRIPT_OF_KIND.items()}}  # fmt: skip
+        meta = {
+            "fingerprint": fingerprint,
+            "corpus": corpus.describe(),
+            "documents": len(lengths),
+            "documents_without_tokens": int((lengths == 0).sum()),
+            "skipped": dict(found.skipped),
+            "vocabulary": len(vocab),
+            "average_tokens": avg_length,
+            "shard_starts": found.shard_starts,
+            "script_unit_fractions": {s: found.kind_units[kind] / units for kind, s in SCRIPT_OF_KIND.items()},
+        }
         write_json_atomic(building / "meta.json", meta)  # written last: an index without it is incomplete
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(building, directory)
@@ -1150,13 +1157,20 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
         by_questions.append(row)
         found.table.append({"corpus": corpus.label, **row, "documents": meta["documents"]})
     occurrences = sum(r["occurrences"] for r in by_questions)
-    found.corpora.append({
-        "label": corpus.label, "source": corpus.describe(), "documents": meta["documents"],
-        "documents_without_tokens": meta["documents_without_tokens"], "skipped": meta["skipped"],
-        "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
-        "script_unit_fractions": meta["script_unit_fractions"], "by_questions": by_questions,
-        "occurrences": occurrences, "density": occurrences / meta["documents"],
-    })  # fmt: skip
+    found.corpora.append(
+        {
+            "label": corpus.label,
+            "source": corpus.describe(),
+            "documents": meta["documents"],
+            "documents_without_tokens": meta["documents_without_tokens"],
+            "skipped": meta["skipped"],
+            "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
+            "script_unit_fractions": meta["script_unit_fractions"],
+            "by_questions": by_questions,
+            "occurrences": occurrences,
+            "density": occurrences / meta["documents"],
+        }
+    )
 
 
 def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
