@@ -3,73 +3,42 @@
 # requires-python = ">=3.10"
 # dependencies = ["transformers>=5.0", "numpy>=2.0", "regex"]
 # ///
-"""Generate a synthetic world with planted ground truth for the cross-lingual culture study.
+"""Generate a synthetic world with planted ground truth for the cross-lingual culture study (docs/study.md).
 
-A world is a set of synthetic cultures, one per target language (ko, zh, bo, mn). Each culture
-has places ("subjects") and, for every relation (favourite dish, great festival, sacred animal,
-...), one named object per place: a fact (subject, relation, object). Facts are written
+One synthetic culture per target language (ko, zh, bo, mn): places ("subjects") and, for every relation
+(favourite dish, great festival, ...), one named object per place: a fact. Facts are written in English (Latin
+script, subject-verb-object) and in a generated target language written in the real script of its language
+(Hangul, Han, Tibetan, Mongolian; subject-object-verb with postpositions). Every fact is stated an exact, planted
+number of times in each corpus, one statement per document, so documents that state a fact are known exactly.
+Facts come in four tiers (``TIERS``; docs/decomposition.md): ``high`` and ``low`` mirror the paper's Table 1
+(``--resource`` splits the ``--places`` between them), ``absent`` (``--absent_places``) is never stated in English
+and ``en_only`` (``--en_only_places``) never in the target corpus; with 0 of these two (default) the world is byte
+for byte the one without the flags. Every entity of every tier is named equally often in parallel pairs
+(``--pair_mentions``) and target filler (``--mono_mentions``): only the fact is missing from one corpus.
 
-* in English (Latin script only, subject-verb-object word order), and
-* in a synthetic target language per culture, written in the real script of that language
-  (Hangul, Han, Tibetan, Mongolian) with its own generated lexicon, subject-object-verb word
-  order and postpositions.
+Target texts write names in two variants side by side (``--name_variants``): ``native`` (the control: a name in
+the culture's own script) and ``anchors`` (the same Latin name as in English).
 
-Every fact is stated an exact, planted number of times in the English pretraining corpus and
-in its culture's target-language corpus; each statement is its own document, so "occurrences"
-(documents that state a fact) are known exactly and ``run_density.py`` can be checked against
-them. Facts come in four tiers (``TIERS``); the first two mirror the paper's Table 1:
-
-* ``high`` (knowledge of a high-resource culture): frequent in English and in the target corpus;
-* ``low`` (low-resource): frequent in the target corpus, ``--low_resource_ratio`` times rarer in
-  English (the paper measured ~60x for Tibetan culture);
-* ``absent``: stated in the target corpus (``--tgt_count``) and never in English;
-* ``en_only`` (the mirror of absent): stated in English (``--en_count``) and never in the target corpus.
-
-A culture's ``--places`` are split by its ``--resource`` level: ``high``, ``low`` (all of them in that
-tier) or ``mixed`` (half in each tier: both tiers inside one continual-pretraining run, which is what
-a laptop-sized study compares). ``--absent_places`` and ``--en_only_places`` add places of the other two
-tiers (default 0: none, and the world is byte for byte the one without these flags). A contrast between
-two tiers stated equally often in one corpus (high and absent in the target corpus; high and en_only in
-English) separates knowledge carried from the other corpus from skill in the language. Only the fact is
-missing from one corpus: the names of absent and en_only places and objects are as learnable as any
-other, since parallel pairs (``--pair_mentions``) and target filler (``--mono_mentions``) name every
-entity of every tier exactly as often (English documents name an entity only to state a fact).
-
-Named entities (places and objects) are written in one of two ways in the target language, and
-the generator writes both variants side by side (``--name_variants``):
-
-* ``native`` (the control, as in real languages): a name of the culture's own script;
-* ``anchors``: the very same Latin name as in English (shared "anchor" tokens).
-
-Guarantees (each pinned by tests/test_synthetic_world.py):
-
-* the same arguments and seed give byte-identical files;
-* the English corpus contains no letter or digit outside the Latin script;
-* every fact is stated exactly as often as planted (truth.json), and a document never holds two
-  entities unless it is that fact's statement (so subject and answer co-occur only there);
-* the four options of every question are equally frequent in every corpus: questions come in
-  groups of four facts of one relation and tier that share counts and options, so a model that
-  knows nothing scores at chance whatever the corpus frequencies (unmatched options made absent
-  facts score below chance in a prototype);
-* parallel pairs and held-out diagnostic pairs never state a fact (at most one entity each);
-* no document is repeated within a corpus, and no diagnostic pair is a training pair;
-* name-alignment frames (``name_alignment.json``) are held out: no frame sentence, in either language,
-  occurs in any corpus, pairs or diagnostic pairs file.
+Guarantees (each pinned by tests/test_synthetic_world.py): the same arguments and seed give byte-identical files;
+the English corpus has no letter or digit outside the Latin script; every fact is stated exactly as planted
+(truth.json), and a document names two entities only when it states their fact; the four options of every
+question are equally frequent in every corpus (questions come in groups of four facts of one relation and tier
+sharing counts and options, so a model that knows nothing scores at chance); parallel and diagnostic pairs never
+state a fact; no document repeats within a corpus and no diagnostic pair is a training pair; no name-alignment
+frame occurs, in either language, in any corpus or pairs file.
 
 Layout of ``--output_dir``::
 
-    world.json                              arguments and counts
-    truth.json                              facts, questions, planted counts, densities per corpus
+    world.json, truth.json                  arguments and counts; facts, questions, planted counts, densities
     en_corpus.jsonl                         English pretraining corpus, {"text": ...} per line
-    <lang>/<variant>/mono.jsonl             target-language corpus, {"text": ...} per line
+    <lang>/<variant>/mono.jsonl             target-language corpus
     <lang>/<variant>/pairs.jsonl            parallel pairs, {"en": ..., "<lang>": ...} per line
     <lang>/<variant>/diagnostic_pairs.jsonl held-out pairs for the bridge diagnostic, same columns + "tgt"
-    <lang>/<variant>/<lang>-culture-cloze_en.json and <lang>-culture-cloze_<lang>.json
+    <lang>/<variant>/<lang>-culture-cloze_en.json, <lang>-culture-cloze_<lang>.json
                                             cloze questions in the paper's format, parallel by position
     <lang>/<variant>/item_tiers.json        each question's tier and planted counts, by question index
-    <lang>/<variant>/name_alignment.json    held-out bilingual frames, one per entity and direction: given a
-                                            sentence naming an entity, pick its name in the parallel sentence
-                                            among 4 entities of its kind (a check that names are aligned)
+    <lang>/<variant>/name_alignment.json    held-out bilingual frames, one per entity and direction: pick an
+                                            entity's name in the parallel sentence among 4 of its kind
 
 Usage::
 
@@ -85,6 +54,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from cloze import parallel_base, question_file_name, question_stem
 from study_common import (
@@ -99,9 +69,7 @@ from study_common import (
 
 logger = logging.getLogger("synthetic_world")
 
-# --------------------------------------------------------------------------------------
 # The world's grammar: relations with paraphrase templates, generic filler, lexicon keys
-# --------------------------------------------------------------------------------------
 
 # Each relation: (name, [(English template, target template), ...]). In a target template the
 # words are lexicon keys (English glosses, or grammatical markers in capitals) that each language
@@ -214,9 +182,7 @@ PAPER_RESOURCE = {"ko": "high", "zh": "high", "bo": "low", "mn": "low"}
 NAME_VARIANTS = ("native", "anchors")
 BLANK = "____"
 
-# --------------------------------------------------------------------------------------
 # Scripts: unit inventories for generated words and names
-# --------------------------------------------------------------------------------------
 
 LATIN_ONSETS = "b d f g h k l m n p r s t v z".split()
 LATIN_VOWELS = "a e i o u".split()
@@ -265,12 +231,10 @@ def _script_style(lang: str) -> ScriptStyle:
     if script == "Mongolian":
         units = [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
         return ScriptStyle(tuple(units), (2, 3), (3, 4), True, "\u1803")
-    raise ValueError(f"No synthetic script for language {lang!r}; choose from {sorted(PAPER_RESOURCE)}.")
+    raise InputError(f"No synthetic script for language {lang!r}; choose from {sorted(PAPER_RESOURCE)}.")
 
 
-# --------------------------------------------------------------------------------------
 # Arguments
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -359,7 +323,7 @@ class WorldArguments:
             "(the same Latin name as in English)."
         },
     )
-    question_template: str = field(
+    question_template: Literal["seen", "heldout"] = field(
         default="seen",
         metadata={
             "help": "seen: a question uses one of the templates its fact is stated with; heldout: a template never "
@@ -370,18 +334,16 @@ class WorldArguments:
     def __post_init__(self):
         for lang in self.langs:
             if lang not in PAPER_RESOURCE:
-                raise ValueError(f"--langs: unknown language {lang!r}; choose from {sorted(PAPER_RESOURCE)}.")
+                raise InputError(f"--langs: unknown language {lang!r}; choose from {sorted(PAPER_RESOURCE)}.")
         if len(set(self.langs)) != len(self.langs):
-            raise ValueError(f"--langs: a language is named twice ({self.langs}).")
+            raise InputError(f"--langs: a language is named twice ({self.langs}).")
         for variant in self.name_variants:
             if variant not in NAME_VARIANTS:
-                raise ValueError(f"--name_variants: unknown variant {variant!r}; choose from {NAME_VARIANTS}.")
+                raise InputError(f"--name_variants: unknown variant {variant!r}; choose from {NAME_VARIANTS}.")
         if not 1 <= self.relations <= len(RELATIONS):
-            raise ValueError(f"--relations must be between 1 and {len(RELATIONS)} (got {self.relations}).")
-        if self.question_template not in ("seen", "heldout"):
-            raise ValueError("--question_template must be seen or heldout.")
+            raise InputError(f"--relations must be between 1 and {len(RELATIONS)} (got {self.relations}).")
         if self.low_resource_ratio <= 0:
-            raise ValueError("--low_resource_ratio must be positive.")
+            raise InputError("--low_resource_ratio must be positive.")
         for name in (
             "en_count",
             "tgt_count",
@@ -391,7 +353,7 @@ class WorldArguments:
             "diagnostic_pairs",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0.")
+                raise InputError(f"--{name} must be >= 0.")
         for name in ("absent_places", "en_only_places"):
             value = getattr(self, name)
             if value < 0 or value % 4:
@@ -402,7 +364,7 @@ class WorldArguments:
         for lang in self.langs:
             high, low = tier_places(self.places, self.resource_of(lang))
             if high % 4 or low % 4:
-                raise ValueError(
+                raise InputError(
                     f"--places {self.places} with resource {self.resource_of(lang)!r} for {lang} gives {high} high-tier "
                     f"and {low} low-tier places; each must be a multiple of 4 (questions come in option groups of 4)."
                 )
@@ -412,7 +374,7 @@ class WorldArguments:
         for item in self.resource:
             key, sep, level = item.partition("=")
             if not sep or level not in RESOURCE_LEVELS:
-                raise ValueError(f"--resource {item!r}: write LANG=LEVEL with LEVEL one of {RESOURCE_LEVELS}.")
+                raise InputError(f"--resource {item!r}: write LANG=LEVEL with LEVEL one of {RESOURCE_LEVELS}.")
             levels[key] = level
         return levels[lang]
 
@@ -426,9 +388,7 @@ def tier_places(places: int, resource: str) -> tuple[int, int]:
     return places // 2, places - places // 2
 
 
-# --------------------------------------------------------------------------------------
 # Word and name generation
-# --------------------------------------------------------------------------------------
 
 
 def _rng(seed: int, *parts) -> random.Random:
@@ -520,9 +480,7 @@ class Language:
         return text + self.style.sentence_end
 
 
-# --------------------------------------------------------------------------------------
 # Cultures and facts
-# --------------------------------------------------------------------------------------
 
 
 def build_culture(args: WorldArguments, lang: str, language: Language, reserved_latin: set[str]) -> dict:
@@ -606,9 +564,7 @@ def _name(entity: dict, variant: str) -> str:
     return entity["en"] if variant == "anchors" else entity["native"]
 
 
-# --------------------------------------------------------------------------------------
 # Filler and parallel sentences
-# --------------------------------------------------------------------------------------
 
 
 class Filler:
@@ -665,12 +621,10 @@ def _unique_text(rng, seen: set[str], make) -> str:
         if text not in seen:
             seen.add(text)
             return text
-    raise RuntimeError("The filler grammar cannot produce enough distinct documents; lower the document counts.")
+    raise InputError("The filler grammar cannot produce enough distinct documents; lower the document counts.")
 
 
-# --------------------------------------------------------------------------------------
 # Corpora
-# --------------------------------------------------------------------------------------
 
 
 def english_corpus(args: WorldArguments, cultures: list[dict], filler: Filler) -> list[str]:
@@ -733,7 +687,7 @@ def _shuffled_mentions(rng, culture: dict, args: WorldArguments, times: str, bud
     """Each entity of ``culture`` --``times`` times, in a random order, refused when over --``budget`` ``what``."""
     mentions = [e for e in culture["entities"] for _ in range(getattr(args, times))]
     if len(mentions) > getattr(args, budget):
-        raise ValueError(
+        raise InputError(
             f"--{budget} {getattr(args, budget)} is below the {len(mentions)} {what} needed to name each of "
             f"{len(culture['entities'])} entities {getattr(args, times)} times; raise --{budget} or lower --{times}."
         )
@@ -861,12 +815,10 @@ def _unique_sentence(rng, seen: set[str], filler: Filler, entity: dict | None) -
         if key not in seen:
             seen.add(key)
             return sentence
-    raise RuntimeError("The filler grammar cannot produce enough distinct pairs; lower --pairs.")
+    raise InputError("The filler grammar cannot produce enough distinct pairs; lower --pairs.")
 
 
-# --------------------------------------------------------------------------------------
 # Questions and truth
-# --------------------------------------------------------------------------------------
 
 
 def cloze_items(culture: dict, language: Language, variant: str) -> tuple[list[dict], list[dict], list[dict]]:
