@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["bm25s>=0.2", "numpy>=2.0", "regex", "tqdm", "transformers>=5.0", "datasets>=4.0", "torch==2.13.0"]
+# dependencies = ["bm25s>=0.2", "numpy>=2.0", "scipy>=1.11", "regex", "tqdm", "transformers>=5.0", "datasets>=4.0", "torch==2.13.0"]
 # ///
 """Cultural density of a corpus and the instance-level analysis of the frequency hypothesis (docs/density.md).
 

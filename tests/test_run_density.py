@@ -646,7 +646,7 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     question_files, corpus_files = world
     q = str(question_files["en"])
     out = ["--output_dir", str(tmp_path / "out")]
-    with pytest.raises(InputError, match="missing.jsonl"):
+    with pytest.raises(InputError, match=r"missing\.jsonl: no such corpus file"):
         rd.main(["--questions", q, "--corpus_files", str(tmp_path / "missing.jsonl"), *out])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
