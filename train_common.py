@@ -81,42 +81,25 @@ def uses_flattened_layout(attn_implementation: str) -> bool:
 
 
 def packed_batch(input_ids, position_ids, labels, attn_implementation: str, *, flatten: bool | None = None) -> dict:
-    """The model's batch for B packed windows, each isolating its documents.
-
-    ``input_ids``, ``position_ids``, ``labels``: B x L tensors whose position ids restart at 0 at
-    every document and at every window start; no attention_mask is ever passed (it would turn the
-    per-document mask off). Layouts (``flatten`` None: by ``uses_flattened_layout``):
+    """The model's batch for B packed windows (B x L tensors whose position ids restart at 0 at every document
+    and window start; labels -100 there). No attention_mask is ever passed (it would turn the per-document
+    mask off). Layouts (``flatten`` None: by ``uses_flattened_layout``):
 
     * padded: the three B x L tensors as they are (sdpa, eager, flex_attention);
-    * flattened: the same tokens as one row of B*L (1 x B*L tensors, the windows one after another;
-      a window starts with position 0, so it also starts a sequence), plus ``cu_seq_lens_q/k`` (int32
-      offsets of every sequence start and the total, as ``DataCollatorWithFlattening`` makes them)
-      and ``max_length_q/k`` (the longest sequence, a Python int so that no kernel syncs to read it).
-
-    Labels are the caller's (e.g. -100 at every document start): in one row, the token that ends a
-    window then "predicts" the next window's first token, which is -100, so the loss sees exactly
-    the targets of the padded layout. The result passes ``check_flash_batch``.
+    * flattened: the same tokens as one row of B*L, every run of restarting positions a sequence of
+      transformers' ``DataCollatorWithFlattening`` (``cu_seq_lens_q/k``, ``max_length_q/k``).
     """
     if flatten is None:
         flatten = uses_flattened_layout(attn_implementation)
     if not flatten:
         batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
     else:
-        import torch
+        from transformers import DataCollatorWithFlattening
 
-        flat_positions = position_ids.reshape(1, -1)
-        starts = (flat_positions[0] == 0).nonzero().flatten()
-        cu_seq_lens = torch.cat([starts, torch.tensor([flat_positions.shape[1]])]).to(torch.int32)
-        max_length = int(cu_seq_lens.diff().max())
-        batch = {
-            "input_ids": input_ids.reshape(1, -1),
-            "position_ids": flat_positions,
-            "labels": labels.reshape(1, -1),
-            "cu_seq_lens_q": cu_seq_lens,
-            "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": max_length,
-            "max_length_k": max_length,
-        }
+        starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist() + [position_ids.numel()]
+        tokens, targets = input_ids.reshape(-1).tolist(), labels.reshape(-1).tolist()
+        sequences = [{"input_ids": tokens[a:b], "labels": targets[a:b]} for a, b in zip(starts, starts[1:])]
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(sequences)
     check_flash_batch(batch, attn_implementation)
     return batch
 
@@ -177,82 +160,85 @@ def batch_layout(attn_implementation: str, flatten: bool | None = None) -> str:
     return "flattened" if (uses_flattened_layout(attn_implementation) if flatten is None else flatten) else "padded"
 
 
-def check_document_isolation(model, collator: Callable[[list[dict]], dict], windows, *, autocast_dtype=None) -> dict:
-    """Does attention stay inside each document, with this model's device, kernel and batch layout?
+def _window_features(window) -> dict:
+    """``input_ids``, ``position_ids`` (restarting at every document) and ``labels`` of a window given as
+    documents of segments (token ids, each segment opening with the start token)."""
+    input_ids, position_ids, labels = [], [], []
+    for document in window:
+        start = len(input_ids)
+        for segment in document:
+            tokens = [int(t) for t in segment]
+            position_ids += range(len(input_ids) - start, len(input_ids) - start + len(tokens))
+            input_ids += tokens
+            labels += [-100, *tokens[1:]]
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
-    ``windows``: the B >= 2 windows batched together (a kernel may leak inside a row or across the rows
-    of a micro-batch), each a list of documents, each a list of segments (token ids, the first one the
-    start token). ``collator``: the run's training collator; it gets each window as ``input_ids``,
-    ``position_ids`` (restarting at every document) and ``labels`` and gives the batch of the run's
-    layout, which goes to ``model(**batch)`` as the Trainer gives it, on the model's device, under
-    autocast to ``autocast_dtype`` when given (the run's bf16/fp16). Document boundaries come from
-    ``windows``, not from the position ids under test. For every document:
 
-    * ``max_logit_diff_packed_vs_alone``: the document in the batch vs. the same document alone (one
-      window of one document through the same collator); exact in float32, while in 16-bit the other
-      matrix shapes round differently, so it is judged in float32 only;
-    * ``max_logit_diff_other_documents_changed``: the document vs. itself in a batch whose other
-      documents hold other tokens (same lengths, same start tokens). Same shapes, same kernels: any
-      difference is information that crossed from another document, at any precision.
+def _batch_logits(model, collator, windows, autocast) -> tuple:
+    """(logits of every token of the collated batch, row after row; the layout's name)."""
+    import torch
 
-    ``holds``: neither difference (where judged) is above ``ISOLATION_TOLERANCE``; ``isolation_failure``
-    says why not. A kernel that fails to run raises an InputError naming it and the device.
-    """
+    batch = collator([_window_features(window) for window in windows])
+    layout = "flattened" if batch.get("cu_seq_lens_q") is not None else "padded"
+    batch.pop("labels")
+    batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with autocast:
+        logits = model(**batch, use_cache=False).logits
+    return logits.float().reshape(-1, logits.shape[-1]), layout
+
+
+def _isolation_diffs(model, collator, windows, autocast) -> tuple[float, float, int, str]:
+    """(max logit diff packed vs alone, max diff when the other documents change, documents, layout)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
     vocab_size = model.config.vocab_size
 
-    def features(window) -> dict:
-        input_ids, position_ids, labels = [], [], []
-        for document in window:
-            start = len(input_ids)
-            for segment in document:
-                tokens = [int(t) for t in segment]
-                position_ids += range(len(input_ids) - start, len(input_ids) - start + len(tokens))
-                input_ids += tokens
-                labels += [-100, *tokens[1:]]
-        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
-
     def other_tokens(segment) -> list[int]:  # the same length and start token, other tokens after it
         return [int(segment[0]), *torch.randint(2, vocab_size, (len(segment) - 1,), generator=generator).tolist()]
 
-    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    layout = {}
+    packed, layout = _batch_logits(model, collator, windows, autocast)
+    row_length = packed.shape[0] // len(windows)
+    alone_diff = other_diff = 0.0
+    spans = [(w, d) for w, window in enumerate(windows) for d in range(len(window))]
+    for w, d in spans:  # document boundaries from ``windows``, not from the position ids under test
+        start = w * row_length + sum(len(segment) for document in windows[w][:d] for segment in document)
+        end = start + sum(len(segment) for segment in windows[w][d])
+        alone = _batch_logits(model, collator, [[windows[w][d]]], autocast)[0][: end - start]
+        alone_diff = max(alone_diff, float((packed[start:end] - alone).abs().max()))
+        changed = [
+            [doc if (i, j) == (w, d) else [other_tokens(s) for s in doc] for j, doc in enumerate(window)]
+            for i, window in enumerate(windows)
+        ]
+        changed_logits = _batch_logits(model, collator, changed, autocast)[0]
+        other_diff = max(other_diff, float((packed[start:end] - changed_logits[start:end]).abs().max()))
+    return alone_diff, other_diff, len(spans), layout
 
-    def flat_logits(batch_windows) -> torch.Tensor:
-        """Logits of every row of the batch, one row after another (B x L or 1 x B*L alike)."""
-        batch = collator([features(window) for window in batch_windows])
-        layout["name"] = "flattened" if batch.get("cu_seq_lens_q") is not None else "padded"
-        batch.pop("labels")
-        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with autocast:
-            logits = model(**batch, use_cache=False).logits
-        return logits.float().reshape(-1, logits.shape[-1])
+
+def check_document_isolation(model, collator: Callable[[list[dict]], dict], windows, *, autocast_dtype=None) -> dict:
+    """Does attention stay inside each document, with this model's device, kernel and batch layout?
+
+    ``windows``: B >= 2 windows batched together, each a list of documents, each a list of segments (token
+    ids, the first the start token); ``collator``: the run's training collator, run under autocast to
+    ``autocast_dtype`` when given. For every document (docs/training.md):
+
+    * ``max_logit_diff_packed_vs_alone``: in the batch vs. alone; judged in float32 only (16-bit rounds
+      other matrix shapes differently);
+    * ``max_logit_diff_other_documents_changed``: vs. itself in a batch whose other documents hold other
+      tokens (same lengths and shapes): any difference crossed from another document.
+
+    ``holds``: neither (where judged) is above ``ISOLATION_TOLERANCE``. A kernel that fails to run raises an
+    InputError naming it and the device.
+    """
+    import torch
 
     kernel = model.config._attn_implementation
+    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            packed = flat_logits(windows)
-            row_length = packed.shape[0] // len(windows)
-            spans = []  # (window, document, first token, end) in the flat token order of the batch
-            for w, window in enumerate(windows):
-                offset = w * row_length
-                for d, document in enumerate(window):
-                    length = sum(len(segment) for segment in document)
-                    spans.append((w, d, offset, offset + length))
-                    offset += length
-            alone_diff = other_diff = 0.0
-            for w, d, start, end in spans:
-                alone = flat_logits([[windows[w][d]]])[: end - start]
-                alone_diff = max(alone_diff, float((packed[start:end] - alone).abs().max()))
-                changed = [
-                    [doc if (i, j) == (w, d) else [other_tokens(s) for s in doc] for j, doc in enumerate(window)]
-                    for i, window in enumerate(windows)
-                ]
-                other_diff = max(other_diff, float((packed[start:end] - flat_logits(changed)[start:end]).abs().max()))
+            alone_diff, other_diff, documents, layout = _isolation_diffs(model, collator, windows, autocast)
     except Exception as err:  # the first forward on the training device: any failure is the kernel's
         raise InputError(
             f"--attn_implementation {kernel} cannot run on {model.device} ({err.__class__.__name__}: "
@@ -261,19 +247,20 @@ def check_document_isolation(model, collator: Callable[[list[dict]], dict], wind
         ) from err
     finally:
         model.train(was_training)
+    compute_dtype = str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", "")
     result = {
         "checked": True,
         "attn_implementation": kernel,
-        "layout": layout["name"],
+        "layout": layout,
         "device": str(model.device),
-        "compute_dtype": str(autocast_dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "compute_dtype": compute_dtype,
         "windows_in_batch": len(windows),
-        "documents": len(spans),
+        "documents": documents,
         "max_logit_diff_packed_vs_alone": alone_diff,
         "max_logit_diff_other_documents_changed": other_diff,
         "tolerance": ISOLATION_TOLERANCE,
+        "packed_vs_alone_judged": compute_dtype == "float32",
     }
-    result["packed_vs_alone_judged"] = result["compute_dtype"] == "float32"
     result["holds"] = isolation_failure(result) is None
     return result
 

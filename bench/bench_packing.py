@@ -16,7 +16,7 @@ articles, lengths below), it measures, for each of the three settings:
 Length mix (tokens of the study's byte-level BPE; Tibetan takes ~3x the tokens of English text
 of the same content): English side lognormal, median 30; target side = English x lognormal
 median 2.0; monolingual articles lognormal, median 400 tokens, sigma 1.2 (long tail cut into
-2048-token segments, as run_cpt.py does).
+2048-token segments, as run_cpt.py does; packing.py is the packer).
 
     python bench/bench_packing.py [--pairs 60000 --mono 6000 --steps 40]
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_cpt import SETTINGS, PackingUnit, SettingDocuments, pack, pair_group_sizes, plan_packing, shuffled  # noqa: E402
+from packing import SETTINGS, PackingUnit, SettingDocuments, pack, pair_group_sizes, plan_packing, shuffled  # noqa: E402
 
 
 def realistic_units(rng: random.Random, n_pairs: int, n_mono: int, block_size: int = 2048) -> list[PackingUnit]:
@@ -104,7 +104,7 @@ def main() -> None:
     for setting in SETTINGS:
         windows, seconds = timed(pack, stream, args.block_size, setting)
         documents = SettingDocuments(setting, pair_group_sizes(stream))
-        lengths = [length for unit in stream for length, _, _ in documents(unit)]
+        lengths = [document.length for unit in stream for document in documents(unit)]
         nf_windows, nf_seconds = timed(next_fit, lengths, args.block_size)
         ffd_windows = first_fit_decreasing(lengths, args.block_size)
         fill = real / (len(windows) * args.block_size)

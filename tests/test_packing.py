@@ -1,7 +1,6 @@
-"""The bridge-aware packing collator: its guarantees as property tests over many seeded random cases,
-the collated tensors, document-isolated attention in a real model, and copyability."""
+"""packing.py: its guarantees as property tests over many seeded random cases, the collated tensors,
+document-isolated attention in a real model, and that it runs with the standard library, numpy and torch only."""
 
-import ast
 import random
 import subprocess
 import sys
@@ -11,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from run_cpt import (
+from packing import (
     SETTINGS,
     BridgePackingCollator,
     PackingUnit,
+    Segment,
     mismatched_unavailable,
     pack,
     pair_group_sizes,
@@ -57,9 +57,9 @@ def check_windows(windows, units_by_key, block_size, setting, expected_segments:
         length = 0
         pair_halves_here = Counter()
         for document in window:
-            keys = [segment[0] for segment in document]
+            keys = [segment.unit for segment in document]
             unit = units_by_key[keys[0][1]]
-            parts = [part for _, part in document]
+            parts = [segment.part for segment in document]
             if unit.is_pair and setting != "no_bridges":
                 assert parts == [0, 1], "a pair document is a first half then a second half"
                 if setting == "bridges":
@@ -71,11 +71,11 @@ def check_windows(windows, units_by_key, block_size, setting, expected_segments:
                     assert partners is None or partners[keys[0]] == keys[1], "not the planned partner"
             else:
                 assert len(parts) == 1 and len(keys) == 1, "a segment is a document of its own"
-            for key, part in document:
-                length += units_by_key[key[1]].segment_lengths[part]
-                placed[key, part] += 1
+            for segment in document:
+                length += units_by_key[segment.key].segment_lengths[segment.part]
+                placed[segment.unit, segment.part] += 1
                 if unit.is_pair:
-                    pair_halves_here[key] += 1
+                    pair_halves_here[segment.unit] += 1
         assert length <= block_size, "window over block size"
         if setting == "bridges":
             assert all(count == 2 for count in pair_halves_here.values())
@@ -201,28 +201,7 @@ def check_plan_case(case):
             break
 
 
-def texts_of_exactly(tokenizer, words: list[str], n_tokens: int, count: int) -> list[str]:
-    """``count`` distinct texts of two words that are exactly ``n_tokens`` tokens long."""
-    found = []
-    for first in words:
-        for second in words:
-            text = f"{first} {second}" if first.isascii() else first + second
-            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n_tokens and text not in found:
-                found.append(text)
-                if len(found) == count:
-                    return found
-    raise AssertionError(f"fewer than {count} texts of {n_tokens} tokens")
-
-
-def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so(tiny_model_dir, tmp_path, caplog):
-    import json
-    import logging
-
-    from transformers import AutoTokenizer
-
-    import build_pairs
-    import run_cpt
-
+def test_plan_trims_steps_only_when_the_data_cannot_fill_them():
     # Pairs of two 5-token segments in 10-token windows: with bridges each pair fills a window, without
     # bridges the halves of a pair may not share one. Three steps of one window cannot hold the same
     # documents in both settings (three pairs need four windows without bridges); two and four can.
@@ -234,30 +213,6 @@ def test_plan_trims_steps_only_when_the_data_cannot_fill_them_and_says_so(tiny_m
     assert (filled.requested_steps, filled.steps) == (4, 4)  # the data can fill them: no trim
     with_slack = plan_packing(units, block_size=10, windows_per_step=2, seed=0, max_steps=3, max_empty_windows=1)
     assert with_slack.steps == 3  # one all-padding window per step is allowed to fill the gap
-
-    # The same shape through run_cpt.py (segments of 1 + 6 and 1 + 8 tokens in 16-token windows): the
-    # audit reports the trim, the run warns, and trains 2 steps.
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    english = texts_of_exactly(tokenizer, "tea is hot the people drink butter eat tsampa in valleys".split(), 6, 10)
-    syllables = "བོད་ རིགས་ ཀྱིས་ ཇ་ མར་ འཐུང་ རྩམ་ པ་ ཟ་ ལོ་ གསར་ ལྷ་ ས་ ཡུལ་ ལུང་".split()
-    tibetan = texts_of_exactly(tokenizer, syllables, 8, 10)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "".join(json.dumps({"en": e, "bo": b}, ensure_ascii=False) + "\n" for e, b in zip(english, tibetan))
-    )
-    build_pairs.main(["--lang", "bo", "--pairs_files", str(pairs), "--tokenizer_name", str(tiny_model_dir),
-                      "--block_size", "16", "--output_dir", str(tmp_path / "data")])  # fmt: skip
-    run = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="run_cpt"):
-        run_cpt.main(["--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tmp_path / "data"),
-                      "--bridges", "--block_size", "16", "--output_dir", str(run), "--max_steps", "3",
-                      "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none",
-                      "--use_cpu"])  # fmt: skip
-    audit = json.loads((run / "packing_audit.json").read_text())
-    assert (audit["plan"]["requested_steps"], audit["plan"]["steps"], audit["plan"]["steps_trimmed"]) == (3, 2, 1)
-    assert audit["cpt_setting"]["steps"] == 2 and audit["guarantees_hold"] is True
-    assert "Trained steps trimmed from 3 to 2 so that the settings see the same documents." in caplog.text
-    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def test_plan_is_a_pure_function_of_units_seed_and_sizes():
@@ -342,9 +297,8 @@ def test_real_token_fraction_meets_the_goals_at_block_2048_on_a_realistic_length
 
 
 def tokens_of(segment):
-    (data_pass, row), part = segment
-    rng = random.Random(f"{row}/{part}")
-    return [0] + [rng.randint(3, 99) for _ in range(LENGTHS[row][part] - 1)]
+    rng = random.Random(f"{segment.key}/{segment.part}")
+    return [0] + [rng.randint(3, 99) for _ in range(LENGTHS[segment.key][segment.part] - 1)]
 
 
 LENGTHS = {0: (4, 3), 1: (5,), 2: (2, 6)}
@@ -353,13 +307,13 @@ UNITS = [PackingUnit(0, LENGTHS[0], True), PackingUnit(1, LENGTHS[1], False), Pa
 
 def test_collated_window_restarts_positions_per_document_and_masks_segment_starts():
     collator = BridgePackingCollator(block_size=12, pad_token_id=1)
-    window = [(((0, 0), 0), ((0, 0), 1)), (((0, 1), 0),)]  # bridged pair (4 + 3), then a text (5)
+    window = [(Segment(0, 0, 0), Segment(0, 0, 1)), (Segment(0, 1, 0),)]  # bridged pair (4 + 3), then a text (5)
     feature = collator.window_features(window, tokens_of)
-    batch = collator([feature, collator.window_features([(((0, 1), 0),)], tokens_of)])
+    batch = collator([feature, collator.window_features([(Segment(0, 1, 0),)], tokens_of)])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (2, 12)
     assert "attention_mask" not in batch
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
-    pair = tokens_of(((0, 0), 0)) + tokens_of(((0, 0), 1))
+    pair = tokens_of(Segment(0, 0, 0)) + tokens_of(Segment(0, 0, 1))
     assert batch["input_ids"][0, :7].tolist() == pair
     labels = batch["labels"][0].tolist()
     assert labels[0] == -100 and labels[4] == -100 and labels[7] == -100  # every segment start
@@ -373,7 +327,7 @@ def test_collated_window_restarts_positions_per_document_and_masks_segment_start
 def test_collator_refuses_a_window_over_block_size():
     collator = BridgePackingCollator(block_size=6, pad_token_id=1)
     with pytest.raises(ValueError, match="exceeds block_size"):
-        collator.window_features([(((0, 1), 0),), (((0, 0), 0),)], tokens_of)
+        collator.window_features([(Segment(0, 1, 0),), (Segment(0, 0, 0),)], tokens_of)
     with pytest.raises(ValueError, match="exceeds block_size"):
         collator([{"input_ids": [1] * 7, "position_ids": list(range(7)), "labels": [1] * 7}])
 
@@ -404,9 +358,8 @@ def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_mod
     units = [PackingUnit(row, lengths[row], row in (0, 2)) for row in lengths]
 
     def tokens(segment):
-        (_, row), part = segment
-        rng = random.Random(f"tok/{row}/{part}")
-        return [0] + [rng.randrange(2, vocab) for _ in range(lengths[row][part] - 1)]
+        rng = random.Random(f"tok/{segment.key}/{segment.part}")
+        return [0] + [rng.randrange(2, vocab) for _ in range(lengths[segment.key][segment.part] - 1)]
 
     def logits(input_ids, position_ids=None):
         with torch.no_grad():
@@ -438,42 +391,19 @@ def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_mod
 
 
 # --------------------------------------------------------------------------------------
-# Copyable: the collator section needs only the standard library and torch
+# The module: its worked example holds, with the standard library, numpy and torch only
 # --------------------------------------------------------------------------------------
 
 
-def collator_section() -> tuple[str, str]:
-    """The copyable section of run_cpt.py and the imports its header comment lists."""
-    source = (REPO_ROOT / "run_cpt.py").read_text()
-    header = source[source.index("with these imports:") : source.index("class PackingUnit(NamedTuple):")]
-    imports = "\n".join(line[4:] for line in header.splitlines() if line.startswith("#   "))
-    start = source.index("class PackingUnit(NamedTuple):")
-    end = source.index("# ======", source.index("class BridgePackingCollator"))
-    return imports, source[start:end]
-
-
-@pytest.mark.slow
-def test_collator_section_runs_with_only_the_standard_library_and_torch(tmp_path):
-    imports, section = collator_section()
-    assert "import torch" in imports and "numpy" not in imports
-    names = {node.id for node in ast.walk(ast.parse(section)) if isinstance(node, ast.Name)}
-    assert not names & {"np", "numpy", "datasets", "transformers", "study_common", "train_common"}
-    program = tmp_path / "copied.py"
-    program.write_text(
-        imports.split("\n", 1)[0] + "\n"  # from __future__ must come first
+def test_the_worked_example_runs_with_only_the_standard_library_numpy_and_torch():
+    program = (
         "import sys\n"
-        "for blocked in ('numpy', 'datasets', 'transformers', 'study_common', 'train_common'):\n"
+        "for blocked in ('transformers', 'datasets', 'study_common', 'train_common', 'run_cpt'):\n"
         "    sys.modules[blocked] = None  # importing them now fails\n"
-        + imports.split("\n", 1)[1]
-        + "\n\n"
-        + section
-        + "\n"
-        "units = [PackingUnit(0, (3, 2), True), PackingUnit(1, (4,), False)]\n"
-        "plan = plan_packing(units, block_size=8, windows_per_step=1, seed=0, num_epochs=1)\n"
-        "collator = BridgePackingCollator(8, 0)\n"
-        "tokens = lambda segment: [0] + [5] * (units[segment[0][1]].segment_lengths[segment[1]] - 1)\n"
-        "print(collator([collator.window_features(w, tokens) for w in plan.bridges.windows])['input_ids'].shape)\n"
+        "import doctest, packing\n"
+        "result = doctest.testmod(packing)\n"
+        "print(result.attempted, result.failed)\n"
+        "sys.exit(result.failed > 0 or result.attempted < 5)\n"
     )
-    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "torch.Size([" in result.stdout
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

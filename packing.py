@@ -1,0 +1,653 @@
+"""Bridge-aware packing: parallel pairs kept in one context window (bridges), or never (no bridges).
+
+Needs only the standard library, numpy and torch. A *unit* is one record of the data: a parallel pair (two
+segments, first side then second side) or a text (one or more segments of at most ``block_size`` tokens).
+A *segment* is ``[start] + tokens``. The settings group the same segments into *documents* (runs of tokens
+that attend only to themselves) in their own way:
+
+- ``bridges``: a pair is one document, its second half attending to its first;
+- ``no_bridges``: each half is a document of its own, and the two halves never share a window;
+- ``mismatched_bridges`` (the control): each pair's first half is one document with the second half of
+  another pair (``mismatched_partners``), so no pair's halves meet.
+
+``plan_packing`` packs every setting over the same prefix of a seeded, pass-after-pass shuffled stream into
+exactly ``steps x windows_per_step`` windows each: the settings see the same segments, tokens, windows and
+steps. ``BridgePackingCollator`` turns a planned window into model inputs: position ids restart at every
+document, labels are -100 at every segment start and on padding, and there is no attention mask, so
+transformers builds a block-diagonal causal mask from the position ids.
+
+Example: a pair whose halves are the segments ``S e1 e2 e3`` and ``S t1 t2`` and a text ``S x1 x2 x3 x4``
+(start token ``S`` = 1, padding ``P`` = 0, ``e1`` = 11, ...). With bridges one window of 12 holds both::
+
+    >>> units = [PackingUnit("pair", (4, 3), is_pair=True), PackingUnit("text", (5,), is_pair=False)]
+    >>> stream = shuffled(units, seed=0, data_pass=0)
+    >>> tokens = {("pair", 0): [1, 11, 12, 13], ("pair", 1): [1, 21, 22], ("text", 0): [1, 31, 32, 33, 34]}
+    >>> collator = BridgePackingCollator(block_size=12, pad_token_id=0)
+    >>> def show(windows):
+    ...     batch = collator([collator.window_features(w, lambda s: tokens[s.key, s.part]) for w in windows])
+    ...     for name in ("input_ids", "position_ids", "labels"):
+    ...         print(name, batch[name].tolist())
+    >>> show(pack(stream, block_size=12, setting="bridges"))
+    input_ids [[1, 11, 12, 13, 1, 21, 22, 1, 31, 32, 33, 34]]
+    position_ids [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]]
+    labels [[-100, 11, 12, 13, -100, 21, 22, -100, 31, 32, 33, 34]]
+
+``t1`` (21) attends to ``S e1 e2 e3 S``: the bridge. Without bridges the halves go to two windows::
+
+    >>> show(pack(stream, block_size=12, setting="no_bridges"))
+    input_ids [[1, 11, 12, 13, 1, 31, 32, 33, 34, 0, 0, 0], [1, 21, 22, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+    position_ids [[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8]]
+    labels [[-100, 11, 12, 13, -100, 31, 32, 33, 34, -100, -100, -100], [-100, 21, 22, -100, -100, -100, -100, -100, -100, -100, -100, -100]]
+
+The targets (labels other than -100) are the same tokens in both settings. ``plan_packing`` then splits the
+bridged window in two, so that both settings train on the same number of windows::
+
+    >>> plan = plan_packing(units, block_size=12, windows_per_step=2, seed=0, num_epochs=1)
+    >>> [[[f"{s.key}.{s.part}" for s in document] for document in window] for window in plan.bridges.windows]
+    [[['pair.0', 'pair.1']], [['text.0']]]
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import heapq
+import itertools
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+#: The settings, as run_cpt.py's ``cpt_setting["setting"]`` records them.
+SETTINGS = ("bridges", "no_bridges", "mismatched_bridges")
+
+
+class PackingUnit(NamedTuple):
+    """One record of the data, as the packer sees it.
+
+    ``key``: unique within one pass (e.g. the dataset row). ``segment_lengths``: tokens of each segment.
+    ``is_pair``: a parallel pair (exactly two segments). ``group``: pairs get mismatched partners only within
+    their group (run_cpt.py: the pair's first side, so that partners are an English and a target half)."""
+
+    key: object
+    segment_lengths: tuple[int, ...]
+    is_pair: bool
+    group: object = None
+
+
+class Segment(NamedTuple):
+    """Segment ``part`` of unit ``key`` in data pass ``data_pass``. A planned window is a list of documents,
+    each a tuple of segments."""
+
+    data_pass: int
+    key: object
+    part: int
+
+    @property
+    def unit(self) -> tuple:
+        """``(data_pass, key)``: the unit in the stream, as ``PackingPlan.seen`` and ``partners`` name it."""
+        return self.data_pass, self.key
+
+
+class Document(NamedTuple):
+    """A document to place: its tokens, its segments, and the pairs with a half in it (no other half of
+    those pairs may share its window)."""
+
+    length: int
+    segments: tuple[Segment, ...]
+    pair_keys: tuple = ()
+
+
+def _segment(unit: PackingUnit, part: int) -> Segment:
+    data_pass, key = unit.key  # stream keys are (pass, key): ``shuffled``
+    return Segment(data_pass, key, part)
+
+
+def unit_documents(unit: PackingUnit, bridges: bool) -> list[Document]:
+    """The documents of ``unit`` with or without bridges."""
+    lengths = unit.segment_lengths
+    if not unit.is_pair:
+        return [Document(length, (_segment(unit, part),)) for part, length in enumerate(lengths)]
+    if len(lengths) != 2:
+        raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
+    if bridges:
+        return [Document(lengths[0] + lengths[1], (_segment(unit, 0), _segment(unit, 1)))]
+    return [Document(lengths[part], (_segment(unit, part),), (unit.key,)) for part in (0, 1)]
+
+
+def mismatched_partners(cycle: list[PackingUnit]) -> list[PackingUnit]:
+    """The derangement of mismatched bridges: each pair of a cycle (2 or 3 distinct pairs) gets the second
+    half of the next pair, cyclically, so no pair is its own partner."""
+    return cycle[1:] + cycle[:1]
+
+
+class SettingDocuments:
+    """The documents of one setting, unit after unit of the stream.
+
+    With mismatched bridges, pairs wait per pass and ``group`` until two have come (three at the end of a
+    pass over an odd number: ``group_sizes`` counts the pairs per group in one pass); then each pair's first
+    segment and its partner's second form one document. ``waiting``: a pair waits (a plan may not end there);
+    ``partners``: pair key -> the key of the pair whose second segment it got."""
+
+    def __init__(self, setting: str, group_sizes: Counter):
+        if setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+        self.setting, self.group_sizes = setting, group_sizes
+        self._waiting: dict[object, list[PackingUnit]] = {}
+        self._taken: Counter = Counter()  # (pass, group) -> pairs come
+        self.partners: dict = {}
+
+    @property
+    def waiting(self) -> bool:
+        return any(self._waiting.values())
+
+    def __call__(self, unit: PackingUnit) -> list[Document]:
+        if self.setting != "mismatched_bridges" or not unit.is_pair:
+            return unit_documents(unit, self.setting != "no_bridges")
+        waiting = self._waiting.setdefault(unit.group, [])
+        waiting.append(unit)
+        self._taken[unit.key[0], unit.group] += 1
+        left = self.group_sizes[unit.group] - self._taken[unit.key[0], unit.group]
+        if len(waiting) < 2 or (len(waiting) == 2 and left == 1):
+            return []
+        self._waiting[unit.group] = []
+        documents = []
+        for pair, partner in zip(waiting, mismatched_partners(waiting)):
+            self.partners[pair.key] = partner.key
+            length = pair.segment_lengths[0] + partner.segment_lengths[1]
+            documents.append(Document(length, (_segment(pair, 0), _segment(partner, 1)), (pair.key, partner.key)))
+        return documents
+
+
+def pair_group_sizes(units: Iterable[PackingUnit]) -> Counter:
+    """Pairs per ``group`` in ``units`` (one pass)."""
+    return Counter(unit.group for unit in units if unit.is_pair)
+
+
+def mismatched_unavailable(units: Sequence[PackingUnit], block_size: int) -> str | None:
+    """Why ``units`` cannot have mismatched bridges (None: they can): every group needs two pairs, and any
+    first segment of a group must fit one window with any second."""
+    if not any(unit.is_pair for unit in units):
+        return "no parallel pair"
+    for group in pair_group_sizes(units):
+        lengths = [unit.segment_lengths for unit in units if unit.is_pair and unit.group == group]
+        first, second = (max(length[part] for length in lengths) for part in (0, 1))
+        which = "pairs" if group is None else f"pairs with {group} first"
+        if len(lengths) < 2:
+            return f"only one of the {which}: it has no other pair to be mismatched with"
+        if first + second > block_size:
+            return (
+                f"the longest first half ({first} tokens) and the longest second half ({second}) of the {which} "
+                f"would not fit one window of {block_size} tokens together"
+            )
+    return None
+
+
+@dataclass
+class _OpenWindow:
+    free: int  # tokens still free
+    documents: list[tuple[Segment, ...]]
+    pair_keys: set  # pairs with a half here
+
+
+class _BestFit:
+    """Online best fit over at most ``max_open`` open windows.
+
+    A document goes into the open window with the least free space that still fits it (ties: the earliest
+    opened) and holds no other half of its pairs; else a new window opens, after closing the fullest one if
+    ``max_open`` are open. An exactly full window closes at once. ``keep_windows=False`` only counts."""
+
+    def __init__(self, block_size: int, max_open: int, keep_windows: bool = True):
+        if block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {block_size}")
+        if max_open < 1:
+            raise ValueError(f"max_open_windows must be at least 1, got {max_open}")
+        self.block_size, self.max_open, self.keep_windows = block_size, max_open, keep_windows
+        self.closed: list[list[tuple[Segment, ...]]] = []
+        self.closed_count = 0
+        self._open: dict[int, _OpenWindow] = {}  # by serial: the order windows were opened in
+        self._by_space: list[tuple[int, int]] = []  # sorted (free space, serial)
+        self._next_serial = 0
+
+    @property
+    def window_count(self) -> int:
+        """Windows needed if the stream ended now (closed + open)."""
+        return self.closed_count + len(self._open)
+
+    def _close(self, serial: int) -> None:
+        documents = self._open.pop(serial).documents
+        self.closed_count += 1
+        if self.keep_windows:
+            self.closed.append(documents)
+
+    def add(self, document: Document) -> None:
+        if document.length > self.block_size:
+            raise ValueError(f"a document of {document.length} tokens cannot fit a window of {self.block_size}")
+        position = bisect.bisect_left(self._by_space, (document.length, -1))
+        while position < len(self._by_space):
+            serial = self._by_space[position][1]
+            window = self._open[serial]
+            if window.pair_keys.isdisjoint(document.pair_keys):
+                del self._by_space[position]
+                break
+            position += 1
+        else:
+            if len(self._open) >= self.max_open:
+                self._close(self._by_space.pop(0)[1])  # the fullest window
+            serial = self._next_serial
+            self._next_serial += 1
+            window = self._open[serial] = _OpenWindow(self.block_size, [], set())
+        window.free -= document.length
+        window.documents.append(document.segments)
+        window.pair_keys.update(document.pair_keys)
+        if window.free == 0:
+            self._close(serial)
+        else:
+            bisect.insort(self._by_space, (window.free, serial))
+
+    def finish(self) -> list[list[tuple[Segment, ...]]]:
+        for serial in sorted(self._open):
+            self._close(serial)
+        return self.closed
+
+
+def pack(
+    units: Sequence[PackingUnit],
+    block_size: int,
+    setting: str,
+    max_open_windows: int = 64,
+    group_sizes: Counter | None = None,
+) -> list[list[tuple[Segment, ...]]]:
+    """One setting's windows for the stream ``units`` (keys ``(pass, key)``: ``shuffled``), in order;
+    ``group_sizes``: pairs per group in one pass (default: those of ``units``)."""
+    documents = SettingDocuments(setting, group_sizes if group_sizes is not None else pair_group_sizes(units))
+    packer = _BestFit(block_size, max_open_windows)
+    for unit in units:
+        for document in documents(unit):
+            packer.add(document)
+    if documents.waiting:
+        raise ValueError("the units end while a pair waits for its mismatched partner")
+    return packer.finish()
+
+
+def shuffled(units: Sequence[PackingUnit], seed: int, data_pass: int) -> list[PackingUnit]:
+    """Units in the seeded order of one pass (the same in every setting), keys made ``(pass, key)``."""
+    order = list(range(len(units)))
+    random.Random(f"bridge-packing/{seed}/{data_pass}").shuffle(order)
+    return [units[i]._replace(key=(data_pass, units[i].key)) for i in order]
+
+
+def _stream(units: Sequence[PackingUnit], seed: int) -> Iterator[PackingUnit]:
+    """Pass after pass over ``units``, each in its own seeded order, lazily."""
+    for data_pass in itertools.count():
+        yield from shuffled(units, seed, data_pass)
+
+
+def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0) -> list[list[tuple]]:
+    """Split windows (the one with the most documents first, halving it) until there are ``target``; when
+    every window holds one document, up to ``max_empty_windows`` empty windows (all padding) are appended."""
+    if len(windows) > target:
+        raise ValueError(f"cannot split {len(windows)} windows down to {target}")
+    pieces = {(i, 0): list(window) for i, window in enumerate(windows)}
+    order = {i: [0] for i in range(len(windows))}
+    heap = [(-len(window), i, 0) for i, window in enumerate(windows) if len(window) > 1]
+    heapq.heapify(heap)
+    empty = 0
+    for _ in range(target - len(windows)):
+        if not heap:
+            if empty < max_empty_windows:
+                empty += 1
+                continue
+            raise ValueError(f"only {len(pieces)} documents: cannot fill {target} windows")
+        _, i, serial = heapq.heappop(heap)
+        documents, new_serial = pieces[(i, serial)], len(order[i])
+        half = len(documents) // 2
+        pieces[(i, serial)], pieces[(i, new_serial)] = documents[:half], documents[half:]
+        order[i].insert(order[i].index(serial) + 1, new_serial)
+        for s in (serial, new_serial):
+            if len(pieces[(i, s)]) > 1:
+                heapq.heappush(heap, (-len(pieces[(i, s)]), i, s))
+    return [pieces[(i, s)] for i in range(len(windows)) for s in order[i]] + [[] for _ in range(empty)]
+
+
+@dataclass
+class SettingPlan:
+    """One setting's ``steps x windows_per_step`` windows, how many the packer made before ``split_to``
+    equalized the settings, and (mismatched bridges) each pair's planned partner."""
+
+    windows: list[list[tuple[Segment, ...]]]
+    packer_windows: int
+    partners: dict | None = None
+
+
+@dataclass
+class PackingPlan:
+    """The settings' windows over the same prefix of the stream (``plan_packing``).
+
+    ``units_seen``: length of the prefix; ``passes``: passes it touches; ``seen``: the ``(pass, key)`` of its
+    units; ``steps`` <= ``requested_steps``: the steps every setting fills. ``mismatched_bridges`` is None when
+    the data cannot have it (``mismatched_unavailable`` says why)."""
+
+    steps: int
+    requested_steps: int
+    windows_per_step: int
+    units_seen: int
+    passes: int
+    seen: list[tuple]
+    bridges: SettingPlan
+    no_bridges: SettingPlan
+    mismatched_bridges: SettingPlan | None = None
+    mismatched_unavailable: str | None = None
+
+    def setting(self, name: str) -> SettingPlan:
+        return self.settings[name]
+
+    @property
+    def settings(self) -> dict[str, SettingPlan]:
+        """The planned settings by name."""
+        return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
+
+
+class _PrefixNeeds(NamedTuple):
+    """After each prefix of P units (index P): windows the hungriest setting needs, documents with bridges
+    (never more than without), and whether no pair waits for its mismatched partner."""
+
+    windows: list[int]
+    bridge_documents: list[int]
+    whole: list[bool]
+
+
+def _prefix_needs(units, seed, names, group_sizes, block_size, max_open_windows, limit, budget) -> _PrefixNeeds:
+    """Run every setting's packer side by side over the stream, counting windows after each unit, until
+    ``limit`` units or more than ``budget`` windows."""
+    documents = {name: SettingDocuments(name, group_sizes) for name in names}
+    counters = {name: _BestFit(block_size, max_open_windows, keep_windows=False) for name in names}
+    needs = _PrefixNeeds([0], [0], [True])
+    for unit in _stream(units, seed):
+        if limit is not None and len(needs.windows) - 1 >= limit:
+            break
+        for name, counter in counters.items():
+            for document in documents[name](unit):
+                counter.add(document)
+        needs.bridge_documents.append(needs.bridge_documents[-1] + (1 if unit.is_pair else len(unit.segment_lengths)))
+        needs.windows.append(max(counter.window_count for counter in counters.values()))
+        needs.whole.append(not any(d.waiting for d in documents.values()))
+        if budget is not None and needs.windows[-1] > budget:
+            break
+    return needs
+
+
+def _longest_prefix(needs: _PrefixNeeds, budget: int, windows_per_step: int, max_empty_windows: int):
+    """(prefix, target): the longest prefix every setting packs into ``target`` windows, with at least
+    ``target - max_empty_windows`` documents; ``target`` is lowered by whole steps until there is one."""
+    target = budget
+    while True:
+        prefix = bisect.bisect_right(needs.windows, target) - 1
+        while not needs.whole[prefix]:
+            prefix -= 1
+        if needs.bridge_documents[prefix] + max_empty_windows >= target:
+            return prefix, target
+        target = (needs.bridge_documents[prefix] + max_empty_windows) // windows_per_step * windows_per_step
+        if target == 0:
+            raise ValueError(
+                f"the data cannot fill even one step of {windows_per_step} windows in every setting "
+                f"({needs.bridge_documents[-1]} documents); lower the batch size or add data"
+            )
+
+
+def plan_packing(
+    units: Sequence[PackingUnit],
+    *,
+    block_size: int,
+    windows_per_step: int,
+    seed: int,
+    max_steps: int | None = None,
+    num_epochs: float | None = None,
+    max_open_windows: int = 64,
+    max_empty_windows: int = 0,
+) -> PackingPlan:
+    """Every setting over the same documents, ``T = steps x windows_per_step`` windows each.
+
+    Cutting each setting's windows at the step budget would leave the settings different documents (bridged
+    documents pack less densely); instead the plan takes the longest prefix of the stream that every setting
+    packs into ``T`` windows (and where no pair waits for its mismatched partner), then splits each setting's
+    windows (``split_to``) until all have exactly ``T``. Fewer than ``T`` documents (``T - max_empty_windows``,
+    the rest all-padding windows) lower the steps. With ``num_epochs`` the prefix is at most
+    ``ceil(num_epochs x units)`` units and ``T`` rounds up to whole steps. Mismatched bridges are planned
+    whenever the data allows, whichever setting runs, so the three runs of a seed share one plan. ``T`` is a
+    whole number of global batches, so one epoch of a Trainer reads each planned window exactly once.
+    """
+    if (max_steps is None) == (num_epochs is None):
+        raise ValueError("give exactly one of max_steps and num_epochs")
+    if not units:
+        raise ValueError("no units to pack")
+    if windows_per_step < 1:
+        raise ValueError(f"windows_per_step must be at least 1, got {windows_per_step}")
+    unavailable = mismatched_unavailable(units, block_size)
+    names = [name for name in SETTINGS if name != "mismatched_bridges" or unavailable is None]
+    group_sizes = pair_group_sizes(units)
+    limit = math.ceil(num_epochs * len(units)) if num_epochs is not None else None
+    budget = max_steps * windows_per_step if max_steps is not None else None
+    needs = _prefix_needs(units, seed, names, group_sizes, block_size, max_open_windows, limit, budget)
+    if budget is None:
+        budget = math.ceil(needs.windows[-1] / windows_per_step) * windows_per_step
+    prefix, target = _longest_prefix(needs, budget, windows_per_step, max_empty_windows)
+    seen = list(itertools.islice(_stream(units, seed), prefix))
+    settings = {}
+    for name in names:
+        packed = pack(seen, block_size, name, max_open_windows, group_sizes)
+        settings[name] = SettingPlan(split_to(packed, target, max_empty_windows), len(packed))
+    if unavailable is None:
+        planned = SettingDocuments("mismatched_bridges", group_sizes)
+        for unit in seen:
+            planned(unit)
+        settings["mismatched_bridges"].partners = planned.partners
+    return PackingPlan(
+        steps=target // windows_per_step,
+        requested_steps=budget // windows_per_step,
+        windows_per_step=windows_per_step,
+        units_seen=prefix,
+        passes=seen[-1].key[0] + 1,
+        seen=[unit.key for unit in seen],
+        mismatched_unavailable=unavailable,
+        **settings,
+    )
+
+
+class BridgePackingCollator:
+    """Planned windows -> model inputs with document-isolated attention (B rows of ``block_size``).
+
+    ``window_features``: a window's ``input_ids``, ``position_ids`` (restarting at 0 at each document, and
+    continuing through a pair document) and ``labels`` (-100 at every segment start). ``__call__`` pads each
+    window to ``block_size`` with ``pad_token_id``, label -100 and restarting positions (padding is a sequence
+    of its own) and passes no ``attention_mask``: with no KV cache, transformers builds the per-document
+    causal mask from the position ids (sdpa, eager, flex_attention). Flash kernels need one flattened row
+    with sequence boundaries instead (run_cpt.py: ``train_common.packed_batch``)."""
+
+    def __init__(self, block_size: int, pad_token_id: int):
+        if block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {block_size}")
+        self.block_size, self.pad_token_id = block_size, pad_token_id
+
+    def window_features(self, window: list[tuple], segment_tokens: Callable[[Segment], Sequence[int]]) -> dict:
+        """``input_ids``, ``position_ids``, ``labels`` (unpadded) of a planned window."""
+        input_ids: list[int] = []
+        position_ids: list[int] = []
+        labels: list[int] = []
+        for document in window:
+            position = 0
+            for segment in document:
+                tokens = [int(t) for t in segment_tokens(segment)]
+                input_ids += tokens
+                position_ids += range(position, position + len(tokens))
+                position += len(tokens)
+                labels += [-100] + tokens[1:]
+        if len(input_ids) > self.block_size:
+            raise ValueError(f"window of {len(input_ids)} tokens exceeds block_size {self.block_size}")
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": []}
+        for feature in features:
+            padding = self.block_size - len(feature["input_ids"])
+            if padding < 0:
+                raise ValueError(f"window of {len(feature['input_ids'])} tokens exceeds block_size {self.block_size}")
+            batch["input_ids"].append(list(feature["input_ids"]) + [self.pad_token_id] * padding)
+            batch["position_ids"].append(list(feature["position_ids"]) + list(range(padding)))
+            batch["labels"].append(list(feature["labels"]) + [-100] * padding)
+        return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+
+
+# ---- Audit: a plan's guarantees measured from the features the collator gives ----------------------
+
+#: Share of pairs whose two halves share a window, per setting.
+EXPECTED_CO_LOCATED = {"bridges": 100.0, "no_bridges": 0.0, "mismatched_bridges": 0.0}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _percent(part: int, total: int) -> float | None:
+    return round(100.0 * part / total, 4) if total else None
+
+
+def audit_windows(
+    windows: list[list[tuple[Segment, ...]]],
+    collator: BridgePackingCollator,
+    segment_tokens: Callable[[Segment], Sequence[int]],
+    units: Iterable[PackingUnit],
+    *,
+    unit_names: Callable[[object], str],
+    vocab_size: int,
+    partners: dict | None = None,
+) -> dict:
+    """One setting's windows measured from their features: counts, pair co-location, multiset hashes (of
+    segments, tokens, targets, and of the units seen by ``unit_names`` and count) and, with ``partners``
+    (mismatched bridges), whether each pair shares one document with its planned partner."""
+    units = {unit.key: unit for unit in units}
+    token_counts, target_counts = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, np.int64)
+    digests, seen, places, pending = [], Counter(), {}, []
+    documents = real = max_window = 0
+    for w, window in enumerate(windows):
+        features = collator.window_features(window, segment_tokens)
+        offset = 0
+        for d, document in enumerate(window):
+            for segment in document:
+                tokens = np.asarray(segment_tokens(segment), dtype="<i4")
+                digests.append(hashlib.blake2b(tokens.tobytes(), digest_size=16).digest())
+                if segment.part == 0:
+                    seen[segment.key] += 1
+                if units[segment.key].is_pair:  # where each half lies: (window, document, first position)
+                    places.setdefault(segment.unit, [None, None])[segment.part] = (
+                        w,
+                        d,
+                        features["position_ids"][offset],
+                    )
+                offset += len(tokens)
+        documents, real, max_window = documents + len(window), real + offset, max(max_window, offset)
+        pending.append((np.asarray(features["input_ids"], np.int64), np.asarray(features["labels"], np.int64)))
+        if len(pending) == 1024 or w == len(windows) - 1:  # one bincount over many windows: fast
+            ids, labels = (np.concatenate(arrays) for arrays in zip(*pending))
+            token_counts += np.bincount(ids, minlength=vocab_size)
+            target_counts += np.bincount(labels[labels != -100], minlength=vocab_size)
+            pending = []
+    co_located = sum(1 for first, second in places.values() if first[0] == second[0])
+    seen_text = "\n".join(f"{unit_names(key)}\t{count}" for key, count in sorted(seen.items()))
+    return {
+        "windows": len(windows),
+        "documents": documents,
+        "segments": len(digests),
+        "real_tokens": real,
+        "target_tokens": int(target_counts.sum()),
+        "real_token_fraction": round(real / (len(windows) * collator.block_size), 6),
+        "max_window_tokens": max_window,
+        "empty_windows": sum(1 for window in windows if not window),
+        "pairs": {
+            "total": len(places),
+            "co_located": co_located,
+            "split": len(places) - co_located,
+            "co_located_percent": _percent(co_located, len(places)),
+            "split_percent": _percent(len(places) - co_located, len(places)),
+            "attending_each_other": sum(1 for first, second in places.values() if _one_document(first, second)),
+        },
+        **({"mismatched_pairs": _mismatched_pairs(partners, places, units)} if partners is not None else {}),
+        "hashes": {
+            "segments_multiset_sha256": _sha256(b"".join(sorted(digests))),
+            "tokens_multiset_sha256": _sha256(token_counts.tobytes()),
+            "targets_multiset_sha256": _sha256(target_counts.tobytes()),
+            "documents_seen_sha256": _sha256(seen_text.encode()),
+        },
+    }
+
+
+def _one_document(first, second) -> bool:
+    """Whether a second half continues the first half's document (and so attends to it)."""
+    return bool(first and second and first[:2] == second[:2] and second[2] != 0)
+
+
+def _mismatched_pairs(partners: dict, places: dict, units: dict) -> dict:
+    """Each pair's first half with its planned partner's second half: one document, another pair of the same
+    group (a derangement), each half once."""
+    halves = [(places.get(a, [None])[0], places.get(b, [None, None])[1]) for a, b in partners.items()]
+    together = sum(1 for first, second in halves if first and second and first[0] == second[0])
+    return {
+        "planned": len(partners),
+        "co_located": together,
+        "co_located_percent": _percent(together, len(partners)),
+        "attending_each_other": sum(1 for first, second in halves if _one_document(first, second)),
+        "with_own_partner": sum(1 for a, b in partners.items() if a[1] == b[1]),
+        "same_language": sum(1 for a, b in partners.items() if units[a[1]].group != units[b[1]].group),
+        "each_half_once": sorted(partners) == sorted(partners.values()) == sorted(places),
+    }
+
+
+def compare_settings(audits: dict[str, dict], setting: str) -> tuple[dict, dict, dict]:
+    """(``setting``'s audit, the others' by name, whether each hash, the windows and the real tokens are equal
+    in all)."""
+    others = {name: audit for name, audit in audits.items() if name != setting}
+    mine = audits[setting]
+    equal = {name.removesuffix("_sha256"): all(other["hashes"][name] == value for other in others.values())
+             for name, value in mine["hashes"].items()}  # fmt: skip
+    for name in ("windows", "real_tokens"):
+        equal[name] = all(other[name] == mine[name] for other in others.values())
+    return mine, others, equal
+
+
+def plan_guarantees(mine: dict, others: dict, equal: dict, setting: str, block_size: int) -> tuple[list, list]:
+    """(broken, unchecked): the packing guarantees that ``setting``'s audit (``mine``), the other settings' and
+    their comparison break, and those that could not be checked (never to be counted as holding)."""
+    broken, unchecked = [], []
+    for name, audit in {setting: mine, **others}.items():
+        where = f"{name} (this run)" if name == setting else name
+        pairs, mismatched = audit["pairs"], audit.get("mismatched_pairs")
+        if not pairs["total"]:
+            unchecked.append(
+                f"co-location: no pair is in the planned windows of {where} ({audit['windows']} windows, "
+                f"{audit['documents']} documents); plan more steps or add pairs to the data"
+            )
+            continue
+        if pairs["co_located_percent"] != EXPECTED_CO_LOCATED[name]:
+            broken.append(
+                f"{pairs['co_located_percent']}% of pairs co-located in {where}, expected {EXPECTED_CO_LOCATED[name]}%"
+            )
+        if name == "mismatched_bridges" and (
+            mismatched is None
+            or not mismatched["attending_each_other"] == mismatched["planned"] == pairs["total"]
+            or mismatched["with_own_partner"]
+            or mismatched["same_language"]
+            or not mismatched["each_half_once"]
+        ):
+            broken.append(f"the planned mismatched partners are not each one document of another pair's "
+                          f"English and target halves in {where}: {mismatched}")  # fmt: skip
+    if setting == "bridges" and mine["pairs"]["attending_each_other"] != mine["pairs"]["total"]:
+        broken.append("some bridged pairs are not one attention document")
+    broken += [f"{name} differs between the settings" for name, same in equal.items() if not same]
+    if mine["max_window_tokens"] > block_size:
+        broken.append(f"a window exceeds the block size {block_size}")
+    return broken, unchecked
