@@ -1085,8 +1085,8 @@ def instance_analysis(with_path: Path, without_path: Path, step: int | None, sou
                 "files are not parallel."
             )
         right_with, right_without = with_correct[stem][:items], without_correct[stem][:items]
-        transferred = np.flatnonzero(right_with & ~right_without).tolist()
-        others = np.flatnonzero(~(right_with & ~right_without)).tolist()
+        gained = right_with & ~right_without
+        transferred, others = np.flatnonzero(gained).tolist(), np.flatnonzero(~gained).tolist()
         results.append(
             {
                 "questions": stem,
