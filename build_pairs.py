@@ -214,9 +214,7 @@ class BuildArguments:
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
 
 
-# --------------------------------------------------------------------------------------
 # Reading inputs
-# --------------------------------------------------------------------------------------
 
 
 def _column(record, column: str, where: str, flag: str):
@@ -287,61 +285,42 @@ def input_sources(args: BuildArguments) -> list[InputSource]:
     return sources
 
 
-def generate_raw_records(args: BuildArguments, tgt_column: str):
-    """Every input record, in input order (``input_sources``). ``index`` counts per kind."""
-    counters = dict.fromkeys(KINDS, 0)
-
-    def record(kind, number, source, text=None, en=None, tgt=None):
-        item = {"kind": kind, "index": counters[kind], "input": number, "source": source, "text": text, "en": en,
-                "tgt": tgt}  # fmt: skip
-        counters[kind] += 1
-        return item
-
-    def capped(items):
-        """The first --max_records_per_input items of one input (all of them without a cap)."""
-        return items if args.max_records_per_input is None else itertools.islice(items, args.max_records_per_input)
-
-    for number, (kind, name, is_file) in enumerate(input_sources(args)):
+def input_rows(source: InputSource, args: BuildArguments, tgt_column: str):
+    """``(where, text, en, tgt)`` of every record of one input."""
+    kind, name, is_file = source
+    column, flag = getattr(args, f"{kind}_text_column", None), f"--{kind}_text_column"
+    if is_file and kind == "pair":
+        for en, tgt, where in read_pair_file(name, args.en_column, tgt_column):
+            yield where, None, en, tgt
+    elif is_file:  # read_documents skips blank .txt lines: the count is the document number
+        for number, text in enumerate(read_documents(name, column, column_flag=flag), start=1):
+            yield f"{name}#{number}", text, None, None
+    else:
         prefix = ARGUMENT_PREFIX[kind]
-        if is_file and kind == "pair":
-            for en, tgt, where in capped(read_pair_file(name, args.en_column, tgt_column)):
-                yield record(kind, number, where, en=en, tgt=tgt)
-        elif is_file:
-            for line_number, text in capped(
-                enumerate(
-                    read_documents(name, getattr(args, f"{kind}_text_column"), column_flag=f"--{kind}_text_column"),
-                    start=1,
-                )
-            ):
-                # read_documents skips blank .txt lines; the count is the document number.
-                yield record(kind, number, f"{name}#{line_number}", text=text)
-        else:
-            split = getattr(args, f"{prefix}_split")
-            rows = load_hub_dataset(
-                name,
-                getattr(args, f"{prefix}_dataset_config"),
-                split,
-                args.streaming,
-                getattr(args, f"{prefix}_data_files"),
-            )
-            for row_number, row in capped(enumerate(rows)):
-                where = f"{name}/{split}:{row_number}"
-                if kind == "pair":
-                    yield record(
-                        kind,
-                        number,
-                        where,
-                        en=_column(row, args.en_column, where, "--en_column"),
-                        tgt=_column(row, tgt_column, where, "--tgt_column"),
-                    )
-                else:
-                    column = getattr(args, f"{kind}_text_column")
-                    yield record(kind, number, where, text=_column(row, column, where, f"--{kind}_text_column"))
+        split = getattr(args, f"{prefix}_split")
+        config, data_files = getattr(args, f"{prefix}_dataset_config"), getattr(args, f"{prefix}_data_files")
+        for row_number, row in enumerate(load_hub_dataset(name, config, split, args.streaming, data_files)):
+            where = f"{name}/{split}:{row_number}"
+            if kind == "pair":
+                en = _column(row, args.en_column, where, "--en_column")
+                yield where, None, en, _column(row, tgt_column, where, "--tgt_column")
+            else:
+                yield where, _column(row, column, where, flag), None, None
 
 
-# --------------------------------------------------------------------------------------
+def generate_raw_records(args: BuildArguments, tgt_column: str):
+    """Every input record, in input order (``input_sources``), the first --max_records_per_input of each input;
+    ``index`` counts per kind."""
+    counters = dict.fromkeys(KINDS, 0)
+    for number, source in enumerate(input_sources(args)):
+        rows = itertools.islice(input_rows(source, args, tgt_column), args.max_records_per_input)
+        for where, text, en, tgt in rows:
+            yield {"kind": source.kind, "index": counters[source.kind], "input": number, "source": where,
+                   "text": text, "en": en, "tgt": tgt}  # fmt: skip
+            counters[source.kind] += 1
+
+
 # Contamination guard: filled sentences of cloze questions
-# --------------------------------------------------------------------------------------
 
 
 def normalize_for_matching(text: str) -> str:
@@ -412,9 +391,7 @@ class FilledSentenceMatcher:
         return None
 
 
-# --------------------------------------------------------------------------------------
 # Checks (stateless, run in --num_proc processes)
-# --------------------------------------------------------------------------------------
 
 
 #: Drop reasons as small integer codes (0: kept), so that per-record bookkeeping of a paper-scale
@@ -483,9 +460,7 @@ def to_output_record(batch):
     }
 
 
-# --------------------------------------------------------------------------------------
 # Main
-# --------------------------------------------------------------------------------------
 
 
 def count_per_input(

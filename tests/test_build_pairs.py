@@ -307,55 +307,6 @@ def test_an_input_that_keeps_nothing_exits_2_on_the_command_line(tmp_path, tiny_
     assert not (tmp_path / "out").exists()
 
 
-def hub_whose_listing_fails(root: Path, status: int):
-    """The stand-in Hub, except that listing a repository's files answers ``status``."""
-    from hub_server import LocalHub
-
-    hub = LocalHub(root)
-
-    class FailingListing(hub.server.RequestHandlerClass):
-        def _api(self, method, repo_type, repo_id, rest, query):
-            if status and method == "GET" and rest and rest[0] == "tree":
-                return self._error(status, f"listing answered {status}")
-            return super()._api(method, repo_type, repo_id, rest, query)
-
-    hub.server.RequestHandlerClass = FailingListing
-    return hub
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("status", [500, 401, None])
-def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_than_404(tmp_path, tiny_model_dir,
-                                                                                     status):  # fmt: skip
-    import os
-    import subprocess
-    import sys
-
-    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"en": e, "bo": b} for e, b in zip(EN, BO)])
-    stale = {"data/train-00000-of-00002.parquet": b"earlier build", "data/train-00001-of-00002.parquet": b"earlier"}
-    with hub_whose_listing_fails(tmp_path / "hub", status) as hub:
-        hub.add_files("tester/cpt-bo", stale, repo_type="datasets")
-        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_local_test_token",
-                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0")  # fmt: skip
-        proc = subprocess.run([sys.executable, "build_pairs.py", "--lang", "bo", "--pairs_files", str(pairs_file),
-                               "--tgt_column", "bo", "--tokenizer_name", str(tiny_model_dir), "--output_dir",
-                               str(tmp_path / "out"), "--push_to_hub", "--hub_dataset_id", "tester/cpt-bo"],
-                              cwd=Path(build_pairs.__file__).parent, env=env, capture_output=True, text=True)  # fmt: skip
-        files = hub.files("tester/cpt-bo", "datasets")
-        card = hub.root / "datasets" / "tester/cpt-bo" / "README.md"
-        card = card.read_text(encoding="utf-8") if card.is_file() else ""
-    if status is None:  # the listing works: the earlier build's shards are deleted in the same commit
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert files == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
-        # the card records the setting and keeps the metadata push_to_hub wrote for the data files
-        assert "| lang | bo |" in card and "path: data/train-*" in card and "dataset_info:" in card
-    else:  # nothing pushed, so the repository never mixes two builds; the error says why
-        assert proc.returncode != 0
-        assert "could not list the files of the Hub dataset tester/cpt-bo" in proc.stderr
-        assert str(status) in proc.stderr and "nothing was pushed" in proc.stderr
-        assert files == sorted(stale)
-
-
 def test_default_locations_read_the_base_model_of_run_pretrain_and_write_where_run_cpt_looks(
     tmp_path, tiny_model_dir, monkeypatch
 ):
