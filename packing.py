@@ -14,7 +14,8 @@ that attend only to themselves) in their own way:
 exactly ``steps x windows_per_step`` windows each: the settings see the same segments, tokens, windows and
 steps. ``BridgePackingCollator`` turns a planned window into model inputs: position ids restart at every
 document, labels are -100 at every segment start and on padding, and there is no attention mask, so
-transformers builds a block-diagonal causal mask from the position ids.
+transformers builds a block-diagonal causal mask from the position ids. ``audit_windows`` measures a planned
+setting from those features and ``plan_guarantees`` names every guarantee a plan breaks.
 
 Example: a pair whose halves are the segments ``S e1 e2 e3`` and ``S t1 t2`` and a text ``S x1 x2 x3 x4``
 (start token ``S`` = 1, padding ``P`` = 0, ``e1`` = 11, ...). With bridges one window of 12 holds both::
