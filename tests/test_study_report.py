@@ -13,6 +13,7 @@ import run_study
 import run_transfer
 import study_report
 from run_study import PRESETS, StudyArguments, build_plan
+from study_common import InputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -136,5 +137,5 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
 
 
 def test_report_alone_refuses_a_folder_without_the_plan_record_of_a_study(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not the output folder of a run_study.py run"):
+    with pytest.raises(InputError, match="is not the output folder of a run_study.py run"):
         study_report.main([str(tmp_path)])
