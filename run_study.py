@@ -958,7 +958,8 @@ def cost_table(plan: Plan, args: StudyArguments) -> str:
     if rows and all(r["tokens"] for r in rows):
         hours = f" {sum(r['gpu_hours'] for r in rows):>9.2f}" if throughput else ""
         lines.append(f"  {'all training steps':<{width}} {'':>4} {'':>7} {'':>20} {'':>5} "
-                     f"{sum(r['windows'] for r in rows):>11,} {sum(r['tokens'] for r in rows):>15,}{hours}")  # fmt: skip
+                     f"{sum(r['windows'] for r in rows):>11,} "
+                     f"{sum(r['tokens'] for r in rows):>15,}{hours}")  # fmt: skip
     elif rows:
         lines.append("  ?: the accelerate config file was not found, so the number of processes is unknown.")
     if throughput:
@@ -1073,7 +1074,8 @@ def configuration(args: StudyArguments, argv: list[str] | None, factors: dict | 
     given = given_flags(argv)
     return {"preset": Path(args.preset).stem, "file": str(study_file(args.preset)), "set": args.set or [],
             "sweep": factors, "arguments": asdict(args),
-            "flags": {k: getattr(args, k) for k in PLAN_FLAGS if k in given and k not in ("preset", "set", "sweep")}}  # fmt: skip
+            "flags": {k: getattr(args, k) for k in PLAN_FLAGS
+                      if k in given and k not in ("preset", "set", "sweep")}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1232,7 +1234,8 @@ def _print_overview(plan: Plan, args: StudyArguments, smoke_cuts: list[str]) -> 
             print(f"  {name}: {len(cell.steps)} steps ({sum(s.id.startswith('shared/') for s in cell.steps)} shared)")
     elif preset.budget_s:
         estimate = fmt_time(estimate_seconds(plan, preset.jobs))
-        print(f"Time budget: {fmt_time(preset.budget_s)} on {preset.reference_machine}; estimated {estimate} for this plan.")  # fmt: skip
+        budget = f"{fmt_time(preset.budget_s)} on {preset.reference_machine}"
+        print(f"Time budget: {budget}; estimated {estimate} for this plan.")
         load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
         if load > 0.5 * cores:
             print(f"Note: the machine is busy (load {load:.1f} on {cores} cores): expect it to take longer.")

@@ -251,20 +251,6 @@ def _note_undetermined(doc: ReportDoc, verdicts: list[str]) -> None:
         doc.p(UNDETERMINED_TEXT)
 
 
-def _gap_sentence(what: str, gap: float, ci, n_seeds: int) -> str:
-    """A conclusion from a gap and its interval, never stronger than the interval (none when the gap lies outside
-    its own interval: run_transfer.verdict's 'undetermined')."""
-    from run_transfer import verdict
-
-    over = "seeds and questions" if n_seeds > 1 else "questions only (one run pair: overstates certainty)"
-    if verdict(tuple(ci), gap) == "undetermined":
-        return (f"{what}: {gap:+.3f} lies outside its own 95% CI {_ci(ci)} (over {over}): undetermined (too few "
-                "bootstrap resamples to place it), no conclusion.")  # fmt: skip
-    reading = ("excludes 0: evidence of a positive effect" if ci[0] > 0 else "lies below 0: a negative effect"
-               if ci[1] < 0 else "includes 0: no evidence of an effect at this scale")  # fmt: skip
-    return f"{what}: {gap:+.3f}, 95% CI {_ci(ci)} (over {over}) {reading}."
-
-
 def _group_runs(plan: Plan, key: str, setting: str | None = None) -> list[Run]:
     """The runs of a run group ("<lang>/<variant>"), of one setting if given."""
     return [r for r in plan.runs if f"{r.lang}/{r.variant}" == key and setting in (None, r.setting)]
@@ -451,9 +437,10 @@ def _report_world(doc: ReportDoc, plan: Plan, truth: dict) -> dict:
     corpus = f"{world.get('en_corpus', {}).get('documents', '?')} documents" + (
         f", {tokens:,} tokens" if isinstance(tokens, int) else ""
     )
+    size = f"{params / 1e6:.2f}M parameters" if params else "size unknown"
     doc.p(
-        f"Base model: Qwen2 architecture, hidden {config.get('hidden_size', '?')}, {config.get('num_hidden_layers', '?')} "
-        f"layers, vocabulary {config.get('vocab_size', '?')} ({f'{params / 1e6:.2f}M parameters' if params else 'size unknown'}), "
+        f"Base model: Qwen2 architecture, hidden {config.get('hidden_size', '?')}, "
+        f"{config.get('num_hidden_layers', '?')} layers, vocabulary {config.get('vocab_size', '?')} ({size}), "
         f"pretrained on the English corpus ({corpus}) for {pre.get('max_steps')} steps of "
         f"{pre.get('per_device_train_batch_size')} x {pre.get('block_size')} tokens. Continual pretraining: "
         f"{cpt.get('max_steps')} steps of {cpt.get('per_device_train_batch_size')} x {cpt.get('block_size')} tokens "
@@ -510,9 +497,11 @@ def _report_questions(doc: ReportDoc, plan: Plan) -> dict:
         stems = [Path(q).stem for q in group["questions"] if Path(q).stem in described]
         files = {s: {"items": described[s].get("items"), "chance_accuracy": described[s].get("chance_accuracy"),
                      **(described[s].get("position_bias") or {})} for s in stems}  # fmt: skip
+        positions = {s: ", ".join(f"{k}: {v:.2f}" for k, v in f.get("answer_position_share", {}).items())
+                     for s, f in files.items()}  # fmt: skip
         doc.table(["questions", "items", "share of answers at option position", "always option 0: acc.", "chance acc."],
-                  [[s, f["items"], ", ".join(f"{k}: {v:.2f}" for k, v in f.get("answer_position_share", {}).items()),
-                    _f(f.get("always_first_accuracy")), _f(f["chance_accuracy"])] for s, f in files.items()])  # fmt: skip
+                  [[s, f["items"], positions[s], _f(f.get("always_first_accuracy")), _f(f["chance_accuracy"])]
+                   for s, f in files.items()])  # fmt: skip
         rows, entries, flagged = [], [], []
         for label, name, _ in models:
             steps = sorted({entry["step"] for _, entry in finals[name]})
@@ -527,7 +516,8 @@ def _report_questions(doc: ReportDoc, plan: Plan) -> dict:
                                 "accuracy_first": mean["accuracy"], "accuracy_fractional": mean["accuracy_fractional"],
                                 "ties_advantage": mean["ties_advantage"]})  # fmt: skip
                 rows.append([label, stem, len(per_seed), ", ".join(map(str, steps)), _f(mean["tie_rate"]),
-                             _f(mean["accuracy"]), _f(mean["accuracy_fractional"]), f"{mean['ties_advantage']:+.3f}"])  # fmt: skip
+                             _f(mean["accuracy"]), _f(mean["accuracy_fractional"]),
+                             f"{mean['ties_advantage']:+.3f}"])  # fmt: skip
                 if mean["tie_rate"] > TIE_FLAG_RATE:
                     flagged.append(
                         f"{label}, {stem}: {mean['tie_rate']:.1%} of items tie for the best score (above "
@@ -548,9 +538,9 @@ def _report_transfer(doc: ReportDoc, plan: Plan, truth: dict | None, figures: Pa
     doc.h(2, "Transfer: with minus without bridges (the paper's measurement)")
     doc.p(
         "Both settings train on the same documents; with bridges each parallel pair shares one context window, without "
-        "bridges its halves never do. The gap (accuracy with − without bridges) on target-language questions measures "
-        "English → target transfer, on English questions target → English transfer. Intervals: 95% bootstrap over "
-        "questions and seed pairs (`run_transfer.py`)."
+        "bridges its halves never do. The gap (accuracy with − without bridges) on target-language questions "
+        "measures English → target transfer, on English questions target → English transfer. Intervals: 95% "
+        "bootstrap over questions and seed pairs (`run_transfer.py`)."
     )
     section = {}
     for key, group in plan.groups.items():
@@ -590,30 +580,28 @@ def _transfer_directions(doc: ReportDoc, result: dict, group: dict) -> list[dict
     """The table of a transfer.json's directions, a sentence of conclusion for each, and their report.json entries."""
     base = _final_accuracy(group["base_eval"])
     base = {stem: v["accuracy"] for stem, v in base[1]["accuracy"].items()} if base else {}
-    entries, sentences = [], []
+    entries = []
     for language in result["languages"]:
         for d in language["directions"]:
             spread = [s["mean_gap"] for s in d["per_seed"]]
             entries.append({"direction": d["direction"], "questions": d["questions"],
                             "base_accuracy": base.get(d["questions"]), "final_step": language["steps"][-1],
                             "accuracy_with_final": d["accuracy_with"][-1],
-                            "accuracy_without_final": d["accuracy_without"][-1], "final_gap": d["final_gap"],
-                            "final_gap_ci": d["final_gap_ci"], "mean_gap": d["mean_gap"], "mean_gap_ci": d["mean_gap_ci"],
+                            "accuracy_without_final": d["accuracy_without"][-1],
+                            **{f: d[f] for f in ("final_gap", "final_gap_ci", "mean_gap", "mean_gap_ci")},
                             "per_seed_mean_gaps": spread, "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
                             "verdict": d["verdict"], "tie_policy": result["tie_policy"],
                             "tie_policies": d["tie_policies"], "tie_policies_differ": d["tie_policies_differ"],
                             "words": _direction_words(d["direction"], language["lang"])})  # fmt: skip
-            sentences.append(_gap_sentence(f"{entries[-1]['words']}, mean gap over the curve", d["mean_gap"],
-                                           d["mean_gap_ci"], d["n_seed_pairs"]))  # fmt: skip
-            if len(spread) > 1:
-                sentences[-1] += f" Per-seed mean gaps range from {min(spread):+.3f} to {max(spread):+.3f}."
     doc.table(["direction", "base acc.", "final step", "acc. with", "acc. without", "final gap [95% CI]",
                "mean gap over curve [95% CI]", "per-seed mean gaps", "McNemar p (final, per seed)", "verdict"],
               [[e["words"], _f(e["base_accuracy"]), e["final_step"], _f(e["accuracy_with_final"]),
                 _f(e["accuracy_without_final"]), _gap(e, "final_gap"), _gap(e),
                 ", ".join(f"{g:+.3f}" for g in e["per_seed_mean_gaps"]),
-                ", ".join(f"{p:.3g}" for p in e["mcnemar_p_final"]), _verdict_cell(e["verdict"])] for e in entries])  # fmt: skip
-    doc.bullets(sentences)
+                ", ".join(f"{p:.3g}" for p in e["mcnemar_p_final"]), _verdict_cell(e["verdict"])]
+               for e in entries])  # fmt: skip
+    if any(len(e["per_seed_mean_gaps"]) == 1 for e in entries):
+        doc.p("One run pair: the intervals cover questions only and overstate certainty.")
     _note_undetermined(doc, [e["verdict"] for e in entries])
     _report_tie_rules(doc, entries, result["tie_policy"])
     return [{k: v for k, v in e.items() if k != "words"} for e in entries]
@@ -628,7 +616,8 @@ def _report_tie_rules(doc: ReportDoc, entries: list[dict], tie_policy: str) -> N
         return
     doc.p(f"{head} Ties change this analysis; under both rules (McNemar always counts first-rule correctness):")
     rows = [[e["words"], policy, _f(p["accuracy_with"][-1]), _f(p["accuracy_without"][-1]), f"{p['final_gap']:+.3f}",
-             _gap(p), _verdict_cell(p["verdict"])] for e in differ for policy, p in e["tie_policies"].items()]  # fmt: skip
+             _gap(p), _verdict_cell(p["verdict"])]
+            for e in differ for policy, p in e["tie_policies"].items()]  # fmt: skip
     doc.table(["direction", "tie rule", "acc. with (final)", "acc. without (final)", "final gap", "mean gap [95% CI]",
                "verdict"], rows)  # fmt: skip
     _note_undetermined(doc, [p["verdict"] for e in differ for p in e["tie_policies"].values()])
@@ -651,6 +640,8 @@ def _computed_tiers(runs: list[Run], group: dict, truth: dict) -> dict[tuple[str
 #: The tiers of facts (synthetic_world.TIERS) in the order tables show them, in a figure title's few words.
 TIER_SHORT = {"high": "frequent in English", "low": "rare in English", "absent": "never in English",
               "en_only": "never in the target corpus"}  # fmt: skip
+#: What the report keeps of a gap (run_transfer.analyse_direction's fields).
+GAP_FIELDS = ("mean_gap", "mean_gap_ci", "final_gap", "final_gap_ci", "verdict")
 #: What the report keeps of a direction's knowledge_transfer (run_transfer.py's fields).
 KNOWLEDGE_FIELDS = ("often_tier", "never_tier", "mean_did", "mean_did_ci", "final_did", "final_did_ci", "verdict",
                     "skill_mean_gap", "skill_mean_gap_ci", "skill_verdict", "meaning")  # fmt: skip
@@ -686,8 +677,7 @@ def _report_knowledge(doc: ReportDoc, directions: list[tuple[str, dict]], tiers:
                          _f(float(np.mean(stats["accuracy_with"]))), _f(float(np.mean(stats["accuracy_without"]))),
                          _gap(stats), _gap(stats, "final_gap"), _verdict_cell(stats["verdict"])])  # fmt: skip
             entries.append({"direction": d["direction"], "tier": tier, "questions": stats["n_questions"],
-                            **{f: stats[f] for f in ("mean_gap", "mean_gap_ci", "final_gap", "final_gap_ci", "verdict")},
-                            "from": source})  # fmt: skip
+                            **{f: stats[f] for f in GAP_FIELDS}, "from": source})  # fmt: skip
             verdicts.append(stats["verdict"])
         if k:
             rows.append([f"**knowledge**: gap {k['often_tier']} − gap {k['never_tier']}", "–", "–", "–",
@@ -712,14 +702,14 @@ def _knowledge_sentence(direction: str, lang: str, k: dict) -> str:
     verdicts = (k["verdict"], k["skill_verdict"])
     if "undetermined" in verdicts:
         which = " and ".join(w for w, v in zip(("the difference", "the skill gap"), verdicts) if v == "undetermined")
-        return (f"{head}: undetermined: {which} lies outside its own interval (too few bootstrap resamples), so neither "
-                f"knowledge nor skill is read from it: {difference}; gap {skill}.")  # fmt: skip
+        return (f"{head}: undetermined: {which} lies outside its own interval (too few bootstrap resamples), so "
+                f"neither knowledge nor skill is read from it: {difference}; gap {skill}.")  # fmt: skip
     if k["verdict"] == "transfer":
         beside = {"transfer": f"bridges also helped learning {destination} (skill): {skill}",
                   "no evidence": f"no evidence of a skill part: {skill}",
-                  "reverse": f"bridges slowed learning {destination} on the rest: {skill}"}[k["skill_verdict"]]  # fmt: skip
+                  "reverse": f"bridges slowed learning {destination} on the rest: {skill}"}  # fmt: skip
         return (f"{head}: knowledge crossed from {source}: the gap on facts {source} states often exceeds the gap on "
-                f"facts it never states, {difference} excludes 0; {beside}.")  # fmt: skip
+                f"facts it never states, {difference} excludes 0; {beside[k['skill_verdict']]}.")  # fmt: skip
     if k["verdict"] == "reverse":
         return (f"{head}: no knowledge crossing: the gap is smaller on facts {source} states often than on facts it "
                 f"never states, {difference} lies below 0; gap {skill}.")  # fmt: skip
@@ -738,13 +728,13 @@ MISMATCHED_WORDS = {
         "transfer": "the right partner matters ({} excludes 0)",
         "no evidence": "no evidence that the right partner matters ({} includes 0)",
         "reverse": "mismatched bridges beat true ones ({} lies below 0): the translation did not help",
-        "undetermined": "whether the right partner matters is undetermined ({}: the estimate lies outside its interval)",
+        "undetermined": "whether the right partner matters is undetermined ({}: outside its own interval)",
     },
     "mismatched_minus_none": {
         "transfer": "mere bilingual co-location helps ({} excludes 0)",
         "no evidence": "no evidence that bilingual co-location without the translation helps ({} includes 0)",
         "reverse": "bilingual co-location without the translation hurts ({} lies below 0)",
-        "undetermined": "whether co-location alone helps is undetermined ({}: the estimate lies outside its interval)",
+        "undetermined": "whether co-location alone helps is undetermined ({}: outside its own interval)",
     },
 }
 
@@ -765,14 +755,15 @@ def _report_mismatched(doc: ReportDoc, directions: list[tuple[str, dict]]) -> li
         entry = {"direction": d["direction"]}
         for name, label in (("bridges_minus_mismatched", "bridges − mismatched"), ("mismatched_minus_none",
                                                                                   "mismatched − none")):  # fmt: skip
-            stats = {f: d[name][f] for f in ("mean_gap", "mean_gap_ci", "final_gap", "final_gap_ci", "verdict")}
+            stats = {f: d[name][f] for f in GAP_FIELDS}
             entry[name] = stats | {"words": MISMATCHED_WORDS[name][stats["verdict"]].format(f"{label} {_gap(stats)}")}
         above, below = entry["bridges_minus_mismatched"], entry["mismatched_minus_none"]
         entry["sentence"] = f"{_direction_words(d['direction'], lang)}: {above.pop('words')}; {below.pop('words')}."
         rows.append([_direction_words(d["direction"], lang), _gap(above), _verdict_cell(above["verdict"]), _gap(below),
                      _verdict_cell(below["verdict"])])  # fmt: skip
         entries.append(entry)
-    doc.table(["direction", "bridges − mismatched [95% CI]", "verdict", "mismatched − none [95% CI]", "verdict"], rows)
+    headers = ["direction", "bridges − mismatched [95% CI]", "verdict", "mismatched − none [95% CI]", "verdict"]
+    doc.table(headers, rows)
     doc.bullets([e["sentence"] for e in entries])
     _note_undetermined(doc, [e[name]["verdict"] for e in entries for name in MISMATCHED_WORDS])
     return entries
@@ -847,7 +838,8 @@ def _report_manipulation_checks(doc: ReportDoc, plan: Plan) -> dict:
                 results.setdefault(check_what, {})[name] = {
                     "check": check_what[0], "what": check_what[1], "model": name, "seeds": len(per_seed),
                     "steps": sorted({step for step, values in found if check_what in values}), "accuracy": accuracy,
-                    "per_seed": [v[0] for v in per_seed], "n": n, "chance": chance, "ci": ci, "relation": relation}  # fmt: skip
+                    "per_seed": [v[0] for v in per_seed], "n": n, "chance": chance, "ci": ci,
+                    "relation": relation}  # fmt: skip
         ordered = sorted(results, key=lambda cw: CHECKS.index(cw[0]))  # stable: as the files order them
         entries = [e for check_what in ordered for e in results[check_what].values()]
         doc.table(["check", "direction / questions", "model", "seeds", "step", f"accuracy [{CHECK_CONFIDENCE:.0%} CI]",
@@ -855,7 +847,8 @@ def _report_manipulation_checks(doc: ReportDoc, plan: Plan) -> dict:
                   [[e["check"], e["what"], labels[e["model"]], e["seeds"], ", ".join(map(str, e["steps"])),
                     f"{e['accuracy']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]", e["n"],
                     ", ".join(f"{a:.3f}" for a in e["per_seed"]), _f(e["chance"]),
-                    f"**{e['relation']}**" if e["relation"] == "at chance" else e["relation"]] for e in entries])  # fmt: skip
+                    f"**{e['relation']}**" if e["relation"] == "at chance" else e["relation"]]
+                   for e in entries])  # fmt: skip
         sentences = [s for cw in ordered if (s := _check_sentence(*cw, results[cw], labels, group["lang"]))]
         doc.bullets(sentences)
         files = [str(Path(d) / "manipulation_checks.json") for _, _, dirs in models for d in dirs]
@@ -883,8 +876,9 @@ def _check_sentence(check: str, what: str, results: dict, labels: dict, lang: st
         return None
 
     def shown(names: list[str]) -> str:
-        return "; ".join(f"{labels[n]} {results[n]['accuracy']:.3f} [{results[n]['ci'][0]:.3f}, "
-                         f"{results[n]['ci'][1]:.3f}] {results[n]['relation']}" for n in names) + f" (chance {chance:.3f})"  # fmt: skip
+        each = [f"{labels[n]} {results[n]['accuracy']:.3f} [{results[n]['ci'][0]:.3f}, {results[n]['ci'][1]:.3f}] "
+                f"{results[n]['relation']}" for n in names]  # fmt: skip
+        return "; ".join(each) + f" (chance {chance:.3f})"
 
     at = [name for name in cpt if results[name]["relation"] == "at chance"]
     head = f"{check.capitalize()} ({what})"
@@ -898,8 +892,9 @@ def _check_sentence(check: str, what: str, results: dict, labels: dict, lang: st
                 + (f" With bridges it is above chance ({shown(['bridges'])}): bridges aligned the names." if aligned
                    else ""))  # fmt: skip
     if check == "English retention" and base and base["relation"] == "at chance":
-        return (f"**{head}: the base model is at chance**: {shown(['base'])}: it does not know these English facts, so "
-                "there is no English knowledge to carry, and a gap on them cannot be knowledge from English.")  # fmt: skip
+        return (f"**{head}: the base model is at chance**: {shown(['base'])}: it does not know these English facts, "
+                "so there is no English knowledge to carry, and a gap on them cannot be knowledge from "
+                "English.")  # fmt: skip
     if check == "target learning" and base and base["relation"] == "above chance":
         return (f"**{head}: the base model is above chance** on facts it never saw: {shown(['base'])}: the questions "
                 "give their answers away (check their options).")  # fmt: skip
@@ -924,8 +919,8 @@ def _check_sentence(check: str, what: str, results: dict, labels: dict, lang: st
         return f"{head}: CPT taught the facts only the {lang} corpus states: {before}{shown(cpt)}."
     lower = [name for name in cpt if base and results[name]["ci"][1] < base["accuracy"]]
     if lower:
-        return (f"{head}: lower after CPT than in the base model: {before}{shown(lower)}: part of the English knowledge "
-                "was forgotten, none of it down to chance.")  # fmt: skip
+        return (f"{head}: lower after CPT than in the base model: {before}{shown(lower)}: part of the English "
+                "knowledge was forgotten, none of it down to chance.")  # fmt: skip
     return f"{head}: kept: {before}{shown(cpt)}."
 
 
@@ -953,9 +948,12 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
         entries, curves, steps = _anchor_differences(lang, native, anchors, truth)
         doc.h(3, f"{lang}: anchors − control")
         shared = sorted({e["setting"] for e in entries if e["setting"] != "pooled"})
-        doc.img(_plot_anchors(lang, steps, curves, plan, truth, figures),
-                f"{lang}: accuracy during CPT with shared Latin names (anchors) and native-script names (control), mean "
-                f"over seeds ({' and '.join(s.replace('_', ' ') for s in shared)}); step 0 is the base model")  # fmt: skip
+        which = " and ".join(s.replace("_", " ") for s in shared)
+        caption = f"{lang}: accuracy during CPT with shared Latin names (anchors) and native-script names (control)"
+        doc.img(
+            _plot_anchors(lang, steps, curves, plan, truth, figures),
+            f"{caption}, mean over seeds ({which}); step 0 is the base model",
+        )
         doc.table(["direction", "tier", "CPT setting", "questions", "run pairs", "mean acc. anchors",
                    "mean acc. control", "difference [95% CI]", "verdict"],
                   [[_direction_words(e["direction"], lang), e["tier"], e["setting"].replace("_", " "), e["questions"],
@@ -963,7 +961,7 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
                     _verdict_cell(e["verdict"])] for e in entries])  # fmt: skip
         _note_undetermined(doc, [e["verdict"] for e in entries])
         primary = "pooled" if len(shared) > 1 else shared[0]
-        conclusions = _anchor_conclusions(lang, {(e["direction"], e["tier"]): e for e in entries
+        conclusions = _asymmetry(lang, {(e["direction"], e["tier"]): e for e in entries
                                                  if e["setting"] == primary})  # fmt: skip
         doc.bullets(conclusions)
         section[lang] = {"steps": steps, "comparisons": entries, "conclusions": conclusions}
@@ -1001,29 +999,18 @@ def _anchor_differences(lang: str, native: list[Run], anchors: list[Run], truth:
     return entries, curves, steps
 
 
-def _anchor_conclusions(lang: str, pooled: dict) -> list[str]:
-    """Sentences about the frequency asymmetry, each only as strong as its intervals."""
-    sentences = []
+def _asymmetry(lang: str, pooled: dict) -> list[str]:
+    """The frequency asymmetry English -> target, as a sentence only as strong as the intervals."""
     high, low = pooled.get((f"en->{lang}", "high")), pooled.get((f"en->{lang}", "low"))
-    for entry, what in ((high, "facts frequent in English"), (low, "facts rare in English")):
-        if entry:
-            sentences.append(_gap_sentence(f"English → {lang} ({lang} questions), {what}: anchors − control",
-                                           entry["difference"], entry["difference_ci"], entry["run_pairs"]))  # fmt: skip
-    if high and low:
-        if high["difference_ci"][0] > 0 and high["difference_ci"][0] > low["difference_ci"][1]:
-            sentences.append(f"Frequency asymmetry (English → {lang}): shared names carried facts frequent in English "
-                             f"into {lang} ({high['difference']:+.3f}) more than facts rare in English "
-                             f"({low['difference']:+.3f}); the intervals do not overlap.")  # fmt: skip
-        else:
-            sentences.append(f"No evidence here of a frequency asymmetry English → {lang}: the high-tier interval "
-                             f"{_ci(high['difference_ci'])} does not lie above 0 and above the low-tier interval "
-                             f"{_ci(low['difference_ci'])}.")  # fmt: skip
-    reverse = pooled.get((f"{lang}->en", "low"))
-    if reverse:
-        sentences.append(_gap_sentence(f"{lang} → English (English questions), facts rare in English and frequent in "
-                                       f"{lang}: anchors − control", reverse["difference"], reverse["difference_ci"],
-                                       reverse["run_pairs"]))  # fmt: skip
-    return sentences
+    if not high or not low:
+        return []
+    if high["difference_ci"][0] > 0 and high["difference_ci"][0] > low["difference_ci"][1]:
+        return [f"Frequency asymmetry (English → {lang}): shared names carried facts frequent in English into {lang} "
+                f"({high['difference']:+.3f}) more than facts rare in English ({low['difference']:+.3f}); the "
+                "intervals do not overlap."]  # fmt: skip
+    return [f"No evidence here of a frequency asymmetry English → {lang}: the high-tier interval "
+            f"{_ci(high['difference_ci'])} does not lie above 0 and above the low-tier interval "
+            f"{_ci(low['difference_ci'])}."]  # fmt: skip
 
 
 def _plot_anchors(lang, steps, curves, plan, truth, figures) -> str:
@@ -1063,42 +1050,33 @@ def _report_diagnostic(doc: ReportDoc, plan: Plan, figures: Path) -> dict:
     """The bridge diagnostic at the final checkpoint per group and CPT setting (mean over seeds), and its figure."""
     doc.h(2, "Bridge diagnostic: does the model use the other side in context?")
     doc.p(
-        "On held-out parallel pairs, the mean token loss of a pair's second side alone, after its own first side, and "
-        "after another pair's first side (`run_eval.py --diagnostic_pairs`), at the final checkpoint, mean over seeds. "
-        "A model that reads a bridge has a lower loss after its own first side than alone, and no help from another's."
+        "On held-out parallel pairs, the mean token loss of a pair's second side alone, after its own first side (the "
+        "English side unless the runs changed --pair_order), and after another pair's first side (`run_eval.py "
+        "--diagnostic_pairs`), at the final checkpoint, mean over seeds. The model reads its own side when that lowers "
+        "the loss by over 0.05 in every seed and another pair's side helps less."
     )
-    section, rows, sentences, curves = {}, [], [], {}
+    section, rows, curves = {}, [], {}
     for key, group in plan.groups.items():
         for setting in group["settings"]:
             results = [_read_json(Path(r.eval_dir) / "bridge_diagnostic.json") for r in _group_runs(plan, key, setting)]
             results = [x for x in results if x and x.get("checkpoints")]
             if not results:
                 continue
-            finals = [x["checkpoints"][-1] for x in results]
-            context = "English side" if results[0].get("context_side", "en") == "en" else "other side"
+            curves[(key, setting)], finals = results, [x["checkpoints"][-1] for x in results]
             mean = {loss: float(np.mean([f[loss] for f in finals])) for loss in DIAGNOSTIC_LOSSES}
             own_gain = [f["after_own_context"] - f["alone"] for f in finals]
-            section.setdefault(key, []).append({"setting": setting, "seeds": len(finals), "final_step": finals[0]["step"],
-                                                **mean, "own_minus_alone_per_seed": own_gain,
-                                                "mismatched_minus_alone": mean["after_mismatched_context"] - mean["alone"]})  # fmt: skip
-            curves[(key, setting)] = results
+            uses = all(g < -0.05 for g in own_gain) and mean["after_mismatched_context"] > mean["after_own_context"]
+            section.setdefault(key, []).append(
+                {"setting": setting, "seeds": len(finals), "final_step": finals[0]["step"], **mean,
+                 "own_minus_alone_per_seed": own_gain, "uses_own_side": uses,
+                 "mismatched_minus_alone": mean["after_mismatched_context"] - mean["alone"]})  # fmt: skip
             rows.append([key, setting.replace("_", " "), len(finals), finals[0]["step"], *map(_f, mean.values()),
-                         ", ".join(f"{g:+.3f}" for g in own_gain)])  # fmt: skip
-            if setting != "no_bridges":
-                uses = all(g < -0.05 for g in own_gain) and mean["after_mismatched_context"] > mean["after_own_context"]
-                sentences.append(
-                    f"{key}, {setting.replace('_', ' ')}: loss {mean['alone']:.3f} alone, "
-                    f"{mean['after_own_context']:.3f} after its own {context} (per seed "
-                    f"{', '.join(f'{g:+.3f}' for g in own_gain)}), {mean['after_mismatched_context']:.3f} after another "
-                    f"pair's: {'the model uses' if uses else 'no consistent sign that the model uses'} the {context} in "
-                    "context."
-                )
+                         ", ".join(f"{g:+.3f}" for g in own_gain), "**yes**" if uses else "no"])  # fmt: skip
     if not rows:
         doc.p("No bridge diagnostic outputs found.")
         return section
     doc.table(["run group", "CPT setting", "seeds", "step", "loss alone", "after own side", "after another pair's side",
-               "own − alone (per seed)"], rows)  # fmt: skip
-    doc.bullets(sentences)
+               "own − alone (per seed)", "reads its own side"], rows)  # fmt: skip
     doc.img(_plot_diagnostic(curves, figures), "Bridge diagnostic during CPT (mean over seeds): loss in three contexts")
     return section
 
@@ -1156,7 +1134,8 @@ def _report_density(doc: ReportDoc, plan: Plan, truth: dict | None) -> dict:
                 entry.update(planted_occurrences=sum(planted), planted_density=sum(planted) / row["documents"],
                              questions_exact=sum(got.get(i) == min(c, top_k) for i, c in enumerate(planted)),
                              questions_planted=len(planted),
-                             mean_abs_error=float(np.mean([abs(got.get(i, 0) - c) for i, c in enumerate(planted)])))  # fmt: skip
+                             mean_abs_error=float(np.mean([abs(got.get(i, 0) - c)
+                                                           for i, c in enumerate(planted)])))  # fmt: skip
             entries.append(entry)
         doc.table(["questions", "corpus", "documents", "measured occurrences", "measured density",
                    "planted occurrences", "planted density", "questions exact", "mean |error| per question"],
@@ -1167,17 +1146,17 @@ def _report_density(doc: ReportDoc, plan: Plan, truth: dict | None) -> dict:
         analysis = (result.get("instance_analysis") or {}).get("results") or []
         slopes = [_slope_entry(r) for r in analysis]
         if analysis:
-            doc.p("Instance-level analysis (first seed, final checkpoint): mean source-corpus occurrences of items that "
-                  "transferred (right with bridges, wrong without) vs all items, and the slope of the per-item gap on "
-                  "log(1 + source-corpus occurrences) with a 95% bootstrap interval over items: the knowledge-or-skill "
-                  "question on measured density, where a world has no tiers.")  # fmt: skip
+            doc.p("Instance-level analysis (first seed, final checkpoint): mean source-corpus occurrences of items "
+                  "that transferred (right with bridges, wrong without) vs all items, and the slope of the per-item "
+                  "gap on log(1 + source-corpus occurrences), 95% bootstrap interval over items: the "
+                  f"knowledge-or-skill question on measured density, where a world has no tiers. The slope is the "
+                  f"{slopes[0]['meaning']}.")  # fmt: skip
             doc.table(["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all",
-                       "gap slope on log(1 + occ.) [95% CI]", "items in fit", "interval vs 0"],
+                       "gap slope on log(1 + occ.) [95% CI]", "items in fit", "reading"],
                       [[r["questions"], r["source_corpus"], r["items"], r["transferred"],
                         _f(r["mean_occurrences_transferred"], ".2f"), _f(r["mean_occurrences_all"], ".2f"),
-                        _gap(s, "slope") if s["slope"] is not None else "–", s["n_items"], s["verdict"] or "–"]
+                        _gap(s, "slope") if s["slope"] is not None else "–", s["n_items"], s["reading"]]
                        for r, s in zip(analysis, slopes)])  # fmt: skip
-            doc.bullets([s["sentence"] for s in slopes])
         section[key] = {"density_json": str(Path(group["density"]) / "density.json"), "rows": entries,
                         "instance_analysis": analysis or None, "gap_slopes": slopes}  # fmt: skip
     return section
@@ -1193,18 +1172,16 @@ SLOPE_READINGS = {
 
 
 def _slope_entry(result: dict) -> dict:
-    """The gap-vs-occurrences slope of one analysed question file with its reading and a sentence."""
+    """The gap-vs-occurrences slope of one analysed question file, with its interval against 0 in words."""
     from run_transfer import verdict
 
-    fit, where = result["gap_vs_log_occurrences"], f"{result['questions']} (source corpus {result['source_corpus']})"
+    fit = result["gap_vs_log_occurrences"]
     entry = {"questions": result["questions"], "source_corpus": result["source_corpus"], "slope": fit["slope"],
-             "slope_ci": fit["slope_ci"], "n_items": fit["n_items"], "meaning": fit["meaning"], "verdict": None}  # fmt: skip
+             "slope_ci": fit["slope_ci"], "n_items": fit["n_items"], "meaning": fit["meaning"]}  # fmt: skip
     if fit["slope"] is None:
-        return {**entry, "sentence": f"{where}: no slope: {fit.get('reason', 'not computed')}."}
-    entry["verdict"], reading = SLOPE_READINGS[verdict(tuple(fit["slope_ci"]), fit["slope"])]
-    sentence = (f"{where}: slope {_gap(fit, 'slope')} over {fit['n_items']} items, interval {entry['verdict']}: "
-                f"{reading}. The slope is the {fit['meaning']}.")  # fmt: skip
-    return {**entry, "sentence": sentence}
+        return entry | {"verdict": None, "reading": f"no slope: {fit.get('reason', 'not computed')}"}
+    interval, reading = SLOPE_READINGS[verdict(tuple(fit["slope_ci"]), fit["slope"])]
+    return entry | {"verdict": interval, "reading": f"{interval}: {reading}"}
 
 
 def _report_packing(doc: ReportDoc, plan: Plan) -> dict | None:
@@ -1227,7 +1204,8 @@ def _report_packing(doc: ReportDoc, plan: Plan) -> dict | None:
                             "tokens_multiset_sha256": digests.get("tokens_multiset_sha256"),
                             "documents_seen_sha256": digests.get("documents_seen_sha256"),
                             "real_token_fraction": audit.get("real_token_fraction"), "windows": audit.get("windows"),
-                            "guarantees_hold": audit.get("guarantees_hold"), "unchecked": audit.get("unchecked") or []})  # fmt: skip
+                            "guarantees_hold": audit.get("guarantees_hold"),
+                            "unchecked": audit.get("unchecked") or []})  # fmt: skip
             digest = (entries[-1]["tokens_multiset_sha256"], entries[-1]["documents_seen_sha256"])
             hashes.setdefault((run.lang, run.variant, run.seed), []).append(digest)
     if not entries:
@@ -1426,7 +1404,8 @@ def _plan_from_record(record: dict) -> SimpleNamespace:
         preset=SimpleNamespace(**record["preset"]), out=record["out"], groups=record["groups"], dirs=record["dirs"],
         steps=[SimpleNamespace(**step) for step in record["steps"]],
         runs=[SimpleNamespace(**run) for run in record["runs"]], config=record["configuration"],
-        state_dir=record["state_dir"], cells={name: _plan_from_record(c) for name, c in record.get("cells", {}).items()},
+        state_dir=record["state_dir"],
+        cells={name: _plan_from_record(cell) for name, cell in record.get("cells", {}).items()},
     )  # fmt: skip
 
 
