@@ -5,19 +5,17 @@ answers the calls those libraries make, for model and dataset repositories:
 
 * uploads: create repo, validate YAML, pre-upload (the upload mode of each file is negotiated as the real
   Hub does it: "lfs" for binary formats and large files, "regular" for small text), the LFS batch API and
-  the PUT of each LFS object, commit (regular contents base64 in the payload, LFS files by oid; deletions),
-  create branch;
-* reads: repo info (``/api/{models|datasets}/{id}[/revision/{rev}]``), refs, the tree listing (recursive or
+  the PUT of each LFS object, commit (regular contents base64 in the payload, LFS files by oid; deletions);
+* reads: repo info (``/api/{models|datasets}/{id}[/revision/{rev}]``), the tree listing (recursive or
   not), paths-info, and file download (``/{id}/resolve/{rev}/{path}``, ``/datasets/{id}/resolve/...``) with
   the headers huggingface_hub reads (X-Repo-Commit, ETag / X-Linked-Etag, Content-Length) and Range requests;
 * no Xet: clients must run with ``HF_HUB_DISABLE_XET=1`` (huggingface_hub then uploads through LFS);
 * gated repositories: every read needs an ``Authorization: Bearer`` token, as on the Hub after accepting a
   dataset's terms; without one the answer is 401 with ``X-Error-Code: GatedRepo``.
 
-Repositories live on disk: branch ``main`` of ``{type}s/{org}/{name}`` under ``root/{type}s/{org}/{name}/``
-(what a test reads with ``files()``), any other branch under ``root/.branches/{type}s/{org}/{name}/{branch}/``.
-A revision is a branch name or the commit id the server reports for its current files (a hash of them;
-there is no history: an older commit id no longer resolves). ``commits`` records every commit received (operations and their upload modes), so a
+Repositories live on disk: ``{type}s/{org}/{name}`` under ``root/{type}s/{org}/{name}/`` (what a test reads
+with ``files()``), one branch, ``main``. A revision is ``main`` or the commit id the server reports for the current
+files (a hash of them; there is no history: an older commit id no longer resolves). ``commits`` records every commit received (operations and their upload modes), so a
 test can check what a push did (e.g. that stale shards were deleted).
 """
 
@@ -155,9 +153,6 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._send(200, {"files": modes})
         if method == "POST" and action == "commit":
             return self._commit(repo_type, repo_id, "/".join(rest[1:]) or "main", self._body())
-        if method == "POST" and action == "branch":
-            self.hub.create_branch(repo_type, repo_id, "/".join(rest[1:]))
-            return self._send(200, {})
         if not self.hub.repo_dir(repo_type, repo_id).is_dir():
             return self._error(404, f"Repository {repo_id} not found", "RepoNotFound")
         if (repo_type, repo_id) in self.hub.gated and not self._authorized():
@@ -167,12 +162,6 @@ class HubHandler(BaseHTTPRequestHandler):
         if method in ("GET", "HEAD") and action in ("", "revision"):
             revision = urllib.parse.unquote("/".join(rest[1:])) if action == "revision" else "main"
             return self._info(repo_type, repo_id, revision)
-        if method == "GET" and action == "refs":
-            branches = [
-                {"name": b, "ref": f"refs/heads/{b}", "targetCommit": self.hub.commit_of(repo_type, repo_id, b)}
-                for b in self.hub.branches(repo_type, repo_id)
-            ]
-            return self._send(200, {"branches": branches, "tags": [], "converts": []})
         if method == "GET" and action == "tree":
             revision, path = rest[1], "/".join(rest[2:])
             recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
@@ -187,8 +176,8 @@ class HubHandler(BaseHTTPRequestHandler):
         return self._error(404, f"unhandled {method} {self.path}")
 
     def _commit(self, repo_type: str, repo_id: str, revision: str, body: bytes) -> None:
-        target = self.hub.branch_dir(repo_type, repo_id, urllib.parse.unquote(revision))
-        if not target.is_dir():
+        _, target = self.hub.resolve_revision(repo_type, repo_id, urllib.parse.unquote(revision))
+        if target is None or not target.is_dir():
             return self._error(404, f"Revision {revision} not found", "RevisionNotFound")
         operations = []
         for line in body.decode().splitlines():
@@ -359,52 +348,31 @@ class LocalHub:
     def repo_dir(self, repo_type: str, repo_id: str) -> Path:
         return self.root / repo_type / repo_id
 
-    def branch_dir(self, repo_type: str, repo_id: str, branch: str) -> Path:
-        if branch == "main":
-            return self.repo_dir(repo_type, repo_id)
-        return self.root / ".branches" / repo_type / repo_id / branch
-
-    def branches(self, repo_type: str, repo_id: str) -> list[str]:
-        others = self.root / ".branches" / repo_type / repo_id
-        found = sorted(p.relative_to(others).as_posix() for p in others.rglob("*") if (p / ".branch").is_file())
-        return ["main", *found] if others.is_dir() else ["main"]
-
-    def create_branch(self, repo_type: str, repo_id: str, branch: str, source: str = "main") -> Path:
-        """A new branch holding the files of ``source`` (as the Hub branches from the current head)."""
-        target = self.branch_dir(repo_type, repo_id, branch)
-        if not target.is_dir():
-            shutil.copytree(self.branch_dir(repo_type, repo_id, source), target)
-            (target / ".branch").touch()
-        return target
-
-    def commit_of(self, repo_type: str, repo_id: str, branch: str) -> str:
-        """A commit id for the branch's current files (changes whenever a file changes)."""
-        base = self.branch_dir(repo_type, repo_id, branch)
+    def commit_of(self, repo_type: str, repo_id: str, branch: str = "main") -> str:
+        """A commit id for the repository's current files (changes whenever a file changes)."""
+        base = self.repo_dir(repo_type, repo_id)
         digest = hashlib.sha1(f"{repo_type}/{repo_id}@{branch}".encode())
-        for file in sorted(p for p in base.rglob("*") if p.is_file() and p.name != ".branch"):
+        for file in sorted(p for p in base.rglob("*") if p.is_file()):
             digest.update(file.relative_to(base).as_posix().encode() + b"\0" + file.read_bytes())
         return digest.hexdigest()
 
     def resolve_revision(self, repo_type: str, repo_id: str, revision: str | None) -> tuple[str, Path | None]:
-        """(branch, folder) of a branch name or of a commit id the server reported."""
+        """("main", folder) of ``main`` or of the commit id the server reported; (revision, None) otherwise."""
         revision = revision or "main"
-        for branch in self.branches(repo_type, repo_id):
-            if revision in (branch, f"refs/heads/{branch}") or revision == self.commit_of(repo_type, repo_id, branch):
-                return branch, self.branch_dir(repo_type, repo_id, branch)
+        if revision in ("main", "refs/heads/main") or revision == self.commit_of(repo_type, repo_id):
+            return "main", self.repo_dir(repo_type, repo_id)
         return revision, None
 
     # ---- what tests use --------------------------------------------------------------
 
-    def files(self, repo_id: str, repo_type: str = "models", branch: str = "main") -> list[str]:
-        base = self.branch_dir(repo_type, repo_id, branch)
-        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and p.name != ".branch")
+    def files(self, repo_id: str, repo_type: str = "models") -> list[str]:
+        base = self.repo_dir(repo_type, repo_id)
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
 
-    def add_files(
-        self, repo_id: str, files: dict[str, bytes | str | Path], repo_type: str = "models", branch: str = "main"
-    ) -> None:
+    def add_files(self, repo_id: str, files: dict[str, bytes | str | Path], repo_type: str = "models") -> None:
         """Serve these files (path in repo -> content or a local file) from a repository, as if pushed."""
         self.repo_dir(repo_type, repo_id).mkdir(parents=True, exist_ok=True)
-        base = self.create_branch(repo_type, repo_id, branch) if branch != "main" else self.repo_dir(repo_type, repo_id)
+        base = self.repo_dir(repo_type, repo_id)
         for path_in_repo, content in files.items():
             target = base / path_in_repo
             target.parent.mkdir(parents=True, exist_ok=True)

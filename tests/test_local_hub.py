@@ -117,7 +117,7 @@ def test_pushes_negotiate_lfs_for_weights_and_regular_uploads_for_small_text(onl
     ).read_bytes()
 
 
-def test_checkpoints_published_as_folders_and_as_branches_are_read_back(online_hub, tmp_path):
+def test_checkpoints_published_as_folders_are_read_back_and_a_commit_id_resolves_to_its_files(online_hub, tmp_path):
     import torch
     from huggingface_hub import HfApi, snapshot_download
     from transformers import AutoModelForCausalLM
@@ -128,17 +128,12 @@ def test_checkpoints_published_as_folders_and_as_branches_are_read_back(online_h
     api.create_repo("org/curve", exist_ok=True)
     api.upload_folder(repo_id="org/curve", folder_path=str(early), path_in_repo="checkpoint-10")
     api.upload_folder(repo_id="org/curve", folder_path=str(late))
-    api.create_branch("org/curve", branch="step-10")
-    api.upload_folder(repo_id="org/curve", folder_path=str(early), revision="step-10")
 
-    assert [ref.name for ref in api.list_repo_refs("org/curve").branches] == ["main", "step-10"]
     from_folder = AutoModelForCausalLM.from_pretrained("org/curve", subfolder="checkpoint-10")
-    from_branch = AutoModelForCausalLM.from_pretrained("org/curve", revision="step-10")
     final = AutoModelForCausalLM.from_pretrained("org/curve")
     reference = AutoModelForCausalLM.from_pretrained(early)
     for name, weight in reference.state_dict().items():
         assert torch.equal(from_folder.state_dict()[name], weight)
-        assert torch.equal(from_branch.state_dict()[name], weight)
     assert not torch.equal(
         final.state_dict()["model.embed_tokens.weight"], reference.state_dict()["model.embed_tokens.weight"]
     )
@@ -146,13 +141,12 @@ def test_checkpoints_published_as_folders_and_as_branches_are_read_back(online_h
     snapshot = Path(snapshot_download("org/curve", allow_patterns=["checkpoint-10/*"]))
     downloaded = sorted(p.name for p in (snapshot / "checkpoint-10").iterdir())
     assert downloaded == sorted(p.name for p in early.iterdir())
-    # The commit id of a branch resolves to its files, and changes when the branch moves on.
-    head = api.model_info("org/curve", revision="step-10").sha
-    assert api.list_repo_files("org/curve", revision=head) == api.list_repo_files("org/curve", revision="step-10")
-    api.upload_file(path_or_fileobj=b"{}", path_in_repo="extra.json", repo_id="org/curve", revision="step-10")
-    assert "extra.json" in api.list_repo_files("org/curve", revision="step-10")
-    assert "extra.json" not in api.list_repo_files("org/curve")
-    assert api.model_info("org/curve", revision="step-10").sha != head
+    # The commit id resolves to its files, and changes when the repository moves on.
+    head = api.model_info("org/curve").sha
+    assert api.list_repo_files("org/curve", revision=head) == api.list_repo_files("org/curve")
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="extra.json", repo_id="org/curve")
+    assert "extra.json" in api.list_repo_files("org/curve")
+    assert api.model_info("org/curve").sha != head
 
 
 def test_deleted_files_leave_the_repository_in_the_same_commit(online_hub, tmp_path):
@@ -215,42 +209,3 @@ def test_one_languages_file_of_a_gated_corpus_is_all_build_pairs_and_run_density
 
     documents = [text for text, _, _ in corpus.iter_documents(Counter())]
     assert documents == mongolian
-
-
-def test_run_eval_probes_a_learning_curve_published_as_folders_and_as_branches(online_hub, tmp_path):
-    import shutil
-
-    from huggingface_hub import HfApi
-
-    import run_eval
-
-    questions = tmp_path / "curve_en.json"
-    questions.write_text(
-        json.dumps([{"question": "Tea is ____.", "options": ["hot", "cold"], "answer": "hot"}] * 3), encoding="utf-8"
-    )
-    models = {}
-    for step in (10, 20, 30):
-        models[step] = build_tiny_model(tmp_path / f"step{step}", seed=step)
-        (models[step] / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    api = HfApi()
-    api.create_repo("org/curve-branches", exist_ok=True)
-    api.upload_folder(repo_id="org/curve-branches", folder_path=str(models[10]), path_in_repo="checkpoint-10")
-    api.upload_folder(repo_id="org/curve-branches", folder_path=str(models[30]))  # the final model, step 30
-    api.create_branch("org/curve-branches", branch="step-20")
-    api.upload_folder(repo_id="org/curve-branches", folder_path=str(models[20]), revision="step-20")
-    shutil.rmtree(tmp_path / "step20")  # nothing local: the branch must be read from the Hub
-
-    output = tmp_path / "eval"
-    run_eval.main(
-        ["--model_name_or_path", "org/curve-branches", "--questions", str(questions), "--output_dir", str(output)]
-    )
-    accuracy = json.loads((output / "accuracy.json").read_text())
-    assert [(e["step"], e["path"]) for e in accuracy["checkpoints"]] == [
-        (10, "org/curve-branches/checkpoint-10"),
-        (20, "org/curve-branches@step-20"),
-        (30, "org/curve-branches"),
-    ]
-    # each checkpoint was scored with its own weights: the branch's scores are those of the step-20 model
-    rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
-    scores = {row["step"]: row["scores"] for row in rows if row["index"] == 0}
-    assert scores[10] != scores[20] != scores[30]

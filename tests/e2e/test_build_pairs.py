@@ -53,11 +53,13 @@ def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_tha
                                str(tmp_path / "out"), "--push_to_hub", "--hub_dataset_id", "tester/cpt-bo"],
                               cwd=Path(build_pairs.__file__).parent, env=env, capture_output=True, text=True)  # fmt: skip
         files = hub.files("tester/cpt-bo", "datasets")
+        unhandled = hub.unhandled
         card = hub.root / "datasets" / "tester/cpt-bo" / "README.md"
         card = card.read_text(encoding="utf-8") if card.is_file() else ""
     if status is None:  # the listing works: the earlier build's shards are deleted in the same commit
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert files == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
+        assert unhandled == [], f"the clients made calls the stand-in does not serve: {unhandled}"
         # the card records the setting and keeps the metadata push_to_hub wrote for the data files
         assert "| lang | bo |" in card and "path: data/train-*" in card and "dataset_info:" in card
     else:  # nothing pushed, so the repository never mixes two builds; the error says why
