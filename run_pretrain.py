@@ -587,18 +587,19 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
             f"--config_name {name!r}: not a config file and not a reachable Hub model id "
             f"({err.__class__.__name__}). Use one of {available}, or a Hub id such as Qwen/Qwen2.5-0.5B."
         ) from err
-    overrides = ",".join(item.strip() for item in (model_args.config_overrides or "").split(",") if item.strip())
-    if overrides:
+    text = ",".join(item.strip() for item in (model_args.config_overrides or "").split(",") if item.strip())
+    if text:
         try:
-            config.update_from_string(overrides)
+            config.update_from_string(text)
         except (ValueError, TypeError) as err:
             raise InputError(
-                f"--config_overrides {overrides!r}: {err} (the {config.model_type} config of {name}). Write "
+                f"--config_overrides {text!r}: {err} (the {config.model_type} config of {name}). Write "
                 "key=value pairs of its int, float, bool or string fields, e.g. 'num_hidden_layers=4'."
             ) from err
         # Fields derived at construction (layer_types from num_hidden_layers) follow the overridden ones.
         config = type(config)(**{k: v for k, v in config.to_dict().items() if k != "layer_types"})
-    if "vocab_size" in {item.partition("=")[0] for item in overrides.split(",")}:
+    overrides = {key: getattr(config, key) for key in (item.partition("=")[0] for item in text.split(",") if item)}
+    if "vocab_size" in overrides:
         if config.vocab_size < len(tokenizer):
             raise InputError(
                 f"--config_overrides vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
@@ -616,7 +617,7 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
     config.bos_token_id = tokenizer.eos_token_id  # documents open with EOS; there is no separate BOS
     config.pad_token_id = tokenizer.pad_token_id
     config.use_cache = False  # with a KV cache the per-document mask is silently not built
-    return config, overrides or None
+    return config, overrides  # as applied, typed
 
 
 #: Documents of the isolation check, by window: two windows of 16 tokens, [A B] and [C D E], so
