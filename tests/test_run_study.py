@@ -1,0 +1,851 @@
+"""run_study.py: the plans of every study, the resumable runner and its behaviour under faults (locks, the step
+supervisor, kill -9), resume or start afresh, the paper plan's inputs and cost, sweeps as one plan, --report_only."""
+
+import json
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, python_step, toy_plan
+
+import run_study
+import study_report
+from run_study import Plan, Step, StudyArguments, StudyBusyError, StudyRunner, build_plan, build_sweep
+from study_common import InputError
+from study_config import PRESETS, sweep_factors
+
+# --------------------------------------------------------------------------------------
+# The plans
+# --------------------------------------------------------------------------------------
+
+
+def _plan(preset_name: str, out: Path, **overrides) -> Plan:
+    args = StudyArguments(preset=preset_name, output_dir=str(out), **overrides)
+    return build_plan(args, PRESETS[preset_name], out)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_dry_run_prints_every_command_of_every_preset_and_runs_nothing(preset, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert run_study.main(["--preset", preset, "--dry_run", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = _plan(preset, out)
+    assert len(plan.steps) > 10
+    for step in plan.steps:
+        assert shlex.join(step.command) in printed, step.id
+    assert not out.exists(), "a dry run must not write anything"
+    scripts = {c for step in plan.steps for c in step.command if c.endswith(".py")}
+    assert {
+        "run_pretrain.py",
+        "build_pairs.py",
+        "run_cpt.py",
+        "run_eval.py",
+        "run_transfer.py",
+        "run_density.py",
+    } <= scripts
+    if PRESETS[preset].budget_s:
+        assert "Time budget" in printed
+
+
+def test_every_seed_trains_both_settings_on_one_dataset(tmp_path):
+    plan = _plan("cpu", tmp_path)
+    cpt = [s for s in plan.steps if s.kind == "cpt"]
+    preset = PRESETS["cpu"]
+    runs_per_seed = 2 + len(preset.anchor_settings)  # native: both settings; anchors: the preset's
+    assert len(cpt) == len(preset.langs) * len(preset.seeds) * runs_per_seed
+    assert len(preset.seeds) >= 3, "honest intervals across seeds need at least 3 seeds"
+    cpt = [s for s in cpt if "-native-" in s.id]  # the variant that runs both settings
+    by_key = {}
+    for step in cpt:
+        flags = step.command
+        setting = "--bridges" if "--bridges" in flags else "--no_bridges"
+        assert ("--bridges" in flags) != ("--no_bridges" in flags)
+        without_setting = [c for c in flags if c not in ("--bridges", "--no_bridges")]
+        without_setting = [c for c in without_setting if "bridges-s" not in c]  # output dir and run name
+        by_key.setdefault(json.dumps(without_setting), set()).add(setting)
+    # the two settings of a seed differ in nothing but the setting flag and the run's name
+    assert all(settings == {"--bridges", "--no_bridges"} for settings in by_key.values())
+    assert len(by_key) == len(cpt) // 2
+
+
+def test_paper_plan_uses_the_paper_scale_and_questions(tmp_path):
+    plan = _plan("paper", tmp_path, questions_dir="/data/paper-culture-cloze")
+    commands = [shlex.join(s.command) for s in plan.steps]
+    pretrain = next(c for c, s in zip(commands, plan.steps) if s.kind == "pretrain")
+    assert pretrain.startswith("accelerate launch --config_file accelerate_configs/multi_gpu.yaml run_pretrain.py")
+    assert "--config_name configs/qwen2.5-0.5b.json" in pretrain and "20231101.en" in pretrain
+    cpt = [c for c, s in zip(commands, plan.steps) if s.kind == "cpt"]
+    assert len(cpt) == 8 and all("--max_steps 1500" in c and "--block_size 2048" in c for c in cpt)
+    for lang in ("ko", "zh", "bo", "mn"):
+        assert any(f"/data/paper-culture-cloze/{lang}-culture-cloze_{lang}.json" in c for c in commands)
+
+
+def test_synthetic_presets_run_offline_and_plain_python_by_default(tmp_path):
+    for name in (name for name, preset in PRESETS.items() if preset.synthetic):
+        plan = _plan(name, tmp_path)
+        runner = StudyRunner(plan, jobs=2, force=False, budget_s=0)
+        env = runner._env()
+        assert env["HF_HUB_OFFLINE"] == "1" and env["HF_DATASETS_OFFLINE"] == "1"
+        assert all(s.command[0] == "python" for s in plan.steps)
+    launched = _plan("micro", tmp_path, accelerate_config="accelerate_configs/cpu.yaml")
+    trains = [s for s in launched.steps if s.trains]
+    assert trains and all(
+        s.command[:4] == ["accelerate", "launch", "--config_file", "accelerate_configs/cpu.yaml"] for s in trains
+    )
+
+
+def test_the_cpu_and_micro_plans_pass_no_new_flag_unless_their_configuration_asks(tmp_path):
+    new = {"--mismatched_bridges", "--item_tiers", "--name_alignment"}
+    for name in ("cpu", "micro"):
+        plan = build_plan(StudyArguments(preset=name), PRESETS[name], tmp_path)
+        assert not new & {c for s in plan.steps for c in s.command}, name
+    preset = replace(
+        PRESETS["micro"],
+        settings=["bridges", "no_bridges", "mismatched_bridges"],
+        world={**PRESETS["micro"].world, "absent_places": 4, "en_only_places": 4},
+    )
+    plan = build_plan(StudyArguments(preset="micro"), preset, tmp_path)
+    mismatched = [s for s in plan.steps if s.kind == "cpt" and "--mismatched_bridges" in s.command]
+    assert len(mismatched) == 2 and all("--bridges" not in s.command and "--no_bridges" not in s.command
+                                        for s in mismatched)  # fmt: skip
+    transfer = next(s for s in plan.steps if s.kind == "transfer")
+    at = transfer.command.index("--mismatched_bridges")
+    assert transfer.command[at + 1 : at + 3] == [r.eval_dir for r in plan.runs if r.setting == "mismatched_bridges"]
+    world = Path(plan.dirs["world"]) / "mn" / "native"
+    assert _flag(transfer, "--item_tiers") == str(world / "item_tiers.json")
+    for step in (s for s in plan.steps if s.kind in ("eval", "base_eval") and "-native-" in s.workdir + s.id):
+        assert _flag(step, "--name_alignment") == str(world / "name_alignment.json")
+        assert _flag(step, "--item_tiers") == str(world / "item_tiers.json")
+        assert str(Path(step.workdir) / "manipulation_checks.json") in step.outputs
+
+
+def test_the_first_line_names_what_changed_the_values_of_the_study_file(tmp_path, capsys):
+    argv = ["--preset", "micro", "--dry_run", "--output_dir", str(tmp_path / "out")]
+    description = PRESETS["micro"].description
+    assert run_study.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"Study preset 'micro': {description}"
+    assert run_study.main([*argv, "--set", "cpt.max_steps=30", "--seeds", "0"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"Study 'micro' with --set cpt.max_steps=30, --seeds 0: {description}"
+    assert run_study.main([*argv, "--sweep", "cpt.max_steps=20,40"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"Study 'micro' with --sweep cpt.max_steps=20,40: {description}"
+
+
+def test_a_named_study_and_a_path_inside_the_repository_are_found_from_any_folder(tmp_path, monkeypatch, capsys):
+    for preset in ("micro", "configs/studies/micro.yaml"):
+        monkeypatch.chdir(tmp_path)  # (the study moves to the repository root)
+        assert run_study.main(["--preset", preset, "--dry_run", "--output_dir", str(tmp_path / "out")]) == 0
+        assert "Configuration: preset micro (configs/studies/micro.yaml)" in capsys.readouterr().out
+
+
+def test_the_effective_configuration_is_in_plan_json_and_at_the_top_of_the_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(StudyRunner, "run", lambda self: {})  # record the plan, run nothing
+    out = tmp_path / "study"
+    argv = ["--preset", "micro", "--output_dir", str(out), "--set", "world.pair_mentions=3", "--seeds", "0", "1", "2"]
+    assert run_study.main(argv) == 0
+    record = json.loads((out / "plan.json").read_text())
+    config = record["configuration"]
+    assert config["preset"] == "micro" and config["file"] == "configs/studies/micro.yaml"
+    assert config["set"] == ["world.pair_mentions=3"] and config["flags"] == {"seeds": [0, 1, 2]}
+    assert record["preset"]["world"]["pair_mentions"] == 3 and record["preset"]["seeds"] == [0, 1, 2]
+    assert record["preset"]["cpt"] == PRESETS["micro"].cpt
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[2].startswith(  # right under the title
+        "Configuration: preset micro (configs/studies/micro.yaml), --set world.pair_mentions=3, --seeds 0 1 2."
+    )
+    shown = json.loads((out / "report.json").read_text())["configuration"]
+    assert shown["values"] == record["preset"] and shown["set"] == ["world.pair_mentions=3"]
+
+
+# --------------------------------------------------------------------------------------
+# The paper plan: its inputs and what it costs, before anything runs
+# --------------------------------------------------------------------------------------
+
+
+def test_paper_questions_default_to_a_git_ignored_folder_of_the_repository(tmp_path):
+    default = StudyArguments().questions_dir
+    assert default == "data/paper-questions"
+    assert not default.startswith(("/", "..")), "the default must lie inside the repository"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", f"{default}/ko-culture-cloze_ko.json"], cwd=REPO_ROOT, check=False
+    )
+    assert ignored.returncode == 0, f"{default} must be git-ignored (the questions are never committed)"
+    plan = build_plan(StudyArguments(preset="paper"), PRESETS["paper"], tmp_path)
+    questions = [q for group in plan.groups.values() for q in group["questions"]]
+    assert questions and all(q.startswith(f"{default}/") for q in questions)
+
+
+def test_missing_paper_questions_exit_2_naming_the_exact_command_that_fetches_them(tmp_path, capsys):
+    empty = tmp_path / "questions"
+    empty.mkdir()
+    code = run_study.main(
+        ["--preset", "paper", "--langs", "ko", "--questions_dir", str(empty), "--output_dir", str(tmp_path / "out")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("run_study.py: error: the paper's questions are missing from")
+    assert "ko-culture-cloze_en.json" in err and "ko-culture-cloze_ko.json" in err
+    fetch = (
+        "git clone --depth 1 https://github.com/luciusssss/cross-lingual-culture /tmp/clc && "
+        f"mkdir -p {shlex.quote(str(empty))} && cp /tmp/clc/data/*-culture-cloze_*.json {shlex.quote(str(empty))}/"
+    )
+    assert fetch in err and "--questions_dir DIR" in err
+    assert not (tmp_path / "out").exists(), "nothing is written before the inputs are there"
+
+
+def test_the_fetch_command_for_the_default_folder_fills_the_folder_the_plan_reads(capsys, tmp_path):
+    run_study.main(["--preset", "paper", "--dry_run", "--output_dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    if (REPO_ROOT / "data" / "paper-questions" / "ko-culture-cloze_ko.json").is_file():
+        pytest.skip("the questions are in data/paper-questions here: no note to print")
+    assert (
+        "git clone --depth 1 https://github.com/luciusssss/cross-lingual-culture /tmp/clc && mkdir -p "
+        "data/paper-questions && cp /tmp/clc/data/*-culture-cloze_*.json data/paper-questions/" in printed
+    )
+
+
+def test_paper_plan_reads_mc2_without_invented_language_configs(tmp_path):
+    plan = build_plan(StudyArguments(preset="paper"), PRESETS["paper"], tmp_path)
+    mc2_steps = [s for s in plan.steps if s.kind in ("build", "density") and "pkupie/mc2_corpus" in s.command]
+    assert {s.id for s in mc2_steps} == {"build-bo", "build-mn", "density-bo-bo", "density-mn-mn"}
+    for step in mc2_steps:
+        assert "--mono_dataset_config" not in step.command and "--corpus_dataset_config" not in step.command
+        # each reads its language's own file of MC^2, never the other languages' documents
+        lang = step.id.split("-")[1]
+        files_flag = "--mono_data_files" if step.kind == "build" else "--corpus_data_files"
+        at = step.command.index(files_flag)
+        assert step.command[at + 1] == f"{lang}-crawl-only-release-20231127.jsonl"
+    # a language's own MC^2 file given as files reaches build_pairs.py and run_density.py
+    override = tmp_path / "paper_data.json"
+    override.write_text('{"bo": {"mono_files": ["mc2/bo-crawl-only-release-20231127.jsonl"], "mono_dataset": null}}')
+    plan = build_plan(
+        StudyArguments(preset="paper", langs=["bo"], paper_data=str(override)), PRESETS["paper"], tmp_path
+    )
+    build = next(s for s in plan.steps if s.kind == "build")
+    density = next(s for s in plan.steps if s.id == "density-bo-bo")
+    assert "--mono_files" in build.command and "--mono_dataset" not in build.command
+    assert "--mono_data_files" not in build.command
+    assert "bo=mc2/bo-crawl-only-release-20231127.jsonl" in density.command
+    assert "--corpus_dataset" not in density.command and "--corpus_streaming" not in density.command
+    assert "mc2/bo-crawl-only-release-20231127.jsonl" in run_study._local_files(plan)
+
+
+def _cost_line(printed: str, step_id: str) -> list[str]:
+    return next(line.split() for line in printed.splitlines() if line.split()[:1] == [step_id])
+
+
+def test_paper_dry_run_prints_tokens_windows_and_an_estimate_of_gpu_hours_per_step(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert run_study.main(["--preset", "paper", "--dry_run", "--output_dir", out]) == 0
+    printed = capsys.readouterr().out
+    # CPT: 1,500 steps x (16 per device x 2 accumulation x 8 processes of multi_gpu.yaml) x 2048 tokens
+    cpt = _cost_line(printed, "cpt-ko-bridges-s0")
+    assert cpt[1:3] == ["8", "1,500"] and cpt[3:5] == ["256", "(16x2x8)"] and cpt[5] == "2048"
+    assert cpt[6:8] == ["384,000", f"{1500 * 256 * 2048:,}"]
+    assert cpt[8:10] == [f"{1500 * 256 * 2048 / 47_800 / 3600:.2f}", f"{1500 * 256 * 2048 / 47_800 / 3600 / 8:.2f}"]
+    pretrain = _cost_line(printed, "pretrain")
+    assert pretrain[7] == f"{20000 * 256 * 2048:,}"
+    assert "ESTIMATE at 47,800 tokens/s per GPU (measured by bench/gpu_fsdp_check.sh on one NVIDIA H200" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_cost_follows_the_throughput_flag_and_the_processes_of_the_accelerate_config(tmp_path, capsys):
+    config = tmp_path / "four_gpus.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
+    argv = ["--preset", "paper", "--dry_run", "--output_dir", str(tmp_path / "out"), "--langs", "bo"]
+    assert run_study.main([*argv, "--accelerate_config", str(config), "--tokens_per_second_per_gpu", "10000"]) == 0
+    printed = capsys.readouterr().out
+    cpt = _cost_line(printed, "cpt-bo-no_bridges-s0")
+    tokens = 1500 * 16 * 2 * 4 * 2048
+    assert cpt[1] == "4" and cpt[3:5] == ["128", "(16x2x4)"] and cpt[7] == f"{tokens:,}"
+    assert cpt[8:10] == [f"{tokens / 10_000 / 3600:.2f}", f"{tokens / 10_000 / 3600 / 4:.2f}"]
+    assert "given with --tokens_per_second_per_gpu" in printed
+    # a synthetic preset prints tokens and windows, and GPU-hours only from a throughput it is given
+    assert run_study.main(["--preset", "micro", "--dry_run", "--output_dir", str(tmp_path / "m")]) == 0
+    micro = capsys.readouterr().out
+    assert _cost_line(micro, "pretrain")[1:8] == ["1", "100", "16", "(16x1x1)", "64", "1,600", f"{100 * 16 * 64:,}"]
+    assert "GPU-hours" not in micro
+
+
+# --------------------------------------------------------------------------------------
+# Sweeps: one plan whose cells share the steps they agree on
+# --------------------------------------------------------------------------------------
+
+
+def _sweep(tmp_path: Path, *sweeps: str, preset: str = "micro", **arguments):
+    args = StudyArguments(preset=preset, sweep=list(sweeps), **arguments)
+    return build_sweep(args, tmp_path / "sweep", sweep_factors(args.sweep, args.set or []))
+
+
+def _flag(step, flag: str) -> str:
+    return step.command[step.command.index(flag) + 1]
+
+
+def test_a_sweep_over_a_cpt_key_shares_the_world_pretraining_and_datasets_and_gives_each_cell_its_own_cpt(tmp_path):
+    plan = _sweep(tmp_path, "cpt.max_steps=20,40")
+    assert list(plan.cells) == ["cpt.max_steps=20", "cpt.max_steps=40"]
+    by_kind = {kind: [s for s in plan.steps if s.kind == kind] for kind in ("world", "pretrain", "build", "cpt")}
+    assert len(by_kind["world"]) == len(by_kind["pretrain"]) == 1
+    assert by_kind["world"][0].id.startswith("shared/world-") and by_kind["pretrain"][0].id.startswith("shared/base-")
+    assert all(s.id.startswith("shared/") for s in by_kind["build"]) and len(by_kind["build"]) == 2  # native, anchors
+    single = build_plan(StudyArguments(preset="micro"), PRESETS["micro"], tmp_path / "single")
+    single_cpt = [s for s in single.steps if s.kind == "cpt"]
+    for name, max_steps in (("cpt.max_steps=20", "20"), ("cpt.max_steps=40", "40")):
+        cell = plan.cells[name]
+        cpt = [s for s in cell.steps if s.kind == "cpt"]
+        assert [s.id for s in cpt] == [f"{name}/{s.id}" for s in single_cpt]
+        assert all(_flag(s, "--max_steps") == max_steps for s in cpt)
+        assert all(_flag(s, "--output_dir").startswith(str(tmp_path / "sweep" / name / "cpt")) for s in cpt)
+        # each cell trains on the shared base model and datasets
+        assert {_flag(s, "--model_name_or_path") for s in cpt} == {by_kind["pretrain"][0].workdir}
+        assert {d for s in cpt for d in s.deps} == {s.id for s in by_kind["build"]}
+        assert {s.id for s in cell.steps if s.id.startswith("shared/")} <= {s.id for s in plan.steps}
+    # one plan: every cell's own steps plus the shared ones, each once
+    own = sum(len([s for s in cell.steps if not s.id.startswith("shared/")]) for cell in plan.cells.values())
+    assert len(plan.steps) == own + len({s.id for s in plan.steps if s.id.startswith("shared/")})
+    assert len({s.id for s in plan.steps}) == len(plan.steps)
+
+
+def test_a_sweep_over_a_world_key_gives_each_cell_its_own_world_and_pretraining(tmp_path):
+    plan = _sweep(tmp_path, "world.pair_mentions=2,3", "cpt.max_steps=20,40")
+    assert len(plan.cells) == 4
+    worlds = [s for s in plan.steps if s.kind == "world"]
+    assert len(worlds) == 2 and len([s for s in plan.steps if s.kind == "pretrain"]) == 2
+    assert sorted(_flag(s, "--pair_mentions") for s in worlds) == ["2", "3"]
+    for name, cell in plan.cells.items():
+        world = next(s for s in cell.steps if s.kind == "world")
+        assert _flag(world, "--pair_mentions") == str(cell.config["cell"]["world.pair_mentions"]), name
+
+
+def _runnable(plan):
+    """The sweep's steps as python steps that write their outputs and log their id, each command holding the real
+    command (so that the same real command is the same toy command)."""
+    out = Path(plan.out)
+    for step in plan.steps:
+        code = (
+            f"# {shlex.join(step.command)}\nimport pathlib\n"
+            f"for p in {step.outputs!r}: pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True); "
+            "pathlib.Path(p).write_text('x')\n"
+            f"open({str(out / 'ran.log')!r}, 'a').write({step.id!r} + '\\n')\n"
+        )
+        step.command = [sys.executable, "-c", code]
+    return plan
+
+
+def test_a_sweep_runs_its_shared_steps_once_and_a_grown_sweep_reuses_them(tmp_path):
+    plan = _runnable(_sweep(tmp_path, "cpt.max_steps=20,40"))
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    ran = (tmp_path / "sweep" / "ran.log").read_text().split()
+    assert sorted(ran) == sorted(s.id for s in plan.steps), "every step once, shared ones too"
+    assert (tmp_path / "sweep" / ".done" / "cpt.max_steps=20" / "cpt-mn-native-bridges-s0.json").is_file()
+    assert (tmp_path / "sweep" / "logs" / "shared").is_dir()
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "sweep" / "ran.log").read_text().split() == ran, "a finished sweep is done"
+    grown = _runnable(_sweep(tmp_path, "cpt.max_steps=20,40,80"))
+    StudyRunner(grown, jobs=2, force=False, budget_s=0).run()
+    again = (tmp_path / "sweep" / "ran.log").read_text().split()[len(ran) :]
+    assert again and all(step_id.startswith("cpt.max_steps=80/") for step_id in again)
+    assert sorted(again) == sorted(s.id for s in grown.cells["cpt.max_steps=80"].steps if not s.id.startswith("shared"))
+
+
+def test_dry_run_of_a_sweep_prints_its_cells_and_the_steps_they_share(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert (
+        run_study.main(["--preset", "micro", "--dry_run", "--output_dir", str(out), "--sweep", "cpt.max_steps=20,40"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    plan = _sweep(tmp_path, "cpt.max_steps=20,40")
+    planned = sum(len(cell.steps) for cell in plan.cells.values())
+    assert f"Sweep: 2 cells, {planned} steps planned, {len(plan.steps)} to run (shared once):" in printed
+    assert "  cpt.max_steps=20: 20 steps (6 shared)" in printed and "  cpt.max_steps=40: 20 steps (6 shared)" in printed
+    assert printed.count("python synthetic_world.py") == 1 and printed.count("python run_pretrain.py") == 1
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# The runner: skip, rerun, resume or start afresh
+# --------------------------------------------------------------------------------------
+
+
+def _counting_plan(out: Path, commands: dict[str, str]) -> Plan:
+    """Steps that each append a line to a file (a counter of how often they ran) and write their output."""
+    steps = []
+    previous = None
+    for name, text in commands.items():
+        target = out / f"{name}.txt"
+        code = f"import pathlib; p = pathlib.Path({str(target)!r}); p.write_text({text!r}); "
+        code += f"open({str(out / 'ran.log')!r}, 'a').write({name!r} + '\\n')"
+        steps.append(python_step(name, code, [str(target)], deps=[previous] if previous else []))
+        previous = name
+    return toy_plan(out, steps)
+
+
+def test_runner_skips_finished_steps_and_reruns_a_changed_step_and_what_depends_on_it(tmp_path):
+    plan = _counting_plan(tmp_path, {"a": "1", "b": "2", "c": "3"})
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split() == ["a", "b", "c"]
+    assert all((tmp_path / ".done" / f"{s}.json").is_file() for s in "abc")
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split() == ["a", "b", "c"], "finished steps must be skipped"
+    changed = _counting_plan(tmp_path, {"a": "1", "b": "changed", "c": "3"})
+    StudyRunner(changed, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split() == ["a", "b", "c", "b", "c"]
+    (tmp_path / "c.txt").unlink()  # an output gone: the step is not done
+    StudyRunner(changed, jobs=2, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text().split()[-1] == "c"
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings["steps"]) == {"a", "b", "c"}
+
+
+def test_a_failing_step_stops_the_study_and_names_its_log(tmp_path):
+    plan = _counting_plan(tmp_path, {"a": "1", "b": "2"})
+    plan.steps[0].command = [sys.executable, "-c", "import sys; print('something broke'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"Step a failed \(exit code 3\).*logs/a.log(.|\n)*something broke"):
+        StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    assert not (tmp_path / ".done" / "a.json").exists() and not (tmp_path / "b.txt").exists()
+
+
+def test_an_interrupted_training_step_resumes_from_its_last_checkpoint(tmp_path):
+    step = Step(
+        id="cpt-x",
+        kind="cpt",
+        title="x",
+        command=["python", "run_cpt.py"],
+        outputs=[],
+        workdir=str(tmp_path / "run"),
+        trains=True,
+    )
+    for n in (5, 10):
+        (tmp_path / "run" / f"checkpoint-{n}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "checkpoint-15").mkdir()  # no trainer_state: an unfinished save, not resumable
+    run_study._prepare(tmp_path, step, "not run yet")  # first start: nothing to resume, the folder is cleaned
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    command, note = run_study._prepare(tmp_path, step, "it did not finish")  # same command started before: resume
+    assert command[-2:] == ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-10")]
+    assert note.startswith(f"cpt-x: resumes from {tmp_path / 'run' / 'checkpoint-10'}")
+    step.command = ["python", "run_cpt.py", "--max_steps", "7"]  # another command: start afresh
+    command, note = run_study._prepare(tmp_path, step, "its command changed")
+    assert command == step.command and not (tmp_path / "run").exists()
+    assert note == f"cpt-x: starts afresh (its command changed); removed its earlier outputs {tmp_path / 'run'}"
+
+
+def test_a_step_that_runs_alone_on_a_quiet_machine_gets_every_core_and_parallel_steps_share_them(tmp_path, monkeypatch):
+    import os
+
+    def step(name, deps):
+        code = f"import os, pathlib; pathlib.Path({str(tmp_path / name)!r}).write_text(os.environ['OMP_NUM_THREADS'])"
+        return python_step(name, code, [str(tmp_path / name)], deps=deps)
+
+    # "first" runs alone; "left" and "right" can run together once it is done
+    plan = toy_plan(tmp_path, [step("first", []), step("left", ["first"]), step("right", ["first"])])
+    monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: True)
+    StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
+    cores = os.cpu_count() or 1
+    assert (tmp_path / "first").read_text() == str(cores)
+    assert (tmp_path / "left").read_text() == (tmp_path / "right").read_text() == str(max(1, cores // 2))
+    monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: False)  # shared machine: keep the share
+    StudyRunner(plan, jobs=2, force=True, budget_s=0).run()
+    assert (tmp_path / "first").read_text() == str(max(1, cores // 2))
+
+
+def _resumable_plan(
+    out: Path, texts: dict[str, str], deps: dict[str, list[str]], trains: set[str] = frozenset()
+) -> Plan:
+    """Steps that write ``<out>/<name>/out.txt`` and log each start (with the checkpoint it resumed from, if any)
+    to ``<out>/ran.jsonl``. A training step also saves ``checkpoint-1``; a step fails once, after saving, while
+    ``<out>/<name>.fail_once`` exists (an interrupted run)."""
+    steps = []
+    for name, text in texts.items():
+        workdir = out / name
+        code = (
+            "import json, pathlib, sys\n"
+            f"w, log, fail = pathlib.Path({str(workdir)!r}), {str(out / 'ran.jsonl')!r}, "
+            f"pathlib.Path({str(out / (name + '.fail_once'))!r})\n"
+            "resumed = sys.argv[sys.argv.index('--resume_from_checkpoint') + 1] "
+            "if '--resume_from_checkpoint' in sys.argv else None\n"
+            f"open(log, 'a').write(json.dumps({{'step': {name!r}, 'resumed_from': resumed}}) + '\\n')\n"
+            "w.mkdir(parents=True, exist_ok=True)\n"
+        )
+        if name in trains:
+            code += "(w / 'checkpoint-1').mkdir(exist_ok=True); (w / 'checkpoint-1' / 'trainer_state.json').write_text('{}')\n"
+        code += f"if fail.exists(): fail.unlink(); sys.exit(1)\n(w / 'out.txt').write_text({text!r})\n"
+        steps.append(
+            python_step(
+                name,
+                code,
+                [str(workdir / "out.txt")],
+                workdir=str(workdir),
+                deps=deps.get(name, []),
+                trains=name in trains,
+            )
+        )
+    return toy_plan(out, steps)
+
+
+def _starts(out: Path) -> list[tuple[str, str | None]]:
+    path = out / "ran.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(r["step"], r["resumed_from"]) for r in map(json.loads, lines)]
+
+
+def _run(plan: Plan, force: bool = False) -> None:
+    StudyRunner(plan, jobs=1, force=force, budget_s=0).run()
+
+
+CHAIN = {"b": ["a"], "c": ["b"]}
+
+
+def test_force_retrains_a_finished_training_step_from_scratch_and_says_it_removed_the_old_outputs(tmp_path, capsys):
+    plan = _resumable_plan(tmp_path, {"a": "1", "b": "2", "c": "3"}, CHAIN, trains={"b"})
+    _run(plan)
+    (tmp_path / "b" / "old-model.bin").write_text("trained before --force")
+    capsys.readouterr()
+    _run(plan, force=True)
+    assert _starts(tmp_path)[3:] == [("a", None), ("b", None), ("c", None)], "--force must not resume anything"
+    assert not (tmp_path / "b" / "old-model.bin").exists()
+    printed = capsys.readouterr().out
+    assert f"b: starts afresh (--force); removed its earlier outputs {tmp_path / 'b'}" in printed
+
+
+def test_a_training_step_whose_upstream_reran_starts_afresh_and_names_the_upstream_step(tmp_path, capsys):
+    _run(_resumable_plan(tmp_path, {"a": "1", "b": "2", "c": "3"}, CHAIN, trains={"b"}))
+    capsys.readouterr()
+    _run(_resumable_plan(tmp_path, {"a": "changed", "b": "2", "c": "3"}, CHAIN, trains={"b"}))  # b's command unchanged
+    assert _starts(tmp_path)[3:] == [("a", None), ("b", None), ("c", None)]
+    printed = capsys.readouterr().out
+    assert "b: starts afresh (upstream step a reruns: its command changed); removed its earlier outputs" in printed
+    assert "c: starts afresh (upstream step a reruns: its command changed)" in printed
+
+
+def test_a_step_finished_on_an_older_upstream_run_reruns_even_when_that_upstream_reran_in_an_earlier_invocation(
+    tmp_path, capsys
+):
+    _run(_resumable_plan(tmp_path, {"a": "1", "b": "2", "c": "3"}, CHAIN, trains={"b"}))
+    # an invocation that reran a and stopped before anything downstream of it started
+    new_a = _resumable_plan(tmp_path, {"a": "changed"}, {})
+    _run(new_a)
+    capsys.readouterr()
+    _run(_resumable_plan(tmp_path, {"a": "changed", "b": "2", "c": "3"}, CHAIN, trains={"b"}))
+    assert _starts(tmp_path)[4:] == [("b", None), ("c", None)], "b's outputs came from the old run of a"
+    printed = capsys.readouterr().out
+    assert "b: starts afresh (upstream step a finished a new run since b ran)" in printed
+
+
+def test_an_interrupted_training_step_resumes_only_when_its_command_and_upstream_runs_are_the_same(tmp_path):
+    texts = {"a": "1", "b": "2", "c": "3"}
+    (tmp_path / "b.fail_once").touch()
+    with pytest.raises(RuntimeError, match="Step b failed"):
+        _run(_resumable_plan(tmp_path, texts, CHAIN, trains={"b"}))
+    _run(_resumable_plan(tmp_path, texts, CHAIN, trains={"b"}))  # the same command again: b continues
+    assert _starts(tmp_path) == [("a", None), ("b", None), ("b", str(tmp_path / "b" / "checkpoint-1")), ("c", None)]
+    # interrupted again, then its upstream reruns: the checkpoint was trained on the old a, so b starts afresh
+    (tmp_path / "b.fail_once").touch()
+    with pytest.raises(RuntimeError, match="Step b failed"):
+        _run(_resumable_plan(tmp_path, {**texts, "b": "2'"}, CHAIN, trains={"b"}))
+    _run(_resumable_plan(tmp_path, {**texts, "a": "changed", "b": "2'"}, CHAIN, trains={"b"}))
+    assert _starts(tmp_path)[4:] == [("b", None), ("a", None), ("b", None), ("c", None)]
+
+
+def test_after_an_interrupted_force_run_the_same_plan_without_force_reruns_every_step_not_yet_rerun(tmp_path):
+    texts, deps = {"a": "1", "b": "2", "c": "3"}, {"b": ["a"]}  # c depends on nothing
+    _run(_resumable_plan(tmp_path, texts, deps, trains={"b"}))
+    (tmp_path / "b.fail_once").touch()
+    with pytest.raises(RuntimeError, match="Step b failed"):
+        _run(_resumable_plan(tmp_path, texts, deps, trains={"b"}), force=True)
+    _run(_resumable_plan(tmp_path, texts, deps, trains={"b"}))
+    starts = _starts(tmp_path)[3:]
+    # b continues from the checkpoint of its forced start (not from one trained before --force); c reruns too
+    assert starts[:2] == [("a", None), ("b", None)]
+    assert sorted(starts[2:]) == [("b", str(tmp_path / "b" / "checkpoint-1")), ("c", None)]
+
+
+def test_a_done_marker_that_does_not_record_its_upstream_runs_is_not_trusted_and_the_output_says_why(tmp_path, capsys):
+    plan = _resumable_plan(tmp_path, {"a": "1", "b": "2"}, {"b": ["a"]})
+    _run(plan)
+    marker = tmp_path / ".done" / "b.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "upstream"}))
+    capsys.readouterr()
+    _run(plan)
+    assert _starts(tmp_path)[2:] == [("b", None)]
+    assert "b reruns: upstream step a finished a new run since b ran" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Faults: locks on steps and on the output folder, the step supervisor
+# --------------------------------------------------------------------------------------
+
+
+def _writer_step(out: Path, name: str) -> Step:
+    code = (
+        f"import pathlib; pathlib.Path({str(out / name)!r}).mkdir(); open({str(out / 'ran.log')!r}, 'a').write('ran')"
+    )
+    return python_step(name, code, [str(out / name)], workdir=str(out / name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _processes_mentioning(text: str) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process whose command line contains ``text``."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = (Path("/proc") / entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if text in cmdline and _alive(int(entry)):
+            found[int(entry)] = (ppid, cmdline)
+    return found
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}")
+        time.sleep(0.05)
+
+
+def test_a_step_whose_process_still_runs_is_not_started_again_and_the_refusal_names_its_pid(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "partial.bin").write_text("written by the live process")
+    live = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / ".running").mkdir()
+        (tmp_path / ".running" / "a.pid").write_text(json.dumps({"pid": live.pid, "study_pid": 1, "started": "t"}))
+        plan = toy_plan(tmp_path, [_writer_step(tmp_path, "a")])
+        with pytest.raises(StudyBusyError, match=rf"still run in .*: a \(pid {live.pid}, started t by run_study.py"):
+            StudyRunner(plan, jobs=1, force=True, budget_s=0).run()
+    finally:
+        live.kill()
+        live.wait()
+    assert (tmp_path / "a" / "partial.bin").exists() and not (tmp_path / "ran.log").exists(), "nothing may start"
+    assert (tmp_path / ".running" / "a.pid").exists()
+
+
+def test_the_pid_file_of_a_step_whose_process_is_gone_is_taken_over_and_the_log_says_so(tmp_path, capsys):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    gone.wait()
+    (tmp_path / ".running").mkdir()
+    pid_file = tmp_path / ".running" / "a.pid"
+    pid_file.write_text(json.dumps({"pid": gone.pid, "study_pid": 1, "started": "t"}))
+    StudyRunner(toy_plan(tmp_path, [_writer_step(tmp_path, "a")]), jobs=1, force=False, budget_s=0).run()
+    assert (tmp_path / "ran.log").read_text() == "ran"
+    assert f"a: took over the stale pid file {pid_file} (pid {gone.pid} no longer runs)" in capsys.readouterr().out
+    assert not pid_file.exists(), "a finished step holds no lock"
+
+
+def test_the_pid_file_of_a_step_whose_supervisor_is_a_zombie_is_taken_over(tmp_path, capsys):
+    # After kill -9 of the study its step supervisors end as zombies until init reaps them (in some containers
+    # never); a zombie writes nothing and must not lock the step.
+    zombie = subprocess.Popen(["true"], start_new_session=True)
+    try:
+        _wait_until(
+            lambda: (Path("/proc") / str(zombie.pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+            30,
+            "it is a zombie",
+        )
+        (tmp_path / ".running").mkdir()
+        (tmp_path / ".running" / "a.pid").write_text(json.dumps({"pid": zombie.pid, "study_pid": 1, "started": "t"}))
+        plan = toy_plan(tmp_path, [_writer_step(tmp_path, "a")])
+        StudyRunner(plan, jobs=1, force=False, budget_s=0).run()
+    finally:
+        zombie.wait()
+    assert (tmp_path / "ran.log").read_text() == "ran"
+    assert f"(pid {zombie.pid} no longer runs)" in capsys.readouterr().out
+
+
+def test_processes_a_step_leaves_behind_in_their_own_session_are_stopped_when_it_ends(tmp_path):
+    code = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen(['sleep', '300'], start_new_session=True); "
+        f"open({str(tmp_path / 'left.pid')!r}, 'w').write(str(p.pid))"
+    )
+    StudyRunner(toy_plan(tmp_path, [python_step("a", code, [])]), jobs=1, force=False, budget_s=0).run()
+    left = int((tmp_path / "left.pid").read_text())
+    assert not _alive(left)
+    assert (
+        "1 processes of the step still ran after its command ended; stopped them"
+        in (tmp_path / "logs" / "a.log").read_text()
+    )
+
+
+def test_after_kill_9_of_the_study_no_process_of_its_steps_remains_also_accelerate_workers_in_their_own_sessions(
+    tmp_path,
+):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text(
+        "import os, pathlib, sys, time\npathlib.Path(sys.argv[1], str(os.getpid())).touch()\ntime.sleep(300)\n"
+    )
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml"]
+    escaping = f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(sleeper)!r}, {str(pids)!r}], start_new_session=True); time.sleep(300)"  # fmt: skip
+    steps = [
+        Step(id="launch", kind="world", title="launch", command=[*accelerate, str(sleeper), str(pids)], outputs=[]),
+        python_step("escape", escaping, []),
+    ]
+    (tmp_path / "plan.pickle").write_bytes(pickle.dumps(toy_plan(tmp_path / "study", steps)))
+    driver = (
+        f"import pickle, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import run_study; "
+        f"plan = pickle.loads(open({str(tmp_path / 'plan.pickle')!r}, 'rb').read()); "
+        "run_study.StudyRunner(plan, jobs=2, force=False, budget_s=0).run()"
+    )
+    study = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO_ROOT, start_new_session=True)
+    try:
+        # two accelerate (torch.distributed) workers and one grandchild, each in a session of its own
+        _wait_until(lambda: len(list(pids.iterdir())) == 3, 180, "every process of both steps runs")
+        step_pids = set(_processes_mentioning(str(tmp_path))) - {study.pid}
+        assert len(step_pids) >= 6  # 2 supervisors, the launcher, its 2 workers, the escaping step and its child
+        os.kill(study.pid, signal.SIGKILL)
+        study.wait()
+        _wait_until(lambda: not any(_alive(p) for p in step_pids), 30, "no process of the steps remains")
+        assert not _processes_mentioning(str(tmp_path))
+    finally:
+        for pid in _processes_mentioning(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_study_on_the_same_output_folder_refuses_and_names_the_pid_of_the_first(tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)]
+    first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = out / ".study.lock"
+        _wait_until(lambda: lock.is_file() and lock.read_text() == str(first.pid), 60, "the first study holds the lock")
+        second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (
+            f"run_study.py: error: another run_study.py (pid {first.pid}) is running on {out} (it holds {lock}); "
+            f"wait for it to end or stop it (kill {first.pid}), then run this command again."
+        )
+        assert first.poll() is None, "the refusal must not disturb the first study"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+
+
+def test_sigterm_stops_the_study_and_its_running_step_and_keeps_finished_steps(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO_ROOT
+
+    out = tmp_path / "study"
+    proc = subprocess.Popen(
+        [sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "logs" / "pretrain.log").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (out / "logs" / "pretrain.log").exists(), "pretraining never started"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Interrupted" in output
+    # no step of this study is left running
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = (Path("/proc") / pid / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        assert str(out) not in cmdline, cmdline
+    assert (out / ".done" / "world.json").is_file() and not (out / ".done" / "pretrain.json").exists()
+
+
+# --------------------------------------------------------------------------------------
+# --report_only
+# --------------------------------------------------------------------------------------
+
+
+def _recorded_micro_study(out: Path, monkeypatch, kinds: tuple[str, ...] = ()) -> None:
+    """A micro study in ``out`` as run_study.py records it, having run only its steps of ``kinds``."""
+    real_run = StudyRunner.run
+
+    def run_some(self):
+        self.plan = replace(self.plan, steps=[s for s in self.plan.steps if s.kind in kinds])
+        return real_run(self)
+
+    monkeypatch.setattr(StudyRunner, "run", run_some)
+    assert run_study.main(["--preset", "micro", "--output_dir", str(out)]) == 0
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--preset", "cpu"], "--preset"),
+        (["--seeds", "0"], "--seeds [0] (the study ran with [0, 1])"),
+        (["--set", "cpt.max_steps=30"], "--set cpt.max_steps=30 (the study ran with cpt.max_steps=60)"),
+        (["--sweep", "cpt.max_steps=30,60"], "--sweep"),
+    ],
+)
+def test_report_only_refuses_flags_that_contradict_the_recorded_plan_and_leaves_it_as_it_was(
+    flags, named, tmp_path, monkeypatch
+):
+    out = tmp_path / "micro"
+    _recorded_micro_study(out, monkeypatch)
+    before = {name: (out / name).read_bytes() for name in ("plan.json", "commands.sh", "report.md")}
+    with pytest.raises(InputError, match="contradicts that record") as refused:
+        run_study.main(["--report_only", "--output_dir", str(out), *flags])
+    assert named in str(refused.value)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    # flags that agree with the record are no contradiction
+    assert run_study.main(["--report_only", "--output_dir", str(out), "--preset", "micro", "--seeds", "0", "1"]) == 0
+
+
+def test_report_only_reports_the_recorded_study_not_the_one_the_default_flags_describe(tmp_path, monkeypatch):
+    out = tmp_path / "micro"
+    _recorded_micro_study(out, monkeypatch)
+    plan_json, commands = (out / "plan.json").read_bytes(), (out / "commands.sh").read_bytes()
+    (out / "report.md").unlink()
+    assert run_study.main(["--report_only", "--output_dir", str(out)]) == 0  # no --preset: the default is cpu
+    assert (out / "plan.json").read_bytes() == plan_json and (out / "commands.sh").read_bytes() == commands
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Cross-lingual culture transfer study: preset `micro`")
+    assert "Configuration: preset micro (configs/studies/micro.yaml)" in report
+
+
+def test_the_report_of_a_half_finished_study_names_the_steps_that_did_not_finish(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "micro"
+    _recorded_micro_study(out, monkeypatch, kinds=("world",))
+    capsys.readouterr()
+    assert run_study.main(["--report_only", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Study finished" not in printed and "Report rewritten." not in printed
+    plan = study_report.read_plan(out)
+    assert (
+        f"The study is NOT finished: {len(plan.steps) - 1} of {len(plan.steps)} steps have no finished run" in printed
+    )
+    status = json.loads((out / "report.json").read_text())["status"]
+    assert status["complete"] is False and status["finished"] == 1
+    assert [u["step"] for u in status["unfinished"]] == [s.id for s in plan.steps if s.kind != "world"]
+    assert {u["why"] for u in status["unfinished"]} == {"no record of an earlier run"}
+    report = (out / "report.md").read_text()
+    assert (
+        f"**UNFINISHED: {len(plan.steps) - 1} of {len(plan.steps)} steps of this study have no finished run.**"
+        in report
+    )
+    assert "- `pretrain`: no record of an earlier run" in report and "- `world`" not in report
