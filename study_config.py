@@ -387,22 +387,12 @@ def sweep_cells(factors: dict[str, list]) -> dict[str, dict]:
 
 #: --smoke: the budget flags cut per step kind; every other flag stays as the full run has it. A checkpoint before
 #: the last step, so that every checkpoint-reading step reads more than one.
-_SMOKE_TRAINING = dict(
-    block_size=128,
-    max_steps=4,
-    save_steps=2,
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=1,
-    warmup_steps=1,
-    logging_steps=1,
-)
+_SMOKE_TRAINING = dict(block_size=128, max_steps=4, save_steps=2, per_device_train_batch_size=2,
+                       gradient_accumulation_steps=1, warmup_steps=1, logging_steps=1)  # fmt: skip
+_TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2"
+_SMOKE_MODEL = dict(config_name="configs/tiny.json", config_overrides=_TINY)
 SMOKE_BUDGETS: dict[str, dict] = {
-    "pretrain": dict(
-        config_name="configs/tiny.json",
-        config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=4,num_key_value_heads=2",
-        **_SMOKE_TRAINING,
-        shuffle_buffer_size=16,
-    ),
+    "pretrain": dict(_SMOKE_MODEL, **_SMOKE_TRAINING, shuffle_buffer_size=16),
     "build": dict(num_proc=2, max_records_per_input=200),  # its windows are the CPT budget's
     "cpt": dict(_SMOKE_TRAINING),
     "eval": dict(batch_size=16),
@@ -411,11 +401,7 @@ SMOKE_BUDGETS: dict[str, dict] = {
 #: Flags that exist to cut a budget: a smoke run adds them although the full run leaves them out.
 SMOKE_ONLY_FLAGS = {"max_records_per_input", "max_documents"}
 #: Without a GPU a smoke run also trains and probes in float32 (bfloat16 on a CPU only slows it down).
-SMOKE_CPU_PRECISION: dict[str, dict] = {
-    "pretrain": dict(bf16=False),
-    "cpt": dict(bf16=False),
-    "eval": dict(dtype="float32"),
-}
+SMOKE_CPU_PRECISION = {"pretrain": dict(bf16=False), "cpt": dict(bf16=False), "eval": dict(dtype="float32")}
 
 
 def smoke_preset(preset: Preset, on_gpu: bool) -> tuple[Preset, list[str]]:
