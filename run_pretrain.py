@@ -311,9 +311,7 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
     return tokenizer, {**source, "length": len(tokenizer), "eos_token": tokenizer.eos_token}
 
 
-# --------------------------------------------------------------------------------------
 # Data: read, filter, tokenize, pack
-# --------------------------------------------------------------------------------------
 
 #: Why a document is dropped: blank; no letter or digit left by the character filter; (--filter_mode documents)
 #: a non-Latin letter or digit in it.
@@ -568,9 +566,7 @@ def prepare_streaming_dataset(raw: IterableDataset, tokenizer, start_id: int, da
     return blocks, counter
 
 
-# --------------------------------------------------------------------------------------
 # Model
-# --------------------------------------------------------------------------------------
 
 
 def build_config(model_args: ModelArguments, tokenizer, block_size: int):
@@ -704,9 +700,7 @@ def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCa
     )
 
 
-# --------------------------------------------------------------------------------------
 # Main
-# --------------------------------------------------------------------------------------
 
 
 def parse_arguments(argv: list[str] | None = None):
