@@ -632,7 +632,7 @@ def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, a
     if unchecked:
         raise InputError(
             f"Refusing to train: a guarantee of the setting could not be checked: {'; '.join(unchecked)}. "
-            "Nothing was trained."
+            "Raise --max_steps or add pairs to the dataset. Nothing was trained."
         )
     logger.info(
         "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, real tokens %.4f, "
