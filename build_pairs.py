@@ -551,8 +551,8 @@ def push_dataset(output_dir: Path, repo_id: str, private: bool) -> None:
 
     api = HfApi()
     try:
-        # push_to_hub reads a listing it cannot get as an empty repository and would leave an earlier build's
-        # shards beside the new ones; a repository it cannot list (other than "not found") stops the push here.
+        # push_to_hub must list the repository to delete an earlier build's shards; one it cannot list (other
+        # than "not found") is said here in one line, before anything is uploaded.
         api.list_repo_files(repo_id, repo_type="dataset")
     except HfHubHTTPError as error:
         if error.response is None or error.response.status_code != 404:
