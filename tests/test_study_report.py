@@ -535,6 +535,25 @@ def test_without_tiers_in_transfer_json_the_report_computes_the_same_gap_per_tie
         assert t["mean_gap"] == pytest.approx(with_tiers[t["direction"]]["tiers"][t["tier"]]["mean_gap"])
 
 
+def _diagnosed(plan) -> None:
+    """bridge_diagnostic.json of every run: its own English side helps with bridges only; another pair's barely."""
+    for run in plan.runs:
+        own = {"bridges": 1.0, "no_bridges": 2.99, "mismatched_bridges": 2.98}[run.setting]
+        checkpoints = [{"step": step, "alone": 3.0, "after_own_context": own, "after_mismatched_context": 2.95}
+                       for step in (10, 20, 30)]  # fmt: skip
+        _write_json(Path(run.eval_dir) / "bridge_diagnostic.json", {"checkpoints": checkpoints, "context_side": "en"})
+
+
+def test_the_bridge_diagnostic_shows_every_setting_a_group_ran_mismatched_bridges_included(study, tmp_path):
+    report, record, plan = _report(study, tmp_path, _diagnosed)
+    shown = {entry["setting"]: entry for entry in record["sections"]["diagnostic"][KEY]}
+    assert set(shown) == {"bridges", "no_bridges", "mismatched_bridges"}
+    assert shown["bridges"]["uses_own_side"] and shown["bridges"]["own_minus_alone_per_seed"] == [-2.0, -2.0]
+    assert shown["mismatched_bridges"]["after_own_context"] == 2.98 and not shown["mismatched_bridges"]["uses_own_side"]
+    assert "| mn/native | mismatched bridges | 2 | 30 | 3.000 | 2.980 | 2.950 | -0.020, -0.020 | no |" in report
+    assert (Path(plan.out) / "figures" / "bridge_diagnostic.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --------------------------------------------------------------------------------------
 # The sweep report
 # --------------------------------------------------------------------------------------
