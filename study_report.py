@@ -5,8 +5,12 @@
 # ///
 """The report of a study: report.md, report.html and report.json from the files its steps wrote (docs/study.md).
 
-Every number comes from a file a step wrote (report.json collects them, with the paths), and every sentence of
-conclusion is written from those numbers, never stronger than their intervals. run_study.py writes it after its last
+Sections: the run (machine, load, step times); the synthetic world and the model; questions (answer positions,
+ties, both tie rules); transfer with minus without bridges per direction, the gap per tier of facts (knowledge or
+skill) and mismatched bridges; the manipulation checks; anchors vs control; the bridge diagnostic per CPT setting;
+cultural density (measured vs planted, the gap against occurrences); the packing audits. Every number comes from a
+file a step wrote (report.json collects them, with the paths); every sentence of conclusion is written from those
+numbers, never stronger than their intervals. run_study.py writes it after its last
 step and with ``--report_only``; on its own it reports a study folder from the plan.json run_study.py wrote there::
 
     python study_report.py study_runs/cpu

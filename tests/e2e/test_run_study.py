@@ -452,24 +452,25 @@ def test_paper_plan_smoke_run_reads_every_source_from_the_hub_finishes_every_ste
         for folder in ("", "checkpoint-2/", "checkpoint-4/"):
             assert {f"{folder}config.json", f"{folder}model.safetensors"} <= set(files), (name, folder, files)
         assert "README.md" in files
-    # A fresh probe of the pushed checkpoints, pulled from the Hub into an empty cache, scores as the local one.
-    pulled = tmp_path / "pulled-eval"
+    # The pushed run, downloaded into an empty cache and probed, scores as the local one, on the same weights.
+    pulled_run, pulled = tmp_path / "pulled-run", tmp_path / "pulled-eval"
+    download = "import sys, huggingface_hub; huggingface_hub.snapshot_download(sys.argv[1], local_dir=sys.argv[2])"
+    fresh = {"HF_HOME": str(tmp_path / "hf_home_fresh"), "HF_HUB_OFFLINE": "0"}
+    run_script([sys.executable, "-c", download, "smoke-org/paper-smoke-cpt-ko-bridges-s0", str(pulled_run)],
+               cwd=REPO_ROOT, env_extra=fresh)  # fmt: skip
     run_script(
         [
-            sys.executable, "run_eval.py", "--model_name_or_path", "smoke-org/paper-smoke-cpt-ko-bridges-s0",
+            sys.executable, "run_eval.py", "--model_name_or_path", str(pulled_run),
             "--questions", str(questions / "ko-culture-cloze_en.json"), str(questions / "ko-culture-cloze_ko.json"),
             "--batch_size", "16", "--dtype", "float32", "--output_dir", str(pulled),
         ],
         cwd=REPO_ROOT,
-        env_extra={"HF_HOME": str(tmp_path / "hf_home_fresh"), "HF_HUB_OFFLINE": "0"},
+        env_extra=fresh,
     )  # fmt: skip
     local = json.loads((out / "cpt" / "ko-bridges-s0" / "eval" / "accuracy.json").read_text())
     remote = json.loads((pulled / "accuracy.json").read_text())
-    assert [c["path"] for c in remote["checkpoints"]] == [
-        f"smoke-org/paper-smoke-cpt-ko-bridges-s0/checkpoint-{step}" for step in (2, 4)
-    ]
-    assert [(c["step"], c["accuracy"]) for c in remote["checkpoints"]] == [
-        (c["step"], c["accuracy"]) for c in local["checkpoints"]
+    assert [(c["step"], c["weights_sha256"], c["accuracy"]) for c in remote["checkpoints"]] == [
+        (c["step"], c["weights_sha256"], c["accuracy"]) for c in local["checkpoints"]
     ]
     assert remote["cpt_setting"] == local["cpt_setting"], "the pushed checkpoints carry their CPT setting"
     assert local_hub.unhandled == [], f"the clients made calls the stand-in does not serve: {local_hub.unhandled}"
