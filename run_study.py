@@ -1035,18 +1035,17 @@ def _parser():
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Preset, list[str]]:
     """The study's arguments, its configuration (configure) and the lines saying what --smoke cut."""
-    parser = _parser()
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = _parser().parse_args_into_dataclasses(args=argv)
     args.preset = str(study_file(args.preset))  # a path that holds after the move to the repository root
     for name in ("set", "sweep"):  # repeated flags, each with one or more values
         setattr(args, name, [text for given in getattr(args, name) or [] for text in given] or None)
     preset, smoke_cuts = configure(args)
     if args.hub_org and preset.synthetic:
-        parser.error("--hub_org applies to the paper study only (synthetic studies never touch the Hub)")
+        raise InputError("--hub_org applies to the paper study only (synthetic studies never touch the Hub).")
     if args.hub_org and args.sweep:
-        parser.error("--hub_org does not go with --sweep (every cell would push to the same repositories)")
+        raise InputError("--hub_org does not go with --sweep (every cell would push to the same repositories).")
     if args.variants and not preset.synthetic:
-        parser.error("--variants applies to the synthetic studies only")
+        raise InputError("--variants applies to the synthetic studies only (the paper study has real names).")
     return args, preset, smoke_cuts
 
 

@@ -169,6 +169,24 @@ def test_the_effective_configuration_is_in_plan_json_and_at_the_top_of_the_repor
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("flags", "refusal"),
+    [
+        (["--preset", "micro", "--hub_org", "org"], "--hub_org applies to the paper study only"),
+        (
+            ["--preset", "paper", "--hub_org", "org", "--sweep", "cpt.max_steps=4,8"],
+            "--hub_org does not go with --sweep",
+        ),
+        (["--preset", "paper", "--variants", "native"], "--variants applies to the synthetic studies only"),
+        (["--preset", "micro", "--anchor_settings", "mismatched_bridges"], "anchor_settings must be a list of one of"),
+    ],
+)
+def test_flags_that_do_not_apply_to_the_study_are_refused_before_anything_is_written(flags, refusal, tmp_path):
+    with pytest.raises(InputError, match=refusal):
+        run_study.main([*flags, "--dry_run", "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_paper_questions_default_to_a_git_ignored_folder_of_the_repository(tmp_path):
     default = StudyArguments().questions_dir
     assert default == "data/paper-questions"
