@@ -19,6 +19,6 @@ else
     bench=(--device cpu --max_items 20)
     target=()
 fi
-RUN_EVAL_TEST_DEVICE=$device python -m pytest -q tests/test_eval.py -k "paper_loop" -p no:cacheprovider
+RUN_EVAL_TEST_DEVICE=$device python -m pytest -q tests/test_run_eval.py tests/e2e/test_run_eval.py -k "paper_loop" -p no:cacheprovider
 python bench/bench_eval.py "${bench[@]}" --dtype float32 --loss_dtypes float32 "${target[@]}"
 python bench/bench_eval.py "${bench[@]}" --dtype bfloat16 --loss_dtypes float32 model

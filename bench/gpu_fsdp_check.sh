@@ -55,7 +55,7 @@ python bench/english_like_corpus.py "$WORK/corpus.txt" "$CORPUS_MB"
 START=$(date +%s)
 STATUS=0
 accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 "${LAUNCH[@]}" \
-  run_pretrain.py \
+  bench/bench_pretrain_train.py --timed_run \
   --config_name "$CONFIG" --config_overrides "$OVERRIDES" \
   --train_tokenizer --vocab_size 4096 --tokenizer_files "$WORK/corpus.txt" \
   --train_file "$WORK/corpus.txt" --block_size "$BLOCK" \

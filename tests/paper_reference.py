@@ -1,6 +1,6 @@
 """The paper's cloze probe written straight from its description: one filled sentence per forward pass.
 
-This is the oracle that run_eval.py's batched scoring is checked against (tests/test_eval.py) and timed
+This is the oracle that run_eval.py's batched scoring is checked against (tests/test_run_eval.py) and timed
 against (bench/bench_eval.py). It deliberately does nothing clever: no batching, no padding, no sharing.
 
 For the record, the released loop (src/main.py of luciusssss/cross-lingual-culture) also differs from this

@@ -124,9 +124,10 @@ def test_every_flag_a_plan_passes_is_a_flag_of_its_script(tmp_path):
 
 
 #: Digests of each study's steps (id, command, outputs, dependencies) as the presets planned them in code, before
-#: they became files. A finished study stays done only while its commands do not change: a change of a study's
-#: plan that is meant must update its digest here, knowing every finished run of that study reruns.
-PLANNED_IN_CODE = {"cpu": "9ace942dd4000593", "micro": "b90c8d0cf8664bf1", "gpu-small": "3e949b97ffd887a8",
+#: they became files (cpu: as it became the dose-response sweep's largest-gap cell). A finished study stays done
+#: only while its commands do not change: a change of a study's plan that is meant must update its digest here,
+#: knowing every finished run of that study reruns.
+PLANNED_IN_CODE = {"cpu": "6dbbf3369641d2e6", "micro": "b90c8d0cf8664bf1", "gpu-small": "3e949b97ffd887a8",
                    "paper": "5a9d623ee04d4d75"}  # fmt: skip
 
 
@@ -151,13 +152,9 @@ def test_a_preregistered_study_plans_exactly_the_steps_it_was_registered_with(na
     assert _plan_digest(name) == PREREGISTERED[name]
 
 
-def test_the_dose_response_study_is_the_cpu_study_with_only_the_preregistered_changes(tmp_path):
-    cpu, dose = PRESETS["cpu"], PRESETS["dose-response"]
-    for section in ("pretrain", "build", "cpt", "eval", "transfer", "density"):
-        assert getattr(dose, section) == getattr(cpu, section), f"{section}: the cpu study's model and budgets"
+def test_the_dose_response_study_has_256_facts_in_four_tiers_and_each_setting_once_per_seed(tmp_path):
+    dose = PRESETS["dose-response"]
     world = dose.world
-    changed = {key for key in cpu.world.keys() | world.keys() if cpu.world.get(key) != world.get(key)}
-    assert changed == {"relations", "absent_places", "en_only_places", "mono_filler_documents", "pairs"}
     # 16 high/low places and 8 absent and 8 en_only ones, 8 relations each: 256 facts, 64 per tier
     assert world["relations"] * (world["places"] + world["absent_places"] + world["en_only_places"]) == 256
     assert world["relations"] * world["absent_places"] == world["relations"] * world["en_only_places"] == 64
@@ -170,6 +167,16 @@ def test_the_dose_response_study_is_the_cpu_study_with_only_the_preregistered_ch
     at = transfer.command.index("--mismatched_bridges")
     assert transfer.command[at + 1 : at + 4] == [r.eval_dir for r in plan.runs if r.setting == "mismatched_bridges"]
     assert transfer.command[transfer.command.index("--item_tiers") + 1].endswith("mn/native/item_tiers.json")
+
+
+def test_the_cpu_study_is_the_dose_response_cell_at_30_mentions_and_2400_steps_with_two_of_its_settings():
+    cpu, dose = PRESETS["cpu"], PRESETS["dose-response"]
+    for section in ("pretrain", "build", "eval", "transfer", "density"):
+        assert getattr(cpu, section) == getattr(dose, section), f"{section}: the sweep cell's model and budgets"
+    assert cpu.world == {**dose.world, "pair_mentions": 30}
+    assert cpu.cpt == {**dose.cpt, "max_steps": 2400}
+    assert (cpu.langs, cpu.variants, cpu.seeds) == (dose.langs, dose.variants, dose.seeds)
+    assert cpu.settings == ["bridges", "no_bridges"] and set(cpu.settings) < set(dose.settings)
 
 
 # --------------------------------------------------------------------------------------
