@@ -4,7 +4,7 @@
 # Trains configs/qwen2.5-0.5b.json (vocabulary kept at 151936 through --config_overrides, so
 # the embedding and lm_head have the real 0.5B shapes) from scratch for GPU_CHECK_STEPS steps
 # at sequence length 2048 in bf16, launched as
-#   accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 run_pretrain.py ...
+#   accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 bench/bench_pretrain_train.py --timed_run ...
 # on a generated corpus with a tokenizer trained on it (no internet needed), then prints the
 # steady-state tokens/s and the model FLOPs utilisation (MFU):
 #   FLOPs per token = 6 N + 12 L d T   (PaLM appendix B: N parameters, L layers, d hidden size,
