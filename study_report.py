@@ -1290,8 +1290,8 @@ def write_sweep_report(plan: Plan) -> dict:
                for name, cell in record["cells"].items() for g in cell["gaps"]])  # fmt: skip
     figure = _plot_dose_response(record, factors, figures)
     if figure:
-        doc.img(figure, "Mean gap [95% CI] per direction and measure against each swept factor (other factors as "
-                        "separate lines)")  # fmt: skip
+        doc.img(figure, "Mean gap [95% CI] per direction against the first swept factor (other factors as separate "
+                        "lines): all questions, skill, knowledge, bridges − mismatched")  # fmt: skip
     doc.h(2, "Manipulation checks per cell")
     doc.p(
         "Per cell, group and setting: the share of pairs co-located in one window (100% with bridges, 0% otherwise), "
@@ -1328,8 +1328,10 @@ def _cell_gaps(cell: Plan) -> list[dict]:
             if k := d.get("knowledge_transfer"):
                 did = {"mean_gap": k["mean_did"], "mean_gap_ci": k["mean_did_ci"], "verdict": k["verdict"]}
                 measures.append((f"knowledge ({k['often_tier']} − {k['never_tier']})", did, "transfer.json"))
+            never = f"tier {k['never_tier']}" if k else None
             found += [{"group": key, "direction": d["direction"], "measure": measure, "mean_gap": stats["mean_gap"],
-                       "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"], "from": source}
+                       "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"], "from": source,
+                       "plotted": _plotted_as(measure, never)}
                       for measure, stats, source in measures]  # fmt: skip
     return found
 
@@ -1355,33 +1357,51 @@ def _cell_checks(cell: Plan) -> list[dict]:
     return found
 
 
+#: The dose-response figure's columns: the measures the knowledge/skill reading rests on (the other tiers are in the
+#: table). "skill" is the gap on the tier the source corpus never states; "knowledge" the difference-in-differences.
+PLOTTED = {"all": "all questions", "skill": "skill (tier never in the source)", "knowledge": "knowledge (DiD)",
+           "mismatched": "bridges − mismatched"}  # fmt: skip
+
+
+def _plotted_as(measure: str, never_tier: str | None) -> str | None:
+    if measure == "all questions":
+        return "all"
+    if measure == never_tier:
+        return "skill"
+    return {"knowledge": "knowledge", "bridges − mismatched": "mismatched"}.get(measure.split(" (")[0])
+
+
 def _plot_dose_response(record: dict, factors: dict, figures: Path) -> str | None:
-    """Per direction (rows) and swept factor (columns): the mean gap with its CI per value of the factor, one line
-    per group, measure and combination of the other factors' values."""
-    points = [(cell["values"], g) for cell in record["cells"].values() for g in cell["gaps"]]
+    """Per direction (rows) and measure (columns, PLOTTED): the mean gap with its CI against the first swept factor,
+    one line per group and combination of the other factors' values."""
+    points = [(cell["values"], g) for cell in record["cells"].values() for g in cell["gaps"] if g.get("plotted")]
     directions = sorted({g["direction"] for _, g in points})
     if not directions:
         return None
+    factor, *others = factors
+    many_groups = len({g["group"] for _, g in points}) > 1
+    ticks = [_shown_value(v) for v in factors[factor]]
     plt = _pyplot()
-    fig, axes = plt.subplots(len(directions), len(factors), figsize=(5.5 * len(factors), 3.6 * len(directions)),
-                             squeeze=False)  # fmt: skip
-    for (col, factor), (row, direction) in itertools.product(enumerate(factors), enumerate(directions)):
-        ticks, ax, lines = [_shown_value(v) for v in factors[factor]], axes[row, col], {}
-        for values, g in (p for p in points if p[1]["direction"] == direction):
-            others = ", ".join(f"{k}={_shown_value(v)}" for k, v in values.items() if k != factor)
-            label = f"{g['group']} {g['measure']}" + (f" ({others})" if others else "")
+    fig, axes = plt.subplots(len(directions), len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.4 * len(directions)),
+                             sharey="row", squeeze=False)  # fmt: skip
+    for (row, direction), (col, (role, title)) in itertools.product(enumerate(directions), enumerate(PLOTTED.items())):
+        ax, lines = axes[row, col], {}
+        for values, g in (p for p in points if p[1]["direction"] == direction and p[1]["plotted"] == role):
+            parts = [g["group"]] * many_groups + [f"{k}={_shown_value(values[k])}" for k in others]
+            label = ", ".join(parts) or g["group"]
             lines.setdefault(label, []).append((ticks.index(_shown_value(values[factor])), g))
-        for i, (label, line) in enumerate(lines.items()):
+        for i, (label, line) in enumerate(lines.items()):  # in the sweep's order of cells
             line.sort(key=lambda p: p[0])
-            x = [p[0] + 0.05 * (i - (len(lines) - 1) / 2) for p in line]  # side by side, not on top
+            x = [p[0] + 0.06 * (i - (len(lines) - 1) / 2) for p in line]  # side by side, not on top
             ci = np.array([p[1]["mean_gap_ci"] for p in line])
             (drawn,) = ax.plot(x, [p[1]["mean_gap"] for p in line], marker="o", label=label)
             ax.vlines(x, ci[:, 0], ci[:, 1], color=drawn.get_color())
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(ticks)), ticks)
-        ax.set(xlabel=factor, ylabel=f"{direction}: mean gap")
+        ax.set(xlabel=factor, title=f"{direction}: {title}", ylabel="mean gap [95% CI]" if col == 0 else None)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, figures, "dose_response.png")
 
