@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "regex", "tqdm", "pyyaml"]
+# dependencies = ["transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "markdown-it-py", "regex", "tqdm", "pyyaml"]
 # ///
 """The report of a study: report.md, report.html and report.json from the files its steps wrote (docs/study.md).
 
@@ -24,7 +24,6 @@ import html
 import itertools
 import json
 import os
-import re
 import shutil
 from collections import Counter
 from datetime import datetime, timezone
@@ -138,77 +137,45 @@ def configuration_text(config: dict) -> str:
 
 
 class ReportDoc:
-    """A report as blocks, rendered to Markdown and to standalone HTML."""
+    """A report as Markdown blocks; its HTML page is that Markdown rendered (markdown-it-py, raw HTML escaped)."""
 
     def __init__(self):
-        self.blocks: list[tuple] = []
+        self.blocks: list[str] = []
 
     def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
+        self.blocks.append("#" * level + " " + text)
 
     def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
+        self.blocks.append(text)
 
     def bullets(self, items: list[str]) -> None:
         if items:
-            self.blocks.append(("ul", items))
+            self.blocks.append("\n".join(f"- {item}" for item in items))
 
     def table(self, headers: list[str], rows: list[list]) -> None:
-        self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows]))
+        lines = [headers, ["---"] * len(headers), *rows]
+        self.blocks.append("\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in lines))
 
     def img(self, path: str, caption: str) -> None:
-        self.blocks.append(("img", path, caption))
+        self.blocks.append(f"![{caption}]({path})\n\n*{caption}*")
 
     def markdown(self) -> str:
-        lines: list[str] = []
-        for kind, *block in self.blocks:
-            if kind == "h":
-                lines += ["#" * block[0] + " " + block[1]]
-            elif kind == "p":
-                lines += [block[0]]
-            elif kind == "ul":
-                lines += [f"- {item}" for item in block[0]]
-            elif kind == "table":
-                lines += ["| " + " | ".join(block[0]) + " |", "|" + "|".join("---" for _ in block[0]) + "|"]
-                lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in block[1]]
-            else:
-                lines += [f"![{block[1]}]({block[0]})", "", f"*{block[1]}*"]
-            lines.append("")
-        return "\n".join(lines)
+        return "\n\n".join(self.blocks) + "\n"
 
     def html(self, title: str) -> str:
-        parts = [
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
-            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-            "line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
-            "img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}"
-            "figcaption{font-style:italic;font-size:0.9em}</style></head><body>",
-        ]
-        for kind, *block in self.blocks:
-            if kind == "h":
-                parts.append(f"<h{block[0]}>{_inline_html(block[1])}</h{block[0]}>")
-            elif kind == "p":
-                parts.append(f"<p>{_inline_html(block[0])}</p>")
-            elif kind == "ul":
-                parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block[0]) + "</ul>")
-            elif kind == "table":
-                head = "".join(f"<th>{_inline_html(h)}</th>" for h in block[0])
-                body = "".join(
-                    "<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in block[1]
-                )
-                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            else:
-                parts.append(f'<figure><img src="{html.escape(block[0])}" alt="{html.escape(block[1])}">'
-                             f"<figcaption>{_inline_html(block[1])}</figcaption></figure>")  # fmt: skip
-        return "\n".join([*parts, "</body></html>"]) + "\n"
+        from markdown_it import MarkdownIt
+
+        body = MarkdownIt("commonmark", {"html": False}).enable("table").render(self.markdown())
+        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+                f"<style>{REPORT_CSS}</style></head><body>\n{body}</body></html>\n")  # fmt: skip
 
 
-def _inline_html(text: str) -> str:
-    """The few inline Markdown forms the report uses: `code`, **bold**, [text](link)."""
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+REPORT_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;"
+    "padding:0 3px}"
+)
 
 
 def _f(value: float | None, spec: str = ".3f") -> str:
@@ -861,7 +828,7 @@ def _report_manipulation_checks(doc: ReportDoc, plan: Plan) -> dict:
     return section
 
 
-#: What a name check at chance after CPT means, and what it means for the gap when it is at chance with bridges.
+#: What a check at chance after CPT means for reading the gap: name checks (and, when with bridges too, the gap).
 ALIGNMENT_AT_CHANCE = {
     "name alignment": ("names are not aligned outside the bridge",
                        "a with-minus-without gap cannot be knowledge crossing through aligned names."),
@@ -872,8 +839,8 @@ ALIGNMENT_AT_CHANCE = {
 
 
 def _check_sentence(check: str, what: str, results: dict, labels: dict, lang: str) -> str | None:
-    """What one check says from its intervals: whether it is at chance, and what that means for reading the gap.
-    None without a chance level or without a CPT run to judge."""
+    """The reading of a check that limits what the gap can be read as: the base model at chance on English facts or
+    above chance on facts it never saw, or a CPT setting at chance. None otherwise (the table says the rest)."""
     base, cpt = results.get("base"), [name for name in results if name != "base"]
     chance = next(iter(results.values()))["chance"]
     if chance is None or not cpt:
@@ -884,48 +851,37 @@ def _check_sentence(check: str, what: str, results: dict, labels: dict, lang: st
                 f"{results[n]['relation']}" for n in names]  # fmt: skip
         return "; ".join(each) + f" (chance {chance:.3f})"
 
-    at = [name for name in cpt if results[name]["relation"] == "at chance"]
     head = f"{check.capitalize()} ({what})"
+    if check == "English retention" and base and base["relation"] == "at chance":
+        return (f"**{head}: the base model is at chance**: {shown(['base'])}: it does not know these English facts, "
+                "so a gap on them cannot be knowledge from English.")  # fmt: skip
+    if check == "target learning" and base and base["relation"] == "above chance":
+        return (f"**{head}: the base model is above chance** on facts it never saw: {shown(['base'])}: the questions "
+                "give their answers away (check their options).")  # fmt: skip
+    at = [name for name in cpt if results[name]["relation"] == "at chance"]
+    if not at:
+        return None
     if check in ALIGNMENT_AT_CHANCE:
-        if not at:
-            return f"{head} after CPT: {shown(cpt)}."
         meaning, with_bridges = ALIGNMENT_AT_CHANCE[check]
         aligned = results.get("bridges", {}).get("relation") == "above chance"
         return (f"**{head} is at chance** after CPT: {shown(at)}: {meaning}"
                 + (f"; with bridges too, so {with_bridges}" if "bridges" in at else ".")
                 + (f" With bridges it is above chance ({shown(['bridges'])}): bridges aligned the names." if aligned
                    else ""))  # fmt: skip
-    if check == "English retention" and base and base["relation"] == "at chance":
-        return (f"**{head}: the base model is at chance**: {shown(['base'])}: it does not know these English facts, "
-                "so there is no English knowledge to carry, and a gap on them cannot be knowledge from "
-                "English.")  # fmt: skip
-    if check == "target learning" and base and base["relation"] == "above chance":
-        return (f"**{head}: the base model is above chance** on facts it never saw: {shown(['base'])}: the questions "
-                "give their answers away (check their options).")  # fmt: skip
+    learned = [name for name in cpt if results[name]["relation"] == "above chance"]
+    if check == "English retention":
+        meaning = "CPT erased these English facts there: a gap at the end of CPT cannot rest on English knowledge."
+    elif learned:
+        meaning = (f"CPT did not teach these runs the facts only the {lang} corpus states, and taught them to "
+                   f"{shown(learned)}: the gap on them (the skill measure) compares a model that learned {lang} facts "
+                   "with one that did not.")  # fmt: skip
+    else:
+        meaning = (
+            f"CPT did not teach the facts only the {lang} corpus states: at this scale the model did not learn "
+            f"{lang} facts, so the gap on them (the skill measure) compares models that know none of them."
+        )
     before = f"base model {base['accuracy']:.3f}; " if base else ""
-    if at:
-        learned = [name for name in cpt if results[name]["relation"] == "above chance"]
-        if check == "English retention":
-            meaning = ("CPT erased these English facts there: a gap at the end of CPT cannot rest on English knowledge "
-                       "those runs still hold.")  # fmt: skip
-        elif learned:
-            meaning = (f"CPT did not teach these runs the facts only the {lang} corpus states, and taught them to "
-                       f"{shown(learned)}: the gap on them (the skill measure) compares a model that learned {lang} "
-                       "facts with one that did not.")  # fmt: skip
-        else:
-            meaning = (f"CPT did not teach the facts only the {lang} corpus states: at this scale the model did not "
-                       f"learn {lang} facts, so the gap on them (the skill measure) compares models that know none of "
-                       "them.")  # fmt: skip
-        return f"**{head} is at chance** after CPT: {before}{shown(at)}: {meaning}"
-    if any(results[name]["relation"] != "above chance" for name in cpt):
-        return f"{head} after CPT: {before}{shown(cpt)}."
-    if check == "target learning":
-        return f"{head}: CPT taught the facts only the {lang} corpus states: {before}{shown(cpt)}."
-    lower = [name for name in cpt if base and results[name]["ci"][1] < base["accuracy"]]
-    if lower:
-        return (f"{head}: lower after CPT than in the base model: {before}{shown(lower)}: part of the English "
-                "knowledge was forgotten, none of it down to chance.")  # fmt: skip
-    return f"{head}: kept: {before}{shown(cpt)}."
+    return f"**{head} is at chance** after CPT: {before}{shown(at)}: {meaning}"
 
 
 def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> dict:

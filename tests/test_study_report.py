@@ -420,9 +420,7 @@ def test_manipulation_checks_at_chance_are_said_plainly_with_what_they_mean_for_
     assert checks[("English retention", f"{STEMS['en']}, high facts", "bridges")]["relation"] == "above chance"
     erased = checks[("English retention", f"{STEMS['en']}, en_only facts", "bridges")]
     assert erased["n"] == 8 and erased["relation"] == "at chance"
-    assert any(
-        s.startswith(f"English retention ({STEMS['en']}, high facts): kept: base model 1.000") for s in sentences
-    )
+    assert not any(f"({STEMS['en']}, high facts)" in s for s in sentences)  # above chance everywhere: the table says it
     (en_only,) = [s for s in sentences if f"({STEMS['en']}, en_only facts)" in s]
     assert en_only.startswith("**English retention") and "CPT bridges (final) 0.250" in en_only
     assert "CPT erased these English facts" in en_only and "CPT no bridges" not in en_only
