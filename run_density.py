@@ -7,24 +7,14 @@
 
 1. Each question of each ``--questions`` file becomes a query: its cloze sentence with the blank filled by the
    answer. BM25 (``bm25s``) retrieves its ``--top_k`` documents from each corpus, among the documents that hold
-   every token of an answer. ``retrieval_tokens`` cuts text into runs of one script and tokenises each run the way
-   its script needs.
+   every token of an answer (``retrieval_tokens`` tokenises each run of one script the way its script needs).
 2. A judge decides whether each retrieved document states the question's fact: the deterministic
-   ``LexicalJudge`` by default; with ``--judge_model`` a causal LM's log-probabilities of " Yes" and " No" after a
-   prompt (``LanguageModelJudge``), as the paper did with a large LM.
+   ``LexicalJudge`` by default, or with ``--judge_model`` a causal LM (``LanguageModelJudge``), as the paper did.
 3. ``occurrences`` of a question = its top-k documents judged to state it (so at most ``--top_k``);
    ``density`` = total occurrences / documents in the corpus.
 
-Outputs (``--output_dir OUT``):
-    OUT/density.json   "questions": one entry per (question, corpus) with its occurrences, the retrieved document
-                       ids and a verdict per document; "corpora" (and "corpus", the first); "table": one row per
-                       (corpus, question file); with predictions, "instance_analysis": per question file the items
-                       that transferred and "gap_vs_log_occurrences" (the slope of the per-item gap on
-                       log(1 + source-corpus occurrences) with a bootstrap interval).
-    OUT/density.md     Table 1 of the paper for these corpora (and the instance-level table).
-    OUT/index/LABEL/   the BM25 index of each corpus, reused while its fingerprint matches. It is built in shards
-                       of ``--shard_size`` documents with corpus-wide statistics (memory bounded by the shard, the
-                       results those of one index of the whole corpus); retrieved texts are read back by offset.
+Writes OUT/density.json, OUT/density.md (the paper's Table 1) and OUT/index/LABEL/ (the sharded BM25 index of
+each corpus); docs/density.md#outputs lists what they hold.
 
     python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl --output_dir out
 """
@@ -84,8 +74,8 @@ class DensityArguments:
     corpus_files: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Corpora as files, one entry per corpus: PATH or LABEL=PATH[,PATH...]. .jsonl/.txt (one document "
-            "per non-empty line) stream; .json (a list) and .csv/.tsv are read whole. Label: the first file's stem."
+            "help": "One corpus per entry: PATH or LABEL=PATH[,PATH...] of .jsonl/.txt (one document per non-empty "
+            "line), .json (a list) or .csv/.tsv files. Label: the first file's stem."
         },
     )
     corpus_dataset: str | None = field(
@@ -93,86 +83,52 @@ class DensityArguments:
     )
     corpus_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --corpus_dataset."})
     corpus_split: str = field(default="train", metadata={"help": "Split of --corpus_dataset."})
-    max_documents: int | None = field(
-        default=None,
-        metadata={"help": "Index only the first N documents of each corpus (a smoke run's budget). Default: all."},
-    )
-    corpus_data_files: list[str] | None = field(
-        default=None, metadata={"help": "Files of --corpus_dataset to read (e.g. one language's file of MC^2)."}
-    )
-    corpus_streaming: bool = field(
-        default=False,
-        metadata={"help": "Stream --corpus_dataset (no random access: retrieved texts take one more pass)."},
-    )
-    corpus_label: str | None = field(
-        default=None, metadata={"help": "Label of --corpus_dataset in the outputs (default: its name)."}
-    )
-    corpus_text_column: str = field(
-        default="text", metadata={"help": "Text column of .json/.jsonl/.csv/.tsv corpus files and of --corpus_dataset."}
-    )
-    top_k: int = field(
-        default=50, metadata={"help": "Documents retrieved per question and corpus (the paper: 50); caps occurrences."}
-    )
-    index_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where the BM25 indexes live (default OUTPUT_DIR/index); share it between runs."},
-    )
-    shard_size: int = field(
-        default=200_000,
-        metadata={"help": "Documents per index shard (a shard also closes at 16.7M tokens): bounds indexing memory."},
-    )
+    max_documents: int | None = field(default=None, metadata={"help": "Index only the first N documents of a corpus."})
+    corpus_data_files: list[str] | None = field(default=None, metadata={"help": "Files of --corpus_dataset to read."})
+    corpus_streaming: bool = field(default=False, metadata={"help": "Stream --corpus_dataset (no random access)."})
+    corpus_label: str | None = field(default=None, metadata={"help": "Label of --corpus_dataset (default: its name)."})
+    corpus_text_column: str = field(default="text", metadata={"help": "Text column of corpus files and datasets."})
+    top_k: int = field(default=50, metadata={"help": "Documents retrieved per question and corpus (the paper: 50)."})
+    index_dir: str | None = field(default=None, metadata={"help": "Where the indexes live (default OUTPUT_DIR/index)."})
+    shard_size: int = field(default=200_000, metadata={"help": "Documents per index shard: bounds indexing memory."})
     fingerprint: Literal["stat", "content"] = field(
-        default="stat",
-        metadata={"help": "How an index knows its files: 'stat' (path, size, mtime) or 'content' (SHA-256)."},
+        default="stat", metadata={"help": "An index knows its files by 'stat' (path, size, mtime) or 'content' (hash)."}
     )
     bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1 (term-frequency saturation)."})
     bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (document-length normalisation)."})
     min_script_fraction: float = field(
-        default=0.01,
-        metadata={"help": "Measure a question file on a corpus only when this share of the corpus is in its script."},
+        default=0.01, metadata={"help": "Measure questions on a corpus holding at least this share of their script."}
     )
     require_answer: bool = field(
-        default=True,
-        metadata={"help": "Rank only documents holding every token of an answer (false: paraphrases too)."},
+        default=True, metadata={"help": "Rank only documents holding every token of an answer."}
     )
     judge_window: int = field(
         default=0, metadata={"help": "Lexical judge: key terms count within this many units of the answer (0: auto)."}
     )
     judge_min_key_fraction: float = field(
-        default=0.25,
-        metadata={"help": "Lexical judge: share of the question's key-term weight found near the answer, in [0, 1]."},
+        default=0.25, metadata={"help": "Lexical judge: share of key-term weight needed near the answer, in [0, 1]."}
     )
     judge_weighting: Literal["idf", "uniform"] = field(
-        default="idf", metadata={"help": "Lexical judge: key-term weight, its BM25 idf in the corpus or 1 each."}
+        default="idf", metadata={"help": "Lexical judge: a key term weighs its BM25 idf in the corpus or 1."}
     )
-    judge_min_key_terms: int = field(
-        default=1, metadata={"help": "Lexical judge: and at least this many key terms (capped at the question's)."}
-    )
-    judge_model: str | None = field(
-        default=None,
-        metadata={"help": "Judge with this causal LM (path or Hub name); the lexical verdicts are still recorded."},
-    )
+    judge_min_key_terms: int = field(default=1, metadata={"help": "Lexical judge: and at least this many key terms."})
+    judge_model: str | None = field(default=None, metadata={"help": "Judge with this causal LM (path or Hub name)."})
     judge_batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass of --judge_model."})
     judge_excerpt_chars: int = field(
         default=2000, metadata={"help": "Characters of a document shown to --judge_model, centred on the answer."}
     )
-    judge_max_tokens: int = field(
-        default=1024, metadata={"help": "Longest --judge_model prompt; the excerpt is shortened to fit."}
-    )
+    judge_max_tokens: int = field(default=1024, metadata={"help": "Longest --judge_model prompt (excerpt shortened)."})
     judge_margin: float = field(
         default=0.0, metadata={"help": "--judge_model says yes when log P(' Yes') - log P(' No') exceeds this."}
     )
     judge_device: str = field(default="auto", metadata={"help": "Device of --judge_model: auto, cpu, cuda, ..."})
     judge_dtype: str = field(default="auto", metadata={"help": "dtype of --judge_model: auto, float32, bfloat16, ..."})
-    question_batch_size: int = field(
-        default=256, metadata={"help": "Questions judged together (their documents are read from disk together)."}
-    )
+    question_batch_size: int = field(default=256, metadata={"help": "Questions whose documents are read together."})
     predictions_with: str | None = field(
-        default=None,
-        metadata={"help": "Instance-level analysis: run_eval.py output (folder or predictions.jsonl) WITH bridges."},
+        default=None, metadata={"help": "Instance-level analysis: run_eval.py output of the model WITH bridges."}
     )
     predictions_without: str | None = field(
-        default=None, metadata={"help": "Instance-level analysis: the same for the model trained WITHOUT bridges."}
+        default=None, metadata={"help": "Instance-level analysis: run_eval.py output of the model WITHOUT bridges."}
     )
     predictions_step: int | None = field(
         default=None, metadata={"help": "Checkpoint step of the predictions (default: each run's last)."}
@@ -841,13 +797,7 @@ class LexicalJudge:
     weight and number at least ``min_key_terms`` (capped at the number of key terms). Key terms: the question's
     ``analyse_text`` key tokens minus judge stopwords and the answer's own; a term weighs its BM25 idf in the corpus
     (``weights``; 1 each when not given), so a matched subject name counts more than a common word. A question
-    without key terms is judged on the answer alone.
-
-    It cannot see: paraphrases without the answer string or with few of the question's terms (undercount);
-    inflection (Latin, Mongolian) and particles fused into a Tibetan syllable; negation ("NOT in spring" matches);
-    Han answers inside longer words (泰山 in 泰山区); answers that are common words or numbers, where the key terms
-    decide alone; a neighbouring fact sharing the answer and rare key terms, or an answer and key terms from
-    different sentences of one window (overcount).
+    without key terms is judged on the answer alone. What it cannot see: docs/density.md#the-lexical-judge.
     """
 
     window: int = 0
@@ -914,18 +864,12 @@ class LanguageModelJudge:
 
     def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int,
                  margin: float, device: str = "auto", dtype: str = "auto"):  # fmt: skip
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        from run_eval import load_model, resolve_device
+
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(
-                model_name_or_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_model(model_name_or_path, dtype, resolve_device(device), attn_implementation=None)
         self.batch_size, self.excerpt_chars, self.margin = batch_size, excerpt_chars, margin
         self.start_id = document_start_id(self.tokenizer)
         self.pad_id = self.start_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
@@ -968,24 +912,16 @@ class LanguageModelJudge:
 
 
 def find_predictions(path: str) -> Path:
-    """The predictions.jsonl of a run_eval.py output: the file, or the folder holding it (or the one folder below it
-    that does), with the accuracy.json beside it that lists the checkpoints that count."""
+    """The predictions.jsonl of a run_eval.py output (the file or its folder), with the accuracy.json beside it that
+    lists the checkpoints that count."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory (expected run_eval.py output).")
-    found = [path] if path.is_file() else [path / "predictions.jsonl"]
-    if not found[0].is_file():
-        found = sorted(path.rglob("predictions.jsonl"))
-    if not found:
-        raise InputError(f"{path}: no predictions.jsonl in it or below it. Run run_eval.py first.")
-    if len(found) > 1:
-        raise InputError(f"{path}: several predictions.jsonl below it ({', '.join(map(str, found))}); give the file.")
-    if found[0].name != "predictions.jsonl" or not (found[0].parent / "accuracy.json").is_file():
+    found = path if path.is_file() else path / "predictions.jsonl"
+    if found.name != "predictions.jsonl" or not found.is_file() or not (found.parent / "accuracy.json").is_file():
         raise InputError(
-            f"{found[0]}: expected run_eval.py's predictions.jsonl with its accuracy.json beside it (the checkpoints "
-            "that count). Give run_eval.py's output folder."
+            f"{path}: expected run_eval.py's output folder (predictions.jsonl and accuracy.json, the checkpoints that "
+            "count) or its predictions.jsonl. Run run_eval.py first."
         )
-    return found[0]
+    return found
 
 
 def predictions_at(path: Path, step: int | None, setting: str) -> tuple[dict, dict[str, int], dict[str, str]]:
