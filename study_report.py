@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "markdown-it-py", "regex", "tqdm", "pyyaml"]
+# dependencies = [
+#   "transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "markdown-it-py", "regex", "tqdm", "pyyaml",
+# ]
 # ///
 """The report of a study: report.md, report.html and report.json from the files its steps wrote (docs/study.md).
 
@@ -453,8 +455,8 @@ def _report_questions(doc: ReportDoc, plan: Plan) -> dict:
     doc.h(2, "Questions: answer positions, ties and the two tie rules")
     doc.p(
         "Each option is scored by its loss and the lowest wins. " + TIE_RULES_TEXT + " Under the first rule every "
-        "exact tie goes to option 0, so a file whose answer is often option 0 rewards ties. From `accuracy.json` of "
-        "each probing step at the final checkpoint; CPT settings are the mean over seeds."
+        "exact tie goes to option 0, so a file whose answer is often option 0 rewards ties. At the final checkpoint; "
+        "CPT settings are the mean over seeds."
     )
     section = {}
     for key, group in plan.groups.items():
@@ -468,36 +470,30 @@ def _report_questions(doc: ReportDoc, plan: Plan) -> dict:
         stems = [Path(q).stem for q in group["questions"] if Path(q).stem in described]
         files = {s: {"items": described[s].get("items"), "chance_accuracy": described[s].get("chance_accuracy"),
                      **(described[s].get("position_bias") or {})} for s in stems}  # fmt: skip
-        positions = {s: ", ".join(f"{k}: {v:.2f}" for k, v in f.get("answer_position_share", {}).items())
-                     for s, f in files.items()}  # fmt: skip
+        shares = {s: ", ".join(f"{k}: {v:.2f}" for k, v in f.get("answer_position_share", {}).items())
+                  for s, f in files.items()}  # fmt: skip
         doc.table(["questions", "items", "share of answers at option position", "always option 0: acc.", "chance acc."],
-                  [[s, f["items"], positions[s], _f(f.get("always_first_accuracy")), _f(f["chance_accuracy"])]
+                  [[s, f["items"], shares[s], _f(f.get("always_first_accuracy")), _f(f["chance_accuracy"])]
                    for s, f in files.items()])  # fmt: skip
-        rows, entries, flagged = [], [], []
-        for label, name, _ in models:
-            steps = sorted({entry["step"] for _, entry in finals[name]})
-            for stem in stems:
-                per_seed = [entry["accuracy"][stem] for _, entry in finals[name] if stem in entry["accuracy"]]
-                if not per_seed:
-                    continue
-                mean = {key: float(np.mean([a[key] for a in per_seed]))
-                        for key in ("tie_rate", "accuracy", "accuracy_fractional", "ties_advantage")}  # fmt: skip
-                entries.append({"model": name, "questions": stem, "seeds": len(per_seed), "final_steps": steps,
+        entries, labels = [], {name: label for label, name, _ in models}
+        for name, stem in itertools.product(labels, stems):
+            per_seed = [entry["accuracy"][stem] for _, entry in finals[name] if stem in entry["accuracy"]]
+            if per_seed:
+                mean = {k: float(np.mean([a[k] for a in per_seed]))
+                        for k in ("tie_rate", "accuracy", "accuracy_fractional", "ties_advantage")}  # fmt: skip
+                entries.append({"model": name, "questions": stem, "seeds": len(per_seed),
+                                "final_steps": sorted({entry["step"] for _, entry in finals[name]}),
                                 "ties": [a["ties"] for a in per_seed], "tie_rate": mean["tie_rate"],
                                 "accuracy_first": mean["accuracy"], "accuracy_fractional": mean["accuracy_fractional"],
                                 "ties_advantage": mean["ties_advantage"]})  # fmt: skip
-                rows.append([label, stem, len(per_seed), ", ".join(map(str, steps)), _f(mean["tie_rate"]),
-                             _f(mean["accuracy"]), _f(mean["accuracy_fractional"]),
-                             f"{mean['ties_advantage']:+.3f}"])  # fmt: skip
-                if mean["tie_rate"] > TIE_FLAG_RATE:
-                    flagged.append(
-                        f"{label}, {stem}: {mean['tie_rate']:.1%} of items tie for the best score (above "
-                        f"{TIE_FLAG_RATE:.0%}): accuracy {mean['accuracy']:.3f} under the first rule, "
-                        f"{mean['accuracy_fractional']:.3f} with ties broken at random; always option 0 scores "
-                        f"{_f(files[stem].get('always_first_accuracy'))}."
-                    )
         doc.table(["model", "questions", "seeds", "final step", "tie rate", "acc. (first rule)",
-                   "acc. (fractional rule)", "first − fractional"], rows)  # fmt: skip
+                   "acc. (fractional rule)", "first − fractional"],
+                  [[labels[e["model"]], e["questions"], e["seeds"], ", ".join(map(str, e["final_steps"])),
+                    _f(e["tie_rate"]), _f(e["accuracy_first"]), _f(e["accuracy_fractional"]),
+                    f"{e['ties_advantage']:+.3f}"] for e in entries])  # fmt: skip
+        flagged = [f"{labels[e['model']]}, {e['questions']}: {e['tie_rate']:.1%} of items tie for the best score "
+                   f"(above {TIE_FLAG_RATE:.0%}): read the fractional rule."
+                   for e in entries if e["tie_rate"] > TIE_FLAG_RATE]  # fmt: skip
         doc.bullets(flagged or [f"Ties stay at or below {TIE_FLAG_RATE:.0%} of the items for every model and file."])
         section[key] = {"files": files, "final": entries, "tie_flags": flagged}
     return section
