@@ -858,19 +858,19 @@ def document_excerpt(text: str, question: Question, max_chars: int) -> str:
 
 
 class LanguageModelJudge:
-    """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > margin (JUDGE_PROMPT,
+    """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > --judge_margin (JUDGE_PROMPT,
     docs/density.md). The continuations may span several tokens (their log-probs are summed); each prompt starts
     with the model's document-start token."""
 
     def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int,
-                 margin: float, device: str = "auto", dtype: str = "auto"):  # fmt: skip
+                 device: str = "auto", dtype: str = "auto"):  # fmt: skip
         from transformers import AutoTokenizer
 
         from run_eval import load_model, resolve_device
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         self.model = load_model(model_name_or_path, dtype, resolve_device(device), attn_implementation=None)
-        self.batch_size, self.excerpt_chars, self.margin = batch_size, excerpt_chars, margin
+        self.batch_size, self.excerpt_chars = batch_size, excerpt_chars
         self.start_id = document_start_id(self.tokenizer)
         self.pad_id = self.start_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
         self.max_tokens = min(max_tokens, getattr(self.model.config, "max_position_embeddings", None) or max_tokens)
@@ -893,15 +893,14 @@ class LanguageModelJudge:
         cut = max(0, len(doc) - room) // 2
         return [self.start_id] + head + doc[cut : cut + room] + tail
 
-    def margins(self, prompts: list[list[int]], show_progress: bool = False) -> np.ndarray:
+    def margins(self, prompts: list[list[int]]) -> np.ndarray:
         """log P(" Yes") - log P(" No") after each prompt (ids from ``prompt_ids``), by run_eval.token_logprobs, which
         scores cloze options: a prompt and its two continuations run as one prefix tree, each as if run alone."""
         from run_eval import token_logprobs
 
         sequences = [prompt + ids for prompt in prompts for ids in (self.yes_ids, self.no_ids)]
         logprobs = token_logprobs(self.model, sequences, [[i, i + 1] for i in range(0, len(sequences), 2)],
-                                  batch_size=2 * self.batch_size, pad_id=self.pad_id,
-                                  desc="LM judge" if show_progress else None)  # fmt: skip
+                                  batch_size=2 * self.batch_size, pad_id=self.pad_id)  # fmt: skip
         yes = [lp[-len(self.yes_ids) :].sum() for lp in logprobs[0::2]]
         return np.array(yes) - np.array([lp[-len(self.no_ids) :].sum() for lp in logprobs[1::2]])
 
@@ -1205,7 +1204,7 @@ def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudg
         return lexical, None
     return lexical, LanguageModelJudge(
         args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens,
-        args.judge_margin, args.judge_device, args.judge_dtype,
+        args.judge_device, args.judge_dtype,
     )  # fmt: skip
 
 

@@ -732,12 +732,12 @@ def test_language_model_judge_gives_one_margin_per_prompt_independent_of_batchin
 
     question = rd.prepare_question(0, "Chuseok falls in ____.", ["autumn"])
     docs = ["Chuseok is in autumn.", "Songpyeon are rice cakes eaten at Chuseok in the autumn season.", "x"]
-    batched = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=3, excerpt_chars=200, max_tokens=256, margin=0.0)
+    batched = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=3, excerpt_chars=200, max_tokens=256)
     prompts = [batched.prompt_ids(question, d) for d in docs]
     assert all(p[0] == batched.start_id for p in prompts)
     margins = batched.margins(prompts)
     assert margins.shape == (3,) and np.isfinite(margins).all()
-    single = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=1, excerpt_chars=200, max_tokens=256, margin=0.0)
+    single = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=1, excerpt_chars=200, max_tokens=256)
     np.testing.assert_allclose(single.margins(prompts), margins, atol=1e-4)
 
     def log_prob(prompt, continuation):  # one unpadded forward pass, every position's logits
@@ -747,7 +747,7 @@ def test_language_model_judge_gives_one_margin_per_prompt_independent_of_batchin
 
     reference = [log_prob(p, batched.yes_ids) - log_prob(p, batched.no_ids) for p in prompts]
     np.testing.assert_allclose(margins, reference, atol=1e-4)
-    short = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=2, excerpt_chars=400, max_tokens=120, margin=0.0)
+    short = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=2, excerpt_chars=400, max_tokens=120)
     longest_answer = max(len(short.yes_ids), len(short.no_ids))
     for doc in docs[:2]:
         assert len(batched.prompt_ids(question, doc * 20)) + longest_answer > 120  # it had to be shortened
