@@ -544,7 +544,7 @@ def _report_transfer(doc: ReportDoc, plan: Plan, truth: dict | None, figures: Pa
 
 
 def _transfer_directions(doc: ReportDoc, result: dict, group: dict) -> list[dict]:
-    """The table of a transfer.json's directions, a sentence of conclusion for each, and their report.json entries."""
+    """The table of a transfer.json's directions and their report.json entries."""
     base = _final_accuracy(group["base_eval"])
     base = {stem: v["accuracy"] for stem, v in base[1]["accuracy"].items()} if base else {}
     entries = []
@@ -619,18 +619,10 @@ def _report_knowledge(doc: ReportDoc, directions: list[tuple[str, dict]], tiers:
     knowledge transfer (the difference-in-differences) and skill (the gap on the tier the source never states)."""
     knowledge_found = any(d.get("knowledge_transfer") for _, d in directions)
     doc.h(4, "Knowledge or skill? The gap per tier of facts" if knowledge_found else "The gap per tier of facts")
-    doc.p(
-        "The gap (mean over the CPT curve) on the questions of each tier of facts (from "
-        f"{'`transfer.json`' if source == 'transfer.json' else 'the probing outputs, per tier of truth.json'}; tie "
-        f"rule **{rule}**)."
-        + (
-            " **Knowledge** is the gap on facts the source corpus states often minus the gap on facts it never states, "
-            "both stated equally often in the destination corpus; **skill** is the gap on the never-stated tier "
-            "(docs/decomposition.md)."
-            if knowledge_found
-            else ""
-        )  # fmt: skip
-    )
+    where = "`transfer.json`" if source == "transfer.json" else "the probing outputs per tier of truth.json"
+    doc.p(f"The gap on the questions of each tier of facts (from {where}; tie rule **{rule}**)." + (
+        " **Knowledge**: the gap on facts the source corpus states often minus the gap on facts it never states; "
+        "**skill**: the gap on the never-stated tier (docs/decomposition.md)." if knowledge_found else ""))  # fmt: skip
     entries, knowledge, verdicts = [], [], []
     for lang, d in directions:
         by_tier, k = tiers.get((lang, d["direction"])), d.get("knowledge_transfer")
@@ -710,11 +702,8 @@ def _report_mismatched(doc: ReportDoc, directions: list[tuple[str, dict]]) -> li
     """Bridges − mismatched bridges (does the right partner matter?) and mismatched − none (does bilingual
     co-location alone help?) per direction, from transfer.json."""
     doc.h(4, "Mismatched bridges")
-    doc.p(
-        "Mismatched bridges put each pair's first half in one window with *another* pair's second half: the same "
-        "documents, tokens and co-location as bridges, only the partners are wrong (docs/decomposition.md). Mean over "
-        "the CPT curve, 95% bootstrap intervals over questions and seed pairs."
-    )
+    doc.p("Each pair's first half shares a window with *another* pair's second half: only the partners differ from "
+          "bridges (docs/decomposition.md).")  # fmt: skip
     rows, entries = [], []
     for lang, d in directions:
         if not d.get("bridges_minus_mismatched") or not d.get("mismatched_minus_none"):
@@ -785,13 +774,9 @@ def _report_manipulation_checks(doc: ReportDoc, plan: Plan) -> dict:
         if not section:
             doc.h(2, "Manipulation checks: what the gap can be read as")
             doc.p(
-                "From `manipulation_checks.json` of each probing step, at the base model and at the final checkpoint "
-                "of each CPT setting (mean over seeds): **name alignment** (a 4-way choice of an entity's name after a "
-                "held-out sentence naming it in the other language), **embedding match** (chance 1/entities), "
-                "**English retention** (English questions on facts English states) and **target learning** (target "
-                f"questions on facts only the target corpus states); docs/decomposition.md. Intervals: exact binomial "
-                f"{CHECK_CONFIDENCE:.0%} over the items of a check (per-seed values beside them). A check is **at "
-                "chance** when its interval covers chance."
+                "At the base model and at the final checkpoint of each CPT setting, mean over seeds "
+                f"(docs/decomposition.md). Intervals: exact binomial {CHECK_CONFIDENCE:.0%} over the items of a check; "
+                "**at chance** when the interval covers chance."
             )
         doc.h(3, key if plan.preset.synthetic else group["lang"])
         labels, results = {name: label for label, name, _ in models}, {}
@@ -885,20 +870,14 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
     names, pooled over the settings both variants ran and per setting."""
     doc.h(2, "Anchors vs control: shared entity names and the frequency asymmetry")
     doc.p(
-        "The same study on worlds that differ only in how the target language writes names: in its own script "
-        "(control) or with the very same Latin names as English (anchors). Difference = accuracy with anchors − "
-        "accuracy in the control, mean over the CPT curve, per tier of facts; 95% bootstrap intervals over questions "
-        "and seed pairs (`run_transfer.analyse_direction`), pooled over the CPT settings both variants ran and per "
-        "setting."
+        "Worlds that differ only in how the target language writes names: in its own script (control) or with the "
+        "very Latin names English uses (anchors). Difference = accuracy with anchors − in the control, per tier of "
+        "facts, pooled over the CPT settings both variants ran and per setting."
     )
     section = {}
     for lang in sorted({g["lang"] for g in plan.groups.values()}):
         native, anchors = _group_runs(plan, f"{lang}/native"), _group_runs(plan, f"{lang}/anchors")
-        if (
-            not native
-            or not anchors
-            or not all((Path(r.eval_dir) / "accuracy.json").is_file() for r in native + anchors)
-        ):
+        if not (native and anchors and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in native + anchors)):
             doc.p(f"{lang}: probing results of both variants are missing; nothing to compare.")
             continue
         entries, curves, steps = _anchor_differences(lang, native, anchors, truth)
