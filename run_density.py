@@ -21,7 +21,6 @@ each corpus); docs/density.md#outputs lists what they hold.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -91,9 +90,6 @@ class DensityArguments:
     top_k: int = field(default=50, metadata={"help": "Documents retrieved per question and corpus (the paper: 50)."})
     index_dir: str | None = field(default=None, metadata={"help": "Where the indexes live (default OUTPUT_DIR/index)."})
     shard_size: int = field(default=200_000, metadata={"help": "Documents per index shard: bounds indexing memory."})
-    fingerprint: Literal["stat", "content"] = field(
-        default="stat", metadata={"help": "An index knows its files by 'stat' (path, size, mtime) or 'content' (hash)."}
-    )
     bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1 (term-frequency saturation)."})
     bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (document-length normalisation)."})
     min_script_fraction: float = field(
@@ -382,19 +378,10 @@ class FileCorpus:
     def describe(self) -> dict:
         return {"kind": "files", "paths": [str(p) for p in self.paths], "text_column": self.text_column}
 
-    def fingerprint(self, mode: str) -> dict:
-        files = []
-        for path in self.paths:
-            entry = {"path": str(path.resolve()), "size": path.stat().st_size}
-            if mode == "content":
-                digest = hashlib.sha256()
-                with path.open("rb") as handle:
-                    for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
-                        digest.update(block)
-                entry["sha256"] = digest.hexdigest()
-            else:
-                entry["mtime_ns"] = path.stat().st_mtime_ns
-            files.append(entry)
+    def fingerprint(self) -> dict:
+        files = [
+            {"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in self.paths
+        ]
         return {"files": files, "text_column": self.text_column}
 
     def _whole(self, path: Path) -> Iterator[str]:
@@ -487,7 +474,7 @@ class DatasetCorpus:
         return {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split,
                 "data_files": self.data_files}  # fmt: skip
 
-    def fingerprint(self, mode: str) -> dict:
+    def fingerprint(self) -> dict:
         entry = {"name": self.name, "config": self.config, "split": self.split, "text_column": self.text_column}
         if self.data_files:
             entry["data_files"] = list(self.data_files)
@@ -756,7 +743,7 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
 
 def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[ShardedBM25, bool]:
     """The corpus's index, reused when its fingerprint matches, else (re)built. Returns (index, reused)."""
-    fingerprint = {"corpus": corpus.fingerprint(args.fingerprint), "tokenizer": TOKENIZER_VERSION,
+    fingerprint = {"corpus": corpus.fingerprint(), "tokenizer": TOKENIZER_VERSION,
                    "bm25": {"method": "lucene", "k1": args.bm25_k1, "b": args.bm25_b}, "shard_size": args.shard_size,
                    "shard_max_tokens": SHARD_MAX_TOKENS, "max_documents": args.max_documents}  # fmt: skip
     directory = index_root / corpus.label
@@ -1066,7 +1053,6 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
     meta = index.meta
     if meta["skipped"]:
         logger.warning("Corpus %r: skipped records: %s", corpus.label, meta["skipped"])
-    by_questions = []
     for qs in question_sets:
         # English questions on a Tibetan corpus would measure nothing but the lack of a script.
         share = meta["script_unit_fractions"].get(qs.script, 0.0)
@@ -1079,6 +1065,7 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
         found.questions.extend(entries)
         counts = found.occurrences[(corpus.label, qs.stem)] = [e["occurrences"] for e in entries]
         row = {
+            "corpus": corpus.label,
             "questions": qs.stem,
             "lang": qs.lang,
             "items": len(entries),
@@ -1088,10 +1075,10 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
             "questions_with_occurrences": int(np.count_nonzero(counts)),
             "questions_without_blank": sum(not q.has_blank for q in qs.questions),
             "questions_without_key_terms": sum(not q.key_terms for q in qs.questions),
+            "documents": meta["documents"],
         }
-        by_questions.append(row)
-        found.table.append({"corpus": corpus.label, **row, "documents": meta["documents"]})
-    occurrences = sum(r["occurrences"] for r in by_questions)
+        found.table.append(row)
+    occurrences = sum(row["occurrences"] for row in found.table if row["corpus"] == corpus.label)
     found.corpora.append(
         {
             "label": corpus.label,
@@ -1101,7 +1088,6 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
             "skipped": meta["skipped"],
             "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
             "script_unit_fractions": meta["script_unit_fractions"],
-            "by_questions": by_questions,
             "occurrences": occurrences,
             "density": occurrences / meta["documents"],
         }

@@ -678,6 +678,9 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     with pytest.raises(ValueError, match=r"predictions\.jsonl:2: not valid JSON"):
         rd.main(["--questions", q, "--corpus_files", str(corpus_files["en"]), *out,
                  "--predictions_with", str(predictions), "--predictions_without", str(predictions)])  # fmt: skip
+    with pytest.raises(InputError, match=r"expected run_eval\.py's output folder"):  # a folder above the run's
+        rd.main(["--questions", q, "--corpus_files", str(corpus_files["en"]), *out,
+                 "--predictions_with", str(tmp_path), "--predictions_without", str(tmp_path / "run")])  # fmt: skip
     assert not (tmp_path / "out" / "density.json").exists()
 
 
