@@ -155,8 +155,9 @@ class ReportDoc:
             self.blocks.append("\n".join(f"- {item}" for item in items))
 
     def table(self, headers: list[str], rows: list[list]) -> None:
-        lines = [headers, ["---"] * len(headers), *rows]
-        self.blocks.append("\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in lines))
+        cells = [[str(c).replace("|", "\\|") for c in row] for row in [headers, *rows]]
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        self.blocks.append("\n".join([lines[0], "|" + "---|" * len(headers), *lines[1:]]))
 
     def img(self, path: str, caption: str) -> None:
         self.blocks.append(f"![{caption}]({path})\n\n*{caption}*")
