@@ -141,14 +141,15 @@ class DensityArguments:
     def __post_init__(self):
         if not self.corpus_files and not self.corpus_dataset:
             raise InputError("Give a corpus: --corpus_files PATH (or LABEL=PATH) and/or --corpus_dataset NAME.")
-        if min(self.top_k, self.shard_size, self.question_batch_size, self.judge_batch_size) < 1:
-            raise InputError("--top_k, --shard_size, --question_batch_size and --judge_batch_size must be positive.")
+        counts = (self.top_k, self.shard_size, self.question_batch_size, self.judge_batch_size, self.max_documents)
+        if min(n for n in counts if n is not None) < 1:
+            raise InputError(
+                "--top_k, --shard_size, --question_batch_size, --judge_batch_size and --max_documents must be positive."
+            )
         if not 0 <= self.judge_min_key_fraction <= 1:
             raise InputError("--judge_min_key_fraction must lie in [0, 1].")
         if bool(self.predictions_with) != bool(self.predictions_without):
             raise InputError("Give both --predictions_with and --predictions_without (or neither).")
-        if self.max_documents is not None and self.max_documents < 1:
-            raise InputError(f"--max_documents must be at least 1, got {self.max_documents}.")
 
 
 # --------------------------------------------------------------------------------------

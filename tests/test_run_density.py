@@ -684,6 +684,21 @@ def test_bad_inputs_name_the_file_and_line(world, tmp_path):
     assert not (tmp_path / "out" / "density.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "Give a corpus"),
+        (["--corpus_files", "c.jsonl", "--max_documents", "0"], "--max_documents must be positive"),
+        (["--corpus_files", "c.jsonl", "--top_k", "0"], "--top_k, --shard_size"),
+        (["--corpus_files", "c.jsonl", "--judge_min_key_fraction", "1.5"], r"must lie in \[0, 1\]"),
+        (["--corpus_files", "c.jsonl", "--predictions_with", "run"], "Give both --predictions_with"),
+    ],
+)
+def test_arguments_that_cannot_be_measured_are_refused_naming_the_flag(flags, message):
+    with pytest.raises(InputError, match=message):
+        rd.main(["--questions", "q_en.json", "--output_dir", "out", *flags])
+
+
 def test_a_run_whose_every_pair_is_skipped_by_script_exits_2_naming_them_and_writes_no_report(world, tmp_path):
     question_files, corpus_files = world
     out = tmp_path / "out"
