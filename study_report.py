@@ -257,16 +257,6 @@ def _tier_indices(truth: dict, lang: str) -> dict[str, list[int]]:
     return tiers
 
 
-def _save(fig, figures: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    from run_transfer import save_figure
-
-    save_figure(fig, figures / name, dpi=110)
-    plt.close(fig)
-    return f"figures/{name}"
-
-
 def _pyplot():
     import matplotlib
 
@@ -274,6 +264,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, figures: Path, name: str) -> str:
+    from run_transfer import save_figure
+
+    save_figure(fig, figures / name, dpi=110)
+    _pyplot().close(fig)
+    return f"figures/{name}"
 
 
 # --------------------------------------------------------------------------------------
@@ -1134,16 +1132,14 @@ def _report_packing(doc: ReportDoc, plan: Plan) -> dict | None:
         audit = _read_json(Path(run.dir) / "packing_audit.json")
         if audit:
             pairs, digests = audit.get("pairs", {}), audit.get("hashes", {})
-            entries.append({"run": run.name, "setting": run.setting, "pairs_total": pairs.get("total"),
-                            "pairs_co_located": pairs.get("co_located"), "pairs_split": pairs.get("split"),
-                            "co_located_percent": pairs.get("co_located_percent"),
-                            "tokens_multiset_sha256": digests.get("tokens_multiset_sha256"),
-                            "documents_seen_sha256": digests.get("documents_seen_sha256"),
-                            "real_token_fraction": audit.get("real_token_fraction"), "windows": audit.get("windows"),
-                            "guarantees_hold": audit.get("guarantees_hold"),
-                            "unchecked": audit.get("unchecked") or []})  # fmt: skip
-            digest = (entries[-1]["tokens_multiset_sha256"], entries[-1]["documents_seen_sha256"])
+            digest = (digests.get("tokens_multiset_sha256"), digests.get("documents_seen_sha256"))
             hashes.setdefault((run.lang, run.variant, run.seed), []).append(digest)
+            entries.append({"run": run.name, "setting": run.setting,
+                            **{f"pairs_{k}": pairs.get(k) for k in ("total", "co_located", "split")},
+                            "co_located_percent": pairs.get("co_located_percent"),
+                            "tokens_multiset_sha256": digest[0], "documents_seen_sha256": digest[1],
+                            **{k: audit.get(k) for k in ("real_token_fraction", "windows", "guarantees_hold")},
+                            "unchecked": audit.get("unchecked") or []})  # fmt: skip
     if not entries:
         doc.p("No packing audits found.")
         return None
