@@ -4,21 +4,9 @@
 # dependencies = ["torch==2.13.0", "transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "regex", "tqdm", "pyyaml"]
 # ///
 """The whole study in one command: pretrain, build pairs, continual pretraining with and without bridges, bilingual
-probing, transfer analysis, density, and a report (docs/study.md).
-
-Every step runs one of the study's own scripts as a subprocess, with the command line a user would type; the
-commands are written to ``OUTPUT_DIR/commands.sh`` and printed by ``--dry_run``. A study is a file
-(``--preset NAME`` reads ``configs/studies/NAME.yaml``; its format: study_config.py), changed with ``--set KEY=VALUE``
-and swept with ``--sweep KEY=V1,V2,...`` (one study per cell in ``OUTPUT_DIR/<cell>/``, steps the cells agree on run
-once in ``OUTPUT_DIR/shared/``).
-
-A step is done when its outputs exist and its done-marker (``OUTPUT_DIR/.done/<step>.json``) holds the current
-command and the finished runs of its upstream steps. Run the same command again after Ctrl-C or a crash: finished
-steps are skipped, an interrupted training step resumes from its last checkpoint when it was started with the same
-command on the same upstream runs, any other step starts afresh, as does every step under ``--force``.
-
-Outputs (default ``study_runs/<preset>``): report.md/.html/.json (study_report.py), figures/, commands.sh,
-plan.json (the plan and its effective configuration), timings.json, logs/<step>.log and every step's outputs.
+probing, transfer analysis, density, and a report. Every step runs one of the study's own scripts as a subprocess,
+with the command line a user would type (OUTPUT_DIR/commands.sh); run the same command again after Ctrl-C or a crash
+to resume. How studies, --set, --sweep, resuming and the outputs work: docs/study.md.
 
 Usage::
 
@@ -33,6 +21,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -42,8 +31,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import yaml
 
 from cloze import question_file_name
 from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
@@ -103,30 +95,22 @@ def _cuda_available() -> bool:
 @dataclass
 class StudyArguments:
     preset: str = field(
-        default="cpu",
-        metadata={"help": f"A study of configs/studies/ ({', '.join(PRESETS)}) or the path of a study file."},
+        default="cpu", metadata={"help": f"A study of configs/studies/ ({', '.join(PRESETS)}) or a study file's path."}
     )
     set: list[str] | None = field(
         default=None,
-        metadata={
-            "action": "append",
-            "help": "KEY=VALUE: change a value of the study: a top-level key (seeds, langs, settings, ...) or "
-            "SECTION.FLAG (cpt.max_steps, world.pair_mentions, data.LANG.FLAG), VALUE in YAML (null: the script's "
-            "default). Repeatable; unknown keys and wrongly typed values are refused.",
-        },
-    )
+        metadata={"action": "append", "help": "KEY=VALUE (VALUE in YAML): change a key of the study, e.g. "
+                  "cpt.max_steps=120 or seeds=[0,1]; repeatable."},
+    )  # fmt: skip
     sweep: list[str] | None = field(
         default=None,
-        metadata={
-            "action": "append",
-            "help": "KEY=V1,V2,...: one study per value, in OUTPUT_DIR/<cell>; repeatable (the grid of all values). "
-            "Steps whose command is the same in several cells run once, in OUTPUT_DIR/shared. Writes sweep_report.*.",
-        },
-    )
+        metadata={"action": "append", "help": "KEY=V1,V2,...: one study per value in OUTPUT_DIR/<cell> (repeatable: "
+                  "the grid), shared steps once in OUTPUT_DIR/shared."},
+    )  # fmt: skip
     output_dir: str | None = field(
         default=None, metadata={"help": "Where every step writes (default: study_runs/<preset>[-sweep][-smoke])."}
     )
-    langs: list[str] | None = field(default=None, metadata={"help": "Target languages (--set langs=[...])."})
+    langs: list[str] | None = field(default=None, metadata={"help": "Target languages (as --set langs=[...])."})
     seeds: list[int] | None = field(default=None, metadata={"help": "CPT seeds, one run per setting and seed."})
     variants: list[str] | None = field(
         default=None, metadata={"help": "Synthetic studies: name variants, native (control) and/or anchors."}
@@ -138,54 +122,40 @@ class StudyArguments:
         default=None, metadata={"help": "Steps run at the same time; on CPU each gets cores/jobs threads."}
     )
     accelerate_config: str | None = field(
-        default=None,
-        metadata={"help": "Launch training steps with `accelerate launch --config_file FILE` (default: the study's)."},
+        default=None, metadata={"help": "Launch training steps with `accelerate launch --config_file FILE`."}
     )
     questions_dir: str = field(
         default=PAPER_QUESTIONS_DIR,
         metadata={
-            "help": "Paper study: folder of the paper's <lang>-culture-cloze_<en|lang>.json (its public release, "
-            f"Apache-2.0). Fill the default with: {PAPER_QUESTIONS_FETCH}"
+            "help": f"Paper study: folder of the paper's <lang>-culture-cloze_<en|lang>.json ({PAPER_QUESTIONS_FETCH})."
         },
     )
     paper_data: str | None = field(
         default=None,
-        metadata={
-            "help": "Paper study: a JSON file overriding its data section's build_pairs.py flags per language, e.g. "
-            '{"bo": {"pairs_files": ["my/en-bo.jsonl"], "en_column": "en", "tgt_column": "bo"}}.'
-        },
-    )
+        metadata={"help": "Paper study: a JSON file of build_pairs.py data flags per language overriding the study's "
+                  "data section (docs/paper-scale.md)."},
+    )  # fmt: skip
     python: str = field(default="python", metadata={"help": "Interpreter of the steps ('python': this one)."})
     dry_run: bool = field(
         default=False, metadata={"help": "Print the plan, its time budget, training cost and commands; run nothing."}
     )
     tokens_per_second_per_gpu: float | None = field(
         default=None,
-        metadata={
-            "help": f"Throughput per GPU for --dry_run's GPU-hours (default: {MEASURED_TOKENS_PER_SECOND_PER_GPU:,}, "
-            "measured by bench/gpu_fsdp_check.sh)."
-        },
+        metadata={"help": "Throughput per GPU behind --dry_run's GPU-hours (default: the paper study's measured one)."},
     )
     hub_org: str | None = field(
         default=None,
-        metadata={
-            "help": "Paper study: push the base model, each CPT dataset and every checkpoint to ORG/<study>-base, "
-            "ORG/<study>-data-<lang>, ORG/<study>-cpt-<run> (<study> with -smoke for --smoke)."
-        },
+        metadata={"help": "Paper study: push the base model, CPT datasets and checkpoints to ORG/<study>-*."},
     )
     smoke: bool = field(
         default=False,
-        metadata={
-            "help": "Every step of the plan as the full run has it, with only the budgets cut "
-            "(study_config.SMOKE_BUDGETS): what to run first on a cluster. Outputs go to study_runs/<preset>-smoke."
-        },
+        metadata={"help": "Every step of the plan with only its budgets cut (study_config.SMOKE_BUDGETS)."},
     )
     force: bool = field(default=False, metadata={"help": "Forget every finished step and run each again from scratch."})
     report_only: bool = field(
         default=False,
         metadata={
-            "help": "Only rewrite the report of the study in --output_dir, from its plan.json; flags that contradict "
-            "that record are refused."
+            "help": "Only rewrite the report of the study recorded in --output_dir; contradicting flags are refused."
         },
     )
 
@@ -506,9 +476,7 @@ def build_sweep(args: StudyArguments, out: Path, factors: dict[str, list]) -> Pl
         preset, _ = configure(args, values)
         cells[name] = build_plan(args, preset, out / name, cell=name)
         cells[name].state_dir, cells[name].config = str(out), {"cell": values}
-        for step in cells[name].steps:
-            if steps.setdefault(step.id, step).command != step.command:  # a shared id names its command
-                raise RuntimeError(f"two cells plan step {step.id} with different commands")
+        steps.update({step.id: step for step in cells[name].steps})  # a shared step's id names its command
     runs = [run for cell in cells.values() for run in cell.runs]
     groups = {f"{name}/{key}": group for name, cell in cells.items() for key, group in cell.groups.items()}
     return Plan(with_flags(base, args), str(out), _in_run_order(list(steps.values())), runs, groups, cells=cells)
@@ -560,8 +528,8 @@ def _prepare(out: Path, step: Step, reason: str) -> tuple[list[str], str | None]
     return command, note
 
 
-class StudyBusyError(RuntimeError):
-    """The study does not start: another process works on the same outputs."""
+class StudyBusyError(InputError):
+    """The study does not start: another process works on the same outputs (exit status 2, like a bad input)."""
 
 
 def _pid_file(out: Path, step_id: str) -> Path:
@@ -704,7 +672,7 @@ def _stop_descendants(grace_s: float = _STOP_GRACE_S) -> int:
 
 def _machine_is_quiet() -> bool:
     """Less than one core's worth of other work (1-minute load average) on the machine."""
-    return not hasattr(os, "getloadavg") or os.getloadavg()[0] < 1.0
+    return os.getloadavg()[0] < 1.0
 
 
 class StudyRunner:
@@ -775,7 +743,7 @@ class StudyRunner:
                     bar.write(f"[{len(done):>2}/{len(steps)}] done   {step.title} in {seconds:.0f} s "
                               f"(elapsed {fmt_time(time.time() - start)}{budget})")  # fmt: skip
                 time.sleep(0.2 if running else 0)
-                if hasattr(os, "getloadavg") and time.time() - sampled > 10:
+                if time.time() - sampled > 10:
                     loads.append(os.getloadavg()[0])  # 1-minute load, the study's own jobs included
                     sampled = time.time()
             bar.close()
@@ -901,74 +869,47 @@ def _flag_value(command: list[str], flag: str, default=None):
     return command[command.index(flag) + 1] if flag in command else default
 
 
-def _num_processes(command: list[str]) -> int | None:
-    """Processes (GPUs) of a training command: accelerate's --num_processes or its --config_file's, 1 for plain
-    python; None when the config file cannot be read."""
+def _num_processes(command: list[str]) -> int:
+    """Processes (GPUs) of a training command: the num_processes of its accelerate config, 1 for plain python."""
     if command[:2] != ["accelerate", "launch"]:
         return 1
-    launcher = command[: next(i for i, c in enumerate(command) if c.endswith(".py"))]
-    if "--num_processes" in launcher:
-        return int(_flag_value(launcher, "--num_processes"))
-    config = _flag_value(launcher, "--config_file")
-    if config is None or not Path(config).is_file():
-        return None
-    import yaml
-
-    return int((yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("num_processes", 1))
+    config = Path(_flag_value(command, "--config_file"))
+    if not config.is_file():
+        raise InputError(f"--accelerate_config {config}: no such file (its num_processes sizes the training cost).")
+    return int((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("num_processes", 1))
 
 
-def _cost_row(step: Step, throughput: float | None) -> dict:
-    """The windows and tokens a training step's flags train on (steps x windows per step x block size; windows per
-    step = per-device batch x accumulation x processes) and, given a throughput, its GPU-hours and wall hours."""
-    row = {"step": step.id, "processes": _num_processes(step.command),
-           "steps": int(_flag_value(step.command, "--max_steps")),
-           "batch": int(_flag_value(step.command, "--per_device_train_batch_size", 8)),  # TrainingArguments' default
-           "accumulation": int(_flag_value(step.command, "--gradient_accumulation_steps", 1)),
-           "block": int(_flag_value(step.command, "--block_size"))}  # fmt: skip
-    per_step = row["processes"] and row["batch"] * row["accumulation"] * row["processes"]
-    row.update(per_step=per_step, windows=per_step and row["steps"] * per_step)
-    row["tokens"] = row["windows"] and row["windows"] * row["block"]
-    row["gpu_hours"] = row["tokens"] / throughput / 3600 if row["tokens"] and throughput else None
-    row["wall_hours"] = row["gpu_hours"] and row["gpu_hours"] / row["processes"]
-    return row
-
-
-def cost_table(plan: Plan, args: StudyArguments) -> str:
-    """--dry_run's training cost: tokens and windows exact from the flags; GPU-hours an estimate from a throughput
-    (the paper study's measured one, or --tokens_per_second_per_gpu)."""
+def training_cost(plan: Plan, args: StudyArguments) -> str:
+    """--dry_run's training cost per training step and in all: windows and tokens exact from the flags, GPU-hours an
+    estimate from a throughput (the paper study's measured one, or --tokens_per_second_per_gpu)."""
     throughput, source = args.tokens_per_second_per_gpu, "given with --tokens_per_second_per_gpu"
     if throughput is None and not plan.preset.synthetic:
         throughput, source = MEASURED_TOKENS_PER_SECOND_PER_GPU, f"measured by {MEASURED_THROUGHPUT_SOURCE}"
-    rows = [_cost_row(step, throughput) for step in plan.steps if step.trains]
-
-    def number(value, spec=",") -> str:
-        return "?" if value is None else format(value, spec)
-
-    width = max([28, *(len(r["step"]) for r in rows)])
-    hours = f" {'GPU-hours':>9} {'wall hours':>10}" if throughput else ""
-    lines = ["Training cost per step (tokens = steps x windows per step x block size; windows per step = per-device "
-             "batch x gradient accumulation x processes, from the accelerate config):",
-             f"  {'step':<{width}} {'GPUs':>4} {'steps':>7} {'windows/step':>20} {'block':>5} {'windows':>11} "
-             f"{'tokens':>15}{hours}"]  # fmt: skip
-    for r in rows:
-        shape = f"{r['per_step']} ({r['batch']}x{r['accumulation']}x{r['processes']})" if r["processes"] else "?"
-        hours = f" {number(r['gpu_hours'], '.2f'):>9} {number(r['wall_hours'], '.2f'):>10}" if throughput else ""
-        lines.append(f"  {r['step']:<{width}} {number(r['processes']):>4} {r['steps']:>7,} {shape:>20} {r['block']:>5} "
-                     f"{number(r['windows']):>11} {number(r['tokens']):>15}{hours}")  # fmt: skip
-    if rows and all(r["tokens"] for r in rows):
-        hours = f" {sum(r['gpu_hours'] for r in rows):>9.2f}" if throughput else ""
-        lines.append(f"  {'all training steps':<{width}} {'':>4} {'':>7} {'':>20} {'':>5} "
-                     f"{sum(r['windows'] for r in rows):>11,} "
-                     f"{sum(r['tokens'] for r in rows):>15,}{hours}")  # fmt: skip
-    elif rows:
-        lines.append("  ?: the accelerate config file was not found, so the number of processes is unknown.")
+    lines = ["Training cost (windows per step = per-device batch x gradient accumulation x processes):"]
+    total_tokens = total_hours = 0
+    for step in (s for s in plan.steps if s.trains):
+        command = step.command
+        shape = (int(_flag_value(command, "--per_device_train_batch_size", 8)),  # TrainingArguments' default
+                 int(_flag_value(command, "--gradient_accumulation_steps", 1)), _num_processes(command))  # fmt: skip
+        steps, block = int(_flag_value(command, "--max_steps")), int(_flag_value(command, "--block_size"))
+        windows = steps * math.prod(shape)
+        total_tokens += windows * block
+        line = (f"  {step.id}: {steps:,} steps x {math.prod(shape)} windows ({'x'.join(map(str, shape))}) = "
+                f"{windows:,} windows x {block} tokens = {windows * block:,} tokens")  # fmt: skip
+        if throughput:
+            hours = windows * block / throughput / 3600
+            total_hours += hours
+            line += f"; {hours:.2f} GPU-hours, {hours / shape[2]:.2f} wall hours on {shape[2]} GPUs"
+        lines.append(line)
+    lines.append(
+        f"  all training steps: {total_tokens:,} tokens" + (f"; {total_hours:.2f} GPU-hours" if throughput else "")
+    )
     if throughput:
         lines.append(
             f"  GPU-hours are an ESTIMATE at {throughput:,.0f} tokens/s per GPU ({source}), assuming throughput "
-            "scales linearly with GPUs; wall hours = GPU-hours / GPUs of the step. Not counted: data building, "
-            "probing, density, checkpoint saving, start-up. A CPT run may train fewer steps when its data cannot "
-            "fill them (see its packing_audit.json). Measure your own cluster with bench/gpu_fsdp_check.sh and pass "
-            "--tokens_per_second_per_gpu N."
+            "scales linearly with GPUs. Not counted: data building, probing, density, checkpoint saving, start-up. A "
+            "CPT run may train fewer steps when its data cannot fill them (its packing_audit.json). Measure your own "
+            "cluster with bench/gpu_fsdp_check.sh and pass --tokens_per_second_per_gpu N."
         )
     return "\n".join(lines)
 
@@ -1078,8 +1019,8 @@ def configuration(args: StudyArguments, argv: list[str] | None, factors: dict | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the study; returns the exit status (2: bad input or a busy output folder, 1: a step failed, 130:
-    interrupted)."""
+    """Run the study; returns the exit status (1: a step failed, 130: interrupted; a bad input or a busy output
+    folder raises InputError, exit status 2)."""
     # 1. Arguments and the study's configuration.
     setup_logging()
     args, preset, smoke_cuts = parse_arguments(argv)
@@ -1102,17 +1043,13 @@ def main(argv: list[str] | None = None) -> int:
     problem = _missing_inputs(plan, args)
     if args.dry_run:
         print(f"Note: before a real run, {problem}.\n" if problem else "")
-        print(cost_table(plan, args) + "\n")
+        print(training_cost(plan, args) + "\n")
         print(commands_script(plan, args))
         return 0
     # 5. Refuse to start without the plan's own inputs, or beside another study on the same outputs.
-    try:
-        if problem:
-            raise InputError(problem)
-        lock = _lock_output_dir(out)  # held until this process ends
-    except (InputError, StudyBusyError) as err:
-        print(f"run_study.py: error: {err}", file=sys.stderr)
-        return 2
+    if problem:
+        raise InputError(problem)
+    lock = _lock_output_dir(out)  # held until this process ends
     try:
         # 6. The commands and the plan on disk (the report reads the plan back from plan.json).
         write_text_atomic(out / "commands.sh", commands_script(plan, args))
@@ -1125,9 +1062,6 @@ def main(argv: list[str] | None = None) -> int:
             StudyRunner(plan, plan.preset.jobs, args.force, 0 if factors else plan.preset.budget_s).run()
         except KeyboardInterrupt:
             return 130
-        except StudyBusyError as err:
-            print(f"run_study.py: error: {err}", file=sys.stderr)
-            return 2
         except RuntimeError as err:
             print(f"\n{err}", file=sys.stderr)
             return 1
@@ -1209,22 +1143,15 @@ def plan_record(plan: Plan) -> dict:
 
 
 def _print_overview(plan: Plan, args: StudyArguments, smoke_cuts: list[str]) -> None:
-    """The study and what changed its file's values, the output folder, the steps by kind (a sweep's cells and the
-    steps they share) and the time budget."""
+    """The study and its configuration, the output folder, the steps by kind (a sweep's cells and the steps they
+    share) and the time budget."""
     config, preset = plan.config, plan.preset
-    changes = [f"--set {text}" for text in config["set"]]
-    for flag in (f for f in CONFIG_FLAGS if f in config["flags"]):
-        value = config["flags"][flag]
-        changes.append(f"--{flag} " + " ".join(map(str, value if isinstance(value, list) else [value])))
-    changes += [f"--sweep {key}={','.join(map(json.dumps, values))}" for key, values in (config["sweep"] or {}).items()]
-    print(f"Study {preset.name!r} with {', '.join(changes)}" if changes else f"Study preset {preset.name!r}", end="")
-    print(f": {preset.description}\nConfiguration: {configuration_text(config)}\nOutput: {plan.out}")
+    print(
+        f"Study {preset.name!r}: {preset.description}\nConfiguration: {configuration_text(config)}\nOutput: {plan.out}"
+    )
     if args.smoke:
         print("Smoke run: every step of the plan, only these budgets cut:\n  " + "\n  ".join(smoke_cuts))
-    counts = {}
-    for step in plan.steps:
-        counts[step.kind] = counts.get(step.kind, 0) + 1
-    kinds = ", ".join(f"{k} x{v}" for k, v in counts.items())
+    kinds = ", ".join(f"{k} x{v}" for k, v in Counter(s.kind for s in plan.steps).items())
     print(f"Steps: {kinds} ({len(plan.steps)} in all), {preset.jobs} at a time")
     if plan.cells:
         planned = sum(len(cell.steps) for cell in plan.cells.values())
@@ -1235,7 +1162,7 @@ def _print_overview(plan: Plan, args: StudyArguments, smoke_cuts: list[str]) -> 
         estimate = fmt_time(estimate_seconds(plan, preset.jobs))
         budget = f"{fmt_time(preset.budget_s)} on {preset.reference_machine}"
         print(f"Time budget: {budget}; estimated {estimate} for this plan.")
-        load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load > 0.5 * cores:
             print(f"Note: the machine is busy (load {load:.1f} on {cores} cores): expect it to take longer.")
 

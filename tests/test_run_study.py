@@ -124,16 +124,17 @@ def test_the_micro_plan_passes_no_new_flag_unless_its_configuration_asks(tmp_pat
         assert str(Path(step.workdir) / "manipulation_checks.json") in step.outputs
 
 
-def test_the_first_line_names_what_changed_the_values_of_the_study_file(tmp_path, capsys):
+def test_the_printed_plan_names_the_study_and_everything_that_changed_the_values_of_its_file(tmp_path, capsys):
     argv = ["--preset", "micro", "--dry_run", "--output_dir", str(tmp_path / "out")]
     description = PRESETS["micro"].description
-    assert run_study.main(argv) == 0
-    assert capsys.readouterr().out.splitlines()[0] == f"Study preset 'micro': {description}"
-    assert run_study.main([*argv, "--set", "cpt.max_steps=30", "--seeds", "0"]) == 0
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first == f"Study 'micro' with --set cpt.max_steps=30, --seeds 0: {description}"
-    assert run_study.main([*argv, "--sweep", "cpt.max_steps=20,40"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == f"Study 'micro' with --sweep cpt.max_steps=20,40: {description}"
+    base = "Configuration: preset micro (configs/studies/micro.yaml)"
+    for given, changes in (
+        ([], ""),
+        (["--set", "cpt.max_steps=30", "--seeds", "0"], ", --set cpt.max_steps=30, --seeds 0"),
+        (["--sweep", "cpt.max_steps=20,40"], ", --sweep cpt.max_steps=20,40"),
+    ):
+        assert run_study.main([*argv, *given]) == 0
+        assert capsys.readouterr().out.splitlines()[:2] == [f"Study 'micro': {description}", base + changes]
 
 
 def test_a_named_study_and_a_path_inside_the_repository_are_found_from_any_folder(tmp_path, monkeypatch, capsys):
@@ -198,14 +199,14 @@ def test_paper_questions_default_to_a_git_ignored_folder_of_the_repository(tmp_p
     assert questions and all(q.startswith(f"{default}/") for q in questions)
 
 
-def test_missing_paper_questions_exit_2_naming_the_exact_command_that_fetches_them(tmp_path, capsys):
+def test_missing_paper_questions_are_refused_naming_the_exact_command_that_fetches_them(tmp_path):
     empty = tmp_path / "questions"
     empty.mkdir()
-    code = run_study.main(
-        ["--preset", "paper", "--langs", "ko", "--questions_dir", str(empty), "--output_dir", str(tmp_path / "out")]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("run_study.py: error: the paper's questions are missing from")
+    argv = ["--preset", "paper", "--langs", "ko", "--questions_dir", str(empty), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(InputError) as refused:  # exit status 2 (exit_on_input_error)
+        run_study.main(argv)
+    err = str(refused.value)
+    assert err.startswith("the paper's questions are missing from")
     assert "ko-culture-cloze_en.json" in err and "ko-culture-cloze_ko.json" in err
     fetch = (
         "git clone --depth 1 https://github.com/luciusssss/cross-lingual-culture /tmp/clc && "
@@ -252,8 +253,8 @@ def test_paper_plan_reads_mc2_without_invented_language_configs(tmp_path):
     assert "mc2/bo-crawl-only-release-20231127.jsonl" in run_study._local_files(plan)
 
 
-def _cost_line(printed: str, step_id: str) -> list[str]:
-    return next(line.split() for line in printed.splitlines() if line.split()[:1] == [step_id])
+def _cost_line(printed: str, step_id: str) -> str:
+    return next(line.strip() for line in printed.splitlines() if line.strip().startswith(f"{step_id}: "))
 
 
 def test_paper_dry_run_prints_tokens_windows_and_an_estimate_of_gpu_hours_per_step(tmp_path, capsys):
@@ -261,12 +262,16 @@ def test_paper_dry_run_prints_tokens_windows_and_an_estimate_of_gpu_hours_per_st
     assert run_study.main(["--preset", "paper", "--dry_run", "--output_dir", out]) == 0
     printed = capsys.readouterr().out
     # CPT: 1,500 steps x (16 per device x 2 accumulation x 8 processes of multi_gpu.yaml) x 2048 tokens
-    cpt = _cost_line(printed, "cpt-ko-bridges-s0")
-    assert cpt[1:3] == ["8", "1,500"] and cpt[3:5] == ["256", "(16x2x8)"] and cpt[5] == "2048"
-    assert cpt[6:8] == ["384,000", f"{1500 * 256 * 2048:,}"]
-    assert cpt[8:10] == [f"{1500 * 256 * 2048 / 47_800 / 3600:.2f}", f"{1500 * 256 * 2048 / 47_800 / 3600 / 8:.2f}"]
-    pretrain = _cost_line(printed, "pretrain")
-    assert pretrain[7] == f"{20000 * 256 * 2048:,}"
+    hours = 1500 * 256 * 2048 / 47_800 / 3600
+    assert _cost_line(printed, "cpt-ko-bridges-s0") == (
+        f"cpt-ko-bridges-s0: 1,500 steps x 256 windows (16x2x8) = 384,000 windows x 2048 tokens = "
+        f"{1500 * 256 * 2048:,} tokens; {hours:.2f} GPU-hours, {hours / 8:.2f} wall hours on 8 GPUs"
+    )
+    assert f"= {20000 * 256 * 2048:,} tokens;" in _cost_line(printed, "pretrain")
+    total = (20000 + 8 * 1500) * 256 * 2048
+    assert _cost_line(printed, "all training steps") == (
+        f"all training steps: {total:,} tokens; {total / 47_800 / 3600:.2f} GPU-hours"
+    )
     assert "ESTIMATE at 47,800 tokens/s per GPU (measured by bench/gpu_fsdp_check.sh on one NVIDIA H200" in printed
     assert not (tmp_path / "out").exists()
 
@@ -277,15 +282,22 @@ def test_dry_run_cost_follows_the_throughput_flag_and_the_processes_of_the_accel
     argv = ["--preset", "paper", "--dry_run", "--output_dir", str(tmp_path / "out"), "--langs", "bo"]
     assert run_study.main([*argv, "--accelerate_config", str(config), "--tokens_per_second_per_gpu", "10000"]) == 0
     printed = capsys.readouterr().out
-    cpt = _cost_line(printed, "cpt-bo-no_bridges-s0")
     tokens = 1500 * 16 * 2 * 4 * 2048
-    assert cpt[1] == "4" and cpt[3:5] == ["128", "(16x2x4)"] and cpt[7] == f"{tokens:,}"
-    assert cpt[8:10] == [f"{tokens / 10_000 / 3600:.2f}", f"{tokens / 10_000 / 3600 / 4:.2f}"]
+    assert _cost_line(printed, "cpt-bo-no_bridges-s0").endswith(
+        f"x 128 windows (16x2x4) = 192,000 windows x 2048 tokens = {tokens:,} tokens; "
+        f"{tokens / 10_000 / 3600:.2f} GPU-hours, {tokens / 10_000 / 3600 / 4:.2f} wall hours on 4 GPUs"
+    )
     assert "given with --tokens_per_second_per_gpu" in printed
+    # an accelerate config that is not there is refused: the cost is never printed with a guessed number of GPUs
+    with pytest.raises(InputError, match="--accelerate_config .*missing.yaml: no such file"):
+        run_study.main([*argv, "--accelerate_config", str(tmp_path / "missing.yaml")])
     # a synthetic preset prints tokens and windows, and GPU-hours only from a throughput it is given
     assert run_study.main(["--preset", "micro", "--dry_run", "--output_dir", str(tmp_path / "m")]) == 0
     micro = capsys.readouterr().out
-    assert _cost_line(micro, "pretrain")[1:8] == ["1", "100", "16", "(16x1x1)", "64", "1,600", f"{100 * 16 * 64:,}"]
+    assert (
+        _cost_line(micro, "pretrain")
+        == "pretrain: 100 steps x 16 windows (16x1x1) = 1,600 windows x 64 tokens = 102,400 tokens"
+    )
     assert "GPU-hours" not in micro
 
 
@@ -321,7 +333,9 @@ def test_a_sweep_over_a_cpt_key_shares_the_world_pretraining_and_datasets_and_gi
         # each cell trains on the shared base model and datasets
         assert {_flag(s, "--model_name_or_path") for s in cpt} == {by_kind["pretrain"][0].workdir}
         assert {d for s in cpt for d in s.deps} == {s.id for s in by_kind["build"]}
-        assert {s.id for s in cell.steps if s.id.startswith("shared/")} <= {s.id for s in plan.steps}
+        # a shared step is the same command in every cell that plans it
+        shared = {s.id: s.command for s in cell.steps if s.id.startswith("shared/")}
+        assert shared and shared.items() <= {s.id: s.command for s in plan.steps}.items()
     # one plan: every cell's own steps plus the shared ones, each once
     own = sum(len([s for s in cell.steps if not s.id.startswith("shared/")]) for cell in plan.cells.values())
     assert len(plan.steps) == own + len({s.id for s in plan.steps if s.id.startswith("shared/")})
