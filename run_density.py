@@ -982,10 +982,6 @@ def _source_of(stem: str, lang: str, sources: dict[str, str], occurrences: dict)
     )
 
 
-def _mean_at(counts: list[int], items: list[int]) -> float | None:
-    return float(np.mean([counts[i] for i in items])) if items else None
-
-
 def instance_analysis(with_path: Path, without_path: Path, step: int | None, sources: dict[str, str],
                       occurrences: dict[tuple[str, str], list[int]]) -> dict:  # fmt: skip
     """Per question file, the mean source-corpus occurrences of the items that transferred (right with bridges,
@@ -1000,7 +996,7 @@ def instance_analysis(with_path: Path, without_path: Path, step: int | None, sou
         if isinstance(source, str):
             skipped.append({"questions": stem, "reason": source})
             continue
-        counts = occurrences[source]
+        counts = np.asarray(occurrences[source])
         items = min(len(with_correct[stem]), len(without_correct[stem]))
         if items > len(counts):
             raise InputError(
@@ -1009,7 +1005,7 @@ def instance_analysis(with_path: Path, without_path: Path, step: int | None, sou
             )
         right_with, right_without = with_correct[stem][:items], without_correct[stem][:items]
         gained = right_with & ~right_without
-        transferred, others = np.flatnonzero(gained).tolist(), np.flatnonzero(~gained).tolist()
+        transferred, others = np.flatnonzero(gained), np.flatnonzero(~gained)
         results.append(
             {
                 "questions": stem,
@@ -1020,13 +1016,11 @@ def instance_analysis(with_path: Path, without_path: Path, step: int | None, sou
                 "step_without": without_steps[stem],
                 "items": items,
                 "transferred": len(transferred),
-                "transferred_indices": transferred,
-                "mean_occurrences_transferred": _mean_at(counts, transferred),
-                "mean_occurrences_all": _mean_at(counts, list(range(items))),
-                "mean_occurrences_not_transferred": _mean_at(counts, others),
-                "gap_vs_log_occurrences": gap_slope(
-                    right_with.astype(float) - right_without, np.asarray(counts)[:items]
-                ),
+                "transferred_indices": transferred.tolist(),
+                "mean_occurrences_transferred": float(counts[transferred].mean()) if transferred.size else None,
+                "mean_occurrences_all": float(counts[:items].mean()),
+                "mean_occurrences_not_transferred": float(counts[others].mean()) if others.size else None,
+                "gap_vs_log_occurrences": gap_slope(right_with.astype(float) - right_without, counts[:items]),
             }
         )
     return {"with": str(with_path), "without": str(without_path), "results": results, "skipped": skipped}
