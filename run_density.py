@@ -785,7 +785,7 @@ class LexicalJudge:
     weight and number at least ``min_key_terms`` (capped at the number of key terms). Key terms: the question's
     ``analyse_text`` key tokens minus judge stopwords and the answer's own; a term weighs its BM25 idf in the corpus
     (``weights``; 1 each when not given), so a matched subject name counts more than a common word. A question
-    without key terms is judged on the answer alone. What it cannot see: docs/density.md#the-lexical-judge.
+    without key terms is judged on the answer alone. What it cannot see: docs/density.md, "The lexical judge".
     """
 
     window: int = 0
