@@ -376,14 +376,12 @@ class FileCorpus:
         self.label, self.paths, self.text_column = label, paths, text_column
         self.random_access = all(p.suffix.lower() in _LINE_FILES for p in paths)
 
-    def describe(self) -> dict:
-        return {"kind": "files", "paths": [str(p) for p in self.paths], "text_column": self.text_column}
-
     def fingerprint(self) -> dict:
+        """What identifies the corpus: its index is reused while this is unchanged, and the report names it."""
         files = [
             {"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in self.paths
         ]
-        return {"files": files, "text_column": self.text_column}
+        return {"kind": "files", "files": files, "text_column": self.text_column}
 
     def _whole(self, path: Path) -> Iterator[str]:
         return read_documents(path, self.text_column, column_flag="--corpus_text_column")
@@ -471,14 +469,9 @@ class DatasetCorpus:
         self._dataset = dataset
         return dataset
 
-    def describe(self) -> dict:
-        return {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split,
-                "data_files": self.data_files}  # fmt: skip
-
     def fingerprint(self) -> dict:
-        entry = {"name": self.name, "config": self.config, "split": self.split, "text_column": self.text_column}
-        if self.data_files:
-            entry["data_files"] = list(self.data_files)
+        entry = {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split,
+                 "data_files": self.data_files, "text_column": self.text_column}  # fmt: skip
         if not self.streaming:
             entry["dataset_fingerprint"] = self._load()._fingerprint
         return entry
@@ -725,7 +718,6 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
         units = sum(n for kind, n in found.kind_units.items() if kind != "digit") or 1
         meta = {
             "fingerprint": fingerprint,
-            "corpus": corpus.describe(),
             "documents": len(lengths),
             "documents_without_tokens": int((lengths == 0).sum()),
             "skipped": dict(found.skipped),
@@ -1077,7 +1069,7 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
     found.corpora.append(
         {
             "label": corpus.label,
-            "source": corpus.describe(),
+            "source": meta["fingerprint"]["corpus"],
             "documents": meta["documents"],
             "documents_without_tokens": meta["documents_without_tokens"],
             "skipped": meta["skipped"],
