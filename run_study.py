@@ -360,8 +360,8 @@ def _question_files(folder: Path, lang: str) -> list[str]:
 def build_plan(args: StudyArguments, preset: Preset, out: Path, cell: str | None = None) -> Plan:
     """The plan of a synthetic study (the paper's: build_paper_plan): world, pretraining, then per language and name
     variant the CPT dataset, the base model's probing, each run's CPT and probing, the transfer analysis and the
-    density (the last two for a group trained in both settings)."""
-    preset = with_flags(preset, args)
+    density (the last two for a group trained in both settings). ``preset``: the effective configuration
+    (configure)."""
     if not preset.synthetic:
         return build_paper_plan(args, preset, out, cell)
     langs, variants, plan = preset.langs, preset.variants, _PlanBuilder(args, preset, out, cell)
@@ -479,7 +479,7 @@ def build_sweep(args: StudyArguments, out: Path, factors: dict[str, list]) -> Pl
         steps.update({step.id: step for step in cells[name].steps})  # a shared step's id names its command
     runs = [run for cell in cells.values() for run in cell.runs]
     groups = {f"{name}/{key}": group for name, cell in cells.items() for key, group in cell.groups.items()}
-    return Plan(with_flags(base, args), str(out), _in_run_order(list(steps.values())), runs, groups, cells=cells)
+    return Plan(base, str(out), _in_run_order(list(steps.values())), runs, groups, cells=cells)
 
 
 # --------------------------------------------------------------------------------------
@@ -991,13 +991,16 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Pres
 
 
 def configure(args: StudyArguments, cell: dict | None = None) -> tuple[Preset, list[str]]:
-    """A study's configuration: its file, then --set, then a sweep cell's values, every key checked, and the whole
-    checked with the flags that set keys applied; under --smoke its budgets cut (and the lines saying what)."""
+    """A study's effective configuration: its file, then --set, then a sweep cell's values, every key checked; under
+    --smoke its budgets cut (and the lines saying what); then the flags that set keys (CONFIG_FLAGS), the whole
+    checked."""
     path = study_file(args.preset)
     preset = read_study(path, args.set or [], cell)
+    preset, cuts = smoke_preset(preset, on_gpu=_cuda_available()) if args.smoke else (preset, [])
+    preset = with_flags(preset, args)
     given = [f"--set {text}" for text in args.set or []] + [f"{k}={v}" for k, v in (cell or {}).items()]
-    check_study(with_flags(preset, args), f"{path}" + (f" with {', '.join(given)}" if given else ""))
-    return smoke_preset(preset, on_gpu=_cuda_available()) if args.smoke else (preset, [])
+    check_study(preset, f"{path}" + (f" with {', '.join(given)}" if given else ""))
+    return preset, cuts
 
 
 def given_flags(argv: list[str] | None) -> set[str]:

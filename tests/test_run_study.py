@@ -28,7 +28,7 @@ from study_config import PRESETS, sweep_factors
 
 def _plan(preset_name: str, out: Path, **overrides) -> Plan:
     args = StudyArguments(preset=preset_name, output_dir=str(out), **overrides)
-    return build_plan(args, PRESETS[preset_name], out)
+    return build_plan(args, run_study.configure(args)[0], out)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -241,9 +241,7 @@ def test_paper_plan_reads_mc2_without_invented_language_configs(tmp_path):
     # a language's own MC^2 file given as files reaches build_pairs.py and run_density.py
     override = tmp_path / "paper_data.json"
     override.write_text('{"bo": {"mono_files": ["mc2/bo-crawl-only-release-20231127.jsonl"], "mono_dataset": null}}')
-    plan = build_plan(
-        StudyArguments(preset="paper", langs=["bo"], paper_data=str(override)), PRESETS["paper"], tmp_path
-    )
+    plan = _plan("paper", tmp_path, langs=["bo"], paper_data=str(override))
     build = next(s for s in plan.steps if s.kind == "build")
     density = next(s for s in plan.steps if s.id == "density-bo-bo")
     assert "--mono_files" in build.command and "--mono_dataset" not in build.command

@@ -23,6 +23,7 @@ from study_config import (
     script_flags,
     smoke_preset,
     sweep_factors,
+    with_flags,
 )
 
 
@@ -204,9 +205,9 @@ def _split(command: list[str]) -> tuple[list[str], str, dict[str, list[str]]]:
 
 def _plans(preset_name: str, tmp_path, on_gpu: bool, **arguments):
     args = StudyArguments(preset=preset_name, **arguments)
-    full = build_plan(args, PRESETS[preset_name], tmp_path / "full")
+    full = build_plan(args, with_flags(PRESETS[preset_name], args), tmp_path / "full")
     smoke, cuts = smoke_preset(PRESETS[preset_name], on_gpu=on_gpu)
-    return full, build_plan(replace(args, smoke=True), smoke, tmp_path / "smoke"), cuts
+    return full, build_plan(replace(args, smoke=True), with_flags(smoke, args), tmp_path / "smoke"), cuts
 
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])

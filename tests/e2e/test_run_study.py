@@ -16,7 +16,6 @@ from test_run_study import _processes_mentioning, _wait_until
 
 import run_study
 from run_study import Step, StudyArguments, StudyRunner
-from study_config import PRESETS
 
 pytestmark = pytest.mark.slow
 
@@ -199,9 +198,8 @@ def test_kill_9_of_the_study_and_its_cpt_step_then_the_same_command_gives_the_we
         sys.executable, "run_study.py", "--preset", "micro", "--variants", "anchors", "--anchor_settings", "bridges",
         "--seeds", "0", "--jobs", "1", "--output_dir", str(out),
     ]  # fmt: skip
-    plan = run_study.build_plan(
-        StudyArguments(preset="micro", output_dir=str(out), **restricted), PRESETS["micro"], out
-    )
+    args = StudyArguments(preset="micro", output_dir=str(out), **restricted)
+    plan = run_study.build_plan(args, run_study.configure(args)[0], out)
     cpt = next(s for s in plan.steps if s.kind == "cpt")
     run_dir = Path(cpt.workdir)
     with open(tmp_path / "first.out", "w") as first_out:
