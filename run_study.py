@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch==2.13.0", "transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "regex", "tqdm", "pyyaml"]
+# dependencies = ["torch==2.13.0", "transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "regex", "tqdm", "pyyaml", "psutil"]
 # ///
 """The whole study in one command: pretrain, build pairs, continual pretraining with and without bridges, bilingual
 probing, transfer analysis, density, and a report. Every step runs one of the study's own scripts as a subprocess,
@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -35,6 +36,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import yaml
 
 from cloze import question_file_name
@@ -540,7 +542,14 @@ def _pid_file(out: Path, step_id: str) -> Path:
 def _process_group_alive(pgid) -> bool:
     """Whether a live process of the group remains (a zombie, e.g. a supervisor orphaned by kill -9 of the study that
     init never reaps, writes nothing and does not count)."""
-    return isinstance(pgid, int) and any(group == pgid for _, group in _process_table().values())
+    return isinstance(pgid, int) and any(_process_group(pid) == pgid for pid in _running(psutil.pids()))
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:  # ended meanwhile
+        return None
 
 
 def _lock_output_dir(out: Path) -> int:
@@ -614,33 +623,13 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _process_table() -> dict[int, tuple[int, int]]:
-    """Parent pid and process group of every live (not zombie) process."""
-    table = {}
-    if not Path("/proc/self/stat").is_file():
-        listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,stat="], capture_output=True, text=True).stdout
-        rows = [line.split()[:4] for line in listing.splitlines()]
-        return {int(pid): (int(ppid), int(pgid)) for pid, ppid, pgid, state in rows if not state.startswith("Z")}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:  # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
-            fields = (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        if fields[0] not in ("Z", "X"):
-            table[int(entry)] = (int(fields[1]), int(fields[2]))
-    return table
-
-
-def _descendants(root: int, table: dict[int, tuple[int, int]]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
+def _running(pids) -> set[int]:
+    """Those of ``pids`` whose process still runs (not a zombie)."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):  # ended meanwhile
+            if psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                found.add(pid)
     return found
 
 
@@ -655,8 +644,7 @@ def _stop_descendants(grace_s: float = _STOP_GRACE_S) -> int:
                     break
             except ChildProcessError:
                 break
-        table = _process_table()
-        alive = {p for p in targets if p in table} | _descendants(me, table)
+        alive = _running(targets | {child.pid for child in psutil.Process(me).children(recursive=True)})
         if not alive:
             break
         late = time.time() > deadline
