@@ -18,7 +18,7 @@ from conftest import REPO_ROOT, python_step, toy_plan
 import run_study
 import study_report
 from run_study import Plan, Step, StudyArguments, StudyBusyError, StudyRunner, build_plan, build_sweep
-from study_common import InputError
+from study_common import InputError, exit_on_input_error
 from study_config import PRESETS, sweep_factors
 
 # --------------------------------------------------------------------------------------
@@ -199,14 +199,15 @@ def test_paper_questions_default_to_a_git_ignored_folder_of_the_repository(tmp_p
     assert questions and all(q.startswith(f"{default}/") for q in questions)
 
 
-def test_missing_paper_questions_are_refused_naming_the_exact_command_that_fetches_them(tmp_path):
+def test_missing_paper_questions_exit_2_naming_the_exact_command_that_fetches_them(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "questions"
     empty.mkdir()
     argv = ["--preset", "paper", "--langs", "ko", "--questions_dir", str(empty), "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(InputError) as refused:  # exit status 2 (exit_on_input_error)
-        run_study.main(argv)
-    err = str(refused.value)
-    assert err.startswith("the paper's questions are missing from")
+    monkeypatch.setattr(sys, "argv", ["run_study.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        exit_on_input_error(run_study.main)  # as `python run_study.py ...` runs it
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("run_study.py: error: the paper's questions are missing from")
     assert "ko-culture-cloze_en.json" in err and "ko-culture-cloze_ko.json" in err
     fetch = (
         "git clone --depth 1 https://github.com/luciusssss/cross-lingual-culture /tmp/clc && "
