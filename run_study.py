@@ -42,7 +42,6 @@ import yaml
 from cloze import question_file_name
 from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
 from study_config import (
-    CONFIG_FLAGS,
     CPT_SETTINGS,
     PRESETS,
     REPO_DIR,
@@ -50,7 +49,6 @@ from study_config import (
     Preset,
     check_study,
     checked_value,
-    parse_assignment,
     read_study,
     smoke_preset,
     study_file,
@@ -62,7 +60,6 @@ from study_report import (
     configuration_text,
     done_marker,
     fmt_time,
-    read_plan,
     read_record,
     read_step_seconds,
     started_record,
@@ -154,15 +151,9 @@ class StudyArguments:
         metadata={"help": "Every step of the plan with only its budgets cut (study_config.SMOKE_BUDGETS)."},
     )
     force: bool = field(default=False, metadata={"help": "Forget every finished step and run each again from scratch."})
-    report_only: bool = field(
-        default=False,
-        metadata={
-            "help": "Only rewrite the report of the study recorded in --output_dir; contradicting flags are refused."
-        },
-    )
 
 
-#: Flags that shape a plan: --report_only refuses those that contradict the recorded one.
+#: Flags that shape a plan (recorded in plan.json as given).
 PLAN_FLAGS = ("preset", "set", "sweep", "langs", "seeds", "variants", "anchor_settings", "accelerate_config",
               "questions_dir", "paper_data", "python", "smoke", "hub_org")  # fmt: skip
 
@@ -1022,8 +1013,6 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO_DIR)
     if out.is_relative_to(REPO_DIR):
         out = out.relative_to(REPO_DIR)
-    if args.report_only:  # the report of the study recorded there, and nothing else
-        return report_only(args, argv, out, factors)
     # 3. The plan: a study, or the cells of a sweep as one plan.
     plan = build_sweep(args, out, factors) if factors else build_plan(args, preset, out)
     plan.config = configuration(args, argv, factors)
@@ -1065,48 +1054,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def report_only(args: StudyArguments, argv: list[str] | None, out: Path, factors: dict | None) -> int:
-    """--report_only: the report of the study recorded in ``out/plan.json`` (left as the study wrote it, like
-    commands.sh), after refusing the flags that contradict the record."""
-    recorded = read_plan(out)
-    conflicts = _conflicts(args, given_flags(argv), recorded, factors)
-    if conflicts:
-        raise InputError(
-            f"--report_only writes the report of the study recorded in {out}/plan.json and changes nothing of it, but "
-            f"this command contradicts that record: {'; '.join(conflicts)}. Drop those flags (the recorded plan is "
-            "reported), or run without --report_only the study they describe, in another --output_dir."
-        )
-    _print_report_paths(write_reports(recorded), "Report rewritten.")
-    return 0
-
-
-def _conflicts(args: StudyArguments, given: set[str], recorded, factors: dict | None) -> list[str]:
-    """The flags given that contradict the recorded plan, each with what it gives and what the study ran."""
-    ran, values = recorded.config["arguments"], recorded.preset
-    found = []
-    for flag in (f for f in PLAN_FLAGS if f in given):
-        if flag == "set":
-            for text in (t for t in args.set if t not in recorded.config["set"]):  # given alike: no contradiction
-                key, value = parse_assignment(text, "--set")
-                value, then = checked_value(key, value, f"--set {text}"), vars(values)
-                for part in key.split("."):
-                    then = then.get(part) if isinstance(then, dict) else None
-                if value != then:
-                    found.append(f"--set {text} (the study ran with {key}={json.dumps(then)})")
-            continue
-        if flag == "preset":
-            now, then = args.preset, recorded.config["file"]
-        elif flag == "sweep":
-            now, then = factors, recorded.config["sweep"]
-        elif flag in CONFIG_FLAGS:
-            now, then = getattr(args, flag), getattr(values, flag)
-        else:
-            now, then = getattr(args, flag), ran.get(flag)
-        if now != then:
-            found.append(f"--{flag} {json.dumps(now)} (the study ran with {json.dumps(then)})")
-    return found
 
 
 def _print_report_paths(written: dict, done: str) -> None:

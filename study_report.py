@@ -13,7 +13,7 @@ skill) and mismatched bridges; the manipulation checks; anchors vs control; the 
 cultural density (measured vs planted, the gap against occurrences); the packing audits. Every number comes from a
 file a step wrote (report.json collects them, with the paths); every sentence of conclusion is written from those
 numbers, never stronger than their intervals. run_study.py writes it after its last
-step and with ``--report_only``; on its own it reports a study folder from the plan.json run_study.py wrote there::
+step; on its own it reports a study folder from the plan.json run_study.py wrote there::
 
     python study_report.py study_runs/cpu
 """

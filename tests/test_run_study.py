@@ -1,5 +1,5 @@
 """run_study.py: the plans of every study, the resumable runner and its behaviour under faults (locks, the step
-supervisor, kill -9), resume or start afresh, the paper plan's inputs and cost, sweeps as one plan, --report_only."""
+supervisor, kill -9), resume or start afresh, the paper plan's inputs and cost, sweeps as one plan, the report of a recorded study."""
 
 import json
 import os
@@ -805,7 +805,7 @@ def test_sigterm_stops_the_study_and_its_running_step_and_keeps_finished_steps(t
 
 
 # --------------------------------------------------------------------------------------
-# --report_only
+# The report of a recorded study (study_report.py FOLDER)
 # --------------------------------------------------------------------------------------
 
 
@@ -822,52 +822,14 @@ def _recorded_micro_study(out: Path, monkeypatch, kinds: tuple[str, ...] = ()) -
     monkeypatch.undo()
 
 
-@pytest.mark.parametrize(
-    ("flags", "named"),
-    [
-        (["--preset", "cpu"], "--preset"),
-        (["--seeds", "0"], "--seeds [0] (the study ran with [0, 1])"),
-        (["--set", "cpt.max_steps=30"], "--set cpt.max_steps=30 (the study ran with cpt.max_steps=60)"),
-        (["--sweep", "cpt.max_steps=30,60"], "--sweep"),
-    ],
-)
-def test_report_only_refuses_flags_that_contradict_the_recorded_plan_and_leaves_it_as_it_was(
-    flags, named, tmp_path, monkeypatch
-):
-    out = tmp_path / "micro"
-    _recorded_micro_study(out, monkeypatch)
-    before = {name: (out / name).read_bytes() for name in ("plan.json", "commands.sh", "report.md")}
-    with pytest.raises(InputError, match="contradicts that record") as refused:
-        run_study.main(["--report_only", "--output_dir", str(out), *flags])
-    assert named in str(refused.value)
-    assert {name: (out / name).read_bytes() for name in before} == before
-    # flags that agree with the record are no contradiction
-    assert run_study.main(["--report_only", "--output_dir", str(out), "--preset", "micro", "--seeds", "0", "1"]) == 0
-
-
-def test_report_only_reports_the_recorded_study_not_the_one_the_default_flags_describe(tmp_path, monkeypatch):
-    out = tmp_path / "micro"
-    _recorded_micro_study(out, monkeypatch)
-    plan_json, commands = (out / "plan.json").read_bytes(), (out / "commands.sh").read_bytes()
-    (out / "report.md").unlink()
-    assert run_study.main(["--report_only", "--output_dir", str(out)]) == 0  # no --preset: the default is cpu
-    assert (out / "plan.json").read_bytes() == plan_json and (out / "commands.sh").read_bytes() == commands
-    report = (out / "report.md").read_text()
-    assert report.startswith("# Cross-lingual culture transfer study: preset `micro`")
-    assert "Configuration: preset micro (configs/studies/micro.yaml)" in report
-
-
 def test_the_report_of_a_half_finished_study_names_the_steps_that_did_not_finish(tmp_path, monkeypatch, capsys):
     out = tmp_path / "micro"
     _recorded_micro_study(out, monkeypatch, kinds=("world",))
     capsys.readouterr()
-    assert run_study.main(["--report_only", "--output_dir", str(out)]) == 0
+    assert study_report.main([str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "Study finished" not in printed and "Report rewritten." not in printed
     plan = study_report.read_plan(out)
-    assert (
-        f"The study is NOT finished: {len(plan.steps) - 1} of {len(plan.steps)} steps have no finished run" in printed
-    )
+    assert f"The study is NOT finished: {len(plan.steps) - 1} of {len(plan.steps)} steps did not finish." in printed
     status = json.loads((out / "report.json").read_text())["status"]
     assert status["complete"] is False and status["finished"] == 1
     assert [u["step"] for u in status["unfinished"]] == [s.id for s in plan.steps if s.kind != "world"]
