@@ -405,17 +405,17 @@ def setup_logging(training_args=None, level: str | int = logging.INFO) -> None:
 
 class InputError(ValueError):
     """What the user gave is wrong (a file, line, item, column, flag or size); the message names it and
-    says what to do. Scripts may also raise ValueError or FileNotFoundError for the same purpose."""
+    says what to do."""
 
 
 def exit_on_input_error(main: Callable[[], object]) -> None:
-    """Run a script's ``main()`` from ``__main__``: a bad input (``InputError``, ``ValueError``,
-    ``FileNotFoundError``) is printed as ``<script>: error: <message>`` and exits with status 2, as
-    argparse does for a bad flag, instead of a traceback. An int that ``main`` returns is the exit status."""
+    """Run a script's ``main()`` from ``__main__``: an ``InputError`` is printed as ``<script>: error: <message>``
+    and exits with status 2, as argparse does for a bad flag; anything else is a bug and shows its traceback. An
+    int that ``main`` returns is the exit status."""
     prog = Path(sys.argv[0]).name
     try:
         result = main()
-    except (ValueError, FileNotFoundError) as error:
+    except InputError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

@@ -78,7 +78,7 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
         (questions_dir / f"bo-culture-cloze_{lang}.json").write_text(json.dumps(records, ensure_ascii=False))
     out = tmp_path / "study"
     args = StudyArguments(preset="paper", langs=["bo"], questions_dir=str(questions_dir), output_dir=str(out))
-    plan = build_plan(args, PRESETS["paper"], out)
+    plan = build_plan(args, run_study.configure(args)[0], out)
     group = plan.groups["bo/real"]
     # the plan's own probing and transfer outputs, written by run_eval.py and run_transfer.py on a real (tiny) model
     _probe(tiny_model_dir, group["questions"], group["base_eval"])
