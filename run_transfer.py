@@ -5,24 +5,13 @@
 # ///
 """The with-minus-without transfer analysis of CPT runs: does training with bridges carry knowledge across?
 
-Step 3b of the study (docs/probing.md explains the outputs, docs/decomposition.md the tiers and mismatched
-bridges, docs/refusals.md what is refused). Input: run_eval.py's output (``accuracy.json`` + ``predictions.jsonl``)
-of runs trained with and without bridges (and optionally with mismatched bridges), given as ``--with_bridges A..
---without_bridges B.. [--mismatched_bridges M..]`` (several = several seeds) or as ``--runs R..`` grouped by the
-``cpt_setting`` {lang, setting, seed} each run records. A run folder without probing output is probed first into
-``RUN/<--eval_dir_name>`` when ``--questions`` is given: every flag this script does not know is passed on to
-run_eval.py.
-
-Per language and direction (en->X: X questions; X->en: English questions), runs aligned on their common steps
-and paired by seed: both settings' accuracy curves and the gap per step, each with a percentile bootstrap CI
-(questions resampled, and seed pairs too: a hierarchical bootstrap); the mean gap over the curve with its CI and
-verdict (``verdict``); an exact McNemar test per seed pair at the final step; both tie rules; each run's last
-bridge diagnostic; with ``--item_tiers`` the gap per tier and the knowledge/skill split (``KNOWLEDGE_CONTRASTS``);
-with ``--mismatched_bridges`` bridges minus mismatched and mismatched minus none. Runs that differ in what they
-must share (``SHARED_BY_ALL_RUNS``, ``SHARED_BY_A_SEED``) are refused unless ``--allow_differences`` names the field.
-
-Outputs in ``--output_dir``: ``transfer_curves.png``, ``transfer_summary.png``, ``transfer.md`` and, last,
-``transfer.json``.
+Step 3b of the study. Input: run_eval.py's output of runs trained with and without bridges (and optionally with
+mismatched bridges), as ``--with_bridges A.. --without_bridges B.. [--mismatched_bridges M..]`` (several = several
+seeds) or ``--runs R..`` grouped by the cpt_setting each records. A run folder without probing output is probed
+first when ``--questions`` is given (flags this script does not know go to run_eval.py). Outputs in
+``--output_dir``: transfer_curves.png, transfer_summary.png, transfer.md and, last, transfer.json.
+docs/probing.md explains the statistics and outputs, docs/decomposition.md the tiers and mismatched bridges,
+docs/refusals.md what is refused.
 """
 
 from __future__ import annotations
@@ -80,61 +69,41 @@ def min_bootstrap(confidence: float) -> int:
 class TransferArguments:
     with_bridges: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Runs trained WITH bridges: run folders (probed first into RUN/<eval_dir_name> when --questions "
-            "is given) or eval output folders (holding accuracy.json). Several = several seeds."
-        },
+        metadata={"help": "Runs trained WITH bridges (run folders or their eval output folders), one per seed."},
     )
     without_bridges: list[str] | None = field(
         default=None, metadata={"help": "Runs trained WITHOUT bridges, as for --with_bridges."}
     )
     mismatched_bridges: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Optional third setting: runs of run_cpt.py --mismatched_bridges, as for --with_bridges, one per "
-            "seed. Adds bridges-minus-mismatched and mismatched-minus-none to each direction."
-        },
+        default=None, metadata={"help": "Runs of run_cpt.py --mismatched_bridges, as for --with_bridges (optional)."}
     )
     runs: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Instead of the setting flags: any number of runs (or their eval outputs), grouped by the "
-            "cpt_setting {lang, setting, seed} each records. One result row per language."
-        },
+        metadata={"help": "Instead of the setting flags: runs grouped by the cpt_setting {lang, setting, seed}."},
     )
     item_tiers: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "item_tiers.json files of synthetic_world.py (one per parallel question group). Adds the gap per "
-            "tier and the knowledge-transfer difference-in-differences."
-        },
+        metadata={"help": "item_tiers.json files of synthetic_world.py: adds the gap per tier and knowledge transfer."},
     )
     allow_differences: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Compare runs that differ in these recorded fields anyway (recorded in transfer.json and "
-            "transfer.md); otherwise such runs are refused. Fields: " + ", ".join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)
+            "help": "Compare runs that differ in these recorded fields anyway (recorded in the outputs): "
+            + ", ".join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)
         },
     )
-    output_dir: str = field(
-        default="eval_output",
-        metadata={"help": "Where transfer.json, transfer.md, transfer_curves.png and transfer_summary.png go."},
-    )
+    output_dir: str = field(default="eval_output", metadata={"help": "Where the outputs go."})
     eval_dir_name: str = field(
         default="eval", metadata={"help": "Sub-folder of a run folder where its probing output is written."}
     )
     n_bootstrap: int = field(
         default=1000,
-        metadata={"help": "Bootstrap resamples of every interval: at least 10 / (1 - confidence) (200 for 95%%)."},
+        metadata={"help": "Bootstrap resamples: at least 10 / (1 - confidence) (200 for 95%%)."},
     )
-    bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap (results are reproducible)."})
+    bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
     tie_policy: Literal["first", "fractional"] = field(
         default="first",
-        metadata={
-            "help": "Credit of an item whose best score is tied: first (the paper's rule: the first tied option is "
-            "the prediction) or fractional (1/k per answer among the k tied options: random tie-breaking). Both are "
-            "reported; the McNemar test always uses first-wins correctness."
-        },
+        metadata={"help": "Credit of a tied item: first (the paper's rule) or fractional (1/k among k tied options)."},
     )
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
 
@@ -391,18 +360,11 @@ def analyse_direction(
     mcnemar_with: np.ndarray | None = None,
     mcnemar_without: np.ndarray | None = None,
 ) -> dict:
-    """Gap statistics of one direction. Inputs are per-item credits (seeds x steps x questions), seed pairs
-    aligned: bool correctness, or fractional credit (floats in [0, 1]); the McNemar test needs right/wrong
-    items, so with fractional credit the bool correctness it runs on is given as ``mcnemar_with/_without``.
-
-    Bootstrap: each resample draws the questions with replacement (the same draw for every run, as the
-    comparison is paired) and, when there are several seed pairs, the seed pairs with replacement too
-    (hierarchical), so the intervals cover both question sampling and seed-to-seed variation.
-    """
+    """Gap statistics of one direction from per-item credits (seeds x steps x questions, seed pairs aligned).
+    McNemar runs on bool correctness: ``mcnemar_with/_without`` where the credits are fractional. Each bootstrap
+    resample draws the questions (one draw for both settings: paired) and the seed pairs (hierarchical)."""
     n_seeds, n_steps, n_questions = with_correct.shape
-    if mcnemar_with is None or mcnemar_without is None:
-        if with_correct.dtype != bool or without_correct.dtype != bool:
-            raise ValueError("The McNemar test needs bool correctness: pass mcnemar_with/mcnemar_without.")
+    if mcnemar_with is None:  # bool credits; numpy refuses ~ on fractional ones
         mcnemar_with, mcnemar_without = with_correct, without_correct
     rng = np.random.default_rng(seed)
     question_weights = _draws(rng, n_questions, n_bootstrap)
@@ -697,12 +659,6 @@ def _directions(result: dict, key: str | None = None) -> list[tuple[dict, dict]]
     return [(lang, d) for lang in result["languages"] for d in lang["directions"] if key is None or key in d]
 
 
-TIE_POLICY_TEXT = {
-    "first": "first (an exact tie for the best score goes to the first tied option, the paper's rule).",
-    "fractional": "fractional (an exact tie among k options gives 1/k per answer among them: random tie-breaking).",
-}
-
-
 def transfer_markdown(result: dict) -> str:
     sections = (_main_markdown, _comparability_markdown, _tiers_markdown, _mismatched_markdown, _tie_rules_markdown,
                 _per_seed_markdown, _per_step_markdown, _diagnostic_markdown, _caution_markdown)  # fmt: skip
@@ -722,14 +678,9 @@ def _main_markdown(result: dict) -> list[str]:
     return [
         "# Cross-lingual transfer: with minus without bridges",
         "",
-        f"Gap = accuracy with bridges minus without. Intervals: {round(result['confidence'] * 100)}% percentile "
-        f"bootstrap ({result['n_bootstrap']} resamples, seed {result['bootstrap_seed']}) over questions, and over "
-        "seed pairs where a setting has several seeds. Verdict from the interval of the mean gap over the curve: "
-        "'transfer' (> 0), 'reverse' (< 0), 'no evidence' (covers 0), 'undetermined' (the estimate outside its "
-        "interval). en->X = X questions (English knowledge reaching X); X->en = English questions.",
-        "",
-        f"Tie policy: {TIE_POLICY_TEXT[result['tie_policy']]} The McNemar test always counts first-wins "
-        "correctness (it needs right/wrong items).",
+        f"Gap = accuracy with bridges minus without; {round(result['confidence'] * 100)}% percentile bootstrap "
+        f"({result['n_bootstrap']} resamples, seed {result['bootstrap_seed']}) over questions and seed pairs. "
+        f"Tie policy: {result['tie_policy']} (McNemar: first-wins). docs/probing.md explains every column.",
         "",
         *_table(header, rows),
     ]
@@ -773,9 +724,7 @@ def _tiers_markdown(result: dict) -> list[str]:
         "",
         "## Knowledge or skill: the gap per tier of facts",
         "",
-        "Mean gap over the curve per tier. Knowledge transfer = gap on facts the source corpus states often minus "
-        "gap on facts it never states (both stated equally often in the destination corpus, so bridges' help with "
-        f"the language cancels); the gap on never-stated facts is that help (skill). {contrasts}.",
+        f"Knowledge = gap on often-stated minus never-stated facts ({contrasts}); docs/decomposition.md.",
         "",
         *_table(header, rows),
     ]
@@ -796,10 +745,6 @@ def _mismatched_markdown(result: dict) -> list[str]:
         "",
         "## Mismatched bridges",
         "",
-        "Mismatched bridges join one pair's first half with another pair's second half: bilingual co-occurrence "
-        "without the translation. Bridges minus mismatched is what the translation adds; mismatched minus none what "
-        "co-occurrence alone adds.",
-        "",
         *_table(header, rows),
     ]
 
@@ -817,9 +762,6 @@ def _tie_rules_markdown(result: dict) -> list[str]:
     return [
         "",
         "## Both tie rules",
-        "",
-        "Items whose best score is tied exactly: 'first' credits the first tied option (the paper's rule, "
-        "which favours answers placed first), 'fractional' gives each of the k tied options 1/k.",
         "",
         *_table(header, rows),
     ]
@@ -854,10 +796,6 @@ def _diagnostic_markdown(result: dict) -> list[str]:
     return [
         "## Bridge diagnostic (last checkpoint of each run)",
         "",
-        "Mean token loss of the second side of held-out pairs (in the run's --pair_order: with en_first the "
-        "target side after English) alone, after its own pair's first side, and after another pair's first "
-        "side. A model that uses the bridge has own < mismatched.",
-        "",
         *_table(header, rows),
         "",
     ]
@@ -866,9 +804,8 @@ def _diagnostic_markdown(result: dict) -> list[str]:
 def _caution_markdown(result: dict) -> list[str]:
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}
     return (["Steps left out because not every run has them: " + json.dumps(skipped), ""] if skipped else []) + [
-        "Caution: with one run per setting the intervals cover question sampling only. On small models the step "
-        "at which facts are memorised moves from seed to seed and swings single-run gaps by about ±0.3, so a "
-        "question-only interval over one run pair overstates significance: use several seeds per setting.",
+        "Caution: with one run per setting the intervals cover question sampling only, which overstates "
+        "significance (docs/probing.md): use several seeds per setting.",
         "",
     ]
 
@@ -1054,15 +991,14 @@ def main(argv: list[str] | None = None) -> dict:
         _write_bytes_atomic(output_dir / name, data)
     write_text_atomic(output_dir / "transfer.md", markdown)
     write_json_atomic(output_dir / "transfer.json", result)
-    for language in result["languages"]:
-        for d in language["directions"]:
-            logger.info(
-                "%s %s: mean gap %s, verdict %s",
-                language["lang"],
-                d["direction"],
-                _fmt_ci(d["mean_gap"], d["mean_gap_ci"]),
-                d["verdict"],
-            )
+    for language, d in _directions(result):
+        logger.info(
+            "%s %s: mean gap %s, %s",
+            language["lang"],
+            d["direction"],
+            _fmt_ci(d["mean_gap"], d["mean_gap_ci"]),
+            d["verdict"],
+        )
     return result
 
 
