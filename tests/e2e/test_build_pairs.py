@@ -19,15 +19,19 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-def hub_whose_listing_fails(root: Path, status: int):
-    """The stand-in Hub, except that listing a repository's files answers ``status``."""
+def hub_whose_listing_fails(root: Path, statuses: list[int]):
+    """The stand-in Hub, except that listing a repository's files answers ``statuses`` in turn (the last one from
+    then on); every listing call is recorded in ``hub.listings``."""
     from hub_server import LocalHub
 
     hub = LocalHub(root)
+    hub.listings = []
 
     class FailingListing(hub.server.RequestHandlerClass):
         def _api(self, method, repo_type, repo_id, rest, query):
-            if status and method == "GET" and rest and rest[0] == "tree":
+            if statuses and method == "GET" and rest and rest[0] == "tree":
+                status = statuses[min(len(hub.listings), len(statuses) - 1)]
+                hub.listings.append(status)
                 return self._error(status, f"listing answered {status}")
             return super()._api(method, repo_type, repo_id, rest, query)
 
@@ -35,16 +39,18 @@ def hub_whose_listing_fails(root: Path, status: int):
     return hub
 
 
-@pytest.mark.parametrize("status", [500, 401, None])
+# [500, 501]: a server error huggingface_hub retries (after 1 s), then one it does not retry, so the failure
+# surfaces without the client's whole backoff (1+2+4+8+8 s for a 500 that persists); [401]: refused; []: works.
+@pytest.mark.parametrize("statuses", [[500, 501], [401], []], ids=["500", "401", "None"])
 def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_than_404(tmp_path, tiny_model_dir,
-                                                                                     status):  # fmt: skip
+                                                                                     statuses):  # fmt: skip
     import os
     import subprocess
     import sys
 
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", [{"en": e, "bo": b} for e, b in zip(EN, BO)])
     stale = {"data/train-00000-of-00002.parquet": b"earlier build", "data/train-00001-of-00002.parquet": b"earlier"}
-    with hub_whose_listing_fails(tmp_path / "hub", status) as hub:
+    with hub_whose_listing_fails(tmp_path / "hub", statuses) as hub:
         hub.add_files("tester/cpt-bo", stale, repo_type="datasets")
         env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_local_test_token",
                    HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0")  # fmt: skip
@@ -54,9 +60,10 @@ def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_tha
                               cwd=Path(build_pairs.__file__).parent, env=env, capture_output=True, text=True)  # fmt: skip
         files = hub.files("tester/cpt-bo", "datasets")
         unhandled = hub.unhandled
+        listings = hub.listings
         card = hub.root / "datasets" / "tester/cpt-bo" / "README.md"
         card = card.read_text(encoding="utf-8") if card.is_file() else ""
-    if status is None:  # the listing works: the earlier build's shards are deleted in the same commit
+    if not statuses:  # the listing works: the earlier build's shards are deleted in the same commit
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert files == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
         assert unhandled == [], f"the clients made calls the stand-in does not serve: {unhandled}"
@@ -65,5 +72,6 @@ def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_tha
     else:  # nothing pushed, so the repository never mixes two builds; the error says why
         assert proc.returncode != 0
         assert "could not list the files of the Hub dataset tester/cpt-bo" in proc.stderr
-        assert str(status) in proc.stderr and "nothing was pushed" in proc.stderr
+        assert listings == statuses  # a 500 is retried, and the status that stops the push is the final answer
+        assert str(statuses[-1]) in proc.stderr and "nothing was pushed" in proc.stderr
         assert files == sorted(stale)
