@@ -243,92 +243,41 @@ class WorldArguments:
 
     output_dir: str = field(metadata={"help": "Folder to write the world into (created; files are replaced)."})
     langs: list[str] = field(
-        default_factory=lambda: ["bo"],
-        metadata={
-            "help": "Target languages, one synthetic culture each: any of ko (Hangul), zh (Han), bo (Tibetan), mn (Mongolian)."
-        },
+        default_factory=lambda: ["bo"], metadata={"help": "Target languages, one culture each: ko, zh, bo, mn."}
     )
     seed: int = field(default=0, metadata={"help": "Seed: the same seed and arguments give byte-identical files."})
     resource: list[str] = field(
         default_factory=list,
-        metadata={
-            "help": "Resource level per language as LANG=LEVEL, LEVEL one of high, low, mixed (half the places in each "
-            "tier). Languages not named follow the paper: ko, zh high; bo, mn low."
-        },
+        metadata={"help": "LANG=LEVEL (high, low or mixed); languages not named follow the paper (ko, zh high)."},
     )
-    places: int = field(
-        default=16,
-        metadata={
-            "help": "Places (fact subjects) per culture, split into the high and low tiers by --resource; each "
-            "tier's share must be a multiple of 4 (option groups)."
-        },
-    )
+    places: int = field(default=16, metadata={"help": "Places per culture, split into high and low tiers (by 4s)."})
     absent_places: int = field(
-        default=0,
-        metadata={
-            "help": "Further places per culture of the absent tier: their facts are stated in the target corpus "
-            "(--tgt_count) and never in English. A multiple of 4 (option groups); 0: no absent tier."
-        },
+        default=0, metadata={"help": "Places of the absent tier (never stated in English); a multiple of 4."}
     )
     en_only_places: int = field(
-        default=0,
-        metadata={
-            "help": "Further places per culture of the en_only tier: their facts are stated in English (--en_count) "
-            "and never in the target corpus. A multiple of 4 (option groups); 0: no en_only tier."
-        },
+        default=0, metadata={"help": "Places of the en_only tier (never stated in the target); a multiple of 4."}
     )
-    relations: int = field(
-        default=8, metadata={"help": f"Relations per place (at most {len(RELATIONS)}): facts = places x relations."}
-    )
-    en_count: int = field(
-        default=24,
-        metadata={
-            "help": "English documents stating each fact of the high and en_only tiers (the pretraining corpus)."
-        },
-    )
-    tgt_count: int = field(
-        default=12,
-        metadata={"help": "Target-language documents stating each fact of every tier but en_only (the CPT corpus)."},
-    )
+    relations: int = field(default=8, metadata={"help": f"Relations per place (at most {len(RELATIONS)})."})
+    en_count: int = field(default=24, metadata={"help": "English documents stating each high or en_only fact."})
+    tgt_count: int = field(default=12, metadata={"help": "Target documents stating each fact but en_only ones."})
     low_resource_ratio: float = field(
-        default=60.0,
-        metadata={
-            "help": "How many times rarer low-tier facts are in English than high-tier facts (paper Table 1: ~60x). "
-            "Fractional counts are realised exactly in aggregate: some option groups get one more statement."
-        },
+        default=60.0, metadata={"help": "How many times rarer low-tier facts are in English (paper: ~60)."}
     )
     statement_filler: int = field(
-        default=2,
-        metadata={
-            "help": "Filler sentences around each fact statement in its document: 0 to N, drawn uniformly (fewer "
-            "make facts a larger share of the tokens, so a small model learns them in fewer steps)."
-        },
+        default=2, metadata={"help": "At most this many filler sentences around each fact statement."}
     )
     en_filler_documents: int = field(default=1500, metadata={"help": "English documents of generic filler only."})
-    mono_filler_documents: int = field(
-        default=600, metadata={"help": "Target-language filler documents per language (some name one entity)."}
-    )
+    mono_filler_documents: int = field(default=600, metadata={"help": "Target filler documents per language."})
     pairs: int = field(default=1500, metadata={"help": "Generic English-target parallel pairs per language."})
-    diagnostic_pairs: int = field(
-        default=200, metadata={"help": "Held-out pairs per language for the bridge diagnostic (never trained on)."}
-    )
-    pair_mentions: int = field(
-        default=3, metadata={"help": "Parallel pairs that name each entity (place or object), exactly."}
-    )
+    diagnostic_pairs: int = field(default=200, metadata={"help": "Held-out pairs per language (never trained on)."})
+    pair_mentions: int = field(default=3, metadata={"help": "Parallel pairs that name each entity, exactly."})
     mono_mentions: int = field(default=2, metadata={"help": "Target filler documents that name each entity, exactly."})
     name_variants: list[str] = field(
         default_factory=lambda: list(NAME_VARIANTS),
-        metadata={
-            "help": "How target texts write names: native (the culture's script; the control) and/or anchors "
-            "(the same Latin name as in English)."
-        },
+        metadata={"help": "native (names in the culture's script) and/or anchors (the English Latin names)."},
     )
     question_template: Literal["seen", "heldout"] = field(
-        default="seen",
-        metadata={
-            "help": "seen: a question uses one of the templates its fact is stated with; heldout: a template never "
-            "used for that fact in any corpus (harder: the model must generalise across paraphrases)."
-        },
+        default="seen", metadata={"help": "seen: a template its fact is stated with; heldout: one never used for it."}
     )
 
     def __post_init__(self):
