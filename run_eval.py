@@ -5,34 +5,15 @@
 # ///
 """Bilingual cloze probing of every checkpoint of a run, the bridge diagnostic and the manipulation checks.
 
-Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here). What the outputs mean and where
-the scoring differs from the authors' script: docs/probing.md; the checks: docs/decomposition.md; what is
-refused: docs/refusals.md.
+Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here):
 
-1. **Probing** (``--questions``): every question item on every checkpoint -> ``predictions.jsonl`` (one line per
-   item and checkpoint: ``questions, lang, index, step, checkpoint, scores, prediction, answer, correct,
-   tied_best, credit_fractional``; read back by ``cloze.read_predictions``), ``accuracy.json`` (per checkpoint
-   ``step, path, weights_sha256`` and per question file ``correct, total, accuracy, ties, tie_rate,
-   correct_fractional, accuracy_fractional, ties_advantage``; plus what was probed).
-2. **Bridge diagnostic** (``--diagnostic_pairs``) -> ``bridge_diagnostic.json``: per checkpoint, the mean token
-   loss of the second side of held-out pairs laid out as run_cpt.py lays out a bridge (the run's
-   ``pair_order`` and ``pair_separator``), alone, after its own first side and after another pair's.
-3. **Manipulation checks** (``--name_alignment``, ``--item_tiers``) -> ``manipulation_checks.json``.
+1. Probing (``--questions``) -> ``predictions.jsonl`` and ``accuracy.json``.
+2. Bridge diagnostic (``--diagnostic_pairs``) -> ``bridge_diagnostic.json``.
+3. Manipulation checks (``--name_alignment``, ``--item_tiers``) -> ``manipulation_checks.json``.
 
-Scoring (``--scoring``; every score is a loss: the LOWEST score wins, ties keep option order):
-
-* ``mean_token_loss`` (default, the paper's): every run of underscores in the question is replaced by the
-  option; the filled sentence is tokenized without special tokens after the document-start token
-  (``study_common.document_start_id``); the score is the mean token cross-entropy after that token.
-* ``option_logprob``: minus the summed log-probability of the tokens whose character span overlaps a filled-in
-  blank, each conditioned on everything before it.
-* ``byte_normalized``: minus the summed log-probability of the filled sentence divided by its UTF-8 bytes.
-
-``--loss_dtype model`` runs the paper's own loop instead of batched prefix trees (bit-identical to it).
-
-Every checkpoint entry records the checkpoint's ``weights_sha256``: results already in ``--output_dir`` are reused
-for the same weights, probed again when the weights changed, and those of checkpoints no longer present dropped
-when the run was trained again.
+Every score is a loss: the LOWEST score wins, ties keep option order. Results already in ``--output_dir`` are
+reused for checkpoints with the same ``weights_sha256``. The scorings, the outputs and where the scoring differs
+from the authors' script: docs/probing.md; the checks: docs/decomposition.md; what is refused: docs/refusals.md.
 """
 
 from __future__ import annotations
@@ -86,48 +67,27 @@ TIE_WARNING_RATE = 0.05
 class EvalArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={
-            "help": "A model folder (one checkpoint, at its trainer_state.json global_step, else 0) or a run folder "
-            "(every checkpoint-N inside, then the final model in the folder itself at its trainer_state.json step). "
-            "Every checkpoint carries its own tokenizer."
-        },
+        metadata={"help": "A model folder or a run folder (every checkpoint-N inside, then its final model)."},
     )
     questions: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Question sources (cloze.load_question_sets): JSON files of {question, options, answer}, folders "
-            "of them, save_to_disk datasets or Hub dataset ids ('org/name[:split]'). The language is the name's "
-            "'_<lang>' suffix; 'X_en' and 'X_<lang>' are parallel item by item."
-        },
+        metadata={"help": "Question files, folders, save_to_disk datasets or Hub ids (docs/probing.md#questions)."},
     )
     question_langs: list[str] | None = field(
         default=None,
         metadata={"help": "Question languages: 'STEM=LANG' entries, or one language per question set in load order."},
     )
-    output_dir: str = field(
-        default="eval_output",
-        metadata={"help": "Where predictions.jsonl, accuracy.json and the other outputs go."},
-    )
+    output_dir: str = field(default="eval_output", metadata={"help": "Where the outputs go."})
     scoring: Literal["mean_token_loss", "option_logprob", "byte_normalized"] = field(
-        default="mean_token_loss",
-        metadata={"help": "How an option is scored (the module docstring defines each); the lowest score wins."},
+        default="mean_token_loss", metadata={"help": "How an option is scored (docs/probing.md); the lowest wins."}
     )
-    batch_size: int = field(
-        default=64,
-        metadata={"help": "Filled sentences per forward pass (each question's options run as one prefix tree)."},
-    )
+    batch_size: int = field(default=64, metadata={"help": "Filled sentences per forward pass."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32",
-        metadata={"help": "Model weights dtype (the paper used bfloat16 on GPUs). See --loss_dtype for the losses."},
+        default="float32", metadata={"help": "Model weights dtype (the paper used bfloat16)."}
     )
     loss_dtype: Literal["float32", "model"] = field(
         default="float32",
-        metadata={
-            "help": "float32: logits upcast to float32, batched prefix trees (within 1e-5 of the paper's loop in "
-            "float32). model: the paper's loop on current transformers, one sentence per forward and the loss in "
-            "the logits' dtype (bfloat16 weights: a bfloat16 loss and its ties); bit-identical to it, as slow. "
-            "mean_token_loss scoring only."
-        },
+        metadata={"help": "float32: batched, logits in float32; model: the paper's loop, bit-identical to it, slow."},
     )
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when present, else cpu), 'cpu', 'cuda:0'..."})
     attn_implementation: Literal["sdpa", "eager"] = field(
@@ -140,38 +100,21 @@ class EvalArguments:
         default=None, metadata={"help": "Tokenizer for every checkpoint (default: each checkpoint's own)."}
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of a Hub dataset of --questions."})
-    strict: bool = field(
-        default=False,
-        metadata={"help": "Turn question quirks (cloze.QUIRK_TEXT) into errors naming the file and item."},
-    )
+    strict: bool = field(default=False, metadata={"help": "Turn question quirks (cloze.QUIRK_TEXT) into errors."})
     overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Recompute everything instead of reusing checkpoints already scored in --output_dir."},
+        default=False, metadata={"help": "Recompute everything instead of reusing results in --output_dir."}
     )
     diagnostic_pairs: str | None = field(
-        default=None,
-        metadata={
-            "help": "Held-out parallel pairs (.jsonl/.json/.tsv with 'en' and 'tgt' columns, or a build_pairs.py "
-            "dataset folder, its kind=='pair' rows): writes bridge_diagnostic.json."
-        },
+        default=None, metadata={"help": "Held-out parallel pairs ('en' and 'tgt'): writes bridge_diagnostic.json."}
     )
     diagnostic_max_pairs: int | None = field(
         default=None, metadata={"help": "Use only the first N diagnostic pairs (all by default)."}
     )
     name_alignment: str | None = field(
-        default=None,
-        metadata={
-            "help": "A world's name_alignment.json: manipulation_checks.json gets, per checkpoint and direction, the "
-            "choice of each entity's name after a held-out sentence naming it in the other language, and the "
-            "nearest-neighbour match of its names' input embeddings."
-        },
+        default=None, metadata={"help": "A world's name_alignment.json: name checks in manipulation_checks.json."}
     )
     item_tiers: str | None = field(
-        default=None,
-        metadata={
-            "help": "A world's item_tiers.json (needs --questions): manipulation_checks.json gets, per checkpoint, "
-            "the accuracy of each question file on each tier of facts."
-        },
+        default=None, metadata={"help": "A world's item_tiers.json (needs --questions): per-tier accuracy checks."}
     )
 
 
