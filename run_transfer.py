@@ -814,8 +814,7 @@ WITH_COLOR, WITHOUT_COLOR = "#1f77b4", "#ff7f0e"
 
 
 def _direction_of(language: dict, direction: str, base: str) -> dict | None:
-    found = [d for d in language["directions"] if d["direction"] == direction and d["parallel_group"] == base]
-    return found[0] if found else None
+    return next((d for d in language["directions"] if (d["direction"], d["parallel_group"]) == (direction, base)), None)
 
 
 def plot_transfer(result: dict) -> dict[str, bytes]:
