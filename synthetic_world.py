@@ -563,14 +563,18 @@ class Filler:
         return language.join(words)
 
 
-def _unique_text(rng, seen: set[str], make) -> str:
-    """Draw texts with ``make(rng)`` until one is new (corpora never repeat a document)."""
+def _draw_new(rng, seen: set[str], draw, error: str, key=lambda item: item, refused=lambda item: False):
+    """Draw with ``draw(rng)`` until ``key(item)`` is not in ``seen`` and the item is not ``refused`` (corpora and
+    pairs files never repeat a text); ``error`` when the grammar runs out."""
     for _ in range(10_000):
-        text = make(rng)
-        if text not in seen:
-            seen.add(text)
-            return text
-    raise InputError("The filler grammar cannot produce enough distinct documents; lower the document counts.")
+        item = draw(rng)
+        if key(item) not in seen and not refused(item):
+            seen.add(key(item))
+            return item
+    raise InputError(error)
+
+
+NO_NEW_DOCUMENT = "The filler grammar cannot produce enough distinct documents; lower the document counts."
 
 
 # Corpora
@@ -620,8 +624,11 @@ def target_corpus(args: WorldArguments, culture: dict, language: Language, fille
 def _statement_documents(rng, seen, statements, least_filler, filler, language, variant, args) -> list[str]:
     """One new document per statement: statement i among least_filler[i] to --statement_filler filler sentences."""
     return [
-        _unique_text(
-            rng, seen, lambda r, s=s, n=n: _with_filler(r, s, filler, language, variant, args.statement_filler, n)
+        _draw_new(
+            rng,
+            seen,
+            lambda r, s=s, n=n: _with_filler(r, s, filler, language, variant, args.statement_filler, n),
+            NO_NEW_DOCUMENT,
         )
         for s, n in zip(statements, least_filler)
     ]
@@ -629,7 +636,10 @@ def _statement_documents(rng, seen, statements, least_filler, filler, language, 
 
 def _filler_documents(rng, seen, entities: list[dict | None], filler, language, variant) -> list[str]:
     """One new filler document per entry of ``entities``: naming that entity, or none (None)."""
-    return [_unique_text(rng, seen, lambda r, e=e: _filler_document(r, filler, language, variant, e)) for e in entities]
+    return [
+        _draw_new(rng, seen, lambda r, e=e: _filler_document(r, filler, language, variant, e), NO_NEW_DOCUMENT)
+        for e in entities
+    ]
 
 
 def _shuffled_mentions(rng, culture: dict, args: WorldArguments, times: str, budget: str, what: str) -> list[dict]:
@@ -677,7 +687,8 @@ def parallel_pairs(
     mention_rate = len(mentions) / max(1, args.pairs)
 
     def draw(entity):
-        sentence = _unique_sentence(rng, seen, filler, entity)
+        error = "The filler grammar cannot produce enough distinct pairs; lower --pairs."
+        sentence = _draw_new(rng, seen, lambda r: filler.sample(r, entity), error, key=Filler.english)
         return {"en": Filler.english(sentence), lang: Filler.target(sentence, language, variant)}
 
     pairs = [draw(mentions[i] if i < len(mentions) else None) for i in range(args.pairs)]
@@ -715,7 +726,15 @@ def name_alignment(
     directions = ((f"en->{lang}", "en", "target"), (f"{lang}->en", "target", "en"))
     seen: set[str] = set()
     items = []
+
+    def written(sentence: dict) -> bool:
+        return Filler.english(sentence) in held_out_from or Filler.target(sentence, language, variant) in held_out_from
+
     for entity in culture["entities"]:
+        error = (
+            f"The filler grammar has no sentence naming {entity['en']} left for name_alignment.json: every one is in "
+            "a corpus or pairs file; lower --pair_mentions, --mono_mentions or --diagnostic_pairs."
+        )
         group = (kind[entity["id"]], tier[entity["id"]])
         peers = [e for e in culture["entities"] if e is not entity and (kind[e["id"]], tier[e["id"]]) == group]
         en, tgt = frequency[entity["id"]]
@@ -723,7 +742,7 @@ def name_alignment(
         ties = {e["id"]: rng.random() for e in peers}
         peers.sort(key=lambda e: (distance[e["id"]], ties[e["id"]]))
         for direction, context_side, frame_side in directions:
-            sentence = _held_out_sentence(rng, seen, filler, entity, language, variant, held_out_from)
+            sentence = _draw_new(rng, seen, lambda r, e=entity: filler.sample(r, e), error, Filler.english, written)
             rendered = {"en": Filler.english(sentence), "target": Filler.target(sentence, language, variant)}
             options = [entity, *peers[:3]]
             rng.shuffle(options)
@@ -741,30 +760,6 @@ def name_alignment(
             )
     entities = [{"id": e["id"], "en": e["en"], "target": _name(e, variant)} for e in culture["entities"]]
     return {"lang": lang, "variant": variant, "entities": entities, "items": items}
-
-
-def _held_out_sentence(rng, seen: set[str], filler: Filler, entity: dict, language, variant, held_out_from: str):
-    """A new sentence naming ``entity`` whose English and target sides both occur nowhere in ``held_out_from``."""
-    for _ in range(10_000):
-        sentence = filler.sample(rng, entity)
-        english, target = Filler.english(sentence), Filler.target(sentence, language, variant)
-        if english not in seen and english not in held_out_from and target not in held_out_from:
-            seen.add(english)
-            return sentence
-    raise InputError(
-        f"The filler grammar has no sentence naming {entity['en']} left for name_alignment.json: every one is in a "
-        "corpus or pairs file; lower --pair_mentions, --mono_mentions or --diagnostic_pairs."
-    )
-
-
-def _unique_sentence(rng, seen: set[str], filler: Filler, entity: dict | None) -> dict:
-    for _ in range(10_000):
-        sentence = filler.sample(rng, entity)
-        key = Filler.english(sentence)
-        if key not in seen:
-            seen.add(key)
-            return sentence
-    raise InputError("The filler grammar cannot produce enough distinct pairs; lower --pairs.")
 
 
 # Questions and truth
