@@ -10,11 +10,9 @@ One synthetic culture per target language (ko, zh, bo, mn): places ("subjects") 
 script, subject-verb-object) and in a generated target language written in the real script of its language
 (Hangul, Han, Tibetan, Mongolian; subject-object-verb with postpositions). Every fact is stated an exact, planted
 number of times in each corpus, one statement per document, so documents that state a fact are known exactly.
-Facts come in four tiers (``TIERS``; docs/decomposition.md): ``high`` and ``low`` mirror the paper's Table 1
-(``--resource`` splits the ``--places`` between them), ``absent`` (``--absent_places``) is never stated in English
-and ``en_only`` (``--en_only_places``) never in the target corpus; with 0 of these two (default) the world is byte
-for byte the one without the flags. Every entity of every tier is named equally often in parallel pairs
-(``--pair_mentions``) and target filler (``--mono_mentions``): only the fact is missing from one corpus.
+Facts come in four tiers (``TIERS``; docs/decomposition.md): ``high`` and ``low`` mirror the paper's Table 1,
+``absent`` is never stated in English and ``en_only`` never in the target corpus; every entity of every tier is
+named equally often in parallel pairs and target filler: only the fact is missing from one corpus.
 
 Target texts write names in two variants side by side (``--name_variants``): ``native`` (the control: a name in
 the culture's own script) and ``anchors`` (the same Latin name as in English).
@@ -293,14 +291,8 @@ class WorldArguments:
             raise InputError(f"--relations must be between 1 and {len(RELATIONS)} (got {self.relations}).")
         if self.low_resource_ratio <= 0:
             raise InputError("--low_resource_ratio must be positive.")
-        for name in (
-            "en_count",
-            "tgt_count",
-            "en_filler_documents",
-            "mono_filler_documents",
-            "pairs",
-            "diagnostic_pairs",
-        ):
+        counts = ("en_count", "tgt_count", "en_filler_documents", "mono_filler_documents", "pairs", "diagnostic_pairs")
+        for name in counts:
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0.")
         for name in ("absent_places", "en_only_places"):
