@@ -226,10 +226,9 @@ def _script_style(lang: str) -> ScriptStyle:
     if script == "Tibetan":
         units = [c + v + s + TSHEG for c in TIBETAN_CONSONANTS for v in TIBETAN_VOWEL_SIGNS for s in TIBETAN_SUFFIXES]
         return ScriptStyle(tuple(units), (1, 2), (3, 3), False, SHAD)
-    if script == "Mongolian":
-        units = [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
-        return ScriptStyle(tuple(units), (2, 3), (3, 4), True, "\u1803")
-    raise InputError(f"No synthetic script for language {lang!r}; choose from {sorted(PAPER_RESOURCE)}.")
+    assert script == "Mongolian", f"no synthetic script for {lang!r}"  # --langs admits only ko, zh, bo, mn
+    units = [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
+    return ScriptStyle(tuple(units), (2, 3), (3, 4), True, "\u1803")
 
 
 # Arguments
@@ -696,16 +695,10 @@ def parallel_pairs(
 def name_alignment(
     args: WorldArguments, culture: dict, language: Language, filler: Filler, variant: str, held_out_from: str
 ) -> dict:
-    """name_alignment.json: per entity and direction, a bilingual frame never written in any file.
-
-    An item gives a sentence naming the entity in one language (the context) and its parallel sentence in
-    the other with the name blanked (the frame); the options are the entity's name and those of 3 others
-    of its kind (places with places, objects with objects of the same relation) and tier, the nearest in
-    planted frequency (identical where 3 such exist: an object's option-group mates always do), so a
-    model that only knows name frequencies scores near chance. Sentences come from the filler grammar,
-    as parallel pairs do, and are refused when either side occurs in ``held_out_from`` (the text of every
-    corpus, pairs and diagnostic pairs file: a frame is never trained on, nor a diagnostic).
-    """
+    """name_alignment.json: per entity and direction, a filler sentence naming it (the context) and its parallel
+    sentence with the name blanked (the frame), neither side occurring in ``held_out_from`` (every corpus and pairs
+    file). Options: its name and 3 others of its kind and tier nearest in planted frequency (an object's
+    option-group mates: identical), so a model that knows only name frequencies scores near chance."""
     lang = culture["lang"]
     rng = _rng(args.seed, "name-alignment", lang)
     kind, tier, frequency = {}, {}, {}
@@ -875,9 +868,8 @@ def generate_world(args: WorldArguments) -> dict:
 
 
 def write_culture_files(args, out: Path, culture: dict, language: Language, filler: Filler, variant: str, en_text: str):
-    """The files of one culture in one name variant (``en_text``: the English corpus, from which name-alignment
-    frames are held out). Returns (their world.json "files" entry, the corpus's truth.json "corpora" entry, the
-    truth records of its questions)."""
+    """Write one culture's files in one name variant; return their world.json "files" entry, the corpus's truth.json
+    "corpora" entry and its questions' truth records."""
     lang = culture["lang"]
     rel = f"{lang}/{variant}"
     names = {
