@@ -151,10 +151,12 @@ def read_run(path: str, eval_dir: Path, setting: str | None) -> RunResults:
     accuracy, correct = read_predictions(eval_dir)
     fractional = read_predictions(eval_dir, tie_policy="fractional")[1]
     cpt_setting = accuracy.get("cpt_setting") or {}
-    recorded = _recorded_setting(cpt_setting, path)
+    recorded = cpt_setting.get("setting")  # run_cpt.py records it; None: a model trained elsewhere
+    if recorded is not None and recorded not in SETTING_FLAGS:
+        raise InputError(f"{path}: its cpt_setting records an unknown setting {recorded!r}.")
     if setting is None and recorded is None:
         raise InputError(
-            f"{path}: its cpt_setting records no 'bridges'; give it under --with_bridges, --without_bridges "
+            f"{path}: its cpt_setting records no setting; give it under --with_bridges, --without_bridges "
             "or --mismatched_bridges."
         )
     if setting is not None and (recorded is not None or setting == "mismatched_bridges") and recorded != setting:
@@ -179,14 +181,6 @@ def read_run(path: str, eval_dir: Path, setting: str | None) -> RunResults:
     recorded_fields |= {f: cpt_setting.get(f) for f in SHARED_BY_A_SEED}
     return RunResults(name, eval_dir, setting or recorded, lang or targets[0], cpt_setting.get("seed"), steps,
                       accuracy["questions"], cube(correct), cube(fractional), recorded_fields)  # fmt: skip
-
-
-def _recorded_setting(cpt_setting: dict, path: str) -> str | None:
-    """The setting a run records: cpt_setting["setting"] (run_cpt.py), else its "bridges" bool; None: neither."""
-    setting = cpt_setting.get("setting") or {True: "bridges", False: "no_bridges"}.get(cpt_setting.get("bridges"))
-    if setting is not None and (setting not in SETTING_FLAGS or cpt_setting.get("bridges") != (setting == "bridges")):
-        raise InputError(f"{path}: its cpt_setting records setting {setting!r}, bridges={cpt_setting.get('bridges')}.")
-    return setting
 
 
 def _probe(run_dir: Path, eval_dir: Path, args, question_sets: list[QuestionSet], eval_dir_name: str) -> None:

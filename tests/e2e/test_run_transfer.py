@@ -28,7 +28,12 @@ def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_k
     for lang in ("ko", "zh"):
         for bridges in (True, False):
             for seed in (0, 1):
-                setting = {"lang": lang, "bridges": bridges, "seed": seed}
+                setting = {
+                    "lang": lang,
+                    "setting": "bridges" if bridges else "no_bridges",
+                    "bridges": bridges,
+                    "seed": seed,
+                }
                 name = f"{lang}-{'with' if bridges else 'without'}-s{seed}"
                 weights = 1 + seed if lang == "ko" else 10 + 2 * seed + bridges
                 runs.append(make_run_dir(tiny_model_dir, tmp_path / name, (2, 4), 6, setting, seed=weights))
@@ -46,7 +51,7 @@ def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_k
     # Every run was probed in its own eval folder, on its language's questions and the English ones only.
     ko_eval = json.loads((tmp_path / "ko-with-s0" / "eval" / "accuracy.json").read_text())
     assert sorted(ko_eval["questions"]) == ["sample-culture_en", "sample-culture_ko"]
-    assert ko_eval["cpt_setting"] == {"lang": "ko", "bridges": True, "seed": 0}
+    assert ko_eval["cpt_setting"] == {"lang": "ko", "setting": "bridges", "bridges": True, "seed": 0}
 
     result = json.loads((out / "transfer.json").read_text())
     assert [language["lang"] for language in result["languages"]] == ["ko", "zh"]
