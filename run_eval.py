@@ -157,8 +157,7 @@ def _global_step(trainer_state: Path) -> int | None:
 
 
 def find_checkpoints(model_name_or_path: str, tokenizer_name_or_path: str | None = None) -> Run:
-    """Every checkpoint of a model folder or a run folder, each with its weights' hash and its tokenizer (a
-    checkpoint without one is refused here, before anything is written)."""
+    """Every checkpoint of a model or run folder with its weights' hash and tokenizer (refused here if it has none)."""
     root = Path(model_name_or_path).resolve()
     if not root.is_dir():
         raise InputError(f"{model_name_or_path}: not a folder (give a model folder or a run folder).")
@@ -186,8 +185,7 @@ def find_checkpoints(model_name_or_path: str, tokenizer_name_or_path: str | None
 
 
 def _weights_sha256(folder: Path) -> str:
-    """study_common.weights_sha256 of the folder's weight files: a base model's equals the
-    ``base_model_weights_sha256`` its CPT runs record."""
+    """study_common.weights_sha256: a base model's equals the ``base_model_weights_sha256`` its CPT runs record."""
     digests = local_weight_digests(folder)
     if not digests:
         raise InputError(f"{folder}: no weight file ({', '.join(WEIGHT_FILES)}).")
@@ -223,10 +221,8 @@ def each_model(args: EvalArguments, checkpoints: list[Checkpoint], desc: str):
 
 
 def reusable_entries(path: Path, header: dict, run: Run, args: EvalArguments, same: tuple[str, ...]) -> dict:
-    """The checkpoint entries of an earlier ``path`` that still hold, by (step, path): none unless it was made
-    with the same ``same`` fields of ``header``; a present checkpoint's when its weights are unchanged; a gone
-    checkpoint's (rotated away by save_total_limit) unless the run was trained again (another cpt_setting, or
-    changed weights)."""
+    """The entries of an earlier ``path`` (same ``same`` fields of ``header``) that still hold, by (step, path):
+    unchanged weights; a gone checkpoint's unless the run was trained again (docs/probing.md)."""
     if args.overwrite_output_dir or not path.is_file():
         return {}
     previous = json.loads(path.read_text(encoding="utf-8"))
@@ -267,13 +263,8 @@ def _body_and_head(model):
 
 @dataclass
 class PrefixTree:
-    """Token sequences with a common first token merged into one trie, run as one batch row.
-
-    Node k holds one token; its parent is the node of the token before it, so a prefix shared by several
-    sequences (the question before the blank) is one chain of nodes. Node k sits at position ``depths[k]`` and
-    attends to ``visible[k]``: itself and its ancestors, so its hidden state is the one it has in each of its
-    sequences run alone. A parent always comes before its children.
-    """
+    """Token sequences with a common first token merged into one trie, run as one batch row: node k sits at
+    position ``depths[k]`` and sees ``visible[k]`` (itself and its ancestors); parents come before children."""
 
     tokens: list[int]
     parents: list[int]  # -1 for the root (node 0)
@@ -287,41 +278,28 @@ def build_prefix_trees(
     """One prefix tree per group of sequence indices and first token (default: one per sequence), and for every
     sequence its ``(tree, nodes)``: the node of each of its tokens."""
     groups = groups if groups is not None else [[i] for i in range(len(sequences))]
-    trees, located = [], [None] * len(sequences)
-    causal = np.tri(max(map(len, sequences), default=0), dtype=bool)
+    trees, located, child = [], [None] * len(sequences), {}  # child[(tree, node, token)]: a node of that tree
     for group in groups:
-        by_first = defaultdict(list)
+        roots = {}  # first token -> tree of this group
         for i in group:
             assert located[i] is None and sequences[i], f"sequence {i}: listed twice, or empty"
-            located[i] = ()
-            by_first[sequences[i][0]].append(i)
-        for members in by_first.values():
-            # In lexicographic order, the longest prefix a sequence shares with any earlier one is the one it
-            # shares with its predecessor: only the tokens after it are new nodes.
-            members.sort(key=lambda i: sequences[i])
-            tokens, parents, depths, chains, previous, previous_nodes = [], [], [], [], [], []
-            for i in members:
-                ids, shared = sequences[i], 0
-                while shared < min(len(ids), len(previous)) and ids[shared] == previous[shared]:
-                    shared += 1
-                first_new, parent = len(tokens), previous_nodes[shared - 1] if shared else -1
-                nodes = previous_nodes[:shared] + list(range(first_new, first_new + len(ids) - shared))
-                if shared < len(ids):
-                    tokens += ids[shared:]
-                    depths += range(shared, len(ids))
-                    parents += [parent] + nodes[shared:-1]
-                located[i] = (len(trees), np.array(nodes))
-                chains.append((first_new, len(ids) - shared, parent))
-                previous, previous_nodes = ids, nodes
-            visible = np.zeros((len(tokens), len(tokens)), dtype=bool)
-            for first_new, length, parent in chains:
-                # A chain of new nodes sees what its parent sees, and itself causally (a lower triangle).
-                chain = slice(first_new, first_new + length)
-                if parent >= 0:
-                    visible[chain] = visible[parent]
-                visible[chain, chain] = causal[:length, :length]
-            trees.append(PrefixTree(tokens, parents, depths, visible))
+            if sequences[i][0] not in roots:
+                roots[sequences[i][0]] = len(trees)
+                trees.append(PrefixTree([sequences[i][0]], [-1], [0], None))
+            t, tree, nodes = roots[sequences[i][0]], trees[roots[sequences[i][0]]], [0]
+            for depth, token in enumerate(sequences[i][1:], 1):
+                if (t, nodes[-1], token) not in child:  # a new node; a shared prefix reuses the nodes it has
+                    child[t, nodes[-1], token] = len(tree.tokens)
+                    tree.tokens.append(token)
+                    tree.parents.append(nodes[-1])
+                    tree.depths.append(depth)
+                nodes.append(child[t, nodes[-1], token])
+            located[i] = (t, np.array(nodes))
     assert all(where is not None for where in located), "every sequence belongs to a group"
+    for tree in trees:  # a node sees what its parent sees, and itself (parents come first)
+        tree.visible = np.eye(len(tree.tokens), dtype=bool)
+        for k, parent in enumerate(tree.parents[1:], 1):
+            tree.visible[k] |= tree.visible[parent]
     return trees, located
 
 
@@ -504,9 +482,7 @@ def score_question_sets(
     desc=None,
     loss_dtype: str = "float32",
 ) -> list[list[list[float]]]:
-    """Per question set, per item, the score of every option (lower is better). loss_dtype "model": the paper's
-    loop (paper_loop_losses, mean_token_loss: parse_arguments refuses another scoring); identical sentences still
-    run once, which changes nothing (the loop gives them the same number)."""
+    """Per question set, per item, the score of every option (lower is better); loss_dtype "model": the paper's loop."""
     plan = plan_scoring(tokenizer, question_sets, scoring)
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max((len(s) for s in plan.sequences), default=0)
@@ -598,8 +574,7 @@ def evaluate_model(
     args: EvalArguments, question_sets: list[QuestionSet], run: Run, output_dir, remedy: str = OUTPUT_DIR_REMEDY
 ) -> dict:
     """Probe every checkpoint of ``run`` not already scored in ``output_dir``; write and return accuracy.json's
-    content. The outputs are rewritten after each checkpoint (not before the first: a refusal leaves nothing), so
-    a crash loses at most the one being scored."""
+    content, rewritten after each checkpoint (a crash loses at most the one being scored)."""
     output_dir = Path(output_dir)
     header = probing_header(args, question_sets, run)
     refuse_other_probing(output_dir, header, args.overwrite_output_dir, remedy)
@@ -690,11 +665,8 @@ def bridge_diagnostic_losses(
     pair_order: str = "en_first",
     seed: int = 0,
 ) -> dict:
-    """Mean token loss of the second side of each pair (token-weighted over all pairs) in three contexts.
-
-    Pair i's first side is ``pair_first_side(i, pair_order, seed)`` (its index serves as pair id); the other side
-    is scored: alone (``[start] + scored``), after its own first side (``bridged_pair(first_i, scored_i)``, the
-    loss over the scored tokens only) and after pair (i+1) mod n's side in the language of first_i."""
+    """Mean token loss of the second side of each pair (token-weighted) alone, after its own first side and after
+    pair (i+1) mod n's side in that language; pair i's first side is ``pair_first_side(i, pair_order, seed)``."""
     start = document_start_id(tokenizer)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     n = len(pairs)
@@ -729,8 +701,7 @@ def bridge_diagnostic_losses(
 
 
 def run_bridge_diagnostic(args: EvalArguments, run: Run, output_dir, pairs: list[tuple[str, str]]) -> dict:
-    """bridge_diagnostic.json: the pairs laid out as the run laid out its own (its --pair_separator after the
-    first side, its --pair_order: en_first when the model records none, run_cpt's default)."""
+    """bridge_diagnostic.json: the pairs laid out as the run laid out its own (docs/probing.md)."""
     setting = run.cpt_setting or {}
     separator, pair_order = setting.get("pair_separator") or "", setting.get("pair_order") or "en_first"
     seed = int(setting.get("seed") or 0)
@@ -764,9 +735,8 @@ def run_bridge_diagnostic(args: EvalArguments, run: Run, output_dir, pairs: list
 
 
 def read_name_alignment(path: str) -> dict:
-    """A world's name_alignment.json, checked (errors name the file and the item), plus ``forms``: each entity's
-    names as written mid-sentence, per side ("en", "target"): with a leading space when that language's frames put
-    a space before the blank (a byte-level BPE folds it into the name's first token), else bare."""
+    """A world's name_alignment.json, checked, plus ``forms``: each entity's names per side as written mid-sentence
+    (a leading space when that side's frames put one before the blank: byte-level BPE folds it into the name)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
@@ -804,10 +774,8 @@ def read_name_alignment(path: str) -> dict:
 
 
 def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = "", batch_size: int = 64) -> dict:
-    """Per direction, the accuracy of choosing an entity's name given a held-out sentence naming it in the other
-    language: each option scored as a bridged pair, ``[start] + context + separator + [start] + filled frame``, by
-    the mean token loss of the frame's tokens; the lowest wins, ties go to the first option. chance: mean of
-    1/options."""
+    """Per direction, the accuracy of choosing an entity's name after a held-out sentence naming it in the other
+    language, each option scored as a bridged pair by its frame's mean token loss (docs/decomposition.md)."""
     start = document_start_id(tokenizer)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     items = alignment["items"]
@@ -832,9 +800,8 @@ def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = 
 
 
 def embedding_match(model, tokenizer, alignment: dict) -> dict:
-    """Whether each entity's two names are nearest neighbours (cosine) in the input embeddings, a name's vector
-    being the mean input embedding of its tokens (``alignment["forms"]``). ``en-><lang>``: given entity i's English
-    name, the closest target name is entity i's; ``<lang>->en`` the reverse. Ties go to the first; chance 1/n."""
+    """Per direction, whether each entity's two names are nearest neighbours (cosine) among the mean input
+    embeddings of the names' tokens (``alignment["forms"]``); ties go to the first; chance 1/n."""
     table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
     def unit_vectors(names: list[str]) -> np.ndarray:
