@@ -695,10 +695,13 @@ def _comparability_markdown(result: dict) -> list[str]:
     return lines
 
 
+def _section(title: str, header: list[str], rows: list, note: str | None = None) -> list[str]:
+    """A titled table of transfer.md; none without rows."""
+    return ["", f"## {title}", "", *([note, ""] if note else []), *_table(header, rows)] if rows else []
+
+
 def _tiers_markdown(result: dict) -> list[str]:
     found = _directions(result, "tiers")
-    if not found:
-        return []
     names = sorted({tier for _, d in found for tier in d["tiers"]})
     rows = []
     for lang, d in found:
@@ -714,33 +717,19 @@ def _tiers_markdown(result: dict) -> list[str]:
     header = ["language", "direction", *(f"gap {t} [CI]" for t in names), "knowledge (DiD, mean) [CI]",
               "DiD final [CI]", "verdict", "skill (gap never-stated) [CI]"]  # fmt: skip
     contrasts = "; ".join(f"{key}: {c['often_tier']} - {c['never_tier']}" for key, c in KNOWLEDGE_CONTRASTS.items())
-    return [
-        "",
-        "## Knowledge or skill: the gap per tier of facts",
-        "",
-        f"Knowledge = gap on often-stated minus never-stated facts ({contrasts}); docs/decomposition.md.",
-        "",
-        *_table(header, rows),
-    ]
+    note = f"Knowledge = gap on often-stated minus never-stated facts ({contrasts}); docs/decomposition.md."
+    return _section("Knowledge or skill: the gap per tier of facts", header, rows, note)
 
 
 def _mismatched_markdown(result: dict) -> list[str]:
-    found = _directions(result, "mismatched_minus_none")
-    if not found:
-        return []
     rows = []
-    for lang, d in found:
+    for lang, d in _directions(result, "mismatched_minus_none"):
         a, b = d["bridges_minus_mismatched"], d["mismatched_minus_none"]
         rows.append([lang["lang"], d["direction"], _fmt_ci(a["mean_gap"], a["mean_gap_ci"]), a["verdict"],
                      _fmt_ci(b["mean_gap"], b["mean_gap_ci"]), b["verdict"]])  # fmt: skip
     header = ["language", "direction", "bridges - mismatched: mean gap [CI]", "verdict",
               "mismatched - none: mean gap [CI]", "verdict"]  # fmt: skip
-    return [
-        "",
-        "## Mismatched bridges",
-        "",
-        *_table(header, rows),
-    ]
+    return _section("Mismatched bridges", header, rows)
 
 
 def _tie_rules_markdown(result: dict) -> list[str]:
@@ -749,16 +738,9 @@ def _tie_rules_markdown(result: dict) -> list[str]:
          _fmt_ci(p["mean_gap"], p["mean_gap_ci"]), p["verdict"]]
         for lang, d in _directions(result) if d["tie_policies_differ"] for policy, p in d["tie_policies"].items()
     ]  # fmt: skip
-    if not rows:
-        return []
     header = ["language", "direction", "tie rule", "acc. with (final)", "acc. without (final)", "mean gap [CI]",
               "verdict"]  # fmt: skip
-    return [
-        "",
-        "## Both tie rules",
-        "",
-        *_table(header, rows),
-    ]
+    return _section("Both tie rules", header, rows)
 
 
 def _per_seed_markdown(result: dict) -> list[str]:
@@ -766,7 +748,7 @@ def _per_seed_markdown(result: dict) -> list[str]:
              _fmt_ci(s["mean_gap"], s["mean_gap_ci_questions_only"]), f"{s['final_gap']:+.3f}"]
             for lang, d in _directions(result) for s in d["per_seed"]]  # fmt: skip
     header = ["language", "direction", "with run", "without run", "mean gap [CI, questions only]", "final gap"]
-    return ["", "## Per seed pair", "", *_table(header, rows)]
+    return _section("Per seed pair", header, rows)
 
 
 def _per_step_markdown(result: dict) -> list[str]:
@@ -783,25 +765,22 @@ def _diagnostic_markdown(result: dict) -> list[str]:
     rows = [[lang["lang"], d["run"], SETTING_WORDS[d["setting"]], d["step"], f"{d['alone']:.3f}",
              f"{d['after_own_context']:.3f}", f"{d['after_mismatched_context']:.3f}", d["pairs"]]
             for lang in result["languages"] for d in lang["bridge_diagnostic"]]  # fmt: skip
-    if not rows:
-        return []
     header = ["language", "run", "setting", "step", "alone", "after own first side", "after mismatched first side",
               "pairs"]  # fmt: skip
-    return [
-        "## Bridge diagnostic (last checkpoint of each run)",
-        "",
-        *_table(header, rows),
-        "",
-    ]
+    return _section("Bridge diagnostic (last checkpoint of each run)", header, rows)
 
 
 def _caution_markdown(result: dict) -> list[str]:
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}
-    return (["Steps left out because not every run has them: " + json.dumps(skipped), ""] if skipped else []) + [
-        "Caution: with one run per setting the intervals cover question sampling only, which overstates "
-        "significance (docs/probing.md): use several seeds per setting.",
-        "",
-    ]
+    return (
+        [""]
+        + (["Steps left out because not every run has them: " + json.dumps(skipped), ""] if skipped else [])
+        + [
+            "Caution: with one run per setting the intervals cover question sampling only, which overstates "
+            "significance (docs/probing.md): use several seeds per setting.",
+            "",
+        ]
+    )
 
 
 WITH_COLOR, WITHOUT_COLOR = "#1f77b4", "#ff7f0e"
