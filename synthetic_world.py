@@ -802,10 +802,6 @@ def item_tiers(lang: str, records: list[dict]) -> dict:
     }
 
 
-def _density(statements: int, documents: int) -> float:
-    return statements / documents if documents else 0.0
-
-
 def generate_world(args: WorldArguments) -> dict:
     """Write the world described by ``args`` to ``args.output_dir``; return its summary (world.json)."""
     out = Path(args.output_dir)
@@ -911,8 +907,8 @@ def planted_densities(args: WorldArguments, culture: dict, en_documents: int, co
             continue
         en_statements = sum(f["counts"]["en"] for f in facts)
         tgt_statements = sum(f["counts"]["tgt"] for f in facts)
-        en_density = _density(en_statements, en_documents)
-        tgt_density = _density(tgt_statements, mono_docs)
+        en_density = en_statements / en_documents if en_documents else 0.0
+        tgt_density = tgt_statements / mono_docs if mono_docs else 0.0
         per_tier[tier] = {
             "facts": len(facts),
             "en_statements": en_statements,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from study_common import LANGUAGE_SCRIPTS, has_non_latin_letter, read_documents, script_letter_fraction
+from study_common import LANGUAGE_SCRIPTS, InputError, has_non_latin_letter, read_documents, script_letter_fraction
 from synthetic_world import RELATIONS, Language, WorldArguments, generate_world, main, render_fact
 
 LANGS = ["bo", "ko", "zh", "mn"]
@@ -91,8 +91,6 @@ def _count_documents(documents, needles):
 
 
 def test_every_fact_is_stated_exactly_as_planted_in_every_corpus(world):
-    from synthetic_world import Language, render_fact
-
     args = world["args"]
     english = list(read_documents(world["dir"] / "en_corpus.jsonl"))
     for lang in LANGS:
@@ -248,19 +246,17 @@ def test_cli_writes_the_world_and_bad_arguments_get_clear_errors(tmp_path, capsy
     main(["--output_dir", str(tmp_path / "w"), "--langs", "ko", "--places", "4", "--relations", "2"])
     assert "ko" in capsys.readouterr().out
     assert (tmp_path / "w" / "ko" / "native" / "ko-culture-cloze_ko.json").is_file()
-    with pytest.raises(ValueError, match="multiple of 4"):
+    with pytest.raises(InputError, match="multiple of 4"):
         small_world_args(tmp_path / "x", places=6)
-    with pytest.raises(ValueError, match="unknown language"):
+    with pytest.raises(InputError, match="unknown language"):
         small_world_args(tmp_path / "x", langs=["fr"])
-    with pytest.raises(ValueError, match="LANG=LEVEL"):
+    with pytest.raises(InputError, match="LANG=LEVEL"):
         small_world_args(tmp_path / "x", resource=["bo=medium"])
-    with pytest.raises(ValueError, match="pairs needed"):
+    with pytest.raises(InputError, match="pairs needed"):
         generate_world(small_world_args(tmp_path / "x", pairs=10))
 
 
 def test_heldout_questions_use_a_template_never_used_for_their_fact(tmp_path):
-    from synthetic_world import render_fact
-
     args = small_world_args(tmp_path / "h", langs=["ko"], question_template="heldout", name_variants=["native"])
     generate_world(args)
     truth = json.loads((tmp_path / "h" / "truth.json").read_text(encoding="utf-8"))
@@ -484,8 +480,6 @@ def test_name_alignment_has_one_item_per_entity_and_direction_with_options_of_it
 
 
 def test_absent_or_en_only_place_counts_that_are_not_multiples_of_4_are_refused_naming_the_flag(tmp_path):
-    from study_common import InputError
-
     with pytest.raises(InputError, match="--absent_places 6: give a multiple of 4"):
         small_world_args(tmp_path / "x", absent_places=6)
     with pytest.raises(InputError, match="--en_only_places -4: give a multiple of 4"):
