@@ -38,11 +38,7 @@ Layout of ``--output_dir``::
     <lang>/<variant>/name_alignment.json    held-out bilingual frames, one per entity and direction: pick an
                                             entity's name in the parallel sentence among 4 of its kind
 
-Usage::
-
-    python synthetic_world.py --output_dir world --langs bo ko --resource bo=mixed ko=mixed --seed 0
-
-Needs study_common.py and cloze.py beside it.
+Usage: docs/study.md. Needs study_common.py and cloze.py beside it.
 """
 
 from __future__ import annotations
