@@ -627,10 +627,7 @@ def _final_diagnostics(runs: list[RunResults]) -> list[dict]:
         if path.is_file():
             entries = json.loads(path.read_text(encoding="utf-8"))["checkpoints"]
             if entries:
-                found.append(
-                    {"run": run.name, "setting": run.setting, "bridges": run.setting == "bridges", "seed": run.seed}
-                    | entries[-1]
-                )
+                found.append({"run": run.name, "setting": run.setting, "seed": run.seed} | entries[-1])
     return found
 
 
