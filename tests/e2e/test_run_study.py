@@ -24,9 +24,22 @@ def _formatted(value: float) -> str:
     return f"{value:+.3f}"
 
 
-def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path):
-    out = tmp_path / "micro"
-    proc = run_script([sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)], timeout=900)
+#: The micro study with the five parts of the decomposition (tiers absent and en_only, the mismatched-bridges
+#: setting): both variants, so one run carries the report test and the decomposition test below.
+MICRO_DECOMPOSED = ["--preset", "micro", "--set", "world.absent_places=4", "world.en_only_places=4",
+                    "settings=[bridges,no_bridges,mismatched_bridges]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def micro_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One decomposed micro study (minutes), read by both tests below; returns its folder and its run."""
+    out = tmp_path_factory.mktemp("micro") / "micro-decomposed"
+    proc = run_script([sys.executable, "run_study.py", *MICRO_DECOMPOSED, "--output_dir", str(out)], timeout=900)
+    return out, proc
+
+
+def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(micro_study):
+    out, proc = micro_study
     assert "Report:" in proc.stdout
     report_md = (out / "report.md").read_text(encoding="utf-8")
     report_html = (out / "report.html").read_text(encoding="utf-8")
@@ -44,7 +57,8 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
         assert f'src="{image}"' in report_html
     sections = record["sections"]
-    assert {"world", "questions", "transfer", "anchors", "diagnostic", "density", "packing"} == set(sections)
+    assert {"world", "questions", "transfer", "anchors", "diagnostic", "density", "packing",
+            "manipulation_checks"} == set(sections)  # fmt: skip
     # transfer numbers: report.json = transfer.json, and the report prints them
     for key, group in sections["transfer"].items():
         transfer = json.loads(Path(group["transfer_json"]).read_text(encoding="utf-8"))
@@ -71,7 +85,7 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path
                 assert f"| {row['occurrences']} |" in report_md
     # packing audits: one per run, guarantees as required, and what an audit could not check
     packing = sections["packing"]
-    assert len(packing["runs"]) == 6 and packing["colocation_ok"] and packing["equal_hashes"]
+    assert len(packing["runs"]) == 8 and packing["colocation_ok"] and packing["equal_hashes"]
     audits = {}
     for run in packing["runs"]:
         audit = audits[run["run"]] = json.loads((out / "cpt" / run["run"] / "packing_audit.json").read_text("utf-8"))
@@ -93,7 +107,7 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path
             assert described["always_first_accuracy"] == bias["always_first_accuracy"]
             shares = ", ".join(f"{k}: {v:.2f}" for k, v in bias["answer_position_share"].items())
             assert f"| {stem} | {base['questions'][stem]['items']} | {shares} | " in report_md
-        settings = ["bridges", "no_bridges"] if variant == "native" else ["no_bridges"]
+        settings = ["bridges", "no_bridges", "mismatched_bridges"] if variant == "native" else ["no_bridges"]
         assert {(e["model"], e["questions"]) for e in shown["final"]} == {
             (model, stem) for model in ["base", *settings] for stem in shown["files"]
         }
@@ -116,31 +130,28 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(tmp_path
                 fractional = entry["tie_policies"]["fractional"]
                 assert f"| fractional | {fractional['accuracy_with'][-1]:.3f} | " in report_md
     assert "Tie rule of the table above: **first** (the paper's)." in report_md
-    # anchors vs control: both tiers, both directions, pooled and per setting
+    # anchors vs control: every tier, both directions, pooled and per setting
     comparisons = sections["anchors"]["mn"]["comparisons"]
     assert {(c["direction"], c["tier"], c["setting"]) for c in comparisons} == {
-        (direction, tier, "no_bridges") for direction in ("en->mn", "mn->en") for tier in ("high", "low")
+        (direction, tier, "no_bridges")
+        for direction in ("en->mn", "mn->en")
+        for tier in ("high", "low", "absent", "en_only")
     }
     for c in comparisons:
         assert (
             f"{_formatted(c['difference'])} [{_formatted(c['difference_ci'][0])}, {_formatted(c['difference_ci'][1])}]"
             in report_md
         )
-    assert [len(v) for v in sections["diagnostic"].values()] == [2, 1]  # native: both settings; anchors: without
+    assert [len(v) for v in sections["diagnostic"].values()] == [3, 1]  # native: all 3 settings; anchors: without
     # a second invocation finds every step done and only rewrites the report
-    again = run_script([sys.executable, "run_study.py", "--preset", "micro", "--output_dir", str(out)], timeout=300)
+    again = run_script([sys.executable, "run_study.py", *MICRO_DECOMPOSED, "--output_dir", str(out)], timeout=300)
     assert "already done" in again.stdout and "start " not in again.stdout
 
 
-def test_a_decomposed_micro_study_reports_knowledge_skill_mismatched_bridges_and_manipulation_checks(tmp_path):
+def test_a_decomposed_micro_study_reports_knowledge_skill_mismatched_bridges_and_manipulation_checks(micro_study):
     """The five parts of the decomposition end to end on the micro study: tiers absent and en_only, the
     mismatched-bridges setting, the knowledge/skill split, bridges - mismatched and the manipulation checks."""
-    out = tmp_path / "micro-decomposed"
-    decomposed = ["--set", "world.absent_places=4", "world.en_only_places=4",
-                  "settings=[bridges,no_bridges,mismatched_bridges]", "variants=[native]"]  # fmt: skip
-    run_script(
-        [sys.executable, "run_study.py", "--preset", "micro", *decomposed, "--output_dir", str(out)], timeout=900
-    )
+    out, _ = micro_study
     report_md = (out / "report.md").read_text(encoding="utf-8")
     sections = json.loads((out / "report.json").read_text(encoding="utf-8"))["sections"]
     # three settings per seed, trained on the same documents; the control's partners are all wrong
@@ -176,7 +187,7 @@ def test_a_decomposed_micro_study_reports_knowledge_skill_mismatched_bridges_and
     # the report shows each part
     for heading in ("Knowledge or skill?", "#### Mismatched bridges", "## Manipulation checks"):
         assert heading in report_md, heading
-    assert set(sections["manipulation_checks"]) == {"mn/native"}
+    assert set(sections["manipulation_checks"]) == {"mn/native", "mn/anchors"}
 
 
 def _sha256(path: Path) -> str:
