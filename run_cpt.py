@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +86,7 @@ from train_common import (
     guard_flash_attention_inputs,
     isolation_failure,
     packed_batch,
+    parse_training_flags,
     resume_checkpoint,
     use_cpu_backend_without_gpu,
 )
@@ -160,10 +159,7 @@ class CPTArguments:
 def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArguments]:
     parser = HfArgumentParser((CPTArguments, TrainingArguments))
     document_resume_flag(parser)
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        cpt_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        cpt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    cpt_args, training_args = parse_training_flags(parser, argv)
     if sum(getattr(cpt_args, name) for name in SETTINGS) != 1:
         raise InputError(
             "Give exactly one of --bridges (pairs co-located in one context window), --no_bridges (pair halves "

@@ -81,6 +81,7 @@ from train_common import (
     guard_flash_attention_inputs,
     isolation_failure,
     packed_batch,
+    parse_training_flags,
     resume_checkpoint,
     use_cpu_backend_without_gpu,
 )
@@ -708,10 +709,7 @@ def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     document_resume_flag(parser)
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_training_flags(parser, argv)
     if not output_dir_given(argv):  # where build_pairs.py and run_cpt.py look for the base model by default
         training_args.output_dir = str(DEFAULT_BASE_MODEL_DIR)
     if data_args.streaming and training_args.max_steps <= 0:

@@ -15,6 +15,7 @@ Needs study_common.py beside it (``InputError``, ``write_card``).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -298,6 +299,19 @@ def document_resume_flag(parser) -> None:
     for action in parser._actions:
         if action.dest == "resume_from_checkpoint":
             action.help = RESUME_HELP
+
+
+def parse_training_flags(parser, argv: list[str] | None) -> tuple:
+    """A training script's argument dataclasses, from its flags or from one .json file (as run_clm.py). The
+    checks TrainingArguments makes of its own flags (e.g. --load_best_model_at_end without evaluation) are the
+    user's to fix: InputError, exit 2, with transformers' message."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:
+        raise InputError(" ".join(str(err).split())) from err
 
 
 def resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:

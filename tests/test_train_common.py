@@ -155,3 +155,21 @@ def test_the_trainer_hands_the_sequence_boundaries_to_the_model(tiny_model_dir, 
     lengths = Counter(b - a for a, b in zip(boundaries, boundaries[1:]))
     expected = expected_boundaries()
     assert lengths == Counter(b - a for a, b in zip(expected, expected[1:])) and inputs["max_length_q"] == max(lengths)
+
+
+@pytest.mark.parametrize("script", ["run_pretrain", "run_cpt"])
+def test_flags_that_training_arguments_refuse_together_are_an_input_error_with_its_message(script, tmp_path):
+    import run_cpt
+    import run_pretrain
+    from study_common import InputError
+
+    parse = {"run_pretrain": run_pretrain.parse_arguments, "run_cpt": run_cpt.parse_args}[script]
+    flags = ["--output_dir", str(tmp_path / "out"), "--save_strategy", "steps", "--load_best_model_at_end"]
+    flags += {"run_pretrain": ["--train_file", "en.txt"], "run_cpt": ["--lang", "bo", "--bridges"]}[script]
+    with pytest.raises(InputError, match="--load_best_model_at_end requires the save and eval strategy to match"):
+        parse(flags)
+    (tmp_path / "flags.json").write_text(
+        '{"output_dir": "out", "save_strategy": "steps", "load_best_model_at_end": true}'
+    )
+    with pytest.raises(InputError, match="--load_best_model_at_end requires"):  # a .json of flags, as run_clm.py
+        parse([str(tmp_path / "flags.json")])
