@@ -81,7 +81,6 @@ from train_common import (
     autocast_dtype,
     check_attention_implementation_trains_on,
     check_document_isolation,
-    document_resume_flag,
     finish_training,
     guard_flash_attention_inputs,
     isolation_failure,
@@ -158,7 +157,6 @@ class CPTArguments:
 
 def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArguments]:
     parser = HfArgumentParser((CPTArguments, TrainingArguments))
-    document_resume_flag(parser)
     cpt_args, training_args = parse_training_flags(parser, argv)
     if sum(getattr(cpt_args, name) for name in SETTINGS) != 1:
         raise InputError(

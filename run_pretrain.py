@@ -76,7 +76,6 @@ from train_common import (
     batch_layout,
     check_attention_implementation_trains_on,
     check_document_isolation,
-    document_resume_flag,
     finish_training,
     guard_flash_attention_inputs,
     isolation_failure,
@@ -707,7 +706,6 @@ def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCa
 def parse_arguments(argv: list[str] | None = None):
     """The three argument dataclasses, refused before anything is read or written when they cannot train."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    document_resume_flag(parser)
     argv = sys.argv[1:] if argv is None else argv
     model_args, data_args, training_args = parse_training_flags(parser, argv)
     if not output_dir_given(argv):  # where build_pairs.py and run_cpt.py look for the base model by default

@@ -304,7 +304,8 @@ def document_resume_flag(parser) -> None:
 def parse_training_flags(parser, argv: list[str] | None) -> tuple:
     """A training script's argument dataclasses, from its flags or from one .json file (as run_clm.py). The
     checks TrainingArguments makes of its own flags (e.g. --load_best_model_at_end without evaluation) are the
-    user's to fix: InputError, exit 2, with transformers' message."""
+    user's to fix: InputError, exit 2, with transformers' message. --help shows RESUME_HELP."""
+    document_resume_flag(parser)
     argv = sys.argv[1:] if argv is None else argv
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
