@@ -53,10 +53,9 @@ from study_common import (
 logger = logging.getLogger("run_eval")
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-SCORINGS = ("mean_token_loss", "option_logprob", "byte_normalized")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 #: What accuracy.json's results depend on: another value in an output folder is refused, not mixed.
-PROBING_IDENTITY = ("model_name_or_path", "scoring", "dtype", "loss_dtype", "questions_sha256")
+PROBING_IDENTITY = ("model_name_or_path", "dtype", "loss_dtype", "questions_sha256")
 OUTPUT_DIR_REMEDY = "Use another --output_dir or pass --overwrite_output_dir to replace them."
 #: Ties above this share of a file's items at a checkpoint are warned about (the first-wins rule then moves the
 #: accuracy toward position_bias.always_first_accuracy).
@@ -78,9 +77,6 @@ class EvalArguments:
         metadata={"help": "Question languages: 'STEM=LANG' entries, or one language per question set in load order."},
     )
     output_dir: str = field(default="eval_output", metadata={"help": "Where the outputs go."})
-    scoring: Literal["mean_token_loss", "option_logprob", "byte_normalized"] = field(
-        default="mean_token_loss", metadata={"help": "How an option is scored (docs/probing.md); the lowest wins."}
-    )
     batch_size: int = field(default=64, metadata={"help": "Filled sentences per forward pass."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Model weights dtype (the paper used bfloat16)."}
@@ -402,42 +398,31 @@ def _edge_logprobs(project, states, edge_row, edge_token, first_edge, rows_per_c
 
 @dataclass
 class ScoringPlan:
-    """The distinct token sequences to run, and how each option's score is read from their log-probs."""
+    """The distinct token sequences to run, and the sequence of each option."""
 
     sequences: list[list[int]]
-    # per question set, per item, per option: (sequence index, scored target mask or None, bytes)
-    options: list[list[list[tuple[int, np.ndarray | None, int]]]]
+    options: list[list[list[int]]]  # per question set, per item, per option: its sequence's index
     # per question item, the sequences first seen in it: they run as one prefix tree (see token_logprobs)
     groups: list[list[int]]
 
 
-def plan_scoring(tokenizer, question_sets: list[QuestionSet], scoring: str) -> ScoringPlan:
+def plan_scoring(tokenizer, question_sets: list[QuestionSet]) -> ScoringPlan:
     """Tokenize every filled sentence once. Identical sentences (no blank, duplicate options) share one
     sequence, so their scores are bit-identical and ties resolve to the first option as in the paper."""
     start = document_start_id(tokenizer)
-    filled = [[[fill_blanks(it["question"], o) for o in it["options"]] for it in qs.items] for qs in question_sets]
-    texts = [text for qs in filled for item in qs for text, _ in item]
-    offsets = scoring == "option_logprob"
-    if offsets and not getattr(tokenizer, "is_fast", False):
-        raise InputError("--scoring option_logprob needs a fast tokenizer (character offsets of tokens).")
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
-    sequences, index_of, options, groups, k = [], {}, [], [], 0
-    for qs in filled:
+    texts = [fill_blanks(it["question"], o)[0] for qs in question_sets for it in qs.items for o in it["options"]]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    sequences, index_of, options, groups = [], {}, [], []
+    for qs in question_sets:
         options.append([])
-        for item in qs:
+        for item in qs.items:
             item_plan, group = [], []
-            for text, spans in item:
-                ids = tuple([start] + encoded["input_ids"][k])
+            for ids in (tuple([start] + next(encoded)) for _ in item["options"]):
                 if ids not in index_of:
                     index_of[ids] = len(sequences)
                     sequences.append(list(ids))
                     group.append(index_of[ids])
-                mask = None  # target j (token j+1 of the sequence) is token j of the sentence
-                if offsets:
-                    overlaps = [any(a < e and s < b for s, e in spans) for a, b in encoded["offset_mapping"][k]]
-                    mask = np.array(overlaps, dtype=bool)
-                item_plan.append((index_of[ids], mask, len(text.encode("utf-8"))))
-                k += 1
+                item_plan.append(index_of[ids])
             options[-1].append(item_plan)
             if group:
                 groups.append(group)
@@ -459,14 +444,6 @@ def paper_loop_losses(model, sequences: list[list[int]], desc: str | None = None
     return losses
 
 
-def option_score(logprobs: np.ndarray, mask: np.ndarray | None, n_bytes: int, scoring: str) -> float:
-    if scoring == "mean_token_loss":
-        return float(-logprobs.mean())
-    if scoring == "option_logprob":
-        return float(-logprobs[mask].sum())
-    return float(-logprobs.sum() / n_bytes)
-
-
 def predict(scores: list[float]) -> int:
     """Index of the lowest score; ties keep option order (a stable sort, as in the paper)."""
     return min(range(len(scores)), key=lambda k: (scores[k], k))
@@ -476,27 +453,24 @@ def score_question_sets(
     model,
     tokenizer,
     question_sets: list[QuestionSet],
-    scoring: str,
     batch_size: int,
     padding_side: str,
     desc=None,
     loss_dtype: str = "float32",
 ) -> list[list[list[float]]]:
-    """Per question set, per item, the score of every option (lower is better); loss_dtype "model": the paper's loop."""
-    plan = plan_scoring(tokenizer, question_sets, scoring)
+    """Per question set, per item, the mean token loss of every option; loss_dtype "model": the paper's loop."""
+    plan = plan_scoring(tokenizer, question_sets)
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = max((len(s) for s in plan.sequences), default=0)
     if limit and longest > limit:
         raise InputError(f"A filled question is {longest} tokens long; the model takes at most {limit}.")
     if loss_dtype == "model":
         losses = paper_loop_losses(model, plan.sequences, desc=desc)
-        return [[[losses[seq] for seq, _, _ in item] for item in set_plan] for set_plan in plan.options]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
-    logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, pad_id, padding_side, desc=desc)
-    return [
-        [[option_score(logprobs[seq], mask, n_bytes, scoring) for seq, mask, n_bytes in item] for item in set_plan]
-        for set_plan in plan.options
-    ]
+    else:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
+        logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, pad_id, padding_side, desc=desc)
+        losses = [float(-lp.mean()) for lp in logprobs]
+    return [[[losses[seq] for seq in item] for item in set_plan] for set_plan in plan.options]
 
 
 # --------------------------------------------------------------------------------------
@@ -536,7 +510,7 @@ def probing_header(args: EvalArguments, question_sets: list[QuestionSet], run: R
     return {
         "model_name_or_path": str(run.root),
         "cpt_setting": run.cpt_setting,
-        "scoring": args.scoring,
+        "scoring": "mean_token_loss",  # run_transfer.py checks that the runs it compares share it
         "dtype": args.dtype,
         "loss_dtype": args.loss_dtype,
         "questions": questions,
@@ -591,8 +565,8 @@ def evaluate_model(
         return write_entries(output_dir / "accuracy.json", done, header)
 
     for checkpoint, model, tokenizer in each_model(args, todo, "checkpoints"):
-        scores = score_question_sets(model, tokenizer, question_sets, args.scoring, args.batch_size,
-                                     args.padding_side, f"step {checkpoint.step}", args.loss_dtype)  # fmt: skip
+        scores = score_question_sets(model, tokenizer, question_sets, args.batch_size, args.padding_side,
+                                     f"step {checkpoint.step}", args.loss_dtype)  # fmt: skip
         lines[checkpoint.key], accuracy = _checkpoint_results(checkpoint, question_sets, scores)
         done[checkpoint.key] = checkpoint.entry() | {"accuracy": accuracy}
         write_outputs()
@@ -887,8 +861,6 @@ def parse_arguments(argv: list[str] | None, require_model: bool = True) -> EvalA
         parser.error("pass --questions (and/or --diagnostic_pairs, --name_alignment)")
     if args.item_tiers and not args.questions:
         parser.error("--item_tiers gives the tiers of --questions items: pass the questions too")
-    if args.loss_dtype == "model" and args.scoring != "mean_token_loss":
-        parser.error("--loss_dtype model reproduces the paper's loss: it needs --scoring mean_token_loss")
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
     return args

@@ -172,7 +172,7 @@ def main() -> None:
         # Warm up both paths (first calls allocate and pick kernels).
         first = question_sets[0].items[0]
         reference_scores(model, tokenizer, first["question"], first["options"])
-        run_eval.score_question_sets(model, tokenizer, [question_sets[0]], "mean_token_loss", args.batch_size, "right")
+        run_eval.score_question_sets(model, tokenizer, [question_sets[0]], args.batch_size, "right")
 
         ratios = {}
         for loss_dtype in args.loss_dtypes:
@@ -190,7 +190,7 @@ def main() -> None:
 
             start = time.perf_counter()
             scored = run_eval.score_question_sets(
-                model, tokenizer, question_sets, "mean_token_loss", args.batch_size, "right", loss_dtype=loss_dtype
+                model, tokenizer, question_sets, args.batch_size, "right", loss_dtype=loss_dtype
             )
             sync()
             seconds = time.perf_counter() - start
@@ -228,11 +228,9 @@ def main() -> None:
         if "float32" not in ratios:
             return
         reference_seconds = reference_seconds_float32
-        plan = run_eval.plan_scoring(tokenizer, question_sets, "mean_token_loss")
+        plan = run_eval.plan_scoring(tokenizer, question_sets)
         # The loop runs [start] + filled sentence for every option, duplicates included.
-        loop_positions = sum(
-            len(plan.sequences[seq]) for set_plan in plan.options for item in set_plan for seq, _, _ in item
-        )
+        loop_positions = sum(len(plan.sequences[seq]) for set_plan in plan.options for item in set_plan for seq in item)
         trees, _ = run_eval.build_prefix_trees(plan.sequences, plan.groups)
         nodes = sum(len(tree.tokens) for tree in trees)
         projected = sum(len(set(tree.parents[1:])) for tree in trees)

@@ -64,16 +64,13 @@ def test_samples_cover_every_script_of_the_study():
         assert script_letter_fraction(text, script) > 0.8, lang
 
 
-@pytest.mark.parametrize("scoring", run_eval.SCORINGS)
-def test_batched_scores_equal_the_paper_loop_in_every_script_any_batch_size_or_padding_side(tiny, sample_dir, scoring):
+def test_batched_scores_equal_the_paper_loop_in_every_script_any_batch_size_or_padding_side(tiny, sample_dir):
     model, tokenizer = tiny
     sets = cloze.load_question_sets([str(sample_dir)])
     assert {qs.lang for qs in sets} == set(SAMPLE_SCRIPTS)
-    reference = [
-        [reference_scores(model, tokenizer, it["question"], it["options"], scoring) for it in qs.items] for qs in sets
-    ]
+    reference = [[reference_scores(model, tokenizer, it["question"], it["options"]) for it in qs.items] for qs in sets]
     for batch_size, padding_side in [(1, "right"), (3, "left"), (5, "right"), (64, "left"), (64, "right")]:
-        batched = run_eval.score_question_sets(model, tokenizer, sets, scoring, batch_size, padding_side)
+        batched = run_eval.score_question_sets(model, tokenizer, sets, batch_size, padding_side)
         for qs, ref_set, got_set in zip(sets, reference, batched):
             for index, (ref, got) in enumerate(zip(ref_set, got_set)):
                 np.testing.assert_allclose(
@@ -83,31 +80,10 @@ def test_batched_scores_equal_the_paper_loop_in_every_script_any_batch_size_or_p
                 assert run_eval.predict(got) == reference_prediction(ref)
 
 
-def test_option_logprob_counts_only_tokens_overlapping_the_option(tiny):
-    model, tokenizer = tiny
-    plan = run_eval.plan_scoring(
-        tokenizer,
-        [
-            cloze.QuestionSet(
-                "s_en",
-                "en",
-                "x",
-                [{"question": "ab ___ cd", "options": ["xy", "zz"], "answers": ["xy"], "answer": [0]}],
-                {},
-            )
-        ],
-        "option_logprob",
-    )
-    sequence_index, mask, _ = plan.options[0][0][0]
-    sentence_ids = plan.sequences[sequence_index][1:]
-    pieces = [tokenizer.decode([t]) for t, keep in zip(sentence_ids, mask) if keep]
-    assert "".join(pieces).strip() == "xy"
-
-
 def test_options_of_an_item_run_as_one_prefix_tree_with_the_question_text_once(tiny, sample_dir):
     _, tokenizer = tiny
     sets = cloze.load_question_sets([str(sample_dir)])
-    plan = run_eval.plan_scoring(tokenizer, sets, "mean_token_loss")
+    plan = run_eval.plan_scoring(tokenizer, sets)
     trees, located = run_eval.build_prefix_trees(plan.sequences, plan.groups)
     english = [qs.lang for qs in sets].index("en")
     item = plan.options[english][0]  # "The Korean people celebrate ___ in autumn."
@@ -115,15 +91,15 @@ def test_options_of_an_item_run_as_one_prefix_tree_with_the_question_text_once(t
         [run_eval.document_start_id(tokenizer)]
         + tokenizer("The Korean people celebrate", add_special_tokens=False)["input_ids"]
     )
-    (tree_index,) = {located[seq][0] for seq, _, _ in item}
-    paths = [located[seq][1] for seq, _, _ in item]
-    for path, (seq, _, _) in zip(paths, item):
+    (tree_index,) = {located[seq][0] for seq in item}
+    paths = [located[seq][1] for seq in item]
+    for path, seq in zip(paths, item):
         assert [trees[tree_index].tokens[node] for node in path] == plan.sequences[seq]
         assert path[:prefix].tolist() == paths[0][:prefix].tolist()  # the question text: the same nodes
     assert len(trees[tree_index].tokens) == len(set(np.concatenate(paths).tolist()))
-    assert len(trees[tree_index].tokens) < sum(len(plan.sequences[seq]) for seq, _, _ in item)
+    assert len(trees[tree_index].tokens) < sum(len(plan.sequences[seq]) for seq in item)
     # An item whose blank opens the question shares only the start token.
-    opening = [located[seq] for seq, _, _ in plan.options[english][1]]
+    opening = [located[seq] for seq in plan.options[english][1]]
     assert len({t for t, _ in opening}) == 1 and len({path[1] for _, path in opening}) == len(opening)
 
 
@@ -170,9 +146,7 @@ def test_identical_sentences_tie_exactly_and_the_first_option_wins(tiny, tmp_pat
     )
     sets = cloze.load_question_sets([str(path)])
     for batch_size in (1, 2, 64):
-        no_blank, duplicates = run_eval.score_question_sets(
-            model, tokenizer, sets, "mean_token_loss", batch_size, "right"
-        )[0]
+        no_blank, duplicates = run_eval.score_question_sets(model, tokenizer, sets, batch_size, "right")[0]
         assert no_blank[0] == no_blank[1] == no_blank[2] and run_eval.predict(no_blank) == 0
         assert duplicates[0] == duplicates[2]
         assert run_eval.predict(duplicates) != 2  # the later copy never wins
@@ -192,8 +166,8 @@ def test_half_precision_scores_stay_close_to_float32(tiny_model_dir, sample_dir,
     full = run_eval.load_model(tiny_model_dir, "float32", torch.device("cpu"), "sdpa")
     half = run_eval.load_model(tiny_model_dir, dtype, torch.device("cpu"), "sdpa")
     assert next(half.parameters()).dtype == getattr(torch, dtype)
-    a = np.array(run_eval.score_question_sets(full, tokenizer, sets, "mean_token_loss", 8, "right")[0])
-    b = np.array(run_eval.score_question_sets(half, tokenizer, sets, "mean_token_loss", 8, "right")[0])
+    a = np.array(run_eval.score_question_sets(full, tokenizer, sets, 8, "right")[0])
+    b = np.array(run_eval.score_question_sets(half, tokenizer, sets, 8, "right")[0])
     assert np.isfinite(b).all()
     assert np.abs(a - b).max() < 0.1
 
@@ -276,10 +250,8 @@ def test_probing_a_run_writes_every_output_and_reuses_finished_checkpoints(
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     by_step = {s: [r["scores"] for r in rows if r["step"] == s] for s in (2, 4)}
     np.testing.assert_allclose(by_step[4], by_step[2], atol=1e-6)
-    # Other scoring in the same directory: refused rather than mixed.
-    with pytest.raises(run_eval.InputError, match=r"different scoring \('mean_token_loss', now 'byte_normalized'\)"):
-        run_eval.main([*argv, "--scoring", "byte_normalized"])
-    with pytest.raises(run_eval.InputError, match="different loss_dtype"):
+    # Another loss precision in the same directory: refused rather than mixed.
+    with pytest.raises(run_eval.InputError, match=r"different loss_dtype \('float32', now 'model'\)"):
         run_eval.main([*argv, "--loss_dtype", "model"])
     # A checkpoint whose predictions lines are incomplete is scored again.
     kept = (out / "predictions.jsonl").read_text().splitlines()[:-1]  # the last item of step 4
@@ -438,8 +410,8 @@ def test_loss_dtype_model_in_bfloat16_is_bit_identical_to_the_paper_loop_in_ever
     model = run_eval.load_model(tiny_model_dir, "bfloat16", device, "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sets = cloze.load_question_sets([str(sample_dir)])
-    scored = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 8, "right", loss_dtype="model")
-    batched = run_eval.score_question_sets(model, tokenizer, sets, "mean_token_loss", 8, "right")
+    scored = run_eval.score_question_sets(model, tokenizer, sets, 8, "right", loss_dtype="model")
+    batched = run_eval.score_question_sets(model, tokenizer, sets, 8, "right")
     differs = 0
     for qs, scores, batched_scores in zip(sets, scored, batched):
         for item, got, other in zip(qs.items, scores, batched_scores):
@@ -449,16 +421,6 @@ def test_loss_dtype_model_in_bfloat16_is_bit_identical_to_the_paper_loop_in_ever
             assert all(float(torch.tensor(x, dtype=torch.bfloat16)) == x for x in got)
             differs += got != other
     assert differs > 0  # the float32 loss of the batched path is another number
-
-
-def test_loss_dtype_model_needs_the_paper_scoring(tmp_path, tiny_model_dir, sample_dir, capsys):
-    argv = ["--model_name_or_path", str(tiny_model_dir), "--questions", str(sample_dir), "--output_dir", str(tmp_path)]
-    with pytest.raises(SystemExit) as exit_info:
-        run_eval.main([*argv, "--loss_dtype", "model", "--scoring", "option_logprob"])
-    assert exit_info.value.code == 2
-    assert (
-        "--loss_dtype model reproduces the paper's loss: it needs --scoring mean_token_loss" in capsys.readouterr().err
-    )
 
 
 # ---------------------------------------------------------------------------- ties and position bias
