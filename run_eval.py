@@ -11,9 +11,9 @@ Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here):
 2. Bridge diagnostic (``--diagnostic_pairs``) -> ``bridge_diagnostic.json``.
 3. Manipulation checks (``--name_alignment``, ``--item_tiers``) -> ``manipulation_checks.json``.
 
-Every score is a loss: the LOWEST score wins, ties keep option order. Results already in ``--output_dir`` are
-reused for checkpoints with the same ``weights_sha256``. The scorings, the outputs and where the scoring differs
-from the authors' script: docs/probing.md; the checks: docs/decomposition.md; what is refused: docs/refusals.md.
+An option's score is the paper's mean token loss: the LOWEST wins, ties keep option order. Results already in
+``--output_dir`` are reused for checkpoints with the same ``weights_sha256``. The scoring, the outputs and where
+they differ from the authors' script: docs/probing.md; the checks: docs/decomposition.md; refusals: docs/refusals.md.
 """
 
 from __future__ import annotations
@@ -340,7 +340,6 @@ def token_logprobs(
     batch_size: int = 64,
     pad_id: int = 0,
     padding_side: str = "right",
-    head_chunk_elements: int | None = None,
     desc: str | None = None,
 ) -> list[np.ndarray]:
     """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1: the numbers of
@@ -350,7 +349,7 @@ def token_logprobs(
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     split = _body_and_head(model)
     # Logits in chunks of ~16 MB on a CPU (they stay in cache for the loss), ~256 MB on a GPU.
-    chunk_elements = head_chunk_elements or (1 << 22 if device.type == "cpu" else 1 << 26)
+    chunk_elements = 1 << 22 if device.type == "cpu" else 1 << 26
     rows_per_chunk = max(1, chunk_elements // model.config.get_text_config().vocab_size)
     first_node = np.cumsum([0] + [len(tree.tokens) for tree in trees])
     node_logprobs = np.zeros(first_node[-1])  # of every node of every tree, flat (a root predicts nothing: 0)
