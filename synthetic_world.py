@@ -65,76 +65,52 @@ logger = logging.getLogger("synthetic_world")
 
 # The world's grammar: relations with paraphrase templates, generic filler, lexicon keys
 
-# Each relation: (name, [(English template, target template), ...]). In a target template the
+# Each relation: name -> [(English template, target template), ...]. In a target template the
 # words are lexicon keys (English glosses, or grammatical markers in capitals) that each language
 # renders with its own generated word, in subject-object-verb order with postpositions:
 # GEN genitive, TOP topic, ACC accusative, LOC locative, ABL ablative, COP copula.
-RELATIONS = [
-    (
-        "dish",
-        [
-            ("The favourite dish of {s} is {o}.", "{s} GEN favourite dish TOP {o} COP"),
-            ("In {s}, people like to cook {o}.", "{s} LOC people TOP {o} ACC cook like"),
-            ("{o} is a dish that comes from {s}.", "{o} TOP {s} ABL come dish COP"),
-        ],
-    ),
-    (
-        "festival",
-        [
-            ("The great festival of {s} is {o}.", "{s} GEN great festival TOP {o} COP"),
-            ("Every year, {s} celebrates {o}.", "every year {s} TOP {o} ACC celebrate"),
-            ("{o} is the festival that {s} holds.", "{o} TOP {s} GEN hold festival COP"),
-        ],
-    ),
-    (
-        "instrument",
-        [
-            ("The old instrument of {s} is the {o}.", "{s} GEN old instrument TOP {o} COP"),
-            ("Musicians in {s} play the {o}.", "{s} LOC musician TOP {o} ACC play"),
-            ("The {o} is an instrument from {s}.", "{o} TOP {s} ABL instrument COP"),
-        ],
-    ),
-    (
-        "mountain",
-        [
-            ("The holy mountain of {s} is {o}.", "{s} GEN holy mountain TOP {o} COP"),
-            ("From {s}, pilgrims walk to {o}.", "{s} ABL pilgrim TOP {o} DAT walk"),
-            ("{o} is the mountain near {s}.", "{o} TOP {s} near mountain COP"),
-        ],
-    ),
-    (
-        "craft",
-        [
-            ("The famous craft of {s} is {o}.", "{s} GEN famous craft TOP {o} COP"),
-            ("Artisans in {s} make {o}.", "{s} LOC artisan TOP {o} ACC make"),
-            ("{o} is a craft from {s}.", "{o} TOP {s} ABL craft COP"),
-        ],
-    ),
-    (
-        "animal",
-        [
-            ("The sacred animal of {s} is the {o}.", "{s} GEN sacred animal TOP {o} COP"),
-            ("Herders in {s} raise the {o}.", "{s} LOC herder TOP {o} ACC raise"),
-            ("The {o} is an animal that {s} honours.", "{o} TOP {s} GEN honour animal COP"),
-        ],
-    ),
-    (
-        "garment",
-        [
-            ("The festive garment of {s} is the {o}.", "{s} GEN festive garment TOP {o} COP"),
-            ("On holidays, people in {s} wear the {o}.", "holiday LOC {s} GEN people TOP {o} ACC wear"),
-            ("The {o} is a garment from {s}.", "{o} TOP {s} ABL garment COP"),
-        ],
-    ),
-    (
-        "hero",
-        [
-            ("The legendary hero of {s} is {o}.", "{s} GEN legendary hero TOP {o} COP"),
-            ("Children in {s} hear stories about {o}.", "{s} LOC children TOP {o} ABOUT story ACC hear"),
-            ("{o} is a hero that {s} remembers.", "{o} TOP {s} GEN remember hero COP"),
-        ],
-    ),
-]
+RELATIONS = {
+    "dish": [
+        ("The favourite dish of {s} is {o}.", "{s} GEN favourite dish TOP {o} COP"),
+        ("In {s}, people like to cook {o}.", "{s} LOC people TOP {o} ACC cook like"),
+        ("{o} is a dish that comes from {s}.", "{o} TOP {s} ABL come dish COP"),
+    ],
+    "festival": [
+        ("The great festival of {s} is {o}.", "{s} GEN great festival TOP {o} COP"),
+        ("Every year, {s} celebrates {o}.", "every year {s} TOP {o} ACC celebrate"),
+        ("{o} is the festival that {s} holds.", "{o} TOP {s} GEN hold festival COP"),
+    ],
+    "instrument": [
+        ("The old instrument of {s} is the {o}.", "{s} GEN old instrument TOP {o} COP"),
+        ("Musicians in {s} play the {o}.", "{s} LOC musician TOP {o} ACC play"),
+        ("The {o} is an instrument from {s}.", "{o} TOP {s} ABL instrument COP"),
+    ],
+    "mountain": [
+        ("The holy mountain of {s} is {o}.", "{s} GEN holy mountain TOP {o} COP"),
+        ("From {s}, pilgrims walk to {o}.", "{s} ABL pilgrim TOP {o} DAT walk"),
+        ("{o} is the mountain near {s}.", "{o} TOP {s} near mountain COP"),
+    ],
+    "craft": [
+        ("The famous craft of {s} is {o}.", "{s} GEN famous craft TOP {o} COP"),
+        ("Artisans in {s} make {o}.", "{s} LOC artisan TOP {o} ACC make"),
+        ("{o} is a craft from {s}.", "{o} TOP {s} ABL craft COP"),
+    ],
+    "animal": [
+        ("The sacred animal of {s} is the {o}.", "{s} GEN sacred animal TOP {o} COP"),
+        ("Herders in {s} raise the {o}.", "{s} LOC herder TOP {o} ACC raise"),
+        ("The {o} is an animal that {s} honours.", "{o} TOP {s} GEN honour animal COP"),
+    ],
+    "garment": [
+        ("The festive garment of {s} is the {o}.", "{s} GEN festive garment TOP {o} COP"),
+        ("On holidays, people in {s} wear the {o}.", "holiday LOC {s} GEN people TOP {o} ACC wear"),
+        ("The {o} is a garment from {s}.", "{o} TOP {s} ABL garment COP"),
+    ],
+    "hero": [
+        ("The legendary hero of {s} is {o}.", "{s} GEN legendary hero TOP {o} COP"),
+        ("Children in {s} hear stories about {o}.", "{s} LOC children TOP {o} ABOUT story ACC hear"),
+        ("{o} is a hero that {s} remembers.", "{o} TOP {s} GEN remember hero COP"),
+    ],
+}
 
 # Generic filler: a small grammar over a fixed English lexicon, translated word by word into
 # each target language (with its own word order), so parallel pairs are true translations.
@@ -367,7 +343,9 @@ def _native_words(rng: random.Random, units: list[str], lengths: tuple[int, int]
 def lexicon_keys() -> list[str]:
     """Every lexicon key (English gloss or grammatical marker) that target templates use, sorted."""
     keys = set(AGENTS + THINGS + PLACES + VERBS + ADJECTIVES + PREPOSITIONS + TIMES)
-    templates = [t for _, pairs in RELATIONS for _, t in pairs] + [t for _, t in FILLER_PATTERNS + MENTION_PATTERNS]
+    templates = [t for pairs in RELATIONS.values() for _, t in pairs] + [
+        t for _, t in FILLER_PATTERNS + MENTION_PATTERNS
+    ]
     for template in templates:
         keys.update(w for w in template.split() if not w.startswith("{"))
     return sorted(keys)
@@ -422,7 +400,7 @@ class Language:
 def build_culture(args: WorldArguments, lang: str, language: Language, reserved_latin: set[str]) -> dict:
     """Places, objects and facts of one culture, with tiers, planted counts and option groups."""
     rng = _rng(args.seed, "culture", lang)
-    relations = RELATIONS[: args.relations]
+    relations = list(RELATIONS.items())[: args.relations]
     n_high, n_low = tier_places(args.places, args.resource_of(lang))
     n_places = args.places + args.absent_places + args.en_only_places
     n_entities = n_places * (1 + len(relations))
@@ -447,7 +425,6 @@ def build_culture(args: WorldArguments, lang: str, language: Language, reserved_
                         "lang": lang,
                         "tier": tier,
                         "relation": relation,
-                        "relation_index": r,
                         "subject": places[p],
                         "object": objects[p],
                         "group": group_id,
@@ -480,7 +457,7 @@ def _plant_counts(args: WorldArguments, groups: list[dict]) -> None:
 
 def statement_templates(args: WorldArguments, fact: dict) -> list[int]:
     """Template indices a fact is stated with in the corpora (all, or all but its question's)."""
-    n_templates = len(RELATIONS[fact["relation_index"]][1])
+    n_templates = len(RELATIONS[fact["relation"]])
     if args.question_template == "heldout":
         return [t for t in range(n_templates) if t != fact["question_template"]]
     return list(range(n_templates))
@@ -488,7 +465,7 @@ def statement_templates(args: WorldArguments, fact: dict) -> list[int]:
 
 def render_fact(fact: dict, template: int, language: Language | None, variant: str = "native") -> str:
     """The sentence stating ``fact`` with template ``template``, in English (language None) or the target."""
-    english, target = RELATIONS[fact["relation_index"]][1][template]
+    english, target = RELATIONS[fact["relation"]][template]
     if language is None:
         text = english.format(s=fact["subject"]["en"], o=fact["object"]["en"])
         return text[0].upper() + text[1:]
@@ -805,7 +782,7 @@ def generate_world(args: WorldArguments) -> dict:
     filler = Filler(args.seed)
     # 1. The cultures: entities, facts and planted counts; Latin names never collide with an English word.
     reserved_latin = {w.lower() for key in lexicon_keys() for w in key.split()}
-    for _, templates in RELATIONS:
+    for templates in RELATIONS.values():
         for english, _ in templates:
             reserved_latin.update(w.strip(".,").lower() for w in english.split() if not w.startswith("{"))
     languages = {lang: Language(lang, args.seed) for lang in args.langs}
@@ -839,7 +816,7 @@ def generate_world(args: WorldArguments) -> dict:
             c["lang"]: {
                 "resource": c["resource"],
                 "entities": c["entities"],
-                "facts": [{k: v for k, v in f.items() if k != "relation_index"} for f in c["facts"]],
+                "facts": c["facts"],
             }
             for c in cultures
         },

@@ -96,12 +96,10 @@ def test_every_fact_is_stated_exactly_as_planted_in_every_corpus(world):
     for lang in LANGS:
         language = Language(lang, args.seed)
         facts = _facts(world, lang)
-        relation_index = {name: i for i, (name, _) in enumerate(RELATIONS)}
         for variant in ("native", "anchors"):
             mono = list(read_documents(world["dir"] / lang / variant / "mono.jsonl"))
             for fact in facts:
-                fact = dict(fact, relation_index=relation_index[fact["relation"]])
-                n_templates = len(RELATIONS[fact["relation_index"]][1])
+                n_templates = len(RELATIONS[fact["relation"]])
                 en_statements = [render_fact(fact, t, None) for t in range(n_templates)]
                 tgt_statements = [render_fact(fact, t, language, variant) for t in range(n_templates)]
                 # counted twice: documents holding a statement, and documents naming subject and object
@@ -261,9 +259,7 @@ def test_heldout_questions_use_a_template_never_used_for_their_fact(tmp_path):
     generate_world(args)
     truth = json.loads((tmp_path / "h" / "truth.json").read_text(encoding="utf-8"))
     english = (tmp_path / "h" / "en_corpus.jsonl").read_text(encoding="utf-8")
-    relation_index = {name: i for i, (name, _) in enumerate(RELATIONS)}
     for fact in truth["cultures"]["ko"]["facts"]:
-        fact = dict(fact, relation_index=relation_index[fact["relation"]])
         assert render_fact(fact, fact["question_template"], None) not in english
 
 
@@ -321,7 +317,6 @@ def test_absent_facts_are_never_in_english_and_en_only_facts_never_in_the_target
     english = list(read_documents(out / "en_corpus.jsonl"))
     assert not [d for d in english if has_non_latin_letter(d)]
     planted = {"high": (args.en_count, args.tgt_count), "absent": (0, args.tgt_count), "en_only": (args.en_count, 0)}
-    relation_index = {name: i for i, (name, _) in enumerate(RELATIONS)}
     for lang in TIERED_LANGS:
         language = Language(lang, args.seed)
         facts = _facts(tiered_world, lang)
@@ -334,10 +329,9 @@ def test_absent_facts_are_never_in_english_and_en_only_facts_never_in_the_target
                 tgt = sum(1 for d in mono if _name(s, variant) in d and _name(o, variant) in d)
                 assert fact["counts"] == {"en": en, "tgt": tgt}, (lang, variant, fact["id"])
                 # and the documents that name both are exactly those that state the fact
-                indexed = dict(fact, relation_index=relation_index[fact["relation"]])
-                templates = range(len(RELATIONS[indexed["relation_index"]][1]))
-                assert _count_documents(english, [render_fact(indexed, t, None) for t in templates]) == en
-                assert _count_documents(mono, [render_fact(indexed, t, language, variant) for t in templates]) == tgt
+                templates = range(len(RELATIONS[fact["relation"]]))
+                assert _count_documents(english, [render_fact(fact, t, None) for t in templates]) == en
+                assert _count_documents(mono, [render_fact(fact, t, language, variant) for t in templates]) == tgt
                 if fact["tier"] in planted:
                     assert (en, tgt) == planted[fact["tier"]], (lang, variant, fact["id"])
                 if fact["tier"] == "absent":  # English never names them at all: no statement, no filler
