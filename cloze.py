@@ -128,9 +128,7 @@ UNSCORABLE = {True: ("no_blank", "fewer_than_two_distinct_options", "answer_not_
               False: ("answer_not_in_options",)}  # fmt: skip
 
 
-def validate_items(
-    records, stem: str, where: str, require_options: bool = True
-) -> tuple[list[dict], dict[str, list[int]]]:
+def validate_items(records, where: str, require_options: bool = True) -> tuple[list[dict], dict[str, list[int]]]:
     """Check every record; return normalised items and the quirks found (reason -> indices).
 
     Structural problems (not a list, missing fields, wrong types, empty texts) are errors; the
@@ -292,7 +290,7 @@ def load_question_sets(
                 f"{where}: cannot tell the question language from the name {stem!r} (expected '<name>_<lang>', "
                 f"e.g. ko-culture-cloze_en). Pass --question_langs {stem}=LANG."
             )
-        items, quirks = validate_items(records, stem, where, require_options)
+        items, quirks = validate_items(records, where, require_options)
         _refuse_mixed_scripts(items, where, lang)
         sets.append(QuestionSet(stem=stem, lang=lang or "", source=where, items=items, quirks=quirks))
         summary = ", ".join(f"{reason} {indices}" for reason, indices in quirks.items()) or "none"
