@@ -5,16 +5,9 @@
 # ///
 """Cultural density of a corpus and the instance-level analysis of the frequency hypothesis (docs/density.md).
 
-1. Each question of each ``--questions`` file becomes a query: its cloze sentence with the blank filled by the
-   answer. BM25 (``bm25s``) retrieves its ``--top_k`` documents from each corpus, among the documents that hold
-   every token of an answer (``retrieval_tokens`` tokenises each run of one script the way its script needs).
-2. A judge decides whether each retrieved document states the question's fact: the deterministic
-   ``LexicalJudge`` by default, or with ``--judge_model`` a causal LM (``LanguageModelJudge``), as the paper did.
-3. ``occurrences`` of a question = its top-k documents judged to state it (so at most ``--top_k``);
-   ``density`` = total occurrences / documents in the corpus.
-
-Writes OUT/density.json, OUT/density.md (the paper's Table 1) and OUT/index/LABEL/ (the sharded BM25 index of
-each corpus); docs/density.md#outputs lists what they hold.
+Each question, filled with its answer, retrieves its ``--top_k`` BM25 documents from each corpus (a sharded bm25s
+index); a judge (``LexicalJudge``, or a causal LM with ``--judge_model``) decides which state its fact. Writes
+OUT/density.json, OUT/density.md (the paper's Table 1) and OUT/index/LABEL/ (docs/density.md#outputs).
 
     python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl --output_dir out
 """
@@ -33,7 +26,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import bm25s
 import numpy as np
@@ -90,8 +82,6 @@ class DensityArguments:
     top_k: int = field(default=50, metadata={"help": "Documents retrieved per question and corpus (the paper: 50)."})
     index_dir: str | None = field(default=None, metadata={"help": "Where the indexes live (default OUTPUT_DIR/index)."})
     shard_size: int = field(default=200_000, metadata={"help": "Documents per index shard: bounds indexing memory."})
-    bm25_k1: float = field(default=1.5, metadata={"help": "BM25 k1 (term-frequency saturation)."})
-    bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (document-length normalisation)."})
     min_script_fraction: float = field(
         default=0.01, metadata={"help": "Measure questions on a corpus holding at least this share of their script."}
     )
@@ -104,9 +94,6 @@ class DensityArguments:
     judge_min_key_fraction: float = field(
         default=0.25, metadata={"help": "Lexical judge: share of key-term weight needed near the answer, in [0, 1]."}
     )
-    judge_weighting: Literal["idf", "uniform"] = field(
-        default="idf", metadata={"help": "Lexical judge: a key term weighs its BM25 idf in the corpus or 1."}
-    )
     judge_min_key_terms: int = field(default=1, metadata={"help": "Lexical judge: and at least this many key terms."})
     judge_model: str | None = field(default=None, metadata={"help": "Judge with this causal LM (path or Hub name)."})
     judge_batch_size: int = field(default=8, metadata={"help": "Prompts per forward pass of --judge_model."})
@@ -117,9 +104,6 @@ class DensityArguments:
     judge_margin: float = field(
         default=0.0, metadata={"help": "--judge_model says yes when log P(' Yes') - log P(' No') exceeds this."}
     )
-    judge_device: str = field(default="auto", metadata={"help": "Device of --judge_model: auto, cpu, cuda, ..."})
-    judge_dtype: str = field(default="auto", metadata={"help": "dtype of --judge_model: auto, float32, bfloat16, ..."})
-    question_batch_size: int = field(default=256, metadata={"help": "Questions whose documents are read together."})
     predictions_with: str | None = field(
         default=None, metadata={"help": "Instance-level analysis: run_eval.py output of the model WITH bridges."}
     )
@@ -141,20 +125,16 @@ class DensityArguments:
     def __post_init__(self):
         if not self.corpus_files and not self.corpus_dataset:
             raise InputError("Give a corpus: --corpus_files PATH (or LABEL=PATH) and/or --corpus_dataset NAME.")
-        counts = (self.top_k, self.shard_size, self.question_batch_size, self.judge_batch_size, self.max_documents)
+        counts = (self.top_k, self.shard_size, self.judge_batch_size, self.max_documents)
         if min(n for n in counts if n is not None) < 1:
-            raise InputError(
-                "--top_k, --shard_size, --question_batch_size, --judge_batch_size and --max_documents must be positive."
-            )
+            raise InputError("--top_k, --shard_size, --judge_batch_size and --max_documents must be positive.")
         if not 0 <= self.judge_min_key_fraction <= 1:
             raise InputError("--judge_min_key_fraction must lie in [0, 1].")
         if bool(self.predictions_with) != bool(self.predictions_without):
             raise InputError("Give both --predictions_with and --predictions_without (or neither).")
 
 
-# --------------------------------------------------------------------------------------
 # Tokenisation by script
-# --------------------------------------------------------------------------------------
 
 #: Bump when retrieval_tokens changes: it is part of every index fingerprint.
 TOKENIZER_VERSION = "density-tokens-2"
@@ -285,9 +265,7 @@ def dominant_script(texts: list[str]) -> str:
     return counts.most_common(1)[0][0] if counts else "Latin"
 
 
-# --------------------------------------------------------------------------------------
 # Questions: read and filled by cloze.py, prepared here for retrieval and judging
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -295,7 +273,6 @@ class Question:
     index: int
     question: str
     answers: list[str]
-    has_blank: bool
     filled: str  # the cloze sentence with every blank replaced by the (first) answer
     query_tokens: list[str]
     key_terms: frozenset[str]
@@ -316,9 +293,12 @@ class QuestionFacts:
 
 def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     """Query, key terms and answer units of one cloze item."""
-    has_blank = bool(BLANK.search(question))
     # Filled as a text stating the fact writes it: a Tibetan answer stays its own syllables.
-    filled = fill_blanks(question, answers[0], tibetan_tsheg=True)[0] if has_blank else f"{question} {answers[0]}"
+    filled = (
+        fill_blanks(question, answers[0], tibetan_tsheg=True)[0]
+        if BLANK.search(question)
+        else f"{question} {answers[0]}"
+    )
     query = retrieval_tokens(filled)
     for other in answers[1:]:
         query.extend(retrieval_tokens(other))
@@ -330,8 +310,7 @@ def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     answer_units = [tuple(analysis.units) for analysis in answer_analyses if analysis.units]
     # Every unit of an answer is an index token, except English stopwords, which are not indexed.
     answer_tokens = [sorted(set(units) - ENGLISH_STOPWORDS) for units in answer_units]
-    return Question(index, question, answers, has_blank, filled, query, key_terms, answer_units, answer_tokens,
-                    length_units=len(context.units))  # fmt: skip
+    return Question(index, question, answers, filled, query, key_terms, answer_units, answer_tokens, len(context.units))
 
 
 def question_facts(question_set: QuestionSet) -> QuestionFacts:
@@ -358,9 +337,7 @@ def _repeated(names: list[str]) -> list[str]:
     return [name for name, n in Counter(names).items() if n > 1]
 
 
-# --------------------------------------------------------------------------------------
 # Corpora: streaming documents, and reading chosen ones back
-# --------------------------------------------------------------------------------------
 
 
 class FileCorpus:
@@ -519,17 +496,12 @@ def read_corpora(args: DensityArguments) -> list:
     return corpora
 
 
-# --------------------------------------------------------------------------------------
 # The sharded BM25 index
-# --------------------------------------------------------------------------------------
 
 
 class ShardedBM25:
-    """A bm25s index split into shards of documents that share corpus-wide BM25 statistics, so a search returns
-    what one index of the whole corpus would. Each shard's score matrix is bm25s's own (memory-mapped at query
-    time); the vocabulary, document frequencies and document locations are shared. A search may require tokens:
-    then only documents holding every token of some group (one group per accepted answer) are ranked. Ties go to
-    the lower document id and documents scoring 0 are never returned, so results are deterministic."""
+    """bm25s score matrices of consecutive shards of documents, computed with corpus-wide statistics so that a
+    search returns what one index of the whole corpus would (docs/density.md#the-index)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -544,8 +516,7 @@ class ShardedBM25:
     def idf(self, token: str) -> float:
         """The BM25 idf of ``token`` in this corpus (a token the corpus lacks gets the highest idf)."""
         token_id = self.vocab.get(token)
-        df = 0 if token_id is None else int(self.document_frequencies[token_id])
-        return float(np.log1p((self.num_docs - df + 0.5) / (df + 0.5)))
+        return float(lucene_idf(0 if token_id is None else self.document_frequencies[token_id], self.num_docs))
 
     def _shard(self, number: int) -> bm25s.BM25:
         return bm25s.BM25.load(self.directory / f"shard_{number:05d}", mmap=True, load_vocab=False)
@@ -669,15 +640,17 @@ def _save_term_frequencies(building: Path, found: _Postings, shard_tokens: array
     del shard_tokens[:], shard_lengths[:]
 
 
-def lucene_bm25_scores(tf, doc_lengths, df, num_docs, avg_length, k1, b):
-    """BM25 as bm25s's method="lucene": ln(1 + (N - df + 0.5) / (df + 0.5)) tf / (tf + k1 (1 - b + b |d| / avg))."""
-    idf = np.log1p((num_docs - df + 0.5) / (df + 0.5))
-    return idf * tf / (tf + k1 * (1 - b + b * doc_lengths / avg_length))
+#: BM25 as bm25s's method="lucene" with its default parameters (part of every index fingerprint).
+BM25_K1, BM25_B = 1.5, 0.75
 
 
-def _write_shard_scores(building: Path, found: _Postings, df: np.ndarray, avg_length: float, k1: float, b: float):
-    """Each shard's BM25 score matrix from its term frequencies with the corpus-wide ``df`` and ``avg_length``, saved
-    in bm25s's own format (compressed sparse columns, one per token)."""
+def lucene_idf(df, num_docs: int):
+    return np.log1p((num_docs - df + 0.5) / (df + 0.5))
+
+
+def _write_shard_scores(building: Path, found: _Postings, df: np.ndarray, avg_length: float):
+    """Each shard's BM25 scores, idf(t) tf / (tf + k1 (1 - b + b |d| / avg)) with the corpus-wide ``df`` and
+    ``avg_length``, saved in bm25s's own format (compressed sparse columns, one per token)."""
     num_docs, lengths = len(found.lengths), np.frombuffer(found.lengths, dtype=np.int32)
     for number, start in enumerate(tqdm(found.shard_starts, desc="Scoring shards", unit="shard")):
         tf_path = building / f"tf_{number:05d}.npz"
@@ -685,8 +658,9 @@ def _write_shard_scores(building: Path, found: _Postings, df: np.ndarray, avg_le
         tf.resize((tf.shape[0], df.size))  # tokens first seen in later shards
         token_of_entry = np.repeat(np.arange(df.size), np.diff(tf.indptr))
         doc_lengths = lengths[start + tf.indices]
-        scores = lucene_bm25_scores(tf.data, doc_lengths, df[token_of_entry], num_docs, avg_length, k1, b)
-        shard = bm25s.BM25(k1=k1, b=b, method="lucene")
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * doc_lengths / avg_length)
+        scores = lucene_idf(df[token_of_entry], num_docs) * tf.data / (tf.data + norm)
+        shard = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
         shard.scores = {"data": scores.astype(np.float32), "indices": tf.indices.astype(np.int32),
                         "indptr": tf.indptr.astype(np.int64), "num_docs": tf.shape[0]}  # fmt: skip
         shard.vocab_dict, shard.nonoccurrence_array = {}, None  # the vocabulary is shared by all shards: vocab.json
@@ -694,8 +668,7 @@ def _write_shard_scores(building: Path, found: _Postings, df: np.ndarray, avg_le
         tf_path.unlink()
 
 
-def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, fingerprint: dict,
-                max_documents: int | None = None) -> None:  # fmt: skip
+def build_index(corpus, directory: Path, shard_size: int, fingerprint: dict, max_documents: int | None = None):
     """Stream ``corpus`` once and write a ShardedBM25 index to ``directory`` (replaced atomically: meta.json last)."""
     building = directory.parent / f".{directory.name}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
@@ -710,7 +683,7 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
         df = np.pad(found.document_frequencies, (0, 1))
         lengths = np.frombuffer(found.lengths, dtype=np.int32)
         avg_length = float(lengths.mean()) if lengths.sum() else 1.0
-        _write_shard_scores(building, found, df, avg_length, k1, b)
+        _write_shard_scores(building, found, df, avg_length)
         (building / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         np.save(building / "file_numbers.npy", np.frombuffer(found.file_numbers, dtype=np.int32))
         np.save(building / "offsets.npy", np.frombuffer(found.offsets, dtype=np.int64))
@@ -719,7 +692,6 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
         meta = {
             "fingerprint": fingerprint,
             "documents": len(lengths),
-            "documents_without_tokens": int((lengths == 0).sum()),
             "skipped": dict(found.skipped),
             "vocabulary": len(vocab),
             "average_tokens": avg_length,
@@ -737,7 +709,7 @@ def build_index(corpus, directory: Path, shard_size: int, k1: float, b: float, f
 def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[ShardedBM25, bool]:
     """The corpus's index, reused when its fingerprint matches, else (re)built. Returns (index, reused)."""
     fingerprint = {"corpus": corpus.fingerprint(), "tokenizer": TOKENIZER_VERSION,
-                   "bm25": {"method": "lucene", "k1": args.bm25_k1, "b": args.bm25_b}, "shard_size": args.shard_size,
+                   "bm25": {"method": "lucene", "k1": BM25_K1, "b": BM25_B}, "shard_size": args.shard_size,
                    "shard_max_tokens": SHARD_MAX_TOKENS, "max_documents": args.max_documents}  # fmt: skip
     directory = index_root / corpus.label
     try:
@@ -751,13 +723,11 @@ def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[Sharde
     logger.info("Building the index of corpus %r at %s (changed: %s).", corpus.label, directory, changed)
     if args.max_documents is not None:
         logger.warning("Corpus %r: indexing only its first %d documents.", corpus.label, args.max_documents)
-    build_index(corpus, directory, args.shard_size, args.bm25_k1, args.bm25_b, fingerprint, args.max_documents)
+    build_index(corpus, directory, args.shard_size, fingerprint, args.max_documents)
     return ShardedBM25(directory), False
 
 
-# --------------------------------------------------------------------------------------
 # Judges
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -842,14 +812,13 @@ class LanguageModelJudge:
     docs/density.md). The continuations may span several tokens (their log-probs are summed); each prompt starts
     with the model's document-start token."""
 
-    def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int,
-                 device: str = "auto", dtype: str = "auto"):  # fmt: skip
+    def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int):
         from transformers import AutoTokenizer
 
         from run_eval import load_model, resolve_device
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = load_model(model_name_or_path, dtype, resolve_device(device), attn_implementation=None)
+        self.model = load_model(model_name_or_path, "auto", resolve_device("auto"), attn_implementation=None)
         self.batch_size, self.excerpt_chars = batch_size, excerpt_chars
         self.start_id = document_start_id(self.tokenizer)
         self.pad_id = self.start_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
@@ -885,9 +854,7 @@ class LanguageModelJudge:
         return np.array(yes) - np.array([lp[-len(self.no_ids) :].sum() for lp in logprobs[1::2]])
 
 
-# --------------------------------------------------------------------------------------
 # Instance-level analysis
-# --------------------------------------------------------------------------------------
 
 
 def find_predictions(path: str) -> Path:
@@ -1018,9 +985,7 @@ def instance_analysis(with_path: Path, without_path: Path, step: int | None, sou
     return {"with": str(with_path), "without": str(without_path), "results": results, "skipped": skipped}
 
 
-# --------------------------------------------------------------------------------------
 # Measuring, reporting, main
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -1059,9 +1024,6 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
             "occurrences": int(sum(counts)),
             "density": sum(counts) / meta["documents"],
             "mean_occurrences": float(np.mean(counts)),
-            "questions_with_occurrences": int(np.count_nonzero(counts)),
-            "questions_without_blank": sum(not q.has_blank for q in qs.questions),
-            "questions_without_key_terms": sum(not q.key_terms for q in qs.questions),
             "documents": meta["documents"],
         }
         found.table.append(row)
@@ -1071,7 +1033,6 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
             "label": corpus.label,
             "source": meta["fingerprint"]["corpus"],
             "documents": meta["documents"],
-            "documents_without_tokens": meta["documents_without_tokens"],
             "skipped": meta["skipped"],
             "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
             "script_unit_fractions": meta["script_unit_fractions"],
@@ -1081,12 +1042,16 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
     )
 
 
+#: Questions whose retrieved documents are read back and judged together: bounds the texts held in memory.
+QUESTION_BATCH = 256
+
+
 def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
     """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
     required = [q.answer_tokens for q in qs.questions] if args.require_answer else None
     results = index.search([q.query_tokens for q in qs.questions], args.top_k, required)
     # Random-access corpora are read back one question batch at a time (bounded memory), the others in one pass.
-    batch = args.question_batch_size if corpus.random_access else len(qs.questions)
+    batch = QUESTION_BATCH if corpus.random_access else len(qs.questions)
     entries = []
     for begin in tqdm(range(0, len(qs.questions), batch), desc=f"Judging {qs.stem} on {corpus.label}"):
         chunk = list(zip(qs.questions[begin : begin + batch], results[begin : begin + batch]))
@@ -1097,7 +1062,7 @@ def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArgument
             prompts = [lm_judge.prompt_ids(q, texts[int(d)]) for q, (ids, _) in chunk for d in ids]
             margins = iter(lm_judge.margins(prompts).tolist())
         for question, (ids, scores) in chunk:
-            weights = {term: index.idf(term) for term in question.key_terms} if args.judge_weighting == "idf" else None
+            weights = {term: index.idf(term) for term in question.key_terms}
             verdicts = [lexical.judge(question, analyses[int(d)], weights) for d in ids]
             entry = {
                 "questions": qs.stem,
@@ -1176,9 +1141,8 @@ def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudg
     if not args.judge_model:
         return lexical, None
     return lexical, LanguageModelJudge(
-        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens,
-        args.judge_device, args.judge_dtype,
-    )  # fmt: skip
+        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens
+    )
 
 
 def analyse_instances(args: DensityArguments, found: Measurements) -> dict | None:

@@ -97,7 +97,7 @@ def bm25s_run(tokens, query_tokens, k):
 
 def sharded_run(corpus_file: Path, index_dir: Path, query_tokens, k, shard_size):
     corpus = rd.FileCorpus("bench", [corpus_file], "text")
-    _, index_s = timed(rd.build_index, corpus, index_dir, shard_size, 1.5, 0.75, {})
+    _, index_s = timed(rd.build_index, corpus, index_dir, shard_size, {})
     index = rd.ShardedBM25(index_dir)
     results, query_s = timed(index.search, query_tokens, k, show_progress=False)
     return [ids for ids, _ in results], index_s, query_s

@@ -54,7 +54,7 @@ def statement_documents(documents: list[str], fact: dict, key: str) -> list[int]
 
 def template_of(document: str, fact: dict, language: Language | None, variant: str) -> int:
     """Which of the relation's templates states the fact in ``document``."""
-    templates = RELATIONS[fact["relation_index"]][1]
+    templates = RELATIONS[fact["relation"]]
     found = [t for t in range(len(templates)) if render_fact(fact, t, language, variant) in document]
     if len(found) != 1:
         raise AssertionError(f"fact {fact['id']}: {len(found)} templates match a statement document")
@@ -80,12 +80,7 @@ def tally(report: dict, args, world: Path, truth: dict) -> dict[str, Counter]:
     documents = {"en": list(read_documents(world / "en_corpus.jsonl"))}
     for lang in args.langs:
         documents[lang] = list(read_documents(world / lang / args.variant / "mono.jsonl"))
-    relation_index = {name: i for i, (name, _) in enumerate(RELATIONS)}
-    facts = {
-        f["id"]: dict(f, relation_index=relation_index[f["relation"]])
-        for lang in args.langs
-        for f in truth["cultures"][lang]["facts"]
-    }
+    facts = {f["id"]: f for lang in args.langs for f in truth["cultures"][lang]["facts"]}
     languages = {lang: Language(lang, truth["seed"]) for lang in args.langs}
     counts = {"English": Counter(), "target": Counter()}
     measured = {(e["questions"], e["corpus"], e["index"]): e for e in report["questions"]}

@@ -395,7 +395,7 @@ def test_one_corpus_of_several_files_numbers_documents_across_files(world, tmp_p
 
 def _build(corpus_file: Path, directory: Path, shard_size: int) -> rd.ShardedBM25:
     corpus = rd.FileCorpus("c", [corpus_file], "text")
-    rd.build_index(corpus, directory, shard_size, 1.5, 0.75, {"test": True})
+    rd.build_index(corpus, directory, shard_size, {"test": True})
     return rd.ShardedBM25(directory)
 
 
@@ -459,15 +459,15 @@ def test_index_is_reused_when_the_corpus_is_unchanged_and_rebuilt_when_it_change
     assert third["corpus"]["index"]["reused"] is False
     assert third["corpus"]["documents"] == first["corpus"]["documents"] + 1
     assert third["questions"][0]["occurrences"] == PLANTED["en"][0] + 1
-    changed_k1 = run_main(args + ["--bm25_k1", "1.2"])
-    assert changed_k1["corpus"]["index"]["reused"] is False
+    resharded = run_main(args + ["--shard_size", "7"])
+    assert resharded["corpus"]["index"]["reused"] is False
 
 
 def test_interrupted_build_leaves_no_index_that_looks_complete(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "one doc"}\n{"text": "two"}\nnot json\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"c\.jsonl:3: not valid JSON"):
-        rd.build_index(rd.FileCorpus("c", [corpus], "text"), tmp_path / "index" / "c", 10, 1.5, 0.75, {})
+        rd.build_index(rd.FileCorpus("c", [corpus], "text"), tmp_path / "index" / "c", 10, {})
     assert not (tmp_path / "index" / "c").exists()
     assert list((tmp_path / "index").iterdir()) == []
 
