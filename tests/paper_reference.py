@@ -25,14 +25,7 @@ def _filled(question: str, option: str) -> str:
 
 
 @torch.inference_mode()
-def reference_scores(
-    model,
-    tokenizer,
-    question: str,
-    options: list[str],
-    scoring: str = "mean_token_loss",
-    loss_dtype: str = "float32",
-) -> list[float]:
+def reference_scores(model, tokenizer, question: str, options: list[str], loss_dtype: str = "float32") -> list[float]:
     """One score per option (lower is better), each from its own forward pass of ``[start] + sentence``.
 
     ``loss_dtype="float32"`` upcasts the logits before the loss; ``"model"`` keeps them in the dtype the model
@@ -42,30 +35,12 @@ def reference_scores(
     scores = []
     device = next(model.parameters()).device
     for option in options:
-        sentence = _filled(question, option)
-        encoded = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=scoring == "option_logprob")
+        encoded = tokenizer(_filled(question, option), add_special_tokens=False)
         input_ids = torch.tensor([[document_start_id(tokenizer)] + encoded["input_ids"]], device=device)
         logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1]
         if loss_dtype == "float32":
             logits = logits.float()
-        targets = input_ids[0, 1:]
-        if scoring == "mean_token_loss":
-            scores.append(float(torch.nn.CrossEntropyLoss(reduction="mean")(logits, targets)))
-            continue
-        token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].double()
-        if scoring == "byte_normalized":
-            scores.append(float(-token_logprobs.sum() / len(sentence.encode("utf-8"))))
-        elif scoring == "option_logprob":
-            # Character spans of the option where each blank was; a token counts when it overlaps one.
-            spans, shift = [], 0
-            for match in re.finditer(r"_+", question):
-                begin = match.start() + shift
-                spans.append((begin, begin + len(option)))
-                shift += len(option) - (match.end() - match.start())
-            keep = [any(a < end and begin < b for begin, end in spans) for a, b in encoded["offset_mapping"]]
-            scores.append(float(-token_logprobs[torch.tensor(keep, dtype=torch.bool)].sum()))
-        else:
-            raise ValueError(scoring)
+        scores.append(float(torch.nn.CrossEntropyLoss(reduction="mean")(logits, input_ids[0, 1:])))
     return scores
 
 
