@@ -5,35 +5,11 @@
 # ///
 """Build the continual-pretraining dataset of one language: monolingual text, parallel pairs, replay.
 
-Step 2a of the study (docs/cpt.md). ONE dataset per language is built and BOTH continual-pretraining settings
-(with and without bridges, ``run_cpt.py``) read it, so they start from the same documents. Every record is a
-document:
-
-    doc_id    stable id ``<kind>-<position in its input stream, 9 digits>`` (e.g. ``pair-000000012``)
-    kind      "mono" (target-language text), "pair" (English-target parallel pair), "replay" (English text)
-    text      the document (mono, replay); null for pairs
-    pair_id   position of the pair in the pair input stream (pairs); null otherwise
-    en, tgt   the two sides of a pair; null otherwise
-    source    where the record came from (``file#document``, ``file:line`` or ``dataset/split:row``)
-
-Cleaning drops, and counts in ``build_stats.json``, by the first failing check, in this order:
-
-    empty                    a text (or either side of a pair) is empty or whitespace
-    not_in_script            under --min_script_fraction of its letters are in the expected script (the
-                             language's for mono text and a pair's target side, Latin for replay and a pair's
-                             English side; ``study_common.script_letter_fraction``); no letters: fraction 0
-    contains_eval_sentence   it contains a filled sentence of --eval_questions (every answer in the blank, plainly
-                             and with the Tibetan tsheg rule, ``cloze.fill_blanks``), compared on NFKC, casefolded,
-                             whitespace-collapsed text without the sentence's trailing punctuation
-    over_block_size          (pairs) ``[start] + en + [start] + tgt`` is longer than --block_size tokens of
-                             --tokenizer_name (``study_common.pair_token_count``): it leaves both settings. Long
-                             mono/replay documents stay: run_cpt.py cuts them identically in both settings
-    duplicate_pair           (pairs) the same stripped (en, tgt) as an earlier kept pair
-    replay_beyond_ratio      (replay) not needed to reach --replay_ratio: replay documents are drawn in a seeded
-                             order until replay tokens >= X / (1 - X) x the text tokens of the kept mono and pairs
-
-Inputs stream (files line by line, Hub datasets with --streaming) into Arrow files on disk, the checks run in
---num_proc processes, and memory holds one hash per pair.
+Step 2a of the study. ONE dataset per language is built and every continual-pretraining setting (``run_cpt.py``)
+reads it, so they start from the same documents. Each record is one document (``doc_id``, ``kind`` mono | pair |
+replay, ``text``, ``pair_id``, ``en``, ``tgt``, ``source``); a record that fails a check is dropped and counted in
+``build_stats.json``. Inputs stream to Arrow files on disk, checked in --num_proc processes. Fields, drop
+reasons and the replay draw: docs/cpt.md.
 
 Example:
     python build_pairs.py --lang bo --pairs_files pairs.jsonl --en_column en --tgt_column bo \\
@@ -114,9 +90,6 @@ OUTPUT_FEATURES = datasets.Features(
 )
 
 
-DATA_FILES_HELP = " (e.g. one language's file of a corpus kept per language, as MC^2 does); default: all of them."
-
-
 @dataclass
 class BuildArguments:
     lang: str = field(
@@ -124,17 +97,11 @@ class BuildArguments:
     )
     tokenizer_name: str = field(
         default=str(DEFAULT_BASE_MODEL_DIR),
-        metadata={
-            "help": "Tokenizer (local dir or Hub id) of the base model; measures pairs against --block_size. "
-            "Default: runs/pretrain, where run_pretrain.py saves the base model."
-        },
+        metadata={"help": "The base model's tokenizer, measuring pairs against --block_size (default: runs/pretrain)."},
     )
     output_dir: str | None = field(
         default=None,
-        metadata={
-            "help": "Where the dataset (save_to_disk), build_stats.json and card go. Default: runs/data-<lang>, "
-            "where run_cpt.py looks for it."
-        },
+        metadata={"help": "Where the dataset, build_stats.json and card go (default: runs/data-<lang>)."},
     )
     script: str | None = field(
         default=None, metadata={"help": "Unicode script of the target language (e.g. Cyrillic); needed if not listed."}
@@ -147,7 +114,7 @@ class BuildArguments:
     mono_split: str = field(default="train", metadata={"help": "Split of --mono_dataset."})
     mono_data_files: list[str] | None = field(
         default=None,
-        metadata={"help": f"Files of --mono_dataset to read{DATA_FILES_HELP}"},
+        metadata={"help": "Files of --mono_dataset to read (default: all of them)."},
     )
     mono_text_column: str = field(default="text", metadata={"help": "Text column of mono .json/.jsonl or dataset."})
     pairs_files: list[str] | None = field(
@@ -158,7 +125,7 @@ class BuildArguments:
     pairs_split: str = field(default="train", metadata={"help": "Split of --pairs_dataset."})
     pairs_data_files: list[str] | None = field(
         default=None,
-        metadata={"help": f"Files of --pairs_dataset to read{DATA_FILES_HELP}"},
+        metadata={"help": "Files of --pairs_dataset to read (default: all of them)."},
     )
     en_column: str = field(
         default="en", metadata={"help": "English column of the pairs; dotted for nested fields (translation.en)."}
@@ -172,7 +139,7 @@ class BuildArguments:
     replay_split: str = field(default="train", metadata={"help": "Split of --replay_dataset."})
     replay_data_files: list[str] | None = field(
         default=None,
-        metadata={"help": f"Files of --replay_dataset to read{DATA_FILES_HELP}"},
+        metadata={"help": "Files of --replay_dataset to read (default: all of them)."},
     )
     replay_text_column: str = field(default="text", metadata={"help": "Text column of replay .json/.jsonl or dataset."})
     replay_ratio: float | None = field(
@@ -185,25 +152,19 @@ class BuildArguments:
     )
     eval_questions: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Cloze questions (JSON list of {question, options, answer}; files, folders, saved or Hub "
-            "datasets: cloze.load_question_sets) whose filled sentences the data must not contain."
-        },
+        metadata={"help": "Cloze question sets whose filled sentences the data must not contain."},
     )
     min_eval_sentence_chars: int = field(
         default=8,
-        metadata={"help": "Filled eval sentences shorter than this (normalized) are too generic to guard; counted."},
+        metadata={"help": "Filled eval sentences shorter than this are too generic to guard (listed)."},
     )
     min_pairs: int = field(
         default=1,
-        metadata={"help": "Fewest kept pairs a dataset may have; fewer is an error (too few to mean anything)."},
+        metadata={"help": "Fewest kept pairs a dataset may have; fewer is refused."},
     )
     max_records_per_input: int | None = field(
         default=None,
-        metadata={
-            "help": "Read at most N records of each input file or dataset (a smoke run's budget: the first N, in "
-            "input order). build_stats.json records the cap and which inputs reached it. Default: every record."
-        },
+        metadata={"help": "Read at most the first N records of each input (a smoke run's budget)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the replay draw."})
     streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them whole."})

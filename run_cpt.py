@@ -38,7 +38,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
@@ -76,8 +75,8 @@ from study_common import (
     write_json_atomic,
 )
 from train_common import (
+    CardTrainer,
     ModelCard,
-    ModelCardMixin,
     autocast_dtype,
     check_attention_implementation_trains_on,
     check_document_isolation,
@@ -202,8 +201,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
     if training_args.ignore_data_skip:
         raise InputError("--ignore_data_skip would re-train windows already seen when resuming; remove it.")
     check_attention_implementation_trains_on(cpt_args.attn_implementation, training_args.device)
-    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
-        training_args.hub_always_push = True  # else a checkpoint is skipped while the previous one uploads
     return cpt_args, training_args
 
 
@@ -714,10 +711,6 @@ def load_base_model(cpt_args: CPTArguments):
     return model, tokenizer
 
 
-class CPTTrainer(ModelCardMixin, Trainer):
-    """A Trainer whose model card (also the one pushed to the Hub) records the CPT setting."""
-
-
 #: How each setting lays a parallel pair out, in the model card.
 SETTING_DESCRIPTIONS = {
     "bridges": "WITH bridges (each parallel pair in one context window)",
@@ -799,7 +792,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.config.cpt_setting = audit["cpt_setting"]
     training_args.max_steps = plan.steps
     set_seed(training_args.seed)
-    trainer = CPTTrainer(
+    trainer = CardTrainer(
         model=model,
         args=training_args,
         train_dataset=PackedWindows(windows, data.store, collator),

@@ -3,26 +3,15 @@
 # requires-python = ">=3.10"
 # dependencies = ["torch==2.13.0", "transformers>=5.0", "accelerate>=1.10", "datasets>=4.0", "pyarrow>=15", "tokenizers>=0.22", "numpy>=2.0", "regex", "huggingface-hub>=1.0"]
 # ///
-"""Step 1 of the study: transparent pretraining of a Qwen2.5-architecture model on Latin-only text.
+"""Step 1 of the study: pretrain a Qwen2.5-architecture model from random initialisation on Latin-only text.
 
-Every later result is read against this base model, so everything it was trained on is known and recorded
-(docs/pretraining.md; batches, isolation check, resume and launches: docs/training.md). Top to bottom:
-
-1. reads documents (``--train_file`` .txt/.json/.jsonl/.csv/.tsv, or ``--dataset_name``, optionally streamed);
-2. filters them to the Latin script (``--script_filter``, ``--filter_mode``), counting every drop;
-3. loads a tokenizer (``--tokenizer_name``) or trains a byte-level BPE (``--train_tokenizer``);
-4. packs ``[eos] + tokens`` documents into ``--block_size`` windows whose position ids restart at every document
-   (``--document_attention``: no token attends to another document), checked on the run's own model, device,
-   kernel and batch layout before training;
-5. builds a randomly initialised model from ``--config_name`` and ``--config_overrides``;
-6. trains it with the ``Trainer`` (every ``TrainingArguments`` flag works), under ``accelerate launch`` or ``python``;
-7. writes the model, the tokenizer, ``data_stats.json`` and a model card recording the setting.
-
-Example (CPU, a few seconds)::
+Reads documents, filters them to the Latin script (counting every drop), trains or loads a tokenizer, packs
+``[eos] + tokens`` documents into ``--block_size`` windows with document-isolated attention (checked on the run's
+own model before training), trains with the ``Trainer`` and writes the model, ``data_stats.json`` and a model
+card. Every option and output: docs/pretraining.md; batches, isolation check, resume and launches: docs/training.md.
 
     python run_pretrain.py --config_name configs/tiny.json --train_tokenizer --vocab_size 2000 \\
-        --tokenizer_files A.txt B.txt --train_file corpus.txt --block_size 128 --output_dir OUT \\
-        --max_steps 20 --save_steps 10 --per_device_train_batch_size 4 --logging_steps 1 --seed 0
+        --tokenizer_files A.txt B.txt --train_file corpus.txt --block_size 128 --output_dir OUT --max_steps 20
 
 Needs study_common.py and train_common.py beside it.
 """
@@ -70,8 +59,8 @@ from study_common import (
     write_json_atomic,
 )
 from train_common import (
+    CardTrainer,
     ModelCard,
-    ModelCardMixin,
     autocast_dtype,
     batch_layout,
     check_attention_implementation_trains_on,
@@ -96,123 +85,75 @@ PAD_TOKEN = "<|pad|>"
 class ModelArguments:
     config_name: str = field(
         default="configs/tiny.json",
-        metadata={
-            "help": "Model architecture: a config.json-style file (configs/tiny.json, configs/qwen2.5-0.5b.json) "
-            "or a Hub model id whose config is used (weights are NOT loaded: the model starts from random)."
-        },
+        metadata={"help": "Architecture: a config.json file or a Hub id (its config only: weights start random)."},
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={
-            "help": "Comma-separated key=value pairs that override fields of the config, each typed as the field "
-            "it replaces (PretrainedConfig.update_from_string), e.g. 'num_hidden_layers=4,hidden_size=256'. By "
-            "default vocab_size is set to the tokenizer's length; override it (>= that length) to keep a larger "
-            "embedding, e.g. vocab_size=151936."
-        },
+        metadata={"help": "Comma-separated key=value overrides of the config, e.g. 'num_hidden_layers=4'."},
     )
     tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": "A tokenizer to load (path or Hub id, e.g. Qwen/Qwen2.5-0.5B). Needs an EOS token."},
+        default=None, metadata={"help": "A tokenizer to load (path or Hub id); it needs an EOS token."}
     )
     train_tokenizer: bool = field(
         default=False,
-        metadata={
-            "help": "Train a byte-level BPE tokenizer (see train_tokenizer) on --tokenizer_files instead of "
-            "loading one. It is saved with the model."
-        },
+        metadata={"help": "Train a byte-level BPE tokenizer on --tokenizer_files instead of loading one."},
     )
     vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of the trained tokenizer."})
     tokenizer_files: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Text files (.txt one document per line, .json, .jsonl, .csv/.tsv) the tokenizer is trained on. They "
-            "should include the target languages of continual pretraining, so that the vocabulary covers "
-            "scripts the model meets only later. Defaults to --train_file (then it covers English only)."
-        },
+        metadata={"help": "Files the tokenizer is trained on, every language of the study (default: --train_file)."},
     )
     attn_implementation: str = field(
         default="sdpa",
-        metadata={
-            "help": "Attention kernel: sdpa (default), eager; on a GPU also flex_attention, flash_attention_2, "
-            "flash_attention_3 or a hub kernel (kernels-community/flash-attn). Flash kernels get the windows of "
-            "a micro-batch as one flattened row with sequence boundaries (train_common.packed_batch)."
-        },
+        metadata={"help": "Attention kernel: sdpa, eager; on a GPU also flex_attention or a flash kernel."},
     )
     batch_layout: Literal["auto", "flattened"] = field(
         default="auto",
-        metadata={
-            "help": "auto: B windows as B rows for sdpa/eager/flex_attention, one flattened row of B*L tokens with "
-            "cu_seq_lens/max_length for flash and other kernels; flattened: one row for every kernel (tests, "
-            "benchmarks: with sdpa/eager the mask of one row is (B*L)^2)."
-        },
+        metadata={"help": "auto: by kernel (docs/training.md); flattened: one row of B*L tokens for every kernel."},
     )
     document_attention: bool = field(
         default=True,
-        metadata={
-            "help": "Keep attention inside each document of a packed window (position ids restart at every "
-            "document). --no_document_attention lets tokens attend across documents, as run_clm does."
-        },
+        metadata={"help": "Keep attention inside each packed document (--no_document_attention: as run_clm)."},
     )
 
 
 @dataclass
 class DataArguments:
     train_file: str | None = field(
-        default=None,
-        metadata={"help": "Training documents: .txt (one per line), .json (list of records), .jsonl, .csv or .tsv."},
+        default=None, metadata={"help": "Training documents: .txt (one per line), .json, .jsonl, .csv or .tsv."}
     )
-    text_column: str = field(
-        default="text", metadata={"help": "Column holding the text in json/jsonl/csv/tsv files and datasets."}
-    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in files and datasets."})
     dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "A datasets dataset (Hub id or local folder), e.g. wikimedia/wikipedia."},
+        default=None, metadata={"help": "A datasets dataset (Hub id or folder), e.g. wikimedia/wikipedia."}
     )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Its configuration, e.g. 20231101.en for English Wikipedia."}
-    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, e.g. 20231101.en."})
     dataset_split: str = field(default="train", metadata={"help": "Which split to train on."})
     streaming: bool = field(
-        default=False,
-        metadata={
-            "help": "Stream the dataset: filter, tokenize and pack lazily while training (for Wikipedia-size "
-            "corpora). Needs --max_steps. data_stats.json then counts what the run read."
-        },
+        default=False, metadata={"help": "Stream the dataset, filtering and packing lazily (needs --max_steps)."}
     )
     shuffle_buffer_size: int = field(
-        default=10_000, metadata={"help": "With --streaming: packed blocks are shuffled in a buffer of this size."}
+        default=10_000, metadata={"help": "With --streaming: size of the buffer packed blocks are shuffled in."}
     )
     script_filter: Literal["latin", "none"] = field(
-        default="latin",
-        metadata={"help": "latin: keep only the Latin script (see study_common.filter_to_latin); none: no filter."},
+        default="latin", metadata={"help": "latin: keep only the Latin script; none: no filter."}
     )
     filter_mode: Literal["chars", "documents"] = field(
         default="chars",
-        metadata={
-            "help": "chars (the paper's): remove every non-Latin character; documents: drop every document "
-            "that holds a non-Latin letter or digit."
-        },
+        metadata={"help": "chars (the paper's): remove non-Latin characters; documents: drop documents holding any."},
     )
-    block_size: int = field(
-        default=512,
-        metadata={"help": "Tokens per training window; at most the model's max_position_embeddings."},
-    )
+    block_size: int = field(default=512, metadata={"help": "Tokens per training window."})
     preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for filtering and tokenizing (datasets map num_proc)."}
+        default=None, metadata={"help": "Processes for filtering and tokenizing."}
     )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Where datasets caches the read and tokenized data (default: HF cache)."}
-    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches its files."})
 
 
 def train_tokenizer(
     files_or_texts: Iterable[str | os.PathLike], vocab_size: int, *, text_column: str = "text", show_progress=True
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer: ``pathlib.Path`` items are files read with ``read_documents``, strings are
-    texts. ``<|endoftext|>`` (id 0) is EOS and document start, ``<|pad|>`` id 1; every byte is in the base
-    alphabet, so any script encodes without unknowns. Normalizer, pre-tokenizer and decoder are transformers'
-    Qwen2Tokenizer's: ``AutoTokenizer`` rebuilds those three for a qwen2 model, so any other choice would tokenize
-    differently once saved and reloaded."""
+    """A byte-level BPE tokenizer trained on ``Path`` items (files) and strings (texts): EOS ``<|endoftext|>`` id 0,
+    pad id 1, every byte in the alphabet. Normalizer, pre-tokenizer and decoder are Qwen2Tokenizer's, which
+    ``AutoTokenizer`` rebuilds for a qwen2 model: any other choice would tokenize differently once reloaded."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -255,8 +196,7 @@ def _study_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
 
 
 def train_tokenizer_on_main_process(model_args: ModelArguments, data_args: DataArguments, training_args):
-    """The tokenizer trained by the main process; the others receive it (identical ids everywhere, and nothing
-    is written before the data and the config are checked: the model and its checkpoints carry it)."""
+    """The tokenizer trained by the main process and broadcast to the others (identical ids everywhere)."""
     from tokenizers import Tokenizer
 
     files = model_args.tokenizer_files or ([data_args.train_file] if data_args.train_file else None)
@@ -320,9 +260,8 @@ _LETTER_OR_NUMBER = regex.compile(r"[\p{L}\p{N}]")
 
 
 def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, script_filter: str, filter_mode: str):
-    """Batched map: filter each document and tokenize the kept ones as ``[start] + tokens``. One row per input
-    document, so that every drop is counted: ``input_ids`` (empty when dropped), ``drop_reason`` ("" or one of
-    DROP_REASONS), ``n_chars_in``, ``n_chars_removed`` (by the character filter) and ``n_chars_out``."""
+    """Batched map: filter each document and tokenize the kept ones as ``[start] + tokens``; one row per input
+    document (``input_ids`` empty and ``drop_reason`` set when dropped), so that every drop is counted."""
     texts = batch[text_column]
     reasons, chars_removed, kept_texts, kept_rows = [], [], [], []
     for row, text in enumerate(texts):
@@ -357,9 +296,8 @@ def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, scrip
 
 
 def pack_documents(batch, block_size: int):
-    """Batched map: concatenate tokenized documents and cut them into full ``block_size`` windows, dropping the
-    tail of the batch as run_clm's ``group_texts`` does. ``position_ids`` restart at 0 at every document and
-    every window, so that each window is self-contained."""
+    """Batched map: concatenate documents into full ``block_size`` windows (the batch's tail dropped, as run_clm's
+    ``group_texts``); ``position_ids`` restart at 0 at every document and window."""
     docs = batch["input_ids"]
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     n_blocks = int(lengths.sum()) // block_size
@@ -381,11 +319,8 @@ BLOCK_FEATURES = Features({"input_ids": Sequence(Value("int32")), "position_ids"
 
 @dataclass
 class PackedBlockCollator:
-    """Batches packed windows (never an ``attention_mask``; docs/training.md). Labels are the input ids except
-    -100 at every document start, which would otherwise be predicted from the previous document. With
-    ``document_attention`` the batch has the layout ``train_common.packed_batch`` gives ``attn_implementation``
-    (``flatten``: True for every kernel, None by kernel); without it there are no position ids and the model
-    attends across documents, as run_clm does."""
+    """Batches packed windows in ``train_common.packed_batch``'s layout (docs/training.md); labels are -100 at
+    every document start. Without ``document_attention`` there are no position ids (as run_clm)."""
 
     document_attention: bool = True
     attn_implementation: str = "sdpa"
@@ -419,13 +354,9 @@ def check_train_file(data_args: DataArguments) -> None:
 
 
 def read_train_documents(data_args: DataArguments, streaming: bool):
-    """The raw documents as a datasets Dataset / IterableDataset with one column ``text``.
-
-    A file is read by ``study_common.read_documents`` rather than ``load_dataset("json"/"csv"/"text")``, whose
-    readers do not name the line of bad JSON, accept CSV rows with missing fields, count blank lines as
-    documents and keep a byte-order mark in the first document."""
+    """The raw documents, one column ``text``. A file is read by ``read_documents``, which names the line of a bad
+    record (``load_dataset``'s readers do not, and count blank lines as documents)."""
     if data_args.train_file:
-        check_train_file(data_args)
         path = Path(data_args.train_file).resolve()
         gen_kwargs = {"path": str(path), "text_column": data_args.text_column}
         if streaming:
@@ -468,7 +399,6 @@ def _documents_of_file(path: str, text_column: str) -> Iterator[dict]:
 
 
 def _filter_kwargs(tokenizer, start_id: int, data_args: DataArguments) -> dict:
-    """``filter_and_tokenize``'s arguments, the same for a map-style dataset and a stream."""
     return {
         "tokenizer": tokenizer,
         "start_id": start_id,
@@ -479,7 +409,6 @@ def _filter_kwargs(tokenizer, start_id: int, data_args: DataArguments) -> dict:
 
 
 def _pack_kwargs(data_args: DataArguments) -> dict:
-    """The ``map`` that packs tokenized documents into windows, for a map-style dataset and a stream."""
     return {
         "function": pack_documents,
         "batched": True,
@@ -496,7 +425,6 @@ def empty_counts() -> dict:
 
 
 def count_documents(stats: dict, out: dict) -> None:
-    """Add what a batch of ``filter_and_tokenize`` output read, dropped and kept to ``stats``."""
     reasons = out["drop_reason"]
     stats["documents_in"] += len(reasons)
     stats["documents_out"] += reasons.count("")
@@ -542,8 +470,7 @@ def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArgum
 
 
 class StreamCounter:
-    """Counts what the streamed pipeline read, inside the lazy map of the process that reads the stream
-    (read-ahead of the data loader included: a few documents more than were trained on)."""
+    """Counts what a stream read, inside its lazy map (the loader's read-ahead included)."""
 
     def __init__(self):
         self.stats = empty_counts()
@@ -632,8 +559,7 @@ def isolation_check_windows(start_id: int, vocab_size: int) -> list[list[list[li
 
 
 def check_isolation(model, collator: PackedBlockCollator, start_id: int, training_args) -> dict:
-    """Document isolation, checked where and how the run trains (training device, kernel, precision, batch
-    layout); a leak stops the run before anything is written."""
+    """Document isolation, checked on the training device, kernel, precision and layout; a leak is refused."""
     attn = model.config._attn_implementation
     isolation = {"enabled": collator.document_attention, "attn_implementation": attn, "layout": collator.layout}
     if not collator.document_attention:
@@ -653,7 +579,6 @@ def check_isolation(model, collator: PackedBlockCollator, start_id: int, trainin
 
 
 def build_model(config, attn_implementation: str, device):
-    """A randomly initialised model of ``config``, with the flash guard on it."""
     try:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     except (ImportError, ValueError) as err:  # e.g. flash_attention_2 without the flash-attn package
@@ -663,10 +588,6 @@ def build_model(config, attn_implementation: str, device):
         "Model %s: %.2fM parameters, vocab %d", config.model_type, model.num_parameters() / 1e6, config.vocab_size
     )
     return model
-
-
-class PretrainTrainer(ModelCardMixin, Trainer):
-    """A Trainer whose model card (also the one pushed to the Hub) records the study's setting."""
 
 
 def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCard:
@@ -704,7 +625,6 @@ def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCa
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """The three argument dataclasses, refused before anything is read or written when they cannot train."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     model_args, data_args, training_args = parse_training_flags(parser, argv)
@@ -715,10 +635,6 @@ def parse_arguments(argv: list[str] | None = None):
     if data_args.block_size < 2:
         raise InputError(f"--block_size {data_args.block_size} is too small; use e.g. 128 or 512.")
     check_attention_implementation_trains_on(model_args.attn_implementation, training_args.device)
-    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
-        # A checkpoint is skipped while the previous upload runs unless this is set (the smoke run's push
-        # lost the last checkpoint this way); a learning curve needs every one.
-        training_args.hub_always_push = True
     return model_args, data_args, training_args
 
 
@@ -741,9 +657,8 @@ def make_collator(model_args: ModelArguments, data_args: DataArguments, training
 
 
 def prepare_data(data_args: DataArguments, training_args, tokenizer, start_id: int):
-    """(windows, data_stats, stream_counter): the main process builds the cache first, the others read it
-    (as run_clm does). A map-style corpus gets its statistics now and is refused when nothing is left;
-    a stream is counted while it trains (``stream_counter``)."""
+    """(windows, data_stats, stream_counter), built by the main process first (as run_clm); a map-style corpus is
+    counted now and refused when nothing is left, a stream while it trains."""
     with training_args.main_process_first(desc="filter, tokenize and pack"):
         raw = read_train_documents(data_args, data_args.streaming)
         if data_args.streaming:
@@ -794,8 +709,7 @@ def run_setting(model_args, data_args, training_args, tokenizer_source, override
 
 
 def distributed_type(trainer: Trainer) -> str:
-    """What the launch really gave: accelerate enables FSDP only on GPU process groups and silently trains
-    plain data-parallel otherwise (e.g. fsdp.yaml on a CPU machine), which is said."""
+    """What the launch gave; accelerate silently trains data-parallel when FSDP is asked without a GPU: said."""
     launched = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(trainer.args.fsdp)
     if fsdp_requested and not trainer.is_fsdp_enabled:
@@ -845,7 +759,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     # 5. The setting, recorded in data_stats.json and in the model card.
     setting = run_setting(model_args, data_args, training_args, tokenizer_source, overrides, model, isolation)
-    trainer = PretrainTrainer(
+    trainer = CardTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

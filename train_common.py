@@ -1,15 +1,8 @@
-"""What the two training scripts (run_pretrain.py, run_cpt.py) share, once.
+"""What the two training scripts (run_pretrain.py, run_cpt.py) share, once: the gloo backend of a CPU launch, the
+batch layout of packed windows per attention kernel and the flash guard, the document-isolation check, the
+flag parsing and resume convention, and the model card of a Trainer run (docs/training.md).
 
-* ``use_cpu_backend_without_gpu``: a multi-process launch on a machine without a GPU trains over gloo;
-* the batch layout of packed windows for each attention implementation (``packed_batch``), and the
-  guard that keeps a flash kernel from ever seeing several rows without sequence boundaries;
-* the document-isolation check each runs on its own model, kernel, device and layout before training
-  (``check_document_isolation``, ``isolation_failure``, ``ISOLATION_TOLERANCE``);
-* one resume convention (``resume_checkpoint``, ``RESUME_HELP``);
-* one way to write, and push, the model card of a Trainer run (``ModelCard``, ``ModelCardMixin``,
-  ``finish_training``).
-
-Needs study_common.py beside it (``InputError``, ``write_card``).
+Needs study_common.py beside it.
 """
 
 from __future__ import annotations
@@ -21,22 +14,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import Trainer
+
 from study_common import InputError, write_card
 
-# --------------------------------------------------------------------------------------
-# Distributed training on CPU (run_pretrain.py, run_cpt.py)
-# --------------------------------------------------------------------------------------
+# ---- Distributed training on CPU
 
 
 def use_cpu_backend_without_gpu() -> bool:
-    """Make a multi-process launch on a machine without a GPU train over gloo on the CPU.
-
-    ``accelerate launch --config_file accelerate_configs/cpu.yaml`` starts its processes through
-    torch.distributed.run but does not pass ``use_cpu`` on; the Trainer then finds no GPU and
-    trains each process alone (world size 1) beside an idle process group. Setting
-    ACCELERATE_USE_CPU before the TrainingArguments are built makes it join the gloo group
-    (world size = number of processes). Call it first thing in main(). Returns True when set.
-    """
+    """Make a multi-process launch without a GPU train over gloo (call before TrainingArguments are built):
+    ``accelerate launch`` does not pass ``use_cpu`` on, and each process would train alone. True when set."""
     import torch
 
     launched_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -46,50 +33,33 @@ def use_cpu_backend_without_gpu() -> bool:
     return False
 
 
-# --------------------------------------------------------------------------------------
-# Packed windows as a batch, per attention implementation (run_pretrain.py, run_cpt.py)
-# --------------------------------------------------------------------------------------
+# ---- Packed windows as a batch, per attention implementation
 
-#: Attention implementations that build the per-document causal mask from position ids that
-#: restart at 0, for a batch of ANY number of rows, when there is no attention_mask and no KV cache
-#: (transformers 5.24 masking_utils: ``_preprocess_mask_arguments`` -> ``find_packed_sequence_indices``).
+#: Kernels whose mask transformers builds per document from restarting position ids, for any number of rows,
+#: without attention_mask and KV cache (masking_utils ``find_packed_sequence_indices``).
 DOCUMENT_MASK_FROM_POSITION_IDS = frozenset({"sdpa", "eager", "flex_attention"})
 
-#: The sequence-boundary kwargs that flash kernels read (transformers 5.24: ``FlashAttentionKwargs``;
-#: ``_flash_attention_forward`` takes the varlen path when all four are given, and
-#: ``prepare_fa_kwargs_from_position_ids`` computes the same four from position ids). Qwen2 passes
-#: them from ``Qwen2ForCausalLM.forward(**kwargs)`` through the model and every decoder layer to
-#: ``Qwen2Attention.forward(**kwargs)`` and on to the attention function.
+#: The sequence-boundary kwargs of flash kernels (``FlashAttentionKwargs``: with all four, the varlen path),
+#: passed by Qwen2 from ``Qwen2ForCausalLM.forward(**kwargs)`` down to the attention function.
 SEQUENCE_BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def is_flash_attention(attn_implementation: str) -> bool:
-    """True for flash kernels (flash_attention_2/3/4, hub kernels such as kernels-community/flash-attn),
-    by the rule transformers itself uses (``utils.generic.is_flash_attention_requested``: "flash" in the name)."""
+    """Flash kernels, by transformers' own rule (``is_flash_attention_requested``: "flash" in the name)."""
     return "flash" in attn_implementation
 
 
 def uses_flattened_layout(attn_implementation: str) -> bool:
-    """Whether packed windows go to the model as one flattened row with sequence boundaries.
-
-    Flash kernels infer document boundaries from position ids only for a batch of ONE row
-    (``modeling_flash_attention_utils._is_packed_sequence`` is False for batch_size != 1): with B
-    rows and no mask they attend across documents. They, and any implementation not known to build
-    the mask from position ids, get the flattened layout, which isolates documents for every kernel.
-    sdpa/eager/flex_attention keep B rows: on one flattened row their dense mask would be (B*L)^2.
-    """
+    """Whether packed windows go to the model as one flattened row with sequence boundaries: flash kernels infer
+    documents from position ids only for one row, so they (and unknown kernels) get it; sdpa/eager/flex_attention
+    keep B rows (on one row their dense mask would be (B*L)^2)."""
     return attn_implementation not in DOCUMENT_MASK_FROM_POSITION_IDS
 
 
 def packed_batch(input_ids, position_ids, labels, attn_implementation: str, *, flatten: bool | None = None) -> dict:
-    """The model's batch for B packed windows (B x L tensors whose position ids restart at 0 at every document
-    and window start; labels -100 there). No attention_mask is ever passed (it would turn the per-document
-    mask off). Layouts (``flatten`` None: by ``uses_flattened_layout``):
-
-    * padded: the three B x L tensors as they are (sdpa, eager, flex_attention);
-    * flattened: the same tokens as one row of B*L, every run of restarting positions a sequence of
-      transformers' ``DataCollatorWithFlattening`` (``cu_seq_lens_q/k``, ``max_length_q/k``).
-    """
+    """The model's batch for B packed windows (B x L, position ids restarting at every document), never with an
+    attention_mask: padded (the B rows) or flattened (one row of B*L with ``DataCollatorWithFlattening``'s
+    sequence boundaries); ``flatten`` None: by ``uses_flattened_layout``."""
     if flatten is None:
         flatten = uses_flattened_layout(attn_implementation)
     if not flatten:
@@ -106,8 +76,7 @@ def packed_batch(input_ids, position_ids, labels, attn_implementation: str, *, f
 
 
 def check_attention_implementation_trains_on(attn_implementation: str, device) -> None:
-    """Refuse, before anything is read or written, a kernel that cannot train on a CPU: flex_attention
-    has no backward on CPU (torch 2.13) and flash kernels need a GPU (run_pretrain.py, run_cpt.py)."""
+    """Refuse a kernel that cannot train on the CPU (flex_attention has no backward there; flash needs a GPU)."""
     if device.type == "cpu" and (attn_implementation == "flex_attention" or is_flash_attention(attn_implementation)):
         why = "has no backward on CPU" if attn_implementation == "flex_attention" else "needs a GPU"
         raise InputError(
@@ -124,8 +93,8 @@ def autocast_dtype(training_args):
 
 
 def check_flash_batch(batch: dict, attn_implementation: str) -> None:
-    """The guard: a ValueError when a batch of B > 1 rows without sequence boundaries would reach a
-    flash kernel, which would then attend across the documents of each row. Shapes only: no device sync."""
+    """ValueError when B > 1 rows without sequence boundaries would reach a flash kernel (which would attend
+    across documents). Shapes only: no device sync."""
     tokens = batch.get("input_ids") if batch.get("input_ids") is not None else batch.get("inputs_embeds")
     rows = 0 if tokens is None else tokens.shape[0]
     missing = [key for key in SEQUENCE_BOUNDARY_KEYS if batch.get(key) is None]
@@ -138,8 +107,7 @@ def check_flash_batch(batch: dict, attn_implementation: str) -> None:
 
 
 def guard_flash_attention_inputs(model) -> None:
-    """Run ``check_flash_batch`` on every call of ``model`` (a forward pre-hook), so that no batch,
-    from whatever collator, reaches its flash kernel with several rows and no sequence boundaries."""
+    """``check_flash_batch`` on every call of ``model`` (a forward pre-hook), whatever the collator."""
 
     def guard(module, args, kwargs):
         inputs = {"input_ids": args[0], **kwargs} if args else kwargs  # model(input_ids, ...) or model(**batch)
@@ -148,9 +116,7 @@ def guard_flash_attention_inputs(model) -> None:
     model.register_forward_pre_hook(guard, with_kwargs=True)
 
 
-# --------------------------------------------------------------------------------------
-# Document isolation, checked on the run's own model before training (run_pretrain.py, run_cpt.py)
-# --------------------------------------------------------------------------------------
+# ---- Document isolation, checked on the run's own model before training
 
 #: Largest logit difference that counts as rounding, not as attention across documents.
 ISOLATION_TOLERANCE = 1e-4
@@ -162,8 +128,7 @@ def batch_layout(attn_implementation: str, flatten: bool | None = None) -> str:
 
 
 def _window_features(window) -> dict:
-    """``input_ids``, ``position_ids`` (restarting at every document) and ``labels`` of a window given as
-    documents of segments (token ids, each segment opening with the start token)."""
+    """Features of a window of documents of segments (each segment opening with the start token)."""
     input_ids, position_ids, labels = [], [], []
     for document in window:
         start = len(input_ids)
@@ -217,20 +182,12 @@ def _isolation_diffs(model, collator, windows, autocast) -> tuple[float, float, 
 
 
 def check_document_isolation(model, collator: Callable[[list[dict]], dict], windows, *, autocast_dtype=None) -> dict:
-    """Does attention stay inside each document, with this model's device, kernel and batch layout?
+    """Does attention stay inside each document with this model's device, kernel, precision and batch layout?
 
-    ``windows``: B >= 2 windows batched together, each a list of documents, each a list of segments (token
-    ids, the first the start token); ``collator``: the run's training collator, run under autocast to
-    ``autocast_dtype`` when given. For every document (docs/training.md):
-
-    * ``max_logit_diff_packed_vs_alone``: in the batch vs. alone; judged in float32 only (16-bit rounds
-      other matrix shapes differently);
-    * ``max_logit_diff_other_documents_changed``: vs. itself in a batch whose other documents hold other
-      tokens (same lengths and shapes): any difference crossed from another document.
-
-    ``holds``: neither (where judged) is above ``ISOLATION_TOLERANCE``. A kernel that fails to run raises an
-    InputError naming it and the device.
-    """
+    ``windows``: B >= 2 windows, each a list of documents of segments, batched by the run's ``collator``. Every
+    document's logits are compared with it alone (judged in float32 only) and with the other documents changed
+    (docs/training.md); ``holds``: neither is above ``ISOLATION_TOLERANCE``. A kernel that fails to run raises
+    an InputError."""
     import torch
 
     kernel = model.config._attn_implementation
@@ -281,9 +238,7 @@ def isolation_failure(result: dict) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------
-# Resuming a training run (run_pretrain.py, run_cpt.py)
-# --------------------------------------------------------------------------------------
+# ---- Resuming a training run
 
 #: --resume_from_checkpoint values that mean "the last checkpoint-N in --output_dir".
 RESUME_LAST = ("true", "latest", "last")
@@ -294,32 +249,28 @@ RESUME_HELP = (
 )
 
 
-def document_resume_flag(parser) -> None:
-    """Put ``RESUME_HELP`` on the --resume_from_checkpoint of an HfArgumentParser (--help shows it)."""
+def parse_training_flags(parser, argv: list[str] | None) -> tuple:
+    """A training script's argument dataclasses, from its flags or one .json file (as run_clm.py); the
+    TrainingArguments' own refusals become InputErrors. --help shows RESUME_HELP."""
     for action in parser._actions:
         if action.dest == "resume_from_checkpoint":
             action.help = RESUME_HELP
-
-
-def parse_training_flags(parser, argv: list[str] | None) -> tuple:
-    """A training script's argument dataclasses, from its flags or from one .json file (as run_clm.py). The
-    checks TrainingArguments makes of its own flags (e.g. --load_best_model_at_end without evaluation) are the
-    user's to fix: InputError, exit 2, with transformers' message. --help shows RESUME_HELP."""
-    document_resume_flag(parser)
     argv = sys.argv[1:] if argv is None else argv
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
+            args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        else:
+            args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:
         raise InputError(" ".join(str(err).split())) from err
+    training_args = args[-1]
+    if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
+        training_args.hub_always_push = True  # else a checkpoint is skipped while the previous one uploads
+    return args
 
 
 def resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
-    """The checkpoint a training run resumes from (None: it starts afresh), by ``RESUME_HELP``'s rule.
-
-    InputError for a folder that does not exist, for ``latest`` without a checkpoint, and for an
-    ``output_dir`` that holds a checkpoint when no --resume_from_checkpoint is given."""
+    """The checkpoint a run resumes from (None: afresh), by ``RESUME_HELP``'s rule; anything else is refused."""
     from transformers.trainer_utils import get_last_checkpoint
 
     output_dir = Path(output_dir)
@@ -340,15 +291,12 @@ def resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.P
     return str(resume_from_checkpoint)
 
 
-# --------------------------------------------------------------------------------------
-# The model card of a Trainer run
-# --------------------------------------------------------------------------------------
+# ---- The model card of a Trainer run
 
 
 @dataclass
 class ModelCard:
-    """A run's model card: ``write_card``'s title, summary, setting and tags, and ``progress``, the rows
-    that depend on the optimizer steps done when it is written (e.g. tokens seen)."""
+    """A run's model card (``write_card``'s arguments); ``progress``: rows that depend on the steps done."""
 
     title: str
     summary: str
@@ -357,10 +305,8 @@ class ModelCard:
     progress: Callable[[int], dict] | None = None
 
 
-class ModelCardMixin:
-    """Mix into a Trainer (``class T(ModelCardMixin, Trainer)``) and set ``model_card``: the card that
-    ``create_model_card`` writes into --output_dir is then the study's, on the main process. Trainer's
-    ``push_to_hub`` writes it just before it uploads the folder, so the card on the Hub is the same."""
+class CardTrainer(Trainer):
+    """A Trainer whose ``create_model_card`` (also called by ``push_to_hub``) writes the study's ``model_card``."""
 
     model_card: ModelCard | None = None
 
@@ -373,8 +319,7 @@ class ModelCardMixin:
 
 
 def finish_training(trainer, metrics: dict, commit_message: str) -> None:
-    """The end of a training run (run_pretrain.py, run_cpt.py): the metrics and the trainer state saved,
-    then the model card written; under --push_to_hub the folder is pushed with it."""
+    """Save the metrics and the trainer state, then write the model card (or push the folder with it)."""
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
