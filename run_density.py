@@ -1089,49 +1089,35 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table whose first two columns are names and the others numbers (right-aligned)."""
+    rule = ["---"] * 2 + ["---:"] * (len(header) - 2)
+    return [f"| {' | '.join(map(str, cells))} |" for cells in (header, rule, *rows)]
+
+
 def markdown_report(table: list[dict], analysis: dict | None, skipped_pairs: list[dict], top_k: int, judge: str) -> str:
-    lines = [
-        "# Cultural density",
-        "",
-        f"Occurrences: top-{top_k} BM25 documents per question judged to contain its fact ({judge} judge), "
-        "so each question counts at most top-k. Density = occurrences / documents.",
-        "",
-        "| corpus | questions | documents | items | occurrences | density |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['corpus']} | {r['questions']} | {r['documents']:,} | {r['items']} | {r['occurrences']:,} | "
-        f"{r['density']:.2e} |"
-        for r in table
-    ]
+    lines = ["# Cultural density", "", f"Occurrences: top-{top_k} BM25 documents per question judged to contain its "
+             f"fact ({judge} judge). Density = occurrences / documents.", ""]  # fmt: skip
+    lines += _markdown_table(
+        ["corpus", "questions", "documents", "items", "occurrences", "density"],
+        [[r["corpus"], r["questions"], f"{r['documents']:,}", r["items"], f"{r['occurrences']:,}",
+          f"{r['density']:.2e}"] for r in table],
+    )  # fmt: skip
     lines += [f"\nNot measured: {p['questions']} on {p['corpus']} ({p['reason']})." for p in skipped_pairs]
-    if not analysis:
-        return "\n".join(lines) + "\n"
-    lines += [
-        "",
-        "## Instance-level analysis",
-        "",
-        "Transferred = right with bridges and wrong without. Mean occurrences in the source corpus.",
-        "",
-        "Gap slope: least-squares slope of the per-item gap (right with bridges minus right without) on "
-        "log(1 + occurrences), with a 95% bootstrap interval over items.",
-        "",
-        "| questions | source corpus | items | transferred | mean occ. transferred | mean occ. all | mean occ. others "
-        "| gap slope [95% CI] |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in analysis["results"]:
-        fit = r["gap_vs_log_occurrences"]
-        slope = (
-            f"{fit['slope']:+.3f} [{fit['slope_ci'][0]:+.3f}, {fit['slope_ci'][1]:+.3f}]" if fit["slope_ci"] else "–"
-        )
-        lines.append(
-            f"| {r['questions']} | {r['source_corpus']} ({r['occurrences_from']}) | {r['items']} | "
-            f"{r['transferred']} | {_fmt(r['mean_occurrences_transferred'], '.2f')} | "
-            f"{_fmt(r['mean_occurrences_all'], '.2f')} | {_fmt(r['mean_occurrences_not_transferred'], '.2f')} "
-            f"| {slope} |"
-        )
-    lines += [f"\nNot analysed: {s['questions']} ({s['reason']})." for s in analysis["skipped"]]
+    if analysis:
+        lines += ["", "## Instance-level analysis", "", "Transferred = right with bridges and wrong without.", ""]
+        rows = []
+        for r in analysis["results"]:
+            fit = r["gap_vs_log_occurrences"]
+            low, high = fit["slope_ci"] or (None, None)
+            means = [_fmt(r[f"mean_occurrences_{k}"], ".2f") for k in ("transferred", "all", "not_transferred")]
+            slope = f"{fit['slope']:+.3f} [{low:+.3f}, {high:+.3f}]" if low is not None else "–"
+            rows.append([r["questions"], f"{r['source_corpus']} ({r['occurrences_from']})", r["items"],
+                         r["transferred"], *means, slope])  # fmt: skip
+        header = ["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all",
+                  "mean occ. others", "gap slope on log(1 + occ.) [95% CI]"]  # fmt: skip
+        lines += _markdown_table(header, rows)
+        lines += [f"\nNot analysed: {s['questions']} ({s['reason']})." for s in analysis["skipped"]]
     return "\n".join(lines) + "\n"
 
 
