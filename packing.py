@@ -1,21 +1,19 @@
 """Bridge-aware packing: parallel pairs kept in one context window (bridges), or never (no bridges).
 
-Needs only the standard library, numpy and torch. A *unit* is one record of the data: a parallel pair (two
-segments, first side then second side) or a text (one or more segments of at most ``block_size`` tokens).
-A *segment* is ``[start] + tokens``. The settings group the same segments into *documents* (runs of tokens
-that attend only to themselves) in their own way:
+Needs only the standard library, numpy and torch. A *unit* is a parallel pair (two segments) or a text (one or
+more segments); a *segment* is ``[start] + tokens``. The settings group the same segments into *documents*
+(runs of tokens that attend only to themselves) in their own way:
 
 - ``bridges``: a pair is one document, its second half attending to its first;
 - ``no_bridges``: each half is a document of its own, and the two halves never share a window;
 - ``mismatched_bridges`` (the control): each pair's first half is one document with the second half of
   another pair (``mismatched_partners``), so no pair's halves meet.
 
-``plan_packing`` packs every setting over the same prefix of a seeded, pass-after-pass shuffled stream into
-exactly ``steps x windows_per_step`` windows each: the settings see the same segments, tokens, windows and
-steps. ``BridgePackingCollator`` turns a planned window into model inputs: position ids restart at every
-document, labels are -100 at every segment start and on padding, and there is no attention mask, so
-transformers builds a block-diagonal causal mask from the position ids. ``audit_windows`` measures a planned
-setting from those features and ``plan_guarantees`` names every guarantee a plan breaks.
+``plan_packing`` packs every setting over the same prefix of a seeded shuffled stream into exactly ``steps x
+windows_per_step`` windows each. ``BridgePackingCollator`` turns a window into model inputs (position ids restart
+at every document, labels -100 at segment starts and padding, no attention mask: transformers builds the
+per-document causal mask from the position ids). ``audit_windows`` measures a planned setting from those
+features and ``plan_guarantees`` names every guarantee a plan breaks.
 
 Example: a pair whose halves are the segments ``S e1 e2 e3`` and ``S t1 t2`` and a text ``S x1 x2 x3 x4``
 (start token ``S`` = 1, padding ``P`` = 0, ``e1`` = 11, ...). With bridges one window of 12 holds both::
@@ -69,11 +67,8 @@ SETTINGS = ("bridges", "no_bridges", "mismatched_bridges")
 
 
 class PackingUnit(NamedTuple):
-    """One record of the data, as the packer sees it.
-
-    ``key``: unique within one pass (e.g. the dataset row). ``segment_lengths``: tokens of each segment.
-    ``is_pair``: a parallel pair (exactly two segments). ``group``: pairs get mismatched partners only within
-    their group (run_cpt.py: the pair's first side, so that partners are an English and a target half)."""
+    """One record of the data: ``key`` unique within a pass, the tokens of each segment, whether it is a pair
+    (two segments), and the ``group`` within which pairs get mismatched partners (run_cpt.py: the first side)."""
 
     key: object
     segment_lengths: tuple[int, ...]
@@ -82,8 +77,7 @@ class PackingUnit(NamedTuple):
 
 
 class Segment(NamedTuple):
-    """Segment ``part`` of unit ``key`` in data pass ``data_pass``. A planned window is a list of documents,
-    each a tuple of segments."""
+    """Segment ``part`` of unit ``key`` in pass ``data_pass``; a window is a list of documents of segments."""
 
     data_pass: int
     key: object
@@ -96,8 +90,7 @@ class Segment(NamedTuple):
 
 
 class Document(NamedTuple):
-    """A document to place: its tokens, its segments, and the pairs with a half in it (no other half of
-    those pairs may share its window)."""
+    """A document to place: its tokens, segments, and the pairs with a half in it (whose other halves it avoids)."""
 
     length: int
     segments: tuple[Segment, ...]
@@ -128,12 +121,9 @@ def mismatched_partners(cycle: list[PackingUnit]) -> list[PackingUnit]:
 
 
 class SettingDocuments:
-    """The documents of one setting, unit after unit of the stream.
-
-    With mismatched bridges, pairs wait per pass and ``group`` until two have come (three at the end of a
-    pass over an odd number: ``group_sizes`` counts the pairs per group in one pass); then each pair's first
-    segment and its partner's second form one document. ``waiting``: a pair waits (a plan may not end there);
-    ``partners``: pair key -> the key of the pair whose second segment it got."""
+    """The documents of one setting, unit after unit of the stream. With mismatched bridges, pairs wait per pass
+    and ``group`` until two have come (three at the end of an odd pass: ``group_sizes``); ``partners``: pair key
+    -> the key of the pair whose second segment it got."""
 
     def __init__(self, setting: str, group_sizes: Counter):
         if setting not in SETTINGS:
@@ -171,8 +161,7 @@ def pair_group_sizes(units: Iterable[PackingUnit]) -> Counter:
 
 
 def mismatched_unavailable(units: Sequence[PackingUnit], block_size: int) -> str | None:
-    """Why ``units`` cannot have mismatched bridges (None: they can): every group needs two pairs, and any
-    first segment of a group must fit one window with any second."""
+    """Why ``units`` cannot have mismatched bridges (None: they can): a group of one pair, or halves too long."""
     if not any(unit.is_pair for unit in units):
         return "no parallel pair"
     for group in pair_group_sizes(units):
@@ -197,17 +186,11 @@ class _OpenWindow:
 
 
 class _BestFit:
-    """Online best fit over at most ``max_open`` open windows.
-
-    A document goes into the open window with the least free space that still fits it (ties: the earliest
-    opened) and holds no other half of its pairs; else a new window opens, after closing the fullest one if
-    ``max_open`` are open. An exactly full window closes at once. ``keep_windows=False`` only counts."""
+    """Online best fit over at most ``max_open`` open windows: a document goes into the fitting window with the
+    least free space (ties: the earliest) that holds no other half of its pairs, else into a new one (the fullest
+    closed first when ``max_open`` are open). ``keep_windows=False`` only counts."""
 
     def __init__(self, block_size: int, max_open: int, keep_windows: bool = True):
-        if block_size < 2:
-            raise ValueError(f"block_size must be at least 2, got {block_size}")
-        if max_open < 1:
-            raise ValueError(f"max_open_windows must be at least 1, got {max_open}")
         self.block_size, self.max_open, self.keep_windows = block_size, max_open, keep_windows
         self.closed: list[list[tuple[Segment, ...]]] = []
         self.closed_count = 0
@@ -264,8 +247,7 @@ def pack(
     max_open_windows: int = 64,
     group_sizes: Counter | None = None,
 ) -> list[list[tuple[Segment, ...]]]:
-    """One setting's windows for the stream ``units`` (keys ``(pass, key)``: ``shuffled``), in order;
-    ``group_sizes``: pairs per group in one pass (default: those of ``units``)."""
+    """One setting's windows for the stream ``units`` (keys ``(pass, key)``: ``shuffled``), in order."""
     documents = SettingDocuments(setting, group_sizes if group_sizes is not None else pair_group_sizes(units))
     packer = _BestFit(block_size, max_open_windows)
     for unit in units:
@@ -290,8 +272,8 @@ def _stream(units: Sequence[PackingUnit], seed: int) -> Iterator[PackingUnit]:
 
 
 def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0) -> list[list[tuple]]:
-    """Split windows (the one with the most documents first, halving it) until there are ``target``; when
-    every window holds one document, up to ``max_empty_windows`` empty windows (all padding) are appended."""
+    """Halve the window with the most documents until there are ``target``; when every window holds one
+    document, up to ``max_empty_windows`` empty (all-padding) windows are appended."""
     if len(windows) > target:
         raise ValueError(f"cannot split {len(windows)} windows down to {target}")
     pieces = {(i, 0): list(window) for i, window in enumerate(windows)}
@@ -318,8 +300,7 @@ def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0
 
 @dataclass
 class SettingPlan:
-    """One setting's ``steps x windows_per_step`` windows, how many the packer made before ``split_to``
-    equalized the settings, and (mismatched bridges) each pair's planned partner."""
+    """One setting's windows, how many the packer made before ``split_to``, and (mismatched) the partners."""
 
     windows: list[list[tuple[Segment, ...]]]
     packer_windows: int
@@ -328,11 +309,8 @@ class SettingPlan:
 
 @dataclass
 class PackingPlan:
-    """The settings' windows over the same prefix of the stream (``plan_packing``).
-
-    ``units_seen``: length of the prefix; ``passes``: passes it touches; ``seen``: the ``(pass, key)`` of its
-    units; ``steps`` <= ``requested_steps``: the steps every setting fills. ``mismatched_bridges`` is None when
-    the data cannot have it (``mismatched_unavailable`` says why)."""
+    """The settings' windows over the same prefix of the stream (``units_seen`` units, ``seen`` their keys);
+    ``mismatched_bridges`` is None when the data cannot have it (``mismatched_unavailable`` says why)."""
 
     steps: int
     requested_steps: int
@@ -345,9 +323,6 @@ class PackingPlan:
     mismatched_bridges: SettingPlan | None = None
     mismatched_unavailable: str | None = None
 
-    def setting(self, name: str) -> SettingPlan:
-        return self.settings[name]
-
     @property
     def settings(self) -> dict[str, SettingPlan]:
         """The planned settings by name."""
@@ -355,8 +330,7 @@ class PackingPlan:
 
 
 class _PrefixNeeds(NamedTuple):
-    """After each prefix of P units (index P): windows the hungriest setting needs, documents with bridges
-    (never more than without), and whether no pair waits for its mismatched partner."""
+    """After each prefix of P units: windows the hungriest setting needs, bridged documents, no pair waiting."""
 
     windows: list[int]
     bridge_documents: list[int]
@@ -364,8 +338,7 @@ class _PrefixNeeds(NamedTuple):
 
 
 def _prefix_needs(units, seed, names, group_sizes, block_size, max_open_windows, limit, budget) -> _PrefixNeeds:
-    """Run every setting's packer side by side over the stream, counting windows after each unit, until
-    ``limit`` units or more than ``budget`` windows."""
+    """Every setting's packer side by side over the stream, counting windows, to ``limit`` units or ``budget``."""
     documents = {name: SettingDocuments(name, group_sizes) for name in names}
     counters = {name: _BestFit(block_size, max_open_windows, keep_windows=False) for name in names}
     needs = _PrefixNeeds([0], [0], [True])
@@ -384,8 +357,8 @@ def _prefix_needs(units, seed, names, group_sizes, block_size, max_open_windows,
 
 
 def _longest_prefix(needs: _PrefixNeeds, budget: int, windows_per_step: int, max_empty_windows: int):
-    """(prefix, target): the longest prefix every setting packs into ``target`` windows, with at least
-    ``target - max_empty_windows`` documents; ``target`` is lowered by whole steps until there is one."""
+    """(prefix, target): the longest prefix every setting packs into ``target`` windows, ``target`` lowered by
+    whole steps until the prefix has enough documents."""
     target = budget
     while True:
         prefix = bisect.bisect_right(needs.windows, target) - 1
@@ -414,15 +387,12 @@ def plan_packing(
 ) -> PackingPlan:
     """Every setting over the same documents, ``T = steps x windows_per_step`` windows each.
 
-    Cutting each setting's windows at the step budget would leave the settings different documents (bridged
-    documents pack less densely); instead the plan takes the longest prefix of the stream that every setting
-    packs into ``T`` windows (and where no pair waits for its mismatched partner), then splits each setting's
-    windows (``split_to``) until all have exactly ``T``. Fewer than ``T`` documents (``T - max_empty_windows``,
-    the rest all-padding windows) lower the steps. With ``num_epochs`` the prefix is at most
-    ``ceil(num_epochs x units)`` units and ``T`` rounds up to whole steps. Mismatched bridges are planned
-    whenever the data allows, whichever setting runs, so the three runs of a seed share one plan. ``T`` is a
-    whole number of global batches, so one epoch of a Trainer reads each planned window exactly once.
-    """
+    Cutting each setting at the step budget would leave them different documents (bridged documents pack less
+    densely); instead the plan takes the longest prefix of the stream that every setting packs into ``T``
+    windows, then splits each setting's windows (``split_to``) to exactly ``T``; too few documents lower the
+    steps. With ``num_epochs`` the prefix is at most ``ceil(num_epochs x units)``. Mismatched bridges are planned
+    whenever the data allows, so the three runs of a seed share one plan. ``T`` is a whole number of global
+    batches: one Trainer epoch reads each window exactly once."""
     if (max_steps is None) == (num_epochs is None):
         raise ValueError("give exactly one of max_steps and num_epochs")
     if not units:
@@ -461,14 +431,10 @@ def plan_packing(
 
 
 class BridgePackingCollator:
-    """Planned windows -> model inputs with document-isolated attention (B rows of ``block_size``).
-
-    ``window_features``: a window's ``input_ids``, ``position_ids`` (restarting at 0 at each document, and
-    continuing through a pair document) and ``labels`` (-100 at every segment start). ``__call__`` pads each
-    window to ``block_size`` with ``pad_token_id``, label -100 and restarting positions (padding is a sequence
-    of its own) and passes no ``attention_mask``: with no KV cache, transformers builds the per-document
-    causal mask from the position ids (sdpa, eager, flex_attention). Flash kernels need one flattened row
-    with sequence boundaries instead (run_cpt.py: ``train_common.packed_batch``)."""
+    """Planned windows -> B rows of ``block_size`` with document-isolated attention: position ids restart at
+    each document, labels are -100 at segment starts, padding is a sequence of its own, and there is no
+    ``attention_mask`` (transformers builds the per-document mask from the position ids; flash kernels need
+    ``train_common.packed_batch``'s flattened row)."""
 
     def __init__(self, block_size: int, pad_token_id: int):
         if block_size < 2:
@@ -528,9 +494,8 @@ def audit_windows(
     vocab_size: int,
     partners: dict | None = None,
 ) -> dict:
-    """One setting's windows measured from their features: counts, pair co-location, multiset hashes (of
-    segments, tokens, targets, and of the units seen by ``unit_names`` and count) and, with ``partners``
-    (mismatched bridges), whether each pair shares one document with its planned partner."""
+    """One setting's windows measured from their features: counts, pair co-location, multiset hashes (segments,
+    tokens, targets, units seen) and, with ``partners``, whether each pair is one document with its partner."""
     units = {unit.key: unit for unit in units}
     token_counts, target_counts = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, np.int64)
     digests, seen, places, pending = [], Counter(), {}, []
@@ -593,8 +558,7 @@ def _one_document(first, second) -> bool:
 
 
 def _mismatched_pairs(partners: dict, places: dict, units: dict) -> dict:
-    """Each pair's first half with its planned partner's second half: one document, another pair of the same
-    group (a derangement), each half once."""
+    """Each pair's first half with its partner's second: one document, another pair of its group, each half once."""
     halves = [(places.get(a, [None])[0], places.get(b, [None, None])[1]) for a, b in partners.items()]
     together = sum(1 for first, second in halves if first and second and first[0] == second[0])
     return {
@@ -609,8 +573,7 @@ def _mismatched_pairs(partners: dict, places: dict, units: dict) -> dict:
 
 
 def compare_settings(audits: dict[str, dict], setting: str) -> tuple[dict, dict, dict]:
-    """(``setting``'s audit, the others' by name, whether each hash, the windows and the real tokens are equal
-    in all)."""
+    """(``setting``'s audit, the others', whether each hash, the windows and the real tokens are equal in all)."""
     others = {name: audit for name, audit in audits.items() if name != setting}
     mine = audits[setting]
     equal = {name.removesuffix("_sha256"): all(other["hashes"][name] == value for other in others.values())
@@ -621,8 +584,8 @@ def compare_settings(audits: dict[str, dict], setting: str) -> tuple[dict, dict,
 
 
 def plan_guarantees(mine: dict, others: dict, equal: dict, setting: str, block_size: int) -> tuple[list, list]:
-    """(broken, unchecked): the packing guarantees that ``setting``'s audit (``mine``), the other settings' and
-    their comparison break, and those that could not be checked (never to be counted as holding)."""
+    """(broken, unchecked): the guarantees the audits and their comparison break, and those that could not be
+    checked (never counted as holding)."""
     broken, unchecked = [], []
     for name, audit in {setting: mine, **others}.items():
         where = f"{name} (this run)" if name == setting else name

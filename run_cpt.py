@@ -508,7 +508,7 @@ def measure_settings(plan: PackingPlan, data: CPTData, collator, setting: str, v
 def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_args, *, vocab_size: int) -> dict:
     """packing_audit.json before training: every planned setting measured, compared with this run's, and the
     run's ``cpt_setting`` (what a checkpoint must match to be resumed)."""
-    setting, planned = cpt_args.setting, plan.setting(cpt_args.setting)
+    setting, planned = cpt_args.setting, plan.settings[cpt_args.setting]
     mine, others, equal = measure_settings(plan, data, collator, setting, vocab_size)
     cpt_setting = {
         "lang": cpt_args.lang,
@@ -561,7 +561,7 @@ def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_a
             "mismatched_bridges_unavailable": plan.mismatched_unavailable,
         },
         **mine,
-        "other_settings": {name: {**other, "packer_windows": plan.setting(name).packer_windows}
+        "other_settings": {name: {**other, "packer_windows": plan.settings[name].packer_windows}
                            for name, other in others.items()},
         "equal_across_settings": equal,
     }  # fmt: skip
@@ -772,7 +772,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. The plan: every setting over the same documents, audited; a checkpoint must be of this very plan.
     plan = plan_run(data, cpt_args, training_args)
-    windows = plan.setting(cpt_args.setting).windows
+    windows = plan.settings[cpt_args.setting].windows
     vocab_size = max(len(tokenizer), model.config.vocab_size)
     audit = build_audit(plan, data, collator, cpt_args, training_args, vocab_size=vocab_size)
     if checkpoint:

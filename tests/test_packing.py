@@ -368,7 +368,7 @@ def test_each_document_in_a_collated_window_has_the_logits_it_has_alone(tiny_mod
     plan = plan_packing(units, block_size=64, windows_per_step=2, seed=0, num_epochs=1)
     for setting in SETTINGS:
         collator = BridgePackingCollator(64, pad_token_id=1)
-        windows = plan.setting(setting).windows
+        windows = plan.settings[setting].windows
         assert any(len(window) >= 2 for window in windows)  # neighbours a leak would come from
         batch = collator([collator.window_features(window, tokens) for window in windows])
         packed_rows = logits(batch["input_ids"], batch["position_ids"])  # all windows in one batch

@@ -688,7 +688,7 @@ def cpt_plan(tmp_path_factory, tiny_model_dir):
 
 def cpt_features(cpt_plan, setting="bridges", n_windows=3):
     collator = packing.BridgePackingCollator(64, 1)
-    windows = cpt_plan["plan"].setting(setting).windows[:n_windows]
+    windows = cpt_plan["plan"].settings[setting].windows[:n_windows]
     return [collator.window_features(window, cpt_plan["data"].store.segment_tokens) for window in windows]
 
 

@@ -96,7 +96,7 @@ def test_command_contract_on_a_run_pretrain_base(tmp_path):
     # The runs' plan (10 steps of 4 windows of 128, seed 42), read by the independent checker.
     plan, tokenized = planned(data, base, block_size=128, per_step=4, max_steps=10, seed=42)
     pad_id = AutoTokenizer.from_pretrained(base).pad_token_id
-    checked = {name: check_windows(model_windows(plan.setting(name).windows, tokenized, 128, pad_id), data, base, 128,
+    checked = {name: check_windows(model_windows(plan.settings[name].windows, tokenized, 128, pad_id), data, base, 128,
                                    name) for name in audits}  # fmt: skip
     assert checked["bridges"]["segments"] == checked["no_bridges"]["segments"]
     assert checked["bridges"]["windows"] == checked["no_bridges"]["windows"] == audits["bridges"]["windows"] == 40
