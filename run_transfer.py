@@ -58,6 +58,8 @@ KNOWLEDGE_CONTRASTS = {
     "en->X": {"often_tier": "high", "never_tier": "absent"},  # X questions; source corpus English
     "X->en": {"often_tier": "high", "never_tier": "en_only"},  # English questions; source corpus X
 }
+#: The tiers of facts (synthetic_world.TIERS) in the order tables show them.
+TIER_ORDER = ("high", "low", "absent", "en_only")
 
 
 def min_bootstrap(confidence: float) -> int:
@@ -632,7 +634,7 @@ def _final_diagnostics(runs: list[RunResults]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------
-# Outputs: transfer.md and the figures
+# Outputs: transfer.md (the one rendering of transfer.json, the study report's included) and the figures
 # --------------------------------------------------------------------------------------
 
 
@@ -640,35 +642,119 @@ def _fmt_ci(value: float, ci) -> str:
     return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+def _gap(stats: dict) -> str:
+    return _fmt_ci(stats["mean_gap"], stats["mean_gap_ci"])
+
+
+def verdict_cell(verdict: str) -> str:
+    return f"**{verdict}**" if verdict == "undetermined" else verdict
+
+
 def _table(header: list[str], rows) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    cells = [[str(c).replace("|", "\\|") for c in row] for row in [header, *rows]]
+    return [
+        "| " + " | ".join(cells[0]) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in cells[1:]),
+    ]
 
 
-def _directions(result: dict, key: str | None = None) -> list[tuple[dict, dict]]:
+def transfer_directions(result: dict, key: str | None = None) -> list[tuple[dict, dict]]:
     """(language, direction) of every direction (that has ``key``)."""
     return [(lang, d) for lang in result["languages"] for d in lang["directions"] if key is None or key in d]
 
 
-def transfer_markdown(result: dict) -> str:
-    sections = (_main_markdown, _comparability_markdown, _tiers_markdown, _mismatched_markdown, _tie_rules_markdown,
-                _per_seed_markdown, _per_step_markdown, _diagnostic_markdown, _caution_markdown)  # fmt: skip
-    return "\n".join(line for section in sections for line in section(result))
+def direction_words(direction: str, lang: str) -> str:
+    if direction.startswith("en->"):
+        return f"English → {lang} ({lang} questions)"
+    return f"{lang} → English (English questions)"
+
+
+UNDETERMINED_TEXT = (
+    "**undetermined**: the estimate lies outside its own 95% interval (too few bootstrap resamples to place it), so "
+    "no conclusion rests on it; rerun the analysis with a larger `--n_bootstrap`."
+)
+
+
+def knowledge_sentence(lang: str, d: dict) -> str:
+    """Knowledge or skill in one sentence, from the difference-in-differences and the never-stated tier's gap."""
+    k, direction = d["knowledge_transfer"], d["direction"]
+    source, destination = ("English", lang) if direction.startswith("en->") else (lang, "English")
+    head = direction_words(direction, lang)
+    skill = f"{_fmt_ci(k['skill_mean_gap'], k['skill_mean_gap_ci'])} on facts {source} never states ({k['never_tier']})"
+    difference = (f"difference-in-differences ({k['often_tier']} − {k['never_tier']}) "
+                  f"{_fmt_ci(k['mean_did'], k['mean_did_ci'])}")  # fmt: skip
+    verdicts = (k["verdict"], k["skill_verdict"])
+    if "undetermined" in verdicts:
+        which = " and ".join(w for w, v in zip(("the difference", "the skill gap"), verdicts) if v == "undetermined")
+        return (f"{head}: undetermined: {which} lies outside its own interval (too few bootstrap resamples), so "
+                f"neither knowledge nor skill is read from it: {difference}; gap {skill}.")  # fmt: skip
+    if k["verdict"] == "transfer":
+        beside = {"transfer": f"bridges also helped learning {destination} (skill): {skill}",
+                  "no evidence": f"no evidence of a skill part: {skill}",
+                  "reverse": f"bridges slowed learning {destination} on the rest: {skill}"}  # fmt: skip
+        return (f"{head}: knowledge crossed from {source}: the gap on facts {source} states often exceeds the gap on "
+                f"facts it never states, {difference} excludes 0; {beside[k['skill_verdict']]}.")  # fmt: skip
+    if k["verdict"] == "reverse":
+        return (f"{head}: no knowledge crossing: the gap is smaller on facts {source} states often than on facts it "
+                f"never states, {difference} lies below 0; gap {skill}.")  # fmt: skip
+    if k["skill_verdict"] == "transfer":
+        return (f"{head}: the gap is skill, not knowledge: {skill}, {difference} includes 0 (no evidence of knowledge "
+                f"from {source}; the interval allows up to {k['mean_did_ci'][1]:+.3f}).")  # fmt: skip
+    if k["skill_verdict"] == "reverse":
+        return (f"{head}: bridges slowed learning {destination}: {skill}; no evidence of knowledge from {source}: "
+                f"{difference} includes 0.")  # fmt: skip
+    return f"{head}: neither knowledge nor skill shown: {difference} and gap {skill} both include 0."
+
+
+#: What bridges − mismatched and mismatched − none say, by verdict.
+MISMATCHED_WORDS = {
+    "bridges_minus_mismatched": {
+        "transfer": "the right partner matters ({} excludes 0)",
+        "no evidence": "no evidence that the right partner matters ({} includes 0)",
+        "reverse": "mismatched bridges beat true ones ({} lies below 0): the translation did not help",
+        "undetermined": "whether the right partner matters is undetermined ({}: outside its own interval)",
+    },
+    "mismatched_minus_none": {
+        "transfer": "mere bilingual co-location helps ({} excludes 0)",
+        "no evidence": "no evidence that bilingual co-location without the translation helps ({} includes 0)",
+        "reverse": "bilingual co-location without the translation hurts ({} lies below 0)",
+        "undetermined": "whether co-location alone helps is undetermined ({}: outside its own interval)",
+    },
+}
+
+
+def mismatched_sentence(lang: str, d: dict) -> str:
+    """Does the right partner matter (bridges − mismatched), does co-location alone help (mismatched − none)?"""
+    labels = {"bridges_minus_mismatched": "bridges − mismatched", "mismatched_minus_none": "mismatched − none"}
+    said = [MISMATCHED_WORDS[key][d[key]["verdict"]].format(f"{label} {_gap(d[key])}")
+            for key, label in labels.items()]  # fmt: skip
+    return f"{direction_words(d['direction'], lang)}: {'; '.join(said)}."
+
+
+def transfer_markdown(result: dict, level: int = 2, standalone: bool = True) -> str:
+    """transfer.md: a title, then sections at heading ``level``. The study report includes it under its own heading
+    (standalone False: no title, no bridge diagnostic, which the report shows per CPT setting itself)."""
+    sections = (_main_markdown, _comparability_markdown, _tie_rules_markdown, _tiers_markdown, _mismatched_markdown,
+                _per_seed_markdown, *([_diagnostic_markdown] if standalone else []), _caution_markdown)  # fmt: skip
+    lines = [line for section in sections for line in section(result)]
+    lines = [("#" * (level - 2) + line) if line.startswith("## ") else line for line in lines]
+    title = ["# Cross-lingual transfer: with minus without bridges", ""] if standalone else []
+    return "\n".join(title + lines).strip("\n") + "\n"
 
 
 def _main_markdown(result: dict) -> list[str]:
     rows = [
-        [lang["lang"], d["direction"], d["questions"], d["n_seed_pairs"], lang["steps"][-1],
-         f"{d['accuracy_with'][-1]:.3f}", f"{d['accuracy_without'][-1]:.3f}", _fmt_ci(d["final_gap"], d["final_gap_ci"]),
-         _fmt_ci(d["mean_gap"], d["mean_gap_ci"]), ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"]),
-         d["verdict"]]
-        for lang, d in _directions(result)
+        [direction_words(d["direction"], lang["lang"]), d["questions"], d["n_seed_pairs"], lang["steps"][-1],
+         f"{d['accuracy_with'][-1]:.3f}", f"{d['accuracy_without'][-1]:.3f}",
+         _fmt_ci(d["final_gap"], d["final_gap_ci"]), _fmt_ci(d["mean_gap"], d["mean_gap_ci"]),
+         ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"]),
+         verdict_cell(d["verdict"])]
+        for lang, d in transfer_directions(result)
     ]  # fmt: skip
-    header = ["language", "direction", "questions", "seeds", "final step", "acc. with", "acc. without",
-              "final gap [CI]", "mean gap over curve [CI]", "McNemar p (final)", "verdict"]  # fmt: skip
+    header = ["direction", "questions", "seeds", "final step", "acc. with", "acc. without", "final gap [CI]",
+              "mean gap over curve [CI]", "McNemar p (final, per seed)", "verdict"]  # fmt: skip
     return [
-        "# Cross-lingual transfer: with minus without bridges",
-        "",
         f"Gap = accuracy with bridges minus without; {round(result['confidence'] * 100)}% percentile bootstrap "
         f"({result['n_bootstrap']} resamples, seed {result['bootstrap_seed']}) over questions and seed pairs. "
         f"Tie policy: {result['tie_policy']} (McNemar: first-wins). docs/probing.md explains every column.",
@@ -697,65 +783,78 @@ def _section(title: str, header: list[str], rows: list, note: str | None = None)
     return ["", f"## {title}", "", *([note, ""] if note else []), *_table(header, rows)] if rows else []
 
 
+def _tie_rules_markdown(result: dict) -> list[str]:
+    rows = [
+        [direction_words(d["direction"], lang["lang"]), policy, f"{p['accuracy_with'][-1]:.3f}",
+         f"{p['accuracy_without'][-1]:.3f}", f"{p['final_gap']:+.3f}", _fmt_ci(p["mean_gap"], p["mean_gap_ci"]),
+         verdict_cell(p["verdict"])]
+        for lang, d in transfer_directions(result) if d["tie_policies_differ"]
+        for policy, p in d["tie_policies"].items()
+    ]  # fmt: skip
+    if not rows:
+        return ["", "The two tie rules give the same curves, gaps and verdicts here."]
+    header = ["direction", "tie rule", "acc. with (final)", "acc. without (final)", "final gap", "mean gap [CI]",
+              "verdict"]  # fmt: skip
+    note = "Ties change this analysis; under both rules (McNemar always counts first-rule correctness):"
+    return _section("Both tie rules", header, rows, note)
+
+
 def _tiers_markdown(result: dict) -> list[str]:
-    found = _directions(result, "tiers")
-    names = sorted({tier for _, d in found for tier in d["tiers"]})
-    rows = []
+    """Per direction the gap per tier of facts and, where a knowledge contrast is computable, knowledge (the
+    difference-in-differences) and skill (the gap on the never-stated tier), with the sentence they support."""
+    found = transfer_directions(result, "tiers")
+    if not found:
+        return []
+    knowledge = any(d.get("knowledge_transfer") for _, d in found)
+    contrasts = "; ".join(f"{key}: {c['often_tier']} − {c['never_tier']}" for key, c in KNOWLEDGE_CONTRASTS.items())
+    note = f"The gap on the questions of each tier of facts (tie rule **{result['tie_policy']}**)."
+    if knowledge:
+        note += (" **Knowledge**: the gap on facts the source corpus states often minus the gap on facts it never "
+                 f"states ({contrasts}); **skill**: the gap on the never-stated tier "
+                 "(docs/decomposition.md).")  # fmt: skip
+    title = "Knowledge or skill? The gap per tier of facts" if knowledge else "The gap per tier of facts"
+    lines = ["", f"## {title}", "", note]
     for lang, d in found:
-        tiers = [_fmt_ci(d["tiers"][t]["mean_gap"], d["tiers"][t]["mean_gap_ci"]) if t in d["tiers"] else "-"
-                 for t in names]  # fmt: skip
         k = d.get("knowledge_transfer")
-        tail = (
-            [_fmt_ci(k["mean_did"], k["mean_did_ci"]), _fmt_ci(k["final_did"], k["final_did_ci"]), k["verdict"],
-             _fmt_ci(k["skill_mean_gap"], k["skill_mean_gap_ci"])]
-            if k else ["not computable (a tier of the contrast has no items)"] + ["-"] * 3
-        )  # fmt: skip
-        rows.append([lang["lang"], d["direction"], *tiers, *tail])
-    header = ["language", "direction", *(f"gap {t} [CI]" for t in names), "knowledge (DiD, mean) [CI]",
-              "DiD final [CI]", "verdict", "skill (gap never-stated) [CI]"]  # fmt: skip
-    contrasts = "; ".join(f"{key}: {c['often_tier']} - {c['never_tier']}" for key, c in KNOWLEDGE_CONTRASTS.items())
-    note = f"Knowledge = gap on often-stated minus never-stated facts ({contrasts}); docs/decomposition.md."
-    return _section("Knowledge or skill: the gap per tier of facts", header, rows, note)
+        role = {k["often_tier"]: " (the source states it often)",
+                k["never_tier"]: " (the source never states it: skill)"} if k else {}  # fmt: skip
+        rows = [[f"tier {tier}{role.get(tier, '')}", s["n_questions"], f"{np.mean(s['accuracy_with']):.3f}",
+                 f"{np.mean(s['accuracy_without']):.3f}", _fmt_ci(s["mean_gap"], s["mean_gap_ci"]),
+                 _fmt_ci(s["final_gap"], s["final_gap_ci"]), verdict_cell(s["verdict"])]
+                for tier, s in sorted(d["tiers"].items(), key=lambda t: [*TIER_ORDER, t[0]].index(t[0]))]  # fmt: skip
+        if k:
+            rows.append([f"**knowledge**: gap {k['often_tier']} − gap {k['never_tier']}", "–", "–", "–",
+                         _fmt_ci(k["mean_did"], k["mean_did_ci"]), _fmt_ci(k["final_did"], k["final_did_ci"]),
+                         verdict_cell(k["verdict"])])  # fmt: skip
+        lines += ["", f"**{direction_words(d['direction'], lang['lang'])}**:", "",
+                  *_table(["measure", "questions", "mean acc. with", "mean acc. without", "mean gap [CI]",
+                           "final gap [CI]", "verdict"], rows)]  # fmt: skip
+    sentences = [knowledge_sentence(lang["lang"], d) for lang, d in found if d.get("knowledge_transfer")]
+    return lines + ([""] + [f"- {s}" for s in sentences] if sentences else [])
 
 
 def _mismatched_markdown(result: dict) -> list[str]:
+    found = transfer_directions(result, "mismatched_minus_none")
     rows = []
-    for lang, d in _directions(result, "mismatched_minus_none"):
+    for lang, d in found:
         a, b = d["bridges_minus_mismatched"], d["mismatched_minus_none"]
-        rows.append([lang["lang"], d["direction"], _fmt_ci(a["mean_gap"], a["mean_gap_ci"]), a["verdict"],
-                     _fmt_ci(b["mean_gap"], b["mean_gap_ci"]), b["verdict"]])  # fmt: skip
-    header = ["language", "direction", "bridges - mismatched: mean gap [CI]", "verdict",
-              "mismatched - none: mean gap [CI]", "verdict"]  # fmt: skip
-    return _section("Mismatched bridges", header, rows)
-
-
-def _tie_rules_markdown(result: dict) -> list[str]:
-    rows = [
-        [lang["lang"], d["direction"], policy, f"{p['accuracy_with'][-1]:.3f}", f"{p['accuracy_without'][-1]:.3f}",
-         _fmt_ci(p["mean_gap"], p["mean_gap_ci"]), p["verdict"]]
-        for lang, d in _directions(result) if d["tie_policies_differ"] for policy, p in d["tie_policies"].items()
-    ]  # fmt: skip
-    header = ["language", "direction", "tie rule", "acc. with (final)", "acc. without (final)", "mean gap [CI]",
-              "verdict"]  # fmt: skip
-    return _section("Both tie rules", header, rows)
+        rows.append([direction_words(d["direction"], lang["lang"]), _fmt_ci(a["mean_gap"], a["mean_gap_ci"]),
+                     verdict_cell(a["verdict"]), _fmt_ci(b["mean_gap"], b["mean_gap_ci"]),
+                     verdict_cell(b["verdict"])])  # fmt: skip
+    header = ["direction", "bridges − mismatched [CI]", "verdict", "mismatched − none [CI]", "verdict"]
+    note = ("Each pair's first half shares a window with *another* pair's second half: only the partners differ from "
+            "bridges (docs/decomposition.md).")  # fmt: skip
+    sentences = [f"- {mismatched_sentence(lang['lang'], d)}" for lang, d in found]
+    return _section("Mismatched bridges", header, rows, note) + ([""] + sentences if sentences else [])
 
 
 def _per_seed_markdown(result: dict) -> list[str]:
-    rows = [[lang["lang"], d["direction"], s["with_run"], s["without_run"],
+    """Each seed pair's gap, where a direction has several (one pair's would restate the main table)."""
+    rows = [[direction_words(d["direction"], lang["lang"]), s["with_run"], s["without_run"],
              _fmt_ci(s["mean_gap"], s["mean_gap_ci_questions_only"]), f"{s['final_gap']:+.3f}"]
-            for lang, d in _directions(result) for s in d["per_seed"]]  # fmt: skip
-    header = ["language", "direction", "with run", "without run", "mean gap [CI, questions only]", "final gap"]
+            for lang, d in transfer_directions(result) if d["n_seed_pairs"] > 1 for s in d["per_seed"]]  # fmt: skip
+    header = ["direction", "with run", "without run", "mean gap [CI, questions only]", "final gap"]
     return _section("Per seed pair", header, rows)
-
-
-def _per_step_markdown(result: dict) -> list[str]:
-    lines = ["", "## Gap per step", ""]
-    for lang, d in _directions(result):
-        rows = [[step, f"{d['accuracy_with'][k]:.3f}", f"{d['accuracy_without'][k]:.3f}",
-                 _fmt_ci(d["gap"][k], d["gap_ci"][k])] for k, step in enumerate(lang["steps"])]  # fmt: skip
-        lines += [f"### {lang['lang']} {d['direction']} ({d['questions']})", "",
-                  *_table(["step", "with", "without", "gap [CI]"], rows), ""]  # fmt: skip
-    return lines
 
 
 def _diagnostic_markdown(result: dict) -> list[str]:
@@ -767,16 +866,31 @@ def _diagnostic_markdown(result: dict) -> list[str]:
     return _section("Bridge diagnostic (last checkpoint of each run)", header, rows)
 
 
+def _verdicts(d: dict) -> list[str]:
+    """Every verdict transfer.md shows of a direction."""
+    k = d.get("knowledge_transfer") or {}
+    return [d["verdict"], *(p["verdict"] for p in d["tie_policies"].values()), k.get("verdict"), k.get("skill_verdict"),
+            *(s["verdict"] for s in (d.get("tiers") or {}).values()),
+            *(d[key]["verdict"] for key in MISMATCHED_WORDS if key in d)]  # fmt: skip
+
+
 def _caution_markdown(result: dict) -> list[str]:
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}
+    one_pair = any(d["n_seed_pairs"] == 1 for _, d in transfer_directions(result))
+    undetermined = any("undetermined" in _verdicts(d) for _, d in transfer_directions(result))
     return (
         [""]
         + (["Steps left out because not every run has them: " + json.dumps(skipped), ""] if skipped else [])
-        + [
-            "Caution: with one run per setting the intervals cover question sampling only, which overstates "
-            "significance (docs/probing.md): use several seeds per setting.",
-            "",
-        ]
+        + ([UNDETERMINED_TEXT, ""] if undetermined else [])
+        + (
+            [
+                "Caution: with one run pair the intervals cover question sampling only, which overstates significance "
+                "(docs/probing.md): use several seeds per setting.",
+                "",
+            ]
+            if one_pair
+            else []
+        )  # fmt: skip
     )
 
 
@@ -960,7 +1074,7 @@ def main(argv: list[str] | None = None) -> dict:
         _write_bytes_atomic(output_dir / name, data)
     write_text_atomic(output_dir / "transfer.md", markdown)
     write_json_atomic(output_dir / "transfer.json", result)
-    for language, d in _directions(result):
+    for language, d in transfer_directions(result):
         logger.info(
             "%s %s: mean gap %s, %s",
             language["lang"],

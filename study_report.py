@@ -36,6 +36,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cloze import question_lang_from_stem, question_stem, read_predictions
+from run_transfer import (
+    MISMATCHED_WORDS,
+    UNDETERMINED_TEXT,
+    direction_words,
+    knowledge_sentence,
+    mismatched_sentence,
+    transfer_directions,
+    transfer_markdown,
+    verdict_cell,
+)
 from study_common import InputError, exit_on_input_error, write_json_atomic, write_text_atomic
 from study_config import SETTINGS, VARIANT_TITLES
 
@@ -199,25 +209,9 @@ def _read_json(path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _direction_words(direction: str, lang: str) -> str:
-    if direction.startswith("en->"):
-        return f"English → {lang} ({lang} questions)"
-    return f"{lang} → English (English questions)"
-
-
 def _direction(stem: str, lang: str) -> str:
     """The direction a question file measures: target-language questions English -> target, English ones back."""
     return f"en->{lang}" if question_lang_from_stem(stem) == lang else f"{lang}->en"
-
-
-def _verdict_cell(verdict: str) -> str:
-    return f"**{verdict}**" if verdict == "undetermined" else verdict
-
-
-UNDETERMINED_TEXT = (
-    "**undetermined**: the estimate lies outside its own 95% interval (too few bootstrap resamples to place it), so "
-    "no conclusion rests on it; rerun the analysis with a larger `--n_bootstrap`."
-)
 
 
 def _note_undetermined(doc: ReportDoc, verdicts: list[str]) -> None:
@@ -235,6 +229,10 @@ def _models(plan: Plan, key: str, group: dict, final: str = "") -> list[tuple[st
     settings = [(f"CPT {s.replace('_', ' ')}{final}", s, [r.eval_dir for r in _group_runs(plan, key, s)])
                 for s in group["settings"]]  # fmt: skip
     return [("base model", "base", [group["base_eval"]]), *settings]
+
+
+def _all_probed(runs: list[Run]) -> bool:
+    return all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs)
 
 
 def _load_cubes(runs: list[Run], stems: list[str]) -> tuple[list[int], dict[str, dict[str, np.ndarray]]]:
@@ -499,14 +497,13 @@ def _report_questions(doc: ReportDoc, plan: Plan) -> dict:
 
 
 def _report_transfer(doc: ReportDoc, plan: Plan, truth: dict | None, figures: Path) -> dict:
-    """Per run group trained in both settings: run_transfer.py's figures and gap per direction (under both tie rules
-    where they differ), the gap per tier of facts (knowledge or skill), and mismatched bridges where run."""
+    """Per run group trained in both settings: run_transfer.py's figures and its transfer.md (the one rendering of
+    transfer.json), and report.json's entries read from transfer.json."""
     doc.h(2, "Transfer: with minus without bridges (the paper's measurement)")
     doc.p(
-        "Both settings train on the same documents; with bridges each parallel pair shares one context window, without "
-        "bridges its halves never do. The gap (accuracy with − without bridges) on target-language questions "
-        "measures English → target transfer, on English questions target → English transfer. Intervals: 95% "
-        "bootstrap over questions and seed pairs (`run_transfer.py`)."
+        "The gap (accuracy with − without bridges) on target-language questions measures English → target "
+        "transfer, on English questions target → English transfer (docs/probing.md). Each group's tables are its "
+        "`transfer.md` (`run_transfer.py`)."
     )
     section = {}
     for key, group in plan.groups.items():
@@ -525,68 +522,56 @@ def _report_transfer(doc: ReportDoc, plan: Plan, truth: dict | None, figures: Pa
             if source.is_file():
                 shutil.copyfile(source, figures / f"{lang}-{variant}-{name}.png")
                 doc.img(f"figures/{lang}-{variant}-{name}.png", f"{title}: {caption}")
-        directions = [(language["lang"], d) for language in result["languages"] for d in language["directions"]]
-        entries = _transfer_directions(doc, result, group)
-        group_record = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"), "directions": entries}
-        # The gap per tier: transfer.json's (its analysis was given the item tiers), else computed from truth.json.
-        tiers = {(language, d["direction"]): d["tiers"] for language, d in directions if d.get("tiers")}
-        source, rule = "transfer.json", result.get("tie_policy", "first")
-        runs = _group_runs(plan, key)
-        if not tiers and truth and runs and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs):
-            tiers, source, rule = _computed_tiers(runs, group, truth), "report (per-tier analysis)", "first"
-        if tiers:
-            group_record.update(_report_knowledge(doc, directions, tiers, source, rule))
-        if any(d.get("mismatched_minus_none") for _, d in directions):
-            group_record["mismatched"] = _report_mismatched(doc, directions)
-        section[key] = group_record
+        source, runs = "transfer.json", _group_runs(plan, key)
+        found = transfer_directions(result)
+        if not any(d.get("tiers") for _, d in found) and truth and runs and _all_probed(runs):
+            source, computed = "report (per-tier analysis)", _computed_tiers(runs, group, truth)
+            for language, d in found:
+                d["tiers"] = computed[(language["lang"], d["direction"])]
+            doc.p("`transfer.json` has no gap per tier of facts (its analysis was not given the item tiers): the "
+                  "report computes it from the probing outputs per tier of `truth.json`, tie rule first.")  # fmt: skip
+        doc.p(transfer_markdown(result, level=4, standalone=False))
+        section[key] = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"),
+                        **_transfer_record(result, group, source)}  # fmt: skip
     return section
 
 
-def _transfer_directions(doc: ReportDoc, result: dict, group: dict) -> list[dict]:
-    """The table of a transfer.json's directions and their report.json entries."""
+#: What the report keeps of a gap (run_transfer.analyse_direction's fields).
+GAP_FIELDS = ("mean_gap", "mean_gap_ci", "final_gap", "final_gap_ci", "verdict")
+#: What the report keeps of a direction's knowledge_transfer (run_transfer.py's fields).
+KNOWLEDGE_FIELDS = ("often_tier", "never_tier", "mean_did", "mean_did_ci", "final_did", "final_did_ci", "verdict",
+                    "skill_mean_gap", "skill_mean_gap_ci", "skill_verdict", "meaning")  # fmt: skip
+
+
+def _transfer_record(result: dict, group: dict, source: str) -> dict:
+    """report.json's entries of a group's transfer.json: its directions, the gap per tier (``source``: where it
+    came from), knowledge and mismatched bridges with run_transfer's sentences."""
     base = _final_accuracy(group["base_eval"])
     base = {stem: v["accuracy"] for stem, v in base[1]["accuracy"].items()} if base else {}
-    entries = []
-    for language in result["languages"]:
-        for d in language["directions"]:
-            spread = [s["mean_gap"] for s in d["per_seed"]]
-            entries.append({"direction": d["direction"], "questions": d["questions"],
-                            "base_accuracy": base.get(d["questions"]), "final_step": language["steps"][-1],
-                            "accuracy_with_final": d["accuracy_with"][-1],
-                            "accuracy_without_final": d["accuracy_without"][-1],
-                            **{f: d[f] for f in ("final_gap", "final_gap_ci", "mean_gap", "mean_gap_ci")},
-                            "per_seed_mean_gaps": spread, "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]],
-                            "verdict": d["verdict"], "tie_policy": result["tie_policy"],
-                            "tie_policies": d["tie_policies"], "tie_policies_differ": d["tie_policies_differ"],
-                            "words": _direction_words(d["direction"], language["lang"])})  # fmt: skip
-    doc.table(["direction", "base acc.", "final step", "acc. with", "acc. without", "final gap [95% CI]",
-               "mean gap over curve [95% CI]", "per-seed mean gaps", "McNemar p (final, per seed)", "verdict"],
-              [[e["words"], _f(e["base_accuracy"]), e["final_step"], _f(e["accuracy_with_final"]),
-                _f(e["accuracy_without_final"]), _gap(e, "final_gap"), _gap(e),
-                ", ".join(f"{g:+.3f}" for g in e["per_seed_mean_gaps"]),
-                ", ".join(f"{p:.3g}" for p in e["mcnemar_p_final"]), _verdict_cell(e["verdict"])]
-               for e in entries])  # fmt: skip
-    if any(len(e["per_seed_mean_gaps"]) == 1 for e in entries):
-        doc.p("One run pair: the intervals cover questions only and overstate certainty.")
-    _note_undetermined(doc, [e["verdict"] for e in entries])
-    _report_tie_rules(doc, entries, result["tie_policy"])
-    return [{k: v for k, v in e.items() if k != "words"} for e in entries]
-
-
-def _report_tie_rules(doc: ReportDoc, entries: list[dict], tie_policy: str) -> None:
-    """Which tie rule the transfer table uses, and the analysis under both rules where they differ."""
-    differ = [e for e in entries if e["tie_policies_differ"]]
-    head = f"Tie rule of the table above: **{tie_policy}**" + (" (the paper's)." if tie_policy == "first" else ".")
-    if not differ:
-        doc.p(f"{head} The two tie rules give the same curves, gaps and verdicts here.")
-        return
-    doc.p(f"{head} Ties change this analysis; under both rules (McNemar always counts first-rule correctness):")
-    rows = [[e["words"], policy, _f(p["accuracy_with"][-1]), _f(p["accuracy_without"][-1]), f"{p['final_gap']:+.3f}",
-             _gap(p), _verdict_cell(p["verdict"])]
-            for e in differ for policy, p in e["tie_policies"].items()]  # fmt: skip
-    doc.table(["direction", "tie rule", "acc. with (final)", "acc. without (final)", "final gap", "mean gap [95% CI]",
-               "verdict"], rows)  # fmt: skip
-    _note_undetermined(doc, [p["verdict"] for e in differ for p in e["tie_policies"].values()])
+    found = transfer_directions(result)
+    directions = [{"direction": d["direction"], "questions": d["questions"], "base_accuracy": base.get(d["questions"]),
+                   "final_step": language["steps"][-1], "accuracy_with_final": d["accuracy_with"][-1],
+                   "accuracy_without_final": d["accuracy_without"][-1],
+                   **{f: d[f] for f in ("final_gap", "final_gap_ci", "mean_gap", "mean_gap_ci")},
+                   "per_seed_mean_gaps": [s["mean_gap"] for s in d["per_seed"]],
+                   "mcnemar_p_final": [m["p_value"] for m in d["mcnemar_final"]], "verdict": d["verdict"],
+                   "tie_policy": result["tie_policy"], "tie_policies": d["tie_policies"],
+                   "tie_policies_differ": d["tie_policies_differ"]} for language, d in found]  # fmt: skip
+    record = {"directions": directions}
+    if any(d.get("tiers") for _, d in found):
+        record["tiers"] = [{"direction": d["direction"], "tier": tier, "questions": s["n_questions"],
+                            **{f: s[f] for f in GAP_FIELDS}, "from": source}
+                           for _, d in found for tier, s in (d.get("tiers") or {}).items()]  # fmt: skip
+        record["knowledge"] = [{"direction": d["direction"],
+                                **{f: d["knowledge_transfer"][f] for f in KNOWLEDGE_FIELDS},
+                                "sentence": knowledge_sentence(language["lang"], d)}
+                               for language, d in found if d.get("knowledge_transfer")]  # fmt: skip
+    if any(d.get("mismatched_minus_none") for _, d in found):
+        record["mismatched"] = [{"direction": d["direction"], **{key: {f: d[key][f] for f in GAP_FIELDS}
+                                                                 for key in MISMATCHED_WORDS},
+                                 "sentence": mismatched_sentence(language["lang"], d)}
+                                for language, d in found if d.get("mismatched_minus_none")]  # fmt: skip
+    return record
 
 
 def _computed_tiers(runs: list[Run], group: dict, truth: dict) -> dict[tuple[str, str], dict[str, dict]]:
@@ -603,125 +588,9 @@ def _computed_tiers(runs: list[Run], group: dict, truth: dict) -> dict[tuple[str
         for tier, indices in tiers} for stem in stems}  # fmt: skip
 
 
-#: The tiers of facts (synthetic_world.TIERS) in the order tables show them, in a figure title's few words.
+#: The tiers of facts (synthetic_world.TIERS) in a figure title's few words.
 TIER_SHORT = {"high": "frequent in English", "low": "rare in English", "absent": "never in English",
               "en_only": "never in the target corpus"}  # fmt: skip
-#: What the report keeps of a gap (run_transfer.analyse_direction's fields).
-GAP_FIELDS = ("mean_gap", "mean_gap_ci", "final_gap", "final_gap_ci", "verdict")
-#: What the report keeps of a direction's knowledge_transfer (run_transfer.py's fields).
-KNOWLEDGE_FIELDS = ("often_tier", "never_tier", "mean_did", "mean_did_ci", "final_did", "final_did_ci", "verdict",
-                    "skill_mean_gap", "skill_mean_gap_ci", "skill_verdict", "meaning")  # fmt: skip
-
-
-def _report_knowledge(doc: ReportDoc, directions: list[tuple[str, dict]], tiers: dict, source: str, rule: str) -> dict:
-    """Per direction: the gap per tier of facts and, where transfer.json has it (run_transfer.KNOWLEDGE_CONTRASTS),
-    knowledge transfer (the difference-in-differences) and skill (the gap on the tier the source never states)."""
-    knowledge_found = any(d.get("knowledge_transfer") for _, d in directions)
-    doc.h(4, "Knowledge or skill? The gap per tier of facts" if knowledge_found else "The gap per tier of facts")
-    where = "`transfer.json`" if source == "transfer.json" else "the probing outputs per tier of truth.json"
-    doc.p(f"The gap on the questions of each tier of facts (from {where}; tie rule **{rule}**)." + (
-        " **Knowledge**: the gap on facts the source corpus states often minus the gap on facts it never states; "
-        "**skill**: the gap on the never-stated tier (docs/decomposition.md)." if knowledge_found else ""))  # fmt: skip
-    entries, knowledge, verdicts = [], [], []
-    for lang, d in directions:
-        by_tier, k = tiers.get((lang, d["direction"])), d.get("knowledge_transfer")
-        if not by_tier:
-            continue
-        role = {k["often_tier"]: " (the source states it often)", k["never_tier"]: " (the source never states it: "
-                "skill)"} if k else {}  # fmt: skip
-        rows = []
-        for tier, stats in sorted(by_tier.items(), key=lambda item: [*TIER_SHORT, item[0]].index(item[0])):
-            rows.append([f"tier {tier}{role.get(tier, '')}", stats["n_questions"],
-                         _f(float(np.mean(stats["accuracy_with"]))), _f(float(np.mean(stats["accuracy_without"]))),
-                         _gap(stats), _gap(stats, "final_gap"), _verdict_cell(stats["verdict"])])  # fmt: skip
-            entries.append({"direction": d["direction"], "tier": tier, "questions": stats["n_questions"],
-                            **{f: stats[f] for f in GAP_FIELDS}, "from": source})  # fmt: skip
-            verdicts.append(stats["verdict"])
-        if k:
-            rows.append([f"**knowledge**: gap {k['often_tier']} − gap {k['never_tier']}", "–", "–", "–",
-                         _gap(k, "mean_did"), _gap(k, "final_did"), _verdict_cell(k["verdict"])])  # fmt: skip
-            verdicts += [k["verdict"], k["skill_verdict"]]
-            sentence = _knowledge_sentence(d["direction"], lang, k)
-            knowledge.append({"direction": d["direction"], **{f: k[f] for f in KNOWLEDGE_FIELDS}, "sentence": sentence})
-        doc.p(f"**{_direction_words(d['direction'], lang)}**:")
-        doc.table(["measure", "questions", "mean acc. with", "mean acc. without", "mean gap [95% CI]",
-                   "final gap [95% CI]", "verdict"], rows)  # fmt: skip
-    doc.bullets([k["sentence"] for k in knowledge])
-    _note_undetermined(doc, verdicts)
-    return {"tiers": entries, "knowledge": knowledge}
-
-
-def _knowledge_sentence(direction: str, lang: str, k: dict) -> str:
-    """Knowledge or skill in one sentence, from the difference-in-differences and the never-stated tier's gap."""
-    source, destination = ("English", lang) if direction.startswith("en->") else (lang, "English")
-    head = _direction_words(direction, lang)
-    skill = f"{_gap(k, 'skill_mean_gap')} on facts {source} never states ({k['never_tier']})"
-    difference = f"difference-in-differences ({k['often_tier']} − {k['never_tier']}) {_gap(k, 'mean_did')}"
-    verdicts = (k["verdict"], k["skill_verdict"])
-    if "undetermined" in verdicts:
-        which = " and ".join(w for w, v in zip(("the difference", "the skill gap"), verdicts) if v == "undetermined")
-        return (f"{head}: undetermined: {which} lies outside its own interval (too few bootstrap resamples), so "
-                f"neither knowledge nor skill is read from it: {difference}; gap {skill}.")  # fmt: skip
-    if k["verdict"] == "transfer":
-        beside = {"transfer": f"bridges also helped learning {destination} (skill): {skill}",
-                  "no evidence": f"no evidence of a skill part: {skill}",
-                  "reverse": f"bridges slowed learning {destination} on the rest: {skill}"}  # fmt: skip
-        return (f"{head}: knowledge crossed from {source}: the gap on facts {source} states often exceeds the gap on "
-                f"facts it never states, {difference} excludes 0; {beside[k['skill_verdict']]}.")  # fmt: skip
-    if k["verdict"] == "reverse":
-        return (f"{head}: no knowledge crossing: the gap is smaller on facts {source} states often than on facts it "
-                f"never states, {difference} lies below 0; gap {skill}.")  # fmt: skip
-    if k["skill_verdict"] == "transfer":
-        return (f"{head}: the gap is skill, not knowledge: {skill}, {difference} includes 0 (no evidence of knowledge "
-                f"from {source}; the interval allows up to {k['mean_did_ci'][1]:+.3f}).")  # fmt: skip
-    if k["skill_verdict"] == "reverse":
-        return (f"{head}: bridges slowed learning {destination}: {skill}; no evidence of knowledge from {source}: "
-                f"{difference} includes 0.")  # fmt: skip
-    return f"{head}: neither knowledge nor skill shown: {difference} and gap {skill} both include 0."
-
-
-#: What bridges − mismatched and mismatched − none say, by verdict.
-MISMATCHED_WORDS = {
-    "bridges_minus_mismatched": {
-        "transfer": "the right partner matters ({} excludes 0)",
-        "no evidence": "no evidence that the right partner matters ({} includes 0)",
-        "reverse": "mismatched bridges beat true ones ({} lies below 0): the translation did not help",
-        "undetermined": "whether the right partner matters is undetermined ({}: outside its own interval)",
-    },
-    "mismatched_minus_none": {
-        "transfer": "mere bilingual co-location helps ({} excludes 0)",
-        "no evidence": "no evidence that bilingual co-location without the translation helps ({} includes 0)",
-        "reverse": "bilingual co-location without the translation hurts ({} lies below 0)",
-        "undetermined": "whether co-location alone helps is undetermined ({}: outside its own interval)",
-    },
-}
-
-
-def _report_mismatched(doc: ReportDoc, directions: list[tuple[str, dict]]) -> list[dict]:
-    """Bridges − mismatched bridges (does the right partner matter?) and mismatched − none (does bilingual
-    co-location alone help?) per direction, from transfer.json."""
-    doc.h(4, "Mismatched bridges")
-    doc.p("Each pair's first half shares a window with *another* pair's second half: only the partners differ from "
-          "bridges (docs/decomposition.md).")  # fmt: skip
-    rows, entries = [], []
-    for lang, d in directions:
-        if not d.get("bridges_minus_mismatched") or not d.get("mismatched_minus_none"):
-            continue
-        entry = {"direction": d["direction"]}
-        for name, label in (("bridges_minus_mismatched", "bridges − mismatched"), ("mismatched_minus_none",
-                                                                                  "mismatched − none")):  # fmt: skip
-            stats = {f: d[name][f] for f in GAP_FIELDS}
-            entry[name] = stats | {"words": MISMATCHED_WORDS[name][stats["verdict"]].format(f"{label} {_gap(stats)}")}
-        above, below = entry["bridges_minus_mismatched"], entry["mismatched_minus_none"]
-        entry["sentence"] = f"{_direction_words(d['direction'], lang)}: {above.pop('words')}; {below.pop('words')}."
-        rows.append([_direction_words(d["direction"], lang), _gap(above), _verdict_cell(above["verdict"]), _gap(below),
-                     _verdict_cell(below["verdict"])])  # fmt: skip
-        entries.append(entry)
-    headers = ["direction", "bridges − mismatched [95% CI]", "verdict", "mismatched − none [95% CI]", "verdict"]
-    doc.table(headers, rows)
-    doc.bullets([e["sentence"] for e in entries])
-    _note_undetermined(doc, [e[name]["verdict"] for e in entries for name in MISMATCHED_WORDS])
-    return entries
 
 
 #: Confidence of the manipulation checks' intervals (exact binomial over the items of a check).
@@ -876,7 +745,7 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
     section = {}
     for lang in sorted({g["lang"] for g in plan.groups.values()}):
         native, anchors = _group_runs(plan, f"{lang}/native"), _group_runs(plan, f"{lang}/anchors")
-        if not (native and anchors and all((Path(r.eval_dir) / "accuracy.json").is_file() for r in native + anchors)):
+        if not (native and anchors and _all_probed(native + anchors)):
             doc.p(f"{lang}: probing results of both variants are missing; nothing to compare.")
             continue
         entries, curves, steps = _anchor_differences(lang, native, anchors, truth)
@@ -890,9 +759,9 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
         )
         doc.table(["direction", "tier", "CPT setting", "questions", "run pairs", "mean acc. anchors",
                    "mean acc. control", "difference [95% CI]", "verdict"],
-                  [[_direction_words(e["direction"], lang), e["tier"], e["setting"].replace("_", " "), e["questions"],
+                  [[direction_words(e["direction"], lang), e["tier"], e["setting"].replace("_", " "), e["questions"],
                     e["run_pairs"], _f(e["accuracy_anchors"]), _f(e["accuracy_control"]), _gap(e, "difference"),
-                    _verdict_cell(e["verdict"])] for e in entries])  # fmt: skip
+                    verdict_cell(e["verdict"])] for e in entries])  # fmt: skip
         _note_undetermined(doc, [e["verdict"] for e in entries])
         primary = "pooled" if len(shared) > 1 else shared[0]
         conclusions = _asymmetry(lang, {(e["direction"], e["tier"]): e for e in entries

@@ -55,6 +55,7 @@ def test_identical_settings_give_a_zero_gap_and_no_evidence(tmp_path):
         assert d["verdict"] == "no evidence"
         assert d["mcnemar_final"] == [{"only_with_correct": 0, "only_without_correct": 0, "p_value": 1.0}]
         assert d["accuracy_with"] == d["accuracy_without"]
+    assert "one run pair the intervals cover question sampling only" in run_transfer.transfer_markdown(result)
 
 
 def test_always_right_against_always_wrong_gives_a_gap_of_one_and_its_sign(tmp_path):
@@ -94,9 +95,9 @@ def test_several_seeds_report_per_seed_gaps_and_intervals_that_cover_seed_variat
     # Seeds 0, 1, 2 give gaps 0.0, 0.3, 0.6; runs are listed out of seed order to check pairing by seed.
     with_sets = [{"c_ko": right_on_first(k), "c_en": zeros} for k in (120, 0, 60)]
     without_sets = [{"c_ko": zeros, "c_en": zeros} for _ in range(3)]
-    d = analyse(tmp_path, with_sets, without_sets, steps=(5, 6), seeds=[2, 0, 1], n_bootstrap=2000)["languages"][0][
-        "directions"
-    ][0]
+    result = analyse(tmp_path, with_sets, without_sets, steps=(5, 6), seeds=[2, 0, 1], n_bootstrap=2000)
+    d = result["languages"][0]["directions"][0]
+    assert "one run pair" not in run_transfer.transfer_markdown(result)  # the intervals cover seeds
     assert d["n_seed_pairs"] == 3 and d["ci_covers"] == "questions and seeds"
     assert [s["seeds"] for s in d["per_seed"]] == [[0, 0], [1, 1], [2, 2]]
     assert [s["mean_gap"] for s in d["per_seed"]] == pytest.approx([0.0, 0.3, 0.6])
@@ -196,13 +197,14 @@ def test_tie_policy_fractional_credits_ties_one_over_k_and_the_report_shows_both
     markdown = run_transfer.transfer_markdown(fractional)
     assert "Tie policy: fractional" in markdown and "## Both tie rules" in markdown
     ci = r"\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]"
-    assert re.search(r"\| ko \| en->ko \| first \| 1\.000 \| 0\.500 \| \+0\.500 " + ci + r" \| transfer \|", markdown)
+    to_ko = r"\| English → ko \(ko questions\) \| "
+    assert re.search(to_ko + r"first \| 1\.000 \| 0\.500 \| \+0\.500 \| \+0\.500 " + ci + r" \| transfer \|", markdown)
     assert re.search(
-        r"\| ko \| en->ko \| fractional \| 0\.500 \| 0\.500 \| \+0\.000 " + ci + r" \| no evidence", markdown
+        to_ko + r"fractional \| 0\.500 \| 0\.500 \| \+0\.000 \| \+0\.000 " + ci + r" \| no evidence", markdown
     )
     # English questions have no ties: one rule, not repeated.
     assert not first["languages"][0]["directions"][1]["tie_policies_differ"]
-    assert "ko->en |" not in markdown.split("## Both tie rules")[1].split("## Per seed pair")[0]
+    assert "ko → English" not in markdown.split("## Both tie rules")[1].split("## Per seed pair")[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -379,9 +381,9 @@ def test_a_stale_probing_folder_is_refused_naming_eval_dir_name(tmp_path, tiny_m
     write_eval_output(run / "probe", stems, [1], {"lang": "ko", "bridges": True, "seed": 0})  # mean_token_loss
     args = ["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(InputError) as err:
-        run_transfer.main([*args, "--eval_dir_name", "probe", "--scoring", "option_logprob"])
+        run_transfer.main([*args, "--eval_dir_name", "probe", "--loss_dtype", "model"])
     message = str(err.value)
-    assert "scoring ('mean_token_loss', now 'option_logprob')" in message
+    assert "loss_dtype ('float32', now 'model')" in message
     assert "--eval_dir_name (now 'probe')" in message and "--output_dir" not in message
 
 
@@ -468,9 +470,18 @@ def test_knowledge_transfer_recovers_a_planted_difference_in_differences(tmp_pat
     # The overall gap is unchanged by the decomposition: the mean over all items.
     assert en_to_ko["gap"] == pytest.approx([0.2, 0.2 + 0.6 * 40 / 160, 0.2 + 0.6 * 40 / 160])
     markdown = (tmp_path / "out" / "transfer.md").read_text()
-    row = re.search(r"\| ko \| en->ko \| (.*) \|\n", markdown.split("## Knowledge or skill")[1]).group(1).split(" | ")
-    assert [cell[:6] for cell in row[:6]] == ["+0.200", "+0.200", "+0.600", "+0.200", "+0.400", "+0.600"]
-    assert row[6] == "transfer" and row[7].startswith("+0.200 [")  # tiers absent, en_only, high, low; DiD; skill
+    table = markdown.split("## Knowledge or skill")[1].split("**ko → English")[0]  # English -> ko: per tier, then DiD
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| tier ") or "**knowledge**" in line]
+    assert [(row[0], row[4][:6], row[5][:6]) for row in rows] == [
+        ("| tier high (the source states it often)", "+0.600", "+0.800"),
+        ("| tier low", "+0.200", "+0.200"),
+        ("| tier absent (the source never states it: skill)", "+0.200", "+0.200"),
+        ("| tier en_only", "+0.200", "+0.200"),
+        ("| **knowledge**: gap high − gap absent", "+0.400", "+0.600"),
+    ]
+    assert rows[-1][6] == "transfer |"
+    assert f"- {run_transfer.knowledge_sentence('ko', en_to_ko)}" in markdown
+    assert "English → ko (ko questions): knowledge crossed from English" in markdown
 
 
 def test_a_gap_equal_on_every_tier_is_skill_not_knowledge(tmp_path):
@@ -555,8 +566,11 @@ def test_mismatched_bridges_give_both_comparisons_per_direction(tmp_path):
         assert below["verdict"] == "transfer"
     markdown = (tmp_path / "out" / "transfer.md").read_text()
     assert re.search(
-        r"\| ko \| en->ko \| \+0\.150 \[[-+.\d, ]+\] \| transfer \| \+0\.250 \[[-+.\d, ]+\] \| transfer \|", markdown
+        r"\| English → ko \(ko questions\) \| \+0\.150 \[[-+.\d, ]+\] \| transfer \| \+0\.250 \[[-+.\d, ]+\] \| "
+        r"transfer \|",
+        markdown,
     )
+    assert "English → ko (ko questions): the right partner matters (bridges − mismatched +0.150 [" in markdown
 
 
 def test_a_mismatched_run_given_as_without_bridges_is_refused_and_the_reverse_too(tmp_path):

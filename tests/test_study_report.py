@@ -143,7 +143,7 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
                 f"| {policy} | {summary['accuracy_with'][-1]:.3f} | {summary['accuracy_without'][-1]:.3f} | "
                 in report_md
             )
-    assert "Tie rule of the table above: **first**" in report_md
+    assert "Tie policy: first (McNemar: first-wins)" in report_md and "#### Both tie rules" in report_md
 
     # the packing section lists what an audit could not check
     packing = record["sections"]["packing"]
@@ -377,7 +377,7 @@ def test_mismatched_bridges_are_tabled_per_direction_with_what_each_difference_m
         assert shown[direction]["bridges_minus_mismatched"]["mean_gap_ci"] == above["mean_gap_ci"]
         assert shown[direction]["mismatched_minus_none"]["verdict"] == below["verdict"]
         assert (
-            f"| {study_report._direction_words(direction, LANG)} | {_shown(above['mean_gap'], above['mean_gap_ci'])} | "
+            f"| {run_transfer.direction_words(direction, LANG)} | {_shown(above['mean_gap'], above['mean_gap_ci'])} | "
             f"{above['verdict']} | {_shown(below['mean_gap'], below['mean_gap_ci'])} | {below['verdict']} |"
         ) in report
     # target questions: mismatched bridges score as bridges (the partner does not matter), above none
@@ -500,7 +500,7 @@ def test_undetermined_verdicts_are_shown_as_such_and_no_conclusion_rests_on_them
         f"English → {LANG} ({LANG} questions): undetermined: the difference lies outside its own interval"
     )
     assert "skill, not knowledge" not in report
-    assert "| **undetermined** |" in report and study_report.UNDETERMINED_TEXT in report
+    assert "| **undetermined** |" in report and run_transfer.UNDETERMINED_TEXT in report
     (direction,) = [e for e in section["directions"] if e["direction"] == f"en->{LANG}"]
     assert direction["verdict"] == "undetermined"
     row = next(

@@ -103,7 +103,8 @@ def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_k
     assert len(result["languages"][1]["bridge_diagnostic"]) == 4
     assert {d["step"] for language in result["languages"] for d in language["bridge_diagnostic"]} == {6}
     markdown = (out / "transfer.md").read_text()
-    assert "| ko | en->ko |" in markdown and "| zh | zh->en |" in markdown and "overstates significance" in markdown
+    assert "| English → ko (ko questions) |" in markdown and "| zh → English (English questions) |" in markdown
+    assert "overstates significance" not in markdown  # two seed pairs: the intervals cover seeds
     assert "## Bridge diagnostic" in markdown
     for png in ("transfer_curves.png", "transfer_summary.png"):
         data = (out / png).read_bytes()
