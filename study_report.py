@@ -1069,15 +1069,20 @@ def write_sweep_report(plan: Plan) -> dict:
             "shared_steps_s": sum(timings.get(s.id) or 0 for s in cell.steps if s.id in shared),
             "shared_steps": [s.id for s in cell.steps if s.id in shared],
             "unfinished": [s.id for s in cell.steps if s.id in unfinished],
-            "gaps": _cell_gaps(cell), "checks": _cell_checks(cell)}  # fmt: skip
+            **_cell_dose(cell), "gaps": _cell_gaps(cell), "checks": _cell_checks(cell)}  # fmt: skip
         status = f"**{len(entry['unfinished'])} steps unfinished**" if entry["unfinished"] else "finished"
+        seen = "–" if entry["mentions_seen"] is None else f"{entry['mentions_seen']:.0f}"
         rows.append([f"[{name}]({name}/report.md)", *map(_shown_value, entry["values"].values()),
-                     fmt_time(entry["own_steps_s"]), fmt_time(entry["shared_steps_s"]), status])  # fmt: skip
+                     _f(entry["data_epochs"], ".2f"), seen, fmt_time(entry["own_steps_s"]),
+                     fmt_time(entry["shared_steps_s"]), status])  # fmt: skip
     record["sweep_steps_s"] = sum(timings.get(s.id) or 0 for s in plan.steps)
     doc.h(2, "Cells")
-    doc.table(["cell", *factors, "its own steps took", "shared steps it used took", "status"], rows)
+    doc.table(["cell", *factors, "data epochs", "mentions seen", "its own steps took", "shared steps it used took",
+               "status"], rows)  # fmt: skip
     doc.p(
-        f"A cell's time is the sum of its steps' seconds. Steps shared by several cells ({len(shared)}: "
+        "Data epochs: how many times CPT read its dataset, mean over the cell's runs (`plan.data_epochs` of each "
+        "`packing_audit.json`); mentions seen: the world's bridge mentions per entity (`pair_mentions`) x data epochs, "
+        f"the dose the model saw (docs/dose-response.md). A cell's time is the sum of its steps' seconds. Steps shared by several cells ({len(shared)}: "
         f"{', '.join(sorted(shared)) or 'none'}) ran once for all of them: they are counted once in the sweep's "
         f"{fmt_time(record['sweep_steps_s'])} of steps, and not in any cell's own time."
     )
@@ -1106,6 +1111,18 @@ def write_sweep_report(plan: Plan) -> dict:
 
 def _shown_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def _cell_dose(cell: Plan) -> dict:
+    """The dose a cell's CPT runs saw: data epochs (mean over their packing audits), the world's pair mentions and
+    their product (None where not recorded)."""
+    audits = [_read_json(Path(r.dir) / "packing_audit.json") or {} for r in cell.runs]
+    epochs = [a["plan"]["data_epochs"] for a in audits if (a.get("plan") or {}).get("data_epochs") is not None]
+    world = (_read_json(Path(cell.dirs["world"]) / "world.json") if cell.dirs.get("world") else None) or {}
+    mentions = world.get("arguments", {}).get("pair_mentions")
+    data_epochs = float(np.mean(epochs)) if epochs else None
+    seen = mentions * data_epochs if mentions is not None and data_epochs is not None else None
+    return {"data_epochs": data_epochs, "pair_mentions": mentions, "mentions_seen": seen}
 
 
 def _cell_gaps(cell: Plan) -> list[dict]:

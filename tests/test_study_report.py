@@ -575,10 +575,12 @@ def test_the_sweep_report_shows_each_cells_gaps_knowledge_contrast_and_manipulat
         _write_json(
             Path(cell.groups["mn/native"]["transfer"]) / "transfer.json", {"languages": [{"directions": [direction]}]}
         )
+        _write_json(Path(cell.dirs["world"]) / "world.json", {"arguments": {"pair_mentions": 3}})
         for run in cell.runs:
             audit = {
                 "pairs": {"co_located_percent": 100.0 if run.setting == "bridges" else 0.0},
                 "guarantees_hold": True,
+                "plan": {"data_epochs": (1 + n) * (1.3 + 0.1 * run.seed)},  # seeds 0, 1: mean 1.35 x (1 + n)
             }
             _write_json(Path(run.dir) / "packing_audit.json", audit)
             checks = {
@@ -595,6 +597,10 @@ def test_the_sweep_report_shows_each_cells_gaps_knowledge_contrast_and_manipulat
     report = written["md"].read_text()
     record = json.loads(written["json"].read_text())
     assert "**UNFINISHED:" in report and record["status"]["complete"] is False
+    # the dose per cell: data epochs (mean over the runs' packing audits) and pair mentions x data epochs
+    assert record["cells"]["cpt.max_steps=40"]["data_epochs"] == pytest.approx(2.7)
+    assert record["cells"]["cpt.max_steps=40"]["mentions_seen"] == pytest.approx(8.1)
+    assert "| [cpt.max_steps=20](cpt.max_steps=20/report.md) | 20 | 1.35 | 4 |" in report
     gaps = {(name, g["measure"]): g for name, cell in record["cells"].items() for g in cell["gaps"]}
     assert gaps[("cpt.max_steps=40", "knowledge (high − absent)")]["mean_gap"] == 1.15
     assert gaps[("cpt.max_steps=40", "knowledge (high − absent)")]["mean_gap_ci"] == [0.1, 1.2]
