@@ -3,23 +3,17 @@
 # requires-python = ">=3.10"
 # dependencies = ["torch==2.13.0", "transformers>=5.0", "accelerate>=1.10", "datasets>=4.0", "numpy>=2.0", "huggingface-hub>=1.0"]
 # ///
-"""Continual pretraining on one language, WITH, WITHOUT or with MISMATCHED bridges (step 2b of the study).
+"""Step 2b of the study: continual pretraining on one language WITH, WITHOUT or with MISMATCHED bridges.
 
     accelerate launch run_cpt.py --lang bo --bridges
     accelerate launch run_cpt.py --model_name_or_path BASE --dataset_path DATA --lang bo --no_bridges \\
         --block_size 2048 --output_dir runs/cpt-bo-no-bridges --max_steps 1500 --save_steps 100
 
-Continues a base model (run_pretrain.py's output; default runs/pretrain) on a dataset of build_pairs.py
-(default runs/data-<lang>) in exactly one of the settings ``--bridges``, ``--no_bridges`` and
-``--mismatched_bridges``. The settings train on the same documents, tokens, windows and steps and differ only
-in whether the two halves of each parallel pair share a context window (packing.py). The run proves that
-before training (packing_audit.json) and refuses to train otherwise. Paper defaults: ``--block_size 2048``,
-256 windows per step (per-device batch x processes x gradient accumulation), ``--max_steps 1500``.
-``--resume_from_checkpoint PATH|latest`` resumes only a checkpoint of the same setting, base model, data and plan.
-
-Outputs in --output_dir (default runs/cpt-<lang>-<setting>-seed<seed>): checkpoint-N/ every --save_steps, the
-final model, packing_audit.json, the setting in config.json (``cpt_setting``) and trainer_state.json, and a
-model card. Needs packing.py, study_common.py and train_common.py beside it; details in docs/cpt.md.
+Continues a base model (run_pretrain.py's output) on a build_pairs.py dataset in exactly one setting. The
+settings train on the same documents, tokens, windows and steps and differ only in whether the two halves of
+each parallel pair share a context window (packing.py); the run proves that before training
+(packing_audit.json) and refuses to train otherwise. It resumes only a checkpoint of the same setting, base
+model, data and plan. Outputs and defaults: docs/cpt.md. Needs packing.py, study_common.py and train_common.py.
 """
 
 from __future__ import annotations
@@ -38,11 +32,9 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_callback import ExportableState
 
 from packing import (
     SETTINGS,
@@ -96,56 +88,33 @@ logger = logging.getLogger("run_cpt")
 class CPTArguments:
     model_name_or_path: str = field(
         default=str(DEFAULT_BASE_MODEL_DIR),
-        metadata={"help": f"Base model: a local directory or a Hub id (default: {DEFAULT_BASE_MODEL_DIR}, "
-                  "run_pretrain.py's output)."},
-    )  # fmt: skip
+        metadata={"help": "Base model: a folder or Hub id (default: runs/pretrain)."},
+    )
     lang: str | None = field(
-        default=None,
-        metadata={"help": "Target language of the dataset (ko, zh, bo, mn, ...); default: the `lang` of its "
-                  "build_stats.json. Given, it must equal that."},
-    )  # fmt: skip
-    bridges: bool = field(
-        default=False, metadata={"help": "WITH bridges: each parallel pair is one document (halves co-located)."}
+        default=None, metadata={"help": "Target language; default (and it must equal): the dataset's build_stats.json."}
     )
-    no_bridges: bool = field(
-        default=False, metadata={"help": "WITHOUT bridges: pair halves are separate documents, never co-located."}
-    )
+    bridges: bool = field(default=False, metadata={"help": "WITH bridges: each parallel pair is one document."})
+    no_bridges: bool = field(default=False, metadata={"help": "WITHOUT bridges: pair halves never share a window."})
     mismatched_bridges: bool = field(
-        default=False,
-        metadata={"help": "MISMATCHED bridges (control): each pair's first half is one document with the second "
-                  "half of another pair (a fixed derangement per seed); no pair's halves are co-located."},
-    )  # fmt: skip
-    dataset_path: str | None = field(
-        default=None,
-        metadata={"help": "build_pairs.py output (save_to_disk dir); default with --lang and no --dataset_name: "
-                  "runs/data-<lang>, build_pairs.py's default output."},
-    )  # fmt: skip
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset pushed by build_pairs.py --push_to_hub (instead of a path)."}
+        default=False, metadata={"help": "The control: each first half is one document with another pair's second."}
     )
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "build_pairs.py output folder (default with --lang: runs/data-<lang>)."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset pushed by build_pairs.py."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Revision of --dataset_name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read when the dataset has several."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     block_size: int = field(default=2048, metadata={"help": "Context window in tokens (paper: 2048)."})
     pair_order: str = field(
-        default="en_first",
-        metadata={"help": "Which side of a pair comes first: en_first (default), tgt_first, or random (a coin per "
-                  "pair seeded by --data_seed/--seed and the pair id; the same in every setting)."},
-    )  # fmt: skip
-    pair_separator: str = field(
-        default="",
-        metadata={"help": "Text appended to the first side of every pair, in every setting (default: none)."},
+        default="en_first", metadata={"help": "Side of a pair that comes first: en_first, tgt_first or random."}
     )
+    pair_separator: str = field(default="", metadata={"help": "Text appended to the first side of every pair."})
     max_open_windows: int = field(default=64, metadata={"help": "Packer lookahead: windows kept open at once."})
     attn_implementation: str = field(
-        default="sdpa",
-        metadata={"help": "sdpa (default), eager, flex_attention (GPU) or a flash kernel (GPU: flash_attention_2, "
-                  "...; its batches go as one flattened row with sequence boundaries). Isolation is checked "
-                  "before training."},
-    )  # fmt: skip
-    dtype: str | None = field(
-        default=None, metadata={"help": "Load weights in this dtype, e.g. bfloat16 (default float32)."}
+        default="sdpa", metadata={"help": "sdpa, eager; on a GPU also flex_attention or a flash kernel."}
     )
+    dtype: str | None = field(default=None, metadata={"help": "Load weights in this dtype, e.g. bfloat16."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
     @property
@@ -205,8 +174,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
 
 
 def name_the_run(cpt_args: CPTArguments, training_args, argv: list[str] | None) -> Path:
-    """Run name and --output_dir by language, setting and seed, unless given (transformers' default
-    trainer_output/ would be shared by the settings); returns the output folder."""
+    """Run name and --output_dir by language, setting and seed, unless given; returns the output folder."""
     run_name = default_cpt_run_name(cpt_args.lang, cpt_args.setting, training_args.seed)
     if training_args.run_name is None:
         training_args.run_name = run_name
@@ -495,21 +463,16 @@ def base_model_identity(model_name_or_path: str) -> dict:
     }
 
 
-def measure_settings(plan: PackingPlan, data: CPTData, collator, setting: str, vocab_size: int) -> tuple:
-    """(this run's audit, the other settings' by name, whether each hash and count is equal across all)."""
+def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_args, *, vocab_size: int) -> dict:
+    """packing_audit.json before training: every planned setting measured, compared with this run's, and the
+    run's ``cpt_setting`` (what a checkpoint must match to be resumed)."""
+    setting, planned = cpt_args.setting, plan.settings[cpt_args.setting]
     audits = {
         name: audit_windows(planned.windows, collator, data.store.segment_tokens, data.units,
                             unit_names=data.document_keys.__getitem__, vocab_size=vocab_size, partners=planned.partners)
         for name, planned in plan.settings.items()
     }  # fmt: skip
-    return compare_settings(audits, setting)
-
-
-def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_args, *, vocab_size: int) -> dict:
-    """packing_audit.json before training: every planned setting measured, compared with this run's, and the
-    run's ``cpt_setting`` (what a checkpoint must match to be resumed)."""
-    setting, planned = cpt_args.setting, plan.settings[cpt_args.setting]
-    mine, others, equal = measure_settings(plan, data, collator, setting, vocab_size)
+    mine, others, equal = compare_settings(audits, setting)
     cpt_setting = {
         "lang": cpt_args.lang,
         "setting": setting,
@@ -595,8 +558,7 @@ def check_plan_isolation(model, windows, store: SegmentStore, collator, *, autoc
 
 
 def judge_guarantees(audit: dict, setting: str, block_size: int) -> tuple[list, list]:
-    """(broken, unchecked): the guarantees this run's model (``document_isolation``) or plan breaks, and those
-    it could not check (``packing.plan_guarantees``)."""
+    """(broken, unchecked): the guarantees this run's model or plan breaks, and those it could not check."""
     isolation, broken = audit["document_isolation"], []
     if not isolation["holds"]:
         broken.append(
@@ -611,8 +573,8 @@ def judge_guarantees(audit: dict, setting: str, block_size: int) -> tuple[list, 
 
 
 def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, audit_file: Path | None) -> None:
-    """Judge every guarantee, record the verdict in the audit, write it to ``audit_file`` (None: not this
-    process) and refuse to train unless every guarantee was checked and holds."""
+    """Record the verdict in the audit, write it (``audit_file`` None: not this process) and refuse to train
+    unless every guarantee was checked and holds."""
     broken, unchecked = judge_guarantees(audit, cpt_args.setting, cpt_args.block_size)
     audit["unchecked"] = unchecked
     audit["guarantees_hold"] = not broken and not unchecked
@@ -625,33 +587,13 @@ def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, a
             f"Refusing to train: a guarantee of the setting could not be checked: {'; '.join(unchecked)}. "
             "Raise --max_steps or add pairs to the dataset. Nothing was trained."
         )
-    logger.info(
-        "Packing (%s): %d steps x %d windows, %d units seen (%.3f epochs), pairs co-located %s%%, real tokens %.4f, "
-        "equal across %s", audit["setting"], plan.steps, plan.windows_per_step, plan.units_seen,
-        audit["plan"]["data_epochs"], audit["pairs"]["co_located_percent"], audit["real_token_fraction"],
-        ", ".join(plan.settings),
-    )  # fmt: skip
-    if plan.mismatched_unavailable:
-        logger.warning("Planned without mismatched bridges (%s).", plan.mismatched_unavailable)
+    logger.info("Packing audit: every guarantee holds: %s", json.dumps(audit["plan"]))
     if plan.steps < plan.requested_steps:
-        logger.warning(
-            "Trained steps trimmed from %d to %d so that the settings see the same documents.",
-            plan.requested_steps,
-            plan.steps,
-        )
+        logger.warning("Trained steps trimmed from %d to %d so that the settings see the same documents.",
+                       plan.requested_steps, plan.steps)  # fmt: skip
 
 
 # ---- The setting, recorded; resuming only the same setting, base model, data and plan ------------
-
-
-class CPTSettingCallback(TrainerCallback, ExportableState):
-    """Stores the CPT setting in trainer_state.json (``stateful_callbacks``)."""
-
-    def __init__(self, cpt_setting: dict | None = None):
-        self.cpt_setting = cpt_setting or {}
-
-    def state(self) -> dict:
-        return {"args": {"cpt_setting": self.cpt_setting}, "attributes": {}}
 
 
 #: cpt_setting keys that say where things are, not what they are (content hashes recognise a moved copy).
@@ -711,12 +653,11 @@ def load_base_model(cpt_args: CPTArguments):
     return model, tokenizer
 
 
-#: How each setting lays a parallel pair out, in the model card.
+#: How each setting lays a parallel pair out, in the model card (details: docs/cpt.md).
 SETTING_DESCRIPTIONS = {
-    "bridges": "WITH bridges (each parallel pair in one context window)",
-    "no_bridges": "WITHOUT bridges (pair halves never share a context window)",
-    "mismatched_bridges": "with MISMATCHED bridges (each pair's first half in one document with another pair's "
-    "second half; no pair's halves share a context window)",
+    "bridges": "WITH bridges",
+    "no_bridges": "WITHOUT bridges",
+    "mismatched_bridges": "with MISMATCHED bridges",
 }
 
 
@@ -798,7 +739,6 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=PackedWindows(windows, data.store, collator),
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[CPTSettingCallback(audit["cpt_setting"])],
     )
     trainer.model_card = model_card(audit, cpt_args, training_args)
     trainer.create_model_card()
