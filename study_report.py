@@ -434,10 +434,6 @@ def _parameter_count(model_dir: Path) -> int | None:
 
 #: Ties above this share of a file's items are flagged (run_eval.py warns at the same rate).
 TIE_FLAG_RATE = 0.05
-TIE_RULES_TEXT = (
-    "Two tie rules: **first** (the paper's: an exact tie for the best score goes to the first tied option, right or "
-    "wrong) and **fractional** (1/k credit for a k-way tie that includes the answer)."
-)
 
 
 def _final_accuracy(eval_dir: str) -> tuple[dict, dict] | None:
@@ -451,9 +447,10 @@ def _report_questions(doc: ReportDoc, plan: Plan) -> dict:
     and the accuracy under both tie rules at the final checkpoint (run_eval.py's accuracy.json)."""
     doc.h(2, "Questions: answer positions, ties and the two tie rules")
     doc.p(
-        "Each option is scored by its loss and the lowest wins. " + TIE_RULES_TEXT + " Under the first rule every "
-        "exact tie goes to option 0, so a file whose answer is often option 0 rewards ties. At the final checkpoint; "
-        "CPT settings are the mean over seeds."
+        "Two tie rules: **first** (the paper's: an exact tie for the best score goes to the first tied option, so to "
+        "option 0) and **fractional** (1/k credit for a k-way tie that includes the answer); "
+        "docs/probing.md (ties and position bias). At the final checkpoint; CPT settings are the mean "
+        "over seeds."
     )
     section = {}
     for key, group in plan.groups.items():
