@@ -13,7 +13,8 @@ queries (12 words drawn from a random document, like a filled cloze sentence), f
 Sizes in --sizes run all three; --large_sizes run the bm25s paths only (rank_bm25 would take
 too long). Each --rss_runs entry DOCUMENTS[:SHARD_SIZE] then runs run_density.py end to end
 (index, search, judge) on a generated corpus of that many documents, with that --shard_size, in
-a child process and reports its peak RSS.
+a child process and reports its peak RSS, next to bm25s's in-memory index of the same file (read,
+tokenise, index, retrieve the same questions' queries) in another child process.
 
 The defaults are the rows of the two tables in docs/benchmarks.md (section "Density retrieval"), and
 the summary prints them in those tables' columns:
@@ -115,8 +116,38 @@ def parse_rss_runs(args) -> list[tuple[int, int]]:
     return runs
 
 
+#: The bm25s side of an --rss_runs entry: the whole corpus tokenised and indexed in memory, then the same queries.
+BM25S_CHILD = """
+import json, sys
+import bm25s
+import run_density as rd
+corpus, questions, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tokens = [rd.retrieval_tokens(text) for text, _, _ in rd.FileCorpus("c", [rd.Path(corpus)], "text").iter_documents(rd.Counter())]
+model = bm25s.BM25(method="lucene")
+model.index(tokens, show_progress=False)
+del tokens
+queries = [rd.prepare_question(i, q["question"], [q["answer"]]).query_tokens for i, q in enumerate(json.load(open(questions)))]
+model.retrieve(queries, k=k, show_progress=False)
+"""
+
+
+def child_peak_rss(command: list[str]) -> tuple[float, float]:
+    """Peak RSS (MiB) and wall seconds of ``command`` run as a child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT,
+                               env=dict(os.environ, TQDM_DISABLE="1"))  # fmt: skip
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    if status != 0:
+        raise RuntimeError(f"{command[:3]} failed:\n{stderr[-3000:]}")
+    return usage.ru_maxrss / 1024, seconds  # Linux reports KiB
+
+
 def peak_rss_of_run_density(work: Path, n: int, shard_size: int, words, cumulative, args) -> dict:
-    """Run run_density.py on an n-document corpus in a child process; its peak RSS (MiB) and time."""
+    """run_density.py on an n-document corpus, and bm25s's in-memory index of it, each in a child process: their
+    peak RSS (MiB) and times."""
     corpus_file = work / f"rss_{n}.jsonl"
     with corpus_file.open("w", encoding="utf-8") as handle:
         for text in generate_documents(n, words, cumulative, args.seed + 7, args.mean_words):
@@ -137,24 +168,20 @@ def peak_rss_of_run_density(work: Path, n: int, shard_size: int, words, cumulati
     command = [sys.executable, str(REPO_ROOT / "run_density.py"), "--questions", str(questions_file),
                "--corpus_files", str(corpus_file), "--top_k", str(args.top_k), "--output_dir", str(work / f"rss_out_{n}"),
                "--shard_size", str(shard_size), "--log_level", "warning"]  # fmt: skip
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, TQDM_DISABLE="1")
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode()
-    process.stderr.close()
-    if status != 0:
-        raise RuntimeError(f"run_density.py failed:\n{stderr[-3000:]}")
+    peak, seconds = child_peak_rss(command)
     report = json.loads((work / f"rss_out_{n}" / "density.json").read_text())
+    bm25s_peak, bm25s_seconds = child_peak_rss(
+        [sys.executable, "-c", BM25S_CHILD, str(corpus_file), str(questions_file), str(args.top_k)]
+    )
     corpus_file.unlink()
     return {
         "documents": report["corpus"]["documents"],
         "shard_size": shard_size,
         "shards": report["corpus"]["index"]["shards"],
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
+        "peak_rss_mib": peak,
         "seconds": seconds,
+        "bm25s_peak_rss_mib": bm25s_peak,
+        "bm25s_seconds": bm25s_seconds,
     }
 
 
@@ -232,13 +259,14 @@ def print_summary(rows: list[dict], rss: list[dict], args) -> None:
         agree = {k: round(v, 3) for k, v in row.items() if k.startswith("overlap")}
         print(f"top-10 agreement at {row['documents']:,} documents: {agree}")
     if rss:
-        print(f"\nrun_density.py end to end ({q} questions, top-{args.top_k}), peak RSS of the child process:")
-        print("| documents | `--shard_size` | shards | peak RSS | wall time |")
-        print("|---:|---:|---:|---:|---:|")
+        print(f"\nrun_density.py end to end ({q} questions, top-{args.top_k}) and bm25s's in-memory index of the same "
+              "file (read, tokenise, index, retrieve), peak RSS of each child process:")  # fmt: skip
+        print("| documents | `--shard_size` | shards | peak RSS | wall time | bm25s in memory: peak RSS | wall time |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in rss:
             print(
                 f"| {r['documents']:,} | {r['shard_size']:,} | {r['shards']} | {r['peak_rss_mib']:.0f} MiB | "
-                f"{r['seconds']:.0f} s |"
+                f"{r['seconds']:.0f} s | {r['bm25s_peak_rss_mib']:.0f} MiB | {r['bm25s_seconds']:.0f} s |"
             )
 
 
