@@ -1,5 +1,5 @@
-"""run_study.py: the plans of every study, the resumable runner and its behaviour under faults (locks, the step
-supervisor, kill -9), resume or start afresh, the paper plan's inputs and cost, sweeps as one plan, the report of a recorded study."""
+"""run_study.py and study_runner.py: the plans of every study, the resumable runner and its behaviour under faults
+(locks, the step supervisor, kill -9), resume or start afresh, the paper plan's inputs and cost, sweeps as one plan, the report of a recorded study."""
 
 import json
 import os
@@ -17,9 +17,11 @@ from conftest import REPO_ROOT, python_step, toy_plan
 
 import run_study
 import study_report
-from run_study import Plan, Step, StudyArguments, StudyBusyError, StudyRunner, build_plan, build_sweep
+import study_runner
+from run_study import Plan, Step, StudyArguments, build_plan, build_sweep
 from study_common import InputError, exit_on_input_error
 from study_config import PRESETS, sweep_factors
+from study_runner import StudyBusyError, StudyRunner
 
 # --------------------------------------------------------------------------------------
 # The plans
@@ -455,15 +457,15 @@ def test_an_interrupted_training_step_resumes_from_its_last_checkpoint(tmp_path)
         (tmp_path / "run" / f"checkpoint-{n}").mkdir(parents=True)
         (tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     (tmp_path / "run" / "checkpoint-15").mkdir()  # no trainer_state: an unfinished save, not resumable
-    run_study._prepare(tmp_path, step, "not run yet")  # first start: nothing to resume, the folder is cleaned
+    study_runner._prepare(tmp_path, step, "not run yet")  # first start: nothing to resume, the folder is cleaned
     assert not (tmp_path / "run").exists()
     (tmp_path / "run" / "checkpoint-10").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint-10" / "trainer_state.json").write_text("{}")
-    command, note = run_study._prepare(tmp_path, step, "it did not finish")  # same command started before: resume
+    command, note = study_runner._prepare(tmp_path, step, "it did not finish")  # same command started before: resume
     assert command[-2:] == ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-10")]
     assert note.startswith(f"cpt-x: resumes from {tmp_path / 'run' / 'checkpoint-10'}")
     step.command = ["python", "run_cpt.py", "--max_steps", "7"]  # another command: start afresh
-    command, note = run_study._prepare(tmp_path, step, "its command changed")
+    command, note = study_runner._prepare(tmp_path, step, "its command changed")
     assert command == step.command and not (tmp_path / "run").exists()
     assert note == f"cpt-x: starts afresh (its command changed); removed its earlier outputs {tmp_path / 'run'}"
 
@@ -477,12 +479,12 @@ def test_a_step_that_runs_alone_on_a_quiet_machine_gets_every_core_and_parallel_
 
     # "first" runs alone; "left" and "right" can run together once it is done
     plan = toy_plan(tmp_path, [step("first", []), step("left", ["first"]), step("right", ["first"])])
-    monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: True)
+    monkeypatch.setattr(study_runner, "_machine_is_quiet", lambda: True)
     StudyRunner(plan, jobs=2, force=False, budget_s=0).run()
     cores = os.cpu_count() or 1
     assert (tmp_path / "first").read_text() == str(cores)
     assert (tmp_path / "left").read_text() == (tmp_path / "right").read_text() == str(max(1, cores // 2))
-    monkeypatch.setattr(run_study, "_machine_is_quiet", lambda: False)  # shared machine: keep the share
+    monkeypatch.setattr(study_runner, "_machine_is_quiet", lambda: False)  # shared machine: keep the share
     StudyRunner(plan, jobs=2, force=True, budget_s=0).run()
     assert (tmp_path / "first").read_text() == str(max(1, cores // 2))
 
@@ -732,9 +734,9 @@ def test_after_kill_9_of_the_study_no_process_of_its_steps_remains_also_accelera
     ]
     (tmp_path / "plan.pickle").write_bytes(pickle.dumps(toy_plan(tmp_path / "study", steps)))
     driver = (
-        f"import pickle, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import run_study; "
+        f"import pickle, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import study_runner; "
         f"plan = pickle.loads(open({str(tmp_path / 'plan.pickle')!r}, 'rb').read()); "
-        "run_study.StudyRunner(plan, jobs=2, force=False, budget_s=0).run()"
+        "study_runner.StudyRunner(plan, jobs=2, force=False, budget_s=0).run()"
     )
     study = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO_ROOT, start_new_session=True)
     try:

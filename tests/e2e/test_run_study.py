@@ -15,7 +15,8 @@ from conftest import REPO_ROOT, run_script, toy_plan
 from test_run_study import _processes_mentioning, _wait_until
 
 import run_study
-from run_study import Step, StudyArguments, StudyRunner
+from run_study import Step, StudyArguments
+from study_runner import StudyRunner
 
 pytestmark = pytest.mark.slow
 
