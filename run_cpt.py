@@ -70,7 +70,6 @@ from train_common import (
     CardTrainer,
     ModelCard,
     autocast_dtype,
-    check_attention_implementation_trains_on,
     check_document_isolation,
     finish_training,
     guard_flash_attention_inputs,
@@ -78,7 +77,6 @@ from train_common import (
     packed_batch,
     parse_training_flags,
     resume_checkpoint,
-    use_cpu_backend_without_gpu,
 )
 
 logger = logging.getLogger("run_cpt")
@@ -169,7 +167,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[CPTArguments, TrainingArg
         )
     if training_args.ignore_data_skip:
         raise InputError("--ignore_data_skip would re-train windows already seen when resuming; remove it.")
-    check_attention_implementation_trains_on(cpt_args.attn_implementation, training_args.device)
     return cpt_args, training_args
 
 
@@ -688,7 +685,6 @@ def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
 def main(argv: list[str] | None = None) -> dict:
     """Continue the base model in one setting; returns the packing audit (also OUT/packing_audit.json)."""
     # 1. Arguments, and the refusals that need no data: nothing is read or written before them.
-    use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
     cpt_args, training_args = parse_args(argv)
     setup_logging(training_args)
 

@@ -63,7 +63,6 @@ from train_common import (
     ModelCard,
     autocast_dtype,
     batch_layout,
-    check_attention_implementation_trains_on,
     check_document_isolation,
     finish_training,
     guard_flash_attention_inputs,
@@ -71,7 +70,6 @@ from train_common import (
     packed_batch,
     parse_training_flags,
     resume_checkpoint,
-    use_cpu_backend_without_gpu,
 )
 
 logger = logging.getLogger(__name__)
@@ -634,7 +632,6 @@ def parse_arguments(argv: list[str] | None = None):
         raise InputError("--streaming needs --max_steps N: a stream has no length to derive the number of steps from.")
     if data_args.block_size < 2:
         raise InputError(f"--block_size {data_args.block_size} is too small; use e.g. 128 or 512.")
-    check_attention_implementation_trains_on(model_args.attn_implementation, training_args.device)
     return model_args, data_args, training_args
 
 
@@ -732,7 +729,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Run the pretraining; returns the data statistics (also in OUT/data_stats.json). ``callbacks`` go to the
     Trainer (bench/bench_pretrain_train.py times the steps with one)."""
     # 1. Arguments, and every refusal that needs no data: nothing is read or written before them.
-    use_cpu_backend_without_gpu()  # before TrainingArguments: a CPU multi-process launch joins gloo
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
     logger.info(

@@ -250,8 +250,10 @@ RESUME_HELP = (
 
 
 def parse_training_flags(parser, argv: list[str] | None) -> tuple:
-    """A training script's argument dataclasses, from its flags or one .json file (as run_clm.py); the
-    TrainingArguments' own refusals become InputErrors. --help shows RESUME_HELP."""
+    """A training script's argument dataclasses, from its flags or one .json file (as run_clm.py), built over gloo
+    on a CPU launch; the TrainingArguments' own refusals become InputErrors, and a kernel the training device
+    cannot train with (``attn_implementation`` of the first dataclass) is refused. --help shows RESUME_HELP."""
+    use_cpu_backend_without_gpu()  # before TrainingArguments are built
     for action in parser._actions:
         if action.dest == "resume_from_checkpoint":
             action.help = RESUME_HELP
@@ -264,6 +266,7 @@ def parse_training_flags(parser, argv: list[str] | None) -> tuple:
     except ValueError as err:
         raise InputError(" ".join(str(err).split())) from err
     training_args = args[-1]
+    check_attention_implementation_trains_on(args[0].attn_implementation, training_args.device)
     if training_args.push_to_hub and training_args.hub_strategy == "all_checkpoints":
         training_args.hub_always_push = True  # else a checkpoint is skipped while the previous one uploads
     return args
