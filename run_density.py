@@ -293,12 +293,9 @@ class QuestionFacts:
 
 def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     """Query, key terms and answer units of one cloze item."""
+    has_blank = BLANK.search(question)
     # Filled as a text stating the fact writes it: a Tibetan answer stays its own syllables.
-    filled = (
-        fill_blanks(question, answers[0], tibetan_tsheg=True)[0]
-        if BLANK.search(question)
-        else f"{question} {answers[0]}"
-    )
+    filled = fill_blanks(question, answers[0], tibetan_tsheg=True)[0] if has_blank else f"{question} {answers[0]}"
     query = retrieval_tokens(filled)
     for other in answers[1:]:
         query.extend(retrieval_tokens(other))
@@ -790,12 +787,8 @@ JUDGE_YES, JUDGE_NO = " Yes", " No"
 def judge_prompt_parts(question: Question, excerpt: str) -> tuple[str, str, str]:
     """The judge prompt as (text before the document, document excerpt, text after it)."""
     head, tail = JUDGE_PROMPT.split("{document}")
-    answer = " / ".join(question.answers)
-    return (
-        head,
-        excerpt,
-        tail.format(question=question.question.strip(), answer=answer, statement=question.filled.strip()),
-    )
+    answer, statement = " / ".join(question.answers), question.filled.strip()
+    return head, excerpt, tail.format(question=question.question.strip(), answer=answer, statement=statement)
 
 
 def document_excerpt(text: str, question: Question, max_chars: int) -> str:
@@ -934,11 +927,9 @@ def _source_of(stem: str, lang: str, sources: dict[str, str], occurrences: dict)
     if (source, stem) in occurrences:
         return source, stem
     parallel = [s for c, s in occurrences if c == source and parallel_base(s) == prefix]
-    return (
-        (source, parallel[0])
-        if len(parallel) == 1
-        else f"no (single) parallel question file measured on corpus {source!r}"
-    )
+    if len(parallel) != 1:
+        return f"no (single) parallel question file measured on corpus {source!r}"
+    return source, parallel[0]
 
 
 def instance_analysis(with_path: Path, without_path: Path, step: int | None, sources: dict[str, str],
