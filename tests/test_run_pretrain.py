@@ -1,13 +1,11 @@
-"""run_pretrain.py: Latin filter, tokenizer, packing with document-isolated attention, bad input,
+"""run_pretrain.py: filtering, tokenizer, packing with document-isolated attention, bad input,
 and end-to-end runs (the command contract, exact resume, two CPU processes, streaming, Hub push)."""
 
 import json
 import math
-import random
 import unicodedata
 
 import pytest
-import regex
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import MULTI_SCRIPT_SAMPLE, REPO_ROOT
@@ -24,71 +22,8 @@ from run_pretrain import (
     pack_documents,
     train_tokenizer,
 )
-from study_common import document_start_id, encode_documents, filter_to_latin, has_non_latin_letter
+from study_common import document_start_id, encode_documents
 from train_common import check_document_isolation, isolation_failure
-
-# --------------------------------------------------------------------------------------
-# The Latin filter: the fast implementation against the rule written as a loop
-# --------------------------------------------------------------------------------------
-
-_LATIN_OR_COMMON = regex.compile(r"[\p{scx=Latin}\p{scx=Zyyy}]")
-_MARK = regex.compile(r"\p{M}")
-_LETTER = regex.compile(r"\p{L}")
-
-
-def latin_filter_rule(text: str) -> tuple[str, int]:
-    """The filter's definition, one character at a time: a combining mark is kept iff the last
-    non-mark character before it is a kept letter; any other character iff it is Latin or Common."""
-    kept, removed, after_kept_letter = [], 0, False
-    for char in text:
-        if _MARK.match(char):
-            keep = after_kept_letter
-        else:
-            keep = bool(_LATIN_OR_COMMON.match(char))
-            after_kept_letter = keep and bool(_LETTER.match(char))
-        if keep:
-            kept.append(char)
-        else:
-            removed += 1
-    return "".join(kept), removed
-
-
-@pytest.fixture(scope="module")
-def assigned():
-    """Every assigned code point except surrogates and private use (~160k characters)."""
-    every = "".join(map(chr, range(0x110000)))
-    return regex.findall(r"[^\p{Cn}\p{Cs}\p{Co}]", every)
-
-
-def test_latin_filter_matches_its_character_rule_on_every_assigned_code_point(assigned):
-    # every code point after a Latin letter, after a digit, doubled with a Latin-script mark,
-    # and followed by an acute accent: bases, marks in every context, leading marks
-    text = "".join(f"a{c}\u0301 1{c}{c}\u0363 {c}" for c in assigned)
-    assert filter_to_latin(text) == latin_filter_rule(text)
-    marks = [c for c in assigned if _MARK.match(c)]
-    rng = random.Random(0)
-    for _ in range(3000):
-        pools = [assigned, marks, "aé1 .,\u0301"]
-        sample = "".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 12)))
-        assert filter_to_latin(sample) == latin_filter_rule(sample), ascii(sample)
-
-
-def test_latin_filter_keeps_accented_latin_and_removes_other_scripts_and_their_punctuation():
-    assert filter_to_latin("Café naïve e\u0301 1234, «ok»!") == ("Café naïve e\u0301 1234, «ok»!", 0)
-    assert filter_to_latin("Seoul (서울) 。end") == ("Seoul () end", 3)  # U+3002 is Han/Hangul punctuation
-    assert filter_to_latin("བོད་ ༣ ᠮᠣ᠂x") == ("  x", 8)  # Tibetan letters, marks, digit; Mongolian comma
-    assert filter_to_latin("\u0301a") == ("a", 1)  # a mark with no letter before it
-
-
-def test_non_latin_letter_check_matches_its_rule_where_python_knows_the_character(assigned):
-    def rule(c):
-        return bool((_LETTER.match(c) or unicodedata.category(c) == "Nd") and not _LATIN_OR_COMMON.match(c))
-
-    # Python's unicodedata is older than the regex module's tables: skip what it does not know.
-    known = [c for c in assigned if unicodedata.category(c) != "Cn"]
-    assert [c for c in known if has_non_latin_letter(c) != rule(c)] == []
-    assert has_non_latin_letter("Paris ༣") and not has_non_latin_letter("Café 123 — «ok» \u0301")
-
 
 # --------------------------------------------------------------------------------------
 # Filtering and tokenizing documents, with every drop counted

@@ -1,13 +1,23 @@
-"""study_common.read_documents: every accepted file type read as documents, every other one refused; the
-resume convention of the training scripts."""
+"""study_common: every accepted file type read as documents, every other one refused; the Latin filter against
+its rule."""
 
 import json
+import random
 import re
+import unicodedata
 
 import pytest
+import regex
 
 import run_density as rd
-from study_common import DOCUMENT_FILE_TYPES, InputError, read_delimited, read_documents
+from study_common import (
+    DOCUMENT_FILE_TYPES,
+    InputError,
+    filter_to_latin,
+    has_non_latin_letter,
+    read_delimited,
+    read_documents,
+)
 
 
 def test_csv_documents_come_from_the_named_column_without_the_header_even_across_lines(tmp_path):
@@ -135,20 +145,64 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_document(tmp_path,
         assert list(read_delimited(path, [("en", None), ("tgt", None)])) == [(f"{path}:2", ["Tea", "ཇ"])]
 
 
-def test_one_resume_convention_for_both_training_scripts(tmp_path):
-    from study_common import InputError
-    from train_common import resume_checkpoint
+# --------------------------------------------------------------------------------------
+# The Latin filter: the fast implementation against the rule written as a loop
+# --------------------------------------------------------------------------------------
 
-    run = tmp_path / "run"
-    assert resume_checkpoint(None, run) is None  # a new folder starts afresh
-    with pytest.raises(InputError, match=r"latest: no checkpoint-N in"):
-        resume_checkpoint("latest", run)
-    (run / "checkpoint-2").mkdir(parents=True)
-    (run / "checkpoint-10").mkdir()
-    with pytest.raises(InputError, match=r"already holds .*checkpoint-10\. Pass --resume_from_checkpoint"):
-        resume_checkpoint(None, run)  # never an earlier run's checkpoints without saying so
-    for value in ("latest", "true", "last", "True"):
-        assert resume_checkpoint(value, run) == str(run / "checkpoint-10")
-    assert resume_checkpoint(str(run / "checkpoint-2"), run) == str(run / "checkpoint-2")
-    with pytest.raises(InputError, match=r"checkpoint-7: no such checkpoint folder"):
-        resume_checkpoint(str(run / "checkpoint-7"), run)
+_LATIN_OR_COMMON = regex.compile(r"[\p{scx=Latin}\p{scx=Zyyy}]")
+_MARK = regex.compile(r"\p{M}")
+_LETTER = regex.compile(r"\p{L}")
+
+
+def latin_filter_rule(text: str) -> tuple[str, int]:
+    """The filter's definition, one character at a time: a combining mark is kept iff the last
+    non-mark character before it is a kept letter; any other character iff it is Latin or Common."""
+    kept, removed, after_kept_letter = [], 0, False
+    for char in text:
+        if _MARK.match(char):
+            keep = after_kept_letter
+        else:
+            keep = bool(_LATIN_OR_COMMON.match(char))
+            after_kept_letter = keep and bool(_LETTER.match(char))
+        if keep:
+            kept.append(char)
+        else:
+            removed += 1
+    return "".join(kept), removed
+
+
+@pytest.fixture(scope="module")
+def assigned():
+    """Every assigned code point except surrogates and private use (~160k characters)."""
+    every = "".join(map(chr, range(0x110000)))
+    return regex.findall(r"[^\p{Cn}\p{Cs}\p{Co}]", every)
+
+
+def test_latin_filter_matches_its_character_rule_on_every_assigned_code_point(assigned):
+    # every code point after a Latin letter, after a digit, doubled with a Latin-script mark,
+    # and followed by an acute accent: bases, marks in every context, leading marks
+    text = "".join(f"a{c}\u0301 1{c}{c}\u0363 {c}" for c in assigned)
+    assert filter_to_latin(text) == latin_filter_rule(text)
+    marks = [c for c in assigned if _MARK.match(c)]
+    rng = random.Random(0)
+    for _ in range(3000):
+        pools = [assigned, marks, "aé1 .,\u0301"]
+        sample = "".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 12)))
+        assert filter_to_latin(sample) == latin_filter_rule(sample), ascii(sample)
+
+
+def test_latin_filter_keeps_accented_latin_and_removes_other_scripts_and_their_punctuation():
+    assert filter_to_latin("Café naïve e\u0301 1234, «ok»!") == ("Café naïve e\u0301 1234, «ok»!", 0)
+    assert filter_to_latin("Seoul (서울) 。end") == ("Seoul () end", 3)  # U+3002 is Han/Hangul punctuation
+    assert filter_to_latin("བོད་ ༣ ᠮᠣ᠂x") == ("  x", 8)  # Tibetan letters, marks, digit; Mongolian comma
+    assert filter_to_latin("\u0301a") == ("a", 1)  # a mark with no letter before it
+
+
+def test_non_latin_letter_check_matches_its_rule_where_python_knows_the_character(assigned):
+    def rule(c):
+        return bool((_LETTER.match(c) or unicodedata.category(c) == "Nd") and not _LATIN_OR_COMMON.match(c))
+
+    # Python's unicodedata is older than the regex module's tables: skip what it does not know.
+    known = [c for c in assigned if unicodedata.category(c) != "Cn"]
+    assert [c for c in known if has_non_latin_letter(c) != rule(c)] == []
+    assert has_non_latin_letter("Paris ༣") and not has_non_latin_letter("Café 123 — «ok» \u0301")

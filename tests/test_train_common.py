@@ -1,6 +1,7 @@
 """train_common.py: packed_batch and its guard (which layout each attention implementation gets, that no batch of
 several rows without sequence boundaries reaches a flash kernel, and that the flattened and the padded layout carry
-the same tokens, labels and documents and give the same logits with sdpa), through run_pretrain's collator."""
+the same tokens, labels and documents and give the same logits with sdpa), through run_pretrain's collator; the
+flag parsing and the resume convention of both training scripts."""
 
 from collections import Counter
 
@@ -173,3 +174,35 @@ def test_flags_that_training_arguments_refuse_together_are_an_input_error_with_i
     )
     with pytest.raises(InputError, match="--load_best_model_at_end requires"):  # a .json of flags, as run_clm.py
         parse([str(tmp_path / "flags.json")])
+
+
+def test_one_resume_convention_for_both_training_scripts(tmp_path):
+    from study_common import InputError
+    from train_common import resume_checkpoint
+
+    run = tmp_path / "run"
+    assert resume_checkpoint(None, run) is None  # a new folder starts afresh
+    with pytest.raises(InputError, match=r"latest: no checkpoint-N in"):
+        resume_checkpoint("latest", run)
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-10").mkdir()
+    with pytest.raises(InputError, match=r"already holds .*checkpoint-10\. Pass --resume_from_checkpoint"):
+        resume_checkpoint(None, run)  # never an earlier run's checkpoints without saying so
+    for value in ("latest", "true", "last", "True"):
+        assert resume_checkpoint(value, run) == str(run / "checkpoint-10")
+    assert resume_checkpoint(str(run / "checkpoint-2"), run) == str(run / "checkpoint-2")
+    with pytest.raises(InputError, match=r"checkpoint-7: no such checkpoint folder"):
+        resume_checkpoint(str(run / "checkpoint-7"), run)
+
+
+@pytest.mark.parametrize("script", ["run_pretrain", "run_cpt"])
+def test_pushing_every_checkpoint_never_skips_one_while_another_uploads(script, tmp_path):
+    import run_cpt
+    import run_pretrain
+
+    parse = {"run_pretrain": run_pretrain.parse_arguments, "run_cpt": run_cpt.parse_args}[script]
+    flags = ["--output_dir", str(tmp_path / "out"), "--hub_model_id", "org/model", "--push_to_hub"]
+    flags += {"run_pretrain": ["--train_file", "en.txt"],
+              "run_cpt": ["--dataset_path", str(tmp_path), "--model_name_or_path", "base", "--bridges"]}[script]  # fmt: skip
+    assert parse([*flags, "--hub_strategy", "all_checkpoints"])[-1].hub_always_push is True
+    assert parse([*flags, "--hub_strategy", "every_save"])[-1].hub_always_push is False
