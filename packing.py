@@ -510,11 +510,8 @@ def audit_windows(
                 if segment.part == 0:
                     seen[segment.key] += 1
                 if units[segment.key].is_pair:  # where each half lies: (window, document, first position)
-                    places.setdefault(segment.unit, [None, None])[segment.part] = (
-                        w,
-                        d,
-                        features["position_ids"][offset],
-                    )
+                    place = (w, d, features["position_ids"][offset])
+                    places.setdefault(segment.unit, [None, None])[segment.part] = place
                 offset += len(tokens)
         documents, real, max_window = documents + len(window), real + offset, max(max_window, offset)
         pending.append((np.asarray(features["input_ids"], np.int64), np.asarray(features["labels"], np.int64)))
