@@ -85,7 +85,7 @@ def test_command_contract_on_a_run_pretrain_base(tmp_path):
         assert read_json(run / "checkpoint-5" / "config.json")["cpt_setting"] == setting
         state = read_json(run / "trainer_state.json")
         assert state["global_step"] == 10
-        assert state["stateful_callbacks"]["CPTSettingCallback"]["args"]["cpt_setting"] == setting
+        assert audits[name]["cpt_setting"] == setting
         name = f"cpt-bo-{'bridges' if bridges else 'no-bridges'}-seed42"
         assert torch.load(run / "training_args.bin", weights_only=False).run_name == name
         card = (run / "README.md").read_text()
