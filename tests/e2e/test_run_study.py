@@ -130,7 +130,7 @@ def test_micro_study_end_to_end_writes_a_complete_and_consistent_report(micro_st
             if entry["tie_policies_differ"]:
                 fractional = entry["tie_policies"]["fractional"]
                 assert f"| fractional | {fractional['accuracy_with'][-1]:.3f} | " in report_md
-    assert "Tie rule of the table above: **first** (the paper's)." in report_md
+    assert "Tie policy: first (McNemar: first-wins)." in report_md
     # anchors vs control: every tier, both directions, pooled and per setting
     comparisons = sections["anchors"]["mn"]["comparisons"]
     assert {(c["direction"], c["tier"], c["setting"]) for c in comparisons} == {
