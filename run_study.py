@@ -81,12 +81,12 @@ class StudyArguments:
     )
     set: list[str] | None = field(
         default=None,
-        metadata={"action": "append", "help": "KEY=VALUE (VALUE in YAML): change a key of the study, e.g. "
+        metadata={"action": "extend", "help": "KEY=VALUE (VALUE in YAML): change a key of the study, e.g. "
                   "cpt.max_steps=120 or seeds=[0,1]; repeatable."},
     )  # fmt: skip
     sweep: list[str] | None = field(
         default=None,
-        metadata={"action": "append", "help": "KEY=V1,V2,...: one study per value in OUTPUT_DIR/<cell> (repeatable: "
+        metadata={"action": "extend", "help": "KEY=V1,V2,...: one study per value in OUTPUT_DIR/<cell> (repeatable: "
                   "the grid), shared steps once in OUTPUT_DIR/shared."},
     )  # fmt: skip
     output_dir: str | None = field(
@@ -334,10 +334,8 @@ def _question_files(folder: Path, lang: str) -> list[str]:
 
 
 def build_plan(args: StudyArguments, preset: Preset, out: Path, cell: str | None = None) -> Plan:
-    """The plan of a synthetic study (the paper's: build_paper_plan): world, pretraining, then per language and name
-    variant the CPT dataset, the base model's probing, each run's CPT and probing, the transfer analysis and the
-    density (the last two for a group trained in both settings). ``preset``: the effective configuration
-    (configure)."""
+    """The plan of a study for ``preset``, its effective configuration (configure): the synthetic world and
+    pretraining, then per language and name variant the CPT dataset and runs, their probing and analyses."""
     if not preset.synthetic:
         return build_paper_plan(args, preset, out, cell)
     langs, variants, plan = preset.langs, preset.variants, _PlanBuilder(args, preset, out, cell)
@@ -486,8 +484,7 @@ def _num_processes(command: list[str]) -> int:
 
 
 def training_cost(plan: Plan, args: StudyArguments) -> str:
-    """--dry_run's training cost per training step and in all: windows and tokens exact from the flags, GPU-hours an
-    estimate from a throughput (the paper study's measured one, or --tokens_per_second_per_gpu)."""
+    """--dry_run's training cost: windows and tokens exact from the flags, GPU-hours an estimate from a throughput."""
     throughput, source = args.tokens_per_second_per_gpu, "given with --tokens_per_second_per_gpu"
     if throughput is None and not plan.preset.synthetic:
         throughput, source = MEASURED_TOKENS_PER_SECOND_PER_GPU, f"measured by {MEASURED_THROUGHPUT_SOURCE}"
@@ -532,8 +529,8 @@ def commands_script(plan: Plan, args: StudyArguments) -> str:
 
 
 def _missing_inputs(plan: Plan, args: StudyArguments) -> str | None:
-    """What is missing of the files the plan reads that no step writes (the paper's questions, local corpus and pair
-    files), and how to get it; None when nothing is."""
+    """What is missing of the inputs no step writes (the paper's questions, local corpus and pair files) and how to
+    get it; None when nothing is."""
     if plan.preset.synthetic:
         return None
     problems = []
@@ -584,8 +581,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Pres
     """The study's arguments, its configuration (configure) and the lines saying what --smoke cut."""
     (args,) = _parser().parse_args_into_dataclasses(args=argv)
     args.preset = str(study_file(args.preset))  # a path that holds after the move to the repository root
-    for name in ("set", "sweep"):  # repeated flags, each with one or more values
-        setattr(args, name, [text for given in getattr(args, name) or [] for text in given] or None)
     preset, smoke_cuts = configure(args)
     if args.hub_org and preset.synthetic:
         raise InputError("--hub_org applies to the paper study only (synthetic studies never touch the Hub).")
@@ -597,9 +592,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[StudyArguments, Pres
 
 
 def configure(args: StudyArguments, cell: dict | None = None) -> tuple[Preset, list[str]]:
-    """A study's effective configuration: its file, then --set, then a sweep cell's values, every key checked; under
-    --smoke its budgets cut (and the lines saying what); then the flags that set keys (CONFIG_FLAGS), the whole
-    checked."""
+    """A study's effective configuration (its file, --set, a sweep cell's values, --smoke's cuts, then the flags that
+    set keys), checked, and the lines saying what --smoke cut."""
     path = study_file(args.preset)
     preset = read_study(path, args.set or [], cell)
     preset, cuts = smoke_preset(preset, on_gpu=_cuda_available()) if args.smoke else (preset, [])
@@ -618,8 +612,7 @@ def given_flags(argv: list[str] | None) -> set[str]:
 
 
 def configuration(args: StudyArguments, argv: list[str] | None, factors: dict | None) -> dict:
-    """How the study was configured, for plan.json and the reports: its file, --set, --sweep and the other flags
-    that shape the plan as given, and all arguments."""
+    """How the study was configured, for plan.json and the reports: file, --set, --sweep, the other flags given."""
     given = given_flags(argv)
     return {"preset": Path(args.preset).stem, "file": str(study_file(args.preset)), "set": args.set or [],
             "sweep": factors, "arguments": asdict(args),
@@ -672,8 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             print(f"\n{err}", file=sys.stderr)
             return 1
-        # 8. The reports, from the files the steps wrote.
-        _print_report_paths(write_reports(plan), f"Study finished in {fmt_time(time.time() - started)}.")
+        # 8. The reports, from the files the steps wrote (every step finished: the runner raises otherwise).
+        written = write_reports(plan)
+        print(f"Study finished in {fmt_time(time.time() - started)}.\nReport: {written['md']} and {written['html']}")
         return 0
     finally:
         os.close(lock)  # the kernel drops the lock with it
@@ -681,20 +675,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _print_report_paths(written: dict, done: str) -> None:
-    """Where the report is, and whether the study finished: a report of an unfinished study says so first."""
-    unfinished = written["unfinished"]
-    if unfinished:
-        print(
-            f"The study is NOT finished: {len(unfinished)} of {written['steps']} steps have no finished run "
-            f"({', '.join(list(unfinished)[:5])}{', ...' if len(unfinished) > 5 else ''}); the report says which "
-            "and shows only what the finished ones wrote. Run the study's command again to finish it."
-        )
-    else:
-        print(done)
-    print(f"Report: {written['md']} and {written['html']}")
 
 
 def plan_record(plan: Plan) -> dict:
@@ -708,8 +688,7 @@ def plan_record(plan: Plan) -> dict:
 
 
 def _print_overview(plan: Plan, args: StudyArguments, smoke_cuts: list[str]) -> None:
-    """The study and its configuration, the output folder, the steps by kind (a sweep's cells and the steps they
-    share) and the time budget."""
+    """The study, its configuration and output folder, the steps by kind (a sweep's per cell) and the time budget."""
     config, preset = plan.config, plan.preset
     print(
         f"Study {preset.name!r}: {preset.description}\nConfiguration: {configuration_text(config)}\nOutput: {plan.out}"

@@ -113,10 +113,7 @@ def _last_checkpoint(workdir: str | None) -> str | None:
 
 def _prepare(out: Path, step, reason: str) -> tuple[list[str], str | None]:
     """Resume or clean a step about to start (``reason``: why it runs); returns its command and a note for the logs.
-
-    A training step resumes from its last checkpoint only when its earlier start ran the same command on the same
-    finished upstream runs (an interruption); anything else starts afresh, its earlier outputs removed, so no run
-    continues from checkpoints trained on other inputs."""
+    Only a training step interrupted on the same command and upstream runs resumes (docs/study.md)."""
     started = read_record(started_record(out, step))
     upstream = upstream_runs(out, step)
     if started is None:
