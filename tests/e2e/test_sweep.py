@@ -32,6 +32,13 @@ def test_a_micro_sweep_end_to_end_shares_one_world_and_pretraining_and_writes_th
         for d in directions:
             assert shown[(d["direction"], "all questions")]["mean_gap_ci"] == d["mean_gap_ci"]
         assert cell["own_steps_s"] > 0 and cell["shared_steps_s"] > 0
+        # the dose: data epochs from the runs' packing audits, times the world's pair mentions
+        audits = [json.loads(p.read_text()) for p in (out / name / "cpt").glob("*/packing_audit.json")]
+        assert cell["data_epochs"] == pytest.approx(sum(a["plan"]["data_epochs"] for a in audits) / len(audits))
+        assert (
+            cell["mentions_seen"] == pytest.approx(cell["pair_mentions"] * cell["data_epochs"])
+            and cell["pair_mentions"]
+        )
         assert {c["setting"] for c in cell["checks"]} == {"bridges", "no_bridges"}
     report = (out / "sweep_report.md").read_text()
     assert "![" in report and (out / "figures" / "dose_response.png").read_bytes()[:4] == b"\x89PNG"
