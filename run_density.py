@@ -14,46 +14,40 @@ OUT/density.json, OUT/density.md (the paper's Table 1) and OUT/index/LABEL/ (doc
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import os
-import re
-import shutil
-import unicodedata
-from array import array
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bm25s
 import numpy as np
-import regex
-import scipy.sparse
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from bm25_index import (
+    ENGLISH_STOPWORDS,
+    SCRIPT_OF_KIND,
+    TOKENIZER_VERSION,
+    DatasetCorpus,
+    FileCorpus,
+    ShardedBM25,
+    open_index,
+    retrieval_tokens,
+    script_runs,
+)
 from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, parallel_base, read_predictions
 from study_common import (
     LANGUAGE_SCRIPTS,
     InputError,
-    check_document_suffix,
     document_start_id,
     exit_on_input_error,
-    is_saved_dataset,
-    not_utf8,
-    read_documents,
     setup_logging,
-    text_of,
     write_json_atomic,
     write_text_atomic,
 )
 
 logger = logging.getLogger("run_density")
-
-#: Corpus file types with one document per line: read back by byte offset.
-_LINE_FILES = (".txt", ".jsonl")
 
 
 @dataclass
@@ -134,94 +128,14 @@ class DensityArguments:
             raise InputError("Give both --predictions_with and --predictions_without (or neither).")
 
 
-# Tokenisation by script
+# Questions: read and filled by cloze.py, prepared here for retrieval and judging
 
-#: Bump when retrieval_tokens changes: it is part of every index fingerprint.
-TOKENIZER_VERSION = "density-tokens-2"
-
-# Maximal runs of letters of one script, or of digits, named by kind; "other" is any letter run of a script the
-# study does not name (e.g. Cyrillic), tokenised like Latin. Tibetan tsheg and shad are punctuation, so a Tibetan
-# run is one syllable; spaces (U+202F becomes one under NFKC) end Mongolian words and Hangul eojeol. regex VERSION1
-# gives the [..&&..] and [..--..] set operations.
-_RUNS = regex.compile(
-    r"(?P<latin>\p{sc=Latin}[\p{sc=Latin}\p{M}]*)"
-    r"|(?P<digit>\p{Nd}+)"
-    r"|(?P<hangul>[\p{sc=Hangul}&&[\p{L}\p{M}]]+)"
-    r"|(?P<han>[\p{sc=Han}&&\p{L}]+)"
-    r"|(?P<tibetan>[\p{sc=Tibetan}&&[\p{L}\p{M}]]+)"
-    r"|(?P<mongolian>[\p{sc=Mongolian}&&[\p{L}\p{M}]]+)"
-    r"|(?P<other>[[\p{L}\p{M}]--[\p{sc=Latin}\p{sc=Hangul}\p{sc=Han}\p{sc=Tibetan}\p{sc=Mongolian}]]+)",
-    regex.VERSION1,
-)
-# ASCII text (most of an English corpus) takes a plain `re` path that gives the same runs.
-_ASCII_RUNS = re.compile(r"[a-z]+|[0-9]+")
-SCRIPT_OF_KIND = {"latin": "Latin", "hangul": "Hangul", "han": "Han", "tibetan": "Tibetan", "mongolian": "Mongolian"}
-
-# Format characters that change a glyph's shape, not the word: Mongolian free variation selectors and vowel
-# separator (U+180B-U+180F), zero-width (non-)joiners.
-_SHAPING_ONLY = dict.fromkeys(map(ord, "\u180b\u180c\u180d\u180e\u180f\u200c\u200d"))
-
-#: English stopwords: neither indexed nor key terms. Negations (not, no, never) are kept.
-ENGLISH_STOPWORDS = frozenset(
-    """a an the of in on at to for from by with and or but nor is are was were be been being am it its this that
-    these those as which who whom whose what when where why how do does did has have had their they them there
-    he she his her him i you we our your my me us can will would shall should may might must also than then such
-    into about over after before very s so if""".split()
-)
 #: Not key terms of the lexical judge (still indexed, where their low idf discounts them): Tibetan case particles
 #: and copulas, Mongolian case suffixes written as separate words (shaping characters removed).
 JUDGE_STOPWORDS = ENGLISH_STOPWORDS | frozenset(
     "གི ཀྱི གྱི འི ཡི གིས ཀྱིས གྱིས འིས ཡིས ལ ར རུ སུ ཏུ དུ ན ནས ལས དང ནི ཡང ཡིན ཡོད རེད འདུག སོགས".split()
     + "ᠤᠨ ᠦᠨ ᠶᠢᠨ ᠢᠨ ᠤ ᠦ ᠳᠤ ᠲᠤ ᠳᠦ ᠲᠦ ᠢ ᠶᠢ ᠪᠠ ᠡᠴᠡ ᠠᠴᠠ ᠢᠶᠠᠷ ᠪᠡᠷ ᠪᠠᠷ ᠲᠠᠢ ᠲᠡᠢ ᠪᠣᠯ ᠪᠠᠶᠢᠨᠠ".split()
 )
-
-
-def _runs(text: str) -> list[tuple[str, str]]:
-    """(kind, run) per run of ``text``, NFKC-normalised, shaping characters removed, lower-cased, digits as ASCII
-    (Tibetan ༥༠, Mongolian ᠕᠐ and full-width ５０ are all 50)."""
-    if text.isascii():
-        return [("digit" if run[0] <= "9" else "latin", run) for run in _ASCII_RUNS.findall(text.lower())]
-    text = unicodedata.normalize("NFKC", text).translate(_SHAPING_ONLY).lower()
-    runs = []
-    for match in _RUNS.finditer(text):
-        run = match[0]
-        if match.lastgroup == "digit" and not run.isascii():
-            run = "".join(str(unicodedata.digit(c)) for c in run)
-        runs.append((match.lastgroup, run))
-    return runs
-
-
-def retrieval_tokens(text: str, kind_units: Counter | None = None) -> list[str]:
-    """BM25 tokens of ``text``, which may mix scripts; adds the word units of each run kind to ``kind_units``.
-
-    * Latin (and unnamed scripts): lower-cased words, English stopwords removed; digits of any script: ASCII.
-    * Hangul: each eojeol, its syllables, and for eojeol of three or more syllables its syllable bigrams (추석을 and
-      추석에 share 추석; every syllable of an answer is a token, so 4개 finds 4개의).
-    * Han: every character and character bigram of a run (no word segmenter needed).
-    * Tibetan: syllables. Traditional Mongolian: words, shaping characters removed.
-    """
-    if text.isascii():  # the result of the loop below, faster
-        runs = _ASCII_RUNS.findall(text.lower())
-        if kind_units is not None:
-            digits = sum(run[0] <= "9" for run in runs)
-            kind_units["digit"] += digits
-            kind_units["latin"] += len(runs) - digits
-        return [run for run in runs if run not in ENGLISH_STOPWORDS]
-    tokens: list[str] = []
-    for kind, run in _runs(text):
-        if kind_units is not None:
-            kind_units[kind] += len(run) if kind in ("han", "hangul") else 1
-        if kind == "han":
-            tokens += [*run, *(run[i : i + 2] for i in range(len(run) - 1))]
-        elif kind == "hangul":
-            tokens.append(run)
-            if len(run) > 1:
-                tokens.extend(run)
-            if len(run) > 2:
-                tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
-        elif kind not in ("latin", "other") or run not in ENGLISH_STOPWORDS:
-            tokens.append(run)
-    return tokens
 
 
 @dataclass
@@ -239,7 +153,7 @@ class TextAnalysis:
 def analyse_text(text: str) -> TextAnalysis:
     units: list[str] = []
     key_tokens: list[tuple[str, ...]] = []
-    for kind, run in _runs(text):
+    for kind, run in script_runs(text):
         if kind == "han":
             units.extend(run)
             key_tokens += [(run[i], run[i : i + 2]) for i in range(len(run) - 1)] + [(run[-1],)]
@@ -259,13 +173,10 @@ def dominant_script(texts: list[str]) -> str:
     """The script (of the study's five) with the most letters in ``texts``; Latin when none."""
     counts = Counter()
     for text in texts:
-        for kind, run in _runs(text):
+        for kind, run in script_runs(text):
             if kind in SCRIPT_OF_KIND:
                 counts[SCRIPT_OF_KIND[kind]] += len(run)
     return counts.most_common(1)[0][0] if counts else "Latin"
-
-
-# Questions: read and filled by cloze.py, prepared here for retrieval and judging
 
 
 @dataclass
@@ -334,139 +245,7 @@ def _repeated(names: list[str]) -> list[str]:
     return [name for name, n in Counter(names).items() if n > 1]
 
 
-# Corpora: streaming documents, and reading chosen ones back
-
-
-class FileCorpus:
-    """Corpus files read as study_common.read_documents reads them, documents numbered in file order. A document's
-    location is (file number, byte offset of its line) in .jsonl/.txt files, read back with one seek, or (file
-    number, item) in .json/.csv/.tsv files, read whole again to read back (use .jsonl for big corpora)."""
-
-    def __init__(self, label: str, paths: list[Path], text_column: str):
-        for path in paths:
-            if not path.is_file():
-                raise InputError(f"{path}: no such corpus file. Check --corpus_files.")
-            check_document_suffix(path)
-        self.label, self.paths, self.text_column = label, paths, text_column
-        self.random_access = all(p.suffix.lower() in _LINE_FILES for p in paths)
-
-    def fingerprint(self) -> dict:
-        """What identifies the corpus: its index is reused while this is unchanged, and the report names it."""
-        files = [
-            {"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in self.paths
-        ]
-        return {"kind": "files", "files": files, "text_column": self.text_column}
-
-    def _whole(self, path: Path) -> Iterator[str]:
-        return read_documents(path, self.text_column, column_flag="--corpus_text_column")
-
-    def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
-        """(text, file number, offset) of every document."""
-        for file_number, path in enumerate(self.paths):
-            if path.stat().st_size == 0:
-                raise InputError(f"{path}: the file is empty. Give a file with at least one document.")
-            if path.suffix.lower() not in _LINE_FILES:
-                yield from ((text, file_number, item) for item, text in enumerate(self._whole(path)))
-                continue
-            with path.open("rb") as handle:
-                offset = 0
-                for line_number, raw in enumerate(handle, start=1):
-                    text = self._parse_line(raw, f"{path}:{line_number}", path.suffix.lower())
-                    if text is not None:
-                        yield text, file_number, offset
-                    offset += len(raw)
-
-    def _parse_line(self, raw: bytes, where: str, suffix: str) -> str | None:
-        try:
-            line = raw.decode("utf-8-sig")  # a byte-order mark is not text (only the first line has one)
-        except UnicodeDecodeError as err:
-            raise not_utf8(where, err) from err
-        if not line.strip():
-            return None  # blank lines are not documents, as in study_common.read_documents
-        if suffix == ".txt":
-            return line.rstrip("\n").rstrip("\r")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-        return text_of(record, self.text_column, where, "--corpus_text_column")
-
-    def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
-        """Texts of the documents ``{doc_id: (file number, offset)}``."""
-        texts: dict[int, str] = {}
-        for file_number, path in enumerate(self.paths):
-            wanted = sorted((offset, doc_id) for doc_id, (f, offset) in locations.items() if f == file_number)
-            if wanted and path.suffix.lower() not in _LINE_FILES:
-                items = list(self._whole(path))
-                texts.update({doc_id: items[offset] for offset, doc_id in wanted})
-            elif wanted:
-                with path.open("rb") as handle:
-                    for offset, doc_id in wanted:
-                        handle.seek(offset)
-                        where = f"{path} (byte {offset}; changed since it was indexed?)"
-                        texts[doc_id] = self._parse_line(handle.readline(), where, path.suffix.lower()) or ""
-        return texts
-
-
-class DatasetCorpus:
-    """A datasets corpus (save_to_disk folder, Hub name or data-file folder, optionally streamed). A document's
-    location is its row; rows without a string text are skipped and counted. Retrieved rows are read back by row
-    number (Arrow memory-maps the data), or in one more pass when streamed."""
-
-    def __init__(self, name: str, config: str | None, split: str, text_column: str, streaming: bool, label: str,
-                 data_files: list[str] | None = None):  # fmt: skip
-        self.name, self.config, self.split, self.text_column = name, config, split, text_column
-        self.streaming, self.label, self.data_files = streaming, label, data_files
-        self.random_access = not streaming
-        self._dataset = None
-
-    def _load(self):
-        import datasets
-
-        if self._dataset is not None:
-            return self._dataset
-        if is_saved_dataset(self.name):
-            dataset = datasets.load_from_disk(self.name)
-            if isinstance(dataset, datasets.DatasetDict):
-                if self.split not in dataset:
-                    raise InputError(f"{self.name}: no split {self.split!r} (has {list(dataset)}); set --corpus_split.")
-                dataset = dataset[self.split]
-        else:
-            dataset = datasets.load_dataset(
-                self.name, self.config, split=self.split, streaming=self.streaming, data_files=self.data_files
-            )
-        if dataset.column_names is not None and self.text_column not in dataset.column_names:
-            found = ", ".join(dataset.column_names)
-            raise InputError(
-                f"{self.name}: no column {self.text_column!r} (found: {found}). Pass --corpus_text_column."
-            )
-        self._dataset = dataset
-        return dataset
-
-    def fingerprint(self) -> dict:
-        entry = {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split,
-                 "data_files": self.data_files, "text_column": self.text_column}  # fmt: skip
-        if not self.streaming:
-            entry["dataset_fingerprint"] = self._load()._fingerprint
-        return entry
-
-    def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
-        for row, record in enumerate(self._load()):
-            if isinstance(text := record.get(self.text_column), str):
-                yield text, 0, row
-            else:
-                skipped[f"no text in column {self.text_column!r}"] += 1
-
-    def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
-        by_row = {offset: doc_id for doc_id, (_, offset) in locations.items()}
-        if not self.streaming:
-            rows = sorted(by_row)
-            return {by_row[row]: text for row, text in zip(rows, self._load().select(rows)[self.text_column])}
-        texts = {}
-        for row, record in enumerate(itertools.islice(self._load(), max(by_row) + 1)):
-            if row in by_row:
-                texts[by_row[row]] = record[self.text_column]
-        return texts
+# Corpora and retrieval: each corpus's index, and every question set in its script retrieved and judged on it
 
 
 def read_corpora(args: DensityArguments) -> list:
@@ -493,235 +272,101 @@ def read_corpora(args: DensityArguments) -> list:
     return corpora
 
 
-# The sharded BM25 index
-
-
-class ShardedBM25:
-    """bm25s score matrices of consecutive shards of documents, computed with corpus-wide statistics so that a
-    search returns what one index of the whole corpus would (docs/density.md#the-index)."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-        self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-        self.file_numbers = np.load(directory / "file_numbers.npy", mmap_mode="r")
-        self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
-        self.document_frequencies = np.load(directory / "document_frequencies.npy", mmap_mode="r")
-        self.shard_starts = self.meta["shard_starts"]
-        self.num_docs = self.meta["documents"]
-
-    def idf(self, token: str) -> float:
-        """The BM25 idf of ``token`` in this corpus (a token the corpus lacks gets the highest idf)."""
-        token_id = self.vocab.get(token)
-        return float(lucene_idf(0 if token_id is None else self.document_frequencies[token_id], self.num_docs))
-
-    def _shard(self, number: int) -> bm25s.BM25:
-        return bm25s.BM25.load(self.directory / f"shard_{number:05d}", mmap=True, load_vocab=False)
-
-    def location(self, doc_id: int) -> tuple[int, int]:
-        return int(self.file_numbers[doc_id]), int(self.offsets[doc_id])
-
-    def search(self, queries: list[list[str]], k: int, required: list[list[list[str]]] | None = None,
-               show_progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
-        """Top-k (document ids, scores) per query, best first. ``required[q]`` lists token groups: only documents
-        holding every token of some group are ranked (an empty group, or none, requires nothing)."""
-        # A token repeated in the query counts each time, as in bm25s, rank_bm25 and Lucene.
-        query_ids = [np.array([self.vocab[t] for t in q if t in self.vocab], dtype=np.int32) for q in queries]
-        groups = [self._token_id_groups(r) for r in required] if required is not None else [None] * len(queries)
-        best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
-        bar = tqdm(total=len(self.shard_starts) * len(queries), desc="BM25 search", disable=not show_progress)
-        for number, start in enumerate(self.shard_starts):
-            shard = self._shard(number)
-            for q, ids in enumerate(query_ids):
-                bar.update()
-                if ids.size == 0:
-                    continue
-                scores = shard.get_scores_from_ids(ids)
-                if groups[q] is None:
-                    local_ids, local_scores = top_k_deterministic(scores, k)
-                else:
-                    allowed = _documents_with_any_group(shard.scores, groups[q])
-                    positions, local_scores = top_k_deterministic(scores[allowed], k)
-                    local_ids = allowed[positions]
-                merged_ids = np.concatenate([best[q][0], local_ids + start])
-                merged_scores = np.concatenate([best[q][1], local_scores])
-                order = np.lexsort((merged_ids, -merged_scores))[:k]
-                best[q] = (merged_ids[order], merged_scores[order])
-        bar.close()
-        return best
-
-    def _token_id_groups(self, groups: list[list[str]]) -> list[list[int]] | None:
-        """Token ids of each group, -1 for a token the corpus lacks; None when some group requires nothing."""
-        if not groups or any(not group for group in groups):
-            return None
-        return [[self.vocab.get(token, -1) for token in group] for group in groups]
-
-
-def _documents_with_any_group(matrix: dict, groups: list[list[int]]) -> np.ndarray:
-    """Sorted ids of the documents of a bm25s score matrix holding all tokens of some group."""
-    indptr, indices = matrix["indptr"], matrix["indices"]
-    found = np.empty(0, dtype=np.int64)
-    for group in groups:
-        if -1 in group:
-            continue
-        postings = sorted((np.asarray(indices[indptr[t] : indptr[t + 1]]) for t in group), key=len)
-        documents = postings[0]
-        for posting in postings[1:]:
-            documents = np.intersect1d(documents, posting, assume_unique=True)
-        found = np.union1d(found, documents)
-    return found.astype(np.int64)
-
-
-def top_k_deterministic(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k highest positive scores, ties broken by the lower index."""
-    candidates = np.flatnonzero(scores > 0)
-    if candidates.size > k:  # sort only the candidates at or above the k-th score (every tie at the boundary)
-        kth = np.partition(scores[candidates], candidates.size - k)[candidates.size - k]
-        candidates = candidates[scores[candidates] >= kth]
-    order = np.lexsort((candidates, -scores[candidates]))[:k]
-    return candidates[order].astype(np.int64), scores[candidates[order]].astype(np.float32)
-
-
-#: A shard also closes once it holds this many tokens, so that the memory used to build one (~50 bytes per token
-#: at its peak) stays bounded whatever the length of the documents.
-SHARD_MAX_TOKENS = 1 << 24
-
-
 @dataclass
-class _Postings:
-    """What the streaming pass keeps in memory; each shard's term-frequency matrix went to disk."""
+class Measurements:
+    """What density.json reports, filled corpus by corpus (``measure_corpus``)."""
 
-    vocab: dict[str, int] = field(default_factory=dict)
-    document_frequencies: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    lengths: array = field(default_factory=lambda: array("i"))  # tokens per document
-    file_numbers: array = field(default_factory=lambda: array("i"))  # a document's location: file ...
-    offsets: array = field(default_factory=lambda: array("q"))  # ... and byte offset (or item, or row)
-    shard_starts: list[int] = field(default_factory=list)
-    kind_units: Counter = field(default_factory=Counter)  # word units per run kind: the script shares
-    skipped: Counter = field(default_factory=Counter)
+    corpora: list[dict] = field(default_factory=list)  # one entry per corpus
+    table: list[dict] = field(default_factory=list)  # one row per measured (corpus, question set)
+    questions: list[dict] = field(default_factory=list)  # one entry per measured (question, corpus)
+    skipped_pairs: list[dict] = field(default_factory=list)  # (question set, corpus) not in one script
+    occurrences: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (label, stem): per item
 
 
-def _stream_postings(corpus, building: Path, shard_size: int, max_documents: int | None) -> _Postings:
-    """Tokenise every document once, numbering tokens as they come; a shard closes at ``shard_size`` documents or
-    SHARD_MAX_TOKENS tokens and leaves its term frequencies in ``building``."""
-    found = _Postings()
-    vocab = found.vocab
-    shard_tokens, shard_lengths = array("i"), array("i")
-    documents = itertools.islice(corpus.iter_documents(found.skipped), max_documents)  # None: every document
-    for text, file_number, offset in tqdm(documents, desc=f"Indexing {corpus.label}", unit="doc"):
-        ids = [vocab.setdefault(token, len(vocab)) for token in retrieval_tokens(text, found.kind_units)]
-        shard_tokens.extend(ids)
-        shard_lengths.append(len(ids))
-        found.lengths.append(len(ids))
-        found.file_numbers.append(file_number)
-        found.offsets.append(offset)
-        if len(shard_lengths) == shard_size or len(shard_tokens) >= SHARD_MAX_TOKENS:
-            _save_term_frequencies(building, found, shard_tokens, shard_lengths)
-    if shard_lengths:
-        _save_term_frequencies(building, found, shard_tokens, shard_lengths)
-    return found
-
-
-def _save_term_frequencies(building: Path, found: _Postings, shard_tokens: array, shard_lengths: array) -> None:
-    """Save the shard's document x token counts (a sparse matrix), add its document frequencies, and empty it."""
-    number = len(found.shard_starts)
-    found.shard_starts.append(len(found.lengths) - len(shard_lengths))
-    docs = np.repeat(np.arange(len(shard_lengths)), np.array(shard_lengths))
-    tokens = np.array(shard_tokens)  # a copy: the buffer is emptied below
-    # Compressed sparse columns, one per token: a repeated (document, token) entry is summed into its count.
-    shape = (len(shard_lengths), len(found.vocab))
-    tf = scipy.sparse.csc_array((np.ones(len(tokens), np.float32), (docs, tokens)), shape)
-    df = found.document_frequencies
-    found.document_frequencies = np.pad(df, (0, shape[1] - df.size)) + np.diff(tf.indptr)
-    scipy.sparse.save_npz(building / f"tf_{number:05d}.npz", tf)
-    del shard_tokens[:], shard_lengths[:]
-
-
-#: BM25 as bm25s's method="lucene" with its default parameters (part of every index fingerprint).
-BM25_K1, BM25_B = 1.5, 0.75
-
-
-def lucene_idf(df, num_docs: int):
-    return np.log1p((num_docs - df + 0.5) / (df + 0.5))
-
-
-def _write_shard_scores(building: Path, found: _Postings, df: np.ndarray, avg_length: float):
-    """Each shard's BM25 scores, idf(t) tf / (tf + k1 (1 - b + b |d| / avg)) with the corpus-wide ``df`` and
-    ``avg_length``, saved in bm25s's own format (compressed sparse columns, one per token)."""
-    num_docs, lengths = len(found.lengths), np.frombuffer(found.lengths, dtype=np.int32)
-    for number, start in enumerate(tqdm(found.shard_starts, desc="Scoring shards", unit="shard")):
-        tf_path = building / f"tf_{number:05d}.npz"
-        tf = scipy.sparse.load_npz(tf_path)
-        tf.resize((tf.shape[0], df.size))  # tokens first seen in later shards
-        token_of_entry = np.repeat(np.arange(df.size), np.diff(tf.indptr))
-        doc_lengths = lengths[start + tf.indices]
-        norm = BM25_K1 * (1 - BM25_B + BM25_B * doc_lengths / avg_length)
-        scores = lucene_idf(df[token_of_entry], num_docs) * tf.data / (tf.data + norm)
-        shard = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
-        shard.scores = {"data": scores.astype(np.float32), "indices": tf.indices.astype(np.int32),
-                        "indptr": tf.indptr.astype(np.int64), "num_docs": tf.shape[0]}  # fmt: skip
-        shard.vocab_dict, shard.nonoccurrence_array = {}, None  # the vocabulary is shared by all shards: vocab.json
-        shard.save(building / f"shard_{number:05d}", show_progress=False)
-        tf_path.unlink()
-
-
-def build_index(corpus, directory: Path, shard_size: int, fingerprint: dict, max_documents: int | None = None):
-    """Stream ``corpus`` once and write a ShardedBM25 index to ``directory`` (replaced atomically: meta.json last)."""
-    building = directory.parent / f".{directory.name}.building-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    try:
-        found = _stream_postings(corpus, building, shard_size, max_documents)
-        if not found.lengths:
-            reasons = ", ".join(f"{n} {why}" for why, n in found.skipped.items()) or "no records"
-            raise InputError(f"Corpus {corpus.label!r} has no documents ({reasons}). Check it and its text column.")
-        vocab = found.vocab
-        vocab[""] = len(vocab)  # the empty token bm25s reserves for queries with no known token
-        df = np.pad(found.document_frequencies, (0, 1))
-        lengths = np.frombuffer(found.lengths, dtype=np.int32)
-        avg_length = float(lengths.mean()) if lengths.sum() else 1.0
-        _write_shard_scores(building, found, df, avg_length)
-        (building / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        np.save(building / "file_numbers.npy", np.frombuffer(found.file_numbers, dtype=np.int32))
-        np.save(building / "offsets.npy", np.frombuffer(found.offsets, dtype=np.int64))
-        np.save(building / "document_frequencies.npy", df)
-        units = sum(n for kind, n in found.kind_units.items() if kind != "digit") or 1
-        meta = {
-            "fingerprint": fingerprint,
-            "documents": len(lengths),
-            "skipped": dict(found.skipped),
-            "vocabulary": len(vocab),
-            "average_tokens": avg_length,
-            "shard_starts": found.shard_starts,
-            "script_unit_fractions": {s: found.kind_units[kind] / units for kind, s in SCRIPT_OF_KIND.items()},
+def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArguments, judges, found: Measurements):
+    """Open (or build) the index of ``corpus`` and measure on it every question set written in its script."""
+    index, reused = open_index(corpus, index_root, args.shard_size, args.max_documents)
+    meta = index.meta
+    if meta["skipped"]:
+        logger.warning("Corpus %r: skipped records: %s", corpus.label, meta["skipped"])
+    for qs in question_sets:
+        # English questions on a Tibetan corpus would measure nothing but the lack of a script.
+        share = meta["script_unit_fractions"].get(qs.script, 0.0)
+        if share < args.min_script_fraction:
+            reason = f"{share:.2%} of the corpus is in {qs.script} script (< --min_script_fraction {args.min_script_fraction})"
+            logger.info("Not measuring %s on %s: %s.", qs.stem, corpus.label, reason)
+            found.skipped_pairs.append({"questions": qs.stem, "corpus": corpus.label, "reason": reason})
+            continue
+        entries = measure(qs, corpus, index, args, *judges)
+        found.questions.extend(entries)
+        counts = found.occurrences[(corpus.label, qs.stem)] = [e["occurrences"] for e in entries]
+        row = {
+            "corpus": corpus.label,
+            "questions": qs.stem,
+            "lang": qs.lang,
+            "items": len(entries),
+            "occurrences": int(sum(counts)),
+            "density": sum(counts) / meta["documents"],
+            "mean_occurrences": float(np.mean(counts)),
+            "documents": meta["documents"],
         }
-        write_json_atomic(building / "meta.json", meta)  # written last: an index without it is incomplete
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(building, directory)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+        found.table.append(row)
+    occurrences = sum(row["occurrences"] for row in found.table if row["corpus"] == corpus.label)
+    found.corpora.append(
+        {
+            "label": corpus.label,
+            "source": meta["fingerprint"]["corpus"],
+            "documents": meta["documents"],
+            "skipped": meta["skipped"],
+            "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
+            "script_unit_fractions": meta["script_unit_fractions"],
+            "occurrences": occurrences,
+            "density": occurrences / meta["documents"],
+        }
+    )
 
 
-def open_index(corpus, index_root: Path, args: DensityArguments) -> tuple[ShardedBM25, bool]:
-    """The corpus's index, reused when its fingerprint matches, else (re)built. Returns (index, reused)."""
-    fingerprint = {"corpus": corpus.fingerprint(), "tokenizer": TOKENIZER_VERSION,
-                   "bm25": {"method": "lucene", "k1": BM25_K1, "b": BM25_B}, "shard_size": args.shard_size,
-                   "shard_max_tokens": SHARD_MAX_TOKENS, "max_documents": args.max_documents}  # fmt: skip
-    directory = index_root / corpus.label
-    try:
-        old = json.loads((directory / "meta.json").read_text(encoding="utf-8"))["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        old = None  # no index there yet, or an incomplete one
-    if old == fingerprint:
-        logger.info("Reusing the index of corpus %r at %s (fingerprint matches).", corpus.label, directory)
-        return ShardedBM25(directory), True
-    changed = ", ".join(key for key in fingerprint if (old or {}).get(key) != fingerprint[key])
-    logger.info("Building the index of corpus %r at %s (changed: %s).", corpus.label, directory, changed)
-    if args.max_documents is not None:
-        logger.warning("Corpus %r: indexing only its first %d documents.", corpus.label, args.max_documents)
-    build_index(corpus, directory, args.shard_size, fingerprint, args.max_documents)
-    return ShardedBM25(directory), False
+#: Questions whose retrieved documents are read back and judged together: bounds the texts held in memory.
+QUESTION_BATCH = 256
+
+
+def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
+    """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
+    required = [q.answer_tokens for q in qs.questions] if args.require_answer else None
+    results = index.search([q.query_tokens for q in qs.questions], args.top_k, required)
+    # Random-access corpora are read back one question batch at a time (bounded memory), the others in one pass.
+    batch = QUESTION_BATCH if corpus.random_access else len(qs.questions)
+    entries = []
+    for begin in tqdm(range(0, len(qs.questions), batch), desc=f"Judging {qs.stem} on {corpus.label}"):
+        chunk = list(zip(qs.questions[begin : begin + batch], results[begin : begin + batch]))
+        wanted = {int(d) for _, (ids, _) in chunk for d in ids}
+        texts = corpus.fetch({d: index.location(d) for d in wanted}) if wanted else {}
+        analyses = {d: analyse_text(text) for d, text in texts.items()}
+        if lm_judge is not None:
+            prompts = [lm_judge.prompt_ids(q, texts[int(d)]) for q, (ids, _) in chunk for d in ids]
+            margins = iter(lm_judge.margins(prompts).tolist())
+        for question, (ids, scores) in chunk:
+            weights = {term: index.idf(term) for term in question.key_terms}
+            verdicts = [lexical.judge(question, analyses[int(d)], weights) for d in ids]
+            entry = {
+                "questions": qs.stem,
+                "lang": qs.lang,
+                "corpus": corpus.label,
+                "index": question.index,
+                "answer": question.answers,
+                "retrieved": [int(d) for d in ids],
+                "bm25": [round(float(s), 4) for s in scores],
+                "answer_found": [v.answer_found for v in verdicts],
+                "key_terms_matched": [v.key_terms_matched for v in verdicts],
+                "key_weight_matched": [round(v.key_weight_matched, 4) for v in verdicts],
+                "key_terms": sorted(question.key_terms),
+                "lexical": [v.contains for v in verdicts],
+            }
+            if lm_judge is not None:
+                entry["lm_margin"] = [next(margins) for _ in ids]  # unrounded: contains is exactly > --judge_margin
+            entry["contains"] = [m > args.judge_margin for m in entry["lm_margin"]] if lm_judge else entry["lexical"]
+            entries.append({**entry, "occurrences": int(sum(entry["contains"]))})
+    return entries
 
 
 # Judges
@@ -845,6 +490,16 @@ class LanguageModelJudge:
                                   batch_size=2 * self.batch_size, pad_id=self.pad_id)  # fmt: skip
         yes = [lp[-len(self.yes_ids) :].sum() for lp in logprobs[0::2]]
         return np.array(yes) - np.array([lp[-len(self.no_ids) :].sum() for lp in logprobs[1::2]])
+
+
+def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudge | None]:
+    """The lexical judge (always: its verdicts are recorded) and, with --judge_model, the LM judge that decides."""
+    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
+    if not args.judge_model:
+        return lexical, None
+    return lexical, LanguageModelJudge(
+        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens
+    )
 
 
 # Instance-level analysis
@@ -976,104 +631,22 @@ def instance_analysis(with_path: Path, without_path: Path, step: int | None, sou
     return {"with": str(with_path), "without": str(without_path), "results": results, "skipped": skipped}
 
 
-# Measuring, reporting, main
+def analyse_instances(args: DensityArguments, found: Measurements) -> dict | None:
+    """The instance-level analysis of --predictions_with/--predictions_without (None without them)."""
+    if not args.predictions_with:
+        return None
+    sources = {}
+    for entry in args.source_corpus or []:
+        lang, sep, label = entry.partition("=")
+        sources[lang if sep else "*"] = label if sep else entry
+    analysis = instance_analysis(find_predictions(args.predictions_with), find_predictions(args.predictions_without),
+                                 args.predictions_step, sources, found.occurrences)  # fmt: skip
+    for s in analysis["skipped"]:
+        logger.warning("Instance-level analysis: %s not analysed (%s).", s["questions"], s["reason"])
+    return analysis
 
 
-@dataclass
-class Measurements:
-    """What density.json reports, filled corpus by corpus (``measure_corpus``)."""
-
-    corpora: list[dict] = field(default_factory=list)  # one entry per corpus
-    table: list[dict] = field(default_factory=list)  # one row per measured (corpus, question set)
-    questions: list[dict] = field(default_factory=list)  # one entry per measured (question, corpus)
-    skipped_pairs: list[dict] = field(default_factory=list)  # (question set, corpus) not in one script
-    occurrences: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (label, stem): per item
-
-
-def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArguments, judges, found: Measurements):
-    """Open (or build) the index of ``corpus`` and measure on it every question set written in its script."""
-    index, reused = open_index(corpus, index_root, args)
-    meta = index.meta
-    if meta["skipped"]:
-        logger.warning("Corpus %r: skipped records: %s", corpus.label, meta["skipped"])
-    for qs in question_sets:
-        # English questions on a Tibetan corpus would measure nothing but the lack of a script.
-        share = meta["script_unit_fractions"].get(qs.script, 0.0)
-        if share < args.min_script_fraction:
-            reason = f"{share:.2%} of the corpus is in {qs.script} script (< --min_script_fraction {args.min_script_fraction})"
-            logger.info("Not measuring %s on %s: %s.", qs.stem, corpus.label, reason)
-            found.skipped_pairs.append({"questions": qs.stem, "corpus": corpus.label, "reason": reason})
-            continue
-        entries = measure(qs, corpus, index, args, *judges)
-        found.questions.extend(entries)
-        counts = found.occurrences[(corpus.label, qs.stem)] = [e["occurrences"] for e in entries]
-        row = {
-            "corpus": corpus.label,
-            "questions": qs.stem,
-            "lang": qs.lang,
-            "items": len(entries),
-            "occurrences": int(sum(counts)),
-            "density": sum(counts) / meta["documents"],
-            "mean_occurrences": float(np.mean(counts)),
-            "documents": meta["documents"],
-        }
-        found.table.append(row)
-    occurrences = sum(row["occurrences"] for row in found.table if row["corpus"] == corpus.label)
-    found.corpora.append(
-        {
-            "label": corpus.label,
-            "source": meta["fingerprint"]["corpus"],
-            "documents": meta["documents"],
-            "skipped": meta["skipped"],
-            "index": {"dir": str(index.directory), "reused": reused, "shards": len(meta["shard_starts"])},
-            "script_unit_fractions": meta["script_unit_fractions"],
-            "occurrences": occurrences,
-            "density": occurrences / meta["documents"],
-        }
-    )
-
-
-#: Questions whose retrieved documents are read back and judged together: bounds the texts held in memory.
-QUESTION_BATCH = 256
-
-
-def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
-    """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
-    required = [q.answer_tokens for q in qs.questions] if args.require_answer else None
-    results = index.search([q.query_tokens for q in qs.questions], args.top_k, required)
-    # Random-access corpora are read back one question batch at a time (bounded memory), the others in one pass.
-    batch = QUESTION_BATCH if corpus.random_access else len(qs.questions)
-    entries = []
-    for begin in tqdm(range(0, len(qs.questions), batch), desc=f"Judging {qs.stem} on {corpus.label}"):
-        chunk = list(zip(qs.questions[begin : begin + batch], results[begin : begin + batch]))
-        wanted = {int(d) for _, (ids, _) in chunk for d in ids}
-        texts = corpus.fetch({d: index.location(d) for d in wanted}) if wanted else {}
-        analyses = {d: analyse_text(text) for d, text in texts.items()}
-        if lm_judge is not None:
-            prompts = [lm_judge.prompt_ids(q, texts[int(d)]) for q, (ids, _) in chunk for d in ids]
-            margins = iter(lm_judge.margins(prompts).tolist())
-        for question, (ids, scores) in chunk:
-            weights = {term: index.idf(term) for term in question.key_terms}
-            verdicts = [lexical.judge(question, analyses[int(d)], weights) for d in ids]
-            entry = {
-                "questions": qs.stem,
-                "lang": qs.lang,
-                "corpus": corpus.label,
-                "index": question.index,
-                "answer": question.answers,
-                "retrieved": [int(d) for d in ids],
-                "bm25": [round(float(s), 4) for s in scores],
-                "answer_found": [v.answer_found for v in verdicts],
-                "key_terms_matched": [v.key_terms_matched for v in verdicts],
-                "key_weight_matched": [round(v.key_weight_matched, 4) for v in verdicts],
-                "key_terms": sorted(question.key_terms),
-                "lexical": [v.contains for v in verdicts],
-            }
-            if lm_judge is not None:
-                entry["lm_margin"] = [next(margins) for _ in ids]  # unrounded: contains is exactly > --judge_margin
-            entry["contains"] = [m > args.judge_margin for m in entry["lm_margin"]] if lm_judge else entry["lexical"]
-            entries.append({**entry, "occurrences": int(sum(entry["contains"]))})
-    return entries
+# Report and main
 
 
 def _fmt(value, spec: str) -> str:
@@ -1110,31 +683,6 @@ def markdown_report(table: list[dict], analysis: dict | None, skipped_pairs: lis
         lines += _markdown_table(header, rows)
         lines += [f"\nNot analysed: {s['questions']} ({s['reason']})." for s in analysis["skipped"]]
     return "\n".join(lines) + "\n"
-
-
-def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudge | None]:
-    """The lexical judge (always: its verdicts are recorded) and, with --judge_model, the LM judge that decides."""
-    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
-    if not args.judge_model:
-        return lexical, None
-    return lexical, LanguageModelJudge(
-        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens
-    )
-
-
-def analyse_instances(args: DensityArguments, found: Measurements) -> dict | None:
-    """The instance-level analysis of --predictions_with/--predictions_without (None without them)."""
-    if not args.predictions_with:
-        return None
-    sources = {}
-    for entry in args.source_corpus or []:
-        lang, sep, label = entry.partition("=")
-        sources[lang if sep else "*"] = label if sep else entry
-    analysis = instance_analysis(find_predictions(args.predictions_with), find_predictions(args.predictions_without),
-                                 args.predictions_step, sources, found.occurrences)  # fmt: skip
-    for s in analysis["skipped"]:
-        logger.warning("Instance-level analysis: %s not analysed (%s).", s["questions"], s["reason"])
-    return analysis
 
 
 def write_report(args: DensityArguments, found: Measurements, analysis: dict | None) -> dict:

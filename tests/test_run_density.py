@@ -1,4 +1,5 @@
-"""run_density.py: tokenisation by script, planted-count recovery, sharded index, reuse, analysis, bad input."""
+"""run_density.py: questions, planted-count recovery, index reuse, judges, instance analysis, bad input (the index
+itself: test_bm25_index.py)."""
 
 import json
 import random
@@ -6,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bm25s
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, run_script
@@ -154,58 +154,8 @@ def world(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------
-# Tokenisation
+# Questions: the judge's view of a text, query and key terms
 # --------------------------------------------------------------------------------------
-
-
-def test_latin_tokens_are_lowercased_words_without_stopwords():
-    assert rd.retrieval_tokens("The Korean people celebrate Chuseok in Autumn.") == [
-        "korean",
-        "people",
-        "celebrate",
-        "chuseok",
-        "autumn",
-    ]
-
-
-def test_hangul_tokens_are_eojeol_plus_syllable_bigrams_so_particles_still_match():
-    tokens = rd.retrieval_tokens("추석을 지낸다 봄")
-    assert tokens == ["추석을", "추", "석", "을", "추석", "석을", "지낸다", "지", "낸", "다", "지낸", "낸다", "봄"]
-    assert "추석" in rd.retrieval_tokens("추석에") and "추석" in rd.retrieval_tokens("추석")
-
-
-def test_han_tokens_are_character_unigrams_and_bigrams_of_each_run():
-    assert rd.retrieval_tokens("中秋节，吃月饼") == ["中", "秋", "节", "中秋", "秋节", "吃", "月", "饼", "吃月", "月饼"]
-
-
-def test_tibetan_tokens_are_syllables_split_on_tsheg_and_shad():
-    assert rd.retrieval_tokens("བོད་རིགས་ཀྱིས།ལོ་གསར") == ["བོད", "རིགས", "ཀྱིས", "ལོ", "གསར"]
-
-
-def test_mongolian_words_split_on_nnbsp_and_ignore_variation_selectors_and_vowel_separator():
-    plain = rd.retrieval_tokens("ᠮᠣᠩᠭᠣᠯ ᠤᠨ ᠶᠢᠨ ᠪᠠᠶᠢᠨᠠ")
-    assert plain == ["ᠮᠣᠩᠭᠣᠯ", "ᠤᠨ", "ᠶᠢᠨ", "ᠪᠠᠶᠢᠨᠠ"]
-    assert rd.retrieval_tokens("ᠮᠣᠩᠭᠣᠯ\u202fᠤᠨ ᠶ\u180bᠢᠨ ᠪᠠᠶᠢᠨ\u180eᠠ") == plain
-
-
-def test_mixed_script_text_is_cut_into_runs_of_one_script_and_digits_are_unified():
-    assert rd.retrieval_tokens("汉族Chuseok한국어 ᠮᠣᠩᠭᠣᠯ 50 ༥༠ ᠕᠐ ５０") == [
-        "汉",
-        "族",
-        "汉族",
-        "chuseok",
-        "한국어",
-        "한",
-        "국",
-        "어",
-        "한국",
-        "국어",
-        "ᠮᠣᠩᠭᠣᠯ",
-        "50",
-        "50",
-        "50",
-        "50",
-    ]
 
 
 def test_ascii_fast_path_gives_the_same_tokens_as_the_unicode_path():
@@ -393,55 +343,6 @@ def test_one_corpus_of_several_files_numbers_documents_across_files(world, tmp_p
 # --------------------------------------------------------------------------------------
 
 
-def _build(corpus_file: Path, directory: Path, shard_size: int) -> rd.ShardedBM25:
-    corpus = rd.FileCorpus("c", [corpus_file], "text")
-    rd.build_index(corpus, directory, shard_size, {"test": True})
-    return rd.ShardedBM25(directory)
-
-
-def test_shard_scores_equal_a_single_bm25s_index_of_the_corpus(world, tmp_path):
-    _, corpus_files = world
-    texts = list(read_documents(corpus_files["zh"]))
-    index = _build(corpus_files["zh"], tmp_path / "idx", shard_size=17)
-    assert len(index.shard_starts) == -(-len(texts) // 17)
-    reference = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
-    reference.index([rd.retrieval_tokens(t) for t in texts], show_progress=False)
-    query = rd.retrieval_tokens("中秋节的时候，汉族人们赏月并且吃月饼。")  # repeats 节 and 月: counted twice
-    expected = reference.get_scores(query)
-    ours = np.concatenate(
-        [
-            index._shard(n).get_scores_from_ids(np.array([index.vocab[t] for t in query]))
-            for n in range(len(index.shard_starts))
-        ]
-    )
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
-    ((ids, scores),) = index.search([query], 10, show_progress=False)
-    _, expected_scores = reference.retrieve([query], k=10, show_progress=False)
-    np.testing.assert_allclose(scores, expected_scores[0], rtol=1e-5)
-    # The documented order, from the reference's scores: highest score first, ties by lower document id.
-    by_rank = np.lexsort((np.arange(len(expected)), -expected))
-    assert ids.tolist() == [int(d) for d in by_rank[:10] if expected[d] > 0]
-    assert np.unique(expected_scores[0]).size < 10  # the query ties documents, so the tie rule is exercised
-
-
-def test_sharded_search_returns_what_one_shard_returns(world, tmp_path):
-    question_files, corpus_files = world
-    queries = [q.query_tokens for q in rd.read_question_sets([str(question_files["en"])])[0].questions]
-    one = _build(corpus_files["en"], tmp_path / "one", shard_size=10_000).search(queries, 15, show_progress=False)
-    many = _build(corpus_files["en"], tmp_path / "many", shard_size=7).search(queries, 15, show_progress=False)
-    for (ids_a, scores_a), (ids_b, scores_b) in zip(one, many):
-        assert ids_a.tolist() == ids_b.tolist()
-        np.testing.assert_allclose(scores_a, scores_b, rtol=1e-6)
-        assert np.all(np.diff(scores_a) <= 0) and np.all(scores_a > 0)
-
-
-def test_top_k_breaks_ties_by_document_id_and_skips_zero_scores():
-    ids, scores = rd.top_k_deterministic(np.array([0.0, 2.0, 1.0, 2.0, 2.0, 0.0], dtype=np.float32), 2)
-    assert ids.tolist() == [1, 3] and scores.tolist() == [2.0, 2.0]
-    ids, _ = rd.top_k_deterministic(np.array([0.0, 1.0, 0.0], dtype=np.float32), 5)
-    assert ids.tolist() == [1]
-
-
 def test_index_is_reused_when_the_corpus_is_unchanged_and_rebuilt_when_it_changes(world, tmp_path, caplog):
     question_files, corpus_files = world
     corpus = tmp_path / "corpus.jsonl"
@@ -461,27 +362,6 @@ def test_index_is_reused_when_the_corpus_is_unchanged_and_rebuilt_when_it_change
     assert third["questions"][0]["occurrences"] == PLANTED["en"][0] + 1
     resharded = run_main(args + ["--shard_size", "7"])
     assert resharded["corpus"]["index"]["reused"] is False
-
-
-def test_interrupted_build_leaves_no_index_that_looks_complete(tmp_path):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text('{"text": "one doc"}\n{"text": "two"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(InputError, match=r"c\.jsonl:3: not valid JSON"):
-        rd.build_index(rd.FileCorpus("c", [corpus], "text"), tmp_path / "index" / "c", 10, {})
-    assert not (tmp_path / "index" / "c").exists()
-    assert list((tmp_path / "index").iterdir()) == []
-
-
-def test_offset_reader_reads_the_same_documents_as_study_common(tmp_path):
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_bytes('{"text": "α one"}\n\n{"text": "two"}\r\n{"text": ""}\n'.encode())
-    txt = tmp_path / "b.txt"
-    txt.write_bytes("first line\r\n\n  \nsecond 한국\n".encode())
-    corpus = rd.FileCorpus("ab", [jsonl, txt], "text")
-    streamed = list(corpus.iter_documents(rd.Counter()))
-    assert [t for t, _, _ in streamed] == list(read_documents(jsonl)) + list(read_documents(txt))
-    locations = {i: (f, o) for i, (_, f, o) in enumerate(streamed)}
-    assert corpus.fetch(locations) == {i: t for i, (t, _, _) in enumerate(streamed)}
 
 
 def test_dataset_corpus_from_save_to_disk_counts_rows_without_text(tmp_path, world):
