@@ -7,8 +7,8 @@ queries (12 words drawn from a random document, like a filled cloze sentence), f
 * rank_bm25 (BM25Okapi, pure Python): index, then get_scores + top-k per query;
 * bm25s (BM25 method "lucene", numpy backend): index, then retrieve top-k;
   both on the same pre-tokenised documents (tokenisation is timed once, separately);
-* run_density.py's sharded bm25s index: stream the .jsonl file, tokenise, build shards, search
-  (the whole pipeline, tokenisation included), against tokenisation + rank_bm25.
+* bm25_index.py's sharded bm25s index (run_density.py's): stream the .jsonl file, tokenise, build
+  shards, search (the whole pipeline, tokenisation included), against tokenisation + rank_bm25.
 
 Sizes in --sizes run all three; --large_sizes run the bm25s paths only (rank_bm25 would take
 too long). Each --rss_runs entry DOCUMENTS[:SHARD_SIZE] then runs run_density.py end to end
@@ -16,8 +16,9 @@ too long). Each --rss_runs entry DOCUMENTS[:SHARD_SIZE] then runs run_density.py
 a child process and reports its peak RSS, next to bm25s's in-memory index of the same file (read,
 tokenise, index, retrieve the same questions' queries) in another child process.
 
-The defaults are the rows of the two tables in docs/benchmarks.md (section "Density retrieval"), and
-the summary prints them in those tables' columns:
+The defaults are the rows of the first table in docs/benchmarks.md (section "Density retrieval") and the
+first three of the second (its last three: --rss_runs 100000:200000 300000:200000 100000:25000), and the
+summary prints them in those tables' columns:
 
     python bench/bench_density.py                                  # the tables of docs/benchmarks.md
     python bench/bench_density.py --sizes 3000 --large_sizes --rss_runs       # quick look
@@ -36,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import time: before bm25s and run_density
+os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it at import time: before bm25s and bm25_index
 
 import bm25s
 import numpy as np
@@ -45,7 +46,7 @@ from rank_bm25 import BM25Okapi
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import run_density as rd  # noqa: E402
+import bm25_index  # noqa: E402
 
 
 def make_vocabulary(rng: random.Random, size: int = 50_000) -> tuple[list[str], list[float]]:
@@ -97,9 +98,9 @@ def bm25s_run(tokens, query_tokens, k):
 
 
 def sharded_run(corpus_file: Path, index_dir: Path, query_tokens, k, shard_size):
-    corpus = rd.FileCorpus("bench", [corpus_file], "text")
-    _, index_s = timed(rd.build_index, corpus, index_dir, shard_size, {})
-    index = rd.ShardedBM25(index_dir)
+    corpus = bm25_index.FileCorpus("bench", [corpus_file], "text")
+    _, index_s = timed(bm25_index.build_index, corpus, index_dir, shard_size, {})
+    index = bm25_index.ShardedBM25(index_dir)
     results, query_s = timed(index.search, query_tokens, k, show_progress=False)
     return [ids for ids, _ in results], index_s, query_s
 
@@ -119,10 +120,13 @@ def parse_rss_runs(args) -> list[tuple[int, int]]:
 #: The bm25s side of an --rss_runs entry: the whole corpus tokenised and indexed in memory, then the same queries.
 BM25S_CHILD = """
 import json, sys
+from collections import Counter
+from pathlib import Path
 import bm25s
+from bm25_index import FileCorpus, retrieval_tokens
 import run_density as rd
 corpus, questions, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
-tokens = [rd.retrieval_tokens(text) for text, _, _ in rd.FileCorpus("c", [rd.Path(corpus)], "text").iter_documents(rd.Counter())]
+tokens = [retrieval_tokens(text) for text, _, _ in FileCorpus("c", [Path(corpus)], "text").iter_documents(Counter())]
 model = bm25s.BM25(method="lucene")
 model.index(tokens, show_progress=False)
 del tokens
@@ -210,8 +214,8 @@ def main() -> None:
             queries = make_queries(documents, args.queries, random.Random(args.seed + 1))
             corpus_file = work / f"corpus_{n}.jsonl"
             corpus_file.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
-            tokens, tokenise_s = timed(lambda docs=documents: [rd.retrieval_tokens(d) for d in docs])
-            query_tokens = [rd.retrieval_tokens(q) for q in queries]
+            tokens, tokenise_s = timed(lambda docs=documents: [bm25_index.retrieval_tokens(d) for d in docs])
+            query_tokens = [bm25_index.retrieval_tokens(q) for q in queries]
             row = {"documents": n, "queries": len(queries), "tokenise_s": tokenise_s}
             s_ids, row["bm25s_index_s"], row["bm25s_query_s"] = bm25s_run(tokens, query_tokens, args.top_k)
             del tokens
@@ -220,7 +224,7 @@ def main() -> None:
             )
             row["overlap@10 sharded/bm25s"] = overlap(sh_ids, s_ids)
             if with_rank:
-                tokens = [rd.retrieval_tokens(d) for d in documents]
+                tokens = [bm25_index.retrieval_tokens(d) for d in documents]
                 r_ids, row["rank_index_s"], row["rank_query_s"] = rank_bm25_run(tokens, query_tokens, args.top_k)
                 row["overlap@10 bm25s/rank_bm25"] = overlap(s_ids, r_ids)
                 del tokens
@@ -265,8 +269,9 @@ def print_summary(rows: list[dict], rss: list[dict], args) -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in rss:
             print(
-                f"| {r['documents']:,} | {r['shard_size']:,} | {r['shards']} | {r['peak_rss_mib']:.0f} MiB | "
-                f"{r['seconds']:.0f} s | {r['bm25s_peak_rss_mib']:.0f} MiB | {r['bm25s_seconds']:.0f} s |"
+                f"| {r['documents']:,} | {r['shard_size']:,} | {r['shards']} | {r['peak_rss_mib']:,.0f} MiB | "
+                f"{r['seconds']:.0f} s | {r['bm25s_peak_rss_mib']:,.0f} MiB "
+                f"({r['bm25s_peak_rss_mib'] / r['peak_rss_mib']:.1f}×) | {r['bm25s_seconds']:.0f} s |"
             )
 
 

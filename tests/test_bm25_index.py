@@ -21,7 +21,7 @@ def world(tmp_path_factory):
     return write_world(tmp_path_factory.mktemp("world"))
 
 
-def test_the_worked_example_runs():
+def test_the_worked_example_in_the_module_docstring_runs():
     program = (
         "import doctest, sys, bm25_index\n"
         "result = doctest.testmod(bm25_index)\n"
