@@ -13,7 +13,9 @@ Continues a base model (run_pretrain.py's output) on a build_pairs.py dataset in
 settings train on the same documents, tokens, windows and steps and differ only in whether the two halves of
 each parallel pair share a context window (packing.py); the run proves that before training
 (packing_audit.json) and refuses to train otherwise. It resumes only a checkpoint of the same setting, base
-model, data and plan. Outputs and defaults: docs/cpt.md. Needs packing.py, study_common.py and train_common.py.
+model, data and plan. The paper: --block_size 2048, 256 windows per step (per-device batch x processes x
+gradient accumulation), --max_steps 1500. Outputs and defaults: docs/cpt.md. Needs packing.py, study_common.py
+and train_common.py.
 """
 
 from __future__ import annotations
