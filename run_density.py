@@ -5,9 +5,9 @@
 # ///
 """Cultural density of a corpus and the instance-level analysis of the frequency hypothesis (docs/density.md).
 
-Each question, filled with its answer, retrieves its ``--top_k`` BM25 documents from each corpus (a sharded bm25s
-index); a judge (``LexicalJudge``, or a causal LM with ``--judge_model``) decides which state its fact. Writes
-OUT/density.json, OUT/density.md (the paper's Table 1) and OUT/index/LABEL/ (docs/density.md#outputs).
+Each question, filled with its answer, retrieves its ``--top_k`` BM25 documents from each corpus (bm25_index.py's
+sharded bm25s index); a judge (``LexicalJudge``, or a causal LM with ``--judge_model``) decides which state its
+fact. Writes OUT/density.json, OUT/density.md (the paper's Table 1) and OUT/index/LABEL/ (docs/density.md#outputs).
 
     python run_density.py --questions bo-culture-cloze_en.json --corpus_files enwiki=wiki.jsonl --output_dir out
 """
@@ -128,7 +128,8 @@ class DensityArguments:
             raise InputError("Give both --predictions_with and --predictions_without (or neither).")
 
 
-# Questions: read and filled by cloze.py, prepared here for retrieval and judging
+# Questions: read and filled by cloze.py, prepared here for retrieval (bm25_index's tokens) and judging (their
+# units and key terms, on the same runs of one script)
 
 #: Not key terms of the lexical judge (still indexed, where their low idf discounts them): Tibetan case particles
 #: and copulas, Mongolian case suffixes written as separate words (shaping characters removed).
