@@ -47,7 +47,6 @@ from transformers import (
 from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     InputError,
-    check_document_suffix,
     document_start_id,
     encode_documents,
     exit_on_input_error,
@@ -202,13 +201,8 @@ def train_tokenizer_on_main_process(model_args: ModelArguments, data_args: DataA
         raise InputError("--train_tokenizer needs --tokenizer_files FILE [FILE ...] (text files to train on).")
     if not model_args.tokenizer_files:
         logger.warning("No --tokenizer_files: training the tokenizer on --train_file (English only).")
-    for file in files:
-        if not Path(file).is_file():
-            raise InputError(f"{file}: no such tokenizer file. Check the paths given to --tokenizer_files.")
-        try:
-            check_document_suffix(file)
-        except InputError as err:
-            raise InputError(f"--tokenizer_files: {err}") from err
+    for file in files:  # on every process: only the main one reads them all
+        check_document_file(file, "--tokenizer_files", data_args.text_column)
     trained = [None]
     if training_args.process_index == 0:
         logger.info("Training a byte-level BPE tokenizer (vocab %d) on %s", model_args.vocab_size, files)
@@ -339,16 +333,12 @@ class PackedBlockCollator:
         return batch_layout(self.attn_implementation, self.flatten)
 
 
-def check_train_file(data_args: DataArguments) -> None:
-    """Fail fast on a --train_file that is missing, empty, of an unknown type or bad at its first record."""
-    if not data_args.train_file:
-        return
-    path = Path(data_args.train_file)
-    if not path.is_file():
-        raise InputError(f"{path}: no such --train_file. Check the path.")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: the --train_file is empty. Give a file with at least one document.")
-    next(iter(read_documents(path, data_args.text_column)), None)  # a bad first record fails with its own message
+def check_document_file(path: str, flag: str, text_column: str) -> None:
+    """Fail fast on a file that is missing, empty, of an unknown type or bad at its first record."""
+    try:
+        next(iter(read_documents(path, text_column)), None)
+    except InputError as err:
+        raise InputError(f"{flag}: {err}") from err
 
 
 def read_train_documents(data_args: DataArguments, streaming: bool):
@@ -738,7 +728,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     collator = make_collator(model_args, data_args, training_args)
     output_dir = Path(training_args.output_dir)
     resume = resume_checkpoint(training_args.resume_from_checkpoint, output_dir)  # never an earlier run's, silently
-    check_train_file(data_args)  # before a tokenizer is trained on other files
+    if data_args.train_file:  # before a tokenizer is trained on other files
+        check_document_file(data_args.train_file, "--train_file", data_args.text_column)
 
     # 2. Tokenizer and architecture, checked before the data is read.
     set_seed(training_args.seed)

@@ -275,14 +275,14 @@ def in_repo(monkeypatch):
 
 
 def test_missing_training_file_is_named(tmp_path, tiny_model_dir, in_repo):
-    with pytest.raises(InputError, match=r"nope\.txt: no such --train_file\. Check the path"):
+    with pytest.raises(InputError, match=r"--train_file: \S*nope\.txt: no such file"):
         run_pretrain.main(main_args(tmp_path, tmp_path / "nope.txt", tiny_model_dir))
 
 
 def test_empty_training_file_is_named(tmp_path, tiny_model_dir, in_repo):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(InputError, match=r"empty\.txt: the --train_file is empty\. Give a file"):
+    with pytest.raises(InputError, match=r"--train_file: \S*empty\.txt: the file is empty\. Give a file"):
         run_pretrain.main(main_args(tmp_path, empty, tiny_model_dir))
 
 
