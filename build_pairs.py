@@ -45,7 +45,7 @@ from study_common import (
     InputError,
     default_cpt_data_dir,
     exit_on_input_error,
-    is_saved_dataset,
+    load_dataset_split,
     pair_token_count,
     read_delimited,
     read_documents,
@@ -212,17 +212,6 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
         raise InputError(f"{file}: unknown pair file type {suffix!r}; use .jsonl, .json, .tsv or .csv.")
 
 
-def load_hub_dataset(name: str, config: str | None, split: str, streaming: bool, data_files: list[str] | None = None):
-    """A Hub dataset (or some of its files), a local data directory, or a save_to_disk directory."""
-    if is_saved_dataset(name):
-        loaded = datasets.load_from_disk(name)
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    try:
-        return datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
-    except (FileNotFoundError, ValueError) as err:  # DatasetNotFoundError is a FileNotFoundError
-        raise InputError(f"dataset {name!r} (config {config!r}, split {split!r}) could not be loaded: {err}") from err
-
-
 class InputSource(NamedTuple):
     """One input the user gave: a file or a dataset, of one kind."""
 
@@ -260,7 +249,9 @@ def input_rows(source: InputSource, args: BuildArguments, tgt_column: str):
         prefix = ARGUMENT_PREFIX[kind]
         split = getattr(args, f"{prefix}_split")
         config, data_files = getattr(args, f"{prefix}_dataset_config"), getattr(args, f"{prefix}_data_files")
-        for row_number, row in enumerate(load_hub_dataset(name, config, split, args.streaming, data_files)):
+        rows = load_dataset_split(name, config, split, flag=f"--{prefix}_dataset", streaming=args.streaming,
+                                  data_files=data_files)  # fmt: skip
+        for row_number, row in enumerate(rows):
             where = f"{name}/{split}:{row_number}"
             if kind == "pair":
                 en = _column(row, args.en_column, where, "--en_column")

@@ -52,6 +52,7 @@ from study_common import (
     exit_on_input_error,
     filter_to_latin,
     has_non_latin_letter,
+    load_dataset_split,
     output_dir_given,
     read_documents,
     setup_logging,
@@ -359,19 +360,14 @@ def read_train_documents(data_args: DataArguments, streaming: bool):
             raise (err.__cause__ if isinstance(err.__cause__, InputError) else err) from None
     if not data_args.dataset_name:
         raise InputError("No training data: pass --train_file FILE or --dataset_name NAME.")
-    try:
-        raw = datasets.load_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            split=data_args.dataset_split,
-            streaming=streaming,
-            cache_dir=data_args.cache_dir,
-        )
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise InputError(
-            f"--dataset_name {data_args.dataset_name!r} (config {data_args.dataset_config_name!r}, split "
-            f"{data_args.dataset_split!r}) could not be loaded: {err}"
-        ) from err
+    raw = load_dataset_split(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.dataset_split,
+        flag="--dataset_name",
+        streaming=streaming,
+        cache_dir=data_args.cache_dir,
+    )
     if raw.features is not None and data_args.text_column not in raw.features:
         raise InputError(
             f"--dataset_name {data_args.dataset_name!r}: no {data_args.text_column!r} column "

@@ -245,6 +245,21 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
 
 
+def load_dataset_split(name: str, config: str | None, split: str, *, flag: str, streaming: bool = False, **kwargs):
+    """One split of a Hub dataset, a local data folder or a ``save_to_disk`` folder (``kwargs``: ``data_files``,
+    ``cache_dir``); one that cannot be loaded is an InputError naming ``flag``."""
+    import datasets
+
+    if is_saved_dataset(name):
+        loaded = datasets.load_from_disk(name)
+        loaded = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return loaded.to_iterable_dataset() if streaming else loaded
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming, **kwargs)
+    except (FileNotFoundError, ValueError) as err:  # DatasetNotFoundError is a FileNotFoundError
+        raise InputError(f"{flag} {name!r} (config {config!r}, split {split!r}) could not be loaded: {err}") from err
+
+
 # Writing outputs: all or nothing
 
 

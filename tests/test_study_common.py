@@ -206,3 +206,18 @@ def test_non_latin_letter_check_matches_its_rule_where_python_knows_the_characte
     known = [c for c in assigned if unicodedata.category(c) != "Cn"]
     assert [c for c in known if has_non_latin_letter(c) != rule(c)] == []
     assert has_non_latin_letter("Paris ༣") and not has_non_latin_letter("Café 123 — «ok» \u0301")
+
+
+def test_a_dataset_split_loads_from_a_saved_folder_and_one_that_cannot_be_loaded_is_named_by_its_flag(tmp_path):
+    import datasets
+
+    from study_common import load_dataset_split
+
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_dataset_split(str(tmp_path / "saved"), None, "train", flag="--x")["text"] == ["a", "b"]
+    streamed = load_dataset_split(str(tmp_path / "saved"), None, "train", flag="--x", streaming=True)
+    assert [row["text"] for row in streamed] == ["a", "b"]
+    with pytest.raises(
+        InputError, match=r"--mono_dataset '\S*nope' \(config None, split 'train'\) could not be loaded"
+    ):
+        load_dataset_split(str(tmp_path / "nope"), None, "train", flag="--mono_dataset")
