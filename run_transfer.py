@@ -1004,14 +1004,6 @@ def _summary_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
     return fig
 
 
-def save_figure(fig, path: Path, dpi: int = 120) -> None:
-    """Save a PNG through a temporary name and a rename, like every other output (the study report's
-    figures too)."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
-
-
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     tmp.write_bytes(data)

@@ -39,11 +39,13 @@ from cloze import question_lang_from_stem, question_stem, read_predictions
 from run_transfer import (
     MISMATCHED_WORDS,
     UNDETERMINED_TEXT,
+    analyse_direction,
     direction_words,
     knowledge_sentence,
     mismatched_sentence,
     transfer_directions,
     transfer_markdown,
+    verdict,
     verdict_cell,
 )
 from study_common import InputError, exit_on_input_error, write_json_atomic, write_text_atomic
@@ -265,9 +267,10 @@ def _pyplot():
 
 
 def _save(fig, figures: Path, name: str) -> str:
-    from run_transfer import save_figure
-
-    save_figure(fig, figures / name, dpi=110)
+    """Save a PNG through a temporary name and a rename, like every other output."""
+    tmp = figures / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, figures / name)
     _pyplot().close(fig)
     return f"figures/{name}"
 
@@ -574,8 +577,6 @@ def _transfer_record(result: dict, group: dict, source: str) -> dict:
 def _computed_tiers(runs: list[Run], group: dict, truth: dict) -> dict[tuple[str, str], dict[str, dict]]:
     """The gap per tier of facts where transfer.json has none (a world without the absent and en_only tiers): per
     (language, direction), run_transfer.analyse_direction on the questions of each tier of truth.json."""
-    from run_transfer import analyse_direction
-
     lang, stems = group["lang"], [Path(q).stem for q in reversed(group["questions"])]  # target questions first
     _, cubes = _load_cubes(runs, stems)
     seeds, tiers = sorted({r.seed for r in runs}), sorted(_tier_indices(truth, lang).items())
@@ -771,8 +772,6 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
 def _anchor_differences(lang: str, native: list[Run], anchors: list[Run], truth: dict) -> tuple[list, dict, list]:
     """Anchors − control per direction, tier and setting (pooled first where both ran both settings), the curves of
     the first for the figure, and the steps both variants share."""
-    from run_transfer import analyse_direction
-
     stems = [question_stem(lang, lang), question_stem(lang, "en")]
     (steps_n, cubes_n), (steps_a, cubes_a) = _load_cubes(native, stems), _load_cubes(anchors, stems)
     steps = sorted(set(steps_n) & set(steps_a))
@@ -973,8 +972,6 @@ SLOPE_READINGS = {
 
 def _slope_entry(result: dict) -> dict:
     """The gap-vs-occurrences slope of one analysed question file, with its interval against 0 in words."""
-    from run_transfer import verdict
-
     fit = result["gap_vs_log_occurrences"]
     entry = {"questions": result["questions"], "source_corpus": result["source_corpus"], "slope": fit["slope"],
              "slope_ci": fit["slope_ci"], "n_items": fit["n_items"], "meaning": fit["meaning"]}  # fmt: skip
