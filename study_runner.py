@@ -210,7 +210,7 @@ def supervise_step(argv: list[str] | None = None) -> int:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     if os.getppid() != study_pid:  # the study died before its death could be signalled
         return 128 + signal.SIGTERM
-    child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    child = subprocess.Popen(command, preexec_fn=_die_with_parent)  # a no-op off Linux (_prctl)
     while child.poll() is None and not stop_signals and os.getppid() == study_pid:
         time.sleep(0.2)
     if child.returncode is None:
