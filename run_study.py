@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(Path(record_plan.out) / "plan.json", plan_record(record_plan))
         started = time.time()
         # 7. Every step not done yet; a scheduler's or `timeout`'s SIGTERM stops the study like Ctrl-C.
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             StudyRunner(plan, plan.preset.jobs, args.force, 0 if factors else plan.preset.budget_s).run()
         except KeyboardInterrupt:
@@ -671,10 +671,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         os.close(lock)  # the kernel drops the lock with it
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def plan_record(plan: Plan) -> dict:
