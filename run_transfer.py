@@ -740,7 +740,8 @@ def transfer_markdown(result: dict, level: int = 2, standalone: bool = True) -> 
     lines = [line for section in sections for line in section(result)]
     lines = [("#" * (level - 2) + line) if line.startswith("## ") else line for line in lines]
     title = ["# Cross-lingual transfer: with minus without bridges", ""] if standalone else []
-    return "\n".join(title + lines).strip("\n") + "\n"
+    text = "\n".join(title + lines).strip("\n")
+    return text + ("\n\n" + UNDETERMINED_TEXT if "**undetermined**" in text else "") + "\n"
 
 
 def _main_markdown(result: dict) -> list[str]:
@@ -866,32 +867,13 @@ def _diagnostic_markdown(result: dict) -> list[str]:
     return _section("Bridge diagnostic (last checkpoint of each run)", header, rows)
 
 
-def _verdicts(d: dict) -> list[str]:
-    """Every verdict transfer.md shows of a direction."""
-    k = d.get("knowledge_transfer") or {}
-    return [d["verdict"], *(p["verdict"] for p in d["tie_policies"].values()), k.get("verdict"), k.get("skill_verdict"),
-            *(s["verdict"] for s in (d.get("tiers") or {}).values()),
-            *(d[key]["verdict"] for key in MISMATCHED_WORDS if key in d)]  # fmt: skip
-
-
 def _caution_markdown(result: dict) -> list[str]:
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}
-    one_pair = any(d["n_seed_pairs"] == 1 for _, d in transfer_directions(result))
-    undetermined = any("undetermined" in _verdicts(d) for _, d in transfer_directions(result))
-    return (
-        [""]
-        + (["Steps left out because not every run has them: " + json.dumps(skipped), ""] if skipped else [])
-        + ([UNDETERMINED_TEXT, ""] if undetermined else [])
-        + (
-            [
-                "Caution: with one run pair the intervals cover question sampling only, which overstates significance "
-                "(docs/probing.md): use several seeds per setting.",
-                "",
-            ]
-            if one_pair
-            else []
-        )  # fmt: skip
-    )
+    lines = [""] + (["Steps left out because not every run has them: " + json.dumps(skipped)] if skipped else [])
+    if any(d["n_seed_pairs"] == 1 for _, d in transfer_directions(result)):
+        lines += ["", "Caution: with one run pair the intervals cover question sampling only, which overstates "
+                  "significance (docs/probing.md): use several seeds per setting."]  # fmt: skip
+    return lines
 
 
 WITH_COLOR, WITHOUT_COLOR = "#1f77b4", "#ff7f0e"
