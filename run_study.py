@@ -136,9 +136,9 @@ class StudyArguments:
     force: bool = field(default=False, metadata={"help": "Forget every finished step and run each again from scratch."})
 
 
-#: Flags that shape a plan (recorded in plan.json as given).
-PLAN_FLAGS = ("preset", "set", "sweep", "langs", "seeds", "variants", "anchor_settings", "accelerate_config",
-              "questions_dir", "paper_data", "python", "smoke", "hub_org")  # fmt: skip
+#: Flags besides --preset, --set and --sweep that shape a plan (recorded in plan.json as given).
+PLAN_FLAGS = ("langs", "seeds", "variants", "anchor_settings", "accelerate_config", "questions_dir", "paper_data",
+              "python", "smoke", "hub_org")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -603,21 +603,15 @@ def configure(args: StudyArguments, cell: dict | None = None) -> tuple[Preset, l
     return preset, cuts
 
 
-def given_flags(argv: list[str] | None) -> set[str]:
-    """The flags given on the command line (not left at their defaults)."""
-    parser = _parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
 def configuration(args: StudyArguments, argv: list[str] | None, factors: dict | None) -> dict:
     """How the study was configured, for plan.json and the reports: file, --set, --sweep, the other flags given."""
-    given = given_flags(argv)
+    parser = _parser()
+    for action in parser._actions:  # without defaults, parsing argv again yields only the flags given
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
     return {"preset": Path(args.preset).stem, "file": str(study_file(args.preset)), "set": args.set or [],
             "sweep": factors, "arguments": asdict(args),
-            "flags": {k: getattr(args, k) for k in PLAN_FLAGS
-                      if k in given and k not in ("preset", "set", "sweep")}}  # fmt: skip
+            "flags": {k: getattr(args, k) for k in PLAN_FLAGS if k in given}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
