@@ -29,7 +29,6 @@ from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 import cloze
 from cloze import TIE_POLICIES, QuestionSet, load_question_sets, read_predictions
@@ -999,6 +998,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def parse_arguments(argv: list[str] | None):
     """(TransferArguments, run_eval's EvalArguments or None): the flags this script does not know are
     run_eval.py's probing flags, parsed (and run_eval imported, with torch) only when some are given."""
+    from transformers import HfArgumentParser  # here: the study report imports this module for its rendering
+
     parser = HfArgumentParser(TransferArguments, description=__doc__, formatter_class=_HelpFormatter)
     transfer, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if bool(transfer.with_bridges) != bool(transfer.without_bridges):
