@@ -202,7 +202,7 @@ def test_command_line_errors_are_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "run_pretrain.py: error: " in proc.stderr and "Traceback" not in proc.stderr
     # the training data is checked first, before a tokenizer is trained on it
-    assert "missing.txt: no such --train_file. Check the path." in proc.stderr
+    assert f"--train_file: {tmp_path / 'missing.txt'}: no such file. Check the path" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
