@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -49,86 +48,11 @@ from run_transfer import (
     verdict_cell,
 )
 from study_common import InputError, exit_on_input_error, write_json_atomic, write_text_atomic
-from study_config import SETTINGS, VARIANT_TITLES
+from study_config import REPO_DIR, SETTINGS, VARIANT_TITLES
+from study_runner import fmt_time, read_step_seconds, unfinished_steps, utc_now
 
 if TYPE_CHECKING:  # the report reads any object with these fields (run_study's, or one read back from plan.json)
     from run_study import Plan, Run
-
-REPO_DIR = Path(__file__).resolve().parent
-
-
-def fmt_time(seconds: float) -> str:
-    """H:MM:SS from an hour on, else M:SS."""
-    seconds = int(round(seconds))
-    hours = f"{seconds // 3600}:{seconds // 60 % 60:02d}" if seconds >= 3600 else f"{seconds // 60}"
-    return f"{hours}:{seconds % 60:02d}"
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-# --------------------------------------------------------------------------------------
-# The runner's records of a step, which say whether it finished: run_study.py runs by them, the report states them
-# --------------------------------------------------------------------------------------
-
-
-def done_marker(out: Path, step_id: str) -> Path:
-    return out / ".done" / f"{step_id}.json"
-
-
-def started_record(out: Path, step) -> Path:
-    return out / ".started" / f"{step.id}.json"
-
-
-def read_record(path: Path) -> dict | None:
-    """A JSON record the runner wrote, or None when it is absent or unreadable."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def read_step_seconds(out: Path) -> dict[str, float]:
-    """Seconds each finished step took, from its done-marker (a sweep's step ids have a folder)."""
-    markers = sorted((out / ".done").rglob("*.json"))
-    records = {m.relative_to(out / ".done").with_suffix("").as_posix(): read_record(m) for m in markers}
-    return {step_id: record.get("seconds", 0.0) for step_id, record in records.items() if record}
-
-
-def upstream_runs(out: Path, step) -> dict:
-    """The finished run of each dependency (run id, finish stamp, command): a step records them when it starts and
-    finishes, so a new run upstream is seen downstream even when the downstream command is unchanged."""
-    markers = {dep: read_record(done_marker(out, dep)) for dep in step.deps}
-    return {dep: m and {key: m.get(key) for key in ("run_id", "finished", "command")} for dep, m in markers.items()}
-
-
-def upstream_changed(recorded: dict | None, current: dict) -> list[str]:
-    """Dependencies whose finished run is not the one recorded (all of them when nothing was recorded)."""
-    return [dep for dep, run in current.items() if (recorded or {}).get(dep) != run]
-
-
-def why_not_done(out: Path, step) -> str | None:
-    """None when the step is done: its done-marker holds the current command and the finished runs of its upstream
-    steps, and its outputs exist. Otherwise why it must run."""
-    marker = read_record(done_marker(out, step.id))
-    if marker is None:
-        if done_marker(out, step.id).exists():
-            return "its done-marker is unreadable"
-        return "it did not finish" if started_record(out, step).exists() else "no record of an earlier run"
-    if marker.get("command") != step.command:
-        return "its command changed"
-    changed = upstream_changed(marker.get("upstream"), upstream_runs(out, step))
-    if changed:
-        return f"upstream step {', '.join(changed)} finished a new run since {step.id} ran"
-    missing = [p for p in step.outputs if not Path(p).exists()]
-    return f"outputs missing: {', '.join(missing)}" if missing else None
-
-
-def unfinished_steps(plan: Plan) -> dict[str, str]:
-    """The steps of a plan without a finished run, each with why (see why_not_done)."""
-    state = Path(plan.state_dir or plan.out)
-    return {step.id: why for step in plan.steps if (why := why_not_done(state, step)) is not None}
 
 
 def configuration_text(config: dict) -> str:
