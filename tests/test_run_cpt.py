@@ -256,6 +256,7 @@ def test_exactly_one_of_the_three_settings_must_be_given_explicitly(cpt_data, tm
         (["--ignore_data_skip"], "--ignore_data_skip would re-train windows"),
         (["--use_cache", "true"], "--use_cache makes training forwards build a KV cache"),
         (["--max_open_windows", "0"], "--max_open_windows must be at least 1, got 0"),
+        (["--block_size", "3"], "--block_size must be at least 4, got 3"),
     ],
 )
 def test_argument_errors_say_what_to_do(cpt_data, tmp_path, extra, message):
@@ -586,6 +587,10 @@ def test_mismatched_bridges_refuse_data_without_two_pairs_of_each_order_or_with_
         run_cpt.main(cpt_command(tiny_model_dir, one_pair, tmp_path / "run", "--lang", "bo",
                                  setting="--mismatched_bridges"))  # fmt: skip
     assert not (tmp_path / "run").exists()
+    # the other settings train on such data, and their audit says why the control was not planned
+    audit = run_cpt.main(cpt_command(tiny_model_dir, one_pair, tmp_path / "bridged", "--lang", "bo"))
+    assert audit["plan"]["settings"] == ["bridges", "no_bridges"]
+    assert audit["plan"]["mismatched_bridges_unavailable"].startswith("only one of the pairs with en first")
 
 
 def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_window_holds_two(tmp_path,
