@@ -273,9 +273,10 @@ class _PlanBuilder:
         """run_eval.py's flags and outputs for a model of a group (manipulation checks where the world has tiers)."""
         arguments = dict(self.preset.eval, questions=group["questions"], model_name_or_path=model,
                          diagnostic_pairs=diagnostic, name_alignment=group.get("name_alignment"),
-                         item_tiers=group.get("item_tiers"), output_dir=output_dir)  # fmt: skip
+                         item_tiers=group.get("item_tiers") if "name_alignment" in group else None,
+                         output_dir=output_dir)  # fmt: skip
         outputs = ["accuracy.json", *(["bridge_diagnostic.json"] if diagnostic else [])]
-        return arguments, outputs + (["manipulation_checks.json"] if "item_tiers" in group else [])
+        return arguments, outputs + (["manipulation_checks.json"] if "name_alignment" in group else [])
 
     def base_eval(self, group: dict, name: str, base_dir: Path, what: str, deps: list[str]) -> str:
         arguments, outputs = self.probe(group, str(base_dir), None)
@@ -355,16 +356,16 @@ def build_plan(args: StudyArguments, preset: Preset, out: Path, cell: str | None
     title = "pretrain the base model on the English corpus"
     outputs = ["config.json", "data_stats.json"]
     pretrain = plan.step("pretrain", "pretrain", title, "run_pretrain.py", pretrain_args, outputs, [world], True)
-    # A world with the absent or en_only tier has what the knowledge/skill split and the manipulation checks read.
-    tiers = any((preset.world.get(key) or 0) > 0 for key in ("absent_places", "en_only_places"))
+    # A world with the absent or en_only tier has what the manipulation checks read; every world has item tiers.
+    checks = any((preset.world.get(key) or 0) > 0 for key in ("absent_places", "en_only_places"))
     for lang, variant in itertools.product(langs, variants):
         name, what, wdir = f"{lang}-{variant}", f"{lang}, {variant} names", world_dir / lang / variant
         settings = preset.anchor_settings if variant == "anchors" else preset.settings
         settings = [s for s in CPT_SETTINGS if s in settings]
         group = plan.group(lang, variant, name, _question_files(wdir, lang), settings,
                            diagnostic_pairs=str(wdir / "diagnostic_pairs.jsonl"), mono=str(wdir / "mono.jsonl"),
-                           item_tiers=str(wdir / "item_tiers.json") if tiers else None,
-                           name_alignment=str(wdir / "name_alignment.json") if tiers else None)  # fmt: skip
+                           item_tiers=str(wdir / "item_tiers.json"),
+                           name_alignment=str(wdir / "name_alignment.json") if checks else None)  # fmt: skip
         build_args = dict(preset.build, lang=lang, pairs_files=str(wdir / "pairs.jsonl"), en_column="en",
                           tgt_column=lang, mono_files=group["mono"], replay_files=en_corpus,
                           tokenizer_name=str(base_dir), block_size=preset.cpt["block_size"],

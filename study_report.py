@@ -446,17 +446,9 @@ def _report_transfer(doc: ReportDoc, plan: Plan, truth: dict | None, figures: Pa
             if source.is_file():
                 shutil.copyfile(source, figures / f"{lang}-{variant}-{name}.png")
                 doc.img(f"figures/{lang}-{variant}-{name}.png", f"{title}: {caption}")
-        source, runs = "transfer.json", _group_runs(plan, key)
-        found = transfer_directions(result)
-        if not any(d.get("tiers") for _, d in found) and truth and runs and _all_probed(runs):
-            source, computed = "report (per-tier analysis)", _computed_tiers(runs, group, truth)
-            for language, d in found:
-                d["tiers"] = computed[(language["lang"], d["direction"])]
-            doc.p("`transfer.json` has no gap per tier of facts (its analysis was not given the item tiers): the "
-                  "report computes it from the probing outputs per tier of `truth.json`, tie rule first.")  # fmt: skip
         doc.p(transfer_markdown(result, level=4, standalone=False))
         section[key] = {"transfer_json": str(Path(group["transfer"]) / "transfer.json"),
-                        **_transfer_record(result, group, source)}  # fmt: skip
+                        **_transfer_record(result, group)}  # fmt: skip
     return section
 
 
@@ -467,9 +459,9 @@ KNOWLEDGE_FIELDS = ("often_tier", "never_tier", "mean_did", "mean_did_ci", "fina
                     "skill_mean_gap", "skill_mean_gap_ci", "skill_verdict", "meaning")  # fmt: skip
 
 
-def _transfer_record(result: dict, group: dict, source: str) -> dict:
-    """report.json's entries of a group's transfer.json: its directions, the gap per tier (``source``: where it
-    came from), knowledge and mismatched bridges with run_transfer's sentences."""
+def _transfer_record(result: dict, group: dict) -> dict:
+    """report.json's entries of a group's transfer.json: its directions, the gap per tier, knowledge and mismatched
+    bridges with run_transfer's sentences."""
     base = _final_accuracy(group["base_eval"])
     base = {stem: v["accuracy"] for stem, v in base[1]["accuracy"].items()} if base else {}
     found = transfer_directions(result)
@@ -484,7 +476,7 @@ def _transfer_record(result: dict, group: dict, source: str) -> dict:
     record = {"directions": directions}
     if any(d.get("tiers") for _, d in found):
         record["tiers"] = [{"direction": d["direction"], "tier": tier, "questions": s["n_questions"],
-                            **{f: s[f] for f in GAP_FIELDS}, "from": source}
+                            **{f: s[f] for f in GAP_FIELDS}}
                            for _, d in found for tier, s in (d.get("tiers") or {}).items()]  # fmt: skip
         record["knowledge"] = [{"direction": d["direction"],
                                 **{f: d["knowledge_transfer"][f] for f in KNOWLEDGE_FIELDS},
@@ -496,18 +488,6 @@ def _transfer_record(result: dict, group: dict, source: str) -> dict:
                                  "sentence": mismatched_sentence(language["lang"], d)}
                                 for language, d in found if d.get("mismatched_minus_none")]  # fmt: skip
     return record
-
-
-def _computed_tiers(runs: list[Run], group: dict, truth: dict) -> dict[tuple[str, str], dict[str, dict]]:
-    """The gap per tier of facts where transfer.json has none (a world without the absent and en_only tiers): per
-    (language, direction), run_transfer.analyse_direction on the questions of each tier of truth.json."""
-    lang, stems = group["lang"], [Path(q).stem for q in reversed(group["questions"])]  # target questions first
-    _, cubes = _load_cubes(runs, stems)
-    seeds, tiers = sorted({r.seed for r in runs}), sorted(_tier_indices(truth, lang).items())
-    return {(lang, _direction(stem, lang)): {
-        tier: analyse_direction(_stack(cubes, runs, "bridges", seeds, stem, indices),
-                                _stack(cubes, runs, "no_bridges", seeds, stem, indices), 1000, 0, 0.95)
-        for tier, indices in tiers} for stem in stems}  # fmt: skip
 
 
 #: The tiers of facts (synthetic_world.TIERS) in a figure title's few words.
@@ -999,14 +979,15 @@ def write_sweep_report(plan: Plan) -> dict:
                "status"], rows)  # fmt: skip
     doc.p(
         "Data epochs: how many times CPT read its dataset, mean over the cell's runs (`plan.data_epochs` of each "
-        "`packing_audit.json`); mentions seen: the world's bridge mentions per entity (`pair_mentions`) x data epochs, "
-        f"the dose the model saw (docs/dose-response.md). A cell's time is the sum of its steps' seconds. Steps shared by several cells ({len(shared)}: "
+        "`packing_audit.json`); mentions seen: the world's bridge mentions per entity (`pair_mentions`) x data "
+        "epochs, the dose the model saw (docs/dose-response.md). A cell's time is the sum of its steps' seconds. "
+        f"Steps shared by several cells ({len(shared)}: "
         f"{', '.join(sorted(shared)) or 'none'}) ran once for all of them: they are counted once in the sweep's "
         f"{fmt_time(record['sweep_steps_s'])} of steps, and not in any cell's own time."
     )
     doc.h(2, "Gaps per cell")
-    doc.table(["cell", "group", "direction", "measure", "mean gap [95% CI]", "verdict", "from"],
-              [[name, g["group"], g["direction"], g["measure"], _gap(g), g["verdict"], g["from"]]
+    doc.table(["cell", "group", "direction", "measure", "mean gap [95% CI]", "verdict"],
+              [[name, g["group"], g["direction"], g["measure"], _gap(g), g["verdict"]]
                for name, cell in record["cells"].items() for g in cell["gaps"]])  # fmt: skip
     figure = _plot_dose_response(record, factors, figures)
     if figure:
@@ -1044,27 +1025,23 @@ def _cell_dose(cell: Plan) -> dict:
 
 
 def _cell_gaps(cell: Plan) -> list[dict]:
-    """A cell's gaps per group and direction: all questions, per tier (transfer.json's, else the cell's report's),
-    the knowledge contrast and bridges − mismatched bridges."""
-    report = (_read_json(Path(cell.out) / "report.json") or {}).get("sections", {}).get("transfer", {})
+    """A cell's gaps per group and direction (transfer.json): all questions, per tier, the knowledge contrast and
+    bridges − mismatched bridges."""
     found = []
     for key, group in cell.groups.items():
         result = _read_json(Path(group["transfer"]) / "transfer.json") or {}
         for d in (d for language in result.get("languages", []) for d in language["directions"]):
-            source = "transfer.json" if d.get("tiers") else "report (per-tier analysis)"
-            tiers = d.get("tiers") or {t["tier"]: t for t in report.get(key, {}).get("tiers", [])
-                                       if t["direction"] == d["direction"]}  # fmt: skip
-            measures = [("all questions", d, "transfer.json"), *((f"tier {t}", s, source) for t, s in tiers.items())]
+            measures = [("all questions", d), *((f"tier {t}", s) for t, s in (d.get("tiers") or {}).items())]
             if d.get("bridges_minus_mismatched"):
-                measures.append(("bridges − mismatched", d["bridges_minus_mismatched"], "transfer.json"))
+                measures.append(("bridges − mismatched", d["bridges_minus_mismatched"]))
             if k := d.get("knowledge_transfer"):
                 did = {"mean_gap": k["mean_did"], "mean_gap_ci": k["mean_did_ci"], "verdict": k["verdict"]}
-                measures.append((f"knowledge ({k['often_tier']} − {k['never_tier']})", did, "transfer.json"))
+                measures.append((f"knowledge ({k['often_tier']} − {k['never_tier']})", did))
             never = f"tier {k['never_tier']}" if k else None
             found += [{"group": key, "direction": d["direction"], "measure": measure, "mean_gap": stats["mean_gap"],
-                       "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"], "from": source,
+                       "mean_gap_ci": stats["mean_gap_ci"], "verdict": stats["verdict"],
                        "plotted": _plotted_as(measure, never)}
-                      for measure, stats, source in measures]  # fmt: skip
+                      for measure, stats in measures]  # fmt: skip
     return found
 
 

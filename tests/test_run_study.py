@@ -102,10 +102,13 @@ def test_synthetic_presets_run_offline_and_plain_python_by_default(tmp_path):
     )
 
 
-def test_the_micro_plan_passes_no_new_flag_unless_its_configuration_asks(tmp_path):
-    new = {"--mismatched_bridges", "--item_tiers", "--name_alignment"}
+def test_every_world_gives_transfer_its_tiers_and_only_a_world_with_checks_asks_probing_for_them(tmp_path):
+    new = {"--mismatched_bridges", "--name_alignment"}
     plan = build_plan(StudyArguments(preset="micro"), PRESETS["micro"], tmp_path)
     assert not new & {c for s in plan.steps for c in s.command}
+    assert not any("--item_tiers" in s.command for s in plan.steps if s.kind in ("eval", "base_eval"))
+    transfers = [s for s in plan.steps if s.kind == "transfer"]
+    assert transfers and all(_flag(s, "--item_tiers").endswith("item_tiers.json") for s in transfers)
     preset = replace(
         PRESETS["micro"],
         settings=["bridges", "no_bridges", "mismatched_bridges"],

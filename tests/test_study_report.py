@@ -338,8 +338,7 @@ def test_a_skill_only_gap_reads_skill_not_knowledge_and_a_high_tier_gain_reads_k
             assert f" | {_shown(stats['mean_gap'], stats['mean_gap_ci'])} | " in report
             assert {"direction": direction, "tier": tier, "questions": 8, "mean_gap": stats["mean_gap"],
                     "mean_gap_ci": stats["mean_gap_ci"], "final_gap": stats["final_gap"],
-                    "final_gap_ci": stats["final_gap_ci"], "verdict": stats["verdict"],
-                    "from": "transfer.json"} in section["tiers"]  # fmt: skip
+                    "final_gap_ci": stats["final_gap_ci"], "verdict": stats["verdict"]} in section["tiers"]  # fmt: skip
         row = (
             f"| **knowledge**: gap high − gap {source['never_tier']} | – | – | – | "
             f"{_shown(source['mean_did'], source['mean_did_ci'])} | {_shown(source['final_did'], source['final_did_ci'])} "
@@ -509,28 +508,6 @@ def test_undetermined_verdicts_are_shown_as_such_and_no_conclusion_rests_on_them
     assert row.startswith(f"| English → {LANG} ({LANG} questions) |") and row.endswith("| **undetermined** |")
     mismatched = {m["direction"]: m for m in section["mismatched"]}[f"en->{LANG}"]
     assert "whether the right partner matters is undetermined" in mismatched["sentence"]
-
-
-def _drop_tiers(plan) -> None:
-    """transfer.json of an analysis not given the item tiers (no tiers, no knowledge contrast)."""
-    path = Path(plan.groups[KEY]["transfer"]) / "transfer.json"
-    transfer = json.loads(path.read_text())
-    for d in transfer["languages"][0]["directions"]:
-        del d["tiers"], d["knowledge_transfer"]
-    path.write_text(json.dumps(transfer))
-
-
-def test_without_tiers_in_transfer_json_the_report_computes_the_same_gap_per_tier_from_truth(study, tmp_path):
-    with_tiers = _directions(_transfer(_decomposed_plan(study)))
-    report, record, _ = _report(study, tmp_path, _drop_tiers)
-    section = record["sections"]["transfer"][KEY]
-    assert section["knowledge"] == [] and "Knowledge or skill?" not in report and "The gap per tier of facts" in report
-    assert {(t["direction"], t["tier"]) for t in section["tiers"]} == {
-        (direction, tier) for direction, d in with_tiers.items() for tier in d["tiers"]
-    }
-    for t in section["tiers"]:
-        assert t["from"] == "report (per-tier analysis)"
-        assert t["mean_gap"] == pytest.approx(with_tiers[t["direction"]]["tiers"][t["tier"]]["mean_gap"])
 
 
 def _diagnosed(plan) -> None:
