@@ -76,7 +76,10 @@ class EvalArguments:
         default=None,
         metadata={"help": "Question languages: 'STEM=LANG' entries, or one language per question set in load order."},
     )
-    output_dir: str = field(default="eval_output", metadata={"help": "Where the outputs go."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the outputs go (default: MODEL/eval for a local folder, else eval_output)."},
+    )
     batch_size: int = field(default=64, metadata={"help": "Filled sentences per forward pass."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Model weights dtype (the paper used bfloat16)."}
@@ -862,6 +865,9 @@ def parse_arguments(argv: list[str] | None, require_model: bool = True) -> EvalA
         parser.error("--item_tiers gives the tiers of --questions items: pass the questions too")
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
+    if args.output_dir is None:  # beside the checkpoints it scores, where run_transfer.py looks for it
+        model = Path(args.model_name_or_path or "")
+        args.output_dir = str(model / "eval") if args.model_name_or_path and model.is_dir() else "eval_output"
     return args
 
 

@@ -667,3 +667,14 @@ def test_item_tiers_of_other_questions_or_missing_items_are_refused(tmp_path):
         run_eval.read_item_tiers(str(write_item_tiers(tmp_path / "a.json", "ko-culture-cloze", TIERS)), sets)
     with pytest.raises(run_eval.InputError, match=r"b.json: 5 items, but sample-culture_en has 6"):
         run_eval.read_item_tiers(str(write_item_tiers(tmp_path / "b.json", "sample-culture", TIERS[:5])), sets)
+
+
+def test_the_outputs_go_beside_a_local_model_by_default_and_to_eval_output_for_a_hub_id(tmp_path):
+    run = tmp_path / "runs" / "cpt-bo-bridges-seed42"
+    run.mkdir(parents=True)
+    local = run_eval.parse_arguments(["--model_name_or_path", str(run), "--questions", "q.json"])
+    assert local.output_dir == str(run / "eval")
+    hub = run_eval.parse_arguments(["--model_name_or_path", "org/model", "--questions", "q.json"])
+    assert hub.output_dir == "eval_output"
+    given = ["--model_name_or_path", str(run), "--questions", "q.json", "--output_dir", str(tmp_path / "o")]
+    assert run_eval.parse_arguments(given).output_dir == str(tmp_path / "o")
