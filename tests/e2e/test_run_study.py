@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, run_script, toy_plan
-from test_run_study import _processes_mentioning, _wait_until
+from test_study_runner import _processes_mentioning, _wait_until
 
 import run_study
 from run_study import Step, StudyArguments
