@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8", "tqdm"]
+# dependencies = ["transformers>=5.0", "numpy>=2.0", "scipy>=1.11", "matplotlib>=3.8"]
 # ///
 """The with-minus-without transfer analysis of CPT runs: does training with bridges carry knowledge across?
 
 Step 3b of the study. Input: run_eval.py's output of runs trained with and without bridges (and optionally with
 mismatched bridges), as ``--with_bridges A.. --without_bridges B.. [--mismatched_bridges M..]`` (several = several
-seeds) or ``--runs R..`` grouped by the cpt_setting each records. A run folder without probing output is probed
-first when ``--questions`` is given (flags this script does not know go to run_eval.py). Outputs in
-``--output_dir``: transfer_curves.png, transfer_summary.png, transfer.md and, last, transfer.json.
+seeds) or ``--runs R..`` grouped by the cpt_setting each records; each run is its run_eval.py output folder or
+a run folder holding it in RUN/eval (run_eval.py's default). Outputs in ``--output_dir``: transfer_curves.png,
+transfer_summary.png, transfer.md and, last, transfer.json.
 docs/probing.md explains the statistics and outputs, docs/decomposition.md the tiers and mismatched bridges,
 docs/refusals.md what is refused.
 """
@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
 import cloze
-from cloze import TIE_POLICIES, QuestionSet, load_question_sets, read_predictions
+from cloze import TIE_POLICIES, read_predictions
 from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("run_transfer")
@@ -59,6 +58,8 @@ KNOWLEDGE_CONTRASTS = {
 }
 #: The tiers of facts (synthetic_world.TIERS) in the order tables show them.
 TIER_ORDER = ("high", "low", "absent", "en_only")
+#: The folder inside a run where run_eval.py writes its probing output by default.
+EVAL_DIR_NAME = "eval"
 
 
 def min_bootstrap(confidence: float) -> int:
@@ -70,7 +71,7 @@ def min_bootstrap(confidence: float) -> int:
 class TransferArguments:
     with_bridges: list[str] | None = field(
         default=None,
-        metadata={"help": "Runs trained WITH bridges (run folders or their eval output folders), one per seed."},
+        metadata={"help": "Runs trained WITH bridges (run_eval.py output folders or run folders), one per seed."},
     )
     without_bridges: list[str] | None = field(
         default=None, metadata={"help": "Runs trained WITHOUT bridges, as for --with_bridges."}
@@ -94,9 +95,6 @@ class TransferArguments:
         },
     )
     output_dir: str = field(default="eval_output", metadata={"help": "Where the outputs go."})
-    eval_dir_name: str = field(
-        default="eval", metadata={"help": "Sub-folder of a run folder where its probing output is written."}
-    )
     n_bootstrap: int = field(
         default=1000,
         metadata={"help": "Bootstrap resamples: at least 10 / (1 - confidence) (200 for 95%%)."},
@@ -110,7 +108,7 @@ class TransferArguments:
 
 
 # --------------------------------------------------------------------------------------
-# The runs: their per-item results, probed first where needed
+# The runs: their per-item results, as run_eval.py wrote them
 # --------------------------------------------------------------------------------------
 
 
@@ -130,20 +128,15 @@ class RunResults:
     recorded: dict  # field of SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED -> its value (None: not recorded)
 
 
-def eval_dir_of(path: str, probing, transfer: TransferArguments, question_sets: list[QuestionSet]) -> Path:
-    """The eval output folder of a run given as one, or as a run folder (probed first into RUN/<eval_dir_name>
-    with run_eval's flags ``probing`` when there are ``question_sets``)."""
-    source = Path(path)
-    if (source / "accuracy.json").is_file():
-        return source
-    if not source.is_dir():
-        raise InputError(f"{path}: neither an eval output directory (accuracy.json) nor a run directory.")
-    eval_dir = source / transfer.eval_dir_name
-    if question_sets:
-        _probe(source, eval_dir, probing, question_sets, transfer.eval_dir_name)
-    elif not (eval_dir / "accuracy.json").is_file():
-        raise InputError(f"{source}: no accuracy.json here or in {eval_dir}; pass --questions to probe the run.")
-    return eval_dir
+def eval_dir_of(path: str) -> Path:
+    """The run_eval.py output folder of a run given as one, or as a run folder holding it in RUN/eval."""
+    for candidate in (Path(path), Path(path) / EVAL_DIR_NAME):
+        if (candidate / "accuracy.json").is_file():
+            return candidate
+    raise InputError(
+        f"{path}: no probing output (accuracy.json) here or in {Path(path) / EVAL_DIR_NAME}. Probe the run first: "
+        f"python run_eval.py --model_name_or_path {path} --questions QUESTIONS (writes {Path(path) / EVAL_DIR_NAME})."
+    )
 
 
 def read_run(path: str, eval_dir: Path, setting: str | None) -> RunResults:
@@ -182,44 +175,6 @@ def read_run(path: str, eval_dir: Path, setting: str | None) -> RunResults:
     recorded_fields |= {f: cpt_setting.get(f) for f in SHARED_BY_A_SEED}
     return RunResults(name, eval_dir, setting or recorded, lang or targets[0], cpt_setting.get("seed"), steps,
                       accuracy["questions"], cube(correct), cube(fractional), recorded_fields)  # fmt: skip
-
-
-def _probe(run_dir: Path, eval_dir: Path, args, question_sets: list[QuestionSet], eval_dir_name: str) -> None:
-    """Probe a run with run_eval.py (imported here: only probing needs torch) on its language's questions."""
-    import run_eval
-
-    run = run_eval.find_checkpoints(str(run_dir), args.tokenizer_name_or_path)
-    relevant = _questions_for_language(question_sets, (run.cpt_setting or {}).get("lang"), str(run_dir))
-    remedy = f"Pass another --eval_dir_name (now {eval_dir_name!r}) or --overwrite_output_dir to replace them."
-    run_eval.evaluate_model(args, relevant, run, eval_dir, remedy)
-    if args.diagnostic_pairs:
-        pairs = run_eval.read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs)
-        run_eval.run_bridge_diagnostic(args, run, eval_dir, pairs)
-
-
-def _questions_for_language(question_sets: list[QuestionSet], lang: str | None, run: str) -> list[QuestionSet]:
-    """The question sets a run of language ``lang`` is probed on: its language's sets and their parallel English
-    sets. Questions of other languages measure nothing about it, so none is an error, and so is an unknown
-    language when the questions hold several target languages (which one would be a guess)."""
-    targets = sorted({qs.lang for qs in question_sets if qs.lang != "en"})
-    if not lang:
-        if len(targets) > 1:
-            raise InputError(
-                f"{run}: its config.json records no cpt_setting lang, and the questions hold several target "
-                f"languages ({', '.join(targets)}): cannot tell which to probe it on. Pass only the --questions of "
-                "its language (and their English parallels), or probe it with run_eval.py."
-            )
-        return question_sets
-    bases = {qs.base for qs in question_sets if qs.lang == lang}
-    relevant = [qs for qs in question_sets if qs.base in bases and qs.lang in (lang, "en")]
-    if not relevant:
-        raise InputError(
-            f"{run}: its cpt_setting lang is {lang!r}, but no question set is in {lang!r} (question languages: "
-            f"{', '.join(sorted({qs.lang for qs in question_sets}))}; sets: "
-            f"{', '.join(qs.stem for qs in question_sets)}). Pass --questions in {lang!r} (files named "
-            f"'<name>_{lang}', or --question_langs STEM={lang}) with their English parallels."
-        )
-    return relevant
 
 
 def read_item_tiers(paths: list[str]) -> dict[str, dict]:
@@ -995,54 +950,37 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults after each option, and the module docstring kept as written."""
 
 
-def parse_arguments(argv: list[str] | None):
-    """(TransferArguments, run_eval's EvalArguments or None): the flags this script does not know are
-    run_eval.py's probing flags, parsed (and run_eval imported, with torch) only when some are given."""
+def parse_arguments(argv: list[str] | None) -> TransferArguments:
     from transformers import HfArgumentParser  # here: the study report imports this module for its rendering
 
     parser = HfArgumentParser(TransferArguments, description=__doc__, formatter_class=_HelpFormatter)
     transfer, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (probing is run_eval.py's step: run it first)")
     if bool(transfer.with_bridges) != bool(transfer.without_bridges):
         parser.error("--with_bridges and --without_bridges go together")
     if transfer.mismatched_bridges and not transfer.with_bridges:
         parser.error("--mismatched_bridges goes with --with_bridges and --without_bridges (or give all as --runs)")
     if not (transfer.with_bridges or transfer.runs):
         parser.error("nothing to compare: pass --with_bridges A.. --without_bridges B.., or --runs R..")
-    check_transfer_arguments(transfer)  # before any run is probed
-    if not rest:
-        return transfer, None
-    import run_eval
-
-    probing = run_eval.parse_arguments(rest, require_model=False)
-    if probing.model_name_or_path:
-        parser.error(
-            "give runs to compare (--with_bridges/--without_bridges/--runs), not --model_name_or_path "
-            "(probe one model with run_eval.py)"
-        )
-    return transfer, probing
+    check_transfer_arguments(transfer)  # before any run is read
+    return transfer
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Arguments; run_eval's probing flags ride along for runs that were not probed yet.
-    transfer, probing = parse_arguments(argv)
+    # 1. Arguments and logging.
+    transfer = parse_arguments(argv)
     setup_logging()
-    # 2. The questions to probe such runs on (none given: every run must have its eval output).
-    question_sets = []
-    if probing is not None and probing.questions:
-        question_sets = load_question_sets(probing.questions, probing.question_langs, probing.strict, probing.revision)
+    # 2. The inputs: the tiers of facts, and each run's per-item results as run_eval.py wrote them.
     item_tiers = read_item_tiers(transfer.item_tiers or [])
-    # 3. Each run's per-item results, probed first where needed.
     inputs = [(p, setting) for setting in SETTING_FLAGS for p in getattr(transfer, SETTING_FLAGS[setting][2:]) or []]
     inputs += [(p, None) for p in transfer.runs or []]
-    runs = [
-        read_run(path, eval_dir_of(path, probing, transfer, question_sets), setting)
-        for path, setting in tqdm(inputs, desc="runs")
-    ]
-    # 4. The statistics, per language and direction, and everything written from them: nothing is written
+    runs = [read_run(path, eval_dir_of(path), setting) for path, setting in inputs]
+    # 3. The statistics, per language and direction, and everything written from them: nothing is written
     #    until all of it has been made (a failure leaves no output that looks complete).
     result = transfer_analysis(runs, transfer, item_tiers)
     markdown, pngs = transfer_markdown(result), plot_transfer(result)
-    # 5. The figures, transfer.md and, last, transfer.json.
+    # 4. The figures, transfer.md and, last, transfer.json.
     output_dir = Path(transfer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, data in pngs.items():

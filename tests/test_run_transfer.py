@@ -1,6 +1,6 @@
 """run_transfer.py: the gap statistics (paired bootstrap, McNemar, verdicts), seeds and steps, the refusals of
 what it cannot compare, the decomposition of the gap per tier of facts and the mismatched-bridges setting, on eval
-outputs whose answers are planted; runs probed first with run_eval.py."""
+outputs whose answers are planted."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from cloze_samples import write_sample_questions
-from eval_helpers import make_run_dir, write_eval_output, write_run
+from eval_helpers import write_eval_output, write_run
 
 import run_transfer
 from study_common import InputError
@@ -145,29 +144,6 @@ def test_unequal_seed_counts_are_an_error_naming_the_runs(tmp_path):
         ValueError, match=r"2 run\(s\) with bridges \(ko-with-0, ko-with-1\) but 1 without \(ko-without-0\)"
     ):
         analyse(tmp_path, [data, data], [data], steps=(1, 2))
-
-
-def test_a_run_whose_language_has_no_questions_is_refused_naming_run_lang_and_languages(tmp_path, tiny_model_dir):
-    questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko"))
-    setting = {"lang": "mn", "bridges": True, "seed": 0}
-    run = make_run_dir(tiny_model_dir, tmp_path / "mn-run", (), 1, setting)
-    with pytest.raises(ValueError) as err:
-        run_transfer.main(
-            ["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")]
-        )
-    message = str(err.value)
-    assert str(run) in message and "lang is 'mn'" in message and "question languages: en, ko" in message
-    assert not (run / "eval").exists()  # nothing probed
-
-
-def test_a_run_of_unknown_language_is_refused_when_questions_hold_several_target_languages(tmp_path, tiny_model_dir):
-    questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
-    run = make_run_dir(tiny_model_dir, tmp_path / "run", (), 1, {"bridges": True, "seed": 0})
-    with pytest.raises(ValueError, match=r"records no cpt_setting lang.*several target languages \(ko, zh\)"):
-        run_transfer.main(
-            ["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")]
-        )
-    assert not (run / "eval").exists()
 
 
 def test_tie_policy_fractional_credits_ties_one_over_k_and_the_report_shows_both_rules(tmp_path):
@@ -363,6 +339,41 @@ def test_an_estimate_outside_its_own_interval_gets_no_verdict():
     assert run_transfer.verdict((0.01, 0.2), 0.1) == "transfer"
 
 
+def test_a_run_folder_is_read_from_its_eval_folder_and_one_without_probing_output_is_refused(tmp_path, capsys):
+    with_run, without_run = tmp_path / "with-run", tmp_path / "without-run"
+    write_run(with_run / "eval", "bridges")  # where run_eval.py writes a run folder's probing by default
+    without_run.mkdir()
+    with pytest.raises(InputError) as err:
+        transfer(tmp_path, [with_run], [without_run])
+    assert str(err.value) == (
+        f"{without_run}: no probing output (accuracy.json) here or in {without_run / 'eval'}. Probe the run first: "
+        f"python run_eval.py --model_name_or_path {without_run} --questions QUESTIONS (writes {without_run / 'eval'})."
+    )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_info:  # probing flags are run_eval.py's, not taken here
+        transfer(tmp_path, [with_run], [without_run], "--questions", "q.json")
+    assert exit_info.value.code == 2 and "--questions q.json (probing is run_eval.py's step" in capsys.readouterr().err
+    write_run(without_run / "eval", "no_bridges")
+    result = transfer(tmp_path, [with_run], [without_run])
+    assert result["languages"][0]["with_bridges"] == [str(with_run / "eval")]
+    assert result["languages"][0]["without_bridges"] == [str(without_run / "eval")]
+
+
+def test_a_run_whose_language_has_no_questions_is_refused_naming_its_language(tmp_path):
+    rng = np.random.default_rng(6)
+    ko = {"c_ko": rng.random((3, 20)) < 0.5, "c_en": rng.random((3, 20)) < 0.5}
+    mn = [write_run(tmp_path / f"mn-{s}", s, correct=ko, lang="mn") for s in ("bridges", "no_bridges")]
+    with pytest.raises(
+        InputError, match=r"mn: no question set in mn with a parallel English set among \['c_ko', 'c_en'\]"
+    ):
+        transfer(tmp_path, *([d] for d in mn))
+    several = {**ko, "c_zh": rng.random((3, 20)) < 0.5}
+    unknown = [write_run(tmp_path / f"unknown-{s}", s, correct=several, lang=None) for s in ("bridges", "no_bridges")]
+    with pytest.raises(InputError, match=r"no cpt_setting lang and the questions hold languages \['ko', 'zh'\]"):
+        transfer(tmp_path, *([d] for d in unknown))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failure_while_plotting_leaves_no_output_behind(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("plotting failed")
@@ -372,19 +383,6 @@ def test_a_failure_while_plotting_leaves_no_output_behind(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="plotting failed"):
         transfer(tmp_path, with_dirs, without_dirs)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-def test_a_stale_probing_folder_is_refused_naming_eval_dir_name(tmp_path, tiny_model_dir):
-    questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko"))
-    run = make_run_dir(tiny_model_dir, tmp_path / "run", (), 1, {"lang": "ko", "bridges": True, "seed": 0})
-    stems = {"sample-culture_en": np.zeros((1, 6), bool), "sample-culture_ko": np.zeros((1, 6), bool)}
-    write_eval_output(run / "probe", stems, [1], {"lang": "ko", "bridges": True, "seed": 0})  # mean_token_loss
-    args = ["--runs", str(run), "--questions", *map(str, questions), "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(InputError) as err:
-        run_transfer.main([*args, "--eval_dir_name", "probe", "--loss_dtype", "model"])
-    message = str(err.value)
-    assert "loss_dtype ('float32', now 'model')" in message
-    assert "--eval_dir_name (now 'probe')" in message and "--output_dir" not in message
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""run_transfer.py end to end (slow): eight run folders of random-weight tiny models probed and compared in one
-command, the known verdict, the numbers by hand from predictions.jsonl, and the same analysis from the eval
-outputs alone."""
+"""run_transfer.py end to end (slow): eight run folders of random-weight tiny models probed by run_eval.py and
+compared as run folders, the known verdict, the numbers by hand from predictions.jsonl, and the same analysis from
+the eval output folders."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ import pytest
 from cloze_samples import write_sample_questions
 from eval_helpers import make_run_dir
 
+import run_eval
 import run_transfer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow
-def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_known_ko_verdict(
-    tmp_path, tiny_model_dir
-):
+def test_transfer_of_eight_probed_random_weight_run_folders_gives_the_known_ko_verdict(tmp_path, tiny_model_dir):
     """Eight run folders (ko and zh, with and without bridges, two seeds) of tiny models with random weights (no
-    training), probed and compared in one command. The ko runs of a seed share their weights in both settings,
-    so every ko gap is exactly 0 and the verdict is known: no evidence; the zh runs all differ."""
-    questions = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
+    training), each probed by run_eval.py into RUN/eval, then compared given as run folders. The ko runs of a seed
+    share their weights in both settings, so every ko gap is exactly 0 and the verdict is known: no evidence; the zh
+    runs all differ."""
+    en, ko, zh = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
+    questions = {"ko": [str(en), str(ko)], "zh": [str(en), str(zh)]}
     runs = []
     for lang in ("ko", "zh"):
         for bridges in (True, False):
@@ -45,13 +46,10 @@ def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_k
         )
     )
     out = tmp_path / "transfer"
-    args = ["--runs", *map(str, runs), "--questions", *map(str, questions), "--output_dir", str(out)]
-    run_transfer.main([*args, "--n_bootstrap", "300", "--diagnostic_pairs", str(pairs)])
-
-    # Every run was probed in its own eval folder, on its language's questions and the English ones only.
-    ko_eval = json.loads((tmp_path / "ko-with-s0" / "eval" / "accuracy.json").read_text())
-    assert sorted(ko_eval["questions"]) == ["sample-culture_en", "sample-culture_ko"]
-    assert ko_eval["cpt_setting"] == {"lang": "ko", "setting": "bridges", "bridges": True, "seed": 0}
+    for run in runs:  # run_eval.py's default output folder of a run folder: RUN/eval
+        run_eval.main(["--model_name_or_path", str(run), "--questions", *questions[run.name[:2]],
+                       "--diagnostic_pairs", str(pairs)])  # fmt: skip
+    run_transfer.main(["--runs", *map(str, runs), "--output_dir", str(out), "--n_bootstrap", "300"])
 
     result = json.loads((out / "transfer.json").read_text())
     assert [language["lang"] for language in result["languages"]] == ["ko", "zh"]
@@ -110,7 +108,7 @@ def test_transfer_command_probes_eight_random_weight_run_folders_and_gives_the_k
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
-    # The same analysis from the eval output folders alone (no probing), by explicit setting flags.
+    # The same analysis from the eval output folders, by explicit setting flags.
     again = tmp_path / "again"
     ko = {b: [str(tmp_path / f"ko-{b}-s{s}" / "eval") for s in (0, 1)] for b in ("with", "without")}
     run_transfer.main(
