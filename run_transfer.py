@@ -16,7 +16,6 @@ docs/refusals.md what is refused.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -139,9 +138,10 @@ def eval_dir_of(path: str) -> Path:
     )
 
 
-def read_run(path: str, eval_dir: Path, setting: str | None) -> RunResults:
+def read_run(path: str, setting: str | None) -> RunResults:
     """The per-item results of the run given as ``path``; ``setting`` is the one it was given under (None: --runs,
     read from its cpt_setting), checked against the one it records."""
+    eval_dir = eval_dir_of(path)
     accuracy, correct = read_predictions(eval_dir)
     fractional = read_predictions(eval_dir, tie_policy="fractional")[1]
     cpt_setting = accuracy.get("cpt_setting") or {}
@@ -946,14 +946,10 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each option, and the module docstring kept as written."""
-
-
 def parse_arguments(argv: list[str] | None) -> TransferArguments:
     from transformers import HfArgumentParser  # here: the study report imports this module for its rendering
 
-    parser = HfArgumentParser(TransferArguments, description=__doc__, formatter_class=_HelpFormatter)
+    parser = HfArgumentParser(TransferArguments, description=__doc__)
     transfer, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (probing is run_eval.py's step: run it first)")
@@ -963,7 +959,6 @@ def parse_arguments(argv: list[str] | None) -> TransferArguments:
         parser.error("--mismatched_bridges goes with --with_bridges and --without_bridges (or give all as --runs)")
     if not (transfer.with_bridges or transfer.runs):
         parser.error("nothing to compare: pass --with_bridges A.. --without_bridges B.., or --runs R..")
-    check_transfer_arguments(transfer)  # before any run is read
     return transfer
 
 
@@ -975,7 +970,7 @@ def main(argv: list[str] | None = None) -> dict:
     item_tiers = read_item_tiers(transfer.item_tiers or [])
     inputs = [(p, setting) for setting in SETTING_FLAGS for p in getattr(transfer, SETTING_FLAGS[setting][2:]) or []]
     inputs += [(p, None) for p in transfer.runs or []]
-    runs = [read_run(path, eval_dir_of(path), setting) for path, setting in inputs]
+    runs = [read_run(path, setting) for path, setting in inputs]
     # 3. The statistics, per language and direction, and everything written from them: nothing is written
     #    until all of it has been made (a failure leaves no output that looks complete).
     result = transfer_analysis(runs, transfer, item_tiers)

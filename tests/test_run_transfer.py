@@ -30,7 +30,7 @@ def analyse(tmp_path, with_sets, without_sets, steps=(10, 20, 30), n_bootstrap=5
             run_steps = kwargs.get("run_steps", {}).get(name, list(steps))
             tied = kwargs.get("tied", {}).get(name)
             eval_dir = write_eval_output(tmp_path / name, correct, run_steps, setting, tied)
-            runs.append(run_transfer.read_run(str(eval_dir), eval_dir, setting_flag))
+            runs.append(run_transfer.read_run(str(eval_dir), setting_flag))
     transfer = run_transfer.TransferArguments(
         n_bootstrap=n_bootstrap,
         bootstrap_seed=kwargs.get("bootstrap_seed", 0),
@@ -135,7 +135,7 @@ def test_a_run_given_under_the_wrong_setting_is_an_error(tmp_path):
     recorded = {"lang": "ko", "setting": "bridges", "bridges": True, "seed": 0}
     eval_dir = write_eval_output(tmp_path / "r", data, [1, 2], recorded)
     with pytest.raises(ValueError, match="given as --without_bridges but its cpt_setting says bridges=True"):
-        run_transfer.read_run(str(eval_dir), eval_dir, "no_bridges")
+        run_transfer.read_run(str(eval_dir), "no_bridges")
 
 
 def test_unequal_seed_counts_are_an_error_naming_the_runs(tmp_path):
