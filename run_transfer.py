@@ -702,9 +702,8 @@ def _main_markdown(result: dict) -> list[str]:
     rows = [
         [direction_words(d["direction"], lang["lang"]), d["questions"], d["n_seed_pairs"], lang["steps"][-1],
          f"{d['accuracy_with'][-1]:.3f}", f"{d['accuracy_without'][-1]:.3f}",
-         _fmt_ci(d["final_gap"], d["final_gap_ci"]), _fmt_ci(d["mean_gap"], d["mean_gap_ci"]),
-         ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"]),
-         verdict_cell(d["verdict"])]
+         _fmt_ci(d["final_gap"], d["final_gap_ci"]), _gap(d),
+         ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"]), verdict_cell(d["verdict"])]
         for lang, d in transfer_directions(result)
     ]  # fmt: skip
     header = ["direction", "questions", "seeds", "final step", "acc. with", "acc. without", "final gap [CI]",
@@ -741,8 +740,7 @@ def _section(title: str, header: list[str], rows: list, note: str | None = None)
 def _tie_rules_markdown(result: dict) -> list[str]:
     rows = [
         [direction_words(d["direction"], lang["lang"]), policy, f"{p['accuracy_with'][-1]:.3f}",
-         f"{p['accuracy_without'][-1]:.3f}", f"{p['final_gap']:+.3f}", _fmt_ci(p["mean_gap"], p["mean_gap_ci"]),
-         verdict_cell(p["verdict"])]
+         f"{p['accuracy_without'][-1]:.3f}", f"{p['final_gap']:+.3f}", _gap(p), verdict_cell(p["verdict"])]
         for lang, d in transfer_directions(result) if d["tie_policies_differ"]
         for policy, p in d["tie_policies"].items()
     ]  # fmt: skip
@@ -774,7 +772,7 @@ def _tiers_markdown(result: dict) -> list[str]:
         role = {k["often_tier"]: " (the source states it often)",
                 k["never_tier"]: " (the source never states it: skill)"} if k else {}  # fmt: skip
         rows = [[f"tier {tier}{role.get(tier, '')}", s["n_questions"], f"{np.mean(s['accuracy_with']):.3f}",
-                 f"{np.mean(s['accuracy_without']):.3f}", _fmt_ci(s["mean_gap"], s["mean_gap_ci"]),
+                 f"{np.mean(s['accuracy_without']):.3f}", _gap(s),
                  _fmt_ci(s["final_gap"], s["final_gap_ci"]), verdict_cell(s["verdict"])]
                 for tier, s in sorted(d["tiers"].items(), key=lambda t: [*TIER_ORDER, t[0]].index(t[0]))]  # fmt: skip
         if k:
@@ -793,8 +791,7 @@ def _mismatched_markdown(result: dict) -> list[str]:
     rows = []
     for lang, d in found:
         a, b = d["bridges_minus_mismatched"], d["mismatched_minus_none"]
-        rows.append([direction_words(d["direction"], lang["lang"]), _fmt_ci(a["mean_gap"], a["mean_gap_ci"]),
-                     verdict_cell(a["verdict"]), _fmt_ci(b["mean_gap"], b["mean_gap_ci"]),
+        rows.append([direction_words(d["direction"], lang["lang"]), _gap(a), verdict_cell(a["verdict"]), _gap(b),
                      verdict_cell(b["verdict"])])  # fmt: skip
     header = ["direction", "bridges − mismatched [CI]", "verdict", "mismatched − none [CI]", "verdict"]
     note = ("Each pair's first half shares a window with *another* pair's second half: only the partners differ from "
@@ -983,13 +980,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_text_atomic(output_dir / "transfer.md", markdown)
     write_json_atomic(output_dir / "transfer.json", result)
     for language, d in transfer_directions(result):
-        logger.info(
-            "%s %s: mean gap %s, %s",
-            language["lang"],
-            d["direction"],
-            _fmt_ci(d["mean_gap"], d["mean_gap_ci"]),
-            d["verdict"],
-        )
+        logger.info("%s %s: mean gap %s, %s", language["lang"], d["direction"], _gap(d), d["verdict"])
     return result
 
 
