@@ -42,6 +42,7 @@ from run_transfer import (
     direction_words,
     knowledge_sentence,
     mismatched_sentence,
+    read_run,
     transfer_directions,
     transfer_markdown,
     verdict,
@@ -135,11 +136,6 @@ def _read_json(path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _direction(stem: str, lang: str) -> str:
-    """The direction a question file measures: target-language questions English -> target, English ones back."""
-    return f"en->{lang}" if question_lang_from_stem(stem) == lang else f"{lang}->en"
-
-
 def _note_undetermined(doc: ReportDoc, verdicts: list[str]) -> None:
     if "undetermined" in verdicts:
         doc.p(UNDETERMINED_TEXT)
@@ -159,19 +155,6 @@ def _models(plan: Plan, key: str, group: dict, final: str = "") -> list[tuple[st
 
 def _all_probed(runs: list[Run]) -> bool:
     return all((Path(r.eval_dir) / "accuracy.json").is_file() for r in runs)
-
-
-def _load_cubes(runs: list[Run], stems: list[str]) -> tuple[list[int], dict[str, dict[str, np.ndarray]]]:
-    """Per run name and questions stem: a bool array (steps x questions) on the steps all runs share."""
-    per_run = {run.name: read_predictions(run.eval_dir)[1] for run in runs}
-    common = sorted(set.intersection(*(set(per_run[r.name][stems[0]]) for r in runs)))
-    return common, {r.name: {s: np.stack([per_run[r.name][s][t] for t in common]) for s in stems} for r in runs}
-
-
-def _stack(cubes: dict, runs: list[Run], setting: str, seeds: list[int], stem: str, indices: list[int]):
-    """seeds x steps x questions (the given question indices) for one setting, seeds in order."""
-    by_seed = {r.seed: r for r in runs if r.setting == setting}
-    return np.stack([cubes[by_seed[s].name][stem][:, indices] for s in seeds])
 
 
 def _tier_indices(truth: dict, lang: str) -> dict[str, list[int]]:
@@ -318,13 +301,11 @@ def _report_world(doc: ReportDoc, plan: Plan, truth: dict) -> dict:
     present = {tier for tiers in truth["densities"].values() for tier in tiers}
     doc.h(2, "The synthetic world and the model")
     doc.p(
-        "A generated world with planted ground truth (`synthetic_world.py`): each target language has one culture "
-        "whose places have one fact per relation. Facts of the **high** tier are frequent in the English pretraining "
-        "corpus and in the target corpus; facts of the **low** tier as frequent in the target corpus and "
+        "A generated world with planted ground truth (`synthetic_world.py`). Facts of the **high** tier are frequent "
+        "in both corpora; facts of the **low** tier as frequent in the target corpus and "
         f"{world.get('arguments', {}).get('low_resource_ratio', '?')}x rarer in English. "
         + "".join(f"{words} " for tier, words in TIER_WORDS.items() if tier in present)
-        + "Each question's four options are the answers of four facts with identical planted counts, so a model that "
-        "knows nothing scores 0.25 whatever the frequencies."
+        + "Chance is 0.25 whatever the frequencies (a question's four options have identical planted counts)."
     )
     rows = [[lang, tier, d["facts"], d["en_statements"], d["tgt_statements"], _f(d["en_density"], ".2e"),
              _f(d["tgt_density"], ".2e"), "∞" if d["tgt_over_en"] is None else _f(d["tgt_over_en"], ".1f")]
@@ -376,10 +357,8 @@ def _report_questions(doc: ReportDoc, plan: Plan) -> dict:
     and the accuracy under both tie rules at the final checkpoint (run_eval.py's accuracy.json)."""
     doc.h(2, "Questions: answer positions, ties and the two tie rules")
     doc.p(
-        "Two tie rules: **first** (the paper's: an exact tie for the best score goes to the first tied option, so to "
-        "option 0) and **fractional** (1/k credit for a k-way tie that includes the answer); "
-        "docs/probing.md (ties and position bias). At the final checkpoint; CPT settings are the mean "
-        "over seeds."
+        "Tie rules **first** (the paper's) and **fractional**: docs/probing.md (ties and position bias). At the final "
+        "checkpoint; CPT settings are the mean over seeds."
     )
     section = {}
     for key, group in plan.groups.items():
@@ -426,11 +405,7 @@ def _report_transfer(doc: ReportDoc, plan: Plan, truth: dict | None, figures: Pa
     """Per run group trained in both settings: run_transfer.py's figures and its transfer.md (the one rendering of
     transfer.json), and report.json's entries read from transfer.json."""
     doc.h(2, "Transfer: with minus without bridges (the paper's measurement)")
-    doc.p(
-        "The gap (accuracy with − without bridges) on target-language questions measures English → target "
-        "transfer, on English questions target → English transfer (docs/probing.md). Each group's tables are its "
-        "`transfer.md` (`run_transfer.py`)."
-    )
+    doc.p("Each group's tables are its `transfer.md` (`run_transfer.py`).")
     section = {}
     for key, group in plan.groups.items():
         lang, variant = group["lang"], group["variant"]
@@ -642,9 +617,8 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
     names, pooled over the settings both variants ran and per setting."""
     doc.h(2, "Anchors vs control: shared entity names and the frequency asymmetry")
     doc.p(
-        "Worlds that differ only in how the target language writes names: in its own script (control) or with the "
-        "very Latin names English uses (anchors). Difference = accuracy with anchors − in the control, per tier of "
-        "facts, pooled over the CPT settings both variants ran and per setting."
+        "Difference = accuracy with English's Latin names in the target language (anchors) − with its own script "
+        "(control), per tier, pooled over the CPT settings both variants ran and per setting."
     )
     section = {}
     for lang in sorted({g["lang"] for g in plan.groups.values()}):
@@ -678,24 +652,26 @@ def _report_anchors(doc: ReportDoc, plan: Plan, truth: dict, figures: Path) -> d
 def _anchor_differences(lang: str, native: list[Run], anchors: list[Run], truth: dict) -> tuple[list, dict, list]:
     """Anchors − control per direction, tier and setting (pooled first where both ran both settings), the curves of
     the first for the figure, and the steps both variants share."""
-    stems = [question_stem(lang, lang), question_stem(lang, "en")]
-    (steps_n, cubes_n), (steps_a, cubes_a) = _load_cubes(native, stems), _load_cubes(anchors, stems)
-    steps = sorted(set(steps_n) & set(steps_a))
-    pick_n, pick_a = [steps_n.index(s) for s in steps], [steps_a.index(s) for s in steps]
+    results = {(r.variant, r.setting, r.seed): read_run(r.eval_dir, r.setting) for r in native + anchors}
+    steps = sorted(set.intersection(*(set(x.steps) for x in results.values())))
     seeds = sorted({r.seed for r in native} & {r.seed for r in anchors})
     shared = [s for s in SETTINGS if any(r.setting == s for r in native) and any(r.setting == s for r in anchors)]
+
+    def credit(variant: str, settings: list[str], stem: str, indices: list[int]) -> np.ndarray:
+        """Run pairs (settings x seeds) x shared steps x the given questions."""
+        found = [results[(variant, setting, seed)] for setting in settings for seed in seeds]
+        return np.stack([x.correct[stem][[x.steps.index(t) for t in steps]][:, indices] for x in found])
+
     entries, curves = [], {}
-    for stem, (tier, indices) in itertools.product(stems, sorted(_tier_indices(truth, lang).items())):
+    for question_lang, (tier, indices) in itertools.product((lang, "en"), sorted(_tier_indices(truth, lang).items())):
+        stem = question_stem(lang, question_lang)
         for setting in ["pooled", *shared] if len(shared) > 1 else shared:
             settings = shared if setting == "pooled" else [setting]
-            a = np.concatenate([_stack(cubes_a, anchors, s, seeds, stem, indices)[:, pick_a] for s in settings])
-            n = np.concatenate([_stack(cubes_n, native, s, seeds, stem, indices)[:, pick_n] for s in settings])
+            a, n = credit("anchors", settings, stem, indices), credit("native", settings, stem, indices)
             stats = analyse_direction(a, n, 1000, 0, 0.95)
-            curves.setdefault(
-                (question_lang_from_stem(stem), tier), (stats["accuracy_with"], stats["accuracy_without"])
-            )
-            entries.append({"direction": _direction(stem, lang), "tier": tier, "setting": setting,
-                            "questions": len(indices), "run_pairs": int(a.shape[0]),
+            curves.setdefault((question_lang, tier), (stats["accuracy_with"], stats["accuracy_without"]))
+            entries.append({"direction": f"en->{lang}" if question_lang == lang else f"{lang}->en", "tier": tier,
+                            "setting": setting, "questions": len(indices), "run_pairs": int(a.shape[0]),
                             "accuracy_anchors": float(np.mean(stats["accuracy_with"])),
                             "accuracy_control": float(np.mean(stats["accuracy_without"])),
                             "difference": stats["mean_gap"], "difference_ci": stats["mean_gap_ci"],
@@ -755,10 +731,9 @@ def _report_diagnostic(doc: ReportDoc, plan: Plan, figures: Path) -> dict:
     """The bridge diagnostic at the final checkpoint per group and CPT setting (mean over seeds), and its figure."""
     doc.h(2, "Bridge diagnostic: does the model use the other side in context?")
     doc.p(
-        "On held-out parallel pairs, the mean token loss of a pair's second side alone, after its own first side (the "
-        "English side unless the runs changed --pair_order), and after another pair's first side (`run_eval.py "
-        "--diagnostic_pairs`), at the final checkpoint, mean over seeds. The model reads its own side when that lowers "
-        "the loss by over 0.05 in every seed and another pair's side helps less."
+        "Loss of a held-out pair's second side in three contexts (docs/probing.md, the bridge diagnostic), final "
+        "checkpoint, mean over seeds. The model reads its own side when that lowers the loss by over 0.05 in every "
+        "seed and another pair's side helps less."
     )
     section, rows, curves = {}, [], {}
     for key, group in plan.groups.items():
@@ -813,11 +788,8 @@ def _report_density(doc: ReportDoc, plan: Plan, truth: dict | None) -> dict:
     """Per group: measured occurrences and density per question file and corpus (against the planted counts in a
     synthetic world), and the slope of the per-item gap on log occurrences."""
     doc.h(2, "Cultural density: measured vs planted")
-    doc.p(
-        "`run_density.py` retrieves the top-k BM25 documents of each question (filled with its answer) from a corpus "
-        "and counts those its lexical judge says state the fact; density = occurrences / documents (the paper's Table "
-        "1)." + (" Planted: the true count of every fact in every corpus (`world/truth.json`)." if truth else "")
-    )
+    doc.p("Occurrences and density as `run_density.py` measures them (docs/density.md)"
+          + (", against the planted counts of `world/truth.json`." if truth else "."))  # fmt: skip
     section = {}
     for key, group in plan.groups.items():
         result = _read_json(Path(group["density"]) / "density.json")
@@ -851,11 +823,8 @@ def _report_density(doc: ReportDoc, plan: Plan, truth: dict | None) -> dict:
         analysis = (result.get("instance_analysis") or {}).get("results") or []
         slopes = [_slope_entry(r) for r in analysis]
         if analysis:
-            doc.p("Instance-level analysis (first seed, final checkpoint): mean source-corpus occurrences of items "
-                  "that transferred (right with bridges, wrong without) vs all items, and the slope of the per-item "
-                  "gap on log(1 + source-corpus occurrences), 95% bootstrap interval over items: the "
-                  f"knowledge-or-skill question on measured density, where a world has no tiers. The slope is the "
-                  f"{slopes[0]['meaning']}.")  # fmt: skip
+            doc.p("Instance-level analysis (first seed, final checkpoint; docs/density.md), 95% bootstrap interval "
+                  f"over items. The slope is the {slopes[0]['meaning']}.")  # fmt: skip
             doc.table(["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all",
                        "gap slope on log(1 + occ.) [95% CI]", "items in fit", "reading"],
                       [[r["questions"], r["source_corpus"], r["items"], r["transferred"],
@@ -892,9 +861,8 @@ def _report_packing(doc: ReportDoc, plan: Plan) -> dict | None:
     check; and whether the settings of every seed differ only in co-location."""
     doc.h(2, "Packing audits: the settings differ only in co-location")
     doc.p(
-        "Each CPT run writes `packing_audit.json` before training (`run_cpt.py`). With bridges every pair must be "
-        "co-located (100%), in the other settings none (0%), and the settings of a seed must pack the same multiset "
-        "of tokens and see the same documents (equal hashes)."
+        "Each CPT run's `packing_audit.json` (docs/cpt.md): with bridges 100% of pairs co-located, otherwise 0%, and "
+        "equal hashes across the settings of a seed."
     )
     entries, hashes = [], {}
     for run in plan.runs:
