@@ -56,7 +56,6 @@ CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 #: What accuracy.json's results depend on: another value in an output folder is refused, not mixed.
 PROBING_IDENTITY = ("model_name_or_path", "dtype", "loss_dtype", "questions_sha256")
-OUTPUT_DIR_REMEDY = "Use another --output_dir or pass --overwrite_output_dir to replace them."
 #: Ties above this share of a file's items at a checkpoint are warned about (the first-wins rule then moves the
 #: accuracy toward position_bias.always_first_accuracy).
 TIE_WARNING_RATE = 0.05
@@ -521,9 +520,9 @@ def probing_header(args: EvalArguments, question_sets: list[QuestionSet], run: R
     }
 
 
-def refuse_other_probing(output_dir: Path, header: dict, overwrite: bool, remedy: str = OUTPUT_DIR_REMEDY) -> None:
+def refuse_other_probing(output_dir: Path, header: dict, overwrite: bool) -> None:
     """Refuse an output folder whose accuracy.json was made with another PROBING_IDENTITY (its results would be
-    mixed with these); ``remedy`` says what to do (run_transfer.py names its own flag)."""
+    mixed with these)."""
     path = output_dir / "accuracy.json"
     if overwrite or not path.is_file():
         return
@@ -533,7 +532,7 @@ def refuse_other_probing(output_dir: Path, header: dict, overwrite: bool, remedy
         raise InputError(
             f"{output_dir} already holds results made with a different "
             + ", ".join(f"{key} ({previous.get(key)!r}, now {header[key]!r})" for key in differ)
-            + f". {remedy}"
+            + ". Use another --output_dir or pass --overwrite_output_dir to replace them."
         )
 
 
@@ -546,14 +545,12 @@ def _prediction_lines(path: Path) -> dict[tuple[int, str], list[str]]:
     return lines
 
 
-def evaluate_model(
-    args: EvalArguments, question_sets: list[QuestionSet], run: Run, output_dir, remedy: str = OUTPUT_DIR_REMEDY
-) -> dict:
+def evaluate_model(args: EvalArguments, question_sets: list[QuestionSet], run: Run, output_dir) -> dict:
     """Probe every checkpoint of ``run`` not already scored in ``output_dir``; write and return accuracy.json's
     content, rewritten after each checkpoint (a crash loses at most the one being scored)."""
     output_dir = Path(output_dir)
     header = probing_header(args, question_sets, run)
-    refuse_other_probing(output_dir, header, args.overwrite_output_dir, remedy)
+    refuse_other_probing(output_dir, header, args.overwrite_output_dir)
     lines = _prediction_lines(output_dir / "predictions.jsonl")
     items = sum(len(qs.items) for qs in question_sets)
     earlier = reusable_entries(output_dir / "accuracy.json", header, run, args, ())
@@ -852,22 +849,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults after each option, and the module docstring kept as written."""
 
 
-def parse_arguments(argv: list[str] | None, require_model: bool = True) -> EvalArguments:
-    """The probing flags, checked. run_transfer.py parses the flags it passes on with ``require_model=False``
-    (its runs are the models)."""
+def parse_arguments(argv: list[str] | None) -> EvalArguments:
+    """The probing flags, checked."""
     parser = HfArgumentParser(EvalArguments, description=__doc__, formatter_class=_HelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if require_model and not args.model_name_or_path:
+    if not args.model_name_or_path:
         parser.error("nothing to do: pass --model_name_or_path (to compare runs: run_transfer.py)")
-    if require_model and not args.questions and not args.diagnostic_pairs and not args.name_alignment:
+    if not args.questions and not args.diagnostic_pairs and not args.name_alignment:
         parser.error("pass --questions (and/or --diagnostic_pairs, --name_alignment)")
     if args.item_tiers and not args.questions:
         parser.error("--item_tiers gives the tiers of --questions items: pass the questions too")
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
     if args.output_dir is None:  # beside the checkpoints it scores, where run_transfer.py looks for it
-        model = Path(args.model_name_or_path or "")
-        args.output_dir = str(model / "eval") if args.model_name_or_path and model.is_dir() else "eval_output"
+        model = Path(args.model_name_or_path)
+        args.output_dir = str(model / "eval") if model.is_dir() else "eval_output"
     return args
 
 

@@ -93,7 +93,7 @@ class TransferArguments:
             + ", ".join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)
         },
     )
-    output_dir: str = field(default="eval_output", metadata={"help": "Where the outputs go."})
+    output_dir: str = field(default="transfer_output", metadata={"help": "Where the outputs go."})
     n_bootstrap: int = field(
         default=1000,
         metadata={"help": "Bootstrap resamples: at least 10 / (1 - confidence) (200 for 95%%)."},

@@ -311,6 +311,12 @@ def test_the_design_card_commands_run_verbatim_with_the_default_locations(tmp_pa
     assert audits["cpt-bo-bridges-seed42"]["hashes"] == audits["cpt-bo-no-bridges-seed42"]["hashes"]
     assert not (repo / "trainer_output").exists()
 
+    for run in ("runs/cpt-bo-bridges-seed42", "runs/cpt-bo-no-bridges-seed42"):
+        run_script(["python", "run_eval.py", "--model_name_or_path", run, "--questions", *map(str, questions)],
+                   cwd=repo, env_extra=ONE_THREAD)  # fmt: skip
+        assert (repo / run / "eval" / "accuracy.json").is_file()
     run_script(["python", "run_transfer.py", "--with_bridges", "runs/cpt-bo-bridges-seed42", "--without_bridges",
-                "runs/cpt-bo-no-bridges-seed42", "--questions", *map(str, questions)], cwd=repo, env_extra=ONE_THREAD)  # fmt: skip
-    assert sorted(p.name for p in (repo / "eval_output").iterdir() if p.name.startswith("transfer"))
+                "runs/cpt-bo-no-bridges-seed42"], cwd=repo, env_extra=ONE_THREAD)  # fmt: skip
+    assert (repo / "transfer_output" / "transfer.json").is_file() and (
+        repo / "transfer_output" / "transfer.md"
+    ).is_file()
