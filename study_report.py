@@ -312,8 +312,8 @@ def _report_world(doc: ReportDoc, plan: Plan, truth: dict) -> dict:
             for lang, tiers in truth["densities"].items() for tier, d in tiers.items() if tier != "all"]  # fmt: skip
     doc.table(["language", "tier", "facts", "English statements", "target statements", "English density",
                "target density", "target / English"], rows)  # fmt: skip
-    params, pre, cpt = _parameter_count(base), plan.preset.pretrain, plan.preset.cpt
-    tokens = stats.get("tokens") or stats.get("tokens_out")
+    params, pre, cpt = stats.get("parameters"), plan.preset.pretrain, plan.preset.cpt  # run_pretrain.py counts them
+    tokens = stats.get("tokens")
     corpus = f"{world.get('en_corpus', {}).get('documents', '?')} documents" + (
         f", {tokens:,} tokens" if isinstance(tokens, int) else ""
     )
@@ -329,17 +329,6 @@ def _report_world(doc: ReportDoc, plan: Plan, truth: dict) -> dict:
         f"{plan.preset.build.get('replay_ratio', 0):.0%} of the CPT tokens."
     )
     return {"densities": truth["densities"], "base_params": params, "base_data_stats": stats}
-
-
-def _parameter_count(model_dir: Path) -> int | None:
-    """Parameters stored in a model's safetensors files (tied weights count once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(path, "np") as weights:
-            total += sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())  # noqa: SIM118
-    return total or None
 
 
 #: Ties above this share of a file's items are flagged (run_eval.py warns at the same rate).
