@@ -272,8 +272,7 @@ def _report_machine(doc: ReportDoc, plan: Plan) -> dict:
                  f"steps at a time; the steps took {fmt_time(total)} in all.")  # fmt: skip
     if load:
         text += (f" 1-minute load average meanwhile: mean {load['mean']:.1f} (min {load['min']:.1f}, max "
-                 f"{load['max']:.1f}), the study's own {jobs} jobs included: above {jobs}, other work shared the "
-                 "machine and the times are longer than on a quiet one.")  # fmt: skip
+                 f"{load['max']:.1f}), the study's own {jobs} jobs included.")  # fmt: skip
     doc.p(text)
     by_kind: dict[str, list[float]] = {}
     for step in (s for s in plan.steps if s.id in timings):
@@ -869,12 +868,11 @@ def _report_packing(doc: ReportDoc, plan: Plan) -> dict | None:
     if not entries:
         doc.p("No packing audits found.")
         return None
-    doc.table(["run", "pairs", "co-located", "split", "co-located %", "token multiset hash", "documents-seen hash",
-               "real-token fraction", "windows", "audit: guarantees hold", "unchecked guarantees"],
-              [[e["run"], e["pairs_total"], e["pairs_co_located"], e["pairs_split"], _f(e["co_located_percent"], ".0f"),
+    doc.table(["run", "pairs", "co-located", "co-located %", "token multiset hash", "documents-seen hash",
+               "real-token fraction", "windows", "audit: guarantees hold"],
+              [[e["run"], e["pairs_total"], e["pairs_co_located"], _f(e["co_located_percent"], ".0f"),
                 str(e["tokens_multiset_sha256"])[:12], str(e["documents_seen_sha256"])[:12],
-                _f(e["real_token_fraction"], ".3f"), e["windows"], e["guarantees_hold"],
-                "; ".join(e["unchecked"]) or "none"] for e in entries])  # fmt: skip
+                _f(e["real_token_fraction"], ".3f"), e["windows"], e["guarantees_hold"]] for e in entries])  # fmt: skip
     colocation_ok = all(e["co_located_percent"] == (100.0 if e["setting"] == "bridges" else 0.0) for e in entries)
     seeds = [digests for digests in hashes.values() if len(digests) > 1]  # the settings of a seed
     equal_hashes = bool(seeds) and all(len(set(v)) == 1 and None not in v[0] for v in seeds)
