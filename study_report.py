@@ -13,8 +13,9 @@ ties, both tie rules); transfer with minus without bridges per direction, the ga
 skill) and mismatched bridges; the manipulation checks; anchors vs control; the bridge diagnostic per CPT setting;
 cultural density (measured vs planted, the gap against occurrences); the packing audits. Every number comes from a
 file a step wrote (report.json collects them, with the paths); every sentence of conclusion is written from those
-numbers, never stronger than their intervals. run_study.py writes it after its last
-step; on its own it reports a study folder from the plan.json run_study.py wrote there::
+numbers, never stronger than their intervals; what a section measures is explained in docs/*.md, which the report
+links. A sweep's report is sweep_report.py. run_study.py writes the report after its last step; on its own it
+reports a study folder from the plan.json run_study.py wrote there::
 
     python study_report.py study_runs/cpu
 """
@@ -246,9 +247,8 @@ def _unfinished_banner(doc: ReportDoc, plan: Plan, unfinished: dict[str, str]) -
     if unfinished:
         doc.p(
             f"**UNFINISHED: {len(unfinished)} of {len(plan.steps)} steps of this study have no finished run.** What "
-            "follows shows only what the finished steps wrote: a section or number that is missing is missing because "
-            "its step did not finish, and no conclusion covers it. Run the study's command again to finish it. The "
-            "steps that did not finish:"
+            "follows is what the finished steps wrote, and no conclusion covers what is missing. Run the study's "
+            "command again to finish it. The steps that did not finish:"
         )
         doc.bullets([f"`{step_id}`: {why}" for step_id, why in unfinished.items()])
 
