@@ -295,8 +295,8 @@ def filled_sentences(source: str) -> list[str]:
     for question_set in load_question_sets([source], require_options=False):
         for item in question_set.items:
             for answer in item["answers"]:
-                sentences.append(fill_blanks(item["question"], answer)[0])
-                sentences.append(fill_blanks(item["question"], answer, tibetan_tsheg=True)[0])
+                sentences.append(fill_blanks(item["question"], answer))
+                sentences.append(fill_blanks(item["question"], answer, tibetan_tsheg=True))
     return sentences
 
 

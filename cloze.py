@@ -391,29 +391,25 @@ def _is_tibetan_letter(text: str) -> bool:
     return bool(text) and "\u0f00" <= text <= "\u0fff" and unicodedata.category(text)[0] in "LM"
 
 
-def fill_blanks(question: str, option: str, *, tibetan_tsheg: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """The question with every run of underscores replaced by ``option``, and the option's character spans.
+def fill_blanks(question: str, option: str, *, tibetan_tsheg: bool = False) -> str:
+    """The question with every run of underscores replaced by ``option``.
 
     The default is the paper's scoring: plain replacement. With ``tibetan_tsheg``, where the blank touches
     a Tibetan syllable without a tsheg (the paper's files write ``_____ཁྱབ་ཡོད``), a tsheg is added so that
     the option's last syllable and the next one stay two syllables, as a Tibetan text stating the fact
-    would write them (the spans still cover the option only)."""
-    pieces, spans, cursor, length = [], [], 0, 0
+    would write them."""
+    pieces, cursor = [], 0
     for match in BLANK.finditer(question):
-        before = question[cursor : match.start()]
         lead = trail = ""
         if tibetan_tsheg:
             if _is_tibetan_letter(option[:1]) and _is_tibetan_letter(question[match.start() - 1 : match.start()]):
                 lead = TSHEG
             if _is_tibetan_letter(option[-1:]) and _is_tibetan_letter(question[match.end() : match.end() + 1]):
                 trail = TSHEG
-        pieces += [before, lead, option, trail]
-        length += len(before) + len(lead)
-        spans.append((length, length + len(option)))
-        length += len(option) + len(trail)
+        pieces += [question[cursor : match.start()], lead, option, trail]
         cursor = match.end()
     pieces.append(question[cursor:])
-    return "".join(pieces), spans
+    return "".join(pieces)
 
 
 # --------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     """Query, key terms and answer units of one cloze item."""
     has_blank = BLANK.search(question)
     # Filled as a text stating the fact writes it: a Tibetan answer stays its own syllables.
-    filled = fill_blanks(question, answers[0], tibetan_tsheg=True)[0] if has_blank else f"{question} {answers[0]}"
+    filled = fill_blanks(question, answers[0], tibetan_tsheg=True) if has_blank else f"{question} {answers[0]}"
     query = retrieval_tokens(filled)
     for other in answers[1:]:
         query.extend(retrieval_tokens(other))

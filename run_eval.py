@@ -411,7 +411,7 @@ def plan_scoring(tokenizer, question_sets: list[QuestionSet]) -> ScoringPlan:
     """Tokenize every filled sentence once. Identical sentences (no blank, duplicate options) share one
     sequence, so their scores are bit-identical and ties resolve to the first option as in the paper."""
     start = document_start_id(tokenizer)
-    texts = [fill_blanks(it["question"], o)[0] for qs in question_sets for it in qs.items for o in it["options"]]
+    texts = [fill_blanks(it["question"], o) for qs in question_sets for it in qs.items for o in it["options"]]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
     sequences, index_of, options, groups = [], {}, [], []
     for qs in question_sets:
@@ -753,7 +753,7 @@ def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = 
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     items = alignment["items"]
     contexts = tokenizer([item["context"] for item in items], add_special_tokens=False)["input_ids"]
-    filled = [fill_blanks(item["frame"], option)[0] for item in items for option in item["options"]]
+    filled = [fill_blanks(item["frame"], option) for item in items for option in item["options"]]
     frames = iter(tokenizer(filled, add_special_tokens=False)["input_ids"])
     sequences, groups = [], []
     for item, context in zip(items, contexts):

@@ -95,7 +95,7 @@ def filler_sentence(lang: str, words: list[str], rng: random.Random, n: int) -> 
 
 
 def fill(question: str, answer: str) -> str:
-    return fill_blanks(question, answer, tibetan_tsheg=True)[0]  # as run_density fills a question
+    return fill_blanks(question, answer, tibetan_tsheg=True)  # as run_density fills a question
 
 
 def mongolian_variant(text: str) -> str:
