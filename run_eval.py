@@ -91,9 +91,6 @@ class EvalArguments:
     attn_implementation: Literal["sdpa", "eager"] = field(
         default="sdpa", metadata={"help": "Attention implementation the model is loaded with."}
     )
-    padding_side: Literal["right", "left"] = field(
-        default="right", metadata={"help": "Where padding goes in a batch row (scores do not depend on it)."}
-    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer for every checkpoint (default: each checkpoint's own)."}
     )
@@ -313,7 +310,7 @@ def _tree_batches(trees: list[PrefixTree], sequences_in: np.ndarray, batch_size:
     return batches + [current] if current else batches
 
 
-def _batch_arrays(trees: list[PrefixTree], batch: list[int], first_node: np.ndarray, pad_id: int, padding_side: str):
+def _batch_arrays(trees: list[PrefixTree], batch: list[int], first_node: np.ndarray, pad_id: int):
     """Input ids, positions and tree masks of a batch of trees (padding attends to itself only), and its edges:
     every non-root node, predicted from its parent's position (a flat index into the batch)."""
     width = max(len(trees[t].tokens) for t in batch)
@@ -324,11 +321,10 @@ def _batch_arrays(trees: list[PrefixTree], batch: list[int], first_node: np.ndar
     edge_parent, edge_token, edge_node = [], [], []
     for row, t in enumerate(batch):
         tree, n = trees[t], len(trees[t].tokens)
-        offset = 0 if padding_side == "right" else width - n
-        input_ids[row, offset : offset + n] = tree.tokens
-        position_ids[row, offset : offset + n] = tree.depths
-        visible[row, offset : offset + n, offset : offset + n] = tree.visible
-        edge_parent += [row * width + offset + p for p in tree.parents[1:]]
+        input_ids[row, :n] = tree.tokens
+        position_ids[row, :n] = tree.depths
+        visible[row, :n, :n] = tree.visible
+        edge_parent += [row * width + p for p in tree.parents[1:]]
         edge_token += tree.tokens[1:]
         edge_node += range(first_node[t] + 1, first_node[t] + n)
     return input_ids, position_ids, visible, (np.array(edge_parent, dtype=np.int64), edge_token, edge_node)
@@ -341,11 +337,10 @@ def token_logprobs(
     groups: list[list[int]] | None = None,
     batch_size: int = 64,
     pad_id: int = 0,
-    padding_side: str = "right",
     desc: str | None = None,
 ) -> list[np.ndarray]:
     """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1: the numbers of
-    each sequence run alone, whatever the grouping, batch size or padding side. The sequences of a group (the
+    each sequence run alone, whatever the grouping or batch size (padding, on the right, attends only to itself). The sequences of a group (the
     options of one question) run as one PrefixTree; the vocabulary projection runs once per node that predicts."""
     trees, located = build_prefix_trees(sequences, groups)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -358,7 +353,7 @@ def token_logprobs(
     batches = _tree_batches(trees, np.bincount([t for t, _ in located], minlength=len(trees)), batch_size)
     for batch in tqdm(batches, desc=desc or "scoring", leave=False, disable=desc is None):
         input_ids, position_ids, visible, (edge_parent, edge_token, edge_node) = _batch_arrays(
-            trees, batch, first_node, pad_id, padding_side
+            trees, batch, first_node, pad_id
         )
         if not len(edge_parent):
             continue
@@ -455,7 +450,6 @@ def score_question_sets(
     tokenizer,
     question_sets: list[QuestionSet],
     batch_size: int,
-    padding_side: str,
     desc=None,
     loss_dtype: str = "float32",
 ) -> list[list[list[float]]]:
@@ -469,7 +463,7 @@ def score_question_sets(
         losses = paper_loop_losses(model, plan.sequences, desc=desc)
     else:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
-        logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, pad_id, padding_side, desc=desc)
+        logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, pad_id, desc=desc)
         losses = [float(-lp.mean()) for lp in logprobs]
     return [[[losses[seq] for seq in item] for item in set_plan] for set_plan in plan.options]
 
@@ -564,8 +558,8 @@ def evaluate_model(args: EvalArguments, question_sets: list[QuestionSet], run: R
         return write_entries(output_dir / "accuracy.json", done, header)
 
     for checkpoint, model, tokenizer in each_model(args, todo, "checkpoints"):
-        scores = score_question_sets(model, tokenizer, question_sets, args.batch_size, args.padding_side,
-                                     f"step {checkpoint.step}", args.loss_dtype)  # fmt: skip
+        scores = score_question_sets(model, tokenizer, question_sets, args.batch_size, f"step {checkpoint.step}",
+                                     args.loss_dtype)  # fmt: skip
         lines[checkpoint.key], accuracy = _checkpoint_results(checkpoint, question_sets, scores)
         done[checkpoint.key] = checkpoint.entry() | {"accuracy": accuracy}
         write_outputs()

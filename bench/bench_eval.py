@@ -172,7 +172,7 @@ def main() -> None:
         # Warm up both paths (first calls allocate and pick kernels).
         first = question_sets[0].items[0]
         reference_scores(model, tokenizer, first["question"], first["options"])
-        run_eval.score_question_sets(model, tokenizer, [question_sets[0]], args.batch_size, "right")
+        run_eval.score_question_sets(model, tokenizer, [question_sets[0]], args.batch_size)
 
         ratios = {}
         for loss_dtype in args.loss_dtypes:
@@ -190,7 +190,7 @@ def main() -> None:
 
             start = time.perf_counter()
             scored = run_eval.score_question_sets(
-                model, tokenizer, question_sets, args.batch_size, "right", loss_dtype=loss_dtype
+                model, tokenizer, question_sets, args.batch_size, loss_dtype=loss_dtype
             )
             sync()
             seconds = time.perf_counter() - start

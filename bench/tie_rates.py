@@ -69,7 +69,7 @@ def main() -> None:
         for dtype, loss_dtype in precisions:
             model = run_eval.load_model(Path(model_dir), dtype, device, "sdpa")
             scores = run_eval.score_question_sets(
-                model, tokenizer, question_sets, args.batch_size, "right", loss_dtype=loss_dtype
+                model, tokenizer, question_sets, args.batch_size, loss_dtype=loss_dtype
             )
             for qs, set_scores in zip(question_sets, scores):
                 _, acc = run_eval.item_accounting(qs, set_scores)

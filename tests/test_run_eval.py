@@ -64,18 +64,16 @@ def test_samples_cover_every_script_of_the_study():
         assert script_letter_fraction(text, script) > 0.8, lang
 
 
-def test_batched_scores_equal_the_paper_loop_in_every_script_any_batch_size_or_padding_side(tiny, sample_dir):
+def test_batched_scores_equal_the_paper_loop_in_every_script_and_any_batch_size(tiny, sample_dir):
     model, tokenizer = tiny
     sets = cloze.load_question_sets([str(sample_dir)])
     assert {qs.lang for qs in sets} == set(SAMPLE_SCRIPTS)
     reference = [[reference_scores(model, tokenizer, it["question"], it["options"]) for it in qs.items] for qs in sets]
-    for batch_size, padding_side in [(1, "right"), (3, "left"), (5, "right"), (64, "left"), (64, "right")]:
-        batched = run_eval.score_question_sets(model, tokenizer, sets, batch_size, padding_side)
+    for batch_size in (1, 3, 5, 64):
+        batched = run_eval.score_question_sets(model, tokenizer, sets, batch_size)
         for qs, ref_set, got_set in zip(sets, reference, batched):
             for index, (ref, got) in enumerate(zip(ref_set, got_set)):
-                np.testing.assert_allclose(
-                    got, ref, atol=1e-5, rtol=0, err_msg=f"{qs.stem} #{index} {batch_size} {padding_side}"
-                )
+                np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{qs.stem} #{index} {batch_size}")
                 assert np.argsort(got, kind="stable").tolist() == np.argsort(ref, kind="stable").tolist()
                 assert run_eval.predict(got) == reference_prediction(ref)
 
@@ -117,12 +115,8 @@ def test_tree_masks_give_each_sequence_its_log_probs_alone(tiny_model_dir, attn_
             .numpy()
             for ids in sequences
         ]
-    for groups, padding_side in [
-        (None, "right"),
-        ([list(range(len(sequences)))], "left"),
-        ([[0, 1, 2], [3, 4, 5, 6]], "right"),
-    ]:
-        together = run_eval.token_logprobs(model, sequences, groups, batch_size=3, padding_side=padding_side)
+    for groups in (None, [list(range(len(sequences)))], [[0, 1, 2], [3, 4, 5, 6]]):
+        together = run_eval.token_logprobs(model, sequences, groups, batch_size=3)
         for ids, expected, got in zip(sequences, alone, together):
             assert got.shape == (len(ids) - 1,)
             np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
@@ -146,7 +140,7 @@ def test_identical_sentences_tie_exactly_and_the_first_option_wins(tiny, tmp_pat
     )
     sets = cloze.load_question_sets([str(path)])
     for batch_size in (1, 2, 64):
-        no_blank, duplicates = run_eval.score_question_sets(model, tokenizer, sets, batch_size, "right")[0]
+        no_blank, duplicates = run_eval.score_question_sets(model, tokenizer, sets, batch_size)[0]
         assert no_blank[0] == no_blank[1] == no_blank[2] and run_eval.predict(no_blank) == 0
         assert duplicates[0] == duplicates[2]
         assert run_eval.predict(duplicates) != 2  # the later copy never wins
@@ -166,8 +160,8 @@ def test_half_precision_scores_stay_close_to_float32(tiny_model_dir, sample_dir,
     full = run_eval.load_model(tiny_model_dir, "float32", torch.device("cpu"), "sdpa")
     half = run_eval.load_model(tiny_model_dir, dtype, torch.device("cpu"), "sdpa")
     assert next(half.parameters()).dtype == getattr(torch, dtype)
-    a = np.array(run_eval.score_question_sets(full, tokenizer, sets, 8, "right")[0])
-    b = np.array(run_eval.score_question_sets(half, tokenizer, sets, 8, "right")[0])
+    a = np.array(run_eval.score_question_sets(full, tokenizer, sets, 8)[0])
+    b = np.array(run_eval.score_question_sets(half, tokenizer, sets, 8)[0])
     assert np.isfinite(b).all()
     assert np.abs(a - b).max() < 0.1
 
@@ -410,8 +404,8 @@ def test_loss_dtype_model_in_bfloat16_is_bit_identical_to_the_paper_loop_in_ever
     model = run_eval.load_model(tiny_model_dir, "bfloat16", device, "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sets = cloze.load_question_sets([str(sample_dir)])
-    scored = run_eval.score_question_sets(model, tokenizer, sets, 8, "right", loss_dtype="model")
-    batched = run_eval.score_question_sets(model, tokenizer, sets, 8, "right")
+    scored = run_eval.score_question_sets(model, tokenizer, sets, 8, loss_dtype="model")
+    batched = run_eval.score_question_sets(model, tokenizer, sets, 8)
     differs = 0
     for qs, scores, batched_scores in zip(sets, scored, batched):
         for item, got, other in zip(qs.items, scores, batched_scores):

@@ -42,7 +42,7 @@ def test_every_released_item_scores_as_in_the_paper_loop(paper_cloze_dir, tiny_m
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sets = cloze.load_question_sets([str(paper_cloze_dir)])
     assert len(sets) == 8 and sum(len(qs.items) for qs in sets) == 2940
-    scored = run_eval.score_question_sets(model, tokenizer, sets, 64, "right", loss_dtype=loss_dtype)
+    scored = run_eval.score_question_sets(model, tokenizer, sets, 64, loss_dtype=loss_dtype)
     ties_beyond_quirks = 0
     for qs, scores in zip(sets, scored):
         quirky = {i for indices in qs.quirks.values() for i in indices}
