@@ -28,6 +28,9 @@ BLANK = re.compile(r"_+")
 QUESTION_FILE_LANG = re.compile(r"^(?P<base>.+)_(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)?)$")
 TSHEG = "\u0f0b"
 TIE_POLICIES = ("first", "fractional")
+#: The folder inside a run where run_eval.py writes its probing output by default, and where run_transfer.py and
+#: the study look for it.
+EVAL_DIR_NAME = "eval"
 
 
 # --------------------------------------------------------------------------------------

@@ -33,7 +33,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, position_bias, read_predictions, tie_credit
+from cloze import (
+    BLANK,
+    EVAL_DIR_NAME,
+    QuestionSet,
+    fill_blanks,
+    load_question_sets,
+    position_bias,
+    read_predictions,
+    tie_credit,
+)
 from cloze import read_item_tiers as read_tier_file
 from study_common import (
     WEIGHT_FILES,
@@ -857,7 +866,7 @@ def parse_arguments(argv: list[str] | None) -> EvalArguments:
         parser.error("--batch_size must be >= 1")
     if args.output_dir is None:  # beside the checkpoints it scores, where run_transfer.py looks for it
         model = Path(args.model_name_or_path)
-        args.output_dir = str(model / "eval") if model.is_dir() else "eval_output"
+        args.output_dir = str(model / EVAL_DIR_NAME) if model.is_dir() else "eval_output"
     return args
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from cloze import question_file_name
+from cloze import EVAL_DIR_NAME, question_file_name
 from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
 from study_config import (
     CPT_SETTINGS,
@@ -292,7 +292,7 @@ class _PlanBuilder:
             for setting in group["settings"]:
                 run_name, diagnostic = f"{name}-{setting}-s{seed}", group.get("diagnostic_pairs")
                 run_dir = self.out / "cpt" / run_name
-                run = Run(group["lang"], group["variant"], setting, seed, str(run_dir), str(run_dir / "eval"))
+                run = Run(group["lang"], group["variant"], setting, seed, str(run_dir), str(run_dir / EVAL_DIR_NAME))
                 self.runs.append(run)
                 cpt_args = dict(self.preset.cpt, model_name_or_path=str(base_dir), dataset_path=group["data"],
                                 lang=group["lang"], **{flag: setting == flag for flag in CPT_SETTINGS},

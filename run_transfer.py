@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 import cloze
-from cloze import TIE_POLICIES, read_predictions
+from cloze import EVAL_DIR_NAME, TIE_POLICIES, read_predictions
 from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("run_transfer")
@@ -57,8 +57,6 @@ KNOWLEDGE_CONTRASTS = {
 }
 #: The tiers of facts (synthetic_world.TIERS) in the order tables show them.
 TIER_ORDER = ("high", "low", "absent", "en_only")
-#: The folder inside a run where run_eval.py writes its probing output by default.
-EVAL_DIR_NAME = "eval"
 
 
 def min_bootstrap(confidence: float) -> int:
