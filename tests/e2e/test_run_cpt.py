@@ -4,6 +4,7 @@ two CPU processes, resuming only the same base model and data, and the design ca
 import json
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,10 @@ def test_the_design_card_commands_run_verbatim_with_the_default_locations(tmp_pa
     )
     questions = write_sample_questions(inputs / "questions", langs=("en", "bo"))
 
+    def in_pairs(commands) -> None:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda command: run_script(command, cwd=repo, env_extra=ONE_THREAD), commands))
+
     run_script(["python", "run_pretrain.py", "--config_name", "configs/tiny.json", "--train_tokenizer",
                 "--vocab_size", "400", "--tokenizer_files", str(inputs / "en.txt"), str(inputs / "bo.txt"),
                 "--train_file", str(inputs / "en.txt"), "--block_size", "64", "--max_steps", "2",
@@ -297,9 +302,11 @@ def test_the_design_card_commands_run_verbatim_with_the_default_locations(tmp_pa
     run_script(["python", "build_pairs.py", "--lang", "bo", "--pairs_files", str(inputs / "pairs.jsonl"),
                 "--mono_files", str(inputs / "bo.txt")], cwd=repo, env_extra=ONE_THREAD)  # fmt: skip
     assert (repo / "runs" / "data-bo" / "build_stats.json").is_file()
-    # As typed on the design card: no other flag (TrainingArguments' defaults: 3 epochs, 8 windows of 2048).
-    for setting in ("--bridges", "--no_bridges"):
-        run_script(["accelerate", "launch", "run_cpt.py", "--lang", "bo", setting], cwd=repo, env_extra=ONE_THREAD)
+    # As typed on the design card: no other flag (TrainingArguments' defaults: 3 epochs, 8 windows of 2048). The two
+    # runs of a step run side by side, one core each, as a study runs them.
+    in_pairs(
+        ["accelerate", "launch", "run_cpt.py", "--lang", "bo", setting] for setting in ("--bridges", "--no_bridges")
+    )
     audits = {}
     for name, co_located in (("cpt-bo-bridges-seed42", 100.0), ("cpt-bo-no-bridges-seed42", 0.0)):
         run = repo / "runs" / name
@@ -311,10 +318,11 @@ def test_the_design_card_commands_run_verbatim_with_the_default_locations(tmp_pa
     assert audits["cpt-bo-bridges-seed42"]["hashes"] == audits["cpt-bo-no-bridges-seed42"]["hashes"]
     assert not (repo / "trainer_output").exists()
 
-    for run in ("runs/cpt-bo-bridges-seed42", "runs/cpt-bo-no-bridges-seed42"):
-        run_script(["python", "run_eval.py", "--model_name_or_path", run, "--questions", *map(str, questions)],
-                   cwd=repo, env_extra=ONE_THREAD)  # fmt: skip
-        assert (repo / run / "eval" / "accuracy.json").is_file()
+    runs = ("runs/cpt-bo-bridges-seed42", "runs/cpt-bo-no-bridges-seed42")
+    in_pairs(
+        ["python", "run_eval.py", "--model_name_or_path", run, "--questions", *map(str, questions)] for run in runs
+    )
+    assert all((repo / run / "eval" / "accuracy.json").is_file() for run in runs)
     run_script(["python", "run_transfer.py", "--with_bridges", "runs/cpt-bo-bridges-seed42", "--without_bridges",
                 "runs/cpt-bo-no-bridges-seed42"], cwd=repo, env_extra=ONE_THREAD)  # fmt: skip
     assert (repo / "transfer_output" / "transfer.json").is_file() and (
