@@ -7,9 +7,9 @@
 
 Step 3b of the study. Input: run_eval.py's output of runs trained with and without bridges (and optionally with
 mismatched bridges), as ``--with_bridges A.. --without_bridges B.. [--mismatched_bridges M..]`` (several = several
-seeds) or ``--runs R..`` grouped by the cpt_setting each records; each run is its run_eval.py output folder or
-a run folder holding it in RUN/eval (run_eval.py's default). Outputs in ``--output_dir``: transfer_curves.png,
-transfer_summary.png, transfer.md and, last, transfer.json.
+seeds, of one or several languages); each run is its run_eval.py output folder or a run folder holding it in
+RUN/eval (run_eval.py's default). Outputs in ``--output_dir``: transfer_curves.png, transfer_summary.png,
+transfer.md and, last, transfer.json.
 docs/probing.md explains the statistics and outputs, docs/decomposition.md the tiers and mismatched bridges,
 docs/refusals.md what is refused.
 """
@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -66,19 +66,12 @@ def min_bootstrap(confidence: float) -> int:
 
 @dataclass
 class TransferArguments:
-    with_bridges: list[str] | None = field(
-        default=None,
-        metadata={"help": "Runs trained WITH bridges (run_eval.py output folders or run folders), one per seed."},
+    with_bridges: list[str] = field(
+        metadata={"help": "Runs trained WITH bridges (run_eval.py output folders or run folders), one per seed."}
     )
-    without_bridges: list[str] | None = field(
-        default=None, metadata={"help": "Runs trained WITHOUT bridges, as for --with_bridges."}
-    )
+    without_bridges: list[str] = field(metadata={"help": "Runs trained WITHOUT bridges, as for --with_bridges."})
     mismatched_bridges: list[str] | None = field(
         default=None, metadata={"help": "Runs of run_cpt.py --mismatched_bridges, as for --with_bridges (optional)."}
-    )
-    runs: list[str] | None = field(
-        default=None,
-        metadata={"help": "Instead of the setting flags: runs grouped by the cpt_setting {lang, setting, seed}."},
     )
     item_tiers: list[str] | None = field(
         default=None,
@@ -103,9 +96,23 @@ class TransferArguments:
     )
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the intervals."})
 
+    def __post_init__(self):
+        # Refused before any run is read: too few resamples give intervals no verdict may rest on.
+        if not 0 < self.confidence < 1:
+            raise InputError(f"--confidence must be in (0, 1), got {self.confidence}.")
+        floor = min_bootstrap(self.confidence)
+        if self.n_bootstrap < floor:
+            raise InputError(
+                f"--n_bootstrap {self.n_bootstrap}: a {self.confidence:.0%} percentile interval needs at least "
+                f"{floor} resamples (5 in each tail); pass --n_bootstrap {floor} or more."
+            )
+        fields = SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED
+        for unknown in sorted(set(self.allow_differences or ()) - set(fields)):
+            raise InputError(f"--allow_differences {unknown}: not a compared field ({', '.join(fields)}).")
+
 
 # --------------------------------------------------------------------------------------
-# The runs: their per-item results, as run_eval.py wrote them
+# The runs: their per-item results, as run_eval.py wrote them, paired by seed and checked comparable
 # --------------------------------------------------------------------------------------
 
 
@@ -124,6 +131,10 @@ class RunResults:
     fractional: dict[str, np.ndarray]  # stem -> float array (steps x items), random tie-breaking credit
     recorded: dict  # field of SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED -> its value (None: not recorded)
 
+    def credit(self, policy: str, stem: str, steps: list[int]) -> np.ndarray:
+        """The credit of ``stem``'s items under tie policy ``policy`` at ``steps`` (steps x items)."""
+        return (self.correct if policy == "first" else self.fractional)[stem][[self.steps.index(s) for s in steps]]
+
 
 def eval_dir_of(path: str) -> Path:
     """The run_eval.py output folder of a run given as one, or as a run folder holding it in RUN/eval."""
@@ -136,22 +147,15 @@ def eval_dir_of(path: str) -> Path:
     )
 
 
-def read_run(path: str, setting: str | None) -> RunResults:
-    """The per-item results of the run given as ``path``; ``setting`` is the one it was given under (None: --runs,
-    read from its cpt_setting), checked against the one it records."""
+def read_run(path: str, setting: str) -> RunResults:
+    """The per-item results of the run given as ``path`` under ``setting``. Its cpt_setting must record that
+    setting; a model trained elsewhere records none and is taken as given, except as mismatched bridges."""
     eval_dir = eval_dir_of(path)
     accuracy, correct = read_predictions(eval_dir)
     fractional = read_predictions(eval_dir, tie_policy="fractional")[1]
     cpt_setting = accuracy.get("cpt_setting") or {}
-    recorded = cpt_setting.get("setting")  # run_cpt.py records it; None: a model trained elsewhere
-    if recorded is not None and recorded not in SETTING_FLAGS:
-        raise InputError(f"{path}: its cpt_setting records an unknown setting {recorded!r}.")
-    if setting is None and recorded is None:
-        raise InputError(
-            f"{path}: its cpt_setting records no setting; give it under --with_bridges, --without_bridges "
-            "or --mismatched_bridges."
-        )
-    if setting is not None and (recorded is not None or setting == "mismatched_bridges") and recorded != setting:
+    recorded = cpt_setting.get("setting")
+    if recorded != setting and (recorded is not None or setting == "mismatched_bridges"):
         raise InputError(
             f"{path} was given as {SETTING_FLAGS[setting]} but its cpt_setting says bridges="
             f"{cpt_setting.get('bridges')}, setting {recorded!r}: give it under the flag of its setting."
@@ -171,8 +175,20 @@ def read_run(path: str, setting: str | None) -> RunResults:
     name = cpt_setting.get("run_name") or Path(accuracy.get("model_name_or_path") or path).name
     recorded_fields = {f: (accuracy if f in PROBING_FIELDS else cpt_setting).get(f) for f in SHARED_BY_ALL_RUNS}
     recorded_fields |= {f: cpt_setting.get(f) for f in SHARED_BY_A_SEED}
-    return RunResults(name, eval_dir, setting or recorded, lang or targets[0], cpt_setting.get("seed"), steps,
+    return RunResults(name, eval_dir, setting, lang or targets[0], cpt_setting.get("seed"), steps,
                       accuracy["questions"], cube(correct), cube(fractional), recorded_fields)  # fmt: skip
+
+
+def read_runs(transfer: TransferArguments) -> list[RunResults]:
+    """Every run of the setting flags, each given once (a run given twice would count twice)."""
+    runs = [read_run(path, s) for s, flag in SETTING_FLAGS.items() for path in getattr(transfer, flag[2:]) or []]
+    given = defaultdict(list)
+    for run in runs:
+        given[run.eval_dir.resolve()].append(SETTING_FLAGS[run.setting])
+    for eval_dir, flags in given.items():
+        if len(flags) > 1:
+            raise InputError(f"{eval_dir} is given {len(flags)} times ({', '.join(flags)}): each run counts once.")
+    return runs
 
 
 def read_item_tiers(paths: list[str]) -> dict[str, dict]:
@@ -188,18 +204,18 @@ def read_item_tiers(paths: list[str]) -> dict[str, dict]:
     return found
 
 
-def _pair_seeds(by_setting: dict[str, list[RunResults]], lang: str) -> list[tuple[RunResults, ...]]:
+def pair_seeds(lang: str, by_setting: dict[str, list[RunResults]]) -> list[tuple[RunResults, ...]]:
     """One group per seed holding one run of each setting (in the order of ``by_setting``), every run used
     exactly once: two runs of one setting with the same seed, a seed missing from a setting, or several runs
     per setting that record no seed (any pairing would be a guess) are refused, naming the runs."""
-    settings, runs = list(by_setting), [r for group in by_setting.values() for r in group]
+    runs = [r for group in by_setting.values() for r in group]
     for setting, group in by_setting.items():
-        seeds = [r.seed for r in group if r.seed is not None]
-        for seed in sorted({s for s in seeds if seeds.count(s) > 1}):
-            names = ", ".join(r.name for r in group if r.seed == seed)
+        repeated = sorted(s for s, n in Counter(r.seed for r in group if r.seed is not None).items() if n > 1)
+        if repeated:
+            names = ", ".join(r.name for r in group if r.seed == repeated[0])
             raise InputError(
-                f"{lang}: {SETTING_FLAGS[setting]} runs {names} all record seed {seed}; give one run per seed in "
-                "each setting (a run's seed is its cpt_setting seed)."
+                f"{lang}: {SETTING_FLAGS[setting]} runs {names} all record seed {repeated[0]}; give one run per seed "
+                "in each setting (a run's seed is its cpt_setting seed)."
             )
     if any(r.seed is None for r in runs):  # pairing by seed is impossible: only one run per setting is unambiguous
         if any(len(group) != 1 for group in by_setting.values()):
@@ -211,17 +227,18 @@ def _pair_seeds(by_setting: dict[str, list[RunResults]], lang: str) -> list[tupl
             )
         return [tuple(group[0] for group in by_setting.values())]
     seeds = sorted({r.seed for r in runs})
+    missing = {seed: [s for s, group in by_setting.items() if all(r.seed != seed for r in group)] for seed in seeds}
     unpaired = [
         f"seed {seed}: {', '.join(r.name for r in runs if r.seed == seed)} has no "
-        + " and no ".join(f"{SETTING_FLAGS[s]} run" for s in settings if all(r.seed != seed for r in by_setting[s]))
-        for seed in seeds
-        if any(all(r.seed != seed for r in by_setting[s]) for s in settings)
+        + " and no ".join(f"{SETTING_FLAGS[s]} run" for s in settings)
+        for seed, settings in missing.items()
+        if settings
     ]
     if unpaired:
         raise InputError(
             f"{lang}: runs without a partner of the same seed ({'; '.join(unpaired)}); give every seed in every setting."
         )
-    return [tuple(next(r for r in by_setting[s] if r.seed == seed) for s in settings) for seed in seeds]
+    return [tuple(next(r for r in group if r.seed == seed) for group in by_setting.values()) for seed in seeds]
 
 
 def check_comparable(lang: str, groups: list[tuple[RunResults, ...]], allowed: list[str]) -> dict:
@@ -385,32 +402,14 @@ def _policy_summary(stats: dict) -> dict:
     return {key: stats[key] for key in keys}
 
 
-def check_transfer_arguments(transfer: TransferArguments) -> None:
-    """Refuse settings of the analysis that would give meaningless intervals."""
-    if not 0 < transfer.confidence < 1:
-        raise InputError(f"--confidence must be in (0, 1), got {transfer.confidence}.")
-    floor = min_bootstrap(transfer.confidence)
-    if transfer.n_bootstrap < floor:
-        raise InputError(
-            f"--n_bootstrap {transfer.n_bootstrap}: a {transfer.confidence:.0%} percentile interval needs at least "
-            f"{floor} resamples (5 in each tail); pass --n_bootstrap {floor} or more."
-        )
-    fields = SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED
-    for unknown in sorted(set(transfer.allow_differences or ()) - set(fields)):
-        raise InputError(f"--allow_differences {unknown}: not a compared field ({', '.join(fields)}).")
+# --------------------------------------------------------------------------------------
+# The analysis: per language its seed groups, per direction the gap (and per tier, and mismatched bridges)
+# --------------------------------------------------------------------------------------
 
 
 def transfer_analysis(runs: list[RunResults], transfer: TransferArguments, item_tiers: dict | None = None) -> dict:
-    """Group runs by language and setting, pair them by seed, check they are comparable, align their steps, and
-    analyse both directions of each language under both tie policies (the main numbers: ``transfer.tie_policy``).
-    ``item_tiers``: read_item_tiers' result (every file must be used)."""
-    check_transfer_arguments(transfer)
-    given = defaultdict(list)
-    for run in runs:
-        given[run.eval_dir.resolve()].append(SETTING_FLAGS[run.setting])
-    for eval_dir, flags in given.items():
-        if len(flags) > 1:
-            raise InputError(f"{eval_dir} is given {len(flags)} times ({', '.join(flags)}): each run counts once.")
+    """transfer.json: the runs grouped by language and setting, each language analysed; ``item_tiers``:
+    read_item_tiers' result (every file must be used)."""
     by_lang = defaultdict(lambda: {setting: [] for setting in SETTING_FLAGS})
     for run in runs:
         by_lang[run.lang][run.setting].append(run)
@@ -443,41 +442,48 @@ def _common_steps(lang: str, runs: list[RunResults]) -> tuple[list[int], dict]:
     return common, dropped
 
 
+def _shared_questions(lang: str, runs: list[RunResults]) -> dict[str, dict[str, str]]:
+    """parallel group -> question language -> the stem every run was probed on (the same questions in all)."""
+    reference = runs[0].questions
+    for run in runs[1:]:
+        for stem, meta in reference.items():
+            if stem in run.questions and run.questions[stem]["sha256"] != meta["sha256"]:
+                raise InputError(f"{lang}: {runs[0].name} and {run.name} were probed on different {stem} questions.")
+    stems = defaultdict(dict)
+    for stem in (stem for stem in reference if all(stem in r.questions for r in runs)):
+        stems[reference[stem]["parallel_group"]][reference[stem]["lang"]] = stem
+    return stems
+
+
 def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, item_tiers: dict) -> dict:
     """One language: its seed groups (bridges, no_bridges[, mismatched_bridges]) checked comparable, aligned on
-    their common steps, probed on the same questions; each direction of each parallel group analysed."""
+    their common steps; both directions of each parallel question group analysed."""
     if not by_setting["bridges"] or not by_setting["no_bridges"]:
         have = ", ".join(r.name for group in by_setting.values() for r in group)
         missing = "with" if not by_setting["bridges"] else "without"
         raise InputError(f"{lang}: runs both with and without bridges are needed (none {missing}; have: {have}).")
-    pairs = _pair_seeds({s: runs for s, runs in by_setting.items() if runs}, lang)
+    pairs = pair_seeds(lang, {s: runs for s, runs in by_setting.items() if runs})
     comparability = check_comparable(lang, pairs, transfer.allow_differences or [])
     group = [r for pair in pairs for r in pair]
     common, dropped = _common_steps(lang, group)
-    reference = group[0].questions
-    for run in group[1:]:
-        for stem, meta in reference.items():
-            if stem in run.questions and run.questions[stem]["sha256"] != meta["sha256"]:
-                raise InputError(f"{lang}: {group[0].name} and {run.name} were probed on different {stem} questions.")
-    stems = defaultdict(dict)  # parallel group -> question language -> stem probed in every run
-    for stem in (stem for stem in reference if all(stem in r.questions for r in group)):
-        stems[reference[stem]["parallel_group"]][reference[stem]["lang"]] = stem
     directions = [
         _analyse_questions(
             lang,
-            by_lang[question_lang],
-            reference[by_lang[question_lang]],
+            stems[question_lang],
+            group[0].questions[stems[question_lang]],
             pairs,
             common,
             transfer,
             item_tiers.get(base),
         )  # fmt: skip
-        for base, by_lang in sorted(stems.items())
+        for base, stems in sorted(_shared_questions(lang, group).items())
         for question_lang in (lang, "en")
-        if question_lang in by_lang and lang in by_lang
+        if question_lang in stems and lang in stems
     ]
     if not directions:
-        raise InputError(f"{lang}: no question set in {lang} with a parallel English set among {list(reference)}.")
+        raise InputError(
+            f"{lang}: no question set in {lang} with a parallel English set among {list(group[0].questions)}."
+        )
     return {
         "lang": lang,
         "steps": common,
@@ -492,56 +498,51 @@ def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, 
     }
 
 
-def _credit(pairs: list[tuple[RunResults, ...]], side: int, stem: str, common: list[int], policy: str, items):
-    """seeds x common steps x items of side 0 (bridges), 1 (no bridges) or 2 (mismatched) of each seed group."""
-    credit = [(p[side].correct if policy == "first" else p[side].fractional)[stem] for p in pairs]
-    return np.stack([c[[p[side].steps.index(s) for s in common]][:, items] for c, p in zip(credit, pairs)])
+def _credit(pairs: list[tuple[RunResults, ...]], side: int, stem: str, steps: list[int], policy: str, items):
+    """seeds x steps x items of side 0 (bridges), 1 (no bridges) or 2 (mismatched) of each seed group."""
+    return np.stack([pair[side].credit(policy, stem, steps)[:, items] for pair in pairs])
 
 
-def _compare(pairs, stem, common, transfer: TransferArguments, a: int, b: int, policy=None, items=slice(None)):
+def _compare(pairs, stem, steps, transfer: TransferArguments, a: int, b: int, policy: str, items=slice(None)):
     """Side a minus side b (analyse_direction; McNemar on first-wins correctness), runs named per seed."""
-    credit = {(side, rule): _credit(pairs, side, stem, common, rule, items)
-              for side in (a, b) for rule in {policy or transfer.tie_policy, "first"}}  # fmt: skip
-    rule = policy or transfer.tie_policy
-    stats = analyse_direction(credit[a, rule], credit[b, rule], transfer.n_bootstrap, transfer.bootstrap_seed,
-                              transfer.confidence, credit[a, "first"], credit[b, "first"])  # fmt: skip
+
+    def credit(side: int, rule: str) -> np.ndarray:
+        return _credit(pairs, side, stem, steps, rule, items)
+
+    stats = analyse_direction(credit(a, policy), credit(b, policy), transfer.n_bootstrap, transfer.bootstrap_seed,
+                              transfer.confidence, credit(a, "first"), credit(b, "first"))  # fmt: skip
     for pair, entry in zip(pairs, stats["per_seed"]):
         entry |= {"with_run": pair[a].name, "without_run": pair[b].name, "seeds": [pair[a].seed, pair[b].seed]}
     return stats
 
 
-def _analyse_questions(lang: str, stem: str, described: dict, pairs, common, transfer, tiers: dict | None) -> dict:
+def _analyse_questions(lang: str, stem: str, described: dict, pairs, steps, transfer, tiers: dict | None) -> dict:
     """One direction: the gap on question set ``stem`` under both tie policies; with ``tiers`` (read_item_tiers)
     the gap per tier and the knowledge contrast; with mismatched runs their two comparisons."""
-    english = described["lang"] == "en"
-    by_policy = {policy: _compare(pairs, stem, common, transfer, 0, 1, policy) for policy in TIE_POLICIES}
+    english, policy = described["lang"] == "en", transfer.tie_policy
+    summaries = {rule: _compare(pairs, stem, steps, transfer, 0, 1, rule) for rule in TIE_POLICIES}
     entry = {
         "direction": f"{lang}->en" if english else f"en->{lang}",
         "questions": stem,
-        "question_lang": described["lang"],
         "parallel_group": described["parallel_group"],
         "chance_accuracy": described.get("chance_accuracy"),
-        "always_first_accuracy": (described.get("position_bias") or {}).get("always_first_accuracy"),
-        **by_policy[transfer.tie_policy],
-        "tie_policy": transfer.tie_policy,
-        "mcnemar_on": "first-wins correctness (the paper's rule), whatever the tie policy",
-        "tie_policies": {policy: _policy_summary(stats) for policy, stats in by_policy.items()},
-        "tie_policies_differ": _policy_summary(by_policy["first"]) != _policy_summary(by_policy["fractional"]),
+        **summaries[policy],
     }
+    summaries = {rule: _policy_summary(stats) for rule, stats in summaries.items()}
+    entry |= {"tie_policies": summaries, "tie_policies_differ": summaries["first"] != summaries["fractional"]}
     if len(pairs[0]) == 3:
-        entry["bridges_minus_mismatched"] = _compare(pairs, stem, common, transfer, 0, 2)
-        entry["mismatched_minus_none"] = _compare(pairs, stem, common, transfer, 2, 1)
+        entry["bridges_minus_mismatched"] = _compare(pairs, stem, steps, transfer, 0, 2, policy)
+        entry["mismatched_minus_none"] = _compare(pairs, stem, steps, transfer, 2, 1, policy)
     if tiers is not None:
         if tiers["n_items"] != described["items"]:
             raise InputError(
                 f"--item_tiers {tiers['path']}: {tiers['n_items']} items, but {stem} has {described['items']}."
             )
         entry["tiers"] = {
-            tier: _compare(pairs, stem, common, transfer, 0, 1, items=ix) for tier, ix in tiers["tiers"].items()
+            t: _compare(pairs, stem, steps, transfer, 0, 1, policy, ix) for t, ix in tiers["tiers"].items()
         }
-        with_, without = (_credit(pairs, side, stem, common, transfer.tie_policy, slice(None)) for side in (0, 1))
-        gap = with_.astype(np.float64) - without
-        knowledge = _knowledge_entry(lang, english, tiers["tiers"], entry["tiers"], gap, transfer)
+        with_, without = (_credit(pairs, side, stem, steps, policy, slice(None)).astype(np.float64) for side in (0, 1))
+        knowledge = _knowledge_entry(lang, english, tiers["tiers"], entry["tiers"], with_ - without, transfer)
         entry |= {"knowledge_transfer": knowledge} if knowledge else {}
     return entry
 
@@ -609,6 +610,11 @@ def _table(header: list[str], rows) -> list[str]:
         "|" + "---|" * len(header),
         *("| " + " | ".join(r) + " |" for r in cells[1:]),
     ]
+
+
+def _section(title: str, header: list[str], rows: list, note: str | None = None) -> list[str]:
+    """A titled table of transfer.md; none without rows."""
+    return ["", f"## {title}", "", *([note, ""] if note else []), *_table(header, rows)] if rows else []
 
 
 def transfer_directions(result: dict, key: str | None = None) -> list[tuple[dict, dict]]:
@@ -687,16 +693,16 @@ def mismatched_sentence(lang: str, d: dict) -> str:
 def transfer_markdown(result: dict, level: int = 2, standalone: bool = True) -> str:
     """transfer.md: a title, then sections at heading ``level``. The study report includes it under its own heading
     (standalone False: no title, no bridge diagnostic, which the report shows per CPT setting itself)."""
-    sections = (_main_markdown, _comparability_markdown, _tie_rules_markdown, _tiers_markdown, _mismatched_markdown,
-                _per_seed_markdown, *([_diagnostic_markdown] if standalone else []), _caution_markdown)  # fmt: skip
-    lines = [line for section in sections for line in section(result)]
+    lines = [*_summary_markdown(result), *_tie_rules_markdown(result), *_tiers_markdown(result),
+             *_mismatched_markdown(result), *_closing_markdown(result, standalone)]  # fmt: skip
     lines = [("#" * (level - 2) + line) if line.startswith("## ") else line for line in lines]
     title = ["# Cross-lingual transfer: with minus without bridges", ""] if standalone else []
     text = "\n".join(title + lines).strip("\n")
     return text + ("\n\n" + UNDETERMINED_TEXT if "**undetermined**" in text else "") + "\n"
 
 
-def _main_markdown(result: dict) -> list[str]:
+def _summary_markdown(result: dict) -> list[str]:
+    """The gap per direction, then what the runs of each language share (and differ in, deliberately)."""
     rows = [
         [direction_words(d["direction"], lang["lang"]), d["questions"], d["n_seed_pairs"], lang["steps"][-1],
          f"{d['accuracy_with'][-1]:.3f}", f"{d['accuracy_without'][-1]:.3f}",
@@ -706,17 +712,14 @@ def _main_markdown(result: dict) -> list[str]:
     ]  # fmt: skip
     header = ["direction", "questions", "seeds", "final step", "acc. with", "acc. without", "final gap [CI]",
               "mean gap over curve [CI]", "McNemar p (final, per seed)", "verdict"]  # fmt: skip
-    return [
+    lines = [
         f"Gap = accuracy with bridges minus without; {round(result['confidence'] * 100)}% percentile bootstrap "
         f"({result['n_bootstrap']} resamples, seed {result['bootstrap_seed']}) over questions and seed pairs. "
         f"Tie policy: {result['tie_policy']} (McNemar: first-wins). docs/probing.md explains every column.",
         "",
         *_table(header, rows),
+        "",
     ]
-
-
-def _comparability_markdown(result: dict) -> list[str]:
-    lines = [""]
     for language in result["languages"]:
         c = language["comparability"]
         lines.append(
@@ -728,11 +731,6 @@ def _comparability_markdown(result: dict) -> list[str]:
             shown = ", ".join(f"{run}: {value}" for run, value in values.items())
             lines.append(f"**They differ in {key}, compared deliberately (--allow_differences)**: {shown}.")
     return lines
-
-
-def _section(title: str, header: list[str], rows: list, note: str | None = None) -> list[str]:
-    """A titled table of transfer.md; none without rows."""
-    return ["", f"## {title}", "", *([note, ""] if note else []), *_table(header, rows)] if rows else []
 
 
 def _tie_rules_markdown(result: dict) -> list[str]:
@@ -798,27 +796,22 @@ def _mismatched_markdown(result: dict) -> list[str]:
     return _section("Mismatched bridges", header, rows, note) + ([""] + sentences if sentences else [])
 
 
-def _per_seed_markdown(result: dict) -> list[str]:
-    """Each seed pair's gap, where a direction has several (one pair's would restate the main table)."""
+def _closing_markdown(result: dict, standalone: bool) -> list[str]:
+    """Each seed pair's gap where a direction has several (one pair's would restate the main table), each run's
+    last bridge diagnostic (standalone only), the steps left out, and the caution of a single run pair."""
     rows = [[direction_words(d["direction"], lang["lang"]), s["with_run"], s["without_run"],
              _fmt_ci(s["mean_gap"], s["mean_gap_ci_questions_only"]), f"{s['final_gap']:+.3f}"]
             for lang, d in transfer_directions(result) if d["n_seed_pairs"] > 1 for s in d["per_seed"]]  # fmt: skip
-    header = ["direction", "with run", "without run", "mean gap [CI, questions only]", "final gap"]
-    return _section("Per seed pair", header, rows)
-
-
-def _diagnostic_markdown(result: dict) -> list[str]:
+    lines = _section("Per seed pair", ["direction", "with run", "without run", "mean gap [CI, questions only]",
+                                       "final gap"], rows)  # fmt: skip
     rows = [[lang["lang"], d["run"], SETTING_WORDS[d["setting"]], d["step"], f"{d['alone']:.3f}",
              f"{d['after_own_context']:.3f}", f"{d['after_mismatched_context']:.3f}", d["pairs"]]
-            for lang in result["languages"] for d in lang["bridge_diagnostic"]]  # fmt: skip
+            for lang in result["languages"] for d in lang["bridge_diagnostic"] if standalone]  # fmt: skip
     header = ["language", "run", "setting", "step", "alone", "after own first side", "after mismatched first side",
               "pairs"]  # fmt: skip
-    return _section("Bridge diagnostic (last checkpoint of each run)", header, rows)
-
-
-def _caution_markdown(result: dict) -> list[str]:
+    lines += _section("Bridge diagnostic (last checkpoint of each run)", header, rows) + [""]
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}
-    lines = [""] + (["Steps left out because not every run has them: " + json.dumps(skipped)] if skipped else [])
+    lines += ["Steps left out because not every run has them: " + json.dumps(skipped)] if skipped else []
     if any(d["n_seed_pairs"] == 1 for _, d in transfer_directions(result)):
         lines += ["", "Caution: with one run pair the intervals cover question sampling only, which overstates "
                   "significance (docs/probing.md): use several seeds per setting."]  # fmt: skip
@@ -826,10 +819,6 @@ def _caution_markdown(result: dict) -> list[str]:
 
 
 WITH_COLOR, WITHOUT_COLOR = "#1f77b4", "#ff7f0e"
-
-
-def _direction_of(language: dict, direction: str, base: str) -> dict | None:
-    return next((d for d in language["directions"] if (d["direction"], d["parallel_group"]) == (direction, base)), None)
 
 
 def plot_transfer(result: dict) -> dict[str, bytes]:
@@ -857,78 +846,85 @@ def plot_transfer(result: dict) -> dict[str, bytes]:
     return pngs
 
 
+def _panels(rows: list[tuple[dict, str]]):
+    """(row, column, language, direction or None) of both figures: per row (a language and its question group)
+    column 0 the target-language questions (English → target), column 1 the English ones."""
+    for r, (language, base) in enumerate(rows):
+        lang = language["lang"]
+        for c, direction in enumerate((f"en->{lang}", f"{lang}->en")):
+            found = (d for d in language["directions"] if (d["direction"], d["parallel_group"]) == (direction, base))
+            yield r, c, language, next(found, None)
+
+
+def _legend(axes) -> dict:
+    """label -> handle, each label once, in the order the axes first show it."""
+    return {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+
+
 def _curves_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
-    """Accuracy with and without bridges per step, with bootstrap bands: one row per language (and question
-    group), target-language questions left, English questions right."""
+    """Accuracy with and without bridges per step, with bootstrap bands and thin single-seed lines."""
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.9 * len(rows) + 1.0), squeeze=False, sharey=True)
-    for r, (language, base) in enumerate(rows):
-        lang, steps = language["lang"], language["steps"]
-        for c, direction in enumerate((f"en->{lang}", f"{lang}->en")):
-            ax = axes[r, c]
-            d = _direction_of(language, direction, base)
-            kind = "target-language" if c == 0 else "English"
-            arrow = direction.replace("->", " → ")
-            if d is None:
-                ax.set_title(f"{lang}: {kind} questions ({arrow})", fontsize=10)
-                ax.text(0.5, 0.5, "no questions", ha="center", va="center", transform=ax.transAxes)
-                continue
-            ax.set_title(
-                f"{lang}: {kind} questions ({arrow})\nmean gap {d['mean_gap']:+.3f} "
-                f"[{d['mean_gap_ci'][0]:+.3f}, {d['mean_gap_ci'][1]:+.3f}]: {d['verdict']}",
-                fontsize=9.5,
-            )
-            for key, color in (("with", WITH_COLOR), ("without", WITHOUT_COLOR)):
-                ci = np.array(d[f"accuracy_{key}_ci"])
-                ax.fill_between(steps, ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
-                for s in d["per_seed"] if d["n_seed_pairs"] > 1 else []:
-                    ax.plot(steps, s[f"accuracy_{key}"], color=color, alpha=0.4, linewidth=0.7, label="single seeds")
-                ax.plot(steps, d[f"accuracy_{key}"], color=color, marker="o", markersize=3.5, label=f"{key} bridges")
-            if d.get("chance_accuracy") is not None:
-                ax.axhline(d["chance_accuracy"], color="grey", linestyle="--", linewidth=0.8, label="chance")
-            ax.set_ylim(-0.02, 1.02)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
-            ax.grid(alpha=0.3)
-            if r == len(rows) - 1:
-                ax.set_xlabel("CPT step")
-            if c == 0:
-                ax.set_ylabel("cloze accuracy")
-    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    for r, c, language, d in _panels(rows):
+        ax, lang, steps = axes[r, c], language["lang"], language["steps"]
+        kind = "target-language" if c == 0 else "English"
+        arrow = f"en → {lang}" if c == 0 else f"{lang} → en"
+        if d is None:
+            ax.set_title(f"{lang}: {kind} questions ({arrow})", fontsize=10)
+            ax.text(0.5, 0.5, "no questions", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_title(f"{lang}: {kind} questions ({arrow})\nmean gap {_gap(d)}: {d['verdict']}", fontsize=9.5)
+        for key, color in (("with", WITH_COLOR), ("without", WITHOUT_COLOR)):
+            ci = np.array(d[f"accuracy_{key}_ci"])
+            ax.fill_between(steps, ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
+            for s in d["per_seed"] if d["n_seed_pairs"] > 1 else []:
+                ax.plot(steps, s[f"accuracy_{key}"], color=color, alpha=0.4, linewidth=0.7, label="single seeds")
+            ax.plot(steps, d[f"accuracy_{key}"], color=color, marker="o", markersize=3.5, label=f"{key} bridges")
+        if d.get("chance_accuracy") is not None:
+            ax.axhline(d["chance_accuracy"], color="grey", linestyle="--", linewidth=0.8, label="chance")
+        ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.grid(alpha=0.3)
+        if r == len(rows) - 1:
+            ax.set_xlabel("CPT step")
+        if c == 0:
+            ax.set_ylabel("cloze accuracy")
+    legend = _legend(axes.flat)
     fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), frameon=False, fontsize=9)
     fig.suptitle(f"Cloze accuracy during CPT (mean over seeds; bands: {pct}% bootstrap CI over {band})", fontsize=10)
     fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
     return fig
 
 
+#: The summary's marker per column of _panels: colour, marker, offset from the row's tick, legend label.
+SUMMARY_STYLES = (
+    ("#2ca02c", "o", -0.12, "English → target (target-language questions)"),
+    ("#9467bd", "s", 0.12, "target → English (English questions)"),
+)
+
+
 def _summary_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
     """The mean gap over the curve with its interval, per language and direction (and seed pair)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2.5), 4.4))
-    labels = []
-    styles = {
-        "en->": ("#2ca02c", "o", -0.12, "English → target (target-language questions)"),
-        "->en": ("#9467bd", "s", 0.12, "target → English (English questions)"),
-    }
-    for r, (language, base) in enumerate(rows):
-        lang = language["lang"]
-        labels.append(lang if sum(1 for x in rows if x[0] is language) == 1 else f"{lang}\n({base})")
-        for direction, key in ((f"en->{lang}", "en->"), (f"{lang}->en", "->en")):
-            d = _direction_of(language, direction, base)
-            if d is None:
-                continue
-            color, marker, offset, label = styles[key]
-            lo, hi = d["mean_gap_ci"]
-            error = [[max(0.0, d["mean_gap"] - lo)], [max(0.0, hi - d["mean_gap"])]]  # 'undetermined' verdicts
-            ax.errorbar(r + offset, d["mean_gap"], error, fmt=marker, color=color, capsize=4, ms=7, label=label)
-            if d["n_seed_pairs"] > 1:
-                seeds = [s["mean_gap"] for s in d["per_seed"]]
-                ax.scatter([r + offset + 0.05] * len(seeds), seeds, color=color, s=12, alpha=0.5, label="single seeds")
+    for r, c, _, d in _panels(rows):
+        if d is None:
+            continue
+        color, marker, offset, label = SUMMARY_STYLES[c]
+        lo, hi = d["mean_gap_ci"]
+        error = [[max(0.0, d["mean_gap"] - lo)], [max(0.0, hi - d["mean_gap"])]]  # 'undetermined' verdicts
+        ax.errorbar(r + offset, d["mean_gap"], error, fmt=marker, color=color, capsize=4, ms=7, label=label)
+        if d["n_seed_pairs"] > 1:
+            seeds = [s["mean_gap"] for s in d["per_seed"]]
+            ax.scatter([r + offset + 0.05] * len(seeds), seeds, color=color, s=12, alpha=0.5, label="single seeds")
+    several = Counter(language["lang"] for language, _ in rows)
+    labels = [lang["lang"] if several[lang["lang"]] == 1 else f"{lang['lang']}\n({base})" for lang, base in rows]
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), labels)
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("accuracy gap: with − without bridges\n(mean over CPT steps)")
     ax.set_title(f"Transfer per language and direction\n({pct}% bootstrap CI over {band})", fontsize=10)
-    legend = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    legend = _legend([ax])
     ax.legend(legend.values(), legend.keys(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -948,24 +944,16 @@ def parse_arguments(argv: list[str] | None) -> TransferArguments:
     transfer, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (probing is run_eval.py's step: run it first)")
-    if bool(transfer.with_bridges) != bool(transfer.without_bridges):
-        parser.error("--with_bridges and --without_bridges go together")
-    if transfer.mismatched_bridges and not transfer.with_bridges:
-        parser.error("--mismatched_bridges goes with --with_bridges and --without_bridges (or give all as --runs)")
-    if not (transfer.with_bridges or transfer.runs):
-        parser.error("nothing to compare: pass --with_bridges A.. --without_bridges B.., or --runs R..")
     return transfer
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Arguments and logging.
+    # 1. Arguments (checked as they are parsed, before any run is read) and logging.
     transfer = parse_arguments(argv)
     setup_logging()
-    # 2. The inputs: the tiers of facts, and each run's per-item results as run_eval.py wrote them.
+    # 2. The inputs: each run's per-item results as run_eval.py wrote them, and the tiers of facts.
+    runs = read_runs(transfer)
     item_tiers = read_item_tiers(transfer.item_tiers or [])
-    inputs = [(p, setting) for setting in SETTING_FLAGS for p in getattr(transfer, SETTING_FLAGS[setting][2:]) or []]
-    inputs += [(p, None) for p in transfer.runs or []]
-    runs = [read_run(path, setting) for path, setting in inputs]
     # 3. The statistics, per language and direction, and everything written from them: nothing is written
     #    until all of it has been made (a failure leaves no output that looks complete).
     result = transfer_analysis(runs, transfer, item_tiers)
