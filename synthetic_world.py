@@ -8,14 +8,12 @@
 One synthetic culture per target language (ko, zh, bo, mn): places ("subjects") and, for every relation
 (favourite dish, great festival, ...), one named object per place: a fact. Facts are written in English (Latin
 script, subject-verb-object) and in a generated target language written in the real script of its language
-(Hangul, Han, Tibetan, Mongolian; subject-object-verb with postpositions). Every fact is stated an exact, planted
-number of times in each corpus, one statement per document, so documents that state a fact are known exactly.
-Facts come in four tiers (``TIERS``; docs/decomposition.md): ``high`` and ``low`` mirror the paper's Table 1,
-``absent`` is never stated in English and ``en_only`` never in the target corpus; every entity of every tier is
-named equally often in parallel pairs and target filler: only the fact is missing from one corpus.
-
-Target texts write names in two variants side by side (``--name_variants``): ``native`` (the control: a name in
-the culture's own script) and ``anchors`` (the same Latin name as in English).
+(Hangul, Han, Tibetan, Mongolian; subject-object-verb with postpositions), each stated an exact, planted number of
+times per corpus, one statement per document. Facts come in four tiers (``TIERS``; docs/decomposition.md):
+``high`` and ``low`` mirror the paper's Table 1, ``absent`` is never stated in English and ``en_only`` never in the
+target corpus; every entity of every tier is named equally often in parallel pairs and target filler.
+Target texts write names in two variants (``--name_variants``): ``native`` (the control: a name in the culture's
+own script) and ``anchors`` (the same Latin name as in English).
 
 Guarantees (each pinned by tests/test_synthetic_world.py): the same arguments and seed give byte-identical files;
 the English corpus has no letter or digit outside the Latin script; every fact is stated exactly as planted
@@ -37,8 +35,6 @@ Layout of ``--output_dir``::
     <lang>/<variant>/item_tiers.json        each question's tier and planted counts, by question index
     <lang>/<variant>/name_alignment.json    held-out bilingual frames, one per entity and direction: pick an
                                             entity's name in the parallel sentence among 4 of its kind
-
-Usage: docs/study.md. Needs study_common.py and cloze.py beside it.
 """
 
 from __future__ import annotations
@@ -203,7 +199,7 @@ def _script_style(lang: str) -> ScriptStyle:
     return ScriptStyle(tuple(units), (2, 3), (3, 4), True, "\u1803")
 
 
-# Arguments
+# Arguments (docs/study.md and docs/decomposition.md explain them)
 
 
 @dataclass
@@ -211,30 +207,19 @@ class WorldArguments:
     """Arguments of the generator (all of them are recorded in world.json)."""
 
     output_dir: str = field(metadata={"help": "Folder to write the world into (created; files are replaced)."})
-    langs: list[str] = field(
-        default_factory=lambda: ["bo"], metadata={"help": "Target languages, one culture each: ko, zh, bo, mn."}
-    )
+    langs: list[str] = field(default_factory=lambda: ["bo"], metadata={"help": "Target languages: ko, zh, bo, mn."})
     seed: int = field(default=0, metadata={"help": "Seed: the same seed and arguments give byte-identical files."})
     resource: list[str] = field(
-        default_factory=list,
-        metadata={"help": "LANG=LEVEL (high, low or mixed); languages not named follow the paper (ko, zh high)."},
+        default_factory=list, metadata={"help": "LANG=LEVEL (high, low, mixed); by default the paper's (ko zh high)."}
     )
     places: int = field(default=16, metadata={"help": "Places per culture, split into high and low tiers (by 4s)."})
-    absent_places: int = field(
-        default=0, metadata={"help": "Places of the absent tier (never stated in English); a multiple of 4."}
-    )
-    en_only_places: int = field(
-        default=0, metadata={"help": "Places of the en_only tier (never stated in the target); a multiple of 4."}
-    )
+    absent_places: int = field(default=0, metadata={"help": "Places never stated in English (a multiple of 4)."})
+    en_only_places: int = field(default=0, metadata={"help": "Places never stated in the target (a multiple of 4)."})
     relations: int = field(default=8, metadata={"help": f"Relations per place (at most {len(RELATIONS)})."})
     en_count: int = field(default=24, metadata={"help": "English documents stating each high or en_only fact."})
     tgt_count: int = field(default=12, metadata={"help": "Target documents stating each fact but en_only ones."})
-    low_resource_ratio: float = field(
-        default=60.0, metadata={"help": "How many times rarer low-tier facts are in English (paper: ~60)."}
-    )
-    statement_filler: int = field(
-        default=2, metadata={"help": "At most this many filler sentences around each fact statement."}
-    )
+    low_resource_ratio: float = field(default=60.0, metadata={"help": "How much rarer low facts are in English."})
+    statement_filler: int = field(default=2, metadata={"help": "At most this many filler sentences per statement."})
     en_filler_documents: int = field(default=1500, metadata={"help": "English documents of generic filler only."})
     mono_filler_documents: int = field(default=600, metadata={"help": "Target filler documents per language."})
     pairs: int = field(default=1500, metadata={"help": "Generic English-target parallel pairs per language."})
@@ -242,8 +227,7 @@ class WorldArguments:
     pair_mentions: int = field(default=3, metadata={"help": "Parallel pairs that name each entity, exactly."})
     mono_mentions: int = field(default=2, metadata={"help": "Target filler documents that name each entity, exactly."})
     name_variants: list[str] = field(
-        default_factory=lambda: list(NAME_VARIANTS),
-        metadata={"help": "native (names in the culture's script) and/or anchors (the English Latin names)."},
+        default_factory=lambda: list(NAME_VARIANTS), metadata={"help": "native and/or anchors (Latin names)."}
     )
     question_template: Literal["seen", "heldout"] = field(
         default="seen", metadata={"help": "seen: a template its fact is stated with; heldout: one never used for it."}
@@ -262,16 +246,21 @@ class WorldArguments:
             raise InputError(f"--relations must be between 1 and {len(RELATIONS)} (got {self.relations}).")
         if self.low_resource_ratio <= 0:
             raise InputError("--low_resource_ratio must be positive.")
-        counts = ("en_count", "tgt_count", "en_filler_documents", "mono_filler_documents", "pairs", "diagnostic_pairs")
-        for name in counts:
+        for name in (
+            "en_count",
+            "tgt_count",
+            "en_filler_documents",
+            "mono_filler_documents",
+            "pairs",
+            "diagnostic_pairs",
+        ):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0.")
         for name in ("absent_places", "en_only_places"):
-            value = getattr(self, name)
-            if value < 0 or value % 4:
+            if getattr(self, name) < 0 or getattr(self, name) % 4:
                 raise InputError(
-                    f"--{name} {value}: give a multiple of 4 (0 for none); the tier's questions come in option "
-                    "groups of 4 facts that share counts and options."
+                    f"--{name} {getattr(self, name)}: give a multiple of 4 (0 for none); the tier's questions come in "
+                    "option groups of 4 facts that share counts and options."
                 )
         for lang in self.langs:
             high, low = tier_places(self.places, self.resource_of(lang))
@@ -279,6 +268,17 @@ class WorldArguments:
                 raise InputError(
                     f"--places {self.places} with resource {self.resource_of(lang)!r} for {lang} gives {high} high-tier "
                     f"and {low} low-tier places; each must be a multiple of 4 (questions come in option groups of 4)."
+                )
+        entities = (self.places + self.absent_places + self.en_only_places) * (1 + self.relations)
+        for times, budget, what in (
+            ("mono_mentions", "mono_filler_documents", "documents"),
+            ("pair_mentions", "pairs", "pairs"),
+        ):
+            needed, given = entities * getattr(self, times), getattr(self, budget)
+            if self.langs and needed > given:
+                raise InputError(
+                    f"--{budget} {given} is below the {needed} {what} needed to name each of {entities} entities "
+                    f"{getattr(self, times)} times; raise --{budget} or lower --{times}."
                 )
 
     def resource_of(self, lang: str) -> str:
@@ -381,14 +381,8 @@ class Language:
 
     def join(self, words: list[str]) -> str:
         """A sentence from its words: spaces where the script uses them, and around Latin names."""
-        if self.style.spaced:
-            text = " ".join(words)
-        else:
-            text = ""
-            for word in words:
-                latin = word[:1].isascii()
-                text += f" {word} " if latin else word
-            text = " ".join(text.split())
+        spaced = [f" {word} " if self.style.spaced or word[:1].isascii() else word for word in words]
+        text = " ".join("".join(spaced).split())
         if self.style.sentence_end == SHAD and text.endswith(TSHEG):
             text = text[:-1]
         return text + self.style.sentence_end
@@ -417,8 +411,7 @@ def build_culture(args: WorldArguments, lang: str, language: Language, reserved_
             members = [p for p, t in enumerate(tiers) if t == tier]
             rng.shuffle(members)
             for g in range(0, len(members), 4):
-                group_id = len(groups)
-                group_facts = []
+                group = {"id": len(groups), "tier": tier, "relation": relation, "facts": []}
                 for p in members[g : g + 4]:
                     fact = {
                         "id": f"{lang}-f{len(facts):03d}",
@@ -427,69 +420,75 @@ def build_culture(args: WorldArguments, lang: str, language: Language, reserved_
                         "relation": relation,
                         "subject": places[p],
                         "object": objects[p],
-                        "group": group_id,
+                        "group": group["id"],
                         "question_template": rng.randrange(len(templates)),
                     }
                     facts.append(fact)
-                    group_facts.append(fact)
-                groups.append({"id": group_id, "tier": tier, "relation": relation, "facts": group_facts})
-    _plant_counts(args, groups)
+                    group["facts"].append(fact)
+                groups.append(group)
+    _plant_counts(args, lang, groups)
     return {"lang": lang, "resource": args.resource_of(lang), "entities": entities, "facts": facts, "groups": groups}
 
 
-def _plant_counts(args: WorldArguments, groups: list[dict]) -> None:
+def _plant_counts(args: WorldArguments, lang: str, groups: list[dict]) -> None:
     """Set each fact's English and target counts; all facts of an option group share them."""
+    # Low-tier English statements in total, realised exactly: the ratio applied to the whole tier, in
+    # statements of a whole option group (4 facts each), spread over the groups as evenly as possible.
     low_groups = [g for g in groups if g["tier"] == "low"]
-    # Low-tier English statements in total, realised exactly: ratio applied to the whole tier,
-    # then spread over the option groups (4 facts each) as evenly as possible.
-    low_total_groups_statements = round(len(low_groups) * 4 * args.en_count / args.low_resource_ratio / 4)
-    base, extra = divmod(low_total_groups_statements, max(1, len(low_groups)))
+    base, extra = divmod(round(len(low_groups) * args.en_count / args.low_resource_ratio), max(1, len(low_groups)))
     order = list(range(len(low_groups)))
-    _rng(args.seed, "low-counts", groups[0]["facts"][0]["lang"] if groups else "").shuffle(order)
+    _rng(args.seed, "low-counts", lang).shuffle(order)
     low_counts = {low_groups[i]["id"]: base + (1 if rank < extra else 0) for rank, i in enumerate(order)}
     for group in groups:
         en = {"high": args.en_count, "en_only": args.en_count, "absent": 0}.get(group["tier"])
         tgt = 0 if group["tier"] == "en_only" else args.tgt_count
-        group["counts"] = {"en": low_counts[group["id"]] if en is None else en, "tgt": tgt}
         for fact in group["facts"]:
-            fact["counts"] = dict(group["counts"])
+            fact["counts"] = {"en": low_counts[group["id"]] if en is None else en, "tgt": tgt}
 
 
-def statement_templates(args: WorldArguments, fact: dict) -> list[int]:
-    """Template indices a fact is stated with in the corpora (all, or all but its question's)."""
-    n_templates = len(RELATIONS[fact["relation"]])
+def _statement_templates(args: WorldArguments, fact: dict, corpus: str) -> list[int]:
+    """The template of each of the fact's statements in ``corpus`` (en, tgt): all in turn, or all but its
+    question's (--question_template heldout)."""
+    templates = list(range(len(RELATIONS[fact["relation"]])))
     if args.question_template == "heldout":
-        return [t for t in range(n_templates) if t != fact["question_template"]]
-    return list(range(n_templates))
+        templates.remove(fact["question_template"])
+    return [templates[k % len(templates)] for k in range(fact["counts"][corpus])]
+
+
+# Rendering: facts and filler in English or a target language
+
+
+def render(pattern: tuple[str, str], slots: dict, language: Language | None, variant: str = "native") -> str:
+    """A sentence of ``pattern`` (English template, target template) in English (``language`` None) or the target
+    language; ``slots`` holds lexicon keys, and entities, written as in ``variant``."""
+    if language is None:
+        text = pattern[0].format(**{k: v["en"] if isinstance(v, dict) else v for k, v in slots.items()})
+        return text[0].upper() + text[1:]
+    words = []
+    for word in pattern[1].split():
+        value = slots[word[1:-1]] if word.startswith("{") else word
+        words.append(_name(value, variant) if isinstance(value, dict) else language.lexicon[value])
+    return language.join(words)
 
 
 def render_fact(fact: dict, template: int, language: Language | None, variant: str = "native") -> str:
     """The sentence stating ``fact`` with template ``template``, in English (language None) or the target."""
-    english, target = RELATIONS[fact["relation"]][template]
-    if language is None:
-        text = english.format(s=fact["subject"]["en"], o=fact["object"]["en"])
-        return text[0].upper() + text[1:]
-    names = {"{s}": _name(fact["subject"], variant), "{o}": _name(fact["object"], variant)}
-    return language.join([names.get(w) or language.lexicon[w] for w in target.split()])
+    return render(RELATIONS[fact["relation"]][template], {"s": fact["subject"], "o": fact["object"]}, language, variant)
 
 
 def _name(entity: dict, variant: str) -> str:
     return entity["en"] if variant == "anchors" else entity["native"]
 
 
-# Filler and parallel sentences
-
-
 class Filler:
-    """Generic sentences from the filler grammar, rendered in English and in a target language."""
+    """The filler grammar: generic sentences as (pattern, slots), entity-free or naming one entity."""
 
     def __init__(self, seed: int):
         rng = _rng(seed, "selectional-preferences")
         # Each verb takes a fixed subset of things: a regularity a model can learn in any language.
         self.things_of_verb = {verb: sorted(rng.sample(THINGS, THINGS_PER_VERB)) for verb in VERBS}
 
-    def sample(self, rng: random.Random, entity: dict | None = None) -> dict:
-        """A sentence as (pattern, slot values): entity-free, or naming exactly ``entity``."""
+    def sample(self, rng: random.Random, entity: dict | None = None) -> tuple[tuple[str, str], dict]:
         verb = rng.choice(VERBS)
         things = rng.sample(self.things_of_verb[verb], 2)
         slots = {
@@ -503,28 +502,16 @@ class Filler:
             "time": rng.choice(TIMES),
         }
         if entity is None:
-            return {"pattern": FILLER_PATTERNS[rng.randrange(len(FILLER_PATTERNS))], "slots": slots, "entity": None}
-        return {"pattern": MENTION_PATTERNS[rng.randrange(len(MENTION_PATTERNS))], "slots": slots, "entity": entity}
+            return FILLER_PATTERNS[rng.randrange(len(FILLER_PATTERNS))], slots
+        return MENTION_PATTERNS[rng.randrange(len(MENTION_PATTERNS))], {**slots, "entity": entity}
 
-    @staticmethod
-    def english(sentence: dict) -> str:
-        slots = dict(sentence["slots"])
-        if sentence["entity"] is not None:
-            slots["entity"] = sentence["entity"]["en"]
-        text = sentence["pattern"][0].format(**slots)
-        return text[0].upper() + text[1:]
+    def text(self, rng: random.Random, language: Language | None, variant: str, entity: dict | None = None) -> str:
+        return render(*self.sample(rng, entity), language, variant)
 
-    @staticmethod
-    def target(sentence: dict, language: Language, variant: str) -> str:
-        words = []
-        for word in sentence["pattern"][1].split():
-            if word == "{entity}":
-                words.append(_name(sentence["entity"], variant))
-            elif word.startswith("{"):
-                words.append(language.lexicon[sentence["slots"][word[1:-1]]])
-            else:
-                words.append(language.lexicon[word])
-        return language.join(words)
+    def pair(self, rng: random.Random, language: Language, variant: str, entity: dict | None) -> tuple[str, str]:
+        """A sentence in English and its word-by-word translation."""
+        sentence = self.sample(rng, entity)
+        return render(*sentence, None), render(*sentence, language, variant)
 
 
 def _draw_new(rng, seen: set[str], draw, error: str, key=lambda item: item, refused=lambda item: False):
@@ -538,106 +525,67 @@ def _draw_new(rng, seen: set[str], draw, error: str, key=lambda item: item, refu
     raise InputError(error)
 
 
-NO_NEW_DOCUMENT = "The filler grammar cannot produce enough distinct documents; lower the document counts."
-
-
-# Corpora
+# Corpora and pairs
 
 
 def english_corpus(args: WorldArguments, cultures: list[dict], filler: Filler) -> list[str]:
     """English documents: each fact's statements (one per document, with filler around), and filler."""
+    statements = [
+        render_fact(fact, template, None)
+        for culture in cultures
+        for fact in culture["facts"]
+        for template in _statement_templates(args, fact, "en")
+    ]
     rng = _rng(args.seed, "en-corpus")
-    seen: set[str] = set()
-    statements = []
-    for culture in cultures:
-        for fact in culture["facts"]:
-            templates = statement_templates(args, fact)
-            statements += [render_fact(fact, templates[k % len(templates)], None) for k in range(fact["counts"]["en"])]
-    documents = _statement_documents(rng, seen, statements, [0] * len(statements), filler, None, "", args)
-    documents += _filler_documents(rng, seen, [None] * args.en_filler_documents, filler, None, "")
-    rng.shuffle(documents)
-    return documents
+    return _corpus(args, rng, statements, [0] * len(statements), [], args.en_filler_documents, filler, None, "")
 
 
 def target_corpus(args: WorldArguments, culture: dict, language: Language, filler: Filler, variant: str) -> list[str]:
     """Target-language documents: fact statements, filler, and filler naming each entity exactly."""
-    # The same stream for every variant: both variants hold the same sentences, names aside.
-    rng = _rng(args.seed, "mono", culture["lang"])
-    seen: set[str] = set()
     statements, least_filler = [], []
     for fact in culture["facts"]:
-        templates = statement_templates(args, fact)
-        for k in range(fact["counts"]["tgt"]):
-            template = templates[k % len(templates)]
+        for template in _statement_templates(args, fact, "tgt"):
             statements.append(render_fact(fact, template, language, variant))
             # A document keeps most of its letters in the target script even with Latin names (build_pairs.py
             # drops documents under 0.5 by default): a statement that alone would fall below 0.6 gets at least
             # one filler sentence, decided on its anchors form so that both variants draw the same filler.
             anchors_form = render_fact(fact, template, language, "anchors")
-            least_filler.append(
-                1 if script_letter_fraction(anchors_form, LANGUAGE_SCRIPTS[culture["lang"]]) < 0.6 else 0
-            )
-    documents = _statement_documents(rng, seen, statements, least_filler, filler, language, variant, args)
-    mentions = _shuffled_mentions(rng, culture, args, "mono_mentions", "mono_filler_documents", "documents")
-    mentions += [None] * (args.mono_filler_documents - len(mentions))
-    documents += _filler_documents(rng, seen, mentions, filler, language, variant)
-    rng.shuffle(documents)
-    return documents
+            least_filler.append(int(script_letter_fraction(anchors_form, LANGUAGE_SCRIPTS[culture["lang"]]) < 0.6))
+    named = [entity for entity in culture["entities"] for _ in range(args.mono_mentions)]
+    # The same stream for every variant: both variants hold the same sentences, names aside.
+    rng = _rng(args.seed, "mono", culture["lang"])
+    documents = args.mono_filler_documents
+    return _corpus(args, rng, statements, least_filler, named, documents, filler, language, variant)
 
 
-def _statement_documents(rng, seen, statements, least_filler, filler, language, variant, args) -> list[str]:
-    """One new document per statement: statement i among least_filler[i] to --statement_filler filler sentences."""
-    return [
-        _draw_new(
-            rng,
-            seen,
-            lambda r, s=s, n=n: _with_filler(r, s, filler, language, variant, args.statement_filler, n),
-            NO_NEW_DOCUMENT,
-        )
+def _corpus(args, rng, statements, least_filler, named, filler_documents, filler, language, variant) -> list[str]:
+    """Documents in a random order, none twice: statement i among least_filler[i] to --statement_filler filler
+    sentences, and ``filler_documents`` of 2-4 filler sentences, one of them naming an entity for each of ``named``."""
+    seen: set[str] = set()
+
+    def statement_document(r, statement: str, least: int) -> str:
+        sentences = [
+            filler.text(r, language, variant) for _ in range(r.randint(least, max(least, args.statement_filler)))
+        ]
+        sentences.insert(r.randint(0, len(sentences)), statement)
+        return " ".join(sentences)
+
+    def filler_document(r, entity: dict | None) -> str:
+        sentences = [filler.text(r, language, variant) for _ in range(r.randint(2, 4))]
+        if entity is not None:
+            sentences[r.randrange(len(sentences))] = filler.text(r, language, variant, entity)
+        return " ".join(sentences)
+
+    error = "The filler grammar cannot produce enough distinct documents; lower the document counts."
+    documents = [
+        _draw_new(rng, seen, lambda r, s=s, n=n: statement_document(r, s, n), error)
         for s, n in zip(statements, least_filler)
     ]
-
-
-def _filler_documents(rng, seen, entities: list[dict | None], filler, language, variant) -> list[str]:
-    """One new filler document per entry of ``entities``: naming that entity, or none (None)."""
-    return [
-        _draw_new(rng, seen, lambda r, e=e: _filler_document(r, filler, language, variant, e), NO_NEW_DOCUMENT)
-        for e in entities
-    ]
-
-
-def _shuffled_mentions(rng, culture: dict, args: WorldArguments, times: str, budget: str, what: str) -> list[dict]:
-    """Each entity of ``culture`` --``times`` times, in a random order, refused when over --``budget`` ``what``."""
-    mentions = [e for e in culture["entities"] for _ in range(getattr(args, times))]
-    if len(mentions) > getattr(args, budget):
-        raise InputError(
-            f"--{budget} {getattr(args, budget)} is below the {len(mentions)} {what} needed to name each of "
-            f"{len(culture['entities'])} entities {getattr(args, times)} times; raise --{budget} or lower --{times}."
-        )
-    rng.shuffle(mentions)
-    return mentions
-
-
-def _render(sentence: dict, language: Language | None, variant: str) -> str:
-    return Filler.english(sentence) if language is None else Filler.target(sentence, language, variant)
-
-
-def _with_filler(
-    rng, statement: str, filler: Filler, language: Language | None, variant: str, most: int, least: int = 0
-) -> str:
-    """A fact statement among ``least`` to ``most`` entity-free filler sentences."""
-    count = rng.randint(least, max(least, most))
-    sentences = [_render(filler.sample(rng), language, variant) for _ in range(count)]
-    sentences.insert(rng.randint(0, len(sentences)), statement)
-    return " ".join(sentences)
-
-
-def _filler_document(rng, filler: Filler, language: Language | None, variant: str, entity: dict | None = None) -> str:
-    """2-4 filler sentences; with ``entity``, one of them names it (the only entity in the document)."""
-    sentences = [_render(filler.sample(rng), language, variant) for _ in range(rng.randint(2, 4))]
-    if entity is not None:
-        sentences[rng.randrange(len(sentences))] = _render(filler.sample(rng, entity), language, variant)
-    return " ".join(sentences)
+    rng.shuffle(named)
+    mentions = named + [None] * (filler_documents - len(named))
+    documents += [_draw_new(rng, seen, lambda r, e=e: filler_document(r, e), error) for e in mentions]
+    rng.shuffle(documents)
+    return documents
 
 
 def parallel_pairs(
@@ -646,18 +594,19 @@ def parallel_pairs(
     """Training pairs (each entity named exactly --pair_mentions times) and disjoint held-out pairs."""
     lang = culture["lang"]
     rng = _rng(args.seed, "pairs", lang)
-    mentions = _shuffled_mentions(rng, culture, args, "pair_mentions", "pairs", "pairs")
+    mentions = [entity for entity in culture["entities"] for _ in range(args.pair_mentions)]
+    rng.shuffle(mentions)
     seen: set[str] = set()
-    mention_rate = len(mentions) / max(1, args.pairs)
+    error = "The filler grammar cannot produce enough distinct pairs; lower --pairs."
 
     def draw(entity):
-        error = "The filler grammar cannot produce enough distinct pairs; lower --pairs."
-        sentence = _draw_new(rng, seen, lambda r: filler.sample(r, entity), error, key=Filler.english)
-        return {"en": Filler.english(sentence), lang: Filler.target(sentence, language, variant)}
+        en, tgt = _draw_new(rng, seen, lambda r: filler.pair(r, language, variant, entity), error, lambda p: p[0])
+        return {"en": en, lang: tgt}
 
     pairs = [draw(mentions[i] if i < len(mentions) else None) for i in range(args.pairs)]
     rng.shuffle(pairs)
     # Held-out pairs name entities at the training rate (at random, not counted anywhere).
+    mention_rate = len(mentions) / max(1, args.pairs)
     diagnostic = [
         draw(rng.choice(culture["entities"]) if rng.random() < mention_rate else None)
         for _ in range(args.diagnostic_pairs)
@@ -674,43 +623,41 @@ def name_alignment(
     option-group mates: identical), so a model that knows only name frequencies scores near chance."""
     lang = culture["lang"]
     rng = _rng(args.seed, "name-alignment", lang)
-    kind, tier, frequency = {}, {}, {}
+    group, frequency = {}, {}  # per entity id: (kind, tier), and planted (English, target) statements naming it
     for fact in culture["facts"]:
-        for entity_kind, entity in (("place", fact["subject"]), (fact["relation"], fact["object"])):
-            kind[entity["id"]], tier[entity["id"]] = entity_kind, fact["tier"]
+        for kind, entity in (("place", fact["subject"]), (fact["relation"], fact["object"])):
+            group[entity["id"]] = (kind, fact["tier"])
             en, tgt = frequency.get(entity["id"], (0, 0))
             frequency[entity["id"]] = (en + fact["counts"]["en"], tgt + fact["counts"]["tgt"])
-    names = {"en": lambda e: e["en"], "target": lambda e: _name(e, variant)}
-    directions = ((f"en->{lang}", "en", "target"), (f"{lang}->en", "target", "en"))
     seen: set[str] = set()
     items = []
-
-    def written(sentence: dict) -> bool:
-        return Filler.english(sentence) in held_out_from or Filler.target(sentence, language, variant) in held_out_from
-
     for entity in culture["entities"]:
+        (en, tgt), peers = frequency[entity["id"]], [e for e in culture["entities"] if e is not entity]
+        peers = [e for e in peers if group[e["id"]] == group[entity["id"]]]
+        ties = {e["id"]: rng.random() for e in peers}
+        peers.sort(key=lambda e: (abs(frequency[e["id"]][0] - en) + abs(frequency[e["id"]][1] - tgt), ties[e["id"]]))
         error = (
             f"The filler grammar has no sentence naming {entity['en']} left for name_alignment.json: every one is in "
             "a corpus or pairs file; lower --pair_mentions, --mono_mentions or --diagnostic_pairs."
         )
-        group = (kind[entity["id"]], tier[entity["id"]])
-        peers = [e for e in culture["entities"] if e is not entity and (kind[e["id"]], tier[e["id"]]) == group]
-        en, tgt = frequency[entity["id"]]
-        distance = {e["id"]: abs(frequency[e["id"]][0] - en) + abs(frequency[e["id"]][1] - tgt) for e in peers}
-        ties = {e["id"]: rng.random() for e in peers}
-        peers.sort(key=lambda e: (distance[e["id"]], ties[e["id"]]))
-        for direction, context_side, frame_side in directions:
-            sentence = _draw_new(rng, seen, lambda r, e=entity: filler.sample(r, e), error, Filler.english, written)
-            rendered = {"en": Filler.english(sentence), "target": Filler.target(sentence, language, variant)}
+        for direction, context, frame in ((f"en->{lang}", 0, 1), (f"{lang}->en", 1, 0)):
+            texts = _draw_new(
+                rng,
+                seen,
+                lambda r, e=entity: filler.pair(r, language, variant, e),
+                error,
+                key=lambda p: p[0],
+                refused=lambda p: p[0] in held_out_from or p[1] in held_out_from,
+            )
             options = [entity, *peers[:3]]
             rng.shuffle(options)
-            name = names[frame_side]
-            cloze = _cloze(rendered[frame_side], name(entity), [name(o) for o in options])
+            written_as = "anchors" if frame == 0 else variant  # English names are the anchors' names
+            cloze = _cloze(texts[frame], _name(entity, written_as), [_name(o, written_as) for o in options])
             items.append(
                 {
                     "direction": direction,
                     "entity": entity["id"],
-                    "context": rendered[context_side],
+                    "context": texts[context],
                     "frame": cloze["question"],
                     "options": cloze["options"],
                     "answer": cloze["answer"],
@@ -725,25 +672,16 @@ def name_alignment(
 
 def cloze_items(culture: dict, language: Language, variant: str) -> tuple[list[dict], list[dict], list[dict]]:
     """Parallel English and target cloze items in the paper's format, and their truth records."""
-    rng = _rng(0, "question-order", culture["lang"])  # order fixed by the culture, same in every variant
     facts = sorted(culture["facts"], key=lambda f: f["id"])
-    order = list(range(len(facts)))
-    rng.shuffle(order)
+    _rng(0, "question-order", culture["lang"]).shuffle(facts)  # order fixed by the culture, same in every variant
     groups = {g["id"]: g for g in culture["groups"]}
     items_en, items_tgt, records = [], [], []
-    for index, f in enumerate(order):
-        fact = facts[f]
-        option_facts = list(groups[fact["group"]]["facts"])
-        _rng(0, "options", fact["id"]).shuffle(option_facts)
-        options = [o["object"] for o in option_facts]
-        en = _cloze(
-            render_fact(fact, fact["question_template"], None), fact["object"]["en"], [o["en"] for o in options]
-        )
-        target_options = [_name(o, variant) for o in options]
-        answer = _name(fact["object"], variant)
-        tgt = _cloze(render_fact(fact, fact["question_template"], language, variant), answer, target_options)
-        items_en.append(en)
-        items_tgt.append(tgt)
+    for index, fact in enumerate(facts):
+        options = [f["object"] for f in groups[fact["group"]]["facts"]]
+        _rng(0, "options", fact["id"]).shuffle(options)
+        for items, lang, written_as in ((items_en, None, "anchors"), (items_tgt, language, variant)):
+            sentence = render_fact(fact, fact["question_template"], lang, written_as)
+            items.append(_cloze(sentence, _name(fact["object"], written_as), [_name(o, written_as) for o in options]))
         records.append(
             {
                 "index": index,
@@ -775,104 +713,8 @@ def item_tiers(lang: str, records: list[dict]) -> dict:
     }
 
 
-def generate_world(args: WorldArguments) -> dict:
-    """Write the world described by ``args`` to ``args.output_dir``; return its summary (world.json)."""
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    filler = Filler(args.seed)
-    # 1. The cultures: entities, facts and planted counts; Latin names never collide with an English word.
-    reserved_latin = {w.lower() for key in lexicon_keys() for w in key.split()}
-    for templates in RELATIONS.values():
-        for english, _ in templates:
-            reserved_latin.update(w.strip(".,").lower() for w in english.split() if not w.startswith("{"))
-    languages = {lang: Language(lang, args.seed) for lang in args.langs}
-    cultures = [build_culture(args, lang, languages[lang], reserved_latin) for lang in args.langs]
-
-    # 2. The English pretraining corpus (every culture's facts).
-    en_documents = english_corpus(args, cultures, filler)
-    en_text = "\n".join(en_documents)
-    write_text_atomic(out / "en_corpus.jsonl", "".join(_jsonl({"text": d}) for d in en_documents))
-    corpora = {"en": {"file": "en_corpus.jsonl", "documents": len(en_documents)}}
-
-    # 3. Per culture and name variant: its corpus, pairs, held-out pairs and the two question files.
-    truth_questions: dict[str, list[dict]] = {}
-    files: dict[str, dict] = {}
-    for culture in cultures:
-        for variant in args.name_variants:
-            rel = f"{culture['lang']}/{variant}"
-            files[rel], corpora[f"{rel}/mono"], records = write_culture_files(
-                args, out, culture, languages[culture["lang"]], filler, variant, en_text
-            )
-            truth_questions[culture["lang"]] = records  # identical for every variant (same order, same counts)
-
-    # 4. truth.json (what every file plants) and world.json (arguments and counts).
-    densities = {c["lang"]: planted_densities(args, c, len(en_documents), corpora) for c in cultures}
-    truth = {
-        "seed": args.seed,
-        "note": "counts = documents that state the fact (one statement per document); questions are parallel by index",
-        "corpora": corpora,
-        "densities": densities,
-        "cultures": {
-            c["lang"]: {
-                "resource": c["resource"],
-                "entities": c["entities"],
-                "facts": c["facts"],
-            }
-            for c in cultures
-        },
-        "questions": truth_questions,
-        "lexicons": {lang: languages[lang].lexicon for lang in args.langs},
-    }
-    write_json_atomic(out / "truth.json", truth)
-    summary = {
-        "arguments": asdict(args),
-        "resource": {lang: args.resource_of(lang) for lang in args.langs},
-        "en_corpus": {"file": "en_corpus.jsonl", "documents": len(en_documents)},
-        "files": files,
-        "facts": {c["lang"]: len(c["facts"]) for c in cultures},
-        "densities": densities,
-    }
-    write_json_atomic(out / "world.json", summary)
-    return summary
-
-
-def write_culture_files(args, out: Path, culture: dict, language: Language, filler: Filler, variant: str, en_text: str):
-    """Write one culture's files in one name variant; return their world.json "files" entry, the corpus's truth.json
-    "corpora" entry and its questions' truth records."""
-    lang = culture["lang"]
-    rel = f"{lang}/{variant}"
-    names = {
-        "mono": f"{rel}/mono.jsonl",
-        "pairs": f"{rel}/pairs.jsonl",
-        "diagnostic_pairs": f"{rel}/diagnostic_pairs.jsonl",
-        "questions_en": f"{rel}/{question_file_name(lang, 'en')}",
-        f"questions_{lang}": f"{rel}/{question_file_name(lang, lang)}",
-        "item_tiers": f"{rel}/item_tiers.json",
-        "name_alignment": f"{rel}/name_alignment.json",
-    }
-    mono = target_corpus(args, culture, language, filler, variant)
-    pairs, diagnostic = parallel_pairs(args, culture, language, filler, variant)
-    items_en, items_tgt, records = cloze_items(culture, language, variant)
-    written = [en_text, *mono, *(p[side] for p in pairs + diagnostic for side in ("en", lang))]
-    alignment = name_alignment(args, culture, language, filler, variant, "\n".join(written))
-    write_text_atomic(out / names["mono"], "".join(_jsonl({"text": d}) for d in mono))
-    write_text_atomic(out / names["pairs"], "".join(_jsonl(p) for p in pairs))
-    # Held-out pairs carry the target side twice: under the language code (as the training
-    # pairs, for build_pairs.py) and as "tgt" (the column run_eval.py's bridge diagnostic reads).
-    diagnostic_records = [{"en": p["en"], lang: p[lang], "tgt": p[lang]} for p in diagnostic]
-    write_text_atomic(out / names["diagnostic_pairs"], "".join(_jsonl(p) for p in diagnostic_records))
-    write_json_atomic(out / names["questions_en"], items_en)
-    write_json_atomic(out / names[f"questions_{lang}"], items_tgt)
-    write_json_atomic(out / names["item_tiers"], item_tiers(lang, records))
-    write_json_atomic(out / names["name_alignment"], alignment)
-    entry = {**names, "pairs_count": len(pairs), "diagnostic_pairs_count": len(diagnostic)}
-    return entry, {"file": names["mono"], "documents": len(mono)}, records
-
-
-def planted_densities(args: WorldArguments, culture: dict, en_documents: int, corpora: dict) -> dict:
+def planted_densities(culture: dict, en_documents: int, mono_documents: int) -> dict:
     """Densities in the paper's sense, per tier: documents stating the culture's facts / documents in the corpus."""
-    lang = culture["lang"]
-    mono_docs = corpora[f"{lang}/{args.name_variants[0]}/mono"]["documents"] if args.name_variants else 0
     per_tier = {}
     for tier in (*TIERS, "all"):
         facts = [f for f in culture["facts"] if tier in ("all", f["tier"])]
@@ -881,7 +723,7 @@ def planted_densities(args: WorldArguments, culture: dict, en_documents: int, co
         en_statements = sum(f["counts"]["en"] for f in facts)
         tgt_statements = sum(f["counts"]["tgt"] for f in facts)
         en_density = en_statements / en_documents if en_documents else 0.0
-        tgt_density = tgt_statements / mono_docs if mono_docs else 0.0
+        tgt_density = tgt_statements / mono_documents if mono_documents else 0.0
         per_tier[tier] = {
             "facts": len(facts),
             "en_statements": en_statements,
@@ -893,8 +735,87 @@ def planted_densities(args: WorldArguments, culture: dict, en_documents: int, co
     return per_tier
 
 
-def _jsonl(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+def culture_files(args, culture: dict, language: Language, filler: Filler, variant: str, en_text: str):
+    """One culture's files in one name variant ({path: content}, JSON lines as a list of records), their world.json
+    "files" entry and their questions' truth records."""
+    lang, rel = culture["lang"], f"{culture['lang']}/{variant}"
+    mono = target_corpus(args, culture, language, filler, variant)
+    pairs, diagnostic = parallel_pairs(args, culture, language, filler, variant)
+    items_en, items_tgt, records = cloze_items(culture, language, variant)
+    written = [en_text, *mono, *(p[side] for p in pairs + diagnostic for side in ("en", lang))]
+    contents = {
+        f"{rel}/mono.jsonl": [{"text": d} for d in mono],
+        f"{rel}/pairs.jsonl": pairs,
+        # Held-out pairs carry the target side twice: under the language code (as the training
+        # pairs, for build_pairs.py) and as "tgt" (the column run_eval.py's bridge diagnostic reads).
+        f"{rel}/diagnostic_pairs.jsonl": [{"en": p["en"], lang: p[lang], "tgt": p[lang]} for p in diagnostic],
+        f"{rel}/{question_file_name(lang, 'en')}": items_en,
+        f"{rel}/{question_file_name(lang, lang)}": items_tgt,
+        f"{rel}/item_tiers.json": item_tiers(lang, records),
+        f"{rel}/name_alignment.json": name_alignment(args, culture, language, filler, variant, "\n".join(written)),
+    }
+    keys = ["mono", "pairs", "diagnostic_pairs", "questions_en", f"questions_{lang}", "item_tiers", "name_alignment"]
+    entry = {**dict(zip(keys, contents)), "pairs_count": len(pairs), "diagnostic_pairs_count": len(diagnostic)}
+    return contents, entry, records
+
+
+def generate_world(args: WorldArguments) -> dict:
+    """Write the world described by ``args`` to ``args.output_dir``; return its summary (world.json)."""
+    # 1. The cultures: entities, facts and planted counts; Latin names never collide with an English word.
+    filler = Filler(args.seed)
+    reserved_latin = {w.lower() for key in lexicon_keys() for w in key.split()}
+    for templates in RELATIONS.values():
+        for english, _ in templates:
+            reserved_latin.update(w.strip(".,").lower() for w in english.split() if not w.startswith("{"))
+    languages = {lang: Language(lang, args.seed) for lang in args.langs}
+    cultures = [build_culture(args, lang, languages[lang], reserved_latin) for lang in args.langs]
+
+    # 2. The English corpus (every culture's facts); per culture and name variant its corpus, pairs, held-out pairs,
+    # questions and manipulation-check files. All in memory: nothing is written before everything has run.
+    en_documents = english_corpus(args, cultures, filler)
+    contents = {"en_corpus.jsonl": [{"text": d} for d in en_documents]}
+    corpora = {"en": {"file": "en_corpus.jsonl", "documents": len(en_documents)}}
+    truth_questions, files = {}, {}
+    for culture in cultures:
+        for variant in args.name_variants:
+            rel = f"{culture['lang']}/{variant}"
+            text = "\n".join(en_documents)
+            written, files[rel], records = culture_files(
+                args, culture, languages[culture["lang"]], filler, variant, text
+            )
+            contents.update(written)
+            corpora[f"{rel}/mono"] = {"file": f"{rel}/mono.jsonl", "documents": len(written[f"{rel}/mono.jsonl"])}
+            truth_questions[culture["lang"]] = records  # identical for every variant (same order, same counts)
+
+    # 3. truth.json (what every file plants) and world.json (arguments and counts), written last.
+    densities = {}
+    for c in cultures:
+        mono = corpora[f"{c['lang']}/{args.name_variants[0]}/mono"]["documents"] if args.name_variants else 0
+        densities[c["lang"]] = planted_densities(c, len(en_documents), mono)
+    contents["truth.json"] = {
+        "seed": args.seed,
+        "note": "counts = documents that state the fact (one statement per document); questions are parallel by index",
+        "corpora": corpora,
+        "densities": densities,
+        "cultures": {c["lang"]: {k: c[k] for k in ("resource", "entities", "facts")} for c in cultures},
+        "questions": truth_questions,
+        "lexicons": {lang: languages[lang].lexicon for lang in args.langs},
+    }
+    contents["world.json"] = {
+        "arguments": asdict(args),
+        "resource": {lang: args.resource_of(lang) for lang in args.langs},
+        "en_corpus": {"file": "en_corpus.jsonl", "documents": len(en_documents)},
+        "files": files,
+        "facts": {c["lang"]: len(c["facts"]) for c in cultures},
+        "densities": densities,
+    }
+    out = Path(args.output_dir)
+    for rel, content in contents.items():
+        if rel.endswith(".jsonl"):
+            write_text_atomic(out / rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content))
+        else:
+            write_json_atomic(out / rel, content)
+    return contents["world.json"]
 
 
 def main(argv: list[str] | None = None) -> dict:
