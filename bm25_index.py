@@ -1,12 +1,9 @@
 """A BM25 index over a corpus too large for memory: built in shards, searched with a deterministic top-k.
 
-``build_index`` streams a corpus once: each document is tokenised by script (``retrieval_tokens``: words,
-syllables, Han and Hangul n-grams) and numbered, and each shard's term frequencies go to disk. Document
-frequencies and lengths are then summed over the whole corpus, and every shard is scored with them and saved in
-bm25s's format, so memory follows the shard, not the corpus, and a search of ``ShardedBM25`` returns what one
-bm25s index of the whole corpus would (docs/density.md, "Why the shards are built by hand"). A corpus
-(``FileCorpus``, ``DatasetCorpus``) streams its documents and reads chosen ones back by the location the index
-keeps; ``open_index`` reuses an index while its fingerprint (corpus, tokenizer, BM25 parameters, shards) matches.
+``build_index`` streams a corpus (``FileCorpus``, ``DatasetCorpus``) once, tokenising each document by script
+(``retrieval_tokens``) and storing its text; each shard is scored with the whole corpus's statistics, so memory
+follows the shard and a search of ``ShardedBM25`` returns what one bm25s index of the whole corpus would
+(docs/density.md#the-index). ``open_index`` reuses an index while its fingerprint matches.
 
 Example: four documents in shards of two. Documents 0 and 2 tie (same length, same matched words): the lower id
 ranks first. The shards are scored with the statistics of all four, so the scores are one bm25s index's::
@@ -30,7 +27,7 @@ ranks first. The shards are scored with the statistics of all four, so the score
     >>> whole.index([retrieval_tokens(text) for text in texts], show_progress=False)
     >>> bool(np.allclose(scores, whole.get_scores(retrieval_tokens("Chuseok in autumn"))[ids]))
     True
-    >>> corpus.fetch({int(d): index.location(d) for d in ids[:1]})
+    >>> index.texts(ids[:1])
     {3: 'Chuseok in autumn!'}
 """
 
@@ -47,6 +44,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import bm25s
@@ -55,15 +53,7 @@ import regex
 import scipy.sparse
 from tqdm.auto import tqdm
 
-from study_common import (
-    InputError,
-    check_document_suffix,
-    is_saved_dataset,
-    not_utf8,
-    read_documents,
-    text_of,
-    write_json_atomic,
-)
+from study_common import InputError, check_document_suffix, load_dataset_split, read_documents, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +142,11 @@ def retrieval_tokens(text: str, kind_units: Counter | None = None) -> list[str]:
     return tokens
 
 
-# Corpora: streaming documents, and reading chosen ones back
-
-#: Corpus file types with one document per line: read back by byte offset.
-_LINE_FILES = (".txt", ".jsonl")
+# Corpora: the documents of files or of a dataset, streamed once while the index is built
 
 
 class FileCorpus:
-    """Corpus files read as study_common.read_documents reads them, documents numbered in file order. A document's
-    location is (file number, byte offset of its line) in .jsonl/.txt files, read back with one seek, or (file
-    number, item) in .json/.csv/.tsv files, read whole again to read back (use .jsonl for big corpora)."""
+    """Corpus files, read as study_common.read_documents reads them, documents numbered in file order."""
 
     def __init__(self, label: str, paths: list[Path], text_column: str):
         for path in paths:
@@ -169,7 +154,6 @@ class FileCorpus:
                 raise InputError(f"{path}: no such corpus file. Check --corpus_files.")
             check_document_suffix(path)
         self.label, self.paths, self.text_column = label, paths, text_column
-        self.random_access = all(p.suffix.lower() in _LINE_FILES for p in paths)
 
     def fingerprint(self) -> dict:
         """What identifies the corpus: its index is reused while this is unchanged, and the report names it."""
@@ -178,116 +162,47 @@ class FileCorpus:
         ]
         return {"kind": "files", "files": files, "text_column": self.text_column}
 
-    def _whole(self, path: Path) -> Iterator[str]:
-        return read_documents(path, self.text_column, column_flag="--corpus_text_column")
-
-    def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
-        """(text, file number, offset) of every document."""
-        for file_number, path in enumerate(self.paths):
-            if path.stat().st_size == 0:
-                raise InputError(f"{path}: the file is empty. Give a file with at least one document.")
-            if path.suffix.lower() not in _LINE_FILES:
-                yield from ((text, file_number, item) for item, text in enumerate(self._whole(path)))
-                continue
-            with path.open("rb") as handle:
-                offset = 0
-                for line_number, raw in enumerate(handle, start=1):
-                    text = self._parse_line(raw, f"{path}:{line_number}", path.suffix.lower())
-                    if text is not None:
-                        yield text, file_number, offset
-                    offset += len(raw)
-
-    def _parse_line(self, raw: bytes, where: str, suffix: str) -> str | None:
-        try:
-            line = raw.decode("utf-8-sig")  # a byte-order mark is not text (only the first line has one)
-        except UnicodeDecodeError as err:
-            raise not_utf8(where, err) from err
-        if not line.strip():
-            return None  # blank lines are not documents, as in study_common.read_documents
-        if suffix == ".txt":
-            return line.rstrip("\n").rstrip("\r")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg}). Fix or remove the line.") from err
-        return text_of(record, self.text_column, where, "--corpus_text_column")
-
-    def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
-        """Texts of the documents ``{doc_id: (file number, offset)}``."""
-        texts: dict[int, str] = {}
-        for file_number, path in enumerate(self.paths):
-            wanted = sorted((offset, doc_id) for doc_id, (f, offset) in locations.items() if f == file_number)
-            if wanted and path.suffix.lower() not in _LINE_FILES:
-                items = list(self._whole(path))
-                texts.update({doc_id: items[offset] for offset, doc_id in wanted})
-            elif wanted:
-                with path.open("rb") as handle:
-                    for offset, doc_id in wanted:
-                        handle.seek(offset)
-                        where = f"{path} (byte {offset}; changed since it was indexed?)"
-                        texts[doc_id] = self._parse_line(handle.readline(), where, path.suffix.lower()) or ""
-        return texts
+    def iter_documents(self, skipped: Counter) -> Iterator[str]:
+        for path in self.paths:
+            yield from read_documents(path, self.text_column, column_flag="--corpus_text_column")
 
 
 class DatasetCorpus:
-    """A datasets corpus (save_to_disk folder, Hub name or data-file folder, optionally streamed). A document's
-    location is its row; rows without a string text are skipped and counted. Retrieved rows are read back by row
-    number (Arrow memory-maps the data), or in one more pass when streamed."""
+    """A datasets corpus (save_to_disk folder, Hub name or data-file folder, optionally streamed); rows without a
+    string text are skipped and counted."""
 
     def __init__(self, name: str, config: str | None, split: str, text_column: str, streaming: bool, label: str,
                  data_files: list[str] | None = None):  # fmt: skip
         self.name, self.config, self.split, self.text_column = name, config, split, text_column
         self.streaming, self.label, self.data_files = streaming, label, data_files
-        self.random_access = not streaming
-        self._dataset = None
 
-    def _load(self):
-        import datasets
-
-        if self._dataset is not None:
-            return self._dataset
-        if is_saved_dataset(self.name):
-            dataset = datasets.load_from_disk(self.name)
-            if isinstance(dataset, datasets.DatasetDict):
-                if self.split not in dataset:
-                    raise InputError(f"{self.name}: no split {self.split!r} (has {list(dataset)}); set --corpus_split.")
-                dataset = dataset[self.split]
-        else:
-            dataset = datasets.load_dataset(
-                self.name, self.config, split=self.split, streaming=self.streaming, data_files=self.data_files
-            )
+    @cached_property
+    def dataset(self):
+        try:
+            dataset = load_dataset_split(self.name, self.config, self.split, flag="--corpus_dataset",
+                                         streaming=self.streaming, data_files=self.data_files)  # fmt: skip
+        except KeyError as err:  # a save_to_disk DatasetDict without that split
+            raise InputError(f"{self.name}: no split {self.split!r}; set --corpus_split.") from err
         if dataset.column_names is not None and self.text_column not in dataset.column_names:
             found = ", ".join(dataset.column_names)
             raise InputError(
                 f"{self.name}: no column {self.text_column!r} (found: {found}). Pass --corpus_text_column."
             )
-        self._dataset = dataset
         return dataset
 
     def fingerprint(self) -> dict:
         entry = {"kind": "dataset", "name": self.name, "config": self.config, "split": self.split,
                  "data_files": self.data_files, "text_column": self.text_column}  # fmt: skip
         if not self.streaming:
-            entry["dataset_fingerprint"] = self._load()._fingerprint
+            entry["dataset_fingerprint"] = self.dataset._fingerprint
         return entry
 
-    def iter_documents(self, skipped: Counter) -> Iterator[tuple[str, int, int]]:
-        for row, record in enumerate(self._load()):
+    def iter_documents(self, skipped: Counter) -> Iterator[str]:
+        for record in self.dataset:
             if isinstance(text := record.get(self.text_column), str):
-                yield text, 0, row
+                yield text
             else:
                 skipped[f"no text in column {self.text_column!r}"] += 1
-
-    def fetch(self, locations: dict[int, tuple[int, int]]) -> dict[int, str]:
-        by_row = {offset: doc_id for doc_id, (_, offset) in locations.items()}
-        if not self.streaming:
-            rows = sorted(by_row)
-            return {by_row[row]: text for row, text in zip(rows, self._load().select(rows)[self.text_column])}
-        texts = {}
-        for row, record in enumerate(itertools.islice(self._load(), max(by_row) + 1)):
-            if row in by_row:
-                texts[by_row[row]] = record[self.text_column]
-        return texts
 
 
 # The sharded BM25 index
@@ -301,8 +216,7 @@ class ShardedBM25:
         self.directory = directory
         self.meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-        self.file_numbers = np.load(directory / "file_numbers.npy", mmap_mode="r")
-        self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
+        self.text_offsets = np.load(directory / "text_offsets.npy", mmap_mode="r")  # document d: bytes [d, d + 1)
         self.document_frequencies = np.load(directory / "document_frequencies.npy", mmap_mode="r")
         self.shard_starts = self.meta["shard_starts"]
         self.num_docs = self.meta["documents"]
@@ -315,8 +229,15 @@ class ShardedBM25:
     def _shard(self, number: int) -> bm25s.BM25:
         return bm25s.BM25.load(self.directory / f"shard_{number:05d}", mmap=True, load_vocab=False)
 
-    def location(self, doc_id: int) -> tuple[int, int]:
-        return int(self.file_numbers[doc_id]), int(self.offsets[doc_id])
+    def texts(self, doc_ids) -> dict[int, str]:
+        """The text of each document id, as it was indexed."""
+        texts = {}
+        with (self.directory / "texts.bin").open("rb") as handle:
+            for doc_id in sorted(map(int, doc_ids)):
+                start, end = self.text_offsets[doc_id : doc_id + 2]
+                handle.seek(start)
+                texts[doc_id] = handle.read(end - start).decode("utf-8", "surrogatepass")
+        return texts
 
     def search(self, queries: list[list[str]], k: int, required: list[list[list[str]]] | None = None,
                show_progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
@@ -391,29 +312,29 @@ class _Postings:
     vocab: dict[str, int] = field(default_factory=dict)
     document_frequencies: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     lengths: array = field(default_factory=lambda: array("i"))  # tokens per document
-    file_numbers: array = field(default_factory=lambda: array("i"))  # a document's location: file ...
-    offsets: array = field(default_factory=lambda: array("q"))  # ... and byte offset (or item, or row)
+    text_offsets: array = field(default_factory=lambda: array("q", [0]))  # where each text ends in texts.bin
     shard_starts: list[int] = field(default_factory=list)
     kind_units: Counter = field(default_factory=Counter)  # word units per run kind: the script shares
     skipped: Counter = field(default_factory=Counter)
 
 
 def _stream_postings(corpus, building: Path, shard_size: int, max_documents: int | None) -> _Postings:
-    """Tokenise every document once, numbering tokens as they come; a shard closes at ``shard_size`` documents or
-    SHARD_MAX_TOKENS tokens and leaves its term frequencies in ``building``."""
+    """Tokenise every document once, numbering tokens as they come, and append its text to texts.bin; a shard
+    closes at ``shard_size`` documents or SHARD_MAX_TOKENS tokens and leaves its term frequencies in ``building``."""
     found = _Postings()
     vocab = found.vocab
     shard_tokens, shard_lengths = array("i"), array("i")
     documents = itertools.islice(corpus.iter_documents(found.skipped), max_documents)  # None: every document
-    for text, file_number, offset in tqdm(documents, desc=f"Indexing {corpus.label}", unit="doc"):
-        ids = [vocab.setdefault(token, len(vocab)) for token in retrieval_tokens(text, found.kind_units)]
-        shard_tokens.extend(ids)
-        shard_lengths.append(len(ids))
-        found.lengths.append(len(ids))
-        found.file_numbers.append(file_number)
-        found.offsets.append(offset)
-        if len(shard_lengths) == shard_size or len(shard_tokens) >= SHARD_MAX_TOKENS:
-            _save_term_frequencies(building, found, shard_tokens, shard_lengths)
+    with (building / "texts.bin").open("wb") as texts:
+        for text in tqdm(documents, desc=f"Indexing {corpus.label}", unit="doc"):
+            ids = [vocab.setdefault(token, len(vocab)) for token in retrieval_tokens(text, found.kind_units)]
+            shard_tokens.extend(ids)
+            shard_lengths.append(len(ids))
+            found.lengths.append(len(ids))
+            # surrogatepass: a lone surrogate (valid in JSON) is stored and read back as it was
+            found.text_offsets.append(found.text_offsets[-1] + texts.write(text.encode("utf-8", "surrogatepass")))
+            if len(shard_lengths) == shard_size or len(shard_tokens) >= SHARD_MAX_TOKENS:
+                _save_term_frequencies(building, found, shard_tokens, shard_lengths)
     if shard_lengths:
         _save_term_frequencies(building, found, shard_tokens, shard_lengths)
     return found
@@ -479,8 +400,7 @@ def build_index(corpus, directory: Path, shard_size: int, fingerprint: dict, max
         avg_length = float(lengths.mean()) if lengths.sum() else 1.0
         _write_shard_scores(building, found, df, avg_length)
         (building / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        np.save(building / "file_numbers.npy", np.frombuffer(found.file_numbers, dtype=np.int32))
-        np.save(building / "offsets.npy", np.frombuffer(found.offsets, dtype=np.int64))
+        np.save(building / "text_offsets.npy", np.frombuffer(found.text_offsets, dtype=np.int64))
         np.save(building / "document_frequencies.npy", df)
         units = sum(n for kind, n in found.kind_units.items() if kind != "digit") or 1
         meta = {
@@ -500,11 +420,16 @@ def build_index(corpus, directory: Path, shard_size: int, fingerprint: dict, max
         raise
 
 
+#: Bump when the files of an index change: part of every fingerprint, so an older index is rebuilt, not misread.
+INDEX_FORMAT = 2
+
+
 def open_index(corpus, index_root: Path, shard_size: int, max_documents: int | None) -> tuple[ShardedBM25, bool]:
     """The corpus's index, reused when its fingerprint matches, else (re)built. Returns (index, reused)."""
     fingerprint = {"corpus": corpus.fingerprint(), "tokenizer": TOKENIZER_VERSION,
                    "bm25": {"method": "lucene", "k1": BM25_K1, "b": BM25_B}, "shard_size": shard_size,
-                   "shard_max_tokens": SHARD_MAX_TOKENS, "max_documents": max_documents}  # fmt: skip
+                   "shard_max_tokens": SHARD_MAX_TOKENS, "max_documents": max_documents,
+                   "index_format": INDEX_FORMAT}  # fmt: skip
     directory = index_root / corpus.label
     try:
         old = json.loads((directory / "meta.json").read_text(encoding="utf-8"))["fingerprint"]

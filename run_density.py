@@ -36,7 +36,7 @@ from bm25_index import (
     retrieval_tokens,
     script_runs,
 )
-from cloze import BLANK, QuestionSet, fill_blanks, load_question_sets, parallel_base, read_predictions
+from cloze import BLANK, fill_blanks, load_question_sets, parallel_base, read_predictions
 from study_common import (
     LANGUAGE_SCRIPTS,
     InputError,
@@ -52,16 +52,15 @@ logger = logging.getLogger("run_density")
 
 @dataclass
 class DensityArguments:
+    """run_density.py's flags; docs/density.md gives the reasons for each choice."""
+
     questions: list[str] = field(
         metadata={"help": "Cloze question files, folders or datasets; a stem ending in _LANG sets the language."}
     )
     output_dir: str = field(metadata={"help": "Where density.json, density.md and (by default) the indexes go."})
     corpus_files: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "One corpus per entry: PATH or LABEL=PATH[,PATH...] of .jsonl/.txt (one document per non-empty "
-            "line), .json (a list) or .csv/.tsv files. Label: the first file's stem."
-        },
+        metadata={"help": "One corpus per entry: PATH or LABEL=PATH[,PATH...] (label: the first file's stem)."},
     )
     corpus_dataset: str | None = field(
         default=None, metadata={"help": "A corpus as a dataset: a save_to_disk folder, a Hub name or a data folder."}
@@ -70,7 +69,7 @@ class DensityArguments:
     corpus_split: str = field(default="train", metadata={"help": "Split of --corpus_dataset."})
     max_documents: int | None = field(default=None, metadata={"help": "Index only the first N documents of a corpus."})
     corpus_data_files: list[str] | None = field(default=None, metadata={"help": "Files of --corpus_dataset to read."})
-    corpus_streaming: bool = field(default=False, metadata={"help": "Stream --corpus_dataset (no random access)."})
+    corpus_streaming: bool = field(default=False, metadata={"help": "Stream --corpus_dataset."})
     corpus_label: str | None = field(default=None, metadata={"help": "Label of --corpus_dataset (default: its name)."})
     corpus_text_column: str = field(default="text", metadata={"help": "Text column of corpus files and datasets."})
     top_k: int = field(default=50, metadata={"help": "Documents retrieved per question and corpus (the paper: 50)."})
@@ -110,8 +109,8 @@ class DensityArguments:
     source_corpus: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Instance-level analysis: the corpus knowledge transfers FROM, as LABEL or LANG=LABEL entries "
-            "(e.g. 'bo=enwiki en=bo'). Default: the corpus the question file's parallel file was measured on."
+            "help": "The corpus knowledge transfers FROM, as LABEL or LANG=LABEL entries (e.g. 'bo=enwiki en=bo'). "
+            "Default: the corpus the question file's parallel file was measured on."
         },
     )
     log_level: str = field(default="info", metadata={"help": "Logging level: debug, info, warning."})
@@ -128,8 +127,7 @@ class DensityArguments:
             raise InputError("Give both --predictions_with and --predictions_without (or neither).")
 
 
-# Questions: read and filled by cloze.py, prepared here for retrieval (bm25_index's tokens) and judging (their
-# units and key terms, on the same runs of one script)
+# Questions, prepared for retrieval (bm25_index's tokens) and for the lexical judge (units and key terms)
 
 #: Not key terms of the lexical judge (still indexed, where their low idf discounts them): Tibetan case particles
 #: and copulas, Mongolian case suffixes written as separate words (shaping characters removed).
@@ -168,16 +166,6 @@ def analyse_text(text: str) -> TextAnalysis:
             units.append(run)
             key_tokens.append(() if run in JUDGE_STOPWORDS else (run,))
     return TextAnalysis(units, key_tokens)
-
-
-def dominant_script(texts: list[str]) -> str:
-    """The script (of the study's five) with the most letters in ``texts``; Latin when none."""
-    counts = Counter()
-    for text in texts:
-        for kind, run in script_runs(text):
-            if kind in SCRIPT_OF_KIND:
-                counts[SCRIPT_OF_KIND[kind]] += len(run)
-    return counts.most_common(1)[0][0] if counts else "Latin"
 
 
 @dataclass
@@ -222,21 +210,28 @@ def prepare_question(index: int, question: str, answers: list[str]) -> Question:
     return Question(index, question, answers, filled, query, key_terms, answer_units, answer_tokens, len(context.units))
 
 
-def question_facts(question_set: QuestionSet) -> QuestionFacts:
-    """A set read with ``require_options=False``, prepared item by item. Its language is its name's (``_bo``) when
-    the study knows that language's script; else the script of most of its filled sentences decides."""
-    questions = [prepare_question(i, item["question"], item["answers"]) for i, item in enumerate(question_set.items)]
-    if question_set.lang in LANGUAGE_SCRIPTS:
-        lang, script = question_set.lang, LANGUAGE_SCRIPTS[question_set.lang]
-    else:
-        script = dominant_script([q.filled for q in questions])
-        lang = next((k for k, v in LANGUAGE_SCRIPTS.items() if v == script), "")
-    return QuestionFacts(stem=question_set.stem, lang=lang, script=script, questions=questions)
+def dominant_script(texts: list[str]) -> str:
+    """The script (of the study's five) with the most letters in ``texts``; Latin when none."""
+    counts = Counter()
+    for text in texts:
+        for kind, run in script_runs(text):
+            if kind in SCRIPT_OF_KIND:
+                counts[SCRIPT_OF_KIND[kind]] += len(run)
+    return counts.most_common(1)[0][0] if counts else "Latin"
 
 
 def read_question_sets(sources: list[str]) -> list[QuestionFacts]:
-    """Every --questions source, prepared; their stems name them in every output, so they must differ."""
-    question_sets = [question_facts(qs) for qs in load_question_sets(sources, require_options=False)]
+    """Every --questions source, read as facts (``require_options=False``) and prepared item by item. A set's
+    language is its name's (``_bo``) when the study knows its script, else the script of most of its filled sentences
+    decides. Stems name the sets in every output, so they must differ."""
+    question_sets = []
+    for qs in load_question_sets(sources, require_options=False):
+        questions = [prepare_question(i, item["question"], item["answers"]) for i, item in enumerate(qs.items)]
+        lang, script = qs.lang, LANGUAGE_SCRIPTS.get(qs.lang)
+        if script is None:
+            script = dominant_script([q.filled for q in questions])
+            lang = next((k for k, v in LANGUAGE_SCRIPTS.items() if v == script), "")
+        question_sets.append(QuestionFacts(qs.stem, lang, script, questions))
     if repeated := _repeated([qs.stem for qs in question_sets]):
         raise InputError(f"Question files share a stem ({repeated}); stems name question sets.")
     return question_sets
@@ -298,7 +293,7 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
             logger.info("Not measuring %s on %s: %s.", qs.stem, corpus.label, reason)
             found.skipped_pairs.append({"questions": qs.stem, "corpus": corpus.label, "reason": reason})
             continue
-        entries = measure(qs, corpus, index, args, *judges)
+        entries = measure(qs, corpus.label, index, args, *judges)
         found.questions.extend(entries)
         counts = found.occurrences[(corpus.label, qs.stem)] = [e["occurrences"] for e in entries]
         row = {
@@ -331,17 +326,14 @@ def measure_corpus(corpus, question_sets, index_root: Path, args: DensityArgumen
 QUESTION_BATCH = 256
 
 
-def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArguments, lexical: LexicalJudge, lm_judge):
-    """Retrieve and judge every question of ``qs`` on ``corpus``: one density.json entry per question."""
+def measure(qs: QuestionFacts, label: str, index: ShardedBM25, args: DensityArguments, lexical, lm_judge) -> list:
+    """Retrieve and judge every question of ``qs`` on corpus ``label``: one density.json entry per question."""
     required = [q.answer_tokens for q in qs.questions] if args.require_answer else None
     results = index.search([q.query_tokens for q in qs.questions], args.top_k, required)
-    # Random-access corpora are read back one question batch at a time (bounded memory), the others in one pass.
-    batch = QUESTION_BATCH if corpus.random_access else len(qs.questions)
     entries = []
-    for begin in tqdm(range(0, len(qs.questions), batch), desc=f"Judging {qs.stem} on {corpus.label}"):
-        chunk = list(zip(qs.questions[begin : begin + batch], results[begin : begin + batch]))
-        wanted = {int(d) for _, (ids, _) in chunk for d in ids}
-        texts = corpus.fetch({d: index.location(d) for d in wanted}) if wanted else {}
+    for begin in tqdm(range(0, len(qs.questions), QUESTION_BATCH), desc=f"Judging {qs.stem} on {label}"):
+        chunk = list(zip(qs.questions[begin : begin + QUESTION_BATCH], results[begin : begin + QUESTION_BATCH]))
+        texts = index.texts({int(d) for _, (ids, _) in chunk for d in ids})
         analyses = {d: analyse_text(text) for d, text in texts.items()}
         if lm_judge is not None:
             prompts = [lm_judge.prompt_ids(q, texts[int(d)]) for q, (ids, _) in chunk for d in ids]
@@ -352,7 +344,7 @@ def measure(qs: QuestionFacts, corpus, index: ShardedBM25, args: DensityArgument
             entry = {
                 "questions": qs.stem,
                 "lang": qs.lang,
-                "corpus": corpus.label,
+                "corpus": label,
                 "index": question.index,
                 "answer": question.answers,
                 "retrieved": [int(d) for d in ids],
@@ -383,15 +375,8 @@ class Judgement:
 
 @dataclass(frozen=True)
 class LexicalJudge:
-    """Does a document state a question's fact? Deterministic and lexical.
-
-    Yes iff some answer's units occur contiguously in the document and, within ``window`` units of that occurrence
-    (0: the question's length), the question's key terms found carry at least ``min_key_fraction`` of its key-term
-    weight and number at least ``min_key_terms`` (capped at the number of key terms). Key terms: the question's
-    ``analyse_text`` key tokens minus judge stopwords and the answer's own; a term weighs its BM25 idf in the corpus
-    (``weights``; 1 each when not given), so a matched subject name counts more than a common word. A question
-    without key terms is judged on the answer alone. What it cannot see: docs/density.md, "The lexical judge".
-    """
+    """Does a document state a question's fact? Deterministic and lexical; its rule and what it cannot see:
+    docs/density.md#the-lexical-judge. A key term weighs ``weights[term]`` (its idf in the corpus; 1 without)."""
 
     window: int = 0
     min_key_fraction: float = 0.25
@@ -447,9 +432,8 @@ def document_excerpt(text: str, question: Question, max_chars: int) -> str:
 
 
 class LanguageModelJudge:
-    """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > --judge_margin (JUDGE_PROMPT,
-    docs/density.md). The continuations may span several tokens (their log-probs are summed); each prompt starts
-    with the model's document-start token."""
+    """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > --judge_margin, each summed
+    over its tokens; each prompt (JUDGE_PROMPT) starts with the model's document-start token."""
 
     def __init__(self, model_name_or_path: str, batch_size: int, excerpt_chars: int, max_tokens: int):
         from transformers import AutoTokenizer
@@ -482,8 +466,8 @@ class LanguageModelJudge:
         return [self.start_id] + head + doc[cut : cut + room] + tail
 
     def margins(self, prompts: list[list[int]]) -> np.ndarray:
-        """log P(" Yes") - log P(" No") after each prompt (ids from ``prompt_ids``), by run_eval.token_logprobs, which
-        scores cloze options: a prompt and its two continuations run as one prefix tree, each as if run alone."""
+        """log P(" Yes") - log P(" No") after each prompt, scored by run_eval.token_logprobs as cloze options are: a
+        prompt and its two continuations run as one prefix tree, each as if run alone."""
         from run_eval import token_logprobs
 
         sequences = [prompt + ids for prompt in prompts for ids in (self.yes_ids, self.no_ids)]
@@ -493,36 +477,20 @@ class LanguageModelJudge:
         return np.array(yes) - np.array([lp[-len(self.no_ids) :].sum() for lp in logprobs[1::2]])
 
 
-def make_judges(args: DensityArguments) -> tuple[LexicalJudge, LanguageModelJudge | None]:
-    """The lexical judge (always: its verdicts are recorded) and, with --judge_model, the LM judge that decides."""
-    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
-    if not args.judge_model:
-        return lexical, None
-    return lexical, LanguageModelJudge(
-        args.judge_model, args.judge_batch_size, args.judge_excerpt_chars, args.judge_max_tokens
-    )
-
-
 # Instance-level analysis
 
 
-def find_predictions(path: str) -> Path:
-    """The predictions.jsonl of a run_eval.py output (the file or its folder), with the accuracy.json beside it that
-    lists the checkpoints that count."""
-    path = Path(path)
-    found = path if path.is_file() else path / "predictions.jsonl"
-    if found.name != "predictions.jsonl" or not found.is_file() or not (found.parent / "accuracy.json").is_file():
+def predictions_at(given: str, step: int | None, setting: str) -> tuple[Path, dict, dict[str, int], dict[str, str]]:
+    """A run_eval.py output (its folder or predictions.jsonl) read at ``step`` (default: the run's last checkpoint):
+    its predictions.jsonl, and per questions stem the first-wins correctness of each item, the step and the question
+    language. The run's cpt_setting must be ``setting``, as run_transfer.py checks: swapped flags are refused."""
+    given = Path(given)
+    path = given if given.is_file() else given / "predictions.jsonl"
+    if path.name != "predictions.jsonl" or not path.is_file() or not (path.parent / "accuracy.json").is_file():
         raise InputError(
-            f"{path}: expected run_eval.py's output folder (predictions.jsonl and accuracy.json, the checkpoints that "
+            f"{given}: expected run_eval.py's output folder (predictions.jsonl and accuracy.json, the checkpoints that "
             "count) or its predictions.jsonl. Run run_eval.py first."
         )
-    return found
-
-
-def predictions_at(path: Path, step: int | None, setting: str) -> tuple[dict, dict[str, int], dict[str, str]]:
-    """Per questions stem: the first-wins correctness of each item at ``step`` (default: the run's last checkpoint),
-    the step, and the question language. The run's recorded cpt_setting must be ``setting`` ("bridges" or
-    "no_bridges"), as run_transfer.py checks, so that swapped flags do not turn the analysis upside down."""
     accuracy, correct = read_predictions(path.parent)
     was = (accuracy.get("cpt_setting") or {}).get("setting")
     if was is not None and was != setting:
@@ -536,7 +504,7 @@ def predictions_at(path: Path, step: int | None, setting: str) -> tuple[dict, di
         if steps[stem] not in by_step:
             raise InputError(f"{path}: no predictions at step {step} for {stem} (steps: {sorted(by_step)}).")
         items[stem] = by_step[steps[stem]]
-    return items, steps, {stem: q["lang"] for stem, q in accuracy["questions"].items()}
+    return path, items, steps, {stem: q["lang"] for stem, q in accuracy["questions"].items()}
 
 
 #: Resamples and seed of the bootstrap interval of ``gap_slope``.
@@ -588,18 +556,23 @@ def _source_of(stem: str, lang: str, sources: dict[str, str], occurrences: dict)
     return source, parallel[0]
 
 
-def instance_analysis(with_path: Path, without_path: Path, step: int | None, sources: dict[str, str],
+def instance_analysis(with_given: str, without_given: str, step: int | None, source_corpus: list[str],
                       occurrences: dict[tuple[str, str], list[int]]) -> dict:  # fmt: skip
     """Per question file, the mean source-corpus occurrences of the items that transferred (right with bridges,
     wrong without, at the chosen step) vs all items, and the gap slope. ``occurrences[(corpus, stem)]`` holds the
-    occurrences per item of each measured pair; ``sources`` maps a question language (or "*") to its source."""
-    with_correct, with_steps, langs = predictions_at(with_path, step, "bridges")
-    without_correct, without_steps, _ = predictions_at(without_path, step, "no_bridges")
+    occurrences per item of each measured pair; ``source_corpus`` is --source_corpus (LABEL or LANG=LABEL)."""
+    sources = {}
+    for entry in source_corpus:
+        lang, sep, label = entry.partition("=")
+        sources[lang if sep else "*"] = label if sep else entry
+    with_path, with_correct, with_steps, langs = predictions_at(with_given, step, "bridges")
+    without_path, without_correct, without_steps, _ = predictions_at(without_given, step, "no_bridges")
     results, skipped = [], []
     for stem in sorted(set(with_steps) & set(without_steps)):
         lang = langs.get(stem, "")
         source = _source_of(stem, lang, sources, occurrences)
         if isinstance(source, str):
+            logger.warning("Instance-level analysis: %s not analysed (%s).", stem, source)
             skipped.append({"questions": stem, "reason": source})
             continue
         counts = np.asarray(occurrences[source])
@@ -632,26 +605,7 @@ def instance_analysis(with_path: Path, without_path: Path, step: int | None, sou
     return {"with": str(with_path), "without": str(without_path), "results": results, "skipped": skipped}
 
 
-def analyse_instances(args: DensityArguments, found: Measurements) -> dict | None:
-    """The instance-level analysis of --predictions_with/--predictions_without (None without them)."""
-    if not args.predictions_with:
-        return None
-    sources = {}
-    for entry in args.source_corpus or []:
-        lang, sep, label = entry.partition("=")
-        sources[lang if sep else "*"] = label if sep else entry
-    analysis = instance_analysis(find_predictions(args.predictions_with), find_predictions(args.predictions_without),
-                                 args.predictions_step, sources, found.occurrences)  # fmt: skip
-    for s in analysis["skipped"]:
-        logger.warning("Instance-level analysis: %s not analysed (%s).", s["questions"], s["reason"])
-    return analysis
-
-
 # Report and main
-
-
-def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def _markdown_table(header: list[str], rows: list[list]) -> list[str]:
@@ -675,10 +629,10 @@ def markdown_report(table: list[dict], analysis: dict | None, skipped_pairs: lis
         for r in analysis["results"]:
             fit = r["gap_vs_log_occurrences"]
             low, high = fit["slope_ci"] or (None, None)
-            means = [_fmt(r[f"mean_occurrences_{k}"], ".2f") for k in ("transferred", "all", "not_transferred")]
+            means = [r[f"mean_occurrences_{k}"] for k in ("transferred", "all", "not_transferred")]
             slope = f"{fit['slope']:+.3f} [{low:+.3f}, {high:+.3f}]" if low is not None else "–"
             rows.append([r["questions"], f"{r['source_corpus']} ({r['occurrences_from']})", r["items"],
-                         r["transferred"], *means, slope])  # fmt: skip
+                         r["transferred"], *("–" if m is None else f"{m:.2f}" for m in means), slope])  # fmt: skip
         header = ["questions", "source corpus", "items", "transferred", "mean occ. transferred", "mean occ. all",
                   "mean occ. others", "gap slope on log(1 + occ.) [95% CI]"]  # fmt: skip
         lines += _markdown_table(header, rows)
@@ -711,17 +665,22 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(DensityArguments).parse_args_into_dataclasses(args=argv)
     setup_logging(level=args.log_level.upper())
 
-    # 1. Inputs: the question sets (each question prepared: query, key terms, answer units) and the corpora.
+    # 1. Inputs: the question sets (each question prepared: query, key terms, answer units), the corpora and the
+    #    judges (the lexical one always: its verdicts are recorded; with --judge_model, the LM that decides).
     question_sets = read_question_sets(args.questions)
     corpora = read_corpora(args)
-    judges = make_judges(args)
+    lexical = LexicalJudge(args.judge_window, args.judge_min_key_fraction, args.judge_min_key_terms)
+    lm_judge = None
+    if args.judge_model:
+        lm_judge = LanguageModelJudge(args.judge_model, args.judge_batch_size, args.judge_excerpt_chars,
+                                      args.judge_max_tokens)  # fmt: skip
 
     # 2. Each corpus: its BM25 index (reused while its fingerprint matches), then every question set in its script:
     #    top-k retrieval, a verdict per retrieved document, occurrences per question.
     index_root = Path(args.index_dir) if args.index_dir else Path(args.output_dir) / "index"
     found = Measurements()
     for corpus in corpora:
-        measure_corpus(corpus, question_sets, index_root, args, judges, found)
+        measure_corpus(corpus, question_sets, index_root, args, (lexical, lm_judge), found)
     if not found.table:  # a report with density 0 and an empty table would read as a finding
         listed = "; ".join(f"{s['questions']} on {s['corpus']}: {s['reason']}" for s in found.skipped_pairs)
         raise InputError(
@@ -730,7 +689,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     # 3. The instance-level analysis: do transferred items occur more often in the source corpus?
-    analysis = analyse_instances(args, found)
+    analysis = None
+    if args.predictions_with:
+        analysis = instance_analysis(args.predictions_with, args.predictions_without, args.predictions_step,
+                                     args.source_corpus or [], found.occurrences)  # fmt: skip
 
     # 4. The report: density.md (Table 1 of the paper) and density.json.
     return write_report(args, found, analysis)

@@ -137,13 +137,12 @@ def test_interrupted_build_leaves_no_index_that_looks_complete(tmp_path):
     assert list((tmp_path / "index").iterdir()) == []
 
 
-def test_offset_reader_reads_the_same_documents_as_study_common(tmp_path):
+def test_the_index_returns_every_document_as_study_common_reads_it(tmp_path):
     jsonl = tmp_path / "a.jsonl"
-    jsonl.write_bytes('{"text": "α one"}\n\n{"text": "two"}\r\n{"text": ""}\n'.encode())
+    jsonl.write_bytes('\ufeff{"text": "α one"}\n\n{"text": "lone \\ud800"}\r\n{"text": ""}\n'.encode())
     txt = tmp_path / "b.txt"
     txt.write_bytes("first line\r\n\n  \nsecond 한국\n".encode())
-    corpus = bi.FileCorpus("ab", [jsonl, txt], "text")
-    streamed = list(corpus.iter_documents(bi.Counter()))
-    assert [t for t, _, _ in streamed] == list(read_documents(jsonl)) + list(read_documents(txt))
-    locations = {i: (f, o) for i, (_, f, o) in enumerate(streamed)}
-    assert corpus.fetch(locations) == {i: t for i, (t, _, _) in enumerate(streamed)}
+    bi.build_index(bi.FileCorpus("ab", [jsonl, txt], "text"), tmp_path / "index", 2, {})
+    expected = list(read_documents(jsonl)) + list(read_documents(txt))
+    assert "lone \ud800" in expected and "" in expected
+    assert bi.ShardedBM25(tmp_path / "index").texts(range(len(expected))) == dict(enumerate(expected))
