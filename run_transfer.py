@@ -5,13 +5,10 @@
 # ///
 """The with-minus-without transfer analysis of CPT runs: does training with bridges carry knowledge across?
 
-Step 3b of the study. Input: run_eval.py's output of runs trained with and without bridges (and optionally with
-mismatched bridges), as ``--with_bridges A.. --without_bridges B.. [--mismatched_bridges M..]`` (several = several
-seeds, of one or several languages); each run is its run_eval.py output folder or a run folder holding it in
-RUN/eval (run_eval.py's default). Outputs in ``--output_dir``: transfer_curves.png, transfer_summary.png,
-transfer.md and, last, transfer.json.
-docs/probing.md explains the statistics and outputs, docs/decomposition.md the tiers and mismatched bridges,
-docs/refusals.md what is refused.
+Step 3b of the study: ``--with_bridges A.. --without_bridges B.. [--mismatched_bridges M..]`` (several = several
+seeds), each run its run_eval.py output folder or a run folder holding it in RUN/eval. Writes transfer_curves.png,
+transfer_summary.png, transfer.md and, last, transfer.json to ``--output_dir``. docs/probing.md explains the
+statistics and outputs, docs/decomposition.md the tiers and mismatched bridges, docs/refusals.md what is refused.
 """
 
 from __future__ import annotations
@@ -35,12 +32,8 @@ from study_common import InputError, exit_on_input_error, setup_logging, write_j
 logger = logging.getLogger("run_transfer")
 
 #: The CPT settings, as cpt_setting["setting"] records them, and the flag that gives runs of each.
-SETTING_FLAGS = {
-    "bridges": "--with_bridges",
-    "no_bridges": "--without_bridges",
-    "mismatched_bridges": "--mismatched_bridges",
-}
-SETTING_WORDS = {"bridges": "with bridges", "no_bridges": "without", "mismatched_bridges": "mismatched"}
+SETTING_FLAGS = {"bridges": "--with_bridges", "no_bridges": "--without_bridges",
+                 "mismatched_bridges": "--mismatched_bridges"}  # fmt: skip
 #: What every run of a language must share, else a gap measures that difference too: the cpt_setting of
 #: run_cpt.py (base model and data by content, training length, packing), then the probing of run_eval.py.
 PROBING_FIELDS = ("scoring", "dtype", "loss_dtype")  # from accuracy.json's header, the others from cpt_setting
@@ -57,6 +50,8 @@ KNOWLEDGE_CONTRASTS = {
 }
 #: The tiers of facts (synthetic_world.TIERS) in the order tables show them.
 TIER_ORDER = ("high", "low", "absent", "en_only")
+#: What a direction's tie_policies keeps of the analysis under each tie rule.
+POLICY_FIELDS = ("accuracy_with", "accuracy_without", "gap", "mean_gap", "mean_gap_ci", "final_gap", "verdict")
 
 
 def min_bootstrap(confidence: float) -> int:
@@ -74,20 +69,16 @@ class TransferArguments:
         default=None, metadata={"help": "Runs of run_cpt.py --mismatched_bridges, as for --with_bridges (optional)."}
     )
     item_tiers: list[str] | None = field(
-        default=None,
-        metadata={"help": "item_tiers.json files of synthetic_world.py: adds the gap per tier and knowledge transfer."},
+        default=None, metadata={"help": "item_tiers.json of synthetic_world.py: adds the gap per tier and knowledge."}
     )
     allow_differences: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Compare runs that differ in these recorded fields anyway (recorded in the outputs): "
-            + ", ".join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)
-        },
-    )
+        metadata={"help": "Compare runs that differ in these recorded fields anyway (recorded in the outputs): "
+                  + ", ".join(SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED)},
+    )  # fmt: skip
     output_dir: str = field(default="transfer_output", metadata={"help": "Where the outputs go."})
     n_bootstrap: int = field(
-        default=1000,
-        metadata={"help": "Bootstrap resamples: at least 10 / (1 - confidence) (200 for 95%%)."},
+        default=1000, metadata={"help": "Bootstrap resamples: at least 10 / (1 - confidence) (200 for 95%%)."}
     )
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
     tie_policy: Literal["first", "fractional"] = field(
@@ -111,9 +102,7 @@ class TransferArguments:
             raise InputError(f"--allow_differences {unknown}: not a compared field ({', '.join(fields)}).")
 
 
-# --------------------------------------------------------------------------------------
-# The runs: their per-item results, as run_eval.py wrote them, paired by seed and checked comparable
-# --------------------------------------------------------------------------------------
+# The runs: their per-item results as run_eval.py wrote them, paired by seed and checked comparable
 
 
 @dataclass
@@ -130,10 +119,6 @@ class RunResults:
     correct: dict[str, np.ndarray]  # stem -> bool array (steps x items), first-wins correctness
     fractional: dict[str, np.ndarray]  # stem -> float array (steps x items), random tie-breaking credit
     recorded: dict  # field of SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED -> its value (None: not recorded)
-
-    def credit(self, policy: str, stem: str, steps: list[int]) -> np.ndarray:
-        """The credit of ``stem``'s items under tie policy ``policy`` at ``steps`` (steps x items)."""
-        return (self.correct if policy == "first" else self.fractional)[stem][[self.steps.index(s) for s in steps]]
 
 
 def eval_dir_of(path: str) -> Path:
@@ -182,12 +167,10 @@ def read_run(path: str, setting: str) -> RunResults:
 def read_runs(transfer: TransferArguments) -> list[RunResults]:
     """Every run of the setting flags, each given once (a run given twice would count twice)."""
     runs = [read_run(path, s) for s, flag in SETTING_FLAGS.items() for path in getattr(transfer, flag[2:]) or []]
-    given = defaultdict(list)
-    for run in runs:
-        given[run.eval_dir.resolve()].append(SETTING_FLAGS[run.setting])
-    for eval_dir, flags in given.items():
-        if len(flags) > 1:
-            raise InputError(f"{eval_dir} is given {len(flags)} times ({', '.join(flags)}): each run counts once.")
+    for eval_dir, n in Counter(run.eval_dir.resolve() for run in runs).items():
+        if n > 1:
+            flags = ", ".join(SETTING_FLAGS[r.setting] for r in runs if r.eval_dir.resolve() == eval_dir)
+            raise InputError(f"{eval_dir} is given {n} times ({flags}): each run counts once.")
     return runs
 
 
@@ -205,35 +188,27 @@ def read_item_tiers(paths: list[str]) -> dict[str, dict]:
 
 
 def pair_seeds(lang: str, by_setting: dict[str, list[RunResults]]) -> list[tuple[RunResults, ...]]:
-    """One group per seed holding one run of each setting (in the order of ``by_setting``), every run used
-    exactly once: two runs of one setting with the same seed, a seed missing from a setting, or several runs
-    per setting that record no seed (any pairing would be a guess) are refused, naming the runs."""
-    runs = [r for group in by_setting.values() for r in group]
+    """One group per seed holding one run of each setting (in the order of ``by_setting``), every run used once.
+    A seed given twice in a setting or missing from one is refused, naming the runs: any other pairing would be a
+    guess. Runs that record no seed count as seed None, so only one run per setting of those pairs."""
+
+    def said(seed: int | None) -> str:
+        return "no seed" if seed is None else f"seed {seed}"
+
     for setting, group in by_setting.items():
-        repeated = sorted(s for s, n in Counter(r.seed for r in group if r.seed is not None).items() if n > 1)
+        repeated = [seed for seed, n in Counter(r.seed for r in group).items() if n > 1]
         if repeated:
             names = ", ".join(r.name for r in group if r.seed == repeated[0])
             raise InputError(
-                f"{lang}: {SETTING_FLAGS[setting]} runs {names} all record seed {repeated[0]}; give one run per seed "
+                f"{lang}: {SETTING_FLAGS[setting]} runs {names} all record {said(repeated[0])}; give one run per seed "
                 "in each setting (a run's seed is its cpt_setting seed)."
             )
-    if any(r.seed is None for r in runs):  # pairing by seed is impossible: only one run per setting is unambiguous
-        if any(len(group) != 1 for group in by_setting.values()):
-            counts = [f"{len(g)} {SETTING_WORDS[s]} ({', '.join(r.name for r in g)})" for s, g in by_setting.items()]
-            raise InputError(
-                f"{lang}: {counts[0].replace(' ', ' run(s) ', 1)} but {', '.join(counts[1:])}, and "
-                f"{', '.join(r.name for r in runs if r.seed is None)} record no seed: give one run per setting, or "
-                "runs whose cpt_setting records their seed (one per seed in each setting)."
-            )
-        return [tuple(group[0] for group in by_setting.values())]
-    seeds = sorted({r.seed for r in runs})
+    runs = [r for group in by_setting.values() for r in group]
+    seeds = sorted({r.seed for r in runs}, key=lambda seed: (seed is not None, seed))
     missing = {seed: [s for s, group in by_setting.items() if all(r.seed != seed for r in group)] for seed in seeds}
-    unpaired = [
-        f"seed {seed}: {', '.join(r.name for r in runs if r.seed == seed)} has no "
-        + " and no ".join(f"{SETTING_FLAGS[s]} run" for s in settings)
-        for seed, settings in missing.items()
-        if settings
-    ]
+    unpaired = [f"{said(seed)}: {', '.join(r.name for r in runs if r.seed == seed)} has no "
+                + " and no ".join(f"{SETTING_FLAGS[s]} run" for s in settings)
+                for seed, settings in missing.items() if settings]  # fmt: skip
     if unpaired:
         raise InputError(
             f"{lang}: runs without a partner of the same seed ({'; '.join(unpaired)}); give every seed in every setting."
@@ -271,9 +246,7 @@ def check_comparable(lang: str, groups: list[tuple[RunResults, ...]], allowed: l
     return record
 
 
-# --------------------------------------------------------------------------------------
 # The statistics: paired bootstrap, exact McNemar, verdict
-# --------------------------------------------------------------------------------------
 
 
 def _percentile_ci(samples: np.ndarray, confidence: float) -> np.ndarray:
@@ -317,35 +290,31 @@ def _resampled(values: np.ndarray, question_weights: np.ndarray, seed_weights: n
 
 
 def analyse_direction(
-    with_correct: np.ndarray,
-    without_correct: np.ndarray,
-    n_bootstrap: int,
-    seed: int,
-    confidence: float,
-    mcnemar_with: np.ndarray | None = None,
-    mcnemar_without: np.ndarray | None = None,
+    with_correct, without_correct, n_bootstrap: int, seed: int, confidence: float, first_with=None, first_without=None
 ) -> dict:
-    """Gap statistics of one direction from per-item credits (seeds x steps x questions, seed pairs aligned).
-    McNemar runs on bool correctness: ``mcnemar_with/_without`` where the credits are fractional. Each bootstrap
-    resample draws the questions (one draw for both settings: paired) and the seed pairs (hierarchical)."""
+    """Gap statistics from per-item credits (seeds x steps x questions, seed pairs aligned); McNemar on bool
+    correctness, ``first_with/_without`` where the credits are fractional. Each bootstrap resample draws the
+    questions (one draw for both settings: paired) and the seed pairs (hierarchical)."""
     n_seeds, n_steps, n_questions = with_correct.shape
-    if mcnemar_with is None:  # bool credits; numpy refuses ~ on fractional ones
-        mcnemar_with, mcnemar_without = with_correct, without_correct
+    if first_with is None:  # bool credits; numpy refuses ~ on fractional ones
+        first_with, first_without = with_correct, without_correct
     rng = np.random.default_rng(seed)
     question_weights = _draws(rng, n_questions, n_bootstrap)
     seed_weights = _draws(rng, n_seeds, n_bootstrap)  # all ones with one seed pair
-    w = with_correct.astype(np.float64)
-    o = without_correct.astype(np.float64)
+    w, o = with_correct.astype(np.float64), without_correct.astype(np.float64)
     acc_with, acc_without = w.mean(axis=(0, 2)), o.mean(axis=(0, 2))
     gap = acc_with - acc_without
     boot_with, boot_without = (_resampled(v, question_weights, seed_weights) for v in (w, o))
-    boot_gap = boot_with - boot_without
-    gap_ci = _percentile_ci(boot_gap, confidence)
-    mean_gap_ci = _percentile_ci(boot_gap.mean(axis=1), confidence)
+    gap_ci = _percentile_ci(boot_with - boot_without, confidence)
+    mean_gap_ci = _percentile_ci((boot_with - boot_without).mean(axis=1), confidence)
     per_seed_gaps = (w - o).mean(axis=2)  # seeds x steps
     per_seed_boot = np.einsum("bq,stq->bst", question_weights, w - o) / n_questions
     per_seed_mean_ci = _percentile_ci(per_seed_boot.mean(axis=2), confidence)  # 2 x seeds
-    result = {
+    per_seed = [{"gap": per_seed_gaps[s].tolist(), "mean_gap": float(per_seed_gaps[s].mean()),
+                 "mean_gap_ci_questions_only": per_seed_mean_ci[:, s].tolist(), "final_gap": float(per_seed_gaps[s, -1]),
+                 "accuracy_with": w[s].mean(axis=1).tolist(), "accuracy_without": o[s].mean(axis=1).tolist()}
+                for s in range(n_seeds)]  # fmt: skip
+    return {
         "n_questions": n_questions,
         "n_seed_pairs": n_seeds,
         "accuracy_with": acc_with.tolist(),
@@ -358,31 +327,17 @@ def analyse_direction(
         "mean_gap_ci": mean_gap_ci.tolist(),
         "final_gap": float(gap[-1]),
         "final_gap_ci": gap_ci[:, -1].tolist(),
-        "mcnemar_final": [mcnemar_exact(mcnemar_with[s, -1], mcnemar_without[s, -1]) for s in range(n_seeds)],
-        "per_seed": [
-            {
-                "gap": per_seed_gaps[s].tolist(),
-                "mean_gap": float(per_seed_gaps[s].mean()),
-                "mean_gap_ci_questions_only": per_seed_mean_ci[:, s].tolist(),
-                "final_gap": float(per_seed_gaps[s, -1]),
-                "accuracy_with": w[s].mean(axis=1).tolist(),
-                "accuracy_without": o[s].mean(axis=1).tolist(),
-            }
-            for s in range(n_seeds)
-        ],
+        "mcnemar_final": [mcnemar_exact(first_with[s, -1], first_without[s, -1]) for s in range(n_seeds)],
+        "per_seed": per_seed,
         "ci_covers": "questions and seeds" if n_seeds > 1 else "questions only (one run pair)",
+        "verdict": verdict(tuple(mean_gap_ci), float(gap.mean())),
     }
-    result["verdict"] = verdict(tuple(result["mean_gap_ci"]), result["mean_gap"])
-    return result
 
 
-def knowledge_transfer(
-    often_gap: np.ndarray, never_gap: np.ndarray, n_bootstrap: int, seed: int, confidence: float
-) -> dict:
-    """The difference-in-differences of a knowledge contrast: the with-minus-without gap on the facts the source
-    corpus states often minus the gap on those it never states (inputs: per-item gaps, seeds x steps x items of
-    each tier, seed pairs aligned). Bootstrap: the seed pairs drawn once per resample for both tiers, the
-    questions drawn within each tier (stratified), so the interval covers seeds and questions."""
+def knowledge_transfer(often_gap, never_gap, n_bootstrap: int, seed: int, confidence: float) -> dict:
+    """The difference-in-differences of a knowledge contrast: the gap on the facts the source corpus states often
+    minus the gap on those it never states (per-item gaps, seeds x steps x items of each tier, seed pairs aligned).
+    Each resample draws the seed pairs once for both tiers and the questions within each tier (stratified)."""
     rng = np.random.default_rng(seed)
     seed_weights = _draws(rng, often_gap.shape[0], n_bootstrap)
     boot = [_resampled(g, _draws(rng, g.shape[2], n_bootstrap), seed_weights) for g in (often_gap, never_gap)]
@@ -397,14 +352,7 @@ def knowledge_transfer(
     }
 
 
-def _policy_summary(stats: dict) -> dict:
-    keys = ("accuracy_with", "accuracy_without", "gap", "mean_gap", "mean_gap_ci", "final_gap", "verdict")
-    return {key: stats[key] for key in keys}
-
-
-# --------------------------------------------------------------------------------------
 # The analysis: per language its seed groups, per direction the gap (and per tier, and mismatched bridges)
-# --------------------------------------------------------------------------------------
 
 
 def transfer_analysis(runs: list[RunResults], transfer: TransferArguments, item_tiers: dict | None = None) -> dict:
@@ -420,73 +368,40 @@ def transfer_analysis(runs: list[RunResults], transfer: TransferArguments, item_
         raise InputError(
             f"--item_tiers {', '.join(unused)}: no analysed question group is theirs ({', '.join(sorted(used))})."
         )
-    return {
-        "n_bootstrap": transfer.n_bootstrap,
-        "bootstrap_seed": transfer.bootstrap_seed,
-        "confidence": transfer.confidence,
-        "tie_policy": transfer.tie_policy,
-        "allow_differences": sorted(transfer.allow_differences or []),
-        "languages": languages,
-    }
-
-
-def _common_steps(lang: str, runs: list[RunResults]) -> tuple[list[int], dict]:
-    """The checkpoint steps every run has, and those left out per run (an error when none is common)."""
-    common = sorted(set.intersection(*(set(r.steps) for r in runs)))
-    if not common:
-        listing = "; ".join(f"{r.name}: {r.steps}" for r in runs)
-        raise InputError(f"{lang}: the runs share no checkpoint step ({listing}); they cannot be compared.")
-    dropped = {r.name: sorted(set(r.steps) - set(common)) for r in runs if set(r.steps) != set(common)}
-    if dropped:
-        logger.warning("%s: steps not present in every run are left out: %s", lang, dropped)
-    return common, dropped
-
-
-def _shared_questions(lang: str, runs: list[RunResults]) -> dict[str, dict[str, str]]:
-    """parallel group -> question language -> the stem every run was probed on (the same questions in all)."""
-    reference = runs[0].questions
-    for run in runs[1:]:
-        for stem, meta in reference.items():
-            if stem in run.questions and run.questions[stem]["sha256"] != meta["sha256"]:
-                raise InputError(f"{lang}: {runs[0].name} and {run.name} were probed on different {stem} questions.")
-    stems = defaultdict(dict)
-    for stem in (stem for stem in reference if all(stem in r.questions for r in runs)):
-        stems[reference[stem]["parallel_group"]][reference[stem]["lang"]] = stem
-    return stems
+    return {"n_bootstrap": transfer.n_bootstrap, "bootstrap_seed": transfer.bootstrap_seed,
+            "confidence": transfer.confidence, "tie_policy": transfer.tie_policy,
+            "allow_differences": sorted(transfer.allow_differences or []), "languages": languages}  # fmt: skip
 
 
 def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, item_tiers: dict) -> dict:
-    """One language: its seed groups (bridges, no_bridges[, mismatched_bridges]) checked comparable, aligned on
-    their common steps; both directions of each parallel question group analysed."""
-    if not by_setting["bridges"] or not by_setting["no_bridges"]:
-        have = ", ".join(r.name for group in by_setting.values() for r in group)
-        missing = "with" if not by_setting["bridges"] else "without"
-        raise InputError(f"{lang}: runs both with and without bridges are needed (none {missing}; have: {have}).")
-    pairs = pair_seeds(lang, {s: runs for s, runs in by_setting.items() if runs})
+    """One language: its seed groups (bridges, no_bridges[, mismatched_bridges]) checked comparable, on the steps
+    and questions all runs share; both directions of each parallel question group analysed."""
+    pairs = pair_seeds(lang, {s: runs for s, runs in by_setting.items() if runs or s != "mismatched_bridges"})
     comparability = check_comparable(lang, pairs, transfer.allow_differences or [])
-    group = [r for pair in pairs for r in pair]
-    common, dropped = _common_steps(lang, group)
-    directions = [
-        _analyse_questions(
-            lang,
-            stems[question_lang],
-            group[0].questions[stems[question_lang]],
-            pairs,
-            common,
-            transfer,
-            item_tiers.get(base),
-        )  # fmt: skip
-        for base, stems in sorted(_shared_questions(lang, group).items())
-        for question_lang in (lang, "en")
-        if question_lang in stems and lang in stems
-    ]
+    runs = [r for pair in pairs for r in pair]
+    steps = sorted(set.intersection(*(set(r.steps) for r in runs)))
+    if not steps:
+        listing = "; ".join(f"{r.name}: {r.steps}" for r in runs)
+        raise InputError(f"{lang}: the runs share no checkpoint step ({listing}); they cannot be compared.")
+    dropped = {r.name: sorted(set(r.steps) - set(steps)) for r in runs if set(r.steps) != set(steps)}
+    if dropped:
+        logger.warning("%s: steps not present in every run are left out: %s", lang, dropped)
+    questions = runs[0].questions
+    for run in runs[1:]:
+        for stem in questions:
+            if stem in run.questions and run.questions[stem]["sha256"] != questions[stem]["sha256"]:
+                raise InputError(f"{lang}: {runs[0].name} and {run.name} were probed on different {stem} questions.")
+    stems = defaultdict(dict)  # parallel group -> question language -> stem probed in every run
+    for stem in (stem for stem in questions if all(stem in r.questions for r in runs)):
+        stems[questions[stem]["parallel_group"]][questions[stem]["lang"]] = stem
+    directions = [_analyse_questions(lang, questions[by_lang[q]], by_lang[q], pairs, steps, transfer, item_tiers.get(base))
+                  for base, by_lang in sorted(stems.items()) if lang in by_lang
+                  for q in (lang, "en") if q in by_lang]  # fmt: skip
     if not directions:
-        raise InputError(
-            f"{lang}: no question set in {lang} with a parallel English set among {list(group[0].questions)}."
-        )
+        raise InputError(f"{lang}: no question set in {lang} with a parallel English set among {list(questions)}.")
     return {
         "lang": lang,
-        "steps": common,
+        "steps": steps,
         "with_bridges": [str(p[0].eval_dir) for p in pairs],
         "without_bridges": [str(p[1].eval_dir) for p in pairs],
         **({"mismatched_bridges": [str(p[2].eval_dir) for p in pairs]} if len(pairs[0]) == 3 else {}),
@@ -494,55 +409,45 @@ def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, 
         "comparability": comparability,
         "steps_left_out": dropped,
         "directions": directions,
-        "bridge_diagnostic": _final_diagnostics(group),
     }
 
 
-def _credit(pairs: list[tuple[RunResults, ...]], side: int, stem: str, steps: list[int], policy: str, items):
-    """seeds x steps x items of side 0 (bridges), 1 (no bridges) or 2 (mismatched) of each seed group."""
-    return np.stack([pair[side].credit(policy, stem, steps)[:, items] for pair in pairs])
-
-
-def _compare(pairs, stem, steps, transfer: TransferArguments, a: int, b: int, policy: str, items=slice(None)):
-    """Side a minus side b (analyse_direction; McNemar on first-wins correctness), runs named per seed."""
-
-    def credit(side: int, rule: str) -> np.ndarray:
-        return _credit(pairs, side, stem, steps, rule, items)
-
-    stats = analyse_direction(credit(a, policy), credit(b, policy), transfer.n_bootstrap, transfer.bootstrap_seed,
-                              transfer.confidence, credit(a, "first"), credit(b, "first"))  # fmt: skip
-    for pair, entry in zip(pairs, stats["per_seed"]):
-        entry |= {"with_run": pair[a].name, "without_run": pair[b].name, "seeds": [pair[a].seed, pair[b].seed]}
-    return stats
-
-
-def _analyse_questions(lang: str, stem: str, described: dict, pairs, steps, transfer, tiers: dict | None) -> dict:
+def _analyse_questions(lang: str, described: dict, stem: str, pairs, steps, transfer, tiers: dict | None) -> dict:
     """One direction: the gap on question set ``stem`` under both tie policies; with ``tiers`` (read_item_tiers)
     the gap per tier and the knowledge contrast; with mismatched runs their two comparisons."""
     english, policy = described["lang"] == "en", transfer.tie_policy
-    summaries = {rule: _compare(pairs, stem, steps, transfer, 0, 1, rule) for rule in TIE_POLICIES}
-    entry = {
-        "direction": f"{lang}->en" if english else f"en->{lang}",
-        "questions": stem,
-        "parallel_group": described["parallel_group"],
-        "chance_accuracy": described.get("chance_accuracy"),
-        **summaries[policy],
-    }
-    summaries = {rule: _policy_summary(stats) for rule, stats in summaries.items()}
-    entry |= {"tie_policies": summaries, "tie_policies_differ": summaries["first"] != summaries["fractional"]}
+
+    def cube(run: RunResults, rule: str) -> np.ndarray:  # steps x items
+        return (run.correct if rule == "first" else run.fractional)[stem][[run.steps.index(s) for s in steps]]
+
+    # side 0 bridges, 1 no bridges, 2 mismatched: seeds x steps x items under each tie rule
+    credit = {(side, rule): np.stack([cube(p[side], rule) for p in pairs])
+              for side in range(len(pairs[0])) for rule in TIE_POLICIES}  # fmt: skip
+
+    def compare(a: int, b: int, rule: str = policy, items=slice(None)) -> dict:
+        """Side a minus side b; McNemar on first-wins correctness whatever the tie rule."""
+        stats = analyse_direction(credit[a, rule][..., items], credit[b, rule][..., items], transfer.n_bootstrap,
+                                  transfer.bootstrap_seed, transfer.confidence, credit[a, "first"][..., items], credit[b, "first"][..., items])  # fmt: skip
+        for pair, entry in zip(pairs, stats["per_seed"]):
+            entry |= {"with_run": pair[a].name, "without_run": pair[b].name, "seeds": [pair[a].seed, pair[b].seed]}
+        return stats
+
+    by_rule = {rule: compare(0, 1, rule) for rule in TIE_POLICIES}
+    summaries = {rule: {key: stats[key] for key in POLICY_FIELDS} for rule, stats in by_rule.items()}
+    entry = {"direction": f"{lang}->en" if english else f"en->{lang}", "questions": stem,
+             "parallel_group": described["parallel_group"], "chance_accuracy": described.get("chance_accuracy"),
+             **by_rule[policy], "tie_policies": summaries,
+             "tie_policies_differ": summaries["first"] != summaries["fractional"]}  # fmt: skip
     if len(pairs[0]) == 3:
-        entry["bridges_minus_mismatched"] = _compare(pairs, stem, steps, transfer, 0, 2, policy)
-        entry["mismatched_minus_none"] = _compare(pairs, stem, steps, transfer, 2, 1, policy)
+        entry |= {"bridges_minus_mismatched": compare(0, 2), "mismatched_minus_none": compare(2, 1)}
     if tiers is not None:
         if tiers["n_items"] != described["items"]:
             raise InputError(
                 f"--item_tiers {tiers['path']}: {tiers['n_items']} items, but {stem} has {described['items']}."
             )
-        entry["tiers"] = {
-            t: _compare(pairs, stem, steps, transfer, 0, 1, policy, ix) for t, ix in tiers["tiers"].items()
-        }
-        with_, without = (_credit(pairs, side, stem, steps, policy, slice(None)).astype(np.float64) for side in (0, 1))
-        knowledge = _knowledge_entry(lang, english, tiers["tiers"], entry["tiers"], with_ - without, transfer)
+        entry["tiers"] = {tier: compare(0, 1, items=items) for tier, items in tiers["tiers"].items()}
+        gap = credit[0, policy].astype(np.float64) - credit[1, policy]
+        knowledge = _knowledge_entry(lang, english, tiers["tiers"], entry["tiers"], gap, transfer)
         entry |= {"knowledge_transfer": knowledge} if knowledge else {}
     return entry
 
@@ -574,21 +479,7 @@ def _knowledge_entry(lang: str, english: bool, tier_items: dict, by_tier: dict, 
     }
 
 
-def _final_diagnostics(runs: list[RunResults]) -> list[dict]:
-    """The bridge diagnostic of each run's last checkpoint, where the run has one (bridge_diagnostic.json)."""
-    found = []
-    for run in runs:
-        path = run.eval_dir / "bridge_diagnostic.json"
-        if path.is_file():
-            entries = json.loads(path.read_text(encoding="utf-8"))["checkpoints"]
-            if entries:
-                found.append({"run": run.name, "setting": run.setting, "seed": run.seed} | entries[-1])
-    return found
-
-
-# --------------------------------------------------------------------------------------
 # Outputs: transfer.md (the one rendering of transfer.json, the study report's included) and the figures
-# --------------------------------------------------------------------------------------
 
 
 def _fmt_ci(value: float, ci) -> str:
@@ -692,9 +583,9 @@ def mismatched_sentence(lang: str, d: dict) -> str:
 
 def transfer_markdown(result: dict, level: int = 2, standalone: bool = True) -> str:
     """transfer.md: a title, then sections at heading ``level``. The study report includes it under its own heading
-    (standalone False: no title, no bridge diagnostic, which the report shows per CPT setting itself)."""
+    (standalone False: no title)."""
     lines = [*_summary_markdown(result), *_tie_rules_markdown(result), *_tiers_markdown(result),
-             *_mismatched_markdown(result), *_closing_markdown(result, standalone)]  # fmt: skip
+             *_mismatched_markdown(result), *_closing_markdown(result)]  # fmt: skip
     lines = [("#" * (level - 2) + line) if line.startswith("## ") else line for line in lines]
     title = ["# Cross-lingual transfer: with minus without bridges", ""] if standalone else []
     text = "\n".join(title + lines).strip("\n")
@@ -796,20 +687,14 @@ def _mismatched_markdown(result: dict) -> list[str]:
     return _section("Mismatched bridges", header, rows, note) + ([""] + sentences if sentences else [])
 
 
-def _closing_markdown(result: dict, standalone: bool) -> list[str]:
-    """Each seed pair's gap where a direction has several (one pair's would restate the main table), each run's
-    last bridge diagnostic (standalone only), the steps left out, and the caution of a single run pair."""
+def _closing_markdown(result: dict) -> list[str]:
+    """Each seed pair's gap where a direction has several (one pair's would restate the main table), the steps
+    left out, and the caution of a single run pair."""
     rows = [[direction_words(d["direction"], lang["lang"]), s["with_run"], s["without_run"],
              _fmt_ci(s["mean_gap"], s["mean_gap_ci_questions_only"]), f"{s['final_gap']:+.3f}"]
             for lang, d in transfer_directions(result) if d["n_seed_pairs"] > 1 for s in d["per_seed"]]  # fmt: skip
-    lines = _section("Per seed pair", ["direction", "with run", "without run", "mean gap [CI, questions only]",
-                                       "final gap"], rows)  # fmt: skip
-    rows = [[lang["lang"], d["run"], SETTING_WORDS[d["setting"]], d["step"], f"{d['alone']:.3f}",
-             f"{d['after_own_context']:.3f}", f"{d['after_mismatched_context']:.3f}", d["pairs"]]
-            for lang in result["languages"] for d in lang["bridge_diagnostic"] if standalone]  # fmt: skip
-    header = ["language", "run", "setting", "step", "alone", "after own first side", "after mismatched first side",
-              "pairs"]  # fmt: skip
-    lines += _section("Bridge diagnostic (last checkpoint of each run)", header, rows) + [""]
+    header = ["direction", "with run", "without run", "mean gap [CI, questions only]", "final gap"]
+    lines = [*_section("Per seed pair", header, rows), ""]
     skipped = {lang["lang"]: lang["steps_left_out"] for lang in result["languages"] if lang["steps_left_out"]}
     lines += ["Steps left out because not every run has them: " + json.dumps(skipped)] if skipped else []
     if any(d["n_seed_pairs"] == 1 for _, d in transfer_directions(result)):

@@ -20,23 +20,27 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def analyse(tmp_path, with_sets, without_sets, steps=(10, 20, 30), n_bootstrap=500, seeds=None, lang="ko", **kwargs):
     """Write one eval output per run, each a dict stem -> correctness, and run the transfer analysis on them."""
-    runs = []
-    for bridges, sets in ((True, with_sets), (False, without_sets)):
+    given = {"bridges": [], "no_bridges": []}
+    for setting, sets in (("bridges", with_sets), ("no_bridges", without_sets)):
         for k, correct in enumerate(sets):
-            seed = seeds[k] if seeds else None
-            setting_flag = "bridges" if bridges else "no_bridges"
-            setting = {"lang": lang, "setting": setting_flag, "bridges": bridges, "seed": seed}
-            name = f"{lang}-{'with' if bridges else 'without'}-{k}"
+            cpt_setting = {
+                "lang": lang,
+                "setting": setting,
+                "bridges": setting == "bridges",
+                "seed": seeds[k] if seeds else None,
+            }
+            name = f"{lang}-{'with' if setting == 'bridges' else 'without'}-{k}"
             run_steps = kwargs.get("run_steps", {}).get(name, list(steps))
             tied = kwargs.get("tied", {}).get(name)
-            eval_dir = write_eval_output(tmp_path / name, correct, run_steps, setting, tied)
-            runs.append(run_transfer.read_run(str(eval_dir), setting_flag))
+            given[setting].append(str(write_eval_output(tmp_path / name, correct, run_steps, cpt_setting, tied)))
     transfer = run_transfer.TransferArguments(
+        with_bridges=given["bridges"],
+        without_bridges=given["no_bridges"],
         n_bootstrap=n_bootstrap,
         bootstrap_seed=kwargs.get("bootstrap_seed", 0),
         tie_policy=kwargs.get("tie_policy", "first"),
     )
-    return run_transfer.transfer_analysis(runs, transfer)
+    return run_transfer.transfer_analysis(run_transfer.read_runs(transfer), transfer)
 
 
 def both(rng, n_steps, n_items, p=0.5):
@@ -138,11 +142,9 @@ def test_a_run_given_under_the_wrong_setting_is_an_error(tmp_path):
         run_transfer.read_run(str(eval_dir), "no_bridges")
 
 
-def test_unequal_seed_counts_are_an_error_naming_the_runs(tmp_path):
+def test_runs_that_record_no_seed_pair_only_one_to_one(tmp_path):
     data = both(np.random.default_rng(4), 2, 10)
-    with pytest.raises(
-        ValueError, match=r"2 run\(s\) with bridges \(ko-with-0, ko-with-1\) but 1 without \(ko-without-0\)"
-    ):
+    with pytest.raises(ValueError, match=r"ko: --with_bridges runs ko-with-0, ko-with-1 all record no seed"):
         analyse(tmp_path, [data, data], [data], steps=(1, 2))
 
 
@@ -157,7 +159,7 @@ def test_tie_policy_fractional_credits_ties_one_over_k_and_the_report_shows_both
     first = analyse(tmp_path / "first", [with_run], [without_run], tied=ties)
     fractional = analyse(tmp_path / "fractional", [with_run], [without_run], tied=ties, tie_policy="fractional")
     d_first, d_frac = first["languages"][0]["directions"][0], fractional["languages"][0]["directions"][0]
-    assert (d_first["tie_policy"], d_frac["tie_policy"]) == ("first", "fractional")
+    assert (first["tie_policy"], fractional["tie_policy"]) == ("first", "fractional")
     # First wins: 1.0 against 0.5, a gap of +0.5 everywhere; random tie-breaking: 0.5 against 0.5, no gap.
     assert d_first["accuracy_with"] == [1.0] * 3 and d_first["gap"] == [0.5] * 3 and d_first["verdict"] == "transfer"
     assert d_frac["accuracy_with"] == [0.5] * 3 and d_frac["gap"] == [0.0] * 3 and d_frac["verdict"] == "no evidence"
@@ -295,6 +297,24 @@ def test_runs_whose_seeds_differ_are_refused_naming_each_unpaired_run(tmp_path):
         transfer(tmp_path, with_dirs, without_dirs)
 
 
+def test_a_language_with_runs_of_one_setting_only_or_a_seed_only_some_record_is_refused(tmp_path):
+    ko = [write_run(tmp_path / f"ko-{setting}", setting) for setting in ("bridges", "no_bridges")]
+    zh = write_run(tmp_path / "zh-with", "bridges", lang="zh")
+    with pytest.raises(
+        InputError, match=r"zh: runs without a partner of the same seed \(seed 0: zh-with has no --without"
+    ):
+        transfer(tmp_path, [ko[0], zh], [ko[1]])
+    accuracy = json.loads((ko[0] / "accuracy.json").read_text())
+    accuracy["cpt_setting"]["seed"] = None
+    (ko[0] / "accuracy.json").write_text(json.dumps(accuracy))
+    with pytest.raises(
+        InputError,
+        match=r"no seed: ko-bridges has no --without_bridges run; seed 0: ko-no_bridges has no --with_bridges",
+    ):
+        transfer(tmp_path, [ko[0]], [ko[1]])
+    assert not (tmp_path / "out").exists()
+
+
 def test_several_runs_that_record_no_seed_are_refused_not_paired_in_argument_order(tmp_path):
     with_dirs = [write_run(tmp_path / f"with{s}", "bridges", s) for s in (0, 1)]
     without_dirs = [write_run(tmp_path / f"without{s}", "no_bridges", s) for s in (0, 1)]
@@ -302,7 +322,7 @@ def test_several_runs_that_record_no_seed_are_refused_not_paired_in_argument_ord
         accuracy = json.loads((directory / "accuracy.json").read_text())
         accuracy["cpt_setting"]["seed"] = None
         (directory / "accuracy.json").write_text(json.dumps(accuracy))
-    with pytest.raises(InputError, match=r"record no seed: give one run per setting"):
+    with pytest.raises(InputError, match=r"--with_bridges runs with0, with1 all record no seed; give one run per seed"):
         transfer(tmp_path, with_dirs, without_dirs)
     result = transfer(tmp_path, with_dirs[:1], without_dirs[:1])  # one run per setting: unambiguous
     assert result["languages"][0]["run_names"] == [["with0", "without0"]]
@@ -325,7 +345,7 @@ def test_fewer_bootstrap_resamples_than_the_floor_are_refused_before_anything_is
             )  # fmt: skip
     assert not out.exists()
     with pytest.raises(InputError, match="needs at least 1000"):
-        run_transfer.transfer_analysis([], run_transfer.TransferArguments(n_bootstrap=999, confidence=0.99))
+        run_transfer.TransferArguments(with_bridges=[], without_bridges=[], n_bootstrap=999, confidence=0.99)
 
 
 def test_an_estimate_outside_its_own_interval_gets_no_verdict():

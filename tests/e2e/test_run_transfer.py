@@ -25,7 +25,7 @@ def test_transfer_of_eight_probed_random_weight_run_folders_gives_the_known_ko_v
     runs all differ."""
     en, ko, zh = write_sample_questions(tmp_path / "questions", langs=("en", "ko", "zh"))
     questions = {"ko": [str(en), str(ko)], "zh": [str(en), str(zh)]}
-    runs = []
+    runs = {True: [], False: []}  # bridges -> run folders
     for lang in ("ko", "zh"):
         for bridges in (True, False):
             for seed in (0, 1):
@@ -37,19 +37,12 @@ def test_transfer_of_eight_probed_random_weight_run_folders_gives_the_known_ko_v
                 }
                 name = f"{lang}-{'with' if bridges else 'without'}-s{seed}"
                 weights = 1 + seed if lang == "ko" else 10 + 2 * seed + bridges
-                runs.append(make_run_dir(tiny_model_dir, tmp_path / name, (2, 4), 6, setting, seed=weights))
-    pairs = tmp_path / "heldout_pairs.jsonl"
-    pairs.write_text(
-        "".join(
-            json.dumps({"en": f"The year {k} was good.", "tgt": f"{k}년은 좋았다."}, ensure_ascii=False) + "\n"
-            for k in range(4)
-        )
-    )
+                runs[bridges].append(make_run_dir(tiny_model_dir, tmp_path / name, (2, 4), 6, setting, seed=weights))
     out = tmp_path / "transfer"
-    for run in runs:  # run_eval.py's default output folder of a run folder: RUN/eval
-        run_eval.main(["--model_name_or_path", str(run), "--questions", *questions[run.name[:2]],
-                       "--diagnostic_pairs", str(pairs)])  # fmt: skip
-    run_transfer.main(["--runs", *map(str, runs), "--output_dir", str(out), "--n_bootstrap", "300"])
+    for run in runs[True] + runs[False]:  # run_eval.py's default output folder of a run folder: RUN/eval
+        run_eval.main(["--model_name_or_path", str(run), "--questions", *questions[run.name[:2]]])
+    run_transfer.main(["--with_bridges", *map(str, runs[True]), "--without_bridges", *map(str, runs[False]),
+                       "--output_dir", str(out), "--n_bootstrap", "300"])  # fmt: skip
 
     result = json.loads((out / "transfer.json").read_text())
     assert [language["lang"] for language in result["languages"]] == ["ko", "zh"]
@@ -95,34 +88,18 @@ def test_transfer_of_eight_probed_random_weight_run_folders_gives_the_known_ko_v
     low, high = en_to_zh["mean_gap_ci"]
     assert en_to_zh["verdict"] == ("transfer" if low > 0 else "reverse" if high < 0 else "no evidence")
 
-    # The bridge diagnostic of every run, per checkpoint in its eval folder, the last one in transfer.json.
-    diagnostic = json.loads((tmp_path / "zh-without-s1" / "eval" / "bridge_diagnostic.json").read_text())
-    assert [e["step"] for e in diagnostic["checkpoints"]] == [2, 4, 6]
-    assert len(result["languages"][1]["bridge_diagnostic"]) == 4
-    assert {d["step"] for language in result["languages"] for d in language["bridge_diagnostic"]} == {6}
     markdown = (out / "transfer.md").read_text()
     assert "| English → ko (ko questions) |" in markdown and "| zh → English (English questions) |" in markdown
     assert "overstates significance" not in markdown  # two seed pairs: the intervals cover seeds
-    assert "## Bridge diagnostic" in markdown
     for png in ("transfer_curves.png", "transfer_summary.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
-    # The same analysis from the eval output folders, by explicit setting flags.
+    # The same analysis of ko alone from the eval output folders.
     again = tmp_path / "again"
     ko = {b: [str(tmp_path / f"ko-{b}-s{s}" / "eval") for s in (0, 1)] for b in ("with", "without")}
-    run_transfer.main(
-        [
-            "--with_bridges",
-            *ko["with"],
-            "--without_bridges",
-            *ko["without"],
-            "--output_dir",
-            str(again),
-            "--n_bootstrap",
-            "300",
-        ]
-    )
+    run_transfer.main(["--with_bridges", *ko["with"], "--without_bridges", *ko["without"], "--output_dir", str(again),
+                       "--n_bootstrap", "300"])  # fmt: skip
     assert json.loads((again / "transfer.json").read_text())["languages"][0] == result["languages"][0] | {
         "with_bridges": ko["with"],
         "without_bridges": ko["without"],
