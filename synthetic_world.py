@@ -152,51 +152,41 @@ BLANK = "____"
 
 LATIN_ONSETS = "b d f g h k l m n p r s t v z".split()
 LATIN_VOWELS = "a e i o u".split()
-TIBETAN_CONSONANTS = [chr(c) for c in [*range(0x0F40, 0x0F43), 0x0F44, *range(0x0F45, 0x0F48), 0x0F49, 0x0F4F]]
-TIBETAN_CONSONANTS += [chr(c) for c in [0x0F50, 0x0F51, 0x0F53, 0x0F54, 0x0F55, 0x0F56, 0x0F58, 0x0F59, 0x0F5A]]
-TIBETAN_CONSONANTS += [chr(c) for c in [0x0F5B, 0x0F5D, 0x0F5E, 0x0F5F, 0x0F60, 0x0F61, 0x0F62, 0x0F63, 0x0F64]]
-TIBETAN_CONSONANTS += [chr(0x0F66), chr(0x0F67), chr(0x0F68)]
+# The 30 letters of the Tibetan alphabet: the block ka..a without its letters for Sanskrit (gha, dha, bha, dzha,
+# the retroflexes, ssa) and the unassigned U+0F48.
+TIBETAN_SANSKRIT = (0x0F43, 0x0F48, *range(0x0F4A, 0x0F4F), 0x0F52, 0x0F57, 0x0F5C, 0x0F65)
+TIBETAN_CONSONANTS = [chr(c) for c in range(0x0F40, 0x0F69) if c not in TIBETAN_SANSKRIT]
 TIBETAN_VOWEL_SIGNS = ["", "\u0f72", "\u0f74", "\u0f7a", "\u0f7c"]  # (inherent a), i, u, e, o
 TIBETAN_SUFFIXES = ["", "\u0f42", "\u0f44", "\u0f51", "\u0f53", "\u0f56", "\u0f58", "\u0f62", "\u0f63", "\u0f66"]
 TSHEG, SHAD = "\u0f0b", "\u0f0d"
 MONGOLIAN_VOWELS = [chr(c) for c in range(0x1820, 0x1827)]  # a e i o u ö ü
-MONGOLIAN_CONSONANTS = [chr(c) for c in [0x1828, 0x182A, 0x182C, 0x182D, 0x182E, 0x182F, 0x1830, 0x1831]]
-MONGOLIAN_CONSONANTS += [chr(c) for c in [0x1832, 0x1833, 0x1834, 0x1835, 0x1836, 0x1837, 0x1838]]
+MONGOLIAN_CONSONANTS = [chr(c) for c in (0x1828, 0x182A, *range(0x182C, 0x1839))]  # na, ba, qa ... wa (not ang, pa)
 HAN_RANGE = (0x4E00, 0x4E00 + 3000)  # a fixed block of CJK Unified Ideographs
 HANGUL_INITIALS = [0, 2, 3, 5, 6, 7, 9, 11, 12, 14, 15, 16, 17, 18]  # ㄱ ㄴ ㄷ ㄹ ㅁ ㅂ ㅅ ㅇ ㅈ ㅊ ㅋ ㅌ ㅍ ㅎ
 HANGUL_MEDIALS = [0, 4, 8, 13, 18, 20, 1, 5]  # ㅏ ㅓ ㅗ ㅜ ㅡ ㅣ ㅐ ㅔ
-HANGUL_FINALS = [0, 0, 0, 4, 8, 16, 21]  # mostly open syllables; ㄴ ㄹ ㅁ ㅇ
+HANGUL_FINALS = [0, 4, 8, 16, 21]  # none, ㄴ ㄹ ㅁ ㅇ
 
 
-@dataclass(frozen=True)
-class ScriptStyle:
-    """How one language writes: its word units, word lengths, spacing and sentence end."""
-
-    units: tuple[str, ...]  # syllables / characters a word is made of
-    word_units: tuple[int, int]  # min, max units of a lexicon word
-    name_units: tuple[int, int]  # min, max units of a name
-    spaced: bool  # words separated by spaces (Hangul, Mongolian) or not (Han, Tibetan)
-    sentence_end: str
+#: Per script: (min, max) units of a lexicon word and of a name, whether words are spaced, the sentence end.
+SCRIPT_STYLES = {
+    "Hangul": ((2, 3), (3, 3), True, "."),
+    "Han": ((2, 3), (3, 3), False, "\u3002"),
+    "Tibetan": ((1, 2), (3, 3), False, SHAD),
+    "Mongolian": ((2, 3), (3, 4), True, "\u1803"),
+}
 
 
-def _script_style(lang: str) -> ScriptStyle:
-    script = LANGUAGE_SCRIPTS[lang]
+def _script_units(script: str) -> list[str]:
+    """The syllables or characters a generated word of ``script`` is made of."""
     if script == "Hangul":
-        units = [
-            chr(0xAC00 + (initial * 21 + medial) * 28 + final)
-            for initial in HANGUL_INITIALS
-            for medial in HANGUL_MEDIALS
-            for final in sorted(set(HANGUL_FINALS))
+        return [
+            chr(0xAC00 + (i * 21 + m) * 28 + f) for i in HANGUL_INITIALS for m in HANGUL_MEDIALS for f in HANGUL_FINALS
         ]
-        return ScriptStyle(tuple(units), (2, 3), (3, 3), True, ".")
     if script == "Han":
-        return ScriptStyle(tuple(chr(c) for c in range(*HAN_RANGE)), (2, 3), (3, 3), False, "\u3002")
+        return [chr(c) for c in range(*HAN_RANGE)]
     if script == "Tibetan":
-        units = [c + v + s + TSHEG for c in TIBETAN_CONSONANTS for v in TIBETAN_VOWEL_SIGNS for s in TIBETAN_SUFFIXES]
-        return ScriptStyle(tuple(units), (1, 2), (3, 3), False, SHAD)
-    assert script == "Mongolian", f"no synthetic script for {lang!r}"  # --langs admits only ko, zh, bo, mn
-    units = [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
-    return ScriptStyle(tuple(units), (2, 3), (3, 4), True, "\u1803")
+        return [c + v + s + TSHEG for c in TIBETAN_CONSONANTS for v in TIBETAN_VOWEL_SIGNS for s in TIBETAN_SUFFIXES]
+    return [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
 
 
 # Arguments (docs/study.md and docs/decomposition.md explain them)
@@ -246,14 +236,7 @@ class WorldArguments:
             raise InputError(f"--relations must be between 1 and {len(RELATIONS)} (got {self.relations}).")
         if self.low_resource_ratio <= 0:
             raise InputError("--low_resource_ratio must be positive.")
-        for name in (
-            "en_count",
-            "tgt_count",
-            "en_filler_documents",
-            "mono_filler_documents",
-            "pairs",
-            "diagnostic_pairs",
-        ):
+        for name in "en_count tgt_count en_filler_documents mono_filler_documents pairs diagnostic_pairs".split():
             if getattr(self, name) < 0:
                 raise InputError(f"--{name} must be >= 0.")
         for name in ("absent_places", "en_only_places"):
@@ -293,11 +276,7 @@ class WorldArguments:
 
 def tier_places(places: int, resource: str) -> tuple[int, int]:
     """(high-tier places, low-tier places) of a culture's --places."""
-    if resource == "high":
-        return places, 0
-    if resource == "low":
-        return 0, places
-    return places // 2, places - places // 2
+    return {"high": (places, 0), "low": (0, places), "mixed": (places // 2, places - places // 2)}[resource]
 
 
 # Word and name generation
@@ -355,10 +334,10 @@ class Language:
     """One synthetic target language: its lexicon (key -> word) and how it joins words."""
 
     def __init__(self, lang: str, seed: int):
-        self.lang = lang
-        self.style = _script_style(lang)
+        script = LANGUAGE_SCRIPTS[lang]
+        word_lengths, self.name_lengths, self.spaced, self.sentence_end = SCRIPT_STYLES[script]
         rng = _rng(seed, "lexicon", lang)
-        units = list(self.style.units)
+        units = _script_units(script)
         rng.shuffle(units)
         # Names and lexicon words are built from disjoint unit sets, so a name never appears
         # inside running text by accident (that would blur the planted counts).
@@ -368,24 +347,22 @@ class Language:
         grammar = [k for k in keys if k.isupper()]
         content = [k for k in keys if not k.isupper()]
         taken: set[str] = set()
-        short = (self.style.word_units[0], self.style.word_units[0])  # grammatical markers are short
+        short = (word_lengths[0], word_lengths[0])  # grammatical markers are short
         self.lexicon = dict(zip(grammar, _native_words(rng, self.word_units, short, len(grammar), taken)))
-        self.lexicon.update(
-            zip(content, _native_words(rng, self.word_units, self.style.word_units, len(content), taken))
-        )
+        self.lexicon.update(zip(content, _native_words(rng, self.word_units, word_lengths, len(content), taken)))
         self._taken_names: set[str] = set()
         self._name_rng = _rng(seed, "native-names", lang)
 
     def new_names(self, count: int) -> list[str]:
-        return _native_words(self._name_rng, self.name_units, self.style.name_units, count, self._taken_names)
+        return _native_words(self._name_rng, self.name_units, self.name_lengths, count, self._taken_names)
 
     def join(self, words: list[str]) -> str:
         """A sentence from its words: spaces where the script uses them, and around Latin names."""
-        spaced = [f" {word} " if self.style.spaced or word[:1].isascii() else word for word in words]
+        spaced = [f" {word} " if self.spaced or word[:1].isascii() else word for word in words]
         text = " ".join("".join(spaced).split())
-        if self.style.sentence_end == SHAD and text.endswith(TSHEG):
+        if self.sentence_end == SHAD and text.endswith(TSHEG):
             text = text[:-1]
-        return text + self.style.sentence_end
+        return text + self.sentence_end
 
 
 # Cultures and facts
@@ -629,6 +606,10 @@ def name_alignment(
             group[entity["id"]] = (kind, fact["tier"])
             en, tgt = frequency.get(entity["id"], (0, 0))
             frequency[entity["id"]] = (en + fact["counts"]["en"], tgt + fact["counts"]["tgt"])
+
+    def held_out(texts: tuple[str, str]) -> bool:
+        return texts[0] in held_out_from or texts[1] in held_out_from
+
     seen: set[str] = set()
     items = []
     for entity in culture["entities"]:
@@ -642,27 +623,14 @@ def name_alignment(
         )
         for direction, context, frame in ((f"en->{lang}", 0, 1), (f"{lang}->en", 1, 0)):
             texts = _draw_new(
-                rng,
-                seen,
-                lambda r, e=entity: filler.pair(r, language, variant, e),
-                error,
-                key=lambda p: p[0],
-                refused=lambda p: p[0] in held_out_from or p[1] in held_out_from,
+                rng, seen, lambda r, e=entity: filler.pair(r, language, variant, e), error, lambda p: p[0], held_out
             )
             options = [entity, *peers[:3]]
             rng.shuffle(options)
             written_as = "anchors" if frame == 0 else variant  # English names are the anchors' names
-            cloze = _cloze(texts[frame], _name(entity, written_as), [_name(o, written_as) for o in options])
-            items.append(
-                {
-                    "direction": direction,
-                    "entity": entity["id"],
-                    "context": texts[context],
-                    "frame": cloze["question"],
-                    "options": cloze["options"],
-                    "answer": cloze["answer"],
-                }
-            )
+            names = [_name(o, written_as) for o in options]
+            cloze = _cloze(texts[frame], _name(entity, written_as), names, blanked="frame")
+            items.append({"direction": direction, "entity": entity["id"], "context": texts[context], **cloze})
     entities = [{"id": e["id"], "en": e["en"], "target": _name(e, variant)} for e in culture["entities"]]
     return {"lang": lang, "variant": variant, "entities": entities, "items": items}
 
@@ -697,10 +665,11 @@ def cloze_items(culture: dict, language: Language, variant: str) -> tuple[list[d
     return items_en, items_tgt, records
 
 
-def _cloze(sentence: str, answer: str, options: list[str]) -> dict:
+def _cloze(sentence: str, answer: str, options: list[str], blanked: str = "question") -> dict:
+    """A cloze item: ``sentence`` with its answer blanked (under the key ``blanked``), the options and the answer."""
     if sentence.count(answer) != 1:
         raise AssertionError(f"answer {answer!r} must occur once in {sentence!r}")
-    return {"question": sentence.replace(answer, BLANK), "options": options, "answer": answer}
+    return {blanked: sentence.replace(answer, BLANK), "options": options, "answer": answer}
 
 
 def item_tiers(lang: str, records: list[dict]) -> dict:
