@@ -8,12 +8,10 @@
 Reads documents, filters them to the Latin script (counting every drop), trains or loads a tokenizer, packs
 ``[eos] + tokens`` documents into ``--block_size`` windows with document-isolated attention (checked on the run's
 own model before training), trains with the ``Trainer`` and writes the model, ``data_stats.json`` and a model
-card. Every option and output: docs/pretraining.md; batches, isolation check, resume and launches: docs/training.md.
+card. Options and outputs: docs/pretraining.md; batches, isolation check, resume and launches: docs/training.md.
 
     python run_pretrain.py --config_name configs/tiny.json --train_tokenizer --vocab_size 2000 \\
         --tokenizer_files A.txt B.txt --train_file corpus.txt --block_size 128 --output_dir OUT --max_steps 20
-
-Needs study_common.py and train_common.py beside it.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +26,7 @@ from typing import Literal
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import regex
 import torch
 from datasets import Dataset, Features, IterableDataset, Sequence, Value
@@ -62,7 +60,6 @@ from train_common import (
     CardTrainer,
     ModelCard,
     autocast_dtype,
-    batch_layout,
     check_document_isolation,
     finish_training,
     guard_flash_attention_inputs,
@@ -70,13 +67,12 @@ from train_common import (
     packed_batch,
     parse_training_flags,
     resume_checkpoint,
+    uses_flattened_layout,
 )
 
 logger = logging.getLogger(__name__)
 
 REPO_DIR = Path(__file__).resolve().parent
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
 
 
 @dataclass
@@ -98,8 +94,7 @@ class ModelArguments:
     )
     vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of the trained tokenizer."})
     tokenizer_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Files the tokenizer is trained on, every language of the study (default: --train_file)."},
+        default=None, metadata={"help": "With --train_tokenizer: text files of every language of the study."}
     )
     attn_implementation: str = field(
         default="sdpa",
@@ -149,70 +144,40 @@ class DataArguments:
 def train_tokenizer(
     files_or_texts: Iterable[str | os.PathLike], vocab_size: int, *, text_column: str = "text", show_progress=True
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``Path`` items (files) and strings (texts): EOS ``<|endoftext|>`` id 0,
-    pad id 1, every byte in the alphabet. Normalizer, pre-tokenizer and decoder are Qwen2Tokenizer's, which
-    ``AutoTokenizer`` rebuilds for a qwen2 model: any other choice would tokenize differently once reloaded."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    """A ``Qwen2Tokenizer`` (byte-level BPE; the pipeline ``AutoTokenizer`` rebuilds for a qwen2 model) learnt on
+    ``Path`` items (files) and strings (texts): EOS ``<|endoftext|>`` id 0, pad ``<|pad|>`` id 1, every byte."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
 
     if vocab_size < 260:
         raise InputError(
             f"--vocab_size {vocab_size} is too small: 256 bytes and 2 special tokens need 258; use >= 260."
         )
-    sources = list(files_or_texts)
 
     def texts() -> Iterator[str]:
-        for source in sources:
-            if isinstance(source, os.PathLike):
-                yield from read_documents(source, text_column)
-            else:
-                yield source
+        for source in files_or_texts:
+            yield from read_documents(source, text_column) if isinstance(source, os.PathLike) else [source]
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
-    )
-    tokenizer.train_from_iterator(texts(), trainer=trainer)
-    return _study_tokenizer(tokenizer)
-
-
-def _study_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False
+    untrained = Qwen2Tokenizer(pad_token="<|pad|>", clean_up_tokenization_spaces=False)
+    return untrained.train_new_from_iterator(
+        texts(), vocab_size, initial_alphabet=ByteLevel.alphabet(), show_progress=show_progress
     )
 
 
 def train_tokenizer_on_main_process(model_args: ModelArguments, data_args: DataArguments, training_args):
-    """The tokenizer trained by the main process and broadcast to the others (identical ids everywhere)."""
-    from tokenizers import Tokenizer
-
-    files = model_args.tokenizer_files or ([data_args.train_file] if data_args.train_file else None)
-    if not files:
-        raise InputError("--train_tokenizer needs --tokenizer_files FILE [FILE ...] (text files to train on).")
-    if not model_args.tokenizer_files:
-        logger.warning("No --tokenizer_files: training the tokenizer on --train_file (English only).")
+    """The tokenizer trained by the main process and sent to the others (identical ids everywhere)."""
+    files = model_args.tokenizer_files
+    if not files:  # not --train_file alone: a vocabulary learnt on English cuts the target scripts into bytes
+        raise InputError("--train_tokenizer needs --tokenizer_files FILE [FILE ...]: text of every study language.")
     for file in files:  # on every process: only the main one reads them all
         check_document_file(file, "--tokenizer_files", data_args.text_column)
     trained = [None]
     if training_args.process_index == 0:
         logger.info("Training a byte-level BPE tokenizer (vocab %d) on %s", model_args.vocab_size, files)
-        tokenizer = train_tokenizer([Path(f) for f in files], model_args.vocab_size, text_column=data_args.text_column)
-        trained = [tokenizer.backend_tokenizer.to_str()]
+        trained = [train_tokenizer([Path(f) for f in files], model_args.vocab_size, text_column=data_args.text_column)]
     if training_args.world_size > 1:
         torch.distributed.broadcast_object_list(trained, src=0)
-    source = {"kind": "trained byte-level BPE", "files": list(files), "vocab_size": model_args.vocab_size}
-    return _study_tokenizer(Tokenizer.from_str(trained[0])), source
+    return trained[0], {"kind": "trained byte-level BPE", "files": list(files), "vocab_size": model_args.vocab_size}
 
 
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args, resume_dir):
@@ -255,36 +220,29 @@ _LETTER_OR_NUMBER = regex.compile(r"[\p{L}\p{N}]")
 def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, script_filter: str, filter_mode: str):
     """Batched map: filter each document and tokenize the kept ones as ``[start] + tokens``; one row per input
     document (``input_ids`` empty and ``drop_reason`` set when dropped), so that every drop is counted."""
-    texts = batch[text_column]
-    reasons, chars_removed, kept_texts, kept_rows = [], [], [], []
-    for row, text in enumerate(texts):
-        text = text or ""
-        reason, removed = "", 0
+    texts = [text or "" for text in batch[text_column]]
+    reasons, removed, kept = [], [], []  # kept: the filtered text, None when dropped
+    for text in texts:
+        reason, n_removed = "", 0
         if not text.strip():
             reason = "empty_input"
         elif script_filter == "latin" and filter_mode == "documents":
-            if has_non_latin_letter(text):
-                reason = "non_latin_letter"
+            reason = "non_latin_letter" if has_non_latin_letter(text) else ""
         elif script_filter == "latin":
-            text, removed = filter_to_latin(text)
+            text, n_removed = filter_to_latin(text)
             if not _LETTER_OR_NUMBER.search(text):  # only spaces or punctuation are left
-                reason, removed = "empty_after_filter", 0
+                reason, n_removed = "empty_after_filter", 0
         reasons.append(reason)
-        chars_removed.append(removed)
-        if not reason:
-            kept_texts.append(text)
-            kept_rows.append(row)
-    input_ids = [[] for _ in texts]
-    chars_out = [0] * len(texts)
-    for row, text, ids in zip(kept_rows, kept_texts, encode_documents(tokenizer, kept_texts) if kept_texts else []):
-        input_ids[row] = [start_id, *ids]
-        chars_out[row] = len(text)
+        removed.append(n_removed)
+        kept.append(None if reason else text)
+    kept_texts = [text for text in kept if text is not None]
+    encoded = iter(encode_documents(tokenizer, kept_texts) if kept_texts else [])
     return {
-        "input_ids": input_ids,
+        "input_ids": [[] if text is None else [start_id, *next(encoded)] for text in kept],
         "drop_reason": reasons,
-        "n_chars_in": [len(t or "") for t in texts],
-        "n_chars_removed": chars_removed,
-        "n_chars_out": chars_out,
+        "n_chars_in": [len(text) for text in texts],
+        "n_chars_removed": removed,
+        "n_chars_out": [0 if text is None else len(text) for text in kept],
     }
 
 
@@ -326,12 +284,6 @@ class PackedBlockCollator:
         if not self.document_attention:
             return {"input_ids": input_ids, "labels": labels}
         return packed_batch(input_ids, position_ids, labels, self.attn_implementation, flatten=self.flatten)
-
-    @property
-    def layout(self) -> str:
-        if not self.document_attention:
-            return "rows, no position ids"
-        return batch_layout(self.attn_implementation, self.flatten)
 
 
 def check_document_file(path: str, flag: str, text_column: str) -> None:
@@ -382,99 +334,61 @@ def _documents_of_file(path: str, text_column: str) -> Iterator[dict]:
         yield {"text": text}
 
 
-def _filter_kwargs(tokenizer, start_id: int, data_args: DataArguments) -> dict:
-    return {
-        "tokenizer": tokenizer,
-        "start_id": start_id,
-        "text_column": "text",
-        "script_filter": data_args.script_filter,
-        "filter_mode": data_args.filter_mode,
+def count_documents(tokenized: Dataset, n_blocks: int, block_size: int) -> dict:
+    """data_stats.json's counts: every document and character read, dropped (by reason) or kept; tokens; windows."""
+    table = tokenized.data
+
+    def total(column) -> int:
+        return pc.sum(column).as_py() or 0
+
+    reasons = {row["values"]: row["counts"] for row in pc.value_counts(table.column("drop_reason")).to_pylist()}
+    stats = {
+        "documents_in": len(tokenized),
+        "documents_out": reasons.get("", 0),
+        "documents_dropped": {reason: reasons.get(reason, 0) for reason in DROP_REASONS},
+        "characters_in": total(table.column("n_chars_in")),
+        "characters_out": total(table.column("n_chars_out")),
+        "characters_removed_by_filter": total(table.column("n_chars_removed")),
+        "tokens": total(pc.list_value_length(table.column("input_ids"))),
+        "blocks": n_blocks,
+        "tokens_in_blocks": n_blocks * block_size,
     }
+    kept_or_removed = stats["characters_out"] + stats["characters_removed_by_filter"]
+    stats["characters_in_dropped_documents"] = stats["characters_in"] - kept_or_removed
+    stats["tokens_dropped_at_batch_tails"] = stats["tokens"] - stats["tokens_in_blocks"]
+    return stats
 
 
-def _pack_kwargs(data_args: DataArguments) -> dict:
-    return {
-        "function": pack_documents,
-        "batched": True,
-        "batch_size": 2000,
-        "fn_kwargs": {"block_size": data_args.block_size},
-        "remove_columns": ["input_ids"],
-        "features": BLOCK_FEATURES,
-    }
-
-
-def empty_counts() -> dict:
-    counts = dict.fromkeys(("documents_in", "documents_out", "characters_in", "characters_removed_by_filter"), 0)
-    return {**counts, "documents_dropped": dict.fromkeys(DROP_REASONS, 0), "characters_out": 0, "tokens": 0}
-
-
-def count_documents(stats: dict, out: dict) -> None:
-    reasons = out["drop_reason"]
-    stats["documents_in"] += len(reasons)
-    stats["documents_out"] += reasons.count("")
-    for reason in DROP_REASONS:
-        stats["documents_dropped"][reason] += reasons.count(reason)
-    for key, column in (("characters_in", "n_chars_in"), ("characters_removed_by_filter", "n_chars_removed")):
-        stats[key] += sum(out[column])
-    stats["characters_out"] += sum(out["n_chars_out"])
-    stats["tokens"] += sum(len(ids) for ids in out["input_ids"])
-    stats["characters_in_dropped_documents"] = (
-        stats["characters_in"] - stats["characters_removed_by_filter"] - stats["characters_out"]
-    )
-
-
-def prepare_dataset(raw: Dataset, tokenizer, start_id: int, data_args: DataArguments):
-    """Filter, tokenize and pack a map-style dataset. Returns (blocks, statistics)."""
+def prepare_dataset(raw: Dataset | IterableDataset, tokenizer, start_id: int, data_args: DataArguments, seed=0):
+    """Filter, tokenize and pack into windows: (windows, counts). A stream is prepared lazily while it trains,
+    shuffled in a buffer, and not counted (counts None)."""
+    streaming = isinstance(raw, IterableDataset)
+    workers = {} if streaming else {"num_proc": data_args.preprocessing_num_workers}
     tokenized = raw.map(
         filter_and_tokenize,
         batched=True,
-        fn_kwargs=_filter_kwargs(tokenizer, start_id, data_args),
-        remove_columns=raw.column_names,
-        num_proc=data_args.preprocessing_num_workers,
-        desc=f"Filtering ({data_args.script_filter}, {data_args.filter_mode}) and tokenizing",
-    )
-    stats = empty_counts()
-    for batch in tokenized.iter(batch_size=10_000):
-        count_documents(stats, batch)
+        fn_kwargs={"tokenizer": tokenizer, "start_id": start_id, "text_column": "text",
+                   "script_filter": data_args.script_filter, "filter_mode": data_args.filter_mode},
+        remove_columns=["text"],
+        **workers,
+    )  # fmt: skip
     kept = tokenized.filter(
-        lambda reason: [r == "" for r in reason],
+        lambda reasons: [not r for r in reasons], batched=True, input_columns=["drop_reason"], **workers
+    )
+    blocks = kept.select_columns(["input_ids"]).map(
+        pack_documents,
         batched=True,
-        input_columns=["drop_reason"],
-        desc="Dropping filtered-out documents",
-    ).select_columns(["input_ids"])
-    blocks = kept.map(
-        **_pack_kwargs(data_args),
-        num_proc=data_args.preprocessing_num_workers,
-        desc=f"Packing into windows of {data_args.block_size}",
+        batch_size=2000,
+        fn_kwargs={"block_size": data_args.block_size},
+        remove_columns=["input_ids"],
+        features=BLOCK_FEATURES,
+        **workers,
     )
-    stats["blocks"] = len(blocks)
-    stats["tokens_in_blocks"] = len(blocks) * data_args.block_size
-    stats["tokens_dropped_at_batch_tails"] = stats["tokens"] - stats["tokens_in_blocks"]
-    return blocks, stats
-
-
-class StreamCounter:
-    """Counts what a stream read, inside its lazy map (the loader's read-ahead included)."""
-
-    def __init__(self):
-        self.stats = empty_counts()
-
-    def __call__(self, batch, **kwargs):
-        out = filter_and_tokenize(batch, **kwargs)
-        count_documents(self.stats, out)
-        return {"input_ids": [ids for ids, reason in zip(out["input_ids"], out["drop_reason"]) if not reason]}
-
-
-def prepare_streaming_dataset(raw: IterableDataset, tokenizer, start_id: int, data_args, seed: int):
-    """Filter, tokenize and pack a stream lazily, counted while it is read. Returns (blocks, counter)."""
-    counter = StreamCounter()
-    tokenized = raw.map(
-        counter, batched=True, fn_kwargs=_filter_kwargs(tokenizer, start_id, data_args), remove_columns=["text"]
-    )
-    blocks = tokenized.map(**_pack_kwargs(data_args))
+    if not streaming:
+        return blocks, count_documents(tokenized, len(blocks), data_args.block_size)
     if data_args.shuffle_buffer_size > 1:
         blocks = blocks.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-    return blocks, counter
+    return blocks, None
 
 
 # Model
@@ -506,14 +420,13 @@ def build_config(model_args: ModelArguments, tokenizer, block_size: int):
         # Fields derived at construction (layer_types from num_hidden_layers) follow the overridden ones.
         config = type(config)(**{k: v for k, v in config.to_dict().items() if k != "layer_types"})
     overrides = {key: getattr(config, key) for key in (item.partition("=")[0] for item in text.split(",") if item)}
-    if "vocab_size" in overrides:
-        if config.vocab_size < len(tokenizer):
-            raise InputError(
-                f"--config_overrides vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
-                "tokens). Use at least the tokenizer's length, or leave vocab_size out."
-            )
-    else:
+    if "vocab_size" not in overrides:
         config.vocab_size = len(tokenizer)
+    elif config.vocab_size < len(tokenizer):
+        raise InputError(
+            f"--config_overrides vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
+            "tokens). Use at least the tokenizer's length, or leave vocab_size out."
+        )
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None and block_size > max_positions:
         raise InputError(
@@ -545,21 +458,20 @@ def isolation_check_windows(start_id: int, vocab_size: int) -> list[list[list[li
 def check_isolation(model, collator: PackedBlockCollator, start_id: int, training_args) -> dict:
     """Document isolation, checked on the training device, kernel, precision and layout; a leak is refused."""
     attn = model.config._attn_implementation
-    isolation = {"enabled": collator.document_attention, "attn_implementation": attn, "layout": collator.layout}
     if not collator.document_attention:
-        return isolation
+        return {"enabled": False, "attn_implementation": attn}
     model.to(training_args.device)
     windows = isolation_check_windows(start_id, model.config.vocab_size)
-    isolation.update(check_document_isolation(model, collator, windows, autocast_dtype=autocast_dtype(training_args)))
+    isolation = check_document_isolation(model, collator, windows, autocast_dtype=autocast_dtype(training_args))
     failure = isolation_failure(isolation)
     if failure is not None:
         raise InputError(
-            f"Document attention is on, but with --attn_implementation {attn} ({collator.layout} layout) on "
+            f"Document attention is on, but with --attn_implementation {attn} ({isolation['layout']} layout) on "
             f"{training_args.device} {failure}: attention crosses documents. Nothing was trained; use "
             "--attn_implementation sdpa or eager."
         )
     logger.info("Document isolation checked: %s", json.dumps(isolation))
-    return isolation
+    return {"enabled": True, **isolation}
 
 
 def build_model(config, attn_implementation: str, device):
@@ -574,7 +486,7 @@ def build_model(config, attn_implementation: str, device):
     return model
 
 
-def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCard:
+def model_card(setting: dict, training_args) -> ModelCard:
     """The model card: the setting of the run, and the steps and tokens seen when it is written."""
     rows = {
         "data": setting["source"],
@@ -590,9 +502,9 @@ def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCa
         "learning rate": training_args.learning_rate,
         "seed": setting["seed"],
     }
-    if data_stats is not None:
-        rows["documents (in / out)"] = f"{data_stats['documents_in']} / {data_stats['documents_out']}"
-        rows["characters removed by the filter"] = data_stats["characters_removed_by_filter"]
+    if "documents_in" in setting:  # counted (not a stream)
+        rows["documents (in / out)"] = f"{setting['documents_in']} / {setting['documents_out']}"
+        rows["characters removed by the filter"] = setting["characters_removed_by_filter"]
     tokens_per_step = setting["tokens_per_step"]
     return ModelCard(
         "Transparent Latin-only pretraining",
@@ -610,7 +522,6 @@ def model_card(setting: dict, data_stats: dict | None, training_args) -> ModelCa
 
 def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
     model_args, data_args, training_args = parse_training_flags(parser, argv)
     if not output_dir_given(argv):  # where build_pairs.py and run_cpt.py look for the base model by default
         training_args.output_dir = str(DEFAULT_BASE_MODEL_DIR)
@@ -622,56 +533,44 @@ def parse_arguments(argv: list[str] | None = None):
 
 
 def make_collator(model_args: ModelArguments, data_args: DataArguments, training_args) -> PackedBlockCollator:
-    collator = PackedBlockCollator(
-        document_attention=model_args.document_attention,
-        attn_implementation=model_args.attn_implementation,
-        flatten=True if model_args.batch_layout == "flattened" else None,
+    flattened = model_args.document_attention and (
+        model_args.batch_layout == "flattened" or uses_flattened_layout(model_args.attn_implementation)
     )
-    if (
-        data_args.streaming
-        and collator.layout == "flattened"
-        and training_args.accelerator_config.dispatch_batches is None
-    ):
+    if data_args.streaming and flattened and training_args.accelerator_config.dispatch_batches is None:
         # accelerate dispatches a stream's batches from rank 0 by slicing every tensor along its first
         # dimension, which would cut the one flattened row and its cu_seq_lens; each process reads the
         # stream itself instead (and keeps its share of the windows).
         training_args.accelerator_config.dispatch_batches = False
-    return collator
+    return PackedBlockCollator(model_args.document_attention, model_args.attn_implementation, flattened)
 
 
 def prepare_data(data_args: DataArguments, training_args, tokenizer, start_id: int):
-    """(windows, data_stats, stream_counter), built by the main process first (as run_clm); a map-style corpus is
-    counted now and refused when nothing is left, a stream while it trains."""
+    """(windows, counts), built by the main process first (as run_clm); a map-style corpus that leaves nothing to
+    train on is refused (a stream is prepared while it trains)."""
     with training_args.main_process_first(desc="filter, tokenize and pack"):
         raw = read_train_documents(data_args, data_args.streaming)
-        if data_args.streaming:
-            blocks, counter = prepare_streaming_dataset(raw, tokenizer, start_id, data_args, training_args.seed)
-            return blocks, None, counter
-        blocks, stats = prepare_dataset(raw, tokenizer, start_id, data_args)
-    if stats["documents_out"] == 0:
+        blocks, stats = prepare_dataset(raw, tokenizer, start_id, data_args, seed=training_args.seed)
+    source = data_args.train_file or data_args.dataset_name
+    if stats is not None and stats["documents_out"] == 0:
         raise InputError(
-            f"{data_source(data_args)}: every document was filtered away ({stats['documents_in']} read, dropped: "
+            f"{source}: every document was filtered away ({stats['documents_in']} read, dropped: "
             f"{stats['documents_dropped']}). The Latin filter keeps only Latin-script text: check the file "
             "and --text_column, or use --filter_mode chars / --script_filter none."
         )
-    if stats["blocks"] == 0:
+    if stats is not None and stats["blocks"] == 0:
         raise InputError(
-            f"{data_source(data_args)}: {stats['tokens']} tokens after filtering, fewer than one window of "
+            f"{source}: {stats['tokens']} tokens after filtering, fewer than one window of "
             f"--block_size {data_args.block_size}. Give more text or a smaller --block_size."
         )
-    return blocks, stats, None
+    return blocks, stats
 
 
-def data_source(data_args: DataArguments) -> str:
-    return (
-        data_args.train_file or f"{data_args.dataset_name} ({data_args.dataset_config_name}, {data_args.dataset_split})"
-    )
-
-
-def run_setting(model_args, data_args, training_args, tokenizer_source, overrides, model, isolation) -> dict:
+def run_setting(model_args, data_args, trainer: Trainer, tokenizer_source, overrides, isolation) -> dict:
     """What the run is (data_stats.json and the model card); tokens per step count every process."""
+    dataset = f"{data_args.dataset_name} ({data_args.dataset_config_name}, {data_args.dataset_split})"
+    training_args = trainer.args
     return {
-        "source": data_source(data_args),
+        "source": data_args.train_file or dataset,
         "text_column": data_args.text_column,
         "streaming": data_args.streaming,
         "script_filter": data_args.script_filter,
@@ -679,10 +578,12 @@ def run_setting(model_args, data_args, training_args, tokenizer_source, override
         "tokenizer": tokenizer_source,
         "config_name": model_args.config_name,
         "config_overrides": overrides,
-        "parameters": model.num_parameters(),
+        "parameters": trainer.model.num_parameters(),
         "block_size": data_args.block_size,
         "document_attention": isolation,
         "world_size": training_args.world_size,
+        # What the launch gave: accelerate trains data-parallel (MULTI_CPU) when FSDP is asked without a GPU.
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
         "tokens_per_step": training_args.per_device_train_batch_size
         * training_args.gradient_accumulation_steps
         * training_args.world_size
@@ -691,29 +592,9 @@ def run_setting(model_args, data_args, training_args, tokenizer_source, override
     }
 
 
-def distributed_type(trainer: Trainer) -> str:
-    """What the launch gave; accelerate silently trains data-parallel when FSDP is asked without a GPU: said."""
-    launched = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(trainer.args.fsdp)
-    if fsdp_requested and not trainer.is_fsdp_enabled:
-        logger.warning(
-            "FSDP was requested but accelerate did not enable it here (%s, no GPU): every process holds the "
-            "whole model. On CPU use accelerate_configs/cpu.yaml.", launched,
-        )  # fmt: skip
-    return launched
-
-
-def streamed_data_stats(stream_counter: StreamCounter, training_args) -> dict:
-    if training_args.dataloader_num_workers > 0:
-        # the lazy map then runs in the loader's worker processes, whose counts are not sent back
-        logger.warning("Streaming with --dataloader_num_workers > 0: data_stats.json has no document counts.")
-        return {"counted": "not available: --dataloader_num_workers > 0 reads the stream in workers"}
-    return {**stream_counter.stats, "counted": "documents read from the stream (with read-ahead)"}
-
-
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
-    """Run the pretraining; returns the data statistics (also in OUT/data_stats.json). ``callbacks`` go to the
-    Trainer (bench/bench_pretrain_train.py times the steps with one)."""
+    """Run the pretraining; returns data_stats.json's content. ``callbacks`` go to the Trainer
+    (bench/bench_pretrain_train.py times the steps with one)."""
     # 1. Arguments, and every refusal that needs no data: nothing is read or written before them.
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
@@ -733,15 +614,14 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     start_id = document_start_id(tokenizer)
     config, overrides = build_config(model_args, tokenizer, data_args.block_size)
 
-    # 3. Data: read, filter to the Latin script, tokenize, pack into windows.
-    train_dataset, data_stats, stream_counter = prepare_data(data_args, training_args, tokenizer, start_id)
+    # 3. Data: read, filter to the Latin script, tokenize, pack into windows (a stream: lazily, while training).
+    train_dataset, counts = prepare_data(data_args, training_args, tokenizer, start_id)
 
     # 4. The model, from random initialisation; document isolation checked on it before training.
     model = build_model(config, model_args.attn_implementation, training_args.device)
     isolation = check_isolation(model, collator, start_id, training_args)
 
-    # 5. The setting, recorded in data_stats.json and in the model card.
-    setting = run_setting(model_args, data_args, training_args, tokenizer_source, overrides, model, isolation)
+    # 5. The Trainer; the setting and the counts, recorded in data_stats.json and in the model card.
     trainer = CardTrainer(
         model=model,
         args=training_args,
@@ -750,19 +630,17 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    setting["distributed_type"] = distributed_type(trainer)
-    if data_stats is not None and training_args.process_index == 0:
-        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
-        logger.info("Data: %s", json.dumps(data_stats))
-    trainer.model_card = model_card(setting, data_stats, training_args)
+    setting = run_setting(model_args, data_args, trainer, tokenizer_source, overrides, isolation)
+    data_stats = {**setting, **(counts or {})}
+    if training_args.process_index == 0:
+        write_json_atomic(output_dir / "data_stats.json", data_stats)
+        logger.info("Data: %s", json.dumps(counts))
+    trainer.model_card = model_card(data_stats, training_args)
     trainer.create_model_card()
 
     # 6. Train; then the model, the metrics and the card (pushed with the model).
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # model + tokenizer into output_dir
-    if training_args.process_index == 0 and stream_counter is not None:
-        data_stats = streamed_data_stats(stream_counter, training_args)
-        write_json_atomic(output_dir / "data_stats.json", {**setting, **data_stats})
     metrics = {**train_result.metrics, "train_tokens_seen": trainer.state.global_step * setting["tokens_per_step"]}
     finish_training(trainer, metrics, commit_message=f"Pretraining: {trainer.state.global_step} steps")
     return data_stats

@@ -1,9 +1,6 @@
-"""What the two training scripts (run_pretrain.py, run_cpt.py) share, once: the gloo backend of a CPU launch, the
-batch layout of packed windows per attention kernel and the flash guard, the document-isolation check, the
-flag parsing and resume convention, and the model card of a Trainer run (docs/training.md).
-
-Needs study_common.py beside it.
-"""
+"""What run_pretrain.py and run_cpt.py share: the gloo backend of a CPU launch, the batch layout of packed windows
+per attention kernel and the flash guard, the document-isolation check, flag parsing and the resume convention,
+and the model card of a Trainer run. Why each is so: docs/training.md."""
 
 from __future__ import annotations
 
@@ -21,16 +18,14 @@ from study_common import InputError, write_card
 # ---- Distributed training on CPU
 
 
-def use_cpu_backend_without_gpu() -> bool:
+def use_cpu_backend_without_gpu() -> None:
     """Make a multi-process launch without a GPU train over gloo (call before TrainingArguments are built):
-    ``accelerate launch`` does not pass ``use_cpu`` on, and each process would train alone. True when set."""
+    ``accelerate launch`` does not pass ``use_cpu`` on, and each process would train alone."""
     import torch
 
     launched_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if launched_distributed and not torch.cuda.is_available() and "ACCELERATE_USE_CPU" not in os.environ:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-        return True
-    return False
+    if launched_distributed and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 # ---- Packed windows as a batch, per attention implementation
@@ -120,11 +115,6 @@ def guard_flash_attention_inputs(model) -> None:
 
 #: Largest logit difference that counts as rounding, not as attention across documents.
 ISOLATION_TOLERANCE = 1e-4
-
-
-def batch_layout(attn_implementation: str, flatten: bool | None = None) -> str:
-    """The name of the layout ``packed_batch`` gives: "flattened" (one row) or "padded" (B rows)."""
-    return "flattened" if (uses_flattened_layout(attn_implementation) if flatten is None else flatten) else "padded"
 
 
 def _window_features(window) -> dict:

@@ -9,17 +9,20 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from conftest import MULTI_SCRIPT_SAMPLE, REPO_ROOT
+from datasets import Dataset
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 from transformers.models.qwen2 import modeling_qwen2
 
 import run_pretrain
 from run_pretrain import (
+    DataArguments,
     InputError,
     ModelArguments,
     PackedBlockCollator,
     build_config,
     filter_and_tokenize,
     pack_documents,
+    prepare_dataset,
     train_tokenizer,
 )
 from study_common import document_start_id, encode_documents
@@ -57,6 +60,31 @@ def test_no_script_filter_keeps_every_non_empty_document(tokenizer):
     out = filter_and_tokenize({"text": ["서울", ""]}, tokenizer, 0, "text", "none", "chars")
     assert out["drop_reason"] == ["", "empty_input"]
     assert tokenizer.decode(out["input_ids"][0][1:]) == "서울"
+
+
+def test_the_counts_account_for_every_document_character_and_token(tokenizer):
+    texts = ["Seoul (서울) is big.", "서울 。", "   ", "Plain text, a little longer than the others."] * 3
+    blocks, stats = prepare_dataset(Dataset.from_dict({"text": texts}), tokenizer, 0, DataArguments(block_size=8))
+    assert (stats["documents_in"], stats["documents_out"]) == (12, 6)
+    assert stats["documents_dropped"] == {"empty_input": 3, "empty_after_filter": 3, "non_latin_letter": 0}
+    assert stats["characters_in"] == sum(map(len, texts)) and stats["characters_removed_by_filter"] == 3 * 2
+    assert stats["characters_out"] == 3 * (len("Seoul () is big.") + len(texts[3]))
+    assert stats["characters_in_dropped_documents"] == 3 * (len("서울 。") + len("   "))
+    tokens = sum(
+        len(ids) for ids in filter_and_tokenize({"text": texts}, tokenizer, 0, "text", "latin", "chars")["input_ids"]
+    )
+    assert stats["tokens"] == tokens and stats["blocks"] == len(blocks) == tokens // 8
+    assert stats["tokens_dropped_at_batch_tails"] == tokens % 8 == tokens - stats["tokens_in_blocks"]
+
+
+def test_a_stream_is_filtered_and_packed_as_the_same_corpus_read_whole(tokenizer):
+    texts = ["Seoul (서울) is big.", "Café, 1234!", "   ", "Plain text, a little longer than the others."] * 5
+    args = DataArguments(block_size=8, filter_mode="documents", shuffle_buffer_size=1)
+    whole, _ = prepare_dataset(Dataset.from_dict({"text": texts}), tokenizer, 0, args)
+    streamed, counts = prepare_dataset(Dataset.from_dict({"text": texts}).to_iterable_dataset(), tokenizer, 0, args)
+    rows = [(list(b["input_ids"]), list(b["position_ids"])) for b in streamed]
+    assert counts is None and rows == list(zip(whole["input_ids"], whole["position_ids"])) and len(rows) > 2
+    assert "서" not in tokenizer.decode(sum((ids for ids, _ in rows), []))  # the documents holding Hangul dropped
 
 
 # --------------------------------------------------------------------------------------
@@ -303,6 +331,22 @@ def test_a_training_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path, ti
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_a_corpus_shorter_than_one_window_is_refused(tmp_path, tiny_model_dir, in_repo):
+    short = tmp_path / "short.txt"
+    short.write_text("A river.\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"short\.txt: \d+ tokens after filtering, fewer than one window of --block_"):
+        run_pretrain.main(main_args(tmp_path, short, tiny_model_dir))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_tokenizer_needs_the_files_of_every_language(tmp_path, english_file, in_repo):
+    args = [*main_args(tmp_path, english_file, "unused"), "--train_tokenizer", "--vocab_size", "300"]
+    args[args.index("--tokenizer_name") : args.index("--tokenizer_name") + 2] = []
+    with pytest.raises(InputError, match=r"--train_tokenizer needs --tokenizer_files FILE"):
+        run_pretrain.main(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_config_name_lists_the_available_configs(tmp_path, tiny_model_dir, english_file, in_repo):
     with pytest.raises(InputError, match=r"configs/nope\.json: no such config file\. Available: .*configs/tiny\.json"):
         run_pretrain.main(main_args(tmp_path, english_file, tiny_model_dir, "--config_name", "configs/nope.json"))
@@ -318,7 +362,7 @@ def test_tokenizer_without_eos_is_refused_with_the_fix(tmp_path, english_file, t
     tokenizer.save_pretrained(no_eos)
     config_file = no_eos / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
-    config.pop("eos_token"), config.pop("pad_token")
+    config.update(eos_token=None, pad_token=None)
     config_file.write_text(json.dumps(config))
     with pytest.raises(InputError, match=r"no_eos_tokenizer.* has no EOS token.*Set eos_token"):
         run_pretrain.main(main_args(tmp_path, english_file, no_eos))

@@ -110,7 +110,9 @@ def test_cpu_accelerate_config_trains_with_two_processes(corpus_dir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(output_dir).config.vocab_size > 0
 
 
-def test_streamed_dataset_trains_and_reports_what_it_read(corpus_dir, tiny_model_dir, tmp_path):
+def test_a_streamed_dataset_trains_and_records_its_setting(corpus_dir, tiny_model_dir, tmp_path):
+    # The stream's filtering and packing equal the whole corpus's: tests/test_run_pretrain.py
+    # ::test_a_stream_is_filtered_and_packed_as_the_same_corpus_read_whole.
     dataset_dir = tmp_path / "dataset"
     dataset_dir.mkdir()
     lines = (corpus_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
@@ -148,9 +150,9 @@ def test_streamed_dataset_trains_and_reports_what_it_read(corpus_dir, tiny_model
         env_extra={"HF_DATASETS_CACHE": str(tmp_path)},
     )
     stats = json.loads((output_dir / "data_stats.json").read_text())
-    assert stats["streaming"] is True and stats["documents_in"] > 0
-    assert stats["documents_in"] == stats["documents_out"] + sum(stats["documents_dropped"].values())
-    assert stats["documents_dropped"]["non_latin_letter"] > 0  # the lines with (서울) in documents mode
+    assert stats["streaming"] is True and stats["source"] == f"{dataset_dir} (None, train)"
+    assert (stats["text_column"], stats["filter_mode"]) == ("content", "documents")
+    assert stats["document_attention"]["holds"] and stats["document_attention"]["layout"] == "padded"
     assert len(losses(output_dir)) == 3 and (output_dir / "model.safetensors").is_file()
 
 
