@@ -16,19 +16,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from study_common import write_json_atomic, write_text_atomic
+from study_common import write_json_atomic
 from study_report import (
-    ReportDoc,
     _f,
+    _figure,
     _final_checks,
     _gap,
     _group_runs,
-    _pyplot,
     _read_json,
     _save,
     _status,
     _unfinished_banner,
     configuration_text,
+    image,
+    table,
+    write_pages,
 )
 from study_runner import fmt_time, read_step_seconds, unfinished_steps, utc_now
 
@@ -37,70 +39,57 @@ if TYPE_CHECKING:
 
 
 def write_sweep_report(plan: Plan) -> dict:
-    """sweep_report.md/.html/.json and figures/dose_response.png of a sweep, from its cells' outputs and reports
-    (written first): per cell its values, status and time; per cell, group and direction the gaps with their
-    intervals (all questions, per tier, knowledge, bridges − mismatched) against each swept factor; the checks per
-    cell. Returns what write_report returns."""
+    """sweep_report.md/.html/.json and figures/dose_response.png of a sweep, from its cells' outputs: per cell its
+    values, status and time; per cell, group and direction the gaps with their intervals (all questions, per tier,
+    knowledge, bridges − mismatched) against each swept factor; the checks per cell. Returns what write_report
+    returns."""
     out, factors, unfinished = Path(plan.out), plan.config["sweep"], unfinished_steps(plan)
-    timings, figures, doc = read_step_seconds(out), out / "figures", ReportDoc()
+    timings, figures = read_step_seconds(out), out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    record = {"generated": utc_now(), "configuration": plan.config, "factors": factors,
-              "status": _status(plan, unfinished), "cells": {}}  # fmt: skip
-    doc.h(1, f"Sweep of the `{plan.preset.name}` study over {', '.join(factors)}")
-    doc.p(
-        f"Configuration: {configuration_text(plan.config)}. Generated {record['generated']}. {len(plan.cells)} cells, "
-        "one study each, in `<cell>/` with its own report; a step whose command is the same in several cells ran "
-        "once (`shared/`). Gaps are with minus without bridges, mean over the CPT curve, with 95% bootstrap "
-        "intervals over questions and seed pairs (`run_transfer.py`)."
-    )
-    _unfinished_banner(doc, plan, unfinished)
     users = Counter(s.id for cell in plan.cells.values() for s in cell.steps)
     shared = {step_id for step_id, n in users.items() if n > 1}  # ran once for several cells
-    rows = []
-    for name, cell in plan.cells.items():
-        entry = record["cells"][name] = {
-            "values": cell.config["cell"], "report": str(Path(cell.out) / "report.md"),
-            "own_steps_s": sum(timings.get(s.id) or 0 for s in cell.steps if s.id not in shared),
-            "shared_steps_s": sum(timings.get(s.id) or 0 for s in cell.steps if s.id in shared),
-            "shared_steps": [s.id for s in cell.steps if s.id in shared],
-            "unfinished": [s.id for s in cell.steps if s.id in unfinished],
-            **_cell_dose(cell), "gaps": _cell_gaps(cell), "checks": _cell_checks(cell)}  # fmt: skip
-        status = f"**{len(entry['unfinished'])} steps unfinished**" if entry["unfinished"] else "finished"
-        seen = "–" if entry["mentions_seen"] is None else f"{entry['mentions_seen']:.0f}"
-        rows.append([f"[{name}]({name}/report.md)", *map(_shown_value, entry["values"].values()),
-                     _f(entry["data_epochs"], ".2f"), seen, fmt_time(entry["own_steps_s"]),
-                     fmt_time(entry["shared_steps_s"]), status])  # fmt: skip
-    record["sweep_steps_s"] = sum(timings.get(s.id) or 0 for s in plan.steps)
-    doc.h(2, "Cells")
-    doc.table(["cell", *factors, "data epochs", "mentions seen", "its own steps took", "shared steps it used took",
-               "status"], rows)  # fmt: skip
-    doc.p(
+    cells = {name: _cell_entry(cell, timings, shared, unfinished) for name, cell in plan.cells.items()}
+    record = {"generated": utc_now(), "configuration": plan.config, "factors": factors,
+              "status": _status(plan, unfinished), "cells": cells,
+              "sweep_steps_s": sum(timings.get(s.id) or 0 for s in plan.steps)}  # fmt: skip
+    header = ["cell", *factors, "data epochs", "mentions seen", "its own steps took", "shared steps it used took",
+              "status"]  # fmt: skip
+    gaps = [[name, g["group"], g["direction"], g["measure"], _gap(g), g["verdict"]]
+            for name, cell in cells.items() for g in cell["gaps"]]  # fmt: skip
+    doc = [
+        f"# Sweep of the `{plan.preset.name}` study over {', '.join(factors)}",
+        f"Configuration: {configuration_text(plan.config)}. Generated {record['generated']}. {len(cells)} cells, one "
+        "study each, in `<cell>/` with its own report; a step whose command is the same in several cells ran once "
+        "(`shared/`). Gaps are with minus without bridges, mean over the CPT curve, with 95% bootstrap intervals over "
+        "questions and seed pairs (`run_transfer.py`).",
+        *_unfinished_banner(plan, unfinished),
+        "## Cells",
+        table(header, [_cell_row(name, entry) for name, entry in cells.items()]),
         "Data epochs: how many times CPT read its dataset, mean over the cell's runs (`plan.data_epochs` of each "
         "`packing_audit.json`); mentions seen: the world's bridge mentions per entity (`pair_mentions`) x data "
         "epochs, the dose the model saw (docs/dose-response.md). A cell's time is the sum of its steps' seconds. "
-        f"Steps shared by several cells ({len(shared)}: "
-        f"{', '.join(sorted(shared)) or 'none'}) ran once for all of them: they are counted once in the sweep's "
-        f"{fmt_time(record['sweep_steps_s'])} of steps, and not in any cell's own time."
-    )
-    doc.h(2, "Gaps per cell")
-    doc.table(["cell", "group", "direction", "measure", "mean gap [95% CI]", "verdict"],
-              [[name, g["group"], g["direction"], g["measure"], _gap(g), g["verdict"]]
-               for name, cell in record["cells"].items() for g in cell["gaps"]])  # fmt: skip
-    figure = _plot_dose_response(record, factors, figures)
-    if figure:
-        doc.img(figure, "Mean gap [95% CI] per direction against the first swept factor (other factors as separate "
-                        "lines): all questions, skill, knowledge, bridges − mismatched")  # fmt: skip
-    doc.h(2, "Manipulation checks per cell")
-    doc.p(
+        f"Steps shared by several cells ({len(shared)}: {', '.join(sorted(shared)) or 'none'}) ran once for all of "
+        f"them: they are counted once in the sweep's {fmt_time(record['sweep_steps_s'])} of steps, and not in any "
+        "cell's own time.",
+        "## Gaps per cell",
+        table(["cell", "group", "direction", "measure", "mean gap [95% CI]", "verdict"], gaps),
+    ]
+    figure = _plot_dose_response(cells, factors, figures)
+    caption = ("Mean gap [95% CI] per direction against the first swept factor (other factors as separate lines): all "
+               "questions, skill, knowledge, bridges − mismatched")  # fmt: skip
+    checks = [[name, *c.values()] for name, cell in cells.items() for c in cell["checks"]]
+    doc += [
+        image(figure, caption) if figure else "",
+        "## Manipulation checks per cell",
         "Per cell, group and setting: the share of pairs co-located in one window (100% with bridges, 0% otherwise), "
         "whether every packing audit holds, and the manipulation checks at the final checkpoint, mean over seeds "
-        "(each cell's report has their chance levels and intervals)."
-    )
-    doc.table(["cell", "group", "setting", "runs", "co-located %", "audits hold", "manipulation checks (final)"],
-              [[name, *c.values()] for name, cell in record["cells"].items() for c in cell["checks"]])  # fmt: skip
-    md, page, data = out / "sweep_report.md", out / "sweep_report.html", out / "sweep_report.json"
-    write_text_atomic(md, doc.markdown())
-    write_text_atomic(page, doc.html(f"Sweep report ({plan.preset.name})"))
+        "(each cell's report has their chance levels and intervals).",
+        table(
+            ["cell", "group", "setting", "runs", "co-located %", "audits hold", "manipulation checks (final)"], checks
+        ),
+    ]
+    md, data = out / "sweep_report.md", out / "sweep_report.json"
+    page = write_pages(md, doc, f"Sweep report ({plan.preset.name})")
     write_json_atomic(data, record)
     return {"md": md, "html": page, "json": data, "steps": len(plan.steps), "unfinished": unfinished}
 
@@ -109,11 +98,31 @@ def _shown_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _cell_dose(cell: Plan) -> dict:
+def _cell_entry(cell: Plan, timings: dict, shared: set[str], unfinished: dict) -> dict:
+    """A cell's record: its values, report, time (its own steps, and the shared ones it used), unfinished steps, the
+    dose its runs saw, its gaps and its checks. Reads each run's packing audit once."""
+    audits = {r.name: _read_json(Path(r.dir) / "packing_audit.json") for r in cell.runs}
+    return {"values": cell.config["cell"], "report": str(Path(cell.out) / "report.md"),
+            "own_steps_s": sum(timings.get(s.id) or 0 for s in cell.steps if s.id not in shared),
+            "shared_steps_s": sum(timings.get(s.id) or 0 for s in cell.steps if s.id in shared),
+            "shared_steps": [s.id for s in cell.steps if s.id in shared],
+            "unfinished": [s.id for s in cell.steps if s.id in unfinished],
+            **_cell_dose(cell, audits), "gaps": _cell_gaps(cell), "checks": _cell_checks(cell, audits)}  # fmt: skip
+
+
+def _cell_row(name: str, entry: dict) -> list:
+    status = f"**{len(entry['unfinished'])} steps unfinished**" if entry["unfinished"] else "finished"
+    seen = "–" if entry["mentions_seen"] is None else f"{entry['mentions_seen']:.0f}"
+    return [f"[{name}]({name}/report.md)", *map(_shown_value, entry["values"].values()),
+            _f(entry["data_epochs"], ".2f"), seen, fmt_time(entry["own_steps_s"]), fmt_time(entry["shared_steps_s"]),
+            status]  # fmt: skip
+
+
+def _cell_dose(cell: Plan, audits: dict) -> dict:
     """The dose a cell's CPT runs saw: data epochs (mean over their packing audits), the world's pair mentions and
     their product (None where not recorded)."""
-    audits = [_read_json(Path(r.dir) / "packing_audit.json") or {} for r in cell.runs]
-    epochs = [a["plan"]["data_epochs"] for a in audits if (a.get("plan") or {}).get("data_epochs") is not None]
+    epochs = [a["plan"]["data_epochs"] for a in audits.values() if ((a or {}).get("plan") or {}).get("data_epochs")
+              is not None]  # fmt: skip
     world = (_read_json(Path(cell.dirs["world"]) / "world.json") if cell.dirs.get("world") else None) or {}
     mentions = world.get("arguments", {}).get("pair_mentions")
     data_epochs = float(np.mean(epochs)) if epochs else None
@@ -142,22 +151,22 @@ def _cell_gaps(cell: Plan) -> list[dict]:
     return found
 
 
-def _cell_checks(cell: Plan) -> list[dict]:
+def _cell_checks(cell: Plan, audits: dict) -> list[dict]:
     """Per group and setting of a cell: co-location and audit guarantees (packing_audit.json) and the manipulation
     checks at the final checkpoint, mean over its runs (_final_checks)."""
     found = []
     for key, group in cell.groups.items():
         for setting in group["settings"]:
             runs = _group_runs(cell, key, setting)
-            audits = [a for a in (_read_json(Path(r.dir) / "packing_audit.json") for r in runs) if a]
-            shares = [a["pairs"]["co_located_percent"] for a in audits]
+            audited = [audits[r.name] for r in runs if audits[r.name]]
+            shares = [a["pairs"]["co_located_percent"] for a in audited]
             checks: dict[tuple[str, str], list[float]] = {}
             for run in runs:
                 for check_what, (accuracy, _, _) in (_final_checks(run.eval_dir, run.lang) or (0, {}))[1].items():
                     checks.setdefault(check_what, []).append(accuracy)
-            found.append({"group": key, "setting": setting, "runs": f"{len(audits)}/{len(runs)} audited",
+            found.append({"group": key, "setting": setting, "runs": f"{len(audited)}/{len(runs)} audited",
                           "co_located_percent": _f(float(np.mean(shares)), ".1f") if shares else "-",
-                          "audits_hold": all(a.get("guarantees_hold") is True for a in audits) if audits else "-",
+                          "audits_hold": all(a.get("guarantees_hold") is True for a in audited) if audited else "-",
                           "manipulation_checks": "; ".join(f"{check} {what} {np.mean(v):.3f}"
                                                           for (check, what), v in checks.items()) or "-"})  # fmt: skip
     return found
@@ -177,19 +186,17 @@ def _plotted_as(measure: str, never_tier: str | None) -> str | None:
     return {"knowledge": "knowledge", "bridges − mismatched": "mismatched"}.get(measure.split(" (")[0])
 
 
-def _plot_dose_response(record: dict, factors: dict, figures: Path) -> str | None:
+def _plot_dose_response(cells: dict, factors: dict, figures: Path) -> str | None:
     """Per direction (rows) and measure (columns, PLOTTED): the mean gap with its CI against the first swept factor,
     one line per group and combination of the other factors' values."""
-    points = [(cell["values"], g) for cell in record["cells"].values() for g in cell["gaps"] if g.get("plotted")]
+    points = [(cell["values"], g) for cell in cells.values() for g in cell["gaps"] if g.get("plotted")]
     directions = sorted({g["direction"] for _, g in points})
     if not directions:
         return None
     factor, *others = factors
     many_groups = len({g["group"] for _, g in points}) > 1
     ticks = [_shown_value(v) for v in factors[factor]]
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(directions), len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.4 * len(directions)),
-                             sharey="row", squeeze=False)  # fmt: skip
+    fig, axes = _figure(len(directions), len(PLOTTED), 4.2, 3.4, sharey="row")
     for (row, direction), (col, (role, title)) in itertools.product(enumerate(directions), enumerate(PLOTTED.items())):
         ax, lines = axes[row, col], {}
         for values, g in (p for p in points if p[1]["direction"] == direction and p[1]["plotted"] == role):
@@ -205,7 +212,6 @@ def _plot_dose_response(record: dict, factors: dict, figures: Path) -> str | Non
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set(xlabel=factor, title=f"{direction}: {title}", ylabel="mean gap [95% CI]" if col == 0 else None)
-        ax.grid(alpha=0.3)
         if lines:
             ax.legend(fontsize=7)
     fig.tight_layout()

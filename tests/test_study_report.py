@@ -1,8 +1,8 @@
 """study_report.py: the report of a study from the files its steps wrote. Real probing outputs with planted ties
-(answer positions, both tie rules, the audit's unchecked guarantees); a decomposed study (knowledge or skill per tier
-and the difference-in-differences, mismatched bridges, the manipulation checks, the gap against measured occurrences,
-the four tiers of the world, undetermined verdicts) whose world, transfer.json and density.json the real scripts write
-on planted probing outputs. The sweep report: tests/test_sweep_report.py."""
+(both tie rules, the audit's unchecked guarantees); a decomposed study (its transfer.md with knowledge or skill per
+tier and mismatched bridges, the manipulation checks, the gap against measured occurrences, the four tiers of the
+world, undetermined verdicts) whose world, transfer.json and density.json the real scripts write on planted probing
+outputs. The sweep report: tests/test_sweep_report.py."""
 
 from __future__ import annotations
 
@@ -30,16 +30,14 @@ from study_config import PRESETS
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_report_renders_markdown_and_html_from_the_same_blocks():
-    doc = study_report.ReportDoc()
-    doc.h(2, "Title")
-    doc.p("A **bold** `code` [link](x.html) & <tag>")
-    doc.table(["a", "b|c"], [[1, "x|y"]])
-    doc.img("figures/f.png", "caption")
-    markdown, page = doc.markdown(), doc.html("t")
-    assert "## Title" in markdown and "| 1 | x\\|y |" in markdown and "![caption](figures/f.png)" in markdown
+def test_a_report_page_is_its_markdown_rendered_with_raw_html_escaped_and_empty_blocks_left_out(tmp_path):
+    blocks = ["## Title", "A **bold** `code` [link](x.html) & <tag>", study_report.table(["a", "b|c"], [[1, "x|y"]]),
+              study_report.bullets([]), study_report.image("figures/f.png", "caption")]  # fmt: skip
+    page = study_report.write_pages(tmp_path / "report.md", blocks, "t").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith("## Title\n\nA **bold**") and "| 1 | x\\|y |\n\n![caption](figures/f.png)" in markdown
     assert "<strong>bold</strong>" in page and "<code>code</code>" in page and '<a href="x.html">link</a>' in page
-    assert "&lt;tag&gt;" in page and '<img src="figures/f.png"' in page
+    assert "&lt;tag&gt;" in page and '<img src="figures/f.png"' in page and "<title>t</title>" in page
 
 
 # --------------------------------------------------------------------------------------
@@ -70,7 +68,7 @@ def _probe(model_dir: Path, questions: list[str], output_dir: str) -> None:
     run_eval.main(["--model_name_or_path", str(model_dir), "--questions", *questions, "--output_dir", output_dir])
 
 
-def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarantees(tmp_path, tiny_model_dir):
+def test_report_shows_ties_both_tie_rules_and_unchecked_guarantees(tmp_path, tiny_model_dir):
     questions_dir = tmp_path / "questions"
     questions_dir.mkdir()
     for lang, items in ITEMS.items():
@@ -103,16 +101,12 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
     record = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert (out / "report.html").read_text(encoding="utf-8").count("tie rule") >= 1
 
-    # answer positions and "always option 0", per question file, as run_eval.py recorded them
-    questions = record["sections"]["questions"]["bo/real"]
-    for stem in ("bo-culture-cloze_en", "bo-culture-cloze_bo"):
-        shown = questions["files"][stem]
-        assert shown["answer_position_counts"] == {"0": 2, "1": 1, "2": 1}
-        assert shown["always_first_accuracy"] == 0.5
-        assert f"| {stem} | 4 | 0: 0.50, 1: 0.25, 2: 0.25 | 0.500 | 0.250 |" in report_md
     # per model and file at the final checkpoint: the tie rate and the accuracy under both rules
+    questions = record["sections"]["questions"]["bo/real"]
     assert {(e["model"], e["questions"]) for e in questions["final"]} == {
-        (model, stem) for model in ("base", "bridges", "no_bridges") for stem in questions["files"]
+        (model, stem)
+        for model in ("base", "bridges", "no_bridges")
+        for stem in ("bo-culture-cloze_en", "bo-culture-cloze_bo")
     }
     for entry in questions["final"]:
         eval_dir = group["base_eval"] if entry["model"] == "base" else next(
@@ -127,16 +121,15 @@ def test_report_shows_answer_positions_ties_both_tie_rules_and_unchecked_guarant
         assert f"| {study_report._f(entry['tie_rate'])} | {study_report._f(entry['accuracy_first'])} | " in report_md
     assert questions["tie_flags"] and "of items tie for the best score (above 5%)" in report_md
 
-    # the transfer table says its tie rule, and the analysis is shown under both rules where they differ
+    # transfer.md, whose table says its tie rule and which shows the analysis under both rules where they differ
     transfer = json.loads((Path(group["transfer"]) / "transfer.json").read_text())
-    directions = record["sections"]["transfer"]["bo/real"]["directions"]
+    assert record["sections"]["transfer"]["bo/real"] == {
+        "transfer_json": str(Path(group["transfer"]) / "transfer.json")
+    }
+    directions = [d for lang in transfer["languages"] for d in lang["directions"]]
     assert len(directions) == 2
-    for entry in directions:
-        source = next(
-            d for lang in transfer["languages"] for d in lang["directions"] if d["direction"] == entry["direction"]
-        )
-        assert entry["tie_policy"] == "first" and entry["tie_policies"] == source["tie_policies"]
-        assert entry["tie_policies_differ"] is True  # ties credit first-rule accuracy that random breaking does not
+    for source in directions:
+        assert source["tie_policies_differ"] is True  # ties credit first-rule accuracy that random breaking does not
         for policy in ("first", "fractional"):
             summary = source["tie_policies"][policy]
             assert (
@@ -321,23 +314,17 @@ def _shown(value: float, ci) -> str:
     return f"{value:+.3f} {study_report._ci(ci)}"
 
 
-def test_a_skill_only_gap_reads_skill_not_knowledge_and_a_high_tier_gain_reads_knowledge(study, tmp_path):
+def test_the_transfer_section_is_transfer_md_with_skill_and_knowledge_read_from_the_tiers(study, tmp_path):
     report, record, plan = _report(study, tmp_path)
-    directions = _directions(_transfer(plan))
-    section = record["sections"]["transfer"][KEY]
-    knowledge = {k["direction"]: k for k in section["knowledge"]}
-    assert set(knowledge) == {f"en->{LANG}", f"{LANG}->en"}
-    for direction, d in directions.items():
+    transfer, path = _transfer(plan), Path(plan.groups[KEY]["transfer"]) / "transfer.json"
+    assert record["sections"]["transfer"][KEY] == {"transfer_json": str(path)}  # its numbers stay in transfer.json
+    assert run_transfer.transfer_markdown(transfer, level=4, standalone=False) in report
+    directions = _directions(transfer)
+    for d in directions.values():
         source = d["knowledge_transfer"]
-        assert {f: knowledge[direction][f] for f in study_report.KNOWLEDGE_FIELDS} == {
-            f: source[f] for f in study_report.KNOWLEDGE_FIELDS
-        }
         # the table: every tier's gap from transfer.json's tiers, then the difference-in-differences
-        for tier, stats in d["tiers"].items():
+        for stats in d["tiers"].values():
             assert f" | {_shown(stats['mean_gap'], stats['mean_gap_ci'])} | " in report
-            assert {"direction": direction, "tier": tier, "questions": 8, "mean_gap": stats["mean_gap"],
-                    "mean_gap_ci": stats["mean_gap_ci"], "final_gap": stats["final_gap"],
-                    "final_gap_ci": stats["final_gap_ci"], "verdict": stats["verdict"]} in section["tiers"]  # fmt: skip
         row = (
             f"| **knowledge**: gap high − gap {source['never_tier']} | – | – | – | "
             f"{_shown(source['mean_did'], source['mean_did_ci'])} | {_shown(source['final_did'], source['final_did_ci'])} "
@@ -357,38 +344,34 @@ def test_a_skill_only_gap_reads_skill_not_knowledge_and_a_high_tier_gain_reads_k
     # mn -> English: bridges gain 0.75 on high facts only: knowledge, and no skill part
     to_en = directions[f"{LANG}->en"]["knowledge_transfer"]
     assert (to_en["verdict"], to_en["skill_verdict"]) == ("transfer", "no evidence")
-    assert knowledge[f"{LANG}->en"]["sentence"] == (
-        f"{LANG} → English (English questions): knowledge crossed from {LANG}: the gap on facts {LANG} states often "
+    assert (
+        f"- {LANG} → English (English questions): knowledge crossed from {LANG}: the gap on facts {LANG} states often "
         f"exceeds the gap on facts it never states, difference-in-differences (high − en_only) "
         f"{_shown(0.75, to_en['mean_did_ci'])} excludes 0; no evidence of a skill part: "
-        f"{_shown(0.0, to_en['skill_mean_gap_ci'])} on facts {LANG} never states (en_only)."
-    )
-    assert "skill, not knowledge" not in knowledge[f"{LANG}->en"]["sentence"]
+        f"{_shown(0.0, to_en['skill_mean_gap_ci'])} on facts {LANG} never states (en_only).\n"
+    ) in report
 
 
 def test_mismatched_bridges_are_tabled_per_direction_with_what_each_difference_means(study, tmp_path):
-    report, record, plan = _report(study, tmp_path)
+    report, _, plan = _report(study, tmp_path)
     directions = _directions(_transfer(plan))
-    shown = {m["direction"]: m for m in record["sections"]["transfer"][KEY]["mismatched"]}
     for direction, d in directions.items():
         above, below = d["bridges_minus_mismatched"], d["mismatched_minus_none"]
-        assert shown[direction]["bridges_minus_mismatched"]["mean_gap_ci"] == above["mean_gap_ci"]
-        assert shown[direction]["mismatched_minus_none"]["verdict"] == below["verdict"]
         assert (
             f"| {run_transfer.direction_words(direction, LANG)} | {_shown(above['mean_gap'], above['mean_gap_ci'])} | "
             f"{above['verdict']} | {_shown(below['mean_gap'], below['mean_gap_ci'])} | {below['verdict']} |"
         ) in report
     # target questions: mismatched bridges score as bridges (the partner does not matter), above none
-    assert shown[f"en->{LANG}"]["sentence"] == (
-        f"English → {LANG} ({LANG} questions): no evidence that the right partner matters (bridges − mismatched "
+    assert (
+        f"- English → {LANG} ({LANG} questions): no evidence that the right partner matters (bridges − mismatched "
         f"+0.000 [+0.000, +0.000] includes 0); mere bilingual co-location helps (mismatched − none "
-        f"{_shown(0.5, directions[f'en->{LANG}']['mismatched_minus_none']['mean_gap_ci'])} excludes 0)."
-    )
+        f"{_shown(0.5, directions[f'en->{LANG}']['mismatched_minus_none']['mean_gap_ci'])} excludes 0).\n"
+    ) in report
     # English questions: mismatched bridges score as none (the partner is what matters)
-    sentence = shown[f"{LANG}->en"]["sentence"]
+    (sentence,) = [line for line in report.splitlines()
+                   if line.startswith(f"- {LANG} → English (English questions)") and "partner" in line]  # fmt: skip
     assert "the right partner matters (bridges − mismatched +0.188 [" in sentence  # 6 of 32 items
     assert "no evidence that bilingual co-location without the translation helps (mismatched − none +0.000" in sentence
-    assert sentence in report
 
 
 def test_manipulation_checks_at_chance_are_said_plainly_with_what_they_mean_for_the_gap(study, tmp_path):
@@ -468,14 +451,14 @@ def test_density_shows_the_gap_against_log_occurrences_per_analysed_question_fil
     assert report.count(f"The slope is the {results[0]['gap_vs_log_occurrences']['meaning']}.") == 1
 
 
-def test_the_world_section_describes_absent_and_en_only_and_en_only_has_ratio_zero(study, tmp_path):
+def test_the_world_section_tables_every_tier_with_en_only_at_ratio_zero_and_absent_at_infinity(study, tmp_path):
     report, record, _ = _report(study, tmp_path)
     densities = record["sections"]["world"]["densities"][LANG]
     assert densities["en_only"]["tgt_over_en"] == 0 and densities["absent"]["tgt_over_en"] is None
     rows = {line.split(" | ")[1]: line for line in report.splitlines() if line.startswith(f"| {LANG} | ")}
+    assert set(rows) == {"high", "low", "absent", "en_only"}
     assert rows["en_only"].endswith(" | 0.0 |") and rows["absent"].endswith(" | ∞ |")
-    assert "Facts of the **absent** tier are stated in the target corpus" in report
-    assert "Facts of the **en_only** tier are stated in English" in report
+    assert rows["absent"].startswith(f"| {LANG} | absent | 8 | 0 | ")  # planted: never stated in English
 
 
 def _mark_undetermined(plan) -> None:
@@ -490,23 +473,20 @@ def _mark_undetermined(plan) -> None:
 
 
 def test_undetermined_verdicts_are_shown_as_such_and_no_conclusion_rests_on_them(study, tmp_path):
-    report, record, _ = _report(study, tmp_path, _mark_undetermined)
-    section = record["sections"]["transfer"][KEY]
-    knowledge = {k["direction"]: k for k in section["knowledge"]}[f"en->{LANG}"]
-    assert knowledge["verdict"] == "undetermined"
-    assert knowledge["sentence"].startswith(
-        f"English → {LANG} ({LANG} questions): undetermined: the difference lies outside its own interval"
+    report, _, plan = _report(study, tmp_path, _mark_undetermined)
+    assert (
+        f"- English → {LANG} ({LANG} questions): undetermined: the difference lies outside its own interval" in report
     )
     assert "skill, not knowledge" not in report
     assert "| **undetermined** |" in report and run_transfer.UNDETERMINED_TEXT in report
-    (direction,) = [e for e in section["directions"] if e["direction"] == f"en->{LANG}"]
-    assert direction["verdict"] == "undetermined"
+    direction = _directions(_transfer(plan))[f"en->{LANG}"]
     row = next(
         line for line in report.splitlines() if f"| {_shown(direction['mean_gap'], direction['mean_gap_ci'])} |" in line
     )
     assert row.startswith(f"| English → {LANG} ({LANG} questions) |") and row.endswith("| **undetermined** |")
-    mismatched = {m["direction"]: m for m in section["mismatched"]}[f"en->{LANG}"]
-    assert "whether the right partner matters is undetermined" in mismatched["sentence"]
+    (mismatched,) = [line for line in report.splitlines() if line.startswith(f"- English → {LANG} ({LANG} questions): ")
+                     and "partner" in line]  # fmt: skip
+    assert "whether the right partner matters is undetermined" in mismatched
 
 
 def _diagnosed(plan) -> None:
