@@ -41,9 +41,8 @@ SHARED_BY_ALL_RUNS = ("base_model_weights_sha256", "base_model_config_sha256", "
                       "windows_per_step", "block_size", "pair_order", "pair_separator", *PROBING_FIELDS)  # fmt: skip
 #: What the runs of one seed must share besides (runs of different seeds see different documents).
 SHARED_BY_A_SEED = ("documents_seen_sha256",)
-#: The knowledge contrast of each direction: the tier of facts its source corpus states often and the tier it
-#: never states; both are stated equally often in the destination corpus, so bridges' help with learning the
-#: destination language (a skill) cancels in the gap difference, and what remains is knowledge carried across.
+#: The knowledge contrast of each direction (docs/decomposition.md): the tier of facts its source corpus states
+#: often and the tier it never states, both stated equally often in the destination corpus.
 KNOWLEDGE_CONTRASTS = {
     "en->X": {"often_tier": "high", "never_tier": "absent"},  # X questions; source corpus English
     "X->en": {"often_tier": "high", "never_tier": "en_only"},  # English questions; source corpus X
@@ -207,11 +206,12 @@ def pair_seeds(lang: str, by_setting: dict[str, list[RunResults]]) -> list[tuple
     seeds = sorted({r.seed for r in runs}, key=lambda seed: (seed is not None, seed))
     missing = {seed: [s for s, group in by_setting.items() if all(r.seed != seed for r in group)] for seed in seeds}
     unpaired = [f"{said(seed)}: {', '.join(r.name for r in runs if r.seed == seed)} has no "
-                + " and no ".join(f"{SETTING_FLAGS[s]} run" for s in settings)
-                for seed, settings in missing.items() if settings]  # fmt: skip
+                + " and no ".join(f"{SETTING_FLAGS[s]} run" for s in absent)
+                for seed, absent in missing.items() if absent]  # fmt: skip
     if unpaired:
         raise InputError(
-            f"{lang}: runs without a partner of the same seed ({'; '.join(unpaired)}); give every seed in every setting."
+            f"{lang}: runs without a partner of the same seed ({'; '.join(unpaired)}); give every seed in every "
+            "setting."
         )
     return [tuple(next(r for r in group if r.seed == seed) for group in by_setting.values()) for seed in seeds]
 
@@ -311,9 +311,9 @@ def analyse_direction(
     per_seed_boot = np.einsum("bq,stq->bst", question_weights, w - o) / n_questions
     per_seed_mean_ci = _percentile_ci(per_seed_boot.mean(axis=2), confidence)  # 2 x seeds
     per_seed = [{"gap": per_seed_gaps[s].tolist(), "mean_gap": float(per_seed_gaps[s].mean()),
-                 "mean_gap_ci_questions_only": per_seed_mean_ci[:, s].tolist(), "final_gap": float(per_seed_gaps[s, -1]),
-                 "accuracy_with": w[s].mean(axis=1).tolist(), "accuracy_without": o[s].mean(axis=1).tolist()}
-                for s in range(n_seeds)]  # fmt: skip
+                 "mean_gap_ci_questions_only": per_seed_mean_ci[:, s].tolist(),
+                 "final_gap": float(per_seed_gaps[s, -1]), "accuracy_with": w[s].mean(axis=1).tolist(),
+                 "accuracy_without": o[s].mean(axis=1).tolist()} for s in range(n_seeds)]  # fmt: skip
     return {
         "n_questions": n_questions,
         "n_seed_pairs": n_seeds,
@@ -394,9 +394,12 @@ def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, 
     stems = defaultdict(dict)  # parallel group -> question language -> stem probed in every run
     for stem in (stem for stem in questions if all(stem in r.questions for r in runs)):
         stems[questions[stem]["parallel_group"]][questions[stem]["lang"]] = stem
-    directions = [_analyse_questions(lang, questions[by_lang[q]], by_lang[q], pairs, steps, transfer, item_tiers.get(base))
-                  for base, by_lang in sorted(stems.items()) if lang in by_lang
-                  for q in (lang, "en") if q in by_lang]  # fmt: skip
+    directions = [
+        _analyse_questions(lang, stem, pairs, steps, transfer, item_tiers.get(base))
+        for base, by_lang in sorted(stems.items())
+        if lang in by_lang
+        for stem in (by_lang[q] for q in (lang, "en") if q in by_lang)
+    ]
     if not directions:
         raise InputError(f"{lang}: no question set in {lang} with a parallel English set among {list(questions)}.")
     return {
@@ -412,10 +415,11 @@ def _analyse_language(lang: str, by_setting: dict, transfer: TransferArguments, 
     }
 
 
-def _analyse_questions(lang: str, described: dict, stem: str, pairs, steps, transfer, tiers: dict | None) -> dict:
+def _analyse_questions(lang: str, stem: str, pairs, steps, transfer, tiers: dict | None) -> dict:
     """One direction: the gap on question set ``stem`` under both tie policies; with ``tiers`` (read_item_tiers)
     the gap per tier and the knowledge contrast; with mismatched runs their two comparisons."""
-    english, policy = described["lang"] == "en", transfer.tie_policy
+    described, policy = pairs[0][0].questions[stem], transfer.tie_policy
+    english = described["lang"] == "en"
 
     def cube(run: RunResults, rule: str) -> np.ndarray:  # steps x items
         return (run.correct if rule == "first" else run.fractional)[stem][[run.steps.index(s) for s in steps]]
@@ -426,8 +430,9 @@ def _analyse_questions(lang: str, described: dict, stem: str, pairs, steps, tran
 
     def compare(a: int, b: int, rule: str = policy, items=slice(None)) -> dict:
         """Side a minus side b; McNemar on first-wins correctness whatever the tie rule."""
-        stats = analyse_direction(credit[a, rule][..., items], credit[b, rule][..., items], transfer.n_bootstrap,
-                                  transfer.bootstrap_seed, transfer.confidence, credit[a, "first"][..., items], credit[b, "first"][..., items])  # fmt: skip
+        with_, without, first_with, first_without = (credit[s, r][..., items] for r in (rule, "first") for s in (a, b))
+        stats = analyse_direction(with_, without, transfer.n_bootstrap, transfer.bootstrap_seed, transfer.confidence,
+                                  first_with, first_without)  # fmt: skip
         for pair, entry in zip(pairs, stats["per_seed"]):
             entry |= {"with_run": pair[a].name, "without_run": pair[b].name, "seeds": [pair[a].seed, pair[b].seed]}
         return stats
@@ -495,12 +500,8 @@ def verdict_cell(verdict: str) -> str:
 
 
 def _table(header: list[str], rows) -> list[str]:
-    cells = [[str(c).replace("|", "\\|") for c in row] for row in [header, *rows]]
-    return [
-        "| " + " | ".join(cells[0]) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in cells[1:]),
-    ]
+    lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in [header, *rows]]
+    return [lines[0], "|" + "---|" * len(header), *lines[1:]]
 
 
 def _section(title: str, header: list[str], rows: list, note: str | None = None) -> list[str]:
@@ -675,11 +676,8 @@ def _tiers_markdown(result: dict) -> list[str]:
 
 def _mismatched_markdown(result: dict) -> list[str]:
     found = transfer_directions(result, "mismatched_minus_none")
-    rows = []
-    for lang, d in found:
-        a, b = d["bridges_minus_mismatched"], d["mismatched_minus_none"]
-        rows.append([direction_words(d["direction"], lang["lang"]), _gap(a), verdict_cell(a["verdict"]), _gap(b),
-                     verdict_cell(b["verdict"])])  # fmt: skip
+    rows = [[direction_words(d["direction"], lang["lang"]), *(cell for key in MISMATCHED_WORDS
+             for cell in (_gap(d[key]), verdict_cell(d[key]["verdict"])))] for lang, d in found]  # fmt: skip
     header = ["direction", "bridges − mismatched [CI]", "verdict", "mismatched − none [CI]", "verdict"]
     note = ("Each pair's first half shares a window with *another* pair's second half: only the partners differ from "
             "bridges (docs/decomposition.md).")  # fmt: skip
@@ -704,6 +702,9 @@ def _closing_markdown(result: dict) -> list[str]:
 
 
 WITH_COLOR, WITHOUT_COLOR = "#1f77b4", "#ff7f0e"
+#: The summary's marker per column of _panels: colour, marker, offset from the row's tick, legend label.
+SUMMARY_STYLES = (("#2ca02c", "o", -0.12, "English → target (target-language questions)"),
+                  ("#9467bd", "s", 0.12, "target → English (English questions)"))  # fmt: skip
 
 
 def plot_transfer(result: dict) -> dict[str, bytes]:
@@ -715,16 +716,15 @@ def plot_transfer(result: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     languages = result["languages"]
-    pct = round(result["confidence"] * 100)
     rows = [
         (lang, base) for lang in languages for base in dict.fromkeys(d["parallel_group"] for d in lang["directions"])
     ]
     several_seeds = max(d["n_seed_pairs"] for lang in languages for d in lang["directions"]) > 1
     band = "seeds and questions" if several_seeds else "questions (one run per setting)"
+    ci_words = f"{round(result['confidence'] * 100)}% bootstrap CI over {band}"
     pngs = {}
     for name, figure in (("transfer_curves.png", _curves_figure), ("transfer_summary.png", _summary_figure)):
-        fig = figure(plt, rows, pct, band)
-        buffer = io.BytesIO()
+        fig, buffer = figure(plt, rows, ci_words), io.BytesIO()
         fig.savefig(buffer, format="png", dpi=120)
         plt.close(fig)
         pngs[name] = buffer.getvalue()
@@ -735,8 +735,7 @@ def _panels(rows: list[tuple[dict, str]]):
     """(row, column, language, direction or None) of both figures: per row (a language and its question group)
     column 0 the target-language questions (English → target), column 1 the English ones."""
     for r, (language, base) in enumerate(rows):
-        lang = language["lang"]
-        for c, direction in enumerate((f"en->{lang}", f"{lang}->en")):
+        for c, direction in enumerate((f"en->{language['lang']}", f"{language['lang']}->en")):
             found = (d for d in language["directions"] if (d["direction"], d["parallel_group"]) == (direction, base))
             yield r, c, language, next(found, None)
 
@@ -746,20 +745,20 @@ def _legend(axes) -> dict:
     return {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
 
 
-def _curves_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
+def _curves_figure(plt, rows: list[tuple[dict, str]], ci_words: str):
     """Accuracy with and without bridges per step, with bootstrap bands and thin single-seed lines."""
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 2.9 * len(rows) + 1.0), squeeze=False, sharey=True)
     for r, c, language, d in _panels(rows):
         ax, lang, steps = axes[r, c], language["lang"], language["steps"]
-        kind = "target-language" if c == 0 else "English"
-        arrow = f"en → {lang}" if c == 0 else f"{lang} → en"
+        kind, arrow = ("target-language", f"en → {lang}") if c == 0 else ("English", f"{lang} → en")
+        title = f"{lang}: {kind} questions ({arrow})"
         if d is None:
-            ax.set_title(f"{lang}: {kind} questions ({arrow})", fontsize=10)
+            ax.set_title(title, fontsize=10)
             ax.text(0.5, 0.5, "no questions", ha="center", va="center", transform=ax.transAxes)
             continue
-        ax.set_title(f"{lang}: {kind} questions ({arrow})\nmean gap {_gap(d)}: {d['verdict']}", fontsize=9.5)
+        ax.set_title(f"{title}\nmean gap {_gap(d)}: {d['verdict']}", fontsize=9.5)
         for key, color in (("with", WITH_COLOR), ("without", WITHOUT_COLOR)):
             ci = np.array(d[f"accuracy_{key}_ci"])
             ax.fill_between(steps, ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
@@ -777,19 +776,12 @@ def _curves_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
             ax.set_ylabel("cloze accuracy")
     legend = _legend(axes.flat)
     fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), frameon=False, fontsize=9)
-    fig.suptitle(f"Cloze accuracy during CPT (mean over seeds; bands: {pct}% bootstrap CI over {band})", fontsize=10)
+    fig.suptitle(f"Cloze accuracy during CPT (mean over seeds; bands: {ci_words})", fontsize=10)
     fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
     return fig
 
 
-#: The summary's marker per column of _panels: colour, marker, offset from the row's tick, legend label.
-SUMMARY_STYLES = (
-    ("#2ca02c", "o", -0.12, "English → target (target-language questions)"),
-    ("#9467bd", "s", 0.12, "target → English (English questions)"),
-)
-
-
-def _summary_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
+def _summary_figure(plt, rows: list[tuple[dict, str]], ci_words: str):
     """The mean gap over the curve with its interval, per language and direction (and seed pair)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2.5), 4.4))
     for r, c, _, d in _panels(rows):
@@ -803,12 +795,13 @@ def _summary_figure(plt, rows: list[tuple[dict, str]], pct: int, band: str):
             seeds = [s["mean_gap"] for s in d["per_seed"]]
             ax.scatter([r + offset + 0.05] * len(seeds), seeds, color=color, s=12, alpha=0.5, label="single seeds")
     several = Counter(language["lang"] for language, _ in rows)
-    labels = [lang["lang"] if several[lang["lang"]] == 1 else f"{lang['lang']}\n({base})" for lang, base in rows]
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), labels)
+    ax.set_xticks(
+        range(len(rows)), [lang["lang"] + (f"\n({base})" if several[lang["lang"]] > 1 else "") for lang, base in rows]
+    )
     ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("accuracy gap: with − without bridges\n(mean over CPT steps)")
-    ax.set_title(f"Transfer per language and direction\n({pct}% bootstrap CI over {band})", fontsize=10)
+    ax.set_title(f"Transfer per language and direction\n({ci_words})", fontsize=10)
     legend = _legend([ax])
     ax.legend(legend.values(), legend.keys(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
