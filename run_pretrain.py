@@ -337,31 +337,27 @@ def _documents_of_file(path: str, text_column: str) -> Iterator[dict]:
 def count_documents(tokenized: Dataset, n_blocks: int, block_size: int) -> dict:
     """data_stats.json's counts: every document and character read, dropped (by reason) or kept; tokens; windows."""
     table = tokenized.data
-
-    def total(column) -> int:
-        return pc.sum(column).as_py() or 0
-
+    chars = {name: pc.sum(table.column(f"n_chars_{name}")).as_py() or 0 for name in ("in", "out", "removed")}
     reasons = {row["values"]: row["counts"] for row in pc.value_counts(table.column("drop_reason")).to_pylist()}
-    stats = {
+    tokens = pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0
+    return {
         "documents_in": len(tokenized),
         "documents_out": reasons.get("", 0),
         "documents_dropped": {reason: reasons.get(reason, 0) for reason in DROP_REASONS},
-        "characters_in": total(table.column("n_chars_in")),
-        "characters_out": total(table.column("n_chars_out")),
-        "characters_removed_by_filter": total(table.column("n_chars_removed")),
-        "tokens": total(pc.list_value_length(table.column("input_ids"))),
+        "characters_in": chars["in"],
+        "characters_out": chars["out"],
+        "characters_removed_by_filter": chars["removed"],
+        "characters_in_dropped_documents": chars["in"] - chars["out"] - chars["removed"],
+        "tokens": tokens,
         "blocks": n_blocks,
         "tokens_in_blocks": n_blocks * block_size,
+        "tokens_dropped_at_batch_tails": tokens - n_blocks * block_size,
     }
-    kept_or_removed = stats["characters_out"] + stats["characters_removed_by_filter"]
-    stats["characters_in_dropped_documents"] = stats["characters_in"] - kept_or_removed
-    stats["tokens_dropped_at_batch_tails"] = stats["tokens"] - stats["tokens_in_blocks"]
-    return stats
 
 
 def prepare_dataset(raw: Dataset | IterableDataset, tokenizer, start_id: int, data_args: DataArguments, seed=0):
-    """Filter, tokenize and pack into windows: (windows, counts). A stream is prepared lazily while it trains,
-    shuffled in a buffer, and not counted (counts None)."""
+    """Filter, tokenize and pack into windows: (windows, counts); a corpus that leaves nothing to train on is
+    refused. A stream is prepared lazily while it trains, shuffled in a buffer, and not counted (counts None)."""
     streaming = isinstance(raw, IterableDataset)
     workers = {} if streaming else {"num_proc": data_args.preprocessing_num_workers}
     tokenized = raw.map(
@@ -384,11 +380,24 @@ def prepare_dataset(raw: Dataset | IterableDataset, tokenizer, start_id: int, da
         features=BLOCK_FEATURES,
         **workers,
     )
-    if not streaming:
-        return blocks, count_documents(tokenized, len(blocks), data_args.block_size)
-    if data_args.shuffle_buffer_size > 1:
+    if streaming and data_args.shuffle_buffer_size > 1:
         blocks = blocks.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-    return blocks, None
+    if streaming:
+        return blocks, None
+    stats = count_documents(tokenized, len(blocks), data_args.block_size)
+    source = data_args.train_file or data_args.dataset_name
+    if stats["documents_out"] == 0:
+        raise InputError(
+            f"{source}: every document was filtered away ({stats['documents_in']} read, dropped: "
+            f"{stats['documents_dropped']}). The Latin filter keeps only Latin-script text: check the file "
+            "and --text_column, or use --filter_mode chars / --script_filter none."
+        )
+    if stats["blocks"] == 0:
+        raise InputError(
+            f"{source}: {stats['tokens']} tokens after filtering, fewer than one window of "
+            f"--block_size {data_args.block_size}. Give more text or a smaller --block_size."
+        )
+    return blocks, stats
 
 
 # Model
@@ -544,27 +553,6 @@ def make_collator(model_args: ModelArguments, data_args: DataArguments, training
     return PackedBlockCollator(model_args.document_attention, model_args.attn_implementation, flattened)
 
 
-def prepare_data(data_args: DataArguments, training_args, tokenizer, start_id: int):
-    """(windows, counts), built by the main process first (as run_clm); a map-style corpus that leaves nothing to
-    train on is refused (a stream is prepared while it trains)."""
-    with training_args.main_process_first(desc="filter, tokenize and pack"):
-        raw = read_train_documents(data_args, data_args.streaming)
-        blocks, stats = prepare_dataset(raw, tokenizer, start_id, data_args, seed=training_args.seed)
-    source = data_args.train_file or data_args.dataset_name
-    if stats is not None and stats["documents_out"] == 0:
-        raise InputError(
-            f"{source}: every document was filtered away ({stats['documents_in']} read, dropped: "
-            f"{stats['documents_dropped']}). The Latin filter keeps only Latin-script text: check the file "
-            "and --text_column, or use --filter_mode chars / --script_filter none."
-        )
-    if stats is not None and stats["blocks"] == 0:
-        raise InputError(
-            f"{source}: {stats['tokens']} tokens after filtering, fewer than one window of "
-            f"--block_size {data_args.block_size}. Give more text or a smaller --block_size."
-        )
-    return blocks, stats
-
-
 def run_setting(model_args, data_args, trainer: Trainer, tokenizer_source, overrides, isolation) -> dict:
     """What the run is (data_stats.json and the model card); tokens per step count every process."""
     dataset = f"{data_args.dataset_name} ({data_args.dataset_config_name}, {data_args.dataset_split})"
@@ -614,8 +602,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     start_id = document_start_id(tokenizer)
     config, overrides = build_config(model_args, tokenizer, data_args.block_size)
 
-    # 3. Data: read, filter to the Latin script, tokenize, pack into windows (a stream: lazily, while training).
-    train_dataset, counts = prepare_data(data_args, training_args, tokenizer, start_id)
+    # 3. Data: read, filter to the Latin script, tokenize, pack into windows (a stream: lazily, while training);
+    # the main process first, so that the others read its cache (as run_clm).
+    with training_args.main_process_first(desc="filter, tokenize and pack"):
+        raw = read_train_documents(data_args, data_args.streaming)
+        train_dataset, counts = prepare_dataset(raw, tokenizer, start_id, data_args, seed=training_args.seed)
 
     # 4. The model, from random initialisation; document isolation checked on it before training.
     model = build_model(config, model_args.attn_implementation, training_args.device)
