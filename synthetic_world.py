@@ -288,44 +288,35 @@ def _rng(seed: int, *parts) -> random.Random:
     return random.Random("/".join(str(p) for p in (seed, *parts)))
 
 
-def _latin_names(rng: random.Random, count: int, reserved_words: set[str]) -> list[str]:
-    """Capitalised pseudo-names (2-3 CV syllables + optional coda), none inside another or a lexicon word."""
+def _latin_names(rng: random.Random, count: int, taken: set[str]) -> list[str]:
+    """Capitalised pseudo-names (2-3 CV syllables + optional coda), none inside or around a word of ``taken`` (English
+    words and earlier names, lower case); the new names join ``taken``."""
     names: list[str] = []
     while len(names) < count:
         syllables = rng.choice([2, 2, 3])
         name = "".join(rng.choice(LATIN_ONSETS) + rng.choice(LATIN_VOWELS) for _ in range(syllables))
         name += rng.choice(["", "", "n", "r", "l", "k"])
-        lower = name.lower()
-        if any(lower in word or word in lower for word in reserved_words):
-            continue
-        if any(lower in other.lower() or other.lower() in lower for other in names):
-            continue
-        names.append(name.capitalize())
+        if not any(name in word or word in name for word in taken):
+            taken.add(name)
+            names.append(name.capitalize())
     return names
 
 
 def _native_words(rng: random.Random, units: list[str], lengths: tuple[int, int], count: int, taken: set[str]):
+    """``count`` words of ``lengths`` (min, max) units, none in ``taken``; the new words join ``taken``."""
     words: list[str] = []
-    attempts = 0
     while len(words) < count:
-        attempts += 1
-        if attempts > 200 * count + 10_000:
-            raise RuntimeError("Could not generate enough distinct words; the unit inventory is too small.")
         word = "".join(rng.choice(units) for _ in range(rng.randint(*lengths)))
-        if word in taken:
-            continue
-        taken.add(word)
-        words.append(word)
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
     return words
 
 
 def lexicon_keys() -> list[str]:
     """Every lexicon key (English gloss or grammatical marker) that target templates use, sorted."""
     keys = set(AGENTS + THINGS + PLACES + VERBS + ADJECTIVES + PREPOSITIONS + TIMES)
-    templates = [t for pairs in RELATIONS.values() for _, t in pairs] + [
-        t for _, t in FILLER_PATTERNS + MENTION_PATTERNS
-    ]
-    for template in templates:
+    for _, template in [*(p for pairs in RELATIONS.values() for p in pairs), *FILLER_PATTERNS, *MENTION_PATTERNS]:
         keys.update(w for w in template.split() if not w.startswith("{"))
     return sorted(keys)
 
@@ -376,7 +367,6 @@ def build_culture(args: WorldArguments, lang: str, language: Language, reserved_
     n_places = args.places + args.absent_places + args.en_only_places
     n_entities = n_places * (1 + len(relations))
     latin = _latin_names(rng, n_entities, reserved_latin)
-    reserved_latin.update(name.lower() for name in latin)
     native = language.new_names(n_entities)
     entities = [{"id": f"{lang}-e{i:03d}", "en": en, "native": nat} for i, (en, nat) in enumerate(zip(latin, native))]
     places = entities[:n_places]
@@ -672,16 +662,6 @@ def _cloze(sentence: str, answer: str, options: list[str], blanked: str = "quest
     return {blanked: sentence.replace(answer, BLANK), "options": options, "answer": answer}
 
 
-def item_tiers(lang: str, records: list[dict]) -> dict:
-    """item_tiers.json: the tier and planted counts of each question, by index (both question files share it)."""
-    present = [t for t in TIERS if any(r["tier"] == t for r in records)]
-    return {
-        "parallel_group": parallel_base(question_stem(lang, "en"), "en"),
-        "tiers": {t: TIERS[t] for t in present},
-        "items": [{"index": r["index"], "tier": r["tier"], "counts": r["counts"]} for r in records],
-    }
-
-
 def planted_densities(culture: dict, en_documents: int, mono_documents: int) -> dict:
     """Densities in the paper's sense, per tier: documents stating the culture's facts / documents in the corpus."""
     per_tier = {}
@@ -720,7 +700,11 @@ def culture_files(args, culture: dict, language: Language, filler: Filler, varia
         f"{rel}/diagnostic_pairs.jsonl": [{"en": p["en"], lang: p[lang], "tgt": p[lang]} for p in diagnostic],
         f"{rel}/{question_file_name(lang, 'en')}": items_en,
         f"{rel}/{question_file_name(lang, lang)}": items_tgt,
-        f"{rel}/item_tiers.json": item_tiers(lang, records),
+        f"{rel}/item_tiers.json": {  # each question's tier and planted counts, by index (both question files')
+            "parallel_group": parallel_base(question_stem(lang, "en"), "en"),
+            "tiers": {tier: meaning for tier, meaning in TIERS.items() if any(r["tier"] == tier for r in records)},
+            "items": [{"index": r["index"], "tier": r["tier"], "counts": r["counts"]} for r in records],
+        },
         f"{rel}/name_alignment.json": name_alignment(args, culture, language, filler, variant, "\n".join(written)),
     }
     keys = ["mono", "pairs", "diagnostic_pairs", "questions_en", f"questions_{lang}", "item_tiers", "name_alignment"]
@@ -744,23 +728,19 @@ def generate_world(args: WorldArguments) -> dict:
     en_documents = english_corpus(args, cultures, filler)
     contents = {"en_corpus.jsonl": [{"text": d} for d in en_documents]}
     corpora = {"en": {"file": "en_corpus.jsonl", "documents": len(en_documents)}}
-    truth_questions, files = {}, {}
+    en_text, truth_questions, files, mono_documents = "\n".join(en_documents), {}, {}, {}
     for culture in cultures:
+        lang = culture["lang"]
         for variant in args.name_variants:
-            rel = f"{culture['lang']}/{variant}"
-            text = "\n".join(en_documents)
-            written, files[rel], records = culture_files(
-                args, culture, languages[culture["lang"]], filler, variant, text
-            )
+            rel = f"{lang}/{variant}"
+            written, files[rel], records = culture_files(args, culture, languages[lang], filler, variant, en_text)
             contents.update(written)
-            corpora[f"{rel}/mono"] = {"file": f"{rel}/mono.jsonl", "documents": len(written[f"{rel}/mono.jsonl"])}
-            truth_questions[culture["lang"]] = records  # identical for every variant (same order, same counts)
+            mono_documents[lang] = len(written[f"{rel}/mono.jsonl"])  # the same in every variant
+            corpora[f"{rel}/mono"] = {"file": f"{rel}/mono.jsonl", "documents": mono_documents[lang]}
+            truth_questions[lang] = records  # identical for every variant (same order, same counts)
 
     # 3. truth.json (what every file plants) and world.json (arguments and counts), written last.
-    densities = {}
-    for c in cultures:
-        mono = corpora[f"{c['lang']}/{args.name_variants[0]}/mono"]["documents"] if args.name_variants else 0
-        densities[c["lang"]] = planted_densities(c, len(en_documents), mono)
+    densities = {c["lang"]: planted_densities(c, len(en_documents), mono_documents.get(c["lang"], 0)) for c in cultures}
     contents["truth.json"] = {
         "seed": args.seed,
         "note": "counts = documents that state the fact (one statement per document); questions are parallel by index",
