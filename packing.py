@@ -1,19 +1,16 @@
 """Bridge-aware packing: parallel pairs kept in one context window (bridges), or never (no bridges).
 
 Needs only the standard library, numpy and torch. A *unit* is a parallel pair (two segments) or a text (one or
-more segments); a *segment* is ``[start] + tokens``. The settings group the same segments into *documents*
-(runs of tokens that attend only to themselves) in their own way:
-
-- ``bridges``: a pair is one document, its second half attending to its first;
-- ``no_bridges``: each half is a document of its own, and the two halves never share a window;
-- ``mismatched_bridges`` (the control): each pair's first half is one document with the second half of
-  another pair (``mismatched_partners``), so no pair's halves meet.
+more segments); a *segment* is ``[start] + tokens``. Each setting groups the same segments into *documents* (runs
+of tokens that attend only to themselves): with ``bridges`` a pair is one document, its second half attending to
+its first; with ``no_bridges`` each half is a document and the two never share a window; with
+``mismatched_bridges`` (the control) a pair's first half is one document with another pair's second half.
 
 ``plan_packing`` packs every setting over the same prefix of a seeded shuffled stream into exactly ``steps x
 windows_per_step`` windows each. ``BridgePackingCollator`` turns a window into model inputs (position ids restart
 at every document, labels -100 at segment starts and padding, no attention mask: transformers builds the
-per-document causal mask from the position ids). ``audit_windows`` measures a planned setting from those
-features and ``plan_guarantees`` names every guarantee a plan breaks.
+per-document causal mask from the position ids). ``audit_windows`` measures a setting from those inputs and
+``plan_guarantees`` names every guarantee a plan breaks (docs/cpt.md).
 
 Example: a pair whose halves are the segments ``S e1 e2 e3`` and ``S t1 t2`` and a text ``S x1 x2 x3 x4``
 (start token ``S`` = 1, padding ``P`` = 0, ``e1`` = 11, ...). With bridges one window of 12 holds both::
@@ -42,7 +39,7 @@ The targets (labels other than -100) are the same tokens in both settings. ``pla
 bridged window in two, so that both settings train on the same number of windows::
 
     >>> plan = plan_packing(units, block_size=12, windows_per_step=2, seed=0, num_epochs=1)
-    >>> [[[f"{s.key}.{s.part}" for s in document] for document in window] for window in plan.bridges.windows]
+    >>> [[[f"{s.key}.{s.part}" for s in doc] for doc in window] for window in plan.settings["bridges"].windows]
     [[['pair.0', 'pair.1']], [['text.0']]]
 """
 
@@ -102,18 +99,6 @@ def _segment(unit: PackingUnit, part: int) -> Segment:
     return Segment(data_pass, key, part)
 
 
-def unit_documents(unit: PackingUnit, bridges: bool) -> list[Document]:
-    """The documents of ``unit`` with or without bridges."""
-    lengths = unit.segment_lengths
-    if not unit.is_pair:
-        return [Document(length, (_segment(unit, part),)) for part, length in enumerate(lengths)]
-    if len(lengths) != 2:
-        raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
-    if bridges:
-        return [Document(lengths[0] + lengths[1], (_segment(unit, 0), _segment(unit, 1)))]
-    return [Document(lengths[part], (_segment(unit, part),), (unit.key,)) for part in (0, 1)]
-
-
 def mismatched_partners(cycle: list[PackingUnit]) -> list[PackingUnit]:
     """The derangement of mismatched bridges: each pair of a cycle (2 or 3 distinct pairs) gets the second
     half of the next pair, cyclically, so no pair is its own partner."""
@@ -130,7 +115,7 @@ class SettingDocuments:
             raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
         self.setting, self.group_sizes = setting, group_sizes
         self._waiting: dict[object, list[PackingUnit]] = {}
-        self._taken: Counter = Counter()  # (pass, group) -> pairs come
+        self._come: Counter = Counter()  # (pass, group) -> pairs come
         self.partners: dict = {}
 
     @property
@@ -138,12 +123,19 @@ class SettingDocuments:
         return any(self._waiting.values())
 
     def __call__(self, unit: PackingUnit) -> list[Document]:
-        if self.setting != "mismatched_bridges" or not unit.is_pair:
-            return unit_documents(unit, self.setting != "no_bridges")
+        lengths = unit.segment_lengths
+        if not unit.is_pair:
+            return [Document(length, (_segment(unit, part),)) for part, length in enumerate(lengths)]
+        if len(lengths) != 2:
+            raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
+        if self.setting == "bridges":
+            return [Document(lengths[0] + lengths[1], (_segment(unit, 0), _segment(unit, 1)))]
+        if self.setting == "no_bridges":
+            return [Document(lengths[part], (_segment(unit, part),), (unit.key,)) for part in (0, 1)]
         waiting = self._waiting.setdefault(unit.group, [])
         waiting.append(unit)
-        self._taken[unit.key[0], unit.group] += 1
-        left = self.group_sizes[unit.group] - self._taken[unit.key[0], unit.group]
+        self._come[unit.key[0], unit.group] += 1
+        left = self.group_sizes[unit.group] - self._come[unit.key[0], unit.group]
         if len(waiting) < 2 or (len(waiting) == 2 and left == 1):
             return []
         self._waiting[unit.group] = []
@@ -188,12 +180,11 @@ class _OpenWindow:
 class _BestFit:
     """Online best fit over at most ``max_open`` open windows: a document goes into the fitting window with the
     least free space (ties: the earliest) that holds no other half of its pairs, else into a new one (the fullest
-    closed first when ``max_open`` are open). ``keep_windows=False`` only counts."""
+    closed first when ``max_open`` are open)."""
 
-    def __init__(self, block_size: int, max_open: int, keep_windows: bool = True):
-        self.block_size, self.max_open, self.keep_windows = block_size, max_open, keep_windows
+    def __init__(self, block_size: int, max_open: int):
+        self.block_size, self.max_open = block_size, max_open
         self.closed: list[list[tuple[Segment, ...]]] = []
-        self.closed_count = 0
         self._open: dict[int, _OpenWindow] = {}  # by serial: the order windows were opened in
         self._by_space: list[tuple[int, int]] = []  # sorted (free space, serial)
         self._next_serial = 0
@@ -201,13 +192,10 @@ class _BestFit:
     @property
     def window_count(self) -> int:
         """Windows needed if the stream ended now (closed + open)."""
-        return self.closed_count + len(self._open)
+        return len(self.closed) + len(self._open)
 
     def _close(self, serial: int) -> None:
-        documents = self._open.pop(serial).documents
-        self.closed_count += 1
-        if self.keep_windows:
-            self.closed.append(documents)
+        self.closed.append(self._open.pop(serial).documents)
 
     def add(self, document: Document) -> None:
         if document.length > self.block_size:
@@ -309,68 +297,49 @@ class SettingPlan:
 
 @dataclass
 class PackingPlan:
-    """The settings' windows over the same prefix of the stream (``units_seen`` units, ``seen`` their keys);
-    ``mismatched_bridges`` is None when the data cannot have it (``mismatched_unavailable`` says why)."""
+    """``settings`` (by name, in ``SETTINGS`` order) packed over the same prefix of the stream, ``seen`` (its unit
+    keys ``(pass, key)``); no ``mismatched_bridges`` when the data cannot have it (``mismatched_unavailable``)."""
 
     steps: int
     requested_steps: int
     windows_per_step: int
-    units_seen: int
-    passes: int
     seen: list[tuple]
-    bridges: SettingPlan
-    no_bridges: SettingPlan
-    mismatched_bridges: SettingPlan | None = None
+    settings: dict[str, SettingPlan]
     mismatched_unavailable: str | None = None
 
-    @property
-    def settings(self) -> dict[str, SettingPlan]:
-        """The planned settings by name."""
-        return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
 
-
-class _PrefixNeeds(NamedTuple):
-    """After each prefix of P units: windows the hungriest setting needs, bridged documents, no pair waiting."""
-
-    windows: list[int]
-    bridge_documents: list[int]
-    whole: list[bool]
-
-
-def _prefix_needs(units, seed, names, group_sizes, block_size, max_open_windows, limit, budget) -> _PrefixNeeds:
-    """Every setting's packer side by side over the stream, counting windows, to ``limit`` units or ``budget``."""
+def _prefix_needs(stream, names, group_sizes, block_size, max_open_windows, budget) -> list[tuple[int, int, bool]]:
+    """After each prefix of ``stream`` (none, one unit, ...): (windows the hungriest setting needs, documents with
+    bridges, no pair waits), every setting's packer counting side by side until one needs more than ``budget``."""
     documents = {name: SettingDocuments(name, group_sizes) for name in names}
-    counters = {name: _BestFit(block_size, max_open_windows, keep_windows=False) for name in names}
-    needs = _PrefixNeeds([0], [0], [True])
-    for unit in _stream(units, seed):
-        if limit is not None and len(needs.windows) - 1 >= limit:
-            break
+    counters = {name: _BestFit(block_size, max_open_windows) for name in names}
+    needs = [(0, 0, True)]
+    for unit in stream:
         for name, counter in counters.items():
             for document in documents[name](unit):
                 counter.add(document)
-        needs.bridge_documents.append(needs.bridge_documents[-1] + (1 if unit.is_pair else len(unit.segment_lengths)))
-        needs.windows.append(max(counter.window_count for counter in counters.values()))
-        needs.whole.append(not any(d.waiting for d in documents.values()))
-        if budget is not None and needs.windows[-1] > budget:
+        bridged = needs[-1][1] + (1 if unit.is_pair else len(unit.segment_lengths))
+        windows = max(counter.window_count for counter in counters.values())
+        needs.append((windows, bridged, not any(d.waiting for d in documents.values())))
+        if budget is not None and windows > budget:
             break
     return needs
 
 
-def _longest_prefix(needs: _PrefixNeeds, budget: int, windows_per_step: int, max_empty_windows: int):
-    """(prefix, target): the longest prefix every setting packs into ``target`` windows, ``target`` lowered by
-    whole steps until the prefix has enough documents."""
-    target = budget
+def _longest_prefix(needs: list[tuple[int, int, bool]], target: int, windows_per_step: int, max_empty_windows: int):
+    """(prefix, target): the longest prefix every setting packs into ``target`` windows with no pair waiting,
+    ``target`` lowered by whole steps until the prefix has enough documents to split into."""
     while True:
-        prefix = bisect.bisect_right(needs.windows, target) - 1
-        while not needs.whole[prefix]:
+        prefix = bisect.bisect_right(needs, target, key=lambda need: need[0]) - 1
+        while not needs[prefix][2]:
             prefix -= 1
-        if needs.bridge_documents[prefix] + max_empty_windows >= target:
+        if needs[prefix][1] + max_empty_windows >= target:
             return prefix, target
-        target = (needs.bridge_documents[prefix] + max_empty_windows) // windows_per_step * windows_per_step
+        target = (needs[prefix][1] + max_empty_windows) // windows_per_step * windows_per_step
         if target == 0:
             raise ValueError(
                 f"the data cannot fill even one step of {windows_per_step} windows in every setting "
-                f"({needs.bridge_documents[-1]} documents); lower the batch size or add data"
+                f"({needs[-1][1]} documents); lower the batch size or add data"
             )
 
 
@@ -395,39 +364,31 @@ def plan_packing(
     batches: one Trainer epoch reads each window exactly once."""
     if (max_steps is None) == (num_epochs is None):
         raise ValueError("give exactly one of max_steps and num_epochs")
-    if not units:
-        raise ValueError("no units to pack")
-    if windows_per_step < 1:
-        raise ValueError(f"windows_per_step must be at least 1, got {windows_per_step}")
+    if not units or windows_per_step < 1:
+        raise ValueError(f"nothing to pack: {len(units)} units, {windows_per_step} windows per step")
     unavailable = mismatched_unavailable(units, block_size)
     names = [name for name in SETTINGS if name != "mismatched_bridges" or unavailable is None]
     group_sizes = pair_group_sizes(units)
     limit = math.ceil(num_epochs * len(units)) if num_epochs is not None else None
     budget = max_steps * windows_per_step if max_steps is not None else None
-    needs = _prefix_needs(units, seed, names, group_sizes, block_size, max_open_windows, limit, budget)
+    stream = itertools.islice(_stream(units, seed), limit)
+    needs = _prefix_needs(stream, names, group_sizes, block_size, max_open_windows, budget)
     if budget is None:
-        budget = math.ceil(needs.windows[-1] / windows_per_step) * windows_per_step
+        budget = math.ceil(needs[-1][0] / windows_per_step) * windows_per_step
     prefix, target = _longest_prefix(needs, budget, windows_per_step, max_empty_windows)
     seen = list(itertools.islice(_stream(units, seed), prefix))
     settings = {}
     for name in names:
         packed = pack(seen, block_size, name, max_open_windows, group_sizes)
         settings[name] = SettingPlan(split_to(packed, target, max_empty_windows), len(packed))
-    if unavailable is None:
+    if unavailable is None:  # the partners the packer gave
         planned = SettingDocuments("mismatched_bridges", group_sizes)
         for unit in seen:
             planned(unit)
         settings["mismatched_bridges"].partners = planned.partners
-    return PackingPlan(
-        steps=target // windows_per_step,
-        requested_steps=budget // windows_per_step,
-        windows_per_step=windows_per_step,
-        units_seen=prefix,
-        passes=seen[-1].key[0] + 1,
-        seen=[unit.key for unit in seen],
-        mismatched_unavailable=unavailable,
-        **settings,
-    )
+    seen_keys = [unit.key for unit in seen]
+    return PackingPlan(target // windows_per_step, budget // windows_per_step, windows_per_step, seen_keys, settings,
+                       unavailable)  # fmt: skip
 
 
 class BridgePackingCollator:
@@ -497,37 +458,35 @@ def audit_windows(
     """One setting's windows measured from their features: counts, pair co-location, multiset hashes (segments,
     tokens, targets, units seen) and, with ``partners``, whether each pair is one document with its partner."""
     units = {unit.key: unit for unit in units}
-    token_counts, target_counts = np.zeros(vocab_size, np.int64), np.zeros(vocab_size, np.int64)
-    digests, seen, places, pending = [], Counter(), {}, []
-    documents = real = max_window = 0
-    for w, window in enumerate(windows):
-        features = collator.window_features(window, segment_tokens)
-        offset = 0
-        for d, document in enumerate(window):
-            for segment in document:
-                tokens = np.asarray(segment_tokens(segment), dtype="<i4")
-                digests.append(hashlib.blake2b(tokens.tobytes(), digest_size=16).digest())
-                if segment.part == 0:
-                    seen[segment.key] += 1
-                if units[segment.key].is_pair:  # where each half lies: (window, document, first position)
-                    place = (w, d, features["position_ids"][offset])
-                    places.setdefault(segment.unit, [None, None])[segment.part] = place
-                offset += len(tokens)
-        documents, real, max_window = documents + len(window), real + offset, max(max_window, offset)
-        pending.append((np.asarray(features["input_ids"], np.int64), np.asarray(features["labels"], np.int64)))
-        if len(pending) == 1024 or w == len(windows) - 1:  # one bincount over many windows: fast
-            ids, labels = (np.concatenate(arrays) for arrays in zip(*pending))
-            token_counts += np.bincount(ids, minlength=vocab_size)
-            target_counts += np.bincount(labels[labels != -100], minlength=vocab_size)
-            pending = []
+    counts = np.zeros((2, vocab_size), np.int64)  # tokens, targets
+    digests, seen, places = [], Counter(), {}
+    real = max_window = 0
+    for start in range(0, len(windows), 1024):  # one bincount over many windows: fast
+        chunk = windows[start : start + 1024]
+        features = [collator.window_features(window, segment_tokens) for window in chunk]
+        for w, (window, feature) in enumerate(zip(chunk, features), start):
+            offset = 0
+            for d, document in enumerate(window):
+                for segment in document:
+                    tokens = np.asarray(segment_tokens(segment), dtype="<i4")
+                    digests.append(hashlib.blake2b(tokens.tobytes(), digest_size=16).digest())
+                    if segment.part == 0:
+                        seen[segment.key] += 1
+                    if units[segment.key].is_pair:  # where each half lies: (window, document, first position)
+                        place = (w, d, feature["position_ids"][offset])
+                        places.setdefault(segment.unit, [None, None])[segment.part] = place
+                    offset += len(tokens)
+            real, max_window = real + offset, max(max_window, offset)
+        ids, labels = (np.concatenate([np.asarray(f[k], np.int64) for f in features]) for k in ("input_ids", "labels"))
+        counts += [np.bincount(ids, minlength=vocab_size), np.bincount(labels[labels != -100], minlength=vocab_size)]
     co_located = sum(1 for first, second in places.values() if first[0] == second[0])
     seen_text = "\n".join(f"{unit_names(key)}\t{count}" for key, count in sorted(seen.items()))
     return {
         "windows": len(windows),
-        "documents": documents,
+        "documents": sum(len(window) for window in windows),
         "segments": len(digests),
         "real_tokens": real,
-        "target_tokens": int(target_counts.sum()),
+        "target_tokens": int(counts[1].sum()),
         "real_token_fraction": round(real / (len(windows) * collator.block_size), 6),
         "max_window_tokens": max_window,
         "empty_windows": sum(1 for window in windows if not window),
@@ -542,8 +501,8 @@ def audit_windows(
         **({"mismatched_pairs": _mismatched_pairs(partners, places, units)} if partners is not None else {}),
         "hashes": {
             "segments_multiset_sha256": _sha256(b"".join(sorted(digests))),
-            "tokens_multiset_sha256": _sha256(token_counts.tobytes()),
-            "targets_multiset_sha256": _sha256(target_counts.tobytes()),
+            "tokens_multiset_sha256": _sha256(counts[0].tobytes()),
+            "targets_multiset_sha256": _sha256(counts[1].tobytes()),
             "documents_seen_sha256": _sha256(seen_text.encode()),
         },
     }
@@ -569,23 +528,20 @@ def _mismatched_pairs(partners: dict, places: dict, units: dict) -> dict:
     }
 
 
-def compare_settings(audits: dict[str, dict], setting: str) -> tuple[dict, dict, dict]:
-    """(``setting``'s audit, the others', whether each hash, the windows and the real tokens are equal in all)."""
-    others = {name: audit for name, audit in audits.items() if name != setting}
-    mine = audits[setting]
-    equal = {name.removesuffix("_sha256"): all(other["hashes"][name] == value for other in others.values())
-             for name, value in mine["hashes"].items()}  # fmt: skip
-    for name in ("windows", "real_tokens"):
-        equal[name] = all(other[name] == mine[name] for other in others.values())
-    return mine, others, equal
+def equal_across_settings(audits: dict[str, dict]) -> dict[str, bool]:
+    """Whether each hash, the window count and the real tokens are the same in every setting's audit."""
+    first, *others = audits.values()
+    equal = {name.removesuffix("_sha256"): all(other["hashes"][name] == value for other in others)
+             for name, value in first["hashes"].items()}  # fmt: skip
+    return equal | {name: all(other[name] == first[name] for other in others) for name in ("windows", "real_tokens")}
 
 
-def plan_guarantees(mine: dict, others: dict, equal: dict, setting: str, block_size: int) -> tuple[list, list]:
-    """(broken, unchecked): the guarantees the audits and their comparison break, and those that could not be
-    checked (never counted as holding)."""
+def plan_guarantees(audits: dict[str, dict], setting: str) -> tuple[list, list]:
+    """(broken, unchecked): the guarantees the settings' audits break (``setting``: this run's), and those that
+    could not be checked (never counted as holding)."""
     broken, unchecked = [], []
-    for name, audit in {setting: mine, **others}.items():
-        where = f"{name} (this run)" if name == setting else name
+    for name in sorted(audits, key=lambda name: name != setting):
+        audit, where = audits[name], f"{name} (this run)" if name == setting else name
         pairs, mismatched = audit["pairs"], audit.get("mismatched_pairs")
         if not pairs["total"]:
             unchecked.append(
@@ -597,6 +553,8 @@ def plan_guarantees(mine: dict, others: dict, equal: dict, setting: str, block_s
             broken.append(
                 f"{pairs['co_located_percent']}% of pairs co-located in {where}, expected {EXPECTED_CO_LOCATED[name]}%"
             )
+        if name == "bridges" and pairs["attending_each_other"] != pairs["total"]:
+            broken.append(f"some bridged pairs are not one attention document in {where}")
         if name == "mismatched_bridges" and (
             mismatched is None
             or not mismatched["attending_each_other"] == mismatched["planned"] == pairs["total"]
@@ -606,9 +564,7 @@ def plan_guarantees(mine: dict, others: dict, equal: dict, setting: str, block_s
         ):
             broken.append(f"the planned mismatched partners are not each one document of another pair's "
                           f"English and target halves in {where}: {mismatched}")  # fmt: skip
-    if setting == "bridges" and mine["pairs"]["attending_each_other"] != mine["pairs"]["total"]:
-        broken.append("some bridged pairs are not one attention document")
-    broken += [f"{name} differs between the settings" for name, same in equal.items() if not same]
-    if mine["max_window_tokens"] > block_size:
-        broken.append(f"a window exceeds the block size {block_size}")
+    broken += [
+        f"{name} differs between the settings" for name, same in equal_across_settings(audits).items() if not same
+    ]
     return broken, unchecked

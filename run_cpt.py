@@ -9,13 +9,10 @@
     accelerate launch run_cpt.py --model_name_or_path BASE --dataset_path DATA --lang bo --no_bridges \\
         --block_size 2048 --output_dir runs/cpt-bo-no-bridges --max_steps 1500 --save_steps 100
 
-Continues a base model (run_pretrain.py's output) on a build_pairs.py dataset in exactly one setting. The
-settings train on the same documents, tokens, windows and steps and differ only in whether the two halves of
-each parallel pair share a context window (packing.py); the run proves that before training
-(packing_audit.json) and refuses to train otherwise. It resumes only a checkpoint of the same setting, base
-model, data and plan. The paper: --block_size 2048, 256 windows per step (per-device batch x processes x
-gradient accumulation), --max_steps 1500. Outputs and defaults: docs/cpt.md. Needs packing.py, study_common.py
-and train_common.py.
+Continues a base model (run_pretrain.py) on a build_pairs.py dataset in exactly one setting. The settings train on
+the same documents, tokens, windows and steps and differ only in whether the halves of each parallel pair share a
+context window (packing.py); packing_audit.json proves it before training, or nothing is trained. The paper:
+--block_size 2048, 256 windows per step, --max_steps 1500. Outputs, defaults and resuming: docs/cpt.md.
 """
 
 from __future__ import annotations
@@ -30,13 +27,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    HfArgumentParser,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from packing import (
     SETTINGS,
@@ -45,7 +36,7 @@ from packing import (
     PackingUnit,
     Segment,
     audit_windows,
-    compare_settings,
+    equal_across_settings,
     mismatched_unavailable,
     plan_guarantees,
     plan_packing,
@@ -60,6 +51,7 @@ from study_common import (
     default_cpt_run_name,
     document_start_id,
     exit_on_input_error,
+    load_dataset_split,
     local_weight_digests,
     output_dir_given,
     pair_first_side,
@@ -103,7 +95,6 @@ class CPTArguments:
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset pushed by build_pairs.py."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Revision of --dataset_name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to read when the dataset has several."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     block_size: int = field(default=2048, metadata={"help": "Context window in tokens (paper: 2048)."})
     pair_order: str = field(
@@ -201,16 +192,12 @@ def load_cpt_dataset(cpt_args: CPTArguments) -> tuple[datasets.Dataset, Path, di
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(cpt_args.dataset_name, repo_type="dataset", revision=cpt_args.dataset_revision))
-        loaded = datasets.load_dataset(str(folder))
     else:
         folder = Path(cpt_args.dataset_path)
         if not folder.is_dir():
             raise InputError(f"{folder}: no such dataset directory. Build it with build_pairs.py.")
-        loaded = datasets.load_from_disk(str(folder))
-    if isinstance(loaded, datasets.DatasetDict):
-        if cpt_args.dataset_split not in loaded:
-            raise InputError(f"{folder}: no split {cpt_args.dataset_split!r} (found {list(loaded)}).")
-        loaded = loaded[cpt_args.dataset_split]
+    flag = "--dataset_name" if cpt_args.dataset_name else "--dataset_path"
+    loaded = load_dataset_split(str(folder), None, "train", flag=flag)  # the Hub's parquet shards: one split
     missing = [c for c in REQUIRED_COLUMNS if c not in loaded.column_names]
     if missing:
         raise InputError(
@@ -239,30 +226,26 @@ def dataset_language(lang: str | None, build_stats: dict | None, build_stats_fil
 def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator_ids, seed):
     """Segments of every unit (identical for every setting), or the reason it is dropped; and a digest of what
     the record says (resuming recognises the same data by it, wherever it sits)."""
-    texts, owners = [], []
-    for i, kind in enumerate(batch["kind"]):
-        if kind not in ("mono", "pair", "replay"):
-            raise InputError(f"document {batch['doc_id'][i]}: unknown kind {kind!r} (expected mono, pair, replay).")
-        sides = ("en", "tgt") if kind == "pair" else ("text",)
-        texts += [batch[side][i] or "" for side in sides]
-        owners += [(i, side) for side in sides]
-    encoded = dict(zip(owners, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    encoded = {side: tokenizer([text or "" for text in batch[side]], add_special_tokens=False)["input_ids"]
+               for side in ("en", "tgt", "text")}  # fmt: skip
     result = {"segments": [], "first_side": [], "drop_reason": [], "content_digest": []}
     piece = block_size - 1  # every segment is [start] + at most block_size - 1 tokens
     for i, kind in enumerate(batch["kind"]):
         first_side, reason = "", ""
         if kind == "pair":
-            en, tgt = encoded[(i, "en")], encoded[(i, "tgt")]
+            en, tgt = encoded["en"][i], encoded["tgt"][i]
             first_side = pair_first_side(batch["pair_id"][i], pair_order, seed)
             segments = pair_segments(*((en, tgt) if first_side == "en" else (tgt, en)), start_id, separator_ids)
             if not en or not tgt:
                 reason, segments = "empty_after_tokenization", []
             elif len(segments[0]) + len(segments[1]) > block_size:
                 reason, segments = "pair_over_block_size", []
-        else:
-            ids = encoded[(i, "text")]
+        elif kind in ("mono", "replay"):
+            ids = encoded["text"][i]
             reason = "" if ids else "empty_after_tokenization"
             segments = [[start_id] + ids[at : at + piece] for at in range(0, len(ids), piece)]
+        else:
+            raise InputError(f"document {batch['doc_id'][i]}: unknown kind {kind!r} (expected mono, pair, replay).")
         record = [kind, batch["text"][i], batch["en"][i], batch["tgt"][i]]
         digest = hashlib.blake2b(json.dumps(record, ensure_ascii=False).encode(), digest_size=16).hexdigest()
         for key, value in zip(result, (segments, first_side, reason, digest)):
@@ -288,82 +271,56 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer, cpt_args: CPTArguments, s
     )  # fmt: skip
 
 
-class SegmentStore:
-    """Token ids of segment ``part`` of dataset row ``row``, read zero-copy from the Arrow files."""
+class CPTData:
+    """The run's tokenized rows (``folder`` and ``build_stats`` beside them), the units the packer sees (every row
+    not dropped, keyed by its row; a pair's group is its first side, so mismatched partners are an English and a
+    target half) and the tokens of each segment, read zero-copy from the Arrow files."""
 
-    def __init__(self, tokenized: datasets.Dataset):
-        if tokenized._indices is not None:
-            tokenized = tokenized.flatten_indices()
-        self._chunks, starts = [], [0]
+    def __init__(self, folder: Path, build_stats: dict | None, tokenized: datasets.Dataset):
+        self.folder, self.build_stats, self.tokenized = folder, build_stats, tokenized
+        self.kinds, self.reasons = list(tokenized["kind"]), list(tokenized["drop_reason"])
+        # A document by its id and by what it says.
+        self.document_keys = [f"{i}\t{digest}" for i, digest in zip(tokenized["doc_id"], tokenized["content_digest"])]
+        self._chunks, starts, lengths = [], [0], []
         for chunk in tokenized.data.table.column("segments").chunks:
-            inner = chunk.values
-            self._chunks.append(
-                (chunk.offsets.to_numpy(), inner.offsets.to_numpy(), inner.values.to_numpy(zero_copy_only=False))
-            )
+            outer, inner = chunk.offsets.to_numpy(), chunk.values.offsets.to_numpy()
+            self._chunks.append((outer, inner, chunk.values.values.to_numpy(zero_copy_only=False)))
             starts.append(starts[-1] + len(chunk))
+            sizes = np.diff(inner)
+            lengths += [tuple(sizes[outer[r] : outer[r + 1]].tolist()) for r in range(len(chunk))]
         self._starts = np.array(starts)
-
-    def segment_lengths(self) -> list[tuple[int, ...]]:
-        """Token count of every segment, per row."""
-        lengths = []
-        for outer, inner_offsets, _ in self._chunks:
-            sizes = np.diff(inner_offsets)
-            lengths += [tuple(sizes[outer[r] : outer[r + 1]].tolist()) for r in range(len(outer) - 1)]
-        return lengths
+        rows = zip(self.kinds, self.reasons, tokenized["first_side"], lengths)
+        self.units = [PackingUnit(row, lengths, kind == "pair", side or None)
+                      for row, (kind, reason, side, lengths) in enumerate(rows) if not reason]  # fmt: skip
 
     def segment_tokens(self, segment: Segment) -> np.ndarray:
         chunk = int(np.searchsorted(self._starts, segment.key, side="right")) - 1
-        outer, inner_offsets, values = self._chunks[chunk]
+        outer, inner, values = self._chunks[chunk]
         at = int(outer[segment.key - self._starts[chunk]]) + segment.part
-        return values[inner_offsets[at] : inner_offsets[at + 1]]
+        return values[inner[at] : inner[at + 1]]
 
 
-@dataclass
-class CPTData:
-    """The run's data: its folder and build stats, the tokenized rows and the units the packer sees (every row
-    not dropped, keyed by its row; a pair's group is its first side, so mismatched partners are an English and a
-    target half)."""
-
-    folder: Path
-    build_stats: dict | None
-    tokenized: datasets.Dataset
-
-    def __post_init__(self):
-        self.store = SegmentStore(self.tokenized)
-        self.kinds, self.reasons = list(self.tokenized["kind"]), list(self.tokenized["drop_reason"])
-        rows = zip(self.kinds, self.reasons, self.tokenized["first_side"], self.store.segment_lengths())
-        self.units = [PackingUnit(row, lengths, kind == "pair", side or None)
-                      for row, (kind, reason, side, lengths) in enumerate(rows) if not reason]  # fmt: skip
-        # A document by its id and by what it says.
-        self.document_keys = [
-            f"{i}\t{digest}" for i, digest in zip(self.tokenized["doc_id"], self.tokenized["content_digest"])
-        ]
-
-
-def dropped_units_note(kinds: list[str], reasons: list[str], block_size: int) -> str | None:
-    """What tokenization dropped (in every setting alike), why, and what to do; None: nothing."""
+def units_dropped(kinds: list[str], reasons: list[str], block_size: int) -> dict:
+    """What tokenization dropped (in every setting alike), why, and (``note``, None: nothing) what to do."""
     dropped = Counter((kind, reason) for kind, reason in zip(kinds, reasons) if reason)
+    by_reason = {f"{kind}:{reason}": n for (kind, reason), n in sorted(dropped.items())}
     if not dropped:
-        return None
-    records = Counter(kinds)
+        return {"count": 0, "by_reason": by_reason, "note": None}
     why = {"pair_over_block_size": f"longer than --block_size {block_size}", "empty_after_tokenization": "empty"}
-    counts = "; ".join(
-        f"{n} of {records[kind]} {kind} records ({why.get(reason, reason)}: {reason})"
-        for (kind, reason), n in sorted(dropped.items())
-    )
+    counts = "; ".join(f"{n} of {kinds.count(kind)} {kind} records ({why.get(reason, reason)}: {reason})"
+                       for (kind, reason), n in sorted(dropped.items()))  # fmt: skip
     advice = (
         f"To train on them raise --block_size; for data that matches this window, rebuild it at this block size "
         f"(build_pairs.py --block_size {block_size}, which records the drop in build_stats.json)"
         if any(reason == "pair_over_block_size" for _, reason in dropped)
         else "Check the dataset's text and the tokenizer"
     )
-    return f"Dropped before packing, in every setting alike: {counts}. {advice}."
+    note = f"Dropped before packing, in every setting alike: {counts}. {advice}."
+    return {"count": sum(dropped.values()), "by_reason": by_reason, "note": note}
 
 
 def refuse_data_that_measures_nothing(data: CPTData, cpt_args: CPTArguments) -> None:
     """Without pairs the settings train on identical windows; mismatched bridges need partners that fit."""
-    if not data.units:
-        raise InputError(f"{data.folder}: no unit left after tokenization; see the dataset's build_stats.json.")
     if not any(unit.is_pair for unit in data.units):
         stats = data.build_stats
         dropped_here = Counter(reason for kind, reason in zip(data.kinds, data.reasons) if kind == "pair" and reason)
@@ -391,14 +348,14 @@ def refuse_data_that_measures_nothing(data: CPTData, cpt_args: CPTArguments) -> 
 class PackedWindows(torch.utils.data.Dataset):
     """The planned windows of one setting, materialized lazily as features."""
 
-    def __init__(self, windows: list[list[tuple]], store: SegmentStore, collator: BridgePackingCollator):
-        self.windows, self.store, self.collator = windows, store, collator
+    def __init__(self, windows: list[list[tuple]], data: CPTData, collator: BridgePackingCollator):
+        self.windows, self.data, self.collator = windows, data, collator
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, index: int) -> dict:
-        return self.collator.window_features(self.windows[index], self.store.segment_tokens)
+        return self.collator.window_features(self.windows[index], self.data.segment_tokens)
 
 
 class CPTCollator(BridgePackingCollator):
@@ -462,37 +419,40 @@ def base_model_identity(model_name_or_path: str) -> dict:
     }
 
 
-def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_args, *, vocab_size: int) -> dict:
-    """packing_audit.json before training: every planned setting measured, compared with this run's, and the
-    run's ``cpt_setting`` (what a checkpoint must match to be resumed)."""
-    setting, planned = cpt_args.setting, plan.settings[cpt_args.setting]
-    audits = {
-        name: audit_windows(planned.windows, collator, data.store.segment_tokens, data.units,
-                            unit_names=data.document_keys.__getitem__, vocab_size=vocab_size, partners=planned.partners)
-        for name, planned in plan.settings.items()
-    }  # fmt: skip
-    mine, others, equal = compare_settings(audits, setting)
-    cpt_setting = {
+def recorded_setting(cpt_args: CPTArguments, seed: int, data: CPTData, plan: PackingPlan, documents_seen: str) -> dict:
+    """``cpt_setting``: what the run trains, as config.json, the audit and the card record it; a checkpoint must
+    match it to be resumed, the base model and the data by content (docs/cpt.md)."""
+    return {
         "lang": cpt_args.lang,
-        "setting": setting,
-        "bridges": setting == "bridges",
+        "setting": cpt_args.setting,
+        "bridges": cpt_args.setting == "bridges",
         "block_size": cpt_args.block_size,
         "pair_order": cpt_args.pair_order,
         "pair_separator": cpt_args.pair_separator,
-        "seed": run_seed(training_args),
+        "seed": seed,
         "dataset": cpt_args.dataset_name or str(Path(cpt_args.dataset_path).resolve()),
         "dataset_sha256": hashlib.sha256("\n".join(data.document_keys).encode()).hexdigest(),
         "base_model": cpt_args.model_name_or_path,
         **base_model_identity(cpt_args.model_name_or_path),
         "steps": plan.steps,
         "windows_per_step": plan.windows_per_step,
-        "documents_seen_sha256": mine["hashes"]["documents_seen_sha256"],
+        "documents_seen_sha256": documents_seen,
     }
-    dropped = Counter(f"{kind}:{reason}" for kind, reason in zip(data.kinds, data.reasons) if reason)
-    stats = data.build_stats
+
+
+def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_args, *, vocab_size: int) -> dict:
+    """packing_audit.json before training: every planned setting measured from the features the model will
+    receive, this run's beside the others', and the run's ``cpt_setting``."""
+    audits = {
+        name: audit_windows(planned.windows, collator, data.segment_tokens, data.units,
+                            unit_names=data.document_keys.__getitem__, vocab_size=vocab_size, partners=planned.partners)
+        for name, planned in plan.settings.items()
+    }  # fmt: skip
+    setting, planned, mine = cpt_args.setting, plan.settings[cpt_args.setting], audits[cpt_args.setting]
     return {
         "setting": setting,
-        "cpt_setting": cpt_setting,
+        "cpt_setting": recorded_setting(cpt_args, run_seed(training_args), data, plan,
+                                        mine["hashes"]["documents_seen_sha256"]),
         "world_size": training_args.world_size,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
@@ -500,20 +460,19 @@ def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_a
         "dataset": {
             "units": len(data.kinds),
             "units_by_kind": dict(Counter(data.kinds)),
-            "units_dropped": {"count": sum(dropped.values()), "by_reason": dict(sorted(dropped.items())),
-                              "note": dropped_units_note(data.kinds, data.reasons, cpt_args.block_size)},
+            "units_dropped": units_dropped(data.kinds, data.reasons, cpt_args.block_size),
             "units_packed": len(data.units),
             "text_units_cut_into_segments": sum(1 for u in data.units if not u.is_pair and len(u.segment_lengths) > 1),
-            "build_stats_dropped": stats.get("dropped") if stats else None,
-        },  # fmt: skip
+            "build_stats_dropped": data.build_stats.get("dropped") if data.build_stats else None,
+        },
         "plan": {
             "requested_steps": plan.requested_steps,
             "steps": plan.steps,
             "steps_trimmed": plan.requested_steps - plan.steps,
             "windows": len(planned.windows),
-            "units_seen": plan.units_seen,
-            "data_passes_touched": plan.passes,
-            "data_epochs": round(plan.units_seen / len(data.units), 6),
+            "units_seen": len(plan.seen),
+            "data_passes_touched": plan.seen[-1][0] + 1,
+            "data_epochs": round(len(plan.seen) / len(data.units), 6),
             "documents_seen_by_kind": dict(Counter(data.kinds[key[1]] for key in plan.seen)),
             "packer_windows": planned.packer_windows,
             "packer_real_token_fraction": round(mine["real_tokens"] / (planned.packer_windows * cpt_args.block_size), 6),
@@ -523,13 +482,13 @@ def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_a
             "mismatched_bridges_unavailable": plan.mismatched_unavailable,
         },
         **mine,
-        "other_settings": {name: {**other, "packer_windows": plan.settings[name].packer_windows}
-                           for name, other in others.items()},
-        "equal_across_settings": equal,
+        "other_settings": {name: {**audit, "packer_windows": plan.settings[name].packer_windows}
+                           for name, audit in audits.items() if name != setting},
+        "equal_across_settings": equal_across_settings(audits),
     }  # fmt: skip
 
 
-def isolation_windows(windows, store: SegmentStore, block_size: int) -> tuple[list[list[tuple]], str]:
+def isolation_windows(windows, data: CPTData, block_size: int) -> tuple[list[list[tuple]], str]:
     """Two windows of the plan to check isolation on (two: the batch layout is part of what is checked), and
     where they come from: the planned windows with the most documents; when none holds two, the first is
     built from the plan's shortest documents."""
@@ -537,7 +496,7 @@ def isolation_windows(windows, store: SegmentStore, block_size: int) -> tuple[li
     first, origin = ranked[0], "the planned windows with the most documents"
     if len(first) < 2:
         built, used = [], 0
-        lengths = ((sum(len(store.segment_tokens(s)) for s in document), document) for w in windows for document in w)
+        lengths = ((sum(len(data.segment_tokens(s)) for s in document), document) for w in windows for document in w)
         for length, document in sorted(lengths):
             if used + length > block_size:
                 break
@@ -549,32 +508,25 @@ def isolation_windows(windows, store: SegmentStore, block_size: int) -> tuple[li
     return [first, second], origin
 
 
-def check_plan_isolation(model, windows, store: SegmentStore, collator, *, autocast_dtype=None) -> dict:
+def check_plan_isolation(model, windows, data: CPTData, collator, *, autocast_dtype=None) -> dict:
     """``train_common.check_document_isolation`` on two windows of the plan, batched by the training collator."""
-    checked, origin = isolation_windows(windows, store, collator.block_size)
-    tokens = [[[store.segment_tokens(segment) for segment in document] for document in window] for window in checked]
+    checked, origin = isolation_windows(windows, data, collator.block_size)
+    tokens = [[[data.segment_tokens(segment) for segment in document] for document in window] for window in checked]
     return {**check_document_isolation(model, collator, tokens, autocast_dtype=autocast_dtype), "window": origin}
 
 
-def judge_guarantees(audit: dict, setting: str, block_size: int) -> tuple[list, list]:
-    """(broken, unchecked): the guarantees this run's model or plan breaks, and those it could not check."""
-    isolation, broken = audit["document_isolation"], []
-    if not isolation["holds"]:
-        broken.append(
+def enforce_guarantees(audit: dict, audit_file: Path | None) -> None:
+    """Judge every guarantee (document isolation on the run's model, ``packing.plan_guarantees``), record the
+    verdict in the audit, write it (``audit_file`` None: not this process) and refuse to train unless every
+    guarantee was checked and holds."""
+    broken, unchecked = plan_guarantees({audit["setting"]: audit, **audit["other_settings"]}, audit["setting"])
+    if not (isolation := audit["document_isolation"])["holds"]:
+        broken.insert(
+            0,
             f"attention crosses documents with attn_implementation={isolation['attn_implementation']} "
             f"({isolation['layout']} layout, {isolation['compute_dtype']} on {isolation['device']}): "
-            f"{isolation_failure(isolation) or 'the isolation check did not hold'}; use sdpa or eager"
+            f"{isolation_failure(isolation) or 'the isolation check did not hold'}; use sdpa or eager",
         )
-    packing_broken, unchecked = plan_guarantees(
-        audit, audit["other_settings"], audit["equal_across_settings"], setting, block_size
-    )
-    return broken + packing_broken, unchecked
-
-
-def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, audit_file: Path | None) -> None:
-    """Record the verdict in the audit, write it (``audit_file`` None: not this process) and refuse to train
-    unless every guarantee was checked and holds."""
-    broken, unchecked = judge_guarantees(audit, cpt_args.setting, cpt_args.block_size)
     audit["unchecked"] = unchecked
     audit["guarantees_hold"] = not broken and not unchecked
     if audit_file is not None:
@@ -587,9 +539,9 @@ def enforce_guarantees(audit: dict, plan: PackingPlan, cpt_args: CPTArguments, a
             "Raise --max_steps or add pairs to the dataset. Nothing was trained."
         )
     logger.info("Packing audit: every guarantee holds: %s", json.dumps(audit["plan"]))
-    if plan.steps < plan.requested_steps:
+    if audit["plan"]["steps_trimmed"]:
         logger.warning("Trained steps trimmed from %d to %d so that the settings see the same documents.",
-                       plan.requested_steps, plan.steps)  # fmt: skip
+                       audit["plan"]["requested_steps"], audit["plan"]["steps"])  # fmt: skip
 
 
 # ---- The setting, recorded; resuming only the same setting, base model, data and plan ------------
@@ -652,17 +604,10 @@ def load_base_model(cpt_args: CPTArguments):
     return model, tokenizer
 
 
-#: How each setting lays a parallel pair out, in the model card (details: docs/cpt.md).
-SETTING_DESCRIPTIONS = {
-    "bridges": "WITH bridges",
-    "no_bridges": "WITHOUT bridges",
-    "mismatched_bridges": "with MISMATCHED bridges",
-}
-
-
 def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
     """The model card: the run's cpt_setting and packing, and the steps trained when it is written."""
     setting = audit["cpt_setting"]
+    how = {"bridges": "WITH bridges", "no_bridges": "WITHOUT bridges"}.get(audit["setting"], "with MISMATCHED bridges")
     rows = {
         **setting,
         "run name": training_args.run_name,
@@ -676,8 +621,8 @@ def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
     }  # fmt: skip
     return ModelCard(
         title=f"CPT {setting['lang']}, {audit['setting']}, seed {setting['seed']}",
-        summary=f"Continual pretraining of {cpt_args.model_name_or_path} on {setting['lang']} "
-        f"{SETTING_DESCRIPTIONS[audit['setting']]}. packing_audit.json proves the setting.",
+        summary=f"Continual pretraining of {cpt_args.model_name_or_path} on {setting['lang']} {how}. "
+        "packing_audit.json proves the setting.",
         setting=rows,
         tags=["cross-lingual-transfer", "cpt", audit["setting"]],
         progress=lambda steps: {"steps trained": steps},
@@ -705,8 +650,6 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="tokenizing the CPT dataset"):
         tokenized = tokenize_dataset(raw, tokenizer, cpt_args, run_seed(training_args))
     data = CPTData(dataset_folder, build_stats, tokenized)
-    if note := dropped_units_note(data.kinds, data.reasons, cpt_args.block_size):
-        logger.warning(note)
     refuse_data_that_measures_nothing(data, cpt_args)
 
     # 5. The plan: every setting over the same documents, audited; a checkpoint must be of this very plan.
@@ -714,6 +657,8 @@ def main(argv: list[str] | None = None) -> dict:
     windows = plan.settings[cpt_args.setting].windows
     vocab_size = max(len(tokenizer), model.config.vocab_size)
     audit = build_audit(plan, data, collator, cpt_args, training_args, vocab_size=vocab_size)
+    if note := audit["dataset"]["units_dropped"]["note"]:
+        logger.warning(note)
     if checkpoint:
         check_resume_setting(checkpoint, audit["cpt_setting"])
 
@@ -722,9 +667,9 @@ def main(argv: list[str] | None = None) -> dict:
     # judged, and training only if all hold.
     model.to(training_args.device)
     audit["document_isolation"] = check_plan_isolation(
-        model, windows, data.store, collator, autocast_dtype=autocast_dtype(training_args)
+        model, windows, data, collator, autocast_dtype=autocast_dtype(training_args)
     )
-    enforce_guarantees(audit, plan, cpt_args, output_dir / "packing_audit.json" if training_args.should_save else None)
+    enforce_guarantees(audit, output_dir / "packing_audit.json" if training_args.should_save else None)
 
     # 7. Train: one epoch of the planned windows (a whole number of global batches: each window once); then
     # the model, the metrics and the card (pushed with the model).
@@ -734,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = CardTrainer(
         model=model,
         args=training_args,
-        train_dataset=PackedWindows(windows, data.store, collator),
+        train_dataset=PackedWindows(windows, data, collator),
         data_collator=collator,
         processing_class=tokenizer,
     )

@@ -167,24 +167,24 @@ def check_plan_case(case):
         assert sum(1 for w in windows if not w) <= max_empty
         check_windows(windows, units_by_key, block_size, setting, expected_segments(plan.seen, units_by_key),
                       planned.partners)  # fmt: skip
-    if plan.mismatched_bridges:  # every pair of the plan gives its first half once and gets a second half once
-        pairs_seen = sorted(key for key in plan.seen if units_by_key[key[1]].is_pair)
+    if "mismatched_bridges" in plan.settings:  # every pair of the plan gives its first half once, gets a second once
+        partners = plan.settings["mismatched_bridges"].partners
         assert (
-            sorted(plan.mismatched_bridges.partners) == sorted(plan.mismatched_bridges.partners.values()) == pairs_seen
+            sorted(partners) == sorted(partners.values()) == sorted(k for k in plan.seen if units_by_key[k[1]].is_pair)
         )
     # The prefix is whole passes over the data, each a permutation of all units, then part of one.
     passes = Counter(key[0] for key in plan.seen)
-    assert list(passes) == list(range(plan.passes))
+    assert list(passes) == list(range(len(passes)))
     for data_pass, count in passes.items():
         keys = [key[1] for key in plan.seen if key[0] == data_pass]
         assert len(set(keys)) == len(keys), "a unit twice in one pass"
-        if data_pass < plan.passes - 1:
+        if data_pass < len(passes) - 1:
             assert count == len(units), "an earlier pass is incomplete"
     if "num_epochs" in budget:
-        assert plan.units_seen <= budget["num_epochs"] * len(units) + 1
+        assert len(plan.seen) <= budget["num_epochs"] * len(units) + 1
     elif plan.steps == plan.requested_steps:
         # Longest prefix: one more unit would need more windows than the budget in some setting.
-        last_pass = plan.passes - 1
+        last_pass = len(passes) - 1
         position = passes[last_pass]
         following = shuffled(units, case, last_pass) + shuffled(units, case, last_pass + 1)
         longer = [units_by_key[key[1]]._replace(key=key) for key in plan.seen]
@@ -207,7 +207,7 @@ def test_plan_trims_steps_only_when_the_data_cannot_fill_them():
     # documents in both settings (three pairs need four windows without bridges); two and four can.
     units = [PackingUnit(row, (5, 5), True) for row in range(10)]
     trimmed = plan_packing(units, block_size=10, windows_per_step=1, seed=0, max_steps=3)
-    assert (trimmed.requested_steps, trimmed.steps, trimmed.units_seen) == (3, 2, 2)
+    assert (trimmed.requested_steps, trimmed.steps, len(trimmed.seen)) == (3, 2, 2)
     assert all(len(planned.windows) == 2 for planned in trimmed.settings.values()) and len(trimmed.settings) == 3
     filled = plan_packing(units, block_size=10, windows_per_step=1, seed=0, max_steps=4)
     assert (filled.requested_steps, filled.steps) == (4, 4)  # the data can fill them: no trim
@@ -231,13 +231,13 @@ def test_mismatched_bridges_give_each_first_half_the_second_half_of_another_pair
              for row in range(11)] + [PackingUnit(11 + row, (rng.randint(2, 30),), False) for row in range(6)]  # fmt: skip
     units_by_key = {u.key: u for u in units}
     plan = plan_packing(units, block_size=32, windows_per_step=2, seed=7, num_epochs=2)
-    assert list(plan.settings) == list(SETTINGS) and plan.passes == 2
+    assert list(plan.settings) == list(SETTINGS) and plan.seen[-1][0] == 1  # two passes
     # The same segments in every setting, the same number of windows; each pair document is a first half with
     # the second half of its planned partner: another pair, of the same pass and pair order (check_windows).
     for setting, planned in plan.settings.items():
         check_windows(planned.windows, units_by_key, 32, setting, expected_segments(plan.seen, units_by_key),
                       planned.partners)  # fmt: skip
-    partners = plan.mismatched_bridges.partners
+    partners = plan.settings["mismatched_bridges"].partners
     pairs_seen = [key for key in plan.seen if units_by_key[key[1]].is_pair]
     assert sorted(partners) == sorted(partners.values()) == sorted(pairs_seen) and len(pairs_seen) == 22
     assert all(a[1] != b[1] and a[0] == b[0] and units_by_key[a[1]].group == units_by_key[b[1]].group
@@ -245,8 +245,8 @@ def test_mismatched_bridges_give_each_first_half_the_second_half_of_another_pair
     # One pass's partners are not another's, and the derangement is a function of the seed.
     assert {a[1]: b[1] for a, b in partners.items() if a[0] == 0} != {a[1]: b[1] for a, b in partners.items() if a[0]}
     assert plan_packing(units, block_size=32, windows_per_step=2, seed=7, num_epochs=2) == plan
-    other = plan_packing(units, block_size=32, windows_per_step=2, seed=8, num_epochs=2).mismatched_bridges.partners
-    assert other != partners
+    other = plan_packing(units, block_size=32, windows_per_step=2, seed=8, num_epochs=2).settings["mismatched_bridges"]
+    assert other.partners != partners
 
 
 def test_a_plan_never_ends_while_a_pair_waits_for_its_mismatched_partner():
@@ -254,16 +254,16 @@ def test_a_plan_never_ends_while_a_pair_waits_for_its_mismatched_partner():
     # pair's mismatched partner would be the fourth, so the plan stops after two (which swap second halves).
     units = [PackingUnit(row, (5, 5), True) for row in range(5)]
     plan = plan_packing(units, block_size=20, windows_per_step=1, seed=0, max_steps=2)
-    assert (plan.steps, plan.units_seen) == (2, 2)
+    assert (plan.steps, len(plan.seen)) == (2, 2)
     stream = shuffled(units, seed=0, data_pass=0)
     assert all(len(pack(stream[:3], 20, setting)) == 2 for setting in ("bridges", "no_bridges"))
     with pytest.raises(ValueError, match="waits for its mismatched partner"):
         pack(stream[:3], 20, "mismatched_bridges", group_sizes=pair_group_sizes(units))
     first, second = (unit.key for unit in stream[:2])
-    assert plan.mismatched_bridges.partners == {first: second, second: first}
+    assert plan.settings["mismatched_bridges"].partners == {first: second, second: first}
     # An odd number of pairs: the last three of a pass form one cycle, so every pair of the pass has a partner.
     odd = plan_packing(units, block_size=20, windows_per_step=1, seed=0, num_epochs=1)
-    assert odd.units_seen == 5 and sorted(odd.mismatched_bridges.partners.values()) == sorted(odd.seen)
+    assert len(odd.seen) == 5 and sorted(odd.settings["mismatched_bridges"].partners.values()) == sorted(odd.seen)
 
 
 def test_split_to_halves_the_fullest_windows_and_keeps_documents_whole():

@@ -178,8 +178,8 @@ def model_windows(windows, data, block_size: int, pad_id: int = 1) -> list[dict]
 
     records = []
     for window in windows:
-        batch = collator([collator.window_features(window, data.store.segment_tokens)])
-        owners = [name(s) for document in window for s in document for _ in data.store.segment_tokens(s)]
+        batch = collator([collator.window_features(window, data.segment_tokens)])
+        owners = [name(s) for document in window for s in document for _ in data.segment_tokens(s)]
         records.append(
             {**{k: v[0].tolist() for k, v in batch.items()}, "doc_ids": owners + [None] * (block_size - len(owners))}
         )
@@ -306,7 +306,7 @@ def test_an_output_dir_holding_a_checkpoint_needs_resume_from_checkpoint(cpt_dat
 def test_the_run_checks_document_isolation_on_its_own_model_and_window(cpt_data, tiny_model_dir):
     plan, data = planned(cpt_data, tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    result = run_cpt.check_plan_isolation(model, plan.bridges.windows, data.store, run_cpt.CPTCollator(128, 1))
+    result = run_cpt.check_plan_isolation(model, plan.settings["bridges"].windows, data, run_cpt.CPTCollator(128, 1))
     assert result["checked"] and result["holds"] and result["documents"] >= 2
 
     class LeakyCollator(run_cpt.CPTCollator):  # positions that never restart: one long sequence
@@ -316,7 +316,7 @@ def test_the_run_checks_document_isolation_on_its_own_model_and_window(cpt_data,
             batch["position_ids"][:, 0] = 0
             return batch
 
-    leaky = run_cpt.check_plan_isolation(model, plan.bridges.windows, data.store, LeakyCollator(128, 1))
+    leaky = run_cpt.check_plan_isolation(model, plan.settings["bridges"].windows, data, LeakyCollator(128, 1))
     assert leaky["checked"] and not leaky["holds"]
 
 
@@ -326,7 +326,7 @@ def trainer_of_the_run(windows, data, tmp_path, tiny_model_dir, **arguments) -> 
     return Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                    args=TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, seed=0,
                                           **arguments),
-                   train_dataset=run_cpt.PackedWindows(windows, data.store, collator), data_collator=collator)  # fmt: skip
+                   train_dataset=run_cpt.PackedWindows(windows, data, collator), data_collator=collator)  # fmt: skip
 
 
 def rows(batches) -> Counter:
@@ -341,7 +341,7 @@ def test_one_epoch_of_the_trainers_dataloader_reads_each_planned_window_exactly_
     # 6 steps of 4 windows: 2 per micro-batch, 2 micro-batches per step. The features survive the Trainer's
     # column removal and are read in worker processes as well as in the training process.
     plan, data = planned(cpt_data, tiny_model_dir)
-    windows = plan.bridges.windows
+    windows = plan.settings["bridges"].windows
     trainer = trainer_of_the_run(windows, data, tmp_path, tiny_model_dir, per_device_train_batch_size=2,
                                  gradient_accumulation_steps=2, remove_unused_columns=remove_unused_columns,
                                  dataloader_num_workers=workers)  # fmt: skip
@@ -350,7 +350,7 @@ def test_one_epoch_of_the_trainers_dataloader_reads_each_planned_window_exactly_
     assert all(sorted(batch) == ["input_ids", "labels", "position_ids"] for batch in batches)
     assert all(batch["input_ids"].shape == (2, 128) and (batch["labels"] != -100).any() for batch in batches)
     collator = trainer.data_collator
-    assert rows(batches) == rows([collator([collator.window_features(w, data.store.segment_tokens) for w in windows])])
+    assert rows(batches) == rows([collator([collator.window_features(w, data.segment_tokens) for w in windows])])
 
 
 def test_two_processes_read_the_planned_windows_between_them_each_exactly_once(cpt_data, tiny_model_dir, tmp_path):
@@ -359,7 +359,9 @@ def test_two_processes_read_the_planned_windows_between_them_each_exactly_once(c
     from accelerate.data_loader import prepare_data_loader
 
     plan, data = planned(cpt_data, tiny_model_dir)
-    trainer = trainer_of_the_run(plan.bridges.windows, data, tmp_path, tiny_model_dir, per_device_train_batch_size=2)
+    trainer = trainer_of_the_run(
+        plan.settings["bridges"].windows, data, tmp_path, tiny_model_dir, per_device_train_batch_size=2
+    )
     config = trainer.accelerator.dataloader_config
     trainer.accelerator.prepare = lambda dataloader: dataloader  # the DataLoader before accelerate shards it
     unsharded = trainer.get_train_dataloader()
@@ -392,7 +394,7 @@ def test_a_mismatched_bridges_run_trains_the_same_documents_with_every_partner_w
     assert setting == audit["cpt_setting"] and (setting["setting"], setting["bridges"]) == ("mismatched_bridges", False)
     # The run's plan (its geometry: 2 steps of 2 windows of 64), read by the independent checker.
     plan, tokenized = planned(data, tiny_model_dir, block_size=64, per_step=2, max_steps=2)
-    checked = check_windows(model_windows(plan.mismatched_bridges.windows, tokenized, 64), data, tiny_model_dir, 64,
+    checked = check_windows(model_windows(plan.settings["mismatched_bridges"].windows, tokenized, 64), data, tiny_model_dir, 64,
                             "mismatched_bridges")  # fmt: skip
     assert checked["co_located"] == 0 and checked["mismatched_documents"] == checked["pairs"] == pairs
     assert checked["windows"] == audit["windows"] == 4
@@ -487,7 +489,7 @@ def audits_of_a_real_plan(data_dir, tokenizer_dir):
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
 
     def audit(setting_plan):
-        return packing.audit_windows(setting_plan.windows, packing.BridgePackingCollator(64, 0), data.store.segment_tokens,
+        return packing.audit_windows(setting_plan.windows, packing.BridgePackingCollator(64, 0), data.segment_tokens,
                                      data.units, unit_names=data.document_keys.__getitem__, vocab_size=vocab_size,
                                      partners=setting_plan.partners)  # fmt: skip
 
@@ -500,31 +502,30 @@ HOLDS = {"holds": True, "attn_implementation": "sdpa", "layout": "padded", "comp
 
 def run_audit(audits, setting, isolation=HOLDS) -> dict:
     """The audit of ``setting``'s run as run_cpt builds it: its own figures, the other settings' beside them."""
-    mine, others, equal = packing.compare_settings(audits, setting)
-    return {**mine, "other_settings": others, "equal_across_settings": equal, "document_isolation": isolation}
-
-
-def judged(audits, setting, isolation=HOLDS):
-    return run_cpt.judge_guarantees(run_audit(audits, setting, isolation), setting, 64)
+    others = {name: audit for name, audit in audits.items() if name != setting}
+    return {**audits[setting], "setting": setting, "other_settings": others, "document_isolation": isolation}
 
 
 def test_a_leaking_isolation_check_breaks_the_guarantees_and_an_unchecked_co_location_is_refused(tmp_path,
                                                                                                    tiny_model_dir):  # fmt: skip
-    plan, _, audits, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
+    _, _, audits, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
     assert list(audits) == list(packing.SETTINGS)
-    assert all(judged(audits, setting) == ([], []) for setting in audits)
+    assert all(packing.plan_guarantees(audits, setting) == ([], []) for setting in audits)
     leaks = {**HOLDS, "holds": False, "attn_implementation": "flash_attention_2", "layout": "flattened",
              "max_logit_diff_other_documents_changed": 0.5}  # fmt: skip
-    broken, _ = judged(audits, "bridges", leaks)
-    assert broken and "attention crosses documents with attn_implementation=flash_attention_2" in broken[0]
+    audit = run_audit(audits, "bridges", leaks)
+    with pytest.raises(RuntimeError, match="Packing audit failed: attention crosses documents with "
+                                           "attn_implementation=flash_attention_2 .flattened layout"):  # fmt: skip
+        run_cpt.enforce_guarantees(audit, None)
+    assert audit["guarantees_hold"] is False and audit["unchecked"] == []
     # No pair in any setting's plan: co-location cannot be checked, and training is refused.
     no_pairs = {b: {**audits[b], "pairs": {**audits[b]["pairs"], "total": 0, "co_located": 0,
                                            "co_located_percent": None, "attending_each_other": 0}} for b in audits}  # fmt: skip
-    _, not_checked = judged(no_pairs, "bridges")
+    _, not_checked = packing.plan_guarantees(no_pairs, "bridges")
     assert [item.split(":")[0] for item in not_checked] == ["co-location"] * 3
     audit = run_audit(no_pairs, "bridges")
     with pytest.raises(InputError, match="could not be checked: co-location.*Nothing was trained"):
-        run_cpt.enforce_guarantees(audit, plan, run_cpt.CPTArguments(bridges=True, block_size=64), None)
+        run_cpt.enforce_guarantees(audit, None)
     assert audit["guarantees_hold"] is False and audit["unchecked"] == not_checked
 
 
@@ -539,11 +540,11 @@ def test_mismatched_bridges_are_refused_when_the_derangement_or_the_packing_brea
         "attending_each_other": mismatched["pairs"]["total"], "with_own_partner": 0, "same_language": 0,
         "each_half_once": True}  # fmt: skip
     # The packing breaks: a mismatched pair cut into two documents of its window no longer attends to itself.
-    windows = [list(window) for window in plan.mismatched_bridges.windows]
+    windows = [list(window) for window in plan.settings["mismatched_bridges"].windows]
     w, d = next((w, d) for w, window in enumerate(windows) for d, document in enumerate(window) if len(document) == 2)
     windows[w][d : d + 1] = [(windows[w][d][0],), (windows[w][d][1],)]
-    cut = audit(packing.SettingPlan(windows, 0, plan.mismatched_bridges.partners))
-    broken, _ = judged({**audits, "mismatched_bridges": cut}, "mismatched_bridges")
+    cut = audit(packing.SettingPlan(windows, 0, plan.settings["mismatched_bridges"].partners))
+    broken, _ = packing.plan_guarantees({**audits, "mismatched_bridges": cut}, "mismatched_bridges")
     assert broken == [f"the planned mismatched partners are not each one document of another pair's English and "
                       f"target halves in mismatched_bridges (this run): {cut['mismatched_pairs']}"]  # fmt: skip
     assert cut["mismatched_pairs"]["attending_each_other"] == mismatched["pairs"]["total"] - 1
@@ -551,7 +552,7 @@ def test_mismatched_bridges_are_refused_when_the_derangement_or_the_packing_brea
     # here and in a run, before anything is trained.
     monkeypatch.setattr(packing, "mismatched_partners", lambda cycle: cycle)
     _, _, broken_audits, _ = audits_of_a_real_plan(data, tiny_model_dir)
-    broken, _ = judged(broken_audits, "bridges")
+    broken, _ = packing.plan_guarantees(broken_audits, "bridges")
     assert broken[0] == "100.0% of pairs co-located in mismatched_bridges, expected 0.0%"
     assert "with_own_partner': " + str(mismatched["pairs"]["total"]) in broken[1]
     run = tmp_path / "run"
@@ -566,7 +567,7 @@ def test_mismatched_bridges_refuse_data_without_two_pairs_of_each_order_or_with_
                                                                                                  tiny_model_dir):  # fmt: skip
     units = [packing.PackingUnit(0, (4, 4), True, "en"), packing.PackingUnit(1, (9,), False)]
     plan = packing.plan_packing(units, block_size=16, windows_per_step=1, seed=0, max_steps=2)
-    assert list(plan.settings) == ["bridges", "no_bridges"] and plan.mismatched_bridges is None
+    assert list(plan.settings) == ["bridges", "no_bridges"]
     assert (
         plan.mismatched_unavailable == "only one of the pairs with en first: it has no other pair to be mismatched with"
     )
@@ -596,9 +597,9 @@ def test_mismatched_bridges_refuse_data_without_two_pairs_of_each_order_or_with_
 def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_window_holds_two(tmp_path,
                                                                                               tiny_model_dir):  # fmt: skip
     plan, data, _, _ = audits_of_a_real_plan(small_dataset(tmp_path, tiny_model_dir), tiny_model_dir)
-    one_per_window = [[document] for window in plan.bridges.windows for document in window]
+    one_per_window = [[document] for window in plan.settings["bridges"].windows for document in window]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    result = run_cpt.check_plan_isolation(model, one_per_window, data.store, run_cpt.CPTCollator(64, 1))
+    result = run_cpt.check_plan_isolation(model, one_per_window, data, run_cpt.CPTCollator(64, 1))
     assert result["checked"] and result["holds"] and result["documents"] >= 3 and result["windows_in_batch"] == 2
     assert result["window"] == "a window built from the plan's shortest documents, and a planned window"
 
@@ -608,7 +609,7 @@ def test_isolation_is_checked_on_a_window_built_from_the_plan_when_no_planned_wi
             batch["position_ids"] = torch.arange(self.block_size).expand_as(batch["input_ids"]).clone()
             return batch
 
-    leaky = run_cpt.check_plan_isolation(model, one_per_window, data.store, LeakyCollator(64, 1))
+    leaky = run_cpt.check_plan_isolation(model, one_per_window, data, LeakyCollator(64, 1))
     assert leaky["checked"] and not leaky["holds"]
 
 
@@ -694,7 +695,7 @@ def cpt_plan(tmp_path_factory, tiny_model_dir):
 def cpt_features(cpt_plan, setting="bridges", n_windows=3):
     collator = packing.BridgePackingCollator(64, 1)
     windows = cpt_plan["plan"].settings[setting].windows[:n_windows]
-    return [collator.window_features(window, cpt_plan["data"].store.segment_tokens) for window in windows]
+    return [collator.window_features(window, cpt_plan["data"].segment_tokens) for window in windows]
 
 
 @pytest.mark.parametrize("setting", ["bridges", "no_bridges", "mismatched_bridges"])
@@ -747,9 +748,9 @@ def test_the_cpt_audit_counts_exactly_the_tokens_and_targets_that_every_layout_f
 
     for setting_plan in plan.settings.values():
         audit = packing.audit_windows(setting_plan.windows, packing.BridgePackingCollator(64, 1),
-                                      data.store.segment_tokens, data.units, unit_names=data.document_keys.__getitem__,
+                                      data.segment_tokens, data.units, unit_names=data.document_keys.__getitem__,
                                       vocab_size=vocab)  # fmt: skip
-        features = [packing.BridgePackingCollator(64, 1).window_features(w, data.store.segment_tokens)
+        features = [packing.BridgePackingCollator(64, 1).window_features(w, data.segment_tokens)
                     for w in setting_plan.windows]  # fmt: skip
         for kernel in ("sdpa", "flash_attention_2"):
             batch = run_cpt.CPTCollator(64, 1, attn_implementation=kernel)(features)
@@ -798,7 +799,7 @@ def test_the_cpt_isolation_check_runs_two_windows_in_the_kernels_layout_and_refu
     model.config._attn_implementation = kernel
     collator = run_cpt.CPTCollator(64, 1, attn_implementation=kernel)
     plan = cpt_plan["plan"]
-    result = run_cpt.check_plan_isolation(model, plan.bridges.windows, cpt_plan["data"].store, collator)
+    result = run_cpt.check_plan_isolation(model, plan.settings["bridges"].windows, cpt_plan["data"], collator)
     assert result["windows_in_batch"] == 2 and result["documents"] >= 3
     assert result["layout"] == ("padded" if kernel in ("sdpa", "eager") else "flattened")
     assert result["holds"] is holds
@@ -808,19 +809,20 @@ def test_the_cpt_isolation_check_runs_two_windows_in_the_kernels_layout_and_refu
         )
     else:
         assert result["max_logit_diff_other_documents_changed"] > 1e-3
-        broken, _ = judged(audits_of_a_real_plan(cpt_plan["folder"], tiny_model_dir)[2], "bridges", isolation=result)
-        assert "attention crosses documents with attn_implementation=causal_across_documents" in broken[0]
+        audit = run_audit(audits_of_a_real_plan(cpt_plan["folder"], tiny_model_dir)[2], "bridges", isolation=result)
+        with pytest.raises(RuntimeError, match="attention crosses documents with attn_implementation=causal_across"):
+            run_cpt.enforce_guarantees(audit, None)
 
 
 def test_the_cpt_isolation_check_sees_a_leak_across_windows_of_one_document_each(cpt_plan, tiny_model_dir):
     # Windows of one document each: in one flattened row they are still two documents side by side.
     import test_run_pretrain  # noqa: F401
 
-    one_per_window = [[document] for window in cpt_plan["plan"].no_bridges.windows for document in window]
+    one_per_window = [[document] for window in cpt_plan["plan"].settings["no_bridges"].windows for document in window]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.config._attn_implementation = "causal_across_documents"
     collator = run_cpt.CPTCollator(64, 1, attn_implementation="causal_across_documents")
-    result = run_cpt.check_plan_isolation(model, one_per_window, cpt_plan["data"].store, collator)
+    result = run_cpt.check_plan_isolation(model, one_per_window, cpt_plan["data"], collator)
     assert result["windows_in_batch"] == 2 and result["holds"] is False
 
 
