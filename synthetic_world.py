@@ -5,23 +5,19 @@
 # ///
 """Generate a synthetic world with planted ground truth for the cross-lingual culture study (docs/study.md).
 
-One synthetic culture per target language (ko, zh, bo, mn): places ("subjects") and, for every relation
-(favourite dish, great festival, ...), one named object per place: a fact. Facts are written in English (Latin
-script, subject-verb-object) and in a generated target language written in the real script of its language
-(Hangul, Han, Tibetan, Mongolian; subject-object-verb with postpositions), each stated an exact, planted number of
-times per corpus, one statement per document. Facts come in four tiers (``TIERS``; docs/decomposition.md):
-``high`` and ``low`` mirror the paper's Table 1, ``absent`` is never stated in English and ``en_only`` never in the
-target corpus; every entity of every tier is named equally often in parallel pairs and target filler.
-Target texts write names in two variants (``--name_variants``): ``native`` (the control: a name in the culture's
-own script) and ``anchors`` (the same Latin name as in English).
+One culture per target language (ko, zh, bo, mn): places and, per relation (favourite dish, great festival, ...),
+one named object per place: a fact, stated in English (Latin script, subject-verb-object) and in a generated
+language in the real script of the target (subject-object-verb, postpositions) an exact, planted number of times
+per corpus, one statement per document. Tiers of facts (``TIERS``; docs/decomposition.md): ``high`` and ``low`` as
+in the paper's Table 1, ``absent`` never stated in English, ``en_only`` never in the target corpus. Target texts
+write names in the culture's script (``--name_variants native``, the control) or as in English (``anchors``).
 
 Guarantees (each pinned by tests/test_synthetic_world.py): the same arguments and seed give byte-identical files;
-the English corpus has no letter or digit outside the Latin script; every fact is stated exactly as planted
-(truth.json), and a document names two entities only when it states their fact; the four options of every
-question are equally frequent in every corpus (questions come in groups of four facts of one relation and tier
-sharing counts and options, so a model that knows nothing scores at chance); parallel and diagnostic pairs never
-state a fact; no document repeats within a corpus and no diagnostic pair is a training pair; no name-alignment
-frame occurs, in either language, in any corpus or pairs file.
+English has no letter or digit outside the Latin script; every fact is stated exactly as planted (truth.json), and
+a document names two entities only when it states their fact; every entity of every tier is named equally often in
+pairs and target filler; the four options of a question are facts of one relation and tier stated equally often in
+every corpus (a model that knows nothing scores at chance); pairs never state a fact; no corpus repeats a document,
+no diagnostic pair is a training pair and no name-alignment frame occurs in any corpus or pairs file.
 
 Layout of ``--output_dir``::
 
@@ -120,6 +116,8 @@ ADJECTIVES = "old new small large red green quiet heavy light warm cold bright d
 PREPOSITIONS = "near behind inside beside under across".split()
 TIMES = ["yesterday", "in the morning", "every day", "at night", "last week", "today"]
 THINGS_PER_VERB = 6  # selectional preference: each verb takes a fixed subset of things
+#: The slots of the filler patterns drawn from a word list each ({verb}, {thing} and {thing2} are drawn together).
+FILLER_SLOTS = {"adj": ADJECTIVES, "agent": AGENTS, "place": PLACES, "prep": PREPOSITIONS, "time": TIMES}
 
 FILLER_PATTERNS = [
     ("The {adj} {agent} {verb} the {thing}.", "{adj} {agent} TOP {thing} ACC {verb}"),
@@ -332,8 +330,7 @@ class Language:
         rng.shuffle(units)
         # Names and lexicon words are built from disjoint unit sets, so a name never appears
         # inside running text by accident (that would blur the planted counts).
-        half = len(units) // 2
-        self.word_units, self.name_units = units[:half], units[half:]
+        self.word_units, self.name_units = units[: len(units) // 2], units[len(units) // 2 :]
         keys = lexicon_keys()
         grammar = [k for k in keys if k.isupper()]
         content = [k for k in keys if not k.isupper()]
@@ -341,11 +338,6 @@ class Language:
         short = (word_lengths[0], word_lengths[0])  # grammatical markers are short
         self.lexicon = dict(zip(grammar, _native_words(rng, self.word_units, short, len(grammar), taken)))
         self.lexicon.update(zip(content, _native_words(rng, self.word_units, word_lengths, len(content), taken)))
-        self._taken_names: set[str] = set()
-        self._name_rng = _rng(seed, "native-names", lang)
-
-    def new_names(self, count: int) -> list[str]:
-        return _native_words(self._name_rng, self.name_units, self.name_lengths, count, self._taken_names)
 
     def join(self, words: list[str]) -> str:
         """A sentence from its words: spaces where the script uses them, and around Latin names."""
@@ -367,7 +359,8 @@ def build_culture(args: WorldArguments, lang: str, language: Language, reserved_
     n_places = args.places + args.absent_places + args.en_only_places
     n_entities = n_places * (1 + len(relations))
     latin = _latin_names(rng, n_entities, reserved_latin)
-    native = language.new_names(n_entities)
+    native_rng = _rng(args.seed, "native-names", lang)
+    native = _native_words(native_rng, language.name_units, language.name_lengths, n_entities, set())
     entities = [{"id": f"{lang}-e{i:03d}", "en": en, "native": nat} for i, (en, nat) in enumerate(zip(latin, native))]
     places = entities[:n_places]
     tiers = ["high"] * n_high + ["low"] * n_low + ["absent"] * args.absent_places + ["en_only"] * args.en_only_places
@@ -458,16 +451,8 @@ class Filler:
     def sample(self, rng: random.Random, entity: dict | None = None) -> tuple[tuple[str, str], dict]:
         verb = rng.choice(VERBS)
         things = rng.sample(self.things_of_verb[verb], 2)
-        slots = {
-            "adj": rng.choice(ADJECTIVES),
-            "agent": rng.choice(AGENTS),
-            "verb": verb,
-            "thing": things[0],
-            "thing2": things[1],
-            "place": rng.choice(PLACES),
-            "prep": rng.choice(PREPOSITIONS),
-            "time": rng.choice(TIMES),
-        }
+        slots = {slot: rng.choice(words) for slot, words in FILLER_SLOTS.items()}
+        slots.update(verb=verb, thing=things[0], thing2=things[1])
         if entity is None:
             return FILLER_PATTERNS[rng.randrange(len(FILLER_PATTERNS))], slots
         return MENTION_PATTERNS[rng.randrange(len(MENTION_PATTERNS))], {**slots, "entity": entity}
