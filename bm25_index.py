@@ -110,14 +110,9 @@ def script_runs(text: str) -> list[tuple[str, str]]:
 
 
 def retrieval_tokens(text: str, kind_units: Counter | None = None) -> list[str]:
-    """BM25 tokens of ``text``, which may mix scripts; adds the word units of each run kind to ``kind_units``.
-
-    * Latin (and unnamed scripts): lower-cased words, English stopwords removed; digits of any script: ASCII.
-    * Hangul: each eojeol, its syllables, and for eojeol of three or more syllables its syllable bigrams (추석을 and
-      추석에 share 추석; every syllable of an answer is a token, so 4개 finds 4개의).
-    * Han: every character and character bigram of a run (no word segmenter needed).
-    * Tibetan: syllables. Traditional Mongolian: words, shaping characters removed.
-    """
+    """BM25 tokens of ``text`` (docs/density.md#what-is-counted), which may mix scripts; adds the word units of each
+    run kind to ``kind_units``. A Hangul eojeol also gives its syllables and, from three syllables on, its syllable
+    bigrams (추석을 and 추석에 share 추석; every syllable of an answer is a token, so 4개 finds 4개의)."""
     if text.isascii():  # the result of the loop below, faster
         runs = _ASCII_RUNS.findall(text.lower())
         if kind_units is not None:
@@ -216,7 +211,7 @@ class ShardedBM25:
         self.directory = directory
         self.meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-        self.text_offsets = np.load(directory / "text_offsets.npy", mmap_mode="r")  # document d: bytes [d, d + 1)
+        self.text_offsets = np.load(directory / "text_offsets.npy", mmap_mode="r")  # text d: bytes [d] to [d + 1]
         self.document_frequencies = np.load(directory / "document_frequencies.npy", mmap_mode="r")
         self.shard_starts = self.meta["shard_starts"]
         self.num_docs = self.meta["documents"]
@@ -245,7 +240,6 @@ class ShardedBM25:
         holding every token of some group are ranked (an empty group, or none, requires nothing)."""
         # A token repeated in the query counts each time, as in bm25s, rank_bm25 and Lucene.
         query_ids = [np.array([self.vocab[t] for t in q if t in self.vocab], dtype=np.int32) for q in queries]
-        groups = [self._token_id_groups(r) for r in required] if required is not None else [None] * len(queries)
         best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
         bar = tqdm(total=len(self.shard_starts) * len(queries), desc="BM25 search", disable=not show_progress)
         for number, start in enumerate(self.shard_starts):
@@ -255,10 +249,10 @@ class ShardedBM25:
                 if ids.size == 0:
                     continue
                 scores = shard.get_scores_from_ids(ids)
-                if groups[q] is None:
+                allowed = self._holding_any_group(shard.scores, required[q]) if required is not None else None
+                if allowed is None:
                     local_ids, local_scores = top_k_deterministic(scores, k)
                 else:
-                    allowed = _documents_with_any_group(shard.scores, groups[q])
                     positions, local_scores = top_k_deterministic(scores[allowed], k)
                     local_ids = allowed[positions]
                 merged_ids = np.concatenate([best[q][0], local_ids + start])
@@ -268,26 +262,23 @@ class ShardedBM25:
         bar.close()
         return best
 
-    def _token_id_groups(self, groups: list[list[str]]) -> list[list[int]] | None:
-        """Token ids of each group, -1 for a token the corpus lacks; None when some group requires nothing."""
-        if not groups or any(not group for group in groups):
+    def _holding_any_group(self, matrix: dict, groups: list[list[str]]) -> np.ndarray | None:
+        """Sorted ids of the documents of a shard's score matrix holding every token of some group; None when some
+        group (or the lack of any) requires nothing."""
+        if not groups or not all(groups):
             return None
-        return [[self.vocab.get(token, -1) for token in group] for group in groups]
-
-
-def _documents_with_any_group(matrix: dict, groups: list[list[int]]) -> np.ndarray:
-    """Sorted ids of the documents of a bm25s score matrix holding all tokens of some group."""
-    indptr, indices = matrix["indptr"], matrix["indices"]
-    found = np.empty(0, dtype=np.int64)
-    for group in groups:
-        if -1 in group:
-            continue
-        postings = sorted((np.asarray(indices[indptr[t] : indptr[t + 1]]) for t in group), key=len)
-        documents = postings[0]
-        for posting in postings[1:]:
-            documents = np.intersect1d(documents, posting, assume_unique=True)
-        found = np.union1d(found, documents)
-    return found.astype(np.int64)
+        indptr, indices = matrix["indptr"], matrix["indices"]
+        found = np.empty(0, dtype=np.int64)
+        for group in groups:
+            if any(token not in self.vocab for token in group):
+                continue  # no document holds it
+            ids = [self.vocab[token] for token in group]
+            postings = sorted((np.asarray(indices[indptr[t] : indptr[t + 1]]) for t in ids), key=len)
+            documents = postings[0]
+            for posting in postings[1:]:
+                documents = np.intersect1d(documents, posting, assume_unique=True)
+            found = np.union1d(found, documents)
+        return found.astype(np.int64)
 
 
 def top_k_deterministic(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

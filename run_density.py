@@ -54,9 +54,7 @@ logger = logging.getLogger("run_density")
 class DensityArguments:
     """run_density.py's flags; docs/density.md gives the reasons for each choice."""
 
-    questions: list[str] = field(
-        metadata={"help": "Cloze question files, folders or datasets; a stem ending in _LANG sets the language."}
-    )
+    questions: list[str] = field(metadata={"help": "Cloze question files, folders or datasets, named NAME_LANG."})
     output_dir: str = field(metadata={"help": "Where density.json, density.md and (by default) the indexes go."})
     corpus_files: list[str] | None = field(
         default=None,
@@ -103,15 +101,10 @@ class DensityArguments:
     predictions_without: str | None = field(
         default=None, metadata={"help": "Instance-level analysis: run_eval.py output of the model WITHOUT bridges."}
     )
-    predictions_step: int | None = field(
-        default=None, metadata={"help": "Checkpoint step of the predictions (default: each run's last)."}
-    )
+    predictions_step: int | None = field(default=None, metadata={"help": "Checkpoint step to analyse (default: last)."})
     source_corpus: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "The corpus knowledge transfers FROM, as LABEL or LANG=LABEL entries (e.g. 'bo=enwiki en=bo'). "
-            "Default: the corpus the question file's parallel file was measured on."
-        },
+        metadata={"help": "Source corpus: LABEL or LANG=LABEL entries (default: where a parallel file was measured)."},
     )
     log_level: str = field(default="info", metadata={"help": "Logging level: debug, info, warning."})
 
@@ -415,22 +408,6 @@ JUDGE_PROMPT = (
 JUDGE_YES, JUDGE_NO = " Yes", " No"
 
 
-def judge_prompt_parts(question: Question, excerpt: str) -> tuple[str, str, str]:
-    """The judge prompt as (text before the document, document excerpt, text after it)."""
-    head, tail = JUDGE_PROMPT.split("{document}")
-    answer, statement = " / ".join(question.answers), question.filled.strip()
-    return head, excerpt, tail.format(question=question.question.strip(), answer=answer, statement=statement)
-
-
-def document_excerpt(text: str, question: Question, max_chars: int) -> str:
-    """At most ``max_chars`` characters of ``text``, centred on the first occurrence of an answer."""
-    if len(text) <= max_chars:
-        return text
-    positions = [p for p in (text.lower().find(a.lower()) for a in question.answers) if p >= 0]
-    start = max(0, min(min(positions, default=0) - max_chars // 2, len(text) - max_chars))
-    return text[start : start + max_chars]
-
-
 class LanguageModelJudge:
     """Judge with any causal LM: yes iff log P(" Yes" | prompt) - log P(" No" | prompt) > --judge_margin, each summed
     over its tokens; each prompt (JUDGE_PROMPT) starts with the model's document-start token."""
@@ -453,10 +430,17 @@ class LanguageModelJudge:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, question: Question, document_text: str) -> list[int]:
-        """[start] + prompt ids; the document excerpt is cut (around its centre) to fit max_tokens."""
-        excerpt = document_excerpt(document_text, question, self.excerpt_chars)
-        head, doc, tail = (self._ids(part) for part in judge_prompt_parts(question, excerpt))
+    def prompt_ids(self, question: Question, text: str) -> list[int]:
+        """[start] + JUDGE_PROMPT's ids. The document is cut to --judge_excerpt_chars characters centred on the first
+        answer it holds, then (around its centre) to the tokens that fit max_tokens."""
+        if len(text) > self.excerpt_chars:
+            positions = [p for p in (text.lower().find(a.lower()) for a in question.answers) if p >= 0]
+            start = max(0, min(min(positions, default=0) - self.excerpt_chars // 2, len(text) - self.excerpt_chars))
+            text = text[start : start + self.excerpt_chars]
+        head, tail = JUDGE_PROMPT.split("{document}")
+        tail = tail.format(question=question.question.strip(), answer=" / ".join(question.answers),
+                           statement=question.filled.strip())  # fmt: skip
+        head, doc, tail = self._ids(head), self._ids(text), self._ids(tail)
         room = self.max_tokens - 1 - len(head) - len(tail) - max(len(self.yes_ids), len(self.no_ids))
         if room < 0:
             raise InputError(

@@ -137,12 +137,29 @@ def test_interrupted_build_leaves_no_index_that_looks_complete(tmp_path):
     assert list((tmp_path / "index").iterdir()) == []
 
 
-def test_the_index_returns_every_document_as_study_common_reads_it(tmp_path):
-    jsonl = tmp_path / "a.jsonl"
-    jsonl.write_bytes('\ufeff{"text": "α one"}\n\n{"text": "lone \\ud800"}\r\n{"text": ""}\n'.encode())
-    txt = tmp_path / "b.txt"
-    txt.write_bytes("first line\r\n\n  \nsecond 한국\n".encode())
-    bi.build_index(bi.FileCorpus("ab", [jsonl, txt], "text"), tmp_path / "index", 2, {})
-    expected = list(read_documents(jsonl)) + list(read_documents(txt))
-    assert "lone \ud800" in expected and "" in expected
+def test_the_index_returns_every_document_of_every_file_type_as_study_common_reads_it(tmp_path):
+    files = {
+        "a.jsonl": '\ufeff{"text": "α one"}\n\n{"text": "lone \\ud800"}\r\n{"text": ""}\n',
+        "b.txt": "first line\r\n\n  \nsecond 한국\n",
+        "c.csv": 'text,id\n"Chuseok falls in autumn, every year.",1\n"two\nlines",2\n',
+        "d.tsv": "id\ttext\n1\tSongpyeon are rice cakes.\n",
+        "e.json": '[{"text": "listed"}, "a bare string"]',
+    }
+    paths = [tmp_path / name for name in files]
+    for path, content in zip(paths, files.values()):
+        path.write_bytes(content.encode())
+    bi.build_index(bi.FileCorpus("all", paths, "text"), tmp_path / "index", 3, {})
+    expected = [text for path in paths for text in read_documents(path)]
+    assert {"lone \ud800", "", "second 한국", "two\nlines", "a bare string"} <= set(expected) and len(expected) == 10
     assert bi.ShardedBM25(tmp_path / "index").texts(range(len(expected))) == dict(enumerate(expected))
+
+
+def test_corpus_files_of_unknown_type_or_without_the_text_column_are_refused_naming_the_flag(tmp_path):
+    other = tmp_path / "c.md"
+    other.write_text("x\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"c\.md: unknown file type '\.md'; accepted: \.txt"):
+        bi.FileCorpus("c", [other], "text")
+    tsv = tmp_path / "b.tsv"
+    tsv.write_text("id\ttext\n1\tSongpyeon.\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"b\.tsv:1: no column 'body' in the header .*Pass --corpus_text_column"):
+        list(bi.FileCorpus("c", [tsv], "body").iter_documents(bi.Counter()))

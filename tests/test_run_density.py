@@ -381,7 +381,7 @@ def test_dataset_corpus_from_save_to_disk_counts_rows_without_text(tmp_path, wor
     assert report["corpus"]["skipped"] == {"no text in column 'text'": 1}
 
 
-def test_streamed_dataset_corpus_reads_retrieved_documents_in_one_more_pass(tmp_path, world):
+def test_streamed_dataset_corpus_is_judged_on_the_texts_its_index_stored(tmp_path, world):
     question_files, corpus_files = world
     folder = tmp_path / "stream"
     folder.mkdir()
@@ -478,7 +478,7 @@ def _planted_gaps(tmp_path, gained_at_0: int, gained_at_3: int, n: int = 40):
     _predictions(tmp_path / "without", "set_bo", "bo", {7: [False] * 2 * n}, {"setting": "no_bridges"})
     occurrences = {("english", "set_en"): [0] * n + [3] * n}
     (result,) = rd.instance_analysis(tmp_path / "with" / "predictions.jsonl", tmp_path / "without" /
-                                     "predictions.jsonl", None, {}, occurrences)["results"]  # fmt: skip
+                                     "predictions.jsonl", None, [], occurrences)["results"]  # fmt: skip
     return result
 
 
@@ -500,10 +500,10 @@ def test_predictions_given_under_the_wrong_setting_flag_are_refused(tmp_path):
     with_run, without_run = tmp_path / "with" / "predictions.jsonl", tmp_path / "without" / "predictions.jsonl"
     occurrences = {("english", "set_en"): [0, 1, 2, 3] * 2}
     with pytest.raises(InputError, match=r"was given as --predictions_with but its cpt_setting says no_bridges"):
-        rd.instance_analysis(without_run, with_run, None, {}, occurrences)
+        rd.instance_analysis(without_run, with_run, None, [], occurrences)
     _predictions(tmp_path / "mismatched", "set_bo", "bo", {7: [False] * 8}, {"setting": "mismatched_bridges"})
     with pytest.raises(InputError, match=r"--predictions_without but its cpt_setting says mismatched_bridges"):
-        rd.instance_analysis(with_run, tmp_path / "mismatched" / "predictions.jsonl", None, {}, occurrences)
+        rd.instance_analysis(with_run, tmp_path / "mismatched" / "predictions.jsonl", None, [], occurrences)
 
 
 def test_a_corpus_file_given_twice_is_refused_rather_than_counted_twice(world, tmp_path):
@@ -607,22 +607,25 @@ def test_a_run_whose_every_pair_is_skipped_by_script_exits_2_naming_them_and_wri
 # --------------------------------------------------------------------------------------
 
 
-def test_judge_prompt_is_the_documented_template():
+def test_judge_prompt_is_the_documented_template_around_an_excerpt_centred_on_the_answer(tiny_model_dir):
+    judge = rd.LanguageModelJudge(str(tiny_model_dir), batch_size=1, excerpt_chars=100, max_tokens=512)
+
+    def prompt(question, document):
+        ids = judge.prompt_ids(question, document)
+        assert ids[0] == judge.start_id
+        return judge.tokenizer.decode(ids[1:], clean_up_tokenization_spaces=False)
+
     question = rd.prepare_question(0, "Chuseok falls in ____.", ["autumn"])
-    head, excerpt, tail = rd.judge_prompt_parts(question, "Chuseok is in autumn.")
-    assert head + excerpt + tail == (
+    assert prompt(question, "Chuseok is in autumn.") == (
         "Document: Chuseok is in autumn.\n\nQuestion: Chuseok falls in ____.\nProposed answer: autumn\n"
         'Does the document state that "Chuseok falls in autumn."? Answer:'
     )
     documented = (REPO_ROOT / "docs" / "density.md").read_text(encoding="utf-8")
     assert 'Does the document state that "{statement}"? Answer:' in documented
-
-
-def test_document_excerpt_is_centred_on_the_answer():
-    question = rd.prepare_question(0, "x ___", ["needle"])
-    text = "a" * 1000 + "needle" + "b" * 1000
-    excerpt = rd.document_excerpt(text, question, 100)
-    assert len(excerpt) == 100 and "needle" in excerpt
+    needle = rd.prepare_question(0, "x ___", ["needle"])
+    text = prompt(needle, "a" * 1000 + "needle" + "b" * 1000)
+    excerpt = text.removeprefix("Document: ").split("\n\nQuestion:")[0]
+    assert excerpt == "a" * 50 + "needle" + "b" * 44
 
 
 def test_language_model_judge_gives_one_margin_per_prompt_independent_of_batching(tiny_model_dir):
