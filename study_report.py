@@ -6,13 +6,10 @@
 #   "psutil",
 # ]
 # ///
-"""The report of a study: report.md, report.html and report.json from the files its steps wrote.
-
-Its sections, and where docs/*.md explains what each measures: docs/study.md (The report). Every number comes from a
-file a step wrote (report.json collects them, or the path of the file that holds them); every sentence of conclusion
-is written from those numbers, never stronger than their intervals. A sweep's report is sweep_report.py.
-run_study.py writes the report after its last step; on its own it reports a study folder from the plan.json
-run_study.py wrote there::
+"""The report of a study: report.md, report.html and report.json from the files its steps wrote; its sections are
+listed in docs/study.md (The report). Every sentence of conclusion is written from those files' numbers, never
+stronger than their intervals. A sweep's report is sweep_report.py. run_study.py writes the report after its last
+step; on its own it reports a study folder from the plan.json run_study.py wrote there::
 
     python study_report.py study_runs/cpu
 """
