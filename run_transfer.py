@@ -53,11 +53,6 @@ TIER_ORDER = ("high", "low", "absent", "en_only")
 POLICY_FIELDS = ("accuracy_with", "accuracy_without", "gap", "mean_gap", "mean_gap_ci", "final_gap", "verdict")
 
 
-def min_bootstrap(confidence: float) -> int:
-    """The fewest resamples that put 5 in each tail of a percentile interval (200 for 95%)."""
-    return math.ceil(round(10 / (1 - confidence), 6))
-
-
 @dataclass
 class TransferArguments:
     with_bridges: list[str] = field(
@@ -90,7 +85,7 @@ class TransferArguments:
         # Refused before any run is read: too few resamples give intervals no verdict may rest on.
         if not 0 < self.confidence < 1:
             raise InputError(f"--confidence must be in (0, 1), got {self.confidence}.")
-        floor = min_bootstrap(self.confidence)
+        floor = math.ceil(round(10 / (1 - self.confidence), 6))  # 5 resamples in each tail (200 for 95%)
         if self.n_bootstrap < floor:
             raise InputError(
                 f"--n_bootstrap {self.n_bootstrap}: a {self.confidence:.0%} percentile interval needs at least "
@@ -120,21 +115,16 @@ class RunResults:
     recorded: dict  # field of SHARED_BY_ALL_RUNS + SHARED_BY_A_SEED -> its value (None: not recorded)
 
 
-def eval_dir_of(path: str) -> Path:
-    """The run_eval.py output folder of a run given as one, or as a run folder holding it in RUN/eval."""
-    for candidate in (Path(path), Path(path) / EVAL_DIR_NAME):
-        if (candidate / "accuracy.json").is_file():
-            return candidate
-    raise InputError(
-        f"{path}: no probing output (accuracy.json) here or in {Path(path) / EVAL_DIR_NAME}. Probe the run first: "
-        f"python run_eval.py --model_name_or_path {path} --questions QUESTIONS (writes {Path(path) / EVAL_DIR_NAME})."
-    )
-
-
 def read_run(path: str, setting: str) -> RunResults:
-    """The per-item results of the run given as ``path`` under ``setting``. Its cpt_setting must record that
-    setting; a model trained elsewhere records none and is taken as given, except as mismatched bridges."""
-    eval_dir = eval_dir_of(path)
+    """The per-item results of the run given as ``path`` (its run_eval.py output folder, or a run folder holding it
+    in RUN/eval) under ``setting``. Its cpt_setting must record that setting; a model trained elsewhere records none
+    and is taken as given, except as mismatched bridges."""
+    eval_dir = next((d for d in (Path(path), Path(path) / EVAL_DIR_NAME) if (d / "accuracy.json").is_file()), None)
+    if eval_dir is None:
+        raise InputError(
+            f"{path}: no probing output (accuracy.json) here or in {Path(path) / EVAL_DIR_NAME}. Probe the run first: "
+            f"python run_eval.py --model_name_or_path {path} --questions QUESTIONS (writes {Path(path) / EVAL_DIR_NAME})."
+        )
     accuracy, correct = read_predictions(eval_dir)
     fractional = read_predictions(eval_dir, tie_policy="fractional")[1]
     cpt_setting = accuracy.get("cpt_setting") or {}
@@ -292,9 +282,8 @@ def _resampled(values: np.ndarray, question_weights: np.ndarray, seed_weights: n
 def analyse_direction(
     with_correct, without_correct, n_bootstrap: int, seed: int, confidence: float, first_with=None, first_without=None
 ) -> dict:
-    """Gap statistics from per-item credits (seeds x steps x questions, seed pairs aligned); McNemar on bool
-    correctness, ``first_with/_without`` where the credits are fractional. Each bootstrap resample draws the
-    questions (one draw for both settings: paired) and the seed pairs (hierarchical)."""
+    """Gap statistics from per-item credits (seeds x steps x questions, seed pairs aligned), bootstrapped over the
+    questions (paired) and the seed pairs; McNemar on ``first_with/_without`` where the credits are fractional."""
     n_seeds, n_steps, n_questions = with_correct.shape
     if first_with is None:  # bool credits; numpy refuses ~ on fractional ones
         first_with, first_without = with_correct, without_correct
@@ -331,24 +320,6 @@ def analyse_direction(
         "per_seed": per_seed,
         "ci_covers": "questions and seeds" if n_seeds > 1 else "questions only (one run pair)",
         "verdict": verdict(tuple(mean_gap_ci), float(gap.mean())),
-    }
-
-
-def knowledge_transfer(often_gap, never_gap, n_bootstrap: int, seed: int, confidence: float) -> dict:
-    """The difference-in-differences of a knowledge contrast: the gap on the facts the source corpus states often
-    minus the gap on those it never states (per-item gaps, seeds x steps x items of each tier, seed pairs aligned).
-    Each resample draws the seed pairs once for both tiers and the questions within each tier (stratified)."""
-    rng = np.random.default_rng(seed)
-    seed_weights = _draws(rng, often_gap.shape[0], n_bootstrap)
-    boot = [_resampled(g, _draws(rng, g.shape[2], n_bootstrap), seed_weights) for g in (often_gap, never_gap)]
-    did, boot_did = often_gap.mean(axis=(0, 2)) - never_gap.mean(axis=(0, 2)), boot[0] - boot[1]
-    mean_ci = _percentile_ci(boot_did.mean(axis=1), confidence)
-    return {
-        "mean_did": float(did.mean()),
-        "mean_did_ci": mean_ci.tolist(),
-        "final_did": float(did[-1]),
-        "final_did_ci": _percentile_ci(boot_did[:, -1], confidence).tolist(),
-        "verdict": verdict(tuple(mean_ci), float(did.mean())),
     }
 
 
@@ -458,23 +429,31 @@ def _analyse_questions(lang: str, stem: str, pairs, steps, transfer, tiers: dict
 
 
 def _knowledge_entry(lang: str, english: bool, tier_items: dict, by_tier: dict, gap: np.ndarray, transfer) -> dict:
-    """The knowledge contrast of a direction (KNOWLEDGE_CONTRASTS; None when one of its tiers has no items):
-    knowledge_transfer's difference-in-differences, and the gap on the never-stated tier (skill)."""
+    """The knowledge contrast of a direction (KNOWLEDGE_CONTRASTS; None when one of its tiers has no items): the
+    difference-in-differences of the per-item gaps (seeds x steps x items), whose bootstrap draws the seed pairs once
+    for both tiers and the questions within each tier, and the gap on the never-stated tier (skill)."""
     contrast = KNOWLEDGE_CONTRASTS["X->en" if english else "en->X"]
     often, never = contrast["often_tier"], contrast["never_tier"]
     if often not in tier_items or never not in tier_items:
         return None
+    tiers = [gap[..., tier_items[often]], gap[..., tier_items[never]]]
+    rng = np.random.default_rng(transfer.bootstrap_seed)
+    seed_weights = _draws(rng, gap.shape[0], transfer.n_bootstrap)
+    boot = [_resampled(g, _draws(rng, g.shape[2], transfer.n_bootstrap), seed_weights) for g in tiers]
+    did, boot_did = tiers[0].mean(axis=(0, 2)) - tiers[1].mean(axis=(0, 2)), boot[0] - boot[1]
+    mean_ci = _percentile_ci(boot_did.mean(axis=1), transfer.confidence)
     source, destination = (lang, "English") if english else ("English", lang)
-    did = knowledge_transfer(gap[..., tier_items[often]], gap[..., tier_items[never]], transfer.n_bootstrap,
-                             transfer.bootstrap_seed, transfer.confidence)  # fmt: skip
-    skill = by_tier[never]
     return {
         "often_tier": often,
         "never_tier": never,
-        **did,
-        "skill_mean_gap": skill["mean_gap"],
-        "skill_mean_gap_ci": skill["mean_gap_ci"],
-        "skill_verdict": skill["verdict"],
+        "mean_did": float(did.mean()),
+        "mean_did_ci": mean_ci.tolist(),
+        "final_did": float(did[-1]),
+        "final_did_ci": _percentile_ci(boot_did[:, -1], transfer.confidence).tolist(),
+        "verdict": verdict(tuple(mean_ci), float(did.mean())),
+        "skill_mean_gap": by_tier[never]["mean_gap"],
+        "skill_mean_gap_ci": by_tier[never]["mean_gap_ci"],
+        "skill_verdict": by_tier[never]["verdict"],
         "meaning": (
             f"mean_did is knowledge carried from the {source} corpus: the gap (with minus without bridges) "
             f"on facts it states often ({often}) minus the gap on facts it never states ({never}); both are "
@@ -585,8 +564,8 @@ def mismatched_sentence(lang: str, d: dict) -> str:
 def transfer_markdown(result: dict, level: int = 2, standalone: bool = True) -> str:
     """transfer.md: a title, then sections at heading ``level``. The study report includes it under its own heading
     (standalone False: no title)."""
-    lines = [*_summary_markdown(result), *_tie_rules_markdown(result), *_tiers_markdown(result),
-             *_mismatched_markdown(result), *_closing_markdown(result)]  # fmt: skip
+    sections = (_summary_markdown, _tiers_markdown, _mismatched_markdown, _closing_markdown)
+    lines = [line for section in sections for line in section(result)]
     lines = [("#" * (level - 2) + line) if line.startswith("## ") else line for line in lines]
     title = ["# Cross-lingual transfer: with minus without bridges", ""] if standalone else []
     text = "\n".join(title + lines).strip("\n")
@@ -594,7 +573,8 @@ def transfer_markdown(result: dict, level: int = 2, standalone: bool = True) -> 
 
 
 def _summary_markdown(result: dict) -> list[str]:
-    """The gap per direction, then what the runs of each language share (and differ in, deliberately)."""
+    """The gap per direction, what the runs of each language share (and differ in, deliberately), and the gaps
+    under both tie rules where they differ."""
     rows = [
         [direction_words(d["direction"], lang["lang"]), d["questions"], d["n_seed_pairs"], lang["steps"][-1],
          f"{d['accuracy_with'][-1]:.3f}", f"{d['accuracy_without'][-1]:.3f}",
@@ -622,10 +602,6 @@ def _summary_markdown(result: dict) -> list[str]:
         for key, values in c["allowed_differences"].items():
             shown = ", ".join(f"{run}: {value}" for run, value in values.items())
             lines.append(f"**They differ in {key}, compared deliberately (--allow_differences)**: {shown}.")
-    return lines
-
-
-def _tie_rules_markdown(result: dict) -> list[str]:
     rows = [
         [direction_words(d["direction"], lang["lang"]), policy, f"{p['accuracy_with'][-1]:.3f}",
          f"{p['accuracy_without'][-1]:.3f}", f"{p['final_gap']:+.3f}", _gap(p), verdict_cell(p["verdict"])]
@@ -633,11 +609,11 @@ def _tie_rules_markdown(result: dict) -> list[str]:
         for policy, p in d["tie_policies"].items()
     ]  # fmt: skip
     if not rows:
-        return ["", "The two tie rules give the same curves, gaps and verdicts here."]
+        return [*lines, "", "The two tie rules give the same curves, gaps and verdicts here."]
     header = ["direction", "tie rule", "acc. with (final)", "acc. without (final)", "final gap", "mean gap [CI]",
               "verdict"]  # fmt: skip
     note = "Ties change this analysis; under both rules (McNemar always counts first-rule correctness):"
-    return _section("Both tie rules", header, rows, note)
+    return lines + _section("Both tie rules", header, rows, note)
 
 
 def _tiers_markdown(result: dict) -> list[str]:
