@@ -6,10 +6,9 @@
 """Build the continual-pretraining dataset of one language: monolingual text, parallel pairs, replay.
 
 Step 2a of the study. ONE dataset per language is built and every continual-pretraining setting (``run_cpt.py``)
-reads it, so they start from the same documents. Each record is one document (``doc_id``, ``kind`` mono | pair |
-replay, ``text``, ``pair_id``, ``en``, ``tgt``, ``source``); a record that fails a check is dropped and counted in
-``build_stats.json``. Inputs stream to Arrow files on disk, checked in --num_proc processes. Fields, drop
-reasons and the replay draw: docs/cpt.md.
+reads it, so they start from the same documents. Each record is one document; a record that fails a check is
+dropped and counted in ``build_stats.json``. Inputs stream to Arrow files on disk, checked in --num_proc processes.
+Fields, drop reasons, the replay draw and the outputs: docs/cpt.md.
 
 Example:
     python build_pairs.py --lang bo --pairs_files pairs.jsonl --en_column en --tgt_column bo \\
@@ -31,12 +30,12 @@ import unicodedata
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import regex
 from transformers import AutoTokenizer, HfArgumentParser
 
 from cloze import fill_blanks, load_question_sets
@@ -59,116 +58,72 @@ from study_common import (
 
 logger = logging.getLogger("build_pairs")
 
-KINDS = ("mono", "pair", "replay")
+#: The kinds of record, in reading order, and the prefix of their input flags (--pairs_files, --mono_dataset, ...).
+ARGUMENT_PREFIX = {"mono": "mono", "pair": "pairs", "replay": "replay"}
+KINDS = tuple(ARGUMENT_PREFIX)
 #: Drop reasons that apply to each kind of record, in the order the checks run.
 DROP_REASONS = {
     "mono": ("empty", "not_in_script", "contains_eval_sentence"),
     "pair": ("empty", "not_in_script", "contains_eval_sentence", "over_block_size", "duplicate_pair"),
     "replay": ("empty", "not_in_script", "contains_eval_sentence", "replay_beyond_ratio"),
 }
+#: Drop reasons as small integer codes (0: kept): per-record bookkeeping is a few bytes in numpy.
+REASON_CODES = {reason: code for code, reason in enumerate(("", *dict.fromkeys(sum(DROP_REASONS.values(), ()))))}
+#: What an input's main drop reason usually means, said when the input keeps nothing.
+HINTS = {
+    "empty": "the texts are empty or null: check {columns}",
+    "not_in_script": "under {fraction:.0%} of the letters are in the {expected}",
+    "contains_eval_sentence": "every record contains a filled sentence of --eval_questions",
+    "over_block_size": "no pair fits --block_size {block_size} tokens",
+    "duplicate_pair": "every pair repeats an earlier one",
+}
+STRING, INT32, INT64 = datasets.Value("string"), datasets.Value("int32"), datasets.Value("int64")
+#: A record as read; ``input``: the position of its input in ``input_sources``, ``index``: its place in its kind.
 RAW_FEATURES = datasets.Features(
-    {
-        "kind": datasets.Value("string"),
-        "index": datasets.Value("int64"),
-        "input": datasets.Value("int32"),  # position of the record's input in ``input_sources``
-        "source": datasets.Value("string"),
-        "text": datasets.Value("string"),
-        "en": datasets.Value("string"),
-        "tgt": datasets.Value("string"),
-    }
+    {"kind": STRING, "index": INT64, "input": INT32, "source": STRING, "text": STRING, "en": STRING, "tgt": STRING}
 )
+#: What ``check_batch`` adds: the drop code (0: kept), the text tokens and a kept pair's hash.
+CHECK_FEATURES = {"drop_code": datasets.Value("int8"), "text_tokens": INT64, "dedup_key": datasets.Value("binary")}
 OUTPUT_FEATURES = datasets.Features(
-    {
-        "doc_id": datasets.Value("string"),
-        "kind": datasets.Value("string"),
-        "text": datasets.Value("string"),
-        "pair_id": datasets.Value("int64"),
-        "en": datasets.Value("string"),
-        "tgt": datasets.Value("string"),
-        "source": datasets.Value("string"),
-    }
+    {"doc_id": STRING, "kind": STRING, "text": STRING, "pair_id": INT64, "en": STRING, "tgt": STRING, "source": STRING}
 )
 
 
 @dataclass
 class BuildArguments:
-    lang: str = field(
-        metadata={"help": "Target language code: ko, zh, bo, mn (scripts known); any other with --script."}
-    )
-    tokenizer_name: str = field(
-        default=str(DEFAULT_BASE_MODEL_DIR),
-        metadata={"help": "The base model's tokenizer, measuring pairs against --block_size (default: runs/pretrain)."},
-    )
-    output_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where the dataset, build_stats.json and card go (default: runs/data-<lang>)."},
-    )
-    script: str | None = field(
-        default=None, metadata={"help": "Unicode script of the target language (e.g. Cyrillic); needed if not listed."}
-    )
-    mono_files: list[str] | None = field(
-        default=None, metadata={"help": "Target-language text files: .txt (one document per line), .json, .jsonl."}
-    )
-    mono_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of mono text."})
-    mono_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --mono_dataset."})
+    lang: str = field(metadata={"help": "Target language code: ko, zh, bo, mn, or any other with --script."})
+    tokenizer_name: str = field(default=str(DEFAULT_BASE_MODEL_DIR), metadata={"help": "Tokenizer measuring pairs."})
+    output_dir: str | None = field(default=None, metadata={"help": "Output folder (default: runs/data-<lang>)."})
+    script: str | None = field(default=None, metadata={"help": "Script of --lang if not known (e.g. Cyrillic)."})
+    mono_files: list[str] | None = field(default=None, metadata={"help": "Target-language files: .txt, .json, .jsonl."})
+    mono_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local folder) of mono text."})
+    mono_dataset_config: str | None = field(default=None, metadata={"help": "Config of --mono_dataset."})
     mono_split: str = field(default="train", metadata={"help": "Split of --mono_dataset."})
-    mono_data_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Files of --mono_dataset to read (default: all of them)."},
-    )
+    mono_data_files: list[str] | None = field(default=None, metadata={"help": "Files of --mono_dataset to read."})
     mono_text_column: str = field(default="text", metadata={"help": "Text column of mono .json/.jsonl or dataset."})
-    pairs_files: list[str] | None = field(
-        default=None, metadata={"help": "Parallel pair files: .jsonl, .json, .tsv or .csv (with a header row)."}
-    )
-    pairs_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of pairs."})
-    pairs_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --pairs_dataset."})
+    pairs_files: list[str] | None = field(default=None, metadata={"help": "Pair files (.jsonl, .json, .tsv, .csv)."})
+    pairs_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local folder) of pairs."})
+    pairs_dataset_config: str | None = field(default=None, metadata={"help": "Config of --pairs_dataset."})
     pairs_split: str = field(default="train", metadata={"help": "Split of --pairs_dataset."})
-    pairs_data_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Files of --pairs_dataset to read (default: all of them)."},
-    )
-    en_column: str = field(
-        default="en", metadata={"help": "English column of the pairs; dotted for nested fields (translation.en)."}
-    )
-    tgt_column: str | None = field(
-        default=None, metadata={"help": "Target column of the pairs (default: the --lang code; dotted allowed)."}
-    )
+    pairs_data_files: list[str] | None = field(default=None, metadata={"help": "Files of --pairs_dataset to read."})
+    en_column: str = field(default="en", metadata={"help": "English column of pairs (dotted: nested, translation.en)."})
+    tgt_column: str | None = field(default=None, metadata={"help": "Target column of pairs (default: --lang)."})
     replay_files: list[str] | None = field(default=None, metadata={"help": "English replay text files (optional)."})
-    replay_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local dir) of replay text."})
-    replay_dataset_config: str | None = field(default=None, metadata={"help": "Config name of --replay_dataset."})
+    replay_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local folder) of replay."})
+    replay_dataset_config: str | None = field(default=None, metadata={"help": "Config of --replay_dataset."})
     replay_split: str = field(default="train", metadata={"help": "Split of --replay_dataset."})
-    replay_data_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Files of --replay_dataset to read (default: all of them)."},
-    )
+    replay_data_files: list[str] | None = field(default=None, metadata={"help": "Files of --replay_dataset to read."})
     replay_text_column: str = field(default="text", metadata={"help": "Text column of replay .json/.jsonl or dataset."})
-    replay_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Share of replay in the final text tokens, in [0, 1); required with replay inputs."},
-    )
+    replay_ratio: float | None = field(default=None, metadata={"help": "Replay share of kept text tokens, in [0, 1)."})
     block_size: int = field(default=2048, metadata={"help": "Context window (tokens) a pair must fit into."})
-    min_script_fraction: float = field(
-        default=0.5, metadata={"help": "Minimum fraction of a text's letters in its expected script."}
-    )
-    eval_questions: list[str] | None = field(
-        default=None,
-        metadata={"help": "Cloze question sets whose filled sentences the data must not contain."},
-    )
-    min_eval_sentence_chars: int = field(
-        default=8,
-        metadata={"help": "Filled eval sentences shorter than this are too generic to guard (listed)."},
-    )
-    min_pairs: int = field(
-        default=1,
-        metadata={"help": "Fewest kept pairs a dataset may have; fewer is refused."},
-    )
-    max_records_per_input: int | None = field(
-        default=None,
-        metadata={"help": "Read at most the first N records of each input (a smoke run's budget)."},
-    )
+    min_script_fraction: float = field(default=0.5, metadata={"help": "Least share of a text's letters in its script."})
+    eval_questions: list[str] | None = field(default=None, metadata={"help": "Cloze questions to keep out of data."})
+    min_eval_sentence_chars: int = field(default=8, metadata={"help": "Shorter filled sentences are not guarded."})
+    min_pairs: int = field(default=1, metadata={"help": "Fewest kept pairs a dataset may have; fewer is refused."})
+    max_records_per_input: int | None = field(default=None, metadata={"help": "Read the first N records per input."})
     seed: int = field(default=0, metadata={"help": "Seed of the replay draw."})
-    streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them whole."})
-    num_proc: int | None = field(default=None, metadata={"help": "Processes for the checks (tokenization, scripts)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream Hub datasets instead of downloading them."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for the checks."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the dataset, stats and card to the Hub."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repo id (needed to push)."})
@@ -194,7 +149,7 @@ def _column(record, column: str, where: str, flag: str):
 
 
 def read_pair_file(path: str, en_column: str, tgt_column: str):
-    """Yield (en, tgt, "file:line") from a .jsonl, .json, .tsv or .csv pair file."""
+    """``(where, en, tgt)`` of every pair of a .jsonl, .json, .tsv or .csv file."""
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{file}: no such file. Check --pairs_files.")
@@ -203,54 +158,40 @@ def read_pair_file(path: str, en_column: str, tgt_column: str):
         if file.stat().st_size == 0:
             raise InputError(f"{file}: the file is empty. Give a header row and at least one pair.")
         for where, (en, tgt) in read_delimited(file, [(en_column, "--en_column"), (tgt_column, "--tgt_column")]):
-            yield en, tgt, where
+            yield where, en, tgt
     elif suffix in (".jsonl", ".json"):
         for where, record in read_json_records(file):
             en = _column(record, en_column, where, "--en_column")
-            yield en, _column(record, tgt_column, where, "--tgt_column"), where
+            yield where, en, _column(record, tgt_column, where, "--tgt_column")
     else:
         raise InputError(f"{file}: unknown pair file type {suffix!r}; use .jsonl, .json, .tsv or .csv.")
 
 
-class InputSource(NamedTuple):
-    """One input the user gave: a file or a dataset, of one kind."""
-
-    kind: str  # mono, pair, replay
-    name: str  # the path or the dataset name
-    is_file: bool
-
-
-#: The argument prefix of each kind's inputs (``--pairs_files``, ``--mono_dataset``, ...).
-ARGUMENT_PREFIX = {"mono": "mono", "pair": "pairs", "replay": "replay"}
-
-
-def input_sources(args: BuildArguments) -> list[InputSource]:
-    """Every input, in reading order: mono, then pairs, then replay; files before the dataset."""
+def input_sources(args: BuildArguments) -> list[tuple[str, str, bool]]:
+    """Every input as ``(kind, path or dataset name, is_file)``: mono, pairs, then replay; files before the dataset."""
     sources = []
-    for kind in KINDS:
-        prefix = ARGUMENT_PREFIX[kind]
-        sources += [InputSource(kind, path, True) for path in getattr(args, f"{prefix}_files") or []]
+    for kind, prefix in ARGUMENT_PREFIX.items():
+        sources += [(kind, path, True) for path in getattr(args, f"{prefix}_files") or []]
         if getattr(args, f"{prefix}_dataset"):
-            sources.append(InputSource(kind, getattr(args, f"{prefix}_dataset"), False))
+            sources.append((kind, getattr(args, f"{prefix}_dataset"), False))
     return sources
 
 
-def input_rows(source: InputSource, args: BuildArguments, tgt_column: str):
+def input_rows(kind: str, name: str, is_file: bool, args: BuildArguments, tgt_column: str):
     """``(where, text, en, tgt)`` of every record of one input."""
-    kind, name, is_file = source
-    column, flag = getattr(args, f"{kind}_text_column", None), f"--{kind}_text_column"
+    prefix, column, flag = ARGUMENT_PREFIX[kind], getattr(args, f"{kind}_text_column", None), f"--{kind}_text_column"
     if is_file and kind == "pair":
-        for en, tgt, where in read_pair_file(name, args.en_column, tgt_column):
+        for where, en, tgt in read_pair_file(name, args.en_column, tgt_column):
             yield where, None, en, tgt
     elif is_file:  # read_documents skips blank .txt lines: the count is the document number
         for number, text in enumerate(read_documents(name, column, column_flag=flag), start=1):
             yield f"{name}#{number}", text, None, None
     else:
-        prefix = ARGUMENT_PREFIX[kind]
         split = getattr(args, f"{prefix}_split")
         config, data_files = getattr(args, f"{prefix}_dataset_config"), getattr(args, f"{prefix}_data_files")
-        rows = load_dataset_split(name, config, split, flag=f"--{prefix}_dataset", streaming=args.streaming,
-                                  data_files=data_files)  # fmt: skip
+        rows = load_dataset_split(
+            name, config, split, flag=f"--{prefix}_dataset", streaming=args.streaming, data_files=data_files
+        )
         for row_number, row in enumerate(rows):
             where = f"{name}/{split}:{row_number}"
             if kind == "pair":
@@ -261,326 +202,13 @@ def input_rows(source: InputSource, args: BuildArguments, tgt_column: str):
 
 
 def generate_raw_records(args: BuildArguments, tgt_column: str):
-    """Every input record, in input order (``input_sources``), the first --max_records_per_input of each input;
-    ``index`` counts per kind."""
+    """Every input record, in input order, the first --max_records_per_input of each; ``index`` counts per kind."""
     counters = dict.fromkeys(KINDS, 0)
-    for number, source in enumerate(input_sources(args)):
-        rows = itertools.islice(input_rows(source, args, tgt_column), args.max_records_per_input)
+    for number, (kind, name, is_file) in enumerate(input_sources(args)):
+        rows = itertools.islice(input_rows(kind, name, is_file, args, tgt_column), args.max_records_per_input)
         for where, text, en, tgt in rows:
-            yield {"kind": source.kind, "index": counters[source.kind], "input": number, "source": where,
-                   "text": text, "en": en, "tgt": tgt}  # fmt: skip
-            counters[source.kind] += 1
-
-
-# Contamination guard: filled sentences of cloze questions
-
-
-def normalize_for_matching(text: str) -> str:
-    """NFKC, casefolded, whitespace runs collapsed to one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def _strip_trailing_punctuation(text: str) -> str:
-    end = len(text)
-    while end and (unicodedata.category(text[end - 1])[0] in "PZ" or text[end - 1].isspace()):
-        end -= 1
-    return text[:end]
-
-
-def filled_sentences(source: str) -> list[str]:
-    """Every question of a cloze source (``cloze.load_question_sets``) filled with each of its answers, in
-    both spellings: as the paper scores it, and as a Tibetan text stating the fact writes it (with a tsheg
-    where the blank meets a syllable, as run_density.py counts it). Either spelling in a text is caught."""
-    sentences = []
-    for question_set in load_question_sets([source], require_options=False):
-        for item in question_set.items:
-            for answer in item["answers"]:
-                sentences.append(fill_blanks(item["question"], answer))
-                sentences.append(fill_blanks(item["question"], answer, tibetan_tsheg=True))
-    return sentences
-
-
-class FilledSentenceMatcher:
-    """Find whether a text contains any of many sentences, in time linear in the text.
-
-    Sentences are normalized (``normalize_for_matching``, trailing punctuation removed). A
-    polynomial hash of the first ``k`` characters of each sentence is compared, with numpy,
-    against the hash of every ``k``-character window of the text; only hash hits are checked
-    character by character.
-    """
-
-    _BASE = np.uint64(1_000_003)
-
-    def __init__(self, sentences: list[str], min_chars: int):
-        normalized = {_strip_trailing_punctuation(normalize_for_matching(s)) for s in sentences}
-        self.too_short = sorted(s for s in normalized if len(s) < min_chars)
-        self.sentences = sorted(s for s in normalized if len(s) >= min_chars)
-        self.k = min([16] + [len(s) for s in self.sentences])
-        self.by_hash: dict[int, list[str]] = {}
-        for sentence in self.sentences:
-            self.by_hash.setdefault(int(self._window_hashes(sentence[: self.k])[0]), []).append(sentence)
-        self.hashes = np.array(sorted(self.by_hash), dtype=np.uint64)
-
-    def _window_hashes(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-        count = len(codes) - self.k + 1
-        hashes = np.zeros(max(count, 0), dtype=np.uint64)
-        for offset in range(self.k):  # wraps modulo 2**64, which is what a hash wants
-            hashes = hashes * self._BASE + codes[offset : offset + count]
-        return hashes
-
-    def first_match(self, text: str) -> str | None:
-        if not self.sentences:
-            return None
-        normalized = normalize_for_matching(text)
-        if len(normalized) < self.k:
-            return None
-        hashes = self._window_hashes(normalized)
-        for position in np.flatnonzero(np.isin(hashes, self.hashes)):
-            for sentence in self.by_hash[int(hashes[position])]:
-                if normalized.startswith(sentence, int(position)):
-                    return sentence
-        return None
-
-
-# Checks (stateless, run in --num_proc processes)
-
-
-#: Drop reasons as small integer codes (0: kept), so that per-record bookkeeping of a paper-scale
-#: build is a few bytes per record in numpy, never Python objects.
-REASON_CODES = {reason: code for code, reason in enumerate(("", *dict.fromkeys(sum(DROP_REASONS.values(), ()))))}
-CHECK_FEATURES = {
-    "drop_code": datasets.Value("int8"),
-    "text_tokens": datasets.Value("int64"),
-    "dedup_hi": datasets.Value("int64"),
-    "dedup_lo": datasets.Value("int64"),
-}
-
-
-def check_batch(batch, tokenizer, target_script, min_fraction, block_size, matcher):
-    """Per record: the code of the first failing check (0 if none), its text tokens, and for a kept
-    pair a 126-bit hash of its stripped sides (two int64) for deduplication."""
-    n = len(batch["kind"])
-    reasons, hashes = [""] * n, [(0, 0)] * n
-    side_tokens: list[list[int]] = [[] for _ in range(n)]  # text tokens of each side (en, tgt) or document
-    texts_to_encode: list[str] = []
-    owners: list[int] = []
-    for i in range(n):
-        kind = batch["kind"][i]
-        if kind == "pair":
-            en, tgt = batch["en"][i] or "", batch["tgt"][i] or ""
-            sides = ((en, "Latin"), (tgt, target_script))
-        else:
-            sides = ((batch["text"][i] or "", target_script if kind == "mono" else "Latin"),)
-        if any(not text.strip() for text, _ in sides):
-            reasons[i] = "empty"
-        elif any(script_letter_fraction(text, script) < min_fraction for text, script in sides):
-            reasons[i] = "not_in_script"
-        elif matcher is not None and any(matcher.first_match(text) for text, _ in sides):
-            reasons[i] = "contains_eval_sentence"
-        else:
-            for text, _ in sides:
-                texts_to_encode.append(text)
-                owners.append(i)
-            if kind == "pair":
-                digest = hashlib.blake2b(
-                    json.dumps([en.strip(), tgt.strip()], ensure_ascii=False).encode(), digest_size=16
-                ).digest()
-                top = (1 << 63) - 1  # two non-negative int64: a 126-bit key
-                hashes[i] = (int.from_bytes(digest[:8], "little") & top, int.from_bytes(digest[8:], "little") & top)
-    if texts_to_encode:
-        encoded = tokenizer(texts_to_encode, add_special_tokens=False)["input_ids"]
-        for i, ids in zip(owners, encoded):
-            side_tokens[i].append(len(ids))
-    for i in range(n):
-        # A pair must fit one window laid out as run_cpt.py lays it out (study_common.pair_segments).
-        if not reasons[i] and batch["kind"][i] == "pair" and pair_token_count(*side_tokens[i]) > block_size:
-            reasons[i] = "over_block_size"
-    return {
-        "drop_code": [REASON_CODES[r] for r in reasons],
-        "text_tokens": [sum(sides) for sides in side_tokens],
-        "dedup_hi": [h[0] for h in hashes],
-        "dedup_lo": [h[1] for h in hashes],
-    }
-
-
-def to_output_record(batch):
-    kinds = batch["kind"]
-    return {
-        "doc_id": [f"{kind}-{index:09d}" for kind, index in zip(kinds, batch["index"])],
-        "pair_id": [index if kind == "pair" else None for kind, index in zip(kinds, batch["index"])],
-    }
-
-
-# Main
-
-
-def count_per_input(
-    input_numbers: np.ndarray, codes: np.ndarray, sources: list[InputSource], cap: int | None = None
-) -> list[dict]:
-    """Read, kept and dropped-by-reason counts of every input the user gave (files and datasets), and whether
-    reading stopped at --max_records_per_input (``cap``)."""
-    n_codes = len(REASON_CODES)
-    table = np.bincount(input_numbers.astype(np.int64) * n_codes + codes, minlength=len(sources) * n_codes)
-    table = table.reshape(len(sources), n_codes)
-    return [
-        {
-            "kind": kind,
-            "input": name,
-            "read": int(table[number].sum()),
-            "kept": int(table[number, 0]),
-            "dropped": {reason: int(table[number, REASON_CODES[reason]]) for reason in DROP_REASONS[kind]},
-            "reached_max_records": cap is not None and int(table[number].sum()) >= cap,
-        }
-        for number, (kind, name, _) in enumerate(sources)
-    ]
-
-
-def _drop_counts(counts: dict) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items() if n) or "none"
-
-
-def per_input_summary(per_input: list[dict], kind: str) -> str:
-    return "; ".join(
-        f"{c['input']}: read {c['read']}, kept {c['kept']}, dropped {_drop_counts(c)}"
-        for c in per_input
-        if c["kind"] == kind
-    )
-
-
-def _why_nothing_was_kept(counts: dict, args: BuildArguments, target_script: str) -> str:
-    """What the largest drop reason of an input usually means, and what to check."""
-    if counts["read"] == 0:
-        return "the input holds no records (an empty file, a [] JSON list, a header without rows, an empty split)"
-    reason = max(counts["dropped"], key=counts["dropped"].get)
-    kind, fraction = counts["kind"], args.min_script_fraction
-    if reason == "empty":
-        columns = "--en_column/--tgt_column" if kind == "pair" else f"--{kind}_text_column"
-        return f"the texts are empty or null: check {columns}"
-    if reason == "not_in_script" and kind == "pair":
-        return (
-            f"under {fraction:.0%} of the letters of the target side are in the {target_script} script (or of the "
-            f"English side in Latin): check that --tgt_column names the {args.lang} column and --en_column the "
-            f"English one, and that the target text is in the {target_script} script (e.g. Mongolian in Cyrillic "
-            "is not the traditional script)"
-        )
-    if reason == "not_in_script" and kind == "replay":
-        return f"under {fraction:.0%} of the letters are Latin: replay must be English text"
-    if reason == "not_in_script":
-        return f"under {fraction:.0%} of the letters are in the {target_script} script: is this {args.lang} text?"
-    if reason == "contains_eval_sentence":
-        return "every record contains a filled sentence of --eval_questions"
-    if reason == "over_block_size":
-        return f"no pair fits --block_size {args.block_size} tokens"
-    return f"every record was dropped as {reason}"
-
-
-def refuse_inputs_that_keep_nothing(per_input: list[dict], args: BuildArguments, target_script: str, output_dir):
-    """An input the user gave that keeps nothing makes a dataset that silently lacks it: refuse.
-
-    Replay documents passed over by the seeded draw (``replay_beyond_ratio``) passed cleaning: one
-    replay file of several may lose all of them to the draw.
-    """
-    failures = [
-        f"the {c['kind'] if c['kind'] != 'pair' else 'pairs'} input {c['input']} kept nothing: "
-        + (
-            f"read 0 records ({_why_nothing_was_kept(c, args, target_script)})"
-            if c["read"] == 0
-            else f"read {c['read']}, kept 0, dropped {_drop_counts(c)} ({_why_nothing_was_kept(c, args, target_script)})"
-        )
-        for c in per_input
-        if c["kept"] + c["dropped"].get("replay_beyond_ratio", 0) == 0
-    ]
-    if failures:
-        raise InputError("; ".join(failures) + f". Fix or leave out the input; nothing was written to {output_dir}.")
-
-
-def push_dataset(output_dir: Path, repo_id: str, private: bool) -> None:
-    """``Dataset.push_to_hub`` (parquet shards ``data/train-*``; an earlier push's shards deleted in the same
-    commit), then build_stats.json and the card, with the Hub metadata push_to_hub wrote, in a second commit."""
-    from huggingface_hub import DatasetCard, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = HfApi()
-    try:
-        # push_to_hub must list the repository to delete an earlier build's shards; one it cannot list (other
-        # than "not found") is said here in one line, before anything is uploaded.
-        api.list_repo_files(repo_id, repo_type="dataset")
-    except HfHubHTTPError as error:
-        if error.response is None or error.response.status_code != 404:
-            raise RuntimeError(
-                f"could not list the files of the Hub dataset {repo_id} to replace an earlier push's data "
-                f"files ({error}); nothing was pushed. The dataset in {output_dir} is complete: push it again "
-                "once the listing works."
-            ) from error
-    datasets.load_from_disk(str(output_dir)).push_to_hub(repo_id, private=private, commit_message="build_pairs.py")
-    card = DatasetCard((output_dir / "README.md").read_text(encoding="utf-8"))
-    for key, value in DatasetCard.load(repo_id, repo_type="dataset").data.to_dict().items():
-        card.data[key] = value  # the configs and dataset_info push_to_hub wrote
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "README.md").write_text(str(card), encoding="utf-8")
-        shutil.copy(output_dir / "build_stats.json", folder)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset", commit_message="build_pairs.py")
-
-
-def validate(args: BuildArguments) -> None:
-    if args.max_records_per_input is not None and args.max_records_per_input < 1:
-        raise InputError(f"--max_records_per_input must be at least 1, got {args.max_records_per_input}.")
-    for prefix in ("mono", "pairs", "replay"):
-        if getattr(args, f"{prefix}_data_files") and not getattr(args, f"{prefix}_dataset"):
-            raise InputError(
-                f"--{prefix}_data_files names files of a dataset, but no --{prefix}_dataset was given; "
-                f"give the dataset, or pass local files with --{prefix}_files."
-            )
-    if not args.pairs_files and not args.pairs_dataset:
-        raise InputError("Give parallel pairs: --pairs_files FILE ... or --pairs_dataset NAME.")
-    has_replay = bool(args.replay_files or args.replay_dataset)
-    if has_replay and args.replay_ratio is None:
-        raise InputError("Replay inputs were given without --replay_ratio; set the replay share, e.g. 0.1.")
-    if args.replay_ratio is not None and not has_replay and args.replay_ratio > 0:
-        raise InputError("--replay_ratio was given without --replay_files or --replay_dataset.")
-    if args.replay_ratio is not None and not 0 <= args.replay_ratio < 1:
-        raise InputError(f"--replay_ratio must be in [0, 1), got {args.replay_ratio}.")
-    if has_replay and args.replay_ratio == 0:
-        raise InputError("--replay_ratio 0 takes none of the replay inputs; leave them out or set a share, e.g. 0.1.")
-    if args.min_pairs < 1:
-        raise InputError(f"--min_pairs must be at least 1 (a CPT dataset without pairs measures nothing), "
-                         f"got {args.min_pairs}.")  # fmt: skip
-    if not 0 <= args.min_script_fraction <= 1:
-        raise InputError(f"--min_script_fraction must be in [0, 1], got {args.min_script_fraction}.")
-    if args.block_size < 4:
-        raise InputError(f"--block_size must be at least 4 tokens, got {args.block_size}.")
-    if args.push_to_hub and not args.hub_dataset_id:
-        raise InputError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cpt-bo).")
-    output = Path(args.output_dir)
-    if output.exists() and any(output.iterdir()) and not args.overwrite_output_dir:
-        raise InputError(f"{output} exists and is not empty. Use another --output_dir or --overwrite_output_dir.")
-
-
-def resolve_default_locations(args: BuildArguments) -> None:
-    """The default --output_dir (where run_cpt.py --lang LANG looks) and a clear refusal when the default
-    --tokenizer_name (run_pretrain.py's output) is not there yet."""
-    if args.output_dir is None:
-        args.output_dir = str(default_cpt_data_dir(args.lang))
-    if args.tokenizer_name == str(DEFAULT_BASE_MODEL_DIR) and not DEFAULT_BASE_MODEL_DIR.is_dir():
-        raise InputError(
-            f"{DEFAULT_BASE_MODEL_DIR}: no base model here (the default --tokenizer_name). Run run_pretrain.py first "
-            "(it saves there by default) or pass --tokenizer_name DIR_OR_HUB_ID."
-        )
-
-
-def contamination_guard(args: BuildArguments) -> FilledSentenceMatcher | None:
-    """The matcher of every filled sentence of --eval_questions (None without them)."""
-    if not args.eval_questions:
-        return None
-    sentences = [s for path in args.eval_questions for s in filled_sentences(path)]
-    matcher = FilledSentenceMatcher(sentences, args.min_eval_sentence_chars)
-    logger.info(
-        "Contamination guard: %d filled eval sentences (%d too short to guard).",
-        len(matcher.sentences),
-        len(matcher.too_short),
-    )
-    return matcher
+            yield dict(kind=kind, index=counters[kind], input=number, source=where, text=text, en=en, tgt=tgt)
+            counters[kind] += 1
 
 
 def read_raw_records(args: BuildArguments, tgt_column: str, cache_dir: Path) -> datasets.Dataset:
@@ -600,11 +228,108 @@ def read_raw_records(args: BuildArguments, tgt_column: str, cache_dir: Path) -> 
             raise cause from None
         raise
     except ValueError:
-        # datasets refuses a generator that yields nothing; every input being empty is reported
-        # later, input by input, like any other input that keeps nothing.
+        # datasets refuses a generator that yields nothing; empty inputs are refused later, input by input.
         if next(generate_raw_records(args, tgt_column), None) is not None:
             raise
         return datasets.Dataset.from_dict({name: [] for name in RAW_FEATURES}, features=RAW_FEATURES)
+
+
+# Contamination guard: filled sentences of cloze questions
+
+
+def normalize_for_matching(text: str) -> str:
+    """NFKC, casefolded, whitespace runs collapsed to one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def filled_sentences(source: str) -> list[str]:
+    """Every question of a cloze source filled with each of its answers, as the paper scores it and as a Tibetan
+    text stating the fact writes it (a tsheg where the blank meets a syllable, as run_density.py counts it)."""
+    return [
+        fill_blanks(item["question"], answer, tibetan_tsheg=tsheg)
+        for question_set in load_question_sets([source], require_options=False)
+        for item in question_set.items
+        for answer in item["answers"]
+        for tsheg in (False, True)
+    ]
+
+
+class FilledSentenceMatcher:
+    """Whether a text contains any of many sentences (normalized, trailing punctuation removed), in time linear in
+    the text: a sentence is compared only where the text's next ``k`` characters are its first ``k``."""
+
+    def __init__(self, sentences: list[str], min_chars: int):
+        normalized = {regex.sub(r"[\p{P}\p{Z}]+$", "", normalize_for_matching(s)) for s in sentences}
+        self.too_short = sorted(s for s in normalized if len(s) < min_chars)
+        self.sentences = sorted(s for s in normalized if len(s) >= min_chars)
+        self.k = min([16] + [len(s) for s in self.sentences])
+        self.by_prefix: dict[str, list[str]] = {}
+        for sentence in self.sentences:
+            self.by_prefix.setdefault(sentence[: self.k], []).append(sentence)
+
+    def first_match(self, text: str) -> str | None:
+        if not self.sentences:
+            return None
+        normalized = normalize_for_matching(text)
+        for start in range(len(normalized) - self.k + 1):
+            for sentence in self.by_prefix.get(normalized[start : start + self.k], ()):
+                if normalized.startswith(sentence, start):
+                    return sentence
+        return None
+
+
+def contamination_guard(args: BuildArguments) -> FilledSentenceMatcher:
+    """The matcher of every filled sentence of --eval_questions (it matches nothing without them)."""
+    sentences = [sentence for path in args.eval_questions or [] for sentence in filled_sentences(path)]
+    matcher = FilledSentenceMatcher(sentences, args.min_eval_sentence_chars)
+    guarded, too_short = len(matcher.sentences), len(matcher.too_short)
+    logger.info("Contamination guard: %d filled eval sentences (%d too short to guard).", guarded, too_short)
+    return matcher
+
+
+# Checks (stateless, run in --num_proc processes)
+
+
+def check_batch(batch, tokenizer, target_script: str, args: BuildArguments, matcher: FilledSentenceMatcher):
+    """Per record: the code of the first failing check (0 if none), its text tokens, and for a kept pair a
+    128-bit hash of its stripped sides (for deduplication)."""
+    n = len(batch["kind"])
+    reasons, keys = [""] * n, [None] * n
+    side_tokens: list[list[int]] = [[] for _ in range(n)]  # text tokens of each side (en, tgt) or document
+    texts_to_encode, owners = [], []  # the texts to tokenize in one call, and their records
+    for i in range(n):
+        kind = batch["kind"][i]
+        if kind == "pair":
+            en, tgt = batch["en"][i] or "", batch["tgt"][i] or ""
+            sides = ((en, "Latin"), (tgt, target_script))
+        else:
+            sides = ((batch["text"][i] or "", target_script if kind == "mono" else "Latin"),)
+        if any(not text.strip() for text, _ in sides):
+            reasons[i] = "empty"
+        elif any(script_letter_fraction(text, script) < args.min_script_fraction for text, script in sides):
+            reasons[i] = "not_in_script"
+        elif any(matcher.first_match(text) for text, _ in sides):
+            reasons[i] = "contains_eval_sentence"
+        else:
+            for text, _ in sides:
+                texts_to_encode.append(text)
+                owners.append(i)
+            if kind == "pair":
+                stripped = json.dumps([en.strip(), tgt.strip()], ensure_ascii=False).encode()
+                keys[i] = hashlib.blake2b(stripped, digest_size=16).digest()
+    if texts_to_encode:
+        encoded = tokenizer(texts_to_encode, add_special_tokens=False)["input_ids"]
+        for i, ids in zip(owners, encoded):
+            side_tokens[i].append(len(ids))
+    for i in range(n):
+        # A pair must fit one window laid out as run_cpt.py lays it out (study_common.pair_segments).
+        if not reasons[i] and batch["kind"][i] == "pair" and pair_token_count(*side_tokens[i]) > args.block_size:
+            reasons[i] = "over_block_size"
+    return {
+        "drop_code": [REASON_CODES[r] for r in reasons],
+        "text_tokens": [sum(sides) for sides in side_tokens],
+        "dedup_key": keys,
+    }
 
 
 def check_records(raw: datasets.Dataset, args: BuildArguments, tokenizer, target_script: str, matcher):
@@ -617,13 +342,7 @@ def check_records(raw: datasets.Dataset, args: BuildArguments, tokenizer, target
         batched=True,
         batch_size=1000,
         num_proc=args.num_proc,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "target_script": target_script,
-            "min_fraction": args.min_script_fraction,
-            "block_size": args.block_size,
-            "matcher": matcher,
-        },
+        fn_kwargs={"tokenizer": tokenizer, "target_script": target_script, "args": args, "matcher": matcher},
         features=checked_features,
         desc="Checking documents and pairs",
     )
@@ -632,12 +351,9 @@ def check_records(raw: datasets.Dataset, args: BuildArguments, tokenizer, target
 def mark_duplicate_pairs(table: pa.Table, kind_codes: np.ndarray, codes: np.ndarray) -> None:
     """Drop (in ``codes``) every kept pair whose stripped sides equal an earlier kept pair's."""
     candidates = np.flatnonzero((kind_codes == KINDS.index("pair")) & (codes == 0))
-    keys = np.stack(
-        [table.column("dedup_hi").to_numpy()[candidates], table.column("dedup_lo").to_numpy()[candidates]], axis=1
-    )
-    _, first_occurrences = np.unique(keys, axis=0, return_index=True)
-    duplicates = np.setdiff1d(np.arange(len(candidates)), first_occurrences)
-    codes[candidates[duplicates]] = REASON_CODES["duplicate_pair"]
+    keys = table.column("dedup_key").take(candidates)
+    _, first_occurrences = np.unique(pc.index_in(keys, value_set=pc.unique(keys)).to_numpy(), return_index=True)
+    codes[np.setdiff1d(candidates, candidates[first_occurrences])] = REASON_CODES["duplicate_pair"]
 
 
 def draw_replay(args: BuildArguments, kind_codes: np.ndarray, codes: np.ndarray, text_tokens: np.ndarray) -> dict:
@@ -654,38 +370,79 @@ def draw_replay(args: BuildArguments, kind_codes: np.ndarray, codes: np.ndarray,
     n_take = int(np.searchsorted(cumulative, target, side="left")) + 1 if target > 0 else 0
     n_take = min(n_take, len(order))
     codes[order[n_take:]] = REASON_CODES["replay_beyond_ratio"]
-    replay_tokens = int(cumulative[n_take - 1]) if n_take else 0
-    achieved = replay_tokens / (replay_tokens + base_tokens) if replay_tokens + base_tokens else 0.0
+    drawn = int(cumulative[n_take - 1]) if n_take else 0
+    achieved = drawn / (drawn + base_tokens) if drawn + base_tokens else 0.0
     if achieved < args.replay_ratio - 0.01:
-        logger.warning(
-            "Only %.3f replay share reached (asked %.3f): not enough replay text.", achieved, args.replay_ratio
-        )
-    return {
-        "requested_ratio": args.replay_ratio,
-        "achieved_ratio": round(achieved, 6),
-        "replay_text_tokens": replay_tokens,
+        logger.warning("Replay share %.3f, not %.3f: too little replay text.", achieved, args.replay_ratio)
+    return {"requested_ratio": args.replay_ratio, "achieved_ratio": round(achieved, 6), "replay_text_tokens": drawn}
+
+
+def count_per_input(input_numbers: np.ndarray, codes: np.ndarray, args: BuildArguments) -> list[dict]:
+    """Read, kept and dropped-by-reason counts of every input (build_stats.json "inputs"), and whether reading
+    stopped at --max_records_per_input."""
+    sources, n_codes, cap = input_sources(args), len(REASON_CODES), args.max_records_per_input
+    table = np.bincount(input_numbers.astype(np.int64) * n_codes + codes, minlength=len(sources) * n_codes)
+    table = table.reshape(len(sources), n_codes)
+    return [
+        {
+            "kind": kind,
+            "input": name,
+            "read": int(table[number].sum()),
+            "kept": int(table[number, 0]),
+            "dropped": {reason: int(table[number, REASON_CODES[reason]]) for reason in DROP_REASONS[kind]},
+            "reached_max_records": cap is not None and int(table[number].sum()) >= cap,
+        }
+        for number, (kind, name, _) in enumerate(sources)
+    ]
+
+
+def _counts(entry: dict) -> str:
+    dropped = ", ".join(f"{reason} {n}" for reason, n in entry["dropped"].items() if n) or "none"
+    return f"read {entry['read']}, kept {entry['kept']}, dropped {dropped}"
+
+
+def refuse_what_keeps_too_little(args, per_input: list[dict], kept_pairs: int, target_script: str, output_dir):
+    """An input that keeps nothing would make a dataset silently without it, and too few pairs measure nothing:
+    refuse both. Replay passed over by the draw passed cleaning (one replay input of several may lose all of it)."""
+    expected = {
+        "mono": f"{target_script} script: is this {args.lang} text?",
+        "pair": f"{target_script} script (target side) and Latin (English side): check --en_column/--tgt_column",
+        "replay": "Latin script: replay must be English text",
     }
-
-
-def refuse_what_keeps_too_little(args, table, kind_codes, codes, target_script: str, output_dir: Path) -> list[dict]:
-    """Every input the user gave must keep something, and the kept pairs must reach --min_pairs.
-    Returns the per-input counts (build_stats.json "inputs")."""
-    per_input = count_per_input(
-        table.column("input").to_numpy(), codes, input_sources(args), args.max_records_per_input
-    )
+    failures = []
     for entry in per_input:
-        if entry["reached_max_records"]:
-            logger.warning("%s: read only its first %d records (--max_records_per_input).", entry["input"],
-                           args.max_records_per_input)  # fmt: skip
-    refuse_inputs_that_keep_nothing(per_input, args, target_script, output_dir)
-    kept_pairs = int(((codes == 0) & (kind_codes == KINDS.index("pair"))).sum())
+        kind = entry["kind"]
+        if entry["kept"] + entry["dropped"].get("replay_beyond_ratio", 0):
+            continue
+        if entry["read"]:
+            columns = "--en_column/--tgt_column" if kind == "pair" else f"--{kind}_text_column"
+            hint = HINTS[max(entry["dropped"], key=entry["dropped"].get)].format(
+                columns=columns, fraction=args.min_script_fraction, expected=expected[kind], block_size=args.block_size
+            )
+            what = f"{_counts(entry)} ({hint})"
+        else:
+            what = "read 0 records (an empty file, a [] JSON list, a header without rows or an empty split)"
+        failures.append(f"the {ARGUMENT_PREFIX[kind]} input {entry['input']} kept nothing: {what}")
+    if failures:
+        raise InputError("; ".join(failures) + f". Fix or leave out the input; nothing was written to {output_dir}.")
     if kept_pairs < args.min_pairs:
+        pair_inputs = "; ".join(f"{e['input']}: {_counts(e)}" for e in per_input if e["kind"] == "pair")
         raise InputError(
-            f"kept {kept_pairs} pairs, fewer than --min_pairs {args.min_pairs}: too few to mean anything "
-            f"(pairs read and dropped per input: {per_input_summary(per_input, 'pair')}). Add parallel pairs "
-            f"or lower --min_pairs; nothing was written to {output_dir}."
+            f"kept {kept_pairs} pairs, fewer than --min_pairs {args.min_pairs}: too few to mean anything (pairs read "
+            f"and dropped per input: {pair_inputs}). Add parallel pairs or lower --min_pairs; nothing was written "
+            f"to {output_dir}."
         )
-    return per_input
+
+
+# Outputs
+
+
+def to_output_record(batch):
+    kinds = batch["kind"]
+    return {
+        "doc_id": [f"{kind}-{index:09d}" for kind, index in zip(kinds, batch["index"])],
+        "pair_id": [index if kind == "pair" else None for kind, index in zip(kinds, batch["index"])],
+    }
 
 
 def save_kept_records(checked: datasets.Dataset, kept: np.ndarray, dataset_dir: Path) -> None:
@@ -704,7 +461,7 @@ def save_kept_records(checked: datasets.Dataset, kept: np.ndarray, dataset_dir: 
 
 def build_stats(args, target_script, kind_codes, codes, text_tokens, per_input, replay_stats, matcher) -> dict:
     """build_stats.json: what was read, kept and dropped (by kind, reason and input), and the setting."""
-    kept = codes == 0
+    kept, by_kind = codes == 0, [kind_codes == k for k in range(len(KINDS))]
     return {
         "lang": args.lang,
         "script": target_script,
@@ -712,23 +469,20 @@ def build_stats(args, target_script, kind_codes, codes, text_tokens, per_input, 
         "block_size": args.block_size,
         "seed": args.seed,
         "min_script_fraction": args.min_script_fraction,
-        "read": {kind: int((kind_codes == k).sum()) for k, kind in enumerate(KINDS)},
-        "kept": {kind: int((kept & (kind_codes == k)).sum()) for k, kind in enumerate(KINDS)},
-        "kept_text_tokens": {kind: int(text_tokens[kept & (kind_codes == k)].sum()) for k, kind in enumerate(KINDS)},
+        "read": {kind: int(is_kind.sum()) for kind, is_kind in zip(KINDS, by_kind)},
+        "kept": {kind: int((kept & is_kind).sum()) for kind, is_kind in zip(KINDS, by_kind)},
+        "kept_text_tokens": {kind: int(text_tokens[kept & is_kind].sum()) for kind, is_kind in zip(KINDS, by_kind)},
         "dropped": {
-            kind: {
-                reason: int(((codes == REASON_CODES[reason]) & (kind_codes == k)).sum())
-                for reason in DROP_REASONS[kind]
-            }
-            for k, kind in enumerate(KINDS)
+            kind: {reason: int(((codes == REASON_CODES[reason]) & is_kind).sum()) for reason in DROP_REASONS[kind]}
+            for kind, is_kind in zip(KINDS, by_kind)
         },
         "inputs": per_input,
         "max_records_per_input": args.max_records_per_input,
         "replay": replay_stats,
         "eval_questions": {
             "files": args.eval_questions or [],
-            "sentences_guarded": len(matcher.sentences) if matcher else 0,
-            "sentences_too_short_to_guard": matcher.too_short if matcher else [],
+            "sentences_guarded": len(matcher.sentences),
+            "sentences_too_short_to_guard": matcher.too_short,
         },
         "arguments": asdict(args),
     }
@@ -761,13 +515,83 @@ def write_dataset_card(dataset_dir: Path, args: BuildArguments, stats: dict) -> 
     )
 
 
+def push_dataset(output_dir: Path, repo_id: str, private: bool) -> None:
+    """build_stats.json and the card in one commit, then ``Dataset.push_to_hub``: parquet shards ``data/train-*``,
+    an earlier push's shards deleted in the same commit, and the card kept with its Hub metadata added."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        # push_to_hub must list the repository to delete an earlier build's shards; one it cannot list (other
+        # than "not found") is said here in one line, before anything is uploaded.
+        api.list_repo_files(repo_id, repo_type="dataset")
+    except HfHubHTTPError as error:
+        if error.response is None or error.response.status_code != 404:
+            raise RuntimeError(
+                f"could not list the files of the Hub dataset {repo_id} to replace an earlier push's data "
+                f"files ({error}); nothing was pushed. The dataset in {output_dir} is complete: push it again "
+                "once the listing works."
+            ) from error
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    files = [CommitOperationAdd(name, output_dir / name) for name in ("README.md", "build_stats.json")]
+    api.create_commit(repo_id, files, commit_message="build_pairs.py", repo_type="dataset")
+    datasets.load_from_disk(str(output_dir)).push_to_hub(repo_id, private=private, commit_message="build_pairs.py")
+
+
+# Main
+
+
+def resolve_default_locations(args: BuildArguments) -> None:
+    """The default --output_dir (where run_cpt.py looks) and --tokenizer_name (where run_pretrain.py saves)."""
+    if args.output_dir is None:
+        args.output_dir = str(default_cpt_data_dir(args.lang))
+    if args.tokenizer_name == str(DEFAULT_BASE_MODEL_DIR) and not DEFAULT_BASE_MODEL_DIR.is_dir():
+        raise InputError(
+            f"{DEFAULT_BASE_MODEL_DIR}: no base model here (the default --tokenizer_name). Run run_pretrain.py first "
+            "(it saves there by default) or pass --tokenizer_name DIR_OR_HUB_ID."
+        )
+
+
+def validate(args: BuildArguments) -> None:
+    if args.max_records_per_input is not None and args.max_records_per_input < 1:
+        raise InputError(f"--max_records_per_input must be at least 1, got {args.max_records_per_input}.")
+    for prefix in ARGUMENT_PREFIX.values():
+        if getattr(args, f"{prefix}_data_files") and not getattr(args, f"{prefix}_dataset"):
+            raise InputError(f"--{prefix}_data_files needs --{prefix}_dataset (local files: --{prefix}_files).")
+    if not args.pairs_files and not args.pairs_dataset:
+        raise InputError("Give parallel pairs: --pairs_files FILE ... or --pairs_dataset NAME.")
+    has_replay = bool(args.replay_files or args.replay_dataset)
+    if has_replay and not args.replay_ratio:
+        raise InputError(
+            "Replay inputs were given without --replay_ratio (or with 0, which takes none of them); set the replay "
+            "share, e.g. 0.1."
+        )
+    if args.replay_ratio is not None and not has_replay and args.replay_ratio > 0:
+        raise InputError("--replay_ratio was given without --replay_files or --replay_dataset.")
+    if args.replay_ratio is not None and not 0 <= args.replay_ratio < 1:
+        raise InputError(f"--replay_ratio must be in [0, 1), got {args.replay_ratio}.")
+    if args.min_pairs < 1:
+        raise InputError(
+            f"--min_pairs must be at least 1 (a dataset without pairs measures nothing), got {args.min_pairs}."
+        )
+    if not 0 <= args.min_script_fraction <= 1:
+        raise InputError(f"--min_script_fraction must be in [0, 1], got {args.min_script_fraction}.")
+    if args.block_size < 4:
+        raise InputError(f"--block_size must be at least 4 tokens, got {args.block_size}.")
+    if args.push_to_hub and not args.hub_dataset_id:
+        raise InputError("--push_to_hub needs --hub_dataset_id (e.g. my-org/cpt-bo).")
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()) and not args.overwrite_output_dir:
+        raise InputError(f"{output} exists and is not empty. Use another --output_dir or --overwrite_output_dir.")
+
+
 def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(BuildArguments).parse_args_into_dataclasses(args=argv)
     setup_logging()
     resolve_default_locations(args)
     validate(args)
     target_script = script_for_language(args.lang, args.script)
-    tgt_column = args.tgt_column or args.lang
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
     matcher = contamination_guard(args)
 
@@ -777,7 +601,7 @@ def main(argv: list[str] | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         # 1. All inputs into Arrow files on disk, record by record (bounded memory).
-        raw = read_raw_records(args, tgt_column, staging / "cache")
+        raw = read_raw_records(args, args.tgt_column or args.lang, staging / "cache")
         # 2. Stateless checks in parallel: per record a drop code (0: kept), its text tokens, a pair's hash.
         checked = check_records(raw, args, tokenizer, target_script, matcher)
         table = checked.data
@@ -789,7 +613,9 @@ def main(argv: list[str] | None = None) -> Path:
         # 4. Replay share, in text tokens, drawn in a seeded random order.
         replay_stats = draw_replay(args, kind_codes, codes, text_tokens)
         # 5. Every input the user gave must keep something, and the pairs must be enough.
-        per_input = refuse_what_keeps_too_little(args, table, kind_codes, codes, target_script, output_dir)
+        per_input = count_per_input(table.column("input").to_numpy(), codes, args)
+        kept_pairs = int(((codes == 0) & (kind_codes == KINDS.index("pair"))).sum())
+        refuse_what_keeps_too_little(args, per_input, kept_pairs, target_script, output_dir)
         # 6. The output dataset, its build_stats.json and its card, then moved into place.
         dataset_dir = staging / "dataset"
         save_kept_records(checked, codes == 0, dataset_dir)
@@ -807,7 +633,7 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("%-6s read %d, kept %d, dropped %s", kind, stats["read"][kind], stats["kept"][kind], dropped or 0)
     logger.info("Saved %s", output_dir)
 
-    # 7. The Hub copy (optional): parquet shards, build_stats.json and the card in one commit.
+    # 7. The Hub copy (optional): build_stats.json and the card, then the parquet shards with push_to_hub.
     if args.push_to_hub:
         push_dataset(output_dir, args.hub_dataset_id, args.hub_private_repo)
         logger.info("Pushed to the Hub dataset %s", args.hub_dataset_id)
