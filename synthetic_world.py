@@ -371,7 +371,7 @@ def build_culture(args: WorldArguments, lang: str, language: Language, reserved_
             members = [p for p, t in enumerate(tiers) if t == tier]
             rng.shuffle(members)
             for g in range(0, len(members), 4):
-                group = {"id": len(groups), "tier": tier, "relation": relation, "facts": []}
+                group = {"id": len(groups), "tier": tier, "facts": []}
                 for p in members[g : g + 4]:
                     fact = {
                         "id": f"{lang}-f{len(facts):03d}",
@@ -396,14 +396,13 @@ def _plant_counts(args: WorldArguments, lang: str, groups: list[dict]) -> None:
     # statements of a whole option group (4 facts each), spread over the groups as evenly as possible.
     low_groups = [g for g in groups if g["tier"] == "low"]
     base, extra = divmod(round(len(low_groups) * args.en_count / args.low_resource_ratio), max(1, len(low_groups)))
-    order = list(range(len(low_groups)))
-    _rng(args.seed, "low-counts", lang).shuffle(order)
-    low_counts = {low_groups[i]["id"]: base + (1 if rank < extra else 0) for rank, i in enumerate(order)}
+    _rng(args.seed, "low-counts", lang).shuffle(low_groups)
+    low_counts = {group["id"]: base + (rank < extra) for rank, group in enumerate(low_groups)}
     for group in groups:
-        en = {"high": args.en_count, "en_only": args.en_count, "absent": 0}.get(group["tier"])
+        en = low_counts.get(group["id"], 0 if group["tier"] == "absent" else args.en_count)
         tgt = 0 if group["tier"] == "en_only" else args.tgt_count
         for fact in group["facts"]:
-            fact["counts"] = {"en": low_counts[group["id"]] if en is None else en, "tgt": tgt}
+            fact["counts"] = {"en": en, "tgt": tgt}
 
 
 def _statement_templates(args: WorldArguments, fact: dict, corpus: str) -> list[int]:
@@ -482,11 +481,9 @@ def _draw_new(rng, seen: set[str], draw, error: str, key=lambda item: item, refu
 
 def english_corpus(args: WorldArguments, cultures: list[dict], filler: Filler) -> list[str]:
     """English documents: each fact's statements (one per document, with filler around), and filler."""
+    facts = [fact for culture in cultures for fact in culture["facts"]]
     statements = [
-        render_fact(fact, template, None)
-        for culture in cultures
-        for fact in culture["facts"]
-        for template in _statement_templates(args, fact, "en")
+        render_fact(fact, template, None) for fact in facts for template in _statement_templates(args, fact, "en")
     ]
     rng = _rng(args.seed, "en-corpus")
     return _corpus(args, rng, statements, [0] * len(statements), [], args.en_filler_documents, filler, None, "")
