@@ -95,7 +95,7 @@ class BuildArguments:
     tokenizer_name: str = field(default=str(DEFAULT_BASE_MODEL_DIR), metadata={"help": "Tokenizer measuring pairs."})
     output_dir: str | None = field(default=None, metadata={"help": "Output folder (default: runs/data-<lang>)."})
     script: str | None = field(default=None, metadata={"help": "Script of --lang if not known (e.g. Cyrillic)."})
-    mono_files: list[str] | None = field(default=None, metadata={"help": "Target-language files: .txt, .json, .jsonl."})
+    mono_files: list[str] | None = field(default=None, metadata={"help": "Target-language text files."})
     mono_dataset: str | None = field(default=None, metadata={"help": "Hub dataset (or local folder) of mono text."})
     mono_dataset_config: str | None = field(default=None, metadata={"help": "Config of --mono_dataset."})
     mono_split: str = field(default="train", metadata={"help": "Split of --mono_dataset."})

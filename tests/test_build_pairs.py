@@ -47,6 +47,8 @@ def test_builds_document_records_with_stable_ids_stats_and_a_card(tmp_path, tiny
     assert [m["text"] for m in mono] == BO and all(m["pair_id"] is None for m in mono)
     assert pairs[2]["source"].endswith("pairs.jsonl:3")
     assert stats(output)["kept"] == {"mono": 4, "pair": 4, "replay": 0}
+    no_guard = {"files": [], "sentences_guarded": 0, "sentences_too_short_to_guard": []}
+    assert stats(output)["eval_questions"] == no_guard
     card = (output / "README.md").read_text()
     assert str(tiny_model_dir) in card and "| block_size | 128 |" in card and "| lang | bo |" in card
 
@@ -101,6 +103,11 @@ def test_filled_sentence_matcher_finds_only_whole_sentences():
     assert matcher.first_match("前言：汉语属于汉藏语系，等等") == "汉语属于汉藏语系"
     assert matcher.first_match("The winter is warm.") is None
     assert matcher.first_match("a" * 50) is None
+    # sentences sharing their first characters are each found whole, and a matcher without sentences finds nothing
+    shared = build_pairs.FilledSentenceMatcher(["The winter in Lhasa is cold.", "The winter in Lhasa is long."], 8)
+    assert shared.first_match("so: the winter in Lhasa is long, and dry") == "the winter in lhasa is long"
+    assert shared.first_match("The winter in Lhasa is short.") is None
+    assert build_pairs.FilledSentenceMatcher([], min_chars=8).first_match("The winter is cold.") is None
 
 
 def test_the_guard_catches_a_tibetan_sentence_written_with_a_tsheg_at_the_blank(tmp_path):
@@ -199,25 +206,14 @@ def test_argument_errors_say_what_to_do(tmp_path, tiny_model_dir):
     pairs_file = write_jsonl(tmp_path / "p.jsonl", [{"en": EN[0], "bo": BO[0]}])
     with pytest.raises(ValueError, match="without --replay_ratio"):
         build_pairs.main([*common, "--pairs_files", str(pairs_file), "--tgt_column", "bo", "--replay_files", "x.txt"])
+    with pytest.raises(ValueError, match=r"without --replay_ratio \(or with 0, which takes none of them\)"):
+        build_pairs.main([*common, "--pairs_files", str(pairs_file), "--replay_files", "x.txt", "--replay_ratio", "0"])
+    with pytest.raises(ValueError, match="--mono_data_files needs --mono_dataset"):
+        build_pairs.main([*common, "--pairs_files", str(pairs_file), "--mono_data_files", "bo.jsonl"])
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="exists and is not empty.*--overwrite_output_dir"):
         build_pairs.main([*common, "--pairs_files", str(pairs_file), "--tgt_column", "bo"])
-
-
-def test_command_line_reports_errors_without_a_traceback(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import runpy
-
-    bad = tmp_path / "pairs.jsonl"
-    bad.write_text("{oops\n")
-    monkeypatch.setattr("sys.argv", ["build_pairs.py", "--lang", "bo", "--pairs_files", str(bad), "--tgt_column", "bo",
-                                     "--tokenizer_name", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(Path(build_pairs.__file__)), run_name="__main__")
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert "build_pairs.py: error:" in error and "pairs.jsonl:1: not valid JSON" in error
-    assert "Traceback" not in error
 
 
 def test_a_first_batch_of_only_mono_documents_still_types_pair_ids(tmp_path, tiny_model_dir):
