@@ -132,11 +132,8 @@ JUDGE_STOPWORDS = ENGLISH_STOPWORDS | frozenset(
 
 @dataclass
 class TextAnalysis:
-    """A text as the lexical judge sees it: ``units`` in reading order (words, digit runs, Tibetan syllables, single
-    Han and Hangul characters, so an answer matches inside a Korean word with a particle); ``key_tokens[p]`` the
-    key-term tokens starting at unit p: the word itself unless a judge stopword; for Han the character and the
-    bigram of units p, p+1 (bigrams of unsegmented text straddle words, so characters are kept too); for Hangul the
-    bigram (the syllable of a one-syllable run)."""
+    """A text as the lexical judge sees it (docs/density.md#the-lexical-judge): ``units`` in reading order, and
+    ``key_tokens[p]`` the key-term tokens starting at unit p (a Hangul syllable's bigram with the next one)."""
 
     units: list[str]
     key_tokens: list[tuple[str, ...]]
@@ -405,7 +402,6 @@ JUDGE_PROMPT = (
     "Proposed answer: {answer}\n"
     'Does the document state that "{statement}"? Answer:'
 )
-JUDGE_YES, JUDGE_NO = " Yes", " No"
 
 
 class LanguageModelJudge:
@@ -423,7 +419,7 @@ class LanguageModelJudge:
         self.start_id = document_start_id(self.tokenizer)
         self.pad_id = self.start_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
         self.max_tokens = min(max_tokens, getattr(self.model.config, "max_position_embeddings", None) or max_tokens)
-        self.yes_ids, self.no_ids = self._ids(JUDGE_YES), self._ids(JUDGE_NO)
+        self.yes_ids, self.no_ids = self._ids(" Yes"), self._ids(" No")
         if self.yes_ids == self.no_ids:
             raise InputError(f"{model_name_or_path}: ' Yes' and ' No' tokenize identically; this model cannot judge.")
 
