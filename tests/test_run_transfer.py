@@ -373,6 +373,9 @@ def test_a_run_folder_is_read_from_its_eval_folder_and_one_without_probing_outpu
     with pytest.raises(SystemExit) as exit_info:  # probing flags are run_eval.py's, not taken here
         transfer(tmp_path, [with_run], [without_run], "--questions", "q.json")
     assert exit_info.value.code == 2 and "--questions q.json (probing is run_eval.py's step" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # nothing to compare the runs with bridges to
+        run_transfer.main(["--with_bridges", str(with_run), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "required: --without_bridges" in capsys.readouterr().err
     write_run(without_run / "eval", "no_bridges")
     result = transfer(tmp_path, [with_run], [without_run])
     assert result["languages"][0]["with_bridges"] == [str(with_run / "eval")]
