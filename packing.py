@@ -107,8 +107,7 @@ def mismatched_partners(cycle: list[PackingUnit]) -> list[PackingUnit]:
 
 class SettingDocuments:
     """The documents of one setting, unit after unit of the stream. With mismatched bridges, pairs wait per pass
-    and ``group`` until two have come (three at the end of an odd pass: ``group_sizes``); ``partners``: pair key
-    -> the key of the pair whose second segment it got."""
+    and ``group`` until two have come (three at the end of an odd pass: ``group_sizes``)."""
 
     def __init__(self, setting: str, group_sizes: Counter):
         if setting not in SETTINGS:
@@ -116,7 +115,6 @@ class SettingDocuments:
         self.setting, self.group_sizes = setting, group_sizes
         self._waiting: dict[object, list[PackingUnit]] = {}
         self._come: Counter = Counter()  # (pass, group) -> pairs come
-        self.partners: dict = {}
 
     @property
     def waiting(self) -> bool:
@@ -141,7 +139,6 @@ class SettingDocuments:
         self._waiting[unit.group] = []
         documents = []
         for pair, partner in zip(waiting, mismatched_partners(waiting)):
-            self.partners[pair.key] = partner.key
             length = pair.segment_lengths[0] + partner.segment_lengths[1]
             documents.append(Document(length, (_segment(pair, 0), _segment(partner, 1)), (pair.key, partner.key)))
         return documents
@@ -170,13 +167,6 @@ def mismatched_unavailable(units: Sequence[PackingUnit], block_size: int) -> str
     return None
 
 
-@dataclass
-class _OpenWindow:
-    free: int  # tokens still free
-    documents: list[tuple[Segment, ...]]
-    pair_keys: set  # pairs with a half here
-
-
 class _BestFit:
     """Online best fit over at most ``max_open`` open windows: a document goes into the fitting window with the
     least free space (ties: the earliest) that holds no other half of its pairs, else into a new one (the fullest
@@ -185,47 +175,35 @@ class _BestFit:
     def __init__(self, block_size: int, max_open: int):
         self.block_size, self.max_open = block_size, max_open
         self.closed: list[list[tuple[Segment, ...]]] = []
-        self._open: dict[int, _OpenWindow] = {}  # by serial: the order windows were opened in
-        self._by_space: list[tuple[int, int]] = []  # sorted (free space, serial)
-        self._next_serial = 0
+        self._open: list[tuple] = []  # (free tokens, serial, documents, pairs with a half there): best fit first
+        self._serials = itertools.count()  # the order windows were opened in
 
     @property
     def window_count(self) -> int:
         """Windows needed if the stream ended now (closed + open)."""
         return len(self.closed) + len(self._open)
 
-    def _close(self, serial: int) -> None:
-        self.closed.append(self._open.pop(serial).documents)
-
     def add(self, document: Document) -> None:
         if document.length > self.block_size:
             raise ValueError(f"a document of {document.length} tokens cannot fit a window of {self.block_size}")
-        position = bisect.bisect_left(self._by_space, (document.length, -1))
-        while position < len(self._by_space):
-            serial = self._by_space[position][1]
-            window = self._open[serial]
-            if window.pair_keys.isdisjoint(document.pair_keys):
-                del self._by_space[position]
-                break
+        position = bisect.bisect_left(self._open, (document.length, -1))
+        while position < len(self._open) and not self._open[position][3].isdisjoint(document.pair_keys):
             position += 1
+        if position < len(self._open):
+            free, serial, documents, pair_keys = self._open.pop(position)
         else:
             if len(self._open) >= self.max_open:
-                self._close(self._by_space.pop(0)[1])  # the fullest window
-            serial = self._next_serial
-            self._next_serial += 1
-            window = self._open[serial] = _OpenWindow(self.block_size, [], set())
-        window.free -= document.length
-        window.documents.append(document.segments)
-        window.pair_keys.update(document.pair_keys)
-        if window.free == 0:
-            self._close(serial)
+                self.closed.append(self._open.pop(0)[2])  # the fullest window
+            free, serial, documents, pair_keys = self.block_size, next(self._serials), [], set()
+        documents.append(document.segments)
+        pair_keys.update(document.pair_keys)
+        if free == document.length:
+            self.closed.append(documents)
         else:
-            bisect.insort(self._by_space, (window.free, serial))
+            bisect.insort(self._open, (free - document.length, serial, documents, pair_keys))
 
     def finish(self) -> list[list[tuple[Segment, ...]]]:
-        for serial in sorted(self._open):
-            self._close(serial)
-        return self.closed
+        return self.closed + [window[2] for window in sorted(self._open, key=lambda window: window[1])]
 
 
 def pack(
@@ -260,35 +238,31 @@ def _stream(units: Sequence[PackingUnit], seed: int) -> Iterator[PackingUnit]:
 
 
 def split_to(windows: list[list[tuple]], target: int, max_empty_windows: int = 0) -> list[list[tuple]]:
-    """Halve the window with the most documents until there are ``target``; when every window holds one
-    document, up to ``max_empty_windows`` empty (all-padding) windows are appended."""
+    """Halve the window with the most documents (ties: the earliest) until there are ``target``; when every window
+    holds one document, up to ``max_empty_windows`` empty (all-padding) windows are appended."""
     if len(windows) > target:
         raise ValueError(f"cannot split {len(windows)} windows down to {target}")
-    pieces = {(i, 0): list(window) for i, window in enumerate(windows)}
-    order = {i: [0] for i in range(len(windows))}
-    heap = [(-len(window), i, 0) for i, window in enumerate(windows) if len(window) > 1]
+    pieces = {i: (i, 0, list(window)) for i, window in enumerate(windows)}  # serial: window, first document, documents
+    heap = [(-len(window), i, i) for i, window in enumerate(windows) if len(window) > 1]
     heapq.heapify(heap)
-    empty = 0
-    for _ in range(target - len(windows)):
-        if not heap:
-            if empty < max_empty_windows:
-                empty += 1
-                continue
-            raise ValueError(f"only {len(pieces)} documents: cannot fill {target} windows")
+    while heap and len(pieces) < target:
         _, i, serial = heapq.heappop(heap)
-        documents, new_serial = pieces[(i, serial)], len(order[i])
-        half = len(documents) // 2
-        pieces[(i, serial)], pieces[(i, new_serial)] = documents[:half], documents[half:]
-        order[i].insert(order[i].index(serial) + 1, new_serial)
-        for s in (serial, new_serial):
-            if len(pieces[(i, s)]) > 1:
-                heapq.heappush(heap, (-len(pieces[(i, s)]), i, s))
-    return [pieces[(i, s)] for i in range(len(windows)) for s in order[i]] + [[] for _ in range(empty)]
+        _, first, documents = pieces[serial]
+        half, new = len(documents) // 2, len(pieces)
+        pieces[serial], pieces[new] = (i, first, documents[:half]), (i, first + half, documents[half:])
+        for s in (serial, new):
+            if len(pieces[s][2]) > 1:
+                heapq.heappush(heap, (-len(pieces[s][2]), i, s))
+    empty = target - len(pieces)
+    if empty > max_empty_windows:
+        raise ValueError(f"only {len(pieces)} documents: cannot fill {target} windows")
+    return [piece[2] for piece in sorted(pieces.values(), key=lambda piece: piece[:2])] + [[] for _ in range(empty)]
 
 
 @dataclass
 class SettingPlan:
-    """One setting's windows, how many the packer made before ``split_to``, and (mismatched) the partners."""
+    """One setting's windows, how many the packer made before ``split_to``, and (mismatched bridges) each pair's
+    partner: ``(pass, key)`` of the pair whose second half its first half is one document with."""
 
     windows: list[list[tuple[Segment, ...]]]
     packer_windows: int
@@ -380,12 +354,9 @@ def plan_packing(
     settings = {}
     for name in names:
         packed = pack(seen, block_size, name, max_open_windows, group_sizes)
-        settings[name] = SettingPlan(split_to(packed, target, max_empty_windows), len(packed))
-    if unavailable is None:  # the partners the packer gave
-        planned = SettingDocuments("mismatched_bridges", group_sizes)
-        for unit in seen:
-            planned(unit)
-        settings["mismatched_bridges"].partners = planned.partners
+        partners = {doc[0].unit: doc[1].unit for window in packed for doc in window if len(doc) == 2}
+        settings[name] = SettingPlan(split_to(packed, target, max_empty_windows), len(packed),
+                                     partners if name == "mismatched_bridges" else None)  # fmt: skip
     seen_keys = [unit.key for unit in seen]
     return PackingPlan(target // windows_per_step, budget // windows_per_step, windows_per_step, seen_keys, settings,
                        unavailable)  # fmt: skip
