@@ -221,9 +221,6 @@ class ShardedBM25:
         token_id = self.vocab.get(token)
         return float(lucene_idf(0 if token_id is None else self.document_frequencies[token_id], self.num_docs))
 
-    def _shard(self, number: int) -> bm25s.BM25:
-        return bm25s.BM25.load(self.directory / f"shard_{number:05d}", mmap=True, load_vocab=False)
-
     def texts(self, doc_ids) -> dict[int, str]:
         """The text of each document id, as it was indexed."""
         texts = {}
@@ -243,7 +240,7 @@ class ShardedBM25:
         best = [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
         bar = tqdm(total=len(self.shard_starts) * len(queries), desc="BM25 search", disable=not show_progress)
         for number, start in enumerate(self.shard_starts):
-            shard = self._shard(number)
+            shard = bm25s.BM25.load(self.directory / f"shard_{number:05d}", mmap=True, load_vocab=False)
             for q, ids in enumerate(query_ids):
                 bar.update()
                 if ids.size == 0:

@@ -364,7 +364,7 @@ def test_index_is_reused_when_the_corpus_is_unchanged_and_rebuilt_when_it_change
     assert resharded["corpus"]["index"]["reused"] is False
 
 
-def test_dataset_corpus_from_save_to_disk_counts_rows_without_text(tmp_path, world):
+def test_dataset_corpus_from_save_to_disk_counts_rows_without_text_and_refuses_a_missing_split(tmp_path, world):
     import datasets
 
     question_files, corpus_files = world
@@ -379,6 +379,10 @@ def test_dataset_corpus_from_save_to_disk_counts_rows_without_text(tmp_path, wor
     assert report["corpus"]["label"] == "ds"
     assert report["corpus"]["documents"] == len(texts)
     assert report["corpus"]["skipped"] == {"no text in column 'text'": 1}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(InputError, match=r"splits: no split 'validation'; set --corpus_split"):
+        run_main(["--questions", str(question_files["bo"]), "--corpus_dataset", str(tmp_path / "splits"),
+                  "--corpus_split", "validation", "--output_dir", str(tmp_path / "out2")])  # fmt: skip
 
 
 def test_streamed_dataset_corpus_is_judged_on_the_texts_its_index_stored(tmp_path, world):
