@@ -3,22 +3,16 @@
 # requires-python = ">=3.10"
 # dependencies = ["torch==2.13.0", "transformers>=5.0", "datasets>=4.0", "numpy>=2.0", "tqdm"]
 # ///
-"""Bilingual cloze probing of every checkpoint of a run, the bridge diagnostic and the manipulation checks.
+"""Bilingual cloze probing of every checkpoint of a run (``--questions``: predictions.jsonl, accuracy.json), the
+bridge diagnostic (``--diagnostic_pairs``: bridge_diagnostic.json) and the manipulation checks (``--name_alignment``,
+``--item_tiers``: manipulation_checks.json); step 3a of the study, run_transfer.py compares the runs probed here.
 
-Step 3a of the study (run_transfer.py, step 3b, compares the runs probed here):
-
-1. Probing (``--questions``) -> ``predictions.jsonl`` and ``accuracy.json``.
-2. Bridge diagnostic (``--diagnostic_pairs``) -> ``bridge_diagnostic.json``.
-3. Manipulation checks (``--name_alignment``, ``--item_tiers``) -> ``manipulation_checks.json``.
-
-An option's score is the paper's mean token loss: the LOWEST wins, ties keep option order. Results already in
-``--output_dir`` are reused for checkpoints with the same ``weights_sha256``. The scoring, the outputs and where
-they differ from the authors' script: docs/probing.md; the checks: docs/decomposition.md; refusals: docs/refusals.md.
+An option's score is the paper's mean token loss: the LOWEST wins, ties keep option order. The scoring, the
+outputs and their reuse: docs/probing.md; the checks: docs/decomposition.md; refusals: docs/refusals.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -63,8 +57,6 @@ logger = logging.getLogger("run_eval")
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-#: What accuracy.json's results depend on: another value in an output folder is refused, not mixed.
-PROBING_IDENTITY = ("model_name_or_path", "dtype", "loss_dtype", "questions_sha256")
 #: Ties above this share of a file's items at a checkpoint are warned about (the first-wins rule then moves the
 #: accuracy toward position_bias.always_first_accuracy).
 TIE_WARNING_RATE = 0.05
@@ -72,9 +64,8 @@ TIE_WARNING_RATE = 0.05
 
 @dataclass
 class EvalArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A model folder or a run folder (every checkpoint-N inside, then its final model)."},
+    model_name_or_path: str = field(
+        metadata={"help": "A model folder or a run folder (every checkpoint-N inside, then its final model)."}
     )
     questions: list[str] | None = field(
         default=None,
@@ -85,8 +76,7 @@ class EvalArguments:
         metadata={"help": "Question languages: 'STEM=LANG' entries, or one language per question set in load order."},
     )
     output_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where the outputs go (default: MODEL/eval for a local folder, else eval_output)."},
+        default=None, metadata={"help": "Where the outputs go (default: MODEL/eval, where run_transfer.py looks)."}
     )
     batch_size: int = field(default=64, metadata={"help": "Filled sentences per forward pass."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(
@@ -97,12 +87,6 @@ class EvalArguments:
         metadata={"help": "float32: batched, logits in float32; model: the paper's loop, bit-identical to it, slow."},
     )
     device: str = field(default="auto", metadata={"help": "'auto' (cuda when present, else cpu), 'cpu', 'cuda:0'..."})
-    attn_implementation: Literal["sdpa", "eager"] = field(
-        default="sdpa", metadata={"help": "Attention implementation the model is loaded with."}
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer for every checkpoint (default: each checkpoint's own)."}
-    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of a Hub dataset of --questions."})
     strict: bool = field(default=False, metadata={"help": "Turn question quirks (cloze.QUIRK_TEXT) into errors."})
     overwrite_output_dir: bool = field(
@@ -110,9 +94,6 @@ class EvalArguments:
     )
     diagnostic_pairs: str | None = field(
         default=None, metadata={"help": "Held-out parallel pairs ('en' and 'tgt'): writes bridge_diagnostic.json."}
-    )
-    diagnostic_max_pairs: int | None = field(
-        default=None, metadata={"help": "Use only the first N diagnostic pairs (all by default)."}
     )
     name_alignment: str | None = field(
         default=None, metadata={"help": "A world's name_alignment.json: name checks in manipulation_checks.json."}
@@ -132,7 +113,6 @@ class Checkpoint:
     step: int
     path: Path
     weights_sha256: str
-    tokenizer: str  # where its tokenizer is loaded from
 
     @property
     def key(self) -> tuple[int, str]:
@@ -147,61 +127,37 @@ class Checkpoint:
 class Run:
     root: Path  # the model or run folder, absolute
     checkpoints: list[Checkpoint]  # in step order
-    skipped: list[dict]  # {"path", "reason"}
     cpt_setting: dict | None  # what run_cpt.py records in config.json
 
 
-def _global_step(trainer_state: Path) -> int | None:
-    if not trainer_state.is_file():
-        return None
-    try:
-        return int(json.loads(trainer_state.read_text())["global_step"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{trainer_state}: cannot read 'global_step' ({err}).") from err
-
-
-def find_checkpoints(model_name_or_path: str, tokenizer_name_or_path: str | None = None) -> Run:
-    """Every checkpoint of a model or run folder with its weights' hash and tokenizer (refused here if it has none)."""
+def find_checkpoints(model_name_or_path: str) -> Run:
+    """The checkpoints of a model folder (its step: trainer_state.json's, else 0) or of a run folder as
+    run_pretrain.py and run_cpt.py leave it (checkpoint-N folders, then the final model unless it is the last of
+    them), each refused unless it holds a model and its tokenizer."""
     root = Path(model_name_or_path).resolve()
     if not root.is_dir():
         raise InputError(f"{model_name_or_path}: not a folder (give a model folder or a run folder).")
-    found, skipped = {}, []
-    for child in sorted(c for c in root.iterdir() if c.is_dir() and CHECKPOINT_DIR.match(c.name)):
-        if (child / "config.json").is_file():
-            found[int(CHECKPOINT_DIR.match(child.name).group(1))] = child
-        else:
-            skipped.append({"path": str(child), "reason": "no config.json (not a loadable model)"})
+    found = {int(m.group(1)): child for child in root.iterdir() if (m := CHECKPOINT_DIR.match(child.name))}
     if (root / "config.json").is_file():
-        step = _global_step(root / "trainer_state.json")
-        if step is None and found:
-            skipped.append({"path": str(root), "reason": "final model without trainer_state.json: its step is unknown"})
-        elif step in found:
-            skipped.append({"path": str(root), "reason": f"final model duplicates checkpoint-{step}"})
-        else:
-            found[step or 0] = root  # a plain model is step 0: the start of whatever comes next
+        state = root / "trainer_state.json"
+        if found and not state.is_file():
+            raise InputError(f"{root}: the final model has no trainer_state.json, so its step is unknown.")
+        step = json.loads(state.read_text())["global_step"] if state.is_file() else 0
+        if step in found:
+            logger.info("%s: the final model is checkpoint-%d, probed once", root, step)
+        found.setdefault(step, root)
     if not found:
-        raise InputError(f"{root}: no model (config.json) and no checkpoint-N folder with a model inside.")
-    checkpoints = [Checkpoint(s, p, _weights_sha256(p), _tokenizer_source(p, tokenizer_name_or_path))
-                   for s, p in sorted(found.items())]  # fmt: skip
-    configs = [json.loads((c.path / "config.json").read_text()) for c in reversed(checkpoints)]
-    setting = next((config["cpt_setting"] for config in configs if config.get("cpt_setting")), None)
-    return Run(root, checkpoints, skipped, setting)
-
-
-def _weights_sha256(folder: Path) -> str:
-    """study_common.weights_sha256: a base model's equals the ``base_model_weights_sha256`` its CPT runs record."""
-    digests = local_weight_digests(folder)
-    if not digests:
-        raise InputError(f"{folder}: no weight file ({', '.join(WEIGHT_FILES)}).")
-    return weights_sha256(digests)
-
-
-def _tokenizer_source(folder: Path, tokenizer_name_or_path: str | None) -> str:
-    if tokenizer_name_or_path:
-        return tokenizer_name_or_path
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer_name_or_path.")
-    return str(folder)
+        raise InputError(f"{root}: no model (config.json) and no checkpoint-N folder.")
+    checkpoints = []
+    for step, folder in sorted(found.items()):
+        digests = local_weight_digests(folder)
+        if not (folder / "config.json").is_file() or not digests:
+            raise InputError(f"{folder}: not a saved model (config.json and weights: {', '.join(WEIGHT_FILES)}).")
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise InputError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save it with the model.")
+        checkpoints.append(Checkpoint(step, folder, weights_sha256(digests)))
+    config = json.loads((checkpoints[-1].path / "config.json").read_text())
+    return Run(root, checkpoints, config.get("cpt_setting"))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -210,7 +166,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(directory: Path, dtype: str, device: torch.device, attn_implementation: str):
+def load_model(directory: Path, dtype: str, device: torch.device, attn_implementation: str | None = "sdpa"):
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation)
     model.config.use_cache = False
     return model.to(device).eval()
@@ -220,34 +176,54 @@ def each_model(args: EvalArguments, checkpoints: list[Checkpoint], desc: str):
     """(checkpoint, model, tokenizer) of each checkpoint in turn, one model in memory at a time."""
     device = resolve_device(args.device)
     for checkpoint in tqdm(checkpoints, desc=desc, disable=not checkpoints):
-        model = load_model(checkpoint.path, args.dtype, device, args.attn_implementation)
-        yield checkpoint, model, AutoTokenizer.from_pretrained(checkpoint.tokenizer)
+        model = load_model(checkpoint.path, args.dtype, device)
+        yield checkpoint, model, AutoTokenizer.from_pretrained(checkpoint.path)
 
 
-def reusable_entries(path: Path, header: dict, run: Run, args: EvalArguments, same: tuple[str, ...]) -> dict:
-    """The entries of an earlier ``path`` (same ``same`` fields of ``header``) that still hold, by (step, path):
-    unchanged weights; a gone checkpoint's unless the run was trained again (docs/probing.md)."""
+@dataclass
+class Output:
+    """One output file: what it records (``header``) and its entries by checkpoint key (step, path)."""
+
+    path: Path
+    header: dict
+    done: dict
+
+    def write(self) -> dict:
+        result = {"checkpoints": [self.done[key] for key in sorted(self.done)], **self.header}
+        write_json_atomic(self.path, result)
+        return result
+
+
+#: Per output file, what its results depend on besides the weights: another value in --output_dir is refused.
+IDENTITY = {
+    "accuracy.json": ("model_name_or_path", "dtype", "loss_dtype", "questions_sha256"),
+    "bridge_diagnostic.json": ("pairs_sha256", "dtype"),
+    "manipulation_checks.json": ("model_name_or_path", "dtype", "name_alignment"),
+}
+
+
+def open_output(args: EvalArguments, run: Run, name: str, header: dict) -> Output:
+    """``name`` in --output_dir with the entries of an earlier one that still hold, deleted checkpoints' included;
+    none when the run was trained again since (other weights or cpt_setting). One made with other IDENTITY fields
+    is refused (called for every output before anything runs)."""
+    path = Path(args.output_dir) / name
     if args.overwrite_output_dir or not path.is_file():
-        return {}
+        return Output(path, header, {})
     previous = json.loads(path.read_text(encoding="utf-8"))
-    if any(previous.get(key) != header[key] for key in same):
-        return {}
-    current = {c.key: c for c in run.checkpoints}
+    differ = [key for key in IDENTITY[name] if previous.get(key) != header[key]]
+    if differ:
+        raise InputError(
+            f"{path.parent} already holds results made with a different "
+            + ", ".join(f"{key} ({previous.get(key)!r}, now {header[key]!r})" for key in differ)
+            + ". Use another --output_dir or pass --overwrite_output_dir to replace them."
+        )
+    current = {c.key: c.weights_sha256 for c in run.checkpoints}
     entries = {(e["step"], e["path"]): e for e in previous["checkpoints"]}
-    changed = [k for k, e in entries.items() if k in current and e.get("weights_sha256") != current[k].weights_sha256]
-    retrained = changed or previous.get("cpt_setting") != run.cpt_setting
-    gone = [k for k in entries if k not in current] if retrained else []
-    for keys, what in ((changed, "weights changed since they were probed: probed again"),
-                       (gone, "gone, from another training of the run: their results dropped")):  # fmt: skip
-        if keys:
-            logger.warning("%s: %s: %s", path, [k[1] for k in keys], what)
-    return {k: e for k, e in entries.items() if k not in changed and k not in gone}
-
-
-def write_entries(path: Path, done: dict, header: dict) -> dict:
-    result = {"checkpoints": [done[key] for key in sorted(done)], **header}
-    write_json_atomic(path, result)
-    return result
+    changed = [k for k, e in entries.items() if k in current and e["weights_sha256"] != current[k]]
+    if changed or previous["cpt_setting"] != run.cpt_setting:
+        logger.warning("%s: the run was trained again since (other weights or cpt_setting): all probed again", path)
+        return Output(path, header, {})
+    return Output(path, header, entries)
 
 
 # --------------------------------------------------------------------------------------
@@ -348,9 +324,9 @@ def token_logprobs(
     pad_id: int = 0,
     desc: str | None = None,
 ) -> list[np.ndarray]:
-    """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1: the numbers of
-    each sequence run alone, whatever the grouping or batch size (padding, on the right, attends only to itself). The sequences of a group (the
-    options of one question) run as one PrefixTree; the vocabulary projection runs once per node that predicts."""
+    """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1: the numbers of each
+    sequence run alone, whatever the grouping, batch size or ``pad_id`` (padding, on the right, attends only to
+    itself). A group's sequences (the options of a question) run as one PrefixTree (docs/probing.md)."""
     trees, located = build_prefix_trees(sequences, groups)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     split = _body_and_head(model)
@@ -471,18 +447,14 @@ def score_question_sets(
     if loss_dtype == "model":
         losses = paper_loop_losses(model, plan.sequences, desc=desc)
     else:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
-        logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, pad_id, desc=desc)
+        logprobs = token_logprobs(model, plan.sequences, plan.groups, batch_size, desc=desc)
         losses = [float(-lp.mean()) for lp in logprobs]
     return [[[losses[seq] for seq in item] for item in set_plan] for set_plan in plan.options]
 
 
 # --------------------------------------------------------------------------------------
-# Probing every checkpoint, with reuse of what an output directory already holds
+# Probing every checkpoint, with reuse of what an output folder already holds
 # --------------------------------------------------------------------------------------
-
-ACCURACY_FIELDS = ("lang", "correct", "total", "accuracy", "ties", "tie_rate", "correct_fractional",
-                   "accuracy_fractional", "ties_advantage")  # fmt: skip
 
 
 def item_accounting(qs: QuestionSet, set_scores: list[list[float]]) -> tuple[list[dict], dict]:
@@ -491,25 +463,18 @@ def item_accounting(qs: QuestionSet, set_scores: list[list[float]]) -> tuple[lis
     for item, scores in zip(qs.items, set_scores):
         tied, credit = tie_credit(scores, item["answer"])
         prediction = predict(scores)
-        correct = prediction in item["answer"]
-        rows.append({"prediction": prediction, "correct": correct, "tied_best": tied, "credit_fractional": credit})
-    total, correct = len(rows), sum(r["correct"] for r in rows)
+        rows.append({"prediction": prediction, "correct": prediction in item["answer"], "tied_best": tied,
+                     "credit_fractional": credit})  # fmt: skip
+    n, correct = len(rows), sum(r["correct"] for r in rows)
     fractional, ties = sum(r["credit_fractional"] for r in rows), sum(r["tied_best"] > 1 for r in rows)
     # ties_advantage: what the first-wins rule gains over random tie-breaking, the part of the accuracy ties give
-    counts = (qs.lang, correct, total, correct / total, ties, ties / total, fractional, fractional / total,
-              (correct - fractional) / total)  # fmt: skip
-    return rows, dict(zip(ACCURACY_FIELDS, counts))
+    return rows, {"lang": qs.lang, "correct": correct, "total": n, "accuracy": correct / n, "ties": ties,
+                  "tie_rate": ties / n, "correct_fractional": fractional, "accuracy_fractional": fractional / n,
+                  "ties_advantage": (correct - fractional) / n}  # fmt: skip
 
 
 def probing_header(args: EvalArguments, question_sets: list[QuestionSet], run: Run) -> dict:
-    """What is probed (accuracy.json's header): results are reused only under the same PROBING_IDENTITY."""
-    for entry in run.skipped:
-        logger.warning("skipped %s: %s", entry["path"], entry["reason"])
-    questions = {qs.stem: qs.describe() for qs in question_sets}
-    for stem, described in questions.items():
-        shares = ", ".join(f"{k}: {v:.2f}" for k, v in described["position_bias"]["answer_position_share"].items())
-        logger.info("position bias of %s: answer position shares %s; always option 0: accuracy %.3f (chance %.3f)",
-                    stem, shares, described["position_bias"]["always_first_accuracy"], described["chance_accuracy"])  # fmt: skip
+    """What is probed (accuracy.json's header)."""
     fingerprints = sorted((qs.stem, qs.fingerprint) for qs in question_sets)
     return {
         "model_name_or_path": str(run.root),
@@ -517,60 +482,34 @@ def probing_header(args: EvalArguments, question_sets: list[QuestionSet], run: R
         "scoring": "mean_token_loss",  # run_transfer.py checks that the runs it compares share it
         "dtype": args.dtype,
         "loss_dtype": args.loss_dtype,
-        "questions": questions,
+        "questions": {qs.stem: qs.describe() for qs in question_sets},
         "questions_sha256": hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest(),
-        "skipped_checkpoints": run.skipped,
     }
 
 
-def refuse_other_probing(output_dir: Path, header: dict, overwrite: bool) -> None:
-    """Refuse an output folder whose accuracy.json was made with another PROBING_IDENTITY (its results would be
-    mixed with these)."""
-    path = output_dir / "accuracy.json"
-    if overwrite or not path.is_file():
-        return
-    previous = json.loads(path.read_text(encoding="utf-8"))
-    differ = [key for key in PROBING_IDENTITY if previous.get(key) != header[key]]
-    if differ:
-        raise InputError(
-            f"{output_dir} already holds results made with a different "
-            + ", ".join(f"{key} ({previous.get(key)!r}, now {header[key]!r})" for key in differ)
-            + ". Use another --output_dir or pass --overwrite_output_dir to replace them."
-        )
-
-
-def _prediction_lines(path: Path) -> dict[tuple[int, str], list[str]]:
+def evaluate_model(args: EvalArguments, question_sets: list[QuestionSet], run: Run, output: Output) -> dict:
+    """Probe every checkpoint of ``run`` not already in ``output`` (accuracy.json) and its predictions.jsonl;
+    both rewritten after each checkpoint (a crash loses at most the one being scored)."""
+    predictions = output.path.with_name("predictions.jsonl")
     lines = defaultdict(list)
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        if line.strip():
-            row = json.loads(line)
-            lines[(row["step"], row["checkpoint"])].append(line)
-    return lines
-
-
-def evaluate_model(args: EvalArguments, question_sets: list[QuestionSet], run: Run, output_dir) -> dict:
-    """Probe every checkpoint of ``run`` not already scored in ``output_dir``; write and return accuracy.json's
-    content, rewritten after each checkpoint (a crash loses at most the one being scored)."""
-    output_dir = Path(output_dir)
-    header = probing_header(args, question_sets, run)
-    refuse_other_probing(output_dir, header, args.overwrite_output_dir)
-    lines = _prediction_lines(output_dir / "predictions.jsonl")
+    for line in predictions.read_text(encoding="utf-8").splitlines() if predictions.is_file() else []:
+        row = json.loads(line)
+        lines[(row["step"], row["checkpoint"])].append(line)
     items = sum(len(qs.items) for qs in question_sets)
-    earlier = reusable_entries(output_dir / "accuracy.json", header, run, args, ())
-    done = {key: entry for key, entry in earlier.items() if len(lines[key]) == items}
-    todo = [c for c in run.checkpoints if c.key not in done]
-    logger.info("%s: %d checkpoint(s) to score, %d reused from %s", run.root, len(todo), len(done), output_dir)
+    output.done = {key: entry for key, entry in output.done.items() if len(lines[key]) == items}
+    todo = [c for c in run.checkpoints if c.key not in output.done]
+    logger.info("%s: %d checkpoint(s) to score, %d reused from %s", run.root, len(todo), len(output.done),
+                output.path.parent)  # fmt: skip
 
     def write_outputs() -> dict:
-        text = "".join(line + "\n" for key in sorted(done) for line in lines[key])
-        write_text_atomic(output_dir / "predictions.jsonl", text)
-        return write_entries(output_dir / "accuracy.json", done, header)
+        write_text_atomic(predictions, "".join(line + "\n" for key in sorted(output.done) for line in lines[key]))
+        return output.write()
 
     for checkpoint, model, tokenizer in each_model(args, todo, "checkpoints"):
         scores = score_question_sets(model, tokenizer, question_sets, args.batch_size, f"step {checkpoint.step}",
                                      args.loss_dtype)  # fmt: skip
         lines[checkpoint.key], accuracy = _checkpoint_results(checkpoint, question_sets, scores)
-        done[checkpoint.key] = checkpoint.entry() | {"accuracy": accuracy}
+        output.done[checkpoint.key] = checkpoint.entry() | {"accuracy": accuracy}
         write_outputs()
     return write_outputs()
 
@@ -601,24 +540,9 @@ def _checkpoint_results(checkpoint: Checkpoint, question_sets: list[QuestionSet]
 # --------------------------------------------------------------------------------------
 
 
-def read_pairs(path: str, max_pairs: int | None = None) -> list[tuple[str, str]]:
-    """(en, tgt) pairs from a .jsonl/.json file with 'en' and 'tgt' columns, or a save_to_disk dataset."""
-    source = Path(path)
-    if source.is_dir():
-        from datasets import load_from_disk
-
-        dataset = load_from_disk(str(source))
-        if "kind" in dataset.column_names:
-            dataset = dataset.filter(lambda kind: kind == "pair", input_columns="kind")
-        missing = {"en", "tgt"} - set(dataset.column_names)
-        if missing:
-            raise InputError(f"{source}: no {sorted(missing)} column(s) (found {dataset.column_names}).")
-        pairs = list(zip(dataset["en"], dataset["tgt"]))
-    else:  # the columns are fixed (no flag names them): a missing one is asked for by name
-        pairs = list(
-            zip(read_documents(source, "en", column_flag=None), read_documents(source, "tgt", column_flag=None))
-        )
-    pairs = pairs[:max_pairs] if max_pairs else pairs
+def read_pairs(path: str) -> list[tuple[str, str]]:
+    """(en, tgt) pairs from a .jsonl/.json/.csv/.tsv file with 'en' and 'tgt' columns."""
+    pairs = list(zip(read_documents(path, "en", column_flag=None), read_documents(path, "tgt", column_flag=None)))
     if len(pairs) < 2:
         raise InputError(f"{path}: the bridge diagnostic needs at least 2 pairs (found {len(pairs)}).")
     empty = [i for i, (en, tgt) in enumerate(pairs) if not en.strip() or not tgt.strip()]
@@ -633,76 +557,55 @@ def bridged_pair(first: list[int], second: list[int], start: int, separator_ids:
 
 
 def bridge_diagnostic_losses(
-    model,
-    tokenizer,
-    pairs: list[tuple[str, str]],
-    batch_size: int = 64,
-    separator: str = "",
-    pair_order: str = "en_first",
-    seed: int = 0,
+    model, tokenizer, pairs: list[tuple[str, str]], batch_size=64, separator="", pair_order="en_first", seed=0
 ) -> dict:
     """Mean token loss of the second side of each pair (token-weighted) alone, after its own first side and after
     pair (i+1) mod n's side in that language; pair i's first side is ``pair_first_side(i, pair_order, seed)``."""
-    start = document_start_id(tokenizer)
+    start, n = document_start_id(tokenizer), len(pairs)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
-    n = len(pairs)
-    side_ids = {side: tokenizer([p[k] for p in pairs], add_special_tokens=False)["input_ids"]
-                for k, side in enumerate(("en", "tgt"))}  # fmt: skip
+    ids = {side: tokenizer(list(texts), add_special_tokens=False)["input_ids"] for side, texts in
+           zip(("en", "tgt"), zip(*pairs))}  # fmt: skip
     first = [pair_first_side(i, pair_order, seed) for i in range(n)]
     second = ["tgt" if side == "en" else "en" for side in first]
-    scored = [side_ids[second[i]][i] for i in range(n)]
+    scored = [ids[second[i]][i] for i in range(n)]
     sequences = [[start] + scored[i] for i in range(n)]
-    sequences += [bridged_pair(side_ids[first[i]][i], scored[i], start, separator_ids) for i in range(n)]
-    sequences += [bridged_pair(side_ids[first[i]][(i + 1) % n], scored[i], start, separator_ids) for i in range(n)]
-    # Each scored side alone is its own tree; pair i's own context is pair i-1's mismatched context when both
-    # put the same language first: one tree.
-    groups = [[i] for i in range(n)]
-    for i in range(n):
-        own, other = n + i, 2 * n + (i - 1) % n
-        groups += [[own, other]] if first[(i - 1) % n] == first[i] else [[own], [other]]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    logprobs = token_logprobs(model, sequences, groups, batch_size, pad_id)
-    tokens = sum(len(ids) for ids in scored)
-
-    def mean_loss(block: int) -> float:
-        return float(-sum(logprobs[block * n + i][-len(scored[i]) :].sum() for i in range(n)) / tokens)
-
+    for other in (0, 1):  # the context: pair i's own first side, then pair i+1's side in that language
+        sequences += [bridged_pair(ids[first[i]][(i + other) % n], scored[i], start, separator_ids) for i in range(n)]
+    logprobs = token_logprobs(model, sequences, batch_size=batch_size)
+    tokens = sum(map(len, scored))
+    losses = [-sum(logprobs[block * n + i][-len(scored[i]) :].sum() for i in range(n)) / tokens for block in range(3)]
     return {
-        "alone": mean_loss(0),
-        "after_own_context": mean_loss(1),
-        "after_mismatched_context": mean_loss(2),
+        "alone": float(losses[0]),
+        "after_own_context": float(losses[1]),
+        "after_mismatched_context": float(losses[2]),
         "context_sides": {side: first.count(side) for side in ("en", "tgt")},
         "scored_sides": {side: second.count(side) for side in ("en", "tgt")},
     }
 
 
-def run_bridge_diagnostic(args: EvalArguments, run: Run, output_dir, pairs: list[tuple[str, str]]) -> dict:
-    """bridge_diagnostic.json: the pairs laid out as the run laid out its own (docs/probing.md)."""
+def diagnostic_header(args: EvalArguments, run: Run, pairs: list[tuple[str, str]]) -> dict:
+    """What bridge_diagnostic.json records: the pairs, laid out as the run laid out its own (docs/probing.md)."""
     setting = run.cpt_setting or {}
-    separator, pair_order = setting.get("pair_separator") or "", setting.get("pair_order") or "en_first"
-    seed = int(setting.get("seed") or 0)
-    sides = {pair_first_side(i, pair_order, seed) for i in range(len(pairs))}
-    (context,) = sides if len(sides) == 1 else {"per pair (seeded coin)"}
-    header = {
+    return {
         "pairs_file": str(Path(args.diagnostic_pairs).resolve()),
         "pairs_sha256": hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest(),
-        "pair_separator": separator,
-        "pair_order": pair_order,
-        "pair_order_seed": seed,
-        "context_side": context,  # the side of each pair that comes first, as the run saw them
-        "scored_side": {"en": "tgt", "tgt": "en"}.get(context, context),
+        "pair_separator": setting.get("pair_separator") or "",
+        "pair_order": setting.get("pair_order") or "en_first",
+        "pair_order_seed": int(setting.get("seed") or 0),
         "dtype": args.dtype,
         "cpt_setting": run.cpt_setting,
     }
-    logger.info("bridge diagnostic: pair_order %s (seed %d): context side %s", pair_order, seed, context)
-    path = Path(output_dir) / "bridge_diagnostic.json"
-    done = reusable_entries(path, header, run, args, tuple(k for k in header if k != "cpt_setting"))
-    for checkpoint, model, tokenizer in each_model(args, [c for c in run.checkpoints if c.key not in done], path.name):
-        losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size, separator, pair_order, seed)
-        done[checkpoint.key] = checkpoint.entry() | losses | {"pairs": len(pairs)}
+
+
+def run_bridge_diagnostic(args: EvalArguments, run: Run, pairs: list[tuple[str, str]], output: Output) -> dict:
+    layout = output.header["pair_separator"], output.header["pair_order"], output.header["pair_order_seed"]
+    for checkpoint, model, tokenizer in each_model(args, [c for c in run.checkpoints if c.key not in output.done],
+                                                   output.path.name):  # fmt: skip
+        losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size, *layout)
+        output.done[checkpoint.key] = checkpoint.entry() | losses | {"pairs": len(pairs)}
         logger.info("bridge diagnostic step %d: %s", checkpoint.step, losses)
-        write_entries(path, done, header)
-    return write_entries(path, done, header)
+        output.write()
+    return output.write()
 
 
 # --------------------------------------------------------------------------------------
@@ -711,64 +614,39 @@ def run_bridge_diagnostic(args: EvalArguments, run: Run, output_dir, pairs: list
 
 
 def read_name_alignment(path: str) -> dict:
-    """A world's name_alignment.json, checked, plus ``forms``: each entity's names per side as written mid-sentence
-    (a leading space when that side's frames put one before the blank: byte-level BPE folds it into the name)."""
+    """synthetic_world.py's name_alignment.json (its items are consistent: tests/test_synthetic_world.py) plus
+    ``forms``, each entity's names per side as written mid-sentence: with a leading space where that side's frames
+    put one before the blank (``spaced``), as byte-level BPE folds it into the name."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"--name_alignment {path}: cannot read it as JSON ({err}).") from err
-    if not isinstance(data, dict) or not {"lang", "entities", "items"} <= set(data):
-        raise InputError(f"{path}: needs 'lang', 'entities' and 'items' (synthetic_world.py's name_alignment.json).")
-    entities = {e.get("id"): e for e in data["entities"] if isinstance(e, dict)}
-    if len(entities) < len(data["entities"]) or not all(
-        isinstance(e.get(f), str) and e[f].strip() for e in entities.values() for f in ("id", "en", "target")
-    ):
-        raise InputError(f"{path}: every entity needs its own 'id' and non-empty 'en' and 'target' names.")
-    side_of = {f"en->{data['lang']}": "target", f"{data['lang']}->en": "en"}  # the side the options name
-    spaced = {"en": False, "target": False}
-    for k, item in enumerate(data["items"]):
-        item = item if isinstance(item, dict) else {}
-        at = f"{path} item {k} (entity {item.get('entity')!r}, {item.get('direction')})"
-        blanks, options = list(BLANK.finditer(str(item.get("frame", "")))), item.get("options")
-        if (
-            item.get("direction") not in side_of
-            or item.get("entity") not in entities
-            or not isinstance(item.get("context"), str)
-        ):
-            raise InputError(f"{at}: needs a direction among {list(side_of)}, a listed entity and a context.")
-        if len(blanks) != 1:
-            raise InputError(f"{at}: the frame needs exactly one blank (____); it has {len(blanks)}.")
-        if not isinstance(options, list) or len(options) < 2 or len(set(options)) < len(options):
-            raise InputError(f"{at}: 'options' must list at least 2 distinct names.")
-        if item.get("answer") not in options:
-            raise InputError(f"{at}: the answer {item.get('answer')!r} is not among its options {options}.")
-        if item["answer"] != entities[item["entity"]][side_of[item["direction"]]]:
-            raise InputError(f"{at}: the answer {item['answer']!r} is not the entity's name on that side.")
-        spaced[side_of[item["direction"]]] |= item["frame"][: blanks[0].start()][-1:].isspace()
-    forms = {side: [" " * spaced[side] + e[side] for e in entities.values()] for side in spaced}
+        side_of = {f"en->{data['lang']}": "target", f"{data['lang']}->en": "en"}  # the side the options name
+        spaced = {"en": False, "target": False}
+        for item in data["items"]:
+            spaced[side_of[item["direction"]]] |= item["frame"][: BLANK.search(item["frame"]).start()][-1:].isspace()
+        forms = {side: [" " * spaced[side] + entity[side] for entity in data["entities"]] for side in spaced}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(
+            f"--name_alignment {path}: not a name_alignment.json of synthetic_world.py ({type(err).__name__}: {err})."
+        ) from err
     return {**data, "forms": forms, "spaced": spaced}
 
 
 def name_alignment_accuracy(model, tokenizer, alignment: dict, separator: str = "", batch_size: int = 64) -> dict:
     """Per direction, the accuracy of choosing an entity's name after a held-out sentence naming it in the other
     language, each option scored as a bridged pair by its frame's mean token loss (docs/decomposition.md)."""
-    start = document_start_id(tokenizer)
+    start, items = document_start_id(tokenizer), alignment["items"]
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
-    items = alignment["items"]
     contexts = tokenizer([item["context"] for item in items], add_special_tokens=False)["input_ids"]
-    filled = [fill_blanks(item["frame"], option) for item in items for option in item["options"]]
-    frames = iter(tokenizer(filled, add_special_tokens=False)["input_ids"])
-    sequences, groups = [], []
-    for item, context in zip(items, contexts):
-        groups.append(list(range(len(sequences), len(sequences) + len(item["options"]))))  # one prefix tree
-        sequences += [(bridged_pair(context, frame, start, separator_ids), len(frame)) for frame in
-                      (next(frames) for _ in item["options"])]  # fmt: skip
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    logprobs = token_logprobs(model, [ids for ids, _ in sequences], groups, batch_size, pad_id)
+    frames = tokenizer([fill_blanks(it["frame"], o) for it in items for o in it["options"]], add_special_tokens=False)
+    bounds = np.cumsum([0] + [len(item["options"]) for item in items])  # item k's options: bounds[k]:bounds[k + 1]
+    sequences = [bridged_pair(contexts[k], frame, start, separator_ids)
+                 for k in range(len(items)) for frame in frames["input_ids"][bounds[k] : bounds[k + 1]]]  # fmt: skip
+    groups = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]  # an item's options: one prefix tree
+    logprobs = token_logprobs(model, sequences, groups, batch_size)
+    scores = [float(-lp[-len(frame) :].mean()) for lp, frame in zip(logprobs, frames["input_ids"])]
     hits, chance = defaultdict(list), defaultdict(list)
-    for item, group in zip(items, groups):
-        scores = [float(-logprobs[s][-sequences[s][1] :].mean()) for s in group]
-        hits[item["direction"]].append(item["options"][predict(scores)] == item["answer"])
+    for item, a, b in zip(items, bounds, bounds[1:]):
+        hits[item["direction"]].append(item["options"][predict(scores[a:b])] == item["answer"])
         chance[item["direction"]].append(1 / len(item["options"]))
     return {
         d: {"accuracy": float(np.mean(h)), "n": len(h), "chance": float(np.mean(chance[d]))} for d, h in hits.items()
@@ -805,42 +683,42 @@ def read_item_tiers(path: str, question_sets: list[QuestionSet]) -> dict:
     return {"describe": describe | {"meaning": tiers["meaning"]}, "stems": [qs.stem for qs in sets], **tiers}
 
 
-def run_manipulation_checks(args: EvalArguments, run: Run, output_dir, alignment, tiers) -> dict:
-    """manipulation_checks.json: per checkpoint, name_alignment and embedding_match (with --name_alignment; reused
-    as accuracy.json's entries are, by weights) and tier_accuracy (with --item_tiers, from predictions.jsonl)."""
-    separator = (run.cpt_setting or {}).get("pair_separator") or ""
-    header = {
+def checks_header(args: EvalArguments, run: Run, alignment: dict | None, tiers: dict | None) -> dict:
+    """What manipulation_checks.json records."""
+    return {
         "model_name_or_path": str(run.root), "cpt_setting": run.cpt_setting, "dtype": args.dtype,
-        "pair_separator": separator,
+        "pair_separator": (run.cpt_setting or {}).get("pair_separator") or "",
         "name_alignment": alignment and {
             "file": str(Path(args.name_alignment).resolve()),
             "sha256": hashlib.sha256(json.dumps(alignment["items"], ensure_ascii=False).encode()).hexdigest(),
             "lang": alignment["lang"], "variant": alignment.get("variant"), "entities": len(alignment["entities"]),
-            "layout": "[start] + context + pair_separator + [start] + filled frame; mean loss of the frame's tokens",
             "name_leading_space": alignment["spaced"],
         },
         "item_tiers": tiers and tiers["describe"],
     }  # fmt: skip
-    path = Path(output_dir) / "manipulation_checks.json"
-    same = tuple(k for k in header if k not in ("cpt_setting", "item_tiers"))
-    earlier = reusable_entries(path, header, run, args, same) if alignment else {}
-    checks = ("name_alignment", "embedding_match")
-    done = earlier | {c.key: c.entry() | {k: earlier[c.key][k] for k in checks if k in earlier.get(c.key, {})}
-                      for c in run.checkpoints}  # fmt: skip
-    correct = read_predictions(output_dir)[1] if tiers else {}
-    for (step, _), entry in done.items():
+
+
+def run_manipulation_checks(args: EvalArguments, run: Run, alignment, tiers, output: Output) -> dict:
+    """Per checkpoint, name_alignment and embedding_match (with --name_alignment; reused as accuracy.json's
+    entries are) and tier_accuracy (with --item_tiers, counted from predictions.jsonl)."""
+    output.done = {c.key: c.entry() for c in run.checkpoints} | output.done
+    correct = read_predictions(output.path.parent)[1] if tiers else {}
+    for (step, _), entry in output.done.items():
+        entry.pop("tier_accuracy", None)
         if tiers and all(step in correct[stem] for stem in tiers["stems"]):
             tier_of = np.array(tiers["tier_of"])
             entry["tier_accuracy"] = {stem: {t: float(correct[stem][step][tier_of == t].mean())
                                              for t in tiers["describe"]["items_per_tier"]} for stem in tiers["stems"]}  # fmt: skip
-    todo = [c for c in run.checkpoints if alignment and "name_alignment" not in done[c.key]]
-    for checkpoint, model, tokenizer in each_model(args, todo, path.name):
-        entry = done[checkpoint.key]
+    for checkpoint, model, tokenizer in each_model(
+        args, [c for c in run.checkpoints if alignment and "name_alignment" not in output.done[c.key]], output.path.name
+    ):
+        entry = output.done[checkpoint.key]
+        separator = output.header["pair_separator"]
         entry["name_alignment"] = name_alignment_accuracy(model, tokenizer, alignment, separator, args.batch_size)
         entry["embedding_match"] = embedding_match(model, tokenizer, alignment)
         logger.info("manipulation checks step %d: %s", checkpoint.step, entry["name_alignment"])
-        write_entries(path, done, header)
-    return write_entries(path, done, header)
+        output.write()
+    return output.write()
 
 
 # --------------------------------------------------------------------------------------
@@ -848,16 +726,10 @@ def run_manipulation_checks(args: EvalArguments, run: Run, output_dir, alignment
 # --------------------------------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each option, and the module docstring kept as written."""
-
-
 def parse_arguments(argv: list[str] | None) -> EvalArguments:
     """The probing flags, checked."""
-    parser = HfArgumentParser(EvalArguments, description=__doc__, formatter_class=_HelpFormatter)
+    parser = HfArgumentParser(EvalArguments, description=__doc__)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if not args.model_name_or_path:
-        parser.error("nothing to do: pass --model_name_or_path (to compare runs: run_transfer.py)")
     if not args.questions and not args.diagnostic_pairs and not args.name_alignment:
         parser.error("pass --questions (and/or --diagnostic_pairs, --name_alignment)")
     if args.item_tiers and not args.questions:
@@ -865,8 +737,7 @@ def parse_arguments(argv: list[str] | None) -> EvalArguments:
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
     if args.output_dir is None:  # beside the checkpoints it scores, where run_transfer.py looks for it
-        model = Path(args.model_name_or_path)
-        args.output_dir = str(model / EVAL_DIR_NAME) if model.is_dir() else "eval_output"
+        args.output_dir = str(Path(args.model_name_or_path) / EVAL_DIR_NAME)
     return args
 
 
@@ -879,20 +750,25 @@ def main(argv: list[str] | None = None) -> None:
     question_sets = (
         load_question_sets(args.questions, args.question_langs, args.strict, args.revision) if args.questions else []
     )
-    pairs = read_pairs(args.diagnostic_pairs, args.diagnostic_max_pairs) if args.diagnostic_pairs else None
+    pairs = read_pairs(args.diagnostic_pairs) if args.diagnostic_pairs else None
     alignment = read_name_alignment(args.name_alignment) if args.name_alignment else None
     tiers = read_item_tiers(args.item_tiers, question_sets) if args.item_tiers else None
-    run = find_checkpoints(args.model_name_or_path, args.tokenizer_name_or_path)
-    # 3. Probing: every checkpoint scored on every question set (finished checkpoints reused).
-    if question_sets:
-        result = evaluate_model(args, question_sets, run, args.output_dir)
-        logger.info("%d checkpoint(s) in %s", len(result["checkpoints"]), args.output_dir)
-    # 4. The bridge diagnostic on held-out pairs.
-    if pairs:
-        run_bridge_diagnostic(args, run, args.output_dir, pairs)
-    # 5. The manipulation checks.
-    if alignment or tiers:
-        run_manipulation_checks(args, run, args.output_dir, alignment, tiers)
+    run = find_checkpoints(args.model_name_or_path)
+    # 3. The outputs, each with the results --output_dir holds that still hold (results made from other inputs are
+    #    refused here, before anything runs).
+    probing = question_sets and open_output(args, run, "accuracy.json", probing_header(args, question_sets, run))
+    diagnostic = pairs and open_output(args, run, "bridge_diagnostic.json", diagnostic_header(args, run, pairs))
+    header = checks_header(args, run, alignment, tiers)
+    checks = (alignment or tiers) and open_output(args, run, "manipulation_checks.json", header)
+    # 4. Probing: every checkpoint scored on every question set (finished checkpoints reused).
+    if probing:
+        evaluate_model(args, question_sets, run, probing)
+    # 5. The bridge diagnostic on held-out pairs.
+    if diagnostic:
+        run_bridge_diagnostic(args, run, pairs, diagnostic)
+    # 6. The manipulation checks.
+    if checks:
+        run_manipulation_checks(args, run, alignment, tiers, checks)
 
 
 if __name__ == "__main__":
