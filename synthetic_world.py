@@ -159,32 +159,25 @@ TIBETAN_SUFFIXES = ["", "\u0f42", "\u0f44", "\u0f51", "\u0f53", "\u0f56", "\u0f5
 TSHEG, SHAD = "\u0f0b", "\u0f0d"
 MONGOLIAN_VOWELS = [chr(c) for c in range(0x1820, 0x1827)]  # a e i o u ö ü
 MONGOLIAN_CONSONANTS = [chr(c) for c in (0x1828, 0x182A, *range(0x182C, 0x1839))]  # na, ba, qa ... wa (not ang, pa)
-HAN_RANGE = (0x4E00, 0x4E00 + 3000)  # a fixed block of CJK Unified Ideographs
 HANGUL_INITIALS = [0, 2, 3, 5, 6, 7, 9, 11, 12, 14, 15, 16, 17, 18]  # ㄱ ㄴ ㄷ ㄹ ㅁ ㅂ ㅅ ㅇ ㅈ ㅊ ㅋ ㅌ ㅍ ㅎ
 HANGUL_MEDIALS = [0, 4, 8, 13, 18, 20, 1, 5]  # ㅏ ㅓ ㅗ ㅜ ㅡ ㅣ ㅐ ㅔ
 HANGUL_FINALS = [0, 4, 8, 16, 21]  # none, ㄴ ㄹ ㅁ ㅇ
+HANGUL_UNITS = [
+    chr(0xAC00 + (i * 21 + m) * 28 + f) for i in HANGUL_INITIALS for m in HANGUL_MEDIALS for f in HANGUL_FINALS
+]
+HAN_UNITS = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]  # a fixed block of CJK Unified Ideographs
+TIBETAN_UNITS = [c + v + s + TSHEG for c in TIBETAN_CONSONANTS for v in TIBETAN_VOWEL_SIGNS for s in TIBETAN_SUFFIXES]
+MONGOLIAN_UNITS = [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
 
 
-#: Per script: (min, max) units of a lexicon word and of a name, whether words are spaced, the sentence end.
+#: Per script: the syllables or characters its words are made of, (min, max) of them in a lexicon word and in a name,
+#: whether words are spaced, the sentence end.
 SCRIPT_STYLES = {
-    "Hangul": ((2, 3), (3, 3), True, "."),
-    "Han": ((2, 3), (3, 3), False, "\u3002"),
-    "Tibetan": ((1, 2), (3, 3), False, SHAD),
-    "Mongolian": ((2, 3), (3, 4), True, "\u1803"),
+    "Hangul": (HANGUL_UNITS, (2, 3), (3, 3), True, "."),
+    "Han": (HAN_UNITS, (2, 3), (3, 3), False, "\u3002"),
+    "Tibetan": (TIBETAN_UNITS, (1, 2), (3, 3), False, SHAD),
+    "Mongolian": (MONGOLIAN_UNITS, (2, 3), (3, 4), True, "\u1803"),
 }
-
-
-def _script_units(script: str) -> list[str]:
-    """The syllables or characters a generated word of ``script`` is made of."""
-    if script == "Hangul":
-        return [
-            chr(0xAC00 + (i * 21 + m) * 28 + f) for i in HANGUL_INITIALS for m in HANGUL_MEDIALS for f in HANGUL_FINALS
-        ]
-    if script == "Han":
-        return [chr(c) for c in range(*HAN_RANGE)]
-    if script == "Tibetan":
-        return [c + v + s + TSHEG for c in TIBETAN_CONSONANTS for v in TIBETAN_VOWEL_SIGNS for s in TIBETAN_SUFFIXES]
-    return [c + v for c in MONGOLIAN_CONSONANTS for v in MONGOLIAN_VOWELS]
 
 
 # Arguments (docs/study.md and docs/decomposition.md explain them)
@@ -251,10 +244,8 @@ class WorldArguments:
                     f"and {low} low-tier places; each must be a multiple of 4 (questions come in option groups of 4)."
                 )
         entities = (self.places + self.absent_places + self.en_only_places) * (1 + self.relations)
-        for times, budget, what in (
-            ("mono_mentions", "mono_filler_documents", "documents"),
-            ("pair_mentions", "pairs", "pairs"),
-        ):
+        budgets = {"mono_filler_documents": ("mono_mentions", "documents"), "pairs": ("pair_mentions", "pairs")}
+        for budget, (times, what) in budgets.items():
             needed, given = entities * getattr(self, times), getattr(self, budget)
             if self.langs and needed > given:
                 raise InputError(
@@ -323,10 +314,9 @@ class Language:
     """One synthetic target language: its lexicon (key -> word) and how it joins words."""
 
     def __init__(self, lang: str, seed: int):
-        script = LANGUAGE_SCRIPTS[lang]
-        word_lengths, self.name_lengths, self.spaced, self.sentence_end = SCRIPT_STYLES[script]
+        units, word_lengths, self.name_lengths, self.spaced, self.sentence_end = SCRIPT_STYLES[LANGUAGE_SCRIPTS[lang]]
         rng = _rng(seed, "lexicon", lang)
-        units = _script_units(script)
+        units = list(units)
         rng.shuffle(units)
         # Names and lexicon words are built from disjoint unit sets, so a name never appears
         # inside running text by accident (that would blur the planted counts).
