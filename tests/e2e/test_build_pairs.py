@@ -67,8 +67,9 @@ def test_push_replaces_earlier_shards_and_stops_when_the_listing_fails_other_tha
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert files == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
         assert unhandled == [], f"the clients made calls the stand-in does not serve: {unhandled}"
-        # the card records the setting and keeps the metadata push_to_hub wrote for the data files
-        assert "| lang | bo |" in card and "path: data/train-*" in card and "dataset_info:" in card
+        # the card keeps its setting and tags, with the metadata push_to_hub wrote for the data files added
+        assert "| lang | bo |" in card and "- lang-bo" in card
+        assert "path: data/train-*" in card and "dataset_info:" in card
     else:  # nothing pushed, so the repository never mixes two builds; the error says why
         assert proc.returncode != 0
         assert "could not list the files of the Hub dataset tester/cpt-bo" in proc.stderr
