@@ -211,7 +211,8 @@ class ShardedBM25:
         self.directory = directory
         self.meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-        self.text_offsets = np.load(directory / "text_offsets.npy", mmap_mode="r")  # text d: bytes [d] to [d + 1]
+        # Document d's text is bytes text_offsets[d] to text_offsets[d + 1] of texts.bin.
+        self.text_offsets = np.load(directory / "text_offsets.npy", mmap_mode="r")
         self.document_frequencies = np.load(directory / "document_frequencies.npy", mmap_mode="r")
         self.shard_starts = self.meta["shard_starts"]
         self.num_docs = self.meta["documents"]
