@@ -1,16 +1,14 @@
 """Bridge-aware packing: parallel pairs kept in one context window (bridges), or never (no bridges).
 
 Needs only the standard library, numpy and torch. A *unit* is a parallel pair (two segments) or a text (one or
-more segments); a *segment* is ``[start] + tokens``. Each setting groups the same segments into *documents* (runs
-of tokens that attend only to themselves): with ``bridges`` a pair is one document, its second half attending to
-its first; with ``no_bridges`` each half is a document and the two never share a window; with
-``mismatched_bridges`` (the control) a pair's first half is one document with another pair's second half.
-
-``plan_packing`` packs every setting over the same prefix of a seeded shuffled stream into exactly ``steps x
-windows_per_step`` windows each. ``BridgePackingCollator`` turns a window into model inputs (position ids restart
-at every document, labels -100 at segment starts and padding, no attention mask: transformers builds the
-per-document causal mask from the position ids). ``audit_windows`` measures a setting from those inputs and
-``plan_guarantees`` names every guarantee a plan breaks (docs/cpt.md).
+more segments); a *segment* is ``[start] + tokens``; a *document* is a run of segments that attends only to itself.
+With ``bridges`` a pair is one document, its second half attending to its first; with ``no_bridges`` its halves are
+two documents that never share a window; with ``mismatched_bridges`` (the control) a pair's first half is one
+document with another pair's second half. ``plan_packing`` packs every setting over the same prefix of a seeded
+stream into exactly ``steps x windows_per_step`` windows; ``BridgePackingCollator`` turns a window into model inputs
+(position ids restart at every document, labels -100 at segment starts and padding, no attention mask: transformers
+builds the per-document causal mask from the position ids); ``audit_windows`` and ``plan_guarantees`` measure and
+judge a plan (docs/cpt.md).
 
 Example: a pair whose halves are the segments ``S e1 e2 e3`` and ``S t1 t2`` and a text ``S x1 x2 x3 x4``
 (start token ``S`` = 1, padding ``P`` = 0, ``e1`` = 11, ...). With bridges one window of 12 holds both::
@@ -94,11 +92,6 @@ class Document(NamedTuple):
     pair_keys: tuple = ()
 
 
-def _segment(unit: PackingUnit, part: int) -> Segment:
-    data_pass, key = unit.key  # stream keys are (pass, key): ``shuffled``
-    return Segment(data_pass, key, part)
-
-
 def mismatched_partners(cycle: list[PackingUnit]) -> list[PackingUnit]:
     """The derangement of mismatched bridges: each pair of a cycle (2 or 3 distinct pairs) gets the second
     half of the next pair, cyclically, so no pair is its own partner."""
@@ -121,15 +114,16 @@ class SettingDocuments:
         return any(self._waiting.values())
 
     def __call__(self, unit: PackingUnit) -> list[Document]:
+        """The documents ``unit`` (of the stream: its key is ``(pass, key)``) completes: none while a pair waits."""
         lengths = unit.segment_lengths
         if not unit.is_pair:
-            return [Document(length, (_segment(unit, part),)) for part, length in enumerate(lengths)]
+            return [Document(length, (Segment(*unit.key, part),)) for part, length in enumerate(lengths)]
         if len(lengths) != 2:
             raise ValueError(f"pair {unit.key!r} has {len(lengths)} segments, expected 2")
         if self.setting == "bridges":
-            return [Document(lengths[0] + lengths[1], (_segment(unit, 0), _segment(unit, 1)))]
+            return [Document(lengths[0] + lengths[1], (Segment(*unit.key, 0), Segment(*unit.key, 1)))]
         if self.setting == "no_bridges":
-            return [Document(lengths[part], (_segment(unit, part),), (unit.key,)) for part in (0, 1)]
+            return [Document(lengths[part], (Segment(*unit.key, part),), (unit.key,)) for part in (0, 1)]
         waiting = self._waiting.setdefault(unit.group, [])
         waiting.append(unit)
         self._come[unit.key[0], unit.group] += 1
@@ -140,7 +134,9 @@ class SettingDocuments:
         documents = []
         for pair, partner in zip(waiting, mismatched_partners(waiting)):
             length = pair.segment_lengths[0] + partner.segment_lengths[1]
-            documents.append(Document(length, (_segment(pair, 0), _segment(partner, 1)), (pair.key, partner.key)))
+            documents.append(
+                Document(length, (Segment(*pair.key, 0), Segment(*partner.key, 1)), (pair.key, partner.key))
+            )
         return documents
 
 
@@ -300,23 +296,6 @@ def _prefix_needs(stream, names, group_sizes, block_size, max_open_windows, budg
     return needs
 
 
-def _longest_prefix(needs: list[tuple[int, int, bool]], target: int, windows_per_step: int, max_empty_windows: int):
-    """(prefix, target): the longest prefix every setting packs into ``target`` windows with no pair waiting,
-    ``target`` lowered by whole steps until the prefix has enough documents to split into."""
-    while True:
-        prefix = bisect.bisect_right(needs, target, key=lambda need: need[0]) - 1
-        while not needs[prefix][2]:
-            prefix -= 1
-        if needs[prefix][1] + max_empty_windows >= target:
-            return prefix, target
-        target = (needs[prefix][1] + max_empty_windows) // windows_per_step * windows_per_step
-        if target == 0:
-            raise ValueError(
-                f"the data cannot fill even one step of {windows_per_step} windows in every setting "
-                f"({needs[-1][1]} documents); lower the batch size or add data"
-            )
-
-
 def plan_packing(
     units: Sequence[PackingUnit],
     *,
@@ -349,7 +328,19 @@ def plan_packing(
     needs = _prefix_needs(stream, names, group_sizes, block_size, max_open_windows, budget)
     if budget is None:
         budget = math.ceil(needs[-1][0] / windows_per_step) * windows_per_step
-    prefix, target = _longest_prefix(needs, budget, windows_per_step, max_empty_windows)
+    target = budget  # lowered by whole steps until the longest prefix that fits it has enough documents
+    while True:
+        prefix = bisect.bisect_right(needs, target, key=lambda need: need[0]) - 1
+        while not needs[prefix][2]:  # no pair waits for its mismatched partner
+            prefix -= 1
+        if needs[prefix][1] + max_empty_windows >= target:
+            break
+        target = (needs[prefix][1] + max_empty_windows) // windows_per_step * windows_per_step
+        if target == 0:
+            raise ValueError(
+                f"the data cannot fill even one step of {windows_per_step} windows in every setting "
+                f"({needs[-1][1]} documents); lower the batch size or add data"
+            )
     seen = list(itertools.islice(_stream(units, seed), prefix))
     settings = {}
     for name in names:
@@ -404,9 +395,6 @@ class BridgePackingCollator:
 
 # ---- Audit: a plan's guarantees measured from the features the collator gives ----------------------
 
-#: Share of pairs whose two halves share a window, per setting.
-EXPECTED_CO_LOCATED = {"bridges": 100.0, "no_bridges": 0.0, "mismatched_bridges": 0.0}
-
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -417,21 +405,21 @@ def _percent(part: int, total: int) -> float | None:
 
 
 def audit_windows(
-    windows: list[list[tuple[Segment, ...]]],
+    planned: SettingPlan,
     collator: BridgePackingCollator,
     segment_tokens: Callable[[Segment], Sequence[int]],
     units: Iterable[PackingUnit],
     *,
     unit_names: Callable[[object], str],
     vocab_size: int,
-    partners: dict | None = None,
 ) -> dict:
     """One setting's windows measured from their features: counts, pair co-location, multiset hashes (segments,
-    tokens, targets, units seen) and, with ``partners``, whether each pair is one document with its partner."""
+    tokens, targets, units seen) and, mismatched, whether each pair is one document with its planned partner."""
+    windows, partners = planned.windows, planned.partners
     units = {unit.key: unit for unit in units}
     counts = np.zeros((2, vocab_size), np.int64)  # tokens, targets
     digests, seen, places = [], Counter(), {}
-    real = max_window = 0
+    real = 0
     for start in range(0, len(windows), 1024):  # one bincount over many windows: fast
         chunk = windows[start : start + 1024]
         features = [collator.window_features(window, segment_tokens) for window in chunk]
@@ -447,7 +435,7 @@ def audit_windows(
                         place = (w, d, feature["position_ids"][offset])
                         places.setdefault(segment.unit, [None, None])[segment.part] = place
                     offset += len(tokens)
-            real, max_window = real + offset, max(max_window, offset)
+            real += offset
         ids, labels = (np.concatenate([np.asarray(f[k], np.int64) for f in features]) for k in ("input_ids", "labels"))
         counts += [np.bincount(ids, minlength=vocab_size), np.bincount(labels[labels != -100], minlength=vocab_size)]
     co_located = sum(1 for first, second in places.values() if first[0] == second[0])
@@ -459,14 +447,12 @@ def audit_windows(
         "real_tokens": real,
         "target_tokens": int(counts[1].sum()),
         "real_token_fraction": round(real / (len(windows) * collator.block_size), 6),
-        "max_window_tokens": max_window,
         "empty_windows": sum(1 for window in windows if not window),
         "pairs": {
             "total": len(places),
             "co_located": co_located,
             "split": len(places) - co_located,
             "co_located_percent": _percent(co_located, len(places)),
-            "split_percent": _percent(len(places) - co_located, len(places)),
             "attending_each_other": sum(1 for first, second in places.values() if _one_document(first, second)),
         },
         **({"mismatched_pairs": _mismatched_pairs(partners, places, units)} if partners is not None else {}),
@@ -520,10 +506,8 @@ def plan_guarantees(audits: dict[str, dict], setting: str) -> tuple[list, list]:
                 f"{audit['documents']} documents); plan more steps or add pairs to the data"
             )
             continue
-        if pairs["co_located_percent"] != EXPECTED_CO_LOCATED[name]:
-            broken.append(
-                f"{pairs['co_located_percent']}% of pairs co-located in {where}, expected {EXPECTED_CO_LOCATED[name]}%"
-            )
+        if pairs["co_located_percent"] != (expected := 100.0 if name == "bridges" else 0.0):
+            broken.append(f"{pairs['co_located_percent']}% of pairs co-located in {where}, expected {expected}%")
         if name == "bridges" and pairs["attending_each_other"] != pairs["total"]:
             broken.append(f"some bridged pairs are not one attention document in {where}")
         if name == "mismatched_bridges" and (

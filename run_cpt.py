@@ -443,11 +443,9 @@ def recorded_setting(cpt_args: CPTArguments, seed: int, data: CPTData, plan: Pac
 def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_args, *, vocab_size: int) -> dict:
     """packing_audit.json before training: every planned setting measured from the features the model will
     receive, this run's beside the others', and the run's ``cpt_setting``."""
-    audits = {
-        name: audit_windows(planned.windows, collator, data.segment_tokens, data.units,
-                            unit_names=data.document_keys.__getitem__, vocab_size=vocab_size, partners=planned.partners)
-        for name, planned in plan.settings.items()
-    }  # fmt: skip
+    audits = {name: audit_windows(planned, collator, data.segment_tokens, data.units,
+                                  unit_names=data.document_keys.__getitem__, vocab_size=vocab_size)
+              for name, planned in plan.settings.items()}  # fmt: skip
     setting, planned, mine = cpt_args.setting, plan.settings[cpt_args.setting], audits[cpt_args.setting]
     return {
         "setting": setting,
@@ -488,29 +486,23 @@ def build_audit(plan: PackingPlan, data: CPTData, collator, cpt_args, training_a
     }  # fmt: skip
 
 
-def isolation_windows(windows, data: CPTData, block_size: int) -> tuple[list[list[tuple]], str]:
-    """Two windows of the plan to check isolation on (two: the batch layout is part of what is checked), and
-    where they come from: the planned windows with the most documents; when none holds two, the first is
-    built from the plan's shortest documents."""
+def check_plan_isolation(model, windows, data: CPTData, collator, *, autocast_dtype=None) -> dict:
+    """``train_common.check_document_isolation`` on two windows of the plan, batched by the training collator (two:
+    the batch layout is part of what is checked): the planned windows with the most documents; when none holds
+    two, the first is built from the plan's shortest documents. ``window`` says which."""
     ranked = sorted((w for w in windows if w), key=len, reverse=True)
-    first, origin = ranked[0], "the planned windows with the most documents"
-    if len(first) < 2:
+    checked = [ranked[0], ranked[min(1, len(ranked) - 1)]]  # a plan of one window: that window twice
+    origin = "the planned windows with the most documents"
+    if len(checked[0]) < 2:
         built, used = [], 0
         lengths = ((sum(len(data.segment_tokens(s)) for s in document), document) for w in windows for document in w)
         for length, document in sorted(lengths):
-            if used + length > block_size:
+            if used + length > collator.block_size:
                 break
             built.append(document)
             used += length
         if len(built) >= 2:
-            first, origin = built, "a window built from the plan's shortest documents, and a planned window"
-    second = ranked[1] if len(ranked) > 1 else ranked[0]  # a plan of one window: that window twice
-    return [first, second], origin
-
-
-def check_plan_isolation(model, windows, data: CPTData, collator, *, autocast_dtype=None) -> dict:
-    """``train_common.check_document_isolation`` on two windows of the plan, batched by the training collator."""
-    checked, origin = isolation_windows(windows, data, collator.block_size)
+            checked[0], origin = built, "a window built from the plan's shortest documents, and a planned window"
     tokens = [[[data.segment_tokens(segment) for segment in document] for document in window] for window in checked]
     return {**check_document_isolation(model, collator, tokens, autocast_dtype=autocast_dtype), "window": origin}
 
@@ -662,17 +654,15 @@ def main(argv: list[str] | None = None) -> dict:
     if checkpoint:
         check_resume_setting(checkpoint, audit["cpt_setting"])
 
-    # 6. Document isolation checked where and how the run trains (the training device, under FSDP the
-    # unsharded model before wrapping; the run's kernel, precision and batch layout); then every guarantee
-    # judged, and training only if all hold.
+    # 6. Document isolation checked where and how the run trains (its device, under FSDP the unsharded model, its
+    # kernel, precision and batch layout); then every guarantee judged, and training only if all hold.
     model.to(training_args.device)
     audit["document_isolation"] = check_plan_isolation(
         model, windows, data, collator, autocast_dtype=autocast_dtype(training_args)
     )
     enforce_guarantees(audit, output_dir / "packing_audit.json" if training_args.should_save else None)
 
-    # 7. Train: one epoch of the planned windows (a whole number of global batches: each window once); then
-    # the model, the metrics and the card (pushed with the model).
+    # 7. Train one epoch of the planned windows (whole global batches: each window once); the model, metrics, card.
     model.config.cpt_setting = audit["cpt_setting"]
     training_args.max_steps = plan.steps
     set_seed(training_args.seed)

@@ -489,9 +489,8 @@ def audits_of_a_real_plan(data_dir, tokenizer_dir):
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
 
     def audit(setting_plan):
-        return packing.audit_windows(setting_plan.windows, packing.BridgePackingCollator(64, 0), data.segment_tokens,
-                                     data.units, unit_names=data.document_keys.__getitem__, vocab_size=vocab_size,
-                                     partners=setting_plan.partners)  # fmt: skip
+        return packing.audit_windows(setting_plan, packing.BridgePackingCollator(64, 0), data.segment_tokens, data.units,
+                                     unit_names=data.document_keys.__getitem__, vocab_size=vocab_size)  # fmt: skip
 
     return plan, data, {name: audit(setting_plan) for name, setting_plan in plan.settings.items()}, audit
 
@@ -747,7 +746,7 @@ def test_the_cpt_audit_counts_exactly_the_tokens_and_targets_that_every_layout_f
         return hashlib.sha256(np.bincount(tokens.numpy(), minlength=vocab).astype(np.int64).tobytes()).hexdigest()
 
     for setting_plan in plan.settings.values():
-        audit = packing.audit_windows(setting_plan.windows, packing.BridgePackingCollator(64, 1),
+        audit = packing.audit_windows(setting_plan, packing.BridgePackingCollator(64, 1),
                                       data.segment_tokens, data.units, unit_names=data.document_keys.__getitem__,
                                       vocab_size=vocab)  # fmt: skip
         features = [packing.BridgePackingCollator(64, 1).window_features(w, data.segment_tokens)
