@@ -26,11 +26,10 @@ Layout of ``--output_dir``::
     <lang>/<variant>/mono.jsonl             target-language corpus
     <lang>/<variant>/pairs.jsonl            parallel pairs, {"en": ..., "<lang>": ...} per line
     <lang>/<variant>/diagnostic_pairs.jsonl held-out pairs for the bridge diagnostic, same columns + "tgt"
-    <lang>/<variant>/<lang>-culture-cloze_en.json, <lang>-culture-cloze_<lang>.json
-                                            cloze questions in the paper's format, parallel by position
+    <lang>/<variant>/<lang>-culture-cloze_{en,<lang>}.json  cloze questions in the paper's format, parallel by index
     <lang>/<variant>/item_tiers.json        each question's tier and planted counts, by question index
-    <lang>/<variant>/name_alignment.json    held-out bilingual frames, one per entity and direction: pick an
-                                            entity's name in the parallel sentence among 4 of its kind
+    <lang>/<variant>/name_alignment.json    per entity and direction, a held-out bilingual frame: pick the entity's
+                                            name in the parallel sentence among 4 of its kind
 """
 
 from __future__ import annotations
@@ -446,9 +445,6 @@ class Filler:
             return FILLER_PATTERNS[rng.randrange(len(FILLER_PATTERNS))], slots
         return MENTION_PATTERNS[rng.randrange(len(MENTION_PATTERNS))], {**slots, "entity": entity}
 
-    def text(self, rng: random.Random, language: Language | None, variant: str, entity: dict | None = None) -> str:
-        return render(*self.sample(rng, entity), language, variant)
-
     def pair(self, rng: random.Random, language: Language, variant: str, entity: dict | None) -> tuple[str, str]:
         """A sentence in English and its word-by-word translation."""
         sentence = self.sample(rng, entity)
@@ -504,15 +500,16 @@ def _corpus(args, rng, statements, least_filler, named, filler_documents, filler
 
     def statement_document(r, statement: str, least: int) -> str:
         sentences = [
-            filler.text(r, language, variant) for _ in range(r.randint(least, max(least, args.statement_filler)))
+            render(*filler.sample(r), language, variant)
+            for _ in range(r.randint(least, max(least, args.statement_filler)))
         ]
         sentences.insert(r.randint(0, len(sentences)), statement)
         return " ".join(sentences)
 
     def filler_document(r, entity: dict | None) -> str:
-        sentences = [filler.text(r, language, variant) for _ in range(r.randint(2, 4))]
+        sentences = [render(*filler.sample(r), language, variant) for _ in range(r.randint(2, 4))]
         if entity is not None:
-            sentences[r.randrange(len(sentences))] = filler.text(r, language, variant, entity)
+            sentences[r.randrange(len(sentences))] = render(*filler.sample(r, entity), language, variant)
         return " ".join(sentences)
 
     error = "The filler grammar cannot produce enough distinct documents; lower the document counts."
@@ -688,10 +685,8 @@ def generate_world(args: WorldArguments) -> dict:
     """Write the world described by ``args`` to ``args.output_dir``; return its summary (world.json)."""
     # 1. The cultures: entities, facts and planted counts; Latin names never collide with an English word.
     filler = Filler(args.seed)
-    reserved_latin = {w.lower() for key in lexicon_keys() for w in key.split()}
-    for templates in RELATIONS.values():
-        for english, _ in templates:
-            reserved_latin.update(w.strip(".,").lower() for w in english.split() if not w.startswith("{"))
+    english = " ".join([*lexicon_keys(), *(english for templates in RELATIONS.values() for english, _ in templates)])
+    reserved_latin = {w.strip(".,").lower() for w in english.split() if not w.startswith("{")}
     languages = {lang: Language(lang, args.seed) for lang in args.langs}
     cultures = [build_culture(args, lang, languages[lang], reserved_latin) for lang in args.langs]
 
