@@ -533,7 +533,7 @@ def parallel_pairs(
     mentions = [entity for entity in culture["entities"] for _ in range(args.pair_mentions)]
     rng.shuffle(mentions)
     seen: set[str] = set()
-    error = "The filler grammar cannot produce enough distinct pairs; lower --pairs."
+    error = "The filler grammar cannot produce enough distinct pairs; lower --pairs or --pair_mentions."
 
     def draw(entity):
         en, tgt = _draw_new(rng, seen, lambda r: filler.pair(r, language, variant, entity), error, lambda p: p[0])

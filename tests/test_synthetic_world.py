@@ -250,8 +250,23 @@ def test_cli_writes_the_world_and_bad_arguments_get_clear_errors(tmp_path, capsy
         small_world_args(tmp_path / "x", langs=["fr"])
     with pytest.raises(InputError, match="LANG=LEVEL"):
         small_world_args(tmp_path / "x", resource=["bo=medium"])
-    with pytest.raises(InputError, match="pairs needed"):
-        generate_world(small_world_args(tmp_path / "x", pairs=10))
+
+
+def test_too_small_a_budget_for_the_mentions_is_refused_with_the_arguments(tmp_path):
+    # per culture 8 places x (1 + 4 relations) = 40 entities, named --pair_mentions 2 and --mono_mentions 1 times
+    with pytest.raises(InputError, match="--pairs 79 is below the 80 pairs needed to name each of 40 entities 2"):
+        small_world_args(tmp_path / "x", pairs=79)
+    with pytest.raises(InputError, match="--mono_filler_documents 39 is below the 40 documents needed"):
+        small_world_args(tmp_path / "x", mono_filler_documents=39)
+
+
+def test_a_grammar_that_runs_out_of_sentences_is_refused_before_any_file_is_written(tmp_path):
+    # an entity can be named in 113 distinct English filler sentences: 120 distinct pairs naming it cannot exist
+    argv = ["--output_dir", str(tmp_path / "w"), "--langs", "ko", "--places", "4", "--relations", "1"]
+    argv += ["--pair_mentions", "120", "--pairs", "1000", "--mono_mentions", "1", "--mono_filler_documents", "8"]
+    with pytest.raises(InputError, match="cannot produce enough distinct pairs"):
+        main(argv)
+    assert not (tmp_path / "w").exists()
 
 
 def test_heldout_questions_use_a_template_never_used_for_their_fact(tmp_path):
