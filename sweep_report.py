@@ -1,10 +1,5 @@
-"""The report of a ``run_study.py --sweep`` study: its cells side by side (docs/study.md, Sweeps).
-
-sweep_report.md/.html/.json and figures/dose_response.png, from the cells' outputs: per cell its values, the dose
-its runs saw (data epochs, mentions seen), its time and status; per cell, group and direction the gaps with their
-intervals against each swept factor; the packing audits and manipulation checks per cell. study_report.write_reports
-writes each cell's report, then this one.
-"""
+"""The report of a ``run_study.py --sweep`` study: its cells side by side, what it shows in docs/study.md (Sweeps).
+study_report.write_reports writes each cell's report, then this one."""
 
 from __future__ import annotations
 
@@ -39,10 +34,8 @@ if TYPE_CHECKING:
 
 
 def write_sweep_report(plan: Plan) -> dict:
-    """sweep_report.md/.html/.json and figures/dose_response.png of a sweep, from its cells' outputs: per cell its
-    values, status and time; per cell, group and direction the gaps with their intervals (all questions, per tier,
-    knowledge, bridges − mismatched) against each swept factor; the checks per cell. Returns what write_report
-    returns."""
+    """sweep_report.md/.html/.json and figures/dose_response.png of a sweep, from its cells' outputs. Returns what
+    study_report.write_report returns."""
     out, factors, unfinished = Path(plan.out), plan.config["sweep"], unfinished_steps(plan)
     timings, figures = read_step_seconds(out), out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -78,15 +71,14 @@ def write_sweep_report(plan: Plan) -> dict:
     caption = ("Mean gap [95% CI] per direction against the first swept factor (other factors as separate lines): all "
                "questions, skill, knowledge, bridges − mismatched")  # fmt: skip
     checks = [[name, *c.values()] for name, cell in cells.items() for c in cell["checks"]]
+    checks_header = ["cell", "group", "setting", "runs", "co-located %", "audits hold", "manipulation checks (final)"]
     doc += [
         image(figure, caption) if figure else "",
         "## Manipulation checks per cell",
         "Per cell, group and setting: the share of pairs co-located in one window (100% with bridges, 0% otherwise), "
         "whether every packing audit holds, and the manipulation checks at the final checkpoint, mean over seeds "
         "(each cell's report has their chance levels and intervals).",
-        table(
-            ["cell", "group", "setting", "runs", "co-located %", "audits hold", "manipulation checks (final)"], checks
-        ),
+        table(checks_header, checks),
     ]
     md, data = out / "sweep_report.md", out / "sweep_report.json"
     page = write_pages(md, doc, f"Sweep report ({plan.preset.name})")
@@ -101,7 +93,7 @@ def _shown_value(value) -> str:
 def _cell_entry(cell: Plan, timings: dict, shared: set[str], unfinished: dict) -> dict:
     """A cell's record: its values, report, time (its own steps, and the shared ones it used), unfinished steps, the
     dose its runs saw, its gaps and its checks. Reads each run's packing audit once."""
-    audits = {r.name: _read_json(Path(r.dir) / "packing_audit.json") for r in cell.runs}
+    audits = {r.name: _read_json(Path(r.dir) / "packing_audit.json") or {} for r in cell.runs}
     return {"values": cell.config["cell"], "report": str(Path(cell.out) / "report.md"),
             "own_steps_s": sum(timings.get(s.id) or 0 for s in cell.steps if s.id not in shared),
             "shared_steps_s": sum(timings.get(s.id) or 0 for s in cell.steps if s.id in shared),
@@ -121,8 +113,7 @@ def _cell_row(name: str, entry: dict) -> list:
 def _cell_dose(cell: Plan, audits: dict) -> dict:
     """The dose a cell's CPT runs saw: data epochs (mean over their packing audits), the world's pair mentions and
     their product (None where not recorded)."""
-    epochs = [a["plan"]["data_epochs"] for a in audits.values() if ((a or {}).get("plan") or {}).get("data_epochs")
-              is not None]  # fmt: skip
+    epochs = [a["plan"]["data_epochs"] for a in audits.values() if (a.get("plan") or {}).get("data_epochs") is not None]
     world = (_read_json(Path(cell.dirs["world"]) / "world.json") if cell.dirs.get("world") else None) or {}
     mentions = world.get("arguments", {}).get("pair_mentions")
     data_epochs = float(np.mean(epochs)) if epochs else None
