@@ -193,12 +193,16 @@ class WorldArguments:
         default_factory=list, metadata={"help": "LANG=LEVEL (high, low, mixed); by default the paper's (ko zh high)."}
     )
     places: int = field(default=16, metadata={"help": "Places per culture, split into high and low tiers (by 4s)."})
-    absent_places: int = field(default=0, metadata={"help": "Places never stated in English (a multiple of 4)."})
-    en_only_places: int = field(default=0, metadata={"help": "Places never stated in the target (a multiple of 4)."})
+    absent_places: int = field(default=0, metadata={"help": "Absent-tier places (never stated in English; by 4s)."})
+    en_only_places: int = field(
+        default=0, metadata={"help": "en_only-tier places (never stated in the target; by 4s)."}
+    )
     relations: int = field(default=8, metadata={"help": f"Relations per place (at most {len(RELATIONS)})."})
     en_count: int = field(default=24, metadata={"help": "English documents stating each high or en_only fact."})
     tgt_count: int = field(default=12, metadata={"help": "Target documents stating each fact but en_only ones."})
-    low_resource_ratio: float = field(default=60.0, metadata={"help": "How much rarer low facts are in English."})
+    low_resource_ratio: float = field(
+        default=60.0, metadata={"help": "How many times rarer low-tier facts are in English (paper: ~60)."}
+    )
     statement_filler: int = field(default=2, metadata={"help": "At most this many filler sentences per statement."})
     en_filler_documents: int = field(default=1500, metadata={"help": "English documents of generic filler only."})
     mono_filler_documents: int = field(default=600, metadata={"help": "Target filler documents per language."})
@@ -207,7 +211,8 @@ class WorldArguments:
     pair_mentions: int = field(default=3, metadata={"help": "Parallel pairs that name each entity, exactly."})
     mono_mentions: int = field(default=2, metadata={"help": "Target filler documents that name each entity, exactly."})
     name_variants: list[str] = field(
-        default_factory=lambda: list(NAME_VARIANTS), metadata={"help": "native and/or anchors (Latin names)."}
+        default_factory=lambda: list(NAME_VARIANTS),
+        metadata={"help": "native (names in the culture's script) and/or anchors (as in English)."},
     )
     question_template: Literal["seen", "heldout"] = field(
         default="seen", metadata={"help": "seen: a template its fact is stated with; heldout: one never used for it."}
