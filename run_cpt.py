@@ -175,15 +175,8 @@ def name_the_run(cpt_args: CPTArguments, training_args, argv: list[str] | None) 
 
 # ---- Data: every unit tokenized into segments, identically for every setting ------------------
 
+#: The columns of a build_pairs.py dataset that a run reads.
 REQUIRED_COLUMNS = ("doc_id", "kind", "text", "pair_id", "en", "tgt")
-TOKENIZED_FEATURES = datasets.Features(
-    {
-        "segments": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
-        "first_side": datasets.Value("string"),
-        "drop_reason": datasets.Value("string"),
-        "content_digest": datasets.Value("string"),
-    }
-)
 
 
 def load_cpt_dataset(cpt_args: CPTArguments) -> tuple[datasets.Dataset, Path, dict | None]:
@@ -254,17 +247,19 @@ def tokenize_units(batch, tokenizer, start_id, block_size, pair_order, separator
 
 
 def tokenize_dataset(raw: datasets.Dataset, tokenizer, cpt_args: CPTArguments, seed: int) -> datasets.Dataset:
-    """One row per unit: ``doc_id``, ``kind``, ``pair_id`` and ``TOKENIZED_FEATURES``."""
+    """One row per unit: ``doc_id``, ``kind``, ``pair_id`` and ``tokenize_units``' columns."""
     separator = (
         tokenizer(cpt_args.pair_separator, add_special_tokens=False)["input_ids"] if cpt_args.pair_separator else []
     )
-    kept = ("doc_id", "kind", "pair_id")
+    kept, text = ("doc_id", "kind", "pair_id"), datasets.Value("string")
     return raw.map(
         tokenize_units,
         batched=True,
         num_proc=cpt_args.preprocessing_num_workers,
         remove_columns=[c for c in raw.column_names if c not in kept],
-        features=datasets.Features({**{c: raw.features[c] for c in kept}, **TOKENIZED_FEATURES}),
+        features=datasets.Features({**{c: raw.features[c] for c in kept},
+                                    "segments": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+                                    "first_side": text, "drop_reason": text, "content_digest": text}),
         fn_kwargs={"tokenizer": tokenizer, "start_id": document_start_id(tokenizer), "block_size": cpt_args.block_size,
                    "pair_order": cpt_args.pair_order, "separator_ids": separator, "seed": seed},
         desc="Tokenizing units into segments",
