@@ -173,11 +173,8 @@ class DatasetCorpus:
 
     @cached_property
     def dataset(self):
-        try:
-            dataset = load_dataset_split(self.name, self.config, self.split, flag="--corpus_dataset",
-                                         streaming=self.streaming, data_files=self.data_files)  # fmt: skip
-        except KeyError as err:  # a save_to_disk DatasetDict without that split
-            raise InputError(f"{self.name}: no split {self.split!r}; set --corpus_split.") from err
+        dataset = load_dataset_split(self.name, self.config, self.split, flag="--corpus_dataset",
+                                     streaming=self.streaming, data_files=self.data_files)  # fmt: skip
         if dataset.column_names is not None and self.text_column not in dataset.column_names:
             found = ", ".join(dataset.column_names)
             raise InputError(

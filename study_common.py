@@ -252,7 +252,10 @@ def load_dataset_split(name: str, config: str | None, split: str, *, flag: str, 
 
     if is_saved_dataset(name):
         loaded = datasets.load_from_disk(name)
-        loaded = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise InputError(f"{flag} {name!r}: no split {split!r}; its splits: {', '.join(loaded)}.")
+            loaded = loaded[split]
         return loaded.to_iterable_dataset() if streaming else loaded
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming, **kwargs)

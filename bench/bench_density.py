@@ -126,7 +126,7 @@ import bm25s
 from bm25_index import FileCorpus, retrieval_tokens
 import run_density as rd
 corpus, questions, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
-tokens = [retrieval_tokens(text) for text, _, _ in FileCorpus("c", [Path(corpus)], "text").iter_documents(Counter())]
+tokens = [retrieval_tokens(text) for text in FileCorpus("c", [Path(corpus)], "text").iter_documents(Counter())]
 model = bm25s.BM25(method="lucene")
 model.index(tokens, show_progress=False)
 del tokens

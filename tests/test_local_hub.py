@@ -207,5 +207,5 @@ def test_one_languages_file_of_a_gated_corpus_is_all_build_pairs_and_run_density
     )
     from collections import Counter
 
-    documents = [text for text, _, _ in corpus.iter_documents(Counter())]
+    documents = list(corpus.iter_documents(Counter()))
     assert documents == mongolian

@@ -380,7 +380,7 @@ def test_dataset_corpus_from_save_to_disk_counts_rows_without_text_and_refuses_a
     assert report["corpus"]["documents"] == len(texts)
     assert report["corpus"]["skipped"] == {"no text in column 'text'": 1}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "splits"))
-    with pytest.raises(InputError, match=r"splits: no split 'validation'; set --corpus_split"):
+    with pytest.raises(InputError, match=r"splits': no split 'validation'; its splits: train\."):
         run_main(["--questions", str(question_files["bo"]), "--corpus_dataset", str(tmp_path / "splits"),
                   "--corpus_split", "validation", "--output_dir", str(tmp_path / "out2")])  # fmt: skip
 

@@ -77,32 +77,6 @@ def test_the_caller_names_its_own_column_flag(tmp_path):
         list(read_documents(path, column_flag="--mono_text_column"))
 
 
-def test_density_corpus_reads_csv_and_tsv_like_read_documents_and_refuses_other_types(tmp_path):
-    csv_file, tsv_file = tmp_path / "a.csv", tmp_path / "b.tsv"
-    csv_file.write_text('text,id\n"Chuseok falls in autumn, every year.",1\n"two\nlines",2\n', encoding="utf-8")
-    tsv_file.write_text("id\ttext\n1\tSongpyeon are rice cakes.\n", encoding="utf-8")
-    corpus = rd.FileCorpus("c", [csv_file, tsv_file], "text")
-    assert not corpus.random_access
-    streamed = list(corpus.iter_documents(rd.Counter()))
-    expected = list(read_documents(csv_file)) + list(read_documents(tsv_file))
-    assert (
-        [t for t, _, _ in streamed]
-        == expected
-        == [
-            "Chuseok falls in autumn, every year.",
-            "two\nlines",
-            "Songpyeon are rice cakes.",
-        ]
-    )
-    assert corpus.fetch({i: (f, o) for i, (_, f, o) in enumerate(streamed)}) == dict(enumerate(expected))
-    with pytest.raises(ValueError, match=r"b\.tsv:1: no column 'body' in the header .*Pass --corpus_text_column"):
-        list(rd.FileCorpus("c", [tsv_file], "body").iter_documents(rd.Counter()))
-    other = tmp_path / "c.md"
-    other.write_text("x\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"c\.md: unknown file type '\.md'; accepted: \.txt"):
-        rd.FileCorpus("c", [other], "text")
-
-
 def test_a_reader_without_a_column_flag_asks_for_the_column_by_name(tmp_path):
     from run_eval import read_pairs
 
@@ -140,7 +114,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column_or_document(tmp_path,
     path.write_text(content[suffix], encoding="utf-8-sig")
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
     assert list(read_documents(path, "en")) == ["Tea"]
-    assert [t for t, _, _ in rd.FileCorpus("c", [path], "en").iter_documents(rd.Counter())] == ["Tea"]
+    assert list(rd.FileCorpus("c", [path], "en").iter_documents(rd.Counter())) == ["Tea"]
     if suffix in (".tsv", ".csv"):
         assert list(read_delimited(path, [("en", None), ("tgt", None)])) == [(f"{path}:2", ["Tea", "ཇ"])]
 
