@@ -118,8 +118,7 @@ class Checkpoint:
     def key(self) -> tuple[int, str]:
         return self.step, str(self.path)
 
-    def entry(self) -> dict:
-        """The fields that start this checkpoint's entry in every output."""
+    def entry(self) -> dict:  # how this checkpoint's entry in every output starts
         return {"step": self.step, "path": str(self.path), "weights_sha256": self.weights_sha256}
 
 
@@ -317,12 +316,7 @@ def _batch_arrays(trees: list[PrefixTree], batch: list[int], first_node: np.ndar
 
 @torch.inference_mode()
 def token_logprobs(
-    model,
-    sequences: list[list[int]],
-    groups: list[list[int]] | None = None,
-    batch_size: int = 64,
-    pad_id: int = 0,
-    desc: str | None = None,
+    model, sequences: list[list[int]], groups: list[list[int]] | None = None, batch_size=64, pad_id=0, desc=None
 ) -> list[np.ndarray]:
     """log p(ids[j+1] | ids[:j+1]) for every sequence, as float64 arrays of length len(ids) - 1: the numbers of each
     sequence run alone, whatever the grouping, batch size or ``pad_id`` (padding, on the right, attends only to
@@ -431,12 +425,7 @@ def predict(scores: list[float]) -> int:
 
 
 def score_question_sets(
-    model,
-    tokenizer,
-    question_sets: list[QuestionSet],
-    batch_size: int,
-    desc=None,
-    loss_dtype: str = "float32",
+    model, tokenizer, question_sets: list[QuestionSet], batch_size: int, desc=None, loss_dtype="float32"
 ) -> list[list[list[float]]]:
     """Per question set, per item, the mean token loss of every option; loss_dtype "model": the paper's loop."""
     plan = plan_scoring(tokenizer, question_sets)
@@ -498,8 +487,7 @@ def evaluate_model(args: EvalArguments, question_sets: list[QuestionSet], run: R
     items = sum(len(qs.items) for qs in question_sets)
     output.done = {key: entry for key, entry in output.done.items() if len(lines[key]) == items}
     todo = [c for c in run.checkpoints if c.key not in output.done]
-    logger.info("%s: %d checkpoint(s) to score, %d reused from %s", run.root, len(todo), len(output.done),
-                output.path.parent)  # fmt: skip
+    logger.info("%s: %d checkpoint(s) to score, %d reused", run.root, len(todo), len(output.done))
 
     def write_outputs() -> dict:
         write_text_atomic(predictions, "".join(line + "\n" for key in sorted(output.done) for line in lines[key]))
@@ -574,10 +562,7 @@ def bridge_diagnostic_losses(
     logprobs = token_logprobs(model, sequences, batch_size=batch_size)
     tokens = sum(map(len, scored))
     losses = [-sum(logprobs[block * n + i][-len(scored[i]) :].sum() for i in range(n)) / tokens for block in range(3)]
-    return {
-        "alone": float(losses[0]),
-        "after_own_context": float(losses[1]),
-        "after_mismatched_context": float(losses[2]),
+    return dict(zip(("alone", "after_own_context", "after_mismatched_context"), map(float, losses))) | {
         "context_sides": {side: first.count(side) for side in ("en", "tgt")},
         "scored_sides": {side: second.count(side) for side in ("en", "tgt")},
     }
@@ -599,8 +584,8 @@ def diagnostic_header(args: EvalArguments, run: Run, pairs: list[tuple[str, str]
 
 def run_bridge_diagnostic(args: EvalArguments, run: Run, pairs: list[tuple[str, str]], output: Output) -> dict:
     layout = output.header["pair_separator"], output.header["pair_order"], output.header["pair_order_seed"]
-    for checkpoint, model, tokenizer in each_model(args, [c for c in run.checkpoints if c.key not in output.done],
-                                                   output.path.name):  # fmt: skip
+    todo = [c for c in run.checkpoints if c.key not in output.done]
+    for checkpoint, model, tokenizer in each_model(args, todo, output.path.name):
         losses = bridge_diagnostic_losses(model, tokenizer, pairs, args.batch_size, *layout)
         output.done[checkpoint.key] = checkpoint.entry() | losses | {"pairs": len(pairs)}
         logger.info("bridge diagnostic step %d: %s", checkpoint.step, losses)
@@ -709,11 +694,10 @@ def run_manipulation_checks(args: EvalArguments, run: Run, alignment, tiers, out
             tier_of = np.array(tiers["tier_of"])
             entry["tier_accuracy"] = {stem: {t: float(correct[stem][step][tier_of == t].mean())
                                              for t in tiers["describe"]["items_per_tier"]} for stem in tiers["stems"]}  # fmt: skip
-    for checkpoint, model, tokenizer in each_model(
-        args, [c for c in run.checkpoints if alignment and "name_alignment" not in output.done[c.key]], output.path.name
-    ):
+    separator = output.header["pair_separator"]
+    todo = [c for c in run.checkpoints if alignment and "name_alignment" not in output.done[c.key]]
+    for checkpoint, model, tokenizer in each_model(args, todo, output.path.name):
         entry = output.done[checkpoint.key]
-        separator = output.header["pair_separator"]
         entry["name_alignment"] = name_alignment_accuracy(model, tokenizer, alignment, separator, args.batch_size)
         entry["embedding_match"] = embedding_match(model, tokenizer, alignment)
         logger.info("manipulation checks step %d: %s", checkpoint.step, entry["name_alignment"])

@@ -144,10 +144,8 @@ def write_run(directory, setting="bridges", seed=0, correct=None, lang="ko", che
     cpt_setting = {"lang": lang, "setting": setting, "bridges": setting == "bridges", "seed": seed, **RECORDED}
     cpt_setting["documents_seen_sha256"] = f"documents-of-seed-{seed}"
     header = {}
-    for key, value in changes.items():
-        (header if key in ("scoring", "dtype", "loss_dtype") else cpt_setting)[key] = (
-            value  # run_transfer.PROBING_FIELDS
-        )
+    for key, value in changes.items():  # the probing fields (run_transfer.PROBING_FIELDS) are the header's
+        (header if key in ("scoring", "dtype", "loss_dtype") else cpt_setting)[key] = value
     eval_dir = write_eval_output(directory, correct, list(checkpoints), cpt_setting)
     accuracy = json.loads((eval_dir / "accuracy.json").read_text())
     (eval_dir / "accuracy.json").write_text(json.dumps(accuracy | header))
@@ -155,7 +153,7 @@ def write_run(directory, setting="bridges", seed=0, correct=None, lang="ko", che
 
 
 def write_name_alignment(path: Path, n_entities: int = 48, lang: str = "ko", seed: int = 0) -> Path:
-    """A name_alignment.json as synthetic_world.py writes it (HELPERS.md C3): Latin English names, Hangul target
+    """A name_alignment.json as synthetic_world.py writes it: Latin English names, Hangul target
     names, one held-out item per entity and direction with 3 distractors of other entities. The answer is always
     option 0, so a scorer that ties every option (first-wins) would score 1.0, not chance."""
     rng = random.Random(seed)
@@ -192,7 +190,7 @@ def write_name_alignment(path: Path, n_entities: int = 48, lang: str = "ko", see
 
 
 def write_item_tiers(path: Path, parallel_group: str, tiers: list[str]) -> Path:
-    """An item_tiers.json as synthetic_world.py writes it (HELPERS.md C1): item i of the group is in tiers[i]."""
+    """An item_tiers.json as synthetic_world.py writes it: item i of the group is in tiers[i]."""
     meaning = {"high": "often in both", "low": "rarer in English", "absent": "never in English", "en_only": "en only"}
     items = [{"index": i, "tier": tier, "counts": {"en": 1, "x": 1}} for i, tier in enumerate(tiers)]
     path.write_text(json.dumps({"parallel_group": parallel_group, "tiers": meaning, "items": items}))
