@@ -551,8 +551,8 @@ def bridge_diagnostic_losses(
     pair (i+1) mod n's side in that language; pair i's first side is ``pair_first_side(i, pair_order, seed)``."""
     start, n = document_start_id(tokenizer), len(pairs)
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
-    ids = {side: tokenizer(list(texts), add_special_tokens=False)["input_ids"] for side, texts in
-           zip(("en", "tgt"), zip(*pairs))}  # fmt: skip
+    en, tgt = (tokenizer([pair[k] for pair in pairs], add_special_tokens=False)["input_ids"] for k in (0, 1))
+    ids = {"en": en, "tgt": tgt}
     first = [pair_first_side(i, pair_order, seed) for i in range(n)]
     second = ["tgt" if side == "en" else "en" for side in first]
     scored = [ids[second[i]][i] for i in range(n)]
