@@ -28,14 +28,11 @@ BLANK = re.compile(r"_+")
 QUESTION_FILE_LANG = re.compile(r"^(?P<base>.+)_(?P<lang>[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)?)$")
 TSHEG = "\u0f0b"
 TIE_POLICIES = ("first", "fractional")
-#: The folder inside a run where run_eval.py writes its probing output by default, and where run_transfer.py and
-#: the study look for it.
+#: Where run_eval.py writes its probing output inside a run by default, and where run_transfer.py and the study look.
 EVAL_DIR_NAME = "eval"
 
 
-# --------------------------------------------------------------------------------------
 # Names of question files
-# --------------------------------------------------------------------------------------
 
 
 def question_stem(lang: str, question_lang: str) -> str:
@@ -63,9 +60,7 @@ def parallel_base(stem: str, lang: str | None = None) -> str:
     return QUESTION_FILE_LANG.match(stem).group("base")
 
 
-# --------------------------------------------------------------------------------------
 # Question sets
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -103,14 +98,10 @@ class QuestionSet:
 
 
 def position_bias(items: list[dict]) -> dict:
-    """Where the answer sits among the options. An item counts at its first answer option (duplicate options
-    and list answers can have several); items whose answer is not among the options count under "none".
-    always_first_accuracy is the accuracy of always predicting option 0, the option every exact tie goes to
-    under the paper's rule."""
-    counts = defaultdict(int)
-    for item in items:
-        counts[str(min(item["answer"])) if item["answer"] else "none"] += 1
-    keys = sorted((k for k in counts if k != "none"), key=int) + (["none"] if "none" in counts else [])
+    """Where the answer sits among the options: an item counts at its first answer option, under "none" when its
+    answer is not among them. always_first_accuracy: always predicting option 0, where every exact tie goes."""
+    counts = Counter(str(min(item["answer"])) if item["answer"] else "none" for item in items)
+    keys = sorted(counts, key=lambda k: float("inf") if k == "none" else int(k))
     return {
         "answer_position_counts": {k: counts[k] for k in keys},
         "answer_position_share": {k: counts[k] / len(items) for k in keys},
@@ -132,24 +123,14 @@ UNSCORABLE = {True: ("no_blank", "fewer_than_two_distinct_options", "answer_not_
 
 
 def validate_items(records, where: str, require_options: bool = True) -> tuple[list[dict], dict[str, list[int]]]:
-    """Check every record; return normalised items and the quirks found (reason -> indices).
-
-    Structural problems (not a list, missing fields, wrong types, empty texts) are errors; the
-    paper files' known quirks are counted instead and decided later (--strict).
-
-    ``require_options=False`` is the reading of questions used as facts (run_density): a record needs a
-    ``question`` string and an ``answer`` string or list of strings; blank answer strings are dropped (an
-    item with none left is an error); ``options`` are kept when they are a list of strings, else empty.
-    """
+    """Normalised items and the quirks found (reason -> indices): a malformed item is an error, the paper files'
+    quirks are counted and decided later (--strict). ``require_options=False`` reads the questions as facts."""
     if not isinstance(records, list) or not records:
         raise InputError(f"{where}: expected a non-empty JSON list of {{question, options, answer}} items.")
     items, quirks = [], defaultdict(list)
+    checked = _checked_scoring_item if require_options else _checked_fact_item
     for index, record in enumerate(records):
-        at = f"{where} item {index}"
-        if require_options:
-            question, options, answers = _checked_scoring_item(record, at)
-        else:
-            question, options, answers = _checked_fact_item(record, at)
+        question, options, answers = checked(record, f"{where} item {index}")
         blanks = len(BLANK.findall(question))
         if blanks == 0:
             quirks["no_blank"].append(index)
@@ -161,15 +142,9 @@ def validate_items(records, where: str, require_options: bool = True) -> tuple[l
             quirks["duplicate_options"].append(index)
         if options and not all(a in options for a in answers):
             quirks["answer_not_in_options"].append(index)
-        items.append(
-            {
-                "question": question,
-                "options": list(options),
-                "answers": list(answers),
-                # Every option equal to an answer counts (duplicate options: either copy is right).
-                "answer": [k for k, option in enumerate(options) if option in answers],
-            }
-        )
+        # Every option equal to an answer counts (duplicate options: either copy is right).
+        answer = [k for k, option in enumerate(options) if option in answers]
+        items.append({"question": question, "options": list(options), "answers": list(answers), "answer": answer})
     _refuse_mostly_unscorable(items, quirks, where, require_options)
     return items, dict(quirks)
 
@@ -211,7 +186,7 @@ def _checked_scoring_item(record, at: str) -> tuple[str, list[str], list[str]]:
 
 
 def _checked_fact_item(record, at: str) -> tuple[str, list[str], list[str]]:
-    """An item read as a fact (question filled by its answer): options optional, blank answers dropped."""
+    """An item read as a fact (question filled by its answer): blank answers dropped, options kept if well-formed."""
     if not isinstance(record, dict) or not isinstance(record.get("question"), str):
         raise InputError(f"{at}: expected an object with a 'question' string.")
     answer = record.get("answer")
@@ -245,29 +220,22 @@ def _dataset_question_sets(dataset, name: str, source: str) -> list[tuple[str, s
 def _raw_question_sources(source: str, revision: str | None) -> list[tuple[str, str, list]]:
     """(stem, source description, records) for a file, a folder, a saved dataset or a Hub dataset id."""
     path = Path(source)
+    if is_saved_dataset(path):
+        from datasets import load_from_disk
+
+        return _dataset_question_sets(load_from_disk(str(path)), path.name, str(path))
     if path.is_file():
-        return [(path.stem, str(path), [record for _, record in read_json_records(path)])]
-    if path.is_dir():
-        if is_saved_dataset(path):
-            from datasets import load_from_disk
-
-            return _dataset_question_sets(load_from_disk(str(path)), path.name, str(path))
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".json", ".jsonl") and f.is_file())
-        if files:
-            return [entry for f in files for entry in _raw_question_sources(str(f), revision)]
-        # A dataset repository laid out as on the Hub (data files + README configs): same path as a Hub id.
-        return _hub_question_sets(str(path), revision)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
-        return _hub_question_sets(source, revision)
-    raise InputError(f"{source}: not a file, a folder or a Hub dataset id ('org/name' or 'org/name:split').")
-
-
-def _hub_question_sets(dataset_id: str, revision: str | None) -> list[tuple[str, str, list]]:
+        files = [path]
+    else:  # a folder's .json/.jsonl files; none: a Hub dataset id, or a folder laid out as a Hub dataset repository
+        files = sorted(f for f in path.glob("*") if f.suffix.lower() in (".json", ".jsonl") and f.is_file())
+    if files:
+        return [(f.stem, str(f), [record for _, record in read_json_records(f)]) for f in files]
+    if not path.is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", source):
+        raise InputError(f"{source}: not a file, a folder or a Hub dataset id ('org/name' or 'org/name:split').")
     from datasets import load_dataset
 
-    name, _, split = dataset_id.partition(":")
-    dataset = load_dataset(name, split=split or None, revision=revision)
-    return _dataset_question_sets(dataset, Path(name).name, name)
+    name, _, split = source.partition(":")
+    return _dataset_question_sets(load_dataset(name, split=split or None, revision=revision), Path(name).name, name)
 
 
 def load_question_sets(
@@ -277,11 +245,8 @@ def load_question_sets(
     revision: str | None = None,
     require_options: bool = True,
 ) -> list[QuestionSet]:
-    """Load, validate and language-tag every question source; check parallel files; apply --strict.
-
-    ``require_options=False`` reads the questions as facts, as run_density does (``validate_items``); a set
-    whose name has no language gets lang "" (the caller infers it); names need not be unique and files sharing
-    a base need not be parallel."""
+    """Load, validate and language-tag every question source; check parallel files; apply --strict. Read as facts
+    (``require_options=False``, run_density), a set may lack a language (lang ""), repeat a name or not be parallel."""
     raw = [entry for source in sources for entry in _raw_question_sources(source, revision)]
     sets, seen = [], set()
     for (stem, where, records), lang in zip(raw, _languages(raw, question_langs)):
@@ -325,22 +290,21 @@ def _languages(raw: list[tuple[str, str, list]], question_langs: list[str] | Non
             for k, (stem, _, _) in enumerate(raw)]  # fmt: skip
 
 
-def _letter_scripts(text: str) -> Counter:
-    """The letters of ``text`` by script: the first word of each letter's Unicode name (LATIN, TIBETAN, CJK)."""
-    return Counter(unicodedata.name(c, "?").split()[0] for c in text if c.isalpha())
-
-
 def _refuse_mixed_scripts(items: list[dict], where: str, lang: str | None) -> None:
     """One set is one language: refuse a set where more than 5% of the items hold no letter of the script
     most items are written in (English and Tibetan items read as one set, e.g. one split of several files,
     would be scored and reported under one language)."""
-    scripts = [_letter_scripts(it["question"] + " ".join(it["answers"])) for it in items]
+    # Each item's letters by script: the first word of a letter's Unicode name (LATIN, TIBETAN, CJK, ...).
+    scripts = [
+        Counter(unicodedata.name(c, "?").split()[0] for c in it["question"] + " ".join(it["answers"]) if c.isalpha())
+        for it in items
+    ]
     dominant = Counter(s.most_common(1)[0][0] for s in scripts if s)
     if not dominant:
         return
     main = dominant.most_common(1)[0][0]
     foreign = [i for i, s in enumerate(scripts) if s and main not in s]
-    if foreign and len(foreign) > 0.05 * len(items):
+    if len(foreign) > 0.05 * len(items):
         others = ", ".join(sorted({scripts[i].most_common(1)[0][0] for i in foreign}))
         raise InputError(
             f"{where}: {len(foreign)} of {len(items)} items hold no {main} letter (written in {others}; items "
@@ -355,8 +319,7 @@ def _check_parallel(sets: list[QuestionSet]) -> None:
     for qs in sets:
         by_base[qs.base].append(qs)
     for group in by_base.values():
-        sizes = {len(qs.items) for qs in group}
-        if len(sizes) > 1:
+        if len({len(qs.items) for qs in group}) > 1:
             listing = ", ".join(f"{qs.source} ({len(qs.items)} items)" for qs in group)
             raise InputError(
                 f"Parallel question files must match item by item, but their lengths differ: {listing}. "
@@ -384,9 +347,7 @@ def read_item_tiers(path: str) -> dict:
     return {"path": path, "parallel_group": group, "meaning": meaning, "tier_of": [tier_of[i] for i in range(n)]}
 
 
-# --------------------------------------------------------------------------------------
 # Filling the blanks
-# --------------------------------------------------------------------------------------
 
 
 def _is_tibetan_letter(text: str) -> bool:
@@ -395,67 +356,48 @@ def _is_tibetan_letter(text: str) -> bool:
 
 
 def fill_blanks(question: str, option: str, *, tibetan_tsheg: bool = False) -> str:
-    """The question with every run of underscores replaced by ``option``.
+    """The question with every run of underscores replaced by ``option`` (the paper's scoring). With ``tibetan_tsheg``
+    a tsheg is added where the blank touches a Tibetan syllable without one (the paper's files write
+    ``_____ཁྱབ་ཡོད``), so the option's edge syllable and its neighbour stay two syllables (docs/density.md)."""
 
-    The default is the paper's scoring: plain replacement. With ``tibetan_tsheg``, where the blank touches
-    a Tibetan syllable without a tsheg (the paper's files write ``_____ཁྱབ་ཡོད``), a tsheg is added so that
-    the option's last syllable and the next one stay two syllables, as a Tibetan text stating the fact
-    would write them."""
-    pieces, cursor = [], 0
-    for match in BLANK.finditer(question):
-        lead = trail = ""
-        if tibetan_tsheg:
-            if _is_tibetan_letter(option[:1]) and _is_tibetan_letter(question[match.start() - 1 : match.start()]):
-                lead = TSHEG
-            if _is_tibetan_letter(option[-1:]) and _is_tibetan_letter(question[match.end() : match.end() + 1]):
-                trail = TSHEG
-        pieces += [question[cursor : match.start()], lead, option, trail]
-        cursor = match.end()
-    pieces.append(question[cursor:])
-    return "".join(pieces)
+    def filled(blank: re.Match) -> str:  # returned as it is: a backslash in an option is text
+        before, after = question[blank.start() - 1 : blank.start()], question[blank.end() : blank.end() + 1]
+        lead = TSHEG if tibetan_tsheg and _is_tibetan_letter(option[:1]) and _is_tibetan_letter(before) else ""
+        trail = TSHEG if tibetan_tsheg and _is_tibetan_letter(option[-1:]) and _is_tibetan_letter(after) else ""
+        return lead + option + trail
+
+    return BLANK.sub(filled, question)
 
 
-# --------------------------------------------------------------------------------------
 # Predictions: the one reader of predictions.jsonl, and the credit of tied items
-# --------------------------------------------------------------------------------------
 
 
 def tie_credit(scores: list[float], answer: list[int]) -> tuple[int, float]:
-    """(k, credit): the number of options sharing the best (lowest) score exactly, and the expected credit of
-    breaking that tie uniformly at random (answers among the k tied options / k). k == 1 means no tie, and
-    then the credit is the first-wins correctness. Scores of an item do not depend on option order, so this
-    is exact."""
+    """(k, credit): how many options share the best (lowest) score exactly, and the expected credit of breaking
+    that tie uniformly at random (answers among the k tied options / k; with k == 1, first-wins correctness)."""
     best = min(scores)
     tied = [k for k, score in enumerate(scores) if score == best]
     return len(tied), sum(k in answer for k in tied) / len(tied)
 
 
-#: The fields of a predictions.jsonl line that its reader needs (run_eval.py writes more).
-PREDICTION_FIELDS = ("questions", "index", "step", "checkpoint", "correct", "credit_fractional")
-
-
 def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[dict, dict[str, dict[int, np.ndarray]]]:
     """accuracy.json of a run_eval.py output folder, and per questions stem a dict step -> per-item credit:
-    first-wins correctness (bool, the paper's rule) with ``tie_policy="first"``, the expected credit of
-    random tie-breaking (float) with ``"fractional"``.
-
-    Only the lines of the checkpoints that accuracy.json lists count (a line of a checkpoint scored before
-    --overwrite_output_dir is stale). Every item of every question set must appear exactly once per
-    checkpoint: a missing line would otherwise count as a wrong answer and a repeated one could hide a
-    stale result, so either is an error naming the file, the questions, the step and the items."""
-    eval_dir = Path(eval_dir)
+    first-wins correctness (bool) with ``tie_policy="first"``, the credit of random tie-breaking (float) with
+    ``"fractional"``. Only lines of the checkpoints accuracy.json lists count (others are stale); an item missing
+    (it would count as wrong) or repeated (it could hide a stale result) at a checkpoint is an error."""
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy must be one of {', '.join(TIE_POLICIES)}, got {tie_policy!r}.")
+    eval_dir, predictions = Path(eval_dir), Path(eval_dir) / "predictions.jsonl"
     with named_utf8_errors(eval_dir / "accuracy.json"):
         accuracy = json.loads((eval_dir / "accuracy.json").read_text(encoding="utf-8"))
     sizes = {stem: q["items"] for stem, q in accuracy["questions"].items()}
     paths = {e["step"]: e["path"] for e in accuracy["checkpoints"]}
-    predictions = eval_dir / "predictions.jsonl"
-    if tie_policy not in TIE_POLICIES:
-        raise ValueError(f"tie_policy must be one of {', '.join(TIE_POLICIES)}, got {tie_policy!r}.")
-    kind = bool if tie_policy == "first" else np.float64
+    column, kind = ("correct", bool) if tie_policy == "first" else ("credit_fractional", np.float64)
     correct = {stem: {step: np.zeros(size, kind) for step in paths} for stem, size in sizes.items()}
     seen = {stem: {step: np.zeros(size, np.int64) for step in paths} for stem, size in sizes.items()}
+    fields = ("questions", "index", "step", "checkpoint", "correct", "credit_fractional")  # run_eval writes more
     for where, row in read_json_records(predictions):  # a line that is not JSON is named by file and line
-        missing_fields = [k for k in PREDICTION_FIELDS if not isinstance(row, dict) or k not in row]
+        missing_fields = [k for k in fields if not isinstance(row, dict) or k not in row]
         if missing_fields:
             raise InputError(f"{where}: a predictions line needs {missing_fields} (the format run_eval.py writes).")
         if paths.get(row["step"]) != row["checkpoint"] or row["questions"] not in sizes:
@@ -464,7 +406,7 @@ def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[d
         if not 0 <= index < sizes[row["questions"]]:
             raise InputError(f"{where}: item index {index} beyond the question set.")
         seen[row["questions"]][row["step"]][index] += 1
-        correct[row["questions"]][row["step"]][index] = row["correct" if tie_policy == "first" else "credit_fractional"]
+        correct[row["questions"]][row["step"]][index] = row[column]
     problems = []
     for stem, per_step in seen.items():
         for step, counts in per_step.items():
@@ -482,6 +424,6 @@ def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[d
     return accuracy, correct
 
 
-def _index_list(indices: list[int], limit: int = 20) -> str:
-    shown = ", ".join(map(str, indices[:limit]))
-    return shown + (f", ... ({len(indices) - limit} more)" if len(indices) > limit else "")
+def _index_list(indices: list[int]) -> str:
+    """The first 20 indices, and how many more."""
+    return ", ".join(map(str, indices[:20])) + (f", ... ({len(indices) - 20} more)" if len(indices) > 20 else "")
