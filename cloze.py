@@ -51,9 +51,8 @@ def question_lang_from_stem(stem: str) -> str | None:
 
 
 def parallel_base(stem: str, lang: str | None = None) -> str:
-    """What parallel question files share: the name without its ``_<lang>`` suffix (``ko-culture-cloze``
-    for ``ko-culture-cloze_en`` and ``_ko``). With ``lang``, only that suffix is cut (a set whose language
-    was given by --question_langs keeps a name that merely looks like one)."""
+    """What parallel question files share: the name without its ``_<lang>`` suffix (``ko-culture-cloze_en`` ->
+    ``ko-culture-cloze``). With ``lang``, only that suffix is cut (a name that merely looks like one stays)."""
     found = question_lang_from_stem(stem)
     if found is None or (lang is not None and found != lang.lower()):
         return stem
@@ -263,8 +262,16 @@ def load_question_sets(
         sets.append(QuestionSet(stem=stem, lang=lang or "", source=where, items=items, quirks=quirks))
         summary = ", ".join(f"{reason} {indices}" for reason, indices in quirks.items()) or "none"
         logger.info("questions %s (%s, %d items, from %s): quirks: %s", stem, lang, len(items), where, summary)
-    if require_options:
-        _check_parallel(sets)
+    by_base = defaultdict(list)
+    for qs in sets:
+        by_base[qs.base].append(qs)
+    for group in by_base.values():  # parallel files (same base, other language) match item by item
+        if require_options and len({len(qs.items) for qs in group}) > 1:
+            listing = ", ".join(f"{qs.source} ({len(qs.items)} items)" for qs in group)
+            raise InputError(
+                f"Parallel question files must match item by item, but their lengths differ: {listing}. "
+                "Fix the files or give them different base names."
+            )
     problems = [
         f"{qs.source} item {i}: {QUIRK_TEXT[reason]}" for qs in sets for reason, ix in qs.quirks.items() for i in ix
     ]
@@ -291,9 +298,8 @@ def _languages(raw: list[tuple[str, str, list]], question_langs: list[str] | Non
 
 
 def _refuse_mixed_scripts(items: list[dict], where: str, lang: str | None) -> None:
-    """One set is one language: refuse a set where more than 5% of the items hold no letter of the script
-    most items are written in (English and Tibetan items read as one set, e.g. one split of several files,
-    would be scored and reported under one language)."""
+    """One set is one language: refuse a set where over 5% of the items hold no letter of the script most items are
+    in (English and Tibetan items read as one set would be scored and reported under one language)."""
     # Each item's letters by script: the first word of a letter's Unicode name (LATIN, TIBETAN, CJK, ...).
     scripts = [
         Counter(unicodedata.name(c, "?").split()[0] for c in it["question"] + " ".join(it["answers"]) if c.isalpha())
@@ -311,20 +317,6 @@ def _refuse_mixed_scripts(items: list[dict], where: str, lang: str | None) -> No
             f"{_index_list(foreign)}), so this set mixes languages{f' under the one language {lang!r}' if lang else ''}. "
             "Give each language's questions as a file (or split) of its own, named <name>_<lang>."
         )
-
-
-def _check_parallel(sets: list[QuestionSet]) -> None:
-    """Parallel files (same base, different language) must have the same number of items."""
-    by_base = defaultdict(list)
-    for qs in sets:
-        by_base[qs.base].append(qs)
-    for group in by_base.values():
-        if len({len(qs.items) for qs in group}) > 1:
-            listing = ", ".join(f"{qs.source} ({len(qs.items)} items)" for qs in group)
-            raise InputError(
-                f"Parallel question files must match item by item, but their lengths differ: {listing}. "
-                "Fix the files or give them different base names."
-            )
 
 
 def read_item_tiers(path: str) -> dict:
@@ -410,11 +402,10 @@ def read_predictions(eval_dir: str | Path, tie_policy: str = "first") -> tuple[d
     problems = []
     for stem, per_step in seen.items():
         for step, counts in per_step.items():
-            missing, repeated = np.flatnonzero(counts == 0).tolist(), np.flatnonzero(counts > 1).tolist()
-            if missing:
-                problems.append(f"{stem} step {step}: {len(missing)} item(s) missing: {_index_list(missing)}")
-            if repeated:
-                problems.append(f"{stem} step {step}: {len(repeated)} item(s) listed twice: {_index_list(repeated)}")
+            for what, wrong in (("missing", counts == 0), ("listed twice", counts > 1)):
+                if wrong.any():
+                    ix = np.flatnonzero(wrong).tolist()
+                    problems.append(f"{stem} step {step}: {len(ix)} item(s) {what}: {_index_list(ix)}")
     if problems:
         raise InputError(
             f"{predictions} does not hold every item exactly once for each checkpoint of accuracy.json:\n  "
