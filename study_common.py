@@ -18,8 +18,8 @@ from pathlib import Path
 
 import regex
 
+#: The Unicode script (Script / Script_Extensions name) of each language of the study.
 LANGUAGE_SCRIPTS = {"en": "Latin", "ko": "Hangul", "zh": "Han", "bo": "Tibetan", "mn": "Mongolian"}
-"""The Unicode script (Script / Script_Extensions name) of each language of the study."""
 
 
 def script_for_language(lang: str, script: str | None = None) -> str:
@@ -36,13 +36,12 @@ def script_for_language(lang: str, script: str | None = None) -> str:
     return LANGUAGE_SCRIPTS[lang]
 
 
-# The Latin filter keeps a character when its Script_Extensions contains Latin or is exactly Common (ASCII
-# digits, punctuation, spaces): U+3002 IDEOGRAPHIC FULL STOP and U+1802 MONGOLIAN COMMA are Script=Common but
-# Script_Extensions={Han, ...} / {Mongolian, ...}, so they go. A combining mark is kept iff the last non-mark
-# character before it is a kept letter (e + U+0301 stays, Hangul + mark goes). As one substitution (about 30x
-# faster than the loop; tests/test_run_pretrain.py checks it against the loop on every code point): remove
-# (a) every non-mark outside Latin/Common with the marks that follow it and (b) every run of marks whose
-# preceding character is not a letter. Most English texts are returned after one search.
+# The Latin filter keeps a character whose Script_Extensions contains Latin or is exactly Common (U+3002
+# IDEOGRAPHIC FULL STOP is Script=Common but Script_Extensions={Han, ...}, so it goes), and a combining mark iff the
+# last non-mark before it is a kept letter (e + U+0301 stays, Hangul + mark goes). As one substitution (about 30x
+# faster than the rule's loop, which tests/test_study_common.py checks it against on every code point): remove
+# every non-mark outside Latin/Common with the marks after it, and every run of marks not after a letter. A text
+# with nothing to remove (most English texts) is returned after one search, faster than the substitution.
 _LETTER = regex.compile(r"\p{L}")
 _REMOVED_BY_LATIN_FILTER = regex.compile(r"[^\p{scx=Latin}\p{scx=Zyyy}\p{M}]\p{M}*|(?<![\p{L}\p{M}])\p{M}+")
 _NOT_LATIN_OR_COMMON_OR_MARK = regex.compile(r"[^\p{scx=Latin}\p{scx=Zyyy}]|\p{M}")
@@ -92,45 +91,36 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
-    """``(where, record)`` for each record of a .jsonl file or a .json list (or ``{"data": [...]}``)."""
+    """``(where, record)`` for each record of a .jsonl file or a .json list."""
     path = Path(path)
-    with named_utf8_errors(path):
+    with named_utf8_errors(path), path.open(encoding="utf-8-sig") as handle:
         if path.suffix.lower() == ".jsonl":
-            with path.open(encoding="utf-8-sig") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise InputError(
-                            f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line."
-                        ) from err
-                    yield f"{path}:{line_number}", record
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(
+                        f"{path}:{line_number}: not valid JSON ({err.msg}). Fix or remove the line."
+                    ) from err
+                yield f"{path}:{line_number}", record
             return
-        text = path.read_text(encoding="utf-8-sig")
+        text = handle.read()
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
-    if isinstance(records, dict) and isinstance(records.get("data"), list):
-        records = records["data"]
     if not isinstance(records, list):
-        raise InputError(f"{path}: expected a JSON list of records (or {{'data': [...]}}).")
+        raise InputError(f"{path}: expected a JSON list of records.")
     for index, record in enumerate(records):
         yield f"{path} item {index}", record
 
 
-def not_utf8(where: str, err: UnicodeDecodeError) -> InputError:
-    """The one message for text that is not UTF-8: ``FILE:LINE: not UTF-8 (...). Re-encode it as UTF-8.``"""
-    byte = err.object[err.start : err.start + 1].hex()
-    return InputError(f"{where}: not UTF-8 (byte 0x{byte}: {err.reason}). Re-encode it as UTF-8.")
-
-
 @contextlib.contextmanager
 def named_utf8_errors(path: str | os.PathLike):
-    """Turn a UnicodeDecodeError while reading ``path`` into ``not_utf8`` at its first bad line (found by
-    decoding line by line: a newline byte never occurs inside a UTF-8 sequence)."""
+    """Turn a UnicodeDecodeError while reading ``path`` into ``FILE:LINE: not UTF-8 (...)`` at its first bad line
+    (found by decoding line by line: a newline byte never occurs inside a UTF-8 sequence)."""
     try:
         yield
     except UnicodeDecodeError as err:
@@ -138,9 +128,12 @@ def named_utf8_errors(path: str | os.PathLike):
             for line_number, raw in enumerate(handle, start=1):
                 try:
                     raw.decode("utf-8")
-                except UnicodeDecodeError as line_error:
-                    raise not_utf8(f"{path}:{line_number}", line_error) from err
-        raise not_utf8(str(path), err) from err
+                except UnicodeDecodeError as bad:
+                    byte = bad.object[bad.start : bad.start + 1].hex()
+                    raise InputError(
+                        f"{path}:{line_number}: not UTF-8 (byte 0x{byte}: {bad.reason}). Re-encode it as UTF-8."
+                    ) from err
+        raise  # every line decodes: the file changed while it was read
 
 
 DOCUMENT_FILE_TYPES = {
@@ -166,26 +159,32 @@ def check_document_suffix(path: str | os.PathLike) -> str:
 def read_documents(
     path: str | os.PathLike, text_column: str = "text", *, column_flag: str | None = "--text_column"
 ) -> Iterator[str]:
-    """The documents of a ``DOCUMENT_FILE_TYPES`` file. ``text_column`` names the column of records and of the
-    header row; ``column_flag`` is the caller's flag for it, named when it is missing (None: ask for the column
-    by name). Any other suffix is refused (a guess would read a header or a second column as text)."""
+    """The documents of a ``DOCUMENT_FILE_TYPES`` file (any other is refused: a guess would read a header as text):
+    ``text_column`` of its records (or a record that is a string) or rows, a missing one named with the caller's
+    ``column_flag`` (None: asked for by name)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file. Check the path given on the command line.")
     suffix = check_document_suffix(path)
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty. Give a file with at least one document.")
-    if suffix in (".json", ".jsonl"):
-        for where, record in read_json_records(path):
-            yield text_of(record, text_column, where, column_flag)
-    elif suffix in (".csv", ".tsv"):
+    if suffix in (".csv", ".tsv"):
         for _, (text,) in read_delimited(path, [(text_column, column_flag)]):
             yield text
-    else:
+    elif suffix == ".txt":
         with named_utf8_errors(path), path.open(encoding="utf-8-sig") as handle:
-            for line in handle:
-                if line.strip():
-                    yield line.rstrip("\n")
+            yield from (line.rstrip("\n") for line in handle if line.strip())
+    else:
+        for where, record in read_json_records(path):
+            if isinstance(record, dict) and text_column in record:
+                record = record[text_column]
+            elif not isinstance(record, str):
+                columns = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                hint = _column_hint(text_column, column_flag)
+                raise InputError(f"{where}: no {text_column!r} column (found: {columns}). {hint}")
+            if not isinstance(record, str):
+                raise InputError(f"{where}: column {text_column!r} holds {type(record).__name__}, not text.")
+            yield record
 
 
 def _column_hint(column: str, column_flag: str | None) -> str:
@@ -212,7 +211,7 @@ def read_delimited(path: str | os.PathLike, columns: list[tuple[str, str | None]
                     )
             at = [header.index(column) for column, _ in columns]
             for row in reader:
-                if not row or not any(field.strip() for field in row):
+                if not any(field.strip() for field in row):
                     continue
                 if len(row) != len(header):
                     raise InputError(
@@ -223,20 +222,6 @@ def read_delimited(path: str | os.PathLike, columns: list[tuple[str, str | None]
         except csv.Error as err:
             kind = path.suffix.lower()[1:].upper()
             raise InputError(f"{path}:{reader.line_num}: not valid {kind} ({err}). Fix the quoting.") from err
-
-
-def text_of(record, text_column: str, where: str, column_flag: str | None = "--text_column") -> str:
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict) or text_column not in record:
-        columns = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise InputError(
-            f"{where}: no {text_column!r} column (found: {columns}). {_column_hint(text_column, column_flag)}"
-        )
-    value = record[text_column]
-    if not isinstance(value, str):
-        raise InputError(f"{where}: column {text_column!r} holds {type(value).__name__}, not text.")
-    return value
 
 
 def is_saved_dataset(path: str | os.PathLike) -> bool:
@@ -324,8 +309,7 @@ def default_cpt_data_dir(lang: str) -> Path:
 
 
 def default_cpt_run_name(lang: str, setting: str, seed: int) -> str:
-    """The name of a CPT run (``setting``: bridges, no_bridges or mismatched_bridges): its run name, its default
-    output folder under ``runs/`` and its card title."""
+    """A CPT run's name, default folder under ``runs/`` and card title (``setting``: bridges, no_bridges, ...)."""
     return f"cpt-{lang}-{setting.replace('_', '-')}-seed{seed}"
 
 
@@ -333,26 +317,23 @@ def default_cpt_run_name(lang: str, setting: str, seed: int) -> str:
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's whole content, streamed (python 3.10 has no hashlib.file_digest)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_sha256(file_digests: dict[str, str]) -> str:
     """A model's identity from its weight files' digests (name -> sha256): the SHA-256 of ``"<name>\t<sha256>\n"``
     in name order, the same number for a base model in run_cpt's record and in run_eval's."""
-    return hashlib.sha256(
-        "".join(f"{name}\t{file_digests[name]}\n" for name in sorted(file_digests)).encode()
-    ).hexdigest()
+    listing = "".join(f"{name}\t{file_digests[name]}\n" for name in sorted(file_digests))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def local_weight_digests(folder: Path) -> dict[str, str]:
-    """File name -> sha256 of every weight file in ``folder``."""
-    return {path.name: file_sha256(path) for pattern in WEIGHT_FILES for path in Path(folder).glob(pattern)}
+    """File name -> sha256 of every weight file in ``folder``, streamed (python 3.10 has no hashlib.file_digest)."""
+    digests = {}
+    for path in (found for pattern in WEIGHT_FILES for found in Path(folder).glob(pattern)):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+        digests[path.name] = digest.hexdigest()
+    return digests
 
 
 def output_dir_given(argv: list[str] | None) -> bool:
@@ -396,15 +377,13 @@ def pair_token_count(first_tokens: int, second_tokens: int, separator_tokens: in
 
 
 def setup_logging(training_args=None, level: str | int = logging.INFO) -> None:
-    """One log format for every script, on stdout. With ``training_args`` the levels follow the Trainer's
-    per-process rule (main process INFO or --log_level, the others --log_level_replica), as transformers'
-    examples do, for transformers' and datasets' loggers too."""
+    """One log format for every script, on stdout. With ``training_args``, the Trainer's per-process levels (main
+    process INFO or --log_level, the others --log_level_replica) for transformers' and datasets' loggers too."""
     if training_args is not None:
         level = training_args.get_process_log_level()
         if training_args.should_log and level > logging.INFO and training_args.log_level == "passive":
             level = logging.INFO
-    # One stdout handler of our own, replaced on a second call (a test calling main twice); handlers
-    # that others put on the root logger (pytest's caplog) stay.
+    # Our one handler is replaced on a second call (a test calling main twice); others' (pytest's caplog) stay.
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "study_log", False)]:
         root.removeHandler(handler)
@@ -422,14 +401,12 @@ def setup_logging(training_args=None, level: str | int = logging.INFO) -> None:
 
 
 class InputError(ValueError):
-    """What the user gave is wrong (a file, line, item, column, flag or size); the message names it and
-    says what to do."""
+    """What the user gave is wrong (a file, line, item, column, flag or size); the message names it and what to do."""
 
 
 def exit_on_input_error(main: Callable[[], object]) -> None:
-    """Run a script's ``main()`` from ``__main__``: an ``InputError`` is printed as ``<script>: error: <message>``
-    and exits with status 2, as argparse does for a bad flag; anything else is a bug and shows its traceback. An
-    int that ``main`` returns is the exit status."""
+    """Run a script's ``main()``: an ``InputError`` prints ``<script>: error: <message>`` and exits 2, as argparse
+    does for a bad flag; anything else is a bug and shows its traceback. An int ``main`` returns is the exit status."""
     prog = Path(sys.argv[0]).name
     try:
         result = main()
