@@ -63,11 +63,9 @@ def has_non_latin_letter(text: str) -> bool:
 
 def script_letter_fraction(text: str, script: str) -> float:
     """Fraction of the letters of ``text`` that belong to ``script`` (0.0 when it has no letters)."""
-    letters = _LETTER.findall(text)
-    if not letters:
-        return 0.0
-    in_script = regex.compile(rf"\p{{scx={script}}}")
-    return sum(1 for c in letters if in_script.match(c)) / len(letters)
+    letters = len(_LETTER.findall(text))
+    in_script = len(regex.findall(rf"(?V1)[\p{{L}}&&\p{{scx={script}}}]", text))
+    return in_script / letters if letters else 0.0
 
 
 def document_start_id(tokenizer) -> int:
@@ -226,8 +224,7 @@ def read_delimited(path: str | os.PathLike, columns: list[tuple[str, str | None]
 
 def is_saved_dataset(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a ``save_to_disk`` folder (for ``load_from_disk``; anything else is ``load_dataset``'s)."""
-    path = Path(path)
-    return path.is_dir() and any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
+    return any((Path(path) / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
 
 
 def load_dataset_split(name: str, config: str | None, split: str, *, flag: str, streaming: bool = False, **kwargs):
@@ -353,10 +350,8 @@ PAIR_ORDERS = ("en_first", "tgt_first", "random")
 
 def pair_first_side(pair_id: int, order: str, seed: int) -> str:
     """ "en" or "tgt": which side of pair ``pair_id`` comes first (a seeded coin per pair for ``random``)."""
-    if order == "en_first":
-        return "en"
-    if order == "tgt_first":
-        return "tgt"
+    if order in ("en_first", "tgt_first"):
+        return order.removesuffix("_first")
     if order != "random":
         raise InputError(f"pair_order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}.")
     return "en" if hashlib.sha256(f"pair-order/{seed}/{pair_id}".encode()).digest()[0] % 2 == 0 else "tgt"
@@ -407,10 +402,9 @@ class InputError(ValueError):
 def exit_on_input_error(main: Callable[[], object]) -> None:
     """Run a script's ``main()``: an ``InputError`` prints ``<script>: error: <message>`` and exits 2, as argparse
     does for a bad flag; anything else is a bug and shows its traceback. An int ``main`` returns is the exit status."""
-    prog = Path(sys.argv[0]).name
     try:
         result = main()
     except InputError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
