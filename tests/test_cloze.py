@@ -86,6 +86,14 @@ def test_parallel_files_of_different_length_are_an_error(tmp_path):
         cloze.load_question_sets([str(tmp_path / "q")])
 
 
+def test_a_question_source_that_is_missing_or_given_twice_is_refused(tmp_path):
+    with pytest.raises(InputError, match=r"nope\.json: not a file, a folder or a Hub dataset id"):
+        cloze.load_question_sets([str(tmp_path / "nope.json")])
+    path = write_questions(tmp_path / "q_en.json", [{"question": "A ___", "options": ["x", "y"], "answer": "x"}])
+    with pytest.raises(InputError, match="a question set named 'q_en' was already loaded"):
+        cloze.load_question_sets([str(path), str(path)])
+
+
 def test_question_language_needs_a_suffix_or_an_override(tmp_path):
     path = write_questions(tmp_path / "myquestions.json", [{"question": "A ___", "options": ["x", "y"], "answer": "x"}])
     with pytest.raises(ValueError, match="--question_langs myquestions=LANG"):

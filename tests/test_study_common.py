@@ -86,6 +86,13 @@ def test_a_reader_without_a_column_flag_asks_for_the_column_by_name(tmp_path):
         read_pairs(str(pairs))
 
 
+def test_a_json_file_that_is_not_a_list_of_records_is_refused(tmp_path):
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps({"data": [{"text": "a"}]}), encoding="utf-8")
+    with pytest.raises(InputError, match=re.escape(f"{path}: expected a JSON list of records.")):
+        list(read_documents(path))
+
+
 # The bad byte is on line 3 of each file; every reader names that line.
 NOT_UTF8 = {
     ".txt": b"one\ntwo\ncaf\xe9\n",
