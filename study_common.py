@@ -104,11 +104,10 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
                     ) from err
                 yield f"{path}:{line_number}", record
             return
-        text = handle.read()
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
     if not isinstance(records, list):
         raise InputError(f"{path}: expected a JSON list of records.")
     for index, record in enumerate(records):
