@@ -46,7 +46,6 @@ from study_common import (
     DEFAULT_BASE_MODEL_DIR,
     InputError,
     document_start_id,
-    encode_documents,
     exit_on_input_error,
     filter_to_latin,
     has_non_latin_letter,
@@ -236,7 +235,7 @@ def filter_and_tokenize(batch, tokenizer, start_id: int, text_column: str, scrip
         removed.append(n_removed)
         kept.append(None if reason else text)
     kept_texts = [text for text in kept if text is not None]
-    encoded = iter(encode_documents(tokenizer, kept_texts) if kept_texts else [])
+    encoded = iter(tokenizer(kept_texts, add_special_tokens=False)["input_ids"] if kept_texts else [])
     return {
         "input_ids": [[] if text is None else [start_id, *next(encoded)] for text in kept],
         "drop_reason": reasons,

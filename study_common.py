@@ -80,11 +80,6 @@ def document_start_id(tokenizer) -> int:
     return int(token_id)
 
 
-def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens (the caller adds the start token)."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
 # Reading documents: errors name the file and the line (or item) and say what to do
 
 
@@ -362,9 +357,9 @@ def pair_segments(first: list[int], second: list[int], start_id: int, separator_
     return [[start_id, *first, *separator_ids], [start_id, *second]]
 
 
-def pair_token_count(first_tokens: int, second_tokens: int, separator_tokens: int = 0) -> int:
-    """Tokens of ``pair_segments``: the text tokens, the separator and one start token per side."""
-    return first_tokens + separator_tokens + second_tokens + 2
+def pair_token_count(first_tokens: int, second_tokens: int) -> int:
+    """Tokens of ``pair_segments`` without a separator: the text tokens and one start token per side."""
+    return first_tokens + second_tokens + 2
 
 
 # Conventions of every script: logging and bad input

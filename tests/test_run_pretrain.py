@@ -25,7 +25,7 @@ from run_pretrain import (
     prepare_dataset,
     train_tokenizer,
 )
-from study_common import document_start_id, encode_documents
+from study_common import document_start_id
 from train_common import check_document_isolation, isolation_failure
 
 # --------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_a_document_packed_after_another_has_the_logits_it_has_alone(tiny_model_
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn_implementation).eval()
     assert model.config.use_cache is False  # as run_pretrain sets it: a KV cache disables the packed mask
     start = document_start_id(tokenizer)
-    doc_a, doc_b = ([start, *ids] for ids in encode_documents(tokenizer, MULTI_SCRIPT_SAMPLE[:2]))
+    doc_a, doc_b = ([start, *ids] for ids in tokenizer(MULTI_SCRIPT_SAMPLE[:2], add_special_tokens=False)["input_ids"])
     # two windows through the training path: [A B] and [B A]
     blocks = pack_documents({"input_ids": [doc_a, doc_b, doc_b, doc_a]}, block_size=len(doc_a) + len(doc_b))
     examples = [{"input_ids": i, "position_ids": p} for i, p in zip(blocks["input_ids"], blocks["position_ids"])]
