@@ -62,7 +62,7 @@ from study_common import (
 )
 from train_common import (
     CardTrainer,
-    ModelCard,
+    RunCard,
     autocast_dtype,
     check_document_isolation,
     finish_training,
@@ -591,7 +591,7 @@ def load_base_model(cpt_args: CPTArguments):
     return model, tokenizer
 
 
-def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
+def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> RunCard:
     """The model card: the run's cpt_setting and packing, and the steps trained when it is written."""
     setting = audit["cpt_setting"]
     how = {"bridges": "WITH bridges", "no_bridges": "WITHOUT bridges"}.get(audit["setting"], "with MISMATCHED bridges")
@@ -606,7 +606,7 @@ def model_card(audit: dict, cpt_args: CPTArguments, training_args) -> ModelCard:
         "units dropped before packing": audit["dataset"]["units_dropped"]["note"] or "none",
         "world size": training_args.world_size,
     }  # fmt: skip
-    return ModelCard(
+    return RunCard(
         title=f"CPT {setting['lang']}, {audit['setting']}, seed {setting['seed']}",
         summary=f"Continual pretraining of {cpt_args.model_name_or_path} on {setting['lang']} {how}. "
         "packing_audit.json proves the setting.",

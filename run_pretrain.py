@@ -57,7 +57,7 @@ from study_common import (
 )
 from train_common import (
     CardTrainer,
-    ModelCard,
+    RunCard,
     autocast_dtype,
     check_document_isolation,
     finish_training,
@@ -494,7 +494,7 @@ def build_model(config, attn_implementation: str, device):
     return model
 
 
-def model_card(setting: dict, training_args) -> ModelCard:
+def model_card(setting: dict, training_args) -> RunCard:
     """The model card: the setting of the run, and the steps and tokens seen when it is written."""
     rows = {
         "data": setting["source"],
@@ -514,7 +514,7 @@ def model_card(setting: dict, training_args) -> ModelCard:
         rows["documents (in / out)"] = f"{setting['documents_in']} / {setting['documents_out']}"
         rows["characters removed by the filter"] = setting["characters_removed_by_filter"]
     tokens_per_step = setting["tokens_per_step"]
-    return ModelCard(
+    return RunCard(
         "Transparent Latin-only pretraining",
         "A Qwen2.5-architecture model pretrained from random initialisation on Latin-only text, as step 1 of the "
         "study of cross-lingual transfer of cultural knowledge: its training data is fully known and contains no "

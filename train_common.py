@@ -288,8 +288,9 @@ def resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.P
 
 
 @dataclass
-class ModelCard:
-    """A run's model card (``write_card``'s arguments); ``progress``: rows that depend on the steps done."""
+class RunCard:
+    """What a run's model card says (``write_card``'s arguments; huggingface_hub's ModelCard writes it).
+    ``progress``: rows that depend on the steps done."""
 
     title: str
     summary: str
@@ -301,7 +302,7 @@ class ModelCard:
 class CardTrainer(Trainer):
     """A Trainer whose ``create_model_card`` (also called by ``push_to_hub``) writes the study's ``model_card``."""
 
-    model_card: ModelCard | None = None
+    model_card: RunCard | None = None
 
     def create_model_card(self, *args, **kwargs):
         card = self.model_card
