@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--shard_size", type=int, default=200_000, help="run_density.py --shard_size")
     parser.add_argument("--rss_runs", nargs="*", default=["250000:200000", "1000000:200000", "250000:50000"],
                         help="peak-RSS runs of run_density.py as DOCUMENTS[:SHARD_SIZE] (SHARD_SIZE defaults to "
-                             "--shard_size; none to skip)")  # fmt: skip
+                             "--shard_size; the flag with no value: none)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
