@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,14 @@ import numpy as np
 
 import cloze
 from cloze import EVAL_DIR_NAME, TIE_POLICIES, read_predictions
-from study_common import InputError, exit_on_input_error, setup_logging, write_json_atomic, write_text_atomic
+from study_common import (
+    InputError,
+    exit_on_input_error,
+    setup_logging,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger("run_transfer")
 
@@ -478,14 +484,15 @@ def verdict_cell(verdict: str) -> str:
     return f"**{verdict}**" if verdict == "undetermined" else verdict
 
 
-def _table(header: list[str], rows) -> list[str]:
+def markdown_table(header: list[str], rows) -> list[str]:
+    """The lines of a Markdown table; a "|" inside a cell is escaped."""
     lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in [header, *rows]]
     return [lines[0], "|" + "---|" * len(header), *lines[1:]]
 
 
 def _section(title: str, header: list[str], rows: list, note: str | None = None) -> list[str]:
     """A titled table of transfer.md; none without rows."""
-    return ["", f"## {title}", "", *([note, ""] if note else []), *_table(header, rows)] if rows else []
+    return ["", f"## {title}", "", *([note, ""] if note else []), *markdown_table(header, rows)] if rows else []
 
 
 def transfer_directions(result: dict, key: str | None = None) -> list[tuple[dict, dict]]:
@@ -589,7 +596,7 @@ def _summary_markdown(result: dict) -> list[str]:
         f"({result['n_bootstrap']} resamples, seed {result['bootstrap_seed']}) over questions and seed pairs. "
         f"Tie policy: {result['tie_policy']} (McNemar: first-wins). docs/probing.md explains every column.",
         "",
-        *_table(header, rows),
+        *markdown_table(header, rows),
         "",
     ]
     for language in result["languages"]:
@@ -644,7 +651,7 @@ def _tiers_markdown(result: dict) -> list[str]:
                          _fmt_ci(k["mean_did"], k["mean_did_ci"]), _fmt_ci(k["final_did"], k["final_did_ci"]),
                          verdict_cell(k["verdict"])])  # fmt: skip
         lines += ["", f"**{direction_words(d['direction'], lang['lang'])}**:", "",
-                  *_table(["measure", "questions", "mean acc. with", "mean acc. without", "mean gap [CI]",
+                  *markdown_table(["measure", "questions", "mean acc. with", "mean acc. without", "mean gap [CI]",
                            "final gap [CI]", "verdict"], rows)]  # fmt: skip
     sentences = [knowledge_sentence(lang["lang"], d) for lang, d in found if d.get("knowledge_transfer")]
     return lines + ([""] + [f"- {s}" for s in sentences] if sentences else [])
@@ -785,12 +792,6 @@ def _summary_figure(plt, rows: list[tuple[dict, str]], ci_words: str):
     return fig
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def parse_arguments(argv: list[str] | None) -> TransferArguments:
     from transformers import HfArgumentParser  # here: the study report imports this module for its rendering
 
@@ -816,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(transfer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, data in pngs.items():
-        _write_bytes_atomic(output_dir / name, data)
+        write_bytes_atomic(output_dir / name, data)
     write_text_atomic(output_dir / "transfer.md", markdown)
     write_json_atomic(output_dir / "transfer.json", result)
     for language, d in transfer_directions(result):

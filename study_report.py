@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import io
 import itertools
 import json
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -31,7 +31,7 @@ import numpy as np
 
 import run_transfer
 from cloze import question_lang_from_stem, question_stem, read_predictions
-from study_common import InputError, exit_on_input_error, write_json_atomic, write_text_atomic
+from study_common import InputError, exit_on_input_error, write_bytes_atomic, write_json_atomic, write_text_atomic
 from study_config import REPO_DIR, SETTINGS, VARIANT_TITLES
 from study_runner import fmt_time, read_step_seconds, unfinished_steps, utc_now
 
@@ -59,9 +59,7 @@ def configuration_text(config: dict) -> str:
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    """A Markdown table; a "|" inside a cell is escaped."""
-    lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in [headers, *rows]]
-    return "\n".join([lines[0], "|" + "---|" * len(headers), *lines[1:]])
+    return "\n".join(run_transfer.markdown_table(headers, rows))
 
 
 def bullets(items: list[str]) -> str:
@@ -148,10 +146,10 @@ def _save(fig, figures: Path, name: str) -> str:
     """Save a PNG through a temporary name and a rename, like every other output; returns its path in the report."""
     import matplotlib.pyplot as plt
 
-    tmp = figures / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, figures / name)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    write_bytes_atomic(figures / name, buffer.getvalue())
     return f"figures/{name}"
 
 
@@ -363,7 +361,7 @@ def _report_transfer(doc: list[str], plan: Plan, figures: Path) -> dict:
         for name, caption in (("transfer_curves", "accuracy during CPT with (blue) and without (orange) bridges"),
                               ("transfer_summary", "mean gap over the curve per direction")):  # fmt: skip
             if (folder / f"{name}.png").is_file():
-                shutil.copyfile(folder / f"{name}.png", figures / f"{lang}-{variant}-{name}.png")
+                write_bytes_atomic(figures / f"{lang}-{variant}-{name}.png", (folder / f"{name}.png").read_bytes())
                 doc.append(image(f"figures/{lang}-{variant}-{name}.png", f"{title}: {caption}"))
         doc.append(run_transfer.transfer_markdown(result, level=4, standalone=False))
         section[key] = {"transfer_json": str(folder / "transfer.json")}
