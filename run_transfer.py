@@ -476,8 +476,9 @@ def _fmt_ci(value: float, ci) -> str:
     return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def _gap(stats: dict) -> str:
-    return _fmt_ci(stats["mean_gap"], stats["mean_gap_ci"])
+def gap_text(stats: dict, key: str = "mean_gap") -> str:
+    """An estimate with its interval, as tables show it: +0.080 [+0.050, +0.111]."""
+    return _fmt_ci(stats[key], stats[key + "_ci"])
 
 
 def verdict_cell(verdict: str) -> str:
@@ -563,7 +564,7 @@ MISMATCHED_WORDS = {
 def mismatched_sentence(lang: str, d: dict) -> str:
     """Does the right partner matter (bridges − mismatched), does co-location alone help (mismatched − none)?"""
     labels = {"bridges_minus_mismatched": "bridges − mismatched", "mismatched_minus_none": "mismatched − none"}
-    said = [MISMATCHED_WORDS[key][d[key]["verdict"]].format(f"{label} {_gap(d[key])}")
+    said = [MISMATCHED_WORDS[key][d[key]["verdict"]].format(f"{label} {gap_text(d[key])}")
             for key, label in labels.items()]  # fmt: skip
     return f"{direction_words(d['direction'], lang)}: {'; '.join(said)}."
 
@@ -585,7 +586,7 @@ def _summary_markdown(result: dict) -> list[str]:
     rows = [
         [direction_words(d["direction"], lang["lang"]), d["questions"], d["n_seed_pairs"], lang["steps"][-1],
          f"{d['accuracy_with'][-1]:.3f}", f"{d['accuracy_without'][-1]:.3f}",
-         _fmt_ci(d["final_gap"], d["final_gap_ci"]), _gap(d),
+         _fmt_ci(d["final_gap"], d["final_gap_ci"]), gap_text(d),
          ", ".join(f"{m['p_value']:.3g}" for m in d["mcnemar_final"]), verdict_cell(d["verdict"])]
         for lang, d in transfer_directions(result)
     ]  # fmt: skip
@@ -611,7 +612,7 @@ def _summary_markdown(result: dict) -> list[str]:
             lines.append(f"**They differ in {key}, compared deliberately (--allow_differences)**: {shown}.")
     rows = [
         [direction_words(d["direction"], lang["lang"]), policy, f"{p['accuracy_with'][-1]:.3f}",
-         f"{p['accuracy_without'][-1]:.3f}", f"{p['final_gap']:+.3f}", _gap(p), verdict_cell(p["verdict"])]
+         f"{p['accuracy_without'][-1]:.3f}", f"{p['final_gap']:+.3f}", gap_text(p), verdict_cell(p["verdict"])]
         for lang, d in transfer_directions(result) if d["tie_policies_differ"]
         for policy, p in d["tie_policies"].items()
     ]  # fmt: skip
@@ -643,7 +644,7 @@ def _tiers_markdown(result: dict) -> list[str]:
         role = {k["often_tier"]: " (the source states it often)",
                 k["never_tier"]: " (the source never states it: skill)"} if k else {}  # fmt: skip
         rows = [[f"tier {tier}{role.get(tier, '')}", s["n_questions"], f"{np.mean(s['accuracy_with']):.3f}",
-                 f"{np.mean(s['accuracy_without']):.3f}", _gap(s),
+                 f"{np.mean(s['accuracy_without']):.3f}", gap_text(s),
                  _fmt_ci(s["final_gap"], s["final_gap_ci"]), verdict_cell(s["verdict"])]
                 for tier, s in sorted(d["tiers"].items(), key=lambda t: [*TIER_ORDER, t[0]].index(t[0]))]  # fmt: skip
         if k:
@@ -660,7 +661,7 @@ def _tiers_markdown(result: dict) -> list[str]:
 def _mismatched_markdown(result: dict) -> list[str]:
     found = transfer_directions(result, "mismatched_minus_none")
     rows = [[direction_words(d["direction"], lang["lang"]), *(cell for key in MISMATCHED_WORDS
-             for cell in (_gap(d[key]), verdict_cell(d[key]["verdict"])))] for lang, d in found]  # fmt: skip
+             for cell in (gap_text(d[key]), verdict_cell(d[key]["verdict"])))] for lang, d in found]  # fmt: skip
     header = ["direction", "bridges − mismatched [CI]", "verdict", "mismatched − none [CI]", "verdict"]
     note = ("Each pair's first half shares a window with *another* pair's second half: only the partners differ from "
             "bridges (docs/decomposition.md).")  # fmt: skip
@@ -741,7 +742,7 @@ def _curves_figure(plt, rows: list[tuple[dict, str]], ci_words: str):
             ax.set_title(title, fontsize=10)
             ax.text(0.5, 0.5, "no questions", ha="center", va="center", transform=ax.transAxes)
             continue
-        ax.set_title(f"{title}\nmean gap {_gap(d)}: {d['verdict']}", fontsize=9.5)
+        ax.set_title(f"{title}\nmean gap {gap_text(d)}: {d['verdict']}", fontsize=9.5)
         for key, color in (("with", WITH_COLOR), ("without", WITHOUT_COLOR)):
             ci = np.array(d[f"accuracy_{key}_ci"])
             ax.fill_between(steps, ci[:, 0], ci[:, 1], color=color, alpha=0.15, linewidth=0)
@@ -821,7 +822,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_text_atomic(output_dir / "transfer.md", markdown)
     write_json_atomic(output_dir / "transfer.json", result)
     for language, d in transfer_directions(result):
-        logger.info("%s %s: mean gap %s, %s", language["lang"], d["direction"], _gap(d), d["verdict"])
+        logger.info("%s %s: mean gap %s, %s", language["lang"], d["direction"], gap_text(d), d["verdict"])
     return result
 
 

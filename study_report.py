@@ -100,11 +100,6 @@ def _ci(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def _gap(stats: dict, key: str = "mean_gap") -> str:
-    """An estimate with its interval, as tables show it: +0.080 [+0.050, +0.111]."""
-    return f"{stats[key]:+.3f} {_ci(stats[key + '_ci'])}"
-
-
 def _read_json(path) -> dict | None:
     path = Path(path)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -535,7 +530,7 @@ def _report_anchors(doc: list[str], plan: Plan, truth: dict, figures: Path) -> d
                    "model")  # fmt: skip
         rows = [[run_transfer.direction_words(e["direction"], lang), e["tier"], e["setting"].replace("_", " "),
                  e["questions"], e["run_pairs"], _f(e["accuracy_anchors"]), _f(e["accuracy_control"]),
-                 _gap(e, "difference"), run_transfer.verdict_cell(e["verdict"])] for e in entries]  # fmt: skip
+                 run_transfer.gap_text(e, "difference"), run_transfer.verdict_cell(e["verdict"])] for e in entries]  # fmt: skip
         header = ["direction", "tier", "CPT setting", "questions", "run pairs", "mean acc. anchors",
                   "mean acc. control", "difference [95% CI]", "verdict"]  # fmt: skip
         primary = "pooled" if len(shared) > 1 else shared[0]
@@ -715,7 +710,7 @@ def _report_density(doc: list[str], plan: Plan, truth: dict | None) -> dict:
                       "gap slope on log(1 + occ.) [95% CI]", "items in fit", "reading"]  # fmt: skip
             rows = [[r["questions"], r["source_corpus"], r["items"], r["transferred"],
                      _f(r["mean_occurrences_transferred"], ".2f"), _f(r["mean_occurrences_all"], ".2f"),
-                     _gap(s, "slope") if s["slope"] is not None else "–", s["n_items"], s["reading"]]
+                     run_transfer.gap_text(s, "slope") if s["slope"] is not None else "–", s["n_items"], s["reading"]]
                     for r, s in zip(analysis, slopes)]  # fmt: skip
             doc += ["Instance-level analysis (first seed, final checkpoint; docs/density.md), 95% bootstrap interval "
                     f"over items. The slope is the {slopes[0]['meaning']}.", table(header, rows)]  # fmt: skip

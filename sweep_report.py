@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from run_transfer import gap_text
 from study_common import write_json_atomic
 from study_report import (
     _f,
     _figure,
     _final_checks,
-    _gap,
     _group_runs,
     _read_json,
     _save,
@@ -47,7 +47,7 @@ def write_sweep_report(plan: Plan) -> dict:
               "sweep_steps_s": sum(timings.get(s.id) or 0 for s in plan.steps)}  # fmt: skip
     header = ["cell", *factors, "data epochs", "mentions seen", "its own steps took", "shared steps it used took",
               "status"]  # fmt: skip
-    gaps = [[name, g["group"], g["direction"], g["measure"], _gap(g), g["verdict"]]
+    gaps = [[name, g["group"], g["direction"], g["measure"], gap_text(g), g["verdict"]]
             for name, cell in cells.items() for g in cell["gaps"]]  # fmt: skip
     doc = [
         f"# Sweep of the `{plan.preset.name}` study over {', '.join(factors)}",
